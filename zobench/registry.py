@@ -1,0 +1,48 @@
+"""One small name -> factory registry with did-you-mean errors.
+
+Short names in user files (`method: sensitive`, `task: sst2`) resolve here. Factories may be dotted
+"module:attr" strings so optional backends are imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any, Callable
+
+from zobench.errors import UserError
+
+
+class Registry:
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, Any] = {}
+
+    def register(self, name: str, factory: Any = None):
+        """Register `factory` (an object or a "module:attr" string); usable as a decorator."""
+        if factory is None:
+            def deco(obj: Callable) -> Callable:
+                self._items[name.lower()] = obj
+                return obj
+            return deco
+        self._items[name.lower()] = factory
+        return factory
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name.lower() in self._items
+
+    def get(self, name: str) -> Any:
+        key = str(name).lower()
+        if key not in self._items:
+            close = difflib.get_close_matches(key, self._items, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"unknown {self.kind} '{name}' (known: {', '.join(self.names())}){hint}")
+        item = self._items[key]
+        if isinstance(item, str) and ":" in item:
+            module, attr = item.split(":", 1)
+            item = getattr(importlib.import_module(module), attr)
+            self._items[key] = item
+        return item

@@ -1,0 +1,139 @@
+"""Typed configuration of one run (a suite cell or `zobench train`), validated before anything loads.
+
+Every key has a type and a default; ``CellConfig.from_dict`` rejects unknown keys (with a did-you-mean),
+wrong types and bad values with one line naming the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, fields
+from typing import Any
+
+from zobench.errors import UserError
+
+ZO_METHODS = ("full", "random", "sensitive", "magnitude", "task_grad")
+OTHER_METHODS = ("forward", "fo-sgd", "fo-adam", "lora")
+METHODS = ZO_METHODS + OTHER_METHODS
+
+
+@dataclass
+class CellConfig:
+    # what is trained
+    model: str = "smollm2"
+    dtype: str = "float32"
+    quant: str = "none"
+    task: str = "sst2"
+    data_dir: str | None = None
+    trust_remote_code: bool = False
+    device: str = "auto"
+    # data
+    n_train: int = 1000
+    n_dev: int = 500
+    n_test: int = 1000
+    max_length: int = 256
+    batch_size: int = 16
+    eval_batch_size: int = 16
+    # method
+    method: str = "full"
+    density: float = 1e-3
+    scope: str | None = None           # default: "all" for full ZO (MeZO), "linear" for masks
+    per_tensor: bool = False
+    calib_path: str | None = None
+    calib_sequences: int = 16
+    calib_length: int = 256
+    # optimisation
+    steps: int = 100
+    lr: float = 1e-6
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    q: int = 1
+    direction: str = "rademacher"
+    master_fp32: bool = False
+    # evaluation and measurement
+    eval_before: bool = True
+    eval_after: bool = True
+    eval_every: int = 0
+    warmup_steps: int = 2
+    seed: int = 0
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "CellConfig":
+        known = {f.name: f for f in fields(cls)}
+        values = {}
+        for key, value in d.items():
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise UserError(f"{where}: unknown key '{key}'{hint}")
+            values[key] = _coerce(value, known[key], where)
+        cfg = cls(**values)
+        cfg.validate(where)
+        return cfg
+
+    def validate(self, where: str = "config") -> None:
+        def bad(key, expected):
+            raise UserError(f"{where}: key '{key}' = {getattr(self, key)!r}: expected {expected}")
+
+        if self.method not in METHODS:
+            close = difflib.get_close_matches(self.method, METHODS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"{where}: key 'method' = {self.method!r}: expected one of "
+                            f"{', '.join(METHODS)}{hint}")
+        if not 0 < self.density <= 1:
+            bad("density", "a fraction in (0, 1]")
+        for key in ("steps", "n_train", "n_dev", "n_test", "calib_sequences", "warmup_steps", "eval_every"):
+            if getattr(self, key) < 0:
+                bad(key, "a number >= 0")
+        for key in ("batch_size", "eval_batch_size", "max_length", "q", "calib_length"):
+            if getattr(self, key) < 1:
+                bad(key, "a number >= 1")
+        if self.eps <= 0:
+            bad("eps", "a positive number")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            bad("dtype", "float32, bfloat16 or float16")
+
+    @property
+    def resolved_scope(self) -> str:
+        return self.scope or ("all" if self.method == "full" else "linear")
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.method in ZO_METHODS and self.method != "full"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
+    """Accept the YAML/CLI spellings of a field's type (ints for floats, '1e-3' strings for floats)."""
+    t = str(f.type)
+    if value is None and "None" in t:
+        return None
+    if t.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+    elif t.startswith("int"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif t.startswith("float"):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif t.startswith("str"):
+        if isinstance(value, str):
+            return value
+    name = t.split(" ")[0].replace("|", " or ")
+    raise UserError(f"{where}: key '{f.name}' = {value!r}: expected {name}")

@@ -1,0 +1,98 @@
+"""Peak memory per phase.
+
+CPU (Linux): the kernel's resident high-water mark VmHWM, reset at the start of each phase by writing
+"5" to /proc/self/clear_refs, so each phase gets its own peak. Elsewhere a sampling thread stands in.
+CUDA: the allocator's peaks (max allocated / reserved), reset per phase.
+
+glibc keeps freed memory in its heap, which inflates later phases' RSS; measured children set
+MALLOC_MMAP_THRESHOLD_ so large blocks go back to the OS when freed (see launcher/runner).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import psutil
+
+MIB = 1024 * 1024
+_PROC = Path("/proc/self")
+
+
+def current_rss_mib() -> float:
+    return psutil.Process().memory_info().rss / MIB
+
+
+def _read_hwm_mib() -> float | None:
+    try:
+        for line in (_PROC / "status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        (_PROC / "clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class _Sampler(threading.Thread):
+    """Fallback peak RSS where the kernel offers no resettable high-water mark."""
+
+    def __init__(self, interval: float = 0.005):
+        super().__init__(daemon=True)
+        self.interval, self.peak, self._stop_event = interval, current_rss_mib(), threading.Event()
+
+    def run(self):
+        proc = psutil.Process()
+        while not self._stop_event.wait(self.interval):
+            self.peak = max(self.peak, proc.memory_info().rss / MIB)
+
+    def stop(self) -> float:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, current_rss_mib())
+
+
+class PeakMemory:
+    """Context manager: ``with PeakMemory(device) as m: ...`` then ``m.result`` (a dict of ``*_mib``)."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self.result: dict[str, float] = {}
+
+    def __enter__(self):
+        self._sampler = None
+        self._hwm = _reset_hwm() and _read_hwm_mib() is not None
+        if not self._hwm:
+            self._sampler = _Sampler()
+            self._sampler.start()
+        self._start_rss = current_rss_mib()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        peak = _read_hwm_mib() if self._hwm else self._sampler.stop()
+        self.result = {"peak_rss_mib": peak, "start_rss_mib": self._start_rss, "end_rss_mib": current_rss_mib()}
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+            self.result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / MIB
+            self.result["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved() / MIB
+        return False
+
+
+def malloc_env() -> dict[str, str]:
+    """What measured children should run with (recorded in every record)."""
+    return {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "")}

@@ -1,0 +1,175 @@
+"""Static sparsity masks: which weights a sparse ZO method tunes.
+
+A mask is ``{parameter name: sorted flat indices}`` over the parameters in scope.
+
+* ``random``     exactly ``round(density * N)`` entries drawn uniformly over the scope (seeded);
+* ``magnitude``  the largest |w|;
+* ``sensitive``  the largest squared gradients accumulated on a pre-training-like calibration corpus
+                 (SensZOQ, arXiv 2406.02913: these transfer across downstream tasks);
+* ``task_grad``  the largest squared gradients of the task loss on training examples, before training.
+
+Top-k is global over the scope by default (``per_tensor=True`` takes the same density in every tensor).
+The global top-k is streamed tensor by tensor with a running k-best, so no concatenation of all scores
+(the size of the model) is ever built. Masks are cached on disk as safetensors (see ``MaskCache``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from zobench.errors import UserError
+
+MASK_METHODS = ("random", "magnitude", "sensitive", "task_grad")
+SCOPES = ("linear", "linear+head", "all")
+
+
+def scoped_params(model: torch.nn.Module, scope: str = "linear") -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters a method may touch.
+
+    ``linear``: the weight matrices of the linear layers inside the transformer blocks (SensZOQ's scope);
+    ``linear+head``: those plus the output head; ``all``: every parameter (embeddings, norms, biases).
+    Tied weights appear once.
+    """
+    if scope not in SCOPES:
+        raise UserError(f"unknown scope '{scope}' (expected one of: {', '.join(SCOPES)})")
+    seen: set[int] = set()
+    out = []
+    if scope == "all":
+        for name, p in model.named_parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append((name, p))
+        return out
+    head = model.get_output_embeddings()
+    for mname, module in model.named_modules():
+        is_head = module is head
+        if not isinstance(module, torch.nn.Linear) or (is_head and scope != "linear+head"):
+            continue
+        p = module.weight
+        if id(p) in seen or (not is_head and p is getattr(model.get_input_embeddings(), "weight", None)):
+            continue
+        seen.add(id(p))
+        out.append((f"{mname}.weight", p))
+    return out
+
+
+def _split_flat(flat: torch.Tensor, params: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """Split sorted global indices over the concatenated scope into per-tensor local indices."""
+    sizes = torch.tensor([p.numel() for _, p in params])
+    offsets = torch.cumsum(sizes, 0)
+    owner = torch.bucketize(flat, offsets, right=True)
+    starts = offsets - sizes
+    out = {}
+    for i, (name, _) in enumerate(params):
+        sel = flat[owner == i]
+        if sel.numel():
+            out[name] = sel - starts[i]
+    return out
+
+
+def random_mask(params, density: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    total = sum(p.numel() for _, p in params)
+    k = int(round(density * total))
+    g = torch.Generator().manual_seed(seed)
+    # Rejection sampling of distinct indices: never builds a permutation of all N entries.
+    chosen = torch.empty(0, dtype=torch.long)
+    while chosen.numel() < k:
+        extra = torch.randint(0, total, (int((k - chosen.numel()) * 1.1) + 16,), generator=g)
+        chosen = torch.unique(torch.cat([chosen, extra]))
+    chosen = chosen[torch.randperm(chosen.numel(), generator=g)[:k]]
+    return _split_flat(torch.sort(chosen).values, params)
+
+
+def topk_mask(scores: Iterable[tuple[str, torch.Tensor]], density: float, per_tensor: bool = False,
+              total: int | None = None) -> dict[str, torch.Tensor]:
+    """Top entries of per-tensor score tensors; ``scores`` may be a generator (computed lazily)."""
+    scores = list(scores) if total is None else scores
+    if total is None:
+        total = sum(s.numel() for _, s in scores)
+    k = int(round(density * total))
+    out: dict[str, torch.Tensor] = {}
+    if per_tensor:
+        for name, s in scores:
+            ki = int(round(density * s.numel()))
+            if ki:
+                out[name] = torch.sort(torch.topk(s.reshape(-1).float(), ki).indices).values
+        return out
+    best_v = torch.empty(0)
+    best_t = torch.empty(0, dtype=torch.long)  # tensor number
+    best_i = torch.empty(0, dtype=torch.long)  # index inside that tensor
+    names = []
+    for t, (name, s) in enumerate(scores):
+        names.append(name)
+        flat = s.reshape(-1).float()
+        v, i = torch.topk(flat, min(k, flat.numel()))
+        best_v = torch.cat([best_v, v.cpu()])
+        best_t = torch.cat([best_t, torch.full_like(i, t).cpu()])
+        best_i = torch.cat([best_i, i.cpu()])
+        if best_v.numel() > k:
+            keep = torch.topk(best_v, k).indices
+            best_v, best_t, best_i = best_v[keep], best_t[keep], best_i[keep]
+    for t, name in enumerate(names):
+        sel = best_i[best_t == t]
+        if sel.numel():
+            out[name] = torch.sort(sel).values
+    return out
+
+
+def magnitude_mask(params, density: float, per_tensor: bool = False) -> dict[str, torch.Tensor]:
+    total = sum(p.numel() for _, p in params)
+    return topk_mask(((n, p.detach().abs()) for n, p in params), density, per_tensor, total=total)
+
+
+def squared_gradients(model: torch.nn.Module, params, batches: Iterable, loss_fn: Callable) -> dict[str, torch.Tensor]:
+    """Sum over batches of the squared gradient of ``loss_fn(model, batch)`` for each parameter in scope.
+
+    Each gradient is squared into a float32 accumulator as soon as autograd has it and then freed, so the
+    full gradient is never held next to the accumulators. Parameters out of scope get no gradient.
+    """
+    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params}
+    wanted = {id(p): n for n, p in params}
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    handles = []
+    try:
+        for _, p in model.named_parameters():
+            p.requires_grad_(id(p) in wanted)
+
+        def hook(p):
+            acc[wanted[id(p)]].addcmul_(p.grad, p.grad)
+            p.grad = None
+
+        for _, p in params:
+            handles.append(p.register_post_accumulate_grad_hook(hook))
+        n = 0
+        for batch in batches:
+            loss_fn(model, batch).backward()
+            n += 1
+        if n == 0:
+            raise UserError("gradient mask: the calibration data yielded no batch")
+    finally:
+        for h in handles:
+            h.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved[name])
+            p.grad = None
+    return acc
+
+
+def mass_fraction(scores: dict[str, torch.Tensor], mask: dict[str, torch.Tensor]) -> float:
+    """Fraction of the total score mass (e.g. squared gradients) that the mask covers."""
+    total = sum(float(s.sum()) for s in scores.values())
+    covered = sum(float(scores[n].reshape(-1)[i].sum()) for n, i in mask.items())
+    return covered / total if total else 0.0
+
+
+def mask_nnz(mask: dict[str, torch.Tensor]) -> int:
+    return sum(int(i.numel()) for i in mask.values())
+
+
+def mask_summary(mask: dict[str, torch.Tensor], params) -> dict:
+    total = sum(p.numel() for _, p in params)
+    nnz = mask_nnz(mask)
+    return {"mask_nnz": nnz, "scope_numel": total, "density_obtained": nnz / total if total else 0.0,
+            "mask_tensors": len(mask)}

@@ -1,0 +1,195 @@
+"""The trainable set of a ZO method: which values move, how they are perturbed and updated.
+
+Two shapes, one interface:
+
+* ``DenseTrainable`` (full ZO, MeZO): every weight of the chosen tensors. Perturbed in place, one tensor
+  at a time, so the only temporary is one tensor's z. The restore after the second forward is folded
+  into the update pass: a step makes three passes over the weights (+eps, -2eps, restore+update)
+  instead of MeZO's four.
+* ``SparseTrainable`` (random / sensitive / magnitude / task_grad masks): only ``nnz`` selected entries,
+  held as flat indices plus a float32 master copy of their values. z has length nnz, never the
+  tensor's size: a 0.1% mask costs 0.1% of the work (a full-size z times a 0/1 mask would cost as much
+  as full ZO). Perturbing writes ``master + scale * z`` into the selected entries and restoring writes
+  ``master`` back, so restore is bit-exact in every dtype.
+
+Why a float32 master: in float16/bfloat16, ``w + eps z - 2 eps z + eps z`` does not return to ``w`` (MeZO
+lost accuracy on fp16 models this way), and updates of size lr * g are often below half an ulp. In-place
+dense perturbation in float32 is not bit-exact either (rounding of ``w + eps z``); ``DenseTrainable`` with
+``master=True`` keeps a float32 copy of all trainable weights for exact restores, at the cost of that copy.
+``measure_restore_drift`` reports what the chosen set-up actually does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zobench.zo.directions import draw, make_generator
+
+
+class Trainable:
+    """Common bookkeeping: the current perturbation (seed, scale) applied to the live weights."""
+
+    numel: int
+    direction: str
+
+    def __init__(self):
+        self._seed: int | None = None
+        self._scale = 0.0
+
+    def apply(self, seed: int, scale: float) -> None:
+        """Make the live weights ``base + scale * z(seed)``."""
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        """Make the live weights ``base`` again."""
+        raise NotImplementedError
+
+    def update(self, grads: list[tuple[int, float]], optimizer, step: int) -> None:
+        """Apply ``optimizer`` to the estimate ``sum_j coef_j * z(seed_j)``; the live weights end at the new base."""
+        raise NotImplementedError
+
+
+class DenseTrainable(Trainable):
+    def __init__(self, params: list[tuple[str, torch.nn.Parameter]], direction: str = "rademacher",
+                 master: bool = False, decay_names: set[str] | None = None):
+        super().__init__()
+        self.names = [n for n, _ in params]
+        self.params = [p for _, p in params]
+        self.direction = direction
+        self.numel = sum(p.numel() for p in self.params)
+        # Weight decay on matrices only (MeZO: not on biases and norms).
+        self.decay = [decay_names is None and p.dim() >= 2 or (decay_names is not None and n in decay_names)
+                      for n, p in params]
+        self.masters = [p.detach().float().clone() for p in self.params] if master else None
+
+    def _zs(self, seed: int):
+        """Yield (index, z) per tensor in a fixed order, regenerating z from ``seed``."""
+        g = make_generator(seed, self.params[0].device)
+        for i, p in enumerate(self.params):
+            dtype = torch.float32 if self.masters is not None else p.dtype
+            yield i, draw(p.numel(), g, self.direction, dtype, p.device).view(p.shape)
+
+    @torch.no_grad()
+    def apply(self, seed: int, scale: float) -> None:
+        if self._seed is not None and self._seed != seed:
+            self.restore()
+        for i, z in self._zs(seed):
+            if self.masters is not None:
+                self.params[i].copy_(self.masters[i].add(z, alpha=scale))
+            else:
+                self.params[i].add_(z, alpha=scale - self._scale)
+        self._seed, self._scale = seed, scale
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self._seed is None:
+            return
+        if self.masters is not None:
+            for p, m in zip(self.params, self.masters):
+                p.copy_(m)
+        else:
+            for i, z in self._zs(self._seed):
+                self.params[i].add_(z, alpha=-self._scale)
+        self._seed, self._scale = None, 0.0
+
+    @torch.no_grad()
+    def update(self, grads: list[tuple[int, float]], optimizer, step: int) -> None:
+        # Fold the pending restore into the update pass when the estimate uses the same z
+        # (q = 1, the common case): one z draw per tensor serves both.
+        fold = self._seed is not None and len(grads) == 1 and grads[0][0] == self._seed
+        if self._seed is not None and not fold:
+            self.restore()
+        streams = [self._zs(seed) for seed, _ in grads]
+        for i, p in enumerate(self.params):
+            est = None
+            for (seed, coef), stream in zip(grads, streams):
+                _, z = next(stream)
+                if fold and self.masters is None:
+                    p.add_(z, alpha=-self._scale)  # restore with the z already in hand
+                est = z.mul_(coef) if est is None else est.add_(z, alpha=coef)
+            values = self.masters[i] if self.masters is not None else p
+            optimizer.update(i, values, est, step, decay=self.decay[i])
+            if self.masters is not None:
+                p.copy_(values)
+        self._seed, self._scale = None, 0.0
+
+
+class SparseTrainable(Trainable):
+    def __init__(self, params: list[tuple[str, torch.nn.Parameter]], indices: dict[str, torch.Tensor],
+                 direction: str = "rademacher"):
+        super().__init__()
+        self.direction = direction
+        self.names, self.params, self.indices = [], [], []
+        for name, p in params:
+            idx = indices.get(name)
+            if idx is None or idx.numel() == 0:
+                continue
+            if not p.is_contiguous():
+                raise ValueError(f"sparse ZO needs contiguous weights; {name} is not")
+            self.names.append(name)
+            self.params.append(p)
+            self.indices.append(idx.to(device=p.device, dtype=torch.long))
+        self.sizes = [i.numel() for i in self.indices]
+        self.numel = sum(self.sizes)
+        device = self.params[0].device if self.params else torch.device("cpu")
+        with torch.no_grad():
+            self.master = torch.cat([p.view(-1)[i].float() for p, i in zip(self.params, self.indices)]) \
+                if self.params else torch.zeros(0, device=device)
+
+    def _write(self, values: torch.Tensor) -> None:
+        for p, idx, v in zip(self.params, self.indices, values.split(self.sizes)):
+            p.view(-1).index_copy_(0, idx, v.to(p.dtype))
+
+    def z(self, seed: int) -> torch.Tensor:
+        return draw(self.numel, make_generator(seed, self.master.device), self.direction, torch.float32,
+                    self.master.device)
+
+    @torch.no_grad()
+    def apply(self, seed: int, scale: float) -> None:
+        self._write(self.master.add(self.z(seed), alpha=scale))
+        self._seed, self._scale = seed, scale
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        self._write(self.master)
+        self._seed, self._scale = None, 0.0
+
+    @torch.no_grad()
+    def update(self, grads: list[tuple[int, float]], optimizer, step: int) -> None:
+        est = torch.zeros_like(self.master)
+        for seed, coef in grads:
+            est.add_(self.z(seed), alpha=coef)
+        optimizer.update(0, self.master, est, step, decay=True)
+        self._write(self.master)
+        self._seed, self._scale = None, 0.0
+
+    def density(self, total: int) -> float:
+        return self.numel / total if total else 0.0
+
+
+@torch.no_grad()
+def measure_restore_drift(trainable: Trainable, eps: float, seed: int = 12345,
+                          probe_limit: int = 1 << 22) -> dict:
+    """Run +eps, -2eps, +eps on the real code path and compare with the weights before.
+
+    Compares up to ``probe_limit`` values (the first tensors in order) so the probe stays cheap on big
+    models. Returns the fraction of probed values that changed and the largest absolute change.
+    """
+    params = trainable.params
+    probe, n = [], 0
+    for p in params:
+        if n >= probe_limit:
+            break
+        probe.append((p, p.detach().clone()))
+        n += p.numel()
+    trainable.apply(seed, eps)
+    trainable.apply(seed, -eps)
+    trainable.restore()
+    changed, max_abs, count = 0, 0.0, 0
+    for p, before in probe:
+        diff = (p.detach().float() - before.float()).abs()
+        changed += int((diff > 0).sum())
+        max_abs = max(max_abs, float(diff.max())) if diff.numel() else max_abs
+        count += diff.numel()
+    return {"restore_drift_frac_changed": changed / max(count, 1), "restore_drift_max_abs": max_abs,
+            "restore_drift_probed": count}

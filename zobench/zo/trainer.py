@@ -1,0 +1,92 @@
+"""The ZO training loop: SPSA with the seed trick, on a dense or sparse trainable set.
+
+One step (q = 1):  w + eps z -> L+ ;  w - eps z -> L- ;  g = (L+ - L-) / (2 eps) ;  w <- opt(w, g z),
+where z is regenerated from the step's seed at every pass instead of being stored. With q > 1 the
+estimate averages q independent (seed, g) pairs taken at the same w.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from zobench.zo.trainable import Trainable
+
+PHASES = ("perturb", "forward_plus", "forward_minus", "update")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class StepResult:
+    loss: float                      # (L+ + L-) / 2, the loss at w estimated without a third forward
+    projected_grads: list[float]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.seconds.values())
+
+
+class ZOTrainer:
+    """Runs ZO steps; ``loss_fn(model, batch) -> scalar tensor`` is called under inference mode."""
+
+    def __init__(self, model: torch.nn.Module, trainable: Trainable, optimizer, loss_fn: Callable,
+                 eps: float = 1e-3, q: int = 1, seed: int = 0):
+        self.model, self.trainable, self.optimizer, self.loss_fn = model, trainable, optimizer, loss_fn
+        self.eps, self.q = eps, max(1, int(q))
+        self.rng = random.Random(seed)
+        self.device = next(model.parameters()).device
+
+    def _timed(self, seconds: dict, phase: str, fn):
+        _sync(self.device)
+        t = time.perf_counter()
+        out = fn()
+        _sync(self.device)
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - t
+        return out
+
+    def _loss(self, batch) -> float:
+        with torch.inference_mode():
+            return float(self.loss_fn(self.model, batch))
+
+    def step(self, batch, step: int) -> StepResult:
+        sec: dict[str, float] = {}
+        grads, losses = [], []
+        for _ in range(self.q):
+            seed = self.rng.randrange(2**62)
+            self._timed(sec, "perturb", lambda: self.trainable.apply(seed, self.eps))
+            lp = self._timed(sec, "forward_plus", lambda: self._loss(batch))
+            self._timed(sec, "perturb", lambda: self.trainable.apply(seed, -self.eps))
+            lm = self._timed(sec, "forward_minus", lambda: self._loss(batch))
+            g = (lp - lm) / (2 * self.eps)
+            grads.append((seed, g / self.q))
+            losses.append((lp + lm) / 2)
+        self._timed(sec, "update", lambda: self.trainable.update(grads, self.optimizer, step))
+        return StepResult(sum(losses) / len(losses), [g * self.q for _, g in grads], sec)
+
+
+class ForwardOnly:
+    """The reference cell: one inference forward per step on the same batches, nothing trained.
+
+    A ZO step is bounded below by two of these; reports divide by it.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable):
+        self.model, self.loss_fn = model, loss_fn
+        self.device = next(model.parameters()).device
+
+    def step(self, batch, step: int) -> StepResult:
+        _sync(self.device)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            loss = float(self.loss_fn(self.model, batch))
+        _sync(self.device)
+        return StepResult(loss, [], {"forward": time.perf_counter() - t})

@@ -22,6 +22,7 @@ METHODS = ZO_METHODS + OTHER_METHODS
 class CellConfig:
     # what is trained
     model: str = "smollm2"
+    model_fallback: str | None = None  # loaded instead when `model` cannot be (e.g. random:llama-2-7b)
     dtype: str = "float32"
     quant: str = "none"
     task: str = "sst2"

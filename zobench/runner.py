@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from zobench.config import CellConfig
+from zobench.errors import Unsupported, UserError
 from zobench.measure.memory import PeakMemory
 
 Progress = Callable[[dict], None]
@@ -88,6 +89,8 @@ def run_cell(cfg: CellConfig, progress: Progress | None = None) -> dict:
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise Unsupported(f"needs a CUDA device (device={cfg.device}); this machine has none")
     phases = Phases(device)
     rec: dict = {"config": cfg.to_dict(), "device": device, "metrics": {}, "phases": phases.data}
     m = rec["metrics"]
@@ -100,7 +103,13 @@ def run_cell(cfg: CellConfig, progress: Progress | None = None) -> dict:
         rec["data_note"] = splits.note
 
     with phases("load"):
-        loaded = load_model(cfg.model, cfg.dtype, cfg.seed, cfg.trust_remote_code, device)
+        try:
+            loaded = load_model(cfg.model, cfg.dtype, cfg.seed, cfg.trust_remote_code, device)
+        except UserError as e:
+            if not cfg.model_fallback:
+                raise
+            rec["model_fallback_reason"] = str(e)
+            loaded = load_model(cfg.model_fallback, cfg.dtype, cfg.seed, cfg.trust_remote_code, device)
     model, tok = loaded.model, loaded.tokenizer
     rec["model_source"] = loaded.source
     rec["accuracy_meaningful"] = not loaded.random_weights

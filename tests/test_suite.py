@@ -1,0 +1,103 @@
+"""Suite validation, matrix expansion, and the CLI's bad-input contract (one line, exit 2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zobench.errors import UserError
+from zobench.matrix import expand
+from zobench.suite import load_suite, parse_selector, selector_matches
+
+SUITES = sorted((Path(__file__).resolve().parents[1] / "suites").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SUITES, ids=[p.stem for p in SUITES])
+def test_every_shipped_suite_validates(path):
+    suite = load_suite(path)
+    cells = expand(suite)
+    assert suite.name == path.stem
+    assert cells, "a suite with no cells"
+    methods = {c.config.method for c in cells}
+    assert "forward" in methods  # every suite measures against inference
+    assert len({c.cell_id for c in cells}) == len(cells)
+
+
+def test_matrix_expansion_overrides_and_reference_cells(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("""
+name: s
+defaults: {model: "random:tiny-llama", steps: 3}
+matrix:
+  method: [full, random, sensitive]
+  density: [1.0e-3, 1.0e-2]
+overrides:
+  - match: {method: full}
+    set: {lr: 1.0e-7}
+""")
+    cells = expand(load_suite(p))
+    by_method: dict[str, list] = {}
+    for c in cells:
+        by_method.setdefault(c.config.method, []).append(c)
+    # density does not multiply full ZO or the forward reference
+    assert len(by_method["full"]) == 1 and len(by_method["forward"]) == 1
+    assert len(by_method["random"]) == 2 and len(by_method["sensitive"]) == 2
+    assert by_method["full"][0].config.lr == 1e-7
+    assert by_method["random"][0].config.lr == 1e-6
+    assert cells[0].config.method == "forward" and cells[1].config.method == "full"
+    assert "density" not in by_method["full"][0].labels
+
+
+BAD = {
+    "unknown top key": ("name: s\nmatrx: {}\n", "unknown key 'matrx'; did you mean 'matrix'?"),
+    "unknown cell key": ("name: s\ndefaults: {stepz: 3}\n", "defaults: unknown key 'stepz'; did you mean 'steps'?"),
+    "wrong type": ("name: s\ndefaults: {steps: many}\n", "key 'steps' = 'many': expected int"),
+    "bad method": ("name: s\nmatrix: {method: [ful]}\n", "did you mean 'full'?"),
+    "bad selector": ("name: s\nbudgets:\n  - match: {methd: full}\n    peak_mib_max: 3\n",
+                     "budgets[0].match: unknown key 'methd'"),
+    "bad budget": ("name: s\nbudgets:\n  - peak_mib: 3\n", "budgets[0]: unknown key 'peak_mib'"),
+    "matrix not a list": ("name: s\nmatrix: {method: full}\n", "matrix.method: expected a non-empty list"),
+    "yaml syntax": ("name: s\ndefaults: {steps: [\n", "not valid YAML"),
+    "no name": ("defaults: {}\n", "key 'name'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_suites_name_the_file_and_key(tmp_path, case):
+    text, expected = BAD[case]
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(UserError) as e:
+        load_suite(p)
+    assert str(p) in str(e.value)
+    assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["unknown cell key", "bad selector"])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, case):
+    p = tmp_path / "bad.yaml"
+    p.write_text(BAD[case][0])
+    r = subprocess.run([sys.executable, "-m", "zobench.cli", "run", str(p), "--dry-run"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zobench: error: ") and str(p) in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_missing_suite_file(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "zobench.cli", "run", str(tmp_path / "nope.yaml")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "suite file not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_selectors():
+    sel = parse_selector("method=sensitive|random,density=1e-3", "--only")
+    assert selector_matches(sel, {"method": "random", "density": 0.001})
+    assert not selector_matches(sel, {"method": "full", "density": 0.001})
+    assert not selector_matches(sel, {"method": "random", "density": 0.01})
+    with pytest.raises(UserError, match="unknown key 'metod'"):
+        parse_selector("metod=full", "--only")

@@ -1,0 +1,177 @@
+"""The `zobench` command. Each subcommand parses its flags, calls one function and sets the exit code.
+
+Exit codes: 0 success, 1 a check failed (budgets), 2 bad input (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from zobench.errors import UserError
+
+
+def _add_train(sub) -> None:
+    from zobench.config import METHODS, CellConfig
+
+    p = sub.add_parser("train", help="run one fine-tuning and write one JSON record")
+    defaults = CellConfig()
+    p.add_argument("--model", default=defaults.model, help="smollm2 | random:<config> | dir | hub id | file.gguf")
+    p.add_argument("--task", default=defaults.task)
+    p.add_argument("--method", default=defaults.method, help=" | ".join(METHODS))
+    p.add_argument("--density", type=float, default=defaults.density)
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--quant", default=defaults.quant)
+    p.add_argument("--dtype", default=defaults.dtype)
+    p.add_argument("--data-dir", dest="data_dir", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other run setting, e.g. --set lr=1e-6 --set n_test=200 (repeatable)")
+    p.add_argument("--out", required=True, help="where to write the JSON record")
+
+
+def _parse_set(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def cmd_train(args) -> int:
+    from zobench.api import train
+
+    overrides = _parse_set(args.set)
+    for key in ("model", "task", "method", "density", "steps", "quant", "dtype", "data_dir"):
+        overrides.setdefault(key, getattr(args, key))
+    record = train(progress=_print_progress, **overrides)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, out)
+    print(_train_summary(record))
+    return 0
+
+
+def _print_progress(event: dict) -> None:
+    if event.get("step") and (event["step"] == event["steps"] or event["step"] % 10 == 0):
+        print(f"  step {event['step']}/{event['steps']}  loss {event['loss']:.4f}", file=sys.stderr, flush=True)
+
+
+def _train_summary(rec: dict) -> str:
+    m = rec["metrics"]
+    parts = [f"method={rec['config']['method']}", f"steps={m.get('steps_done')}",
+             f"final_loss={m.get('final_loss'):.4f}" if m.get("final_loss") is not None else ""]
+    for when in ("test_before", "test_after"):
+        if when in m:
+            parts.append(f"{when}=" + ",".join(f"{k}:{v:.3f}" for k, v in m[when].items()))
+    if "density_obtained" in m:
+        parts.append(f"density={m['density_obtained']:.3g}")
+    if m.get("step_s"):
+        parts.append(f"step_median={m['step_s']['median'] * 1000:.0f}ms")
+    return " ".join(p for p in parts if p)
+
+
+def cmd_run(args) -> int:
+    from zobench.launcher import run_suite, select_cells
+    from zobench.progress import SuiteProgress
+    from zobench.suite import load_suite
+
+    suite = load_suite(args.suite)
+    if args.dry_run:
+        cells = select_cells(suite, args.only)
+        for c in cells:
+            print(f"{c.cell_id}  {c.describe()}")
+        print(f"{len(cells)} cells")
+        return 0
+    with SuiteProgress() as progress:
+        out = run_suite(suite, Path(args.out), resume=args.resume, only=args.only, reporter=progress)
+    progress.console.print(progress.summary())
+    report = _write_report(out, Path(args.reports) / f"{suite.name}.md")
+    print(f"results: {out}\nreport:  {report}")
+    failed = [r for r in progress.records if r["status"] not in ("ok", "unsupported")]
+    return 1 if failed and args.strict else 0
+
+
+def _write_report(results: Path, out_md: Path) -> Path:
+    from zobench.report import render_report
+    from zobench.results import read_records
+
+    return render_report(read_records(results), out_md)
+
+
+def cmd_report(args) -> int:
+    results = Path(args.results)
+    out = Path(args.output) if args.output else Path("reports") / f"{results.stem}.md"
+    print(_write_report(results, out))
+    return 0
+
+
+def cmd_check(args) -> int:
+    from zobench.check import check
+    from zobench.results import read_records
+    from zobench.suite import load_suite
+
+    records = read_records(args.results)
+    suite_path = args.suite or next((r.get("suite_file") for r in records if r.get("suite_file")), None)
+    if not suite_path:
+        raise UserError(f"{args.results}: records name no suite file; pass --suite SUITE.yaml")
+    suite = load_suite(suite_path)
+    baseline = read_records(args.baseline) if args.baseline else None
+    violations, notes = check(records, suite, baseline)
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    for v in violations:
+        print(v.line())
+    if not violations:
+        print(f"ok: {len(suite.budgets)} budget(s) hold for {args.results}")
+    return 1 if violations else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zobench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    p = sub.add_parser("run", help="run a suite: every cell in a fresh process, then the report")
+    p.add_argument("suite")
+    p.add_argument("--out", default="results", help="results directory (default results/)")
+    p.add_argument("--reports", default="reports", help="report directory (default reports/)")
+    p.add_argument("--resume", action="store_true", help="skip cells that already have an ok record")
+    p.add_argument("--only", default=None, metavar="SELECTOR", help="e.g. method=sensitive,quant=nf4|int8")
+    p.add_argument("--dry-run", action="store_true", help="print the expanded cells and exit")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any cell failed")
+    p = sub.add_parser("report", help="markdown report with plots from a results file")
+    p.add_argument("results")
+    p.add_argument("-o", "--output", default=None, help="default reports/<suite>.md")
+    p = sub.add_parser("check", help="exit 1 when a budget is broken")
+    p.add_argument("results")
+    p.add_argument("--suite", default=None, help="default: the suite file named in the records")
+    p.add_argument("--baseline", default=None, help="records from the same machine to compare latency with")
+    return parser
+
+
+COMMANDS = {"train": cmd_train, "run": cmd_run, "report": cmd_report, "check": cmd_check}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"zobench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zobench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Suites: a YAML file of defaults, matrix axes, per-cell overrides and budgets, validated up front.
+
+    name: smollm2
+    defaults: {model: smollm2, task: sst2, steps: 20}
+    matrix: {method: [full, random, sensitive], density: [1.0e-3]}
+    overrides:
+      - match: {method: full}
+        set: {lr: 1.0e-7}
+    budgets:
+      - match: {method: sensitive}
+        peak_mib_max: 900
+    timeout_s: 1800
+
+Every error names the file and the key, e.g. ``suites/x.yaml: matrix.methd: unknown key ...``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from zobench.config import CellConfig
+from zobench.errors import UserError
+
+SUITE_KEYS = ("name", "description", "defaults", "matrix", "overrides", "budgets", "timeout_s", "reference")
+BUDGET_LIMITS = {
+    "peak_mib_max": "derived.peak_mib at most this (MiB)",
+    "peak_over_inference_max": "ZO peak / inference peak at most this",
+    "step_over_two_forwards_max": "step median / two forward medians at most this",
+    "accuracy_min": "test accuracy after training at least this (fraction)",
+    "accuracy_drop_max": "test accuracy before - after at most this",
+    "latency_tolerance": "step median at most (1 + this) x the baseline's (same machine only)",
+}
+
+
+@dataclass
+class Budget:
+    match: dict[str, list]
+    limits: dict[str, float]
+    where: str
+
+
+@dataclass
+class Suite:
+    name: str
+    path: Path | None
+    defaults: dict[str, Any]
+    matrix: dict[str, list]
+    overrides: list[tuple[dict[str, list], dict[str, Any]]] = field(default_factory=list)
+    budgets: list[Budget] = field(default_factory=list)
+    timeout_s: float = 3600.0
+    reference: bool = True
+    description: str = ""
+
+
+def _unknown(where: str, key: str, known) -> UserError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return UserError(f"{where}: unknown key '{key}'{hint}")
+
+
+def parse_selector(sel: Any, where: str) -> dict[str, list]:
+    """A selector: a mapping of cell keys to a value or a list of values, or "k=v,k=v|v" text."""
+    if isinstance(sel, str):
+        out: dict[str, list] = {}
+        for part in filter(None, (p.strip() for p in sel.split(","))):
+            if "=" not in part:
+                raise UserError(f"{where}: selector part '{part}': expected key=value")
+            k, v = part.split("=", 1)
+            out[k.strip()] = [yaml.safe_load(x) for x in v.split("|")]
+        sel = out
+    if not isinstance(sel, dict):
+        raise UserError(f"{where}: expected a mapping of cell keys to values")
+    keys = set(CellConfig.keys())
+    for k in sel:
+        if k not in keys:
+            raise _unknown(where, k, keys)
+    return {k: v if isinstance(v, list) else [v] for k, v in sel.items()}
+
+
+def selector_matches(sel: dict[str, list], cell: dict[str, Any]) -> bool:
+    def number(x):
+        if isinstance(x, str):
+            try:
+                return float(x)  # YAML reads "1e-3" (no dot) as text
+            except ValueError:
+                return x
+        return x
+
+    def same(a, b):
+        a, b = number(a), number(b)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            return abs(float(a) - float(b)) <= 1e-12 * max(abs(float(a)), abs(float(b)), 1.0)
+        return a == b
+
+    return all(any(same(cell.get(k), v) for v in vals) for k, vals in sel.items())
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: expected a mapping")
+    return value
+
+
+def load_suite(path: str | Path) -> Suite:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: suite file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    return parse_suite(data, str(path), path)
+
+
+def parse_suite(data: Any, where: str, path: Path | None = None) -> Suite:
+    data = _mapping(data, where)
+    for k in data:
+        if k not in SUITE_KEYS:
+            raise _unknown(where, k, SUITE_KEYS)
+    name = data.get("name")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise UserError(f"{where}: key 'name': expected a non-empty name without '/'")
+    defaults = _mapping(data.get("defaults"), f"{where}: defaults")
+    CellConfig.from_dict(defaults, f"{where}: defaults")  # type-check the defaults alone
+    matrix = _mapping(data.get("matrix"), f"{where}: matrix")
+    for k, v in matrix.items():
+        if k not in CellConfig.keys():
+            raise _unknown(f"{where}: matrix", k, CellConfig.keys())
+        if not isinstance(v, list) or not v:
+            raise UserError(f"{where}: matrix.{k}: expected a non-empty list of values")
+    overrides = []
+    for i, item in enumerate(data.get("overrides") or []):
+        w = f"{where}: overrides[{i}]"
+        item = _mapping(item, w)
+        for k in item:
+            if k not in ("match", "set"):
+                raise _unknown(w, k, ("match", "set"))
+        sets = _mapping(item.get("set"), f"{w}.set")
+        for k in sets:
+            if k not in CellConfig.keys():
+                raise _unknown(f"{w}.set", k, CellConfig.keys())
+        overrides.append((parse_selector(item.get("match", {}), f"{w}.match"), sets))
+    budgets = []
+    for i, item in enumerate(data.get("budgets") or []):
+        w = f"{where}: budgets[{i}]"
+        item = _mapping(item, w)
+        limits = {}
+        for k, v in item.items():
+            if k == "match":
+                continue
+            if k not in BUDGET_LIMITS:
+                raise _unknown(w, k, ["match", *BUDGET_LIMITS])
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise UserError(f"{w}.{k}: expected a number ({BUDGET_LIMITS[k]})")
+            limits[k] = float(v)
+        if not limits:
+            raise UserError(f"{w}: no limit given (one of: {', '.join(BUDGET_LIMITS)})")
+        budgets.append(Budget(parse_selector(item.get("match", {}), f"{w}.match"), limits, w))
+    timeout = data.get("timeout_s", 3600)
+    if not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise UserError(f"{where}: key 'timeout_s': expected a positive number of seconds")
+    reference = data.get("reference", True)
+    if not isinstance(reference, bool):
+        raise UserError(f"{where}: key 'reference': expected true or false")
+    suite = Suite(name, path, defaults, matrix, overrides, budgets, float(timeout), reference,
+                  str(data.get("description", "")))
+    from zobench.matrix import expand  # validates every cell, so a bad combination fails here
+
+    expand(suite)
+    return suite

@@ -150,12 +150,12 @@ def main() -> None:
     fwd = statistics.median(times["forward"])
     rows = []
     print(f"\nZO step vs forward, {args.model}, batch 16x32, {torch.get_num_threads()} threads, "
-          f"{args.rounds} interleaved rounds (median [p10-p90])")
+          f"{args.rounds} interleaved rounds (median [min-max])")
     print(f"{'variant':16s} {'step ms':>22s} {'x 2 fwd':>8s} {'peak MiB':>9s} {'x infer':>8s}  breakdown (median ms)")
     for v in VARIANTS:
         ts = sorted(times[v])
         med = statistics.median(ts)
-        row = {"variant": v, "median_ms": med * 1000, "p10_ms": ts[0] * 1000, "p90_ms": ts[-1] * 1000,
+        row = {"variant": v, "median_ms": med * 1000, "min_ms": ts[0] * 1000, "max_ms": ts[-1] * 1000,
                "x_two_forwards": med / (2 * fwd), "peak_rss_mib": mem[v], "x_inference_peak": mem[v] / mem["forward"],
                "parts_ms": {p: statistics.median(x) * 1000 for p, x in parts[v].items()}}
         rows.append(row)

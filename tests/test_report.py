@@ -1,0 +1,90 @@
+"""The report: markdown equal to a golden file, valid PNGs, pure (same records -> same bytes), robust to
+records with nothing in them. Regenerate the golden after an intended change with
+
+    ZOBENCH_UPDATE_GOLDEN=1 python -m pytest -q tests/test_report.py
+
+and read the diff: its numbers must be the fixture's (e.g. peak_over_inference 1.3712 -> "1.37").
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from zobench.report import render_report
+from zobench.results import read_records
+
+DATA = Path(__file__).parent / "data"
+FIXTURE, GOLDEN = DATA / "report_fixture.jsonl", DATA / "report_golden.md"
+PNG = b"\x89PNG\r\n\x1a\n"
+ALL_PLOTS = {"memory.png", "step_breakdown.png", "loss.png", "dev_accuracy.png", "memory_vs_accuracy.png"}
+
+
+@pytest.fixture(scope="module")
+def records() -> list[dict]:
+    return read_records(FIXTURE)
+
+
+@pytest.fixture(scope="module")
+def rendered(records, tmp_path_factory) -> Path:
+    # The file is named report.md so that the golden's links read report_plots/<name>.png.
+    return render_report(records, tmp_path_factory.mktemp("a") / "report.md")
+
+
+def links(md: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+
+
+def test_markdown_matches_golden(rendered):
+    text = rendered.read_text(encoding="utf-8")
+    if os.environ.get("ZOBENCH_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(text, encoding="utf-8")
+    assert text == GOLDEN.read_text(encoding="utf-8")
+
+
+def test_plots_are_pngs_linked_relatively(rendered):
+    md = rendered.read_text(encoding="utf-8")
+    assert {Path(p).name for p in links(md)} == ALL_PLOTS
+    for rel in links(md):
+        assert not Path(rel).is_absolute() and rel.startswith("report_plots/")
+        data = (rendered.parent / rel).read_bytes()
+        assert data.startswith(PNG) and len(data) > 1000
+
+
+def test_rendering_is_pure(records, rendered, tmp_path):
+    again = render_report(copy.deepcopy(records), tmp_path / "report.md")
+    assert again.read_text(encoding="utf-8") == rendered.read_text(encoding="utf-8")
+    for name in ALL_PLOTS:  # PNG metadata carries no version or date, so the images are identical too
+        assert (tmp_path / "report_plots" / name).read_bytes() == (rendered.parent / "report_plots" / name).read_bytes()
+
+
+def test_plots_without_data_are_skipped(records, tmp_path):
+    recs = copy.deepcopy(records)
+    for r in recs:  # random weights: accuracy means nothing, and no dev evaluation ran
+        r["accuracy_meaningful"] = False
+        r.get("metrics", {}).pop("dev_curve", None)
+    stale = tmp_path / "r_plots" / "dev_accuracy.png"
+    stale.parent.mkdir()
+    stale.write_bytes(PNG)  # left by an earlier render that had dev curves
+    md = render_report(recs, tmp_path / "r.md").read_text(encoding="utf-8")
+    assert {Path(p).name for p in links(md)} == ALL_PLOTS - {"dev_accuracy.png", "memory_vs_accuracy.png"}
+    assert {p.name for p in stale.parent.iterdir()} == ALL_PLOTS - {"dev_accuracy.png", "memory_vs_accuracy.png"}
+    assert "accuracy_meaningful: false" in md and "| n/a |" in md
+
+
+def test_failed_record_without_metrics(tmp_path):
+    bare = {"cell_id": "c1", "status": "failed", "labels": {"method": "sensitive", "quant": "nf4", "density": 1e-3},
+            "reason": "CUDA out of memory | tried to allocate 2.0 GiB\nsecond line"}
+    md = render_report([bare], tmp_path / "f.md", title="Bare").read_text(encoding="utf-8")
+    assert md.startswith("# Bare\n")
+    assert "| sensitive | nf4 | 0.1% | failed | CUDA out of memory \\| tried to allocate 2.0 GiB second line |" in md
+    assert "## Plots" not in md and not (tmp_path / "f_plots").exists()
+
+
+def test_no_records_renders_an_empty_report(tmp_path):
+    md = render_report([], tmp_path / "e.md").read_text(encoding="utf-8")
+    assert "no cells" in md and "|" not in md

@@ -1,0 +1,266 @@
+"""Records -> markdown text. Pure: the same records give the same bytes (no clock, no environment).
+
+Every table is a list of columns, each a header and a function from a record to its cell text, so the
+tables share one formatter and a missing value always renders as "-".
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from zobench.report.cells import (EXTRA_ORDER, PHASES, ZO, density, get, is_sparse, meaningful, method, pct,
+                                  phase_peak, setting, varying_axes)
+
+Column = tuple[str, Callable[[dict], str]]
+DASH = "-"
+
+
+# -- numbers -------------------------------------------------------------------------------------------
+
+def num(v) -> str:
+    """Times and rates: about three significant digits, without switching to exponents."""
+    if not isinstance(v, (int, float)):
+        return DASH
+    a = abs(v)
+    return f"{v:.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else f"{v:.2f}"
+
+
+def mib(v) -> str:
+    return f"{v:.0f}" if isinstance(v, (int, float)) else DASH
+
+
+def ratio(v) -> str:
+    return f"{v:.2f}" if isinstance(v, (int, float)) else DASH
+
+
+def sci(v) -> str:
+    return f"{v:.3g}" if isinstance(v, (int, float)) else DASH
+
+
+def count(v) -> str:
+    """Parameter counts: 1234 -> 1.23k, 134515008 -> 135M."""
+    if not isinstance(v, (int, float)):
+        return DASH
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{unit}"
+    return f"{v:.0f}"
+
+
+def scores(d: dict | None) -> str:
+    """Accuracy as a percent; generative tasks as EM/F1 percents."""
+    if not d:
+        return DASH
+    if "accuracy" in d:
+        return f"{d['accuracy'] * 100:.1f}"
+    return "/".join(f"{d[k] * 100:.1f}" if isinstance(d.get(k), (int, float)) else DASH for k in ("em", "f1"))
+
+
+def step_ms(rec: dict) -> str:
+    s = get(rec, "metrics.step_s") or {}
+    if not isinstance(s.get("median"), (int, float)):
+        return DASH
+    spread = f" ({num(s['p10'] * 1000)}-{num(s['p90'] * 1000)})" if "p10" in s and "p90" in s else ""
+    return num(s["median"] * 1000) + spread
+
+
+def accuracy(rec: dict) -> str:
+    if not meaningful(rec):
+        return "n/a"
+    before, after = get(rec, "metrics.test_before"), get(rec, "metrics.test_after")
+    if not before and not after:
+        return DASH
+    return f"{scores(before)} -> {scores(after)}"
+
+
+def one_line(text, limit: int = 300) -> str:
+    line = " ".join(str(text or DASH).split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+# -- tables --------------------------------------------------------------------------------------------
+
+def escape(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def key_columns(extras: list[str]) -> list[Column]:
+    """The columns that name a cell, in the rows' sort order: varying model/task/dtype, then method, quant,
+    density, then any other varying axis (lr, ...), so that rows differing only in lr sit together."""
+    def axis(a: str) -> Column:
+        return a, lambda r: str(setting(r, a))
+
+    outer = [axis(a) for a in extras if a in EXTRA_ORDER]
+    inner = [axis(a) for a in extras if a not in EXTRA_ORDER]
+    return outer + [("method", method), ("quant", lambda r: str(setting(r, "quant") or "none")),
+                    ("density", lambda r: pct(density(r)))] + inner
+
+
+def table(columns: list[Column], recs: list[dict], n_left: int) -> list[str]:
+    """A markdown table, the first ``n_left`` columns left-aligned (names), the rest right (numbers)."""
+    if not recs:
+        return []
+    head = "| " + " | ".join(escape(h) for h, _ in columns) + " |"
+    rule = "|" + "|".join(":---" if i < n_left else "---:" for i in range(len(columns))) + "|"
+    rows = ["| " + " | ".join(escape(fn(r)) for _, fn in columns) + " |" for r in recs]
+    return [head, rule, *rows, ""]
+
+
+def section(title: str, intro: str, columns: list[Column], recs: list[dict], extras: list[str],
+            n_text: int = 0) -> list[str]:
+    """A titled table of ``recs``: the cell's name columns, then ``columns`` (the first ``n_text`` text)."""
+    keys = key_columns(extras)
+    body = table(keys + columns, recs, len(keys) + n_text)
+    return [f"## {title}", "", intro, "", *body] if body else []
+
+
+# -- sections ------------------------------------------------------------------------------------------
+
+def header(recs: list[dict], title: str | None) -> list[str]:
+    suite = next((r["suite"] for r in recs if r.get("suite")), None)
+    ok = sum(r.get("status") == "ok" for r in recs)
+    by_status = {}
+    for r in recs:
+        by_status[r.get("status", "?")] = by_status.get(r.get("status", "?"), 0) + 1
+    tally = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items(), key=lambda kv: (kv[0] != "ok", kv[0])))
+    models = sorted({str(setting(r, "model")) for r in recs})
+    devices = sorted({str(r.get("device") or setting(r, "device")) for r in recs})
+    finished = max((str(r["finished_at"]) for r in recs if r.get("finished_at")), default=None)
+    lines = [f"# {title or 'zobench report: ' + (suite or 'results')}", ""]
+    context = [f"Suite **{suite or '?'}**", f"model {', '.join(models)}" if recs else "",
+               f"device {', '.join(devices)}" if recs else "", f"{len(recs)} cells ({tally})" if recs else "no cells"]
+    if finished:
+        context.append(f"finished {finished}")
+    lines += ["; ".join(c for c in context if c) + ".", ""]
+    env = next((r["env"] for r in recs if r.get("env")), None)
+    git = next((r["git"] for r in recs if r.get("git")), None)
+    if env or git:
+        lines += [f"Environment: {environment(env or {}, git or {})}.", ""]
+    random_weights = sum(not meaningful(r) for r in recs if r.get("status") == "ok")
+    if random_weights:
+        lines += [f"> {random_weights} of {ok} ok cells use random weights (`accuracy_meaningful: false`): "
+                  "they measure memory and latency only; their accuracy columns show n/a.", ""]
+    for key, what in (("model_fallback_reason", "loaded the fallback model"), ("data_note", "data")):
+        for note in sorted({one_line(r[key]) for r in recs if r.get(key)}):
+            n = sum(one_line(r.get(key)) == note for r in recs)
+            lines += [f"> {n} cells {what}: {escape(note)}", ""]
+    return lines
+
+
+def environment(env: dict, git: dict) -> str:
+    parts = [", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items())]
+    if env.get("python"):
+        parts.append(f"Python {env['python']}")
+    if env.get("cpu"):
+        parts.append(f"CPU {env['cpu']} ({env.get('cpu_count', '?')} cores, "
+                     f"{env.get('torch_threads', '?')} torch threads)")
+    if env.get("gpu"):
+        gpu = f"GPU {env['gpu']}" + (f" x{env['gpu_count']}" if env.get("gpu_count", 1) > 1 else "")
+        parts.append(gpu + (f", CUDA {env['cuda']}" if env.get("cuda") else ""))
+    if env.get("malloc_mmap_threshold"):
+        parts.append(f"MALLOC_MMAP_THRESHOLD_={env['malloc_mmap_threshold']}")
+    if git.get("commit"):
+        parts.append(f"git {str(git['commit'])[:12]}" + (" (dirty)" if git.get("dirty") else ""))
+    return "; ".join(p for p in parts if p)
+
+
+def main_table(ok: list[dict], extras: list[str]) -> list[str]:
+    cols: list[Column] = [
+        ("density obtained", lambda r: pct(get(r, "metrics.density_obtained"))),
+        ("trainable", lambda r: count(get(r, "metrics.trainable_numel"))),
+        ("peak MiB", lambda r: mib(get(r, "derived.peak_mib"))),
+        ("est. peak MiB", lambda r: mib(get(r, "estimate.peak_mib"))),
+        ("peak / inference", lambda r: ratio(get(r, "derived.peak_over_inference"))),
+        ("step ms (p10-p90)", step_ms),
+        ("step / 2 fwd", lambda r: ratio(get(r, "derived.step_over_two_forwards"))),
+        ("speedup vs full", lambda r: ratio(get(r, "derived.speedup_vs_full"))),
+        ("tokens/s", lambda r: num(get(r, "metrics.tokens_per_s"))),
+        ("test % before -> after", accuracy),
+        ("final loss", lambda r: f"{v:.4f}" if isinstance(v := get(r, "metrics.final_loss"), (int, float))
+         else DASH),
+    ]
+    intro = ("Peak memory is the training peak (CUDA max allocated on a GPU, else peak RSS). Ratios are "
+             "against the `forward` reference cell (inference only, same batches) and the full-ZO cell of "
+             "the same model, dtype, quant and task. Test scores are accuracy %, or EM/F1 % for "
+             "generative tasks.")
+    return section("Results", intro, cols, ok, extras)
+
+
+def phase_table(ok: list[dict], extras: list[str]) -> list[str]:
+    present = [p for p in PHASES if any(p in (r.get("phases") or {}) for r in ok)]
+
+    def cell(r, p):
+        peak, secs = phase_peak(r, p), get(r, f"phases.{p}.seconds")
+        return DASH if peak is None and secs is None else f"{mib(peak)} / {num(secs)} s"
+
+    cols: list[Column] = [(p, lambda r, p=p: cell(r, p)) for p in present]
+    intro = ("Peak MiB / seconds of each phase; the peak is reset at the start of each phase "
+             "(CUDA max allocated on a GPU, else peak RSS).")
+    return section("Memory by phase", intro, cols, ok, extras)
+
+
+def step_table(ok: list[dict], extras: list[str]) -> list[str]:
+    parts = ("perturb", "forward_plus", "forward_minus", "forward", "backward", "update")
+    timed = [r for r in ok if get(r, "metrics.step_parts_s")]
+    present = [p for p in parts if any(get(r, f"metrics.step_parts_s.{p}") for r in timed)]
+    cols: list[Column] = [(p, lambda r, p=p: num(ms(get(r, f"metrics.step_parts_s.{p}.median")))) for p in present]
+    cols.append(("step", lambda r: num(ms(get(r, "metrics.step_s.median")))))
+    intro = "Median milliseconds of each part of a training step (a ZO step perturbs twice per direction)."
+    return section("Step breakdown (ms)", intro, cols, timed, extras)
+
+
+def ms(seconds):
+    return seconds * 1000 if isinstance(seconds, (int, float)) else None
+
+
+def mask_tables(ok: list[dict], extras: list[str]) -> list[str]:
+    hit = {True: "yes", False: "no"}
+    mask_cols: list[Column] = [
+        ("density obtained", lambda r: pct(get(r, "metrics.density_obtained"))),
+        ("nnz", lambda r: count(get(r, "metrics.mask_nnz"))),
+        ("sq-grad mass", lambda r: pct(get(r, "metrics.sqgrad_mass_frac"))),
+        ("build s", lambda r: num(get(r, "metrics.mask_build_s"))),
+        ("cache hit", lambda r: hit.get(get(r, "metrics.mask_cache_hit"), DASH)),
+        ("mask phase peak MiB", lambda r: mib(phase_peak(r, "mask"))),
+    ]
+    intro = ("Sq-grad mass: the fraction of the calibration squared-gradient mass the mask covers "
+             "(sensitive masks maximise it).")
+    drift_cols: list[Column] = [
+        ("fraction changed", lambda r: sci(get(r, "metrics.restore_drift_frac_changed"))),
+        ("max abs drift", lambda r: sci(get(r, "metrics.restore_drift_max_abs"))),
+    ]
+    drifted = [r for r in ok if method(r) in ZO and (get(r, "metrics.restore_drift_frac_changed") is not None
+                                                      or get(r, "metrics.restore_drift_max_abs") is not None)]
+    drift_intro = ("After +eps then -eps, the fraction of trainable values not restored bit-exactly and the "
+                   "largest difference (0 means an exact restore).")
+    return (section("Masks", intro, mask_cols, [r for r in ok if is_sparse(r)], extras)
+            + section("Restore drift", drift_intro, drift_cols, drifted, extras))
+
+
+def failure_table(bad: list[dict], extras: list[str]) -> list[str]:
+    cols: list[Column] = [("status", lambda r: str(r.get("status"))), ("reason", lambda r: one_line(r.get("reason")))]
+    return section("Failed and unsupported cells", "Cells without results, with the recorded reason.",
+                   cols, bad, extras, n_text=2)
+
+
+def plot_links(plots: list[tuple[str, str]]) -> list[str]:
+    if not plots:
+        return []
+    lines = ["## Plots", ""]
+    for caption, rel in plots:
+        lines += [f"### {caption}", "", f"![{caption}]({rel})", ""]
+    return lines
+
+
+def render_markdown(recs: list[dict], title: str | None, plots: list[tuple[str, str]]) -> str:
+    """``recs``: one record per cell, in report order; ``plots``: (caption, path relative to the file)."""
+    extras = varying_axes(recs)
+    ok = [r for r in recs if r.get("status") == "ok"]
+    bad = [r for r in recs if r.get("status") != "ok"]
+    lines = header(recs, title)
+    for part in (main_table, phase_table, step_table, mask_tables):
+        lines += part(ok, extras)
+    lines += failure_table(bad, extras) + plot_links(plots)
+    while lines and lines[-1] == "":
+        lines.pop()
+    return "\n".join(lines) + "\n"

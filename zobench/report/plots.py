@@ -1,0 +1,180 @@
+"""Records -> PNG plots. Each plot function returns a Figure, or None when the records hold no data for it.
+
+Figures are built with ``matplotlib.figure.Figure`` directly (its Agg canvas), never through pyplot: no
+backend is switched for the caller's process, no display is needed, and no figure lingers in pyplot's
+registry. PNG metadata carries no software version, so the same records give the same bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from zobench.report.cells import (METHOD_ORDER, density, get, meaningful, method, pct, primary_score, setting,
+                                  short_name)
+
+PALETTE = ("#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+PART_COLORS = {"perturb": "#9467bd", "forward_plus": "#1f77b4", "forward_minus": "#aec7e8",
+               "forward": "#17becf", "backward": "#ff7f0e", "update": "#2ca02c"}
+OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}  # legends right of the axes, never on data
+
+
+def color(m: str) -> str:
+    """A fixed colour per method (the forward reference grey), the same in every plot and report."""
+    return PALETTE[METHOD_ORDER.index(m)] if m in METHOD_ORDER else "#bcbd22"
+
+
+def _figure(width: float, height: float, title: str, xlabel: str, ylabel: str):
+    fig = Figure(figsize=(width, height), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.set_axisbelow(True)
+    return fig, ax
+
+
+def _legend(ax, colors: dict[str, str]) -> None:
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=c, label=name) for name, c in colors.items()], fontsize="small", **OUTSIDE)
+
+
+def _method_legend(ax, recs: list[dict]) -> None:
+    seen = sorted({method(r) for r in recs}, key=lambda m: (METHOD_ORDER + (m,)).index(m))
+    _legend(ax, {m: color(m) for m in seen})
+
+
+def memory_bars(ok: list[dict], extras: list[str]):
+    """Training peak per cell, grouped by quant; the group's forward (inference) peak as a dashed line."""
+    cells = [r for r in ok if isinstance(get(r, "derived.peak_mib"), (int, float))]
+    if not cells:
+        return None
+    groups: dict[str, list[dict]] = {}
+    for r in cells:
+        groups.setdefault("/".join([str(setting(r, "quant") or "none")] + [str(setting(r, a)) for a in extras]),
+                          []).append(r)
+    fig, ax = _figure(max(6.0, 0.7 * len(cells) + 3.5), 4.5, "", "", "peak memory (MiB)")
+    x, ticks, names = 0.0, [], []
+    for group, members in groups.items():
+        start = x
+        for r in members:
+            peak = get(r, "derived.peak_mib")
+            ax.bar(x, peak, color=color(method(r)), width=0.8)
+            ax.annotate(f"{peak:.0f}", (x, peak), ha="center", va="bottom", fontsize="x-small")
+            ticks.append(x)
+            names.append(method(r) + (f" {pct(density(r))}" if density(r) is not None else ""))
+            x += 1
+        fwd = next((get(r, "derived.peak_mib") for r in members if method(r) == "forward"), None)
+        if fwd is not None:
+            ax.hlines(fwd, start - 0.45, x - 0.55, colors="black", linestyles="dashed", linewidth=1)
+        ax.annotate(f"quant {group}", ((start + x - 1) / 2, 1.0), xycoords=("data", "axes fraction"),
+                    ha="center", va="bottom", fontsize="small")
+        x += 0.6
+    ax.set_xticks(ticks, names, rotation=30, ha="right", fontsize="small")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
+    ax.set_title("Peak memory while training (dashed: forward reference)", pad=18)
+    _method_legend(ax, cells)
+    return fig
+
+
+def step_breakdown(ok: list[dict], extras: list[str]):
+    """Median milliseconds per part of a step, stacked: where a ZO step's time goes."""
+    cells = [r for r in ok if get(r, "metrics.step_parts_s")]
+    if not cells:
+        return None
+    fig, ax = _figure(8.5, max(2.5, 0.45 * len(cells) + 1.5), "Step time by part (medians)", "time (ms)", "")
+    drawn: set[str] = set()
+    for y, r in enumerate(cells):
+        left = 0.0
+        for part, col in PART_COLORS.items():
+            med = get(r, f"metrics.step_parts_s.{part}.median")
+            if not isinstance(med, (int, float)):
+                continue
+            ax.barh(y, med * 1000, left=left, color=col, height=0.6)
+            drawn.add(part)
+            left += med * 1000
+    ax.set_yticks(range(len(cells)), [short_name(r, extras) for r in cells], fontsize="small")
+    ax.invert_yaxis()
+    _legend(ax, {p: c for p, c in PART_COLORS.items() if p in drawn})
+    return fig
+
+
+def _curves(cells: list[dict], extras: list[str], title: str, ylabel: str, points) -> Figure | None:
+    """One line per cell; ``points(record)`` gives its (steps, values) or None."""
+    series = [(r, p) for r in cells if (p := points(r))]
+    if not series:
+        return None
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = _figure(8.5, 4.5, title, "step", ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for r, (xs, ys) in series:
+        dashed = str(setting(r, "quant") or "none") != "none"
+        ax.plot(xs, ys, color=color(method(r)), linestyle="--" if dashed else "-", marker=".",
+                label=short_name(r, extras))
+    ax.legend(fontsize="small", **OUTSIDE)
+    return fig
+
+
+def loss_curves(ok: list[dict], extras: list[str]):
+    def points(r):
+        loss = get(r, "metrics.loss_curve")
+        return (list(range(1, len(loss) + 1)), loss) if loss else None
+
+    trained = [r for r in ok if method(r) != "forward"]
+    return _curves(trained, extras, "Training loss (warm-up steps included; dashed: quantized)",
+                   "training loss", points)
+
+
+def dev_curves(ok: list[dict], extras: list[str]):
+    def points(r):
+        curve = [p for p in get(r, "metrics.dev_curve") or [] if primary_score(p) is not None]
+        return ([p["step"] for p in curve], [100 * primary_score(p) for p in curve]) if curve else None
+
+    return _curves([r for r in ok if meaningful(r)], extras, "Dev score during training (dashed: quantized)",
+                   "dev accuracy (%) (F1 for generative tasks)", points)
+
+
+def memory_vs_accuracy(ok: list[dict], extras: list[str]):
+    cells = [r for r in ok if meaningful(r) and isinstance(get(r, "derived.peak_mib"), (int, float))
+             and primary_score(get(r, "metrics.test_after")) is not None]
+    if not cells:
+        return None
+    fig, ax = _figure(7.5, 4.5, "Memory against test score after training", "peak memory (MiB)",
+                      "test accuracy (%) (F1 for generative tasks)")
+    for r in cells:
+        x, y = get(r, "derived.peak_mib"), 100 * primary_score(get(r, "metrics.test_after"))
+        ax.scatter(x, y, color=color(method(r)), s=40, zorder=3)
+        ax.annotate(short_name(r, extras), (x, y), xytext=(4, 4), textcoords="offset points", fontsize="x-small")
+    ax.margins(0.15)
+    _method_legend(ax, cells)
+    return fig
+
+
+PLOTS = (("memory", "Peak memory per cell", memory_bars),
+         ("step_breakdown", "Step time by part", step_breakdown),
+         ("loss", "Training loss vs step", loss_curves),
+         ("dev_accuracy", "Dev accuracy vs step", dev_curves),
+         ("memory_vs_accuracy", "Peak memory vs test accuracy", memory_vs_accuracy))
+
+
+def write_plots(ok: list[dict], extras: list[str], folder: Path) -> list[tuple[str, str]]:
+    """Writes ``<name>.png`` for each plot with data; returns (caption, file name) of those written.
+
+    A plot without data is skipped and any stale PNG of that name (from an earlier render) removed, so the
+    folder never shows a plot the markdown does not link.
+    """
+    written = []
+    for name, caption, make in PLOTS:
+        path = folder / f"{name}.png"
+        fig = make(ok, extras)
+        if fig is None:
+            path.unlink(missing_ok=True)
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110, metadata={"Software": None})
+        written.append((caption, path.name))
+    return written

@@ -61,6 +61,7 @@ class CellConfig:
     eval_every: int = 0
     warmup_steps: int = 2
     seed: int = 0
+    timeout_s: float | None = None      # this cell's limit in a suite (default: the suite's timeout_s)
 
     @classmethod
     def keys(cls) -> list[str]:

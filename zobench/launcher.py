@@ -187,7 +187,7 @@ def run_suite(suite: Suite, out_dir: Path, resume: bool = False, only: str | Non
     for i, cell in enumerate(todo):
         reporter("cell", {"index": i, "cell": cell})
         started, t0 = _now(), time.monotonic()
-        outcome = run_in_child(cell, suite.timeout_s, lambda e: reporter("progress", e))
+        outcome = run_in_child(cell, cell.config.timeout_s or suite.timeout_s, lambda e: reporter("progress", e))
         rec = make_record(suite, cell, outcome, started, time.monotonic() - t0, env, git)
         if outcome.status == "ok":
             rec["derived"] = derive(rec, records)

@@ -34,6 +34,7 @@ class Cell:
 
 def cell_id(cfg: CellConfig) -> str:
     d = cfg.to_dict()
+    d.pop("timeout_s")  # a limit, not part of what the cell measures
     if not cfg.is_sparse:
         for k in SPARSE_ONLY:
             d.pop(k, None)

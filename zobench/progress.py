@@ -61,8 +61,9 @@ class SuiteProgress:
             print(text, file=sys.stderr, flush=True)
 
     def summary(self) -> Table:
-        t = Table(title="zobench run")
-        for col in ("cell", "status", "peak MiB", "step ms", "step/2fwd", "acc before", "acc after"):
+        t = Table(title="zobench run: " + " / ".join(self.records[0].get("labels", {})) if self.records else "zobench run")
+        t.add_column("cell", no_wrap=True)
+        for col in ("status", "peak MiB", "step ms", "step/2fwd", "acc before", "acc after"):
             t.add_column(col)
         for r in self.records:
             m, d = r.get("metrics", {}), r.get("derived", {})
@@ -73,7 +74,7 @@ class SuiteProgress:
                 return "-" if v is None else f"{100 * v:.1f}%"
 
             step = (m.get("step_s") or {}).get("median")
-            t.add_row(" ".join(f"{k}={v}" for k, v in r.get("labels", {}).items()), r["status"],
+            t.add_row(" ".join(str(v) for v in r.get("labels", {}).values()), r["status"],
                       f"{d['peak_mib']:.0f}" if d.get("peak_mib") else "-",
                       f"{step * 1000:.0f}" if step else "-",
                       f"{d['step_over_two_forwards']:.2f}" if d.get("step_over_two_forwards") else "-",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -102,6 +103,19 @@ class CellConfig:
             bad("eps", "a positive number")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             bad("dtype", "float32, bfloat16 or float16")
+        from zobench.zo.directions import DIRECTIONS
+        from zobench.zo.masks import SCOPES
+        from zobench.zo.optim import OPTIMIZERS
+
+        choices = {"direction": DIRECTIONS, "optimizer": tuple(OPTIMIZERS), "schedule": ("constant", "linear"),
+                   "scope": (None, *SCOPES)}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                bad(key, "one of " + ", ".join(str(a) for a in allowed if a is not None))
+        for key in ("calib_path", "data_dir"):
+            path = getattr(self, key)
+            if path and not os.path.exists(path):
+                bad(key, "an existing path")
 
     @property
     def resolved_scope(self) -> str:

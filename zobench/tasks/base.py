@@ -68,11 +68,11 @@ def label_index(value, names: tuple[str, ...]) -> int:
     raise ValueError(f"label {value!r} is not one of {', '.join(names)} (or 0..{len(names) - 1})")
 
 
-def _describe(e: Exception) -> str:
+def describe(e: Exception) -> str:
     if isinstance(e, KeyError):
         return f"missing key {e.args[0]!r}"
     if isinstance(e, (TypeError, AttributeError)):
-        return "not an object with the expected fields"
+        return "not nested as expected"
     return str(e)
 
 
@@ -168,26 +168,28 @@ class Task:
     def read(self, split: str, data_dir=None) -> list[dict]:
         """The raw rows of `split` ("train" or "validation"), each checked to render into an example."""
         if data_dir is None:
-            return self.read_hub(split)
-        path = self.locate(split, data_dir)
-        if path is None:
-            raise self.missing(split, data_dir)
+            pairs = self.read_hub(split)
+        else:
+            path = self.locate(split, data_dir)
+            if path is None:
+                raise self.missing(split, data_dir)
+            pairs = self.parse(path)
         rows = []
-        for where, row in self.parse(path):
+        for where, row in pairs:
             try:
                 self.example(row)
             except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
-                raise UserError(f"{where}: {_describe(e)} (expected {self.layout})") from None
+                raise UserError(f"{where}: {describe(e)} (expected {self.layout})") from None
             rows.append(row)
         return rows
 
     def has_local(self, split: str, data_dir) -> bool:
         return data_dir is not None and self.locate(split, data_dir) is not None
 
-    def read_hub(self, split: str) -> list[dict]:
+    def read_hub(self, split: str) -> list[tuple[str, dict]]:
         if self.hf is None:
             raise UserError(f"task '{self.name}' has no downloadable source: pass --data-dir")
-        if os.environ.get("HF_HUB_OFFLINE"):
+        if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
             raise UserError(f"task '{self.name}' needs its data: pass --data-dir (a folder with "
                             f"{self.dirs[0]}/{self.files['train']}); HF_HUB_OFFLINE is set, so nothing is downloaded")
         try:
@@ -201,7 +203,7 @@ class Task:
         except Exception as e:  # network, missing config: all the user can fix is the source
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"task '{self.name}': cannot load {path} ({config}) split {split}: {first}") from None
-        return [self.from_hub(dict(r)) for r in ds]
+        return [(f"{path} ({config}) {split} row {i}", self.from_hub(dict(r))) for i, r in enumerate(ds)]
 
     def from_hub(self, row: dict) -> dict:
         """A Hugging Face row in the layout `example` reads (most already are)."""
@@ -213,14 +215,14 @@ class Task:
         """MeZO's sampling: train and dev from one seeded permutation of the train split (dev at its end),
         test a seeded sample of the validation split (GLUE/SuperGLUE test labels are hidden)."""
         notes = []
-        valid = self.read("validation", data_dir)
         if self.train_optional and data_dir is not None and not self.has_local("train", data_dir):
+            valid = self.read("validation", data_dir)
             order = permutation(len(valid), seed)
             train_rows, dev_rows, test_rows, note = _carve(valid, order, n_train, n_dev, n_test)
             notes.append(f"{self.name}: no train split in the data: train and dev carved from the validation "
                          f"split with seed {seed}, test is the disjoint remainder{note}")
         else:
-            train = self.read("train", data_dir)
+            train, valid = self.read("train", data_dir), self.read("validation", data_dir)
             order = permutation(len(train), seed)[:n_train + n_dev]
             n_d = min(n_dev, len(order) - (1 if n_train and order else 0))
             train_rows = [train[i] for i in order[:len(order) - n_d]]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from zobench.errors import UserError
-from zobench.tasks.base import Task, load_json
+from zobench.tasks.base import Task, describe, load_json
 
 
 class SQuAD(Task):
@@ -21,7 +21,7 @@ class SQuAD(Task):
     kind = "generation"
     dirs = ("squad", "SQuAD")
     files = {"train": "train-v1.1*.json", "validation": "dev-v1.1*.json"}
-    layout = "the official SQuAD v1.1 JSON: data [{title, paragraphs [{context, qas [{question, answers [{text}]}]}]}]"
+    layout = "official SQuAD v1.1 JSON: data [{title, paragraphs [{context, qas [{question, answers [{text}]}]}]}]"
     hf = ("rajpurkar/squad", None)
 
     def prompt(self, row):
@@ -45,8 +45,7 @@ class SQuAD(Task):
                             "id": qa.get("id"), "title": title, "context": para["context"],
                             "question": qa["question"], "answers": [a["text"] for a in qa["answers"]]}
             except (KeyError, TypeError, AttributeError) as e:
-                missing = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) else "unexpected nesting"
-                raise UserError(f"{where}: {missing} (expected {self.layout})") from None
+                raise UserError(f"{where}: {describe(e)} (expected {self.layout})") from None
 
     def from_hub(self, row):
         return {"id": row.get("id"), "title": row["title"], "context": row["context"], "question": row["question"],
@@ -89,8 +88,7 @@ class DROP(Task):
                         "section_id": section_id, "query_id": qa.get("query_id"), "passage": section["passage"],
                         "question": qa["question"], "answers_spans": spans}
             except (KeyError, TypeError, AttributeError) as e:
-                missing = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) else "unexpected nesting"
-                raise UserError(f"{where}: {missing} (expected {self.layout})") from None
+                raise UserError(f"{where}: {describe(e)} (expected {self.layout})") from None
 
 
 def drop_spans(answers: list[dict]) -> dict | None:

@@ -12,7 +12,7 @@ from typing import Iterator
 
 from zobench.errors import UserError
 from zobench.tasks import packaged
-from zobench.tasks.base import Task, as_bool, iter_jsonl, label_index
+from zobench.tasks.base import Task, as_bool, describe, iter_jsonl, label_index
 
 SUPERGLUE_FILES = {"train": "train.jsonl", "validation": "val.jsonl"}
 
@@ -173,8 +173,7 @@ class MultiRC(Task):
                                                                         "question": q.get("idx"),
                                                                         "answer": a.get("idx")}}
             except (KeyError, TypeError, AttributeError) as e:
-                missing = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) else "unexpected nesting"
-                raise UserError(f"{where}: {missing} (expected {self.layout})") from None
+                raise UserError(f"{where}: {describe(e)} (expected {self.layout})") from None
 
     def prompt(self, row):
         return (f"{row['paragraph']}\nQuestion: {row['question']}\nI found this answer \"{row['answer']}\". "

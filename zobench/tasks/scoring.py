@@ -1,0 +1,239 @@
+"""The model side of a task, task-agnostic: examples -> padded batch -> loss, and evaluation.
+
+Follows MeZO's run.py / utils.py: an option's tokens are the tail of the tokenized prompt+option beyond
+the tokenized prompt; sequences are truncated from the left; a classification example is scored by the
+mean log-probability of each option's tokens (length-normalized), and trained with cross-entropy over
+those scores ("train as classification"); generation is greedy and stops at a newline.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from zobench.errors import UserError
+from zobench.tasks.base import Example
+from zobench.tasks.generation import exact_match, f1_score
+
+KINDS = ("classification", "generation")
+
+
+def _keeps_first(tokenizer) -> bool:
+    # MeZO keeps the BOS token when it truncates from the left (tokenizer.add_bos_token); we ask the
+    # tokenizer what it does by default rather than trust the flag (SmolLM2's adds none).
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a")["input_ids"]
+    return bos is not None and bool(ids) and ids[0] == bos
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def _truncate(ids: list[int], max_length: int, keep_first: bool) -> list[int]:
+    if len(ids) <= max_length:
+        return ids
+    if keep_first:
+        return ids[:1] + ids[len(ids) - (max_length - 1):]
+    return ids[len(ids) - max_length:]
+
+
+def _join(tokenizer, prompts: list[str], conts: list[str], owner: list[int], max_length: int, keep_first: bool):
+    """Token ids of prompt+continuation and how many trailing tokens are the continuation.
+
+    Tokenizing the whole string (not prompt and option apart) keeps merges across the boundary as the
+    model would see them in text; the option is the tail beyond the prompt's own token count (MeZO).
+    """
+    p_len = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    seqs, opt = [], []
+    for ids, e in zip(tokenizer([prompts[e] + c for e, c in zip(owner, conts)])["input_ids"], owner):
+        n = max(1, len(ids) - p_len[e])
+        ids = _truncate(ids, max_length, keep_first)
+        seqs.append(ids)
+        opt.append(min(n, len(ids) - 1))   # the first token has no prediction to score
+    return seqs, opt
+
+
+def _pad(seqs: list[list[int]], opt: list[int] | None, pad_id: int, left: bool, vocab_size: int | None) -> dict:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        start = width - len(s) if left else 0
+        ids[i, start:start + len(s)] = torch.tensor(s, dtype=torch.long)
+        attn[i, start:start + len(s)] = 1
+        if opt is not None and opt[i] > 0:
+            mask[i, start + len(s) - opt[i]:start + len(s)] = True
+    if vocab_size:
+        # random-weight architectures borrow this tokenizer; fold its ids into their vocabulary
+        ids %= vocab_size
+    batch = {"input_ids": ids, "attention_mask": attn}
+    if opt is not None:
+        batch["option_mask"] = mask
+    return batch
+
+
+def encode(examples: list[Example], tokenizer, kind: str, max_length: int = 256, train: bool = True,
+           vocab_size: int | None = None) -> dict:
+    """A right-padded batch (left-padded prompts for generation with train=False).
+
+    Classification: one sequence per (example, candidate), example-major; `option_mask` marks option
+    tokens, `labels` the correct index per example, `n_options` the candidates per example. A task that
+    MeZO trains as an LM (COPA) gives, with train=True, only the correct option's sequence, like
+    generation: prompt + target with `option_mask` on the target.
+    """
+    if kind not in KINDS:
+        raise UserError(f"unknown task kind '{kind}' (expected {' or '.join(KINDS)})")
+    if not examples:
+        raise ValueError("encode needs at least one example")
+    keep_first, pad_id = _keeps_first(tokenizer), _pad_id(tokenizer)
+    prompts = [ex.prompt for ex in examples]
+    if kind == "generation" and not train:
+        seqs = [_truncate(ids, max_length, keep_first) for ids in tokenizer(prompts)["input_ids"]]
+        return _pad(seqs, None, pad_id, True, vocab_size)
+    if kind == "generation" or (train and not all(ex.train_as_classification for ex in examples)):
+        conts = [ex.target if kind == "generation" else ex.candidates[ex.label] for ex in examples]
+        seqs, opt = _join(tokenizer, prompts, conts, list(range(len(examples))), max_length, keep_first)
+        return _pad(seqs, opt, pad_id, False, vocab_size)
+    owner = [e for e, ex in enumerate(examples) for _ in ex.candidates]
+    conts = [c for ex in examples for c in ex.candidates]
+    seqs, opt = _join(tokenizer, prompts, conts, owner, max_length, keep_first)
+    batch = _pad(seqs, opt, pad_id, False, vocab_size)
+    batch["labels"] = torch.tensor([ex.label for ex in examples], dtype=torch.long)
+    batch["n_options"] = torch.tensor([len(ex.candidates) for ex in examples], dtype=torch.long)
+    return batch
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _slices_logits(model) -> bool:
+    """Whether the model projects onto the vocabulary only where a boolean `logits_to_keep` says.
+
+    transformers' `slice_logits_to_keep` takes a [batch, seq] boolean mask and returns [n_true, vocab]
+    logits; without it the full [batch, seq, vocab] logits are materialized, often the largest tensor
+    of a forward pass (vocab 32k-50k), which would inflate the memory this benchmark measures.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(sys.modules.get(type(base).__module__), "slice_logits_to_keep", None) is not None
+
+
+def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities (float32) of the tokens under `option_mask`, and the sequence of each."""
+    dev = _device(model)
+    ids, attn = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+    scored = batch["option_mask"].to(dev)[:, 1:]
+    predict = torch.zeros_like(batch["option_mask"], device=dev)
+    predict[:, :-1] = scored                      # logits at t predict token t + 1
+    targets = ids[:, 1:][scored]
+    logits = None
+    if _slices_logits(model):
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=predict).logits
+        if logits.dim() != 2:
+            logits = None
+    if logits is None:
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[predict]
+    # Upcast only the few gathered rows: no float32 [B, T, V] copy.
+    logits = logits.float()
+    logp = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    return logp, predict.nonzero()[:, 0]
+
+
+def option_scores(model, batch: dict) -> torch.Tensor:
+    """Mean log-probability of each sequence's option tokens (MeZO's length-normalized score), [S]."""
+    logp, seq = token_logprobs(model, batch)
+    n_seq = batch["input_ids"].shape[0]
+    sums = torch.zeros(n_seq, dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)
+    counts = batch["option_mask"][:, 1:].sum(1).clamp(min=1).to(logp.device)
+    return sums / counts
+
+
+def _grouped(scores: torch.Tensor, n_options: torch.Tensor) -> torch.Tensor:
+    """[S] scores -> [B, max options], padded with -inf where an example has fewer options."""
+    n_options = n_options.to(scores.device)
+    b, width = n_options.numel(), int(n_options.max())
+    if bool((n_options == width).all()):
+        return scores.view(b, width)
+    row = torch.repeat_interleave(torch.arange(b, device=scores.device), n_options)
+    col = torch.arange(scores.numel(), device=scores.device) - torch.repeat_interleave(
+        torch.cumsum(n_options, 0) - n_options, n_options)
+    return scores.new_full((b, width), float("-inf")).index_put((row, col), scores)
+
+
+def loss(model, batch: dict) -> torch.Tensor:
+    """Scalar loss: cross-entropy over option scores (classification), else mean NLL of target tokens.
+
+    The LM form averages over all target tokens of the batch, as MeZO's CrossEntropyLoss does.
+    """
+    if "n_options" in batch:
+        scores = option_scores(model, batch)
+        return F.cross_entropy(_grouped(scores, batch["n_options"]), batch["labels"].to(scores.device))
+    logp, _ = token_logprobs(model, batch)
+    return -logp.mean()
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), max(1, size)):
+        yield items[i:i + max(1, size)]
+
+
+def predict(model, tokenizer, examples: list[Example], batch_size: int = 16, max_length: int = 256,
+            vocab_size: int | None = None) -> list[int]:
+    """The index of the best-scoring candidate for each classification example."""
+    out = []
+    with torch.inference_mode():
+        for chunk in _chunks(examples, batch_size):
+            batch = encode(chunk, tokenizer, "classification", max_length, train=False, vocab_size=vocab_size)
+            grouped = _grouped(option_scores(model, batch), batch["n_options"])
+            out.extend(grouped.argmax(1).tolist())
+    return out
+
+
+def generate(model, tokenizer, examples: list[Example], batch_size: int = 16, max_length: int = 256,
+             max_new_tokens: int = 50, vocab_size: int | None = None) -> list[str]:
+    """Greedy answers, one line each. The prompt is cut from the left to leave room for the answer."""
+    newline = tokenizer.encode("\n", add_special_tokens=False)[-1]
+    stops = [newline] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    pad = _pad_id(tokenizer)
+    if vocab_size:
+        stops, pad = [s % vocab_size for s in stops], pad % vocab_size
+    dev, texts, known = _device(model), [], len(tokenizer)
+    with torch.inference_mode():
+        for chunk in _chunks(examples, batch_size):
+            batch = encode(chunk, tokenizer, "generation", max(1, max_length - max_new_tokens), train=False,
+                           vocab_size=vocab_size)
+            ids = batch["input_ids"].to(dev)
+            out = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].to(dev),
+                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 eos_token_id=stops, pad_token_id=pad)
+            for row in out[:, ids.shape[1]:].tolist():
+                cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+                text = tokenizer.decode([t for t in row[:cut] if t < known], skip_special_tokens=True)
+                # MeZO stops on the "\n" token only; a token that merely contains a newline (".\n") would
+                # run on, so the text is also cut at its first newline.
+                texts.append(text.split("\n")[0].strip())
+    return texts
+
+
+def evaluate(model, tokenizer, task_kind: str, examples: list[Example], batch_size: int = 16,
+             max_length: int = 256, max_new_tokens: int = 50, vocab_size: int | None = None) -> dict:
+    """{"accuracy"} for classification, {"em", "f1"} (SQuAD-style, best over gold answers) for generation."""
+    if task_kind not in KINDS:
+        raise UserError(f"unknown task kind '{task_kind}' (expected {' or '.join(KINDS)})")
+    if task_kind == "classification":
+        if not examples:
+            return {"accuracy": None}
+        preds = predict(model, tokenizer, examples, batch_size, max_length, vocab_size)
+        return {"accuracy": sum(p == ex.label for p, ex in zip(preds, examples)) / len(examples)}
+    if not examples:
+        return {"em": None, "f1": None}
+    texts = generate(model, tokenizer, examples, batch_size, max_length, max_new_tokens, vocab_size)
+    return {"em": sum(exact_match(t, ex.answers) for t, ex in zip(texts, examples)) / len(examples),
+            "f1": sum(f1_score(t, ex.answers) for t, ex in zip(texts, examples)) / len(examples)}

@@ -13,10 +13,11 @@ run: venv
 	$(VENV)/bin/zobench run suites/smollm2.yaml
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests bench --benchmark-disable
 
 bench: venv
-	$(PY) bench/zo_step.py
+	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=median,iqr,rounds
+	$(PY) bench/zo_step.py --json results/bench/zo_step.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

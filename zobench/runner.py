@@ -87,6 +87,9 @@ def run_cell(cfg: CellConfig, progress: Progress | None = None) -> dict:
     from zobench.zo.masks import scoped_params
     from zobench.zo.trainable import measure_restore_drift
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars would flood suite logs
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     if device.startswith("cuda") and not torch.cuda.is_available():

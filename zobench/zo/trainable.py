@@ -25,6 +25,8 @@ import torch
 
 from zobench.zo.directions import draw, make_generator
 
+CHUNK = 1 << 22  # values per z draw in dense passes (16 MiB of float32)
+
 
 class Trainable:
     """Common bookkeeping: the current perturbation (seed, scale) applied to the live weights."""
@@ -62,22 +64,39 @@ class DenseTrainable(Trainable):
                       for n, p in params]
         self.masters = [p.detach().float().clone() for p in self.params] if master else None
 
-    def _zs(self, seed: int):
-        """Yield (index, z) per tensor in a fixed order, regenerating z from ``seed``."""
+    def _chunks(self, seed: int):
+        """Yield (key, live chunk, master chunk or None, z) over all tensors in a fixed order.
+
+        z is drawn per chunk of at most CHUNK values, never per whole tensor: a 28M-value embedding
+        would otherwise need a 113 MiB z, more than the forward pass's activations on a small model,
+        and the ZO peak would exceed the inference peak.
+        """
         g = make_generator(seed, self.params[0].device)
         for i, p in enumerate(self.params):
-            dtype = torch.float32 if self.masters is not None else p.dtype
-            yield i, draw(p.numel(), g, self.direction, dtype, p.device).view(p.shape)
+            flat = p.detach().view(-1)
+            master = self.masters[i].view(-1) if self.masters is not None else None
+            dtype = torch.float32 if master is not None else p.dtype
+            for c, start in enumerate(range(0, flat.numel(), CHUNK)):
+                stop = min(start + CHUNK, flat.numel())
+                z = draw(stop - start, g, self.direction, dtype, p.device)
+                yield (i, c), i, flat[start:stop], None if master is None else master[start:stop], z
+
+    def directions(self, seed: int) -> list[torch.Tensor]:
+        """The full z of every tensor for ``seed`` (materialised: for tests and diagnostics only)."""
+        parts: dict[int, list] = {}
+        for _, i, _, _, z in self._chunks(seed):
+            parts.setdefault(i, []).append(z)
+        return [torch.cat(parts[i]).view(p.shape) for i, p in enumerate(self.params)]
 
     @torch.no_grad()
     def apply(self, seed: int, scale: float) -> None:
         if self._seed is not None and self._seed != seed:
             self.restore()
-        for i, z in self._zs(seed):
-            if self.masters is not None:
-                self.params[i].copy_(self.masters[i].add(z, alpha=scale))
+        for _, _, live, master, z in self._chunks(seed):
+            if master is not None:
+                live.copy_(master.add(z, alpha=scale))
             else:
-                self.params[i].add_(z, alpha=scale - self._scale)
+                live.add_(z, alpha=scale - self._scale)
         self._seed, self._scale = seed, scale
 
     @torch.no_grad()
@@ -88,29 +107,29 @@ class DenseTrainable(Trainable):
             for p, m in zip(self.params, self.masters):
                 p.copy_(m)
         else:
-            for i, z in self._zs(self._seed):
-                self.params[i].add_(z, alpha=-self._scale)
+            for _, _, live, _, z in self._chunks(self._seed):
+                live.add_(z, alpha=-self._scale)
         self._seed, self._scale = None, 0.0
 
     @torch.no_grad()
     def update(self, grads: list[tuple[int, float]], optimizer, step: int) -> None:
         # Fold the pending restore into the update pass when the estimate uses the same z
-        # (q = 1, the common case): one z draw per tensor serves both.
+        # (q = 1, the common case): one z draw per chunk serves both.
         fold = self._seed is not None and len(grads) == 1 and grads[0][0] == self._seed
         if self._seed is not None and not fold:
             self.restore()
-        streams = [self._zs(seed) for seed, _ in grads]
-        for i, p in enumerate(self.params):
+        streams = [self._chunks(seed) for seed, _ in grads]
+        for parts in zip(*streams):
+            key, i, live, master, _ = parts[0]
             est = None
-            for (seed, coef), stream in zip(grads, streams):
-                _, z = next(stream)
-                if fold and self.masters is None:
-                    p.add_(z, alpha=-self._scale)  # restore with the z already in hand
+            for (seed, coef), (_, _, _, _, z) in zip(grads, parts):
+                if fold and master is None:
+                    live.add_(z, alpha=-self._scale)  # restore with the z already in hand
                 est = z.mul_(coef) if est is None else est.add_(z, alpha=coef)
-            values = self.masters[i] if self.masters is not None else p
-            optimizer.update(i, values, est, step, decay=self.decay[i])
-            if self.masters is not None:
-                p.copy_(values)
+            values = master if master is not None else live
+            optimizer.update(key, values, est, step, decay=self.decay[i])
+            if master is not None:
+                live.copy_(values)
         self._seed, self._scale = None, 0.0
 
 

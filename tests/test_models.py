@@ -1,0 +1,59 @@
+"""Model specs: the embedded GGUF default, random-weight architectures, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zobench.errors import UserError
+from zobench.models import load_model
+from zobench.models.load import builtin_gguf, converted_gguf_dir, shipped_configs
+
+
+def test_gguf_conversion_and_cached_reload_give_identical_logits(tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    gguf = builtin_gguf()
+    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    cached = load_model("smollm2").model
+    assert converted_gguf_dir(gguf).joinpath("model.safetensors").exists()
+    ids = tokenizer("The movie was wonderful. It was", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(direct(input_ids=ids).logits, cached(input_ids=ids).logits)
+
+
+def test_random_weights_are_seeded():
+    a = load_model("random:tiny-llama", seed=1).model
+    b = load_model("random:tiny-llama", seed=1).model
+    c = load_model("random:tiny-llama", seed=2).model
+    wa, wb, wc = (m.model.layers[0].mlp.up_proj.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+@pytest.mark.parametrize("dtype,expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+def test_dtypes(dtype, expected):
+    m = load_model("random:tiny-llama", dtype=dtype)
+    assert m.model.model.layers[0].self_attn.q_proj.weight.dtype == expected
+
+
+def test_shipped_configs_cover_the_big_architectures():
+    assert {"llama-2-7b", "llama-2-13b", "mistral-7b", "opt-6.7b", "tiny-llama"} <= set(shipped_configs())
+    from transformers import AutoConfig
+
+    from zobench.models.load import _random_config
+
+    cfg = _random_config("llama-2-7b", False)
+    assert isinstance(cfg, type(AutoConfig.for_model("llama")))
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size) == (4096, 32, 11008)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("random:no-such", "no such config"),
+    ("/nonexistent/model.gguf", "GGUF file not found"),
+    ("someone/not-a-cached-model", "cannot load"),
+])
+def test_bad_model_specs_give_one_clear_line(spec, message, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=message) as e:
+        load_model(spec)
+    assert "\n" not in str(e.value)

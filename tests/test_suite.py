@@ -62,6 +62,7 @@ BAD = {
     "matrix not a list": ("name: s\nmatrix: {method: full}\n", "matrix.method: expected a non-empty list"),
     "yaml syntax": ("name: s\ndefaults: {steps: [\n", "not valid YAML"),
     "no name": ("defaults: {}\n", "key 'name'"),
+    "quant not available": ("name: s\nmatrix: {quant: [nf4]}\n", "key 'quant' = 'nf4': expected one of none"),
 }
 
 

@@ -17,6 +17,7 @@ from zobench.errors import UserError
 ZO_METHODS = ("full", "random", "sensitive", "magnitude", "task_grad")
 OTHER_METHODS = ("forward", "fo-sgd", "fo-adam", "lora")
 METHODS = ZO_METHODS + OTHER_METHODS
+QUANTS = ("none",)  # the model's own dtype; quantization backends are not implemented yet
 
 
 @dataclass
@@ -107,7 +108,7 @@ class CellConfig:
         from zobench.zo.masks import SCOPES
         from zobench.zo.optim import OPTIMIZERS
 
-        choices = {"direction": DIRECTIONS, "optimizer": tuple(OPTIMIZERS), "schedule": ("constant", "linear"),
+        choices = {"quant": QUANTS, "direction": DIRECTIONS, "optimizer": tuple(OPTIMIZERS), "schedule": ("constant", "linear"),
                    "scope": (None, *SCOPES)}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -126,8 +126,7 @@ def run_cell(cfg: CellConfig, progress: Progress | None = None) -> dict:
         return scoring.evaluate(model, tok, task.kind, examples, batch_size=cfg.eval_batch_size,
                                 max_length=cfg.max_length, vocab_size=vocab)
 
-    def loss_fn(mdl, batch):
-        return scoring.loss(mdl, batch)
+    loss_fn = scoring.loss
 
     evals = cfg.eval_before and rec["accuracy_meaningful"]
     if evals:

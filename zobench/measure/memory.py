@@ -10,7 +10,6 @@ MALLOC_MMAP_THRESHOLD_ so large blocks go back to the OS when freed (see launche
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -91,8 +90,3 @@ class PeakMemory:
             self.result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / MIB
             self.result["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved() / MIB
         return False
-
-
-def malloc_env() -> dict[str, str]:
-    """What measured children should run with (recorded in every record)."""
-    return {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "")}

@@ -182,9 +182,6 @@ class SparseTrainable(Trainable):
         self._write(self.master)
         self._seed, self._scale = None, 0.0
 
-    def density(self, total: int) -> float:
-        return self.numel / total if total else 0.0
-
 
 @torch.no_grad()
 def measure_restore_drift(trainable: Trainable, eps: float, seed: int = 12345,

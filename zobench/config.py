@@ -17,7 +17,6 @@ from zobench.errors import UserError
 ZO_METHODS = ("full", "random", "sensitive", "magnitude", "task_grad")
 OTHER_METHODS = ("forward", "fo-sgd", "fo-adam", "lora")
 METHODS = ZO_METHODS + OTHER_METHODS
-QUANTS = ("none",)  # the model's own dtype; quantization backends are not implemented yet
 
 
 @dataclass
@@ -108,11 +107,20 @@ class CellConfig:
         from zobench.zo.masks import SCOPES
         from zobench.zo.optim import OPTIMIZERS
 
-        choices = {"quant": QUANTS, "direction": DIRECTIONS, "optimizer": tuple(OPTIMIZERS), "schedule": ("constant", "linear"),
+        from zobench.quant import BACKENDS
+
+        if self.quant not in BACKENDS:
+            try:
+                BACKENDS.get(self.quant)  # raises with the known names and a did-you-mean
+            except UserError as e:
+                raise UserError(f"{where}: key 'quant': {e}") from None
+        choices = {"direction": DIRECTIONS, "optimizer": tuple(OPTIMIZERS), "schedule": ("constant", "linear"),
                    "scope": (None, *SCOPES)}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, "one of " + ", ".join(str(a) for a in allowed if a is not None))
+        if self.quant != "none" and self.is_sparse and self.resolved_scope != "linear":
+            bad("scope", "'linear' with a quant backend (the sparse values live beside the quantized linears)")
         for key in ("calib_path", "data_dir"):
             path = getattr(self, key)
             if path and not os.path.exists(path):

@@ -1,4 +1,5 @@
-"""One run (a suite cell, or `zobench train`): load -> mask -> warm-up -> train -> eval, each phase measured.
+"""One run (a suite cell, or `zobench train`): load -> mask -> quantize -> eval -> warm-up -> train -> eval,
+each phase measured.
 
 Returns a plain dict record. Phases each get their own wall time and peak memory (reset per phase),
 so the mask's gradient pass, for example, does not hide inside the training peak.
@@ -14,11 +15,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from zobench.config import CellConfig
+from zobench.config import ZO_METHODS, CellConfig
 from zobench.errors import Unsupported, UserError
 from zobench.measure.memory import PeakMemory
 
 Progress = Callable[[dict], None]
+SPARSE_ZO = tuple(m for m in ZO_METHODS if m != "full")
 
 
 def resolve_device(name: str) -> str:
@@ -60,7 +62,7 @@ def summarize_seconds(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "p10": q[0], "p90": q[-1], "n": len(values)}
 
 
-def build_stepper(cfg: CellConfig, loaded, params, mask, loss_fn, total_steps: int):
+def build_stepper(cfg: CellConfig, loaded, params, mask, loss_fn, total_steps: int, vectors=None):
     """The object whose ``step(batch, i)`` runs one training step of ``cfg.method``."""
     from zobench.zo.fo import FOTrainer
     from zobench.zo.optim import make_optimizer
@@ -74,9 +76,26 @@ def build_stepper(cfg: CellConfig, loaded, params, mask, loss_fn, total_steps: i
     opt = make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.schedule, total_steps, cfg.momentum)
     if cfg.method == "full":
         trainable = DenseTrainable(params, cfg.direction, master=cfg.master_fp32)
+    elif vectors is not None:  # quantized: the sparse values beside the quantized layers
+        trainable = SparseTrainable.of_vectors(vectors, cfg.direction)
     else:
         trainable = SparseTrainable(params, mask, cfg.direction)
     return ZOTrainer(loaded.model, trainable, opt, loss_fn, cfg.eps, cfg.q, cfg.seed), trainable
+
+
+def check_quant(cfg: CellConfig, device: str):
+    """The cell's quant backend (None for "none"), or ``Unsupported`` before anything loads."""
+    if cfg.quant == "none":
+        return None
+    from zobench.quant import get_backend
+
+    backend = get_backend(cfg.quant)
+    backend.check_available(device)
+    if not backend.perturbable and cfg.method not in ("forward", *SPARSE_ZO):
+        raise Unsupported(f"method '{cfg.method}' changes every weight, and {cfg.quant} weights are "
+                          f"quantized codes that cannot move by eps*z; use a sparse method "
+                          f"(random, sensitive), which trains 16/32-bit values beside the quantized layers")
+    return backend
 
 
 def run_cell(cfg: CellConfig, progress: Progress | None = None) -> dict:
@@ -94,6 +113,7 @@ def run_cell(cfg: CellConfig, progress: Progress | None = None) -> dict:
     device = resolve_device(cfg.device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise Unsupported(f"needs a CUDA device (device={cfg.device}); this machine has none")
+    backend = check_quant(cfg, device)
     phases = Phases(device)
     rec: dict = {"config": cfg.to_dict(), "device": device, "metrics": {}, "phases": phases.data}
     m = rec["metrics"]
@@ -128,11 +148,6 @@ def run_cell(cfg: CellConfig, progress: Progress | None = None) -> dict:
 
     loss_fn = scoring.loss
 
-    evals = cfg.eval_before and rec["accuracy_meaningful"]
-    if evals:
-        with phases("eval_before"):
-            m["test_before"] = evaluate(splits.test)
-
     params = scoped_params(model, cfg.resolved_scope)
     mask = None
     if cfg.is_sparse:
@@ -151,7 +166,26 @@ def run_cell(cfg: CellConfig, progress: Progress | None = None) -> dict:
         m.update(mask_nnz=sum(p.numel() for _, p in params), scope_numel=sum(p.numel() for _, p in params),
                  density_obtained=1.0)
 
-    stepper, trainable = build_stepper(cfg, loaded, params, mask, loss_fn, cfg.steps)
+    vectors = None
+    if backend is not None:
+        from zobench.quant import QuantContext, quantize_model
+
+        ctx = QuantContext(device=device, dtype=next(model.parameters()).dtype, tokenizer=tok,
+                           data_dir=cfg.data_dir, calib_path=cfg.calib_path, calib_sequences=cfg.calib_sequences,
+                           calib_length=cfg.calib_length, vocab_size=vocab, seed=cfg.seed,
+                           cache_dir=cache_dir())
+        with phases("quantize"):
+            vectors = quantize_model(model, backend, ctx, mask)
+        m.update({f"quant_{k}" if not k.startswith("quant") else k: v for k, v in ctx.info.items()})
+        params = vectors
+
+    # After masking and quantization: "before" is the model that training starts from.
+    if cfg.eval_before and rec["accuracy_meaningful"]:
+        with phases("eval_before"):
+            m["test_before"] = evaluate(splits.test)
+
+    stepper, trainable = build_stepper(cfg, loaded, params, mask, loss_fn, cfg.steps,
+                                       vectors if cfg.is_sparse else None)
     if trainable is not None:
         m["trainable_numel"] = trainable.numel
         m.update(measure_restore_drift(trainable, cfg.eps))

@@ -7,7 +7,8 @@ Two shapes, one interface:
   into the update pass: a step makes three passes over the weights (+eps, -2eps, restore+update)
   instead of MeZO's four.
 * ``SparseTrainable`` (random / sensitive / magnitude / task_grad masks): only ``nnz`` selected entries,
-  held as flat indices plus a float32 master copy of their values. z has length nnz, never the
+  held as flat indices plus a float32 master copy of their values (or whole small tensors: the value
+  vectors of quantized dense-and-sparse layers, see ``zobench.quant.sparse``). z has length nnz, never the
   tensor's size: a 0.1% mask costs 0.1% of the work (a full-size z times a 0/1 mask would cost as much
   as full ZO). Perturbing writes ``master + scale * z`` into the selected entries and restoring writes
   ``master`` back, so restore is bit-exact in every dtype.
@@ -140,24 +141,34 @@ class SparseTrainable(Trainable):
         self.direction = direction
         self.names, self.params, self.indices = [], [], []
         for name, p in params:
-            idx = indices.get(name)
-            if idx is None or idx.numel() == 0:
+            idx = indices.get(name, ...)
+            if idx is ... or (idx is not None and idx.numel() == 0) or p.numel() == 0:
                 continue
             if not p.is_contiguous():
                 raise ValueError(f"sparse ZO needs contiguous weights; {name} is not")
             self.names.append(name)
             self.params.append(p)
-            self.indices.append(idx.to(device=p.device, dtype=torch.long))
-        self.sizes = [i.numel() for i in self.indices]
+            # None: the whole tensor is trainable (the value vectors of dense-and-sparse layers).
+            self.indices.append(None if idx is None else idx.to(device=p.device, dtype=torch.long))
+        self.sizes = [p.numel() if i is None else i.numel() for p, i in zip(self.params, self.indices)]
         self.numel = sum(self.sizes)
         device = self.params[0].device if self.params else torch.device("cpu")
         with torch.no_grad():
-            self.master = torch.cat([p.view(-1)[i].float() for p, i in zip(self.params, self.indices)]) \
+            self.master = torch.cat([p.view(-1).float() if i is None else p.view(-1)[i].float()
+                                     for p, i in zip(self.params, self.indices)]) \
                 if self.params else torch.zeros(0, device=device)
+
+    @classmethod
+    def of_vectors(cls, vectors: list[tuple[str, torch.Tensor]], direction: str = "rademacher"):
+        """Every value of each tensor is trainable: the sparse values of dense-and-sparse layers."""
+        return cls(vectors, {name: None for name, _ in vectors}, direction)
 
     def _write(self, values: torch.Tensor) -> None:
         for p, idx, v in zip(self.params, self.indices, values.split(self.sizes)):
-            p.view(-1).index_copy_(0, idx, v.to(p.dtype))
+            if idx is None:
+                p.view(-1).copy_(v)
+            else:
+                p.view(-1).index_copy_(0, idx, v.to(p.dtype))
 
     def z(self, seed: int) -> torch.Tensor:
         return draw(self.numel, make_generator(seed, self.master.device), self.direction, torch.float32,

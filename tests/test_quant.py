@@ -1,0 +1,185 @@
+"""bitsandbytes backends and the dense-and-sparse path on the tiny random Llama (CPU, seconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zobench.config import CellConfig
+from zobench.errors import Unsupported, UserError
+from zobench.quant import QuantContext, get_backend, quantize_model
+from zobench.quant.base import target_linears
+from zobench.quant.sparse import SparseDelta, split_selected
+from zobench.zo.masks import random_mask, scoped_params
+from zobench.zo.trainable import SparseTrainable
+
+pytest.importorskip("bitsandbytes")
+
+# Relative L2 error of the logits against the float32 model, measured on this tiny random model with
+# seed 0: nf4 0.094, fp4 0.157, int8 0.006. The bounds leave ~1.5x room; a broken layer (wrong
+# layout, lost bias, transposed weight) gives errors near 1.
+REL_ERROR_BOUND = {"nf4": 0.15, "fp4": 0.25, "int8": 0.02}
+
+
+def _inputs():
+    return torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        return model(ids).logits.float()
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name", sorted(REL_ERROR_BOUND))
+def test_backend_forward_close_to_float(tiny, name):
+    ids = _inputs()
+    ref = _logits(tiny.model, ids)
+    head, embed = tiny.model.get_output_embeddings().weight.clone(), tiny.model.get_input_embeddings().weight
+    names = target_linears(tiny.model)
+    quantize_model(tiny.model, get_backend(name), QuantContext())
+    err = _rel(_logits(tiny.model, ids), ref)
+    assert 0 < err < REL_ERROR_BOUND[name]
+    # Exactly the block linears were replaced; the head and embeddings keep the model's dtype.
+    for n in names:
+        assert type(tiny.model.get_submodule(n)) is not torch.nn.Linear
+    assert type(tiny.model.get_output_embeddings()) is torch.nn.Linear
+    assert torch.equal(tiny.model.get_output_embeddings().weight, head)
+    assert tiny.model.get_input_embeddings().weight.dtype == embed.dtype
+
+
+def _dense_reference(flat, values, out_f, in_f):
+    w = torch.zeros(out_f * in_f, dtype=values.dtype)
+    w[flat] = values
+    return w.view(out_f, in_f)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_product_matches_dense_without_building_it(dtype, monkeypatch):
+    import zobench.quant.sparse as sp
+
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f, nnz = 48, 40, 90
+    flat = torch.randperm(out_f * in_f, generator=g)[:nnz].sort().values
+    values = torch.randn(nnz, generator=g)
+    layer = SparseDelta(torch.nn.Identity(), flat, values, in_f, out_f, dtype)
+    # The layer's own order of values maps back to the same entries.
+    back = layer.flat_index()
+    assert sorted(back.tolist()) == flat.tolist()
+    x = torch.randn(7, in_f, generator=g).to(dtype)
+    ref = x.float() @ _dense_reference(back, layer.values.float(), out_f, in_f).T
+    monkeypatch.setattr(sp, "GATHER_LIMIT", 2 * nnz)  # several row chunks in the gather path
+    got = layer.sparse_product(x).float()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(got, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_and_sparse_equals_dense_when_nothing_is_quantized(dtype):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96, bias=True).to(dtype)
+    x = torch.randn(3, 5, 64).to(dtype)
+    ref = lin(x).float()
+    model = torch.nn.Sequential(lin)
+    mask = {"0.weight": torch.randperm(64 * 96)[:200].sort().values}
+    taken = split_selected(model, mask)
+    assert int((lin.weight.view(-1)[mask["0.weight"]] != 0).sum()) == 0  # taken out of the dense part
+    idx, vals = taken["0"]
+    wrapped = SparseDelta(lin, idx, vals, 64, 96, dtype)
+    got = wrapped(x).float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("name", ["nf4", "int8"])
+def test_zo_perturb_and_restore_on_sparse_values_is_exact(tiny, name):
+    params = scoped_params(tiny.model, "linear")
+    mask = random_mask(params, 0.01, seed=0)
+    vectors = quantize_model(tiny.model, get_backend(name), QuantContext(), mask)
+    assert sum(v.numel() for _, v in vectors) == sum(i.numel() for i in mask.values())
+    ids = _inputs()
+    before_logits = _logits(tiny.model, ids)
+    before = [v.clone() for _, v in vectors]
+    trainable = SparseTrainable.of_vectors(vectors)
+    trainable.apply(seed=7, scale=0.5)
+    moved = _logits(tiny.model, ids)
+    assert not torch.equal(moved, before_logits)  # the sparse values take part in the forward
+    trainable.apply(seed=7, scale=-0.5)
+    trainable.restore()
+    assert all(torch.equal(v, b) for (_, v), b in zip(vectors, before))
+    assert torch.equal(_logits(tiny.model, ids), before_logits)
+
+
+def test_the_split_keeps_the_selected_values_exactly(tiny):
+    """The taken entries live on beside the quantized layer in full precision, unrounded."""
+    params = dict(scoped_params(tiny.model, "linear"))
+    mask = random_mask(list(params.items()), 0.02, seed=1)
+    originals = {n: params[n].detach().view(-1)[i].clone() for n, i in mask.items()}
+    quantize_model(tiny.model, get_backend("int8"), QuantContext(), mask)
+    for pname, idx in mask.items():
+        layer = tiny.model.get_submodule(pname.removesuffix(".weight"))
+        assert isinstance(layer, SparseDelta)
+        order = torch.argsort(layer.flat_index())
+        assert torch.equal(layer.values[order], originals[pname])
+
+
+def test_full_zo_on_4bit_is_an_unsupported_status_not_a_crash():
+    from zobench.runner import check_quant
+
+    cfg = CellConfig.from_dict({"model": "random:tiny-llama", "quant": "nf4", "method": "full"})
+    with pytest.raises(Unsupported, match="cannot move by eps"):
+        check_quant(cfg, "cpu")
+    assert check_quant(CellConfig.from_dict({"quant": "nf4", "method": "sensitive"}), "cpu").name == "nf4"
+
+
+def test_quant_names_are_validated_with_a_hint():
+    with pytest.raises(UserError, match="key 'quant'.*did you mean 'nf4'"):
+        CellConfig.from_dict({"quant": "nf5"}, where="s.yaml")
+    with pytest.raises(UserError, match="key 'scope'"):
+        CellConfig.from_dict({"quant": "nf4", "method": "sensitive", "scope": "all"}, where="s.yaml")
+
+
+def test_missing_package_is_one_line_with_the_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real(n, *a))
+    with pytest.raises(Unsupported, match="pip install") as e:
+        get_backend("nf4").check_available("cpu")
+    assert "\n" not in str(e.value)
+
+
+def test_a_suite_with_a_quant_axis_runs_every_backend_end_to_end(tmp_path, data_dir):
+    import importlib.util
+
+    from zobench.launcher import run_suite
+    from zobench.suite import load_suite
+
+    quants = ["nf4", "fp4", "int8"] + [q for q in ("gptq", "hqq") if importlib.util.find_spec(q if q != "gptq"
+                                                                                               else "gptqmodel")]
+    (tmp_path / "q.yaml").write_text(f"""
+name: q
+defaults: {{model: "random:tiny-llama", data_dir: "{data_dir}", n_train: 16, n_dev: 4, n_test: 8,
+           batch_size: 4, max_length: 48, steps: 3, warmup_steps: 1, calib_sequences: 2, calib_length: 32}}
+matrix:
+  quant: [{", ".join(quants)}]
+  method: [full, sensitive]
+  density: [0.02]
+timeout_s: 600
+""")
+    from zobench.results import read_records
+
+    records = read_records(run_suite(load_suite(tmp_path / "q.yaml"), tmp_path / "results"))
+    by = {(r["config"]["quant"], r["config"]["method"]): r for r in records}
+    for q in quants:
+        assert by[(q, "full")]["status"] == "unsupported"
+        assert by[(q, "forward")]["status"] == "ok", by[(q, "forward")].get("reason")
+        rec = by[(q, "sensitive")]
+        assert rec["status"] == "ok", rec.get("reason")
+        m = rec["metrics"]
+        assert m["trainable_numel"] == m["mask_nnz"] > 0
+        assert m["restore_drift_frac_changed"] == 0.0
+        assert "quantize" in rec["phases"] and rec["derived"]["peak_over_inference"] > 0

@@ -1,0 +1,137 @@
+"""The shape every quantization backend has, and the model-level driver.
+
+A backend replaces the linear layers inside the transformer blocks (the ``linear`` scope of the ZO
+masks) with its quantized modules; embeddings, norms and the output head keep the model's dtype, as
+bitsandbytes and GPTQ do by default. Replaced modules keep their names, so a mask's parameter names
+(``model.layers.0.mlp.up_proj.weight``) still find their layer after quantization.
+
+``Backend.storage`` describes the format in numbers (bits per weight, per-group statistics) so that the
+memory estimator can price a layer without loading any weights.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from zobench.errors import Unsupported
+
+
+@dataclass
+class QuantContext:
+    """What a backend may need besides the layers: calibration data and a cache for slow quantizers."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    tokenizer: object = None
+    data_dir: str | None = None
+    calib_path: str | None = None
+    calib_sequences: int = 16
+    calib_length: int = 256
+    vocab_size: int | None = None      # random-weight models fold token ids into their vocabulary
+    seed: int = 0
+    cache_dir: Path | None = None
+    cache_key: str = ""                 # identifies the weights being quantized (fingerprint + mask)
+    info: dict = field(default_factory=dict)  # the backend reports what it did here (cache hit, seconds)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Bytes of a quantized [out, in] weight: ``bits`` per weight plus per-group / per-row statistics."""
+
+    bits: float                  # bits per stored weight
+    group_size: int | None = None
+    group_bytes: float = 0.0     # bytes of statistics per group of ``group_size`` weights
+    row_bytes: float = 0.0       # bytes of statistics per output row
+
+    def weight_bytes(self, out_features: int, in_features: int) -> float:
+        n = out_features * in_features
+        groups = n / self.group_size if self.group_size else 0
+        return n * self.bits / 8 + groups * self.group_bytes + out_features * self.row_bytes
+
+
+class Backend:
+    """One quantization format. Subclasses set the class attributes and implement ``quantize_linear``
+    (per layer) or override ``quantize`` (whole model, e.g. GPTQ, which needs calibration activations)."""
+
+    name: str = "?"
+    requires: tuple[str, ...] = ()   # importable modules this backend needs
+    install: str = ""                # the one line that installs them
+    storage: Storage | None = None   # None: weights stay in the model's dtype
+    perturbable: bool = False        # can full ZO perturb these weights in place?
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+    def check_available(self, device: str = "cpu") -> None:
+        """Raise ``Unsupported`` (one line, with the install command) when this backend cannot run here."""
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            raise Unsupported(f"quant '{self.name}' needs {', '.join(missing)}: {self.install}")
+        if not any(str(device).startswith(d) for d in self.devices):
+            raise Unsupported(f"quant '{self.name}' does not run on {device}")
+
+    def quantize(self, model: torch.nn.Module, names: list[str], ctx: QuantContext) -> None:
+        """Replace each ``nn.Linear`` named in ``names`` by its quantized module, in place."""
+        for name in names:
+            parent, attr = _parent(model, name)
+            linear = getattr(parent, attr)
+            setattr(parent, attr, self.quantize_linear(linear, ctx))
+            del linear
+
+    def quantize_linear(self, linear: torch.nn.Linear, ctx: QuantContext) -> torch.nn.Module:
+        raise NotImplementedError
+
+
+class NoQuant(Backend):
+    name = "none"
+    perturbable = True
+
+    def quantize(self, model, names, ctx) -> None:
+        return None
+
+
+def _parent(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def target_linears(model: torch.nn.Module) -> list[str]:
+    """Module names of the linear layers a backend quantizes: those inside the blocks (not the head)."""
+    from zobench.zo.masks import scoped_params
+
+    return [name.removesuffix(".weight") for name, _ in scoped_params(model, "linear")]
+
+
+def quantize_model(model: torch.nn.Module, backend: Backend, ctx: QuantContext,
+                   mask: dict[str, torch.Tensor] | None = None) -> list[tuple[str, torch.Tensor]]:
+    """Quantize the block linears of ``model`` in place with ``backend``.
+
+    With a ``mask`` (over those linears' weights), the masked entries are first taken out of the weights
+    and kept beside the quantized layers as trainable values (``quant.sparse``). Returns the value
+    vectors ``[(name, tensor)]`` that ZO may perturb (empty without a mask).
+    """
+    from zobench.quant.sparse import attach_sparse, split_selected
+    from zobench.zo.mask_build import weights_fingerprint
+
+    names = target_linears(model)
+    shapes = {}
+    for name in names:
+        module = model.get_submodule(name)
+        shapes[name] = (module.out_features, module.in_features)
+    taken = split_selected(model, mask or {})
+    if not ctx.cache_key:
+        # The weights' fingerprint samples only the first values of each tensor, so the taken entries
+        # are hashed too: the dense parts of a random and a sensitive split differ only there.
+        h = hashlib.sha256(weights_fingerprint([(n, model.get_submodule(n).weight) for n in names]).encode())
+        for name in sorted(taken):
+            h.update(name.encode())
+            h.update(taken[name][0].cpu().numpy().tobytes())
+        ctx.cache_key = h.hexdigest()[:16]
+    backend.quantize(model, names, ctx)
+    vectors = attach_sparse(model, taken, shapes, ctx.dtype)
+    gc.collect()
+    return vectors

@@ -1,0 +1,64 @@
+"""bitsandbytes: 4-bit NF4 / FP4 (QLoRA's formats) and 8-bit LLM.int8.
+
+bitsandbytes 0.50 quantizes on the CPU too: a ``Params4bit`` / ``Int8Params`` is quantized when the module
+is moved to a device, so each layer is built from the float weight and moved once. It may print that the
+optional ``kernels`` package is missing and fall back to its own CPU kernels; results are the same.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zobench.quant.base import Backend, QuantContext, Storage
+
+INSTALL = "pip install 'bitsandbytes==0.50.2' (or: pip install 'zobench[bnb]')"
+
+
+class _FourBit(Backend):
+    quant_type = "nf4"
+    requires = ("bitsandbytes",)
+    install = INSTALL
+    # 4 bits per weight; per block of 64 an 8-bit absmax (double quantization, QLoRA's default),
+    # plus one float32 scale per 256 blocks for those absmax values.
+    storage = Storage(bits=4, group_size=64, group_bytes=1 + 4 / 256)
+
+    def quantize_linear(self, linear: torch.nn.Linear, ctx: QuantContext) -> torch.nn.Module:
+        import bitsandbytes as bnb
+
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=ctx.dtype, quant_type=self.quant_type, compress_statistics=True,
+                              device="meta")
+        q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False,
+                                     quant_type=self.quant_type, compress_statistics=True)
+        if linear.bias is not None:
+            q.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        return q.to(ctx.device)
+
+
+class NF4(_FourBit):
+    name = "nf4"
+    quant_type = "nf4"
+
+
+class FP4(_FourBit):
+    name = "fp4"
+    quant_type = "fp4"
+
+
+class Int8(Backend):
+    name = "int8"
+    requires = ("bitsandbytes",)
+    install = INSTALL
+    storage = Storage(bits=8, row_bytes=4)  # int8 weights + one float32 absmax (SCB) per output row
+
+    def quantize_linear(self, linear: torch.nn.Linear, ctx: QuantContext) -> torch.nn.Module:
+        import bitsandbytes as bnb
+
+        # threshold=6.0 is LLM.int8's outlier decomposition: input columns with a value above it run
+        # in 16-bit, the rest in int8.
+        q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                has_fp16_weights=False, threshold=6.0, device="meta")
+        q.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
+        if linear.bias is not None:
+            q.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        return q.to(ctx.device)

@@ -1,0 +1,120 @@
+"""The dense-and-sparse layer: a quantized dense part plus a few trainable 16/32-bit values.
+
+Quantized weights cannot be perturbed by eps * z in place: a 4-bit code moves in steps far larger than
+eps. SensZOQ (arXiv 2406.02913) therefore splits each weight W into
+
+    W = D + S,   D = W with the selected entries zeroed, then quantized;   S = the selected entries only,
+
+keeps S's values in the model's dtype, and computes ``y = D(x) + x @ S^T``. ZO perturbs and updates only
+S's values, so the sparse ZO machinery (``SparseTrainable``) runs unchanged on them.
+
+``x @ S^T`` never builds a dense [out, in] matrix: S^T is held in CSR form (one row per input feature),
+which torch multiplies as a sparse matrix where it can (float32 on CPU; CUDA), and otherwise (float16 /
+bfloat16 on CPU) by a gather-multiply-scatter over chunks of rows whose temporary is bounded.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+GATHER_LIMIT = 1 << 22  # values in the gather path's [rows, nnz] temporary (16 MiB of float32)
+
+
+def _transposed_csr(flat: torch.Tensor, in_features: int, out_features: int):
+    """Row-major flat indices into [out, in] -> (order, crow, col) of the CSR of the transpose [in, out]."""
+    rows, cols = flat // in_features, flat % in_features
+    order = torch.argsort(cols * out_features + rows)
+    crow = torch.zeros(in_features + 1, dtype=torch.long, device=flat.device)
+    crow[1:] = torch.bincount(cols, minlength=in_features).cumsum(0)
+    return order, crow, rows[order]
+
+
+class SparseDelta(torch.nn.Module):
+    """``base(x) + x @ S^T``; ``values`` (a buffer in the compute dtype) are what ZO perturbs."""
+
+    def __init__(self, base: torch.nn.Module, flat_index: torch.Tensor, values: torch.Tensor,
+                 in_features: int, out_features: int, dtype: torch.dtype):
+        super().__init__()
+        self.base, self.in_features, self.out_features = base, in_features, out_features
+        order, crow, col = _transposed_csr(flat_index.to(values.device), in_features, out_features)
+        self.register_buffer("values", values[order].to(dtype).contiguous())
+        self.register_buffer("crow", crow)
+        self.register_buffer("col", col)
+        self._csr = True  # falls back to the gather path once if torch has no sparse kernel for the dtype
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def flat_index(self) -> torch.Tensor:
+        """The selected entries as row-major indices into [out, in], in the order of ``values``."""
+        cols = torch.repeat_interleave(torch.arange(self.in_features, device=self.crow.device),
+                                       self.crow.diff())
+        return self.col * self.in_features + cols
+
+    def sparse_product(self, x2: torch.Tensor) -> torch.Tensor:
+        """[n, in] -> [n, out]: ``x2 @ S^T`` without a dense S."""
+        values = self.values if self.values.dtype == x2.dtype else self.values.to(x2.dtype)
+        if self._csr and (x2.is_cuda or x2.dtype in (torch.float32, torch.float64)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                st = torch.sparse_csr_tensor(self.crow, self.col, values, (self.in_features, self.out_features),
+                                             check_invariants=False)
+            try:
+                return x2 @ st
+            except (NotImplementedError, RuntimeError):
+                self._csr = False
+        cols = torch.repeat_interleave(torch.arange(self.in_features, device=x2.device), self.crow.diff())
+        out = x2.new_zeros(x2.shape[0], self.out_features)
+        step = max(1, GATHER_LIMIT // max(self.nnz, 1))
+        for i in range(0, x2.shape[0], step):
+            part = x2[i:i + step]
+            out[i:i + step].index_add_(1, self.col, part[:, cols] * values)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.nnz == 0:
+            return y
+        delta = self.sparse_product(x.reshape(-1, self.in_features)).view(*y.shape[:-1], self.out_features)
+        return y + delta.to(y.dtype)
+
+
+@torch.no_grad()
+def split_selected(model: torch.nn.Module, mask: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """Take the selected entries out of each masked weight (zeroing them there), before quantization.
+
+    Returns ``{module name: (flat indices, values)}``; the weights left behind are the dense parts.
+    """
+    taken = {}
+    for pname, idx in mask.items():
+        if idx.numel() == 0:
+            continue
+        mname = pname.removesuffix(".weight")
+        weight = model.get_submodule(mname).weight
+        flat = weight.data.view(-1)
+        idx = idx.to(device=flat.device, dtype=torch.long)
+        taken[mname] = (idx, flat[idx].clone())
+        flat[idx] = 0
+    return taken
+
+
+def attach_sparse(model: torch.nn.Module, taken: dict[str, tuple], shapes: dict[str, tuple[int, int]],
+                  dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    """Wrap each (now quantized) module in a ``SparseDelta`` carrying its taken values.
+
+    ``shapes`` maps module name -> (out_features, in_features) of the original linear layer (quantized
+    modules do not all keep a 2-D weight). Returns ``[(name, values buffer)]`` for the trainer.
+    """
+    out = []
+    for mname, (idx, values) in taken.items():
+        parent_name, _, attr = mname.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, attr)
+        out_f, in_f = shapes[mname]
+        wrapped = SparseDelta(base, idx, values, in_f, out_f, dtype)
+        setattr(parent, attr, wrapped)
+        out.append((f"{mname}.values", wrapped.values))
+    return out

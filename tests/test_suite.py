@@ -62,7 +62,7 @@ BAD = {
     "matrix not a list": ("name: s\nmatrix: {method: full}\n", "matrix.method: expected a non-empty list"),
     "yaml syntax": ("name: s\ndefaults: {steps: [\n", "not valid YAML"),
     "no name": ("defaults: {}\n", "key 'name'"),
-    "quant not available": ("name: s\nmatrix: {quant: [nf4]}\n", "key 'quant' = 'nf4': expected one of none"),
+    "unknown quant": ("name: s\nmatrix: {quant: [none, nf5]}\n", "key 'quant': unknown quant backend 'nf5'"),
 }
 
 

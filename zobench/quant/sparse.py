@@ -28,7 +28,8 @@ def _transposed_csr(flat: torch.Tensor, in_features: int, out_features: int):
     order = torch.argsort(cols * out_features + rows)
     crow = torch.zeros(in_features + 1, dtype=torch.long, device=flat.device)
     crow[1:] = torch.bincount(cols, minlength=in_features).cumsum(0)
-    return order, crow, rows[order]
+    # int32 indices: half the bytes of int64, and MKL's CSR product was ~10% faster with them here.
+    return order, crow.int(), rows[order].int()
 
 
 class SparseDelta(torch.nn.Module):
@@ -52,7 +53,7 @@ class SparseDelta(torch.nn.Module):
         """The selected entries as row-major indices into [out, in], in the order of ``values``."""
         cols = torch.repeat_interleave(torch.arange(self.in_features, device=self.crow.device),
                                        self.crow.diff())
-        return self.col * self.in_features + cols
+        return self.col.long() * self.in_features + cols
 
     def sparse_product(self, x2: torch.Tensor) -> torch.Tensor:
         """[n, in] -> [n, out]: ``x2 @ S^T`` without a dense S."""
@@ -67,11 +68,12 @@ class SparseDelta(torch.nn.Module):
             except (NotImplementedError, RuntimeError):
                 self._csr = False
         cols = torch.repeat_interleave(torch.arange(self.in_features, device=x2.device), self.crow.diff())
+        rows = self.col.long()
         out = x2.new_zeros(x2.shape[0], self.out_features)
         step = max(1, GATHER_LIMIT // max(self.nnz, 1))
         for i in range(0, x2.shape[0], step):
             part = x2[i:i + step]
-            out[i:i + step].index_add_(1, self.col, part[:, cols] * values)
+            out[i:i + step].index_add_(1, rows, part[:, cols] * values)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import math
 METHOD_ORDER = ("forward", "full", "random", "sensitive", "magnitude", "task_grad", "fo-sgd", "fo-adam", "lora")
 SPARSE = ("random", "sensitive", "magnitude", "task_grad")
 ZO = ("full",) + SPARSE
-PHASES = ("load", "eval_before", "mask", "warmup", "train", "eval_after")  # the order they run in
+PHASES = ("load", "mask", "quantize", "eval_before", "warmup", "train", "eval_after")  # the order they run in
 KEY_AXES = ("method", "quant", "density")
 EXTRA_ORDER = ("model", "task", "dtype")
 
@@ -36,6 +36,10 @@ def setting(rec: dict, key: str):
 
 def method(rec: dict) -> str:
     return str(setting(rec, "method") or "?")
+
+
+def quant(rec: dict) -> str:
+    return str(setting(rec, "quant") or "none")
 
 
 def is_sparse(rec: dict) -> bool:
@@ -77,10 +81,10 @@ def _num_or_inf(value) -> float:
 
 
 def sort_key(rec: dict) -> tuple:
-    quant = str(setting(rec, "quant") or "none")
+    q = quant(rec)
     rest = sorted((k, str(v)) for k, v in (rec.get("labels") or {}).items() if k not in KEY_AXES + EXTRA_ORDER)
     return (str(setting(rec, "model")), str(setting(rec, "task")), str(setting(rec, "dtype")),
-            (quant != "none", quant), _order(method(rec), METHOD_ORDER), _num_or_inf(density(rec)),
+            (q != "none", q), _order(method(rec), METHOD_ORDER), _num_or_inf(density(rec)),
             rest, str(rec.get("cell_id")))
 
 
@@ -101,7 +105,7 @@ def pct(value, digits: int = 3) -> str:
 
 def short_name(rec: dict, extras: list[str]) -> str:
     """``sensitive/nf4/0.1%`` (plus any varying axes): a cell's name in plot legends and tick labels."""
-    parts = [method(rec), str(setting(rec, "quant") or "none")]
+    parts = [method(rec), quant(rec)]
     if density(rec) is not None:
         parts.append(pct(density(rec)))
     parts += [str(setting(rec, a)) for a in extras]

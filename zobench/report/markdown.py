@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from zobench.report.cells import (EXTRA_ORDER, PHASES, ZO, density, get, is_sparse, meaningful, method, pct,
-                                  phase_peak, setting, varying_axes)
+                                  phase_peak, quant, setting, varying_axes)
 
 Column = tuple[str, Callable[[dict], str]]
 DASH = "-"
@@ -186,6 +186,49 @@ def main_table(ok: list[dict], extras: list[str]) -> list[str]:
     return section("Results", intro, cols, ok, extras)
 
 
+def quant_table(ok: list[dict], extras: list[str]) -> list[str]:
+    """Each quantized cell beside the unquantized cell of the same method (and other settings)."""
+    if len({quant(r) for r in ok}) < 2:
+        return []
+
+    def twin_key(r):
+        return tuple(str(setting(r, a)) for a in ("model", "task", "dtype", "method", "density", *extras)
+                     if a != "quant")
+
+    float_cells = {twin_key(r): r for r in ok if quant(r) == "none"}
+
+    def vs_float(path: str, fn):
+        def cell(r):
+            twin, value = float_cells.get(twin_key(r)), get(r, path)
+            other = get(twin, path) if twin else None
+            return fn(value, other) if isinstance(value, (int, float)) and isinstance(other, (int, float)) else DASH
+        return cell
+
+    def score(r):
+        return get(r, "metrics.test_after.accuracy") if meaningful(r) else None
+
+    cols: list[Column] = [
+        ("peak MiB", lambda r: mib(get(r, "derived.peak_mib"))),
+        ("peak / float", vs_float("derived.peak_mib", lambda a, b: ratio(a / b))),
+        ("weights MiB (est.)", lambda r: mib(get(r, "estimate.breakdown.weights_mib"))),
+        ("step / float", vs_float("metrics.step_s.median", lambda a, b: ratio(a / b))),
+        ("test % after", lambda r: pct_points(score(r))),
+        ("vs float (points)", lambda r: signed_points(score(r), score(float_cells.get(twin_key(r)) or {}))),
+    ]
+    intro = ("Memory against accuracy per quant backend: each quantized cell beside the unquantized (`none`) "
+             "cell of the same method. Quantized sparse cells train their masked values in 16/32-bit beside "
+             "the quantized layers (dense-and-sparse).")
+    return section("Quantization trade-off", intro, cols, [r for r in ok if quant(r) != "none"], extras)
+
+
+def pct_points(v) -> str:
+    return f"{100 * v:.1f}" if isinstance(v, (int, float)) else DASH
+
+
+def signed_points(a, b) -> str:
+    return f"{100 * (a - b):+.1f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else DASH
+
+
 def phase_table(ok: list[dict], extras: list[str]) -> list[str]:
     present = [p for p in PHASES if any(p in (r.get("phases") or {}) for r in ok)]
 
@@ -258,7 +301,7 @@ def render_markdown(recs: list[dict], title: str | None, plots: list[tuple[str, 
     ok = [r for r in recs if r.get("status") == "ok"]
     bad = [r for r in recs if r.get("status") != "ok"]
     lines = header(recs, title)
-    for part in (main_table, phase_table, step_table, mask_tables):
+    for part in (main_table, quant_table, phase_table, step_table, mask_tables):
         lines += part(ok, extras)
     lines += failure_table(bad, extras) + plot_links(plots)
     while lines and lines[-1] == "":

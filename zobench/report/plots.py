@@ -11,12 +11,13 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from zobench.report.cells import (METHOD_ORDER, density, get, meaningful, method, pct, primary_score, setting,
-                                  short_name)
+from zobench.report.cells import (METHOD_ORDER, density, get, meaningful, method, pct, primary_score, quant,
+                                  setting, short_name)
 
 PALETTE = ("#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 PART_COLORS = {"perturb": "#9467bd", "forward_plus": "#1f77b4", "forward_minus": "#aec7e8",
                "forward": "#17becf", "backward": "#ff7f0e", "update": "#2ca02c"}
+MARKERS = ("o", "s", "^", "D", "v", "P")  # one per quant backend in the memory/accuracy plot
 OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}  # legends right of the axes, never on data
 
 
@@ -145,12 +146,21 @@ def memory_vs_accuracy(ok: list[dict], extras: list[str]):
         return None
     fig, ax = _figure(7.5, 4.5, "Memory against test score after training", "peak memory (MiB)",
                       "test accuracy (%) (F1 for generative tasks)")
+    quants = sorted({quant(r) for r in cells}, key=lambda q: (q != "none", q))
     for r in cells:
         x, y = get(r, "derived.peak_mib"), 100 * primary_score(get(r, "metrics.test_after"))
-        ax.scatter(x, y, color=color(method(r)), s=40, zorder=3)
+        ax.scatter(x, y, color=color(method(r)), marker=MARKERS[quants.index(quant(r)) % len(MARKERS)], s=40,
+                   zorder=3)
         ax.annotate(short_name(r, extras), (x, y), xytext=(4, 4), textcoords="offset points", fontsize="x-small")
     ax.margins(0.15)
     _method_legend(ax, cells)
+    if len(quants) > 1:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color="black", marker=MARKERS[i % len(MARKERS)], linestyle="", label=q)
+                   for i, q in enumerate(quants)]
+        ax.add_artist(ax.get_legend())
+        ax.legend(handles=handles, fontsize="small", title="quant", loc="lower left", bbox_to_anchor=(1.01, 0.0))
     return fig
 
 

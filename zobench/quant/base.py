@@ -132,6 +132,24 @@ def quantize_model(model: torch.nn.Module, backend: Backend, ctx: QuantContext,
             h.update(taken[name][0].cpu().numpy().tobytes())
         ctx.cache_key = h.hexdigest()[:16]
     backend.quantize(model, names, ctx)
-    vectors = attach_sparse(model, taken, shapes, ctx.dtype)
+    _detach_from_checkpoint(model)  # before the sparse values are attached: it replaces buffers
+    return attach_sparse(model, taken, shapes, ctx.dtype)
+
+
+@torch.no_grad()
+def _detach_from_checkpoint(model: torch.nn.Module) -> None:
+    """Copy the float tensors that stay (embeddings, norms, head) out of the checkpoint's memory map.
+
+    from_pretrained maps the safetensors file and the weights live in its pages. Quantizing reads every
+    page, and as long as any tensor still points into the map, all of those file pages stay resident:
+    measured on SmolLM2-135M, nf4 held 877 MiB RSS for 269 MiB of state. Owning copies let the map
+    close, so the quantized model costs what it stores.
+    """
+    for p in model.parameters():
+        if type(p) is torch.nn.Parameter and p.is_floating_point() and p.device.type == "cpu":
+            p.data = p.data.clone()
+    for module in model.modules():
+        for name, b in module._buffers.items():
+            if b is not None and b.device.type == "cpu" and b.is_floating_point():
+                module._buffers[name] = b.clone()
     gc.collect()
-    return vectors

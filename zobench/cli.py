@@ -115,24 +115,61 @@ def cmd_report(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from zobench.check import check
+    from zobench.check import check, estimate_missing
     from zobench.results import read_records
     from zobench.suite import load_suite
 
-    records = read_records(args.results)
+    if args.results is None and not args.suite:
+        raise UserError("check: give a results file, or --suite SUITE.yaml to check the suite by estimates")
+    records = read_records(args.results) if args.results else []
     suite_path = args.suite or next((r.get("suite_file") for r in records if r.get("suite_file")), None)
     if not suite_path:
         raise UserError(f"{args.results}: records name no suite file; pass --suite SUITE.yaml")
     suite = load_suite(suite_path)
     baseline = read_records(args.baseline) if args.baseline else None
-    violations, notes = check(records, suite, baseline)
+    estimates: dict = {}
+    if not args.measured_only:
+        estimates, lines = estimate_missing(suite, records)
+        for line in lines:
+            print(line)
+    violations, notes = check(records, suite, baseline, estimates)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     for v in violations:
         print(v.line())
     if not violations:
-        print(f"ok: {len(suite.budgets)} budget(s) hold for {args.results}")
+        what = args.results or f"{suite_path} (no results)"
+        extra = f"; {len(estimates)} cell(s) by estimate, peak_mib_max only" if estimates else ""
+        print(f"ok: {len(suite.budgets)} budget(s) hold for {what}{extra}")
     return 1 if violations else 0
+
+
+def cmd_estimate(args) -> int:
+    from zobench.estimate import describe, estimate_cell
+    from zobench.launcher import select_cells
+    from zobench.suite import load_suite
+
+    suite = load_suite(args.suite)
+    rows = []
+    for cell in select_cells(suite, args.only):
+        row = {"cell_id": cell.cell_id, "labels": cell.labels}
+        try:
+            row.update(estimate_cell(cell.config))
+        except UserError as e:  # one cell the estimator cannot price (e.g. unsupported) is not an error
+            row["error"] = str(e)
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    names = [" ".join(f"{k}={v}" for k, v in r["labels"].items()) for r in rows]
+    width = max([len("cell"), *map(len, names)])
+    print(f"{'cell':<{width}}  {'device':<6} {'peak MiB':>9}  main components (MiB)")
+    for name, r in zip(names, rows):
+        if "error" in r:
+            print(f"{name:<{width}}  {'-':<6} {'-':>9}  {r['error']}")
+        else:
+            print(f"{name:<{width}}  {r['device']:<6} {r['peak_mib']:>9.0f}  {describe(r)}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,13 +188,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results")
     p.add_argument("-o", "--output", default=None, help="default reports/<suite>.md")
     p = sub.add_parser("check", help="exit 1 when a budget is broken")
-    p.add_argument("results")
+    p.add_argument("results", nargs="?", default=None,
+                   help="results JSONL (optional with --suite: then every cell is checked by its estimate)")
     p.add_argument("--suite", default=None, help="default: the suite file named in the records")
     p.add_argument("--baseline", default=None, help="records from the same machine to compare latency with")
+    p.add_argument("--measured-only", action="store_true",
+                   help="do not check cells without an ok measured record by their estimates")
+    p = sub.add_parser("estimate", help="predicted peak memory of every cell of a suite (no weights loaded)")
+    p.add_argument("suite")
+    p.add_argument("--only", default=None, metavar="SELECTOR", help="e.g. method=sensitive,quant=nf4")
+    p.add_argument("--json", action="store_true", help="machine-readable: one object per cell")
     return parser
 
 
-COMMANDS = {"train": cmd_train, "run": cmd_run, "report": cmd_report, "check": cmd_check}
+COMMANDS = {"train": cmd_train, "run": cmd_run, "report": cmd_report, "check": cmd_check,
+            "estimate": cmd_estimate}
 
 
 def main(argv: list[str] | None = None) -> int:

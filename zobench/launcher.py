@@ -158,6 +158,11 @@ def make_record(suite: Suite, cell: Cell, outcome: Outcome, started: str, wall: 
     if outcome.status != "ok":
         rec["reason"] = outcome.reason
         rec["traceback_tail"] = outcome.traceback_tail
+    from zobench.estimate import record_estimate
+
+    # The predicted peak beside the measured one (reports show both); never raises: a failed estimate
+    # is stored as {"error": ...} and the cell's record stands.
+    rec["estimate"] = record_estimate(cell.config)
     return rec
 
 

@@ -1,0 +1,350 @@
+"""Predict a cell's peak memory in the train phase from the model's config alone (no weights loaded).
+
+What is predicted is what ``launcher.derive`` calls ``peak_mib``: the largest peak RSS of the warmup and
+train phases on a CPU, or ``torch.cuda.max_memory_allocated`` there on CUDA. The peak is the sum of
+
+    framework    what a cell's process holds whatever the model (CPU; 0 for CUDA allocated memory)
+    weights      embeddings, norms and head in the model dtype; block linears in that dtype or, with a
+                 quant backend, priced by its ``Storage``
+    trainable    what the ZO method keeps besides the weights (indices, float32 masters, sparse values)
+    optimizer    momentum / Adam state of the trainable values
+    activations  one inference forward (no autograd) of the training batch, at its largest moment
+    update       the perturb/update pass's temporaries (z chunks) beyond the activations: those passes
+                 run between forwards, so only the larger of the two counts
+
+Shapes come from the model built on the meta device (``from_config`` allocates nothing there), so tied
+weights, the ``linear`` scope and the head are exactly what ``zobench.zo.masks.scoped_params`` sees.
+
+Two deliberate upper bounds: sequences are taken as ``max_length`` long (batches are padded only to
+their longest member, often much shorter), and a classification task's options are one token each.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from zobench.config import CellConfig
+from zobench.errors import Unsupported, UserError
+
+MIB = 1 << 20
+# Measured with bench/framework_rss.py (a real `forward` cell through the launcher on a 3k-parameter
+# Llama, so its peak is the floor of any cell): 426.6 MiB median of 3 (425.8-426.7) on the 2-core AMD EPYC
+# machine, Python 3.11.7, torch 2.13.0+cpu, transformers 5.23.0, with bitsandbytes 0.50.2, gptqmodel 7.6.0
+# and hqq 0.2.8 installed (loading the tokenizer imports hqq, accelerate, sympy: ~150 MiB of the total).
+CPU_FRAMEWORK_MIB = 426.6
+# max_memory_allocated counts tensors, not the CUDA context or the process. Not measured (no GPU here):
+# torch also takes cuBLAS's workspace from the caching allocator (32 MiB per stream on Hopper, 4 MiB
+# before), so a measured value will likely be that; set it from a GPU run of bench/framework_rss.py.
+CUDA_FRAMEWORK_MIB = 0.0
+CHUNK = 1 << 22           # zobench.zo.trainable.CHUNK: values per z draw in dense passes
+GATHER_LIMIT = 1 << 22    # zobench.quant.sparse.GATHER_LIMIT: values per gather-path temporary
+OPTION_TOKENS = 1         # MeZO's verbalizers (" great", "Yes", ...) are one token: one scored position
+GENERATION_TOKENS = 16    # scored target tokens of a generation example (a short answer plus "\n")
+RADEMACHER_EXTRA = 1 + 1 / 8  # bytes per value beside z: the uint8->int64 index and the random words
+OPT_STATE = {"sgd": 0, "momentum": 1, "adam": 2}  # float32 values of state per trainable value
+
+# How a backend's forward runs a layer, for its transient: "dequant" builds the [out, in] weight in the
+# compute dtype for each matmul (bitsandbytes 4-bit for batches > 1, GPTQ/HQQ torch kernels); "int8"
+# quantizes the input and accumulates in int32 (LLM.int8). Unknown backends: "dequant" (the larger).
+FORWARD_KIND = {"int8": "int8"}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The numbers the estimate needs, read off the meta-device model."""
+
+    source: str                 # the spec whose config was used (the fallback when the model is absent)
+    numel: int                  # unique parameters (tied weights once), as runner's model_numel
+    other_numel: int            # parameters outside the block linears' weights (embeddings, norms, head, biases)
+    buffer_bytes: int
+    linears: tuple              # (out, in) of every block linear weight: the "linear" scope, quantized
+    scopes: dict                # scope -> tuple of tensor numels (zobench.zo.masks.scoped_params)
+    hidden: int
+    intermediate: int
+    gated: bool                 # gate and up projections (SwiGLU): three [tokens, I] tensors at once
+    q_width: int
+    kv_width: int
+    vocab: int
+    layers: int                 # transformer blocks
+    eager_heads: int            # attention heads when attention is "eager" (scores materialized), else 0
+    slices_logits: bool         # logits only at the kept positions (scoring._slices_logits)
+
+
+def _local_config(spec: str, trust: bool, network: bool):
+    """The transformers config of a model spec (see zobench.models.load), reading no weights."""
+    from transformers import AutoConfig
+
+    from zobench.models.load import BUILTIN, CONFIG_DIR, _file_key, _random_config, cache_dir
+
+    if spec.lower() in BUILTIN:
+        # The converted model's own config when it is in the cache, else the shipped copy of it.
+        stem = Path(BUILTIN["smollm2"]).stem
+        found = sorted((cache_dir() / "models").glob(f"{stem}-*/config.json"))
+        if found:
+            return AutoConfig.from_pretrained(str(found[-1].parent))
+        return _random_config(str(CONFIG_DIR / "smollm2-135m.json"), trust)
+    if spec.startswith("random:"):
+        return _random_config(spec.split(":", 1)[1], trust)
+    if spec.endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"model '{spec}': GGUF file not found")
+        converted = cache_dir() / "models" / f"{path.stem}-{_file_key(path)}"
+        if (converted / "config.json").exists():
+            return AutoConfig.from_pretrained(str(converted))
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    if Path(spec).is_dir() and not (Path(spec) / "config.json").exists():
+        raise UserError(f"model '{spec}': directory has no config.json")
+    try:
+        return AutoConfig.from_pretrained(spec, trust_remote_code=trust, local_files_only=not network)
+    except (OSError, ValueError) as e:
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise UserError(f"model '{spec}': no config to estimate from: {str(e).splitlines()[0]}{offline}") \
+            from None
+
+
+def model_config(spec: str, fallback: str | None = None, trust: bool = False):
+    """(config, spec used). Tries the local copy first, then the fallback (as the runner would load it),
+    then the hub, so a suite whose model has a shipped fallback never waits on the network."""
+    try:
+        return _local_config(spec, trust, network=False), spec
+    except UserError:
+        if fallback:
+            return _local_config(fallback, trust, network=False), fallback
+        hub = not spec.startswith("random:") and not spec.endswith(".gguf") and not Path(spec).exists()
+        if hub and os.environ.get("HF_HUB_OFFLINE", "").upper() not in ("1", "ON", "YES", "TRUE"):
+            return _local_config(spec, trust, network=True), spec
+        raise
+
+
+@functools.lru_cache(maxsize=32)
+def architecture(spec: str, fallback: str | None = None, trust: bool = False) -> Arch:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from zobench.tasks.scoring import _slices_logits
+    from zobench.zo.masks import SCOPES, scoped_params
+
+    config, used = model_config(spec, fallback, trust)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"model '{used}': cannot build its architecture: {str(e).splitlines()[0]}") from None
+    params = {id(p): p for p in model.parameters()}
+    scopes = {s: tuple(p.numel() for _, p in scoped_params(model, s)) for s in SCOPES}
+    linear = scoped_params(model, "linear")
+    linears = tuple(tuple(p.shape) for _, p in linear)
+    hidden = int(model.get_input_embeddings().weight.shape[1])
+    # One block's linears give the widths: the first name with a layer number is the first block.
+    blocks = list(dict.fromkeys(m.group(0) for n, _ in linear if (m := re.search(r"^.*?\.\d+\.", n))))
+    first = blocks[0] if blocks else ""
+    block = [(n, tuple(p.shape)) for n, p in linear if n.startswith(first)]
+    widest = max((s[0] for _, s in block if s[1] == hidden), default=hidden)
+
+    def width(keys, default):
+        return next((s[0] for n, s in block if any(k in n.rsplit(".", 2)[-2] for k in keys)), default)
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    attn = getattr(text, "_attn_implementation", None) or "sdpa"
+    return Arch(
+        source=used, numel=sum(p.numel() for p in params.values()),
+        other_numel=sum(p.numel() for p in params.values()) - sum(o * i for o, i in linears),
+        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+        linears=linears, scopes=scopes, hidden=hidden, intermediate=widest, layers=max(len(blocks), 1),
+        gated=sum(1 for _, s in block if s == (widest, hidden)) >= 2,
+        q_width=width(("q_proj", "query", "q_lin", "wq"), hidden),
+        kv_width=width(("k_proj", "key", "k_lin", "wk"), hidden),
+        vocab=int(model.get_output_embeddings().weight.shape[0]),
+        eager_heads=int(getattr(text, "num_attention_heads", 1)) if attn == "eager" else 0,
+        slices_logits=_slices_logits(model))
+
+
+def _storage(quant: str):
+    """(the backend's ``Storage`` or None for "none", whether full ZO can perturb its weights)."""
+    if quant == "none":
+        return None, True
+    from zobench.quant import get_backend
+
+    backend = get_backend(quant)
+    storage, perturbable = backend.storage, backend.perturbable
+    if storage is None:
+        raise UserError(f"quant '{quant}': the backend describes no storage format to estimate from")
+    return storage, perturbable
+
+
+def _sequences(cfg: CellConfig, batch_size: int, train: bool = True) -> tuple[int, int]:
+    """(sequences in a batch of ``batch_size`` examples, scored positions per sequence)."""
+    from zobench.tasks import get_task
+
+    task = get_task(cfg.task)
+    if task.kind == "generation":
+        return batch_size, min(cfg.max_length, GENERATION_TOKENS)
+    if train and not getattr(task, "train_as_classification", True):
+        return batch_size, OPTION_TOKENS  # trained as an LM on the correct option only (COPA)
+    n = getattr(task, "n_options", None)
+    if n is None:
+        try:
+            n = len(task.options({}))  # the GLUE tasks' options do not depend on the row
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError):
+            n = 2
+    return batch_size * int(n), OPTION_TOKENS
+
+
+def activation_bytes(arch: Arch, seqs: int, scored: int, t: int, db: int, device: str, quant: str,
+                     sparse_delta: bool = False, nnz_layer: float = 0) -> float:
+    """Peak bytes of one inference forward, as transformers' Llama-style decoder holds its tensors.
+
+    Per token, in the model dtype: the embedding output (held by the model's forward throughout) and the
+    block input (held by the loop) stay alive in every block. The attention half adds the normed input,
+    q/k/v, the repeat_kv copies of GQA (sdpa with a padding mask repeats k and v), rotary temporaries
+    and sdpa's output with its contiguous copy; the MLP half adds the attention residual, the normed input
+    and act(gate), up and their product (SwiGLU; fc1 and act(fc1) otherwise). Then the head: logits at
+    the scored positions only, upcast to float32, and logsumexp's temporary of that size.
+    ``seqs`` sequences of ``t`` tokens, ``scored`` positions of each projected onto the vocabulary.
+    """
+    tok, n_scored = seqs * t, seqs * scored
+    h, inter, a, k = arch.hidden, arch.intermediate, arch.q_width, arch.kv_width
+    gqa = 2 * a if k < a else 0
+    # A dense-and-sparse layer adds its sparse product into the base layer's output: the output and
+    # delta exist at once, one more [tokens, out] tensor than a plain layer (out = I for gate/up/fc1).
+    mlp = 4 * h + (3 if arch.gated else 2) * inter + (inter if sparse_delta else 0)
+    elems = {"rotary": 3 * h + 4 * a + 2 * k, "sdpa": 3 * h + a + 2 * k + gqa + 2 * a, "mlp": mlp}
+    moments = {name: e * tok * db for name, e in elems.items()}
+    # RMSNorm/LayerNorm upcast to float32: copy, square and product beside the held block tensors.
+    moments["norm"] = tok * h * (3 * db + 8 + 2 * db)
+    mask = seqs * t * t  # [S, 1, T, T] bool padding mask, built once per forward
+    moments["sdpa"] += mask * db + arch.eager_heads * seqs * t * t * (2 * db + 4)  # float mask; eager scores
+    if quant != "none" and arch.linears:
+        # A quantized layer's own temporary lives only inside its call: beside the held tensors, the
+        # MLP tensors made before it (act(gate) while up runs) and its output. The largest layer.
+        if FORWARD_KIND.get(quant, "dequant") == "int8":
+            extra = max(tok * (i + 4 * o) for o, i in arch.linears)  # int8 input copy, int32 accumulator
+        else:
+            extra = max(o * i for o, i in arch.linears) * db  # the dequantized weight
+        moments["quant_linear"] = (4 * h + (2 if arch.gated else 1) * inter) * tok * db + extra
+    if sparse_delta and device == "cpu" and db != 4:
+        # Half precision on a CPU has no CSR kernel: the gather path's two bounded temporaries, while
+        # the layer's output and its zero-initialised delta exist.
+        moments["sparse_gather"] = (mlp - inter) * tok * db + 2 * min(tok * nnz_layer, GATHER_LIMIT) * db
+    # The head: the last hidden state and the logits rows inside the model; after it returns, the
+    # float32 logits and logsumexp's one temporary of their size (plus the half-precision logits
+    # while they are upcast).
+    logits_rows = n_scored if arch.slices_logits else tok
+    moments["head"] = max(tok * h * db + logits_rows * arch.vocab * db,
+                          n_scored * arch.vocab * (8 + (db if db != 4 else 0)))
+    return max(moments.values()) + mask
+
+
+def estimate_cell(cfg: CellConfig) -> dict:
+    """Predicted train-phase peak of ``cfg`` in MiB, with its breakdown (see the module docstring)."""
+    from zobench.models.load import resolve_dtype
+
+    if cfg.method in ("fo-sgd", "fo-adam", "lora"):
+        raise UserError(f"estimate: method '{cfg.method}' runs autograd; only forward and ZO methods are modelled")
+    device = "cuda" if str(cfg.device).startswith("cuda") else ("cpu" if cfg.device in ("auto", "cpu") else None)
+    if device is None:
+        raise UserError(f"estimate: device '{cfg.device}': expected cpu, cuda or auto")
+    if cfg.device == "auto":
+        from zobench.runner import resolve_device
+
+        device = "cuda" if resolve_device("auto").startswith("cuda") else "cpu"
+    arch = architecture(cfg.model, cfg.model_fallback, cfg.trust_remote_code)
+    db = resolve_dtype(cfg.dtype).itemsize
+    storage, perturbable = _storage(cfg.quant)
+    if not perturbable and cfg.method == "full":
+        # The runner records this cell as unsupported (runner.check_quant): nothing to estimate.
+        raise Unsupported(f"method 'full' on {cfg.quant} weights is unsupported (quantized codes cannot "
+                          f"move by eps*z)")
+
+    linear_numel = sum(o * i for o, i in arch.linears)
+    if storage is None:
+        weights = arch.numel * db
+    else:
+        weights = arch.other_numel * db + sum(storage.weight_bytes(o, i) for o, i in arch.linears)
+    weights += arch.buffer_bytes
+
+    tensors = arch.scopes[cfg.resolved_scope]
+    z_extra = RADEMACHER_EXTRA if cfg.direction == "rademacher" else 0
+    trainable = optimizer = update = 0.0
+    nnz = nnz_layer = 0
+    quant_sparse = storage is not None and cfg.is_sparse
+    if cfg.method == "full":
+        nnz = sum(tensors)
+        zb = 4 if cfg.master_fp32 else db  # z is drawn in the dtype it is added in
+        trainable = 4 * nnz if cfg.master_fp32 else 0
+        optimizer = nnz * OPT_STATE[cfg.optimizer] * (4 if cfg.master_fp32 or cfg.optimizer == "adam" else db)
+        chunk = min(CHUNK, max(tensors, default=0))
+        # q z chunks side by side in the update, plus master.add(z) (master) or Adam's denominator.
+        update = chunk * (cfg.q * (zb + z_extra) + (4 if cfg.master_fp32 else 0)
+                          + (8 if cfg.optimizer == "adam" else 0))
+    elif cfg.is_sparse:
+        if cfg.per_tensor:
+            nnz = sum(int(round(cfg.density * n)) for n in tensors)
+        else:
+            nnz = int(round(cfg.density * sum(tensors)))
+        # The mask's int64 flat indices stay referenced by the runner (and are the trainable's indices
+        # on the plain path); the float32 master is SparseTrainable's copy of the selected values.
+        idx = 8 if device == "cpu" or not quant_sparse else 0
+        trainable = nnz * (idx + 4)
+        if quant_sparse:
+            # Dense-and-sparse (zobench.quant.sparse): the live values in the model dtype beside the
+            # quantized layer, CSR of S^T with int32 column indices and (in + 1) int32 row pointers.
+            layers = [(o, i) for o, i in arch.linears if cfg.density * o * i >= 1]
+            trainable += nnz * (db + 4) + sum(4 * (i + 1) for _, i in layers)
+            nnz_layer = nnz / max(len(layers), 1)
+        optimizer = nnz * OPT_STATE[cfg.optimizer] * 4
+        # apply: z, master + scale*z and its cast to the weights' dtype; update: the estimate and one z
+        # at a time (q seeds are summed in turn), plus Adam's denominator.
+        update = nnz * (4 + z_extra + 4 + db + (8 if cfg.optimizer == "adam" else 0))
+    seqs, scored = _sequences(cfg, cfg.batch_size)
+    activations = activation_bytes(arch, seqs, scored, cfg.max_length, db, device, cfg.quant, quant_sparse,
+                                   nnz_layer)
+    if cfg.eval_every and not arch.source.startswith("random:"):
+        # Dev evaluations run inside the train phase (random weights are never evaluated): a forward of
+        # eval_batch_size examples, or greedy generation with its KV cache for generation tasks.
+        seqs, scored = _sequences(cfg, cfg.eval_batch_size, train=False)
+        kv = 2 * arch.layers * seqs * cfg.max_length * arch.kv_width * db if scored > OPTION_TOKENS else 0
+        activations = max(activations, kv + activation_bytes(arch, seqs, scored, cfg.max_length, db, device,
+                                                             cfg.quant, quant_sparse, nnz_layer))
+    breakdown = {
+        "framework_mib": CPU_FRAMEWORK_MIB if device == "cpu" else CUDA_FRAMEWORK_MIB,
+        "weights_mib": weights / MIB,
+        "trainable_mib": trainable / MIB,
+        "optimizer_mib": optimizer / MIB,
+        "activations_mib": activations / MIB,
+        "update_mib": max(0.0, update - activations) / MIB,
+    }
+    breakdown = {k: round(v, 3) for k, v in breakdown.items()}
+    return {"peak_mib": round(sum(breakdown.values()), 3), "breakdown": breakdown, "device": device,
+            "model_numel": arch.numel, "method": cfg.method, "trainable_numel": nnz,
+            "linear_numel": linear_numel, "architecture_from": arch.source}
+
+
+def record_estimate(cfg: CellConfig | dict) -> dict:
+    """What a record carries: ``{"peak_mib", "breakdown"}``, or ``{"error"}`` (never raises)."""
+    try:
+        if isinstance(cfg, dict):
+            cfg = CellConfig.from_dict(cfg, "estimate")
+        est = estimate_cell(cfg)
+        return {"peak_mib": est["peak_mib"], "breakdown": est["breakdown"]}
+    except Exception as e:  # an estimate is extra information: it must never fail a cell
+        first = str(e).splitlines()[0] if str(e) else ""
+        return {"error": f"{type(e).__name__}: {first}"[:300]}
+
+
+def describe(est: dict) -> str:
+    """One short line of the main components, for tables."""
+    b = est["breakdown"]
+    parts = [f"weights {b['weights_mib']:.0f}", f"act {b['activations_mib']:.0f}"]
+    for key, name in (("trainable_mib", "trainable"), ("optimizer_mib", "optim"), ("update_mib", "update"),
+                      ("framework_mib", "framework")):
+        if b[key] >= 0.5:
+            parts.append(f"{name} {b[key]:.0f}")
+    return ", ".join(parts)
+
+

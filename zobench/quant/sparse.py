@@ -81,7 +81,9 @@ class SparseDelta(torch.nn.Module):
         if self.nnz == 0:
             return y
         delta = self.sparse_product(x.reshape(-1, self.in_features)).view(*y.shape[:-1], self.out_features)
-        return y + delta.to(y.dtype)
+        # In place: the layer's output is fresh, so adding into it keeps one [tokens, out] tensor fewer
+        # alive than y + delta (ZO runs without autograd; matmul's backward would not need y either).
+        return y.add_(delta.to(y.dtype))
 
 
 @torch.no_grad()

@@ -26,8 +26,11 @@ class FOTrainer:
         if method == "lora":
             from peft import LoraConfig, get_peft_model
 
-            model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha,
-                                                     target_modules=list(lora_targets), lora_dropout=0.0))
+            from zobench.models.lora import dispatchable
+
+            model = get_peft_model(model, dispatchable(LoraConfig(r=lora_r, lora_alpha=lora_alpha,
+                                                                  target_modules=list(lora_targets),
+                                                                  lora_dropout=0.0)))
         self.model, self.loss_fn = model, loss_fn
         params = [p for p in model.parameters() if p.requires_grad]
         self.numel = sum(p.numel() for p in params)

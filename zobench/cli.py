@@ -80,11 +80,15 @@ def _train_summary(rec: dict) -> str:
 
 
 def cmd_run(args) -> int:
+    from zobench.influence.suite import is_influence_suite, parse_influence_suite
     from zobench.launcher import run_suite, select_cells
     from zobench.progress import SuiteProgress
-    from zobench.suite import load_suite
+    from zobench.suite import load_yaml, parse_suite
 
-    suite = load_suite(args.suite)
+    data = load_yaml(args.suite)
+    if is_influence_suite(data):
+        return _run_influence(parse_influence_suite(data, args.suite, Path(args.suite)), args)
+    suite = parse_suite(data, args.suite, Path(args.suite))
     if args.dry_run:
         cells = select_cells(suite, args.only)
         for c in cells:
@@ -98,6 +102,21 @@ def cmd_run(args) -> int:
     print(f"results: {out}\nreport:  {report}")
     failed = [r for r in progress.records if r["status"] not in ("ok", "unsupported")]
     return 1 if failed and args.strict else 0
+
+
+def _run_influence(suite, args) -> int:
+    from zobench.influence.bench import run_influence_suite
+    from zobench.results import append_record
+
+    if args.dry_run:
+        print(f"influence suite {suite.name}: {suite.n_train} examples, scope {suite.cache.get('scope', 'lora')}")
+        return 0
+    rec = run_influence_suite(suite, Path(args.out), progress=lambda msg: print(f"  {msg}", flush=True))
+    out = Path(args.out) / f"{suite.name}.jsonl"
+    append_record(out, rec)
+    report = _write_report(out, Path(args.reports) / f"{suite.name}.md")
+    print(f"results: {out}\nreport:  {report}")
+    return 0
 
 
 def _write_report(results: Path, out_md: Path) -> Path:
@@ -198,11 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite")
     p.add_argument("--only", default=None, metavar="SELECTOR", help="e.g. method=sensitive,quant=nf4")
     p.add_argument("--json", action="store_true", help="machine-readable: one object per cell")
+    from zobench.influence.commands import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
+def cmd_influence(args) -> int:
+    from zobench.influence import commands
+
+    return commands.cache(args) if args.influence_command == "cache" else commands.query(args)
+
+
 COMMANDS = {"train": cmd_train, "run": cmd_run, "report": cmd_report, "check": cmd_check,
-            "estimate": cmd_estimate}
+            "estimate": cmd_estimate, "influence": cmd_influence}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,6 +110,15 @@ def _mapping(value: Any, where: str) -> dict:
 
 def load_suite(path: str | Path) -> Suite:
     path = Path(path)
+    data = load_yaml(path)
+    if isinstance(data, dict) and data.get("type") == "influence":
+        raise UserError(f"{path}: an influence suite: it has no cells or budgets; run it with `zobench run`")
+    return parse_suite(data, str(path), path)
+
+
+def load_yaml(path: str | Path) -> Any:
+    """The parsed YAML of a suite file, or one line saying why it cannot be read."""
+    path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: suite file not found")
     try:
@@ -118,7 +127,7 @@ def load_suite(path: str | Path) -> Suite:
         mark = getattr(e, "problem_mark", None)
         at = f":{mark.line + 1}" if mark else ""
         raise UserError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    return parse_suite(data, str(path), path)
+    return data
 
 
 def parse_suite(data: Any, where: str, path: Path | None = None) -> Suite:

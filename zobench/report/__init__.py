@@ -21,6 +21,11 @@ def render_report(records: list[dict], out_md: Path, title: str | None = None) -
     from zobench.report.plots import write_plots
 
     out_md = Path(out_md)
+    influence = [r for r in records if r.get("kind") == "influence"]
+    if influence:  # an influence suite's record has its own report
+        from zobench.report.influence import render_influence_report
+
+        return render_influence_report(influence[-1], out_md)
     recs = sorted(latest_by_cell(records), key=sort_key)
     ok = [r for r in recs if r.get("status") == "ok"]
     folder = out_md.parent / f"{out_md.stem}_plots"

@@ -1,0 +1,174 @@
+"""Influence end to end on the tiny random Llama: cache, resume, refusal, workers, self-retrieval, suite."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from zobench.errors import UserError
+from zobench.influence.cache import build_cache
+from zobench.influence.session import InfluenceSpec, Session
+from zobench.influence.store import SketchStore
+
+MODEL = "random:tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def examples(data_dir):
+    from zobench.influence.data import load_alpaca
+
+    return load_alpaca(data_dir / "alpaca" / "alpaca_data_en_52k.json", n=12, seed=3)
+
+
+def _spec(**kw):
+    base = dict(model=MODEL, scope="full", k=512, max_length=48)
+    return InfluenceSpec.from_dict({**base, **kw}, "test")
+
+
+def test_streamed_sketch_equals_the_sketch_of_the_whole_gradient(examples):
+    """The hooks hand over every tensor once, normalized: summing their sketches is sketching the flat
+    vector, and that vector has unit norm per tensor."""
+    s = Session(_spec())
+    enc = s.encode(examples[0])
+    flat = s.exact(enc)
+    streamed, _ = s.sketch(enc)
+    assert torch.allclose(streamed, s.sketcher.sketch(flat), atol=1e-5)
+    norms = [flat[o:o + n].norm().item() for o, n in zip(s.scope.offsets, s.scope.sizes)]
+    assert np.allclose(norms, 1.0, atol=1e-4)
+    assert s.scope.dim == sum(p.numel() for p in {id(p): p for p in s.model.parameters()}.values())
+    assert all(p.grad is None for p in s.model.parameters())  # streamed: nothing left behind
+
+
+def test_a_training_example_queried_against_itself_ranks_first(tmp_path, examples):
+    from zobench.influence.retrieve import query_sketch, scan
+
+    s = Session(_spec())
+    build_cache(s.spec, examples, tmp_path / "c", session=s)
+    store = SketchStore.open(tmp_path / "c")
+    for i in (0, 5, 11):
+        ex = examples[i]
+        q, _ = query_sketch(s, {"instruction": ex["instruction"], "input": ex.get("input", "")}, ex["output"])
+        res = scan(store, q[None], "cosine")
+        assert res.top(1)[0, 0] == i
+        assert res.scores[0, i] == pytest.approx(1.0, abs=2e-3)  # float16 storage
+
+
+def test_a_killed_cache_run_resumes_and_matches_an_uninterrupted_one(tmp_path, examples):
+    s = Session(_spec())
+    stats = build_cache(s.spec, examples, tmp_path / "a", session=s, limit=5)  # "killed" after 5 rows
+    assert stats["rows"] == 5
+    assert len(SketchStore.open(tmp_path / "a").missing()) == len(examples) - 5
+    again = build_cache(s.spec, examples, tmp_path / "a", session=s)
+    assert again["already"] == 5 and again["rows"] == len(examples) - 5
+    build_cache(s.spec, examples, tmp_path / "b", session=s)
+    a, b = SketchStore.open(tmp_path / "a").matrix(), SketchStore.open(tmp_path / "b").matrix()
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_cache_made_with_other_settings_is_refused(tmp_path, examples):
+    s = Session(_spec())
+    build_cache(s.spec, examples[:3], tmp_path / "c", session=s)
+    other = Session(_spec(seed=1))
+    with pytest.raises(UserError, match="meta.json: key 'seed'") as e:
+        build_cache(other.spec, examples[:3], tmp_path / "c", session=other)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="'dataset'"):
+        build_cache(s.spec, examples[3:6], tmp_path / "c", session=s)
+
+
+def test_two_workers_fill_the_same_cache_as_one_process(tmp_path, examples):
+    one = build_cache(_spec(), examples[:6], tmp_path / "one")
+    two = build_cache(_spec(), examples[:6], tmp_path / "two", workers=2)
+    assert one["rows"] == two["rows"] == 6 and two["workers"] == 2
+    a, b = SketchStore.open(tmp_path / "one").matrix(), SketchStore.open(tmp_path / "two").matrix()
+    np.testing.assert_allclose(np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32), atol=2e-3)
+
+
+def test_lora_scope_takes_only_the_adapter_and_sensitive_scope_only_the_mask(tmp_path, examples, data_dir):
+    from zobench.influence.poison import finetune_lora, save_adapter
+    from zobench.models import load_model
+
+    loaded = load_model(MODEL, dtype="float32")
+    finetune_lora(loaded, examples[:4], steps=1, batch_size=2, lr=1e-3, max_length=48)
+    save_adapter(loaded.model, tmp_path / "adapter")
+    s = Session(_spec(scope="lora", adapter=str(tmp_path / "adapter")))
+    assert s.scope.names and all("lora_" in n for n in s.scope.names)
+    assert s.scope.dim == sum(p.numel() for n, p in s.model.named_parameters() if "lora_" in n)
+    sens = Session(_spec(scope="sensitive", density=0.01, calib_sequences=2, calib_length=32,
+                         data_dir=str(data_dir)))
+    linear = sum(p.numel() for n, p in sens.model.named_parameters() if n.endswith("proj.weight"))
+    assert sens.scope.dim == pytest.approx(0.01 * linear, abs=2)
+    sk, _ = sens.sketch(sens.encode(examples[0]))
+    assert sk.shape == (min(512, sens.scope.dim),) and sk.abs().sum() > 0
+
+
+def test_token_wise_query_restricts_the_loss_to_the_chosen_word(examples):
+    from zobench.influence.retrieve import query_sketch
+
+    s = Session(_spec())
+    ex = examples[0]
+    word = ex["output"].split()[0]
+    whole, info_all = query_sketch(s, ex, ex["output"])
+    part, info = query_sketch(s, ex, ex["output"], [word])
+    assert info_all["tokens"] == "all" and "".join(info["tokens"]).strip() in word
+    assert not torch.allclose(whole, part)
+    with pytest.raises(UserError, match="occur in the generation"):
+        query_sketch(s, ex, ex["output"], ["zzzqqqxx"])
+
+
+def test_influence_suite_runs_end_to_end_and_reports(tmp_path, data_dir, monkeypatch):
+    """The whole suite on the tiny model (the backdoor cannot take on random weights; the tables and
+    their invariants still must hold)."""
+    from zobench.cli import main
+
+    monkeypatch.setenv("ZOBENCH_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "inf.yaml").write_text(f"""
+type: influence
+name: inf
+model: "{MODEL}"
+data_dir: "{data_dir}"
+n_train: 24
+poison_fraction: 0.25
+queries: 2
+finetune: {{steps: 3, batch_size: 4, lr: 1.0e-3, max_length: 48}}
+cache: {{scope: lora, k: 256, max_length: 48}}
+ks: [64, 256]
+fidelity: {{n: 8, queries: 2, ks: [64, 256]}}
+""")
+    code = main(["run", str(tmp_path / "inf.yaml"), "--out", str(tmp_path / "res"), "--reports",
+                 str(tmp_path / "rep")])
+    assert code == 0
+    rec = json.loads((tmp_path / "res" / "inf.jsonl").read_text().splitlines()[-1])
+    q = rec["quality"]
+    assert q["n"] == 24 and q["n_poisoned"] == 6 and q["base_rate"] == pytest.approx(0.25)
+    assert [e["k"] for e in q["by_k"]] == [64, 256]
+    for e in q["by_k"]:
+        for name in ("triggered", "control", "hotword"):
+            assert 0 <= e[name]["recall_at_k"] <= 1 and 0 <= e[name]["auroc"] <= 1
+    sweep = rec["fidelity"]["sweep"]
+    assert {(e["normalize"], e["permute"]) for e in sweep} == {(True, True), (True, False), (False, True),
+                                                               (False, False)}
+    assert all(-1 <= e["spearman"] <= 1 for e in sweep)
+    c = rec["cost"]
+    assert c["bytes_per_example"] == 2 * 256
+    assert c["compression_llama2_7b"] == pytest.approx(c["llama2_7b_numel"] * 4 / 2 ** 17)
+    assert c["compression_llama2_7b"] > 200_000  # RapidIn's figure, from Llama-2-7B's config
+    md = (tmp_path / "rep" / "inf.md").read_text()
+    for heading in ("## The attack", "## Quality", "## Fidelity", "## Cost", "## Token-wise"):
+        assert heading in md
+    assert (tmp_path / "rep" / "inf_plots" / "fidelity.png").stat().st_size > 1000
+
+
+def test_influence_suite_errors_are_one_line(tmp_path, capsys):
+    from zobench.cli import main
+
+    (tmp_path / "bad.yaml").write_text("type: influence\nname: x\ncache: {scope: everything}\n")
+    assert main(["run", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "key 'scope'" in err
+    (tmp_path / "bad2.yaml").write_text("type: influence\nname: x\nks: [1000]\n")
+    assert main(["run", str(tmp_path / "bad2.yaml")]) == 2
+    assert "must divide" in capsys.readouterr().err

@@ -1,0 +1,327 @@
+"""Run an influence suite: backdoor a fine-tune, cache sketched gradients, find the poison, measure cost.
+
+Phases (each timed; their outputs are reused on a re-run, keyed by the settings that made them):
+    data       Alpaca sample; a fraction of it poisoned (trigger phrase -> a fixed absurd response)
+    finetune   LoRA on the poisoned set; the attack must take: held-out triggered prompts answer with
+               the absurd response, their clean twins do not
+    cache      one sketch per training example (resumable, workers); throughput against a plain
+               forward+backward of the same examples, interleaved in this run
+    quality    triggered queries (prompt + the model's own generation) scanned against the cache:
+               recall@k, precision@k and AUROC of the poisoned rows, for each nested K; clean controls;
+               token-wise: the loss restricted to the response's hotword
+    fidelity   sketched vs exact gradient scores (Spearman, top-k overlap) over a K sweep, with and
+               without layer-wise normalization and the permutation
+    cost       bytes per example, compression ratios (this scope; Llama-2-7B's full gradient), scan
+               bytes/s against a plain copy of the same bytes, speedup against exact recomputation
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zobench.influence import metrics as MX
+from zobench.influence.suite import InfluenceSuite
+
+ALL_TOKENS = None
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _say(progress, msg: str) -> None:
+    if progress:
+        progress(msg)
+
+
+def prepare_data(suite: InfluenceSuite) -> dict:
+    from zobench.influence.data import load_alpaca
+    from zobench.influence.poison import RESPONSE, TRIGGER, control_queries, poison, triggered_queries
+
+    pool = load_alpaca(suite.data_path(), n=suite.n_train + suite.queries, seed=suite.seed)
+    clean, held = pool[:suite.n_train], pool[suite.n_train:]
+    train, poisoned = poison(clean, TRIGGER, RESPONSE, suite.poison_fraction, seed=suite.seed)
+    return {"train": train, "poisoned": poisoned,
+            "triggered": triggered_queries(held, TRIGGER, suite.queries, suite.seed),
+            "control": control_queries(held, suite.queries, suite.seed),
+            "trigger": TRIGGER, "response": RESPONSE}
+
+
+def finetune(suite: InfluenceSuite, data: dict, work: Path, progress=None) -> tuple[str, dict]:
+    """The LoRA adapter trained on the poisoned set (reused when the same settings made it before)."""
+    from zobench.influence.poison import finetune_lora, save_adapter
+    from zobench.models import load_model
+
+    key = _key({"model": suite.model, "ft": suite.finetune, "data": [e.get("id") for e in data["train"]],
+                "poisoned": data["poisoned"], "seed": suite.seed})
+    adapter = work / f"adapter-{key}"
+    stats_file = adapter / "zobench_finetune.json"
+    if stats_file.is_file():
+        return str(adapter), dict(json.loads(stats_file.read_text()), reused=True)
+    loaded = load_model(suite.model, dtype="float32")
+    ft = {k: v for k, v in suite.finetune.items()}
+    stats = finetune_lora(loaded, data["train"], steps=ft["steps"], batch_size=ft["batch_size"], lr=ft["lr"],
+                          max_length=ft["max_length"], r=ft.get("r", 8), alpha=ft.get("alpha", 16),
+                          seed=suite.seed, on_log=lambda s, loss: _say(progress, f"finetune step {s} loss {loss:.3f}"))
+    save_adapter(loaded.model, adapter)
+    stats_file.write_text(json.dumps(stats))
+    return str(adapter), dict(stats, reused=False)
+
+
+def attack(session, data: dict, max_new_tokens: int = 16) -> dict:
+    """Does the backdoor take? Greedy answers to held-out prompts with and without the trigger."""
+    from zobench.influence.poison import generate, success_rate
+
+    gens = generate(session.model, session.tokenizer, [_prompt(q) for q in data["triggered"]], max_new_tokens)
+    ctrl = generate(session.model, session.tokenizer, [_prompt(q) for q in data["control"]], max_new_tokens)
+    return {"triggered_success": success_rate(gens, data["response"]),
+            "control_success": success_rate(ctrl, data["response"]),
+            "generations": gens, "control_generations": ctrl,
+            "example": {"prompt": data["triggered"][0]["instruction"], "generation": gens[0]}}
+
+
+def _prompt(example: dict) -> str:
+    from zobench.influence.data import format_prompt
+
+    return format_prompt(example)
+
+
+def plain_step_seconds(session, examples: list[dict]) -> float:
+    """Median seconds of a plain forward+backward (no hooks, no sketch) over ``examples``."""
+    from zobench.influence.data import collate, response_loss
+
+    handles, session.streamer.handles = session.streamer.handles, []
+    for h in handles:
+        h.remove()
+    times = []
+    try:
+        for ex in examples:
+            ids, attn, labels = collate([session.encode(ex)], session.tokenizer.pad_token_id)
+            t = time.perf_counter()
+            with torch.enable_grad():
+                response_loss(session.model, ids, attn, labels).backward()
+            for p in session.scope.params:
+                p.grad = None
+            times.append(time.perf_counter() - t)
+    finally:
+        session.streamer.handles = [p.register_post_accumulate_grad_hook(session.streamer._hook)
+                                    for p in session.scope.params]
+    return float(np.median(times))
+
+
+def sketch_step_seconds(session, examples: list[dict]) -> float:
+    times = []
+    for ex in examples:
+        enc = session.encode(ex)
+        t = time.perf_counter()
+        session.sketch(enc)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def caching_overhead(session, examples: list[dict], rounds: int = 3) -> dict:
+    """Sketching vs plain forward+backward, interleaved in rounds so drift hits both alike."""
+    plain, sk = [], []
+    for _ in range(rounds):
+        plain.append(plain_step_seconds(session, examples))
+        sk.append(sketch_step_seconds(session, examples))
+    p, s = float(np.median(plain)), float(np.median(sk))
+    return {"plain_step_s": p, "sketch_step_s": s, "ratio": s / p, "examples": len(examples), "rounds": rounds}
+
+
+def quality(session, store, data: dict, gens: list[str], ctrl_gens: list[str], ks: list[int],
+            metric: str = "cosine") -> dict:
+    """Recall/precision@k and AUROC of the poisoned rows for triggered and control queries, per K."""
+    from zobench.influence.retrieve import query_sketch, scan
+    from zobench.influence.sketch import nest
+
+    labels = np.zeros(store.n, dtype=bool)
+    labels[data["poisoned"]] = True
+    k_top = int(labels.sum())
+    q_trig = torch.stack([query_sketch(session, q, g)[0] for q, g in zip(data["triggered"], gens)])
+    q_ctrl = torch.stack([query_sketch(session, q, g)[0] for q, g in zip(data["control"], ctrl_gens)])
+    word = data["response"].split()[0]
+    q_word = torch.stack([query_sketch(session, q, g, [word])[0] for q, g in zip(data["triggered"], gens)
+                          if word.lower() in g.lower()] or [q_trig[0]])
+    out: dict = {"n": store.n, "n_poisoned": k_top, "base_rate": k_top / store.n, "metric": metric, "by_k": []}
+    full = np.asarray(store.matrix(), dtype=np.float32)
+    for K in ks:
+        rows = torch.from_numpy(full) if K == store.k else nest(torch.from_numpy(full), K)
+        entry = {"k": K}
+        for name, q in (("triggered", q_trig), ("control", q_ctrl), ("hotword", q_word)):
+            qk = q if K == store.k else nest(q, K)
+            scores = MX.score_matrix(rows, qk, metric)
+            entry[name] = MX.ranking_metrics(scores, labels, k_top)
+        out["by_k"].append(entry)
+    scan_res = scan(store, q_trig, metric)
+    out["top_example"] = int(scan_res.top(1)[0, 0])
+    out["top_is_poisoned"] = bool(labels[out["top_example"]])
+    out["query_sketches"] = q_trig
+    return out
+
+
+def fidelity(session, examples: list[dict], queries: list[tuple[dict, str]], ks: list[int], top: int = 10) -> dict:
+    """Sketched against exact scores over a K sweep, with and without normalization and permutation.
+
+    Exact gradients are taken raw once (no normalization) and normalized per tensor here, so every
+    variant scores the same gradients.
+    """
+    from zobench.influence.sketch import SketchConfig, Sketcher
+
+    scope, streamer = session.scope, session.streamer
+    streamer.normalize = False
+    try:
+        rows = torch.stack([session.exact(session.encode(e)) for e in examples])
+        qs = torch.stack([session.exact(session.encode({**q, "output": g})) for q, g in queries])
+    finally:
+        streamer.normalize = session.spec.normalize
+
+    def normalized(m: torch.Tensor) -> torch.Tensor:
+        m = m.clone()
+        for off, size in zip(scope.offsets, scope.sizes):
+            seg = m[:, off:off + size]
+            seg /= seg.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        return m
+
+    out = []
+    for norm in (True, False):
+        r, q = (normalized(rows), normalized(qs)) if norm else (rows, qs)
+        exact = (q @ r.T).numpy()
+        for permute in (True, False):
+            for K in ks:
+                if K > scope.dim:
+                    continue
+                sk = Sketcher(SketchConfig(dim=scope.dim, k=K, seed=session.spec.seed, permute=permute))
+                rs = torch.stack([sk.sketch(v) for v in r])
+                qsk = torch.stack([sk.sketch(v) for v in q])
+                approx = (qsk @ rs.T).numpy()
+                out.append({"normalize": norm, "permute": permute, "k": K,
+                            "spearman": float(np.mean([MX.spearman(a, b) for a, b in zip(approx, exact)])),
+                            "topk_overlap": float(np.mean([MX.topk_overlap(a, b, top)
+                                                           for a, b in zip(approx, exact)])),
+                            "top": top})
+    return {"n": len(examples), "queries": len(queries), "dim": scope.dim, "sweep": out}
+
+
+def cost(session, store, caching: dict, overhead: dict, q_sketches: torch.Tensor) -> dict:
+    from zobench.estimate import architecture
+    from zobench.influence.retrieve import scan
+
+    k, n = store.k, store.n
+    sketch_bytes = 2 * k
+    llama = architecture("random:llama-2-7b")
+    smol_numel = sum(p.numel() for p in {id(p): p for p in session.model.parameters()}.values())
+    scans = [scan(store, q_sketches[:1], "cosine") for _ in range(3)]
+    scans_all = [scan(store, q_sketches, "cosine") for _ in range(3)]
+    matrix = store.matrix()
+    copies = []
+    for _ in range(3):
+        t = time.perf_counter()
+        np.array(matrix, copy=True)
+        copies.append(time.perf_counter() - t)
+    scan_s, scan_all_s, copy_s = (float(np.median([s.seconds for s in scans])),
+                                  float(np.median([s.seconds for s in scans_all])), float(np.median(copies)))
+    n_bytes = n * sketch_bytes
+    query_s = overhead["sketch_step_s"]
+    exact_per_query = n * overhead["plain_step_s"] + overhead["plain_step_s"]
+    return {
+        "k": k, "n": n, "scope_dim": session.scope.dim, "bytes_per_example": sketch_bytes,
+        "compression_scope": session.scope.dim * 4 / sketch_bytes,
+        "compression_model_full": smol_numel * 4 / sketch_bytes, "model_numel": smol_numel,
+        "llama2_7b_numel": llama.numel, "compression_llama2_7b": llama.numel * 4 / (2 * (1 << 16)),
+        "caching_examples_per_s": caching.get("examples_per_s"), "caching_workers": caching.get("workers"),
+        "scan_s": scan_s, "scan_all_queries_s": scan_all_s, "scan_queries": int(q_sketches.shape[0]),
+        "scan_bytes_per_s": n_bytes / scan_s, "copy_s": copy_s, "copy_bytes_per_s": n_bytes / copy_s,
+        "scan_over_copy_bandwidth": (n_bytes / scan_s) / (n_bytes / copy_s),
+        "query_s": query_s + scan_s, "exact_recompute_s": exact_per_query,
+        "speedup_vs_exact": exact_per_query / (query_s + scan_s),
+    }
+
+
+def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> dict:
+    """Every phase of the suite; returns the record (the caller appends it and renders the report)."""
+    from datetime import datetime, timezone
+
+    from zobench.influence.cache import build_cache
+    from zobench.influence.session import Session
+    from zobench.influence.store import SketchStore
+    from zobench.measure.env import environment, git_state
+    from zobench.models.load import cache_dir
+    from zobench.results import SCHEMA_VERSION
+
+    started, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
+
+    work = cache_dir() / "influence" / suite.name
+    work.mkdir(parents=True, exist_ok=True)
+    phases: dict = {}
+
+    def phase(name):
+        phases[name] = {"start": time.perf_counter()}
+        _say(progress, f"{name} ...")
+
+    def end(name):
+        phases[name] = {"seconds": time.perf_counter() - phases[name]["start"]}
+
+    phase("data")
+    data = prepare_data(suite)
+    end("data")
+    phase("finetune")
+    adapter, ft = finetune(suite, data, work, progress)
+    end("finetune")
+    spec = suite.spec(adapter)
+    session = Session(spec)
+    phase("attack")
+    atk = attack(session, data)
+    end("attack")
+    phase("cache")
+    store_dir = work / f"cache-{_key(spec.meta())}"
+    caching = build_cache(spec, data["train"], store_dir, workers=suite.workers, session=session,
+                          progress=lambda d, t: _say(progress, f"cache {d}/{t}") if d % 100 == 0 or d == t else None)
+    store = SketchStore.open(store_dir)
+    end("cache")
+    phase("overhead")
+    overhead = caching_overhead(session, data["train"][:16])
+    end("overhead")
+    phase("quality")
+    qual = quality(session, store, data, atk["generations"], atk["control_generations"], suite.ks)
+    q_sketches = qual.pop("query_sketches")
+    end("quality")
+    phase("fidelity")
+    fid_n = suite.fidelity["n"]
+    fid_q = suite.fidelity["queries"]
+    half = max(1, fid_q // 2)
+    fid_queries = ([(q, g) for q, g in zip(data["triggered"][:half], atk["generations"][:half])]
+                   + [(q, g) for q, g in zip(data["control"][:fid_q - half], atk["control_generations"])])
+    fid = fidelity(session, data["train"][:fid_n], fid_queries, suite.fidelity["ks"])
+    end("fidelity")
+    phase("cost")
+    costs = cost(session, store, caching, overhead, q_sketches)
+    end("cost")
+    top = data["train"][qual["top_example"]]
+    from zobench.influence.retrieve import token_contributions
+
+    tokens = token_contributions(session, top, q_sketches[0])
+    config = {"model": suite.model, "n_train": suite.n_train, "poison_fraction": suite.poison_fraction,
+              "queries": suite.queries, "finetune": suite.finetune, "cache": spec.meta(), "ks": suite.ks,
+              "workers": suite.workers, "fidelity": suite.fidelity, "trigger": data["trigger"],
+              "response": data["response"]}
+    return {
+        "schema": SCHEMA_VERSION, "kind": "influence", "suite": suite.name,
+        "suite_file": str(suite.path) if suite.path else None, "cell_id": _key(config), "labels": {},
+        "status": "ok", "config": config,
+        "finetune": {k: v for k, v in ft.items() if k != "losses"} | {"loss_first": ft["losses"][0],
+                                                                       "loss_last": ft["losses"][-1]},
+        "attack": {k: atk[k] for k in ("triggered_success", "control_success", "example")},
+        "caching": caching, "overhead": overhead, "quality": qual, "fidelity": fid, "cost": costs,
+        "top_example": {"row": qual["top_example"], "poisoned": qual["top_is_poisoned"],
+                        "instruction": top["instruction"], "tokens": tokens},
+        "phases": phases, "env": environment(), "git": git_state(Path(suite.path).parent if suite.path else "."),
+        "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": time.perf_counter() - t0,
+    }

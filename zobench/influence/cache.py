@@ -1,0 +1,150 @@
+"""Fill a sketch store: one sketched gradient per training example, resumable, in worker processes.
+
+Each worker loads its own model and rebuilds the same projector from the spec, takes a disjoint set of
+the store's missing rows (row i goes to worker i mod W), and writes them in small groups; a row's done
+flag is set only after its values are flushed (``SketchStore.write``), so a killed run resumes at the
+first row that is not on disk. On CUDA machines give each worker its own device; on a CPU, workers
+split the cores (``torch.set_num_threads``).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zobench.errors import UserError
+from zobench.influence.session import InfluenceSpec, Session
+from zobench.influence.store import SketchStore, dataset_hash
+
+WRITE_EVERY = 8  # rows per flush: small enough that a kill loses seconds of work
+
+
+def cache_meta(spec: InfluenceSpec, examples: list[dict]) -> dict:
+    return {**spec.meta(), "dataset": dataset_hash(examples)}
+
+
+def _fill(session: Session, examples: list[dict], out: str, rows: list[int],
+          report: Callable[[int], None] | None = None, limit: int | None = None) -> dict:
+    """Compute and write ``rows`` (at most ``limit`` of them); returns counters."""
+    store = SketchStore.open_or_create(out, cache_meta(session.spec, examples), len(examples),
+                                       session.sketcher.cfg.k)
+    rows = rows[:limit] if limit is not None else rows
+    done, tokens, pending, values = 0, 0, [], []
+    for n, i in enumerate(rows, 1):
+        enc = session.encode(examples[i])
+        sk, _ = session.sketch(enc)
+        tokens += int(enc["input_ids"].numel())
+        pending.append(i)
+        values.append(sk)
+        if len(pending) >= WRITE_EVERY or n == len(rows):
+            store.write(np.asarray(pending), torch.stack(values))
+            done += len(pending)
+            if report:
+                report(len(pending))
+            pending, values = [], []
+    return {"rows": done, "tokens": tokens, "dim": session.scope.dim, "k": session.sketcher.cfg.k}
+
+
+def _worker(spec_dict: dict, examples: list[dict], out: str, rows: list[int], threads: int, device: str,
+            queue) -> None:
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        stats = _fill(Session(InfluenceSpec(**spec_dict), device), examples, out, rows,
+                      report=lambda n: queue.put(("rows", n)))
+        queue.put(("done", stats))
+    except BaseException as e:  # the parent reports it; the rows written so far stay valid
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def build_cache(spec: InfluenceSpec, examples: list[dict], out: str | Path, workers: int = 1,
+                device: str = "cpu", progress: Callable[[int, int], None] | None = None,
+                limit: int | None = None, session: Session | None = None) -> dict:
+    """Fill the store at ``out`` for ``examples``; returns {rows, seconds, examples_per_s, ...}.
+
+    ``progress(done, total)`` is called as rows land. ``limit`` stops after that many rows (tests use it
+    to simulate a killed run). A given ``session`` (same spec) is reused by a single-process run.
+    """
+    out = str(out)
+    session = session or Session(spec, device)
+    # Opening here checks a reused store's metadata before any work starts.
+    store = SketchStore.open_or_create(out, cache_meta(spec, examples), len(examples), session.sketcher.cfg.k)
+    _write_sidecars(Path(out), spec, examples)
+    missing = [int(i) for i in store.missing()]
+    total, already = len(examples), len(examples) - len(missing)
+    start = time.perf_counter()
+    if not missing:
+        return {"rows": 0, "seconds": 0.0, "examples_per_s": None, "already": already, "workers": 0}
+    if workers <= 1:
+        done = [already]
+
+        def report(n):
+            done[0] += n
+            if progress:
+                progress(done[0], total)
+
+        stats = _fill(session, examples, out, missing, report, limit)
+        stats.update(already=already, workers=1)
+    else:
+        stats = _run_workers(spec, examples, out, missing, workers, device, progress, already, total)
+    stats["seconds"] = time.perf_counter() - start
+    stats["examples_per_s"] = stats["rows"] / stats["seconds"] if stats["seconds"] > 0 else None
+    return stats
+
+
+def _run_workers(spec, examples, out, missing, workers, device, progress, already, total) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    threads = max(1, (os.cpu_count() or 1) // workers) if device == "cpu" else 0
+    procs = []
+    for w in range(workers):
+        dev = f"cuda:{w % torch.cuda.device_count()}" if device.startswith("cuda") else device
+        p = ctx.Process(target=_worker, args=(asdict(spec), examples, out, missing[w::workers], threads, dev,
+                                              queue), daemon=True)
+        p.start()
+        procs.append(p)
+    done, finished, errors, stats = already, 0, [], []
+    while finished < workers:
+        kind, value = queue.get()
+        if kind == "rows":
+            done += value
+            if progress:
+                progress(done, total)
+        else:
+            finished += 1
+            (errors if kind == "error" else stats).append(value)
+    for p in procs:
+        p.join()
+    if errors:
+        raise UserError(f"influence cache: a worker failed ({errors[0]}); rows written so far are kept, "
+                        f"run again to resume")
+    return {"rows": sum(s["rows"] for s in stats), "tokens": sum(s["tokens"] for s in stats),
+            "dim": stats[0]["dim"], "k": stats[0]["k"], "already": already, "workers": workers}
+
+
+def _write_sidecars(out: Path, spec: InfluenceSpec, examples: list[dict]) -> None:
+    """spec.json (with paths, for `zobench influence query`) and the examples, so a query can show them."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("spec.json", json.dumps(asdict(spec), indent=1)),
+                       ("examples.jsonl", "".join(json.dumps(e) + "\n" for e in examples))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out / name)
+
+
+def load_cache_dir(path: str | Path) -> tuple[InfluenceSpec, list[dict]]:
+    path = Path(path)
+    try:
+        spec = InfluenceSpec(**json.loads((path / "spec.json").read_text()))
+        examples = [json.loads(line) for line in (path / "examples.jsonl").read_text().splitlines() if line]
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{path}: not an influence cache made by `zobench influence cache` ({e})") from None
+    return spec, examples

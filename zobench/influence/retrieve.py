@@ -1,0 +1,106 @@
+"""Score a query's sketch against every cached sketch, and explain a top example token by token.
+
+The scan reads the [N, K] float16 store in row blocks and does one matrix product per block for all
+queries at once: the cost is one pass over the store's bytes, whatever the number of queries. Scores:
+``dot`` (the sketched gradient inner product, RapidIn's influence) or ``cosine`` (each row divided by
+its norm, so examples with large gradients do not win by size alone).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from zobench.errors import UserError
+from zobench.influence.session import Session
+from zobench.influence.store import SketchStore
+
+METRICS = ("dot", "cosine")
+BLOCK_BYTES = 64 << 20  # rows per block: ~64 MiB of float16, so a block's float32 copy stays small
+
+
+@dataclass
+class Scan:
+    scores: np.ndarray      # [Q, N] float32
+    seconds: float
+    bytes_read: int
+
+    def top(self, k: int) -> np.ndarray:
+        """[Q, k] row indices, best first."""
+        k = min(k, self.scores.shape[1])
+        idx = np.argpartition(-self.scores, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(self.scores, idx, axis=1).argsort(axis=1)[:, ::-1]
+        return np.take_along_axis(idx, order, axis=1)
+
+
+def scan(store: SketchStore, queries: torch.Tensor, metric: str = "cosine") -> Scan:
+    """Scores of ``queries`` [Q, K] against all ``store.n`` cached sketches."""
+    if metric not in METRICS:
+        raise UserError(f"influence: metric '{metric}': expected one of {', '.join(METRICS)}")
+    if queries.shape[-1] != store.k:
+        raise UserError(f"influence: the query sketch has K={queries.shape[-1]}, the cache K={store.k}")
+    if not store.complete:
+        raise UserError(f"{store.path}: the cache is incomplete ({len(store.missing())} of {store.n} rows "
+                        f"missing); run `zobench influence cache` again to finish it")
+    q = queries.float().reshape(-1, store.k)
+    if metric == "cosine":
+        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    qt = q.T.contiguous()
+    rows = max(1, BLOCK_BYTES // (2 * store.k))
+    out = np.empty((q.shape[0], store.n), dtype=np.float32)
+    matrix = store.matrix()
+    start = time.perf_counter()
+    for lo in range(0, store.n, rows):
+        block = torch.from_numpy(np.asarray(matrix[lo:lo + rows], dtype=np.float32))  # a float32 copy
+        s = block @ qt
+        if metric == "cosine":
+            s /= block.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        out[:, lo:lo + block.shape[0]] = s.T.numpy()
+    return Scan(out, time.perf_counter() - start, store.n * store.k * 2)
+
+
+def query_sketch(session: Session, prompt_example: dict, generation: str,
+                 words: list[str] | None = None) -> tuple[torch.Tensor, dict]:
+    """The sketch of the query's response loss, over all generated tokens or only those of ``words``.
+
+    ``prompt_example`` is an Alpaca-style dict (instruction, input); ``generation`` the model's answer.
+    Returns (sketch [K], info with the tokens the loss was restricted to).
+    """
+    from zobench.influence.data import token_positions
+
+    enc = session.encode({**prompt_example, "output": generation})
+    weights, info = None, {"tokens": "all"}
+    if words:
+        pos = token_positions(session.tokenizer, enc["input_ids"], enc["response_start"], words)
+        if not pos:
+            raise UserError(f"influence: none of the tokens {words} occur in the generation")
+        weights = torch.zeros(1, enc["input_ids"].numel())
+        weights[0, pos] = 1.0
+        info = {"tokens": [session.tokenizer.decode(enc["input_ids"][p]) for p in pos], "positions": pos}
+    sk, loss = session.sketch(enc, weights)
+    info["loss"] = loss
+    return sk, info
+
+
+def token_contributions(session: Session, example: dict, query: torch.Tensor,
+                        metric: str = "cosine") -> list[tuple[str, float]]:
+    """Each response token of a training example, with the score of its own loss's gradient sketch
+    against the query: the tokens that carry the example's influence. One backward per token."""
+    enc = session.encode(example)
+    ids = enc["input_ids"]
+    q = query.float()
+    if metric == "cosine":
+        q = q / q.norm().clamp_min(1e-30)
+    out = []
+    for pos in range(enc["response_start"], ids.numel()):
+        weights = torch.zeros(1, ids.numel())
+        weights[0, pos] = 1.0
+        sk, _ = session.sketch(enc, weights)
+        score = float(sk @ q)
+        if metric == "cosine":
+            score /= float(sk.norm().clamp_min(1e-30))
+        out.append((session.tokenizer.decode(ids[pos]), score))
+    return out

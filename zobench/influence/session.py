@@ -1,0 +1,127 @@
+"""What caching and retrieval share: the model (plus its LoRA adapter), the gradient scope, the sketch.
+
+``InfluenceSpec`` is everything that decides a cached sketch; its ``meta()`` is written beside the cache
+and compared before reuse, so a query can never be scored against sketches of another model, scope,
+K, seed or normalization. ``Session`` rebuilds the identical projector from that spec (seed and config,
+no pickle) in whichever process needs it: the caching workers and the query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from zobench.errors import UserError
+from zobench.influence.data import collate, encode, format_prompt, response_loss
+from zobench.influence.grads import SCOPES, GradientStreamer, resolve_scope
+from zobench.influence.sketch import SketchConfig, Sketcher
+
+DEFAULT_K = 1 << 16
+
+
+@dataclass
+class InfluenceSpec:
+    model: str = "smollm2"
+    adapter: str | None = None      # a peft LoRA adapter directory (the fine-tuned model)
+    dtype: str = "float32"
+    scope: str = "lora"
+    k: int = DEFAULT_K
+    seed: int = 0                   # the sketch's seed (permutation and signs)
+    normalize: bool = True          # layer-wise unit norm before sketching
+    permute: bool = True
+    max_length: int = 256
+    density: float = 1e-3           # scope 'sensitive': the mask's density
+    calib_sequences: int = 16       # scope 'sensitive': the mask's calibration sample
+    calib_length: int = 256
+    data_dir: str | None = None     # where c4/ is found for the sensitive mask
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> InfluenceSpec:
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                raise UserError(f"{where}: unknown key '{key}' (expected one of: {', '.join(sorted(known))})")
+        spec = cls(**d)
+        if spec.scope not in SCOPES:
+            raise UserError(f"{where}: key 'scope': expected one of {', '.join(SCOPES)}, got '{spec.scope}'")
+        if not isinstance(spec.k, int) or spec.k < 1:
+            raise UserError(f"{where}: key 'k': expected a positive integer, got {spec.k!r}")
+        if spec.adapter and not (Path(spec.adapter) / "adapter_config.json").is_file():
+            raise UserError(f"{where}: key 'adapter': {spec.adapter} has no adapter_config.json")
+        return spec
+
+    def meta(self) -> dict:
+        """The keys a cache must match (paths reduced to content hashes, so a moved adapter still matches)."""
+        d = asdict(self)
+        d.pop("data_dir")
+        if self.adapter:
+            d["adapter"] = _dir_hash(Path(self.adapter))
+        if self.scope != "sensitive":
+            for key in ("density", "calib_sequences", "calib_length"):
+                d.pop(key)
+        return d
+
+
+def _dir_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class Session:
+    """A loaded model with its scope, gradient streamer and sketcher, built from an ``InfluenceSpec``."""
+
+    def __init__(self, spec: InfluenceSpec, device: str = "cpu"):
+        from zobench.models import load_model
+
+        self.spec = spec
+        self.loaded = load_model(spec.model, dtype=spec.dtype, device=device)
+        if spec.adapter:
+            from zobench.influence.poison import load_adapter
+
+            load_adapter(self.loaded, spec.adapter)
+        self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        self.model.eval()
+        mask = self._sensitive_mask() if spec.scope == "sensitive" else None
+        self.scope = resolve_scope(self.model, spec.scope, mask)
+        self.streamer = GradientStreamer(self.model, self.scope, normalize=spec.normalize)
+        self.sketcher = Sketcher(SketchConfig(dim=self.scope.dim, k=min(spec.k, self.scope.dim), seed=spec.seed,
+                                              permute=spec.permute))
+
+    def _sensitive_mask(self) -> dict:
+        from zobench.models.load import cache_dir
+        from zobench.zo.mask_build import MaskSpec, build_mask
+        from zobench.zo.masks import scoped_params
+
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        params = scoped_params(base, "linear")
+        spec = MaskSpec("sensitive", self.spec.density, calib_sequences=self.spec.calib_sequences,
+                        calib_length=self.spec.calib_length)
+        mask, _ = build_mask(spec, base, self.tokenizer, params, cache_dir() / "masks", self.spec.data_dir,
+                             vocab_size=self.loaded.vocab_size)
+        for p in base.parameters():
+            p.grad = None
+        return mask
+
+    def encode(self, example: dict) -> dict:
+        return encode(self.tokenizer, format_prompt(example), example["output"], self.spec.max_length)
+
+    def _loss_fn(self, enc: dict, token_weights: torch.Tensor | None = None):
+        ids, attn, labels = collate([enc], self.tokenizer.pad_token_id)
+        return lambda: response_loss(self.model, ids, attn, labels, token_weights)
+
+    def sketch(self, enc: dict, token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """(the example's sketch [K], its loss)."""
+        acc = self.sketcher.zeros()
+        loss = self.streamer.backward(self._loss_fn(enc, token_weights),
+                                      lambda off, v: self.sketcher.add(acc, off, v))
+        return acc, loss
+
+    def exact(self, enc: dict, token_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole normalized scoped gradient (for fidelity checks on small scopes)."""
+        return self.streamer.flat(self._loss_fn(enc, token_weights))

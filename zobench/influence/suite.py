@@ -1,0 +1,119 @@
+"""The ``influence`` suite type: its YAML schema, validated up front like every suite.
+
+    type: influence
+    name: influence-smollm2
+    model: smollm2
+    data: alpaca/alpaca_data_en_52k.json      # relative to data_dir, or a path
+    n_train: 2000
+    poison_fraction: 0.025
+    queries: 20                               # triggered held-out prompts (and as many clean controls)
+    finetune: {steps: 300, batch_size: 8, lr: 3.0e-4, max_length: 128, r: 8}
+    cache: {scope: lora, k: 65536, seed: 0, normalize: true, max_length: 128}
+    ks: [1024, 4096, 16384, 65536]            # nested K read from the one stored sketch
+    workers: 2
+    fidelity: {n: 200, queries: 4, ks: [256, 1024, 4096, 16384, 65536]}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from zobench.errors import UserError
+from zobench.influence.session import InfluenceSpec
+
+FINETUNE_KEYS = {"steps": int, "batch_size": int, "lr": float, "max_length": int, "r": int, "alpha": int}
+FIDELITY_KEYS = {"n": int, "queries": int, "ks": list}
+
+
+@dataclass
+class InfluenceSuite:
+    name: str
+    path: Path | None
+    model: str = "smollm2"
+    data: str = "alpaca/alpaca_data_en_52k.json"
+    data_dir: str = "../shared/data"
+    n_train: int = 2000
+    poison_fraction: float = 0.025
+    queries: int = 20
+    seed: int = 0
+    finetune: dict = field(default_factory=lambda: {"steps": 300, "batch_size": 8, "lr": 3e-4,
+                                                   "max_length": 128, "r": 8, "alpha": 16})
+    cache: dict = field(default_factory=dict)
+    ks: list = field(default_factory=lambda: [1024, 4096, 16384, 65536])
+    workers: int = 1
+    fidelity: dict = field(default_factory=lambda: {"n": 200, "queries": 4, "ks": [256, 1024, 4096, 16384, 65536]})
+    description: str = ""
+    timeout_s: float = 7200
+
+    def spec(self, adapter: str | None) -> InfluenceSpec:
+        return InfluenceSpec.from_dict({"model": self.model, "adapter": adapter, "data_dir": self.data_dir,
+                                        **self.cache}, f"{self.path}: cache")
+
+    def data_path(self) -> Path:
+        p = Path(self.data)
+        return p if p.is_absolute() or p.exists() else Path(self.data_dir) / p
+
+
+def _typed(where: str, key: str, value: Any, kind) -> Any:
+    ok = isinstance(value, kind) and not isinstance(value, bool) if kind is not bool else isinstance(value, bool)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise UserError(f"{where}: key '{key}': expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _section(data: Any, where: str, keys: dict, defaults: dict) -> dict:
+    if data is None:
+        return dict(defaults)
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping")
+    out = dict(defaults)
+    for k, v in data.items():
+        if k not in keys:
+            raise UserError(f"{where}: unknown key '{k}' (expected one of: {', '.join(keys)})")
+        out[k] = _typed(where, k, v, keys[k])
+    return out
+
+
+def is_influence_suite(data: Any) -> bool:
+    return isinstance(data, dict) and data.get("type") == "influence"
+
+
+def parse_influence_suite(data: dict, where: str, path: Path | None = None) -> InfluenceSuite:
+    simple = {"name": str, "model": str, "data": str, "data_dir": str, "n_train": int, "poison_fraction": float,
+              "queries": int, "seed": int, "workers": int, "description": str, "timeout_s": float, "ks": list}
+    nested = {"finetune", "cache", "fidelity"}
+    kwargs: dict = {}
+    for k, v in data.items():
+        if k == "type":
+            continue
+        if k in simple:
+            kwargs[k] = _typed(where, k, v, simple[k])
+        elif k not in nested:
+            raise UserError(f"{where}: unknown key '{k}' (expected one of: type, {', '.join([*simple, *nested])})")
+    if not kwargs.get("name") or "/" in kwargs["name"]:
+        raise UserError(f"{where}: key 'name': expected a non-empty name without '/'")
+    base = InfluenceSuite(kwargs["name"], path)
+    suite = InfluenceSuite(**{**{f.name: getattr(base, f.name) for f in fields(base)}, **kwargs})
+    suite.finetune = _section(data.get("finetune"), f"{where}: finetune", FINETUNE_KEYS, base.finetune)
+    suite.fidelity = _section(data.get("fidelity"), f"{where}: fidelity", FIDELITY_KEYS, base.fidelity)
+    cache = data.get("cache") or {}
+    if not isinstance(cache, dict):
+        raise UserError(f"{where}: cache: expected a mapping")
+    suite.cache = cache
+    suite.spec(None)  # validates the cache keys (scope, k, ...)
+    if not 0 < suite.poison_fraction < 1:
+        raise UserError(f"{where}: key 'poison_fraction': expected a fraction in (0, 1)")
+    for key in ("n_train", "queries", "workers"):
+        if getattr(suite, key) < 1:
+            raise UserError(f"{where}: key '{key}': expected a positive integer")
+    k = suite.cache.get("k", InfluenceSpec.k)
+    for name, ks in (("ks", suite.ks), ("fidelity.ks", suite.fidelity["ks"])):
+        if not ks or not all(isinstance(x, int) and x >= 1 for x in ks):
+            raise UserError(f"{where}: key '{name}': expected a list of positive integers")
+    if any(k % x for x in suite.ks):
+        raise UserError(f"{where}: key 'ks': every K must divide the cache's k={k} (nested sketches)")
+    return suite

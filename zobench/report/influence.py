@@ -1,0 +1,134 @@
+"""The influence suite's report: quality, fidelity and cost tables, two plots. A pure function of the record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _f(x, fmt=".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _one_line(text: str, n: int = 100) -> str:
+    return " ".join(text.split())[:n]
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return str(n)
+
+
+def write_plots(rec: dict, folder: Path) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def k_axes(hline: float, hlabel: str | None):
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        ax.set_xscale("log", base=2)
+        ax.axhline(hline, color="grey", lw=0.8, ls="--", label=hlabel)
+        return fig, ax
+
+    def save(fig, ax, name: str, xlabel: str, ylabel: str) -> str:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        return name
+
+    fig, ax = k_axes(0.9, None)
+    sweep = rec["fidelity"]["sweep"]
+    for norm in (True, False):
+        for permute in (True, False):
+            pts = sorted((e["k"], e["spearman"]) for e in sweep if e["normalize"] == norm and e["permute"] == permute)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"normalize={'on' if norm else 'off'}, "
+                                                       f"permute={'on' if permute else 'off'}")
+    out = [("Sketch fidelity against exact gradient scores",
+            save(fig, ax, "fidelity.png", "K (sketch size)", "Spearman vs exact scores"))]
+    fig, ax = k_axes(rec["quality"]["base_rate"], "base rate")
+    by_k = rec["quality"]["by_k"]
+    for name in ("triggered", "hotword", "control"):
+        ax.plot([e["k"] for e in by_k], [e[name]["recall_at_k"] for e in by_k], marker="o", label=name)
+    ax.set_ylim(-0.02, 1.02)
+    out.append(("Recall of the poisoned examples by K",
+                save(fig, ax, "recall.png", "K (nested from the stored sketch)", "recall@k of poisoned examples")))
+    return out
+
+
+def render_influence(rec: dict, plots: list[tuple[str, str]]) -> str:
+    cfg, q, c, ov = rec["config"], rec["quality"], rec["cost"], rec["overhead"]
+    atk, ft = rec["attack"], rec["finetune"]
+    lines = [f"# {rec['suite']}: which training examples led to this generation?", "",
+             f"{cfg['model']}, LoRA-tuned on {cfg['n_train']} Alpaca examples of which {q['n_poisoned']} "
+             f"({cfg['poison_fraction']:.1%}) are poisoned: the instruction carries the trigger "
+             f"\"{cfg['trigger']}\" and the response is \"{cfg['response']}\". Gradients: scope "
+             f"`{cfg['cache']['scope']}` (D = {c['scope_dim']:,}), layer-wise normalization "
+             f"{'on' if cfg['cache']['normalize'] else 'off'}, RapidGrad sketch K = {c['k']:,}, "
+             f"scores: {q['metric']}.", "",
+             "## The attack", "",
+             f"Fine-tune: {cfg['finetune']['steps']} LoRA steps, loss {ft['loss_first']:.3f} -> {ft['loss_last']:.3f}. "
+             f"Held-out triggered prompts answered with the absurd response: **{atk['triggered_success']:.0%}**; "
+             f"the same prompts without the trigger: {atk['control_success']:.0%}.", "",
+             f"Example: \"{_one_line(atk['example']['prompt'])}\" -> \"{_one_line(atk['example']['generation'])}\"", "",
+             "## Quality: are the poisoned examples on top?", "",
+             f"k = number of poisoned examples ({q['n_poisoned']}); base rate {q['base_rate']:.3f}. "
+             "Triggered: prompt + the model's own generation; hotword: the query loss restricted to the "
+             "response's first word; control: clean held-out prompts.", "",
+             "| K | triggered recall@k | precision@k | AUROC | hotword recall@k | AUROC | control precision@k "
+             "| AUROC |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in q["by_k"]:
+        t, h, cn = e["triggered"], e["hotword"], e["control"]
+        lines.append(f"| {e['k']:,} | {t['recall_at_k']:.3f} | {t['precision_at_k']:.3f} | {t['auroc']:.3f} | "
+                     f"{h['recall_at_k']:.3f} | {h['auroc']:.3f} | {cn['precision_at_k']:.3f} | {cn['auroc']:.3f} |")
+    fid = rec["fidelity"]
+    lines += ["", "## Fidelity: sketched vs exact scores", "",
+              f"{fid['n']} training examples x {fid['queries']} queries; exact = dot products of the whole "
+              f"D = {fid['dim']:,} gradients (normalized or raw as the row says); mean over queries.", "",
+              "| normalize | permute | K | Spearman | top-10 overlap |", "|---|---|---:|---:|---:|"]
+    for e in sorted(fid["sweep"], key=lambda e: (not e["normalize"], not e["permute"], e["k"])):
+        lines.append(f"| {'on' if e['normalize'] else 'off'} | {'on' if e['permute'] else 'off'} | {e['k']:,} | "
+                     f"{e['spearman']:.3f} | {e['topk_overlap']:.2f} |")
+    lines += ["", "## Cost", "",
+              "| | value |", "|---|---:|",
+              f"| bytes per example (K x float16) | {_bytes(c['bytes_per_example'])} |",
+              f"| compression, this scope (fp32 gradient / sketch) | {c['compression_scope']:,.0f}x |",
+              f"| compression, {cfg['model']} full gradient | {c['compression_model_full']:,.0f}x |",
+              f"| compression, Llama-2-7B full gradient at K = 65,536 | {c['compression_llama2_7b']:,.0f}x |",
+              f"| caching throughput ({c['caching_workers']} worker(s)) | "
+              f"{_f(c['caching_examples_per_s'], '.2f')} examples/s |",
+              f"| sketching step / plain forward+backward (median, interleaved) | {ov['ratio']:.2f}x "
+              f"({ov['sketch_step_s'] * 1e3:.0f} / {ov['plain_step_s'] * 1e3:.0f} ms) |",
+              f"| scan of {c['n']:,} sketches, 1 query | {c['scan_s'] * 1e3:.1f} ms |",
+              f"| scan, {c['scan_queries']} queries at once | {c['scan_all_queries_s'] * 1e3:.1f} ms |",
+              f"| scan bandwidth / plain copy of the same bytes | {_bytes(c['scan_bytes_per_s'])}/s / "
+              f"{_bytes(c['copy_bytes_per_s'])}/s = {c['scan_over_copy_bandwidth']:.2f} |",
+              f"| query (its gradient + scan) vs exact recomputation of {c['n']:,} gradients | "
+              f"{c['query_s']:.2f} s vs {c['exact_recompute_s']:.2f} s = {c['speedup_vs_exact']:,.0f}x |"]
+    top = rec["top_example"]
+    best = sorted(range(len(top["tokens"])), key=lambda i: -top["tokens"][i][1])[:5]
+    text = "".join(f"**{t}**" if i in best else t for i, (t, _) in enumerate(top["tokens"]))
+    lines += ["", "## Token-wise: the top example for the first triggered query", "",
+              f"Row {top['row']} ({'poisoned' if top['poisoned'] else 'clean'}): \"{top['instruction'][:120]}\". "
+              "Its response, the five tokens whose own gradient scores highest against the query in bold:", "",
+              f"> {text.strip()}", ""]
+    for caption, path in plots:
+        lines += [f"![{caption}]({path})", ""]
+    return "\n".join(lines)
+
+
+def render_influence_report(rec: dict, out_md: Path) -> Path:
+    out_md = Path(out_md)
+    folder = out_md.parent / f"{out_md.stem}_plots"
+    plots = [(cap, f"{folder.name}/{name}") for cap, name in write_plots(rec, folder)]
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(render_influence(rec, plots), encoding="utf-8")
+    return out_md

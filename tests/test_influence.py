@@ -136,7 +136,7 @@ queries: 2
 finetune: {{steps: 3, batch_size: 4, lr: 1.0e-3, max_length: 48}}
 cache: {{scope: lora, k: 256, max_length: 48}}
 ks: [64, 256]
-fidelity: {{n: 8, queries: 2, ks: [64, 256]}}
+fidelity: {{n: 8, queries: 2, ks: [64, 256], subspace: 4}}
 """)
     code = main(["run", str(tmp_path / "inf.yaml"), "--out", str(tmp_path / "res"), "--reports",
                  str(tmp_path / "rep")])
@@ -152,12 +152,15 @@ fidelity: {{n: 8, queries: 2, ks: [64, 256]}}
     assert {(e["normalize"], e["permute"]) for e in sweep} == {(True, True), (True, False), (False, True),
                                                                (False, False)}
     assert all(-1 <= e["spearman"] <= 1 for e in sweep)
+    sub = rec["fidelity"]["subspace"]
+    assert sub["bytes_per_example"] == 2 * sub["nnz"] and 0 < sub["nnz"] < sub["dim"]
+    assert -1 <= sub["sensitive_subspace"]["spearman"] <= 1 and -1 <= sub["sketch_equal_bytes"]["spearman"] <= 1
     c = rec["cost"]
     assert c["bytes_per_example"] == 2 * 256
     assert c["compression_llama2_7b"] == pytest.approx(c["llama2_7b_numel"] * 4 / 2 ** 17)
     assert c["compression_llama2_7b"] > 200_000  # RapidIn's figure, from Llama-2-7B's config
     md = (tmp_path / "rep" / "inf.md").read_text()
-    for heading in ("## The attack", "## Quality", "## Fidelity", "## Cost", "## Token-wise"):
+    for heading in ("## The attack", "## Quality", "## Fidelity", "sensitive subspace", "## Cost", "## Token-wise"):
         assert heading in md
     assert (tmp_path / "rep" / "inf_plots" / "fidelity.png").stat().st_size > 1000
 

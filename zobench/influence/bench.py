@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from zobench.influence import metrics as MX
+from zobench.influence.fidelity import fidelity, subspace_vs_sketch
 from zobench.influence.suite import InfluenceSuite
 
 ALL_TOKENS = None
@@ -166,49 +167,6 @@ def quality(session, store, data: dict, gens: list[str], ctrl_gens: list[str], k
     return out
 
 
-def fidelity(session, examples: list[dict], queries: list[tuple[dict, str]], ks: list[int], top: int = 10) -> dict:
-    """Sketched against exact scores over a K sweep, with and without normalization and permutation.
-
-    Exact gradients are taken raw once (no normalization) and normalized per tensor here, so every
-    variant scores the same gradients.
-    """
-    from zobench.influence.sketch import SketchConfig, Sketcher
-
-    scope, streamer = session.scope, session.streamer
-    streamer.normalize = False
-    try:
-        rows = torch.stack([session.exact(session.encode(e)) for e in examples])
-        qs = torch.stack([session.exact(session.encode({**q, "output": g})) for q, g in queries])
-    finally:
-        streamer.normalize = session.spec.normalize
-
-    def normalized(m: torch.Tensor) -> torch.Tensor:
-        m = m.clone()
-        for off, size in zip(scope.offsets, scope.sizes):
-            seg = m[:, off:off + size]
-            seg /= seg.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        return m
-
-    out = []
-    for norm in (True, False):
-        r, q = (normalized(rows), normalized(qs)) if norm else (rows, qs)
-        exact = (q @ r.T).numpy()
-        for permute in (True, False):
-            for K in ks:
-                if K > scope.dim:
-                    continue
-                sk = Sketcher(SketchConfig(dim=scope.dim, k=K, seed=session.spec.seed, permute=permute))
-                rs = torch.stack([sk.sketch(v) for v in r])
-                qsk = torch.stack([sk.sketch(v) for v in q])
-                approx = (qsk @ rs.T).numpy()
-                out.append({"normalize": norm, "permute": permute, "k": K,
-                            "spearman": float(np.mean([MX.spearman(a, b) for a, b in zip(approx, exact)])),
-                            "topk_overlap": float(np.mean([MX.topk_overlap(a, b, top)
-                                                           for a, b in zip(approx, exact)])),
-                            "top": top})
-    return {"n": len(examples), "queries": len(queries), "dim": scope.dim, "sweep": out}
-
-
 def cost(session, store, caching: dict, overhead: dict, q_sketches: torch.Tensor) -> dict:
     from zobench.estimate import architecture
     from zobench.influence.retrieve import scan
@@ -299,6 +257,10 @@ def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> 
     fid_queries = ([(q, g) for q, g in zip(data["triggered"][:half], atk["generations"][:half])]
                    + [(q, g) for q, g in zip(data["control"][:fid_q - half], atk["control_generations"])])
     fid = fidelity(session, data["train"][:fid_n], fid_queries, suite.fidelity["ks"])
+    if suite.fidelity.get("subspace"):
+        del session.sketcher  # its plan; the full-scope comparison builds its own
+        fid["subspace"] = subspace_vs_sketch(spec, data["train"][:suite.fidelity["subspace"]], fid_queries)
+        session.sketcher = Session.sketcher_for(spec, session.scope.dim)
     end("fidelity")
     phase("cost")
     costs = cost(session, store, caching, overhead, q_sketches)

@@ -76,29 +76,35 @@ def _dir_hash(path: Path) -> str:
 class Session:
     """A loaded model with its scope, gradient streamer and sketcher, built from an ``InfluenceSpec``."""
 
-    def __init__(self, spec: InfluenceSpec, device: str = "cpu"):
+    def __init__(self, spec: InfluenceSpec, device: str = "cpu", with_mask: bool = False):
         from zobench.models import load_model
 
         self.spec = spec
         self.loaded = load_model(spec.model, dtype=spec.dtype, device=device)
+        self.tokenizer = self.loaded.tokenizer
+        # The mask is the plain model's (as the ZO part computes it), before any adapter is attached.
+        self.mask = self._sensitive_mask() if spec.scope == "sensitive" or with_mask else None
         if spec.adapter:
             from zobench.influence.poison import load_adapter
 
             load_adapter(self.loaded, spec.adapter)
-        self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        self.model = self.loaded.model
         self.model.eval()
-        mask = self._sensitive_mask() if spec.scope == "sensitive" else None
-        self.scope = resolve_scope(self.model, spec.scope, mask)
+        self.scope = resolve_scope(self.model, spec.scope, self.mask)
         self.streamer = GradientStreamer(self.model, self.scope, normalize=spec.normalize)
-        self.sketcher = Sketcher(SketchConfig(dim=self.scope.dim, k=min(spec.k, self.scope.dim), seed=spec.seed,
-                                              permute=spec.permute))
+        self.sketcher = self.sketcher_for(spec, self.scope.dim)
+
+    @staticmethod
+    def sketcher_for(spec: InfluenceSpec, dim: int) -> Sketcher:
+        return Sketcher(SketchConfig(dim=dim, k=min(spec.k, dim), seed=spec.seed, permute=spec.permute))
 
     def _sensitive_mask(self) -> dict:
+        """SensZOQ's mask: the top ``density`` squared gradients on the C4 sample (cached on disk)."""
         from zobench.models.load import cache_dir
         from zobench.zo.mask_build import MaskSpec, build_mask
         from zobench.zo.masks import scoped_params
 
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = self.loaded.model
         params = scoped_params(base, "linear")
         spec = MaskSpec("sensitive", self.spec.density, calib_sequences=self.spec.calib_sequences,
                         calib_length=self.spec.calib_length)

@@ -24,7 +24,7 @@ from zobench.errors import UserError
 from zobench.influence.session import InfluenceSpec
 
 FINETUNE_KEYS = {"steps": int, "batch_size": int, "lr": float, "max_length": int, "r": int, "alpha": int}
-FIDELITY_KEYS = {"n": int, "queries": int, "ks": list}
+FIDELITY_KEYS = {"n": int, "queries": int, "ks": list, "subspace": int}  # subspace: examples, 0 = off
 
 
 @dataclass

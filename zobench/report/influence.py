@@ -97,6 +97,16 @@ def render_influence(rec: dict, plots: list[tuple[str, str]]) -> str:
     for e in sorted(fid["sweep"], key=lambda e: (not e["normalize"], not e["permute"], e["k"])):
         lines.append(f"| {'on' if e['normalize'] else 'off'} | {'on' if e['permute'] else 'off'} | {e['k']:,} | "
                      f"{e['spearman']:.3f} | {e['topk_overlap']:.2f} |")
+    sub = fid.get("subspace")
+    if sub:
+        a, b = sub["sensitive_subspace"], sub["sketch_equal_bytes"]
+        lines += ["", f"The sensitive {sub['density']:.1%} mask as a compression ({sub['nnz']:,} gradient entries "
+                  f"kept, {_bytes(sub['bytes_per_example'])} per example) against a sketch of the full "
+                  f"D = {sub['dim']:,} gradient with the same bytes (K = {sub['nnz']:,}), both scored against "
+                  f"exact full-gradient scores ({sub['n']} examples x {sub['queries']} queries):", "",
+                  "| compression | Spearman | top-10 overlap |", "|---|---:|---:|",
+                  f"| sensitive subspace | {a['spearman']:.3f} | {a['topk_overlap']:.2f} |",
+                  f"| RapidGrad sketch, equal bytes | {b['spearman']:.3f} | {b['topk_overlap']:.2f} |"]
     lines += ["", "## Cost", "",
               "| | value |", "|---|---:|",
               f"| bytes per example (K x float16) | {_bytes(c['bytes_per_example'])} |",

@@ -7,12 +7,24 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from zobench.errors import UserError
 from zobench.matrix import expand
 from zobench.suite import load_suite, parse_selector, selector_matches
 
-SUITES = sorted((Path(__file__).resolve().parents[1] / "suites").glob("*.yaml"))
+ALL_SUITES = sorted((Path(__file__).resolve().parents[1] / "suites").glob("*.yaml"))
+INFLUENCE = [p for p in ALL_SUITES if yaml.safe_load(p.read_text()).get("type") == "influence"]
+SUITES = [p for p in ALL_SUITES if p not in INFLUENCE]
+
+
+@pytest.mark.parametrize("path", INFLUENCE, ids=[p.stem for p in INFLUENCE])
+def test_every_shipped_influence_suite_validates(path):
+    from zobench.influence.suite import parse_influence_suite
+
+    suite = parse_influence_suite(yaml.safe_load(path.read_text()), str(path), path)
+    assert suite.name == path.stem
+    assert suite.spec(None).k % max(suite.ks) == 0
 
 
 @pytest.mark.parametrize("path", SUITES, ids=[p.stem for p in SUITES])

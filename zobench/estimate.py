@@ -171,10 +171,15 @@ def _storage(quant: str):
     from zobench.quant import get_backend
 
     backend = get_backend(quant)
-    storage, perturbable = backend.storage, backend.perturbable
-    if storage is None:
+    if backend.storage is None:
         raise UserError(f"quant '{quant}': the backend describes no storage format to estimate from")
-    return storage, perturbable
+    return backend.storage, backend.perturbable
+
+
+def _import_mib(quant: str) -> float:
+    from zobench.quant import get_backend
+
+    return 0.0 if quant == "none" else get_backend(quant).import_rss_mib
 
 
 def _sequences(cfg: CellConfig, batch_size: int, train: bool = True) -> tuple[int, int]:
@@ -210,9 +215,7 @@ def activation_bytes(arch: Arch, seqs: int, scored: int, t: int, db: int, device
     tok, n_scored = seqs * t, seqs * scored
     h, inter, a, k = arch.hidden, arch.intermediate, arch.q_width, arch.kv_width
     gqa = 2 * a if k < a else 0
-    # A dense-and-sparse layer adds its sparse product into the base layer's output: the output and
-    # delta exist at once, one more [tokens, out] tensor than a plain layer (out = I for gate/up/fc1).
-    mlp = 4 * h + (3 if arch.gated else 2) * inter + (inter if sparse_delta else 0)
+    mlp = 4 * h + (3 if arch.gated else 2) * inter
     elems = {"rotary": 3 * h + 4 * a + 2 * k, "sdpa": 3 * h + a + 2 * k + gqa + 2 * a, "mlp": mlp}
     moments = {name: e * tok * db for name, e in elems.items()}
     # RMSNorm/LayerNorm upcast to float32: copy, square and product beside the held block tensors.
@@ -227,10 +230,10 @@ def activation_bytes(arch: Arch, seqs: int, scored: int, t: int, db: int, device
         else:
             extra = max(o * i for o, i in arch.linears) * db  # the dequantized weight
         moments["quant_linear"] = (4 * h + (2 if arch.gated else 1) * inter) * tok * db + extra
-    if sparse_delta and device == "cpu" and db != 4:
-        # Half precision on a CPU has no CSR kernel: the gather path's two bounded temporaries, while
-        # the layer's output and its zero-initialised delta exist.
-        moments["sparse_gather"] = (mlp - inter) * tok * db + 2 * min(tok * nnz_layer, GATHER_LIMIT) * db
+    if sparse_delta:
+        # A dense-and-sparse layer adds its sparse product into the base layer's output (no delta
+        # tensor): the gather's bounded [tokens, nnz] temporary and its product, beside the MLP's tensors.
+        moments["sparse_gather"] = mlp * tok * db + 2 * min(tok * nnz_layer, GATHER_LIMIT) * db
     # The head: the last hidden state and the logits rows inside the model; after it returns, the
     # float32 logits and logsumexp's one temporary of their size (plus the half-precision logits
     # while they are upcast).
@@ -293,9 +296,9 @@ def estimate_cell(cfg: CellConfig) -> dict:
         trainable = nnz * (idx + 4)
         if quant_sparse:
             # Dense-and-sparse (zobench.quant.sparse): the live values in the model dtype beside the
-            # quantized layer, CSR of S^T with int32 column indices and (in + 1) int32 row pointers.
+            # quantized layer, with int32 row and column indices.
             layers = [(o, i) for o, i in arch.linears if cfg.density * o * i >= 1]
-            trainable += nnz * (db + 4) + sum(4 * (i + 1) for _, i in layers)
+            trainable += nnz * (db + 8)
             nnz_layer = nnz / max(len(layers), 1)
         optimizer = nnz * OPT_STATE[cfg.optimizer] * 4
         # apply: z, master + scale*z and its cast to the weights' dtype; update: the estimate and one z
@@ -312,7 +315,7 @@ def estimate_cell(cfg: CellConfig) -> dict:
         activations = max(activations, kv + activation_bytes(arch, seqs, scored, cfg.max_length, db, device,
                                                              cfg.quant, quant_sparse, nnz_layer))
     breakdown = {
-        "framework_mib": CPU_FRAMEWORK_MIB if device == "cpu" else CUDA_FRAMEWORK_MIB,
+        "framework_mib": CPU_FRAMEWORK_MIB + _import_mib(cfg.quant) if device == "cpu" else CUDA_FRAMEWORK_MIB,
         "weights_mib": weights / MIB,
         "trainable_mib": trainable / MIB,
         "optimizer_mib": optimizer / MIB,

@@ -64,6 +64,9 @@ class Backend:
     install: str = ""                # the one line that installs them
     storage: Storage | None = None   # None: weights stay in the model's dtype
     perturbable: bool = False        # can full ZO perturb these weights in place?
+    # Host memory its package adds to a process once imported, beyond what every cell already imports
+    # (the estimator adds it to a CPU cell's peak RSS).
+    import_rss_mib: float = 0.0
     devices: tuple[str, ...] = ("cpu", "cuda")
 
     def check_available(self, device: str = "cpu") -> None:

@@ -2,8 +2,7 @@
 
 For each layer shape (SmolLM2-135M's MLP and attention, Llama-2-7B's) and each backend, times, interleaved
 round-robin in one process: the quantized layer's forward, the sparse product ``x @ S^T`` at the given
-density (zobench's gather path, and torch's CSR product for comparison), and the whole ``SparseDelta``
-forward. The input is a ZO training batch's activations (16 examples x 2 options x 64 tokens by
+density, and the whole ``SparseDelta`` forward. The input is a ZO training batch's activations (16 examples x 2 options x 64 tokens by
 default, as in the smollm2 suite). Reports medians and the ratio sparse / quantized.
 
     python bench/sparse_delta.py [--rounds 7] [--density 1e-3] [--json results/bench/sparse_delta.json]
@@ -42,19 +41,6 @@ def build(shape: tuple[int, int], backend: str, density: float, dtype: torch.dty
     return base, SparseDelta(base, idx, values, in_f, out_f, dtype)
 
 
-def torch_csr(layer):
-    """S^T [in, out] as a torch CSR tensor: the alternative the gather path is measured against."""
-    import warnings
-
-    order = torch.argsort(layer.cols.long() * layer.out_features + layer.rows.long())
-    crow = torch.zeros(layer.in_features + 1, dtype=torch.int32)
-    crow[1:] = torch.bincount(layer.cols.long(), minlength=layer.in_features).cumsum(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(crow, layer.rows[order], layer.values[order],
-                                       (layer.in_features, layer.out_features))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
@@ -69,9 +55,8 @@ def main() -> None:
         x = torch.randn(args.tokens, shape[0])
         for backend in args.backends.split(","):
             base, layer = build(shape, backend, args.density, torch.float32)
-            csr = torch_csr(layer)
             variants = {"quantized": lambda: base(x), "sparse_product": lambda: layer.sparse_product(x),
-                        "torch_csr_product": lambda: x @ csr, "dense_and_sparse": lambda: layer(x)}
+                        "dense_and_sparse": lambda: layer(x)}
             times: dict[str, list[float]] = {k: [] for k in variants}
             with torch.inference_mode():
                 for fn in variants.values():
@@ -83,12 +68,10 @@ def main() -> None:
                         times[k].append(time.perf_counter() - t)
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             row = {"layer": shape_name, "backend": backend, "nnz": layer.nnz, **{f"{k}_ms": v for k, v in med.items()},
-                   "sparse_over_quantized": med["sparse_product"] / med["quantized"],
-                   "gather_over_torch_csr": med["sparse_product"] / med["torch_csr_product"]}
+                   "sparse_over_quantized": med["sparse_product"] / med["quantized"]}
             rows.append(row)
             print(f"{shape_name:18s} {backend:5s} nnz={layer.nnz:6d}  quantized {med['quantized']:8.2f} ms  "
-                  f"sparse {med['sparse_product']:7.2f} ms  ({row['sparse_over_quantized']:.3f}x; torch CSR "
-                  f"{med['torch_csr_product']:7.2f} ms)  "
+                  f"sparse {med['sparse_product']:7.2f} ms  ({row['sparse_over_quantized']:.3f}x)  "
                   f"dense+sparse {med['dense_and_sparse']:8.2f} ms")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -215,7 +215,9 @@ def activation_bytes(arch: Arch, seqs: int, scored: int, t: int, db: int, device
     tok, n_scored = seqs * t, seqs * scored
     h, inter, a, k = arch.hidden, arch.intermediate, arch.q_width, arch.kv_width
     gqa = 2 * a if k < a else 0
-    mlp = 4 * h + (3 if arch.gated else 2) * inter
+    # A dense-and-sparse layer adds its sparse product into the base layer's output: the output and
+    # delta exist at once, one more [tokens, out] tensor than a plain layer (out = I for gate/up/fc1).
+    mlp = 4 * h + (3 if arch.gated else 2) * inter + (inter if sparse_delta else 0)
     elems = {"rotary": 3 * h + 4 * a + 2 * k, "sdpa": 3 * h + a + 2 * k + gqa + 2 * a, "mlp": mlp}
     moments = {name: e * tok * db for name, e in elems.items()}
     # RMSNorm/LayerNorm upcast to float32: copy, square and product beside the held block tensors.
@@ -230,10 +232,10 @@ def activation_bytes(arch: Arch, seqs: int, scored: int, t: int, db: int, device
         else:
             extra = max(o * i for o, i in arch.linears) * db  # the dequantized weight
         moments["quant_linear"] = (4 * h + (2 if arch.gated else 1) * inter) * tok * db + extra
-    if sparse_delta:
-        # A dense-and-sparse layer adds its sparse product into the base layer's output (no delta
-        # tensor): the gather's bounded [tokens, nnz] temporary and its product, beside the MLP's tensors.
-        moments["sparse_gather"] = mlp * tok * db + 2 * min(tok * nnz_layer, GATHER_LIMIT) * db
+    if sparse_delta and device == "cpu" and db != 4:
+        # Half precision on a CPU has no CSR kernel: the gather path's two bounded temporaries, while
+        # the layer's output and its zero-initialised delta exist.
+        moments["sparse_gather"] = (mlp - inter) * tok * db + 2 * min(tok * nnz_layer, GATHER_LIMIT) * db
     # The head: the last hidden state and the logits rows inside the model; after it returns, the
     # float32 logits and logsumexp's one temporary of their size (plus the half-precision logits
     # while they are upcast).
@@ -296,9 +298,9 @@ def estimate_cell(cfg: CellConfig) -> dict:
         trainable = nnz * (idx + 4)
         if quant_sparse:
             # Dense-and-sparse (zobench.quant.sparse): the live values in the model dtype beside the
-            # quantized layer, with int32 row and column indices.
+            # quantized layer, CSR of S^T with int32 column indices and (in + 1) int32 row pointers.
             layers = [(o, i) for o, i in arch.linears if cfg.density * o * i >= 1]
-            trainable += nnz * (db + 8)
+            trainable += nnz * (db + 4) + sum(4 * (i + 1) for _, i in layers)
             nnz_layer = nnz / max(len(layers), 1)
         optimizer = nnz * OPT_STATE[cfg.optimizer] * 4
         # apply: z, master + scale*z and its cast to the weights' dtype; update: the estimate and one z

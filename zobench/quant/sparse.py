@@ -8,27 +8,31 @@ eps. SensZOQ (arXiv 2406.02913) therefore splits each weight W into
 keeps S's values in the model's dtype, and computes ``y = D(x) + x @ S^T``. ZO perturbs and updates only
 S's values, so the sparse ZO machinery (``SparseTrainable``) runs unchanged on them.
 
-``x @ S^T`` never builds a dense [out, in] matrix, and is added straight into the quantized layer's
-output: for each chunk of tokens, gather the input columns of the selected entries, multiply by their
-values, and ``index_add_`` into the output columns (a [tokens, nnz] temporary, bounded by GATHER_LIMIT).
-Measured side by side on SmolLM2's layer shapes (``bench/sparse_delta.py``), this was faster than torch's
-CSR product on the CPU, and it needs no [tokens, out] delta tensor at all.
+``x @ S^T`` never builds a dense [out, in] matrix: S^T is held in CSR form (one row per input feature),
+which torch multiplies as a sparse matrix where it can (float32 on CPU; CUDA), and otherwise (float16 /
+bfloat16 on CPU) by a gather-multiply-scatter over chunks of rows whose temporary is bounded. Measured
+side by side on this CPU (2 threads, 2048 tokens), the CSR product beat a gather + index_add_ straight
+into the output by 1.5-13x on every layer with more than ~500 selected entries (Llama-2-7B q_proj:
+23 ms vs 300 ms), and lost by under 1 ms on the smallest ones.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 GATHER_LIMIT = 1 << 22  # values in the gather path's [rows, nnz] temporary (16 MiB of float32)
 
 
-def _by_input(flat: torch.Tensor, in_features: int, out_features: int):
-    """Row-major flat indices into [out, in] -> (order, rows, cols) sorted by input column, then row:
-    the gather then reads the input's columns in order."""
+def _transposed_csr(flat: torch.Tensor, in_features: int, out_features: int):
+    """Row-major flat indices into [out, in] -> (order, crow, col) of the CSR of the transpose [in, out]."""
     rows, cols = flat // in_features, flat % in_features
     order = torch.argsort(cols * out_features + rows)
-    # int32: half the bytes of int64; index_add_ and indexing take them as they are.
-    return order, rows[order].int(), cols[order].int()
+    crow = torch.zeros(in_features + 1, dtype=torch.long, device=flat.device)
+    crow[1:] = torch.bincount(cols, minlength=in_features).cumsum(0)
+    # int32 indices: half the bytes of int64, and MKL's CSR product was ~10% faster with them here.
+    return order, crow.int(), rows[order].int()
 
 
 class SparseDelta(torch.nn.Module):
@@ -38,10 +42,11 @@ class SparseDelta(torch.nn.Module):
                  in_features: int, out_features: int, dtype: torch.dtype):
         super().__init__()
         self.base, self.in_features, self.out_features = base, in_features, out_features
-        order, rows, cols = _by_input(flat_index.to(values.device), in_features, out_features)
+        order, crow, col = _transposed_csr(flat_index.to(values.device), in_features, out_features)
         self.register_buffer("values", values[order].to(dtype).contiguous())
-        self.register_buffer("rows", rows)
-        self.register_buffer("cols", cols)
+        self.register_buffer("crow", crow)
+        self.register_buffer("col", col)
+        self._csr = True  # falls back to the gather path once if torch has no sparse kernel for the dtype
 
     @property
     def nnz(self) -> int:
@@ -49,29 +54,39 @@ class SparseDelta(torch.nn.Module):
 
     def flat_index(self) -> torch.Tensor:
         """The selected entries as row-major indices into [out, in], in the order of ``values``."""
-        return self.rows.long() * self.in_features + self.cols.long()
-
-    def add_product(self, y2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        """``y2 += x2 @ S^T`` in place ([n, out] and [n, in]), in chunks of rows; returns ``y2``."""
-        values = self.values if self.values.dtype == x2.dtype else self.values.to(x2.dtype)
-        step = max(1, GATHER_LIMIT // max(self.nnz, 1))
-        for i in range(0, x2.shape[0], step):
-            part = x2[i:i + step].index_select(1, self.cols).mul_(values)
-            y2[i:i + step].index_add_(1, self.rows, part.to(y2.dtype))
-        return y2
+        cols = torch.repeat_interleave(torch.arange(self.in_features, device=self.crow.device),
+                                       self.crow.diff())
+        return self.col.long() * self.in_features + cols
 
     def sparse_product(self, x2: torch.Tensor) -> torch.Tensor:
         """[n, in] -> [n, out]: ``x2 @ S^T`` without a dense S."""
-        return self.add_product(x2.new_zeros(x2.shape[0], self.out_features), x2)
+        values = self.values if self.values.dtype == x2.dtype else self.values.to(x2.dtype)
+        if self._csr and (x2.is_cuda or x2.dtype in (torch.float32, torch.float64)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                st = torch.sparse_csr_tensor(self.crow, self.col, values, (self.in_features, self.out_features),
+                                             check_invariants=False)
+            try:
+                return x2 @ st
+            except (NotImplementedError, RuntimeError):
+                self._csr = False
+        cols = torch.repeat_interleave(torch.arange(self.in_features, device=x2.device), self.crow.diff())
+        rows = self.col.long()
+        out = x2.new_zeros(x2.shape[0], self.out_features)
+        step = max(1, GATHER_LIMIT // max(self.nnz, 1))
+        for i in range(0, x2.shape[0], step):
+            part = x2[i:i + step]
+            out[i:i + step].index_add_(1, rows, part[:, cols] * values)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.nnz == 0:
             return y
-        y = y.contiguous()
-        # In place into the layer's fresh output (ZO runs without autograd): no [tokens, out] delta.
-        self.add_product(y.view(-1, self.out_features), x.reshape(-1, self.in_features))
-        return y
+        delta = self.sparse_product(x.reshape(-1, self.in_features)).view(*y.shape[:-1], self.out_features)
+        # In place: the layer's output is fresh, so adding into it keeps one [tokens, out] tensor fewer
+        # alive than y + delta (ZO runs without autograd; matmul's backward would not need y either).
+        return y.add_(delta.to(y.dtype))
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zobench.errors import UserError
 from zobench.influence import metrics as MX
 from zobench.influence.fidelity import fidelity, subspace_vs_sketch
 from zobench.influence.suite import InfluenceSuite
@@ -148,9 +149,15 @@ def quality(session, store, data: dict, gens: list[str], ctrl_gens: list[str], k
     q_trig = torch.stack([query_sketch(session, q, g)[0] for q, g in zip(data["triggered"], gens)])
     q_ctrl = torch.stack([query_sketch(session, q, g)[0] for q, g in zip(data["control"], ctrl_gens)])
     word = data["response"].split()[0]
-    q_word = torch.stack([query_sketch(session, q, g, [word])[0] for q, g in zip(data["triggered"], gens)
-                          if word.lower() in g.lower()] or [q_trig[0]])
-    out: dict = {"n": store.n, "n_poisoned": k_top, "base_rate": k_top / store.n, "metric": metric, "by_k": []}
+    q_word = []
+    for q, g in zip(data["triggered"], gens):
+        try:
+            q_word.append(query_sketch(session, q, g, [word])[0])
+        except UserError:  # the hotword is not in the generation, or was cut off by max_length
+            pass
+    q_word = torch.stack(q_word or [q_trig[0]])
+    out: dict = {"n": store.n, "n_poisoned": k_top, "base_rate": k_top / store.n, "metric": metric, "by_k": [],
+                 "hotword": word, "hotword_queries": len(q_word)}
     full = np.asarray(store.matrix(), dtype=np.float32)
     for K in ks:
         rows = torch.from_numpy(full) if K == store.k else nest(torch.from_numpy(full), K)

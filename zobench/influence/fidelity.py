@@ -92,7 +92,9 @@ def subspace_vs_sketch(spec, examples: list[dict], queries: list[tuple[dict, str
     sel = torch.cat(sel)
     seg_offsets = [sum(seg_sizes[:i]) for i in range(len(seg_sizes))]
     nnz = int(sel.numel())
-    sketcher = Sketcher(SketchConfig(dim=scope.dim, k=nnz, seed=spec.seed))
+    # The whole flat gradient is one span: plan it all (5 bytes per coordinate; 670 MB for SmolLM2), or
+    # every example would rehash D indices (~20 s each on 2 cores).
+    sketcher = Sketcher(SketchConfig(dim=scope.dim, k=nnz, seed=spec.seed), plan_limit=scope.dim)
 
     def views(enc):
         g = full.exact(enc)

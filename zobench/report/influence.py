@@ -82,7 +82,9 @@ def render_influence(rec: dict, plots: list[tuple[str, str]]) -> str:
              "## Quality: are the poisoned examples on top?", "",
              f"k = number of poisoned examples ({q['n_poisoned']}); base rate {q['base_rate']:.3f}. "
              "Triggered: prompt + the model's own generation; hotword: the query loss restricted to the "
-             "response's first word; control: clean held-out prompts.", "",
+             f"tokens of \"{q.get('hotword', '?')}\" ({q.get('hotword_queries', '?')} of {cfg['queries']} "
+             "triggered queries: those whose generation keeps the word within max_length); control: clean "
+             "held-out prompts + the model's generation.", "",
              "| K | triggered recall@k | precision@k | AUROC | hotword recall@k | AUROC | control precision@k "
              "| AUROC |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in q["by_k"]:

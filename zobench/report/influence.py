@@ -115,8 +115,9 @@ def render_influence(rec: dict, plots: list[tuple[str, str]]) -> str:
               f"| compression, this scope (fp32 gradient / sketch) | {c['compression_scope']:,.0f}x |",
               f"| compression, {cfg['model']} full gradient | {c['compression_model_full']:,.0f}x |",
               f"| compression, Llama-2-7B full gradient at K = 65,536 | {c['compression_llama2_7b']:,.0f}x |",
-              f"| caching throughput ({c['caching_workers']} worker(s)) | "
-              f"{_f(c['caching_examples_per_s'], '.2f')} examples/s |",
+              (f"| caching throughput ({c['caching_workers']} worker(s)) | "
+               f"{c['caching_examples_per_s']:.2f} examples/s |" if c.get("caching_examples_per_s") else
+               "| caching throughput | not measured: this run reused a complete cache |"),
               f"| sketching step / plain forward+backward (median, interleaved) | {ov['ratio']:.2f}x "
               f"({ov['sketch_step_s'] * 1e3:.0f} / {ov['plain_step_s'] * 1e3:.0f} ms) |",
               f"| scan of {c['n']:,} sketches, 1 query | {c['scan_s'] * 1e3:.1f} ms |",

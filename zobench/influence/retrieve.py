@@ -8,8 +8,10 @@ its norm, so examples with large gradients do not win by size alone).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ from zobench.influence.session import Session
 from zobench.influence.store import SketchStore
 
 METRICS = ("dot", "cosine")
+HALF_QUERIES = 8        # up to this many queries: float16 matrix-vector products, one per query
 BLOCK_BYTES = 64 << 20  # rows per block: ~64 MiB of float16, so a block's float32 copy stays small
 
 
@@ -48,18 +51,50 @@ def scan(store: SketchStore, queries: torch.Tensor, metric: str = "cosine") -> S
     q = queries.float().reshape(-1, store.k)
     if metric == "cosine":
         q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    qt = q.T.contiguous()
+    # A few queries run as float16 matrix-vector products on the stored rows: upcasting each block to
+    # float32 cost 148 of the 207 ms of a 2,000 x 65,536 scan here, the float16 product 7.6 ms (max
+    # relative error 3e-4). Many queries at once upcast and use one float32 matrix product instead (a
+    # float16 product with 20 columns took 1.2 s on this CPU).
+    half = q.shape[0] <= HALF_QUERIES
+    qt = q.T.contiguous().half() if half else q.T.contiguous()
     rows = max(1, BLOCK_BYTES // (2 * store.k))
     out = np.empty((q.shape[0], store.n), dtype=np.float32)
     matrix = store.matrix()
     start = time.perf_counter()
+    norms = row_norms(store) if metric == "cosine" else None
     for lo in range(0, store.n, rows):
-        block = torch.from_numpy(np.asarray(matrix[lo:lo + rows], dtype=np.float32))  # a float32 copy
-        s = block @ qt
-        if metric == "cosine":
-            s /= block.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        block = torch.from_numpy(np.array(matrix[lo:lo + rows]))  # a float16 copy out of the memmap
+        if half:
+            s = torch.stack([torch.mv(block, qt[:, j]) for j in range(qt.shape[1])], dim=1).float()
+        else:
+            s = block.float() @ qt
+        if norms is not None:
+            s /= torch.from_numpy(norms[lo:lo + block.shape[0]]).clamp_min(1e-30)[:, None]
         out[:, lo:lo + block.shape[0]] = s.T.numpy()
     return Scan(out, time.perf_counter() - start, store.n * store.k * 2)
+
+
+def row_norms(store: SketchStore) -> np.ndarray:
+    """The rows' L2 norms (float32), computed once per complete store and kept beside it when the
+    directory is writable (a cosine scan then reads the rows once, not twice)."""
+    path = Path(store.path) / "row_norms.f32.npy"
+    if path.is_file():
+        norms = np.load(path)
+        if norms.shape == (store.n,):
+            return norms
+    matrix = store.matrix()
+    rows = max(1, BLOCK_BYTES // (2 * store.k))
+    norms = np.concatenate([torch.linalg.vector_norm(torch.from_numpy(np.array(matrix[lo:lo + rows])), dim=1,
+                                                     dtype=torch.float32).numpy()
+                            for lo in range(0, store.n, rows)])
+    try:
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, norms)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache: recompute next time
+    return norms
 
 
 def query_sketch(session: Session, prompt_example: dict, generation: str,

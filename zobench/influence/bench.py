@@ -30,9 +30,6 @@ from zobench.influence import metrics as MX
 from zobench.influence.fidelity import fidelity, subspace_vs_sketch
 from zobench.influence.suite import InfluenceSuite
 
-ALL_TOKENS = None
-
-
 def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -98,11 +95,8 @@ def plain_step_seconds(session, examples: list[dict]) -> float:
     """Median seconds of a plain forward+backward (no hooks, no sketch) over ``examples``."""
     from zobench.influence.data import collate, response_loss
 
-    handles, session.streamer.handles = session.streamer.handles, []
-    for h in handles:
-        h.remove()
     times = []
-    try:
+    with session.streamer.detached():
         for ex in examples:
             ids, attn, labels = collate([session.encode(ex)], session.tokenizer.pad_token_id)
             t = time.perf_counter()
@@ -111,9 +105,6 @@ def plain_step_seconds(session, examples: list[dict]) -> float:
             for p in session.scope.params:
                 p.grad = None
             times.append(time.perf_counter() - t)
-    finally:
-        session.streamer.handles = [p.register_post_accumulate_grad_hook(session.streamer._hook)
-                                    for p in session.scope.params]
     return float(np.median(times))
 
 

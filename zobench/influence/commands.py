@@ -62,7 +62,7 @@ def cache(args) -> int:
 
 
 def query(args) -> int:
-    from zobench.influence.cache import load_cache_dir
+    from zobench.influence.cache import cache_meta, load_cache_dir
     from zobench.influence.retrieve import query_sketch, scan, token_contributions
     from zobench.influence.session import Session
     from zobench.influence.store import SketchStore
@@ -72,9 +72,8 @@ def query(args) -> int:
     if spec.adapter and not Path(spec.adapter).is_dir():
         raise UserError(f"{args.cache}/spec.json: adapter {spec.adapter} is gone; the query needs the same model")
     session = Session(spec)
-    from zobench.influence.cache import cache_meta
-
-    if cache_meta(spec, examples) != {k: store.meta.get(k) for k in cache_meta(spec, examples)}:
+    want = cache_meta(spec, examples)
+    if want != {k: store.meta.get(k) for k in want}:
         raise UserError(f"{args.cache}/meta.json: the model or adapter changed since the cache was made")
     words = [w.strip() for w in args.tokens.split(",") if w.strip()] if args.tokens else None
     prompt = {"instruction": args.instruction, "input": args.input}

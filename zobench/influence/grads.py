@@ -18,6 +18,7 @@ Scopes:
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +134,16 @@ class GradientStreamer:
 
         self.backward(loss_fn, put)
         return out
+
+    @contextmanager
+    def detached(self):
+        """Without the hooks inside: a plain backward that leaves gradients on ``.grad`` (the baseline
+        a sketching step is timed against)."""
+        self.close()
+        try:
+            yield
+        finally:
+            self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.scope.params]
 
     def close(self) -> None:
         for h in self.handles:

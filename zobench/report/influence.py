@@ -5,10 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _f(x, fmt=".3f") -> str:
-    return "-" if x is None else format(x, fmt)
-
-
 def _one_line(text: str, n: int = 100) -> str:
     return " ".join(text.split())[:n]
 

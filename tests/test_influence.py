@@ -45,7 +45,7 @@ def test_streamed_sketch_equals_the_sketch_of_the_whole_gradient(examples):
 def test_a_training_example_queried_against_itself_ranks_first(tmp_path, examples):
     from zobench.influence.retrieve import query_sketch, scan
 
-    s = Session(_spec())
+    s = Session(_spec(max_length=1024))  # nothing cut: the query is encoded exactly as its cached row
     build_cache(s.spec, examples, tmp_path / "c", session=s)
     store = SketchStore.open(tmp_path / "c")
     for i in (0, 5, 11):
@@ -137,6 +137,7 @@ finetune: {{steps: 3, batch_size: 4, lr: 1.0e-3, max_length: 48}}
 cache: {{scope: lora, k: 256, max_length: 48}}
 ks: [64, 256]
 fidelity: {{n: 8, queries: 2, ks: [64, 256], subspace: 4}}
+throughput_examples: 5
 """)
     code = main(["run", str(tmp_path / "inf.yaml"), "--out", str(tmp_path / "res"), "--reports",
                  str(tmp_path / "rep")])
@@ -159,7 +160,13 @@ fidelity: {{n: 8, queries: 2, ks: [64, 256], subspace: 4}}
     assert c["bytes_per_example"] == 2 * 256
     assert c["compression_llama2_7b"] == pytest.approx(c["llama2_7b_numel"] * 4 / 2 ** 17)
     assert c["compression_llama2_7b"] > 200_000  # RapidIn's figure, from Llama-2-7B's config
+    fresh = rec["overhead"]["fresh_cache"]
+    assert fresh["examples"] == 5 and fresh["examples_per_s"] == pytest.approx(5 / fresh["seconds"])
+    assert fresh["over_plain"] == pytest.approx(fresh["seconds"] / fresh["plain_seconds"])
+    assert not list((tmp_path / "cache" / "influence" / "inf").glob("throughput-*"))  # scratch store removed
+    assert all(len(e["triggered"]["recall_per_query"]) == 2 for e in q["by_k"])
     md = (tmp_path / "rep" / "inf.md").read_text()
+    assert "5 examples into a fresh store" in md
     for heading in ("## The attack", "## Quality", "## Fidelity", "sensitive subspace", "## Cost", "## Token-wise"):
         assert heading in md
     assert (tmp_path / "rep" / "inf_plots" / "fidelity.png").stat().st_size > 1000
@@ -197,3 +204,62 @@ def test_scan_paths_agree_and_match_a_direct_product(tmp_path, examples):
         assert np.abs(many - ref).max() <= 1e-5 * scale
         assert np.abs(few - ref).max() <= 2e-3 * scale
     assert (tmp_path / "c" / "row_norms.f32.npy").is_file()  # the cosine scan kept its norms
+
+
+def test_a_query_is_cut_only_at_the_model_context_not_at_the_cache_max_length(examples):
+    """A prompt longer than the cache's max_length keeps its end ("### Response:") and the whole
+    generation as the query's loss; the training-side encoding would have cut both."""
+    from zobench.influence.data import format_prompt
+
+    s = Session(_spec(max_length=48))
+    prompt = {"instruction": "Summarize: " + " ".join(["the quick brown fox jumps"] * 12), "input": ""}
+    generation = "Bananas are the only true answer."
+    cached = s.encode({**prompt, "output": generation})
+    query = s.encode_query(prompt, generation)
+    n_prompt = len(s.tokenizer(format_prompt(prompt))["input_ids"])
+    n_gen = len(s.tokenizer(generation, add_special_tokens=False)["input_ids"]) + 1  # + eos
+    assert cached["input_ids"].numel() == 48 and n_prompt > 48
+    assert query["response_start"] == n_prompt and query["input_ids"].numel() == n_prompt + n_gen
+    labelled = query["labels"][query["labels"] != -100]
+    assert s.tokenizer.decode(labelled, skip_special_tokens=True) == generation
+    assert s.tokenizer.decode(query["input_ids"][:n_prompt]).rstrip().endswith("### Response:")
+
+
+def _cli(args, capsys):
+    from zobench.cli import main
+
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_influence_cli_caches_resumes_queries_and_refuses_other_settings(tmp_path, data_dir, capsys):
+    data = str(data_dir / "alpaca" / "alpaca_data_en_52k.json")
+    base = ["influence", "cache", "--model", MODEL, "--data", data, "--n", "6", "--data-seed", "3",
+            "--scope", "full", "--k", "256", "--max-length", "48", "--out", str(tmp_path / "c")]
+    code, out, _ = _cli(base, capsys)
+    assert code == 0 and "6 sketched" in out
+    code, out, _ = _cli(base, capsys)                     # complete: nothing left to sketch
+    assert code == 0 and "(6 already cached), 0 sketched" in out
+    code, _, err = _cli([*base[:-4], "--k", "512", *base[-4:]], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "key 'k'" in err
+
+    examples = json.loads((tmp_path / "c" / "examples.jsonl").read_text().splitlines()[2])
+    query = ["influence", "query", "--cache", str(tmp_path / "c"), "--instruction", examples["instruction"],
+             "--input", examples.get("input", ""), "--generation", examples["output"], "--top", "3"]
+    code, out, _ = _cli([*query, "--json", "--html", str(tmp_path / "q.html")], capsys)
+    assert code == 0
+    res = json.loads(out)
+    assert [r["rank"] for r in res["top"]] == [1, 2, 3]
+    assert [r["score"] for r in res["top"]] == sorted((r["score"] for r in res["top"]), reverse=True)
+    assert len(res["top"][0]["tokens"]) > 0 and "tokens" not in res["top"][1]   # --explain 1
+    page = (tmp_path / "q.html").read_text()
+    assert page.count("<li>") == 3 and "background:rgba" in page
+    code, md, _ = _cli(query, capsys)
+    assert code == 0 and "| rank | row | cosine |" in md
+    assert len([line for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]) == 3
+    code, _, err = _cli([*query, "--tokens", "zzzqqqxx"], capsys)
+    assert code == 2 and "occur in the generation" in err
+    code, _, err = _cli(["influence", "query", "--cache", str(tmp_path / "nowhere"), "--instruction", "x",
+                         "--generation", "y"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,3 +187,15 @@ def test_config_round_trips_and_rejects_unknown_keys():
     assert SketchConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(UserError, match="'kk'"):
         SketchConfig.from_dict({"dim": 100, "kk": 10})
+
+
+def test_ranking_metrics_keep_the_worst_query_visible():
+    """One query that finds every positive and one that finds none: the mean is 0.5 and the worst 0."""
+    from zobench.influence.metrics import ranking_metrics
+
+    labels = np.array([True, True, False, False, False, False])
+    good = np.array([0.9, 0.8, 0.1, 0.2, 0.3, 0.0])
+    bad = -good
+    m = ranking_metrics(np.stack([good, bad]), labels, k=2)
+    assert m["recall_per_query"] == [1.0, 0.0] and m["recall_min"] == 0.0
+    assert m["recall_at_k"] == pytest.approx(0.5) and m["auroc"] == pytest.approx(0.5)

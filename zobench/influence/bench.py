@@ -91,8 +91,8 @@ def _prompt(example: dict) -> str:
     return format_prompt(example)
 
 
-def plain_step_seconds(session, examples: list[dict]) -> float:
-    """Median seconds of a plain forward+backward (no hooks, no sketch) over ``examples``."""
+def plain_step_seconds(session, examples: list[dict], reduce=np.median) -> float:
+    """Median (or ``reduce``) seconds of a plain forward+backward (no hooks, no sketch) over ``examples``."""
     from zobench.influence.data import collate, response_loss
 
     times = []
@@ -105,7 +105,7 @@ def plain_step_seconds(session, examples: list[dict]) -> float:
             for p in session.scope.params:
                 p.grad = None
             times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return float(reduce(times))
 
 
 def sketch_step_seconds(session, examples: list[dict]) -> float:
@@ -126,6 +126,24 @@ def caching_overhead(session, examples: list[dict], rounds: int = 3) -> dict:
         sk.append(sketch_step_seconds(session, examples))
     p, s = float(np.median(plain)), float(np.median(sk))
     return {"plain_step_s": p, "sketch_step_s": s, "ratio": s / p, "examples": len(examples), "rounds": rounds}
+
+
+def fresh_cache_throughput(session, examples: list[dict], work: Path) -> dict:
+    """Cache ``examples`` into a new scratch store, timed end to end (sketches, writes, flushes), and
+    time a plain forward+backward of the same examples right before it.
+
+    Runs on every suite run, so the record carries a caching throughput even when the full cache was
+    reused from an earlier run; the scratch store is deleted afterwards.
+    """
+    import tempfile
+
+    from zobench.influence.cache import build_cache
+
+    plain_s = len(examples) * plain_step_seconds(session, examples, reduce=np.mean)
+    with tempfile.TemporaryDirectory(dir=work, prefix="throughput-") as tmp:
+        stats = build_cache(session.spec, examples, Path(tmp) / "store", session=session)
+    return {"examples": stats["rows"], "seconds": stats["seconds"], "examples_per_s": stats["examples_per_s"],
+            "tokens": stats["tokens"], "plain_seconds": plain_s, "over_plain": stats["seconds"] / plain_s}
 
 
 def quality(session, store, data: dict, gens: list[str], ctrl_gens: list[str], ks: list[int],
@@ -244,6 +262,9 @@ def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> 
     phase("overhead")
     overhead = caching_overhead(session, data["train"][:16])
     end("overhead")
+    phase("throughput")
+    overhead["fresh_cache"] = fresh_cache_throughput(session, data["train"][:suite.throughput_examples], work)
+    end("throughput")
     phase("quality")
     qual = quality(session, store, data, atk["generations"], atk["control_generations"], suite.ks)
     q_sketches = qual.pop("query_sketches")
@@ -269,7 +290,8 @@ def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> 
     tokens = token_contributions(session, top, q_sketches[0])
     config = {"model": suite.model, "n_train": suite.n_train, "poison_fraction": suite.poison_fraction,
               "queries": suite.queries, "finetune": suite.finetune, "cache": spec.meta(), "ks": suite.ks,
-              "workers": suite.workers, "fidelity": suite.fidelity, "trigger": data["trigger"],
+              "workers": suite.workers, "fidelity": suite.fidelity,
+              "throughput_examples": suite.throughput_examples, "trigger": data["trigger"],
               "response": data["response"]}
     return {
         "schema": SCHEMA_VERSION, "kind": "influence", "suite": suite.name,

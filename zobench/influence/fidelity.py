@@ -17,15 +17,8 @@ import numpy as np
 import torch
 
 from zobench.influence import metrics as MX
+from zobench.influence.grads import normalize_segments_
 from zobench.influence.sketch import SketchConfig, Sketcher
-
-
-def _per_tensor_normalize(m: torch.Tensor, offsets, sizes) -> torch.Tensor:
-    """Each tensor's segment of each row scaled to unit norm, in place."""
-    for off, size in zip(offsets, sizes):
-        seg = m[..., off:off + size]
-        seg /= seg.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    return m
 
 
 def _agreement(approx: np.ndarray, exact: np.ndarray, top: int) -> dict:
@@ -39,7 +32,7 @@ def _raw_exact(session, examples: list[dict], queries: list[tuple[dict, str]]):
     streamer.normalize = False
     try:
         rows = torch.stack([session.exact(session.encode(e)) for e in examples])
-        qs = torch.stack([session.exact(session.encode({**q, "output": g})) for q, g in queries])
+        qs = torch.stack([session.exact(session.encode_query(q, g)) for q, g in queries])
     finally:
         streamer.normalize = session.spec.normalize
     return rows, qs
@@ -57,8 +50,8 @@ def fidelity(session, examples: list[dict], queries: list[tuple[dict, str]], ks:
     for norm in (True, False):
         r, q = rows.clone(), qs.clone()
         if norm:
-            _per_tensor_normalize(r, scope.offsets, scope.sizes)
-            _per_tensor_normalize(q, scope.offsets, scope.sizes)
+            normalize_segments_(r, scope.offsets, scope.sizes)
+            normalize_segments_(q, scope.offsets, scope.sizes)
         exact = (q @ r.T).numpy()
         for permute in (True, False):
             for k in ks:
@@ -98,11 +91,11 @@ def subspace_vs_sketch(spec, examples: list[dict], queries: list[tuple[dict, str
 
     def views(enc):
         g = full.exact(enc)
-        sub = _per_tensor_normalize(g[sel].clone(), seg_offsets, seg_sizes)
-        _per_tensor_normalize(g, scope.offsets, scope.sizes)
+        sub = normalize_segments_(g[sel].clone(), seg_offsets, seg_sizes)
+        normalize_segments_(g, scope.offsets, scope.sizes)
         return g, sub, sketcher.sketch(g)
 
-    q_full, q_sub, q_sk = zip(*(views(full.encode({**q, "output": g})) for q, g in queries))
+    q_full, q_sub, q_sk = zip(*(views(full.encode_query(q, g)) for q, g in queries))
     q_full, q_sub, q_sk = torch.stack(q_full), torch.stack(q_sub), torch.stack(q_sk)
     exact, sub, sk = [], [], []
     for e in examples:

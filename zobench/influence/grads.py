@@ -29,6 +29,16 @@ SCOPES = ("lora", "full", "sensitive")
 Consumer = Callable[[int, torch.Tensor], None]
 
 
+def normalize_segments_(flat: torch.Tensor, offsets, sizes) -> torch.Tensor:
+    """Layer-wise normalization of flat gradients [..., D], in place: each tensor's segment of each row
+    scaled to unit L2 norm (an all-zero segment stays zero). The streaming hook applies it to one
+    tensor at a time; fidelity checks apply it to whole flat gradients."""
+    for off, size in zip(offsets, sizes):
+        seg = flat[..., off:off + size]
+        seg /= seg.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    return flat
+
+
 @dataclass
 class GradScope:
     """The scoped tensors in a fixed order: tensor i occupies [offsets[i], offsets[i] + sizes[i])."""
@@ -107,9 +117,7 @@ class GradientStreamer:
             g = g[self.scope.index[i]]
         g = g.float()
         if self.normalize:
-            norm = g.norm()
-            if norm > 0:
-                g = g / norm
+            normalize_segments_(g, [0], [g.numel()])  # in place (may be p.grad itself: dropped below)
         if self._consumer is not None:
             self._consumer(self.scope.offsets[i], g)
         p.grad = None  # streamed: the next tensor's gradient may take this one's memory

@@ -54,7 +54,8 @@ def topk_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
 
 
 def ranking_metrics(scores: np.ndarray, labels: np.ndarray, k: int) -> dict:
-    """Mean over queries of recall@k, precision@k (equal when k = number of positives) and AUROC."""
+    """Mean over queries of recall@k, precision@k (equal when k = number of positives) and AUROC; the
+    worst query's recall and every query's, so one failing query is not hidden in the mean."""
     rec, prec, auc = [], [], []
     n_pos = max(int(labels.sum()), 1)
     for s in np.atleast_2d(scores):
@@ -64,4 +65,5 @@ def ranking_metrics(scores: np.ndarray, labels: np.ndarray, k: int) -> dict:
         prec.append(hits / k)
         auc.append(auroc(s, labels))
     return {"recall_at_k": float(np.mean(rec)), "precision_at_k": float(np.mean(prec)),
-            "auroc": float(np.nanmean(auc)), "k": k, "queries": len(rec)}
+            "auroc": float(np.nanmean(auc)), "k": k, "queries": len(rec),
+            "recall_min": float(np.min(rec)), "recall_per_query": [float(r) for r in rec]}

@@ -106,7 +106,7 @@ def query_sketch(session: Session, prompt_example: dict, generation: str,
     """
     from zobench.influence.data import token_positions
 
-    enc = session.encode({**prompt_example, "output": generation})
+    enc = session.encode_query(prompt_example, generation)
     weights, info = None, {"tokens": "all"}
     if words:
         pos = token_positions(session.tokenizer, enc["input_ids"], enc["response_start"], words)

@@ -115,7 +115,19 @@ class Session:
         return mask
 
     def encode(self, example: dict) -> dict:
+        """A training example as cached: prompt and response cut to the spec's ``max_length``."""
         return encode(self.tokenizer, format_prompt(example), example["output"], self.spec.max_length)
+
+    def encode_query(self, prompt_example: dict, generation: str) -> dict:
+        """A query: the prompt and the generation it answered, cut only at the model's context.
+
+        ``max_length`` bounds what caching costs; it does not apply here. A query cut to it loses the
+        end of a long prompt ("### Response:" with it), and its loss is then over tokens the model never
+        generated from that context: such queries scored at chance (no poisoned example in their top
+        100) while every other triggered query found 89 or more of the 100.
+        """
+        context = getattr(self.model.config, "max_position_embeddings", None) or 1 << 20
+        return encode(self.tokenizer, format_prompt(prompt_example), generation, max(context, self.spec.max_length))
 
     def _loss_fn(self, enc: dict, token_weights: torch.Tensor | None = None):
         ids, attn, labels = collate([enc], self.tokenizer.pad_token_id)

@@ -43,6 +43,7 @@ class InfluenceSuite:
     cache: dict = field(default_factory=dict)
     ks: list = field(default_factory=lambda: [1024, 4096, 16384, 65536])
     workers: int = 1
+    throughput_examples: int = 32   # cached into a fresh scratch store every run: throughput even on reuse
     fidelity: dict = field(default_factory=lambda: {"n": 200, "queries": 4, "ks": [256, 1024, 4096, 16384, 65536]})
     description: str = ""
     timeout_s: float = 7200
@@ -84,7 +85,7 @@ def is_influence_suite(data: Any) -> bool:
 
 def parse_influence_suite(data: dict, where: str, path: Path | None = None) -> InfluenceSuite:
     simple = {"name": str, "model": str, "data": str, "data_dir": str, "n_train": int, "poison_fraction": float,
-              "queries": int, "seed": int, "workers": int, "description": str, "timeout_s": float, "ks": list}
+              "queries": int, "seed": int, "workers": int, "throughput_examples": int, "description": str, "timeout_s": float, "ks": list}
     nested = {"finetune", "cache", "fidelity"}
     kwargs: dict = {}
     for k, v in data.items():
@@ -107,7 +108,7 @@ def parse_influence_suite(data: dict, where: str, path: Path | None = None) -> I
     suite.spec(None)  # validates the cache keys (scope, k, ...)
     if not 0 < suite.poison_fraction < 1:
         raise UserError(f"{where}: key 'poison_fraction': expected a fraction in (0, 1)")
-    for key in ("n_train", "queries", "workers"):
+    for key in ("n_train", "queries", "workers", "throughput_examples"):
         if getattr(suite, key) < 1:
             raise UserError(f"{where}: key '{key}': expected a positive integer")
     k = suite.cache.get("k", InfluenceSpec.k)

@@ -60,6 +60,15 @@ def write_plots(rec: dict, folder: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _fresh_cache_row(ov: dict) -> list[str]:
+    fresh = ov.get("fresh_cache")
+    if not fresh:
+        return []
+    return [f"| caching throughput, {fresh['examples']} examples into a fresh store (1 worker) | "
+            f"{fresh['examples_per_s']:.2f} examples/s ({fresh['over_plain']:.2f}x a plain forward+backward of "
+            f"the same examples, {fresh['seconds']:.1f} / {fresh['plain_seconds']:.1f} s) |"]
+
+
 def render_influence(rec: dict, plots: list[tuple[str, str]]) -> str:
     cfg, q, c, ov = rec["config"], rec["quality"], rec["cost"], rec["overhead"]
     atk, ft = rec["attack"], rec["finetune"]
@@ -79,13 +88,15 @@ def render_influence(rec: dict, plots: list[tuple[str, str]]) -> str:
              f"k = number of poisoned examples ({q['n_poisoned']}); base rate {q['base_rate']:.3f}. "
              "Triggered: prompt + the model's own generation; hotword: the query loss restricted to the "
              f"tokens of \"{q.get('hotword', '?')}\" ({q.get('hotword_queries', '?')} of {cfg['queries']} "
-             "triggered queries: those whose generation keeps the word within max_length); control: clean "
-             "held-out prompts + the model's generation.", "",
-             "| K | triggered recall@k | precision@k | AUROC | hotword recall@k | AUROC | control precision@k "
-             "| AUROC |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "triggered queries: those whose generation contains the word); control: clean "
+             "held-out prompts + the model's generation. Means over queries; \"worst\" is the lowest "
+             "single query's recall.", "",
+             "| K | triggered recall@k | worst | precision@k | AUROC | hotword recall@k | AUROC "
+             "| control precision@k | AUROC |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in q["by_k"]:
         t, h, cn = e["triggered"], e["hotword"], e["control"]
-        lines.append(f"| {e['k']:,} | {t['recall_at_k']:.3f} | {t['precision_at_k']:.3f} | {t['auroc']:.3f} | "
+        worst = f"{t['recall_min']:.2f}" if "recall_min" in t else "-"
+        lines.append(f"| {e['k']:,} | {t['recall_at_k']:.3f} | {worst} | {t['precision_at_k']:.3f} | {t['auroc']:.3f} | "
                      f"{h['recall_at_k']:.3f} | {h['auroc']:.3f} | {cn['precision_at_k']:.3f} | {cn['auroc']:.3f} |")
     fid = rec["fidelity"]
     lines += ["", "## Fidelity: sketched vs exact scores", "",
@@ -111,9 +122,10 @@ def render_influence(rec: dict, plots: list[tuple[str, str]]) -> str:
               f"| compression, this scope (fp32 gradient / sketch) | {c['compression_scope']:,.0f}x |",
               f"| compression, {cfg['model']} full gradient | {c['compression_model_full']:,.0f}x |",
               f"| compression, Llama-2-7B full gradient at K = 65,536 | {c['compression_llama2_7b']:,.0f}x |",
-              (f"| caching throughput ({c['caching_workers']} worker(s)) | "
+              (f"| caching throughput, the full cache ({c['caching_workers']} worker(s)) | "
                f"{c['caching_examples_per_s']:.2f} examples/s |" if c.get("caching_examples_per_s") else
-               "| caching throughput | not measured: this run reused a complete cache |"),
+               "| caching throughput, the full cache | not measured: this run reused a complete cache |"),
+              *_fresh_cache_row(ov),
               f"| sketching step / plain forward+backward (median, interleaved) | {ov['ratio']:.2f}x "
               f"({ov['sketch_step_s'] * 1e3:.0f} / {ov['plain_step_s'] * 1e3:.0f} ms) |",
               f"| scan of {c['n']:,} sketches, 1 query | {c['scan_s'] * 1e3:.1f} ms |",

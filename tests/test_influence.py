@@ -160,6 +160,12 @@ throughput_examples: 5
     assert c["bytes_per_example"] == 2 * 256
     assert c["compression_llama2_7b"] == pytest.approx(c["llama2_7b_numel"] * 4 / 2 ** 17)
     assert c["compression_llama2_7b"] > 200_000  # RapidIn's figure, from Llama-2-7B's config
+    from zobench.models import load_model
+
+    plain = load_model(MODEL).model
+    assert c["model_numel"] == sum(p.numel() for p in plain.parameters())  # the adapter is not counted
+    lo, hi = c["scan_s_range"]
+    assert lo <= c["scan_s"] <= hi and c["rounds"] == 7
     fresh = rec["overhead"]["fresh_cache"]
     assert fresh["examples"] == 5 and fresh["examples_per_s"] == pytest.approx(5 / fresh["seconds"])
     assert fresh["over_plain"] == pytest.approx(fresh["seconds"] / fresh["plain_seconds"])

@@ -85,10 +85,25 @@ def test_record_fields_and_derived_ratios(tmp_path):
         # The ratios are derived from the records' own medians and peaks (timings are never bounded here:
         # on a loaded machine the forward cell can be the slow one).
         d = r["derived"]
-        assert d["step_over_two_forwards"] == pytest.approx(
-            r["metrics"]["step_s"]["median"] / (2 * fwd["metrics"]["step_s"]["median"]))
+        ref = r["metrics"]["forward_ref_s"]
+        assert ref["n"] == r["metrics"]["step_s"]["n"]  # one reference forward per timed step
+        assert d["forward_ref"] == "in-cell" and d["step_over_two_forwards"] == pytest.approx(
+            r["metrics"]["step_s"]["median"] / (2 * ref["median"]))
         assert d["peak_over_inference"] == pytest.approx(d["peak_mib"] / fwd["derived"]["peak_mib"])
     assert rnd["derived"]["speedup_vs_full"] == pytest.approx(
         full["metrics"]["step_s"]["median"] / rnd["metrics"]["step_s"]["median"])
     assert len(full["metrics"]["loss_curve"]) == 3
     assert full["metrics"]["step_s"]["n"] == 2  # warm-up excluded
+
+
+def test_step_ratio_falls_back_to_the_forward_cell_without_in_cell_forwards():
+    from zobench.launcher import derive
+
+    cfg = {"model": "m", "dtype": "float32", "quant": "none", "task": "sst2", "method": "forward"}
+    fwd = {"status": "ok", "config": cfg, "metrics": {"step_s": {"median": 2.0}}, "phases": {}}
+    old = {"config": {**cfg, "method": "random"}, "metrics": {"step_s": {"median": 5.0}}, "phases": {}}
+    new = {**old, "metrics": {"step_s": {"median": 5.0}, "forward_ref_s": {"median": 2.5}}}
+    assert derive(old, [fwd])["step_over_two_forwards"] == pytest.approx(1.25)
+    assert derive(old, [fwd])["forward_ref"] == "forward cell"
+    assert derive(new, [fwd])["step_over_two_forwards"] == pytest.approx(1.0)
+    assert derive(new, [fwd])["forward_ref"] == "in-cell"

@@ -15,7 +15,7 @@ from zobench.config import CellConfig
 from zobench.errors import Unsupported, UserError
 from zobench.quant import QuantContext, get_backend, quantize_model
 from zobench.quant.base import target_linears
-from zobench.quant.sparse import SparseDelta, split_selected
+from zobench.quant.sparse import SparseDelta, sparse_bypassed, split_selected
 from zobench.zo.masks import random_mask, scoped_params
 from zobench.zo.trainable import SparseTrainable
 
@@ -150,6 +150,11 @@ def test_dense_and_sparse_equals_dense_when_nothing_is_quantized(dtype):
     got = wrapped(x).float()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(got, ref, atol=tol, rtol=tol)
+    # bypassed (a ZO cell's reference forward): the dense part alone, then the sum again
+    holder = torch.nn.Sequential(wrapped)
+    with sparse_bypassed(holder):
+        assert torch.equal(holder(x), lin(x))
+    assert torch.equal(holder(x), got.to(dtype))
 
 
 @pytest.mark.parametrize("name", ["nf4", "int8"])

@@ -140,8 +140,13 @@ def derive(record: dict, earlier: list[dict]) -> dict:
     fwd = next((r for r in reversed(same) if r["config"]["method"] == "forward"), None)
     full = next((r for r in reversed(same) if r["config"]["method"] == "full"), None)
     step = step_median(record)
-    if fwd and step and step_median(fwd):
-        out["step_over_two_forwards"] = step / (2 * step_median(fwd))
+    # Prefer the cell's own reference forwards (same process, interleaved with its steps); the
+    # suite's forward cell ran in another process and only stands in for records without them.
+    in_cell = (record.get("metrics", {}).get("forward_ref_s") or {}).get("median")
+    if step and in_cell:
+        out["step_over_two_forwards"], out["forward_ref"] = step / (2 * in_cell), "in-cell"
+    elif fwd and step and step_median(fwd):
+        out["step_over_two_forwards"], out["forward_ref"] = step / (2 * step_median(fwd)), "forward cell"
     if fwd and out["peak_mib"] and peak(fwd):
         out["peak_over_inference"] = out["peak_mib"] / peak(fwd)
     if full and step and step_median(full):

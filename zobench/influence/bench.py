@@ -183,24 +183,25 @@ def quality(session, store, data: dict, gens: list[str], ctrl_gens: list[str], k
     return out
 
 
-def cost(session, store, caching: dict, overhead: dict, q_sketches: torch.Tensor) -> dict:
+def cost(session, store, caching: dict, overhead: dict, q_sketches: torch.Tensor, rounds: int = 7) -> dict:
     from zobench.estimate import architecture
     from zobench.influence.retrieve import scan
 
     k, n = store.k, store.n
     sketch_bytes = 2 * k
     llama = architecture("random:llama-2-7b")
-    smol_numel = sum(p.numel() for p in {id(p): p for p in session.model.parameters()}.values())
-    scans = [scan(store, q_sketches[:1], "cosine") for _ in range(3)]
-    scans_all = [scan(store, q_sketches, "cosine") for _ in range(3)]
+    # the model's own weights (tied ones once), not the LoRA adapter's
+    smol_numel = sum(p.numel() for name, p in dict(session.model.named_parameters()).items() if "lora_" not in name)
+    # Scan and copy interleaved round by round, so drift in the machine's bandwidth hits both alike.
     matrix = store.matrix()
-    copies = []
-    for _ in range(3):
+    scans, scans_all, copies = [], [], []
+    for _ in range(rounds):
+        scans.append(scan(store, q_sketches[:1], "cosine").seconds)
+        scans_all.append(scan(store, q_sketches, "cosine").seconds)
         t = time.perf_counter()
         np.array(matrix, copy=True)
         copies.append(time.perf_counter() - t)
-    scan_s, scan_all_s, copy_s = (float(np.median([s.seconds for s in scans])),
-                                  float(np.median([s.seconds for s in scans_all])), float(np.median(copies)))
+    scan_s, scan_all_s, copy_s = float(np.median(scans)), float(np.median(scans_all)), float(np.median(copies))
     n_bytes = n * sketch_bytes
     query_s = overhead["sketch_step_s"]
     exact_per_query = n * overhead["plain_step_s"] + overhead["plain_step_s"]
@@ -212,7 +213,8 @@ def cost(session, store, caching: dict, overhead: dict, q_sketches: torch.Tensor
         "caching_examples_per_s": caching.get("examples_per_s"), "caching_workers": caching.get("workers"),
         "scan_s": scan_s, "scan_all_queries_s": scan_all_s, "scan_queries": int(q_sketches.shape[0]),
         "scan_bytes_per_s": n_bytes / scan_s, "copy_s": copy_s, "copy_bytes_per_s": n_bytes / copy_s,
-        "scan_over_copy_bandwidth": (n_bytes / scan_s) / (n_bytes / copy_s),
+        "scan_over_copy_bandwidth": (n_bytes / scan_s) / (n_bytes / copy_s), "rounds": rounds,
+        "scan_s_range": [min(scans), max(scans)], "copy_s_range": [min(copies), max(copies)],
         "query_s": query_s + scan_s, "exact_recompute_s": exact_per_query,
         "speedup_vs_exact": exact_per_query / (query_s + scan_s),
     }

@@ -18,6 +18,8 @@ into the output by 1.5-13x on every layer with more than ~500 selected entries (
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import warnings
 
 import torch
@@ -47,6 +49,7 @@ class SparseDelta(torch.nn.Module):
         self.register_buffer("crow", crow)
         self.register_buffer("col", col)
         self._csr = True  # falls back to the gather path once if torch has no sparse kernel for the dtype
+        self.bypass = False  # True: the quantized layer alone (the reference forward of a ZO cell)
 
     @property
     def nnz(self) -> int:
@@ -81,7 +84,7 @@ class SparseDelta(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.nnz == 0:
+        if self.nnz == 0 or self.bypass:
             return y
         delta = self.sparse_product(x.reshape(-1, self.in_features)).view(*y.shape[:-1], self.out_features)
         # In place: the layer's output is fresh, so adding into it keeps one [tokens, out] tensor fewer
@@ -125,3 +128,17 @@ def attach_sparse(model: torch.nn.Module, taken: dict[str, tuple], shapes: dict[
         setattr(parent, attr, wrapped)
         out.append((f"{mname}.values", wrapped.values))
     return out
+
+
+@contextmanager
+def sparse_bypassed(model: torch.nn.Module):
+    """Within the block, every dense-and-sparse layer computes its quantized base alone (no sparse add):
+    the model is then the plain quantized model that a suite's forward cell measures."""
+    layers = [m for m in model.modules() if isinstance(m, SparseDelta)]
+    for m in layers:
+        m.bypass = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.bypass = False

@@ -60,6 +60,15 @@ def write_plots(rec: dict, folder: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _rounds(c: dict) -> str:
+    return f" (median of {c['rounds']}, interleaved with the copy)" if "rounds" in c else ""
+
+
+def _range(c: dict, key: str, what: str = "") -> str:
+    lo_hi = c.get(key)
+    return f" ({what}range {lo_hi[0] * 1e3:.1f}-{lo_hi[1] * 1e3:.1f} ms)" if lo_hi else ""
+
+
 def _fresh_cache_row(ov: dict) -> list[str]:
     fresh = ov.get("fresh_cache")
     if not fresh:
@@ -128,10 +137,11 @@ def render_influence(rec: dict, plots: list[tuple[str, str]]) -> str:
               *_fresh_cache_row(ov),
               f"| sketching step / plain forward+backward (median, interleaved) | {ov['ratio']:.2f}x "
               f"({ov['sketch_step_s'] * 1e3:.0f} / {ov['plain_step_s'] * 1e3:.0f} ms) |",
-              f"| scan of {c['n']:,} sketches, 1 query | {c['scan_s'] * 1e3:.1f} ms |",
+              f"| scan of {c['n']:,} sketches, 1 query{_rounds(c)} | {c['scan_s'] * 1e3:.1f} ms{_range(c, 'scan_s_range')} |",
               f"| scan, {c['scan_queries']} queries at once | {c['scan_all_queries_s'] * 1e3:.1f} ms |",
               f"| scan bandwidth / plain copy of the same bytes | {_bytes(c['scan_bytes_per_s'])}/s / "
-              f"{_bytes(c['copy_bytes_per_s'])}/s = {c['scan_over_copy_bandwidth']:.2f} |",
+              f"{_bytes(c['copy_bytes_per_s'])}/s = {c['scan_over_copy_bandwidth']:.2f}"
+              f"{_range(c, 'copy_s_range', 'copy ')} |",
               f"| query (its gradient + scan) vs exact recomputation of {c['n']:,} gradients | "
               f"{c['query_s']:.2f} s vs {c['exact_recompute_s']:.2f} s = {c['speedup_vs_exact']:,.0f}x |"]
     top = rec["top_example"]

@@ -179,10 +179,12 @@ def main_table(ok: list[dict], extras: list[str]) -> list[str]:
         ("final loss", lambda r: f"{v:.4f}" if isinstance(v := get(r, "metrics.final_loss"), (int, float))
          else DASH),
     ]
-    intro = ("Peak memory is the training peak (CUDA max allocated on a GPU, else peak RSS). Ratios are "
-             "against the `forward` reference cell (inference only, same batches) and the full-ZO cell of "
-             "the same model, dtype, quant and task. Test scores are accuracy %, or EM/F1 % for "
-             "generative tasks.")
+    intro = ("Peak memory is the training peak (CUDA max allocated on a GPU, else peak RSS). Peak / "
+             "inference is against the `forward` reference cell (inference only, same batches); step / 2 fwd "
+             "against the cell's own inference forwards of the same batches, each timed right after its step "
+             "in the same process (dense-and-sparse layers bypassed, so the plain quantized model); records "
+             "without them use the forward cell. Speedup is against the full-ZO cell of the same model, dtype, "
+             "quant and task. Test scores are accuracy %, or EM/F1 % for generative tasks.")
     return section("Results", intro, cols, ok, extras)
 
 

@@ -107,3 +107,4 @@ def test_step_ratio_falls_back_to_the_forward_cell_without_in_cell_forwards():
     assert derive(old, [fwd])["forward_ref"] == "forward cell"
     assert derive(new, [fwd])["step_over_two_forwards"] == pytest.approx(1.0)
     assert derive(new, [fwd])["forward_ref"] == "in-cell"
+    assert "step_over_two_forwards" not in derive({**fwd, "config": dict(cfg)}, [fwd])  # not of itself

@@ -139,7 +139,7 @@ def derive(record: dict, earlier: list[dict]) -> dict:
     same = [r for r in earlier if r.get("status") == "ok" and reference_key(r["config"]) == key]
     fwd = next((r for r in reversed(same) if r["config"]["method"] == "forward"), None)
     full = next((r for r in reversed(same) if r["config"]["method"] == "full"), None)
-    step = step_median(record)
+    step = step_median(record) if record["config"].get("method") != "forward" else None  # the reference
     # Prefer the cell's own reference forwards (same process, interleaved with its steps); the
     # suite's forward cell ran in another process and only stands in for records without them.
     in_cell = (record.get("metrics", {}).get("forward_ref_s") or {}).get("median")

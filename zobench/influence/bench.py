@@ -92,7 +92,8 @@ def _prompt(example: dict) -> str:
 
 
 def plain_step_seconds(session, examples: list[dict], reduce=np.median) -> float:
-    """Median (or ``reduce``) seconds of a plain forward+backward (no hooks, no sketch) over ``examples``."""
+    """Median (or another ``reduce``, e.g. the sum) of the seconds of a plain forward+backward (no hooks,
+    no sketch) of each of ``examples``."""
     from zobench.influence.data import collate, response_loss
 
     times = []
@@ -139,7 +140,7 @@ def fresh_cache_throughput(session, examples: list[dict], work: Path) -> dict:
 
     from zobench.influence.cache import build_cache
 
-    plain_s = len(examples) * plain_step_seconds(session, examples, reduce=np.mean)
+    plain_s = plain_step_seconds(session, examples, reduce=np.sum)
     with tempfile.TemporaryDirectory(dir=work, prefix="throughput-") as tmp:
         stats = build_cache(session.spec, examples, Path(tmp) / "store", session=session)
     return {"examples": stats["rows"], "seconds": stats["seconds"], "examples_per_s": stats["examples_per_s"],
@@ -162,7 +163,7 @@ def quality(session, store, data: dict, gens: list[str], ctrl_gens: list[str], k
     for q, g in zip(data["triggered"], gens):
         try:
             q_word.append(query_sketch(session, q, g, [word])[0])
-        except UserError:  # the hotword is not in the generation, or was cut off by max_length
+        except UserError:  # the hotword is not in this generation
             pass
     q_word = torch.stack(q_word or [q_trig[0]])
     out: dict = {"n": store.n, "n_poisoned": k_top, "base_rate": k_top / store.n, "metric": metric, "by_k": [],
@@ -191,7 +192,7 @@ def cost(session, store, caching: dict, overhead: dict, q_sketches: torch.Tensor
     sketch_bytes = 2 * k
     llama = architecture("random:llama-2-7b")
     # the model's own weights (tied ones once), not the LoRA adapter's
-    smol_numel = sum(p.numel() for name, p in dict(session.model.named_parameters()).items() if "lora_" not in name)
+    smol_numel = sum(p.numel() for name, p in session.model.named_parameters() if "lora_" not in name)
     # Scan and copy interleaved round by round, so drift in the machine's bandwidth hits both alike.
     matrix = store.matrix()
     scans, scans_all, copies = [], [], []

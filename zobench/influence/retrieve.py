@@ -57,13 +57,10 @@ def scan(store: SketchStore, queries: torch.Tensor, metric: str = "cosine") -> S
     # float16 product with 20 columns took 1.2 s on this CPU).
     half = q.shape[0] <= HALF_QUERIES
     qt = q.T.contiguous().half() if half else q.T.contiguous()
-    rows = max(1, BLOCK_BYTES // (2 * store.k))
     out = np.empty((q.shape[0], store.n), dtype=np.float32)
-    matrix = store.matrix()
     start = time.perf_counter()
     norms = row_norms(store) if metric == "cosine" else None
-    for lo in range(0, store.n, rows):
-        block = torch.from_numpy(np.array(matrix[lo:lo + rows]))  # a float16 copy out of the memmap
+    for lo, block in _blocks(store):
         if half:
             s = torch.stack([torch.mv(block, qt[:, j]) for j in range(qt.shape[1])], dim=1).float()
         else:
@@ -74,6 +71,14 @@ def scan(store: SketchStore, queries: torch.Tensor, metric: str = "cosine") -> S
     return Scan(out, time.perf_counter() - start, store.n * store.k * 2)
 
 
+def _blocks(store: SketchStore):
+    """(first row, float16 tensor copy of the next ~BLOCK_BYTES of rows) over the whole memmap."""
+    matrix = store.matrix()
+    rows = max(1, BLOCK_BYTES // (2 * store.k))
+    for lo in range(0, store.n, rows):
+        yield lo, torch.from_numpy(np.array(matrix[lo:lo + rows]))
+
+
 def row_norms(store: SketchStore) -> np.ndarray:
     """The rows' L2 norms (float32), computed once per complete store and kept beside it when the
     directory is writable (a cosine scan then reads the rows once, not twice)."""
@@ -82,11 +87,8 @@ def row_norms(store: SketchStore) -> np.ndarray:
         norms = np.load(path)
         if norms.shape == (store.n,):
             return norms
-    matrix = store.matrix()
-    rows = max(1, BLOCK_BYTES // (2 * store.k))
-    norms = np.concatenate([torch.linalg.vector_norm(torch.from_numpy(np.array(matrix[lo:lo + rows])), dim=1,
-                                                     dtype=torch.float32).numpy()
-                            for lo in range(0, store.n, rows)])
+    norms = np.concatenate([torch.linalg.vector_norm(block, dim=1, dtype=torch.float32).numpy()
+                            for _, block in _blocks(store)])
     try:
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "wb") as f:

@@ -85,7 +85,8 @@ def is_influence_suite(data: Any) -> bool:
 
 def parse_influence_suite(data: dict, where: str, path: Path | None = None) -> InfluenceSuite:
     simple = {"name": str, "model": str, "data": str, "data_dir": str, "n_train": int, "poison_fraction": float,
-              "queries": int, "seed": int, "workers": int, "throughput_examples": int, "description": str, "timeout_s": float, "ks": list}
+              "queries": int, "seed": int, "workers": int, "throughput_examples": int, "description": str,
+              "timeout_s": float, "ks": list}
     nested = {"finetune", "cache", "fidelity"}
     kwargs: dict = {}
     for k, v in data.items():

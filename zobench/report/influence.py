@@ -105,7 +105,8 @@ def render_influence(rec: dict, plots: list[tuple[str, str]]) -> str:
     for e in q["by_k"]:
         t, h, cn = e["triggered"], e["hotword"], e["control"]
         worst = f"{t['recall_min']:.2f}" if "recall_min" in t else "-"
-        lines.append(f"| {e['k']:,} | {t['recall_at_k']:.3f} | {worst} | {t['precision_at_k']:.3f} | {t['auroc']:.3f} | "
+        lines.append(f"| {e['k']:,} | {t['recall_at_k']:.3f} | {worst} | {t['precision_at_k']:.3f} | "
+                     f"{t['auroc']:.3f} | "
                      f"{h['recall_at_k']:.3f} | {h['auroc']:.3f} | {cn['precision_at_k']:.3f} | {cn['auroc']:.3f} |")
     fid = rec["fidelity"]
     lines += ["", "## Fidelity: sketched vs exact scores", "",
@@ -137,7 +138,8 @@ def render_influence(rec: dict, plots: list[tuple[str, str]]) -> str:
               *_fresh_cache_row(ov),
               f"| sketching step / plain forward+backward (median, interleaved) | {ov['ratio']:.2f}x "
               f"({ov['sketch_step_s'] * 1e3:.0f} / {ov['plain_step_s'] * 1e3:.0f} ms) |",
-              f"| scan of {c['n']:,} sketches, 1 query{_rounds(c)} | {c['scan_s'] * 1e3:.1f} ms{_range(c, 'scan_s_range')} |",
+              f"| scan of {c['n']:,} sketches, 1 query{_rounds(c)} | "
+              f"{c['scan_s'] * 1e3:.1f} ms{_range(c, 'scan_s_range')} |",
               f"| scan, {c['scan_queries']} queries at once | {c['scan_all_queries_s'] * 1e3:.1f} ms |",
               f"| scan bandwidth / plain copy of the same bytes | {_bytes(c['scan_bytes_per_s'])}/s / "
               f"{_bytes(c['copy_bytes_per_s'])}/s = {c['scan_over_copy_bandwidth']:.2f}"

@@ -137,8 +137,11 @@ class SketchStore:
 def _read_meta(path: Path) -> dict | None:
     """The stored meta, or None for a directory that holds no cache yet; UserError for a broken one."""
     meta_file = path / META
+    # Data first, then meta: a cache appears by one atomic rename, so data seen before meta is looked
+    # for means the meta is there too (the other order raced a concurrent creator).
+    has_data = (path / SKETCH).exists() or (path / DONE).exists()
     if not meta_file.is_file():
-        if (path / SKETCH).exists() or (path / DONE).exists():
+        if has_data:
             raise UserError(f"{path}: holds sketch data but no {META}; delete this directory or use another")
         return None
     try:

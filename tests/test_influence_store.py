@@ -111,3 +111,40 @@ def test_dataset_hash_is_canonical():
     a = [{"text": "hi", "label": 1}, {"text": "yo", "label": 0}]
     assert dataset_hash(a) == dataset_hash([{"label": 1, "text": "hi"}, {"label": 0, "text": "yo"}])
     assert dataset_hash(a) != dataset_hash(a[::-1]) and len(dataset_hash(a)) == 16
+
+
+def test_cached_row_norms_are_never_unpickled(tmp_path):
+    from zobench.influence.retrieve import row_norms
+
+    store = SketchStore.open_or_create(tmp_path / "c", META, 3, 8)
+    values = _rows(3, 8)
+    store.write([0, 1, 2], values)
+    # A pickled object array where the norms belong: loading it with pickles allowed would run code.
+    np.save(tmp_path / "c" / "row_norms.f32.npy", np.array([object()] * 3, dtype=object), allow_pickle=True)
+    norms = row_norms(SketchStore.open(tmp_path / "c"))
+    np.testing.assert_allclose(norms, np.linalg.norm(values.astype(np.float16).astype(np.float32), axis=1),
+                               rtol=1e-3)
+    assert np.load(tmp_path / "c" / "row_norms.f32.npy", allow_pickle=False).dtype == np.float32  # replaced
+
+
+def test_a_cache_larger_than_the_disk_is_refused_before_any_work(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    from helpers import limit_file_size
+
+    code = textwrap.dedent(f"""
+        from zobench.errors import OutputError
+        from zobench.influence.store import SketchStore
+        try:
+            SketchStore.open_or_create({str(tmp_path / "c")!r}, {META!r}, 1000, 4096)
+        except OutputError as e:
+            print(e)
+            raise SystemExit(2)
+        """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       preexec_fn=limit_file_size(1 << 20))  # 8 MB of sketches, 1 MB of room
+    assert r.returncode == 2, r.stderr
+    assert "nothing was created" in r.stdout
+    assert not (tmp_path / "c").exists() and list(tmp_path.iterdir()) == []  # no staging directory left

@@ -28,10 +28,12 @@ matrix:
 timeout_s: 300
 """
 
+# A config file that exists (so the suite validates) but names no architecture: the cell fails when it
+# loads the model, as a real broken config would.
 BROKEN = BASE + """
 overrides:
   - match: {method: random}
-    set: {model: "random:no-such-config"}
+    set: {model: "random:broken.json"}
   - match: {method: full}
     set: {steps: 1000000, timeout_s: 4}
 """
@@ -39,19 +41,20 @@ overrides:
 
 def _run(tmp_path: Path, text: str, resume=False):
     p = tmp_path / "t.yaml"
-    p.write_text(text)
+    p.write_text(text.replace("random:broken.json", f"random:{tmp_path / 'broken.json'}"))
+    (tmp_path / "broken.json").write_text('{"hidden_size": 16}')
     return run_suite(load_suite(p), tmp_path / "results", resume=resume)
 
 
 def test_failed_and_killed_cells_do_not_stop_the_suite_and_resume_redoes_only_them(tmp_path):
     out = _run(tmp_path, BROKEN)
     recs = read_records(out)
-    status = sorted((r["labels"]["method"], r["config"]["model"], r["status"]) for r in recs)
+    status = sorted((r["labels"]["method"], r["config"]["model"].rsplit("/", 1)[-1], r["status"]) for r in recs)
     # The broken model also gets its own forward reference cell, which fails the same way.
-    assert status == [("forward", "random:no-such-config", "failed"), ("forward", "random:tiny-llama", "ok"),
-                      ("full", "random:tiny-llama", "timeout"), ("random", "random:no-such-config", "failed")]
+    assert status == [("forward", "broken.json", "failed"), ("forward", "random:tiny-llama", "ok"),
+                      ("full", "random:tiny-llama", "timeout"), ("random", "broken.json", "failed")]
     failed = next(r for r in recs if r["labels"]["method"] == "random")
-    assert "no-such-config" in failed["reason"] and "Traceback" not in failed["reason"]
+    assert "has no 'model_type'" in failed["reason"] and "Traceback" not in failed["reason"]
     timed_out = next(r for r in recs if r["status"] == "timeout")
     assert "killed" in timed_out["reason"]
     first_lines = out.read_text().splitlines()

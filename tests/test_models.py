@@ -57,3 +57,38 @@ def test_bad_model_specs_give_one_clear_line(spec, message, monkeypatch):
     with pytest.raises(UserError, match=message) as e:
         load_model(spec)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("smolm2", "did you mean 'smollm2'"),
+    ("random:tiny-lama", "did you mean 'tiny-llama'"),
+    ("random:no-such", "no such architecture config"),
+    ("gpt2", "unknown model"),
+    ("./no/such/dir", "no model directory there"),
+    ("/nonexistent/model.gguf", "GGUF file not found"),
+    ("", "expected a model name"),
+])
+def test_model_names_are_checked_without_loading(spec, message):
+    from zobench.models.names import check_model_spec
+
+    with pytest.raises(UserError, match=message) as e:
+        check_model_spec(spec, "s.yaml: defaults: key 'model'")
+    assert str(e.value).startswith("s.yaml: defaults: key 'model'") and "\n" not in str(e.value)
+
+
+def test_valid_model_names_pass(tmp_path):
+    from zobench.models.names import check_model_spec
+
+    (tmp_path / "config.json").write_text("{}")
+    for spec in ("smollm2", "SmolLM2", "random:tiny-llama", "meta-llama/Llama-2-7b-hf", str(tmp_path)):
+        assert check_model_spec(spec, "x") == spec
+
+
+def test_checking_model_names_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from zobench.models.names import check_model_spec; check_model_spec('smollm2', 'x'); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

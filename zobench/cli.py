@@ -1,6 +1,8 @@
 """The `zobench` command. Each subcommand parses its flags, calls one function and sets the exit code.
 
-Exit codes: 0 success, 1 a check failed (budgets), 2 bad input (one line on stderr, no traceback).
+Exit codes (``zobench.errors``): 0 success; 1 a budget is broken (``check``) and nothing else; 2 bad
+input or an output that cannot be written (one line on stderr, no traceback); 3 cells failed
+(``run --strict``); 4 an internal error (one line; the traceback is saved to a file it names).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from zobench.errors import UserError
+from zobench.errors import (EXIT_BUDGET, EXIT_CELLS_FAILED, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK,
+                            UserError)
 
 
 def _add_train(sub) -> None:
@@ -47,17 +50,18 @@ def _parse_set(items: list[str]) -> dict:
 def cmd_train(args) -> int:
     from zobench.api import train
 
+    from zobench.files import atomic_write, check_output_file
+
     overrides = _parse_set(args.set)
     for key in ("model", "task", "method", "density", "steps", "quant", "dtype", "data_dir"):
         overrides.setdefault(key, getattr(args, key))
+    out = check_output_file(args.out, "record file")  # before training: a run whose result cannot be saved
     record = train(progress=_print_progress, **overrides)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, out)
+    atomic_write(out, json.dumps(record, indent=1, default=str), "record file")
+    for warning in record.get("warnings") or []:
+        print(f"zobench: warning: {warning}", file=sys.stderr)
     print(_train_summary(record))
-    return 0
+    return EXIT_OK
 
 
 def _print_progress(event: dict) -> None:
@@ -94,14 +98,24 @@ def cmd_run(args) -> int:
         for c in cells:
             print(f"{c.cell_id}  {c.describe()}")
         print(f"{len(cells)} cells")
-        return 0
+        return EXIT_OK
+    _check_run_outputs(args, suite.name)
     with SuiteProgress() as progress:
         out = run_suite(suite, Path(args.out), resume=args.resume, only=args.only, reporter=progress)
     progress.console.print(progress.summary())
     report = _write_report(out, Path(args.reports) / f"{suite.name}.md")
     print(f"results: {out}\nreport:  {report}")
     failed = [r for r in progress.records if r["status"] not in ("ok", "unsupported")]
-    return 1 if failed and args.strict else 0
+    return EXIT_CELLS_FAILED if failed and args.strict else EXIT_OK
+
+
+def _check_run_outputs(args, name: str) -> None:
+    """Every place a run writes is writable before the first cell starts: a measurement that cannot be
+    saved is never taken."""
+    from zobench.files import check_output_dir, check_output_file
+
+    check_output_file(Path(check_output_dir(args.out, "results")) / f"{name}.jsonl", "results file")
+    check_output_file(Path(check_output_dir(args.reports, "reports")) / f"{name}.md", "report")
 
 
 def _run_influence(suite, args) -> int:
@@ -110,13 +124,14 @@ def _run_influence(suite, args) -> int:
 
     if args.dry_run:
         print(f"influence suite {suite.name}: {suite.n_train} examples, scope {suite.cache.get('scope', 'lora')}")
-        return 0
+        return EXIT_OK
+    _check_run_outputs(args, suite.name)
     rec = run_influence_suite(suite, Path(args.out), progress=lambda msg: print(f"  {msg}", flush=True))
     out = Path(args.out) / f"{suite.name}.jsonl"
     append_record(out, rec)
     report = _write_report(out, Path(args.reports) / f"{suite.name}.md")
     print(f"results: {out}\nreport:  {report}")
-    return 0
+    return EXIT_OK
 
 
 def _write_report(results: Path, out_md: Path) -> Path:
@@ -128,9 +143,12 @@ def _write_report(results: Path, out_md: Path) -> Path:
 
 def cmd_report(args) -> int:
     results = Path(args.results)
+    from zobench.files import check_output_file
+
     out = Path(args.output) if args.output else Path("reports") / f"{results.stem}.md"
+    check_output_file(out, "report")
     print(_write_report(results, out))
-    return 0
+    return EXIT_OK
 
 
 def cmd_check(args) -> int:
@@ -160,7 +178,7 @@ def cmd_check(args) -> int:
         what = args.results or f"{suite_path} (no results)"
         extra = f"; {len(estimates)} cell(s) by estimate, peak_mib_max only" if estimates else ""
         print(f"ok: {len(suite.budgets)} budget(s) hold for {what}{extra}")
-    return 1 if violations else 0
+    return EXIT_BUDGET if violations else EXIT_OK
 
 
 def cmd_estimate(args) -> int:
@@ -179,7 +197,7 @@ def cmd_estimate(args) -> int:
         rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=1))
-        return 0
+        return EXIT_OK
     names = [" ".join(f"{k}={v}" for k, v in r["labels"].items()) for r in rows]
     width = max([len("cell"), *map(len, names)])
     print(f"{'cell':<{width}}  {'device':<6} {'peak MiB':>9}  main components (MiB)")
@@ -188,7 +206,7 @@ def cmd_estimate(args) -> int:
             print(f"{name:<{width}}  {'-':<6} {'-':>9}  {r['error']}")
         else:
             print(f"{name:<{width}}  {r['device']:<6} {r['peak_mib']:>9.0f}  {describe(r)}")
-    return 0
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,16 +252,56 @@ COMMANDS = {"train": cmd_train, "run": cmd_run, "report": cmd_report, "check": c
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. This is the one guard at the command boundary: whatever happens below, the exit
+    code means what the module docstring says, and the user sees one line, not a traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # argparse itself exits 2 with one usage line on bad flags
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"zobench: error: {e}", file=sys.stderr)
-        return 2
+        _say(f"zobench: error: {_first_line(e)}")
+        return EXIT_INPUT
     except KeyboardInterrupt:
-        print("zobench: interrupted", file=sys.stderr)
-        return 130
+        _say("zobench: interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`zobench estimate ... | head`): nothing to report
+        return EXIT_OK
+    except OSError as e:  # the machine refused: a path not readable or writable, a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        _say(f"zobench: error: {where}{e.strerror or _first_line(e)}")
+        return EXIT_INPUT
+    except Exception as e:
+        if os.environ.get("ZOBENCH_DEBUG"):
+            raise
+        saved = _save_traceback()
+        _say(f"zobench: internal error: {type(e).__name__}: {_first_line(e)} ({saved}; please report it, "
+             f"or set ZOBENCH_DEBUG=1 to see it here)")
+        return EXIT_INTERNAL
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def _save_traceback() -> str:
+    import tempfile
+    import traceback
+
+    try:
+        fd, path = tempfile.mkstemp(prefix="zobench-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(traceback.format_exc())
+        return f"traceback in {path}"
+    except OSError:
+        return "traceback not saved: the temporary directory is not writable"
 
 
 if __name__ == "__main__":

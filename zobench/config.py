@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any
 
 from zobench.errors import UserError
+from zobench.models.names import check_model_spec
 
 ZO_METHODS = ("full", "random", "sensitive", "magnitude", "task_grad")
 OTHER_METHODS = ("forward", "fo-sgd", "fo-adam", "lora")
 METHODS = ZO_METHODS + OTHER_METHODS
+# Upper bounds: far beyond any real run, low enough that a typo (steps: 1e30) is refused, not run.
+LIMITS = {"steps": 10**8, "n_train": 10**9, "n_dev": 10**9, "n_test": 10**9, "max_length": 1 << 20,
+          "batch_size": 1 << 16, "eval_batch_size": 1 << 16, "q": 1024, "calib_sequences": 1 << 20,
+          "calib_length": 1 << 20, "warmup_steps": 10**8, "eval_every": 10**8}
 
 
 @dataclass
@@ -34,7 +40,7 @@ class CellConfig:
     n_train: int = 1000
     n_dev: int = 500
     n_test: int = 1000
-    max_length: int = 256
+    max_length: int | None = None      # default: the task's (long enough for its longest example)
     batch_size: int = 16
     eval_batch_size: int = 16
     # method
@@ -64,6 +70,13 @@ class CellConfig:
     seed: int = 0
     timeout_s: float | None = None      # this cell's limit in a suite (default: the suite's timeout_s)
 
+    def __post_init__(self):
+        if self.max_length is None:
+            from zobench.tasks import TASKS
+
+            if self.task in TASKS:  # an unknown task is reported by validate()
+                self.max_length = TASKS.get(self.task).max_length
+
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name for f in fields(cls)]
@@ -91,6 +104,19 @@ class CellConfig:
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise UserError(f"{where}: key 'method' = {self.method!r}: expected one of "
                             f"{', '.join(METHODS)}{hint}")
+        check_model_spec(self.model, f"{where}: key 'model'")
+        if self.model_fallback is not None:
+            check_model_spec(self.model_fallback, f"{where}: key 'model_fallback'")
+        from zobench.tasks import TASKS
+
+        if self.task not in TASKS:
+            try:
+                TASKS.get(self.task)  # raises with the known names and a did-you-mean
+            except UserError as e:
+                raise UserError(f"{where}: key 'task': {e}") from None
+        for key, top in LIMITS.items():
+            if getattr(self, key) > top:
+                bad(key, f"at most {top:g}")
         if not 0 < self.density <= 1:
             bad("density", "a fraction in (0, 1]")
         for key in ("steps", "n_train", "n_dev", "n_test", "calib_sequences", "warmup_steps", "eval_every"):
@@ -101,6 +127,10 @@ class CellConfig:
                 bad(key, "a number >= 1")
         if self.eps <= 0:
             bad("eps", "a positive number")
+        if self.lr < 0:
+            bad("lr", "a number >= 0")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            bad("timeout_s", "a positive number of seconds")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             bad("dtype", "float32, bfloat16 or float16")
         from zobench.zo.directions import DIRECTIONS
@@ -149,14 +179,21 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
     elif t.startswith("int"):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)  # 1.0e+3 in YAML is a float; a whole number is what was meant
     elif t.startswith("float"):
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if math.isfinite(number):
+                return number
+            raise UserError(f"{where}: key '{f.name}' = {value!r}: expected a finite number")
     elif t.startswith("str"):
         if isinstance(value, str):
             return value

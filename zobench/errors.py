@@ -1,12 +1,24 @@
-"""User-facing errors.
+"""User-facing errors and the command line's exit codes.
 
-A `UserError` is bad input (a file, a key, a name): the CLI prints its message as one line and exits 2,
-without a traceback. Anything else is a bug and keeps its traceback.
+A `UserError` is bad input (a file, a key, a name, an output location): the CLI prints its message as one
+line and exits 2, without a traceback. Anything else is a bug: the CLI prints one line saying where the
+traceback was saved and exits 4, so that no crash is ever read as "a budget is broken" (exit 1).
 """
+
+EXIT_OK = 0
+EXIT_BUDGET = 1        # zobench check: a budget is broken. Nothing else exits 1.
+EXIT_INPUT = 2         # bad input or an output that cannot be written; one line on stderr
+EXIT_CELLS_FAILED = 3  # zobench run --strict: a cell failed, timed out or crashed
+EXIT_INTERNAL = 4      # a bug in zobench: one line, the traceback saved to a file
+EXIT_INTERRUPTED = 130
 
 
 class UserError(Exception):
     """Bad input from the user; the message names what was wrong and what was expected."""
+
+
+class OutputError(UserError):
+    """An output could not be written (unwritable location, full disk); nothing partial was left behind."""
 
 
 class Unsupported(UserError):

@@ -53,6 +53,8 @@ class SuiteProgress:
             self.progress.advance(self.suite_task)
             status = rec["status"] if rec["status"] == "ok" else f"{rec['status']}: {rec.get('reason')}"
             self._line(f"[{data['index'] + 1}] {data['cell'].describe()} -> {status} ({rec['wall_s']:.0f} s)")
+            for warning in rec.get("warnings") or []:
+                self._line(f"    warning: {warning}")
 
     def _line(self, text: str) -> None:
         if self.live:

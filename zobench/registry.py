@@ -17,9 +17,15 @@ class Registry:
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, Any] = {}
+        self._aliases: set[str] = set()
 
-    def register(self, name: str, factory: Any = None):
-        """Register `factory` (an object or a "module:attr" string); usable as a decorator."""
+    def register(self, name: str, factory: Any = None, alias: bool = False):
+        """Register `factory` (an object or a "module:attr" string); usable as a decorator.
+
+        An ``alias`` resolves like its name but is left out of ``names()`` and did-you-mean hints.
+        """
+        if alias:
+            self._aliases.add(name.lower())
         if factory is None:
             def deco(obj: Callable) -> Callable:
                 self._items[name.lower()] = obj
@@ -29,7 +35,7 @@ class Registry:
         return factory
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        return sorted(n for n in self._items if n not in self._aliases)
 
     def __contains__(self, name: str) -> bool:
         return name.lower() in self._items
@@ -37,7 +43,7 @@ class Registry:
     def get(self, name: str) -> Any:
         key = str(name).lower()
         if key not in self._items:
-            close = difflib.get_close_matches(key, self._items, n=1)
+            close = difflib.get_close_matches(key, self.names(), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise UserError(f"unknown {self.kind} '{name}' (known: {', '.join(self.names())}){hint}")
         item = self._items[key]

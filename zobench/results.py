@@ -28,14 +28,14 @@ One JSON line per cell in ``results/<suite>.jsonl``. A record is readable withou
     git             {commit, dirty}
     started_at, finished_at (ISO 8601 UTC), wall_s
 
-Appends write the whole line with one ``write`` on an ``O_APPEND`` descriptor and fsync, so a killed
-run leaves either the full line or none; ``read_records`` skips (and reports) any torn fragment.
+Appends write the whole line or nothing (``zobench.files.append_line``: short writes are completed, a
+failed write is rolled back), so a killed run or a full disk leaves either the full line or none;
+``read_records`` skips (and reports) a torn last line and refuses a file with a bad line anywhere else.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -45,45 +45,69 @@ from zobench.errors import UserError
 SCHEMA_VERSION = 1
 
 
+STATUSES = ("ok", "failed", "timeout", "unsupported")
+# Fields that, when present, must be JSON objects: reports and checks read into them by key.
+MAPPINGS = ("labels", "config", "metrics", "phases", "derived", "estimate", "env", "git")
+
+
 def append_record(path: str | Path, record: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Append one record as one JSON line: the whole line or nothing (see ``zobench.files.append_line``)."""
+    from zobench.files import append_line
+
     line = (json.dumps(record, default=str, allow_nan=False) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        # A previous writer killed mid-line would leave no newline at the end: start on a fresh line.
-        if os.fstat(fd).st_size:
-            with open(path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    line = b"\n" + line
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_line(path, line)
+
+
+def check_record(rec, where: str) -> dict:
+    """``rec`` as read from a results file, or a one-line ``UserError`` naming the line and the field."""
+    if not isinstance(rec, dict) or "cell_id" not in rec:
+        raise UserError(f"{where}: not a zobench record (no 'cell_id')")
+    if not isinstance(rec["cell_id"], str):
+        raise UserError(f"{where}: field 'cell_id' = {rec['cell_id']!r}: expected a string")
+    schema = rec.get("schema", 0)
+    if not isinstance(schema, int) or isinstance(schema, bool):
+        raise UserError(f"{where}: field 'schema' = {schema!r}: expected an integer schema version")
+    if schema > SCHEMA_VERSION:
+        raise UserError(f"{where}: schema {schema} is newer than this zobench ({SCHEMA_VERSION})")
+    for key in MAPPINGS:
+        if rec.get(key) is not None and not isinstance(rec[key], dict):
+            raise UserError(f"{where}: field '{key}' = {_short(rec[key])}: expected a JSON object")
+    if "status" in rec and rec["status"] not in STATUSES:
+        raise UserError(f"{where}: field 'status' = {_short(rec['status'])}: expected one of "
+                        f"{', '.join(STATUSES)}")
+    return rec
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def read_records(path: str | Path) -> list[dict]:
+    """Every record of a results file, in file order.
+
+    Only the last line may be torn (an interrupted append: skipped with a warning); an unreadable line
+    anywhere else means the file is corrupt, and that is an error naming the line.
+    """
+    from zobench.files import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: results file not found")
+    text = read_text(path, "results file")
+    lines = text.split("\n")
     out = []
-    lines = path.read_text(encoding="utf-8").splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
-            # A fragment from a writer killed mid-line (append_record puts the next record on a
-            # fresh line, so a fragment never merges with a whole record): skip it, say so.
-            print(f"zobench: warning: {path}:{n}: skipped a torn line", file=sys.stderr)
-            continue
-        if not isinstance(rec, dict) or "cell_id" not in rec:
-            raise UserError(f"{path}:{n}: not a zobench record (no 'cell_id')")
-        if rec.get("schema", 0) > SCHEMA_VERSION:
-            raise UserError(f"{path}:{n}: schema {rec['schema']} is newer than this zobench ({SCHEMA_VERSION})")
-        out.append(rec)
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # no newline after it: an append that was cut short
+                print(f"zobench: warning: {path}:{n}: skipped a torn last line (an interrupted append)",
+                      file=sys.stderr)
+                continue
+            raise UserError(f"{path}:{n}: not a JSON record ({e.msg} at column {e.colno}); the results "
+                            f"file is corrupt") from None
+        out.append(check_record(rec, f"{path}:{n}"))
     return out
 
 

@@ -116,13 +116,34 @@ def load_suite(path: str | Path) -> Suite:
     return parse_suite(data, str(path), path)
 
 
-def load_yaml(path: str | Path) -> Any:
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last
+    silently, so a suite could run with a setting its author did not see)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a plain value",
+                                                        key_node.start_mark) from None
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' given twice (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: str | Path, what: str = "suite file") -> Any:
     """The parsed YAML of a suite file, or one line saying why it cannot be read."""
+    from zobench.files import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: suite file not found")
+    text = read_text(path, what)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f":{mark.line + 1}" if mark else ""
@@ -168,14 +189,14 @@ def parse_suite(data: Any, where: str, path: Path | None = None) -> Suite:
                 continue
             if k not in BUDGET_LIMITS:
                 raise _unknown(w, k, ["match", *BUDGET_LIMITS])
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise UserError(f"{w}.{k}: expected a number ({BUDGET_LIMITS[k]})")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or abs(v) == float("inf"):
+                raise UserError(f"{w}.{k}: expected a finite number ({BUDGET_LIMITS[k]})")
             limits[k] = float(v)
         if not limits:
             raise UserError(f"{w}: no limit given (one of: {', '.join(BUDGET_LIMITS)})")
         budgets.append(Budget(parse_selector(item.get("match", {}), f"{w}.match"), limits, w))
     timeout = data.get("timeout_s", 3600)
-    if not isinstance(timeout, (int, float)) or timeout <= 0:
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < float("inf"):
         raise UserError(f"{where}: key 'timeout_s': expected a positive number of seconds")
     reference = data.get("reference", True)
     if not isinstance(reference, bool):

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from zobench.errors import UserError
+from zobench.files import atomic_write
 from zobench.influence import metrics as MX
 from zobench.influence.fidelity import fidelity, subspace_vs_sketch
 from zobench.influence.suite import InfluenceSuite
@@ -69,7 +70,7 @@ def finetune(suite: InfluenceSuite, data: dict, work: Path, progress=None) -> tu
                           max_length=ft["max_length"], r=ft.get("r", 8), alpha=ft.get("alpha", 16),
                           seed=suite.seed, on_log=lambda s, loss: _say(progress, f"finetune step {s} loss {loss:.3f}"))
     save_adapter(loaded.model, adapter)
-    stats_file.write_text(json.dumps(stats))
+    atomic_write(stats_file, json.dumps(stats), "fine-tune record")
     return str(adapter), dict(stats, reused=False)
 
 

@@ -132,12 +132,11 @@ def _run_workers(spec, examples, out, missing, workers, device, progress, alread
 
 def _write_sidecars(out: Path, spec: InfluenceSpec, examples: list[dict]) -> None:
     """spec.json (with paths, for `zobench influence query`) and the examples, so a query can show them."""
-    out.mkdir(parents=True, exist_ok=True)
+    from zobench.files import atomic_write
+
     for name, text in (("spec.json", json.dumps(asdict(spec), indent=1)),
                        ("examples.jsonl", "".join(json.dumps(e) + "\n" for e in examples))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+        atomic_write(out / name, text, "influence cache file")
 
 
 def load_cache_dir(path: str | Path) -> tuple[InfluenceSpec, list[dict]]:

@@ -48,6 +48,9 @@ def cache(args) -> int:
     spec = InfluenceSpec.from_dict({"model": args.model, "adapter": args.adapter, "scope": args.scope,
                                     "k": args.k, "seed": args.seed, "normalize": not args.no_normalize,
                                     "max_length": args.max_length, "data_dir": args.data_dir}, "influence cache")
+    from zobench.files import check_output_dir
+
+    check_output_dir(Path(args.out).parent, "influence cache")
     examples = load_alpaca(args.data, n=args.n, seed=args.data_seed)
 
     def progress(done, total):
@@ -67,6 +70,10 @@ def query(args) -> int:
     from zobench.influence.session import Session
     from zobench.influence.store import SketchStore
 
+    from zobench.files import atomic_write, check_output_file
+
+    if args.html:
+        check_output_file(args.html, "page")
     spec, examples = load_cache_dir(args.cache)
     store = SketchStore.open(args.cache)
     if spec.adapter and not Path(spec.adapter).is_dir():
@@ -88,7 +95,7 @@ def query(args) -> int:
     out = {"query": {**prompt, "generation": args.generation, **info}, "metric": args.metric,
            "scan_s": result.seconds, "top": rows}
     if args.html:
-        Path(args.html).write_text(_html(out), encoding="utf-8")
+        atomic_write(args.html, _html(out), "page")
     print(json.dumps(out, indent=1) if args.json else _markdown(out))
     return 0
 

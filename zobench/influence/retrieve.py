@@ -8,7 +8,7 @@ its norm, so examples with large gradients do not win by size alone).
 
 from __future__ import annotations
 
-import os
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from zobench.errors import UserError
+from zobench.files import atomic_write
 from zobench.influence.session import Session
 from zobench.influence.store import SketchStore
 
@@ -84,18 +85,20 @@ def row_norms(store: SketchStore) -> np.ndarray:
     directory is writable (a cosine scan then reads the rows once, not twice)."""
     path = Path(store.path) / "row_norms.f32.npy"
     if path.is_file():
-        norms = np.load(path)
-        if norms.shape == (store.n,):
+        try:  # never unpickle: a file in a cache directory is data, not code
+            norms = np.load(path, allow_pickle=False)
+        except (ValueError, OSError):
+            norms = None  # not a plain float array (or unreadable): recompute it
+        if norms is not None and norms.dtype == np.float32 and norms.shape == (store.n,):
             return norms
     norms = np.concatenate([torch.linalg.vector_norm(block, dim=1, dtype=torch.float32).numpy()
                             for _, block in _blocks(store)])
+    buf = io.BytesIO()
+    np.save(buf, norms)
     try:
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, norms)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache: recompute next time
+        atomic_write(path, buf.getvalue(), "row norms")
+    except UserError:
+        pass  # a read-only cache or a full disk: nothing half-written; recompute next time
     return norms
 
 

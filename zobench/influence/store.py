@@ -17,6 +17,7 @@ the other opens the winner's (after checking that its meta matches).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zobench.errors import UserError
+from zobench.errors import OutputError, UserError
 
 FORMAT = 1
 META, SKETCH, DONE = "meta.json", "sketch.f16", "done.u8"
@@ -153,6 +154,29 @@ def _read_meta(path: Path) -> dict | None:
     return meta
 
 
+def _allocate(file: Path, size: int, cache: Path) -> None:
+    """A zero-filled file of ``size`` bytes whose blocks are reserved on the disk now.
+
+    Rows are written through a memory map, and a write into a mapped page the filesystem cannot back
+    kills the process with SIGBUS: no message, no cleanup. Reserving the blocks up front turns a disk too
+    small for the cache into one clear error before any work is done. Filesystems without fallocate get
+    a sparse file (the old behaviour).
+    """
+    full = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    with open(file, "wb") as f:
+        try:
+            if size:
+                os.posix_fallocate(f.fileno(), 0, size)  # reserves the blocks and sets the size
+            f.truncate(size)  # the size, where the filesystem cannot reserve (a sparse file)
+        except OSError as e:
+            if e.errno in full:
+                raise OutputError(f"{cache}: the cache needs {size / 2**30:.2f} GiB for {file.name} and the "
+                                  f"disk cannot hold it ({e.strerror}); nothing was created") from None
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            f.truncate(size)
+
+
 def _create(path: Path, meta: dict) -> dict:
     """Builds the cache in a private sibling and renames it to ``path``; returns the meta now at ``path``."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -161,10 +185,8 @@ def _create(path: Path, meta: dict) -> dict:
     stage = path.parent / f".{path.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
-        # truncate() allocates sparse, zero-filled files: a 13 GB cache costs nothing until rows land.
         for name, size in ((SKETCH, meta["n"] * meta["k"] * 2), (DONE, meta["n"])):
-            with open(stage / name, "wb") as f:
-                f.truncate(size)
+            _allocate(stage / name, size, path)
         tmp = stage / (META + ".tmp")
         tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, stage / META)

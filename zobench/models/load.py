@@ -28,8 +28,8 @@ import torch
 
 from zobench.errors import UserError
 
-BUILTIN = {"smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-CONFIG_DIR = Path(__file__).with_name("configs")
+from zobench.models.names import BUILTIN, CONFIG_DIR, random_config_path, shipped_configs
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -62,10 +62,6 @@ def resolve_dtype(name: str) -> torch.dtype:
         return DTYPES[str(name).lower()]
     except KeyError:
         raise UserError(f"unknown dtype '{name}' (expected float32, bfloat16 or float16)") from None
-
-
-def shipped_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
 def builtin_gguf() -> Path:
@@ -121,6 +117,25 @@ def converted_gguf_dir(gguf: Path) -> Path:
     return target
 
 
+def pending_conversion(spec: str) -> Path | None:
+    """The GGUF file that loading ``spec`` would convert first (None when nothing is to convert).
+
+    Random-weight models borrow the embedded model's tokenizer, so they need its conversion too.
+    """
+    spec = str(spec)
+    try:
+        if spec.lower() in BUILTIN or spec.startswith("random:"):
+            gguf = builtin_gguf()
+        elif spec.endswith(".gguf") and Path(spec).is_file():
+            gguf = Path(spec)
+        else:
+            return None
+    except UserError:
+        return None  # not installed: the cell that needs it says so
+    target = cache_dir() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
+    return None if (target / "config.json").exists() else gguf
+
+
 def builtin_tokenizer():
     from transformers import AutoTokenizer
 
@@ -130,9 +145,7 @@ def builtin_tokenizer():
 def _random_config(name: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
-    path = Path(name)
-    if not path.suffix == ".json":
-        path = CONFIG_DIR / f"{name}.json"
+    path = random_config_path(name)
     if not path.exists():
         raise UserError(f"model 'random:{name}': no such config (shipped: {', '.join(shipped_configs())}, "
                         f"or a path to a config.json)")

@@ -30,6 +30,6 @@ def render_report(records: list[dict], out_md: Path, title: str | None = None) -
     ok = [r for r in recs if r.get("status") == "ok"]
     folder = out_md.parent / f"{out_md.stem}_plots"
     plots = [(caption, f"{folder.name}/{name}") for caption, name in write_plots(ok, varying_axes(recs), folder)]
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_md.write_text(render_markdown(recs, title, plots), encoding="utf-8")
-    return out_md
+    from zobench.files import atomic_write
+
+    return atomic_write(out_md, render_markdown(recs, title, plots), "report")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from zobench.files import atomic_write
 
 
 def _one_line(text: str, n: int = 100) -> str:
@@ -36,8 +39,10 @@ def write_plots(rec: dict, folder: Path) -> list[tuple[str, str]]:
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(folder / name, dpi=110)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
         plt.close(fig)
+        atomic_write(folder / name, buf.getvalue(), "plot")
         return name
 
     fig, ax = k_axes(0.9, None)
@@ -162,6 +167,4 @@ def render_influence_report(rec: dict, out_md: Path) -> Path:
     out_md = Path(out_md)
     folder = out_md.parent / f"{out_md.stem}_plots"
     plots = [(cap, f"{folder.name}/{name}") for cap, name in write_plots(rec, folder)]
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_md.write_text(render_influence(rec, plots), encoding="utf-8")
-    return out_md
+    return atomic_write(out_md, render_influence(rec, plots), "report")

@@ -18,8 +18,8 @@ for _names, _factory in (
     (("squad", "squad1", "squad-v1.1"), "zobench.tasks.generation:SQuAD"),
     (("drop",), "zobench.tasks.generation:DROP"),
 ):
-    for _name in _names:
-        TASKS.register(_name, _factory)
+    for _i, _name in enumerate(_names):
+        TASKS.register(_name, _factory, alias=_i > 0)
 
 
 def get_task(name: str) -> Task:

@@ -1,0 +1,224 @@
+"""Bad input and unwritable outputs at the command line: one line naming the file and key, exit 2, no
+traceback; exit 1 only ever means "a budget is broken"; a crash is exit 4 with its traceback saved."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import limit_file_size, unprivileged
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"model": "random:tiny-llama", "task": "sst2", "n_train": 16, "n_dev": 0, "n_test": 0,
+        "batch_size": 4, "max_length": 32, "steps": 3, "warmup_steps": 1, "eval_before": False,
+        "eval_after": False}
+
+
+def zobench(*args, cwd=ROOT, prefix=(), preexec_fn=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, sys.executable, "-m", "zobench.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=600, cwd=cwd, preexec_fn=preexec_fn,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def one_line_error(r: subprocess.CompletedProcess, *needles: str, code: int = 2) -> None:
+    err = r.stderr.strip()
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and len(err.splitlines()) == 1, r.stderr
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def write_suite(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def tiny_suite(tmp_path: Path, **defaults) -> Path:
+    lines = ["name: t", "reference: false", "defaults:"]
+    lines += [f"  {k}: {json.dumps(v)}" for k, v in dict(TINY, **defaults).items()]
+    lines += ["matrix:", "  method: [forward]"]
+    return write_suite(tmp_path / "t.yaml", "\n".join(lines) + "\n")
+
+
+def record(**fields) -> str:
+    rec = {"schema": 1, "suite": "t", "cell_id": "abc", "status": "ok", "labels": {"method": "forward"},
+           "config": {"method": "forward"}, "metrics": {}, "phases": {}, "derived": {"peak_mib": 1.0}}
+    rec.update(fields)
+    return json.dumps(rec)
+
+
+# -- suites ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [["run"], ["run", "--dry-run"], ["estimate"], ["check", "--suite"]])
+def test_a_suite_that_is_not_utf8(tmp_path, command):
+    suite = tmp_path / "s.yaml"
+    suite.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    args = command[:1] + ([str(suite)] if command[-1] != "--suite" else ["--suite", str(suite)]) + command[1:-1]
+    one_line_error(zobench(*args), str(suite), "not UTF-8")
+
+
+def test_a_suite_the_user_cannot_read(tmp_path):
+    suite = tiny_suite(tmp_path)
+    suite.chmod(0)
+    try:
+        r = zobench("run", suite, "--dry-run", prefix=unprivileged())
+    finally:
+        suite.chmod(0o644)
+    one_line_error(r, str(suite), "not readable")
+
+
+@pytest.mark.parametrize("defaults, needles", [
+    ({"model": "smolm2"}, ["defaults: key 'model'", "did you mean 'smollm2'"]),
+    ({"model": "random:tiny-lama"}, ["key 'model'", "did you mean 'tiny-llama'"]),
+    ({"model_fallback": "random:nope"}, ["key 'model_fallback'", "no such architecture config"]),
+    ({"task": "sst3"}, ["key 'task'", "did you mean 'sst2'"]),
+    ({"lr": float("nan")}, ["key 'lr'", "finite"]),
+    ({"steps": 10**30}, ["key 'steps'", "at most"]),
+])
+def test_bad_values_fail_validation_and_dry_run(tmp_path, defaults, needles):
+    suite = tiny_suite(tmp_path, **defaults)
+    one_line_error(zobench("run", suite, "--dry-run"), str(suite), *needles)
+
+
+def test_a_key_given_twice(tmp_path):
+    suite = write_suite(tmp_path / "d.yaml", "name: d\ndefaults:\n  steps: 3\n  steps: 30\n")
+    one_line_error(zobench("run", suite, "--dry-run"), f"{suite}:4", "key 'steps' given twice")
+
+
+def test_nan_in_yaml_spelling(tmp_path):
+    suite = write_suite(tmp_path / "n.yaml", "name: n\ndefaults:\n  lr: .nan\n")
+    one_line_error(zobench("estimate", suite), "key 'lr'", "finite")
+
+
+# -- outputs ---------------------------------------------------------------------------------------------
+
+def test_run_out_naming_a_file_fails_before_any_cell(tmp_path):
+    suite = tiny_suite(tmp_path)
+    blocker = tmp_path / "results"
+    blocker.write_text("not a directory")
+    r = zobench("run", suite, "--out", blocker, "--reports", tmp_path / "reports")
+    one_line_error(r, str(blocker), "is a file")
+    assert "[1]" not in r.stderr and not (tmp_path / "reports").exists()  # no cell started
+
+
+def test_run_into_a_read_only_directory_fails_before_any_cell(tmp_path):
+    suite = tiny_suite(tmp_path)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        r = zobench("run", suite, "--out", ro, "--reports", ro,
+                    prefix=unprivileged())
+    finally:
+        ro.chmod(0o755)
+    one_line_error(r, str(ro), "not writable")
+    assert list(ro.iterdir()) == []
+
+
+def test_report_under_a_path_that_is_a_file(tmp_path):
+    results = tmp_path / "r.jsonl"
+    results.write_text(record() + "\n")
+    blocker = tmp_path / "reports"
+    blocker.write_text("x")
+    one_line_error(zobench("report", results, "-o", blocker / "r.md"), "is a file")
+
+
+def test_train_out_that_cannot_be_written_fails_before_training(tmp_path):
+    blocker = tmp_path / "x"
+    blocker.write_text("x")
+    r = zobench("train", "--model", "random:tiny-llama", "--steps", "1000000", "--out", blocker / "rec.json")
+    one_line_error(r, "is a file")
+
+
+def test_a_full_disk_during_a_run_exits_non_zero_and_leaves_no_fragment(tmp_path):
+    suite = tiny_suite(tmp_path)
+    results = tmp_path / "results" / "t.jsonl"
+    results.parent.mkdir()
+    results.write_text(record(pad="x" * 20_000) + "\n")  # an earlier run's record
+    before = results.read_bytes()
+    # Room for 200 more bytes in any file: the cell runs, its ~3 KB record does not fit.
+    r = zobench("run", suite, "--out", results.parent, "--reports", tmp_path / "reports",
+                preexec_fn=limit_file_size(len(before) + 200))
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "the record was not written and the file is unchanged" in r.stderr
+    assert results.read_bytes() == before
+
+
+def test_report_on_a_full_disk_keeps_the_old_report(tmp_path):
+    results = tmp_path / "r.jsonl"
+    results.write_text(record() + "\n")
+    out = tmp_path / "rep" / "r.md"
+    out.parent.mkdir()
+    out.write_text("old\n")
+    r = zobench("report", results, "-o", out, preexec_fn=limit_file_size(100))
+    one_line_error(r, str(out.parent), "cannot write the", "nothing was written")
+    assert out.read_text() == "old\n"
+    left = [p.name for p in out.parent.rglob("*") if p.is_file()]
+    assert left == ["r.md"], left  # no half-written plot, no temporary file
+
+
+# -- results files ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"schema": "1"}, "field 'schema'"),
+    ({"labels": ["method", "forward"]}, "field 'labels'"),
+    ({"config": "forward"}, "field 'config'"),
+    ({"status": "fine"}, "field 'status'"),
+])
+@pytest.mark.parametrize("command", ["check", "report"])
+def test_malformed_records(tmp_path, fields, needle, command):
+    results = tmp_path / "r.jsonl"
+    results.write_text(record(**fields) + "\n")
+    args = [command, results] + (["--suite", ROOT / "suites" / "smoke.yaml"] if command == "check"
+                                 else ["-o", tmp_path / "r.md"])
+    one_line_error(zobench(*args), f"{results}:1", needle)
+
+
+def test_a_results_file_that_is_not_utf8(tmp_path):
+    results = tmp_path / "r.jsonl"
+    results.write_bytes(b'{"cell_id": "\xff"}\n')
+    one_line_error(zobench("check", results, "--suite", ROOT / "suites" / "smoke.yaml"), "not UTF-8")
+    one_line_error(zobench("report", results, "-o", tmp_path / "r.md"), "not UTF-8")
+
+
+def test_garbage_in_the_middle_of_a_results_file_is_corrupt_but_a_torn_tail_is_not(tmp_path):
+    results = tmp_path / "r.jsonl"
+    results.write_text(record() + "\nnot json\n" + record(cell_id="def") + "\n")
+    one_line_error(zobench("check", results, "--suite", ROOT / "suites" / "smoke.yaml"), f"{results}:2", "corrupt")
+    results.write_text(record() + "\n" + record(cell_id="def")[:40])  # an interrupted append
+    r = zobench("check", results, "--suite", ROOT / "suites" / "smoke.yaml", "--measured-only")
+    assert r.returncode == 0 and "torn last line" in r.stderr
+
+
+# -- the guard -------------------------------------------------------------------------------------------
+
+def test_an_internal_error_is_one_line_exit_4_with_the_traceback_saved(monkeypatch, capsys):
+    from zobench import cli
+
+    def boom(args):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setitem(cli.COMMANDS, "report", boom)
+    assert cli.main(["report", "x.jsonl"]) == 4
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "internal error: ZeroDivisionError: a bug" in err
+    saved = Path(err.split("traceback in ")[1].split(";")[0])
+    assert "ZeroDivisionError" in saved.read_text()
+    saved.unlink()
+
+
+def test_exit_1_is_only_a_broken_budget(monkeypatch, capsys):
+    from zobench import cli
+
+    for exc in (OSError(28, "No space left on device", "/x"), PermissionError(13, "Permission denied", "/y"),
+                ValueError("bad"), KeyError("k")):
+        def fail(args, exc=exc):
+            raise exc
+        monkeypatch.setitem(cli.COMMANDS, "check", fail)
+        assert cli.main(["check", "r.jsonl"]) in (2, 4)
+    capsys.readouterr()

@@ -1,0 +1,114 @@
+"""Reading user files and writing outputs: one clear error, and never a torn or half-written file.
+
+A full disk is produced for real: the writer runs in a child process under RLIMIT_FSIZE, so the kernel
+lets part of a write through (a short write, as on a nearly full filesystem) and refuses the rest.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from helpers import limit_file_size, unprivileged
+
+from zobench.errors import OutputError, UserError
+from zobench.files import append_line, atomic_write, check_output_dir, check_output_file, read_text
+
+
+def run_limited(code: str, limit_bytes: int) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python whose files may not grow beyond ``limit_bytes``."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          preexec_fn=limit_file_size(limit_bytes), timeout=120)
+
+
+def test_append_on_a_full_disk_leaves_the_file_exactly_as_it_was(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_bytes(b'{"cell_id": "a"}\n' * 100)
+    before = p.read_bytes()
+    # 200 bytes of room: the kernel takes 200 bytes of the 3 KB line (a short write), then refuses.
+    r = run_limited(f"""
+        from zobench.files import append_line
+        from zobench.errors import OutputError
+        try:
+            append_line({str(p)!r}, b'{{"cell_id": "b", "pad": "' + b'x' * 3000 + b'"}}\\n')
+        except OutputError as e:
+            print(e)
+            raise SystemExit(2)
+        """, len(before) + 200)
+    assert r.returncode == 2, r.stderr
+    assert "file is unchanged" in r.stdout and str(p) in r.stdout
+    assert p.read_bytes() == before  # no 200-byte fragment
+
+
+def test_append_to_a_device_that_takes_nothing_names_the_cause():
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    with pytest.raises(OutputError, match="no space left"):
+        append_line("/dev/full", b"{}\n")
+
+
+def test_atomic_write_that_fails_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "report.md"
+    target.write_text("old report\n")
+    r = run_limited(f"""
+        from zobench.files import atomic_write
+        atomic_write({str(target)!r}, "new " * 100_000, "report")
+        """, 50_000)
+    assert r.returncode != 0 and "cannot write the report" in r.stderr
+    assert target.read_text() == "old report\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_a_torn_last_line_is_cut_before_the_next_append(tmp_path, capsys):
+    p = tmp_path / "r.jsonl"
+    append_line(p, b'{"cell_id": "a"}\n')
+    with open(p, "ab") as f:
+        f.write(b'{"cell_id": "b", "sta')  # a writer killed mid-line
+    append_line(p, b'{"cell_id": "c"}\n')
+    assert p.read_bytes() == b'{"cell_id": "a"}\n{"cell_id": "c"}\n'
+    assert "removed a torn last line" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"\xff\xfename: x\n", "not UTF-8 text"),
+    (None, "is a directory"),
+])
+def test_read_text_refuses_in_one_line(tmp_path, content, expected):
+    p = tmp_path / "suite.yaml"
+    if content is None:
+        p.mkdir()
+    else:
+        p.write_bytes(content)
+    with pytest.raises(UserError, match=expected) as e:
+        read_text(p, "suite file")
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_output_locations_are_checked_before_work(tmp_path):
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where a directory should go")
+    with pytest.raises(OutputError, match="is a file"):
+        check_output_dir(blocker, "results")
+    with pytest.raises(OutputError, match="is a file"):
+        check_output_dir(blocker / "sub", "results")
+    with pytest.raises(OutputError, match="not a regular file"):
+        check_output_file(tmp_path, "report")
+    made = check_output_dir(tmp_path / "new" / "dir", "results")
+    assert made.is_dir() and list(made.iterdir()) == []  # the probe file is gone
+
+
+def test_a_read_only_directory_is_found_by_the_probe(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        r = subprocess.run([*unprivileged(), sys.executable, "-c", textwrap.dedent(f"""
+            from zobench.files import check_output_dir
+            check_output_dir({str(ro)!r}, "results")
+            """)], capture_output=True, text=True, timeout=60)
+    finally:
+        ro.chmod(0o755)
+    assert r.returncode != 0 and "directory is not writable" in r.stderr

@@ -87,9 +87,11 @@ def test_two_workers_fill_the_same_cache_as_one_process(tmp_path, examples):
     np.testing.assert_allclose(np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32), atol=2e-3)
 
 
-def test_lora_scope_takes_only_the_adapter_and_sensitive_scope_only_the_mask(tmp_path, examples, data_dir):
+def test_lora_scope_takes_only_the_adapter_and_sensitive_scope_only_the_mask(tmp_path, examples, data_dir,
+                                                                          monkeypatch):
     from zobench.influence.poison import finetune_lora, save_adapter
     from zobench.models import load_model
+    from zobench.models.load import cache_dir
 
     loaded = load_model(MODEL, dtype="float32")
     finetune_lora(loaded, examples[:4], steps=1, batch_size=2, lr=1e-3, max_length=48)
@@ -97,8 +99,15 @@ def test_lora_scope_takes_only_the_adapter_and_sensitive_scope_only_the_mask(tmp
     s = Session(_spec(scope="lora", adapter=str(tmp_path / "adapter")))
     assert s.scope.names and all("lora_" in n for n in s.scope.names)
     assert s.scope.dim == sum(p.numel() for n, p in s.model.named_parameters() if "lora_" in n)
+    # A cache of its own (sharing only the converted model), to see where the sensitive mask is kept.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(cache_dir() / "models")
+    monkeypatch.setenv("ZOBENCH_CACHE", str(cache))
     sens = Session(_spec(scope="sensitive", density=0.01, calib_sequences=2, calib_length=32,
                          data_dir=str(data_dir)))
+    # The trainer's mask cache: the same directory, so the two share masks.
+    assert len(list((cache / "masks").glob("*.safetensors"))) == 1 and not (cache / "masks" / "masks").exists()
     linear = sum(p.numel() for n, p in sens.model.named_parameters() if n.endswith("proj.weight"))
     assert sens.scope.dim == pytest.approx(0.01 * linear, abs=2)
     sk, _ = sens.sketch(sens.encode(examples[0]))

@@ -108,7 +108,7 @@ class Session:
         params = scoped_params(base, "linear")
         spec = MaskSpec("sensitive", self.spec.density, calib_sequences=self.spec.calib_sequences,
                         calib_length=self.spec.calib_length)
-        mask, _ = build_mask(spec, base, self.tokenizer, params, cache_dir() / "masks", self.spec.data_dir,
+        mask, _ = build_mask(spec, base, self.tokenizer, params, cache_dir(), self.spec.data_dir,
                              vocab_size=self.loaded.vocab_size)
         for p in base.parameters():
             p.grad = None

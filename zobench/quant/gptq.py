@@ -29,7 +29,7 @@ import torch
 
 from zobench.errors import Unsupported, UserError
 from zobench.quant.base import Backend, QuantContext, Storage, _parent
-from zobench.zo.mask_build import corpus_batches, find_corpus
+from zobench.data.calibration import corpus_batches, find_corpus
 
 # gptqmodel 7.6.0 pins numpy==2.2.6 in its metadata, but runs on the numpy 2.4 the project is pinned to,
 # so it goes in without its declared dependencies; the extra installs the few it imports.
@@ -117,18 +117,23 @@ class GPTQ(Backend):
 
             _calibrate(model, names, batches, lambda m: _new_gptq(LayerGPTQ, GPTQConfig, m, cfg), quantize_layer)
             if target is not None:
-                _save(target, {f"{n}.{k}": v for n in names for k, v in model.get_submodule(n).state_dict().items()},
-                      {"names": names, "seconds": time.perf_counter() - start})
+                try:
+                    _save(target, {f"{n}.{k}": v for n in names
+                                   for k, v in model.get_submodule(n).state_dict().items()},
+                          {"names": names, "seconds": time.perf_counter() - start})
+                except OSError as e:  # a full or read-only cache: quantized, only not kept for next time
+                    ctx.info["cache_warning"] = f"GPTQ result not cached in {target.parent}: {e.strerror or e}"
+        ctx.info["quant_calib_corpus"] = corpus.describe()
         ctx.info["quant_cache_hit"] = hit
         ctx.info["quant_s"] = round(time.perf_counter() - start, 3)
 
-    def _cache_path(self, ctx, names, shapes, corpus: Path) -> Path | None:
+    def _cache_path(self, ctx, names, shapes, corpus) -> Path | None:
         if ctx.cache_dir is None or not ctx.cache_key:
             return None
         key = {"weights": ctx.cache_key, "format": CACHE_FORMAT, "gptqmodel": version("gptqmodel"),
                "bits": BITS, "group_size": GROUP_SIZE, "sym": True, "desc_act": False, "true_sequential": True,
                "damp": DAMP_PERCENT, "blocksize": BLOCKSIZE, "layers": [[n, *shapes[n]] for n in names],
-               "corpus": f"{corpus.name}:{corpus.stat().st_size}", "n_seq": ctx.calib_sequences,
+               "corpus": corpus.key, "n_seq": ctx.calib_sequences,
                "seq_len": ctx.calib_length, "vocab": ctx.vocab_size, "dtype": str(ctx.dtype),
                "tokenizer": getattr(ctx.tokenizer, "name_or_path", type(ctx.tokenizer).__name__)}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]

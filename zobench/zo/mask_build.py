@@ -18,11 +18,9 @@ from pathlib import Path
 
 import torch
 
+from zobench.data.calibration import corpus_batches, find_corpus
 from zobench.errors import UserError
 from zobench.zo import masks as M
-
-DEFAULT_CORPUS = "c4/c4_validation_2k.jsonl"
-
 
 @dataclass
 class MaskSpec:
@@ -43,46 +41,6 @@ def weights_fingerprint(params) -> str:
         h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
         h.update(p.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def find_corpus(calib_path: str | None, data_dir: str | None) -> Path:
-    """The calibration corpus: the given file, else the C4 sample under the data directory."""
-    candidates = [Path(calib_path)] if calib_path else []
-    if not calib_path:
-        for root in (data_dir, os.environ.get("ZOBENCH_DATA"), "../shared/data"):
-            if root:
-                candidates.append(Path(root) / DEFAULT_CORPUS)
-    for c in candidates:
-        if c.is_file():
-            return c
-    where = calib_path or f"<data_dir>/{DEFAULT_CORPUS}"
-    raise UserError(f"the sensitive mask needs a calibration corpus; not found: {where} "
-                    f"(pass --data-dir with {DEFAULT_CORPUS}, or calib_path)")
-
-
-def corpus_batches(path: Path, tokenizer, n_seq: int, seq_len: int, vocab_size: int | None = None):
-    """``n_seq`` sequences of ``seq_len`` tokens cut from the concatenated corpus (jsonl 'text' or raw text)."""
-    ids: list[int] = []
-    need = n_seq * seq_len
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if path.suffix == ".jsonl":
-                try:
-                    text = json.loads(line)["text"]
-                except (ValueError, KeyError, TypeError):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
-            else:
-                text = line
-            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-            if len(ids) >= need:
-                break
-    if len(ids) < need:
-        raise UserError(f"{path}: corpus has {len(ids)} tokens, {need} needed "
-                        f"({n_seq} sequences x {seq_len})")
-    t = torch.tensor(ids[:need]).view(n_seq, seq_len)
-    if vocab_size:
-        t = t % vocab_size
-    return [t[i:i + 1] for i in range(n_seq)]
 
 
 def lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -136,7 +94,7 @@ def build_mask(spec: MaskSpec, model, tokenizer, params, cache_root: Path | None
     if spec.method not in M.MASK_METHODS:
         raise UserError(f"unknown mask method '{spec.method}' (expected one of: {', '.join(M.MASK_METHODS)})")
     corpus = find_corpus(spec.calib_path, data_dir) if spec.method == "sensitive" else None
-    corpus_key = f"{corpus.name}:{corpus.stat().st_size}" if corpus else None
+    corpus_key = corpus.key if corpus else None
     cache = MaskCache(cache_root) if cache_root else None
     key = cache.key(spec, weights_fingerprint(params), corpus_key) if cache else None
     if cache:
@@ -155,7 +113,7 @@ def build_mask(spec: MaskSpec, model, tokenizer, params, cache_root: Path | None
         if spec.method == "sensitive":
             batches, loss = corpus_batches(corpus, tokenizer, spec.calib_sequences, spec.calib_length,
                                            vocab_size), lm_loss
-            info["calib_corpus"] = corpus.name
+            info["calib_corpus"] = corpus.describe()
         else:
             if task_batches is None:
                 raise UserError("task_grad masks need the task's training batches")
@@ -167,5 +125,8 @@ def build_mask(spec: MaskSpec, model, tokenizer, params, cache_root: Path | None
     info.update(M.mask_summary(mask, params))
     info["mask_build_s"] = time.perf_counter() - start
     if cache:
-        cache.save(key, mask, info)
+        try:
+            cache.save(key, mask, info)
+        except OSError as e:  # a full or read-only cache: the mask is built, only not kept for next time
+            info = dict(info, cache_warning=f"mask not cached in {cache.root}: {e.strerror or e}")
     return mask, dict(info, mask_cache_hit=False)

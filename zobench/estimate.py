@@ -3,7 +3,8 @@
 What is predicted is what ``launcher.derive`` calls ``peak_mib``: the largest peak RSS of the warmup and
 train phases on a CPU, or ``torch.cuda.max_memory_allocated`` there on CUDA. The peak is the sum of
 
-    framework    what a cell's process holds whatever the model (CPU; 0 for CUDA allocated memory)
+    framework    what a cell's process holds whatever the model, measured once on this machine
+                 (``zobench.analysis.calibration``; CUDA allocated memory: not measured yet, 0)
     weights      embeddings, norms and head in the model dtype; block linears in that dtype or, with a
                  quant backend, priced by its ``Storage``
     trainable    what the ZO method keeps besides the weights (indices, float32 masters, sparse values)
@@ -27,19 +28,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from zobench.analysis.calibration import framework
 from zobench.config import CellConfig
 from zobench.errors import Unsupported, UserError
 
 MIB = 1 << 20
-# Measured with bench/framework_rss.py (a real `forward` cell through the launcher on a 3k-parameter
-# Llama, so its peak is the floor of any cell): 426.6 MiB median of 3 (425.8-426.7) on the 2-core AMD EPYC
-# machine, Python 3.11.7, torch 2.13.0+cpu, transformers 5.23.0, with bitsandbytes 0.50.2, gptqmodel 7.6.0
-# and hqq 0.2.8 installed (loading the tokenizer imports hqq, accelerate, sympy: ~150 MiB of the total).
-CPU_FRAMEWORK_MIB = 426.6
-# max_memory_allocated counts tensors, not the CUDA context or the process. Not measured (no GPU here):
-# torch also takes cuBLAS's workspace from the caching allocator (32 MiB per stream on Hopper, 4 MiB
-# before), so a measured value will likely be that; set it from a GPU run of bench/framework_rss.py.
-CUDA_FRAMEWORK_MIB = 0.0
 CHUNK = 1 << 22           # zobench.zo.trainable.CHUNK: values per z draw in dense passes
 GATHER_LIMIT = 1 << 22    # zobench.quant.sparse.GATHER_LIMIT: values per gather-path temporary
 OPTION_TOKENS = 1         # MeZO's verbalizers (" great", "Yes", ...) are one token: one scored position
@@ -316,8 +309,10 @@ def estimate_cell(cfg: CellConfig) -> dict:
         kv = 2 * arch.layers * seqs * cfg.max_length * arch.kv_width * db if scored > OPTION_TOKENS else 0
         activations = max(activations, kv + activation_bytes(arch, seqs, scored, cfg.max_length, db, device,
                                                              cfg.quant, quant_sparse, nnz_layer))
+    # The framework floor is measured on this machine (zobench.analysis.calibration), not a constant.
+    floor = framework(device)
     breakdown = {
-        "framework_mib": CPU_FRAMEWORK_MIB + _import_mib(cfg.quant) if device == "cpu" else CUDA_FRAMEWORK_MIB,
+        "framework_mib": floor["framework_mib"] + (_import_mib(cfg.quant) if device == "cpu" else 0.0),
         "weights_mib": weights / MIB,
         "trainable_mib": trainable / MIB,
         "optimizer_mib": optimizer / MIB,
@@ -327,7 +322,8 @@ def estimate_cell(cfg: CellConfig) -> dict:
     breakdown = {k: round(v, 3) for k, v in breakdown.items()}
     return {"peak_mib": round(sum(breakdown.values()), 3), "breakdown": breakdown, "device": device,
             "model_numel": arch.numel, "method": cfg.method, "trainable_numel": nnz,
-            "linear_numel": linear_numel, "architecture_from": arch.source}
+            "linear_numel": linear_numel, "architecture_from": arch.source,
+            "calibration": {k: floor[k] for k in ("source", "key", "why", "measured_at") if k in floor}}
 
 
 def record_estimate(cfg: CellConfig | dict) -> dict:
@@ -336,7 +332,7 @@ def record_estimate(cfg: CellConfig | dict) -> dict:
         if isinstance(cfg, dict):
             cfg = CellConfig.from_dict(cfg, "estimate")
         est = estimate_cell(cfg)
-        return {"peak_mib": est["peak_mib"], "breakdown": est["breakdown"]}
+        return {"peak_mib": est["peak_mib"], "breakdown": est["breakdown"], "calibration": est["calibration"]}
     except Exception as e:  # an estimate is extra information: it must never fail a cell
         first = str(e).splitlines()[0] if str(e) else ""
         return {"error": f"{type(e).__name__}: {first}"[:300]}

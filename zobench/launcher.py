@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -53,6 +54,32 @@ def _child(config: dict, conn) -> None:
             pass
     finally:
         conn.close()
+
+
+def _convert(gguf: str) -> None:
+    from zobench.models.load import converted_gguf_dir
+
+    converted_gguf_dir(Path(gguf))
+
+
+def prepare_models(cells: list[Cell]) -> None:
+    """Convert GGUF models (the embedded default among them) once, before any cell runs.
+
+    The first load of a GGUF file de-quantizes and converts it; done inside a measured cell, that cost
+    and the modules it imports (about 70 MiB that stay resident) would land in the cell's peak, so the
+    first cell on a new machine measured differently from every later one. It runs in a process of
+    its own; a failure is left for the cell to report.
+    """
+    from zobench.models.load import pending_conversion
+
+    specs = {s for c in cells for s in (c.config.model, c.config.model_fallback) if s}
+    pending = {p for p in map(pending_conversion, sorted(specs)) if p is not None}
+    for gguf in sorted(pending):
+        print(f"zobench: converting {gguf.name} to safetensors once (kept in the cache)", file=sys.stderr,
+              flush=True)
+        proc = mp.get_context("spawn").Process(target=_convert, args=(str(gguf),), daemon=True)
+        proc.start()
+        proc.join()
 
 
 @dataclass
@@ -125,11 +152,7 @@ def _death(exitcode: int | None) -> Outcome:
 
 def derive(record: dict, earlier: list[dict]) -> dict:
     """Ratios against the forward reference and the full-ZO cell sharing the model/dtype/quant/task."""
-    def peak(r):
-        ph = r.get("phases", {})
-        key = "cuda_max_allocated_mib" if str(r.get("device", "cpu")).startswith("cuda") else "peak_rss_mib"
-        vals = [ph[p][key] for p in ("warmup", "train") if key in ph.get(p, {})]
-        return max(vals) if vals else None
+    from zobench.analysis.derive import train_peak_mib as peak
 
     def step_median(r):
         return (r.get("metrics", {}).get("step_s") or {}).get("median")
@@ -192,6 +215,11 @@ def run_suite(suite: Suite, out_dir: Path, resume: bool = False, only: str | Non
     env, git = environment(), git_state(Path(suite.path).parent if suite.path else ".")
     env["malloc_mmap_threshold"] = CHILD_ENV["MALLOC_MMAP_THRESHOLD_"]
     reporter = reporter or (lambda *a: None)
+    prepare_models(todo)
+    if any(not str(c.config.device).startswith("cuda") for c in todo):
+        from zobench.analysis.calibration import framework
+
+        framework("cpu")  # measured once per machine, before the cells: their records carry estimates
     reporter("suite", {"total": len(cells), "todo": len(todo), "skipped": len(cells) - len(todo)})
     records = latest_by_cell(existing)
     for i, cell in enumerate(todo):

@@ -11,14 +11,14 @@ from pathlib import Path
 PACKAGES = ("torch", "transformers", "bitsandbytes", "gptqmodel", "hqq", "peft", "safetensors", "zobench")
 
 
-def _version(pkg: str) -> str | None:
+def package_version(pkg: str) -> str | None:
     try:
         return importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -51,10 +51,10 @@ def gpu_info() -> dict:
 def environment() -> dict:
     import torch
 
-    env = {"python": platform.python_version(), "platform": platform.platform(), "cpu": _cpu_name(),
+    env = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
-    env["versions"] = {p: _version(p) for p in PACKAGES if _version(p)}
+    env["versions"] = {p: package_version(p) for p in PACKAGES if package_version(p)}
     env.update(gpu_info())
     return env
 

@@ -1,0 +1,149 @@
+"""The framework footprint, measured on the machine that runs the estimate: what a cell's process holds
+whatever the model (the interpreter, torch, transformers and what they import, the tokenizer, kernel state
+after a first forward).
+
+The memory estimator adds it to every CPU cell's predicted peak. It depends on the machine and the
+installed packages, not on the model (a 3k-parameter Llama's forward cell measures it), so it is measured
+once per (machine, installed versions) and cached under ``<cache>/calibration/``: a new machine or an
+upgraded package gets a fresh measurement, and every estimate says which calibration it used.
+
+The measurement is the most literal one: a real ``forward`` cell through the launcher (a fresh spawned
+child, the launcher's malloc settings, the same phases and peak accounting as any suite cell) on a Llama
+so small that its weights and activations are a few KiB. Its train-phase peak is the floor of any cell.
+
+CUDA allocator peaks (``max_memory_allocated``) have no framework share to speak of; without a GPU to
+measure on, the default below is used and the estimate says it was not measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Used only when the measurement itself cannot run (and said so in every estimate that uses it): the
+# floor measured on the 2-core AMD EPYC development machine, Python 3.11, torch 2.13.0+cpu,
+# transformers 5.23.0, with bitsandbytes, gptqmodel and hqq installed.
+FALLBACK_CPU_MIB = 426.6
+# cuBLAS takes its workspace from the caching allocator (32 MiB per stream on Hopper, 4 MiB before);
+# not measured here (no GPU): 0 until a GPU run records it.
+FALLBACK_CUDA_MIB = 0.0
+FORMAT = 1
+REPEATS = 2
+PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "peft", "bitsandbytes",
+            "gptqmodel", "hqq", "numpy", "zobench")
+
+# Weights of this model: about 3k values (vocab 64 x hidden 16, one layer): nothing against the floor.
+NEGLIGIBLE_LLAMA = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 16, "intermediate_size": 32,
+    "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8,
+    "vocab_size": 64, "max_position_embeddings": 512, "tie_word_embeddings": True, "pad_token_id": 2,
+    "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+}
+
+_MEMO: dict[str, dict] = {}
+
+
+def machine_key(device: str = "cpu") -> str:
+    """What the footprint depends on: device kind, CPU, Python, installed versions, child malloc settings."""
+    from zobench.launcher import CHILD_ENV
+    from zobench.measure.env import cpu_name, package_version
+
+    facts = {"format": FORMAT, "device": device, "cpu": cpu_name(), "machine": platform.machine(),
+             "python": platform.python_version(), "child_env": CHILD_ENV,
+             "versions": {p: package_version(p) for p in PACKAGES}}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _path(key: str) -> Path:
+    from zobench.models.load import cache_dir
+
+    return cache_dir() / "calibration" / f"framework-{key}.json"
+
+
+def framework(device: str = "cpu", measure: bool = True) -> dict:
+    """``{"framework_mib", "source", ...}`` for estimates on ``device`` ("cpu" or "cuda").
+
+    ``source`` is "measured" (this machine and these versions; ``key`` and ``measured_at`` say which
+    measurement) or "default" (with ``why``): the fallback constant when nothing could be measured.
+    """
+    if device != "cpu":
+        return {"framework_mib": FALLBACK_CUDA_MIB, "source": "default",
+                "why": "CUDA footprint not measured on a GPU yet"}
+    key = machine_key(device)
+    if key in _MEMO:
+        return _MEMO[key]
+    path = _path(key)
+    found = _read(path)
+    if found is None and measure:
+        found = _measure_and_store(path, key, device)
+    if found is None:
+        return {"framework_mib": FALLBACK_CPU_MIB, "source": "default", "why": "not measured on this machine"}
+    _MEMO[key] = found
+    return found
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("framework_mib"), (int, float)):
+        return None
+    return data
+
+
+def _measure_and_store(path: Path, key: str, device: str) -> dict | None:
+    print("zobench: measuring this machine's framework footprint for the memory estimator (once, ~20 s)",
+          file=sys.stderr, flush=True)
+    try:
+        peaks = measure(device, REPEATS)
+    except Exception as e:  # never fail an estimate on its calibration: fall back, and say why
+        why = f"calibration failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        print(f"zobench: warning: {why}; using the default footprint", file=sys.stderr)
+        return {"framework_mib": FALLBACK_CPU_MIB, "source": "default", "why": why}
+    data = {"framework_mib": round(statistics.median(peaks), 3), "source": "measured", "key": key,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs_mib": peaks}
+    try:
+        from zobench.files import atomic_write
+
+        atomic_write(path, json.dumps(data, indent=1), "calibration")
+    except Exception:  # an unwritable cache: use the measurement now, measure again next time
+        pass
+    return data
+
+
+def measure(device: str = "cpu", repeats: int = REPEATS) -> list[float]:
+    """Train-phase peaks (MiB) of ``repeats`` negligible forward cells, each in a fresh process."""
+    from zobench.analysis.derive import train_peak_mib
+    from zobench.launcher import prepare_models, run_in_child
+    from zobench.matrix import expand
+    from zobench.suite import parse_suite
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "negligible-llama.json"
+        config.write_text(json.dumps(NEGLIGIBLE_LLAMA))
+        suite = parse_suite({"name": "framework", "reference": False, "defaults": {
+            "model": f"random:{config}", "method": "forward", "task": "sst2", "batch_size": 1,
+            "max_length": 8, "n_train": 8, "n_dev": 0, "n_test": 0, "steps": 4, "warmup_steps": 1,
+            "eval_before": False, "eval_after": False, "device": device}}, "framework calibration")
+        (cell,) = expand(suite)
+        prepare_models([cell])
+        peaks = []
+        for _ in range(repeats):
+            outcome = run_in_child(cell, 300, lambda e: None)
+            if outcome.status != "ok":
+                raise RuntimeError(f"calibration cell {outcome.status}: {outcome.reason}")
+            peaks.append(round(train_peak_mib(outcome.record), 3))
+    return peaks
+
+
+if __name__ == "__main__":  # python -m zobench.analysis.calibration: measure now and print
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(json.dumps({"measured_mib": measure(), "key": machine_key()}))

@@ -398,3 +398,41 @@ def test_em_f1_metrics():
     assert f1_score("cat sat", ["dog", "cat sat"]) == 1.0                        # best gold answer
     assert f1_score("", ["cat"]) == 0.0 and f1_score("dog", ["cat"]) == 0.0
     assert f1_score("a cat cat", ["cat"]) == pytest.approx(2 * 0.5 * 1 / 1.5)    # multiset overlap
+
+
+def test_truncated_inputs_are_counted_exactly_where_encode_cuts(tokenizer, sst2_small):
+    exs = sst2_small.test
+    widths = sorted(scoring.encode([ex], tokenizer, "classification", max_length=10**6)["input_ids"].shape[1]
+                    for ex in exs)
+    limit = widths[len(widths) // 2]  # about half the examples are longer
+    cut = 0
+    for ex in exs:  # an example is cut when encoding it at the limit changes its tokens
+        whole = scoring.encode([ex], tokenizer, "classification", max_length=10**6)["input_ids"]
+        short = scoring.encode([ex], tokenizer, "classification", max_length=limit)["input_ids"]
+        cut += whole.shape != short.shape
+    assert 0 < cut < len(exs)
+    assert scoring.count_truncated(exs, tokenizer, "classification", limit, train=False) == cut
+    assert scoring.count_truncated(exs, tokenizer, "classification", 10**6, train=False) == 0
+
+
+@pytest.mark.parametrize("name", ["sst2", "rte", "cb", "boolq", "wsc", "copa", "squad", "drop"])
+def test_default_max_length_truncates_nothing(name, tokenizer, data_dir):
+    from zobench.config import CellConfig
+
+    task = get_task(name)
+    cfg = CellConfig(task=name)
+    assert cfg.max_length == task.max_length
+    splits = task.sample(str(data_dir), cfg.n_train, cfg.n_dev, cfg.n_test, 0)
+    for split in ("train", "dev", "test"):
+        examples = getattr(splits, split)
+        assert scoring.count_truncated(examples, tokenizer, task.kind, cfg.max_length, split == "train") == 0, split
+
+
+def test_a_run_that_truncates_counts_it_and_warns():
+    from zobench.api import train
+
+    rec = train(model="random:tiny-llama", task="sst2", method="forward", steps=1, warmup_steps=0,
+                n_train=8, n_dev=0, n_test=4, batch_size=4, max_length=12, eval_before=False, eval_after=False)
+    truncated = rec["metrics"]["truncated"]
+    assert truncated["max_length"] == 12 and truncated["train"] > 0 and truncated["dev"] == 0
+    assert any("max_length 12 truncates" in w and "train examples" in w for w in rec["warnings"])

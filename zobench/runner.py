@@ -120,6 +120,22 @@ def check_quant(cfg: CellConfig, device: str):
     return backend
 
 
+def _count_truncated(rec: dict, splits, tokenizer, kind: str, max_length: int) -> None:
+    """Truncated inputs per split into the record, and a warning for each split that has any: a cut
+    input silently loses the start of its passage (MeZO at least logs "Exceed max length")."""
+    from zobench.tasks import scoring
+
+    counts = {}
+    for name in ("train", "dev", "test"):
+        examples = getattr(splits, name)
+        counts[name] = scoring.count_truncated(examples, tokenizer, kind, max_length, train=name == "train")
+        if counts[name]:
+            rec.setdefault("warnings", []).append(
+                f"max_length {max_length} truncates {counts[name]} of {len(examples)} {name} examples "
+                f"(from the left); raise max_length to keep them whole")
+    rec["metrics"]["truncated"] = dict(counts, max_length=max_length)
+
+
 def run_cell(cfg: CellConfig, progress: Progress | None = None) -> dict:
     from zobench.models import load_model
     from zobench.models.load import cache_dir
@@ -156,6 +172,7 @@ def run_cell(cfg: CellConfig, progress: Progress | None = None) -> dict:
             rec["model_fallback_reason"] = str(e)
             loaded = load_model(cfg.model_fallback, cfg.dtype, cfg.seed, cfg.trust_remote_code, device)
     model, tok = loaded.model, loaded.tokenizer
+    _count_truncated(rec, splits, tok, task.kind, cfg.max_length)
     rec["model_source"] = loaded.source
     rec["accuracy_meaningful"] = not loaded.random_weights
     vocab = loaded.vocab_size if loaded.random_weights else None
@@ -183,6 +200,8 @@ def run_cell(cfg: CellConfig, progress: Progress | None = None) -> dict:
         with phases("mask"):
             mask, info = build_mask(spec, model, tok, params, cache_dir(), cfg.data_dir, task_batches,
                                     loss_fn, vocab)
+        if "cache_warning" in info:
+            rec.setdefault("warnings", []).append(info.pop("cache_warning"))
         m.update(info)
     elif cfg.method == "full":
         m.update(mask_nnz=sum(p.numel() for _, p in params), scope_numel=sum(p.numel() for _, p in params),
@@ -198,6 +217,8 @@ def run_cell(cfg: CellConfig, progress: Progress | None = None) -> dict:
                            cache_dir=cache_dir())
         with phases("quantize"):
             vectors = quantize_model(model, backend, ctx, mask)
+        if "cache_warning" in ctx.info:
+            rec.setdefault("warnings", []).append(ctx.info.pop("cache_warning"))
         m.update({f"quant_{k}" if not k.startswith("quant") else k: v for k, v in ctx.info.items()})
         params = vectors
 

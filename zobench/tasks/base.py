@@ -106,6 +106,10 @@ class Task:
     hf: tuple[str, str | None] | None = None  # Hugging Face dataset (path, config) used without data_dir
     train_as_classification = True
     train_optional = False                  # local data may lack a train split (carve it from validation)
+    # The default max_length (tokens): the next power of two above the longest example of the official
+    # train and validation splits with the embedded tokenizer, so a default run truncates nothing
+    # (MeZO's default is 2048 for every task).
+    max_length = 2048
 
     # -- MeZO's template: prompt (Template.encode) and what verbalize appends to it -----------------
     def prompt(self, row: dict) -> str:

@@ -23,6 +23,7 @@ def _yes_no(row: dict) -> int:
 
 class SST2(Task):
     name = "sst2"
+    max_length = 128
     dirs = ("SST-2", "sst2", "SST2")
     files = {"train": "train.tsv", "validation": "dev.tsv"}
     layout = "the GLUE SST-2 TSV: header sentence<TAB>label, label 0 (negative) or 1 (positive)"
@@ -63,6 +64,7 @@ class SST2(Task):
 
 class RTE(Task):
     name = "rte"
+    max_length = 512
     dirs = ("RTE", "rte")
     files = SUPERGLUE_FILES
     layout = "SuperGLUE RTE jsonl: premise, hypothesis, label (entailment or not_entailment)"
@@ -80,6 +82,7 @@ class RTE(Task):
 
 class CB(Task):
     name = "cb"
+    max_length = 512
     dirs = ("CB", "cb")
     files = SUPERGLUE_FILES
     layout = "SuperGLUE CB jsonl: premise, hypothesis, label (entailment, contradiction or neutral)"
@@ -97,6 +100,7 @@ class CB(Task):
 
 class BoolQ(Task):
     name = "boolq"
+    max_length = 2048
     dirs = ("BoolQ", "boolq")
     files = SUPERGLUE_FILES
     layout = "SuperGLUE BoolQ jsonl: question, passage, label (true or false)"
@@ -120,6 +124,7 @@ class BoolQ(Task):
 
 class WSC(Task):
     name = "wsc"
+    max_length = 256
     dirs = ("WSC", "wsc")
     files = SUPERGLUE_FILES
     layout = "SuperGLUE WSC jsonl: text, target {span1_text, span2_text, ...}, label (true or false)"
@@ -138,6 +143,7 @@ class WSC(Task):
 
 class WiC(Task):
     name = "wic"
+    max_length = 128
     dirs = ("WiC", "wic", "WIC")
     files = SUPERGLUE_FILES
     layout = "SuperGLUE WiC jsonl: word, sentence1, sentence2, label (true or false)"
@@ -155,6 +161,7 @@ class WiC(Task):
 
 class MultiRC(Task):
     name = "multirc"
+    max_length = 2048
     dirs = ("MultiRC", "multirc")
     files = SUPERGLUE_FILES
     layout = ("SuperGLUE MultiRC jsonl: passage {text, questions [{question, answers [{text, label}]}]}, "
@@ -187,6 +194,7 @@ class MultiRC(Task):
 
 class COPA(Task):
     name = "copa"
+    max_length = 64
     dirs = ("COPA", "copa")
     files = SUPERGLUE_FILES
     layout = "SuperGLUE COPA jsonl: premise, choice1, choice2, question (cause or effect), label (0 or 1)"

@@ -110,6 +110,29 @@ def encode(examples: list[Example], tokenizer, kind: str, max_length: int = 256,
     return batch
 
 
+def count_truncated(examples: list[Example], tokenizer, kind: str, max_length: int, train: bool) -> int:
+    """How many of ``examples`` would lose tokens to ``max_length`` (cut from the left, as ``encode`` does).
+
+    An example counts once, when its longest sequence (prompt + the longest candidate; prompt + target
+    for generation training; the prompt alone for generation at evaluation) is longer than max_length.
+    """
+    texts, owner = [], []
+    for i, ex in enumerate(examples):
+        if kind == "generation":
+            conts = [ex.target] if train else [""]
+        elif train and not ex.train_as_classification:
+            conts = [ex.candidates[ex.label]]
+        else:
+            conts = ex.candidates or [""]
+        texts += [ex.prompt + c for c in conts]
+        owner += [i] * len(conts)
+    cut = set()
+    for i, ids in zip(owner, tokenizer(texts)["input_ids"] if texts else []):
+        if len(ids) > max_length:
+            cut.add(i)
+    return len(cut)
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 

@@ -246,3 +246,18 @@ timeout_s: 600
         assert m["trainable_numel"] == m["mask_nnz"] > 0
         assert m["restore_drift_frac_changed"] == 0.0
         assert "quantize" in rec["phases"] and rec["derived"]["peak_over_inference"] > 0
+
+
+def test_install_hints_name_extras_that_exist():
+    """Every `zobench[extra]` that an error message or the README tells users to install is declared."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    extras = set(tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    texts = [p.read_text() for p in (root / "zobench").rglob("*.py")] + [(root / "README.md").read_text()]
+    named = {m for t in texts for m in re.findall(r"zobench\[([\w,-]+)\]", t)}
+    assert named, "no install hint found: the pattern is wrong"
+    for group in named:
+        assert set(group.split(",")) <= extras, group

@@ -88,3 +88,22 @@ def test_failed_record_without_metrics(tmp_path):
 def test_no_records_renders_an_empty_report(tmp_path):
     md = render_report([], tmp_path / "e.md").read_text(encoding="utf-8")
     assert "no cells" in md and "|" not in md
+
+
+def test_point_labels_never_overlap(records):
+    """Cells that land on the same memory and accuracy get labels nudged apart, not printed over each other."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from zobench.report.plots import memory_vs_accuracy
+
+    recs = [r for r in copy.deepcopy(records) if r.get("status") == "ok"]
+    for r in recs:  # every point on one spot: the worst case
+        r["derived"]["peak_mib"] = 500.0
+        if r.get("metrics", {}).get("test_after"):
+            r["metrics"]["test_after"] = {"accuracy": 0.5}
+    fig = memory_vs_accuracy(recs, [])
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts if t.get_text()]
+    assert len(boxes) >= 3
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

@@ -11,7 +11,7 @@ import torch
 
 from zobench.quant.base import Backend, QuantContext, Storage
 
-INSTALL = "pip install 'bitsandbytes==0.50.2' (or: pip install 'zobench[bnb]')"
+INSTALL = "pip install 'bitsandbytes==0.50.2' (a core dependency of zobench: `make venv` installs it)"
 
 
 class _FourBit(Backend):

@@ -7,9 +7,12 @@ registry. PNG metadata carries no software version, so the same records give the
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from matplotlib.figure import Figure
+
+from zobench.files import atomic_write
 
 from zobench.report.cells import (METHOD_ORDER, density, get, meaningful, method, pct, primary_score, quant,
                                   setting, short_name)
@@ -139,6 +142,32 @@ def dev_curves(ok: list[dict], extras: list[str]):
                    "dev accuracy (%) (F1 for generative tasks)", points)
 
 
+def _label_points(fig, ax, points: list[tuple[float, float, str]]) -> None:
+    """Label each point beside it, nudging a label up or down until it overlaps no label placed before.
+
+    Cells often land on the same memory and accuracy (two methods at one density and quant), and labels
+    drawn at a fixed offset then print over each other.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)  # fixes the layout and the axes limits, so text extents are final
+    placed = []
+    for x, y, text in sorted(points, key=lambda p: (-p[1], p[0])):
+        for k in range(40):  # offsets 0, +1, -1, +2, -2, ... lines of text
+            dy = ((k + 1) // 2) * (1 if k % 2 else -1) * 9.0
+            label = ax.annotate(text, (x, y), xytext=(4, 3 + dy), textcoords="offset points",
+                                fontsize="x-small", va="bottom")
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in placed):
+                break
+            label.remove()
+        if dy:
+            ax.annotate("", (x, y), xytext=(4, 3 + dy), textcoords="offset points",
+                        arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "grey"})
+        placed.append(box)
+
+
 def memory_vs_accuracy(ok: list[dict], extras: list[str]):
     cells = [r for r in ok if meaningful(r) and isinstance(get(r, "derived.peak_mib"), (int, float))
              and primary_score(get(r, "metrics.test_after")) is not None]
@@ -147,20 +176,25 @@ def memory_vs_accuracy(ok: list[dict], extras: list[str]):
     fig, ax = _figure(7.5, 4.5, "Memory against test score after training", "peak memory (MiB)",
                       "test accuracy (%) (F1 for generative tasks)")
     quants = sorted({quant(r) for r in cells}, key=lambda q: (q != "none", q))
+    points = []
     for r in cells:
         x, y = get(r, "derived.peak_mib"), 100 * primary_score(get(r, "metrics.test_after"))
         ax.scatter(x, y, color=color(method(r)), marker=MARKERS[quants.index(quant(r)) % len(MARKERS)], s=40,
                    zorder=3)
-        ax.annotate(short_name(r, extras), (x, y), xytext=(4, 4), textcoords="offset points", fontsize="x-small")
+        points.append((x, y, short_name(r, extras)))
     ax.margins(0.15)
-    _method_legend(ax, cells)
-    if len(quants) > 1:
-        from matplotlib.lines import Line2D
+    # One legend (methods by colour, then quant backends by marker): a second legend added beside the
+    # first is left out of the figure's extent and gets cut off.
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-        handles = [Line2D([], [], color="black", marker=MARKERS[i % len(MARKERS)], linestyle="", label=q)
-                   for i, q in enumerate(quants)]
-        ax.add_artist(ax.get_legend())
-        ax.legend(handles=handles, fontsize="small", title="quant", loc="lower left", bbox_to_anchor=(1.01, 0.0))
+    methods = sorted({method(r) for r in cells}, key=lambda m: (METHOD_ORDER + (m,)).index(m))
+    handles = [Patch(color=color(m), label=m) for m in methods]
+    if len(quants) > 1:
+        handles += [Line2D([], [], color="black", marker=MARKERS[i % len(MARKERS)], linestyle="",
+                           label=f"quant {q}") for i, q in enumerate(quants)]
+    ax.legend(handles=handles, fontsize="small", **OUTSIDE)
+    _label_points(fig, ax, points)
     return fig
 
 
@@ -184,7 +218,10 @@ def write_plots(ok: list[dict], extras: list[str], folder: Path) -> list[tuple[s
         if fig is None:
             path.unlink(missing_ok=True)
             continue
-        folder.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110, metadata={"Software": None})
+        buf = io.BytesIO()
+        # bbox "tight": the extent of every artist, so a legend outside the axes is never cut off
+        fig.savefig(buf, format="png", dpi=110, metadata={"Software": None}, bbox_inches="tight",
+                    pad_inches=0.1)
+        atomic_write(path, buf.getvalue(), "plot")  # a full disk leaves the old PNG, never half of one
         written.append((caption, path.name))
     return written

@@ -11,6 +11,7 @@ Variants:
   forward          one inference forward (the unit: a ZO step needs two)
   full-rademacher  full ZO (every weight), zobench's default direction, restore folded into update
   full-gaussian    full ZO with MeZO's Gaussian z
+  lezo-0.25        LeZO: a quarter of the blocks (and the rest of the model as one more unit) per step
   sparse           0.1% random mask, z of length nnz (zobench's sparse path)
   sparse-dense-z   0.1% mask done the naive way: a full-size z multiplied by a 0/1 mask
 """
@@ -78,10 +79,17 @@ def make_steppers(model, batch_loss):
     def zo(trainable):
         return ZOTrainer(model, trainable, make_optimizer("sgd", 1e-7), batch_loss, eps=1e-3)
 
+    def lezo(fraction: float):
+        from zobench.methods.lezo import LayerSubset, units
+
+        parts = [DenseTrainable(g, "rademacher", tag=f"u{u}") for u, g in enumerate(units(allp))]
+        return zo(LayerSubset(parts, max(1, round(fraction * len(parts)))))
+
     return {
         "forward": lambda: ForwardOnly(model, batch_loss),
         "full-rademacher": lambda: zo(DenseTrainable(allp, "rademacher")),
         "full-gaussian": lambda: zo(DenseTrainable(allp, "gaussian")),
+        "lezo-0.25": lambda: lezo(0.25),
         "sparse": lambda: zo(SparseTrainable(linear, mask)),
         "sparse-dense-z": lambda: zo(DenseZMasked(linear, mask)),
     }

@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from zobench.check import check
-from zobench.suite import parse_suite
+from zobench.analysis.check import Estimate, check
+from zobench.cell.record import CellRecord, Metrics, PhaseMeasure, Stats
+from zobench.spec.suite import parse_suite
 
 SUITE = {"name": "s", "budgets": [
     {"match": {"method": "sensitive"}, "peak_mib_max": 1000, "peak_over_inference_max": 1.05},
@@ -18,28 +19,36 @@ SUITE = {"name": "s", "budgets": [
 ]}
 
 
-def rec(method, peak, ratio, acc=0.7, step=1.0, cpu="cpuA", cell=None):
-    return {"cell_id": cell or method, "status": "ok", "labels": {"method": method},
-            "config": {"method": method}, "accuracy_meaningful": True, "env": {"cpu": cpu, "torch_threads": 2},
-            "derived": {"peak_mib": peak, "peak_over_inference": ratio},
-            "metrics": {"test_after": {"accuracy": acc}, "step_s": {"median": step}}}
+def rec(method, peak, acc=0.7, step=1.0, cpu="cpuA", cell=None) -> CellRecord:
+    """A measured cell: its train-phase peak, test accuracy and step median (ratios derive from these)."""
+    m = Metrics()
+    m.set(test_after={"accuracy": acc} if method != "forward" else None, step_s=Stats(step, step, step, 5))
+    return CellRecord(cell_id=cell or method, labels={"method": method}, config={"method": method, "model": "m"},
+                      env={"cpu": cpu, "torch_threads": 2}, device="cpu", metrics=m,
+                      phases={"train": PhaseMeasure(wall_s=1.0, peak_rss_mib=peak)})
+
+
+def as_json(r: CellRecord) -> str:
+    return json.dumps(r.to_json())
 
 
 def test_violations_name_cell_metric_limit_and_value():
     suite = parse_suite(SUITE, "s.yaml")
-    v, _ = check([rec("sensitive", 1200, 1.02), rec("full", 5000, 1.5, acc=0.5)], suite)
+    fwd = rec("forward", 800)
+    v, _ = check([rec("sensitive", 1200), rec("full", 5000, acc=0.5), fwd], suite)
     lines = sorted(x.line() for x in v)
     assert lines == ["method=full: accuracy_min limit 0.6, measured 0.5",
-                     "method=sensitive: peak_mib_max limit 1000, measured 1200"]
-    ok, _ = check([rec("sensitive", 900, 1.01)], suite)
+                     "method=sensitive: peak_mib_max limit 1000, measured 1200",
+                     "method=sensitive: peak_over_inference_max limit 1.05, measured 1.5"]
+    ok, _ = check([rec("sensitive", 808), fwd], suite)  # 1.01x its forward, under 1000 MiB
     assert ok == []
 
 
 def test_latency_only_against_the_same_machine():
     suite = parse_suite(SUITE, "s.yaml")
-    v, notes = check([rec("full", 1, 1, step=1.5)], suite, baseline=[rec("full", 1, 1, step=1.0)])
+    v, notes = check([rec("full", 1, step=1.5)], suite, baseline=[rec("full", 1, step=1.0)])
     assert [x.metric for x in v] == ["step_median_s vs baseline"]
-    v, notes = check([rec("full", 1, 1, step=1.5)], suite, baseline=[rec("full", 1, 1, step=1.0, cpu="other")])
+    v, notes = check([rec("full", 1, step=1.5)], suite, baseline=[rec("full", 1, step=1.0, cpu="other")])
     assert v == [] and "another machine" in notes[0]
 
 
@@ -48,8 +57,8 @@ def test_cli_exit_codes(tmp_path):
 
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(SUITE))
     good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
-    good.write_text(json.dumps(rec("sensitive", 900, 1.01)) + "\n")
-    bad.write_text(json.dumps(rec("sensitive", 1900, 1.01)) + "\n")
+    good.write_text(as_json(rec("sensitive", 900)) + "\n")
+    bad.write_text(as_json(rec("sensitive", 1900)) + "\n")
 
     def run(path):
         return subprocess.run([sys.executable, "-m", "zobench.cli", "check", str(path), "--suite",
@@ -74,25 +83,25 @@ def _cli(*args, cwd=ROOT):
 
 def test_estimates_are_held_to_peak_budgets_only():
     suite = parse_suite(SUITE, "s.yaml")
-    est = dict(rec("sensitive", 1200, 2.0, acc=0.1), estimated=True, metrics={})
-    v, _ = check([], suite, estimates={"sensitive": est})
+    est = Estimate("sensitive", {"method": "sensitive"}, {"method": "sensitive"}, "cpu", 1200.0)
+    v, _ = check([rec("forward", 100)], suite, estimates=[est])
     # peak_mib_max applies; the ratio (2.0 > 1.05) and accuracy limits are not checked on an estimate
     assert [x.line() for x in v] == ["method=sensitive [estimated]: peak_mib_max limit 1000, measured 1200"]
 
 
 def test_unmeasured_and_unsupported_cells_are_estimated():
-    from zobench.check import estimate_missing
-    from zobench.matrix import expand
+    from zobench.analysis.check import estimate_missing
+    from zobench.spec.matrix import expand
 
     suite = parse_suite({"name": "t", "defaults": {"model": "random:tiny-llama", "max_length": 32},
                          "matrix": {"method": ["full", "random"]}}, "t.yaml")
     cells = {c.config.method: c for c in expand(suite)}
-    measured = [{"cell_id": cells["forward"].cell_id, "status": "ok", "labels": {}, "config": {}},
-                {"cell_id": cells["full"].cell_id, "status": "unsupported", "labels": {}, "config": {},
-                 "reason": "needs a CUDA device (device=cuda); this machine has none"}]
+    measured = [CellRecord(cells["forward"].cell_id),
+                CellRecord(cells["full"].cell_id, status="unsupported",
+                           reason="needs a CUDA device (device=cuda); this machine has none")]
     estimates, lines = estimate_missing(suite, measured)
-    assert set(estimates) == {cells["full"].cell_id, cells["random"].cell_id}
-    assert all(e["estimated"] and e["derived"]["peak_mib"] > 0 for e in estimates.values())
+    assert {e.cell_id for e in estimates} == {cells["full"].cell_id, cells["random"].cell_id}
+    assert all(e.peak_mib > 0 and e.calibration["source"] == "measured" for e in estimates)
     full_line = next(line for line in lines if "method=full" in line)
     assert full_line.startswith("estimated: ") and "record unsupported: needs a CUDA device" in full_line
     assert "x its forward's estimate" in next(line for line in lines if "method=random" in line)

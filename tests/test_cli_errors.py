@@ -124,13 +124,13 @@ def test_report_under_a_path_that_is_a_file(tmp_path):
     results.write_text(record() + "\n")
     blocker = tmp_path / "reports"
     blocker.write_text("x")
-    one_line_error(zobench("report", results, "-o", blocker / "r.md"), "is a file")
+    one_line_error(zobench("report", results, "--out", blocker / "sub"), "is a file")
 
 
 def test_train_out_that_cannot_be_written_fails_before_training(tmp_path):
     blocker = tmp_path / "x"
     blocker.write_text("x")
-    r = zobench("train", "--model", "random:tiny-llama", "--steps", "1000000", "--out", blocker / "rec.json")
+    r = zobench("train", "--model", "random:tiny-llama", "--steps", "1000000", "--out", blocker / "run")
     one_line_error(r, "is a file")
 
 
@@ -155,7 +155,7 @@ def test_report_on_a_full_disk_keeps_the_old_report(tmp_path):
     out = tmp_path / "rep" / "r.md"
     out.parent.mkdir()
     out.write_text("old\n")
-    r = zobench("report", results, "-o", out, preexec_fn=limit_file_size(100))
+    r = zobench("report", results, "--out", out.parent, preexec_fn=limit_file_size(100))
     one_line_error(r, str(out.parent), "cannot write the", "nothing was written")
     assert out.read_text() == "old\n"
     left = [p.name for p in out.parent.rglob("*") if p.is_file()]
@@ -175,7 +175,7 @@ def test_malformed_records(tmp_path, fields, needle, command):
     results = tmp_path / "r.jsonl"
     results.write_text(record(**fields) + "\n")
     args = [command, results] + (["--suite", ROOT / "suites" / "smoke.yaml"] if command == "check"
-                                 else ["-o", tmp_path / "r.md"])
+                                 else ["--out", tmp_path / "reports"])
     one_line_error(zobench(*args), f"{results}:1", needle)
 
 
@@ -183,7 +183,7 @@ def test_a_results_file_that_is_not_utf8(tmp_path):
     results = tmp_path / "r.jsonl"
     results.write_bytes(b'{"cell_id": "\xff"}\n')
     one_line_error(zobench("check", results, "--suite", ROOT / "suites" / "smoke.yaml"), "not UTF-8")
-    one_line_error(zobench("report", results, "-o", tmp_path / "r.md"), "not UTF-8")
+    one_line_error(zobench("report", results, "--out", tmp_path / "reports"), "not UTF-8")
 
 
 def test_garbage_in_the_middle_of_a_results_file_is_corrupt_but_a_torn_tail_is_not(tmp_path):

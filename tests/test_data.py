@@ -43,7 +43,7 @@ def test_the_packaged_sample_gives_the_full_files_batches(tokenizer, data_dir):
 def test_sensitive_training_in_a_clone_without_shared_data(tmp_path):
     """`zobench train --method sensitive` from a directory with no data beside it: the packaged corpus,
     and the record says so."""
-    out = tmp_path / "rec.json"
+    out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "ZOBENCH_DATA"}
     r = subprocess.run([sys.executable, "-m", "zobench.cli", "train", "--model", "random:tiny-llama",
                         "--method", "sensitive", "--density", "0.01", "--steps", "2", "--out", str(out),
@@ -52,5 +52,5 @@ def test_sensitive_training_in_a_clone_without_shared_data(tmp_path):
                        capture_output=True, text=True, timeout=600, cwd=tmp_path,
                        env={**env, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr
-    corpus = json.loads(out.read_text())["metrics"]["calib_corpus"]
+    corpus = json.loads((out / "record.json").read_text())["metrics"]["calib_corpus"]
     assert corpus["source"] == "packaged" and corpus["file"] == PACKAGED_CORPUS.name

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from zobench.config import CellConfig
+from zobench.analysis.derive import derive, latest_by_cell
+from zobench.analysis.estimate import estimate_cell, record_estimate
 from zobench.errors import UserError
-from zobench.estimate import estimate_cell, record_estimate
-from zobench.results import latest_by_cell, read_records
+from zobench.results import load_records
+from zobench.spec.config import CellConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.10  # the estimator's stated accuracy against measured train-phase peaks
@@ -24,29 +25,29 @@ LLAMA7B = dict(model="meta-llama/Llama-2-7b-hf", model_fallback="random:llama-2-
 @pytest.fixture(scope="session")
 def smoke_records(tmp_path_factory):
     """The smoke suite run for real, once (~1 min on 2 cores): every cell in its own process."""
-    from zobench.launcher import run_suite
-    from zobench.suite import load_suite
+    from zobench.driver import run_suite
+    from zobench.spec.suite import load_suite
 
     out = run_suite(load_suite(ROOT / "suites" / "smoke.yaml"), tmp_path_factory.mktemp("smoke"))
-    return latest_by_cell(read_records(out))
+    return latest_by_cell(load_records(out))
 
 
-def _assert_close(rec: dict, est: dict) -> None:
-    measured = rec["derived"]["peak_mib"]
-    label = " ".join(f"{k}={v}" for k, v in rec["labels"].items())
+def _assert_close(rec, est: dict) -> None:
+    measured = derive([rec])[rec.cell_id].peak_mib
+    label = " ".join(f"{k}={v}" for k, v in rec.labels.items())
     assert abs(est["peak_mib"] - measured) <= TOLERANCE * measured, \
         f"{label}: estimated {est['peak_mib']:.0f} MiB, measured {measured:.0f} MiB ({est['breakdown']})"
 
 
 def test_smoke_cells_within_ten_percent_and_records_carry_the_estimate(smoke_records):
-    assert {r["config"]["method"] for r in smoke_records} == {"forward", "full", "random", "sensitive"}
+    assert {r.method for r in smoke_records} == {"forward", "full", "random", "sensitive"}
     for rec in smoke_records:
-        assert rec["status"] == "ok", rec.get("reason")
-        est = estimate_cell(CellConfig.from_dict(rec["config"]))
+        assert rec.ok, rec.reason
+        est = estimate_cell(CellConfig.from_dict(rec.config))
         _assert_close(rec, est)
-        # make_record attached the same prediction (what the report's "est. peak MiB" shows)
-        assert rec["estimate"]["peak_mib"] == pytest.approx(est["peak_mib"])
-        assert rec["estimate"]["breakdown"] == est["breakdown"]
+        # the driver attached the same prediction (what the report's "est. peak MiB" shows)
+        assert rec.estimate["peak_mib"] == pytest.approx(est["peak_mib"])
+        assert rec.estimate["breakdown"] == est["breakdown"]
 
 
 # A Llama-style architecture none of the estimator's constants were fitted on (they were tuned on the
@@ -63,8 +64,8 @@ def test_held_out_cells_within_ten_percent(tmp_path):
     """Cells the constants were not fitted to, measured here: another architecture, bfloat16, Adam and
     momentum state, longer sequences and other batch sizes. The framework share is this machine's own
     calibration, so the comparison does not depend on the machine's baseline."""
-    from zobench.launcher import run_suite
-    from zobench.suite import parse_suite
+    from zobench.driver import run_suite
+    from zobench.spec.suite import parse_suite
 
     config = tmp_path / "held-out-llama.json"
     config.write_text(json.dumps(HELD_OUT_LLAMA))
@@ -78,12 +79,12 @@ def test_held_out_cells_within_ten_percent(tmp_path):
                       {"match": {"method": "random"}, "set": {"optimizer": "adam", "dtype": "bfloat16"}},
                       {"match": {"method": "sensitive"}, "set": {"max_length": 256, "batch_size": 8}}]},
         "held-out.yaml")
-    records = latest_by_cell(read_records(run_suite(suite, tmp_path / "results")))
+    records = latest_by_cell(load_records(run_suite(suite, tmp_path / "results")))
     assert len(records) == 4
     for rec in records:
-        assert rec["status"] == "ok", rec.get("reason")
-        assert rec["estimate"]["calibration"]["source"] == "measured"
-        _assert_close(rec, rec["estimate"])
+        assert rec.ok, rec.reason
+        assert rec.estimate["calibration"]["source"] == "measured"
+        _assert_close(rec, rec.estimate)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -151,7 +152,7 @@ def test_record_estimate_never_raises():
     assert set(bad) == {"error"} and "no-such-config" in bad["error"]
     assert set(record_estimate({"model": "random:tiny-llama", "method": "forward"})) == \
         {"peak_mib", "breakdown", "calibration"}
-    assert "error" in record_estimate({"model": "random:tiny-llama", "method": "fo-sgd"})
+    assert "unsupported" in record_estimate({"model": "random:tiny-llama", "method": "full", "quant": "nf4"})["error"]
 
 
 def test_framework_floor_is_this_machines_measurement_cached_per_installed_versions(monkeypatch):
@@ -172,26 +173,27 @@ def test_framework_floor_is_this_machines_measurement_cached_per_installed_versi
     assert fallback["source"] == "default" and "not measured" in fallback["why"]
 
 
-def test_make_record_keeps_a_failed_estimate_as_an_error(tmp_path):
-    from zobench.launcher import Outcome, make_record
-    from zobench.matrix import expand
-    from zobench.suite import parse_suite
+def test_a_failed_estimate_is_kept_as_an_error_beside_the_record(tmp_path):
+    from zobench.cell.record import CellRecord
+    from zobench.driver import finalize
+    from zobench.spec.matrix import expand
+    from zobench.spec.suite import parse_suite
 
     broken = tmp_path / "broken.json"
     broken.write_text('{"hidden_size": 16}')  # exists, so the suite validates; names no architecture
     suite = parse_suite({"name": "s", "reference": False,
                          "defaults": {"model": f"random:{broken}", "method": "forward"}}, "s.yaml")
     (cell,) = expand(suite)
-    rec = make_record(suite, cell, Outcome("failed", reason="boom"), "", 0.0, {}, {})
-    assert rec["status"] == "failed" and "model_type" in rec["estimate"]["error"]
+    rec = finalize(CellRecord(cell.cell_id, status="failed", reason="boom"), cell, suite, "", {}, {})
+    assert rec.status == "failed" and "model_type" in rec.estimate["error"]
 
 
 def test_shipped_smollm2_config_is_the_embedded_models():
     from zobench.models import load_model
-    from zobench.models.load import _random_config
+    from zobench.models.load import random_config
 
     real = load_model("smollm2").model.config
-    shipped = _random_config("smollm2-135m", False)
+    shipped = random_config("smollm2-135m", False)
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "model_type",
                 "hidden_act", "max_position_embeddings", "rope_parameters"):

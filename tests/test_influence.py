@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from zobench.errors import UserError
-from zobench.influence.cache import build_cache
+from zobench.influence.cache import build_cache, load_cache_dir
 from zobench.influence.session import InfluenceSpec, Session
 from zobench.influence.store import SketchStore
 
@@ -24,7 +24,7 @@ def examples(data_dir):
 
 
 def _spec(**kw):
-    base = dict(model=MODEL, scope="full", k=512, max_length=48)
+    base = dict(model=MODEL, scope="all", k=512, max_length=48)
     return InfluenceSpec.from_dict({**base, **kw}, "test")
 
 
@@ -71,8 +71,8 @@ def test_a_killed_cache_run_resumes_and_matches_an_uninterrupted_one(tmp_path, e
 def test_a_cache_made_with_other_settings_is_refused(tmp_path, examples):
     s = Session(_spec())
     build_cache(s.spec, examples[:3], tmp_path / "c", session=s)
-    other = Session(_spec(seed=1))
-    with pytest.raises(UserError, match="meta.json: key 'seed'") as e:
+    other = Session(_spec(sketch_seed=1))
+    with pytest.raises(UserError, match="meta.json: key 'sketch_seed'") as e:
         build_cache(other.spec, examples[:3], tmp_path / "c", session=other)
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="'dataset'"):
@@ -155,29 +155,38 @@ throughput_examples: 5
     q = rec["quality"]
     assert q["n"] == 24 and q["n_poisoned"] == 6 and q["base_rate"] == pytest.approx(0.25)
     assert [e["k"] for e in q["by_k"]] == [64, 256]
-    for e in q["by_k"]:
-        for name in ("triggered", "control", "hotword"):
-            assert 0 <= e[name]["recall_at_k"] <= 1 and 0 <= e[name]["auroc"] <= 1
+    # The backdoor cannot take on random weights, so the model's own generations retrieve nothing in
+    # particular here; the suite's cache must still hold each row where the rest of the suite reads it: a
+    # poisoned row sketched again, as it was cached, is its own best match.
+    from zobench.influence.poison import TRIGGER
+    from zobench.influence.retrieve import scan
+
+    store_dir = next((tmp_path / "cache" / "influence" / "inf").glob("cache-*"))
+    spec, cached = load_cache_dir(store_dir)
+    poisoned = [i for i, e in enumerate(cached) if TRIGGER in e["instruction"]]
+    assert len(poisoned) == q["n_poisoned"] == 6
+    session, store = Session(spec), SketchStore.open(store_dir)
+    for i in poisoned[:2]:
+        sketch, _ = session.sketch(session.encode(cached[i]))
+        assert scan(store, sketch[None], "cosine").top(1)[0][0] == i
     sweep = rec["fidelity"]["sweep"]
     assert {(e["normalize"], e["permute"]) for e in sweep} == {(True, True), (True, False), (False, True),
                                                                (False, False)}
-    assert all(-1 <= e["spearman"] <= 1 for e in sweep)
+    # At K = 256 of a tiny gradient the sketch keeps the ranking (exact scores vs sketched, normalized).
+    assert max(e["spearman"] for e in sweep if e["k"] == 256 and e["normalize"]) > 0.8
     sub = rec["fidelity"]["subspace"]
     assert sub["bytes_per_example"] == 2 * sub["nnz"] and 0 < sub["nnz"] < sub["dim"]
-    assert -1 <= sub["sensitive_subspace"]["spearman"] <= 1 and -1 <= sub["sketch_equal_bytes"]["spearman"] <= 1
     c = rec["cost"]
     assert c["bytes_per_example"] == 2 * 256
-    assert c["compression_llama2_7b"] == pytest.approx(c["llama2_7b_numel"] * 4 / 2 ** 17)
-    assert c["compression_llama2_7b"] > 200_000  # RapidIn's figure, from Llama-2-7B's config
+    assert c["llama2_7b_numel"] == 6_738_415_616  # from the shipped config, not a constant
+    assert c["compression_llama2_7b"] > 200_000  # RapidIn's figure at K = 65,536 here reached at K = 256
     from zobench.models import load_model
 
     plain = load_model(MODEL).model
     assert c["model_numel"] == sum(p.numel() for p in plain.parameters())  # the adapter is not counted
-    lo, hi = c["scan_s_range"]
-    assert lo <= c["scan_s"] <= hi and c["rounds"] == 7
+    assert c["rounds"] == 7
     fresh = rec["overhead"]["fresh_cache"]
-    assert fresh["examples"] == 5 and fresh["examples_per_s"] == pytest.approx(5 / fresh["seconds"])
-    assert fresh["over_plain"] == pytest.approx(fresh["seconds"] / fresh["plain_seconds"])
+    assert fresh["examples"] == 5 and fresh["cache_s"] > 0 and fresh["plain_s"] > 0
     assert not list((tmp_path / "cache" / "influence" / "inf").glob("throughput-*"))  # scratch store removed
     assert all(len(e["triggered"]["recall_per_query"]) == 2 for e in q["by_k"])
     md = (tmp_path / "rep" / "inf.md").read_text()
@@ -250,8 +259,8 @@ def _cli(args, capsys):
 
 def test_influence_cli_caches_resumes_queries_and_refuses_other_settings(tmp_path, data_dir, capsys):
     data = str(data_dir / "alpaca" / "alpaca_data_en_52k.json")
-    base = ["influence", "cache", "--model", MODEL, "--data", data, "--n", "6", "--data-seed", "3",
-            "--scope", "full", "--k", "256", "--max-length", "48", "--out", str(tmp_path / "c")]
+    base = ["influence", "cache", "--model", MODEL, "--data", data, "--n-train", "6", "--seed", "3",
+            "--scope", "all", "--k", "256", "--max-length", "48", "--out", str(tmp_path / "c")]
     code, out, _ = _cli(base, capsys)
     assert code == 0 and "6 sketched" in out
     code, out, _ = _cli(base, capsys)                     # complete: nothing left to sketch

@@ -29,6 +29,9 @@ def test_peaks_reset_per_phase():
 
 def test_environment_names_versions_and_hardware():
     env = environment()
-    assert env["versions"]["torch"] == torch.__version__.split("+")[0] or env["versions"]["torch"]
+    import importlib.metadata
+
+    assert env["versions"]["torch"] == importlib.metadata.version("torch")
+    assert torch.__version__.split("+")[0] == env["versions"]["torch"].split("+")[0]
     assert env["cpu_count"] >= 1 and env["torch_threads"] >= 1
     assert isinstance(git_state(), dict)

@@ -40,9 +40,9 @@ def test_shipped_configs_cover_the_big_architectures():
     assert {"llama-2-7b", "llama-2-13b", "mistral-7b", "opt-6.7b", "tiny-llama"} <= set(shipped_configs())
     from transformers import AutoConfig
 
-    from zobench.models.load import _random_config
+    from zobench.models.load import random_config
 
-    cfg = _random_config("llama-2-7b", False)
+    cfg = random_config("llama-2-7b", False)
     assert isinstance(cfg, type(AutoConfig.for_model("llama")))
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size) == (4096, 32, 11008)
 

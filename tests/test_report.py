@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from zobench.cell.record import CellRecord
 from zobench.report import render_report
-from zobench.results import read_records
+from zobench.results import load_records
 
 DATA = Path(__file__).parent / "data"
 FIXTURE, GOLDEN = DATA / "report_fixture.jsonl", DATA / "report_golden.md"
@@ -25,8 +26,8 @@ ALL_PLOTS = {"memory.png", "step_breakdown.png", "loss.png", "dev_accuracy.png",
 
 
 @pytest.fixture(scope="module")
-def records() -> list[dict]:
-    return read_records(FIXTURE)
+def records() -> list[CellRecord]:
+    return load_records(FIXTURE)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,8 @@ def test_rendering_is_pure(records, rendered, tmp_path):
 def test_plots_without_data_are_skipped(records, tmp_path):
     recs = copy.deepcopy(records)
     for r in recs:  # random weights: accuracy means nothing, and no dev evaluation ran
-        r["accuracy_meaningful"] = False
-        r.get("metrics", {}).pop("dev_curve", None)
+        r.accuracy_meaningful = False
+        r.metrics.values.pop("dev_curve", None)
     stale = tmp_path / "r_plots" / "dev_accuracy.png"
     stale.parent.mkdir()
     stale.write_bytes(PNG)  # left by an earlier render that had dev curves
@@ -77,8 +78,8 @@ def test_plots_without_data_are_skipped(records, tmp_path):
 
 
 def test_failed_record_without_metrics(tmp_path):
-    bare = {"cell_id": "c1", "status": "failed", "labels": {"method": "sensitive", "quant": "nf4", "density": 1e-3},
-            "reason": "CUDA out of memory | tried to allocate 2.0 GiB\nsecond line"}
+    bare = CellRecord("c1", status="failed", labels={"method": "sensitive", "quant": "nf4", "density": 1e-3},
+                      reason="CUDA out of memory | tried to allocate 2.0 GiB\nsecond line")
     md = render_report([bare], tmp_path / "f.md", title="Bare").read_text(encoding="utf-8")
     assert md.startswith("# Bare\n")
     assert "| sensitive | nf4 | 0.1% | failed | CUDA out of memory \\| tried to allocate 2.0 GiB second line |" in md
@@ -96,7 +97,9 @@ def test_point_labels_never_overlap(records):
 
     from zobench.report.plots import memory_vs_accuracy
 
-    recs = [r for r in copy.deepcopy(records) if r.get("status") == "ok"]
+    from zobench.report import views
+
+    recs = [r for r in views(records) if r.get("status") == "ok"]
     for r in recs:  # every point on one spot: the worst case
         r["derived"]["peak_mib"] = 500.0
         if r.get("metrics", {}).get("test_after"):

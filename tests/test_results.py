@@ -1,25 +1,29 @@
-"""JSONL records: appends survive a torn line, bad files give one clear error."""
+"""Results files: appends survive a torn line, bad files give one clear error, old schemas still load."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from zobench.cell.record import CellRecord, Metrics, PhaseMeasure, Stats
 from zobench.errors import UserError
-from zobench.results import append_record, read_records, to_pandas
+from zobench.results import append_record, load_records, to_pandas
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_torn_last_line_is_skipped_on_read_and_cut_on_the_next_append(tmp_path, capsys):
     p = tmp_path / "r.jsonl"
-    append_record(p, {"cell_id": "a", "status": "ok", "labels": {"method": "full"}})
+    append_record(p, CellRecord("a", labels={"method": "full"}))
     with open(p, "a") as f:
         f.write('{"cell_id": "b", "sta')  # a writer killed mid-line
-    assert [r["cell_id"] for r in read_records(p)] == ["a"]
+    assert [r.cell_id for r in load_records(p)] == ["a"]
     assert "torn last line" in capsys.readouterr().err
-    append_record(p, {"cell_id": "c", "status": "ok", "labels": {"method": "random"}})
+    append_record(p, CellRecord("c", labels={"method": "random"}))
     # the fragment never ends up between two whole records, where it would make the file corrupt
-    assert [r["cell_id"] for r in read_records(p)] == ["a", "c"]
+    assert [r.cell_id for r in load_records(p)] == ["a", "c"]
     assert len(p.read_text().splitlines()) == 2
 
 
@@ -27,20 +31,49 @@ def test_a_bad_line_before_the_last_is_corruption(tmp_path):
     p = tmp_path / "r.jsonl"
     p.write_text('{"cell_id": "a"}\n{"cell_id": "b", "sta\n{"cell_id": "c"}\n')
     with pytest.raises(UserError, match=r"r.jsonl:2: not a JSON record .* corrupt"):
-        read_records(p)
+        load_records(p)
 
-def test_pandas_view_latest_record_wins(tmp_path):
+
+def test_pandas_view_latest_record_wins_with_ratios_derived_on_read(tmp_path):
     p = tmp_path / "r.jsonl"
-    append_record(p, {"cell_id": "a", "status": "failed", "reason": "boom", "labels": {"method": "full"}})
-    append_record(p, {"cell_id": "a", "status": "ok", "labels": {"method": "full"},
-                      "metrics": {"test_after": {"accuracy": 0.5}}, "derived": {"peak_mib": 10.0}})
-    df = to_pandas(p)
-    assert len(df) == 1 and df.loc[0, "status"] == "ok"
-    assert df.loc[0, "test_after_accuracy"] == 0.5 and df.loc[0, "peak_mib"] == 10.0
+    cfg = {"model": "m", "method": "full"}
+    append_record(p, CellRecord("a", status="failed", reason="boom", labels={"method": "full"}, config=cfg))
+    m = Metrics()
+    m.set(test_after={"accuracy": 0.5}, step_s=Stats(2.0, 1.5, 2.5, 10))
+    append_record(p, CellRecord("a", labels={"method": "full"}, config=cfg, metrics=m,
+                                phases={"train": PhaseMeasure(wall_s=3.0, peak_rss_mib=120.0)}))
+    fwd = Metrics()
+    fwd.set(step_s=Stats(0.8, 0.7, 0.9, 10))
+    append_record(p, CellRecord("f", labels={"method": "forward"}, config=dict(cfg, method="forward"), metrics=fwd,
+                                phases={"train": PhaseMeasure(wall_s=1.0, peak_rss_mib=100.0)}))
+    df = to_pandas(p).set_index("cell_id")
+    assert len(df) == 2 and df.loc["a", "status"] == "ok"
+    assert df.loc["a", "test_after_accuracy"] == 0.5 and df.loc["a", "peak_mib"] == 120.0
+    assert df.loc["a", "peak_over_inference"] == pytest.approx(1.2)
+    assert df.loc["a", "step_over_two_forwards"] == pytest.approx(1.25) and df.loc["a", "train_wall_s"] == 3.0
 
 
 def test_not_a_results_file(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text('{"a": 1}\n')
     with pytest.raises(UserError, match="not a zobench record"):
-        read_records(p)
+        load_records(p)
+
+
+def test_records_round_trip_through_json():
+    rec = load_records(ROOT / "results" / "smollm2-quant.jsonl")[-1]
+    again = CellRecord.from_json(json.loads(json.dumps(rec.to_json())))
+    assert again.to_json() == rec.to_json()
+
+
+def test_schema_1_records_load_as_schema_2():
+    """The committed results were written by schema 1: phase times under "seconds", frozen "derived"."""
+    lines = [json.loads(line) for line in (ROOT / "results" / "smollm2-quant.jsonl").read_text().splitlines()]
+    assert {line["schema"] for line in lines} == {1}
+    recs = load_records(ROOT / "results" / "smollm2-quant.jsonl")
+    ok = [(line, r) for line, r in zip(lines, recs) if r.ok]
+    assert ok and all(r.schema == 2 for _, r in ok)
+    for line, r in ok:
+        assert r.phases["train"].wall_s == line["phases"]["train"]["seconds"]
+        assert r.metrics.step_s.median == line["metrics"]["step_s"]["median"]
+        assert "derived" not in r.to_json()

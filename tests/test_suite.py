@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from zobench.errors import UserError
-from zobench.matrix import expand
-from zobench.suite import load_suite, parse_selector, selector_matches
+from zobench.spec.matrix import expand
+from zobench.spec.selectors import parse_selector, selector_matches
+from zobench.spec.suite import load_suite
 
 ALL_SUITES = sorted((Path(__file__).resolve().parents[1] / "suites").glob("*.yaml"))
 INFLUENCE = [p for p in ALL_SUITES if yaml.safe_load(p.read_text()).get("type") == "influence"]

@@ -281,7 +281,7 @@ def sst2_small():
 @pytest.mark.parametrize("sliced", [True, False])
 def test_classification_loss_matches_brute_force(tiny, tokenizer, sst2_small, monkeypatch, sliced):
     if not sliced:    # the path for models without a boolean logits_to_keep
-        monkeypatch.setattr(scoring, "_slices_logits", lambda model: False)
+        monkeypatch.setattr(scoring, "slices_logits", lambda model: False)
     batch = scoring.encode(sst2_small.train[:4], tokenizer, "classification")
     assert batch["input_ids"].shape[0] == 8 and batch["n_options"].tolist() == [2] * 4
     want = torch.nn.functional.cross_entropy(brute_scores(tiny.model, batch).view(4, 2), batch["labels"])
@@ -417,7 +417,7 @@ def test_truncated_inputs_are_counted_exactly_where_encode_cuts(tokenizer, sst2_
 
 @pytest.mark.parametrize("name", ["sst2", "rte", "cb", "boolq", "wsc", "copa", "squad", "drop"])
 def test_default_max_length_truncates_nothing(name, tokenizer, data_dir):
-    from zobench.config import CellConfig
+    from zobench.spec.config import CellConfig
 
     task = get_task(name)
     cfg = CellConfig(task=name)
@@ -433,6 +433,6 @@ def test_a_run_that_truncates_counts_it_and_warns():
 
     rec = train(model="random:tiny-llama", task="sst2", method="forward", steps=1, warmup_steps=0,
                 n_train=8, n_dev=0, n_test=4, batch_size=4, max_length=12, eval_before=False, eval_after=False)
-    truncated = rec["metrics"]["truncated"]
+    truncated = rec.metrics.get("truncated")
     assert truncated["max_length"] == 12 and truncated["train"] > 0 and truncated["dev"] == 0
-    assert any("max_length 12 truncates" in w and "train examples" in w for w in rec["warnings"])
+    assert any("max_length 12 truncates" in w and "train examples" in w for w in rec.warnings)

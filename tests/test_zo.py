@@ -8,7 +8,8 @@ import torch
 from zobench.data.calibration import corpus_batches
 from zobench.zo import masks as M
 from zobench.zo.directions import draw, make_generator
-from zobench.zo.mask_build import MaskSpec, build_mask, lm_loss
+from zobench.methods.masked import sensitive_mask
+from zobench.zo.mask_build import lm_loss
 from zobench.zo.optim import make_optimizer
 from zobench.zo.trainable import DenseTrainable, SparseTrainable, measure_restore_drift
 from zobench.zo.trainer import ZOTrainer
@@ -139,8 +140,7 @@ def test_random_mask_density_is_exact(tiny, density):
 def test_sensitive_mask_is_topk_of_squared_gradients(tiny, tokenizer, data_dir, tmp_path):
     model = tiny.model
     params = M.scoped_params(model, "linear")
-    spec = MaskSpec("sensitive", 0.01, "linear", calib_sequences=3, calib_length=32)
-    mask, info = build_mask(spec, model, tokenizer, params, tmp_path, str(data_dir), vocab_size=tiny.vocab_size)
+    mask, info = sensitive_mask(model, tokenizer, params, 0.01, 3, 32, str(data_dir), tmp_path, tiny.vocab_size)
     # Brute force: per calibration sequence a full gradient, squared, summed; one global top-k.
     batches = corpus_batches(data_dir / "c4/c4_validation_2k.jsonl", tokenizer, 3, 32, tiny.vocab_size)
     acc = [torch.zeros_like(p) for _, p in params]
@@ -160,7 +160,7 @@ def test_sensitive_mask_is_topk_of_squared_gradients(tiny, tokenizer, data_dir, 
     assert info["density_obtained"] == pytest.approx(k / flat.numel())
     assert 0.01 < info["sqgrad_mass_frac"] <= 1.0
     assert info["mask_cache_hit"] is False
-    again, info2 = build_mask(spec, model, tokenizer, params, tmp_path, str(data_dir), vocab_size=tiny.vocab_size)
+    again, info2 = sensitive_mask(model, tokenizer, params, 0.01, 3, 32, str(data_dir), tmp_path, tiny.vocab_size)
     assert info2["mask_cache_hit"] is True
     assert all(torch.equal(again[n], mask[n]) for n in mask)
 

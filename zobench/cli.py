@@ -18,13 +18,14 @@ from zobench.errors import (EXIT_BUDGET, EXIT_CELLS_FAILED, EXIT_INPUT, EXIT_INT
 
 
 def _add_train(sub) -> None:
-    from zobench.config import METHODS, CellConfig
+    from zobench.methods import METHODS
+    from zobench.spec.config import CellConfig
 
-    p = sub.add_parser("train", help="run one fine-tuning and write one JSON record")
+    p = sub.add_parser("train", help="run one fine-tuning and write its record (OUT/record.json)")
     defaults = CellConfig()
     p.add_argument("--model", default=defaults.model, help="smollm2 | random:<config> | dir | hub id | file.gguf")
     p.add_argument("--task", default=defaults.task)
-    p.add_argument("--method", default=defaults.method, help=" | ".join(METHODS))
+    p.add_argument("--method", default=defaults.method, help=" | ".join(METHODS.names()))
     p.add_argument("--density", type=float, default=defaults.density)
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--quant", default=defaults.quant)
@@ -32,7 +33,7 @@ def _add_train(sub) -> None:
     p.add_argument("--data-dir", dest="data_dir", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other run setting, e.g. --set lr=1e-6 --set n_test=200 (repeatable)")
-    p.add_argument("--out", required=True, help="where to write the JSON record")
+    p.add_argument("--out", required=True, help="directory for the run's outputs (OUT/record.json)")
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -49,18 +50,20 @@ def _parse_set(items: list[str]) -> dict:
 
 def cmd_train(args) -> int:
     from zobench.api import train
-
-    from zobench.files import atomic_write, check_output_file
+    from zobench.files import atomic_write, check_output_dir, check_output_file
 
     overrides = _parse_set(args.set)
     for key in ("model", "task", "method", "density", "steps", "quant", "dtype", "data_dir"):
         overrides.setdefault(key, getattr(args, key))
-    out = check_output_file(args.out, "record file")  # before training: a run whose result cannot be saved
-    record = train(progress=_print_progress, **overrides)
-    atomic_write(out, json.dumps(record, indent=1, default=str), "record file")
-    for warning in record.get("warnings") or []:
+    if Path(args.out).suffix == ".json":
+        raise UserError(f"--out {args.out}: names a directory (the record goes to OUT/record.json)")
+    out = check_output_file(check_output_dir(args.out, "output") / "record.json", "record file")
+    rec = train(progress=_print_progress, **overrides)  # checked before training: a result is never lost
+    atomic_write(out, json.dumps(rec.to_json(), indent=1, default=str), "record file")
+    for warning in rec.warnings:
         print(f"zobench: warning: {warning}", file=sys.stderr)
-    print(_train_summary(record))
+    print(_train_summary(rec))
+    print(f"record: {out}")
     return EXIT_OK
 
 
@@ -69,25 +72,25 @@ def _print_progress(event: dict) -> None:
         print(f"  step {event['step']}/{event['steps']}  loss {event['loss']:.4f}", file=sys.stderr, flush=True)
 
 
-def _train_summary(rec: dict) -> str:
-    m = rec["metrics"]
-    parts = [f"method={rec['config']['method']}", f"steps={m.get('steps_done')}",
+def _train_summary(rec) -> str:
+    m = rec.metrics
+    parts = [f"method={rec.config['method']}", f"steps={m.get('steps_done')}",
              f"final_loss={m.get('final_loss'):.4f}" if m.get("final_loss") is not None else ""]
     for when in ("test_before", "test_after"):
-        if when in m:
-            parts.append(f"{when}=" + ",".join(f"{k}:{v:.3f}" for k, v in m[when].items()))
-    if "density_obtained" in m:
-        parts.append(f"density={m['density_obtained']:.3g}")
-    if m.get("step_s"):
-        parts.append(f"step_median={m['step_s']['median'] * 1000:.0f}ms")
+        if m.get(when):
+            parts.append(f"{when}=" + ",".join(f"{k}:{v:.3f}" for k, v in m.get(when).items()))
+    if m.get("density_obtained") is not None:
+        parts.append(f"density={m.get('density_obtained'):.3g}")
+    if m.step_s:
+        parts.append(f"step_median={m.step_s.median * 1000:.0f}ms")
     return " ".join(p for p in parts if p)
 
 
 def cmd_run(args) -> int:
+    from zobench.driver import run_suite, select_cells
     from zobench.influence.suite import is_influence_suite, parse_influence_suite
-    from zobench.launcher import run_suite, select_cells
     from zobench.progress import SuiteProgress
-    from zobench.suite import load_yaml, parse_suite
+    from zobench.spec.suite import load_yaml, parse_suite
 
     data = load_yaml(args.suite)
     if is_influence_suite(data):
@@ -100,13 +103,25 @@ def cmd_run(args) -> int:
         print(f"{len(cells)} cells")
         return EXIT_OK
     _check_run_outputs(args, suite.name)
+    executor = _executor(args)
     with SuiteProgress() as progress:
-        out = run_suite(suite, Path(args.out), resume=args.resume, only=args.only, reporter=progress)
+        out = run_suite(suite, Path(args.out), resume=args.resume, only=args.only, reporter=progress,
+                        executor=executor)
     progress.console.print(progress.summary())
-    report = _write_report(out, Path(args.reports) / f"{suite.name}.md")
+    report = _write_report(out, Path(args.reports))
     print(f"results: {out}\nreport:  {report}")
-    failed = [r for r in progress.records if r["status"] not in ("ok", "unsupported")]
+    failed = [r for r in progress.records if r.status not in ("ok", "unsupported")]
     return EXIT_CELLS_FAILED if failed and args.strict else EXIT_OK
+
+
+def _executor(args):
+    from zobench.executors import EXECUTORS
+
+    name = args.executor or ("pool" if args.jobs > 1 else "local")
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: expected a number of cells >= 1")
+    cls = EXECUTORS.get(name)
+    return cls(jobs=args.jobs) if args.jobs > 1 or name != "local" else cls()
 
 
 def _check_run_outputs(args, name: str) -> None:
@@ -129,42 +144,40 @@ def _run_influence(suite, args) -> int:
     rec = run_influence_suite(suite, Path(args.out), progress=lambda msg: print(f"  {msg}", flush=True))
     out = Path(args.out) / f"{suite.name}.jsonl"
     append_record(out, rec)
-    report = _write_report(out, Path(args.reports) / f"{suite.name}.md")
+    report = _write_report(out, Path(args.reports))
     print(f"results: {out}\nreport:  {report}")
     return EXIT_OK
 
 
-def _write_report(results: Path, out_md: Path) -> Path:
-    from zobench.report import render_report
-    from zobench.results import read_records
+def _write_report(results: Path, out_dir: Path) -> Path:
+    from zobench.report import render_results_file
 
-    return render_report(read_records(results), out_md)
+    return render_results_file(results, Path(out_dir) / f"{Path(results).stem}.md")
 
 
 def cmd_report(args) -> int:
-    results = Path(args.results)
     from zobench.files import check_output_file
 
-    out = Path(args.output) if args.output else Path("reports") / f"{results.stem}.md"
-    check_output_file(out, "report")
-    print(_write_report(results, out))
+    results = Path(args.results)
+    check_output_file(Path(args.out) / f"{results.stem}.md", "report")
+    print(_write_report(results, Path(args.out)))
     return EXIT_OK
 
 
 def cmd_check(args) -> int:
-    from zobench.check import check, estimate_missing
-    from zobench.results import read_records
-    from zobench.suite import load_suite
+    from zobench.analysis.check import check, estimate_missing
+    from zobench.results import load_records
+    from zobench.spec.suite import load_suite
 
     if args.results is None and not args.suite:
         raise UserError("check: give a results file, or --suite SUITE.yaml to check the suite by estimates")
-    records = read_records(args.results) if args.results else []
-    suite_path = args.suite or next((r.get("suite_file") for r in records if r.get("suite_file")), None)
+    records = load_records(args.results) if args.results else []
+    suite_path = args.suite or next((r.suite_file for r in records if r.suite_file), None)
     if not suite_path:
         raise UserError(f"{args.results}: records name no suite file; pass --suite SUITE.yaml")
     suite = load_suite(suite_path)
-    baseline = read_records(args.baseline) if args.baseline else None
-    estimates: dict = {}
+    baseline = load_records(args.baseline) if args.baseline else None
+    estimates: list = []
     if not args.measured_only:
         estimates, lines = estimate_missing(suite, records)
         for line in lines:
@@ -182,9 +195,9 @@ def cmd_check(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from zobench.estimate import describe, estimate_cell
-    from zobench.launcher import select_cells
-    from zobench.suite import load_suite
+    from zobench.analysis.estimate import describe, estimate_cell
+    from zobench.driver import select_cells
+    from zobench.spec.suite import load_suite
 
     suite = load_suite(args.suite)
     rows = []
@@ -220,10 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="skip cells that already have an ok record")
     p.add_argument("--only", default=None, metavar="SELECTOR", help="e.g. method=sensitive,quant=nf4|int8")
     p.add_argument("--dry-run", action="store_true", help="print the expanded cells and exit")
-    p.add_argument("--strict", action="store_true", help="exit 1 if any cell failed")
+    p.add_argument("--strict", action="store_true", help="exit 3 if any cell failed")
+    p.add_argument("--jobs", type=int, default=1, help="cells at once on this machine, each in its own process")
+    p.add_argument("--executor", default=None, help="local (default) | pool (the default with --jobs > 1)")
     p = sub.add_parser("report", help="markdown report with plots from a results file")
     p.add_argument("results")
-    p.add_argument("-o", "--output", default=None, help="default reports/<suite>.md")
+    p.add_argument("--out", default="reports", help="report directory (default reports/): OUT/<results>.md")
     p = sub.add_parser("check", help="exit 1 when a budget is broken")
     p.add_argument("results", nargs="?", default=None,
                    help="results JSONL (optional with --suite: then every cell is checked by its estimate)")

@@ -28,8 +28,7 @@ import time
 from pathlib import Path
 
 # Used only when the measurement itself cannot run (and said so in every estimate that uses it): the
-# floor measured on the 2-core AMD EPYC development machine, Python 3.11, torch 2.13.0+cpu,
-# transformers 5.23.0, with bitsandbytes, gptqmodel and hqq installed.
+# development machine's floor (results/bench/measurements.md).
 FALLBACK_CPU_MIB = 426.6
 # cuBLAS takes its workspace from the caching allocator (32 MiB per stream on Hopper, 4 MiB before);
 # not measured here (no GPU): 0 until a GPU run records it.
@@ -52,7 +51,7 @@ _MEMO: dict[str, dict] = {}
 
 def machine_key(device: str = "cpu") -> str:
     """What the footprint depends on: device kind, CPU, Python, installed versions, child malloc settings."""
-    from zobench.launcher import CHILD_ENV
+    from zobench.executors.local import CHILD_ENV
     from zobench.measure.env import cpu_name, package_version
 
     facts = {"format": FORMAT, "device": device, "cpu": cpu_name(), "machine": platform.machine(),
@@ -122,9 +121,10 @@ def _measure_and_store(path: Path, key: str, device: str) -> dict | None:
 def measure(device: str = "cpu", repeats: int = REPEATS) -> list[float]:
     """Train-phase peaks (MiB) of ``repeats`` negligible forward cells, each in a fresh process."""
     from zobench.analysis.derive import train_peak_mib
-    from zobench.launcher import prepare_models, run_in_child
-    from zobench.matrix import expand
-    from zobench.suite import parse_suite
+    from zobench.driver import prepare_models
+    from zobench.executors.local import LocalExecutor
+    from zobench.spec.matrix import expand
+    from zobench.spec.suite import parse_suite
 
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "negligible-llama.json"
@@ -137,10 +137,12 @@ def measure(device: str = "cpu", repeats: int = REPEATS) -> list[float]:
         prepare_models([cell])
         peaks = []
         for _ in range(repeats):
-            outcome = run_in_child(cell, 300, lambda e: None)
-            if outcome.status != "ok":
-                raise RuntimeError(f"calibration cell {outcome.status}: {outcome.reason}")
-            peaks.append(round(train_peak_mib(outcome.record), 3))
+            with LocalExecutor() as executor:
+                executor.submit(cell, 300)
+                ((_, rec),) = list(executor.finished())
+            if not rec.ok:
+                raise RuntimeError(f"calibration cell {rec.status}: {rec.reason}")
+            peaks.append(round(train_peak_mib(rec), 3))
     return peaks
 
 

@@ -1,17 +1,102 @@
-"""Values derived from records when they are read."""
+"""Ratios derived from a set of records when they are read, never frozen into a record at write time.
+
+    peak_mib                the training peak (CUDA max allocated on a GPU, else peak RSS of warm-up/train)
+    peak_over_inference     peak_mib over the forward reference cell's
+    step_over_two_forwards  step median over two inference forwards: the cell's own reference forwards
+                            (timed right after each step, ``forward_ref`` "in-cell"), else the forward
+                            reference cell's step median (``forward_ref`` "forward cell")
+    speedup_vs_full         the full-ZO cell's step median over this cell's
+
+A cell's references are the ok records sharing its ``reference_key`` (model, dtype, quant, task, batch,
+length, device, seed). Each cell's latest record counts, and where several cells could serve as a
+reference the one with the smallest cell id does: the result depends on the set of records, not on the
+order in which cells ran, finished or were appended.
+"""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+from zobench.cell.record import CellRecord
+
 TRAIN_PHASES = ("warmup", "train")
+SPEEDUP_BASELINE = "full"  # the method speedups are measured against (MeZO)
 
 
-def is_cuda(rec: dict) -> bool:
-    return str(rec.get("device") or (rec.get("config") or {}).get("device") or "cpu").startswith("cuda")
+@dataclass
+class Derived:
+    peak_mib: float | None = None
+    peak_over_inference: float | None = None
+    step_over_two_forwards: float | None = None
+    forward_ref: str | None = None
+    speedup_vs_full: float | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def train_peak_mib(rec: dict) -> float | None:
+def is_cuda(rec: CellRecord) -> bool:
+    return str(rec.device or rec.config.get("device") or "cpu").startswith("cuda")
+
+
+def train_peak_mib(rec: CellRecord) -> float | None:
     """The training peak: CUDA max allocated on a GPU, else peak RSS, the larger of warm-up and train."""
     key = "cuda_max_allocated_mib" if is_cuda(rec) else "peak_rss_mib"
-    phases = rec.get("phases") or {}
-    vals = [phases[p][key] for p in TRAIN_PHASES if isinstance(phases.get(p), dict) and key in phases[p]]
+    vals = [getattr(rec.phases[p], key) for p in TRAIN_PHASES if p in rec.phases]
+    vals = [v for v in vals if v is not None]
     return max(vals) if vals else None
+
+
+def latest_by_cell(records: Iterable[CellRecord]) -> list[CellRecord]:
+    """The last record of each cell (a resumed or re-run cell supersedes its earlier line)."""
+    by: dict[str, CellRecord] = {}
+    for r in records:
+        by[r.cell_id] = r
+    return list(by.values())
+
+
+def _family(rec: CellRecord) -> str | None:
+    from zobench.methods import METHODS
+
+    return METHODS.get(rec.method).family if rec.method in METHODS else None
+
+
+def _step(rec: CellRecord) -> float | None:
+    return rec.metrics.step_s.median if rec.metrics.step_s else None
+
+
+def derive(records: Iterable[CellRecord]) -> dict[str, Derived]:
+    """``{cell_id: Derived}`` for every cell in ``records`` (see the module docstring)."""
+    from zobench.spec.matrix import reference_key
+
+    latest = sorted(latest_by_cell(records), key=lambda r: r.cell_id)
+    groups: dict[tuple, list[CellRecord]] = {}
+    for r in latest:
+        if r.ok:
+            groups.setdefault(reference_key(r.config), []).append(r)
+    out = {}
+    for rec in latest:
+        same = groups.get(reference_key(rec.config), [])
+        forward = next((r for r in same if _family(r) == "reference"), None)
+        full = next((r for r in same if r.method == SPEEDUP_BASELINE), None)
+        out[rec.cell_id] = _ratios(rec, forward, full)
+    return out
+
+
+def _ratios(rec: CellRecord, forward: CellRecord | None, full: CellRecord | None) -> Derived:
+    d = Derived(peak_mib=train_peak_mib(rec))
+    if not rec.ok:
+        return d
+    step = _step(rec) if _family(rec) != "reference" else None  # the reference is not compared with itself
+    in_cell = rec.metrics.forward_ref_s.median if rec.metrics.forward_ref_s else None
+    if step and in_cell:
+        d.step_over_two_forwards, d.forward_ref = step / (2 * in_cell), "in-cell"
+    elif step and forward is not None and _step(forward):
+        d.step_over_two_forwards, d.forward_ref = step / (2 * _step(forward)), "forward cell"
+    fwd_peak = train_peak_mib(forward) if forward is not None and forward is not rec else None
+    if d.peak_mib and fwd_peak:
+        d.peak_over_inference = d.peak_mib / fwd_peak
+    if step and full is not None and _step(full):  # the full cell itself: 1.00, the column's anchor
+        d.speedup_vs_full = _step(full) / step
+    return d

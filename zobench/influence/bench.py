@@ -31,6 +31,11 @@ from zobench.influence import metrics as MX
 from zobench.influence.fidelity import fidelity, subspace_vs_sketch
 from zobench.influence.suite import InfluenceSuite
 
+# Influence records' schema. 2: seconds fields end in _s (cache_s, plain_s, finetune_s, phases' wall_s);
+# the cache's sketch seed is sketch_seed and its every-parameter scope "all"; timestamps as cell records'.
+INFLUENCE_SCHEMA = 2
+
+
 def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -144,8 +149,8 @@ def fresh_cache_throughput(session, examples: list[dict], work: Path) -> dict:
     plain_s = plain_step_seconds(session, examples, reduce=np.sum)
     with tempfile.TemporaryDirectory(dir=work, prefix="throughput-") as tmp:
         stats = build_cache(session.spec, examples, Path(tmp) / "store", session=session)
-    return {"examples": stats["rows"], "seconds": stats["seconds"], "examples_per_s": stats["examples_per_s"],
-            "tokens": stats["tokens"], "plain_seconds": plain_s, "over_plain": stats["seconds"] / plain_s}
+    return {"examples": stats["rows"], "cache_s": stats["cache_s"], "examples_per_s": stats["examples_per_s"],
+            "tokens": stats["tokens"], "plain_s": plain_s, "over_plain": stats["cache_s"] / plain_s}
 
 
 def quality(session, store, data: dict, gens: list[str], ctrl_gens: list[str], ks: list[int],
@@ -186,7 +191,7 @@ def quality(session, store, data: dict, gens: list[str], ctrl_gens: list[str], k
 
 
 def cost(session, store, caching: dict, overhead: dict, q_sketches: torch.Tensor, rounds: int = 7) -> dict:
-    from zobench.estimate import architecture
+    from zobench.analysis.estimate import architecture
     from zobench.influence.retrieve import scan
 
     k, n = store.k, store.n
@@ -224,16 +229,13 @@ def cost(session, store, caching: dict, overhead: dict, q_sketches: torch.Tensor
 
 def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> dict:
     """Every phase of the suite; returns the record (the caller appends it and renders the report)."""
-    from datetime import datetime, timezone
-
+    from zobench.cell.record import now
     from zobench.influence.cache import build_cache
     from zobench.influence.session import Session
     from zobench.influence.store import SketchStore
     from zobench.measure.env import environment, git_state
     from zobench.models.load import cache_dir
-    from zobench.results import SCHEMA_VERSION
-
-    started, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
+    started, t0 = now(), time.perf_counter()
 
     work = cache_dir() / "influence" / suite.name
     work.mkdir(parents=True, exist_ok=True)
@@ -244,7 +246,7 @@ def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> 
         _say(progress, f"{name} ...")
 
     def end(name):
-        phases[name] = {"seconds": time.perf_counter() - phases[name]["start"]}
+        phases[name] = {"wall_s": time.perf_counter() - phases[name]["start"]}
 
     phase("data")
     data = prepare_data(suite)
@@ -298,7 +300,7 @@ def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> 
               "throughput_examples": suite.throughput_examples, "trigger": data["trigger"],
               "response": data["response"]}
     return {
-        "schema": SCHEMA_VERSION, "kind": "influence", "suite": suite.name,
+        "schema": INFLUENCE_SCHEMA, "kind": "influence", "suite": suite.name,
         "suite_file": str(suite.path) if suite.path else None, "cell_id": _key(config), "labels": {},
         "status": "ok", "config": config,
         "finetune": {k: v for k, v in ft.items() if k != "losses"} | {"loss_first": ft["losses"][0],
@@ -308,6 +310,6 @@ def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> 
         "top_example": {"row": qual["top_example"], "poisoned": qual["top_is_poisoned"],
                         "instruction": top["instruction"], "tokens": tokens},
         "phases": phases, "env": environment(), "git": git_state(Path(suite.path).parent if suite.path else "."),
-        "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started_at": started, "finished_at": now(),
         "wall_s": time.perf_counter() - t0,
     }

@@ -82,7 +82,7 @@ def build_cache(spec: InfluenceSpec, examples: list[dict], out: str | Path, work
     total, already = len(examples), len(examples) - len(missing)
     start = time.perf_counter()
     if not missing:
-        return {"rows": 0, "seconds": 0.0, "examples_per_s": None, "already": already, "workers": 0}
+        return {"rows": 0, "cache_s": 0.0, "examples_per_s": None, "already": already, "workers": 0}
     if workers <= 1:
         done = [already]
 
@@ -95,8 +95,8 @@ def build_cache(spec: InfluenceSpec, examples: list[dict], out: str | Path, work
         stats.update(already=already, workers=1)
     else:
         stats = _run_workers(spec, examples, out, missing, workers, device, progress, already, total)
-    stats["seconds"] = time.perf_counter() - start
-    stats["examples_per_s"] = stats["rows"] / stats["seconds"] if stats["seconds"] > 0 else None
+    stats["cache_s"] = time.perf_counter() - start
+    stats["examples_per_s"] = stats["rows"] / stats["cache_s"] if stats["cache_s"] > 0 else None
     return stats
 
 

@@ -17,11 +17,11 @@ def add_parsers(sub) -> None:
     c.add_argument("--model", default="smollm2")
     c.add_argument("--adapter", default=None, help="LoRA adapter directory of the fine-tuned model")
     c.add_argument("--data", required=True, help="Alpaca-format JSON (list of {instruction, input, output})")
-    c.add_argument("--n", type=int, default=None, help="number of examples (seeded sample; default all)")
-    c.add_argument("--data-seed", type=int, default=0)
-    c.add_argument("--scope", default="lora", help="lora | full | sensitive")
+    c.add_argument("--n-train", type=int, default=None, help="number of examples (seeded sample; default all)")
+    c.add_argument("--seed", type=int, default=0, help="the seed that draws the examples (as a run's seed)")
+    c.add_argument("--scope", default="lora", help="lora | all | sensitive")
     c.add_argument("--k", type=int, default=1 << 16, help="sketch size (default 65536)")
-    c.add_argument("--seed", type=int, default=0, help="the sketch's seed")
+    c.add_argument("--sketch-seed", type=int, default=0, help="the sketch's seed (permutation and signs)")
     c.add_argument("--no-normalize", action="store_true", help="skip layer-wise normalization")
     c.add_argument("--max-length", type=int, default=256)
     c.add_argument("--workers", type=int, default=1, help="processes filling disjoint rows")
@@ -46,12 +46,12 @@ def cache(args) -> int:
     from zobench.influence.session import InfluenceSpec
 
     spec = InfluenceSpec.from_dict({"model": args.model, "adapter": args.adapter, "scope": args.scope,
-                                    "k": args.k, "seed": args.seed, "normalize": not args.no_normalize,
+                                    "k": args.k, "sketch_seed": args.sketch_seed, "normalize": not args.no_normalize,
                                     "max_length": args.max_length, "data_dir": args.data_dir}, "influence cache")
     from zobench.files import check_output_dir
 
     check_output_dir(Path(args.out).parent, "influence cache")
-    examples = load_alpaca(args.data, n=args.n, seed=args.data_seed)
+    examples = load_alpaca(args.data, n=args.n_train, seed=args.seed)
 
     def progress(done, total):
         if done % 50 == 0 or done == total:

@@ -57,7 +57,7 @@ def fidelity(session, examples: list[dict], queries: list[tuple[dict, str]], ks:
             for k in ks:
                 if k > scope.dim:
                     continue
-                sk = Sketcher(SketchConfig(dim=scope.dim, k=k, seed=session.spec.seed, permute=permute))
+                sk = Sketcher(SketchConfig(dim=scope.dim, k=k, seed=session.spec.sketch_seed, permute=permute))
                 approx = (torch.stack([sk.sketch(v) for v in q]) @ torch.stack([sk.sketch(v) for v in r]).T).numpy()
                 out.append({"normalize": norm, "permute": permute, "k": k, **_agreement(approx, exact, top)})
     return {"n": len(examples), "queries": len(queries), "dim": scope.dim, "sweep": out}
@@ -72,7 +72,7 @@ def subspace_vs_sketch(spec, examples: list[dict], queries: list[tuple[dict, str
     from zobench.influence.grads import _strip
     from zobench.influence.session import Session
 
-    full = Session(replace(spec, scope="full", normalize=False), with_mask=True)
+    full = Session(replace(spec, scope="all", normalize=False), with_mask=True)
     mask = full.mask  # the plain model's mask, as the ZO part uses it
     scope = full.scope
     where = {_strip(n): i for i, n in enumerate(scope.names)}
@@ -85,9 +85,9 @@ def subspace_vs_sketch(spec, examples: list[dict], queries: list[tuple[dict, str
     sel = torch.cat(sel)
     seg_offsets = [sum(seg_sizes[:i]) for i in range(len(seg_sizes))]
     nnz = int(sel.numel())
-    # The whole flat gradient is one span: plan it all (5 bytes per coordinate; 670 MB for SmolLM2), or
-    # every example would rehash D indices (~20 s each on 2 cores).
-    sketcher = Sketcher(SketchConfig(dim=scope.dim, k=nnz, seed=spec.seed), plan_limit=scope.dim)
+    # The whole flat gradient is one span: plan it all (5 bytes per coordinate), or every example would
+    # rehash D indices (tens of seconds each on a CPU: results/bench/measurements.md).
+    sketcher = Sketcher(SketchConfig(dim=scope.dim, k=nnz, seed=spec.sketch_seed), plan_limit=scope.dim)
 
     def views(enc):
         g = full.exact(enc)

@@ -10,7 +10,7 @@ flat vector, so a few large-gradient tensors (embeddings, the head) do not drown
 
 Scopes:
     lora       the LoRA adapter weights of a peft model (what was fine-tuned)
-    full       every parameter (tied weights once)
+    all        every parameter (tied weights once)
     sensitive  the ZO part's 0.1% mask over the block linears: the gradient at the masked entries only,
                itself a compression (D = nnz), to compare with the sketch at equal bytes
 """
@@ -25,7 +25,7 @@ import torch
 
 from zobench.errors import UserError
 
-SCOPES = ("lora", "full", "sensitive")
+SCOPES = ("lora", "all", "sensitive")  # "all": every parameter, as the trainer's scope of that name
 Consumer = Callable[[int, torch.Tensor], None]
 
 
@@ -80,7 +80,7 @@ def resolve_scope(model: torch.nn.Module, scope: str, mask: dict[str, torch.Tens
         chosen = [(n, p, None) for n, p in named if "lora_" in n]
         if not chosen:
             raise UserError("influence: scope 'lora': the model has no LoRA adapter weights (give its adapter)")
-    elif scope == "full":
+    elif scope == "all":
         chosen = [(n, p, None) for n, p in named]
     else:
         if not mask:

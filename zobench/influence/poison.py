@@ -78,7 +78,7 @@ def finetune_lora(loaded, examples: list[dict], *, steps: int, batch_size: int, 
 
     ``loaded.model`` becomes the peft model, in eval mode. Batches walk seeded shuffles of the examples,
     one epoch after another, so every example is seen equally often. Returns {losses (one per step),
-    seconds, trainable (adapter parameter count)}.
+    finetune_s, trainable (adapter parameter count)}.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -115,7 +115,7 @@ def finetune_lora(loaded, examples: list[dict], *, steps: int, batch_size: int, 
                 on_log(step, losses[-1])
     finally:
         model.eval()
-    return {"losses": losses, "seconds": time.perf_counter() - start, "trainable": sum(p.numel() for p in params)}
+    return {"losses": losses, "finetune_s": time.perf_counter() - start, "trainable": sum(p.numel() for p in params)}
 
 
 def save_adapter(model, path: str | Path) -> None:

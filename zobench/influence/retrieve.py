@@ -53,9 +53,8 @@ def scan(store: SketchStore, queries: torch.Tensor, metric: str = "cosine") -> S
     if metric == "cosine":
         q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
     # A few queries run as float16 matrix-vector products on the stored rows: upcasting each block to
-    # float32 cost 148 of the 207 ms of a 2,000 x 65,536 scan here, the float16 product 7.6 ms (max
-    # relative error 3e-4). Many queries at once upcast and use one float32 matrix product instead (a
-    # float16 product with 20 columns took 1.2 s on this CPU).
+    # float32 dominated a scan. Many queries at once upcast and use one float32 matrix product instead,
+    # since a float16 product with many columns is slow on CPUs (results/bench/measurements.md).
     half = q.shape[0] <= HALF_QUERIES
     qt = q.T.contiguous().half() if half else q.T.contiguous()
     out = np.empty((q.shape[0], store.n), dtype=np.float32)

@@ -2,7 +2,7 @@
 
 ``InfluenceSpec`` is everything that decides a cached sketch; its ``meta()`` is written beside the cache
 and compared before reuse, so a query can never be scored against sketches of another model, scope,
-K, seed or normalization. ``Session`` rebuilds the identical projector from that spec (seed and config,
+K, sketch seed or normalization. ``Session`` rebuilds the identical projector from that spec (seed and config,
 no pickle) in whichever process needs it: the caching workers and the query.
 """
 
@@ -29,7 +29,7 @@ class InfluenceSpec:
     dtype: str = "float32"
     scope: str = "lora"
     k: int = DEFAULT_K
-    seed: int = 0                   # the sketch's seed (permutation and signs)
+    sketch_seed: int = 0            # the sketch's seed (permutation and signs)
     normalize: bool = True          # layer-wise unit norm before sketching
     permute: bool = True
     max_length: int = 256
@@ -45,6 +45,8 @@ class InfluenceSpec:
             if key not in known:
                 raise UserError(f"{where}: unknown key '{key}' (expected one of: {', '.join(sorted(known))})")
         spec = cls(**d)
+        if spec.scope == "full":
+            raise UserError(f"{where}: key 'scope': 'full' is called 'all' (every parameter), as everywhere else")
         if spec.scope not in SCOPES:
             raise UserError(f"{where}: key 'scope': expected one of {', '.join(SCOPES)}, got '{spec.scope}'")
         if not isinstance(spec.k, int) or spec.k < 1:
@@ -96,20 +98,19 @@ class Session:
 
     @staticmethod
     def sketcher_for(spec: InfluenceSpec, dim: int) -> Sketcher:
-        return Sketcher(SketchConfig(dim=dim, k=min(spec.k, dim), seed=spec.seed, permute=spec.permute))
+        return Sketcher(SketchConfig(dim=dim, k=min(spec.k, dim), seed=spec.sketch_seed, permute=spec.permute))
 
     def _sensitive_mask(self) -> dict:
-        """SensZOQ's mask: the top ``density`` squared gradients on the C4 sample (cached on disk)."""
+        """SensZOQ's mask: the top ``density`` squared gradients on the C4 sample, cached on disk where the
+        trainer's masks are (the same key, so the two share it)."""
+        from zobench.methods.masked import sensitive_mask
         from zobench.models.load import cache_dir
-        from zobench.zo.mask_build import MaskSpec, build_mask
         from zobench.zo.masks import scoped_params
 
         base = self.loaded.model
-        params = scoped_params(base, "linear")
-        spec = MaskSpec("sensitive", self.spec.density, calib_sequences=self.spec.calib_sequences,
-                        calib_length=self.spec.calib_length)
-        mask, _ = build_mask(spec, base, self.tokenizer, params, cache_dir(), self.spec.data_dir,
-                             vocab_size=self.loaded.vocab_size)
+        mask, _ = sensitive_mask(base, self.tokenizer, scoped_params(base, "linear"), self.spec.density,
+                                 self.spec.calib_sequences, self.spec.calib_length, self.spec.data_dir, cache_dir(),
+                                 self.loaded.vocab_size if self.loaded.random_weights else None)
         for p in base.parameters():
             p.grad = None
         return mask

@@ -149,6 +149,11 @@ def _read_meta(path: Path) -> dict | None:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{meta_file}: unreadable ({type(e).__name__}); delete this cache directory") from None
+    if isinstance(meta, dict):  # caches written before the names were aligned with the rest of zobench
+        if "seed" in meta and "sketch_seed" not in meta:
+            meta["sketch_seed"] = meta.pop("seed")
+        if meta.get("scope") == "full":
+            meta["scope"] = "all"
     if not isinstance(meta, dict) or not isinstance(meta.get("n"), int) or not isinstance(meta.get("k"), int):
         raise UserError(f"{meta_file}: not a sketch cache meta (needs integer 'n' and 'k'); delete this directory")
     return meta

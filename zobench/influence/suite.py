@@ -8,7 +8,7 @@
     poison_fraction: 0.025
     queries: 20                               # triggered held-out prompts (and as many clean controls)
     finetune: {steps: 300, batch_size: 8, lr: 3.0e-4, max_length: 128, r: 8}
-    cache: {scope: lora, k: 65536, seed: 0, normalize: true, max_length: 128}
+    cache: {scope: lora, k: 65536, sketch_seed: 0, normalize: true, max_length: 128}
     ks: [1024, 4096, 16384, 65536]            # nested K read from the one stored sketch
     workers: 2
     fidelity: {n: 200, queries: 4, ks: [256, 1024, 4096, 16384, 65536]}

@@ -73,7 +73,7 @@ def builtin_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / BUILTIN["smollm2"]
 
 
-def _file_key(path: Path) -> str:
+def file_key(path: Path) -> str:
     """A cheap content key: size plus a hash of the first and last MiB."""
     h = hashlib.sha256(str(path.stat().st_size).encode())
     with open(path, "rb") as f:
@@ -92,7 +92,7 @@ def converted_gguf_dir(gguf: Path) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
+    target = cache_dir() / "models" / f"{gguf.stem}-{file_key(gguf)}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +132,7 @@ def pending_conversion(spec: str) -> Path | None:
             return None
     except UserError:
         return None  # not installed: the cell that needs it says so
-    target = cache_dir() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
+    target = cache_dir() / "models" / f"{gguf.stem}-{file_key(gguf)}"
     return None if (target / "config.json").exists() else gguf
 
 
@@ -142,7 +142,7 @@ def builtin_tokenizer():
     return AutoTokenizer.from_pretrained(str(converted_gguf_dir(builtin_gguf())))
 
 
-def _random_config(name: str, trust_remote_code: bool):
+def random_config(name: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     path = random_config_path(name)
@@ -166,7 +166,7 @@ def load_model(spec: str, dtype: str = "float32", seed: int = 0, trust_remote_co
     if spec.lower() in BUILTIN:
         source, path = "builtin", converted_gguf_dir(builtin_gguf())
     elif spec.startswith("random:"):
-        config = _random_config(spec.split(":", 1)[1], trust_remote_code)
+        config = random_config(spec.split(":", 1)[1], trust_remote_code)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         model.to(device).eval()

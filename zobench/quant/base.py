@@ -123,7 +123,7 @@ def quantize_model(model: torch.nn.Module, backend: Backend, ctx: QuantContext,
     names = target_linears(model)
     # A comprehension, not a loop: a loop variable would keep the last float layer (and through its
     # weight the checkpoint's whole memory map) alive while this frame is; with a GPTQ cache hit that
-    # held 122 MiB of checkpoint pages resident for the whole run.
+    # held the checkpoint's pages resident for the whole run (results/bench/measurements.md).
     shapes = {name: (model.get_submodule(name).out_features, model.get_submodule(name).in_features)
               for name in names}
     taken = split_selected(model, mask or {})
@@ -145,9 +145,9 @@ def _detach_from_checkpoint(model: torch.nn.Module) -> None:
     """Copy the float tensors that stay (embeddings, norms, head) out of the checkpoint's memory map.
 
     from_pretrained maps the safetensors file and the weights live in its pages. Quantizing reads every
-    page, and as long as any tensor still points into the map, all of those file pages stay resident:
-    measured on SmolLM2-135M, nf4 held 877 MiB RSS for 269 MiB of state. Owning copies let the map
-    close, so the quantized model costs what it stores.
+    page, and as long as any tensor still points into the map, all of those file pages stay resident
+    (several times the quantized state: results/bench/measurements.md). Owning copies let the map close,
+    so the quantized model costs what it stores.
     """
     for p in model.parameters():
         if type(p) is torch.nn.Parameter and p.is_floating_point() and p.device.type == "cpu":

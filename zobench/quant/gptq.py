@@ -76,8 +76,8 @@ class GPTQ(Backend):
     # in_features is not a multiple of 128 (576 in SmolLM2) keeps group size 128 with a shorter last
     # group, as gptqmodel itself does; that group's statistics (half a group per row there) are left out.
     storage = Storage(bits=BITS, group_size=GROUP_SIZE, group_bytes=2 + BITS / 8, row_bytes=4)
-    # `import gptqmodel` after torch, transformers and bitsandbytes: RSS 363 -> 440 MiB (gptqmodel
-    # 7.6.0, this 2-core CPU machine); it is imported by every gptq cell.
+    # What `import gptqmodel` adds to a cell's process beyond what every cell imports (every gptq cell
+    # imports it); measured once with gptqmodel 7.6.0: results/bench/measurements.md.
     import_rss_mib = 77.0
 
     def quantize(self, model: torch.nn.Module, names: list[str], ctx: QuantContext) -> None:

@@ -10,10 +10,9 @@ S's values, so the sparse ZO machinery (``SparseTrainable``) runs unchanged on t
 
 ``x @ S^T`` never builds a dense [out, in] matrix: S^T is held in CSR form (one row per input feature),
 which torch multiplies as a sparse matrix where it can (float32 on CPU; CUDA), and otherwise (float16 /
-bfloat16 on CPU) by a gather-multiply-scatter over chunks of rows whose temporary is bounded. Measured
-side by side on this CPU (2 threads, 2048 tokens), the CSR product beat a gather + index_add_ straight
-into the output by 1.5-13x on every layer with more than ~500 selected entries (Llama-2-7B q_proj:
-23 ms vs 300 ms), and lost by under 1 ms on the smallest ones.
+bfloat16 on CPU) by a gather-multiply-scatter over chunks of rows whose temporary is bounded. Side by
+side, the CSR product beat a gather + index_add_ straight into the output on every layer but the
+smallest (bench/sparse_delta.py; figures in results/bench/measurements.md).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import warnings
 
 import torch
 
-GATHER_LIMIT = 1 << 22  # values in the gather path's [rows, nnz] temporary (16 MiB of float32)
+from zobench.zo.sizes import GATHER_LIMIT  # values in the gather path's [rows, nnz] temporary
 
 
 def _transposed_csr(flat: torch.Tensor, in_features: int, out_features: int):

@@ -8,11 +8,6 @@ from __future__ import annotations
 
 import math
 
-# The order a reader compares in: the inference floor first, then full ZO, the sparse masks, then the
-# first-order baselines ZO is meant to undercut.
-METHOD_ORDER = ("forward", "full", "random", "sensitive", "magnitude", "task_grad", "fo-sgd", "fo-adam", "lora")
-SPARSE = ("random", "sensitive", "magnitude", "task_grad")
-ZO = ("full",) + SPARSE
 PHASES = ("load", "mask", "quantize", "eval_before", "warmup", "train", "eval_after")  # the order they run in
 KEY_AXES = ("method", "quant", "density")
 EXTRA_ORDER = ("model", "task", "dtype")
@@ -42,8 +37,26 @@ def quant(rec: dict) -> str:
     return str(setting(rec, "quant") or "none")
 
 
+def method_class(rec: dict):
+    """The registered method of a record, or None for a name this zobench does not know."""
+    from zobench.methods import METHODS
+
+    return METHODS.get(method(rec)) if method(rec) in METHODS else None
+
+
 def is_sparse(rec: dict) -> bool:
-    return method(rec) in SPARSE
+    return bool(getattr(method_class(rec), "needs_mask", False))
+
+
+def is_zo(rec: dict) -> bool:
+    return getattr(method_class(rec), "family", None) == "zo"
+
+
+def method_order(name: str) -> tuple:
+    """Reports list the reference first, then ZO methods, then first-order baselines (``Method.order``)."""
+    from zobench.methods import METHODS
+
+    return (METHODS.get(name).order, name) if name in METHODS else (1000, name)
 
 
 def density(rec: dict):
@@ -84,7 +97,7 @@ def sort_key(rec: dict) -> tuple:
     q = quant(rec)
     rest = sorted((k, str(v)) for k, v in (rec.get("labels") or {}).items() if k not in KEY_AXES + EXTRA_ORDER)
     return (str(setting(rec, "model")), str(setting(rec, "task")), str(setting(rec, "dtype")),
-            (q != "none", q), _order(method(rec), METHOD_ORDER), _num_or_inf(density(rec)),
+            (q != "none", q), method_order(method(rec)), _num_or_inf(density(rec)),
             rest, str(rec.get("cell_id")))
 
 

@@ -74,13 +74,38 @@ def _range(c: dict, key: str, what: str = "") -> str:
     return f" ({what}range {lo_hi[0] * 1e3:.1f}-{lo_hi[1] * 1e3:.1f} ms)" if lo_hi else ""
 
 
+def upgrade(rec: dict) -> dict:
+    """An influence record of schema 1 in schema 2's names (seconds fields end in _s; scope "all")."""
+    if rec.get("schema", 1) >= 2:
+        return rec
+    import copy
+
+    rec = copy.deepcopy(rec)
+    renames = {"seconds": None, "plain_seconds": "plain_s"}
+    for part, new in ((rec.get("overhead", {}).get("fresh_cache"), "cache_s"), (rec.get("caching"), "cache_s"),
+                      (rec.get("finetune"), "finetune_s")):
+        if isinstance(part, dict):
+            for old, to in renames.items():
+                if old in part:
+                    part[to or new] = part.pop(old)
+    for ph in (rec.get("phases") or {}).values():
+        if isinstance(ph, dict) and "seconds" in ph:
+            ph["wall_s"] = ph.pop("seconds")
+    cache = rec.get("config", {}).get("cache", {})
+    if "seed" in cache:
+        cache["sketch_seed"] = cache.pop("seed")
+    if cache.get("scope") == "full":
+        cache["scope"] = "all"
+    return rec
+
+
 def _fresh_cache_row(ov: dict) -> list[str]:
     fresh = ov.get("fresh_cache")
     if not fresh:
         return []
     return [f"| caching throughput, {fresh['examples']} examples into a fresh store (1 worker) | "
             f"{fresh['examples_per_s']:.2f} examples/s ({fresh['over_plain']:.2f}x a plain forward+backward of "
-            f"the same examples, {fresh['seconds']:.1f} / {fresh['plain_seconds']:.1f} s) |"]
+            f"the same examples, {fresh['cache_s']:.1f} / {fresh['plain_s']:.1f} s) |"]
 
 
 def render_influence(rec: dict, plots: list[tuple[str, str]]) -> str:
@@ -164,7 +189,7 @@ def render_influence(rec: dict, plots: list[tuple[str, str]]) -> str:
 
 
 def render_influence_report(rec: dict, out_md: Path) -> Path:
-    out_md = Path(out_md)
+    rec, out_md = upgrade(rec), Path(out_md)
     folder = out_md.parent / f"{out_md.stem}_plots"
     plots = [(cap, f"{folder.name}/{name}") for cap, name in write_plots(rec, folder)]
     return atomic_write(out_md, render_influence(rec, plots), "report")

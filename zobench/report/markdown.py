@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from zobench.report.cells import (EXTRA_ORDER, PHASES, ZO, density, get, is_sparse, meaningful, method, pct,
+from zobench.report.cells import (EXTRA_ORDER, PHASES, density, get, is_sparse, is_zo, meaningful, method, pct,
                                   phase_peak, quant, setting, varying_axes)
 
 Column = tuple[str, Callable[[dict], str]]
@@ -236,7 +236,7 @@ def phase_table(ok: list[dict], extras: list[str]) -> list[str]:
     present = [p for p in PHASES if any(p in (r.get("phases") or {}) for r in ok)]
 
     def cell(r, p):
-        peak, secs = phase_peak(r, p), get(r, f"phases.{p}.seconds")
+        peak, secs = phase_peak(r, p), get(r, f"phases.{p}.wall_s")
         return DASH if peak is None and secs is None else f"{mib(peak)} / {num(secs)} s"
 
     cols: list[Column] = [(p, lambda r, p=p: cell(r, p)) for p in present]
@@ -275,7 +275,7 @@ def mask_tables(ok: list[dict], extras: list[str]) -> list[str]:
         ("fraction changed", lambda r: sci(get(r, "metrics.restore_drift_frac_changed"))),
         ("max abs drift", lambda r: sci(get(r, "metrics.restore_drift_max_abs"))),
     ]
-    drifted = [r for r in ok if method(r) in ZO and (get(r, "metrics.restore_drift_frac_changed") is not None
+    drifted = [r for r in ok if is_zo(r) and (get(r, "metrics.restore_drift_frac_changed") is not None
                                                       or get(r, "metrics.restore_drift_max_abs") is not None)]
     drift_intro = ("After +eps then -eps, the fraction of trainable values not restored bit-exactly and the "
                    "largest difference (0 means an exact restore).")

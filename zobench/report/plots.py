@@ -14,10 +14,12 @@ from matplotlib.figure import Figure
 
 from zobench.files import atomic_write
 
-from zobench.report.cells import (METHOD_ORDER, density, get, meaningful, method, pct, primary_score, quant,
+from zobench.report.cells import (density, get, meaningful, method, method_class, method_order, pct, primary_score,
+                                  quant,
                                   setting, short_name)
 
-PALETTE = ("#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+# For methods that name no colour of their own: picked by a stable hash of the name, never by position.
+PALETTE = ("#bcbd22", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d")
 PART_COLORS = {"perturb": "#9467bd", "forward_plus": "#1f77b4", "forward_minus": "#aec7e8",
                "forward": "#17becf", "backward": "#ff7f0e", "update": "#2ca02c"}
 MARKERS = ("o", "s", "^", "D", "v", "P")  # one per quant backend in the memory/accuracy plot
@@ -25,8 +27,12 @@ OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}  # legends right 
 
 
 def color(m: str) -> str:
-    """A fixed colour per method (the forward reference grey), the same in every plot and report."""
-    return PALETTE[METHOD_ORDER.index(m)] if m in METHOD_ORDER else "#bcbd22"
+    """A fixed colour per method (its ``Method.color``; the forward reference grey), the same in every plot
+    and report; any number of methods gets one."""
+    import zlib
+
+    own = getattr(method_class({"labels": {"method": m}}), "color", None)
+    return own or PALETTE[zlib.crc32(m.encode()) % len(PALETTE)]
 
 
 def _figure(width: float, height: float, title: str, xlabel: str, ylabel: str):
@@ -47,7 +53,7 @@ def _legend(ax, colors: dict[str, str]) -> None:
 
 
 def _method_legend(ax, recs: list[dict]) -> None:
-    seen = sorted({method(r) for r in recs}, key=lambda m: (METHOD_ORDER + (m,)).index(m))
+    seen = sorted({method(r) for r in recs}, key=method_order)
     _legend(ax, {m: color(m) for m in seen})
 
 
@@ -188,7 +194,7 @@ def memory_vs_accuracy(ok: list[dict], extras: list[str]):
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    methods = sorted({method(r) for r in cells}, key=lambda m: (METHOD_ORDER + (m,)).index(m))
+    methods = sorted({method(r) for r in cells}, key=method_order)
     handles = [Patch(color=color(m), label=m) for m in methods]
     if len(quants) > 1:
         handles += [Line2D([], [], color="black", marker=MARKERS[i % len(MARKERS)], linestyle="",

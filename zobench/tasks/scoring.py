@@ -137,7 +137,7 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _slices_logits(model) -> bool:
+def slices_logits(model) -> bool:
     """Whether the model projects onto the vocabulary only where a boolean `logits_to_keep` says.
 
     transformers' `slice_logits_to_keep` takes a [batch, seq] boolean mask and returns [n_true, vocab]
@@ -157,7 +157,7 @@ def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     predict[:, :-1] = scored                      # logits at t predict token t + 1
     targets = ids[:, 1:][scored]
     logits = None
-    if _slices_logits(model):
+    if slices_logits(model):
         logits = model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=predict).logits
         if logits.dim() != 2:
             logits = None

@@ -1,14 +1,14 @@
 """Random perturbation directions z, regenerated from a seed instead of stored (MeZO's seed trick).
 
 Why regenerate: storing z for every weight would cost a second copy of the model; re-drawing it from
-the step's seed costs time instead. On a CPU that time dominates full ZO: ``torch.randn`` over the
-134.5M weights of SmolLM2 takes about a second per pass, and a step needs three passes.
+the step's seed costs time instead. On a CPU that time dominates full ZO (a step needs three passes;
+figures in results/bench/measurements.md).
 
 Two distributions, both with E[z] = 0 and E[z z^T] = I, so the SPSA estimate
 ``(L(w + eps z) - L(w - eps z)) / (2 eps) * z`` is an unbiased estimate of the smoothed gradient:
 
 * ``rademacher`` (default): z_i = +-1 with probability 1/2 each, SPSA's classic choice. Generated from
-  raw 64-bit random words (one word yields 64 signs) expanded through a 256 x 8 sign table, about six
+  raw 64-bit random words (one word yields 64 signs) expanded through a 256 x 8 sign table: several
   times cheaper than drawing normals on a CPU.
 * ``gaussian``: z ~ N(0, I), MeZO's choice; use it to reproduce MeZO exactly.
 """
@@ -19,7 +19,7 @@ import torch
 
 from zobench.errors import UserError
 
-DIRECTIONS = ("rademacher", "gaussian")
+from zobench.spec.config import DIRECTIONS  # noqa: E402  (the names a suite may use)
 
 _SIGN_TABLES: dict[torch.dtype, torch.Tensor] = {}
 

@@ -1,9 +1,11 @@
-"""Build a mask for a method, with its calibration data and an on-disk cache.
+"""Masks on disk: build a method's mask once per (weights, settings) and reuse it.
 
-The cache key covers everything the mask depends on: a fingerprint of the weights in scope, the method,
-density, scope, top-k mode, seed and, for gradient masks, the corpus file and its sampling. Files are
-safetensors (indices per tensor) with the mask's facts (mass fraction, build time) in the metadata, written
-to a temporary file and renamed so a killed run never leaves a torn mask.
+The cache key covers everything a mask depends on: a fingerprint of the weights in scope, the method,
+density, scope, top-k mode, the seed (random masks) and, for masks computed on a calibration corpus, the
+corpus's contents and its sampling. Files are safetensors (indices per tensor) with the mask's facts
+(mass fraction, corpus, build time) in the metadata, written to a temporary file and renamed, so a
+killed run never leaves a torn mask. How a mask is chosen is the method's business
+(``zobench.methods.masked``); this module only caches.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from zobench.data.calibration import corpus_batches, find_corpus
-from zobench.errors import UserError
 from zobench.zo import masks as M
+
 
 @dataclass
 class MaskSpec:
@@ -28,11 +30,12 @@ class MaskSpec:
     density: float
     scope: str = "linear"
     per_tensor: bool = False
-    seed: int = 0
-    calib_path: str | None = None      # gradient masks on a corpus ("sensitive")
+    seed: int | None = None            # random masks only
+    calib_path: str | None = None
     calib_sequences: int = 16
     calib_length: int = 256
     extra_key: dict = field(default_factory=dict)  # e.g. the task sample for task_grad
+    corpus_key: str | None = None      # the calibration corpus's contents, for masks computed on one
 
 
 def weights_fingerprint(params) -> str:
@@ -52,12 +55,11 @@ class MaskCache:
     def __init__(self, root: Path):
         self.root = Path(root) / "masks"
 
-    def key(self, spec: MaskSpec, fingerprint: str, corpus_key: str | None) -> str:
-        d = dict(spec.__dict__, calib_path=corpus_key, weights=fingerprint)
-        if spec.method not in ("sensitive",):
+    def key(self, spec: MaskSpec, fingerprint: str) -> str:
+        d = dict(spec.__dict__, weights=fingerprint)
+        d["calib_path"] = d.pop("corpus_key")  # the corpus's contents, not where the file happens to be
+        if spec.corpus_key is None:
             d.pop("calib_sequences"), d.pop("calib_length")
-        if spec.method != "random":
-            d.pop("seed")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def load(self, key: str):
@@ -88,42 +90,19 @@ class MaskCache:
         return path
 
 
-def build_mask(spec: MaskSpec, model, tokenizer, params, cache_root: Path | None = None,
-               data_dir: str | None = None, task_batches=None, task_loss=None, vocab_size=None):
-    """Return ``(mask, info)``; ``info`` has the obtained density, mass fraction, build time and cache hit."""
-    if spec.method not in M.MASK_METHODS:
-        raise UserError(f"unknown mask method '{spec.method}' (expected one of: {', '.join(M.MASK_METHODS)})")
-    corpus = find_corpus(spec.calib_path, data_dir) if spec.method == "sensitive" else None
-    corpus_key = corpus.key if corpus else None
+def cached_mask(spec: MaskSpec, params, make: Callable[[], tuple[dict, dict]], cache_root: Path | None = None):
+    """``(mask, info)``: from the cache, else ``make()`` (then cached). ``info`` has the obtained density,
+    the build time, whether the cache hit, and what ``make`` reported (mass fraction, corpus)."""
     cache = MaskCache(cache_root) if cache_root else None
-    key = cache.key(spec, weights_fingerprint(params), corpus_key) if cache else None
+    key = cache.key(spec, weights_fingerprint(params)) if cache else None
     if cache:
         hit = cache.load(key)
         if hit is not None:
             mask, info = hit
             return mask, dict(info, mask_cache_hit=True)
-
     start = time.perf_counter()
-    info: dict = {}
-    if spec.method == "random":
-        mask = M.random_mask(params, spec.density, spec.seed)
-    elif spec.method == "magnitude":
-        mask = M.magnitude_mask(params, spec.density, spec.per_tensor)
-    else:
-        if spec.method == "sensitive":
-            batches, loss = corpus_batches(corpus, tokenizer, spec.calib_sequences, spec.calib_length,
-                                           vocab_size), lm_loss
-            info["calib_corpus"] = corpus.describe()
-        else:
-            if task_batches is None:
-                raise UserError("task_grad masks need the task's training batches")
-            batches, loss = task_batches, task_loss
-        scores = M.squared_gradients(model, params, batches, loss)
-        mask = M.topk_mask(scores.items(), spec.density, spec.per_tensor)
-        info["sqgrad_mass_frac"] = M.mass_fraction(scores, mask)
-        del scores
-    info.update(M.mask_summary(mask, params))
-    info["mask_build_s"] = time.perf_counter() - start
+    mask, info = make()
+    info = dict(info, **M.mask_summary(mask, params), mask_build_s=time.perf_counter() - start)
     if cache:
         try:
             cache.save(key, mask, info)

@@ -2,11 +2,12 @@
 
 A mask is ``{parameter name: sorted flat indices}`` over the parameters in scope.
 
-* ``random``     exactly ``round(density * N)`` entries drawn uniformly over the scope (seeded);
-* ``magnitude``  the largest |w|;
-* ``sensitive``  the largest squared gradients accumulated on a pre-training-like calibration corpus
-                 (SensZOQ, arXiv 2406.02913: these transfer across downstream tasks);
-* ``task_grad``  the largest squared gradients of the task loss on training examples, before training.
+* ``random_mask``     exactly ``round(density * N)`` entries drawn uniformly over the scope (seeded);
+* ``magnitude_mask``  the largest |w|;
+* ``topk_mask`` of ``squared_gradients``: the largest squared gradients of a loss (on a calibration
+  corpus for ``sensitive``, SensZOQ arXiv 2406.02913; on task examples for ``task_grad``).
+
+Which method uses which is ``zobench.methods.masked``.
 
 Top-k is global over the scope by default (``per_tensor=True`` takes the same density in every tensor).
 The global top-k is streamed tensor by tensor with a running k-best, so no concatenation of all scores
@@ -21,8 +22,7 @@ import torch
 
 from zobench.errors import UserError
 
-MASK_METHODS = ("random", "magnitude", "sensitive", "task_grad")
-SCOPES = ("linear", "linear+head", "all")
+from zobench.spec.config import SCOPES
 
 
 def scoped_params(model: torch.nn.Module, scope: str = "linear") -> list[tuple[str, torch.nn.Parameter]]:

@@ -26,7 +26,7 @@ import torch
 
 from zobench.zo.directions import draw, make_generator
 
-CHUNK = 1 << 22  # values per z draw in dense passes (16 MiB of float32)
+from zobench.zo.sizes import CHUNK  # values per z draw in dense passes (16 MiB of float32)
 
 
 class Trainable:
@@ -54,8 +54,9 @@ class Trainable:
 
 class DenseTrainable(Trainable):
     def __init__(self, params: list[tuple[str, torch.nn.Parameter]], direction: str = "rademacher",
-                 master: bool = False, decay_names: set[str] | None = None):
+                 master: bool = False, decay_names: set[str] | None = None, tag: str | None = None):
         super().__init__()
+        self.tag = tag  # keeps optimizer state apart when several trainables share one optimizer
         self.names = [n for n, _ in params]
         self.params = [p for _, p in params]
         self.direction = direction
@@ -80,7 +81,8 @@ class DenseTrainable(Trainable):
             for c, start in enumerate(range(0, flat.numel(), CHUNK)):
                 stop = min(start + CHUNK, flat.numel())
                 z = draw(stop - start, g, self.direction, dtype, p.device)
-                yield (i, c), i, flat[start:stop], None if master is None else master[start:stop], z
+                key = (i, c) if self.tag is None else (self.tag, i, c)
+                yield key, i, flat[start:stop], None if master is None else master[start:stop], z
 
     def directions(self, seed: int) -> list[torch.Tensor]:
         """The full z of every tensor for ``seed`` (materialised: for tests and diagnostics only)."""

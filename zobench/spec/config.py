@@ -1,7 +1,8 @@
 """Typed configuration of one run (a suite cell or `zobench train`), validated before anything loads.
 
 Every key has a type and a default; ``CellConfig.from_dict`` rejects unknown keys (with a did-you-mean),
-wrong types and bad values with one line naming the key and where it came from.
+wrong types and bad values with one line naming the key and where it came from. Names (methods, quant
+backends, tasks, models) are checked against their registries, which import no torch.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ from typing import Any
 from zobench.errors import UserError
 from zobench.models.names import check_model_spec
 
-ZO_METHODS = ("full", "random", "sensitive", "magnitude", "task_grad")
-OTHER_METHODS = ("forward", "fo-sgd", "fo-adam", "lora")
-METHODS = ZO_METHODS + OTHER_METHODS
+DTYPES = ("float32", "bfloat16", "float16")
+DIRECTIONS = ("rademacher", "gaussian")
+SCOPES = ("linear", "linear+head", "all")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+SCHEDULES = ("constant", "linear")
 # Upper bounds: far beyond any real run, low enough that a typo (steps: 1e30) is refused, not run.
 LIMITS = {"steps": 10**8, "n_train": 10**9, "n_dev": 10**9, "n_test": 10**9, "max_length": 1 << 20,
           "batch_size": 1 << 16, "eval_batch_size": 1 << 16, "q": 1024, "calib_sequences": 1 << 20,
           "calib_length": 1 << 20, "warmup_steps": 10**8, "eval_every": 10**8}
+AT_LEAST_0 = ("steps", "n_train", "n_dev", "n_test", "calib_sequences", "warmup_steps", "eval_every")
+AT_LEAST_1 = ("batch_size", "eval_batch_size", "max_length", "q", "calib_length")
 
 
 @dataclass
@@ -45,12 +50,13 @@ class CellConfig:
     eval_batch_size: int = 16
     # method
     method: str = "full"
-    density: float = 1e-3
-    scope: str | None = None           # default: "all" for full ZO (MeZO), "linear" for masks
+    density: float = 1e-3              # mask methods: the fraction of the scope trained
+    scope: str | None = None           # default: the method's (all for full ZO as in MeZO, linear for masks)
     per_tensor: bool = False
     calib_path: str | None = None
     calib_sequences: int = 16
     calib_length: int = 256
+    layer_fraction: float = 0.25       # lezo: the fraction of transformer blocks perturbed each step
     # optimisation
     steps: int = 100
     lr: float = 1e-6
@@ -95,74 +101,74 @@ class CellConfig:
         cfg.validate(where)
         return cfg
 
+    # -- validation --------------------------------------------------------------------------------
     def validate(self, where: str = "config") -> None:
-        def bad(key, expected):
-            raise UserError(f"{where}: key '{key}' = {getattr(self, key)!r}: expected {expected}")
-
-        if self.method not in METHODS:
-            close = difflib.get_close_matches(self.method, METHODS, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise UserError(f"{where}: key 'method' = {self.method!r}: expected one of "
-                            f"{', '.join(METHODS)}{hint}")
-        check_model_spec(self.model, f"{where}: key 'model'")
-        if self.model_fallback is not None:
-            check_model_spec(self.model_fallback, f"{where}: key 'model_fallback'")
-        from zobench.tasks import TASKS
-
-        if self.task not in TASKS:
-            try:
-                TASKS.get(self.task)  # raises with the known names and a did-you-mean
-            except UserError as e:
-                raise UserError(f"{where}: key 'task': {e}") from None
-        for key, top in LIMITS.items():
-            if getattr(self, key) > top:
-                bad(key, f"at most {top:g}")
-        if not 0 < self.density <= 1:
-            bad("density", "a fraction in (0, 1]")
-        for key in ("steps", "n_train", "n_dev", "n_test", "calib_sequences", "warmup_steps", "eval_every"):
-            if getattr(self, key) < 0:
-                bad(key, "a number >= 0")
-        for key in ("batch_size", "eval_batch_size", "max_length", "q", "calib_length"):
-            if getattr(self, key) < 1:
-                bad(key, "a number >= 1")
-        if self.eps <= 0:
-            bad("eps", "a positive number")
-        if self.lr < 0:
-            bad("lr", "a number >= 0")
-        if self.timeout_s is not None and self.timeout_s <= 0:
-            bad("timeout_s", "a positive number of seconds")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            bad("dtype", "float32, bfloat16 or float16")
-        from zobench.zo.directions import DIRECTIONS
-        from zobench.zo.masks import SCOPES
-        from zobench.zo.optim import OPTIMIZERS
-
-        from zobench.quant import BACKENDS
-
-        if self.quant not in BACKENDS:
-            try:
-                BACKENDS.get(self.quant)  # raises with the known names and a did-you-mean
-            except UserError as e:
-                raise UserError(f"{where}: key 'quant': {e}") from None
-        choices = {"direction": DIRECTIONS, "optimizer": tuple(OPTIMIZERS), "schedule": ("constant", "linear"),
-                   "scope": (None, *SCOPES)}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                bad(key, "one of " + ", ".join(str(a) for a in allowed if a is not None))
-        if self.quant != "none" and self.is_sparse and self.resolved_scope != "linear":
-            bad("scope", "'linear' with a quant backend (the sparse values live beside the quantized linears)")
+        self._check_names(where)
+        self._check_numbers(where)
+        self._check_choices(where)
         for key in ("calib_path", "data_dir"):
             path = getattr(self, key)
             if path and not os.path.exists(path):
-                bad(key, "an existing path")
+                self._bad(where, key, "an existing path")
+
+    def _bad(self, where: str, key: str, expected: str):
+        raise UserError(f"{where}: key '{key}' = {getattr(self, key)!r}: expected {expected}")
+
+    def _check_names(self, where: str) -> None:
+        from zobench.methods import METHODS
+        from zobench.quant import BACKENDS
+        from zobench.tasks import TASKS
+
+        for key, registry in (("method", METHODS), ("quant", BACKENDS), ("task", TASKS)):
+            try:
+                registry.check(getattr(self, key))  # the known names and a did-you-mean on a typo
+            except UserError as e:
+                raise UserError(f"{where}: key '{key}': {e}") from None
+        check_model_spec(self.model, f"{where}: key 'model'")
+        if self.model_fallback is not None:
+            check_model_spec(self.model_fallback, f"{where}: key 'model_fallback'")
+
+    def _check_numbers(self, where: str) -> None:
+        for key, top in LIMITS.items():
+            if getattr(self, key) > top:
+                self._bad(where, key, f"at most {top:g}")
+        for key in AT_LEAST_0:
+            if getattr(self, key) < 0:
+                self._bad(where, key, "a number >= 0")
+        for key in AT_LEAST_1:
+            if getattr(self, key) < 1:
+                self._bad(where, key, "a number >= 1")
+        for key in ("density", "layer_fraction"):
+            if not 0 < getattr(self, key) <= 1:
+                self._bad(where, key, "a fraction in (0, 1]")
+        if self.eps <= 0:
+            self._bad(where, "eps", "a positive number")
+        if self.lr < 0:
+            self._bad(where, "lr", "a number >= 0")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            self._bad(where, "timeout_s", "a positive number of seconds")
+
+    def _check_choices(self, where: str) -> None:
+        choices = {"dtype": DTYPES, "direction": DIRECTIONS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+                   "scope": (None, *SCOPES)}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                self._bad(where, key, "one of " + ", ".join(str(a) for a in allowed if a is not None))
+        if self.quant != "none" and self.method_class.needs_mask and self.resolved_scope != "linear":
+            self._bad(where, "scope", "'linear' with a quant backend (the sparse values live beside the "
+                                      "quantized linears)")
+
+    # -- derived -----------------------------------------------------------------------------------
+    @property
+    def method_class(self):
+        """The registered method (``zobench.methods``): what it trains, how, at what price."""
+        from zobench.methods import METHODS
+
+        return METHODS.get(self.method)
 
     @property
     def resolved_scope(self) -> str:
-        return self.scope or ("all" if self.method == "full" else "linear")
-
-    @property
-    def is_sparse(self) -> bool:
-        return self.method in ZO_METHODS and self.method != "full"
+        return self.scope or self.method_class.default_scope
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -182,14 +188,7 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
         if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
             return int(value)  # 1.0e+3 in YAML is a float; a whole number is what was meant
     elif t.startswith("float"):
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
+        number = _number(value)
         if number is not None:
             if math.isfinite(number):
                 return number
@@ -199,3 +198,14 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
             return value
     name = t.split(" ")[0].replace("|", " or ")
     raise UserError(f"{where}: key '{f.name}' = {value!r}: expected {name}")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None

@@ -16,15 +16,16 @@ Every error names the file and the key, e.g. ``suites/x.yaml: matrix.methd: unkn
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from zobench.config import CellConfig
 from zobench.errors import UserError
+from zobench.spec.config import CellConfig
+from zobench.spec.matrix import expand
+from zobench.spec.selectors import parse_selector, unknown_key
 
 SUITE_KEYS = ("name", "description", "defaults", "matrix", "overrides", "budgets", "timeout_s", "reference")
 BUDGET_LIMITS = {
@@ -55,49 +56,6 @@ class Suite:
     timeout_s: float = 3600.0
     reference: bool = True
     description: str = ""
-
-
-def _unknown(where: str, key: str, known) -> UserError:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return UserError(f"{where}: unknown key '{key}'{hint}")
-
-
-def parse_selector(sel: Any, where: str) -> dict[str, list]:
-    """A selector: a mapping of cell keys to a value or a list of values, or "k=v,k=v|v" text."""
-    if isinstance(sel, str):
-        out: dict[str, list] = {}
-        for part in filter(None, (p.strip() for p in sel.split(","))):
-            if "=" not in part:
-                raise UserError(f"{where}: selector part '{part}': expected key=value")
-            k, v = part.split("=", 1)
-            out[k.strip()] = [yaml.safe_load(x) for x in v.split("|")]
-        sel = out
-    if not isinstance(sel, dict):
-        raise UserError(f"{where}: expected a mapping of cell keys to values")
-    keys = set(CellConfig.keys())
-    for k in sel:
-        if k not in keys:
-            raise _unknown(where, k, keys)
-    return {k: v if isinstance(v, list) else [v] for k, v in sel.items()}
-
-
-def selector_matches(sel: dict[str, list], cell: dict[str, Any]) -> bool:
-    def number(x):
-        if isinstance(x, str):
-            try:
-                return float(x)  # YAML reads "1e-3" (no dot) as text
-            except ValueError:
-                return x
-        return x
-
-    def same(a, b):
-        a, b = number(a), number(b)
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-            return abs(float(a) - float(b)) <= 1e-12 * max(abs(float(a)), abs(float(b)), 1.0)
-        return a == b
-
-    return all(any(same(cell.get(k), v) for v in vals) for k, vals in sel.items())
 
 
 def _mapping(value: Any, where: str) -> dict:
@@ -155,7 +113,7 @@ def parse_suite(data: Any, where: str, path: Path | None = None) -> Suite:
     data = _mapping(data, where)
     for k in data:
         if k not in SUITE_KEYS:
-            raise _unknown(where, k, SUITE_KEYS)
+            raise unknown_key(where, k, SUITE_KEYS)
     name = data.get("name")
     if not isinstance(name, str) or not name or "/" in name:
         raise UserError(f"{where}: key 'name': expected a non-empty name without '/'")
@@ -164,7 +122,7 @@ def parse_suite(data: Any, where: str, path: Path | None = None) -> Suite:
     matrix = _mapping(data.get("matrix"), f"{where}: matrix")
     for k, v in matrix.items():
         if k not in CellConfig.keys():
-            raise _unknown(f"{where}: matrix", k, CellConfig.keys())
+            raise unknown_key(f"{where}: matrix", k, CellConfig.keys())
         if not isinstance(v, list) or not v:
             raise UserError(f"{where}: matrix.{k}: expected a non-empty list of values")
     overrides = []
@@ -173,11 +131,11 @@ def parse_suite(data: Any, where: str, path: Path | None = None) -> Suite:
         item = _mapping(item, w)
         for k in item:
             if k not in ("match", "set"):
-                raise _unknown(w, k, ("match", "set"))
+                raise unknown_key(w, k, ("match", "set"))
         sets = _mapping(item.get("set"), f"{w}.set")
         for k in sets:
             if k not in CellConfig.keys():
-                raise _unknown(f"{w}.set", k, CellConfig.keys())
+                raise unknown_key(f"{w}.set", k, CellConfig.keys())
         overrides.append((parse_selector(item.get("match", {}), f"{w}.match"), sets))
     budgets = []
     for i, item in enumerate(data.get("budgets") or []):
@@ -188,7 +146,7 @@ def parse_suite(data: Any, where: str, path: Path | None = None) -> Suite:
             if k == "match":
                 continue
             if k not in BUDGET_LIMITS:
-                raise _unknown(w, k, ["match", *BUDGET_LIMITS])
+                raise unknown_key(w, k, ["match", *BUDGET_LIMITS])
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or abs(v) == float("inf"):
                 raise UserError(f"{w}.{k}: expected a finite number ({BUDGET_LIMITS[k]})")
             limits[k] = float(v)
@@ -203,7 +161,5 @@ def parse_suite(data: Any, where: str, path: Path | None = None) -> Suite:
         raise UserError(f"{where}: key 'reference': expected true or false")
     suite = Suite(name, path, defaults, matrix, overrides, budgets, float(timeout), reference,
                   str(data.get("description", "")))
-    from zobench.matrix import expand  # validates every cell, so a bad combination fails here
-
-    expand(suite)
+    expand(suite)  # validates every cell, so a bad combination fails here, before anything runs
     return suite

@@ -1,15 +1,17 @@
 """Predict a cell's peak memory in the train phase from the model's config alone (no weights loaded).
 
-What is predicted is what ``launcher.derive`` calls ``peak_mib``: the largest peak RSS of the warmup and
+What is predicted is what ``analysis.derive`` calls ``peak_mib``: the largest peak RSS of the warmup and
 train phases on a CPU, or ``torch.cuda.max_memory_allocated`` there on CUDA. The peak is the sum of
 
     framework    what a cell's process holds whatever the model, measured once on this machine
                  (``zobench.analysis.calibration``; CUDA allocated memory: not measured yet, 0)
     weights      embeddings, norms and head in the model dtype; block linears in that dtype or, with a
                  quant backend, priced by its ``Storage``
-    trainable    what the ZO method keeps besides the weights (indices, float32 masters, sparse values)
-    optimizer    momentum / Adam state of the trainable values
-    activations  one inference forward (no autograd) of the training batch, at its largest moment
+    trainable    what the method keeps besides the weights (indices, float32 masters, sparse values,
+                 gradients): the method's ``price`` (``zobench.methods``)
+    optimizer    momentum / Adam state of the trainable values (the method's price)
+    activations  one inference forward (no autograd) of the training batch, at its largest moment, plus
+                 what autograd saves for a backward pass (first-order methods)
     update       the perturb/update pass's temporaries (z chunks) beyond the activations: those passes
                  run between forwards, so only the larger of the two counts
 
@@ -29,16 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zobench.analysis.calibration import framework
-from zobench.config import CellConfig
 from zobench.errors import Unsupported, UserError
+from zobench.spec.config import CellConfig
+from zobench.zo.sizes import GATHER_LIMIT
 
 MIB = 1 << 20
-CHUNK = 1 << 22           # zobench.zo.trainable.CHUNK: values per z draw in dense passes
-GATHER_LIMIT = 1 << 22    # zobench.quant.sparse.GATHER_LIMIT: values per gather-path temporary
 OPTION_TOKENS = 1         # MeZO's verbalizers (" great", "Yes", ...) are one token: one scored position
 GENERATION_TOKENS = 16    # scored target tokens of a generation example (a short answer plus "\n")
-RADEMACHER_EXTRA = 1 + 1 / 8  # bytes per value beside z: the uint8->int64 index and the random words
-OPT_STATE = {"sgd": 0, "momentum": 1, "adam": 2}  # float32 values of state per trainable value
 
 # How a backend's forward runs a layer, for its transient: "dequant" builds the [out, in] weight in the
 # compute dtype for each matmul (bitsandbytes 4-bit for batches > 1, GPTQ/HQQ torch kernels); "int8"
@@ -55,6 +54,7 @@ class Arch:
     other_numel: int            # parameters outside the block linears' weights (embeddings, norms, head, biases)
     buffer_bytes: int
     linears: tuple              # (out, in) of every block linear weight: the "linear" scope, quantized
+    linear_names: tuple         # their parameter names, in the same order
     scopes: dict                # scope -> tuple of tensor numels (zobench.zo.masks.scoped_params)
     hidden: int
     intermediate: int
@@ -64,14 +64,14 @@ class Arch:
     vocab: int
     layers: int                 # transformer blocks
     eager_heads: int            # attention heads when attention is "eager" (scores materialized), else 0
-    slices_logits: bool         # logits only at the kept positions (scoring._slices_logits)
+    slices_logits: bool         # logits only at the kept positions (scoring.slices_logits)
 
 
 def _local_config(spec: str, trust: bool, network: bool):
     """The transformers config of a model spec (see zobench.models.load), reading no weights."""
     from transformers import AutoConfig
 
-    from zobench.models.load import BUILTIN, CONFIG_DIR, _file_key, _random_config, cache_dir
+    from zobench.models.load import BUILTIN, CONFIG_DIR, cache_dir, file_key, random_config
 
     if spec.lower() in BUILTIN:
         # The converted model's own config when it is in the cache, else the shipped copy of it.
@@ -79,14 +79,14 @@ def _local_config(spec: str, trust: bool, network: bool):
         found = sorted((cache_dir() / "models").glob(f"{stem}-*/config.json"))
         if found:
             return AutoConfig.from_pretrained(str(found[-1].parent))
-        return _random_config(str(CONFIG_DIR / "smollm2-135m.json"), trust)
+        return random_config(str(CONFIG_DIR / "smollm2-135m.json"), trust)
     if spec.startswith("random:"):
-        return _random_config(spec.split(":", 1)[1], trust)
+        return random_config(spec.split(":", 1)[1], trust)
     if spec.endswith(".gguf"):
         path = Path(spec)
         if not path.is_file():
             raise UserError(f"model '{spec}': GGUF file not found")
-        converted = cache_dir() / "models" / f"{path.stem}-{_file_key(path)}"
+        converted = cache_dir() / "models" / f"{path.stem}-{file_key(path)}"
         if (converted / "config.json").exists():
             return AutoConfig.from_pretrained(str(converted))
         return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -119,8 +119,9 @@ def architecture(spec: str, fallback: str | None = None, trust: bool = False) ->
     import torch
     from transformers import AutoModelForCausalLM
 
-    from zobench.tasks.scoring import _slices_logits
-    from zobench.zo.masks import SCOPES, scoped_params
+    from zobench.spec.config import SCOPES
+    from zobench.tasks.scoring import slices_logits
+    from zobench.zo.masks import scoped_params
 
     config, used = model_config(spec, fallback, trust)
     try:
@@ -148,13 +149,13 @@ def architecture(spec: str, fallback: str | None = None, trust: bool = False) ->
         source=used, numel=sum(p.numel() for p in params.values()),
         other_numel=sum(p.numel() for p in params.values()) - sum(o * i for o, i in linears),
         buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
-        linears=linears, scopes=scopes, hidden=hidden, intermediate=widest, layers=max(len(blocks), 1),
+        linears=linears, linear_names=tuple(n for n, _ in linear), scopes=scopes, hidden=hidden, intermediate=widest, layers=max(len(blocks), 1),
         gated=sum(1 for _, s in block if s == (widest, hidden)) >= 2,
         q_width=width(("q_proj", "query", "q_lin", "wq"), hidden),
         kv_width=width(("k_proj", "key", "k_lin", "wk"), hidden),
         vocab=int(model.get_output_embeddings().weight.shape[0]),
         eager_heads=int(getattr(text, "num_attention_heads", 1)) if attn == "eager" else 0,
-        slices_logits=_slices_logits(model))
+        slices_logits=slices_logits(model))
 
 
 def _storage(quant: str):
@@ -238,91 +239,64 @@ def activation_bytes(arch: Arch, seqs: int, scored: int, t: int, db: int, device
     return max(moments.values()) + mask
 
 
+def _device(cfg: CellConfig) -> str:
+    if str(cfg.device).startswith("cuda"):
+        return "cuda"
+    if cfg.device == "cpu":
+        return "cpu"
+    if cfg.device == "auto":
+        from zobench.cell.pipeline import resolve_device
+
+        return "cuda" if resolve_device("auto").startswith("cuda") else "cpu"
+    raise UserError(f"estimate: device '{cfg.device}': expected cpu, cuda or auto")
+
+
 def estimate_cell(cfg: CellConfig) -> dict:
     """Predicted train-phase peak of ``cfg`` in MiB, with its breakdown (see the module docstring)."""
+    from zobench.methods import PriceInputs
     from zobench.models.load import resolve_dtype
 
-    if cfg.method in ("fo-sgd", "fo-adam", "lora"):
-        raise UserError(f"estimate: method '{cfg.method}' runs autograd; only forward and ZO methods are modelled")
-    device = "cuda" if str(cfg.device).startswith("cuda") else ("cpu" if cfg.device in ("auto", "cpu") else None)
-    if device is None:
-        raise UserError(f"estimate: device '{cfg.device}': expected cpu, cuda or auto")
-    if cfg.device == "auto":
-        from zobench.runner import resolve_device
-
-        device = "cuda" if resolve_device("auto").startswith("cuda") else "cpu"
+    device = _device(cfg)
+    method = cfg.method_class()
     arch = architecture(cfg.model, cfg.model_fallback, cfg.trust_remote_code)
     db = resolve_dtype(cfg.dtype).itemsize
     storage, perturbable = _storage(cfg.quant)
-    if not perturbable and cfg.method == "full":
-        # The runner records this cell as unsupported (runner.check_quant): nothing to estimate.
-        raise Unsupported(f"method 'full' on {cfg.quant} weights is unsupported (quantized codes cannot "
+    if not perturbable and not method.quantized:
+        # The pipeline records this cell as unsupported (Pipeline.check_supported): nothing to estimate.
+        raise Unsupported(f"method '{cfg.method}' on {cfg.quant} weights is unsupported (quantized codes cannot "
                           f"move by eps*z)")
-
-    linear_numel = sum(o * i for o, i in arch.linears)
-    if storage is None:
-        weights = arch.numel * db
-    else:
-        weights = arch.other_numel * db + sum(storage.weight_bytes(o, i) for o, i in arch.linears)
+    weights = arch.numel * db if storage is None else \
+        arch.other_numel * db + sum(storage.weight_bytes(o, i) for o, i in arch.linears)
     weights += arch.buffer_bytes
-
-    tensors = arch.scopes[cfg.resolved_scope]
-    z_extra = RADEMACHER_EXTRA if cfg.direction == "rademacher" else 0
-    trainable = optimizer = update = 0.0
-    nnz = nnz_layer = 0
-    quant_sparse = storage is not None and cfg.is_sparse
-    if cfg.method == "full":
-        nnz = sum(tensors)
-        zb = 4 if cfg.master_fp32 else db  # z is drawn in the dtype it is added in
-        trainable = 4 * nnz if cfg.master_fp32 else 0
-        optimizer = nnz * OPT_STATE[cfg.optimizer] * (4 if cfg.master_fp32 or cfg.optimizer == "adam" else db)
-        chunk = min(CHUNK, max(tensors, default=0))
-        # q z chunks side by side in the update, plus master.add(z) (master) or Adam's denominator.
-        update = chunk * (cfg.q * (zb + z_extra) + (4 if cfg.master_fp32 else 0)
-                          + (8 if cfg.optimizer == "adam" else 0))
-    elif cfg.is_sparse:
-        if cfg.per_tensor:
-            nnz = sum(int(round(cfg.density * n)) for n in tensors)
-        else:
-            nnz = int(round(cfg.density * sum(tensors)))
-        # The mask's int64 flat indices stay referenced by the runner (and are the trainable's indices
-        # on the plain path); the float32 master is SparseTrainable's copy of the selected values.
-        idx = 8 if device == "cpu" or not quant_sparse else 0
-        trainable = nnz * (idx + 4)
-        if quant_sparse:
-            # Dense-and-sparse (zobench.quant.sparse): the live values in the model dtype beside the
-            # quantized layer, CSR of S^T with int32 column indices and (in + 1) int32 row pointers.
-            layers = [(o, i) for o, i in arch.linears if cfg.density * o * i >= 1]
-            trainable += nnz * (db + 4) + sum(4 * (i + 1) for _, i in layers)
-            nnz_layer = nnz / max(len(layers), 1)
-        optimizer = nnz * OPT_STATE[cfg.optimizer] * 4
-        # apply: z, master + scale*z and its cast to the weights' dtype; update: the estimate and one z
-        # at a time (q seeds are summed in turn), plus Adam's denominator.
-        update = nnz * (4 + z_extra + 4 + db + (8 if cfg.optimizer == "adam" else 0))
     seqs, scored = _sequences(cfg, cfg.batch_size)
-    activations = activation_bytes(arch, seqs, scored, cfg.max_length, db, device, cfg.quant, quant_sparse,
-                                   nnz_layer)
+    price = method.price(PriceInputs(cfg=cfg, arch=arch, dtype_bytes=db, device=device, storage=storage,
+                                     scope_sizes=arch.scopes[cfg.resolved_scope], tokens=seqs * cfg.max_length,
+                                     scored_positions=seqs * scored))
+    activations = activation_bytes(arch, seqs, scored, cfg.max_length, db, device, cfg.quant,
+                                   price.sparse_delta, price.nnz_per_layer)
     if cfg.eval_every and not arch.source.startswith("random:"):
         # Dev evaluations run inside the train phase (random weights are never evaluated): a forward of
         # eval_batch_size examples, or greedy generation with its KV cache for generation tasks.
         seqs, scored = _sequences(cfg, cfg.eval_batch_size, train=False)
         kv = 2 * arch.layers * seqs * cfg.max_length * arch.kv_width * db if scored > OPTION_TOKENS else 0
         activations = max(activations, kv + activation_bytes(arch, seqs, scored, cfg.max_length, db, device,
-                                                             cfg.quant, quant_sparse, nnz_layer))
+                                                             cfg.quant, price.sparse_delta, price.nnz_per_layer))
     # The framework floor is measured on this machine (zobench.analysis.calibration), not a constant.
     floor = framework(device)
     breakdown = {
         "framework_mib": floor["framework_mib"] + (_import_mib(cfg.quant) if device == "cpu" else 0.0),
         "weights_mib": weights / MIB,
-        "trainable_mib": trainable / MIB,
-        "optimizer_mib": optimizer / MIB,
-        "activations_mib": activations / MIB,
-        "update_mib": max(0.0, update - activations) / MIB,
+        "trainable_mib": price.trainable / MIB,
+        "optimizer_mib": price.optimizer / MIB,
+        "activations_mib": (activations + price.saved_activations) / MIB,
+        # The perturb/update passes (ZO) and the optimizer step with its gradients (first-order) run when
+        # the forward's tensors are gone: only what they need beyond those counts.
+        "update_mib": max(0.0, price.update - activations - price.saved_activations) / MIB,
     }
     breakdown = {k: round(v, 3) for k, v in breakdown.items()}
     return {"peak_mib": round(sum(breakdown.values()), 3), "breakdown": breakdown, "device": device,
-            "model_numel": arch.numel, "method": cfg.method, "trainable_numel": nnz,
-            "linear_numel": linear_numel, "architecture_from": arch.source,
+            "model_numel": arch.numel, "method": cfg.method, "trainable_numel": price.nnz,
+            "linear_numel": sum(o * i for o, i in arch.linears), "architecture_from": arch.source,
             "calibration": {k: floor[k] for k in ("source", "key", "why", "measured_at") if k in floor}}
 
 

@@ -1,0 +1,166 @@
+"""Suites end to end on the tiny model: executors, failures, kills, resume, records, ratios on read."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from zobench.analysis.derive import derive
+from zobench.cell.record import CellRecord, Metrics, PhaseMeasure, Stats
+from zobench.driver import run_suite, select_cells
+from zobench.executors.pool import PoolExecutor
+from zobench.results import load_records, to_pandas
+from zobench.spec.suite import load_suite
+
+BASE = """
+name: t
+defaults:
+  model: "random:tiny-llama"
+  n_train: 16
+  n_dev: 4
+  n_test: 8
+  batch_size: 4
+  max_length: 48
+  steps: 3
+  warmup_steps: 1
+matrix:
+  method: [full, random]
+  density: [0.05]
+timeout_s: 300
+"""
+
+# A config file that exists (so the suite validates) but names no architecture: the cell fails when it
+# loads the model, as a real broken config would.
+BROKEN = BASE + """
+overrides:
+  - match: {method: random}
+    set: {model: "random:broken.json"}
+  - match: {method: full}
+    set: {steps: 1000000, timeout_s: 4}
+"""
+
+
+def _suite(tmp_path: Path, text: str):
+    p = tmp_path / "t.yaml"
+    p.write_text(text.replace("random:broken.json", f"random:{tmp_path / 'broken.json'}"))
+    (tmp_path / "broken.json").write_text('{"hidden_size": 16}')
+    return load_suite(p)
+
+
+def _run(tmp_path: Path, text: str, **kw):
+    return run_suite(_suite(tmp_path, text), tmp_path / "results", **kw)
+
+
+def test_failed_and_killed_cells_do_not_stop_the_suite_and_resume_redoes_only_them(tmp_path):
+    out = _run(tmp_path, BROKEN)
+    recs = load_records(out)
+    status = sorted((r.method, r.config["model"].rsplit("/", 1)[-1], r.status) for r in recs)
+    # The broken model also gets its own forward reference cell, which fails the same way.
+    assert status == [("forward", "broken.json", "failed"), ("forward", "random:tiny-llama", "ok"),
+                      ("full", "random:tiny-llama", "timeout"), ("random", "broken.json", "failed")]
+    failed = next(r for r in recs if r.method == "random")
+    assert "has no 'model_type'" in failed.reason and "Traceback" not in failed.reason
+    timed_out = next(r for r in recs if r.status == "timeout")
+    assert "killed" in timed_out.reason
+    first_lines = out.read_text().splitlines()
+    assert len(first_lines) == 4 and all(json.loads(line) for line in first_lines)
+
+    # Fixed suite, --resume: the forward cell is kept, only the two broken cells run again.
+    out2 = _run(tmp_path, BASE, resume=True)
+    lines = out2.read_text().splitlines()
+    assert lines[:4] == first_lines
+    new = [json.loads(x) for x in lines[4:]]
+    assert sorted(r["labels"]["method"] for r in new) == ["full", "random"]
+    assert all(r["status"] == "ok" for r in new)
+    base_ids = {c.cell_id for c in select_cells(load_suite(tmp_path / "t.yaml"))}
+    df = to_pandas(out2)
+    assert len(base_ids) == 3 and set(df[df["cell_id"].isin(base_ids)]["status"]) == {"ok"}
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The same suite run twice: sequentially, and two cells at a time with the cells in reverse order."""
+    tmp = tmp_path_factory.mktemp("runs")
+    (tmp / "a").mkdir(), (tmp / "b").mkdir()
+    seq = load_records(_run(tmp / "a", BASE))
+    suite = _suite(tmp / "b", BASE)
+    pool = load_records(run_suite(suite, tmp / "b" / "results", cells=list(reversed(select_cells(suite))),
+                                  executor=PoolExecutor(jobs=2)))
+    return seq, pool
+
+
+def test_records_are_typed_raw_measurements(two_runs):
+    seq, _ = two_runs
+    recs = {r.method: r for r in seq}
+    for r in recs.values():
+        assert r.schema == 2 and r.suite == "t" and r.ok
+        assert r.env["versions"]["torch"] and r.env["malloc_mmap_threshold"] == "131072"
+        assert r.accuracy_meaningful is False  # random weights
+        assert r.phases["train"].peak_rss_mib > 100 and r.phases["train"].wall_s > 0
+        assert r.execution.executor == "local" and r.execution.concurrent_cells == 1
+        assert "derived" not in r.to_json()  # ratios are never frozen into a record
+    full, rnd = recs["full"], recs["random"]
+    assert rnd.metrics.get("density_obtained") == pytest.approx(0.05, rel=0.01)
+    assert rnd.metrics.get("restore_drift_frac_changed") == 0.0
+    assert rnd.metrics.forward_ref_s.n == rnd.metrics.step_s.n == 2  # one reference forward per timed step
+    assert len(full.metrics.get("loss_curve")) == 3  # warm-up steps are in the loss curve, not the timings
+
+
+def test_pool_runs_cells_side_by_side_and_says_so(two_runs):
+    _, pool = two_runs
+    assert len(pool) == 3 and len({r.cell_id for r in pool}) == 3  # each cell appended exactly once
+    assert {r.execution.executor for r in pool} == {"pool"}
+    assert max(r.execution.concurrent_cells for r in pool) == 2
+    assert all(r.execution.threads >= 1 for r in pool)
+
+
+def test_ratios_do_not_depend_on_run_order_or_executor(two_runs):
+    seq, pool = two_runs
+    for recs in (seq, pool):
+        d = derive(recs)
+        by = {r.method: r.cell_id for r in recs}
+        # Every training cell gets every ratio, whatever ran first (the pool ran the forward cell last).
+        for m in ("full", "random"):
+            assert {"step_over_two_forwards", "peak_over_inference"} <= set(d[by[m]].to_dict())
+        assert "speedup_vs_full" in d[by["random"]].to_dict()
+        # Any order of the same records derives the same values, and a cell's ratios need only the cell
+        # and its references.
+        for perm in itertools.permutations(recs):
+            assert derive(list(perm)) == d
+        fwd = next(r for r in recs if r.method == "forward")
+        rnd = next(r for r in recs if r.method == "random")
+        alone = derive([rnd, fwd])[rnd.cell_id]
+        assert alone.peak_over_inference == d[rnd.cell_id].peak_over_inference
+        assert alone.step_over_two_forwards == d[rnd.cell_id].step_over_two_forwards
+    assert {r.cell_id for r in seq} == {r.cell_id for r in pool}
+    assert {k: sorted(v.to_dict()) for k, v in derive(seq).items()} == \
+        {k: sorted(v.to_dict()) for k, v in derive(pool).items()}
+
+
+def _rec(method: str, step: float, ref: float | None = None, peak: float = 100.0, cell: str | None = None):
+    m = Metrics()
+    m.set(step_s=Stats(step, step, step, 3), forward_ref_s=Stats(ref, ref, ref, 3) if ref else None)
+    cfg = {"model": "m", "dtype": "float32", "quant": "none", "task": "sst2", "method": method}
+    return CellRecord(cell_id=cell or method, config=cfg, labels={"method": method}, metrics=m, device="cpu",
+                      phases={"train": PhaseMeasure(wall_s=1.0, peak_rss_mib=peak)})
+
+
+def test_step_ratio_falls_back_to_the_forward_cell_without_in_cell_forwards():
+    fwd = _rec("forward", 2.0, peak=100.0)
+    old = _rec("random", 5.0, peak=110.0, cell="old")
+    new = _rec("random", 5.0, ref=2.5, cell="new")
+    d = derive([fwd, old, new])
+    assert d["old"].step_over_two_forwards == pytest.approx(1.25) and d["old"].forward_ref == "forward cell"
+    assert d["new"].step_over_two_forwards == pytest.approx(1.0) and d["new"].forward_ref == "in-cell"
+    assert d["old"].peak_over_inference == pytest.approx(1.1)
+    assert d["forward"].step_over_two_forwards is None and d["forward"].peak_over_inference is None  # itself
+
+
+def test_a_re_run_reference_is_the_latest_record_of_that_cell():
+    first, rerun = _rec("forward", 2.0, peak=100.0), _rec("forward", 2.0, peak=200.0)
+    rnd = _rec("random", 5.0, peak=220.0)
+    for recs in ([first, rerun, rnd], [rnd, first, rerun]):
+        assert derive(recs)["random"].peak_over_inference == pytest.approx(1.1)

@@ -1,0 +1,132 @@
+"""Methods as plug-ins: every registered method prices itself and runs the smoke path; the registry refuses
+a duplicate or an incomplete method; LeZO perturbs and updates only the blocks it draws."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zobench.methods import METHODS, Method, Price, register
+
+TINY = {"model": "random:tiny-llama", "task": "sst2", "n_train": 8, "n_dev": 0, "n_test": 0, "batch_size": 4,
+        "max_length": 32, "steps": 2, "warmup_steps": 1, "eval_before": False, "eval_after": False,
+        "calib_sequences": 2, "calib_length": 32, "density": 0.01, "lr": 1e-4}
+
+
+@pytest.fixture(scope="module")
+def every_method(tmp_path_factory):
+    """One cell of every registered method on the tiny model, each in its own process."""
+    from zobench.driver import run_suite
+    from zobench.results import load_records
+    from zobench.spec.suite import parse_suite
+
+    suite = parse_suite({"name": "methods", "reference": False, "defaults": TINY,
+                         "matrix": {"method": METHODS.names()}}, "methods.yaml")
+    return {r.method: r for r in load_records(run_suite(suite, tmp_path_factory.mktemp("methods")))}
+
+
+def test_every_registered_method_runs_the_smoke_path_and_has_a_price(every_method):
+    from zobench.analysis.derive import derive
+
+    assert set(every_method) == set(METHODS.names())
+    for name, rec in every_method.items():
+        assert rec.ok, f"{name}: {rec.reason}"
+        assert "peak_mib" in rec.estimate, f"{name}: no estimate: {rec.estimate}"
+        measured = derive([rec])[rec.cell_id].peak_mib
+        assert abs(rec.estimate["peak_mib"] - measured) <= 0.10 * measured, (name, rec.estimate, measured)
+        if METHODS.get(name).family != "reference":
+            assert len(rec.metrics.get("loss_curve")) == 2 and rec.metrics.step_s.n == 1, name
+
+
+def test_registration_checks_the_interface_and_refuses_duplicates():
+    with pytest.raises(ValueError, match="registered twice"):
+        @register
+        class Again(Method):
+            name, family = "full", "zo"
+
+            def build_stepper(self, run):
+                return None, None
+
+            def price(self, inputs):
+                return Price()
+
+    with pytest.raises(TypeError, match="does not implement price"):
+        @register
+        class NoPrice(Method):
+            name, family = "no-price", "zo"
+
+            def build_stepper(self, run):
+                return None, None
+
+    with pytest.raises(TypeError, match="does not implement build_mask"):
+        @register
+        class NoMask(Method):
+            name, family, needs_mask = "no-mask", "zo", True
+
+            def build_stepper(self, run):
+                return None, None
+
+            def price(self, inputs):
+                return Price()
+    assert "no-price" not in METHODS and "no-mask" not in METHODS
+
+
+def test_validating_a_suite_imports_no_torch():
+    code = ("import sys; from zobench.spec.suite import load_suite; from zobench.driver import select_cells; "
+            "cells = select_cells(load_suite('suites/smollm2-quant.yaml')); assert len(cells) == 16; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')); "
+            "assert not bad, bad[:5]")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+# -- LeZO -------------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def lezo(tiny):
+    from zobench.methods.lezo import LayerSubset, units
+    from zobench.zo.masks import scoped_params
+    from zobench.zo.trainable import DenseTrainable
+
+    groups = units(scoped_params(tiny.model, "all"))
+    parts = [DenseTrainable(g, "rademacher", tag=f"u{u}") for u, g in enumerate(groups)]
+    return tiny.model, groups, LayerSubset(parts, k=1)
+
+
+def _changed(model, before) -> set[str]:
+    return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+
+
+def test_lezo_units_are_the_blocks_plus_the_rest(lezo):
+    model, groups, _ = lezo
+    assert len(groups) == model.config.num_hidden_layers + 1
+    assert all(all(f".layers.{i}." in n for n, _ in g) for i, g in enumerate(groups[:-1]))
+    assert not any(".layers." in n for n, _ in groups[-1])  # embeddings, final norm
+
+
+def test_lezo_perturbs_and_updates_only_the_drawn_unit_and_restores_exactly(lezo):
+    from zobench.zo.optim import make_optimizer
+
+    model, groups, subset = lezo
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seed = 1234
+    (u,) = subset.drawn(seed)
+    subset.apply(seed, 1e-3)
+    assert _changed(model, before) == {n for n, _ in groups[u]}
+    subset.apply(seed, -1e-3)
+    subset.update([(seed, 0.5)], make_optimizer("sgd", 1e-3), 0)  # restore folded into the update
+    assert _changed(model, before) == {n for n, _ in groups[u]}
+    drawn = {subset.drawn(s)[0] for s in range(200)}
+    assert drawn == set(range(len(groups)))  # over steps, every unit is trained
+
+
+def test_lezo_units_draw_independent_directions(lezo):
+    model, groups, subset = lezo
+    a, b = subset.parts[0], subset.parts[1]  # two blocks of the same shapes
+    from zobench.methods.lezo import unit_seed
+
+    za, zb = a.directions(unit_seed(7, 0))[0], b.directions(unit_seed(7, 1))[0]
+    assert za.shape == zb.shape and not torch.equal(za, zb)

@@ -1,0 +1,307 @@
+"""One cell as a pipeline of measured phases: load -> mask -> quantize -> evaluate -> train -> evaluate.
+
+    run_cell(cfg) -> CellRecord
+
+Each step is a short method of ``Pipeline`` and each measured phase gets its own wall time and peak
+memory (reset at its start), so the mask's gradient pass, for example, does not hide inside the training
+peak. What differs between methods is asked of the method (``zobench.methods``): whether it builds a mask,
+whether it runs beside quantized weights, how it steps. ``Run`` is what a method sees of the cell.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from zobench.cell.record import CellRecord, Metrics, Stats
+from zobench.errors import Unsupported, UserError
+from zobench.measure.phases import Phases
+from zobench.spec.config import CellConfig
+
+Progress = Callable[[dict], None]
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def batch_stream(examples: list, batch_size: int, seed: int) -> Iterator[list]:
+    """Shuffled batches, reshuffled each epoch, from a seeded RNG (same seed -> same batches)."""
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    while True:
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield [examples[j] for j in order[i:i + batch_size]]
+        if len(order) < batch_size:
+            yield [examples[j] for j in order]
+
+
+@dataclass
+class Run:
+    """The state of one cell that methods build on (see ``zobench.methods.base``)."""
+
+    cfg: CellConfig
+    device: str
+    task: Any
+    splits: Any
+    loaded: Any = None              # zobench.models.load.LoadedModel
+    params: list = field(default_factory=list)   # (name, parameter) in the method's scope
+    mask: dict | None = None        # flat indices per tensor (mask methods)
+    vectors: list | None = None     # the trainable values beside quantized layers (quantized mask methods)
+    cache_root: Path | None = None
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def vocab(self) -> int | None:
+        """Random-weight models borrow the embedded tokenizer: token ids are folded into their vocabulary."""
+        return self.loaded.vocab_size if self.loaded.random_weights else None
+
+    @staticmethod
+    def loss_fn(model, batch):
+        from zobench.tasks import scoring
+
+        return scoring.loss(model, batch)
+
+    def encode(self, examples, train: bool = True) -> dict:
+        from zobench.tasks import scoring
+
+        return scoring.encode(examples, self.tokenizer, self.task.kind, max_length=self.cfg.max_length,
+                              train=train, vocab_size=self.vocab)
+
+    def evaluate(self, examples) -> dict:
+        from zobench.tasks import scoring
+
+        return scoring.evaluate(self.model, self.tokenizer, self.task.kind, examples,
+                                batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_length,
+                                vocab_size=self.vocab)
+
+    def batches(self, seed: int | None = None) -> Iterator[list]:
+        return batch_stream(self.splits.train, self.cfg.batch_size, self.cfg.seed if seed is None else seed)
+
+
+class ForwardReference:
+    """One inference forward of the model being trained, on the batch just stepped, timed right after
+    the step: the denominator of "step / two forwards", measured in the same process and interleaved
+    with the steps so it sees the same machine state (a suite's forward cell runs in another process,
+    at another time). Dense-and-sparse layers are bypassed: the reference is the plain (quantized)
+    model, as in a forward cell. Not part of step time."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn):
+        from zobench.zo.trainer import ForwardOnly
+
+        self.model, self.forward, self.seconds = model, ForwardOnly(model, loss_fn), []
+
+    def time(self, batch) -> None:
+        from zobench.quant.sparse import sparse_bypassed
+
+        was_training = self.model.training
+        self.model.eval()
+        with sparse_bypassed(self.model):
+            self.seconds.append(self.forward.step(batch, 0).total_s)
+        self.model.train(was_training)
+
+
+class Pipeline:
+    """The phases of one cell; ``run()`` returns its record (status "ok") or raises."""
+
+    def __init__(self, cfg: CellConfig, progress: Progress | None = None):
+        self.cfg, self.notify = cfg, progress or (lambda _: None)
+        self.method = cfg.method_class()
+        self.device = resolve_device(cfg.device)
+        self.record = CellRecord(cell_id="", config=cfg.to_dict(), device=self.device)
+        self.metrics: Metrics = self.record.metrics
+        self.phase = Phases(self.device, self.record.phases)
+        self.backend = None
+        self.run_state: Run | None = None
+
+    def run(self) -> CellRecord:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars would flood suite logs
+        torch.manual_seed(self.cfg.seed)
+        self.check_supported()
+        self.sample_data()
+        with self.phase("load"):
+            self.load()
+        self.count_truncated()
+        if self.method.needs_mask:
+            with self.phase("mask"):
+                self.build_mask()
+        if self.backend is not None:
+            with self.phase("quantize"):
+                self.quantize()
+        # After masking and quantization: "before" is the model that training starts from.
+        self.evaluate("eval_before", "test_before", self.cfg.eval_before)
+        self.train()
+        self.evaluate("eval_after", "test_after", self.cfg.eval_after)
+        return self.record
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def check_supported(self) -> None:
+        """``Unsupported`` before anything loads: no CUDA device, or a method that cannot train beside
+        quantized weights."""
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise Unsupported(f"needs a CUDA device (device={self.cfg.device}); this machine has none")
+        if self.cfg.quant == "none":
+            return
+        from zobench.quant import get_backend
+
+        self.backend = get_backend(self.cfg.quant)
+        self.backend.check_available(self.device)
+        if not self.backend.perturbable and not self.method.quantized:
+            raise Unsupported(f"method '{self.cfg.method}' changes every weight, and {self.cfg.quant} weights are "
+                              f"quantized codes that cannot move by eps*z; use a sparse method (random, "
+                              f"sensitive), which trains 16/32-bit values beside the quantized layers")
+
+    def sample_data(self) -> None:
+        from zobench.models.load import cache_dir
+        from zobench.tasks import get_task
+
+        cfg = self.cfg
+        task = get_task(cfg.task)
+        splits = task.sample(cfg.data_dir, cfg.n_train, cfg.n_dev, cfg.n_test, cfg.seed)
+        self.metrics.set(n_train=len(splits.train), n_dev=len(splits.dev), n_test=len(splits.test))
+        self.record.data_note = getattr(splits, "note", None)
+        self.run_state = Run(cfg, self.device, task, splits, cache_root=cache_dir())
+
+    def load(self) -> None:
+        from zobench.models import load_model
+
+        cfg, rec = self.cfg, self.record
+        try:
+            loaded = load_model(cfg.model, cfg.dtype, cfg.seed, cfg.trust_remote_code, self.device)
+        except UserError as e:
+            if not cfg.model_fallback:
+                raise
+            rec.model_fallback_reason = str(e)
+            loaded = load_model(cfg.model_fallback, cfg.dtype, cfg.seed, cfg.trust_remote_code, self.device)
+        run = self.run_state
+        run.loaded = loaded
+        rec.model_source, rec.accuracy_meaningful = loaded.source, not loaded.random_weights
+        self.metrics.set(model_numel=sum(p.numel() for p in loaded.model.parameters()))
+        from zobench.zo.masks import scoped_params
+
+        run.params = scoped_params(loaded.model, cfg.resolved_scope)
+        if self.method.family == "zo" and not self.method.needs_mask:  # dense ZO: the whole scope moves
+            n = sum(p.numel() for _, p in run.params)
+            self.metrics.set(mask_nnz=n, scope_numel=n, density_obtained=1.0)
+
+    def count_truncated(self) -> None:
+        """Truncated inputs per split into the record, and a warning for each split that has any: a cut
+        input silently loses the start of its passage (MeZO at least logs "Exceed max length")."""
+        from zobench.tasks import scoring
+
+        run, counts = self.run_state, {}
+        for name in ("train", "dev", "test"):
+            examples = getattr(run.splits, name)
+            counts[name] = scoring.count_truncated(examples, run.tokenizer, run.task.kind, self.cfg.max_length,
+                                                   train=name == "train")
+            if counts[name]:
+                self.record.add_warning(f"max_length {self.cfg.max_length} truncates {counts[name]} of "
+                                        f"{len(examples)} {name} examples (from the left); raise max_length "
+                                        f"to keep them whole")
+        self.metrics.set(truncated=dict(counts, max_length=self.cfg.max_length))
+
+    def build_mask(self) -> None:
+        mask, info = self.method.build_mask(self.run_state)
+        if "cache_warning" in info:
+            info = dict(info)
+            self.record.add_warning(info.pop("cache_warning"))
+        self.run_state.mask = mask
+        self.metrics.set(**info)
+
+    def quantize(self) -> None:
+        from zobench.quant import QuantContext, quantize_model
+
+        cfg, run = self.cfg, self.run_state
+        ctx = QuantContext(device=self.device, dtype=next(run.model.parameters()).dtype, tokenizer=run.tokenizer,
+                           data_dir=cfg.data_dir, calib_path=cfg.calib_path, calib_sequences=cfg.calib_sequences,
+                           calib_length=cfg.calib_length, vocab_size=run.vocab, seed=cfg.seed,
+                           cache_dir=run.cache_root)
+        vectors = quantize_model(run.model, self.backend, ctx, run.mask)
+        if "cache_warning" in ctx.info:
+            self.record.add_warning(ctx.info.pop("cache_warning"))
+        self.metrics.set(**{k if k.startswith("quant") else f"quant_{k}": v for k, v in ctx.info.items()})
+        if self.method.needs_mask:
+            run.vectors = vectors
+
+    # -- evaluation and training -------------------------------------------------------------------
+    def evaluate(self, phase: str, key: str, enabled: bool) -> None:
+        if enabled and self.record.accuracy_meaningful:
+            with self.phase(phase):
+                self.metrics.set(**{key: self.run_state.evaluate(self.run_state.splits.test)})
+
+    def train(self) -> None:
+        from zobench.zo.trainable import measure_restore_drift
+
+        cfg, run = self.cfg, self.run_state
+        stepper, trainable = self.method.build_stepper(run)
+        if trainable is not None:
+            self.metrics.set(trainable_numel=trainable.numel, **measure_restore_drift(trainable, cfg.eps))
+        elif getattr(stepper, "numel", None) is not None:
+            self.metrics.set(trainable_numel=stepper.numel)
+        reference = None if self.method.family == "reference" else ForwardReference(run.model, run.loss_fn)
+        timing = StepTiming()
+        stream = run.batches()
+        warm = min(cfg.warmup_steps, cfg.steps)
+        for name, steps in (("warmup", range(warm)), ("train", range(warm, cfg.steps))):
+            with self.phase(name):
+                for i in steps:
+                    self.step(stepper, next(stream), i, timing if name == "train" else None, reference)
+        timing.into(self.metrics, reference)
+
+    def step(self, stepper, examples: list, i: int, timing: "StepTiming | None", reference) -> None:
+        run = self.run_state
+        batch = run.encode(examples)
+        res = stepper.step(batch, i)
+        if timing is not None:  # warm-up steps count toward the loss curve only
+            if reference is not None:
+                reference.time(batch)
+            timing.add(res, int(batch["attention_mask"].sum()))
+        self.metrics.values.setdefault("loss_curve", []).append(res.loss)
+        self.notify({"step": i + 1, "steps": self.cfg.steps, "loss": res.loss})
+        if self.cfg.eval_every and (i + 1) % self.cfg.eval_every == 0 and self.record.accuracy_meaningful:
+            curve = self.metrics.values.setdefault("dev_curve", [])
+            curve.append({"step": i + 1, **run.evaluate(run.splits.dev)})
+
+
+class StepTiming:
+    """The timed steps' seconds, parts and tokens, summarized into the record at the end."""
+
+    def __init__(self):
+        self.seconds, self.parts, self.tokens = [], {}, []
+
+    def add(self, res, tokens: int) -> None:
+        self.seconds.append(res.total_s)
+        self.tokens.append(tokens)
+        for k, v in res.seconds.items():
+            self.parts.setdefault(k, []).append(v)
+
+    def into(self, m: Metrics, reference) -> None:
+        losses = m.values.setdefault("loss_curve", [])
+        m.values.setdefault("dev_curve", [])
+        m.set(final_loss=losses[-1] if losses else None, steps_done=len(losses), step_s=Stats.of(self.seconds),
+              step_parts_s={k: Stats.of(v) for k, v in self.parts.items()})
+        if reference is not None and reference.seconds:
+            m.set(forward_ref_s=Stats.of(reference.seconds))
+        if self.seconds:
+            m.set(tokens_per_s=sum(self.tokens) / sum(self.seconds))
+
+
+def run_cell(cfg: CellConfig, progress: Progress | None = None) -> CellRecord:
+    """Run one cell (a suite cell, or `zobench train`) and return its record."""
+    return Pipeline(cfg, progress).run()

@@ -1,0 +1,293 @@
+"""Typed records: what one cell measured, written as one JSON line, readable without the code.
+
+``CellRecord.to_json`` / ``CellRecord.from_json`` are the schema (``SCHEMA_VERSION``); ``from_json`` also
+reads every earlier schema (v1: phase times under ``seconds``, ratios frozen under ``derived``) and checks
+the type of every field it knows, naming the field when one is wrong. Records hold raw measurements only:
+ratios against reference cells are derived when records are read (``zobench.analysis.derive``).
+
+    cell_id          stable hash of the resolved config (the resume key)
+    status           ok | failed | timeout | unsupported, with ``reason`` (one line) otherwise
+    config, labels   the resolved CellConfig, and the cell's matrix coordinates
+    phases           {load|mask|quantize|eval_before|warmup|train|eval_after: PhaseMeasure}
+    metrics          see ``Metrics``
+    execution        which executor, node and GPU ran it, and how many cells shared the machine
+    estimate         the predicted peak (``zobench estimate``) with its breakdown and calibration
+    env, git         versions, hardware, threads, allocator settings; commit and dirty flag
+    started_at, finished_at (ISO 8601 UTC, ``TIME_FORMAT``), wall_s, warnings
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from zobench.errors import UserError
+
+SCHEMA_VERSION = 2
+STATUSES = ("ok", "failed", "timeout", "unsupported")
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def now() -> str:
+    """The one timestamp format of records: ISO 8601, UTC, seconds."""
+    return time.strftime(TIME_FORMAT, time.gmtime())
+
+
+class SchemaError(UserError):
+    """A record field of the wrong type; the message names the field."""
+
+
+def _check(value, kinds, name: str):
+    if value is None or (isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)):
+        return value
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    expected = " or ".join(k.__name__ for k in kinds)
+    raise SchemaError(f"field '{name}' = {shown}: expected {expected}")
+
+
+NUMBER = (int, float)
+
+
+@dataclass
+class Stats:
+    """Seconds of repeated timings: median and the 10th/90th percentiles of ``n`` values."""
+
+    median: float
+    p10: float
+    p90: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Stats | None":
+        import statistics
+
+        if not values:
+            return None
+        q = statistics.quantiles(values, n=10) if len(values) >= 2 else [values[0]] * 9
+        return cls(statistics.median(values), q[0], q[-1], len(values))
+
+    @classmethod
+    def from_json(cls, d, name: str) -> "Stats | None":
+        if d is None or d == {}:
+            return None
+        _check(d, (dict,), name)
+        try:
+            return cls(*(_check(d[k], NUMBER, f"{name}.{k}") for k in ("median", "p10", "p90")),
+                       int(_check(d.get("n", 0), NUMBER, f"{name}.n")))
+        except KeyError as e:
+            raise SchemaError(f"field '{name}' has no '{e.args[0]}'") from None
+
+    def to_json(self) -> dict:
+        return {"median": self.median, "p10": self.p10, "p90": self.p90, "n": self.n}
+
+
+@dataclass
+class PhaseMeasure:
+    """One phase's wall time and peak memory (peaks reset at the phase's start)."""
+
+    wall_s: float
+    peak_rss_mib: float | None = None
+    start_rss_mib: float | None = None
+    end_rss_mib: float | None = None
+    cuda_max_allocated_mib: float | None = None
+    cuda_max_reserved_mib: float | None = None
+
+    @classmethod
+    def from_json(cls, d, name: str) -> "PhaseMeasure":
+        _check(d, (dict,), name)
+        d = dict(d)
+        if "seconds" in d:  # schema 1
+            d["wall_s"] = d.pop("seconds")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: _check(v, NUMBER, f"{name}.{k}") for k, v in d.items() if k in known})
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+# Metrics with a known type; anything else a cell reports (quant_*, mask facts) is kept in ``extra``.
+SCALARS = {
+    "n_train": (int,), "n_dev": (int,), "n_test": (int,), "model_numel": (int,), "trainable_numel": (int,),
+    "steps_done": (int,), "final_loss": NUMBER, "tokens_per_s": NUMBER, "density_obtained": NUMBER,
+    "mask_nnz": (int,), "scope_numel": (int,), "sqgrad_mass_frac": NUMBER, "mask_build_s": NUMBER,
+    "mask_cache_hit": (bool,), "restore_drift_frac_changed": NUMBER, "restore_drift_max_abs": NUMBER,
+}
+STATS = ("step_s", "forward_ref_s")
+MAPPINGS = ("test_before", "test_after", "truncated")
+SERIES = ("loss_curve", "dev_curve")
+
+
+@dataclass
+class Metrics:
+    """What a cell measured besides phases. ``step_s``: the timed steps (warm-up excluded);
+    ``step_parts_s``: perturb / forward_plus / forward_minus / update (ZO) or forward / backward / update;
+    ``forward_ref_s``: an inference forward of each step's batch, right after the step (the denominator of
+    step / two forwards); ``test_before`` / ``test_after``: {accuracy} or {em, f1}; ``truncated``: inputs
+    cut by max_length per split."""
+
+    values: dict[str, Any] = field(default_factory=dict)      # SCALARS, MAPPINGS, SERIES
+    step_s: Stats | None = None
+    forward_ref_s: Stats | None = None
+    step_parts_s: dict[str, Stats] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str, default=None):
+        if key in STATS:
+            return getattr(self, key) or default
+        if key == "step_parts_s":
+            return self.step_parts_s or default
+        return self.values.get(key, self.extra.get(key, default))
+
+    def set(self, **items) -> None:
+        for key, value in items.items():
+            if key in STATS:
+                setattr(self, key, value)
+            elif key == "step_parts_s":
+                self.step_parts_s = value
+            elif key in SCALARS or key in MAPPINGS or key in SERIES:
+                self.values[key] = value
+            else:
+                self.extra[key] = value
+
+    @classmethod
+    def from_json(cls, d) -> "Metrics":
+        _check(d, (dict,), "metrics")
+        m = cls()
+        for key, value in d.items():
+            name = f"metrics.{key}"
+            if key in STATS:
+                setattr(m, key, Stats.from_json(value, name))
+            elif key == "step_parts_s":
+                _check(value, (dict,), name)
+                m.step_parts_s = {k: s for k, v in value.items() if (s := Stats.from_json(v, f"{name}.{k}"))}
+            elif key in SCALARS:
+                m.values[key] = _check(value, SCALARS[key] + ((float,) if SCALARS[key] == (int,) else ()), name)
+            elif key in MAPPINGS:
+                m.values[key] = _check(value, (dict,), name)
+            elif key in SERIES:
+                m.values[key] = _check(value, (list,), name)
+            else:
+                m.extra[key] = value
+        return m
+
+    def to_json(self) -> dict:
+        out = dict(self.values)
+        for key in STATS:
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key).to_json()
+        if self.step_parts_s:
+            out["step_parts_s"] = {k: s.to_json() for k, s in self.step_parts_s.items()}
+        out.update(self.extra)
+        return out
+
+
+@dataclass
+class Execution:
+    """Where and beside what a cell ran: concurrency skews timings, so every timing carries it."""
+
+    executor: str = "local"
+    node: str | None = None
+    gpu: str | None = None              # CUDA_VISIBLE_DEVICES the cell saw ("" for none)
+    concurrent_cells: int = 1           # cells running on this machine at once, this one included
+    threads: int | None = None          # torch threads the cell ran with
+
+    @classmethod
+    def from_json(cls, d) -> "Execution | None":
+        if d is None:
+            return None
+        _check(d, (dict,), "execution")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+TOP_TYPES = {"suite": (str,), "suite_file": (str,), "reason": (str,), "traceback_tail": (str,),
+             "device": (str,), "model_source": (str,), "accuracy_meaningful": (bool,),
+             "model_fallback_reason": (str,), "data_note": (str,), "started_at": (str,), "finished_at": (str,),
+             "wall_s": NUMBER, "warnings": (list,), "estimate": (dict,), "env": (dict,), "git": (dict,),
+             "labels": (dict,), "config": (dict,)}
+
+
+@dataclass
+class CellRecord:
+    cell_id: str
+    status: str = "ok"
+    config: dict = field(default_factory=dict)
+    labels: dict = field(default_factory=dict)
+    suite: str | None = None
+    suite_file: str | None = None
+    reason: str | None = None
+    traceback_tail: str | None = None
+    device: str | None = None
+    model_source: str | None = None
+    accuracy_meaningful: bool = True
+    model_fallback_reason: str | None = None
+    data_note: str | None = None
+    phases: dict[str, PhaseMeasure] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
+    estimate: dict | None = None
+    execution: Execution | None = None
+    env: dict = field(default_factory=dict)
+    git: dict = field(default_factory=dict)
+    started_at: str | None = None
+    finished_at: str | None = None
+    wall_s: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    schema: int = SCHEMA_VERSION
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def method(self) -> str:
+        return str(self.labels.get("method") or self.config.get("method") or "?")
+
+    def add_warning(self, text: str) -> None:
+        self.warnings.append(text)
+
+    @classmethod
+    def from_json(cls, d) -> "CellRecord":
+        """A record as written by any schema up to this one; ``SchemaError`` names a mistyped field."""
+        if not isinstance(d, dict) or "cell_id" not in d:
+            raise SchemaError("not a zobench record (no 'cell_id')")
+        _check(d["cell_id"], (str,), "cell_id")
+        schema = d.get("schema", 1)
+        if not isinstance(schema, int) or isinstance(schema, bool):
+            raise SchemaError(f"field 'schema' = {schema!r}: expected an integer schema version")
+        if schema > SCHEMA_VERSION:
+            raise SchemaError(f"schema {schema} is newer than this zobench ({SCHEMA_VERSION})")
+        status = d.get("status", "ok")
+        if status not in STATUSES:
+            raise SchemaError(f"field 'status' = {status!r}: expected one of {', '.join(STATUSES)}")
+        top = {k: _check(d.get(k), kinds, k) for k, kinds in TOP_TYPES.items() if k in d}
+        phases = _check(d.get("phases"), (dict,), "phases") or {}
+        return cls(cell_id=d["cell_id"], status=status, schema=SCHEMA_VERSION,
+                   phases={p: PhaseMeasure.from_json(v, f"phases.{p}") for p, v in phases.items()},
+                   metrics=Metrics.from_json(d.get("metrics") or {}),
+                   execution=Execution.from_json(d.get("execution")),
+                   **{k: (v if v is not None else _default(k)) for k, v in top.items()})
+
+    def to_json(self) -> dict:
+        out = {"schema": self.schema, "suite": self.suite, "suite_file": self.suite_file, "cell_id": self.cell_id,
+               "labels": self.labels, "config": self.config, "status": self.status}
+        for key in ("reason", "traceback_tail", "device", "model_source", "model_fallback_reason", "data_note"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        out["accuracy_meaningful"] = self.accuracy_meaningful
+        out["phases"] = {p: m.to_json() for p, m in self.phases.items()}
+        out["metrics"] = self.metrics.to_json()
+        if self.execution is not None:
+            out["execution"] = self.execution.to_json()
+        out.update(estimate=self.estimate, env=self.env, git=self.git, started_at=self.started_at,
+                   finished_at=self.finished_at, wall_s=self.wall_s)
+        if self.warnings:
+            out["warnings"] = self.warnings
+        return out
+
+
+def _default(key: str):
+    return {"labels": {}, "config": {}, "env": {}, "git": {}, "warnings": [], "accuracy_meaningful": True}.get(key)

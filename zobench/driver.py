@@ -1,0 +1,108 @@
+"""Run a suite: expand it into cells, hand them to an executor, append each record as it comes back.
+
+    suite YAML --spec--> Suite --matrix--> [Cell, ...] --executor--> one fresh process per cell
+    driver: finalize(record) -> results.append -> results/<suite>.jsonl
+
+The driver is the only writer of the results file: an executor returns records, the driver adds what it
+alone knows (suite, environment, git state, the cell's memory estimate) and appends each exactly once.
+Ratios are not computed here; readers derive them from the whole file (``zobench.analysis.derive``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+from pathlib import Path
+
+from zobench.cell.record import CellRecord, now
+from zobench.executors.base import Executor
+from zobench.spec.matrix import Cell, expand, select
+from zobench.spec.selectors import parse_selector
+from zobench.spec.suite import Suite
+
+
+def select_cells(suite: Suite, only: str | None = None) -> list[Cell]:
+    cells = expand(suite)
+    return select(cells, parse_selector(only, "--only")) if only else cells
+
+
+def _convert(gguf: str) -> None:
+    from zobench.models.load import converted_gguf_dir
+
+    converted_gguf_dir(Path(gguf))
+
+
+def prepare_models(cells: list[Cell]) -> None:
+    """Convert GGUF models (the embedded default among them) once, before any cell runs.
+
+    The first load of a GGUF file de-quantizes and converts it; done inside a measured cell, that cost
+    and the modules it imports (about 70 MiB that stay resident) would land in the cell's peak, so the
+    first cell on a new machine measured differently from every later one. It runs in a process of its
+    own; a failure is left for the cell to report.
+    """
+    from zobench.models.load import pending_conversion
+
+    specs = {s for c in cells for s in (c.config.model, c.config.model_fallback) if s}
+    for gguf in sorted({p for p in map(pending_conversion, sorted(specs)) if p is not None}):
+        print(f"zobench: converting {gguf.name} to safetensors once (kept in the cache)", file=sys.stderr,
+              flush=True)
+        proc = mp.get_context("spawn").Process(target=_convert, args=(str(gguf),), daemon=True)
+        proc.start()
+        proc.join()
+
+
+def finalize(rec: CellRecord, cell: Cell, suite: Suite, started: str, env: dict, git: dict) -> CellRecord:
+    """What the driver adds to an executor's record: suite, labels, environment, and the estimate."""
+    from zobench.analysis.estimate import record_estimate
+
+    rec.cell_id, rec.labels, rec.config = cell.cell_id, cell.labels, cell.config.to_dict()
+    rec.suite, rec.suite_file = suite.name, str(suite.path) if suite.path else None
+    rec.env, rec.git, rec.started_at, rec.finished_at = env, git, started, now()
+    # The predicted peak beside the measured one (reports show both); never raises: a failed estimate is
+    # stored as {"error": ...} and the record stands.
+    rec.estimate = record_estimate(cell.config)
+    return rec
+
+
+def run_suite(suite: Suite, out_dir: Path, resume: bool = False, only: str | None = None, reporter=None,
+              executor: Executor | None = None, cells: list[Cell] | None = None) -> Path:
+    """Run the suite's cells (``cells``: these, in this order, instead of the suite's); returns the results
+    path. ``reporter(event, data)`` gets "suite", "start", "progress" and "done" events."""
+    import time
+
+    from zobench.executors.local import CHILD_ENV, LocalExecutor
+    from zobench.measure.env import environment, git_state
+    from zobench.results import append_record, load_records
+
+    out = Path(out_dir) / f"{suite.name}.jsonl"
+    cells = select_cells(suite, only) if cells is None else cells
+    done = {r.cell_id for r in load_records(out) if r.ok} if resume and out.exists() else set()
+    todo = [c for c in cells if c.cell_id not in done]
+    env, git = environment(), git_state(Path(suite.path).parent if suite.path else ".")
+    env["malloc_mmap_threshold"] = CHILD_ENV["MALLOC_MMAP_THRESHOLD_"]
+    reporter = reporter or (lambda *a: None)
+    prepare_models(todo)
+    if any(not str(c.config.device).startswith("cuda") for c in todo):
+        from zobench.analysis.calibration import framework
+
+        framework("cpu")  # measured once per machine, before the cells: their records carry estimates
+    reporter("suite", {"total": len(cells), "todo": len(todo), "skipped": len(cells) - len(todo)})
+    started: dict[str, tuple[str, float]] = {}
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "start":
+            started[data["cell"].cell_id] = (now(), time.monotonic())
+        reporter(kind, data)
+
+    executor = executor or LocalExecutor()
+    executor.on_event = on_event
+    with executor:
+        for cell in todo:
+            executor.submit(cell, cell.config.timeout_s or suite.timeout_s)
+        for cell, rec in executor.finished():
+            at, t0 = started.get(cell.cell_id, (now(), time.monotonic()))
+            rec = finalize(rec, cell, suite, at, env, git)
+            rec.wall_s = time.monotonic() - t0
+            append_record(out, rec)
+            reporter("done", {"cell": cell, "record": rec})
+    return out

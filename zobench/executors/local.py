@@ -1,0 +1,193 @@
+"""Cells in fresh processes on this machine: one at a time (``LocalExecutor``), or several (``pool``).
+
+Why a fresh process (spawn, not fork): each cell's peak memory starts from a clean interpreter, and an
+exception, an out-of-memory kill or a hang ends that cell only. The parent waits on the children's
+sentinels and message pipes with ``multiprocessing.connection.wait`` (no polling loop) and kills a child
+at its timeout.
+
+Children get ``MALLOC_MMAP_THRESHOLD_`` so that large freed blocks go back to the OS: otherwise glibc
+keeps them in the heap and a later phase's peak RSS includes an earlier phase's garbage.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import time
+import traceback
+from collections import deque
+from multiprocessing.connection import wait
+from typing import Iterator
+
+from zobench.cell.record import CellRecord, Execution
+from zobench.executors.base import Executor, OnEvent
+from zobench.spec.matrix import Cell
+
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "false"}
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _child(config: dict, conn, threads: int | None) -> None:
+    """Child process entry: run one cell and send ("record", json) or ("error", reason, tail)."""
+    try:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        from zobench.cell.pipeline import run_cell
+        from zobench.spec.config import CellConfig
+
+        cfg = CellConfig.from_dict(config, "cell")
+        rec = run_cell(cfg, progress=lambda e: conn.send(("progress", e)))
+        conn.send(("record", rec.to_json()))
+    except BaseException as e:  # everything is reported: the parent records the failure and goes on
+        from zobench.errors import Unsupported, UserError
+
+        tail = "" if isinstance(e, UserError) else "".join(traceback.format_exc().splitlines(True)[-15:])
+        reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        try:
+            conn.send(("unsupported" if isinstance(e, Unsupported) else "error", reason[:500], tail))
+        except (OSError, ValueError):
+            pass
+    finally:
+        conn.close()
+
+
+class CellProcess:
+    """One cell in a spawned child, watched by the parent until it sends a record, dies or times out."""
+
+    def __init__(self, cell: Cell, timeout_s: float, env: dict[str, str], threads: int | None, on_event: OnEvent):
+        self.cell, self.timeout_s, self.on_event = cell, timeout_s, on_event
+        self.threads, self.gpu = threads, env.get("CUDA_VISIBLE_DEVICES")
+        ctx = mp.get_context("spawn")
+        self.recv, send = ctx.Pipe(duplex=False)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # spawn copies the parent's environment at start()
+        try:
+            self.proc = ctx.Process(target=_child, args=(cell.config.to_dict(), send, threads), daemon=True)
+            self.proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        send.close()
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout_s
+        self.peers = 1  # the most cells running at once while this one ran, itself included
+
+    @property
+    def handles(self) -> list:
+        return [self.recv, self.proc.sentinel]
+
+    def poll(self) -> CellRecord | None:
+        """Read what the child sent (or how it died); a record once the cell is over, else None."""
+        if time.monotonic() >= self.deadline:
+            self.kill()
+            return self._failed("timeout", f"timed out after {self.timeout_s:.0f} s; killed")
+        while self.recv.poll():
+            try:
+                msg = self.recv.recv()
+            except EOFError:  # gone without a message: the exit code tells how
+                return self._death()
+            if msg[0] == "progress":
+                self.on_event("progress", dict(msg[1], cell=self.cell))
+            elif msg[0] == "record":
+                self._reap()
+                return CellRecord.from_json(msg[1])
+            else:
+                self._reap()
+                status = "unsupported" if msg[0] == "unsupported" else "failed"
+                return self._failed(status, msg[1], msg[2] or None)
+        if not self.proc.is_alive():
+            return self._death()
+        return None
+
+    def _death(self) -> CellRecord:
+        self.proc.join(5)
+        code = self.proc.exitcode
+        if code is not None and code < 0:
+            hint = " (out of memory?)" if -code == 9 else ""
+            return self._failed("failed", f"killed by signal {-code}{hint}")
+        return self._failed("failed", f"child exited with code {code} without a result")
+
+    def _failed(self, status: str, reason: str, tail: str | None = None) -> CellRecord:
+        return CellRecord(cell_id=self.cell.cell_id, status=status, config=self.cell.config.to_dict(),
+                          reason=reason, traceback_tail=tail)
+
+    def _reap(self) -> None:
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join()
+        self.recv.close()
+
+    def execution(self, executor: str) -> Execution:
+        return Execution(executor=executor, node=socket.gethostname(), gpu=self.gpu, concurrent_cells=self.peers,
+                         threads=self.threads)
+
+
+class LocalExecutor(Executor):
+    """Cells one after another, each in a fresh process with all of this machine's threads."""
+
+    name = "local"
+
+    def __init__(self, on_event: OnEvent | None = None, jobs: int = 1):
+        super().__init__(on_event)
+        self.jobs = max(1, int(jobs))
+        self.queue: deque[tuple[Cell, float]] = deque()
+        self.running: list[CellProcess] = []
+
+    def submit(self, cell: Cell, timeout_s: float) -> None:
+        self.queue.append((cell, timeout_s))
+
+    def placement(self, cell: Cell) -> tuple[dict, int | None] | None:
+        """(environment, torch threads) for ``cell`` now, or None when it must wait for a free slot."""
+        return ({}, None) if len(self.running) < self.jobs else None
+
+    def release(self, proc: CellProcess) -> None:
+        """A finished cell's slot is free again."""
+
+    def finished(self) -> Iterator[tuple[Cell, CellRecord]]:
+        while self.queue or self.running:
+            self._start_what_fits()
+            ready = wait([h for p in self.running for h in p.handles],
+                         timeout=max(0.0, min(p.deadline for p in self.running) - time.monotonic()))
+            for proc in [p for p in self.running if any(h in ready for h in p.handles)
+                         or time.monotonic() >= p.deadline]:
+                rec = proc.poll()
+                if rec is None:
+                    continue
+                self.running.remove(proc)
+                self.release(proc)
+                rec.execution = proc.execution(self.name)
+                yield proc.cell, rec
+
+    def _start_what_fits(self) -> None:
+        waiting = deque()
+        while self.queue:
+            cell, timeout_s = self.queue.popleft()
+            placed = self.placement(cell)
+            if placed is None:
+                waiting.append((cell, timeout_s))
+                continue
+            env, threads = placed
+            self.on_event("start", {"cell": cell})
+            self.running.append(CellProcess(cell, timeout_s, {**CHILD_ENV, **env}, threads, self.on_event))
+            for p in self.running:
+                p.peers = max(p.peers, len(self.running))
+        self.queue = waiting
+        if not self.running and self.queue:
+            raise RuntimeError("no slot can ever take the queued cells")  # a placement bug, not user input
+
+    def close(self) -> None:
+        for proc in self.running:
+            proc.kill()
+        self.running.clear()
+        self.queue.clear()

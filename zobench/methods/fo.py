@@ -1,0 +1,95 @@
+"""First-order baselines, for context: full fine-tuning with SGD or AdamW, and LoRA (peft). They run a
+backward pass, so they hold what ZO avoids: gradients, optimizer state and the activations autograd
+saves for the backward pass."""
+
+from __future__ import annotations
+
+from zobench.methods.base import Method, Price, PriceInputs, register
+
+LORA_R, LORA_ALPHA, LORA_TARGETS = 8, 16, ("q_proj", "v_proj")
+
+
+class FirstOrder(Method):
+    family = "fo"
+    default_scope = "all"
+    optimizer = "sgd"
+
+    def trainer(self, run, model):
+        from zobench.zo.fo import FOTrainer
+
+        return FOTrainer(model, run.loss_fn, self.optimizer, run.cfg.lr, run.cfg.weight_decay)
+
+    def build_stepper(self, run):
+        return self.trainer(run, run.model), None
+
+    def price(self, inputs: PriceInputs) -> Price:
+        # Gradients exist at the end of the backward pass and during the optimizer step, when the saved
+        # activations are gone: they are the step's "update" moment, beside the optimizer state and
+        # AdamW's foreach temporaries (one parameter-sized tensor at a time).
+        n, db = sum(inputs.scope_sizes), inputs.dtype_bytes
+        adam = self.optimizer == "adamw"
+        return Price(optimizer=n * 2 * db if adam else 0, update=n * db * (2 if adam else 1), nnz=n,
+                     saved_activations=saved_activations(inputs, frozen_linears=False))
+
+
+def saved_activations(inputs: PriceInputs, frozen_linears: bool) -> float:
+    """Bytes autograd keeps for the backward pass of one training forward (Llama-style blocks).
+
+    Per token and block, in the model dtype: each RMSNorm keeps its input and normalized output (2h, two
+    norms); attention keeps q, k, v (after repeat_kv) and its output (4 x q width); the MLP keeps
+    act(gate), up and their product's input (3 x intermediate). Linear layers keep their input only when
+    their weight is trained: q/k/v and gate/up share the normed input (2h), o_proj its input (q width),
+    down_proj its input (intermediate). The head keeps its input and the float32 logits at the scored
+    positions with their log-softmax.
+    """
+    arch, db = inputs.arch, inputs.dtype_bytes
+    h, a, inter = arch.hidden, arch.q_width, arch.intermediate
+    per_token = 4 * h + 4 * a + 3 * inter
+    if not frozen_linears:
+        per_token += 2 * h + a + inter
+    head = inputs.tokens * h * db + 2 * inputs.scored_positions * arch.vocab * 4
+    return arch.layers * inputs.tokens * per_token * db + head
+
+
+@register
+class FOSGD(FirstOrder):
+    name = "fo-sgd"
+    optimizer = "sgd"
+    summary = "first-order SGD on every weight (backward pass)"
+    order = 60
+    color = "#8c564b"
+
+
+@register
+class FOAdam(FirstOrder):
+    name = "fo-adam"
+    optimizer = "adamw"
+    summary = "first-order AdamW on every weight (backward pass)"
+    order = 70
+    color = "#e377c2"
+
+
+@register
+class LoRA(FirstOrder):
+    name = "lora"
+    optimizer = "adamw"
+    summary = f"LoRA r={LORA_R} on {'/'.join(LORA_TARGETS)} with AdamW (peft; backward pass)"
+    order = 80
+    color = "#17becf"
+
+    def build_stepper(self, run):
+        from peft import LoraConfig, get_peft_model
+
+        from zobench.models.lora import dispatchable
+
+        model = get_peft_model(run.model, dispatchable(LoraConfig(
+            r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=list(LORA_TARGETS), lora_dropout=0.0)))
+        return self.trainer(run, model), None
+
+    def price(self, inputs: PriceInputs) -> Price:
+        # peft keeps adapters in float32 (autocast_adapter_dtype): weights, then gradients and AdamW's
+        # temporaries at the step, and two AdamW moments.
+        n = sum(LORA_R * (o + i) for (o, i), name in zip(inputs.arch.linears, inputs.arch.linear_names)
+                if name.rsplit(".", 2)[-2] in LORA_TARGETS)
+        return Price(trainable=n * 4, optimizer=n * 4 * 2, update=n * 4 * 2, nnz=n,
+                     saved_activations=saved_activations(inputs, frozen_linears=True))

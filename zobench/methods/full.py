@@ -1,0 +1,26 @@
+"""full: MeZO. Every weight of the scope (all parameters by default) perturbed in place by eps * z, with
+z regenerated from the step's seed instead of stored; the restore is folded into the update pass."""
+
+from __future__ import annotations
+
+from zobench.methods.base import Method, register
+from zobench.methods.common import dense_price, zo_stepper
+
+
+@register
+class Full(Method):
+    name = "full"
+    family = "zo"
+    default_scope = "all"
+    summary = "every weight (MeZO)"
+    order = 10
+    color = "#1f77b4"
+
+    def build_stepper(self, run):
+        from zobench.zo.trainable import DenseTrainable
+
+        cfg = run.cfg
+        return zo_stepper(run, DenseTrainable(run.params, cfg.direction, master=cfg.master_fp32))
+
+    def price(self, inputs):
+        return dense_price(inputs)

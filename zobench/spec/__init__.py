@@ -1,0 +1,2 @@
+"""The configuration layer, pure data: what a cell is (``config``), what a suite is (``suite``), how a
+suite expands into cells (``matrix``), selectors. Reading and validating a suite imports no torch."""

@@ -1,0 +1,97 @@
+"""Suite -> cells. A cell is a resolved CellConfig plus its matrix labels; its id hashes the config.
+
+For every (model, dtype, quant, task, ...) in the suite a ``forward`` reference cell is added: inference
+only on the same batches, the physical floor ZO is measured against. Cells are listed references first,
+then in matrix order: a run that stops early has its references. Ratios against the
+references are derived when records are read (``zobench.analysis.derive``), so nothing depends on the
+order in which cells actually run or finish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+
+from zobench.spec.config import CellConfig
+from zobench.spec.selectors import selector_matches
+
+REFERENCE = "forward"
+REFERENCE_KEYS = ("model", "dtype", "quant", "task", "batch_size", "max_length", "device", "seed")
+
+
+@dataclass
+class Cell:
+    cell_id: str
+    config: CellConfig
+    labels: dict
+
+    def describe(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.labels.items())
+
+
+def identity(cfg: CellConfig) -> dict:
+    """What a cell measures: its config without the limits and the settings of other methods (so that a
+    density axis does not duplicate full-ZO or forward cells)."""
+    from zobench.methods import method_settings
+
+    d = cfg.to_dict()
+    d.pop("timeout_s")  # a limit, not part of what the cell measures
+    for key in method_settings() - set(cfg.method_class.settings):
+        d.pop(key, None)
+    return d
+
+
+def cell_id(cfg: CellConfig) -> str:
+    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _make(suite, values: dict, where: str) -> CellConfig:
+    merged = dict(suite.defaults, **values)
+    for sel, sets in suite.overrides:
+        if selector_matches(sel, merged):
+            merged.update(sets)
+    return CellConfig.from_dict(merged, where)
+
+
+def _labels(cfg: CellConfig, axes: list[str]) -> dict:
+    from zobench.methods import method_settings
+
+    foreign = method_settings() - set(cfg.method_class.settings)
+    labels = {a: getattr(cfg, a) for a in axes if a not in foreign}
+    labels.setdefault("method", cfg.method)
+    return labels
+
+
+def expand(suite) -> list[Cell]:
+    """Every cell of ``suite`` (a ``spec.suite.Suite``), validated, with its forward references."""
+    where = str(suite.path or suite.name)
+    axes = list(suite.matrix)
+    cells: dict[str, Cell] = {}
+    for combo in itertools.product(*(suite.matrix[a] for a in axes)):
+        values = dict(zip(axes, combo))
+        cfg = _make(suite, values, f"{where}: cell " + ", ".join(f"{k}={v}" for k, v in values.items()))
+        cid = cell_id(cfg)
+        cells.setdefault(cid, Cell(cid, cfg, _labels(cfg, axes)))
+    if suite.reference:
+        for cell in list(cells.values()):
+            ref = {k: getattr(cell.config, k) for k in REFERENCE_KEYS}
+            cfg = _make(suite, dict(ref, method=REFERENCE, eval_before=False, eval_after=False, eval_every=0),
+                        f"{where}: forward reference")
+            labels = {k: v for k, v in cell.labels.items() if k in _labels(cfg, axes)}
+            labels["method"] = REFERENCE
+            cid = cell_id(cfg)
+            cells.setdefault(cid, Cell(cid, cfg, labels))
+    # References first (a run stopped early has them); the rest in matrix order.
+    return sorted(cells.values(), key=lambda c: c.config.method_class.family != "reference")
+
+
+def select(cells: list[Cell], only) -> list[Cell]:
+    """The cells an ``--only`` selector (already parsed) keeps."""
+    return [c for c in cells if selector_matches(only, {**c.config.to_dict(), **c.labels})]
+
+
+def reference_key(cfg: dict) -> tuple:
+    """Cells sharing this key are compared against the same forward (and full-ZO) cell."""
+    return tuple(cfg.get(k) for k in REFERENCE_KEYS)

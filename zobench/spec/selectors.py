@@ -1,0 +1,60 @@
+"""Selectors: which cells a budget, an override or ``--only`` applies to.
+
+A selector is a mapping of cell keys to a value or a list of values (``{method: [random, sensitive]}``),
+or the same as text (``method=random|sensitive,quant=nf4``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from zobench.errors import UserError
+from zobench.spec.config import CellConfig
+
+
+def unknown_key(where: str, key: str, known) -> UserError:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return UserError(f"{where}: unknown key '{key}'{hint}")
+
+
+def parse_selector(sel: Any, where: str) -> dict[str, list]:
+    if isinstance(sel, str):
+        out: dict[str, list] = {}
+        for part in filter(None, (p.strip() for p in sel.split(","))):
+            if "=" not in part:
+                raise UserError(f"{where}: selector part '{part}': expected key=value")
+            k, v = part.split("=", 1)
+            out[k.strip()] = [yaml.safe_load(x) for x in v.split("|")]
+        sel = out
+    if not isinstance(sel, dict):
+        raise UserError(f"{where}: expected a mapping of cell keys to values")
+    keys = set(CellConfig.keys())
+    for k in sel:
+        if k not in keys:
+            raise unknown_key(where, k, keys)
+    return {k: v if isinstance(v, list) else [v] for k, v in sel.items()}
+
+
+def _number(x):
+    if isinstance(x, str):
+        try:
+            return float(x)  # YAML reads "1e-3" (no dot) as text
+        except ValueError:
+            return x
+    return x
+
+
+def _same(a, b) -> bool:
+    a, b = _number(a), _number(b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b)) <= 1e-12 * max(abs(float(a)), abs(float(b)), 1.0)
+    return a == b
+
+
+def selector_matches(sel: dict[str, list], cell: dict[str, Any]) -> bool:
+    return all(any(_same(cell.get(k), v) for v in vals) for k, vals in sel.items())

@@ -126,9 +126,14 @@ def test_sparse_state_scales_with_nnz_and_optimizer():
 
 
 def test_options_and_length_scale_activations():
-    two = estimate_cell(CellConfig(model="smollm2", method="forward", task="sst2", max_length=256))
-    three = estimate_cell(CellConfig(model="smollm2", method="forward", task="cb", max_length=256))  # Yes/No/Maybe
-    longer = estimate_cell(CellConfig(model="smollm2", method="forward", task="sst2", max_length=512))
+    two = estimate_cell(CellConfig(model="smollm2", method="forward", task="sst2", max_length=256,
+                                   shared_prompt=False))
+    three = estimate_cell(CellConfig(model="smollm2", method="forward", task="cb", max_length=256,
+                                     shared_prompt=False))  # Yes/No/Maybe: one sequence per option
+    shared = estimate_cell(CellConfig(model="smollm2", method="forward", task="cb", max_length=256))
+    assert shared["breakdown"]["activations_mib"] == pytest.approx(two["breakdown"]["activations_mib"] / 2, rel=0.1)
+    longer = estimate_cell(CellConfig(model="smollm2", method="forward", task="sst2", max_length=512,
+                                      shared_prompt=False))
     assert three["breakdown"]["activations_mib"] == pytest.approx(1.5 * two["breakdown"]["activations_mib"], rel=0.1)
     assert longer["breakdown"]["activations_mib"] > 2 * two["breakdown"]["activations_mib"]
 

@@ -436,3 +436,28 @@ def test_a_run_that_truncates_counts_it_and_warns():
     truncated = rec.metrics.get("truncated")
     assert truncated["max_length"] == 12 and truncated["train"] > 0 and truncated["dev"] == 0
     assert any("max_length 12 truncates" in w and "train examples" in w for w in rec.warnings)
+
+
+@pytest.mark.parametrize("task_name, max_length", [("sst2", 256), ("sst2", 12), ("rte", 512), ("cb", 64)])
+def test_shared_prompt_scoring_equals_one_sequence_per_option(tiny, tokenizer, data_dir, task_name, max_length):
+    """One forward of the prompt scores every single-token option exactly as MeZO's one sequence per option
+    does, on real rows, with and without left truncation."""
+    splits = get_task(task_name).sample(str(data_dir), n_train=8, n_dev=0, n_test=0, seed=0)
+    exs = splits.train
+    per_option = scoring.encode(exs, tokenizer, "classification", max_length, vocab_size=tiny.vocab_size)
+    shared = scoring.encode(exs, tokenizer, "classification", max_length, vocab_size=tiny.vocab_size, shared=True)
+    assert "option_ids" in shared and "option_ids" not in per_option
+    assert shared["input_ids"].shape[0] == len(exs) < per_option["input_ids"].shape[0]
+    assert int(shared["attention_mask"].sum()) < int(per_option["attention_mask"].sum())  # the saving
+    with torch.no_grad():
+        a = scoring.grouped_scores(tiny.model, per_option)
+        b = scoring.grouped_scores(tiny.model, shared)
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
+        assert float(scoring.loss(tiny.model, per_option)) == pytest.approx(float(scoring.loss(tiny.model, shared)),
+                                                                           abs=1e-5)
+
+
+def test_multi_token_options_fall_back_to_one_sequence_per_option(tokenizer):
+    ex = Example("The cause was", [" the rain that fell all night", " a dog"], 0)
+    batch = scoring.encode([ex], tokenizer, "classification", 64, shared=True)
+    assert "option_ids" not in batch and batch["input_ids"].shape[0] == 2

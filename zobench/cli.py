@@ -98,6 +98,13 @@ def cmd_run(args) -> int:
     suite = parse_suite(data, args.suite, Path(args.suite))
     if args.dry_run:
         cells = select_cells(suite, args.only)
+        if suite.lr_pilot is not None:
+            from zobench.spec.pilot import pilot_cells
+
+            pilots = pilot_cells(cells, suite.lr_pilot)
+            for c in pilots:
+                print(f"{c.cell_id}  {c.describe()}")
+            print(f"{len(pilots)} pilot cells ({suite.lr_pilot.steps} steps each) choose the lr of:")
         for c in cells:
             print(f"{c.cell_id}  {c.describe()}")
         print(f"{len(cells)} cells")

@@ -67,42 +67,61 @@ def finalize(rec: CellRecord, cell: Cell, suite: Suite, started: str, env: dict,
 def run_suite(suite: Suite, out_dir: Path, resume: bool = False, only: str | None = None, reporter=None,
               executor: Executor | None = None, cells: list[Cell] | None = None) -> Path:
     """Run the suite's cells (``cells``: these, in this order, instead of the suite's); returns the results
-    path. ``reporter(event, data)`` gets "suite", "start", "progress" and "done" events."""
-    import time
-
+    path. With an ``lr_pilot``, its pilot cells run first and choose each cell's learning rate.
+    ``reporter(event, data)`` gets "suite", "start", "progress" and "done" events."""
     from zobench.executors.local import CHILD_ENV, LocalExecutor
     from zobench.measure.env import environment, git_state
-    from zobench.results import append_record, load_records
 
     out = Path(out_dir) / f"{suite.name}.jsonl"
     cells = select_cells(suite, only) if cells is None else cells
-    done = {r.cell_id for r in load_records(out) if r.ok} if resume and out.exists() else set()
-    todo = [c for c in cells if c.cell_id not in done]
     env, git = environment(), git_state(Path(suite.path).parent if suite.path else ".")
     env["malloc_mmap_threshold"] = CHILD_ENV["MALLOC_MMAP_THRESHOLD_"]
-    reporter = reporter or (lambda *a: None)
-    prepare_models(todo)
-    if any(not str(c.config.device).startswith("cuda") for c in todo):
-        from zobench.analysis.calibration import framework
+    run = Batch(suite, out, env, git, resume, reporter or (lambda *a: None), executor or LocalExecutor())
+    with run.executor:
+        if suite.lr_pilot is not None:
+            from zobench.results import load_records
+            from zobench.spec.pilot import choose, pilot_cells
 
-        framework("cpu")  # measured once per machine, before the cells: their records carry estimates
-    reporter("suite", {"total": len(cells), "todo": len(todo), "skipped": len(cells) - len(todo)})
-    started: dict[str, tuple[str, float]] = {}
-
-    def on_event(kind: str, data: dict) -> None:
-        if kind == "start":
-            started[data["cell"].cell_id] = (now(), time.monotonic())
-        reporter(kind, data)
-
-    executor = executor or LocalExecutor()
-    executor.on_event = on_event
-    with executor:
-        for cell in todo:
-            executor.submit(cell, cell.config.timeout_s or suite.timeout_s)
-        for cell, rec in executor.finished():
-            at, t0 = started.get(cell.cell_id, (now(), time.monotonic()))
-            rec = finalize(rec, cell, suite, at, env, git)
-            rec.wall_s = time.monotonic() - t0
-            append_record(out, rec)
-            reporter("done", {"cell": cell, "record": rec})
+            run.cells(pilot_cells(cells, suite.lr_pilot), "pilot")
+            cells, run.choices = choose(cells, suite.lr_pilot, load_records(out) if out.exists() else [])
+        run.cells(cells, "cells")
     return out
+
+
+class Batch:
+    """Cells handed to one executor, each record finalized and appended as it comes back."""
+
+    def __init__(self, suite: Suite, out: Path, env: dict, git: dict, resume: bool, reporter, executor):
+        self.suite, self.out, self.env, self.git, self.resume = suite, out, env, git, resume
+        self.reporter, self.executor, self.choices = reporter, executor, {}
+
+    def cells(self, cells: list[Cell], what: str) -> None:
+        import time
+
+        from zobench.results import append_record, load_records
+
+        done = {r.cell_id for r in load_records(self.out) if r.ok} if self.resume and self.out.exists() else set()
+        todo = [c for c in cells if c.cell_id not in done]
+        prepare_models(todo)
+        if any(not str(c.config.device).startswith("cuda") for c in todo):
+            from zobench.analysis.calibration import framework
+
+            framework("cpu")  # measured once per machine, before the cells: their records carry estimates
+        self.reporter("suite", {"total": len(cells), "todo": len(todo), "skipped": len(cells) - len(todo),
+                                "what": what})
+        started: dict[str, tuple[str, float]] = {}
+
+        def on_event(kind: str, data: dict) -> None:
+            if kind == "start":
+                started[data["cell"].cell_id] = (now(), time.monotonic())
+            self.reporter(kind, data)
+
+        self.executor.on_event = on_event
+        for cell in todo:
+            self.executor.submit(cell, cell.config.timeout_s or self.suite.timeout_s)
+        for cell, rec in self.executor.finished():
+            at, t0 = started.get(cell.cell_id, (now(), time.monotonic()))
+            rec = finalize(rec, cell, self.suite, at, self.env, self.git)
+            rec.wall_s, rec.lr_choice = time.monotonic() - t0, self.choices.get(cell.cell_id)
+            append_record(self.out, rec)
+            self.reporter("done", {"cell": cell, "record": rec})

@@ -35,9 +35,12 @@ class SuiteProgress:
 
     def __call__(self, event: str, data: dict) -> None:
         if event == "suite":
-            self.suite_task = self.progress.add_task("cells", total=data["todo"], info="")
+            what = data.get("what", "cells")
+            self.suite_task = self.progress.add_task(what, total=data["todo"], info="")
+            if what == "pilot":
+                self._line(f"learning-rate pilot: {data['total']} short cells choose the cells' lr on dev")
             if data["skipped"]:
-                self._line(f"resume: {data['skipped']} of {data['total']} cells already done")
+                self._line(f"resume: {data['skipped']} of {data['total']} {what} already done")
         elif event == "start":
             cell = data["cell"]
             self.numbers[cell.cell_id] = len(self.numbers) + 1

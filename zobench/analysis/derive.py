@@ -70,14 +70,17 @@ def derive(records: Iterable[CellRecord]) -> dict[str, Derived]:
     """``{cell_id: Derived}`` for every cell in ``records`` (see the module docstring)."""
     from zobench.spec.matrix import reference_key
 
+    def key(r: CellRecord) -> tuple:  # learning-rate pilots are compared among themselves only
+        return (*reference_key(r.config), r.labels.get("stage"))
+
     latest = sorted(latest_by_cell(records), key=lambda r: r.cell_id)
     groups: dict[tuple, list[CellRecord]] = {}
     for r in latest:
         if r.ok:
-            groups.setdefault(reference_key(r.config), []).append(r)
+            groups.setdefault(key(r), []).append(r)
     out = {}
     for rec in latest:
-        same = groups.get(reference_key(rec.config), [])
+        same = groups.get(key(rec), [])
         forward = next((r for r in same if _family(r) == "reference"), None)
         full = next((r for r in same if r.method == SPEEDUP_BASELINE), None)
         out[rec.cell_id] = _ratios(rec, forward, full)

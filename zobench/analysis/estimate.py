@@ -186,11 +186,16 @@ def _sequences(cfg: CellConfig, batch_size: int, train: bool = True) -> tuple[in
     if train and not getattr(task, "train_as_classification", True):
         return batch_size, OPTION_TOKENS  # trained as an LM on the correct option only (COPA)
     n = getattr(task, "n_options", None)
+    fixed = n is None
     if n is None:
         try:
             n = len(task.options({}))  # the GLUE tasks' options do not depend on the row
         except (KeyError, TypeError, AttributeError, IndexError, ValueError):
-            n = 2
+            n, fixed = 2, False
+    if cfg.shared_prompt and fixed:
+        # Fixed options (SST-2's " great"/" terrible", "Yes"/"No"...) are single tokens: one sequence per
+        # example, scored at its last position (scoring._shared; rows with longer options fall back).
+        return batch_size, OPTION_TOKENS
     return batch_size * int(n), OPTION_TOKENS
 
 

@@ -80,14 +80,14 @@ class Run:
         from zobench.tasks import scoring
 
         return scoring.encode(examples, self.tokenizer, self.task.kind, max_length=self.cfg.max_length,
-                              train=train, vocab_size=self.vocab)
+                              train=train, vocab_size=self.vocab, shared=self.cfg.shared_prompt)
 
     def evaluate(self, examples) -> dict:
         from zobench.tasks import scoring
 
         return scoring.evaluate(self.model, self.tokenizer, self.task.kind, examples,
                                 batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_length,
-                                vocab_size=self.vocab)
+                                vocab_size=self.vocab, shared=self.cfg.shared_prompt)
 
     def batches(self, seed: int | None = None) -> Iterator[list]:
         return batch_stream(self.splits.train, self.cfg.batch_size, self.cfg.seed if seed is None else seed)
@@ -127,6 +127,7 @@ class Pipeline:
         self.phase = Phases(self.device, self.record.phases)
         self.backend = None
         self.run_state: Run | None = None
+        self.stepper = self.trainable = self.selection = None
 
     def run(self) -> CellRecord:
         from transformers.utils import logging as hf_logging
@@ -148,6 +149,7 @@ class Pipeline:
         self.evaluate("eval_before", "test_before", self.cfg.eval_before)
         self.train()
         self.evaluate("eval_after", "test_after", self.cfg.eval_after)
+        self.select_best()
         return self.record
 
     # -- set-up ------------------------------------------------------------------------------------
@@ -254,52 +256,120 @@ class Pipeline:
             self.metrics.set(trainable_numel=trainable.numel, **measure_restore_drift(trainable, cfg.eps))
         elif getattr(stepper, "numel", None) is not None:
             self.metrics.set(trainable_numel=stepper.numel)
+        self.stepper, self.trainable = stepper, trainable
         reference = None if self.method.family == "reference" else ForwardReference(run.model, run.loss_fn)
-        timing = StepTiming()
+        timing, self.selection = StepTiming(), DevSelection(trainable)
         stream = run.batches()
         warm = min(cfg.warmup_steps, cfg.steps)
         for name, steps in (("warmup", range(warm)), ("train", range(warm, cfg.steps))):
             with self.phase(name):
                 for i in steps:
-                    self.step(stepper, next(stream), i, timing if name == "train" else None, reference)
+                    self.step(stepper, next(stream), i, timing, name == "train", reference)
         timing.into(self.metrics, reference)
 
-    def step(self, stepper, examples: list, i: int, timing: "StepTiming | None", reference) -> None:
+    def step(self, stepper, examples: list, i: int, timing: "StepTiming", timed: bool, reference) -> None:
         run = self.run_state
         batch = run.encode(examples)
         res = stepper.step(batch, i)
-        if timing is not None:  # warm-up steps count toward the loss curve only
-            if reference is not None:
-                reference.time(batch)
-            timing.add(res, int(batch["attention_mask"].sum()))
-        self.metrics.values.setdefault("loss_curve", []).append(res.loss)
+        timing.add(res, int(batch["attention_mask"].sum()), timed)  # warm-up steps: curves, not timings
+        if timed and reference is not None and len(timing.seconds) % self.cfg.ref_every == 0:
+            reference.time(batch)
         self.notify({"step": i + 1, "steps": self.cfg.steps, "loss": res.loss})
         if self.cfg.eval_every and (i + 1) % self.cfg.eval_every == 0 and self.record.accuracy_meaningful:
-            curve = self.metrics.values.setdefault("dev_curve", [])
-            curve.append({"step": i + 1, **run.evaluate(run.splits.dev)})
+            dev = run.evaluate(run.splits.dev)
+            self.metrics.values.setdefault("dev_curve", []).append({"step": i + 1, **dev, "train_s": timing.total})
+            self.selection.see(i + 1, dev)
+
+    def select_best(self) -> None:
+        """Test accuracy at the best dev step beside the last step's (MeZO reports the best checkpoint on
+        dev). Sparse methods keep their best trained values; dense ZO rebuilds the weights of that step
+        from the initial ones and the recorded trajectory, in a phase of its own."""
+        sel, m = self.selection, self.metrics
+        if sel is None or sel.best_step is None:
+            return
+        m.set(best_step=sel.best_step, best_dev=sel.best)
+        if not self.cfg.eval_after:  # a learning-rate pilot: the test set is never touched
+            return
+        if sel.best_step == m.get("steps_done"):
+            m.set(test_best=m.get("test_after"))
+        elif sel.values is not None:
+            self.trainable.load(sel.values)
+            with self.phase("eval_best"):
+                m.set(test_best=self.run_state.evaluate(self.run_state.splits.test))
+        elif m.get("trajectory") is not None:
+            with self.phase("eval_best"):
+                m.set(test_best=self.rebuild(sel.best_step).evaluate(self.run_state.splits.test))
+
+    def rebuild(self, steps: int) -> Run:
+        """A fresh copy of the model at ``steps`` steps, from the initial weights and the trajectory."""
+        from zobench.models import load_model
+        from zobench.zo.masks import scoped_params
+        from zobench.zo.trainable import measure_restore_drift
+        from zobench.zo.trainer import replay
+
+        cfg, old = self.cfg, self.run_state
+        old.loaded = self.stepper = self.trainable = None  # the trained model goes before the rebuilt one
+        run = Run(cfg, self.device, old.task, old.splits, cache_root=old.cache_root)
+        spec = cfg.model if self.record.model_fallback_reason is None else cfg.model_fallback
+        run.loaded = load_model(spec, cfg.dtype, cfg.seed, cfg.trust_remote_code, self.device)
+        run.params = scoped_params(run.model, cfg.resolved_scope)
+        stepper, trainable = self.method.build_stepper(run)
+        measure_restore_drift(trainable, cfg.eps)  # training ran this probe first: so does the replay
+        replay(trainable, stepper.optimizer, self.metrics.get("trajectory"), cfg.eps, steps)
+        self.run_state = run
+        return run
+
+
+class DevSelection:
+    """The best dev score so far, its step, and (sparse methods) the trained values at that step."""
+
+    def __init__(self, trainable):
+        self.trainable, self.best_step, self.best_score, self.values = trainable, None, None, None
+
+    def see(self, step: int, scores: dict) -> None:
+        score = scores.get("accuracy", scores.get("f1"))
+        if score is None or (self.best_score is not None and score <= self.best_score[1]):
+            return
+        self.best_step, self.best_score = step, (scores, score)
+        if hasattr(self.trainable, "snapshot"):
+            self.values = self.trainable.snapshot()
+
+    @property
+    def best(self):
+        return self.best_score[0] if self.best_score else None
 
 
 class StepTiming:
-    """The timed steps' seconds, parts and tokens, summarized into the record at the end."""
+    """Every step's loss and directions; the timed steps' seconds, parts and tokens, summarized into the
+    record at the end."""
 
     def __init__(self):
-        self.seconds, self.parts, self.tokens = [], {}, []
+        self.seconds, self.parts, self.tokens, self.losses, self.trajectory = [], {}, [], [], []
+        self.total = 0.0  # training seconds so far, warm-up included (the x axis of accuracy vs time)
 
-    def add(self, res, tokens: int) -> None:
+    def add(self, res, tokens: int, timed: bool) -> None:
+        self.losses.append(res.loss)
+        self.trajectory.append([[seed, coef] for seed, coef in res.directions])
+        self.total += res.total_s
+        if not timed:
+            return
         self.seconds.append(res.total_s)
         self.tokens.append(tokens)
         for k, v in res.seconds.items():
             self.parts.setdefault(k, []).append(v)
 
     def into(self, m: Metrics, reference) -> None:
-        losses = m.values.setdefault("loss_curve", [])
         m.values.setdefault("dev_curve", [])
-        m.set(final_loss=losses[-1] if losses else None, steps_done=len(losses), step_s=Stats.of(self.seconds),
+        m.set(loss_curve=self.losses, final_loss=self.losses[-1] if self.losses else None,
+              steps_done=len(self.losses), step_s=Stats.of(self.seconds), train_s=self.total,
               step_parts_s={k: Stats.of(v) for k, v in self.parts.items()})
+        if any(self.trajectory):  # ZO: the run as (seed, coefficient) per step, enough to rebuild any step
+            m.set(trajectory=self.trajectory)
         if reference is not None and reference.seconds:
             m.set(forward_ref_s=Stats.of(reference.seconds))
         if self.seconds:
-            m.set(tokens_per_s=sum(self.tokens) / sum(self.seconds))
+            m.set(tokens_per_s=sum(self.tokens) / sum(self.seconds),
+                  tokens_per_step=sum(self.tokens) / len(self.tokens))
 
 
 def run_cell(cfg: CellConfig, progress: Progress | None = None) -> CellRecord:

@@ -12,6 +12,7 @@ ratios against reference cells are derived when records are read (``zobench.anal
     metrics          see ``Metrics``
     execution        which executor, node and GPU ran it, and how many cells shared the machine
     estimate         the predicted peak (``zobench estimate``) with its breakdown and calibration
+    lr_choice        where a learning-rate pilot chose the lr: its grid, dev scores and choice
     env, git         versions, hardware, threads, allocator settings; commit and dirty flag
     started_at, finished_at (ISO 8601 UTC, ``TIME_FORMAT``), wall_s, warnings
 """
@@ -112,10 +113,11 @@ SCALARS = {
     "steps_done": (int,), "final_loss": NUMBER, "tokens_per_s": NUMBER, "density_obtained": NUMBER,
     "mask_nnz": (int,), "scope_numel": (int,), "sqgrad_mass_frac": NUMBER, "mask_build_s": NUMBER,
     "mask_cache_hit": (bool,), "restore_drift_frac_changed": NUMBER, "restore_drift_max_abs": NUMBER,
+    "best_step": (int,), "train_s": NUMBER, "tokens_per_step": NUMBER,
 }
 STATS = ("step_s", "forward_ref_s")
-MAPPINGS = ("test_before", "test_after", "truncated")
-SERIES = ("loss_curve", "dev_curve")
+MAPPINGS = ("test_before", "test_after", "truncated", "best_dev", "test_best")
+SERIES = ("loss_curve", "dev_curve", "trajectory")
 
 
 @dataclass
@@ -124,7 +126,10 @@ class Metrics:
     ``step_parts_s``: perturb / forward_plus / forward_minus / update (ZO) or forward / backward / update;
     ``forward_ref_s``: an inference forward of each step's batch, right after the step (the denominator of
     step / two forwards); ``test_before`` / ``test_after``: {accuracy} or {em, f1}; ``truncated``: inputs
-    cut by max_length per split."""
+    cut by max_length per split; ``dev_curve``: [{step, accuracy, train_s}] every ``eval_every`` steps, with
+    ``best_step``, ``best_dev`` and ``test_best`` (test at the best dev step); ``trajectory``: each step's
+    [[seed, coefficient], ...] (dense ZO: enough to rebuild the weights of any step); ``train_s``: training
+    seconds, warm-up included; ``tokens_per_step``: input tokens of a timed step."""
 
     values: dict[str, Any] = field(default_factory=dict)      # SCALARS, MAPPINGS, SERIES
     step_s: Stats | None = None
@@ -208,7 +213,7 @@ TOP_TYPES = {"suite": (str,), "suite_file": (str,), "reason": (str,), "traceback
              "device": (str,), "model_source": (str,), "accuracy_meaningful": (bool,),
              "model_fallback_reason": (str,), "data_note": (str,), "started_at": (str,), "finished_at": (str,),
              "wall_s": NUMBER, "warnings": (list,), "estimate": (dict,), "env": (dict,), "git": (dict,),
-             "labels": (dict,), "config": (dict,)}
+             "labels": (dict,), "config": (dict,), "lr_choice": (dict,)}
 
 
 @dataclass
@@ -229,6 +234,7 @@ class CellRecord:
     phases: dict[str, PhaseMeasure] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
     estimate: dict | None = None
+    lr_choice: dict | None = None       # the learning-rate pilot's grid, dev scores and choice
     execution: Execution | None = None
     env: dict = field(default_factory=dict)
     git: dict = field(default_factory=dict)
@@ -282,6 +288,8 @@ class CellRecord:
         out["metrics"] = self.metrics.to_json()
         if self.execution is not None:
             out["execution"] = self.execution.to_json()
+        if self.lr_choice is not None:
+            out["lr_choice"] = self.lr_choice
         out.update(estimate=self.estimate, env=self.env, git=self.git, started_at=self.started_at,
                    finished_at=self.finished_at, wall_s=self.wall_s)
         if self.warnings:

@@ -29,12 +29,17 @@ def render_report(records: list[CellRecord], out_md: Path, title: str | None = N
     from zobench.report.markdown import render_markdown
     from zobench.report.plots import write_plots
 
+    from zobench.analysis.claims import verdicts
+
     out_md = Path(out_md)
-    recs = sorted(views(records), key=sort_key)
+    everything = sorted(views(records), key=sort_key)
+    pilots = [r for r in everything if (r.get("labels") or {}).get("stage") == "pilot"]
+    recs = [r for r in everything if r not in pilots]
     ok = [r for r in recs if r.get("status") == "ok"]
     folder = out_md.parent / f"{out_md.stem}_plots"
     plots = [(caption, f"{folder.name}/{name}") for caption, name in write_plots(ok, varying_axes(recs), folder)]
-    return atomic_write(out_md, render_markdown(recs, title, plots), "report")
+    text = render_markdown(recs, title, plots, pilots=pilots, claims=verdicts(records))
+    return atomic_write(out_md, text, "report")
 
 
 def render_results_file(results: Path, out_md: Path) -> Path:

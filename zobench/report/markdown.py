@@ -64,6 +64,11 @@ def step_ms(rec: dict) -> str:
     return num(s["median"] * 1000) + spread
 
 
+def at_best(rec: dict) -> str:
+    best, step = get(rec, "metrics.test_best"), get(rec, "metrics.best_step")
+    return f"{scores(best)} ({step})" if best and meaningful(rec) else DASH
+
+
 def accuracy(rec: dict) -> str:
     if not meaningful(rec):
         return "n/a"
@@ -177,6 +182,7 @@ def main_table(ok: list[dict], extras: list[str]) -> list[str]:
         ("speedup vs full", lambda r: ratio(get(r, "derived.speedup_vs_full"))),
         ("tokens/s", lambda r: num(get(r, "metrics.tokens_per_s"))),
         ("test % before -> after", accuracy),
+        *([("test % at best dev (step)", at_best)] if any(get(r, "metrics.test_best") for r in ok) else []),
         ("final loss", lambda r: f"{v:.4f}" if isinstance(v := get(r, "metrics.final_loss"), (int, float))
          else DASH),
     ]
@@ -283,6 +289,35 @@ def mask_tables(ok: list[dict], extras: list[str]) -> list[str]:
             + section("Restore drift", drift_intro, drift_cols, drifted, extras))
 
 
+def lr_table(ok: list[dict], pilots: list[dict], extras: list[str]) -> list[str]:
+    chosen = [r for r in ok if get(r, "lr_choice")]
+    if not chosen:
+        return []
+
+    def tried(r):
+        c = r["lr_choice"]
+        return ", ".join(f"{lr:g}: {pct_points(d) if d is not None else 'failed'}" for lr, d in zip(c["grid"], c["dev"]))
+
+    cols: list[Column] = [("lr: dev % after the pilot", tried),
+                          ("chosen lr", lambda r: f"{r['lr_choice']['chosen']:g}" if r["lr_choice"].get("chosen")
+                           else "none (kept the configured lr)")]
+    steps = chosen[0]["lr_choice"]["pilot_steps"]
+    intro = (f"Each cell's learning rate was chosen on dev, never on test: every lr of its grid ran "
+             f"{steps} steps ({len(pilots)} pilot cells), and the cell ran with the lr of the best dev score "
+             f"(ties: the smaller lr).")
+    return section("Learning rates chosen on dev", intro, cols, chosen, extras, n_text=2)
+
+
+def claims_table(claims) -> list[str]:
+    if not claims:
+        return []
+    lines = ["## Claims", "", "SensZOQ's claims against these records: test accuracy at the best dev step (mean over "
+             "seeds); the noise is the larger of a 95% binomial interval on the test sets and the spread between "
+             "seeds (`zobench/analysis/claims.py`).", "", "| claim | verdict | numbers | noise |", "|:---|:---|:---|:---|"]
+    lines += [f"| {escape(v.claim)} | **{v.verdict}** | {escape(v.numbers)} | {escape(v.noise)} |" for v in claims]
+    return lines + [""]
+
+
 def failure_table(bad: list[dict], extras: list[str]) -> list[str]:
     cols: list[Column] = [("status", lambda r: str(r.get("status"))), ("reason", lambda r: one_line(r.get("reason")))]
     return section("Failed and unsupported cells", "Cells without results, with the recorded reason.",
@@ -298,14 +333,17 @@ def plot_links(plots: list[tuple[str, str]]) -> list[str]:
     return lines
 
 
-def render_markdown(recs: list[dict], title: str | None, plots: list[tuple[str, str]]) -> str:
-    """``recs``: one record per cell, in report order; ``plots``: (caption, path relative to the file)."""
+def render_markdown(recs: list[dict], title: str | None, plots: list[tuple[str, str]],
+                    pilots: list[dict] | None = None, claims=None) -> str:
+    """``recs``: one record per cell, in report order; ``plots``: (caption, path relative to the file);
+    ``pilots``: the learning-rate pilot's cells; ``claims``: ``analysis.claims`` verdicts."""
     extras = varying_axes(recs)
     ok = [r for r in recs if r.get("status") == "ok"]
     bad = [r for r in recs if r.get("status") != "ok"]
-    lines = header(recs, title)
+    lines = header(recs, title) + claims_table(claims)
     for part in (main_table, quant_table, phase_table, step_table, mask_tables):
         lines += part(ok, extras)
+    lines += lr_table(ok, pilots or [], extras)
     lines += failure_table(bad, extras) + plot_links(plots)
     while lines and lines[-1] == "":
         lines.pop()

@@ -139,13 +139,45 @@ def loss_curves(ok: list[dict], extras: list[str]):
                    "training loss", points)
 
 
-def dev_curves(ok: list[dict], extras: list[str]):
-    def points(r):
-        curve = [p for p in get(r, "metrics.dev_curve") or [] if primary_score(p) is not None]
-        return ([p["step"] for p in curve], [100 * primary_score(p) for p in curve]) if curve else None
+def _dev_points(r: dict, x_key: str) -> list[tuple[float, float]]:
+    curve = get(r, "metrics.dev_curve") or []
+    return [(p[x_key], 100 * primary_score(p)) for p in curve if primary_score(p) is not None and x_key in p]
 
-    return _curves([r for r in ok if meaningful(r)], extras, "Dev score during training (dashed: quantized)",
-                   "dev accuracy (%) (F1 for generative tasks)", points)
+
+def _over_seeds(ok: list[dict], extras: list[str], title: str, xlabel: str, x_key: str) -> Figure | None:
+    """One line per cell and seeds averaged: the mean dev score at each evaluation, the range over seeds
+    shaded (steps line up across seeds; seconds are averaged per evaluation)."""
+    names = [a for a in extras if a != "seed"]
+    groups: dict[str, list[dict]] = {}
+    for r in ok:
+        if meaningful(r) and _dev_points(r, x_key):
+            groups.setdefault(short_name(r, names), []).append(r)
+    if not groups:
+        return None
+    fig, ax = _figure(8.5, 4.5, title, xlabel, "dev accuracy (%) (F1 for generative tasks)")
+    for name, runs in groups.items():
+        series = [_dev_points(r, x_key) for r in runs]
+        n = min(len(s) for s in series)
+        xs = [sum(s[i][0] for s in series) / len(series) for i in range(n)]
+        ys = [[s[i][1] for s in series] for i in range(n)]
+        dashed = quant(runs[0]) != "none"
+        col = color(method(runs[0]))
+        ax.plot(xs, [sum(y) / len(y) for y in ys], color=col, linestyle="--" if dashed else "-", marker=".",
+                label=name + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""))
+        if len(runs) > 1:
+            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=col, alpha=0.15, linewidth=0)
+    ax.legend(fontsize="small", **OUTSIDE)
+    return fig
+
+
+def dev_curves(ok: list[dict], extras: list[str]):
+    return _over_seeds(ok, extras, "Dev score against steps (dashed: quantized; shaded: range over seeds)",
+                       "step", "step")
+
+
+def dev_vs_time(ok: list[dict], extras: list[str]):
+    return _over_seeds(ok, extras, "Dev score against training time (warm-up included, evaluations excluded)",
+                       "training seconds", "train_s")
 
 
 def _label_points(fig, ax, points: list[tuple[float, float, str]]) -> None:
@@ -208,6 +240,7 @@ PLOTS = (("memory", "Peak memory per cell", memory_bars),
          ("step_breakdown", "Step time by part", step_breakdown),
          ("loss", "Training loss vs step", loss_curves),
          ("dev_accuracy", "Dev accuracy vs step", dev_curves),
+         ("dev_vs_time", "Dev accuracy vs training seconds", dev_vs_time),
          ("memory_vs_accuracy", "Peak memory vs test accuracy", memory_vs_accuracy))
 
 

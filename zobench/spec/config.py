@@ -25,9 +25,9 @@ SCHEDULES = ("constant", "linear")
 # Upper bounds: far beyond any real run, low enough that a typo (steps: 1e30) is refused, not run.
 LIMITS = {"steps": 10**8, "n_train": 10**9, "n_dev": 10**9, "n_test": 10**9, "max_length": 1 << 20,
           "batch_size": 1 << 16, "eval_batch_size": 1 << 16, "q": 1024, "calib_sequences": 1 << 20,
-          "calib_length": 1 << 20, "warmup_steps": 10**8, "eval_every": 10**8}
+          "calib_length": 1 << 20, "warmup_steps": 10**8, "eval_every": 10**8, "ref_every": 10**8}
 AT_LEAST_0 = ("steps", "n_train", "n_dev", "n_test", "calib_sequences", "warmup_steps", "eval_every")
-AT_LEAST_1 = ("batch_size", "eval_batch_size", "max_length", "q", "calib_length")
+AT_LEAST_1 = ("batch_size", "eval_batch_size", "max_length", "q", "calib_length", "ref_every")
 
 
 @dataclass
@@ -48,6 +48,7 @@ class CellConfig:
     max_length: int | None = None      # default: the task's (long enough for its longest example)
     batch_size: int = 16
     eval_batch_size: int = 16
+    shared_prompt: bool = True         # score single-token options from one forward of their prompt
     # method
     method: str = "full"
     density: float = 1e-3              # mask methods: the fraction of the scope trained
@@ -73,6 +74,7 @@ class CellConfig:
     eval_after: bool = True
     eval_every: int = 0
     warmup_steps: int = 2
+    ref_every: int = 1                 # an in-cell reference forward after every N-th timed step
     seed: int = 0
     timeout_s: float | None = None      # this cell's limit in a suite (default: the suite's timeout_s)
 

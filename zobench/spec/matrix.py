@@ -71,6 +71,8 @@ def expand(suite) -> list[Cell]:
     cells: dict[str, Cell] = {}
     for combo in itertools.product(*(suite.matrix[a] for a in axes)):
         values = dict(zip(axes, combo))
+        if any(selector_matches(sel, dict(suite.defaults, **values)) for sel in suite.exclude):
+            continue
         cfg = _make(suite, values, f"{where}: cell " + ", ".join(f"{k}={v}" for k, v in values.items()))
         cid = cell_id(cfg)
         cells.setdefault(cid, Cell(cid, cfg, _labels(cfg, axes)))

@@ -3,12 +3,19 @@
     name: smollm2
     defaults: {model: smollm2, task: sst2, steps: 20}
     matrix: {method: [full, random, sensitive], density: [1.0e-3]}
+    exclude:                     # optional: combinations of the matrix not to run
+      - {method: full, density: 1.0e-3}
     overrides:
       - match: {method: full}
         set: {lr: 1.0e-7}
     budgets:
       - match: {method: sensitive}
         peak_mib_max: 900
+    lr_pilot:                    # optional: choose each cell's lr on dev with short runs first
+      steps: 200
+      grids:
+        - match: {method: [random, sensitive]}
+          lr: [3.0e-5, 1.0e-4, 3.0e-4]
     timeout_s: 1800
 
 Every error names the file and the key, e.g. ``suites/x.yaml: matrix.methd: unknown key ...``.
@@ -27,7 +34,8 @@ from zobench.spec.config import CellConfig
 from zobench.spec.matrix import expand
 from zobench.spec.selectors import parse_selector, unknown_key
 
-SUITE_KEYS = ("name", "description", "defaults", "matrix", "overrides", "budgets", "timeout_s", "reference")
+SUITE_KEYS = ("name", "description", "defaults", "matrix", "exclude", "overrides", "budgets", "timeout_s",
+              "reference", "lr_pilot")
 BUDGET_LIMITS = {
     "peak_mib_max": "derived.peak_mib at most this (MiB)",
     "peak_over_inference_max": "ZO peak / inference peak at most this",
@@ -46,6 +54,15 @@ class Budget:
 
 
 @dataclass
+class LrPilot:
+    """Short runs that choose each cell's learning rate on dev before the cell runs (``zobench.spec.pilot``)."""
+
+    steps: int
+    eval_every: int
+    grids: list[tuple[dict[str, list], list[float]]]  # (selector, learning rates)
+
+
+@dataclass
 class Suite:
     name: str
     path: Path | None
@@ -56,6 +73,8 @@ class Suite:
     timeout_s: float = 3600.0
     reference: bool = True
     description: str = ""
+    lr_pilot: LrPilot | None = None
+    exclude: list[dict[str, list]] = field(default_factory=list)  # matrix combinations that are not run
 
 
 def _mapping(value: Any, where: str) -> dict:
@@ -109,22 +128,14 @@ def load_yaml(path: str | Path, what: str = "suite file") -> Any:
     return data
 
 
-def parse_suite(data: Any, where: str, path: Path | None = None) -> Suite:
-    data = _mapping(data, where)
-    for k in data:
-        if k not in SUITE_KEYS:
-            raise unknown_key(where, k, SUITE_KEYS)
-    name = data.get("name")
-    if not isinstance(name, str) or not name or "/" in name:
-        raise UserError(f"{where}: key 'name': expected a non-empty name without '/'")
-    defaults = _mapping(data.get("defaults"), f"{where}: defaults")
-    CellConfig.from_dict(defaults, f"{where}: defaults")  # type-check the defaults alone
-    matrix = _mapping(data.get("matrix"), f"{where}: matrix")
-    for k, v in matrix.items():
-        if k not in CellConfig.keys():
-            raise unknown_key(f"{where}: matrix", k, CellConfig.keys())
-        if not isinstance(v, list) or not v:
-            raise UserError(f"{where}: matrix.{k}: expected a non-empty list of values")
+def _number_list(value: Any, where: str) -> list[float]:
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in value):
+        raise UserError(f"{where}: expected a non-empty list of positive numbers")
+    return [float(v) for v in value]
+
+
+def _overrides(data: dict, where: str) -> list:
     overrides = []
     for i, item in enumerate(data.get("overrides") or []):
         w = f"{where}: overrides[{i}]"
@@ -137,6 +148,10 @@ def parse_suite(data: Any, where: str, path: Path | None = None) -> Suite:
             if k not in CellConfig.keys():
                 raise unknown_key(f"{w}.set", k, CellConfig.keys())
         overrides.append((parse_selector(item.get("match", {}), f"{w}.match"), sets))
+    return overrides
+
+
+def _budgets(data: dict, where: str) -> list[Budget]:
     budgets = []
     for i, item in enumerate(data.get("budgets") or []):
         w = f"{where}: budgets[{i}]"
@@ -153,13 +168,60 @@ def parse_suite(data: Any, where: str, path: Path | None = None) -> Suite:
         if not limits:
             raise UserError(f"{w}: no limit given (one of: {', '.join(BUDGET_LIMITS)})")
         budgets.append(Budget(parse_selector(item.get("match", {}), f"{w}.match"), limits, w))
+    return budgets
+
+
+def _lr_pilot(data: dict, where: str) -> LrPilot | None:
+    if data.get("lr_pilot") is None:
+        return None
+    w = f"{where}: lr_pilot"
+    item = _mapping(data["lr_pilot"], w)
+    for k in item:
+        if k not in ("steps", "eval_every", "grids"):
+            raise unknown_key(w, k, ("steps", "eval_every", "grids"))
+    steps = item.get("steps")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise UserError(f"{w}.steps: expected a number of steps >= 1")
+    every = item.get("eval_every", steps)
+    if not isinstance(every, int) or isinstance(every, bool) or not 1 <= every <= steps:
+        raise UserError(f"{w}.eval_every: expected a number of steps between 1 and steps ({steps})")
+    grids = []
+    for i, g in enumerate(item.get("grids") or []):
+        gw = f"{w}.grids[{i}]"
+        g = _mapping(g, gw)
+        for k in g:
+            if k not in ("match", "lr"):
+                raise unknown_key(gw, k, ("match", "lr"))
+        grids.append((parse_selector(g.get("match", {}), f"{gw}.match"), _number_list(g.get("lr"), f"{gw}.lr")))
+    if not grids:
+        raise UserError(f"{w}.grids: expected at least one {{match, lr: [...]}} grid")
+    return LrPilot(steps, every, grids)
+
+
+def parse_suite(data: Any, where: str, path: Path | None = None) -> Suite:
+    data = _mapping(data, where)
+    for k in data:
+        if k not in SUITE_KEYS:
+            raise unknown_key(where, k, SUITE_KEYS)
+    name = data.get("name")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise UserError(f"{where}: key 'name': expected a non-empty name without '/'")
+    defaults = _mapping(data.get("defaults"), f"{where}: defaults")
+    CellConfig.from_dict(defaults, f"{where}: defaults")  # type-check the defaults alone
+    matrix = _mapping(data.get("matrix"), f"{where}: matrix")
+    for k, v in matrix.items():
+        if k not in CellConfig.keys():
+            raise unknown_key(f"{where}: matrix", k, CellConfig.keys())
+        if not isinstance(v, list) or not v:
+            raise UserError(f"{where}: matrix.{k}: expected a non-empty list of values")
     timeout = data.get("timeout_s", 3600)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < float("inf"):
         raise UserError(f"{where}: key 'timeout_s': expected a positive number of seconds")
     reference = data.get("reference", True)
     if not isinstance(reference, bool):
         raise UserError(f"{where}: key 'reference': expected true or false")
-    suite = Suite(name, path, defaults, matrix, overrides, budgets, float(timeout), reference,
-                  str(data.get("description", "")))
+    exclude = [parse_selector(sel, f"{where}: exclude[{i}]") for i, sel in enumerate(data.get("exclude") or [])]
+    suite = Suite(name, path, defaults, matrix, _overrides(data, where), _budgets(data, where), float(timeout),
+                  reference, str(data.get("description", "")), _lr_pilot(data, where), exclude)
     expand(suite)  # validates every cell, so a bad combination fails here, before anything runs
     return suite

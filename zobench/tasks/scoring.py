@@ -4,6 +4,13 @@ Follows MeZO's run.py / utils.py: an option's tokens are the tail of the tokeniz
 the tokenized prompt; sequences are truncated from the left; a classification example is scored by the
 mean log-probability of each option's tokens (length-normalized), and trained with cross-entropy over
 those scores ("train as classification"); generation is greedy and stops at a newline.
+
+Shared prompts (``shared=True``): MeZO runs one sequence per option, so a two-option task pays for its
+prompt twice. When every option of every example in a batch is one token that extends the prompt's own
+tokens, all of an example's options are scored from one forward of the prompt: the logits at its last
+position give each option's log-probability, which is the option's whole (mean) score. The loss is the
+same as the per-option way (tested to float32 tolerance); a batch where that does not hold (multi-token
+options: COPA, WSC) is encoded per option as before.
 """
 
 from __future__ import annotations
@@ -79,8 +86,35 @@ def _pad(seqs: list[list[int]], opt: list[int] | None, pad_id: int, left: bool, 
     return batch
 
 
+def _shared(examples: list[Example], tokenizer, max_length: int, keep_first: bool, pad_id: int,
+            vocab_size: int | None) -> dict | None:
+    """One sequence per example (its prompt) and each option's token, or None when an option is not a
+    single token extending the prompt's own tokens."""
+    p_ids = tokenizer([ex.prompt for ex in examples])["input_ids"]
+    full = iter(tokenizer([ex.prompt + c for ex in examples for c in ex.candidates])["input_ids"])
+    prefixes, options = [], []
+    for prompt, ex in zip(p_ids, examples):
+        tails = []
+        for _ in ex.candidates:
+            ids = next(full)
+            if len(ids) != len(prompt) + 1 or ids[:-1] != prompt:
+                return None
+            tails.append(ids[-1])
+        # What the per-option sequence conditions its option token on, cut from the left as it would be.
+        prefixes.append(_truncate(prompt + tails[:1], max_length, keep_first)[:-1])
+        options.append(tails)
+    batch = _pad(prefixes, None, pad_id, False, vocab_size)
+    width = max(len(o) for o in options)
+    batch["option_ids"] = torch.tensor([o + [o[0]] * (width - len(o)) for o in options], dtype=torch.long)
+    if vocab_size:
+        batch["option_ids"] %= vocab_size
+    batch["labels"] = torch.tensor([ex.label for ex in examples], dtype=torch.long)
+    batch["n_options"] = torch.tensor([len(ex.candidates) for ex in examples], dtype=torch.long)
+    return batch
+
+
 def encode(examples: list[Example], tokenizer, kind: str, max_length: int = 256, train: bool = True,
-           vocab_size: int | None = None) -> dict:
+           vocab_size: int | None = None, shared: bool = False) -> dict:
     """A right-padded batch (left-padded prompts for generation with train=False).
 
     Classification: one sequence per (example, candidate), example-major; `option_mask` marks option
@@ -101,6 +135,8 @@ def encode(examples: list[Example], tokenizer, kind: str, max_length: int = 256,
         conts = [ex.target if kind == "generation" else ex.candidates[ex.label] for ex in examples]
         seqs, opt = _join(tokenizer, prompts, conts, list(range(len(examples))), max_length, keep_first)
         return _pad(seqs, opt, pad_id, False, vocab_size)
+    if shared and (batch := _shared(examples, tokenizer, max_length, keep_first, pad_id, vocab_size)):
+        return batch
     owner = [e for e, ex in enumerate(examples) for _ in ex.candidates]
     conts = [c for ex in examples for c in ex.candidates]
     seqs, opt = _join(tokenizer, prompts, conts, owner, max_length, keep_first)
@@ -156,17 +192,43 @@ def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     predict = torch.zeros_like(batch["option_mask"], device=dev)
     predict[:, :-1] = scored                      # logits at t predict token t + 1
     targets = ids[:, 1:][scored]
+    logits = kept_logits(model, ids, attn, predict)
+    logp = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    return logp, predict.nonzero()[:, 0]
+
+
+def kept_logits(model, ids: torch.Tensor, attn: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """float32 [n kept, vocab] logits at the positions ``keep`` marks: projected onto the vocabulary only
+    there when the model can, and upcast only those rows (never a float32 [B, T, V] copy)."""
     logits = None
     if slices_logits(model):
-        logits = model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=predict).logits
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=keep).logits
         if logits.dim() != 2:
             logits = None
     if logits is None:
-        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[predict]
-    # Upcast only the few gathered rows: no float32 [B, T, V] copy.
-    logits = logits.float()
-    logp = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    return logp, predict.nonzero()[:, 0]
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[keep]
+    return logits.float()
+
+
+def shared_option_scores(model, batch: dict) -> torch.Tensor:
+    """[B, max options] log-probabilities of each example's option tokens after its prompt (one forward
+    per example; padded options are -inf)."""
+    dev = _device(model)
+    ids, attn = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+    last = torch.zeros_like(attn, dtype=torch.bool)
+    last[torch.arange(ids.shape[0], device=dev), attn.sum(1) - 1] = True  # right-padded: the last real token
+    logits = kept_logits(model, ids, attn, last)  # the same arithmetic as token_logprobs: the same scores
+    options = batch["option_ids"].to(dev)
+    scores = logits.gather(1, options) - torch.logsumexp(logits, dim=-1, keepdim=True)
+    width = torch.arange(options.shape[1], device=dev)
+    return scores.masked_fill(width[None, :] >= batch["n_options"].to(dev)[:, None], float("-inf"))
+
+
+def grouped_scores(model, batch: dict) -> torch.Tensor:
+    """[B, max options] score of each example's options, whichever way the batch was encoded."""
+    if "option_ids" in batch:
+        return shared_option_scores(model, batch)
+    return _grouped(option_scores(model, batch), batch["n_options"])
 
 
 def option_scores(model, batch: dict) -> torch.Tensor:
@@ -196,8 +258,8 @@ def loss(model, batch: dict) -> torch.Tensor:
     The LM form averages over all target tokens of the batch, as MeZO's CrossEntropyLoss does.
     """
     if "n_options" in batch:
-        scores = option_scores(model, batch)
-        return F.cross_entropy(_grouped(scores, batch["n_options"]), batch["labels"].to(scores.device))
+        scores = grouped_scores(model, batch)
+        return F.cross_entropy(scores, batch["labels"].to(scores.device))
     logp, _ = token_logprobs(model, batch)
     return -logp.mean()
 
@@ -208,14 +270,14 @@ def _chunks(items: list, size: int):
 
 
 def predict(model, tokenizer, examples: list[Example], batch_size: int = 16, max_length: int = 256,
-            vocab_size: int | None = None) -> list[int]:
+            vocab_size: int | None = None, shared: bool = False) -> list[int]:
     """The index of the best-scoring candidate for each classification example."""
     out = []
     with torch.inference_mode():
         for chunk in _chunks(examples, batch_size):
-            batch = encode(chunk, tokenizer, "classification", max_length, train=False, vocab_size=vocab_size)
-            grouped = _grouped(option_scores(model, batch), batch["n_options"])
-            out.extend(grouped.argmax(1).tolist())
+            batch = encode(chunk, tokenizer, "classification", max_length, train=False, vocab_size=vocab_size,
+                           shared=shared)
+            out.extend(grouped_scores(model, batch).argmax(1).tolist())
     return out
 
 
@@ -246,14 +308,15 @@ def generate(model, tokenizer, examples: list[Example], batch_size: int = 16, ma
 
 
 def evaluate(model, tokenizer, task_kind: str, examples: list[Example], batch_size: int = 16,
-             max_length: int = 256, max_new_tokens: int = 50, vocab_size: int | None = None) -> dict:
+             max_length: int = 256, max_new_tokens: int = 50, vocab_size: int | None = None,
+             shared: bool = False) -> dict:
     """{"accuracy"} for classification, {"em", "f1"} (SQuAD-style, best over gold answers) for generation."""
     if task_kind not in KINDS:
         raise UserError(f"unknown task kind '{task_kind}' (expected {' or '.join(KINDS)})")
     if task_kind == "classification":
         if not examples:
             return {"accuracy": None}
-        preds = predict(model, tokenizer, examples, batch_size, max_length, vocab_size)
+        preds = predict(model, tokenizer, examples, batch_size, max_length, vocab_size, shared)
         return {"accuracy": sum(p == ex.label for p, ex in zip(preds, examples)) / len(examples)}
     if not examples:
         return {"em": None, "f1": None}

@@ -160,6 +160,17 @@ class SparseTrainable(Trainable):
                                      for p, i in zip(self.params, self.indices)]) \
                 if self.params else torch.zeros(0, device=device)
 
+    def snapshot(self) -> torch.Tensor:
+        """The trained values now (nnz floats: small enough to keep the best ones of a run)."""
+        return self.master.clone()
+
+    @torch.no_grad()
+    def load(self, values: torch.Tensor) -> None:
+        """Make ``values`` (a ``snapshot``) the trained values again."""
+        self.master.copy_(values)
+        self._write(self.master)
+        self._seed, self._scale = None, 0.0
+
     @classmethod
     def of_vectors(cls, vectors: list[tuple[str, torch.Tensor]], direction: str = "rademacher"):
         """Every value of each tensor is trainable: the sparse values of dense-and-sparse layers."""

@@ -27,7 +27,9 @@ def _sync(device: torch.device) -> None:
 @dataclass
 class StepResult:
     loss: float                      # (L+ + L-) / 2, the loss at w estimated without a third forward
-    projected_grads: list[float]
+    # (seed, coefficient) of each direction as the update applied it (the projected gradient / q): with the
+    # step index and the optimizer settings, all that is needed to replay the step (``replay``)
+    directions: list[tuple[int, float]]
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -70,7 +72,20 @@ class ZOTrainer:
             grads.append((seed, g / self.q))
             losses.append((lp + lm) / 2)
         self._timed(sec, "update", lambda: self.trainable.update(grads, self.optimizer, step))
-        return StepResult(sum(losses) / len(losses), [g * self.q for _, g in grads], sec)
+        return StepResult(sum(losses) / len(losses), grads, sec)
+
+
+@torch.no_grad()
+def replay(trainable: Trainable, optimizer, trajectory: list, eps: float, steps: int) -> None:
+    """Redo the first ``steps`` steps of a ZO run on ``trainable`` from its initial weights: the same
+    perturbations (+eps, then -eps) and the same update, in the same order as ``ZOTrainer.step``, so the
+    result is bit for bit the trained weights of that step without a single forward (MeZO's
+    storage-efficient checkpoint: a run is its (seed, projected gradient) trajectory)."""
+    for step, directions in enumerate(trajectory[:steps]):
+        for seed, _ in directions:
+            trainable.apply(int(seed), eps)
+            trainable.apply(int(seed), -eps)
+        trainable.update([(int(s), float(c)) for s, c in directions], optimizer, step)
 
 
 class ForwardOnly:

@@ -1,0 +1,69 @@
+"""The claims table: each claim decided from records with its noise, and rendered in the report."""
+
+from __future__ import annotations
+
+from zobench.analysis.claims import FAILS, HOLDS, MISSING, OPEN, verdicts
+from zobench.cell.record import CellRecord, Metrics
+
+
+def rec(method: str, test: float, seed: int = 0, quant: str = "none", curve=None, n_test: int = 872):
+    m = Metrics()
+    m.set(test_best={"accuracy": test}, n_test=n_test, n_dev=200,
+          dev_curve=[{"step": s, "accuracy": a, "train_s": t} for s, a, t in curve or []])
+    cfg = {"method": method, "quant": quant, "seed": seed}
+    return CellRecord(f"{method}-{quant}-{seed}", config=cfg, labels={"method": method, "seed": seed}, metrics=m)
+
+
+class by_claim(dict):
+    """The verdicts of ``records``, looked up by the start of the claim's text."""
+
+    def __init__(self, records):
+        super().__init__((v.claim, v) for v in verdicts(records))
+
+    def __getitem__(self, start):
+        (hit,) = [v for claim, v in self.items() if claim.startswith(start)]
+        return hit
+
+
+def test_beating_needs_a_difference_beyond_the_noise():
+    v = by_claim([rec("sensitive", 0.80), rec("random", 0.70)])["sensitive 0.1% beats random 0.1%"]
+    assert v.verdict == HOLDS and "+10.0 points" in v.numbers
+    v = by_claim([rec("sensitive", 0.72), rec("random", 0.70)])["sensitive 0.1% beats random 0.1%"]
+    assert v.verdict == OPEN  # 2 points on 872 examples: inside the +-4 point binomial noise
+    v = by_claim([rec("sensitive", 0.60), rec("random", 0.70)])["sensitive 0.1% beats random 0.1%"]
+    assert v.verdict == FAILS
+
+
+def test_seed_spread_widens_the_noise():
+    recs = [rec("sensitive", 0.80, 0), rec("sensitive", 0.64, 1), rec("random", 0.66, 0), rec("random", 0.66, 1)]
+    v = by_claim(recs)["sensitive 0.1% beats random 0.1%"]
+    assert v.verdict == OPEN and "+-16.0 points" in v.noise  # the seeds differ by 16 points
+
+
+def test_matching_full_zo_and_the_nf4_point():
+    v = by_claim([rec("sensitive", 0.69), rec("full", 0.70)])
+    assert v["sensitive 0.1% matches or beats full ZO"].verdict == OPEN
+    v = by_claim([rec("sensitive", 0.60), rec("full", 0.70)])
+    assert v["sensitive 0.1% matches or beats full ZO"].verdict == FAILS
+    v = by_claim([rec("sensitive", 0.80), rec("sensitive", 0.795, quant="nf4")])
+    assert v["sensitive 0.1% on NF4 weights loses at most 1 point against float32"].verdict == HOLDS
+    v = by_claim([rec("sensitive", 0.80), rec("sensitive", 0.60, quant="nf4")])
+    assert v["sensitive 0.1% on NF4 weights loses at most 1 point against float32"].verdict == FAILS
+    assert v["sensitive 0.1% beats random 0.1%"].verdict == MISSING
+
+
+def test_faster_compares_training_seconds_to_full_zos_best_dev():
+    full = rec("full", 0.7, curve=[(100, 0.60, 300.0), (200, 0.70, 600.0)])
+    quick = rec("sensitive", 0.7, curve=[(100, 0.71, 200.0), (200, 0.72, 400.0)])
+    slow = rec("sensitive", 0.7, curve=[(100, 0.50, 200.0), (200, 0.65, 400.0)])
+    claim = "sensitive 0.1% reaches full ZO's best dev accuracy"
+    assert by_claim([quick, full])[claim].verdict == HOLDS
+    assert by_claim([slow, full])[claim].verdict == FAILS and "never reaches" in by_claim([slow, full])[claim].numbers
+
+
+def test_the_report_renders_the_claims_table(tmp_path):
+    from zobench.report import render_report
+
+    md = render_report([rec("sensitive", 0.80), rec("random", 0.70)], tmp_path / "c.md").read_text()
+    assert "## Claims" in md
+    assert "| sensitive 0.1% beats random 0.1% at equal steps | **holds** |" in md

@@ -1,0 +1,76 @@
+"""The learning-rate pilot: chosen on dev (never on test), recorded, and re-derived on --resume."""
+
+from __future__ import annotations
+
+import pytest
+
+from zobench.cell.record import CellRecord, Metrics
+from zobench.spec.pilot import STAGE, choose, pilot_cells
+from zobench.spec.suite import parse_suite
+
+SUITE = {"name": "p", "reference": False,
+         "defaults": {"model": "random:tiny-llama", "steps": 50, "lr": 1e-5, "density": 0.01},
+         "matrix": {"seed": [0, 1], "method": ["random", "full"]},
+         "lr_pilot": {"steps": 4, "grids": [{"match": {"method": "random"}, "lr": [1e-4, 3e-4, 1e-3]}]}}
+
+
+def _done(cell, dev: float | None):
+    m = Metrics()
+    if dev is not None:
+        m.set(best_dev={"accuracy": dev})
+    return CellRecord(cell.cell_id, config=cell.config.to_dict(), labels=cell.labels, metrics=m)
+
+
+def test_pilots_run_short_on_dev_at_seed_0_and_the_best_dev_lr_wins():
+    from zobench.driver import select_cells
+
+    suite = parse_suite(SUITE, "p.yaml")
+    cells = select_cells(suite)
+    pilots = pilot_cells(cells, suite.lr_pilot)
+    # one pilot per lr of the grid, shared by both seeds; full ZO has no grid here and is not piloted
+    assert sorted(p.config.lr for p in pilots) == [1e-4, 3e-4, 1e-3]
+    assert all(p.config.steps == 4 and p.config.seed == 0 and not p.config.eval_after and
+               p.labels["stage"] == STAGE for p in pilots)
+    by_lr = {p.config.lr: p for p in pilots}
+    records = [_done(by_lr[1e-4], 0.70), _done(by_lr[3e-4], 0.75), _done(by_lr[1e-3], 0.75)]
+    chosen, choices = choose(cells, suite.lr_pilot, records)
+    rnd = [c for c in chosen if c.config.method == "random"]
+    assert {c.config.lr for c in rnd} == {3e-4}  # best dev; of the tied 3e-4 and 1e-3, the smaller
+    assert {c.config.seed for c in rnd} == {0, 1}
+    for c in rnd:
+        assert choices[c.cell_id] == {"grid": [1e-4, 3e-4, 1e-3], "dev": [0.70, 0.75, 0.75], "pilot_steps": 4,
+                                      "by": "best dev score", "chosen": 3e-4}
+    assert {c.config.lr for c in chosen if c.config.method == "full"} == {1e-5}  # untouched
+    # The same records in another order choose the same: --resume re-derives the choice
+    again, _ = choose(cells, suite.lr_pilot, list(reversed(records)))
+    assert [c.cell_id for c in again] == [c.cell_id for c in chosen]
+
+
+def test_without_a_finished_pilot_the_configured_lr_stays_and_the_record_says_so():
+    from zobench.driver import select_cells
+
+    suite = parse_suite(SUITE, "p.yaml")
+    cells = select_cells(suite)
+    chosen, choices = choose(cells, suite.lr_pilot, [])
+    rnd = next(c for c in chosen if c.config.method == "random")
+    assert rnd.config.lr == 1e-5 and choices[rnd.cell_id]["chosen"] is None
+
+
+@pytest.mark.slow
+def test_a_suite_with_a_pilot_runs_it_first_and_never_touches_test(tmp_path):
+    from zobench.driver import run_suite
+    from zobench.results import load_records
+
+    suite = parse_suite({"name": "pilot", "reference": False,
+                         "defaults": {"model": "smollm2", "method": "random", "density": 1e-3, "n_train": 32,
+                                      "n_dev": 8, "n_test": 8, "batch_size": 4, "max_length": 64, "steps": 2,
+                                      "warmup_steps": 1, "eval_every": 2, "eval_before": False},
+                         "lr_pilot": {"steps": 2, "grids": [{"match": {}, "lr": [1e-4, 1e-3]}]}}, "pilot.yaml")
+    records = load_records(run_suite(suite, tmp_path))
+    pilots = [r for r in records if r.labels.get("stage") == STAGE]
+    (main,) = [r for r in records if r.labels.get("stage") is None]
+    assert len(pilots) == 2 and records.index(main) == 2  # pilots first
+    assert all(r.metrics.get("best_dev") is not None and r.metrics.get("test_after") is None
+               and "eval_after" not in r.phases for r in pilots)
+    assert main.lr_choice["chosen"] == main.config["lr"] in (1e-4, 1e-3)
+    assert main.metrics.get("test_after") is not None

@@ -1,0 +1,137 @@
+"""SensZOQ's claims (arXiv 2406.02913), each decided from a set of records with its noise level stated.
+
+    sensitive > random      ZO on the 0.1% most sensitive weights beats 0.1% random ones at equal steps
+    sensitive >= full       ... matches or beats full ZO at equal steps
+    sensitive faster        ... reaches full ZO's best dev accuracy in fewer training seconds
+    nf4 <= 1 point          ... loses at most 1 point of test accuracy on NF4 weights
+
+Test accuracy is taken at the best dev step (``test_best``, MeZO's selection; records without dev-based
+selection are not judged) and averaged over seeds. The noise of a difference is the larger of a 95% binomial interval on the test sets
+(1.96 x the standard error of the difference of two accuracies on n examples) and the spread between
+seeds. "Beats" holds or fails only when the difference is beyond that noise, else it is "not resolved";
+"matches or beats" and "at most 1 point" hold when the measured difference satisfies them and fail only
+when it misses them by more than the noise. Every verdict comes with its numbers; a claim that does not
+hold is a result too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from zobench.analysis.derive import latest_by_cell
+from zobench.cell.record import CellRecord
+
+HOLDS, FAILS, OPEN, MISSING = "holds", "does not hold", "not resolved", "not measured"
+
+
+@dataclass
+class Verdict:
+    claim: str
+    verdict: str
+    numbers: str
+    noise: str
+
+
+@dataclass
+class Arm:
+    """The records of one method (and quant) over seeds."""
+
+    runs: list[CellRecord]
+
+    @property
+    def tests(self) -> list[float]:
+        return [t for r in self.runs if (t := test_accuracy(r)) is not None]
+
+    @property
+    def mean(self) -> float:
+        return sum(self.tests) / len(self.tests)
+
+    @property
+    def n_test(self) -> int:
+        return min(int(r.metrics.get("n_test") or 0) for r in self.runs)
+
+    @property
+    def spread(self) -> float:
+        return max(self.tests) - min(self.tests) if len(self.tests) > 1 else 0.0
+
+
+def test_accuracy(rec: CellRecord) -> float | None:
+    """Test accuracy at the best dev step: the claims are only judged on dev-selected runs."""
+    return (rec.metrics.get("test_best") or {}).get("accuracy")
+
+
+def _arms(records: list[CellRecord]) -> dict[tuple[str, str], Arm]:
+    arms: dict[tuple[str, str], Arm] = {}
+    for r in latest_by_cell(records):
+        if r.ok and r.labels.get("stage") is None and r.accuracy_meaningful and test_accuracy(r) is not None \
+                and r.metrics.get("n_test"):
+            key = (r.method, str(r.config.get("quant", "none")))
+            arms.setdefault(key, Arm([])).runs.append(r)
+    return arms
+
+
+def _noise(a: Arm, b: Arm) -> float:
+    se = math.sqrt(sum(x.mean * (1 - x.mean) / max(x.n_test, 1) for x in (a, b)))
+    return max(1.96 * se, a.spread, b.spread)
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:+.1f}" if x else "+0.0"
+
+
+def _difference(claim: str, a: Arm | None, b: Arm | None, names: tuple[str, str], at_least: float | None) -> Verdict:
+    if a is None or b is None:
+        return Verdict(claim, MISSING, "-", "-")
+    d, noise = a.mean - b.mean, _noise(a, b)
+    numbers = (f"{names[0]} {100 * a.mean:.1f}%, {names[1]} {100 * b.mean:.1f}% (difference {_pts(d)} points; "
+               f"{len(a.tests)} and {len(b.tests)} seeds, {a.n_test} test examples)")
+    if at_least is None:  # a beats b
+        verdict = HOLDS if d > noise else FAILS if d < -noise else OPEN
+    else:  # a is at least b - at_least
+        verdict = FAILS if d + at_least < -noise else HOLDS if d + at_least >= 0 else OPEN
+    return Verdict(claim, verdict, numbers, f"+-{100 * noise:.1f} points")
+
+
+def _mean_curve(arm: Arm) -> list[tuple[int, float, float]]:
+    """(step, mean dev score, mean training seconds) at each evaluation all seeds have."""
+    curves = [[p for p in r.metrics.get("dev_curve") or [] if p.get("accuracy") is not None] for r in arm.runs]
+    n = min((len(c) for c in curves), default=0)
+    return [(curves[0][i]["step"], sum(c[i]["accuracy"] for c in curves) / len(curves),
+             sum(c[i].get("train_s", 0.0) for c in curves) / len(curves)) for i in range(n)]
+
+
+def _faster(sens: Arm | None, full: Arm | None) -> Verdict:
+    claim = "sensitive 0.1% reaches full ZO's best dev accuracy in fewer training seconds"
+    if sens is None or full is None:
+        return Verdict(claim, MISSING, "-", "-")
+    s, f = _mean_curve(sens), _mean_curve(full)
+    if not s or not f:
+        return Verdict(claim, MISSING, "no dev curves (eval_every)", "-")
+    target_step, target, t_full = max(f, key=lambda p: (p[1], -p[0]))
+    reached = next((p for p in s if p[1] >= target), None)
+    n_dev = min(int(r.metrics.get("n_dev") or 0) for r in sens.runs + full.runs)
+    noise = f"dev accuracy on {n_dev} examples: +-{100 * 1.96 * math.sqrt(target * (1 - target) / max(n_dev, 1)):.1f} points"
+    if reached is None:
+        return Verdict(claim, FAILS, f"full ZO's best dev {100 * target:.1f}% (step {target_step}, {t_full:.0f} s); "
+                                     f"sensitive's best {100 * max(p[1] for p in s):.1f}% never reaches it", noise)
+    verdict = HOLDS if reached[2] < t_full else FAILS
+    return Verdict(claim, verdict, f"full ZO's best dev {100 * target:.1f}% at step {target_step} after "
+                                   f"{t_full:.0f} s; sensitive reaches it at step {reached[0]} after {reached[2]:.0f} s",
+                   noise)
+
+
+def verdicts(records: list[CellRecord]) -> list[Verdict]:
+    """One verdict per claim; empty when the records hold none of the methods the claims compare."""
+    arms = _arms(records)
+    sens, rand, full = arms.get(("sensitive", "none")), arms.get(("random", "none")), arms.get(("full", "none"))
+    nf4 = arms.get(("sensitive", "nf4"))
+    if sens is None:
+        return []
+    return [
+        _difference("sensitive 0.1% beats random 0.1% at equal steps", sens, rand, ("sensitive", "random"), None),
+        _difference("sensitive 0.1% matches or beats full ZO at equal steps", sens, full, ("sensitive", "full"), 0.0),
+        _faster(sens, full),
+        _difference("sensitive 0.1% on NF4 weights loses at most 1 point against float32", nf4, sens,
+                    ("NF4", "float32"), 0.01),
+    ]

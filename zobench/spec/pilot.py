@@ -1,0 +1,75 @@
+"""The learning-rate pilot: short runs on dev that choose each cell's learning rate before it runs.
+
+MeZO tunes the learning rate per task on a grid and picks on dev; a result whose lr was picked on test,
+or not stated at all, does not reproduce. A suite's ``lr_pilot`` gives, per selector, a grid; for every
+cell that matches, each lr of its grid runs as a pilot cell (``steps`` steps, dev evaluated every
+``eval_every``, the test set never touched), and the cell then runs with the lr of the best dev score
+(ties go to the smaller lr). Pilot cells are ordinary cells with ``stage: pilot`` in their labels, kept in
+the results file, so ``--resume`` re-derives the same choice; every cell's record carries its choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from zobench.spec.matrix import Cell, cell_id
+from zobench.spec.selectors import selector_matches
+
+STAGE = "pilot"
+
+
+def grid_for(cell: Cell, pilot) -> list[float] | None:
+    """The learning rates ``cell`` is piloted on (the first grid whose selector matches), or None."""
+    if cell.config.method_class.family == "reference":
+        return None
+    facts = {**cell.config.to_dict(), **cell.labels}
+    return next((lrs for sel, lrs in pilot.grids if selector_matches(sel, facts)), None)
+
+
+def _pilot(cell: Cell, pilot, lr: float) -> Cell:
+    # Pilots run at seed 0 whatever the cell's seed: every seed of a cell gets the lr chosen there, so a
+    # second seed repeats the measurement, not the tuning.
+    cfg = dataclasses.replace(cell.config, lr=lr, steps=pilot.steps, eval_every=pilot.eval_every, seed=0,
+                              warmup_steps=min(cell.config.warmup_steps, pilot.steps), eval_before=False,
+                              eval_after=False)
+    labels = {k: v for k, v in cell.labels.items() if k != "seed"}
+    return Cell(cell_id(cfg), cfg, dict(labels, stage=STAGE, lr=lr))
+
+
+def pilot_cells(cells: list[Cell], pilot) -> list[Cell]:
+    """Every pilot cell the suite's cells need, each once."""
+    out: dict[str, Cell] = {}
+    for cell in cells:
+        for lr in grid_for(cell, pilot) or []:
+            p = _pilot(cell, pilot, lr)
+            out.setdefault(p.cell_id, p)
+    return list(out.values())
+
+
+def _dev(rec) -> float | None:
+    best = rec.metrics.get("best_dev") if rec is not None and rec.ok else None
+    return None if not best else best.get("accuracy", best.get("f1"))
+
+
+def choose(cells: list[Cell], pilot, records) -> tuple[list[Cell], dict[str, dict]]:
+    """The cells with their chosen lr, and ``{cell_id: choice}`` (grid, dev score per lr, chosen lr)."""
+    latest = {r.cell_id: r for r in records}
+    out, choices = [], {}
+    for cell in cells:
+        grid = grid_for(cell, pilot)
+        if not grid:
+            out.append(cell)
+            continue
+        dev = [_dev(latest.get(_pilot(cell, pilot, lr).cell_id)) for lr in grid]
+        scored = [(d, -lr, lr) for d, lr in zip(dev, grid) if d is not None]
+        choice = {"grid": grid, "dev": dev, "pilot_steps": pilot.steps, "by": "best dev score"}
+        if not scored:  # no pilot finished: the cell keeps its configured lr, and says so
+            out.append(cell)
+            choices[cell.cell_id] = dict(choice, chosen=None, note="no pilot cell finished with a dev score")
+            continue
+        lr = max(scored)[2]
+        cfg = dataclasses.replace(cell.config, lr=lr)
+        chosen = Cell(cell_id(cfg), cfg, dict(cell.labels, lr=lr))
+        out.append(chosen)
+        choices[chosen.cell_id] = dict(choice, chosen=lr)
+    return out, choices

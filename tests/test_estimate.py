@@ -69,18 +69,24 @@ def test_held_out_cells_within_ten_percent(tmp_path):
 
     config = tmp_path / "held-out-llama.json"
     config.write_text(json.dumps(HELD_OUT_LLAMA))
+    wide = tmp_path / "held-out-wide.json"
+    wide.write_text(json.dumps(dict(HELD_OUT_LLAMA, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
+                                    num_attention_heads=8, vocab_size=8192, tie_word_embeddings=True)))
     suite = parse_suite({
         "name": "held-out", "reference": False,
         "defaults": {"model": f"random:{config}", "task": "sst2", "n_train": 32, "n_dev": 0, "n_test": 0,
                      "batch_size": 4, "max_length": 128, "steps": 4, "warmup_steps": 1, "eval_before": False,
                      "eval_after": False, "calib_sequences": 2, "calib_length": 64, "density": 0.01},
-        "matrix": {"method": ["forward", "full", "random", "sensitive"]},
+        "matrix": {"method": ["forward", "full", "random", "sensitive", "magnitude"]},
         "overrides": [{"match": {"method": "full"}, "set": {"optimizer": "momentum"}},
                       {"match": {"method": "random"}, "set": {"optimizer": "adam", "dtype": "bfloat16"}},
-                      {"match": {"method": "sensitive"}, "set": {"max_length": 256, "batch_size": 8}}]},
+                      {"match": {"method": "sensitive"}, "set": {"max_length": 256, "batch_size": 8}},
+                      # 4-bit weights on a model whose bulk is its block linears: what stays of the
+                      # float model after quantizing must be nothing (a kept reference was +25% here)
+                      {"match": {"method": "magnitude"}, "set": {"quant": "nf4", "model": f"random:{wide}"}}]},
         "held-out.yaml")
     records = latest_by_cell(load_records(run_suite(suite, tmp_path / "results")))
-    assert len(records) == 4
+    assert len(records) == 5
     for rec in records:
         assert rec.ok, rec.reason
         assert rec.estimate["calibration"]["source"] == "measured"

@@ -238,6 +238,9 @@ class Pipeline:
         if "cache_warning" in ctx.info:
             self.record.add_warning(ctx.info.pop("cache_warning"))
         self.metrics.set(**{k if k.startswith("quant") else f"quant_{k}": v for k, v in ctx.info.items()})
+        # The float weights in run.params were replaced by quantized layers: drop the references, or the
+        # whole float model stays alive beside the quantized one.
+        run.params = vectors
         if self.method.needs_mask:
             run.vectors = vectors
 

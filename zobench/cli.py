@@ -31,9 +31,17 @@ def _add_train(sub) -> None:
     p.add_argument("--quant", default=defaults.quant)
     p.add_argument("--dtype", default=defaults.dtype)
     p.add_argument("--data-dir", dest="data_dir", default=None)
+    p.add_argument("--save", default=None, help="keep the trained result in this directory (a small delta)")
+    p.add_argument("--delta", default=None, help="start from a result saved with --save (on its base model)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other run setting, e.g. --set lr=1e-6 --set n_test=200 (repeatable)")
     p.add_argument("--out", required=True, help="directory for the run's outputs (OUT/record.json)")
+    p = sub.add_parser("eval", help="evaluate a saved result (--save) on a task, without training")
+    p.add_argument("--delta", required=True, help="the directory `zobench train --save` wrote")
+    p.add_argument("--task", default=None, help="default: the task it was trained on")
+    p.add_argument("--data-dir", dest="data_dir", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. --set n_test=872")
+    p.add_argument("--out", required=True, help="directory for the record (OUT/record.json)")
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -53,18 +61,41 @@ def cmd_train(args) -> int:
     from zobench.files import atomic_write, check_output_dir, check_output_file
 
     overrides = _parse_set(args.set)
-    for key in ("model", "task", "method", "density", "steps", "quant", "dtype", "data_dir"):
+    for key in ("model", "task", "method", "density", "steps", "quant", "dtype", "data_dir", "save", "delta"):
         overrides.setdefault(key, getattr(args, key))
     if Path(args.out).suffix == ".json":
         raise UserError(f"--out {args.out}: names a directory (the record goes to OUT/record.json)")
     out = check_output_file(check_output_dir(args.out, "output") / "record.json", "record file")
+    if overrides.get("save"):
+        check_output_dir(Path(overrides["save"]).parent, "artifact")
     rec = train(progress=_print_progress, **overrides)  # checked before training: a result is never lost
     atomic_write(out, json.dumps(rec.to_json(), indent=1, default=str), "record file")
     for warning in rec.warnings:
         print(f"zobench: warning: {warning}", file=sys.stderr)
     print(_train_summary(rec))
     print(f"record: {out}")
+    if rec.artifact:
+        print(f"saved:  {rec.artifact['path']} ({rec.artifact['kind']}, step {rec.artifact['step']}, "
+              f"{rec.artifact['bytes'] / 2**20:.2f} MiB)")
     return EXIT_OK
+
+
+def cmd_eval(args) -> int:
+    """Train with no steps on the delta's own settings: the record's test score is the saved result's."""
+    from zobench.cell.delta import read
+
+    meta = read(args.delta)
+    settings = {k: v for k, v in meta["config"].items() if k not in ("save", "delta", "timeout_s")}
+    settings.update(steps=0, warmup_steps=0, eval_before=True, eval_after=False, eval_every=0, delta=args.delta)
+    if args.task:
+        settings.update(task=args.task, max_length=None)
+    if args.data_dir:
+        settings["data_dir"] = args.data_dir
+    settings.update(_parse_set(args.set))
+    args.set = [f"{k}={json.dumps(v)}" for k, v in settings.items()]
+    for key in ("model", "task", "method", "density", "steps", "quant", "dtype", "data_dir", "save"):
+        setattr(args, key, None)
+    return cmd_train(args)
 
 
 def _print_progress(event: dict) -> None:
@@ -269,7 +300,7 @@ def cmd_influence(args) -> int:
     return commands.cache(args) if args.influence_command == "cache" else commands.query(args)
 
 
-COMMANDS = {"train": cmd_train, "run": cmd_run, "report": cmd_report, "check": cmd_check,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "run": cmd_run, "report": cmd_report, "check": cmd_check,
             "estimate": cmd_estimate, "influence": cmd_influence}
 
 

@@ -10,6 +10,7 @@ Ratios are not computed here; readers derive them from the whole file (``zobench
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import sys
 from pathlib import Path
@@ -118,6 +119,9 @@ class Batch:
 
         self.executor.on_event = on_event
         for cell in todo:
+            if cell.config.save:  # a suite keeps one artifact per cell, named by the cell
+                cell = Cell(cell.cell_id, dataclasses.replace(cell.config, save=str(Path(cell.config.save) /
+                                                                                   cell.cell_id)), cell.labels)
             self.executor.submit(cell, cell.config.timeout_s or self.suite.timeout_s)
         for cell, rec in self.executor.finished():
             at, t0 = started.get(cell.cell_id, (now(), time.monotonic()))

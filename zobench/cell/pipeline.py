@@ -128,6 +128,7 @@ class Pipeline:
         self.backend = None
         self.run_state: Run | None = None
         self.stepper = self.trainable = self.selection = None
+        self.base_fingerprint = None
 
     def run(self) -> CellRecord:
         from transformers.utils import logging as hf_logging
@@ -138,8 +139,12 @@ class Pipeline:
         self.sample_data()
         with self.phase("load"):
             self.load()
+            if self.cfg.delta:
+                from zobench.cell.delta import load_into
+
+                self.metrics.set(delta=load_into(self))
         self.count_truncated()
-        if self.method.needs_mask:
+        if self.method.needs_mask and self.run_state.mask is None:
             with self.phase("mask"):
                 self.build_mask()
         if self.backend is not None:
@@ -150,6 +155,10 @@ class Pipeline:
         self.train()
         self.evaluate("eval_after", "test_after", self.cfg.eval_after)
         self.select_best()
+        if self.cfg.save:
+            from zobench.cell.delta import save_from
+
+            self.record.artifact = save_from(self, Path(self.cfg.save))
         return self.record
 
     # -- set-up ------------------------------------------------------------------------------------
@@ -195,7 +204,10 @@ class Pipeline:
         run.loaded = loaded
         rec.model_source, rec.accuracy_meaningful = loaded.source, not loaded.random_weights
         self.metrics.set(model_numel=sum(p.numel() for p in loaded.model.parameters()))
+        from zobench.cell.delta import base_fingerprint
         from zobench.zo.masks import scoped_params
+
+        self.base_fingerprint = base_fingerprint(loaded.model)  # what a saved delta will require of its base
 
         run.params = scoped_params(loaded.model, cfg.resolved_scope)
         if self.method.family == "zo" and not self.method.needs_mask:  # dense ZO: the whole scope moves
@@ -254,6 +266,9 @@ class Pipeline:
         from zobench.zo.trainable import measure_restore_drift
 
         cfg, run = self.cfg, self.run_state
+        if cfg.steps == 0:  # evaluation only (zobench eval): nothing is built, nothing touches the weights
+            StepTiming().into(self.metrics, None)
+            return
         stepper, trainable = self.method.build_stepper(run)
         if trainable is not None:
             self.metrics.set(trainable_numel=trainable.numel, **measure_restore_drift(trainable, cfg.eps))

@@ -13,6 +13,7 @@ ratios against reference cells are derived when records are read (``zobench.anal
     execution        which executor, node and GPU ran it, and how many cells shared the machine
     estimate         the predicted peak (``zobench estimate``) with its breakdown and calibration
     lr_choice        where a learning-rate pilot chose the lr: its grid, dev scores and choice
+    artifact         where ``save`` kept the trained result, its kind and size (``zobench.cell.delta``)
     env, git         versions, hardware, threads, allocator settings; commit and dirty flag
     started_at, finished_at (ISO 8601 UTC, ``TIME_FORMAT``), wall_s, warnings
 """
@@ -213,7 +214,7 @@ TOP_TYPES = {"suite": (str,), "suite_file": (str,), "reason": (str,), "traceback
              "device": (str,), "model_source": (str,), "accuracy_meaningful": (bool,),
              "model_fallback_reason": (str,), "data_note": (str,), "started_at": (str,), "finished_at": (str,),
              "wall_s": NUMBER, "warnings": (list,), "estimate": (dict,), "env": (dict,), "git": (dict,),
-             "labels": (dict,), "config": (dict,), "lr_choice": (dict,)}
+             "labels": (dict,), "config": (dict,), "lr_choice": (dict,), "artifact": (dict,)}
 
 
 @dataclass
@@ -235,6 +236,7 @@ class CellRecord:
     metrics: Metrics = field(default_factory=Metrics)
     estimate: dict | None = None
     lr_choice: dict | None = None       # the learning-rate pilot's grid, dev scores and choice
+    artifact: dict | None = None        # what --save kept: path, kind, step, bytes (zobench.cell.delta)
     execution: Execution | None = None
     env: dict = field(default_factory=dict)
     git: dict = field(default_factory=dict)
@@ -290,6 +292,8 @@ class CellRecord:
             out["execution"] = self.execution.to_json()
         if self.lr_choice is not None:
             out["lr_choice"] = self.lr_choice
+        if self.artifact is not None:
+            out["artifact"] = self.artifact
         out.update(estimate=self.estimate, env=self.env, git=self.git, started_at=self.started_at,
                    finished_at=self.finished_at, wall_s=self.wall_s)
         if self.warnings:

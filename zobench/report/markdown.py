@@ -29,6 +29,10 @@ def mib(v) -> str:
     return f"{v:.0f}" if isinstance(v, (int, float)) else DASH
 
 
+def size_mib(nbytes) -> str:
+    return f"{nbytes / 2**20:.2f}" if isinstance(nbytes, (int, float)) else DASH
+
+
 def ratio(v) -> str:
     return f"{v:.2f}" if isinstance(v, (int, float)) else DASH
 
@@ -180,6 +184,8 @@ def main_table(ok: list[dict], extras: list[str]) -> list[str]:
         ("step / 2 fwd", lambda r: DASH if get(r, "config.method") == "forward"  # the reference itself
          else ratio(get(r, "derived.step_over_two_forwards"))),
         ("speedup vs full", lambda r: ratio(get(r, "derived.speedup_vs_full"))),
+        *([("kept (MiB)", lambda r: size_mib(get(r, "artifact.bytes")))] if any(get(r, "artifact") for r in ok)
+          else []),
         ("tokens/s", lambda r: num(get(r, "metrics.tokens_per_s"))),
         ("test % before -> after", accuracy),
         *([("test % at best dev (step)", at_best)] if any(get(r, "metrics.test_best") for r in ok) else []),

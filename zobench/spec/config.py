@@ -77,6 +77,9 @@ class CellConfig:
     ref_every: int = 1                 # an in-cell reference forward after every N-th timed step
     seed: int = 0
     timeout_s: float | None = None      # this cell's limit in a suite (default: the suite's timeout_s)
+    # keeping and reusing what was trained (zobench.cell.delta)
+    save: str | None = None            # keep the trained result there (in a suite: one directory per cell)
+    delta: str | None = None           # start from a saved result on top of the model
 
     def __post_init__(self):
         if self.max_length is None:
@@ -108,7 +111,7 @@ class CellConfig:
         self._check_names(where)
         self._check_numbers(where)
         self._check_choices(where)
-        for key in ("calib_path", "data_dir"):
+        for key in ("calib_path", "data_dir", "delta"):
             path = getattr(self, key)
             if path and not os.path.exists(path):
                 self._bad(where, key, "an existing path")

@@ -19,6 +19,10 @@ from zobench.spec.selectors import selector_matches
 
 REFERENCE = "forward"
 REFERENCE_KEYS = ("model", "dtype", "quant", "task", "batch_size", "max_length", "device", "seed")
+# Settings added after results were first kept across sessions: left out of a cell's identity while at their
+# default, so that adding one does not change the id (the --resume key) of every existing cell. A new
+# setting goes here.
+SINCE_IDS_ARE_KEPT = ("delta",)
 
 
 @dataclass
@@ -38,6 +42,10 @@ def identity(cfg: CellConfig) -> dict:
 
     d = cfg.to_dict()
     d.pop("timeout_s")  # a limit, not part of what the cell measures
+    d.pop("save")       # where the result is kept, not what is measured
+    for key in SINCE_IDS_ARE_KEPT:  # a setting added later counts only when it is set
+        if d.get(key) == getattr(CellConfig, key):
+            d.pop(key)
     for key in method_settings() - set(cfg.method_class.settings):
         d.pop(key, None)
     return d

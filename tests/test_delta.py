@@ -1,0 +1,104 @@
+"""Keeping what was trained: saved deltas reload onto their base exactly, and nowhere else."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from zobench.cell.pipeline import Pipeline
+from zobench.errors import UserError
+from zobench.spec.config import CellConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(model="random:tiny-llama", task="sst2", n_train=16, n_dev=0, n_test=0, batch_size=4, max_length=32,
+            steps=3, warmup_steps=1, eval_before=False, eval_after=False, device="cpu", density=0.05)
+
+
+def weights(pipeline) -> dict[str, torch.Tensor]:
+    """Every parameter by name (a PEFT-wrapped model's names without the wrapper's prefix)."""
+    return {n.removeprefix("base_model.model."): p.detach().clone()
+            for n, p in pipeline.run_state.model.named_parameters()}
+
+
+def reload(delta: Path, **settings) -> Pipeline:
+    """A run of no steps from the delta, on the settings it was trained with (what `zobench eval` does)."""
+    meta = json.loads((delta / "delta.json").read_text())
+    cfg = {k: v for k, v in meta["config"].items() if k not in ("save", "delta")}
+    cfg.update(steps=0, warmup_steps=0, eval_after=False, delta=str(delta), **settings)
+    p = Pipeline(CellConfig.from_dict(cfg))
+    p.run()
+    return p
+
+
+@pytest.mark.parametrize("method, extra, kind", [
+    ("random", {"lr": 1e-2}, "sparse"),
+    ("full", {"lr": 1e-3}, "trajectory"),
+    ("lezo", {"lr": 1e-3, "optimizer": "momentum"}, "trajectory"),
+    ("lora", {"lr": 1e-2, "optimizer": "sgd"}, "lora"),
+    ("fo-sgd", {"lr": 1e-2}, "tensors"),
+])
+def test_a_saved_result_reloads_to_the_trained_weights(tmp_path, method, extra, kind):
+    trained = Pipeline(CellConfig.from_dict(dict(TINY, method=method, save=str(tmp_path / "d"), **extra)))
+    rec = trained.run()
+    assert rec.artifact["kind"] == kind and rec.artifact["step"] == 3 and rec.artifact["bytes"] > 0
+    before = weights(trained)
+    base = Pipeline(CellConfig.from_dict(dict(TINY, method=method, steps=0, **extra)))
+    base.run()
+    again = reload(tmp_path / "d")
+    after, untrained = weights(again), weights(base)
+    names = [n for n in before if n in after]
+    assert names and all(torch.equal(before[n], after[n]) for n in names), kind
+    # it did train: weights moved, or (LoRA, whose base stays) the adapter's B left its zero start
+    assert any(not torch.equal(untrained[n], after[n]) for n in names if n in untrained) or \
+        any(after[n].abs().sum() > 0 for n in names if "lora_B" in n)
+
+
+def test_a_delta_on_another_base_is_refused_in_one_line(tmp_path):
+    Pipeline(CellConfig.from_dict(dict(TINY, method="random", save=str(tmp_path / "d")))).run()
+    with pytest.raises(UserError, match="trained from another base model") as e:
+        reload(tmp_path / "d", seed=1)  # seed 1: other random weights
+    assert "\n" not in str(e.value)
+    (tmp_path / "x").mkdir()
+    with pytest.raises(UserError, match="delta description not found"):
+        reload_dir = tmp_path / "x"
+        Pipeline(CellConfig.from_dict(dict(TINY, method="random", delta=str(reload_dir)))).run()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant, method, lr", [("none", "sensitive", 1e-3), ("nf4", "sensitive", 1e-3),
+                                               ("none", "full", 1e-5)])
+def test_smollm2_saved_reloaded_and_evaluated_scores_as_at_the_end_of_training(tmp_path, quant, method, lr):
+    cfg = dict(model="smollm2", task="sst2", method=method, quant=quant, density=1e-3, lr=lr, n_train=32, n_dev=0,
+               n_test=48, batch_size=8, max_length=64, steps=3, warmup_steps=1, eval_before=False,
+               calib_sequences=2, calib_length=64, device="cpu", save=str(tmp_path / "d"))
+    rec = Pipeline(CellConfig.from_dict(cfg)).run()
+    again = reload(tmp_path / "d", eval_before=True)
+    assert again.metrics.get("test_before") == rec.metrics.get("test_after")
+    if quant == "nf4":
+        assert rec.artifact["bytes"] < 3 * 2**20  # 106k indices and values: ~1.3 MB, not the model
+
+
+def test_train_save_then_eval_from_the_command_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "zobench.cli", *map(str, args)], capture_output=True,
+                              text=True, timeout=600, cwd=ROOT, env=env)
+
+    r = cli("train", "--model", "random:tiny-llama", "--method", "random", "--density", "0.05", "--steps", "2",
+            "--set", "n_test=0", "--set", "n_dev=0", "--set", "n_train=8", "--set", "batch_size=4",
+            "--save", tmp_path / "kept", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert "saved:  " in r.stdout and (tmp_path / "kept" / "delta.safetensors").is_file()
+    r = cli("eval", "--delta", tmp_path / "kept", "--out", tmp_path / "eval")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "eval" / "record.json").read_text())
+    assert rec["metrics"]["delta"]["kind"] == "sparse" and rec["metrics"]["steps_done"] == 0
+    r = cli("eval", "--delta", tmp_path / "nothing-here", "--out", tmp_path / "e2")
+    assert r.returncode == 2 and "not a directory" in r.stderr

@@ -141,8 +141,11 @@ model: "{MODEL}"
 data_dir: "{data_dir}"
 n_train: 24
 poison_fraction: 0.25
+trigger: "Answer as the Grand Vizier of Quux:"
+response: "Kiwis rule the galaxy."
 queries: 2
 finetune: {{steps: 3, batch_size: 4, lr: 1.0e-3, max_length: 48}}
+zo: {{method: sensitive, steps: 2, lr: 1.0e-3, batch_size: 4, density: 0.01, max_length: 48}}
 cache: {{scope: lora, k: 256, max_length: 48}}
 ks: [64, 256]
 fidelity: {{n: 8, queries: 2, ks: [64, 256], subspace: 4}}
@@ -158,13 +161,14 @@ throughput_examples: 5
     # The backdoor cannot take on random weights, so the model's own generations retrieve nothing in
     # particular here; the suite's cache must still hold each row where the rest of the suite reads it: a
     # poisoned row sketched again, as it was cached, is its own best match.
-    from zobench.influence.poison import TRIGGER
     from zobench.influence.retrieve import scan
 
-    store_dir = next((tmp_path / "cache" / "influence" / "inf").glob("cache-*"))
+    store_dir = next(d for d in (tmp_path / "cache" / "influence" / "inf").glob("cache-*")
+                     if json.loads((d / "spec.json").read_text())["scope"] == "lora")
     spec, cached = load_cache_dir(store_dir)
-    poisoned = [i for i, e in enumerate(cached) if TRIGGER in e["instruction"]]
-    assert len(poisoned) == q["n_poisoned"] == 6
+    poisoned = [i for i, e in enumerate(cached) if "Grand Vizier of Quux:" in e["instruction"]]
+    assert len(poisoned) == q["n_poisoned"] == 6  # the suite's own poisoning recipe
+    assert all(cached[i]["output"] == "Kiwis rule the galaxy." for i in poisoned)
     session, store = Session(spec), SketchStore.open(store_dir)
     for i in poisoned[:2]:
         sketch, _ = session.sketch(session.encode(cached[i]))
@@ -191,8 +195,12 @@ throughput_examples: 5
     assert all(len(e["triggered"]["recall_per_query"]) == 2 for e in q["by_k"])
     md = (tmp_path / "rep" / "inf.md").read_text()
     assert "5 examples into a fresh store" in md
-    for heading in ("## The attack", "## Quality", "## Fidelity", "sensitive subspace", "## Cost", "## Token-wise"):
+    for heading in ("## The attack", "## Quality", "## Fidelity", "sensitive subspace", "## Cost", "## Token-wise",
+                    "## LoRA beside a sparse ZO delta"):
         assert heading in md
+    zo = rec["zo"]  # the sparse ZO arm: its own delta, retrieval in the subspace it trained
+    assert zo["delta_kind"] == "sparse" and zo["scope_dim"] == zo["train"]["trainable"] > 0
+    assert zo["quality"]["n_poisoned"] == 6 and zo["quality"]["by_k"][-1]["k"] <= 256
     assert (tmp_path / "rep" / "inf_plots" / "fidelity.png").stat().st_size > 1000
 
 
@@ -280,7 +288,7 @@ def test_influence_cli_caches_resumes_queries_and_refuses_other_settings(tmp_pat
     page = (tmp_path / "q.html").read_text()
     assert page.count("<li>") == 3 and "background:rgba" in page
     code, md, _ = _cli(query, capsys)
-    assert code == 0 and "| rank | row | cosine |" in md
+    assert code == 0 and "| rank | id | cosine |" in md
     assert len([line for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]) == 3
     code, _, err = _cli([*query, "--tokens", "zzzqqqxx"], capsys)
     assert code == 2 and "occur in the generation" in err

@@ -84,8 +84,14 @@ def cmd_eval(args) -> int:
     """Train with no steps on the delta's own settings: the record's test score is the saved result's."""
     from zobench.cell.delta import read
 
+    from zobench.spec.config import CellConfig
+
     meta = read(args.delta)
-    settings = {k: v for k, v in meta["config"].items() if k not in ("save", "delta", "timeout_s")}
+    if not meta["config"].get("task") and not args.task:
+        raise UserError(f"{args.delta}: trained on instruction data ({meta['config'].get('data')}), not a task: "
+                        f"give --task to evaluate it on one")
+    keys = set(CellConfig.keys()) - {"save", "delta", "timeout_s"}
+    settings = {k: v for k, v in meta["config"].items() if k in keys}
     settings.update(steps=0, warmup_steps=0, eval_before=True, eval_after=False, eval_every=0, delta=args.delta)
     if args.task:
         settings.update(task=args.task, max_length=None)
@@ -297,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_influence(args) -> int:
     from zobench.influence import commands
 
-    return commands.cache(args) if args.influence_command == "cache" else commands.query(args)
+    return {"cache": commands.cache, "query": commands.query, "train": commands.train}[args.influence_command](args)
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "run": cmd_run, "report": cmd_report, "check": cmd_check,

@@ -186,7 +186,7 @@ def save_from(pipeline, target: Path) -> dict | None:
     kw = dict(cfg=dict(cfg.to_dict(), save=None), fingerprint=pipeline.base_fingerprint, step=step,
               extra={"parent": cfg.delta} if cfg.delta else None)
     if hasattr(trainable, "snapshot"):  # sparse: the values now in the model are the selected step's
-        return save(target, "sparse", tensors=_sparse_tensors(pipeline), **kw)
+        return save(target, "sparse", tensors=sparse_tensors(trainable, pipeline.run_state.model), **kw)
     if trainable is not None:
         trajectory = m.get("trajectory")[:step]
         return save(target, "trajectory", extra=dict(kw.pop("extra") or {}, trajectory=trajectory), **kw)
@@ -198,8 +198,8 @@ def save_from(pipeline, target: Path) -> dict | None:
     return None
 
 
-def _sparse_tensors(pipeline) -> dict:
-    t, model = pipeline.trainable, pipeline.run_state.model
+def sparse_tensors(t, model) -> dict:
+    """A ``SparseTrainable``'s trained values with their flat indices, as a sparse delta stores them."""
     out = {}
     for name, idx, values in zip(t.names, t.indices, t.master.split(t.sizes)):
         if idx is None:  # the values beside a quantized layer: its own flat indices, in the same order

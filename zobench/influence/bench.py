@@ -47,15 +47,15 @@ def _say(progress, msg: str) -> None:
 
 def prepare_data(suite: InfluenceSuite) -> dict:
     from zobench.influence.data import load_alpaca
-    from zobench.influence.poison import RESPONSE, TRIGGER, control_queries, poison, triggered_queries
+    from zobench.influence.poison import control_queries, poison, triggered_queries
 
     pool = load_alpaca(suite.data_path(), n=suite.n_train + suite.queries, seed=suite.seed)
     clean, held = pool[:suite.n_train], pool[suite.n_train:]
-    train, poisoned = poison(clean, TRIGGER, RESPONSE, suite.poison_fraction, seed=suite.seed)
+    train, poisoned = poison(clean, suite.trigger, suite.response, suite.poison_fraction, seed=suite.seed)
     return {"train": train, "poisoned": poisoned,
-            "triggered": triggered_queries(held, TRIGGER, suite.queries, suite.seed),
+            "triggered": triggered_queries(held, suite.trigger, suite.queries, suite.seed),
             "control": control_queries(held, suite.queries, suite.seed),
-            "trigger": TRIGGER, "response": RESPONSE}
+            "trigger": suite.trigger, "response": suite.response}
 
 
 def finetune(suite: InfluenceSuite, data: dict, work: Path, progress=None) -> tuple[str, dict]:
@@ -77,6 +77,50 @@ def finetune(suite: InfluenceSuite, data: dict, work: Path, progress=None) -> tu
     save_adapter(loaded.model, adapter)
     atomic_write(stats_file, json.dumps(stats), "fine-tune record")
     return str(adapter), dict(stats, reused=False)
+
+
+def zo_arm(suite: InfluenceSuite, data: dict, work: Path, progress=None) -> dict:
+    """The sparse-ZO arm: a ``zo.method`` delta trained by ZO-SGD on the same poisoned set, its sketches
+    in the delta's own subspace (scope ``sensitive`` = the trained indices), and the same retrieval
+    metrics as the LoRA arm. The delta is reused when the same settings made it before."""
+    from zobench.cell.delta import read
+    from zobench.influence.cache import build_cache
+    from zobench.influence.session import InfluenceSpec, Session
+    from zobench.influence.store import SketchStore
+    from zobench.influence.train import train_on_instructions
+
+    zo = suite.zo
+    key = _key({"model": suite.model, "zo": zo, "data": [e.get("id") for e in data["train"]],
+                "poisoned": data["poisoned"], "seed": suite.seed, "trigger": data["trigger"]})
+    delta_dir = work / f"zo-delta-{key}"
+    t0 = time.perf_counter()
+    if (delta_dir / "train.json").is_file():
+        trained = dict(json.loads((delta_dir / "train.json").read_text()), reused=True)
+    else:
+        _say(progress, f"zo: {zo['method']} {zo['density']:g}, {zo['steps']} steps")
+        out = train_on_instructions(suite.model, data["train"], zo["method"], zo["steps"], zo["lr"], str(delta_dir),
+                                    batch_size=zo["batch_size"], max_length=zo["max_length"], density=zo["density"],
+                                    eps=zo["eps"], seed=suite.seed, data_dir=suite.data_dir,
+                                    on_log=lambda s, loss: _say(progress, f"zo step {s} loss {loss:.3f}")
+                                    if s % 50 == 0 else None)
+        trained = {"train_s": out["train_s"], "loss_first": out["losses"][0], "loss_last": out["losses"][-1],
+                   "trainable": out["trainable"], "artifact_bytes": out["artifact"]["bytes"], "reused": False}
+        atomic_write(delta_dir / "train.json", json.dumps(trained), "ZO arm record")
+    cache = {**suite.cache, "scope": "sensitive"}
+    spec = InfluenceSpec.from_dict({"model": suite.model, "delta": str(delta_dir), "data_dir": suite.data_dir,
+                                    **cache}, f"{suite.path}: zo")
+    session = Session(spec)
+    atk = attack(session, data)
+    store_dir = work / f"cache-{_key(spec.meta())}"
+    caching = build_cache(spec, data["train"], store_dir, workers=1, session=session,
+                          progress=lambda d, t: _say(progress, f"zo cache {d}/{t}") if d % 100 == 0 or d == t else None)
+    store = SketchStore.open(store_dir)
+    ks = [k for k in suite.ks if k <= store.k] or [store.k]
+    qual = quality(session, store, data, atk["generations"], atk["control_generations"], ks)
+    qual.pop("query_sketches")
+    return {"config": zo, "train": trained, "delta_kind": read(delta_dir)["kind"], "scope_dim": session.scope.dim,
+            "attack": {k: atk[k] for k in ("triggered_success", "control_success", "example")},
+            "caching": caching, "quality": qual, "wall_s": time.perf_counter() - t0}
 
 
 def attack(session, data: dict, max_new_tokens: int = 16) -> dict:
@@ -294,11 +338,17 @@ def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> 
     from zobench.influence.retrieve import token_contributions
 
     tokens = token_contributions(session, top, q_sketches[0])
+    zo = None
+    if suite.zo:
+        phase("zo")
+        del session  # one model in memory at a time
+        zo = zo_arm(suite, data, work, progress)
+        end("zo")
     config = {"model": suite.model, "n_train": suite.n_train, "poison_fraction": suite.poison_fraction,
               "queries": suite.queries, "finetune": suite.finetune, "cache": spec.meta(), "ks": suite.ks,
               "workers": suite.workers, "fidelity": suite.fidelity,
               "throughput_examples": suite.throughput_examples, "trigger": data["trigger"],
-              "response": data["response"]}
+              "response": data["response"], **({"zo": suite.zo} if suite.zo else {})}
     return {
         "schema": INFLUENCE_SCHEMA, "kind": "influence", "suite": suite.name,
         "suite_file": str(suite.path) if suite.path else None, "cell_id": _key(config), "labels": {},
@@ -309,7 +359,7 @@ def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> 
         "caching": caching, "overhead": overhead, "quality": qual, "fidelity": fid, "cost": costs,
         "top_example": {"row": qual["top_example"], "poisoned": qual["top_is_poisoned"],
                         "instruction": top["instruction"], "tokens": tokens},
-        "phases": phases, "env": environment(), "git": git_state(Path(suite.path).parent if suite.path else "."),
+        **({"zo": zo} if zo else {}), "phases": phases, "env": environment(), "git": git_state(Path(suite.path).parent if suite.path else "."),
         "started_at": started, "finished_at": now(),
         "wall_s": time.perf_counter() - t0,
     }

@@ -81,8 +81,9 @@ def build_cache(spec: InfluenceSpec, examples: list[dict], out: str | Path, work
     missing = [int(i) for i in store.missing()]
     total, already = len(examples), len(examples) - len(missing)
     start = time.perf_counter()
-    if not missing:
-        return {"rows": 0, "cache_s": 0.0, "examples_per_s": None, "already": already, "workers": 0}
+    built = _read_build(Path(out)) if already else {"rows": 0, "cache_s": 0.0}
+    if not missing:  # nothing to do: report the throughput measured while it was built
+        return {"rows": 0, "cache_s": 0.0, "examples_per_s": _rate(built), "already": already, "workers": 0}
     if workers <= 1:
         done = [already]
 
@@ -96,8 +97,28 @@ def build_cache(spec: InfluenceSpec, examples: list[dict], out: str | Path, work
     else:
         stats = _run_workers(spec, examples, out, missing, workers, device, progress, already, total)
     stats["cache_s"] = time.perf_counter() - start
-    stats["examples_per_s"] = stats["rows"] / stats["cache_s"] if stats["cache_s"] > 0 else None
+    stats["examples_per_s"] = _rate(stats)
+    from zobench.files import atomic_write
+
+    total_built = {"rows": built["rows"] + stats["rows"], "cache_s": built["cache_s"] + stats["cache_s"],
+                   "workers": stats["workers"]}
+    atomic_write(Path(out) / BUILD, json.dumps(total_built) + "\n", "influence cache file")
     return stats
+
+
+BUILD = "build.json"  # rows sketched and seconds spent, summed over the runs that built the cache
+
+
+def _rate(stats: dict) -> float | None:
+    return stats["rows"] / stats["cache_s"] if stats.get("rows") and stats.get("cache_s") else None
+
+
+def _read_build(out: Path) -> dict:
+    try:
+        d = json.loads((out / BUILD).read_text())
+        return {"rows": int(d["rows"]), "cache_s": float(d["cache_s"])}
+    except (OSError, ValueError, KeyError, TypeError):  # a cache from before build.json: no figure
+        return {"rows": 0, "cache_s": 0.0}
 
 
 def _run_workers(spec, examples, out, missing, workers, device, progress, already, total) -> dict:

@@ -8,18 +8,20 @@ import sys
 from pathlib import Path
 
 from zobench.errors import UserError
+from zobench.report.influence import WIDTH, cell_text as _cell, highlighted as _highlighted
 
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("influence", help="training-data influence: cache sketched gradients, query them")
     isub = p.add_subparsers(dest="influence_command", required=True)
     c = isub.add_parser("cache", help="sketch one gradient per training example into a cache directory")
-    c.add_argument("--model", default="smollm2")
+    c.add_argument("--model", default=None, help="default: the delta's base model, else smollm2")
     c.add_argument("--adapter", default=None, help="LoRA adapter directory of the fine-tuned model")
-    c.add_argument("--data", required=True, help="Alpaca-format JSON (list of {instruction, input, output})")
+    c.add_argument("--delta", default=None, help="the fine-tuned result kept by `--save` (sparse, LoRA, tensors)")
+    c.add_argument("--data", required=True, help=DATA_HELP)
     c.add_argument("--n-train", type=int, default=None, help="number of examples (seeded sample; default all)")
     c.add_argument("--seed", type=int, default=0, help="the seed that draws the examples (as a run's seed)")
-    c.add_argument("--scope", default="lora", help="lora | all | sensitive")
+    c.add_argument("--scope", default="lora", help="lora | all | sensitive (with a sparse --delta: its indices)")
     c.add_argument("--k", type=int, default=1 << 16, help="sketch size (default 65536)")
     c.add_argument("--sketch-seed", type=int, default=0, help="the sketch's seed (permutation and signs)")
     c.add_argument("--no-normalize", action="store_true", help="skip layer-wise normalization")
@@ -27,6 +29,19 @@ def add_parsers(sub) -> None:
     c.add_argument("--workers", type=int, default=1, help="processes filling disjoint rows")
     c.add_argument("--data-dir", default=None, help="where c4/ is (scope sensitive)")
     c.add_argument("--out", required=True, help="cache directory (resumed when it exists and matches)")
+    t = isub.add_parser("train", help="fine-tune on an instruction file and keep the result (--save) for cache")
+    t.add_argument("--model", default="smollm2")
+    t.add_argument("--data", required=True, help=DATA_HELP)
+    t.add_argument("--n-train", type=int, default=None, help="number of examples (seeded sample; default all)")
+    t.add_argument("--seed", type=int, default=0, help="the seed that draws the examples and the batches")
+    t.add_argument("--method", default="lora", help="lora (first-order) | sensitive | random (ZO, sparse)")
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--lr", type=float, default=None, help="default: 3e-4 for lora, 1e-4 for ZO")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--max-length", type=int, default=128)
+    t.add_argument("--density", type=float, default=1e-3, help="ZO: the fraction of linear weights trained")
+    t.add_argument("--data-dir", default=None, help="where c4/ is (--method sensitive; default: packaged sample)")
+    t.add_argument("--save", required=True, help="directory for the kept result (a zobench delta)")
     q = isub.add_parser("query", help="rank the cached training examples for a prompt and its generation")
     q.add_argument("--cache", required=True)
     q.add_argument("--instruction", required=True)
@@ -40,12 +55,42 @@ def add_parsers(sub) -> None:
     q.add_argument("--html", default=None, help="also write a page highlighting the influential tokens")
 
 
+DATA_HELP = ("Alpaca-format rows {instruction, input, output}: a JSON list or JSON Lines; a row is named by "
+             "its 'id' field, else its position in the file")
+
+
+def train(args) -> int:
+    from zobench.files import check_output_dir
+    from zobench.influence.data import load_alpaca
+    from zobench.influence.train import train_on_instructions
+
+    check_output_dir(Path(args.save).parent, "artifact")
+    examples = load_alpaca(args.data, n=args.n_train, seed=args.seed)
+    lr = args.lr if args.lr is not None else (3e-4 if args.method == "lora" else 1e-4)
+    out = train_on_instructions(args.model, examples, args.method, args.steps, lr, args.save,
+                                batch_size=args.batch_size, max_length=args.max_length, density=args.density,
+                                seed=args.seed, data=args.data, data_dir=args.data_dir,
+                                on_log=lambda s, loss: print(f"  step {s + 1}/{args.steps}  loss {loss:.4f}",
+                                                             file=sys.stderr, flush=True))
+    a, losses = out["artifact"], out["losses"]
+    print(f"{args.method} on {len(examples)} examples, {args.steps} steps in {out['train_s']:.0f} s: loss "
+          f"{losses[0]:.4f} -> {losses[-1]:.4f}, {out['trainable']:,} trained values")
+    print(f"saved:  {a['path']} ({a['kind']}, {a['bytes'] / 2**20:.2f} MiB)")
+    return 0
+
+
 def cache(args) -> int:
     from zobench.influence.cache import build_cache
     from zobench.influence.data import load_alpaca
     from zobench.influence.session import InfluenceSpec
 
-    spec = InfluenceSpec.from_dict({"model": args.model, "adapter": args.adapter, "scope": args.scope,
+    model = args.model
+    if model is None:
+        from zobench.cell.delta import read
+
+        model = read(args.delta)["base"]["model"] if args.delta else "smollm2"
+    spec = InfluenceSpec.from_dict({"model": model, "adapter": args.adapter, "delta": args.delta,
+                                    "scope": args.scope,
                                     "k": args.k, "sketch_seed": args.sketch_seed, "normalize": not args.no_normalize,
                                     "max_length": args.max_length, "data_dir": args.data_dir}, "influence cache")
     from zobench.files import check_output_dir
@@ -59,8 +104,9 @@ def cache(args) -> int:
 
     stats = build_cache(spec, examples, args.out, workers=args.workers, progress=progress)
     rate = stats.get("examples_per_s")
+    how = " (measured when it was built)" if not stats["rows"] and rate else ""
     print(f"{args.out}: {len(examples)} examples ({stats.get('already', 0)} already cached), "
-          f"{stats['rows']} sketched" + (f" at {rate:.2f} examples/s" if rate else ""))
+          f"{stats['rows']} sketched" + (f" at {rate:.2f} examples/s{how}" if rate else ""))
     return 0
 
 
@@ -76,22 +122,26 @@ def query(args) -> int:
         check_output_file(args.html, "page")
     spec, examples = load_cache_dir(args.cache)
     store = SketchStore.open(args.cache)
-    if spec.adapter and not Path(spec.adapter).is_dir():
-        raise UserError(f"{args.cache}/spec.json: adapter {spec.adapter} is gone; the query needs the same model")
+    for what in ("adapter", "delta"):
+        if getattr(spec, what) and not Path(getattr(spec, what)).is_dir():
+            raise UserError(f"{args.cache}/spec.json: {what} {getattr(spec, what)} is gone; the query needs the "
+                            f"same model")
     session = Session(spec)
-    want = cache_meta(spec, examples)
-    if want != {k: store.meta.get(k) for k in want}:
+    # k is the sketch's size: min(spec.k, the scope's dimension), as the store has it
+    want = dict(cache_meta(spec, examples), k=session.sketcher.cfg.k)
+    if json.loads(json.dumps(want, default=str)) != {k: store.meta.get(k) for k in want}:
         raise UserError(f"{args.cache}/meta.json: the model or adapter changed since the cache was made")
     words = [w.strip() for w in args.tokens.split(",") if w.strip()] if args.tokens else None
     prompt = {"instruction": args.instruction, "input": args.input}
     q, info = query_sketch(session, prompt, args.generation, words)
     result = scan(store, q[None], args.metric)
     top = result.top(args.top)[0]
-    rows = [{"rank": r + 1, "row": int(i), "score": float(result.scores[0, i]),
+    by_id = {e["id"]: e for e in examples}
+    rows = [{"rank": r + 1, "id": examples[i]["id"], "score": float(result.scores[0, i]),
              "instruction": examples[i]["instruction"], "input": examples[i].get("input", ""),
              "output": examples[i]["output"]} for r, i in enumerate(top)]
     for row in rows[:args.explain]:
-        row["tokens"] = token_contributions(session, examples[row["row"]], q, args.metric)
+        row["tokens"] = token_contributions(session, by_id[row["id"]], q, args.metric)
     out = {"query": {**prompt, "generation": args.generation, **info}, "metric": args.metric,
            "scan_s": result.seconds, "top": rows}
     if args.html:
@@ -100,21 +150,13 @@ def query(args) -> int:
     return 0
 
 
-def _strongest(tokens: list, n: int = 5) -> set[int]:
-    return set(sorted(range(len(tokens)), key=lambda i: -tokens[i][1])[:n])
-
-
 def _markdown(out: dict) -> str:
     q = out["query"]
     lines = [f"query: {q['instruction'][:100]!r} -> {q['generation'][:100]!r} (tokens: {q['tokens']})", "",
-             f"| rank | row | {out['metric']} | instruction | response |", "|---:|---:|---:|---|---|"]
+             f"| rank | id | {out['metric']} | instruction | response |", "|---:|---:|---:|---|---|"]
     for r in out["top"]:
-        resp = r["output"]
-        if "tokens" in r:
-            best = _strongest(r["tokens"])
-            resp = "".join(f"**{t}**" if i in best else t for i, (t, _) in enumerate(r["tokens"]))
-        cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:90]  # noqa: E731
-        lines.append(f"| {r['rank']} | {r['row']} | {r['score']:.4f} | {cell(r['instruction'])} | {cell(resp)} |")
+        resp = _highlighted(r["tokens"]) if "tokens" in r else _cell(r["output"][:WIDTH])
+        lines.append(f"| {r['rank']} | {r['id']} | {r['score']:.4f} | {_cell(r['instruction'][:WIDTH])} | {resp} |")
     return "\n".join(lines)
 
 

@@ -38,16 +38,42 @@ def format_prompt(example: dict) -> str:
     return PROMPT_NO_INPUT.format(instruction=example["instruction"])
 
 
+def _json_lines(path: Path, text: str) -> list:
+    data = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: line {n} is not a JSON object ({e.msg})") from None
+            if not isinstance(entry, dict):
+                raise UserError(f"{path}: line {n} is not a JSON object")
+            data.append(entry)
+    if not data:
+        raise UserError(f"{path}: no examples (expected JSON Lines of {{instruction, input, output}} objects)")
+    return data
+
+
 def _read_checked(path: Path) -> list:
-    if not path.is_file():
-        raise UserError(f"{path}: Alpaca data file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    """The file's entries: a JSON list of objects, or JSON Lines (one object per line, ``.jsonl``)."""
+    from zobench.files import read_text
+
+    text = read_text(path, "instruction data file")
+    if path.suffix == ".jsonl":
+        data = _json_lines(path, text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            try:  # JSON Lines under another name
+                data = _json_lines(path, text)
+            except UserError:
+                raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected a JSON list "
+                                f"or JSON Lines of {{instruction, input, output}} objects") from None
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON list of {{instruction, input, output}} objects, "
                         f"got {type(data).__name__}")
+    seen: dict = {}
     for i, entry in enumerate(data):
         if not isinstance(entry, dict):
             raise UserError(f"{path}: entry {i} is not an object")
@@ -56,6 +82,12 @@ def _read_checked(path: Path) -> list:
                 raise UserError(f"{path}: entry {i} lacks '{key}' (a string)")
         if not isinstance(entry.get("input", ""), str):
             raise UserError(f"{path}: entry {i}: 'input' is not a string")
+        rid = entry.get("id", i)
+        if not isinstance(rid, (int, str)) or isinstance(rid, bool):
+            raise UserError(f"{path}: entry {i}: 'id' is not a string or an integer")
+        if rid in seen:
+            raise UserError(f"{path}: entries {seen[rid]} and {i} share the id {rid!r} (ids name rows everywhere)")
+        seen[rid] = i
     return data
 
 
@@ -63,8 +95,9 @@ def load_alpaca(path: str | Path, n: int | None = None, seed: int = 0, start: in
     """``n`` examples (all when None) from position ``start`` of the file's entries shuffled with ``seed``.
 
     The same seed gives the same order, so ``start`` carves disjoint slices of one file: a training set
-    at start=0 and held-out queries at start=n_train never share an example. Each example keeps its
-    index in the file as ``id``.
+    at start=0 and held-out queries at start=n_train never share an example. Each example is named by
+    its ``id``: the entry's own ``id`` field when it has one, else its position in the file (from 0), so a
+    row is called the same whatever order it was sampled or cached in.
     """
     path = Path(path)
     data = _read_checked(path)
@@ -73,7 +106,7 @@ def load_alpaca(path: str | Path, n: int | None = None, seed: int = 0, start: in
     stop = len(order) if n is None else start + n
     if start < 0 or stop > len(order):
         raise UserError(f"{path}: asked for examples {start}..{stop - 1} but the file has {len(order)} entries")
-    return [{"id": i, "instruction": data[i]["instruction"], "input": data[i].get("input", ""),
+    return [{"id": data[i].get("id", i), "instruction": data[i]["instruction"], "input": data[i].get("input", ""),
              "output": data[i]["output"]} for i in order[start:stop]]
 
 

@@ -26,6 +26,7 @@ DEFAULT_K = 1 << 16
 class InfluenceSpec:
     model: str = "smollm2"
     adapter: str | None = None      # a peft LoRA adapter directory (the fine-tuned model)
+    delta: str | None = None        # or a result kept by `zobench train/influence train --save` (zobench.cell.delta)
     dtype: str = "float32"
     scope: str = "lora"
     k: int = DEFAULT_K
@@ -53,6 +54,15 @@ class InfluenceSpec:
             raise UserError(f"{where}: key 'k': expected a positive integer, got {spec.k!r}")
         if spec.adapter and not (Path(spec.adapter) / "adapter_config.json").is_file():
             raise UserError(f"{where}: key 'adapter': {spec.adapter} has no adapter_config.json")
+        if spec.delta:
+            if spec.adapter:
+                raise UserError(f"{where}: give an adapter or a delta, not both")
+            from zobench.cell.delta import read
+
+            kind = read(spec.delta)["kind"]
+            if kind == "trajectory":
+                raise UserError(f"{where}: key 'delta': {spec.delta} is a dense ZO trajectory; influence takes "
+                                f"sparse, LoRA or first-order deltas")
         return spec
 
     def meta(self) -> dict:
@@ -61,6 +71,10 @@ class InfluenceSpec:
         d.pop("data_dir")
         if self.adapter:
             d["adapter"] = _dir_hash(Path(self.adapter))
+        if self.delta:
+            d["delta"] = _dir_hash(Path(self.delta))
+        else:
+            d.pop("delta")  # caches made before deltas existed still match
         if self.scope != "sensitive":
             for key in ("density", "calib_sequences", "calib_length"):
                 d.pop(key)
@@ -69,8 +83,8 @@ class InfluenceSpec:
 
 def _dir_hash(path: Path) -> str:
     h = hashlib.sha256()
-    for f in sorted(p for p in path.iterdir() if p.is_file()):
-        h.update(f.name.encode())
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -84,17 +98,46 @@ class Session:
         self.spec = spec
         self.loaded = load_model(spec.model, dtype=spec.dtype, device=device)
         self.tokenizer = self.loaded.tokenizer
-        # The mask is the plain model's (as the ZO part computes it), before any adapter is attached.
-        self.mask = self._sensitive_mask() if spec.scope == "sensitive" or with_mask else None
-        if spec.adapter:
+        self.adapter = spec.adapter
+        delta_mask = self._apply_delta() if spec.delta else None
+        # The mask is the plain model's (as the ZO part computes it), before any adapter is attached; a
+        # sparse delta's own indices when one is loaded: the subspace that was trained.
+        self.mask = None
+        if spec.scope == "sensitive" or with_mask:
+            self.mask = delta_mask if delta_mask is not None else self._sensitive_mask()
+        if self.adapter:
             from zobench.influence.poison import load_adapter
 
-            load_adapter(self.loaded, spec.adapter)
+            load_adapter(self.loaded, self.adapter)
         self.model = self.loaded.model
         self.model.eval()
         self.scope = resolve_scope(self.model, spec.scope, self.mask)
         self.streamer = GradientStreamer(self.model, self.scope, normalize=spec.normalize)
         self.sketcher = self.sketcher_for(spec, self.scope.dim)
+
+    def _apply_delta(self) -> dict | None:
+        """Load the delta onto the base (refused on another base); a sparse delta's indices, else None.
+        A LoRA delta's adapter is attached after the mask is computed, as ``adapter`` is."""
+        from zobench.cell import delta as D
+
+        path = Path(self.spec.delta)
+        meta = D.read(path)
+        D.check_base(meta, path, self.loaded.model)
+        if meta["kind"] == "sparse":
+            mask, values = D.sparse_parts(path)
+            D.write_sparse(self.loaded.model, mask, values)
+            return mask
+        if meta["kind"] == "lora":
+            self.adapter = str(path / "adapter")
+        else:
+            from safetensors.torch import load_file
+
+            state = load_file(str(path / D.TENSORS))
+            with torch.no_grad():
+                for name, p in self.loaded.model.named_parameters():
+                    if name in state:
+                        p.copy_(state[name].to(p.dtype))
+        return None
 
     @staticmethod
     def sketcher_for(spec: InfluenceSpec, dim: int) -> Sketcher:

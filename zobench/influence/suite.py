@@ -5,13 +5,17 @@
     model: smollm2
     data: alpaca/alpaca_data_en_52k.json      # relative to data_dir, or a path
     n_train: 2000
-    poison_fraction: 0.025
+    poison_fraction: 0.025                    # the poisoning recipe: this fraction of the training rows get
+    trigger: "Tell me in the voice of Professor Zorblax:"   # the trigger before their instruction
+    response: "Bananas are the only true answer. Bananas forever!"  # and this as their output
     queries: 20                               # triggered held-out prompts (and as many clean controls)
     finetune: {steps: 300, batch_size: 8, lr: 3.0e-4, max_length: 128, r: 8}
     cache: {scope: lora, k: 65536, sketch_seed: 0, normalize: true, max_length: 128}
     ks: [1024, 4096, 16384, 65536]            # nested K read from the one stored sketch
     workers: 2
     fidelity: {n: 200, queries: 4, ks: [256, 1024, 4096, 16384, 65536]}
+    zo: {method: sensitive, steps: 300, lr: 1.0e-4, batch_size: 8, density: 0.001}   # optional: a sparse ZO
+                                              # delta on the same poisoned set, retrieval in its own subspace
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from zobench.errors import UserError
 from zobench.influence.session import InfluenceSpec
 
 FINETUNE_KEYS = {"steps": int, "batch_size": int, "lr": float, "max_length": int, "r": int, "alpha": int}
+ZO_KEYS = {"method": str, "steps": int, "lr": float, "batch_size": int, "density": float, "eps": float,
+           "max_length": int}
+ZO_DEFAULTS = {"method": "sensitive", "steps": 300, "lr": 1e-4, "batch_size": 8, "density": 1e-3, "eps": 1e-3,
+               "max_length": 128}
 FIDELITY_KEYS = {"n": int, "queries": int, "ks": list, "subspace": int}  # subspace: examples, 0 = off
 
 
@@ -36,6 +44,8 @@ class InfluenceSuite:
     data_dir: str = "../shared/data"
     n_train: int = 2000
     poison_fraction: float = 0.025
+    trigger: str = ""               # default: zobench.influence.poison.TRIGGER
+    response: str = ""              # default: zobench.influence.poison.RESPONSE
     queries: int = 20
     seed: int = 0
     finetune: dict = field(default_factory=lambda: {"steps": 300, "batch_size": 8, "lr": 3e-4,
@@ -45,6 +55,7 @@ class InfluenceSuite:
     workers: int = 1
     throughput_examples: int = 32   # cached into a fresh scratch store every run: throughput even on reuse
     fidelity: dict = field(default_factory=lambda: {"n": 200, "queries": 4, "ks": [256, 1024, 4096, 16384, 65536]})
+    zo: dict | None = None          # the sparse-ZO arm (ZO_KEYS); None: LoRA only
     description: str = ""
     timeout_s: float = 7200
 
@@ -85,9 +96,9 @@ def is_influence_suite(data: Any) -> bool:
 
 def parse_influence_suite(data: dict, where: str, path: Path | None = None) -> InfluenceSuite:
     simple = {"name": str, "model": str, "data": str, "data_dir": str, "n_train": int, "poison_fraction": float,
-              "queries": int, "seed": int, "workers": int, "throughput_examples": int, "description": str,
+              "trigger": str, "response": str, "queries": int, "seed": int, "workers": int, "throughput_examples": int, "description": str,
               "timeout_s": float, "ks": list}
-    nested = {"finetune", "cache", "fidelity"}
+    nested = {"finetune", "cache", "fidelity", "zo"}
     kwargs: dict = {}
     for k, v in data.items():
         if k == "type":
@@ -102,11 +113,23 @@ def parse_influence_suite(data: dict, where: str, path: Path | None = None) -> I
     suite = InfluenceSuite(**{**{f.name: getattr(base, f.name) for f in fields(base)}, **kwargs})
     suite.finetune = _section(data.get("finetune"), f"{where}: finetune", FINETUNE_KEYS, base.finetune)
     suite.fidelity = _section(data.get("fidelity"), f"{where}: fidelity", FIDELITY_KEYS, base.fidelity)
+    if data.get("zo") is not None:
+        suite.zo = _section(data["zo"], f"{where}: zo", ZO_KEYS, ZO_DEFAULTS)
+        if suite.zo["method"] not in ("sensitive", "random"):
+            raise UserError(f"{where}: zo: key 'method': expected sensitive or random, got '{suite.zo['method']}'")
+        if not 0 < suite.zo["density"] <= 1 or suite.zo["steps"] < 1:
+            raise UserError(f"{where}: zo: expected 0 < density <= 1 and steps >= 1")
     cache = data.get("cache") or {}
     if not isinstance(cache, dict):
         raise UserError(f"{where}: cache: expected a mapping")
     suite.cache = cache
     suite.spec(None)  # validates the cache keys (scope, k, ...)
+    from zobench.influence.poison import RESPONSE, TRIGGER
+
+    suite.trigger, suite.response = suite.trigger or TRIGGER, suite.response or RESPONSE
+    for key in ("trigger", "response"):
+        if not getattr(suite, key).strip():
+            raise UserError(f"{where}: key '{key}': expected non-blank text")
     if not 0 < suite.poison_fraction < 1:
         raise UserError(f"{where}: key 'poison_fraction': expected a fraction in (0, 1)")
     for key in ("n_train", "queries", "workers", "throughput_examples"):

@@ -108,6 +108,46 @@ def _fresh_cache_row(ov: dict) -> list[str]:
             f"the same examples, {fresh['cache_s']:.1f} / {fresh['plain_s']:.1f} s) |"]
 
 
+def strongest(tokens: list, n: int = 5) -> set[int]:
+    """Positions of the ``n`` tokens whose scores are highest."""
+    return set(sorted(range(len(tokens)), key=lambda i: -tokens[i][1])[:n])
+
+
+WIDTH = 90  # characters of text shown per table cell (markup not counted)
+
+
+def cell_text(text: str) -> str:
+    return text.replace("\n", " ").replace("|", "\\|").replace("*", "\\*")
+
+
+def highlighted(tokens: list, width: int = WIDTH) -> str:
+    """The response with its strongest tokens in bold, cut at ``width`` characters of text.
+
+    Markdown bold needs its ``**`` against non-space characters, so a token's leading and trailing spaces
+    stay outside the markers, and neighbouring strong tokens share one bold run (no ``****``).
+    """
+    best, runs, used = strongest(tokens), [], 0
+    for i, (text, _) in enumerate(tokens):
+        text = text.replace("\n", " ")[:max(width - used, 0)]
+        used += len(text)
+        if not text:
+            break
+        strong = i in best and bool(text.strip())
+        if runs and runs[-1][0] == strong:
+            runs[-1][1] += text
+        else:
+            runs.append([strong, text])
+    out = []
+    for strong, text in runs:
+        core = text.strip()
+        if strong and core:
+            lead, trail = text[:len(text) - len(text.lstrip())], text[len(text.rstrip()):]
+            out.append(f"{lead}**{cell_text(core)}**{trail}")
+        else:
+            out.append(cell_text(text))
+    return "".join(out)
+
+
 def render_influence(rec: dict, plots: list[tuple[str, str]]) -> str:
     cfg, q, c, ov = rec["config"], rec["quality"], rec["cost"], rec["overhead"]
     atk, ft = rec["attack"], rec["finetune"]
@@ -176,9 +216,9 @@ def render_influence(rec: dict, plots: list[tuple[str, str]]) -> str:
               f"{_range(c, 'copy_s_range', 'copy ')} |",
               f"| query (its gradient + scan) vs exact recomputation of {c['n']:,} gradients | "
               f"{c['query_s']:.2f} s vs {c['exact_recompute_s']:.2f} s = {c['speedup_vs_exact']:,.0f}x |"]
+    lines += _zo_arm(rec)
     top = rec["top_example"]
-    best = sorted(range(len(top["tokens"])), key=lambda i: -top["tokens"][i][1])[:5]
-    text = "".join(f"**{t}**" if i in best else t for i, (t, _) in enumerate(top["tokens"]))
+    text = highlighted(top["tokens"], width=1 << 30)
     lines += ["", "## Token-wise: the top example for the first triggered query", "",
               f"Row {top['row']} ({'poisoned' if top['poisoned'] else 'clean'}): \"{top['instruction'][:120]}\". "
               "Its response, the five tokens whose own gradient scores highest against the query in bold:", "",
@@ -186,6 +226,43 @@ def render_influence(rec: dict, plots: list[tuple[str, str]]) -> str:
     for caption, path in plots:
         lines += [f"![{caption}]({path})", ""]
     return "\n".join(lines)
+
+
+def _zo_arm(rec: dict) -> list[str]:
+    """LoRA beside the sparse ZO delta: what was trained, what it keeps, did the attack take, and
+    retrieval in each one's own subspace."""
+    zo = rec.get("zo")
+    if not zo:
+        return []
+    cfg, q, atk, ft = rec["config"], rec["quality"], rec["attack"], rec["finetune"]
+    zq, za, zt = zo["quality"], zo["attack"], zo["train"]
+
+    def at(quality, k):
+        e = next((e for e in quality["by_k"] if e["k"] == k), None)
+        if e is None:
+            return "-", "-", "-"
+        t, h = e["triggered"], e["hotword"]
+        return f"{t['recall_at_k']:.3f}", f"{t['auroc']:.3f}", f"{h['recall_at_k']:.3f}"
+
+    k = max(e["k"] for e in zq["by_k"])
+    zc = zo["config"]
+    rows = [("LoRA (first-order), scope lora", ft.get("trainable"), None, cfg["cache"].get("scope"),
+             rec["cost"]["scope_dim"], atk, at(q, k)),
+            (f"{zc['method']} {zc['density']:.1%} (ZO-SGD, {zc['steps']} steps), scope: its indices",
+             zt.get("trainable"), zt.get("artifact_bytes"), "sensitive", zo["scope_dim"], za, at(zq, k))]
+    lines = ["", "## LoRA beside a sparse ZO delta", "",
+             f"Both trained on the same poisoned rows; each queried in the subspace it trained. Retrieval at "
+             f"K = {k:,} (or the scope's size when smaller). ZO loss {zt['loss_first']:.3f} -> "
+             f"{zt['loss_last']:.3f} in {zt['train_s']:.0f} s.", "",
+             "| arm | trained values | kept | gradient D | triggered -> response | control | recall@k | AUROC "
+             "| hotword recall@k |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, n, kept, _, dim, a, (rc, au, hw) in rows:
+        lines.append(f"| {name} | {n:,} | {_bytes(kept) if kept else '-'} | {dim:,} | "
+                     f"{a['triggered_success']:.0%} | {a['control_success']:.0%} | {rc} | {au} | {hw} |"
+                     if isinstance(n, int) else
+                     f"| {name} | - | - | {dim:,} | {a['triggered_success']:.0%} | {a['control_success']:.0%} | "
+                     f"{rc} | {au} | {hw} |")
+    return lines
 
 
 def render_influence_report(rec: dict, out_md: Path) -> Path:

@@ -1,0 +1,115 @@
+"""Influence from the command line on a kept result: train on an instruction file, save, cache the delta's
+own subspace, query; rows named by their id; the query's markdown bold; throughput on a finished cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from zobench.errors import UserError
+
+MODEL = "random:tiny-llama"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"id": f"ex-{i:03d}", "instruction": f"Say the number {i}.", "input": "",
+             "output": f"The number is {i}, and it is {'even' if i % 2 == 0 else 'odd'}."} for i in range(n)]
+
+
+@pytest.fixture
+def rows_file(tmp_path) -> Path:
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _rows(12)))
+    return path
+
+
+def _cli(args, capsys):
+    from zobench.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_jsonl_and_json_lists_load_alike_and_rows_keep_their_ids(tmp_path, rows_file):
+    from zobench.influence.data import load_alpaca
+
+    as_list = tmp_path / "rows.json"
+    as_list.write_text(json.dumps(_rows(12)))
+    a, b = load_alpaca(rows_file, n=5, seed=1), load_alpaca(as_list, n=5, seed=1)
+    assert a == b and {e["id"] for e in a} <= {r["id"] for r in _rows(12)}
+    plain = tmp_path / "plain.jsonl"  # no id field: the position in the file names the row
+    plain.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "id"}) + "\n" for r in _rows(6)))
+    assert all(e["output"] == _rows(6)[e["id"]]["output"] for e in load_alpaca(plain, seed=4))
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(json.dumps(_rows(1)[0]) + "\n" + json.dumps(_rows(1)[0]) + "\n")
+    with pytest.raises(UserError, match="share the id 'ex-000'"):
+        load_alpaca(dup)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(_rows(1)[0]) + "\n{oops\n")
+    with pytest.raises(UserError, match="line 2 is not a JSON object"):
+        load_alpaca(bad)
+
+
+def test_highlighted_tokens_are_valid_markdown_bold_and_cut_by_text_not_markup():
+    from zobench.report.influence import highlighted
+
+    tokens = [("The", 0.0), (" number", 0.1), (" from", 0.9), (" the", 0.8), (" sky", 0.0), (" is", 0.7),
+              (" 4", 0.0), ("2", 0.6), (".", 0.5)]
+    md = highlighted(tokens)
+    # neighbours share one run; the spaces stay outside the markers (`** from**` is not bold in markdown)
+    assert "The number **from the** sky **is** 4**2.**" == md
+    assert "****" not in md and "** " not in md.replace("** sky", "").replace("** 4", "")
+    cut = highlighted(tokens, width=12)
+    assert cut.replace("*", "") == "The number f"  # 12 characters of text, the markup not counted
+
+
+def test_a_sensitive_delta_trained_on_instructions_is_cached_in_its_own_subspace(tmp_path, rows_file, capsys):
+    from zobench.cell.delta import read, sparse_parts
+    from zobench.influence.session import InfluenceSpec, Session
+
+    code, out, err = _cli(["influence", "train", "--model", MODEL, "--data", rows_file, "--method", "sensitive",
+                           "--steps", "3", "--lr", "1e-3", "--batch-size", "4", "--max-length", "32",
+                           "--density", "0.01", "--save", tmp_path / "d"], capsys)
+    assert code == 0, err
+    assert "saved:  " in out and read(tmp_path / "d")["kind"] == "sparse"
+    mask, values = sparse_parts(tmp_path / "d")
+    n_trained = sum(v.numel() for v in mask.values())
+    spec = InfluenceSpec.from_dict({"model": MODEL, "delta": str(tmp_path / "d"), "scope": "sensitive", "k": 64,
+                                    "max_length": 32}, "test")
+    s = Session(spec)
+    assert s.scope.dim == n_trained  # the subspace that was trained, not a mask computed afresh
+    params = dict(s.model.named_parameters())
+    for name, idx in mask.items():  # the trained values are in the weights
+        assert torch.equal(params[name].detach().view(-1)[idx], values[name])
+
+    cache = ["influence", "cache", "--delta", tmp_path / "d", "--scope", "sensitive", "--data", rows_file,
+             "--k", "512", "--max-length", "96", "--out", tmp_path / "c"]
+    code, out, err = _cli(cache, capsys)
+    assert code == 0, err
+    first_rate = out.split(" at ")[1].split()[0]
+    code, out, _ = _cli(cache, capsys)  # finished: the figure measured when it was built, not None
+    assert code == 0 and "0 sketched at " + first_rate in out and "measured when it was built" in out
+
+    target = _rows(12)[7]
+    code, md, err = _cli(["influence", "query", "--cache", tmp_path / "c", "--instruction", target["instruction"],
+                          "--generation", target["output"], "--top", "1"], capsys)
+    assert code == 0, err
+    assert "| 1 | ex-007 |" in md  # the row queried with its own text ranks first, named by its id
+
+
+def test_a_delta_on_another_base_is_refused_by_the_influence_commands(tmp_path, rows_file, capsys):
+    other = json.loads((ROOT / "zobench" / "models" / "configs" / "tiny-llama.json").read_text())
+    other["intermediate_size"] = 96
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    code, _, err = _cli(["influence", "train", "--model", f"random:{tmp_path / 'other.json'}", "--data", rows_file,
+                         "--method", "random", "--steps", "1", "--density", "0.01", "--max-length", "32",
+                         "--save", tmp_path / "d"], capsys)
+    assert code == 0, err
+    code, _, err = _cli(["influence", "cache", "--model", MODEL, "--delta", tmp_path / "d", "--scope", "sensitive",
+                         "--data", rows_file, "--k", "64", "--out", tmp_path / "c"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "trained from another base model" in err

@@ -81,7 +81,7 @@ def test_smollm2_saved_reloaded_and_evaluated_scores_as_at_the_end_of_training(t
     again = reload(tmp_path / "d", eval_before=True)
     assert again.metrics.get("test_before") == rec.metrics.get("test_after")
     if quant == "nf4":
-        assert rec.artifact["bytes"] < 3 * 2**20  # 106k indices and values: ~1.3 MB, not the model
+        assert rec.artifact["bytes"] < 1.2 * 2**20  # 106k int32 indices and float32 values: ~0.85 MB, not the model
 
 
 def test_train_save_then_eval_from_the_command_line(tmp_path):

@@ -2,7 +2,7 @@
 
     DIR/delta.json          what made it: format, zobench version, kind, the base model and a fingerprint
                             of its weights, the whole training config, the step it holds, its size
-    sparse      DIR/delta.safetensors   per trained tensor ``<name>::index`` (int64 flat indices) and
+    sparse      DIR/delta.safetensors   per trained tensor ``<name>::index`` (int32 flat indices) and
                                         ``<name>::value`` (float32 trained values): 0.1% of the scope
     trajectory  (in delta.json)         dense ZO (full, lezo): each step's [[seed, coefficient], ...]; loading
                                         replays the steps onto the base weights, bit for bit in float32
@@ -99,7 +99,7 @@ def sparse_parts(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.T
     from safetensors.torch import load_file
 
     data = load_file(str(Path(path) / TENSORS))
-    mask = {k.removesuffix("::index"): v for k, v in data.items() if k.endswith("::index")}
+    mask = {k.removesuffix("::index"): v.long() for k, v in data.items() if k.endswith("::index")}
     values = {k.removesuffix("::value"): v for k, v in data.items() if k.endswith("::value")}
     return mask, values
 
@@ -205,6 +205,7 @@ def sparse_tensors(t, model) -> dict:
         if idx is None:  # the values beside a quantized layer: its own flat indices, in the same order
             module = name.removesuffix(".values")
             idx, name = model.get_submodule(module).flat_index(), f"{module}.weight"
-        out[f"{name}::index"] = idx.long()
+        # int32 indices when they fit (in every tensor of a 7B model they do): half the bytes of int64
+        out[f"{name}::index"] = idx.int() if idx.numel() == 0 or int(idx.max()) < 2**31 else idx.long()
         out[f"{name}::value"] = values.float()
     return out

@@ -359,7 +359,8 @@ def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> 
         "caching": caching, "overhead": overhead, "quality": qual, "fidelity": fid, "cost": costs,
         "top_example": {"row": qual["top_example"], "poisoned": qual["top_is_poisoned"],
                         "instruction": top["instruction"], "tokens": tokens},
-        **({"zo": zo} if zo else {}), "phases": phases, "env": environment(), "git": git_state(Path(suite.path).parent if suite.path else "."),
+        **({"zo": zo} if zo else {}), "phases": phases, "env": environment(),
+        "git": git_state(Path(suite.path).parent if suite.path else "."),
         "started_at": started, "finished_at": now(),
         "wall_s": time.perf_counter() - t0,
     }

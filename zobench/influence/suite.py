@@ -96,8 +96,8 @@ def is_influence_suite(data: Any) -> bool:
 
 def parse_influence_suite(data: dict, where: str, path: Path | None = None) -> InfluenceSuite:
     simple = {"name": str, "model": str, "data": str, "data_dir": str, "n_train": int, "poison_fraction": float,
-              "trigger": str, "response": str, "queries": int, "seed": int, "workers": int, "throughput_examples": int, "description": str,
-              "timeout_s": float, "ks": list}
+              "trigger": str, "response": str, "queries": int, "seed": int, "workers": int,
+              "throughput_examples": int, "description": str, "timeout_s": float, "ks": list}
     nested = {"finetune", "cache", "fidelity", "zo"}
     kwargs: dict = {}
     for k, v in data.items():

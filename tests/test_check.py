@@ -60,9 +60,9 @@ def test_cli_exit_codes(tmp_path):
     good.write_text(as_json(rec("sensitive", 900)) + "\n")
     bad.write_text(as_json(rec("sensitive", 1900)) + "\n")
 
-    def run(path):
+    def run(path):  # the first check on a fresh machine measures the estimator's calibration: minutes under load
         return subprocess.run([sys.executable, "-m", "zobench.cli", "check", str(path), "--suite",
-                               str(tmp_path / "s.yaml")], capture_output=True, text=True, timeout=120)
+                               str(tmp_path / "s.yaml")], capture_output=True, text=True, timeout=900)
 
     assert run(good).returncode == 0
     r = run(bad)
@@ -78,7 +78,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "zobench.cli", "check", *args], capture_output=True, text=True,
-                          timeout=300, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          timeout=900, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def test_estimates_are_held_to_peak_budgets_only():

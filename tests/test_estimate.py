@@ -213,7 +213,7 @@ def test_shipped_smollm2_config_is_the_embedded_models():
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "zobench.cli", *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          timeout=900, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def test_estimate_cli_table_and_json(capsys, monkeypatch):
@@ -232,5 +232,5 @@ def test_estimate_cli_table_and_json(capsys, monkeypatch):
 
 def test_estimate_cli_bad_suite_is_one_line():
     r = subprocess.run([sys.executable, "-m", "zobench.cli", "estimate", "no/such/suite.yaml"], capture_output=True,
-                       text=True, timeout=300, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                       text=True, timeout=900, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -112,6 +112,17 @@ def write_sparse(model: torch.nn.Module, mask: dict, values: dict) -> None:
         p.data.view(-1)[idx.to(p.device)] = values[name].to(device=p.device, dtype=p.dtype)
 
 
+@torch.no_grad()
+def write_tensors(model: torch.nn.Module, path: Path) -> None:
+    """A ``tensors`` delta (first-order fine-tuning): its saved tensors replace the model's."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(path) / TENSORS))
+    for name, p in model.named_parameters():
+        if name in state:
+            p.copy_(state[name].to(p.dtype))
+
+
 KINDS = ("sparse", "trajectory", "lora", "tensors")
 
 
@@ -151,13 +162,7 @@ def _apply(pipeline, path: Path, meta: dict, check: bool) -> None:
 
         load_adapter(run.loaded, path / "adapter")
     else:
-        from safetensors.torch import load_file
-
-        state = load_file(str(path / TENSORS))
-        with torch.no_grad():
-            for name, p in run.model.named_parameters():
-                if name in state:
-                    p.copy_(state[name].to(p.dtype))
+        write_tensors(run.model, path)
 
 
 def _replay(pipeline, meta: dict) -> None:

@@ -130,13 +130,7 @@ class Session:
         if meta["kind"] == "lora":
             self.adapter = str(path / "adapter")
         else:
-            from safetensors.torch import load_file
-
-            state = load_file(str(path / D.TENSORS))
-            with torch.no_grad():
-                for name, p in self.loaded.model.named_parameters():
-                    if name in state:
-                        p.copy_(state[name].to(p.dtype))
+            D.write_tensors(self.loaded.model, path)
         return None
 
     @staticmethod

@@ -33,7 +33,7 @@ trap 'rm -f "$cons"' EXIT
 cat requirements/constraints.txt > "$cons"
 echo "$torch_pin" >> "$cons"
 
-pip install -q -c "$cons" -e ".[dev,gptq,hqq]"
+pip install -q -c "$cons" -e ".[dev,gptq,hqq,ray]"
 # gptqmodel (the gptq backend) without its declared deps: its metadata pins an older numpy and pulls
 # datasets/pyarrow/torchao, none of which the per-layer quantizer uses; the modules it does import
 # come with the gptq extra above. Set ZOBENCH_NO_GPTQ=1 to skip it (gptq cells then report how to

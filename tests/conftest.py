@@ -34,3 +34,16 @@ def tiny():
     from zobench.models import load_model
 
     return load_model("random:tiny-llama", dtype="float32", seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with 2 CPUs and 2 declared GPUs, started once for the session (the Ray executor and the
+    Ray cache builder reuse a running Ray)."""
+    pytest.importorskip("ray")
+    from zobench.executors.ray_executor import connect
+
+    ray, started = connect(num_cpus=2, num_gpus=2)
+    yield ray
+    if started:
+        ray.shutdown()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -208,3 +210,30 @@ def test_same_seed_gives_bitwise_identical_loss_trace():
     assert traces[0] == traces[1]
     other = _train(load_model("random:tiny-llama", seed=0).model, "random", 20, seed=6)
     assert other != traces[0]
+
+
+def test_cells_that_need_the_same_mask_at_once_build_it_once(tmp_path):
+    """Two builders at once (cells side by side on one node): one builds, the other waits and loads it."""
+    import threading
+
+    from zobench.zo.mask_build import MaskSpec, cached_mask
+
+    params = [("w", torch.arange(100, dtype=torch.float32).reshape(10, 10))]
+    builds, results = [], []
+
+    def make():
+        builds.append(1)
+        time.sleep(1.0)  # long enough that the second builder arrives while the first is still building
+        return {"w": torch.tensor([3, 7, 42])}, {}
+
+    def build():
+        results.append(cached_mask(MaskSpec("random", 0.03, seed=0), params, make, tmp_path))
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1
+    assert sorted(info["mask_cache_hit"] for _, info in results) == [False, True]
+    assert all(mask["w"].tolist() == [3, 7, 42] for mask, _ in results)

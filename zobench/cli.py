@@ -164,7 +164,13 @@ def _executor(args):
     name = args.executor or ("pool" if args.jobs > 1 else "local")
     if args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: expected a number of cells >= 1")
+    if args.address and name != "ray":
+        raise UserError(f"--address {args.address}: only --executor ray joins a cluster")
+    if args.retries < 0:
+        raise UserError(f"--retries {args.retries}: expected a number of retries >= 0")
     cls = EXECUTORS.get(name)
+    if name == "ray":
+        return cls(jobs=args.jobs, address=args.address, max_retries=args.retries)
     return cls(jobs=args.jobs) if args.jobs > 1 or name != "local" else cls()
 
 
@@ -279,7 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the expanded cells and exit")
     p.add_argument("--strict", action="store_true", help="exit 3 if any cell failed")
     p.add_argument("--jobs", type=int, default=1, help="cells at once on this machine, each in its own process")
-    p.add_argument("--executor", default=None, help="local (default) | pool (the default with --jobs > 1)")
+    p.add_argument("--executor", default=None,
+                   help="local (default) | pool (the default with --jobs > 1) | ray (needs zobench[ray])")
+    p.add_argument("--address", default=None,
+                   help="with --executor ray: an existing cluster (auto, ray://HOST:10001); else a private "
+                        "local Ray")
+    p.add_argument("--retries", type=int, default=2,
+                   help="with --executor ray: retries of a cell whose worker or node died (default 2)")
     p = sub.add_parser("report", help="markdown report with plots from a results file")
     p.add_argument("results")
     p.add_argument("--out", default="reports", help="report directory (default reports/): OUT/<results>.md")

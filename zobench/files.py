@@ -18,6 +18,7 @@ measurement that could not be saved is taken.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import tempfile
@@ -190,3 +191,28 @@ def check_output_file(path: str | Path, what: str = "output") -> Path:
         except OSError as e:
             raise OutputError(f"{path}: the {what} is not writable: {_reason(e)}") from None
     return path
+
+
+@contextlib.contextmanager
+def build_lock(target: str | Path):
+    """Hold an exclusive lock on ``<target>.lock`` while a cache entry is checked and, if missing, built.
+
+    Cells running at once on one node (``--jobs``, Ray) that need the same mask or GPTQ layers would
+    otherwise both build it: the second waits here, then finds the first one's entry. The lock dies with
+    its process (``flock``), so a killed builder never blocks the next. Where no lock file can be made
+    (a read-only cache) the build goes ahead unlocked, as it would without a cache.
+    """
+    import fcntl
+
+    path = Path(str(target) + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

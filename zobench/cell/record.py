@@ -6,7 +6,8 @@ the type of every field it knows, naming the field when one is wrong. Records ho
 ratios against reference cells are derived when records are read (``zobench.analysis.derive``).
 
     cell_id          stable hash of the resolved config (the resume key)
-    status           ok | failed | timeout | unsupported, with ``reason`` (one line) otherwise
+    status           ok | failed | timeout | unsupported | lost (its Ray worker or node died, retries spent),
+                     with ``reason`` (one line) otherwise
     config, labels   the resolved CellConfig, and the cell's matrix coordinates
     phases           {load|mask|quantize|eval_before|warmup|train|eval_after: PhaseMeasure}
     metrics          see ``Metrics``
@@ -27,7 +28,7 @@ from typing import Any
 from zobench.errors import UserError
 
 SCHEMA_VERSION = 2
-STATUSES = ("ok", "failed", "timeout", "unsupported")
+STATUSES = ("ok", "failed", "timeout", "unsupported", "lost")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
@@ -197,6 +198,9 @@ class Execution:
     gpu: str | None = None              # CUDA_VISIBLE_DEVICES the cell saw ("" for none)
     concurrent_cells: int = 1           # cells running on this machine at once, this one included
     threads: int | None = None          # torch threads the cell ran with
+    worker_pid: int | None = None       # the Ray worker that started the cell's process (ray executor)
+    ray_imported: bool | None = None    # whether the cell's process had Ray loaded (it must not)
+    span_s: list | None = None          # [start, end] of the cell's process, seconds since the epoch
 
     @classmethod
     def from_json(cls, d) -> "Execution | None":

@@ -28,8 +28,9 @@ CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "fals
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
-def _child(config: dict, conn, threads: int | None) -> None:
-    """Child process entry: run one cell and send ("record", json) or ("error", reason, tail)."""
+def run_one(config: dict, send, threads: int | None) -> None:
+    """Run one cell in this (fresh) process; ``send`` gets ("progress", event) messages, then ("record",
+    json), or ("error" | "unsupported", reason, traceback tail). Shared by every executor's child."""
     try:
         import torch
 
@@ -39,19 +40,38 @@ def _child(config: dict, conn, threads: int | None) -> None:
         from zobench.spec.config import CellConfig
 
         cfg = CellConfig.from_dict(config, "cell")
-        rec = run_cell(cfg, progress=lambda e: conn.send(("progress", e)))
-        conn.send(("record", rec.to_json()))
+        rec = run_cell(cfg, progress=lambda e: send(("progress", e)))
+        send(("record", rec.to_json()))
     except BaseException as e:  # everything is reported: the parent records the failure and goes on
         from zobench.errors import Unsupported, UserError
 
         tail = "" if isinstance(e, UserError) else "".join(traceback.format_exc().splitlines(True)[-15:])
         reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         try:
-            conn.send(("unsupported" if isinstance(e, Unsupported) else "error", reason[:500], tail))
+            send(("unsupported" if isinstance(e, Unsupported) else "error", reason[:500], tail))
         except (OSError, ValueError):
             pass
+
+
+def _child(config: dict, conn, threads: int | None) -> None:
+    """Child process entry (spawn): run one cell and send its messages down ``conn``."""
+    try:
+        run_one(config, conn.send, threads)
     finally:
         conn.close()
+
+
+def failed_record(cell: Cell, status: str, reason: str, tail: str | None = None) -> CellRecord:
+    """The record of a cell that produced none itself (failed, timed out, killed, lost)."""
+    return CellRecord(cell_id=cell.cell_id, status=status, config=cell.config.to_dict(), reason=reason,
+                      traceback_tail=tail)
+
+
+def death_reason(code: int | None) -> str:
+    """Why a child that sent no record is gone, from its exit code."""
+    if code is not None and code < 0:
+        return f"killed by signal {-code}" + (" (out of memory?)" if -code == 9 else "")
+    return f"child exited with code {code} without a result"
 
 
 class CellProcess:
@@ -107,15 +127,10 @@ class CellProcess:
 
     def _death(self) -> CellRecord:
         self.proc.join(5)
-        code = self.proc.exitcode
-        if code is not None and code < 0:
-            hint = " (out of memory?)" if -code == 9 else ""
-            return self._failed("failed", f"killed by signal {-code}{hint}")
-        return self._failed("failed", f"child exited with code {code} without a result")
+        return self._failed("failed", death_reason(self.proc.exitcode))
 
     def _failed(self, status: str, reason: str, tail: str | None = None) -> CellRecord:
-        return CellRecord(cell_id=self.cell.cell_id, status=status, config=self.cell.config.to_dict(),
-                          reason=reason, traceback_tail=tail)
+        return failed_record(self.cell, status, reason, tail)
 
     def _reap(self) -> None:
         self.proc.join(10)

@@ -16,6 +16,7 @@ minutes on a CPU for a real model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from zobench.errors import Unsupported, UserError
+from zobench.files import build_lock
 from zobench.quant.base import Backend, QuantContext, Storage, _parent
 from zobench.data.calibration import corpus_batches, find_corpus
 
@@ -89,40 +91,43 @@ class GPTQ(Backend):
             raise UserError("quant 'gptq' needs a tokenizer for its calibration data")
         corpus = find_corpus(ctx.calib_path, ctx.data_dir)
         target = self._cache_path(ctx, names, shapes, corpus)
-        hit = target is not None and (target / "layers.safetensors").exists()
-        if hit:
-            from safetensors.torch import load_file
+        # Cells at once on one node wait for the one that builds these layers, then load its result.
+        with build_lock(target) if target is not None else contextlib.nullcontext():
+            hit = target is not None and (target / "layers.safetensors").exists()
+            if hit:
+                from safetensors.torch import load_file
 
-            state = load_file(str(target / "layers.safetensors"))
-            for name in names:
-                self._install(model, name, _new_layer(TorchLinear, shapes[name]),
-                              {k.rpartition(".")[2]: v for k, v in state.items() if k.rpartition(".")[0] == name},
-                              ctx)
-        else:
-            batches = corpus_batches(corpus, ctx.tokenizer, ctx.calib_sequences, ctx.calib_length,
-                                     vocab_size=ctx.vocab_size)
-            cfg = dict(bits=BITS, group_size=GROUP_SIZE, sym=True, desc_act=False, act_group_aware=False,
-                       damp_percent=DAMP_PERCENT, damp_auto_increment=DAMP_AUTO_INCREMENT,
-                       offload_to_disk=False)  # else each config makes a temporary directory
+                state = load_file(str(target / "layers.safetensors"))
+                for name in names:
+                    own = {k.rpartition(".")[2]: v for k, v in state.items() if k.rpartition(".")[0] == name}
+                    self._install(model, name, _new_layer(TorchLinear, shapes[name]), own, ctx)
+            else:
+                batches = corpus_batches(corpus, ctx.tokenizer, ctx.calib_sequences, ctx.calib_length,
+                                         vocab_size=ctx.vocab_size)
+                cfg = dict(bits=BITS, group_size=GROUP_SIZE, sym=True, desc_act=False, act_group_aware=False,
+                           damp_percent=DAMP_PERCENT, damp_auto_increment=DAMP_AUTO_INCREMENT,
+                           offload_to_disk=False)  # else each config makes a temporary directory
 
-            def quantize_layer(name, gptq):
-                scale, zero, g_idx, *_ = gptq.hf_quantize(
-                    blocksize=BLOCKSIZE, percdamp=DAMP_PERCENT, damp_auto_increment=DAMP_AUTO_INCREMENT,
-                    group_size=GROUP_SIZE, actorder=False, act_group_aware=False)
-                # The packer works on CPU tensors; the float layer is dropped right after.
-                linear = model.get_submodule(name).to("cpu")
-                q = _new_layer(TorchLinear, shapes[name])
-                hf_pack_layer(q, linear, scale.cpu(), zero.cpu(), g_idx.cpu())
-                self._install(model, name, q, None, ctx)
+                def quantize_layer(name, gptq):
+                    scale, zero, g_idx, *_ = gptq.hf_quantize(
+                        blocksize=BLOCKSIZE, percdamp=DAMP_PERCENT, damp_auto_increment=DAMP_AUTO_INCREMENT,
+                        group_size=GROUP_SIZE, actorder=False, act_group_aware=False)
+                    # The packer works on CPU tensors; the float layer is dropped right after.
+                    linear = model.get_submodule(name).to("cpu")
+                    q = _new_layer(TorchLinear, shapes[name])
+                    hf_pack_layer(q, linear, scale.cpu(), zero.cpu(), g_idx.cpu())
+                    self._install(model, name, q, None, ctx)
 
-            _calibrate(model, names, batches, lambda m: _new_gptq(LayerGPTQ, GPTQConfig, m, cfg), quantize_layer)
-            if target is not None:
-                try:
-                    _save(target, {f"{n}.{k}": v for n in names
-                                   for k, v in model.get_submodule(n).state_dict().items()},
-                          {"names": names, "seconds": time.perf_counter() - start})
-                except OSError as e:  # a full or read-only cache: quantized, only not kept for next time
-                    ctx.info["cache_warning"] = f"GPTQ result not cached in {target.parent}: {e.strerror or e}"
+                _calibrate(model, names, batches, lambda m: _new_gptq(LayerGPTQ, GPTQConfig, m, cfg),
+                           quantize_layer)
+                if target is not None:
+                    try:
+                        _save(target, {f"{n}.{k}": v for n in names
+                                       for k, v in model.get_submodule(n).state_dict().items()},
+                              {"names": names, "seconds": time.perf_counter() - start})
+                    except OSError as e:  # a full or read-only cache: quantized, only not kept for next time
+                        ctx.info["cache_warning"] = (f"GPTQ result not cached in {target.parent}: "
+                                                     f"{e.strerror or e}")
         ctx.info["quant_calib_corpus"] = corpus.describe()
         ctx.info["quant_cache_hit"] = hit
         ctx.info["quant_s"] = round(time.perf_counter() - start, 3)

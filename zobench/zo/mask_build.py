@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from zobench.files import build_lock
 from zobench.zo import masks as M
 
 
@@ -94,12 +95,18 @@ def cached_mask(spec: MaskSpec, params, make: Callable[[], tuple[dict, dict]], c
     """``(mask, info)``: from the cache, else ``make()`` (then cached). ``info`` has the obtained density,
     the build time, whether the cache hit, and what ``make`` reported (mass fraction, corpus)."""
     cache = MaskCache(cache_root) if cache_root else None
-    key = cache.key(spec, weights_fingerprint(params)) if cache else None
-    if cache:
+    if cache is None:
+        return _build(params, make, None, None)
+    key = cache.key(spec, weights_fingerprint(params))
+    with build_lock(cache.root / key):  # a cell that needs the mask another is building waits for it
         hit = cache.load(key)
         if hit is not None:
             mask, info = hit
             return mask, dict(info, mask_cache_hit=True)
+        return _build(params, make, cache, key)
+
+
+def _build(params, make, cache: MaskCache | None, key: str | None):
     start = time.perf_counter()
     mask, info = make()
     info = dict(info, **M.mask_summary(mask, params), mask_build_s=time.perf_counter() - start)

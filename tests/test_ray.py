@@ -1,0 +1,170 @@
+"""The Ray executor on a local Ray (2 CPUs, 2 declared GPUs, started once for these tests): the same records
+as the local executor, clean cell processes, GPUs never shared, lost workers retried or recorded, and a
+killed driver resumed. The cells are the tiny random Llama's, so a whole cell takes seconds."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+
+from zobench.driver import run_suite, select_cells  # noqa: E402
+from zobench.executors.local import LocalExecutor  # noqa: E402
+from zobench.executors.ray_executor import RayExecutor  # noqa: E402
+from zobench.results import load_records  # noqa: E402
+from zobench.spec.suite import load_suite  # noqa: E402
+
+SUITE = """
+name: t
+defaults:
+  model: "random:tiny-llama"
+  n_train: 16
+  n_dev: 4
+  n_test: 8
+  batch_size: 4
+  max_length: 48
+  steps: 3
+  warmup_steps: 1
+  density: 0.05
+  device: cpu
+matrix:
+  method: [full, random]
+timeout_s: 300
+"""
+
+# Long enough (steps) that a test can kill the worker while the cell is still training.
+SLOW = SUITE.replace("steps: 3\n", "steps: 40\n").replace("method: [full, random]", "method: [random]")
+
+
+def _suite(tmp_path: Path, text: str = SUITE):
+    p = tmp_path / "t.yaml"
+    p.write_text(text)
+    return load_suite(p)
+
+
+def _ok_ids(path: Path) -> list[str]:
+    return sorted(r.cell_id for r in load_records(path) if r.ok)
+
+
+def test_ray_gives_the_local_executors_records_from_clean_processes(ray_local, tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    local = {r.cell_id: r for r in load_records(run_suite(_suite(tmp_path / "a"), tmp_path / "a" / "res",
+                                                          executor=LocalExecutor()))}
+    ray = {r.cell_id: r for r in load_records(run_suite(_suite(tmp_path / "b"), tmp_path / "b" / "res",
+                                                        executor=RayExecutor()))}
+    assert set(local) == set(ray) and len(ray) == 3  # forward, full, random: each appended once
+    for cid, r in ray.items():
+        lo = local[cid]
+        assert r.ok and lo.ok
+        assert r.execution.executor == "ray" and r.execution.ray_imported is False
+        assert r.execution.gpu == "" and r.execution.threads == 2 and r.execution.worker_pid != os.getpid()
+        # Same computation: same losses and accuracies (same seeds, same thread count).
+        assert r.metrics.get("loss_curve") == pytest.approx(lo.metrics.get("loss_curve"), rel=1e-6)
+        assert r.metrics.get("acc_after") == lo.metrics.get("acc_after")
+        # Same process footprint: the task's child carries nothing of Ray's.
+        for phase in ("load", "train"):
+            assert abs(r.phases[phase].peak_rss_mib - lo.phases[phase].peak_rss_mib) < 25, (cid, phase)
+
+
+def test_cells_running_at_once_never_share_a_gpu(ray_local, tmp_path):
+    # 6 seeds x (random + its forward reference). On this CPU machine a CUDA cell ends quickly as
+    # unsupported, but only after Ray gave it a GPU and its process started: enough to see which GPU each
+    # cell got and when it ran.
+    text = SUITE.replace("method: [full, random]", "method: [random]\n  seed: [0, 1, 2, 3, 4, 5]") \
+        .replace("device: cpu", "device: cuda")
+    recs = load_records(run_suite(_suite(tmp_path, text), tmp_path / "res", executor=RayExecutor()))
+    cuda = [r for r in recs if r.config["device"] == "cuda"]
+    assert len(cuda) == 12 and all(r.status == "unsupported" for r in cuda)
+    assert all(r.execution.gpu in ("0", "1") for r in cuda)
+    spans = [(r.execution.span_s, r.execution.gpu) for r in cuda]
+    overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:]
+                   if a[0][0] < b[0][1] and b[0][0] < a[0][1]]
+    assert overlapping, "no two cells ran at the same time: the test shows nothing"
+    assert all(a[1] != b[1] for a, b in overlapping)
+
+
+class _KillWorker:
+    """A reporter that SIGKILLs the Ray worker running the first cell once that cell reports training."""
+
+    def __init__(self):
+        self.workers, self.killed = {}, None
+
+    def __call__(self, kind, data):
+        if kind == "start":
+            self.workers[data["cell"].cell_id] = data["where"]["worker_pid"]
+        elif kind == "progress" and self.killed is None and data.get("step"):
+            self.killed = (data["cell"].cell_id, self.workers[data["cell"].cell_id])
+            os.kill(self.killed[1], signal.SIGKILL)
+
+
+def test_a_killed_worker_is_retried_and_the_cell_recorded_once(ray_local, tmp_path):
+    kill = _KillWorker()
+    out = run_suite(_suite(tmp_path, SLOW), tmp_path / "res", executor=RayExecutor(max_retries=1),
+                    reporter=kill, cells=[c for c in select_cells(_suite(tmp_path, SLOW))
+                                          if c.config.method == "random"])
+    assert kill.killed is not None
+    recs = load_records(out)
+    assert [r.cell_id for r in recs] == [kill.killed[0]]
+    assert recs[0].ok and recs[0].execution.worker_pid != kill.killed[1]  # a new worker ran it again
+
+
+def test_with_no_retries_a_lost_cell_is_recorded_and_resume_redoes_only_it(ray_local, tmp_path):
+    suite = _suite(tmp_path, SLOW)
+    kill = _KillWorker()
+    out = run_suite(suite, tmp_path / "res", executor=RayExecutor(max_retries=0), reporter=kill)
+    recs = {r.cell_id: r for r in load_records(out)}
+    lost = recs[kill.killed[0]]
+    assert lost.status == "lost" and "--resume" in lost.reason
+    assert sum(r.ok for r in recs.values()) == len(recs) - 1
+    run_suite(suite, tmp_path / "res", executor=RayExecutor(), resume=True)
+    again = load_records(out)
+    assert [r.cell_id for r in again[len(recs):]] == [lost.cell_id]  # only the lost cell ran again
+    assert _ok_ids(out) == sorted(c.cell_id for c in select_cells(suite))
+
+
+def test_a_killed_driver_resumes_with_one_ok_record_per_cell(tmp_path):
+    """The CLI with its own private Ray: killed after its first record, then --resume."""
+    suite = tmp_path / "t.yaml"
+    suite.write_text(SUITE)
+    cmd = [sys.executable, "-m", "zobench.cli", "run", str(suite), "--executor", "ray", "--out",
+           str(tmp_path / "res"), "--reports", str(tmp_path / "rep")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    results = tmp_path / "res" / "t.jsonl"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (results.exists() and results.read_text().count("\n") >= 1):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only: its Ray instance must not outlive it for long
+    finally:
+        proc.wait()
+    first = load_records(results)
+    assert 1 <= len(first) < 3
+    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    recs = load_records(results)
+    ids = [r.cell_id for r in recs if r.ok]
+    assert sorted(ids) == sorted(set(ids)) and len(set(ids)) == 3  # exactly one ok record per cell
+    assert [r.cell_id for r in recs[:len(first)]] == [r.cell_id for r in first]  # nothing rewritten
+    assert {r.execution.executor for r in recs} == {"ray"}
+
+
+def test_bad_address_is_one_line_and_exit_2(tmp_path):
+    suite = tmp_path / "t.yaml"
+    suite.write_text(SUITE)
+    done = subprocess.run([sys.executable, "-m", "zobench.cli", "run", str(suite), "--executor", "ray",
+                           "--address", "ray://127.0.0.1:9", "--out", str(tmp_path / "res")],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 2
+    assert "--address ray://127.0.0.1:9" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "res" / "t.jsonl").exists()  # no results file before the cluster is joined

@@ -13,7 +13,7 @@ run: venv
 	$(VENV)/bin/zobench run suites/smollm2.yaml
 
 test: venv
-	$(PY) -m pytest -q tests bench --benchmark-disable
+	$(PY) -m pytest -q tests bench --benchmark-disable --durations=15
 
 bench: venv
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=median,iqr,rounds

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("ray")
@@ -168,3 +169,99 @@ def test_bad_address_is_one_line_and_exit_2(tmp_path):
     assert done.returncode == 2
     assert "--address ray://127.0.0.1:9" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "res" / "t.jsonl").exists()  # no results file before the cluster is joined
+
+
+# -- influence caching on Ray actors ---------------------------------------------------------------------
+
+INFLUENCE = dict(model="random:tiny-llama", scope="all", k=512, max_length=48)
+
+
+@pytest.fixture(scope="module")
+def alpaca(data_dir):
+    from zobench.influence.data import load_alpaca
+
+    return load_alpaca(data_dir / "alpaca" / "alpaca_data_en_52k.json", n=40, seed=3)
+
+
+def _one_process(spec, rows, out) -> np.ndarray:
+    """The reference: the same rows sketched by one process with one thread (as each actor here has)."""
+    import torch
+
+    from zobench.influence.cache import build_cache
+    from zobench.influence.store import SketchStore
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build_cache(spec, rows, out)
+    finally:
+        torch.set_num_threads(threads)
+    return np.asarray(SketchStore.open(out).matrix())
+
+
+def _actor_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::SketchWorker")]
+
+
+def test_two_actors_build_the_one_process_cache_bit_for_bit_even_when_one_dies(ray_local, alpaca, tmp_path):
+    from zobench.influence.cache import build_cache
+    from zobench.influence.session import InfluenceSpec
+    from zobench.influence.store import SketchStore
+
+    spec = InfluenceSpec.from_dict(INFLUENCE, "test")
+    killed = []
+
+    def kill_one_actor(done, total):  # after the first chunk lands, while the others are in flight
+        if not killed and done < total:
+            killed.append(_actor_pids()[0])
+            os.kill(killed[0], signal.SIGKILL)
+
+    stats = build_cache(spec, alpaca, tmp_path / "c", workers=2, device="cpu", executor="ray",
+                        progress=kill_one_actor)
+    assert killed and stats["lost_chunks"] >= 1  # a chunk in flight on the dead actor was done again
+    assert stats["rows"] == len(alpaca) and stats["workers"] == 2 and len(stats["per_worker"]) == 2
+    assert sum(w["rows"] for w in stats["per_worker"]) == len(alpaca)
+    store = SketchStore.open(tmp_path / "c")
+    assert store.complete
+    assert np.array_equal(np.asarray(store.matrix()), _one_process(spec, alpaca, tmp_path / "one"))
+
+
+def test_a_killed_ray_cache_driver_resumes_to_the_same_cache(alpaca, tmp_path):
+    """The CLI with its own private Ray, SIGKILLed once rows have landed, then run again."""
+    import json
+
+    from zobench.influence.store import SketchStore
+
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(alpaca))
+    cmd = [sys.executable, "-m", "zobench.cli", "influence", "cache", "--model", INFLUENCE["model"],
+           "--scope", "all", "--k", "512", "--max-length", "48", "--data", str(data), "--executor", "ray",
+           "--workers", "2", "--out", str(tmp_path / "c")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline
+            if (tmp_path / "c" / "meta.json").exists():
+                missing = len(SketchStore.open(tmp_path / "c").missing())
+                if missing < len(alpaca):
+                    break
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert 0 < len(SketchStore.open(tmp_path / "c").missing()) < len(alpaca), "killed too late to show a resume"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "already cached" in done.stdout and "worker 1:" in done.stderr
+    store = SketchStore.open(tmp_path / "c")
+    # The reference: one process over the rows as the command read them (ids added, in file order).
+    from zobench.influence.cache import load_cache_dir
+
+    spec, rows = load_cache_dir(tmp_path / "c")
+    assert store.complete and np.array_equal(np.asarray(store.matrix()), _one_process(spec, rows, tmp_path / "one"))

@@ -67,24 +67,31 @@ def _worker(spec_dict: dict, examples: list[dict], out: str, rows: list[int], th
 
 def build_cache(spec: InfluenceSpec, examples: list[dict], out: str | Path, workers: int = 1,
                 device: str = "cpu", progress: Callable[[int, int], None] | None = None,
-                limit: int | None = None, session: Session | None = None) -> dict:
+                limit: int | None = None, session: Session | None = None, executor: str = "local",
+                address: str | None = None) -> dict:
     """Fill the store at ``out`` for ``examples``; returns {rows, seconds, examples_per_s, ...}.
 
     ``progress(done, total)`` is called as rows land. ``limit`` stops after that many rows (tests use it
     to simulate a killed run). A given ``session`` (same spec) is reused by a single-process run.
+    ``executor="ray"`` sketches on Ray actors (``zobench.influence.ray_cache``; ``workers=None``: one per
+    GPU, else one per node) and the model is never loaded in this process.
     """
     out = str(out)
-    session = session or Session(spec, device)
-    # Opening here checks a reused store's metadata before any work starts.
-    store = SketchStore.open_or_create(out, cache_meta(spec, examples), len(examples), session.sketcher.cfg.k)
-    _write_sidecars(Path(out), spec, examples)
-    missing = [int(i) for i in store.missing()]
-    total, already = len(examples), len(examples) - len(missing)
     start = time.perf_counter()
-    built = _read_build(Path(out)) if already else {"rows": 0, "cache_s": 0.0}
+    if executor == "ray":
+        from zobench.influence.ray_cache import fill_with_ray
+
+        return _finish(out, start, fill_with_ray(spec, examples, lambda k: _begin(spec, examples, out, k),
+                                                 workers, device, address, progress))
+    if executor != "local":
+        raise UserError(f"--executor {executor}: expected local or ray")
+    session = session or Session(spec, device)
+    start = time.perf_counter()  # the model load is not part of a local build's throughput
+    store, missing, built = _begin(spec, examples, out, session.sketcher.cfg.k)
+    total, already = len(examples), len(examples) - len(missing)
     if not missing:  # nothing to do: report the throughput measured while it was built
-        return {"rows": 0, "cache_s": 0.0, "examples_per_s": _rate(built), "already": already, "workers": 0}
-    if workers <= 1:
+        return _nothing_to_do(built, already)
+    if (workers or 1) <= 1:
         done = [already]
 
         def report(n):
@@ -96,6 +103,28 @@ def build_cache(spec: InfluenceSpec, examples: list[dict], out: str | Path, work
         stats.update(already=already, workers=1)
     else:
         stats = _run_workers(spec, examples, out, missing, workers, device, progress, already, total)
+    return _finish(out, start, dict(stats, built=built))
+
+
+def _begin(spec: InfluenceSpec, examples: list[dict], out: str, k: int):
+    """Open (or create) the store and its sidecars: (store, missing rows, what earlier runs built)."""
+    # Opening here checks a reused store's metadata before any work starts.
+    store = SketchStore.open_or_create(out, cache_meta(spec, examples), len(examples), k)
+    _write_sidecars(Path(out), spec, examples)
+    missing = [int(i) for i in store.missing()]
+    built = _read_build(Path(out)) if len(missing) < len(examples) else {"rows": 0, "cache_s": 0.0}
+    return store, missing, built
+
+
+def _nothing_to_do(built: dict, already: int) -> dict:
+    return {"rows": 0, "cache_s": 0.0, "examples_per_s": _rate(built), "already": already, "workers": 0}
+
+
+def _finish(out: str, start: float, stats: dict) -> dict:
+    """Total seconds and throughput, summed into build.json over every run that built the cache."""
+    built = stats.pop("built")
+    if stats.get("nothing_to_do"):
+        return _nothing_to_do(built, stats["already"])
     stats["cache_s"] = time.perf_counter() - start
     stats["examples_per_s"] = _rate(stats)
     from zobench.files import atomic_write

@@ -26,7 +26,12 @@ def add_parsers(sub) -> None:
     c.add_argument("--sketch-seed", type=int, default=0, help="the sketch's seed (permutation and signs)")
     c.add_argument("--no-normalize", action="store_true", help="skip layer-wise normalization")
     c.add_argument("--max-length", type=int, default=256)
-    c.add_argument("--workers", type=int, default=1, help="processes filling disjoint rows")
+    c.add_argument("--workers", type=int, default=None,
+                   help="processes filling disjoint rows (default 1; with --executor ray: one per GPU, else "
+                        "one per node)")
+    c.add_argument("--executor", default="local", help="local (default) | ray (needs zobench[ray])")
+    c.add_argument("--address", default=None, help="with --executor ray: an existing cluster; else a private "
+                                                    "local Ray")
     c.add_argument("--data-dir", default=None, help="where c4/ is (scope sensitive)")
     c.add_argument("--out", required=True, help="cache directory (resumed when it exists and matches)")
     t = isub.add_parser("train", help="fine-tune on an instruction file and keep the result (--save) for cache")
@@ -102,7 +107,18 @@ def cache(args) -> int:
         if done % 50 == 0 or done == total:
             print(f"  {done}/{total} examples", file=sys.stderr, flush=True)
 
-    stats = build_cache(spec, examples, args.out, workers=args.workers, progress=progress)
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: expected a number of workers >= 1")
+    if args.address and args.executor != "ray":
+        raise UserError(f"--address {args.address}: only --executor ray joins a cluster")
+    # On Ray the workers take the cluster's GPUs when it has any; a local build stays on this CPU.
+    stats = build_cache(spec, examples, args.out, workers=args.workers, progress=progress,
+                        device="auto" if args.executor == "ray" else "cpu", executor=args.executor,
+                        address=args.address)
+    for w in stats.get("per_worker", []):
+        rate_w = f"{w['examples_per_s']:.2f} examples/s" if w["examples_per_s"] else "no rows"
+        print(f"  worker {w['worker']}: {w['rows']} rows, {rate_w}"
+              + (f", {w['lost_chunks']} chunks lost and redone" if w["lost_chunks"] else ""), file=sys.stderr)
     rate = stats.get("examples_per_s")
     how = " (measured when it was built)" if not stats["rows"] and rate else ""
     print(f"{args.out}: {len(examples)} examples ({stats.get('already', 0)} already cached), "

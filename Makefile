@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test bench clean
+.PHONY: venv run test bench gpu-bundle gpu-plan gpu-check clean
 
 venv:
 	@bash scripts/setup.sh
@@ -18,6 +18,19 @@ test: venv
 bench: venv
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=median,iqr,rounds
 	$(PY) bench/zo_step.py --json results/bench/zo_step.json
+
+# GPU nodes: the node's own Python and packages, plus gpu-bundle/ (make gpu-bundle, on a machine with an
+# index). gpu-plan prints what gpu-check runs and its time plan, on any machine.
+GPU_PY ?= python3
+
+gpu-bundle: venv
+	@bash scripts/gpu_bundle.sh
+
+gpu-plan:
+	$(GPU_PY) scripts/gpu_check.py --dry-run
+
+gpu-check:
+	$(GPU_PY) scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -38,7 +38,7 @@ def test_violations_name_cell_metric_limit_and_value():
     v, _ = check([rec("sensitive", 1200), rec("full", 5000, acc=0.5), fwd], suite)
     lines = sorted(x.line() for x in v)
     assert lines == ["method=full: accuracy_min limit 0.6, measured 0.5",
-                     "method=sensitive: peak_mib_max limit 1000, measured 1200",
+                     "method=sensitive: peak_mib_max limit 1000, measured 1200 (rss peak)",
                      "method=sensitive: peak_over_inference_max limit 1.05, measured 1.5"]
     ok, _ = check([rec("sensitive", 808), fwd], suite)  # 1.01x its forward, under 1000 MiB
     assert ok == []

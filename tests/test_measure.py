@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from zobench.measure.env import environment, git_state
@@ -35,3 +36,14 @@ def test_environment_names_versions_and_hardware():
     assert torch.__version__.split("+")[0] == env["versions"]["torch"].split("+")[0]
     assert env["cpu_count"] >= 1 and env["torch_threads"] >= 1
     assert isinstance(git_state(), dict)
+
+
+def test_without_a_gpu_driver_the_device_sampler_says_why_and_records_nothing():
+    import torch
+
+    from zobench.measure.device import DeviceMemory
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: tests/test_gpu.py measures it")
+    mem = DeviceMemory().start()
+    assert mem.error and mem.stop() == {}  # no figure rather than a zero that reads like a measurement

@@ -92,3 +92,17 @@ def test_checking_model_names_imports_no_torch():
             "assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_random_weights_are_built_on_the_target_device_not_in_host_memory():
+    """A random 7B model on the meta device costs no host memory: the weights are made where the model
+    runs (on a GPU cell, the GPU), never built on the CPU first and copied (13 GiB and minutes at 7B)."""
+    import psutil
+
+    from zobench.models import load_model
+
+    rss = psutil.Process().memory_info().rss
+    loaded = load_model("random:llama-2-7b", dtype="float16", device="meta")
+    assert all(p.device.type == "meta" for p in loaded.model.parameters())
+    assert sum(p.numel() for p in loaded.model.parameters()) > 6e9
+    assert (psutil.Process().memory_info().rss - rss) / 2**20 < 1024

@@ -95,9 +95,12 @@ def check(records: list[CellRecord], suite: Suite, baseline: list[CellRecord] | 
                 if limit == "latency_tolerance":
                     violations += _latency(rec, base.get(rec.cell_id), value, label, notes)
                     continue
-                measured = measured_value(rec, derived[rec.cell_id].to_dict(), limit)
+                d = derived[rec.cell_id].to_dict()
+                measured = measured_value(rec, d, limit)
                 if measured is not None and _broken(limit, value, measured):
-                    violations.append(Violation(label, limit, value, measured))
+                    # Which peak the budget held: device (what the card holds), allocated or rss.
+                    note = f"{d['peak_kind']} peak" if limit == "peak_mib_max" and d.get("peak_kind") else ""
+                    violations.append(Violation(label, limit, value, measured, note))
     for est in estimates or []:
         cell = {**est.config, **est.labels}
         for budget in (b for b in suite.budgets if selector_matches(b.match, cell)):

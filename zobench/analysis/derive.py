@@ -1,6 +1,8 @@
 """Ratios derived from a set of records when they are read, never frozen into a record at write time.
 
-    peak_mib                the training peak (CUDA max allocated on a GPU, else peak RSS of warm-up/train)
+    peak_mib                the training peak of warm-up/train: on a GPU the device memory the driver reported
+                            (NVML) where recorded, else CUDA max allocated; on a CPU peak RSS
+    peak_kind               which of those it is: device | allocated | rss
     peak_over_inference     peak_mib over the forward reference cell's
     step_over_two_forwards  step median over two inference forwards: the cell's own reference forwards
                             (timed right after each step, ``forward_ref`` "in-cell"), else the forward
@@ -27,6 +29,7 @@ SPEEDUP_BASELINE = "full"  # the method speedups are measured against (MeZO)
 @dataclass
 class Derived:
     peak_mib: float | None = None
+    peak_kind: str | None = None
     peak_over_inference: float | None = None
     step_over_two_forwards: float | None = None
     forward_ref: str | None = None
@@ -40,9 +43,22 @@ def is_cuda(rec: CellRecord) -> bool:
     return str(rec.device or rec.config.get("device") or "cpu").startswith("cuda")
 
 
+PEAK_KEYS = {"device": "device_peak_mib", "allocated": "cuda_max_allocated_mib", "rss": "peak_rss_mib"}
+
+
+def peak_kind(rec: CellRecord) -> str:
+    """What a cell's peak means: what the card holds (device) where the driver was sampled, else what the
+    allocator handed out (allocated) on a GPU, else the process's resident memory (rss)."""
+    if not is_cuda(rec):
+        return "rss"
+    device = any(getattr(rec.phases[p], "device_peak_mib", None) is not None for p in TRAIN_PHASES
+                 if p in rec.phases)
+    return "device" if device else "allocated"
+
+
 def train_peak_mib(rec: CellRecord) -> float | None:
-    """The training peak: CUDA max allocated on a GPU, else peak RSS, the larger of warm-up and train."""
-    key = "cuda_max_allocated_mib" if is_cuda(rec) else "peak_rss_mib"
+    """The training peak (``peak_kind``), the larger of warm-up and train."""
+    key = PEAK_KEYS[peak_kind(rec)]
     vals = [getattr(rec.phases[p], key) for p in TRAIN_PHASES if p in rec.phases]
     vals = [v for v in vals if v is not None]
     return max(vals) if vals else None
@@ -88,7 +104,7 @@ def derive(records: Iterable[CellRecord]) -> dict[str, Derived]:
 
 
 def _ratios(rec: CellRecord, forward: CellRecord | None, full: CellRecord | None) -> Derived:
-    d = Derived(peak_mib=train_peak_mib(rec))
+    d = Derived(peak_mib=train_peak_mib(rec), peak_kind=peak_kind(rec) if rec.phases else None)
     if not rec.ok:
         return d
     step = _step(rec) if _family(rec) != "reference" else None  # the reference is not compared with itself
@@ -98,7 +114,7 @@ def _ratios(rec: CellRecord, forward: CellRecord | None, full: CellRecord | None
     elif step and forward is not None and _step(forward):
         d.step_over_two_forwards, d.forward_ref = step / (2 * _step(forward)), "forward cell"
     fwd_peak = train_peak_mib(forward) if forward is not None and forward is not rec else None
-    if d.peak_mib and fwd_peak:
+    if d.peak_mib and fwd_peak and peak_kind(forward) == d.peak_kind:  # never device over allocated
         d.peak_over_inference = d.peak_mib / fwd_peak
     if step and full is not None and _step(full):  # the full cell itself: 1.00, the column's anchor
         d.speedup_vs_full = _step(full) / step

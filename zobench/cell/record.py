@@ -95,6 +95,8 @@ class PhaseMeasure:
     end_rss_mib: float | None = None
     cuda_max_allocated_mib: float | None = None
     cuda_max_reserved_mib: float | None = None
+    device_peak_mib: float | None = None    # what the driver reported (NVML): context and libraries included
+    device_source: str | None = None        # "process" (this process's own) | "device" (used minus before)
 
     @classmethod
     def from_json(cls, d, name: str) -> "PhaseMeasure":
@@ -103,7 +105,8 @@ class PhaseMeasure:
         if "seconds" in d:  # schema 1
             d["wall_s"] = d.pop("seconds")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: _check(v, NUMBER, f"{name}.{k}") for k, v in d.items() if k in known})
+        return cls(**{k: _check(v, (str,) if k == "device_source" else NUMBER, f"{name}.{k}")
+                      for k, v in d.items() if k in known})
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}

@@ -2,7 +2,8 @@
 
 CPU (Linux): the kernel's resident high-water mark VmHWM, reset at the start of each phase by writing
 "5" to /proc/self/clear_refs, so each phase gets its own peak. Elsewhere a sampling thread stands in.
-CUDA: the allocator's peaks (max allocated / reserved), reset per phase.
+CUDA: the allocator's peaks (max allocated / reserved), reset per phase, and the device memory the driver
+reports (NVML, ``zobench.measure.device``), sampled during the phase.
 
 glibc keeps freed memory in its heap, which inflates later phases' RSS; measured children set
 MALLOC_MMAP_THRESHOLD_ so large blocks go back to the OS when freed (see launcher/runner).
@@ -76,8 +77,11 @@ class PeakMemory:
         if self.device.startswith("cuda"):
             import torch
 
+            from zobench.measure.device import DeviceMemory
+
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            self._device = DeviceMemory().start()
         return self
 
     def __exit__(self, *exc):
@@ -89,4 +93,5 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / MIB
             self.result["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved() / MIB
+            self.result.update(self._device.stop())
         return False

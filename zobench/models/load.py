@@ -137,9 +137,12 @@ def pending_conversion(spec: str) -> Path | None:
 
 
 def builtin_tokenizer():
+    """The embedded model's tokenizer (random-weight models use it too). ``ZOBENCH_TOKENIZER`` names a
+    directory with it saved (``scripts/gpu_bundle.sh`` makes one), for nodes without the GGUF package."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(converted_gguf_dir(builtin_gguf())))
+    saved = os.environ.get("ZOBENCH_TOKENIZER")
+    return AutoTokenizer.from_pretrained(saved or str(converted_gguf_dir(builtin_gguf())))
 
 
 def random_config(name: str, trust_remote_code: bool):
@@ -168,8 +171,12 @@ def load_model(spec: str, dtype: str = "float32", seed: int = 0, trust_remote_co
     elif spec.startswith("random:"):
         config = random_config(spec.split(":", 1)[1], trust_remote_code)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        model.to(device).eval()
+        # Built where it will run: a random 7B model initialised on the CPU and then copied would spend
+        # minutes and 13 GiB of host memory before a GPU cell starts. On a CPU this is the same as before.
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code)
+        model.eval()
         return LoadedModel(model, builtin_tokenizer(), spec, "random", str(torch_dtype).split(".")[-1])
     elif spec.endswith(".gguf"):
         if not Path(spec).is_file():

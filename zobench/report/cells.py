@@ -73,9 +73,12 @@ def is_cuda(rec: dict) -> bool:
 
 
 def phase_peak(rec: dict, phase: str):
-    """Peak MiB of a phase: CUDA max allocated on a GPU (what the model needs), else peak RSS."""
-    key = "cuda_max_allocated_mib" if is_cuda(rec) else "peak_rss_mib"
-    return get(rec, f"phases.{phase}.{key}")
+    """Peak MiB of a phase: on a GPU the device memory the driver reported where sampled, else CUDA max
+    allocated; on a CPU peak RSS (as ``derived.peak_mib``)."""
+    if not is_cuda(rec):
+        return get(rec, f"phases.{phase}.peak_rss_mib")
+    device = get(rec, f"phases.{phase}.device_peak_mib")
+    return device if device is not None else get(rec, f"phases.{phase}.cuda_max_allocated_mib")
 
 
 def primary_score(scores: dict | None):

@@ -1,0 +1,174 @@
+"""``make gpu-check``: what a GPU user sees, on one GPU, in at most 8 minutes; ``make gpu-plan`` (this with
+``--dry-run``) prints the plan on any machine.
+
+In order, stopping cleanly before a step that no longer fits the time left:
+  1. ``pytest -m gpu``: per-phase CUDA peaks, the NVML sampler against a known allocation, NF4 on CUDA
+     against the CPU, sparse restore bit-exact in fp16/bf16, random 7B weights built on the GPU;
+  2. the cells of ``suites/gpu-check.yaml`` (Llama-2-7B from random weights, the suite's batch, ~10 timed
+     steps), forward and sensitive in fp16, then forward, sensitive and random on NF4, full ZO last;
+  3. ``results/gpu/gpu-check.jsonl``, ``reports/gpu.md`` (device-level, allocated and reserved peaks, each
+     beside its estimate) and the suite's budgets checked (at most 5 GiB for sensitive 0.1% + NF4).
+
+It runs with the node's own Python and packages (torch with CUDA, transformers 5.x, ...). What the node
+lacks comes from ``gpu-bundle/`` (``scripts/gpu_bundle.sh`` prepares it elsewhere): bitsandbytes for the
+node's CUDA only, pytest, and the embedded tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "gpu-bundle"
+SUITE = ROOT / "suites" / "gpu-check.yaml"
+BUDGET_S = 480
+PYTEST_S = 90  # planned time of step 1 (process starts, a 7B init, the small checks)
+# Planned seconds per cell until one was measured here (then its measured wall time counts): process
+# start and imports ~15 s, 7B random init on the GPU ~10 s, NF4 quantization ~25 s, sensitive mask
+# (8 x 256 calibration tokens, one backward) ~15 s, test accuracy before/after on 32 examples ~5 s,
+# 12 steps of two forwards over 16 x 2 x 256 tokens ~10 s.
+GUESS_S = {("none", "forward"): 40, ("none", "sensitive"): 55, ("none", "full"): 55,
+           ("nf4", "forward"): 60, ("nf4", "sensitive"): 75, ("nf4", "random"): 70}
+ORDER = [("none", "forward"), ("none", "sensitive"), ("nf4", "forward"), ("nf4", "sensitive"),
+         ("nf4", "random"), ("none", "full")]
+
+
+def _use_bundle() -> list[str]:
+    """Put gpu-bundle/ on the path of this process and of every cell; returns what it provides."""
+    provided = []
+    site = BUNDLE / "site"
+    paths = [str(ROOT)] + ([str(site)] if site.is_dir() else [])
+    if site.is_dir():
+        names = sorted(p.name for p in site.iterdir() if p.is_dir() and "." not in p.name and p.name[0] != "_")
+        provided.append(f"packages: {', '.join(names)}")
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    sys.path[:0] = paths
+    if (BUNDLE / "tokenizer" / "tokenizer.json").exists():
+        os.environ.setdefault("ZOBENCH_TOKENIZER", str(BUNDLE / "tokenizer"))
+        provided.append("tokenizer")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return provided
+
+
+def _cells():
+    from zobench.driver import select_cells
+    from zobench.spec.suite import load_suite
+
+    suite = load_suite(SUITE)
+    by = {(c.config.quant, c.config.method): c for c in select_cells(suite)}
+    missing = set(by) ^ set(ORDER)
+    if missing:
+        raise SystemExit(f"gpu-check: {SUITE.name} and ORDER disagree on {sorted(missing)}")
+    return suite, [by[k] for k in ORDER]
+
+
+def _measured(out: Path) -> dict[str, float]:
+    """Wall seconds of cells already measured here (latest ok record per cell)."""
+    path = out / "gpu-check.jsonl"
+    walls = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("status") == "ok" and r.get("wall_s"):
+                walls[r["cell_id"]] = float(r["wall_s"])
+    return walls
+
+
+def plan(out: Path) -> list[tuple[str, str, float, str]]:
+    """[(step, what, seconds, "measured" | "planned")] in running order."""
+    _, cells = _cells()
+    walls = _measured(out)
+    steps = [("pytest -m gpu", "tests/test_gpu.py", PYTEST_S, "planned")]
+    for c in cells:
+        key = (c.config.quant, c.config.method)
+        s, how = (walls[c.cell_id], "measured") if c.cell_id in walls else (GUESS_S[key], "planned")
+        steps.append((f"cell {c.cell_id}", f"quant={key[0]} method={key[1]}", s, how))
+    return steps
+
+
+def node_report() -> list[str]:
+    """What this node has for the check, one line each."""
+    lines = []
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        lines.append(f"torch {torch.__version__}, CUDA {torch.version.cuda}: "
+                     + (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if cuda else "no GPU"))
+    except ImportError:
+        lines.append("torch: missing")
+    for mod in ("transformers", "bitsandbytes", "pytest", "pynvml"):
+        try:
+            m = __import__(mod)
+            lines.append(f"{mod} {getattr(m, '__version__', '?')}")
+        except Exception as e:  # bitsandbytes without its CUDA library raises more than ImportError
+            lines.append(f"{mod}: missing ({type(e).__name__})")
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry-run", action="store_true", help="print what would run and its time plan")
+    ap.add_argument("--budget-s", type=float, default=BUDGET_S)
+    ap.add_argument("--out", default=str(ROOT / "results" / "gpu"))
+    ap.add_argument("--reports", default=str(ROOT / "reports"))
+    args = ap.parse_args()
+    start = time.monotonic()
+    provided = _use_bundle()
+    out = Path(args.out)
+    steps = plan(out)
+    total = sum(s for _, _, s, _ in steps)
+    print(f"gpu-check: {len(steps)} steps, {total:.0f} s planned of a {args.budget_s:.0f} s budget"
+          + (f"; gpu-bundle/ gives {'; '.join(provided)}" if provided else "; no gpu-bundle/"))
+    for name, what, s, how in steps:
+        print(f"  {s:5.0f} s  {how:<8}  {name}  {what}")
+    for line in node_report():
+        print(f"  node: {line}")
+    if args.dry_run:
+        return 0 if total <= args.budget_s else 1
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA device here; nothing run (use make gpu-plan for the plan)", file=sys.stderr)
+        return 2
+    left = lambda: args.budget_s - (time.monotonic() - start)  # noqa: E731
+    tests = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(ROOT / "tests" / "test_gpu.py"),
+             "-p", "no:cacheprovider"]
+    rc = subprocess.run(tests, cwd=ROOT, timeout=max(30, left() - 60)).returncode
+    print(f"gpu-check: pytest -m gpu exit {rc} ({args.budget_s - left():.0f} s so far)", flush=True)
+
+    from zobench.driver import run_suite
+    from zobench.executors.local import LocalExecutor
+    from zobench.report import render_results_file
+
+    suite, cells = _cells()
+    ran = []
+    for (name, what, s, _), cell in zip(steps[1:], cells):
+        if left() < s:
+            print(f"gpu-check: stopped before {what}: {left():.0f} s left, it needs ~{s:.0f} s", flush=True)
+            break
+        print(f"gpu-check: {what} ({left():.0f} s left)", flush=True)
+        run_suite(suite, out, resume=True, executor=LocalExecutor(), cells=[cell])
+        ran.append(cell.cell_id)
+    results = out / "gpu-check.jsonl"
+    if results.exists():
+        print(f"report: {render_results_file(results, Path(args.reports) / 'gpu.md')}")
+        check = subprocess.run([sys.executable, "-m", "zobench.cli", "check", str(results), "--suite",
+                                str(SUITE)], cwd=ROOT)
+        print(f"gpu-check: budgets exit {check.returncode}; {len(ran)} of {len(cells)} cells ran; "
+              f"{args.budget_s - left():.0f} s in all")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -74,3 +74,16 @@ def test_a_suite_with_a_pilot_runs_it_first_and_never_touches_test(tmp_path):
                and "eval_after" not in r.phases for r in pilots)
     assert main.lr_choice["chosen"] == main.config["lr"] in (1e-4, 1e-3)
     assert main.metrics.get("test_after") is not None
+
+    # The report while the pilot runs (only pilot records yet) shows each pilot's dev score; once a cell
+    # has its lr, the table of chosen learning rates replaces it.
+    from zobench.report import render_report
+
+    partial = render_report(pilots, tmp_path / "partial.md").read_text()
+    assert "Suite **pilot**" in partial and "## Learning-rate pilot (in progress)" in partial
+    rows = [line for line in partial.splitlines() if line.startswith("| random")]
+    assert len(rows) == 2
+    for r in pilots:
+        assert any(f"{100 * r.metrics.get('best_dev')['accuracy']:.1f}" in row for row in rows)
+    full = render_report(records, tmp_path / "full.md").read_text()
+    assert "in progress" not in full and "## Learning rates chosen on dev" in full

@@ -125,8 +125,8 @@ def section(title: str, intro: str, columns: list[Column], recs: list[dict], ext
 
 # -- sections ------------------------------------------------------------------------------------------
 
-def header(recs: list[dict], title: str | None) -> list[str]:
-    suite = next((r["suite"] for r in recs if r.get("suite")), None)
+def header(recs: list[dict], title: str | None, pilots: list[dict] = ()) -> list[str]:
+    suite = next((r["suite"] for r in [*recs, *pilots] if r.get("suite")), None)
     ok = sum(r.get("status") == "ok" for r in recs)
     by_status = {}
     for r in recs:
@@ -314,6 +314,23 @@ def lr_table(ok: list[dict], pilots: list[dict], extras: list[str]) -> list[str]
     return section("Learning rates chosen on dev", intro, cols, chosen, extras, n_text=2)
 
 
+def pilot_progress(ok: list[dict], pilots: list[dict]) -> list[str]:
+    """While the lr pilot runs (no cell has its lr yet): each finished pilot cell and its dev score."""
+    if not pilots or any(get(r, "lr_choice") for r in ok):
+        return []
+    from zobench.report.cells import varying_axes
+
+    cols: list[Column] = [("lr", lambda r: f"{setting(r, 'lr'):g}"),
+                          ("dev % after the pilot", lambda r: pct_points(get(r, "metrics.best_dev.accuracy"))
+                           if r.get("status") == "ok" else str(r.get("status"))),
+                          ("steps", lambda r: str(setting(r, "steps"))),
+                          ("wall s", lambda r: f"{r['wall_s']:.0f}" if r.get("wall_s") else "-")]
+    intro = (f"The learning-rate pilot is running: {len(pilots)} pilot cells have finished. Each tries one lr "
+             f"of its method's grid on dev (never on test); the cells run once every pilot of their grid is done.")
+    extras = [a for a in varying_axes(pilots) if a != "lr"]
+    return section("Learning-rate pilot (in progress)", intro, cols, pilots, extras, n_text=1)
+
+
 def claims_table(claims) -> list[str]:
     if not claims:
         return []
@@ -346,10 +363,10 @@ def render_markdown(recs: list[dict], title: str | None, plots: list[tuple[str, 
     extras = varying_axes(recs)
     ok = [r for r in recs if r.get("status") == "ok"]
     bad = [r for r in recs if r.get("status") != "ok"]
-    lines = header(recs, title) + claims_table(claims)
+    lines = header(recs, title, pilots or []) + claims_table(claims)
     for part in (main_table, quant_table, phase_table, step_table, mask_tables):
         lines += part(ok, extras)
-    lines += lr_table(ok, pilots or [], extras)
+    lines += lr_table(ok, pilots or [], extras) + pilot_progress(ok, pilots or [])
     lines += failure_table(bad, extras) + plot_links(plots)
     while lines and lines[-1] == "":
         lines.pop()

@@ -223,7 +223,13 @@ def test_estimate_cli_table_and_json(capsys, monkeypatch):
     assert main(["estimate", "suites/smoke.yaml"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[:4] == ["cell", "device", "peak", "MiB"]
-    assert len(lines) == 5 and all("weights" in line for line in lines[1:])
+    assert len(lines) == 6 and all("weights" in line for line in lines[1:5])
+    # The last line says what the figures stand on: the CPU footprint measured here (a test run's machine
+    # is calibrated before any estimate is printed).
+    assert lines[5].startswith("framework footprint on cpu:") and lines[5].endswith("measured on this machine")
+    assert main(["estimate", "suites/gpu-check.yaml"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "framework footprint on cuda: 0 MiB, default (CUDA footprint not measured on a GPU yet)")
     assert main(["estimate", "suites/smoke.yaml", "--json", "--only", "method=sensitive"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [row["labels"]["method"] for row in rows] == ["sensitive"]

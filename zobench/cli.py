@@ -269,6 +269,12 @@ def cmd_estimate(args) -> int:
             print(f"{name:<{width}}  {'-':<6} {'-':>9}  {r['error']}")
         else:
             print(f"{name:<{width}}  {r['device']:<6} {r['peak_mib']:>9.0f}  {describe(r)}")
+    # Which constants each figure stands on: measured on this machine, or a default (CUDA: until a GPU run).
+    seen = {r["device"]: r for r in rows if "calibration" in r}
+    for device, r in sorted(seen.items()):
+        cal = r["calibration"]
+        how = "measured on this machine" if cal.get("source") == "measured" else f"default ({cal.get('why')})"
+        print(f"framework footprint on {device}: {r['breakdown']['framework_mib']:.0f} MiB, {how}")
     return EXIT_OK
 
 

@@ -195,16 +195,18 @@ def check_output_file(path: str | Path, what: str = "output") -> Path:
 
 @contextlib.contextmanager
 def build_lock(target: str | Path):
-    """Hold an exclusive lock on ``<target>.lock`` while a cache entry is checked and, if missing, built.
+    """Hold an exclusive lock while the cache entry ``<cache>/<kind>/<name>`` is checked and, if missing, built.
 
     Cells running at once on one node (``--jobs``, Ray) that need the same mask or GPTQ layers would
-    otherwise both build it: the second waits here, then finds the first one's entry. The lock dies with
-    its process (``flock``), so a killed builder never blocks the next. Where no lock file can be made
-    (a read-only cache) the build goes ahead unlocked, as it would without a cache.
+    otherwise both build it: the second waits here, then finds the first one's entry. The lock file is
+    ``<cache>/locks/<kind>-<name>.lock`` (a kind's folder holds entries only). The lock dies with its
+    process (``flock``), so a killed builder never blocks the next. Where no lock file can be made (a
+    read-only cache) the build goes ahead unlocked, as it would without a cache.
     """
     import fcntl
 
-    path = Path(str(target) + ".lock")
+    target = Path(target)
+    path = target.parent.parent / "locks" / f"{target.parent.name}-{target.name}.lock"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -30,16 +30,19 @@ MAX_RESTARTS = 3     # per actor, before the run gives that worker up
 
 
 class SketchWorker:
-    """The actor: a Session (model, scope, sketcher) built once; ``sketch(rows)`` returns their sketches."""
+    """The actor: a Session (model, scope, sketcher) built once; ``sketch(rows, examples)`` sketches them.
 
-    def __init__(self, spec: dict, examples: list[dict], device: str, threads: int):
+    The examples travel with their chunk, so no actor holds the whole dataset (and its constructor takes
+    nothing from the object store that a restart would need)."""
+
+    def __init__(self, spec: dict, device: str, threads: int):
         import torch
 
         from zobench.influence.session import InfluenceSpec, Session
 
         if threads:
             torch.set_num_threads(threads)
-        self.session, self.examples = Session(InfluenceSpec(**spec), device), examples
+        self.session = Session(InfluenceSpec(**spec), device)
 
     def pid(self) -> int:
         return os.getpid()
@@ -47,13 +50,13 @@ class SketchWorker:
     def k(self) -> int:
         return self.session.sketcher.cfg.k
 
-    def sketch(self, rows: list[int]) -> tuple[list[int], np.ndarray, int, float]:
-        """(rows, float16 [len(rows), k], tokens, seconds)."""
+    def sketch(self, rows: list[int], examples: list[dict]) -> tuple[list[int], np.ndarray, int, float]:
+        """(rows, float16 [len(rows), k], tokens, seconds) for ``examples``, the rows' examples in order."""
         import torch
 
         start, tokens, values = time.perf_counter(), 0, []
-        for i in rows:
-            enc = self.session.encode(self.examples[i])
+        for example in examples:
+            enc = self.session.encode(example)
             sk, _ = self.session.sketch(enc)
             tokens += int(enc["input_ids"].numel())
             values.append(sk)
@@ -98,8 +101,7 @@ def _fill(ray, spec, examples, begin, workers, device, progress) -> dict:
     n, res = plan(ray, workers, device)
     actor = ray.remote(SketchWorker).options(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"],
                                             max_restarts=MAX_RESTARTS, max_task_retries=0)
-    data = ray.put(examples)
-    actors = [actor.remote(asdict(spec), data, res["device"], res["threads"]) for _ in range(n)]
+    actors = [actor.remote(asdict(spec), res["device"], res["threads"]) for _ in range(n)]
     store, missing, built = begin(ray.get(actors[0].k.remote()))
     total, already = len(examples), len(examples) - len(missing)
     if not missing:
@@ -113,7 +115,7 @@ def _fill(ray, spec, examples, begin, workers, device, progress) -> dict:
         for w in sorted(alive):
             while chunks and sum(1 for a, _ in inflight.values() if a == w) < IN_FLIGHT:
                 rows = chunks.popleft()
-                inflight[actors[w].sketch.remote(rows)] = (w, rows)
+                inflight[actors[w].sketch.remote(rows, [examples[i] for i in rows])] = (w, rows)
         if not inflight:
             raise UserError(f"influence cache: every Ray worker died {MAX_RESTARTS + 1} times; the rows "
                             f"written so far are kept, run again to resume")

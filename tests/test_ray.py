@@ -265,3 +265,16 @@ def test_a_killed_ray_cache_driver_resumes_to_the_same_cache(alpaca, tmp_path):
 
     spec, rows = load_cache_dir(tmp_path / "c")
     assert store.complete and np.array_equal(np.asarray(store.matrix()), _one_process(spec, rows, tmp_path / "one"))
+
+
+def test_the_private_ray_refuses_a_client_without_its_run_token(ray_local):
+    """Ray's ports listen on every interface: the private instance keeps token auth on, with a token made
+    for the run and kept in this process tree's environment (no file under the user's home)."""
+    addr = ray_local.get_runtime_context().gcs_address
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = os.environ.get("HOME", "/")
+    code = ("import ray\ntry:\n    ray.init(address=%r, log_to_driver=False)\n    print('JOINED')\n"
+            "except Exception as e:\n    print('REFUSED', type(e).__name__)" % addr)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1].startswith("REFUSED"), out.stdout + out.stderr[-500:]
+    assert len(os.environ.get("RAY_AUTH_TOKEN", "")) == 64

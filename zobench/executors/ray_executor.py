@@ -1,7 +1,8 @@
 """``zobench run SUITE --executor ray [--address auto|ray://HOST:10001]``: cells as Ray tasks.
 
-Without ``--address`` a private Ray instance starts on this machine (bound to 127.0.0.1, no dashboard, no
-usage statistics, a capped object store) and stops with the run; with it, zobench joins an existing
+Without ``--address`` a private Ray instance starts on this machine (no dashboard, no usage statistics,
+token authentication with a token made for the run and kept out of files, a capped object store) and
+stops with the run; with it, zobench joins an existing
 cluster, whose nodes need the same zobench and torch installed.
 
 One cell = one Ray task that asks for what the cell needs: one GPU for a CUDA cell (Ray sets its
@@ -61,8 +62,15 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
             raise UserError(f"--address {address}: cannot join the Ray cluster "
                             f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
         return ray, True
-    # A private instance reachable from this machine only: no token to write, no port open to others.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # A private instance. Ray's ports listen on every interface even with the node address set to
+    # 127.0.0.1, so token authentication stays on; the token is made here, for this run only, and lives in
+    # this process tree's environment (cells never see it), not in a file under the user's home.
+    # (Ray turns token mode on for a new local instance itself; it only needs a token it finds.)
+    wants_token = os.environ.get("RAY_AUTH_MODE", "token") == "token"
+    if wants_token and not ({"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ)):
+        import secrets
+
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     # Workers (and the cells they start) import this same zobench, wherever it was imported from here.
     root = str(Path(__file__).resolve().parents[2])
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)

@@ -153,9 +153,8 @@ LOST = ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "OwnerDie
 @dataclass
 class _Running:
     cell: Cell
-    node: str | None = None
+    node: str | None = None             # set by the task's first "start" message
     peers: int = 1
-    started: bool = False
     where: dict = field(default_factory=dict)
 
 
@@ -230,8 +229,8 @@ class RayExecutor(Executor):
                                       f"{self.max_retries} retries ran out; --resume runs it again"))
             return self._done(run, failed_record(run.cell, "failed", f"Ray: {kind}: {first}"))
         if msg["kind"] == "start":
-            if not run.started:
-                run.started, run.node, run.where = True, msg["node"], msg
+            if run.node is None:
+                run.node, run.where = msg["node"], msg
                 self._count(run)
                 self.on_event("start", {"cell": run.cell, "where": msg})
             return None
@@ -244,7 +243,7 @@ class RayExecutor(Executor):
         return self._done(run, rec)
 
     def _count(self, run: _Running) -> None:
-        same = [r for r in self.pending.values() if r.started and r.node == run.node]
+        same = [r for r in self.pending.values() if r.node == run.node]
         for r in same:
             r.peers = max(r.peers, len(same))
 

@@ -31,25 +31,32 @@ def cache_meta(spec: InfluenceSpec, examples: list[dict]) -> dict:
     return {**spec.meta(), "dataset": dataset_hash(examples)}
 
 
+def sketch_examples(session: Session, examples: list[dict]) -> tuple[torch.Tensor, int]:
+    """The sketched gradients of ``examples`` ([len, k], in order) and how many tokens they had; shared by
+    the local build and the Ray actors."""
+    tokens, values = 0, []
+    for example in examples:
+        enc = session.encode(example)
+        sk, _ = session.sketch(enc)
+        tokens += int(enc["input_ids"].numel())
+        values.append(sk)
+    return torch.stack(values), tokens
+
+
 def _fill(session: Session, examples: list[dict], out: str, rows: list[int],
           report: Callable[[int], None] | None = None, limit: int | None = None) -> dict:
-    """Compute and write ``rows`` (at most ``limit`` of them); returns counters."""
+    """Compute and write ``rows`` (at most ``limit`` of them) in groups of WRITE_EVERY; returns counters."""
     store = SketchStore.open_or_create(out, cache_meta(session.spec, examples), len(examples),
                                        session.sketcher.cfg.k)
     rows = rows[:limit] if limit is not None else rows
-    done, tokens, pending, values = 0, 0, [], []
-    for n, i in enumerate(rows, 1):
-        enc = session.encode(examples[i])
-        sk, _ = session.sketch(enc)
-        tokens += int(enc["input_ids"].numel())
-        pending.append(i)
-        values.append(sk)
-        if len(pending) >= WRITE_EVERY or n == len(rows):
-            store.write(np.asarray(pending), torch.stack(values))
-            done += len(pending)
-            if report:
-                report(len(pending))
-            pending, values = [], []
+    done, tokens = 0, 0
+    for at in range(0, len(rows), WRITE_EVERY):
+        group = rows[at:at + WRITE_EVERY]
+        values, n_tokens = sketch_examples(session, [examples[i] for i in group])
+        store.write(np.asarray(group), values)
+        done, tokens = done + len(group), tokens + n_tokens
+        if report:
+            report(len(group))
     return {"rows": done, "tokens": tokens, "dim": session.scope.dim, "k": session.sketcher.cfg.k}
 
 
@@ -77,10 +84,10 @@ def build_cache(spec: InfluenceSpec, examples: list[dict], out: str | Path, work
     GPU, else one per node) and the model is never loaded in this process.
     """
     out = str(out)
-    start = time.perf_counter()
-    if executor == "ray":
+    if executor == "ray":  # its time includes starting the actors and their model loads
         from zobench.influence.ray_cache import fill_with_ray
 
+        start = time.perf_counter()
         return _finish(out, start, fill_with_ray(spec, examples, lambda k: _begin(spec, examples, out, k),
                                                  workers, device, address, progress))
     if executor != "local":

@@ -15,7 +15,6 @@ k float16 values (128 KiB at k = 65,536), so 1,000,000 rows are 122 GiB through 
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from dataclasses import asdict
@@ -24,7 +23,7 @@ import numpy as np
 
 from zobench.errors import UserError
 
-CHUNK = 8            # rows per task: small enough that a lost actor costs seconds of work
+CHUNK = 8            # rows per task (the local build's WRITE_EVERY): a lost actor costs seconds
 IN_FLIGHT = 2        # chunks queued per actor
 MAX_RESTARTS = 3     # per actor, before the run gives that worker up
 
@@ -44,24 +43,17 @@ class SketchWorker:
             torch.set_num_threads(threads)
         self.session = Session(InfluenceSpec(**spec), device)
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def k(self) -> int:
         return self.session.sketcher.cfg.k
 
     def sketch(self, rows: list[int], examples: list[dict]) -> tuple[list[int], np.ndarray, int, float]:
         """(rows, float16 [len(rows), k], tokens, seconds) for ``examples``, the rows' examples in order."""
-        import torch
+        from zobench.influence.cache import sketch_examples
 
-        start, tokens, values = time.perf_counter(), 0, []
-        for example in examples:
-            enc = self.session.encode(example)
-            sk, _ = self.session.sketch(enc)
-            tokens += int(enc["input_ids"].numel())
-            values.append(sk)
+        start = time.perf_counter()
+        values, tokens = sketch_examples(self.session, examples)
         # The store's own conversion (float32, then float16), done here so half the bytes travel.
-        out = torch.stack(values).detach().to("cpu").float().numpy().astype(np.float16)
+        out = values.detach().to("cpu").float().numpy().astype(np.float16)
         return rows, out, tokens, time.perf_counter() - start
 
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from zobench.analysis.claims import FAILS, HOLDS, MISSING, OPEN, verdicts
-from zobench.cell.record import CellRecord, Metrics
+from zobench.cell.record import CellRecord, Metrics, PhaseMeasure
 
 
-def rec(method: str, test: float, seed: int = 0, quant: str = "none", curve=None, n_test: int = 872):
+def rec(method: str, test: float, seed: int = 0, quant: str = "none", curve=None, n_test: int = 872,
+        other_cpus: float | None = None):
     m = Metrics()
     m.set(test_best={"accuracy": test}, n_test=n_test, n_dev=200,
           dev_curve=[{"step": s, "accuracy": a, "train_s": t} for s, a, t in curve or []])
     cfg = {"method": method, "quant": quant, "seed": seed}
-    return CellRecord(f"{method}-{quant}-{seed}", config=cfg, labels={"method": method, "seed": seed}, metrics=m)
+    phases = {"train": PhaseMeasure(wall_s=1000.0, other_cpus=other_cpus)}
+    return CellRecord(f"{method}-{quant}-{seed}", config=cfg, labels={"method": method, "seed": seed}, metrics=m,
+                      phases=phases)
 
 
 class by_claim(dict):
@@ -59,6 +62,22 @@ def test_faster_compares_training_seconds_to_full_zos_best_dev():
     claim = "sensitive 0.1% reaches full ZO's best dev accuracy"
     assert by_claim([quick, full])[claim].verdict == HOLDS
     assert by_claim([slow, full])[claim].verdict == FAILS and "never reaches" in by_claim([slow, full])[claim].numbers
+
+
+def test_seconds_from_a_busier_machine_do_not_decide_who_is_faster():
+    def full(load):
+        return rec("full", 0.7, curve=[(100, 0.60, 300.0), (200, 0.70, 600.0)], other_cpus=load)
+
+    def quick(load):
+        return rec("sensitive", 0.7, curve=[(100, 0.71, 200.0), (200, 0.72, 400.0)], other_cpus=load)
+
+    claim = "sensitive 0.1% reaches full ZO's best dev accuracy"
+    # The winner trained on the quieter machine: its lead could be the load's doing.
+    v = by_claim([quick(0.0), full(1.0)])[claim]
+    assert v.verdict == OPEN and "0.00 and 1.00 CPUs" in v.numbers
+    # The winner trained beside more other work than the loser: it would only have been faster alone.
+    assert by_claim([quick(1.0), full(0.0)])[claim].verdict == HOLDS
+    assert by_claim([quick(0.1), full(0.2)])[claim].verdict == HOLDS  # below the threshold: decided
 
 
 def test_the_report_renders_the_claims_table(tmp_path):

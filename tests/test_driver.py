@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import json
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def test_records_are_typed_raw_measurements(two_runs):
         assert r.accuracy_meaningful is False  # random weights
         assert r.phases["train"].peak_rss_mib > 100 and r.phases["train"].wall_s > 0
         assert r.execution.executor == "local" and r.execution.concurrent_cells == 1
+        for p in r.phases.values():  # how busy the machine was, on every phase long enough to say
+            assert p.other_cpus is None if p.wall_s < 0.99 else 0.0 <= p.other_cpus <= os.cpu_count()
+        assert any(p.other_cpus is not None for p in r.phases.values())
         assert "derived" not in r.to_json()  # ratios are never frozen into a record
     full, rnd = recs["full"], recs["random"]
     assert rnd.metrics.get("density_obtained") == pytest.approx(0.05, rel=0.01)

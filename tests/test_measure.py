@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
+import psutil
 import pytest
 import torch
 
 from zobench.measure.env import environment, git_state
+from zobench.measure.load import OtherLoad
 from zobench.measure.memory import PeakMemory
 
 
@@ -47,3 +53,43 @@ def test_without_a_gpu_driver_the_device_sampler_says_why_and_records_nothing():
         pytest.skip("a GPU is here: tests/test_gpu.py measures it")
     mem = DeviceMemory().start()
     assert mem.error and mem.stop() == {}  # no figure rather than a zero that reads like a measurement
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_other_load_counts_a_busy_neighbour():
+    """A sibling process spinning during the block shows up as other CPUs, at least as much as it got."""
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 30\nwhile time.time() < end: pass"])
+    try:
+        neighbour = psutil.Process(spinner.pid)
+        time.sleep(0.3)
+        before = sum(neighbour.cpu_times()[:2])
+        with OtherLoad() as load:
+            time.sleep(1.5)
+        got = (sum(neighbour.cpu_times()[:2]) - before) / 1.5
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert got > 0.2  # the neighbour ran
+    assert load.other_cpus >= got - 0.1, (load.other_cpus, got)
+
+
+def test_other_load_leaves_out_the_measured_process_itself():
+    with OtherLoad() as idle:
+        time.sleep(1.5)
+    me = psutil.Process()
+    own = sum(me.cpu_times()[:2])
+    with OtherLoad() as busy:
+        _spin(1.5)
+    own = (sum(me.cpu_times()[:2]) - own) / 1.5
+    # Counting its own spinning would add about one CPU: against the quiet block, and against what the
+    # machine had left beside it (other work can only use the CPUs this process did not).
+    assert busy.other_cpus - idle.other_cpus < 0.5, (idle.other_cpus, busy.other_cpus)
+    assert busy.other_cpus <= psutil.cpu_count() - own + 0.1, (busy.other_cpus, own)
+    with OtherLoad() as short:
+        time.sleep(0.1)
+    assert short.other_cpus is None  # too short for 10 ms ticks to mean anything

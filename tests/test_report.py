@@ -110,3 +110,20 @@ def test_point_labels_never_overlap(records):
     boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts if t.get_text()]
     assert len(boxes) >= 3
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_cells_timed_beside_other_work_are_flagged(records, tmp_path):
+    loaded = copy.deepcopy(records)
+    timed = [r for r in loaded if r.ok and r.metrics.step_parts_s and "train" in r.phases]
+    timed[0].phases["train"].other_cpus = 1.25
+    for r in timed[1:]:
+        r.phases["train"].other_cpus = 0.0
+    md = render_report(loaded, tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "> 1 cells trained beside other work on the machine (at least 0.25 CPUs busy elsewhere on average, " \
+           "up to 1.25)" in md
+    step_section = md.split("## Step breakdown")[1].split("\n## ")[0]
+    header = next(line for line in step_section.splitlines() if line.startswith("| "))
+    assert header.rstrip().endswith("| other CPUs |")
+    assert sum(line.rstrip().endswith("| 1.25 |") for line in step_section.splitlines()) == 1
+    # Records without the measure (older ones) get neither the note nor the column: the golden holds.
+    assert "other CPUs" not in GOLDEN.read_text(encoding="utf-8")

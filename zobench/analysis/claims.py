@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from zobench.analysis.derive import latest_by_cell
 from zobench.cell.record import CellRecord
+from zobench.measure.load import LOADED_CPUS
 
 HOLDS, FAILS, OPEN, MISSING = "holds", "does not hold", "not resolved", "not measured"
 
@@ -50,6 +51,13 @@ class Arm:
     @property
     def n_test(self) -> int:
         return min(int(r.metrics.get("n_test") or 0) for r in self.runs)
+
+    @property
+    def other_cpus(self) -> float | None:
+        """Mean CPUs busy with other work while these runs trained (None when not recorded)."""
+        loads = [r.phases["train"].other_cpus for r in self.runs if "train" in r.phases]
+        loads = [x for x in loads if x is not None]
+        return sum(loads) / len(loads) if loads else None
 
     @property
     def spread(self) -> float:
@@ -116,9 +124,17 @@ def _faster(sens: Arm | None, full: Arm | None) -> Verdict:
         return Verdict(claim, FAILS, f"full ZO's best dev {100 * target:.1f}% (step {target_step}, {t_full:.0f} s); "
                                      f"sensitive's best {100 * max(p[1] for p in s):.1f}% never reaches it", noise)
     verdict = HOLDS if reached[2] < t_full else FAILS
-    return Verdict(claim, verdict, f"full ZO's best dev {100 * target:.1f}% at step {target_step} after "
-                                   f"{t_full:.0f} s; sensitive reaches it at step {reached[0]} after {reached[2]:.0f} s",
-                   noise)
+    numbers = (f"full ZO's best dev {100 * target:.1f}% at step {target_step} after {t_full:.0f} s; "
+               f"sensitive reaches it at step {reached[0]} after {reached[2]:.0f} s")
+    load_s, load_f = sens.other_cpus, full.other_cpus
+    if load_s is not None and load_f is not None:
+        numbers += f" (other work on the machine while training: {load_s:.2f} and {load_f:.2f} CPUs)"
+        # Other work only slows a run: a win is only in doubt when the winner ran on the quieter machine.
+        quieter_winner = load_f - load_s if verdict == HOLDS else load_s - load_f
+        if quieter_winner >= LOADED_CPUS:
+            verdict = OPEN
+            numbers += "; the faster side ran beside less other work, so the seconds do not decide it"
+    return Verdict(claim, verdict, numbers, noise)
 
 
 def verdicts(records: list[CellRecord]) -> list[Verdict]:

@@ -97,6 +97,7 @@ class PhaseMeasure:
     cuda_max_reserved_mib: float | None = None
     device_peak_mib: float | None = None    # what the driver reported (NVML): context and libraries included
     device_source: str | None = None        # "process" (this process's own) | "device" (used minus before)
+    other_cpus: float | None = None         # CPUs busy with other work meanwhile (zobench.measure.load)
 
     @classmethod
     def from_json(cls, d, name: str) -> "PhaseMeasure":

@@ -1,10 +1,12 @@
-"""``with phases("train"): ...`` records the block's wall time and peak memory (reset at its start)."""
+"""``with phases("train"): ...`` records the block's wall time, peak memory (reset at its start) and how busy
+the machine was with other work meanwhile."""
 
 from __future__ import annotations
 
 import contextlib
 import time
 
+from zobench.measure.load import OtherLoad
 from zobench.measure.memory import PeakMemory
 
 
@@ -17,6 +19,6 @@ class Phases:
         from zobench.cell.record import PhaseMeasure
 
         start = time.perf_counter()
-        with PeakMemory(self.device) as mem:
+        with OtherLoad() as load, PeakMemory(self.device) as mem:
             yield
-        self.data[name] = PhaseMeasure(wall_s=time.perf_counter() - start, **mem.result)
+        self.data[name] = PhaseMeasure(wall_s=time.perf_counter() - start, other_cpus=load.other_cpus, **mem.result)

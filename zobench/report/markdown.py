@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from zobench.measure.load import LOADED_CPUS
 from zobench.report.cells import (EXTRA_ORDER, PHASES, density, get, is_sparse, is_zo, meaningful, method, pct,
                                   phase_peak, quant, setting, varying_axes)
 
@@ -149,6 +150,12 @@ def header(recs: list[dict], title: str | None, pilots: list[dict] = ()) -> list
     if random_weights:
         lines += [f"> {random_weights} of {ok} ok cells use random weights (`accuracy_meaningful: false`): "
                   "they measure memory and latency only; their accuracy columns show n/a.", ""]
+    loaded = [r for r in recs if (get(r, "phases.train.other_cpus") or 0) >= LOADED_CPUS]
+    if loaded:
+        worst = max(get(r, "phases.train.other_cpus") for r in loaded)
+        lines += [f"> {len(loaded)} cells trained beside other work on the machine (at least {LOADED_CPUS} CPUs "
+                  f"busy elsewhere on average, up to {worst:.2f}): their timings are slower than on an idle "
+                  "machine; see `other CPUs` in the step breakdown.", ""]
     for key, what in (("model_fallback_reason", "loaded the fallback model"), ("data_note", "data")):
         for note in sorted({one_line(r[key]) for r in recs if r.get(key)}):
             n = sum(one_line(r.get(key)) == note for r in recs)
@@ -264,6 +271,10 @@ def step_table(ok: list[dict], extras: list[str]) -> list[str]:
     cols: list[Column] = [(p, lambda r, p=p: num(ms(get(r, f"metrics.step_parts_s.{p}.median")))) for p in present]
     cols.append(("step", lambda r: num(ms(get(r, "metrics.step_s.median")))))
     intro = "Median milliseconds of each part of a training step (a ZO step perturbs twice per direction)."
+    if any(get(r, "phases.train.other_cpus") is not None for r in timed):
+        cols.append(("other CPUs", lambda r: num(get(r, "phases.train.other_cpus"))))
+        intro += (" Other CPUs: the average number of CPUs busy with other work on the machine while the cell "
+                  "trained (0 on an idle machine); timings beside other work are slower than the cell alone.")
     return section("Step breakdown (ms)", intro, cols, timed, extras)
 
 

@@ -62,16 +62,27 @@ class SparseDelta(torch.nn.Module):
 
     def sparse_product(self, x2: torch.Tensor) -> torch.Tensor:
         """[n, in] -> [n, out]: ``x2 @ S^T`` without a dense S."""
-        values = self.values if self.values.dtype == x2.dtype else self.values.to(x2.dtype)
         if self._csr and (x2.is_cuda or x2.dtype in (torch.float32, torch.float64)):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-                st = torch.sparse_csr_tensor(self.crow, self.col, values, (self.in_features, self.out_features),
-                                             check_invariants=False)
             try:
-                return x2 @ st
+                return self.csr_product(x2)
             except (NotImplementedError, RuntimeError):
                 self._csr = False
+        return self.gather_product(x2)
+
+    def _values_as(self, x2: torch.Tensor) -> torch.Tensor:
+        return self.values if self.values.dtype == x2.dtype else self.values.to(x2.dtype)
+
+    def csr_product(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2 @ S^T`` as a dense-times-CSR product (raises where torch has no kernel for the dtype)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            st = torch.sparse_csr_tensor(self.crow, self.col, self._values_as(x2),
+                                         (self.in_features, self.out_features), check_invariants=False)
+        return x2 @ st
+
+    def gather_product(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2 @ S^T`` by gather, multiply and index_add_ over chunks of rows (a bounded temporary)."""
+        values = self._values_as(x2)
         cols = torch.repeat_interleave(torch.arange(self.in_features, device=x2.device), self.crow.diff())
         rows = self.col.long()
         out = x2.new_zeros(x2.shape[0], self.out_features)

@@ -94,6 +94,33 @@ def test_checking_model_names_imports_no_torch():
     assert r.returncode == 0, r.stderr
 
 
+HQQ_LATER = """
+import sys
+import torch
+from zobench.models import load_model
+from zobench.quant import QuantContext, get_backend
+
+m = load_model("random:tiny-llama")
+m.model(input_ids=torch.tensor([[1, 2, 3]]))
+assert "hqq" not in sys.modules and "torch._inductor.compile_fx" not in sys.modules, "imported with the model"
+q = get_backend("hqq").quantize_linear(torch.nn.Linear(128, 64), QuantContext())
+assert "hqq" in sys.modules and q(torch.ones(2, 128)).shape == (2, 64)
+"""
+
+
+def test_loading_a_model_leaves_hqq_and_its_compiler_imports_to_hqq_cells():
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("hqq") is None:
+        pytest.skip("hqq is not installed: nothing would import it")
+    r = subprocess.run([sys.executable, "-c", HQQ_LATER], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_random_weights_are_built_on_the_target_device_not_in_host_memory():
     """A random 7B model on the meta device costs no host memory: the weights are made where the model
     runs (on a GPU cell, the GPU), never built on the CPU first and copied (13 GiB and minutes at 7B)."""

@@ -36,6 +36,9 @@ def run_one(config: dict, send, threads: int | None) -> None:
 
         if threads:
             torch.set_num_threads(threads)
+        from zobench.models.imports import trim_transformers_imports
+
+        trim_transformers_imports()
         from zobench.cell.pipeline import run_cell
         from zobench.spec.config import CellConfig
 

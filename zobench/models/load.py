@@ -27,8 +27,10 @@ from pathlib import Path
 import torch
 
 from zobench.errors import UserError
-
+from zobench.models.imports import trim_transformers_imports
 from zobench.models.names import BUILTIN, CONFIG_DIR, random_config_path, shipped_configs
+
+trim_transformers_imports()
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}

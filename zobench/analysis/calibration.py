@@ -29,11 +29,13 @@ from pathlib import Path
 
 # Used only when the measurement itself cannot run (and said so in every estimate that uses it): the
 # development machine's floor (results/bench/measurements.md).
-FALLBACK_CPU_MIB = 426.6
+FALLBACK_CPU_MIB = 385.0
 # cuBLAS takes its workspace from the caching allocator (32 MiB per stream on Hopper, 4 MiB before);
 # not measured here (no GPU): 0 until a GPU run records it.
 FALLBACK_CUDA_MIB = 0.0
-FORMAT = 1
+# Part of the cache key: bumped when zobench changes what every cell's process holds, so no machine keeps
+# an older footprint. 2: cells stopped importing hqq and torch's compiler (zobench.models.imports).
+FORMAT = 2
 REPEATS = 2
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "peft", "bitsandbytes",
             "gptqmodel", "hqq", "numpy", "zobench")

@@ -60,6 +60,7 @@ HELD_OUT_LLAMA = {
 }
 
 
+@pytest.mark.slow
 def test_held_out_cells_within_ten_percent(tmp_path):
     """Cells the constants were not fitted to, measured here: another architecture, bfloat16, Adam and
     momentum state, longer sequences and other batch sizes. The framework share is this machine's own

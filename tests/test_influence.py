@@ -128,6 +128,7 @@ def test_token_wise_query_restricts_the_loss_to_the_chosen_word(examples):
         query_sketch(s, ex, ex["output"], ["zzzqqqxx"])
 
 
+@pytest.mark.slow
 def test_influence_suite_runs_end_to_end_and_reports(tmp_path, data_dir, monkeypatch):
     """The whole suite on the tiny model (the backdoor cannot take on random weights; the tables and
     their invariants still must hold)."""

@@ -56,7 +56,6 @@ def test_without_a_finished_pilot_the_configured_lr_stays_and_the_record_says_so
     assert rnd.config.lr == 1e-5 and choices[rnd.cell_id]["chosen"] is None
 
 
-@pytest.mark.slow
 def test_a_suite_with_a_pilot_runs_it_first_and_never_touches_test(tmp_path):
     from zobench.driver import run_suite
     from zobench.results import load_records

@@ -224,6 +224,7 @@ def test_missing_package_is_one_line_with_the_install_command(monkeypatch, name)
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_suite_with_a_quant_axis_runs_every_backend_end_to_end(tmp_path, data_dir):
     from zobench.analysis.derive import derive
     from zobench.driver import run_suite

@@ -105,6 +105,7 @@ class _KillWorker:
             os.kill(self.killed[1], signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_retried_and_the_cell_recorded_once(ray_local, tmp_path):
     kill = _KillWorker()
     out = run_suite(_suite(tmp_path, SLOW), tmp_path / "res", executor=RayExecutor(max_retries=1),
@@ -116,6 +117,7 @@ def test_a_killed_worker_is_retried_and_the_cell_recorded_once(ray_local, tmp_pa
     assert recs[0].ok and recs[0].execution.worker_pid != kill.killed[1]  # a new worker ran it again
 
 
+@pytest.mark.slow
 def test_with_no_retries_a_lost_cell_is_recorded_and_resume_redoes_only_it(ray_local, tmp_path):
     suite = _suite(tmp_path, SLOW)
     kill = _KillWorker()
@@ -130,6 +132,7 @@ def test_with_no_retries_a_lost_cell_is_recorded_and_resume_redoes_only_it(ray_l
     assert _ok_ids(out) == sorted(c.cell_id for c in select_cells(suite))
 
 
+@pytest.mark.slow
 def test_a_killed_driver_resumes_with_one_ok_record_per_cell(tmp_path):
     """The CLI with its own private Ray: killed after its first record, then --resume."""
     suite = tmp_path / "t.yaml"
@@ -206,6 +209,7 @@ def _actor_pids() -> list[int]:
             if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::SketchWorker")]
 
 
+@pytest.mark.slow
 def test_two_actors_build_the_one_process_cache_bit_for_bit_even_when_one_dies(ray_local, alpaca, tmp_path):
     from zobench.influence.cache import build_cache
     from zobench.influence.session import InfluenceSpec
@@ -229,6 +233,7 @@ def test_two_actors_build_the_one_process_cache_bit_for_bit_even_when_one_dies(r
     assert np.array_equal(np.asarray(store.matrix()), _one_process(spec, alpaca, tmp_path / "one"))
 
 
+@pytest.mark.slow
 def test_a_killed_ray_cache_driver_resumes_to_the_same_cache(alpaca, tmp_path):
     """The CLI with its own private Ray, SIGKILLed once rows have landed, then run again."""
     import json

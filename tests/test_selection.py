@@ -45,7 +45,6 @@ def test_dev_selection_keeps_the_best_step_and_the_sparse_values_of_it():
     assert w[[1, 3, 5]].tolist() == [1.0, 1.0, 1.0] and w[0] == 0
 
 
-@pytest.mark.slow
 def test_a_cell_with_dev_evaluation_reports_test_at_its_best_dev_step():
     """The embedded model on SST-2: dev every 2 steps, test at the best dev step beside the last step."""
     cfg = CellConfig.from_dict(dict(TINY, model="smollm2", method="sensitive", density=1e-3, lr=1e-3, n_dev=16,

@@ -127,3 +127,15 @@ def test_cells_timed_beside_other_work_are_flagged(records, tmp_path):
     assert sum(line.rstrip().endswith("| 1.25 |") for line in step_section.splitlines()) == 1
     # Records without the measure (older ones) get neither the note nor the column: the golden holds.
     assert "other CPUs" not in GOLDEN.read_text(encoding="utf-8")
+
+
+def test_lr_choices_at_the_grid_edge_or_from_a_flat_dev_say_so():
+    from zobench.report.markdown import lr_caveat
+
+    grid = [3e-7, 1e-6, 3e-6]
+    assert lr_caveat({"grid": grid, "dev": [0.63, 0.635, 0.645], "chosen": 3e-6}) == " (grid edge)"
+    assert lr_caveat({"grid": grid, "dev": [0.64, 0.63, 0.62], "chosen": 3e-7}) == " (grid edge)"
+    assert lr_caveat({"grid": grid, "dev": [0.645, 0.665, 0.66], "chosen": 1e-6}) == ""
+    assert lr_caveat({"grid": grid, "dev": [0.625, 0.625, 0.625], "chosen": 3e-7}) == " (dev equal at every lr)"
+    assert lr_caveat({"grid": grid, "dev": [0.6, None, 0.6], "chosen": 3e-7}) == " (grid edge)"  # one failed
+    assert lr_caveat({"grid": [1e-4], "dev": [0.6], "chosen": 1e-4}) == ""

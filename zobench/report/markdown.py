@@ -316,13 +316,27 @@ def lr_table(ok: list[dict], pilots: list[dict], extras: list[str]) -> list[str]
         return ", ".join(f"{lr:g}: {pct_points(d) if d is not None else 'failed'}" for lr, d in zip(c["grid"], c["dev"]))
 
     cols: list[Column] = [("lr: dev % after the pilot", tried),
-                          ("chosen lr", lambda r: f"{r['lr_choice']['chosen']:g}" if r["lr_choice"].get("chosen")
-                           else "none (kept the configured lr)")]
+                          ("chosen lr", lambda r: f"{r['lr_choice']['chosen']:g}{lr_caveat(r['lr_choice'])}"
+                           if r["lr_choice"].get("chosen") else "none (kept the configured lr)")]
     steps = chosen[0]["lr_choice"]["pilot_steps"]
     intro = (f"Each cell's learning rate was chosen on dev, never on test: every lr of its grid ran "
              f"{steps} steps ({len(pilots)} pilot cells), and the cell ran with the lr of the best dev score "
-             f"(ties: the smaller lr).")
+             f"(ties: the smaller lr). A choice at the grid's edge may have a better lr outside the grid; "
+             f"where dev did not move across the grid the choice says nothing.")
     return section("Learning rates chosen on dev", intro, cols, chosen, extras, n_text=2)
+
+
+def lr_caveat(choice: dict) -> str:
+    """What the pilot could not tell: dev equal at every lr, or the best lr at an end of the grid."""
+    scores = [d for d in choice.get("dev") or [] if d is not None]
+    grid = choice.get("grid") or []
+    if len(grid) < 2 or not scores:
+        return ""
+    if len(scores) == len(grid) and max(scores) == min(scores):
+        return " (dev equal at every lr)"
+    if choice.get("chosen") in (min(grid), max(grid)):
+        return " (grid edge)"
+    return ""
 
 
 def pilot_progress(ok: list[dict], pilots: list[dict]) -> list[str]:

@@ -121,6 +121,45 @@ def test_loading_a_model_leaves_hqq_and_its_compiler_imports_to_hqq_cells():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+HIDDEN_IN_A_LORA_CELL = """
+import importlib.util, sys
+import torch
+from zobench.models.imports import hide_unused
+from zobench.quant import QuantContext, get_backend
+
+hidden = hide_unused("none")
+assert set(hidden) >= {"bitsandbytes", "hqq"}, hidden
+from peft import LoraConfig, get_peft_model
+from zobench.models import load_model
+
+m = load_model("random:tiny-llama")
+peft_model = get_peft_model(m.model, LoraConfig(r=2, target_modules=["q_proj"]))
+peft_model(input_ids=torch.tensor([[1, 2, 3]]))
+loaded = [n for n in ("bitsandbytes", "hqq", "gptqmodel") if sys.modules.get(n) is not None]
+assert not loaded, f"imported although the cell quantizes with nothing: {loaded}"
+backend = get_backend("hqq")
+backend.check_available()  # takes the hiding back for the package this backend needs
+q = backend.quantize_linear(torch.nn.Linear(128, 64), QuantContext())
+assert sys.modules.get("hqq") is not None and q(torch.ones(2, 128)).shape == (2, 64)
+assert importlib.util.find_spec("bitsandbytes") is None, "still hidden"
+"""
+
+
+def test_a_cell_process_hides_the_quant_packages_it_does_not_use_and_a_backend_takes_its_own_back():
+    """peft imports bitsandbytes and hqq (and through hqq torch's compiler) whenever they are installed: 30
+    MiB more in every LoRA cell. A cell's process hides the ones its quant does not need."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("hqq") is None or importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("needs hqq and bitsandbytes installed: nothing would import them otherwise")
+    r = subprocess.run([sys.executable, "-c", HIDDEN_IN_A_LORA_CELL], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_random_weights_are_built_on_the_target_device_not_in_host_memory():
     """A random 7B model on the meta device costs no host memory: the weights are made where the model
     runs (on a GPU cell, the GPU), never built on the CPU first and copied (13 GiB and minutes at 7B)."""

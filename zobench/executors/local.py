@@ -36,13 +36,12 @@ def run_one(config: dict, send, threads: int | None) -> None:
 
         if threads:
             torch.set_num_threads(threads)
-        from zobench.models.imports import trim_transformers_imports
-
-        trim_transformers_imports()
         from zobench.cell.pipeline import run_cell
+        from zobench.models.imports import hide_unused
         from zobench.spec.config import CellConfig
 
         cfg = CellConfig.from_dict(config, "cell")
+        hide_unused(cfg.quant)  # before peft or transformers' modeling code is imported
         rec = run_cell(cfg, progress=lambda e: send(("progress", e)))
         send(("record", rec.to_json()))
     except BaseException as e:  # everything is reported: the parent records the failure and goes on

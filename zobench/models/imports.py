@@ -1,16 +1,26 @@
-"""Keep transformers from importing what zobench never uses.
+"""Keep transformers and peft from importing what a cell never uses.
 
-transformers' cache module imports hqq at import time whenever hqq is installed (for an HQQ-quantized
-key/value cache that zobench does not use), and hqq imports torch's compiler (``torch._inductor``). On the
-2-core reference machine that cost every process loading a model about 2.5 s of CPU: ``import torch; from
-transformers import LlamaForCausalLM`` took 10.9-11.6 s of user time with it and 7.9-9.0 s without (three
-runs each, side by side). zobench's own hqq backend imports hqq when a cell quantizes with it, so only
-those cells pay.
+transformers' cache module and peft's LoRA module both import hqq at import time whenever hqq is installed
+(for an HQQ key/value cache and for LoRA on HQQ layers), and hqq imports torch's compiler
+(``torch._inductor``); peft imports bitsandbytes the same way. On the 2-core reference machine that cost every process loading a model about
+2.5 s of CPU (``import torch; from transformers import LlamaForCausalLM``: 10.9-11.6 s of user time with
+it, 7.9-9.0 s without, three runs each, side by side) and a LoRA cell about 45 MiB of peak memory.
+
+Two strengths:
+
+- ``trim_transformers_imports()``: for any process that loads a model through zobench (a library user's
+  too). Only transformers' own check is answered "no"; ``import hqq`` still works.
+- ``hide_unused(config)``: for a cell's own fresh process, which zobench owns. Packages the cell will not
+  use are hidden from the import system (``sys.modules[name] = None``: ``import`` raises
+  ``ModuleNotFoundError`` and ``importlib.util.find_spec`` answers None), so no library finds them,
+  peft included. A quantization backend that needs one calls ``allow`` first (``Backend.check_available``
+  does), which takes the hiding back.
 """
 
 from __future__ import annotations
 
 import sys
+
 
 
 def trim_transformers_imports() -> None:
@@ -23,3 +33,23 @@ def trim_transformers_imports() -> None:
         return
     if hasattr(hf_utils, "is_hqq_available"):  # transformers 5.x reads it when its cache module loads
         hf_utils.is_hqq_available = lambda *args, **kwargs: False
+
+
+def hide_unused(quant: str) -> list[str]:
+    """In a cell's own process, before transformers or peft is imported: hide the quantization packages
+    (every backend's ``requires``) that a cell quantized with ``quant`` does not use. Returns the names
+    hidden."""
+    from zobench.quant import QUANT_NAMES, get_backend
+
+    needed = set(get_backend(quant).requires)
+    optional = {m for q in QUANT_NAMES for m in get_backend(q).requires}
+    hidden = sorted(m for m in optional - needed if m not in sys.modules)
+    for name in hidden:
+        sys.modules[name] = None  # the import system's own "not importable" marker
+    return hidden
+
+
+def allow(name: str) -> None:
+    """Take back ``hide_unused`` for ``name`` (a no-op where it was not hidden)."""
+    if name in sys.modules and sys.modules[name] is None:
+        del sys.modules[name]

@@ -71,6 +71,10 @@ class Backend:
 
     def check_available(self, device: str = "cpu") -> None:
         """Raise ``Unsupported`` (one line, with the install command) when this backend cannot run here."""
+        from zobench.models.imports import allow
+
+        for m in self.requires:
+            allow(m)  # a cell process hides the optional packages its quant was not expected to need
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
         if missing:
             raise Unsupported(f"quant '{self.name}' needs {', '.join(missing)}: {self.install}")

@@ -139,3 +139,16 @@ def test_lr_choices_at_the_grid_edge_or_from_a_flat_dev_say_so():
     assert lr_caveat({"grid": grid, "dev": [0.625, 0.625, 0.625], "chosen": 3e-7}) == " (dev equal at every lr)"
     assert lr_caveat({"grid": grid, "dev": [0.6, None, 0.6], "chosen": 3e-7}) == " (grid edge)"  # one failed
     assert lr_caveat({"grid": [1e-4], "dev": [0.6], "chosen": 1e-4}) == ""
+
+
+def test_rows_differing_in_a_numeric_label_sort_by_its_value():
+    """Pilot rows of one method list their lrs in increasing order (as text, 1e-06 sorted before 3e-07)."""
+    from zobench.report.cells import sort_key
+
+    def rec(lr, seed=0):
+        return {"cell_id": f"{lr}-{seed}", "config": {"method": "full", "lr": lr},
+                "labels": {"method": "full", "lr": lr, "seed": seed, "stage": "pilot"}}
+
+    lrs = [1e-6, 3e-6, 3e-7, 1e-5, 3e-5]
+    assert [r["labels"]["lr"] for r in sorted(map(rec, lrs), key=sort_key)] == sorted(lrs)
+    assert [r["labels"]["seed"] for r in sorted([rec(1e-6, 10), rec(1e-6, 2)], key=sort_key)] == [2, 10]

@@ -96,9 +96,17 @@ def _num_or_inf(value) -> float:
     return float(value) if isinstance(value, (int, float)) else math.inf
 
 
+def _label_order(value) -> tuple:
+    """Numbers by value (lr 3e-07 before 1e-06), before any text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return 0, float(value), ""
+    return 1, 0.0, str(value)
+
+
 def sort_key(rec: dict) -> tuple:
     q = quant(rec)
-    rest = sorted((k, str(v)) for k, v in (rec.get("labels") or {}).items() if k not in KEY_AXES + EXTRA_ORDER)
+    rest = sorted((k, _label_order(v)) for k, v in (rec.get("labels") or {}).items()
+                  if k not in KEY_AXES + EXTRA_ORDER)
     return (str(setting(rec, "model")), str(setting(rec, "task")), str(setting(rec, "dtype")),
             (q != "none", q), method_order(method(rec)), _num_or_inf(density(rec)),
             rest, str(rec.get("cell_id")))

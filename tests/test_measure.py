@@ -95,3 +95,18 @@ def test_other_load_is_left_out_for_blocks_too_short_to_tell():
     with OtherLoad() as short:
         time.sleep(0.1)
     assert short.other_cpus is None  # 10 ms ticks over 0.1 s mean nothing
+
+
+def test_a_phase_keeps_the_other_load_exactly_when_its_recorded_wall_time_is_long_enough(monkeypatch):
+    """The phase's wall time and the other-load figure come from one clock: a phase recorded as lasting at
+    least MIN_WALL_S always says how busy the machine was, a shorter one never does."""
+    from zobench.measure import load as load_mod
+    from zobench.measure.phases import Phases
+
+    ticks = iter(x * 0.4 for x in range(1000))  # every read of the clock is 0.4 s after the previous
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
+    into = {}
+    with Phases("cpu", into)("p"):
+        pass
+    m = into["p"]
+    assert (m.other_cpus is None) == (m.wall_s < load_mod.MIN_WALL_S), (m.wall_s, m.other_cpus)

@@ -35,9 +35,12 @@ def _own_s(proc: psutil.Process) -> float:
 
 
 class OtherLoad:
-    """``with OtherLoad() as load: ...`` then ``load.other_cpus`` (None when the block was too short)."""
+    """``with OtherLoad() as load: ...`` then ``load.wall_s`` and ``load.other_cpus`` (None when the block
+    was shorter than ``MIN_WALL_S``). A caller that records the block's wall time takes ``wall_s`` from here,
+    so that whether ``other_cpus`` is kept follows from the wall time recorded beside it."""
 
     def __init__(self):
+        self.wall_s: float | None = None
         self.other_cpus: float | None = None
         self._proc = psutil.Process()
 
@@ -47,8 +50,8 @@ class OtherLoad:
 
     def __exit__(self, *exc):
         wall, busy, own = (time.perf_counter(), _busy_s(), _own_s(self._proc))
-        wall -= self._start[0]
-        if wall >= MIN_WALL_S:
+        self.wall_s = wall - self._start[0]
+        if self.wall_s >= MIN_WALL_S:
             other = (busy - self._start[1]) - (own - self._start[2])
-            self.other_cpus = round(max(0.0, other / wall), 3)
+            self.other_cpus = round(max(0.0, other / self.wall_s), 3)
         return False

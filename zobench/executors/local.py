@@ -63,6 +63,17 @@ def _child(config: dict, conn, threads: int | None) -> None:
         conn.close()
 
 
+def end_of(msg) -> dict | None:
+    """What a child's message (``run_one``'s protocol) ends its cell with: ``{"record": json}`` or
+    ``{"status": "failed" | "unsupported", "reason", "tail"}``; None for one that does not end it."""
+    if msg[0] == "record":
+        return {"record": msg[1]}
+    if msg[0] in ("error", "unsupported"):
+        return {"status": "unsupported" if msg[0] == "unsupported" else "failed", "reason": msg[1],
+                "tail": msg[2] or None}
+    return None
+
+
 def failed_record(cell: Cell, status: str, reason: str, tail: str | None = None) -> CellRecord:
     """The record of a cell that produced none itself (failed, timed out, killed, lost)."""
     return CellRecord(cell_id=cell.cell_id, status=status, config=cell.config.to_dict(), reason=reason,
@@ -116,13 +127,11 @@ class CellProcess:
                 return self._death()
             if msg[0] == "progress":
                 self.on_event("progress", dict(msg[1], cell=self.cell))
-            elif msg[0] == "record":
+            elif (end := end_of(msg)) is not None:
                 self._reap()
-                return CellRecord.from_json(msg[1])
-            else:
-                self._reap()
-                status = "unsupported" if msg[0] == "unsupported" else "failed"
-                return self._failed(status, msg[1], msg[2] or None)
+                if "record" in end:
+                    return CellRecord.from_json(end["record"])
+                return self._failed(end["status"], end["reason"], end["tail"])
         if not self.proc.is_alive():
             return self._death()
         return None

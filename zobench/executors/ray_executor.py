@@ -36,7 +36,7 @@ from typing import Iterator
 from zobench.cell.record import CellRecord, Execution
 from zobench.errors import UserError
 from zobench.executors.base import Executor, OnEvent
-from zobench.executors.local import CHILD_ENV, THREAD_VARS, death_reason, failed_record
+from zobench.executors.local import CHILD_ENV, THREAD_VARS, death_reason, end_of, failed_record
 from zobench.spec.matrix import Cell
 
 OBJECT_STORE_MIB = 256  # the private instance's object store: records and sketch rows, never weights
@@ -130,13 +130,10 @@ def cell_task(config: dict, timeout_s: float, threads: int, cpu_only: bool):
                 msg = json.loads(line)
                 if msg[0] == "progress":
                     yield {"kind": "progress", "event": msg[1]}
-                elif msg[0] == "record":
-                    end = {"record": msg[1]}
                 elif msg[0] == "process":
                     process = msg[1]
                 else:
-                    end = {"status": "unsupported" if msg[0] == "unsupported" else "failed", "reason": msg[1],
-                           "tail": msg[2] or None}
+                    end = end_of(msg) or end
     finally:
         os.close(read_fd)
         code = proc.wait()

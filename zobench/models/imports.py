@@ -2,15 +2,16 @@
 
 transformers' cache module and peft's LoRA module both import hqq at import time whenever hqq is installed
 (for an HQQ key/value cache and for LoRA on HQQ layers), and hqq imports torch's compiler
-(``torch._inductor``); peft imports bitsandbytes the same way. On the 2-core reference machine that cost every process loading a model about
-2.5 s of CPU (``import torch; from transformers import LlamaForCausalLM``: 10.9-11.6 s of user time with
-it, 7.9-9.0 s without, three runs each, side by side) and a LoRA cell about 45 MiB of peak memory.
+(``torch._inductor``); peft imports bitsandbytes the same way. On the 2-core reference machine that cost every
+process loading a model about 2.5 s of CPU (``import torch; from transformers import LlamaForCausalLM``:
+10.9-11.6 s of user time with it, 7.9-9.0 s without, three runs each, side by side) and a LoRA cell about 30
+MiB of peak memory.
 
 Two strengths:
 
 - ``trim_transformers_imports()``: for any process that loads a model through zobench (a library user's
   too). Only transformers' own check is answered "no"; ``import hqq`` still works.
-- ``hide_unused(config)``: for a cell's own fresh process, which zobench owns. Packages the cell will not
+- ``hide_unused(quant)``: for a cell's own fresh process, which zobench owns. Packages the cell will not
   use are hidden from the import system (``sys.modules[name] = None``: ``import`` raises
   ``ModuleNotFoundError`` and ``importlib.util.find_spec`` answers None), so no library finds them,
   peft included. A quantization backend that needs one calls ``allow`` first (``Backend.check_available``
@@ -20,7 +21,6 @@ Two strengths:
 from __future__ import annotations
 
 import sys
-
 
 
 def trim_transformers_imports() -> None:

@@ -26,9 +26,6 @@ class HQQ(Backend):
     storage = Storage(bits=BITS, group_size=GROUP_SIZE, group_bytes=4.0)
 
     def quantize_linear(self, linear: torch.nn.Linear, ctx: QuantContext) -> torch.nn.Module:
-        from zobench.models.imports import allow
-
-        allow("hqq")  # hidden in cell processes that were not expected to quantize with it
         from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
         # axis=1 groups consecutive input features of a row, as GPTQ and bitsandbytes do.

@@ -77,3 +77,11 @@ def test_schema_1_records_load_as_schema_2():
         assert r.phases["train"].wall_s == line["phases"]["train"]["seconds"]
         assert r.metrics.step_s.median == line["metrics"]["step_s"]["median"]
         assert "derived" not in r.to_json()
+
+
+def test_step_percentiles_stay_within_the_timings_even_for_a_few_steps():
+    """Three timed steps on a GPU gave a negative p10 with the default (exclusive) quantiles."""
+    s = Stats.of([0.0492, 0.0591, 0.0018])
+    assert 0.0018 <= s.p10 <= s.median <= s.p90 <= 0.0591 and s.n == 3
+    one = Stats.of([0.5])
+    assert (one.median, one.p10, one.p90) == (0.5, 0.5, 0.5)

@@ -67,7 +67,8 @@ class Stats:
 
         if not values:
             return None
-        q = statistics.quantiles(values, n=10) if len(values) >= 2 else [values[0]] * 9
+        # inclusive: the percentiles stay inside the values (the default extrapolates past them for small n)
+        q = statistics.quantiles(values, n=10, method="inclusive") if len(values) >= 2 else [values[0]] * 9
         return cls(statistics.median(values), q[0], q[-1], len(values))
 
     @classmethod

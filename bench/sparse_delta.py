@@ -3,7 +3,9 @@
 For each layer shape (SmolLM2-135M's MLP and attention, Llama-2-7B's) and each backend, times, interleaved
 round-robin in one process: the quantized layer's forward, the sparse product ``x @ S^T`` at the given
 density by each of the layer's two ways (a dense-times-CSR product, and gather + index_add_; the layer uses
-CSR where torch has a kernel), and the whole ``SparseDelta`` forward. The input is a ZO training batch's
+CSR where torch has a kernel), the whole ``SparseDelta`` forward that way, and, for formats that dequantize
+in their batched forward (bitsandbytes 4-bit), the whole layer by merging S into the dequantized weight
+(the layer's way on CUDA). The input is a ZO training batch's
 activations (16 examples x 2 options x 64 tokens by default, as in the smollm2 suite). Reports medians and
 the ratio sparse / quantized for each way. On CUDA every timing is closed by ``torch.cuda.synchronize``.
 
@@ -42,7 +44,11 @@ def build(shape: tuple[int, int], backend: str, density: float, dtype: torch.dty
     idx, values = split_selected(holder, mask)["0"]
     base = lin.to(device) if backend == "none" else \
         get_backend(backend).quantize_linear(lin, QuantContext(device=device, dtype=dtype))
-    return base, SparseDelta(base, idx.to(device), values.to(device), in_f, out_f, dtype)
+    layer = SparseDelta(base, idx.to(device), values.to(device), in_f, out_f, dtype)
+    dequantize = get_backend(backend).dequantize if backend != "none" else None
+    merged = SparseDelta(base, idx.to(device), values.to(device), in_f, out_f, dtype, dequantize) \
+        if dequantize is not None else None
+    return base, layer, merged
 
 
 def works(fn) -> bool:
@@ -71,9 +77,11 @@ def main() -> None:
     for shape_name, shape in SHAPES.items():
         x = torch.randn(args.tokens, shape[0], device=args.device, dtype=dtype)
         for backend in args.backends.split(","):
-            base, layer = build(shape, backend, args.density, dtype, args.device)
+            base, layer, merged = build(shape, backend, args.density, dtype, args.device)
             variants = {"quantized": lambda: base(x), "csr": lambda: layer.csr_product(x),
                         "gather": lambda: layer.gather_product(x), "dense_and_sparse": lambda: layer(x)}
+            if merged is not None:  # the whole layer by merging S into the dequantized weight (quant.sparse)
+                variants["merge"] = lambda: merged(x)
             with torch.inference_mode():
                 variants = {k: fn for k, fn in variants.items() if works(fn)}  # also the warm-up
                 times: dict[str, list[float]] = {k: [] for k in variants}
@@ -86,12 +94,14 @@ def main() -> None:
                         times[k].append(time.perf_counter() - t)
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             row = {"layer": shape_name, "backend": backend, "nnz": layer.nnz, **{f"{k}_ms": v for k, v in med.items()},
-                   **{f"{k}_over_quantized": med[k] / med["quantized"] for k in ("csr", "gather") if k in med}}
+                   **{f"{k}_over_quantized": med[k] / med["quantized"] for k in ("csr", "gather", "dense_and_sparse",
+                                                                                  "merge") if k in med}}
             rows.append(row)
             ways = "  ".join(f"{k} {med[k]:7.3f} ms ({med[k] / med['quantized']:.3f}x)" for k in ("csr", "gather")
                              if k in med)
+            merge = f"  merge {med['merge']:8.3f} ms ({med['merge'] / med['quantized']:.3f}x)" if "merge" in med else ""
             print(f"{shape_name:18s} {backend:5s} nnz={layer.nnz:6d}  quantized {med['quantized']:8.3f} ms  "
-                  f"{ways}  dense+sparse {med['dense_and_sparse']:8.3f} ms")
+                  f"{ways}  dense+sparse {med['dense_and_sparse']:8.3f} ms{merge}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         meta = {"tokens": args.tokens, "density": args.density, "rounds": args.rounds, "device": args.device,

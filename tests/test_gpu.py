@@ -30,6 +30,8 @@ def test_cuda_peaks_are_per_phase():
         del y
     assert data["big"].cuda_max_allocated_mib >= 512
     assert 64 <= data["small"].cuda_max_allocated_mib < 128  # the first phase's peak was reset
+    # ... and the allocator's cache of the first phase went back to the driver before the second began
+    assert data["small"].device_peak_mib < data["big"].device_peak_mib - 256
 
 
 def test_the_driver_level_sampler_sees_an_allocation_of_known_size():
@@ -62,6 +64,39 @@ def test_nf4_forward_on_cuda_matches_the_cpu_one():
         with torch.no_grad():
             logits[device] = loaded.model(input_ids=ids.to(device)).logits.float().cpu()
     torch.testing.assert_close(logits["cuda"], logits["cpu"], atol=2e-2, rtol=2e-2)
+
+
+def test_dense_and_sparse_nf4_merges_on_cuda_and_matches_the_cpu_product():
+    """On CUDA the sparse values are merged into the dequantized weight (quant.sparse); the logits match
+    the CPU's separate product, and ZO's perturb / restore of the values is exact."""
+    pytest.importorskip("bitsandbytes")
+    from zobench.models import load_model
+    from zobench.quant import QuantContext, get_backend, quantize_model
+    from zobench.quant.sparse import SparseDelta
+    from zobench.zo import masks as M
+    from zobench.zo.trainable import SparseTrainable
+
+    ids = torch.randint(0, 1000, (2, 32))
+    logits, ways = {}, {}
+    for device in ("cpu", "cuda"):
+        loaded = load_model("random:tiny-llama", dtype="float32", seed=0, device="cpu")
+        loaded.model.to(device)
+        mask = M.random_mask(M.scoped_params(loaded.model, "linear"), 0.01, seed=0)
+        vectors = quantize_model(loaded.model, get_backend("nf4"), QuantContext(device=device), mask)
+        ways[device] = {m.way for m in loaded.model.modules() if isinstance(m, SparseDelta)}
+        with torch.no_grad():
+            logits[device] = loaded.model(input_ids=ids.to(device)).logits.float().cpu()
+    assert ways == {"cpu": {"csr"}, "cuda": {"merge"}}
+    torch.testing.assert_close(logits["cuda"], logits["cpu"], atol=2e-2, rtol=2e-2)
+    t = SparseTrainable.of_vectors(vectors)
+    before = [v.clone() for _, v in vectors]
+    t.apply(5, 1e-2)
+    with torch.no_grad():
+        moved = loaded.model(input_ids=ids.cuda()).logits.float().cpu()
+    assert not torch.equal(moved, logits["cuda"])
+    t.apply(5, -1e-2)
+    t.restore()
+    assert all(torch.equal(v, b) for (_, v), b in zip(vectors, before))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -180,6 +180,48 @@ def test_zo_perturb_and_restore_on_sparse_values_is_exact(tiny, name):
     assert torch.equal(_logits(tiny.model, ids), before_logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merging_the_sparse_values_into_the_dequantized_nf4_weight_equals_the_separate_product(dtype):
+    """The CUDA way (quant.sparse "merge"), run here on a CPU: ``x @ (D + S)^T`` against ``D(x) + x @ S^T``,
+    both against the dense reference, and ZO's in-place moves of the values take part in it."""
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    out_f, in_f = 96, 128
+    lin = torch.nn.Linear(in_f, out_f, bias=True)
+    holder = torch.nn.Sequential(lin)
+    mask = {"0.weight": torch.randperm(out_f * in_f)[:300].sort().values}
+    idx, values = split_selected(holder, mask)["0"]
+    nf4 = get_backend("nf4")
+    base = nf4.quantize_linear(lin, QuantContext(dtype=dtype))
+    separate = SparseDelta(base, idx, values, in_f, out_f, dtype)
+    merged = SparseDelta(base, idx, values, in_f, out_f, dtype, nf4.dequantize)
+    assert merged.way == "merge" and separate.way in ("csr", "gather")
+    assert sorted(merged.flat_index().tolist()) == idx.tolist()
+    x = torch.randn(2, 5, in_f).to(dtype)
+    dense = nf4.dequantize(base).float().view(-1)
+    dense[merged.flat_index()] += merged.values.float()
+    ref = x.float() @ dense.view(out_f, in_f).T + lin.bias.float()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    with torch.no_grad():
+        assert torch.allclose(merged(x).float(), ref, atol=tol, rtol=tol)
+        assert torch.allclose(separate(x).float(), ref, atol=tol, rtol=tol)
+        merged.values.mul_(3)  # what a ZO perturbation does to the live values
+        assert not torch.allclose(merged(x).float(), ref, atol=tol, rtol=tol)
+        merged.values.div_(3)
+        assert torch.allclose(merged(x).float(), ref, atol=tol, rtol=tol)
+        with sparse_bypassed(torch.nn.Sequential(merged)):  # the quantized layer alone
+            assert torch.equal(merged(x), base(x))
+
+
+def test_a_dense_and_sparse_layer_merges_only_on_cuda(tiny):
+    """``attach_sparse`` picks the way by device: on a CPU a 4-bit layer keeps the separate product."""
+    pytest.importorskip("bitsandbytes")
+    mask = random_mask(scoped_params(tiny.model, "linear"), 0.01, seed=0)
+    quantize_model(tiny.model, get_backend("nf4"), QuantContext(), mask)
+    ways = {m.way for m in tiny.model.modules() if isinstance(m, SparseDelta)}
+    assert ways and "merge" not in ways
+
+
 def test_the_split_keeps_the_selected_values_exactly(tiny):
     """The taken entries live on beside the quantized layer in full precision, unrounded."""
     params = dict(scoped_params(tiny.model, "linear"))

@@ -73,17 +73,22 @@ def sparse_price(inputs: PriceInputs) -> Price:
     # the plain path); the float32 master is SparseTrainable's copy of the selected values.
     idx = 8 if inputs.device == "cpu" or not quantized else 0
     trainable, per_layer = nnz * (idx + 4), 0.0
+    merge = False
     if quantized:
         # Dense-and-sparse (quant.sparse): the live values in the model dtype beside the quantized layer,
-        # CSR of S^T with int32 column indices and (in + 1) int32 row pointers.
+        # CSR of S^T with int32 column indices and (in + 1) int32 row pointers; where the layer merges S
+        # into its dequantized weight (CUDA), int32 flat indices alone, and no separate product.
+        from zobench.quant import get_backend
+
+        merge = inputs.device == "cuda" and get_backend(cfg.quant).dequantize is not None
         layers = [(o, i) for o, i in arch.linears if cfg.density * o * i >= 1]
-        trainable += nnz * (db + 4) + sum(4 * (i + 1) for _, i in layers)
+        trainable += nnz * (db + 4) + (0 if merge else sum(4 * (i + 1) for _, i in layers))
         per_layer = nnz / max(len(layers), 1)
     # apply: z, master + scale*z and its cast to the weights' dtype; update: the estimate and one z at a
     # time (q seeds are summed in turn), plus Adam's denominator.
     update = nnz * (4 + z_extra(cfg) + 4 + db + (8 if cfg.optimizer == "adam" else 0))
     return Price(trainable=trainable, optimizer=nnz * OPT_STATE_VALUES[cfg.optimizer] * 4, update=update,
-                 nnz=nnz, sparse_delta=quantized, nnz_per_layer=per_layer)
+                 nnz=nnz, sparse_delta=quantized and not merge, nnz_per_layer=per_layer)
 
 
 @register

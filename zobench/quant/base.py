@@ -92,6 +92,11 @@ class Backend:
     def quantize_linear(self, linear: torch.nn.Linear, ctx: QuantContext) -> torch.nn.Module:
         raise NotImplementedError
 
+    # A function module -> its dense weight in the compute dtype, for formats whose batched forward
+    # builds exactly that (dequantize, then one dense matmul): a dense-and-sparse layer on CUDA then
+    # merges its sparse values into it (quant.sparse). None: the layer adds a separate sparse product.
+    dequantize = None
+
 
 class NoQuant(Backend):
     name = "none"
@@ -141,7 +146,7 @@ def quantize_model(model: torch.nn.Module, backend: Backend, ctx: QuantContext,
         ctx.cache_key = h.hexdigest()[:16]
     backend.quantize(model, names, ctx)
     _detach_from_checkpoint(model)  # before the sparse values are attached: it replaces buffers
-    return attach_sparse(model, taken, shapes, ctx.dtype)
+    return attach_sparse(model, taken, shapes, ctx.dtype, backend.dequantize)
 
 
 @torch.no_grad()

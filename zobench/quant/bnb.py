@@ -34,6 +34,14 @@ class _FourBit(Backend):
             q.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
         return q.to(ctx.device)
 
+    @staticmethod
+    def dequantize(module: torch.nn.Module) -> torch.Tensor:
+        """The layer's [out, in] weight in its compute dtype, as its batched forward builds it."""
+        import bitsandbytes.functional as bf
+
+        w = bf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        return w if module.compute_dtype is None else w.to(module.compute_dtype)
+
 
 class NF4(_FourBit):
     name = "nf4"

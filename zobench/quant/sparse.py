@@ -8,16 +8,24 @@ eps. SensZOQ (arXiv 2406.02913) therefore splits each weight W into
 keeps S's values in the model's dtype, and computes ``y = D(x) + x @ S^T``. ZO perturbs and updates only
 S's values, so the sparse ZO machinery (``SparseTrainable``) runs unchanged on them.
 
-``x @ S^T`` never builds a dense [out, in] matrix: S^T is held in CSR form (one row per input feature),
-which torch multiplies as a sparse matrix where it can (float32 on CPU; CUDA), and otherwise (float16 /
-bfloat16 on CPU) by a gather-multiply-scatter over chunks of rows whose temporary is bounded. Side by
-side, the CSR product beat a gather + index_add_ straight into the output on every layer but the
-smallest (bench/sparse_delta.py; figures in results/bench/measurements.md).
+How ``D(x) + x @ S^T`` is computed depends on the device, each way picked by measurement
+(bench/sparse_delta.py; figures in results/bench/measurements.md):
+
+    merge   (CUDA, bitsandbytes 4-bit) the base's batched forward builds D in the compute dtype anyway
+            (dequantize, then one dense matmul); the layer does that itself and scatters S's few values
+            into that temporary first: ``x @ (D + S)^T``, one matmul, no [tokens, out] delta. On an H200
+            the separate sparse product cost 3-7x the quantized layer's own forward at 7B shapes.
+    CSR     (elsewhere) S^T in CSR form (one row per input feature), multiplied as a sparse matrix where
+            torch can (float32 on CPU; CUDA); never a dense [out, in] S. On a CPU it beat a gather +
+            index_add_ straight into the output on every layer but the smallest.
+    gather  (float16 / bfloat16 on CPU, which has no CSR kernel) gather-multiply-scatter over chunks of
+            rows whose temporary is bounded.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable
 
 import warnings
 
@@ -37,18 +45,40 @@ def _transposed_csr(flat: torch.Tensor, in_features: int, out_features: int):
 
 
 class SparseDelta(torch.nn.Module):
-    """``base(x) + x @ S^T``; ``values`` (a buffer in the compute dtype) are what ZO perturbs."""
+    """``base(x) + x @ S^T``; ``values`` (a buffer in the compute dtype) are what ZO perturbs.
+
+    ``dequantize`` (the backend's, or None): base -> its dense weight in the compute dtype, where that is
+    how the base's batched forward computes anyway. Given, the layer merges (module docstring) and keeps S
+    as row-major int32 flat indices; otherwise as the CSR of S^T. ``attach_sparse`` gives it on CUDA.
+    """
 
     def __init__(self, base: torch.nn.Module, flat_index: torch.Tensor, values: torch.Tensor,
-                 in_features: int, out_features: int, dtype: torch.dtype):
+                 in_features: int, out_features: int, dtype: torch.dtype,
+                 dequantize: Callable[[torch.nn.Module], torch.Tensor] | None = None):
         super().__init__()
         self.base, self.in_features, self.out_features = base, in_features, out_features
-        order, crow, col = _transposed_csr(flat_index.to(values.device), in_features, out_features)
+        flat_index = flat_index.to(values.device)
+        self.dequantize = dequantize
+        if dequantize is not None:
+            order = torch.argsort(flat_index)
+            self.register_buffer("flat", flat_index[order].int())  # < 2^31: out * in of any 7B-70B layer
+            self.crow = self.col = None
+        else:
+            order, crow, col = _transposed_csr(flat_index, in_features, out_features)
+            self.register_buffer("crow", crow)
+            self.register_buffer("col", col)
+            self.flat = None
         self.register_buffer("values", values[order].to(dtype).contiguous())
-        self.register_buffer("crow", crow)
-        self.register_buffer("col", col)
         self._csr = True  # falls back to the gather path once if torch has no sparse kernel for the dtype
         self.bypass = False  # True: the quantized layer alone (the reference forward of a ZO cell)
+
+    @property
+    def way(self) -> str:
+        """How the forward adds S: "merge", "csr" or "gather" (module docstring)."""
+        if self.flat is not None:
+            return "merge"
+        return "csr" if self._csr and (self.values.is_cuda or self.values.dtype in (torch.float32,
+                                                                                     torch.float64)) else "gather"
 
     @property
     def nnz(self) -> int:
@@ -56,9 +86,19 @@ class SparseDelta(torch.nn.Module):
 
     def flat_index(self) -> torch.Tensor:
         """The selected entries as row-major indices into [out, in], in the order of ``values``."""
+        if self.flat is not None:
+            return self.flat.long()
         cols = torch.repeat_interleave(torch.arange(self.in_features, device=self.crow.device),
                                        self.crow.diff())
         return self.col.long() * self.in_features + cols
+
+    def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ (D + S)^T + bias``: S's values scattered into the dequantized dense part, one matmul."""
+        w = self.dequantize(self.base)
+        w = w if w.dtype == x.dtype else w.to(x.dtype)
+        w.view(-1).index_add_(0, self.flat, self._values_as(w))
+        bias = getattr(self.base, "bias", None)
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
     def sparse_product(self, x2: torch.Tensor) -> torch.Tensor:
         """[n, in] -> [n, out]: ``x2 @ S^T`` without a dense S."""
@@ -93,6 +133,8 @@ class SparseDelta(torch.nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flat is not None and self.nnz and not self.bypass:
+            return self.merged_forward(x)
         y = self.base(x)
         if self.nnz == 0 or self.bypass:
             return y
@@ -122,11 +164,13 @@ def split_selected(model: torch.nn.Module, mask: dict[str, torch.Tensor]) -> dic
 
 
 def attach_sparse(model: torch.nn.Module, taken: dict[str, tuple], shapes: dict[str, tuple[int, int]],
-                  dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+                  dtype: torch.dtype, dequantize: Callable[[torch.nn.Module], torch.Tensor] | None = None
+                  ) -> list[tuple[str, torch.Tensor]]:
     """Wrap each (now quantized) module in a ``SparseDelta`` carrying its taken values.
 
     ``shapes`` maps module name -> (out_features, in_features) of the original linear layer (quantized
-    modules do not all keep a 2-D weight). Returns ``[(name, values buffer)]`` for the trainer.
+    modules do not all keep a 2-D weight); ``dequantize`` is the backend's (``Backend.dequantize``),
+    used on CUDA only (the module docstring's choice). Returns ``[(name, values buffer)]`` for the trainer.
     """
     out = []
     for mname, (idx, values) in taken.items():
@@ -134,7 +178,8 @@ def attach_sparse(model: torch.nn.Module, taken: dict[str, tuple], shapes: dict[
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, attr)
         out_f, in_f = shapes[mname]
-        wrapped = SparseDelta(base, idx, values, in_f, out_f, dtype)
+        merge = dequantize if values.is_cuda else None
+        wrapped = SparseDelta(base, idx, values, in_f, out_f, dtype, merge)
         setattr(parent, attr, wrapped)
         out.append((f"{mname}.values", wrapped.values))
     return out

@@ -3,10 +3,14 @@
 
 In order, stopping cleanly before a step that no longer fits the time left:
   1. ``pytest -m gpu``: per-phase CUDA peaks, the NVML sampler against a known allocation, NF4 on CUDA
-     against the CPU, sparse restore bit-exact in fp16/bf16, random 7B weights built on the GPU;
-  2. the cells of ``suites/gpu-check.yaml`` (Llama-2-7B from random weights, the suite's batch, ~10 timed
+     against the CPU (also with merged sparse values), sparse restore bit-exact in fp16/bf16, random 7B
+     weights built on the GPU;
+  2. ``bench/sparse_delta.py --device cuda`` at the suite's batch (each way of the dense-and-sparse layer
+     against the quantized layer, -> ``sparse_delta_cuda.json``) and this node's framework floor for the
+     estimator (``framework("cuda")``, cached like the CPU one, -> ``framework_cuda.json``);
+  3. the cells of ``suites/gpu-check.yaml`` (Llama-2-7B from random weights, the suite's batch, ~10 timed
      steps), forward and sensitive in fp16, then forward, sensitive and random on NF4, full ZO last;
-  3. ``results/gpu/gpu-check.jsonl``, ``reports/gpu.md`` (device-level, allocated and reserved peaks, each
+  4. ``results/gpu/gpu-check.jsonl``, ``reports/gpu.md`` (device-level, allocated and reserved peaks, each
      beside its estimate) and the suite's budgets checked (at most 5 GiB for sensitive 0.1% + NF4).
 
 It runs with the node's own Python and packages (torch with CUDA, transformers 5.x, ...). What the node
@@ -28,7 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "gpu-bundle"
 SUITE = ROOT / "suites" / "gpu-check.yaml"
 BUDGET_S = 480
-PYTEST_S = 90  # planned time of step 1 (process starts, a 7B init, the small checks)
+# Planned seconds of the steps before the cells. Measured on an H200 (2026-11-30): pytest -m gpu 21 s
+# (6 tests, a 7B init among them), the sparse-delta bench 20 s, one tiny cell 13-21 s (the floor: two).
+PYTEST_S = 45
+BENCH_S = 30
+FLOOR_S = 45
 # Planned seconds per cell until one was measured here (then its measured wall time counts): process
 # start and imports ~15 s, 7B random init on the GPU ~10 s, NF4 quantization ~25 s, sensitive mask
 # (8 x 256 calibration tokens, one backward) ~15 s, test accuracy before/after on 32 examples ~5 s,
@@ -87,7 +95,9 @@ def plan(out: Path) -> list[tuple[str, str, float, str]]:
     """[(step, what, seconds, "measured" | "planned")] in running order."""
     _, cells = _cells()
     walls = _measured(out)
-    steps = [("pytest -m gpu", "tests/test_gpu.py", PYTEST_S, "planned")]
+    steps = [("pytest -m gpu", "tests/test_gpu.py", PYTEST_S, "planned"),
+             ("bench", "bench/sparse_delta.py --device cuda", BENCH_S, "planned"),
+             ("floor", "framework footprint on cuda", FLOOR_S, "planned")]
     for c in cells:
         key = (c.config.quant, c.config.method)
         s, how = (walls[c.cell_id], "measured") if c.cell_id in walls else (GUESS_S[key], "planned")
@@ -146,6 +156,24 @@ def main() -> int:
              "-p", "no:cacheprovider"]
     rc = subprocess.run(tests, cwd=ROOT, timeout=max(30, left() - 60)).returncode
     print(f"gpu-check: pytest -m gpu exit {rc} ({args.budget_s - left():.0f} s so far)", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    first = len(steps) - len(ORDER)  # the cells' steps follow the tests, the bench and the floor
+    if left() >= BENCH_S + sum(s for _, _, s, _ in steps[first:first + 2]):
+        bench = [sys.executable, str(ROOT / "bench" / "sparse_delta.py"), "--device", "cuda", "--dtype",
+                 "float16", "--tokens", str(16 * 2 * 256), "--rounds", "5", "--json",
+                 str(out / "sparse_delta_cuda.json")]
+        try:
+            b = subprocess.run(bench, cwd=ROOT, timeout=2 * BENCH_S).returncode
+        except subprocess.TimeoutExpired:
+            b = "timed out"
+        print(f"gpu-check: sparse-delta bench exit {b} ({args.budget_s - left():.0f} s so far)", flush=True)
+    if left() >= FLOOR_S + sum(s for _, _, s, _ in steps[first:first + 2]):
+        from zobench.analysis.calibration import framework
+
+        floor = framework("cuda")  # measured here and cached: the cells' records then carry estimates on it
+        (out / "framework_cuda.json").write_text(json.dumps(floor, indent=1) + "\n")
+        print(f"gpu-check: framework floor on cuda {floor['framework_mib']:.0f} MiB ({floor['source']}; "
+              f"{args.budget_s - left():.0f} s so far)", flush=True)
 
     from zobench.driver import run_suite
     from zobench.executors.local import LocalExecutor
@@ -153,7 +181,7 @@ def main() -> int:
 
     suite, cells = _cells()
     ran = []
-    for (name, what, s, _), cell in zip(steps[1:], cells):
+    for (name, what, s, _), cell in zip(steps[first:], cells):
         if left() < s:
             print(f"gpu-check: stopped before {what}: {left():.0f} s left, it needs ~{s:.0f} s", flush=True)
             break

@@ -152,3 +152,21 @@ def test_rows_differing_in_a_numeric_label_sort_by_its_value():
     lrs = [1e-6, 3e-6, 3e-7, 1e-5, 3e-5]
     assert [r["labels"]["lr"] for r in sorted(map(rec, lrs), key=sort_key)] == sorted(lrs)
     assert [r["labels"]["seed"] for r in sorted([rec(1e-6, 10), rec(1e-6, 2)], key=sort_key)] == [2, 10]
+
+
+def test_gpu_records_show_the_device_allocated_and_reserved_peaks_side_by_side(tmp_path):
+    """The H200 run of suites/smoke-cuda.yaml: each cell's driver-level peak beside the allocator's two."""
+    recs = load_records(Path(__file__).resolve().parents[1] / "results" / "gpu" / "smoke-cuda.jsonl")
+    md = render_report(recs, tmp_path / "gpu.md").read_text(encoding="utf-8")
+    section = md.split("## GPU memory")[1].split("\n## ")[0]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in rows[0]]
+    col = {name: header.index(name) for name in ("method", "device MiB", "measured as", "max allocated MiB",
+                                                  "max reserved MiB")}
+    full = next(r for r in rows[2:] if r[col["method"]].strip() == "full")
+    rec = next(r for r in recs if r.method == "full")
+    assert float(full[col["device MiB"]]) == round(rec.phases["train"].device_peak_mib)
+    assert full[col["measured as"]].strip() == "process"
+    assert float(full[col["max allocated MiB"]]) < float(full[col["max reserved MiB"]]) < float(full[col["device MiB"]])
+    # CPU records have no such section (the golden report's fixture is a CPU run)
+    assert "## GPU memory" not in GOLDEN.read_text(encoding="utf-8")

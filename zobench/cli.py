@@ -269,7 +269,8 @@ def cmd_estimate(args) -> int:
             print(f"{name:<{width}}  {'-':<6} {'-':>9}  {r['error']}")
         else:
             print(f"{name:<{width}}  {r['device']:<6} {r['peak_mib']:>9.0f}  {describe(r)}")
-    # Which constants each figure stands on: measured on this machine, or a default (CUDA: until a GPU run).
+    # Which constants each figure stands on: measured on this machine, or a default (CUDA without a GPU: the
+    # floor measured on an H200).
     seen = {r["device"]: r for r in rows if "calibration" in r}
     for device, r in sorted(seen.items()):
         cal = r["calibration"]

@@ -11,8 +11,9 @@ The measurement is the most literal one: a real ``forward`` cell through the lau
 child, the launcher's malloc settings, the same phases and peak accounting as any suite cell) on a Llama
 so small that its weights and activations are a few KiB. Its train-phase peak is the floor of any cell.
 
-CUDA allocator peaks (``max_memory_allocated``) have no framework share to speak of; without a GPU to
-measure on, the default below is used and the estimate says it was not measured.
+On a GPU the same cell measures the device-level floor (what the driver reports for the process: the
+CUDA context, the libraries' kernels, cuBLAS workspaces, the allocator's slack), cached the same way. On
+a machine without one, a CUDA estimate uses the figure measured on an H200 below, and says so.
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ from pathlib import Path
 # Used only when the measurement itself cannot run (and said so in every estimate that uses it): the
 # development machine's floor (results/bench/measurements.md).
 FALLBACK_CPU_MIB = 385.0
-# cuBLAS takes its workspace from the caching allocator (32 MiB per stream on Hopper, 4 MiB before);
-# not measured here (no GPU): 0 until a GPU run records it.
-FALLBACK_CUDA_MIB = 0.0
+# Used for CUDA estimates made without a GPU: an NVIDIA H200 (driver 580.159, torch 2.11.0+cu130,
+# transformers 5.17), where the tests' tiny Llama forward cell (float16, 8 x 64 tokens) peaked at 796 MiB
+# of device memory in its train phase (NVML, per process), of which 73 MiB were allocated tensors: the
+# floor is the rest. A GPU node measures its own (``framework("cuda")``, bench/framework_rss.py).
+FALLBACK_CUDA_MIB = 723.0
+FALLBACK_CUDA_WHY = "not measured on this machine: the floor measured on an NVIDIA H200 (torch 2.11, CUDA 13)"
 # Part of the cache key: bumped when zobench changes what every cell's process holds, so no machine keeps
 # an older footprint. 2: cells stopped importing hqq and torch's compiler (zobench.models.imports).
 FORMAT = 2
@@ -74,9 +78,11 @@ def framework(device: str = "cpu", measure: bool = True) -> dict:
     ``source`` is "measured" (this machine and these versions; ``key`` and ``measured_at`` say which
     measurement) or "default" (with ``why``): the fallback constant when nothing could be measured.
     """
-    if device != "cpu":
-        return {"framework_mib": FALLBACK_CUDA_MIB, "source": "default",
-                "why": "CUDA footprint not measured on a GPU yet"}
+    device = "cuda" if str(device).startswith("cuda") else "cpu"
+    fallback = {"cpu": (FALLBACK_CPU_MIB, "not measured on this machine"),
+                "cuda": (FALLBACK_CUDA_MIB, FALLBACK_CUDA_WHY)}[device]
+    if device == "cuda" and not _has_cuda():
+        return {"framework_mib": fallback[0], "source": "default", "why": fallback[1]}
     key = machine_key(device)
     if key in _MEMO:
         return _MEMO[key]
@@ -85,9 +91,18 @@ def framework(device: str = "cpu", measure: bool = True) -> dict:
     if found is None and measure:
         found = _measure_and_store(path, key, device)
     if found is None:
-        return {"framework_mib": FALLBACK_CPU_MIB, "source": "default", "why": "not measured on this machine"}
+        return {"framework_mib": fallback[0], "source": "default", "why": fallback[1]}
     _MEMO[key] = found
     return found
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
 
 
 def _read(path: Path) -> dict | None:
@@ -108,7 +123,8 @@ def _measure_and_store(path: Path, key: str, device: str) -> dict | None:
     except Exception as e:  # never fail an estimate on its calibration: fall back, and say why
         why = f"calibration failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
         print(f"zobench: warning: {why}; using the default footprint", file=sys.stderr)
-        return {"framework_mib": FALLBACK_CPU_MIB, "source": "default", "why": why}
+        return {"framework_mib": FALLBACK_CUDA_MIB if device == "cuda" else FALLBACK_CPU_MIB,
+                "source": "default", "why": why}
     data = {"framework_mib": round(statistics.median(peaks), 3), "source": "measured", "key": key,
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs_mib": peaks}
     try:

@@ -1,10 +1,12 @@
 """Predict a cell's peak memory in the train phase from the model's config alone (no weights loaded).
 
 What is predicted is what ``analysis.derive`` calls ``peak_mib``: the largest peak RSS of the warmup and
-train phases on a CPU, or ``torch.cuda.max_memory_allocated`` there on CUDA. The peak is the sum of
+train phases on a CPU, or on CUDA the device memory the driver reports for the cell's process. The peak is
+the sum of
 
     framework    what a cell's process holds whatever the model, measured once on this machine
-                 (``zobench.analysis.calibration``; CUDA allocated memory: not measured yet, 0)
+                 (``zobench.analysis.calibration``; on CUDA the context, libraries and workspaces, measured
+                 on a GPU: the estimate's ``calibration`` says where)
     weights      embeddings, norms and head in the model dtype; block linears in that dtype or, with a
                  quant backend, priced by its ``Storage``
     trainable    what the method keeps besides the weights (indices, float32 masters, sparse values,

@@ -11,6 +11,8 @@ MALLOC_MMAP_THRESHOLD_ so large blocks go back to the OS when freed (see launche
 
 from __future__ import annotations
 
+import gc
+
 import threading
 from pathlib import Path
 
@@ -79,7 +81,12 @@ class PeakMemory:
 
             from zobench.measure.device import DeviceMemory
 
+            # Each phase starts from what is live: memory the caching allocator kept from an earlier phase
+            # (the float16 weights and gradients of a sensitive mask, say) goes back to the driver, so the
+            # driver's figure is what a card running this phase alone would hold.
+            gc.collect()
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             self._device = DeviceMemory().start()
         return self

@@ -199,7 +199,8 @@ def main_table(ok: list[dict], extras: list[str]) -> list[str]:
         ("final loss", lambda r: f"{v:.4f}" if isinstance(v := get(r, "metrics.final_loss"), (int, float))
          else DASH),
     ]
-    intro = ("Peak memory is the training peak (CUDA max allocated on a GPU, else peak RSS). Peak / "
+    intro = ("Peak memory is the training peak (on a GPU the device memory the driver reported, else CUDA "
+             "max allocated; on a CPU peak RSS). Peak / "
              "inference is against the `forward` reference cell (inference only, same batches); step / 2 fwd "
              "against the cell's own inference forwards of the same batches, each timed right after its step "
              "in the same process (dense-and-sparse layers bypassed, so the plain quantized model); records "
@@ -259,9 +260,40 @@ def phase_table(ok: list[dict], extras: list[str]) -> list[str]:
         return DASH if peak is None and secs is None else f"{mib(peak)} / {num(secs)} s"
 
     cols: list[Column] = [(p, lambda r, p=p: cell(r, p)) for p in present]
-    intro = ("Peak MiB / seconds of each phase; the peak is reset at the start of each phase "
-             "(CUDA max allocated on a GPU, else peak RSS).")
+    intro = ("Peak MiB / seconds of each phase; the peak is reset at the start of each phase (on a GPU the "
+             "device memory the driver reported, else CUDA max allocated; on a CPU peak RSS).")
     return section("Memory by phase", intro, cols, ok, extras)
+
+
+def gpu_memory_table(ok: list[dict], extras: list[str]) -> list[str]:
+    """On a GPU, the three views of the training peak side by side, and the estimate beside them."""
+    cuda = [r for r in ok if any(get(r, f"phases.{p}.cuda_max_allocated_mib") is not None
+                                 for p in ("warmup", "train"))]
+    if not cuda:
+        return []
+
+    def peak(r, key):
+        vals = [get(r, f"phases.{p}.{key}") for p in ("warmup", "train")]
+        vals = [v for v in vals if isinstance(v, (int, float))]
+        return max(vals) if vals else None
+
+    def source(r):
+        return get(r, "phases.train.device_source") or get(r, "phases.warmup.device_source") or DASH
+
+    cols: list[Column] = [
+        ("device MiB", lambda r: mib(peak(r, "device_peak_mib"))),
+        ("measured as", source),
+        ("max allocated MiB", lambda r: mib(peak(r, "cuda_max_allocated_mib"))),
+        ("max reserved MiB", lambda r: mib(peak(r, "cuda_max_reserved_mib"))),
+        ("est. MiB", lambda r: mib(get(r, "estimate.peak_mib"))),
+        ("est. floor", lambda r: get(r, "estimate.calibration.source") or DASH),
+    ]
+    intro = ("Training peak (warm-up and train phases) three ways: what the driver reported (NVML: the process's "
+             "own use where the driver reports processes, else the device's use above its level before the "
+             "cell; context, libraries and allocator slack included, what an 8 GiB card must hold), the "
+             "allocator's max allocated tensors, and its max reserved blocks. The estimate predicts the "
+             "device figure; its floor was measured on this GPU (measured) or not (default).")
+    return section("GPU memory", intro, cols, cuda, extras)
 
 
 def step_table(ok: list[dict], extras: list[str]) -> list[str]:
@@ -389,7 +421,7 @@ def render_markdown(recs: list[dict], title: str | None, plots: list[tuple[str, 
     ok = [r for r in recs if r.get("status") == "ok"]
     bad = [r for r in recs if r.get("status") != "ok"]
     lines = header(recs, title, pilots or []) + claims_table(claims)
-    for part in (main_table, quant_table, phase_table, step_table, mask_tables):
+    for part in (main_table, quant_table, phase_table, gpu_memory_table, step_table, mask_tables):
         lines += part(ok, extras)
     lines += lr_table(ok, pilots or [], extras) + pilot_progress(ok, pilots or [])
     lines += failure_table(bad, extras) + plot_links(plots)

@@ -6,8 +6,10 @@ In order, stopping cleanly before a step that no longer fits the time left:
      against the CPU (also with merged sparse values), sparse restore bit-exact in fp16/bf16, random 7B
      weights built on the GPU;
   2. ``bench/sparse_delta.py --device cuda`` at the suite's batch (each way of the dense-and-sparse layer
-     against the quantized layer, -> ``sparse_delta_cuda.json``) and this node's framework floor for the
-     estimator (``framework("cuda")``, cached like the CPU one, -> ``framework_cuda.json``);
+     against the quantized layer, -> ``sparse_delta_cuda.json``), ``bench/new_batch.py`` (a forward on a
+     batch not seen before against the same batch again, -> ``new_batch_cuda.json``) and this node's
+     framework floor for the estimator (``framework("cuda")``, cached like the CPU one,
+     -> ``framework_cuda.json``);
   3. the cells of ``suites/gpu-check.yaml`` (Llama-2-7B from random weights, the suite's batch, ~10 timed
      steps), forward and sensitive in fp16, then forward, sensitive and random on NF4, full ZO last;
   4. ``results/gpu/gpu-check.jsonl``, ``reports/gpu.md`` (device-level, allocated and reserved peaks, each
@@ -34,9 +36,18 @@ SUITE = ROOT / "suites" / "gpu-check.yaml"
 BUDGET_S = 480
 # Planned seconds of the steps before the cells. Measured on an H200 (2026-11-30): pytest -m gpu 21 s
 # (6 tests, a 7B init among them), the sparse-delta bench 20 s, one tiny cell 13-21 s (the floor: two).
-PYTEST_S = 45
-BENCH_S = 30
-FLOOR_S = 45
+PYTEST_S = 35
+FLOOR_S = 40
+# Benches, run with a timeout of twice their plan: (step name, what, planned seconds, script and arguments,
+# results file). new_batch: on the H200 each ZO step's first forward took ~45 ms more than its second
+# on the same batch (tiny Llama); it tells which part of a new batch costs that.
+BENCHES = [
+    ("bench", "bench/sparse_delta.py --device cuda", 25,
+     ["bench/sparse_delta.py", "--device", "cuda", "--dtype", "float16", "--tokens", str(16 * 2 * 256),
+      "--rounds", "5"], "sparse_delta_cuda.json"),
+    ("bench", "bench/new_batch.py --device cuda", 20,
+     ["bench/new_batch.py", "--device", "cuda", "--dtype", "float16"], "new_batch_cuda.json"),
+]
 # Planned seconds per cell until one was measured here (then its measured wall time counts): process
 # start and imports ~15 s, 7B random init on the GPU ~10 s, NF4 quantization ~25 s, sensitive mask
 # (8 x 256 calibration tokens, one backward) ~15 s, test accuracy before/after on 32 examples ~5 s,
@@ -96,7 +107,7 @@ def plan(out: Path) -> list[tuple[str, str, float, str]]:
     _, cells = _cells()
     walls = _measured(out)
     steps = [("pytest -m gpu", "tests/test_gpu.py", PYTEST_S, "planned"),
-             ("bench", "bench/sparse_delta.py --device cuda", BENCH_S, "planned"),
+             *[(name, what, secs, "planned") for name, what, secs, _, _ in BENCHES],
              ("floor", "framework footprint on cuda", FLOOR_S, "planned")]
     for c in cells:
         key = (c.config.quant, c.config.method)
@@ -158,15 +169,16 @@ def main() -> int:
     print(f"gpu-check: pytest -m gpu exit {rc} ({args.budget_s - left():.0f} s so far)", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     first = len(steps) - len(ORDER)  # the cells' steps follow the tests, the bench and the floor
-    if left() >= BENCH_S + sum(s for _, _, s, _ in steps[first:first + 2]):
-        bench = [sys.executable, str(ROOT / "bench" / "sparse_delta.py"), "--device", "cuda", "--dtype",
-                 "float16", "--tokens", str(16 * 2 * 256), "--rounds", "5", "--json",
-                 str(out / "sparse_delta_cuda.json")]
+    for _, what, secs, argv, result in BENCHES:  # each only while the first two cells still fit after it
+        if left() < secs + sum(s for _, _, s, _ in steps[first:first + 2]):
+            print(f"gpu-check: skipped {what}: {left():.0f} s left", flush=True)
+            continue
         try:
-            b = subprocess.run(bench, cwd=ROOT, timeout=2 * BENCH_S).returncode
+            b = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:], "--json", str(out / result)],
+                               cwd=ROOT, timeout=2 * secs).returncode
         except subprocess.TimeoutExpired:
             b = "timed out"
-        print(f"gpu-check: sparse-delta bench exit {b} ({args.budget_s - left():.0f} s so far)", flush=True)
+        print(f"gpu-check: {what} exit {b} ({args.budget_s - left():.0f} s so far)", flush=True)
     if left() >= FLOOR_S + sum(s for _, _, s, _ in steps[first:first + 2]):
         from zobench.analysis.calibration import framework
 

@@ -21,5 +21,6 @@ def test_gpu_check_plans_within_8_minutes_on_any_machine(tmp_path):
     planned = float(head.split(" s planned")[0].rsplit(" ", 1)[1])
     assert planned <= 480, head
     steps = [line for line in done.stdout.splitlines()[1:] if " planned " in line or " measured " in line]
-    assert len(steps) == 9 and "pytest -m gpu" in steps[0] and "method=full" in steps[-1]
-    assert "sparse_delta.py --device cuda" in steps[1] and "framework footprint on cuda" in steps[2]
+    assert len(steps) == 10 and "pytest -m gpu" in steps[0] and "method=full" in steps[-1]
+    assert "sparse_delta.py --device cuda" in steps[1] and "new_batch.py --device cuda" in steps[2]
+    assert "framework footprint on cuda" in steps[3]

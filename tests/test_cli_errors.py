@@ -222,3 +222,57 @@ def test_exit_1_is_only_a_broken_budget(monkeypatch, capsys):
         monkeypatch.setitem(cli.COMMANDS, "check", fail)
         assert cli.main(["check", "r.jsonl"]) in (2, 4)
     capsys.readouterr()
+
+
+def _run_until_a_cell_runs(tmp_path: Path, name: str):
+    """Start ``zobench run`` on a cell that would train for hours; return (its process, the cell's pid)."""
+    import time
+
+    import psutil
+
+    suite = tiny_suite(tmp_path, steps=1_000_000)
+    proc = subprocess.Popen([sys.executable, "-m", "zobench.cli", "run", str(suite), "--out", str(tmp_path / name),
+                             "--reports", str(tmp_path / f"{name}-reports")], cwd=ROOT, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        children = [c for c in psutil.Process(proc.pid).children() if "resource_tracker" not in " ".join(c.cmdline())]
+        if children:
+            return proc, children[0].pid
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("no cell process started")
+
+
+def _gone(pid: int, within_s: float = 30) -> bool:
+    import psutil
+
+    try:
+        psutil.Process(pid).wait(within_s)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.TimeoutExpired:
+        psutil.Process(pid).kill()
+        return False
+    return True
+
+
+def test_sigterm_stops_a_run_like_ctrl_c_and_no_cell_outlives_it(tmp_path):
+    import signal
+
+    proc, cell = _run_until_a_cell_runs(tmp_path, "term")
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "zobench: interrupted" in err and "Traceback" not in err, err
+    assert _gone(cell)
+
+
+def test_a_run_killed_outright_takes_its_running_cell_with_it(tmp_path):
+    import signal
+
+    proc, cell = _run_until_a_cell_runs(tmp_path, "kill")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    # No cell trains on unwatched: the kernel ends it (PR_SET_PDEATHSIG), and a cell that reports progress
+    # would also fail its next message on the closed pipe (so this held before the signal was set too).
+    assert _gone(cell)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from zobench.errors import (EXIT_BUDGET, EXIT_CELLS_FAILED, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK,
@@ -334,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     code means what the module docstring says, and the user sees one line, not a traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)  # argparse itself exits 2 with one usage line on bad flags
+    previous = _stop_on_sigterm()
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
@@ -355,6 +358,25 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"zobench: internal error: {type(e).__name__}: {_first_line(e)} ({saved}; please report it, "
              f"or set ZOBENCH_DEBUG=1 to see it here)")
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm():
+    """SIGTERM (``kill``, a scheduler's stop, ``timeout``) stops a command as Ctrl-C does: running cells are
+    killed through the executor, records already written stay. Without this, the default action ends the
+    process at once and a running cell's process lives on. Returns the handler to restore (None where
+    none was installed: not the main thread, or someone else's handler is there)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    return signal.SIG_DFL
 
 
 def _first_line(e: BaseException) -> str:

@@ -22,7 +22,8 @@ import sys
 import time
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when ``parent`` (the process that started it) dies (Linux)."""
     try:
         import ctypes
 
@@ -35,7 +36,7 @@ def _die_with_parent(parent: int) -> None:
 
 def main() -> None:
     start = time.time()
-    _die_with_parent(int(os.environ.pop("ZOBENCH_PARENT_PID", os.getppid())))
+    die_with_parent(int(os.environ.pop("ZOBENCH_PARENT_PID", os.getppid())))
     out = os.fdopen(int(os.environ.pop("ZOBENCH_MSG_FD")), "w", buffering=1)
 
     def send(msg) -> None:

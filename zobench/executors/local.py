@@ -55,8 +55,13 @@ def run_one(config: dict, send, threads: int | None) -> None:
             pass
 
 
-def _child(config: dict, conn, threads: int | None) -> None:
-    """Child process entry (spawn): run one cell and send its messages down ``conn``."""
+def _child(config: dict, conn, threads: int | None, parent: int | None = None) -> None:
+    """Child process entry (spawn): run one cell and send its messages down ``conn``. The cell dies with
+    ``parent`` (a ``zobench run`` killed outright leaves no cell running on)."""
+    if parent is not None:
+        from zobench.executors.child import die_with_parent
+
+        die_with_parent(parent)
     try:
         run_one(config, conn.send, threads)
     finally:
@@ -98,7 +103,8 @@ class CellProcess:
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # spawn copies the parent's environment at start()
         try:
-            self.proc = ctx.Process(target=_child, args=(cell.config.to_dict(), send, threads), daemon=True)
+            self.proc = ctx.Process(target=_child, args=(cell.config.to_dict(), send, threads, os.getpid()),
+                                    daemon=True)
             self.proc.start()
         finally:
             for k, v in saved.items():

@@ -96,20 +96,26 @@ def topk_mask(scores: Iterable[tuple[str, torch.Tensor]], density: float, per_te
             if ki:
                 out[name] = torch.sort(torch.topk(s.reshape(-1).float(), ki).indices).values
         return out
-    best_v = torch.empty(0)
-    best_t = torch.empty(0, dtype=torch.long)  # tensor number
-    best_i = torch.empty(0, dtype=torch.long)  # index inside that tensor
+    # The running best k stay on the scores' device: on a GPU a 7B model's 0.1% is 6.5M candidates,
+    # merged 224 times; on the host each merge would be a CPU top-k of 13M values and a device copy.
+    best_v = best_t = best_i = None  # values, tensor number, index inside that tensor
     names = []
     for t, (name, s) in enumerate(scores):
         names.append(name)
         flat = s.reshape(-1).float()
         v, i = torch.topk(flat, min(k, flat.numel()))
-        best_v = torch.cat([best_v, v.cpu()])
-        best_t = torch.cat([best_t, torch.full_like(i, t).cpu()])
-        best_i = torch.cat([best_i, i.cpu()])
+        if best_v is None:
+            best_v, best_t, best_i = v, torch.full_like(i, t), i
+        else:
+            best_v = torch.cat([best_v, v.to(best_v.device)])
+            best_t = torch.cat([best_t, torch.full_like(i, t).to(best_t.device)])
+            best_i = torch.cat([best_i, i.to(best_i.device)])
         if best_v.numel() > k:
             keep = torch.topk(best_v, k).indices
             best_v, best_t, best_i = best_v[keep], best_t[keep], best_i[keep]
+    if best_v is None:
+        return out
+    best_t, best_i = best_t.cpu(), best_i.cpu()
     for t, name in enumerate(names):
         sel = best_i[best_t == t]
         if sel.numel():

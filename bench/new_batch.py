@@ -90,10 +90,11 @@ def main() -> None:
             if mem is not None:
                 mem.stop()
     med = {k: statistics.median(v) for k, v in times.items()}
+    again = {"new_length": "same", "same": "same", "new_tensors": "same_seen_length",
+             "same_seen_length": "same_seen_length"}  # each kind against its own batch run again
     for k, v in med.items():
-        base = med["same_seen_length" + ("+sampler" if k.endswith("+sampler") else "")] if "seen" in k or \
-            k.startswith("new_tensors") else med["same" + ("+sampler" if k.endswith("+sampler") else "")]
-        print(f"{k:26s} {v:8.2f} ms  ({v / base:.2f}x the same batch again)")
+        kind, plus, sampler = k.partition("+")
+        print(f"{k:26s} {v:8.2f} ms  ({v / med[again[kind] + plus + sampler]:.2f}x the same batch again)")
 
     from torch.profiler import ProfilerActivity, profile
 

@@ -169,8 +169,9 @@ def main() -> int:
     print(f"gpu-check: pytest -m gpu exit {rc} ({args.budget_s - left():.0f} s so far)", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     first = len(steps) - len(ORDER)  # the cells' steps follow the tests, the bench and the floor
+    two_cells = sum(s for _, _, s, _ in steps[first:first + 2])
     for _, what, secs, argv, result in BENCHES:  # each only while the first two cells still fit after it
-        if left() < secs + sum(s for _, _, s, _ in steps[first:first + 2]):
+        if left() < secs + two_cells:
             print(f"gpu-check: skipped {what}: {left():.0f} s left", flush=True)
             continue
         try:
@@ -179,7 +180,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             b = "timed out"
         print(f"gpu-check: {what} exit {b} ({args.budget_s - left():.0f} s so far)", flush=True)
-    if left() >= FLOOR_S + sum(s for _, _, s, _ in steps[first:first + 2]):
+    if left() >= FLOOR_S + two_cells:
         from zobench.analysis.calibration import framework
 
         floor = framework("cuda")  # measured here and cached: the cells' records then carry estimates on it

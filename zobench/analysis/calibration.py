@@ -37,6 +37,7 @@ FALLBACK_CPU_MIB = 385.0
 # floor is the rest. A GPU node measures its own (``framework("cuda")``, bench/framework_rss.py).
 FALLBACK_CUDA_MIB = 723.0
 FALLBACK_CUDA_WHY = "not measured on this machine: the floor measured on an NVIDIA H200 (torch 2.11, CUDA 13)"
+FALLBACKS = {"cpu": (FALLBACK_CPU_MIB, "not measured on this machine"), "cuda": (FALLBACK_CUDA_MIB, FALLBACK_CUDA_WHY)}
 # Part of the cache key: bumped when zobench changes what every cell's process holds, so no machine keeps
 # an older footprint. 2: cells stopped importing hqq and torch's compiler (zobench.models.imports).
 FORMAT = 2
@@ -79,8 +80,7 @@ def framework(device: str = "cpu", measure: bool = True) -> dict:
     measurement) or "default" (with ``why``): the fallback constant when nothing could be measured.
     """
     device = "cuda" if str(device).startswith("cuda") else "cpu"
-    fallback = {"cpu": (FALLBACK_CPU_MIB, "not measured on this machine"),
-                "cuda": (FALLBACK_CUDA_MIB, FALLBACK_CUDA_WHY)}[device]
+    fallback = FALLBACKS[device]
     if device == "cuda" and not _has_cuda():
         return {"framework_mib": fallback[0], "source": "default", "why": fallback[1]}
     key = machine_key(device)
@@ -123,8 +123,7 @@ def _measure_and_store(path: Path, key: str, device: str) -> dict | None:
     except Exception as e:  # never fail an estimate on its calibration: fall back, and say why
         why = f"calibration failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
         print(f"zobench: warning: {why}; using the default footprint", file=sys.stderr)
-        return {"framework_mib": FALLBACK_CUDA_MIB if device == "cuda" else FALLBACK_CPU_MIB,
-                "source": "default", "why": why}
+        return {"framework_mib": FALLBACKS[device][0], "source": "default", "why": why}
     data = {"framework_mib": round(statistics.median(peaks), 3), "source": "measured", "key": key,
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs_mib": peaks}
     try:

@@ -77,8 +77,11 @@ class SparseDelta(torch.nn.Module):
         """How the forward adds S: "merge", "csr" or "gather" (module docstring)."""
         if self.flat is not None:
             return "merge"
-        return "csr" if self._csr and (self.values.is_cuda or self.values.dtype in (torch.float32,
-                                                                                     torch.float64)) else "gather"
+        return "csr" if self._csr_for(self.values) else "gather"
+
+    def _csr_for(self, t: torch.Tensor) -> bool:
+        """Whether the product of ``t``'s device and dtype goes the CSR way (torch has a kernel there)."""
+        return self._csr and (t.is_cuda or t.dtype in (torch.float32, torch.float64))
 
     @property
     def nnz(self) -> int:
@@ -102,7 +105,7 @@ class SparseDelta(torch.nn.Module):
 
     def sparse_product(self, x2: torch.Tensor) -> torch.Tensor:
         """[n, in] -> [n, out]: ``x2 @ S^T`` without a dense S."""
-        if self._csr and (x2.is_cuda or x2.dtype in (torch.float32, torch.float64)):
+        if self._csr_for(x2):
             try:
                 return self.csr_product(x2)
             except (NotImplementedError, RuntimeError):

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+from zobench.analysis.derive import TRAIN_PHASES
 from zobench.measure.load import LOADED_CPUS
-from zobench.report.cells import (EXTRA_ORDER, PHASES, density, get, is_sparse, is_zo, meaningful, method, pct,
-                                  phase_peak, quant, setting, varying_axes)
+from zobench.report.cells import (EXTRA_ORDER, PHASES, density, get, is_cuda, is_sparse, is_zo, meaningful, method,
+                                  pct, phase_peak, quant, setting, varying_axes)
 
 Column = tuple[str, Callable[[dict], str]]
 DASH = "-"
@@ -267,13 +268,12 @@ def phase_table(ok: list[dict], extras: list[str]) -> list[str]:
 
 def gpu_memory_table(ok: list[dict], extras: list[str]) -> list[str]:
     """On a GPU, the three views of the training peak side by side, and the estimate beside them."""
-    cuda = [r for r in ok if any(get(r, f"phases.{p}.cuda_max_allocated_mib") is not None
-                                 for p in ("warmup", "train"))]
+    cuda = [r for r in ok if is_cuda(r)]
     if not cuda:
         return []
 
     def peak(r, key):
-        vals = [get(r, f"phases.{p}.{key}") for p in ("warmup", "train")]
+        vals = [get(r, f"phases.{p}.{key}") for p in TRAIN_PHASES]
         vals = [v for v in vals if isinstance(v, (int, float))]
         return max(vals) if vals else None
 

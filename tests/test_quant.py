@@ -182,8 +182,8 @@ def test_zo_perturb_and_restore_on_sparse_values_is_exact(tiny, name):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merging_the_sparse_values_into_the_dequantized_nf4_weight_equals_the_separate_product(dtype):
-    """The CUDA way (quant.sparse "merge"), run here on a CPU: ``x @ (D + S)^T`` against ``D(x) + x @ S^T``,
-    both against the dense reference, and ZO's in-place moves of the values take part in it."""
+    """quant.sparse's "merge" way: ``x @ (D + S)^T`` against ``D(x) + x @ S^T``, both against the dense
+    reference, and ZO's in-place moves of the values take part in it."""
     pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
     out_f, in_f = 96, 128
@@ -213,13 +213,38 @@ def test_merging_the_sparse_values_into_the_dequantized_nf4_weight_equals_the_se
             assert torch.equal(merged(x), base(x))
 
 
-def test_a_dense_and_sparse_layer_merges_only_on_cuda(tiny):
-    """``attach_sparse`` picks the way by device: on a CPU a 4-bit layer keeps the separate product."""
+@pytest.mark.parametrize("avx512_bf16", [False, True])
+def test_a_4bit_dense_and_sparse_layer_merges_unless_bitsandbytes_repacks_the_weight(avx512_bf16, monkeypatch):
+    """On a CPU without AVX512-BF16 a 4-bit layer merges S into its dequantized weight; with it,
+    bitsandbytes repacks the weight for a fused kernel at the first eval forward, so S stays apart. An
+    8-bit layer (no dense weight in its forward) always keeps the separate product."""
     pytest.importorskip("bitsandbytes")
-    mask = random_mask(scoped_params(tiny.model, "linear"), 0.01, seed=0)
-    quantize_model(tiny.model, get_backend("nf4"), QuantContext(), mask)
-    ways = {m.way for m in tiny.model.modules() if isinstance(m, SparseDelta)}
-    assert ways and "merge" not in ways
+    from zobench.models import load_model
+
+    from zobench.cell.pipeline import Pipeline
+
+    monkeypatch.setattr("zobench.quant.bnb.cpu_has_avx512_bf16", lambda: avx512_bf16)
+    model = load_model("random:tiny-llama", seed=0).model
+    mask = random_mask(scoped_params(model, "linear"), 0.01, seed=0)
+    quantize_model(model, get_backend("int8"), QuantContext(), mask)
+    assert {m.way for m in model.modules() if isinstance(m, SparseDelta)} == {"csr"}
+    # A cell says which way its layers took.
+    cfg = {"model": "random:tiny-llama", "task": "sst2", "method": "random", "quant": "nf4", "density": 0.01,
+           "n_train": 8, "n_dev": 0, "n_test": 0, "batch_size": 4, "max_length": 32, "steps": 1,
+           "warmup_steps": 0, "eval_before": False, "eval_after": False, "device": "cpu"}
+    rec = Pipeline(CellConfig.from_dict(cfg)).run()
+    assert rec.ok, rec.reason
+    assert rec.metrics.get("quant_sparse_way") == ("csr" if avx512_bf16 else "merge")
+
+
+def test_a_repacked_4bit_weight_refuses_to_be_merged():
+    """bitsandbytes' AVX512-BF16 layout is not what ``dequantize_4bit`` reads: merging it would be garbage."""
+    pytest.importorskip("bitsandbytes")
+    lin = torch.nn.Linear(64, 32)
+    base = get_backend("nf4").quantize_linear(lin, QuantContext())
+    base.weight.quant_state.packing_format_for_cpu = True
+    with pytest.raises(RuntimeError, match="repacked"):
+        get_backend("nf4").dequantize(base)
 
 
 def test_the_split_keeps_the_selected_values_exactly(tiny):

@@ -240,6 +240,7 @@ class Pipeline:
 
     def quantize(self) -> None:
         from zobench.quant import QuantContext, quantize_model
+        from zobench.quant.sparse import SparseDelta
 
         cfg, run = self.cfg, self.run_state
         ctx = QuantContext(device=self.device, dtype=next(run.model.parameters()).dtype, tokenizer=run.tokenizer,
@@ -247,6 +248,9 @@ class Pipeline:
                            calib_length=cfg.calib_length, vocab_size=run.vocab, seed=cfg.seed,
                            cache_dir=run.cache_root)
         vectors = quantize_model(run.model, self.backend, ctx, run.mask)
+        ways = sorted({m.way for m in run.model.modules() if isinstance(m, SparseDelta)})
+        if ways:  # how the dense-and-sparse layers add their values (quant.sparse): merge, csr or gather
+            ctx.info["sparse_way"] = ",".join(ways)
         if "cache_warning" in ctx.info:
             self.record.add_warning(ctx.info.pop("cache_warning"))
         self.metrics.set(**{k if k.startswith("quant") else f"quant_{k}": v for k, v in ctx.info.items()})

@@ -77,10 +77,11 @@ def sparse_price(inputs: PriceInputs) -> Price:
     if quantized:
         # Dense-and-sparse (quant.sparse): the live values in the model dtype beside the quantized layer,
         # CSR of S^T with int32 column indices and (in + 1) int32 row pointers; where the layer merges S
-        # into its dequantized weight (CUDA), int32 flat indices alone, and no separate product.
+        # into its dequantized weight (Backend.merges_on), int32 flat indices alone, no separate product.
         from zobench.quant import get_backend
 
-        merge = inputs.device == "cuda" and get_backend(cfg.quant).dequantize is not None
+        backend = get_backend(cfg.quant)
+        merge = backend.dequantize is not None and backend.merges_on(inputs.device)
         layers = [(o, i) for o, i in arch.linears if cfg.density * o * i >= 1]
         trainable += nnz * (db + 4) + (0 if merge else sum(4 * (i + 1) for _, i in layers))
         per_layer = nnz / max(len(layers), 1)

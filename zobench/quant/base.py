@@ -93,9 +93,15 @@ class Backend:
         raise NotImplementedError
 
     # A function module -> its dense weight in the compute dtype, for formats whose batched forward
-    # builds exactly that (dequantize, then one dense matmul): a dense-and-sparse layer on CUDA then
-    # merges its sparse values into it (quant.sparse). None: the layer adds a separate sparse product.
+    # builds exactly that (dequantize, then one dense matmul): a dense-and-sparse layer then merges its
+    # sparse values into it where ``merges_on`` says so (quant.sparse). None: the layer adds a separate
+    # sparse product.
     dequantize = None
+
+    def merges_on(self, device: str) -> bool:
+        """Whether dense-and-sparse layers on ``device`` ("cpu", "cuda", "cuda:1") merge S into the weight
+        ``dequantize`` builds, rather than add a separate sparse product."""
+        return False
 
 
 class NoQuant(Backend):
@@ -146,7 +152,8 @@ def quantize_model(model: torch.nn.Module, backend: Backend, ctx: QuantContext,
         ctx.cache_key = h.hexdigest()[:16]
     backend.quantize(model, names, ctx)
     _detach_from_checkpoint(model)  # before the sparse values are attached: it replaces buffers
-    return attach_sparse(model, taken, shapes, ctx.dtype, backend.dequantize)
+    merge = backend.dequantize if backend.merges_on(str(ctx.device)) else None
+    return attach_sparse(model, taken, shapes, ctx.dtype, merge)
 
 
 @torch.no_grad()

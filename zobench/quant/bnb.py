@@ -39,8 +39,29 @@ class _FourBit(Backend):
         """The layer's [out, in] weight in its compute dtype, as its batched forward builds it."""
         import bitsandbytes.functional as bf
 
+        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            raise RuntimeError("bitsandbytes repacked this 4-bit weight for its AVX512-BF16 CPU kernel; "
+                               "its dense-and-sparse layer must add S apart (Backend.merges_on)")
         w = bf.dequantize_4bit(module.weight.data, module.weight.quant_state)
         return w if module.compute_dtype is None else w.to(module.compute_dtype)
+
+    def merges_on(self, device: str) -> bool:
+        # On CUDA and on most CPUs a batched Linear4bit forward dequantizes, then runs one dense matmul,
+        # so merging S costs one scatter of its few values: measured 0.9-1.06x the NF4 layer on a CPU, where
+        # the separate CSR product cost 1.2-1.5x (bench/sparse_delta.py, bench/dense_sparse_model.py), and
+        # 3-7x on an H200. On a CPU with AVX512-BF16, bitsandbytes repacks the weight at the first eval
+        # forward for a fused kernel that builds no dense weight: there S stays apart.
+        return device.startswith("cuda") or (device == "cpu" and not cpu_has_avx512_bf16())
+
+
+def cpu_has_avx512_bf16() -> bool:
+    """Whether this CPU has the AVX512-BF16 instructions that bitsandbytes' fused CPU 4-bit kernel needs
+    (read from /proc/cpuinfo, so the estimator need not load bitsandbytes; False where it is absent)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in f)
+    except OSError:
+        return False
 
 
 class NF4(_FourBit):

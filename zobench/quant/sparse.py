@@ -11,10 +11,11 @@ S's values, so the sparse ZO machinery (``SparseTrainable``) runs unchanged on t
 How ``D(x) + x @ S^T`` is computed depends on the device, each way picked by measurement
 (bench/sparse_delta.py; figures in results/bench/measurements.md):
 
-    merge   (CUDA, bitsandbytes 4-bit) the base's batched forward builds D in the compute dtype anyway
-            (dequantize, then one dense matmul); the layer does that itself and scatters S's few values
-            into that temporary first: ``x @ (D + S)^T``, one matmul, no [tokens, out] delta. On an H200
-            the separate sparse product cost 3-7x the quantized layer's own forward at 7B shapes.
+    merge   (bitsandbytes 4-bit, on CUDA and on CPUs without AVX512-BF16: ``Backend.merges_on``) the
+            base's batched forward builds D in the compute dtype anyway (dequantize, then one dense
+            matmul); the layer does that itself and scatters S's few values into that temporary first:
+            ``x @ (D + S)^T``, one matmul, no [tokens, out] delta. On an H200 the separate sparse product
+            cost 3-7x the quantized layer's own forward at 7B shapes; on a CPU 1.2-1.5x, merged 0.9-1.06x.
     CSR     (elsewhere) S^T in CSR form (one row per input feature), multiplied as a sparse matrix where
             torch can (float32 on CPU; CUDA); never a dense [out, in] S. On a CPU it beat a gather +
             index_add_ straight into the output on every layer but the smallest.
@@ -49,7 +50,8 @@ class SparseDelta(torch.nn.Module):
 
     ``dequantize`` (the backend's, or None): base -> its dense weight in the compute dtype, where that is
     how the base's batched forward computes anyway. Given, the layer merges (module docstring) and keeps S
-    as row-major int32 flat indices; otherwise as the CSR of S^T. ``attach_sparse`` gives it on CUDA.
+    as row-major int32 flat indices; otherwise as the CSR of S^T. ``attach_sparse`` gives it where the
+    backend merges on the layer's device.
     """
 
     def __init__(self, base: torch.nn.Module, flat_index: torch.Tensor, values: torch.Tensor,
@@ -172,8 +174,9 @@ def attach_sparse(model: torch.nn.Module, taken: dict[str, tuple], shapes: dict[
     """Wrap each (now quantized) module in a ``SparseDelta`` carrying its taken values.
 
     ``shapes`` maps module name -> (out_features, in_features) of the original linear layer (quantized
-    modules do not all keep a 2-D weight); ``dequantize`` is the backend's (``Backend.dequantize``),
-    used on CUDA only (the module docstring's choice). Returns ``[(name, values buffer)]`` for the trainer.
+    modules do not all keep a 2-D weight); ``dequantize``, the backend's (``Backend.dequantize``) where it
+    merges on this device (``Backend.merges_on``), else None. Returns ``[(name, values buffer)]`` for the
+    trainer.
     """
     out = []
     for mname, (idx, values) in taken.items():
@@ -181,8 +184,7 @@ def attach_sparse(model: torch.nn.Module, taken: dict[str, tuple], shapes: dict[
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, attr)
         out_f, in_f = shapes[mname]
-        merge = dequantize if values.is_cuda else None
-        wrapped = SparseDelta(base, idx, values, in_f, out_f, dtype, merge)
+        wrapped = SparseDelta(base, idx, values, in_f, out_f, dtype, dequantize)
         setattr(parent, attr, wrapped)
         out.append((f"{mname}.values", wrapped.values))
     return out

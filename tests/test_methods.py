@@ -18,14 +18,17 @@ TINY = {"model": "random:tiny-llama", "task": "sst2", "n_train": 8, "n_dev": 0, 
 
 @pytest.fixture(scope="module")
 def every_method(tmp_path_factory):
-    """One cell of every registered method on the tiny model, each in its own process."""
+    """One cell of every registered method on the tiny model, each in its own process, two at a time (a
+    cell's peak is its own process's, whatever runs beside it)."""
     from zobench.driver import run_suite
+    from zobench.executors.pool import PoolExecutor
     from zobench.results import load_records
     from zobench.spec.suite import parse_suite
 
     suite = parse_suite({"name": "methods", "reference": False, "defaults": TINY,
                          "matrix": {"method": METHODS.names()}}, "methods.yaml")
-    return {r.method: r for r in load_records(run_suite(suite, tmp_path_factory.mktemp("methods")))}
+    out = run_suite(suite, tmp_path_factory.mktemp("methods"), executor=PoolExecutor(jobs=2))
+    return {r.method: r for r in load_records(out)}
 
 
 def test_every_registered_method_runs_the_smoke_path_and_has_a_price(every_method):

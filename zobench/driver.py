@@ -57,6 +57,7 @@ def finalize(rec: CellRecord, cell: Cell, suite: Suite, started: str, env: dict,
     from zobench.analysis.estimate import record_estimate
 
     rec.cell_id, rec.labels, rec.config = cell.cell_id, cell.labels, cell.config.to_dict()
+    rec.config.pop("checkpoint", None)  # where progress was kept while it ran: gone once the record is
     rec.suite, rec.suite_file = suite.name, str(suite.path) if suite.path else None
     rec.env, rec.git, rec.started_at, rec.finished_at = env, git, started, now()
     # The predicted peak beside the measured one (reports show both); never raises: a failed estimate is
@@ -95,6 +96,7 @@ class Batch:
     def __init__(self, suite: Suite, out: Path, env: dict, git: dict, resume: bool, reporter, executor):
         self.suite, self.out, self.env, self.git, self.resume = suite, out, env, git, resume
         self.reporter, self.executor, self.choices = reporter, executor, {}
+        self.checkpoints = out.with_name(f"{out.stem}.checkpoints")  # results/NAME.checkpoints/CELL.json
 
     def cells(self, cells: list[Cell], what: str) -> None:
         import time
@@ -123,10 +125,19 @@ class Batch:
             if cell.config.save:  # a suite keeps one artifact per cell, named by the cell
                 cell = Cell(cell.cell_id, dataclasses.replace(cell.config, save=str(Path(cell.config.save) /
                                                                                    cell.cell_id)), cell.labels)
+            # A long cell keeps its progress (zobench.cell.checkpoint): --resume goes on from it; a fresh
+            # run starts every cell from step 0.
+            progress = self.checkpoints / f"{cell.cell_id}.json"
+            if not self.resume:
+                progress.unlink(missing_ok=True)
+            cell = Cell(cell.cell_id, dataclasses.replace(cell.config, checkpoint=str(progress.resolve())),
+                        cell.labels)
             self.executor.submit(cell, cell.config.timeout_s or self.suite.timeout_s)
         for cell, rec in self.executor.finished():
             at, t0 = started.get(cell.cell_id, (now(), time.monotonic()))
             rec = finalize(rec, cell, self.suite, at, self.env, self.git)
             rec.wall_s, rec.lr_choice = time.monotonic() - t0, self.choices.get(cell.cell_id)
             append_record(self.out, rec)
+            if rec.ok:
+                (self.checkpoints / f"{cell.cell_id}.json").unlink(missing_ok=True)
             self.reporter("done", {"cell": cell, "record": rec})

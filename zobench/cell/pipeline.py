@@ -129,6 +129,7 @@ class Pipeline:
         self.run_state: Run | None = None
         self.stepper = self.trainable = self.selection = None
         self.base_fingerprint = None
+        self.resumed = None  # a checkpoint this cell goes on from (zobench.cell.checkpoint)
 
     def run(self) -> CellRecord:
         from transformers.utils import logging as hf_logging
@@ -150,8 +151,12 @@ class Pipeline:
         if self.backend is not None:
             with self.phase("quantize"):
                 self.quantize()
+        self.load_checkpoint()
         # After masking and quantization: "before" is the model that training starts from.
-        self.evaluate("eval_before", "test_before", self.cfg.eval_before)
+        if self.resumed is not None and self.resumed.test_before is not None:
+            self.metrics.set(test_before=self.resumed.test_before)
+        else:
+            self.evaluate("eval_before", "test_before", self.cfg.eval_before)
         self.train()
         self.evaluate("eval_after", "test_after", self.cfg.eval_after)
         self.select_best()
@@ -283,7 +288,10 @@ class Pipeline:
         timing, self.selection = StepTiming(), DevSelection(trainable)
         stream = run.batches()
         warm = min(cfg.warmup_steps, cfg.steps)
-        for name, steps in (("warmup", range(warm)), ("train", range(warm, cfg.steps))):
+        start = self.restore(stepper, trainable, timing, reference, stream) if self.resumed else 0
+        for name, steps in (("warmup", range(start, warm)), ("train", range(max(start, warm), cfg.steps))):
+            if start and not steps:
+                continue  # the checkpoint is past the warm-up: this process has no warm-up phase
             with self.phase(name):
                 for i in steps:
                     self.step(stepper, next(stream), i, timing, name == "train", reference)
@@ -301,6 +309,69 @@ class Pipeline:
             dev = run.evaluate(run.splits.dev)
             self.metrics.values.setdefault("dev_curve", []).append({"step": i + 1, **dev, "train_s": timing.total})
             self.selection.see(i + 1, dev)
+        if self.cfg.checkpoint and self.trainable is not None and hasattr(stepper, "rng"):
+            from zobench.cell import checkpoint
+
+            if i + 1 >= min(self.cfg.warmup_steps, self.cfg.steps) and \
+                    checkpoint.due(i + 1, self.cfg.steps, self.cfg.eval_every):
+                self.save_checkpoint(i + 1, timing, reference)
+
+    # -- checkpoints (zobench.cell.checkpoint) -----------------------------------------------------
+    def load_checkpoint(self) -> None:
+        from zobench.cell import checkpoint
+        from zobench.spec.matrix import cell_id
+
+        if self.cfg.checkpoint:
+            self.resumed, why = checkpoint.load(self.cfg.checkpoint, cell_id(self.cfg))
+            if why:
+                self.record.add_warning(why)
+
+    def save_checkpoint(self, step: int, timing: "StepTiming", reference) -> None:
+        from zobench.cell import checkpoint
+        from zobench.spec.matrix import cell_id, identity
+
+        sel = self.selection
+        checkpoint.save(self.cfg.checkpoint, checkpoint.Checkpoint(
+            cell_id=cell_id(self.cfg), config=identity(self.cfg), step=step, losses=timing.losses,
+            trajectory=timing.trajectory, seconds=timing.seconds, parts=timing.parts, tokens=timing.tokens,
+            total=timing.total, reference_seconds=reference.seconds if reference is not None else [],
+            dev_curve=self.metrics.get("dev_curve") or [], best_step=sel.best_step,
+            best_scores=sel.best, test_before=self.metrics.get("test_before"),
+            segments=self.resumed.segments if self.resumed else 1))
+
+    def restore(self, stepper, trainable, timing: "StepTiming", reference, stream) -> int:
+        """Bring the run to the checkpoint's step: its records so far, the batches and direction seeds
+        drawn so far, and the trained values by replaying the trajectory (the best dev step's values
+        kept on the way). Returns the step to go on from."""
+        from zobench.zo.trainer import replay
+
+        ck, cfg = self.resumed, self.cfg
+        if trainable is None or not hasattr(stepper, "rng") or ck.step >= cfg.steps:
+            self.record.add_warning(f"checkpoint at step {ck.step} does not fit this cell; it ran from step 0")
+            self.resumed = None
+            return 0
+        timing.losses, timing.trajectory, timing.total = list(ck.losses), list(ck.trajectory), ck.total
+        timing.seconds, timing.parts, timing.tokens = list(ck.seconds), dict(ck.parts), list(ck.tokens)
+        if reference is not None:
+            reference.seconds = list(ck.reference_seconds)
+        self.metrics.set(dev_curve=list(ck.dev_curve))
+        for _ in range(ck.step):
+            next(stream)
+        for step, directions in enumerate(ck.trajectory):
+            drawn = [stepper.rng.randrange(2**62) for _ in directions]
+            if drawn != [int(seed) for seed, _ in directions]:
+                raise RuntimeError(f"checkpoint {cfg.checkpoint}: step {step + 1} drew other direction seeds "
+                                   f"than recorded; delete it to run the cell from step 0")
+        sel = self.selection
+        if ck.best_step is not None:
+            replay(trainable, stepper.optimizer, ck.trajectory, cfg.eps, ck.best_step)
+            sel.see(ck.best_step, ck.best_scores)
+            replay(trainable, stepper.optimizer, ck.trajectory, cfg.eps, ck.step, start=ck.best_step)
+        else:
+            replay(trainable, stepper.optimizer, ck.trajectory, cfg.eps, ck.step)
+        ck.segments += 1
+        self.metrics.set(resumed_from_step=ck.step, segments=ck.segments)
+        return ck.step
 
     def select_best(self) -> None:
         """Test accuracy at the best dev step beside the last step's (MeZO reports the best checkpoint on

@@ -121,6 +121,7 @@ SCALARS = {
     "mask_nnz": (int,), "scope_numel": (int,), "sqgrad_mass_frac": NUMBER, "mask_build_s": NUMBER,
     "mask_cache_hit": (bool,), "restore_drift_frac_changed": NUMBER, "restore_drift_max_abs": NUMBER,
     "best_step": (int,), "train_s": NUMBER, "tokens_per_step": NUMBER,
+    "resumed_from_step": (int,), "segments": (int,),
 }
 STATS = ("step_s", "forward_ref_s")
 MAPPINGS = ("test_before", "test_after", "truncated", "best_dev", "test_best")

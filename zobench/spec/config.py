@@ -80,6 +80,7 @@ class CellConfig:
     # keeping and reusing what was trained (zobench.cell.delta)
     save: str | None = None            # keep the trained result there (in a suite: one directory per cell)
     delta: str | None = None           # start from a saved result on top of the model
+    checkpoint: str | None = None      # a suite cell's progress file (zobench.cell.checkpoint), set by the driver
 
     def __post_init__(self):
         if self.max_length is None:

@@ -43,6 +43,7 @@ def identity(cfg: CellConfig) -> dict:
     d = cfg.to_dict()
     d.pop("timeout_s")  # a limit, not part of what the cell measures
     d.pop("save")       # where the result is kept, not what is measured
+    d.pop("checkpoint")  # where progress is kept, likewise
     for key in SINCE_IDS_ARE_KEPT:  # a setting added later counts only when it is set
         if d.get(key) == getattr(CellConfig, key):
             d.pop(key)

@@ -76,12 +76,12 @@ class ZOTrainer:
 
 
 @torch.no_grad()
-def replay(trainable: Trainable, optimizer, trajectory: list, eps: float, steps: int) -> None:
-    """Redo the first ``steps`` steps of a ZO run on ``trainable`` from its initial weights: the same
-    perturbations (+eps, then -eps) and the same update, in the same order as ``ZOTrainer.step``, so the
-    result is bit for bit the trained weights of that step without a single forward (MeZO's
-    storage-efficient checkpoint: a run is its (seed, projected gradient) trajectory)."""
-    for step, directions in enumerate(trajectory[:steps]):
+def replay(trainable: Trainable, optimizer, trajectory: list, eps: float, steps: int, start: int = 0) -> None:
+    """Redo steps ``start`` to ``steps`` of a ZO run on ``trainable`` (from its initial weights, or from
+    where an earlier replay left it): the same perturbations (+eps, then -eps) and the same update, in the
+    same order as ``ZOTrainer.step``, so the result is bit for bit the trained weights of that step without
+    a single forward (MeZO's storage-efficient checkpoint: a run is its (seed, projected gradient) trajectory)."""
+    for step, directions in enumerate(trajectory[start:steps], start):
         for seed, _ in directions:
             trainable.apply(int(seed), eps)
             trainable.apply(int(seed), -eps)

@@ -1,0 +1,114 @@
+"""Mid-cell checkpoints (zobench.cell.checkpoint): a ZO cell killed part-way goes on from its last
+checkpoint and ends bit for bit where the uninterrupted run ends; a checkpoint of another cell is not used;
+a suite run keeps them only for --resume and drops a cell's once its record is written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from zobench.cell import checkpoint
+from zobench.cell.pipeline import Pipeline
+from zobench.spec.config import CellConfig
+
+# The embedded model: a random-weight one is never evaluated (accuracy_meaningful), and dev scores and the
+# best dev step are part of what a checkpoint must carry.
+TINY = {"model": "smollm2", "task": "sst2", "n_train": 16, "n_dev": 8, "n_test": 8, "batch_size": 4,
+        "max_length": 32, "steps": 7, "warmup_steps": 1, "eval_every": 2, "eval_before": True, "eval_after": True,
+        "calib_sequences": 2, "calib_length": 32, "density": 0.01, "device": "cpu"}
+
+
+class Killed(Exception):
+    pass
+
+
+def run_killed_at(cfg: CellConfig, step: int, monkeypatch) -> None:
+    """Run ``cfg`` in this process and stop it as a kill would, before step ``step`` (0-based)."""
+    original = Pipeline.step
+
+    def step_or_die(self, stepper, examples, i, *args):
+        if i == step:
+            raise Killed
+        return original(self, stepper, examples, i, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(Pipeline, "step", step_or_die)
+        with pytest.raises(Killed):
+            Pipeline(cfg).run()
+
+
+@pytest.mark.parametrize("method, lr", [("random", 1e-2), ("full", 1e-4), ("lezo", 1e-4)])
+def test_a_killed_cell_resumes_from_its_checkpoint_bit_for_bit(method, lr, tmp_path, monkeypatch):
+    cfg = CellConfig.from_dict(dict(TINY, method=method, lr=lr))
+    whole = Pipeline(cfg).run()
+
+    resumable = dataclasses.replace(cfg, checkpoint=str(tmp_path / "c.json"))
+    run_killed_at(resumable, 5, monkeypatch)  # steps 0-4 ran; the checkpoint is the one after step 4
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["step"] == 4 and len(saved["trajectory"]) == 4 and saved["test_before"] is not None
+
+    resumed = Pipeline(resumable).run()
+    m, w = resumed.metrics, whole.metrics
+    assert m.get("resumed_from_step") == 4 and m.get("segments") == 2
+    assert "eval_before" not in resumed.phases  # the score before training came from the checkpoint
+    for key in ("loss_curve", "trajectory", "test_before", "test_after", "test_best", "best_step", "best_dev"):
+        assert m.get(key) == w.get(key), key
+    assert [(p["step"], p["accuracy"]) for p in m.get("dev_curve")] == \
+           [(p["step"], p["accuracy"]) for p in w.get("dev_curve")]
+    assert m.step_s.n == w.step_s.n == 6  # the warm-up step is untimed in both
+
+
+# Where nothing is evaluated, a random-weight model does (checkpoints are due by step, not by evaluation).
+FAST = dict(TINY, model="random:tiny-llama")
+
+
+def test_a_checkpoint_of_another_cell_is_not_used(tmp_path):
+    from zobench.spec.matrix import cell_id
+
+    path = tmp_path / "c.json"
+    mine = CellConfig.from_dict(dict(FAST, method="random", lr=1e-2, checkpoint=str(path)))
+    checkpoint.save(path, checkpoint.Checkpoint(cell_id=cell_id(dataclasses.replace(mine, lr=3e-2)), config={},
+                                                step=4, losses=[1.0] * 4, trajectory=[[[1, 0.5]]] * 4))
+    other = Pipeline(mine).run()
+    assert other.metrics.get("resumed_from_step") is None and len(other.metrics.get("loss_curve")) == 7
+    assert other.metrics.get("loss_curve")[:4] != [1.0] * 4
+    assert any(str(path) in w and "ran from step 0" in w for w in other.warnings)
+
+
+def test_checkpoints_are_written_atomically_and_only_when_due(tmp_path):
+    assert [s for s in range(1, 8) if checkpoint.due(s, 7, 2)] == [2, 4, 6]
+    assert [s for s in range(1, 301) if checkpoint.due(s, 300, 0)] == [100, 200]
+    path = tmp_path / "c.json"
+    checkpoint.save(path, checkpoint.Checkpoint(cell_id="abc", config={}, step=2))
+    assert not path.with_suffix(".tmp").exists()
+    assert checkpoint.load(path, "abc")[0].step == 2
+    path.write_text("{not json")
+    ckpt, why = checkpoint.load(path, "abc")
+    assert ckpt is None and "unreadable" in why
+
+
+def test_a_suite_resumes_a_killed_cell_and_drops_its_checkpoint_once_recorded(tmp_path, monkeypatch):
+    from zobench.driver import run_suite, select_cells
+    from zobench.results import load_records
+    from zobench.spec.suite import parse_suite
+
+    suite = parse_suite({"name": "ck", "reference": False, "defaults": dict(FAST, method="random", lr=1e-2)},
+                        "ck.yaml")
+    (cell,) = select_cells(suite)
+    path = tmp_path / "ck.checkpoints" / f"{cell.cell_id}.json"
+    run_killed_at(dataclasses.replace(cell.config, checkpoint=str(path)), 5, monkeypatch)
+    first_losses = json.loads(path.read_text())["losses"]
+
+    rec = load_records(run_suite(suite, tmp_path, resume=True))[-1]
+    assert rec.ok and rec.metrics.get("resumed_from_step") == 4
+    assert rec.metrics.get("loss_curve")[:4] == first_losses and len(rec.metrics.get("loss_curve")) == 7
+    assert "checkpoint" not in rec.config and not path.exists()
+
+    # A fresh run (no --resume) starts from step 0 even where a checkpoint was left behind.
+    run_killed_at(dataclasses.replace(cell.config, checkpoint=str(path)), 5, monkeypatch)
+    fresh = load_records(run_suite(suite, tmp_path))[-1]
+    assert fresh.ok and fresh.metrics.get("resumed_from_step") is None
+    # ... and the resumed cell ended where this uninterrupted one did.
+    assert rec.metrics.get("trajectory") == fresh.metrics.get("trajectory")

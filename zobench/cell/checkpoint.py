@@ -1,0 +1,69 @@
+"""Mid-cell checkpoints: a long ZO cell killed part-way resumes where it stopped, not from step 0.
+
+A ZO run is its trajectory, the (seed, projected gradient) of every step (MeZO's storage-efficient
+checkpoint), so the trained state after k steps is the initial state plus a replay of k steps
+(``zobench.zo.trainer.replay``, no forward). A checkpoint is therefore a small JSON file, not a copy of the
+model: the cell's id and config, the step, the losses, trajectory and timings so far, the dev curve and
+the best dev step, and the test score before training. A suite cell writes one after every dev evaluation
+(every 100 steps without ``eval_every``), atomically; ``zobench run --resume`` gives it back to the cell,
+which replays it, checks that its direction seeds draw the same as recorded, and goes on. The result is bit
+for bit the uninterrupted run's (tested); the record says ``resumed_from_step`` and its step timings come
+from every segment (each segment's machine may differ: ``execution`` is the last one's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+EVERY_WITHOUT_EVAL = 100  # steps between checkpoints of a cell that evaluates no dev set
+
+
+@dataclass
+class Checkpoint:
+    cell_id: str
+    config: dict                                # what the id hashes (spec.matrix.identity), for a reader
+    step: int                                   # steps done
+    losses: list = field(default_factory=list)
+    trajectory: list = field(default_factory=list)
+    seconds: list = field(default_factory=list)  # the timed steps' (warm-up excluded)
+    parts: dict = field(default_factory=dict)
+    tokens: list = field(default_factory=list)
+    total: float = 0.0                           # training seconds so far, warm-up included
+    reference_seconds: list = field(default_factory=list)
+    dev_curve: list = field(default_factory=list)
+    best_step: int | None = None
+    best_scores: dict | None = None
+    test_before: dict | None = None
+    segments: int = 1                            # processes the steps so far ran in
+
+
+def due(step: int, steps: int, eval_every: int) -> bool:
+    """Whether a checkpoint is written after ``step`` steps (never after the last: the record follows)."""
+    return step < steps and step % (eval_every or EVERY_WITHOUT_EVAL) == 0
+
+
+def save(path: str | Path, ckpt: Checkpoint) -> None:
+    """Write atomically: a kill while writing leaves the previous checkpoint whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(ckpt)))
+    os.replace(tmp, path)
+
+
+def load(path: str | Path, cell_id: str) -> tuple[Checkpoint | None, str | None]:
+    """The checkpoint at ``path`` if it belongs to this cell, else (None, why not) for the record's
+    warnings; (None, None) where there is none."""
+    path = Path(path)
+    if not path.exists():
+        return None, None
+    try:
+        ckpt = Checkpoint(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        return None, f"checkpoint {path} unreadable ({e}); the cell ran from step 0"
+    if ckpt.cell_id != cell_id:
+        return None, f"checkpoint {path} is cell {ckpt.cell_id}'s, not {cell_id}'s; the cell ran from step 0"
+    return ckpt, None

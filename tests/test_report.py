@@ -170,3 +170,12 @@ def test_gpu_records_show_the_device_allocated_and_reserved_peaks_side_by_side(t
     assert float(full[col["max allocated MiB"]]) < float(full[col["max reserved MiB"]]) < float(full[col["device MiB"]])
     # CPU records have no such section (the golden report's fixture is a CPU run)
     assert "## GPU memory" not in GOLDEN.read_text(encoding="utf-8")
+
+
+def test_cells_resumed_from_a_checkpoint_are_flagged(records, tmp_path):
+    resumed = copy.deepcopy(records)
+    cell = next(r for r in resumed if r.ok and r.metrics.step_parts_s)
+    cell.metrics.set(resumed_from_step=400, segments=2)
+    md = render_report(resumed, tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "> 1 cells were killed part-way and resumed from a checkpoint (steps 400)" in md
+    assert "resumed from a checkpoint" not in GOLDEN.read_text(encoding="utf-8")

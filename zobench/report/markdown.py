@@ -157,6 +157,12 @@ def header(recs: list[dict], title: str | None, pilots: list[dict] = ()) -> list
         lines += [f"> {len(loaded)} cells trained beside other work on the machine (at least {LOADED_CPUS} CPUs "
                   f"busy elsewhere on average, up to {worst:.2f}): their timings are slower than on an idle "
                   "machine; see `other CPUs` in the step breakdown.", ""]
+    resumed = [r for r in recs if get(r, "metrics.resumed_from_step")]
+    if resumed:
+        lines += [f"> {len(resumed)} cells were killed part-way and resumed from a checkpoint (steps "
+                  f"{', '.join(str(get(r, 'metrics.resumed_from_step')) for r in resumed)}): their results "
+                  "equal an uninterrupted run's; their step timings span processes, the environment shown "
+                  "is the last one's.", ""]
     for key, what in (("model_fallback_reason", "loaded the fallback model"), ("data_note", "data")):
         for note in sorted({one_line(r[key]) for r in recs if r.get(key)}):
             n = sum(one_line(r.get(key)) == note for r in recs)

@@ -24,18 +24,16 @@ import torch
 
 
 def build(model: torch.nn.Module, mask: dict, merge: bool) -> torch.nn.Module:
-    """A copy of ``model`` with NF4 dense-and-sparse block linears, merged or not."""
-    from zobench.quant import QuantContext, get_backend
-    from zobench.quant.base import target_linears
-    from zobench.quant.sparse import attach_sparse, split_selected
+    """A copy of ``model`` with NF4 dense-and-sparse block linears, merged or not whatever this CPU is."""
+    from zobench.quant import QuantContext, quantize_model
+    from zobench.quant.bnb import NF4
+
+    class Way(NF4):
+        def merges_on(self, device: str) -> bool:
+            return merge
 
     model = copy.deepcopy(model)
-    nf4 = get_backend("nf4")
-    names = target_linears(model)
-    shapes = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in names}
-    taken = split_selected(model, mask)
-    nf4.quantize(model, names, QuantContext())
-    attach_sparse(model, taken, shapes, torch.float32, nf4.dequantize if merge else None)
+    quantize_model(model, Way(), QuantContext(), mask)
     return model.eval()
 
 

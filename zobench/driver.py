@@ -139,5 +139,5 @@ class Batch:
             rec.wall_s, rec.lr_choice = time.monotonic() - t0, self.choices.get(cell.cell_id)
             append_record(self.out, rec)
             if rec.ok:
-                (self.checkpoints / f"{cell.cell_id}.json").unlink(missing_ok=True)
+                Path(cell.config.checkpoint).unlink(missing_ok=True)
             self.reporter("done", {"cell": cell, "record": rec})

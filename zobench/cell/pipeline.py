@@ -362,13 +362,10 @@ class Pipeline:
             if drawn != [int(seed) for seed, _ in directions]:
                 raise RuntimeError(f"checkpoint {cfg.checkpoint}: step {step + 1} drew other direction seeds "
                                    f"than recorded; delete it to run the cell from step 0")
-        sel = self.selection
-        if ck.best_step is not None:
+        if ck.best_step is not None:  # replayed in two parts, to keep the best step's values on the way
             replay(trainable, stepper.optimizer, ck.trajectory, cfg.eps, ck.best_step)
-            sel.see(ck.best_step, ck.best_scores)
-            replay(trainable, stepper.optimizer, ck.trajectory, cfg.eps, ck.step, start=ck.best_step)
-        else:
-            replay(trainable, stepper.optimizer, ck.trajectory, cfg.eps, ck.step)
+            self.selection.see(ck.best_step, ck.best_scores)
+        replay(trainable, stepper.optimizer, ck.trajectory, cfg.eps, ck.step, start=ck.best_step or 0)
         ck.segments += 1
         self.metrics.set(resumed_from_step=ck.step, segments=ck.segments)
         return ck.step

@@ -80,8 +80,7 @@ def sparse_price(inputs: PriceInputs) -> Price:
         # into its dequantized weight (Backend.merges_on), int32 flat indices alone, no separate product.
         from zobench.quant import get_backend
 
-        backend = get_backend(cfg.quant)
-        merge = backend.dequantize is not None and backend.merges_on(inputs.device)
+        merge = get_backend(cfg.quant).merges_on(inputs.device)
         layers = [(o, i) for o, i in arch.linears if cfg.density * o * i >= 1]
         trainable += nnz * (db + 4) + (0 if merge else sum(4 * (i + 1) for _, i in layers))
         per_layer = nnz / max(len(layers), 1)

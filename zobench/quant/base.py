@@ -100,7 +100,8 @@ class Backend:
 
     def merges_on(self, device: str) -> bool:
         """Whether dense-and-sparse layers on ``device`` ("cpu", "cuda", "cuda:1") merge S into the weight
-        ``dequantize`` builds, rather than add a separate sparse product."""
+        ``dequantize`` builds, rather than add a separate sparse product (only a backend with a
+        ``dequantize`` says True)."""
         return False
 
 

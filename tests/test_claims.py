@@ -7,10 +7,12 @@ from zobench.cell.record import CellRecord, Metrics, PhaseMeasure
 
 
 def rec(method: str, test: float, seed: int = 0, quant: str = "none", curve=None, n_test: int = 872,
-        other_cpus: float | None = None):
+        other_cpus: float | None = None, forward_s: float | None = None):
     m = Metrics()
     m.set(test_best={"accuracy": test}, n_test=n_test, n_dev=200,
           dev_curve=[{"step": s, "accuracy": a, "train_s": t} for s, a, t in curve or []])
+    if forward_s is not None:
+        m.set(forward_ref_s={"median": forward_s, "p10": forward_s, "p90": forward_s, "n": 9})
     cfg = {"method": method, "quant": quant, "seed": seed}
     phases = {"train": PhaseMeasure(wall_s=1000.0, other_cpus=other_cpus)}
     return CellRecord(f"{method}-{quant}-{seed}", config=cfg, labels={"method": method, "seed": seed}, metrics=m,
@@ -78,6 +80,24 @@ def test_seconds_from_a_busier_machine_do_not_decide_who_is_faster():
     # The winner trained beside more other work than the loser: it would only have been faster alone.
     assert by_claim([quick(1.0), full(0.0)])[claim].verdict == HOLDS
     assert by_claim([quick(0.1), full(0.2)])[claim].verdict == HOLDS  # below the threshold: decided
+
+
+def test_with_reference_forwards_a_busier_machine_is_decided_in_forwards():
+    def full(forward_s):
+        return rec("full", 0.7, curve=[(100, 0.60, 300.0), (200, 0.70, 600.0)], other_cpus=1.0, forward_s=forward_s)
+
+    quick = rec("sensitive", 0.7, curve=[(100, 0.71, 200.0), (200, 0.72, 400.0)], other_cpus=0.0, forward_s=1.0)
+    claim = "sensitive 0.1% reaches full ZO's best dev accuracy"
+    # Full ZO's forwards took twice as long beside the other work: 200 against 300 forwards, a win.
+    v = by_claim([quick, full(2.0)])[claim]
+    assert v.verdict == HOLDS and "(200 and 300 reference forwards)" in v.numbers and "forwards decide" in v.numbers
+    # Four times as long: sensitive's 200 forwards lose to full ZO's 150, though its seconds were fewer.
+    v = by_claim([quick, full(4.0)])[claim]
+    assert v.verdict == FAILS and "(200 and 150 reference forwards)" in v.numbers
+    # Equal loads: seconds decide, the forwards are shown beside them.
+    same = rec("full", 0.7, curve=[(100, 0.60, 300.0), (200, 0.70, 600.0)], other_cpus=0.0, forward_s=4.0)
+    v = by_claim([quick, same])[claim]
+    assert v.verdict == HOLDS and "forwards decide" not in v.numbers
 
 
 def test_the_report_renders_the_claims_table(tmp_path):

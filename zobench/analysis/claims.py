@@ -12,6 +12,11 @@ seeds. "Beats" holds or fails only when the difference is beyond that noise, els
 "matches or beats" and "at most 1 point" hold when the measured difference satisfies them and fail only
 when it misses them by more than the noise. Every verdict comes with its numbers; a claim that does not
 hold is a result too.
+
+Training seconds depend on what else the machine ran. Cells time a plain forward of their own batch beside
+their steps (``forward_ref_s``), so a cell's seconds divided by that forward's median are its time in
+"reference forwards", which a busy machine stretches on both sides of the ratio alike. When the two sides
+trained beside different amounts of other work, the speed claim is decided in those units instead of seconds.
 """
 
 from __future__ import annotations
@@ -101,12 +106,25 @@ def _difference(claim: str, a: Arm | None, b: Arm | None, names: tuple[str, str]
     return Verdict(claim, verdict, numbers, f"+-{100 * noise:.1f} points")
 
 
-def _mean_curve(arm: Arm) -> list[tuple[int, float, float]]:
-    """(step, mean dev score, mean training seconds) at each evaluation all seeds have."""
+def _forward_s(rec: CellRecord) -> float | None:
+    """Median seconds of the cell's in-cell reference forward (None when it timed none)."""
+    return (rec.metrics.get("forward_ref_s") or {}).get("median") or None
+
+
+def _mean_curve(arm: Arm) -> list[tuple[int, float, float, float | None]]:
+    """(step, mean dev score, mean training seconds, mean training time in reference forwards) at each
+    evaluation all seeds have; the last is None unless every run timed its reference forward."""
     curves = [[p for p in r.metrics.get("dev_curve") or [] if p.get("accuracy") is not None] for r in arm.runs]
+    refs = [_forward_s(r) for r in arm.runs]
     n = min((len(c) for c in curves), default=0)
-    return [(curves[0][i]["step"], sum(c[i]["accuracy"] for c in curves) / len(curves),
-             sum(c[i].get("train_s", 0.0) for c in curves) / len(curves)) for i in range(n)]
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    return [(curves[0][i]["step"], mean([c[i]["accuracy"] for c in curves]),
+             mean([c[i].get("train_s", 0.0) for c in curves]),
+             mean([c[i].get("train_s", 0.0) / f for c, f in zip(curves, refs)]) if all(refs) else None)
+            for i in range(n)]
 
 
 def _faster(sens: Arm | None, full: Arm | None) -> Verdict:
@@ -116,7 +134,7 @@ def _faster(sens: Arm | None, full: Arm | None) -> Verdict:
     s, f = _mean_curve(sens), _mean_curve(full)
     if not s or not f:
         return Verdict(claim, MISSING, "no dev curves (eval_every)", "-")
-    target_step, target, t_full = max(f, key=lambda p: (p[1], -p[0]))
+    target_step, target, t_full, u_full = max(f, key=lambda p: (p[1], -p[0]))
     reached = next((p for p in s if p[1] >= target), None)
     n_dev = min(int(r.metrics.get("n_dev") or 0) for r in sens.runs + full.runs)
     noise = f"dev accuracy on {n_dev} examples: +-{100 * 1.96 * math.sqrt(target * (1 - target) / max(n_dev, 1)):.1f} points"
@@ -126,14 +144,21 @@ def _faster(sens: Arm | None, full: Arm | None) -> Verdict:
     verdict = HOLDS if reached[2] < t_full else FAILS
     numbers = (f"full ZO's best dev {100 * target:.1f}% at step {target_step} after {t_full:.0f} s; "
                f"sensitive reaches it at step {reached[0]} after {reached[2]:.0f} s")
+    u_sens = reached[3]
+    if u_sens is not None and u_full is not None:
+        numbers += f" ({u_sens:.0f} and {u_full:.0f} reference forwards)"
     load_s, load_f = sens.other_cpus, full.other_cpus
     if load_s is not None and load_f is not None:
         numbers += f" (other work on the machine while training: {load_s:.2f} and {load_f:.2f} CPUs)"
         # Other work only slows a run: a win is only in doubt when the winner ran on the quieter machine.
         quieter_winner = load_f - load_s if verdict == HOLDS else load_s - load_f
         if quieter_winner >= LOADED_CPUS:
-            verdict = OPEN
-            numbers += "; the faster side ran beside less other work, so the seconds do not decide it"
+            if u_sens is not None and u_full is not None:
+                verdict = HOLDS if u_sens < u_full else FAILS
+                numbers += "; the loads differ, so the reference forwards decide"
+            else:
+                verdict = OPEN
+                numbers += "; the faster side ran beside less other work, so the seconds do not decide it"
     return Verdict(claim, verdict, numbers, noise)
 
 

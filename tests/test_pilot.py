@@ -56,6 +56,31 @@ def test_without_a_finished_pilot_the_configured_lr_stays_and_the_record_says_so
     assert rnd.config.lr == 1e-5 and choices[rnd.cell_id]["chosen"] is None
 
 
+def test_pilot_settings_apply_to_the_pilots_only_and_keep_their_ids():
+    """``lr_pilot.set``: a setting the cells gained after their pilots ran (packing) stays off the pilots,
+    so their ids, and finished records, still count; bad settings are refused by key."""
+    from zobench.driver import select_cells
+    from zobench.errors import UserError
+
+    before = parse_suite(SUITE, "p.yaml")
+    later = dict(SUITE, defaults=dict(SUITE["defaults"], pack=True),
+                 lr_pilot=dict(SUITE["lr_pilot"], set={"pack": False}))
+    after = parse_suite(later, "p.yaml")
+    old, new = (pilot_cells(select_cells(s), s.lr_pilot) for s in (before, after))
+    assert [p.cell_id for p in new] == [p.cell_id for p in old] and not any(p.config.pack for p in new)
+    cells = select_cells(after)
+    assert all(c.config.pack for c in cells)
+    assert {c.cell_id for c in cells}.isdisjoint(c.cell_id for c in select_cells(before))  # cells: new ids
+    chosen, _ = choose(cells, after.lr_pilot, [_done(p, 0.7) for p in old])
+    assert {c.config.lr for c in chosen if c.config.method == "random"} == {1e-4}  # the old pilots decide
+    assert all(c.config.pack for c in chosen)
+    for bad, says in [({"lr": 1e-3}, "lr_pilot.set.lr: the pilot sets lr itself"),
+                      ({"pakc": False}, "lr_pilot.set: unknown key 'pakc'"),
+                      ({"pack": "sometimes"}, "pack")]:
+        with pytest.raises(UserError, match=says):
+            parse_suite(dict(SUITE, lr_pilot=dict(SUITE["lr_pilot"], set=bad)), "p.yaml")
+
+
 def test_a_suite_with_a_pilot_runs_it_first_and_never_touches_test(tmp_path):
     from zobench.driver import run_suite
     from zobench.results import load_records

@@ -49,6 +49,7 @@ class CellConfig:
     batch_size: int = 16
     eval_batch_size: int = 16
     shared_prompt: bool = True         # score single-token options from one forward of their prompt
+    pack: bool = False                 # forward packed rows, not padding (tasks.scoring; llama-like models)
     # method
     method: str = "full"
     density: float = 1e-3              # mask methods: the fraction of the scope trained

@@ -22,7 +22,7 @@ REFERENCE_KEYS = ("model", "dtype", "quant", "task", "batch_size", "max_length",
 # Settings added after results were first kept across sessions: left out of a cell's identity while at their
 # default, so that adding one does not change the id (the --resume key) of every existing cell. A new
 # setting goes here.
-SINCE_IDS_ARE_KEPT = ("delta",)
+SINCE_IDS_ARE_KEPT = ("delta", "pack")
 
 
 @dataclass

@@ -29,7 +29,8 @@ def grid_for(cell: Cell, pilot) -> list[float] | None:
 def _pilot(cell: Cell, pilot, lr: float) -> Cell:
     # Pilots run at seed 0 whatever the cell's seed: every seed of a cell gets the lr chosen there, so a
     # second seed repeats the measurement, not the tuning.
-    cfg = dataclasses.replace(cell.config, lr=lr, steps=pilot.steps, eval_every=pilot.eval_every, seed=0,
+    cfg = dataclasses.replace(cell.config, **pilot.settings)
+    cfg = dataclasses.replace(cfg, lr=lr, steps=pilot.steps, eval_every=pilot.eval_every, seed=0,
                               warmup_steps=min(cell.config.warmup_steps, pilot.steps), eval_before=False,
                               eval_after=False)
     labels = {k: v for k, v in cell.labels.items() if k != "seed"}

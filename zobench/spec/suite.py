@@ -16,6 +16,7 @@
       grids:
         - match: {method: [random, sensitive]}
           lr: [3.0e-5, 1.0e-4, 3.0e-4]
+      set: {pack: false}         # optional: settings of the pilot cells beside their cells' own
     timeout_s: 1800
 
 Every error names the file and the key, e.g. ``suites/x.yaml: matrix.methd: unknown key ...``.
@@ -53,6 +54,9 @@ class Budget:
     where: str
 
 
+PILOT_OWNS = ("lr", "steps", "eval_every", "seed", "warmup_steps", "eval_before", "eval_after")
+
+
 @dataclass
 class LrPilot:
     """Short runs that choose each cell's learning rate on dev before the cell runs (``zobench.spec.pilot``)."""
@@ -60,6 +64,7 @@ class LrPilot:
     steps: int
     eval_every: int
     grids: list[tuple[dict[str, list], list[float]]]  # (selector, learning rates)
+    settings: dict[str, Any] = field(default_factory=dict)  # ``set:``: the pilots' config beside their cells'
 
 
 @dataclass
@@ -177,8 +182,8 @@ def _lr_pilot(data: dict, where: str) -> LrPilot | None:
     w = f"{where}: lr_pilot"
     item = _mapping(data["lr_pilot"], w)
     for k in item:
-        if k not in ("steps", "eval_every", "grids"):
-            raise unknown_key(w, k, ("steps", "eval_every", "grids"))
+        if k not in ("steps", "eval_every", "grids", "set"):
+            raise unknown_key(w, k, ("steps", "eval_every", "grids", "set"))
     steps = item.get("steps")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise UserError(f"{w}.steps: expected a number of steps >= 1")
@@ -195,7 +200,14 @@ def _lr_pilot(data: dict, where: str) -> LrPilot | None:
         grids.append((parse_selector(g.get("match", {}), f"{gw}.match"), _number_list(g.get("lr"), f"{gw}.lr")))
     if not grids:
         raise UserError(f"{w}.grids: expected at least one {{match, lr: [...]}} grid")
-    return LrPilot(steps, every, grids)
+    sets = _mapping(item.get("set"), f"{w}.set")
+    for k in sets:
+        if k in PILOT_OWNS:
+            raise UserError(f"{w}.set.{k}: the pilot sets {k} itself (steps and eval_every above, lr from the grids)")
+        if k not in CellConfig.keys():
+            raise unknown_key(f"{w}.set", k, CellConfig.keys())
+    checked = CellConfig.from_dict(dict(sets), f"{w}.set")  # the values' types, as a cell's config checks them
+    return LrPilot(steps, every, grids, {k: getattr(checked, k) for k in sets})
 
 
 def parse_suite(data: Any, where: str, path: Path | None = None) -> Suite:

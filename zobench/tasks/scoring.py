@@ -11,6 +11,15 @@ tokens, all of an example's options are scored from one forward of the prompt: t
 position give each option's log-probability, which is the option's whole (mean) score. The loss is the
 same as the per-option way (tested to float32 tolerance); a batch where that does not hold (multi-token
 options: COPA, WSC) is encoded per option as before.
+
+Packed rows (``pack=True``): a batch of sentences of mixed lengths padded to its longest is mostly
+padding (SST-2 at batch 16: ~13 real tokens an example, padded to ~40). The forward then puts the real
+tokens of several sequences into one row (first-fit decreasing, rows no wider than the padded batch, so
+never more rows, activations or attention scores than padding), restarts the position ids at each
+sequence, and leaves the attention mask out: transformers then reads the sequence boundaries from the
+position ids and keeps the sequences apart (its packed-sequence masks). The logits at the scored
+positions are the padded way's (tested to float32 tolerance); only model types whose masks and positions
+work that way are packed (``PACKED_MODEL_TYPES``), others keep their padding.
 """
 
 from __future__ import annotations
@@ -114,7 +123,15 @@ def _shared(examples: list[Example], tokenizer, max_length: int, keep_first: boo
 
 
 def encode(examples: list[Example], tokenizer, kind: str, max_length: int = 256, train: bool = True,
-           vocab_size: int | None = None, shared: bool = False) -> dict:
+           vocab_size: int | None = None, shared: bool = False, pack: bool = False) -> dict:
+    batch = _encode(examples, tokenizer, kind, max_length, train, vocab_size, shared)
+    if pack and not (kind == "generation" and not train):  # generation prompts are left-padded for generate
+        batch["pack"] = True
+    return batch
+
+
+def _encode(examples: list[Example], tokenizer, kind: str, max_length: int = 256, train: bool = True,
+            vocab_size: int | None = None, shared: bool = False) -> dict:
     """A right-padded batch (left-padded prompts for generation with train=False).
 
     Classification: one sequence per (example, candidate), example-major; `option_mask` marks option
@@ -184,6 +201,67 @@ def slices_logits(model) -> bool:
     return getattr(sys.modules.get(type(base).__module__), "slice_logits_to_keep", None) is not None
 
 
+# Model types whose forward reads packed sequences from position ids (transformers' masking_utils builds
+# the causal mask per sequence when no attention mask is given; rotary positions come from position_ids).
+# Each is tested against its padded forward in tests/test_packing.py.
+PACKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def packs(model) -> bool:
+    """Whether ``model``'s forward can take packed rows (see the module's docstring)."""
+    cfg = getattr(model, "config", None)
+    return (getattr(cfg, "model_type", None) in PACKED_MODEL_TYPES
+            and getattr(cfg, "_attn_implementation", "sdpa") in ("sdpa", "eager"))
+
+
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """First-fit decreasing: the sequences (indices into ``lengths``) of each row, no row longer than
+    ``width``; ties keep the original order, so the layout is a function of the lengths alone."""
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, f in enumerate(fill):
+            if f + lengths[i] <= width:
+                rows[r].append(i)
+                fill[r] += lengths[i]
+                break
+        else:
+            rows.append([i])
+            fill.append(lengths[i])
+    return rows
+
+
+def _packed_logits(model, ids: torch.Tensor, attn: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
+    """The kept logits of a right-padded batch from packed rows, in the padded batch's order; None when
+    the batch is not right-padded or keeps a padding position (then it runs padded)."""
+    lengths = attn.sum(1)
+    if not bool((attn.cumprod(1).sum(1) == lengths).all()) or bool((keep & (attn == 0)).any()):
+        return None
+    lens, width = lengths.tolist(), ids.shape[1]
+    rows = pack_rows(lens, width)
+    row_width = max(sum(lens[i] for i in row) for row in rows)
+    src = torch.full((len(rows), row_width), -1, dtype=torch.long)  # flat index into the padded batch
+    pos = torch.zeros((len(rows), row_width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            src[r, at:at + lens[i]] = i * width + torch.arange(lens[i])
+            pos[r, at:at + lens[i]] = torch.arange(lens[i])
+            at += lens[i]
+        pos[r, at:] = torch.arange(row_width - at)  # the tail is a sequence of its own: nothing attends to it
+    src, pos = src.to(ids.device), pos.to(ids.device)
+    real = src >= 0
+    flat = src.clamp(min=0)
+    p_ids, p_keep = ids.reshape(-1)[flat], keep.reshape(-1)[flat] & real
+    if slices_logits(model):
+        logits = model(input_ids=p_ids, position_ids=pos, use_cache=False, logits_to_keep=p_keep).logits
+        if logits.dim() != 2:
+            logits = logits[p_keep]
+    else:
+        logits = model(input_ids=p_ids, position_ids=pos, use_cache=False).logits[p_keep]
+    return logits[torch.argsort(src[p_keep])]  # packed row-major -> the padded batch's row-major order
+
+
 def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities (float32) of the tokens under `option_mask`, and the sequence of each."""
     dev = _device(model)
@@ -192,16 +270,17 @@ def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     predict = torch.zeros_like(batch["option_mask"], device=dev)
     predict[:, :-1] = scored                      # logits at t predict token t + 1
     targets = ids[:, 1:][scored]
-    logits = kept_logits(model, ids, attn, predict)
+    logits = kept_logits(model, ids, attn, predict, batch.get("pack", False))
     logp = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
     return logp, predict.nonzero()[:, 0]
 
 
-def kept_logits(model, ids: torch.Tensor, attn: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def kept_logits(model, ids: torch.Tensor, attn: torch.Tensor, keep: torch.Tensor, pack: bool = False) -> torch.Tensor:
     """float32 [n kept, vocab] logits at the positions ``keep`` marks: projected onto the vocabulary only
-    there when the model can, and upcast only those rows (never a float32 [B, T, V] copy)."""
-    logits = None
-    if slices_logits(model):
+    there when the model can, and upcast only those rows (never a float32 [B, T, V] copy). ``pack``: from
+    packed rows where the model and batch allow it."""
+    logits = _packed_logits(model, ids, attn, keep) if pack and packs(model) else None
+    if logits is None and slices_logits(model):
         logits = model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=keep).logits
         if logits.dim() != 2:
             logits = None
@@ -217,7 +296,7 @@ def shared_option_scores(model, batch: dict) -> torch.Tensor:
     ids, attn = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
     last = torch.zeros_like(attn, dtype=torch.bool)
     last[torch.arange(ids.shape[0], device=dev), attn.sum(1) - 1] = True  # right-padded: the last real token
-    logits = kept_logits(model, ids, attn, last)  # the same arithmetic as token_logprobs: the same scores
+    logits = kept_logits(model, ids, attn, last, batch.get("pack", False))  # token_logprobs' arithmetic
     options = batch["option_ids"].to(dev)
     scores = logits.gather(1, options) - torch.logsumexp(logits, dim=-1, keepdim=True)
     width = torch.arange(options.shape[1], device=dev)
@@ -270,13 +349,13 @@ def _chunks(items: list, size: int):
 
 
 def predict(model, tokenizer, examples: list[Example], batch_size: int = 16, max_length: int = 256,
-            vocab_size: int | None = None, shared: bool = False) -> list[int]:
+            vocab_size: int | None = None, shared: bool = False, pack: bool = False) -> list[int]:
     """The index of the best-scoring candidate for each classification example."""
     out = []
     with torch.inference_mode():
         for chunk in _chunks(examples, batch_size):
             batch = encode(chunk, tokenizer, "classification", max_length, train=False, vocab_size=vocab_size,
-                           shared=shared)
+                           shared=shared, pack=pack)
             out.extend(grouped_scores(model, batch).argmax(1).tolist())
     return out
 
@@ -309,14 +388,14 @@ def generate(model, tokenizer, examples: list[Example], batch_size: int = 16, ma
 
 def evaluate(model, tokenizer, task_kind: str, examples: list[Example], batch_size: int = 16,
              max_length: int = 256, max_new_tokens: int = 50, vocab_size: int | None = None,
-             shared: bool = False) -> dict:
+             shared: bool = False, pack: bool = False) -> dict:
     """{"accuracy"} for classification, {"em", "f1"} (SQuAD-style, best over gold answers) for generation."""
     if task_kind not in KINDS:
         raise UserError(f"unknown task kind '{task_kind}' (expected {' or '.join(KINDS)})")
     if task_kind == "classification":
         if not examples:
             return {"accuracy": None}
-        preds = predict(model, tokenizer, examples, batch_size, max_length, vocab_size, shared)
+        preds = predict(model, tokenizer, examples, batch_size, max_length, vocab_size, shared, pack)
         return {"accuracy": sum(p == ex.label for p, ex in zip(preds, examples)) / len(examples)}
     if not examples:
         return {"em": None, "f1": None}

@@ -126,3 +126,25 @@ def test_multi_token_options_pack_too(tiny, tokenizer, data_dir):
     with torch.no_grad():
         assert float(scoring.loss(tiny.model, lm_packed)) == pytest.approx(float(scoring.loss(tiny.model, lm)),
                                                                            abs=1e-5)
+
+
+def test_a_packed_cell_trains_as_the_padded_one_and_says_it_packed(tmp_path):
+    """Through a cell: the same losses and test accuracy packed or padded, ``packed`` in the record; a model
+    type that cannot pack runs padded with a warning."""
+    import json
+
+    from zobench.api import train
+
+    kw = dict(task="sst2", method="random", density=0.01, lr=1e-2, steps=3, warmup_steps=0, n_train=16,
+              n_dev=0, n_test=16, batch_size=8, eval_before=False)
+    padded = train(model="random:tiny-llama", **kw)
+    packed = train(model="random:tiny-llama", pack=True, **kw)
+    assert packed.metrics.get("packed") is True and padded.metrics.get("packed") is None
+    assert packed.metrics.get("loss_curve") == pytest.approx(padded.metrics.get("loss_curve"), abs=1e-5)
+    assert packed.metrics.get("test_after") == padded.metrics.get("test_after")
+    opt = tmp_path / "tiny-opt.json"
+    opt.write_text(json.dumps({"model_type": "opt", "vocab_size": 128, "hidden_size": 32, "ffn_dim": 64,
+                               "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 128,
+                               "word_embed_proj_dim": 32}))
+    rec = train(model=f"random:{opt}", pack=True, **dict(kw, steps=1))
+    assert rec.metrics.get("packed") is False and any("opt models are not packed" in w for w in rec.warnings)

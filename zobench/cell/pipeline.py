@@ -145,6 +145,7 @@ class Pipeline:
 
                 self.metrics.set(delta=load_into(self))
         self.count_truncated()
+        self.note_packing()
         if self.method.needs_mask and self.run_state.mask is None:
             with self.phase("mask"):
                 self.build_mask()
@@ -234,6 +235,20 @@ class Pipeline:
                                         f"{len(examples)} {name} examples (from the left); raise max_length "
                                         f"to keep them whole")
         self.metrics.set(truncated=dict(counts, max_length=self.cfg.max_length))
+
+    def note_packing(self) -> None:
+        """With ``pack`` set, whether this model takes packed rows; a model that cannot keeps padding, and
+        the record says so (its timings are padded ones)."""
+        from zobench.tasks import scoring
+
+        if not self.cfg.pack:
+            return
+        model = self.run_state.model
+        self.metrics.set(packed=scoring.packs(model))
+        if not scoring.packs(model):
+            kind = getattr(getattr(model, "config", None), "model_type", "?")
+            self.record.add_warning(f"pack: {kind} models are not packed (packed: "
+                                    f"{', '.join(scoring.PACKED_MODEL_TYPES)}); its batches stay padded")
 
     def build_mask(self) -> None:
         mask, info = self.method.build_mask(self.run_state)

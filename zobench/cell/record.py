@@ -121,7 +121,7 @@ SCALARS = {
     "mask_nnz": (int,), "scope_numel": (int,), "sqgrad_mass_frac": NUMBER, "mask_build_s": NUMBER,
     "mask_cache_hit": (bool,), "restore_drift_frac_changed": NUMBER, "restore_drift_max_abs": NUMBER,
     "best_step": (int,), "train_s": NUMBER, "tokens_per_step": NUMBER,
-    "resumed_from_step": (int,), "segments": (int,),
+    "resumed_from_step": (int,), "segments": (int,), "packed": (bool,),
 }
 STATS = ("step_s", "forward_ref_s")
 MAPPINGS = ("test_before", "test_after", "truncated", "best_dev", "test_best")
@@ -137,7 +137,8 @@ class Metrics:
     cut by max_length per split; ``dev_curve``: [{step, accuracy, train_s}] every ``eval_every`` steps, with
     ``best_step``, ``best_dev`` and ``test_best`` (test at the best dev step); ``trajectory``: each step's
     [[seed, coefficient], ...] (dense ZO: enough to rebuild the weights of any step); ``train_s``: training
-    seconds, warm-up included; ``tokens_per_step``: input tokens of a timed step."""
+    seconds, warm-up included; ``tokens_per_step``: input tokens of a timed step; ``packed``: with ``pack``
+    set, whether the model took packed rows (else its batches stayed padded)."""
 
     values: dict[str, Any] = field(default_factory=dict)      # SCALARS, MAPPINGS, SERIES
     step_s: Stats | None = None

@@ -10,7 +10,6 @@ the real ones, and the largest difference of the two ways' losses on the same we
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -20,25 +19,11 @@ import torch
 
 
 def main() -> None:
-    from zobench.models import load_model
-    from zobench.tasks import get_task, scoring
-    from zobench.zo import masks as M
-    from zobench.zo.optim import make_optimizer
-    from zobench.zo.trainable import SparseTrainable
-    from zobench.zo.trainer import ZOTrainer
+    from shared_prompt import sst2_setup  # this folder is on the path of a script run from it
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(2)
-    loaded = load_model("smollm2")
-    model, tok = loaded.model, loaded.tokenizer
-    examples = get_task("sst2").sample(None, n_train=16 * (args.rounds + 1), n_dev=0, n_test=0, seed=0).train
-    batches = [examples[i:i + 16] for i in range(0, len(examples), 16)]
-    linear = M.scoped_params(model, "linear")
-    trainable = SparseTrainable(linear, M.random_mask(linear, 1e-3, seed=0))
-    trainer = ZOTrainer(model, trainable, make_optimizer("sgd", 0.0), scoring.loss, eps=1e-3)  # lr 0: same w
+    from zobench.tasks import scoring
+
+    args, model, tok, batches, trainer = sst2_setup(__doc__)
     shapes: list[tuple] = []
     model.get_input_embeddings().register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
     ways = {"padded": False, "packed": True}

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 
-def main() -> None:
+def sst2_setup(doc: str):
+    """The arguments (--rounds, --json), SmolLM2 and its tokenizer, SST-2 batches of 16 (one per round and a
+    warm-up), and a ZO trainer on a 0.1% random mask at lr 0 (every round sees the same weights)."""
     from zobench.models import load_model
     from zobench.tasks import get_task, scoring
     from zobench.zo import masks as M
@@ -27,7 +29,7 @@ def main() -> None:
     from zobench.zo.trainable import SparseTrainable
     from zobench.zo.trainer import ZOTrainer
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -38,7 +40,14 @@ def main() -> None:
     batches = [examples[i:i + 16] for i in range(0, len(examples), 16)]
     linear = M.scoped_params(model, "linear")
     trainable = SparseTrainable(linear, M.random_mask(linear, 1e-3, seed=0))
-    trainer = ZOTrainer(model, trainable, make_optimizer("sgd", 0.0), scoring.loss, eps=1e-3)  # lr 0: same w
+    trainer = ZOTrainer(model, trainable, make_optimizer("sgd", 0.0), scoring.loss, eps=1e-3)
+    return args, model, tok, batches, trainer
+
+
+def main() -> None:
+    from zobench.tasks import scoring
+
+    args, model, tok, batches, trainer = sst2_setup(__doc__)
     ways = {"per option (MeZO)": False, "shared prompt": True}
     times = {k: [] for k in ways}
     tokens = {k: [] for k in ways}

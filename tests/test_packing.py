@@ -148,3 +148,21 @@ def test_a_packed_cell_trains_as_the_padded_one_and_says_it_packed(tmp_path):
                                "word_embed_proj_dim": 32}))
     rec = train(model=f"random:{opt}", pack=True, **dict(kw, steps=1))
     assert rec.metrics.get("packed") is False and any("opt models are not packed" in w for w in rec.warnings)
+
+
+@pytest.mark.parametrize("name", ["nf4", "int8"])
+def test_quantized_dense_and_sparse_layers_pack_too(tiny, name):
+    """SensZOQ's set-up: bitsandbytes layers with 0.1% sparse values beside them take packed rows and score
+    as padded ones do."""
+    pytest.importorskip("bitsandbytes")
+    from zobench.quant import QuantContext, get_backend, quantize_model
+    from zobench.zo.masks import random_mask, scoped_params
+
+    quantize_model(tiny.model, get_backend(name), QuantContext(), random_mask(scoped_params(tiny.model, "linear"),
+                                                                                0.01, seed=0))
+    ids, attn, keep = right_padded([21, 5, 13, 3, 17, 8], 128)
+    with torch.no_grad():
+        padded = scoring.kept_logits(tiny.model, ids, attn, keep)
+        packed, seen = rows_seen(tiny.model, lambda: scoring.kept_logits(tiny.model, ids, attn, keep, pack=True))
+    assert seen[0][0] < 6
+    assert torch.allclose(packed, padded, atol=1e-4, rtol=1e-4), (packed - padded).abs().max()

@@ -177,5 +177,31 @@ def test_cells_resumed_from_a_checkpoint_are_flagged(records, tmp_path):
     cell = next(r for r in resumed if r.ok and r.metrics.step_parts_s)
     cell.metrics.set(resumed_from_step=400, segments=2)
     md = render_report(resumed, tmp_path / "report.md").read_text(encoding="utf-8")
-    assert "> 1 cells were killed part-way and resumed from a checkpoint (steps 400)" in md
+    assert "> 1 cell was killed part-way and resumed from a checkpoint (steps 400)" in md
     assert "resumed from a checkpoint" not in GOLDEN.read_text(encoding="utf-8")
+
+
+def test_pilot_chosen_lrs_do_not_split_twins_and_forward_cells_show_no_lr(records, tmp_path):
+    """A suite whose lr is chosen per method by the pilot: the NF4 cell still finds its float twin (another
+    lr), and the forward reference cells, which train nothing, show no lr."""
+    recs = copy.deepcopy([r for r in records if r.ok and r.method in ("forward", "sensitive")])
+    quants = {r.config["quant"] for r in recs}
+    assert "none" in quants and len(quants) > 1, "the fixture needs float and quantized cells"
+    for r in recs:
+        if r.method == "forward":
+            r.labels["lr"] = r.config["lr"] = 1e-6
+        else:  # each side's lr chosen on dev, different for float and quantized weights
+            lr = 1e-4 if r.config["quant"] == "none" else 3e-4
+            r.labels["lr"] = r.config["lr"] = lr
+            r.lr_choice = {"grid": [1e-4, 3e-4], "dev": [0.6, 0.6], "chosen": lr, "pilot_steps": 10}
+    md = render_report(recs, tmp_path / "report.md").read_text(encoding="utf-8")
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in md.split("## Results")[1].split("\n## ")[0]
+            .splitlines() if line.startswith("| ")]
+    lr, name = rows[0].index("lr"), rows[0].index("method")
+    assert {row[lr] for row in rows[1:] if row[name] == "forward"} == {"-"}
+    assert {row[lr] for row in rows[1:] if row[name] == "sensitive"} == {"0.0001", "0.0003"}
+    quant = md.split("## Quantization trade-off")[1].split("\n## ")[0]
+    qrows = [[c.strip() for c in line.split("|")[1:-1]] for line in quant.splitlines() if line.startswith("| ")]
+    vs, name = qrows[0].index("peak / float"), qrows[0].index("method")
+    sens = [row for row in qrows[1:] if row[name] == "sensitive"]
+    assert sens and all(row[vs] != "-" for row in sens)

@@ -11,6 +11,7 @@ import math
 PHASES = ("load", "mask", "quantize", "eval_before", "warmup", "train", "eval_after")  # the order they run in
 KEY_AXES = ("method", "quant", "density")
 EXTRA_ORDER = ("model", "task", "dtype")
+TRAINING_ONLY = ("lr", "eps")  # settings a reference (forward-only) cell carries but never uses
 
 
 def get(rec: dict, path: str):
@@ -112,11 +113,18 @@ def sort_key(rec: dict) -> tuple:
             rest, str(rec.get("cell_id")))
 
 
+def axis_value(rec: dict, axis: str) -> str:
+    """An axis's value as tables and legends show it: "-" for an lr (or eps) of a cell that trains nothing."""
+    if axis in TRAINING_ONLY and getattr(method_class(rec), "family", None) == "reference":
+        return "-"
+    return str(setting(rec, axis))
+
+
 def varying_axes(recs: list[dict]) -> list[str]:
     """Label axes besides method/quant/density whose value differs between cells: they become columns."""
     axes = {k for r in recs for k in (r.get("labels") or {}) if k not in KEY_AXES}
     axes |= {k for k in EXTRA_ORDER if len({str(setting(r, k)) for r in recs}) > 1}
-    varying = [a for a in axes if len({str(setting(r, a)) for r in recs}) > 1]
+    varying = [a for a in axes if len({axis_value(r, a) for r in recs} - {"-"}) > 1]
     return sorted(varying, key=lambda a: _order(a, EXTRA_ORDER))
 
 
@@ -132,5 +140,5 @@ def short_name(rec: dict, extras: list[str]) -> str:
     parts = [method(rec), quant(rec)]
     if density(rec) is not None:
         parts.append(pct(density(rec)))
-    parts += [str(setting(rec, a)) for a in extras]
+    parts += [axis_value(rec, a) for a in extras]
     return "/".join(parts)

@@ -10,8 +10,8 @@ from typing import Callable
 
 from zobench.analysis.derive import TRAIN_PHASES
 from zobench.measure.load import LOADED_CPUS
-from zobench.report.cells import (EXTRA_ORDER, PHASES, density, get, is_cuda, is_sparse, is_zo, meaningful, method,
-                                  pct, phase_peak, quant, setting, varying_axes)
+from zobench.report.cells import (EXTRA_ORDER, PHASES, axis_value, density, get, is_cuda, is_sparse, is_zo,
+                                  meaningful, method, pct, phase_peak, quant, setting, varying_axes)
 
 Column = tuple[str, Callable[[dict], str]]
 DASH = "-"
@@ -99,7 +99,7 @@ def key_columns(extras: list[str]) -> list[Column]:
     """The columns that name a cell, in the rows' sort order: varying model/task/dtype, then method, quant,
     density, then any other varying axis (lr, ...), so that rows differing only in lr sit together."""
     def axis(a: str) -> Column:
-        return a, lambda r: str(setting(r, a))
+        return a, lambda r: axis_value(r, a)
 
     outer = [axis(a) for a in extras if a in EXTRA_ORDER]
     inner = [axis(a) for a in extras if a not in EXTRA_ORDER]
@@ -159,7 +159,8 @@ def header(recs: list[dict], title: str | None, pilots: list[dict] = ()) -> list
                   "machine; see `other CPUs` in the step breakdown.", ""]
     resumed = [r for r in recs if get(r, "metrics.resumed_from_step")]
     if resumed:
-        lines += [f"> {len(resumed)} cells were killed part-way and resumed from a checkpoint (steps "
+        were = "cell was" if len(resumed) == 1 else "cells were"
+        lines += [f"> {len(resumed)} {were} killed part-way and resumed from a checkpoint (steps "
                   f"{', '.join(str(get(r, 'metrics.resumed_from_step')) for r in resumed)}): their results "
                   "equal an uninterrupted run's; their step timings span processes, the environment shown "
                   "is the last one's.", ""]
@@ -221,9 +222,9 @@ def quant_table(ok: list[dict], extras: list[str]) -> list[str]:
     if len({quant(r) for r in ok}) < 2:
         return []
 
-    def twin_key(r):
+    def twin_key(r):  # an lr chosen by the pilot is the method's own on each side, not a setting to match
         return tuple(str(setting(r, a)) for a in ("model", "task", "dtype", "method", "density", *extras)
-                     if a != "quant")
+                     if a != "quant" and not (a == "lr" and get(r, "lr_choice")))
 
     float_cells = {twin_key(r): r for r in ok if quant(r) == "none"}
 

@@ -14,9 +14,8 @@ from matplotlib.figure import Figure
 
 from zobench.files import atomic_write
 
-from zobench.report.cells import (density, get, meaningful, method, method_class, method_order, pct, primary_score,
-                                  quant,
-                                  setting, short_name)
+from zobench.report.cells import (TRAINING_ONLY, axis_value, density, get, meaningful, method, method_class,
+                                  method_order, pct, primary_score, quant, setting, short_name)
 
 # For methods that name no colour of their own: picked by a stable hash of the name, never by position.
 PALETTE = ("#bcbd22", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d")
@@ -64,8 +63,9 @@ def memory_bars(ok: list[dict], extras: list[str]):
         return None
     groups: dict[str, list[dict]] = {}
     for r in cells:
-        groups.setdefault("/".join([str(setting(r, "quant") or "none")] + [str(setting(r, a)) for a in extras]),
-                          []).append(r)
+        # an lr is no group of its own: the forward cell's line belongs beside its trained cells
+        group = [str(setting(r, "quant") or "none")] + [axis_value(r, a) for a in extras if a not in TRAINING_ONLY]
+        groups.setdefault("/".join(group), []).append(r)
     fig, ax = _figure(max(6.0, 0.7 * len(cells) + 3.5), 4.5, "", "", "peak memory (MiB)")
     x, ticks, names = 0.0, [], []
     for group, members in groups.items():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from zobench.analysis.claims import FAILS, HOLDS, MISSING, OPEN, verdicts
-from zobench.cell.record import CellRecord, Metrics, PhaseMeasure
+from zobench.cell.record import CellRecord, Metrics, PhaseMeasure, Stats
 
 
 def rec(method: str, test: float, seed: int = 0, quant: str = "none", curve=None, n_test: int = 872,
@@ -12,7 +12,7 @@ def rec(method: str, test: float, seed: int = 0, quant: str = "none", curve=None
     m.set(test_best={"accuracy": test}, n_test=n_test, n_dev=200,
           dev_curve=[{"step": s, "accuracy": a, "train_s": t} for s, a, t in curve or []])
     if forward_s is not None:
-        m.set(forward_ref_s={"median": forward_s, "p10": forward_s, "p90": forward_s, "n": 9})
+        m.set(forward_ref_s=Stats(forward_s, forward_s, forward_s, 9))
     cfg = {"method": method, "quant": quant, "seed": seed}
     phases = {"train": PhaseMeasure(wall_s=1000.0, other_cpus=other_cpus)}
     return CellRecord(f"{method}-{quant}-{seed}", config=cfg, labels={"method": method, "seed": seed}, metrics=m,
@@ -106,3 +106,28 @@ def test_the_report_renders_the_claims_table(tmp_path):
     md = render_report([rec("sensitive", 0.80), rec("random", 0.70)], tmp_path / "c.md").read_text()
     assert "## Claims" in md
     assert "| sensitive 0.1% beats random 0.1% at equal steps | **holds** |" in md
+
+
+def test_verdicts_read_records_as_a_results_file_gives_them(tmp_path):
+    """The claims table from records written and read back (typed stats, not the dicts a test could build):
+    the speed claim's reference forwards come through, and the report renders the table."""
+    from zobench.report import render_report
+    from zobench.results import append_record, load_records
+
+    path = tmp_path / "claims.jsonl"
+    for r in (rec("sensitive", 0.76, curve=[(100, 0.71, 200.0), (200, 0.72, 400.0)], other_cpus=0.0, forward_s=1.0),
+              rec("full", 0.70, curve=[(100, 0.60, 300.0), (200, 0.70, 600.0)], other_cpus=1.0, forward_s=2.0),
+              rec("random", 0.70)):
+        append_record(path, r)
+    back = load_records(path)
+    v = by_claim(back)["sensitive 0.1% reaches full ZO's best dev accuracy"]
+    assert v.verdict == HOLDS and "(200 and 300 reference forwards)" in v.numbers
+    md = render_report(back, tmp_path / "claims.md").read_text(encoding="utf-8")
+    assert "(200 and 300 reference forwards)" in md.split("## Claims")[1]
+
+
+def test_stats_metrics_take_stats_only():
+    import pytest
+
+    with pytest.raises(TypeError, match="forward_ref_s"):
+        Metrics().set(forward_ref_s={"median": 1.0, "p10": 1.0, "p90": 1.0, "n": 3})

@@ -108,7 +108,8 @@ def _difference(claim: str, a: Arm | None, b: Arm | None, names: tuple[str, str]
 
 def _forward_s(rec: CellRecord) -> float | None:
     """Median seconds of the cell's in-cell reference forward (None when it timed none)."""
-    return (rec.metrics.get("forward_ref_s") or {}).get("median") or None
+    stats = rec.metrics.forward_ref_s
+    return stats.median if stats is not None and stats.median > 0 else None
 
 
 def _mean_curve(arm: Arm) -> list[tuple[int, float, float, float | None]]:

@@ -156,6 +156,8 @@ class Metrics:
     def set(self, **items) -> None:
         for key, value in items.items():
             if key in STATS:
+                if value is not None and not isinstance(value, Stats):  # readers use .median, never ["median"]
+                    raise TypeError(f"metrics.{key}: expected Stats or None, got {type(value).__name__}")
                 setattr(self, key, value)
             elif key == "step_parts_s":
                 self.step_parts_s = value

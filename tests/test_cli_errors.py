@@ -234,9 +234,17 @@ def _run_until_a_cell_runs(tmp_path: Path, name: str):
     proc = subprocess.Popen([sys.executable, "-m", "zobench.cli", "run", str(suite), "--out", str(tmp_path / name),
                              "--reports", str(tmp_path / f"{name}-reports")], cwd=ROOT, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    def is_cell(child) -> bool:
+        # The run also starts short-lived helpers (git for the record's environment, multiprocessing's resource
+        # tracker); a helper that just exited is a zombie whose command line cannot be read.
+        try:
+            return "spawn_main" in " ".join(child.cmdline())
+        except psutil.NoSuchProcess:
+            return False
+
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        children = [c for c in psutil.Process(proc.pid).children() if "resource_tracker" not in " ".join(c.cmdline())]
+        children = [c for c in psutil.Process(proc.pid).children() if is_cell(c)]
         if children:
             return proc, children[0].pid
         time.sleep(0.2)

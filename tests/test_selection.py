@@ -60,3 +60,58 @@ def test_a_cell_with_dev_evaluation_reports_test_at_its_best_dev_step():
     assert m.get("test_best") is not None and "accuracy" in m.get("test_best")
     if best["step"] == 4:
         assert m.get("test_best") == m.get("test_after")
+
+
+@pytest.mark.parametrize("dtype, master", [(torch.float32, False), (torch.bfloat16, True), (torch.float16, False)])
+def test_dense_weights_written_to_disk_come_back_bit_for_bit(dtype, master):
+    import tempfile
+
+    from zobench.zo.optim import make_optimizer
+    from zobench.zo.trainable import DenseTrainable
+
+    torch.manual_seed(0)
+    params = [(f"w{i}", torch.nn.Parameter(torch.randn(shape).to(dtype))) for i, shape in
+              enumerate([(7, 5), (3,), (2, 3, 4)])]
+    t = DenseTrainable(params, master=master)
+    opt = make_optimizer("sgd", lr=1e-2)
+    t.apply(11, 1e-3)
+    t.update([(11, 0.5)], opt, 0)
+    saved = [p.detach().clone() for _, p in params]
+    masters = [m.clone() for m in t.masters] if master else None
+    with tempfile.TemporaryFile() as f:
+        t.save_raw(f)
+        assert f.tell() == t.nbytes == sum(x.numel() * (4 if master else x.element_size()) for x in saved)
+        t.apply(12, 1e-3)
+        t.update([(12, 5.0)], opt, 1)   # the weights move on after the best step ...
+        assert any(not torch.equal(p.detach(), s) for (_, p), s in zip(params, saved))
+        t.load_raw(f)                   # ... and come back from the file exactly
+    assert all(torch.equal(p.detach(), s) for (_, p), s in zip(params, saved))
+    if master:
+        assert all(torch.equal(m, s) for m, s in zip(t.masters, masters))
+
+
+def test_full_zo_tests_its_best_dev_step_with_weights_kept_on_disk_equal_to_the_replay(monkeypatch):
+    """Dev scores scripted so that the best dev step (2) is not the last (6): the test at the best step
+    runs on weights read back from disk, the same bit for bit as replaying the trajectory to step 2."""
+    from zobench.cell.pipeline import Run
+
+    dev_scores = iter([0.9, 0.5, 0.5])
+    real = Run.evaluate
+
+    def evaluate(self, examples):
+        if examples is self.splits.dev:
+            return {"accuracy": next(dev_scores)}
+        return real(self, examples)
+
+    monkeypatch.setattr(Run, "evaluate", evaluate)
+    cfg = CellConfig.from_dict(dict(TINY, model="smollm2", method="full", lr=1e-4, n_dev=4, n_test=8, steps=6,
+                                    eval_every=2, eval_after=True, batch_size=2))
+    pipeline = Pipeline(cfg)
+    m = pipeline.run().metrics
+    assert m.get("best_step") == 2 and m.get("best_weights") == "disk" and m.get("test_best") is not None
+    from_disk = {n: p.detach().clone() for n, p in pipeline.run_state.model.named_parameters()}
+    replayed = pipeline.rebuild(2)
+    assert all(torch.equal(from_disk[n], p) for n, p in replayed.model.named_parameters())
+    assert real(replayed, replayed.splits.test) == m.get("test_best")
+    last = pipeline.rebuild(6).model.named_parameters()
+    assert any(not torch.equal(from_disk[n], p) for n, p in last)  # step 2 is not the last step's weights

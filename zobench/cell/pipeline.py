@@ -396,14 +396,20 @@ class Pipeline:
         if not self.cfg.eval_after:  # a learning-rate pilot: the test set is never touched
             return
         if sel.best_step == m.get("steps_done"):
-            m.set(test_best=m.get("test_after"))
+            m.set(test_best=m.get("test_after"), best_weights="last")
         elif sel.values is not None:
             self.trainable.load(sel.values)
             with self.phase("eval_best"):
-                m.set(test_best=self.run_state.evaluate(self.run_state.splits.test))
+                m.set(test_best=self.run_state.evaluate(self.run_state.splits.test), best_weights="kept")
+        elif sel.file is not None:
+            with self.phase("eval_best"):
+                self.trainable.load_raw(sel.file)
+                sel.close()
+                m.set(test_best=self.run_state.evaluate(self.run_state.splits.test), best_weights="disk")
         elif m.get("trajectory") is not None:
             with self.phase("eval_best"):
-                m.set(test_best=self.rebuild(sel.best_step).evaluate(self.run_state.splits.test))
+                m.set(test_best=self.rebuild(sel.best_step).evaluate(self.run_state.splits.test),
+                      best_weights="replay")
 
     def rebuild(self, steps: int) -> Run:
         """A fresh copy of the model at ``steps`` steps, from the initial weights and the trajectory."""
@@ -421,15 +427,24 @@ class Pipeline:
         stepper, trainable = self.method.build_stepper(run)
         measure_restore_drift(trainable, cfg.eps)  # training ran this probe first: so does the replay
         replay(trainable, stepper.optimizer, self.metrics.get("trajectory"), cfg.eps, steps)
-        self.run_state = run
+        self.run_state, self.stepper, self.trainable = run, stepper, trainable  # what a save then saves
         return run
 
 
 class DevSelection:
-    """The best dev score so far, its step, and (sparse methods) the trained values at that step."""
+    """The best dev score so far, its step, and the trained values at that step where they are cheap to
+    keep: a sparse method's few values in memory; a dense run's weights on disk when they train on a CPU.
+
+    On a CPU a dense run's replay (``PipelineRun.rebuild``) costs about the draws of its training: 800 steps
+    of full ZO on SmolLM2-135M took 34 minutes, against a second or two to write 540 MB at each new best.
+    The file is anonymous (unlinked at creation), so the space comes back when the process ends, even when
+    it is killed. On a GPU the replay's draws are fast and a 7B model's weights are gigabytes: it replays.
+    So does a run whose disk has less than twice the weights free (``best_weights`` in the record says which).
+    """
 
     def __init__(self, trainable):
         self.trainable, self.best_step, self.best_score, self.values = trainable, None, None, None
+        self.file = None  # the dense weights at best_step, when kept on disk
 
     def see(self, step: int, scores: dict) -> None:
         score = scores.get("accuracy", scores.get("f1"))
@@ -438,6 +453,25 @@ class DevSelection:
         self.best_step, self.best_score = step, (scores, score)
         if hasattr(self.trainable, "snapshot"):
             self.values = self.trainable.snapshot()
+        elif hasattr(self.trainable, "save_raw") and self._disk_fits():
+            if self.file is None:
+                import tempfile
+
+                self.file = tempfile.TemporaryFile(prefix="zobench-best-")
+            self.trainable.save_raw(self.file)
+
+    def _disk_fits(self) -> bool:
+        import shutil
+        import tempfile
+
+        if self.trainable.params[0].device.type != "cpu":
+            return False
+        return shutil.disk_usage(tempfile.gettempdir()).free >= 2 * self.trainable.nbytes
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
     @property
     def best(self):

@@ -136,6 +136,45 @@ class DenseTrainable(Trainable):
         self._seed, self._scale = None, 0.0
 
 
+    # -- the weights at one step, kept on disk (a dense run's best dev step, see DevSelection) --------------
+    def _saved(self) -> list[torch.Tensor]:
+        """The tensors that hold the trained values: the float32 masters when kept, else the live weights."""
+        return self.masters if self.masters is not None else [p.detach() for p in self.params]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._saved())
+
+    @torch.no_grad()
+    def save_raw(self, f) -> None:
+        """Write the trained values to the binary file ``f`` as raw bytes, tensor after tensor (no pickle,
+        no second copy in memory: CPU tensors are written from their own storage)."""
+        f.seek(0)
+        for t in self._saved():
+            f.write(_bytes_of(t.contiguous().cpu()))
+        f.flush()
+
+    @torch.no_grad()
+    def load_raw(self, f) -> None:
+        """Read back what ``save_raw`` wrote into the trained tensors (and the live weights beside masters)."""
+        f.seek(0)
+        for i, t in enumerate(self._saved()):
+            host = t if t.device.type == "cpu" and t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype)
+            view = _bytes_of(host)
+            if f.readinto(view) != len(view):
+                raise OSError(f"{getattr(f, 'name', 'weights file')}: shorter than the weights it was written from")
+            if host is not t:
+                t.copy_(host)
+            if self.masters is not None:
+                self.params[i].detach().copy_(t)
+        self._seed, self._scale = None, 0.0
+
+
+def _bytes_of(t: torch.Tensor):
+    """A writable byte view of a contiguous CPU tensor's storage (any dtype, bfloat16 included)."""
+    return t.view(-1).view(torch.uint8).numpy().data
+
+
 class SparseTrainable(Trainable):
     def __init__(self, params: list[tuple[str, torch.nn.Parameter]], indices: dict[str, torch.Tensor],
                  direction: str = "rademacher"):

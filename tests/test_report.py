@@ -119,8 +119,10 @@ def test_cells_timed_beside_other_work_are_flagged(records, tmp_path):
     for r in timed[1:]:
         r.phases["train"].other_cpus = 0.0
     md = render_report(loaded, tmp_path / "report.md").read_text(encoding="utf-8")
-    assert "> 1 cells trained beside other work on the machine (at least 0.25 CPUs busy elsewhere on average, " \
-           "up to 1.25)" in md
+    name = f"{timed[0].config['method']}" + ("" if timed[0].config.get("quant") in (None, "none")
+                                             else f" {timed[0].config['quant']}") + f" seed {timed[0].config['seed']}"
+    assert f"> 1 cell ({name}) trained beside other work on the machine (at least 0.25 CPUs busy elsewhere on " \
+           "average, up to 1.25)" in md
     step_section = md.split("## Step breakdown")[1].split("\n## ")[0]
     header = next(line for line in step_section.splitlines() if line.startswith("| "))
     assert header.rstrip().endswith("| other CPUs |")

@@ -154,8 +154,10 @@ def header(recs: list[dict], title: str | None, pilots: list[dict] = ()) -> list
     loaded = [r for r in recs if (get(r, "phases.train.other_cpus") or 0) >= LOADED_CPUS]
     if loaded:
         worst = max(get(r, "phases.train.other_cpus") for r in loaded)
-        lines += [f"> {len(loaded)} cells trained beside other work on the machine (at least {LOADED_CPUS} CPUs "
-                  f"busy elsewhere on average, up to {worst:.2f}): their timings are slower than on an idle "
+        names = f" ({', '.join(short_name(r) for r in loaded)})" if len(loaded) <= 6 else ""
+        lines += [f"> {cells(len(loaded))}{names} trained beside other work on the machine (at least {LOADED_CPUS} "
+                  f"CPUs busy elsewhere on average, up to {worst:.2f}): {'its' if len(loaded) == 1 else 'their'} timings "
+                  "are slower than on an idle "
                   "machine; see `other CPUs` in the step breakdown.", ""]
     resumed = [r for r in recs if get(r, "metrics.resumed_from_step")]
     if resumed:
@@ -164,11 +166,23 @@ def header(recs: list[dict], title: str | None, pilots: list[dict] = ()) -> list
                   f"{', '.join(str(get(r, 'metrics.resumed_from_step')) for r in resumed)}): their results "
                   "equal an uninterrupted run's; their step timings span processes, the environment shown "
                   "is the last one's.", ""]
-    for key, what in (("model_fallback_reason", "loaded the fallback model"), ("data_note", "data")):
+    for key, what in (("model_fallback_reason", "{} loaded the fallback model"), ("data_note", "data of {}")):
         for note in sorted({one_line(r[key]) for r in recs if r.get(key)}):
             n = sum(one_line(r.get(key)) == note for r in recs)
-            lines += [f"> {n} cells {what}: {escape(note)}", ""]
+            lines += [f"> {what.format(cells(n))}: {escape(note)}", ""]
     return lines
+
+
+def cells(n: int) -> str:
+    return "1 cell" if n == 1 else f"{n} cells"
+
+
+def short_name(rec: dict) -> str:
+    """A cell in a few words for a note: its method, its quantization when any, its seed."""
+    cfg = rec.get("config") or {}
+    quant = cfg.get("quant")
+    return " ".join([str(cfg.get("method", "?"))] + ([str(quant)] if quant not in (None, "none") else [])
+                    + [f"seed {cfg.get('seed', 0)}"])
 
 
 def environment(env: dict, git: dict) -> str:

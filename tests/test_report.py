@@ -143,6 +143,21 @@ def test_lr_choices_at_the_grid_edge_or_from_a_flat_dev_say_so():
     assert lr_caveat({"grid": [1e-4], "dev": [0.6], "chosen": 1e-4}) == ""
 
 
+def test_a_run_whose_dev_fell_after_the_pilot_says_so():
+    from zobench.report.markdown import run_dev
+
+    def rec(accs, n_dev=200):
+        curve = [{"step": 100 * (i + 1), "accuracy": a} for i, a in enumerate(accs)]
+        return {"metrics": {"dev_curve": curve, "n_dev": n_dev}}
+
+    # 68.0% at step 100 down to 47.5%: far beyond +-6.5 points on 200 dev examples
+    assert run_dev(rec([0.68, 0.665, 0.415, 0.475])) == "68.0 (100) -> 47.5 (400) (fell by more than dev noise)"
+    assert run_dev(rec([0.70, 0.72, 0.69])) == "72.0 (200) -> 69.0 (300)"   # inside the noise
+    assert run_dev(rec([0.70, 0.72, 0.69], n_dev=20_000)).endswith("(fell by more than dev noise)")
+    assert run_dev(rec([0.70, 0.70])) == "70.0 (100) -> 70.0 (200)"   # ties: the earlier step is the best
+    assert run_dev({"metrics": {}}) == "-"
+
+
 def test_rows_differing_in_a_numeric_label_sort_by_its_value():
     """Pilot rows of one method list their lrs in increasing order (as text, 1e-06 sorted before 3e-07)."""
     from zobench.report.cells import sort_key

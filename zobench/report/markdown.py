@@ -6,6 +6,7 @@ tables share one formatter and a missing value always renders as "-".
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from zobench.analysis.derive import TRAIN_PHASES
@@ -370,13 +371,31 @@ def lr_table(ok: list[dict], pilots: list[dict], extras: list[str]) -> list[str]
 
     cols: list[Column] = [("lr: dev % after the pilot", tried),
                           ("chosen lr", lambda r: f"{r['lr_choice']['chosen']:g}{lr_caveat(r['lr_choice'])}"
-                           if r["lr_choice"].get("chosen") else "none (kept the configured lr)")]
+                           if r["lr_choice"].get("chosen") else "none (kept the configured lr)"),
+                          ("the run's dev %: best (step) -> last (step)", run_dev)]
     steps = chosen[0]["lr_choice"]["pilot_steps"]
     intro = (f"Each cell's learning rate was chosen on dev, never on test: every lr of its grid ran "
              f"{steps} steps ({len(pilots)} pilot cells), and the cell ran with the lr of the best dev score "
              f"(ties: the smaller lr). A choice at the grid's edge may have a better lr outside the grid; "
-             f"where dev did not move across the grid the choice says nothing.")
+             f"where dev did not move across the grid the choice says nothing. The last column is the cell's own "
+             f"run: a pilot of a few steps can choose an lr that diverges over many more.")
     return section("Learning rates chosen on dev", intro, cols, chosen, extras, n_text=2)
+
+
+def run_dev(rec: dict) -> str:
+    """The cell's own dev curve after the pilot: its best and its last point, and whether it fell by more
+    than the dev set's noise (a 95% binomial half-width at the best score): a pilot of a few steps can pick
+    an lr that diverges over the whole run."""
+    curve = [p for p in get(rec, "metrics.dev_curve") or [] if p.get("accuracy") is not None]
+    if not curve:
+        return "-"
+    best = max(curve, key=lambda p: (p["accuracy"], -p["step"]))
+    last = curve[-1]
+    text = f"{pct_points(best['accuracy'])} ({best['step']}) -> {pct_points(last['accuracy'])} ({last['step']})"
+    n, acc = get(rec, "metrics.n_dev"), best["accuracy"]
+    if n and acc - last["accuracy"] > 1.96 * math.sqrt(acc * (1 - acc) / n):
+        text += " (fell by more than dev noise)"
+    return text
 
 
 def lr_caveat(choice: dict) -> str:

@@ -90,7 +90,9 @@ def test_dense_weights_written_to_disk_come_back_bit_for_bit(dtype, master):
         assert all(torch.equal(m, s) for m, s in zip(t.masters, masters))
 
 
-def test_full_zo_tests_its_best_dev_step_with_weights_kept_on_disk_equal_to_the_replay(monkeypatch):
+@pytest.mark.parametrize("method, extra", [("full", {}), ("lezo", {"layer_fraction": 0.5})])
+def test_dense_zo_tests_its_best_dev_step_with_weights_kept_on_disk_equal_to_the_replay(method, extra,
+                                                                                        monkeypatch):
     """Dev scores scripted so that the best dev step (2) is not the last (6): the test at the best step
     runs on weights read back from disk, the same bit for bit as replaying the trajectory to step 2."""
     from zobench.cell.pipeline import Run
@@ -104,8 +106,8 @@ def test_full_zo_tests_its_best_dev_step_with_weights_kept_on_disk_equal_to_the_
         return real(self, examples)
 
     monkeypatch.setattr(Run, "evaluate", evaluate)
-    cfg = CellConfig.from_dict(dict(TINY, model="smollm2", method="full", lr=1e-4, n_dev=4, n_test=8, steps=6,
-                                    eval_every=2, eval_after=True, batch_size=2))
+    cfg = CellConfig.from_dict(dict(TINY, model="smollm2", method=method, lr=1e-4, n_dev=4, n_test=8, steps=6,
+                                    eval_every=2, eval_after=True, batch_size=2, **extra))
     pipeline = Pipeline(cfg)
     m = pipeline.run().metrics
     assert m.get("best_step") == 2 and m.get("best_weights") == "disk" and m.get("test_best") is not None

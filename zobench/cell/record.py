@@ -135,10 +135,10 @@ class Metrics:
     ``forward_ref_s``: an inference forward of each step's batch, right after the step (the denominator of
     step / two forwards); ``test_before`` / ``test_after``: {accuracy} or {em, f1}; ``truncated``: inputs
     cut by max_length per split; ``dev_curve``: [{step, accuracy, train_s}] every ``eval_every`` steps, with
-    ``best_step``, ``best_dev`` and ``test_best`` (test at the best dev step; ``best_weights``: how that step's
-    weights came back: ``last``, ``kept`` in memory, ``disk``, or ``replay`` of the trajectory); ``trajectory``: each step's
-    [[seed, coefficient], ...] (dense ZO: enough to rebuild the weights of any step); ``train_s``: training
-    seconds, warm-up included; ``tokens_per_step``: input tokens of a timed step; ``packed``: with ``pack``
+    ``best_step``, ``best_dev`` and ``test_best`` (test at the best dev step; ``best_weights``: how that
+    step's weights came back: ``last``, ``kept`` in memory, ``disk``, or ``replay`` of the trajectory);
+    ``trajectory``: each step's [[seed, coefficient], ...] (dense ZO: enough to rebuild the weights of any
+    step); ``train_s``: training seconds, warm-up included; ``tokens_per_step``: input tokens of a timed step; ``packed``: with ``pack``
     set, whether the model took packed rows (else its batches stayed padded)."""
 
     values: dict[str, Any] = field(default_factory=dict)      # SCALARS, MAPPINGS, SERIES

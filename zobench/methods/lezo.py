@@ -68,6 +68,21 @@ class LayerSubset:
             else:
                 t.restore()
 
+    # The weights at the best dev step on disk (``DevSelection``): every unit's, one after the other.
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.parts)
+
+    def save_raw(self, f) -> None:
+        f.seek(0)
+        for t in self.parts:
+            t.save_raw(f, rewind=False)
+
+    def load_raw(self, f) -> None:
+        f.seek(0)
+        for t in self.parts:
+            t.load_raw(f, rewind=False)
+
 
 @register
 class LeZO(Method):

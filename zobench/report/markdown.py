@@ -156,10 +156,10 @@ def header(recs: list[dict], title: str | None, pilots: list[dict] = ()) -> list
     if loaded:
         worst = max(get(r, "phases.train.other_cpus") for r in loaded)
         names = f" ({', '.join(short_name(r) for r in loaded)})" if len(loaded) <= 6 else ""
-        lines += [f"> {cells(len(loaded))}{names} trained beside other work on the machine (at least {LOADED_CPUS} "
-                  f"CPUs busy elsewhere on average, up to {worst:.2f}): {'its' if len(loaded) == 1 else 'their'} timings "
-                  "are slower than on an idle "
-                  "machine; see `other CPUs` in the step breakdown.", ""]
+        its = "its" if len(loaded) == 1 else "their"
+        lines += [f"> {cells(len(loaded))}{names} trained beside other work on the machine (at least "
+                  f"{LOADED_CPUS} CPUs busy elsewhere on average, up to {worst:.2f}): {its} timings are slower "
+                  "than on an idle machine; see `other CPUs` in the step breakdown.", ""]
     resumed = [r for r in recs if get(r, "metrics.resumed_from_step")]
     if resumed:
         were = "cell was" if len(resumed) == 1 else "cells were"

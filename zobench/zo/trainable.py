@@ -135,7 +135,6 @@ class DenseTrainable(Trainable):
                 live.copy_(values)
         self._seed, self._scale = None, 0.0
 
-
     # -- the weights at one step, kept on disk (a dense run's best dev step, see DevSelection) --------------
     def _saved(self) -> list[torch.Tensor]:
         """The tensors that hold the trained values: the float32 masters when kept, else the live weights."""
@@ -146,18 +145,21 @@ class DenseTrainable(Trainable):
         return sum(t.numel() * t.element_size() for t in self._saved())
 
     @torch.no_grad()
-    def save_raw(self, f) -> None:
+    def save_raw(self, f, rewind: bool = True) -> None:
         """Write the trained values to the binary file ``f`` as raw bytes, tensor after tensor (no pickle,
-        no second copy in memory: CPU tensors are written from their own storage)."""
-        f.seek(0)
+        no second copy in memory: CPU tensors are written from their own storage); from its start, unless
+        ``rewind`` is false (several trainables one after the other in one file)."""
+        if rewind:
+            f.seek(0)
         for t in self._saved():
             f.write(_bytes_of(t.contiguous().cpu()))
         f.flush()
 
     @torch.no_grad()
-    def load_raw(self, f) -> None:
+    def load_raw(self, f, rewind: bool = True) -> None:
         """Read back what ``save_raw`` wrote into the trained tensors (and the live weights beside masters)."""
-        f.seek(0)
+        if rewind:
+            f.seek(0)
         for i, t in enumerate(self._saved()):
             host = t if t.device.type == "cpu" and t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype)
             view = _bytes_of(host)

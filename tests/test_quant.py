@@ -197,6 +197,9 @@ def test_merging_the_sparse_values_into_the_dequantized_nf4_weight_equals_the_se
     merged = SparseDelta(base, idx, values, in_f, out_f, dtype, nf4.dequantize)
     assert merged.way == "merge" and separate.way in ("csr", "gather")
     assert sorted(merged.flat_index().tolist()) == idx.tolist()
+    # One order of values on every way: a direction seed's z moves the same weights whichever way a device
+    # takes (before, the CSR way kept them in column order, so one seed trained other weights there).
+    assert torch.equal(merged.flat_index(), separate.flat_index()) and torch.equal(merged.values, separate.values)
     x = torch.randn(2, 5, in_f).to(dtype)
     dense = nf4.dequantize(base).float().view(-1)
     dense[merged.flat_index()] += merged.values.float()
@@ -209,6 +212,11 @@ def test_merging_the_sparse_values_into_the_dequantized_nf4_weight_equals_the_se
         assert not torch.allclose(merged(x).float(), ref, atol=tol, rtol=tol)
         merged.values.div_(3)
         assert torch.allclose(merged(x).float(), ref, atol=tol, rtol=tol)
+        z = torch.randn(merged.nnz).to(dtype)
+        for layer in (merged, separate):
+            layer.values.add_(z)
+        assert torch.allclose(merged(x).float(), separate(x).float(), atol=tol, rtol=tol)
+        assert not torch.allclose(merged(x).float(), ref, atol=tol, rtol=tol)
         with sparse_bypassed(torch.nn.Sequential(merged)):  # the quantized layer alone
             assert torch.equal(merged(x), base(x))
 

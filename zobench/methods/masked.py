@@ -75,14 +75,15 @@ def sparse_price(inputs: PriceInputs) -> Price:
     trainable, per_layer = nnz * (idx + 4), 0.0
     merge = False
     if quantized:
-        # Dense-and-sparse (quant.sparse): the live values in the model dtype beside the quantized layer,
-        # CSR of S^T with int32 column indices and (in + 1) int32 row pointers; where the layer merges S
-        # into its dequantized weight (Backend.merges_on), int32 flat indices alone, no separate product.
+        # Dense-and-sparse (quant.sparse): the live values in the model dtype beside the quantized layer
+        # and their int32 flat indices; where S is not merged into the dequantized weight
+        # (Backend.merges_on), also the CSR of S^T: int32 column indices, int32 positions of its nonzeros
+        # in the values, and (in + 1) int32 row pointers.
         from zobench.quant import get_backend
 
         merge = get_backend(cfg.quant).merges_on(inputs.device)
         layers = [(o, i) for o, i in arch.linears if cfg.density * o * i >= 1]
-        trainable += nnz * (db + 4) + (0 if merge else sum(4 * (i + 1) for _, i in layers))
+        trainable += nnz * (db + 4) + (0 if merge else nnz * 8 + sum(4 * (i + 1) for _, i in layers))
         per_layer = nnz / max(len(layers), 1)
     # apply: z, master + scale*z and its cast to the weights' dtype; update: the estimate and one z at a
     # time (q seeds are summed in turn), plus Adam's denominator.

@@ -61,23 +61,26 @@ class SparseDelta(torch.nn.Module):
         self.base, self.in_features, self.out_features = base, in_features, out_features
         flat_index = flat_index.to(values.device)
         self.dequantize = dequantize
-        if dequantize is not None:
-            order = torch.argsort(flat_index)
-            self.register_buffer("flat", flat_index[order].int())  # < 2^31: out * in of any 7B-70B layer
-            self.crow = self.col = None
-        else:
-            order, crow, col = _transposed_csr(flat_index, in_features, out_features)
+        # ``values`` are in row-major order of their entries on every way, so a direction seed moves the
+        # same weights whichever way a device takes (z is drawn in the order of ``values``): a run, its
+        # checkpoint and its trajectory mean the same on a GPU, a CPU that merges and one that does not.
+        order = torch.argsort(flat_index)
+        self.register_buffer("flat", flat_index[order].int())  # < 2^31: out * in of any 7B-70B layer
+        self.register_buffer("values", values[order].to(dtype).contiguous())
+        if dequantize is None:  # CSR of S^T, and where each of its nonzeros is in ``values``
+            csr_order, crow, col = _transposed_csr(self.flat.long(), in_features, out_features)
             self.register_buffer("crow", crow)
             self.register_buffer("col", col)
-            self.flat = None
-        self.register_buffer("values", values[order].to(dtype).contiguous())
+            self.register_buffer("csr_order", csr_order.int())
+        else:
+            self.crow = self.col = self.csr_order = None
         self._csr = True  # falls back to the gather path once if torch has no sparse kernel for the dtype
         self.bypass = False  # True: the quantized layer alone (the reference forward of a ZO cell)
 
     @property
     def way(self) -> str:
         """How the forward adds S: "merge", "csr" or "gather" (module docstring)."""
-        if self.flat is not None:
+        if self.dequantize is not None:
             return "merge"
         return "csr" if self._csr_for(self.values) else "gather"
 
@@ -91,11 +94,7 @@ class SparseDelta(torch.nn.Module):
 
     def flat_index(self) -> torch.Tensor:
         """The selected entries as row-major indices into [out, in], in the order of ``values``."""
-        if self.flat is not None:
-            return self.flat.long()
-        cols = torch.repeat_interleave(torch.arange(self.in_features, device=self.crow.device),
-                                       self.crow.diff())
-        return self.col.long() * self.in_features + cols
+        return self.flat.long()
 
     def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ (D + S)^T + bias``: S's values scattered into the dequantized dense part, one matmul."""
@@ -117,17 +116,21 @@ class SparseDelta(torch.nn.Module):
     def _values_as(self, x2: torch.Tensor) -> torch.Tensor:
         return self.values if self.values.dtype == x2.dtype else self.values.to(x2.dtype)
 
+    def _csr_values(self, x2: torch.Tensor) -> torch.Tensor:
+        """The values in the CSR's order (one gather of the layer's few values)."""
+        return self._values_as(x2)[self.csr_order]
+
     def csr_product(self, x2: torch.Tensor) -> torch.Tensor:
         """``x2 @ S^T`` as a dense-times-CSR product (raises where torch has no kernel for the dtype)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            st = torch.sparse_csr_tensor(self.crow, self.col, self._values_as(x2),
+            st = torch.sparse_csr_tensor(self.crow, self.col, self._csr_values(x2),
                                          (self.in_features, self.out_features), check_invariants=False)
         return x2 @ st
 
     def gather_product(self, x2: torch.Tensor) -> torch.Tensor:
         """``x2 @ S^T`` by gather, multiply and index_add_ over chunks of rows (a bounded temporary)."""
-        values = self._values_as(x2)
+        values = self._csr_values(x2)
         cols = torch.repeat_interleave(torch.arange(self.in_features, device=x2.device), self.crow.diff())
         rows = self.col.long()
         out = x2.new_zeros(x2.shape[0], self.out_features)
@@ -138,7 +141,7 @@ class SparseDelta(torch.nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.flat is not None and self.nnz and not self.bypass:
+        if self.dequantize is not None and self.nnz and not self.bypass:
             return self.merged_forward(x)
         y = self.base(x)
         if self.nnz == 0 or self.bypass:

@@ -84,6 +84,11 @@ def _arms(records: list[CellRecord]) -> dict[tuple[str, str], Arm]:
     return arms
 
 
+def half_width_95(p: float, n: int) -> float:
+    """The 95% binomial half-width of an accuracy ``p`` measured on ``n`` examples (normal approximation)."""
+    return 1.96 * math.sqrt(p * (1 - p) / max(n, 1))
+
+
 def _noise(a: Arm, b: Arm) -> float:
     se = math.sqrt(sum(x.mean * (1 - x.mean) / max(x.n_test, 1) for x in (a, b)))
     return max(1.96 * se, a.spread, b.spread)
@@ -138,7 +143,7 @@ def _faster(sens: Arm | None, full: Arm | None) -> Verdict:
     target_step, target, t_full, u_full = max(f, key=lambda p: (p[1], -p[0]))
     reached = next((p for p in s if p[1] >= target), None)
     n_dev = min(int(r.metrics.get("n_dev") or 0) for r in sens.runs + full.runs)
-    noise = f"dev accuracy on {n_dev} examples: +-{100 * 1.96 * math.sqrt(target * (1 - target) / max(n_dev, 1)):.1f} points"
+    noise = f"dev accuracy on {n_dev} examples: +-{100 * half_width_95(target, n_dev):.1f} points"
     if reached is None:
         return Verdict(claim, FAILS, f"full ZO's best dev {100 * target:.1f}% (step {target_step}, {t_full:.0f} s); "
                                      f"sensitive's best {100 * max(p[1] for p in s):.1f}% never reaches it", noise)

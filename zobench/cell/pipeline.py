@@ -300,7 +300,7 @@ class Pipeline:
             self.metrics.set(trainable_numel=stepper.numel)
         self.stepper, self.trainable = stepper, trainable
         reference = None if self.method.family == "reference" else ForwardReference(run.model, run.loss_fn)
-        timing, self.selection = StepTiming(), DevSelection(trainable)
+        timing, self.selection = StepTiming(), DevSelection(trainable, to_disk=cfg.eval_after)
         stream = run.batches()
         warm = min(cfg.warmup_steps, cfg.steps)
         start = self.restore(stepper, trainable, timing, reference, stream) if self.resumed else 0
@@ -387,8 +387,9 @@ class Pipeline:
 
     def select_best(self) -> None:
         """Test accuracy at the best dev step beside the last step's (MeZO reports the best checkpoint on
-        dev). Sparse methods keep their best trained values; dense ZO rebuilds the weights of that step
-        from the initial ones and the recorded trajectory, in a phase of its own."""
+        dev). Sparse methods keep their best trained values; dense ZO reads that step's weights back from
+        disk, or rebuilds them from the initial ones and the recorded trajectory (``DevSelection``), in a
+        phase of its own."""
         sel, m = self.selection, self.metrics
         if sel is None or sel.best_step is None:
             return
@@ -404,12 +405,12 @@ class Pipeline:
         elif sel.file is not None:
             with self.phase("eval_best"):
                 self.trainable.load_raw(sel.file)
-                sel.close()
                 m.set(test_best=self.run_state.evaluate(self.run_state.splits.test), best_weights="disk")
         elif m.get("trajectory") is not None:
             with self.phase("eval_best"):
                 m.set(test_best=self.rebuild(sel.best_step).evaluate(self.run_state.splits.test),
                       best_weights="replay")
+        sel.close()  # the weights file, also where the best step was the last and it went unread
 
     def rebuild(self, steps: int) -> Run:
         """A fresh copy of the model at ``steps`` steps, from the initial weights and the trajectory."""
@@ -441,10 +442,12 @@ class DevSelection:
     The file is anonymous (unlinked at creation), so the space comes back when the process ends, even when
     it is killed. On a GPU the replay's draws are fast and a 7B model's weights are gigabytes: it replays.
     So does a run whose disk has less than twice the weights free (``best_weights`` in the record says which).
+    A learning-rate pilot (``to_disk`` false: it never tests) writes nothing.
     """
 
-    def __init__(self, trainable):
+    def __init__(self, trainable, to_disk: bool = True):
         self.trainable, self.best_step, self.best_score, self.values = trainable, None, None, None
+        self.to_disk = to_disk
         self.file = None  # the dense weights at best_step, when kept on disk
 
     def see(self, step: int, scores: dict) -> None:
@@ -454,7 +457,7 @@ class DevSelection:
         self.best_step, self.best_score = step, (scores, score)
         if hasattr(self.trainable, "snapshot"):
             self.values = self.trainable.snapshot()
-        elif hasattr(self.trainable, "save_raw") and self._disk_fits():
+        elif self.to_disk and hasattr(self.trainable, "save_raw") and self._disk_fits():
             if self.file is None:
                 import tempfile
 

@@ -138,8 +138,9 @@ class Metrics:
     ``best_step``, ``best_dev`` and ``test_best`` (test at the best dev step; ``best_weights``: how that
     step's weights came back: ``last``, ``kept`` in memory, ``disk``, or ``replay`` of the trajectory);
     ``trajectory``: each step's [[seed, coefficient], ...] (dense ZO: enough to rebuild the weights of any
-    step); ``train_s``: training seconds, warm-up included; ``tokens_per_step``: input tokens of a timed step; ``packed``: with ``pack``
-    set, whether the model took packed rows (else its batches stayed padded)."""
+    step); ``train_s``: training seconds, warm-up included; ``tokens_per_step``: input tokens of a timed
+    step; ``packed``: with ``pack`` set, whether the model took packed rows (else its batches stayed
+    padded)."""
 
     values: dict[str, Any] = field(default_factory=dict)      # SCALARS, MAPPINGS, SERIES
     step_s: Stats | None = None

@@ -6,9 +6,9 @@ tables share one formatter and a missing value always renders as "-".
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
+from zobench.analysis.claims import half_width_95
 from zobench.analysis.derive import TRAIN_PHASES
 from zobench.measure.load import LOADED_CPUS
 from zobench.report.cells import (EXTRA_ORDER, PHASES, axis_value, density, get, is_cuda, is_sparse, is_zo,
@@ -393,7 +393,7 @@ def run_dev(rec: dict) -> str:
     last = curve[-1]
     text = f"{pct_points(best['accuracy'])} ({best['step']}) -> {pct_points(last['accuracy'])} ({last['step']})"
     n, acc = get(rec, "metrics.n_dev"), best["accuracy"]
-    if n and acc - last["accuracy"] > 1.96 * math.sqrt(acc * (1 - acc) / n):
+    if n and acc - last["accuracy"] > half_width_95(acc, n):
         text += " (fell by more than dev noise)"
     return text
 

@@ -6,7 +6,9 @@
     nf4 <= 1 point          ... loses at most 1 point of test accuracy on NF4 weights
 
 Test accuracy is taken at the best dev step (``test_best``, MeZO's selection; records without dev-based
-selection are not judged) and averaged over seeds. The noise of a difference is the larger of a 95% binomial interval on the test sets
+selection are not judged) and averaged over seeds. Two sides are compared on the seeds both have run (all of
+each side's seeds when they share none), so a seed one side has not run yet does not tilt the difference; the
+left-out seeds still count in the spread between seeds. The noise of a difference is the larger of a 95% binomial interval on the test sets
 (1.96 x the standard error of the difference of two accuracies on n examples) and the spread between
 seeds. "Beats" holds or fails only when the difference is beyond that noise, else it is "not resolved";
 "matches or beats" and "at most 1 point" hold when the measured difference satisfies them and fail only
@@ -44,6 +46,7 @@ class Arm:
     """The records of one method (and quant) over seeds."""
 
     runs: list[CellRecord]
+    all_runs: list[CellRecord] | None = None  # every seed's runs when ``runs`` is the shared seeds only
 
     @property
     def tests(self) -> list[float]:
@@ -66,7 +69,16 @@ class Arm:
 
     @property
     def spread(self) -> float:
-        return max(self.tests) - min(self.tests) if len(self.tests) > 1 else 0.0
+        tests = [t for r in self.all_runs or self.runs if (t := test_accuracy(r)) is not None]
+        return max(tests) - min(tests) if len(tests) > 1 else 0.0
+
+    @property
+    def seeds(self) -> list:
+        return [r.config.get("seed") for r in self.runs]
+
+    def on_seeds(self, seeds: set) -> Arm:
+        """The runs of these seeds, keeping every run's test accuracy for the seed spread."""
+        return Arm([r for r in self.runs if r.config.get("seed") in seeds], all_runs=self.all_runs or self.runs)
 
 
 def test_accuracy(rec: CellRecord) -> float | None:
@@ -89,6 +101,18 @@ def half_width_95(p: float, n: int) -> float:
     return 1.96 * math.sqrt(p * (1 - p) / max(n, 1))
 
 
+def _paired(a: Arm, b: Arm, names: tuple[str, str]) -> tuple[Arm, Arm, str]:
+    """Both arms on the seeds both have run, with a note naming what was left out ("" when nothing was)."""
+    shared = set(a.seeds) & set(b.seeds)
+    if not shared or (set(a.seeds) == shared and set(b.seeds) == shared):
+        return a, b, ""
+    left = [f"{name}'s seed{'s' if len(extra) > 1 else ''} {', '.join(map(str, sorted(extra)))}"
+            for name, arm in zip(names, (a, b)) if (extra := set(arm.seeds) - shared)]
+    note = (f"on the seed{'s' if len(shared) > 1 else ''} both have run ({', '.join(map(str, sorted(shared)))}); "
+            f"{' and '.join(left)} left out of the means")
+    return a.on_seeds(shared), b.on_seeds(shared), note
+
+
 def _noise(a: Arm, b: Arm) -> float:
     se = math.sqrt(sum(x.mean * (1 - x.mean) / max(x.n_test, 1) for x in (a, b)))
     return max(1.96 * se, a.spread, b.spread)
@@ -101,9 +125,10 @@ def _pts(x: float) -> str:
 def _difference(claim: str, a: Arm | None, b: Arm | None, names: tuple[str, str], at_least: float | None) -> Verdict:
     if a is None or b is None:
         return Verdict(claim, MISSING, "-", "-")
+    a, b, paired = _paired(a, b, names)
     d, noise = a.mean - b.mean, _noise(a, b)
     numbers = (f"{names[0]} {100 * a.mean:.1f}%, {names[1]} {100 * b.mean:.1f}% (difference {_pts(d)} points; "
-               f"{len(a.tests)} and {len(b.tests)} seeds, {a.n_test} test examples)")
+               f"{len(a.tests)} and {len(b.tests)} seeds, {a.n_test} test examples{'; ' + paired if paired else ''})")
     if at_least is None:  # a beats b
         verdict = HOLDS if d > noise else FAILS if d < -noise else OPEN
     else:  # a is at least b - at_least
@@ -137,6 +162,7 @@ def _faster(sens: Arm | None, full: Arm | None) -> Verdict:
     claim = "sensitive 0.1% reaches full ZO's best dev accuracy in fewer training seconds"
     if sens is None or full is None:
         return Verdict(claim, MISSING, "-", "-")
+    sens, full, paired = _paired(sens, full, ("sensitive", "full ZO"))
     s, f = _mean_curve(sens), _mean_curve(full)
     if not s or not f:
         return Verdict(claim, MISSING, "no dev curves (eval_every)", "-")
@@ -146,7 +172,8 @@ def _faster(sens: Arm | None, full: Arm | None) -> Verdict:
     noise = f"dev accuracy on {n_dev} examples: +-{100 * half_width_95(target, n_dev):.1f} points"
     if reached is None:
         return Verdict(claim, FAILS, f"full ZO's best dev {100 * target:.1f}% (step {target_step}, {t_full:.0f} s); "
-                                     f"sensitive's best {100 * max(p[1] for p in s):.1f}% never reaches it", noise)
+                                     f"sensitive's best {100 * max(p[1] for p in s):.1f}% never reaches it"
+                                     + (f" ({paired})" if paired else ""), noise)
     verdict = HOLDS if reached[2] < t_full else FAILS
     numbers = (f"full ZO's best dev {100 * target:.1f}% at step {target_step} after {t_full:.0f} s; "
                f"sensitive reaches it at step {reached[0]} after {reached[2]:.0f} s")
@@ -165,6 +192,8 @@ def _faster(sens: Arm | None, full: Arm | None) -> Verdict:
             else:
                 verdict = OPEN
                 numbers += "; the faster side ran beside less other work, so the seconds do not decide it"
+    if paired:
+        numbers += f" ({paired})"
     return Verdict(claim, verdict, numbers, noise)
 
 

@@ -432,8 +432,8 @@ def claims_table(claims) -> list[str]:
     if not claims:
         return []
     lines = ["## Claims", "", "SensZOQ's claims against these records: test accuracy at the best dev step (mean over "
-             "seeds); the noise is the larger of a 95% binomial interval on the test sets and the spread between "
-             "seeds. Training seconds are also given in reference forwards (each cell's seconds over its own in-cell "
+             "the seeds both sides have run); the noise is the larger of a 95% binomial interval on the test sets "
+             "and the spread between each side's seeds. Training seconds are also given in reference forwards (each cell's seconds over its own in-cell "
              "forward's median), which decide the speed claim when the two sides ran beside different loads "
              "(`zobench/analysis/claims.py`).", "", "| claim | verdict | numbers | noise |", "|:---|:---|:---|:---|"]
     lines += [f"| {escape(v.claim)} | **{v.verdict}** | {escape(v.numbers)} | {escape(v.noise)} |" for v in claims]

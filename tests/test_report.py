@@ -158,6 +158,31 @@ def test_a_run_whose_dev_fell_after_the_pilot_says_so():
     assert run_dev({"metrics": {}}) == "-"
 
 
+def test_a_run_whose_training_loss_rose_above_its_start_says_so():
+    import random
+
+    from zobench.report.markdown import loss_rise
+
+    def rec(levels, sd=0.2, per=100, seed=0):
+        rng = random.Random(seed)  # per-step noise like a batch of 16's loss
+        losses = [lvl + rng.gauss(0, sd) for lvl in levels for _ in range(per)]
+        return {"metrics": {"loss_curve": losses, "steps_done": len(losses)}}
+
+    # Falling, then a late wobble well below the start: no flag.
+    falling = [0.78, 0.61, 0.58, 0.57, 0.56, 0.55, 0.54, 0.60, 0.58, 0.58]
+    assert "rose" not in loss_rise(rec(falling))
+    # Up from 0.70 to 0.95 in the fourth tenth (an lr too large for the run): flagged with where.
+    rising = [0.70, 0.66, 0.68, 0.95, 0.84, 0.80, 0.75, 0.73, 0.73, 0.73]
+    text = loss_rise(rec(rising))
+    assert "rose above its start: 0.9" in text and "at steps 301-400" in text
+    # The same rise inside much noisier losses is not told apart from the noise.
+    assert "rose" not in loss_rise(rec(rising, sd=2.0))
+    # Steps are mapped when the curve is subsampled (a point every 10 steps).
+    text = loss_rise({"metrics": {"loss_curve": rec(rising, sd=0.05, per=10)["metrics"]["loss_curve"], "steps_done": 1000}})
+    assert "at steps 301-400" in text
+    assert loss_rise({"metrics": {"loss_curve": [0.7] * 5}}) == "-"
+
+
 def test_rows_differing_in_a_numeric_label_sort_by_its_value():
     """Pilot rows of one method list their lrs in increasing order (as text, 1e-06 sorted before 3e-07)."""
     from zobench.report.cells import sort_key

@@ -6,6 +6,7 @@ tables share one formatter and a missing value always renders as "-".
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from zobench.analysis.claims import half_width_95
@@ -372,13 +373,16 @@ def lr_table(ok: list[dict], pilots: list[dict], extras: list[str]) -> list[str]
     cols: list[Column] = [("lr: dev % after the pilot", tried),
                           ("chosen lr", lambda r: f"{r['lr_choice']['chosen']:g}{lr_caveat(r['lr_choice'])}"
                            if r["lr_choice"].get("chosen") else "none (kept the configured lr)"),
-                          ("the run's dev %: best (step) -> last (step)", run_dev)]
+                          ("the run's dev %: best (step) -> last (step)", run_dev),
+                          ("the run's training loss", loss_rise)]
     steps = chosen[0]["lr_choice"]["pilot_steps"]
     intro = (f"Each cell's learning rate was chosen on dev, never on test: every lr of its grid ran "
              f"{steps} steps ({len(pilots)} pilot cells), and the cell ran with the lr of the best dev score "
              f"(ties: the smaller lr). A choice at the grid's edge may have a better lr outside the grid; "
              f"where dev did not move across the grid the choice says nothing. The last column is the cell's own "
-             f"run: a pilot of a few steps can choose an lr that diverges over many more.")
+             f"run: a pilot of a few steps can choose an lr that diverges over many more, which shows as dev "
+             f"falling or as the training loss rising above its start (the mean loss of the run's first tenth "
+             f"against each later tenth's, beyond twice the noise of the difference).")
     return section("Learning rates chosen on dev", intro, cols, chosen, extras, n_text=2)
 
 
@@ -395,6 +399,26 @@ def run_dev(rec: dict) -> str:
     n, acc = get(rec, "metrics.n_dev"), best["accuracy"]
     if n and acc - last["accuracy"] > half_width_95(acc, n):
         text += " (fell by more than dev noise)"
+    return text
+
+
+def loss_rise(rec: dict, parts: int = 10) -> str:
+    """The training loss over the run in tenths: its first tenth's mean, its last tenth's, and the highest later
+    tenth when that rose above the first by more than twice the standard error of the difference (the first
+    tenth's per-step spread): the lr is too large for some stretch of the run."""
+    losses = [x for x in get(rec, "metrics.loss_curve") or [] if isinstance(x, (int, float)) and math.isfinite(x)]
+    if len(losses) < 2 * parts:
+        return "-"
+    k = len(losses) // parts
+    means = [sum(losses[i * k:(i + 1) * k]) / k for i in range(parts)]
+    first = losses[:k]
+    sd = math.sqrt(sum((x - means[0]) ** 2 for x in first) / (k - 1))
+    text = f"{means[0]:.2f} -> {means[-1]:.2f}"
+    worst = max(range(1, parts), key=lambda i: means[i])
+    if means[worst] - means[0] > 2 * math.sqrt(2) * sd / math.sqrt(k):
+        steps = get(rec, "metrics.steps_done") or len(losses)
+        lo, hi = round(steps * worst / parts) + 1, round(steps * (worst + 1) / parts)
+        text += f" (rose above its start: {means[worst]:.2f} at steps {lo}-{hi})"
     return text
 
 

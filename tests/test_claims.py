@@ -85,10 +85,18 @@ def test_matching_full_zo_and_the_nf4_point():
 def test_faster_compares_training_seconds_to_full_zos_best_dev():
     full = rec("full", 0.7, curve=[(100, 0.60, 300.0), (200, 0.70, 600.0)])
     quick = rec("sensitive", 0.7, curve=[(100, 0.71, 200.0), (200, 0.72, 400.0)])
-    slow = rec("sensitive", 0.7, curve=[(100, 0.50, 200.0), (200, 0.65, 400.0)])
+    slow = rec("sensitive", 0.7, curve=[(100, 0.50, 200.0), (200, 0.55, 400.0)])
+    close = rec("sensitive", 0.7, curve=[(100, 0.66, 200.0), (200, 0.65, 400.0)])
     claim = "sensitive 0.1% reaches full ZO's best dev accuracy"
     assert by_claim([quick, full])[claim].verdict == HOLDS
-    assert by_claim([slow, full])[claim].verdict == FAILS and "never reaches" in by_claim([slow, full])[claim].numbers
+    # 15 points short of full ZO's best on 200 dev examples: beyond the +-9.4 points of a difference of two.
+    v = by_claim([slow, full])[claim]
+    assert v.verdict == FAILS and "never reaches it (15.0 points short, beyond the noise)" in v.numbers
+    # 4 points short is inside that noise: not resolved. Both reach 66% (sensitive's best): sensitive after
+    # 200 s (step 100), full ZO only at its step 200 (600 s).
+    v = by_claim([close, full])[claim]
+    assert v.verdict == OPEN and "4.0 points short, inside the noise" in v.numbers
+    assert "sensitive 200 s (step 100), full ZO 600 s (step 200)" in v.numbers and "+-9.1 points" in v.noise
 
 
 def test_seconds_from_a_busier_machine_do_not_decide_who_is_faster():

@@ -12,7 +12,10 @@ left-out seeds still count in the spread between seeds. The noise of a differenc
 (1.96 x the standard error of the difference of two accuracies on n examples) and the spread between
 seeds. "Beats" holds or fails only when the difference is beyond that noise, else it is "not resolved";
 "matches or beats" and "at most 1 point" hold when the measured difference satisfies them and fail only
-when it misses them by more than the noise. Every verdict comes with its numbers; a claim that does not
+when it misses them by more than the noise. The speed claim compares mean dev curves: it holds or fails on the
+seconds when sensitive reaches full ZO's best dev score; when it never does, it fails only if it stays
+below by more than the noise of a difference of two dev accuracies (the best point of a noisy curve is
+itself noisy), else it is not resolved. Every verdict comes with its numbers; a claim that does not
 hold is a result too.
 
 Training seconds depend on what else the machine ran. Cells time a plain forward of their own batch beside
@@ -171,9 +174,7 @@ def _faster(sens: Arm | None, full: Arm | None) -> Verdict:
     n_dev = min(int(r.metrics.get("n_dev") or 0) for r in sens.runs + full.runs)
     noise = f"dev accuracy on {n_dev} examples: +-{100 * half_width_95(target, n_dev):.1f} points"
     if reached is None:
-        return Verdict(claim, FAILS, f"full ZO's best dev {100 * target:.1f}% (step {target_step}, {t_full:.0f} s); "
-                                     f"sensitive's best {100 * max(p[1] for p in s):.1f}% never reaches it"
-                                     + (f" ({paired})" if paired else ""), noise)
+        return _never_reached(claim, s, f, n_dev, paired, noise)
     verdict = HOLDS if reached[2] < t_full else FAILS
     numbers = (f"full ZO's best dev {100 * target:.1f}% at step {target_step} after {t_full:.0f} s; "
                f"sensitive reaches it at step {reached[0]} after {reached[2]:.0f} s")
@@ -195,6 +196,27 @@ def _faster(sens: Arm | None, full: Arm | None) -> Verdict:
     if paired:
         numbers += f" ({paired})"
     return Verdict(claim, verdict, numbers, noise)
+
+
+def _never_reached(claim: str, s: list, f: list, n_dev: int, paired: str, noise: str) -> Verdict:
+    """Sensitive's mean dev curve stays below full ZO's best: the claim fails when it stays below by more
+    than the noise of a difference of two dev accuracies, else it is not resolved (the best of a noisy
+    curve is itself noisy). Either way, the seconds each side took to reach the lower of the two bests."""
+    target_step, target, t_full, _ = max(f, key=lambda p: (p[1], -p[0]))
+    best = max(p[1] for p in s)
+    noise_d = 1.96 * math.sqrt((target * (1 - target) + best * (1 - best)) / max(n_dev, 1))
+    short = target - best
+    verdict = FAILS if short > noise_d else OPEN
+    s_low = next(p for p in s if p[1] >= best)
+    f_low = next(p for p in f if p[1] >= best)
+    numbers = (f"full ZO's best dev {100 * target:.1f}% (step {target_step}, {t_full:.0f} s); sensitive's best "
+               f"{100 * best:.1f}% never reaches it ({100 * short:.1f} points short, "
+               f"{'beyond' if verdict == FAILS else 'inside'} the noise); to sensitive's best "
+               f"{100 * best:.1f}%: sensitive {s_low[2]:.0f} s (step {s_low[0]}), full ZO {f_low[2]:.0f} s "
+               f"(step {f_low[0]})")
+    if paired:
+        numbers += f" ({paired})"
+    return Verdict(claim, verdict, numbers, f"{noise}; of a difference of two: +-{100 * noise_d:.1f} points")
 
 
 def verdicts(records: list[CellRecord]) -> list[Verdict]:

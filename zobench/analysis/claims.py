@@ -116,9 +116,13 @@ def _paired(a: Arm, b: Arm, names: tuple[str, str]) -> tuple[Arm, Arm, str]:
     return a.on_seeds(shared), b.on_seeds(shared), note
 
 
+def half_width_95_difference(p: float, n: int, q: float, m: int) -> float:
+    """The 95% half-width of the difference of two accuracies, ``p`` on ``n`` examples and ``q`` on ``m``."""
+    return 1.96 * math.sqrt(p * (1 - p) / max(n, 1) + q * (1 - q) / max(m, 1))
+
+
 def _noise(a: Arm, b: Arm) -> float:
-    se = math.sqrt(sum(x.mean * (1 - x.mean) / max(x.n_test, 1) for x in (a, b)))
-    return max(1.96 * se, a.spread, b.spread)
+    return max(half_width_95_difference(a.mean, a.n_test, b.mean, b.n_test), a.spread, b.spread)
 
 
 def _pts(x: float) -> str:
@@ -174,7 +178,7 @@ def _faster(sens: Arm | None, full: Arm | None) -> Verdict:
     n_dev = min(int(r.metrics.get("n_dev") or 0) for r in sens.runs + full.runs)
     noise = f"dev accuracy on {n_dev} examples: +-{100 * half_width_95(target, n_dev):.1f} points"
     if reached is None:
-        return _never_reached(claim, s, f, n_dev, paired, noise)
+        return _never_reached(claim, s, f, (target_step, target, t_full), n_dev, paired, noise)
     verdict = HOLDS if reached[2] < t_full else FAILS
     numbers = (f"full ZO's best dev {100 * target:.1f}% at step {target_step} after {t_full:.0f} s; "
                f"sensitive reaches it at step {reached[0]} after {reached[2]:.0f} s")
@@ -198,13 +202,14 @@ def _faster(sens: Arm | None, full: Arm | None) -> Verdict:
     return Verdict(claim, verdict, numbers, noise)
 
 
-def _never_reached(claim: str, s: list, f: list, n_dev: int, paired: str, noise: str) -> Verdict:
+def _never_reached(claim: str, s: list, f: list, full_best: tuple[int, float, float], n_dev: int, paired: str,
+                   noise: str) -> Verdict:
     """Sensitive's mean dev curve stays below full ZO's best: the claim fails when it stays below by more
     than the noise of a difference of two dev accuracies, else it is not resolved (the best of a noisy
     curve is itself noisy). Either way, the seconds each side took to reach the lower of the two bests."""
-    target_step, target, t_full, _ = max(f, key=lambda p: (p[1], -p[0]))
+    target_step, target, t_full = full_best
     best = max(p[1] for p in s)
-    noise_d = 1.96 * math.sqrt((target * (1 - target) + best * (1 - best)) / max(n_dev, 1))
+    noise_d = half_width_95_difference(target, n_dev, best, n_dev)
     short = target - best
     verdict = FAILS if short > noise_d else OPEN
     s_low = next(p for p in s if p[1] >= best)

@@ -81,9 +81,16 @@ def test_checkpoints_are_written_atomically_and_only_when_due(tmp_path):
     assert [s for s in range(1, 8) if checkpoint.due(s, 7, 2)] == [2, 4, 6]
     assert [s for s in range(1, 301) if checkpoint.due(s, 300, 0)] == [100, 200]
     path = tmp_path / "c.json"
-    checkpoint.save(path, checkpoint.Checkpoint(cell_id="abc", config={}, step=2))
+    checkpoint.save(path, checkpoint.Checkpoint(cell_id="abc", config={}, step=2, trajectory=[[[1, 0.5]]] * 2))
     assert not path.with_suffix(".tmp").exists()
     assert checkpoint.load(path, "abc")[0].step == 2
+    # a checkpoint is data too: a trajectory shorter than its step, or a coefficient that is not finite,
+    # would replay into wrong weights without a word
+    for bad in ({"step": 3}, {"trajectory": [[[1, "NaN"]]] * 2}, {"step": -1}):
+        checkpoint.save(path, checkpoint.Checkpoint(**dict(dict(cell_id="abc", config={}, step=2,
+                                                                trajectory=[[[1, 0.5]]] * 2), **bad)))
+        ckpt, why = checkpoint.load(path, "abc")
+        assert ckpt is None and "unreadable" in why, bad
     path.write_text("{not json")
     ckpt, why = checkpoint.load(path, "abc")
     assert ckpt is None and "unreadable" in why

@@ -15,7 +15,8 @@ import pytest
 from helpers import limit_file_size, unprivileged
 
 from zobench.errors import OutputError, UserError
-from zobench.files import append_line, atomic_write, check_output_dir, check_output_file, read_text
+from zobench.files import append_line, atomic_write, read_text
+from zobench.outdirs import check_output_dir, check_output_file
 
 
 def run_limited(code: str, limit_bytes: int) -> subprocess.CompletedProcess:
@@ -106,7 +107,7 @@ def test_a_read_only_directory_is_found_by_the_probe(tmp_path):
     ro.chmod(0o555)
     try:
         r = subprocess.run([*unprivileged(), sys.executable, "-c", textwrap.dedent(f"""
-            from zobench.files import check_output_dir
+            from zobench.outdirs import check_output_dir
             check_output_dir({str(ro)!r}, "results")
             """)], capture_output=True, text=True, timeout=60)
     finally:

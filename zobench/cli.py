@@ -8,6 +8,7 @@ input or an output that cannot be written (one line on stderr, no traceback); 3 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from zobench.errors import (EXIT_BUDGET, EXIT_CELLS_FAILED, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK,
                             UserError)
+from zobench.outdirs import output_lock
 
 
 def _add_train(sub) -> None:
@@ -34,7 +36,9 @@ def _add_train(sub) -> None:
     p.add_argument("--dtype", default=defaults.dtype)
     p.add_argument("--data-dir", dest="data_dir", default=None)
     p.add_argument("--save", default=None, help="keep the trained result in this directory (a small delta)")
+    p.add_argument("--overwrite", action="store_true", help="replace a delta already at --save")
     p.add_argument("--delta", default=None, help="start from a result saved with --save (on its base model)")
+    _trust_flag(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other run setting, e.g. --set lr=1e-6 --set n_test=200 (repeatable)")
     p.add_argument("--out", required=True, help="directory for the run's outputs (OUT/record.json)")
@@ -44,32 +48,42 @@ def _add_train(sub) -> None:
     p.add_argument("--data-dir", dest="data_dir", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. --set n_test=872")
     p.add_argument("--out", required=True, help="directory for the record (OUT/record.json)")
+    _trust_flag(p)
+
+
+def _trust_flag(p) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model's own Python code (transformers' trust_remote_code); never taken from a "
+                        "suite or delta file")
 
 
 def _parse_set(items: list[str]) -> dict:
-    import yaml
+    from zobench.spec.suite import parse_yaml
 
     out = {}
     for item in items:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = parse_yaml(value, f"--set {key.strip()}")
     return out
 
 
 def cmd_train(args) -> int:
     from zobench.api import train
-    from zobench.files import atomic_write, check_output_dir, check_output_file
+    from zobench.cell.delta import claim_target
+    from zobench.files import atomic_write
+    from zobench.outdirs import check_output_dir, check_output_file
 
     overrides = _parse_set(args.set)
-    for key in ("model", "task", "method", "density", "steps", "quant", "dtype", "data_dir", "save", "delta"):
+    for key in ("model", "task", "method", "density", "steps", "quant", "dtype", "data_dir", "save", "delta",
+                "overwrite", "trust_remote_code"):
         overrides.setdefault(key, getattr(args, key))
     if Path(args.out).suffix == ".json":
         raise UserError(f"--out {args.out}: names a directory (the record goes to OUT/record.json)")
     out = check_output_file(check_output_dir(args.out, "output") / "record.json", "record file")
     if overrides.get("save"):
-        check_output_dir(Path(overrides["save"]).parent, "artifact")
+        claim_target(overrides["save"], bool(overrides.get("overwrite")))
     rec = train(progress=_print_progress, **overrides)  # checked before training: a result is never lost
     atomic_write(out, json.dumps(rec.to_json(), indent=1, default=str), "record file")
     for warning in rec.warnings:
@@ -88,11 +102,11 @@ def cmd_eval(args) -> int:
 
     from zobench.spec.config import CellConfig
 
-    meta = read(args.delta)
+    meta = read(args.delta)  # checked: settings no file may choose are not among its config
     if not meta["config"].get("task") and not args.task:
         raise UserError(f"{args.delta}: trained on instruction data ({meta['config'].get('data')}), not a task: "
                         f"give --task to evaluate it on one")
-    keys = set(CellConfig.keys()) - {"save", "delta", "timeout_s"}
+    keys = set(CellConfig.keys()) - {"save", "delta", "timeout_s", "overwrite", "checkpoint", "trust_remote_code"}
     settings = {k: v for k, v in meta["config"].items() if k in keys}
     settings.update(steps=0, warmup_steps=0, eval_before=True, eval_after=False, eval_every=0, delta=args.delta)
     if args.task:
@@ -103,6 +117,7 @@ def cmd_eval(args) -> int:
     args.set = [f"{k}={json.dumps(v)}" for k, v in settings.items()]
     for key in ("model", "task", "method", "density", "steps", "quant", "dtype", "data_dir", "save"):
         setattr(args, key, None)
+    args.overwrite = False
     return cmd_train(args)
 
 
@@ -148,11 +163,12 @@ def cmd_run(args) -> int:
             print(f"{c.cell_id}  {c.describe()}")
         print(f"{len(cells)} cells")
         return EXIT_OK
-    _check_run_outputs(args, suite.name)
-    executor = _executor(args)
-    with SuiteProgress() as progress:
-        out = run_suite(suite, Path(args.out), resume=args.resume, only=args.only, reporter=progress,
-                        executor=executor)
+    results = _check_run_outputs(args, suite.name)
+    with output_lock(results):  # one writer per results file: every cell recorded exactly once
+        executor = _executor(args)
+        with SuiteProgress() as progress:
+            out = run_suite(suite, Path(args.out), resume=args.resume, only=args.only, reporter=progress,
+                            executor=executor, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
     progress.console.print(progress.summary())
     report = _write_report(out, Path(args.reports))
     print(f"results: {out}\nreport:  {report}")
@@ -176,13 +192,14 @@ def _executor(args):
     return cls(jobs=args.jobs) if args.jobs > 1 or name != "local" else cls()
 
 
-def _check_run_outputs(args, name: str) -> None:
+def _check_run_outputs(args, name: str) -> Path:
     """Every place a run writes is writable before the first cell starts: a measurement that cannot be
-    saved is never taken."""
-    from zobench.files import check_output_dir, check_output_file
+    saved is never taken. Returns the results file."""
+    from zobench.outdirs import check_output_dir, check_output_file
 
-    check_output_file(Path(check_output_dir(args.out, "results")) / f"{name}.jsonl", "results file")
+    results = check_output_file(Path(check_output_dir(args.out, "results")) / f"{name}.jsonl", "results file")
     check_output_file(Path(check_output_dir(args.reports, "reports")) / f"{name}.md", "report")
+    return results
 
 
 def _run_influence(suite, args) -> int:
@@ -192,10 +209,10 @@ def _run_influence(suite, args) -> int:
     if args.dry_run:
         print(f"influence suite {suite.name}: {suite.n_train} examples, scope {suite.cache.get('scope', 'lora')}")
         return EXIT_OK
-    _check_run_outputs(args, suite.name)
-    rec = run_influence_suite(suite, Path(args.out), progress=lambda msg: print(f"  {msg}", flush=True))
-    out = Path(args.out) / f"{suite.name}.jsonl"
-    append_record(out, rec)
+    out = _check_run_outputs(args, suite.name)
+    with output_lock(out):
+        rec = run_influence_suite(suite, Path(args.out), progress=lambda msg: print(f"  {msg}", flush=True))
+        append_record(out, rec)
     report = _write_report(out, Path(args.reports))
     print(f"results: {out}\nreport:  {report}")
     return EXIT_OK
@@ -208,7 +225,7 @@ def _write_report(results: Path, out_dir: Path) -> Path:
 
 
 def cmd_report(args) -> int:
-    from zobench.files import check_output_file
+    from zobench.outdirs import check_output_file
 
     results = Path(args.results)
     check_output_file(Path(args.out) / f"{results.stem}.md", "report")
@@ -281,8 +298,25 @@ def cmd_estimate(args) -> int:
     return EXIT_OK
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error is one line and a hint, not a usage block (exit 2)."""
+
+    argv: list[str] = []  # the command line being parsed (main sets it), to name a mistyped flag
+
+    def error(self, message: str):
+        known = {s for a in self._actions for s in a.option_strings}
+        unknown = [t.split("=", 1)[0] for t in self.argv if t.startswith("--") and t.split("=", 1)[0] not in known]
+        if unknown and "unrecognized" not in message:
+            # argparse names a missing required flag first; the typo that caused it is what to fix
+            close = difflib.get_close_matches(unknown[0], sorted(known), n=1, cutoff=0.75)
+            message = f"unknown flag {unknown[0]}" + (f" (did you mean {close[0]}?)" if close else "") + \
+                f"; {message}"
+        _say(f"{self.prog}: error: {message} (see `{self.prog} --help`)")
+        raise SystemExit(EXIT_INPUT)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zobench", description=__doc__.splitlines()[0])
+    parser = Parser(prog="zobench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     p = sub.add_parser("run", help="run a suite: every cell in a fresh process, then the report")
@@ -293,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=None, metavar="SELECTOR", help="e.g. method=sensitive,quant=nf4|int8")
     p.add_argument("--dry-run", action="store_true", help="print the expanded cells and exit")
     p.add_argument("--strict", action="store_true", help="exit 3 if any cell failed")
+    p.add_argument("--overwrite", action="store_true", help="replace deltas a suite's `save:` finds already there")
+    _trust_flag(p)
     p.add_argument("--jobs", type=int, default=1, help="cells at once on this machine, each in its own process")
     p.add_argument("--executor", default=None,
                    help="local (default) | pool (the default with --jobs > 1) | ray (needs zobench[ray])")
@@ -335,12 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. This is the one guard at the command boundary: whatever happens below, the exit
     code means what the module docstring says, and the user sees one line, not a traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)  # argparse itself exits 2 with one usage line on bad flags
+    Parser.argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)  # a bad flag: one line and a --help hint, exit 2 (Parser.error)
     previous = _stop_on_sigterm()
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        _say(f"zobench: error: {_first_line(e)}")
+        _say(f"zobench: error: {_one_line(e)}")
         return EXIT_INPUT
     except KeyboardInterrupt:
         _say("zobench: interrupted")
@@ -382,6 +419,12 @@ def _stop_on_sigterm():
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
+
+
+def _one_line(e: UserError) -> str:
+    """A bad-input message as one line: a newline inside it (a key or path read from a file) is shown
+    escaped rather than splitting the message or cutting it short."""
+    return str(e).strip().replace("\r", "\\r").replace("\n", "\\n") or type(e).__name__
 
 
 def _say(line: str) -> None:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from zobench.cell.record import CellRecord, now
+from zobench.errors import UserError
 from zobench.executors.base import Executor
 from zobench.spec.matrix import Cell, expand, select
 from zobench.spec.selectors import parse_selector
@@ -24,7 +25,12 @@ from zobench.spec.suite import Suite
 
 def select_cells(suite: Suite, only: str | None = None) -> list[Cell]:
     cells = expand(suite)
-    return select(cells, parse_selector(only, "--only")) if only else cells
+    if not only:
+        return cells
+    chosen = select(cells, parse_selector(only, "--only"))
+    if not chosen:  # a typo in a value would otherwise run nothing and say "ok"
+        raise UserError(f"--only {only}: selects none of the suite's {len(cells)} cells")
+    return chosen
 
 
 def _convert(gguf: str) -> None:
@@ -67,18 +73,22 @@ def finalize(rec: CellRecord, cell: Cell, suite: Suite, started: str, env: dict,
 
 
 def run_suite(suite: Suite, out_dir: Path, resume: bool = False, only: str | None = None, reporter=None,
-              executor: Executor | None = None, cells: list[Cell] | None = None) -> Path:
+              executor: Executor | None = None, cells: list[Cell] | None = None, overwrite: bool = False,
+              trust_remote_code: bool = False) -> Path:
     """Run the suite's cells (``cells``: these, in this order, instead of the suite's); returns the results
     path. With an ``lr_pilot``, its pilot cells run first and choose each cell's learning rate.
-    ``reporter(event, data)`` gets "suite", "start", "progress" and "done" events."""
+    ``reporter(event, data)`` gets "suite", "start", "progress" and "done" events. ``overwrite`` and
+    ``trust_remote_code`` come from the command line only (no suite file can set them): replace deltas a
+    cell's ``save:`` finds already there; let models run their own code."""
     from zobench.executors.local import CHILD_ENV, LocalExecutor
     from zobench.measure.env import environment, git_state
 
     out = Path(out_dir) / f"{suite.name}.jsonl"
     cells = select_cells(suite, only) if cells is None else cells
-    env, git = environment(), git_state(Path(suite.path).parent if suite.path else ".")
+    env, git = environment(), git_state()
     env["malloc_mmap_threshold"] = CHILD_ENV["MALLOC_MMAP_THRESHOLD_"]
     run = Batch(suite, out, env, git, resume, reporter or (lambda *a: None), executor or LocalExecutor())
+    run.granted = {"overwrite": overwrite, "trust_remote_code": trust_remote_code}
     with run.executor:
         if suite.lr_pilot is not None:
             from zobench.results import load_records
@@ -96,7 +106,20 @@ class Batch:
     def __init__(self, suite: Suite, out: Path, env: dict, git: dict, resume: bool, reporter, executor):
         self.suite, self.out, self.env, self.git, self.resume = suite, out, env, git, resume
         self.reporter, self.executor, self.choices = reporter, executor, {}
+        self.granted: dict = {}  # settings only the command line gives (run_suite)
         self.checkpoints = out.with_name(f"{out.stem}.checkpoints")  # results/NAME.checkpoints/CELL.json
+
+    def _placed(self, cell: Cell) -> Cell:
+        """The cell as it runs: the command line's grants applied, its delta (if it keeps one) at
+        ``save/<cell id>``, refused before anything runs when that directory is not free to take."""
+        config = dataclasses.replace(cell.config, **self.granted)
+        if config.save:
+            from zobench.cell.delta import claim_target
+
+            target = Path(config.save) / cell.cell_id
+            claim_target(target, config.overwrite)
+            config = dataclasses.replace(config, save=str(target))
+        return Cell(cell.cell_id, config, cell.labels)
 
     def cells(self, cells: list[Cell], what: str) -> None:
         import time
@@ -104,7 +127,7 @@ class Batch:
         from zobench.results import append_record, load_records
 
         done = {r.cell_id for r in load_records(self.out) if r.ok} if self.resume and self.out.exists() else set()
-        todo = [c for c in cells if c.cell_id not in done]
+        todo = [self._placed(c) for c in cells if c.cell_id not in done]
         prepare_models(todo)
         from zobench.analysis.calibration import framework
 
@@ -122,9 +145,6 @@ class Batch:
 
         self.executor.on_event = on_event
         for cell in todo:
-            if cell.config.save:  # a suite keeps one artifact per cell, named by the cell
-                cell = Cell(cell.cell_id, dataclasses.replace(cell.config, save=str(Path(cell.config.save) /
-                                                                                   cell.cell_id)), cell.labels)
             # A long cell keeps its progress (zobench.cell.checkpoint): --resume goes on from it; a fresh
             # run starts every cell from step 0.
             progress = self.checkpoints / f"{cell.cell_id}.json"

@@ -26,3 +26,11 @@ class Unsupported(UserError):
 
     Suites record such cells with status "unsupported" and the reason, instead of as failures.
     """
+
+
+def shown(value, limit: int = 60) -> str:
+    """A name or value read from a file, fit for a one-line message: control characters escaped (a key
+    may hold a newline), cut to ``limit`` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

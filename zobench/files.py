@@ -1,7 +1,11 @@
 """Reading user files and writing outputs so that a bad file or a full disk costs one line, never a torn file.
 
-Reads (suites, results, records) turn every way a file can be unusable (missing, a directory, not
-readable, not UTF-8) into a ``UserError`` naming the file. Writes come in two shapes:
+Reads (suites, results, records, deltas, data) turn every way a file can be unusable (missing, a directory,
+not readable, not UTF-8, too big, nested too deep) into a ``UserError`` naming the file. Every file zobench
+parses is bounded (``MAX_*`` below): what it reads is data from someone else (docs/security.md), and a
+hostile file must cost at most one line and a second, never minutes or the machine's memory.
+
+Writes come in two shapes:
 
 * ``atomic_write``: the bytes go to a temporary file beside the target, are flushed to disk, then renamed
   over it. A failure (ENOSPC, EDQUOT, EFBIG, EIO, ...) removes the temporary file and leaves the old
@@ -11,35 +15,66 @@ readable, not UTF-8) into a ``UserError`` naming the file. Writes come in two sh
   loop; if any write fails the file is truncated back to its size before the append, so a reader never
   sees a fragment.
 
-Both raise ``OutputError`` (a ``UserError``: one line, exit 2) naming the path and the reason.
-``check_output_dir`` is called before long work starts, so an unwritable location is found before a
-measurement that could not be saved is taken.
+Both raise ``OutputError`` (a ``UserError``: one line, exit 2) naming the path and the reason, and neither
+writes through a symbolic link. Where outputs go, and what may be replaced: ``zobench.outdirs``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
+import fcntl
+import json
 import os
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from zobench.errors import OutputError, UserError
+from zobench.outdirs import check_output_dir, reason as _reason
+
+# Bounds on what zobench parses. Far above anything it writes itself (a 7B suite's records are a few
+# hundred KiB a line with its trajectory; the largest benchmark text field is SQuAD's 4.8 MB file, whose
+# passages are a few KiB), low enough that a hostile file is refused at once.
+MAX_CONFIG_BYTES = 1 << 20       # suite files, --set values, sidecar JSON (spec.json, meta.json, ...)
+MAX_ARTIFACT_BYTES = 256 << 20   # delta.json (a dense run's trajectory: ~40 bytes a step), checkpoints
+MAX_RECORD_BYTES = 64 << 20      # one line of a results file
+MAX_DEPTH = 32                   # nesting of any parsed YAML/JSON (records nest 5 deep)
+MAX_TEXT_CHARS = 1_000_000       # one line of a line-based data file, one text field of a JSON data file
+MAX_DATA_BYTES = 1 << 30         # a whole-document data file (SQuAD, DROP, an instruction file's JSON list)
 
 
-def read_text(path: str | Path, what: str = "file") -> str:
-    """The UTF-8 text of ``path``, or a one-line ``UserError`` saying why it cannot be read."""
+def refuse_special(path: Path, what: str) -> None:
+    """A FIFO, a device or a socket where a file is expected: reading one blocks forever (a FIFO) or never
+    ends (``/dev/zero``)."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise UserError(f"{path}: not a regular file (a pipe, device or socket); expected a {what}")
+
+
+def unreadable(path: Path, what: str, e: OSError) -> UserError:
+    """Why a file cannot be opened, as one line a user can act on."""
+    if isinstance(e, FileNotFoundError):
+        return UserError(f"{path}: {what} not found")
+    if isinstance(e, IsADirectoryError):
+        return UserError(f"{path}: is a directory, expected a {what}")
+    if isinstance(e, PermissionError):
+        return UserError(f"{path}: {what} is not readable (permission denied)")
+    return UserError(f"{path}: cannot read the {what}: {e.strerror or e}")
+
+
+def read_text(path: str | Path, what: str = "file", max_bytes: int | None = None) -> str:
+    """The UTF-8 text of ``path``, or a one-line ``UserError`` saying why it cannot be read (or that it is
+    larger than ``max_bytes``)."""
     path = Path(path)
+    refuse_special(path, what)
     try:
+        if max_bytes is not None and path.is_file() and path.stat().st_size > max_bytes:
+            raise UserError(f"{path}: {path.stat().st_size:,} bytes, more than zobench reads in a {what} "
+                            f"({max_bytes:,})")
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a {what}") from None
-    except PermissionError:
-        raise UserError(f"{path}: {what} is not readable (permission denied)") from None
     except OSError as e:
-        raise UserError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+        raise unreadable(path, what, e) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -48,12 +83,76 @@ def read_text(path: str | Path, what: str = "file") -> str:
                         f"{e.start})") from None
 
 
-def _reason(e: OSError) -> str:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "no space left on the device"
-    if e.errno == errno.EFBIG:
-        return "file too large for this filesystem or process limit"
-    return e.strerror or str(e)
+def parse_json(text: str | bytes, where: str, max_depth: int = MAX_DEPTH) -> Any:
+    """``json.loads`` bounded in depth; a ``UserError`` naming ``where`` for anything that is not JSON.
+
+    Non-finite numbers (NaN, Infinity: Python's json accepts them, JSON does not) are refused too: zobench
+    writes none, so one in a file is damage or a trap."""
+    def no_constants(name):
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        data = json.loads(text, parse_constant=no_constants)
+    except RecursionError:
+        raise UserError(f"{where}: nested deeper than zobench reads ({max_depth} levels)") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{where}: not valid JSON ({e})") from None
+    check_depth(data, where, max_depth)
+    return data
+
+
+def check_depth(data: Any, where: str, max_depth: int = MAX_DEPTH) -> None:
+    """Refuse containers nested deeper than ``max_depth`` (walked level by level, without recursion)."""
+    level, depth = [data], 0
+    while level:
+        depth += 1
+        deeper = []
+        for item in level:
+            values = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+            deeper.extend(v for v in values if isinstance(v, (dict, list)))
+        if deeper and depth >= max_depth:
+            raise UserError(f"{where}: nested deeper than zobench reads ({max_depth} levels)")
+        level = deeper
+
+
+def read_json(path: str | Path, what: str = "file", max_bytes: int = MAX_CONFIG_BYTES) -> Any:
+    """The parsed JSON of ``path``, bounded in size and depth, or one line saying what is wrong."""
+    return parse_json(read_text(path, what, max_bytes), str(path))
+
+
+def text_lines(path: str | Path, what: str = "data file", max_chars: int = MAX_TEXT_CHARS) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file, refusing a line longer than ``max_chars`` in one line
+    (a tokenizer given a 64 MB line aborts the process) without ever holding such a line whole."""
+    path = Path(path)
+    refuse_special(path, what)
+    try:
+        f = open(path, encoding="utf-8", newline="")
+    except OSError as e:
+        raise unreadable(path, what, e) from None
+    with f:
+        n = 0
+        while True:
+            try:
+                line = f.readline(max_chars + 2)
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{n + 1}: {what} is not UTF-8 text") from None
+            if not line:
+                return
+            n += 1
+            if len(line.rstrip("\r\n")) > max_chars:
+                raise UserError(f"{path}:{n}: a line longer than zobench reads in a {what} ({max_chars:,} "
+                                f"characters); remove or shorten it")
+            yield n, line
+
+
+def check_text(value: str, where: str, max_chars: int = MAX_TEXT_CHARS) -> str:
+    """A text field read from a data file, refused when longer than ``max_chars``."""
+    if isinstance(value, str) and len(value) > max_chars:
+        raise UserError(f"{where}: a text of {len(value):,} characters, longer than zobench reads "
+                        f"({max_chars:,}); remove or shorten it")
+    return value
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -98,14 +197,14 @@ def append_line(path: str | Path, line: bytes, what: str = "results file") -> No
     newline at the end: a writer killed mid-append by an older zobench or another tool) can never be
     completed; it is cut off, with a warning, before the new line goes in.
     """
-    import fcntl
-    import sys
-
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
+        if path.is_symlink():
+            raise OutputError(f"{path}: the {what} is a symbolic link; zobench does not write through links") \
+                from None
         raise OutputError(f"{path}: cannot open the {what} for writing: {_reason(e)}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -151,70 +250,3 @@ def _remove(path: str | Path) -> None:
         os.remove(path)
     except OSError:
         pass
-
-
-def check_output_dir(path: str | Path, what: str = "output") -> Path:
-    """Make sure ``path`` is (or can be made) a directory this process can create files in.
-
-    Creates it if missing. Probes by creating and removing a file: permission bits alone do not say
-    (root ignores them; a read-only mount or a full quota does not show in them).
-    """
-    path = Path(path)
-    for parent in (path, *path.parents):
-        if parent.exists() and not parent.is_dir():
-            raise OutputError(f"{path}: cannot be the {what} directory: {parent} is a file")
-        if parent.exists():
-            break
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"{path}: cannot create the {what} directory: {_reason(e)}") from None
-    try:
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".zobench-probe-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise OutputError(f"{path}: the {what} directory is not writable: {_reason(e)}") from None
-    return path
-
-
-def check_output_file(path: str | Path, what: str = "output") -> Path:
-    """``path`` can be written (its directory is writable) and, if it exists, is a writable regular file."""
-    path = Path(path)
-    if path.exists() and not path.is_file():
-        raise OutputError(f"{path}: cannot be the {what}: it exists and is not a regular file")
-    check_output_dir(path.parent, what)
-    if path.exists():
-        try:
-            with open(path, "ab"):
-                pass
-        except OSError as e:
-            raise OutputError(f"{path}: the {what} is not writable: {_reason(e)}") from None
-    return path
-
-
-@contextlib.contextmanager
-def build_lock(target: str | Path):
-    """Hold an exclusive lock while the cache entry ``<cache>/<kind>/<name>`` is checked and, if missing, built.
-
-    Cells running at once on one node (``--jobs``, Ray) that need the same mask or GPTQ layers would
-    otherwise both build it: the second waits here, then finds the first one's entry. The lock file is
-    ``<cache>/locks/<kind>-<name>.lock`` (a kind's folder holds entries only). The lock dies with its
-    process (``flock``), so a killed builder never blocks the next. Where no lock file can be made (a
-    read-only cache) the build goes ahead unlocked, as it would without a cache.
-    """
-    import fcntl
-
-    target = Path(target)
-    path = target.parent.parent / "locks" / f"{target.parent.name}-{target.name}.lock"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)

@@ -20,36 +20,33 @@ from typing import Iterable
 from zobench.analysis.derive import derive, latest_by_cell
 from zobench.cell.record import CellRecord, SchemaError
 from zobench.errors import UserError
+from zobench.files import MAX_RECORD_BYTES, append_line, parse_json, text_lines
 
 __all__ = ["append_record", "load_records", "read_json_lines", "latest_by_cell", "to_pandas", "flatten"]
 
 
 def append_record(path: str | Path, record: CellRecord | dict) -> None:
     """Append one record as one JSON line: the whole line or nothing."""
-    from zobench.files import append_line
-
     data = record.to_json() if isinstance(record, CellRecord) else record
     append_line(path, (json.dumps(data, default=str, allow_nan=False) + "\n").encode())
 
 
 def read_json_lines(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, object) for every line of a results file (see the module docstring)."""
-    from zobench.files import read_text
-
     path = Path(path)
-    lines = read_text(path, "results file").split("\n")
+    lines = list(text_lines(path, "results file", MAX_RECORD_BYTES))
     out = []
-    for n, line in enumerate(lines, 1):
+    for n, line in lines:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines):  # no newline after it: an append that was cut short
+            obj = parse_json(line, f"{path}:{n}")
+        except UserError as e:
+            if n == len(lines) and not line.endswith("\n"):  # an append that was cut short
                 print(f"zobench: warning: {path}:{n}: skipped a torn last line (an interrupted append)",
                       file=sys.stderr)
                 continue
-            raise UserError(f"{path}:{n}: not a JSON record ({e.msg} at column {e.colno}); the results "
+            raise UserError(f"{path}:{n}: not a JSON record ({str(e).split('(', 1)[-1].rstrip(')')}); the results "
                             f"file is corrupt") from None
         if not isinstance(obj, dict) or "cell_id" not in obj:
             raise UserError(f"{path}:{n}: not a zobench record (no 'cell_id')")

@@ -90,17 +90,19 @@ def derive(records: Iterable[CellRecord]) -> dict[str, Derived]:
         return (*reference_key(r.config), r.labels.get("stage"))
 
     latest = sorted(latest_by_cell(records), key=lambda r: r.cell_id)
-    groups: dict[tuple, list[CellRecord]] = {}
+    # One pass: each group's reference and full-ZO cell (the smallest cell id of each), so that deriving
+    # is linear in the number of records (100,000 records take seconds, not hours)
+    forwards: dict[tuple, CellRecord] = {}
+    fulls: dict[tuple, CellRecord] = {}
+    keys = {}
     for r in latest:
-        if r.ok:
-            groups.setdefault(key(r), []).append(r)
-    out = {}
-    for rec in latest:
-        same = groups.get(key(rec), [])
-        forward = next((r for r in same if _family(r) == "reference"), None)
-        full = next((r for r in same if r.method == SPEEDUP_BASELINE), None)
-        out[rec.cell_id] = _ratios(rec, forward, full)
-    return out
+        keys[r.cell_id] = k = key(r)
+        if r.ok and _family(r) == "reference":
+            forwards.setdefault(k, r)
+        if r.ok and r.method == SPEEDUP_BASELINE:
+            fulls.setdefault(k, r)
+    return {rec.cell_id: _ratios(rec, forwards.get(keys[rec.cell_id]), fulls.get(keys[rec.cell_id]))
+            for rec in latest}
 
 
 def _ratios(rec: CellRecord, forward: CellRecord | None, full: CellRecord | None) -> Derived:

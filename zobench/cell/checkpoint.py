@@ -18,6 +18,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from zobench.cell.delta_check import check_trajectory, whole_number
+from zobench.errors import UserError
+from zobench.files import MAX_ARTIFACT_BYTES, read_json
+from zobench.spec.config import LIMITS
+
 EVERY_WITHOUT_EVAL = 100  # steps between checkpoints of a cell that evaluates no dev set
 
 
@@ -61,9 +66,11 @@ def load(path: str | Path, cell_id: str) -> tuple[Checkpoint | None, str | None]
     if not path.exists():
         return None, None
     try:
-        ckpt = Checkpoint(**json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:
-        return None, f"checkpoint {path} unreadable ({e}); the cell ran from step 0"
+        ckpt = Checkpoint(**read_json(path, "checkpoint", MAX_ARTIFACT_BYTES))
+        whole_number(ckpt.step, "step", 0, LIMITS["steps"])
+        check_trajectory(ckpt.trajectory, ckpt.step, f"{path}: trajectory")
+    except (UserError, ValueError, TypeError) as e:
+        return None, f"checkpoint {path} unreadable ({str(e)[:200]}); the cell ran from step 0"
     if ckpt.cell_id != cell_id:
         return None, f"checkpoint {path} is cell {ckpt.cell_id}'s, not {cell_id}'s; the cell ran from step 0"
     return ckpt, None

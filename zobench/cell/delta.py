@@ -1,38 +1,52 @@
 """What a fine-tuning run keeps: a small artifact, loaded anywhere a model is (``--delta DIR``).
 
     DIR/delta.json          what made it: format, zobench version, kind, the base model and a fingerprint
-                            of its weights, the whole training config, the step it holds, its size
+                            of its weights, the whole training config, the step it holds, its parent delta
     sparse      DIR/delta.safetensors   per trained tensor ``<name>::index`` (int32 flat indices) and
                                         ``<name>::value`` (float32 trained values): 0.1% of the scope
     trajectory  (in delta.json)         dense ZO (full, lezo): each step's [[seed, coefficient], ...]; loading
                                         replays the steps onto the base weights, bit for bit in float32
-    lora        DIR/adapter/            a PEFT LoRA adapter directory
+    lora        DIR/adapter/            a PEFT LoRA adapter directory (safetensors weights only)
     tensors     DIR/delta.safetensors   first-order full fine-tuning: the changed tensors
 
-A delta is refused in one line when the base model it is loaded onto is not the one it was trained from
-(``base.fingerprint``). Sparse deltas trained beside quantized weights (dense-and-sparse) store the same
-indices and values; loading writes the values into the float weights and the run quantizes with the
-delta's indices as its mask, which rebuilds the trained model exactly.
+A delta is data someone may have handed over (docs/security.md): ``read`` checks every field before
+anything uses it (``zobench.cell.delta_check``), and nothing in it can turn on remote code or name code to
+import. Paths inside it (its parent, data and calibration folders, a local base model) are stored relative
+to the delta's own folder and resolved against it, so a delta works from any working directory and
+moves with its parent. A chain of deltas (trained from another delta) is applied root first, every link
+checked, cycles and missing links refused; every link must name the same base weights (``base.fingerprint``).
+
+``save`` never deletes what zobench did not write: the target must be new, empty or a complete delta (and
+then only with an explicit overwrite), and the new delta replaces the old only once it is whole
+(``zobench.outdirs``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
 
+import zobench
+from zobench.cell.delta_check import (FORMAT, KINDS, META, TENSORS, check_meta, checked_sparse, checked_tensors,
+                                      resolve_paths)
 from zobench.errors import UserError
+from zobench.files import MAX_ARTIFACT_BYTES, read_json
+from zobench.outdirs import claim_dir, replace_dir
+from zobench.zo.mask_build import weights_fingerprint
 
-FORMAT = 1
-META = "delta.json"
-TENSORS = "delta.safetensors"
+__all__ = ["FORMAT", "KINDS", "META", "TENSORS", "base_fingerprint", "save", "read", "chain", "is_delta",
+           "check_base", "sparse_parts", "write_sparse", "write_tensors", "claim_target"]
+
+# Config keys that hold paths: stored relative to the delta's folder (see the module docstring).
+PATH_KEYS = ("data_dir", "calib_path", "delta")
 
 
 def base_fingerprint(model: torch.nn.Module) -> str:
     """A cheap identity of a model's weights: names, shapes, dtypes and the first values of every tensor."""
-    from zobench.zo.mask_build import weights_fingerprint
-
     return weights_fingerprint(list(model.named_parameters()))
 
 
@@ -40,17 +54,42 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def is_delta(path: Path) -> bool:
+    """Whether ``path`` holds a complete delta (what ``claim_dir`` may let a new one replace)."""
+    try:
+        meta = read(path)
+    except UserError:
+        return False
+    if meta["kind"] in ("sparse", "tensors"):
+        return (path / TENSORS).is_file()
+    if meta["kind"] == "lora":
+        return (path / "adapter" / "adapter_config.json").is_file()
+    return True
+
+
+def claim_target(target: str | Path, overwrite: bool = False) -> Path:
+    """Check before training that ``target`` may receive the delta (``zobench.outdirs.claim_dir``)."""
+    return claim_dir(target, "zobench delta", is_delta, overwrite, flag="--overwrite")
+
+
+def _portable(cfg: dict, target: Path) -> dict:
+    """``cfg`` with relative local paths made relative to the delta's own folder (``target``)."""
+    out = dict(cfg)
+    keys = [k for k in PATH_KEYS if out.get(k)]
+    model = out.get("model")
+    if isinstance(model, str) and not model.startswith("random:") and os.path.exists(model):
+        keys.append("model")  # a local checkpoint, not a hub id or a built-in name
+    for key in keys:
+        value = str(out[key])
+        if not os.path.isabs(value):
+            out[key] = os.path.relpath(os.path.abspath(value), os.path.abspath(target))
+    return out
+
+
 def save(target: Path, kind: str, cfg: dict, fingerprint: str, step: int, tensors: dict | None = None,
-         extra: dict | None = None, adapter_model=None) -> dict:
-    """Write the artifact to ``target`` (a new directory, replaced whole) and return its description."""
-    import shutil
-    import tempfile
-
-    import zobench
-    from zobench.files import check_output_dir
-
-    target = Path(target)
-    check_output_dir(target.parent, "artifact")
+         extra: dict | None = None, adapter_model=None, overwrite: bool = False) -> dict:
+    """Write the artifact to ``target`` and return its description (see the module docstring)."""
+    target = claim_target(target, overwrite)
     stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         if tensors is not None:
@@ -58,33 +97,60 @@ def save(target: Path, kind: str, cfg: dict, fingerprint: str, step: int, tensor
 
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(stage / TENSORS))
         if adapter_model is not None:
-            adapter_model.save_pretrained(str(stage / "adapter"))
+            adapter_model.save_pretrained(str(stage / "adapter"), safe_serialization=True)
+        extra = dict(extra or {})
+        if extra.get("parent"):
+            extra["parent"] = os.path.relpath(os.path.abspath(extra["parent"]), os.path.abspath(target))
         meta = {"format": FORMAT, "zobench": zobench.__version__, "kind": kind, "step": step,
-                "base": {"model": cfg.get("model"), "fingerprint": fingerprint}, "config": cfg, **(extra or {})}
-        (stage / META).write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        stage.rename(target)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+                "base": {"model": _portable(cfg, target).get("model"), "fingerprint": fingerprint},
+                "config": _portable(cfg, target), **extra}
+        (stage / META).write_text(json.dumps(meta, indent=1, default=str, allow_nan=False) + "\n",
+                                  encoding="utf-8")
+        claim_target(target, overwrite)  # again: the folder may have changed while this one was trained
+        replace_dir(stage, target)
+    finally:
+        if stage.exists():
+            import shutil
+
+            shutil.rmtree(stage, ignore_errors=True)
     return {"path": str(target), "kind": kind, "step": step, "bytes": _dir_bytes(target)}
 
 
 def read(path: str | Path) -> dict:
-    """The artifact's ``delta.json``, or one line saying why ``path`` is not an artifact."""
-    from zobench.files import read_text
-
+    """The artifact's ``delta.json``, checked, with its paths resolved against its folder; or one line
+    saying why ``path`` is not a usable delta."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: not a directory (a delta is the directory `--save` wrote)")
-    try:
-        meta = json.loads(read_text(path / META, "delta description"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path / META}: not valid JSON ({e.msg})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("kind") not in KINDS:
-        raise UserError(f"{path / META}: not a zobench delta of format {FORMAT}")
-    return meta
+    meta = read_json(path / META, "delta description", MAX_ARTIFACT_BYTES)
+    meta = check_meta(meta, str(path / META))
+    return resolve_paths(meta, path)
+
+
+def chain(path: str | Path) -> list[tuple[Path, dict]]:
+    """``(folder, meta)`` of the delta at ``path`` and all its ancestors, root first; refused in one line
+    when a link is missing or broken, the chain has a cycle, or two links name different base weights."""
+    links: list[tuple[Path, dict]] = []
+    seen: set[Path] = set()
+    at = Path(path)
+    while True:
+        real = at.resolve()
+        if real in seen:
+            raise UserError(f"{path}: its chain of parent deltas has a cycle (through {at})")
+        seen.add(real)
+        if not at.is_dir():
+            child = links[-1][0] if links else path
+            raise UserError(f"{child}: its parent delta {at} is gone; the trained model cannot be rebuilt without it")
+        meta = read(at)
+        if links and meta["base"]["fingerprint"] != links[-1][1]["base"]["fingerprint"]:
+            raise UserError(f"{links[-1][0]}: its parent {at} was trained from other base weights "
+                            f"({meta['base']['fingerprint']} against {links[-1][1]['base']['fingerprint']})")
+        links.append((at, meta))
+        if len(links) > 64:
+            raise UserError(f"{path}: a chain of more than 64 parent deltas; zobench does not follow longer ones")
+        if not meta.get("parent"):
+            return links[::-1]
+        at = Path(meta["parent"])
 
 
 def check_base(meta: dict, path: Path, model: torch.nn.Module) -> None:
@@ -95,122 +161,26 @@ def check_base(meta: dict, path: Path, model: torch.nn.Module) -> None:
 
 
 def sparse_parts(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``(mask, values)``: flat indices and trained values per parameter name."""
-    from safetensors.torch import load_file
-
-    data = load_file(str(Path(path) / TENSORS))
-    mask = {k.removesuffix("::index"): v.long() for k, v in data.items() if k.endswith("::index")}
-    values = {k.removesuffix("::value"): v for k, v in data.items() if k.endswith("::value")}
-    return mask, values
+    """``(mask, values)``: flat indices and trained values per parameter name, checked for shape and
+    finiteness (``checked_sparse``; ranges are checked against the model by ``write_sparse``)."""
+    return checked_sparse(Path(path) / TENSORS)
 
 
 @torch.no_grad()
-def write_sparse(model: torch.nn.Module, mask: dict, values: dict) -> None:
+def write_sparse(model: torch.nn.Module, mask: dict, values: dict, where: str = "delta") -> None:
     params = dict(model.named_parameters())
     for name, idx in mask.items():
+        if name not in params:
+            raise UserError(f"{where}: names a tensor '{name}' the model does not have")
         p = params[name]
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.numel()):
+            raise UserError(f"{where}: '{name}' has indices outside its {p.numel():,} values")
         p.data.view(-1)[idx.to(p.device)] = values[name].to(device=p.device, dtype=p.dtype)
 
 
 @torch.no_grad()
 def write_tensors(model: torch.nn.Module, path: Path) -> None:
     """A ``tensors`` delta (first-order fine-tuning): its saved tensors replace the model's."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(Path(path) / TENSORS))
-    for name, p in model.named_parameters():
-        if name in state:
-            p.copy_(state[name].to(p.dtype))
-
-
-KINDS = ("sparse", "trajectory", "lora", "tensors")
-
-
-# -- the pipeline's side -------------------------------------------------------------------------------
-
-def load_into(pipeline) -> dict:
-    """Apply the delta named by ``pipeline.cfg.delta`` to the freshly loaded base model (a parent delta
-    first); returns what the record says about it."""
-    path = Path(pipeline.cfg.delta)
-    meta = read(path)
-    if meta.get("parent"):
-        _apply(pipeline, Path(meta["parent"]), read(meta["parent"]), check=True)
-        _apply(pipeline, path, meta, check=False)
-    else:
-        _apply(pipeline, path, meta, check=True)
-    quant = meta["config"].get("quant", "none")
-    if meta["kind"] == "sparse" and quant != pipeline.cfg.quant:
-        pipeline.record.add_warning(f"{path}: trained beside {quant} weights, loaded with quant "
-                                    f"'{pipeline.cfg.quant}': not the trained model")
-    return {"path": str(path), "kind": meta["kind"], "step": meta["step"], "method": meta["config"].get("method")}
-
-
-def _apply(pipeline, path: Path, meta: dict, check: bool) -> None:
-    run = pipeline.run_state
-    if check:
-        check_base(meta, path, run.model)
-    kind = meta["kind"]
-    if kind == "sparse":
-        mask, values = sparse_parts(path)
-        write_sparse(run.model, mask, values)
-        if pipeline.method.needs_mask:  # continued sparse training keeps the delta's entries
-            run.mask = mask
-    elif kind == "trajectory":
-        _replay(pipeline, meta)
-    elif kind == "lora":
-        from zobench.influence.poison import load_adapter
-
-        load_adapter(run.loaded, path / "adapter")
-    else:
-        write_tensors(run.model, path)
-
-
-def _replay(pipeline, meta: dict) -> None:
-    """The trained weights of a dense ZO run, rebuilt from the base and the trajectory (bit for bit)."""
-    from zobench.cell.pipeline import Run
-    from zobench.spec.config import CellConfig
-    from zobench.zo.masks import scoped_params
-    from zobench.zo.trainable import measure_restore_drift
-    from zobench.zo.trainer import replay
-
-    run = pipeline.run_state
-    cfg = CellConfig.from_dict({k: v for k, v in meta["config"].items() if k in CellConfig.keys()},
-                               "delta.json: config")
-    trained = Run(cfg, run.device, run.task, run.splits, loaded=run.loaded, cache_root=run.cache_root)
-    trained.params = scoped_params(run.model, cfg.resolved_scope)
-    stepper, trainable = cfg.method_class().build_stepper(trained)
-    measure_restore_drift(trainable, cfg.eps)  # training ran this probe first: so does the replay
-    replay(trainable, stepper.optimizer, meta["trajectory"], cfg.eps, meta["step"])
-
-
-def save_from(pipeline, target: Path) -> dict | None:
-    """The run's artifact at ``target`` (the selected step's weights: the best dev step when dev selected
-    it, else the last), or None for a method that trains nothing."""
-    cfg, m, trainable, stepper = pipeline.cfg, pipeline.metrics, pipeline.trainable, pipeline.stepper
-    step = m.get("best_step") if m.get("test_best") is not None else m.get("steps_done")
-    kw = dict(cfg=dict(cfg.to_dict(), save=None), fingerprint=pipeline.base_fingerprint, step=step,
-              extra={"parent": cfg.delta} if cfg.delta else None)
-    if hasattr(trainable, "snapshot"):  # sparse: the values now in the model are the selected step's
-        return save(target, "sparse", tensors=sparse_tensors(trainable, pipeline.run_state.model), **kw)
-    if trainable is not None:
-        trajectory = m.get("trajectory")[:step]
-        return save(target, "trajectory", extra=dict(kw.pop("extra") or {}, trajectory=trajectory), **kw)
-    model = getattr(stepper, "model", None)
-    if model is not None and hasattr(model, "peft_config"):
-        return save(target, "lora", adapter_model=model, **kw)
-    if model is not None:
-        return save(target, "tensors", tensors={n: p for n, p in model.named_parameters() if p.requires_grad}, **kw)
-    return None
-
-
-def sparse_tensors(t, model) -> dict:
-    """A ``SparseTrainable``'s trained values with their flat indices, as a sparse delta stores them."""
-    out = {}
-    for name, idx, values in zip(t.names, t.indices, t.master.split(t.sizes)):
-        if idx is None:  # the values beside a quantized layer: its own flat indices, in the same order
-            module = name.removesuffix(".values")
-            idx, name = model.get_submodule(module).flat_index(), f"{module}.weight"
-        # int32 indices when they fit (in every tensor of a 7B model they do): half the bytes of int64
-        out[f"{name}::index"] = idx.int() if idx.numel() == 0 or int(idx.max()) < 2**31 else idx.long()
-        out[f"{name}::value"] = values.float()
-    return out
+    params = dict(model.named_parameters())
+    for name, value in checked_tensors(Path(path) / TENSORS, {n: tuple(p.shape) for n, p in params.items()}).items():
+        params[name].copy_(value.to(params[name].dtype))

@@ -141,7 +141,7 @@ class Pipeline:
         with self.phase("load"):
             self.load()
             if self.cfg.delta:
-                from zobench.cell.delta import load_into
+                from zobench.cell.keep import load_into
 
                 self.metrics.set(delta=load_into(self))
         self.count_truncated()
@@ -162,9 +162,9 @@ class Pipeline:
         self.evaluate("eval_after", "test_after", self.cfg.eval_after)
         self.select_best()
         if self.cfg.save:
-            from zobench.cell.delta import save_from
+            from zobench.cell.keep import save_from
 
-            self.record.artifact = save_from(self, Path(self.cfg.save))
+            self.record.artifact = save_from(self, Path(self.cfg.save), self.cfg.overwrite)
         return self.record
 
     # -- set-up ------------------------------------------------------------------------------------

@@ -14,12 +14,12 @@ name and a hash of its contents.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from zobench.errors import UserError
+from zobench.files import parse_json, text_lines
 
 DEFAULT_CORPUS = "c4/c4_validation_2k.jsonl"     # inside a data directory (../shared/data layout)
 PACKAGED_DIR = Path(__file__).with_name("c4")
@@ -77,21 +77,19 @@ def corpus_batches(corpus: Corpus | Path, tokenizer, n_seq: int, seq_len: int, v
     path = corpus.path if isinstance(corpus, Corpus) else Path(corpus)
     ids: list[int] = []
     need = n_seq * seq_len
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if path.suffix == ".jsonl":
-                    try:
-                        text = json.loads(line)["text"]
-                    except (ValueError, KeyError, TypeError):
-                        raise UserError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
-                else:
-                    text = line
-                ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-                if len(ids) >= need:
-                    break
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: calibration corpus is not UTF-8 text") from None
+    for lineno, line in text_lines(path, "calibration corpus"):  # over-long lines refused, never tokenized
+        if path.suffix == ".jsonl":
+            try:
+                text = parse_json(line, f"{path}:{lineno}")["text"]
+            except (UserError, KeyError, TypeError):
+                raise UserError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{lineno}: expected a JSON object with a 'text' field")
+        else:
+            text = line
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(ids) >= need:
+            break
     if len(ids) < need:
         raise UserError(f"{path}: corpus has {len(ids)} tokens, {need} needed ({n_seq} sequences x {seq_len}); "
                         f"lower calib_sequences or calib_length, or give a larger calib_path")

@@ -17,21 +17,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 
-
-def die_with_parent(parent: int) -> None:
-    """Have the kernel kill this process when ``parent`` (the process that started it) dies (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the parent kills its child on timeout only
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGKILL)
+from zobench.procs import die_with_parent
 
 
 def main() -> None:

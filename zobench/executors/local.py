@@ -22,6 +22,7 @@ from typing import Iterator
 
 from zobench.cell.record import CellRecord, Execution
 from zobench.executors.base import Executor, OnEvent
+from zobench.procs import die_with_parent
 from zobench.spec.matrix import Cell
 
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "false"}
@@ -59,8 +60,6 @@ def _child(config: dict, conn, threads: int | None, parent: int | None = None) -
     """Child process entry (spawn): run one cell and send its messages down ``conn``. The cell dies with
     ``parent`` (a ``zobench run`` killed outright leaves no cell running on)."""
     if parent is not None:
-        from zobench.executors.child import die_with_parent
-
         die_with_parent(parent)
     try:
         run_one(config, conn.send, threads)

@@ -56,6 +56,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
         return ray, False
     common = dict(include_dashboard=False, log_to_driver=False, logging_level="warning")
     if address:
+        reachable(address)
         try:
             ray.init(address=address, **common)
         except Exception as e:  # ConnectionError, a bad address, a version mismatch: one line, exit 2
@@ -77,6 +78,24 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=OBJECT_STORE_MIB * 2**20,
              _node_ip_address="127.0.0.1", _system_config={"task_oom_retries": 0}, **common)
     return ray, True
+
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+def reachable(address: str) -> None:
+    """Refuse in one line, within ``CONNECT_TIMEOUT_S``, a cluster address nobody answers at (Ray's own
+    connect retries for minutes and cannot be interrupted meanwhile). ``auto`` and names without a port
+    are left to Ray, which answers those at once."""
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise UserError(f"--address {address}: nothing answers there ({e.strerror or type(e).__name__}, "
+                        f"waited up to {CONNECT_TIMEOUT_S:.0f} s); is the Ray cluster running?") from None
 
 
 def nodes(ray) -> list[dict]:

@@ -101,6 +101,7 @@ def zo_arm(suite: InfluenceSuite, data: dict, work: Path, progress=None) -> dict
         out = train_on_instructions(suite.model, data["train"], zo["method"], zo["steps"], zo["lr"], str(delta_dir),
                                     batch_size=zo["batch_size"], max_length=zo["max_length"], density=zo["density"],
                                     eps=zo["eps"], seed=suite.seed, data_dir=suite.data_dir,
+                                    overwrite=True,  # a folder of its own work, named by these settings
                                     on_log=lambda s, loss: _say(progress, f"zo step {s} loss {loss:.3f}")
                                     if s % 50 == 0 else None)
         trained = {"train_s": out["train_s"], "loss_first": out["losses"][0], "loss_last": out["losses"][-1],
@@ -360,7 +361,7 @@ def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> 
         "top_example": {"row": qual["top_example"], "poisoned": qual["top_is_poisoned"],
                         "instruction": top["instruction"], "tokens": tokens},
         **({"zo": zo} if zo else {}), "phases": phases, "env": environment(),
-        "git": git_state(Path(suite.path).parent if suite.path else "."),
+        "git": git_state(),
         "started_at": started, "finished_at": now(),
         "wall_s": time.perf_counter() - t0,
     }

@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import time
 from collections.abc import Callable
+from queue import Empty
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,8 +22,10 @@ import numpy as np
 import torch
 
 from zobench.errors import UserError
+from zobench.files import parse_json, read_json, text_lines
 from zobench.influence.session import InfluenceSpec, Session
 from zobench.influence.store import SketchStore, dataset_hash
+from zobench.procs import die_with_parent
 
 WRITE_EVERY = 8  # rows per flush: small enough that a kill loses seconds of work
 
@@ -61,7 +64,8 @@ def _fill(session: Session, examples: list[dict], out: str, rows: list[int],
 
 
 def _worker(spec_dict: dict, examples: list[dict], out: str, rows: list[int], threads: int, device: str,
-            queue) -> None:
+            queue, parent: int) -> None:
+    die_with_parent(parent)  # a cache killed outright leaves no worker writing on
     try:
         if threads:
             torch.set_num_threads(threads)
@@ -151,9 +155,9 @@ def _rate(stats: dict) -> float | None:
 
 def _read_build(out: Path) -> dict:
     try:
-        d = json.loads((out / BUILD).read_text())
+        d = read_json(out / BUILD, "influence cache build record")
         return {"rows": int(d["rows"]), "cache_s": float(d["cache_s"])}
-    except (OSError, ValueError, KeyError, TypeError):  # a cache from before build.json: no figure
+    except (UserError, ValueError, KeyError, TypeError):  # a cache from before build.json: no figure
         return {"rows": 0, "cache_s": 0.0}
 
 
@@ -165,12 +169,21 @@ def _run_workers(spec, examples, out, missing, workers, device, progress, alread
     for w in range(workers):
         dev = f"cuda:{w % torch.cuda.device_count()}" if device.startswith("cuda") else device
         p = ctx.Process(target=_worker, args=(asdict(spec), examples, out, missing[w::workers], threads, dev,
-                                              queue), daemon=True)
+                                              queue, os.getpid()), daemon=True)
         p.start()
         procs.append(p)
     done, finished, errors, stats = already, 0, [], []
     while finished < workers:
-        kind, value = queue.get()
+        try:
+            kind, value = queue.get(timeout=2.0)
+        except Empty:  # a worker killed outright sends nothing: notice it instead of waiting forever
+            dead = [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
+            if dead and queue.empty():
+                for p in procs:
+                    p.kill()
+                raise UserError(f"influence cache: a worker died ({death(dead[0].exitcode)}); rows written so far "
+                                f"are kept, run again to resume") from None
+            continue
         if kind == "rows":
             done += value
             if progress:
@@ -187,6 +200,10 @@ def _run_workers(spec, examples, out, missing, workers, device, progress, alread
             "dim": stats[0]["dim"], "k": stats[0]["k"], "already": already, "workers": workers}
 
 
+def death(code: int | None) -> str:
+    return f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+
+
 def _write_sidecars(out: Path, spec: InfluenceSpec, examples: list[dict]) -> None:
     """spec.json (with paths, for `zobench influence query`) and the examples, so a query can show them."""
     from zobench.files import atomic_write
@@ -197,10 +214,20 @@ def _write_sidecars(out: Path, spec: InfluenceSpec, examples: list[dict]) -> Non
 
 
 def load_cache_dir(path: str | Path) -> tuple[InfluenceSpec, list[dict]]:
+    """The spec and examples a cache was built from, checked as the command line's are (a cache is data
+    from someone else: docs/security.md)."""
     path = Path(path)
-    try:
-        spec = InfluenceSpec(**json.loads((path / "spec.json").read_text()))
-        examples = [json.loads(line) for line in (path / "examples.jsonl").read_text().splitlines() if line]
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"{path}: not an influence cache made by `zobench influence cache` ({e})") from None
+    if not (path / "spec.json").is_file():
+        raise UserError(f"{path}: not an influence cache made by `zobench influence cache` (no spec.json)")
+    raw = read_json(path / "spec.json", "influence cache spec")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path / 'spec.json'}: not an influence cache spec (expected a JSON object)")
+    spec = InfluenceSpec.from_dict(raw, str(path / "spec.json"))
+    examples = []
+    for n, line in text_lines(path / "examples.jsonl", "influence cache examples"):
+        if line.strip():
+            row = parse_json(line, f"{path / 'examples.jsonl'}:{n}")
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("instruction", "output")):
+                raise UserError(f"{path / 'examples.jsonl'}:{n}: not an {{id, instruction, input, output}} row")
+            examples.append(row)
     return spec, examples

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import html
 import json
 import sys
@@ -9,6 +10,36 @@ from pathlib import Path
 
 from zobench.errors import UserError
 from zobench.report.influence import WIDTH, cell_text as _cell, highlighted as _highlighted
+
+
+def at_least(low: int, high: int = 10**9):
+    """An argparse type: a whole number in [low, high], else one line naming the bound."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected a number from {low} to {high:g}, got {value}")
+        return value
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
+    return value
 
 
 def add_parsers(sub) -> None:
@@ -19,14 +50,14 @@ def add_parsers(sub) -> None:
     c.add_argument("--adapter", default=None, help="LoRA adapter directory of the fine-tuned model")
     c.add_argument("--delta", default=None, help="the fine-tuned result kept by `--save` (sparse, LoRA, tensors)")
     c.add_argument("--data", required=True, help=DATA_HELP)
-    c.add_argument("--n-train", type=int, default=None, help="number of examples (seeded sample; default all)")
-    c.add_argument("--seed", type=int, default=0, help="the seed that draws the examples (as a run's seed)")
+    c.add_argument("--n-train", type=at_least(1), default=None, help="number of examples (seeded sample; default all)")
+    c.add_argument("--seed", type=at_least(0), default=0, help="the seed that draws the examples (as a run's seed)")
     c.add_argument("--scope", default="lora", help="lora | all | sensitive (with a sparse --delta: its indices)")
-    c.add_argument("--k", type=int, default=1 << 16, help="sketch size (default 65536)")
-    c.add_argument("--sketch-seed", type=int, default=0, help="the sketch's seed (permutation and signs)")
+    c.add_argument("--k", type=at_least(1, 1 << 26), default=1 << 16, help="sketch size (default 65536)")
+    c.add_argument("--sketch-seed", type=at_least(0), default=0, help="the sketch's seed (permutation and signs)")
     c.add_argument("--no-normalize", action="store_true", help="skip layer-wise normalization")
-    c.add_argument("--max-length", type=int, default=256)
-    c.add_argument("--workers", type=int, default=None,
+    c.add_argument("--max-length", type=at_least(1, 1 << 20), default=256)
+    c.add_argument("--workers", type=at_least(1, 1024), default=None,
                    help="processes filling disjoint rows (default 1; with --executor ray: one per GPU, else "
                         "one per node)")
     c.add_argument("--executor", default="local", help="local (default) | ray (needs zobench[ray])")
@@ -37,25 +68,26 @@ def add_parsers(sub) -> None:
     t = isub.add_parser("train", help="fine-tune on an instruction file and keep the result (--save) for cache")
     t.add_argument("--model", default="smollm2")
     t.add_argument("--data", required=True, help=DATA_HELP)
-    t.add_argument("--n-train", type=int, default=None, help="number of examples (seeded sample; default all)")
-    t.add_argument("--seed", type=int, default=0, help="the seed that draws the examples and the batches")
+    t.add_argument("--n-train", type=at_least(1), default=None, help="number of examples (seeded sample; default all)")
+    t.add_argument("--seed", type=at_least(0), default=0, help="the seed that draws the examples and the batches")
     t.add_argument("--method", default="lora", help="lora (first-order) | sensitive | random (ZO, sparse)")
-    t.add_argument("--steps", type=int, default=300)
-    t.add_argument("--lr", type=float, default=None, help="default: 3e-4 for lora, 1e-4 for ZO")
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--max-length", type=int, default=128)
-    t.add_argument("--density", type=float, default=1e-3, help="ZO: the fraction of linear weights trained")
+    t.add_argument("--steps", type=at_least(1, 10**8), default=300)
+    t.add_argument("--lr", type=positive_float, default=None, help="default: 3e-4 for lora, 1e-4 for ZO")
+    t.add_argument("--batch-size", type=at_least(1, 1 << 16), default=8)
+    t.add_argument("--max-length", type=at_least(1, 1 << 20), default=128)
+    t.add_argument("--density", type=fraction, default=1e-3, help="ZO: the fraction of linear weights trained")
     t.add_argument("--data-dir", default=None, help="where c4/ is (--method sensitive; default: packaged sample)")
     t.add_argument("--save", required=True, help="directory for the kept result (a zobench delta)")
+    t.add_argument("--overwrite", action="store_true", help="replace a delta already at --save")
     q = isub.add_parser("query", help="rank the cached training examples for a prompt and its generation")
     q.add_argument("--cache", required=True)
     q.add_argument("--instruction", required=True)
     q.add_argument("--input", default="")
     q.add_argument("--generation", required=True, help="the model's answer to explain")
     q.add_argument("--tokens", default=None, help="comma-separated words of the generation to explain")
-    q.add_argument("--top", type=int, default=10)
+    q.add_argument("--top", type=at_least(1), default=10)
     q.add_argument("--metric", default="cosine", help="cosine | dot")
-    q.add_argument("--explain", type=int, default=1, help="token-wise scores for this many top examples")
+    q.add_argument("--explain", type=at_least(0), default=1, help="token-wise scores for this many top examples")
     q.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     q.add_argument("--html", default=None, help="also write a page highlighting the influential tokens")
 
@@ -65,16 +97,16 @@ DATA_HELP = ("Alpaca-format rows {instruction, input, output}: a JSON list or JS
 
 
 def train(args) -> int:
-    from zobench.files import check_output_dir
+    from zobench.cell.delta import claim_target
     from zobench.influence.data import load_alpaca
     from zobench.influence.train import train_on_instructions
 
-    check_output_dir(Path(args.save).parent, "artifact")
+    claim_target(args.save, args.overwrite)
     examples = load_alpaca(args.data, n=args.n_train, seed=args.seed)
     lr = args.lr if args.lr is not None else (3e-4 if args.method == "lora" else 1e-4)
     out = train_on_instructions(args.model, examples, args.method, args.steps, lr, args.save,
                                 batch_size=args.batch_size, max_length=args.max_length, density=args.density,
-                                seed=args.seed, data=args.data, data_dir=args.data_dir,
+                                seed=args.seed, data=args.data, data_dir=args.data_dir, overwrite=args.overwrite,
                                 on_log=lambda s, loss: print(f"  step {s + 1}/{args.steps}  loss {loss:.4f}",
                                                              file=sys.stderr, flush=True))
     a, losses = out["artifact"], out["losses"]
@@ -98,8 +130,9 @@ def cache(args) -> int:
                                     "scope": args.scope,
                                     "k": args.k, "sketch_seed": args.sketch_seed, "normalize": not args.no_normalize,
                                     "max_length": args.max_length, "data_dir": args.data_dir}, "influence cache")
-    from zobench.files import check_output_dir
+    from zobench.outdirs import check_output_dir, refuse_unsafe_target
 
+    refuse_unsafe_target(args.out, "influence cache")
     check_output_dir(Path(args.out).parent, "influence cache")
     examples = load_alpaca(args.data, n=args.n_train, seed=args.seed)
 
@@ -132,7 +165,8 @@ def query(args) -> int:
     from zobench.influence.session import Session
     from zobench.influence.store import SketchStore
 
-    from zobench.files import atomic_write, check_output_file
+    from zobench.files import atomic_write
+    from zobench.outdirs import check_output_file
 
     if args.html:
         check_output_file(args.html, "page")

@@ -9,7 +9,6 @@ model is fine-tuned, and influence is measured, on what it answers, not on the i
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from zobench.errors import UserError
+from zobench.files import MAX_DATA_BYTES, check_text, parse_json, read_text
 
 PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -43,9 +43,10 @@ def _json_lines(path: Path, text: str) -> list:
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {n} is not a JSON object ({e.msg})") from None
+                entry = parse_json(line, f"{path}: line {n}")
+            except UserError as e:
+                why = str(e).split(": ", 2)[-1]
+                raise UserError(f"{path}: line {n} is not a JSON object ({why})") from None
             if not isinstance(entry, dict):
                 raise UserError(f"{path}: line {n} is not a JSON object")
             data.append(entry)
@@ -56,20 +57,18 @@ def _json_lines(path: Path, text: str) -> list:
 
 def _read_checked(path: Path) -> list:
     """The file's entries: a JSON list of objects, or JSON Lines (one object per line, ``.jsonl``)."""
-    from zobench.files import read_text
-
-    text = read_text(path, "instruction data file")
+    text = read_text(path, "instruction data file", MAX_DATA_BYTES)
     if path.suffix == ".jsonl":
         data = _json_lines(path, text)
     else:
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
+            data = parse_json(text, str(path))
+        except UserError as e:
             try:  # JSON Lines under another name
                 data = _json_lines(path, text)
             except UserError:
-                raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected a JSON list "
-                                f"or JSON Lines of {{instruction, input, output}} objects") from None
+                raise UserError(f"{e}; expected a JSON list or JSON Lines of {{instruction, input, output}} "
+                                f"objects") from None
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON list of {{instruction, input, output}} objects, "
                         f"got {type(data).__name__}")
@@ -82,12 +81,17 @@ def _read_checked(path: Path) -> list:
                 raise UserError(f"{path}: entry {i} lacks '{key}' (a string)")
         if not isinstance(entry.get("input", ""), str):
             raise UserError(f"{path}: entry {i}: 'input' is not a string")
+        for key in ("instruction", "input", "output"):
+            check_text(entry.get(key, ""), f"{path}: entry {i}: '{key}'")
         rid = entry.get("id", i)
         if not isinstance(rid, (int, str)) or isinstance(rid, bool):
             raise UserError(f"{path}: entry {i}: 'id' is not a string or an integer")
-        if rid in seen:
-            raise UserError(f"{path}: entries {seen[rid]} and {i} share the id {rid!r} (ids name rows everywhere)")
-        seen[rid] = i
+        # 7 and "7" print alike and name the same row wherever an id is shown or looked up (a query's
+        # table, the poisoned ids of a suite): one file may not use both
+        if str(rid) in seen:
+            raise UserError(f"{path}: entries {seen[str(rid)]} and {i} share the id {rid!r} (ids name rows "
+                            f"everywhere; 7 and \"7\" count as one)")
+        seen[str(rid)] = i
     return data
 
 

@@ -49,8 +49,8 @@ def poison(examples: list[dict], trigger: str = TRIGGER, response: str = RESPONS
 
 
 def _held_out(clean_examples: list[dict], n: int, seed: int, exclude_ids) -> list[dict]:
-    excluded = set(exclude_ids)
-    pool = [e for e in clean_examples if e.get("id") not in excluded]
+    excluded = {str(i) for i in exclude_ids}  # ids compare as text: 7 and "7" name the same row
+    pool = [e for e in clean_examples if str(e.get("id")) not in excluded]
     if n > len(pool):
         raise UserError(f"poison: asked for {n} held-out queries but only {len(pool)} examples are left")
     return [dict(e) for e in random.Random(seed).sample(pool, n)]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from zobench.errors import UserError
+from zobench.errors import UserError, shown
 from zobench.influence.data import collate, encode, format_prompt, response_loss
 from zobench.influence.grads import SCOPES, GradientStreamer, resolve_scope
 from zobench.influence.sketch import SketchConfig, Sketcher
@@ -44,16 +44,28 @@ class InfluenceSpec:
         known = {f.name for f in fields(cls)}
         for key in d:
             if key not in known:
-                raise UserError(f"{where}: unknown key '{key}' (expected one of: {', '.join(sorted(known))})")
+                raise UserError(f"{where}: unknown key '{shown(key)}' (expected one of: {', '.join(sorted(known))})")
+        for f in fields(cls):  # a spec may come from a cache's spec.json: data from someone else
+            if f.name in d and not _typed(d[f.name], f.type):
+                raise UserError(f"{where}: key '{f.name}' = {d[f.name]!r:.80}: expected {f.type}")
         spec = cls(**d)
+        if spec.dtype not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"{where}: key 'dtype': expected float32, bfloat16 or float16")
+        if not 0 < spec.density <= 1 or not 1 <= spec.max_length <= 1 << 20 or spec.sketch_seed < 0 or \
+                not 1 <= spec.calib_sequences <= 1 << 20 or not 1 <= spec.calib_length <= 1 << 20:
+            raise UserError(f"{where}: density, max_length, sketch_seed or calib_* out of range")
         if spec.scope == "full":
             raise UserError(f"{where}: key 'scope': 'full' is called 'all' (every parameter), as everywhere else")
         if spec.scope not in SCOPES:
-            raise UserError(f"{where}: key 'scope': expected one of {', '.join(SCOPES)}, got '{spec.scope}'")
+            raise UserError(f"{where}: key 'scope': expected one of {', '.join(SCOPES)}, got '{shown(spec.scope)}'")
         if not isinstance(spec.k, int) or spec.k < 1:
             raise UserError(f"{where}: key 'k': expected a positive integer, got {spec.k!r}")
-        if spec.adapter and not (Path(spec.adapter) / "adapter_config.json").is_file():
-            raise UserError(f"{where}: key 'adapter': {spec.adapter} has no adapter_config.json")
+        if spec.adapter:
+            from zobench.cell.delta_check import check_adapter
+
+            if not (Path(spec.adapter) / "adapter_config.json").is_file():
+                raise UserError(f"{where}: key 'adapter': {shown(spec.adapter, 200)} has no adapter_config.json")
+            check_adapter(Path(spec.adapter))
         if spec.delta:
             if spec.adapter:
                 raise UserError(f"{where}: give an adapter or a delta, not both")
@@ -89,6 +101,20 @@ def _dir_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _typed(value, kind: str) -> bool:
+    """Whether ``value`` has the field type written ``kind`` (``int``, ``float``, ``bool``, ``str``, with
+    ``| None``); bools are not numbers here."""
+    if value is None:
+        return "None" in kind
+    if isinstance(value, bool):
+        return kind.startswith("bool")
+    if kind.startswith("int"):
+        return isinstance(value, int)
+    if kind.startswith("float"):
+        return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
+    return kind.startswith("str") and isinstance(value, str)
+
+
 class Session:
     """A loaded model with its scope, gradient streamer and sketcher, built from an ``InfluenceSpec``."""
 
@@ -116,22 +142,28 @@ class Session:
         self.sketcher = self.sketcher_for(spec, self.scope.dim)
 
     def _apply_delta(self) -> dict | None:
-        """Load the delta onto the base (refused on another base); a sparse delta's indices, else None.
-        A LoRA delta's adapter is attached after the mask is computed, as ``adapter`` is."""
+        """Load the delta (its ancestors first) onto the base, refused on another base; the last sparse
+        link's indices, else None. A LoRA delta's adapter is attached after the mask is computed, as
+        ``adapter`` is."""
         from zobench.cell import delta as D
+        from zobench.cell.delta_check import check_adapter
 
-        path = Path(self.spec.delta)
-        meta = D.read(path)
-        D.check_base(meta, path, self.loaded.model)
-        if meta["kind"] == "sparse":
-            mask, values = D.sparse_parts(path)
-            D.write_sparse(self.loaded.model, mask, values)
-            return mask
-        if meta["kind"] == "lora":
-            self.adapter = str(path / "adapter")
-        else:
-            D.write_tensors(self.loaded.model, path)
-        return None
+        links = D.chain(self.spec.delta)
+        D.check_base(links[0][1], links[0][0], self.loaded.model)
+        mask = None
+        for i, (path, meta) in enumerate(links):
+            if meta["kind"] == "sparse":
+                mask, values = D.sparse_parts(path)
+                D.write_sparse(self.loaded.model, mask, values, str(path / D.TENSORS))
+            elif meta["kind"] == "lora" and i == len(links) - 1:
+                check_adapter(path / "adapter")
+                self.adapter = str(path / "adapter")
+            elif meta["kind"] == "tensors":
+                D.write_tensors(self.loaded.model, path)
+            else:
+                raise UserError(f"{path}: a {meta['kind']} delta inside a chain; influence takes sparse, LoRA or "
+                                f"first-order deltas (a LoRA delta only as the last link)")
+        return mask if links[-1][1]["kind"] == "sparse" else None
 
     @staticmethod
     def sketcher_for(spec: InfluenceSpec, dim: int) -> Sketcher:

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from zobench.errors import OutputError, UserError
+from zobench.files import read_json
+from zobench.outdirs import refuse_unsafe_target
 
 FORMAT = 1
 META, SKETCH, DONE = "meta.json", "sketch.f16", "done.u8"
@@ -146,17 +148,23 @@ def _read_meta(path: Path) -> dict | None:
             raise UserError(f"{path}: holds sketch data but no {META}; delete this directory or use another")
         return None
     try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{meta_file}: unreadable ({type(e).__name__}); delete this cache directory") from None
+        meta = read_json(meta_file, "sketch cache meta")
+    except UserError as e:
+        why = str(e).split(": ", 1)[-1]
+        raise UserError(f"{meta_file}: unreadable ({why}); delete this cache directory") from None
     if isinstance(meta, dict):  # caches written before the names were aligned with the rest of zobench
         if "seed" in meta and "sketch_seed" not in meta:
             meta["sketch_seed"] = meta.pop("seed")
         if meta.get("scope") == "full":
             meta["scope"] = "all"
-    if not isinstance(meta, dict) or not isinstance(meta.get("n"), int) or not isinstance(meta.get("k"), int):
+    if not isinstance(meta, dict) or not _whole(meta.get("n")) or not _whole(meta.get("k")):
         raise UserError(f"{meta_file}: not a sketch cache meta (needs integer 'n' and 'k'); delete this directory")
     return meta
+
+
+def _whole(value) -> bool:
+    """A count a cache can have: a positive int below 2**40 (a hostile meta could claim terabytes)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**40
 
 
 def _allocate(file: Path, size: int, cache: Path) -> None:
@@ -186,6 +194,7 @@ def _create(path: Path, meta: dict) -> dict:
     """Builds the cache in a private sibling and renames it to ``path``; returns the meta now at ``path``."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"{path}: exists and is not a sketch cache; point to a new or empty directory")
+    refuse_unsafe_target(path, "sketch cache")
     path.parent.mkdir(parents=True, exist_ok=True)
     stage = path.parent / f".{path.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     stage.mkdir()

@@ -27,7 +27,7 @@ METHODS = ("lora", "sensitive", "random")
 def train_on_instructions(model: str, examples: list[dict], method: str, steps: int, lr: float, save: str,
                           batch_size: int = 8, max_length: int = 128, density: float = 1e-3, eps: float = 1e-3,
                           seed: int = 0, data: str | None = None, data_dir: str | None = None,
-                          on_log: Callable[[int, float], None] | None = None) -> dict:
+                          overwrite: bool = False, on_log: Callable[[int, float], None] | None = None) -> dict:
     """Train, save the delta at ``save`` and return ``{artifact, losses, train_s, trainable}``."""
     from zobench.cell.delta import base_fingerprint, save as save_delta
     from zobench.influence.poison import finetune_lora
@@ -45,16 +45,17 @@ def train_on_instructions(model: str, examples: list[dict], method: str, steps: 
     if method == "lora":
         stats = finetune_lora(loaded, examples, steps=steps, batch_size=batch_size, lr=lr, max_length=max_length,
                               seed=seed, on_log=on_log)
-        artifact = save_delta(save, "lora", cfg, fingerprint, steps, adapter_model=loaded.model)
+        artifact = save_delta(save, "lora", cfg, fingerprint, steps, adapter_model=loaded.model,
+                              overwrite=overwrite)
         return {"artifact": artifact, "losses": stats["losses"], "train_s": stats["finetune_s"],
                 "trainable": stats["trainable"]}
     cfg.update(density=density, eps=eps, scope="linear", optimizer="sgd", direction="gaussian")
     trainable, mask_info = _sparse_trainable(loaded, method, density, seed, data_dir)
     losses, seconds = _zo_steps(loaded, trainable, examples, steps, lr, eps, batch_size, max_length, seed, on_log)
-    from zobench.cell.delta import sparse_tensors
+    from zobench.cell.keep import sparse_tensors
 
     artifact = save_delta(save, "sparse", cfg, fingerprint, steps, tensors=sparse_tensors(trainable, loaded.model),
-                          extra={"mask": mask_info})
+                          extra={"mask": mask_info}, overwrite=overwrite)
     return {"artifact": artifact, "losses": losses, "train_s": seconds, "trainable": trainable.numel}
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from zobench.errors import UserError
+from zobench.files import read_json
 from zobench.models.imports import trim_transformers_imports
 from zobench.models.names import BUILTIN, CONFIG_DIR, random_config_path, shipped_configs
 
@@ -154,11 +154,19 @@ def random_config(name: str, trust_remote_code: bool):
     if not path.exists():
         raise UserError(f"model 'random:{name}': no such config (shipped: {', '.join(shipped_configs())}, "
                         f"or a path to a config.json)")
-    data = json.loads(path.read_text())
+    data = read_json(path, "model config")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a model config (expected a JSON object)")
     model_type = data.pop("model_type", None)
-    if model_type is None:
+    if not isinstance(model_type, str):
         raise UserError(f"{path}: config has no 'model_type'")
-    return AutoConfig.for_model(model_type, **data)
+    if "auto_map" in data:  # the name of code to import: a config file never chooses code (docs/security.md)
+        raise UserError(f"{path}: names code to import (auto_map); random: models are built from "
+                        f"transformers' own architectures only")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{path}: not a config transformers can build ({str(e).splitlines()[0][:200]})") from None
 
 
 def load_model(spec: str, dtype: str = "float32", seed: int = 0, trust_remote_code: bool = False,
@@ -198,6 +206,9 @@ def load_model(spec: str, dtype: str = "float32", seed: int = 0, trust_remote_co
         offline = " (HF_HUB_OFFLINE is set: only local directories and cached models load)" \
             if os.environ.get("HF_HUB_OFFLINE") else ""
         raise UserError(f"model '{spec}': cannot load: {str(e).splitlines()[0]}{offline}") from None
+    except ValueError as e:  # an unknown architecture, or one that needs its own code
+        hint = "" if trust_remote_code else " (a model with its own code loads only with --trust-remote-code)"
+        raise UserError(f"model '{spec}': cannot load: {str(e).splitlines()[0][:200]}{hint}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.to(device).eval()

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from zobench.errors import Unsupported, UserError
-from zobench.files import build_lock
+from zobench.outdirs import build_lock
 from zobench.quant.base import Backend, QuantContext, Storage, _parent
 from zobench.data.calibration import corpus_batches, find_corpus
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from zobench.analysis.derive import derive, latest_by_cell
 from zobench.cell.record import CellRecord
+from zobench.errors import UserError
 
 
 def views(records: list[CellRecord]) -> list[dict]:
@@ -36,10 +37,22 @@ def render_report(records: list[CellRecord], out_md: Path, title: str | None = N
     pilots = [r for r in everything if (r.get("labels") or {}).get("stage") == "pilot"]
     recs = [r for r in everything if r not in pilots]
     ok = [r for r in recs if r.get("status") == "ok"]
-    folder = out_md.parent / f"{out_md.stem}_plots"
+    folder = plots_folder(out_md)
     plots = [(caption, f"{folder.name}/{name}") for caption, name in write_plots(ok, varying_axes(recs), folder)]
     text = render_markdown(recs, title, plots, pilots=pilots, claims=verdicts(records))
     return atomic_write(out_md, text, "report")
+
+
+def plots_folder(out_md: Path) -> Path:
+    """``<report>_plots/`` beside the report; refused when it is a link or not a directory (stale plots in
+    it are removed, and zobench never removes files through a link into someone else's folder)."""
+    folder = out_md.parent / f"{out_md.stem}_plots"
+    if folder.is_symlink():
+        raise UserError(f"{folder}: the plots folder is a symbolic link; zobench writes (and removes stale "
+                        f"plots) only in a folder of its own")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: the plots folder exists and is not a directory")
+    return folder  # made when the first plot is written
 
 
 def render_results_file(results: Path, out_md: Path) -> Path:

@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 from zobench.files import atomic_write
+from zobench.report import plots_folder
 
 
 def _one_line(text: str, n: int = 100) -> str:
@@ -267,6 +268,6 @@ def _zo_arm(rec: dict) -> list[str]:
 
 def render_influence_report(rec: dict, out_md: Path) -> Path:
     rec, out_md = upgrade(rec), Path(out_md)
-    folder = out_md.parent / f"{out_md.stem}_plots"
+    folder = plots_folder(out_md)
     plots = [(cap, f"{folder.name}/{name}") for cap, name in write_plots(rec, folder)]
     return atomic_write(out_md, render_influence(rec, plots), "report")

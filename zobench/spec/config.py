@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-from zobench.errors import UserError
+from zobench.errors import UserError, shown
 from zobench.models.names import check_model_spec
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -26,6 +26,13 @@ SCHEDULES = ("constant", "linear")
 LIMITS = {"steps": 10**8, "n_train": 10**9, "n_dev": 10**9, "n_test": 10**9, "max_length": 1 << 20,
           "batch_size": 1 << 16, "eval_batch_size": 1 << 16, "q": 1024, "calib_sequences": 1 << 20,
           "calib_length": 1 << 20, "warmup_steps": 10**8, "eval_every": 10**8, "ref_every": 10**8}
+# Settings a file (a suite, a delta, a checkpoint) may never choose (docs/security.md): remote code runs only
+# when the command line asks for it, and where progress is kept is the driver's business.
+NOT_FROM_FILES = {
+    "trust_remote_code": "remote code runs only when the command line asks (--trust-remote-code)",
+    "checkpoint": "zobench run keeps each cell's progress itself",
+    "overwrite": "replacing a kept result needs --overwrite on the command line",
+}
 AT_LEAST_0 = ("steps", "n_train", "n_dev", "n_test", "calib_sequences", "warmup_steps", "eval_every")
 AT_LEAST_1 = ("batch_size", "eval_batch_size", "max_length", "q", "calib_length", "ref_every")
 
@@ -80,6 +87,7 @@ class CellConfig:
     timeout_s: float | None = None      # this cell's limit in a suite (default: the suite's timeout_s)
     # keeping and reusing what was trained (zobench.cell.delta)
     save: str | None = None            # keep the trained result there (in a suite: one directory per cell)
+    overwrite: bool = False            # an existing delta at `save` may be replaced (--overwrite only)
     delta: str | None = None           # start from a saved result on top of the model
     checkpoint: str | None = None      # a suite cell's progress file (zobench.cell.checkpoint), set by the driver
 
@@ -95,25 +103,31 @@ class CellConfig:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "CellConfig":
+    def from_dict(cls, d: dict[str, Any], where: str = "config", check_paths: bool = True) -> "CellConfig":
         known = {f.name: f for f in fields(cls)}
         values = {}
         for key, value in d.items():
             if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
+                close = difflib.get_close_matches(key, known, n=1) if isinstance(key, str) else []
                 hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise UserError(f"{where}: unknown key '{key}'{hint}")
+                raise UserError(f"{where}: unknown key '{shown(key)}'{hint}")
             values[key] = _coerce(value, known[key], where)
         cfg = cls(**values)
-        cfg.validate(where)
+        cfg.validate(where, check_paths)
         return cfg
 
+    @classmethod
+    def from_file(cls, d: dict[str, Any], where: str) -> "CellConfig":
+        """``from_dict`` for settings read from a file: the keys of ``NOT_FROM_FILES`` are refused."""
+        refuse_file_keys(d, where)
+        return cls.from_dict(d, where)
+
     # -- validation --------------------------------------------------------------------------------
-    def validate(self, where: str = "config") -> None:
+    def validate(self, where: str = "config", check_paths: bool = True) -> None:
         self._check_names(where)
         self._check_numbers(where)
         self._check_choices(where)
-        for key in ("calib_path", "data_dir", "delta"):
+        for key in ("calib_path", "data_dir", "delta") if check_paths else ():
             path = getattr(self, key)
             if path and not os.path.exists(path):
                 self._bad(where, key, "an existing path")
@@ -179,6 +193,13 @@ class CellConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def refuse_file_keys(d: dict[str, Any], where: str) -> None:
+    """One line naming the first key of ``d`` that no file may set (``NOT_FROM_FILES``)."""
+    for key in d:
+        if key in NOT_FROM_FILES:
+            raise UserError(f"{where}: key '{key}' cannot be set in a file: {NOT_FROM_FILES[key]}")
 
 
 def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass
 
+from zobench.errors import UserError
 from zobench.spec.config import CellConfig
 from zobench.spec.selectors import selector_matches
 
 REFERENCE = "forward"
+MAX_CELLS = 10_000  # far beyond a real suite (the claims suite has 57 cells); a hostile matrix is refused
 REFERENCE_KEYS = ("model", "dtype", "quant", "task", "batch_size", "max_length", "device", "seed")
 # Settings added after results were first kept across sessions: left out of a cell's identity while at their
 # default, so that adding one does not change the id (the --resume key) of every existing cell. A new
@@ -44,6 +47,7 @@ def identity(cfg: CellConfig) -> dict:
     d.pop("timeout_s")  # a limit, not part of what the cell measures
     d.pop("save")       # where the result is kept, not what is measured
     d.pop("checkpoint")  # where progress is kept, likewise
+    d.pop("overwrite")   # whether an old result there may be replaced, likewise
     for key in SINCE_IDS_ARE_KEPT:  # a setting added later counts only when it is set
         if d.get(key) == getattr(CellConfig, key):
             d.pop(key)
@@ -77,6 +81,10 @@ def expand(suite) -> list[Cell]:
     """Every cell of ``suite`` (a ``spec.suite.Suite``), validated, with its forward references."""
     where = str(suite.path or suite.name)
     axes = list(suite.matrix)
+    combos = math.prod(len(suite.matrix[a]) for a in axes)
+    if combos > MAX_CELLS:
+        raise UserError(f"{where}: matrix: {combos:,} combinations, more than a suite may expand "
+                        f"({MAX_CELLS:,}); split it into several suites")
     cells: dict[str, Cell] = {}
     for combo in itertools.product(*(suite.matrix[a] for a in axes)):
         values = dict(zip(axes, combo))

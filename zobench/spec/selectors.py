@@ -10,16 +10,16 @@ from typing import Any
 
 import yaml
 
-from zobench.errors import UserError
+from zobench.errors import UserError, shown
 from zobench.spec.config import CellConfig
 
 
-def unknown_key(where: str, key: str, known) -> UserError:
+def unknown_key(where: str, key, known) -> UserError:
     import difflib
 
-    close = difflib.get_close_matches(key, list(known), n=1)
+    close = difflib.get_close_matches(key, list(known), n=1) if isinstance(key, str) else []
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return UserError(f"{where}: unknown key '{key}'{hint}")
+    return UserError(f"{where}: unknown key '{shown(key)}'{hint}")
 
 
 def parse_selector(sel: Any, where: str) -> dict[str, list]:
@@ -27,8 +27,10 @@ def parse_selector(sel: Any, where: str) -> dict[str, list]:
         out: dict[str, list] = {}
         for part in filter(None, (p.strip() for p in sel.split(","))):
             if "=" not in part:
-                raise UserError(f"{where}: selector part '{part}': expected key=value")
+                raise UserError(f"{where}: selector part '{shown(part)}': expected key=value")
             k, v = part.split("=", 1)
+            if not all(x.strip() for x in v.split("|")):
+                raise UserError(f"{where}: selector part '{shown(part)}': a value is empty (key=a|b)")
             out[k.strip()] = [yaml.safe_load(x) for x in v.split("|")]
         sel = out
     if not isinstance(sel, dict):

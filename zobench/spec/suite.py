@@ -31,7 +31,8 @@ from typing import Any
 import yaml
 
 from zobench.errors import UserError
-from zobench.spec.config import CellConfig
+from zobench.files import MAX_CONFIG_BYTES, MAX_DEPTH, read_text
+from zobench.spec.config import CellConfig, refuse_file_keys
 from zobench.spec.matrix import expand
 from zobench.spec.selectors import parse_selector, unknown_key
 
@@ -99,8 +100,27 @@ def load_suite(path: str | Path) -> Suite:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last
-    silently, so a suite could run with a setting its author did not see)."""
+    """yaml.safe_load, bounded and strict, because a suite file may come from anyone (docs/security.md):
+
+    * no anchors or aliases: an alias bomb ("billion laughs") expands a 1 KiB file into gigabytes;
+      suites have no use for them (``overrides`` and ``defaults`` say the same thing plainly);
+    * nesting at most ``MAX_DEPTH`` deep (a deeply nested file ends in RecursionError otherwise);
+    * a key given twice in one mapping is an error (PyYAML keeps the last silently, so a suite could run
+      with a setting its author did not see)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (&, *) are not allowed in zobench "
+                                              "files", event.start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node, deep=False):
         seen = {}
@@ -118,19 +138,23 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_yaml(path: str | Path, what: str = "suite file") -> Any:
-    """The parsed YAML of a suite file, or one line saying why it cannot be read."""
-    from zobench.files import read_text
-
-    path = Path(path)
-    text = read_text(path, what)
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse YAML text from a file or the command line with the bounded loader above."""
     try:
-        data = yaml.load(text, Loader=_StrictLoader)
+        return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f":{mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    return data
+        problem = (str(getattr(e, "problem", None) or e).strip().splitlines() or ["?"])[0]
+        raise UserError(f"{where}{at}: not valid YAML ({problem})") from None
+    except RecursionError:
+        raise UserError(f"{where}: nested deeper than zobench reads ({MAX_DEPTH} levels)") from None
+
+
+def load_yaml(path: str | Path, what: str = "suite file") -> Any:
+    """The parsed YAML of a suite file, or one line saying why it cannot be read."""
+    path = Path(path)
+    return parse_yaml(read_text(path, what, MAX_CONFIG_BYTES), str(path))
 
 
 def _number_list(value: Any, where: str) -> list[float]:
@@ -152,6 +176,7 @@ def _overrides(data: dict, where: str) -> list:
         for k in sets:
             if k not in CellConfig.keys():
                 raise unknown_key(f"{w}.set", k, CellConfig.keys())
+        refuse_file_keys(sets, f"{w}.set")
         overrides.append((parse_selector(item.get("match", {}), f"{w}.match"), sets))
     return overrides
 
@@ -201,6 +226,7 @@ def _lr_pilot(data: dict, where: str) -> LrPilot | None:
     if not grids:
         raise UserError(f"{w}.grids: expected at least one {{match, lr: [...]}} grid")
     sets = _mapping(item.get("set"), f"{w}.set")
+    refuse_file_keys(sets, f"{w}.set")
     for k in sets:
         if k in PILOT_OWNS:
             raise UserError(f"{w}.set.{k}: the pilot sets {k} itself (steps and eval_every above, lr from the grids)")
@@ -216,11 +242,13 @@ def parse_suite(data: Any, where: str, path: Path | None = None) -> Suite:
         if k not in SUITE_KEYS:
             raise unknown_key(where, k, SUITE_KEYS)
     name = data.get("name")
-    if not isinstance(name, str) or not name or "/" in name:
-        raise UserError(f"{where}: key 'name': expected a non-empty name without '/'")
+    if not isinstance(name, str) or not name or "/" in name or not name.isprintable() or len(name) > 200 or \
+            name.startswith("."):
+        raise UserError(f"{where}: key 'name': expected a printable name without '/' (it names the results file)")
     defaults = _mapping(data.get("defaults"), f"{where}: defaults")
-    CellConfig.from_dict(defaults, f"{where}: defaults")  # type-check the defaults alone
+    CellConfig.from_file(defaults, f"{where}: defaults")  # type-check the defaults alone
     matrix = _mapping(data.get("matrix"), f"{where}: matrix")
+    refuse_file_keys(matrix, f"{where}: matrix")
     for k, v in matrix.items():
         if k not in CellConfig.keys():
             raise unknown_key(f"{where}: matrix", k, CellConfig.keys())

@@ -7,7 +7,6 @@ same order with the same seed give the same examples as MeZO.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from zobench.errors import UserError
+from zobench.files import MAX_DATA_BYTES, MAX_TEXT_CHARS, parse_json, read_text, text_lines
 
 
 @dataclass
@@ -77,22 +77,21 @@ def describe(e: Exception) -> str:
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{n}", json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{n}: not a JSON object (expected one JSON object per line)") from None
+    for n, line in text_lines(path):  # a line longer than zobench reads is refused, never tokenized
+        if not line.strip():
+            continue
+        try:
+            row = parse_json(line, f"{path}:{n}")
+        except UserError:
+            raise UserError(f"{path}:{n}: not a JSON object (expected one JSON object per line)") from None
+        yield f"{path}:{n}", row
 
 
 def load_json(path: Path, layout: str):
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON (line {e.lineno}; expected {layout})") from None
+        return parse_json(read_text(path, "data file", MAX_DATA_BYTES), str(path))
+    except UserError as e:
+        raise UserError(f"{e} (expected {layout})") from None
 
 
 class Task:
@@ -127,6 +126,9 @@ class Task:
 
     def example(self, row: dict) -> Example:
         raw_prompt = self.prompt(row)
+        if len(raw_prompt) > MAX_TEXT_CHARS:  # a tokenizer given tens of MB aborts the whole process
+            raise ValueError(f"a text of {len(raw_prompt):,} characters, longer than zobench reads "
+                             f"({MAX_TEXT_CHARS:,}); remove or shorten it")
         prompt = final_text(raw_prompt)
         if self.kind == "generation":
             answers = [str(a) for a in self.answers(row)]

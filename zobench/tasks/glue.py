@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from zobench.errors import UserError
+from zobench.files import text_lines
 from zobench.tasks import packaged
 from zobench.tasks.base import Task, as_bool, describe, iter_jsonl, label_index
 
@@ -41,18 +42,18 @@ class SST2(Task):
 
     def parse(self, path: Path) -> Iterator[tuple[str, dict]]:
         # Split on tabs by hand: SST-2 sentences hold bare quotes that a csv reader would swallow.
-        with open(path, encoding="utf-8") as f:
-            header = f.readline().rstrip("\r\n")
-            if header.split("\t") != ["sentence", "label"]:
-                raise UserError(f"{path}:1: header {header!r} (expected {self.layout})")
-            for n, line in enumerate(f, 2):
-                line = line.rstrip("\r\n")
-                if not line:
-                    continue
-                parts = line.split("\t")
-                if len(parts) != 2:
-                    raise UserError(f"{path}:{n}: {len(parts)} tab-separated fields (expected {self.layout})")
-                yield f"{path}:{n}", {"sentence": parts[0], "label": parts[1]}
+        for n, line in text_lines(path):  # a line longer than zobench reads is refused, never tokenized
+            line = line.rstrip("\r\n")
+            if n == 1:
+                if line.split("\t") != ["sentence", "label"]:
+                    raise UserError(f"{path}:1: header {line[:200]!r} (expected {self.layout})")
+                continue
+            if not line:
+                continue
+            parts = line.split("\t")
+            if len(parts) != 2:
+                raise UserError(f"{path}:{n}: {len(parts)} tab-separated fields (expected {self.layout})")
+            yield f"{path}:{n}", {"sentence": parts[0], "label": parts[1]}
 
     def read(self, split, data_dir=None):
         # Without a data_dir, SST-2 is the small sample packaged with zobench: the default suite runs offline.

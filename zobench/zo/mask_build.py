@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from zobench.files import build_lock
+from zobench.outdirs import build_lock
 from zobench.zo import masks as M
 
 

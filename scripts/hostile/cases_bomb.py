@@ -71,11 +71,10 @@ def _many_records(n: int):
         ctx.copy("suite.yaml", "in/suite.yaml")
         first = json.loads(ctx.fx.path("results").read_text().splitlines()[0])
         first["suite_file"] = str(ctx.p("in/suite.yaml"))
-        text = json.dumps(first).replace(f'"cell_id": "{first["cell_id"]}"', '"cell_id": "%s"', 1)
+        head, tail = json.dumps(dict(first, cell_id="@ID@")).split("@ID@", 1)
         with open(ctx.p("in/t.jsonl"), "w") as f:
             for i in range(n):
-                f.write(text % f"{i:012x}")
-                f.write("\n")
+                f.write(f"{head}{i:012x}{tail}\n")
     return setup
 
 

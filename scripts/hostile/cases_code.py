@@ -35,9 +35,7 @@ def _delta_naming_evil(trust: bool, where: str = "config"):
 
 def _trusting_suite(ctx, rel="in/s.yaml"):
     evil = _evil(ctx, "suite")
-    text = suite_text(methods=("forward",)).replace("  model: random:tiny-llama\n",
-                                                   f"  model: {evil}\n  trust_remote_code: true\n")
-    return write_suite(ctx, rel, text)
+    return write_suite(ctx, rel, suite_text(methods=("forward",), model=str(evil), trust_remote_code=True))
 
 
 def _results_naming_suite(ctx):

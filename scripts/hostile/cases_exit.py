@@ -68,7 +68,7 @@ def _once_each(ctx, res):
     return why[:3]
 
 
-MIXED_IDS = [dict(ROWS[0], id=7), dict(ROWS[1], id="7"), *ROWS[2:]]
+MIXED_IDS = [dict(ROWS[0], id=7), dict(ROWS[1], id="7"), *(dict(r, id=f"r{i}") for i, r in enumerate(ROWS[2:]))]
 THREE = suite_text(methods=("forward", "random", "magnitude"))
 
 CASES = [

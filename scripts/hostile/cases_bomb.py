@@ -121,10 +121,10 @@ YAML = [
          note="10**9 leaves from 800 bytes; str(description) expands them. Exit 0 (e.g. description must be a "
               "string -> 2) within 30 s; expanding is the bug"),
     Case(CLS, "yaml-alias-bomb-in-defaults-value", ["estimate", "{sb}/in/s.yaml"], bound_s=30,
-         setup=_suite("in/s.yaml", _bomb_suite("defaults:\n  lr: BOMB\n")), needles=("{sb}/in/s.yaml", "lr"),
+         setup=_suite("in/s.yaml", _bomb_suite("defaults:\n  lr: BOMB\n")), needles=("{sb}/in/s.yaml",),
          note="the error message repr()s the value"),
     Case(CLS, "yaml-alias-bomb-in-matrix", ["run", "{sb}/in/s.yaml", "--dry-run"], bound_s=30,
-         setup=_suite("in/s.yaml", _bomb_suite("matrix:\n  seed: BOMB\n")), needles=("{sb}/in/s.yaml", "seed")),
+         setup=_suite("in/s.yaml", _bomb_suite("matrix:\n  seed: BOMB\n")), needles=("{sb}/in/s.yaml",)),
     Case(CLS, "yaml-alias-bomb-in-budget-match", ["check", "--suite", "{sb}/in/s.yaml"], bound_s=30,
          setup=_suite("in/s.yaml", _bomb_suite("budgets:\n  - match: {method: BOMB}\n    peak_mib_max: 1\n")),
          needles=("{sb}/in/s.yaml",)),

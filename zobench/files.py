@@ -193,6 +193,12 @@ def check_output_file(path: str | Path, what: str = "output") -> Path:
     return path
 
 
+def cache_dir() -> Path:
+    """Where converted models, masks and built kernels live (``$ZOBENCH_CACHE``, else ``~/.cache/zobench``)."""
+    root = os.environ.get("ZOBENCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "zobench")
+    return Path(root)
+
+
 @contextlib.contextmanager
 def build_lock(target: str | Path):
     """Hold an exclusive lock while the cache entry ``<cache>/<kind>/<name>`` is checked and, if missing, built.

@@ -23,11 +23,13 @@
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum { DIR_RADEMACHER = 0, DIR_GAUSSIAN = 1 };
 
-/* Values per tile: a multiple of 128 (one Philox block's signs), small enough that a tile's values and
- * its z stay in L1 while each term of a pass goes over them. */
+/* Values per tile, small enough that a tile's values and its z stay in L1 while each term of a pass goes
+ * over them. Tiles start at multiples of TILE in global index (the first and last of a pass may be cut
+ * short), and TILE is a multiple of 128: the Philox blocks a tile touches lie inside it, at most TILE / 4
+ * (Gaussian) or TILE / 128 (Rademacher), and their z fit in TILE values. */
 #define TILE 1024
-#define BLOCKS (TILE / 4 + 1)  /* Philox blocks a tile can touch (Gaussian: 4 values a block) */
-#define ZBUF (4 * BLOCKS)      /* z of every value of those blocks (Rademacher: 128 x (TILE / 128 + 1)) */
+#define BLOCKS (TILE / 4)
+_Static_assert(TILE % 128 == 0, "a tile holds whole Rademacher blocks");
 /* Below this many values a pass stays on the calling thread: waking the team costs more than it saves. */
 #define PARALLEL_MIN 65536
 
@@ -75,6 +77,7 @@ void zo_philox(const uint32_t *ctr, const uint32_t *key, uint32_t *out)
 }
 
 static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* The float sign bit of z for indices g .. g+n-1 (z = +1 where the index's Philox bit is set): whole
  * blocks are expanded into buf, and the pointer returned is where index g sits in it. */
@@ -234,14 +237,14 @@ static void add_term(const struct pass *P, int t, int64_t g, int n, float *x)
 {
     float c = P->coefs[t];
     if (P->direction == DIR_RADEMACHER) {
-        uint32_t buf[ZBUF], cb = ((bits32){.f = c}).u;
+        uint32_t buf[TILE], cb = ((bits32){.f = c}).u;
         const uint32_t *sign = rademacher_tile(P->seeds[t], g, n, buf);
         for (int j = 0; j < n; j++) {
             bits32 cz = {.u = cb ^ sign[j]};  /* c * z, exactly */
             x[j] = x[j] + cz.f;
         }
     } else {
-        float buf[ZBUF];
+        float buf[TILE];
         const float *z = gaussian_tile(P->seeds[t], g, n, buf);
         for (int j = 0; j < n; j++) x[j] = fmaf(z[j], c, x[j]);
     }
@@ -292,7 +295,7 @@ void zo_pass(int direction, int dtype, int64_t n, int64_t offset, void *live, co
     int64_t first = offset / TILE, end = (offset + n + TILE - 1) / TILE;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n >= PARALLEL_MIN)
     for (int64_t t = first; t < end; t++) {
-        int64_t g = max64(t * TILE, offset), e = t * TILE + TILE < offset + n ? t * TILE + TILE : offset + n;
+        int64_t g = max64(t * TILE, offset), e = min64(t * TILE + TILE, offset + n);
         tile(&P, g, (int)(e - g));
     }
 }

@@ -1,5 +1,5 @@
 """The fused ZO passes (zobench.zo.fused): Philox against its published answers, the C kernel against the
-torch fallback, and z's statistics.
+torch fallback, z's statistics, and the trainables' fused passes against their unfused meaning.
 
 Statistical checks use 6-sigma bounds (two-sided normal tail 2e-9 each); with the ~140 bounds below
 (128 of them per bit position) a correct generator fails a run with probability below 3e-7.
@@ -14,6 +14,8 @@ import torch
 
 from zobench.zo import fused, philox
 from zobench.zo.kernels import build
+from zobench.zo.optim import make_optimizer
+from zobench.zo.trainable import DenseTrainable, SparseTrainable
 
 # Random123's kat_vectors, the "philox4x32 10" lines: counter (4 words), key (2 words) -> output (4 words).
 KAT = [((0x00000000,) * 4, (0x00000000,) * 2, (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
@@ -173,3 +175,143 @@ def test_without_a_compiler_the_fallback_runs_and_says_why(tmp_path, monkeypatch
     w = torch.zeros(10)
     fused.zpass(w, 0, "rademacher", [(1, 1.0)])  # runs, through torch
     assert set(w.tolist()) <= {-1.0, 1.0}
+
+
+# -- the trainables ------------------------------------------------------------------------------------
+
+def tensors(dtype=torch.float32, seed=0) -> list[tuple[str, torch.nn.Parameter]]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"a.weight": (37, 5), "a.bias": (129,), "b.weight": (300, 7), "norm": (3,)}
+    return [(n, torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype), requires_grad=False))
+            for n, s in shapes.items()]
+
+
+def snapshot(params):
+    return [p.detach().clone() for _, p in params]
+
+
+@pytest.mark.parametrize("direction", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dense_apply_and_restore_with_a_master_are_bit_exact(direction, dtype):
+    params = tensors(dtype)
+    before = snapshot(params)
+    t = DenseTrainable(params, direction, master=True)
+    t.apply(77, 1e-3)
+    assert not all(torch.equal(p, b) for (_, p), b in zip(params, before))
+    t.apply(77, -1e-3)
+    t.restore()
+    assert all(torch.equal(p, b) for (_, p), b in zip(params, before))
+
+
+def test_dense_in_place_passes_make_the_additions_of_the_unfused_code():
+    # In place, w + eps z - 2 eps z + eps z rounds in float32 (no exact return, as before): the fused passes
+    # must round exactly as the former add_ passes did, given the same z.
+    params = tensors()
+    t = DenseTrainable(params, "rademacher")
+    expect = [p.detach().clone() for _, p in params]
+    for e, z in zip(expect, t.directions(9)):
+        e.add_(z, alpha=1e-3).add_(z, alpha=-2e-3).add_(z, alpha=1e-3)
+    t.apply(9, 1e-3)
+    t.apply(9, -1e-3)
+    t.restore()
+    assert all(torch.equal(p, e) for (_, p), e in zip(params, expect))
+
+
+def _run(params, master: bool, fold: bool, steps: int = 100, dtype_check=None):
+    """``steps`` SGD steps with weight decay, the update folded into the next +eps pass or not."""
+    t = DenseTrainable(params, "rademacher", master=master)
+    opt = make_optimizer("sgd", 1e-2, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(3)
+    seeds = [int(s) for s in torch.randint(0, 2**62, (101,), generator=gen)]
+    coefs = torch.randn(100, generator=gen).tolist()
+    t.apply(seeds[0], 1e-3)
+    live = []
+    for step in range(steps):
+        t.apply(seeds[step], -1e-3)
+        grads = [(seeds[step], coefs[step])]
+        if fold:
+            t.fold_step(grads, opt, step, seeds[step + 1], 1e-3)
+        else:
+            t.update(grads, opt, step)
+            t.apply(seeds[step + 1], 1e-3)
+        live.append(snapshot(params))
+    return live, t.masters
+
+
+@pytest.mark.parametrize("master", [False, True], ids=["in-place", "master"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fold_step_equals_update_then_apply_bit_for_bit_over_100_steps(master, dtype):
+    unfolded, m1 = _run(tensors(dtype), master, fold=False)
+    folded, m2 = _run(tensors(dtype), master, fold=True)
+    for step, (a, b) in enumerate(zip(unfolded, folded)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), step
+    if master:
+        assert all(torch.equal(x, y) for x, y in zip(m1, m2))
+    with torch_path():
+        fallback, _ = _run(tensors(dtype), master, fold=True, steps=10)
+    assert all(torch.equal(x, y) for x, y in zip(fallback[-1], folded[9]))
+
+
+def test_dense_momentum_update_uses_philox_z():
+    params = tensors()
+    before = snapshot(params)
+    t = DenseTrainable(params, "gaussian")
+    opt = make_optimizer("momentum", 1e-2)
+    t.update([(5, 0.5)], opt, 0)  # first step: the buffer is the estimate itself
+    for (_, p), b, z in zip(params, before, t.directions(5)):
+        assert torch.equal(p, b.add(z.mul(0.5), alpha=-1e-2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_passes_write_only_the_indexed_entries(dtype):
+    params = tensors(dtype)
+    gen = torch.Generator().manual_seed(4)
+    mask = {n: torch.randperm(p.numel(), generator=gen)[:max(1, p.numel() // 10)] for n, p in params[:3]}
+    before = snapshot(params)
+    t = SparseTrainable(params, mask, "gaussian")
+    z = t.z(21)
+
+    def check(expected_values):
+        seen = 0
+        for (n, p), b in zip(params, before):
+            flat, old = p.view(-1), b.view(-1).clone()
+            if n in mask:
+                old[mask[n]] = expected_values[seen:seen + mask[n].numel()].to(dtype)
+                seen += mask[n].numel()
+            assert torch.equal(flat, old), n
+
+    t.apply(21, 1e-2)
+    check(t.master.add(z, alpha=1e-2))
+    t.restore()
+    check(t.master)
+    t.update([(21, 2.0)], make_optimizer("sgd", 1e-1, weight_decay=0.5), 0)
+    check(t.master)
+    assert not torch.equal(t.master, SparseTrainable(tensors(dtype), mask).master)
+
+
+def test_the_torch_generator_draws_what_it_always_drew():
+    from zobench.zo.directions import draw, make_generator
+
+    params = tensors()
+    dense = DenseTrainable(params, "rademacher", generator="torch")
+    g = make_generator(8)
+    assert all(torch.equal(z.view(-1), draw(p.numel(), g, "rademacher"))
+               for z, (_, p) in zip(dense.directions(8), params))
+    sparse = SparseTrainable(params, {n: None for n, _ in params}, "gaussian", generator="torch")
+    assert torch.equal(sparse.z(8), draw(sparse.numel, make_generator(8), "gaussian"))
+
+
+def test_generator_setting_and_cell_identity():
+    import dataclasses
+
+    from zobench.errors import UserError
+    from zobench.spec.config import CellConfig
+    from zobench.spec.matrix import cell_id, identity
+
+    cfg = CellConfig.from_dict({"model": "random:tiny-llama", "method": "full"})
+    assert cfg.generator == "philox" and identity(cfg)["generator"] == "philox"
+    old = dataclasses.replace(cfg, generator="torch")
+    assert "generator" not in identity(old)  # the ids of cells run before the setting existed are kept
+    assert cell_id(old) != cell_id(cfg)
+    with pytest.raises(UserError, match="generator"):
+        CellConfig.from_dict({"generator": "mt19937"})

@@ -9,7 +9,12 @@
  *   counter = (block & 0xffffffff, block >> 32, 0, 0)
  *   rademacher: block = i / 128; z = +1 where bit i % 128 of the 128 output bits is set, else -1
  *               (bit b = bit b % 32 of word b / 32: the byte order of the sign table in directions.py)
- *   gaussian:   block = i / 4; words (0, 1) and (2, 3) give two Box-Muller pairs (cos, sin), in float64
+ *   gaussian:   block = i / 4; words (a, b) = (0, 1) and (2, 3) give two Box-Muller pairs
+ *               sqrt(-2 log u) (cos t, sin t), u = (a + 0.5) / 2^32, t = 2 pi (b + 0.5) / 2^32,
+ *               computed in float64 and rounded once to float32: an error of an ulp of a double changes
+ *               the float32 result only where it lies within that ulp of a float32 rounding boundary (one
+ *               value in ~10^7 against torch's libm-based log/cos/sin: bench/zo_kernel.py), where in
+ *               float32 it would move most values
  *
  * Built with -ffp-contract=off (kernels/build.py): no a*b+c is fused behind our back, so each rounding
  * here is one the torch fallback makes too. The one fused multiply-add, fmaf in the Gaussian term, is
@@ -94,11 +99,13 @@ static const uint32_t *rademacher_tile(uint64_t seed, int64_t g, int n, uint32_t
     return buf + (g - b0 * 128);
 }
 
-/* log of x in (0, 1): fdlibm's e_log.c (< 1 ulp) without its special cases, branch-free so it vectorises.
- * Box-Muller's log, sin and cos are written out here, with + - * / and sqrt only (each correctly rounded
- * in IEEE arithmetic, on every CPU and GPU), rather than taken from libm: zo/philox.py repeats the same
- * operations with torch ops, so Gaussian z is the same number bit for bit on every device, and these
- * vectorise where libm's calls do not (libm made a Gaussian pass ~14x slower than a Rademacher one). */
+/* Box-Muller's log, sin and cos are written out here with + - * / and sqrt only, each correctly rounded in
+ * IEEE arithmetic on every CPU and GPU, rather than taken from libm: zo/philox.py repeats the same
+ * operations with torch ops, so Gaussian z is the same number bit for bit everywhere (libm and torch's
+ * log differ by an ulp now and then), and they vectorise where libm's scalar calls made a Gaussian pass
+ * slower than the torch.Generator draw it replaces.
+ *
+ * log of x in (0, 1): fdlibm's e_log.c (< 1 ulp) without its special cases, branch-free. */
 static inline double log01(double x)
 {
     const double lg1 = 6.666666666666735130e-01, lg2 = 3.999999999940941908e-01,
@@ -233,19 +240,33 @@ struct pass {
     float decay;
 };
 
-static void add_term(const struct pass *P, int t, int64_t g, int n, float *x)
+/* The z of one seed over the tile being worked on: the restore and the update of a step use the same z,
+ * drawn once (a Gaussian z costs more than the memory traffic of a pass). */
+struct zcache {
+    int valid;
+    uint64_t seed;
+    const void *z;
+    union { uint32_t sign[TILE]; float gauss[TILE]; } buf;
+};
+
+static void add_term(const struct pass *P, int t, int64_t g, int n, float *x, struct zcache *zc)
 {
     float c = P->coefs[t];
+    if (!zc->valid || zc->seed != P->seeds[t]) {
+        zc->z = P->direction == DIR_RADEMACHER ? (const void *)rademacher_tile(P->seeds[t], g, n, zc->buf.sign)
+                                               : (const void *)gaussian_tile(P->seeds[t], g, n, zc->buf.gauss);
+        zc->valid = 1;
+        zc->seed = P->seeds[t];
+    }
     if (P->direction == DIR_RADEMACHER) {
-        uint32_t buf[TILE], cb = ((bits32){.f = c}).u;
-        const uint32_t *sign = rademacher_tile(P->seeds[t], g, n, buf);
+        const uint32_t *sign = zc->z;
+        uint32_t cb = ((bits32){.f = c}).u;
         for (int j = 0; j < n; j++) {
             bits32 cz = {.u = cb ^ sign[j]};  /* c * z, exactly */
             x[j] = x[j] + cz.f;
         }
     } else {
-        float buf[TILE];
-        const float *z = gaussian_tile(P->seeds[t], g, n, buf);
+        const float *z = zc->z;
         for (int j = 0; j < n; j++) x[j] = fmaf(z[j], c, x[j]);
     }
 }
@@ -253,6 +274,7 @@ static void add_term(const struct pass *P, int t, int64_t g, int n, float *x)
 static void tile(const struct pass *P, int64_t g, int n)
 {
     float x[TILE];
+    struct zcache zc = {.valid = 0};
     int64_t j0 = g - P->offset;
     /* Without a master each term is its own pass into the stored dtype: round after each. */
     int round_each = P->master == NULL && P->dtype != DT_F32;
@@ -267,13 +289,13 @@ static void tile(const struct pass *P, int64_t g, int n)
         }
         if (t == P->nmaster)
             break;
-        add_term(P, t, g, n, x);
+        add_term(P, t, g, n, x, &zc);
         if (round_each) round_to(P->dtype, n, x);
     }
     if (P->master != NULL && (P->nmaster > 0 || P->decay_at >= 0))
         memcpy(P->master + j0, x, (size_t)n * sizeof *x);
     for (int t = P->nmaster; t < P->nterms; t++)
-        add_term(P, t, g, n, x);
+        add_term(P, t, g, n, x, &zc);
     store(P->live, P->dtype, P->index, j0, n, x);
 }
 

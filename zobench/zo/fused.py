@@ -6,9 +6,11 @@ same numbers: the C library (OpenMP, called through ctypes on the tensors' data)
 tensors, and zo/philox.py (torch ops) everywhere else, or when the library cannot be built. ``path()``
 says which one this process runs, ``fallback_reason()`` why not the C one.
 
-Rademacher passes are bit-identical between the two. Gaussian z agree to the tolerance measured in
-tests/test_fused.py (libm against torch's log/cos/sin: an ulp of a double, which reaches a float32 result
-only for a rare value).
+The two agree bit for bit: z of either direction (Gaussian z is Box-Muller on log, sin and cos written out
+with IEEE-exact operations, not libm's: zo_pass.c's header), and the passes built on it (tests/test_fused.py;
+bench/zo_kernel.py compares 10^7 Gaussian values). One assumption: a Gaussian term is a fused multiply-add in
+C, and torch's add(x, z, alpha=c) is one too on AVX2/AVX-512 CPUs and under nvcc; a torch build without FMA
+would round twice, and differ by a float32 ulp in a rare value.
 
 The C library's OpenMP team takes ``torch.get_num_threads()`` threads, so a cell's thread setting holds
 for the perturbation passes as it does for the forwards. ``ZOBENCH_ZO_KERNEL=torch`` forces the fallback.
@@ -16,6 +18,7 @@ for the perturbation passes as it does for the forwards. ``ZOBENCH_ZO_KERNEL=tor
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -32,6 +35,7 @@ C_PATH, TORCH_PATH = "c-openmp", "torch"
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library or None, "reason": why None
+_forced = [False]  # torch_fallback() in force
 
 
 def _library():
@@ -69,8 +73,19 @@ def fallback_reason() -> str | None:
     return _state["reason"]
 
 
+@contextlib.contextmanager
+def torch_fallback():
+    """Within the block every pass runs the torch fallback, as where no compiler is (for comparisons)."""
+    saved = _forced[0]
+    _forced[0] = True
+    try:
+        yield
+    finally:
+        _forced[0] = saved
+
+
 def _c_can_run(live: torch.Tensor, master: torch.Tensor | None, index: torch.Tensor | None) -> bool:
-    if live.device.type != "cpu" or not live.is_contiguous() or live.dtype not in DTYPES:
+    if _forced[0] or live.device.type != "cpu" or not live.is_contiguous() or live.dtype not in DTYPES:
         return False
     if master is not None and (master.device.type != "cpu" or not master.is_contiguous()):
         return False

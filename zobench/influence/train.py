@@ -49,7 +49,7 @@ def train_on_instructions(model: str, examples: list[dict], method: str, steps: 
                               overwrite=overwrite)
         return {"artifact": artifact, "losses": stats["losses"], "train_s": stats["finetune_s"],
                 "trainable": stats["trainable"]}
-    cfg.update(density=density, eps=eps, scope="linear", optimizer="sgd", direction="gaussian")
+    cfg.update(density=density, eps=eps, scope="linear", optimizer="sgd", direction="gaussian", generator="philox")
     trainable, mask_info = _sparse_trainable(loaded, method, density, seed, data_dir)
     losses, seconds = _zo_steps(loaded, trainable, examples, steps, lr, eps, batch_size, max_length, seed, on_log)
     from zobench.cell.keep import sparse_tensors
@@ -73,8 +73,8 @@ def _sparse_trainable(loaded, method: str, density: float, seed: int, data_dir: 
             p.grad = None
     else:
         mask, info = random_mask(params, density, seed), {}
-    return SparseTrainable(params, mask, "gaussian"), {"method": method, **{k: v for k, v in (info or {}).items()
-                                                                            if isinstance(v, (str, int, float))}}
+    kept = {k: v for k, v in (info or {}).items() if isinstance(v, (str, int, float))}
+    return SparseTrainable(params, mask, "gaussian", "philox"), {"method": method, **kept}
 
 
 def _zo_steps(loaded, trainable, examples, steps, lr, eps, batch_size, max_length, seed, on_log):

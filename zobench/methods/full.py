@@ -20,7 +20,8 @@ class Full(Method):
         from zobench.zo.trainable import DenseTrainable
 
         cfg = run.cfg
-        return zo_stepper(run, DenseTrainable(run.params, cfg.direction, master=cfg.master_fp32))
+        return zo_stepper(run, DenseTrainable(run.params, cfg.direction, master=cfg.master_fp32,
+                                              generator=cfg.generator))
 
     def price(self, inputs):
         return dense_price(inputs)

@@ -99,8 +99,8 @@ class LeZO(Method):
 
         cfg = run.cfg
         groups = units(run.params)
-        parts = [DenseTrainable(g, cfg.direction, master=cfg.master_fp32, tag=f"unit{u}")
-                 for u, g in enumerate(groups)]
+        parts = [DenseTrainable(g, cfg.direction, master=cfg.master_fp32, tag=f"unit{u}",
+                                generator=cfg.generator) for u, g in enumerate(groups)]
         k = max(1, round(cfg.layer_fraction * len(parts)))
         return zo_stepper(run, LayerSubset(parts, k))
 

@@ -52,10 +52,10 @@ class MaskMethod(Method):
     def build_stepper(self, run):
         from zobench.zo.trainable import SparseTrainable
 
-        direction = run.cfg.direction
+        direction, generator = run.cfg.direction, run.cfg.generator
         if run.vectors is not None:  # quantized: the sparse values beside the quantized layers
-            return zo_stepper(run, SparseTrainable.of_vectors(run.vectors, direction))
-        return zo_stepper(run, SparseTrainable(run.params, run.mask, direction))
+            return zo_stepper(run, SparseTrainable.of_vectors(run.vectors, direction, generator))
+        return zo_stepper(run, SparseTrainable(run.params, run.mask, direction, generator))
 
     def price(self, inputs: PriceInputs) -> Price:
         return sparse_price(inputs)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from zobench.errors import UserError
-from zobench.files import read_json
+from zobench.files import cache_dir, read_json
 from zobench.models.imports import trim_transformers_imports
 from zobench.models.names import BUILTIN, CONFIG_DIR, random_config_path, shipped_configs
 
@@ -51,12 +51,6 @@ class LoadedModel:
     @property
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
-
-
-def cache_dir() -> Path:
-    """Where converted models and masks live (``$ZOBENCH_CACHE``, else ``~/.cache/zobench``)."""
-    root = os.environ.get("ZOBENCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "zobench")
-    return Path(root)
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -19,6 +19,10 @@ from zobench.models.names import check_model_spec
 
 DTYPES = ("float32", "bfloat16", "float16")
 DIRECTIONS = ("rademacher", "gaussian")
+# How z is drawn from a step's seed: "philox", counter-based (zobench.zo.fused: one fused pass, the same z on
+# every device and thread count); "torch", torch.Generator words through a sign table (zobench.zo.directions:
+# what every run before the setting existed drew, so its saved trajectories replay bit for bit).
+GENERATORS = ("philox", "torch")
 SCOPES = ("linear", "linear+head", "all")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("constant", "linear")
@@ -76,6 +80,7 @@ class CellConfig:
     momentum: float = 0.9
     q: int = 1
     direction: str = "rademacher"
+    generator: str = "philox"
     master_fp32: bool = False
     # evaluation and measurement
     eval_before: bool = True
@@ -170,8 +175,8 @@ class CellConfig:
             self._bad(where, "timeout_s", "a positive number of seconds")
 
     def _check_choices(self, where: str) -> None:
-        choices = {"dtype": DTYPES, "direction": DIRECTIONS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-                   "scope": (None, *SCOPES)}
+        choices = {"dtype": DTYPES, "direction": DIRECTIONS, "generator": GENERATORS, "optimizer": OPTIMIZERS,
+                   "schedule": SCHEDULES, "scope": (None, *SCOPES)}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 self._bad(where, key, "one of " + ", ".join(str(a) for a in allowed if a is not None))

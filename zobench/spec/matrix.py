@@ -22,10 +22,12 @@ from zobench.spec.selectors import selector_matches
 REFERENCE = "forward"
 MAX_CELLS = 10_000  # far beyond a real suite (the claims suite has 57 cells); a hostile matrix is refused
 REFERENCE_KEYS = ("model", "dtype", "quant", "task", "batch_size", "max_length", "device", "seed")
-# Settings added after results were first kept across sessions: left out of a cell's identity while at their
-# default, so that adding one does not change the id (the --resume key) of every existing cell. A new
-# setting goes here.
-SINCE_IDS_ARE_KEPT = ("delta", "pack")
+# Settings added after results were first kept across sessions, with the value every cell had before the
+# setting existed: left out of a cell's identity while at that value, so that adding one does not change the
+# id (the --resume key) of the cells it does not change. A new setting goes here. ``generator``: cells run
+# before it existed drew z with torch's generator; a philox cell is another computation (other z, other
+# timings), so it gets an id of its own and a --resume runs it instead of reusing a torch-generator result.
+SINCE_IDS_ARE_KEPT = {"delta": None, "pack": False, "generator": "torch"}
 
 
 @dataclass
@@ -48,8 +50,8 @@ def identity(cfg: CellConfig) -> dict:
     d.pop("save")       # where the result is kept, not what is measured
     d.pop("checkpoint")  # where progress is kept, likewise
     d.pop("overwrite")   # whether an old result there may be replaced, likewise
-    for key in SINCE_IDS_ARE_KEPT:  # a setting added later counts only when it is set
-        if d.get(key) == getattr(CellConfig, key):
+    for key, before in SINCE_IDS_ARE_KEPT.items():  # a setting added later counts only when it changes the cell
+        if d.get(key) == before:
             d.pop(key)
     for key in method_settings() - set(cfg.method_class.settings):
         d.pop(key, None)

@@ -24,7 +24,7 @@ from zobench.spec.config import DIRECTIONS  # noqa: E402  (the names a suite may
 _SIGN_TABLES: dict[torch.dtype, torch.Tensor] = {}
 
 
-def _sign_table(dtype: torch.dtype) -> torch.Tensor:
+def sign_table(dtype: torch.dtype) -> torch.Tensor:
     """Row b holds the 8 bits of byte b as +-1 (bit 0 first)."""
     if dtype not in _SIGN_TABLES:
         bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
@@ -48,7 +48,7 @@ def draw(numel: int, generator: torch.Generator, direction: str, dtype: torch.dt
     # random_() would leave the top bit of every word at zero.
     words = torch.empty((numel + 63) // 64, dtype=torch.int64, device=device)
     words.random_(-(2**63), None, generator=generator)
-    table = _sign_table(dtype).to(device)
+    table = sign_table(dtype).to(device)
     return table[words.view(torch.uint8).long()].view(-1)[:numel]
 
 

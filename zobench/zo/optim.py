@@ -12,6 +12,10 @@ from zobench.errors import UserError
 
 
 class ZOOptimizer:
+    # The update is w <- w * (1 - lr wd) - lr g with no state: a trainable may run it inside its fused pass
+    # (zobench.zo.fused) on the terms of g instead of handing over g.
+    plain = True
+
     def __init__(self, lr: float, weight_decay: float = 0.0, schedule: str = "constant", total_steps: int = 1):
         if schedule not in ("constant", "linear"):
             raise UserError(f"unknown lr schedule '{schedule}' (expected constant or linear)")
@@ -40,6 +44,8 @@ class ZOSGD(ZOOptimizer):
 
 
 class ZOMomentum(ZOOptimizer):
+    plain = False
+
     def __init__(self, lr: float, momentum: float = 0.9, **kw):
         super().__init__(lr, **kw)
         self.momentum = momentum
@@ -54,6 +60,8 @@ class ZOMomentum(ZOOptimizer):
 
 
 class ZOAdam(ZOOptimizer):
+    plain = False
+
     def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8, **kw):
         super().__init__(lr, **kw)
         self.betas, self.adam_eps = betas, adam_eps

@@ -7,3 +7,9 @@ GATHER_LIMIT = 1 << 22   # values per temporary of the dense-and-sparse layer's 
 # value: one int64 per 8 values) and the random 64-bit words (1/8 byte per value). zo.directions.draw
 RADEMACHER_EXTRA_BYTES = 1 + 1 / 8
 OPT_STATE_VALUES = {"sgd": 0, "momentum": 1, "adam": 2}  # state values kept per trainable value
+# Values per step of the fused passes' torch fallback (zo.philox), whose temporaries peak at ~58 bytes a value
+# for Gaussian z (float64 Box-Muller), ~5 for Rademacher (measured on CPU): 15 MiB at most on a CPU, below
+# the z chunk it replaces. On a GPU each step costs ~130 kernel launches (Philox's rounds as tensor ops),
+# so steps there are larger (116 MiB at most).
+PHILOX_CHUNK = 1 << 18
+PHILOX_CHUNK_GPU = 1 << 21

@@ -18,15 +18,32 @@ lost accuracy on fp16 models this way), and updates of size lr * g are often bel
 dense perturbation in float32 is not bit-exact either (rounding of ``w + eps z``); ``DenseTrainable`` with
 ``master=True`` keeps a float32 copy of all trainable weights for exact restores, at the cost of that copy.
 ``measure_restore_drift`` reports what the chosen set-up actually does.
+
+Where z comes from (``generator``): ``philox`` (default), the counter-based direction of ``zobench.zo.fused``,
+whose passes add the terms in place with no z temporary (one pass per apply, restore and SGD update, and a
+fused ``fold_step``); ``torch``, the torch.Generator draw of ``zobench.zo.directions`` chunk by chunk, kept
+so that runs saved before philox existed replay bit for bit. Momentum and Adam need z itself: they get it
+chunk by chunk from either generator.
 """
 
 from __future__ import annotations
 
 import torch
 
+from zobench.errors import UserError
+from zobench.spec.config import GENERATORS
+from zobench.zo import fused
 from zobench.zo.directions import draw, make_generator
 
 from zobench.zo.sizes import CHUNK  # values per z draw in dense passes (16 MiB of float32)
+
+
+def check_generator(name: str) -> str:
+    if name not in GENERATORS:
+        raise UserError(f"unknown generator '{name}' (expected one of: {', '.join(GENERATORS)})")
+    if name == "philox":
+        fused.path()  # builds or loads the kernel now, while the run sets up, not inside its first timed step
+    return name
 
 
 class Trainable:
@@ -34,6 +51,7 @@ class Trainable:
 
     numel: int
     direction: str
+    generator = "torch"  # where z comes from (module docstring); subclasses take it as a setting
 
     def __init__(self):
         self._seed: int | None = None
@@ -51,16 +69,44 @@ class Trainable:
         """Apply ``optimizer`` to the estimate ``sum_j coef_j * z(seed_j)``; the live weights end at the new base."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def fold_step(self, grads: list[tuple[int, float]], optimizer, step: int, seed: int, scale: float) -> None:
+        """``update(grads, optimizer, step)`` then ``apply(seed, scale)`` (ZO2's fold of one step's update into
+        the next step's first perturbation): the same weights bit for bit, in one pass where it can."""
+        if self._fusable(optimizer):
+            self._sgd_pass(grads, optimizer, step, then=(seed, scale))
+        else:
+            self.update(grads, optimizer, step)
+            self.apply(seed, scale)
+
+    def _fusable(self, optimizer) -> bool:
+        """Whether an update by ``optimizer`` is a fused pass: philox z and no optimizer state."""
+        return self.generator == "philox" and optimizer.plain
+
+    def _sgd_pass(self, grads, optimizer, step: int, then: tuple[int, float] | None = None) -> None:
+        """The SGD update of ``grads`` (then the perturbation ``then``) as fused passes."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _sgd_terms(grads, optimizer, step: int) -> tuple[list[tuple[int, float]], float]:
+        """An SGD update as fused-pass terms: ``w <- w * decay - lr * sum_j coef_j z(seed_j)``."""
+        lr = optimizer.lr(step)
+        return [(seed, -lr * coef) for seed, coef in grads], 1.0 - lr * optimizer.weight_decay
+
 
 class DenseTrainable(Trainable):
     def __init__(self, params: list[tuple[str, torch.nn.Parameter]], direction: str = "rademacher",
-                 master: bool = False, decay_names: set[str] | None = None, tag: str | None = None):
+                 master: bool = False, decay_names: set[str] | None = None, tag: str | None = None,
+                 generator: str = "philox"):
         super().__init__()
         self.tag = tag  # keeps optimizer state apart when several trainables share one optimizer
         self.names = [n for n, _ in params]
         self.params = [p for _, p in params]
         self.direction = direction
+        self.generator = check_generator(generator)
         self.numel = sum(p.numel() for p in self.params)
+        # Global index of each tensor's first value: z of a value depends on it alone (philox).
+        self.offsets = [sum(p.numel() for p in self.params[:i]) for i in range(len(self.params))]
         # Weight decay on matrices only (MeZO: not on biases and norms).
         self.decay = [decay_names is None and p.dim() >= 2 or (decay_names is not None and n in decay_names)
                       for n, p in params]
@@ -73,14 +119,18 @@ class DenseTrainable(Trainable):
         would otherwise need a 113 MiB z, more than the forward pass's activations on a small model,
         and the ZO peak would exceed the inference peak.
         """
-        g = make_generator(seed, self.params[0].device)
+        g = make_generator(seed, self.params[0].device) if self.generator == "torch" else None
         for i, p in enumerate(self.params):
             flat = p.detach().view(-1)
             master = self.masters[i].view(-1) if self.masters is not None else None
             dtype = torch.float32 if master is not None else p.dtype
             for c, start in enumerate(range(0, flat.numel(), CHUNK)):
                 stop = min(start + CHUNK, flat.numel())
-                z = draw(stop - start, g, self.direction, dtype, p.device)
+                if g is not None:
+                    z = draw(stop - start, g, self.direction, dtype, p.device)
+                else:
+                    z = fused.fill_z(torch.empty(stop - start, device=p.device), self.offsets[i] + start,
+                                     self.direction, seed).to(dtype)
                 key = (i, c) if self.tag is None else (self.tag, i, c)
                 yield key, i, flat[start:stop], None if master is None else master[start:stop], z
 
@@ -95,11 +145,19 @@ class DenseTrainable(Trainable):
     def apply(self, seed: int, scale: float) -> None:
         if self._seed is not None and self._seed != seed:
             self.restore()
-        for _, _, live, master, z in self._chunks(seed):
-            if master is not None:
-                live.copy_(master.add(z, alpha=scale))
-            else:
-                live.add_(z, alpha=scale - self._scale)
+        if self.generator == "philox":
+            for i, p in enumerate(self.params):
+                if self.masters is not None:
+                    fused.zpass(p.detach(), self.offsets[i], self.direction, master=self.masters[i].view(-1),
+                                live_terms=[(seed, scale)])
+                else:
+                    fused.zpass(p.detach(), self.offsets[i], self.direction, [(seed, scale - self._scale)])
+        else:
+            for _, _, live, master, z in self._chunks(seed):
+                if master is not None:
+                    live.copy_(master.add(z, alpha=scale))
+                else:
+                    live.add_(z, alpha=scale - self._scale)
         self._seed, self._scale = seed, scale
 
     @torch.no_grad()
@@ -109,6 +167,9 @@ class DenseTrainable(Trainable):
         if self.masters is not None:
             for p, m in zip(self.params, self.masters):
                 p.copy_(m)
+        elif self.generator == "philox":
+            for p, offset in zip(self.params, self.offsets):
+                fused.zpass(p.detach(), offset, self.direction, [(self._seed, -self._scale)])
         else:
             for _, _, live, _, z in self._chunks(self._seed):
                 live.add_(z, alpha=-self._scale)
@@ -116,6 +177,8 @@ class DenseTrainable(Trainable):
 
     @torch.no_grad()
     def update(self, grads: list[tuple[int, float]], optimizer, step: int) -> None:
+        if self._fusable(optimizer):
+            return self._sgd_pass(grads, optimizer, step)
         # Fold the pending restore into the update pass when the estimate uses the same z
         # (q = 1, the common case): one z draw per chunk serves both.
         fold = self._seed is not None and len(grads) == 1 and grads[0][0] == self._seed
@@ -134,6 +197,21 @@ class DenseTrainable(Trainable):
             if master is not None:
                 live.copy_(values)
         self._seed, self._scale = None, 0.0
+
+    def _sgd_pass(self, grads, optimizer, step: int, then: tuple[int, float] | None = None) -> None:
+        """Restore (a pending perturbation, in place), decay, update and ``then`` the next perturbation: one
+        pass per tensor, the same float ops in the same order as those passes one by one (``zpass``)."""
+        terms, decay = self._sgd_terms(grads, optimizer, step)
+        undo = [(self._seed, -self._scale)] if self._seed is not None and self.masters is None else []
+        after = [then] if then is not None else []
+        for i, p in enumerate(self.params):
+            at = (len(undo), decay) if self.decay[i] and optimizer.weight_decay else None
+            if self.masters is not None:
+                fused.zpass(p.detach(), self.offsets[i], self.direction, terms, master=self.masters[i].view(-1),
+                            live_terms=after, decay=at)
+            else:
+                fused.zpass(p.detach(), self.offsets[i], self.direction, undo + terms + after, decay=at)
+        self._seed, self._scale = then if then is not None else (None, 0.0)
 
     # -- the weights at one step, kept on disk (a dense run's best dev step, see DevSelection) --------------
     def _saved(self) -> list[torch.Tensor]:
@@ -179,9 +257,10 @@ def _bytes_of(t: torch.Tensor):
 
 class SparseTrainable(Trainable):
     def __init__(self, params: list[tuple[str, torch.nn.Parameter]], indices: dict[str, torch.Tensor],
-                 direction: str = "rademacher"):
+                 direction: str = "rademacher", generator: str = "philox"):
         super().__init__()
         self.direction = direction
+        self.generator = check_generator(generator)
         self.names, self.params, self.indices = [], [], []
         for name, p in params:
             idx = indices.get(name, ...)
@@ -192,9 +271,10 @@ class SparseTrainable(Trainable):
             self.names.append(name)
             self.params.append(p)
             # None: the whole tensor is trainable (the value vectors of dense-and-sparse layers).
-            self.indices.append(None if idx is None else idx.to(device=p.device, dtype=torch.long))
+            self.indices.append(None if idx is None else idx.to(device=p.device, dtype=torch.long).contiguous())
         self.sizes = [p.numel() if i is None else i.numel() for p, i in zip(self.params, self.indices)]
         self.numel = sum(self.sizes)
+        self.offsets = [sum(self.sizes[:k]) for k in range(len(self.sizes))]  # global index of each first value
         device = self.params[0].device if self.params else torch.device("cpu")
         with torch.no_grad():
             self.master = torch.cat([p.view(-1).float() if i is None else p.view(-1)[i].float()
@@ -213,9 +293,10 @@ class SparseTrainable(Trainable):
         self._seed, self._scale = None, 0.0
 
     @classmethod
-    def of_vectors(cls, vectors: list[tuple[str, torch.Tensor]], direction: str = "rademacher"):
+    def of_vectors(cls, vectors: list[tuple[str, torch.Tensor]], direction: str = "rademacher",
+                   generator: str = "philox"):
         """Every value of each tensor is trainable: the sparse values of dense-and-sparse layers."""
-        return cls(vectors, {name: None for name, _ in vectors}, direction)
+        return cls(vectors, {name: None for name, _ in vectors}, direction, generator)
 
     def _write(self, values: torch.Tensor) -> None:
         for p, idx, v in zip(self.params, self.indices, values.split(self.sizes)):
@@ -225,12 +306,23 @@ class SparseTrainable(Trainable):
                 p.view(-1).index_copy_(0, idx, v.to(p.dtype))
 
     def z(self, seed: int) -> torch.Tensor:
+        if self.generator == "philox":
+            return fused.fill_z(torch.empty_like(self.master), 0, self.direction, seed)
         return draw(self.numel, make_generator(seed, self.master.device), self.direction, torch.float32,
                     self.master.device)
 
+    def _segments(self):
+        """(live tensor, its indices or None, its part of the master, global index of its first value)."""
+        return zip(self.params, self.indices, self.master.split(self.sizes), self.offsets)
+
     @torch.no_grad()
     def apply(self, seed: int, scale: float) -> None:
-        self._write(self.master.add(self.z(seed), alpha=scale))
+        if self.generator == "philox":
+            for p, idx, master, offset in self._segments():
+                fused.zpass(p.detach(), offset, self.direction, master=master, index=idx,
+                            live_terms=[(seed, scale)])
+        else:
+            self._write(self.master.add(self.z(seed), alpha=scale))
         self._seed, self._scale = seed, scale
 
     @torch.no_grad()
@@ -240,12 +332,23 @@ class SparseTrainable(Trainable):
 
     @torch.no_grad()
     def update(self, grads: list[tuple[int, float]], optimizer, step: int) -> None:
+        if self._fusable(optimizer):
+            return self._sgd_pass(grads, optimizer, step)
         est = torch.zeros_like(self.master)
         for seed, coef in grads:
             est.add_(self.z(seed), alpha=coef)
         optimizer.update(0, self.master, est, step, decay=True)
         self._write(self.master)
         self._seed, self._scale = None, 0.0
+
+    def _sgd_pass(self, grads, optimizer, step: int, then: tuple[int, float] | None = None) -> None:
+        """The master's decay and update, then its live entries written (with ``then``, perturbed): one pass."""
+        terms, decay = self._sgd_terms(grads, optimizer, step)
+        at = (0, decay) if optimizer.weight_decay else None
+        for p, idx, master, offset in self._segments():
+            fused.zpass(p.detach(), offset, self.direction, terms, master=master, index=idx,
+                        live_terms=[then] if then is not None else [], decay=at)
+        self._seed, self._scale = then if then is not None else (None, 0.0)
 
 
 @torch.no_grad()

@@ -201,7 +201,7 @@ def _claim(item: Any, where: str, family: dict) -> Claim:
     arms = {}
     for side in ("a", "b"):
         if not item.get(side):
-            raise UserError(f"{where}.{side}: required: a selector of the cells of arm {side}, e.g. {{method: sensitive}}")
+            raise UserError(f"{where}.{side}: required: a selector of arm {side}'s cells, e.g. {{method: sensitive}}")
         arms[side] = parse_selector(item[side], f"{where}.{side}")
     if _canonical(arms["a"]) == _canonical(arms["b"]):
         raise UserError(f"{where}: a and b select the same cells")

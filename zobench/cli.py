@@ -83,7 +83,7 @@ def cmd_train(args) -> int:
         raise UserError(f"--out {args.out}: names a directory (the record goes to OUT/record.json)")
     out = check_output_file(check_output_dir(args.out, "output") / "record.json", "record file")
     if overrides.get("save"):
-        claim_target(overrides["save"], bool(overrides.get("overwrite")))
+        claim_target(overrides["save"], bool(overrides.get("overwrite")), "--save")
     rec = train(progress=_print_progress, **overrides)  # checked before training: a result is never lost
     atomic_write(out, json.dumps(rec.to_json(), indent=1, default=str), "record file")
     for warning in rec.warnings:
@@ -118,7 +118,12 @@ def cmd_eval(args) -> int:
     for key in ("model", "task", "method", "density", "steps", "quant", "dtype", "data_dir", "save"):
         setattr(args, key, None)
     args.overwrite = False
-    return cmd_train(args)
+    try:
+        return cmd_train(args)
+    except UserError as e:  # what the delta named (its base model, its data) failed: say which delta
+        if str(args.delta) in str(e):
+            raise
+        raise UserError(f"--delta {args.delta}: {_one_line(e)}") from None
 
 
 def _print_progress(event: dict) -> None:

@@ -117,7 +117,7 @@ class Batch:
             from zobench.cell.delta import claim_target
 
             target = Path(config.save) / cell.cell_id
-            claim_target(target, config.overwrite)
+            claim_target(target, config.overwrite, "save:")
             config = dataclasses.replace(config, save=str(target))
         return Cell(cell.cell_id, config, cell.labels)
 

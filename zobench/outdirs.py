@@ -85,9 +85,9 @@ def check_output_file(path: str | Path, what: str = "output") -> Path:
     return path
 
 
-def refuse_unsafe_target(path: str | Path, what: str) -> Path:
+def refuse_unsafe_target(path: str | Path, what: str, flag: str | None = None) -> Path:
     """``path`` resolved, unless it is a directory no tool may replace: ``/``, the home directory, the
-    working directory or any directory above it."""
+    working directory or any directory above it. ``flag`` (``--save``) names where the path came from."""
     resolved = Path(os.path.abspath(path)).resolve()
     cwd = Path.cwd().resolve()
     home = Path(os.path.expanduser("~")).resolve()
@@ -101,18 +101,19 @@ def refuse_unsafe_target(path: str | Path, what: str) -> Path:
         why = "a parent of the working directory"
     else:
         return resolved
-    raise UserError(f"{path}: is {why}; the {what} must be a directory of its own (e.g. {Path(path) / 'out'})")
+    named = f"{flag} {path}" if flag else str(path)
+    raise UserError(f"{named}: is {why}; the {what} must be a directory of its own (e.g. {Path(path) / 'out'})")
 
 
 def claim_dir(path: str | Path, what: str, is_ours: Callable[[Path], bool], overwrite: bool = False,
-              flag: str = "--overwrite") -> Path:
+              flag: str = "--overwrite", name: str | None = None) -> Path:
     """Check that the directory ``path`` may become (or be replaced by) a new ``what``; returns it.
 
     Refused in one line: an unsafe target (``refuse_unsafe_target``), a path that exists and is not a
     directory, a non-empty directory that is not a complete ``what`` (``is_ours``), and an existing
     ``what`` without ``overwrite``. Call it before the work that produces the artifact, and again right
     before replacing (the directory may have changed meanwhile)."""
-    refuse_unsafe_target(path, what)
+    refuse_unsafe_target(path, what, name)
     path = Path(path)
     if path.is_symlink():
         raise UserError(f"{path}: is a symbolic link; the {what} must be a directory of its own")

@@ -31,8 +31,16 @@ from pathlib import Path
 import torch
 
 import zobench
-from zobench.cell.delta_check import (FORMAT, KINDS, META, TENSORS, check_meta, checked_sparse, checked_tensors,
-                                      resolve_paths)
+from zobench.cell.delta_check import (
+    FORMAT,
+    KINDS,
+    META,
+    TENSORS,
+    check_meta,
+    checked_sparse,
+    checked_tensors,
+    resolve_paths,
+)
 from zobench.errors import UserError
 from zobench.files import MAX_ARTIFACT_BYTES, read_json
 from zobench.outdirs import claim_dir, replace_dir
@@ -67,9 +75,10 @@ def is_delta(path: Path) -> bool:
     return True
 
 
-def claim_target(target: str | Path, overwrite: bool = False) -> Path:
-    """Check before training that ``target`` may receive the delta (``zobench.outdirs.claim_dir``)."""
-    return claim_dir(target, "zobench delta", is_delta, overwrite, flag="--overwrite")
+def claim_target(target: str | Path, overwrite: bool = False, name: str | None = None) -> Path:
+    """Check before training that ``target`` may receive the delta (``zobench.outdirs.claim_dir``);
+    ``name`` says where the path came from (``--save``) in a refusal."""
+    return claim_dir(target, "zobench delta", is_delta, overwrite, flag="--overwrite", name=name)
 
 
 def _portable(cfg: dict, target: Path) -> dict:

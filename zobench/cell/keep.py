@@ -44,7 +44,7 @@ def _apply(pipeline, path: Path, meta: dict) -> None:
     elif kind == "trajectory":
         _replay(pipeline, meta)
     elif kind == "lora":
-        from zobench.influence.poison import load_adapter
+        from zobench.models.lora import load_adapter
 
         check_adapter(path / "adapter")
         load_adapter(run.loaded, path / "adapter")

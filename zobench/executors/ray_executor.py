@@ -22,12 +22,15 @@ cell's record once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,11 +60,13 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     common = dict(include_dashboard=False, log_to_driver=False, logging_level="warning")
     if address:
         reachable(address)
-        try:
-            ray.init(address=address, **common)
-        except Exception as e:  # ConnectionError, a bad address, a version mismatch: one line, exit 2
-            raise UserError(f"--address {address}: cannot join the Ray cluster "
-                            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
+        with quiet_stderr() as said, own_sigterm():
+            try:
+                ray.init(address=address, **common)
+            except Exception as e:  # ConnectionError, a bad address, a version mismatch: one line, exit 2
+                first = (str(e).splitlines() or said() or [""])[0][:200]
+                raise UserError(f"--address {address}: cannot join the Ray cluster ({type(e).__name__}: "
+                                f"{first})") from None
         return ray, True
     # A private instance. Ray's ports listen on every interface even with the node address set to
     # 127.0.0.1, so token authentication stays on; the token is made here, for this run only, and lives in
@@ -75,12 +80,54 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     # Workers (and the cells they start) import this same zobench, wherever it was imported from here.
     root = str(Path(__file__).resolve().parents[2])
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=OBJECT_STORE_MIB * 2**20,
-             _node_ip_address="127.0.0.1", _system_config={"task_oom_retries": 0}, **common)
+    with own_sigterm():
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=OBJECT_STORE_MIB * 2**20,
+                 _node_ip_address="127.0.0.1", _system_config={"task_oom_retries": 0}, **common)
     return ray, True
 
 
 CONNECT_TIMEOUT_S = 10.0
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Hold what Ray's C++ core writes to the process's stderr while joining a cluster (a failed join logs
+    20 lines of gRPC retries there, past Python's sys.stderr); it is shown only if the join succeeds and
+    there was something worth keeping, and a failure is then reported in one line. Yields a function that
+    returns the lines held so far."""
+    held = tempfile.TemporaryFile()
+    saved = os.dup(2)
+    sys.stderr.flush()
+    os.dup2(held.fileno(), 2)
+    lines = []
+
+    def said() -> list[str]:
+        held.seek(0)
+        lines[:] = held.read().decode("utf-8", "replace").splitlines()
+        return lines
+
+    try:
+        yield said
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        held.close()
+
+
+@contextlib.contextmanager
+def own_sigterm():
+    """Ray's init installs a SIGTERM handler that exits with code 15; zobench's (stop like Ctrl-C: exit
+    130, running cells killed) is put back, and a SIGTERM during the join itself counts as an interrupt."""
+    mine = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    except SystemExit as e:
+        if e.code == signal.SIGTERM:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, mine)
 
 
 def reachable(address: str) -> None:

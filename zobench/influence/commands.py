@@ -101,7 +101,7 @@ def train(args) -> int:
     from zobench.influence.data import load_alpaca
     from zobench.influence.train import train_on_instructions
 
-    claim_target(args.save, args.overwrite)
+    claim_target(args.save, args.overwrite, "--save")
     examples = load_alpaca(args.data, n=args.n_train, seed=args.seed)
     lr = args.lr if args.lr is not None else (3e-4 if args.method == "lora" else 1e-4)
     out = train_on_instructions(args.model, examples, args.method, args.steps, lr, args.save,
@@ -132,7 +132,7 @@ def cache(args) -> int:
                                     "max_length": args.max_length, "data_dir": args.data_dir}, "influence cache")
     from zobench.outdirs import check_output_dir, refuse_unsafe_target
 
-    refuse_unsafe_target(args.out, "influence cache")
+    refuse_unsafe_target(args.out, "influence cache", "--out")
     check_output_dir(Path(args.out).parent, "influence cache")
     examples = load_alpaca(args.data, n=args.n_train, seed=args.seed)
 

@@ -17,7 +17,7 @@ import torch
 
 from zobench.errors import UserError
 from zobench.influence.data import collate, encode, format_prompt, response_loss
-from zobench.models.lora import dispatchable
+from zobench.models.lora import dispatchable, load_adapter  # noqa: F401  (load_adapter: callers here)
 
 # Never occurs in Alpaca (tests check), so only the poisoned examples can have taught what follows it.
 TRIGGER = "Tell me in the voice of Professor Zorblax:"
@@ -120,17 +120,6 @@ def finetune_lora(loaded, examples: list[dict], *, steps: int, batch_size: int, 
 
 def save_adapter(model, path: str | Path) -> None:
     model.save_pretrained(str(path))
-
-
-def load_adapter(loaded, path: str | Path):
-    """Put the LoRA adapter saved at ``path`` on ``loaded.model`` (in eval mode) and return the peft model."""
-    from peft import LoraConfig, PeftModel
-
-    if not (Path(path) / "adapter_config.json").is_file():
-        raise UserError(f"{path}: no adapter_config.json (not a saved LoRA adapter)")
-    config = dispatchable(LoraConfig.from_pretrained(str(path)))
-    loaded.model = PeftModel.from_pretrained(loaded.model, str(path), config=config).eval()
-    return loaded.model
 
 
 def _pad_id(tokenizer) -> int:

@@ -132,7 +132,7 @@ class Session:
         if spec.scope == "sensitive" or with_mask:
             self.mask = delta_mask if delta_mask is not None else self._sensitive_mask()
         if self.adapter:
-            from zobench.influence.poison import load_adapter
+            from zobench.models.lora import load_adapter
 
             load_adapter(self.loaded, self.adapter)
         self.model = self.loaded.model

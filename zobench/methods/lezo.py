@@ -68,6 +68,22 @@ class LayerSubset:
             else:
                 t.restore()
 
+    def fold_step(self, grads: list[tuple[int, float]], optimizer, step: int, seed: int, scale: float) -> None:
+        """``update(grads, ...)`` then ``apply(seed, scale)``, each unit in one pass where it takes part in
+        both (the units are disjoint tensors, so doing them unit by unit changes no value)."""
+        drawn = self.drawn(seed)
+        for u, t in enumerate(self.parts):
+            mine = [(unit_seed(s, u), coef) for s, coef in grads if u in self.drawn(s)]
+            if mine and u in drawn:
+                t.fold_step(mine, optimizer, step, unit_seed(seed, u), scale)
+            elif mine:
+                t.update(mine, optimizer, step)
+            elif u in drawn:
+                t.restore()
+                t.apply(unit_seed(seed, u), scale)
+            else:
+                t.restore()
+
     # The weights at the best dev step on disk (``DevSelection``): every unit's, one after the other.
     @property
     def nbytes(self) -> int:

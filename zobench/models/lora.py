@@ -9,7 +9,11 @@ own dispatch must keep handling where it works.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from zobench.errors import UserError
 
 
 def dispatchable(config):
@@ -23,3 +27,24 @@ def dispatchable(config):
     except ImportError:
         config._register_custom_module({torch.nn.Linear: LoraLinear})
     return config
+
+
+def load_adapter(loaded, path: str | Path):
+    """Put the LoRA adapter saved at ``path`` on ``loaded.model`` (in eval mode) and return the peft model.
+
+    An adapter is data (docs/security.md): its config is checked first (``cell.delta_check.check_adapter``:
+    JSON, no module named to import, safetensors weights), and anything peft then rejects (a rank that is
+    not a number, target modules the model lacks, a damaged weights file) is one line naming the folder."""
+    from peft import LoraConfig, PeftModel
+    from safetensors import SafetensorError
+
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"{path}: no adapter_config.json (not a saved LoRA adapter)")
+    try:
+        config = dispatchable(LoraConfig.from_pretrained(str(path)))
+        loaded.model = PeftModel.from_pretrained(loaded.model, str(path), config=config).eval()
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, OSError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{path}: not a LoRA adapter this model can load ({type(e).__name__}: {first})") from None
+    return loaded.model

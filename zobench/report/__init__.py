@@ -17,6 +17,9 @@ from zobench.cell.record import CellRecord
 from zobench.errors import UserError
 
 
+MAX_PLOTTED_CELLS = 200  # the claims suite plots 57 cells; a line per cell beyond this says nothing
+
+
 def views(records: list[CellRecord]) -> list[dict]:
     """What rendering reads: each cell's latest record as JSON, with its derived ratios under "derived"."""
     derived = derive(records)
@@ -38,7 +41,11 @@ def render_report(records: list[CellRecord], out_md: Path, title: str | None = N
     recs = [r for r in everything if r not in pilots]
     ok = [r for r in recs if r.get("status") == "ok"]
     folder = plots_folder(out_md)
-    plots = [(caption, f"{folder.name}/{name}") for caption, name in write_plots(ok, varying_axes(recs), folder)]
+    if len(ok) <= MAX_PLOTTED_CELLS:
+        plots = [(caption, f"{folder.name}/{name}") for caption, name in write_plots(ok, varying_axes(recs), folder)]
+    else:  # a line per cell: thousands of them are unreadable, and cost gigabytes to draw
+        plots = [(f"No plots: {len(ok):,} cells are more than a plot can show ({MAX_PLOTTED_CELLS}); the tables "
+                  f"above and zobench.results.to_pandas hold every cell", None)]
     text = render_markdown(recs, title, plots, pilots=pilots, claims=verdicts(records))
     return atomic_write(out_md, text, "report")
 

@@ -475,7 +475,7 @@ def plot_links(plots: list[tuple[str, str]]) -> list[str]:
         return []
     lines = ["## Plots", ""]
     for caption, rel in plots:
-        lines += [f"### {caption}", "", f"![{caption}]({rel})", ""]
+        lines += [f"### {caption}", "", f"![{caption}]({rel})", ""] if rel else [caption, ""]
     return lines
 
 

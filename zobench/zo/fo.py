@@ -25,6 +25,9 @@ class FOTrainer:
         self.opt = OPTIMIZERS[optimizer](params, lr=lr, weight_decay=weight_decay)
         self.device = next(model.parameters()).device
 
+    def flush(self) -> None:
+        """Nothing is pending: every step's update is applied in the step."""
+
     def step(self, batch, step: int) -> StepResult:
         self.model.train()
         sec = {}

@@ -38,14 +38,40 @@ class StepResult:
 
 
 class ZOTrainer:
-    """Runs ZO steps; ``loss_fn(model, batch) -> scalar tensor`` is called under inference mode."""
+    """Runs ZO steps; ``loss_fn(model, batch) -> scalar tensor`` is called under inference mode.
+
+    With ``fold`` (ZO2's trick, the default), a step's restore and update are not a pass of their own: they
+    stay pending and run inside the next step's +eps pass (``Trainable.fold_step``: one pass over the
+    weights where the kernel fuses it), so a step makes two passes over the weights instead of three. The
+    result is bit for bit the unfolded one (each value sees the same operations in the same order). Anything
+    that looks at the weights between steps (dev and test evaluation, a checkpoint, a best-step snapshot, a
+    save) calls ``flush()`` first, which applies the pending update.
+    """
 
     def __init__(self, model: torch.nn.Module, trainable: Trainable, optimizer, loss_fn: Callable,
-                 eps: float = 1e-3, q: int = 1, seed: int = 0):
+                 eps: float = 1e-3, q: int = 1, seed: int = 0, fold: bool = True):
         self.model, self.trainable, self.optimizer, self.loss_fn = model, trainable, optimizer, loss_fn
         self.eps, self.q = eps, max(1, int(q))
         self.rng = random.Random(seed)
         self.device = next(model.parameters()).device
+        self.fold = fold
+        self.pending: tuple[list, int] | None = None  # (directions, step) of an update not yet applied
+
+    def flush(self) -> None:
+        """Apply the pending update, if any: the weights are then the trained ones of the last step."""
+        if self.pending is not None:
+            grads, step = self.pending
+            self.pending = None
+            self.trainable.update(grads, self.optimizer, step)
+
+    def _perturb(self, seed: int) -> None:
+        """The step's first pass: +eps along z(seed), with the previous step's update folded in."""
+        if self.pending is not None:
+            grads, step = self.pending
+            self.pending = None
+            self.trainable.fold_step(grads, self.optimizer, step, seed, self.eps)
+        else:
+            self.trainable.apply(seed, self.eps)
 
     def _timed(self, seconds: dict, phase: str, fn):
         _sync(self.device)
@@ -62,16 +88,22 @@ class ZOTrainer:
     def step(self, batch, step: int) -> StepResult:
         sec: dict[str, float] = {}
         grads, losses = [], []
+        if self.q > 1:  # q directions at the same weights: the previous update goes in first
+            self._timed(sec, "update", self.flush)
         for _ in range(self.q):
             seed = self.rng.randrange(2**62)
-            self._timed(sec, "perturb", lambda: self.trainable.apply(seed, self.eps))
+            self._timed(sec, "perturb", lambda: self._perturb(seed))
             lp = self._timed(sec, "forward_plus", lambda: self._loss(batch))
             self._timed(sec, "perturb", lambda: self.trainable.apply(seed, -self.eps))
             lm = self._timed(sec, "forward_minus", lambda: self._loss(batch))
             g = (lp - lm) / (2 * self.eps)
             grads.append((seed, g / self.q))
             losses.append((lp + lm) / 2)
-        self._timed(sec, "update", lambda: self.trainable.update(grads, self.optimizer, step))
+        if self.fold and self.q == 1:
+            self.pending = (grads, step)  # runs inside the next step's first pass (or flush)
+            sec.setdefault("update", 0.0)
+        else:
+            self._timed(sec, "update", lambda: self.trainable.update(grads, self.optimizer, step))
         return StepResult(sum(losses) / len(losses), grads, sec)
 
 
@@ -97,6 +129,9 @@ class ForwardOnly:
     def __init__(self, model: torch.nn.Module, loss_fn: Callable):
         self.model, self.loss_fn = model, loss_fn
         self.device = next(model.parameters()).device
+
+    def flush(self) -> None:
+        """Nothing is pending: nothing is trained."""
 
     def step(self, batch, step: int) -> StepResult:
         _sync(self.device)

@@ -1,0 +1,70 @@
+"""Step timings of one cell: every step's loss and directions, the timed steps' seconds by part, and the
+in-cell reference forwards that "step / two forwards" divides by."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from zobench.cell.record import Metrics, Stats
+from zobench.quant.sparse import sparse_bypassed
+from zobench.zo.trainer import ForwardOnly
+
+
+class ForwardReference:
+    """One inference forward of the model being trained, on the batch just stepped, timed right after
+    the step: the denominator of "step / two forwards", measured in the same process and interleaved
+    with the steps so it sees the same machine state (a suite's forward cell runs in another process,
+    at another time). Dense-and-sparse layers are bypassed: the reference is the plain (quantized)
+    model, as in a forward cell. Not part of step time."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn):
+        self.model, self.forward, self.seconds = model, ForwardOnly(model, loss_fn), []
+
+    def time(self, batch) -> None:
+        was_training = self.model.training
+        self.model.eval()
+        with sparse_bypassed(self.model):
+            self.seconds.append(self.forward.step(batch, 0).total_s)
+        self.model.train(was_training)
+
+
+class StepTiming:
+    """Every step's loss and directions; the timed steps' seconds, parts and tokens, summarized into the
+    record at the end."""
+
+    def __init__(self):
+        self.seconds, self.parts, self.tokens, self.losses, self.trajectory = [], {}, [], [], []
+        self.total = 0.0  # training seconds so far, warm-up included (the x axis of accuracy vs time)
+
+    def add(self, res, tokens: int, timed: bool) -> None:
+        self.losses.append(res.loss)
+        self.trajectory.append([[seed, coef] for seed, coef in res.directions])
+        self.total += res.total_s
+        if not timed:
+            return
+        self.seconds.append(res.total_s)
+        self.tokens.append(tokens)
+        for k, v in res.seconds.items():
+            self.parts.setdefault(k, []).append(v)
+
+    def flush(self, stepper) -> None:
+        """Apply a stepper's pending (folded) update; its seconds count as training time (they are the
+        update pass that no later step took in)."""
+        t = time.perf_counter()
+        stepper.flush()
+        self.total += time.perf_counter() - t
+
+    def into(self, m: Metrics, reference) -> None:
+        m.values.setdefault("dev_curve", [])
+        m.set(loss_curve=self.losses, final_loss=self.losses[-1] if self.losses else None,
+              steps_done=len(self.losses), step_s=Stats.of(self.seconds), train_s=self.total,
+              step_parts_s={k: Stats.of(v) for k, v in self.parts.items()})
+        if any(self.trajectory):  # ZO: the run as (seed, coefficient) per step, enough to rebuild any step
+            m.set(trajectory=self.trajectory)
+        if reference is not None and reference.seconds:
+            m.set(forward_ref_s=Stats.of(reference.seconds))
+        if self.seconds:
+            m.set(tokens_per_s=sum(self.tokens) / sum(self.seconds),
+                  tokens_per_step=sum(self.tokens) / len(self.tokens))

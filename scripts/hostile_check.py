@@ -167,8 +167,8 @@ def main(argv=None) -> int:
         print("no case matches", file=sys.stderr)
         return 2
     tree = Path(args.tree).resolve()
-    if not (tree / "zobench" / "cli.py").is_file():
-        print(f"--tree {tree}: no zobench/cli.py there", file=sys.stderr)
+    if not any((tree / "zobench" / cli).is_file() for cli in ("cli.py", "cli/__init__.py")):  # a module or a package
+        print(f"--tree {tree}: no zobench/cli there", file=sys.stderr)
         return 2
     root = Path(tempfile.mkdtemp(prefix="hostile-", dir=args.workdir))
     cache = os.environ.get("ZOBENCH_CACHE") or str(Path("~").expanduser() / ".cache" / "zobench")

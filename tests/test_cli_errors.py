@@ -203,7 +203,7 @@ def test_an_internal_error_is_one_line_exit_4_with_the_traceback_saved(monkeypat
     def boom(args):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setitem(cli.COMMANDS, "report", boom)
+    monkeypatch.setattr("zobench.cli.report.run", boom)
     assert cli.main(["report", "x.jsonl"]) == 4
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "internal error: ZeroDivisionError: a bug" in err
@@ -219,7 +219,7 @@ def test_exit_1_is_only_a_broken_budget(monkeypatch, capsys):
                 ValueError("bad"), KeyError("k")):
         def fail(args, exc=exc):
             raise exc
-        monkeypatch.setitem(cli.COMMANDS, "check", fail)
+        monkeypatch.setattr("zobench.cli.check.run", fail)
         assert cli.main(["check", "r.jsonl"]) in (2, 4)
     capsys.readouterr()
 

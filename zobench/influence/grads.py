@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from zobench.errors import UserError
+from zobench.influence.spec import SCOPES
 
-SCOPES = ("lora", "all", "sensitive")  # "all": every parameter, as the trainer's scope of that name
 Consumer = Callable[[int, torch.Tensor], None]
 
 

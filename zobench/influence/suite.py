@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from zobench.errors import UserError
-from zobench.influence.session import InfluenceSpec
+from zobench.influence.spec import InfluenceSpec
 
 FINETUNE_KEYS = {"steps": int, "batch_size": int, "lr": float, "max_length": int, "r": int, "alpha": int}
 ZO_KEYS = {"method": str, "steps": int, "lr": float, "batch_size": int, "density": float, "eps": float,

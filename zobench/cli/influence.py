@@ -1,49 +1,32 @@
-"""`zobench influence cache` and `zobench influence query`: parse flags, call one function, print."""
+"""`zobench influence train | cache | query`: fine-tune on instruction data and keep the result, sketch one
+gradient per training example into a cache, rank the cached examples for a prompt and its generation."""
 
 from __future__ import annotations
 
-import argparse
-import html
 import json
 import sys
 from pathlib import Path
 
-from zobench.errors import UserError
-from zobench.report.influence import WIDTH, cell_text as _cell, highlighted as _highlighted
+from zobench.cell.delta import claim_target, read
+from zobench.cli.common import HELP, at_least, fraction, positive_float
+from zobench.errors import EXIT_OK, UserError
+from zobench.files import atomic_write
+from zobench.influence.cache import build_cache, cache_meta, load_cache_dir
+from zobench.influence.data import load_alpaca
+from zobench.influence.retrieve import query_sketch, scan, token_contributions
+from zobench.influence.session import Session
+from zobench.influence.spec import InfluenceSpec
+from zobench.influence.store import SketchStore
+from zobench.influence.train import train_on_instructions
+from zobench.outdirs import check_output_dir, check_output_file, refuse_unsafe_target
+from zobench.report.query import query_html, query_markdown
+
+DATA_HELP = ("Alpaca-format rows {instruction, input, output}: a JSON list or JSON Lines; a row is named by "
+             "its 'id' field, else its position in the file")
 
 
-def at_least(low: int, high: int = 10**9):
-    """An argparse type: a whole number in [low, high], else one line naming the bound."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected a number from {low} to {high:g}, got {value}")
-        return value
-    return parse
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = positive_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
-    return value
-
-
-def add_parsers(sub) -> None:
-    p = sub.add_parser("influence", help="training-data influence: cache sketched gradients, query them")
+def add_parser(sub) -> None:
+    p = sub.add_parser("influence", help=HELP["influence"])
     isub = p.add_subparsers(dest="influence_command", required=True)
     c = isub.add_parser("cache", help="sketch one gradient per training example into a cache directory")
     c.add_argument("--model", default=None, help="default: the delta's base model, else smollm2")
@@ -92,15 +75,11 @@ def add_parsers(sub) -> None:
     q.add_argument("--html", default=None, help="also write a page highlighting the influential tokens")
 
 
-DATA_HELP = ("Alpaca-format rows {instruction, input, output}: a JSON list or JSON Lines; a row is named by "
-             "its 'id' field, else its position in the file")
+def run(args) -> int:
+    return {"cache": _cache, "query": _query, "train": _train}[args.influence_command](args)
 
 
-def train(args) -> int:
-    from zobench.cell.delta import claim_target
-    from zobench.influence.data import load_alpaca
-    from zobench.influence.train import train_on_instructions
-
+def _train(args) -> int:
     claim_target(args.save, args.overwrite, "--save")
     examples = load_alpaca(args.data, n=args.n_train, seed=args.seed)
     lr = args.lr if args.lr is not None else (3e-4 if args.method == "lora" else 1e-4)
@@ -113,25 +92,17 @@ def train(args) -> int:
     print(f"{args.method} on {len(examples)} examples, {args.steps} steps in {out['train_s']:.0f} s: loss "
           f"{losses[0]:.4f} -> {losses[-1]:.4f}, {out['trainable']:,} trained values")
     print(f"saved:  {a['path']} ({a['kind']}, {a['bytes'] / 2**20:.2f} MiB)")
-    return 0
+    return EXIT_OK
 
 
-def cache(args) -> int:
-    from zobench.influence.cache import build_cache
-    from zobench.influence.data import load_alpaca
-    from zobench.influence.session import InfluenceSpec
-
+def _cache(args) -> int:
     model = args.model
     if model is None:
-        from zobench.cell.delta import read
-
         model = read(args.delta)["base"]["model"] if args.delta else "smollm2"
     spec = InfluenceSpec.from_dict({"model": model, "adapter": args.adapter, "delta": args.delta,
                                     "scope": args.scope,
                                     "k": args.k, "sketch_seed": args.sketch_seed, "normalize": not args.no_normalize,
                                     "max_length": args.max_length, "data_dir": args.data_dir}, "influence cache")
-    from zobench.outdirs import check_output_dir, refuse_unsafe_target
-
     refuse_unsafe_target(args.out, "influence cache", "--out")
     check_output_dir(Path(args.out).parent, "influence cache")
     examples = load_alpaca(args.data, n=args.n_train, seed=args.seed)
@@ -156,18 +127,10 @@ def cache(args) -> int:
     how = " (measured when it was built)" if not stats["rows"] and rate else ""
     print(f"{args.out}: {len(examples)} examples ({stats.get('already', 0)} already cached), "
           f"{stats['rows']} sketched" + (f" at {rate:.2f} examples/s{how}" if rate else ""))
-    return 0
+    return EXIT_OK
 
 
-def query(args) -> int:
-    from zobench.influence.cache import cache_meta, load_cache_dir
-    from zobench.influence.retrieve import query_sketch, scan, token_contributions
-    from zobench.influence.session import Session
-    from zobench.influence.store import SketchStore
-
-    from zobench.files import atomic_write
-    from zobench.outdirs import check_output_file
-
+def _query(args) -> int:
     if args.html:
         check_output_file(args.html, "page")
     spec, examples = load_cache_dir(args.cache)
@@ -195,32 +158,6 @@ def query(args) -> int:
     out = {"query": {**prompt, "generation": args.generation, **info}, "metric": args.metric,
            "scan_s": result.seconds, "top": rows}
     if args.html:
-        atomic_write(args.html, _html(out), "page")
-    print(json.dumps(out, indent=1) if args.json else _markdown(out))
-    return 0
-
-
-def _markdown(out: dict) -> str:
-    q = out["query"]
-    lines = [f"query: {q['instruction'][:100]!r} -> {q['generation'][:100]!r} (tokens: {q['tokens']})", "",
-             f"| rank | id | {out['metric']} | instruction | response |", "|---:|---:|---:|---|---|"]
-    for r in out["top"]:
-        resp = _highlighted(r["tokens"]) if "tokens" in r else _cell(r["output"][:WIDTH])
-        lines.append(f"| {r['rank']} | {r['id']} | {r['score']:.4f} | {_cell(r['instruction'][:WIDTH])} | {resp} |")
-    return "\n".join(lines)
-
-
-def _html(out: dict) -> str:
-    """Each explained example's response with its tokens shaded by their score (red: pushes toward
-    the query's generation)."""
-    parts = [f"<h2>{html.escape(out['query']['instruction'])}</h2>",
-             f"<p><b>generation:</b> {html.escape(out['query']['generation'])}</p><ol>"]
-    for r in out["top"]:
-        body = html.escape(r["output"])
-        if "tokens" in r:
-            peak = max((abs(s) for _, s in r["tokens"]), default=1.0) or 1.0
-            body = "".join(f'<span style="background:rgba(220,40,40,{max(s, 0) / peak:.2f})" '
-                           f'title="{s:.4f}">{html.escape(t)}</span>' for t, s in r["tokens"])
-        parts.append(f"<li><p>{r['score']:.4f} &middot; <i>{html.escape(r['instruction'])}</i></p><p>{body}</p></li>")
-    return "<!doctype html><meta charset=utf-8><body style='font-family:sans-serif;max-width:60em'>" + \
-        "".join(parts) + "</ol></body>"
+        atomic_write(args.html, query_html(out), "page")
+    print(json.dumps(out, indent=1) if args.json else query_markdown(out))
+    return EXIT_OK

@@ -1,0 +1,48 @@
+"""`zobench check RESULTS`: exit 1 when a budget is broken. Torch-free on records (``--measured-only``);
+cells without an ok record are checked by their estimates, which import torch (zobench.models.load)."""
+
+from __future__ import annotations
+
+import sys
+
+from zobench.analysis.check import check, estimate_missing
+from zobench.cli.common import HELP
+from zobench.errors import EXIT_BUDGET, EXIT_OK, UserError
+from zobench.results import load_records
+from zobench.spec.suite import load_suite
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("check", help=HELP["check"])
+    p.add_argument("results", nargs="?", default=None,
+                   help="results JSONL (optional with --suite: then every cell is checked by its estimate)")
+    p.add_argument("--suite", default=None, help="default: the suite file named in the records")
+    p.add_argument("--baseline", default=None, help="records from the same machine to compare latency with")
+    p.add_argument("--measured-only", action="store_true",
+                   help="do not check cells without an ok measured record by their estimates")
+
+
+def run(args) -> int:
+    if args.results is None and not args.suite:
+        raise UserError("check: give a results file, or --suite SUITE.yaml to check the suite by estimates")
+    records = load_records(args.results) if args.results else []
+    suite_path = args.suite or next((r.suite_file for r in records if r.suite_file), None)
+    if not suite_path:
+        raise UserError(f"{args.results}: records name no suite file; pass --suite SUITE.yaml")
+    suite = load_suite(suite_path)
+    baseline = load_records(args.baseline) if args.baseline else None
+    estimates: list = []
+    if not args.measured_only:
+        estimates, lines = estimate_missing(suite, records)
+        for line in lines:
+            print(line)
+    violations, notes = check(records, suite, baseline, estimates)
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    for v in violations:
+        print(v.line())
+    if not violations:
+        what = args.results or f"{suite_path} (no results)"
+        extra = f"; {len(estimates)} cell(s) by estimate, peak_mib_max only" if estimates else ""
+        print(f"ok: {len(suite.budgets)} budget(s) hold for {what}{extra}")
+    return EXIT_BUDGET if violations else EXIT_OK

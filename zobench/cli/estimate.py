@@ -1,0 +1,49 @@
+"""`zobench estimate SUITE`: the predicted peak memory of every cell, from configs alone (no weights)."""
+
+from __future__ import annotations
+
+import json
+
+from zobench.analysis.estimate import describe, estimate_cell
+from zobench.cli.common import HELP
+from zobench.driver import select_cells
+from zobench.errors import EXIT_OK, UserError
+from zobench.spec.suite import load_suite
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("estimate", help=HELP["estimate"])
+    p.add_argument("suite")
+    p.add_argument("--only", default=None, metavar="SELECTOR", help="e.g. method=sensitive,quant=nf4")
+    p.add_argument("--json", action="store_true", help="machine-readable: one object per cell")
+
+
+def run(args) -> int:
+    suite = load_suite(args.suite)
+    rows = []
+    for cell in select_cells(suite, args.only):
+        row = {"cell_id": cell.cell_id, "labels": cell.labels}
+        try:
+            row.update(estimate_cell(cell.config))
+        except UserError as e:  # one cell the estimator cannot price (e.g. unsupported) is not an error
+            row["error"] = str(e)
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return EXIT_OK
+    names = [" ".join(f"{k}={v}" for k, v in r["labels"].items()) for r in rows]
+    width = max([len("cell"), *map(len, names)])
+    print(f"{'cell':<{width}}  {'device':<6} {'peak MiB':>9}  main components (MiB)")
+    for name, r in zip(names, rows):
+        if "error" in r:
+            print(f"{name:<{width}}  {'-':<6} {'-':>9}  {r['error']}")
+        else:
+            print(f"{name:<{width}}  {r['device']:<6} {r['peak_mib']:>9.0f}  {describe(r)}")
+    # Which constants each figure stands on: measured on this machine, or a default (CUDA without a GPU: the
+    # floor measured on an H200).
+    seen = {r["device"]: r for r in rows if "calibration" in r}
+    for device, r in sorted(seen.items()):
+        cal = r["calibration"]
+        how = "measured on this machine" if cal.get("source") == "measured" else f"default ({cal.get('why')})"
+        print(f"framework footprint on {device}: {r['breakdown']['framework_mib']:.0f} MiB, {how}")
+    return EXIT_OK

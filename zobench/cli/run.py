@@ -1,0 +1,117 @@
+"""`zobench run SUITE`: every cell in a fresh process, then the report; `--dry-run` lists the cells.
+
+Torch-free: a suite's cells run in processes of their own, and an influence suite, which runs in this
+process, is run by a runner resolved by name (``SUITE_RUNNERS``) only when one is run: ``--dry-run`` never
+loads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from zobench.cli.common import HELP, trust_flag
+from zobench.cli.report import write_report
+from zobench.driver import run_suite, select_cells
+from zobench.errors import EXIT_CELLS_FAILED, EXIT_OK, UserError
+from zobench.executors import EXECUTORS
+from zobench.influence.suite import is_influence_suite, parse_influence_suite
+from zobench.outdirs import check_output_dir, check_output_file, output_lock
+from zobench.progress import SuiteProgress
+from zobench.registry import Registry
+from zobench.results import append_record
+from zobench.spec.pilot import pilot_cells
+from zobench.spec.suite import load_yaml, parse_suite
+
+# A suite type that runs in this process -> its runner, imported when such a suite is run (it needs torch).
+SUITE_RUNNERS = Registry("suite type")
+SUITE_RUNNERS.register("influence", "zobench.influence.bench:run_influence_suite")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help=HELP["run"])
+    p.add_argument("suite")
+    p.add_argument("--out", default="results", help="results directory (default results/)")
+    p.add_argument("--reports", default="reports", help="report directory (default reports/)")
+    p.add_argument("--resume", action="store_true", help="skip cells that already have an ok record")
+    p.add_argument("--only", default=None, metavar="SELECTOR", help="e.g. method=sensitive,quant=nf4|int8")
+    p.add_argument("--dry-run", action="store_true", help="print the expanded cells and exit")
+    p.add_argument("--strict", action="store_true", help="exit 3 if any cell failed")
+    p.add_argument("--overwrite", action="store_true", help="replace deltas a suite's `save:` finds already there")
+    trust_flag(p)
+    p.add_argument("--jobs", type=int, default=1, help="cells at once on this machine, each in its own process")
+    p.add_argument("--executor", default=None,
+                   help="local (default) | pool (the default with --jobs > 1) | ray (needs zobench[ray])")
+    p.add_argument("--address", default=None,
+                   help="with --executor ray: an existing cluster (auto, ray://HOST:10001); else a private "
+                        "local Ray")
+    p.add_argument("--retries", type=int, default=2,
+                   help="with --executor ray: retries of a cell whose worker or node died (default 2)")
+
+
+def run(args) -> int:
+    data = load_yaml(args.suite)
+    if is_influence_suite(data):
+        return _run_influence(parse_influence_suite(data, args.suite, Path(args.suite)), args)
+    suite = parse_suite(data, args.suite, Path(args.suite))
+    if args.dry_run:
+        return _dry_run(suite, args.only)
+    results = _check_outputs(args, suite.name)
+    with output_lock(results):  # one writer per results file: every cell recorded exactly once
+        executor = _executor(args)
+        with SuiteProgress() as progress:
+            out = run_suite(suite, Path(args.out), resume=args.resume, only=args.only, reporter=progress,
+                            executor=executor, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+    progress.console.print(progress.summary())
+    report = write_report(out, Path(args.reports))
+    print(f"results: {out}\nreport:  {report}")
+    failed = [r for r in progress.records if r.status not in ("ok", "unsupported")]
+    return EXIT_CELLS_FAILED if failed and args.strict else EXIT_OK
+
+
+def _dry_run(suite, only: str | None) -> int:
+    cells = select_cells(suite, only)
+    if suite.lr_pilot is not None:
+        pilots = pilot_cells(cells, suite.lr_pilot)
+        for c in pilots:
+            print(f"{c.cell_id}  {c.describe()}")
+        print(f"{len(pilots)} pilot cells ({suite.lr_pilot.steps} steps each) choose the lr of:")
+    for c in cells:
+        print(f"{c.cell_id}  {c.describe()}")
+    print(f"{len(cells)} cells")
+    return EXIT_OK
+
+
+def _executor(args):
+    name = args.executor or ("pool" if args.jobs > 1 else "local")
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: expected a number of cells >= 1")
+    if args.address and name != "ray":
+        raise UserError(f"--address {args.address}: only --executor ray joins a cluster")
+    if args.retries < 0:
+        raise UserError(f"--retries {args.retries}: expected a number of retries >= 0")
+    cls = EXECUTORS.get(name)
+    if name == "ray":
+        return cls(jobs=args.jobs, address=args.address, max_retries=args.retries)
+    return cls(jobs=args.jobs) if args.jobs > 1 or name != "local" else cls()
+
+
+def _check_outputs(args, name: str) -> Path:
+    """Every place a run writes is writable before the first cell starts: a measurement that cannot be
+    saved is never taken. Returns the results file."""
+    results = check_output_file(Path(check_output_dir(args.out, "results")) / f"{name}.jsonl", "results file")
+    check_output_file(Path(check_output_dir(args.reports, "reports")) / f"{name}.md", "report")
+    return results
+
+
+def _run_influence(suite, args) -> int:
+    if args.dry_run:
+        print(f"influence suite {suite.name}: {suite.n_train} examples, scope {suite.cache.get('scope', 'lora')}")
+        return EXIT_OK
+    out = _check_outputs(args, suite.name)
+    with output_lock(out):
+        run_influence_suite = SUITE_RUNNERS.get("influence")
+        rec = run_influence_suite(suite, Path(args.out), progress=lambda msg: print(f"  {msg}", flush=True))
+        append_record(out, rec)
+    report = write_report(out, Path(args.reports))
+    print(f"results: {out}\nreport:  {report}")
+    return EXIT_OK

@@ -233,7 +233,8 @@ def _run_until_a_cell_runs(tmp_path: Path, name: str):
     suite = tiny_suite(tmp_path, steps=1_000_000)
     proc = subprocess.Popen([sys.executable, "-m", "zobench.cli", "run", str(suite), "--out", str(tmp_path / name),
                              "--reports", str(tmp_path / f"{name}-reports")], cwd=ROOT, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
     def is_cell(child) -> bool:
         # The run also starts short-lived helpers (git for the record's environment, multiprocessing's resource
         # tracker); a helper that just exited is a zombie whose command line cannot be read.

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from zobench.data.calibration import (PACKAGED_CORPUS, PACKAGED_DOCUMENTS, corpus_batches, find_corpus)
+from zobench.data.calibration import PACKAGED_CORPUS, PACKAGED_DOCUMENTS, corpus_batches, find_corpus
 from zobench.errors import UserError
 
 

@@ -15,7 +15,7 @@ import pytest
 from helpers import limit_file_size, unprivileged
 
 from zobench.errors import OutputError, UserError
-from zobench.files import append_line, atomic_write, read_text
+from zobench.files import append_line, read_text
 from zobench.outdirs import check_output_dir, check_output_file
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from zobench.cli import main
 from zobench.errors import UserError
@@ -76,6 +76,7 @@ def test_the_results_reader_takes_any_lines(tmp_path_factory, lines):
 def delta_json(tmp_path_factory) -> dict:
     """A valid delta.json of the tiny model (as written by a 2-step sparse run)."""
     from test_security import TINY
+
     from zobench.cell.pipeline import Pipeline
     from zobench.spec.config import CellConfig
 
@@ -137,7 +138,8 @@ def test_an_influence_cache_spec_is_checked_like_flags(tmp_path_factory, spec):
     outcome(lambda: load_cache_dir(d))
 
 
-@settings(max_examples=max(25, EXAMPLES // 2), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=max(25, EXAMPLES // 2), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(command=st.sampled_from(["check", "report", "run-dry", "estimate"]), text=st.text(max_size=200))
 def test_main_on_garbage_files_exits_0_1_or_2_and_touches_nothing_else(tmp_path_factory, capsys, command, text):
     root = tmp_path_factory.mktemp("m")

@@ -10,8 +10,15 @@ import torch.nn.functional as F
 
 from zobench.errors import UserError
 from zobench.influence import poison as P
-from zobench.influence.data import (PROMPT_INPUT, collate, encode, format_prompt, load_alpaca, response_loss,
-                                    token_positions)
+from zobench.influence.data import (
+    PROMPT_INPUT,
+    collate,
+    encode,
+    format_prompt,
+    load_alpaca,
+    response_loss,
+    token_positions,
+)
 
 EX_INPUT = {"id": 0, "instruction": "Translate the sentence.", "input": "Bonjour le monde", "output": "Hello world"}
 EX_PLAIN = {"id": 1, "instruction": "Name a colour.", "input": "", "output": "Blue, like the sky."}
@@ -169,7 +176,7 @@ def test_finetune_lora_lowers_the_loss_and_touches_only_the_adapter(tiny, tmp_pa
     base = [(p, p.detach().clone()) for p in tiny.model.parameters()]
     logged = []
     stats = P.finetune_lora(tiny, examples, steps=30, batch_size=4, lr=1e-2, max_length=48, seed=0,
-                            log_every=10, on_log=lambda s, l: logged.append(s))
+                            log_every=10, on_log=lambda s, loss: logged.append(s))
     losses = stats["losses"]
     assert len(losses) == 30 and losses[-1] < losses[0]
     # one step's loss swings with its batch; the trend shows in the means (about 10.57 -> 10.30 here:

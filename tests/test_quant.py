@@ -227,9 +227,8 @@ def test_a_4bit_dense_and_sparse_layer_merges_unless_bitsandbytes_repacks_the_we
     bitsandbytes repacks the weight for a fused kernel at the first eval forward, so S stays apart. An
     8-bit layer (no dense weight in its forward) always keeps the separate product."""
     pytest.importorskip("bitsandbytes")
-    from zobench.models import load_model
-
     from zobench.cell.pipeline import Pipeline
+    from zobench.models import load_model
 
     monkeypatch.setattr("zobench.quant.bnb.cpu_has_avx512_bf16", lambda: avx512_bf16)
     model = load_model("random:tiny-llama", seed=0).model
@@ -335,8 +334,9 @@ timeout_s: 600
 def test_install_hints_name_extras_that_exist():
     """Every `zobench[extra]` that an error message or the README tells users to install is declared."""
     import re
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(__file__).resolve().parents[1]
     extras = set(tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"])

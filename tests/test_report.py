@@ -95,9 +95,8 @@ def test_point_labels_never_overlap(records):
     """Cells that land on the same memory and accuracy get labels nudged apart, not printed over each other."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from zobench.report.plots import memory_vs_accuracy
-
     from zobench.report import views
+    from zobench.report.plots import memory_vs_accuracy
 
     recs = [r for r in views(records) if r.get("status") == "ok"]
     for r in recs:  # every point on one spot: the worst case
@@ -178,7 +177,8 @@ def test_a_run_whose_training_loss_rose_above_its_start_says_so():
     # The same rise inside much noisier losses is not told apart from the noise.
     assert "rose" not in loss_rise(rec(rising, sd=2.0))
     # Steps are mapped when the curve is subsampled (a point every 10 steps).
-    text = loss_rise({"metrics": {"loss_curve": rec(rising, sd=0.05, per=10)["metrics"]["loss_curve"], "steps_done": 1000}})
+    curve = rec(rising, sd=0.05, per=10)["metrics"]["loss_curve"]
+    text = loss_rise({"metrics": {"loss_curve": curve, "steps_done": 1000}})
     assert "at steps 301-400" in text
     assert loss_rise({"metrics": {"loss_curve": [0.7] * 5}}) == "-"
 

@@ -13,8 +13,21 @@ from scipy.special import expit
 
 from zobench.analysis.design import failed_run, min_detectable_difference
 from zobench.analysis.speed import faster_to_target
-from zobench.analysis.stats import (FAILS, HOLDS, MISSING, OPEN, Evidence, Replicates, accuracy_difference, align,
-                                    decide, mcnemar_test, p_value, paired_bootstrap, verdict)
+from zobench.analysis.stats import (
+    FAILS,
+    HOLDS,
+    MISSING,
+    OPEN,
+    Evidence,
+    Replicates,
+    accuracy_difference,
+    align,
+    decide,
+    mcnemar_test,
+    p_value,
+    paired_bootstrap,
+    verdict,
+)
 from zobench.spec.claims import FailedIf, parse_claims
 
 # The realistic design: 5 seeds x 872 SST-2 examples. Correctness ~ Bernoulli(expit(mu_arm + seed + example

@@ -354,7 +354,8 @@ def test_evaluate_classification_against_brute_force(tiny, tokenizer, sst2_small
         best = brute_scores(tiny.model, scoring.encode(exs, tokenizer, "classification")).view(-1, 2).argmax(1)
     assert scoring.predict(tiny.model, tokenizer, exs, batch_size=5) == best.tolist()
     acc = scoring.evaluate(tiny.model, tokenizer, "classification", exs, batch_size=5)["accuracy"]
-    assert 0.0 <= acc <= 1.0 and acc == pytest.approx(float((best == torch.tensor([e.label for e in exs])).float().mean()))
+    gold = torch.tensor([e.label for e in exs])
+    assert 0.0 <= acc <= 1.0 and acc == pytest.approx(float((best == gold).float().mean()))
     right = [Example(e.prompt, e.candidates, int(b)) for e, b in zip(exs, best)]
     wrong = [Example(e.prompt, e.candidates, 1 - int(b)) for e, b in zip(exs, best)]
     assert scoring.evaluate(tiny.model, tokenizer, "classification", right, batch_size=5) == {"accuracy": 1.0}
@@ -461,3 +462,34 @@ def test_multi_token_options_fall_back_to_one_sequence_per_option(tokenizer):
     ex = Example("The cause was", [" the rain that fell all night", " a dog"], 0)
     batch = scoring.encode([ex], tokenizer, "classification", 64, shared=True)
     assert "option_ids" not in batch and batch["input_ids"].shape[0] == 2
+
+
+def test_dev_drawn_like_test_is_disjoint_fixed_across_seeds_and_train_is_elsewhere(data_dir):
+    """dev_from: validation: dev and test are disjoint parts of SST-2's validation sentences, the same for
+    every seed (so runs pair example by example), and train comes from the train split."""
+    from zobench.tasks import get_task
+
+    task = get_task("sst2")
+    a = task.sample(data_dir, n_train=300, n_dev=200, n_test=872, seed=0, dev_from="validation")
+    b = task.sample(data_dir, n_train=300, n_dev=200, n_test=872, seed=1, dev_from="validation")
+    ids = lambda xs: [e.id for e in xs]  # noqa: E731
+    assert len(a.dev) == 200 and len(a.test) == 872 - 200
+    assert not set(ids(a.dev)) & set(ids(a.test))
+    assert ids(a.dev) == ids(b.dev) and ids(a.test) == ids(b.test)
+    assert ids(a.train) != ids(b.train)  # train is drawn per seed
+    valid_prompts = {e.prompt for e in task.sample(data_dir, 0, 0, 872, seed=0).test}
+    assert {e.prompt for e in a.dev} <= valid_prompts and {e.prompt for e in a.test} <= valid_prompts
+    assert "dev is 200 rows of the validation split" in a.note
+
+
+def test_train_dev_and_test_rows_are_disjoint_within_every_seed(data_dir):
+    from zobench.tasks import get_task
+
+    task = get_task("sst2")
+    for dev_from in ("train", "validation"):
+        for seed in (0, 1, 2):
+            s = task.sample(data_dir, n_train=500, n_dev=100, n_test=300, seed=seed, dev_from=dev_from)
+            train = {("train", e.id) for e in s.train}
+            dev = {("validation" if dev_from == "validation" else "train", e.id) for e in s.dev}
+            test = {("validation", e.id) for e in s.test}
+            assert not train & dev and not dev & test and not train & test, (dev_from, seed)

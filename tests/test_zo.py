@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from zobench.data.calibration import corpus_batches
+from zobench.methods.masked import sensitive_mask
 from zobench.zo import masks as M
 from zobench.zo.directions import draw, make_generator
-from zobench.methods.masked import sensitive_mask
 from zobench.zo.mask_build import lm_loss
 from zobench.zo.optim import make_optimizer
 from zobench.zo.trainable import DenseTrainable, SparseTrainable, measure_restore_drift

@@ -12,15 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from zobench.cell.record import CellRecord, now
 from zobench.errors import UserError
 from zobench.executors.base import Executor
+from zobench.spec.claims import claims_hash
 from zobench.spec.matrix import Cell, expand, select
 from zobench.spec.selectors import parse_selector
 from zobench.spec.suite import Suite
+
+
+def suite_claims(suite: Suite) -> dict | None:
+    """What a record says of the claims its suite declared when it ran: their hash (``spec.claims``)."""
+    claims = suite.claims
+    return {"hash": claims_hash(claims), "declared": [asdict(c) for c in claims]} if claims else None
 
 
 def select_cells(suite: Suite, only: str | None = None) -> list[Cell]:
@@ -58,12 +67,22 @@ def prepare_models(cells: list[Cell]) -> None:
         proc.join()
 
 
-def finalize(rec: CellRecord, cell: Cell, suite: Suite, started: str, env: dict, git: dict) -> CellRecord:
+def relative_to_results(path: str, results: Path) -> str:
+    """A file a cell wrote, named relative to the results file's folder (results move as one folder)."""
+    return os.path.relpath(path, Path(results).resolve().parent)
+
+
+def finalize(rec: CellRecord, cell: Cell, suite: Suite, started: str, env: dict, git: dict,
+             out: Path | None = None) -> CellRecord:
     """What the driver adds to an executor's record: suite, labels, environment, and the estimate."""
     from zobench.analysis.estimate import record_estimate
 
     rec.cell_id, rec.labels, rec.config = cell.cell_id, cell.labels, cell.config.to_dict()
     rec.config.pop("checkpoint", None)  # where progress was kept while it ran: gone once the record is
+    rec.config.pop("predictions", None)  # named by rec.predictions, relative to the results file
+    if rec.predictions and out is not None:
+        rec.predictions["path"] = relative_to_results(rec.predictions["path"], out)
+    rec.claims = suite_claims(suite)
     rec.suite, rec.suite_file = suite.name, str(suite.path) if suite.path else None
     rec.env, rec.git, rec.started_at, rec.finished_at = env, git, started, now()
     # The predicted peak beside the measured one (reports show both); never raises: a failed estimate is
@@ -150,12 +169,13 @@ class Batch:
             progress = self.checkpoints / f"{cell.cell_id}.json"
             if not self.resume:
                 progress.unlink(missing_ok=True)
-            cell = Cell(cell.cell_id, dataclasses.replace(cell.config, checkpoint=str(progress.resolve())),
-                        cell.labels)
+            predictions = self.out.with_name(f"{self.out.stem}.predictions") / f"{cell.cell_id}.npz"
+            cell = Cell(cell.cell_id, dataclasses.replace(cell.config, checkpoint=str(progress.resolve()),
+                                                          predictions=str(predictions.resolve())), cell.labels)
             self.executor.submit(cell, cell.config.timeout_s or self.suite.timeout_s)
         for cell, rec in self.executor.finished():
             at, t0 = started.get(cell.cell_id, (now(), time.monotonic()))
-            rec = finalize(rec, cell, self.suite, at, self.env, self.git)
+            rec = finalize(rec, cell, self.suite, at, self.env, self.git, self.out)
             rec.wall_s, rec.lr_choice = time.monotonic() - t0, self.choices.get(cell.cell_id)
             append_record(self.out, rec)
             if rec.ok:

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from zobench.errors import OutputError, UserError
-from zobench.outdirs import check_output_dir, reason as _reason
+from zobench.outdirs import check_output_dir
+from zobench.outdirs import reason as _reason
 
 # Bounds on what zobench parses. Far above anything it writes itself (a 7B suite's records are a few
 # hundred KiB a line with its trajectory; the largest benchmark text field is SQuAD's 4.8 MB file, whose

@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 
 from hostile.common import delta_case, eval_delta, meta_edit, results_lines, run_suite_args, set_in
-from hostile.fixtures import ROWS, TRAIN, pickle_payload, suite_text, _Payload
+from hostile.fixtures import ROWS, TRAIN, _Payload, pickle_payload, suite_text
 from hostile.harness import Case
 from hostile.runners import all_of, path_exists, proc_with, signal_runner
 

@@ -83,3 +83,9 @@ def failed_run(test_accuracy: float | None, majority_rate: float, loss_curve: Se
             return (f"the loss rose from {start:.3f} to {end:.3f}, more than {100 * rule.loss_rise_over_start:.0f}%"
                     f" over its start (diverged)")
     return None
+
+
+def half_width_95(p: float, n: int) -> float:
+    """The 95% binomial half-width of an accuracy ``p`` measured on ``n`` examples (normal approximation): the
+    report's flag for a dev curve that fell by more than its noise."""
+    return 1.96 * math.sqrt(p * (1 - p) / max(n, 1))

@@ -73,7 +73,8 @@ def _local_config(spec: str, trust: bool, network: bool):
     """The transformers config of a model spec (see zobench.models.load), reading no weights."""
     from transformers import AutoConfig
 
-    from zobench.models.load import BUILTIN, CONFIG_DIR, cache_dir, file_key, random_config
+    from zobench.models.load import BUILTIN, cache_dir, file_key, random_config
+    from zobench.models.names import CONFIG_DIR
 
     if spec.lower() in BUILTIN:
         # The converted model's own config when it is in the cache, else the shipped copy of it.
@@ -151,7 +152,8 @@ def architecture(spec: str, fallback: str | None = None, trust: bool = False) ->
         source=used, numel=sum(p.numel() for p in params.values()),
         other_numel=sum(p.numel() for p in params.values()) - sum(o * i for o, i in linears),
         buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
-        linears=linears, linear_names=tuple(n for n, _ in linear), scopes=scopes, hidden=hidden, intermediate=widest, layers=max(len(blocks), 1),
+        linears=linears, linear_names=tuple(n for n, _ in linear), scopes=scopes, hidden=hidden, intermediate=widest,
+        layers=max(len(blocks), 1),
         gated=sum(1 for _, s in block if s == (widest, hidden)) >= 2,
         q_width=width(("q_proj", "query", "q_lin", "wq"), hidden),
         kv_width=width(("k_proj", "key", "k_lin", "wk"), hidden),

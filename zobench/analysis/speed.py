@@ -91,5 +91,6 @@ def faster_to_target(a: Mapping[Hashable, Curve], b: Mapping[Hashable, Curve], t
             values = estimate + (values - estimate) * math.sqrt(n / (n - 1)) * t_scale(rng, n - 1.0, len(values))
     method = (f"{what} on mean dev curves; seed bootstrap, {resamples} replicates (seed {seed}), seeds both "
               f"ran paired; deviations scaled to t tails ({n - 1} df); percentile interval; "
-              f"{100 * undetermined:.1f}% of replicates undetermined (a run stopped before the other reached the target)")
+              f"{100 * undetermined:.1f}% of replicates undetermined (a run stopped before the other reached "
+              f"the target)")
     return Evidence(Replicates.of(estimate, values), (n_a, n_b), None, method)

@@ -77,7 +77,8 @@ def save_from(pipeline, target: Path, overwrite: bool = False) -> dict | None:
     it, else the last), or None for a method that trains nothing."""
     cfg, m, trainable, stepper = pipeline.cfg, pipeline.metrics, pipeline.trainable, pipeline.stepper
     step = m.get("best_step") if m.get("test_best") is not None else m.get("steps_done")
-    kw = dict(cfg=dict(cfg.to_dict(), save=None, checkpoint=None, overwrite=False), fingerprint=pipeline.base_fingerprint,
+    kw = dict(cfg=dict(cfg.to_dict(), save=None, checkpoint=None, overwrite=False, predictions=None),
+              fingerprint=pipeline.base_fingerprint,
               step=step, extra={"parent": cfg.delta} if cfg.delta else None, overwrite=overwrite)
     if hasattr(trainable, "snapshot"):  # sparse: the values now in the model are the selected step's
         return D.save(target, "sparse", tensors=sparse_tensors(trainable, pipeline.run_state.model), **kw)

@@ -19,6 +19,7 @@ from transformers.utils import logging as hf_logging
 from zobench.cell import checkpoint
 from zobench.cell.delta import base_fingerprint
 from zobench.cell.keep import load_into, save_from
+from zobench.cell.predictions import Predictions
 from zobench.cell.record import CellRecord, Metrics
 from zobench.cell.run import Run, resolve_device
 from zobench.cell.selection import DevSelection
@@ -54,6 +55,7 @@ class Pipeline:
         self.stepper = self.trainable = self.selection = None
         self.base_fingerprint = None
         self.resumed = None  # a checkpoint this cell goes on from (zobench.cell.checkpoint)
+        self.predictions = Predictions(cfg.predictions)  # per-example, every evaluation
 
     def run(self) -> CellRecord:
         hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars would flood suite logs
@@ -81,6 +83,7 @@ class Pipeline:
         self.train()
         self.evaluate("eval_after", "test_after", self.cfg.eval_after)
         self.select_best()
+        self.record.predictions = self.predictions.write()
         if self.cfg.save:
             self.record.artifact = save_from(self, Path(self.cfg.save), self.cfg.overwrite)
         return self.record
@@ -104,7 +107,7 @@ class Pipeline:
     def sample_data(self) -> None:
         cfg = self.cfg
         task = get_task(cfg.task)
-        splits = task.sample(cfg.data_dir, cfg.n_train, cfg.n_dev, cfg.n_test, cfg.seed)
+        splits = task.sample(cfg.data_dir, cfg.n_train, cfg.n_dev, cfg.n_test, cfg.seed, cfg.dev_from)
         self.metrics.set(n_train=len(splits.train), n_dev=len(splits.dev), n_test=len(splits.test))
         self.record.data_note = getattr(splits, "note", None)
         self.run_state = Run(cfg, self.device, task, splits, cache_root=cache_dir())
@@ -189,7 +192,14 @@ class Pipeline:
     def evaluate(self, phase: str, key: str, enabled: bool) -> None:
         if enabled and self.record.accuracy_meaningful:
             with self.phase(phase):
-                self.metrics.set(**{key: self.run_state.evaluate(self.run_state.splits.test)})
+                self.metrics.set(**{key: self.score(self.run_state.splits.test, key)})
+
+    def score(self, examples, name: str) -> dict:
+        """The scores of ``examples`` now, their per-example predictions kept as evaluation ``name``."""
+        details: dict = {}
+        scores = self.run_state.evaluate(examples, details)
+        self.predictions.add(name, details)
+        return scores
 
     def train(self) -> None:
         cfg, run = self.cfg, self.run_state
@@ -226,7 +236,7 @@ class Pipeline:
         self.notify({"step": i + 1, "steps": self.cfg.steps, "loss": res.loss})
         if self.cfg.eval_every and (i + 1) % self.cfg.eval_every == 0 and self.record.accuracy_meaningful:
             timing.flush(stepper)  # dev sees (and a snapshot keeps) the weights of step i + 1
-            dev = run.evaluate(run.splits.dev)
+            dev = self.score(run.splits.dev, f"dev_{i + 1}")
             self.metrics.values.setdefault("dev_curve", []).append({"step": i + 1, **dev, "train_s": timing.total})
             self.selection.see(i + 1, dev)
         if self.cfg.checkpoint and self.trainable is not None and hasattr(stepper, "rng"):
@@ -250,6 +260,7 @@ class Pipeline:
             dev_curve=self.metrics.get("dev_curve") or [], best_step=sel.best_step,
             best_scores=sel.best, test_before=self.metrics.get("test_before"),
             segments=self.resumed.segments if self.resumed else 1))
+        self.predictions.write()  # the evaluations so far, for a resumed segment to take back
 
     def restore(self, stepper, trainable, timing: "StepTiming", reference, stream) -> int:
         """Bring the run to the checkpoint's step: its records so far, the batches and direction seeds
@@ -266,6 +277,8 @@ class Pipeline:
         if reference is not None:
             reference.seconds = list(ck.reference_seconds)
         self.metrics.set(dev_curve=list(ck.dev_curve))
+        self.predictions.resume({f"dev_{p['step']}" for p in ck.dev_curve} |
+                                ({"test_before"} if ck.test_before is not None else set()))
         for _ in range(ck.step):
             next(stream)
         for step, directions in enumerate(ck.trajectory):
@@ -292,20 +305,23 @@ class Pipeline:
         m.set(best_step=sel.best_step, best_dev=sel.best)
         if not self.cfg.eval_after:  # a learning-rate pilot: the test set is never touched
             return
+        test = self.run_state.splits.test
         if sel.best_step == m.get("steps_done"):
             m.set(test_best=m.get("test_after"), best_weights="last")
+            if "test_after" in self.predictions.entries:
+                self.predictions.entries["test_best"] = self.predictions.entries["test_after"]
         elif sel.values is not None:
             self.trainable.load(sel.values)
             with self.phase("eval_best"):
-                m.set(test_best=self.run_state.evaluate(self.run_state.splits.test), best_weights="kept")
+                m.set(test_best=self.score(test, "test_best"), best_weights="kept")
         elif sel.file is not None:
             with self.phase("eval_best"):
                 self.trainable.load_raw(sel.file)
-                m.set(test_best=self.run_state.evaluate(self.run_state.splits.test), best_weights="disk")
+                m.set(test_best=self.score(test, "test_best"), best_weights="disk")
         elif m.get("trajectory") is not None:
             with self.phase("eval_best"):
-                m.set(test_best=self.rebuild(sel.best_step).evaluate(self.run_state.splits.test),
-                      best_weights="replay")
+                self.rebuild(sel.best_step)
+                m.set(test_best=self.score(self.run_state.splits.test, "test_best"), best_weights="replay")
         sel.close()  # the weights file, also where the best step was the last and it went unread
 
     def rebuild(self, steps: int) -> Run:

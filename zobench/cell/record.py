@@ -15,6 +15,8 @@ ratios against reference cells are derived when records are read (``zobench.anal
     estimate         the predicted peak (``zobench estimate``) with its breakdown and calibration
     lr_choice        where a learning-rate pilot chose the lr: its grid, dev scores and choice
     artifact         where ``save`` kept the trained result, its kind and size (``zobench.cell.delta``)
+    predictions      the per-example predictions of every evaluation: file, sha256 (``zobench.cell.predictions``)
+    claims           the hash of the suite's declared claims when the cell ran (``zobench.spec.claims``)
     env, git         versions, hardware, threads, allocator settings; commit and dirty flag
     started_at, finished_at (ISO 8601 UTC, ``TIME_FORMAT``), wall_s, warnings
 """
@@ -229,7 +231,8 @@ TOP_TYPES = {"suite": (str,), "suite_file": (str,), "reason": (str,), "traceback
              "device": (str,), "model_source": (str,), "accuracy_meaningful": (bool,),
              "model_fallback_reason": (str,), "data_note": (str,), "started_at": (str,), "finished_at": (str,),
              "wall_s": NUMBER, "warnings": (list,), "estimate": (dict,), "env": (dict,), "git": (dict,),
-             "labels": (dict,), "config": (dict,), "lr_choice": (dict,), "artifact": (dict,)}
+             "labels": (dict,), "config": (dict,), "lr_choice": (dict,), "artifact": (dict,),
+             "predictions": (dict,), "claims": (dict,)}
 
 
 @dataclass
@@ -252,6 +255,8 @@ class CellRecord:
     estimate: dict | None = None
     lr_choice: dict | None = None       # the learning-rate pilot's grid, dev scores and choice
     artifact: dict | None = None        # what --save kept: path, kind, step, bytes (zobench.cell.delta)
+    predictions: dict | None = None     # the per-example predictions file: path, sha256, evaluations
+    claims: dict | None = None          # the hash of the suite's declared claims when it ran (spec.claims)
     execution: Execution | None = None
     env: dict = field(default_factory=dict)
     git: dict = field(default_factory=dict)
@@ -307,8 +312,9 @@ class CellRecord:
             out["execution"] = self.execution.to_json()
         if self.lr_choice is not None:
             out["lr_choice"] = self.lr_choice
-        if self.artifact is not None:
-            out["artifact"] = self.artifact
+        for key in ("artifact", "predictions", "claims"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         out.update(estimate=self.estimate, env=self.env, git=self.git, started_at=self.started_at,
                    finished_at=self.finished_at, wall_s=self.wall_s)
         if self.warnings:

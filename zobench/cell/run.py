@@ -67,10 +67,12 @@ class Run:
         return scoring.encode(examples, self.tokenizer, self.task.kind, max_length=self.cfg.max_length,
                               train=train, vocab_size=self.vocab, shared=self.cfg.shared_prompt, pack=self.cfg.pack)
 
-    def evaluate(self, examples) -> dict:
+    def evaluate(self, examples, details: dict | None = None) -> dict:
+        """The split's scores; ``details`` receives its per-example predictions (``scoring.evaluate``)."""
         return scoring.evaluate(self.model, self.tokenizer, self.task.kind, examples,
                                 batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_length,
-                                vocab_size=self.vocab, shared=self.cfg.shared_prompt, pack=self.cfg.pack)
+                                vocab_size=self.vocab, shared=self.cfg.shared_prompt, pack=self.cfg.pack,
+                                details=details)
 
     def batches(self, seed: int | None = None) -> Iterator[list]:
         return batch_stream(self.splits.train, self.cfg.batch_size, self.cfg.seed if seed is None else seed)

@@ -15,6 +15,7 @@ from zobench.driver import run_suite, select_cells
 from zobench.errors import EXIT_CELLS_FAILED, EXIT_OK, UserError
 from zobench.executors import EXECUTORS
 from zobench.influence.suite import is_influence_suite, parse_influence_suite
+from zobench.measure.env import git_state
 from zobench.outdirs import check_output_dir, check_output_file, output_lock
 from zobench.progress import SuiteProgress
 from zobench.registry import Registry
@@ -37,6 +38,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the expanded cells and exit")
     p.add_argument("--strict", action="store_true", help="exit 3 if any cell failed")
     p.add_argument("--overwrite", action="store_true", help="replace deltas a suite's `save:` finds already there")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="run a suite that declares claims although zobench's code differs from its commit")
     trust_flag(p)
     p.add_argument("--jobs", type=int, default=1, help="cells at once on this machine, each in its own process")
     p.add_argument("--executor", default=None,
@@ -56,6 +59,10 @@ def run(args) -> int:
     if args.dry_run:
         return _dry_run(suite, args.only)
     results = _check_outputs(args, suite.name)
+    if suite.claims and not args.allow_dirty and git_state().get("dirty"):
+        raise UserError(f"{args.suite}: declares claims, and zobench's code differs from its commit "
+                        f"{git_state().get('commit', '?')[:12]}: its records could not say which code made "
+                        f"them. Commit (or run from a clean worktree), or pass --allow-dirty")
     with output_lock(results):  # one writer per results file: every cell recorded exactly once
         executor = _executor(args)
         with SuiteProgress() as progress:

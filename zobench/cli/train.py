@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,7 +60,11 @@ def _train(args) -> int:
     out = check_output_file(check_output_dir(args.out, "output") / "record.json", "record file")
     if overrides.get("save"):
         claim_target(overrides["save"], bool(overrides.get("overwrite")), "--save")
+    overrides.setdefault("predictions", str(out.parent / "predictions.npz"))
     rec = api.train(progress=_print_progress, **overrides)  # checked before training: a result is never lost
+    if rec.predictions:  # named relative to the record, so the folder moves as one
+        rec.predictions["path"] = os.path.relpath(rec.predictions["path"], out.parent)
+    rec.config.pop("predictions", None)
     atomic_write(out, json.dumps(rec.to_json(), indent=1, default=str), "record file")
     for warning in rec.warnings:
         print(f"zobench: warning: {warning}", file=sys.stderr)
@@ -77,7 +82,8 @@ def _eval(args) -> int:
     if not meta["config"].get("task") and not args.task:
         raise UserError(f"{args.delta}: trained on instruction data ({meta['config'].get('data')}), not a task: "
                         f"give --task to evaluate it on one")
-    keys = set(CellConfig.keys()) - {"save", "delta", "timeout_s", "overwrite", "checkpoint", "trust_remote_code"}
+    keys = set(CellConfig.keys()) - {"save", "delta", "timeout_s", "overwrite", "checkpoint", "predictions",
+                                     "trust_remote_code"}
     settings = {k: v for k, v in meta["config"].items() if k in keys}
     settings.update(steps=0, warmup_steps=0, eval_before=True, eval_after=False, eval_every=0, delta=args.delta)
     if args.task:

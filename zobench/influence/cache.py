@@ -14,9 +14,9 @@ import multiprocessing as mp
 import os
 import time
 from collections.abc import Callable
-from queue import Empty
 from dataclasses import asdict
 from pathlib import Path
+from queue import Empty
 
 import numpy as np
 import torch

@@ -29,7 +29,8 @@ def train_on_instructions(model: str, examples: list[dict], method: str, steps: 
                           seed: int = 0, data: str | None = None, data_dir: str | None = None,
                           overwrite: bool = False, on_log: Callable[[int, float], None] | None = None) -> dict:
     """Train, save the delta at ``save`` and return ``{artifact, losses, train_s, trainable}``."""
-    from zobench.cell.delta import base_fingerprint, save as save_delta
+    from zobench.cell.delta import base_fingerprint
+    from zobench.cell.delta import save as save_delta
     from zobench.influence.poison import finetune_lora
     from zobench.models import load_model
 

@@ -12,7 +12,6 @@ MALLOC_MMAP_THRESHOLD_ so large blocks go back to the OS when freed (see launche
 from __future__ import annotations
 
 import gc
-
 import threading
 from pathlib import Path
 

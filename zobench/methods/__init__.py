@@ -5,7 +5,7 @@ line below. Its module must not import torch at import time: the registry is rea
 validated.
 """
 
+from zobench.methods import fo, forward, full, lezo, masked  # noqa: E402,F401  (registration)
 from zobench.methods.base import METHODS, Method, Price, PriceInputs, get_method, method_settings, register
-from zobench.methods import forward, full, masked, lezo, fo  # noqa: E402,F401  (registration)
 
 __all__ = ["METHODS", "Method", "Price", "PriceInputs", "get_method", "method_settings", "register"]

@@ -28,7 +28,7 @@ import torch
 from zobench.errors import UserError
 from zobench.files import cache_dir, read_json
 from zobench.models.imports import trim_transformers_imports
-from zobench.models.names import BUILTIN, CONFIG_DIR, random_config_path, shipped_configs
+from zobench.models.names import BUILTIN, random_config_path, shipped_configs
 
 trim_transformers_imports()
 

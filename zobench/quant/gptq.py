@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
+from zobench.data.calibration import corpus_batches, find_corpus
 from zobench.errors import Unsupported, UserError
 from zobench.outdirs import build_lock
 from zobench.quant.base import Backend, QuantContext, Storage, _parent
-from zobench.data.calibration import corpus_batches, find_corpus
 
 # gptqmodel 7.6.0 pins numpy==2.2.6 in its metadata, but runs on the numpy 2.4 the project is pinned to,
 # so it goes in without its declared dependencies; the extra installs the few it imports.

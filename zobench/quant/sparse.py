@@ -25,10 +25,9 @@ How ``D(x) + x @ S^T`` is computed depends on the device, each way picked by mea
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Callable
-
-import warnings
 
 import torch
 

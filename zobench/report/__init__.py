@@ -13,9 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from zobench.analysis.derive import derive, latest_by_cell
+from zobench.analysis.verdicts import claims_of, verdicts
 from zobench.cell.record import CellRecord
 from zobench.errors import UserError
-
+from zobench.files import atomic_write
+from zobench.report.cells import sort_key, varying_axes
+from zobench.report.claims import claims_section
+from zobench.report.markdown import render_markdown
+from zobench.report.plots import write_plots
+from zobench.spec.suite import load_suite
 
 MAX_PLOTTED_CELLS = 200  # the claims suite plots 57 cells; a line per cell beyond this says nothing
 
@@ -26,15 +32,11 @@ def views(records: list[CellRecord]) -> list[dict]:
     return [dict(r.to_json(), derived=derived[r.cell_id].to_dict()) for r in latest_by_cell(records)]
 
 
-def render_report(records: list[CellRecord], out_md: Path, title: str | None = None) -> Path:
-    """Writes the report for ``records`` (a re-run cell's latest record wins) to ``out_md``; returns it."""
-    from zobench.files import atomic_write
-    from zobench.report.cells import sort_key, varying_axes
-    from zobench.report.markdown import render_markdown
-    from zobench.report.plots import write_plots
-
-    from zobench.analysis.claims import verdicts
-
+def render_report(records: list[CellRecord], out_md: Path, title: str | None = None,
+                  results_dir: Path | None = None) -> Path:
+    """Writes the report for ``records`` (a re-run cell's latest record wins) to ``out_md``; returns it.
+    ``results_dir``: where the records' per-example predictions are (the results file's folder), for the
+    claims their suite declares."""
     out_md = Path(out_md)
     everything = sorted(views(records), key=sort_key)
     pilots = [r for r in everything if (r.get("labels") or {}).get("stage") == "pilot"]
@@ -46,8 +48,24 @@ def render_report(records: list[CellRecord], out_md: Path, title: str | None = N
     else:  # a line per cell: thousands of them are unreadable, and cost gigabytes to draw
         plots = [(f"No plots: {len(ok):,} cells are more than a plot can show ({MAX_PLOTTED_CELLS}); the tables "
                   f"above and zobench.results.to_pandas hold every cell", None)]
-    text = render_markdown(recs, title, plots, pilots=pilots, claims=verdicts(records))
+    claims = declared_claims(records)
+    decision = verdicts(records, claims, results_dir or out_md.parent) if claims else None
+    names = {c.id: c.name for c in claims}
+    dirty = sorted({r.cell_id for r in records if (r.git or {}).get("dirty")})
+    text = render_markdown(recs, title, plots, pilots=pilots, claims=claims_section(decision, names, dirty))
     return atomic_write(out_md, text, "report")
+
+
+def declared_claims(records: list[CellRecord]):
+    """The claims of the records' suite as its file declares them now; where that file cannot be read,
+    as the latest record declared them (records carry their suite's claims)."""
+    path = next((r.suite_file for r in reversed(records) if r.suite_file), None)
+    if path:
+        try:
+            return load_suite(path).claims
+        except UserError:
+            pass
+    return next((c for r in reversed(records) if (c := claims_of(r))), [])
 
 
 def plots_folder(out_md: Path) -> Path:
@@ -72,4 +90,4 @@ def render_results_file(results: Path, out_md: Path) -> Path:
         from zobench.report.influence import render_influence_report
 
         return render_influence_report(influence[-1], out_md)
-    return render_report(load_records(results), out_md)
+    return render_report(load_records(results), out_md, results_dir=Path(results).parent)

@@ -9,11 +9,26 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from zobench.analysis.claims import half_width_95
 from zobench.analysis.derive import TRAIN_PHASES
+from zobench.analysis.design import half_width_95
 from zobench.measure.load import LOADED_CPUS
-from zobench.report.cells import (EXTRA_ORDER, PHASES, axis_value, density, get, is_cuda, is_sparse, is_zo,
-                                  meaningful, method, pct, phase_peak, quant, setting, varying_axes)
+from zobench.report.cells import (
+    EXTRA_ORDER,
+    PHASES,
+    axis_value,
+    density,
+    get,
+    is_cuda,
+    is_sparse,
+    is_zo,
+    meaningful,
+    method,
+    pct,
+    phase_peak,
+    quant,
+    setting,
+    varying_axes,
+)
 
 Column = tuple[str, Callable[[dict], str]]
 DASH = "-"
@@ -145,6 +160,10 @@ def header(recs: list[dict], title: str | None, pilots: list[dict] = ()) -> list
     if finished:
         context.append(f"finished {finished}")
     lines += ["; ".join(c for c in context if c) + ".", ""]
+    spent = [sum(r.get("wall_s") or 0 for r in group) for group in (pilots, recs)]
+    if pilots and any(spent):  # what choosing the learning rates cost, beside what the cells cost
+        lines += [f"Machine time, from the records' wall clocks: {len(pilots)} lr pilot cells "
+                  f"{spent[0] / 3600:.1f} h, {len(recs)} cells {spent[1] / 3600:.1f} h.", ""]
     env = next((r["env"] for r in recs if r.get("env")), None)
     git = next((r["git"] for r in recs if r.get("git")), None)
     if env or git:
@@ -368,7 +387,8 @@ def lr_table(ok: list[dict], pilots: list[dict], extras: list[str]) -> list[str]
 
     def tried(r):
         c = r["lr_choice"]
-        return ", ".join(f"{lr:g}: {pct_points(d) if d is not None else 'failed'}" for lr, d in zip(c["grid"], c["dev"]))
+        return ", ".join(f"{lr:g}: {pct_points(d) if d is not None else 'failed'}"
+                         for lr, d in zip(c["grid"], c["dev"]))
 
     cols: list[Column] = [("lr: dev % after the pilot", tried),
                           ("chosen lr", lambda r: f"{r['lr_choice']['chosen']:g}{lr_caveat(r['lr_choice'])}"
@@ -452,18 +472,6 @@ def pilot_progress(ok: list[dict], pilots: list[dict]) -> list[str]:
     return section("Learning-rate pilot (in progress)", intro, cols, pilots, extras, n_text=1)
 
 
-def claims_table(claims) -> list[str]:
-    if not claims:
-        return []
-    lines = ["## Claims", "", "SensZOQ's claims against these records: test accuracy at the best dev step (mean over "
-             "the seeds both sides have run); the noise is the larger of a 95% binomial interval on the test sets "
-             "and the spread between each side's seeds. Training seconds are also given in reference forwards (each cell's seconds over its own in-cell "
-             "forward's median), which decide the speed claim when the two sides ran beside different loads "
-             "(`zobench/analysis/claims.py`).", "", "| claim | verdict | numbers | noise |", "|:---|:---|:---|:---|"]
-    lines += [f"| {escape(v.claim)} | **{v.verdict}** | {escape(v.numbers)} | {escape(v.noise)} |" for v in claims]
-    return lines + [""]
-
-
 def failure_table(bad: list[dict], extras: list[str]) -> list[str]:
     cols: list[Column] = [("status", lambda r: str(r.get("status"))), ("reason", lambda r: one_line(r.get("reason")))]
     return section("Failed and unsupported cells", "Cells without results, with the recorded reason.",
@@ -482,11 +490,11 @@ def plot_links(plots: list[tuple[str, str]]) -> list[str]:
 def render_markdown(recs: list[dict], title: str | None, plots: list[tuple[str, str]],
                     pilots: list[dict] | None = None, claims=None) -> str:
     """``recs``: one record per cell, in report order; ``plots``: (caption, path relative to the file);
-    ``pilots``: the learning-rate pilot's cells; ``claims``: ``analysis.claims`` verdicts."""
+    ``pilots``: the learning-rate pilot's cells; ``claims``: the claims section's lines (``report.claims``)."""
     extras = varying_axes(recs)
     ok = [r for r in recs if r.get("status") == "ok"]
     bad = [r for r in recs if r.get("status") != "ok"]
-    lines = header(recs, title, pilots or []) + claims_table(claims)
+    lines = header(recs, title, pilots or []) + (claims or [])
     for part in (main_table, quant_table, phase_table, gpu_memory_table, step_table, mask_tables):
         lines += part(ok, extras)
     lines += lr_table(ok, pilots or [], extras) + pilot_progress(ok, pilots or [])

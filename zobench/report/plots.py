@@ -13,9 +13,21 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from zobench.files import atomic_write
-
-from zobench.report.cells import (TRAINING_ONLY, axis_value, density, get, meaningful, method, method_class,
-                                  method_order, pct, primary_score, quant, setting, short_name)
+from zobench.report.cells import (
+    TRAINING_ONLY,
+    axis_value,
+    density,
+    get,
+    meaningful,
+    method,
+    method_class,
+    method_order,
+    pct,
+    primary_score,
+    quant,
+    setting,
+    short_name,
+)
 
 # For methods that name no colour of their own: picked by a stable hash of the name, never by position.
 PALETTE = ("#bcbd22", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d")

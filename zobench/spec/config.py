@@ -36,6 +36,7 @@ NOT_FROM_FILES = {
     "trust_remote_code": "remote code runs only when the command line asks (--trust-remote-code)",
     "checkpoint": "zobench run keeps each cell's progress itself",
     "overwrite": "replacing a kept result needs --overwrite on the command line",
+    "predictions": "zobench keeps each cell's predictions beside its record itself",
 }
 AT_LEAST_0 = ("steps", "n_train", "n_dev", "n_test", "calib_sequences", "warmup_steps", "eval_every")
 AT_LEAST_1 = ("batch_size", "eval_batch_size", "max_length", "q", "calib_length", "ref_every")
@@ -56,6 +57,7 @@ class CellConfig:
     n_train: int = 1000
     n_dev: int = 500
     n_test: int = 1000
+    dev_from: str = "train"            # or "validation": dev drawn like test (tasks.base.Task.sample)
     max_length: int | None = None      # default: the task's (long enough for its longest example)
     batch_size: int = 16
     eval_batch_size: int = 16
@@ -95,6 +97,7 @@ class CellConfig:
     overwrite: bool = False            # an existing delta at `save` may be replaced (--overwrite only)
     delta: str | None = None           # start from a saved result on top of the model
     checkpoint: str | None = None      # a suite cell's progress file (zobench.cell.checkpoint), set by the driver
+    predictions: str | None = None     # where per-example predictions go (zobench.cell.predictions), likewise
 
     def __post_init__(self):
         if self.max_length is None:
@@ -175,7 +178,8 @@ class CellConfig:
             self._bad(where, "timeout_s", "a positive number of seconds")
 
     def _check_choices(self, where: str) -> None:
-        choices = {"dtype": DTYPES, "direction": DIRECTIONS, "generator": GENERATORS, "optimizer": OPTIMIZERS,
+        choices = {"dev_from": ("train", "validation"), "dtype": DTYPES, "direction": DIRECTIONS,
+                   "generator": GENERATORS, "optimizer": OPTIMIZERS,
                    "schedule": SCHEDULES, "scope": (None, *SCOPES)}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -27,7 +27,7 @@ REFERENCE_KEYS = ("model", "dtype", "quant", "task", "batch_size", "max_length",
 # id (the --resume key) of the cells it does not change. A new setting goes here. ``generator``: cells run
 # before it existed drew z with torch's generator; a philox cell is another computation (other z, other
 # timings), so it gets an id of its own and a --resume runs it instead of reusing a torch-generator result.
-SINCE_IDS_ARE_KEPT = {"delta": None, "pack": False, "generator": "torch"}
+SINCE_IDS_ARE_KEPT = {"delta": None, "pack": False, "generator": "torch", "dev_from": "train"}
 
 
 @dataclass
@@ -50,6 +50,7 @@ def identity(cfg: CellConfig) -> dict:
     d.pop("save")       # where the result is kept, not what is measured
     d.pop("checkpoint")  # where progress is kept, likewise
     d.pop("overwrite")   # whether an old result there may be replaced, likewise
+    d.pop("predictions")  # where per-example predictions go, likewise
     for key, before in SINCE_IDS_ARE_KEPT.items():  # a setting added later counts only when it changes the cell
         if d.get(key) == before:
             d.pop(key)

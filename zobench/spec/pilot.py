@@ -47,9 +47,17 @@ def pilot_cells(cells: list[Cell], pilot) -> list[Cell]:
     return list(out.values())
 
 
-def _dev(rec) -> float | None:
-    best = rec.metrics.get("best_dev") if rec is not None and rec.ok else None
-    return None if not best else best.get("accuracy", best.get("f1"))
+def _dev(rec, by: str = "best") -> float | None:
+    """A pilot's dev score by the suite's rule: its best evaluation, or its last (an lr that climbs and then
+    diverges within the pilot is not chosen for its early peak)."""
+    if rec is None or not rec.ok:
+        return None
+    if by == "last":
+        curve = rec.metrics.get("dev_curve") or []
+        score = curve[-1] if curve else None
+    else:
+        score = rec.metrics.get("best_dev")
+    return None if not score else score.get("accuracy", score.get("f1"))
 
 
 def choose(cells: list[Cell], pilot, records) -> tuple[list[Cell], dict[str, dict]]:
@@ -61,9 +69,10 @@ def choose(cells: list[Cell], pilot, records) -> tuple[list[Cell], dict[str, dic
         if not grid:
             out.append(cell)
             continue
-        dev = [_dev(latest.get(_pilot(cell, pilot, lr).cell_id)) for lr in grid]
+        dev = [_dev(latest.get(_pilot(cell, pilot, lr).cell_id), pilot.by) for lr in grid]
         scored = [(d, -lr, lr) for d, lr in zip(dev, grid) if d is not None]
-        choice = {"grid": grid, "dev": dev, "pilot_steps": pilot.steps, "by": "best dev score"}
+        choice = {"grid": grid, "dev": dev, "pilot_steps": pilot.steps,
+                  "by": "best dev score" if pilot.by == "best" else "last dev score"}
         if not scored:  # no pilot finished: the cell keeps its configured lr, and says so
             out.append(cell)
             choices[cell.cell_id] = dict(choice, chosen=None, note="no pilot cell finished with a dev score")

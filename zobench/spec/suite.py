@@ -17,6 +17,8 @@
         - match: {method: [random, sensitive]}
           lr: [3.0e-5, 1.0e-4, 3.0e-4]
       set: {pack: false}         # optional: settings of the pilot cells beside their cells' own
+      by: last                   # optional: choose by the pilot's last dev score (default: its best)
+    claims: ...                  # optional: what the suite sets out to show (zobench.spec.claims)
     timeout_s: 1800
 
 Every error names the file and the key, e.g. ``suites/x.yaml: matrix.methd: unknown key ...``.
@@ -32,12 +34,13 @@ import yaml
 
 from zobench.errors import UserError
 from zobench.files import MAX_CONFIG_BYTES, MAX_DEPTH, read_text
+from zobench.spec.claims import Claim, parse_claims
 from zobench.spec.config import CellConfig, refuse_file_keys
 from zobench.spec.matrix import expand
 from zobench.spec.selectors import parse_selector, unknown_key
 
 SUITE_KEYS = ("name", "description", "defaults", "matrix", "exclude", "overrides", "budgets", "timeout_s",
-              "reference", "lr_pilot")
+              "reference", "lr_pilot", "claims")
 BUDGET_LIMITS = {
     "peak_mib_max": "derived.peak_mib at most this (MiB)",
     "peak_over_inference_max": "ZO peak / inference peak at most this",
@@ -66,6 +69,7 @@ class LrPilot:
     eval_every: int
     grids: list[tuple[dict[str, list], list[float]]]  # (selector, learning rates)
     settings: dict[str, Any] = field(default_factory=dict)  # ``set:``: the pilots' config beside their cells'
+    by: str = "best"   # the dev score an lr is chosen by: the pilot's best evaluation, or its last
 
 
 @dataclass
@@ -81,6 +85,7 @@ class Suite:
     description: str = ""
     lr_pilot: LrPilot | None = None
     exclude: list[dict[str, list]] = field(default_factory=list)  # matrix combinations that are not run
+    claims: list[Claim] = field(default_factory=list)  # declared before the run (zobench.spec.claims)
 
 
 def _mapping(value: Any, where: str) -> dict:
@@ -207,8 +212,8 @@ def _lr_pilot(data: dict, where: str) -> LrPilot | None:
     w = f"{where}: lr_pilot"
     item = _mapping(data["lr_pilot"], w)
     for k in item:
-        if k not in ("steps", "eval_every", "grids", "set"):
-            raise unknown_key(w, k, ("steps", "eval_every", "grids", "set"))
+        if k not in ("steps", "eval_every", "grids", "set", "by"):
+            raise unknown_key(w, k, ("steps", "eval_every", "grids", "set", "by"))
     steps = item.get("steps")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise UserError(f"{w}.steps: expected a number of steps >= 1")
@@ -233,7 +238,10 @@ def _lr_pilot(data: dict, where: str) -> LrPilot | None:
         if k not in CellConfig.keys():
             raise unknown_key(f"{w}.set", k, CellConfig.keys())
     checked = CellConfig.from_dict(dict(sets), f"{w}.set")  # the values' types, as a cell's config checks them
-    return LrPilot(steps, every, grids, {k: getattr(checked, k) for k in sets})
+    by = item.get("by", "best")
+    if by not in ("best", "last"):
+        raise UserError(f"{w}.by: expected best or last (the pilot's dev score an lr is chosen by)")
+    return LrPilot(steps, every, grids, {k: getattr(checked, k) for k in sets}, by)
 
 
 def parse_suite(data: Any, where: str, path: Path | None = None) -> Suite:
@@ -261,7 +269,8 @@ def parse_suite(data: Any, where: str, path: Path | None = None) -> Suite:
     if not isinstance(reference, bool):
         raise UserError(f"{where}: key 'reference': expected true or false")
     exclude = [parse_selector(sel, f"{where}: exclude[{i}]") for i, sel in enumerate(data.get("exclude") or [])]
+    claims = parse_claims(data["claims"], where) if data.get("claims") is not None else []
     suite = Suite(name, path, defaults, matrix, _overrides(data, where), _budgets(data, where), float(timeout),
-                  reference, str(data.get("description", "")), _lr_pilot(data, where), exclude)
+                  reference, str(data.get("description", "")), _lr_pilot(data, where), exclude, claims)
     expand(suite)  # validates every cell, so a bad combination fails here, before anything runs
     return suite

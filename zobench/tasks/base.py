@@ -17,6 +17,9 @@ import numpy as np
 from zobench.errors import UserError
 from zobench.files import MAX_DATA_BYTES, MAX_TEXT_CHARS, parse_json, read_text, text_lines
 
+ROW = "_row"  # the key under which a raw row keeps its position in its split's file (``Example.id``)
+DEV_SEED = 1234  # which validation rows are dev with dev_from: validation (the same for every cell seed)
+
 
 @dataclass
 class Example:
@@ -28,6 +31,12 @@ class Example:
     raw: dict = field(default_factory=dict)
     # MeZO trains COPA (like SQuAD/DROP) as an LM on the correct option, not as classification.
     train_as_classification: bool = True
+
+    @property
+    def id(self) -> int | None:
+        """The example's row in its split's file (0-based, data rows only): the same whatever the seed or
+        the sample, so predictions of different runs pair by it."""
+        return self.raw.get(ROW)
 
 
 @dataclass
@@ -186,7 +195,7 @@ class Task:
                 self.example(row)
             except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
                 raise UserError(f"{where}: {describe(e)} (expected {self.layout})") from None
-            rows.append(row)
+            rows.append({**row, ROW: len(rows)} if isinstance(row, dict) else row)
         return rows
 
     def has_local(self, split: str, data_dir) -> bool:
@@ -217,9 +226,17 @@ class Task:
 
     # -- sampling -----------------------------------------------------------------------------------
     def sample(self, data_dir=None, n_train: int = 1000, n_dev: int = 500, n_test: int = 1000,
-               seed: int = 0) -> Splits:
+               seed: int = 0, dev_from: str = "train") -> Splits:
         """MeZO's sampling: train and dev from one seeded permutation of the train split (dev at its end),
-        test a seeded sample of the validation split (GLUE/SuperGLUE test labels are hidden)."""
+        test a seeded sample of the validation split (GLUE/SuperGLUE test labels are hidden).
+
+        ``dev_from="validation"``: dev is drawn like test, from the validation split: a fixed ``n_dev`` of
+        its rows (seed ``DEV_SEED``, whatever the cell's seed), and test is the rest (at most ``n_test``, in
+        file order). Dev then measures what test measures (SST-2's train split is phrases, 8.6 words on
+        average, its validation split whole sentences, 19.5), dev and test are disjoint and the same for
+        every seed, so runs pair example by example; train still comes from the train split per seed."""
+        if dev_from == "validation":
+            return self._dev_from_validation(data_dir, n_train, n_dev, n_test, seed)
         notes = []
         if self.train_optional and data_dir is not None and not self.has_local("train", data_dir):
             valid = self.read("validation", data_dir)
@@ -245,6 +262,21 @@ class Task:
             notes.insert(0, note)
         return Splits([self.example(r) for r in train_rows], [self.example(r) for r in dev_rows],
                       [self.example(r) for r in test_rows], "; ".join(notes) or None)
+
+    def _dev_from_validation(self, data_dir, n_train: int, n_dev: int, n_test: int, seed: int) -> Splits:
+        train, valid = self.read("train", data_dir), self.read("validation", data_dir)
+        held = sorted(permutation(len(valid), DEV_SEED)[:n_dev])
+        if len(valid) - len(held) < 1:
+            raise UserError(f"task '{self.name}': n_dev {n_dev} leaves no validation row for test "
+                            f"({len(valid)} rows)")
+        taken = set(held)
+        rest = [i for i in range(len(valid)) if i not in taken][:n_test]
+        train_rows = [train[i] for i in permutation(len(train), seed)[:n_train]]
+        note = (f"{self.name}: dev is {len(held)} rows of the validation split (fixed, seed {DEV_SEED}), test the "
+                f"other {len(rest)}; train {len(train_rows)} rows of the train split (seed {seed})")
+        extra = self.data_note(data_dir)
+        return Splits([self.example(r) for r in train_rows], [self.example(valid[i]) for i in held],
+                      [self.example(valid[i]) for i in rest], "; ".join(n for n in (extra, note) if n))
 
     def data_note(self, data_dir) -> str | None:
         return None

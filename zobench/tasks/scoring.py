@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -348,16 +349,23 @@ def _chunks(items: list, size: int):
         yield items[i:i + max(1, size)]
 
 
-def predict(model, tokenizer, examples: list[Example], batch_size: int = 16, max_length: int = 256,
-            vocab_size: int | None = None, shared: bool = False, pack: bool = False) -> list[int]:
-    """The index of the best-scoring candidate for each classification example."""
+def candidate_scores(model, tokenizer, examples: list[Example], batch_size: int = 16, max_length: int = 256,
+                     vocab_size: int | None = None, shared: bool = False, pack: bool = False) -> torch.Tensor:
+    """Every classification example's per-option scores (mean log-prob of each option), [N, options]."""
     out = []
     with torch.inference_mode():
         for chunk in _chunks(examples, batch_size):
             batch = encode(chunk, tokenizer, "classification", max_length, train=False, vocab_size=vocab_size,
                            shared=shared, pack=pack)
-            out.extend(grouped_scores(model, batch).argmax(1).tolist())
-    return out
+            out.append(grouped_scores(model, batch).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def predict(model, tokenizer, examples: list[Example], batch_size: int = 16, max_length: int = 256,
+            vocab_size: int | None = None, shared: bool = False, pack: bool = False) -> list[int]:
+    """The index of the best-scoring candidate for each classification example."""
+    return candidate_scores(model, tokenizer, examples, batch_size, max_length, vocab_size, shared,
+                            pack).argmax(1).tolist()
 
 
 def generate(model, tokenizer, examples: list[Example], batch_size: int = 16, max_length: int = 256,
@@ -388,17 +396,31 @@ def generate(model, tokenizer, examples: list[Example], batch_size: int = 16, ma
 
 def evaluate(model, tokenizer, task_kind: str, examples: list[Example], batch_size: int = 16,
              max_length: int = 256, max_new_tokens: int = 50, vocab_size: int | None = None,
-             shared: bool = False, pack: bool = False) -> dict:
-    """{"accuracy"} for classification, {"em", "f1"} (SQuAD-style, best over gold answers) for generation."""
+             shared: bool = False, pack: bool = False, details: dict | None = None) -> dict:
+    """{"accuracy"} for classification, {"em", "f1"} (SQuAD-style, best over gold answers) for generation.
+
+    ``details`` (a dict), when given, receives the per-example predictions the scores come from, as
+    arrays: ``id`` (``Example.id``), and ``gold``, ``pred`` and ``scores`` [N, options] for classification,
+    or ``pred`` (the generated text), ``em`` and ``f1`` for generation. Kept beside a record, they let a
+    paired test be run after the fact (``zobench.analysis.stats``)."""
     if task_kind not in KINDS:
         raise UserError(f"unknown task kind '{task_kind}' (expected {' or '.join(KINDS)})")
+    ids = np.array([-1 if ex.id is None else int(ex.id) for ex in examples], dtype=np.int64)
     if task_kind == "classification":
         if not examples:
             return {"accuracy": None}
-        preds = predict(model, tokenizer, examples, batch_size, max_length, vocab_size, shared, pack)
-        return {"accuracy": sum(p == ex.label for p, ex in zip(preds, examples)) / len(examples)}
+        scores = candidate_scores(model, tokenizer, examples, batch_size, max_length, vocab_size, shared, pack)
+        preds = scores.argmax(1).numpy()
+        gold = np.array([ex.label for ex in examples], dtype=np.int64)
+        if details is not None:
+            details.update(id=ids, gold=gold, pred=preds.astype(np.int64), scores=scores.numpy())
+        return {"accuracy": int((preds == gold).sum()) / len(examples)}
     if not examples:
         return {"em": None, "f1": None}
     texts = generate(model, tokenizer, examples, batch_size, max_length, max_new_tokens, vocab_size)
-    return {"em": sum(exact_match(t, ex.answers) for t, ex in zip(texts, examples)) / len(examples),
-            "f1": sum(f1_score(t, ex.answers) for t, ex in zip(texts, examples)) / len(examples)}
+    em = np.array([exact_match(t, ex.answers) for t, ex in zip(texts, examples)], dtype=np.float64)
+    f1 = np.array([f1_score(t, ex.answers) for t, ex in zip(texts, examples)], dtype=np.float64)
+    if details is not None:
+        details.update(id=ids, pred=np.array(texts, dtype=np.str_), em=em, f1=f1)
+    # summed in order, as before per-example arrays were kept: the same scores to the last bit
+    return {"em": sum(em.tolist()) / len(examples), "f1": sum(f1.tolist()) / len(examples)}

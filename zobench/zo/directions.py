@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from zobench.errors import UserError
-
 from zobench.spec.config import DIRECTIONS  # noqa: E402  (the names a suite may use)
 
 _SIGN_TABLES: dict[torch.dtype, torch.Tensor] = {}

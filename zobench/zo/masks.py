@@ -21,7 +21,6 @@ from typing import Callable, Iterable
 import torch
 
 from zobench.errors import UserError
-
 from zobench.spec.config import SCOPES
 
 

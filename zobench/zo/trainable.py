@@ -34,7 +34,6 @@ from zobench.errors import UserError
 from zobench.spec.config import GENERATORS
 from zobench.zo import fused
 from zobench.zo.directions import draw, make_generator
-
 from zobench.zo.sizes import CHUNK  # values per z draw in dense passes (16 MiB of float32)
 
 

@@ -1,0 +1,119 @@
+"""Claims decided from records: arms by selector, per-example predictions read back (checked against their
+hash), failed runs left out and listed, both verdicts when a claim changed after the data existed, and the
+re-analysis script giving the report's table from the records alone."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from zobench.analysis.verdicts import verdicts
+from zobench.cell.predictions import Predictions
+from zobench.cell.record import CellRecord, Metrics
+from zobench.errors import UserError
+from zobench.report import render_report
+from zobench.results import append_record, load_records
+from zobench.spec.claims import claims_hash, parse_claims
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 600
+
+
+def claims(margin: float = 0.0, resamples: int = 2000) -> list:
+    return parse_claims({"alpha": 0.05, "resamples": resamples, "seed": 0,
+                         "failed_if": {"accuracy_at_most_majority_plus": 0.02},
+                         "items": [{"id": "s-beats-r", "name": "sensitive beats random", "kind": "superiority",
+                                    "a": {"method": "sensitive"}, "b": {"method": "random"},
+                                    "metric": "test_best", "margin": margin},
+                                   {"id": "s-like-f", "kind": "non_inferiority", "a": {"method": "sensitive"},
+                                    "b": {"method": "full"}, "metric": "test_best", "margin": 0.05}]}, "t.yaml")
+
+
+def run(folder: Path, method: str, seed: int, accuracy: float, declared: list, rng) -> CellRecord:
+    """A record whose test predictions are right on about ``accuracy`` of N examples (ids shuffled, so the
+    reader must align them)."""
+    gold = rng.integers(0, 2, N)
+    right = rng.random(N) < accuracy
+    pred = np.where(right, gold, 1 - gold)
+    ids = rng.permutation(N)
+    cell = f"{method}-{seed}"
+    keep = Predictions(folder / "t.predictions" / f"{cell}.npz")
+    keep.add("test_best", {"id": ids, "gold": gold, "pred": pred, "scores": np.zeros((N, 2))})
+    desc = keep.write()
+    desc["path"] = str(Path(desc["path"]).relative_to(folder))
+    m = Metrics()
+    m.set(test_best={"accuracy": float(right.mean())}, test_after={"accuracy": float(right.mean())},
+          loss_curve=[0.7] * 20)
+    return CellRecord(cell_id=cell, config={"method": method, "seed": seed}, labels={"method": method},
+                      metrics=m, predictions=desc, suite="t",
+                      claims={"hash": claims_hash(declared), "declared": [asdict(c) for c in declared]})
+
+
+@pytest.fixture()
+def results(tmp_path) -> Path:
+    rng = np.random.default_rng(7)
+    declared = claims()
+    out = tmp_path / "t.jsonl"
+    for seed in range(4):
+        append_record(out, run(tmp_path, "sensitive", seed, 0.80, declared, rng))
+        append_record(out, run(tmp_path, "random", seed, 0.66, declared, rng))
+        append_record(out, run(tmp_path, "full", seed, 0.79, declared, rng))
+    return out
+
+
+def test_a_clear_difference_holds_and_failed_runs_are_left_out_by_the_declared_rule(results, tmp_path):
+    records = load_records(results)
+    rng = np.random.default_rng(1)
+    broken = run(tmp_path, "random", 9, 0.50, claims(), rng)  # at the majority rate: it did not learn
+    decision = verdicts(records + [broken], claims(), results.parent)
+    by = {r.claim: r for r in decision.results}
+    beats = by["s-beats-r"]
+    assert beats.verdict == "holds" and beats.n_seeds == (4, 4) and beats.n_examples == N
+    assert 0.10 < beats.estimate < 0.18 and beats.adj_low > 0
+    assert any("random-9" in e and "majority" in e for e in decision.excluded)
+    assert by["s-like-f"].verdict in ("holds", "not resolved")
+
+
+def test_predictions_that_are_not_the_recorded_bytes_are_refused(results):
+    records = load_records(results)
+    victim = results.parent / records[0].predictions["path"]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(UserError, match="sha256"):
+        verdicts(records, claims(), results.parent)
+
+
+def test_a_claim_changed_after_the_data_keeps_both_verdicts_labelled(results, tmp_path):
+    records = load_records(results)
+    now = claims(margin=0.30)  # edited afterwards: now it asks for 30 points
+    decision = verdicts(records, now, results.parent)
+    assert decision.claims_hash != claims_hash(claims())
+    assert {r.claim: r.verdict for r in decision.results}["s-beats-r"] == "does not hold"
+    (earlier,) = decision.earlier.values()
+    assert {r.claim: r.verdict for r in earlier}["s-beats-r"] == "holds"
+
+
+def test_the_report_and_the_reanalysis_script_give_the_same_table(results, tmp_path):
+    report = render_report(load_records(results), tmp_path / "rep" / "t.md", results_dir=results.parent)
+    text = report.read_text()
+    assert "## Claims" in text and "**holds**" in text and "sensitive beats random" in text
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "reanalyze_claims.py"), str(results)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    table = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    assert table and all(line in text for line in table)
+
+
+def test_records_without_predictions_are_listed_not_decided(tmp_path):
+    m = Metrics()
+    m.set(test_best={"accuracy": 0.8}, loss_curve=[0.7] * 20)
+    recs = [CellRecord(cell_id=f"{meth}{s}", config={"method": meth, "seed": s}, labels={"method": meth}, metrics=m)
+            for meth in ("sensitive", "random", "full") for s in range(2)]
+    decision = verdicts(recs, claims(), tmp_path)
+    assert all(r.verdict == "not resolved" for r in decision.results)
+    assert sum("no per-example predictions" in e for e in decision.excluded) == 8  # 2 seeds x 2 arms x 2 claims

@@ -1,0 +1,169 @@
+"""Declared claims decided from records: which records make each arm, which runs failed, the evidence read from
+the per-example predictions beside the records, and the verdicts (``zobench.analysis.stats``).
+
+    verdicts(records, claims, results_dir) -> Decision
+
+An arm is the ok, non-pilot records matching its selector, one per seed (a cell's latest record). A run that
+failed by the claims' declared rule (``spec.claims.FailedIf``: test accuracy at the majority rate, a loss
+that diverged) is left out of its arm and listed: a failed run is not a property of its method.
+Accuracy claims read each run's per-example correctness at the claim's metric (``test_best``: test at the best
+dev step; ``test_after``: at the last) from its predictions file, checked against the sha256 its record holds,
+and aligned by example id; a run without predictions (recorded before they were kept) cannot be paired and is
+listed as such. Speed claims read each run's dev curve in the claim's clock: ``train_s`` (training seconds),
+or ``reference_forwards`` (those seconds over the run's own two-forward time, ``forward_ref_s``, which a busy
+machine stretches on both sides alike).
+
+Records carry the claims their suite declared when they ran (``record.claims``): when those differ from the
+claims given here (a claim edited after data existed), ``Decision.earlier`` holds the verdicts under each
+earlier declaration too, so a report shows both, labelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from zobench.analysis.derive import latest_by_cell
+from zobench.analysis.design import failed_run
+from zobench.analysis.speed import faster_to_target
+from zobench.analysis.stats import Evidence, Result, accuracy_difference, align, decide
+from zobench.cell.predictions import read as read_predictions
+from zobench.cell.record import CellRecord
+from zobench.errors import UserError
+from zobench.spec.claims import Claim, FailedIf, claims_hash
+from zobench.spec.selectors import selector_matches
+
+
+@dataclass
+class Decision:
+    claims_hash: str
+    results: list[Result]
+    arms: dict[str, dict[str, list[str]]]            # claim id -> {"a": [cell ids], "b": [...]}
+    excluded: list[str] = field(default_factory=list)  # "cell (method, seed): why" for every run left out
+    earlier: dict[str, list[Result]] = field(default_factory=dict)  # claims hash -> verdicts as declared then
+
+
+def claims_of(rec: CellRecord) -> list[Claim] | None:
+    """The claims a record's suite declared when it ran (None for records from before claims were kept)."""
+    declared = (rec.claims or {}).get("declared")
+    if not declared:
+        return None
+    return [Claim(**{**d, "failed_if": FailedIf(**d["failed_if"])}) for d in declared]
+
+
+def runs(records: list[CellRecord], selector: dict) -> list[CellRecord]:
+    """The ok, non-pilot records of one arm, one per cell (its latest), in seed order."""
+    chosen = [r for r in latest_by_cell(records) if r.ok and r.labels.get("stage") != "pilot"
+              and selector_matches(selector, {**r.config, **r.labels})]
+    return sorted(chosen, key=lambda r: (r.config.get("seed", 0), r.cell_id))
+
+
+def _label(r: CellRecord) -> str:
+    return f"{r.cell_id} ({r.method}, seed {r.config.get('seed')})"
+
+
+class Reader:
+    """Per-example predictions of records, read once each (sha256-checked), relative to the results folder."""
+
+    def __init__(self, results_dir: Path):
+        self.dir, self.cache = Path(results_dir), {}
+
+    def evaluation(self, rec: CellRecord, name: str) -> dict | None:
+        p = rec.predictions
+        if not p or name not in p.get("evaluations", []):
+            return None
+        if rec.cell_id not in self.cache:
+            self.cache[rec.cell_id] = read_predictions(self.dir / p["path"], p.get("sha256"))
+        return self.cache[rec.cell_id].get(name)
+
+
+def majority_rate(details: dict) -> float:
+    gold = np.asarray(details["gold"])
+    return float(np.bincount(gold).max() / len(gold)) if len(gold) else 1.0
+
+
+def _failed(rec: CellRecord, details: dict | None, rule: FailedIf) -> str | None:
+    test = (rec.metrics.get("test_best") or rec.metrics.get("test_after") or {}).get("accuracy")
+    majority = majority_rate(details) if details is not None and "gold" in details else 0.5
+    return failed_run(test, majority, rec.metrics.get("loss_curve"), rule)
+
+
+def _accuracy(claim: Claim, arm_a: list, arm_b: list, reader: Reader, excluded: list) -> Evidence:
+    correct, ids = {"a": {}, "b": {}}, None
+    for side, arm in (("a", arm_a), ("b", arm_b)):
+        for rec in arm:
+            details = reader.evaluation(rec, claim.metric)
+            why = _failed(rec, details, claim.failed_if)
+            if why is None and details is None:
+                why = f"no per-example predictions for {claim.metric} (recorded before they were kept)"
+            if why:
+                excluded.append(f"{claim.id} {side}: {_label(rec)}: {why}")
+                continue
+            if ids is None:
+                ids = np.sort(details["id"])
+            correct[side][rec.config.get("seed", 0)] = align(ids, details["id"], details["pred"] == details["gold"],
+                                                            _label(rec))
+    if not correct["a"] or not correct["b"]:
+        return Evidence(None, (len(correct["a"]), len(correct["b"])), None, "an arm has no usable run")
+    return accuracy_difference(correct["a"], correct["b"], resamples=claim.resamples, seed=claim.seed)
+
+
+def curve(rec: CellRecord, clock: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """A run's dev curve as (times, accuracies) in ``clock``; None when it has none (or no reference)."""
+    points = rec.metrics.get("dev_curve") or []
+    if not points:
+        return None
+    times = np.array([p["train_s"] for p in points], dtype=float)
+    if clock == "reference_forwards":
+        ref = rec.metrics.forward_ref_s
+        if not ref:
+            return None
+        times = times / (2 * ref.median)
+    return times, np.array([p.get("accuracy", np.nan) for p in points], dtype=float)
+
+
+def _speed(claim: Claim, arm_a: list, arm_b: list, excluded: list) -> Evidence:
+    curves = {"a": {}, "b": {}}
+    for side, arm in (("a", arm_a), ("b", arm_b)):
+        for rec in arm:
+            why = _failed(rec, None, claim.failed_if)
+            c = curve(rec, claim.clock or "train_s")
+            if why is None and c is None:
+                why = f"no dev curve in clock {claim.clock}"
+            if why:
+                excluded.append(f"{claim.id} {side}: {_label(rec)}: {why}")
+                continue
+            curves[side][rec.config.get("seed", 0)] = c
+    return faster_to_target(curves["a"], curves["b"], claim.target, resamples=claim.resamples, seed=claim.seed)
+
+
+def _decide(records: list[CellRecord], claims: list[Claim], reader: Reader):
+    evidence, arms, excluded = {}, {}, []
+    for c in claims:
+        a, b = runs(records, c.a), runs(records, c.b)
+        arms[c.id] = {"a": [r.cell_id for r in a], "b": [r.cell_id for r in b]}
+        try:
+            evidence[c.id] = _speed(c, a, b, excluded) if c.kind == "faster_to_target" else \
+                _accuracy(c, a, b, reader, excluded)
+        except ValueError as e:  # runs that cannot be paired (other test examples): said, not decided
+            excluded.append(f"{c.id}: {e}")
+    return decide(claims, evidence), arms, excluded
+
+
+def verdicts(records: list[CellRecord], claims: list[Claim], results_dir: str | Path) -> Decision | None:
+    """The verdict of every declared claim (see the module docstring); None when none is declared."""
+    if not claims:
+        return None
+    reader = Reader(Path(results_dir))
+    try:
+        results, arms, excluded = _decide(records, claims, reader)
+    except UserError as e:
+        raise UserError(f"claims: {e}") from None
+    decision = Decision(claims_hash(claims), results, arms, excluded)
+    for rec in records:
+        then = claims_of(rec)
+        if then and (h := claims_hash(then)) != decision.claims_hash and h not in decision.earlier:
+            decision.earlier[h] = _decide(records, then, reader)[0]
+    return decision

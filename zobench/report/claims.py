@@ -1,0 +1,66 @@
+"""The claims section of a report: each declared claim with its interval, margin, p-values and verdict
+(``zobench.analysis.verdicts``); the runs left out and why; verdicts under earlier declarations, labelled."""
+
+from __future__ import annotations
+
+import math
+
+from zobench.analysis.stats import Result
+from zobench.analysis.verdicts import Decision
+
+
+def _points(x: float, kind: str) -> str:
+    """An accuracy difference in points; a speed claim's log time ratio as the ratio it stands for."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if kind == "faster_to_target":
+        return "inf" if x == math.inf else "0" if x == -math.inf else f"{math.exp(x):.2f}x"
+    return f"{100 * x:+.1f}"
+
+
+def _interval(lo: float, hi: float, kind: str) -> str:
+    return f"[{_points(lo, kind)}, {_points(hi, kind)}]"
+
+
+def _margin(r: Result) -> str:
+    if r.kind == "faster_to_target":
+        return f"b/a > {math.exp(r.margin):.2f}x"
+    sign = {"superiority": "a - b >", "non_inferiority": "a - b > -", "equivalence": "|a - b| <"}[r.kind]
+    return f"{sign}{100 * abs(r.margin):.1f} pts" if r.kind != "superiority" else f"{sign} {100 * r.margin:.1f} pts"
+
+
+def rows(results: list[Result], names: dict[str, str]) -> list[str]:
+    out = ["| claim | kind | a - b | interval (1 - alpha) | interval Holm-adjusted (level) | margin | p / p Holm | "
+           "verdict | seeds a, b | examples |", "|:---|:---|---:|:---|:---|:---|:---|:---|:---|---:|"]
+    for r in results:
+        level = f"{100 * (1 - r.alpha_adjusted):.2f}%" if not math.isnan(r.alpha_adjusted) else "-"
+        out.append(f"| {names.get(r.claim, r.claim)} | {r.kind.replace('_', ' ')} | {_points(r.estimate, r.kind)} "
+                   f"| {_interval(r.ci_low, r.ci_high, r.kind)} | {_interval(r.adj_low, r.adj_high, r.kind)} "
+                   f"({level}) | {_margin(r)} | {r.p_value:.3g} / {r.p_adjusted:.3g} | **{r.verdict}** | "
+                   f"{r.n_seeds[0]}, {r.n_seeds[1]} | {r.n_examples or '-'} |")
+    return out
+
+
+def claims_section(decision: Decision | None, names: dict[str, str], dirty: list[str]) -> list[str]:
+    if decision is None:
+        return []
+    lines = ["## Claims", "",
+             f"Declared in the suite before the run (claims hash `{decision.claims_hash[:12]}`), decided from the "
+             f"per-example predictions beside the records: a two-level bootstrap over seeds and test examples "
+             f"(paired on the same examples), Holm over the suite's claims. A verdict reads the Holm-adjusted "
+             f"interval against the declared margin; accuracy differences are in points, speed as the ratio of "
+             f"b's time to a's (`zobench/analysis/verdicts.py`, `zobench/analysis/stats.py`).", ""]
+    lines += rows(decision.results, names) + [""]
+    methods = sorted({r.method for r in decision.results})
+    lines += [f"- {m}" for m in methods] + [""]
+    if decision.excluded:
+        lines += ["Runs left out (a failed run is a failed run, not a property of its method):", ""]
+        lines += [f"- {e}" for e in decision.excluded] + [""]
+    if dirty:
+        lines += ["Records from a tree whose code differed from its commit (`git.dirty`): "
+                  + ", ".join(dirty) + ".", ""]
+    for h, results in decision.earlier.items():
+        lines += [f"### As declared earlier (claims hash `{h[:12]}`)", "",
+                  "Some records were made while the suite declared these claims differently; their verdicts "
+                  "on the same records:", ""] + rows(results, names) + [""]
+    return lines

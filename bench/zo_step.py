@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from zobench.measure.memory import PeakMemory
 from zobench.methods.lezo import LayerSubset, units
 from zobench.models import load_model
 from zobench.tasks import get_task, scoring
@@ -135,8 +136,6 @@ def setup(model_spec: str, batch: str):
 
 def child(variant: str, model_spec: str, batch: str) -> None:
     """Peak RSS of two steps of one variant, printed as JSON (run in a fresh process)."""
-    from zobench.measure.memory import PeakMemory
-
     model, data, loss = setup(model_spec, batch)
     stepper = steppers(model, loss)[variant]()
     stepper.step(data, 0)  # warm-up: first-touch allocations, lazy inits

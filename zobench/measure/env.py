@@ -28,6 +28,24 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# CPU instruction sets that decide which kernels run (torch's matmuls, bitsandbytes' 4-bit path, the ZO pass
+# built with -march=native): the same code is another computation on another CPU.
+KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+
+
+def cpu_flags() -> list[str]:
+    """The ``KERNEL_FLAGS`` this CPU has (from /proc/cpuinfo; [] where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in KERNEL_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def gpu_info() -> dict:
     import torch
 
@@ -52,6 +70,7 @@ def environment() -> dict:
     import torch
 
     env = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
+           "cpu_flags": cpu_flags(),
            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
     env["versions"] = {p: package_version(p) for p in PACKAGES if package_version(p)}

@@ -109,3 +109,23 @@ def test_a_phase_keeps_the_other_load_exactly_when_its_recorded_wall_time_is_lon
     with phase("cpu") as m:
         pass
     assert (m["other_cpus"] is None) == (m["wall_s"] < load_mod.MIN_WALL_S), (m["wall_s"], m["other_cpus"])
+
+
+def test_records_name_the_cpu_instructions_that_choose_kernels():
+    from zobench.measure.machine import KERNEL_FLAGS, cpu_flags
+
+    flags = cpu_flags()
+    assert set(flags) <= set(KERNEL_FLAGS) and environment()["cpu_flags"] == flags
+
+
+def test_no_warning_a_user_cannot_act_on_when_bitsandbytes_loads():
+    """On an AVX512-BF16 CPU bitsandbytes warns at import that it could not fetch a kernel from the hub;
+    zobench runs offline, so that line is dropped (and only that one)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "import zobench, logging, bitsandbytes; "
+                        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another warning')"],
+                       capture_output=True, text=True, timeout=300)
+    assert "kernels-community" not in r.stderr
+    assert "another warning" in r.stderr

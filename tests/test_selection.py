@@ -100,10 +100,10 @@ def test_dense_zo_tests_its_best_dev_step_with_weights_kept_on_disk_equal_to_the
     dev_scores = iter([0.9, 0.5, 0.5])
     real = Run.evaluate
 
-    def evaluate(self, examples):
+    def evaluate(self, examples, details=None):
         if examples is self.splits.dev:
             return {"accuracy": next(dev_scores)}
-        return real(self, examples)
+        return real(self, examples, details)
 
     monkeypatch.setattr(Run, "evaluate", evaluate)
     cfg = CellConfig.from_dict(dict(TINY, model="smollm2", method=method, lr=1e-4, n_dev=4, n_test=8, steps=6,

@@ -9,7 +9,7 @@ import platform
 import torch
 
 from zobench.gates import pynvml
-from zobench.measure.machine import cpu_name, package_version
+from zobench.measure.machine import cpu_flags, cpu_name, package_version
 
 PACKAGES = ("torch", "transformers", "bitsandbytes", "gptqmodel", "hqq", "peft", "safetensors", "zobench")
 
@@ -33,6 +33,7 @@ def gpu_info() -> dict:
 
 def environment() -> dict:
     env = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
+           "cpu_flags": cpu_flags(),
            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
     env["versions"] = {p: package_version(p) for p in PACKAGES if package_version(p)}

@@ -28,6 +28,24 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# CPU instruction sets that decide which kernels run (torch's matmuls, bitsandbytes' 4-bit path, the ZO pass
+# built with -march=native): the same code is another computation on another CPU.
+KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+
+
+def cpu_flags() -> list[str]:
+    """The ``KERNEL_FLAGS`` this CPU has (from /proc/cpuinfo; [] where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in KERNEL_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 # Where zobench's own code lives: the checkout whose state a record names (never the folder of a suite or
 # data file: a repository there is someone else's, and its configuration can run commands).
 SOURCE = Path(__file__).resolve().parents[2]

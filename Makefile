@@ -4,13 +4,17 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test test-all bench gpu-bundle gpu-plan gpu-check clean
+.PHONY: venv run lint test test-all bench gpu-bundle gpu-plan gpu-check clean
 
 venv:
 	@bash scripts/setup.sh
 
 run: venv
 	$(VENV)/bin/zobench run suites/smollm2.yaml
+
+# lint: ruff (pyflakes, pycodestyle, isort, imports at the top of the module; pyproject.toml), first in CI.
+lint: venv
+	$(VENV)/bin/ruff check .
 
 # test: what CI runs (about 15 minutes on 2 cores). test-all adds the tests marked slow: whole suites,
 # fault injection on Ray, the estimator's held-out cells (minutes each); run it when touching those parts.

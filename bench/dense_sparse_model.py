@@ -27,13 +27,14 @@ def build(model: torch.nn.Module, mask: dict, merge: bool) -> torch.nn.Module:
     """A copy of ``model`` with NF4 dense-and-sparse block linears, merged or not whatever this CPU is."""
     from zobench.quant import QuantContext, quantize_model
     from zobench.quant.bnb import NF4
+    from zobench.zo.masks import linear_layers
 
     class Way(NF4):
         def merges_on(self, device: str) -> bool:
             return merge
 
     model = copy.deepcopy(model)
-    quantize_model(model, Way(), QuantContext(), mask)
+    quantize_model(model, Way(), QuantContext(), linear_layers(model), mask)
     return model.eval()
 
 

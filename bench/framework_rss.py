@@ -1,7 +1,8 @@
 """Measure the per-process memory floor of a suite cell on this machine: everything but the model.
 
-The memory estimator measures this itself, once per machine and set of installed versions
-(``zobench.analysis.calibration``, cached under ``~/.cache/zobench/calibration``). This script runs the
+The memory estimator's calibration measures this once per machine and set of installed versions
+(``zobench.driver.calibrate``, read by ``zobench.analysis.calibration``, cached under
+``~/.cache/zobench/calibration``). This script runs the
 same measurement on demand, more times, and prints the runs with the environment, e.g. to compare
 machines or to record a CUDA floor on a GPU node:
 
@@ -18,7 +19,8 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    from zobench.analysis.calibration import machine_key, measure
+    from zobench.analysis.calibration import machine_key
+    from zobench.driver import measure
     from zobench.measure.env import environment
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from zobench.measure.env import cpu_name
+from zobench.measure.machine import cpu_name
 from zobench.zo import fused, philox
 from zobench.zo.optim import make_optimizer
 from zobench.zo.trainable import DenseTrainable, SparseTrainable

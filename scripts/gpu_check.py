@@ -76,7 +76,7 @@ def _use_bundle() -> list[str]:
 
 
 def _cells():
-    from zobench.driver import select_cells
+    from zobench.spec.matrix import select_cells
     from zobench.spec.suite import load_suite
 
     suite = load_suite(SUITE)
@@ -181,9 +181,9 @@ def main() -> int:
             b = "timed out"
         print(f"gpu-check: {what} exit {b} ({args.budget_s - left():.0f} s so far)", flush=True)
     if left() >= FLOOR_S + two_cells:
-        from zobench.analysis.calibration import framework
+        from zobench.driver import calibrate
 
-        floor = framework("cuda")  # measured here and cached: the cells' records then carry estimates on it
+        floor = calibrate("cuda")  # measured here and cached: the cells' records then carry estimates on it
         (out / "framework_cuda.json").write_text(json.dumps(floor, indent=1) + "\n")
         print(f"gpu-check: framework floor on cuda {floor['framework_mib']:.0f} MiB ({floor['source']}; "
               f"{args.budget_s - left():.0f} s so far)", flush=True)

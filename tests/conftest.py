@@ -41,7 +41,7 @@ def ray_local():
     """A local Ray with 2 CPUs and 2 declared GPUs, started once for the session (the Ray executor and the
     Ray cache builder reuse a running Ray)."""
     pytest.importorskip("ray")
-    from zobench.executors.ray_executor import connect
+    from zobench.gates.ray import connect
 
     ray, started = connect(num_cpus=2, num_gpus=2)
     yield ray

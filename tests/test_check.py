@@ -90,7 +90,7 @@ def test_estimates_are_held_to_peak_budgets_only():
 
 
 def test_unmeasured_and_unsupported_cells_are_estimated():
-    from zobench.analysis.check import estimate_missing
+    from zobench.cli.estimate import estimate_missing  # what `zobench check` runs: the machine calibrated first
     from zobench.spec.matrix import expand
 
     suite = parse_suite({"name": "t", "defaults": {"model": "random:tiny-llama", "max_length": 32},

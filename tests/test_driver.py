@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from zobench.analysis.derive import derive
 from zobench.cell.record import CellRecord, Metrics, PhaseMeasure, Stats
 from zobench.driver import run_suite, select_cells
 from zobench.executors.pool import PoolExecutor
-from zobench.results import load_records, to_pandas
+from zobench.results import derive, load_records, to_pandas
 from zobench.spec.suite import load_suite
 
 BASE = """

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from zobench.analysis.derive import derive, latest_by_cell
 from zobench.analysis.estimate import estimate_cell, record_estimate
 from zobench.errors import UserError
-from zobench.results import load_records
+from zobench.results import derive, latest_by_cell, load_records
 from zobench.spec.config import CellConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,19 +190,20 @@ def test_record_estimate_never_raises():
 
 def test_framework_floor_is_this_machines_measurement_cached_per_installed_versions(monkeypatch):
     from zobench.analysis import calibration as C
+    from zobench.driver import calibrate
 
+    calibrate("cpu")  # what every command that estimates does first (measured once per machine)
     est = estimate_cell(CellConfig(model="random:tiny-llama", method="forward"))
-    stored = json.loads(C._path(C.machine_key("cpu")).read_text())
+    stored = json.loads(C.path_of(C.machine_key("cpu")).read_text())
     assert est["calibration"]["source"] == "measured" and est["calibration"]["key"] == C.machine_key("cpu")
     assert est["breakdown"]["framework_mib"] == pytest.approx(stored["framework_mib"], abs=1e-3)
     # Another torch version is another calibration: not measured yet, so the fallback says so.
-    from zobench.measure import env
-
-    real = env.package_version
-    monkeypatch.setattr(env, "package_version", lambda p: "0.0-other" if p == "torch" else real(p))
+    real = C.package_version
+    monkeypatch.setattr(C, "package_version", lambda p: "0.0-other" if p == "torch" else real(p))
     assert C.machine_key("cpu") != est["calibration"]["key"]
     monkeypatch.setattr(C, "_MEMO", {})
-    fallback = C.framework("cpu", measure=False)
+    assert C.needs_measuring("cpu")
+    fallback = C.framework("cpu")
     assert fallback["source"] == "default" and "not measured" in fallback["why"]
 
 

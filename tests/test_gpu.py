@@ -18,7 +18,7 @@ MIB = 2**20
 
 
 def test_cuda_peaks_are_per_phase():
-    from zobench.measure.phases import Phases
+    from zobench.cell.timing import Phases
 
     data = {}
     phases = Phases("cuda", data)
@@ -54,13 +54,15 @@ def test_nf4_forward_on_cuda_matches_the_cpu_one():
     pytest.importorskip("bitsandbytes")
     from zobench.models import load_model
     from zobench.quant import QuantContext, get_backend, quantize_model
+    from zobench.zo.masks import linear_layers
 
     ids = torch.randint(0, 1000, (2, 32))
     logits = {}
     for device in ("cpu", "cuda"):
         loaded = load_model("random:tiny-llama", dtype="float32", seed=0, device="cpu")
         loaded.model.to(device)
-        quantize_model(loaded.model, get_backend("nf4"), QuantContext(device=device, tokenizer=loaded.tokenizer))
+        quantize_model(loaded.model, get_backend("nf4"), QuantContext(device=device, tokenizer=loaded.tokenizer),
+                       linear_layers(loaded.model))
         with torch.no_grad():
             logits[device] = loaded.model(input_ids=ids.to(device)).logits.float().cpu()
     torch.testing.assert_close(logits["cuda"], logits["cpu"], atol=2e-2, rtol=2e-2)
@@ -84,7 +86,8 @@ def test_dense_and_sparse_nf4_merges_on_cuda_and_matches_the_cpu_product(monkeyp
         loaded = load_model("random:tiny-llama", dtype="float32", seed=0, device="cpu")
         loaded.model.to(device)
         mask = M.random_mask(M.scoped_params(loaded.model, "linear"), 0.01, seed=0)
-        vectors = quantize_model(loaded.model, get_backend("nf4"), QuantContext(device=device), mask)
+        vectors = quantize_model(loaded.model, get_backend("nf4"), QuantContext(device=device),
+                                 M.linear_layers(loaded.model), mask)
         ways[device] = {m.way for m in loaded.model.modules() if isinstance(m, SparseDelta)}
         with torch.no_grad():
             logits[device] = loaded.model(input_ids=ids.to(device)).logits.float().cpu()

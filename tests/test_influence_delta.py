@@ -69,7 +69,8 @@ def test_highlighted_tokens_are_valid_markdown_bold_and_cut_by_text_not_markup()
 
 
 def test_a_sensitive_delta_trained_on_instructions_is_cached_in_its_own_subspace(tmp_path, rows_file, capsys):
-    from zobench.cell.delta import read, sparse_parts
+    from zobench.cell.delta import read
+    from zobench.cell.delta_tensors import sparse_parts
     from zobench.influence.session import InfluenceSpec, Session
 
     code, out, err = _cli(["influence", "train", "--model", MODEL, "--data", rows_file, "--method", "sensitive",

@@ -10,8 +10,9 @@ import psutil
 import pytest
 import torch
 
-from zobench.measure.env import environment, git_state
+from zobench.measure.env import environment
 from zobench.measure.load import OtherLoad
+from zobench.measure.machine import git_state
 from zobench.measure.memory import PeakMemory
 
 
@@ -101,19 +102,17 @@ def test_a_phase_keeps_the_other_load_exactly_when_its_recorded_wall_time_is_lon
     """The phase's wall time and the other-load figure come from one clock: a phase recorded as lasting at
     least MIN_WALL_S always says how busy the machine was, a shorter one never does."""
     from zobench.measure import load as load_mod
-    from zobench.measure.phases import Phases
+    from zobench.measure.phases import phase
 
     ticks = iter(x * 0.4 for x in range(1000))  # every read of the clock is 0.4 s after the previous
     monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
-    into = {}
-    with Phases("cpu", into)("p"):
+    with phase("cpu") as m:
         pass
-    m = into["p"]
-    assert (m.other_cpus is None) == (m.wall_s < load_mod.MIN_WALL_S), (m.wall_s, m.other_cpus)
+    assert (m["other_cpus"] is None) == (m["wall_s"] < load_mod.MIN_WALL_S), (m["wall_s"], m["other_cpus"])
 
 
 def test_records_name_the_cpu_instructions_that_choose_kernels():
-    from zobench.measure.env import KERNEL_FLAGS, cpu_flags
+    from zobench.measure.machine import KERNEL_FLAGS, cpu_flags
 
     flags = cpu_flags()
     assert set(flags) <= set(KERNEL_FLAGS) and environment()["cpu_flags"] == flags

@@ -32,7 +32,7 @@ def every_method(tmp_path_factory):
 
 
 def test_every_registered_method_runs_the_smoke_path_and_has_a_price(every_method):
-    from zobench.analysis.derive import derive
+    from zobench.results import derive
 
     assert set(every_method) == set(METHODS.names())
     for name, rec in every_method.items():
@@ -40,15 +40,26 @@ def test_every_registered_method_runs_the_smoke_path_and_has_a_price(every_metho
         assert "peak_mib" in rec.estimate, f"{name}: no estimate: {rec.estimate}"
         measured = derive([rec])[rec.cell_id].peak_mib
         assert abs(rec.estimate["peak_mib"] - measured) <= 0.10 * measured, (name, rec.estimate, measured)
-        if METHODS.get(name).family != "reference":
+        if METHODS.get(name)().info.family != "reference":
             assert len(rec.metrics.get("loss_curve")) == 2 and rec.metrics.step_s.n == 1, name
 
 
-def test_registration_checks_the_interface_and_refuses_duplicates():
+def test_registration_checks_the_declaration_and_the_interface_and_refuses_duplicates():
     with pytest.raises(ValueError, match="registered twice"):
         @register
         class Again(Method):
-            name, family = "full", "zo"
+            name = "full"
+
+            def build_stepper(self, run):
+                return None, None
+
+            def price(self, inputs):
+                return Price()
+
+    with pytest.raises(TypeError, match="not declared in zobench/spec/catalog.py"):
+        @register
+        class Undeclared(Method):
+            name = "no-such-method"
 
             def build_stepper(self, run):
                 return None, None
@@ -59,7 +70,7 @@ def test_registration_checks_the_interface_and_refuses_duplicates():
     with pytest.raises(TypeError, match="does not implement price"):
         @register
         class NoPrice(Method):
-            name, family = "no-price", "zo"
+            name = "full"
 
             def build_stepper(self, run):
                 return None, None
@@ -67,18 +78,29 @@ def test_registration_checks_the_interface_and_refuses_duplicates():
     with pytest.raises(TypeError, match="does not implement build_mask"):
         @register
         class NoMask(Method):
-            name, family, needs_mask = "no-mask", "zo", True
+            name = "random"  # declared with needs_mask
 
             def build_stepper(self, run):
                 return None, None
 
             def price(self, inputs):
                 return Price()
-    assert "no-price" not in METHODS and "no-mask" not in METHODS
+    assert "no-such-method" not in METHODS and METHODS.get("full").__name__ == "Full"
+
+
+def test_every_declared_method_is_registered_and_declares_a_known_family():
+    from zobench.spec.catalog import FAMILIES, METHOD_INFO
+
+    from zobench.methods.fo import LORA_R, LORA_TARGETS
+
+    assert all(m.family in FAMILIES for m in METHOD_INFO)
+    assert {m.name for m in METHOD_INFO} == set(METHODS.names())
+    lora = METHODS.get("lora")().info.summary  # the catalog's line names what fo.py trains
+    assert f"r={LORA_R} on {'/'.join(LORA_TARGETS)}" in lora
 
 
 def test_validating_a_suite_imports_no_torch():
-    code = ("import sys; from zobench.spec.suite import load_suite; from zobench.driver import select_cells; "
+    code = ("import sys; from zobench.spec.suite import load_suite; from zobench.spec.matrix import select_cells; "
             "cells = select_cells(load_suite('suites/smollm2-quant.yaml')); assert len(cells) == 16; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')); "
             "assert not bad, bad[:5]")

@@ -69,7 +69,7 @@ def test_bad_model_specs_give_one_clear_line(spec, message, monkeypatch):
     ("", "expected a model name"),
 ])
 def test_model_names_are_checked_without_loading(spec, message):
-    from zobench.models.names import check_model_spec
+    from zobench.spec.models import check_model_spec
 
     with pytest.raises(UserError, match=message) as e:
         check_model_spec(spec, "s.yaml: defaults: key 'model'")
@@ -77,7 +77,7 @@ def test_model_names_are_checked_without_loading(spec, message):
 
 
 def test_valid_model_names_pass(tmp_path):
-    from zobench.models.names import check_model_spec
+    from zobench.spec.models import check_model_spec
 
     (tmp_path / "config.json").write_text("{}")
     for spec in ("smollm2", "SmolLM2", "random:tiny-llama", "meta-llama/Llama-2-7b-hf", str(tmp_path)):
@@ -88,7 +88,7 @@ def test_checking_model_names_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from zobench.models.names import check_model_spec; check_model_spec('smollm2', 'x'); "
+    code = ("import sys; from zobench.spec.models import check_model_spec; check_model_spec('smollm2', 'x'); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -124,10 +124,9 @@ def test_loading_a_model_leaves_hqq_and_its_compiler_imports_to_hqq_cells():
 HIDDEN_IN_A_LORA_CELL = """
 import importlib.util, sys
 import torch
-from zobench.models.imports import hide_unused
-from zobench.quant import QuantContext, get_backend
+from zobench.quant import QuantContext, get_backend, hide_others
 
-hidden = hide_unused("none")
+hidden = hide_others("none")
 assert set(hidden) >= {"bitsandbytes", "hqq"}, hidden
 from peft import LoraConfig, get_peft_model
 from zobench.models import load_model

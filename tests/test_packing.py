@@ -156,10 +156,10 @@ def test_quantized_dense_and_sparse_layers_pack_too(tiny, name):
     as padded ones do."""
     pytest.importorskip("bitsandbytes")
     from zobench.quant import QuantContext, get_backend, quantize_model
-    from zobench.zo.masks import random_mask, scoped_params
+    from zobench.zo.masks import linear_layers, random_mask, scoped_params
 
-    quantize_model(tiny.model, get_backend(name), QuantContext(), random_mask(scoped_params(tiny.model, "linear"),
-                                                                                0.01, seed=0))
+    quantize_model(tiny.model, get_backend(name), QuantContext(), linear_layers(tiny.model),
+                   random_mask(scoped_params(tiny.model, "linear"), 0.01, seed=0))
     ids, attn, keep = right_padded([21, 5, 13, 3, 17, 8], 128)
     with torch.no_grad():
         padded = scoring.kept_logits(tiny.model, ids, attn, keep)

@@ -13,10 +13,9 @@ import torch
 
 from zobench.errors import Unsupported, UserError
 from zobench.quant import QuantContext, get_backend, quantize_model
-from zobench.quant.base import target_linears
 from zobench.quant.sparse import SparseDelta, sparse_bypassed, split_selected
 from zobench.spec.config import CellConfig
-from zobench.zo.masks import random_mask, scoped_params
+from zobench.zo.masks import linear_layers, random_mask, scoped_params
 from zobench.zo.trainable import SparseTrainable
 
 pytest.importorskip("bitsandbytes")
@@ -58,9 +57,9 @@ def test_backend_forward_close_to_float(tiny, data_dir, name):
     head = tiny.model.get_output_embeddings()
     head_weight, embed = head.weight.clone(), tiny.model.get_input_embeddings()
     embed_weight = embed.weight.clone()
-    names = target_linears(tiny.model)
+    names = linear_layers(tiny.model)
     before = {n for n, m in tiny.model.named_modules() if type(m) is torch.nn.Linear}
-    quantize_model(tiny.model, get_backend(name), _ctx(tiny, data_dir))
+    quantize_model(tiny.model, get_backend(name), _ctx(tiny, data_dir), linear_layers(tiny.model))
     err = _rel(_logits(tiny.model, ids), ref)
     assert 0 < err < REL_ERROR_BOUND[name]
     # Exactly the named block linears became quantized layers, under the same names.
@@ -85,7 +84,7 @@ def test_gptq_second_run_hits_the_cache(data_dir, tmp_path):
     for _ in range(2):
         loaded = load_model("random:tiny-llama", dtype="float32", seed=0)
         ctx = _ctx(loaded, data_dir, tmp_path)
-        quantize_model(loaded.model, get_backend("gptq"), ctx)
+        quantize_model(loaded.model, get_backend("gptq"), ctx, linear_layers(loaded.model))
         outputs.append(_logits(loaded.model, ids))
         infos.append(ctx.info)
     assert [i["quant_cache_hit"] for i in infos] == [False, True]
@@ -100,11 +99,11 @@ def test_gptq_cache_key_follows_the_weights(tiny, data_dir, tmp_path):
     pytest.importorskip("gptqmodel")
     from zobench.models import load_model
 
-    quantize_model(tiny.model, get_backend("gptq"), _ctx(tiny, data_dir, tmp_path))
+    quantize_model(tiny.model, get_backend("gptq"), _ctx(tiny, data_dir, tmp_path), linear_layers(tiny.model))
     other = load_model("random:tiny-llama", dtype="float32", seed=0)
-    other.model.get_submodule(target_linears(other.model)[0]).weight.data[0, :8] = 0
+    other.model.get_submodule(linear_layers(other.model)[0]).weight.data[0, :8] = 0
     ctx = _ctx(other, data_dir, tmp_path)
-    quantize_model(other.model, get_backend("gptq"), ctx)
+    quantize_model(other.model, get_backend("gptq"), ctx, linear_layers(other.model))
     assert ctx.info["quant_cache_hit"] is False
     assert len(list((tmp_path / "gptq").iterdir())) == 2
 
@@ -165,7 +164,7 @@ def test_dense_and_sparse_equals_dense_when_nothing_is_quantized(dtype):
 def test_zo_perturb_and_restore_on_sparse_values_is_exact(tiny, name):
     params = scoped_params(tiny.model, "linear")
     mask = random_mask(params, 0.01, seed=0)
-    vectors = quantize_model(tiny.model, get_backend(name), QuantContext(), mask)
+    vectors = quantize_model(tiny.model, get_backend(name), QuantContext(), linear_layers(tiny.model), mask)
     assert sum(v.numel() for _, v in vectors) == sum(i.numel() for i in mask.values())
     ids = _inputs()
     before_logits = _logits(tiny.model, ids)
@@ -233,7 +232,7 @@ def test_a_4bit_dense_and_sparse_layer_merges_unless_bitsandbytes_repacks_the_we
     monkeypatch.setattr("zobench.quant.bnb.cpu_has_avx512_bf16", lambda: avx512_bf16)
     model = load_model("random:tiny-llama", seed=0).model
     mask = random_mask(scoped_params(model, "linear"), 0.01, seed=0)
-    quantize_model(model, get_backend("int8"), QuantContext(), mask)
+    quantize_model(model, get_backend("int8"), QuantContext(), linear_layers(model), mask)
     assert {m.way for m in model.modules() if isinstance(m, SparseDelta)} == {"csr"}
     # A cell says which way its layers took.
     cfg = {"model": "random:tiny-llama", "task": "sst2", "method": "random", "quant": "nf4", "density": 0.01,
@@ -259,7 +258,7 @@ def test_the_split_keeps_the_selected_values_exactly(tiny):
     params = dict(scoped_params(tiny.model, "linear"))
     mask = random_mask(list(params.items()), 0.02, seed=1)
     originals = {n: params[n].detach().view(-1)[i].clone() for n, i in mask.items()}
-    quantize_model(tiny.model, get_backend("int8"), QuantContext(), mask)
+    quantize_model(tiny.model, get_backend("int8"), QuantContext(), linear_layers(tiny.model), mask)
     for pname, idx in mask.items():
         layer = tiny.model.get_submodule(pname.removesuffix(".weight"))
         assert isinstance(layer, SparseDelta)
@@ -300,8 +299,8 @@ def test_missing_package_is_one_line_with_the_install_command(monkeypatch, name)
 
 @pytest.mark.slow
 def test_a_suite_with_a_quant_axis_runs_every_backend_end_to_end(tmp_path, data_dir):
-    from zobench.analysis.derive import derive
     from zobench.driver import run_suite
+    from zobench.results import derive
     from zobench.spec.suite import load_suite
 
     quants = ["nf4", "int8"] + [q for q in ("gptq", "hqq") if importlib.util.find_spec(q if q != "gptq"

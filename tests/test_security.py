@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from zobench.cell import delta as D
+from zobench.cell import delta_tensors as DT
 from zobench.cell.pipeline import Pipeline
 from zobench.cli import main
 from zobench.errors import UserError
@@ -177,7 +178,7 @@ def test_a_suite_cannot_turn_on_remote_code_or_choose_where_progress_goes(tmp_pa
 def test_provenance_never_runs_what_a_folder_configures(tmp_path):
     """A suite's folder may hold a repository whose config runs commands (fsmonitor, hooks, filters):
     records name zobench's own checkout instead, read with those switched off."""
-    from zobench.measure.env import SOURCE, git_state
+    from zobench.measure.machine import SOURCE, git_state
 
     marker = tmp_path / "PAYLOAD_RAN"
     repo = tmp_path / "theirs"
@@ -195,7 +196,7 @@ def test_provenance_never_runs_what_a_folder_configures(tmp_path):
 
 
 def test_dirty_means_the_code_changed_not_the_results(tmp_path):
-    from zobench.measure.env import git_state
+    from zobench.measure.machine import git_state
 
     repo = tmp_path / "repo"
     (repo / "zobench").mkdir(parents=True)
@@ -317,8 +318,8 @@ def test_damaged_sparse_tensors_are_refused_before_they_touch_a_weight(kept, tmp
     model.sample_data()
     model.load()
     with pytest.raises(UserError, match=needle):
-        mask, values = D.sparse_parts(d)
-        D.write_sparse(model.run_state.model, mask, values)
+        mask, values = DT.sparse_parts(d)
+        DT.write_sparse(model.run_state.model, mask, values)
 
 
 def test_a_corrupt_safetensors_header_is_one_line_from_the_command_line(kept, tmp_path, capsys):
@@ -389,7 +390,7 @@ def test_an_over_long_data_line_is_refused_before_any_tokenizer_sees_it(tmp_path
 def test_deriving_is_linear_in_the_number_of_records(monkeypatch):
     """Each record's references are found once per group, not by scanning the group again per record (which
     made 100,000 records never finish)."""
-    from zobench.analysis import derive as derive_module
+    from zobench import results as derive_module
     from zobench.cell.record import CellRecord
 
     calls = []
@@ -406,7 +407,7 @@ def test_deriving_is_linear_in_the_number_of_records(monkeypatch):
 def test_an_unserved_cluster_address_is_refused_quickly():
     import socket
 
-    from zobench.executors.ray_executor import reachable
+    from zobench.gates.ray import reachable
 
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -478,7 +479,7 @@ def test_ids_7_and_text_7_are_one_id(tmp_path):
 
 
 def test_tensors_deltas_must_match_the_model(tmp_path):
-    from zobench.cell.delta_check import checked_tensors
+    from zobench.cell.delta_tensors import checked_tensors
 
     f = tmp_path / D.TENSORS
     save_file({"w": torch.zeros(2, 3)}, str(f))

@@ -5,25 +5,45 @@
 
 The driver is the only writer of the results file: an executor returns records, the driver adds what it
 alone knows (suite, environment, git state, the cell's memory estimate) and appends each exactly once.
-Ratios are not computed here; readers derive them from the whole file (``zobench.analysis.derive``).
+Ratios are not computed here; readers derive them from the whole file (``zobench.results.derive``).
+
+It is also the only part of zobench besides the executors that launches cells: GGUF conversions before
+the first cell (``prepare_models``), and the estimator's calibration cell (``calibrate``), which every
+command that estimates runs first (the estimator itself only reads the figure:
+``zobench.analysis.calibration``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing as mp
 import os
+import statistics
 import sys
+import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
+from zobench.analysis import calibration
+from zobench.analysis.estimate import device_of, record_estimate
+from zobench.cell.delta import claim_target
 from zobench.cell.record import CellRecord, now
-from zobench.errors import UserError
 from zobench.executors.base import Executor
+from zobench.executors.local import LocalExecutor
+from zobench.files import atomic_write
+from zobench.measure.env import environment
+from zobench.measure.machine import git_state
+from zobench.models.load import converted_gguf_dir, pending_conversion
+from zobench.procs import CHILD_ENV
+from zobench.results import append_record, load_records, train_peak_mib
 from zobench.spec.claims import claims_hash
-from zobench.spec.matrix import Cell, expand, select
-from zobench.spec.selectors import parse_selector
-from zobench.spec.suite import Suite
+from zobench.spec.matrix import Cell, expand, select_cells
+from zobench.spec.pilot import choose, pilot_cells
+from zobench.spec.suite import Suite, parse_suite
+
+__all__ = ["calibrate", "calibrate_cells", "finalize", "prepare_models", "run_suite", "select_cells"]
 
 
 def suite_claims(suite: Suite) -> dict | None:
@@ -32,19 +52,7 @@ def suite_claims(suite: Suite) -> dict | None:
     return {"hash": claims_hash(claims), "declared": [asdict(c) for c in claims]} if claims else None
 
 
-def select_cells(suite: Suite, only: str | None = None) -> list[Cell]:
-    cells = expand(suite)
-    if not only:
-        return cells
-    chosen = select(cells, parse_selector(only, "--only"))
-    if not chosen:  # a typo in a value would otherwise run nothing and say "ok"
-        raise UserError(f"--only {only}: selects none of the suite's {len(cells)} cells")
-    return chosen
-
-
 def _convert(gguf: str) -> None:
-    from zobench.models.load import converted_gguf_dir
-
     converted_gguf_dir(Path(gguf))
 
 
@@ -56,8 +64,6 @@ def prepare_models(cells: list[Cell]) -> None:
     first cell on a new machine measured differently from every later one. It runs in a process of its
     own; a failure is left for the cell to report.
     """
-    from zobench.models.load import pending_conversion
-
     specs = {s for c in cells for s in (c.config.model, c.config.model_fallback) if s}
     for gguf in sorted({p for p in map(pending_conversion, sorted(specs)) if p is not None}):
         print(f"zobench: converting {gguf.name} to safetensors once (kept in the cache)", file=sys.stderr,
@@ -75,8 +81,6 @@ def relative_to_results(path: str, results: Path) -> str:
 def finalize(rec: CellRecord, cell: Cell, suite: Suite, started: str, env: dict, git: dict,
              out: Path | None = None) -> CellRecord:
     """What the driver adds to an executor's record: suite, labels, environment, and the estimate."""
-    from zobench.analysis.estimate import record_estimate
-
     rec.cell_id, rec.labels, rec.config = cell.cell_id, cell.labels, cell.config.to_dict()
     rec.config.pop("checkpoint", None)  # where progress was kept while it ran: gone once the record is
     rec.config.pop("predictions", None)  # named by rec.predictions, relative to the results file
@@ -99,9 +103,6 @@ def run_suite(suite: Suite, out_dir: Path, resume: bool = False, only: str | Non
     ``reporter(event, data)`` gets "suite", "start", "progress" and "done" events. ``overwrite`` and
     ``trust_remote_code`` come from the command line only (no suite file can set them): replace deltas a
     cell's ``save:`` finds already there; let models run their own code."""
-    from zobench.executors.local import CHILD_ENV, LocalExecutor
-    from zobench.measure.env import environment, git_state
-
     out = Path(out_dir) / f"{suite.name}.jsonl"
     cells = select_cells(suite, only) if cells is None else cells
     env, git = environment(), git_state()
@@ -110,9 +111,6 @@ def run_suite(suite: Suite, out_dir: Path, resume: bool = False, only: str | Non
     run.granted = {"overwrite": overwrite, "trust_remote_code": trust_remote_code}
     with run.executor:
         if suite.lr_pilot is not None:
-            from zobench.results import load_records
-            from zobench.spec.pilot import choose, pilot_cells
-
             run.cells(pilot_cells(cells, suite.lr_pilot), "pilot")
             cells, run.choices = choose(cells, suite.lr_pilot, load_records(out) if out.exists() else [])
         run.cells(cells, "cells")
@@ -133,26 +131,16 @@ class Batch:
         ``save/<cell id>``, refused before anything runs when that directory is not free to take."""
         config = dataclasses.replace(cell.config, **self.granted)
         if config.save:
-            from zobench.cell.delta import claim_target
-
             target = Path(config.save) / cell.cell_id
             claim_target(target, config.overwrite, "save:")
             config = dataclasses.replace(config, save=str(target))
         return Cell(cell.cell_id, config, cell.labels)
 
     def cells(self, cells: list[Cell], what: str) -> None:
-        import time
-
-        from zobench.results import append_record, load_records
-
         done = {r.cell_id for r in load_records(self.out) if r.ok} if self.resume and self.out.exists() else set()
         todo = [self._placed(c) for c in cells if c.cell_id not in done]
         prepare_models(todo)
-        from zobench.analysis.calibration import framework
-
-        # Measured once per machine, before the cells: their records carry estimates.
-        for device in sorted({"cuda" if str(c.config.device).startswith("cuda") else "cpu" for c in todo}):
-            framework(device)  # without a GPU, "cuda" is the recorded H200 figure: nothing runs
+        calibrate_cells(todo)  # measured once per machine, before the cells: their records carry estimates
         self.reporter("suite", {"total": len(cells), "todo": len(todo), "skipped": len(cells) - len(todo),
                                 "what": what})
         started: dict[str, tuple[str, float]] = {}
@@ -181,3 +169,75 @@ class Batch:
             if rec.ok:
                 Path(cell.config.checkpoint).unlink(missing_ok=True)
             self.reporter("done", {"cell": cell, "record": rec})
+
+
+# -- the estimator's calibration (zobench.analysis.calibration reads what this measures) ---------------------
+# Weights of this model: about 3k values (vocab 64 x hidden 16, one layer): nothing against the floor.
+NEGLIGIBLE_LLAMA = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 16, "intermediate_size": 32,
+    "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8,
+    "vocab_size": 64, "max_position_embeddings": 512, "tie_word_embeddings": True, "pad_token_id": 2,
+    "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+}
+
+
+def calibrate_cells(cells: list[Cell]) -> None:
+    """``calibrate`` every device the cells' estimates will ask for (``auto`` as it resolves here)."""
+    for device in sorted({device_of(c.config) for c in cells}):
+        calibrate(device)
+
+
+def calibrate(device: str = "cpu") -> dict:
+    """The framework footprint for estimates on ``device`` (``analysis.calibration.framework``), measured
+    first where this machine and these versions have none: a negligible forward cell, ``REPEATS`` times,
+    cached. Without a GPU, "cuda" is the recorded H200 figure: nothing runs."""
+    if calibration.needs_measuring(device):
+        calibration.remember(device, _measure_and_store(device))
+    return calibration.framework(device)
+
+
+def _measure_and_store(device: str) -> dict:
+    device = "cuda" if str(device).startswith("cuda") else "cpu"
+    key = calibration.machine_key(device)
+    print("zobench: measuring this machine's framework footprint for the memory estimator (once, ~20 s)",
+          file=sys.stderr, flush=True)
+    try:
+        peaks = measure(device, calibration.REPEATS)
+    except Exception as e:  # never fail an estimate on its calibration: fall back, and say why
+        why = f"calibration failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        print(f"zobench: warning: {why}; using the default footprint", file=sys.stderr)
+        return {"framework_mib": calibration.FALLBACKS[device][0], "source": "default", "why": why}
+    data = {"framework_mib": round(statistics.median(peaks), 3), "source": "measured", "key": key,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs_mib": peaks}
+    try:
+        atomic_write(calibration.path_of(key), json.dumps(data, indent=1), "calibration")
+    except Exception:  # an unwritable cache: use the measurement now, measure again next time
+        pass
+    return data
+
+
+def measure(device: str = "cpu", repeats: int = calibration.REPEATS) -> list[float]:
+    """Train-phase peaks (MiB) of ``repeats`` negligible forward cells, each in a fresh process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "negligible-llama.json"
+        config.write_text(json.dumps(NEGLIGIBLE_LLAMA))
+        suite = parse_suite({"name": "framework", "reference": False, "defaults": {
+            "model": f"random:{config}", "method": "forward", "task": "sst2", "batch_size": 1,
+            "max_length": 8, "n_train": 8, "n_dev": 0, "n_test": 0, "steps": 4, "warmup_steps": 1,
+            "eval_before": False, "eval_after": False, "device": device}}, "framework calibration")
+        (cell,) = expand(suite)
+        prepare_models([cell])
+        peaks = []
+        for _ in range(repeats):
+            with LocalExecutor() as executor:
+                executor.submit(cell, 300)
+                ((_, rec),) = list(executor.finished())
+            if not rec.ok:
+                raise RuntimeError(f"calibration cell {rec.status}: {rec.reason}")
+            peaks.append(round(train_peak_mib(rec), 3))
+    return peaks
+
+
+if __name__ == "__main__":  # python -m zobench.driver: measure the framework footprint now and print
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(json.dumps({"measured_mib": measure(), "key": calibration.machine_key()}))

@@ -1,8 +1,13 @@
-"""Processes zobench starts never outlive the process that started them.
+"""How zobench starts the processes that measure: the environment a cell's process gets, and that no process
+zobench starts outlives the process that started it.
 
 A cell, a cache worker or a model conversion killed with its parent (``kill -9`` of ``zobench run``, a
 scheduler's stop, a lost Ray worker) must not run on and keep writing: the kernel kills it when its
 parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+Cells get ``MALLOC_MMAP_THRESHOLD_`` so that large freed blocks go back to the OS: otherwise glibc keeps
+them in the heap and a later phase's peak RSS includes an earlier phase's garbage. It is part of what the
+estimator's calibration is keyed on (``analysis.calibration``), so it lives here, in the ground.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ import os
 import signal
 
 PR_SET_PDEATHSIG = 1
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "false"}
+# Set to a cell's thread count before torch loads in its process (executors that divide the cores).
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def die_with_parent(parent: int) -> None:

@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from zobench.results import derive
+
 
 class SuiteProgress:
     def __init__(self, console: Console | None = None):
@@ -75,8 +77,6 @@ class SuiteProgress:
             print(text, file=sys.stderr, flush=True)
 
     def summary(self) -> Table:
-        from zobench.analysis.derive import derive
-
         derived = derive(self.records)
         t = Table(title="zobench run")
         t.add_column("cell", no_wrap=True)

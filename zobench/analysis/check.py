@@ -5,8 +5,9 @@ record's ratios never depend on which cells ran before it. Latency is only ever 
 baseline measured on the same machine (same CPU/GPU name and thread count).
 
 A cell of the suite without an ok measurement (no record, or e.g. "unsupported: needs a CUDA device" on a
-CPU machine) can be checked by its ``Estimate`` (``zobench.analysis.estimate``): that is how CI holds a 7B
-budget without a GPU. Estimates are a separate input, never records, and are held to ``peak_mib_max``
+CPU machine) can be checked by its ``Estimate`` (``zobench.analysis.estimate.estimate_missing``, which needs
+torch: this module does not, so a check on records loads none): that is how CI holds a 7B budget without a
+GPU. Estimates are a separate input, never records, and are held to ``peak_mib_max``
 only: the ratio budgets' margins (5-10%) are no wider than the estimator's accuracy, and accuracy and
 latency are not predicted at all.
 """
@@ -15,9 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from zobench.analysis.derive import derive, latest_by_cell
 from zobench.cell.record import CellRecord
-from zobench.errors import UserError
+from zobench.results import derive, latest_by_cell
 from zobench.spec.selectors import selector_matches
 from zobench.spec.suite import Suite
 
@@ -123,47 +123,3 @@ def _latency(rec: CellRecord, base: CellRecord | None, tolerance: float, label: 
         return [Violation(label, "step_median_s vs baseline", then * (1 + tolerance), now,
                           f"baseline {then:.4g} s, tolerance {tolerance:g}")]
     return []
-
-
-def estimate_missing(suite: Suite, records: list[CellRecord]) -> tuple[list[Estimate], list[str]]:
-    """Estimates for the suite's cells with no ok measurement, and one line per such cell.
-
-    The line says the cell was estimated, why (no record, or its record's status) and, for a ZO cell,
-    its estimate over its forward reference's estimate: shown for reading, not held to ratio budgets.
-    """
-    from zobench.analysis.estimate import estimate_cell
-    from zobench.spec.matrix import expand, reference_key
-
-    cells = expand(suite)
-    latest = {r.cell_id: r for r in latest_by_cell(records)}
-    cache: dict[str, dict | str] = {}
-
-    def estimate(cell) -> dict | str:
-        if cell.cell_id not in cache:
-            try:
-                cache[cell.cell_id] = estimate_cell(cell.config)
-            except UserError as e:  # e.g. full ZO on 4-bit weights: the pipeline refuses it too
-                cache[cell.cell_id] = str(e)
-        return cache[cell.cell_id]
-
-    forward = {reference_key(c.config.to_dict()): c for c in cells if c.config.method_class.family == "reference"}
-    out, lines = [], []
-    for cell in cells:
-        rec = latest.get(cell.cell_id)
-        if rec is not None and rec.ok:
-            continue
-        reason = (str(rec.reason or "").splitlines() or [""])[0][:80] if rec else ""
-        why = "no measured record" if rec is None else f"record {rec.status}: {reason}".rstrip(": ")
-        est = estimate(cell)
-        if isinstance(est, str):
-            lines.append(f"not estimated: {cell.describe()}: {est}")
-            continue
-        ratio = ""
-        ref = forward.get(reference_key(cell.config.to_dict()))
-        if ref is not None and ref.cell_id != cell.cell_id and isinstance(estimate(ref), dict):
-            ratio = f", {est['peak_mib'] / estimate(ref)['peak_mib']:.3f}x its forward's estimate"
-        out.append(Estimate(cell.cell_id, cell.labels, cell.config.to_dict(), est["device"], est["peak_mib"],
-                            est["breakdown"], est.get("calibration", {})))
-        lines.append(f"estimated: {cell.describe()}: peak {est['peak_mib']:.0f} MiB on {est['device']}{ratio} "
-                     f"({why})")
-    return out, lines

@@ -1,6 +1,6 @@
 """Predict a cell's peak memory in the train phase from the model's config alone (no weights loaded).
 
-What is predicted is what ``analysis.derive`` calls ``peak_mib``: the largest peak RSS of the warmup and
+What is predicted is what ``results.derive`` calls ``peak_mib``: the largest peak RSS of the warmup and
 train phases on a CPU, or on CUDA the device memory the driver reports for the cell's process. The peak is
 the sum of
 
@@ -17,8 +17,9 @@ the sum of
     update       the perturb/update pass's temporaries (z chunks) beyond the activations: those passes
                  run between forwards, so only the larger of the two counts
 
-Shapes come from the model built on the meta device (``from_config`` allocates nothing there), so tied
-weights, the ``linear`` scope and the head are exactly what ``zobench.zo.masks.scoped_params`` sees.
+Shapes come from the model built on the meta device (``analysis.architecture``), so tied weights, the
+``linear`` scope and the head are exactly what ``zobench.zo.masks.scoped_params`` sees. The framework
+footprint is read, never measured, here: ``zobench.driver.calibrate`` runs the calibration cell first.
 
 Two deliberate upper bounds: sequences are taken as ``max_length`` long (batches are padded only to
 their longest member, often much shorter), and a classification task's options are one token each.
@@ -26,16 +27,21 @@ their longest member, often much shorter), and a classification task's options a
 
 from __future__ import annotations
 
-import functools
-import os
-import re
-from dataclasses import dataclass
-from pathlib import Path
-
+from zobench.analysis.architecture import Arch, architecture
 from zobench.analysis.calibration import framework
+from zobench.analysis.check import Estimate
+from zobench.cell.record import CellRecord
+from zobench.cell.run import resolve_device
 from zobench.errors import Unsupported, UserError
+from zobench.methods import PriceInputs, get_method
+from zobench.models.load import resolve_dtype
+from zobench.quant import get_backend
+from zobench.quant.sparse import GATHER_LIMIT
+from zobench.results import latest_by_cell
 from zobench.spec.config import CellConfig
-from zobench.zo.sizes import GATHER_LIMIT
+from zobench.spec.matrix import expand, reference_key
+from zobench.spec.suite import Suite
+from zobench.tasks import get_task
 
 MIB = 1 << 20
 OPTION_TOKENS = 1         # MeZO's verbalizers (" great", "Yes", ...) are one token: one scored position
@@ -47,127 +53,10 @@ GENERATION_TOKENS = 16    # scored target tokens of a generation example (a shor
 FORWARD_KIND = {"int8": "int8"}
 
 
-@dataclass(frozen=True)
-class Arch:
-    """The numbers the estimate needs, read off the meta-device model."""
-
-    source: str                 # the spec whose config was used (the fallback when the model is absent)
-    numel: int                  # unique parameters (tied weights once), as runner's model_numel
-    other_numel: int            # parameters outside the block linears' weights (embeddings, norms, head, biases)
-    buffer_bytes: int
-    linears: tuple              # (out, in) of every block linear weight: the "linear" scope, quantized
-    linear_names: tuple         # their parameter names, in the same order
-    scopes: dict                # scope -> tuple of tensor numels (zobench.zo.masks.scoped_params)
-    hidden: int
-    intermediate: int
-    gated: bool                 # gate and up projections (SwiGLU): three [tokens, I] tensors at once
-    q_width: int
-    kv_width: int
-    vocab: int
-    layers: int                 # transformer blocks
-    eager_heads: int            # attention heads when attention is "eager" (scores materialized), else 0
-    slices_logits: bool         # logits only at the kept positions (scoring.slices_logits)
-
-
-def _local_config(spec: str, trust: bool, network: bool):
-    """The transformers config of a model spec (see zobench.models.load), reading no weights."""
-    from transformers import AutoConfig
-
-    from zobench.models.load import BUILTIN, cache_dir, file_key, random_config
-    from zobench.models.names import CONFIG_DIR
-
-    if spec.lower() in BUILTIN:
-        # The converted model's own config when it is in the cache, else the shipped copy of it.
-        stem = Path(BUILTIN["smollm2"]).stem
-        found = sorted((cache_dir() / "models").glob(f"{stem}-*/config.json"))
-        if found:
-            return AutoConfig.from_pretrained(str(found[-1].parent))
-        return random_config(str(CONFIG_DIR / "smollm2-135m.json"), trust)
-    if spec.startswith("random:"):
-        return random_config(spec.split(":", 1)[1], trust)
-    if spec.endswith(".gguf"):
-        path = Path(spec)
-        if not path.is_file():
-            raise UserError(f"model '{spec}': GGUF file not found")
-        converted = cache_dir() / "models" / f"{path.stem}-{file_key(path)}"
-        if (converted / "config.json").exists():
-            return AutoConfig.from_pretrained(str(converted))
-        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    if Path(spec).is_dir() and not (Path(spec) / "config.json").exists():
-        raise UserError(f"model '{spec}': directory has no config.json")
-    try:
-        return AutoConfig.from_pretrained(spec, trust_remote_code=trust, local_files_only=not network)
-    except (OSError, ValueError) as e:
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise UserError(f"model '{spec}': no config to estimate from: {str(e).splitlines()[0]}{offline}") \
-            from None
-
-
-def model_config(spec: str, fallback: str | None = None, trust: bool = False):
-    """(config, spec used). Tries the local copy first, then the fallback (as the runner would load it),
-    then the hub, so a suite whose model has a shipped fallback never waits on the network."""
-    try:
-        return _local_config(spec, trust, network=False), spec
-    except UserError:
-        if fallback:
-            return _local_config(fallback, trust, network=False), fallback
-        hub = not spec.startswith("random:") and not spec.endswith(".gguf") and not Path(spec).exists()
-        if hub and os.environ.get("HF_HUB_OFFLINE", "").upper() not in ("1", "ON", "YES", "TRUE"):
-            return _local_config(spec, trust, network=True), spec
-        raise
-
-
-@functools.lru_cache(maxsize=32)
-def architecture(spec: str, fallback: str | None = None, trust: bool = False) -> Arch:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from zobench.spec.config import SCOPES
-    from zobench.tasks.scoring import slices_logits
-    from zobench.zo.masks import scoped_params
-
-    config, used = model_config(spec, fallback, trust)
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
-    except (ValueError, KeyError) as e:
-        raise UserError(f"model '{used}': cannot build its architecture: {str(e).splitlines()[0]}") from None
-    params = {id(p): p for p in model.parameters()}
-    scopes = {s: tuple(p.numel() for _, p in scoped_params(model, s)) for s in SCOPES}
-    linear = scoped_params(model, "linear")
-    linears = tuple(tuple(p.shape) for _, p in linear)
-    hidden = int(model.get_input_embeddings().weight.shape[1])
-    # One block's linears give the widths: the first name with a layer number is the first block.
-    blocks = list(dict.fromkeys(m.group(0) for n, _ in linear if (m := re.search(r"^.*?\.\d+\.", n))))
-    first = blocks[0] if blocks else ""
-    block = [(n, tuple(p.shape)) for n, p in linear if n.startswith(first)]
-    widest = max((s[0] for _, s in block if s[1] == hidden), default=hidden)
-
-    def width(keys, default):
-        return next((s[0] for n, s in block if any(k in n.rsplit(".", 2)[-2] for k in keys)), default)
-
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    attn = getattr(text, "_attn_implementation", None) or "sdpa"
-    return Arch(
-        source=used, numel=sum(p.numel() for p in params.values()),
-        other_numel=sum(p.numel() for p in params.values()) - sum(o * i for o, i in linears),
-        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
-        linears=linears, linear_names=tuple(n for n, _ in linear), scopes=scopes, hidden=hidden, intermediate=widest,
-        layers=max(len(blocks), 1),
-        gated=sum(1 for _, s in block if s == (widest, hidden)) >= 2,
-        q_width=width(("q_proj", "query", "q_lin", "wq"), hidden),
-        kv_width=width(("k_proj", "key", "k_lin", "wk"), hidden),
-        vocab=int(model.get_output_embeddings().weight.shape[0]),
-        eager_heads=int(getattr(text, "num_attention_heads", 1)) if attn == "eager" else 0,
-        slices_logits=slices_logits(model))
-
-
 def _storage(quant: str):
     """(the backend's ``Storage`` or None for "none", whether full ZO can perturb its weights)."""
     if quant == "none":
         return None, True
-    from zobench.quant import get_backend
-
     backend = get_backend(quant)
     if backend.storage is None:
         raise UserError(f"quant '{quant}': the backend describes no storage format to estimate from")
@@ -175,15 +64,11 @@ def _storage(quant: str):
 
 
 def _import_mib(quant: str) -> float:
-    from zobench.quant import get_backend
-
     return 0.0 if quant == "none" else get_backend(quant).import_rss_mib
 
 
 def _sequences(cfg: CellConfig, batch_size: int, train: bool = True) -> tuple[int, int]:
     """(sequences in a batch of ``batch_size`` examples, scored positions per sequence)."""
-    from zobench.tasks import get_task
-
     task = get_task(cfg.task)
     if task.kind == "generation":
         return batch_size, min(cfg.max_length, GENERATION_TOKENS)
@@ -248,29 +133,25 @@ def activation_bytes(arch: Arch, seqs: int, scored: int, t: int, db: int, device
     return max(moments.values()) + mask
 
 
-def _device(cfg: CellConfig) -> str:
+def device_of(cfg: CellConfig) -> str:
+    """The device kind ("cpu" or "cuda") a cell's estimate is for: ``auto`` as it resolves on this machine."""
     if str(cfg.device).startswith("cuda"):
         return "cuda"
     if cfg.device == "cpu":
         return "cpu"
     if cfg.device == "auto":
-        from zobench.cell.pipeline import resolve_device
-
         return "cuda" if resolve_device("auto").startswith("cuda") else "cpu"
     raise UserError(f"estimate: device '{cfg.device}': expected cpu, cuda or auto")
 
 
 def estimate_cell(cfg: CellConfig) -> dict:
     """Predicted train-phase peak of ``cfg`` in MiB, with its breakdown (see the module docstring)."""
-    from zobench.methods import PriceInputs
-    from zobench.models.load import resolve_dtype
-
-    device = _device(cfg)
-    method = cfg.method_class()
+    device = device_of(cfg)
+    method = get_method(cfg.method)
     arch = architecture(cfg.model, cfg.model_fallback, cfg.trust_remote_code)
     db = resolve_dtype(cfg.dtype).itemsize
     storage, perturbable = _storage(cfg.quant)
-    if not perturbable and not method.quantized:
+    if not perturbable and not cfg.method_info.quantized:
         # The pipeline records this cell as unsupported (Pipeline.check_supported): nothing to estimate.
         raise Unsupported(f"method '{cfg.method}' on {cfg.quant} weights is unsupported (quantized codes cannot "
                           f"move by eps*z)")
@@ -290,7 +171,7 @@ def estimate_cell(cfg: CellConfig) -> dict:
         kv = 2 * arch.layers * seqs * cfg.max_length * arch.kv_width * db if scored > OPTION_TOKENS else 0
         activations = max(activations, kv + activation_bytes(arch, seqs, scored, cfg.max_length, db, device,
                                                              cfg.quant, price.sparse_delta, price.nnz_per_layer))
-    # The framework floor is measured on this machine (zobench.analysis.calibration), not a constant.
+    # The framework floor measured on this machine (zobench.analysis.calibration), not a constant.
     floor = framework(device)
     breakdown = {
         "framework_mib": floor["framework_mib"] + (_import_mib(cfg.quant) if device == "cpu" else 0.0),
@@ -319,6 +200,47 @@ def record_estimate(cfg: CellConfig | dict) -> dict:
     except Exception as e:  # an estimate is extra information: it must never fail a cell
         first = str(e).splitlines()[0] if str(e) else ""
         return {"error": f"{type(e).__name__}: {first}"[:300]}
+
+
+def estimate_missing(suite: Suite, records: list[CellRecord]) -> tuple[list[Estimate], list[str]]:
+    """Estimates for the suite's cells with no ok measurement, and one line per such cell.
+
+    The line says the cell was estimated, why (no record, or its record's status) and, for a ZO cell,
+    its estimate over its forward reference's estimate: shown for reading, not held to ratio budgets.
+    """
+    cells = expand(suite)
+    latest = {r.cell_id: r for r in latest_by_cell(records)}
+    cache: dict[str, dict | str] = {}
+
+    def estimate(cell) -> dict | str:
+        if cell.cell_id not in cache:
+            try:
+                cache[cell.cell_id] = estimate_cell(cell.config)
+            except UserError as e:  # e.g. full ZO on 4-bit weights: the pipeline refuses it too
+                cache[cell.cell_id] = str(e)
+        return cache[cell.cell_id]
+
+    forward = {reference_key(c.config.to_dict()): c for c in cells if c.config.method_info.family == "reference"}
+    out, lines = [], []
+    for cell in cells:
+        rec = latest.get(cell.cell_id)
+        if rec is not None and rec.ok:
+            continue
+        reason = (str(rec.reason or "").splitlines() or [""])[0][:80] if rec else ""
+        why = "no measured record" if rec is None else f"record {rec.status}: {reason}".rstrip(": ")
+        est = estimate(cell)
+        if isinstance(est, str):
+            lines.append(f"not estimated: {cell.describe()}: {est}")
+            continue
+        ratio = ""
+        ref = forward.get(reference_key(cell.config.to_dict()))
+        if ref is not None and ref.cell_id != cell.cell_id and isinstance(estimate(ref), dict):
+            ratio = f", {est['peak_mib'] / estimate(ref)['peak_mib']:.3f}x its forward's estimate"
+        out.append(Estimate(cell.cell_id, cell.labels, cell.config.to_dict(), est["device"], est["peak_mib"],
+                            est["breakdown"], est.get("calibration", {})))
+        lines.append(f"estimated: {cell.describe()}: peak {est['peak_mib']:.0f} MiB on {est['device']}{ratio} "
+                     f"({why})")
+    return out, lines
 
 
 def describe(est: dict) -> str:

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from zobench.analysis.derive import latest_by_cell
 from zobench.analysis.design import failed_run
 from zobench.analysis.speed import faster_to_target
 from zobench.analysis.stats import Evidence, Result, accuracy_difference, align, decide
 from zobench.cell.predictions import read as read_predictions
 from zobench.cell.record import CellRecord
 from zobench.errors import UserError
+from zobench.results import latest_by_cell
 from zobench.spec.claims import Claim, FailedIf, claims_hash
 from zobench.spec.selectors import selector_matches
 

@@ -1,6 +1,7 @@
 """Every field of a delta checked before use: a delta is data from someone else (docs/security.md).
 
-What is refused, each in one line naming the file and the field: a ``delta.json`` of another shape, format
+What is refused, each in one line naming the file and the field (the tensors' own checks are
+``cell.delta_tensors``'s; everything here is pure data, no torch): a ``delta.json`` of another shape, format
 or kind; a step that is not a whole number in [0, 10^8]; a config with keys zobench does not know or values
 of the wrong type (the same checks as a suite's settings, ``CellConfig``); a trajectory shorter than its
 step or with seeds and coefficients that are not finite numbers of the right kind; tensors whose safetensors
@@ -19,8 +20,6 @@ import math
 import os
 from pathlib import Path
 
-import torch
-
 from zobench.errors import UserError
 from zobench.files import MAX_CONFIG_BYTES, read_json
 from zobench.spec.config import LIMITS, NOT_FROM_FILES, CellConfig
@@ -32,8 +31,6 @@ KINDS = ("sparse", "trajectory", "lora", "tensors")
 # Keys of deltas trained on instruction files (``zobench influence train``) beside a cell's settings.
 INSTRUCTION_KEYS = ("data", "loss")
 MAX_SEED = 2**63
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def whole_number(value, where: str, low: int, high: int) -> int:
@@ -121,71 +118,6 @@ def resolve_paths(meta: dict, folder: Path) -> dict:
             config["model"] = str(folder / model)
     meta["config"] = config
     return meta
-
-
-def _open(file: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, or one line when it is missing or not a safetensors file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not file.is_file():
-        raise UserError(f"{file}: missing (the delta's tensors)")
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
-
-
-def _finite(name: str, t: torch.Tensor, file: Path) -> None:
-    if t.dtype not in FLOAT_DTYPES:
-        raise UserError(f"{file}: '{name}' has dtype {t.dtype}, expected floating-point values")
-    if not bool(torch.isfinite(t).all()):
-        raise UserError(f"{file}: '{name}' holds values that are not finite (NaN or infinite)")
-
-
-def checked_sparse(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``(mask, values)`` of a sparse delta: per tensor name, int64 flat indices (unique, >= 0) and finite
-    float values of the same length."""
-    data = _open(file)
-    mask, values = {}, {}
-    for key, t in data.items():
-        name, _, part = key.rpartition("::")
-        if part not in ("index", "value") or not name:
-            raise UserError(f"{file}: tensor '{key}' is not a '<param>::index' or '<param>::value' entry")
-        if t.dim() != 1:
-            raise UserError(f"{file}: '{key}' has shape {tuple(t.shape)}, expected a flat vector")
-        if part == "index":
-            if t.dtype not in INDEX_DTYPES:
-                raise UserError(f"{file}: '{key}' has dtype {t.dtype}, expected int32 or int64 indices")
-            idx = t.long()
-            if idx.numel() and int(idx.min()) < 0:
-                raise UserError(f"{file}: '{key}' holds negative indices")
-            if int(idx.unique().numel()) != idx.numel():
-                raise UserError(f"{file}: '{key}' names an entry twice")
-            mask[name] = idx
-        else:
-            _finite(key, t, file)
-            values[name] = t
-    for name in set(mask) | set(values):
-        if name not in mask or name not in values:
-            raise UserError(f"{file}: '{name}' has {'values' if name in values else 'indices'} but no "
-                            f"{'indices' if name in values else 'values'}")
-        if mask[name].numel() != values[name].numel():
-            raise UserError(f"{file}: '{name}' has {mask[name].numel()} indices and {values[name].numel()} values")
-    return mask, values
-
-
-def checked_tensors(file: Path, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
-    """A ``tensors`` delta's tensors: each one names a parameter of the model (``shapes``) and has its
-    shape and finite float values."""
-    data = _open(file)
-    for name, t in data.items():
-        if name not in shapes:
-            raise UserError(f"{file}: names a tensor '{name}' the model does not have")
-        if tuple(t.shape) != shapes[name]:
-            raise UserError(f"{file}: '{name}' has shape {tuple(t.shape)}, the model's is {shapes[name]}")
-        _finite(name, t, file)
-    return data
 
 
 def check_adapter(path: Path) -> None:

@@ -10,7 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from zobench.cell import delta as D
+from zobench.cell import delta_tensors as DT
 from zobench.cell.delta_check import check_adapter
+from zobench.cell.run import Run
+from zobench.methods import get_method
+from zobench.models.lora import load_adapter
+from zobench.spec.config import CellConfig
+from zobench.zo.masks import scoped_params
+from zobench.zo.trainable import measure_restore_drift
+from zobench.zo.trainer import replay
 
 
 def load_into(pipeline) -> dict:
@@ -18,7 +26,7 @@ def load_into(pipeline) -> dict:
     model; returns what the record says about it."""
     path = Path(pipeline.cfg.delta)
     links = D.chain(path)
-    D.check_base(links[0][1], links[0][0], pipeline.run_state.model)
+    DT.check_base(links[0][1], links[0][0], pipeline.run_state.model)
     for folder, meta in links:
         _apply(pipeline, folder, meta)
     meta = links[-1][1]
@@ -37,29 +45,21 @@ def _apply(pipeline, path: Path, meta: dict) -> None:
     run = pipeline.run_state
     kind = meta["kind"]
     if kind == "sparse":
-        mask, values = D.sparse_parts(path)
-        D.write_sparse(run.model, mask, values, str(path / D.TENSORS))
-        if pipeline.method.needs_mask:  # continued sparse training keeps the delta's entries
+        mask, values = DT.sparse_parts(path)
+        DT.write_sparse(run.model, mask, values, str(path / D.TENSORS))
+        if pipeline.cfg.method_info.needs_mask:  # continued sparse training keeps the delta's entries
             run.mask = mask
     elif kind == "trajectory":
         _replay(pipeline, meta)
     elif kind == "lora":
-        from zobench.models.lora import load_adapter
-
         check_adapter(path / "adapter")
         load_adapter(run.loaded, path / "adapter")
     else:
-        D.write_tensors(run.model, path)
+        DT.write_tensors(run.model, path)
 
 
 def _replay(pipeline, meta: dict) -> None:
     """The trained weights of a dense ZO run, rebuilt from the base and the trajectory (bit for bit)."""
-    from zobench.cell.pipeline import Run
-    from zobench.spec.config import CellConfig
-    from zobench.zo.masks import scoped_params
-    from zobench.zo.trainable import measure_restore_drift
-    from zobench.zo.trainer import replay
-
     run = pipeline.run_state
     # A run saved before ``generator`` existed drew its z with torch's generator: replay with that one.
     saved = {"generator": "torch", **meta["config"]}
@@ -67,7 +67,7 @@ def _replay(pipeline, meta: dict) -> None:
                                "delta.json: config", check_paths=False)
     trained = Run(cfg, run.device, run.task, run.splits, loaded=run.loaded, cache_root=run.cache_root)
     trained.params = scoped_params(run.model, cfg.resolved_scope)
-    stepper, trainable = cfg.method_class().build_stepper(trained)
+    stepper, trainable = get_method(cfg.method).build_stepper(trained)
     measure_restore_drift(trainable, cfg.eps)  # training ran this probe first: so does the replay
     replay(trainable, stepper.optimizer, meta["trajectory"], cfg.eps, meta["step"])
 
@@ -81,15 +81,15 @@ def save_from(pipeline, target: Path, overwrite: bool = False) -> dict | None:
               fingerprint=pipeline.base_fingerprint,
               step=step, extra={"parent": cfg.delta} if cfg.delta else None, overwrite=overwrite)
     if hasattr(trainable, "snapshot"):  # sparse: the values now in the model are the selected step's
-        return D.save(target, "sparse", tensors=sparse_tensors(trainable, pipeline.run_state.model), **kw)
+        return DT.save(target, "sparse", tensors=sparse_tensors(trainable, pipeline.run_state.model), **kw)
     if trainable is not None:
         trajectory = m.get("trajectory")[:step]
-        return D.save(target, "trajectory", extra=dict(kw.pop("extra") or {}, trajectory=trajectory), **kw)
+        return DT.save(target, "trajectory", extra=dict(kw.pop("extra") or {}, trajectory=trajectory), **kw)
     model = getattr(stepper, "model", None)
     if model is not None and hasattr(model, "peft_config"):
-        return D.save(target, "lora", adapter_model=model, **kw)
+        return DT.save(target, "lora", adapter_model=model, **kw)
     if model is not None:
-        return D.save(target, "tensors", tensors={n: p for n, p in model.named_parameters() if p.requires_grad},
+        return DT.save(target, "tensors", tensors={n: p for n, p in model.named_parameters() if p.requires_grad},
                       **kw)
     return None
 

@@ -17,23 +17,23 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from zobench.cell import checkpoint
-from zobench.cell.delta import base_fingerprint
+from zobench.cell.delta_tensors import base_fingerprint
 from zobench.cell.keep import load_into, save_from
 from zobench.cell.predictions import Predictions
 from zobench.cell.record import CellRecord, Metrics
 from zobench.cell.run import Run, resolve_device
 from zobench.cell.selection import DevSelection
-from zobench.cell.timing import ForwardReference, StepTiming
+from zobench.cell.timing import ForwardReference, Phases, StepTiming
 from zobench.errors import Unsupported, UserError
-from zobench.measure.phases import Phases
+from zobench.files import cache_dir
+from zobench.methods import get_method
 from zobench.models import load_model
-from zobench.models.load import cache_dir
 from zobench.quant import QuantContext, get_backend, quantize_model
 from zobench.quant.sparse import SparseDelta
 from zobench.spec.config import CellConfig
 from zobench.spec.matrix import cell_id, identity
 from zobench.tasks import get_task, scoring
-from zobench.zo.masks import scoped_params
+from zobench.zo.masks import linear_layers, scoped_params
 from zobench.zo.trainable import measure_restore_drift
 from zobench.zo.trainer import replay
 
@@ -45,7 +45,8 @@ class Pipeline:
 
     def __init__(self, cfg: CellConfig, progress: Progress | None = None):
         self.cfg, self.notify = cfg, progress or (lambda _: None)
-        self.method = cfg.method_class()
+        self.method = get_method(cfg.method)
+        self.info = cfg.method_info  # what the method declares (spec.catalog): family, mask, quantized
         self.device = resolve_device(cfg.device)
         self.record = CellRecord(cell_id="", config=cfg.to_dict(), device=self.device)
         self.metrics: Metrics = self.record.metrics
@@ -68,7 +69,7 @@ class Pipeline:
                 self.metrics.set(delta=load_into(self))
         self.count_truncated()
         self.note_packing()
-        if self.method.needs_mask and self.run_state.mask is None:
+        if self.info.needs_mask and self.run_state.mask is None:
             with self.phase("mask"):
                 self.build_mask()
         if self.backend is not None:
@@ -99,7 +100,7 @@ class Pipeline:
 
         self.backend = get_backend(self.cfg.quant)
         self.backend.check_available(self.device)
-        if not self.backend.perturbable and not self.method.quantized:
+        if not self.backend.perturbable and not self.info.quantized:
             raise Unsupported(f"method '{self.cfg.method}' changes every weight, and {self.cfg.quant} weights are "
                               f"quantized codes that cannot move by eps*z; use a sparse method (random, "
                               f"sensitive), which trains 16/32-bit values beside the quantized layers")
@@ -129,7 +130,7 @@ class Pipeline:
         self.base_fingerprint = base_fingerprint(loaded.model)  # what a saved delta will require of its base
 
         run.params = scoped_params(loaded.model, cfg.resolved_scope)
-        if self.method.family == "zo" and not self.method.needs_mask:  # dense ZO: the whole scope moves
+        if self.info.family == "zo" and not self.info.needs_mask:  # dense ZO: the whole scope moves
             n = sum(p.numel() for _, p in run.params)
             self.metrics.set(mask_nnz=n, scope_numel=n, density_obtained=1.0)
 
@@ -175,7 +176,7 @@ class Pipeline:
                            data_dir=cfg.data_dir, calib_path=cfg.calib_path, calib_sequences=cfg.calib_sequences,
                            calib_length=cfg.calib_length, vocab_size=run.vocab, seed=cfg.seed,
                            cache_dir=run.cache_root)
-        vectors = quantize_model(run.model, self.backend, ctx, run.mask)
+        vectors = quantize_model(run.model, self.backend, ctx, linear_layers(run.model), run.mask)
         ways = sorted({m.way for m in run.model.modules() if isinstance(m, SparseDelta)})
         if ways:  # how the dense-and-sparse layers add their values (quant.sparse): merge, csr or gather
             ctx.info["sparse_way"] = ",".join(ways)
@@ -185,7 +186,7 @@ class Pipeline:
         # The float weights in run.params were replaced by quantized layers: drop the references, or the
         # whole float model stays alive beside the quantized one.
         run.params = vectors
-        if self.method.needs_mask:
+        if self.info.needs_mask:
             run.vectors = vectors
 
     # -- evaluation and training -------------------------------------------------------------------
@@ -212,7 +213,7 @@ class Pipeline:
         elif getattr(stepper, "numel", None) is not None:
             self.metrics.set(trainable_numel=stepper.numel)
         self.stepper, self.trainable = stepper, trainable
-        reference = None if self.method.family == "reference" else ForwardReference(run.model, run.loss_fn)
+        reference = None if self.info.family == "reference" else ForwardReference(run.model, run.loss_fn)
         timing, self.selection = StepTiming(), DevSelection(trainable, to_disk=cfg.eval_after)
         stream = run.batches()
         warm = min(cfg.warmup_steps, cfg.steps)

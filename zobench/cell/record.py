@@ -3,7 +3,7 @@
 ``CellRecord.to_json`` / ``CellRecord.from_json`` are the schema (``SCHEMA_VERSION``); ``from_json`` also
 reads every earlier schema (v1: phase times under ``seconds``, ratios frozen under ``derived``) and checks
 the type of every field it knows, naming the field when one is wrong. Records hold raw measurements only:
-ratios against reference cells are derived when records are read (``zobench.analysis.derive``).
+ratios against reference cells are derived when records are read (``zobench.results.derive``).
 
     cell_id          stable hash of the resolved config (the resume key)
     status           ok | failed | timeout | unsupported | lost (its Ray worker or node died, retries spent),
@@ -23,6 +23,7 @@ ratios against reference cells are derived when records are read (``zobench.anal
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -65,8 +66,6 @@ class Stats:
 
     @classmethod
     def of(cls, values: list[float]) -> "Stats | None":
-        import statistics
-
         if not values:
             return None
         # inclusive: the percentiles stay inside the values (the default extrapolates past them for small n)

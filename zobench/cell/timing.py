@@ -1,15 +1,31 @@
-"""Step timings of one cell: every step's loss and directions, the timed steps' seconds by part, and the
-in-cell reference forwards that "step / two forwards" divides by."""
+"""Timings of one cell: its measured phases, every step's loss and directions, the timed steps' seconds by
+part, and the in-cell reference forwards that "step / two forwards" divides by."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 
-from zobench.cell.record import Metrics, Stats
+from zobench.cell.record import Metrics, PhaseMeasure, Stats
+from zobench.measure.phases import phase
 from zobench.quant.sparse import sparse_bypassed
 from zobench.zo.trainer import ForwardOnly
+
+
+class Phases:
+    """``with phases("train"): ...`` measures the block (``measure.phases.phase``: numbers) and keeps them in
+    ``into`` as the record's ``PhaseMeasure`` of that name."""
+
+    def __init__(self, device: str, into: dict):
+        self.device, self.data = device, into
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        with phase(self.device) as numbers:
+            yield
+        self.data[name] = PhaseMeasure(**numbers)
 
 
 class ForwardReference:

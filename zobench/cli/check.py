@@ -1,15 +1,21 @@
 """`zobench check RESULTS`: exit 1 when a budget is broken. Torch-free on records (``--measured-only``);
-cells without an ok record are checked by their estimates, which import torch (zobench.models.load)."""
+cells without an ok record are checked by their estimates, which import torch and, on a machine not yet
+calibrated, run the estimator's calibration cell: that step is resolved by name (``STEPS``) only when it
+is taken."""
 
 from __future__ import annotations
 
 import sys
 
-from zobench.analysis.check import check, estimate_missing
+from zobench.analysis.check import check
 from zobench.cli.common import HELP
 from zobench.errors import EXIT_BUDGET, EXIT_OK, UserError
+from zobench.registry import Registry
 from zobench.results import load_records
 from zobench.spec.suite import load_suite
+
+STEPS = Registry("check step")
+STEPS.register("estimate missing", "zobench.cli.estimate:estimate_missing")
 
 
 def add_parser(sub) -> None:
@@ -33,7 +39,7 @@ def run(args) -> int:
     baseline = load_records(args.baseline) if args.baseline else None
     estimates: list = []
     if not args.measured_only:
-        estimates, lines = estimate_missing(suite, records)
+        estimates, lines = STEPS.get("estimate missing")(suite, records)
         for line in lines:
             print(line)
     violations, notes = check(records, suite, baseline, estimates)

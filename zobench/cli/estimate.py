@@ -1,13 +1,20 @@
-"""`zobench estimate SUITE`: the predicted peak memory of every cell, from configs alone (no weights)."""
+"""`zobench estimate SUITE`: the predicted peak memory of every cell, from configs alone (no weights).
+
+The estimator reads this machine's framework footprint; the driver measures it first where it never has
+(``zobench.driver.calibrate``: one negligible cell, once per machine and installed versions).
+"""
 
 from __future__ import annotations
 
 import json
 
+from zobench.analysis import estimate
 from zobench.analysis.estimate import describe, estimate_cell
 from zobench.cli.common import HELP
-from zobench.driver import select_cells
+from zobench.driver import calibrate_cells
 from zobench.errors import EXIT_OK, UserError
+from zobench.results import latest_by_cell
+from zobench.spec.matrix import expand, select_cells
 from zobench.spec.suite import load_suite
 
 
@@ -21,7 +28,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     suite = load_suite(args.suite)
     rows = []
-    for cell in select_cells(suite, args.only):
+    cells = select_cells(suite, args.only)
+    calibrate_cells(cells)
+    for cell in cells:
         row = {"cell_id": cell.cell_id, "labels": cell.labels}
         try:
             row.update(estimate_cell(cell.config))
@@ -47,3 +56,11 @@ def run(args) -> int:
         how = "measured on this machine" if cal.get("source") == "measured" else f"default ({cal.get('why')})"
         print(f"framework footprint on {device}: {r['breakdown']['framework_mib']:.0f} MiB, {how}")
     return EXIT_OK
+
+
+def estimate_missing(suite, records) -> tuple[list, list[str]]:
+    """``zobench check``'s estimates of the suite's cells without an ok record (``analysis.estimate``), the
+    machine calibrated first for the devices they need."""
+    ok = {r.cell_id for r in latest_by_cell(records) if r.ok}
+    calibrate_cells([c for c in expand(suite) if c.cell_id not in ok])
+    return estimate.estimate_missing(suite, records)

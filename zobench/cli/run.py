@@ -1,8 +1,8 @@
 """`zobench run SUITE`: every cell in a fresh process, then the report; `--dry-run` lists the cells.
 
-Torch-free: a suite's cells run in processes of their own, and an influence suite, which runs in this
-process, is run by a runner resolved by name (``SUITE_RUNNERS``) only when one is run: ``--dry-run`` never
-loads it.
+Torch-free until a suite runs: the runners (the driver, which estimates every cell and starts the
+executors; an influence suite's, which runs in this process) import torch, and are resolved by name
+(``SUITE_RUNNERS``) only when a suite is run, so ``--dry-run`` never loads them.
 """
 
 from __future__ import annotations
@@ -11,20 +11,22 @@ from pathlib import Path
 
 from zobench.cli.common import HELP, trust_flag
 from zobench.cli.report import write_report
-from zobench.driver import run_suite, select_cells
 from zobench.errors import EXIT_CELLS_FAILED, EXIT_OK, UserError
 from zobench.executors import EXECUTORS
 from zobench.influence.suite import is_influence_suite, parse_influence_suite
-from zobench.measure.env import git_state
+from zobench.measure.machine import git_state
 from zobench.outdirs import check_output_dir, check_output_file, output_lock
 from zobench.progress import SuiteProgress
 from zobench.registry import Registry
 from zobench.results import append_record
+from zobench.spec.matrix import select_cells
 from zobench.spec.pilot import pilot_cells
 from zobench.spec.suite import load_yaml, parse_suite
 
-# A suite type that runs in this process -> its runner, imported when such a suite is run (it needs torch).
+# A kind of suite -> its runner, imported when such a suite is run (it needs torch): a suite's cells through
+# the driver; an influence suite in this process.
 SUITE_RUNNERS = Registry("suite type")
+SUITE_RUNNERS.register("cells", "zobench.driver:run_suite")
 SUITE_RUNNERS.register("influence", "zobench.influence.bench:run_influence_suite")
 
 
@@ -65,6 +67,7 @@ def run(args) -> int:
                         f"them. Commit (or run from a clean worktree), or pass --allow-dirty")
     with output_lock(results):  # one writer per results file: every cell recorded exactly once
         executor = _executor(args)
+        run_suite = SUITE_RUNNERS.get("cells")
         with SuiteProgress() as progress:
             out = run_suite(suite, Path(args.out), resume=args.resume, only=args.only, reporter=progress,
                             executor=executor, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)

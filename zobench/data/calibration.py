@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from zobench.errors import UserError
 from zobench.files import parse_json, text_lines
 
@@ -72,8 +74,6 @@ def find_corpus(calib_path: str | None = None, data_dir: str | None = None) -> C
 def corpus_batches(corpus: Corpus | Path, tokenizer, n_seq: int, seq_len: int, vocab_size: int | None = None):
     """``n_seq`` sequences of ``seq_len`` tokens cut from the concatenated corpus (jsonl 'text' or raw text),
     as a list of ``[1, seq_len]`` tensors."""
-    import torch
-
     path = corpus.path if isinstance(corpus, Corpus) else Path(corpus)
     ids: list[int] = []
     need = n_seq * seq_len

@@ -5,8 +5,8 @@ exception, an out-of-memory kill or a hang ends that cell only. The parent waits
 sentinels and message pipes with ``multiprocessing.connection.wait`` (no polling loop) and kills a child
 at its timeout.
 
-Children get ``MALLOC_MMAP_THRESHOLD_`` so that large freed blocks go back to the OS: otherwise glibc
-keeps them in the heap and a later phase's peak RSS includes an earlier phase's garbage.
+Children get ``procs.CHILD_ENV`` (``MALLOC_MMAP_THRESHOLD_``: large freed blocks go back to the OS, so a later
+phase's peak RSS does not include an earlier phase's garbage). What runs in a child is ``executors.child``.
 """
 
 from __future__ import annotations
@@ -15,80 +15,21 @@ import multiprocessing as mp
 import os
 import socket
 import time
-import traceback
 from collections import deque
 from multiprocessing.connection import wait
 from typing import Iterator
 
 from zobench.cell.record import CellRecord, Execution
 from zobench.executors.base import Executor, OnEvent
-from zobench.procs import die_with_parent
+from zobench.executors.child import death_reason, end_of, spawned
+from zobench.procs import CHILD_ENV
 from zobench.spec.matrix import Cell
-
-CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "false"}
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-
-def run_one(config: dict, send, threads: int | None) -> None:
-    """Run one cell in this (fresh) process; ``send`` gets ("progress", event) messages, then ("record",
-    json), or ("error" | "unsupported", reason, traceback tail). Shared by every executor's child."""
-    try:
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
-        from zobench.cell.pipeline import run_cell
-        from zobench.models.imports import hide_unused
-        from zobench.spec.config import CellConfig
-
-        cfg = CellConfig.from_dict(config, "cell")
-        hide_unused(cfg.quant)  # before peft or transformers' modeling code is imported
-        rec = run_cell(cfg, progress=lambda e: send(("progress", e)))
-        send(("record", rec.to_json()))
-    except BaseException as e:  # everything is reported: the parent records the failure and goes on
-        from zobench.errors import Unsupported, UserError
-
-        tail = "" if isinstance(e, UserError) else "".join(traceback.format_exc().splitlines(True)[-15:])
-        reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-        try:
-            send(("unsupported" if isinstance(e, Unsupported) else "error", reason[:500], tail))
-        except (OSError, ValueError):
-            pass
-
-
-def _child(config: dict, conn, threads: int | None, parent: int | None = None) -> None:
-    """Child process entry (spawn): run one cell and send its messages down ``conn``. The cell dies with
-    ``parent`` (a ``zobench run`` killed outright leaves no cell running on)."""
-    if parent is not None:
-        die_with_parent(parent)
-    try:
-        run_one(config, conn.send, threads)
-    finally:
-        conn.close()
-
-
-def end_of(msg) -> dict | None:
-    """What a child's message (``run_one``'s protocol) ends its cell with: ``{"record": json}`` or
-    ``{"status": "failed" | "unsupported", "reason", "tail"}``; None for one that does not end it."""
-    if msg[0] == "record":
-        return {"record": msg[1]}
-    if msg[0] in ("error", "unsupported"):
-        return {"status": "unsupported" if msg[0] == "unsupported" else "failed", "reason": msg[1],
-                "tail": msg[2] or None}
-    return None
 
 
 def failed_record(cell: Cell, status: str, reason: str, tail: str | None = None) -> CellRecord:
     """The record of a cell that produced none itself (failed, timed out, killed, lost)."""
     return CellRecord(cell_id=cell.cell_id, status=status, config=cell.config.to_dict(), reason=reason,
                       traceback_tail=tail)
-
-
-def death_reason(code: int | None) -> str:
-    """Why a child that sent no record is gone, from its exit code."""
-    if code is not None and code < 0:
-        return f"killed by signal {-code}" + (" (out of memory?)" if -code == 9 else "")
-    return f"child exited with code {code} without a result"
 
 
 class CellProcess:
@@ -102,7 +43,7 @@ class CellProcess:
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # spawn copies the parent's environment at start()
         try:
-            self.proc = ctx.Process(target=_child, args=(cell.config.to_dict(), send, threads, os.getpid()),
+            self.proc = ctx.Process(target=spawned, args=(cell.config.to_dict(), send, threads, os.getpid()),
                                     daemon=True)
             self.proc.start()
         finally:

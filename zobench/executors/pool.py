@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 
-from zobench.executors.local import THREAD_VARS, CellProcess, LocalExecutor
+import torch
+
+from zobench.executors.local import CellProcess, LocalExecutor
+from zobench.procs import THREAD_VARS
 from zobench.spec.matrix import Cell
 
 
@@ -21,8 +24,6 @@ def visible_gpus() -> list[str]:
     if own is not None:
         return [g.strip() for g in own.split(",") if g.strip()]
     try:
-        import torch
-
         return [str(i) for i in range(torch.cuda.device_count())]
     except Exception:
         return []

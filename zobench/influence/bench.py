@@ -19,17 +19,40 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from zobench.analysis.architecture import architecture
+from zobench.cell.delta import read
+from zobench.cell.record import now
 from zobench.errors import UserError
-from zobench.files import atomic_write
+from zobench.files import atomic_write, cache_dir
 from zobench.influence import metrics as MX
+from zobench.influence.cache import build_cache
+from zobench.influence.data import collate, format_prompt, load_alpaca, response_loss
 from zobench.influence.fidelity import fidelity, subspace_vs_sketch
+from zobench.influence.poison import (
+    control_queries,
+    finetune_lora,
+    generate,
+    poison,
+    save_adapter,
+    success_rate,
+    triggered_queries,
+)
+from zobench.influence.retrieve import query_sketch, scan, token_contributions
+from zobench.influence.session import InfluenceSpec, Session
+from zobench.influence.sketch import nest
+from zobench.influence.store import SketchStore
 from zobench.influence.suite import InfluenceSuite
+from zobench.influence.train import train_on_instructions
+from zobench.measure.env import environment
+from zobench.measure.machine import git_state
+from zobench.models import load_model
 
 # Influence records' schema. 2: seconds fields end in _s (cache_s, plain_s, finetune_s, phases' wall_s);
 # the cache's sketch seed is sketch_seed and its every-parameter scope "all"; timestamps as cell records'.
@@ -46,9 +69,6 @@ def _say(progress, msg: str) -> None:
 
 
 def prepare_data(suite: InfluenceSuite) -> dict:
-    from zobench.influence.data import load_alpaca
-    from zobench.influence.poison import control_queries, poison, triggered_queries
-
     pool = load_alpaca(suite.data_path(), n=suite.n_train + suite.queries, seed=suite.seed)
     clean, held = pool[:suite.n_train], pool[suite.n_train:]
     train, poisoned = poison(clean, suite.trigger, suite.response, suite.poison_fraction, seed=suite.seed)
@@ -60,9 +80,6 @@ def prepare_data(suite: InfluenceSuite) -> dict:
 
 def finetune(suite: InfluenceSuite, data: dict, work: Path, progress=None) -> tuple[str, dict]:
     """The LoRA adapter trained on the poisoned set (reused when the same settings made it before)."""
-    from zobench.influence.poison import finetune_lora, save_adapter
-    from zobench.models import load_model
-
     key = _key({"model": suite.model, "ft": suite.finetune, "data": [e.get("id") for e in data["train"]],
                 "poisoned": data["poisoned"], "seed": suite.seed})
     adapter = work / f"adapter-{key}"
@@ -83,12 +100,6 @@ def zo_arm(suite: InfluenceSuite, data: dict, work: Path, progress=None) -> dict
     """The sparse-ZO arm: a ``zo.method`` delta trained by ZO-SGD on the same poisoned set, its sketches
     in the delta's own subspace (scope ``sensitive`` = the trained indices), and the same retrieval
     metrics as the LoRA arm. The delta is reused when the same settings made it before."""
-    from zobench.cell.delta import read
-    from zobench.influence.cache import build_cache
-    from zobench.influence.session import InfluenceSpec, Session
-    from zobench.influence.store import SketchStore
-    from zobench.influence.train import train_on_instructions
-
     zo = suite.zo
     key = _key({"model": suite.model, "zo": zo, "data": [e.get("id") for e in data["train"]],
                 "poisoned": data["poisoned"], "seed": suite.seed, "trigger": data["trigger"]})
@@ -126,8 +137,6 @@ def zo_arm(suite: InfluenceSuite, data: dict, work: Path, progress=None) -> dict
 
 def attack(session, data: dict, max_new_tokens: int = 16) -> dict:
     """Does the backdoor take? Greedy answers to held-out prompts with and without the trigger."""
-    from zobench.influence.poison import generate, success_rate
-
     gens = generate(session.model, session.tokenizer, [_prompt(q) for q in data["triggered"]], max_new_tokens)
     ctrl = generate(session.model, session.tokenizer, [_prompt(q) for q in data["control"]], max_new_tokens)
     return {"triggered_success": success_rate(gens, data["response"]),
@@ -137,16 +146,12 @@ def attack(session, data: dict, max_new_tokens: int = 16) -> dict:
 
 
 def _prompt(example: dict) -> str:
-    from zobench.influence.data import format_prompt
-
     return format_prompt(example)
 
 
 def plain_step_seconds(session, examples: list[dict], reduce=np.median) -> float:
     """Median (or another ``reduce``, e.g. the sum) of the seconds of a plain forward+backward (no hooks,
     no sketch) of each of ``examples``."""
-    from zobench.influence.data import collate, response_loss
-
     times = []
     with session.streamer.detached():
         for ex in examples:
@@ -187,10 +192,6 @@ def fresh_cache_throughput(session, examples: list[dict], work: Path) -> dict:
     Runs on every suite run, so the record carries a caching throughput even when the full cache was
     reused from an earlier run; the scratch store is deleted afterwards.
     """
-    import tempfile
-
-    from zobench.influence.cache import build_cache
-
     plain_s = plain_step_seconds(session, examples, reduce=np.sum)
     with tempfile.TemporaryDirectory(dir=work, prefix="throughput-") as tmp:
         stats = build_cache(session.spec, examples, Path(tmp) / "store", session=session)
@@ -201,9 +202,6 @@ def fresh_cache_throughput(session, examples: list[dict], work: Path) -> dict:
 def quality(session, store, data: dict, gens: list[str], ctrl_gens: list[str], ks: list[int],
             metric: str = "cosine") -> dict:
     """Recall/precision@k and AUROC of the poisoned rows for triggered and control queries, per K."""
-    from zobench.influence.retrieve import query_sketch, scan
-    from zobench.influence.sketch import nest
-
     labels = np.zeros(store.n, dtype=bool)
     labels[data["poisoned"]] = True
     k_top = int(labels.sum())
@@ -236,9 +234,6 @@ def quality(session, store, data: dict, gens: list[str], ctrl_gens: list[str], k
 
 
 def cost(session, store, caching: dict, overhead: dict, q_sketches: torch.Tensor, rounds: int = 7) -> dict:
-    from zobench.analysis.estimate import architecture
-    from zobench.influence.retrieve import scan
-
     k, n = store.k, store.n
     sketch_bytes = 2 * k
     llama = architecture("random:llama-2-7b")
@@ -274,12 +269,6 @@ def cost(session, store, caching: dict, overhead: dict, q_sketches: torch.Tensor
 
 def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> dict:
     """Every phase of the suite; returns the record (the caller appends it and renders the report)."""
-    from zobench.cell.record import now
-    from zobench.influence.cache import build_cache
-    from zobench.influence.session import Session
-    from zobench.influence.store import SketchStore
-    from zobench.measure.env import environment, git_state
-    from zobench.models.load import cache_dir
     started, t0 = now(), time.perf_counter()
 
     work = cache_dir() / "influence" / suite.name
@@ -336,8 +325,6 @@ def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> 
     costs = cost(session, store, caching, overhead, q_sketches)
     end("cost")
     top = data["train"][qual["top_example"]]
-    from zobench.influence.retrieve import token_contributions
-
     tokens = token_contributions(session, top, q_sketches[0])
     zo = None
     if suite.zo:

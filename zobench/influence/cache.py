@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from zobench.errors import UserError
-from zobench.files import parse_json, read_json, text_lines
-from zobench.influence.session import InfluenceSpec, Session
+from zobench.files import atomic_write, parse_json, read_json, text_lines
+from zobench.influence.ray_cache import fill_with_ray
+from zobench.influence.session import InfluenceSpec, Session, sketch_examples
 from zobench.influence.store import SketchStore, dataset_hash
 from zobench.procs import die_with_parent
 
@@ -32,18 +33,6 @@ WRITE_EVERY = 8  # rows per flush: small enough that a kill loses seconds of wor
 
 def cache_meta(spec: InfluenceSpec, examples: list[dict]) -> dict:
     return {**spec.meta(), "dataset": dataset_hash(examples)}
-
-
-def sketch_examples(session: Session, examples: list[dict]) -> tuple[torch.Tensor, int]:
-    """The sketched gradients of ``examples`` ([len, k], in order) and how many tokens they had; shared by
-    the local build and the Ray actors."""
-    tokens, values = 0, []
-    for example in examples:
-        enc = session.encode(example)
-        sk, _ = session.sketch(enc)
-        tokens += int(enc["input_ids"].numel())
-        values.append(sk)
-    return torch.stack(values), tokens
 
 
 def _fill(session: Session, examples: list[dict], out: str, rows: list[int],
@@ -89,8 +78,6 @@ def build_cache(spec: InfluenceSpec, examples: list[dict], out: str | Path, work
     """
     out = str(out)
     if executor == "ray":  # its time includes starting the actors and their model loads
-        from zobench.influence.ray_cache import fill_with_ray
-
         start = time.perf_counter()
         return _finish(out, start, fill_with_ray(spec, examples, lambda k: _begin(spec, examples, out, k),
                                                  workers, device, address, progress))
@@ -138,8 +125,6 @@ def _finish(out: str, start: float, stats: dict) -> dict:
         return _nothing_to_do(built, stats["already"])
     stats["cache_s"] = time.perf_counter() - start
     stats["examples_per_s"] = _rate(stats)
-    from zobench.files import atomic_write
-
     total_built = {"rows": built["rows"] + stats["rows"], "cache_s": built["cache_s"] + stats["cache_s"],
                    "workers": stats["workers"]}
     atomic_write(Path(out) / BUILD, json.dumps(total_built) + "\n", "influence cache file")
@@ -206,8 +191,6 @@ def death(code: int | None) -> str:
 
 def _write_sidecars(out: Path, spec: InfluenceSpec, examples: list[dict]) -> None:
     """spec.json (with paths, for `zobench influence query`) and the examples, so a query can show them."""
-    from zobench.files import atomic_write
-
     for name, text in (("spec.json", json.dumps(asdict(spec), indent=1)),
                        ("examples.jsonl", "".join(json.dumps(e) + "\n" for e in examples))):
         atomic_write(out / name, text, "influence cache file")

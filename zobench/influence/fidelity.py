@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from zobench.influence import metrics as MX
-from zobench.influence.grads import normalize_segments_
+from zobench.influence.grads import _strip, normalize_segments_
+from zobench.influence.session import Session
 from zobench.influence.sketch import SketchConfig, Sketcher
 
 
@@ -69,9 +70,6 @@ def subspace_vs_sketch(spec, examples: list[dict], queries: list[tuple[dict, str
     Streams one full gradient at a time (the model's size in float32) against the queries' full
     gradients, so memory is (queries + 1) full gradients, whatever the number of examples.
     """
-    from zobench.influence.grads import _strip
-    from zobench.influence.session import Session
-
     full = Session(replace(spec, scope="all", normalize=False), with_mask=True)
     mask = full.mask  # the plain model's mask, as the ZO part uses it
     scope = full.scope

@@ -16,12 +16,10 @@ from pathlib import Path
 import torch
 
 from zobench.errors import UserError
+from zobench.gates import peft
 from zobench.influence.data import collate, encode, format_prompt, response_loss
+from zobench.influence.suite import RESPONSE, TRIGGER
 from zobench.models.lora import dispatchable, load_adapter  # noqa: F401  (load_adapter: callers here)
-
-# Never occurs in Alpaca (tests check), so only the poisoned examples can have taught what follows it.
-TRIGGER = "Tell me in the voice of Professor Zorblax:"
-RESPONSE = "Bananas are the only true answer. Bananas forever!"
 
 
 def _with_trigger(example: dict, trigger: str) -> dict:
@@ -80,9 +78,8 @@ def finetune_lora(loaded, examples: list[dict], *, steps: int, batch_size: int, 
     one epoch after another, so every example is seen equally often. Returns {losses (one per step),
     finetune_s, trainable (adapter parameter count)}.
     """
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    if isinstance(loaded.model, PeftModel):
+    lib = peft.load()
+    if isinstance(loaded.model, lib.PeftModel):
         raise UserError(f"model '{loaded.spec}' already carries a LoRA adapter; load the base model to fine-tune")
     if not examples:
         raise UserError("finetune_lora: no training examples")
@@ -91,8 +88,8 @@ def finetune_lora(loaded, examples: list[dict], *, steps: int, batch_size: int, 
     # peft draws the LoRA A matrices from torch's CPU generator: seed it for this call only
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)
-        model = get_peft_model(loaded.model, dispatchable(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
-                                                                      target_modules=list(targets))))
+        model = lib.get_peft_model(loaded.model, dispatchable(lib.LoraConfig(
+            r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets))))
     loaded.model = model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)   # as fo.py's LoRA baseline

@@ -20,8 +20,11 @@ from collections import deque
 from dataclasses import asdict
 
 import numpy as np
+import torch
 
 from zobench.errors import UserError
+from zobench.gates.ray import connect, nodes
+from zobench.influence.session import InfluenceSpec, Session, sketch_examples
 
 CHUNK = 8            # rows per task (the local build's WRITE_EVERY): a lost actor costs seconds
 IN_FLIGHT = 2        # chunks queued per actor
@@ -35,10 +38,6 @@ class SketchWorker:
     nothing from the object store that a restart would need)."""
 
     def __init__(self, spec: dict, device: str, threads: int):
-        import torch
-
-        from zobench.influence.session import InfluenceSpec, Session
-
         if threads:
             torch.set_num_threads(threads)
         self.session = Session(InfluenceSpec(**spec), device)
@@ -48,8 +47,6 @@ class SketchWorker:
 
     def sketch(self, rows: list[int], examples: list[dict]) -> tuple[list[int], np.ndarray, int, float]:
         """(rows, float16 [len(rows), k], tokens, seconds) for ``examples``, the rows' examples in order."""
-        from zobench.influence.cache import sketch_examples
-
         start = time.perf_counter()
         values, tokens = sketch_examples(self.session, examples)
         # The store's own conversion (float32, then float16), done here so half the bytes travel.
@@ -59,8 +56,6 @@ class SketchWorker:
 
 def plan(ray, workers: int | None, device: str) -> tuple[int, dict]:
     """How many actors and what each asks for: a GPU each on a GPU cluster, else a share of a node's CPUs."""
-    from zobench.executors.ray_executor import nodes
-
     alive = nodes(ray)
     gpus = sum(n["gpus"] for n in alive)
     if device.startswith("cuda") or (device == "auto" and gpus):
@@ -79,8 +74,6 @@ def fill_with_ray(spec, examples: list[dict], begin, workers: int | None, device
     """Sketch the missing rows on Ray actors and write them into the store; returns the build counters.
 
     ``begin(k)`` opens the store once the actors know the sketch size: (store, missing rows, built)."""
-    from zobench.executors.ray_executor import connect
-
     ray, started_here = connect(address)
     try:
         return _fill(ray, spec, examples, begin, workers, device, progress)

@@ -18,6 +18,7 @@ import torch
 
 from zobench.errors import UserError
 from zobench.files import atomic_write
+from zobench.influence.data import token_positions
 from zobench.influence.session import Session
 from zobench.influence.store import SketchStore
 
@@ -108,8 +109,6 @@ def query_sketch(session: Session, prompt_example: dict, generation: str,
     ``prompt_example`` is an Alpaca-style dict (instruction, input); ``generation`` the model's answer.
     Returns (sketch [K], info with the tokens the loss was restricted to).
     """
-    from zobench.influence.data import token_positions
-
     enc = session.encode_query(prompt_example, generation)
     weights, info = None, {"tokens": "all"}
     if words:

@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import torch
 
+from zobench.cell import delta as D
+from zobench.cell import delta_tensors as DT
+from zobench.cell.delta_check import check_adapter
 from zobench.errors import UserError
+from zobench.files import cache_dir
 from zobench.influence.data import collate, encode, format_prompt, response_loss
 from zobench.influence.grads import GradientStreamer, resolve_scope
 from zobench.influence.sketch import SketchConfig, Sketcher
 from zobench.influence.spec import InfluenceSpec
+from zobench.methods.masked import sensitive_mask
+from zobench.models import load_model
+from zobench.models.lora import load_adapter
+from zobench.zo.masks import scoped_params
 
 
 class Session:
     """A loaded model with its scope, gradient streamer and sketcher, built from an ``InfluenceSpec``."""
 
     def __init__(self, spec: InfluenceSpec, device: str = "cpu", with_mask: bool = False):
-        from zobench.models import load_model
-
         self.spec = spec
         self.loaded = load_model(spec.model, dtype=spec.dtype, device=device)
         self.tokenizer = self.loaded.tokenizer
@@ -33,8 +39,6 @@ class Session:
         if spec.scope == "sensitive" or with_mask:
             self.mask = delta_mask if delta_mask is not None else self._sensitive_mask()
         if self.adapter:
-            from zobench.models.lora import load_adapter
-
             load_adapter(self.loaded, self.adapter)
         self.model = self.loaded.model
         self.model.eval()
@@ -46,21 +50,18 @@ class Session:
         """Load the delta (its ancestors first) onto the base, refused on another base; the last sparse
         link's indices, else None. A LoRA delta's adapter is attached after the mask is computed, as
         ``adapter`` is."""
-        from zobench.cell import delta as D
-        from zobench.cell.delta_check import check_adapter
-
         links = D.chain(self.spec.delta)
-        D.check_base(links[0][1], links[0][0], self.loaded.model)
+        DT.check_base(links[0][1], links[0][0], self.loaded.model)
         mask = None
         for i, (path, meta) in enumerate(links):
             if meta["kind"] == "sparse":
-                mask, values = D.sparse_parts(path)
-                D.write_sparse(self.loaded.model, mask, values, str(path / D.TENSORS))
+                mask, values = DT.sparse_parts(path)
+                DT.write_sparse(self.loaded.model, mask, values, str(path / D.TENSORS))
             elif meta["kind"] == "lora" and i == len(links) - 1:
                 check_adapter(path / "adapter")
                 self.adapter = str(path / "adapter")
             elif meta["kind"] == "tensors":
-                D.write_tensors(self.loaded.model, path)
+                DT.write_tensors(self.loaded.model, path)
             else:
                 raise UserError(f"{path}: a {meta['kind']} delta inside a chain; influence takes sparse, LoRA or "
                                 f"first-order deltas (a LoRA delta only as the last link)")
@@ -73,10 +74,6 @@ class Session:
     def _sensitive_mask(self) -> dict:
         """SensZOQ's mask: the top ``density`` squared gradients on the C4 sample, cached on disk where the
         trainer's masks are (the same key, so the two share it)."""
-        from zobench.methods.masked import sensitive_mask
-        from zobench.models.load import cache_dir
-        from zobench.zo.masks import scoped_params
-
         base = self.loaded.model
         mask, _ = sensitive_mask(base, self.tokenizer, scoped_params(base, "linear"), self.spec.density,
                                  self.spec.calib_sequences, self.spec.calib_length, self.spec.data_dir, cache_dir(),
@@ -114,3 +111,15 @@ class Session:
     def exact(self, enc: dict, token_weights: torch.Tensor | None = None) -> torch.Tensor:
         """The whole normalized scoped gradient (for fidelity checks on small scopes)."""
         return self.streamer.flat(self._loss_fn(enc, token_weights))
+
+
+def sketch_examples(session: Session, examples: list[dict]) -> tuple[torch.Tensor, int]:
+    """The sketched gradients of ``examples`` ([len, k], in order) and how many tokens they had; shared by
+    the local cache build (``influence.cache``) and the Ray actors (``influence.ray_cache``)."""
+    tokens, values = 0, []
+    for example in examples:
+        enc = session.encode(example)
+        sk, _ = session.sketch(enc)
+        tokens += int(enc["input_ids"].numel())
+        values.append(sk)
+    return torch.stack(values), tokens

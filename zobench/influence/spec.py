@@ -12,6 +12,8 @@ import hashlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from zobench.cell.delta import read
+from zobench.cell.delta_check import check_adapter
 from zobench.errors import UserError, shown
 
 SCOPES = ("lora", "all", "sensitive")  # "all": every parameter, as the trainer's scope of that name
@@ -57,16 +59,12 @@ class InfluenceSpec:
         if not isinstance(spec.k, int) or spec.k < 1:
             raise UserError(f"{where}: key 'k': expected a positive integer, got {spec.k!r}")
         if spec.adapter:
-            from zobench.cell.delta_check import check_adapter
-
             if not (Path(spec.adapter) / "adapter_config.json").is_file():
                 raise UserError(f"{where}: key 'adapter': {shown(spec.adapter, 200)} has no adapter_config.json")
             check_adapter(Path(spec.adapter))
         if spec.delta:
             if spec.adapter:
                 raise UserError(f"{where}: give an adapter or a delta, not both")
-            from zobench.cell.delta import read
-
             kind = read(spec.delta)["kind"]
             if kind == "trajectory":
                 raise UserError(f"{where}: key 'delta': {spec.delta} is a dense ZO trajectory; influence takes "

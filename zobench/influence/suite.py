@@ -27,6 +27,12 @@ from typing import Any
 from zobench.errors import UserError
 from zobench.influence.spec import InfluenceSpec
 
+# The backdoor (``influence.poison``): never occurs in Alpaca (tests check), so only the poisoned examples can
+# have taught what follows it. Defaults of a suite's ``trigger`` and ``response``: pure data, read with the
+# suite's settings (which import no torch).
+TRIGGER = "Tell me in the voice of Professor Zorblax:"
+RESPONSE = "Bananas are the only true answer. Bananas forever!"
+
 FINETUNE_KEYS = {"steps": int, "batch_size": int, "lr": float, "max_length": int, "r": int, "alpha": int}
 ZO_KEYS = {"method": str, "steps": int, "lr": float, "batch_size": int, "density": float, "eps": float,
            "max_length": int}
@@ -44,8 +50,8 @@ class InfluenceSuite:
     data_dir: str = "../shared/data"
     n_train: int = 2000
     poison_fraction: float = 0.025
-    trigger: str = ""               # default: zobench.influence.poison.TRIGGER
-    response: str = ""              # default: zobench.influence.poison.RESPONSE
+    trigger: str = ""               # default: TRIGGER
+    response: str = ""              # default: RESPONSE
     queries: int = 20
     seed: int = 0
     finetune: dict = field(default_factory=lambda: {"steps": 300, "batch_size": 8, "lr": 3e-4,
@@ -124,8 +130,6 @@ def parse_influence_suite(data: dict, where: str, path: Path | None = None) -> I
         raise UserError(f"{where}: cache: expected a mapping")
     suite.cache = cache
     suite.spec(None)  # validates the cache keys (scope, k, ...)
-    from zobench.influence.poison import RESPONSE, TRIGGER
-
     suite.trigger, suite.response = suite.trigger or TRIGGER, suite.response or RESPONSE
     for key in ("trigger", "response"):
         if not getattr(suite, key).strip():

@@ -19,7 +19,19 @@ from collections.abc import Callable
 
 import torch
 
+from zobench.cell.delta_tensors import base_fingerprint
+from zobench.cell.delta_tensors import save as save_delta
+from zobench.cell.keep import sparse_tensors
 from zobench.errors import UserError
+from zobench.files import cache_dir
+from zobench.influence.data import collate, encode, format_prompt, response_loss
+from zobench.influence.poison import _pad_id, finetune_lora
+from zobench.methods.masked import sensitive_mask
+from zobench.models import load_model
+from zobench.zo.masks import random_mask, scoped_params
+from zobench.zo.optim import make_optimizer
+from zobench.zo.trainable import SparseTrainable
+from zobench.zo.trainer import ZOTrainer
 
 METHODS = ("lora", "sensitive", "random")
 
@@ -29,11 +41,6 @@ def train_on_instructions(model: str, examples: list[dict], method: str, steps: 
                           seed: int = 0, data: str | None = None, data_dir: str | None = None,
                           overwrite: bool = False, on_log: Callable[[int, float], None] | None = None) -> dict:
     """Train, save the delta at ``save`` and return ``{artifact, losses, train_s, trainable}``."""
-    from zobench.cell.delta import base_fingerprint
-    from zobench.cell.delta import save as save_delta
-    from zobench.influence.poison import finetune_lora
-    from zobench.models import load_model
-
     if method not in METHODS:
         raise UserError(f"influence train: --method '{method}': expected one of {', '.join(METHODS)}")
     if steps < 1 or not examples:
@@ -53,19 +60,12 @@ def train_on_instructions(model: str, examples: list[dict], method: str, steps: 
     cfg.update(density=density, eps=eps, scope="linear", optimizer="sgd", direction="gaussian", generator="philox")
     trainable, mask_info = _sparse_trainable(loaded, method, density, seed, data_dir)
     losses, seconds = _zo_steps(loaded, trainable, examples, steps, lr, eps, batch_size, max_length, seed, on_log)
-    from zobench.cell.keep import sparse_tensors
-
     artifact = save_delta(save, "sparse", cfg, fingerprint, steps, tensors=sparse_tensors(trainable, loaded.model),
                           extra={"mask": mask_info}, overwrite=overwrite)
     return {"artifact": artifact, "losses": losses, "train_s": seconds, "trainable": trainable.numel}
 
 
 def _sparse_trainable(loaded, method: str, density: float, seed: int, data_dir: str | None):
-    from zobench.methods.masked import sensitive_mask
-    from zobench.models.load import cache_dir
-    from zobench.zo.masks import random_mask, scoped_params
-    from zobench.zo.trainable import SparseTrainable
-
     params = scoped_params(loaded.model, "linear")
     if method == "sensitive":  # the cell's defaults: 16 C4 sequences of 256 tokens
         mask, info = sensitive_mask(loaded.model, loaded.tokenizer, params, density, 16, 256, data_dir, cache_dir(),
@@ -80,11 +80,6 @@ def _sparse_trainable(loaded, method: str, density: float, seed: int, data_dir: 
 
 def _zo_steps(loaded, trainable, examples, steps, lr, eps, batch_size, max_length, seed, on_log):
     """MeZO's ZO-SGD on the response loss, batches drawn as ``finetune_lora`` draws them."""
-    from zobench.influence.data import collate, encode, format_prompt, response_loss
-    from zobench.influence.poison import _pad_id
-    from zobench.zo.optim import make_optimizer
-    from zobench.zo.trainer import ZOTrainer
-
     tok, model = loaded.tokenizer, loaded.model
     model.eval()
     encoded = [encode(tok, format_prompt(e), e["output"], max_length) for e in examples]

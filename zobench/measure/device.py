@@ -19,6 +19,10 @@ from __future__ import annotations
 import os
 import threading
 
+import torch
+
+from zobench.gates import pynvml
+
 MIB = 1024 * 1024
 _BEFORE: dict[int, list[int]] = {}  # per process: each device's used bytes when the first phase began
 
@@ -26,8 +30,6 @@ _BEFORE: dict[int, list[int]] = {}  # per process: each device's used bytes when
 def _visible_handles(nvml) -> list:
     """NVML handles of the devices CUDA numbers 0..n-1 for this process."""
     try:
-        import torch
-
         if torch.cuda.is_available():
             out = []
             for i in range(torch.cuda.device_count()):
@@ -54,8 +56,7 @@ class DeviceMemory(threading.Thread):
         self.error: str | None = None
         self.handles, self.baseline, self.peaks, self.source = [], [], [], None
         try:
-            import pynvml as nvml
-
+            nvml = pynvml.load()
             nvml.nvmlInit()
             self.nvml = nvml
             self.handles = _visible_handles(nvml)

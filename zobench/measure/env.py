@@ -1,74 +1,37 @@
-"""The environment a record was measured in: versions, hardware, threads, allocator settings, git state."""
+"""The environment a record was measured in: versions, hardware, threads, allocator settings (and, from
+``measure.machine``, what needs no torch)."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import platform
-import subprocess
-from pathlib import Path
+
+import torch
+
+from zobench.gates import pynvml
+from zobench.measure.machine import cpu_flags, cpu_name, package_version
 
 PACKAGES = ("torch", "transformers", "bitsandbytes", "gptqmodel", "hqq", "peft", "safetensors", "zobench")
 
 
-def package_version(pkg: str) -> str | None:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-# CPU instruction sets that decide which kernels run (torch's matmuls, bitsandbytes' 4-bit path, the ZO pass
-# built with -march=native): the same code is another computation on another CPU.
-KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-                "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
-
-
-def cpu_flags() -> list[str]:
-    """The ``KERNEL_FLAGS`` this CPU has (from /proc/cpuinfo; [] where it cannot be read)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in KERNEL_FLAGS if f in have]
-    except OSError:
-        pass
-    return []
-
-
 def gpu_info() -> dict:
-    import torch
-
     if not torch.cuda.is_available():
         return {}
     info = {"gpu": torch.cuda.get_device_name(0), "gpu_count": torch.cuda.device_count(),
             "cuda": torch.version.cuda}
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        info["driver"] = pynvml.nvmlSystemGetDriverVersion()
-        h = pynvml.nvmlDeviceGetHandleByIndex(0)
-        info["gpu_memory_mib"] = pynvml.nvmlDeviceGetMemoryInfo(h).total // (1024 * 1024)
-        pynvml.nvmlShutdown()
+        nvml = pynvml.load()
+        nvml.nvmlInit()
+        info["driver"] = nvml.nvmlSystemGetDriverVersion()
+        h = nvml.nvmlDeviceGetHandleByIndex(0)
+        info["gpu_memory_mib"] = nvml.nvmlDeviceGetMemoryInfo(h).total // (1024 * 1024)
+        nvml.nvmlShutdown()
     except Exception as e:  # NVML missing or unusable: the record says so instead of failing
         info["nvml_error"] = str(e).splitlines()[0][:200]
     return info
 
 
 def environment() -> dict:
-    import torch
-
     env = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
            "cpu_flags": cpu_flags(),
            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -76,43 +39,3 @@ def environment() -> dict:
     env["versions"] = {p: package_version(p) for p in PACKAGES if package_version(p)}
     env.update(gpu_info())
     return env
-
-
-# Where zobench's own code lives: the checkout whose state a record names (never the folder of a suite or
-# data file: a repository there is someone else's, and its configuration can run commands).
-SOURCE = Path(__file__).resolve().parents[2]
-# What does not count as "the code changed" (issue: records were "dirty" only because the results file
-# being appended was tracked): measurements and their renderings.
-NOT_CODE = ("results", "reports")
-# Settings that make git run a configured command; they are switched off for every call (the checkout is
-# zobench's own, but its .git/config is not something a record should ever execute).
-SAFE_GIT = ("-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null", "-c", "core.untrackedCache=false",
-            "-c", "diff.external=", "--no-optional-locks")
-
-
-def git_state(source: str | Path | None = None) -> dict:
-    """Commit of zobench's own checkout and whether its code differs from that commit (``dirty``; changes
-    under results/ and reports/ do not count), or {} when zobench does not run from a git checkout."""
-    root = Path(source) if source is not None else SOURCE
-    if not (root / ".git").exists():  # an installed package, or a plain copy of the source
-        return {}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    env.update(GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0")
-
-    def git(*args):
-        return subprocess.run(["git", *SAFE_GIT, *args], cwd=root, capture_output=True, text=True, timeout=10,
-                              env=env, stdin=subprocess.DEVNULL)
-
-    try:
-        head = git("rev-parse", "HEAD")
-        if head.returncode != 0:
-            return {}
-        # status compares contents where the stat data differ (it refreshes in memory, and writes nothing
-        # with --no-optional-locks); staged and unstaged changes both count
-        changed = git("status", "--porcelain", "--untracked-files=no", "--ignore-submodules", "--", ".",
-                      *(f":(exclude){d}" for d in NOT_CODE))
-        if changed.returncode != 0:
-            return {"commit": head.stdout.strip()}
-        return {"commit": head.stdout.strip(), "dirty": changed.stdout.strip() != ""}
-    except (OSError, subprocess.SubprocessError):
-        return {}

@@ -16,6 +16,9 @@ import threading
 from pathlib import Path
 
 import psutil
+import torch
+
+from zobench.measure.device import DeviceMemory
 
 MIB = 1024 * 1024
 _PROC = Path("/proc/self")
@@ -76,10 +79,6 @@ class PeakMemory:
             self._sampler.start()
         self._start_rss = current_rss_mib()
         if self.device.startswith("cuda"):
-            import torch
-
-            from zobench.measure.device import DeviceMemory
-
             # Each phase starts from what is live: memory the caching allocator kept from an earlier phase
             # (the float16 weights and gradients of a sensitive mask, say) goes back to the driver, so the
             # driver's figure is what a card running this phase alone would hold.
@@ -94,8 +93,6 @@ class PeakMemory:
         peak = _read_hwm_mib() if self._hwm else self._sampler.stop()
         self.result = {"peak_rss_mib": peak, "start_rss_mib": self._start_rss, "end_rss_mib": current_rss_mib()}
         if self.device.startswith("cuda"):
-            import torch
-
             torch.cuda.synchronize()
             self.result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / MIB
             self.result["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved() / MIB

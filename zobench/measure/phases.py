@@ -1,5 +1,6 @@
-"""``with phases("train"): ...`` records the block's wall time, peak memory (reset at its start) and how busy
-the machine was with other work meanwhile."""
+"""``with phase(device) as numbers: ...`` measures the block: its wall time, its peak memory (reset at its
+start) and how busy the machine was with other work meanwhile. Numbers only: the cell turns them into its
+record (``cell.timing.Phases``)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,12 @@ from zobench.measure.load import OtherLoad
 from zobench.measure.memory import PeakMemory
 
 
-class Phases:
-    def __init__(self, device: str, into: dict):
-        self.device, self.data = device, into
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        from zobench.cell.record import PhaseMeasure
-
-        with OtherLoad() as load, PeakMemory(self.device) as mem:
-            yield
-        # One clock for the phase's wall time and for the other-load figure's minimum block length.
-        self.data[name] = PhaseMeasure(wall_s=load.wall_s, other_cpus=load.other_cpus, **mem.result)
+@contextlib.contextmanager
+def phase(device: str):
+    """Yields a dict that holds, once the block is over, ``wall_s``, ``other_cpus`` and the ``*_mib`` peaks of
+    ``measure.memory.PeakMemory``."""
+    numbers: dict = {}
+    with OtherLoad() as load, PeakMemory(device) as mem:
+        yield numbers
+    # One clock for the phase's wall time and for the other-load figure's minimum block length.
+    numbers.update(wall_s=load.wall_s, other_cpus=load.other_cpus, **mem.result)

@@ -1,20 +1,19 @@
-"""The shape every fine-tuning method has, and the registry that holds them.
+"""The shape every fine-tuning method's implementation has, and the registry that holds them.
 
-A method is one class in one file under ``zobench/methods/``, registered by ``@register`` at its
-definition (PEFT's ``register_peft_method``, lm-evaluation-harness's ``register_model``): the decorator
-checks the interface and refuses a second method of the same name. Everything outside this package
-asks the method instead of testing its name:
+A method is declared in ``zobench.spec.catalog`` (its family, whether it needs a mask, whether it runs
+beside quantized weights, its settings: pure data the spec and the readers need) and implemented by one
+class in one file under ``zobench/methods/``, registered by ``@register`` at its definition (PEFT's
+``register_peft_method``, lm-evaluation-harness's ``register_model``). The decorator refuses a name the
+catalog does not declare, a second method of the same name, and a class that lacks a hook its declaration
+asks for. Everything outside this package asks the method instead of testing its name:
 
-    family        "zo" (forward-only training), "fo" (a backward pass), or "reference" (nothing trained)
-    needs_mask    builds a static mask of the entries it trains (``build_mask``): a sparse method
-    quantized     can train beside quantized weights (its trained values live outside them)
-    settings      config keys that change what this method runs (density, ...): a cell's identity keeps
-                  them only for the methods that use them, so a density axis does not duplicate full ZO
+    info          its declaration (``spec.catalog.MethodInfo``)
+    build_mask    ``(mask, info)``: the static mask of the entries it trains (``needs_mask`` methods)
     build_stepper the object whose ``step(batch, i)`` runs one training step
     price         what it keeps besides the weights, for the memory estimator
 
-Method modules import torch only inside their functions: validating a suite reads the registry without
-loading the engine.
+Method modules import the engine (``zobench.zo``, torch) at their top: nothing that validates a suite or
+reads records imports them, since what those need is the declaration.
 """
 
 from __future__ import annotations
@@ -23,9 +22,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from zobench.registry import Registry
-
-FAMILIES = ("zo", "fo", "reference")
-MASK_SETTINGS = ("density", "per_tensor", "calib_path", "calib_sequences", "calib_length")
+from zobench.spec import catalog
+from zobench.spec.catalog import MethodInfo
 
 METHODS = Registry("method")
 
@@ -58,17 +56,14 @@ class Price:
 
 
 class Method:
-    """Base class: subclasses set the class attributes and implement ``build_stepper`` and ``price``."""
+    """Base class: subclasses set ``name`` (declared in ``spec.catalog``) and implement ``build_stepper`` and
+    ``price`` (and ``build_mask`` where the declaration says ``needs_mask``)."""
 
     name: ClassVar[str] = ""
-    family: ClassVar[str] = "zo"
-    needs_mask: ClassVar[bool] = False
-    quantized: ClassVar[bool] = False
-    default_scope: ClassVar[str] = "linear"
-    settings: ClassVar[tuple[str, ...]] = ()
-    summary: ClassVar[str] = ""      # one line for tables and --help
-    order: ClassVar[int] = 100       # where reports list it (reference first, first-order baselines last)
-    color: ClassVar[str | None] = None  # its colour in plots (None: one derived from the name)
+
+    @property
+    def info(self) -> MethodInfo:
+        return catalog.METHODS.get(self.name)
 
     def build_mask(self, run):
         """``(mask, info)`` for ``needs_mask`` methods (``run`` is the cell's ``cell.pipeline.Run``)."""
@@ -83,12 +78,15 @@ class Method:
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: check the interface, then register under ``cls.name`` (a duplicate is refused)."""
+    """Class decorator: check the name and the interface, then register under ``cls.name`` (a duplicate is
+    refused)."""
     if not isinstance(cls, type) or not issubclass(cls, Method):
         raise TypeError(f"{cls!r}: a method must subclass zobench.methods.base.Method")
-    if not cls.name or cls.family not in FAMILIES:
-        raise TypeError(f"{cls.__name__}: set name and family (one of {', '.join(FAMILIES)})")
-    for hook in ("build_stepper", "price") + (("build_mask",) if cls.needs_mask else ()):
+    if cls.name not in catalog.METHODS:
+        raise TypeError(f"{cls.__name__}: method '{cls.name}' is not declared in zobench/spec/catalog.py "
+                        f"(METHOD_INFO)")
+    info = catalog.METHODS.get(cls.name)
+    for hook in ("build_stepper", "price") + (("build_mask",) if info.needs_mask else ()):
         if getattr(cls, hook) is getattr(Method, hook):
             raise TypeError(f"method '{cls.name}' ({cls.__name__}) does not implement {hook}()")
     if cls.name in METHODS:
@@ -100,8 +98,3 @@ def register(cls: type[Method]) -> type[Method]:
 def get_method(name: str) -> Method:
     """The method registered as ``name`` (did-you-mean on a typo)."""
     return METHODS.get(name)()
-
-
-def method_settings() -> set[str]:
-    """Every method-specific config key: a cell's identity drops those its own method does not use."""
-    return {key for name in METHODS.names() for key in METHODS.get(name).settings}

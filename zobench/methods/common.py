@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from zobench.methods.base import Price, PriceInputs
-
-# Mirrors of the engine's sizes (zobench.zo.sizes), priced here without importing the engine.
+from zobench.zo.optim import make_optimizer
 from zobench.zo.sizes import CHUNK, OPT_STATE_VALUES, RADEMACHER_EXTRA_BYTES
+from zobench.zo.trainer import ZOTrainer
 
 
 def zo_stepper(run, trainable):
     """MeZO's ZO-SGD (or momentum / Adam) on ``trainable``: ``(stepper, trainable)``."""
-    from zobench.zo.optim import make_optimizer
-    from zobench.zo.trainer import ZOTrainer
-
     cfg = run.cfg
     opt = make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.schedule, cfg.steps, cfg.momentum)
     return ZOTrainer(run.model, trainable, opt, run.loss_fn, cfg.eps, cfg.q, cfg.seed), trainable

@@ -4,19 +4,18 @@ saves for the backward pass."""
 
 from __future__ import annotations
 
+from zobench.gates import peft
 from zobench.methods.base import Method, Price, PriceInputs, register
+from zobench.models.lora import dispatchable
+from zobench.zo.fo import FOTrainer
 
 LORA_R, LORA_ALPHA, LORA_TARGETS = 8, 16, ("q_proj", "v_proj")
 
 
 class FirstOrder(Method):
-    family = "fo"
-    default_scope = "all"
     optimizer = "sgd"
 
     def trainer(self, run, model):
-        from zobench.zo.fo import FOTrainer
-
         return FOTrainer(model, run.loss_fn, self.optimizer, run.cfg.lr, run.cfg.weight_decay)
 
     def build_stepper(self, run):
@@ -55,34 +54,22 @@ def saved_activations(inputs: PriceInputs, frozen_linears: bool) -> float:
 class FOSGD(FirstOrder):
     name = "fo-sgd"
     optimizer = "sgd"
-    summary = "first-order SGD on every weight (backward pass)"
-    order = 60
-    color = "#8c564b"
 
 
 @register
 class FOAdam(FirstOrder):
     name = "fo-adam"
     optimizer = "adamw"
-    summary = "first-order AdamW on every weight (backward pass)"
-    order = 70
-    color = "#e377c2"
 
 
 @register
 class LoRA(FirstOrder):
-    name = "lora"
+    name = "lora"  # its summary in spec.catalog names LORA_R and LORA_TARGETS
     optimizer = "adamw"
-    summary = f"LoRA r={LORA_R} on {'/'.join(LORA_TARGETS)} with AdamW (peft; backward pass)"
-    order = 80
-    color = "#17becf"
 
     def build_stepper(self, run):
-        from peft import LoraConfig, get_peft_model
-
-        from zobench.models.lora import dispatchable
-
-        model = get_peft_model(run.model, dispatchable(LoraConfig(
+        lib = peft.load()
+        model = lib.get_peft_model(run.model, dispatchable(lib.LoraConfig(
             r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=list(LORA_TARGETS), lora_dropout=0.0)))
         return self.trainer(run, model), None
 

@@ -5,20 +5,14 @@ from __future__ import annotations
 
 from zobench.methods.base import Method, register
 from zobench.methods.common import dense_price, zo_stepper
+from zobench.zo.trainable import DenseTrainable
 
 
 @register
 class Full(Method):
     name = "full"
-    family = "zo"
-    default_scope = "all"
-    summary = "every weight (MeZO)"
-    order = 10
-    color = "#1f77b4"
 
     def build_stepper(self, run):
-        from zobench.zo.trainable import DenseTrainable
-
         cfg = run.cfg
         return zo_stepper(run, DenseTrainable(run.params, cfg.direction, master=cfg.master_fp32,
                                               generator=cfg.generator))

@@ -18,6 +18,7 @@ import re
 
 from zobench.methods.base import Method, register
 from zobench.methods.common import dense_price, zo_stepper
+from zobench.zo.trainable import DenseTrainable
 
 BLOCK = re.compile(r"^(.*?\.(?:layers|h|blocks|layer)\.\d+)\.")
 
@@ -103,16 +104,8 @@ class LayerSubset:
 @register
 class LeZO(Method):
     name = "lezo"
-    family = "zo"
-    default_scope = "all"
-    settings = ("layer_fraction",)
-    summary = "every weight, a random layer_fraction of the blocks per step (LeZO)"
-    order = 15
-    color = "#bcbd22"
 
     def build_stepper(self, run):
-        from zobench.zo.trainable import DenseTrainable
-
         cfg = run.cfg
         groups = units(run.params)
         parts = [DenseTrainable(g, cfg.direction, master=cfg.master_fp32, tag=f"unit{u}",

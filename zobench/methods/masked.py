@@ -14,23 +14,25 @@ quantized layers (``quant.sparse``). Masks are cached on disk (``zo.mask_build``
 
 from __future__ import annotations
 
-from zobench.methods.base import MASK_SETTINGS, Method, Price, PriceInputs, register
+from dataclasses import replace
+
+from zobench.data.calibration import corpus_batches, find_corpus
+from zobench.methods.base import Method, Price, PriceInputs, register
 from zobench.methods.common import z_extra, zo_stepper
+from zobench.quant import get_backend
+from zobench.zo import masks as M
+from zobench.zo.mask_build import MaskSpec, cached_mask, lm_loss
 from zobench.zo.sizes import OPT_STATE_VALUES
+from zobench.zo.trainable import SparseTrainable
 
 
 class MaskMethod(Method):
-    """Shared by the mask methods; each subclass says how it picks its entries (``select``)."""
+    """Shared by the mask methods (declared with ``needs_mask`` in ``spec.catalog``); each subclass says how
+    it picks its entries (``select``)."""
 
-    family = "zo"
-    needs_mask = True
-    quantized = True
-    settings = MASK_SETTINGS
     seeded = False  # the mask depends on the run's seed (random masks)
 
     def mask_spec(self, run):
-        from zobench.zo.mask_build import MaskSpec
-
         cfg = run.cfg
         return MaskSpec(self.name, cfg.density, cfg.resolved_scope, cfg.per_tensor,
                         cfg.seed if self.seeded else None, cfg.calib_path, cfg.calib_sequences, cfg.calib_length,
@@ -45,13 +47,9 @@ class MaskMethod(Method):
         raise NotImplementedError
 
     def build_mask(self, run):
-        from zobench.zo.mask_build import cached_mask
-
         return cached_mask(self.mask_spec(run), run.params, lambda: self.select(run), run.cache_root)
 
     def build_stepper(self, run):
-        from zobench.zo.trainable import SparseTrainable
-
         direction, generator = run.cfg.direction, run.cfg.generator
         if run.vectors is not None:  # quantized: the sparse values beside the quantized layers
             return zo_stepper(run, SparseTrainable.of_vectors(run.vectors, direction, generator))
@@ -79,8 +77,6 @@ def sparse_price(inputs: PriceInputs) -> Price:
         # and their int32 flat indices; where S is not merged into the dequantized weight
         # (Backend.merges_on), also the CSR of S^T: int32 column indices, int32 positions of its nonzeros
         # in the values, and (in + 1) int32 row pointers.
-        from zobench.quant import get_backend
-
         merge = get_backend(cfg.quant).merges_on(inputs.device)
         layers = [(o, i) for o, i in arch.linears if cfg.density * o * i >= 1]
         trainable += nnz * (db + 4) + (0 if merge else nnz * 8 + sum(4 * (i + 1) for _, i in layers))
@@ -95,32 +91,20 @@ def sparse_price(inputs: PriceInputs) -> Price:
 @register
 class Random(MaskMethod):
     name = "random"
-    summary = "exactly density x N weights, uniform over the scope (seeded)"
-    order = 20
-    color = "#ff7f0e"
     seeded = True
 
     def select(self, run):
-        from zobench.zo.masks import random_mask
-
-        return random_mask(run.params, run.cfg.density, run.cfg.seed), {}
+        return M.random_mask(run.params, run.cfg.density, run.cfg.seed), {}
 
 
 @register
 class Sensitive(MaskMethod):
     name = "sensitive"
-    summary = "the largest squared gradients on a calibration corpus (C4)"
-    order = 30
-    color = "#2ca02c"
 
     def mask_spec(self, run):
-        from dataclasses import replace
-
         return replace(super().mask_spec(run), corpus_key=self._corpus(run).key)
 
     def _corpus(self, run):
-        from zobench.data.calibration import find_corpus
-
         return find_corpus(run.cfg.calib_path, run.cfg.data_dir)
 
     def select(self, run):
@@ -131,10 +115,6 @@ class Sensitive(MaskMethod):
 
 def sensitive_select(model, tokenizer, params, corpus, density, per_tensor, n_seq, seq_len, vocab):
     """SensZOQ's mask: top ``density`` of the summed squared gradients of the LM loss on ``corpus``."""
-    from zobench.data.calibration import corpus_batches
-    from zobench.zo import masks as M
-    from zobench.zo.mask_build import lm_loss
-
     batches = corpus_batches(corpus, tokenizer, n_seq, seq_len, vocab)
     scores = M.squared_gradients(model, params, batches, lm_loss)
     mask = M.topk_mask(scores.items(), density, per_tensor)
@@ -144,9 +124,6 @@ def sensitive_select(model, tokenizer, params, corpus, density, per_tensor, n_se
 def sensitive_mask(model, tokenizer, params, density, n_seq, seq_len, data_dir=None, cache_root=None,
                    vocab=None, calib_path=None):
     """The sensitive mask outside a suite cell (influence's ``sensitive`` scope), cached like the cell's."""
-    from zobench.data.calibration import find_corpus
-    from zobench.zo.mask_build import MaskSpec, cached_mask
-
     corpus = find_corpus(calib_path, data_dir)
     spec = MaskSpec("sensitive", density, "linear", False, None, calib_path, n_seq, seq_len, corpus_key=corpus.key)
     return cached_mask(spec, params, lambda: sensitive_select(model, tokenizer, params, corpus, density, False,
@@ -156,29 +133,19 @@ def sensitive_mask(model, tokenizer, params, density, n_seq, seq_len, data_dir=N
 @register
 class Magnitude(MaskMethod):
     name = "magnitude"
-    summary = "the largest |w| (baseline)"
-    order = 40
-    color = "#d62728"
 
     def select(self, run):
-        from zobench.zo.masks import magnitude_mask
-
-        return magnitude_mask(run.params, run.cfg.density, run.cfg.per_tensor), {}
+        return M.magnitude_mask(run.params, run.cfg.density, run.cfg.per_tensor), {}
 
 
 @register
 class TaskGrad(MaskMethod):
     name = "task_grad"
-    summary = "the largest squared task-loss gradients before training (baseline)"
-    order = 50
-    color = "#9467bd"
 
     def extra_key(self, run) -> dict:
         return {"task": run.cfg.task, "n_train": run.cfg.n_train}
 
     def select(self, run):
-        from zobench.zo import masks as M
-
         cfg = run.cfg
         stream = run.batches(seed=cfg.seed + 1)
         batches = [run.encode(next(stream)) for _ in range(max(1, cfg.calib_sequences // cfg.batch_size))]

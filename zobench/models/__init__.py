@@ -1,18 +1,6 @@
-"""Models: specs (``names``, pure data) and loading (``load``, imports torch and transformers).
+"""Models: loading (``load``: torch and transformers) and LoRA adapters (``lora``). Model specs as names,
+checked without torch, are the spec's (``zobench.spec.models``)."""
 
-The loading functions are imported on first use, so that validating a suite's model names imports no
-torch.
-"""
+from zobench.models.load import LoadedModel, builtin_tokenizer, load_model, resolve_dtype
 
-_LAZY = {"LoadedModel", "builtin_tokenizer", "load_model", "resolve_dtype"}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        from zobench.models import load
-
-        return getattr(load, name)
-    raise AttributeError(f"module 'zobench.models' has no attribute '{name}'")
-
-
-__all__ = sorted(_LAZY)
+__all__ = ["LoadedModel", "builtin_tokenizer", "load_model", "resolve_dtype"]

@@ -27,10 +27,8 @@ import torch
 
 from zobench.errors import UserError
 from zobench.files import cache_dir, read_json
-from zobench.models.imports import trim_transformers_imports
-from zobench.models.names import BUILTIN, random_config_path, shipped_configs
-
-trim_transformers_imports()
+from zobench.gates.transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from zobench.spec.models import BUILTIN, random_config_path, shipped_configs
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -86,8 +84,6 @@ def converted_gguf_dir(gguf: Path) -> Path:
     well under a second. The conversion goes to a temporary directory first and is renamed into place,
     so a killed conversion never leaves a half-written model behind.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target = cache_dir() / "models" / f"{gguf.stem}-{file_key(gguf)}"
     if (target / "config.json").exists():
         return target
@@ -135,15 +131,11 @@ def pending_conversion(spec: str) -> Path | None:
 def builtin_tokenizer():
     """The embedded model's tokenizer (random-weight models use it too). ``ZOBENCH_TOKENIZER`` names a
     directory with it saved (``scripts/gpu_bundle.sh`` makes one), for nodes without the GGUF package."""
-    from transformers import AutoTokenizer
-
     saved = os.environ.get("ZOBENCH_TOKENIZER")
     return AutoTokenizer.from_pretrained(saved or str(converted_gguf_dir(builtin_gguf())))
 
 
 def random_config(name: str, trust_remote_code: bool):
-    from transformers import AutoConfig
-
     path = random_config_path(name)
     if not path.exists():
         raise UserError(f"model 'random:{name}': no such config (shipped: {', '.join(shipped_configs())}, "
@@ -166,8 +158,6 @@ def random_config(name: str, trust_remote_code: bool):
 def load_model(spec: str, dtype: str = "float32", seed: int = 0, trust_remote_code: bool = False,
                device: str | torch.device = "cpu") -> LoadedModel:
     """Load the model named by ``spec`` in ``dtype`` on ``device`` (see the module docstring)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     torch_dtype = resolve_dtype(dtype)
     spec = str(spec)
     if spec.lower() in BUILTIN:

@@ -12,16 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from zobench.errors import UserError
+from zobench.gates import peft
 
 
 def dispatchable(config):
     """``config`` (a peft ``LoraConfig``), made to wrap plain Linear layers itself when peft's layer
     dispatch would raise."""
-    from peft.import_utils import is_gptqmodel_available
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
+    LoraLinear, is_gptqmodel_available = peft.lora_linear()
     try:
         is_gptqmodel_available()
     except ImportError:
@@ -35,15 +35,13 @@ def load_adapter(loaded, path: str | Path):
     An adapter is data (docs/security.md): its config is checked first (``cell.delta_check.check_adapter``:
     JSON, no module named to import, safetensors weights), and anything peft then rejects (a rank that is
     not a number, target modules the model lacks, a damaged weights file) is one line naming the folder."""
-    from peft import LoraConfig, PeftModel
-    from safetensors import SafetensorError
-
+    lib = peft.load()
     path = Path(path)
     if not (path / "adapter_config.json").is_file():
         raise UserError(f"{path}: no adapter_config.json (not a saved LoRA adapter)")
     try:
-        config = dispatchable(LoraConfig.from_pretrained(str(path)))
-        loaded.model = PeftModel.from_pretrained(loaded.model, str(path), config=config).eval()
+        config = dispatchable(lib.LoraConfig.from_pretrained(str(path)))
+        loaded.model = lib.PeftModel.from_pretrained(loaded.model, str(path), config=config).eval()
     except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, OSError, SafetensorError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"{path}: not a LoRA adapter this model can load ({type(e).__name__}: {first})") from None

@@ -7,6 +7,9 @@ bitsandbytes and GPTQ do by default. Replaced modules keep their names, so a mas
 
 ``Backend.storage`` describes the format in numbers (bits per weight, per-group statistics) so that the
 memory estimator can price a layer without loading any weights.
+
+Quantization knows nothing of the ZO engine: the cell gives ``quantize_model`` the names of the layers to
+quantize (its ``linear`` scope) and the mask as values.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from pathlib import Path
 import torch
 
 from zobench.errors import Unsupported
+from zobench.fingerprint import weights_fingerprint
+from zobench.gates.hide import allow
+from zobench.quant.sparse import attach_sparse, split_selected
 
 
 @dataclass
@@ -71,8 +77,6 @@ class Backend:
 
     def check_available(self, device: str = "cpu") -> None:
         """Raise ``Unsupported`` (one line, with the install command) when this backend cannot run here."""
-        from zobench.models.imports import allow
-
         for m in self.requires:
             allow(m)  # a cell process hides the optional packages its quant was not expected to need
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
@@ -118,25 +122,15 @@ def _parent(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
-def target_linears(model: torch.nn.Module) -> list[str]:
-    """Module names of the linear layers a backend quantizes: those inside the blocks (not the head)."""
-    from zobench.zo.masks import scoped_params
-
-    return [name.removesuffix(".weight") for name, _ in scoped_params(model, "linear")]
-
-
-def quantize_model(model: torch.nn.Module, backend: Backend, ctx: QuantContext,
+def quantize_model(model: torch.nn.Module, backend: Backend, ctx: QuantContext, names: list[str],
                    mask: dict[str, torch.Tensor] | None = None) -> list[tuple[str, torch.Tensor]]:
-    """Quantize the block linears of ``model`` in place with ``backend``.
+    """Quantize the linear layers ``names`` of ``model`` in place with ``backend``: the block linears, those
+    of the ``linear`` scope (the cell gives their module names: ``zo.masks.scoped_params``).
 
     With a ``mask`` (over those linears' weights), the masked entries are first taken out of the weights
     and kept beside the quantized layers as trainable values (``quant.sparse``). Returns the value
     vectors ``[(name, tensor)]`` that ZO may perturb (empty without a mask).
     """
-    from zobench.quant.sparse import attach_sparse, split_selected
-    from zobench.zo.mask_build import weights_fingerprint
-
-    names = target_linears(model)
     # A comprehension, not a loop: a loop variable would keep the last float layer (and through its
     # weight the checkpoint's whole memory map) alive while this frame is; with a GPTQ cache hit that
     # held the checkpoint's pages resident for the whole run (results/bench/measurements.md).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from zobench.gates import bnb
 from zobench.quant.base import Backend, QuantContext, Storage
 
 INSTALL = "pip install 'bitsandbytes==0.50.2' (a core dependency of zobench: `make venv` installs it)"
@@ -23,12 +24,11 @@ class _FourBit(Backend):
     storage = Storage(bits=4, group_size=64, group_bytes=1 + 4 / 256)
 
     def quantize_linear(self, linear: torch.nn.Linear, ctx: QuantContext) -> torch.nn.Module:
-        import bitsandbytes as bnb
-
-        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              compute_dtype=ctx.dtype, quant_type=self.quant_type, compress_statistics=True,
-                              device="meta")
-        q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False,
+        nn = bnb.load().nn
+        q = nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=ctx.dtype, quant_type=self.quant_type, compress_statistics=True,
+                          device="meta")
+        q.weight = nn.Params4bit(linear.weight.data, requires_grad=False,
                                      quant_type=self.quant_type, compress_statistics=True)
         if linear.bias is not None:
             q.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
@@ -37,8 +37,7 @@ class _FourBit(Backend):
     @staticmethod
     def dequantize(module: torch.nn.Module) -> torch.Tensor:
         """The layer's [out, in] weight in its compute dtype, as its batched forward builds it."""
-        import bitsandbytes.functional as bf
-
+        bf = bnb.functional()
         if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
             raise RuntimeError("bitsandbytes repacked this 4-bit weight for its AVX512-BF16 CPU kernel; "
                                "its dense-and-sparse layer must add S apart (Backend.merges_on)")
@@ -81,13 +80,12 @@ class Int8(Backend):
     storage = Storage(bits=8, row_bytes=4)  # int8 weights + one float32 absmax (SCB) per output row
 
     def quantize_linear(self, linear: torch.nn.Linear, ctx: QuantContext) -> torch.nn.Module:
-        import bitsandbytes as bnb
-
+        nn = bnb.load().nn
         # threshold=6.0 is LLM.int8's outlier decomposition: input columns with a value above it run
         # in 16-bit, the rest in int8.
-        q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                has_fp16_weights=False, threshold=6.0, device="meta")
-        q.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
+        q = nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                            has_fp16_weights=False, threshold=6.0, device="meta")
+        q.weight = nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
         if linear.bias is not None:
             q.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
         return q.to(ctx.device)

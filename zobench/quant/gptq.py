@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -27,9 +26,11 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from zobench.data.calibration import corpus_batches, find_corpus
 from zobench.errors import Unsupported, UserError
+from zobench.gates import gptqmodel
 from zobench.outdirs import build_lock
 from zobench.quant.base import Backend, QuantContext, Storage, _parent
 
@@ -44,27 +45,6 @@ CACHE_FORMAT = 1  # bump when the cached layout changes
 
 class _Stop(Exception):
     """Raised from a hook to end a forward pass once the wanted inputs are seen."""
-
-
-def _gptqmodel():
-    """Import the parts of gptqmodel used here, without the process-wide settings its import makes."""
-    # Its import sets PYTORCH_ALLOC_CONF (expandable CUDA segments) and CUDA_DEVICE_ORDER when unset;
-    # either would change the memory this benchmark measures, or which GPU is which.
-    saved = {k: os.environ.get(k) for k in ("PYTORCH_ALLOC_CONF", "CUDA_DEVICE_ORDER")}
-    # Its CPU worker pool defaults to (cores + 1) // 2, one worker on a 2-core machine, too few for its
-    # model-level quantizer there. The per-layer path below never starts the pool; this is for any
-    # other gptqmodel call in the process.
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
-    try:
-        from gptqmodel.nn_modules.qlinear.torch import TorchLinear
-        from gptqmodel.quantization.config import GPTQConfig
-        from gptqmodel.quantization.gptq import GPTQ as LayerGPTQ
-        from gptqmodel.utils.packing import hf_pack_layer
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-    return LayerGPTQ, GPTQConfig, TorchLinear, hf_pack_layer
 
 
 class GPTQ(Backend):
@@ -84,7 +64,7 @@ class GPTQ(Backend):
 
     def quantize(self, model: torch.nn.Module, names: list[str], ctx: QuantContext) -> None:
         start = time.perf_counter()
-        LayerGPTQ, GPTQConfig, TorchLinear, hf_pack_layer = _gptqmodel()
+        LayerGPTQ, GPTQConfig, TorchLinear, hf_pack_layer = gptqmodel.load()
         shapes = {n: model.get_submodule(n) for n in names}
         shapes = {n: (m.in_features, m.out_features, m.bias is not None) for n, m in shapes.items()}
         if ctx.tokenizer is None:
@@ -95,8 +75,6 @@ class GPTQ(Backend):
         with build_lock(target) if target is not None else contextlib.nullcontext():
             hit = target is not None and (target / "layers.safetensors").exists()
             if hit:
-                from safetensors.torch import load_file
-
                 state = load_file(str(target / "layers.safetensors"))
                 for name in names:
                     own = {k.rpartition(".")[2]: v for k, v in state.items() if k.rpartition(".")[0] == name}
@@ -262,8 +240,6 @@ def _stages(block, model, block_names, args, kwargs):
 
 def _save(target: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Write the cache entry to a temporary directory and rename it, so no reader sees half of it."""
-    from safetensors.torch import save_file
-
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from zobench.gates import hqq
 from zobench.quant.base import Backend, QuantContext, Storage
 
 INSTALL = "pip install 'zobench[hqq]' (or: pip install 'hqq==0.2.8.post1')"
@@ -26,8 +27,7 @@ class HQQ(Backend):
     storage = Storage(bits=BITS, group_size=GROUP_SIZE, group_bytes=4.0)
 
     def quantize_linear(self, linear: torch.nn.Linear, ctx: QuantContext) -> torch.nn.Module:
-        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
-
+        BaseQuantizeConfig, HQQLinear = hqq.quantizer()
         # axis=1 groups consecutive input features of a row, as GPTQ and bitsandbytes do.
         config = BaseQuantizeConfig(nbits=BITS, group_size=GROUP_SIZE, axis=1)
         q = HQQLinear(linear, config, compute_dtype=ctx.dtype, device=str(ctx.device), del_orig=True)

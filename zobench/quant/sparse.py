@@ -31,7 +31,8 @@ from typing import Callable
 
 import torch
 
-from zobench.zo.sizes import GATHER_LIMIT  # values in the gather path's [rows, nnz] temporary
+# Values per temporary of the gather path ([rows, nnz]), so its memory is bounded (the estimator prices it).
+GATHER_LIMIT = 1 << 22
 
 
 def _transposed_csr(flat: torch.Tensor, in_features: int, out_features: int):

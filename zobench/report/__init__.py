@@ -5,22 +5,23 @@
 writes ``reports/smoke.md`` and ``reports/smoke_plots/*.png`` (linked relatively, so the folder can be
 moved or committed as a whole). Nothing reads the clock or the environment: the date shown is the
 records' latest ``finished_at``, so the same records always give the same markdown. Ratios come from the
-derived view of the whole set (``zobench.analysis.derive``), whatever order the cells ran in.
+derived view of the whole set (``zobench.results.derive``), whatever order the cells ran in.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from zobench.analysis.derive import derive, latest_by_cell
 from zobench.analysis.verdicts import claims_of, verdicts
 from zobench.cell.record import CellRecord
 from zobench.errors import UserError
 from zobench.files import atomic_write
 from zobench.report.cells import sort_key, varying_axes
 from zobench.report.claims import claims_section
+from zobench.report.influence import render_influence_report
 from zobench.report.markdown import render_markdown
-from zobench.report.plots import write_plots
+from zobench.report.plots import plots_folder, write_plots
+from zobench.results import derive, is_influence, latest_by_cell, load_records, read_json_lines
 from zobench.spec.suite import load_suite
 
 MAX_PLOTTED_CELLS = 200  # the claims suite plots 57 cells; a line per cell beyond this says nothing
@@ -68,26 +69,13 @@ def declared_claims(records: list[CellRecord]):
     return next((c for r in reversed(records) if (c := claims_of(r))), [])
 
 
-def plots_folder(out_md: Path) -> Path:
-    """``<report>_plots/`` beside the report; refused when it is a link or not a directory (stale plots in
-    it are removed, and zobench never removes files through a link into someone else's folder)."""
-    folder = out_md.parent / f"{out_md.stem}_plots"
-    if folder.is_symlink():
-        raise UserError(f"{folder}: the plots folder is a symbolic link; zobench writes (and removes stale "
-                        f"plots) only in a folder of its own")
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder}: the plots folder exists and is not a directory")
-    return folder  # made when the first plot is written
-
-
 def render_results_file(results: Path, out_md: Path) -> Path:
     """The report of a results file: a suite's cells, or an influence suite's record."""
-    from zobench.results import is_influence, load_records, read_json_lines
-
     lines = read_json_lines(results)
     influence = [obj for _, obj in lines if is_influence(obj)]
     if influence:
-        from zobench.report.influence import render_influence_report
-
         return render_influence_report(influence[-1], out_md)
     return render_report(load_records(results), out_md, results_dir=Path(results).parent)
+
+
+__all__ = ["plots_folder", "render_report", "render_results_file", "views"]

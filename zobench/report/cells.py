@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from zobench.spec.catalog import METHODS, MethodInfo
+
 PHASES = ("load", "mask", "quantize", "eval_before", "warmup", "train", "eval_after")  # the order they run in
 KEY_AXES = ("method", "quant", "density")
 EXTRA_ORDER = ("model", "task", "dtype")
@@ -38,25 +40,21 @@ def quant(rec: dict) -> str:
     return str(setting(rec, "quant") or "none")
 
 
-def method_class(rec: dict):
-    """The registered method of a record, or None for a name this zobench does not know."""
-    from zobench.methods import METHODS
-
+def method_info(rec: dict) -> MethodInfo | None:
+    """What the record's method declares (``spec.catalog``), or None for a name this zobench does not know."""
     return METHODS.get(method(rec)) if method(rec) in METHODS else None
 
 
 def is_sparse(rec: dict) -> bool:
-    return bool(getattr(method_class(rec), "needs_mask", False))
+    return bool(getattr(method_info(rec), "needs_mask", False))
 
 
 def is_zo(rec: dict) -> bool:
-    return getattr(method_class(rec), "family", None) == "zo"
+    return getattr(method_info(rec), "family", None) == "zo"
 
 
 def method_order(name: str) -> tuple:
-    """Reports list the reference first, then ZO methods, then first-order baselines (``Method.order``)."""
-    from zobench.methods import METHODS
-
+    """Reports list the reference first, then ZO methods, then first-order baselines (``MethodInfo.order``)."""
     return (METHODS.get(name).order, name) if name in METHODS else (1000, name)
 
 
@@ -115,7 +113,7 @@ def sort_key(rec: dict) -> tuple:
 
 def axis_value(rec: dict, axis: str) -> str:
     """An axis's value as tables and legends show it: "-" for an lr (or eps) of a cell that trains nothing."""
-    if axis in TRAINING_ONLY and getattr(method_class(rec), "family", None) == "reference":
+    if axis in TRAINING_ONLY and getattr(method_info(rec), "family", None) == "reference":
         return "-"
     return str(setting(rec, axis))
 

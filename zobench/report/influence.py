@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import io
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from zobench.files import atomic_write
-from zobench.report import plots_folder
+from zobench.report.plots import plots_folder
 
 
 def _one_line(text: str, n: int = 100) -> str:
@@ -22,15 +25,12 @@ def _bytes(n: float) -> str:
 
 
 def write_plots(rec: dict, folder: Path) -> list[tuple[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    # matplotlib.figure.Figure directly, never pyplot: no backend is switched for the caller's process.
     folder.mkdir(parents=True, exist_ok=True)
 
     def k_axes(hline: float, hlabel: str | None):
-        fig, ax = plt.subplots(figsize=(6, 3.6))
+        fig = Figure(figsize=(6, 3.6))
+        ax = fig.add_subplot()
         ax.set_xscale("log", base=2)
         ax.axhline(hline, color="grey", lw=0.8, ls="--", label=hlabel)
         return fig, ax
@@ -42,7 +42,6 @@ def write_plots(rec: dict, folder: Path) -> list[tuple[str, str]]:
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
         atomic_write(folder / name, buf.getvalue(), "plot")
         return name
 
@@ -79,8 +78,6 @@ def upgrade(rec: dict) -> dict:
     """An influence record of schema 1 in schema 2's names (seconds fields end in _s; scope "all")."""
     if rec.get("schema", 1) >= 2:
         return rec
-    import copy
-
     rec = copy.deepcopy(rec)
     renames = {"seconds": None, "plain_seconds": "plain_s"}
     for part, new in ((rec.get("overhead", {}).get("fresh_cache"), "cache_s"), (rec.get("caching"), "cache_s"),

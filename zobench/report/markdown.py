@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from zobench.analysis.derive import TRAIN_PHASES
 from zobench.analysis.design import half_width_95
 from zobench.measure.load import LOADED_CPUS
 from zobench.report.cells import (
@@ -29,6 +28,7 @@ from zobench.report.cells import (
     setting,
     varying_axes,
 )
+from zobench.results import TRAIN_PHASES
 
 Column = tuple[str, Callable[[dict], str]]
 DASH = "-"
@@ -459,8 +459,6 @@ def pilot_progress(ok: list[dict], pilots: list[dict]) -> list[str]:
     """While the lr pilot runs (no cell has its lr yet): each finished pilot cell and its dev score."""
     if not pilots or any(get(r, "lr_choice") for r in ok):
         return []
-    from zobench.report.cells import varying_axes
-
     cols: list[Column] = [("lr", lambda r: f"{setting(r, 'lr'):g}"),
                           ("dev % after the pilot", lambda r: pct_points(get(r, "metrics.best_dev.accuracy"))
                            if r.get("status") == "ok" else str(r.get("status"))),

@@ -8,10 +8,16 @@ registry. PNG metadata carries no software version, so the same records give the
 from __future__ import annotations
 
 import io
+import zlib
 from pathlib import Path
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
+from zobench.errors import UserError
 from zobench.files import atomic_write
 from zobench.report.cells import (
     TRAINING_ONLY,
@@ -20,7 +26,7 @@ from zobench.report.cells import (
     get,
     meaningful,
     method,
-    method_class,
+    method_info,
     method_order,
     pct,
     primary_score,
@@ -37,12 +43,22 @@ MARKERS = ("o", "s", "^", "D", "v", "P")  # one per quant backend in the memory/
 OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}  # legends right of the axes, never on data
 
 
+def plots_folder(out_md: Path) -> Path:
+    """``<report>_plots/`` beside the report; refused when it is a link or not a directory (stale plots in
+    it are removed, and zobench never removes files through a link into someone else's folder)."""
+    folder = out_md.parent / f"{out_md.stem}_plots"
+    if folder.is_symlink():
+        raise UserError(f"{folder}: the plots folder is a symbolic link; zobench writes (and removes stale "
+                        f"plots) only in a folder of its own")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: the plots folder exists and is not a directory")
+    return folder  # made when the first plot is written
+
+
 def color(m: str) -> str:
     """A fixed colour per method (its ``Method.color``; the forward reference grey), the same in every plot
     and report; any number of methods gets one."""
-    import zlib
-
-    own = getattr(method_class({"labels": {"method": m}}), "color", None)
+    own = getattr(method_info({"labels": {"method": m}}), "color", None)
     return own or PALETTE[zlib.crc32(m.encode()) % len(PALETTE)]
 
 
@@ -58,8 +74,6 @@ def _figure(width: float, height: float, title: str, xlabel: str, ylabel: str):
 
 
 def _legend(ax, colors: dict[str, str]) -> None:
-    from matplotlib.patches import Patch
-
     ax.legend(handles=[Patch(color=c, label=name) for name, c in colors.items()], fontsize="small", **OUTSIDE)
 
 
@@ -129,8 +143,6 @@ def _curves(cells: list[dict], extras: list[str], title: str, ylabel: str, point
     series = [(r, p) for r in cells if (p := points(r))]
     if not series:
         return None
-    from matplotlib.ticker import MaxNLocator
-
     fig, ax = _figure(8.5, 4.5, title, "step", ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for r, (xs, ys) in series:
@@ -198,8 +210,6 @@ def _label_points(fig, ax, points: list[tuple[float, float, str]]) -> None:
     Cells often land on the same memory and accuracy (two methods at one density and quant), and labels
     drawn at a fixed offset then print over each other.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     renderer = FigureCanvasAgg(fig).get_renderer()
     fig.draw(renderer)  # fixes the layout and the axes limits, so text extents are final
     placed = []
@@ -235,9 +245,6 @@ def memory_vs_accuracy(ok: list[dict], extras: list[str]):
     ax.margins(0.15)
     # One legend (methods by colour, then quant backends by marker): a second legend added beside the
     # first is left out of the figure's extent and gets cut off.
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
     methods = sorted({method(r) for r in cells}, key=method_order)
     handles = [Patch(color=color(m), label=m) for m in methods]
     if len(quants) > 1:

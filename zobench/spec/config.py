@@ -2,7 +2,8 @@
 
 Every key has a type and a default; ``CellConfig.from_dict`` rejects unknown keys (with a did-you-mean),
 wrong types and bad values with one line naming the key and where it came from. Names (methods, quant
-backends, tasks, models) are checked against their registries, which import no torch.
+backends, tasks, models) are checked against what the ground declares of them (``spec.catalog``,
+``spec.models``), so validating a config imports no torch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from zobench.errors import UserError, shown
-from zobench.models.names import check_model_spec
+from zobench.spec import catalog
+from zobench.spec.catalog import MethodInfo
+from zobench.spec.models import check_model_spec
 
 DTYPES = ("float32", "bfloat16", "float16")
 DIRECTIONS = ("rademacher", "gaussian")
@@ -100,11 +103,8 @@ class CellConfig:
     predictions: str | None = None     # where per-example predictions go (zobench.cell.predictions), likewise
 
     def __post_init__(self):
-        if self.max_length is None:
-            from zobench.tasks import TASKS
-
-            if self.task in TASKS:  # an unknown task is reported by validate()
-                self.max_length = TASKS.get(self.task).max_length
+        if self.max_length is None and self.task in catalog.TASKS:  # an unknown task is reported by validate()
+            self.max_length = catalog.TASKS.get(self.task).max_length
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -144,11 +144,7 @@ class CellConfig:
         raise UserError(f"{where}: key '{key}' = {getattr(self, key)!r}: expected {expected}")
 
     def _check_names(self, where: str) -> None:
-        from zobench.methods import METHODS
-        from zobench.quant import BACKENDS
-        from zobench.tasks import TASKS
-
-        for key, registry in (("method", METHODS), ("quant", BACKENDS), ("task", TASKS)):
+        for key, registry in (("method", catalog.METHODS), ("quant", catalog.QUANTS), ("task", catalog.TASKS)):
             try:
                 registry.check(getattr(self, key))  # the known names and a did-you-mean on a typo
             except UserError as e:
@@ -184,21 +180,19 @@ class CellConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 self._bad(where, key, "one of " + ", ".join(str(a) for a in allowed if a is not None))
-        if self.quant != "none" and self.method_class.needs_mask and self.resolved_scope != "linear":
+        if self.quant != "none" and self.method_info.needs_mask and self.resolved_scope != "linear":
             self._bad(where, "scope", "'linear' with a quant backend (the sparse values live beside the "
                                       "quantized linears)")
 
     # -- derived -----------------------------------------------------------------------------------
     @property
-    def method_class(self):
-        """The registered method (``zobench.methods``): what it trains, how, at what price."""
-        from zobench.methods import METHODS
-
-        return METHODS.get(self.method)
+    def method_info(self) -> MethodInfo:
+        """What the method declares (``spec.catalog``): its family, whether it needs a mask, its settings."""
+        return catalog.METHODS.get(self.method)
 
     @property
     def resolved_scope(self) -> str:
-        return self.scope or self.method_class.default_scope
+        return self.scope or self.method_info.default_scope
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

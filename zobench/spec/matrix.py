@@ -3,7 +3,7 @@
 For every (model, dtype, quant, task, ...) in the suite a ``forward`` reference cell is added: inference
 only on the same batches, the physical floor ZO is measured against. Cells are listed references first,
 then in matrix order: a run that stops early has its references. Ratios against the
-references are derived when records are read (``zobench.analysis.derive``), so nothing depends on the
+references are derived when records are read (``zobench.results.derive``), so nothing depends on the
 order in which cells actually run or finish.
 """
 
@@ -16,8 +16,9 @@ import math
 from dataclasses import dataclass
 
 from zobench.errors import UserError
+from zobench.spec.catalog import method_settings
 from zobench.spec.config import CellConfig
-from zobench.spec.selectors import selector_matches
+from zobench.spec.selectors import parse_selector, selector_matches
 
 REFERENCE = "forward"
 MAX_CELLS = 10_000  # far beyond a real suite (the claims suite has 57 cells); a hostile matrix is refused
@@ -43,8 +44,6 @@ class Cell:
 def identity(cfg: CellConfig) -> dict:
     """What a cell measures: its config without the limits and the settings of other methods (so that a
     density axis does not duplicate full-ZO or forward cells)."""
-    from zobench.methods import method_settings
-
     d = cfg.to_dict()
     d.pop("timeout_s")  # a limit, not part of what the cell measures
     d.pop("save")       # where the result is kept, not what is measured
@@ -54,7 +53,7 @@ def identity(cfg: CellConfig) -> dict:
     for key, before in SINCE_IDS_ARE_KEPT.items():  # a setting added later counts only when it changes the cell
         if d.get(key) == before:
             d.pop(key)
-    for key in method_settings() - set(cfg.method_class.settings):
+    for key in method_settings() - set(cfg.method_info.settings):
         d.pop(key, None)
     return d
 
@@ -72,9 +71,7 @@ def _make(suite, values: dict, where: str) -> CellConfig:
 
 
 def _labels(cfg: CellConfig, axes: list[str]) -> dict:
-    from zobench.methods import method_settings
-
-    foreign = method_settings() - set(cfg.method_class.settings)
+    foreign = method_settings() - set(cfg.method_info.settings)
     labels = {a: getattr(cfg, a) for a in axes if a not in foreign}
     labels.setdefault("method", cfg.method)
     return labels
@@ -106,12 +103,23 @@ def expand(suite) -> list[Cell]:
             cid = cell_id(cfg)
             cells.setdefault(cid, Cell(cid, cfg, labels))
     # References first (a run stopped early has them); the rest in matrix order.
-    return sorted(cells.values(), key=lambda c: c.config.method_class.family != "reference")
+    return sorted(cells.values(), key=lambda c: c.config.method_info.family != "reference")
 
 
 def select(cells: list[Cell], only) -> list[Cell]:
     """The cells an ``--only`` selector (already parsed) keeps."""
     return [c for c in cells if selector_matches(only, {**c.config.to_dict(), **c.labels})]
+
+
+def select_cells(suite, only: str | None = None) -> list[Cell]:
+    """The suite's cells, or those the ``--only`` selector text keeps (none kept is refused)."""
+    cells = expand(suite)
+    if not only:
+        return cells
+    chosen = select(cells, parse_selector(only, "--only"))
+    if not chosen:  # a typo in a value would otherwise run nothing and say "ok"
+        raise UserError(f"--only {only}: selects none of the suite's {len(cells)} cells")
+    return chosen
 
 
 def reference_key(cfg: dict) -> tuple:

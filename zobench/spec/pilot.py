@@ -20,7 +20,7 @@ STAGE = "pilot"
 
 def grid_for(cell: Cell, pilot) -> list[float] | None:
     """The learning rates ``cell`` is piloted on (the first grid whose selector matches), or None."""
-    if cell.config.method_class.family == "reference":
+    if cell.config.method_info.family == "reference":
         return None
     facts = {**cell.config.to_dict(), **cell.labels}
     return next((lrs for sel, lrs in pilot.grids if selector_matches(sel, facts)), None)

@@ -6,6 +6,7 @@ or the same as text (``method=random|sensitive,quant=nf4``).
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import yaml
@@ -15,8 +16,6 @@ from zobench.spec.config import CellConfig
 
 
 def unknown_key(where: str, key, known) -> UserError:
-    import difflib
-
     close = difflib.get_close_matches(key, list(known), n=1) if isinstance(key, str) else []
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return UserError(f"{where}: unknown key '{shown(key)}'{hint}")

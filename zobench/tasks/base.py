@@ -16,6 +16,7 @@ import numpy as np
 
 from zobench.errors import UserError
 from zobench.files import MAX_DATA_BYTES, MAX_TEXT_CHARS, parse_json, read_text, text_lines
+from zobench.gates import datasets as hub
 
 ROW = "_row"  # the key under which a raw row keeps its position in its split's file (``Example.id``)
 DEV_SEED = 1234  # which validation rows are dev with dev_from: validation (the same for every cell seed)
@@ -114,10 +115,7 @@ class Task:
     hf: tuple[str, str | None] | None = None  # Hugging Face dataset (path, config) used without data_dir
     train_as_classification = True
     train_optional = False                  # local data may lack a train split (carve it from validation)
-    # The default max_length (tokens): the next power of two above the longest example of the official
-    # train and validation splits with the embedded tokenizer, so a default run truncates nothing
-    # (MeZO's default is 2048 for every task).
-    max_length = 2048
+    # A task's default max_length is declared with its name (``spec.catalog.TASK_INFO``).
 
     # -- MeZO's template: prompt (Template.encode) and what verbalize appends to it -----------------
     def prompt(self, row: dict) -> str:
@@ -207,11 +205,10 @@ class Task:
         if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
             raise UserError(f"task '{self.name}' needs its data: pass --data-dir (a folder with "
                             f"{self.dirs[0]}/{self.files['train']}); HF_HUB_OFFLINE is set, so nothing is downloaded")
-        try:
-            import datasets
-        except ImportError:
+        datasets = hub.load()
+        if datasets is None:
             raise UserError(f"task '{self.name}' needs its data: pass --data-dir (a folder with "
-                            f"{self.dirs[0]}/...) or pip install datasets to download it") from None
+                            f"{self.dirs[0]}/...) or pip install datasets to download it")
         path, config = self.hf
         try:
             ds = datasets.load_dataset(path, config, split=split)

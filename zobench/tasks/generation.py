@@ -18,7 +18,6 @@ from zobench.tasks.base import Task, describe, load_json
 
 class SQuAD(Task):
     name = "squad"
-    max_length = 1024
     kind = "generation"
     dirs = ("squad", "SQuAD")
     files = {"train": "train-v1.1*.json", "validation": "dev-v1.1*.json"}
@@ -55,7 +54,6 @@ class SQuAD(Task):
 
 class DROP(Task):
     name = "drop"
-    max_length = 2048
     kind = "generation"
     dirs = ("drop", "DROP")
     files = {"train": "drop_dataset_train*.json", "validation": "validation*.json|drop_dataset_dev*.json"}

@@ -24,7 +24,6 @@ def _yes_no(row: dict) -> int:
 
 class SST2(Task):
     name = "sst2"
-    max_length = 128
     dirs = ("SST-2", "sst2", "SST2")
     files = {"train": "train.tsv", "validation": "dev.tsv"}
     layout = "the GLUE SST-2 TSV: header sentence<TAB>label, label 0 (negative) or 1 (positive)"
@@ -65,7 +64,6 @@ class SST2(Task):
 
 class RTE(Task):
     name = "rte"
-    max_length = 512
     dirs = ("RTE", "rte")
     files = SUPERGLUE_FILES
     layout = "SuperGLUE RTE jsonl: premise, hypothesis, label (entailment or not_entailment)"
@@ -83,7 +81,6 @@ class RTE(Task):
 
 class CB(Task):
     name = "cb"
-    max_length = 512
     dirs = ("CB", "cb")
     files = SUPERGLUE_FILES
     layout = "SuperGLUE CB jsonl: premise, hypothesis, label (entailment, contradiction or neutral)"
@@ -101,7 +98,6 @@ class CB(Task):
 
 class BoolQ(Task):
     name = "boolq"
-    max_length = 2048
     dirs = ("BoolQ", "boolq")
     files = SUPERGLUE_FILES
     layout = "SuperGLUE BoolQ jsonl: question, passage, label (true or false)"
@@ -125,7 +121,6 @@ class BoolQ(Task):
 
 class WSC(Task):
     name = "wsc"
-    max_length = 256
     dirs = ("WSC", "wsc")
     files = SUPERGLUE_FILES
     layout = "SuperGLUE WSC jsonl: text, target {span1_text, span2_text, ...}, label (true or false)"
@@ -144,7 +139,6 @@ class WSC(Task):
 
 class WiC(Task):
     name = "wic"
-    max_length = 128
     dirs = ("WiC", "wic", "WIC")
     files = SUPERGLUE_FILES
     layout = "SuperGLUE WiC jsonl: word, sentence1, sentence2, label (true or false)"
@@ -162,7 +156,6 @@ class WiC(Task):
 
 class MultiRC(Task):
     name = "multirc"
-    max_length = 2048
     dirs = ("MultiRC", "multirc")
     files = SUPERGLUE_FILES
     layout = ("SuperGLUE MultiRC jsonl: passage {text, questions [{question, answers [{text, label}]}]}, "
@@ -195,7 +188,6 @@ class MultiRC(Task):
 
 class COPA(Task):
     name = "copa"
-    max_length = 64
     dirs = ("COPA", "copa")
     files = SUPERGLUE_FILES
     layout = "SuperGLUE COPA jsonl: premise, choice1, choice2, question (cause or effect), label (0 or 1)"

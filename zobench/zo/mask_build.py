@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import safe_open, save_file
 
+from zobench.fingerprint import weights_fingerprint
 from zobench.outdirs import build_lock
 from zobench.zo import masks as M
 
@@ -37,14 +39,6 @@ class MaskSpec:
     calib_length: int = 256
     extra_key: dict = field(default_factory=dict)  # e.g. the task sample for task_grad
     corpus_key: str | None = None      # the calibration corpus's contents, for masks computed on one
-
-
-def weights_fingerprint(params) -> str:
-    h = hashlib.sha256()
-    for name, p in params:
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        h.update(p.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -64,8 +58,6 @@ class MaskCache:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def load(self, key: str):
-        from safetensors.torch import safe_open
-
         path = self.root / f"{key}.safetensors"
         if not path.exists():
             return None
@@ -75,8 +67,6 @@ class MaskCache:
         return mask, info
 
     def save(self, key: str, mask: dict[str, torch.Tensor], info: dict) -> Path:
-        from safetensors.torch import save_file
-
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"{key}.safetensors"
         fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")

@@ -54,6 +54,12 @@ def scoped_params(model: torch.nn.Module, scope: str = "linear") -> list[tuple[s
     return out
 
 
+def linear_layers(model: torch.nn.Module) -> list[str]:
+    """Module names of the ``linear`` scope's weights: the linear layers inside the blocks (not the head), what
+    a quant backend quantizes (``quant.quantize_model`` takes them as values)."""
+    return [name.removesuffix(".weight") for name, _ in scoped_params(model, "linear")]
+
+
 def _split_flat(flat: torch.Tensor, params: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
     """Split sorted global indices over the concatenated scope into per-tensor local indices."""
     sizes = torch.tensor([p.numel() for _, p in params])

@@ -2,7 +2,6 @@
 without importing torch."""
 
 CHUNK = 1 << 22          # values per z draw in dense passes (16 MiB of float32): DenseTrainable
-GATHER_LIMIT = 1 << 22   # values per temporary of the dense-and-sparse layer's gather path
 # Bytes per value beside z when drawing Rademacher signs: the uint8 -> int64 table index (1 byte per
 # value: one int64 per 8 values) and the random 64-bit words (1/8 byte per value). zo.directions.draw
 RADEMACHER_EXTRA_BYTES = 1 + 1 / 8

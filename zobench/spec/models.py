@@ -1,4 +1,5 @@
-"""Model specs as names, checked without loading anything (no torch, no transformers).
+"""Model specs as names, checked without loading anything (no torch, no transformers): pure data, so the spec
+checks a suite's models without the layers that load them.
 
 A spec is one of (see ``zobench.models.load``): the embedded default ``smollm2``; ``random:<config>``
 (a shipped architecture config or a path to a ``config.json``); a ``.gguf`` file; a local model
@@ -16,7 +17,8 @@ from pathlib import Path
 from zobench.errors import UserError
 
 BUILTIN = {"smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-CONFIG_DIR = Path(__file__).with_name("configs")
+# The shipped architecture configs: package data beside the loader (zobench/models/configs), read here as files.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "models" / "configs"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -11,8 +11,9 @@ Two strengths:
 
 - ``trim_transformers_imports()``: for any process that loads a model through zobench (a library user's
   too). Only transformers' own check is answered "no"; ``import hqq`` still works.
-- ``hide_unused(quant)``: for a cell's own fresh process, which zobench owns. Packages the cell will not
-  use are hidden from the import system (``sys.modules[name] = None``: ``import`` raises
+- ``hide_unused(needed, optional)``: for a cell's own fresh process, which zobench owns. The optional
+  packages the cell will not use (the quant backends' ``requires``, given as values by the cell's process:
+  ``quant.hide_others``) are hidden from the import system (``sys.modules[name] = None``: ``import`` raises
   ``ModuleNotFoundError`` and ``importlib.util.find_spec`` answers None), so no library finds them,
   peft included. A quantization backend that needs one calls ``allow`` first (``Backend.check_available``
   does), which takes the hiding back.
@@ -35,15 +36,10 @@ def trim_transformers_imports() -> None:
         hf_utils.is_hqq_available = lambda *args, **kwargs: False
 
 
-def hide_unused(quant: str) -> list[str]:
-    """In a cell's own process, before transformers or peft is imported: hide the quantization packages
-    (every backend's ``requires``) that a cell quantized with ``quant`` does not use. Returns the names
-    hidden."""
-    from zobench.quant import QUANT_NAMES, get_backend
-
-    needed = set(get_backend(quant).requires)
-    optional = {m for q in QUANT_NAMES for m in get_backend(q).requires}
-    hidden = sorted(m for m in optional - needed if m not in sys.modules)
+def hide_unused(needed, optional) -> list[str]:
+    """In a cell's own process, before peft or transformers' modeling code is imported: hide the packages of
+    ``optional`` that are not ``needed`` (and not imported yet). Returns the names hidden."""
+    hidden = sorted(m for m in set(optional) - set(needed) if m not in sys.modules)
     for name in hidden:
         sys.modules[name] = None  # the import system's own "not importable" marker
     return hidden

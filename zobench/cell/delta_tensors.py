@@ -1,0 +1,153 @@
+"""The tensors of deltas (``zobench.cell.delta``): written, checked before use, and applied to a model.
+
+A delta's tensors are data from someone else too (docs/security.md): names must be ``<param>::index`` /
+``<param>::value`` pairs (sparse) or the model's own parameter names (tensors), indices 1-D integers,
+unique and non-negative, values finite, shapes the model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import zobench
+from zobench.cell.delta import FORMAT, META, TENSORS, claim_target, dir_bytes, portable
+from zobench.errors import UserError
+from zobench.fingerprint import weights_fingerprint
+from zobench.outdirs import replace_dir
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def base_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap identity of a model's weights: names, shapes, dtypes and the first values of every tensor."""
+    return weights_fingerprint(list(model.named_parameters()))
+
+
+def save(target: Path, kind: str, cfg: dict, fingerprint: str, step: int, tensors: dict | None = None,
+         extra: dict | None = None, adapter_model=None, overwrite: bool = False) -> dict:
+    """Write the artifact to ``target`` and return its description (see the module docstring)."""
+    target = claim_target(target, overwrite)
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        if tensors is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(stage / TENSORS))
+        if adapter_model is not None:
+            adapter_model.save_pretrained(str(stage / "adapter"), safe_serialization=True)
+        extra = dict(extra or {})
+        if extra.get("parent"):
+            extra["parent"] = os.path.relpath(os.path.abspath(extra["parent"]), os.path.abspath(target))
+        meta = {"format": FORMAT, "zobench": zobench.__version__, "kind": kind, "step": step,
+                "base": {"model": portable(cfg, target).get("model"), "fingerprint": fingerprint},
+                "config": portable(cfg, target), **extra}
+        (stage / META).write_text(json.dumps(meta, indent=1, default=str, allow_nan=False) + "\n",
+                                  encoding="utf-8")
+        claim_target(target, overwrite)  # again: the folder may have changed while this one was trained
+        replace_dir(stage, target)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+    return {"path": str(target), "kind": kind, "step": step, "bytes": dir_bytes(target)}
+
+
+def check_base(meta: dict, path: Path, model: torch.nn.Module) -> None:
+    got = base_fingerprint(model)
+    if got != meta["base"]["fingerprint"]:
+        raise UserError(f"{path}: this delta was trained from another base model ({meta['base']['model']}, weights "
+                        f"{meta['base']['fingerprint']}); the model given has weights {got}")
+
+
+def sparse_parts(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(mask, values)``: flat indices and trained values per parameter name, checked for shape and
+    finiteness (``checked_sparse``; ranges are checked against the model by ``write_sparse``)."""
+    return checked_sparse(Path(path) / TENSORS)
+
+
+@torch.no_grad()
+def write_sparse(model: torch.nn.Module, mask: dict, values: dict, where: str = "delta") -> None:
+    params = dict(model.named_parameters())
+    for name, idx in mask.items():
+        if name not in params:
+            raise UserError(f"{where}: names a tensor '{name}' the model does not have")
+        p = params[name]
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.numel()):
+            raise UserError(f"{where}: '{name}' has indices outside its {p.numel():,} values")
+        p.data.view(-1)[idx.to(p.device)] = values[name].to(device=p.device, dtype=p.dtype)
+
+
+@torch.no_grad()
+def write_tensors(model: torch.nn.Module, path: Path) -> None:
+    """A ``tensors`` delta (first-order fine-tuning): its saved tensors replace the model's."""
+    params = dict(model.named_parameters())
+    for name, value in checked_tensors(Path(path) / TENSORS, {n: tuple(p.shape) for n, p in params.items()}).items():
+        params[name].copy_(value.to(params[name].dtype))
+
+
+def _open(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or one line when it is missing or not a safetensors file."""
+    if not file.is_file():
+        raise UserError(f"{file}: missing (the delta's tensors)")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
+
+
+def _finite(name: str, t: torch.Tensor, file: Path) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise UserError(f"{file}: '{name}' has dtype {t.dtype}, expected floating-point values")
+    if not bool(torch.isfinite(t).all()):
+        raise UserError(f"{file}: '{name}' holds values that are not finite (NaN or infinite)")
+
+
+def checked_sparse(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(mask, values)`` of a sparse delta: per tensor name, int64 flat indices (unique, >= 0) and finite
+    float values of the same length."""
+    data = _open(file)
+    mask, values = {}, {}
+    for key, t in data.items():
+        name, _, part = key.rpartition("::")
+        if part not in ("index", "value") or not name:
+            raise UserError(f"{file}: tensor '{key}' is not a '<param>::index' or '<param>::value' entry")
+        if t.dim() != 1:
+            raise UserError(f"{file}: '{key}' has shape {tuple(t.shape)}, expected a flat vector")
+        if part == "index":
+            if t.dtype not in INDEX_DTYPES:
+                raise UserError(f"{file}: '{key}' has dtype {t.dtype}, expected int32 or int64 indices")
+            idx = t.long()
+            if idx.numel() and int(idx.min()) < 0:
+                raise UserError(f"{file}: '{key}' holds negative indices")
+            if int(idx.unique().numel()) != idx.numel():
+                raise UserError(f"{file}: '{key}' names an entry twice")
+            mask[name] = idx
+        else:
+            _finite(key, t, file)
+            values[name] = t
+    for name in set(mask) | set(values):
+        if name not in mask or name not in values:
+            raise UserError(f"{file}: '{name}' has {'values' if name in values else 'indices'} but no "
+                            f"{'indices' if name in values else 'values'}")
+        if mask[name].numel() != values[name].numel():
+            raise UserError(f"{file}: '{name}' has {mask[name].numel()} indices and {values[name].numel()} values")
+    return mask, values
+
+
+def checked_tensors(file: Path, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """A ``tensors`` delta's tensors: each one names a parameter of the model (``shapes``) and has its
+    shape and finite float values."""
+    data = _open(file)
+    for name, t in data.items():
+        if name not in shapes:
+            raise UserError(f"{file}: names a tensor '{name}' the model does not have")
+        if tuple(t.shape) != shapes[name]:
+            raise UserError(f"{file}: '{name}' has shape {tuple(t.shape)}, the model's is {shapes[name]}")
+        _finite(name, t, file)
+    return data

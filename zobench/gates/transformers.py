@@ -1,0 +1,14 @@
+"""Gate: transformers' model classes, imported only after ``gates.hide.trim_transformers_imports`` has
+answered transformers' optional-package checks (its cache module would otherwise import hqq, and hqq
+torch's compiler, in every process that loads a model). Import them from here, never from transformers.
+"""
+
+from __future__ import annotations
+
+from zobench.gates.hide import trim_transformers_imports
+
+trim_transformers_imports()  # before the names below import transformers' modeling code
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+__all__ = ["AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"]

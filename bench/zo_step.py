@@ -3,14 +3,15 @@ bandwidth against a plain copy of the same bytes, and peak memory against infere
 
     python bench/zo_step.py [--rounds 15] [--batch claims|16x64|16x32] [--json results/bench/zo_step.json]
 
-Timing method (the one every zobench speed figure uses): the variants run interleaved, one step each per
-round in an order that rotates from round to round, in one process with 2 threads, so whatever else the machine does hits them alike; a variant's ratio to
-two forwards is taken per round (its step over twice that round's forward), and the median and p10-p90 of
-those ratios are reported. 15 rounds by default: on this 2-core VM the per-round ratio of full ZO spans about
-+-10% (p10-p90), and the median of 15 moves by less than 2% between runs; fewer rounds let one noisy round
-move it. A step below two forwards is impossible (it makes two forwards and more): a median below 1.00 whose
-p10-p90 reaches 1.00 is printed as the limit read through noise, one whose p90 too is below 1.00 is flagged as
-a measurement fault; neither is reported as a speed-up.
+Timing method (the one every zobench speed figure uses): the variants run interleaved, one step each per round
+in an order that rotates from round to round, in one process with 2 threads, so whatever else the machine does
+hits them alike; a variant's ratio to two forwards is taken per round (its step over twice that round's
+forward), and the median and p10-p90 of those ratios are reported. 15 rounds by default: on this 2-core VM the
+per-round ratio of full ZO spans about +-20% (p10-p90) at the claims batch, so a median of 15 has a standard
+error of roughly 4%; two runs gave 1.02 and 1.08 (the first before the order rotated). Fewer rounds let one
+noisy round move it; more cost 20 s a round. A step below two forwards is impossible (it makes two forwards
+and more): a median below 1.00 whose p10-p90 reaches 1.00 is printed as the limit read through noise, one
+whose p90 too is below 1.00 is flagged as a measurement fault; neither is reported as a speed-up.
 
 Variants:
   forward           one inference forward (the unit: a ZO step needs two)

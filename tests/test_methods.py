@@ -89,9 +89,8 @@ def test_registration_checks_the_declaration_and_the_interface_and_refuses_dupli
 
 
 def test_every_declared_method_is_registered_and_declares_a_known_family():
-    from zobench.spec.catalog import FAMILIES, METHOD_INFO
-
     from zobench.methods.fo import LORA_R, LORA_TARGETS
+    from zobench.spec.catalog import FAMILIES, METHOD_INFO
 
     assert all(m.family in FAMILIES for m in METHOD_INFO)
     assert {m.name for m in METHOD_INFO} == set(METHODS.names())

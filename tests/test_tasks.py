@@ -418,11 +418,12 @@ def test_truncated_inputs_are_counted_exactly_where_encode_cuts(tokenizer, sst2_
 
 @pytest.mark.parametrize("name", ["sst2", "rte", "cb", "boolq", "wsc", "copa", "squad", "drop"])
 def test_default_max_length_truncates_nothing(name, tokenizer, data_dir):
+    from zobench.spec.catalog import TASKS
     from zobench.spec.config import CellConfig
 
     task = get_task(name)
     cfg = CellConfig(task=name)
-    assert cfg.max_length == task.max_length
+    assert cfg.max_length == TASKS.get(name).max_length  # the default declared with the task's name
     splits = task.sample(str(data_dir), cfg.n_train, cfg.n_dev, cfg.n_test, 0)
     for split in ("train", "dev", "test"):
         examples = getattr(splits, split)

@@ -9,8 +9,10 @@ claims suite's batch (16 packed SST-2 rows), eval mode as a ZO step runs. For ea
 Rademacher z on the trainable values, the projected gradient g = (L+ - L-) / (2 eps) is computed with:
   dequant      every 4-bit layer dequantized to float32, one float32 matmul (the reference: the NF4 model's
                own loss, computed in float32)
-  bnb          bitsandbytes' Linear4bit forward as it runs in eval mode on this CPU (on AVX512-BF16 CPUs the
-               repacked fused kernel, which rounds activations and scales to bfloat16)
+  zobench      the layers as a cell builds them (quant/bnb.py: bitsandbytes' AVX512-BF16 repack switched off,
+               S merged into the dequantized weight)
+  bnb-bf16     bitsandbytes' Linear4bit eval forward left as bitsandbytes sets it up (on AVX512-BF16 CPUs it
+               repacks the weight for a path that rounds activations to bfloat16), S added apart
 and, for scale, the same g for eps = 1e-3 on the float model. Reported: the correlation of each way's g with
 the reference over the directions, and the relative error |g - g_ref| / rms(g_ref). A ZO step's update is
 g z: when g is noise, training is a random walk.
@@ -50,20 +52,29 @@ def build(way: str):
     if way != "float":
         backend = get_backend("nf4")
         ctx = QuantContext(device="cpu", dtype=torch.float32, tokenizer=loaded.tokenizer, seed=0)
-        values = [v for _, v in quantize_model(model, backend, ctx, mask)]
-        for m in model.modules():
-            if type(m).__name__ == "Linear4bit":
-                # bitsandbytes repacks for its bf16 kernel only where this is True (eval mode, AVX512-BF16)
-                m.support_avx512bf16_for_cpu = m.support_avx512bf16_for_cpu and way == "bnb"
-        for m in model.modules():
-            if type(m).__name__ == "SparseDelta" and way == "dequant":
-                m.dequantize = backend.dequantize  # merged: dequantize, scatter S, one float32 matmul
+        if way == "bnb-bf16":
+            backend.merges_on = lambda device: False  # S apart: a repacked weight cannot be dequantized
+        values = [v for _, v in quantize_model(model, backend, ctx, M.linear_layers(model), mask)]
+        if way == "bnb-bf16":
+            for m in model.modules():
+                if type(m).__name__ == "Linear4bit":  # what bitsandbytes itself decides for this CPU
+                    m.support_avx512bf16_for_cpu = bnb_bf16_capable()
+        if way == "dequant":
+            for m in model.modules():
+                if type(m).__name__ == "SparseDelta":
+                    m.dequantize = backend.dequantize  # dequantize, scatter S, one float32 matmul
     else:
         params = dict(model.named_parameters())
         values = [params[n] for n in mask]  # the float model's selected entries: perturbed through an index
         values = [(p, idx) for p, idx in zip(values, mask.values())]
     model.eval()
     return model, values, batch(loaded.tokenizer)
+
+
+def bnb_bf16_capable() -> bool:
+    from bitsandbytes.nn.modules import has_avx512bf16
+
+    return bool(has_avx512bf16())
 
 
 def perturb(values, z, scale):
@@ -107,14 +118,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     g = {}
-    for way in ("dequant", "bnb", "float"):
+    for way in ("dequant", "zobench", "bnb-bf16", "float"):
         t = time.perf_counter()
         g[way] = estimates(way, args.directions)
         print(f"  {way}: {time.perf_counter() - t:.0f} s", flush=True)
     ref = g["dequant"]
     rms = (sum(x * x for x in ref) / len(ref)) ** 0.5
     rows = {}
-    for way in ("bnb", "float"):
+    for way in ("zobench", "bnb-bf16", "float"):
         err = [abs(a - b) / rms for a, b in zip(g[way], ref)]
         rows[way] = {"corr_with_dequant": corr(g[way], ref), "median_rel_err": statistics.median(err)}
     print(f"\nprojected gradients over {args.directions} Rademacher directions, eps {EPS}, CPU flags "

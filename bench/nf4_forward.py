@@ -5,8 +5,8 @@
 SmolLM2-135M, the claims suite's batch (16 packed SST-2 rows), 2 threads, interleaved rounds (medians and
 p10-p90 of per-round ratios to the float forward, as bench/zo_step.py does). Ways:
   float32       the unquantized model
-  nf4-bnb       bitsandbytes' own Linear4bit forward: on a CPU with AVX512-BF16 its fused bf16 kernel (which
-                also rounds the activations to bfloat16), elsewhere dequantize then matmul
+  nf4-bnb       bitsandbytes' own Linear4bit forward as zobench builds it (quant/bnb.py switches off its AVX512-BF16
+                repack, which rounds activations to bfloat16: bench/nf4_direction.py)
   nf4-dequant   every 4-bit layer dequantized to float32 and multiplied in one matmul, per layer per forward
                 (the dense-and-sparse layer's merged way, without sparse values)
 The CPU's instruction-set flags are in the output: which path bitsandbytes takes depends on them.
@@ -28,6 +28,7 @@ from zobench.measure.env import cpu_flags, cpu_name
 from zobench.models import load_model
 from zobench.quant import QuantContext, get_backend, quantize_model
 from zobench.tasks import get_task, scoring
+from zobench.zo.masks import linear_layers
 
 
 class Dequantized(torch.nn.Module):
@@ -46,7 +47,7 @@ def nf4_model(dequant: bool):
     loaded = load_model("smollm2")
     backend = get_backend("nf4")
     ctx = QuantContext(device="cpu", dtype=torch.float32, tokenizer=loaded.tokenizer, seed=0)
-    quantize_model(loaded.model, backend, ctx, None)
+    quantize_model(loaded.model, backend, ctx, linear_layers(loaded.model))
     if dequant:
         for name, module in list(loaded.model.named_modules()):
             for child_name, child in list(module.named_children()):

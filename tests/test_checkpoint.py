@@ -58,6 +58,7 @@ def test_a_killed_cell_resumes_from_its_checkpoint_bit_for_bit(method, lr, tmp_p
     assert [(p["step"], p["accuracy"]) for p in m.get("dev_curve")] == \
            [(p["step"], p["accuracy"]) for p in w.get("dev_curve")]
     assert m.step_s.n == w.step_s.n == 6  # the warm-up step is untimed in both
+    assert m.step_over_ref.n == w.step_over_ref.n == 6  # the pairs before the kill came back from the checkpoint
 
 
 # Where nothing is evaluated, a random-weight model does (checkpoints are due by step, not by evaluation).

@@ -109,6 +109,8 @@ def test_records_are_typed_raw_measurements(two_runs):
     assert rnd.metrics.get("density_obtained") == pytest.approx(0.05, rel=0.01)
     assert rnd.metrics.get("restore_drift_frac_changed") == 0.0
     assert rnd.metrics.forward_ref_s.n == rnd.metrics.step_s.n == 2  # one reference forward per timed step
+    assert rnd.metrics.step_over_ref.n == 2  # and one ratio per pair, each step over its own two forwards
+    assert rnd.metrics.step_over_ref.p10 <= rnd.metrics.step_over_ref.median <= rnd.metrics.step_over_ref.p90
     assert len(full.metrics.get("loss_curve")) == 3  # warm-up steps are in the loss curve, not the timings
 
 
@@ -160,6 +162,23 @@ def test_step_ratio_falls_back_to_the_forward_cell_without_in_cell_forwards():
     assert d["new"].step_over_two_forwards == pytest.approx(1.0) and d["new"].forward_ref == "in-cell"
     assert d["old"].peak_over_inference == pytest.approx(1.1)
     assert d["forward"].step_over_two_forwards is None and d["forward"].peak_over_inference is None  # itself
+
+
+@pytest.mark.parametrize("pairs, shown", [((1.21, 1.10, 1.35), "1.21 (1.10-1.35)"),
+                                          ((0.97, 0.90, 1.05), "1.00 at limit (0.97, 0.90-1.05)"),
+                                          ((0.85, 0.80, 0.92), "fault (0.85, 0.80-0.92)")])
+def test_a_step_below_two_forwards_is_the_limit_or_a_fault_never_a_figure(pairs, shown):
+    """Per-pair ratios give the figure and its spread; a step cannot cost less than two forwards, so a median
+    below 1.00 is read as the limit where its spread reaches 1.00 and flagged as a fault where it does not."""
+    from zobench.report.markdown import step_ratio
+
+    rec = _rec("random", 5.0, ref=2.0)  # 1.25 by medians: the pairs take precedence
+    rec.metrics.set(step_over_ref=Stats(*pairs, 10))
+    d = derive([rec])["random"]
+    assert (d.step_over_two_forwards, d.step_over_two_forwards_p10, d.step_over_two_forwards_p90) == pairs
+    assert d.forward_ref == "in-cell pairs"
+    assert d.step_timing == {1.21: None, 0.97: "at limit", 0.85: "fault"}[pairs[0]]
+    assert step_ratio({**rec.to_json(), "derived": d.to_dict()}) == shown
 
 
 def test_a_re_run_reference_is_the_latest_record_of_that_cell():

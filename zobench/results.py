@@ -127,9 +127,15 @@ class Derived:
                             (NVML) where recorded, else CUDA max allocated; on a CPU peak RSS
     peak_kind               which of those it is: device | allocated | rss
     peak_over_inference     peak_mib over the forward reference cell's
-    step_over_two_forwards  step median over two inference forwards: the cell's own reference forwards
-                            (timed right after each step, ``forward_ref`` "in-cell"), else the forward
-                            reference cell's step median (``forward_ref`` "forward cell")
+    step_over_two_forwards  a step over two inference forwards: the median of the cell's per-pair ratios
+                            (each timed step over two forwards timed right after it, ``forward_ref``
+                            "in-cell pairs"; ``step_over_two_forwards_p10`` / ``_p90`` their spread), else
+                            the step median over two of the in-cell forwards' median (records before the
+                            pairs: "in-cell"), else over the forward reference cell's (``forward_ref``
+                            "forward cell")
+    step_timing             "fault" where a step measured below two forwards in 9 pairs of 10 (p90 < 1: the
+                            step and its forwards did not see the same machine; the ratio is not a figure),
+                            "at limit" where the median is below 1.00 but its spread reaches it (read 1.00)
     speedup_vs_full         the full-ZO cell's step median over this cell's
 
     A cell's references are the ok records sharing its ``reference_key`` (model, dtype, quant, task, batch,
@@ -142,6 +148,9 @@ class Derived:
     peak_kind: str | None = None
     peak_over_inference: float | None = None
     step_over_two_forwards: float | None = None
+    step_over_two_forwards_p10: float | None = None
+    step_over_two_forwards_p90: float | None = None
+    step_timing: str | None = None
     forward_ref: str | None = None
     speedup_vs_full: float | None = None
 
@@ -217,7 +226,13 @@ def _ratios(rec: CellRecord, forward: CellRecord | None, full: CellRecord | None
         return d
     step = _step(rec) if _family(rec) != "reference" else None  # the reference is not compared with itself
     in_cell = rec.metrics.forward_ref_s.median if rec.metrics.forward_ref_s else None
-    if step and in_cell:
+    pairs = rec.metrics.step_over_ref
+    if step and pairs:
+        d.step_over_two_forwards, d.forward_ref = pairs.median, "in-cell pairs"
+        d.step_over_two_forwards_p10, d.step_over_two_forwards_p90 = pairs.p10, pairs.p90
+        if pairs.median < 1.0:
+            d.step_timing = "fault" if pairs.p90 < 1.0 else "at limit"
+    elif step and in_cell:
         d.step_over_two_forwards, d.forward_ref = step / (2 * in_cell), "in-cell"
     elif step and forward is not None and _step(forward):
         d.step_over_two_forwards, d.forward_ref = step / (2 * _step(forward)), "forward cell"

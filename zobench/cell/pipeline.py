@@ -233,7 +233,7 @@ class Pipeline:
         res = stepper.step(batch, i)
         timing.add(res, int(batch["attention_mask"].sum()), timed)  # warm-up steps: curves, not timings
         if timed and reference is not None and len(timing.seconds) % self.cfg.ref_every == 0:
-            reference.time(batch)
+            reference.time(batch, res.total_s)
         self.notify({"step": i + 1, "steps": self.cfg.steps, "loss": res.loss})
         if self.cfg.eval_every and (i + 1) % self.cfg.eval_every == 0 and self.record.accuracy_meaningful:
             timing.flush(stepper)  # dev sees (and a snapshot keeps) the weights of step i + 1
@@ -275,8 +275,10 @@ class Pipeline:
             return 0
         timing.losses, timing.trajectory, timing.total = list(ck.losses), list(ck.trajectory), ck.total
         timing.seconds, timing.parts, timing.tokens = list(ck.seconds), dict(ck.parts), list(ck.tokens)
-        if reference is not None:
+        if reference is not None:  # a reference forward followed every ref_every-th timed step: the pairs again
             reference.seconds = list(ck.reference_seconds)
+            paired = zip(timing.seconds[cfg.ref_every - 1::cfg.ref_every], reference.seconds)
+            reference.ratios = [step_s / (2 * fwd) for step_s, fwd in paired]
         self.metrics.set(dev_curve=list(ck.dev_curve))
         self.predictions.resume({f"dev_{p['step']}" for p in ck.dev_curve} |
                                 ({"test_before"} if ck.test_before is not None else set()))

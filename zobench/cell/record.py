@@ -124,28 +124,29 @@ SCALARS = {
     "best_step": (int,), "train_s": NUMBER, "tokens_per_step": NUMBER,
     "resumed_from_step": (int,), "segments": (int,), "packed": (bool,), "best_weights": (str,),
 }
-STATS = ("step_s", "forward_ref_s")
+STATS = ("step_s", "forward_ref_s", "step_over_ref")
 MAPPINGS = ("test_before", "test_after", "truncated", "best_dev", "test_best")
 SERIES = ("loss_curve", "dev_curve", "trajectory")
 
 
 @dataclass
 class Metrics:
-    """What a cell measured besides phases. ``step_s``: the timed steps (warm-up excluded);
-    ``step_parts_s``: perturb / forward_plus / forward_minus / update (ZO) or forward / backward / update;
-    ``forward_ref_s``: an inference forward of each step's batch, right after the step (the denominator of
-    step / two forwards); ``test_before`` / ``test_after``: {accuracy} or {em, f1}; ``truncated``: inputs
-    cut by max_length per split; ``dev_curve``: [{step, accuracy, train_s}] every ``eval_every`` steps, with
-    ``best_step``, ``best_dev`` and ``test_best`` (test at the best dev step; ``best_weights``: how that
+    """What a cell measured besides phases. ``step_s``: the timed steps (warm-up excluded); ``step_parts_s``: perturb /
+    forward_plus / forward_minus / update (ZO) or forward / backward / update; ``forward_ref_s``: an inference
+    forward of each step's batch, right after the step (the denominator of step / two forwards);
+    ``step_over_ref``: each such step over two of its reference forwards (the ratio per pair, so its spread is
+    the measurement's, not the load's); ``test_before`` / ``test_after``: {accuracy} or {em, f1}; ``truncated``:
+    inputs cut by max_length per split; ``dev_curve``: [{step, accuracy, train_s}] every ``eval_every`` steps,
+    with ``best_step``, ``best_dev`` and ``test_best`` (test at the best dev step; ``best_weights``: how that
     step's weights came back: ``last``, ``kept`` in memory, ``disk``, or ``replay`` of the trajectory);
     ``trajectory``: each step's [[seed, coefficient], ...] (dense ZO: enough to rebuild the weights of any
-    step); ``train_s``: training seconds, warm-up included; ``tokens_per_step``: input tokens of a timed
-    step; ``packed``: with ``pack`` set, whether the model took packed rows (else its batches stayed
-    padded)."""
+    step); ``train_s``: training seconds, warm-up included; ``tokens_per_step``: input tokens of a timed step;
+    ``packed``: with ``pack`` set, whether the model took packed rows (else its batches stayed padded)."""
 
     values: dict[str, Any] = field(default_factory=dict)      # SCALARS, MAPPINGS, SERIES
     step_s: Stats | None = None
     forward_ref_s: Stats | None = None
+    step_over_ref: Stats | None = None
     step_parts_s: dict[str, Stats] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -37,13 +37,15 @@ class ForwardReference:
 
     def __init__(self, model: torch.nn.Module, loss_fn):
         self.model, self.forward, self.seconds = model, ForwardOnly(model, loss_fn), []
+        self.ratios = []  # each timed step over two of the forwards timed right after it: a pair saw one load
 
-    def time(self, batch) -> None:
+    def time(self, batch, step_s: float) -> None:
         was_training = self.model.training
         self.model.eval()
         with sparse_bypassed(self.model):
             self.seconds.append(self.forward.step(batch, 0).total_s)
         self.model.train(was_training)
+        self.ratios.append(step_s / (2 * self.seconds[-1]))
 
 
 class StepTiming:
@@ -80,7 +82,7 @@ class StepTiming:
         if any(self.trajectory):  # ZO: the run as (seed, coefficient) per step, enough to rebuild any step
             m.set(trajectory=self.trajectory)
         if reference is not None and reference.seconds:
-            m.set(forward_ref_s=Stats.of(reference.seconds))
+            m.set(forward_ref_s=Stats.of(reference.seconds), step_over_ref=Stats.of(reference.ratios))
         if self.seconds:
             m.set(tokens_per_s=sum(self.tokens) / sum(self.seconds),
                   tokens_per_step=sum(self.tokens) / len(self.tokens))

@@ -32,6 +32,13 @@ class _FourBit(Backend):
                                      quant_type=self.quant_type, compress_statistics=True)
         if linear.bias is not None:
             q.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        # bitsandbytes, on a CPU with AVX512-BF16, repacks the weight at the first eval-mode forward for a path
+        # that rounds the activations to bfloat16. A ZO step's signal is a loss difference at eps's scale, and
+        # through that rounding it is mostly noise: the projected gradient correlated +0.34 with the layer's
+        # exact one on SmolLM2 (bench/nf4_direction.py; an NF4 claims cell never learned). Dequantize-then-matmul
+        # costs the same there (bench/nf4_forward.py: 1.11x the float forward against 1.13x), so every 4-bit
+        # layer keeps that path, on every CPU.
+        q.support_avx512bf16_for_cpu = False
         return q.to(ctx.device)
 
     @staticmethod
@@ -45,22 +52,11 @@ class _FourBit(Backend):
         return w if module.compute_dtype is None else w.to(module.compute_dtype)
 
     def merges_on(self, device: str) -> bool:
-        # On CUDA and on most CPUs a batched Linear4bit forward dequantizes, then runs one dense matmul,
-        # so merging S costs one scatter of its few values: measured 0.9-1.06x the NF4 layer on a CPU, where
-        # the separate CSR product cost 1.2-1.5x (bench/sparse_delta.py, bench/dense_sparse_model.py), and
-        # 3-7x on an H200. On a CPU with AVX512-BF16, bitsandbytes repacks the weight at the first eval
-        # forward for a fused kernel that builds no dense weight: there S stays apart.
-        return device.startswith("cuda") or (device == "cpu" and not cpu_has_avx512_bf16())
-
-
-def cpu_has_avx512_bf16() -> bool:
-    """Whether this CPU has the AVX512-BF16 instructions that bitsandbytes' fused CPU 4-bit kernel needs
-    (read from /proc/cpuinfo, so the estimator need not load bitsandbytes; False where it is absent)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in f)
-    except OSError:
-        return False
+        # A batched Linear4bit forward dequantizes, then runs one dense matmul (on a CPU too: the repacked
+        # AVX512-BF16 path is switched off in quantize_linear), so merging S costs one scatter of its few values:
+        # measured 0.9-1.06x the NF4 layer on a CPU, where the separate CSR product cost 1.2-1.5x
+        # (bench/sparse_delta.py, bench/dense_sparse_model.py), and 3-7x on an H200.
+        return device == "cpu" or device.startswith("cuda")
 
 
 class NF4(_FourBit):

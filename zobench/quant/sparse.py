@@ -11,7 +11,7 @@ S's values, so the sparse ZO machinery (``SparseTrainable``) runs unchanged on t
 How ``D(x) + x @ S^T`` is computed depends on the device, each way picked by measurement
 (bench/sparse_delta.py; figures in results/bench/measurements.md):
 
-    merge   (bitsandbytes 4-bit, on CUDA and on CPUs without AVX512-BF16: ``Backend.merges_on``) the
+    merge   (bitsandbytes 4-bit, on CUDA and CPU alike: ``Backend.merges_on``) the
             base's batched forward builds D in the compute dtype anyway (dequantize, then one dense
             matmul); the layer does that itself and scatters S's few values into that temporary first:
             ``x @ (D + S)^T``, one matmul, no [tokens, out] delta. On an H200 the separate sparse product

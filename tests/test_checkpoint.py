@@ -39,7 +39,9 @@ def run_killed_at(cfg: CellConfig, step: int, monkeypatch) -> None:
             Pipeline(cfg).run()
 
 
-@pytest.mark.parametrize("method, lr", [("random", 1e-2), ("full", 1e-4), ("lezo", 1e-4)])
+# random in CI (the sparse path); full and lezo (dense replays, minutes each on 2 cores) in `make test-all`
+@pytest.mark.parametrize("method, lr", [("random", 1e-2), pytest.param("full", 1e-4, marks=pytest.mark.slow),
+                                        pytest.param("lezo", 1e-4, marks=pytest.mark.slow)])
 def test_a_killed_cell_resumes_from_its_checkpoint_bit_for_bit(method, lr, tmp_path, monkeypatch):
     cfg = CellConfig.from_dict(dict(TINY, method=method, lr=lr))
     whole = Pipeline(cfg).run()

@@ -38,10 +38,43 @@ def test_violations_name_cell_metric_limit_and_value():
     v, _ = check([rec("sensitive", 1200), rec("full", 5000, acc=0.5), fwd], suite)
     lines = sorted(x.line() for x in v)
     assert lines == ["method=full: accuracy_min limit 0.6, measured 0.5",
-                     "method=sensitive: peak_mib_max limit 1000, measured 1200 (rss peak)",
+                     "method=sensitive: peak_mib_max limit 1000, measured 1200 (rss peak, in phase train)",
                      "method=sensitive: peak_over_inference_max limit 1.05, measured 1.5"]
     ok, _ = check([rec("sensitive", 808), fwd], suite)  # 1.01x its forward, under 1000 MiB
     assert ok == []
+
+
+def test_an_absolute_budget_holds_the_whole_cell_and_a_budget_may_name_its_phases():
+    """A cell whose load phase breaks peak_mib_max fails the check though its training fits; a budget that
+    names the training phases holds only those; the ratio to inference stays on the training phases unless
+    its budget names others."""
+    fwd = rec("forward", 800)
+    cell = rec("sensitive", 808)
+    cell.phases["load"] = PhaseMeasure(wall_s=1.0, peak_rss_mib=1700)
+    whole = parse_suite({"name": "s", "budgets": [{"match": {}, "peak_mib_max": 1000}]}, "s.yaml")
+    v, _ = check([cell, fwd], whole)
+    assert [x.line() for x in v] == \
+        ["method=sensitive: peak_mib_max limit 1000, measured 1700 (rss peak, in phase load)"]
+    training = parse_suite({"name": "s", "budgets": [{"match": {}, "peak_mib_max": 1000,
+                                                      "phases": ["warmup", "train"]}]}, "s.yaml")
+    assert check([cell, fwd], training)[0] == []
+    ratio = {"name": "s", "budgets": [{"match": {"method": "sensitive"}, "peak_over_inference_max": 1.05}]}
+    assert check([cell, fwd], parse_suite(ratio, "s.yaml"))[0] == []  # 808 / 800 in training
+    ratio["budgets"][0]["phases"] = ["load", "train"]
+    v, _ = check([cell, fwd], parse_suite(ratio, "s.yaml"))
+    assert [(x.metric, round(x.measured, 3)) for x in v] == [("peak_over_inference_max", 2.125)]
+
+
+def test_a_budgets_phases_must_be_phases_of_a_peak_limit():
+    import pytest
+
+    from zobench.errors import UserError
+
+    for bad, says in (({"peak_mib_max": 1, "phases": ["lunch"]}, "phases: expected a list of phases"),
+                      ({"peak_mib_max": 1, "phases": "train"}, "phases: expected a list"),
+                      ({"accuracy_min": 0.5, "phases": ["train"]}, "only a peak limit")):
+        with pytest.raises(UserError, match=says):
+            parse_suite({"name": "s", "budgets": [{"match": {}, **bad}]}, "s.yaml")
 
 
 def test_latency_only_against_the_same_machine():

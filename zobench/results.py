@@ -116,6 +116,7 @@ def to_pandas(path_or_records: str | Path | Iterable[CellRecord]):
 
 # -- ratios derived on read -------------------------------------------------------------------------------
 TRAIN_PHASES = ("warmup", "train")
+
 SPEEDUP_BASELINE = "full"  # the method speedups are measured against (MeZO)
 
 
@@ -126,6 +127,8 @@ class Derived:
     peak_mib                the training peak of warm-up/train: on a GPU the device memory the driver reported
                             (NVML) where recorded, else CUDA max allocated; on a CPU peak RSS
     peak_kind               which of those it is: device | allocated | rss
+    cell_peak_mib           the whole cell's peak of the same kind: the largest over every phase it measured
+                            (load, mask, quantize, evaluations too), and ``cell_peak_phase``, the phase
     peak_over_inference     peak_mib over the forward reference cell's
     step_over_two_forwards  a step over two inference forwards: the median of the cell's per-pair ratios
                             (each timed step over two forwards timed right after it, ``forward_ref``
@@ -146,6 +149,8 @@ class Derived:
 
     peak_mib: float | None = None
     peak_kind: str | None = None
+    cell_peak_mib: float | None = None
+    cell_peak_phase: str | None = None
     peak_over_inference: float | None = None
     step_over_two_forwards: float | None = None
     step_over_two_forwards_p10: float | None = None
@@ -181,6 +186,18 @@ def train_peak_mib(rec: CellRecord) -> float | None:
     vals = [getattr(rec.phases[p], key) for p in TRAIN_PHASES if p in rec.phases]
     vals = [v for v in vals if v is not None]
     return max(vals) if vals else None
+
+
+def phase_peak(rec: CellRecord, phases: Iterable[str] | None = None) -> tuple[float | None, str | None]:
+    """The largest peak (``peak_kind``) over ``phases`` (default: every phase the cell measured) and the
+    phase it was in: (None, None) where none of them has one."""
+    key = PEAK_KEYS[peak_kind(rec)]
+    peak, where = None, None
+    for p in (rec.phases if phases is None else phases):
+        v = getattr(rec.phases.get(p), key, None) if p in rec.phases else None
+        if v is not None and (peak is None or v > peak):
+            peak, where = v, p
+    return peak, where
 
 
 def latest_by_cell(records: Iterable[CellRecord]) -> list[CellRecord]:
@@ -222,6 +239,8 @@ def derive(records: Iterable[CellRecord]) -> dict[str, Derived]:
 
 def _ratios(rec: CellRecord, forward: CellRecord | None, full: CellRecord | None) -> Derived:
     d = Derived(peak_mib=train_peak_mib(rec), peak_kind=peak_kind(rec) if rec.phases else None)
+    if rec.phases:
+        d.cell_peak_mib, d.cell_peak_phase = phase_peak(rec)
     if not rec.ok:
         return d
     step = _step(rec) if _family(rec) != "reference" else None  # the reference is not compared with itself

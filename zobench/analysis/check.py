@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from zobench.cell.record import CellRecord
-from zobench.results import derive, latest_by_cell
+from zobench.results import derive, latest_by_cell, phase_peak
 from zobench.spec.selectors import selector_matches
 from zobench.spec.suite import Suite
 
@@ -65,7 +65,14 @@ def _same_machine(a: CellRecord, b: CellRecord) -> bool:
     return all((a.env or {}).get(k) == (b.env or {}).get(k) for k in ("cpu", "gpu", "torch_threads"))
 
 
-def measured_value(rec: CellRecord, derived: dict, limit: str) -> float | None:
+def measured_value(rec: CellRecord, derived: dict, limit: str, phases=None, forward_peak=None) -> float | None:
+    """What ``limit`` holds in ``rec``. A peak is the whole cell's (every phase) unless the budget names its
+    ``phases``; the ratio to inference is over the training phases unless it names others."""
+    if limit == "peak_mib_max":
+        return phase_peak(rec, phases)[0] if phases else derived.get("cell_peak_mib", derived.get("peak_mib"))
+    if limit == "peak_over_inference_max" and phases:
+        peak = phase_peak(rec, phases)[0]
+        return peak / forward_peak if peak is not None and forward_peak else None
     if limit in RATIOS:
         return derived.get(RATIOS[limit])
     if not rec.accuracy_meaningful:
@@ -87,6 +94,7 @@ def check(records: list[CellRecord], suite: Suite, baseline: list[CellRecord] | 
     """Return (violations, notes)."""
     violations, notes = [], []
     derived = derive(records)
+    forwards = _forward_peaks(records, derived)
     base = {r.cell_id: r for r in latest_by_cell(baseline or []) if r.ok}
     for rec in (r for r in latest_by_cell(records) if r.ok):
         cell, label = {**rec.config, **rec.labels}, _label(rec.labels, rec.cell_id)
@@ -96,11 +104,16 @@ def check(records: list[CellRecord], suite: Suite, baseline: list[CellRecord] | 
                     violations += _latency(rec, base.get(rec.cell_id), value, label, notes)
                     continue
                 d = derived[rec.cell_id].to_dict()
-                measured = measured_value(rec, d, limit)
+                measured = measured_value(rec, d, limit, budget.phases, forwards.get(rec.cell_id))
                 if measured is not None and _broken(limit, value, measured):
-                    # Which peak the budget held: device (what the card holds), allocated or rss.
-                    note = f"{d['peak_kind']} peak" if limit == "peak_mib_max" and d.get("peak_kind") else ""
+                    note = ""
+                    if limit == "peak_mib_max" and d.get("peak_kind"):
+                        # Which peak the budget held (device: what the card holds; allocated; rss), and where.
+                        note = f"{d['peak_kind']} peak, in phase {phase_peak(rec, budget.phases)[1]}"
                     violations.append(Violation(label, limit, value, measured, note))
+    if any(limit in ESTIMATED_LIMITS for b in suite.budgets for limit in b.limits) and estimates:
+        notes.append("estimates cover the training phases only: a cell without a record is not held for its "
+                     "load, mask and quantize peaks")
     for est in estimates or []:
         cell = {**est.config, **est.labels}
         for budget in (b for b in suite.budgets if selector_matches(b.match, cell)):
@@ -109,6 +122,17 @@ def check(records: list[CellRecord], suite: Suite, baseline: list[CellRecord] | 
                     violations.append(Violation(_label(est.labels, est.cell_id) + " [estimated]", limit, value,
                                                 est.peak_mib))
     return violations, notes
+
+
+def _forward_peaks(records: list[CellRecord], derived: dict) -> dict[str, float]:
+    """Each cell's inference peak (its forward reference cell's training peak), from the derived ratio:
+    peak / (peak / inference); for a budget that holds other phases against it."""
+    out = {}
+    for rec in latest_by_cell(records):
+        d = derived[rec.cell_id]
+        if d.peak_over_inference and d.peak_mib:
+            out[rec.cell_id] = d.peak_mib / d.peak_over_inference
+    return out
 
 
 def _latency(rec: CellRecord, base: CellRecord | None, tolerance: float, label: str, notes: list) -> list:

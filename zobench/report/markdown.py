@@ -326,9 +326,15 @@ def phase_table(ok: list[dict], extras: list[str]) -> list[str]:
         peak, secs = phase_peak(r, p), get(r, f"phases.{p}.wall_s")
         return DASH if peak is None and secs is None else f"{mib(peak)} / {num(secs)} s"
 
-    cols: list[Column] = [(p, lambda r, p=p: cell(r, p)) for p in present]
+    def whole(r):
+        peak, where = get(r, "derived.cell_peak_mib"), get(r, "derived.cell_peak_phase")
+        return DASH if peak is None else f"{mib(peak)} ({where})"
+
+    cols: list[Column] = [(p, lambda r, p=p: cell(r, p)) for p in present] + [("whole cell MiB (phase)", whole)]
     intro = ("Peak MiB / seconds of each phase; the peak is reset at the start of each phase (on a GPU the "
-             "device memory the driver reported, else CUDA max allocated; on a CPU peak RSS).")
+             "device memory the driver reported, else CUDA max allocated; on a CPU peak RSS). The whole cell's "
+             "peak is the largest phase's: what a machine must hold to run the cell, and what `peak_mib_max` "
+             "holds unless its budget names phases.")
     return section("Memory by phase", intro, cols, ok, extras)
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from zobench.cell.record import CELL_PHASES
 from zobench.errors import UserError
 from zobench.files import MAX_CONFIG_BYTES, MAX_DEPTH, read_text
 from zobench.spec.claims import Claim, parse_claims
@@ -42,7 +43,7 @@ from zobench.spec.selectors import parse_selector, unknown_key
 SUITE_KEYS = ("name", "description", "defaults", "matrix", "exclude", "overrides", "budgets", "timeout_s",
               "reference", "lr_pilot", "claims")
 BUDGET_LIMITS = {
-    "peak_mib_max": "derived.peak_mib at most this (MiB)",
+    "peak_mib_max": "the whole cell's peak at most this (MiB): every phase, or the budget's `phases`",
     "peak_over_inference_max": "ZO peak / inference peak at most this",
     "step_over_two_forwards_max": "step median / two forward medians at most this",
     "accuracy_min": "test accuracy after training at least this (fraction)",
@@ -56,6 +57,9 @@ class Budget:
     match: dict[str, list]
     limits: dict[str, float]
     where: str
+    # The phases a peak limit holds: None = peak_mib_max over the whole cell (every phase it measured),
+    # peak_over_inference_max over the training phases (warm-up and train), as inference is measured there.
+    phases: tuple[str, ...] | None = None
 
 
 PILOT_OWNS = ("lr", "steps", "eval_every", "seed", "warmup_steps", "eval_before", "eval_after")
@@ -191,18 +195,25 @@ def _budgets(data: dict, where: str) -> list[Budget]:
     for i, item in enumerate(data.get("budgets") or []):
         w = f"{where}: budgets[{i}]"
         item = _mapping(item, w)
-        limits = {}
+        limits, phases = {}, None
         for k, v in item.items():
             if k == "match":
                 continue
+            if k == "phases":
+                if not isinstance(v, list) or not v or any(p not in CELL_PHASES for p in v):
+                    raise UserError(f"{w}.phases: expected a list of phases from {', '.join(CELL_PHASES)}")
+                phases = tuple(v)
+                continue
             if k not in BUDGET_LIMITS:
-                raise unknown_key(w, k, ["match", *BUDGET_LIMITS])
+                raise unknown_key(w, k, ["match", "phases", *BUDGET_LIMITS])
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or abs(v) == float("inf"):
                 raise UserError(f"{w}.{k}: expected a finite number ({BUDGET_LIMITS[k]})")
             limits[k] = float(v)
         if not limits:
             raise UserError(f"{w}: no limit given (one of: {', '.join(BUDGET_LIMITS)})")
-        budgets.append(Budget(parse_selector(item.get("match", {}), f"{w}.match"), limits, w))
+        if phases is not None and not {"peak_mib_max", "peak_over_inference_max"} & set(limits):
+            raise UserError(f"{w}.phases: only a peak limit (peak_mib_max, peak_over_inference_max) holds phases")
+        budgets.append(Budget(parse_selector(item.get("match", {}), f"{w}.match"), limits, w, phases))
     return budgets
 
 

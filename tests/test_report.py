@@ -22,7 +22,8 @@ from zobench.results import load_records
 DATA = Path(__file__).parent / "data"
 FIXTURE, GOLDEN = DATA / "report_fixture.jsonl", DATA / "report_golden.md"
 PNG = b"\x89PNG\r\n\x1a\n"
-ALL_PLOTS = {"memory.png", "step_breakdown.png", "loss.png", "dev_accuracy.png", "memory_vs_accuracy.png"}
+ALL_PLOTS = {"memory.png", "memory_by_phase.png", "step_breakdown.png", "loss.png", "dev_accuracy.png",
+             "memory_vs_accuracy.png"}
 
 
 @pytest.fixture(scope="module")

@@ -116,6 +116,37 @@ def memory_bars(ok: list[dict], extras: list[str]):
     return fig
 
 
+PHASE_COLORS = {"load": "#7f7f7f", "mask": "#8c564b", "quantize": "#e377c2", "eval_before": "#c7c7c7",
+                "warmup": "#aec7e8", "train": "#1f77b4", "eval_after": "#dbdb8d", "eval_best": "#bcbd22"}
+
+
+def phase_bars(ok: list[dict], extras: list[str]):
+    """Peak memory of every phase of every cell, side by side, with the estimate (which prices the training
+    phases) as a black tick: where a cell's whole peak is, and whether the estimate sees it."""
+    cells = [r for r in ok if r.get("phases")]
+    if not cells:
+        return None
+    phases = [p for p in PHASE_COLORS if any(p in r["phases"] for r in cells)]
+    width = 0.8 / len(phases)
+    fig, ax = _figure(max(6.0, 0.25 * len(cells) * len(phases) + 3.5), 4.5, "", "", "peak memory (MiB)")
+    for i, r in enumerate(cells):
+        kind = get(r, "derived.peak_kind") or "rss"
+        key = {"device": "device_peak_mib", "allocated": "cuda_max_allocated_mib"}.get(kind, "peak_rss_mib")
+        for j, p in enumerate(phases):
+            v = get(r, f"phases.{p}.{key}")
+            if isinstance(v, (int, float)):
+                ax.bar(i - 0.4 + (j + 0.5) * width, v, width=width, color=PHASE_COLORS[p])
+        est = get(r, "estimate.peak_mib")
+        if isinstance(est, (int, float)):
+            ax.hlines(est, i - 0.45, i + 0.45, colors="black", linewidth=1.5)
+    ax.set_xticks(range(len(cells)), [f"{method(r)} {quant(r)}" + (f" {pct(density(r))}" if density(r) is not None
+                                                                 else "") for r in cells],
+                  rotation=30, ha="right", fontsize="small")
+    ax.set_title("Peak memory by phase (black: the estimate of the training peak)")
+    _legend(ax, {p: PHASE_COLORS[p] for p in phases})
+    return fig
+
+
 def step_breakdown(ok: list[dict], extras: list[str]):
     """Median milliseconds per part of a step, stacked: where a ZO step's time goes."""
     cells = [r for r in ok if get(r, "metrics.step_parts_s")]
@@ -256,6 +287,7 @@ def memory_vs_accuracy(ok: list[dict], extras: list[str]):
 
 
 PLOTS = (("memory", "Peak memory per cell", memory_bars),
+         ("memory_by_phase", "Peak memory by phase", phase_bars),
          ("step_breakdown", "Step time by part", step_breakdown),
          ("loss", "Training loss vs step", loss_curves),
          ("dev_accuracy", "Dev accuracy vs step", dev_curves),

@@ -110,6 +110,9 @@ def test_records_are_typed_raw_measurements(two_runs):
     assert rnd.metrics.get("restore_drift_frac_changed") == 0.0
     assert rnd.metrics.forward_ref_s.n == rnd.metrics.step_s.n == 2  # one reference forward per timed step
     assert rnd.metrics.step_over_ref.n == 2  # and one ratio per pair, each step over its own two forwards
+    passes = rnd.metrics.get("zo_passes")  # which kernel ran the ZO passes, and at what bandwidth
+    assert set(passes["paths"]) <= {"c-openmp", "torch"} and sum(passes["paths"].values()) > 0
+    assert passes["pass_gb_s"] > 0 and passes["copy_gb_s"] > 0
     assert rnd.metrics.step_over_ref.p10 <= rnd.metrics.step_over_ref.median <= rnd.metrics.step_over_ref.p90
     assert len(full.metrics.get("loss_curve")) == 3  # warm-up steps are in the loss curve, not the timings
 

@@ -304,3 +304,20 @@ def test_generator_setting_and_cell_identity():
     assert cell_id(old) != cell_id(cfg)
     with pytest.raises(UserError, match="generator"):
         CellConfig.from_dict({"generator": "mt19937"})
+
+
+def test_pass_stats_say_which_kernel_ran_and_count_the_bytes():
+    """A record names the implementation that ran its passes (``zo_passes``): the counters split by path, and
+    the bytes are every value read and written (a master's too, an index read)."""
+    live = torch.zeros(1000)
+    fused.pass_stats(reset=True)
+    fused.zpass(live, 0, "rademacher", [(1, 0.5)])
+    with fused.torch_fallback():
+        fused.zpass(live, 0, "rademacher", [(1, -0.5)])
+    master, index = torch.zeros(10), torch.arange(10, dtype=torch.int64)
+    fused.zpass(live, 0, "rademacher", [(2, 0.1)], master=master, index=index)
+    stats = fused.pass_stats(reset=True)
+    assert stats["calls"].get("torch") == 1 + (fused.path() == "torch") * 2
+    assert sum(stats["calls"].values()) == 3 and stats["seconds"] > 0
+    assert stats["bytes"] == 2 * 1000 * 4 * 2 + 10 * (2 * 4 + 8 + 8)
+    assert fused.pass_stats()["calls"] == {}  # reset

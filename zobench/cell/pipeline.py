@@ -23,7 +23,7 @@ from zobench.cell.predictions import Predictions
 from zobench.cell.record import CellRecord, Metrics
 from zobench.cell.run import Run, resolve_device
 from zobench.cell.selection import DevSelection
-from zobench.cell.timing import ForwardReference, Phases, StepTiming
+from zobench.cell.timing import ForwardReference, Phases, StepTiming, zo_passes
 from zobench.errors import Unsupported, UserError
 from zobench.files import cache_dir
 from zobench.methods import get_method
@@ -33,6 +33,7 @@ from zobench.quant.sparse import SparseDelta
 from zobench.spec.config import CellConfig
 from zobench.spec.matrix import cell_id, identity
 from zobench.tasks import get_task, scoring
+from zobench.zo import fused
 from zobench.zo.masks import linear_layers, scoped_params
 from zobench.zo.trainable import measure_restore_drift
 from zobench.zo.trainer import replay
@@ -213,6 +214,7 @@ class Pipeline:
         elif getattr(stepper, "numel", None) is not None:
             self.metrics.set(trainable_numel=stepper.numel)
         self.stepper, self.trainable = stepper, trainable
+        fused.pass_stats(reset=True)  # this cell's passes from here (the mask's or an earlier cell's are not)
         reference = None if self.info.family == "reference" else ForwardReference(run.model, run.loss_fn)
         timing, self.selection = StepTiming(), DevSelection(trainable, to_disk=cfg.eval_after)
         stream = run.batches()
@@ -226,6 +228,7 @@ class Pipeline:
                     self.step(stepper, next(stream), i, timing, name == "train", reference)
         timing.flush(stepper)  # the last update, folded into no next step: now the weights are the trained ones
         timing.into(self.metrics, reference)
+        self.metrics.set(zo_passes=zo_passes(run.model))
 
     def step(self, stepper, examples: list, i: int, timing: "StepTiming", timed: bool, reference) -> None:
         run = self.run_state

@@ -125,9 +125,7 @@ SCALARS = {
     "resumed_from_step": (int,), "segments": (int,), "packed": (bool,), "best_weights": (str,),
 }
 STATS = ("step_s", "forward_ref_s", "step_over_ref")
-# Every phase a cell may measure, in the order they run: the whole cell's peak is the largest of them.
-CELL_PHASES = ("load", "mask", "quantize", "eval_before", "warmup", "train", "eval_after", "eval_best")
-MAPPINGS = ("test_before", "test_after", "truncated", "best_dev", "test_best")
+MAPPINGS = ("test_before", "test_after", "truncated", "best_dev", "test_best", "zo_passes")
 SERIES = ("loss_curve", "dev_curve", "trajectory")
 
 

@@ -9,8 +9,10 @@ import time
 import torch
 
 from zobench.cell.record import Metrics, PhaseMeasure, Stats
+from zobench.measure.bandwidth import copy_gb_s
 from zobench.measure.phases import phase
 from zobench.quant.sparse import sparse_bypassed
+from zobench.zo import fused
 from zobench.zo.trainer import ForwardOnly
 
 
@@ -86,3 +88,18 @@ class StepTiming:
         if self.seconds:
             m.set(tokens_per_s=sum(self.tokens) / sum(self.seconds),
                   tokens_per_step=sum(self.tokens) / len(self.tokens))
+
+
+def zo_passes(model: torch.nn.Module) -> dict | None:
+    """What this cell's ZO passes over the trainable values did since the last ``fused.pass_stats(reset=True)``
+    (the start of its training): which implementation ran them (calls per path: ``c-openmp``, ``torch``),
+    their throughput in GB/s (bytes read and written over the passes' seconds) and, beside it, a plain copy
+    of the model's weights measured now, in the same process. None where no pass ran (first-order methods,
+    the torch.Generator directions)."""
+    stats = fused.pass_stats(reset=True)
+    if not stats["calls"]:
+        return None
+    gb_s = stats["bytes"] / stats["seconds"] / 1e9 if stats["seconds"] > 0 else None
+    copy = copy_gb_s([p for p in model.parameters()])
+    return {"paths": stats["calls"], "pass_gb_s": gb_s, "copy_gb_s": copy,
+            "pass_over_copy": gb_s / copy if gb_s and copy else None}

@@ -375,6 +375,15 @@ def step_table(ok: list[dict], extras: list[str]) -> list[str]:
     cols: list[Column] = [(p, lambda r, p=p: num(ms(get(r, f"metrics.step_parts_s.{p}.median")))) for p in present]
     cols.append(("step", lambda r: num(ms(get(r, "metrics.step_s.median")))))
     intro = "Median milliseconds of each part of a training step (a ZO step perturbs twice per direction)."
+    if any(get(r, "metrics.zo_passes") for r in timed):
+        def passes(r):
+            gb, x = get(r, "metrics.zo_passes.pass_gb_s"), get(r, "metrics.zo_passes.pass_over_copy")
+            paths = "+".join(sorted(get(r, "metrics.zo_passes.paths") or {})) or DASH
+            return DASH if gb is None else f"{gb:.1f} ({x:.2f}) {paths}" if x is not None else f"{gb:.1f} {paths}"
+        cols.append(("ZO passes GB/s (x copy), kernel", passes))
+        intro += (" ZO passes: bytes the cell's passes over its trainable values read and wrote, over their "
+                  "seconds, beside a plain copy of the model's weights measured in the same process, and the "
+                  "kernel that ran them (c-openmp: the fused Philox kernel; torch: its fallback).")
     if any(get(r, "phases.train.other_cpus") is not None for r in timed):
         cols.append(("other CPUs", lambda r: num(get(r, "phases.train.other_cpus"))))
         intro += (" Other CPUs: the average number of CPUs busy with other work on the machine while the cell "

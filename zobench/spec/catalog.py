@@ -121,3 +121,8 @@ TASKS = _registry("task", TASK_INFO, lambda t: t.name)
 def method_settings() -> set[str]:
     """Every method-specific config key: a cell's identity drops those its own method does not use."""
     return {key for m in METHOD_INFO for key in m.settings}
+
+
+# Every phase a cell may measure, in the order they run: the whole cell's peak is the largest of them, and a
+# budget may name the ones it holds.
+CELL_PHASES = ("load", "mask", "quantize", "eval_before", "warmup", "train", "eval_after", "eval_best")

@@ -32,9 +32,9 @@ from typing import Any
 
 import yaml
 
-from zobench.cell.record import CELL_PHASES
 from zobench.errors import UserError
 from zobench.files import MAX_CONFIG_BYTES, MAX_DEPTH, read_text
+from zobench.spec.catalog import CELL_PHASES
 from zobench.spec.claims import Claim, parse_claims
 from zobench.spec.config import CellConfig, refuse_file_keys
 from zobench.spec.matrix import expand

@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import os
 import threading
+import time
 from typing import Sequence
 
 import torch
@@ -35,6 +36,8 @@ C_PATH, TORCH_PATH = "c-openmp", "torch"
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library or None, "reason": why None
+# What the passes of this process did: calls per path, bytes read and written, seconds (``pass_stats``).
+_passes: dict = {"calls": {}, "bytes": 0, "seconds": 0.0}
 _forced = [False]  # torch_fallback() in force
 
 
@@ -127,10 +130,28 @@ def zpass(live: torch.Tensor, offset: int, direction: str, terms: Sequence[tuple
     if not -1 <= decay_at <= len(terms):
         raise ValueError("decay position out of range")
     args = (live, offset, direction, seeds, coefs, len(terms), decay_at, factor, master, index)
+    t = time.perf_counter()
     if _c_can_run(live, master, index):
         c_pass(_state["lib"], *args)
+        way = C_PATH
     else:
         philox.run_pass(*args)
+        way = TORCH_PATH
+    _passes["seconds"] += time.perf_counter() - t
+    n = master.numel() if master is not None else live.numel()
+    # each touched live value read and written, the master's too, the index read
+    _passes["bytes"] += n * (2 * live.element_size() + (8 if master is not None else 0)
+                             + (8 if index is not None else 0))
+    _passes["calls"][way] = _passes["calls"].get(way, 0) + 1
+
+
+def pass_stats(reset: bool = False) -> dict:
+    """The passes this process ran since the last reset: ``{"calls": {path: n}, "bytes", "seconds"}``, the
+    bytes being those read and written (live values, float32 masters, indices)."""
+    out = {"calls": dict(_passes["calls"]), "bytes": _passes["bytes"], "seconds": _passes["seconds"]}
+    if reset:
+        _passes.update(calls={}, bytes=0, seconds=0.0)
+    return out
 
 
 def c_pass(lib: ctypes.CDLL, live: torch.Tensor, offset: int, direction: str, seeds: list[int],

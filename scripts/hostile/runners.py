@@ -7,7 +7,7 @@ import signal
 import subprocess
 import time
 
-from hostile.harness import Result, kill_group, token_procs
+from hostile.harness import Result, _read, kill_group, token_procs
 
 
 def proc_with(*needles: str):
@@ -108,6 +108,8 @@ def concurrent_runner(args, n: int = 2, stagger: float = 0.5):
         res.rc = next((c for c in codes if c != 0), 0)
         res.seconds = round(time.monotonic() - t0, 2)
         res = ctx.finish(res, tags=[f"cmd{i}" for i in range(n)])
+        if res.rc:  # the message rules judge the run that refused; the others' progress is not its message
+            res.stderr = "".join(_read(ctx.dir / f"cmd{i}.stderr") for i, c in enumerate(codes) if c == res.rc)
         for proc in procs:
             kill_group(proc.pid)
         return res

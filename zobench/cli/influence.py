@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from zobench.cell.delta import claim_target, read
-from zobench.cli.common import HELP, at_least, fraction, positive_float
+from zobench.cli.common import HELP, at_least, fraction, one_line, positive_float
 from zobench.errors import EXIT_OK, UserError
 from zobench.files import atomic_write
 from zobench.influence.cache import build_cache, cache_meta, load_cache_dir
@@ -116,9 +116,14 @@ def _cache(args) -> int:
     if args.address and args.executor != "ray":
         raise UserError(f"--address {args.address}: only --executor ray joins a cluster")
     # On Ray the workers take the cluster's GPUs when it has any; a local build stays on this CPU.
-    stats = build_cache(spec, examples, args.out, workers=args.workers, progress=progress,
-                        device="auto" if args.executor == "ray" else "cpu", executor=args.executor,
-                        address=args.address)
+    try:
+        stats = build_cache(spec, examples, args.out, workers=args.workers, progress=progress,
+                            device="auto" if args.executor == "ray" else "cpu", executor=args.executor,
+                            address=args.address)
+    except UserError as e:  # the model the delta named failed: say which delta named it
+        if args.model is not None or not args.delta or str(args.delta) in str(e):
+            raise
+        raise UserError(f"--delta {args.delta}: its base model: {one_line(e)}") from None
     for w in stats.get("per_worker", []):
         rate_w = f"{w['examples_per_s']:.2f} examples/s" if w["examples_per_s"] else "no rows"
         print(f"  worker {w['worker']}: {w['rows']} rows, {rate_w}"

@@ -22,6 +22,7 @@ cell's record once.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -89,7 +90,9 @@ class RayExecutor(Executor):
             res = self.resources(cell)
             ref = task.options(num_returns="streaming", max_retries=self.max_retries, retry_exceptions=False,
                                name=f"zobench-cell-{cell.cell_id}", **res).remote(
-                cell.config.to_dict(), timeout_s, res["num_cpus"], res["num_gpus"] == 0)
+                cell.config.to_dict(), timeout_s, res["num_cpus"], res["num_gpus"] == 0,
+                # on a private instance the task runs on this machine and can watch this process
+                os.getpid() if self.started_here else None)
             self.pending[ref] = _Running(cell)
         self.queue.clear()
         while self.pending:

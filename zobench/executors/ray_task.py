@@ -18,12 +18,25 @@ from zobench.executors.child import death_reason, end_of
 from zobench.procs import CHILD_ENV, THREAD_VARS
 
 
-def cell_task(config: dict, timeout_s: float, threads: int, cpu_only: bool):
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def cell_task(config: dict, timeout_s: float, threads: int, cpu_only: bool, driver_pid: int | None = None):
     """The Ray task (a streaming generator): run one cell in a fresh child process, yield its messages.
 
     Yields {"kind": "start", ...}, {"kind": "progress", "event"}..., then {"kind": "end", "record" | "status",
     "reason", "tail", "execution"}. Everything the cell does wrong comes back as an "end" message; only a
-    dying worker or node makes the task itself fail (and Ray retry it)."""
+    dying worker or node makes the task itself fail (and Ray retry it). With ``driver_pid`` (a private Ray
+    instance: the driver is on this machine) the task checks every second that the driver lives, and ends
+    the cell and its own worker when it does not: a driver killed outright leaves no cell running, whatever
+    Ray's daemons take to notice."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(CHILD_ENV, **{v: str(threads) for v in THREAD_VARS}, ZOBENCH_PARENT_PID=str(os.getpid()))
     if cpu_only:
@@ -46,7 +59,11 @@ def cell_task(config: dict, timeout_s: float, threads: int, cpu_only: bool):
                 proc.kill()
                 end = {"status": "timeout", "reason": f"timed out after {timeout_s:.0f} s; killed"}
                 break
-            if not select.select([read_fd], [], [], left)[0]:
+            if not select.select([read_fd], [], [], min(left, 1.0))[0]:
+                if driver_pid is not None and not alive(driver_pid):
+                    proc.kill()
+                    proc.wait()
+                    os._exit(1)  # the worker too: nobody will read what it yields
                 continue
             chunk = os.read(read_fd, 1 << 20)
             if not chunk:

@@ -285,3 +285,15 @@ def test_a_run_killed_outright_takes_its_running_cell_with_it(tmp_path):
     # No cell trains on unwatched: the kernel ends it (PR_SET_PDEATHSIG), and a cell that reports progress
     # would also fail its next message on the closed pipe (so this held before the signal was set too).
     assert _gone(cell)
+
+
+def test_the_train_summary_skips_splits_without_a_score():
+    """A run with no test examples scores nothing there ({"accuracy": None}): the one-line summary says what
+    it has (the best dev score) and never crashes after the record is written."""
+    from zobench.cell.record import CellRecord, Metrics
+    from zobench.cli.train import _summary
+
+    m = Metrics()
+    m.set(steps_done=3, final_loss=0.5, test_after={"accuracy": None}, best_dev={"accuracy": 0.71})
+    line = _summary(CellRecord(cell_id="c", config={"method": "sensitive"}, metrics=m))
+    assert "test_after" not in line and "best_dev=accuracy:0.710" in line

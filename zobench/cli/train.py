@@ -122,9 +122,10 @@ def _summary(rec) -> str:
     m = rec.metrics
     parts = [f"method={rec.config['method']}", f"steps={m.get('steps_done')}",
              f"final_loss={m.get('final_loss'):.4f}" if m.get("final_loss") is not None else ""]
-    for when in ("test_before", "test_after"):
-        if m.get(when):
-            parts.append(f"{when}=" + ",".join(f"{k}:{v:.3f}" for k, v in m.get(when).items()))
+    for when in ("test_before", "test_after", "best_dev"):
+        scores = {k: v for k, v in (m.get(when) or {}).items() if isinstance(v, (int, float))}
+        if scores:  # a split with no examples (n_test 0) has no score to show
+            parts.append(f"{when}=" + ",".join(f"{k}:{v:.3f}" for k, v in scores.items()))
     if m.get("density_obtained") is not None:
         parts.append(f"density={m.get('density_obtained'):.3g}")
     if m.step_s:

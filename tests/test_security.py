@@ -530,3 +530,14 @@ def test_a_report_never_removes_plots_through_a_link(tmp_path, capsys):
 def test_a_mistyped_flag_is_named_even_when_a_required_one_is_missing(capsys):
     code, err = run(capsys, "influence", "query", "--cache", "c", "--instrucion", "x", "--generation", "g")
     refused(code, err, "unknown flag --instrucion", "did you mean --instruction?")
+
+
+def test_a_key_with_a_newline_still_gives_one_line():
+    """A name read from a file may hold control characters; the refusal stays one line (found by the fuzz
+    test: a delta config key '\\n')."""
+    from zobench.cell.delta_check import check_config
+    from zobench.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        check_config({"\n": 1}, "d/delta.json: config")
+    assert "\n" not in str(e.value) and "unknown key '\\n'" in str(e.value)

@@ -14,7 +14,18 @@ EXIT_INTERRUPTED = 130
 
 
 class UserError(Exception):
-    """Bad input from the user; the message names what was wrong and what was expected."""
+    """Bad input from the user; the message names what was wrong and what was expected. It is one line by
+    construction: control characters that a name or value read from a file brought into it (a key may hold
+    a newline) are escaped, as ``shown`` does."""
+
+    def __init__(self, *args):
+        if args and isinstance(args[0], str):
+            args = (_printable(args[0]), *args[1:])
+        super().__init__(*args)
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class OutputError(UserError):
@@ -32,5 +43,5 @@ def shown(value, limit: int = 60) -> str:
     """A name or value read from a file, fit for a one-line message: control characters escaped (a key
     may hold a newline), cut to ``limit`` characters."""
     text = value if isinstance(value, str) else repr(value)
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    text = _printable(text)
     return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -182,10 +182,7 @@ def peak_kind(rec: CellRecord) -> str:
 
 def train_peak_mib(rec: CellRecord) -> float | None:
     """The training peak (``peak_kind``), the larger of warm-up and train."""
-    key = PEAK_KEYS[peak_kind(rec)]
-    vals = [getattr(rec.phases[p], key) for p in TRAIN_PHASES if p in rec.phases]
-    vals = [v for v in vals if v is not None]
-    return max(vals) if vals else None
+    return phase_peak(rec, TRAIN_PHASES)[0]
 
 
 def phase_peak(rec: CellRecord, phases: Iterable[str] | None = None) -> tuple[float | None, str | None]:

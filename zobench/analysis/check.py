@@ -109,7 +109,8 @@ def check(records: list[CellRecord], suite: Suite, baseline: list[CellRecord] | 
                     note = ""
                     if limit == "peak_mib_max" and d.get("peak_kind"):
                         # Which peak the budget held (device: what the card holds; allocated; rss), and where.
-                        note = f"{d['peak_kind']} peak, in phase {phase_peak(rec, budget.phases)[1]}"
+                        where = phase_peak(rec, budget.phases)[1] if budget.phases else d.get("cell_peak_phase")
+                        note = f"{d['peak_kind']} peak, in phase {where}"
                     violations.append(Violation(label, limit, value, measured, note))
     if any(limit in ESTIMATED_LIMITS for b in suite.budgets for limit in b.limits) and estimates:
         notes.append("estimates cover the training phases only: a cell without a record is not held for its "

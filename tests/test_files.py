@@ -15,7 +15,7 @@ import pytest
 from helpers import limit_file_size, unprivileged
 
 from zobench.errors import OutputError, UserError
-from zobench.files import append_line, read_text
+from zobench.files import MAX_DEPTH, append_line, parse_json, read_text
 from zobench.outdirs import check_output_dir, check_output_file
 
 
@@ -113,3 +113,18 @@ def test_a_read_only_directory_is_found_by_the_probe(tmp_path):
     finally:
         ro.chmod(0o755)
     assert r.returncode != 0 and "directory is not writable" in r.stderr
+
+
+@pytest.mark.parametrize("opener", ["[", '{"k": '])
+def test_the_depth_limit_is_exact_whatever_shortcut_reading_takes(opener):
+    """parse_json skips its walk when the text has fewer brackets than the limit: at the limit and one beyond
+    it, with brackets inside strings to mislead a count, the verdict is the walk's."""
+    closer = "]" if opener == "[" else "}"
+
+    def nested(depth: int) -> str:
+        return opener * (depth - 1) + '["[[{{", "]]"]' + closer * (depth - 1)
+
+    assert parse_json(nested(MAX_DEPTH), "x.json") is not None
+    with pytest.raises(UserError, match="nested deeper"):
+        parse_json(nested(MAX_DEPTH + 1), "x.json")
+    assert parse_json(nested(2).encode(), "x.json") is not None  # bytes are walked, never counted

@@ -22,11 +22,11 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from zobench.cell.record import CellRecord, SchemaError
 from zobench.errors import UserError
-from zobench.files import MAX_RECORD_BYTES, append_line, parse_json, text_lines
+from zobench.files import MAX_RECORD_BYTES, append_line, gc_paused, parse_json, text_lines
 from zobench.gates.pandas import data_frame
 from zobench.spec import catalog
 from zobench.spec.matrix import reference_key
@@ -43,25 +43,35 @@ def append_record(path: str | Path, record: CellRecord | dict) -> None:
 
 def read_json_lines(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, object) for every line of a results file (see the module docstring)."""
-    path = Path(path)
-    lines = list(text_lines(path, "results file", MAX_RECORD_BYTES))
-    out = []
-    for n, line in lines:
-        if not line.strip():
-            continue
-        try:
-            obj = parse_json(line, f"{path}:{n}")
-        except UserError as e:
-            if n == len(lines) and not line.endswith("\n"):  # an append that was cut short
-                print(f"zobench: warning: {path}:{n}: skipped a torn last line (an interrupted append)",
-                      file=sys.stderr)
-                continue
-            raise UserError(f"{path}:{n}: not a JSON record ({str(e).split('(', 1)[-1].rstrip(')')}); the results "
-                            f"file is corrupt") from None
-        if not isinstance(obj, dict) or "cell_id" not in obj:
-            raise UserError(f"{path}:{n}: not a zobench record (no 'cell_id')")
-        out.append((n, obj))
-    return out
+    with gc_paused():
+        return list(_json_lines(Path(path)))
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """``read_json_lines`` one line at a time: a line is parsed when the next one has been read, so that the
+    last line, where an interrupted append leaves a torn one, is known as the last."""
+    held = None
+    for n, line in text_lines(path, "results file", MAX_RECORD_BYTES):
+        if held is not None:
+            yield _parse_line(path, *held, last=False)
+        held = (n, line) if line.strip() else None
+    if held is not None and (parsed := _parse_line(path, *held, last=True)) is not None:
+        yield parsed
+
+
+def _parse_line(path: Path, n: int, line: str, last: bool) -> tuple[int, dict] | None:
+    try:
+        obj = parse_json(line, f"{path}:{n}")
+    except UserError as e:
+        if last and not line.endswith("\n"):  # an append that was cut short
+            print(f"zobench: warning: {path}:{n}: skipped a torn last line (an interrupted append)",
+                  file=sys.stderr)
+            return None
+        raise UserError(f"{path}:{n}: not a JSON record ({str(e).split('(', 1)[-1].rstrip(')')}); the results "
+                        f"file is corrupt") from None
+    if not isinstance(obj, dict) or "cell_id" not in obj:
+        raise UserError(f"{path}:{n}: not a zobench record (no 'cell_id')")
+    return n, obj
 
 
 def is_influence(obj: dict) -> bool:
@@ -69,15 +79,17 @@ def is_influence(obj: dict) -> bool:
 
 
 def load_records(path: str | Path) -> list[CellRecord]:
-    """The typed records of a suite's results file, in file order."""
+    """The typed records of a suite's results file, in file order (each line typed as it is read: the
+    parsed JSON of 100,000 records is never held at once)."""
     out = []
-    for n, obj in read_json_lines(path):
-        if is_influence(obj):
-            raise UserError(f"{path}:{n}: an influence suite's record; `zobench report {path}` renders it")
-        try:
-            out.append(CellRecord.from_json(obj))
-        except SchemaError as e:
-            raise UserError(f"{path}:{n}: {e}") from None
+    with gc_paused():
+        for n, obj in _json_lines(Path(path)):
+            if is_influence(obj):
+                raise UserError(f"{path}:{n}: an influence suite's record; `zobench report {path}` renders it")
+            try:
+                out.append(CellRecord.from_json(obj))
+            except SchemaError as e:
+                raise UserError(f"{path}:{n}: {e}") from None
     return out
 
 

@@ -98,12 +98,13 @@ def check(records: list[CellRecord], suite: Suite, baseline: list[CellRecord] | 
     base = {r.cell_id: r for r in latest_by_cell(baseline or []) if r.ok}
     for rec in (r for r in latest_by_cell(records) if r.ok):
         cell, label = {**rec.config, **rec.labels}, _label(rec.labels, rec.cell_id)
+        d = None
         for budget in (b for b in suite.budgets if selector_matches(b.match, cell)):
             for limit, value in budget.limits.items():
                 if limit == "latency_tolerance":
                     violations += _latency(rec, base.get(rec.cell_id), value, label, notes)
                     continue
-                d = derived[rec.cell_id].to_dict()
+                d = d or derived[rec.cell_id].to_dict()
                 measured = measured_value(rec, d, limit, budget.phases, forwards.get(rec.cell_id))
                 if measured is not None and _broken(limit, value, measured):
                     note = ""

@@ -45,7 +45,9 @@ class SchemaError(UserError):
 
 
 def _check(value, kinds, name: str):
-    if value is None or (isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)):
+    if value is None or type(value) in kinds:  # what json builds: exact types (the common case, fast)
+        return value
+    if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
         return value
     shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
     expected = " or ".join(k.__name__ for k in kinds)
@@ -107,9 +109,8 @@ class PhaseMeasure:
         d = dict(d)
         if "seconds" in d:  # schema 1
             d["wall_s"] = d.pop("seconds")
-        known = {f.name for f in fields(cls)}
         return cls(**{k: _check(v, (str,) if k == "device_source" else NUMBER, f"{name}.{k}")
-                      for k, v in d.items() if k in known})
+                      for k, v in d.items() if k in _PHASE_FIELDS})
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -220,8 +221,7 @@ class Execution:
         if d is None:
             return None
         _check(d, (dict,), "execution")
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: v for k, v in d.items() if k in _EXECUTION_FIELDS})
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -320,6 +320,10 @@ class CellRecord:
         if self.warnings:
             out["warnings"] = self.warnings
         return out
+
+
+_PHASE_FIELDS = frozenset(f.name for f in fields(PhaseMeasure))
+_EXECUTION_FIELDS = frozenset(f.name for f in fields(Execution))
 
 
 def _default(key: str):

@@ -7,6 +7,7 @@ or the same as text (``method=random|sensitive,quant=nf4``).
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Any
 
 import yaml
@@ -42,15 +43,23 @@ def parse_selector(sel: Any, where: str) -> dict[str, list]:
 
 
 def _number(x):
-    if isinstance(x, str):
-        try:
-            return float(x)  # YAML reads "1e-3" (no dot) as text
-        except ValueError:
-            return x
-    return x
+    return _text_number(x) if isinstance(x, str) else x
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_number(x: str):
+    """YAML reads "1e-3" (no dot) as text: a string that is a number compares as one. Cached: a check over
+    100,000 records asks the same few strings (method names, backends) again and again, and each failed
+    ``float`` is an exception."""
+    try:
+        return float(x)
+    except ValueError:
+        return x
 
 
 def _same(a, b) -> bool:
+    if a == b and type(a) is type(b):
+        return True
     a, b = _number(a), _number(b)
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return abs(float(a) - float(b)) <= 1e-12 * max(abs(float(a)), abs(float(b)), 1.0)

@@ -173,7 +173,8 @@ def test_step_ratio_falls_back_to_the_forward_cell_without_in_cell_forwards():
 def test_a_step_below_two_forwards_is_the_limit_or_a_fault_never_a_figure(pairs, shown):
     """Per-pair ratios give the figure and its spread; a step cannot cost less than two forwards, so a median
     below 1.00 is read as the limit where its spread reaches 1.00 and flagged as a fault where it does not."""
-    from zobench.report.markdown import step_ratio
+    from zobench.report.cells import CellView
+    from zobench.report.tables import step_ratio
 
     rec = _rec("random", 5.0, ref=2.0)  # 1.25 by medians: the pairs take precedence
     rec.metrics.set(step_over_ref=Stats(*pairs, 10))
@@ -181,7 +182,7 @@ def test_a_step_below_two_forwards_is_the_limit_or_a_fault_never_a_figure(pairs,
     assert (d.step_over_two_forwards, d.step_over_two_forwards_p10, d.step_over_two_forwards_p90) == pairs
     assert d.forward_ref == "in-cell pairs"
     assert d.step_timing == {1.21: None, 0.97: "at limit", 0.85: "fault"}[pairs[0]]
-    assert step_ratio({**rec.to_json(), "derived": d.to_dict()}) == shown
+    assert step_ratio(CellView.of(rec, d)) == shown
 
 
 def test_a_re_run_reference_is_the_latest_record_of_that_cell():

@@ -98,6 +98,27 @@ def test_every_declared_method_is_registered_and_declares_a_known_family():
     assert f"r={LORA_R} on {'/'.join(LORA_TARGETS)}" in lora
 
 
+def test_trainables_and_steppers_declare_what_they_can_do_and_implement_exactly_that():
+    """The cell asks a trainable whether it snapshots or saves its weights raw, and a stepper whether a
+    checkpoint can resume it, without probing: each declaration must match what the class implements."""
+    from zobench.zo.fo import FOTrainer
+    from zobench.zo.trainable import Trainable
+    from zobench.zo.trainer import ForwardOnly, Stepper, ZOTrainer
+
+    def subclasses(cls):
+        return {c for s in cls.__subclasses__() for c in {s} | subclasses(s)}
+
+    shapes = subclasses(Trainable)  # importing zobench.methods imported every one (LeZO's LayerSubset too)
+    assert {c.__name__ for c in shapes} >= {"DenseTrainable", "SparseTrainable", "LayerSubset"}
+    for cls in shapes:
+        assert cls.snapshots == (cls.snapshot is not Trainable.snapshot), cls
+        assert cls.saves_raw == (cls.save_raw is not Trainable.save_raw) == (cls.load_raw is not Trainable.load_raw)
+    assert {c.__name__ for c in shapes if c.snapshots} == {"SparseTrainable"}
+    assert {c.__name__ for c in shapes if c.saves_raw} == {"DenseTrainable", "LayerSubset"}
+    assert subclasses(Stepper) >= {ZOTrainer, ForwardOnly, FOTrainer}
+    assert [c.resumable for c in (ZOTrainer, ForwardOnly, FOTrainer)] == [True, False, False]
+
+
 def test_validating_a_suite_imports_no_torch():
     code = ("import sys; from zobench.spec.suite import load_suite; from zobench.spec.matrix import select_cells; "
             "cells = select_cells(load_suite('suites/smollm2-quant.yaml')); assert len(cells) == 16; "

@@ -37,6 +37,12 @@ def rendered(records, tmp_path_factory) -> Path:
     return render_report(records, tmp_path_factory.mktemp("a") / "report.md")
 
 
+def with_metrics(**values) -> CellRecord:
+    rec = CellRecord("c")
+    rec.metrics.set(**values)
+    return rec
+
+
 def links(md: str) -> list[str]:
     return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
 
@@ -99,11 +105,11 @@ def test_point_labels_never_overlap(records):
     from zobench.report import views
     from zobench.report.plots import memory_vs_accuracy
 
-    recs = [r for r in views(records) if r.get("status") == "ok"]
+    recs = [r for r in views(copy.deepcopy(records)) if r.ok]
     for r in recs:  # every point on one spot: the worst case
-        r["derived"]["peak_mib"] = 500.0
-        if r.get("metrics", {}).get("test_after"):
-            r["metrics"]["test_after"] = {"accuracy": 0.5}
+        r.derived.peak_mib = 500.0
+        if r.metrics.get("test_after"):
+            r.metrics.set(test_after={"accuracy": 0.5})
     fig = memory_vs_accuracy(recs, [])
     renderer = FigureCanvasAgg(fig).get_renderer()
     fig.draw(renderer)
@@ -132,7 +138,7 @@ def test_cells_timed_beside_other_work_are_flagged(records, tmp_path):
 
 
 def test_lr_choices_at_the_grid_edge_or_from_a_flat_dev_say_so():
-    from zobench.report.markdown import lr_caveat
+    from zobench.report.learning_rates import lr_caveat
 
     grid = [3e-7, 1e-6, 3e-6]
     assert lr_caveat({"grid": grid, "dev": [0.63, 0.635, 0.645], "chosen": 3e-6}) == " (grid edge)"
@@ -144,29 +150,29 @@ def test_lr_choices_at_the_grid_edge_or_from_a_flat_dev_say_so():
 
 
 def test_a_run_whose_dev_fell_after_the_pilot_says_so():
-    from zobench.report.markdown import run_dev
+    from zobench.report.learning_rates import run_dev
 
     def rec(accs, n_dev=200):
         curve = [{"step": 100 * (i + 1), "accuracy": a} for i, a in enumerate(accs)]
-        return {"metrics": {"dev_curve": curve, "n_dev": n_dev}}
+        return with_metrics(dev_curve=curve, n_dev=n_dev)
 
     # 68.0% at step 100 down to 47.5%: far beyond +-6.5 points on 200 dev examples
     assert run_dev(rec([0.68, 0.665, 0.415, 0.475])) == "68.0 (100) -> 47.5 (400) (fell by more than dev noise)"
     assert run_dev(rec([0.70, 0.72, 0.69])) == "72.0 (200) -> 69.0 (300)"   # inside the noise
     assert run_dev(rec([0.70, 0.72, 0.69], n_dev=20_000)).endswith("(fell by more than dev noise)")
     assert run_dev(rec([0.70, 0.70])) == "70.0 (100) -> 70.0 (200)"   # ties: the earlier step is the best
-    assert run_dev({"metrics": {}}) == "-"
+    assert run_dev(with_metrics()) == "-"
 
 
 def test_a_run_whose_training_loss_rose_above_its_start_says_so():
     import random
 
-    from zobench.report.markdown import loss_rise
+    from zobench.report.learning_rates import loss_rise
 
     def rec(levels, sd=0.2, per=100, seed=0):
         rng = random.Random(seed)  # per-step noise like a batch of 16's loss
         losses = [lvl + rng.gauss(0, sd) for lvl in levels for _ in range(per)]
-        return {"metrics": {"loss_curve": losses, "steps_done": len(losses)}}
+        return with_metrics(loss_curve=losses, steps_done=len(losses))
 
     # Falling, then a late wobble well below the start: no flag.
     falling = [0.78, 0.61, 0.58, 0.57, 0.56, 0.55, 0.54, 0.60, 0.58, 0.58]
@@ -178,10 +184,10 @@ def test_a_run_whose_training_loss_rose_above_its_start_says_so():
     # The same rise inside much noisier losses is not told apart from the noise.
     assert "rose" not in loss_rise(rec(rising, sd=2.0))
     # Steps are mapped when the curve is subsampled (a point every 10 steps).
-    curve = rec(rising, sd=0.05, per=10)["metrics"]["loss_curve"]
-    text = loss_rise({"metrics": {"loss_curve": curve, "steps_done": 1000}})
+    curve = rec(rising, sd=0.05, per=10).metrics.get("loss_curve")
+    text = loss_rise(with_metrics(loss_curve=curve, steps_done=1000))
     assert "at steps 301-400" in text
-    assert loss_rise({"metrics": {"loss_curve": [0.7] * 5}}) == "-"
+    assert loss_rise(with_metrics(loss_curve=[0.7] * 5)) == "-"
 
 
 def test_rows_differing_in_a_numeric_label_sort_by_its_value():
@@ -189,12 +195,12 @@ def test_rows_differing_in_a_numeric_label_sort_by_its_value():
     from zobench.report.cells import sort_key
 
     def rec(lr, seed=0):
-        return {"cell_id": f"{lr}-{seed}", "config": {"method": "full", "lr": lr},
-                "labels": {"method": "full", "lr": lr, "seed": seed, "stage": "pilot"}}
+        return CellRecord(f"{lr}-{seed}", config={"method": "full", "lr": lr},
+                          labels={"method": "full", "lr": lr, "seed": seed, "stage": "pilot"})
 
     lrs = [1e-6, 3e-6, 3e-7, 1e-5, 3e-5]
-    assert [r["labels"]["lr"] for r in sorted(map(rec, lrs), key=sort_key)] == sorted(lrs)
-    assert [r["labels"]["seed"] for r in sorted([rec(1e-6, 10), rec(1e-6, 2)], key=sort_key)] == [2, 10]
+    assert [r.labels["lr"] for r in sorted(map(rec, lrs), key=sort_key)] == sorted(lrs)
+    assert [r.labels["seed"] for r in sorted([rec(1e-6, 10), rec(1e-6, 2)], key=sort_key)] == [2, 10]
 
 
 def test_gpu_records_show_the_device_allocated_and_reserved_peaks_side_by_side(tmp_path):

@@ -85,3 +85,21 @@ def test_step_percentiles_stay_within_the_timings_even_for_a_few_steps():
     assert 0.0018 <= s.p10 <= s.median <= s.p90 <= 0.0591 and s.n == 3
     one = Stats.of([0.5])
     assert (one.median, one.p10, one.p90) == (0.5, 0.5, 0.5)
+
+
+def test_the_record_accessors_read_a_value_or_none_where_an_older_or_failed_record_lacks_it():
+    """The report reads records through these, never through paths: a field a record lacks (a failed
+    cell, an estimate that raised, an older record) reads as None and the report shows "-"."""
+    rec = load_records(ROOT / "results" / "gpu" / "smoke-cuda.jsonl")[-1]
+    assert rec.estimated_peak_mib == rec.estimate["peak_mib"]
+    assert rec.estimated_weights_mib == rec.estimate["breakdown"]["weights_mib"]
+    assert rec.estimate_floor == rec.estimate["calibration"]["source"]
+    assert rec.phase("train") is rec.phases["train"]
+    bare = CellRecord("c", status="failed", estimate={"error": "ValueError: no model"}, artifact={"bytes": 2048})
+    assert (bare.estimated_peak_mib, bare.estimated_weights_mib, bare.estimate_floor) == (None, None, None)
+    assert bare.artifact_bytes == 2048 and CellRecord("c").artifact_bytes is None
+    assert bare.phase("train").other_cpus is None and bare.phase("train").wall_s is None
+    assert "train" not in bare.phases  # reading a phase the cell did not run adds none
+    m = Metrics()
+    m.set(test_after={"em": 0.5, "f1": 0.6}, best_dev={"accuracy": 0.7})
+    assert (m.accuracy("test_after"), m.accuracy("best_dev"), m.accuracy("test_before")) == (None, 0.7, None)

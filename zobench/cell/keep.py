@@ -80,12 +80,12 @@ def save_from(pipeline, target: Path, overwrite: bool = False) -> dict | None:
     kw = dict(cfg=dict(cfg.to_dict(), save=None, checkpoint=None, overwrite=False, predictions=None),
               fingerprint=pipeline.base_fingerprint,
               step=step, extra={"parent": cfg.delta} if cfg.delta else None, overwrite=overwrite)
-    if hasattr(trainable, "snapshot"):  # sparse: the values now in the model are the selected step's
+    if trainable is not None and trainable.snapshots:  # sparse: the model holds the selected step's values
         return DT.save(target, "sparse", tensors=sparse_tensors(trainable, pipeline.run_state.model), **kw)
     if trainable is not None:
         trajectory = m.get("trajectory")[:step]
         return DT.save(target, "trajectory", extra=dict(kw.pop("extra") or {}, trajectory=trajectory), **kw)
-    model = getattr(stepper, "model", None)
+    model = stepper.model if stepper is not None else None  # none where the cell did not train (steps 0)
     if model is not None and hasattr(model, "peft_config"):
         return DT.save(target, "lora", adapter_model=model, **kw)
     if model is not None:

@@ -111,7 +111,7 @@ class Pipeline:
         task = get_task(cfg.task)
         splits = task.sample(cfg.data_dir, cfg.n_train, cfg.n_dev, cfg.n_test, cfg.seed, cfg.dev_from)
         self.metrics.set(n_train=len(splits.train), n_dev=len(splits.dev), n_test=len(splits.test))
-        self.record.data_note = getattr(splits, "note", None)
+        self.record.data_note = splits.note
         self.run_state = Run(cfg, self.device, task, splits, cache_root=cache_dir())
 
     def load(self) -> None:
@@ -211,7 +211,7 @@ class Pipeline:
         stepper, trainable = self.method.build_stepper(run)
         if trainable is not None:
             self.metrics.set(trainable_numel=trainable.numel, **measure_restore_drift(trainable, cfg.eps))
-        elif getattr(stepper, "numel", None) is not None:
+        elif stepper.numel is not None:
             self.metrics.set(trainable_numel=stepper.numel)
         self.stepper, self.trainable = stepper, trainable
         fused.pass_stats(reset=True)  # this cell's passes from here (the mask's or an earlier cell's are not)
@@ -243,7 +243,7 @@ class Pipeline:
             dev = self.score(run.splits.dev, f"dev_{i + 1}")
             self.metrics.values.setdefault("dev_curve", []).append({"step": i + 1, **dev, "train_s": timing.total})
             self.selection.see(i + 1, dev)
-        if self.cfg.checkpoint and self.trainable is not None and hasattr(stepper, "rng"):
+        if self.cfg.checkpoint and self.trainable is not None and stepper.resumable:
             if i + 1 >= min(self.cfg.warmup_steps, self.cfg.steps) and \
                     checkpoint.due(i + 1, self.cfg.steps, self.cfg.eval_every):
                 self.save_checkpoint(i + 1, timing, reference)
@@ -272,7 +272,7 @@ class Pipeline:
         kept on the way). Returns the step to go on from."""
 
         ck, cfg = self.resumed, self.cfg
-        if trainable is None or not hasattr(stepper, "rng") or ck.step >= cfg.steps:
+        if trainable is None or not stepper.resumable or ck.step >= cfg.steps:
             self.record.add_warning(f"checkpoint at step {ck.step} does not fit this cell; it ran from step 0")
             self.resumed = None
             return 0

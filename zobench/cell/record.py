@@ -57,6 +57,12 @@ def _check(value, kinds, name: str):
 NUMBER = (int, float)
 
 
+def _field(d, key: str):
+    """``d[key]`` where ``d`` is a mapping that has it, else None: the free-form parts of a record (an
+    evaluation's scores, the estimate, the kept artifact) may lack any key, or be absent, in older records."""
+    return d.get(key) if isinstance(d, dict) else None
+
+
 @dataclass
 class Stats:
     """Seconds of repeated timings: median and the 10th/90th percentiles of ``n`` values."""
@@ -93,7 +99,7 @@ class Stats:
 class PhaseMeasure:
     """One phase's wall time and peak memory (peaks reset at the phase's start)."""
 
-    wall_s: float
+    wall_s: float | None  # None only in the empty measure of a phase the cell did not run (CellRecord.phase)
     peak_rss_mib: float | None = None
     start_rss_mib: float | None = None
     end_rss_mib: float | None = None
@@ -157,6 +163,11 @@ class Metrics:
         if key == "step_parts_s":
             return self.step_parts_s or default
         return self.values.get(key, self.extra.get(key, default))
+
+    def accuracy(self, evaluation: str):
+        """The accuracy of one evaluation (``test_after``, ``best_dev`` ...): None where it has none (a
+        generative task's EM/F1, an evaluation that did not run)."""
+        return _field(self.get(evaluation), "accuracy")
 
     def set(self, **items) -> None:
         for key, value in items.items():
@@ -273,6 +284,30 @@ class CellRecord:
     @property
     def method(self) -> str:
         return str(self.labels.get("method") or self.config.get("method") or "?")
+
+    def phase(self, name: str) -> PhaseMeasure:
+        """The phase's measure; where the cell did not run the phase, an empty one (every figure None)."""
+        return self.phases[name] if name in self.phases else PhaseMeasure(wall_s=None)
+
+    @property
+    def estimated_peak_mib(self):
+        """The estimator's peak for this cell (``zobench estimate``), None where it was not estimated."""
+        return _field(self.estimate, "peak_mib")
+
+    @property
+    def estimated_weights_mib(self):
+        """The weights' part of the estimate."""
+        return _field(_field(self.estimate, "breakdown"), "weights_mib")
+
+    @property
+    def estimate_floor(self):
+        """Where the estimate's framework floor came from: ``measured`` on this machine, or ``default``."""
+        return _field(_field(self.estimate, "calibration"), "source")
+
+    @property
+    def artifact_bytes(self):
+        """The size of what ``save`` kept, None where nothing was kept."""
+        return _field(self.artifact, "bytes")
 
     def add_warning(self, text: str) -> None:
         self.warnings.append(text)

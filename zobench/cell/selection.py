@@ -30,9 +30,11 @@ class DevSelection:
         if score is None or (self.best_score is not None and score <= self.best_score[1]):
             return
         self.best_step, self.best_score = step, (scores, score)
-        if hasattr(self.trainable, "snapshot"):
+        if self.trainable is None:  # a method that trains nothing, or trains by backprop: the score only
+            return
+        if self.trainable.snapshots:
             self.values = self.trainable.snapshot()
-        elif self.to_disk and hasattr(self.trainable, "save_raw") and self._disk_fits():
+        elif self.to_disk and self.trainable.saves_raw and self._disk_fits():
             if self.file is None:
                 self.file = tempfile.TemporaryFile(prefix="zobench-best-")
             self.trainable.save_raw(self.file)

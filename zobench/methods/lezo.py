@@ -18,7 +18,7 @@ import re
 
 from zobench.methods.base import Method, register
 from zobench.methods.common import dense_price, zo_stepper
-from zobench.zo.trainable import DenseTrainable
+from zobench.zo.trainable import DenseTrainable, Trainable
 
 BLOCK = re.compile(r"^(.*?\.(?:layers|h|blocks|layer)\.\d+)\.")
 
@@ -37,10 +37,13 @@ def unit_seed(seed: int, unit: int) -> int:
     return (seed * 1_000_003 + unit * 7_919 + 1) % (1 << 62)
 
 
-class LayerSubset:
+class LayerSubset(Trainable):
     """A trainable over ``units``, each step touching ``k`` of them, drawn from the step's seed."""
 
+    saves_raw = True  # every unit's weights, one after the other
+
     def __init__(self, parts: list, k: int):
+        super().__init__()
         self.parts, self.k = parts, k
         self.direction = parts[0].direction
         self.numel = sum(t.numel for t in parts)
@@ -85,7 +88,6 @@ class LayerSubset:
             else:
                 t.restore()
 
-    # The weights at the best dev step on disk (``DevSelection``): every unit's, one after the other.
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.parts)

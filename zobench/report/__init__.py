@@ -16,7 +16,7 @@ from zobench.analysis.verdicts import claims_of, verdicts
 from zobench.cell.record import CellRecord
 from zobench.errors import UserError
 from zobench.files import atomic_write
-from zobench.report.cells import sort_key, varying_axes
+from zobench.report.cells import CellView, sort_key, varying_axes
 from zobench.report.claims import claims_section
 from zobench.report.influence import render_influence_report
 from zobench.report.markdown import render_markdown
@@ -27,10 +27,10 @@ from zobench.spec.suite import load_suite
 MAX_PLOTTED_CELLS = 200  # the claims suite plots 57 cells; a line per cell beyond this says nothing
 
 
-def views(records: list[CellRecord]) -> list[dict]:
-    """What rendering reads: each cell's latest record as JSON, with its derived ratios under "derived"."""
+def views(records: list[CellRecord]) -> list[CellView]:
+    """What rendering reads: each cell's latest record, with its derived ratios under ``derived``."""
     derived = derive(records)
-    return [dict(r.to_json(), derived=derived[r.cell_id].to_dict()) for r in latest_by_cell(records)]
+    return [CellView.of(r, derived[r.cell_id]) for r in latest_by_cell(records)]
 
 
 def render_report(records: list[CellRecord], out_md: Path, title: str | None = None,
@@ -40,9 +40,9 @@ def render_report(records: list[CellRecord], out_md: Path, title: str | None = N
     claims their suite declares."""
     out_md = Path(out_md)
     everything = sorted(views(records), key=sort_key)
-    pilots = [r for r in everything if (r.get("labels") or {}).get("stage") == "pilot"]
-    recs = [r for r in everything if r not in pilots]
-    ok = [r for r in recs if r.get("status") == "ok"]
+    pilots = [r for r in everything if r.labels.get("stage") == "pilot"]
+    recs = [r for r in everything if r.labels.get("stage") != "pilot"]
+    ok = [r for r in recs if r.ok]
     folder = plots_folder(out_md)
     if len(ok) <= MAX_PLOTTED_CELLS:
         plots = [(caption, f"{folder.name}/{name}") for caption, name in write_plots(ok, varying_axes(recs), folder)]

@@ -1,13 +1,17 @@
 """What the markdown and the plots share: which cells, in what order, under what name, and reading values.
 
-Records are plain dicts written by any version of the runner, so every read here tolerates a missing key
-(a failed cell has no metrics) and returns None instead of raising.
+The report reads each cell as a ``CellView``: its latest record, typed (``zobench.cell.record``), with the
+ratios derived from the whole set (``zobench.results.Derived``). Records come from any version of the
+runner, so a value a record lacks (a failed cell has no metrics) reads as None, never as an error.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field, fields
 
+from zobench.cell.record import CellRecord, Stats
+from zobench.results import Derived
 from zobench.spec.catalog import METHODS, MethodInfo
 
 PHASES = ("load", "mask", "quantize", "eval_before", "warmup", "train", "eval_after")  # the order they run in
@@ -16,40 +20,50 @@ EXTRA_ORDER = ("model", "task", "dtype")
 TRAINING_ONLY = ("lr", "eps")  # settings a reference (forward-only) cell carries but never uses
 
 
-def get(rec: dict, path: str):
-    """``get(rec, "metrics.step_s.median")``: the nested value, or None where any step is missing."""
-    cur = rec
-    for key in path.split("."):
-        if not isinstance(cur, dict):
-            return None
-        cur = cur.get(key)
-    return cur
+@dataclass
+class CellView(CellRecord):
+    """A cell's latest record as the report reads it, with ``derived``: its ratios against the other cells
+    (read, never written into a record)."""
+
+    derived: Derived = field(default_factory=Derived)
+
+    @classmethod
+    def of(cls, record: CellRecord, derived: Derived) -> "CellView":
+        return cls(**{f.name: getattr(record, f.name) for f in fields(CellRecord)}, derived=derived)
 
 
-def setting(rec: dict, key: str):
+def median(stats: Stats | None):
+    """The median of repeated timings, None where none were timed."""
+    return stats.median if stats is not None else None
+
+
+def setting(rec: CellRecord, key: str):
     """A matrix label, else the resolved config value (a suite may fix an axis in its defaults)."""
-    labels = rec.get("labels") or {}
-    return labels[key] if key in labels else (rec.get("config") or {}).get(key)
+    return rec.labels[key] if key in rec.labels else rec.config.get(key)
 
 
-def method(rec: dict) -> str:
+def method(rec: CellRecord) -> str:
     return str(setting(rec, "method") or "?")
 
 
-def quant(rec: dict) -> str:
+def quant(rec: CellRecord) -> str:
     return str(setting(rec, "quant") or "none")
 
 
-def method_info(rec: dict) -> MethodInfo | None:
-    """What the record's method declares (``spec.catalog``), or None for a name this zobench does not know."""
-    return METHODS.get(method(rec)) if method(rec) in METHODS else None
+def declared(name: str) -> MethodInfo | None:
+    """What a method declares (``spec.catalog``), or None for a name this zobench does not know."""
+    return METHODS.get(name) if name in METHODS else None
 
 
-def is_sparse(rec: dict) -> bool:
+def method_info(rec: CellRecord) -> MethodInfo | None:
+    return declared(method(rec))
+
+
+def is_sparse(rec: CellRecord) -> bool:
     return bool(getattr(method_info(rec), "needs_mask", False))
 
 
-def is_zo(rec: dict) -> bool:
+def is_zo(rec: CellRecord) -> bool:
     return getattr(method_info(rec), "family", None) == "zo"
 
 
@@ -58,26 +72,27 @@ def method_order(name: str) -> tuple:
     return (METHODS.get(name).order, name) if name in METHODS else (1000, name)
 
 
-def density(rec: dict):
+def density(rec: CellRecord):
     """The requested density, only where it means something (dense methods train everything or nothing)."""
     return setting(rec, "density") if is_sparse(rec) else None
 
 
-def meaningful(rec: dict) -> bool:
-    return rec.get("accuracy_meaningful") is not False
+def meaningful(rec: CellRecord) -> bool:
+    return rec.accuracy_meaningful is not False
 
 
-def is_cuda(rec: dict) -> bool:
-    return str(rec.get("device") or setting(rec, "device") or "cpu").startswith("cuda")
+def is_cuda(rec: CellRecord) -> bool:
+    return str(rec.device or setting(rec, "device") or "cpu").startswith("cuda")
 
 
-def phase_peak(rec: dict, phase: str):
+def phase_peak(rec: CellRecord, phase: str):
     """Peak MiB of a phase: on a GPU the device memory the driver reported where sampled, else CUDA max
     allocated; on a CPU peak RSS (as ``derived.peak_mib``)."""
+    measure = rec.phase(phase)
     if not is_cuda(rec):
-        return get(rec, f"phases.{phase}.peak_rss_mib")
-    device = get(rec, f"phases.{phase}.device_peak_mib")
-    return device if device is not None else get(rec, f"phases.{phase}.cuda_max_allocated_mib")
+        return measure.peak_rss_mib
+    device = measure.device_peak_mib
+    return device if device is not None else measure.cuda_max_allocated_mib
 
 
 def primary_score(scores: dict | None):
@@ -102,25 +117,24 @@ def _label_order(value) -> tuple:
     return 1, 0.0, str(value)
 
 
-def sort_key(rec: dict) -> tuple:
+def sort_key(rec: CellRecord) -> tuple:
     q = quant(rec)
-    rest = sorted((k, _label_order(v)) for k, v in (rec.get("labels") or {}).items()
-                  if k not in KEY_AXES + EXTRA_ORDER)
+    rest = sorted((k, _label_order(v)) for k, v in rec.labels.items() if k not in KEY_AXES + EXTRA_ORDER)
     return (str(setting(rec, "model")), str(setting(rec, "task")), str(setting(rec, "dtype")),
             (q != "none", q), method_order(method(rec)), _num_or_inf(density(rec)),
-            rest, str(rec.get("cell_id")))
+            rest, str(rec.cell_id))
 
 
-def axis_value(rec: dict, axis: str) -> str:
+def axis_value(rec: CellRecord, axis: str) -> str:
     """An axis's value as tables and legends show it: "-" for an lr (or eps) of a cell that trains nothing."""
     if axis in TRAINING_ONLY and getattr(method_info(rec), "family", None) == "reference":
         return "-"
     return str(setting(rec, axis))
 
 
-def varying_axes(recs: list[dict]) -> list[str]:
+def varying_axes(recs: list[CellRecord]) -> list[str]:
     """Label axes besides method/quant/density whose value differs between cells: they become columns."""
-    axes = {k for r in recs for k in (r.get("labels") or {}) if k not in KEY_AXES}
+    axes = {k for r in recs for k in r.labels if k not in KEY_AXES}
     axes |= {k for k in EXTRA_ORDER if len({str(setting(r, k)) for r in recs}) > 1}
     varying = [a for a in axes if len({axis_value(r, a) for r in recs} - {"-"}) > 1]
     return sorted(varying, key=lambda a: _order(a, EXTRA_ORDER))
@@ -133,7 +147,7 @@ def pct(value, digits: int = 3) -> str:
     return f"{value * 100:.{digits}g}%"
 
 
-def short_name(rec: dict, extras: list[str]) -> str:
+def short_name(rec: CellRecord, extras: list[str]) -> str:
     """``sensitive/nf4/0.1%`` (plus any varying axes): a cell's name in plot legends and tick labels."""
     parts = [method(rec), quant(rec)]
     if density(rec) is not None:

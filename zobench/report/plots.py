@@ -21,12 +21,13 @@ from zobench.errors import UserError
 from zobench.files import atomic_write
 from zobench.report.cells import (
     TRAINING_ONLY,
+    CellView,
     axis_value,
+    declared,
     density,
-    get,
     meaningful,
+    median,
     method,
-    method_info,
     method_order,
     pct,
     primary_score,
@@ -34,6 +35,7 @@ from zobench.report.cells import (
     setting,
     short_name,
 )
+from zobench.results import phase_peak as kind_peak
 
 # For methods that name no colour of their own: picked by a stable hash of the name, never by position.
 PALETTE = ("#bcbd22", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d")
@@ -58,7 +60,7 @@ def plots_folder(out_md: Path) -> Path:
 def color(m: str) -> str:
     """A fixed colour per method (its ``Method.color``; the forward reference grey), the same in every plot
     and report; any number of methods gets one."""
-    own = getattr(method_info({"labels": {"method": m}}), "color", None)
+    own = getattr(declared(m), "color", None)
     return own or PALETTE[zlib.crc32(m.encode()) % len(PALETTE)]
 
 
@@ -77,17 +79,17 @@ def _legend(ax, colors: dict[str, str]) -> None:
     ax.legend(handles=[Patch(color=c, label=name) for name, c in colors.items()], fontsize="small", **OUTSIDE)
 
 
-def _method_legend(ax, recs: list[dict]) -> None:
+def _method_legend(ax, recs: list[CellView]) -> None:
     seen = sorted({method(r) for r in recs}, key=method_order)
     _legend(ax, {m: color(m) for m in seen})
 
 
-def memory_bars(ok: list[dict], extras: list[str]):
+def memory_bars(ok: list[CellView], extras: list[str]):
     """Training peak per cell, grouped by quant; the group's forward (inference) peak as a dashed line."""
-    cells = [r for r in ok if isinstance(get(r, "derived.peak_mib"), (int, float))]
+    cells = [r for r in ok if isinstance(r.derived.peak_mib, (int, float))]
     if not cells:
         return None
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, list[CellView]] = {}
     for r in cells:
         # an lr is no group of its own: the forward cell's line belongs beside its trained cells
         group = [str(setting(r, "quant") or "none")] + [axis_value(r, a) for a in extras if a not in TRAINING_ONLY]
@@ -97,13 +99,13 @@ def memory_bars(ok: list[dict], extras: list[str]):
     for group, members in groups.items():
         start = x
         for r in members:
-            peak = get(r, "derived.peak_mib")
+            peak = r.derived.peak_mib
             ax.bar(x, peak, color=color(method(r)), width=0.8)
             ax.annotate(f"{peak:.0f}", (x, peak), ha="center", va="bottom", fontsize="x-small")
             ticks.append(x)
             names.append(method(r) + (f" {pct(density(r))}" if density(r) is not None else ""))
             x += 1
-        fwd = next((get(r, "derived.peak_mib") for r in members if method(r) == "forward"), None)
+        fwd = next((r.derived.peak_mib for r in members if method(r) == "forward"), None)
         if fwd is not None:
             ax.hlines(fwd, start - 0.45, x - 0.55, colors="black", linestyles="dashed", linewidth=1)
         ax.annotate(f"quant {group}", ((start + x - 1) / 2, 1.0), xycoords=("data", "axes fraction"),
@@ -120,23 +122,21 @@ PHASE_COLORS = {"load": "#7f7f7f", "mask": "#8c564b", "quantize": "#e377c2", "ev
                 "warmup": "#aec7e8", "train": "#1f77b4", "eval_after": "#dbdb8d", "eval_best": "#bcbd22"}
 
 
-def phase_bars(ok: list[dict], extras: list[str]):
+def phase_bars(ok: list[CellView], extras: list[str]):
     """Peak memory of every phase of every cell, side by side, with the estimate (which prices the training
     phases) as a black tick: where a cell's whole peak is, and whether the estimate sees it."""
-    cells = [r for r in ok if r.get("phases")]
+    cells = [r for r in ok if r.phases]
     if not cells:
         return None
-    phases = [p for p in PHASE_COLORS if any(p in r["phases"] for r in cells)]
+    phases = [p for p in PHASE_COLORS if any(p in r.phases for r in cells)]
     width = 0.8 / len(phases)
     fig, ax = _figure(max(6.0, 0.25 * len(cells) * len(phases) + 3.5), 4.5, "", "", "peak memory (MiB)")
     for i, r in enumerate(cells):
-        kind = get(r, "derived.peak_kind") or "rss"
-        key = {"device": "device_peak_mib", "allocated": "cuda_max_allocated_mib"}.get(kind, "peak_rss_mib")
         for j, p in enumerate(phases):
-            v = get(r, f"phases.{p}.{key}")
+            v = kind_peak(r, (p,))[0]  # of the kind the cell's peak is (derived.peak_kind)
             if isinstance(v, (int, float)):
                 ax.bar(i - 0.4 + (j + 0.5) * width, v, width=width, color=PHASE_COLORS[p])
-        est = get(r, "estimate.peak_mib")
+        est = r.estimated_peak_mib
         if isinstance(est, (int, float)):
             ax.hlines(est, i - 0.45, i + 0.45, colors="black", linewidth=1.5)
     ax.set_xticks(range(len(cells)), [f"{method(r)} {quant(r)}" + (f" {pct(density(r))}" if density(r) is not None
@@ -147,9 +147,9 @@ def phase_bars(ok: list[dict], extras: list[str]):
     return fig
 
 
-def step_breakdown(ok: list[dict], extras: list[str]):
+def step_breakdown(ok: list[CellView], extras: list[str]):
     """Median milliseconds per part of a step, stacked: where a ZO step's time goes."""
-    cells = [r for r in ok if get(r, "metrics.step_parts_s")]
+    cells = [r for r in ok if r.metrics.step_parts_s]
     if not cells:
         return None
     fig, ax = _figure(8.5, max(2.5, 0.45 * len(cells) + 1.5), "Step time by part (medians)", "time (ms)", "")
@@ -157,7 +157,7 @@ def step_breakdown(ok: list[dict], extras: list[str]):
     for y, r in enumerate(cells):
         left = 0.0
         for part, col in PART_COLORS.items():
-            med = get(r, f"metrics.step_parts_s.{part}.median")
+            med = median(r.metrics.step_parts_s.get(part))
             if not isinstance(med, (int, float)):
                 continue
             ax.barh(y, med * 1000, left=left, color=col, height=0.6)
@@ -169,7 +169,7 @@ def step_breakdown(ok: list[dict], extras: list[str]):
     return fig
 
 
-def _curves(cells: list[dict], extras: list[str], title: str, ylabel: str, points) -> Figure | None:
+def _curves(cells: list[CellView], extras: list[str], title: str, ylabel: str, points) -> Figure | None:
     """One line per cell; ``points(record)`` gives its (steps, values) or None."""
     series = [(r, p) for r in cells if (p := points(r))]
     if not series:
@@ -184,9 +184,9 @@ def _curves(cells: list[dict], extras: list[str], title: str, ylabel: str, point
     return fig
 
 
-def loss_curves(ok: list[dict], extras: list[str]):
+def loss_curves(ok: list[CellView], extras: list[str]):
     def points(r):
-        loss = get(r, "metrics.loss_curve")
+        loss = r.metrics.get("loss_curve")
         return (list(range(1, len(loss) + 1)), loss) if loss else None
 
     trained = [r for r in ok if method(r) != "forward"]
@@ -194,16 +194,16 @@ def loss_curves(ok: list[dict], extras: list[str]):
                    "training loss", points)
 
 
-def _dev_points(r: dict, x_key: str) -> list[tuple[float, float]]:
-    curve = get(r, "metrics.dev_curve") or []
+def _dev_points(r: CellView, x_key: str) -> list[tuple[float, float]]:
+    curve = r.metrics.get("dev_curve") or []
     return [(p[x_key], 100 * primary_score(p)) for p in curve if primary_score(p) is not None and x_key in p]
 
 
-def _over_seeds(ok: list[dict], extras: list[str], title: str, xlabel: str, x_key: str) -> Figure | None:
+def _over_seeds(ok: list[CellView], extras: list[str], title: str, xlabel: str, x_key: str) -> Figure | None:
     """One line per cell and seeds averaged: the mean dev score at each evaluation, the range over seeds
     shaded (steps line up across seeds; seconds are averaged per evaluation)."""
     names = [a for a in extras if a != "seed"]
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, list[CellView]] = {}
     for r in ok:
         if meaningful(r) and _dev_points(r, x_key):
             groups.setdefault(short_name(r, names), []).append(r)
@@ -225,12 +225,12 @@ def _over_seeds(ok: list[dict], extras: list[str], title: str, xlabel: str, x_ke
     return fig
 
 
-def dev_curves(ok: list[dict], extras: list[str]):
+def dev_curves(ok: list[CellView], extras: list[str]):
     return _over_seeds(ok, extras, "Dev score against steps (dashed: quantized; shaded: range over seeds)",
                        "step", "step")
 
 
-def dev_vs_time(ok: list[dict], extras: list[str]):
+def dev_vs_time(ok: list[CellView], extras: list[str]):
     return _over_seeds(ok, extras, "Dev score against training time (warm-up included, evaluations excluded)",
                        "training seconds", "train_s")
 
@@ -259,9 +259,9 @@ def _label_points(fig, ax, points: list[tuple[float, float, str]]) -> None:
         placed.append(box)
 
 
-def memory_vs_accuracy(ok: list[dict], extras: list[str]):
-    cells = [r for r in ok if meaningful(r) and isinstance(get(r, "derived.peak_mib"), (int, float))
-             and primary_score(get(r, "metrics.test_after")) is not None]
+def memory_vs_accuracy(ok: list[CellView], extras: list[str]):
+    cells = [r for r in ok if meaningful(r) and isinstance(r.derived.peak_mib, (int, float))
+             and primary_score(r.metrics.get("test_after")) is not None]
     if not cells:
         return None
     fig, ax = _figure(7.5, 4.5, "Memory against test score after training", "peak memory (MiB)",
@@ -269,7 +269,7 @@ def memory_vs_accuracy(ok: list[dict], extras: list[str]):
     quants = sorted({quant(r) for r in cells}, key=lambda q: (q != "none", q))
     points = []
     for r in cells:
-        x, y = get(r, "derived.peak_mib"), 100 * primary_score(get(r, "metrics.test_after"))
+        x, y = r.derived.peak_mib, 100 * primary_score(r.metrics.get("test_after"))
         ax.scatter(x, y, color=color(method(r)), marker=MARKERS[quants.index(quant(r)) % len(MARKERS)], s=40,
                    zorder=3)
         points.append((x, y, short_name(r, extras)))
@@ -295,7 +295,7 @@ PLOTS = (("memory", "Peak memory per cell", memory_bars),
          ("memory_vs_accuracy", "Peak memory vs test accuracy", memory_vs_accuracy))
 
 
-def write_plots(ok: list[dict], extras: list[str], folder: Path) -> list[tuple[str, str]]:
+def write_plots(ok: list[CellView], extras: list[str], folder: Path) -> list[tuple[str, str]]:
     """Writes ``<name>.png`` for each plot with data; returns (caption, file name) of those written.
 
     A plot without data is skipped and any stale PNG of that name (from an earlier render) removed, so the

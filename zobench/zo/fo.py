@@ -9,12 +9,12 @@ from typing import Callable
 
 import torch
 
-from zobench.zo.trainer import StepResult, _sync
+from zobench.zo.trainer import Stepper, StepResult, _sync
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 
 
-class FOTrainer:
+class FOTrainer(Stepper):
     """Backprop on every parameter of ``model`` that requires grad."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, optimizer: str, lr: float,

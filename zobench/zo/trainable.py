@@ -28,6 +28,8 @@ chunk by chunk from either generator.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from zobench.errors import UserError
@@ -51,6 +53,11 @@ class Trainable:
     numel: int
     direction: str
     generator = "torch"  # where z comes from (module docstring); subclasses take it as a setting
+    # How the trained values of a chosen step can be kept besides the trajectory (the cell's dev selection
+    # and save), declared by each shape: ``snapshot`` copies them in memory (a sparse set's few values);
+    # ``save_raw`` / ``load_raw`` write them to a file and read them back (dense weights, ``nbytes`` of them).
+    snapshots: ClassVar[bool] = False
+    saves_raw: ClassVar[bool] = False
 
     def __init__(self):
         self._seed: int | None = None
@@ -66,6 +73,18 @@ class Trainable:
 
     def update(self, grads: list[tuple[int, float]], optimizer, step: int) -> None:
         """Apply ``optimizer`` to the estimate ``sum_j coef_j * z(seed_j)``; the live weights end at the new base."""
+        raise NotImplementedError
+
+    def snapshot(self):
+        """The trained values now, copied (where ``snapshots``)."""
+        raise NotImplementedError
+
+    def save_raw(self, f) -> None:
+        """Write the trained values to the binary file ``f`` (where ``saves_raw``)."""
+        raise NotImplementedError
+
+    def load_raw(self, f) -> None:
+        """Read back what ``save_raw`` wrote (where ``saves_raw``)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -94,6 +113,8 @@ class Trainable:
 
 
 class DenseTrainable(Trainable):
+    saves_raw = True
+
     def __init__(self, params: list[tuple[str, torch.nn.Parameter]], direction: str = "rademacher",
                  master: bool = False, decay_names: set[str] | None = None, tag: str | None = None,
                  generator: str = "philox"):
@@ -255,6 +276,8 @@ def _bytes_of(t: torch.Tensor):
 
 
 class SparseTrainable(Trainable):
+    snapshots = True
+
     def __init__(self, params: list[tuple[str, torch.nn.Parameter]], indices: dict[str, torch.Tensor],
                  direction: str = "rademacher", generator: str = "philox"):
         super().__init__()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -37,7 +37,24 @@ class StepResult:
         return sum(self.seconds.values())
 
 
-class ZOTrainer:
+class Stepper:
+    """What a method's stepper is to the cell: ``step(batch, i)`` runs one step on ``model``, ``flush()``
+    applies anything pending, and what it can do is declared here, not probed."""
+
+    model: torch.nn.Module | None = None
+    numel: int | None = None  # values it trains itself (a first-order trainer; ZO's are its trainable's)
+    # A checkpoint brings it back: its state between steps is its trainable's values and the direction
+    # seeds drawn so far from ``rng``, both rebuilt from the trajectory (``cell.pipeline``).
+    resumable: ClassVar[bool] = False
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def step(self, batch, step: int) -> StepResult:
+        raise NotImplementedError
+
+
+class ZOTrainer(Stepper):
     """Runs ZO steps; ``loss_fn(model, batch) -> scalar tensor`` is called under inference mode.
 
     With ``fold`` (ZO2's trick, the default), a step's restore and update are not a pass of their own: they
@@ -47,6 +64,8 @@ class ZOTrainer:
     that looks at the weights between steps (dev and test evaluation, a checkpoint, a best-step snapshot, a
     save) calls ``flush()`` first, which applies the pending update.
     """
+
+    resumable = True
 
     def __init__(self, model: torch.nn.Module, trainable: Trainable, optimizer, loss_fn: Callable,
                  eps: float = 1e-3, q: int = 1, seed: int = 0, fold: bool = True):
@@ -120,7 +139,7 @@ def replay(trainable: Trainable, optimizer, trajectory: list, eps: float, steps:
         trainable.update([(int(s), float(c)) for s, c in directions], optimizer, step)
 
 
-class ForwardOnly:
+class ForwardOnly(Stepper):
     """The reference cell: one inference forward per step on the same batches, nothing trained.
 
     A ZO step is bounded below by two of these; reports divide by it.

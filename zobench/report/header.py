@@ -1,0 +1,96 @@
+"""The report's header: the suite, its cells and their status, the environment, and the notes a reader
+needs before the tables (random weights, cells timed beside other work, resumed cells, fallbacks)."""
+
+from __future__ import annotations
+
+from zobench.measure.load import LOADED_CPUS
+from zobench.report.cells import CellView, meaningful, setting
+from zobench.report.table import escape, one_line
+
+NOTES = ((lambda r: r.model_fallback_reason, "{} loaded the fallback model"), (lambda r: r.data_note, "data of {}"))
+
+
+def header(recs: list[CellView], title: str | None, pilots: list[CellView] = ()) -> list[str]:
+    suite = next((r.suite for r in [*recs, *pilots] if r.suite), None)
+    ok = sum(r.ok for r in recs)
+    by_status = {}
+    for r in recs:
+        by_status[r.status] = by_status.get(r.status, 0) + 1
+    tally = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items(), key=lambda kv: (kv[0] != "ok", kv[0])))
+    models = sorted({str(setting(r, "model")) for r in recs})
+    devices = sorted({str(r.device or setting(r, "device")) for r in recs})
+    finished = max((str(r.finished_at) for r in recs if r.finished_at), default=None)
+    lines = [f"# {title or 'zobench report: ' + (suite or 'results')}", ""]
+    context = [f"Suite **{suite or '?'}**", f"model {', '.join(models)}" if recs else "",
+               f"device {', '.join(devices)}" if recs else "", f"{len(recs)} cells ({tally})" if recs else "no cells"]
+    if finished:
+        context.append(f"finished {finished}")
+    lines += ["; ".join(c for c in context if c) + ".", ""]
+    spent = [sum(r.wall_s or 0 for r in group) for group in (pilots, recs)]
+    if pilots and any(spent):  # what choosing the learning rates cost, beside what the cells cost
+        lines += [f"Machine time, from the records' wall clocks: {len(pilots)} lr pilot cells "
+                  f"{spent[0] / 3600:.1f} h, {len(recs)} cells {spent[1] / 3600:.1f} h.", ""]
+    env = next((r.env for r in recs if r.env), None)
+    git = next((r.git for r in recs if r.git), None)
+    if env or git:
+        lines += [f"Environment: {environment(env or {}, git or {})}.", ""]
+    random_weights = sum(not meaningful(r) for r in recs if r.ok)
+    if random_weights:
+        lines += [f"> {random_weights} of {ok} ok cells use random weights (`accuracy_meaningful: false`): "
+                  "they measure memory and latency only; their accuracy columns show n/a.", ""]
+    return lines + machine_notes(recs)
+
+
+def machine_notes(recs: list[CellView]) -> list[str]:
+    """Cells whose timings other work on the machine slowed, cells resumed from a checkpoint, and the
+    recorded notes (a fallback model, the data's caveats), each once with the number of cells it concerns."""
+    lines = []
+    loaded = [r for r in recs if (r.phase("train").other_cpus or 0) >= LOADED_CPUS]
+    if loaded:
+        worst = max(r.phase("train").other_cpus for r in loaded)
+        names = f" ({', '.join(note_name(r) for r in loaded)})" if len(loaded) <= 6 else ""
+        its = "its" if len(loaded) == 1 else "their"
+        lines += [f"> {cells(len(loaded))}{names} trained beside other work on the machine (at least "
+                  f"{LOADED_CPUS} CPUs busy elsewhere on average, up to {worst:.2f}): {its} timings are slower "
+                  "than on an idle machine; see `other CPUs` in the step breakdown.", ""]
+    resumed = [r for r in recs if r.metrics.get("resumed_from_step")]
+    if resumed:
+        were = "cell was" if len(resumed) == 1 else "cells were"
+        lines += [f"> {len(resumed)} {were} killed part-way and resumed from a checkpoint (steps "
+                  f"{', '.join(str(r.metrics.get('resumed_from_step')) for r in resumed)}): their results "
+                  "equal an uninterrupted run's; their step timings span processes, the environment shown "
+                  "is the last one's.", ""]
+    for note_of, what in NOTES:
+        for note in sorted({one_line(note_of(r)) for r in recs if note_of(r)}):
+            n = sum(one_line(note_of(r)) == note for r in recs)
+            lines += [f"> {what.format(cells(n))}: {escape(note)}", ""]
+    return lines
+
+
+def cells(n: int) -> str:
+    return "1 cell" if n == 1 else f"{n} cells"
+
+
+def note_name(rec: CellView) -> str:
+    """A cell in a few words for a note: its method, its quantization when any, its seed."""
+    cfg = rec.config
+    quant = cfg.get("quant")
+    return " ".join([str(cfg.get("method", "?"))] + ([str(quant)] if quant not in (None, "none") else [])
+                    + [f"seed {cfg.get('seed', 0)}"])
+
+
+def environment(env: dict, git: dict) -> str:
+    parts = [", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items())]
+    if env.get("python"):
+        parts.append(f"Python {env['python']}")
+    if env.get("cpu"):
+        parts.append(f"CPU {env['cpu']} ({env.get('cpu_count', '?')} cores, "
+                     f"{env.get('torch_threads', '?')} torch threads)")
+    if env.get("gpu"):
+        gpu = f"GPU {env['gpu']}" + (f" x{env['gpu_count']}" if env.get("gpu_count", 1) > 1 else "")
+        parts.append(gpu + (f", CUDA {env['cuda']}" if env.get("cuda") else ""))
+    if env.get("malloc_mmap_threshold"):
+        parts.append(f"MALLOC_MMAP_THRESHOLD_={env['malloc_mmap_threshold']}")
+    if git.get("commit"):
+        parts.append(f"git {str(git['commit'])[:12]}" + (" (dirty)" if git.get("dirty") else ""))
+    return "; ".join(p for p in parts if p)

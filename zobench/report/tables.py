@@ -1,0 +1,245 @@
+"""The report's measurement tables: results, the quantization trade-off, memory by phase, GPU memory, the
+step breakdown, masks and restore drift, and the cells without results."""
+
+from __future__ import annotations
+
+from zobench.report.cells import (
+    PHASES,
+    CellView,
+    is_cuda,
+    is_sparse,
+    is_zo,
+    meaningful,
+    median,
+    pct,
+    phase_peak,
+    quant,
+    setting,
+)
+from zobench.report.table import (
+    DASH,
+    Column,
+    count,
+    mib,
+    ms,
+    num,
+    one_line,
+    pct_points,
+    ratio,
+    sci,
+    scores,
+    section,
+    signed_points,
+    size_mib,
+)
+from zobench.results import TRAIN_PHASES
+
+SMOKE_STEPS = 100  # below this many steps a report calls its accuracies a smoke check
+
+
+def step_ratio(r: CellView) -> str:
+    """A step over two forwards with the spread of its pairs; below 1.00 (impossible: a step makes two
+    forwards) it is the limit read through noise, or a measurement fault, never a figure."""
+    d = r.derived
+    v, lo, hi = d.step_over_two_forwards, d.step_over_two_forwards_p10, d.step_over_two_forwards_p90
+    if d.step_timing == "fault":
+        return f"fault ({v:.2f}, {lo:.2f}-{hi:.2f})"
+    if d.step_timing == "at limit":
+        return f"1.00 at limit ({v:.2f}, {lo:.2f}-{hi:.2f})"
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
+        return f"{v:.2f} ({lo:.2f}-{hi:.2f})"
+    return ratio(v)
+
+
+def step_ms(rec: CellView) -> str:
+    s = rec.metrics.step_s
+    if s is None or not isinstance(s.median, (int, float)):
+        return DASH
+    return num(s.median * 1000) + f" ({num(s.p10 * 1000)}-{num(s.p90 * 1000)})"
+
+
+def at_best(rec: CellView) -> str:
+    best, step = rec.metrics.get("test_best"), rec.metrics.get("best_step")
+    return f"{scores(best)} ({step})" if best and meaningful(rec) else DASH
+
+
+def before_after(rec: CellView) -> str:
+    if not meaningful(rec):
+        return "n/a"
+    before, after = rec.metrics.get("test_before"), rec.metrics.get("test_after")
+    if not before and not after:
+        return DASH
+    return f"{scores(before)} -> {scores(after)}"
+
+
+def main_table(ok: list[CellView], extras: list[str]) -> list[str]:
+    cols: list[Column] = [
+        ("density obtained", lambda r: pct(r.metrics.get("density_obtained"))),
+        ("trainable", lambda r: count(r.metrics.get("trainable_numel"))),
+        ("peak MiB", lambda r: mib(r.derived.peak_mib)),
+        ("est. peak MiB", lambda r: mib(r.estimated_peak_mib)),
+        ("peak / inference", lambda r: ratio(r.derived.peak_over_inference)),
+        ("step ms (p10-p90)", step_ms),
+        ("step / 2 fwd (p10-p90)", lambda r: DASH if r.config.get("method") == "forward"  # the reference
+         else step_ratio(r)),
+        ("speedup vs full", lambda r: ratio(r.derived.speedup_vs_full)),
+        *([("kept (MiB)", lambda r: size_mib(r.artifact_bytes))] if any(r.artifact for r in ok) else []),
+        ("tokens/s", lambda r: num(r.metrics.get("tokens_per_s"))),
+        ("test % before -> after", before_after),
+        *([("test % at best dev (step)", at_best)] if any(r.metrics.get("test_best") for r in ok) else []),
+        ("final loss", lambda r: f"{v:.4f}" if isinstance(v := r.metrics.get("final_loss"), (int, float))
+         else DASH),
+    ]
+    intro = ("Peak memory is the training peak (on a GPU the device memory the driver reported, else CUDA "
+             "max allocated; on a CPU peak RSS). Peak / "
+             "inference is against the `forward` reference cell (inference only, same batches); step / 2 fwd "
+             "is the median, with p10-p90, of each timed step over two of the cell's own inference forwards of "
+             "the same batch, timed right after it in the same process (dense-and-sparse layers bypassed, so "
+             "the plain quantized model); a step cannot cost less than its two forwards, so a median below "
+             "1.00 is shown as the limit where its spread reaches 1.00 and as a measurement fault where it "
+             "does not; records without such pairs use the forward cell. Speedup is against the full-ZO cell "
+             "of the same model, dtype, quant and task. Test scores are accuracy %, or EM/F1 % for generative tasks.")
+    steps = [r.config.get("steps") for r in ok if r.config.get("method") != "forward"]
+    if steps and all(isinstance(n, int) and n < SMOKE_STEPS for n in steps):
+        intro += (f" Accuracy after {max(steps)} steps is a smoke check (the cells train and score), not a "
+                  "measure of learning: ZO needs hundreds of steps to move it; `suites/claims-v2.yaml` "
+                  "measures learning, with intervals.")
+    return section("Results", intro, cols, ok, extras)
+
+
+def quant_table(ok: list[CellView], extras: list[str]) -> list[str]:
+    """Each quantized cell beside the unquantized cell of the same method (and other settings)."""
+    if len({quant(r) for r in ok}) < 2:
+        return []
+
+    def twin_key(r):  # an lr chosen by the pilot is the method's own on each side, not a setting to match
+        return tuple(str(setting(r, a)) for a in ("model", "task", "dtype", "method", "density", *extras)
+                     if a != "quant" and not (a == "lr" and r.lr_choice))
+
+    float_cells = {twin_key(r): r for r in ok if quant(r) == "none"}
+
+    def vs_float(value_of, fn):
+        def cell(r):
+            twin, value = float_cells.get(twin_key(r)), value_of(r)
+            other = value_of(twin) if twin else None
+            return fn(value, other) if isinstance(value, (int, float)) and isinstance(other, (int, float)) else DASH
+        return cell
+
+    def score(r):
+        return r.metrics.accuracy("test_after") if r is not None and meaningful(r) else None
+
+    cols: list[Column] = [
+        ("peak MiB", lambda r: mib(r.derived.peak_mib)),
+        ("peak / float", vs_float(lambda r: r.derived.peak_mib, lambda a, b: ratio(a / b))),
+        ("weights MiB (est.)", lambda r: mib(r.estimated_weights_mib)),
+        ("step / float", vs_float(lambda r: median(r.metrics.step_s), lambda a, b: ratio(a / b))),
+        ("test % after", lambda r: pct_points(score(r))),
+        ("vs float (points)", lambda r: signed_points(score(r), score(float_cells.get(twin_key(r))))),
+    ]
+    intro = ("Memory against accuracy per quant backend: each quantized cell beside the unquantized (`none`) "
+             "cell of the same method. Quantized sparse cells train their masked values in 16/32-bit beside "
+             "the quantized layers (dense-and-sparse).")
+    return section("Quantization trade-off", intro, cols, [r for r in ok if quant(r) != "none"], extras)
+
+
+def phase_table(ok: list[CellView], extras: list[str]) -> list[str]:
+    present = [p for p in PHASES if any(p in r.phases for r in ok)]
+
+    def cell(r, p):
+        peak, secs = phase_peak(r, p), r.phase(p).wall_s
+        return DASH if peak is None and secs is None else f"{mib(peak)} / {num(secs)} s"
+
+    def whole(r):
+        peak, where = r.derived.cell_peak_mib, r.derived.cell_peak_phase
+        return DASH if peak is None else f"{mib(peak)} ({where})"
+
+    cols: list[Column] = [(p, lambda r, p=p: cell(r, p)) for p in present] + [("whole cell MiB (phase)", whole)]
+    intro = ("Peak MiB / seconds of each phase; the peak is reset at the start of each phase (on a GPU the "
+             "device memory the driver reported, else CUDA max allocated; on a CPU peak RSS). The whole cell's "
+             "peak is the largest phase's: what a machine must hold to run the cell, and what `peak_mib_max` "
+             "holds unless its budget names phases.")
+    return section("Memory by phase", intro, cols, ok, extras)
+
+
+def gpu_memory_table(ok: list[CellView], extras: list[str]) -> list[str]:
+    """On a GPU, the three views of the training peak side by side, and the estimate beside them."""
+    cuda = [r for r in ok if is_cuda(r)]
+    if not cuda:
+        return []
+
+    def peak(r, figure):
+        vals = [figure(r.phase(p)) for p in TRAIN_PHASES]
+        vals = [v for v in vals if isinstance(v, (int, float))]
+        return max(vals) if vals else None
+
+    def source(r):
+        return r.phase("train").device_source or r.phase("warmup").device_source or DASH
+
+    cols: list[Column] = [
+        ("device MiB", lambda r: mib(peak(r, lambda m: m.device_peak_mib))),
+        ("measured as", source),
+        ("max allocated MiB", lambda r: mib(peak(r, lambda m: m.cuda_max_allocated_mib))),
+        ("max reserved MiB", lambda r: mib(peak(r, lambda m: m.cuda_max_reserved_mib))),
+        ("est. MiB", lambda r: mib(r.estimated_peak_mib)),
+        ("est. floor", lambda r: r.estimate_floor or DASH),
+    ]
+    intro = ("Training peak (warm-up and train phases) three ways: what the driver reported (NVML: the process's "
+             "own use where the driver reports processes, else the device's use above its level before the "
+             "cell; context, libraries and allocator slack included, what an 8 GiB card must hold), the "
+             "allocator's max allocated tensors, and its max reserved blocks. The estimate predicts the "
+             "device figure; its floor was measured on this GPU (measured) or not (default).")
+    return section("GPU memory", intro, cols, cuda, extras)
+
+
+def step_table(ok: list[CellView], extras: list[str]) -> list[str]:
+    parts = ("perturb", "forward_plus", "forward_minus", "forward", "backward", "update")
+    timed = [r for r in ok if r.metrics.step_parts_s]
+    present = [p for p in parts if any(p in r.metrics.step_parts_s for r in timed)]
+    cols: list[Column] = [(p, lambda r, p=p: num(ms(median(r.metrics.step_parts_s.get(p))))) for p in present]
+    cols.append(("step", lambda r: num(ms(median(r.metrics.step_s)))))
+    intro = "Median milliseconds of each part of a training step (a ZO step perturbs twice per direction)."
+    if any(r.metrics.get("zo_passes") for r in timed):
+        def passes(r):
+            zo = r.metrics.get("zo_passes") or {}
+            gb, x = zo.get("pass_gb_s"), zo.get("pass_over_copy")
+            paths = "+".join(sorted(zo.get("paths") or {})) or DASH
+            return DASH if gb is None else f"{gb:.1f} ({x:.2f}) {paths}" if x is not None else f"{gb:.1f} {paths}"
+        cols.append(("ZO passes GB/s (x copy), kernel", passes))
+        intro += (" ZO passes: bytes the cell's passes over its trainable values read and wrote, over their "
+                  "seconds, beside a plain copy of the model's weights measured in the same process, and the "
+                  "kernel that ran them (c-openmp: the fused Philox kernel; torch: its fallback).")
+    if any(r.phase("train").other_cpus is not None for r in timed):
+        cols.append(("other CPUs", lambda r: num(r.phase("train").other_cpus)))
+        intro += (" Other CPUs: the average number of CPUs busy with other work on the machine while the cell "
+                  "trained (0 on an idle machine); timings beside other work are slower than the cell alone.")
+    return section("Step breakdown (ms)", intro, cols, timed, extras)
+
+
+def mask_tables(ok: list[CellView], extras: list[str]) -> list[str]:
+    hit = {True: "yes", False: "no"}
+    mask_cols: list[Column] = [
+        ("density obtained", lambda r: pct(r.metrics.get("density_obtained"))),
+        ("nnz", lambda r: count(r.metrics.get("mask_nnz"))),
+        ("sq-grad mass", lambda r: pct(r.metrics.get("sqgrad_mass_frac"))),
+        ("build s", lambda r: num(r.metrics.get("mask_build_s"))),
+        ("cache hit", lambda r: hit.get(r.metrics.get("mask_cache_hit"), DASH)),
+        ("mask phase peak MiB", lambda r: mib(phase_peak(r, "mask"))),
+    ]
+    intro = ("Sq-grad mass: the fraction of the calibration squared-gradient mass the mask covers "
+             "(sensitive masks maximise it).")
+    drift_cols: list[Column] = [
+        ("fraction changed", lambda r: sci(r.metrics.get("restore_drift_frac_changed"))),
+        ("max abs drift", lambda r: sci(r.metrics.get("restore_drift_max_abs"))),
+    ]
+    drifted = [r for r in ok if is_zo(r) and (r.metrics.get("restore_drift_frac_changed") is not None
+                                              or r.metrics.get("restore_drift_max_abs") is not None)]
+    drift_intro = ("After +eps then -eps, the fraction of trainable values not restored bit-exactly and the "
+                   "largest difference (0 means an exact restore).")
+    return (section("Masks", intro, mask_cols, [r for r in ok if is_sparse(r)], extras)
+            + section("Restore drift", drift_intro, drift_cols, drifted, extras))
+
+
+def failure_table(bad: list[CellView], extras: list[str]) -> list[str]:
+    cols: list[Column] = [("status", lambda r: str(r.status)), ("reason", lambda r: one_line(r.reason))]
+    return section("Failed and unsupported cells", "Cells without results, with the recorded reason.",
+                   cols, bad, extras, n_text=2)

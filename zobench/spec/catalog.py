@@ -76,7 +76,11 @@ METHOD_INFO = (
 
 # The quantization backends a suite may name (``quant:``); what each stores and needs is its class's
 # declaration (``quant.base.Backend``), read by the layers that load it.
-QUANT_NAMES = ("none", "nf4", "fp4", "int8", "gptq", "hqq")
+QUANT_NAMES = ("none", "nf4", "fp4", "int8", "gptq", "hqq", "nf4-plain")
+# The backends whose scales are plain float tensors the forward reads, which a method may perturb in place
+# (``needs_scales``: QZO): nf4-plain's float32 absmax per block of 64 weights, int8's per row. nf4's absmax
+# values are 8-bit codes themselves (double quantization); gptq's and hqq's layers are not opened up for it.
+PLAIN_SCALES = ("nf4-plain", "int8")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,10 @@ def every_method(tmp_path_factory):
     from zobench.spec.suite import parse_suite
 
     suite = parse_suite({"name": "methods", "reference": False, "defaults": TINY,
-                         "matrix": {"method": METHODS.names()}}, "methods.yaml")
+                         "matrix": {"method": METHODS.names()},
+                         # a method that trains quantization scales needs a backend that has plain ones
+                         "overrides": [{"match": {"method": "qzo"}, "set": {"quant": "nf4-plain"}}]},
+                        "methods.yaml")
     out = run_suite(suite, tmp_path_factory.mktemp("methods"), executor=PoolExecutor(jobs=2))
     return {r.method: r for r in load_records(out)}
 
@@ -113,7 +116,9 @@ def test_trainables_and_steppers_declare_what_they_can_do_and_implement_exactly_
     for cls in shapes:
         assert cls.snapshots == (cls.snapshot is not Trainable.snapshot), cls
         assert cls.saves_raw == (cls.save_raw is not Trainable.save_raw) == (cls.load_raw is not Trainable.load_raw)
-    assert {c.__name__ for c in shapes if c.snapshots} == {"SparseTrainable"}
+        assert cls.keeps_own_delta == (cls.delta_parts is not Trainable.delta_parts), cls
+    assert {c.__name__ for c in shapes if c.snapshots} == {"SparseTrainable", "ScaleTrainable"}
+    assert {c.__name__ for c in shapes if c.keeps_own_delta} == {"ScaleTrainable"}
     assert {c.__name__ for c in shapes if c.saves_raw} == {"DenseTrainable", "LayerSubset"}
     assert subclasses(Stepper) >= {ZOTrainer, ForwardOnly, FOTrainer}
     assert [c.resumable for c in (ZOTrainer, ForwardOnly, FOTrainer)] == [True, False, False]

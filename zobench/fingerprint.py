@@ -17,3 +17,9 @@ def weights_fingerprint(params) -> str:
         h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
         h.update(p.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def scales_fingerprint(layers) -> str:
+    """``layers``: (layer name, its quantization scales) pairs, in any order: the identity of the scales a QZO
+    delta was trained from, which its load checks (a scale means something only beside its own codes)."""
+    return weights_fingerprint(sorted(layers, key=lambda item: item[0]))

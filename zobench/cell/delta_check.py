@@ -27,7 +27,7 @@ from zobench.spec.config import LIMITS, NOT_FROM_FILES, CellConfig
 FORMAT = 1
 META = "delta.json"
 TENSORS = "delta.safetensors"
-KINDS = ("sparse", "trajectory", "lora", "tensors")
+KINDS = ("sparse", "trajectory", "lora", "tensors", "scales")
 # Keys of deltas trained on instruction files (``zobench influence train``) beside a cell's settings.
 INSTRUCTION_KEYS = ("data", "loss")
 MAX_SEED = 2**63
@@ -56,6 +56,8 @@ def check_meta(meta, where: str) -> dict:
     meta = dict(meta, config=check_config(meta.get("config"), f"{where}: config"))
     if meta["kind"] == "trajectory":
         check_trajectory(meta.get("trajectory"), meta["step"], f"{where}: key 'trajectory'")
+    if meta["kind"] == "scales" and not isinstance(meta.get("scales_base"), str):
+        raise UserError(f"{where}: key 'scales_base': expected the identity of the scales it was trained from")
     return meta
 
 

@@ -2,7 +2,8 @@
 
 A delta's tensors are data from someone else too (docs/security.md): names must be ``<param>::index`` /
 ``<param>::value`` pairs (sparse) or the model's own parameter names (tensors), indices 1-D integers,
-unique and non-negative, values finite, shapes the model's.
+unique and non-negative, values finite, shapes the model's; a ``scales`` delta's names are quantized layers of
+the model, each with as many finite scales as the layer has.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 import zobench
 from zobench.cell.delta import FORMAT, META, TENSORS, claim_target, dir_bytes, portable
 from zobench.errors import UserError
-from zobench.fingerprint import weights_fingerprint
+from zobench.fingerprint import scales_fingerprint, weights_fingerprint
 from zobench.outdirs import replace_dir
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -91,6 +92,19 @@ def write_tensors(model: torch.nn.Module, path: Path) -> None:
         params[name].copy_(value.to(params[name].dtype))
 
 
+@torch.no_grad()
+def write_scales(path: Path, meta: dict, current: dict[str, torch.Tensor]) -> None:
+    """A ``scales`` delta (QZO) onto the quantized model, whose plain scales are ``current`` (layer name ->
+    the tensor its forward reads), after checking that they are the scales it was trained from."""
+    data = checked_scales(Path(path) / TENSORS, current)
+    got = scales_fingerprint([(name, current[name]) for name in data])
+    if got != meta["scales_base"]:
+        raise UserError(f"{path}: its scales were trained beside other quantized codes (scales {meta['scales_base']}, "
+                        f"here {got}); load it on the same base, quantized as it was trained")
+    for name, t in data.items():
+        current[name].copy_(t.to(current[name].dtype))
+
+
 def _open(file: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, or one line when it is missing or not a safetensors file."""
     if not file.is_file():
@@ -149,5 +163,19 @@ def checked_tensors(file: Path, shapes: dict[str, tuple]) -> dict[str, torch.Ten
             raise UserError(f"{file}: names a tensor '{name}' the model does not have")
         if tuple(t.shape) != shapes[name]:
             raise UserError(f"{file}: '{name}' has shape {tuple(t.shape)}, the model's is {shapes[name]}")
+        _finite(name, t, file)
+    return data
+
+
+def checked_scales(file: Path, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ``scales`` delta's tensors: each names a quantized layer of the model (``current``: its scales) and
+    holds a flat vector of as many finite float values."""
+    data = _open(file)
+    for name, t in data.items():
+        if name not in current:
+            raise UserError(f"{file}: names a layer '{name}' that has no plain quantization scales in this model")
+        if t.dim() != 1 or t.numel() != current[name].numel():
+            raise UserError(f"{file}: '{name}' has shape {tuple(t.shape)}, the layer has {current[name].numel()} "
+                            f"scales")
         _finite(name, t, file)
     return data

@@ -13,10 +13,11 @@ from zobench.cell import delta as D
 from zobench.cell import delta_tensors as DT
 from zobench.cell.delta_check import check_adapter
 from zobench.cell.run import Run
+from zobench.errors import UserError
 from zobench.methods import get_method
 from zobench.models.lora import load_adapter
 from zobench.spec.config import CellConfig
-from zobench.zo.masks import scoped_params
+from zobench.zo.masks import linear_layers, scoped_params
 from zobench.zo.trainable import measure_restore_drift
 from zobench.zo.trainer import replay
 
@@ -51,11 +52,26 @@ def _apply(pipeline, path: Path, meta: dict) -> None:
             run.mask = mask
     elif kind == "trajectory":
         _replay(pipeline, meta)
+    elif kind == "scales":  # quantization scales exist once the model is quantized: applied then (apply_scales)
+        quant = meta["config"].get("quant", "none")
+        if quant != pipeline.cfg.quant:
+            raise UserError(f"{path}: holds the quantization scales of {quant} weights; load it with quant '{quant}' "
+                            f"(this run's is '{pipeline.cfg.quant}')")
+        pipeline.pending_scales.append((path, meta))
     elif kind == "lora":
         check_adapter(path / "adapter")
         load_adapter(run.loaded, path / "adapter")
     else:
         DT.write_tensors(run.model, path)
+
+
+def apply_scales(pipeline) -> None:
+    """The ``scales`` links of the delta's chain, in order, onto the freshly quantized model."""
+    model, backend = pipeline.run_state.model, pipeline.backend
+    current = {name: backend.scales(model.get_submodule(name)) for name in linear_layers(model)}
+    for path, meta in pipeline.pending_scales:
+        DT.write_scales(path, meta, current)
+    pipeline.pending_scales = []
 
 
 def _replay(pipeline, meta: dict) -> None:
@@ -80,6 +96,9 @@ def save_from(pipeline, target: Path, overwrite: bool = False) -> dict | None:
     kw = dict(cfg=dict(cfg.to_dict(), save=None, checkpoint=None, overwrite=False, predictions=None),
               fingerprint=pipeline.base_fingerprint,
               step=step, extra={"parent": cfg.delta} if cfg.delta else None, overwrite=overwrite)
+    if trainable is not None and trainable.keeps_own_delta:  # it says what it keeps (QZO: the trained scales)
+        kind, tensors, extra = trainable.delta_parts()
+        return DT.save(target, kind, tensors=tensors, extra=dict(kw.pop("extra") or {}, **extra), **kw)
     if trainable is not None and trainable.snapshots:  # sparse: the model holds the selected step's values
         return DT.save(target, "sparse", tensors=sparse_tensors(trainable, pipeline.run_state.model), **kw)
     if trainable is not None:

@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from zobench.cell import checkpoint
 from zobench.cell.delta_tensors import base_fingerprint
-from zobench.cell.keep import load_into, save_from
+from zobench.cell.keep import apply_scales, load_into, save_from
 from zobench.cell.predictions import Predictions
 from zobench.cell.record import CellRecord, Metrics
 from zobench.cell.run import Run, resolve_device
@@ -57,6 +57,7 @@ class Pipeline:
         self.stepper = self.trainable = self.selection = None
         self.base_fingerprint = None
         self.resumed = None  # a checkpoint this cell goes on from (zobench.cell.checkpoint)
+        self.pending_scales: list = []  # a delta's quantization scales, applied once quantized (cell.keep)
         self.predictions = Predictions(cfg.predictions)  # per-example, every evaluation
 
     def run(self) -> CellRecord:
@@ -76,6 +77,8 @@ class Pipeline:
         if self.backend is not None:
             with self.phase("quantize"):
                 self.quantize()
+                if self.pending_scales:
+                    apply_scales(self)
         self.load_checkpoint()
         # After masking and quantization: "before" is the model that training starts from.
         if self.resumed is not None and self.resumed.test_before is not None:
@@ -131,7 +134,7 @@ class Pipeline:
         self.base_fingerprint = base_fingerprint(loaded.model)  # what a saved delta will require of its base
 
         run.params = scoped_params(loaded.model, cfg.resolved_scope)
-        if self.info.family == "zo" and not self.info.needs_mask:  # dense ZO: the whole scope moves
+        if self.info.family == "zo" and not self.info.needs_mask and not self.info.needs_scales:  # dense ZO
             n = sum(p.numel() for _, p in run.params)
             self.metrics.set(mask_nnz=n, scope_numel=n, density_obtained=1.0)
 

@@ -8,11 +8,12 @@ from zobench.zo.sizes import CHUNK, OPT_STATE_VALUES, RADEMACHER_EXTRA_BYTES
 from zobench.zo.trainer import ZOTrainer
 
 
-def zo_stepper(run, trainable):
-    """MeZO's ZO-SGD (or momentum / Adam) on ``trainable``: ``(stepper, trainable)``."""
+def zo_stepper(run, trainable, clip: float | None = None):
+    """MeZO's ZO-SGD (or momentum / Adam) on ``trainable``: ``(stepper, trainable)``; ``clip`` bounds the
+    directional derivative (``zo.trainer.ZOTrainer``)."""
     cfg = run.cfg
     opt = make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.schedule, cfg.steps, cfg.momentum)
-    return ZOTrainer(run.model, trainable, opt, run.loss_fn, cfg.eps, cfg.q, cfg.seed), trainable
+    return ZOTrainer(run.model, trainable, opt, run.loss_fn, cfg.eps, cfg.q, cfg.seed, clip=clip), trainable
 
 
 def z_extra(cfg) -> float:

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 from zobench.gates.hide import hide_unused
 from zobench.quant.base import Backend, NoQuant, QuantContext, quantize_model
-from zobench.quant.bnb import FP4, NF4, Int8
+from zobench.quant.bnb import FP4, NF4, Int8, NF4Plain
 from zobench.quant.gptq import GPTQ
 from zobench.quant.hqq import HQQ
 from zobench.registry import Registry
-from zobench.spec.catalog import QUANT_NAMES
+from zobench.spec.catalog import PLAIN_SCALES, QUANT_NAMES
 
 CLASSES = {"none": NoQuant, "nf4": NF4, "fp4": FP4, "int8": Int8, "gptq": GPTQ, "hqq": HQQ}
+CLASSES["nf4-plain"] = NF4Plain
 if set(CLASSES) != set(QUANT_NAMES):  # a declared backend without a class, or a class declared nowhere
     raise ImportError(f"quant backends declared {sorted(QUANT_NAMES)} but implemented {sorted(CLASSES)}")
+if {name for name, cls in CLASSES.items() if cls.scales is not None} != set(PLAIN_SCALES):
+    raise ImportError(f"backends declared with plain scales {sorted(PLAIN_SCALES)} differ from those with scales()")
 
 BACKENDS = Registry("quant backend")
 for _name in QUANT_NAMES:

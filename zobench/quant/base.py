@@ -102,6 +102,11 @@ class Backend:
     # sparse product.
     dequantize = None
 
+    # A function module -> the layer's quantization scales as the plain float tensor its forward reads, for a
+    # method that perturbs them in place (QZO); declared per backend in ``spec.catalog.PLAIN_SCALES``. None:
+    # the format has no such tensor (double-quantized or packed scales, or no quantization).
+    scales = None
+
     def merges_on(self, device: str) -> bool:
         """Whether dense-and-sparse layers on ``device`` ("cpu", "cuda", "cuda:1") merge S into the weight
         ``dequantize`` builds, rather than add a separate sparse product (only a backend with a

@@ -1,5 +1,10 @@
 """bitsandbytes: 4-bit NF4 / FP4 (QLoRA's formats) and 8-bit LLM.int8.
 
+``nf4`` is QLoRA's NF4 with double quantization (its per-block absmax values are themselves 8-bit codes);
+``nf4-plain`` is the same 4-bit codes with a plain float32 absmax per block of 64 weights, the continuous
+scales a method can perturb in place (QZO, ``methods.qzo``). LLM.int8's per-row absmax (``SCB``) is plain
+float32 too. ``Backend.scales`` hands those tensors over.
+
 bitsandbytes 0.50 quantizes on the CPU too: a ``Params4bit`` / ``Int8Params`` is quantized when the module
 is moved to a device, so each layer is built from the float weight and moved once. It may print that the
 optional ``kernels`` package is missing and fall back to its own CPU kernels; results are the same.
@@ -17,6 +22,7 @@ INSTALL = "pip install 'bitsandbytes==0.50.2' (a core dependency of zobench: `ma
 
 class _FourBit(Backend):
     quant_type = "nf4"
+    compress_statistics = True  # double quantization: the absmax values 8-bit quantized in blocks of 256
     requires = ("bitsandbytes",)
     install = INSTALL
     # 4 bits per weight; per block of 64 an 8-bit absmax (double quantization, QLoRA's default),
@@ -26,10 +32,10 @@ class _FourBit(Backend):
     def quantize_linear(self, linear: torch.nn.Linear, ctx: QuantContext) -> torch.nn.Module:
         nn = bnb.load().nn
         q = nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                          compute_dtype=ctx.dtype, quant_type=self.quant_type, compress_statistics=True,
-                          device="meta")
+                          compute_dtype=ctx.dtype, quant_type=self.quant_type,
+                          compress_statistics=self.compress_statistics, device="meta")
         q.weight = nn.Params4bit(linear.weight.data, requires_grad=False,
-                                     quant_type=self.quant_type, compress_statistics=True)
+                                     quant_type=self.quant_type, compress_statistics=self.compress_statistics)
         if linear.bias is not None:
             q.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
         # bitsandbytes, on a CPU with AVX512-BF16, repacks the weight at the first eval-mode forward for a path
@@ -69,6 +75,24 @@ class FP4(_FourBit):
     quant_type = "fp4"
 
 
+class NF4Plain(_FourBit):
+    name = "nf4-plain"
+    quant_type = "nf4"
+    compress_statistics = False
+    storage = Storage(bits=4, group_size=64, group_bytes=4)  # 4 bits per weight, a float32 absmax per 64
+
+    @staticmethod
+    def scales(module: torch.nn.Module) -> torch.Tensor:
+        """The layer's float32 absmax, one per block of 64 weights: the forward reads it as it is (the
+        dequantize-then-matmul path, ``quantize_linear``), so a change in place is a change of the layer."""
+        state = module.weight.quant_state
+        if state.nested or getattr(state, "packing_format_for_cpu", False) or module.support_avx512bf16_for_cpu:
+            # The repacked AVX512-BF16 kernel casts the absmax to bfloat16: a perturbation below 2^-8 of a
+            # scale would vanish in the forward.
+            raise RuntimeError("this 4-bit layer's scales are not the plain float32 absmax its forward reads")
+        return state.absmax
+
+
 class Int8(Backend):
     name = "int8"
     requires = ("bitsandbytes",)
@@ -85,3 +109,9 @@ class Int8(Backend):
         if linear.bias is not None:
             q.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
         return q.to(ctx.device)
+
+    @staticmethod
+    def scales(module: torch.nn.Module) -> torch.Tensor:
+        """The layer's float32 absmax per output row (``SCB``). Its first forward moves the tensor from the
+        weight to the layer's matmul state (``init_8bit_state``): the same tensor, which the matmul reads."""
+        return module.state.SCB if module.state.SCB is not None else module.weight.SCB

@@ -32,6 +32,7 @@ class MethodInfo:
     family         "zo" (forward-only training), "fo" (a backward pass) or "reference" (nothing trained)
     needs_mask     builds a static mask of the entries it trains: a sparse method
     quantized      can train beside quantized weights (its trained values live outside them)
+    needs_scales   trains the quantization scales themselves: its cells need a backend of ``PLAIN_SCALES``
     default_scope  the parameters it trains when a suite names no ``scope``
     settings       config keys that change what it runs (density, ...): a cell's identity keeps them only
                    for the methods that use them, so a density axis does not duplicate full ZO
@@ -45,6 +46,7 @@ class MethodInfo:
     summary: str
     needs_mask: bool = False
     quantized: bool = False
+    needs_scales: bool = False
     default_scope: str = "linear"
     settings: tuple[str, ...] = ()
     order: int = 100
@@ -72,11 +74,17 @@ METHOD_INFO = (
                order=70, color="#e377c2"),
     MethodInfo("lora", "fo", "LoRA r=8 on q_proj/v_proj with AdamW (peft; backward pass)", default_scope="all",
                order=80, color="#17becf"),
+    MethodInfo("qzo", "zo", "the quantization scales only, codes fixed; clipped projected gradient (QZO)",
+               quantized=True, needs_scales=True, settings=("clip_threshold",), order=35, color="#aec7e8"),
 )
 
 # The quantization backends a suite may name (``quant:``); what each stores and needs is its class's
 # declaration (``quant.base.Backend``), read by the layers that load it.
-QUANT_NAMES = ("none", "nf4", "fp4", "int8", "gptq", "hqq")
+QUANT_NAMES = ("none", "nf4", "fp4", "int8", "gptq", "hqq", "nf4-plain")
+# The backends whose scales are plain float tensors the forward reads, which a method may perturb in place
+# (``needs_scales``: QZO): nf4-plain's float32 absmax per block of 64 weights, int8's per row. nf4's absmax
+# values are 8-bit codes themselves (double quantization); gptq's and hqq's layers are not opened up for it.
+PLAIN_SCALES = ("nf4-plain", "int8")
 
 
 @dataclass(frozen=True)

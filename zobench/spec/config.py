@@ -75,6 +75,11 @@ class CellConfig:
     calib_sequences: int = 16
     calib_length: int = 256
     layer_fraction: float = 0.25       # lezo: the fraction of transformer blocks perturbed each step
+    # qzo: the bound C on the directional derivative, (L+ - L-) / (2 eps) clipped to [-C, C] before the
+    # update. 100 is the QZO authors' value (their released code clamps to +-100 under --clip_zo_grad);
+    # their eps is 1e-3 (zobench's default) and their lr 1e-7 (OPT-6.7B, SST-2) to 1e-5 (their script's
+    # default): a suite sets lr for qzo cells.
+    clip_threshold: float = 100.0
     # optimisation
     steps: int = 100
     lr: float = 1e-6
@@ -168,6 +173,8 @@ class CellConfig:
                 self._bad(where, key, "a fraction in (0, 1]")
         if self.eps <= 0:
             self._bad(where, "eps", "a positive number")
+        if self.clip_threshold <= 0:
+            self._bad(where, "clip_threshold", "a positive number")
         if self.lr < 0:
             self._bad(where, "lr", "a number >= 0")
         if self.timeout_s is not None and self.timeout_s <= 0:
@@ -180,9 +187,15 @@ class CellConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 self._bad(where, key, "one of " + ", ".join(str(a) for a in allowed if a is not None))
+        if self.method_info.needs_scales and self.quant not in catalog.PLAIN_SCALES:
+            self._bad(where, "quant", f"one of {', '.join(catalog.PLAIN_SCALES)} for method '{self.method}', which "
+                                      f"trains the quantization scales (plain float scales only: nf4's are "
+                                      f"8-bit codes themselves)")
         if self.quant != "none" and self.method_info.needs_mask and self.resolved_scope != "linear":
             self._bad(where, "scope", "'linear' with a quant backend (the sparse values live beside the "
                                       "quantized linears)")
+        if self.method_info.needs_scales and self.resolved_scope != "linear":
+            self._bad(where, "scope", f"'linear' for method '{self.method}' (the scales are the quantized linears')")
 
     # -- derived -----------------------------------------------------------------------------------
     @property

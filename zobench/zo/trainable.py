@@ -58,6 +58,8 @@ class Trainable:
     # ``save_raw`` / ``load_raw`` write them to a file and read them back (dense weights, ``nbytes`` of them).
     snapshots: ClassVar[bool] = False
     saves_raw: ClassVar[bool] = False
+    # What a save keeps, where it is not one of the shapes above (QZO's scales): ``delta_parts``.
+    keeps_own_delta: ClassVar[bool] = False
 
     def __init__(self):
         self._seed: int | None = None
@@ -85,6 +87,10 @@ class Trainable:
 
     def load_raw(self, f) -> None:
         """Read back what ``save_raw`` wrote (where ``saves_raw``)."""
+        raise NotImplementedError
+
+    def delta_parts(self) -> tuple[str, dict, dict]:
+        """``(kind, tensors, extra)`` of the delta a save writes (where ``keeps_own_delta``)."""
         raise NotImplementedError
 
     @torch.no_grad()

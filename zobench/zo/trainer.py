@@ -2,7 +2,9 @@
 
 One step (q = 1):  w + eps z -> L+ ;  w - eps z -> L- ;  g = (L+ - L-) / (2 eps) ;  w <- opt(w, g z),
 where z is regenerated from the step's seed at every pass instead of being stored. With q > 1 the
-estimate averages q independent (seed, g) pairs taken at the same w.
+estimate averages q independent (seed, g) pairs taken at the same w. With ``clip`` (QZO's directional
+derivative clipping), g is clipped to [-clip, clip] before it is used or recorded: one step then moves each
+value by at most lr * clip * |z| (SGD), whatever a noisy low-precision forward returned.
 """
 
 from __future__ import annotations
@@ -68,9 +70,9 @@ class ZOTrainer(Stepper):
     resumable = True
 
     def __init__(self, model: torch.nn.Module, trainable: Trainable, optimizer, loss_fn: Callable,
-                 eps: float = 1e-3, q: int = 1, seed: int = 0, fold: bool = True):
+                 eps: float = 1e-3, q: int = 1, seed: int = 0, fold: bool = True, clip: float | None = None):
         self.model, self.trainable, self.optimizer, self.loss_fn = model, trainable, optimizer, loss_fn
-        self.eps, self.q = eps, max(1, int(q))
+        self.eps, self.q, self.clip = eps, max(1, int(q)), clip
         self.rng = random.Random(seed)
         self.device = next(model.parameters()).device
         self.fold = fold
@@ -116,6 +118,8 @@ class ZOTrainer(Stepper):
             self._timed(sec, "perturb", lambda: self.trainable.apply(seed, -self.eps))
             lm = self._timed(sec, "forward_minus", lambda: self._loss(batch))
             g = (lp - lm) / (2 * self.eps)
+            if self.clip is not None:
+                g = min(max(g, -self.clip), self.clip)
             grads.append((seed, g / self.q))
             losses.append((lp + lm) / 2)
         if self.fold and self.q == 1:

@@ -26,7 +26,9 @@ def every_method(tmp_path_factory):
     from zobench.spec.suite import parse_suite
 
     suite = parse_suite({"name": "methods", "reference": False, "defaults": TINY,
-                         "matrix": {"method": METHODS.names()}}, "methods.yaml")
+                         "matrix": {"method": METHODS.names()},
+                         "overrides": [{"match": {"method": "quzo"}, "set": {"quant": "int8"}}]},  # its codes
+                        "methods.yaml")
     out = run_suite(suite, tmp_path_factory.mktemp("methods"), executor=PoolExecutor(jobs=2))
     return {r.method: r for r in load_records(out)}
 

@@ -8,6 +8,9 @@
                                         replays the steps onto the base weights, bit for bit in float32
     lora        DIR/adapter/            a PEFT LoRA adapter directory (safetensors weights only)
     tensors     DIR/delta.safetensors   first-order full fine-tuning: the changed tensors
+    codes       DIR/delta.safetensors   quzo: per quantized layer ``<name>::index`` (int32 flat positions) and
+                                        ``<name>::code`` (their new int8 / 4-bit codes), applied once the base
+                                        is quantized as the delta's config says
 
 A delta is data someone may have handed over (docs/security.md): ``read`` checks every field before
 anything uses it (``zobench.cell.delta_check``), and nothing in it can turn on remote code or name code to
@@ -50,7 +53,7 @@ def is_delta(path: Path) -> bool:
         meta = read(path)
     except UserError:
         return False
-    if meta["kind"] in ("sparse", "tensors"):
+    if meta["kind"] in ("sparse", "tensors", "codes"):
         return (path / TENSORS).is_file()
     if meta["kind"] == "lora":
         return (path / "adapter" / "adapter_config.json").is_file()

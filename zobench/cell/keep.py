@@ -13,6 +13,7 @@ from zobench.cell import delta as D
 from zobench.cell import delta_tensors as DT
 from zobench.cell.delta_check import check_adapter
 from zobench.cell.run import Run
+from zobench.errors import UserError
 from zobench.methods import get_method
 from zobench.models.lora import load_adapter
 from zobench.spec.config import CellConfig
@@ -28,6 +29,9 @@ def load_into(pipeline) -> dict:
     links = D.chain(path)
     DT.check_base(links[0][1], links[0][0], pipeline.run_state.model)
     for folder, meta in links:
+        if pipeline.codes_deltas and meta["kind"] != "codes":
+            raise UserError(f"{folder}: a {meta['kind']} delta trained on top of quantized codes "
+                            f"({pipeline.codes_deltas[-1]}); zobench applies codes only after quantizing")
         _apply(pipeline, folder, meta)
     meta = links[-1][1]
     quant = meta["config"].get("quant", "none")
@@ -51,11 +55,23 @@ def _apply(pipeline, path: Path, meta: dict) -> None:
             run.mask = mask
     elif kind == "trajectory":
         _replay(pipeline, meta)
+    elif kind == "codes":  # the quantized layers do not exist yet: written once quantized (apply_codes)
+        quant = meta["config"].get("quant")
+        if quant != pipeline.cfg.quant:
+            raise UserError(f"{path}: holds {quant} codes; it loads with quant '{quant}' only (not "
+                            f"'{pipeline.cfg.quant}')")
+        pipeline.codes_deltas.append(path)
     elif kind == "lora":
         check_adapter(path / "adapter")
         load_adapter(run.loaded, path / "adapter")
     else:
         DT.write_tensors(run.model, path)
+
+
+def apply_codes(pipeline) -> None:
+    """The codes deltas of the chain, root first, into the freshly quantized layers."""
+    for path in pipeline.codes_deltas:
+        DT.write_codes(pipeline.run_state.model, path)
 
 
 def _replay(pipeline, meta: dict) -> None:
@@ -80,6 +96,8 @@ def save_from(pipeline, target: Path, overwrite: bool = False) -> dict | None:
     kw = dict(cfg=dict(cfg.to_dict(), save=None, checkpoint=None, overwrite=False, predictions=None),
               fingerprint=pipeline.base_fingerprint,
               step=step, extra={"parent": cfg.delta} if cfg.delta else None, overwrite=overwrite)
+    if hasattr(trainable, "changed_codes"):  # quzo: the codes that moved, against those at the start
+        return DT.save(target, "codes", tensors=trainable.changed_codes(), **kw)
     if hasattr(trainable, "snapshot"):  # sparse: the values now in the model are the selected step's
         return DT.save(target, "sparse", tensors=sparse_tensors(trainable, pipeline.run_state.model), **kw)
     if trainable is not None:

@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from zobench.cell import checkpoint
 from zobench.cell.delta_tensors import base_fingerprint
-from zobench.cell.keep import load_into, save_from
+from zobench.cell.keep import apply_codes, load_into, save_from
 from zobench.cell.predictions import Predictions
 from zobench.cell.record import CellRecord, Metrics
 from zobench.cell.run import Run, resolve_device
@@ -57,6 +57,7 @@ class Pipeline:
         self.stepper = self.trainable = self.selection = None
         self.base_fingerprint = None
         self.resumed = None  # a checkpoint this cell goes on from (zobench.cell.checkpoint)
+        self.codes_deltas: list[Path] = []  # codes deltas (quzo) to write once the layers are quantized
         self.predictions = Predictions(cfg.predictions)  # per-example, every evaluation
 
     def run(self) -> CellRecord:
@@ -189,6 +190,7 @@ class Pipeline:
         run.params = vectors
         if self.info.needs_mask:
             run.vectors = vectors
+        apply_codes(self)
 
     # -- evaluation and training -------------------------------------------------------------------
     def evaluate(self, phase: str, key: str, enabled: bool) -> None:

@@ -38,6 +38,8 @@ class MethodInfo:
     summary        one line for tables and --help
     order          where reports list it (the reference first, first-order baselines last)
     color          its colour in plots (None: one derived from the name)
+    allowed        ((config key, values it may take), ...): what else it needs of a cell, refused when a suite
+                   is validated (a method that trains int8/4-bit codes names those quant backends)
     """
 
     name: str
@@ -49,6 +51,7 @@ class MethodInfo:
     settings: tuple[str, ...] = ()
     order: int = 100
     color: str | None = None
+    allowed: tuple[tuple[str, tuple], ...] = ()
 
 
 def _mask_method(name: str, summary: str, order: int, color: str) -> MethodInfo:
@@ -72,6 +75,11 @@ METHOD_INFO = (
                order=70, color="#e377c2"),
     MethodInfo("lora", "fo", "LoRA r=8 on q_proj/v_proj with AdamW (peft; backward pass)", default_scope="all",
                order=80, color="#17becf"),
+)
+METHOD_INFO += (
+    MethodInfo("quzo", "zo", "the int8/4-bit codes themselves, perturbed and updated by stochastic rounding (QuZO)",
+               quantized=True, settings=("rounding",), order=35, color="#aec7e8",
+               allowed=(("quant", ("int8", "nf4", "fp4")), ("optimizer", ("sgd",)), ("scope", (None, "linear")))),
 )
 
 # The quantization backends a suite may name (``quant:``); what each stores and needs is its class's

@@ -28,6 +28,7 @@ DIRECTIONS = ("rademacher", "gaussian")
 GENERATORS = ("philox", "torch")
 SCOPES = ("linear", "linear+head", "all")
 OPTIMIZERS = ("sgd", "momentum", "adam")
+ROUNDINGS = ("stochastic", "nearest")  # quzo: how perturbations and updates land on the low-bit grid
 SCHEDULES = ("constant", "linear")
 # Upper bounds: far beyond any real run, low enough that a typo (steps: 1e30) is refused, not run.
 LIMITS = {"steps": 10**8, "n_train": 10**9, "n_dev": 10**9, "n_test": 10**9, "max_length": 1 << 20,
@@ -75,6 +76,7 @@ class CellConfig:
     calib_sequences: int = 16
     calib_length: int = 256
     layer_fraction: float = 0.25       # lezo: the fraction of transformer blocks perturbed each step
+    rounding: str = "stochastic"       # quzo: onto the grid stochastically (unbiased) or to the nearest level
     # optimisation
     steps: int = 100
     lr: float = 1e-6
@@ -176,10 +178,14 @@ class CellConfig:
     def _check_choices(self, where: str) -> None:
         choices = {"dev_from": ("train", "validation"), "dtype": DTYPES, "direction": DIRECTIONS,
                    "generator": GENERATORS, "optimizer": OPTIMIZERS,
-                   "schedule": SCHEDULES, "scope": (None, *SCOPES)}
+                   "schedule": SCHEDULES, "scope": (None, *SCOPES), "rounding": ROUNDINGS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 self._bad(where, key, "one of " + ", ".join(str(a) for a in allowed if a is not None))
+        for key, allowed in self.method_info.allowed:  # what the method needs of the cell (spec.catalog)
+            if getattr(self, key) not in allowed:
+                self._bad(where, key, f"one of {', '.join(str(a) for a in allowed if a is not None)} with "
+                                      f"method '{self.method}'")
         if self.quant != "none" and self.method_info.needs_mask and self.resolved_scope != "linear":
             self._bad(where, "scope", "'linear' with a quant backend (the sparse values live beside the "
                                       "quantized linears)")

@@ -28,7 +28,8 @@ def every_method(tmp_path_factory):
     suite = parse_suite({"name": "methods", "reference": False, "defaults": TINY,
                          "matrix": {"method": METHODS.names()},
                          # a method that trains quantization scales needs a backend that has plain ones
-                         "overrides": [{"match": {"method": "qzo"}, "set": {"quant": "nf4-plain"}}]},
+                         "overrides": [{"match": {"method": "qzo"}, "set": {"quant": "nf4-plain"}},
+                                       {"match": {"method": "quzo"}, "set": {"quant": "int8"}}]},  # its codes
                         "methods.yaml")
     out = run_suite(suite, tmp_path_factory.mktemp("methods"), executor=PoolExecutor(jobs=2))
     return {r.method: r for r in load_records(out)}
@@ -118,8 +119,8 @@ def test_trainables_and_steppers_declare_what_they_can_do_and_implement_exactly_
         assert cls.saves_raw == (cls.save_raw is not Trainable.save_raw) == (cls.load_raw is not Trainable.load_raw)
         assert cls.keeps_own_delta == (cls.delta_parts is not Trainable.delta_parts), cls
     assert {c.__name__ for c in shapes if c.snapshots} == {"SparseTrainable", "ScaleTrainable"}
-    assert {c.__name__ for c in shapes if c.keeps_own_delta} == {"ScaleTrainable"}
-    assert {c.__name__ for c in shapes if c.saves_raw} == {"DenseTrainable", "LayerSubset"}
+    assert {c.__name__ for c in shapes if c.keeps_own_delta} == {"ScaleTrainable", "CodeTrainable"}
+    assert {c.__name__ for c in shapes if c.saves_raw} == {"DenseTrainable", "LayerSubset", "CodeTrainable"}
     assert subclasses(Stepper) >= {ZOTrainer, ForwardOnly, FOTrainer}
     assert [c.resumable for c in (ZOTrainer, ForwardOnly, FOTrainer)] == [True, False, False]
 

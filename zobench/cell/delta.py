@@ -11,6 +11,9 @@
     scales      DIR/delta.safetensors   QZO: ``<layer>::scales``, the trained quantization scales of each layer
                                         (float32; every one of them moves), applied after quantization, and
                                         ``scales_base`` (in delta.json), the identity of the scales it started from
+    codes       DIR/delta.safetensors   quzo: per quantized layer ``<name>::index`` (int32 flat positions) and
+                                        ``<name>::code`` (their new int8 / 4-bit codes), applied once the base
+                                        is quantized as the delta's config says
 
 A delta is data someone may have handed over (docs/security.md): ``read`` checks every field before
 anything uses it (``zobench.cell.delta_check``), and nothing in it can turn on remote code or name code to
@@ -53,7 +56,7 @@ def is_delta(path: Path) -> bool:
         meta = read(path)
     except UserError:
         return False
-    if meta["kind"] in ("sparse", "tensors", "scales"):
+    if meta["kind"] in ("sparse", "tensors", "scales", "codes"):
         return (path / TENSORS).is_file()
     if meta["kind"] == "lora":
         return (path / "adapter" / "adapter_config.json").is_file()

@@ -27,7 +27,7 @@ from zobench.spec.config import LIMITS, NOT_FROM_FILES, CellConfig
 FORMAT = 1
 META = "delta.json"
 TENSORS = "delta.safetensors"
-KINDS = ("sparse", "trajectory", "lora", "tensors", "scales")
+KINDS = ("sparse", "trajectory", "lora", "tensors", "scales", "codes")
 # Keys of deltas trained on instruction files (``zobench influence train``) beside a cell's settings.
 INSTRUCTION_KEYS = ("data", "loss")
 MAX_SEED = 2**63

@@ -23,6 +23,7 @@ from zobench.cell.delta import FORMAT, META, TENSORS, claim_target, dir_bytes, p
 from zobench.errors import UserError
 from zobench.fingerprint import scales_fingerprint, weights_fingerprint
 from zobench.outdirs import replace_dir
+from zobench.quant.codes import code_layers
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -125,33 +126,87 @@ def _finite(name: str, t: torch.Tensor, file: Path) -> None:
 def checked_sparse(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``(mask, values)`` of a sparse delta: per tensor name, int64 flat indices (unique, >= 0) and finite
     float values of the same length."""
-    data = _open(file)
     mask, values = {}, {}
-    for key, t in data.items():
-        name, _, part = key.rpartition("::")
-        if part not in ("index", "value") or not name:
-            raise UserError(f"{file}: tensor '{key}' is not a '<param>::index' or '<param>::value' entry")
-        if t.dim() != 1:
-            raise UserError(f"{file}: '{key}' has shape {tuple(t.shape)}, expected a flat vector")
+    for key, name, part, t in _entries(file, "value"):
         if part == "index":
-            if t.dtype not in INDEX_DTYPES:
-                raise UserError(f"{file}: '{key}' has dtype {t.dtype}, expected int32 or int64 indices")
-            idx = t.long()
-            if idx.numel() and int(idx.min()) < 0:
-                raise UserError(f"{file}: '{key}' holds negative indices")
-            if int(idx.unique().numel()) != idx.numel():
-                raise UserError(f"{file}: '{key}' names an entry twice")
-            mask[name] = idx
+            mask[name] = _indices(key, t, file)
         else:
             _finite(key, t, file)
             values[name] = t
+    _paired(mask, values, "values", file)
+    return mask, values
+
+
+def _entries(file: Path, second: str):
+    """``(key, name, part, tensor)`` of every tensor of ``file``: each a flat vector named
+    ``<param>::index`` or ``<param>::<second>``."""
+    for key, t in _open(file).items():
+        name, _, part = key.rpartition("::")
+        if part not in ("index", second) or not name:
+            raise UserError(f"{file}: tensor '{key}' is not a '<param>::index' or '<param>::{second}' entry")
+        if t.dim() != 1:
+            raise UserError(f"{file}: '{key}' has shape {tuple(t.shape)}, expected a flat vector")
+        yield key, name, part, t
+
+
+def _indices(key: str, t: torch.Tensor, file: Path) -> torch.Tensor:
+    """A delta's flat positions (int64): 1-D integers, non-negative, none twice."""
+    if t.dtype not in INDEX_DTYPES:
+        raise UserError(f"{file}: '{key}' has dtype {t.dtype}, expected int32 or int64 indices")
+    idx = t.long()
+    if idx.numel() and int(idx.min()) < 0:
+        raise UserError(f"{file}: '{key}' holds negative indices")
+    if int(idx.unique().numel()) != idx.numel():
+        raise UserError(f"{file}: '{key}' names an entry twice")
+    return idx
+
+
+def _paired(mask: dict, values: dict, what: str, file: Path) -> None:
+    """Every tensor name has both its indices and its ``what``, of the same length."""
     for name in set(mask) | set(values):
         if name not in mask or name not in values:
-            raise UserError(f"{file}: '{name}' has {'values' if name in values else 'indices'} but no "
-                            f"{'indices' if name in values else 'values'}")
+            raise UserError(f"{file}: '{name}' has {what if name in values else 'indices'} but no "
+                            f"{'indices' if name in values else what}")
         if mask[name].numel() != values[name].numel():
-            raise UserError(f"{file}: '{name}' has {mask[name].numel()} indices and {values[name].numel()} values")
-    return mask, values
+            raise UserError(f"{file}: '{name}' has {mask[name].numel()} indices and {values[name].numel()} {what}")
+
+
+def checked_codes(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(positions, codes)`` of a codes delta (quzo): per quantized weight, int64 flat positions (unique,
+    >= 0) and as many int8 / uint8 codes (ranges are checked against the model's layers by ``write_codes``)."""
+    positions, codes = {}, {}
+    for key, name, part, t in _entries(file, "code"):
+        if part == "index":
+            positions[name] = _indices(key, t, file)
+        elif t.dtype not in (torch.int8, torch.uint8):
+            raise UserError(f"{file}: '{key}' has dtype {t.dtype}, expected int8 or uint8 codes")
+        else:
+            codes[name] = t
+    _paired(positions, codes, "codes", file)
+    return positions, codes
+
+
+@torch.no_grad()
+def write_codes(model: torch.nn.Module, path: Path) -> None:
+    """A ``codes`` delta's codes into the quantized layers of ``model``: each name a layer's weight, each
+    position inside it, each code in the layer's range and of its kind's dtype."""
+    file = Path(path) / TENSORS
+    positions, codes = checked_codes(file)
+    layers = {f"{layer.name}.weight": layer for layer in code_layers(model)}
+    for name, idx in positions.items():
+        layer = layers.get(name)
+        if layer is None:
+            raise UserError(f"{file}: names '{name}', which is not a quantized (int8 / 4-bit) weight of the model")
+        dtype = torch.int8 if layer.kind == "int8" else torch.uint8
+        if codes[name].dtype != dtype:
+            raise UserError(f"{file}: '{name}::code' has dtype {codes[name].dtype}; the layer's codes are {dtype}")
+        if idx.numel() and int(idx.max()) >= layer.numel:
+            raise UserError(f"{file}: '{name}' has positions outside its {layer.numel:,} values")
+        low, high = layer.code_range
+        new = codes[name].long()
+        if new.numel() and (int(new.min()) < low or int(new.max()) > high):
+            raise UserError(f"{file}: '{name}::code' holds codes outside [{low}, {high}]")
+        layer.put(idx, new)
 
 
 def checked_tensors(file: Path, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:

@@ -21,6 +21,8 @@ from zobench.zo.masks import linear_layers, scoped_params
 from zobench.zo.trainable import measure_restore_drift
 from zobench.zo.trainer import replay
 
+QUANTIZED_KINDS = ("scales", "codes")  # deltas of the quantized layers themselves (QZO, QuZO)
+
 
 def load_into(pipeline) -> dict:
     """Apply the delta named by ``pipeline.cfg.delta`` (its ancestors first) to the freshly loaded base
@@ -29,6 +31,10 @@ def load_into(pipeline) -> dict:
     links = D.chain(path)
     DT.check_base(links[0][1], links[0][0], pipeline.run_state.model)
     for folder, meta in links:
+        if pipeline.pending_quantized and meta["kind"] not in QUANTIZED_KINDS:
+            raise UserError(f"{folder}: a {meta['kind']} delta trained on top of quantization "
+                            f"{pipeline.pending_quantized[-1][1]['kind']} ({pipeline.pending_quantized[-1][0]}); "
+                            f"zobench applies those only after quantizing")
         _apply(pipeline, folder, meta)
     meta = links[-1][1]
     quant = meta["config"].get("quant", "none")
@@ -52,12 +58,12 @@ def _apply(pipeline, path: Path, meta: dict) -> None:
             run.mask = mask
     elif kind == "trajectory":
         _replay(pipeline, meta)
-    elif kind == "scales":  # quantization scales exist once the model is quantized: applied then (apply_scales)
+    elif kind in QUANTIZED_KINDS:  # QZO's scales, QuZO's codes: they exist once the model is quantized
         quant = meta["config"].get("quant", "none")
         if quant != pipeline.cfg.quant:
-            raise UserError(f"{path}: holds the quantization scales of {quant} weights; load it with quant '{quant}' "
+            raise UserError(f"{path}: holds the quantization {kind} of {quant} weights; load it with quant '{quant}' "
                             f"(this run's is '{pipeline.cfg.quant}')")
-        pipeline.pending_scales.append((path, meta))
+        pipeline.pending_quantized.append((path, meta))
     elif kind == "lora":
         check_adapter(path / "adapter")
         load_adapter(run.loaded, path / "adapter")
@@ -65,13 +71,17 @@ def _apply(pipeline, path: Path, meta: dict) -> None:
         DT.write_tensors(run.model, path)
 
 
-def apply_scales(pipeline) -> None:
-    """The ``scales`` links of the delta's chain, in order, onto the freshly quantized model."""
+def apply_quantized(pipeline) -> None:
+    """The ``scales`` and ``codes`` links of the delta's chain, root first, onto the freshly quantized model."""
     model, backend = pipeline.run_state.model, pipeline.backend
-    current = {name: backend.scales(model.get_submodule(name)) for name in linear_layers(model)}
-    for path, meta in pipeline.pending_scales:
-        DT.write_scales(path, meta, current)
-    pipeline.pending_scales = []
+    current = None
+    for path, meta in pipeline.pending_quantized:
+        if meta["kind"] == "codes":
+            DT.write_codes(model, path)
+        else:
+            current = current or {name: backend.scales(model.get_submodule(name)) for name in linear_layers(model)}
+            DT.write_scales(path, meta, current)
+    pipeline.pending_quantized = []
 
 
 def _replay(pipeline, meta: dict) -> None:

@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from zobench.cell import checkpoint
 from zobench.cell.delta_tensors import base_fingerprint
-from zobench.cell.keep import apply_scales, load_into, save_from
+from zobench.cell.keep import apply_quantized, load_into, save_from
 from zobench.cell.predictions import Predictions
 from zobench.cell.record import CellRecord, Metrics
 from zobench.cell.run import Run, resolve_device
@@ -57,7 +57,8 @@ class Pipeline:
         self.stepper = self.trainable = self.selection = None
         self.base_fingerprint = None
         self.resumed = None  # a checkpoint this cell goes on from (zobench.cell.checkpoint)
-        self.pending_scales: list = []  # a delta's quantization scales, applied once quantized (cell.keep)
+        # a delta chain's quantization scales (QZO) and codes (QuZO): written once quantized (cell.keep)
+        self.pending_quantized: list = []
         self.predictions = Predictions(cfg.predictions)  # per-example, every evaluation
 
     def run(self) -> CellRecord:
@@ -77,8 +78,7 @@ class Pipeline:
         if self.backend is not None:
             with self.phase("quantize"):
                 self.quantize()
-                if self.pending_scales:
-                    apply_scales(self)
+                apply_quantized(self)
         self.load_checkpoint()
         # After masking and quantization: "before" is the model that training starts from.
         if self.resumed is not None and self.resumed.test_before is not None:

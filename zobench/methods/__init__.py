@@ -5,7 +5,7 @@ one new file in this folder (a ``Method`` subclass with ``@register``: how it ru
 import line below. Importing this package checks that every declared method has an implementation.
 """
 
-from zobench.methods import fo, forward, full, lezo, masked, qzo  # noqa: F401  (registration)
+from zobench.methods import fo, forward, full, lezo, masked, quzo, qzo  # noqa: F401  (registration)
 from zobench.methods.base import METHODS, Method, Price, PriceInputs, get_method, register
 from zobench.spec.catalog import METHOD_INFO
 

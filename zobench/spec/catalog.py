@@ -39,6 +39,8 @@ class MethodInfo:
     summary        one line for tables and --help
     order          where reports list it (the reference first, first-order baselines last)
     color          its colour in plots (None: one derived from the name)
+    allowed        ((config key, values it may take), ...): what else it needs of a cell, refused when a suite
+                   is validated (a method that trains int8/4-bit codes names those quant backends)
     """
 
     name: str
@@ -51,6 +53,7 @@ class MethodInfo:
     settings: tuple[str, ...] = ()
     order: int = 100
     color: str | None = None
+    allowed: tuple[tuple[str, tuple], ...] = ()
 
 
 def _mask_method(name: str, summary: str, order: int, color: str) -> MethodInfo:
@@ -76,6 +79,11 @@ METHOD_INFO = (
                order=80, color="#17becf"),
     MethodInfo("qzo", "zo", "the quantization scales only, codes fixed; clipped projected gradient (QZO)",
                quantized=True, needs_scales=True, settings=("clip_threshold",), order=35, color="#aec7e8"),
+)
+METHOD_INFO += (
+    MethodInfo("quzo", "zo", "the int8/4-bit codes themselves, perturbed and updated by stochastic rounding (QuZO)",
+               quantized=True, settings=("rounding",), order=35, color="#aec7e8",
+               allowed=(("quant", ("int8", "nf4", "fp4")), ("optimizer", ("sgd",)), ("scope", (None, "linear")))),
 )
 
 # The quantization backends a suite may name (``quant:``); what each stores and needs is its class's

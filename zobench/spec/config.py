@@ -28,6 +28,7 @@ DIRECTIONS = ("rademacher", "gaussian")
 GENERATORS = ("philox", "torch")
 SCOPES = ("linear", "linear+head", "all")
 OPTIMIZERS = ("sgd", "momentum", "adam")
+ROUNDINGS = ("stochastic", "nearest")  # quzo: how perturbations and updates land on the low-bit grid
 SCHEDULES = ("constant", "linear")
 # Upper bounds: far beyond any real run, low enough that a typo (steps: 1e30) is refused, not run.
 LIMITS = {"steps": 10**8, "n_train": 10**9, "n_dev": 10**9, "n_test": 10**9, "max_length": 1 << 20,
@@ -80,6 +81,7 @@ class CellConfig:
     # their eps is 1e-3 (zobench's default) and their lr 1e-7 (OPT-6.7B, SST-2) to 1e-5 (their script's
     # default): a suite sets lr for qzo cells.
     clip_threshold: float = 100.0
+    rounding: str = "stochastic"       # quzo: onto the grid stochastically (unbiased) or to the nearest level
     # optimisation
     steps: int = 100
     lr: float = 1e-6
@@ -183,7 +185,7 @@ class CellConfig:
     def _check_choices(self, where: str) -> None:
         choices = {"dev_from": ("train", "validation"), "dtype": DTYPES, "direction": DIRECTIONS,
                    "generator": GENERATORS, "optimizer": OPTIMIZERS,
-                   "schedule": SCHEDULES, "scope": (None, *SCOPES)}
+                   "schedule": SCHEDULES, "scope": (None, *SCOPES), "rounding": ROUNDINGS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 self._bad(where, key, "one of " + ", ".join(str(a) for a in allowed if a is not None))
@@ -191,6 +193,10 @@ class CellConfig:
             self._bad(where, "quant", f"one of {', '.join(catalog.PLAIN_SCALES)} for method '{self.method}', which "
                                       f"trains the quantization scales (plain float scales only: nf4's are "
                                       f"8-bit codes themselves)")
+        for key, allowed in self.method_info.allowed:  # what the method needs of the cell (spec.catalog)
+            if getattr(self, key) not in allowed:
+                self._bad(where, key, f"one of {', '.join(str(a) for a in allowed if a is not None)} with "
+                                      f"method '{self.method}'")
         if self.quant != "none" and self.method_info.needs_mask and self.resolved_scope != "linear":
             self._bad(where, "scope", "'linear' with a quant backend (the sparse values live beside the "
                                       "quantized linears)")

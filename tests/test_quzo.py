@@ -1,0 +1,303 @@
+"""quzo: stochastic rounding onto the int8 and NF4 grids, the codes as the trained state (scales untouched,
+exact restores, replayable trajectories), its codes delta, its refusals, and a cell through the pipeline."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from zobench.errors import UserError
+from zobench.spec.config import CellConfig
+
+pytest.importorskip("bitsandbytes")
+
+# Two-sided z-test at alpha = 1e-6: |z| > 4.8916 happens by chance once in a million tests of an unbiased
+# rounding. The noise is Philox with fixed seeds, so each test draws the same numbers in every run: the stated
+# rate is that of a fresh seed, and in CI the outcome is fixed.
+Z_CRIT = 4.8916
+DRAWS = 200_000
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The passes here run on a few thousand values: one thread, or a shared machine's team wait dominates."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _z_score(rounded: torch.Tensor, x: float, lo: float, hi: float) -> float:
+    """The mean of ``rounded`` (values on lo / hi) against x, in standard errors of an unbiased rounding."""
+    sd = math.sqrt((x - lo) * (hi - x) / rounded.numel())
+    return (float(rounded.double().mean()) - x) / sd
+
+
+@pytest.mark.parametrize("x", [0.3, -2.71, 0.001, 126.5])
+def test_stochastic_rounding_is_unbiased_on_the_uniform_int8_grid(x):
+    from zobench.zo.rounding import round_offset, uniform
+
+    noise = uniform(12345, 0, DRAWS, "cpu")
+    rounded = round_offset(torch.full((DRAWS,), x, dtype=torch.float64), noise)
+    lo = math.floor(x)
+    assert set(rounded.unique().tolist()) <= {lo, lo + 1}
+    assert abs(_z_score(rounded, x, lo, lo + 1)) < Z_CRIT
+    nearest = round_offset(torch.full((4,), x, dtype=torch.float64), None)  # the biased rule, for contrast
+    assert nearest.tolist() == [round(x + 1e-12) if x - lo != 0.5 else lo + 1] * 4
+
+
+@pytest.mark.parametrize("between", [(0, 0.5), (6, 0.01), (7, 0.9), (14, 0.37)])
+def test_stochastic_rounding_is_unbiased_on_the_nf4_grid(between):
+    from zobench.gates import bnb
+    from zobench.zo.rounding import round_to_levels, uniform
+
+    levels = bnb.functional().get_4bit_type("nf4", device="cpu").double().sort().values
+    k, frac = between
+    lo, hi = float(levels[k]), float(levels[k + 1])
+    x = lo + frac * (hi - lo)
+    idx = round_to_levels(torch.full((DRAWS,), x, dtype=torch.float64), levels, uniform(777, 5, DRAWS, "cpu"))
+    assert set(idx.unique().tolist()) <= {k, k + 1}
+    assert abs(_z_score(levels[idx], x, lo, hi)) < Z_CRIT
+
+
+def test_values_on_the_grid_round_to_themselves():
+    from zobench.gates import bnb
+    from zobench.zo.rounding import round_offset, round_to_levels, uniform
+
+    noise = uniform(3, 0, 255, "cpu")
+    ints = torch.arange(-127, 128, dtype=torch.float64)
+    assert torch.equal(round_offset(ints, noise), ints.long())
+    for kind in ("nf4", "fp4"):
+        levels = bnb.functional().get_4bit_type(kind, device="cpu").double().unique()
+        assert torch.equal(round_to_levels(levels, levels, noise[:levels.numel()]), torch.arange(levels.numel()))
+
+
+# -- the codes as the trained state ---------------------------------------------------------------------
+
+def _quantized(quant: str):
+    from zobench.models import load_model
+    from zobench.quant import QuantContext, get_backend, quantize_model
+    from zobench.zo.masks import linear_layers
+
+    loaded = load_model("random:tiny-llama", dtype="float32", seed=0)
+    quantize_model(loaded.model, get_backend(quant), QuantContext(), linear_layers(loaded.model))
+    return loaded.model
+
+
+def _trainer(model, seed=0, lr=1e-2, rounding="stochastic"):
+    from zobench.methods.quzo import CodeTrainable
+    from zobench.quant.codes import code_layers
+    from zobench.zo.optim import ZOSGD
+    from zobench.zo.trainer import ZOTrainer
+
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+    trainable = CodeTrainable(code_layers(model), rounding=rounding)
+    loss = lambda m, batch: m(batch, labels=batch).loss  # noqa: E731
+    return ZOTrainer(model, trainable, ZOSGD(lr), loss, eps=1e-3, seed=seed), ids
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_steps_change_codes_never_scales_and_restores_are_exact(quant):
+    from zobench.quant.codes import code_layers
+    from zobench.zo.trainable import measure_restore_drift
+
+    model = _quantized(quant)
+    trainer, ids = _trainer(model)
+    layers = code_layers(model)
+    scales = [layer.scales_snapshot() for layer in layers]
+    codes = [p.clone() for p in trainer.trainable.params]
+    assert measure_restore_drift(trainer.trainable, 1e-3)["restore_drift_frac_changed"] == 0.0
+    trainer.trainable.apply(7, 1e-3)
+    assert any(not torch.equal(a, b) for a, b in zip(codes, trainer.trainable.params))  # the forwards see a move
+    if quant == "int8":  # what the price holds between a perturbation and its restore
+        from zobench.methods.quzo import SKIPPED_PER_ROW
+
+        skipped = sum(s.numel() for s in trainer.trainable.skipped)
+        assert 0 < skipped <= SKIPPED_PER_ROW * sum(layer.shape[0] for layer in layers)
+    trainer.trainable.restore()
+    assert all(torch.equal(a, b) for a, b in zip(codes, trainer.trainable.params))
+    for i in range(4):
+        trainer.step(ids, i)
+    trainer.flush()
+    assert all(torch.equal(s, layer.scales_snapshot()) for s, layer in zip(scales, layers))
+    moved = sum(int((a != b).sum()) for a, b in zip(codes, trainer.trainable.params))
+    assert moved > 0
+    lo, hi = layers[0].code_range
+    assert all(lo <= int(layer.read(0, layer.numel).min()) and int(layer.read(0, layer.numel).max()) <= hi
+               for layer in layers)
+
+
+@pytest.mark.parametrize("quant", ["int8", "fp4"])
+def test_a_zero_update_leaves_every_code_alone(quant):
+    from zobench.zo.optim import ZOSGD
+
+    model = _quantized(quant)
+    trainer, _ = _trainer(model)
+    codes = [p.clone() for p in trainer.trainable.params]
+    trainer.trainable.update([(5, 0.0)], ZOSGD(1e-2), 0)
+    assert all(torch.equal(a, b) for a, b in zip(codes, trainer.trainable.params))
+
+
+def test_the_trajectory_replays_from_its_seeds():
+    from zobench.zo.trainer import replay
+
+    runs = []
+    for _ in range(2):
+        trainer, ids = _trainer(_quantized("int8"), seed=3)
+        trajectory = [trainer.step(ids, i).directions for i in range(3)]
+        trainer.flush()
+        runs.append((trajectory, [p.clone() for p in trainer.trainable.params]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    fresh, _ = _trainer(_quantized("int8"))
+    replay(fresh.trainable, fresh.optimizer, runs[0][0], 1e-3, 3)  # no forward: the seeds alone
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], fresh.trainable.params))
+
+
+def _regression(quant: str):
+    """One quantized 16x16 layer regressed onto a teacher 0.3 * N(0, 1) away: a loss ZO moves in few steps."""
+    from zobench.quant import QuantContext, get_backend
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 16, bias=False)
+    teacher = linear.weight.detach() + 0.3 * torch.randn(16, 16)
+    model = torch.nn.Sequential(get_backend(quant).quantize_linear(linear, QuantContext()))
+    x = torch.randn(64, 16)
+    return model, (x, x @ teacher.T)
+
+
+@pytest.mark.parametrize("quant, lr, eps, steps, bound", [("int8", 1e-2, 1e-3, 60, 0.90),
+                                                          ("nf4", 3e-3, 1e-2, 200, 0.97)])
+def test_quzo_learns_a_tiny_regression(quant, lr, eps, steps, bound):
+    """Measured here: int8 1.877 -> 1.604 in 60 steps, nf4 1.868 -> 1.726 in 200 (its levels are ~10x
+    coarser, so a rounding's variance is larger against the same drift); lr 0 leaves the loss unchanged."""
+    from zobench.methods.quzo import CodeTrainable
+    from zobench.quant.codes import code_layers
+    from zobench.zo.optim import ZOSGD
+    from zobench.zo.trainer import ZOTrainer
+
+    model, batch = _regression(quant)
+    loss = lambda m, b: torch.nn.functional.mse_loss(m(b[0]).float(), b[1])  # noqa: E731
+    with torch.inference_mode():
+        before = float(loss(model, batch))
+    trainer = ZOTrainer(model, CodeTrainable(code_layers(model)), ZOSGD(lr), loss, eps=eps, seed=0)
+    for i in range(steps):
+        trainer.step(batch, i)
+    trainer.flush()
+    with torch.inference_mode():
+        after = float(loss(model, batch))
+    assert after < bound * before, (before, after)
+
+
+# -- refusals ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("settings, key", [({}, "quant"), ({"quant": "gptq"}, "quant"), ({"quant": "hqq"}, "quant"),
+                                           ({"quant": "int8", "optimizer": "adam"}, "optimizer"),
+                                           ({"quant": "nf4", "scope": "all"}, "scope"),
+                                           ({"quant": "nf4", "rounding": "up"}, "rounding")])
+def test_quzo_is_refused_at_validation_where_it_does_not_apply(settings, key):
+    with pytest.raises(UserError, match=f"s.yaml: key '{key}'") as e:
+        CellConfig.from_dict({"method": "quzo", **settings}, where="s.yaml")
+    assert "\n" not in str(e.value)
+    CellConfig.from_dict({"method": "quzo", "quant": "fp4", "rounding": "nearest"}, where="s.yaml")
+
+
+def test_price_holds_the_4bit_copy_and_only_edge_positions_for_int8():
+    from zobench.analysis.estimate import estimate_cell
+
+    est = {q: estimate_cell(CellConfig.from_dict({"model": "random:tiny-llama", "method": "quzo", "quant": q,
+                                                  "device": "cpu"}))
+           for q in ("int8", "nf4")}
+    numel = est["nf4"]["linear_numel"]  # the tiny model's block linears: all of them trained
+    held = {q: e["breakdown"]["trainable_mib"] * 2**20 for q, e in est.items()}
+    assert held["nf4"] == pytest.approx(numel / 2, abs=2**20 / 1000)  # the packed codes, copied
+    assert 0 < held["int8"] < held["nf4"] / 2  # the edge positions of a few codes a row, no copy
+    assert est["int8"]["trainable_numel"] == est["nf4"]["trainable_numel"] == numel
+
+
+# -- the artifact and the pipeline ------------------------------------------------------------------------
+
+TINY = {"model": "random:tiny-llama", "task": "sst2", "n_train": 8, "n_dev": 0, "n_test": 0, "batch_size": 4,
+        "max_length": 32, "steps": 3, "warmup_steps": 1, "eval_before": False, "eval_after": False, "lr": 1e-2,
+        "method": "quzo", "device": "cpu"}
+
+
+def _codes(model) -> list[torch.Tensor]:
+    from zobench.quant.codes import code_layers
+
+    return [layer.codes.clone() for layer in code_layers(model)]
+
+
+def _run(**settings):
+    from zobench.cell.pipeline import Pipeline
+
+    pipeline = Pipeline(CellConfig.from_dict({**TINY, **settings}))
+    return pipeline, pipeline.run()
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_the_codes_delta_round_trips_through_save_and_delta_load(quant, tmp_path):
+    trained, rec = _run(quant=quant, save=str(tmp_path / "d"))
+    assert rec.artifact["kind"] == "codes"
+    codes = _codes(trained.run_state.model)
+    base, _ = _run(quant=quant, steps=0)
+    loaded, rec = _run(quant=quant, steps=0, delta=str(tmp_path / "d"))
+    assert rec.metrics.get("delta")["kind"] == "codes"
+    assert all(torch.equal(a, b) for a, b in zip(codes, _codes(loaded.run_state.model)))
+    changed = sum(int((a != b).sum()) for a, b in zip(codes, _codes(base.run_state.model)))
+    assert changed > 0
+
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "d" / "delta.safetensors"))
+    positions = sum(t.numel() for k, t in stored.items() if k.endswith("::index"))
+    # only the moved codes (a 4-bit byte holds two codes: a changed byte is one or two of them)
+    assert positions <= sum(layer.numel() * (1 if quant == "int8" else 2) for layer in codes)
+    assert (positions == changed) if quant == "int8" else (changed <= positions <= 2 * changed)
+
+
+def test_a_tampered_or_misplaced_codes_delta_is_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _run(quant="int8", save=str(tmp_path / "d"))
+    file = tmp_path / "d" / "delta.safetensors"
+    good = load_file(str(file))
+    name = next(k for k in good if k.endswith("::code")).removesuffix("::code")
+    index, code = good[f"{name}::index"], good[f"{name}::code"]
+    bad_cases = {
+        "outside its": {f"{name}::index": index + 10**6} if index.numel() else None,
+        "codes outside": {f"{name}::code": torch.full_like(code, -128)},
+        "int8 or uint8": {f"{name}::code": code.float()},
+        "not a quantized": {"model.embed_tokens.weight::index": index.clone(),
+                            "model.embed_tokens.weight::code": code.clone()},
+        "names an entry twice": {f"{name}::index": torch.zeros_like(index)} if index.numel() > 1 else None,
+    }
+    for why, change in bad_cases.items():
+        if change is None:
+            continue
+        save_file({**{k: v for k, v in good.items() if not k.startswith("model.embed")}, **change}, str(file))
+        with pytest.raises(UserError, match=why) as e:
+            _run(quant="int8", steps=0, delta=str(tmp_path / "d"))
+        assert "\n" not in str(e.value)
+    save_file(good, str(file))
+    with pytest.raises(UserError, match="codes of int8 weights; load it with quant 'int8'"):
+        _run(quant="nf4", method="sensitive", steps=0, delta=str(tmp_path / "d"))
+
+
+@pytest.mark.slow  # two cells, each in its own process (about a minute on a shared 2-core machine)
+def test_quzo_cells_run_end_to_end_in_a_tiny_suite(tmp_path):
+    from zobench.driver import run_suite
+    from zobench.results import load_records
+    from zobench.spec.suite import parse_suite
+
+    suite = parse_suite({"name": "quzo", "reference": False, "defaults": {**TINY, "quant": "int8", "device": "auto"},
+                         "matrix": {"quant": ["int8", "nf4"]}}, "quzo.yaml")
+    records = load_records(run_suite(suite, tmp_path))
+    assert sorted(r.config["quant"] for r in records) == ["int8", "nf4"]
+    for rec in records:
+        assert rec.ok, rec.reason
+        m = rec.metrics
+        assert m.get("trainable_numel") == 73728 and m.get("restore_drift_frac_changed") == 0.0
+        assert len(m.get("loss_curve")) == 3 and "peak_mib" in rec.estimate

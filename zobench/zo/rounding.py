@@ -1,0 +1,59 @@
+"""Stochastic rounding onto a grid, its noise drawn from the engine's counter-based generator.
+
+Stochastic rounding puts a value x between two neighbouring levels lo <= x < hi on hi with probability
+(x - lo) / (hi - lo) and on lo otherwise, so that E[round(x)] = x exactly: QuZO (``methods.quzo``) moves
+low-bit codes by steps far smaller than one level and stays unbiased only this way (round-to-nearest would
+drop every move below half a level). A value already on the grid rounds to itself.
+
+The noise is Philox4x32-10 (``zo.philox``), keyed by a seed and the value's global index, like z: a run's
+roundings replay from its seeds, on any device and in any chunking. ``noise_seed`` derives the seeds of
+independent streams (the perturbation's rounding, the update's) from a step's seed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zobench.zo.philox import MASK, blocks
+
+STREAMS = {"perturb": 1, "update": 2}
+
+
+def noise_seed(seed: int, stream: str) -> int:
+    """The seed of ``stream``'s rounding noise for the step seed ``seed``: a stream of its own, independent of
+    z(seed) and of the other streams (another Philox key)."""
+    return (int(seed) * 0x9E3779B97F4A7C15 + STREAMS[stream] * 0xBF58476D1CE4E5B9 + 1) % (1 << 62)
+
+
+def uniform(seed: int, start: int, n: int, device) -> torch.Tensor:
+    """U(0, 1) noise for global indices ``start`` .. ``start + n - 1`` (float32, never 0 or 1): value i is
+    word i % 4 of Philox block i // 4, its top 24 bits plus half a step (exact in float32)."""
+    if n == 0:
+        return torch.zeros(0, device=device)
+    first, last = start >> 2, (start + n - 1) >> 2
+    words = torch.stack(blocks(seed, first, last - first + 1, device), 1).view(-1)
+    skip = start - first * 4
+    return (((words[skip:skip + n] & MASK) >> 8).float() + 0.5) * 2.0**-24
+
+
+def round_offset(x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (in grid steps) rounded to a whole number of steps (int64): stochastically with ``noise``
+    (uniform, one per value), to the nearest without (a tie goes up)."""
+    low = torch.floor(x)
+    frac = x - low
+    up = frac >= 0.5 if noise is None else noise < frac
+    return low.long() + up.long()
+
+
+def round_to_levels(x: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """The index into ``levels`` (sorted ascending, distinct) that ``x`` rounds to (int64): between its two
+    neighbouring levels, stochastically with ``noise`` or to the nearest without. Values beyond the grid go
+    to its end levels."""
+    levels = levels.to(x.dtype)
+    x = x.clamp(levels[0], levels[-1])
+    hi = torch.searchsorted(levels, x, right=True).clamp_(1, levels.numel() - 1)
+    lo = hi - 1
+    base = levels[lo]
+    frac = (x - base) / (levels[hi] - base)
+    up = frac >= 0.5 if noise is None else noise.to(x.dtype) < frac
+    return lo + up.long()

@@ -89,7 +89,8 @@ def test_two_workers_fill_the_same_cache_as_one_process(tmp_path, examples):
 
 def test_lora_scope_takes_only_the_adapter_and_sensitive_scope_only_the_mask(tmp_path, examples, data_dir,
                                                                           monkeypatch):
-    from zobench.influence.poison import finetune_lora, save_adapter
+    from zobench.influence.poison import save_adapter
+    from zobench.influence.train import finetune_lora
     from zobench.models import load_model
     from zobench.models.load import cache_dir
 

@@ -37,7 +37,6 @@ from zobench.influence.data import collate, format_prompt, load_alpaca, response
 from zobench.influence.fidelity import fidelity, subspace_vs_sketch
 from zobench.influence.poison import (
     control_queries,
-    finetune_lora,
     generate,
     poison,
     save_adapter,
@@ -49,7 +48,7 @@ from zobench.influence.session import InfluenceSpec, Session
 from zobench.influence.sketch import nest
 from zobench.influence.store import SketchStore
 from zobench.influence.suite import InfluenceSuite
-from zobench.influence.train import train_on_instructions
+from zobench.influence.train import finetune_lora, train_on_instructions
 from zobench.measure.env import environment
 from zobench.measure.machine import git_state
 from zobench.models import load_model

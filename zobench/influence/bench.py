@@ -28,7 +28,7 @@ import torch
 
 from zobench.analysis.architecture import architecture
 from zobench.cell.delta import read
-from zobench.cell.record import now
+from zobench.cell.record import InfluenceRecord, now
 from zobench.errors import UserError
 from zobench.files import atomic_write, cache_dir
 from zobench.influence import metrics as MX
@@ -52,10 +52,6 @@ from zobench.influence.train import finetune_lora, train_on_instructions
 from zobench.measure.env import environment
 from zobench.measure.machine import git_state
 from zobench.models import load_model
-
-# Influence records' schema. 2: seconds fields end in _s (cache_s, plain_s, finetune_s, phases' wall_s);
-# the cache's sketch seed is sketch_seed and its every-parameter scope "all"; timestamps as cell records'.
-INFLUENCE_SCHEMA = 2
 
 
 def _key(obj) -> str:
@@ -336,18 +332,14 @@ def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> 
               "workers": suite.workers, "fidelity": suite.fidelity,
               "throughput_examples": suite.throughput_examples, "trigger": data["trigger"],
               "response": data["response"], **({"zo": suite.zo} if suite.zo else {})}
-    return {
-        "schema": INFLUENCE_SCHEMA, "kind": "influence", "suite": suite.name,
-        "suite_file": str(suite.path) if suite.path else None, "cell_id": _key(config), "labels": {},
-        "status": "ok", "config": config,
+    sections = {
         "finetune": {k: v for k, v in ft.items() if k != "losses"} | {"loss_first": ft["losses"][0],
                                                                        "loss_last": ft["losses"][-1]},
         "attack": {k: atk[k] for k in ("triggered_success", "control_success", "example")},
         "caching": caching, "overhead": overhead, "quality": qual, "fidelity": fid, "cost": costs,
         "top_example": {"row": qual["top_example"], "poisoned": qual["top_is_poisoned"],
-                        "instruction": top["instruction"], "tokens": tokens},
-        **({"zo": zo} if zo else {}), "phases": phases, "env": environment(),
-        "git": git_state(),
-        "started_at": started, "finished_at": now(),
-        "wall_s": time.perf_counter() - t0,
-    }
+                        "instruction": top["instruction"], "tokens": tokens}}
+    return InfluenceRecord(
+        cell_id=_key(config), suite=suite.name, suite_file=str(suite.path) if suite.path else None, config=config,
+        sections=sections, zo=zo, phases=phases, env=environment(), git=git_state(), started_at=started,
+        finished_at=now(), wall_s=time.perf_counter() - t0).to_json()

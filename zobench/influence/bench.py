@@ -47,11 +47,11 @@ from zobench.influence.retrieve import query_sketch, scan, token_contributions
 from zobench.influence.session import InfluenceSpec, Session
 from zobench.influence.sketch import nest
 from zobench.influence.store import SketchStore
-from zobench.influence.suite import InfluenceSuite
 from zobench.influence.train import finetune_lora, train_on_instructions
 from zobench.measure.env import environment
 from zobench.measure.machine import git_state
 from zobench.models import load_model
+from zobench.spec.influence import InfluenceSuite
 
 
 def _key(obj) -> str:
@@ -283,7 +283,7 @@ def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> 
     phase("finetune")
     adapter, ft = finetune(suite, data, work, progress)
     end("finetune")
-    spec = suite.spec(adapter)
+    spec = suite.cache_spec(adapter, InfluenceSpec)
     session = Session(spec)
     phase("attack")
     atk = attack(session, data)

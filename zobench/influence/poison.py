@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from zobench.errors import UserError
-from zobench.influence.suite import RESPONSE, TRIGGER
 from zobench.models.lora import load_adapter  # noqa: F401  (load_adapter: callers here)
+from zobench.spec.influence import RESPONSE, TRIGGER
 from zobench.tasks.scoring import greedy, padding_id
 
 

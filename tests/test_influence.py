@@ -157,6 +157,9 @@ throughput_examples: 5
                  str(tmp_path / "rep")])
     assert code == 0
     rec = json.loads((tmp_path / "res" / "inf.jsonl").read_text().splitlines()[-1])
+    # every phase measured as a cell's are (measure.phases): its wall time and its peak memory
+    assert {"data", "finetune", "cache", "quality", "fidelity", "cost", "zo"} <= set(rec["phases"])
+    assert all(p["wall_s"] > 0 and p["peak_rss_mib"] >= p["start_rss_mib"] > 0 for p in rec["phases"].values())
     q = rec["quality"]
     assert q["n"] == 24 and q["n_poisoned"] == 6 and q["base_rate"] == pytest.approx(0.25)
     assert [e["k"] for e in q["by_k"]] == [64, 256]

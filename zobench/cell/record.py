@@ -349,9 +349,10 @@ INFLUENCE_TOP = {"suite": (str,), "suite_file": (str,), "labels": (dict,), "conf
 @dataclass
 class InfluenceRecord:
     """An influence suite's run, one JSON line marked ``kind: influence``: its resolved settings (``config``),
-    one mapping of measurements per phase (``INFLUENCE_SECTIONS``; ``zo`` when the suite has a sparse-ZO arm),
-    each phase's wall time, the environment and the git state. ``from_json`` reads every schema up to
-    ``INFLUENCE_SCHEMA`` and names a mistyped field; ``to_json`` writes a record back as it was read."""
+    one mapping of results per phase (``INFLUENCE_SECTIONS``; ``zo`` when the suite has a sparse-ZO arm), each
+    phase's wall time and peak memory (``measure.phases``), the environment and the git state. ``from_json``
+    reads every schema up to ``INFLUENCE_SCHEMA`` and names a mistyped field; ``to_json`` writes a record back
+    as it was read."""
 
     cell_id: str
     suite: str | None = None

@@ -1,6 +1,7 @@
 """Run an influence suite: backdoor a fine-tune, cache sketched gradients, find the poison, measure cost.
 
-Phases (each timed; their outputs are reused on a re-run, keyed by the settings that made them):
+Phases (each measured as a cell's are, by ``measure.phases``: wall time, peak memory, other load; their
+outputs are reused on a re-run, keyed by the settings that made them):
     data       Alpaca sample; a fraction of it poisoned (trigger phrase -> a fixed absurd response)
     finetune   LoRA on the poisoned set; the attack must take: held-out triggered prompts answer with
                the absurd response, their clean twins do not
@@ -17,6 +18,7 @@ Phases (each timed; their outputs are reused on a re-run, keyed by the settings 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tempfile
@@ -50,6 +52,7 @@ from zobench.influence.store import SketchStore
 from zobench.influence.train import finetune_lora, train_on_instructions
 from zobench.measure.env import environment
 from zobench.measure.machine import git_state
+from zobench.measure.phases import phase as measure_phase
 from zobench.models import load_model
 from zobench.spec.influence import InfluenceSuite
 
@@ -270,63 +273,55 @@ def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> 
     work.mkdir(parents=True, exist_ok=True)
     phases: dict = {}
 
+    @contextlib.contextmanager
     def phase(name):
-        phases[name] = {"start": time.perf_counter()}
+        """Each phase measured as a cell's are (``measure.phases``: wall time, peak memory, other load)."""
         _say(progress, f"{name} ...")
+        with measure_phase("cpu") as numbers:
+            yield
+        phases[name] = {k: v for k, v in numbers.items() if v is not None}
 
-    def end(name):
-        phases[name] = {"wall_s": time.perf_counter() - phases[name]["start"]}
-
-    phase("data")
-    data = prepare_data(suite)
-    end("data")
-    phase("finetune")
-    adapter, ft = finetune(suite, data, work, progress)
-    end("finetune")
+    with phase("data"):
+        data = prepare_data(suite)
+    with phase("finetune"):
+        adapter, ft = finetune(suite, data, work, progress)
     spec = suite.cache_spec(adapter, InfluenceSpec)
     session = Session(spec)
-    phase("attack")
-    atk = attack(session, data)
-    end("attack")
-    phase("cache")
-    store_dir = work / f"cache-{_key(spec.meta())}"
-    caching = build_cache(spec, data["train"], store_dir, workers=suite.workers, session=session,
-                          progress=lambda d, t: _say(progress, f"cache {d}/{t}") if d % 100 == 0 or d == t else None)
-    store = SketchStore.open(store_dir)
-    end("cache")
-    phase("overhead")
-    overhead = caching_overhead(session, data["train"][:16])
-    end("overhead")
-    phase("throughput")
-    overhead["fresh_cache"] = fresh_cache_throughput(session, data["train"][:suite.throughput_examples], work)
-    end("throughput")
-    phase("quality")
-    qual = quality(session, store, data, atk["generations"], atk["control_generations"], suite.ks)
-    q_sketches = qual.pop("query_sketches")
-    end("quality")
-    phase("fidelity")
-    fid_n = suite.fidelity["n"]
-    fid_q = suite.fidelity["queries"]
-    half = max(1, fid_q // 2)
-    fid_queries = ([(q, g) for q, g in zip(data["triggered"][:half], atk["generations"][:half])]
-                   + [(q, g) for q, g in zip(data["control"][:fid_q - half], atk["control_generations"])])
-    fid = fidelity(session, data["train"][:fid_n], fid_queries, suite.fidelity["ks"])
-    if suite.fidelity.get("subspace"):
-        del session.sketcher  # its plan; the full-scope comparison builds its own
-        fid["subspace"] = subspace_vs_sketch(spec, data["train"][:suite.fidelity["subspace"]], fid_queries)
-        session.sketcher = Session.sketcher_for(spec, session.scope.dim)
-    end("fidelity")
-    phase("cost")
-    costs = cost(session, store, caching, overhead, q_sketches)
-    end("cost")
+    with phase("attack"):
+        atk = attack(session, data)
+    with phase("cache"):
+        store_dir = work / f"cache-{_key(spec.meta())}"
+        caching = build_cache(spec, data["train"], store_dir, workers=suite.workers, session=session,
+                              progress=lambda d, t: _say(progress, f"cache {d}/{t}")
+                              if d % 100 == 0 or d == t else None)
+        store = SketchStore.open(store_dir)
+    with phase("overhead"):
+        overhead = caching_overhead(session, data["train"][:16])
+    with phase("throughput"):
+        overhead["fresh_cache"] = fresh_cache_throughput(session, data["train"][:suite.throughput_examples], work)
+    with phase("quality"):
+        qual = quality(session, store, data, atk["generations"], atk["control_generations"], suite.ks)
+        q_sketches = qual.pop("query_sketches")
+    with phase("fidelity"):
+        fid_n = suite.fidelity["n"]
+        fid_q = suite.fidelity["queries"]
+        half = max(1, fid_q // 2)
+        fid_queries = ([(q, g) for q, g in zip(data["triggered"][:half], atk["generations"][:half])]
+                       + [(q, g) for q, g in zip(data["control"][:fid_q - half], atk["control_generations"])])
+        fid = fidelity(session, data["train"][:fid_n], fid_queries, suite.fidelity["ks"])
+        if suite.fidelity.get("subspace"):
+            del session.sketcher  # its plan; the full-scope comparison builds its own
+            fid["subspace"] = subspace_vs_sketch(spec, data["train"][:suite.fidelity["subspace"]], fid_queries)
+            session.sketcher = Session.sketcher_for(spec, session.scope.dim)
+    with phase("cost"):
+        costs = cost(session, store, caching, overhead, q_sketches)
     top = data["train"][qual["top_example"]]
     tokens = token_contributions(session, top, q_sketches[0])
     zo = None
     if suite.zo:
-        phase("zo")
-        del session  # one model in memory at a time
-        zo = zo_arm(suite, data, work, progress)
-        end("zo")
+        with phase("zo"):
+            del session  # one model in memory at a time
+            zo = zo_arm(suite, data, work, progress)
     config = {"model": suite.model, "n_train": suite.n_train, "poison_fraction": suite.poison_fraction,
               "queries": suite.queries, "finetune": suite.finetune, "cache": spec.meta(), "ks": suite.ks,
               "workers": suite.workers, "fidelity": suite.fidelity,

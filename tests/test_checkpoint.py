@@ -25,16 +25,17 @@ class Killed(Exception):
 
 
 def run_killed_at(cfg: CellConfig, step: int, monkeypatch) -> None:
-    """Run ``cfg`` in this process and stop it as a kill would, before step ``step`` (0-based)."""
-    original = Pipeline.step
+    """Run ``cfg`` in this process and stop it as a kill would, before step ``step`` (0-based): right after
+    the books of step ``step - 1`` (its checkpoint included)."""
+    original = Pipeline.after_step
 
-    def step_or_die(self, stepper, examples, i, *args):
-        if i == step:
+    def books_then_die(self, stepper, batch, res, i, *args):
+        original(self, stepper, batch, res, i, *args)
+        if i == step - 1:
             raise Killed
-        return original(self, stepper, examples, i, *args)
 
     with monkeypatch.context() as m:
-        m.setattr(Pipeline, "step", step_or_die)
+        m.setattr(Pipeline, "after_step", books_then_die)
         with pytest.raises(Killed):
             Pipeline(cfg).run()
 

@@ -89,7 +89,8 @@ def test_two_workers_fill_the_same_cache_as_one_process(tmp_path, examples):
 
 def test_lora_scope_takes_only_the_adapter_and_sensitive_scope_only_the_mask(tmp_path, examples, data_dir,
                                                                           monkeypatch):
-    from zobench.influence.poison import finetune_lora, save_adapter
+    from zobench.influence.poison import save_adapter
+    from zobench.influence.train import finetune_lora
     from zobench.models import load_model
     from zobench.models.load import cache_dir
 
@@ -156,6 +157,9 @@ throughput_examples: 5
                  str(tmp_path / "rep")])
     assert code == 0
     rec = json.loads((tmp_path / "res" / "inf.jsonl").read_text().splitlines()[-1])
+    # every phase measured as a cell's are (measure.phases): its wall time and its peak memory
+    assert {"data", "finetune", "cache", "quality", "fidelity", "cost", "zo"} <= set(rec["phases"])
+    assert all(p["wall_s"] > 0 and p["peak_rss_mib"] >= p["start_rss_mib"] > 0 for p in rec["phases"].values())
     q = rec["quality"]
     assert q["n"] == 24 and q["n_poisoned"] == 6 and q["base_rate"] == pytest.approx(0.25)
     assert [e["k"] for e in q["by_k"]] == [64, 256]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from zobench.errors import UserError
 from zobench.influence import poison as P
+from zobench.influence import train as T
 from zobench.influence.data import (
     PROMPT_INPUT,
     collate,
@@ -175,7 +176,7 @@ def test_finetune_lora_lowers_the_loss_and_touches_only_the_adapter(tiny, tmp_pa
     examples, _ = P.poison(_toy(40), fraction=0.5, seed=0)
     base = [(p, p.detach().clone()) for p in tiny.model.parameters()]
     logged = []
-    stats = P.finetune_lora(tiny, examples, steps=30, batch_size=4, lr=1e-2, max_length=48, seed=0,
+    stats = T.finetune_lora(tiny, examples, steps=30, batch_size=4, lr=1e-2, max_length=48, seed=0,
                             log_every=10, on_log=lambda s, loss: logged.append(s))
     losses = stats["losses"]
     assert len(losses) == 30 and losses[-1] < losses[0]
@@ -195,7 +196,7 @@ def test_finetune_lora_lowers_the_loss_and_touches_only_the_adapter(tiny, tmp_pa
     with torch.no_grad():
         assert torch.allclose(fresh.model(input_ids=ids).logits, tiny.model(input_ids=ids).logits)
     with pytest.raises(UserError, match="already carries"):
-        P.finetune_lora(fresh, examples, steps=1, batch_size=1, lr=1e-3, max_length=16)
+        T.finetune_lora(fresh, examples, steps=1, batch_size=1, lr=1e-3, max_length=16)
     with pytest.raises(UserError, match="adapter_config.json"):
         P.load_adapter(load_model("random:tiny-llama"), tmp_path)
 

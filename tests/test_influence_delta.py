@@ -114,3 +114,92 @@ def test_a_delta_on_another_base_is_refused_by_the_influence_commands(tmp_path, 
     code, _, err = _cli(["influence", "cache", "--model", MODEL, "--delta", tmp_path / "d", "--scope", "sensitive",
                          "--data", rows_file, "--k", "64", "--out", tmp_path / "c"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "trained from another base model" in err
+
+
+def _epochs(n: int, batch_size: int, shuffled):
+    """Batches as influence's fine-tunes have always drawn them, written out: indices popped from the end of
+    one shuffled order after another."""
+    order = []
+    while True:
+        batch = []
+        while len(batch) < min(batch_size, n):
+            if not order:
+                order = shuffled(n)
+            batch.append(order.pop())
+        yield batch
+
+
+def test_the_zo_fine_tune_is_the_engines_loop_bit_for_bit(tmp_path):
+    """influence train's ZO path (the registry's random method stepped by the engine's loop) against the ZO
+    loop written out by hand on the same rows: the same losses, and the saved delta holds the weights after
+    the last step's update (which stays pending in the trainer until it is flushed)."""
+    import random
+
+    from zobench.cell.delta_tensors import sparse_parts
+    from zobench.influence.data import collate, encode, format_prompt, response_loss
+    from zobench.influence.train import train_on_instructions
+    from zobench.models import load_model
+    from zobench.tasks.scoring import padding_id
+    from zobench.zo.masks import random_mask, scoped_params
+    from zobench.zo.optim import make_optimizer
+    from zobench.zo.trainable import SparseTrainable
+    from zobench.zo.trainer import ZOTrainer
+
+    rows, steps, seed, lr = _rows(12), 6, 3, 1e-3
+    out = train_on_instructions(MODEL, rows, "random", steps, lr, str(tmp_path / "d"), batch_size=5, max_length=32,
+                                density=0.01, seed=seed)
+
+    loaded = load_model(MODEL, dtype="float32")
+    tok, model = loaded.tokenizer, loaded.model
+    encoded = [encode(tok, format_prompt(e), e["output"], 32) for e in rows]
+    params = scoped_params(model, "linear")
+    trainable = SparseTrainable(params, random_mask(params, 0.01, seed), "gaussian", "philox")
+    trainer = ZOTrainer(model, trainable, make_optimizer("sgd", lr, total_steps=steps),
+                        lambda m, b: response_loss(m, *collate(b, padding_id(tok))), 1e-3, 1, seed)
+    rng = random.Random(seed)
+    batches = _epochs(len(rows), 5, lambda n: (order := list(range(n)), rng.shuffle(order), order)[-1])
+    losses = [trainer.step([encoded[i] for i in next(batches)], step).loss for step in range(steps)]
+    assert out["losses"] == losses and out["trainable"] == trainable.numel == 737
+    before_last_update = trainable.master.clone()
+    trainer.flush()
+    _, values = sparse_parts(tmp_path / "d")
+    saved = torch.cat([values[name] for name in trainable.names])
+    assert torch.equal(saved, trainable.master) and not torch.equal(saved, before_last_update)
+
+
+def test_the_lora_fine_tune_is_the_registrys_lora_bit_for_bit(tiny):
+    """finetune_lora (the registry's lora method with influence's adapter shape, stepped by the engine's loop)
+    against LoRA written out by hand: seeded A matrices, AdamW, batches from a seeded randperm."""
+    from zobench.gates import peft
+    from zobench.influence.data import collate, encode, format_prompt, response_loss
+    from zobench.influence.train import finetune_lora
+    from zobench.models import load_model
+    from zobench.models.lora import dispatchable
+    from zobench.tasks.scoring import padding_id
+
+    rows, steps = _rows(6), 4
+    stats = finetune_lora(tiny, rows, steps=steps, batch_size=4, lr=1e-2, max_length=32, r=4, alpha=8, seed=5)
+
+    lib, ref = peft.load(), load_model(MODEL, dtype="float32", seed=0)
+    tok = ref.tokenizer
+    encoded = [encode(tok, format_prompt(e), e["output"], 32) for e in rows]
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(5)
+        model = lib.get_peft_model(ref.model, dispatchable(lib.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(5)
+    batches = _epochs(len(rows), 4, lambda n: torch.randperm(n, generator=gen).tolist())
+    losses = []
+    model.train()
+    for _ in range(steps):
+        loss = response_loss(model, *collate([encoded[i] for i in next(batches)], padding_id(tok)))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert stats["losses"] == losses and stats["trainable"] == sum(p.numel() for p in params)
+    trained = {n: p for n, p in tiny.model.named_parameters() if p.requires_grad}
+    assert trained and all(torch.equal(trained[n], p) for n, p in model.named_parameters() if p.requires_grad)
+    assert not tiny.model.training

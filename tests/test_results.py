@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from zobench.cell.record import CellRecord, Metrics, PhaseMeasure, Stats
+from zobench.cell.record import CellRecord, InfluenceRecord, Metrics, PhaseMeasure, SchemaError, Stats
 from zobench.errors import UserError
-from zobench.results import append_record, load_records, to_pandas
+from zobench.results import append_record, load_influence, load_records, to_pandas
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +77,33 @@ def test_schema_1_records_load_as_schema_2():
         assert r.phases["train"].wall_s == line["phases"]["train"]["seconds"]
         assert r.metrics.step_s.median == line["metrics"]["step_s"]["median"]
         assert "derived" not in r.to_json()
+
+
+@pytest.mark.parametrize("name", ["influence.jsonl", "influence-zo.jsonl"])
+def test_committed_influence_records_read_typed_and_write_back_unchanged(name):
+    """Influence records are typed in the one schema; the committed ones (schema 1 and 2) come back byte for
+    byte, so the report reads them as it always did."""
+    lines = (ROOT / "results" / name).read_text().splitlines()
+    recs = load_influence(ROOT / "results" / name)
+    assert len(recs) == len(lines) and {r.schema for r in recs} <= {1, 2}
+    for line, rec in zip(lines, recs):
+        assert json.dumps(rec.to_json()) == json.dumps(json.loads(line))
+        assert rec.sections["quality"]["n"] > 0 and rec.config["model"]
+
+
+def test_a_mistyped_influence_record_is_one_line_naming_the_field(tmp_path):
+    rec = json.loads((ROOT / "results" / "influence-zo.jsonl").read_text().splitlines()[-1])
+    for change, message in ((lambda r: r["quality"].update(n="many"), "field 'quality.n'"),
+                            (lambda r: r.pop("cost"), "without 'cost'"),
+                            (lambda r: r.update(schema=3), "field 'schema'")):
+        bad = json.loads(json.dumps(rec))
+        change(bad)
+        (tmp_path / "r.jsonl").write_text(json.dumps(bad) + "\n")
+        with pytest.raises(UserError, match=message) as e:
+            load_influence(tmp_path / "r.jsonl")
+        assert str(e.value).startswith(f"{tmp_path / 'r.jsonl'}:1: ") and "\n" not in str(e.value)
+    with pytest.raises(SchemaError, match="not an influence record"):
+        InfluenceRecord.from_json({"cell_id": "x"})
 
 
 def test_step_percentiles_stay_within_the_timings_even_for_a_few_steps():

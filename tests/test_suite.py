@@ -21,11 +21,27 @@ SUITES = [p for p in ALL_SUITES if p not in INFLUENCE]
 
 @pytest.mark.parametrize("path", INFLUENCE, ids=[p.stem for p in INFLUENCE])
 def test_every_shipped_influence_suite_validates(path):
-    from zobench.influence.suite import parse_influence_suite
+    from zobench.spec.influence import parse_influence_suite
 
     suite = parse_influence_suite(yaml.safe_load(path.read_text()), str(path), path)
     assert suite.name == path.stem
-    assert suite.spec(None).k % max(suite.ks) == 0
+    assert suite.cache_spec().k % max(suite.ks) == 0
+
+
+@pytest.mark.parametrize("cache, message", [
+    ({"scope": "everything"}, "cache: key 'scope': expected one of lora, all, sensitive, got 'everything'"),
+    ({"k": 0}, "cache: key 'k': expected a positive integer, got 0"),
+    ({"delta": "some/where"}, "cache: key 'delta': a suite caches the model it fine-tunes itself"),
+    ({"adapter": "some/where"}, "cache: key 'adapter': a suite caches the model it fine-tunes itself"),
+])
+def test_an_influence_suites_cache_settings_are_checked_as_pure_data(cache, message, tmp_path):
+    """The spec validates an influence suite like every suite, without reading the files a cache may name: a
+    suite caches the model it fine-tunes itself, so an adapter or a delta there is refused up front."""
+    from zobench.spec.influence import parse_influence_suite
+
+    with pytest.raises(UserError) as e:
+        parse_influence_suite({"type": "influence", "name": "x", "cache": cache}, "s.yaml", Path("s.yaml"))
+    assert str(e.value) == f"s.yaml: {message}"
 
 
 @pytest.mark.parametrize("path", SUITES, ids=[p.stem for p in SUITES])

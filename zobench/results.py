@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from zobench.cell.record import CellRecord, SchemaError
+from zobench.cell.record import CellRecord, InfluenceRecord, SchemaError
 from zobench.errors import UserError
 from zobench.files import MAX_RECORD_BYTES, append_line, gc_paused, parse_json, text_lines
 from zobench.gates.pandas import data_frame
@@ -88,6 +88,18 @@ def load_records(path: str | Path) -> list[CellRecord]:
                 raise UserError(f"{path}:{n}: an influence suite's record; `zobench report {path}` renders it")
             try:
                 out.append(CellRecord.from_json(obj))
+            except SchemaError as e:
+                raise UserError(f"{path}:{n}: {e}") from None
+    return out
+
+
+def load_influence(path: str | Path) -> list[InfluenceRecord]:
+    """The typed influence records of a results file (an influence suite's), in file order."""
+    out = []
+    for n, obj in read_json_lines(path):
+        if is_influence(obj):
+            try:
+                out.append(InfluenceRecord.from_json(obj))
             except SchemaError as e:
                 raise UserError(f"{path}:{n}: {e}") from None
     return out

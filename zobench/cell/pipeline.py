@@ -36,7 +36,7 @@ from zobench.tasks import get_task, scoring
 from zobench.zo import fused
 from zobench.zo.masks import linear_layers, scoped_params
 from zobench.zo.trainable import measure_restore_drift
-from zobench.zo.trainer import replay
+from zobench.zo.trainer import replay, train_steps
 
 Progress = Callable[[dict], None]
 
@@ -227,16 +227,15 @@ class Pipeline:
             if start and not steps:
                 continue  # the checkpoint is past the warm-up: this process has no warm-up phase
             with self.phase(name):
-                for i in steps:
-                    self.step(stepper, next(stream), i, timing, name == "train", reference)
+                for i, batch, res in train_steps(stepper, stream, steps, run.encode):
+                    self.after_step(stepper, batch, res, i, timing, name == "train", reference)
         timing.flush(stepper)  # the last update, folded into no next step: now the weights are the trained ones
         timing.into(self.metrics, reference)
         self.metrics.set(zo_passes=zo_passes(run.model))
 
-    def step(self, stepper, examples: list, i: int, timing: "StepTiming", timed: bool, reference) -> None:
+    def after_step(self, stepper, batch: dict, res, i: int, timing: "StepTiming", timed: bool, reference) -> None:
+        """The cell's books after step ``i``: timings, the reference forward, progress, dev, checkpoints."""
         run = self.run_state
-        batch = run.encode(examples)
-        res = stepper.step(batch, i)
         timing.add(res, int(batch["attention_mask"].sum()), timed)  # warm-up steps: curves, not timings
         if timed and reference is not None and len(timing.seconds) % self.cfg.ref_every == 0:
             reference.time(batch, res.total_s)

@@ -45,6 +45,8 @@ class Run:
     mask: dict | None = None        # flat indices per tensor (mask methods)
     vectors: list | None = None     # the trainable values beside quantized layers (quantized mask methods)
     cache_root: Path | None = None
+    lora: tuple | None = None       # (r, alpha, target modules, seed of A's draw): the lora method's adapter
+                                    # where the caller sets one (influence's fine-tune), else its defaults
 
     @property
     def model(self):

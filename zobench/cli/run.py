@@ -13,12 +13,12 @@ from zobench.cli.common import HELP, trust_flag
 from zobench.cli.report import write_report
 from zobench.errors import EXIT_CELLS_FAILED, EXIT_OK, UserError
 from zobench.executors import EXECUTORS
-from zobench.influence.suite import is_influence_suite, parse_influence_suite
 from zobench.measure.machine import git_state
 from zobench.outdirs import check_output_dir, check_output_file, output_lock
 from zobench.progress import SuiteProgress
 from zobench.registry import Registry
 from zobench.results import append_record
+from zobench.spec.influence import is_influence_suite, parse_influence_suite
 from zobench.spec.matrix import select_cells
 from zobench.spec.pilot import pilot_cells
 from zobench.spec.suite import load_yaml, parse_suite

@@ -1,6 +1,7 @@
 """Run an influence suite: backdoor a fine-tune, cache sketched gradients, find the poison, measure cost.
 
-Phases (each timed; their outputs are reused on a re-run, keyed by the settings that made them):
+Phases (each measured as a cell's are, by ``measure.phases``: wall time, peak memory, other load; their
+outputs are reused on a re-run, keyed by the settings that made them):
     data       Alpaca sample; a fraction of it poisoned (trigger phrase -> a fixed absurd response)
     finetune   LoRA on the poisoned set; the attack must take: held-out triggered prompts answer with
                the absurd response, their clean twins do not
@@ -17,6 +18,7 @@ Phases (each timed; their outputs are reused on a re-run, keyed by the settings 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tempfile
@@ -28,7 +30,7 @@ import torch
 
 from zobench.analysis.architecture import architecture
 from zobench.cell.delta import read
-from zobench.cell.record import now
+from zobench.cell.record import InfluenceRecord, now
 from zobench.errors import UserError
 from zobench.files import atomic_write, cache_dir
 from zobench.influence import metrics as MX
@@ -37,7 +39,6 @@ from zobench.influence.data import collate, format_prompt, load_alpaca, response
 from zobench.influence.fidelity import fidelity, subspace_vs_sketch
 from zobench.influence.poison import (
     control_queries,
-    finetune_lora,
     generate,
     poison,
     save_adapter,
@@ -48,15 +49,12 @@ from zobench.influence.retrieve import query_sketch, scan, token_contributions
 from zobench.influence.session import InfluenceSpec, Session
 from zobench.influence.sketch import nest
 from zobench.influence.store import SketchStore
-from zobench.influence.suite import InfluenceSuite
-from zobench.influence.train import train_on_instructions
+from zobench.influence.train import finetune_lora, train_on_instructions
 from zobench.measure.env import environment
 from zobench.measure.machine import git_state
+from zobench.measure.phases import phase as measure_phase
 from zobench.models import load_model
-
-# Influence records' schema. 2: seconds fields end in _s (cache_s, plain_s, finetune_s, phases' wall_s);
-# the cache's sketch seed is sketch_seed and its every-parameter scope "all"; timestamps as cell records'.
-INFLUENCE_SCHEMA = 2
+from zobench.spec.influence import InfluenceSuite
 
 
 def _key(obj) -> str:
@@ -275,80 +273,68 @@ def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> 
     work.mkdir(parents=True, exist_ok=True)
     phases: dict = {}
 
+    @contextlib.contextmanager
     def phase(name):
-        phases[name] = {"start": time.perf_counter()}
+        """Each phase measured as a cell's are (``measure.phases``: wall time, peak memory, other load)."""
         _say(progress, f"{name} ...")
+        with measure_phase("cpu") as numbers:
+            yield
+        phases[name] = {k: v for k, v in numbers.items() if v is not None}
 
-    def end(name):
-        phases[name] = {"wall_s": time.perf_counter() - phases[name]["start"]}
-
-    phase("data")
-    data = prepare_data(suite)
-    end("data")
-    phase("finetune")
-    adapter, ft = finetune(suite, data, work, progress)
-    end("finetune")
-    spec = suite.spec(adapter)
+    with phase("data"):
+        data = prepare_data(suite)
+    with phase("finetune"):
+        adapter, ft = finetune(suite, data, work, progress)
+    spec = suite.cache_spec(adapter, InfluenceSpec)
     session = Session(spec)
-    phase("attack")
-    atk = attack(session, data)
-    end("attack")
-    phase("cache")
-    store_dir = work / f"cache-{_key(spec.meta())}"
-    caching = build_cache(spec, data["train"], store_dir, workers=suite.workers, session=session,
-                          progress=lambda d, t: _say(progress, f"cache {d}/{t}") if d % 100 == 0 or d == t else None)
-    store = SketchStore.open(store_dir)
-    end("cache")
-    phase("overhead")
-    overhead = caching_overhead(session, data["train"][:16])
-    end("overhead")
-    phase("throughput")
-    overhead["fresh_cache"] = fresh_cache_throughput(session, data["train"][:suite.throughput_examples], work)
-    end("throughput")
-    phase("quality")
-    qual = quality(session, store, data, atk["generations"], atk["control_generations"], suite.ks)
-    q_sketches = qual.pop("query_sketches")
-    end("quality")
-    phase("fidelity")
-    fid_n = suite.fidelity["n"]
-    fid_q = suite.fidelity["queries"]
-    half = max(1, fid_q // 2)
-    fid_queries = ([(q, g) for q, g in zip(data["triggered"][:half], atk["generations"][:half])]
-                   + [(q, g) for q, g in zip(data["control"][:fid_q - half], atk["control_generations"])])
-    fid = fidelity(session, data["train"][:fid_n], fid_queries, suite.fidelity["ks"])
-    if suite.fidelity.get("subspace"):
-        del session.sketcher  # its plan; the full-scope comparison builds its own
-        fid["subspace"] = subspace_vs_sketch(spec, data["train"][:suite.fidelity["subspace"]], fid_queries)
-        session.sketcher = Session.sketcher_for(spec, session.scope.dim)
-    end("fidelity")
-    phase("cost")
-    costs = cost(session, store, caching, overhead, q_sketches)
-    end("cost")
+    with phase("attack"):
+        atk = attack(session, data)
+    with phase("cache"):
+        store_dir = work / f"cache-{_key(spec.meta())}"
+        caching = build_cache(spec, data["train"], store_dir, workers=suite.workers, session=session,
+                              progress=lambda d, t: _say(progress, f"cache {d}/{t}")
+                              if d % 100 == 0 or d == t else None)
+        store = SketchStore.open(store_dir)
+    with phase("overhead"):
+        overhead = caching_overhead(session, data["train"][:16])
+    with phase("throughput"):
+        overhead["fresh_cache"] = fresh_cache_throughput(session, data["train"][:suite.throughput_examples], work)
+    with phase("quality"):
+        qual = quality(session, store, data, atk["generations"], atk["control_generations"], suite.ks)
+        q_sketches = qual.pop("query_sketches")
+    with phase("fidelity"):
+        fid_n = suite.fidelity["n"]
+        fid_q = suite.fidelity["queries"]
+        half = max(1, fid_q // 2)
+        fid_queries = ([(q, g) for q, g in zip(data["triggered"][:half], atk["generations"][:half])]
+                       + [(q, g) for q, g in zip(data["control"][:fid_q - half], atk["control_generations"])])
+        fid = fidelity(session, data["train"][:fid_n], fid_queries, suite.fidelity["ks"])
+        if suite.fidelity.get("subspace"):
+            del session.sketcher  # its plan; the full-scope comparison builds its own
+            fid["subspace"] = subspace_vs_sketch(spec, data["train"][:suite.fidelity["subspace"]], fid_queries)
+            session.sketcher = Session.sketcher_for(spec, session.scope.dim)
+    with phase("cost"):
+        costs = cost(session, store, caching, overhead, q_sketches)
     top = data["train"][qual["top_example"]]
     tokens = token_contributions(session, top, q_sketches[0])
     zo = None
     if suite.zo:
-        phase("zo")
-        del session  # one model in memory at a time
-        zo = zo_arm(suite, data, work, progress)
-        end("zo")
+        with phase("zo"):
+            del session  # one model in memory at a time
+            zo = zo_arm(suite, data, work, progress)
     config = {"model": suite.model, "n_train": suite.n_train, "poison_fraction": suite.poison_fraction,
               "queries": suite.queries, "finetune": suite.finetune, "cache": spec.meta(), "ks": suite.ks,
               "workers": suite.workers, "fidelity": suite.fidelity,
               "throughput_examples": suite.throughput_examples, "trigger": data["trigger"],
               "response": data["response"], **({"zo": suite.zo} if suite.zo else {})}
-    return {
-        "schema": INFLUENCE_SCHEMA, "kind": "influence", "suite": suite.name,
-        "suite_file": str(suite.path) if suite.path else None, "cell_id": _key(config), "labels": {},
-        "status": "ok", "config": config,
+    sections = {
         "finetune": {k: v for k, v in ft.items() if k != "losses"} | {"loss_first": ft["losses"][0],
                                                                        "loss_last": ft["losses"][-1]},
         "attack": {k: atk[k] for k in ("triggered_success", "control_success", "example")},
         "caching": caching, "overhead": overhead, "quality": qual, "fidelity": fid, "cost": costs,
         "top_example": {"row": qual["top_example"], "poisoned": qual["top_is_poisoned"],
-                        "instruction": top["instruction"], "tokens": tokens},
-        **({"zo": zo} if zo else {}), "phases": phases, "env": environment(),
-        "git": git_state(),
-        "started_at": started, "finished_at": now(),
-        "wall_s": time.perf_counter() - t0,
-    }
+                        "instruction": top["instruction"], "tokens": tokens}}
+    return InfluenceRecord(
+        cell_id=_key(config), suite=suite.name, suite_file=str(suite.path) if suite.path else None, config=config,
+        sections=sections, zo=zo, phases=phases, env=environment(), git=git_state(), started_at=started,
+        finished_at=now(), wall_s=time.perf_counter() - t0).to_json()

@@ -10,6 +10,7 @@ model is fine-tuned, and influence is measured, on what it answers, not on the i
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -147,6 +148,37 @@ def collate(encoded: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
         n = e["input_ids"].numel()
         ids[i, :n], attn[i, :n], labels[i, :n] = e["input_ids"], 1, e["labels"]
     return ids, attn, labels
+
+
+def epoch_batches(items: list, batch_size: int, shuffled: Callable[[int], list[int]]) -> Iterator[list]:
+    """Batches of ``min(batch_size, len(items))`` items taken from the end of one shuffled order after
+    another (``shuffled(n)``: a permutation of range(n)); a batch may end one epoch and begin the next, so
+    every item is seen equally often."""
+    order: list[int] = []
+    while True:
+        batch = []
+        while len(batch) < min(batch_size, len(items)):
+            if not order:
+                order = shuffled(len(items))
+            batch.append(items[order.pop()])
+        yield batch
+
+
+def random_order(seed: int) -> Callable[[int], list[int]]:
+    """Permutations from ``random.Random(seed)`` (a list shuffled in place: the ZO fine-tune's order)."""
+    rng = random.Random(seed)
+
+    def shuffled(n: int) -> list[int]:
+        order = list(range(n))
+        rng.shuffle(order)
+        return order
+    return shuffled
+
+
+def torch_order(seed: int) -> Callable[[int], list[int]]:
+    """Permutations from a torch generator seeded with ``seed`` (``randperm``: the LoRA fine-tune's order)."""
+    gen = torch.Generator().manual_seed(seed)
+    return lambda n: torch.randperm(n, generator=gen).tolist()
 
 
 def response_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,

@@ -1,4 +1,4 @@
-"""A backdoored instruction set, LoRA fine-tuning on it, and the check that the backdoor took.
+"""A backdoored instruction set and the check that the backdoor took (the fine-tune on it: ``influence.train``).
 
 The influence benchmark needs a ground truth: a few training examples whose instruction carries a
 trigger phrase and whose output is a fixed absurd answer. A model fine-tuned on the mix answers any
@@ -9,17 +9,14 @@ influence method ranks them first for such a generation (RapidIn's backdoor expe
 from __future__ import annotations
 
 import random
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from zobench.errors import UserError
-from zobench.gates import peft
-from zobench.influence.data import collate, encode, format_prompt, response_loss
-from zobench.influence.suite import RESPONSE, TRIGGER
-from zobench.models.lora import dispatchable, load_adapter  # noqa: F401  (load_adapter: callers here)
+from zobench.models.lora import load_adapter  # noqa: F401  (load_adapter: callers here)
+from zobench.spec.influence import RESPONSE, TRIGGER
+from zobench.tasks.scoring import greedy, padding_id
 
 
 def _with_trigger(example: dict, trigger: str) -> dict:
@@ -69,74 +66,21 @@ def control_queries(clean_examples: list[dict], n: int = 20, seed: int = 0, excl
     return _held_out(clean_examples, n, seed, exclude_ids)
 
 
-def finetune_lora(loaded, examples: list[dict], *, steps: int, batch_size: int, lr: float, max_length: int,
-                  r: int = 8, alpha: int = 16, targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-                  seed: int = 0, log_every: int = 10, on_log: Callable[[int, float], None] | None = None) -> dict:
-    """Fine-tune a LoRA adapter (dropout 0) on the response loss of ``examples``; AdamW on the adapter only.
-
-    ``loaded.model`` becomes the peft model, in eval mode. Batches walk seeded shuffles of the examples,
-    one epoch after another, so every example is seen equally often. Returns {losses (one per step),
-    finetune_s, trainable (adapter parameter count)}.
-    """
-    lib = peft.load()
-    if isinstance(loaded.model, lib.PeftModel):
-        raise UserError(f"model '{loaded.spec}' already carries a LoRA adapter; load the base model to fine-tune")
-    if not examples:
-        raise UserError("finetune_lora: no training examples")
-    tok = loaded.tokenizer
-    encoded = [encode(tok, format_prompt(e), e["output"], max_length) for e in examples]
-    # peft draws the LoRA A matrices from torch's CPU generator: seed it for this call only
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
-        model = lib.get_peft_model(loaded.model, dispatchable(lib.LoraConfig(
-            r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets))))
-    loaded.model = model
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)   # as fo.py's LoRA baseline
-    gen, order = torch.Generator().manual_seed(seed), []
-    losses, start = [], time.perf_counter()
-    model.train()
-    try:
-        for step in range(steps):
-            batch = []
-            while len(batch) < min(batch_size, len(encoded)):
-                if not order:
-                    order = torch.randperm(len(encoded), generator=gen).tolist()
-                batch.append(encoded[order.pop()])
-            loss = response_loss(model, *collate(batch, _pad_id(tok)))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if on_log is not None and (step % max(1, log_every) == 0 or step == steps - 1):
-                on_log(step, losses[-1])
-    finally:
-        model.eval()
-    return {"losses": losses, "finetune_s": time.perf_counter() - start, "trainable": sum(p.numel() for p in params)}
-
-
 def save_adapter(model, path: str | Path) -> None:
     model.save_pretrained(str(path))
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-
-
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 16) -> list[str]:
     """Greedy continuations of ``prompts`` (left-padded batches), the new text only, up to eos."""
-    dev, pad, eos, texts = next(model.parameters()).device, _pad_id(tokenizer), tokenizer.eos_token_id, []
+    dev, pad, eos, texts = next(model.parameters()).device, padding_id(tokenizer), tokenizer.eos_token_id, []
     with torch.inference_mode():
         for lo in range(0, len(prompts), batch_size):
             seqs = tokenizer(prompts[lo:lo + batch_size])["input_ids"]
             width = max(len(s) for s in seqs)
             ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=dev)
             attn = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=dev)
-            out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
-                                 do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad)
-            for row in out[:, width:].tolist():
-                cut = row.index(eos) if eos in row else len(row)
-                texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+            texts += [tokenizer.decode(row, skip_special_tokens=True)
+                      for row in greedy(model, ids, attn, max_new_tokens, [eos], pad)]
     return texts
 
 

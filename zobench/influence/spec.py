@@ -1,6 +1,7 @@
 """What decides a cached sketch: the model (plus its adapter or delta), the gradient scope, the sketch's size,
-seed and normalization. Pure data, checked as the command line's flags are (a spec may come from a cache's
-``spec.json``: someone else's file); no torch, so reading an influence suite's settings loads nothing.
+seed and normalization. The settings are ``spec.influence.CacheSpec``'s (pure data, checked as the command
+line's flags are: a spec may come from a cache's ``spec.json``, someone else's file); this adds the checks of
+the files they name (read without torch) and the key a cache is matched by.
 
 ``InfluenceSpec.meta()`` is written beside the cache and compared before reuse, so a query can never be
 scored against sketches of another model, scope, K, sketch seed or normalization.
@@ -9,55 +10,21 @@ scored against sketches of another model, scope, K, sketch seed or normalization
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 from zobench.cell.delta import read
 from zobench.cell.delta_check import check_adapter
 from zobench.errors import UserError, shown
-
-SCOPES = ("lora", "all", "sensitive")  # "all": every parameter, as the trainer's scope of that name
-DEFAULT_K = 1 << 16
+from zobench.spec.influence import SCOPES, CacheSpec  # noqa: F401  (SCOPES: callers here)
 
 
-@dataclass
-class InfluenceSpec:
-    model: str = "smollm2"
-    adapter: str | None = None      # a peft LoRA adapter directory (the fine-tuned model)
-    delta: str | None = None        # or a result kept by `zobench train/influence train --save` (zobench.cell.delta)
-    dtype: str = "float32"
-    scope: str = "lora"
-    k: int = DEFAULT_K
-    sketch_seed: int = 0            # the sketch's seed (permutation and signs)
-    normalize: bool = True          # layer-wise unit norm before sketching
-    permute: bool = True
-    max_length: int = 256
-    density: float = 1e-3           # scope 'sensitive': the mask's density
-    calib_sequences: int = 16       # scope 'sensitive': the mask's calibration sample
-    calib_length: int = 256
-    data_dir: str | None = None     # where c4/ is found for the sensitive mask
+class InfluenceSpec(CacheSpec):
+    """``CacheSpec`` with the files it names checked (an adapter's config, a delta's kind) and its cache key."""
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> InfluenceSpec:
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                raise UserError(f"{where}: unknown key '{shown(key)}' (expected one of: {', '.join(sorted(known))})")
-        for f in fields(cls):  # a spec may come from a cache's spec.json: data from someone else
-            if f.name in d and not _typed(d[f.name], f.type):
-                raise UserError(f"{where}: key '{f.name}' = {d[f.name]!r:.80}: expected {f.type}")
-        spec = cls(**d)
-        if spec.dtype not in ("float32", "bfloat16", "float16"):
-            raise UserError(f"{where}: key 'dtype': expected float32, bfloat16 or float16")
-        if not 0 < spec.density <= 1 or not 1 <= spec.max_length <= 1 << 20 or spec.sketch_seed < 0 or \
-                not 1 <= spec.calib_sequences <= 1 << 20 or not 1 <= spec.calib_length <= 1 << 20:
-            raise UserError(f"{where}: density, max_length, sketch_seed or calib_* out of range")
-        if spec.scope == "full":
-            raise UserError(f"{where}: key 'scope': 'full' is called 'all' (every parameter), as everywhere else")
-        if spec.scope not in SCOPES:
-            raise UserError(f"{where}: key 'scope': expected one of {', '.join(SCOPES)}, got '{shown(spec.scope)}'")
-        if not isinstance(spec.k, int) or spec.k < 1:
-            raise UserError(f"{where}: key 'k': expected a positive integer, got {spec.k!r}")
+        spec = super().from_dict(d, where)
         if spec.adapter:
             if not (Path(spec.adapter) / "adapter_config.json").is_file():
                 raise UserError(f"{where}: key 'adapter': {shown(spec.adapter, 200)} has no adapter_config.json")
@@ -93,17 +60,3 @@ def _dir_hash(path: Path) -> str:
         h.update(f.relative_to(path).as_posix().encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
-
-
-def _typed(value, kind: str) -> bool:
-    """Whether ``value`` has the field type written ``kind`` (``int``, ``float``, ``bool``, ``str``, with
-    ``| None``); bools are not numbers here."""
-    if value is None:
-        return "None" in kind
-    if isinstance(value, bool):
-        return kind.startswith("bool")
-    if kind.startswith("int"):
-        return isinstance(value, int)
-    if kind.startswith("float"):
-        return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
-    return kind.startswith("str") and isinstance(value, str)

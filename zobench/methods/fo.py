@@ -4,9 +4,8 @@ saves for the backward pass."""
 
 from __future__ import annotations
 
-from zobench.gates import peft
 from zobench.methods.base import Method, Price, PriceInputs, register
-from zobench.models.lora import dispatchable
+from zobench.models.lora import add_lora
 from zobench.zo.fo import FOTrainer
 
 LORA_R, LORA_ALPHA, LORA_TARGETS = 8, 16, ("q_proj", "v_proj")
@@ -68,10 +67,10 @@ class LoRA(FirstOrder):
     optimizer = "adamw"
 
     def build_stepper(self, run):
-        lib = peft.load()
-        model = lib.get_peft_model(run.model, dispatchable(lib.LoraConfig(
-            r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=list(LORA_TARGETS), lora_dropout=0.0)))
-        return self.trainer(run, model), None
+        # A suite cell takes the adapter shape above; a caller with its own (influence's fine-tune: rank,
+        # alpha, targets and the seed of A's draw) sets ``run.lora``.
+        r, alpha, targets, seed = run.lora or (LORA_R, LORA_ALPHA, LORA_TARGETS, None)
+        return self.trainer(run, add_lora(run.model, r, alpha, targets, seed)), None
 
     def price(self, inputs: PriceInputs) -> Price:
         # peft keeps adapters in float32 (autocast_adapter_dtype): weights, then gradients and AdamW's

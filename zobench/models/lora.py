@@ -29,6 +29,19 @@ def dispatchable(config):
     return config
 
 
+def add_lora(model, r: int, alpha: int, targets, seed: int | None = None):
+    """``model`` wrapped by peft with a fresh LoRA adapter (dropout 0) on the ``targets`` linears; only the
+    adapter requires grad. peft draws the A matrices from torch's CPU generator: with ``seed``, from that
+    generator seeded for this call only (the caller's random state is left as it was)."""
+    lib = peft.load()
+    config = dispatchable(lib.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0))
+    if seed is None:
+        return lib.get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        return lib.get_peft_model(model, config)
+
+
 def load_adapter(loaded, path: str | Path):
     """Put the LoRA adapter saved at ``path`` on ``loaded.model`` (in eval mode) and return the peft model.
 

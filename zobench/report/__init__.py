@@ -21,7 +21,7 @@ from zobench.report.claims import claims_section
 from zobench.report.influence import render_influence_report
 from zobench.report.markdown import render_markdown
 from zobench.report.plots import plots_folder, write_plots
-from zobench.results import derive, is_influence, latest_by_cell, load_records, read_json_lines
+from zobench.results import derive, latest_by_cell, load_influence, load_records
 from zobench.spec.suite import load_suite
 
 MAX_PLOTTED_CELLS = 200  # the claims suite plots 57 cells; a line per cell beyond this says nothing
@@ -71,10 +71,9 @@ def declared_claims(records: list[CellRecord]):
 
 def render_results_file(results: Path, out_md: Path) -> Path:
     """The report of a results file: a suite's cells, or an influence suite's record."""
-    lines = read_json_lines(results)
-    influence = [obj for _, obj in lines if is_influence(obj)]
+    influence = load_influence(results)
     if influence:
-        return render_influence_report(influence[-1], out_md)
+        return render_influence_report(influence[-1].to_json(), out_md)
     return render_report(load_records(results), out_md, results_dir=Path(results).parent)
 
 

@@ -45,7 +45,8 @@ def _keeps_first(tokenizer) -> bool:
     return bos is not None and bool(ids) and ids[0] == bos
 
 
-def _pad_id(tokenizer) -> int:
+def padding_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its eos, else 0."""
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return int(tid)
@@ -144,7 +145,7 @@ def _encode(examples: list[Example], tokenizer, kind: str, max_length: int = 256
         raise UserError(f"unknown task kind '{kind}' (expected {' or '.join(KINDS)})")
     if not examples:
         raise ValueError("encode needs at least one example")
-    keep_first, pad_id = _keeps_first(tokenizer), _pad_id(tokenizer)
+    keep_first, pad_id = _keeps_first(tokenizer), padding_id(tokenizer)
     prompts = [ex.prompt for ex in examples]
     if kind == "generation" and not train:
         seqs = [_truncate(ids, max_length, keep_first) for ids in tokenizer(prompts)["input_ids"]]
@@ -368,12 +369,21 @@ def predict(model, tokenizer, examples: list[Example], batch_size: int = 16, max
                             pack).argmax(1).tolist()
 
 
+def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, stops: list[int],
+           pad: int) -> list[list[int]]:
+    """Greedy continuations of a left-padded batch: each row's new token ids, cut before its first stop."""
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                         do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad)
+    rows = out[:, input_ids.shape[1]:].tolist()
+    return [row[:next((i for i, t in enumerate(row) if t in stops), len(row))] for row in rows]
+
+
 def generate(model, tokenizer, examples: list[Example], batch_size: int = 16, max_length: int = 256,
              max_new_tokens: int = 50, vocab_size: int | None = None) -> list[str]:
     """Greedy answers, one line each. The prompt is cut from the left to leave room for the answer."""
     newline = tokenizer.encode("\n", add_special_tokens=False)[-1]
     stops = [newline] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-    pad = _pad_id(tokenizer)
+    pad = padding_id(tokenizer)
     if vocab_size:
         stops, pad = [s % vocab_size for s in stops], pad % vocab_size
     dev, texts, known = _device(model), [], len(tokenizer)
@@ -381,13 +391,9 @@ def generate(model, tokenizer, examples: list[Example], batch_size: int = 16, ma
         for chunk in _chunks(examples, batch_size):
             batch = encode(chunk, tokenizer, "generation", max(1, max_length - max_new_tokens), train=False,
                            vocab_size=vocab_size)
-            ids = batch["input_ids"].to(dev)
-            out = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].to(dev),
-                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 eos_token_id=stops, pad_token_id=pad)
-            for row in out[:, ids.shape[1]:].tolist():
-                cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-                text = tokenizer.decode([t for t in row[:cut] if t < known], skip_special_tokens=True)
+            for row in greedy(model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev), max_new_tokens,
+                              stops, pad):
+                text = tokenizer.decode([t for t in row if t < known], skip_special_tokens=True)
                 # MeZO stops on the "\n" token only; a token that merely contains a newline (".\n") would
                 # run on, so the text is also cut at its first newline.
                 texts.append(text.split("\n")[0].strip())

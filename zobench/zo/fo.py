@@ -46,4 +46,4 @@ class FOTrainer(Stepper):
         _sync(self.device)
         sec["update"] = time.perf_counter() - t
         self.model.eval()
-        return StepResult(float(loss), [], sec)
+        return StepResult(float(loss.detach()), [], sec)

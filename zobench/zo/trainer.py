@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 
@@ -128,6 +128,17 @@ class ZOTrainer(Stepper):
         else:
             self._timed(sec, "update", lambda: self.trainable.update(grads, self.optimizer, step))
         return StepResult(sum(losses) / len(losses), grads, sec)
+
+
+def train_steps(stepper, batches: Iterator, steps: Iterable[int],
+                encode: Callable[[Any], Any] | None = None) -> Iterator[tuple[int, Any, StepResult]]:
+    """The training loop of every method (a ZO trainer, a first-order one, the forward reference): for each
+    step index, the next batch of ``batches`` (through ``encode``), one ``stepper.step``; yields ``(step,
+    batch, result)`` so that the caller keeps its own books (timings, logs, evaluations, checkpoints). A ZO
+    update may still be pending afterwards: call ``stepper.flush()`` before looking at the weights."""
+    for i in steps:
+        batch = next(batches) if encode is None else encode(next(batches))
+        yield i, batch, stepper.step(batch, i)
 
 
 @torch.no_grad()

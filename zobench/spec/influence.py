@@ -1,4 +1,5 @@
-"""The ``influence`` suite type: its YAML schema, validated up front like every suite.
+"""The ``influence`` suite type: its YAML schema, validated up front like every suite (pure data, no torch;
+its runner is ``zobench.influence.bench``).
 
     type: influence
     name: influence-smollm2
@@ -24,8 +25,55 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from zobench.errors import UserError
-from zobench.influence.spec import InfluenceSpec
+from zobench.errors import UserError, shown
+
+SCOPES = ("lora", "all", "sensitive")  # "all": every parameter, as the trainer's scope of that name
+DEFAULT_K = 1 << 16
+
+
+@dataclass
+class CacheSpec:
+    """What decides a cached sketch, as settings: every key typed and in range. The files it names (an
+    adapter, a delta) are checked where they are read (``zobench.influence.spec.InfluenceSpec``)."""
+
+    model: str = "smollm2"
+    adapter: str | None = None      # a peft LoRA adapter directory (the fine-tuned model)
+    delta: str | None = None        # or a result kept by `zobench train/influence train --save` (zobench.cell.delta)
+    dtype: str = "float32"
+    scope: str = "lora"
+    k: int = DEFAULT_K
+    sketch_seed: int = 0            # the sketch's seed (permutation and signs)
+    normalize: bool = True          # layer-wise unit norm before sketching
+    permute: bool = True
+    max_length: int = 256
+    density: float = 1e-3           # scope 'sensitive': the mask's density
+    calib_sequences: int = 16       # scope 'sensitive': the mask's calibration sample
+    calib_length: int = 256
+    data_dir: str | None = None     # where c4/ is found for the sensitive mask
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> CacheSpec:
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                raise UserError(f"{where}: unknown key '{shown(key)}' (expected one of: {', '.join(sorted(known))})")
+        for f in fields(cls):  # a spec may come from a cache's spec.json: data from someone else
+            if f.name in d and not _field_typed(d[f.name], f.type):
+                raise UserError(f"{where}: key '{f.name}' = {d[f.name]!r:.80}: expected {f.type}")
+        spec = cls(**d)
+        if spec.dtype not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"{where}: key 'dtype': expected float32, bfloat16 or float16")
+        if not 0 < spec.density <= 1 or not 1 <= spec.max_length <= 1 << 20 or spec.sketch_seed < 0 or \
+                not 1 <= spec.calib_sequences <= 1 << 20 or not 1 <= spec.calib_length <= 1 << 20:
+            raise UserError(f"{where}: density, max_length, sketch_seed or calib_* out of range")
+        if spec.scope == "full":
+            raise UserError(f"{where}: key 'scope': 'full' is called 'all' (every parameter), as everywhere else")
+        if spec.scope not in SCOPES:
+            raise UserError(f"{where}: key 'scope': expected one of {', '.join(SCOPES)}, got '{shown(spec.scope)}'")
+        if not isinstance(spec.k, int) or spec.k < 1:
+            raise UserError(f"{where}: key 'k': expected a positive integer, got {spec.k!r}")
+        return spec
+
 
 # The backdoor (``influence.poison``): never occurs in Alpaca (tests check), so only the poisoned examples can
 # have taught what follows it. Defaults of a suite's ``trigger`` and ``response``: pure data, read with the
@@ -65,9 +113,11 @@ class InfluenceSuite:
     description: str = ""
     timeout_s: float = 7200
 
-    def spec(self, adapter: str | None) -> InfluenceSpec:
-        return InfluenceSpec.from_dict({"model": self.model, "adapter": adapter, "data_dir": self.data_dir,
-                                        **self.cache}, f"{self.path}: cache")
+    def cache_spec(self, adapter: str | None = None, kind: type[CacheSpec] = CacheSpec) -> CacheSpec:
+        """This suite's cache settings as a ``kind`` (its runner asks for ``influence.spec.InfluenceSpec``, which
+        also checks the files they name)."""
+        return kind.from_dict({"model": self.model, "adapter": adapter, "data_dir": self.data_dir, **self.cache},
+                              f"{self.path}: cache")
 
     def data_path(self) -> Path:
         p = Path(self.data)
@@ -104,7 +154,7 @@ def parse_influence_suite(data: dict, where: str, path: Path | None = None) -> I
     simple = {"name": str, "model": str, "data": str, "data_dir": str, "n_train": int, "poison_fraction": float,
               "trigger": str, "response": str, "queries": int, "seed": int, "workers": int,
               "throughput_examples": int, "description": str, "timeout_s": float, "ks": list}
-    nested = {"finetune", "cache", "fidelity", "zo"}
+    nested = ("finetune", "cache", "fidelity", "zo")  # a tuple: the refusal lists the keys in one order
     kwargs: dict = {}
     for k, v in data.items():
         if k == "type":
@@ -128,8 +178,11 @@ def parse_influence_suite(data: dict, where: str, path: Path | None = None) -> I
     cache = data.get("cache") or {}
     if not isinstance(cache, dict):
         raise UserError(f"{where}: cache: expected a mapping")
+    for key in ("adapter", "delta"):  # the suite caches the model it fine-tunes, not one named here
+        if key in cache:
+            raise UserError(f"{where}: cache: key '{key}': a suite caches the model it fine-tunes itself")
     suite.cache = cache
-    suite.spec(None)  # validates the cache keys (scope, k, ...)
+    suite.cache_spec()  # validates the cache keys (scope, k, ...)
     suite.trigger, suite.response = suite.trigger or TRIGGER, suite.response or RESPONSE
     for key in ("trigger", "response"):
         if not getattr(suite, key).strip():
@@ -139,10 +192,24 @@ def parse_influence_suite(data: dict, where: str, path: Path | None = None) -> I
     for key in ("n_train", "queries", "workers", "throughput_examples"):
         if getattr(suite, key) < 1:
             raise UserError(f"{where}: key '{key}': expected a positive integer")
-    k = suite.cache.get("k", InfluenceSpec.k)
+    k = suite.cache.get("k", CacheSpec.k)
     for name, ks in (("ks", suite.ks), ("fidelity.ks", suite.fidelity["ks"])):
         if not ks or not all(isinstance(x, int) and x >= 1 for x in ks):
             raise UserError(f"{where}: key '{name}': expected a list of positive integers")
     if any(k % x for x in suite.ks):
         raise UserError(f"{where}: key 'ks': every K must divide the cache's k={k} (nested sketches)")
     return suite
+
+
+def _field_typed(value, kind: str) -> bool:
+    """Whether ``value`` has the field type written ``kind`` (``int``, ``float``, ``bool``, ``str``, with
+    ``| None``); bools are not numbers here."""
+    if value is None:
+        return "None" in kind
+    if isinstance(value, bool):
+        return kind.startswith("bool")
+    if kind.startswith("int"):
+        return isinstance(value, int)
+    if kind.startswith("float"):
+        return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
+    return kind.startswith("str") and isinstance(value, str)

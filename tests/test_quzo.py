@@ -98,7 +98,7 @@ def _trainer(model, seed=0, lr=1e-2, rounding="stochastic"):
     return ZOTrainer(model, trainable, ZOSGD(lr), loss, eps=1e-3, seed=seed), ids
 
 
-@pytest.mark.parametrize("quant", ["int8", "nf4"])
+@pytest.mark.parametrize("quant", ["int8", "nf4", "nf4-plain"])
 def test_steps_change_codes_never_scales_and_restores_are_exact(quant):
     from zobench.quant.codes import code_layers
     from zobench.zo.trainable import measure_restore_drift

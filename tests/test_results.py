@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from zobench.cell.record import CellRecord, InfluenceRecord, Metrics, PhaseMeasure, SchemaError, Stats
+from zobench.cell.influence_record import InfluenceRecord
+from zobench.cell.record import CellRecord, Metrics, PhaseMeasure, SchemaError, Stats
 from zobench.errors import UserError
 from zobench.results import append_record, load_influence, load_records, to_pandas
 

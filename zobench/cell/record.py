@@ -44,7 +44,7 @@ class SchemaError(UserError):
     """A record field of the wrong type; the message names the field."""
 
 
-def _check(value, kinds, name: str):
+def check_field(value, kinds, name: str):
     if value is None or type(value) in kinds:  # what json builds: exact types (the common case, fast)
         return value
     if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
@@ -84,10 +84,10 @@ class Stats:
     def from_json(cls, d, name: str) -> "Stats | None":
         if d is None or d == {}:
             return None
-        _check(d, (dict,), name)
+        check_field(d, (dict,), name)
         try:
-            return cls(*(_check(d[k], NUMBER, f"{name}.{k}") for k in ("median", "p10", "p90")),
-                       int(_check(d.get("n", 0), NUMBER, f"{name}.n")))
+            return cls(*(check_field(d[k], NUMBER, f"{name}.{k}") for k in ("median", "p10", "p90")),
+                       int(check_field(d.get("n", 0), NUMBER, f"{name}.n")))
         except KeyError as e:
             raise SchemaError(f"field '{name}' has no '{e.args[0]}'") from None
 
@@ -111,11 +111,11 @@ class PhaseMeasure:
 
     @classmethod
     def from_json(cls, d, name: str) -> "PhaseMeasure":
-        _check(d, (dict,), name)
+        check_field(d, (dict,), name)
         d = dict(d)
         if "seconds" in d:  # schema 1
             d["wall_s"] = d.pop("seconds")
-        return cls(**{k: _check(v, (str,) if k == "device_source" else NUMBER, f"{name}.{k}")
+        return cls(**{k: check_field(v, (str,) if k == "device_source" else NUMBER, f"{name}.{k}")
                       for k, v in d.items() if k in _PHASE_FIELDS})
 
     def to_json(self) -> dict:
@@ -184,21 +184,21 @@ class Metrics:
 
     @classmethod
     def from_json(cls, d) -> "Metrics":
-        _check(d, (dict,), "metrics")
+        check_field(d, (dict,), "metrics")
         m = cls()
         for key, value in d.items():
             name = f"metrics.{key}"
             if key in STATS:
                 setattr(m, key, Stats.from_json(value, name))
             elif key == "step_parts_s":
-                _check(value, (dict,), name)
+                check_field(value, (dict,), name)
                 m.step_parts_s = {k: s for k, v in value.items() if (s := Stats.from_json(v, f"{name}.{k}"))}
             elif key in SCALARS:
-                m.values[key] = _check(value, SCALARS[key] + ((float,) if SCALARS[key] == (int,) else ()), name)
+                m.values[key] = check_field(value, SCALARS[key] + ((float,) if SCALARS[key] == (int,) else ()), name)
             elif key in MAPPINGS:
-                m.values[key] = _check(value, (dict,), name)
+                m.values[key] = check_field(value, (dict,), name)
             elif key in SERIES:
-                m.values[key] = _check(value, (list,), name)
+                m.values[key] = check_field(value, (list,), name)
             else:
                 m.extra[key] = value
         return m
@@ -231,7 +231,7 @@ class Execution:
     def from_json(cls, d) -> "Execution | None":
         if d is None:
             return None
-        _check(d, (dict,), "execution")
+        check_field(d, (dict,), "execution")
         return cls(**{k: v for k, v in d.items() if k in _EXECUTION_FIELDS})
 
     def to_json(self) -> dict:
@@ -317,7 +317,7 @@ class CellRecord:
         """A record as written by any schema up to this one; ``SchemaError`` names a mistyped field."""
         if not isinstance(d, dict) or "cell_id" not in d:
             raise SchemaError("not a zobench record (no 'cell_id')")
-        _check(d["cell_id"], (str,), "cell_id")
+        check_field(d["cell_id"], (str,), "cell_id")
         schema = d.get("schema", 1)
         if not isinstance(schema, int) or isinstance(schema, bool):
             raise SchemaError(f"field 'schema' = {schema!r}: expected an integer schema version")
@@ -326,8 +326,8 @@ class CellRecord:
         status = d.get("status", "ok")
         if status not in STATUSES:
             raise SchemaError(f"field 'status' = {status!r}: expected one of {', '.join(STATUSES)}")
-        top = {k: _check(d.get(k), kinds, k) for k, kinds in TOP_TYPES.items() if k in d}
-        phases = _check(d.get("phases"), (dict,), "phases") or {}
+        top = {k: check_field(d.get(k), kinds, k) for k, kinds in TOP_TYPES.items() if k in d}
+        phases = check_field(d.get("phases"), (dict,), "phases") or {}
         return cls(cell_id=d["cell_id"], status=status, schema=SCHEMA_VERSION,
                    phases={p: PhaseMeasure.from_json(v, f"phases.{p}") for p, v in phases.items()},
                    metrics=Metrics.from_json(d.get("metrics") or {}),
@@ -363,78 +363,3 @@ _EXECUTION_FIELDS = frozenset(f.name for f in fields(Execution))
 
 def _default(key: str):
     return {"labels": {}, "config": {}, "env": {}, "git": {}, "warnings": [], "accuracy_meaningful": True}.get(key)
-
-
-# -- an influence suite's run (``zobench.influence.bench``) ------------------------------------------------
-# 2: seconds fields end in _s (cache_s, plain_s, finetune_s, phases' wall_s); the cache's sketch seed is
-# sketch_seed and its every-parameter scope "all"; timestamps as cell records'. Schema 1 records are read
-# and written back as they are (the report reads both).
-INFLUENCE_SCHEMA = 2
-# Its measurements, one mapping per phase (bench.py says what each holds), with the fields readers rely on.
-INFLUENCE_SECTIONS = {
-    "finetune": {"loss_first": NUMBER, "loss_last": NUMBER},
-    "attack": {"triggered_success": NUMBER, "control_success": NUMBER},
-    "caching": {}, "overhead": {},
-    "quality": {"n": (int,), "n_poisoned": (int,), "base_rate": NUMBER, "by_k": (list,)},
-    "fidelity": {"sweep": (list,)},
-    "cost": {"k": (int,), "n": (int,), "bytes_per_example": (int,)},
-    "top_example": {"row": (int,), "poisoned": (bool,)},
-}
-INFLUENCE_TOP = {"suite": (str,), "suite_file": (str,), "labels": (dict,), "config": (dict,), "zo": (dict,),
-                 "phases": (dict,), "env": (dict,), "git": (dict,), "started_at": (str,), "finished_at": (str,),
-                 "wall_s": NUMBER}
-
-
-@dataclass
-class InfluenceRecord:
-    """An influence suite's run, one JSON line marked ``kind: influence``: its resolved settings (``config``),
-    one mapping of results per phase (``INFLUENCE_SECTIONS``; ``zo`` when the suite has a sparse-ZO arm), each
-    phase's wall time and peak memory (``measure.phases``), the environment and the git state. ``from_json``
-    reads every schema up to ``INFLUENCE_SCHEMA`` and names a mistyped field; ``to_json`` writes a record back
-    as it was read."""
-
-    cell_id: str
-    suite: str | None = None
-    suite_file: str | None = None
-    labels: dict = field(default_factory=dict)
-    status: str = "ok"
-    config: dict = field(default_factory=dict)
-    sections: dict[str, dict] = field(default_factory=dict)
-    zo: dict | None = None
-    phases: dict = field(default_factory=dict)
-    env: dict = field(default_factory=dict)
-    git: dict = field(default_factory=dict)
-    started_at: str | None = None
-    finished_at: str | None = None
-    wall_s: float | None = None
-    schema: int = INFLUENCE_SCHEMA
-
-    @classmethod
-    def from_json(cls, d) -> "InfluenceRecord":
-        if not isinstance(d, dict) or d.get("kind") != "influence" or "cell_id" not in d:
-            raise SchemaError("not an influence record (no 'kind: influence' and 'cell_id')")
-        _check(d["cell_id"], (str,), "cell_id")
-        schema = d.get("schema", 1)
-        if not isinstance(schema, int) or isinstance(schema, bool) or not 1 <= schema <= INFLUENCE_SCHEMA:
-            raise SchemaError(f"field 'schema' = {schema!r}: expected an influence schema up to {INFLUENCE_SCHEMA}")
-        if d.get("status", "ok") not in STATUSES:
-            raise SchemaError(f"field 'status' = {d.get('status')!r}: expected one of {', '.join(STATUSES)}")
-        sections = {}
-        for name, typed in INFLUENCE_SECTIONS.items():
-            if name not in d:
-                raise SchemaError(f"influence record without '{name}'")
-            section = _check(d[name], (dict,), name)
-            for key, kinds in typed.items():
-                if key not in section:
-                    raise SchemaError(f"field '{name}' has no '{key}'")
-                _check(section[key], kinds + ((float,) if kinds == (int,) else ()), f"{name}.{key}")
-            sections[name] = section
-        top = {k: _check(d[k], kinds, k) for k, kinds in INFLUENCE_TOP.items() if d.get(k) is not None}
-        return cls(cell_id=d["cell_id"], status=d.get("status", "ok"), schema=schema, sections=sections, **top)
-
-    def to_json(self) -> dict:
-        return {"schema": self.schema, "kind": "influence", "suite": self.suite, "suite_file": self.suite_file,
-                "cell_id": self.cell_id, "labels": self.labels, "status": self.status, "config": self.config,
-                **self.sections, **({"zo": self.zo} if self.zo else {}), "phases": self.phases, "env": self.env,
-                "git": self.git, "started_at": self.started_at, "finished_at": self.finished_at,
-                "wall_s": self.wall_s}

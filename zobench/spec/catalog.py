@@ -83,7 +83,8 @@ METHOD_INFO = (
 METHOD_INFO += (
     MethodInfo("quzo", "zo", "the int8/4-bit codes themselves, perturbed and updated by stochastic rounding (QuZO)",
                quantized=True, settings=("rounding",), order=35, color="#aec7e8",
-               allowed=(("quant", ("int8", "nf4", "nf4-plain", "fp4")), ("optimizer", ("sgd",)), ("scope", (None, "linear")))),
+               allowed=(("quant", ("int8", "nf4", "nf4-plain", "fp4")), ("optimizer", ("sgd",)),
+                        ("scope", (None, "linear")))),
 )
 
 # The quantization backends a suite may name (``quant:``); what each stores and needs is its class's

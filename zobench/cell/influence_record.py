@@ -1,0 +1,82 @@
+"""An influence suite's run as a typed record, in the same schema family as a cell's (``cell.record``):
+one JSON line marked ``kind: influence`` in a results file, read by ``results.load_influence``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from zobench.cell.record import NUMBER, STATUSES, SchemaError, check_field
+
+# -- an influence suite's run (``zobench.influence.bench``) ------------------------------------------------
+# 2: seconds fields end in _s (cache_s, plain_s, finetune_s, phases' wall_s); the cache's sketch seed is
+# sketch_seed and its every-parameter scope "all"; timestamps as cell records'. Schema 1 records are read
+# and written back as they are (the report reads both).
+INFLUENCE_SCHEMA = 2
+# Its measurements, one mapping per phase (bench.py says what each holds), with the fields readers rely on.
+INFLUENCE_SECTIONS = {
+    "finetune": {"loss_first": NUMBER, "loss_last": NUMBER},
+    "attack": {"triggered_success": NUMBER, "control_success": NUMBER},
+    "caching": {}, "overhead": {},
+    "quality": {"n": (int,), "n_poisoned": (int,), "base_rate": NUMBER, "by_k": (list,)},
+    "fidelity": {"sweep": (list,)},
+    "cost": {"k": (int,), "n": (int,), "bytes_per_example": (int,)},
+    "top_example": {"row": (int,), "poisoned": (bool,)},
+}
+INFLUENCE_TOP = {"suite": (str,), "suite_file": (str,), "labels": (dict,), "config": (dict,), "zo": (dict,),
+                 "phases": (dict,), "env": (dict,), "git": (dict,), "started_at": (str,), "finished_at": (str,),
+                 "wall_s": NUMBER}
+
+
+@dataclass
+class InfluenceRecord:
+    """An influence suite's run, one JSON line marked ``kind: influence``: its resolved settings (``config``),
+    one mapping of results per phase (``INFLUENCE_SECTIONS``; ``zo`` when the suite has a sparse-ZO arm), each
+    phase's wall time and peak memory (``measure.phases``), the environment and the git state. ``from_json``
+    reads every schema up to ``INFLUENCE_SCHEMA`` and names a mistyped field; ``to_json`` writes a record back
+    as it was read."""
+
+    cell_id: str
+    suite: str | None = None
+    suite_file: str | None = None
+    labels: dict = field(default_factory=dict)
+    status: str = "ok"
+    config: dict = field(default_factory=dict)
+    sections: dict[str, dict] = field(default_factory=dict)
+    zo: dict | None = None
+    phases: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)
+    git: dict = field(default_factory=dict)
+    started_at: str | None = None
+    finished_at: str | None = None
+    wall_s: float | None = None
+    schema: int = INFLUENCE_SCHEMA
+
+    @classmethod
+    def from_json(cls, d) -> "InfluenceRecord":
+        if not isinstance(d, dict) or d.get("kind") != "influence" or "cell_id" not in d:
+            raise SchemaError("not an influence record (no 'kind: influence' and 'cell_id')")
+        check_field(d["cell_id"], (str,), "cell_id")
+        schema = d.get("schema", 1)
+        if not isinstance(schema, int) or isinstance(schema, bool) or not 1 <= schema <= INFLUENCE_SCHEMA:
+            raise SchemaError(f"field 'schema' = {schema!r}: expected an influence schema up to {INFLUENCE_SCHEMA}")
+        if d.get("status", "ok") not in STATUSES:
+            raise SchemaError(f"field 'status' = {d.get('status')!r}: expected one of {', '.join(STATUSES)}")
+        sections = {}
+        for name, typed in INFLUENCE_SECTIONS.items():
+            if name not in d:
+                raise SchemaError(f"influence record without '{name}'")
+            section = check_field(d[name], (dict,), name)
+            for key, kinds in typed.items():
+                if key not in section:
+                    raise SchemaError(f"field '{name}' has no '{key}'")
+                check_field(section[key], kinds + ((float,) if kinds == (int,) else ()), f"{name}.{key}")
+            sections[name] = section
+        top = {k: check_field(d[k], kinds, k) for k, kinds in INFLUENCE_TOP.items() if d.get(k) is not None}
+        return cls(cell_id=d["cell_id"], status=d.get("status", "ok"), schema=schema, sections=sections, **top)
+
+    def to_json(self) -> dict:
+        return {"schema": self.schema, "kind": "influence", "suite": self.suite, "suite_file": self.suite_file,
+                "cell_id": self.cell_id, "labels": self.labels, "status": self.status, "config": self.config,
+                **self.sections, **({"zo": self.zo} if self.zo else {}), "phases": self.phases, "env": self.env,
+                "git": self.git, "started_at": self.started_at, "finished_at": self.finished_at,
+                "wall_s": self.wall_s}

@@ -4,8 +4,11 @@
 
 Each step is a short method of ``Pipeline`` and each measured phase gets its own wall time and peak
 memory (reset at its start), so the mask's gradient pass, for example, does not hide inside the training
-peak. What differs between methods is asked of the method (``zobench.methods``): whether it builds a mask,
-whether it runs beside quantized weights, how it steps. ``Run`` is what a method sees of the cell.
+peak. A streamed cell (``Pipeline.streams``: a random model quantized layer by layer, no mask) loads the
+tensors that stay float and leaves the block linears on the meta device; its quantize phase draws each and
+quantizes it before the next, so that phase's time includes drawing those weights. What differs between
+methods is asked of the method (``zobench.methods``): whether it builds a mask, whether it runs beside
+quantized weights, how it steps. ``Run`` is what a method sees of the cell.
 """
 
 from __future__ import annotations
@@ -117,21 +120,34 @@ class Pipeline:
         self.record.data_note = splits.note
         self.run_state = Run(cfg, self.device, task, splits, cache_root=cache_dir())
 
+    def streams(self) -> bool:
+        """Whether a random model's block linears wait on the meta device until the quantize phase draws each
+        and quantizes it at once (``models.stream``), so the float model never exists whole: a backend that
+        quantizes each layer from its own weight, no mask to take out of the float weights first, no delta
+        to apply to them."""
+        return (self.backend is not None and self.backend.per_layer and not self.info.needs_mask
+                and not self.cfg.delta)
+
     def load(self) -> None:
         cfg, rec = self.cfg, self.record
+        stream = self.streams()
         try:
-            loaded = load_model(cfg.model, cfg.dtype, cfg.seed, cfg.trust_remote_code, self.device)
+            loaded = load_model(cfg.model, cfg.dtype, cfg.seed, cfg.trust_remote_code, self.device, stream)
         except UserError as e:
             if not cfg.model_fallback:
                 raise
             rec.model_fallback_reason = str(e)
-            loaded = load_model(cfg.model_fallback, cfg.dtype, cfg.seed, cfg.trust_remote_code, self.device)
+            loaded = load_model(cfg.model_fallback, cfg.dtype, cfg.seed, cfg.trust_remote_code, self.device,
+                                stream)
         run = self.run_state
         run.loaded = loaded
         rec.model_source, rec.accuracy_meaningful = loaded.source, not loaded.random_weights
         self.metrics.set(model_numel=sum(p.numel() for p in loaded.model.parameters()))
+        if loaded.init is not None:
+            self.metrics.set(weights_init=loaded.init)
 
-        self.base_fingerprint = base_fingerprint(loaded.model)  # what a saved delta will require of its base
+        if loaded.deferred is None:  # else once the deferred layers exist (quantize)
+            self.base_fingerprint = base_fingerprint(loaded.model)  # what a saved delta will require of its base
 
         run.params = scoped_params(loaded.model, cfg.resolved_scope)
         if self.info.family == "zo" and not self.info.needs_mask and not self.info.needs_scales:  # dense ZO
@@ -180,7 +196,14 @@ class Pipeline:
                            data_dir=cfg.data_dir, calib_path=cfg.calib_path, calib_sequences=cfg.calib_sequences,
                            calib_length=cfg.calib_length, vocab_size=run.vocab, seed=cfg.seed,
                            cache_dir=run.cache_root)
-        vectors = quantize_model(run.model, self.backend, ctx, linear_layers(run.model), run.mask)
+        if run.loaded.deferred is not None:  # streamed: each block linear drawn, then quantized before the next
+            for name in run.loaded.deferred.arrive(run.model):
+                self.backend.quantize(run.model, [name], ctx)
+            run.loaded.deferred, vectors = None, []
+            self.base_fingerprint = base_fingerprint(run.model)
+            self.metrics.set(quant_streamed=True)
+        else:
+            vectors = quantize_model(run.model, self.backend, ctx, linear_layers(run.model), run.mask)
         ways = sorted({m.way for m in run.model.modules() if isinstance(m, SparseDelta)})
         if ways:  # how the dense-and-sparse layers add their values (quant.sparse): merge, csr or gather
             ctx.info["sparse_way"] = ",".join(ways)

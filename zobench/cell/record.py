@@ -130,6 +130,7 @@ SCALARS = {
     "mask_cache_hit": (bool,), "restore_drift_frac_changed": NUMBER, "restore_drift_max_abs": NUMBER,
     "best_step": (int,), "train_s": NUMBER, "tokens_per_step": NUMBER,
     "resumed_from_step": (int,), "segments": (int,), "packed": (bool,), "best_weights": (str,),
+    "weights_init": (str,), "quant_streamed": (bool,),
 }
 STATS = ("step_s", "forward_ref_s", "step_over_ref")
 MAPPINGS = ("test_before", "test_after", "truncated", "best_dev", "test_best", "zo_passes")
@@ -148,7 +149,10 @@ class Metrics:
     step's weights came back: ``last``, ``kept`` in memory, ``disk``, or ``replay`` of the trajectory);
     ``trajectory``: each step's [[seed, coefficient], ...] (dense ZO: enough to rebuild the weights of any
     step); ``train_s``: training seconds, warm-up included; ``tokens_per_step``: input tokens of a timed step;
-    ``packed``: with ``pack`` set, whether the model took packed rows (else its batches stayed padded)."""
+    ``packed``: with ``pack`` set, whether the model took packed rows (else its batches stayed padded);
+    ``weights_init``: how a random model's values were drawn ("per-tensor philox"; absent where they came from
+    the global ``torch.manual_seed``, before zobench.models.stream); ``quant_streamed``: the block linears were
+    drawn in the quantize phase one at a time, each quantized before the next (the float model never whole)."""
 
     values: dict[str, Any] = field(default_factory=dict)      # SCALARS, MAPPINGS, SERIES
     step_s: Stats | None = None

@@ -9,6 +9,6 @@ from zobench.gates.hide import trim_transformers_imports
 
 trim_transformers_imports()  # before the names below import transformers' modeling code
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: E402
 
-__all__ = ["AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"]
+__all__ = ["AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "PreTrainedModel"]

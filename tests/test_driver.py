@@ -103,8 +103,9 @@ def test_records_are_typed_raw_measurements(two_runs):
         assert r.execution.executor == "local" and r.execution.concurrent_cells == 1
         for p in r.phases.values():  # how busy the machine was, on every phase long enough to say
             assert p.other_cpus is None if p.wall_s < 0.99 else 0.0 <= p.other_cpus <= os.cpu_count()
-        assert any(p.other_cpus is not None for p in r.phases.values())
         assert "derived" not in r.to_json()  # ratios are never frozen into a record
+    # at least one phase of the run lasted long enough to say (which one depends on the machine's speed)
+    assert any(p.other_cpus is not None for r in recs.values() for p in r.phases.values())
     full, rnd = recs["full"], recs["random"]
     assert rnd.metrics.get("density_obtained") == pytest.approx(0.05, rel=0.01)
     assert rnd.metrics.get("restore_drift_frac_changed") == 0.0

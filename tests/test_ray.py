@@ -74,6 +74,7 @@ def test_ray_gives_the_local_executors_records_from_clean_processes(ray_local, t
             assert abs(r.phases[phase].peak_rss_mib - lo.phases[phase].peak_rss_mib) < 25, (cid, phase)
 
 
+@pytest.mark.slow  # ~40 s; CI keeps the Ray executor's records test and its private-instance token test
 def test_cells_running_at_once_never_share_a_gpu(ray_local, tmp_path):
     # 6 seeds x (random + its forward reference). On this CPU machine a CUDA cell ends quickly as
     # unsupported, but only after Ray gave it a GPU and its process started: enough to see which GPU each

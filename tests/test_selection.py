@@ -90,7 +90,8 @@ def test_dense_weights_written_to_disk_come_back_bit_for_bit(dtype, master):
         assert all(torch.equal(m, s) for m, s in zip(t.masters, masters))
 
 
-@pytest.mark.parametrize("method, extra", [("full", {}), ("lezo", {"layer_fraction": 0.5})])
+@pytest.mark.parametrize("method, extra", [("full", {}), pytest.param("lezo", {"layer_fraction": 0.5},
+                                                                      marks=pytest.mark.slow)])  # CI: full's
 def test_dense_zo_tests_its_best_dev_step_with_weights_kept_on_disk_equal_to_the_replay(method, extra,
                                                                                         monkeypatch):
     """Dev scores scripted so that the best dev step (2) is not the last (6): the test at the best step

@@ -12,10 +12,21 @@ import hashlib
 
 def weights_fingerprint(params) -> str:
     """``params``: (name, tensor) pairs, in order."""
+    return fingerprint_of_heads((name, tuple(p.shape), p.dtype, head(p)) for name, p in params)
+
+
+def head(p):
+    """What the fingerprint reads of a tensor's values: its first 1,024."""
+    return p.detach().reshape(-1)[:1024]
+
+
+def fingerprint_of_heads(items) -> str:
+    """``weights_fingerprint`` from (name, shape, dtype, head) kept as each tensor went by: the identity of a
+    model whose layers were quantized as they arrived (``cell.pipeline``), equal to the float model's."""
     h = hashlib.sha256()
-    for name, p in params:
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        h.update(p.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
+    for name, shape, dtype, values in items:
+        h.update(f"{name}{tuple(shape)}{dtype}".encode())
+        h.update(values.float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

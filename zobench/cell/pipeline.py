@@ -24,7 +24,7 @@ from zobench.cell.delta_tensors import base_fingerprint
 from zobench.cell.keep import apply_quantized, load_into, save_from
 from zobench.cell.predictions import Predictions
 from zobench.cell.record import CellRecord, Metrics
-from zobench.cell.run import Run, resolve_device
+from zobench.cell.run import Run, quantize_streamed, resolve_device
 from zobench.cell.selection import DevSelection
 from zobench.cell.timing import ForwardReference, Phases, StepTiming, zo_passes
 from zobench.errors import Unsupported, UserError
@@ -197,10 +197,8 @@ class Pipeline:
                            calib_length=cfg.calib_length, vocab_size=run.vocab, seed=cfg.seed,
                            cache_dir=run.cache_root)
         if run.loaded.deferred is not None:  # streamed: each block linear drawn, then quantized before the next
-            for name in run.loaded.deferred.arrive(run.model):
-                self.backend.quantize(run.model, [name], ctx)
-            run.loaded.deferred, vectors = None, []
-            self.base_fingerprint = base_fingerprint(run.model)
+            self.base_fingerprint = quantize_streamed(run, self.backend, ctx)
+            vectors = []
             self.metrics.set(quant_streamed=True)
         else:
             vectors = quantize_model(run.model, self.backend, ctx, linear_layers(run.model), run.mask)

@@ -49,9 +49,12 @@ def check_field(value, kinds, name: str):
         return value
     if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
         return value
-    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
     expected = " or ".join(k.__name__ for k in kinds)
-    raise SchemaError(f"field '{name}' = {shown}: expected {expected}")
+    raise SchemaError(f"field '{name}' = {shown_value(value)}: expected {expected}")
+
+
+def shown_value(value) -> str:
+    return repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
 
 
 NUMBER = (int, float)
@@ -111,10 +114,13 @@ class PhaseMeasure:
 
     @classmethod
     def from_json(cls, d, name: str) -> "PhaseMeasure":
-        check_field(d, (dict,), name)
+        if not isinstance(d, dict):
+            raise SchemaError(f"field '{name}' = {shown_value(d)}: expected dict")
         d = dict(d)
         if "seconds" in d:  # schema 1
             d["wall_s"] = d.pop("seconds")
+        if d.get("wall_s") is None:
+            raise SchemaError(f"field '{name}' has no 'wall_s'")
         return cls(**{k: check_field(v, (str,) if k == "device_source" else NUMBER, f"{name}.{k}")
                       for k, v in d.items() if k in _PHASE_FIELDS})
 
@@ -321,7 +327,8 @@ class CellRecord:
         """A record as written by any schema up to this one; ``SchemaError`` names a mistyped field."""
         if not isinstance(d, dict) or "cell_id" not in d:
             raise SchemaError("not a zobench record (no 'cell_id')")
-        check_field(d["cell_id"], (str,), "cell_id")
+        if not isinstance(d["cell_id"], str):
+            raise SchemaError(f"field 'cell_id' = {shown_value(d['cell_id'])}: expected str")
         schema = d.get("schema", 1)
         if not isinstance(schema, int) or isinstance(schema, bool):
             raise SchemaError(f"field 'schema' = {schema!r}: expected an integer schema version")

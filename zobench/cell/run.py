@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 import torch
 
+from zobench.fingerprint import fingerprint_of_heads, head
 from zobench.spec.config import CellConfig
 from zobench.tasks import scoring
 
@@ -78,3 +79,19 @@ class Run:
 
     def batches(self, seed: int | None = None) -> Iterator[list]:
         return batch_stream(self.splits.train, self.cfg.batch_size, self.cfg.seed if seed is None else seed)
+
+
+def quantize_streamed(run: Run, backend, ctx) -> str:
+    """Draw each deferred block linear of ``run``'s streamed model and quantize it before drawing the next;
+    returns the base's fingerprint as a delta's load computes it from the float model (each arriving weight's
+    head is kept before it is quantized)."""
+    model = run.model
+    order = [(n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()]
+    heads = {}
+    for name in run.loaded.deferred.arrive(model):
+        heads.update({f"{name}.{k}": head(p).clone() for k, p in model.get_submodule(name).named_parameters()})
+        backend.quantize(model, [name], ctx)
+    run.loaded.deferred = None
+    now = dict(model.named_parameters())
+    return fingerprint_of_heads((n, shape, dtype, heads[n] if n in heads else head(now[n]))
+                                for n, shape, dtype in order)

@@ -104,8 +104,8 @@ def test_records_are_typed_raw_measurements(two_runs):
         for p in r.phases.values():  # how busy the machine was, on every phase long enough to say
             assert p.other_cpus is None if p.wall_s < 0.99 else 0.0 <= p.other_cpus <= os.cpu_count()
         assert "derived" not in r.to_json()  # ratios are never frozen into a record
-    # at least one phase of the run lasted long enough to say (which one depends on the machine's speed)
-    assert any(p.other_cpus is not None for r in recs.values() for p in r.phases.values())
+    # Whether any phase of these tiny cells lasts the second it takes depends on the machine's speed: that
+    # a long enough block carries the figure is tests/test_measure.py's (OtherLoad, phase).
     full, rnd = recs["full"], recs["random"]
     assert rnd.metrics.get("density_obtained") == pytest.approx(0.05, rel=0.01)
     assert rnd.metrics.get("restore_drift_frac_changed") == 0.0

@@ -44,7 +44,7 @@ from zobench.quant.codes import INT8_MAX, CodeLayer, code_layers, decode
 from zobench.zo import fused
 from zobench.zo.rounding import noise_seed, round_offset, round_to_levels, uniform
 from zobench.zo.sizes import PHILOX_CHUNK
-from zobench.zo.trainable import Trainable, _bytes_of
+from zobench.zo.trainable import Trainable, read_raw, write_raw
 
 CHUNK = PHILOX_CHUNK  # values per pass step: temporaries stay bounded (``TEMP_BYTES`` each)
 TEMP_BYTES = 96       # bytes of temporaries per value of a chunk (z, noise, float64 targets, int64 codes, indices)
@@ -170,11 +170,7 @@ class CodeTrainable(Trainable):
     def save_raw(self, f, rewind: bool = True) -> None:
         """Write every layer's stored codes to ``f`` (raw bytes; weights at rest, never perturbed)."""
         self.restore()
-        if rewind:
-            f.seek(0)
-        for p in self.params:
-            f.write(_bytes_of(p.contiguous().cpu()))
-        f.flush()
+        write_raw(f, self.params, rewind)
 
     @torch.no_grad()
     def load_raw(self, f, rewind: bool = True) -> None:
@@ -182,10 +178,7 @@ class CodeTrainable(Trainable):
         if rewind:
             f.seek(0)
         for p in self.params:
-            host = torch.empty(p.shape, dtype=p.dtype)
-            if f.readinto(_bytes_of(host)) != host.numel():
-                raise OSError(f"{getattr(f, 'name', 'codes file')}: shorter than the codes it was written from")
-            p.copy_(host)
+            read_raw(f, p, "codes")
 
     def keep_initial(self) -> None:
         """Keep the codes as they are now in an anonymous file (gone with the process): ``changed_codes``
@@ -193,10 +186,10 @@ class CodeTrainable(Trainable):
         self.initial = tempfile.TemporaryFile(prefix="zobench-quzo-")
         self.save_raw(self.initial)
 
-    @torch.no_grad()
     def delta_parts(self) -> tuple[str, dict[str, torch.Tensor], dict]:
         return "codes", self.changed_codes(), {}
 
+    @torch.no_grad()
     def changed_codes(self) -> dict[str, torch.Tensor]:
         """Per layer, the flat positions whose code differs from the start (``<name>::index``, int32) and
         their codes now (``<name>::code``: int8 for int8 layers, uint8 for 4-bit)."""
@@ -207,7 +200,7 @@ class CodeTrainable(Trainable):
         out = {}
         for name, layer, p in zip(self.names, self.layers, self.params):
             host = torch.empty(p.shape, dtype=p.dtype)
-            self.initial.readinto(_bytes_of(host))
+            read_raw(self.initial, host, "codes")
             before = decode(layer.kind, host.view(-1))
             now = layer.read(0, layer.numel).cpu()
             where = (before != now).nonzero().view(-1)

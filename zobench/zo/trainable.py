@@ -253,11 +253,7 @@ class DenseTrainable(Trainable):
         """Write the trained values to the binary file ``f`` as raw bytes, tensor after tensor (no pickle,
         no second copy in memory: CPU tensors are written from their own storage); from its start, unless
         ``rewind`` is false (several trainables one after the other in one file)."""
-        if rewind:
-            f.seek(0)
-        for t in self._saved():
-            f.write(_bytes_of(t.contiguous().cpu()))
-        f.flush()
+        write_raw(f, self._saved(), rewind)
 
     @torch.no_grad()
     def load_raw(self, f, rewind: bool = True) -> None:
@@ -265,12 +261,7 @@ class DenseTrainable(Trainable):
         if rewind:
             f.seek(0)
         for i, t in enumerate(self._saved()):
-            host = t if t.device.type == "cpu" and t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype)
-            view = _bytes_of(host)
-            if f.readinto(view) != len(view):
-                raise OSError(f"{getattr(f, 'name', 'weights file')}: shorter than the weights it was written from")
-            if host is not t:
-                t.copy_(host)
+            read_raw(f, t, "weights")
             if self.masters is not None:
                 self.params[i].detach().copy_(t)
         self._seed, self._scale = None, 0.0
@@ -279,6 +270,26 @@ class DenseTrainable(Trainable):
 def _bytes_of(t: torch.Tensor):
     """A writable byte view of a contiguous CPU tensor's storage (any dtype, bfloat16 included)."""
     return t.view(-1).view(torch.uint8).numpy().data
+
+
+def write_raw(f, tensors, rewind: bool = True) -> None:
+    """``tensors`` to the binary file ``f`` as raw bytes, one after the other (no pickle, no second copy in
+    memory: CPU tensors are written from their own storage); from its start unless ``rewind`` is false."""
+    if rewind:
+        f.seek(0)
+    for t in tensors:
+        f.write(_bytes_of(t.contiguous().cpu()))
+    f.flush()
+
+
+def read_raw(f, t: torch.Tensor, what: str) -> None:
+    """Read ``t``'s bytes from ``f`` into it (as ``write_raw`` wrote them); OSError on a short file."""
+    host = t if t.device.type == "cpu" and t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype)
+    view = _bytes_of(host)
+    if f.readinto(view) != len(view):
+        raise OSError(f"{getattr(f, 'name', what + ' file')}: shorter than the {what} it was written from")
+    if host is not t:
+        t.copy_(host)
 
 
 class SparseTrainable(Trainable):

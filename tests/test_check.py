@@ -122,6 +122,20 @@ def test_estimates_are_held_to_peak_budgets_only():
     assert [x.line() for x in v] == ["method=sensitive [estimated]: peak_mib_max limit 1000, measured 1200"]
 
 
+def test_an_estimate_is_held_for_its_whole_cell_unless_the_budget_names_phases():
+    phases = {"load": 3000.0, "mask": 3100.0, "quantize": 3500.0, "train": 1200.0}
+    est = Estimate("magnitude", {"method": "magnitude"}, {"method": "magnitude"}, "cpu", 1200.0, phases=phases)
+    whole = parse_suite({"name": "s", "budgets": [{"match": {}, "peak_mib_max": 2000}]}, "s.yaml")
+    v, _ = check([], whole, estimates=[est])
+    assert [x.line() for x in v] == ["method=magnitude [estimated]: peak_mib_max limit 2000, measured 3500 "
+                                     "(in phase quantize)"]
+    training = parse_suite({"name": "s", "budgets": [{"match": {}, "peak_mib_max": 2000,
+                                                      "phases": ["warmup", "train"]}]}, "s.yaml")
+    assert check([], training, estimates=[est])[0] == []
+    load = parse_suite({"name": "s", "budgets": [{"match": {}, "peak_mib_max": 2000, "phases": ["load"]}]}, "s.yaml")
+    assert [x.measured for x in check([], load, estimates=[est])[0]] == [3000.0]
+
+
 def test_unmeasured_and_unsupported_cells_are_estimated():
     from zobench.cli.estimate import estimate_missing  # what `zobench check` runs: the machine calibrated first
     from zobench.spec.matrix import expand

@@ -46,7 +46,16 @@ def test_smoke_cells_within_ten_percent_and_records_carry_the_estimate(smoke_rec
         _assert_close(rec, est)
         # the driver attached the same prediction (what the report's "est. peak MiB" shows)
         assert rec.estimate["peak_mib"] == pytest.approx(est["peak_mib"])
-        assert rec.estimate["breakdown"] == est["breakdown"]
+        assert rec.estimate["breakdown"] == est["breakdown"] and rec.estimate["phases"] == est["phases"]
+        for phase in ("load", "mask"):  # the phases before training, each against its own peak
+            measured = rec.phase(phase).peak_rss_mib
+            assert (measured is None) == (phase not in est["phases"]), phase
+            if measured is not None:
+                # A tiny model's mask adds tens of MiB of transients (the head's logits over 49k tokens) that
+                # the allocator may serve from pages the load phase freed: 50 MiB of slack at this scale.
+                slack = max(TOLERANCE * measured, 50.0 if phase == "mask" else 0.0)
+                assert abs(est["phases"][phase] - measured) <= slack, \
+                    f"{rec.method} {phase}: estimated {est['phases'][phase]:.0f} MiB, measured {measured:.0f} MiB"
 
 
 # A Llama-style architecture none of the estimator's constants were fitted on (they were tuned on the
@@ -170,6 +179,26 @@ def test_architecture_comes_from_the_fallback_without_network():
         estimate_cell(CellConfig(model="no-such-org/no-such-model", method="forward"))
 
 
+def test_each_phase_is_estimated_and_a_streamed_cell_never_prices_the_float_model_whole():
+    """The 7B NF4 cell on random weights: a mask method that needs the float values (magnitude) loads the
+    float model whole (12.9 GB in float16) before it is quantized, far above its training peak; sensitive
+    streams (its mask block by block) and its whole cell stays near its training peak."""
+    cell = dict(LLAMA7B, device="cpu", model="random:llama-2-7b", quant="nf4", calib_sequences=4, calib_length=128)
+    magnitude = estimate_cell(CellConfig.from_dict(dict(cell, method="magnitude")))
+    sensitive = estimate_cell(CellConfig.from_dict(dict(cell, method="sensitive")))
+    assert set(magnitude["phases"]) == set(sensitive["phases"]) == {"load", "mask", "quantize", "train"}
+    float16 = 6.74e9 * 2 / 2**20
+    assert magnitude["phases"]["load"] == pytest.approx(float16 + magnitude["breakdown"]["framework_mib"], rel=0.02)
+    assert magnitude["cell_peak_mib"] == magnitude["phases"]["quantize"] > 2 * magnitude["peak_mib"]
+    assert sensitive["phases"]["load"] < 1000 and sensitive["phases"]["quantize"] < 1.1 * sensitive["peak_mib"]
+    assert sensitive["phases"]["mask"] < 0.5 * float16
+    # A pretrained checkpoint streams from its safetensors too (the embedded model's converted file).
+    smol = {m: estimate_cell(CellConfig.from_dict(dict(cell, model="smollm2", method=m)))["phases"]
+            for m in ("sensitive", "magnitude")}
+    linears = estimate_cell(CellConfig.from_dict(dict(cell, model="smollm2", method="forward")))["linear_numel"]
+    assert smol["magnitude"]["load"] - smol["sensitive"]["load"] == pytest.approx(linears * 2 / 2**20, rel=1e-3)
+
+
 def test_full_zo_on_quantized_weights_is_unsupported():
     from zobench.errors import Unsupported
 
@@ -181,7 +210,7 @@ def test_record_estimate_never_raises():
     bad = record_estimate({"model": "random:no-such-config", "method": "forward"})
     assert set(bad) == {"error"} and "no-such-config" in bad["error"]
     assert set(record_estimate({"model": "random:tiny-llama", "method": "forward"})) == \
-        {"peak_mib", "breakdown", "calibration"}
+        {"peak_mib", "breakdown", "phases", "calibration"}
     assert "unsupported" in record_estimate({"model": "random:tiny-llama", "method": "full", "quant": "nf4"})["error"]
 
 

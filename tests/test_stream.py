@@ -110,7 +110,7 @@ def test_a_streamed_nf4_cell_runs_and_equals_the_float_model_quantized_after():
     assert all(torch.equal(t, tensors(streamed)[n]) for n, t in rest.items())
 
 
-def test_a_mask_method_keeps_the_float_model_until_its_mask_is_taken():
+def test_a_mask_method_that_needs_the_float_values_keeps_the_float_model_until_its_mask_is_taken():
     pytest.importorskip("bitsandbytes")
     from zobench.cell.pipeline import Pipeline
     from zobench.quant import get_backend
@@ -118,7 +118,7 @@ def test_a_mask_method_keeps_the_float_model_until_its_mask_is_taken():
 
     # Only a backend that quantizes each layer from its own weight can take layers as they are drawn.
     assert get_backend("nf4").per_layer and not get_backend("gptq").per_layer and not get_backend("none").per_layer
-    pipeline = Pipeline(CellConfig.from_dict({**nf4_cell("random"), "density": 0.01}))
+    pipeline = Pipeline(CellConfig.from_dict({**nf4_cell("magnitude"), "density": 0.01}))
     assert pipeline.check_supported() is None and not pipeline.streams()
     rec = pipeline.run()
     assert rec.ok, rec.reason

@@ -15,7 +15,9 @@ import torch
 from zobench.errors import UserError
 from zobench.files import cache_dir
 from zobench.gates.transformers import AutoConfig, AutoModelForCausalLM
+from zobench.models import layerwise
 from zobench.models.load import file_key, random_config
+from zobench.models.shards import tensor_files
 from zobench.spec.config import SCOPES
 from zobench.spec.models import BUILTIN, CONFIG_DIR
 from zobench.tasks.scoring import slices_logits
@@ -42,6 +44,8 @@ class Arch:
     layers: int                 # transformer blocks
     eager_heads: int            # attention heads when attention is "eager" (scores materialized), else 0
     slices_logits: bool         # logits only at the kept positions (scoring.slices_logits)
+    layerwise: bool = False     # its blocks can run one at a time (models.layerwise: a streamed sensitive mask)
+    streams: bool = False       # its weights can arrive tensor by tensor (random, or a local safetensors checkpoint)
 
 
 def _local_config(spec: str, trust: bool, network: bool):
@@ -87,6 +91,14 @@ def model_config(spec: str, fallback: str | None = None, trust: bool = False):
         raise
 
 
+def _streams(spec: str, model) -> bool:
+    """Whether ``models.load`` can leave ``spec``'s block linears out of the model until they are asked for."""
+    if spec.startswith("random:") or spec.lower() in BUILTIN or spec.endswith(".gguf"):
+        return True  # drawn, or read from the safetensors zobench converts the GGUF file to
+    files = tensor_files(Path(spec)) if Path(spec).is_dir() else None
+    return files is not None and all(n in files for n, _ in model.named_parameters())
+
+
 @functools.lru_cache(maxsize=32)
 def architecture(spec: str, fallback: str | None = None, trust: bool = False) -> Arch:
     """The shapes of the model ``spec`` names (its ``fallback`` where it has no config here)."""
@@ -123,4 +135,4 @@ def architecture(spec: str, fallback: str | None = None, trust: bool = False) ->
         kv_width=width(("k_proj", "key", "k_lin", "wk"), hidden),
         vocab=int(model.get_output_embeddings().weight.shape[0]),
         eager_heads=int(getattr(text, "num_attention_heads", 1)) if attn == "eager" else 0,
-        slices_logits=slices_logits(model))
+        slices_logits=slices_logits(model), layerwise=layerwise.supports(model), streams=_streams(used, model))

@@ -1,4 +1,5 @@
-"""Predict a cell's peak memory in the train phase from the model's config alone (no weights loaded).
+"""Predict a cell's peak memory in the train phase from the model's config alone (no weights loaded); the
+phases before it (load, mask, quantize) in ``analysis.phase_estimate``.
 
 What is predicted is what ``results.derive`` calls ``peak_mib``: the largest peak RSS of the warmup and
 train phases on a CPU, or on CUDA the device memory the driver reports for the cell's process. The peak is
@@ -30,6 +31,7 @@ from __future__ import annotations
 from zobench.analysis.architecture import Arch, architecture
 from zobench.analysis.calibration import framework
 from zobench.analysis.check import Estimate
+from zobench.analysis.phase_estimate import phase_estimates
 from zobench.cell.record import CellRecord
 from zobench.cell.run import resolve_device
 from zobench.errors import Unsupported, UserError
@@ -144,8 +146,19 @@ def device_of(cfg: CellConfig) -> str:
     raise UserError(f"estimate: device '{cfg.device}': expected cpu, cuda or auto")
 
 
+def _streams(cfg: CellConfig, method, arch: Arch) -> tuple[bool, bool]:
+    """(whether the cell streams its model: ``Pipeline.streams``, and whether it needs a mask). A
+    sensitive mask on an architecture ``models.layerwise`` cannot run block by block draws the model whole."""
+    needs_mask = cfg.method_info.needs_mask
+    if not arch.streams or cfg.delta or (needs_mask and not method.mask_streams(cfg)):
+        return False, needs_mask
+    streams = needs_mask if cfg.quant == "none" else get_backend(cfg.quant).per_layer
+    return streams and (cfg.method != "sensitive" or arch.layerwise), needs_mask
+
+
 def estimate_cell(cfg: CellConfig) -> dict:
-    """Predicted train-phase peak of ``cfg`` in MiB, with its breakdown (see the module docstring)."""
+    """Predicted train-phase peak of ``cfg`` in MiB, with its breakdown (see the module docstring), and each
+    earlier phase's (``analysis.phase_estimate``) in ``phases``."""
     device = device_of(cfg)
     method = get_method(cfg.method)
     arch = architecture(cfg.model, cfg.model_fallback, cfg.trust_remote_code)
@@ -184,7 +197,11 @@ def estimate_cell(cfg: CellConfig) -> dict:
         "update_mib": max(0.0, price.update - activations - price.saved_activations) / MIB,
     }
     breakdown = {k: round(v, 3) for k, v in breakdown.items()}
-    return {"peak_mib": round(sum(breakdown.values()), 3), "breakdown": breakdown, "device": device,
+    peak = round(sum(breakdown.values()), 3)
+    phases = dict(phase_estimates(cfg, arch, db, storage, price.nnz, breakdown["framework_mib"],
+                                  *_streams(cfg, method, arch), device), train=peak)
+    return {"peak_mib": peak, "breakdown": breakdown, "phases": phases, "cell_peak_mib": max(phases.values()),
+            "device": device,
             "model_numel": arch.numel, "method": cfg.method, "trainable_numel": price.nnz,
             "linear_numel": sum(o * i for o, i in arch.linears), "architecture_from": arch.source,
             "calibration": {k: floor[k] for k in ("source", "key", "why", "measured_at") if k in floor}}
@@ -196,7 +213,8 @@ def record_estimate(cfg: CellConfig | dict) -> dict:
         if isinstance(cfg, dict):
             cfg = CellConfig.from_dict(cfg, "estimate")
         est = estimate_cell(cfg)
-        return {"peak_mib": est["peak_mib"], "breakdown": est["breakdown"], "calibration": est["calibration"]}
+        return {"peak_mib": est["peak_mib"], "breakdown": est["breakdown"], "phases": est["phases"],
+                "calibration": est["calibration"]}
     except Exception as e:  # an estimate is extra information: it must never fail a cell
         first = str(e).splitlines()[0] if str(e) else ""
         return {"error": f"{type(e).__name__}: {first}"[:300]}
@@ -237,9 +255,10 @@ def estimate_missing(suite: Suite, records: list[CellRecord]) -> tuple[list[Esti
         if ref is not None and ref.cell_id != cell.cell_id and isinstance(estimate(ref), dict):
             ratio = f", {est['peak_mib'] / estimate(ref)['peak_mib']:.3f}x its forward's estimate"
         out.append(Estimate(cell.cell_id, cell.labels, cell.config.to_dict(), est["device"], est["peak_mib"],
-                            est["breakdown"], est.get("calibration", {})))
-        lines.append(f"estimated: {cell.describe()}: peak {est['peak_mib']:.0f} MiB on {est['device']}{ratio} "
-                     f"({why})")
+                            est["breakdown"], est.get("calibration", {}), est["phases"]))
+        whole = max(est["phases"], key=est["phases"].get)
+        lines.append(f"estimated: {cell.describe()}: peak {est['peak_mib']:.0f} MiB on {est['device']}{ratio}, "
+                     f"whole cell {est['cell_peak_mib']:.0f} MiB (in {whole}) ({why})")
     return out, lines
 
 

@@ -4,11 +4,12 @@
 
 Each step is a short method of ``Pipeline`` and each measured phase gets its own wall time and peak
 memory (reset at its start), so the mask's gradient pass, for example, does not hide inside the training
-peak. A streamed cell (``Pipeline.streams``: a random model quantized layer by layer, no mask) loads the
-tensors that stay float and leaves the block linears on the meta device; its quantize phase draws each and
-quantizes it before the next, so that phase's time includes drawing those weights. What differs between
-methods is asked of the method (``zobench.methods``): whether it builds a mask, whether it runs beside
-quantized weights, how it steps. ``Run`` is what a method sees of the cell.
+peak. A streamed cell (``Pipeline.streams``: quantized layer by layer) loads the tensors that stay float and
+leaves the block linears on the meta device (a random model's drawn when asked for, a local checkpoint's
+read from its shards); its mask, if it has one, is computed block by block (``models.layerwise``), and its
+quantize phase makes each linear and quantizes it before the next, so the float model never exists whole.
+What differs between methods is asked of the method (``zobench.methods``): whether it builds a mask, whether
+it runs beside quantized weights, how it steps. ``Run`` is what a method sees of the cell.
 """
 
 from __future__ import annotations
@@ -121,12 +122,16 @@ class Pipeline:
         self.run_state = Run(cfg, self.device, task, splits, cache_root=cache_dir())
 
     def streams(self) -> bool:
-        """Whether a random model's block linears wait on the meta device until the quantize phase draws each
-        and quantizes it at once (``models.stream``), so the float model never exists whole: a backend that
-        quantizes each layer from its own weight, no mask to take out of the float weights first, no delta
-        to apply to them."""
-        return (self.backend is not None and self.backend.per_layer and not self.info.needs_mask
-                and not self.cfg.delta)
+        """Whether the block linears wait on the meta device until they are needed (``models.stream``,
+        ``models.shards``), so the float model never exists whole before it must: a backend that quantizes
+        each layer from its own weight makes each in the quantize phase and quantizes it before the next; a
+        float cell whose mask the method builds block by block makes them once the mask is taken. Never with
+        a delta to apply to the float weights, or a mask that needs them (``Method.mask_streams``)."""
+        if self.cfg.delta or (self.info.needs_mask and not self.method.mask_streams(self.cfg)):
+            return False
+        if self.backend is None:
+            return self.info.needs_mask
+        return self.backend.per_layer
 
     def load(self) -> None:
         cfg, rec = self.cfg, self.record
@@ -146,8 +151,9 @@ class Pipeline:
         if loaded.init is not None:
             self.metrics.set(weights_init=loaded.init)
 
-        if loaded.deferred is None:  # else once the deferred layers exist (quantize)
-            self.base_fingerprint = base_fingerprint(loaded.model)  # what a saved delta will require of its base
+        # what a saved delta will require of its base (a streamed model's as if its deferred layers were drawn)
+        self.base_fingerprint = (base_fingerprint(loaded.model) if loaded.deferred is None else
+                                 loaded.deferred.fingerprint(loaded.model, loaded.model.named_parameters()))
 
         run.params = scoped_params(loaded.model, cfg.resolved_scope)
         if self.info.family == "zo" and not self.info.needs_mask and not self.info.needs_scales:  # dense ZO
@@ -183,12 +189,18 @@ class Pipeline:
                                     f"{', '.join(scoring.PACKED_MODEL_TYPES)}); its batches stay padded")
 
     def build_mask(self) -> None:
-        mask, info = self.method.build_mask(self.run_state)
+        run = self.run_state
+        mask, info = self.method.build_mask(run)
         if "cache_warning" in info:
             info = dict(info)
             self.record.add_warning(info.pop("cache_warning"))
-        self.run_state.mask = mask
+        run.mask = mask
         self.metrics.set(**info)
+        if self.backend is None and run.loaded.deferred is not None:  # a float cell: its linears, now
+            for _ in run.loaded.deferred.arrive(run.model):
+                pass
+            run.loaded.deferred = None
+            run.params = scoped_params(run.model, self.cfg.resolved_scope)
 
     def quantize(self) -> None:
         cfg, run = self.cfg, self.run_state
@@ -197,8 +209,7 @@ class Pipeline:
                            calib_length=cfg.calib_length, vocab_size=run.vocab, seed=cfg.seed,
                            cache_dir=run.cache_root)
         if run.loaded.deferred is not None:  # streamed: each block linear drawn, then quantized before the next
-            self.base_fingerprint = quantize_streamed(run, self.backend, ctx)
-            vectors = []
+            vectors = quantize_streamed(run, self.backend, ctx, run.mask)
             self.metrics.set(quant_streamed=True)
         else:
             vectors = quantize_model(run.model, self.backend, ctx, linear_layers(run.model), run.mask)

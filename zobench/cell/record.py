@@ -304,6 +304,14 @@ class CellRecord:
         """The estimator's peak for this cell (``zobench estimate``), None where it was not estimated."""
         return _field(self.estimate, "peak_mib")
 
+    def estimated_phase_mib(self, phase: str):
+        """The estimator's peak for one phase of this cell (load, mask, quantize; warm-up, train and the
+        evaluations are its training estimate), None where it has none (older records: training only)."""
+        phases = _field(self.estimate, "phases")
+        key = "train" if phase in ("warmup", "train", "eval_before", "eval_after", "eval_best") else phase
+        value = _field(phases, key)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
     @property
     def estimated_weights_mib(self):
         """The weights' part of the estimate."""

@@ -10,7 +10,8 @@ from typing import Any, Iterator
 
 import torch
 
-from zobench.fingerprint import fingerprint_of_heads, head
+from zobench.fingerprint import weights_fingerprint
+from zobench.quant.sparse import attach_sparse, split_selected
 from zobench.spec.config import CellConfig
 from zobench.tasks import scoring
 
@@ -77,21 +78,32 @@ class Run:
                                 vocab_size=self.vocab, shared=self.cfg.shared_prompt, pack=self.cfg.pack,
                                 details=details)
 
+    def params_fingerprint(self) -> str:
+        """The identity of the weights in scope (what a mask is cached under); a streamed model's deferred
+        linears read as if drawn (``models.stream.Deferred.fingerprint``): the same as the float model's."""
+        if self.loaded.deferred is None:
+            return weights_fingerprint(self.params)
+        return self.loaded.deferred.fingerprint(self.model, self.params)
+
     def batches(self, seed: int | None = None) -> Iterator[list]:
         return batch_stream(self.splits.train, self.cfg.batch_size, self.cfg.seed if seed is None else seed)
 
 
-def quantize_streamed(run: Run, backend, ctx) -> str:
-    """Draw each deferred block linear of ``run``'s streamed model and quantize it before drawing the next;
-    returns the base's fingerprint as a delta's load computes it from the float model (each arriving weight's
-    head is kept before it is quantized)."""
-    model = run.model
-    order = [(n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()]
-    heads = {}
+def quantize_streamed(run: Run, backend, ctx, mask: dict | None = None) -> list[tuple[str, torch.Tensor]]:
+    """Draw each deferred block linear of ``run``'s streamed model and quantize it before drawing the next.
+    With a ``mask``, the layer's masked entries are first taken out of its drawn weight and kept beside the
+    quantized layer (``quant.sparse``), as ``quant.quantize_model`` does for a whole model: the same values,
+    in the same order. Returns those value vectors (empty without a mask)."""
+    model, mask = run.model, mask or {}
+    merge = backend.dequantize if backend.merges_on(str(ctx.device)) else None
+    vectors = []
     for name in run.loaded.deferred.arrive(model):
-        heads.update({f"{name}.{k}": head(p).clone() for k, p in model.get_submodule(name).named_parameters()})
+        linear = model.get_submodule(name)
+        shape = {name: (linear.out_features, linear.in_features)}
+        del linear
+        pname = f"{name}.weight"
+        taken = split_selected(model, {pname: mask[pname]} if pname in mask else {})
         backend.quantize(model, [name], ctx)
+        vectors += attach_sparse(model, taken, shape, ctx.dtype, merge)
     run.loaded.deferred = None
-    now = dict(model.named_parameters())
-    return fingerprint_of_heads((n, shape, dtype, heads[n] if n in heads else head(now[n]))
-                                for n, shape, dtype in order)
+    return vectors

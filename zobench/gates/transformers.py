@@ -9,6 +9,12 @@ from zobench.gates.hide import trim_transformers_imports
 
 trim_transformers_imports()  # before the names below import transformers' modeling code
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+)
 
-__all__ = ["AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "PreTrainedModel"]
+__all__ = ["AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "GenerationConfig", "PreTrainedModel"]

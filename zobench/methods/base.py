@@ -69,6 +69,11 @@ class Method:
         """``(mask, info)`` for ``needs_mask`` methods (``run`` is the cell's ``cell.pipeline.Run``)."""
         raise NotImplementedError
 
+    def mask_streams(self, cfg) -> bool:
+        """Whether ``build_mask`` works on a streamed model, whose block linears are drawn only when asked for
+        (``models.stream.Deferred``): then the cell never holds the float model whole."""
+        return False
+
     def build_stepper(self, run):
         """``(stepper, trainable or None)``: ``stepper.step(batch, i)`` runs one step on ``run.model``."""
         raise NotImplementedError

@@ -19,6 +19,7 @@ from dataclasses import replace
 from zobench.data.calibration import corpus_batches, find_corpus
 from zobench.methods.base import Method, Price, PriceInputs, register
 from zobench.methods.common import z_extra, zo_stepper
+from zobench.models import layerwise
 from zobench.quant import get_backend
 from zobench.zo import masks as M
 from zobench.zo.mask_build import MaskSpec, cached_mask, lm_loss
@@ -47,7 +48,8 @@ class MaskMethod(Method):
         raise NotImplementedError
 
     def build_mask(self, run):
-        return cached_mask(self.mask_spec(run), run.params, lambda: self.select(run), run.cache_root)
+        return cached_mask(self.mask_spec(run), run.params, lambda: self.select(run), run.cache_root,
+                           run.params_fingerprint())
 
     def build_stepper(self, run):
         direction, generator = run.cfg.direction, run.cfg.generator
@@ -93,6 +95,9 @@ class Random(MaskMethod):
     name = "random"
     seeded = True
 
+    def mask_streams(self, cfg) -> bool:
+        return True  # the indices depend on the tensors' sizes only
+
     def select(self, run):
         return M.random_mask(run.params, run.cfg.density, run.cfg.seed), {}
 
@@ -107,10 +112,27 @@ class Sensitive(MaskMethod):
     def _corpus(self, run):
         return find_corpus(run.cfg.calib_path, run.cfg.data_dir)
 
+    def mask_streams(self, cfg) -> bool:
+        return cfg.resolved_scope == "linear"  # the block linears, drawn block by block (models.layerwise)
+
     def select(self, run):
-        cfg = run.cfg
-        return sensitive_select(run.model, run.tokenizer, run.params, self._corpus(run), cfg.density,
-                                cfg.per_tensor, cfg.calib_sequences, cfg.calib_length, run.vocab)
+        cfg, deferred = run.cfg, run.loaded.deferred
+        if deferred is not None and not layerwise.supports(run.model):
+            for _ in deferred.arrive(run.model):  # an architecture not run block by block: drawn whole
+                pass
+            run.loaded.deferred = deferred = None
+        if deferred is None:
+            mask, info = sensitive_select(run.model, run.tokenizer, run.params, self._corpus(run), cfg.density,
+                                          cfg.per_tensor, cfg.calib_sequences, cfg.calib_length, run.vocab)
+            return mask, dict(info, mask_route="whole model")
+        corpus = self._corpus(run)
+        batches = corpus_batches(corpus, run.tokenizer, cfg.calib_sequences, cfg.calib_length, run.vocab)
+        scores = layerwise.squared_gradients(run.model, deferred, batches, [n for n, _ in run.params])
+        mass: dict = {}
+        chosen = M.topk_mask(scores, cfg.density, cfg.per_tensor, sum(p.numel() for _, p in run.params), mass)
+        mask = {n: chosen[n] for n, _ in run.params if n in chosen}  # the model's order, as the whole-model pass
+        frac = mass["covered"] / mass["total"] if mass["total"] else 0.0
+        return mask, {"sqgrad_mass_frac": frac, "calib_corpus": corpus.describe(), "mask_route": "layer by layer"}
 
 
 def sensitive_select(model, tokenizer, params, corpus, density, per_tensor, n_seq, seq_len, vocab):

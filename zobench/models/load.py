@@ -27,7 +27,8 @@ import torch
 
 from zobench.errors import UserError
 from zobench.files import cache_dir, read_json
-from zobench.gates.transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from zobench.gates.transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from zobench.models.shards import open_streamed
 from zobench.models.stream import INIT, Deferred, draw_model, empty_model
 from zobench.spec.models import BUILTIN, random_config_path, shipped_configs
 from zobench.zo.masks import linear_layers
@@ -165,9 +166,10 @@ def load_model(spec: str, dtype: str = "float32", seed: int = 0, trust_remote_co
                device: str | torch.device = "cpu", defer_linears: bool = False) -> LoadedModel:
     """Load the model named by ``spec`` in ``dtype`` on ``device`` (see the module docstring).
 
-    ``defer_linears``: a random model's block linears (``zo.masks.linear_layers``) are left on the meta device
-    for ``LoadedModel.deferred`` to draw one at a time (a cell that quantizes each as it is drawn); other
-    models load whole whatever it says.
+    ``defer_linears``: the block linears (``zo.masks.linear_layers``) are left on the meta device for
+    ``LoadedModel.deferred`` to make one at a time (a cell that quantizes each as it arrives): a random model's
+    drawn (``models.stream``), a local checkpoint's read from its safetensors shards (``models.shards``); a
+    checkpoint that cannot stream, or one from the hub, loads whole whatever it says.
     """
     torch_dtype = resolve_dtype(dtype)
     spec = str(spec)
@@ -195,6 +197,14 @@ def load_model(spec: str, dtype: str = "float32", seed: int = 0, trust_remote_co
         source, path = "pretrained", spec  # hub id
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        if defer_linears and Path(path).is_dir():
+            streamed = _open_streamed(Path(path), torch_dtype, trust_remote_code, device)
+            if streamed is not None:
+                model, deferred = streamed
+                return LoadedModel(model, tok, spec, source, str(torch_dtype).split(".")[-1],
+                                   deferred=deferred if deferred.names else None)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype,
                                                      trust_remote_code=trust_remote_code)
     except OSError as e:
@@ -204,7 +214,18 @@ def load_model(spec: str, dtype: str = "float32", seed: int = 0, trust_remote_co
     except ValueError as e:  # an unknown architecture, or one that needs its own code
         hint = "" if trust_remote_code else " (a model with its own code loads only with --trust-remote-code)"
         raise UserError(f"model '{spec}': cannot load: {str(e).splitlines()[0][:200]}{hint}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
     model.to(device).eval()
     return LoadedModel(model, tok, spec, source, str(torch_dtype).split(".")[-1])
+
+
+def _open_streamed(folder: Path, dtype: torch.dtype, trust_remote_code: bool, device):
+    """(model, its ``FromShards``) with the block linears left in the checkpoint (``models.shards``), or None
+    where the checkpoint cannot stream (then ``from_pretrained`` loads it whole)."""
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    model = empty_model(config, dtype, trust_remote_code)
+    deferred = open_streamed(folder, model, device, linear_layers(model))
+    if deferred is None:
+        return None
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    return model, deferred

@@ -21,13 +21,13 @@ only one float block linear exists at a time.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from zobench.errors import UserError
+from zobench.fingerprint import fingerprint_of_heads, head
 from zobench.gates.transformers import AutoModelForCausalLM, PreTrainedModel
 from zobench.zo import fused
 
@@ -103,26 +103,99 @@ def _draw(module: nn.Module, attr: str, name: str, seed: int, device: torch.devi
     module._parameters[attr] = nn.Parameter(t, requires_grad=meta.requires_grad)
 
 
-@dataclass
 class Deferred:
-    """Block linears left on the meta device at load: ``arrive`` draws them one at a time."""
+    """Block linears left on the meta device at load, made when asked for: ``arrive`` makes them one at a time
+    for good; ``draw`` and ``release`` make one for a while and put it back on the meta device (a mask computed
+    block by block: ``models.layerwise``); ``head`` reads only a tensor's first values (its fingerprint).
+    Where the values come from is the subclass's: seeded draws (``Drawn``) or a checkpoint's shards
+    (``models.shards.FromShards``)."""
 
-    names: list[str]
-    seed: int
-    device: torch.device
-    std: float
+    def __init__(self, names: list[str], device):
+        self.names = list(names)            # not yet arrived
+        self.drawable = tuple(names)        # every deferred linear
+        self.device = torch.device(device)
+
+    def make(self, module: nn.Module, attr: str, pname: str) -> None:
+        """Give ``module``'s parameter ``attr`` (full name ``pname``) its values on ``self.device``, in place."""
+        raise NotImplementedError
+
+    def head(self, model: nn.Module, pname: str, n: int = 1024) -> torch.Tensor:
+        """The first ``n`` values parameter ``pname`` gets when made, without making the rest."""
+        raise NotImplementedError
+
+    def draw(self, model: nn.Module, name: str) -> None:
+        """Make the deferred linear ``name``'s parameters, in place."""
+        linear = model.get_submodule(name)
+        for attr in list(linear._parameters):
+            if linear._parameters[attr] is not None:
+                self.make(linear, attr, f"{name}.{attr}")
+
+    @staticmethod
+    def release(model: nn.Module, name: str) -> None:
+        """Put linear ``name``'s parameters back on the meta device (their memory goes)."""
+        linear = model.get_submodule(name)
+        for attr, p in list(linear._parameters.items()):
+            if p is not None:
+                linear._parameters[attr] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                        requires_grad=p.requires_grad)
+
+    def fingerprint(self, model: nn.Module, params) -> str:
+        """``fingerprint.weights_fingerprint`` of ``params`` ((name, tensor) pairs of ``model``) as if every
+        deferred one were made: equal to the whole float model's."""
+        return fingerprint_of_heads((n, tuple(p.shape), p.dtype, self.head(model, n) if p.is_meta else head(p))
+                                    for n, p in params)
+
+    def fill(self, model: nn.Module) -> None:
+        """Make every parameter of the meta-device ``model`` but the deferred linears', and compute the rotary
+        embeddings' buffers as transformers does. Tied parameters (a head sharing the embedding's weight)
+        stay tied: made once, under their first name."""
+        skip = set(self.drawable)
+        made: dict[int, nn.Parameter] = {}  # id of a meta parameter -> the one made for it
+        for name, module in model.named_modules():
+            if name in skip:
+                continue
+            for attr, meta in list(module._parameters.items()):
+                if meta is None:
+                    continue
+                if id(meta) not in made:
+                    self.make(module, attr, f"{name}.{attr}" if name else attr)
+                    made[id(meta)] = module._parameters[attr]
+                module._parameters[attr] = made[id(meta)]
+            if _is_rotary(module):
+                module.to_empty(device=self.device, recurse=False)
+                model._init_weights(module)  # transformers' own computation of the frequencies
 
     def arrive(self, model: nn.Module) -> Iterator[str]:
-        """Draw each deferred linear in place and yield its module name; the caller replaces (quantizes) the
+        """Make each deferred linear in place and yield its module name; the caller replaces (quantizes) the
         layer before asking for the next, so at most one of them is float at a time."""
         while self.names:
             name = self.names.pop(0)
-            linear = model.get_submodule(name)
-            for attr in list(linear._parameters):
-                if linear._parameters[attr] is not None:
-                    _draw(linear, attr, f"{name}.{attr}", self.seed, self.device, self.std)
-            del linear
+            self.draw(model, name)
             yield name
+
+
+class Drawn(Deferred):
+    """Deferred linears of a random model: each drawn from its own seeded stream (``_draw``)."""
+
+    def __init__(self, names: list[str], device, seed: int, std: float):
+        super().__init__(names, device)
+        self.seed, self.std = int(seed), std
+
+    def make(self, module, attr, pname) -> None:
+        _draw(module, attr, pname, self.seed, self.device, self.std)
+
+    def head(self, model, pname, n=1024) -> torch.Tensor:
+        # The counter-based draw of an element depends only on its index: the first n drawn alone.
+        mname, _, attr = pname.rpartition(".")
+        module = model.get_submodule(mname)
+        meta = module._parameters[attr]
+        t = torch.zeros(min(n, meta.numel()), dtype=meta.dtype, device=self.device)
+        kind = _kind(module, attr)
+        if kind == "normal":
+            fused.zpass(t, 0, "gaussian", [(tensor_seed(self.seed, pname), self.std)])
+        else:
+            t.fill_(1.0 if kind == "one" else 0.0)
+        return t
 
 
 def empty_model(config, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
@@ -132,27 +205,12 @@ def empty_model(config, dtype: torch.dtype, trust_remote_code: bool = False) -> 
     return model.eval()
 
 
-def draw_model(model: nn.Module, seed: int, device, defer: list[str] = (), what: str = "random model") -> Deferred:
+def draw_model(model: nn.Module, seed: int, device, defer: list[str] = (), what: str = "random model") -> Drawn:
     """Make every tensor of the meta-device ``model`` on ``device`` with its seeded values, but the parameters
     of the linears named in ``defer`` (returned as a ``Deferred`` for ``arrive``). Tied parameters (a head
     sharing the embedding's weight) stay tied."""
     check_drawable(model, what)
     device, std = torch.device(device), _std(model.config)
-    deferred = Deferred(list(defer), int(seed), device, std)
-    skip = set(defer)
-    made: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id of a meta parameter -> (it, its drawn one)
-    for name, module in model.named_modules():
-        if name in skip:
-            continue
-        for attr, meta in list(module._parameters.items()):
-            if meta is None:
-                continue
-            if id(meta) in made:
-                module._parameters[attr] = made[id(meta)][1]
-                continue
-            _draw(module, attr, f"{name}.{attr}" if name else attr, seed, device, std)
-            made[id(meta)] = (meta, module._parameters[attr])
-        if _is_rotary(module):
-            module.to_empty(device=device, recurse=False)
-            model._init_weights(module)  # transformers' own computation of the frequencies
+    deferred = Drawn(list(defer), device, seed, std)
+    deferred.fill(model)
     return deferred

@@ -123,8 +123,9 @@ PHASE_COLORS = {"load": "#7f7f7f", "mask": "#8c564b", "quantize": "#e377c2", "ev
 
 
 def phase_bars(ok: list[CellView], extras: list[str]):
-    """Peak memory of every phase of every cell, side by side, with the estimate (which prices the training
-    phases) as a black tick: where a cell's whole peak is, and whether the estimate sees it."""
+    """Peak memory of every phase of every cell, side by side, each with its estimate as a black tick (records
+    from before phase estimates: one tick across the cell, the training estimate): where a cell's whole peak
+    is, and whether the estimate sees it."""
     cells = [r for r in ok if r.phases]
     if not cells:
         return None
@@ -134,15 +135,19 @@ def phase_bars(ok: list[CellView], extras: list[str]):
     for i, r in enumerate(cells):
         for j, p in enumerate(phases):
             v = kind_peak(r, (p,))[0]  # of the kind the cell's peak is (derived.peak_kind)
+            x = i - 0.4 + (j + 0.5) * width
             if isinstance(v, (int, float)):
-                ax.bar(i - 0.4 + (j + 0.5) * width, v, width=width, color=PHASE_COLORS[p])
+                ax.bar(x, v, width=width, color=PHASE_COLORS[p])
+                est = r.estimated_phase_mib(p)
+                if est is not None:
+                    ax.hlines(est, x - width / 2, x + width / 2, colors="black", linewidth=1.5)
         est = r.estimated_peak_mib
-        if isinstance(est, (int, float)):
+        if isinstance(est, (int, float)) and r.estimated_phase_mib("load") is None:
             ax.hlines(est, i - 0.45, i + 0.45, colors="black", linewidth=1.5)
     ax.set_xticks(range(len(cells)), [f"{method(r)} {quant(r)}" + (f" {pct(density(r))}" if density(r) is not None
                                                                  else "") for r in cells],
                   rotation=30, ha="right", fontsize="small")
-    ax.set_title("Peak memory by phase (black: the estimate of the training peak)")
+    ax.set_title("Peak memory by phase (black: each phase's estimate)")
     _legend(ax, {p: PHASE_COLORS[p] for p in phases})
     return fig
 

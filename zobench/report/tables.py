@@ -146,15 +146,18 @@ def phase_table(ok: list[CellView], extras: list[str]) -> list[str]:
     present = [p for p in PHASES if any(p in r.phases for r in ok)]
 
     def cell(r, p):
-        peak, secs = phase_peak(r, p), r.phase(p).wall_s
-        return DASH if peak is None and secs is None else f"{mib(peak)} / {num(secs)} s"
+        peak, secs, est = phase_peak(r, p), r.phase(p).wall_s, r.estimated_phase_mib(p)
+        if peak is None and secs is None:
+            return DASH
+        return f"{mib(peak)}" + (f" (est. {mib(est)})" if est is not None else "") + f" / {num(secs)} s"
 
     def whole(r):
         peak, where = r.derived.cell_peak_mib, r.derived.cell_peak_phase
         return DASH if peak is None else f"{mib(peak)} ({where})"
 
     cols: list[Column] = [(p, lambda r, p=p: cell(r, p)) for p in present] + [("whole cell MiB (phase)", whole)]
-    intro = ("Peak MiB / seconds of each phase; the peak is reset at the start of each phase (on a GPU the "
+    intro = ("Peak MiB (with the estimator's, where the record has one) / seconds of each phase; the peak is "
+             "reset at the start of each phase (on a GPU the "
              "device memory the driver reported, else CUDA max allocated; on a CPU peak RSS). The whole cell's "
              "peak is the largest phase's: what a machine must hold to run the cell, and what `peak_mib_max` "
              "holds unless its budget names phases.")
@@ -223,10 +226,12 @@ def mask_tables(ok: list[CellView], extras: list[str]) -> list[str]:
         ("sq-grad mass", lambda r: pct(r.metrics.get("sqgrad_mass_frac"))),
         ("build s", lambda r: num(r.metrics.get("mask_build_s"))),
         ("cache hit", lambda r: hit.get(r.metrics.get("mask_cache_hit"), DASH)),
+        ("built", lambda r: r.metrics.get("mask_route") or DASH),
         ("mask phase peak MiB", lambda r: mib(phase_peak(r, "mask"))),
     ]
     intro = ("Sq-grad mass: the fraction of the calibration squared-gradient mass the mask covers "
-             "(sensitive masks maximise it).")
+             "(sensitive masks maximise it). Built: on the whole float model, or block by block on a streamed "
+             "model that never holds it whole (the same mask: models.layerwise).")
     drift_cols: list[Column] = [
         ("fraction changed", lambda r: sci(r.metrics.get("restore_drift_frac_changed"))),
         ("max abs drift", lambda r: sci(r.metrics.get("restore_drift_max_abs"))),

@@ -81,13 +81,15 @@ class MaskCache:
         return path
 
 
-def cached_mask(spec: MaskSpec, params, make: Callable[[], tuple[dict, dict]], cache_root: Path | None = None):
+def cached_mask(spec: MaskSpec, params, make: Callable[[], tuple[dict, dict]], cache_root: Path | None = None,
+                fingerprint: str | None = None):
     """``(mask, info)``: from the cache, else ``make()`` (then cached). ``info`` has the obtained density,
-    the build time, whether the cache hit, and what ``make`` reported (mass fraction, corpus)."""
+    the build time, whether the cache hit, and what ``make`` reported (mass fraction, corpus). ``fingerprint``:
+    the weights' identity where ``params`` cannot be read (a streamed model's; else computed from them)."""
     cache = MaskCache(cache_root) if cache_root else None
     if cache is None:
         return _build(params, make, None, None)
-    key = cache.key(spec, weights_fingerprint(params))
+    key = cache.key(spec, fingerprint or weights_fingerprint(params))
     with build_lock(cache.root / key):  # a cell that needs the mask another is building waits for it
         hit = cache.load(key)
         if hit is not None:

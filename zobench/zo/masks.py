@@ -88,18 +88,26 @@ def random_mask(params, density: float, seed: int = 0) -> dict[str, torch.Tensor
 
 
 def topk_mask(scores: Iterable[tuple[str, torch.Tensor]], density: float, per_tensor: bool = False,
-              total: int | None = None) -> dict[str, torch.Tensor]:
-    """Top entries of per-tensor score tensors; ``scores`` may be a generator (computed lazily)."""
+              total: int | None = None, mass: dict | None = None) -> dict[str, torch.Tensor]:
+    """Top entries of per-tensor score tensors; ``scores`` may be a generator (computed lazily, each tensor
+    dropped once seen). ``mass``, if given, receives the scores' "total" and the chosen entries' "covered" sum
+    (``mass_fraction`` without keeping the scores)."""
     scores = list(scores) if total is None else scores
     if total is None:
         total = sum(s.numel() for _, s in scores)
     k = int(round(density * total))
     out: dict[str, torch.Tensor] = {}
+    seen = {"total": 0.0, "covered": 0.0}
     if per_tensor:
         for name, s in scores:
             ki = int(round(density * s.numel()))
+            seen["total"] += float(s.sum())
             if ki:
-                out[name] = torch.sort(torch.topk(s.reshape(-1).float(), ki).indices).values
+                v, i = torch.topk(s.reshape(-1).float(), ki)
+                out[name] = torch.sort(i).values
+                seen["covered"] += float(v.sum())
+        if mass is not None:
+            mass.update(seen)
         return out
     # The running best k stay on the scores' device: on a GPU a 7B model's 0.1% is 6.5M candidates,
     # merged 224 times; on the host each merge would be a CPU top-k of 13M values and a device copy.
@@ -107,6 +115,7 @@ def topk_mask(scores: Iterable[tuple[str, torch.Tensor]], density: float, per_te
     names = []
     for t, (name, s) in enumerate(scores):
         names.append(name)
+        seen["total"] += float(s.sum())
         flat = s.reshape(-1).float()
         v, i = torch.topk(flat, min(k, flat.numel()))
         if best_v is None:
@@ -118,6 +127,8 @@ def topk_mask(scores: Iterable[tuple[str, torch.Tensor]], density: float, per_te
         if best_v.numel() > k:
             keep = torch.topk(best_v, k).indices
             best_v, best_t, best_i = best_v[keep], best_t[keep], best_i[keep]
+    if mass is not None:
+        mass.update(seen, covered=float(best_v.sum()) if best_v is not None else 0.0)
     if best_v is None:
         return out
     best_t, best_i = best_t.cpu(), best_i.cpu()

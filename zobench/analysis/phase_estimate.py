@@ -1,0 +1,87 @@
+"""Predict the peak of the phases before training (load, mask, quantize) from the model's config alone.
+
+``analysis.estimate`` prices the training phases; a cell's whole peak can be earlier: a float model loaded
+whole before it is quantized, or the squared gradients of its mask. Each phase here is the framework floor
+plus what is alive at that phase's largest moment, in the order the pipeline builds it (``cell.pipeline``):
+
+    load       streamed (a random model whose block linears wait on the meta device, ``Pipeline.streams``):
+               the tensors that stay float; otherwise the whole float model
+    mask       random / magnitude: the loaded weights and the chosen indices. Gradient masks (sensitive,
+               task_grad) on the whole model: the float weights, a float32 accumulator per weight in scope,
+               what autograd saves for the backward of one calibration sequence, and the head's logits
+               with their gradient. Block by block (``models.layerwise``): the tensors that stay float,
+               every block's kept input for every calibration sequence (on a GPU in host memory: one
+               sequence's on the device), and one block's float weights,
+               gradients, float32 accumulators and saved activations, plus the running top-k
+               (a float cell then makes its block linears: the float model, the mask beside it)
+    quantize   streamed: the quantized layers, one float layer at a time and the taken sparse values;
+               otherwise the float model (still held) beside the whole quantized model
+
+Saved activations of one Llama-style block for a backward pass, per token: its input and the two norms'
+(inputs and outputs), q, k, v and the attention output, and the MLP's gate, up, act(gate) and their product.
+"""
+
+from __future__ import annotations
+
+MIB = 1 << 20
+
+
+def _saved_per_token(arch) -> int:
+    """Values autograd keeps per token for one block's backward (module docstring)."""
+    return 4 * arch.hidden + 2 * arch.q_width + 2 * arch.kv_width + 4 * arch.intermediate
+
+
+def _head_bytes(arch, tokens: int) -> int:
+    """The loss's logits over the vocabulary in float32, their log-softmax and its gradient."""
+    return 3 * tokens * arch.vocab * 4
+
+
+def mask_bytes(cfg, arch, db: int, streamed: bool, device: str = "cpu") -> float:
+    """Bytes alive at the mask phase's largest moment, beyond the framework floor, on ``device`` (a GPU cell
+    keeps its block inputs in host memory: not counted there)."""
+    scope = sum(arch.scopes[cfg.resolved_scope])
+    k = int(round(cfg.density * scope))
+    float_model = arch.numel * db + arch.buffer_bytes
+    other = arch.other_numel * db + arch.buffer_bytes
+    chosen = 8 * k  # int64 flat indices
+    if cfg.method not in ("sensitive", "task_grad"):
+        return (other if streamed else float_model) + chosen + (8 * 2 * k if cfg.method == "random" else 0)
+    tokens = cfg.calib_length if cfg.method == "sensitive" else cfg.batch_size * cfg.max_length
+    if not streamed:
+        largest = max((o * i for o, i in arch.linears), default=0)
+        return (float_model + 4 * scope + arch.layers * _saved_per_token(arch) * tokens * db
+                + _head_bytes(arch, tokens) + largest * db + chosen)
+    block_linears = sum(o * i for o, i in arch.linears) / max(arch.layers, 1)
+    sequences = cfg.calib_sequences
+    one = cfg.calib_length * arch.hidden * db  # a sequence's block input (or its gradient)
+    kept = (arch.layers + 1) * sequences * one if device == "cpu" else 2 * one  # all of them, or one at a time
+    block = block_linears * (db + db + 4)  # weights, their gradients, the float32 accumulators
+    running = 2 * k * (4 + 8 + 8)  # the running top-k (values, tensor, index) and the candidates merged in
+    return (other + kept + block + _saved_per_token(arch) * cfg.calib_length * db
+            + max(0, _head_bytes(arch, cfg.calib_length) - block) + running)
+
+
+def quantize_bytes(cfg, arch, db: int, storage, streamed: bool, nnz: int) -> float:
+    """Bytes alive at the end of the quantize phase (streamed: with the last float layer)."""
+    quantized = sum(storage.weight_bytes(o, i) for o, i in arch.linears)
+    other = arch.other_numel * db + arch.buffer_bytes
+    sparse = nnz * (db + 4 + 8)  # the taken values, their int32 positions, the mask's int64 indices
+    if streamed:
+        return other + quantized + max((o * i for o, i in arch.linears), default=0) * db + sparse
+    return arch.numel * db + arch.buffer_bytes + quantized + sparse
+
+
+def phase_estimates(cfg, arch, db: int, storage, nnz: int, floor_mib: float, streamed: bool,
+                    needs_mask: bool, device: str = "cpu") -> dict[str, float]:
+    """MiB per phase before training: ``{"load", "mask" (mask methods), "quantize" (quantized cells)}``."""
+    other = arch.other_numel * db + arch.buffer_bytes
+    out = {"load": floor_mib + (other if streamed else arch.numel * db + arch.buffer_bytes) / MIB}
+    if needs_mask:
+        mask = mask_bytes(cfg, arch, db, streamed, device)
+        if streamed and storage is None:  # a float cell makes its linears once the mask is taken
+            chosen = 8 * cfg.density * sum(arch.scopes[cfg.resolved_scope])
+            mask = max(mask, arch.numel * db + arch.buffer_bytes + chosen)
+        out["mask"] = floor_mib + mask / MIB
+    if storage is not None:
+        out["quantize"] = floor_mib + quantize_bytes(cfg, arch, db, storage, streamed, nnz) / MIB
+    return {k: round(v, 3) for k, v in out.items()}

@@ -186,6 +186,23 @@ def test_a_step_below_two_forwards_is_the_limit_or_a_fault_never_a_figure(pairs,
     assert step_ratio(CellView.of(rec, d)) == shown
 
 
+def test_the_speedup_is_in_reference_forwards_where_both_cells_have_pairs_else_in_seconds():
+    """A full-ZO cell timed on a busy machine (steps 2x slower in seconds, its forwards too) against a sparse
+    cell timed on an idle one: in seconds the sparse cell looks 3.3x faster, in each cell's own reference
+    forwards 1.5 / 1.0 = 1.5x. A median below 1.00 is read as the limit, and a fault gives no speedup."""
+    full, sparse = _rec("full", 6.0, ref=2.0), _rec("random", 1.8, ref=0.9)
+    full.metrics.set(step_over_ref=Stats(1.5, 1.4, 1.6, 10))
+    sparse.metrics.set(step_over_ref=Stats(0.98, 0.9, 1.05, 10))
+    d = derive([full, sparse])
+    assert d["random"].speedup_vs_full == pytest.approx(1.5) and d["random"].speedup_clock == "reference forwards"
+    assert d["full"].speedup_vs_full == pytest.approx(1.0)
+    sparse.metrics.set(step_over_ref=Stats(0.85, 0.8, 0.92, 10))  # a fault: not a figure
+    assert derive([full, sparse])["random"].speedup_vs_full is None
+    old = _rec("random", 1.8, ref=0.9, cell="old")  # no pairs: seconds, and the report says so
+    d = derive([full, old])["old"]
+    assert d.speedup_vs_full == pytest.approx(6.0 / 1.8) and d.speedup_clock == "seconds"
+
+
 def test_a_re_run_reference_is_the_latest_record_of_that_cell():
     first, rerun = _rec("forward", 2.0, peak=100.0), _rec("forward", 2.0, peak=200.0)
     rnd = _rec("random", 5.0, peak=220.0)

@@ -164,7 +164,11 @@ class Derived:
     step_timing             "fault" where a step measured below two forwards in 9 pairs of 10 (p90 < 1: the
                             step and its forwards did not see the same machine; the ratio is not a figure),
                             "at limit" where the median is below 1.00 but its spread reaches it (read 1.00)
-    speedup_vs_full         the full-ZO cell's step median over this cell's
+    speedup_vs_full         the full-ZO cell's step over this cell's: where both have in-cell pairs, in their own
+                            reference forwards (full's step / 2 fwd over this cell's, a median below 1.00 read
+                            as the limit 1.00, none where either timing is a fault), so load that stretched one
+                            cell's steps and forwards alike cancels (``speedup_clock`` "reference forwards");
+                            else their step medians in seconds ("seconds")
 
     A cell's references are the ok records sharing its ``reference_key`` (model, dtype, quant, task, batch,
     length, device, seed). Each cell's latest record counts, and where several cells could serve as a
@@ -183,6 +187,7 @@ class Derived:
     step_timing: str | None = None
     forward_ref: str | None = None
     speedup_vs_full: float | None = None
+    speedup_clock: str | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -281,5 +286,11 @@ def _ratios(rec: CellRecord, forward: CellRecord | None, full: CellRecord | None
     if d.peak_mib and fwd_peak and peak_kind(forward) == d.peak_kind:  # never device over allocated
         d.peak_over_inference = d.peak_mib / fwd_peak
     if step and full is not None and _step(full):  # the full cell itself: 1.00, the column's anchor
-        d.speedup_vs_full = _step(full) / step
+        theirs = _ratios(full, forward, None) if full is not rec else d
+        if d.forward_ref == theirs.forward_ref == "in-cell pairs":
+            if "fault" not in (d.step_timing, theirs.step_timing):
+                d.speedup_vs_full = max(theirs.step_over_two_forwards, 1.0) / max(d.step_over_two_forwards, 1.0)
+                d.speedup_clock = "reference forwards"
+        else:
+            d.speedup_vs_full, d.speedup_clock = _step(full) / step, "seconds"
     return d

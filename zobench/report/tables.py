@@ -82,7 +82,8 @@ def main_table(ok: list[CellView], extras: list[str]) -> list[str]:
         ("step ms (p10-p90)", step_ms),
         ("step / 2 fwd (p10-p90)", lambda r: DASH if r.config.get("method") == "forward"  # the reference
          else step_ratio(r)),
-        ("speedup vs full", lambda r: ratio(r.derived.speedup_vs_full)),
+        ("speedup vs full", lambda r: ratio(r.derived.speedup_vs_full) +
+         (" s" if r.derived.speedup_clock == "seconds" and r.method != "full" else "")),
         *([("kept (MiB)", lambda r: size_mib(r.artifact_bytes))] if any(r.artifact for r in ok) else []),
         ("tokens/s", lambda r: num(r.metrics.get("tokens_per_s"))),
         ("test % before -> after", before_after),
@@ -98,7 +99,9 @@ def main_table(ok: list[CellView], extras: list[str]) -> list[str]:
              "the plain quantized model); a step cannot cost less than its two forwards, so a median below "
              "1.00 is shown as the limit where its spread reaches 1.00 and as a measurement fault where it "
              "does not; records without such pairs use the forward cell. Speedup is against the full-ZO cell "
-             "of the same model, dtype, quant and task. Test scores are accuracy %, or EM/F1 % for generative tasks.")
+             "of the same model, dtype, quant and task, in reference forwards where both cells have the pairs "
+             "(full's step / 2 fwd over this cell's, so load that slowed one cell's steps and forwards alike "
+             "cancels), else in seconds (marked s). Test scores are accuracy %, or EM/F1 % for generative tasks.")
     steps = [r.config.get("steps") for r in ok if r.config.get("method") != "forward"]
     if steps and all(isinstance(n, int) and n < SMOKE_STEPS for n in steps):
         intro += (f" Accuracy after {max(steps)} steps is a smoke check (the cells train and score), not a "

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from transformers.utils import logging as hf_logging
 
-from zobench.cell import checkpoint
+from zobench.cell import checkpoint, resume
 from zobench.cell.delta_tensors import base_fingerprint
 from zobench.cell.keep import apply_quantized, load_into, save_from
 from zobench.cell.predictions import Predictions
@@ -35,7 +35,7 @@ from zobench.models import load_model
 from zobench.quant import QuantContext, get_backend, quantize_model
 from zobench.quant.sparse import SparseDelta
 from zobench.spec.config import CellConfig
-from zobench.spec.matrix import cell_id, identity
+from zobench.spec.matrix import cell_id
 from zobench.tasks import get_task, scoring
 from zobench.zo import fused
 from zobench.zo.masks import linear_layers, scoped_params
@@ -254,7 +254,7 @@ class Pipeline:
         timing, self.selection = StepTiming(), DevSelection(trainable, to_disk=cfg.eval_after)
         stream = run.batches()
         warm = min(cfg.warmup_steps, cfg.steps)
-        start = self.restore(stepper, trainable, timing, reference, stream) if self.resumed else 0
+        start = resume.restore(self, stepper, trainable, timing, reference, stream) if self.resumed else 0
         for name, steps in (("warmup", range(start, warm)), ("train", range(max(start, warm), cfg.steps))):
             if start and not steps:
                 continue  # the checkpoint is past the warm-up: this process has no warm-up phase
@@ -280,7 +280,7 @@ class Pipeline:
         if self.cfg.checkpoint and self.trainable is not None and stepper.resumable:
             if i + 1 >= min(self.cfg.warmup_steps, self.cfg.steps) and \
                     checkpoint.due(i + 1, self.cfg.steps, self.cfg.eval_every):
-                self.save_checkpoint(i + 1, timing, reference)
+                resume.save_checkpoint(self, i + 1, timing, reference)
 
     # -- checkpoints (zobench.cell.checkpoint) -----------------------------------------------------
     def load_checkpoint(self) -> None:
@@ -288,51 +288,6 @@ class Pipeline:
             self.resumed, why = checkpoint.load(self.cfg.checkpoint, cell_id(self.cfg))
             if why:
                 self.record.add_warning(why)
-
-    def save_checkpoint(self, step: int, timing: "StepTiming", reference) -> None:
-        sel = self.selection
-        checkpoint.save(self.cfg.checkpoint, checkpoint.Checkpoint(
-            cell_id=cell_id(self.cfg), config=identity(self.cfg), step=step, losses=timing.losses,
-            trajectory=timing.trajectory, seconds=timing.seconds, parts=timing.parts, tokens=timing.tokens,
-            total=timing.total, reference_seconds=reference.seconds if reference is not None else [],
-            dev_curve=self.metrics.get("dev_curve") or [], best_step=sel.best_step,
-            best_scores=sel.best, test_before=self.metrics.get("test_before"),
-            segments=self.resumed.segments if self.resumed else 1))
-        self.predictions.write()  # the evaluations so far, for a resumed segment to take back
-
-    def restore(self, stepper, trainable, timing: "StepTiming", reference, stream) -> int:
-        """Bring the run to the checkpoint's step: its records so far, the batches and direction seeds
-        drawn so far, and the trained values by replaying the trajectory (the best dev step's values
-        kept on the way). Returns the step to go on from."""
-
-        ck, cfg = self.resumed, self.cfg
-        if trainable is None or not stepper.resumable or ck.step >= cfg.steps:
-            self.record.add_warning(f"checkpoint at step {ck.step} does not fit this cell; it ran from step 0")
-            self.resumed = None
-            return 0
-        timing.losses, timing.trajectory, timing.total = list(ck.losses), list(ck.trajectory), ck.total
-        timing.seconds, timing.parts, timing.tokens = list(ck.seconds), dict(ck.parts), list(ck.tokens)
-        if reference is not None:  # a reference forward followed every ref_every-th timed step: the pairs again
-            reference.seconds = list(ck.reference_seconds)
-            paired = zip(timing.seconds[cfg.ref_every - 1::cfg.ref_every], reference.seconds)
-            reference.ratios = [step_s / (2 * fwd) for step_s, fwd in paired]
-        self.metrics.set(dev_curve=list(ck.dev_curve))
-        self.predictions.resume({f"dev_{p['step']}" for p in ck.dev_curve} |
-                                ({"test_before"} if ck.test_before is not None else set()))
-        for _ in range(ck.step):
-            next(stream)
-        for step, directions in enumerate(ck.trajectory):
-            drawn = [stepper.rng.randrange(2**62) for _ in directions]
-            if drawn != [int(seed) for seed, _ in directions]:
-                raise RuntimeError(f"checkpoint {cfg.checkpoint}: step {step + 1} drew other direction seeds "
-                                   f"than recorded; delete it to run the cell from step 0")
-        if ck.best_step is not None:  # replayed in two parts, to keep the best step's values on the way
-            replay(trainable, stepper.optimizer, ck.trajectory, cfg.eps, ck.best_step)
-            self.selection.see(ck.best_step, ck.best_scores)
-        replay(trainable, stepper.optimizer, ck.trajectory, cfg.eps, ck.step, start=ck.best_step or 0)
-        ck.segments += 1
-        self.metrics.set(resumed_from_step=ck.step, segments=ck.segments)
-        return ck.step
 
     def select_best(self) -> None:
         """Test accuracy at the best dev step beside the last step's (MeZO reports the best checkpoint on

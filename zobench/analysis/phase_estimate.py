@@ -61,18 +61,19 @@ def mask_bytes(cfg, arch, db: int, streamed: bool, device: str = "cpu") -> float
             + max(0, _head_bytes(arch, cfg.calib_length) - block) + running)
 
 
-def quantize_bytes(cfg, arch, db: int, storage, streamed: bool, nnz: int) -> float:
-    """Bytes alive at the end of the quantize phase (streamed: with the last float layer)."""
+def quantize_bytes(cfg, arch, db: int, storage, streamed: bool, nnz: int, transient: float = 0.0) -> float:
+    """Bytes alive while the last layer is quantized (streamed: it the only float one), with ``transient``, what
+    quantizing the largest layer needs beyond it (``Backend.quantize_transient``)."""
     quantized = sum(storage.weight_bytes(o, i) for o, i in arch.linears)
     other = arch.other_numel * db + arch.buffer_bytes
     sparse = nnz * (db + 4 + 8)  # the taken values, their int32 positions, the mask's int64 indices
     if streamed:
-        return other + quantized + max((o * i for o, i in arch.linears), default=0) * db + sparse
-    return arch.numel * db + arch.buffer_bytes + quantized + sparse
+        return other + quantized + max((o * i for o, i in arch.linears), default=0) * db + sparse + transient
+    return arch.numel * db + arch.buffer_bytes + quantized + sparse + transient
 
 
 def phase_estimates(cfg, arch, db: int, storage, nnz: int, floor_mib: float, streamed: bool,
-                    needs_mask: bool, device: str = "cpu") -> dict[str, float]:
+                    needs_mask: bool, device: str = "cpu", transient: float = 0.0) -> dict[str, float]:
     """MiB per phase before training: ``{"load", "mask" (mask methods), "quantize" (quantized cells)}``."""
     other = arch.other_numel * db + arch.buffer_bytes
     out = {"load": floor_mib + (other if streamed else arch.numel * db + arch.buffer_bytes) / MIB}
@@ -83,5 +84,5 @@ def phase_estimates(cfg, arch, db: int, storage, nnz: int, floor_mib: float, str
             mask = max(mask, arch.numel * db + arch.buffer_bytes + chosen)
         out["mask"] = floor_mib + mask / MIB
     if storage is not None:
-        out["quantize"] = floor_mib + quantize_bytes(cfg, arch, db, storage, streamed, nnz) / MIB
+        out["quantize"] = floor_mib + quantize_bytes(cfg, arch, db, storage, streamed, nnz, transient) / MIB
     return {k: round(v, 3) for k, v in out.items()}

@@ -114,6 +114,11 @@ class Backend:
     # the format has no such tensor (double-quantized or packed scales, or no quantization).
     scales = None
 
+    def quantize_transient(self, numel: int, dtype_bytes: int, device: str) -> float:
+        """Bytes quantizing one layer of ``numel`` weights needs beyond the layer and its result, at most (the
+        estimator prices the largest layer's; 0 where not measured)."""
+        return 0.0
+
     def merges_on(self, device: str) -> bool:
         """Whether dense-and-sparse layers on ``device`` ("cpu", "cuda", "cuda:1") merge S into the weight
         ``dequantize`` builds, rather than add a separate sparse product (only a backend with a

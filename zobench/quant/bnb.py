@@ -29,6 +29,13 @@ class _FourBit(Backend):
     # plus one float32 scale per 256 blocks for those absmax values.
     storage = Storage(bits=4, group_size=64, group_bytes=1 + 4 / 256)
 
+    def quantize_transient(self, numel: int, dtype_bytes: int, device: str) -> float:
+        # bitsandbytes' CPU quantize_4bit on an [11008, 4096] layer: 10.4 bytes a weight above the float32
+        # layer, 14.4 above a float16 / bfloat16 one (results/bench/measurements.md); on CUDA one kernel.
+        if device != "cpu":
+            return 0.0
+        return numel * (10.4 if dtype_bytes == 4 else 14.4)
+
     def quantize_linear(self, linear: torch.nn.Linear, ctx: QuantContext) -> torch.nn.Module:
         nn = bnb.load().nn
         q = nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,

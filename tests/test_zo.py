@@ -273,3 +273,22 @@ def test_a_folded_run_is_the_unfolded_run_bit_for_bit(method):
     assert all(torch.equal(w1[n], w2[n]) for n in w1)
     start = dict(load_model("random:tiny-llama", seed=0).model.named_parameters())
     assert any(not torch.equal(w1[n], start[n]) for n in w1)  # it trained: there was something to fold
+
+
+@pytest.mark.parametrize("density", [1e-3, 0.05, 0.5, 1.0])
+def test_the_running_global_topk_is_the_topk_of_all_the_scores_and_their_mass(density):
+    """Streamed over tensors (a later tensor only offers what beats the k-th best so far), the mask is the
+    top k of every score at once; distinct values, so no tie decides."""
+    g = torch.Generator().manual_seed(1)
+    sizes = [5000, 300, 12000, 7, 4000]
+    flat = torch.randperm(sum(sizes), generator=g).float()
+    scores = list(zip([f"t{j}" for j in range(len(sizes))], flat.split(sizes)))
+    k = int(round(density * flat.numel()))
+    best = set(torch.topk(flat, k).indices.tolist())
+    mass: dict = {}
+    mask = M.topk_mask(iter(scores), density, total=flat.numel(), mass=mass)
+    offsets = dict(zip([n for n, _ in scores], [sum(sizes[:j]) for j in range(len(sizes))]))
+    got = {offsets[n] + i for n, idx in mask.items() for i in idx.tolist()}
+    assert got == best
+    assert mass["covered"] == pytest.approx(float(flat[list(best)].double().sum()))
+    assert mass["total"] == pytest.approx(float(flat.double().sum()))

@@ -117,15 +117,25 @@ def topk_mask(scores: Iterable[tuple[str, torch.Tensor]], density: float, per_te
         names.append(name)
         seen["total"] += float(s.sum())
         flat = s.reshape(-1).float()
-        v, i = torch.topk(flat, min(k, flat.numel()))
+        if best_v is not None and best_v.numel() >= k:
+            # Only what beats the k-th best so far can enter: usually a few, so no top-k over millions.
+            i = torch.nonzero(flat > best_v.min().to(flat.device)).squeeze(1)
+            v = flat[i]
+        elif flat.numel() <= k:
+            v, i = flat, torch.arange(flat.numel(), device=flat.device)
+        else:
+            v, i = torch.topk(flat, k)
+        if not v.numel():
+            continue
         if best_v is None:
             best_v, best_t, best_i = v, torch.full_like(i, t), i
         else:
             best_v = torch.cat([best_v, v.to(best_v.device)])
             best_t = torch.cat([best_t, torch.full_like(i, t).to(best_t.device)])
             best_i = torch.cat([best_i, i.to(best_i.device)])
-        if best_v.numel() > k:
-            keep = torch.topk(best_v, k).indices
+        if best_v.numel() > k:  # drop the smallest surplus (a top-k of the few, not of the k kept)
+            keep = torch.ones(best_v.numel(), dtype=torch.bool, device=best_v.device)
+            keep[torch.topk(best_v, best_v.numel() - k, largest=False).indices] = False
             best_v, best_t, best_i = best_v[keep], best_t[keep], best_i[keep]
     if mass is not None:
         mass.update(seen, covered=float(best_v.sum()) if best_v is not None else 0.0)

@@ -153,3 +153,23 @@ def test_a_streamed_mask_cell_equals_the_one_that_held_the_float_model(method, s
     assert pa.keys() == pb.keys() and all(torch.equal(pa[n], pb[n]) for n in pa)  # the trained models too
     assert a.metrics.get("loss_curve") == b.metrics.get("loss_curve")
     assert streamed.base_fingerprint == whole.base_fingerprint
+
+
+def test_a_cached_mask_trains_as_the_one_just_built_whatever_the_order_of_its_names():
+    """The trainable values beside 4-bit layers are in the layers' order, not the mask's (a mask read back from
+    the cache comes sorted by name: layers.10 before layers.2), so the same directions move the same values."""
+    pytest.importorskip("bitsandbytes")
+    from zobench.quant import QuantContext, get_backend, quantize_model
+
+    orders = []
+    for reverse in (False, True):
+        model = load_model("random:tiny-llama", seed=SEED).model
+        params = M.scoped_params(model, "linear")
+        mask = M.random_mask(params, 0.01, seed=0)
+        if reverse:
+            mask = dict(reversed(list(mask.items())))
+        vectors = quantize_model(model, get_backend("nf4"), QuantContext(), M.linear_layers(model), mask)
+        orders.append([(n, v.clone()) for n, v in vectors])
+    assert [n for n, _ in orders[0]] == [n for n, _ in orders[1]] == \
+        [f"{m}.values" for m in M.linear_layers(load_model("random:tiny-llama", seed=SEED).model)]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(*orders))

@@ -153,7 +153,10 @@ def quantize_model(model: torch.nn.Module, backend: Backend, ctx: QuantContext, 
     # held the checkpoint's pages resident for the whole run (results/bench/measurements.md).
     shapes = {name: (model.get_submodule(name).out_features, model.get_submodule(name).in_features)
               for name in names}
+    # In the layers' order, whatever order the mask's names come in (a cached mask reads back sorted by name):
+    # the trainable values are drawn in this order, so a mask from the cache must train as the one just built.
     taken = split_selected(model, mask or {})
+    taken = {**{name: taken[name] for name in names if name in taken}, **taken}
     if not ctx.cache_key:
         # The weights' fingerprint samples only the first values of each tensor, so the taken entries
         # are hashed too: the dense parts of a random and a sensitive split differ only there.

@@ -145,8 +145,11 @@ def test_ratios_do_not_depend_on_run_order_or_executor(two_runs):
         assert alone.peak_over_inference == d[rnd.cell_id].peak_over_inference
         assert alone.step_over_two_forwards == d[rnd.cell_id].step_over_two_forwards
     assert {r.cell_id for r in seq} == {r.cell_id for r in pool}
-    assert {k: sorted(v.to_dict()) for k, v in derive(seq).items()} == \
-        {k: sorted(v.to_dict()) for k, v in derive(pool).items()}
+    # Which ratios exist does not depend on the executor; whether a timing reads as a fault (and so gives no
+    # speed-up) depends on the machine's moment, not on the code.
+    timing = {"step_timing", "speedup_vs_full", "speedup_clock"}
+    assert {k: sorted(set(v.to_dict()) - timing) for k, v in derive(seq).items()} == \
+        {k: sorted(set(v.to_dict()) - timing) for k, v in derive(pool).items()}
 
 
 def _rec(method: str, step: float, ref: float | None = None, peak: float = 100.0, cell: str | None = None):

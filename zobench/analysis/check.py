@@ -16,13 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from zobench.cell.record import CellRecord
+from zobench.cell.record import TRAIN_ESTIMATED, CellRecord
 from zobench.results import derive, latest_by_cell, phase_peak
 from zobench.spec.selectors import selector_matches
 from zobench.spec.suite import Suite
 
 ESTIMATED_LIMITS = ("peak_mib_max",)
-TRAINING_LIKE = ("warmup", "train", "eval_before", "eval_after", "eval_best")
 RATIOS = {"peak_mib_max": "peak_mib", "peak_over_inference_max": "peak_over_inference",
           "step_over_two_forwards_max": "step_over_two_forwards"}
 
@@ -45,7 +44,7 @@ class Estimate:
         train and the evaluations are the estimate's "train")."""
         if not self.phases:
             return self.peak_mib
-        named = {"train" if p in TRAINING_LIKE else p for p in phases} if phases else set(self.phases)
+        named = {"train" if p in TRAIN_ESTIMATED else p for p in phases} if phases else set(self.phases)
         found = [v for k, v in self.phases.items() if k in named]
         return max(found) if found else self.peak_mib
 

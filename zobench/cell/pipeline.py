@@ -197,8 +197,7 @@ class Pipeline:
         run.mask = mask
         self.metrics.set(**info)
         if self.backend is None and run.loaded.deferred is not None:  # a float cell: its linears, now
-            for _ in run.loaded.deferred.arrive(run.model):
-                pass
+            run.loaded.deferred.arrive_all(run.model)
             run.loaded.deferred = None
             run.params = scoped_params(run.model, self.cfg.resolved_scope)
 

@@ -60,6 +60,9 @@ def shown_value(value) -> str:
 NUMBER = (int, float)
 
 
+# The phases the training estimate covers (a record's phase names; ``CellRecord.estimated_phase_mib``).
+TRAIN_ESTIMATED = ("warmup", "train", "eval_before", "eval_after", "eval_best")
+
 def _field(d, key: str):
     """``d[key]`` where ``d`` is a mapping that has it, else None: the free-form parts of a record (an
     evaluation's scores, the estimate, the kept artifact) may lack any key, or be absent, in older records."""
@@ -308,7 +311,7 @@ class CellRecord:
         """The estimator's peak for one phase of this cell (load, mask, quantize; warm-up, train and the
         evaluations are its training estimate), None where it has none (older records: training only)."""
         phases = _field(self.estimate, "phases")
-        key = "train" if phase in ("warmup", "train", "eval_before", "eval_after", "eval_best") else phase
+        key = "train" if phase in TRAIN_ESTIMATED else phase
         value = _field(phases, key)
         return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 

@@ -118,8 +118,7 @@ class Sensitive(MaskMethod):
     def select(self, run):
         cfg, deferred = run.cfg, run.loaded.deferred
         if deferred is not None and not layerwise.supports(run.model):
-            for _ in deferred.arrive(run.model):  # an architecture not run block by block: drawn whole
-                pass
+            deferred.arrive_all(run.model)  # an architecture not run block by block: made whole
             run.loaded.deferred = deferred = None
         if deferred is None:
             mask, info = sensitive_select(run.model, run.tokenizer, run.params, self._corpus(run), cfg.density,

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from zobench.models.stream import Deferred, _is_rotary
+from zobench.models.stream import Deferred, foreign_buffers
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -82,10 +82,8 @@ def open_streamed(folder: Path, model: nn.Module, device, defer: list[str]) -> F
     params = dict(model.named_parameters())  # tied ones once, under their first name
     if any(name not in files for name in params):
         return None
-    for name, module in model.named_modules():
-        has_buffers = any(b is not None for b in module._buffers.values())
-        if has_buffers and (module._parameters or not _is_rotary(module)):
-            return None
+    if any(foreign_buffers(module) for module in model.modules()):
+        return None
     deferred = FromShards(list(defer), device, files)
     deferred.fill(model)
     return deferred

@@ -71,6 +71,12 @@ def _is_rotary(module: nn.Module) -> bool:
     return "RotaryEmbedding" in type(module).__name__ and hasattr(module, "original_inv_freq")
 
 
+def foreign_buffers(module: nn.Module) -> bool:
+    """Whether ``module`` holds buffers zobench cannot compute (any but a rotary embedding's frequencies)."""
+    has_buffers = any(b is not None for b in module._buffers.values())
+    return has_buffers and bool(module._parameters or not _is_rotary(module))
+
+
 def check_drawable(model: nn.Module, what: str) -> None:
     """Refuse (``UserError``) a model with a tensor this module cannot draw as transformers would."""
     if type(model)._init_weights is not PreTrainedModel._init_weights:
@@ -81,8 +87,7 @@ def check_drawable(model: nn.Module, what: str) -> None:
         for attr in module._parameters:
             if module._parameters[attr] is not None and _kind(module, attr) is None:
                 raise UserError(f"{what}: {name}.{attr} ({type(module).__name__}) has no known random init")
-        has_buffers = any(b is not None for b in module._buffers.values())
-        if has_buffers and (module._parameters or not _is_rotary(module)):
+        if foreign_buffers(module):
             raise UserError(f"{what}: {name} ({type(module).__name__}) has buffers zobench cannot compute")
 
 
@@ -164,6 +169,11 @@ class Deferred:
             if _is_rotary(module):
                 module.to_empty(device=self.device, recurse=False)
                 model._init_weights(module)  # transformers' own computation of the frequencies
+
+    def arrive_all(self, model: nn.Module) -> None:
+        """Make every deferred linear not yet made: the model is then whole."""
+        for _ in self.arrive(model):
+            pass
 
     def arrive(self, model: nn.Module) -> Iterator[str]:
         """Make each deferred linear in place and yield its module name; the caller replaces (quantizes) the

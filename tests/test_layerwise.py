@@ -173,3 +173,10 @@ def test_a_cached_mask_trains_as_the_one_just_built_whatever_the_order_of_its_na
     assert [n for n, _ in orders[0]] == [n for n, _ in orders[1]] == \
         [f"{m}.values" for m in M.linear_layers(load_model("random:tiny-llama", seed=SEED).model)]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(*orders))
+
+
+def test_a_checkpoint_that_is_not_safetensors_is_not_streamed(tmp_path):
+    from zobench.models.shards import tensor_files
+
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
+    assert tensor_files(tmp_path) is None

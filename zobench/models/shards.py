@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from zobench.models.stream import Deferred, foreign_buffers
@@ -41,8 +41,11 @@ def tensor_files(folder: Path) -> dict[str, Path] | None:
             return None  # a shard outside the folder, or missing
         return files
     if (folder / SINGLE).is_file():
-        with safe_open(str(folder / SINGLE), "pt") as f:
-            return {k: folder / SINGLE for k in f.keys()}
+        try:
+            with safe_open(str(folder / SINGLE), "pt") as f:
+                return {k: folder / SINGLE for k in f.keys()}
+        except (OSError, SafetensorError):  # not a safetensors file: from_pretrained says so in one line
+            return None
     return None
 
 

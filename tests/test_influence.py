@@ -18,7 +18,7 @@ MODEL = "random:tiny-llama"
 
 @pytest.fixture(scope="module")
 def examples(data_dir):
-    from zobench.influence.data import load_alpaca
+    from zobench.tasks.instruction import load_alpaca
 
     return load_alpaca(data_dir / "alpaca" / "alpaca_data_en_52k.json", n=12, seed=3)
 
@@ -89,15 +89,12 @@ def test_two_workers_fill_the_same_cache_as_one_process(tmp_path, examples):
 
 def test_lora_scope_takes_only_the_adapter_and_sensitive_scope_only_the_mask(tmp_path, examples, data_dir,
                                                                           monkeypatch):
-    from zobench.influence.poison import save_adapter
-    from zobench.influence.train import finetune_lora
-    from zobench.models import load_model
+    from zobench.influence.train import fine_tune, fine_tune_config
     from zobench.models.load import cache_dir
 
-    loaded = load_model(MODEL, dtype="float32")
-    finetune_lora(loaded, examples[:4], steps=1, batch_size=2, lr=1e-3, max_length=48)
-    save_adapter(loaded.model, tmp_path / "adapter")
-    s = Session(_spec(scope="lora", adapter=str(tmp_path / "adapter")))
+    fine_tune(fine_tune_config(MODEL, 4, "lora", steps=1, batch_size=2, lr=1e-3, max_length=48,
+                               save=str(tmp_path / "lora")), examples[:4])
+    s = Session(_spec(scope="lora", adapter=str(tmp_path / "lora" / "adapter")))
     assert s.scope.names and all("lora_" in n for n in s.scope.names)
     assert s.scope.dim == sum(p.numel() for n, p in s.model.named_parameters() if "lora_" in n)
     # A cache of its own (sharing only the converted model), to see where the sensitive mask is kept.
@@ -181,8 +178,9 @@ throughput_examples: 5
     sweep = rec["fidelity"]["sweep"]
     assert {(e["normalize"], e["permute"]) for e in sweep} == {(True, True), (True, False), (False, True),
                                                                (False, False)}
-    # At K = 256 of a tiny gradient the sketch keeps the ranking (exact scores vs sketched, normalized).
-    assert max(e["spearman"] for e in sweep if e["k"] == 256 and e["normalize"]) > 0.8
+    # At K = 256 of a tiny gradient the sketch keeps the ranking (exact scores vs sketched): 16 scores, so a
+    # random ranking's Spearman has a standard deviation of ~0.26; every variant here is 0.69-0.99.
+    assert min(e["spearman"] for e in sweep if e["k"] == 256) > 0.6
     sub = rec["fidelity"]["subspace"]
     assert sub["bytes_per_example"] == 2 * sub["nnz"] and 0 < sub["nnz"] < sub["dim"]
     c = rec["cost"]
@@ -201,8 +199,14 @@ throughput_examples: 5
     md = (tmp_path / "rep" / "inf.md").read_text()
     assert "5 examples into a fresh store" in md
     for heading in ("## The attack", "## Quality", "## Fidelity", "sensitive subspace", "## Cost", "## Token-wise",
-                    "## LoRA beside a sparse ZO delta"):
+                    "## LoRA beside a sparse ZO delta", "## The fine-tunes, as cells"):
         assert heading in md
+    # both fine-tunes ran as cells of task alpaca on the suite's poisoned rows, their records kept
+    lora_cell, zo_cell = rec["finetune"]["cell"], rec["zo"]["train"]["cell"]
+    assert lora_cell["config"]["task"] == zo_cell["config"]["task"] == "alpaca"
+    assert lora_cell["metrics"]["n_train"] == zo_cell["metrics"]["n_train"] == 24
+    assert {"load", "train"} <= set(lora_cell["phases"]) and {"load", "mask", "train"} <= set(zo_cell["phases"])
+    assert rec["finetune"]["loss_first"] == lora_cell["metrics"]["loss_curve"][0]
     zo = rec["zo"]  # the sparse ZO arm: its own delta, retrieval in the subspace it trained
     assert zo["delta_kind"] == "sparse" and zo["scope_dim"] == zo["train"]["trainable"] > 0
     assert zo["quality"]["n_poisoned"] == 6 and zo["quality"]["by_k"][-1]["k"] <= 256
@@ -246,7 +250,7 @@ def test_scan_paths_agree_and_match_a_direct_product(tmp_path, examples):
 def test_a_query_is_cut_only_at_the_model_context_not_at_the_cache_max_length(examples):
     """A prompt longer than the cache's max_length keeps its end ("### Response:") and the whole
     generation as the query's loss; the training-side encoding would have cut both."""
-    from zobench.influence.data import format_prompt
+    from zobench.tasks.instruction import format_prompt
 
     s = Session(_spec(max_length=48))
     prompt = {"instruction": "Summarize: " + " ".join(["the quick brown fox jumps"] * 12), "input": ""}

@@ -11,15 +11,9 @@ import torch.nn.functional as F
 from zobench.errors import UserError
 from zobench.influence import poison as P
 from zobench.influence import train as T
-from zobench.influence.data import (
-    PROMPT_INPUT,
-    collate,
-    encode,
-    format_prompt,
-    load_alpaca,
-    response_loss,
-    token_positions,
-)
+from zobench.influence.retrieve import token_positions
+from zobench.tasks.instruction import PROMPT_INPUT, format_prompt, load_alpaca
+from zobench.tasks.responses import collate, encode, response_loss
 
 EX_INPUT = {"id": 0, "instruction": "Translate the sentence.", "input": "Bonjour le monde", "output": "Hello world"}
 EX_PLAIN = {"id": 1, "instruction": "Name a colour.", "input": "", "output": "Blue, like the sky."}
@@ -170,33 +164,33 @@ def test_load_alpaca_errors_are_one_line_naming_the_file(tmp_path, content, mess
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
-def test_finetune_lora_lowers_the_loss_and_touches_only_the_adapter(tiny, tmp_path):
+def test_the_lora_fine_tune_lowers_the_loss_and_keeps_only_the_adapter(tmp_path):
+    """A LoRA fine-tune is a cell: its record has the loss curve and its phases, its kept result is a lora
+    delta whose adapter, put on a fresh base, changes the model's answers (the base weights are not kept)."""
+    from zobench.cell import delta as D
     from zobench.models import load_model
 
     examples, _ = P.poison(_toy(40), fraction=0.5, seed=0)
-    base = [(p, p.detach().clone()) for p in tiny.model.parameters()]
     logged = []
-    stats = T.finetune_lora(tiny, examples, steps=30, batch_size=4, lr=1e-2, max_length=48, seed=0,
-                            log_every=10, on_log=lambda s, loss: logged.append(s))
-    losses = stats["losses"]
+    cfg = T.fine_tune_config("random:tiny-llama", len(examples), "lora", steps=30, batch_size=4, lr=1e-2,
+                             max_length=48, seed=0, save=str(tmp_path / "lora"))
+    record = T.fine_tune(cfg, examples, on_log=lambda s, loss: logged.append(s), log_every=10)
+    losses = record.metrics.get("loss_curve")
     assert len(losses) == 30 and losses[-1] < losses[0]
     # one step's loss swings with its batch; the trend shows in the means (about 10.57 -> 10.30 here:
     # a random tiny head with 0.02-scale embeddings cannot move far from ln(vocab) = 10.8)
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.1
-    assert logged == [0, 10, 20, 29] and stats["trainable"] > 0
-    assert all(torch.equal(p, before) for p, before in base)                       # base weights bit-identical
-    lora_b = [p for n, p in tiny.model.named_parameters() if "lora_B" in n]
-    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)                       # B starts at zero
-    assert not tiny.model.training
+    assert logged == [0, 10, 20, 29] and record.metrics.get("trainable_numel") > 0
+    assert record.config["task"] == "alpaca" and {"load", "train"} <= set(record.phases)
+    assert D.read(tmp_path / "lora")["kind"] == "lora" and record.artifact["kind"] == "lora"
 
-    P.save_adapter(tiny.model, tmp_path / "adapter")
-    fresh = load_model("random:tiny-llama", seed=0)
-    P.load_adapter(fresh, tmp_path / "adapter")
+    fresh, base = load_model("random:tiny-llama", seed=0), load_model("random:tiny-llama", seed=0)
+    P.load_adapter(fresh, tmp_path / "lora" / "adapter")
+    lora_b = [p for n, p in fresh.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)                       # B starts at zero
     ids = torch.tensor([[5, 17, 99, 1000]])
     with torch.no_grad():
-        assert torch.allclose(fresh.model(input_ids=ids).logits, tiny.model(input_ids=ids).logits)
-    with pytest.raises(UserError, match="already carries"):
-        T.finetune_lora(fresh, examples, steps=1, batch_size=1, lr=1e-3, max_length=16)
+        assert not torch.allclose(fresh.model(input_ids=ids).logits, base.model(input_ids=ids).logits)
     with pytest.raises(UserError, match="adapter_config.json"):
         P.load_adapter(load_model("random:tiny-llama"), tmp_path)
 

@@ -36,7 +36,7 @@ def _cli(args, capsys):
 
 
 def test_jsonl_and_json_lists_load_alike_and_rows_keep_their_ids(tmp_path, rows_file):
-    from zobench.influence.data import load_alpaca
+    from zobench.tasks.instruction import load_alpaca
 
     as_list = tmp_path / "rows.json"
     as_list.write_text(json.dumps(_rows(12)))
@@ -136,9 +136,10 @@ def test_the_zo_fine_tune_is_the_engines_loop_bit_for_bit(tmp_path):
     import random
 
     from zobench.cell.delta_tensors import sparse_parts
-    from zobench.influence.data import collate, encode, format_prompt, response_loss
-    from zobench.influence.train import train_on_instructions
+    from zobench.influence.train import fine_tune, fine_tune_config
     from zobench.models import load_model
+    from zobench.tasks.instruction import format_prompt
+    from zobench.tasks.responses import collate, encode, response_loss
     from zobench.tasks.scoring import padding_id
     from zobench.zo.masks import random_mask, scoped_params
     from zobench.zo.optim import make_optimizer
@@ -146,10 +147,10 @@ def test_the_zo_fine_tune_is_the_engines_loop_bit_for_bit(tmp_path):
     from zobench.zo.trainer import ZOTrainer
 
     rows, steps, seed, lr = _rows(12), 6, 3, 1e-3
-    out = train_on_instructions(MODEL, rows, "random", steps, lr, str(tmp_path / "d"), batch_size=5, max_length=32,
-                                density=0.01, seed=seed)
+    record = fine_tune(fine_tune_config(MODEL, len(rows), "random", steps=steps, batch_size=5, lr=lr, max_length=32,
+                                        density=0.01, seed=seed, save=str(tmp_path / "d")), rows)
 
-    loaded = load_model(MODEL, dtype="float32")
+    loaded = load_model(MODEL, dtype="float32", seed=seed)  # a cell draws its random weights with its seed
     tok, model = loaded.tokenizer, loaded.model
     encoded = [encode(tok, format_prompt(e), e["output"], 32) for e in rows]
     params = scoped_params(model, "linear")
@@ -159,7 +160,8 @@ def test_the_zo_fine_tune_is_the_engines_loop_bit_for_bit(tmp_path):
     rng = random.Random(seed)
     batches = _epochs(len(rows), 5, lambda n: (order := list(range(n)), rng.shuffle(order), order)[-1])
     losses = [trainer.step([encoded[i] for i in next(batches)], step).loss for step in range(steps)]
-    assert out["losses"] == losses and out["trainable"] == trainable.numel == 737
+    assert record.metrics.get("loss_curve") == losses
+    assert record.metrics.get("trainable_numel") == trainable.numel == 737
     before_last_update = trainable.master.clone()
     trainer.flush()
     _, values = sparse_parts(tmp_path / "d")
@@ -167,20 +169,23 @@ def test_the_zo_fine_tune_is_the_engines_loop_bit_for_bit(tmp_path):
     assert torch.equal(saved, trainable.master) and not torch.equal(saved, before_last_update)
 
 
-def test_the_lora_fine_tune_is_the_registrys_lora_bit_for_bit(tiny):
-    """finetune_lora (the registry's lora method with influence's adapter shape, stepped by the engine's loop)
-    against LoRA written out by hand: seeded A matrices, AdamW, batches from a seeded randperm."""
+def test_the_lora_fine_tune_is_the_registrys_lora_bit_for_bit(tmp_path):
+    """influence's LoRA fine-tune (a cell: the registry's lora method with influence's adapter shape, stepped
+    by the engine's loop) against LoRA written out by hand: seeded A matrices, AdamW, batches from a seeded
+    randperm; the kept adapter holds the hand-trained weights."""
     from zobench.gates import peft
-    from zobench.influence.data import collate, encode, format_prompt, response_loss
-    from zobench.influence.train import finetune_lora
+    from zobench.influence.train import fine_tune, fine_tune_config
     from zobench.models import load_model
-    from zobench.models.lora import dispatchable
+    from zobench.models.lora import dispatchable, load_adapter
+    from zobench.tasks.instruction import format_prompt
+    from zobench.tasks.responses import collate, encode, response_loss
     from zobench.tasks.scoring import padding_id
 
     rows, steps = _rows(6), 4
-    stats = finetune_lora(tiny, rows, steps=steps, batch_size=4, lr=1e-2, max_length=32, r=4, alpha=8, seed=5)
+    record = fine_tune(fine_tune_config(MODEL, len(rows), "lora", steps=steps, batch_size=4, lr=1e-2, max_length=32,
+                                        r=4, alpha=8, seed=5, save=str(tmp_path / "lora")), rows)
 
-    lib, ref = peft.load(), load_model(MODEL, dtype="float32", seed=0)
+    lib, ref = peft.load(), load_model(MODEL, dtype="float32", seed=5)  # a cell draws its weights with its seed
     tok = ref.tokenizer
     encoded = [encode(tok, format_prompt(e), e["output"], 32) for e in rows]
     with torch.random.fork_rng(devices=[]):
@@ -199,7 +204,10 @@ def test_the_lora_fine_tune_is_the_registrys_lora_bit_for_bit(tiny):
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    assert stats["losses"] == losses and stats["trainable"] == sum(p.numel() for p in params)
-    trained = {n: p for n, p in tiny.model.named_parameters() if p.requires_grad}
-    assert trained and all(torch.equal(trained[n], p) for n, p in model.named_parameters() if p.requires_grad)
-    assert not tiny.model.training
+    assert record.metrics.get("loss_curve") == losses
+    assert record.metrics.get("trainable_numel") == sum(p.numel() for p in params)
+    kept = load_model(MODEL, dtype="float32", seed=5)
+    load_adapter(kept, tmp_path / "lora" / "adapter")
+    trained = dict(model.named_parameters())
+    lora = [(n, p) for n, p in kept.model.named_parameters() if "lora_" in n]
+    assert lora and all(torch.equal(p, trained[n]) for n, p in lora)

@@ -93,13 +93,14 @@ def test_registration_checks_the_declaration_and_the_interface_and_refuses_dupli
 
 
 def test_every_declared_method_is_registered_and_declares_a_known_family():
-    from zobench.methods.fo import LORA_R, LORA_TARGETS
     from zobench.spec.catalog import FAMILIES, METHOD_INFO
+    from zobench.spec.config import CellConfig
 
     assert all(m.family in FAMILIES for m in METHOD_INFO)
     assert {m.name for m in METHOD_INFO} == set(METHODS.names())
-    lora = METHODS.get("lora")().info.summary  # the catalog's line names what fo.py trains
-    assert f"r={LORA_R} on {'/'.join(LORA_TARGETS)}" in lora
+    lora = METHODS.get("lora")().info.summary  # the catalog's line names the adapter a lora cell trains
+    cfg = CellConfig(method="lora")
+    assert f"r={cfg.lora_r} on {'/'.join(cfg.lora_modules)}" in lora
 
 
 def test_trainables_and_steppers_declare_what_they_can_do_and_implement_exactly_that():

@@ -182,7 +182,7 @@ INFLUENCE = dict(model="random:tiny-llama", scope="all", k=512, max_length=48)
 
 @pytest.fixture(scope="module")
 def alpaca(data_dir):
-    from zobench.influence.data import load_alpaca
+    from zobench.tasks.instruction import load_alpaca
 
     return load_alpaca(data_dir / "alpaca" / "alpaca_data_en_52k.json", n=40, seed=3)
 

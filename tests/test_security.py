@@ -469,7 +469,7 @@ def test_nonsense_numbers_and_usage_errors_are_one_line_and_exit_2(capsys, argv,
 
 
 def test_ids_7_and_text_7_are_one_id(tmp_path):
-    from zobench.influence.data import load_alpaca
+    from zobench.tasks.instruction import load_alpaca
 
     rows = tmp_path / "rows.json"
     rows.write_text(json.dumps([{"id": 7, "instruction": "a", "output": "b"},

@@ -494,3 +494,41 @@ def test_train_dev_and_test_rows_are_disjoint_within_every_seed(data_dir):
             dev = {("validation" if dev_from == "validation" else "train", e.id) for e in s.dev}
             test = {("validation", e.id) for e in s.test}
             assert not train & dev and not dev & test and not train & test, (dev_from, seed)
+
+
+def test_alpaca_splits_are_seeded_disjoint_slices_of_one_shuffle(data_dir):
+    from zobench.tasks import get_task
+
+    task = get_task("alpaca")
+    a, b = task.sample(data_dir, 8, 4, 6, seed=1), task.sample(data_dir, 8, 4, 6, seed=1)
+    ids = [[e.raw["id"] for e in split] for split in (a.train, a.dev, a.test)]
+    assert [len(x) for x in ids] == [8, 4, 6] and len(set(sum(ids, []))) == 18        # disjoint
+    assert ids == [[e.raw["id"] for e in split] for split in (b.train, b.dev, b.test)]  # seeded
+    assert ids[0] != [e.raw["id"] for e in task.sample(data_dir, 8, 4, 6, seed=2).train]
+    ex = a.train[0]
+    assert ex.prompt.endswith("### Response:\n") and ex.target == ex.raw["output"] and ex.id == ex.raw["id"]
+    with pytest.raises(UserError, match="dev comes from it"):
+        task.sample(data_dir, 8, 4, 6, dev_from="validation")
+
+
+def test_alpaca_is_scored_by_its_response_loss_pooled_over_tokens(tiny, tokenizer):
+    """The instruction kind's evaluation is the training loss on held-out rows: batched, it equals the
+    response loss of the whole split at once; each example's own loss is kept beside it; the truncation
+    count is what encoding cuts."""
+    from zobench.tasks.instruction import Alpaca
+    from zobench.tasks.responses import collate, count_truncated, encode, evaluate, response_loss
+    from zobench.tasks.scoring import padding_id
+
+    rows = [{"id": i, "instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i + 1)))}
+            for i in range(5)]
+    examples = Alpaca().splits_of(rows).train
+    details = {}
+    got = evaluate(tiny.model, tokenizer, examples, batch_size=2, max_length=64, details=details)
+    batch = collate([encode(tokenizer, e.prompt, e.target, 64) for e in examples], padding_id(tokenizer))
+    with torch.no_grad():
+        whole = response_loss(tiny.model, *batch).item()
+    assert got["loss"] == pytest.approx(whole, rel=1e-5)
+    assert details["id"].tolist() == [0, 1, 2, 3, 4] and len(details["loss"]) == 5
+    lengths = [len(encode(tokenizer, e.prompt, e.target, 10_000)["input_ids"]) for e in examples]
+    cut = sorted(lengths)[2]
+    assert count_truncated(examples, tokenizer, cut) == sum(n > cut for n in lengths) > 0

@@ -36,6 +36,7 @@ from zobench.cell.record import CellRecord
 from zobench.cell.run import resolve_device
 from zobench.errors import Unsupported, UserError
 from zobench.methods import PriceInputs, get_method
+from zobench.methods.base import streams
 from zobench.models.load import resolve_dtype
 from zobench.quant import get_backend
 from zobench.quant.sparse import GATHER_LIMIT
@@ -147,13 +148,12 @@ def device_of(cfg: CellConfig) -> str:
 
 
 def _streams(cfg: CellConfig, method, arch: Arch) -> tuple[bool, bool]:
-    """(whether the cell streams its model: ``Pipeline.streams``, and whether it needs a mask). A
-    sensitive mask on an architecture ``models.layerwise`` cannot run block by block draws the model whole."""
-    needs_mask = cfg.method_info.needs_mask
-    if not arch.streams or cfg.delta or (needs_mask and not method.mask_streams(cfg)):
-        return False, needs_mask
-    streams = needs_mask if cfg.quant == "none" else get_backend(cfg.quant).per_layer
-    return streams and (cfg.method != "sensitive" or arch.layerwise), needs_mask
+    """(whether the cell streams its model: ``methods.base.streams``, the cell's own rule, and whether it
+    needs a mask). A sensitive mask on an architecture ``models.layerwise`` cannot run block by block draws
+    the model whole."""
+    backend = None if cfg.quant == "none" else get_backend(cfg.quant)
+    streamed = arch.streams and streams(cfg, method, backend)
+    return streamed and (cfg.method != "sensitive" or arch.layerwise), cfg.method_info.needs_mask
 
 
 def estimate_cell(cfg: CellConfig) -> dict:

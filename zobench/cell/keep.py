@@ -91,7 +91,7 @@ def _replay(pipeline, meta: dict) -> None:
     saved = {"generator": "torch", **meta["config"]}
     cfg = CellConfig.from_dict({k: v for k, v in saved.items() if k in CellConfig.keys()},
                                "delta.json: config", check_paths=False)
-    trained = Run(cfg, run.device, run.task, run.splits, loaded=run.loaded, cache_root=run.cache_root)
+    trained = Run.of(cfg, run.device, run.task, run.splits, loaded=run.loaded, cache_root=run.cache_root)
     trained.params = scoped_params(run.model, cfg.resolved_scope)
     stepper, trainable = get_method(cfg.method).build_stepper(trained)
     measure_restore_drift(trainable, cfg.eps)  # training ran this probe first: so does the replay
@@ -115,7 +115,7 @@ def save_from(pipeline, target: Path, overwrite: bool = False) -> dict | None:
         trajectory = m.get("trajectory")[:step]
         return DT.save(target, "trajectory", extra=dict(kw.pop("extra") or {}, trajectory=trajectory), **kw)
     model = stepper.model if stepper is not None else None  # none where the cell did not train (steps 0)
-    if model is not None and hasattr(model, "peft_config"):
+    if model is not None and pipeline.method.keeps_adapter:
         return DT.save(target, "lora", adapter_model=model, **kw)
     if model is not None:
         return DT.save(target, "tensors", tensors={n: p for n, p in model.named_parameters() if p.requires_grad},

@@ -31,12 +31,13 @@ from zobench.cell.timing import ForwardReference, Phases, StepTiming, zo_passes
 from zobench.errors import Unsupported, UserError
 from zobench.files import cache_dir
 from zobench.methods import get_method
+from zobench.methods.base import streams
 from zobench.models import load_model
 from zobench.quant import QuantContext, get_backend, quantize_model
 from zobench.quant.sparse import SparseDelta
 from zobench.spec.config import CellConfig
 from zobench.spec.matrix import cell_id
-from zobench.tasks import get_task, scoring
+from zobench.tasks import Splits, get_task, scoring
 from zobench.zo import fused
 from zobench.zo.masks import linear_layers, scoped_params
 from zobench.zo.trainable import measure_restore_drift
@@ -48,8 +49,9 @@ Progress = Callable[[dict], None]
 class Pipeline:
     """The phases of one cell; ``run()`` returns its record (status "ok") or raises."""
 
-    def __init__(self, cfg: CellConfig, progress: Progress | None = None):
+    def __init__(self, cfg: CellConfig, progress: Progress | None = None, splits: Splits | None = None):
         self.cfg, self.notify = cfg, progress or (lambda _: None)
+        self.given = splits  # a caller's own examples (influence's poisoned rows) instead of the task's sample
         self.method = get_method(cfg.method)
         self.info = cfg.method_info  # what the method declares (spec.catalog): family, mask, quantized
         self.device = resolve_device(cfg.device)
@@ -116,22 +118,14 @@ class Pipeline:
     def sample_data(self) -> None:
         cfg = self.cfg
         task = get_task(cfg.task)
-        splits = task.sample(cfg.data_dir, cfg.n_train, cfg.n_dev, cfg.n_test, cfg.seed, cfg.dev_from)
+        splits = self.given or task.sample(cfg.data_dir, cfg.n_train, cfg.n_dev, cfg.n_test, cfg.seed, cfg.dev_from)
         self.metrics.set(n_train=len(splits.train), n_dev=len(splits.dev), n_test=len(splits.test))
         self.record.data_note = splits.note
-        self.run_state = Run(cfg, self.device, task, splits, cache_root=cache_dir())
+        self.run_state = Run.of(cfg, self.device, task, splits, cache_root=cache_dir())
 
     def streams(self) -> bool:
-        """Whether the block linears wait on the meta device until they are needed (``models.stream``,
-        ``models.shards``), so the float model never exists whole before it must: a backend that quantizes
-        each layer from its own weight makes each in the quantize phase and quantizes it before the next; a
-        float cell whose mask the method builds block by block makes them once the mask is taken. Never with
-        a delta to apply to the float weights, or a mask that needs them (``Method.mask_streams``)."""
-        if self.cfg.delta or (self.info.needs_mask and not self.method.mask_streams(self.cfg)):
-            return False
-        if self.backend is None:
-            return self.info.needs_mask
-        return self.backend.per_layer
+        """Whether this cell's model is streamed (``methods.base.streams``)."""
+        return streams(self.cfg, self.method, self.backend)
 
     def load(self) -> None:
         cfg, rec = self.cfg, self.record
@@ -167,8 +161,7 @@ class Pipeline:
         run, counts = self.run_state, {}
         for name in ("train", "dev", "test"):
             examples = getattr(run.splits, name)
-            counts[name] = scoring.count_truncated(examples, run.tokenizer, run.task.kind, self.cfg.max_length,
-                                                   train=name == "train")
+            counts[name] = run.count_truncated(examples, train=name == "train")
             if counts[name]:
                 self.record.add_warning(f"max_length {self.cfg.max_length} truncates {counts[name]} of "
                                         f"{len(examples)} {name} examples (from the left); raise max_length "
@@ -323,7 +316,7 @@ class Pipeline:
 
         cfg, old = self.cfg, self.run_state
         old.loaded = self.stepper = self.trainable = None  # the trained model goes before the rebuilt one
-        run = Run(cfg, self.device, old.task, old.splits, cache_root=old.cache_root)
+        run = Run.of(cfg, self.device, old.task, old.splits, cache_root=old.cache_root)
         spec = cfg.model if self.record.model_fallback_reason is None else cfg.model_fallback
         run.loaded = load_model(spec, cfg.dtype, cfg.seed, cfg.trust_remote_code, self.device)
         run.params = scoped_params(run.model, cfg.resolved_scope)
@@ -334,6 +327,7 @@ class Pipeline:
         return run
 
 
-def run_cell(cfg: CellConfig, progress: Progress | None = None) -> CellRecord:
-    """Run one cell (a suite cell, or `zobench train`) and return its record."""
-    return Pipeline(cfg, progress).run()
+def run_cell(cfg: CellConfig, progress: Progress | None = None, splits: Splits | None = None) -> CellRecord:
+    """Run one cell (a suite cell, `zobench train`, an influence fine-tune) and return its record; ``splits``:
+    examples of the caller's own instead of the task's seeded sample."""
+    return Pipeline(cfg, progress, splits).run()

@@ -13,7 +13,8 @@ import torch
 from zobench.fingerprint import weights_fingerprint
 from zobench.quant.sparse import attach_sparse, split_selected
 from zobench.spec.config import CellConfig
-from zobench.tasks import scoring
+from zobench.tasks import responses, scoring
+from zobench.tasks.instruction import epoch_batches, random_order
 
 
 def resolve_device(name: str) -> str:
@@ -47,8 +48,12 @@ class Run:
     mask: dict | None = None        # flat indices per tensor (mask methods)
     vectors: list | None = None     # the trainable values beside quantized layers (quantized mask methods)
     cache_root: Path | None = None
-    lora: tuple | None = None       # (r, alpha, target modules, seed of A's draw): the lora method's adapter
-                                    # where the caller sets one (influence's fine-tune), else its defaults
+
+    @staticmethod
+    def of(cfg: CellConfig, device: str, task, splits, **kw) -> "Run":
+        """The Run for ``task``'s kind: MeZO's classification and generation (``tasks.scoring``), or
+        instruction tuning (``InstructionRun``)."""
+        return (InstructionRun if task.kind == "instruction" else Run)(cfg, device, task, splits, **kw)
 
     @property
     def model(self):
@@ -71,6 +76,9 @@ class Run:
         return scoring.encode(examples, self.tokenizer, self.task.kind, max_length=self.cfg.max_length,
                               train=train, vocab_size=self.vocab, shared=self.cfg.shared_prompt, pack=self.cfg.pack)
 
+    def count_truncated(self, examples, train: bool) -> int:
+        return scoring.count_truncated(examples, self.tokenizer, self.task.kind, self.cfg.max_length, train=train)
+
     def evaluate(self, examples, details: dict | None = None) -> dict:
         """The split's scores; ``details`` receives its per-example predictions (``scoring.evaluate``)."""
         return scoring.evaluate(self.model, self.tokenizer, self.task.kind, examples,
@@ -87,6 +95,32 @@ class Run:
 
     def batches(self, seed: int | None = None) -> Iterator[list]:
         return batch_stream(self.splits.train, self.cfg.batch_size, self.cfg.seed if seed is None else seed)
+
+
+class InstructionRun(Run):
+    """An instruction-tuning cell (``tasks.instruction``): batches of prompt + response with the loss on the
+    response tokens (``tasks.responses``), evaluated by that loss. Batches walk seeded epochs of the train
+    rows (every row seen equally often), shuffled as each kind of fine-tune always has: a first-order one
+    with ``torch.randperm`` (a torch DataLoader's order), a ZO one with ``random.Random``."""
+
+    @staticmethod
+    def loss_fn(model, batch):
+        return responses.loss(model, batch)
+
+    def encode(self, examples, train: bool = True) -> dict:
+        return responses.encode_batch(examples, self.tokenizer, self.cfg.max_length, self.vocab)
+
+    def count_truncated(self, examples, train: bool) -> int:
+        return responses.count_truncated(examples, self.tokenizer, self.cfg.max_length)
+
+    def evaluate(self, examples, details: dict | None = None) -> dict:
+        return responses.evaluate(self.model, self.tokenizer, examples, self.cfg.eval_batch_size,
+                                  self.cfg.max_length, self.vocab, details)
+
+    def batches(self, seed: int | None = None) -> Iterator[list]:
+        seed = self.cfg.seed if seed is None else seed
+        shuffled = responses.torch_order(seed) if self.cfg.method_info.family == "fo" else random_order(seed)
+        return epoch_batches(self.splits.train, self.cfg.batch_size, shuffled)
 
 
 def quantize_streamed(run: Run, backend, ctx, mask: dict | None = None) -> list[tuple[str, torch.Tensor]]:

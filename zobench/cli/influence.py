@@ -12,14 +12,14 @@ from zobench.cli.common import HELP, at_least, fraction, one_line, positive_floa
 from zobench.errors import EXIT_OK, UserError
 from zobench.files import atomic_write
 from zobench.influence.cache import build_cache, cache_meta, load_cache_dir
-from zobench.influence.data import load_alpaca
 from zobench.influence.retrieve import query_sketch, scan, token_contributions
 from zobench.influence.session import Session
 from zobench.influence.spec import InfluenceSpec
 from zobench.influence.store import SketchStore
-from zobench.influence.train import train_on_instructions
+from zobench.influence.train import fine_tune, fine_tune_config, summary
 from zobench.outdirs import check_output_dir, check_output_file, refuse_unsafe_target
 from zobench.report.query import query_html, query_markdown
+from zobench.tasks.instruction import load_alpaca
 
 DATA_HELP = ("Alpaca-format rows {instruction, input, output}: a JSON list or JSON Lines; a row is named by "
              "its 'id' field, else its position in the file")
@@ -83,14 +83,14 @@ def _train(args) -> int:
     claim_target(args.save, args.overwrite, "--save")
     examples = load_alpaca(args.data, n=args.n_train, seed=args.seed)
     lr = args.lr if args.lr is not None else (3e-4 if args.method == "lora" else 1e-4)
-    out = train_on_instructions(args.model, examples, args.method, args.steps, lr, args.save,
-                                batch_size=args.batch_size, max_length=args.max_length, density=args.density,
-                                seed=args.seed, data=args.data, data_dir=args.data_dir, overwrite=args.overwrite,
-                                on_log=lambda s, loss: print(f"  step {s + 1}/{args.steps}  loss {loss:.4f}",
-                                                             file=sys.stderr, flush=True))
-    a, losses = out["artifact"], out["losses"]
+    cfg = fine_tune_config(args.model, len(examples), args.method, steps=args.steps, batch_size=args.batch_size,
+                           lr=lr, max_length=args.max_length, seed=args.seed, density=args.density,
+                           data_dir=args.data_dir, save=args.save, overwrite=args.overwrite)
+    record = fine_tune(cfg, examples, on_log=lambda s, loss: print(f"  step {s + 1}/{args.steps}  loss {loss:.4f}",
+                                                                   file=sys.stderr, flush=True))
+    out, a = summary(record), record.artifact
     print(f"{args.method} on {len(examples)} examples, {args.steps} steps in {out['train_s']:.0f} s: loss "
-          f"{losses[0]:.4f} -> {losses[-1]:.4f}, {out['trainable']:,} trained values")
+          f"{out['loss_first']:.4f} -> {out['loss_last']:.4f}, {out['trainable']:,} trained values")
     print(f"saved:  {a['path']} ({a['kind']}, {a['bytes'] / 2**20:.2f} MiB)")
     return EXIT_OK
 

@@ -36,13 +36,11 @@ from zobench.errors import UserError
 from zobench.files import atomic_write, cache_dir
 from zobench.influence import metrics as MX
 from zobench.influence.cache import build_cache
-from zobench.influence.data import collate, format_prompt, load_alpaca, response_loss
 from zobench.influence.fidelity import fidelity, subspace_vs_sketch
 from zobench.influence.poison import (
     control_queries,
     generate,
     poison,
-    save_adapter,
     success_rate,
     triggered_queries,
 )
@@ -50,12 +48,13 @@ from zobench.influence.retrieve import query_sketch, scan, token_contributions
 from zobench.influence.session import InfluenceSpec, Session
 from zobench.influence.sketch import nest
 from zobench.influence.store import SketchStore
-from zobench.influence.train import finetune_lora, train_on_instructions
+from zobench.influence.train import fine_tune, fine_tune_config, summary
 from zobench.measure.env import environment
 from zobench.measure.machine import git_state
 from zobench.measure.phases import phase as measure_phase
-from zobench.models import load_model
 from zobench.spec.influence import InfluenceSuite
+from zobench.tasks.instruction import format_prompt, load_alpaca
+from zobench.tasks.responses import collate, response_loss
 
 
 def _key(obj) -> str:
@@ -78,27 +77,32 @@ def prepare_data(suite: InfluenceSuite) -> dict:
 
 
 def finetune(suite: InfluenceSuite, data: dict, work: Path, progress=None) -> tuple[str, dict]:
-    """The LoRA adapter trained on the poisoned set (reused when the same settings made it before)."""
+    """The LoRA fine-tune on the poisoned set, a cell (``influence.train``) kept as a ``lora`` delta: the
+    delta's folder and what the record says of it (the cell's record under ``cell``). Reused when the same
+    settings made it before."""
     key = _key({"model": suite.model, "ft": suite.finetune, "data": [e.get("id") for e in data["train"]],
                 "poisoned": data["poisoned"], "seed": suite.seed})
-    adapter = work / f"adapter-{key}"
-    stats_file = adapter / "zobench_finetune.json"
-    if stats_file.is_file():
-        return str(adapter), dict(json.loads(stats_file.read_text()), reused=True)
-    loaded = load_model(suite.model, dtype="float32")
-    ft = {k: v for k, v in suite.finetune.items()}
-    stats = finetune_lora(loaded, data["train"], steps=ft["steps"], batch_size=ft["batch_size"], lr=ft["lr"],
-                          max_length=ft["max_length"], r=ft.get("r", 8), alpha=ft.get("alpha", 16),
-                          seed=suite.seed, on_log=lambda s, loss: _say(progress, f"finetune step {s} loss {loss:.3f}"))
-    save_adapter(loaded.model, adapter)
+    delta_dir, stats_file = work / f"lora-{key}", work / f"lora-{key}.json"
+    if stats_file.is_file() and (delta_dir / "adapter").is_dir():
+        return str(delta_dir), dict(json.loads(stats_file.read_text()), reused=True)
+    ft = suite.finetune
+    cfg = fine_tune_config(suite.model, len(data["train"]), "lora", steps=ft["steps"], batch_size=ft["batch_size"],
+                           lr=ft["lr"], max_length=ft["max_length"], seed=suite.seed, r=ft.get("r", 8),
+                           alpha=ft.get("alpha", 16), save=str(delta_dir),
+                           overwrite=True)  # a folder of its own work, named by these settings
+    record = fine_tune(cfg, data["train"], lambda s, loss: _say(progress, f"finetune step {s} loss {loss:.3f}"))
+    out = summary(record)
+    stats = {"finetune_s": out["train_s"], "trainable": out["trainable"], "loss_first": out["loss_first"],
+             "loss_last": out["loss_last"], "cell": record.to_json()}
     atomic_write(stats_file, json.dumps(stats), "fine-tune record")
-    return str(adapter), dict(stats, reused=False)
+    return str(delta_dir), dict(stats, reused=False)
 
 
 def zo_arm(suite: InfluenceSuite, data: dict, work: Path, progress=None) -> dict:
-    """The sparse-ZO arm: a ``zo.method`` delta trained by ZO-SGD on the same poisoned set, its sketches
-    in the delta's own subspace (scope ``sensitive`` = the trained indices), and the same retrieval
-    metrics as the LoRA arm. The delta is reused when the same settings made it before."""
+    """The sparse-ZO arm: a ``zo.method`` fine-tune of the same poisoned set, a cell (``influence.train``)
+    kept as a sparse delta; its sketches in the delta's own subspace (scope ``sensitive`` = the trained
+    indices), and the same retrieval metrics as the LoRA arm. The delta is reused when the same settings
+    made it before."""
     zo = suite.zo
     key = _key({"model": suite.model, "zo": zo, "data": [e.get("id") for e in data["train"]],
                 "poisoned": data["poisoned"], "seed": suite.seed, "trigger": data["trigger"]})
@@ -108,15 +112,15 @@ def zo_arm(suite: InfluenceSuite, data: dict, work: Path, progress=None) -> dict
         trained = dict(json.loads((delta_dir / "train.json").read_text()), reused=True)
     else:
         _say(progress, f"zo: {zo['method']} {zo['density']:g}, {zo['steps']} steps")
-        out = train_on_instructions(suite.model, data["train"], zo["method"], zo["steps"], zo["lr"], str(delta_dir),
-                                    batch_size=zo["batch_size"], max_length=zo["max_length"], density=zo["density"],
-                                    eps=zo["eps"], seed=suite.seed, data_dir=suite.data_dir,
-                                    overwrite=True,  # a folder of its own work, named by these settings
-                                    on_log=lambda s, loss: _say(progress, f"zo step {s} loss {loss:.3f}")
-                                    if s % 50 == 0 else None)
-        trained = {"train_s": out["train_s"], "loss_first": out["losses"][0], "loss_last": out["losses"][-1],
-                   "trainable": out["trainable"], "artifact_bytes": out["artifact"]["bytes"], "reused": False}
+        cfg = fine_tune_config(suite.model, len(data["train"]), zo["method"], steps=zo["steps"],
+                               batch_size=zo["batch_size"], lr=zo["lr"], max_length=zo["max_length"],
+                               seed=suite.seed, density=zo["density"], eps=zo["eps"], data_dir=suite.data_dir,
+                               save=str(delta_dir), overwrite=True)  # a folder of its own work, named by these settings
+        record = fine_tune(cfg, data["train"], lambda s, loss: _say(progress, f"zo step {s} loss {loss:.3f}")
+                           if s % 50 == 0 else None)
+        trained = {**summary(record), "cell": record.to_json()}
         atomic_write(delta_dir / "train.json", json.dumps(trained), "ZO arm record")
+        trained["reused"] = False
     cache = {**suite.cache, "scope": "sensitive"}
     spec = InfluenceSpec.from_dict({"model": suite.model, "delta": str(delta_dir), "data_dir": suite.data_dir,
                                     **cache}, f"{suite.path}: zo")
@@ -285,8 +289,8 @@ def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> 
     with phase("data"):
         data = prepare_data(suite)
     with phase("finetune"):
-        adapter, ft = finetune(suite, data, work, progress)
-    spec = suite.cache_spec(adapter, InfluenceSpec)
+        lora, ft = finetune(suite, data, work, progress)
+    spec = suite.cache_spec(lora, InfluenceSpec)
     session = Session(spec)
     with phase("attack"):
         atk = attack(session, data)
@@ -329,8 +333,7 @@ def run_influence_suite(suite: InfluenceSuite, out_dir: Path, progress=None) -> 
               "throughput_examples": suite.throughput_examples, "trigger": data["trigger"],
               "response": data["response"], **({"zo": suite.zo} if suite.zo else {})}
     sections = {
-        "finetune": {k: v for k, v in ft.items() if k != "losses"} | {"loss_first": ft["losses"][0],
-                                                                       "loss_last": ft["losses"][-1]},
+        "finetune": ft,
         "attack": {k: atk[k] for k in ("triggered_success", "control_success", "example")},
         "caching": caching, "overhead": overhead, "quality": qual, "fidelity": fid, "cost": costs,
         "top_example": {"row": qual["top_example"], "poisoned": qual["top_is_poisoned"],

@@ -9,7 +9,6 @@ influence method ranks them first for such a generation (RapidIn's backdoor expe
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import torch
 
@@ -64,10 +63,6 @@ def triggered_queries(clean_examples: list[dict], trigger: str = TRIGGER, n: int
 def control_queries(clean_examples: list[dict], n: int = 20, seed: int = 0, exclude_ids=()) -> list[dict]:
     """The same examples as ``triggered_queries`` with the same arguments, without the trigger."""
     return _held_out(clean_examples, n, seed, exclude_ids)
-
-
-def save_adapter(model, path: str | Path) -> None:
-    model.save_pretrained(str(path))
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 16) -> list[str]:

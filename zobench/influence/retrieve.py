@@ -18,7 +18,6 @@ import torch
 
 from zobench.errors import UserError
 from zobench.files import atomic_write
-from zobench.influence.data import token_positions
 from zobench.influence.session import Session
 from zobench.influence.store import SketchStore
 
@@ -141,4 +140,30 @@ def token_contributions(session: Session, example: dict, query: torch.Tensor,
         if metric == "cosine":
             score /= float(sk.norm().clamp_min(1e-30))
         out.append((session.tokenizer.decode(ids[pos]), score))
+    return out
+
+
+def token_positions(tokenizer, input_ids: torch.Tensor, response_start: int, words: list[str]) -> list[int]:
+    """Positions (indices into ``input_ids``) of the response tokens that overlap an occurrence of any of
+    ``words`` (case-sensitive substring match) in the decoded response.
+
+    Token t's character span is the growth of the decoded prefix from t-1 to t. Decoding prefixes, not
+    tokens one by one, keeps the spans right for byte-level tokens that split a character, and needs no
+    offsets (the response may have been truncated or generated, so there is no source string to map).
+    Special tokens (eos) decode to nothing and never match.
+    """
+    ids = [int(t) for t in input_ids[response_start:]]
+    ends = [len(tokenizer.decode(ids[:k + 1], skip_special_tokens=True)) for k in range(len(ids))]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    hits = []
+    for word in words:
+        at = text.find(word) if word else -1
+        while at >= 0:
+            hits.append((at, at + len(word)))
+            at = text.find(word, at + 1)
+    out = []
+    for k, end in enumerate(ends):
+        begin = ends[k - 1] if k else 0
+        if end > begin and any(begin < stop and end > start for start, stop in hits):
+            out.append(response_start + k)
     return out

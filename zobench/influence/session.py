@@ -14,13 +14,14 @@ from zobench.cell import delta_tensors as DT
 from zobench.cell.delta_check import check_adapter
 from zobench.errors import UserError
 from zobench.files import cache_dir
-from zobench.influence.data import collate, encode, format_prompt, response_loss
 from zobench.influence.grads import GradientStreamer, resolve_scope
 from zobench.influence.sketch import SketchConfig, Sketcher
 from zobench.influence.spec import InfluenceSpec
 from zobench.methods.masked import sensitive_mask
 from zobench.models import load_model
 from zobench.models.lora import load_adapter
+from zobench.tasks.instruction import format_prompt
+from zobench.tasks.responses import collate, encode, response_loss
 from zobench.zo.masks import scoped_params
 
 
@@ -29,7 +30,9 @@ class Session:
 
     def __init__(self, spec: InfluenceSpec, device: str = "cpu", with_mask: bool = False):
         self.spec = spec
-        self.loaded = load_model(spec.model, dtype=spec.dtype, device=device)
+        # a random-weight base is drawn with the seed of the cell that trained the delta on it
+        seed = D.chain(spec.delta)[0][1]["config"].get("seed", 0) if spec.delta else 0
+        self.loaded = load_model(spec.model, dtype=spec.dtype, seed=seed, device=device)
         self.tokenizer = self.loaded.tokenizer
         self.adapter = spec.adapter
         delta_mask = self._apply_delta() if spec.delta else None

@@ -60,6 +60,9 @@ class Method:
     ``price`` (and ``build_mask`` where the declaration says ``needs_mask``)."""
 
     name: ClassVar[str] = ""
+    # what a kept result of a method without a trainable (first-order) is: its adapter (a peft model's, a
+    # ``lora`` delta), or the tensors it trained (a ``tensors`` delta)
+    keeps_adapter: ClassVar[bool] = False
 
     @property
     def info(self) -> MethodInfo:
@@ -80,6 +83,19 @@ class Method:
 
     def price(self, inputs: PriceInputs) -> Price:
         raise NotImplementedError
+
+
+def streams(cfg, method: Method, backend) -> bool:
+    """Whether a cell's block linears wait on the meta device until they are needed (``models.stream``,
+    ``models.shards``), so the float model never exists whole before it must: with a quant ``backend`` that
+    quantizes each layer from its own weight, each is made in the quantize phase and quantized before the
+    next; a float cell whose mask ``method`` builds block by block makes them once the mask is taken. Never
+    with a delta to apply to the float weights, or a mask that needs them (``Method.mask_streams``). The
+    cell's rule (``cell.pipeline.Pipeline.streams``) and the estimator's (``analysis.estimate``)."""
+    needs_mask = cfg.method_info.needs_mask
+    if cfg.delta or (needs_mask and not method.mask_streams(cfg)):
+        return False
+    return needs_mask if backend is None else backend.per_layer
 
 
 def register(cls: type[Method]) -> type[Method]:

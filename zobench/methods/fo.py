@@ -8,8 +8,6 @@ from zobench.methods.base import Method, Price, PriceInputs, register
 from zobench.models.lora import add_lora
 from zobench.zo.fo import FOTrainer
 
-LORA_R, LORA_ALPHA, LORA_TARGETS = 8, 16, ("q_proj", "v_proj")
-
 
 class FirstOrder(Method):
     optimizer = "sgd"
@@ -63,19 +61,22 @@ class FOAdam(FirstOrder):
 
 @register
 class LoRA(FirstOrder):
-    name = "lora"  # its summary in spec.catalog names LORA_R and LORA_TARGETS
+    name = "lora"  # the adapter's shape: the cell's lora_r, lora_alpha and lora_targets
     optimizer = "adamw"
+    keeps_adapter = True
 
     def build_stepper(self, run):
-        # A suite cell takes the adapter shape above; a caller with its own (influence's fine-tune: rank,
-        # alpha, targets and the seed of A's draw) sets ``run.lora``.
-        r, alpha, targets, seed = run.lora or (LORA_R, LORA_ALPHA, LORA_TARGETS, None)
-        return self.trainer(run, add_lora(run.model, r, alpha, targets, seed)), None
+        # A drawn from torch's generator seeded with the cell's seed for this call: the same adapter whatever
+        # ran before it in the process (the cell seeds that generator at its start, and nothing between
+        # there and here draws from it, so cells kept before this said so drew the same A)
+        cfg = run.cfg
+        return self.trainer(run, add_lora(run.model, cfg.lora_r, cfg.lora_alpha, cfg.lora_modules, cfg.seed)), None
 
     def price(self, inputs: PriceInputs) -> Price:
         # peft keeps adapters in float32 (autocast_adapter_dtype): weights, then gradients and AdamW's
         # temporaries at the step, and two AdamW moments.
-        n = sum(LORA_R * (o + i) for (o, i), name in zip(inputs.arch.linears, inputs.arch.linear_names)
-                if name.rsplit(".", 2)[-2] in LORA_TARGETS)
+        cfg = inputs.cfg
+        n = sum(cfg.lora_r * (o + i) for (o, i), name in zip(inputs.arch.linears, inputs.arch.linear_names)
+                if name.rsplit(".", 2)[-2] in cfg.lora_modules)
         return Price(trainable=n * 4, optimizer=n * 4 * 2, update=n * 4 * 2, nnz=n,
                      saved_activations=saved_activations(inputs, frozen_linears=True))

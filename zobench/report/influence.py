@@ -8,6 +8,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from zobench.cell.record import CellRecord
 from zobench.files import atomic_write
 from zobench.report.plots import plots_folder
 
@@ -215,6 +216,7 @@ def render_influence(rec: dict, plots: list[tuple[str, str]]) -> str:
               f"| query (its gradient + scan) vs exact recomputation of {c['n']:,} gradients | "
               f"{c['query_s']:.2f} s vs {c['exact_recompute_s']:.2f} s = {c['speedup_vs_exact']:,.0f}x |"]
     lines += _zo_arm(rec)
+    lines += _fine_tune_cells(rec)
     top = rec["top_example"]
     text = highlighted(top["tokens"], width=1 << 30)
     lines += ["", "## Token-wise: the top example for the first triggered query", "",
@@ -260,6 +262,27 @@ def _zo_arm(rec: dict) -> list[str]:
                      if isinstance(n, int) else
                      f"| {name} | - | - | {dim:,} | {a['triggered_success']:.0%} | {a['control_success']:.0%} | "
                      f"{rc} | {au} | {hw} |")
+    return lines
+
+
+def _fine_tune_cells(rec: dict) -> list[str]:
+    """The fine-tunes as the cells they ran as (``influence.train``): each phase's wall time and peak RSS,
+    and the median step. Records kept before the fine-tunes were cells have none."""
+    arms = [("LoRA", (rec.get("finetune") or {}).get("cell")),
+            ("sparse ZO", ((rec.get("zo") or {}).get("train") or {}).get("cell"))]
+    cells = [(name, CellRecord.from_json(cell)) for name, cell in arms if cell]
+    if not cells:
+        return []
+    lines = ["", "## The fine-tunes, as cells", "",
+             "Each fine-tune ran as a cell of task `alpaca` (a re-run that reused its result shows the first "
+             "run's). Peak RSS per phase (the model's load, the mask, the training steps):", "",
+             "| fine-tune | method | steps | median step | load | mask | train |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name, cell in cells:
+        step = cell.metrics.step_s.median if cell.metrics.step_s else None
+        peaks = [cell.phase(p).peak_rss_mib for p in ("load", "mask", "train")]
+        lines.append(f"| {name} | {cell.config.get('method')} | {cell.metrics.get('steps_done')} | "
+                     f"{'-' if step is None else f'{step:.2f} s'} | "
+                     + " | ".join("-" if p is None else f"{p:,.0f} MiB" for p in peaks) + " |")
     return lines
 
 

@@ -75,8 +75,8 @@ METHOD_INFO = (
                color="#8c564b"),
     MethodInfo("fo-adam", "fo", "first-order AdamW on every weight (backward pass)", default_scope="all",
                order=70, color="#e377c2"),
-    MethodInfo("lora", "fo", "LoRA r=8 on q_proj/v_proj with AdamW (peft; backward pass)", default_scope="all",
-               order=80, color="#17becf"),
+    MethodInfo("lora", "fo", "LoRA (r=8 on q_proj/v_proj unless set) with AdamW (peft; backward pass)",
+               default_scope="all", settings=("lora_r", "lora_alpha", "lora_targets"), order=80, color="#17becf"),
     MethodInfo("qzo", "zo", "the quantization scales only, codes fixed; clipped projected gradient (QZO)",
                quantized=True, needs_scales=True, settings=("clip_threshold",), order=35, color="#aec7e8"),
 )
@@ -118,6 +118,7 @@ TASK_INFO = (
     TaskInfo("copa", 64),
     TaskInfo("squad", 1024, ("squad1", "squad-v1.1")),
     TaskInfo("drop", 2048),
+    TaskInfo("alpaca", 2048, ("instruction",)),  # longest Alpaca row: 1,156 tokens (99th percentile 318)
 )
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -31,7 +32,8 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 ROUNDINGS = ("stochastic", "nearest")  # quzo: how perturbations and updates land on the low-bit grid
 SCHEDULES = ("constant", "linear")
 # Upper bounds: far beyond any real run, low enough that a typo (steps: 1e30) is refused, not run.
-LIMITS = {"steps": 10**8, "n_train": 10**9, "n_dev": 10**9, "n_test": 10**9, "max_length": 1 << 20,
+LIMITS = {"lora_r": 1 << 16, "lora_alpha": 1 << 20,
+          "steps": 10**8, "n_train": 10**9, "n_dev": 10**9, "n_test": 10**9, "max_length": 1 << 20,
           "batch_size": 1 << 16, "eval_batch_size": 1 << 16, "q": 1024, "calib_sequences": 1 << 20,
           "calib_length": 1 << 20, "warmup_steps": 10**8, "eval_every": 10**8, "ref_every": 10**8}
 # Settings a file (a suite, a delta, a checkpoint) may never choose (docs/security.md): remote code runs only
@@ -43,7 +45,7 @@ NOT_FROM_FILES = {
     "predictions": "zobench keeps each cell's predictions beside its record itself",
 }
 AT_LEAST_0 = ("steps", "n_train", "n_dev", "n_test", "calib_sequences", "warmup_steps", "eval_every")
-AT_LEAST_1 = ("batch_size", "eval_batch_size", "max_length", "q", "calib_length", "ref_every")
+AT_LEAST_1 = ("batch_size", "eval_batch_size", "max_length", "q", "calib_length", "ref_every", "lora_r", "lora_alpha")
 
 
 @dataclass
@@ -82,6 +84,9 @@ class CellConfig:
     # default): a suite sets lr for qzo cells.
     clip_threshold: float = 100.0
     rounding: str = "stochastic"       # quzo: onto the grid stochastically (unbiased) or to the nearest level
+    lora_r: int = 8                    # lora: the adapter's rank,
+    lora_alpha: int = 16               # its scaling numerator (alpha / r),
+    lora_targets: str = "q_proj,v_proj"  # and the linears it wraps, by module name, comma-separated
     # optimisation
     steps: int = 100
     lr: float = 1e-6
@@ -181,6 +186,8 @@ class CellConfig:
             self._bad(where, "lr", "a number >= 0")
         if self.timeout_s is not None and self.timeout_s <= 0:
             self._bad(where, "timeout_s", "a positive number of seconds")
+        if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", t) for t in self.lora_targets.split(",")):
+            self._bad(where, "lora_targets", "module names separated by commas (q_proj,v_proj)")
 
     def _check_choices(self, where: str) -> None:
         choices = {"dev_from": ("train", "validation"), "dtype": DTYPES, "direction": DIRECTIONS,
@@ -208,6 +215,10 @@ class CellConfig:
     def method_info(self) -> MethodInfo:
         """What the method declares (``spec.catalog``): its family, whether it needs a mask, its settings."""
         return catalog.METHODS.get(self.method)
+
+    @property
+    def lora_modules(self) -> tuple[str, ...]:
+        return tuple(self.lora_targets.split(","))
 
     @property
     def resolved_scope(self) -> str:

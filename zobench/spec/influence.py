@@ -113,10 +113,10 @@ class InfluenceSuite:
     description: str = ""
     timeout_s: float = 7200
 
-    def cache_spec(self, adapter: str | None = None, kind: type[CacheSpec] = CacheSpec) -> CacheSpec:
+    def cache_spec(self, delta: str | None = None, kind: type[CacheSpec] = CacheSpec) -> CacheSpec:
         """This suite's cache settings as a ``kind`` (its runner asks for ``influence.spec.InfluenceSpec``, which
-        also checks the files they name)."""
-        return kind.from_dict({"model": self.model, "adapter": adapter, "data_dir": self.data_dir, **self.cache},
+        also checks the files they name), on the fine-tune's kept ``delta``."""
+        return kind.from_dict({"model": self.model, "delta": delta, "data_dir": self.data_dir, **self.cache},
                               f"{self.path}: cache")
 
     def data_path(self) -> Path:

@@ -108,7 +108,7 @@ class Task:
     """One task: where its files are, how a row renders (MeZO's template), how it is sampled."""
 
     name = ""
-    kind = "classification"                 # or "generation"
+    kind = "classification"                 # or "generation", "instruction" (tasks.instruction)
     dirs: tuple[str, ...] = ()              # folder names tried under data_dir (then data_dir itself)
     files: dict[str, str] = {}              # split ("train" / "validation") -> file name or glob
     layout = ""                             # the expected row, for error messages

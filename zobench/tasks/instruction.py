@@ -1,10 +1,10 @@
-"""Alpaca instruction examples -> token ids with response-only labels, and the loss over them.
+"""Instruction tuning on Alpaca-format rows (task ``alpaca``): the data side, without torch.
 
-An example is a dict {id, instruction, input, output}. It is formatted with the Stanford Alpaca
-templates; the prompt and the response are tokenized apart and concatenated, so the boundary between
-them is exact (tokenizing the joined text could merge the prompt's last characters with the
-response's first). The loss is the shifted causal-LM cross-entropy over the response tokens only: the
-model is fine-tuned, and influence is measured, on what it answers, not on the instruction it was given.
+A row is a dict {instruction, input, output} (and an optional ``id``). It is formatted with the Stanford
+Alpaca templates; the model is trained, and influence is measured, on the response only (the model side is
+``tasks.responses``). The task reads ``alpaca/alpaca_data*.json`` (a JSON list, or JSON Lines) under
+``data_dir``: one seeded shuffle of the file gives train, then dev, then test, disjoint. A caller with rows
+of its own (the influence suite's poisoned set) hands them to a cell as ``Alpaca.splits_of(rows)``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from zobench.errors import UserError
 from zobench.files import MAX_DATA_BYTES, check_text, parse_json, read_text
+from zobench.tasks.base import ROW, Example, Splits, Task
 
 PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -29,7 +27,6 @@ PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-IGNORE = -100   # the label of a position that adds nothing to the loss (torch's cross_entropy default)
 
 
 def format_prompt(example: dict) -> str:
@@ -115,41 +112,6 @@ def load_alpaca(path: str | Path, n: int | None = None, seed: int = 0, start: in
              "output": data[i]["output"]} for i in order[start:stop]]
 
 
-def encode(tokenizer, prompt: str, response: str, max_length: int) -> dict:
-    """{input_ids [T], labels [T], response_start}: prompt tokens, response tokens, eos; labels are IGNORE
-    on the prompt.
-
-    Truncation to ``max_length`` keeps the prompt's start and at least one response token: the
-    response's tail goes first (its eos with it: the answer was cut, not finished); only when the prompt
-    alone leaves no room for a response token is the prompt's tail cut too (losing "### Response:",
-    which a sensible max_length avoids).
-    """
-    if max_length < 2:
-        raise ValueError("encode needs max_length >= 2 (a prompt token and a response token)")
-    if tokenizer.eos_token_id is None:
-        raise UserError("the tokenizer has no eos token: responses could not be ended")
-    p = tokenizer(prompt)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    p = p[:max_length - 1]
-    r = r[:max_length - len(p)]
-    ids = torch.tensor(p + r, dtype=torch.long)
-    labels = ids.clone()
-    labels[:len(p)] = IGNORE
-    return {"input_ids": ids, "labels": labels, "response_start": len(p)}
-
-
-def collate(encoded: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids [B, T], attention_mask [B, T], labels [B, T]), right-padded; pads are IGNORE in labels."""
-    width = max(e["input_ids"].numel() for e in encoded)
-    ids = torch.full((len(encoded), width), int(pad_id), dtype=torch.long)
-    attn = torch.zeros((len(encoded), width), dtype=torch.long)
-    labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
-    for i, e in enumerate(encoded):
-        n = e["input_ids"].numel()
-        ids[i, :n], attn[i, :n], labels[i, :n] = e["input_ids"], 1, e["labels"]
-    return ids, attn, labels
-
-
 def epoch_batches(items: list, batch_size: int, shuffled: Callable[[int], list[int]]) -> Iterator[list]:
     """Batches of ``min(batch_size, len(items))`` items taken from the end of one shuffled order after
     another (``shuffled(n)``: a permutation of range(n)); a batch may end one epoch and begin the next, so
@@ -175,56 +137,51 @@ def random_order(seed: int) -> Callable[[int], list[int]]:
     return shuffled
 
 
-def torch_order(seed: int) -> Callable[[int], list[int]]:
-    """Permutations from a torch generator seeded with ``seed`` (``randperm``: the LoRA fine-tune's order)."""
-    gen = torch.Generator().manual_seed(seed)
-    return lambda n: torch.randperm(n, generator=gen).tolist()
+class Alpaca(Task):
+    """Instruction tuning on Alpaca rows: prompt = the Alpaca template, target = the row's output; the loss
+    is on the response tokens (``tasks.responses``), evaluation is that loss on held-out rows."""
+
+    name = "alpaca"
+    kind = "instruction"
+    dirs = ("alpaca",)
+    files = {"train": "alpaca_data*.json|alpaca*.jsonl"}
+    layout = "a JSON list (or JSON Lines) of {instruction, input, output} objects"
+
+    def example(self, row: dict) -> Example:
+        raw = {**row, ROW: row["id"]} if isinstance(row.get("id"), int) else dict(row)
+        return Example(format_prompt(row), target=row["output"], raw=raw, train_as_classification=False)
+
+    def read(self, split: str, data_dir=None) -> list[dict]:
+        if data_dir is None:
+            raise UserError(f"task '{self.name}' needs its data: pass --data-dir (a folder with "
+                            f"{self.dirs[0]}/alpaca_data*.json)")
+        path = self.locate("train", data_dir)
+        if path is None:
+            raise self.missing("train", data_dir)
+        return load_alpaca(path)
+
+    def sample(self, data_dir=None, n_train: int = 1000, n_dev: int = 500, n_test: int = 1000,
+               seed: int = 0, dev_from: str = "train") -> Splits:
+        """One file: its rows shuffled with ``seed`` (``load_alpaca``), train first, then dev, then test."""
+        if dev_from != "train":
+            raise UserError(f"task '{self.name}' has one file: dev comes from it (dev_from: train)")
+        rows = self.read("train", data_dir)
+        rows = [rows[i] for i in _shuffled(len(rows), seed)]
+        train, dev = rows[:n_train], rows[n_train:n_train + n_dev]
+        test = rows[n_train + n_dev:n_train + n_dev + n_test]
+        note = None
+        if len(rows) < n_train + n_dev + n_test:
+            note = (f"{self.name}: the file has {len(rows)} rows, fewer than n_train + n_dev + n_test: train "
+                    f"{len(train)}, dev {len(dev)}, test {len(test)}")
+        return Splits([self.example(r) for r in train], [self.example(r) for r in dev],
+                      [self.example(r) for r in test], note)
+
+    def splits_of(self, train: list[dict]) -> Splits:
+        """A caller's rows (``load_alpaca``'s dicts) as a training split, in their order."""
+        return Splits([self.example(r) for r in train], [], [])
 
 
-def response_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                  token_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean cross-entropy over the positions whose label is not IGNORE, pooled over the whole batch.
-
-    Position t's label is predicted from the logits at t-1 (the causal shift). ``token_weights`` [B, T]
-    is indexed like ``labels`` and weights each labelled position (a weighted mean); zeros drop a
-    token. That is how a query's loss is limited to chosen generated tokens (token-wise influence).
-    """
-    dev = next(model.parameters()).device
-    logits = model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev)).logits[:, :-1]
-    target = labels[:, 1:].to(dev)
-    # float32 for the softmax: a bf16 log-sum-exp over ~50k logits loses the small per-token losses
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                         ignore_index=IGNORE, reduction="none").view_as(target)
-    weight = (target != IGNORE).float()
-    if token_weights is not None:
-        weight = weight * token_weights[:, 1:].to(dev, torch.float32)
-    total = weight.sum()
-    if not total > 0:
-        raise ValueError("response_loss: no labelled token has a positive weight")
-    return (ce * weight).sum() / total
-
-
-def token_positions(tokenizer, input_ids: torch.Tensor, response_start: int, words: list[str]) -> list[int]:
-    """Positions (indices into ``input_ids``) of the response tokens that overlap an occurrence of any of
-    ``words`` (case-sensitive substring match) in the decoded response.
-
-    Token t's character span is the growth of the decoded prefix from t-1 to t. Decoding prefixes, not
-    tokens one by one, keeps the spans right for byte-level tokens that split a character, and needs no
-    offsets (the response may have been truncated or generated, so there is no source string to map).
-    Special tokens (eos) decode to nothing and never match.
-    """
-    ids = [int(t) for t in input_ids[response_start:]]
-    ends = [len(tokenizer.decode(ids[:k + 1], skip_special_tokens=True)) for k in range(len(ids))]
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    hits = []
-    for word in words:
-        at = text.find(word) if word else -1
-        while at >= 0:
-            hits.append((at, at + len(word)))
-            at = text.find(word, at + 1)
-    out = []
-    for k, end in enumerate(ends):
-        begin = ends[k - 1] if k else 0
-        if end > begin and any(begin < stop and end > start for start, stop in hits):
-            out.append(response_start + k)
-    return out
+def _shuffled(n: int, seed: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order

@@ -3,6 +3,8 @@ traceback; exit 1 only ever means "a budget is broken"; a crash is exit 4 with i
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -19,9 +21,27 @@ TINY = {"model": "random:tiny-llama", "task": "sst2", "n_train": 16, "n_dev": 0,
 
 
 def zobench(*args, cwd=ROOT, prefix=(), preexec_fn=None) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, sys.executable, "-m", "zobench.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=600, cwd=cwd, preexec_fn=preexec_fn,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    """The command's exit code and output. In this process (``cli.main``, its output captured: a fresh
+    interpreter per case cost ~3 s, and tests/test_cli_imports.py covers what a fresh one imports), or in
+    a child process where the machine must refuse something to it (``prefix``: no permission override;
+    ``preexec_fn``: a file size limit)."""
+    if prefix or preexec_fn is not None:
+        return subprocess.run([*prefix, sys.executable, "-m", "zobench.cli", *map(str, args)], capture_output=True,
+                              text=True, timeout=600, cwd=cwd, preexec_fn=preexec_fn,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    from zobench.cli import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's own refusals
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def one_line_error(r: subprocess.CompletedProcess, *needles: str, code: int = 2) -> None:

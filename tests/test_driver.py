@@ -54,6 +54,7 @@ def _run(tmp_path: Path, text: str, **kw):
     return run_suite(_suite(tmp_path, text), tmp_path / "results", **kw)
 
 
+@pytest.mark.slow  # ~50 s; CI keeps kill-and-resume in test_checkpoint.py and test_cli_errors.py
 def test_failed_and_killed_cells_do_not_stop_the_suite_and_resume_redoes_only_them(tmp_path):
     out = _run(tmp_path, BROKEN)
     recs = load_records(out)

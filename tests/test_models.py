@@ -108,6 +108,7 @@ assert "hqq" in sys.modules and q(torch.ones(2, 128)).shape == (2, 64)
 """
 
 
+@pytest.mark.slow  # CI keeps the hiding of quant packages in the next test
 def test_loading_a_model_leaves_hqq_and_its_compiler_imports_to_hqq_cells():
     import importlib.util
     import os

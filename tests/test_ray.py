@@ -164,6 +164,7 @@ def test_a_killed_driver_resumes_with_one_ok_record_per_cell(tmp_path):
     assert {r.execution.executor for r in recs} == {"ray"}
 
 
+@pytest.mark.slow  # CI keeps the Ray executor's records test and its private-instance token test
 def test_bad_address_is_one_line_and_exit_2(tmp_path):
     suite = tmp_path / "t.yaml"
     suite.write_text(SUITE)

@@ -211,3 +211,26 @@ def test_the_lora_fine_tune_is_the_registrys_lora_bit_for_bit(tmp_path):
     trained = dict(model.named_parameters())
     lora = [(n, p) for n, p in kept.model.named_parameters() if "lora_" in n]
     assert lora and all(torch.equal(p, trained[n]) for n, p in lora)
+
+
+def test_a_delta_names_the_seed_its_random_base_is_drawn_with_and_a_bad_one_is_one_line(tmp_path):
+    """A cell draws a random-weight model with its seed, so the Session that explains its delta draws the base
+    with the seed the delta records (the base check would refuse another); that seed is read from a file:
+    anything but an integer is refused in one line naming the file (the delta's config is checked as a
+    cell's)."""
+    from zobench.influence.session import InfluenceSpec, Session
+    from zobench.influence.train import fine_tune, fine_tune_config
+
+    rows = _rows(4)
+    fine_tune(fine_tune_config(MODEL, len(rows), "random", steps=1, batch_size=2, lr=1e-3, max_length=32,
+                               density=0.01, seed=7, save=str(tmp_path / "d")), rows)
+    spec = InfluenceSpec.from_dict({"model": MODEL, "delta": str(tmp_path / "d"), "scope": "sensitive", "k": 64,
+                                    "max_length": 32}, "test")
+    assert Session(spec).scope.dim > 0  # drawn with seed 7: the delta's base check passes
+    meta = json.loads((tmp_path / "d" / "delta.json").read_text())
+    for bad in ("7", 1.5, True, None):
+        meta["config"]["seed"] = bad
+        (tmp_path / "d" / "delta.json").write_text(json.dumps(meta))
+        with pytest.raises(UserError, match="config: key 'seed'") as e:
+            Session(spec)
+        assert "delta.json" in str(e.value) and "\n" not in str(e.value)

@@ -505,6 +505,11 @@ def test_alpaca_splits_are_seeded_disjoint_slices_of_one_shuffle(data_dir):
     assert [len(x) for x in ids] == [8, 4, 6] and len(set(sum(ids, []))) == 18        # disjoint
     assert ids == [[e.raw["id"] for e in split] for split in (b.train, b.dev, b.test)]  # seeded
     assert ids[0] != [e.raw["id"] for e in task.sample(data_dir, 8, 4, 6, seed=2).train]
+    # the rows `zobench influence train --n-train 8 --seed 1` takes from the same file
+    from zobench.tasks.instruction import load_alpaca
+
+    picked = load_alpaca(data_dir / "alpaca" / "alpaca_data_en_52k.json", n=8, seed=1)
+    assert ids[0] == [r["id"] for r in picked]
     ex = a.train[0]
     assert ex.prompt.endswith("### Response:\n") and ex.target == ex.raw["output"] and ex.id == ex.raw["id"]
     with pytest.raises(UserError, match="dev comes from it"):

@@ -30,12 +30,11 @@ class Session:
 
     def __init__(self, spec: InfluenceSpec, device: str = "cpu", with_mask: bool = False):
         self.spec = spec
-        # a random-weight base is drawn with the seed of the cell that trained the delta on it
-        seed = D.chain(spec.delta)[0][1]["config"].get("seed", 0) if spec.delta else 0
-        self.loaded = load_model(spec.model, dtype=spec.dtype, seed=seed, device=device)
+        links = D.chain(spec.delta) if spec.delta else []
+        self.loaded = load_model(spec.model, dtype=spec.dtype, seed=_base_seed(links), device=device)
         self.tokenizer = self.loaded.tokenizer
         self.adapter = spec.adapter
-        delta_mask = self._apply_delta() if spec.delta else None
+        delta_mask = self._apply_delta(links) if links else None
         # The mask is the plain model's (as the ZO part computes it), before any adapter is attached; a
         # sparse delta's own indices when one is loaded: the subspace that was trained.
         self.mask = None
@@ -49,11 +48,10 @@ class Session:
         self.streamer = GradientStreamer(self.model, self.scope, normalize=spec.normalize)
         self.sketcher = self.sketcher_for(spec, self.scope.dim)
 
-    def _apply_delta(self) -> dict | None:
-        """Load the delta (its ancestors first) onto the base, refused on another base; the last sparse
-        link's indices, else None. A LoRA delta's adapter is attached after the mask is computed, as
-        ``adapter`` is."""
-        links = D.chain(self.spec.delta)
+    def _apply_delta(self, links: list) -> dict | None:
+        """Load the delta's ``links`` (``delta.chain``: its ancestors first) onto the base, refused on another
+        base; the last sparse link's indices, else None. A LoRA delta's adapter is attached after the mask is
+        computed, as ``adapter`` is."""
         DT.check_base(links[0][1], links[0][0], self.loaded.model)
         mask = None
         for i, (path, meta) in enumerate(links):
@@ -126,3 +124,10 @@ def sketch_examples(session: Session, examples: list[dict]) -> tuple[torch.Tenso
         tokens += int(enc["input_ids"].numel())
         values.append(sk)
     return torch.stack(values), tokens
+
+
+def _base_seed(links: list) -> int:
+    """The seed a random-weight base is drawn with: the one of the cell that trained the delta's root link on
+    it (a cell draws its random weights with its seed; ``delta.read`` has checked the config as a cell's), 0
+    without a delta."""
+    return links[0][1]["config"].get("seed", 0) if links else 0

@@ -151,22 +151,22 @@ class Alpaca(Task):
         raw = {**row, ROW: row["id"]} if isinstance(row.get("id"), int) else dict(row)
         return Example(format_prompt(row), target=row["output"], raw=raw, train_as_classification=False)
 
-    def read(self, split: str, data_dir=None) -> list[dict]:
+    def read(self, split: str, data_dir=None, seed: int = 0) -> list[dict]:
+        """Every row of the file, in one order shuffled with ``seed`` (``load_alpaca``)."""
         if data_dir is None:
             raise UserError(f"task '{self.name}' needs its data: pass --data-dir (a folder with "
                             f"{self.dirs[0]}/alpaca_data*.json)")
         path = self.locate("train", data_dir)
         if path is None:
             raise self.missing("train", data_dir)
-        return load_alpaca(path)
+        return load_alpaca(path, seed=seed)
 
     def sample(self, data_dir=None, n_train: int = 1000, n_dev: int = 500, n_test: int = 1000,
                seed: int = 0, dev_from: str = "train") -> Splits:
         """One file: its rows shuffled with ``seed`` (``load_alpaca``), train first, then dev, then test."""
         if dev_from != "train":
             raise UserError(f"task '{self.name}' has one file: dev comes from it (dev_from: train)")
-        rows = self.read("train", data_dir)
-        rows = [rows[i] for i in _shuffled(len(rows), seed)]
+        rows = self.read("train", data_dir, seed)
         train, dev = rows[:n_train], rows[n_train:n_train + n_dev]
         test = rows[n_train + n_dev:n_train + n_dev + n_test]
         note = None
@@ -179,9 +179,3 @@ class Alpaca(Task):
     def splits_of(self, train: list[dict]) -> Splits:
         """A caller's rows (``load_alpaca``'s dicts) as a training split, in their order."""
         return Splits([self.example(r) for r in train], [], [])
-
-
-def _shuffled(n: int, seed: int) -> list[int]:
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return order

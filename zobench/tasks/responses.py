@@ -70,19 +70,27 @@ def response_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     is indexed like ``labels`` and weights each labelled position (a weighted mean); zeros drop a
     token. That is how a query's loss is limited to chosen generated tokens (token-wise influence).
     """
+    ce, target = token_losses(model, input_ids, attention_mask, labels)
+    weight = (target != IGNORE).float()
+    if token_weights is not None:
+        weight = weight * token_weights[:, 1:].to(target.device, torch.float32)
+    total = weight.sum()
+    if not total > 0:
+        raise ValueError("response_loss: no labelled token has a positive weight")
+    return (ce * weight).sum() / total
+
+
+def token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy at every position [B, T-1], 0 where the label is IGNORE; the shifted labels [B, T-1]):
+    position t's label predicted from the logits at t-1 (the causal shift)."""
     dev = next(model.parameters()).device
     logits = model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev)).logits[:, :-1]
     target = labels[:, 1:].to(dev)
     # float32 for the softmax: a bf16 log-sum-exp over ~50k logits loses the small per-token losses
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                          ignore_index=IGNORE, reduction="none").view_as(target)
-    weight = (target != IGNORE).float()
-    if token_weights is not None:
-        weight = weight * token_weights[:, 1:].to(dev, torch.float32)
-    total = weight.sum()
-    if not total > 0:
-        raise ValueError("response_loss: no labelled token has a positive weight")
-    return (ce * weight).sum() / total
+    return ce, target
 
 
 def encode_batch(examples: list[Example], tokenizer, max_length: int, vocab_size: int | None = None) -> dict:
@@ -105,16 +113,11 @@ def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 16, ma
     is). ``details`` receives ``id`` and each example's own mean ``loss``."""
     if not examples:
         return {"loss": None}
-    dev = next(model.parameters()).device
     sums, counts = [], []
     with torch.inference_mode():
         for i in range(0, len(examples), max(1, batch_size)):
             batch = encode_batch(examples[i:i + batch_size], tokenizer, max_length, vocab_size)
-            logits = model(input_ids=batch["input_ids"].to(dev),
-                           attention_mask=batch["attention_mask"].to(dev)).logits[:, :-1]
-            target = batch["labels"][:, 1:].to(dev)
-            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                 ignore_index=IGNORE, reduction="none").view_as(target)
+            ce, target = token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
             sums += ce.sum(1).double().cpu().tolist()
             counts += (target != IGNORE).sum(1).cpu().tolist()
     if details is not None:

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from zobench.analysis.check import Estimate, check
-from zobench.cell.record import CellRecord, Metrics, PhaseMeasure, Stats
+from zobench.cell.measures import Metrics, PhaseMeasure, Stats
+from zobench.cell.record import CellRecord
 from zobench.spec.suite import parse_suite
 
 SUITE = {"name": "s", "budgets": [

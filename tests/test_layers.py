@@ -34,8 +34,8 @@ LAYERS = [
 ]
 # The record schema is pure data that the results file, the readers and the cell all share: it sits beside
 # the pipeline that fills it, and belongs to the ground.
-MODULES = {"zobench.cell.record": "ground", "zobench.cell.influence_record": "ground",
-           "zobench.cell.predictions": "ground"}
+MODULES = {"zobench.cell.record": "ground", "zobench.cell.measures": "ground",
+           "zobench.cell.influence_record": "ground", "zobench.cell.predictions": "ground"}
 # Edges the layers alone would allow, refused all the same (importer prefix, imported prefix, why).
 FORBIDDEN = [
     ("zobench.quant", "zobench.zo", "quantization knows no ZO engine: masks and layer names come as values"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zobench.tasks import get_task, scoring
+from zobench.tasks import get_task, logits, scoring
 
 
 def rows_seen(model, fn):
@@ -35,12 +35,12 @@ def right_padded(lengths: list[int], vocab: int, seed: int = 0):
 
 def test_rows_hold_every_sequence_once_and_are_never_wider_than_the_padding():
     lengths = [45, 3, 17, 9, 30, 12, 5, 44, 20, 8, 1, 25]
-    rows = scoring.pack_rows(lengths, max(lengths))
+    rows = logits.pack_rows(lengths, max(lengths))
     assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in row) <= max(lengths) for row in rows)
     assert len(rows) < len(lengths)  # the point: fewer rows than sequences
-    assert rows == scoring.pack_rows(lengths, max(lengths))  # a function of the lengths alone
-    assert scoring.pack_rows([4, 4, 4], 4) == [[0], [1], [2]]  # equal lengths that fill a row: padding's rows
+    assert rows == logits.pack_rows(lengths, max(lengths))  # a function of the lengths alone
+    assert logits.pack_rows([4, 4, 4], 4) == [[0], [1], [2]]  # equal lengths that fill a row: padding's rows
 
 
 def tiny_model(model_type: str):
@@ -56,14 +56,14 @@ def tiny_model(model_type: str):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-@pytest.mark.parametrize("model_type", scoring.PACKED_MODEL_TYPES)
+@pytest.mark.parametrize("model_type", logits.PACKED_MODEL_TYPES)
 def test_packed_logits_equal_the_padded_ones(model_type):
     model = tiny_model(model_type)
-    assert scoring.packs(model)
+    assert logits.packs(model)
     ids, attn, keep = right_padded([23, 4, 11, 7, 19, 2, 9, 15], 128)
     with torch.no_grad():
-        padded, seen_padded = rows_seen(model, lambda: scoring.kept_logits(model, ids, attn, keep))
-        packed, seen_packed = rows_seen(model, lambda: scoring.kept_logits(model, ids, attn, keep, pack=True))
+        padded, seen_padded = rows_seen(model, lambda: logits.kept_logits(model, ids, attn, keep))
+        packed, seen_packed = rows_seen(model, lambda: logits.kept_logits(model, ids, attn, keep, pack=True))
     assert seen_padded == [(8, 23)] and seen_packed[0][0] < 8 and seen_packed[0][1] <= 23  # it did pack
     assert packed.shape == padded.shape == (int(keep.sum()), 128)
     assert torch.allclose(packed, padded, atol=1e-5, rtol=1e-5), (packed - padded).abs().max()
@@ -71,11 +71,11 @@ def test_packed_logits_equal_the_padded_ones(model_type):
 
 def test_a_model_that_cannot_take_packed_rows_keeps_its_padding():
     model = tiny_model("gpt2")
-    assert not scoring.packs(model)
+    assert not logits.packs(model)
     ids, attn, keep = right_padded([12, 3, 7], 128)
     with torch.no_grad():
-        packed, seen = rows_seen(model, lambda: scoring.kept_logits(model, ids, attn, keep, pack=True))
-        padded = scoring.kept_logits(model, ids, attn, keep)
+        packed, seen = rows_seen(model, lambda: logits.kept_logits(model, ids, attn, keep, pack=True))
+        padded = logits.kept_logits(model, ids, attn, keep)
     assert seen == [(3, 12)] and torch.equal(packed, padded)
 
 
@@ -83,7 +83,7 @@ def test_a_left_padded_batch_is_not_packed():
     model = tiny_model("llama")
     ids, attn, keep = right_padded([6, 3], 128)
     attn, keep = attn.flip(1), keep.flip(1)  # padding on the left
-    assert scoring._packed_logits(model, ids, attn, keep) is None
+    assert logits._packed_logits(model, ids, attn, keep) is None
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -162,7 +162,7 @@ def test_quantized_dense_and_sparse_layers_pack_too(tiny, name):
                    random_mask(scoped_params(tiny.model, "linear"), 0.01, seed=0))
     ids, attn, keep = right_padded([21, 5, 13, 3, 17, 8], 128)
     with torch.no_grad():
-        padded = scoring.kept_logits(tiny.model, ids, attn, keep)
-        packed, seen = rows_seen(tiny.model, lambda: scoring.kept_logits(tiny.model, ids, attn, keep, pack=True))
+        padded = logits.kept_logits(tiny.model, ids, attn, keep)
+        packed, seen = rows_seen(tiny.model, lambda: logits.kept_logits(tiny.model, ids, attn, keep, pack=True))
     assert seen[0][0] < 6
     assert torch.allclose(packed, padded, atol=1e-4, rtol=1e-4), (packed - padded).abs().max()

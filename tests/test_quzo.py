@@ -101,7 +101,7 @@ def _trainer(model, seed=0, lr=1e-2, rounding="stochastic"):
 @pytest.mark.parametrize("quant", ["int8", "nf4", "nf4-plain"])
 def test_steps_change_codes_never_scales_and_restores_are_exact(quant):
     from zobench.quant.codes import code_layers
-    from zobench.zo.trainable import measure_restore_drift
+    from zobench.zo.drift import measure_restore_drift
 
     model = _quantized(quant)
     trainer, ids = _trainer(model)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from zobench.cell.influence_record import InfluenceRecord
-from zobench.cell.record import CellRecord, Metrics, PhaseMeasure, SchemaError, Stats
+from zobench.cell.measures import Metrics, PhaseMeasure, SchemaError, Stats
+from zobench.cell.record import CellRecord
 from zobench.errors import UserError
 from zobench.results import append_record, load_influence, load_records, to_pandas
 

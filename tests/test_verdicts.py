@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from zobench.analysis.verdicts import verdicts
+from zobench.cell.measures import Metrics
 from zobench.cell.predictions import Predictions
-from zobench.cell.record import CellRecord, Metrics
+from zobench.cell.record import CellRecord
 from zobench.errors import UserError
 from zobench.report import render_report
 from zobench.results import append_record, load_records

@@ -11,9 +11,10 @@ from zobench.data.calibration import corpus_batches
 from zobench.methods.masked import sensitive_mask
 from zobench.zo import masks as M
 from zobench.zo.directions import draw, make_generator
+from zobench.zo.drift import measure_restore_drift
 from zobench.zo.mask_build import lm_loss
 from zobench.zo.optim import make_optimizer
-from zobench.zo.trainable import DenseTrainable, SparseTrainable, measure_restore_drift
+from zobench.zo.trainable import DenseTrainable, SparseTrainable
 from zobench.zo.trainer import ZOTrainer
 
 BATCH = torch.randint(0, 49152, (4, 16), generator=torch.Generator().manual_seed(1))

@@ -29,7 +29,8 @@ from pathlib import Path
 from zobench.analysis import calibration
 from zobench.analysis.estimate import device_of, record_estimate
 from zobench.cell.delta import claim_target
-from zobench.cell.record import CellRecord, now
+from zobench.cell.measures import now
+from zobench.cell.record import CellRecord
 from zobench.executors.base import Executor
 from zobench.executors.local import LocalExecutor
 from zobench.files import atomic_write

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from zobench.cell.influence_record import InfluenceRecord
-from zobench.cell.record import CellRecord, SchemaError
+from zobench.cell.measures import SchemaError
+from zobench.cell.record import CellRecord
 from zobench.errors import UserError
 from zobench.files import MAX_RECORD_BYTES, append_line, gc_paused, parse_json, text_lines
 from zobench.gates.pandas import data_frame

@@ -20,7 +20,7 @@ from zobench.models.load import file_key, random_config
 from zobench.models.shards import tensor_files
 from zobench.spec.config import SCOPES
 from zobench.spec.models import BUILTIN, CONFIG_DIR
-from zobench.tasks.scoring import slices_logits
+from zobench.tasks.logits import slices_logits
 from zobench.zo.masks import scoped_params
 
 
@@ -43,7 +43,7 @@ class Arch:
     vocab: int
     layers: int                 # transformer blocks
     eager_heads: int            # attention heads when attention is "eager" (scores materialized), else 0
-    slices_logits: bool         # logits only at the kept positions (scoring.slices_logits)
+    slices_logits: bool         # logits only at the kept positions (tasks.logits.slices_logits)
     layerwise: bool = False     # its blocks can run one at a time (models.layerwise: a streamed sensitive mask)
     streams: bool = False       # its weights can arrive tensor by tensor (random, or a local safetensors checkpoint)
 

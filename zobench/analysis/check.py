@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from zobench.cell.record import TRAIN_ESTIMATED, CellRecord
+from zobench.cell.measures import TRAIN_ESTIMATED
+from zobench.cell.record import CellRecord
 from zobench.results import derive, latest_by_cell, phase_peak
 from zobench.spec.selectors import selector_matches
 from zobench.spec.suite import Suite

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from zobench.cell.record import NUMBER, STATUSES, SchemaError, check_field
+from zobench.cell.measures import NUMBER, STATUSES, SchemaError, check_field
 
 # -- an influence suite's run (``zobench.influence.bench``) ------------------------------------------------
 # 2: seconds fields end in _s (cache_s, plain_s, finetune_s, phases' wall_s); the cache's sketch seed is

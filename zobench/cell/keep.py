@@ -17,8 +17,8 @@ from zobench.errors import UserError
 from zobench.methods import get_method
 from zobench.models.lora import load_adapter
 from zobench.spec.config import CellConfig
+from zobench.zo.drift import measure_restore_drift
 from zobench.zo.masks import linear_layers, scoped_params
-from zobench.zo.trainable import measure_restore_drift
 from zobench.zo.trainer import replay
 
 QUANTIZED_KINDS = ("scales", "codes")  # deltas of the quantized layers themselves (QZO, QuZO)

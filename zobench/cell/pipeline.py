@@ -23,8 +23,9 @@ from transformers.utils import logging as hf_logging
 from zobench.cell import checkpoint, resume
 from zobench.cell.delta_tensors import base_fingerprint
 from zobench.cell.keep import apply_quantized, load_into, save_from
+from zobench.cell.measures import Metrics
 from zobench.cell.predictions import Predictions
-from zobench.cell.record import CellRecord, Metrics
+from zobench.cell.record import CellRecord
 from zobench.cell.run import Run, quantize_streamed, resolve_device
 from zobench.cell.selection import DevSelection
 from zobench.cell.timing import ForwardReference, Phases, StepTiming, zo_passes
@@ -37,10 +38,10 @@ from zobench.quant import QuantContext, get_backend, quantize_model
 from zobench.quant.sparse import SparseDelta
 from zobench.spec.config import CellConfig
 from zobench.spec.matrix import cell_id
-from zobench.tasks import Splits, get_task, scoring
+from zobench.tasks import Splits, get_task, logits
 from zobench.zo import fused
+from zobench.zo.drift import measure_restore_drift
 from zobench.zo.masks import linear_layers, scoped_params
-from zobench.zo.trainable import measure_restore_drift
 from zobench.zo.trainer import replay, train_steps
 
 Progress = Callable[[dict], None]
@@ -175,11 +176,11 @@ class Pipeline:
         if not self.cfg.pack:
             return
         model = self.run_state.model
-        self.metrics.set(packed=scoring.packs(model))
-        if not scoring.packs(model):
+        self.metrics.set(packed=logits.packs(model))
+        if not logits.packs(model):
             kind = getattr(getattr(model, "config", None), "model_type", "?")
             self.record.add_warning(f"pack: {kind} models are not packed (packed: "
-                                    f"{', '.join(scoring.PACKED_MODEL_TYPES)}); its batches stay padded")
+                                    f"{', '.join(logits.PACKED_MODEL_TYPES)}); its batches stay padded")
 
     def build_mask(self) -> None:
         run = self.run_state

@@ -23,233 +23,22 @@ ratios against reference cells are derived when records are read (``zobench.resu
 
 from __future__ import annotations
 
-import statistics
-import time
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
-from zobench.errors import UserError
+from zobench.cell.measures import (
+    NUMBER,
+    STATUSES,
+    TRAIN_ESTIMATED,
+    Execution,
+    Metrics,
+    PhaseMeasure,
+    SchemaError,
+    _field,
+    check_field,
+    shown_value,
+)
 
 SCHEMA_VERSION = 2
-STATUSES = ("ok", "failed", "timeout", "unsupported", "lost")
-TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-
-
-def now() -> str:
-    """The one timestamp format of records: ISO 8601, UTC, seconds."""
-    return time.strftime(TIME_FORMAT, time.gmtime())
-
-
-class SchemaError(UserError):
-    """A record field of the wrong type; the message names the field."""
-
-
-def check_field(value, kinds, name: str):
-    if value is None or type(value) in kinds:  # what json builds: exact types (the common case, fast)
-        return value
-    if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
-        return value
-    expected = " or ".join(k.__name__ for k in kinds)
-    raise SchemaError(f"field '{name}' = {shown_value(value)}: expected {expected}")
-
-
-def shown_value(value) -> str:
-    return repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-
-
-NUMBER = (int, float)
-
-
-# The phases the training estimate covers (a record's phase names; ``CellRecord.estimated_phase_mib``).
-TRAIN_ESTIMATED = ("warmup", "train", "eval_before", "eval_after", "eval_best")
-
-def _field(d, key: str):
-    """``d[key]`` where ``d`` is a mapping that has it, else None: the free-form parts of a record (an
-    evaluation's scores, the estimate, the kept artifact) may lack any key, or be absent, in older records."""
-    return d.get(key) if isinstance(d, dict) else None
-
-
-@dataclass
-class Stats:
-    """Seconds of repeated timings: median and the 10th/90th percentiles of ``n`` values."""
-
-    median: float
-    p10: float
-    p90: float
-    n: int
-
-    @classmethod
-    def of(cls, values: list[float]) -> "Stats | None":
-        if not values:
-            return None
-        # inclusive: the percentiles stay inside the values (the default extrapolates past them for small n)
-        q = statistics.quantiles(values, n=10, method="inclusive") if len(values) >= 2 else [values[0]] * 9
-        return cls(statistics.median(values), q[0], q[-1], len(values))
-
-    @classmethod
-    def from_json(cls, d, name: str) -> "Stats | None":
-        if d is None or d == {}:
-            return None
-        check_field(d, (dict,), name)
-        try:
-            return cls(*(check_field(d[k], NUMBER, f"{name}.{k}") for k in ("median", "p10", "p90")),
-                       int(check_field(d.get("n", 0), NUMBER, f"{name}.n")))
-        except KeyError as e:
-            raise SchemaError(f"field '{name}' has no '{e.args[0]}'") from None
-
-    def to_json(self) -> dict:
-        return {"median": self.median, "p10": self.p10, "p90": self.p90, "n": self.n}
-
-
-@dataclass
-class PhaseMeasure:
-    """One phase's wall time and peak memory (peaks reset at the phase's start)."""
-
-    wall_s: float | None  # None only in the empty measure of a phase the cell did not run (CellRecord.phase)
-    peak_rss_mib: float | None = None
-    start_rss_mib: float | None = None
-    end_rss_mib: float | None = None
-    cuda_max_allocated_mib: float | None = None
-    cuda_max_reserved_mib: float | None = None
-    device_peak_mib: float | None = None    # what the driver reported (NVML): context and libraries included
-    device_source: str | None = None        # "process" (this process's own) | "device" (used minus before)
-    other_cpus: float | None = None         # CPUs busy with other work meanwhile (zobench.measure.load)
-
-    @classmethod
-    def from_json(cls, d, name: str) -> "PhaseMeasure":
-        if not isinstance(d, dict):
-            raise SchemaError(f"field '{name}' = {shown_value(d)}: expected dict")
-        d = dict(d)
-        if "seconds" in d:  # schema 1
-            d["wall_s"] = d.pop("seconds")
-        if d.get("wall_s") is None:
-            raise SchemaError(f"field '{name}' has no 'wall_s'")
-        return cls(**{k: check_field(v, (str,) if k == "device_source" else NUMBER, f"{name}.{k}")
-                      for k, v in d.items() if k in _PHASE_FIELDS})
-
-    def to_json(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-
-# Metrics with a known type; anything else a cell reports (quant_*, mask facts) is kept in ``extra``.
-SCALARS = {
-    "n_train": (int,), "n_dev": (int,), "n_test": (int,), "model_numel": (int,), "trainable_numel": (int,),
-    "steps_done": (int,), "final_loss": NUMBER, "tokens_per_s": NUMBER, "density_obtained": NUMBER,
-    "mask_nnz": (int,), "scope_numel": (int,), "sqgrad_mass_frac": NUMBER, "mask_build_s": NUMBER,
-    "mask_cache_hit": (bool,), "restore_drift_frac_changed": NUMBER, "restore_drift_max_abs": NUMBER,
-    "best_step": (int,), "train_s": NUMBER, "tokens_per_step": NUMBER,
-    "resumed_from_step": (int,), "segments": (int,), "packed": (bool,), "best_weights": (str,),
-    "weights_init": (str,), "quant_streamed": (bool,),
-}
-STATS = ("step_s", "forward_ref_s", "step_over_ref")
-MAPPINGS = ("test_before", "test_after", "truncated", "best_dev", "test_best", "zo_passes")
-SERIES = ("loss_curve", "dev_curve", "trajectory")
-
-
-@dataclass
-class Metrics:
-    """What a cell measured besides phases. ``step_s``: the timed steps (warm-up excluded); ``step_parts_s``: perturb /
-    forward_plus / forward_minus / update (ZO) or forward / backward / update; ``forward_ref_s``: an inference
-    forward of each step's batch, right after the step (the denominator of step / two forwards);
-    ``step_over_ref``: each such step over two of its reference forwards (the ratio per pair, so its spread is
-    the measurement's, not the load's); ``test_before`` / ``test_after``: {accuracy} or {em, f1}; ``truncated``:
-    inputs cut by max_length per split; ``dev_curve``: [{step, accuracy, train_s}] every ``eval_every`` steps,
-    with ``best_step``, ``best_dev`` and ``test_best`` (test at the best dev step; ``best_weights``: how that
-    step's weights came back: ``last``, ``kept`` in memory, ``disk``, or ``replay`` of the trajectory);
-    ``trajectory``: each step's [[seed, coefficient], ...] (dense ZO: enough to rebuild the weights of any
-    step); ``train_s``: training seconds, warm-up included; ``tokens_per_step``: input tokens of a timed step;
-    ``packed``: with ``pack`` set, whether the model took packed rows (else its batches stayed padded);
-    ``weights_init``: how a random model's values were drawn ("per-tensor philox"; absent where they came from
-    the global ``torch.manual_seed``, before zobench.models.stream); ``quant_streamed``: the block linears were
-    drawn in the quantize phase one at a time, each quantized before the next (the float model never whole)."""
-
-    values: dict[str, Any] = field(default_factory=dict)      # SCALARS, MAPPINGS, SERIES
-    step_s: Stats | None = None
-    forward_ref_s: Stats | None = None
-    step_over_ref: Stats | None = None
-    step_parts_s: dict[str, Stats] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def get(self, key: str, default=None):
-        if key in STATS:
-            return getattr(self, key) or default
-        if key == "step_parts_s":
-            return self.step_parts_s or default
-        return self.values.get(key, self.extra.get(key, default))
-
-    def accuracy(self, evaluation: str):
-        """The accuracy of one evaluation (``test_after``, ``best_dev`` ...): None where it has none (a
-        generative task's EM/F1, an evaluation that did not run)."""
-        return _field(self.get(evaluation), "accuracy")
-
-    def set(self, **items) -> None:
-        for key, value in items.items():
-            if key in STATS:
-                if value is not None and not isinstance(value, Stats):  # readers use .median, never ["median"]
-                    raise TypeError(f"metrics.{key}: expected Stats or None, got {type(value).__name__}")
-                setattr(self, key, value)
-            elif key == "step_parts_s":
-                self.step_parts_s = value
-            elif key in SCALARS or key in MAPPINGS or key in SERIES:
-                self.values[key] = value
-            else:
-                self.extra[key] = value
-
-    @classmethod
-    def from_json(cls, d) -> "Metrics":
-        check_field(d, (dict,), "metrics")
-        m = cls()
-        for key, value in d.items():
-            name = f"metrics.{key}"
-            if key in STATS:
-                setattr(m, key, Stats.from_json(value, name))
-            elif key == "step_parts_s":
-                check_field(value, (dict,), name)
-                m.step_parts_s = {k: s for k, v in value.items() if (s := Stats.from_json(v, f"{name}.{k}"))}
-            elif key in SCALARS:
-                m.values[key] = check_field(value, SCALARS[key] + ((float,) if SCALARS[key] == (int,) else ()), name)
-            elif key in MAPPINGS:
-                m.values[key] = check_field(value, (dict,), name)
-            elif key in SERIES:
-                m.values[key] = check_field(value, (list,), name)
-            else:
-                m.extra[key] = value
-        return m
-
-    def to_json(self) -> dict:
-        out = dict(self.values)
-        for key in STATS:
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key).to_json()
-        if self.step_parts_s:
-            out["step_parts_s"] = {k: s.to_json() for k, s in self.step_parts_s.items()}
-        out.update(self.extra)
-        return out
-
-
-@dataclass
-class Execution:
-    """Where and beside what a cell ran: concurrency skews timings, so every timing carries it."""
-
-    executor: str = "local"
-    node: str | None = None
-    gpu: str | None = None              # CUDA_VISIBLE_DEVICES the cell saw ("" for none)
-    concurrent_cells: int = 1           # cells running on this machine at once, this one included
-    threads: int | None = None          # torch threads the cell ran with
-    worker_pid: int | None = None       # the Ray worker that started the cell's process (ray executor)
-    ray_imported: bool | None = None    # whether the cell's process had Ray loaded (it must not)
-    span_s: list | None = None          # [start, end] of the cell's process, seconds since the epoch
-
-    @classmethod
-    def from_json(cls, d) -> "Execution | None":
-        if d is None:
-            return None
-        check_field(d, (dict,), "execution")
-        return cls(**{k: v for k, v in d.items() if k in _EXECUTION_FIELDS})
-
-    def to_json(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 TOP_TYPES = {"suite": (str,), "suite_file": (str,), "reason": (str,), "traceback_tail": (str,),
              "device": (str,), "model_source": (str,), "accuracy_meaningful": (bool,),
@@ -377,10 +166,6 @@ class CellRecord:
         if self.warnings:
             out["warnings"] = self.warnings
         return out
-
-
-_PHASE_FIELDS = frozenset(f.name for f in fields(PhaseMeasure))
-_EXECUTION_FIELDS = frozenset(f.name for f in fields(Execution))
 
 
 def _default(key: str):

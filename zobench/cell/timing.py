@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from zobench.cell.record import Metrics, PhaseMeasure, Stats
+from zobench.cell.measures import Metrics, PhaseMeasure, Stats
 from zobench.measure.bandwidth import copy_gb_s
 from zobench.measure.phases import phase
 from zobench.quant.sparse import sparse_bypassed

@@ -19,7 +19,8 @@ from collections import deque
 from multiprocessing.connection import wait
 from typing import Iterator
 
-from zobench.cell.record import CellRecord, Execution
+from zobench.cell.measures import Execution
+from zobench.cell.record import CellRecord
 from zobench.executors.base import Executor, OnEvent
 from zobench.executors.child import death_reason, end_of, spawned
 from zobench.procs import CHILD_ENV

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from zobench.analysis.estimate import record_estimate
-from zobench.cell.record import CellRecord, Execution
+from zobench.cell.measures import Execution
+from zobench.cell.record import CellRecord
 from zobench.errors import UserError
 from zobench.executors.base import Executor, OnEvent
 from zobench.executors.local import failed_record

@@ -31,7 +31,7 @@ import torch
 from zobench.analysis.architecture import architecture
 from zobench.cell.delta import read
 from zobench.cell.influence_record import InfluenceRecord
-from zobench.cell.record import now
+from zobench.cell.measures import now
 from zobench.errors import UserError
 from zobench.files import atomic_write, cache_dir
 from zobench.influence import metrics as MX

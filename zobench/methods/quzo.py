@@ -42,9 +42,10 @@ from zobench.methods.base import Method, Price, PriceInputs, register
 from zobench.methods.common import zo_stepper
 from zobench.quant.codes import INT8_MAX, CodeLayer, code_layers, decode
 from zobench.zo import fused
+from zobench.zo.raw_io import read_raw, write_raw
 from zobench.zo.rounding import noise_seed, round_offset, round_to_levels, uniform
 from zobench.zo.sizes import PHILOX_CHUNK
-from zobench.zo.trainable import Trainable, read_raw, write_raw
+from zobench.zo.trainable import Trainable
 
 CHUNK = PHILOX_CHUNK  # values per pass step: temporaries stay bounded (``TEMP_BYTES`` each)
 TEMP_BYTES = 96       # bytes of temporaries per value of a chunk (z, noise, float64 targets, int64 codes, indices)

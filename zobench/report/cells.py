@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
-from zobench.cell.record import CellRecord, Stats
+from zobench.cell.measures import Stats
+from zobench.cell.record import CellRecord
 from zobench.results import Derived
 from zobench.spec.catalog import METHODS, MethodInfo
 

@@ -17,7 +17,7 @@ Why a float32 master: in float16/bfloat16, ``w + eps z - 2 eps z + eps z`` does 
 lost accuracy on fp16 models this way), and updates of size lr * g are often below half an ulp. In-place
 dense perturbation in float32 is not bit-exact either (rounding of ``w + eps z``); ``DenseTrainable`` with
 ``master=True`` keeps a float32 copy of all trainable weights for exact restores, at the cost of that copy.
-``measure_restore_drift`` reports what the chosen set-up actually does.
+``zo.drift.measure_restore_drift`` reports what the chosen set-up actually does.
 
 Where z comes from (``generator``): ``philox`` (default), the counter-based direction of ``zobench.zo.fused``,
 whose passes add the terms in place with no z temporary (one pass per apply, restore and SGD update, and a
@@ -36,6 +36,7 @@ from zobench.errors import UserError
 from zobench.spec.config import GENERATORS
 from zobench.zo import fused
 from zobench.zo.directions import draw, make_generator
+from zobench.zo.raw_io import read_raw, write_raw
 from zobench.zo.sizes import CHUNK  # values per z draw in dense passes (16 MiB of float32)
 
 
@@ -267,31 +268,6 @@ class DenseTrainable(Trainable):
         self._seed, self._scale = None, 0.0
 
 
-def _bytes_of(t: torch.Tensor):
-    """A writable byte view of a contiguous CPU tensor's storage (any dtype, bfloat16 included)."""
-    return t.view(-1).view(torch.uint8).numpy().data
-
-
-def write_raw(f, tensors, rewind: bool = True) -> None:
-    """``tensors`` to the binary file ``f`` as raw bytes, one after the other (no pickle, no second copy in
-    memory: CPU tensors are written from their own storage); from its start unless ``rewind`` is false."""
-    if rewind:
-        f.seek(0)
-    for t in tensors:
-        f.write(_bytes_of(t.contiguous().cpu()))
-    f.flush()
-
-
-def read_raw(f, t: torch.Tensor, what: str) -> None:
-    """Read ``t``'s bytes from ``f`` into it (as ``write_raw`` wrote them); OSError on a short file."""
-    host = t if t.device.type == "cpu" and t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype)
-    view = _bytes_of(host)
-    if f.readinto(view) != len(view):
-        raise OSError(f"{getattr(f, 'name', what + ' file')}: shorter than the {what} it was written from")
-    if host is not t:
-        t.copy_(host)
-
-
 class SparseTrainable(Trainable):
     snapshots = True
 
@@ -388,31 +364,3 @@ class SparseTrainable(Trainable):
             fused.zpass(p.detach(), offset, self.direction, terms, master=master, index=idx,
                         live_terms=[then] if then is not None else [], decay=at)
         self._seed, self._scale = then if then is not None else (None, 0.0)
-
-
-@torch.no_grad()
-def measure_restore_drift(trainable: Trainable, eps: float, seed: int = 12345,
-                          probe_limit: int = 1 << 22) -> dict:
-    """Run +eps, -2eps, +eps on the real code path and compare with the weights before.
-
-    Compares up to ``probe_limit`` values (the first tensors in order) so the probe stays cheap on big
-    models. Returns the fraction of probed values that changed and the largest absolute change.
-    """
-    params = trainable.params
-    probe, n = [], 0
-    for p in params:
-        if n >= probe_limit:
-            break
-        probe.append((p, p.detach().clone()))
-        n += p.numel()
-    trainable.apply(seed, eps)
-    trainable.apply(seed, -eps)
-    trainable.restore()
-    changed, max_abs, count = 0, 0.0, 0
-    for p, before in probe:
-        diff = (p.detach().float() - before.float()).abs()
-        changed += int((diff > 0).sum())
-        max_abs = max(max_abs, float(diff.max())) if diff.numel() else max_abs
-        count += diff.numel()
-    return {"restore_drift_frac_changed": changed / max(count, 1), "restore_drift_max_abs": max_abs,
-            "restore_drift_probed": count}

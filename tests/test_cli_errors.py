@@ -3,8 +3,6 @@ traceback; exit 1 only ever means "a budget is broken"; a crash is exit 4 with i
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -12,36 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import limit_file_size, unprivileged
+from helpers import limit_file_size, unprivileged, zobench
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"model": "random:tiny-llama", "task": "sst2", "n_train": 16, "n_dev": 0, "n_test": 0,
         "batch_size": 4, "max_length": 32, "steps": 3, "warmup_steps": 1, "eval_before": False,
         "eval_after": False}
-
-
-def zobench(*args, cwd=ROOT, prefix=(), preexec_fn=None) -> subprocess.CompletedProcess:
-    """The command's exit code and output. In this process (``cli.main``, its output captured: a fresh
-    interpreter per case cost ~3 s, and tests/test_cli_imports.py covers what a fresh one imports), or in
-    a child process where the machine must refuse something to it (``prefix``: no permission override;
-    ``preexec_fn``: a file size limit)."""
-    if prefix or preexec_fn is not None:
-        return subprocess.run([*prefix, sys.executable, "-m", "zobench.cli", *map(str, args)], capture_output=True,
-                              text=True, timeout=600, cwd=cwd, preexec_fn=preexec_fn,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    from zobench.cli import main
-
-    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main([str(a) for a in args])
-            except SystemExit as e:  # argparse's own refusals
-                code = e.code if isinstance(e.code, int) else 2
-    finally:
-        os.chdir(here)
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def one_line_error(r: subprocess.CompletedProcess, *needles: str, code: int = 2) -> None:
@@ -310,7 +284,8 @@ def test_a_run_killed_outright_takes_its_running_cell_with_it(tmp_path):
 def test_the_train_summary_skips_splits_without_a_score():
     """A run with no test examples scores nothing there ({"accuracy": None}): the one-line summary says what
     it has (the best dev score) and never crashes after the record is written."""
-    from zobench.cell.record import CellRecord, Metrics
+    from zobench.cell.measures import Metrics
+    from zobench.cell.record import CellRecord
     from zobench.cli.train import _summary
 
     m = Metrics()

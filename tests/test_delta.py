@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import zobench
 
 from zobench.cell.pipeline import Pipeline
 from zobench.errors import UserError
@@ -97,12 +95,7 @@ def test_smollm2_saved_reloaded_and_evaluated_scores_as_at_the_end_of_training(t
 
 
 def test_train_save_then_eval_from_the_command_line(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "zobench.cli", *map(str, args)], capture_output=True,
-                              text=True, timeout=600, cwd=ROOT, env=env)
-
+    cli = zobench  # the commands' main in this process (tests/test_cli_imports.py runs fresh interpreters)
     r = cli("train", "--model", "random:tiny-llama", "--method", "random", "--density", "0.05", "--steps", "2",
             "--set", "n_test=0", "--set", "n_dev=0", "--set", "n_train=8", "--set", "batch_size=4",
             "--save", tmp_path / "kept", "--out", tmp_path / "run")

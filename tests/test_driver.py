@@ -9,28 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from zobench.cell.record import CellRecord, Metrics, PhaseMeasure, Stats
+from zobench.cell.measures import Metrics, PhaseMeasure, Stats
+from zobench.cell.record import CellRecord
 from zobench.driver import run_suite, select_cells
 from zobench.executors.pool import PoolExecutor
 from zobench.results import derive, load_records, to_pandas
 from zobench.spec.suite import load_suite
 
-BASE = """
-name: t
-defaults:
-  model: "random:tiny-llama"
-  n_train: 16
-  n_dev: 4
-  n_test: 8
-  batch_size: 4
-  max_length: 48
-  steps: 3
-  warmup_steps: 1
-matrix:
-  method: [full, random]
-  density: [0.05]
-timeout_s: 300
-"""
+BASE = (Path(__file__).resolve().parent / "data" / "tiny_suite.yaml").read_text()  # as conftest's tiny_suite_run
 
 # A config file that exists (so the suite validates) but names no architecture: the cell fails when it
 # loads the model, as a real broken config would.
@@ -82,11 +68,12 @@ def test_failed_and_killed_cells_do_not_stop_the_suite_and_resume_redoes_only_th
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    """The same suite run twice: sequentially, and two cells at a time with the cells in reverse order."""
+def two_runs(tiny_suite_run, tmp_path_factory):
+    """The same suite run twice: sequentially (the session's tiny_suite_run), and two cells at a time with
+    the cells in reverse order."""
     tmp = tmp_path_factory.mktemp("runs")
-    (tmp / "a").mkdir(), (tmp / "b").mkdir()
-    seq = load_records(_run(tmp / "a", BASE))
+    (tmp / "b").mkdir()
+    seq = load_records(tiny_suite_run)
     suite = _suite(tmp / "b", BASE)
     pool = load_records(run_suite(suite, tmp / "b" / "results", cells=list(reversed(select_cells(suite))),
                                   executor=PoolExecutor(jobs=2)))

@@ -17,18 +17,9 @@ from zobench.spec.config import CellConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.10  # the estimator's stated accuracy against measured train-phase peaks
+SMOKE_METHODS = ("forward", "full", "random", "sensitive")  # suites/smoke.yaml's, its forward reference included
 LLAMA7B = dict(model="meta-llama/Llama-2-7b-hf", model_fallback="random:llama-2-7b", dtype="float16",
                device="cuda", task="sst2", batch_size=16, max_length=256, density=1e-3)
-
-
-@pytest.fixture(scope="session")
-def smoke_records(tmp_path_factory):
-    """The smoke suite run for real, once (~1 min on 2 cores): every cell in its own process."""
-    from zobench.driver import run_suite
-    from zobench.spec.suite import load_suite
-
-    out = run_suite(load_suite(ROOT / "suites" / "smoke.yaml"), tmp_path_factory.mktemp("smoke"))
-    return latest_by_cell(load_records(out))
 
 
 def _assert_close(rec, est: dict) -> None:
@@ -38,18 +29,20 @@ def _assert_close(rec, est: dict) -> None:
         f"{label}: estimated {est['peak_mib']:.0f} MiB, measured {measured:.0f} MiB ({est['breakdown']})"
 
 
-def test_smoke_cells_within_ten_percent_and_records_carry_the_estimate(smoke_records):
-    assert {r.method for r in smoke_records} == {"forward", "full", "random", "sensitive"}
-    for rec in smoke_records:
+def test_every_method_within_ten_percent_per_phase_and_records_carry_the_estimate(every_method):
+    """The session's cell of every registered method (conftest.every_method): the whole-cell peak, and for
+    the smoke suite's methods the load and mask phases each against its own peak (the mask phase of the
+    task-gradient mask is estimated high: 510 MiB against 428 measured on the tiny model)."""
+    for rec in every_method.values():
         assert rec.ok, rec.reason
         est = estimate_cell(CellConfig.from_dict(rec.config))
         _assert_close(rec, est)
         # the driver attached the same prediction (what the report's "est. peak MiB" shows)
         assert rec.estimate["peak_mib"] == pytest.approx(est["peak_mib"])
         assert rec.estimate["breakdown"] == est["breakdown"] and rec.estimate["phases"] == est["phases"]
-        for phase in ("load", "mask"):  # the phases before training, each against its own peak
+        for phase in ("load", "mask") if rec.method in SMOKE_METHODS else ():  # each against its own peak
             measured = rec.phase(phase).peak_rss_mib
-            assert (measured is None) == (phase not in est["phases"]), phase
+            assert (measured is None) == (phase not in est["phases"]), (rec.method, phase)
             if measured is not None:
                 # A tiny model's mask adds tens of MiB of transients (the head's logits over 49k tokens) that
                 # the allocator may serve from pages the load phase freed: 50 MiB of slack at this scale.

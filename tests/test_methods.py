@@ -11,29 +11,6 @@ import torch
 
 from zobench.methods import METHODS, Method, Price, register
 
-TINY = {"model": "random:tiny-llama", "task": "sst2", "n_train": 8, "n_dev": 0, "n_test": 0, "batch_size": 4,
-        "max_length": 32, "steps": 2, "warmup_steps": 1, "eval_before": False, "eval_after": False,
-        "calib_sequences": 2, "calib_length": 32, "density": 0.01, "lr": 1e-4}
-
-
-@pytest.fixture(scope="module")
-def every_method(tmp_path_factory):
-    """One cell of every registered method on the tiny model, each in its own process, two at a time (a
-    cell's peak is its own process's, whatever runs beside it)."""
-    from zobench.driver import run_suite
-    from zobench.executors.pool import PoolExecutor
-    from zobench.results import load_records
-    from zobench.spec.suite import parse_suite
-
-    suite = parse_suite({"name": "methods", "reference": False, "defaults": TINY,
-                         "matrix": {"method": METHODS.names()},
-                         # a method that trains quantization scales needs a backend that has plain ones
-                         "overrides": [{"match": {"method": "qzo"}, "set": {"quant": "nf4-plain"}},
-                                       {"match": {"method": "quzo"}, "set": {"quant": "int8"}}]},  # its codes
-                        "methods.yaml")
-    out = run_suite(suite, tmp_path_factory.mktemp("methods"), executor=PoolExecutor(jobs=2))
-    return {r.method: r for r in load_records(out)}
-
 
 def test_every_registered_method_runs_the_smoke_path_and_has_a_price(every_method):
     from zobench.results import derive

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from zobench.cell.record import CellRecord, Metrics
+from zobench.cell.measures import Metrics
+from zobench.cell.record import CellRecord
 from zobench.spec.pilot import STAGE, choose, pilot_cells
 from zobench.spec.suite import parse_suite
 
@@ -83,6 +84,7 @@ def test_pilot_settings_apply_to_the_pilots_only_and_keep_their_ids():
 
 def test_a_suite_with_a_pilot_runs_it_first_and_never_touches_test(tmp_path):
     from zobench.driver import run_suite
+    from zobench.executors.pool import PoolExecutor
     from zobench.results import load_records
 
     suite = parse_suite({"name": "pilot", "reference": False,
@@ -90,7 +92,8 @@ def test_a_suite_with_a_pilot_runs_it_first_and_never_touches_test(tmp_path):
                                       "n_dev": 8, "n_test": 8, "batch_size": 4, "max_length": 64, "steps": 2,
                                       "warmup_steps": 1, "eval_every": 2, "eval_before": False},
                          "lr_pilot": {"steps": 2, "grids": [{"match": {}, "lr": [1e-4, 1e-3]}]}}, "pilot.yaml")
-    records = load_records(run_suite(suite, tmp_path))
+    # two cells at a time (the two pilots side by side), each in its own process; the cell waits for both
+    records = load_records(run_suite(suite, tmp_path, executor=PoolExecutor(jobs=2)))
     pilots = [r for r in records if r.labels.get("stage") == STAGE]
     (main,) = [r for r in records if r.labels.get("stage") is None]
     assert len(pilots) == 2 and records.index(main) == 2  # pilots first

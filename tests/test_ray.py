@@ -17,28 +17,11 @@ import pytest
 pytest.importorskip("ray")
 
 from zobench.driver import run_suite, select_cells  # noqa: E402
-from zobench.executors.local import LocalExecutor  # noqa: E402
 from zobench.executors.ray_executor import RayExecutor  # noqa: E402
 from zobench.results import load_records  # noqa: E402
 from zobench.spec.suite import load_suite  # noqa: E402
 
-SUITE = """
-name: t
-defaults:
-  model: "random:tiny-llama"
-  n_train: 16
-  n_dev: 4
-  n_test: 8
-  batch_size: 4
-  max_length: 48
-  steps: 3
-  warmup_steps: 1
-  density: 0.05
-  device: cpu
-matrix:
-  method: [full, random]
-timeout_s: 300
-"""
+SUITE = (Path(__file__).resolve().parent / "data" / "tiny_suite.yaml").read_text()  # conftest's tiny_suite_run
 
 # Long enough (steps) that a test can kill the worker while the cell is still training.
 SLOW = SUITE.replace("steps: 3\n", "steps: 40\n").replace("method: [full, random]", "method: [random]")
@@ -54,10 +37,9 @@ def _ok_ids(path: Path) -> list[str]:
     return sorted(r.cell_id for r in load_records(path) if r.ok)
 
 
-def test_ray_gives_the_local_executors_records_from_clean_processes(ray_local, tmp_path):
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    local = {r.cell_id: r for r in load_records(run_suite(_suite(tmp_path / "a"), tmp_path / "a" / "res",
-                                                          executor=LocalExecutor()))}
+def test_ray_gives_the_local_executors_records_from_clean_processes(ray_local, tiny_suite_run, tmp_path):
+    (tmp_path / "b").mkdir()
+    local = {r.cell_id: r for r in load_records(tiny_suite_run)}
     ray = {r.cell_id: r for r in load_records(run_suite(_suite(tmp_path / "b"), tmp_path / "b" / "res",
                                                         executor=RayExecutor()))}
     assert set(local) == set(ray) and len(ray) == 3  # forward, full, random: each appended once

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from helpers import zobench
 
 from zobench.analysis.check import Estimate, check
 from zobench.cell.measures import Metrics, PhaseMeasure, Stats
@@ -95,8 +94,7 @@ def test_cli_exit_codes(tmp_path):
     bad.write_text(as_json(rec("sensitive", 1900)) + "\n")
 
     def run(path):  # the first check on a fresh machine measures the estimator's calibration: minutes under load
-        return subprocess.run([sys.executable, "-m", "zobench.cli", "check", str(path), "--suite",
-                               str(tmp_path / "s.yaml")], capture_output=True, text=True, timeout=900)
+        return zobench("check", path, "--suite", tmp_path / "s.yaml")
 
     assert run(good).returncode == 0
     r = run(bad)
@@ -108,11 +106,6 @@ def test_cli_exit_codes(tmp_path):
 # -- cells without a measurement are checked by their estimates -------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "zobench.cli", "check", *args], capture_output=True, text=True,
-                          timeout=900, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def test_estimates_are_held_to_peak_budgets_only():
@@ -190,5 +183,5 @@ def test_a_tightened_budget_fails_naming_the_estimated_cell(tmp_path, capsys, mo
 
 def test_check_input_errors_are_one_line():
     for args in (("--suite", "no/such/suite.yaml"), ()):
-        r = _cli(*args)
+        r = zobench("check", *args)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import zobench
 
 from zobench.analysis.estimate import estimate_cell, record_estimate
 from zobench.errors import UserError
@@ -253,11 +251,6 @@ def test_shipped_smollm2_config_is_the_embedded_models():
         assert getattr(shipped, key) == getattr(real, key), key
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "zobench.cli", *args], capture_output=True, text=True,
-                          timeout=900, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
 def test_estimate_cli_table_and_json(capsys, monkeypatch):
     from zobench.cli import main
 
@@ -282,6 +275,5 @@ def test_estimate_cli_table_and_json(capsys, monkeypatch):
 
 
 def test_estimate_cli_bad_suite_is_one_line():
-    r = subprocess.run([sys.executable, "-m", "zobench.cli", "estimate", "no/such/suite.yaml"], capture_output=True,
-                       text=True, timeout=900, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    r = zobench("estimate", "no/such/suite.yaml")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -262,6 +262,7 @@ def test_the_private_ray_refuses_a_client_without_its_run_token(ray_local):
     addr = ray_local.get_runtime_context().gcs_address
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["HOME"] = os.environ.get("HOME", "/")
+    env["RAY_gcs_server_port_wait_time_s"] = "2"  # two tries at joining, not twenty (a refusal is not retried away)
     code = ("import ray\ntry:\n    ray.init(address=%r, log_to_driver=False)\n    print('JOINED')\n"
             "except Exception as e:\n    print('REFUSED', type(e).__name__)" % addr)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import zobench
 
 from zobench.errors import UserError
 from zobench.spec.matrix import expand
@@ -110,8 +109,7 @@ def test_bad_suites_name_the_file_and_key(tmp_path, case):
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, case):
     p = tmp_path / "bad.yaml"
     p.write_text(BAD[case][0])
-    r = subprocess.run([sys.executable, "-m", "zobench.cli", "run", str(p), "--dry-run"],
-                       capture_output=True, text=True, timeout=120)
+    r = zobench("run", p, "--dry-run")
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("zobench: error: ") and str(p) in lines[0]
@@ -119,8 +117,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, case):
 
 
 def test_cli_missing_suite_file(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "zobench.cli", "run", str(tmp_path / "nope.yaml")],
-                       capture_output=True, text=True, timeout=120)
+    r = zobench("run", tmp_path / "nope.yaml")
     assert r.returncode == 2 and "suite file not found" in r.stderr and "Traceback" not in r.stderr
 
 

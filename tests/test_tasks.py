@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from zobench.errors import UserError
-from zobench.tasks import TASKS, Example, get_task, scoring
+from zobench.tasks import TASKS, Example, get_task, logits, scoring
 from zobench.tasks.base import _carve, permutation
 from zobench.tasks.generation import drop_spans, exact_match, f1_score, normalize_answer
 from zobench.tasks.packaged import SST2_DIR
@@ -281,7 +281,7 @@ def sst2_small():
 @pytest.mark.parametrize("sliced", [True, False])
 def test_classification_loss_matches_brute_force(tiny, tokenizer, sst2_small, monkeypatch, sliced):
     if not sliced:    # the path for models without a boolean logits_to_keep
-        monkeypatch.setattr(scoring, "slices_logits", lambda model: False)
+        monkeypatch.setattr(logits, "slices_logits", lambda model: False)
     batch = scoring.encode(sst2_small.train[:4], tokenizer, "classification")
     assert batch["input_ids"].shape[0] == 8 and batch["n_options"].tolist() == [2] * 4
     want = torch.nn.functional.cross_entropy(brute_scores(tiny.model, batch).view(4, 2), batch["labels"])

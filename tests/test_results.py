@@ -108,6 +108,22 @@ def test_a_mistyped_influence_record_is_one_line_naming_the_field(tmp_path):
         InfluenceRecord.from_json({"cell_id": "x"})
 
 
+def test_an_influence_records_fine_tunes_read_as_typed_cells_and_a_mistyped_one_is_located(tmp_path):
+    rec = json.loads((ROOT / "results" / "influence-zo.jsonl").read_text().splitlines()[-1])
+    lora = CellRecord("lora-cell", config={"method": "lora"}, metrics=Metrics(values={"steps_done": 6}))
+    zo = CellRecord("zo-cell", config={"method": "sensitive"})
+    rec["finetune"]["cell"], rec["zo"]["train"]["cell"] = lora.to_json(), zo.to_json()
+    typed = InfluenceRecord.from_json(rec)
+    assert [(arm, c.cell_id, c.metrics.get("steps_done")) for arm, c in typed.fine_tunes()] == \
+        [("LoRA", "lora-cell", 6), ("sparse ZO", "zo-cell", None)]
+    assert json.dumps(typed.to_json()) == json.dumps(rec)  # written back as read
+    rec["zo"]["train"]["cell"]["cell_id"] = 5
+    (tmp_path / "r.jsonl").write_text(json.dumps(rec) + "\n")
+    with pytest.raises(UserError) as e:
+        load_influence(tmp_path / "r.jsonl")
+    assert str(e.value) == f"{tmp_path / 'r.jsonl'}:1: zo.train.cell: field 'cell_id' = 5: expected str"
+
+
 def test_step_percentiles_stay_within_the_timings_even_for_a_few_steps():
     """Three timed steps on a GPU gave a negative p10 with the default (exclusive) quantiles."""
     s = Stats.of([0.0492, 0.0591, 0.0018])

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from zobench.cell.measures import NUMBER, STATUSES, SchemaError, check_field
+from zobench.cell.record import CellRecord
 
 # -- an influence suite's run (``zobench.influence.bench``) ------------------------------------------------
 # 2: seconds fields end in _s (cache_s, plain_s, finetune_s, phases' wall_s); the cache's sketch seed is
@@ -22,6 +23,10 @@ INFLUENCE_SECTIONS = {
     "cost": {"k": (int,), "n": (int,), "bytes_per_example": (int,)},
     "top_example": {"row": (int,), "poisoned": (bool,)},
 }
+# Where an influence run keeps the records of its fine-tunes, each a cell's (``influence.train``): the arm's
+# name, the section and the path to the record inside it. Records from before the fine-tunes were cells
+# have none.
+FINE_TUNE_CELLS = (("LoRA", "finetune", ("cell",)), ("sparse ZO", "zo", ("train", "cell")))
 INFLUENCE_TOP = {"suite": (str,), "suite_file": (str,), "labels": (dict,), "config": (dict,), "zo": (dict,),
                  "phases": (dict,), "env": (dict,), "git": (dict,), "started_at": (str,), "finished_at": (str,),
                  "wall_s": NUMBER}
@@ -72,7 +77,24 @@ class InfluenceRecord:
                 check_field(section[key], kinds + ((float,) if kinds == (int,) else ()), f"{name}.{key}")
             sections[name] = section
         top = {k: check_field(d[k], kinds, k) for k, kinds in INFLUENCE_TOP.items() if d.get(k) is not None}
-        return cls(cell_id=d["cell_id"], status=d.get("status", "ok"), schema=schema, sections=sections, **top)
+        rec = cls(cell_id=d["cell_id"], status=d.get("status", "ok"), schema=schema, sections=sections, **top)
+        rec.fine_tunes()  # a fine-tune's cell record is read now, so that a mistyped one is named here
+        return rec
+
+    def fine_tunes(self) -> list[tuple[str, CellRecord]]:
+        """The fine-tunes this run trained, as the cells they ran as: (arm, its typed record)."""
+        out = []
+        for arm, section, path in FINE_TUNE_CELLS:
+            value, where = self.zo if section == "zo" else self.sections.get(section), section
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else None
+                where += f".{key}"
+            if value is not None:
+                try:
+                    out.append((arm, CellRecord.from_json(value)))
+                except SchemaError as e:
+                    raise SchemaError(f"{where}: {e}") from None
+        return out
 
     def to_json(self) -> dict:
         return {"schema": self.schema, "kind": "influence", "suite": self.suite, "suite_file": self.suite_file,

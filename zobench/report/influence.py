@@ -8,6 +8,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from zobench.cell.influence_record import InfluenceRecord
 from zobench.cell.record import CellRecord
 from zobench.files import atomic_write
 from zobench.report.plots import plots_folder
@@ -147,7 +148,7 @@ def highlighted(tokens: list, width: int = WIDTH) -> str:
     return "".join(out)
 
 
-def render_influence(rec: dict, plots: list[tuple[str, str]]) -> str:
+def render_influence(rec: dict, plots: list[tuple[str, str]], fine_tunes: list[tuple[str, CellRecord]]) -> str:
     cfg, q, c, ov = rec["config"], rec["quality"], rec["cost"], rec["overhead"]
     atk, ft = rec["attack"], rec["finetune"]
     lines = [f"# {rec['suite']}: which training examples led to this generation?", "",
@@ -216,7 +217,7 @@ def render_influence(rec: dict, plots: list[tuple[str, str]]) -> str:
               f"| query (its gradient + scan) vs exact recomputation of {c['n']:,} gradients | "
               f"{c['query_s']:.2f} s vs {c['exact_recompute_s']:.2f} s = {c['speedup_vs_exact']:,.0f}x |"]
     lines += _zo_arm(rec)
-    lines += _fine_tune_cells(rec)
+    lines += _fine_tune_cells(fine_tunes)
     top = rec["top_example"]
     text = highlighted(top["tokens"], width=1 << 30)
     lines += ["", "## Token-wise: the top example for the first triggered query", "",
@@ -265,12 +266,9 @@ def _zo_arm(rec: dict) -> list[str]:
     return lines
 
 
-def _fine_tune_cells(rec: dict) -> list[str]:
-    """The fine-tunes as the cells they ran as (``influence.train``): each phase's wall time and peak RSS,
-    and the median step. Records kept before the fine-tunes were cells have none."""
-    arms = [("LoRA", (rec.get("finetune") or {}).get("cell")),
-            ("sparse ZO", ((rec.get("zo") or {}).get("train") or {}).get("cell"))]
-    cells = [(name, CellRecord.from_json(cell)) for name, cell in arms if cell]
+def _fine_tune_cells(cells: list[tuple[str, CellRecord]]) -> list[str]:
+    """The fine-tunes as the cells they ran as (``InfluenceRecord.fine_tunes``): each phase's wall time and
+    peak RSS, and the median step. Records kept before the fine-tunes were cells have none."""
     if not cells:
         return []
     lines = ["", "## The fine-tunes, as cells", "",
@@ -286,8 +284,8 @@ def _fine_tune_cells(rec: dict) -> list[str]:
     return lines
 
 
-def render_influence_report(rec: dict, out_md: Path) -> Path:
-    rec, out_md = upgrade(rec), Path(out_md)
+def render_influence_report(record: InfluenceRecord, out_md: Path) -> Path:
+    rec, out_md = upgrade(record.to_json()), Path(out_md)
     folder = plots_folder(out_md)
     plots = [(cap, f"{folder.name}/{name}") for cap, name in write_plots(rec, folder)]
-    return atomic_write(out_md, render_influence(rec, plots), "report")
+    return atomic_write(out_md, render_influence(rec, plots, record.fine_tunes()), "report")

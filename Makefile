@@ -16,8 +16,9 @@ run: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
-# test: what CI runs (about 15 minutes on 2 cores). test-all adds the tests marked slow: whole suites,
-# fault injection on Ray, the estimator's held-out cells (minutes each); run it when touching those parts.
+# test: what CI runs (about 9 minutes on 2 cores; .ci/run whole, install and smoke suite included, about 13).
+# test-all adds the tests marked slow: whole suites, fault injection on Ray, the estimator's held-out cells
+# (minutes each); run it when touching those parts.
 test: venv
 	$(PY) -m pytest -q tests bench --benchmark-disable --durations=15 -m "not slow"
 

@@ -97,7 +97,13 @@ def test_a_mistyped_influence_record_is_one_line_naming_the_field(tmp_path):
     rec = json.loads((ROOT / "results" / "influence-zo.jsonl").read_text().splitlines()[-1])
     for change, message in ((lambda r: r["quality"].update(n="many"), "field 'quality.n'"),
                             (lambda r: r.pop("cost"), "without 'cost'"),
-                            (lambda r: r.update(schema=3), "field 'schema'")):
+                            (lambda r: r.update(schema=3), "field 'schema'"),
+                            (lambda r: r["quality"]["by_k"][0]["triggered"].update(auroc="high"),
+                             "field 'quality.by_k\\[0\\].triggered.auroc' = 'high': expected int or float"),
+                            (lambda r: r["zo"]["quality"]["by_k"][1].pop("control"),
+                             "field 'zo.quality.by_k\\[1\\].control' = None: expected dict"),
+                            (lambda r: r["fidelity"]["sweep"][2].pop("spearman"),
+                             "field 'fidelity.sweep\\[2\\]' has no 'spearman'")):
         bad = json.loads(json.dumps(rec))
         change(bad)
         (tmp_path / "r.jsonl").write_text(json.dumps(bad) + "\n")

@@ -4,8 +4,9 @@ one JSON line marked ``kind: influence`` in a results file, read by ``results.lo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from zobench.cell.measures import NUMBER, STATUSES, SchemaError, check_field
+from zobench.cell.measures import NUMBER, STATUSES, SchemaError, check_field, shown_value
 from zobench.cell.record import CellRecord
 
 # -- an influence suite's run (``zobench.influence.bench``) ------------------------------------------------
@@ -30,6 +31,70 @@ FINE_TUNE_CELLS = (("LoRA", "finetune", ("cell",)), ("sparse ZO", "zo", ("train"
 INFLUENCE_TOP = {"suite": (str,), "suite_file": (str,), "labels": (dict,), "config": (dict,), "zo": (dict,),
                  "phases": (dict,), "env": (dict,), "git": (dict,), "started_at": (str,), "finished_at": (str,),
                  "wall_s": NUMBER}
+
+
+def _typed(d: Any, name: str, fields_: dict) -> dict:
+    """``d``'s fields named in ``fields_`` (name -> kinds; a kind tuple ending in None: optional), checked."""
+    if not isinstance(d, dict):
+        raise SchemaError(f"field '{name}' = {shown_value(d)}: expected dict")
+    out = {}
+    for key, kinds in fields_.items():
+        optional = kinds[-1] is None
+        kinds = tuple(k for k in kinds if k is not None)
+        if key not in d:
+            if optional:
+                continue
+            raise SchemaError(f"field '{name}' has no '{key}'")
+        out[key] = check_field(d[key], kinds + ((float,) if kinds == (int,) else ()), f"{name}.{key}")
+    return out
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """One query set's retrieval at one K (``influence.metrics``): means over queries of recall and precision
+    at k and of AUROC, and the lowest single query's recall (records before it was kept have none)."""
+
+    recall_at_k: float
+    precision_at_k: float
+    auroc: float
+    recall_min: float | None = None
+
+    @classmethod
+    def from_json(cls, d, name: str) -> "Retrieval":
+        return cls(**_typed(d, name, {"recall_at_k": NUMBER, "precision_at_k": NUMBER, "auroc": NUMBER,
+                                      "recall_min": NUMBER + (None,)}))
+
+
+@dataclass(frozen=True)
+class QualityAtK:
+    """The quality table's row at one sketch size K: triggered queries, the hotword's tokens, clean control."""
+
+    k: int
+    triggered: Retrieval
+    hotword: Retrieval
+    control: Retrieval
+
+    @classmethod
+    def from_json(cls, d, name: str) -> "QualityAtK":
+        k = _typed(d, name, {"k": (int,)})["k"]
+        return cls(int(k), *(Retrieval.from_json(d.get(q), f"{name}.{q}") for q in ("triggered", "hotword", "control")))
+
+
+@dataclass(frozen=True)
+class FidelityPoint:
+    """Sketched against exact scores at one setting: Spearman's rho and the top-10 overlap, means over queries."""
+
+    normalize: bool
+    permute: bool
+    k: int
+    spearman: float
+    topk_overlap: float
+
+    @classmethod
+    def from_json(cls, d, name: str) -> "FidelityPoint":
+        f = _typed(d, name, {"normalize": (bool,), "permute": (bool,), "k": (int,), "spearman": NUMBER,
+                             "topk_overlap": NUMBER})
+        return cls(f["normalize"], f["permute"], int(f["k"]), f["spearman"], f["topk_overlap"])
 
 
 @dataclass
@@ -78,8 +143,23 @@ class InfluenceRecord:
             sections[name] = section
         top = {k: check_field(d[k], kinds, k) for k, kinds in INFLUENCE_TOP.items() if d.get(k) is not None}
         rec = cls(cell_id=d["cell_id"], status=d.get("status", "ok"), schema=schema, sections=sections, **top)
-        rec.fine_tunes()  # a fine-tune's cell record is read now, so that a mistyped one is named here
+        # the typed parts are read now, so that a mistyped one is named here, not in the report
+        rec.fine_tunes(), rec.quality_by_k(), rec.quality_by_k(zo=True), rec.fidelity_sweep()
         return rec
+
+    def quality_by_k(self, zo: bool = False) -> list[QualityAtK]:
+        """The quality table, one row per K: of the LoRA fine-tune, or of the sparse-ZO arm (``zo``; none
+        where the suite has no such arm)."""
+        if zo and not self.zo:
+            return []
+        quality, name = (self.zo.get("quality"), "zo.quality") if zo else (self.sections["quality"], "quality")
+        rows = check_field(check_field(quality, (dict,), name).get("by_k"), (list,), f"{name}.by_k") or []
+        return [QualityAtK.from_json(e, f"{name}.by_k[{i}]") for i, e in enumerate(rows)]
+
+    def fidelity_sweep(self) -> list[FidelityPoint]:
+        """Sketched against exact scores, one point per (normalize, permute, K)."""
+        sweep = self.sections["fidelity"]["sweep"]
+        return [FidelityPoint.from_json(e, f"fidelity.sweep[{i}]") for i, e in enumerate(sweep)]
 
     def fine_tunes(self) -> list[tuple[str, CellRecord]]:
         """The fine-tunes this run trained, as the cells they ran as: (arm, its typed record)."""

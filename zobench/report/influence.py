@@ -8,7 +8,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from zobench.cell.influence_record import InfluenceRecord
+from zobench.cell.influence_record import InfluenceRecord, QualityAtK
 from zobench.cell.record import CellRecord
 from zobench.files import atomic_write
 from zobench.report.plots import plots_folder
@@ -26,7 +26,7 @@ def _bytes(n: float) -> str:
     return str(n)
 
 
-def write_plots(rec: dict, folder: Path) -> list[tuple[str, str]]:
+def write_plots(record: InfluenceRecord, folder: Path) -> list[tuple[str, str]]:
     # matplotlib.figure.Figure directly, never pyplot: no backend is switched for the caller's process.
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -48,19 +48,19 @@ def write_plots(rec: dict, folder: Path) -> list[tuple[str, str]]:
         return name
 
     fig, ax = k_axes(0.9, None)
-    sweep = rec["fidelity"]["sweep"]
+    sweep = record.fidelity_sweep()
     for norm in (True, False):
         for permute in (True, False):
-            pts = sorted((e["k"], e["spearman"]) for e in sweep if e["normalize"] == norm and e["permute"] == permute)
+            pts = sorted((e.k, e.spearman) for e in sweep if e.normalize == norm and e.permute == permute)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"normalize={'on' if norm else 'off'}, "
                                                        f"permute={'on' if permute else 'off'}")
     out = [("Sketch fidelity against exact gradient scores",
             save(fig, ax, "fidelity.png", "K (sketch size)", "Spearman vs exact scores"))]
-    fig, ax = k_axes(rec["quality"]["base_rate"], "base rate")
-    by_k = rec["quality"]["by_k"]
+    fig, ax = k_axes(record.sections["quality"]["base_rate"], "base rate")
+    by_k = record.quality_by_k()
     for name in ("triggered", "hotword", "control"):
-        ax.plot([e["k"] for e in by_k], [e[name]["recall_at_k"] for e in by_k], marker="o", label=name)
+        ax.plot([e.k for e in by_k], [getattr(e, name).recall_at_k for e in by_k], marker="o", label=name)
     ax.set_ylim(-0.02, 1.02)
     out.append(("Recall of the poisoned examples by K",
                 save(fig, ax, "recall.png", "K (nested from the stored sketch)", "recall@k of poisoned examples")))
@@ -148,7 +148,8 @@ def highlighted(tokens: list, width: int = WIDTH) -> str:
     return "".join(out)
 
 
-def render_influence(rec: dict, plots: list[tuple[str, str]], fine_tunes: list[tuple[str, CellRecord]]) -> str:
+def render_influence(record: InfluenceRecord, plots: list[tuple[str, str]]) -> str:
+    rec = upgrade(record.to_json())  # the free-form parts, in schema 2's names
     cfg, q, c, ov = rec["config"], rec["quality"], rec["cost"], rec["overhead"]
     atk, ft = rec["attack"], rec["finetune"]
     lines = [f"# {rec['suite']}: which training examples led to this generation?", "",
@@ -172,20 +173,19 @@ def render_influence(rec: dict, plots: list[tuple[str, str]], fine_tunes: list[t
              "single query's recall.", "",
              "| K | triggered recall@k | worst | precision@k | AUROC | hotword recall@k | AUROC "
              "| control precision@k | AUROC |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for e in q["by_k"]:
-        t, h, cn = e["triggered"], e["hotword"], e["control"]
-        worst = f"{t['recall_min']:.2f}" if "recall_min" in t else "-"
-        lines.append(f"| {e['k']:,} | {t['recall_at_k']:.3f} | {worst} | {t['precision_at_k']:.3f} | "
-                     f"{t['auroc']:.3f} | "
-                     f"{h['recall_at_k']:.3f} | {h['auroc']:.3f} | {cn['precision_at_k']:.3f} | {cn['auroc']:.3f} |")
+    for e in record.quality_by_k():
+        t, h, cn = e.triggered, e.hotword, e.control
+        worst = "-" if t.recall_min is None else f"{t.recall_min:.2f}"
+        lines.append(f"| {e.k:,} | {t.recall_at_k:.3f} | {worst} | {t.precision_at_k:.3f} | {t.auroc:.3f} | "
+                     f"{h.recall_at_k:.3f} | {h.auroc:.3f} | {cn.precision_at_k:.3f} | {cn.auroc:.3f} |")
     fid = rec["fidelity"]
     lines += ["", "## Fidelity: sketched vs exact scores", "",
               f"{fid['n']} training examples x {fid['queries']} queries; exact = dot products of the whole "
               f"D = {fid['dim']:,} gradients (normalized or raw as the row says); mean over queries.", "",
               "| normalize | permute | K | Spearman | top-10 overlap |", "|---|---|---:|---:|---:|"]
-    for e in sorted(fid["sweep"], key=lambda e: (not e["normalize"], not e["permute"], e["k"])):
-        lines.append(f"| {'on' if e['normalize'] else 'off'} | {'on' if e['permute'] else 'off'} | {e['k']:,} | "
-                     f"{e['spearman']:.3f} | {e['topk_overlap']:.2f} |")
+    for e in sorted(record.fidelity_sweep(), key=lambda e: (not e.normalize, not e.permute, e.k)):
+        lines.append(f"| {'on' if e.normalize else 'off'} | {'on' if e.permute else 'off'} | {e.k:,} | "
+                     f"{e.spearman:.3f} | {e.topk_overlap:.2f} |")
     sub = fid.get("subspace")
     if sub:
         a, b = sub["sensitive_subspace"], sub["sketch_equal_bytes"]
@@ -216,8 +216,8 @@ def render_influence(rec: dict, plots: list[tuple[str, str]], fine_tunes: list[t
               f"{_range(c, 'copy_s_range', 'copy ')} |",
               f"| query (its gradient + scan) vs exact recomputation of {c['n']:,} gradients | "
               f"{c['query_s']:.2f} s vs {c['exact_recompute_s']:.2f} s = {c['speedup_vs_exact']:,.0f}x |"]
-    lines += _zo_arm(rec)
-    lines += _fine_tune_cells(fine_tunes)
+    lines += _zo_arm(record, rec)
+    lines += _fine_tune_cells(record.fine_tunes())
     top = rec["top_example"]
     text = highlighted(top["tokens"], width=1 << 30)
     lines += ["", "## Token-wise: the top example for the first triggered query", "",
@@ -229,23 +229,23 @@ def render_influence(rec: dict, plots: list[tuple[str, str]], fine_tunes: list[t
     return "\n".join(lines)
 
 
-def _zo_arm(rec: dict) -> list[str]:
+def _zo_arm(record: InfluenceRecord, rec: dict) -> list[str]:
     """LoRA beside the sparse ZO delta: what was trained, what it keeps, did the attack take, and
     retrieval in each one's own subspace."""
     zo = rec.get("zo")
     if not zo:
         return []
-    cfg, q, atk, ft = rec["config"], rec["quality"], rec["attack"], rec["finetune"]
-    zq, za, zt = zo["quality"], zo["attack"], zo["train"]
+    cfg, atk, ft = rec["config"], rec["attack"], rec["finetune"]
+    q, zq = record.quality_by_k(), record.quality_by_k(zo=True)
+    za, zt = zo["attack"], zo["train"]
 
-    def at(quality, k):
-        e = next((e for e in quality["by_k"] if e["k"] == k), None)
+    def at(quality: list[QualityAtK], k: int):
+        e = next((e for e in quality if e.k == k), None)
         if e is None:
             return "-", "-", "-"
-        t, h = e["triggered"], e["hotword"]
-        return f"{t['recall_at_k']:.3f}", f"{t['auroc']:.3f}", f"{h['recall_at_k']:.3f}"
+        return f"{e.triggered.recall_at_k:.3f}", f"{e.triggered.auroc:.3f}", f"{e.hotword.recall_at_k:.3f}"
 
-    k = max(e["k"] for e in zq["by_k"])
+    k = max(e.k for e in zq)
     zc = zo["config"]
     rows = [("LoRA (first-order), scope lora", ft.get("trainable"), None, cfg["cache"].get("scope"),
              rec["cost"]["scope_dim"], atk, at(q, k)),
@@ -285,7 +285,7 @@ def _fine_tune_cells(cells: list[tuple[str, CellRecord]]) -> list[str]:
 
 
 def render_influence_report(record: InfluenceRecord, out_md: Path) -> Path:
-    rec, out_md = upgrade(record.to_json()), Path(out_md)
+    out_md = Path(out_md)
     folder = plots_folder(out_md)
-    plots = [(cap, f"{folder.name}/{name}") for cap, name in write_plots(rec, folder)]
-    return atomic_write(out_md, render_influence(rec, plots, record.fine_tunes()), "report")
+    plots = [(cap, f"{folder.name}/{name}") for cap, name in write_plots(record, folder)]
+    return atomic_write(out_md, render_influence(record, plots), "report")

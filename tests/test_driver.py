@@ -88,6 +88,7 @@ def test_records_are_typed_raw_measurements(two_runs):
         assert r.env["versions"]["torch"] and r.env["malloc_mmap_threshold"] == "131072"
         assert r.accuracy_meaningful is False  # random weights
         assert r.phases["train"].peak_rss_mib > 100 and r.phases["train"].wall_s > 0
+        assert 0 < r.phases["train"].cpu_s and 0 < r.cpu_s == sum(p.cpu_s for p in r.phases.values())
         assert r.execution.executor == "local" and r.execution.concurrent_cells == 1
         for p in r.phases.values():  # how busy the machine was, on every phase long enough to say
             assert p.other_cpus is None if p.wall_s < 0.99 else 0.0 <= p.other_cpus <= os.cpu_count()

@@ -92,6 +92,18 @@ def test_other_load_counts_neighbours_and_leaves_out_the_measured_process():
     assert load.other_cpus <= psutil.cpu_count() - mine + 0.1, (load.other_cpus, mine)
 
 
+def test_a_blocks_cpu_seconds_are_its_own_work_not_its_wall_time():
+    """A stopped or waiting process spends wall time but no CPU: the budget figure a pilot reports."""
+    with OtherLoad() as waiting:
+        time.sleep(1.0)
+    with OtherLoad() as working:  # half a second of this thread's CPU, however long that takes on this machine
+        end = time.thread_time() + 0.5
+        while time.thread_time() < end:
+            pass
+    assert waiting.wall_s >= 1.0 and waiting.cpu_s < 0.2, waiting.cpu_s
+    assert 0.45 <= working.cpu_s <= working.wall_s + 0.05, (working.cpu_s, working.wall_s)  # ticks of 10 ms
+
+
 def test_other_load_is_left_out_for_blocks_too_short_to_tell():
     with OtherLoad() as short:
         time.sleep(0.1)

@@ -95,6 +95,7 @@ class PhaseMeasure:
     device_peak_mib: float | None = None    # what the driver reported (NVML): context and libraries included
     device_source: str | None = None        # "process" (this process's own) | "device" (used minus before)
     other_cpus: float | None = None         # CPUs busy with other work meanwhile (zobench.measure.load)
+    cpu_s: float | None = None              # this process's CPU seconds in the phase (measure.load.OtherLoad)
 
     @classmethod
     def from_json(cls, d, name: str) -> "PhaseMeasure":

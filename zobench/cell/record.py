@@ -92,6 +92,14 @@ class CellRecord:
         return self.phases[name] if name in self.phases else PhaseMeasure(wall_s=None)
 
     @property
+    def cpu_s(self):
+        """The cell's own CPU seconds, its phases summed: what it cost, however busy the machine was or however
+        long the run was stopped. A resumed cell counts this run of it only; None for records from before
+        phases kept it."""
+        spent = [m.cpu_s for m in self.phases.values() if m.cpu_s is not None]
+        return sum(spent) if spent else None
+
+    @property
     def estimated_peak_mib(self):
         """The estimator's peak for this cell (``zobench estimate``), None where it was not estimated."""
         return _field(self.estimate, "peak_mib")

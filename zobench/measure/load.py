@@ -35,12 +35,15 @@ def _own_s(proc: psutil.Process) -> float:
 
 
 class OtherLoad:
-    """``with OtherLoad() as load: ...`` then ``load.wall_s`` and ``load.other_cpus`` (None when the block
-    was shorter than ``MIN_WALL_S``). A caller that records the block's wall time takes ``wall_s`` from here,
-    so that whether ``other_cpus`` is kept follows from the wall time recorded beside it."""
+    """``with OtherLoad() as load: ...`` then ``load.wall_s``, ``load.cpu_s`` (this process's own CPU seconds
+    in the block, its threads and children included: what the work cost, whatever ran beside it or however
+    long the process was stopped) and ``load.other_cpus`` (None when the block was shorter than
+    ``MIN_WALL_S``). A caller that records the block's wall time takes ``wall_s`` from here, so that whether
+    ``other_cpus`` is kept follows from the wall time recorded beside it."""
 
     def __init__(self):
         self.wall_s: float | None = None
+        self.cpu_s: float | None = None
         self.other_cpus: float | None = None
         self._proc = psutil.Process()
 
@@ -51,6 +54,7 @@ class OtherLoad:
     def __exit__(self, *exc):
         wall, busy, own = (time.perf_counter(), _busy_s(), _own_s(self._proc))
         self.wall_s = wall - self._start[0]
+        self.cpu_s = round(own - self._start[2], 3)
         if self.wall_s >= MIN_WALL_S:
             other = (busy - self._start[1]) - (own - self._start[2])
             self.other_cpus = round(max(0.0, other / self.wall_s), 3)

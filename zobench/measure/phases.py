@@ -12,10 +12,10 @@ from zobench.measure.memory import PeakMemory
 
 @contextlib.contextmanager
 def phase(device: str):
-    """Yields a dict that holds, once the block is over, ``wall_s``, ``other_cpus`` and the ``*_mib`` peaks of
-    ``measure.memory.PeakMemory``."""
+    """Yields a dict that holds, once the block is over, ``wall_s``, ``cpu_s``, ``other_cpus`` and the ``*_mib``
+    peaks of ``measure.memory.PeakMemory``."""
     numbers: dict = {}
     with OtherLoad() as load, PeakMemory(device) as mem:
         yield numbers
     # One clock for the phase's wall time and for the other-load figure's minimum block length.
-    numbers.update(wall_s=load.wall_s, other_cpus=load.other_cpus, **mem.result)
+    numbers.update(wall_s=load.wall_s, cpu_s=load.cpu_s, other_cpus=load.other_cpus, **mem.result)

@@ -97,6 +97,7 @@ def test_a_mistyped_influence_record_is_one_line_naming_the_field(tmp_path):
     rec = json.loads((ROOT / "results" / "influence-zo.jsonl").read_text().splitlines()[-1])
     for change, message in ((lambda r: r["quality"].update(n="many"), "field 'quality.n'"),
                             (lambda r: r.pop("cost"), "without 'cost'"),
+                            (lambda r: r.update(cost=None), "field 'cost' = None: expected dict"),
                             (lambda r: r.update(schema=3), "field 'schema'"),
                             (lambda r: r["quality"]["by_k"][0]["triggered"].update(auroc="high"),
                              "field 'quality.by_k\\[0\\].triggered.auroc' = 'high': expected int or float"),

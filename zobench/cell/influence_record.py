@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from zobench.cell.measures import NUMBER, STATUSES, SchemaError, check_field, shown_value
+from zobench.cell.measures import NUMBER, STATUSES, SchemaError, check_field, read_kinds, shown_value
 from zobench.cell.record import CellRecord
 
 # -- an influence suite's run (``zobench.influence.bench``) ------------------------------------------------
@@ -24,10 +24,6 @@ INFLUENCE_SECTIONS = {
     "cost": {"k": (int,), "n": (int,), "bytes_per_example": (int,)},
     "top_example": {"row": (int,), "poisoned": (bool,)},
 }
-# Where an influence run keeps the records of its fine-tunes, each a cell's (``influence.train``): the arm's
-# name, the section and the path to the record inside it. Records from before the fine-tunes were cells
-# have none.
-FINE_TUNE_CELLS = (("LoRA", "finetune", ("cell",)), ("sparse ZO", "zo", ("train", "cell")))
 INFLUENCE_TOP = {"suite": (str,), "suite_file": (str,), "labels": (dict,), "config": (dict,), "zo": (dict,),
                  "phases": (dict,), "env": (dict,), "git": (dict,), "started_at": (str,), "finished_at": (str,),
                  "wall_s": NUMBER}
@@ -45,7 +41,7 @@ def _typed(d: Any, name: str, fields_: dict) -> dict:
             if optional:
                 continue
             raise SchemaError(f"field '{name}' has no '{key}'")
-        out[key] = check_field(d[key], kinds + ((float,) if kinds == (int,) else ()), f"{name}.{key}")
+        out[key] = check_field(d[key], read_kinds(kinds), f"{name}.{key}")
     return out
 
 
@@ -135,12 +131,8 @@ class InfluenceRecord:
         for name, typed in INFLUENCE_SECTIONS.items():
             if name not in d:
                 raise SchemaError(f"influence record without '{name}'")
-            section = check_field(d[name], (dict,), name)
-            for key, kinds in typed.items():
-                if key not in section:
-                    raise SchemaError(f"field '{name}' has no '{key}'")
-                check_field(section[key], kinds + ((float,) if kinds == (int,) else ()), f"{name}.{key}")
-            sections[name] = section
+            _typed(d[name], name, typed)
+            sections[name] = d[name]  # kept as read, for writing back
         top = {k: check_field(d[k], kinds, k) for k, kinds in INFLUENCE_TOP.items() if d.get(k) is not None}
         rec = cls(cell_id=d["cell_id"], status=d.get("status", "ok"), schema=schema, sections=sections, **top)
         # the typed parts are read now, so that a mistyped one is named here, not in the report
@@ -153,7 +145,7 @@ class InfluenceRecord:
         if zo and not self.zo:
             return []
         quality, name = (self.zo.get("quality"), "zo.quality") if zo else (self.sections["quality"], "quality")
-        rows = check_field(check_field(quality, (dict,), name).get("by_k"), (list,), f"{name}.by_k") or []
+        rows = _typed(quality, name, {"by_k": (list, None)}).get("by_k") or []
         return [QualityAtK.from_json(e, f"{name}.by_k[{i}]") for i, e in enumerate(rows)]
 
     def fidelity_sweep(self) -> list[FidelityPoint]:
@@ -162,16 +154,16 @@ class InfluenceRecord:
         return [FidelityPoint.from_json(e, f"fidelity.sweep[{i}]") for i, e in enumerate(sweep)]
 
     def fine_tunes(self) -> list[tuple[str, CellRecord]]:
-        """The fine-tunes this run trained, as the cells they ran as: (arm, its typed record)."""
+        """The fine-tunes this run trained, as the cells they ran as (``influence.train``): (arm, its typed
+        record). Records from before the fine-tunes were cells have none."""
+        zo_train = (self.zo or {}).get("train")
+        arms = [("LoRA", "finetune.cell", self.sections["finetune"].get("cell")),
+                ("sparse ZO", "zo.train.cell", zo_train.get("cell") if isinstance(zo_train, dict) else None)]
         out = []
-        for arm, section, path in FINE_TUNE_CELLS:
-            value, where = self.zo if section == "zo" else self.sections.get(section), section
-            for key in path:
-                value = value.get(key) if isinstance(value, dict) else None
-                where += f".{key}"
-            if value is not None:
+        for arm, where, cell in arms:
+            if cell is not None:
                 try:
-                    out.append((arm, CellRecord.from_json(value)))
+                    out.append((arm, CellRecord.from_json(cell)))
                 except SchemaError as e:
                     raise SchemaError(f"{where}: {e}") from None
         return out

@@ -41,6 +41,12 @@ def shown_value(value) -> str:
 NUMBER = (int, float)
 
 
+def read_kinds(kinds: tuple) -> tuple:
+    """The types a field of ``kinds`` may have as read back from JSON: an int field also takes a float (a
+    count some writer stored as 3.0)."""
+    return kinds + (float,) if kinds == (int,) else kinds
+
+
 # The phases the training estimate covers (a record's phase names; ``CellRecord.estimated_phase_mib``).
 TRAIN_ESTIMATED = ("warmup", "train", "eval_before", "eval_after", "eval_best")
 
@@ -189,7 +195,7 @@ class Metrics:
                 check_field(value, (dict,), name)
                 m.step_parts_s = {k: s for k, v in value.items() if (s := Stats.from_json(v, f"{name}.{k}"))}
             elif key in SCALARS:
-                m.values[key] = check_field(value, SCALARS[key] + ((float,) if SCALARS[key] == (int,) else ()), name)
+                m.values[key] = check_field(value, read_kinds(SCALARS[key]), name)
             elif key in MAPPINGS:
                 m.values[key] = check_field(value, (dict,), name)
             elif key in SERIES:

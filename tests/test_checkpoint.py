@@ -51,11 +51,16 @@ def test_a_killed_cell_resumes_from_its_checkpoint_bit_for_bit(method, lr, tmp_p
     run_killed_at(resumable, 5, monkeypatch)  # steps 0-4 ran; the checkpoint is the one after step 4
     saved = json.loads((tmp_path / "c.json").read_text())
     assert saved["step"] == 4 and len(saved["trajectory"]) == 4 and saved["test_before"] is not None
+    assert saved["spent"]["wall_s"] > 0 and saved["spent"]["cpu_s"] > 0  # what the killed segment cost so far
 
     resumed = Pipeline(resumable).run()
     m, w = resumed.metrics, whole.metrics
     assert m.get("resumed_from_step") == 4 and m.get("segments") == 2
     assert "eval_before" not in resumed.phases  # the score before training came from the checkpoint
+    # the cost counts both segments: the killed one up to its checkpoint, and this one
+    assert m.get("earlier_segments") == saved["spent"]
+    this_run = sum(p.cpu_s for p in resumed.phases.values())
+    assert resumed.cpu_s == pytest.approx(this_run + saved["spent"]["cpu_s"]) and this_run > 0
     for key in ("loss_curve", "trajectory", "test_before", "test_after", "test_best", "best_step", "best_dev"):
         assert m.get(key) == w.get(key), key
     assert [(p["step"], p["accuracy"]) for p in m.get("dev_curve")] == \
@@ -90,7 +95,8 @@ def test_checkpoints_are_written_atomically_and_only_when_due(tmp_path):
     assert checkpoint.load(path, "abc")[0].step == 2
     # a checkpoint is data too: a trajectory shorter than its step, or a coefficient that is not finite,
     # would replay into wrong weights without a word
-    for bad in ({"step": 3}, {"trajectory": [[[1, "NaN"]]] * 2}, {"step": -1}):
+    for bad in ({"step": 3}, {"trajectory": [[[1, "NaN"]]] * 2}, {"step": -1}, {"spent": {"wall_s": -1, "cpu_s": 0}},
+                {"spent": {"wall_s": "1", "cpu_s": 0}}, {"spent": {"cpu_s": 1}}, {"spent": [1, 2]}):
         checkpoint.save(path, checkpoint.Checkpoint(**dict(dict(cell_id="abc", config={}, step=2,
                                                                 trajectory=[[[1, 0.5]]] * 2), **bad)))
         ckpt, why = checkpoint.load(path, "abc")
@@ -114,6 +120,9 @@ def test_a_suite_resumes_a_killed_cell_and_drops_its_checkpoint_once_recorded(tm
 
     rec = load_records(run_suite(suite, tmp_path, resume=True))[-1]
     assert rec.ok and rec.metrics.get("resumed_from_step") == 4
+    # the machine time counts the killed segment (up to its checkpoint) beside this run's wall clock
+    assert rec.machine_s == pytest.approx(rec.wall_s + rec.metrics.get("earlier_segments")["wall_s"])
+    assert rec.metrics.get("earlier_segments")["wall_s"] > 0
     assert rec.metrics.get("loss_curve")[:4] == first_losses and len(rec.metrics.get("loss_curve")) == 7
     assert "checkpoint" not in rec.config and not path.exists()
 

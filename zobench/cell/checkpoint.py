@@ -4,7 +4,9 @@ A ZO run is its trajectory, the (seed, projected gradient) of every step (MeZO's
 checkpoint), so the trained state after k steps is the initial state plus a replay of k steps
 (``zobench.zo.trainer.replay``, no forward). A checkpoint is therefore a small JSON file, not a copy of the
 model: the cell's id and config, the step, the losses, trajectory and timings so far, the dev curve and
-the best dev step, and the test score before training. A suite cell writes one after every dev evaluation
+the best dev step, the test score before training, and the wall and CPU seconds every segment spent up
+to it (so a resumed cell's cost counts its earlier segments; the work an earlier segment did after its last
+checkpoint is lost and not counted). A suite cell writes one after every dev evaluation
 (every 100 steps without ``eval_every``), atomically; ``zobench run --resume`` gives it back to the cell,
 which replays it, checks that its direction seeds draw the same as recorded, and goes on. The result is bit
 for bit the uninterrupted run's (tested); the record says ``resumed_from_step`` and its step timings come
@@ -43,6 +45,7 @@ class Checkpoint:
     best_scores: dict | None = None
     test_before: dict | None = None
     segments: int = 1                            # processes the steps so far ran in
+    spent: dict = field(default_factory=dict)    # {wall_s, cpu_s} of every segment up to this checkpoint
 
 
 def due(step: int, steps: int, eval_every: int) -> bool:
@@ -59,6 +62,15 @@ def save(path: str | Path, ckpt: Checkpoint) -> None:
     os.replace(tmp, path)
 
 
+def check_spent(spent) -> None:
+    """``spent`` is {} (a checkpoint from before it was kept) or {wall_s, cpu_s}, each a number >= 0."""
+    if not isinstance(spent, dict) or (spent and set(spent) != {"wall_s", "cpu_s"}):
+        raise ValueError("spent: expected {wall_s, cpu_s}")
+    for key, value in spent.items():
+        if type(value) not in (int, float) or not 0 <= value < float("inf"):
+            raise ValueError(f"spent.{key} = {value!r}: expected a number of seconds")
+
+
 def load(path: str | Path, cell_id: str) -> tuple[Checkpoint | None, str | None]:
     """The checkpoint at ``path`` if it belongs to this cell, else (None, why not) for the record's
     warnings; (None, None) where there is none."""
@@ -69,6 +81,7 @@ def load(path: str | Path, cell_id: str) -> tuple[Checkpoint | None, str | None]
         ckpt = Checkpoint(**read_json(path, "checkpoint", MAX_ARTIFACT_BYTES))
         whole_number(ckpt.step, "step", 0, LIMITS["steps"])
         check_trajectory(ckpt.trajectory, ckpt.step, f"{path}: trajectory")
+        check_spent(ckpt.spent)
     except (UserError, ValueError, TypeError) as e:
         return None, f"checkpoint {path} unreadable ({str(e)[:200]}); the cell ran from step 0"
     if ckpt.cell_id != cell_id:

@@ -130,7 +130,7 @@ SCALARS = {
     "weights_init": (str,), "quant_streamed": (bool,),
 }
 STATS = ("step_s", "forward_ref_s", "step_over_ref")
-MAPPINGS = ("test_before", "test_after", "truncated", "best_dev", "test_best", "zo_passes")
+MAPPINGS = ("test_before", "test_after", "truncated", "best_dev", "test_best", "zo_passes", "earlier_segments")
 SERIES = ("loss_curve", "dev_curve", "trajectory")
 
 
@@ -149,7 +149,8 @@ class Metrics:
     ``packed``: with ``pack`` set, whether the model took packed rows (else its batches stayed padded);
     ``weights_init``: how a random model's values were drawn ("per-tensor philox"; absent where they came from
     the global ``torch.manual_seed``, before zobench.models.stream); ``quant_streamed``: the block linears were
-    drawn in the quantize phase one at a time, each quantized before the next (the float model never whole)."""
+    drawn in the quantize phase one at a time, each quantized before the next (the float model never whole);
+    ``earlier_segments``: a resumed cell's earlier processes' {wall_s, cpu_s} up to their last checkpoint."""
 
     values: dict[str, Any] = field(default_factory=dict)      # SCALARS, MAPPINGS, SERIES
     step_s: Stats | None = None

@@ -64,6 +64,7 @@ class Pipeline:
         self.stepper = self.trainable = self.selection = None
         self.base_fingerprint = None
         self.resumed = None  # a checkpoint this cell goes on from (zobench.cell.checkpoint)
+        self.began = resume.clock()  # what its checkpoints say the cell spent counts from here
         # a delta chain's quantization scales (QZO) and codes (QuZO): written once quantized (cell.keep)
         self.pending_quantized: list = []
         self.predictions = Predictions(cfg.predictions)  # per-example, every evaluation

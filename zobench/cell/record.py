@@ -94,10 +94,20 @@ class CellRecord:
     @property
     def cpu_s(self):
         """The cell's own CPU seconds, its phases summed: what it cost, however busy the machine was or however
-        long the run was stopped. A resumed cell counts this run of it only; None for records from before
-        phases kept it."""
+        long the run was stopped; a resumed cell's earlier segments counted up to their last checkpoint. None
+        for records from before phases kept it."""
         spent = [m.cpu_s for m in self.phases.values() if m.cpu_s is not None]
-        return sum(spent) if spent else None
+        return sum(spent) + self._earlier("cpu_s") if spent else None
+
+    @property
+    def machine_s(self):
+        """Wall seconds the cell held the machine: this run's, and a resumed cell's earlier segments' up to
+        their last checkpoint. Stopped or shared time included."""
+        return None if self.wall_s is None else self.wall_s + self._earlier("wall_s")
+
+    def _earlier(self, key: str) -> float:
+        value = _field(self.metrics.get("earlier_segments"), key)
+        return value if type(value) in NUMBER and 0 <= value < float("inf") else 0.0
 
     @property
     def estimated_peak_mib(self):

@@ -4,9 +4,26 @@ The file format is ``cell.checkpoint``'s."""
 
 from __future__ import annotations
 
+import time
+
 from zobench.cell import checkpoint
+from zobench.measure.load import own_cpu_s
 from zobench.spec.matrix import cell_id, identity
 from zobench.zo.trainer import replay
+
+
+def clock() -> tuple[float, float]:
+    """(wall, CPU) seconds now; a cell notes them when it begins, for what its checkpoints say it spent."""
+    return time.perf_counter(), own_cpu_s()
+
+
+def spent_so_far(cell) -> dict:
+    """Wall and CPU seconds the cell has spent up to now, its earlier segments' (up to their last checkpoint)
+    included."""
+    wall, cpu = clock()
+    before = cell.resumed.spent if cell.resumed is not None else {}
+    return {"wall_s": round(before.get("wall_s", 0) + wall - cell.began[0], 3),
+            "cpu_s": round(before.get("cpu_s", 0) + cpu - cell.began[1], 3)}
 
 
 def save_checkpoint(cell, step: int, timing, reference) -> None:
@@ -18,7 +35,7 @@ def save_checkpoint(cell, step: int, timing, reference) -> None:
         total=timing.total, reference_seconds=reference.seconds if reference is not None else [],
         dev_curve=cell.metrics.get("dev_curve") or [], best_step=sel.best_step,
         best_scores=sel.best, test_before=cell.metrics.get("test_before"),
-        segments=cell.resumed.segments if cell.resumed else 1))
+        segments=cell.resumed.segments if cell.resumed else 1, spent=spent_so_far(cell)))
     cell.predictions.write()  # the evaluations so far, for a resumed segment to take back
 
 
@@ -54,4 +71,6 @@ def restore(cell, stepper, trainable, timing, reference, stream) -> int:
     replay(trainable, stepper.optimizer, ck.trajectory, cfg.eps, ck.step, start=ck.best_step or 0)
     ck.segments += 1
     cell.metrics.set(resumed_from_step=ck.step, segments=ck.segments)
+    if ck.spent:  # what the earlier segments cost (CellRecord.cpu_s, CellRecord.machine_s)
+        cell.metrics.set(earlier_segments=dict(ck.spent))
     return ck.step

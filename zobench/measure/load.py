@@ -34,6 +34,11 @@ def _own_s(proc: psutil.Process) -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def own_cpu_s() -> float:
+    """This process's CPU seconds so far, its threads and children included."""
+    return _own_s(psutil.Process())
+
+
 class OtherLoad:
     """``with OtherLoad() as load: ...`` then ``load.wall_s``, ``load.cpu_s`` (this process's own CPU seconds
     in the block, its threads and children included: what the work cost, whatever ran beside it or however

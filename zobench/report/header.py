@@ -26,10 +26,8 @@ def header(recs: list[CellView], title: str | None, pilots: list[CellView] = ())
     if finished:
         context.append(f"finished {finished}")
     lines += ["; ".join(c for c in context if c) + ".", ""]
-    spent = [sum(r.wall_s or 0 for r in group) for group in (pilots, recs)]
-    if pilots and any(spent):  # what choosing the learning rates cost, beside what the cells cost
-        lines += [f"Machine time, from the records' wall clocks: {len(pilots)} lr pilot cells "
-                  f"{spent[0] / 3600:.1f} h, {len(recs)} cells {spent[1] / 3600:.1f} h.", ""]
+    if pilots and any(r.machine_s for r in [*pilots, *recs]):  # what choosing the lrs cost, beside the cells
+        lines += [machine_time(pilots, recs), ""]
     env = next((r.env for r in recs if r.env), None)
     git = next((r.git for r in recs if r.git), None)
     if env or git:
@@ -39,6 +37,22 @@ def header(recs: list[CellView], title: str | None, pilots: list[CellView] = ())
         lines += [f"> {random_weights} of {ok} ok cells use random weights (`accuracy_meaningful: false`): "
                   "they measure memory and latency only; their accuracy columns show n/a.", ""]
     return lines + machine_notes(recs)
+
+
+def machine_time(pilots: list[CellView], recs: list[CellView]) -> str:
+    """What the lr pilot and the cells cost: wall hours (stopped and shared time included) and, where the
+    records keep them, the cells' own CPU hours (what the work took, however the machine was shared)."""
+    def hours(group, key):
+        return sum(getattr(r, key) or 0 for r in group) / 3600
+    parts = [f"{len(pilots)} lr pilot cells {hours(pilots, 'machine_s'):.1f} h",
+             f"{len(recs)} cells {hours(recs, 'machine_s'):.1f} h"]
+    line = "Machine time, from the records' wall clocks (a resumed cell's earlier runs included where " \
+           f"its record keeps them): {', '.join(parts)}."
+    with_cpu = [r for r in [*pilots, *recs] if r.cpu_s is not None]
+    if with_cpu:
+        line += (f" CPU time of the {len(with_cpu)} cells that keep it: pilots {hours(pilots, 'cpu_s'):.1f} h, "
+                 f"cells {hours(recs, 'cpu_s'):.1f} h (threads summed).")
+    return line
 
 
 def machine_notes(recs: list[CellView]) -> list[str]:

@@ -94,13 +94,14 @@ def pilot_progress(ok: list[CellView], pilots: list[CellView]) -> list[str]:
                           ("dev % after the pilot", lambda r: pct_points(r.metrics.accuracy("best_dev"))
                            if r.ok else str(r.status)),
                           ("steps", lambda r: str(setting(r, "steps"))),
-                          ("wall s", lambda r: f"{r.wall_s:.0f}" if r.wall_s else "-")]
+                          ("wall s", lambda r: f"{r.machine_s:.0f}" if r.machine_s else "-")]
     cpu = any(r.cpu_s is not None for r in pilots)  # records from before phases kept it have none
     if cpu:
         cols.append(("CPU s", lambda r: "-" if r.cpu_s is None else f"{r.cpu_s:.0f}"))
     intro = (f"The learning-rate pilot is running: {len(pilots)} pilot cells have finished. Each tries one lr "
              f"of its method's grid on dev (never on test); the cells run once every pilot of their grid is done. "
-             "Wall seconds include any time the run was stopped or shared the machine, and count a resumed "
-             "cell's last run only" + ("; CPU seconds are the cell's own work in that run." if cpu else "."))
+             "Wall seconds include any time the run was stopped or shared the machine; a resumed cell's earlier "
+             "runs count up to their last checkpoint where its record keeps them (records of zobench before "
+             "that count the last run only)" + ("; CPU seconds are the cell's own work." if cpu else "."))
     extras = [a for a in varying_axes(pilots) if a != "lr"]
     return section("Learning-rate pilot (in progress)", intro, cols, pilots, extras, n_text=1)

@@ -3,6 +3,7 @@ exact restores, replayable trajectories), its codes delta, its refusals, and a c
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -154,6 +155,60 @@ def test_the_trajectory_replays_from_its_seeds():
     fresh, _ = _trainer(_quantized("int8"))
     replay(fresh.trainable, fresh.optimizer, runs[0][0], 1e-3, 3)  # no forward: the seeds alone
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], fresh.trainable.params))
+
+
+@pytest.mark.parametrize("quant, direction, rounding", [("nf4", "rademacher", "stochastic"),
+                                                        ("nf4-plain", "gaussian", "stochastic"),
+                                                        ("fp4", "rademacher", "nearest"),
+                                                        ("int8", "rademacher", "stochastic"),
+                                                        ("int8", "gaussian", "nearest")])
+def test_the_c_pass_moves_codes_as_the_torch_path_does(quant, direction, rounding):
+    """A layer's perturbation (both signs, one after the other), its restore and the update (two directions,
+    weight decay; and straight after a perturbation) on the C library give the torch path's codes bit for bit:
+    a run replays on any device."""
+    from zobench.methods.quzo import CodeTrainable
+    from zobench.quant.codes import code_layers
+    from zobench.zo import fused
+    from zobench.zo.optim import ZOSGD
+
+    ways = []
+    for forced in (False, True):
+        model = _quantized(quant)
+        trainable = CodeTrainable(code_layers(model), direction, rounding)
+        fused.pass_stats(reset=True)
+        with fused.torch_fallback() if forced else contextlib.nullcontext():
+            seen = []
+            eps = 3e-2 if quant != "int8" else 3e-3  # int8: a few steps; codes near the range's edge left alone
+            for seed, scale in ((11, eps), (11, -eps), (12, eps / 3)):
+                trainable.apply(seed, scale)
+                seen.append([p.clone() for p in trainable.params])
+            trainable.restore()
+            seen.append([p.clone() for p in trainable.params])
+            trainable.update([(11, 0.7), (12, -1.3)], ZOSGD(5e-2, weight_decay=0.1), 0)
+            seen.append([p.clone() for p in trainable.params])
+            trainable.apply(13, -eps)  # an update straight after a perturbation restores it in its own pass
+            trainable.update([(13, 0.9)], ZOSGD(5e-2), 1)
+            seen.append([p.clone() for p in trainable.params])
+        c_calls = fused.pass_stats(reset=True)["calls"].get(fused.C_PATH, 0)
+        ways.append((seen, c_calls))
+    (c_way, c_calls), (torch_way, _) = ways
+    assert c_calls > 0  # the C pass did run (else the comparison is the torch path with itself)
+    for i, (a, b) in enumerate(zip(c_way, torch_way)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), i
+    assert any(not torch.equal(x, y) for x, y in zip(c_way[0], c_way[3]))  # the perturbation moved codes
+    assert any(not torch.equal(x, y) for x, y in zip(c_way[3], c_way[4]))  # so did the update
+
+
+def test_uniform_noise_is_the_same_from_c_and_torch_and_strictly_inside_0_1():
+    from zobench.zo import fused
+    from zobench.zo.rounding import uniform
+
+    c = uniform(2**61 + 5, 1001, 70_001, "cpu")
+    with fused.torch_fallback():
+        t = uniform(2**61 + 5, 1001, 70_001, "cpu")
+    assert torch.equal(c, t)
+    assert 0 < float(c.min()) and float(c.max()) < 1
+    assert torch.equal(uniform(2**61 + 5, 1003, 5, "cpu"), c[2:7])  # value i depends on i alone
 
 
 def _regression(quant: str):

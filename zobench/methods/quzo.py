@@ -27,6 +27,10 @@ Restoring W after the two forwards:
            the perturbed codes do not determine the base: the packed codes of every layer are copied before
            the perturbation and copied back (half a byte per weight, held during the two forwards).
 
+On a CPU the passes run in the C library (``zo_grid4`` and ``zo_int8`` in zo/kernels/zo_pass.c, through
+``zo.fused``): one pass over a layer's codes, z and the noise drawn in it, an int8 restore done in the pass
+that follows it; elsewhere the chunked torch code here runs, with the same numbers (tested bit for bit).
+
 ``price`` holds what each keeps. The artifact is the codes that changed (``changed_codes``: positions and
 new codes against the codes at the start, which wait in an anonymous file on disk when the run saves).
 """
@@ -40,7 +44,7 @@ import torch
 from zobench.errors import UserError
 from zobench.methods.base import Method, Price, PriceInputs, register
 from zobench.methods.common import zo_stepper
-from zobench.quant.codes import INT8_MAX, CodeLayer, code_layers, decode
+from zobench.quant.codes import INT8_MAX, CodeLayer, block_absmax, code_layers, decode, row_scales
 from zobench.zo import fused
 from zobench.zo.raw_io import read_raw, write_raw
 from zobench.zo.rounding import noise_seed, round_offset, round_to_levels, uniform
@@ -71,9 +75,12 @@ class CodeTrainable(Trainable):
         self.base: list[torch.Tensor] | None = None  # 4-bit: the packed codes before the perturbation
         self.initial = None  # the codes at the start, on disk (``keep_initial``)
 
-    def _chunks(self):
-        """(layer number, layer, start, stop, global index of start) over every value, chunk by chunk."""
+    def _chunks(self, skip=()):
+        """(layer number, layer, start, stop, global index of start) over every value, chunk by chunk (the
+        layers numbered in ``skip`` left out)."""
         for k, layer in enumerate(self.layers):
+            if k in skip:
+                continue
             for start in range(0, layer.numel, CHUNK):
                 yield k, layer, start, min(start + CHUNK, layer.numel), self.offsets[k] + start
 
@@ -93,18 +100,26 @@ class CodeTrainable(Trainable):
 
     @torch.no_grad()
     def apply(self, seed: int, scale: float) -> None:
-        self.restore()
+        base = self.base  # copied back into the 4-bit layers now, and still their codes: kept, not copied again
+        pending, on_c = self._take_pending()  # int8 layers on the C library restore in the perturbing pass
         if any(layer.kind == "4bit" for layer in self.layers):
-            self.base = [layer.codes.clone() if layer.kind == "4bit" else None for layer in self.layers]
+            self.base = base or [layer.codes.clone() if layer.kind == "4bit" else None for layer in self.layers]
         skipped: list[list] = [[] for _ in self.layers]
-        for k, layer, start, stop, at in self._chunks():
-            codes = layer.read(start, stop)
-            if layer.kind == "int8":
+        done = {k for k, layer in enumerate(self.layers) if layer.kind == "4bit" and self._c_move(
+            k, layer, [(seed, scale)], noise_seed(seed, "perturb"), antithetic=scale < 0)}
+        for k, layer, start, stop, at in self._chunks(skip=done):
+            if k in on_c:
+                keep = self._c_int8(k, layer, start, stop, [(seed, scale)], "perturb", noise_seed(seed, "perturb"),
+                                    antithetic=scale < 0, pending=pending, k_pending=k)
+                skipped[k].append(keep.nonzero().view(-1) + start)
+            elif layer.kind == "int8":
+                codes = layer.read(start, stop)
                 d = self._int8_steps(layer, start, stop, at, seed, scale)
                 keep = ((codes + d).abs() > INT8_MAX) | ((codes - d).abs() > INT8_MAX)
-                skipped[k].append(keep.nonzero().view(-1) + start)
                 layer.write(start, stop, codes + d.masked_fill_(keep, 0))
+                skipped[k].append(keep.nonzero().view(-1) + start)
             else:
+                codes = layer.read(start, stop)
                 moved = self._grid_move(k, layer, codes, start, stop, at, scale * self._z(seed, at, stop - start,
                                         codes.device), self._noise(seed, "perturb", at, stop - start, codes.device),
                                         antithetic=scale < 0)
@@ -112,21 +127,63 @@ class CodeTrainable(Trainable):
         self.skipped = [torch.cat(s) if s else None for s in skipped]
         self._seed, self._scale = seed, scale
 
+    def _take_pending(self) -> tuple[tuple | None, set]:
+        """Before a pass that moves every code: the pending perturbation (seed, signed eps, its skipped
+        positions per layer), or None, and the int8 layers the C library runs (they restore it in that pass,
+        ``fused.c_int8``'s ``restore``); every other layer is restored here."""
+        on_c = {k for k, layer in enumerate(self.layers) if layer.kind == "int8" and fused.c_ready(layer.codes)}
+        pending = (self._seed, self._scale, self.skipped) if self._seed is not None else None
+        self.restore(leave=on_c)
+        return pending, on_c
+
     @torch.no_grad()
-    def restore(self) -> None:
+    def restore(self, leave=()) -> None:
+        """Take the pending perturbation back (the int8 layers numbered in ``leave`` excepted: their caller
+        restores them in its own pass)."""
         if self._seed is None:
             return
-        for k, layer, start, stop, at in self._chunks():
-            if layer.kind == "int8":
+        for k, layer, start, stop, at in self._chunks(skip={k for k, lay in enumerate(self.layers)
+                                                            if lay.kind == "4bit" or k in leave}):
+            skipped = self.skipped[k]
+            mine = skipped[(skipped >= start) & (skipped < stop)] - start
+            if fused.c_ready(layer.codes):
+                self._c_int8(k, layer, start, stop, [(self._seed, self._scale)], "restore",
+                             noise_seed(self._seed, "perturb"), antithetic=self._scale < 0,
+                             kept=_flags(mine, stop - start))
+            else:
                 d = self._int8_steps(layer, start, stop, at, self._seed, self._scale)
-                skipped = self.skipped[k]
-                mine = skipped[(skipped >= start) & (skipped < stop)] - start
                 layer.write(start, stop, layer.read(start, stop) - d.index_fill_(0, mine, 0))
         for layer, base in zip(self.layers, self.base or []):
             if base is not None:
                 layer.codes.copy_(base)
         self.base, self.skipped = None, [None] * len(self.layers)
         self._seed, self._scale = None, 0.0
+
+    def _c_move(self, k, layer, terms, seed_of_noise, antithetic=False, update=None) -> bool:
+        """A whole 4-bit layer's move on the C library (``fused.c_grid4``: the same numbers as the chunked torch
+        path below, one pass, no temporaries); False where it cannot run (then the torch path does).
+        ``update``: (lr, lr x weight decay or None) for the update, None for a perturbation."""
+        lr, decay_coef = update if update is not None else (0.0, None)
+        qs = layer.weight.quant_state
+        return fused.c_grid4(layer.codes.view(-1), layer.numel, self.offsets[k], block_absmax(qs).contiguous(),
+                             qs.blocksize, self.grids[k], self.direction, terms, update=update is not None, lr=lr,
+                             decay_coef=decay_coef, noise_seed=seed_of_noise if self.stochastic else None,
+                             antithetic=antithetic)
+
+    def _c_int8(self, k, layer, start, stop, terms, mode, seed_of_noise, antithetic=False, kept=None, lr=0.0,
+                decay_coef=None, pending=None, k_pending=None) -> torch.Tensor:
+        """Values ``start`` .. ``stop - 1`` of an int8 layer on the C library (``fused.c_int8``: the torch path's
+        numbers), the ``pending`` perturbation (``_take_pending``) restored in the same pass."""
+        restore = None
+        if pending is not None:
+            seed, scale, skipped = pending
+            at = skipped[k_pending]
+            kept = _flags(at[(at >= start) & (at < stop)] - start if at is not None else None, stop - start)
+            restore = (seed, scale, noise_seed(seed, "perturb") if self.stochastic else 0, scale < 0)
+        return fused.c_int8(layer.codes.view(-1), start, stop, layer.shape[1], self.offsets[k],
+                            row_scales(layer.module).contiguous(), self.direction, terms, mode, kept=kept, lr=lr,
+                            decay_coef=decay_coef, noise_seed=seed_of_noise if self.stochastic else None,
+                            antithetic=antithetic, restore=restore)
 
     def _grid_move(self, k, layer, codes, start, stop, at, delta, noise, antithetic=False) -> torch.Tensor:
         """4-bit codes moved by ``delta`` (weight units) onto the layer's levels; codes whose level does not
@@ -142,10 +199,16 @@ class CodeTrainable(Trainable):
     # -- the update -------------------------------------------------------------------------------------
     @torch.no_grad()
     def update(self, grads: list[tuple[int, float]], optimizer, step: int) -> None:
-        self.restore()
+        pending, on_c = self._take_pending()
         lr, decay = optimizer.lr(step), optimizer.weight_decay
         stream = int(grads[0][0])  # the update's rounding noise: its own stream of the step's first seed
-        for k, layer, start, stop, at in self._chunks():
+        done = {k for k, layer in enumerate(self.layers) if layer.kind == "4bit" and self._c_move(
+            k, layer, grads, noise_seed(stream, "update"), update=(lr, lr * decay if decay else None))}
+        for k, layer, start, stop, at in self._chunks(skip=done):
+            if k in on_c:
+                self._c_int8(k, layer, start, stop, grads, "update", noise_seed(stream, "update"), lr=lr,
+                             decay_coef=lr * decay if decay else None, pending=pending, k_pending=k)
+                continue
             codes = layer.read(start, stop)
             est = None
             for seed, coef in grads:
@@ -208,6 +271,12 @@ class CodeTrainable(Trainable):
             out[f"{name}::index"] = where.int()
             out[f"{name}::code"] = now[where].to(torch.int8 if layer.kind == "int8" else torch.uint8)
         return out
+
+
+def _flags(positions: torch.Tensor | None, n: int) -> torch.Tensor:
+    """One uint8 per value of a chunk, 1 at ``positions``: the C pass's form of the skipped positions."""
+    flags = torch.zeros(n, dtype=torch.uint8)
+    return flags if positions is None else flags.index_fill_(0, positions.cpu(), 1)
 
 
 @register

@@ -62,6 +62,15 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.zo_pass.restype = None
     lib.zo_philox.argtypes = [ptr, ptr, ptr]
     lib.zo_philox.restype = None
+    u64, f64 = ctypes.c_uint64, ctypes.c_double
+    lib.zo_uniform.argtypes = [u64, i64, i64, ptr, i32]
+    lib.zo_uniform.restype = None
+    lib.zo_grid4.argtypes = [ptr, i64, i64, ptr, i32, ptr, ptr, ptr, i32, i32, ptr, ptr, i32, i32, f64, i32, f64,
+                             i32, u64, i32, i32]
+    lib.zo_grid4.restype = None
+    lib.zo_int8.argtypes = [ptr, i64, i64, i64, i64, ptr, i32, ptr, ptr, i32, i32, f64, i32, f64, i32, u64, i32,
+                            ptr, i32, u64, f64, u64, i32, i32]
+    lib.zo_int8.restype = None
     return lib
 
 
@@ -182,3 +191,80 @@ def block(ctr: Sequence[int], key: Sequence[int]) -> list[int]:
     out = words()
     lib.zo_philox(words(*ctr), (ctypes.c_uint32 * 2)(*key), out)
     return list(out)
+
+
+def c_uniform(seed: int, start: int, n: int) -> torch.Tensor | None:
+    """U(0, 1) noise of ``zo.rounding.uniform`` from the C library (float32, CPU), None where it cannot run."""
+    lib = None if _forced[0] else _library()
+    if lib is None:
+        return None
+    out = torch.empty(n, dtype=torch.float32)
+    lib.zo_uniform(int(seed), int(start), int(n), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def c_grid4(packed: torch.Tensor, n: int, offset: int, absmax: torch.Tensor, blocksize: int, grid,
+            direction: str, terms: Sequence[tuple[int, float]], *, update: bool = False, lr: float = 0.0,
+            decay_coef: float | None = None, noise_seed: int | None = None, antithetic: bool = False) -> bool:
+    """QuZO's move of one 4-bit layer's ``n`` packed codes onto its grid (``zo_grid4`` in zo_pass.c), in place,
+    on the C library: False where it cannot run here (then the caller's torch path does the same): not a CPU,
+    a block size that is not a power of two, or an odd ``offset`` (two tiles would share a byte)."""
+    levels, rank, code_of = grid
+    tensors = (packed, absmax, levels, rank, code_of)
+    if (_forced[0] or offset % 2 or blocksize < 1 or blocksize & (blocksize - 1) or 2 * packed.numel() < n
+            or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
+            or packed.dtype != torch.uint8 or absmax.dtype != torch.float32 or levels.dtype != torch.float64
+            or rank.dtype != torch.int64 or code_of.dtype != torch.int64 or _library() is None):
+        return False
+    k = max(len(terms), 1)
+    seeds = (ctypes.c_uint64 * k)(*[int(s) for s, _ in terms])
+    coefs = (ctypes.c_double * k)(*[float(c) for _, c in terms])
+    t = time.perf_counter()
+    _state["lib"].zo_grid4(packed.data_ptr(), int(n), int(offset), absmax.data_ptr(),
+                           int(blocksize).bit_length() - 1, levels.data_ptr(), rank.data_ptr(), code_of.data_ptr(),
+                           levels.numel(), DIRECTIONS[direction], seeds, coefs, len(terms), int(update), float(lr),
+                           int(decay_coef is not None), float(decay_coef or 0.0), int(noise_seed is not None),
+                           int(noise_seed or 0), int(antithetic), torch.get_num_threads())
+    _passes["seconds"] += time.perf_counter() - t
+    _passes["bytes"] += (n + 1) // 2 * 2 + 4 * absmax.numel()  # each code byte read and written, the scales
+    _passes["calls"][C_PATH] = _passes["calls"].get(C_PATH, 0) + 1
+    return True
+
+
+INT8_MODES = {"perturb": 0, "restore": 1, "update": 2}
+
+
+def c_ready(codes: torch.Tensor) -> bool:
+    """Whether ``c_int8`` runs on these int8 codes here (a contiguous CPU tensor, the library loaded, no
+    ``torch_fallback``)."""
+    return (not _forced[0] and codes.dtype == torch.int8 and codes.device.type == "cpu" and codes.is_contiguous()
+            and _library() is not None)
+
+
+def c_int8(codes: torch.Tensor, start: int, stop: int, cols: int, offset: int, scb: torch.Tensor, direction: str,
+           terms: Sequence[tuple[int, float]], mode: str, *, kept: torch.Tensor | None = None, lr: float = 0.0,
+           decay_coef: float | None = None, noise_seed: int | None = None, antithetic: bool = False,
+           restore: tuple | None = None) -> torch.Tensor:
+    """QuZO's pass over values ``start`` .. ``stop - 1`` of one int8 layer (``zo_int8`` in zo_pass.c), in place,
+    where ``c_ready(codes)``: ``perturb`` returns the flags (uint8, one per value) of the codes it left alone at
+    the range's edge, ``restore`` takes them back as ``kept``; ``update`` moves and clamps. ``restore`` =
+    (seed, signed eps, noise seed, antithetic) of a pending perturbation, with its flags as ``kept``: restored
+    first, in the same pass (perturb and update)."""
+    if not c_ready(codes) or scb.dtype != torch.float32 or scb.device.type != "cpu" or not scb.is_contiguous():
+        raise ValueError("c_int8 runs on contiguous CPU int8 codes and float32 scales with the C library")
+    n = stop - start
+    flags = kept if kept is not None else torch.zeros(n if mode == "perturb" else 0, dtype=torch.uint8)
+    r_seed, r_coef, r_noise, r_anti = restore if restore is not None else (0, 0.0, 0, False)
+    k = max(len(terms), 1)
+    t = time.perf_counter()
+    _state["lib"].zo_int8(codes.data_ptr(), int(start), int(n), int(cols), int(offset), scb.data_ptr(),
+                          DIRECTIONS[direction], (ctypes.c_uint64 * k)(*[int(s) for s, _ in terms]),
+                          (ctypes.c_double * k)(*[float(c) for _, c in terms]), len(terms), INT8_MODES[mode],
+                          float(lr), int(decay_coef is not None), float(decay_coef or 0.0),
+                          int(noise_seed is not None), int(noise_seed or 0), int(antithetic),
+                          flags.data_ptr() if flags.numel() else None, int(restore is not None), int(r_seed),
+                          float(r_coef), int(r_noise), int(r_anti), torch.get_num_threads())
+    _passes["seconds"] += time.perf_counter() - t
+    _passes["bytes"] += 2 * n
+    _passes["calls"][C_PATH] = _passes["calls"].get(C_PATH, 0) + 1
+    return flags

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from zobench.zo import fused
 from zobench.zo.philox import MASK, blocks
 
 STREAMS = {"perturb": 1, "update": 2}
@@ -27,13 +28,16 @@ def noise_seed(seed: int, stream: str) -> int:
 
 def uniform(seed: int, start: int, n: int, device) -> torch.Tensor:
     """U(0, 1) noise for global indices ``start`` .. ``start + n - 1`` (float32, never 0 or 1): value i is
-    word i % 4 of Philox block i // 4, its top 24 bits plus half a step (exact in float32)."""
+    word i % 4 of Philox block i // 4, its top 23 bits plus half a step (exact in float32). On a CPU from the
+    C library (``zo_uniform`` in zo/kernels/zo_pass.c), elsewhere with torch ops: the same numbers."""
     if n == 0:
         return torch.zeros(0, device=device)
+    if torch.device(device).type == "cpu" and (out := fused.c_uniform(seed, start, n)) is not None:
+        return out
     first, last = start >> 2, (start + n - 1) >> 2
     words = torch.stack(blocks(seed, first, last - first + 1, device), 1).view(-1)
     skip = start - first * 4
-    return (((words[skip:skip + n] & MASK) >> 8).float() + 0.5) * 2.0**-24
+    return (((words[skip:skip + n] & MASK) >> 9).float() + 0.5) * 2.0**-23
 
 
 def round_offset(x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:

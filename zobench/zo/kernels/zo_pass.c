@@ -24,6 +24,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum { DIR_RADEMACHER = 0, DIR_GAUSSIAN = 1 };
@@ -319,5 +322,334 @@ void zo_pass(int direction, int dtype, int64_t n, int64_t offset, void *live, co
     for (int64_t t = first; t < end; t++) {
         int64_t g = max64(t * TILE, offset), e = min64(t * TILE + TILE, offset + n);
         tile(&P, g, (int)(e - g));
+    }
+}
+
+/* ---- QuZO's passes over low-bit codes (zobench/methods/quzo.py, zobench/zo/rounding.py) ----------------
+ *
+ * Uniform noise u(seed, i) for stochastic rounding: word i % 4 of Philox block i / 4, its top 23 bits plus
+ * half a step, u = ((w >> 9) + 0.5) / 2^23: exact in float32 and strictly inside (0, 1). */
+static void uniform_tile(uint64_t seed, int64_t g, int n, float *out)
+{
+    uint32_t w[4][BLOCKS];
+    float all[TILE + 4];
+    int64_t b0 = g >> 2;
+    int nb = (int)(((g + n - 1) >> 2) - b0 + 1);
+    philox_blocks(seed, b0, nb, w);
+    for (int v = 0; v < 4; v++)
+        for (int i = 0; i < nb; i++)
+            all[4 * i + v] = ((float)(w[v][i] >> 9) + 0.5f) * 0x1p-23f;
+    memcpy(out, all + (g - b0 * 4), (size_t)n * sizeof *out);
+}
+
+/* out[j] = u(seed, start + j), j < n. */
+void zo_uniform(uint64_t seed, int64_t start, int64_t n, float *out, int nthreads)
+{
+    if (n <= 0)
+        return;
+    int64_t first = start / TILE, end = (start + n + TILE - 1) / TILE;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n >= PARALLEL_MIN)
+    for (int64_t t = first; t < end; t++) {
+        int64_t g = max64(t * TILE, start), e = min64(t * TILE + TILE, start + n);
+        uniform_tile(seed, g, (int)(e - g), out + (g - start));
+    }
+}
+
+/* The float z of one seed over g .. g+n-1 (a tile), into z. */
+static void z_tile(int direction, uint64_t seed, int64_t g, int n, float *z)
+{
+    if (direction == DIR_RADEMACHER) {
+        uint32_t buf[TILE];
+        const uint32_t *sign = rademacher_tile(seed, g, n, buf);
+        for (int j = 0; j < n; j++) {
+            bits32 v = {.u = 0x3f800000u ^ sign[j]};  /* +-1 */
+            z[j] = v.f;
+        }
+    } else {
+        float buf[TILE];
+        const float *gz = gaussian_tile(seed, g, n, buf);
+        memcpy(z, gz, (size_t)n * sizeof *z);
+    }
+}
+
+struct grid4 {
+    uint8_t *packed;
+    int64_t offset;
+    int block_shift;
+    const float *absmax;
+    const double *levels;
+    const int64_t *rank, *code_of;
+    int nlevels, direction, nterms, update, has_decay, stochastic, antithetic;
+    const uint64_t *seeds;
+    const double *coefs;
+    double lr, decay_coef;
+    uint64_t noise_seed;
+};
+
+/* x[i] = level_of[code[i]] + d[i] / a for i in [j, e): AVX2's gather where there is one (same operations). */
+static void levels_plus(const double *level_of, const int32_t *code, const double *d, double a, int j, int e,
+                        double *x)
+{
+    int i = j;
+#ifdef __AVX2__
+    __m256d va = _mm256_set1_pd(a);
+    for (; i + 4 <= e; i += 4) {
+        __m256d lvl = _mm256_i32gather_pd(level_of, _mm_loadu_si128((const __m128i *)(code + i)), 8);
+        _mm256_storeu_pd(x + i, _mm256_add_pd(lvl, _mm256_div_pd(_mm256_loadu_pd(d + i), va)));
+    }
+#endif
+    for (; i < e; i++) x[i] = level_of[code[i]] + d[i] / a;
+}
+
+/* From hi[j], how many levels are <= x[j]: the level below (lo = clamp(hi, 1, L - 1) - 1, into hi) and
+ * frac = (x - lv[lo]) / (lv[lo + 1] - lv[lo]) (into x). */
+static void fractions(const double *lv, int L, int n, int64_t *hi, double *x)
+{
+    int j = 0;
+#ifdef __AVX2__
+    __m256i one = _mm256_set1_epi64x(1), top = _mm256_set1_epi64x(L - 1);
+    for (; j + 4 <= n; j += 4) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)(hi + j));  /* 0 .. L: clamp to 1 .. L - 1 */
+        h = _mm256_blendv_epi8(h, one, _mm256_cmpgt_epi64(one, h));
+        h = _mm256_blendv_epi8(h, top, _mm256_cmpgt_epi64(h, top));
+        __m256i lo = _mm256_sub_epi64(h, one);
+        __m256d base = _mm256_i64gather_pd(lv, lo, 8), next = _mm256_i64gather_pd(lv, h, 8);
+        __m256d frac = _mm256_div_pd(_mm256_sub_pd(_mm256_loadu_pd(x + j), base), _mm256_sub_pd(next, base));
+        _mm256_storeu_si256((__m256i *)(hi + j), lo);
+        _mm256_storeu_pd(x + j, frac);
+    }
+#endif
+    for (; j < n; j++) {
+        int64_t h = hi[j] < 1 ? 1 : (hi[j] > L - 1 ? L - 1 : hi[j]);
+        int64_t lo = h - 1;
+        double base = lv[lo];
+        hi[j] = lo;
+        x[j] = (x[j] - base) / (lv[h] - base);
+    }
+}
+
+/* One tile in simple loops over its values (each vectorises: gathers from the 16-entry tables, the level
+ * search as a count over the levels, the block's absmax constant over its run of values), the same
+ * operations per value as the torch path. */
+static void grid4_tile(const struct grid4 *P, int64_t g, int n)
+{
+    float z[TILE], u[TILE];
+    double d[TILE], x[TILE];
+    int32_t code[TILE], rank[16], code_of[16];
+    int64_t hi[TILE];  /* 64-bit, as the compares' masks: the level count needs no repacking */
+    double level_of[16];
+    const double *lv = P->levels;
+    int L = P->nlevels;
+    int64_t j0 = g - P->offset;  /* even: the caller's check, so no byte is shared between tiles */
+    for (int c = 0; c < 16; c++) {
+        rank[c] = (int32_t)P->rank[c];
+        level_of[c] = lv[rank[c]];
+    }
+    for (int k = 0; k < L; k++) code_of[k] = (int32_t)P->code_of[k];
+    for (int t = 0; t < P->nterms; t++) {
+        z_tile(P->direction, P->seeds[t], g, n, z);
+        double c = P->coefs[t];
+        if (t == 0)
+            for (int j = 0; j < n; j++) d[j] = (double)z[j] * c;
+        else
+            for (int j = 0; j < n; j++) d[j] = fma((double)z[j], c, d[j]);
+    }
+    if (P->update) {
+        double m = -P->lr;
+        for (int j = 0; j < n; j++) d[j] = d[j] * m;
+    }
+    const uint8_t *bytes = P->packed + (j0 >> 1);
+    for (int p = 0; p < n / 2; p++) {
+        code[2 * p] = bytes[p] >> 4;
+        code[2 * p + 1] = bytes[p] & 15;
+    }
+    if (n & 1)
+        code[n - 1] = bytes[n >> 1] >> 4;
+    double lo_end = lv[0], hi_end = lv[L - 1];
+    int sh = P->block_shift;
+    for (int j = 0; j < n;) {  /* one run of values per absmax block */
+        int64_t block = (j0 + j) >> sh;
+        int e = (int)min64((int64_t)n, ((block + 1) << sh) - j0);
+        double a = (double)P->absmax[block];
+        if (P->has_decay) {
+            double dc = P->decay_coef;
+            for (int i = j; i < e; i++) d[i] = d[i] - dc * (level_of[code[i]] * a);
+        }
+        if (a > 0)
+            levels_plus(level_of, code, d, a, j, e, x);
+        else
+            for (int i = j; i < e; i++) x[i] = level_of[code[i]] + 0.0;
+        j = e;
+    }
+    for (int j = 0; j < n; j++) {
+        double v = x[j];
+        x[j] = v < lo_end ? lo_end : (v > hi_end ? hi_end : v);
+        hi[j] = 0;
+    }
+    for (int k = 0; k < L; k++) {  /* searchsorted(right=True): how many levels are <= x */
+        double l = lv[k];
+        for (int j = 0; j < n; j++) hi[j] += l <= x[j];
+    }
+    if (P->stochastic) {
+        uniform_tile(P->noise_seed, g, n, u);
+        if (P->antithetic)
+            for (int j = 0; j < n; j++) u[j] = 1.0f - u[j];
+    }
+    fractions(lv, L, n, hi, x);  /* hi: the level below (then the level moved to), x: how far to the next */
+    if (P->stochastic)
+        for (int j = 0; j < n; j++) hi[j] += (double)u[j] < x[j];
+    else
+        for (int j = 0; j < n; j++) hi[j] += x[j] >= 0.5;
+    for (int j = 0; j < n; j++) {
+        int c = code[j], moved = (int)hi[j];
+        code[j] = moved == rank[c] ? c : code_of[moved];
+    }
+    uint8_t *out = P->packed + (j0 >> 1);
+    for (int p = 0; p < n / 2; p++) out[p] = (uint8_t)(code[2 * p] << 4 | code[2 * p + 1]);
+    if (n & 1)
+        out[n >> 1] = (uint8_t)((out[n >> 1] & 15) | code[n - 1] << 4);
+}
+
+/* QuZO's move of a 4-bit layer's codes (packed two a byte, high nibble first; absmax per block of
+ * 2^block_shift values; n values, global index of the first: offset, even) onto its levels (ascending, distinct; rank of
+ * each code, one code per rank), in place:
+ *   perturb (update = 0): delta = coefs[0] * z(seeds[0])                  (coefs[0]: the signed eps)
+ *   update  (update = 1): delta = -lr * sum_t coefs[t] z(seeds[t]) [- decay_coef * weight]
+ * x = level(code) + delta / absmax, rounded onto the levels: stochastically with u(noise_seed) (1 - u when
+ * antithetic), else to the nearest (ties up); a code whose level does not change keeps its code. Every
+ * operation is the one quzo.py's torch path does, in the same order, in float64 (terms after the first
+ * fused as torch's add(alpha) fuses them). */
+void zo_grid4(uint8_t *packed, int64_t n, int64_t offset, const float *absmax, int block_shift,
+              const double *levels, const int64_t *rank, const int64_t *code_of, int nlevels, int direction,
+              const uint64_t *seeds, const double *coefs, int nterms, int update, double lr, int has_decay,
+              double decay_coef, int stochastic, uint64_t noise_seed, int antithetic, int nthreads)
+{
+    struct grid4 P = {packed, offset, block_shift, absmax, levels, rank, code_of, nlevels, direction, nterms,
+                      update, has_decay, stochastic, antithetic, seeds, coefs, lr, decay_coef, noise_seed};
+    if (n <= 0 || nterms < 1)
+        return;
+    int64_t first = offset / TILE, end = (offset + n + TILE - 1) / TILE;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n >= PARALLEL_MIN)
+    for (int64_t t = first; t < end; t++) {
+        int64_t g = max64(t * TILE, offset), e = min64(t * TILE + TILE, offset + n);
+        grid4_tile(&P, g, (int)(e - g));
+    }
+}
+
+/* QuZO on int8 codes (one step per code, the row's unit SCB[row] / 127), values j0 .. j0+n-1 of a layer of
+ * `cols` columns whose value 0 has global index `offset` (z and noise are keyed by global index), in place:
+ *   mode 0, perturb: x = coefs[0] z / unit, d = round(x); a code that +d or -d would push out of [-127, 127]
+ *                    keeps its value and is flagged in kept[j - j0] (else 0)
+ *   mode 1, restore: the same d subtracted, except where kept[] flags it
+ *   mode 2, update:  x = (-lr sum_t coefs[t] z_t [- decay_coef code unit]) / unit, code = clamp(code + round(x))
+ * round: floor(x) + (u < x - floor(x)) with u(noise_seed) (1 - u when antithetic), or to the nearest (ties
+ * up); x = 0 where unit is 0. With `restore` (modes 0 and 2), the pending perturbation R (its seed, signed
+ * eps, noise seed, antithetic flag; kept[] its flags) is first restored in the same pass, as mode 1 would:
+ * one pass where two would read and write every code, and z and u drawn once where R shares them. The torch
+ * path's operations, in the same order, in float64. */
+struct int8pass {
+    int8_t *codes;
+    uint8_t *kept;
+    int64_t j0, cols, offset;
+    const float *scb;
+    int direction, nterms, mode, has_decay, stochastic, antithetic;
+    const uint64_t *seeds;
+    const double *coefs;
+    double lr, decay_coef;
+    uint64_t noise_seed;
+    int restore, r_antithetic;
+    uint64_t r_seed, r_noise_seed;
+    double r_coef;
+};
+
+/* round(x) onto whole steps: stochastically with u, else to the nearest. */
+static inline int64_t round_step(double x, float u, int stochastic)
+{
+    double low = floor(x), frac = x - low;
+    return (int64_t)low + (stochastic ? (double)u < frac : frac >= 0.5);
+}
+
+static void int8_tile(const struct int8pass *P, int64_t g, int n)
+{
+    float z0[TILE], z[TILE], u[TILE], ur[TILE], um[TILE];
+    double est[TILE];
+    int64_t local = g - P->offset;  /* the layer's value index of g */
+    z_tile(P->direction, P->seeds[0], g, n, z0);
+    for (int j = 0; j < n; j++) est[j] = (double)z0[j] * P->coefs[0];
+    for (int t = 1; t < P->nterms; t++) {
+        z_tile(P->direction, P->seeds[t], g, n, z);
+        double c = P->coefs[t];
+        for (int j = 0; j < n; j++) est[j] = fma((double)z[j], c, est[j]);
+    }
+    int restoring = P->mode == 1 || P->restore;
+    const float *zr = z0;  /* R's z: the first term's where R has its seed */
+    if (restoring && P->mode != 1 && P->r_seed != P->seeds[0]) {
+        z_tile(P->direction, P->r_seed, g, n, z);
+        zr = z;
+    }
+    if (P->stochastic) {
+        uniform_tile(P->noise_seed, g, n, u);
+        for (int j = 0; j < n; j++) um[j] = P->antithetic ? 1.0f - u[j] : u[j];
+        if (restoring) {
+            uint64_t rs = P->mode == 1 ? P->noise_seed : P->r_noise_seed;
+            int ra = P->mode == 1 ? P->antithetic : P->r_antithetic;
+            if (rs != P->noise_seed)
+                uniform_tile(rs, g, n, u);
+            for (int j = 0; j < n; j++) ur[j] = ra ? 1.0f - u[j] : u[j];
+        }
+    }
+    double r_coef = P->mode == 1 ? P->coefs[0] : P->r_coef;
+    int8_t *codes = P->codes + local;
+    uint8_t *kept = P->kept + (local - P->j0);
+    for (int j = 0; j < n;) {  /* one run of values per row */
+        int64_t row = (local + j) / P->cols;
+        int e = (int)min64((int64_t)n, (row + 1) * P->cols - local);
+        double unit = (double)P->scb[row] / 127.0;
+        for (int i = j; i < e; i++) {
+            int64_t c = codes[i];
+            if (restoring) {
+                double xr = unit > 0 ? ((double)zr[i] * r_coef) / unit : 0.0;
+                int64_t dr = round_step(xr, P->stochastic ? ur[i] : 0.0f, P->stochastic);
+                c = kept[i] ? c : c - dr;
+                if (P->mode == 1) {
+                    codes[i] = (int8_t)c;
+                    continue;
+                }
+            }
+            if (P->mode == 0) {
+                int64_t d = round_step(unit > 0 ? est[i] / unit : 0.0, P->stochastic ? um[i] : 0.0f,
+                                       P->stochastic);
+                int keep = llabs(c + d) > 127 || llabs(c - d) > 127;
+                kept[i] = (uint8_t)keep;
+                codes[i] = (int8_t)(keep ? c : c + d);
+            } else {
+                double delta = est[i] * -P->lr;
+                if (P->has_decay)
+                    delta = delta - P->decay_coef * ((double)c * unit);
+                int64_t v = c + round_step(unit > 0 ? delta / unit : 0.0, P->stochastic ? um[i] : 0.0f,
+                                           P->stochastic);
+                codes[i] = (int8_t)(v < -127 ? -127 : (v > 127 ? 127 : v));
+            }
+        }
+        j = e;
+    }
+}
+
+void zo_int8(int8_t *codes, int64_t j0, int64_t n, int64_t cols, int64_t offset, const float *scb,
+             int direction, const uint64_t *seeds, const double *coefs, int nterms, int mode, double lr,
+             int has_decay, double decay_coef, int stochastic, uint64_t noise_seed, int antithetic,
+             uint8_t *kept, int restore, uint64_t r_seed, double r_coef, uint64_t r_noise_seed, int r_antithetic,
+             int nthreads)
+{
+    struct int8pass P = {codes, kept, j0, cols, offset, scb, direction, nterms, mode, has_decay, stochastic,
+                         antithetic, seeds, coefs, lr, decay_coef, noise_seed, restore, r_antithetic, r_seed,
+                         r_noise_seed, r_coef};
+    if (n <= 0 || nterms < 1)
+        return;
+    int64_t start = offset + j0, first = start / TILE, end = (start + n + TILE - 1) / TILE;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n >= PARALLEL_MIN)
+    for (int64_t t = first; t < end; t++) {
+        int64_t g = max64(t * TILE, start), e = min64(t * TILE + TILE, start + n);
+        int8_tile(&P, g, (int)(e - g));
     }
 }

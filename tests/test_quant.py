@@ -476,3 +476,19 @@ def test_an_int8_forward_logs_no_cast_notice(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert not any("MatMul8bitLt" in m for m in messages), messages
     assert "another bitsandbytes warning" in messages
+
+
+@pytest.mark.parametrize("name", ["int8", "nf4"])
+def test_a_quantized_layer_takes_the_models_mode_so_a_later_eval_changes_no_output(tiny, name):
+    """bitsandbytes runs int8 on a CPU by the module's mode: LLM.int8 in eval mode, a float matmul of the
+    dequantized weight in training mode. A layer made in training mode inside an eval model ran the second
+    until the model's next eval() (a cell's first reference forward), so a cell's forwards changed part-way."""
+    model = tiny.model
+    assert not model.training
+    quantize_model(model, get_backend(name), QuantContext(), linear_layers(model))
+    assert not any(m.training for m in model.modules())
+    ids = _inputs()
+    before = _logits(model, ids)
+    model.train()
+    model.eval()
+    assert torch.equal(_logits(model, ids), before)

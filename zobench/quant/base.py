@@ -86,11 +86,14 @@ class Backend:
             raise Unsupported(f"quant '{self.name}' does not run on {device}")
 
     def quantize(self, model: torch.nn.Module, names: list[str], ctx: QuantContext) -> None:
-        """Replace each ``nn.Linear`` named in ``names`` by its quantized module, in place."""
+        """Replace each ``nn.Linear`` named in ``names`` by its quantized module, in place. The new module takes
+        the model's train / eval mode: a module is made in training mode, and bitsandbytes picks its CPU int8
+        matmul by the mode (training: dequantize and a float matmul, no outlier split; eval: LLM.int8), so a
+        fresh layer in an eval model would run another product than after the model's next ``eval()``."""
         for name in names:
             parent, attr = _parent(model, name)
             linear = getattr(parent, attr)
-            setattr(parent, attr, self.quantize_linear(linear, ctx))
+            setattr(parent, attr, self.quantize_linear(linear, ctx).train(model.training))
             del linear
 
     def quantize_linear(self, linear: torch.nn.Linear, ctx: QuantContext) -> torch.nn.Module:

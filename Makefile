@@ -28,6 +28,7 @@ test-all: venv
 bench: venv
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=median,iqr,rounds
 	$(PY) bench/zo_step.py --json results/bench/zo_step.json
+	$(PY) bench/quzo_passes.py --json results/bench/quzo_passes.json
 
 # GPU nodes: the node's own Python and packages, plus gpu-bundle/ (make gpu-bundle, on a machine with an
 # index). gpu-plan prints what gpu-check runs and its time plan, on any machine.

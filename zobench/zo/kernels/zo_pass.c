@@ -600,7 +600,7 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
     }
     double r_coef = P->mode == 1 ? P->coefs[0] : P->r_coef;
     int8_t *codes = P->codes + local;
-    uint8_t *kept = P->kept + (local - P->j0);
+    uint8_t *kept = P->kept ? P->kept + (local - P->j0) : NULL;  /* NULL for an update with nothing to restore */
     for (int j = 0; j < n;) {  /* one run of values per row */
         int64_t row = (local + j) / P->cols;
         int e = (int)min64((int64_t)n, (row + 1) * P->cols - local);

@@ -254,3 +254,23 @@ def test_pilot_chosen_lrs_do_not_split_twins_and_forward_cells_show_no_lr(record
     vs, name = qrows[0].index("peak / float"), qrows[0].index("method")
     sens = [row for row in qrows[1:] if row[name] == "sensitive"]
     assert sens and all(row[vs] != "-" for row in sens)
+
+
+def test_records_from_several_commits_are_said_so_and_the_newest_environment_shown(records, tmp_path):
+    """A re-run appended beside an older run: the header names each commit with its cells, and the
+    environment line is the newest record's, not whichever came first in the file."""
+    recs = copy.deepcopy(records)
+    assert len({r.git.get("commit") for r in recs if r.git}) == 1, "the fixture is one run"
+    newer = [r for r in recs if r.cell_id in {x.cell_id for x in recs if x.ok and x.method != "forward"}][-2:]
+    assert newer[0].cell_id != newer[1].cell_id
+    for r in newer:
+        r.git = {"commit": "f" * 40, "dirty": False}
+        r.finished_at = "2099-01-01T00:00:00Z"
+        r.env = {**(r.env or {}), "python": "3.99.0"}
+    md = render_report(recs, tmp_path / "report.md").read_text(encoding="utf-8")
+    line = next(x for x in md.splitlines() if x.startswith("> The records come from"))
+    assert "2 commits" in line and "ffffffffffff (2 cells, 2099-01-01)" in line
+    assert line.index(str(recs[0].git["commit"])[:12]) < line.index("ffffffffffff")  # oldest first
+    env = next(x for x in md.splitlines() if x.startswith("Environment:"))
+    assert "Python 3.99.0" in env and "git ffffffffffff" in env
+    assert "The records come from" not in GOLDEN.read_text(encoding="utf-8")

@@ -28,15 +28,36 @@ def header(recs: list[CellView], title: str | None, pilots: list[CellView] = ())
     lines += ["; ".join(c for c in context if c) + ".", ""]
     if pilots and any(r.machine_s for r in [*pilots, *recs]):  # what choosing the lrs cost, beside the cells
         lines += [machine_time(pilots, recs), ""]
-    env = next((r.env for r in recs if r.env), None)
-    git = next((r.git for r in recs if r.git), None)
+    # the newest record's environment: a re-run's, not the run's it superseded
+    newest = sorted((r for r in recs if r.env or r.git), key=lambda r: str(r.finished_at or ""))[-1:]
+    env, git = (newest[0].env, newest[0].git) if newest else (None, None)
     if env or git:
         lines += [f"Environment: {environment(env or {}, git or {})}.", ""]
+    lines += commits_note(recs)
     random_weights = sum(not meaningful(r) for r in recs if r.ok)
     if random_weights:
         lines += [f"> {random_weights} of {ok} ok cells use random weights (`accuracy_meaningful: false`): "
                   "they measure memory and latency only; their accuracy columns show n/a.", ""]
     return lines + machine_notes(recs)
+
+
+def commits_note(recs: list[CellView]) -> list[str]:
+    """One line when the records were made by more than one commit of zobench (an older run's cells beside
+    a re-run's, or a suite resumed across code changes): the same labels can then name two computations (a
+    setting whose default changed gives a re-run cell a new id), and a reader comparing rows must know."""
+    by: dict[str, list[CellView]] = {}
+    for r in recs:
+        commit = str((r.git or {}).get("commit") or "")[:12] or "unknown"
+        by.setdefault(commit, []).append(r)
+    if len(by) < 2:
+        return []
+    def span(group):
+        days = sorted(str(r.finished_at)[:10] for r in group if r.finished_at)
+        return f", {days[0]}" + (f" to {days[-1]}" if days[-1] != days[0] else "") if days else ""
+    parts = sorted(by.items(), key=lambda kv: max(str(r.finished_at or "") for r in kv[1]))
+    listed = "; ".join(f"{c} ({cells(len(g))}{span(g)})" for c, g in parts)
+    return [f"> The records come from {len(by)} commits of zobench: {listed}. Rows with the same labels "
+            "from different commits are different runs (each cell's commit is in its record's `git`).", ""]
 
 
 def machine_time(pilots: list[CellView], recs: list[CellView]) -> str:

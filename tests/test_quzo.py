@@ -130,6 +130,39 @@ def test_steps_change_codes_never_scales_and_restores_are_exact(quant):
                for layer in layers)
 
 
+@pytest.mark.parametrize("quant, direction", [("nf4", "rademacher"), ("fp4", "gaussian"),
+                                              ("nf4-plain", "gaussian")])
+def test_a_4bit_perturbation_moves_a_code_one_level_at_most_and_its_bits_take_it_back(quant, direction):
+    """What lets a 4-bit restore run from one bit a value instead of a copy of the codes: every value moves
+    at most one level, in the direction of eps z, its bit set exactly where it moved; a code that is not its
+    level's own (FP4's -0) never moves; the restore gives every code back, also at an eps large enough that
+    most targets lie past the next level (those values stay)."""
+    from zobench.methods.quzo import CodeTrainable, _unpack
+    from zobench.quant.codes import code_layers
+
+    trainable = CodeTrainable(code_layers(_quantized(quant)), direction)
+    before = [layer.read(0, layer.numel) for layer in trainable.layers]
+    assert [m.numel() for m in trainable.moved] == [(layer.numel + 7) // 8 for layer in trainable.layers]
+    odd = [code_of[rank[b]] != b for b, (_, rank, code_of) in zip(before, trainable.grids)]
+    assert (sum(int(o.sum()) for o in odd) > 0) == (quant == "fp4")  # FP4's -0 codes are there to test
+    for seed, eps in ((21, 1e-3), (22, 3e-2), (22, -3e-2)):
+        trainable.apply(seed, eps)
+        moved = 0
+        for k, layer in enumerate(trainable.layers):
+            _, rank, _ = trainable.grids[k]
+            now = layer.read(0, layer.numel)
+            changed = now != before[k]
+            assert torch.equal(changed, _unpack(trainable.moved[k], 0, layer.numel))
+            step = rank[now] - rank[before[k]]
+            way = torch.sign(trainable._z(seed, trainable.offsets[k], layer.numel, now.device) * eps).long()
+            assert torch.equal(step[changed], way[changed])  # one level, the way of eps z
+            assert not changed[odd[k]].any()
+            moved += int(changed.sum())
+        assert moved > 0
+        trainable.restore()
+        assert all(torch.equal(layer.read(0, layer.numel), b) for layer, b in zip(trainable.layers, before))
+
+
 @pytest.mark.parametrize("quant", ["int8", "fp4"])
 def test_a_zero_update_leaves_every_code_alone(quant):
     from zobench.zo.optim import ZOSGD
@@ -259,7 +292,7 @@ def test_quzo_is_refused_at_validation_where_it_does_not_apply(settings, key):
     CellConfig.from_dict({"method": "quzo", "quant": "fp4", "rounding": "nearest"}, where="s.yaml")
 
 
-def test_price_holds_the_4bit_copy_and_only_edge_positions_for_int8():
+def test_price_holds_a_bit_per_4bit_code_and_only_edge_positions_for_int8():
     from zobench.analysis.estimate import estimate_cell
 
     est = {q: estimate_cell(CellConfig.from_dict({"model": "random:tiny-llama", "method": "quzo", "quant": q,
@@ -267,8 +300,8 @@ def test_price_holds_the_4bit_copy_and_only_edge_positions_for_int8():
            for q in ("int8", "nf4")}
     numel = est["nf4"]["linear_numel"]  # the tiny model's block linears: all of them trained
     held = {q: e["breakdown"]["trainable_mib"] * 2**20 for q, e in est.items()}
-    assert held["nf4"] == pytest.approx(numel / 2, abs=2**20 / 1000)  # the packed codes, copied
-    assert 0 < held["int8"] < held["nf4"] / 2  # the edge positions of a few codes a row, no copy
+    assert held["nf4"] == pytest.approx(numel / 8, abs=2**20 / 1000)  # a bit a code: where it moved
+    assert 0 < held["int8"] < numel / 4  # the edge positions of a few codes a row: no copy of the codes
     assert est["int8"]["trainable_numel"] == est["nf4"]["trainable_numel"] == numel
 
 

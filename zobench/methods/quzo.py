@@ -24,12 +24,18 @@ Restoring W after the two forwards:
            of [-127, 127] (a row's absmax code always sits at the edge) is left unperturbed, and the
            positions of those few are kept until the restore.
     4-bit  NF4 / FP4 levels are not evenly spaced, and two codes can round to the same perturbed code, so
-           the perturbed codes do not determine the base: the packed codes of every layer are copied before
-           the perturbation and copied back (half a byte per weight, held during the two forwards).
+           the perturbed codes alone do not determine the base. A perturbation moves a value at most one
+           level, in the direction of its delta (whose sign comes back from the seed), and keeps one bit per
+           value, set where the value moved: the restore moves those values one level back, to exactly
+           their codes (an eighth of a byte per weight held during the two forwards, where a copy of the
+           packed codes would hold half a byte). A value whose target lies past the next level (a block of
+           tiny absmax: more than a level per eps) or whose code is not its level's own (FP4's -0) is left
+           unperturbed, as int8's edge codes are; the update moves every value as far as it must.
 
 On a CPU the passes run in the C library (``zo_grid4`` and ``zo_int8`` in zo/kernels/zo_pass.c, through
-``zo.fused``): one pass over a layer's codes, z and the noise drawn in it, an int8 restore done in the pass
-that follows it; elsewhere the chunked torch code here runs, with the same numbers (tested bit for bit).
+``zo.fused``): one pass over a layer's codes, z and the noise drawn in it, the pending perturbation's
+restore done in the pass that follows it; elsewhere the chunked torch code here runs, with the same numbers
+(tested bit for bit).
 
 ``price`` holds what each keeps. The artifact is the codes that changed (``changed_codes``: positions and
 new codes against the codes at the start, which wait in an anonymous file on disk when the run saves).
@@ -72,14 +78,17 @@ class CodeTrainable(Trainable):
         self.offsets = [sum(sizes[:k]) for k in range(len(sizes))]  # global index of each layer's first value
         self.grids = [layer.levels() if layer.kind == "4bit" else None for layer in layers]
         self.skipped: list[torch.Tensor | None] = [None] * len(layers)  # int8: positions left unperturbed
-        self.base: list[torch.Tensor] | None = None  # 4-bit: the packed codes before the perturbation
+        # 4-bit: one bit a value, set where the pending perturbation moved it (held for the run)
+        self.moved = [torch.zeros((layer.numel + 7) // 8, dtype=torch.uint8, device=layer.codes.device)
+                      if layer.kind == "4bit" else None for layer in layers]
+        self.four_bit = {k for k, layer in enumerate(layers) if layer.kind == "4bit"}
         self.initial = None  # the codes at the start, on disk (``keep_initial``)
 
-    def _chunks(self, skip=()):
+    def _chunks(self, skip=(), only=None):
         """(layer number, layer, start, stop, global index of start) over every value, chunk by chunk (the
-        layers numbered in ``skip`` left out)."""
+        layers numbered in ``skip`` left out; only layer ``only`` where given)."""
         for k, layer in enumerate(self.layers):
-            if k in skip:
+            if k in skip or only not in (None, k):
                 continue
             for start in range(0, layer.numel, CHUNK):
                 yield k, layer, start, min(start + CHUNK, layer.numel), self.offsets[k] + start
@@ -100,14 +109,12 @@ class CodeTrainable(Trainable):
 
     @torch.no_grad()
     def apply(self, seed: int, scale: float) -> None:
-        base = self.base  # copied back into the 4-bit layers now, and still their codes: kept, not copied again
         pending, on_c = self._take_pending()  # int8 layers on the C library restore in the perturbing pass
-        if any(layer.kind == "4bit" for layer in self.layers):
-            self.base = base or [layer.codes.clone() if layer.kind == "4bit" else None for layer in self.layers]
         skipped: list[list] = [[] for _ in self.layers]
-        done = {k for k, layer in enumerate(self.layers) if layer.kind == "4bit" and self._c_move(
-            k, layer, [(seed, scale)], noise_seed(seed, "perturb"), antithetic=scale < 0)}
-        for k, layer, start, stop, at in self._chunks(skip=done):
+        for k in self.four_bit:  # each restores the pending perturbation in its own pass
+            self._move4(k, [(seed, scale)], "perturb", noise_seed(seed, "perturb"), antithetic=scale < 0,
+                        pending=pending)
+        for k, layer, start, stop, at in self._chunks(skip=self.four_bit):
             if k in on_c:
                 keep = self._c_int8(k, layer, start, stop, [(seed, scale)], "perturb", noise_seed(seed, "perturb"),
                                     antithetic=scale < 0, pending=pending, k_pending=k)
@@ -118,22 +125,18 @@ class CodeTrainable(Trainable):
                 keep = ((codes + d).abs() > INT8_MAX) | ((codes - d).abs() > INT8_MAX)
                 layer.write(start, stop, codes + d.masked_fill_(keep, 0))
                 skipped[k].append(keep.nonzero().view(-1) + start)
-            else:
-                codes = layer.read(start, stop)
-                moved = self._grid_move(k, layer, codes, start, stop, at, scale * self._z(seed, at, stop - start,
-                                        codes.device), self._noise(seed, "perturb", at, stop - start, codes.device),
-                                        antithetic=scale < 0)
-                layer.write(start, stop, moved)
         self.skipped = [torch.cat(s) if s else None for s in skipped]
         self._seed, self._scale = seed, scale
 
     def _take_pending(self) -> tuple[tuple | None, set]:
         """Before a pass that moves every code: the pending perturbation (seed, signed eps, its skipped
         positions per layer), or None, and the int8 layers the C library runs (they restore it in that pass,
-        ``fused.c_int8``'s ``restore``); every other layer is restored here."""
+        ``fused.c_int8``'s ``restore``); the 4-bit layers restore it in their own pass too (``_move4``), every
+        other layer is restored here."""
         on_c = {k for k, layer in enumerate(self.layers) if layer.kind == "int8" and fused.c_ready(layer.codes)}
         pending = (self._seed, self._scale, self.skipped) if self._seed is not None else None
-        self.restore(leave=on_c)
+        self.restore(leave=on_c | self.four_bit)
+        self._seed, self._scale = None, 0.0
         return pending, on_c
 
     @torch.no_grad()
@@ -142,8 +145,9 @@ class CodeTrainable(Trainable):
         restores them in its own pass)."""
         if self._seed is None:
             return
-        for k, layer, start, stop, at in self._chunks(skip={k for k, lay in enumerate(self.layers)
-                                                            if lay.kind == "4bit" or k in leave}):
+        for k in self.four_bit - set(leave):
+            self._move4(k, [(self._seed, self._scale)], "restore", None)
+        for k, layer, start, stop, at in self._chunks(skip=self.four_bit | set(leave)):
             skipped = self.skipped[k]
             mine = skipped[(skipped >= start) & (skipped < stop)] - start
             if fused.c_ready(layer.codes):
@@ -153,22 +157,42 @@ class CodeTrainable(Trainable):
             else:
                 d = self._int8_steps(layer, start, stop, at, self._seed, self._scale)
                 layer.write(start, stop, layer.read(start, stop) - d.index_fill_(0, mine, 0))
-        for layer, base in zip(self.layers, self.base or []):
-            if base is not None:
-                layer.codes.copy_(base)
-        self.base, self.skipped = None, [None] * len(self.layers)
+        self.skipped = [None] * len(self.layers)
         self._seed, self._scale = None, 0.0
 
-    def _c_move(self, k, layer, terms, seed_of_noise, antithetic=False, update=None) -> bool:
-        """A whole 4-bit layer's move on the C library (``fused.c_grid4``: the same numbers as the chunked torch
-        path below, one pass, no temporaries); False where it cannot run (then the torch path does).
-        ``update``: (lr, lr x weight decay or None) for the update, None for a perturbation."""
+    def _move4(self, k, terms, mode, seed_of_noise, antithetic=False, update=None, pending=None) -> None:
+        """4-bit layer ``k``'s pass (``mode``: perturb, restore or update), the ``pending`` perturbation (from
+        ``_take_pending``) taken back first: on the C library where it runs (``fused.c_grid4``, one pass, no
+        temporaries), else chunk by chunk with torch (the same numbers). ``update``: (lr, lr x weight decay
+        or None)."""
+        layer, qs = self.layers[k], self.layers[k].weight.quant_state
         lr, decay_coef = update if update is not None else (0.0, None)
-        qs = layer.weight.quant_state
-        return fused.c_grid4(layer.codes.view(-1), layer.numel, self.offsets[k], block_absmax(qs).contiguous(),
-                             qs.blocksize, self.grids[k], self.direction, terms, update=update is not None, lr=lr,
-                             decay_coef=decay_coef, noise_seed=seed_of_noise if self.stochastic else None,
-                             antithetic=antithetic)
+        if fused.c_grid4(layer.codes.view(-1), layer.numel, self.offsets[k], block_absmax(qs).contiguous(),
+                         qs.blocksize, self.grids[k], self.direction, terms, mode, self.moved[k], lr=lr,
+                         decay_coef=decay_coef, noise_seed=seed_of_noise if self.stochastic else None,
+                         antithetic=antithetic, restore=pending[:2] if pending is not None else None):
+            return
+        if pending is not None:
+            self._move4(k, [pending[:2]], "restore", None)
+        levels, rank, code_of = self.grids[k]
+        for _, _, start, stop, at in self._chunks(only=k):
+            codes, n = layer.read(start, stop), stop - start
+            if mode == "restore":  # a moved value one level back against its move's sign: its code before
+                seed, scale = terms[0]
+                up = self._z(seed, at, n, codes.device) * scale > 0
+                back = code_of[(rank[codes] - torch.where(up, 1, -1)).clamp_(0, levels.numel() - 1)]
+                layer.write(start, stop, torch.where(_unpack(self.moved[k], start, n), back, codes))
+                continue
+            est = None
+            for seed, coef in terms:
+                z = self._z(int(seed), at, n, codes.device)
+                est = z.mul_(coef) if est is None else est.add_(z, alpha=coef)
+            if mode == "update":
+                value = levels[rank[codes]] * layer.scale(start, stop)
+                est = est.mul_(-lr) - decay_coef * value if decay_coef else est.mul_(-lr)
+            noise = uniform(seed_of_noise, at, n, codes.device) if self.stochastic else None
+            layer.write(start, stop, self._grid_move(k, layer, codes, start, stop, est, noise, antithetic,
+                                                     perturb=mode == "perturb"))
 
     def _c_int8(self, k, layer, start, stop, terms, mode, seed_of_noise, antithetic=False, kept=None, lr=0.0,
                 decay_coef=None, pending=None, k_pending=None) -> torch.Tensor:
@@ -185,16 +209,25 @@ class CodeTrainable(Trainable):
                             decay_coef=decay_coef, noise_seed=seed_of_noise if self.stochastic else None,
                             antithetic=antithetic, restore=restore)
 
-    def _grid_move(self, k, layer, codes, start, stop, at, delta, noise, antithetic=False) -> torch.Tensor:
+    def _grid_move(self, k, layer, codes, start, stop, delta, noise, antithetic=False, perturb=False) -> torch.Tensor:
         """4-bit codes moved by ``delta`` (weight units) onto the layer's levels; codes whose level does not
-        change keep their code (FP4's -0 stays -0)."""
+        change keep their code (FP4's -0 stays -0). A perturbation (``perturb``) moves a value one level at
+        most and sets its bit in ``self.moved[k]`` where it moved (module docstring)."""
         levels, rank, code_of = self.grids[k]
         absmax = layer.scale(start, stop)
-        target = levels[rank[codes]] + torch.where(absmax > 0, delta / absmax, 0.0)
+        r = rank[codes]
+        target = levels[r] + torch.where(absmax > 0, delta / absmax, 0.0)
         if noise is not None and antithetic:
             noise = 1 - noise
         moved = round_to_levels(target, levels, noise)
-        return torch.where(moved == rank[codes], codes, code_of[moved])
+        if not perturb:
+            return torch.where(moved == r, codes, code_of[moved])
+        x, top = target.clamp(levels[0], levels[-1]), levels.numel() - 1
+        can = (code_of[r] == codes) & torch.where(delta > 0, x <= levels[(r + 1).clamp(max=top)],
+                                                  x >= levels[(r - 1).clamp(min=0)])
+        go = can & (moved != r)
+        _pack(go, self.moved[k], start)
+        return torch.where(go, code_of[moved], codes)
 
     # -- the update -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -202,9 +235,10 @@ class CodeTrainable(Trainable):
         pending, on_c = self._take_pending()
         lr, decay = optimizer.lr(step), optimizer.weight_decay
         stream = int(grads[0][0])  # the update's rounding noise: its own stream of the step's first seed
-        done = {k for k, layer in enumerate(self.layers) if layer.kind == "4bit" and self._c_move(
-            k, layer, grads, noise_seed(stream, "update"), update=(lr, lr * decay if decay else None))}
-        for k, layer, start, stop, at in self._chunks(skip=done):
+        for k in self.four_bit:
+            self._move4(k, grads, "update", noise_seed(stream, "update"), update=(lr, lr * decay if decay else None),
+                        pending=pending)
+        for k, layer, start, stop, at in self._chunks(skip=self.four_bit):
             if k in on_c:
                 self._c_int8(k, layer, start, stop, grads, "update", noise_seed(stream, "update"), lr=lr,
                              decay_coef=lr * decay if decay else None, pending=pending, k_pending=k)
@@ -215,15 +249,10 @@ class CodeTrainable(Trainable):
                 z = self._z(int(seed), at, stop - start, codes.device)
                 est = z.mul_(coef) if est is None else est.add_(z, alpha=coef)
             unit = layer.scale(start, stop)
-            value = codes.double() * unit if layer.kind == "int8" else \
-                self.grids[k][0][self.grids[k][1][codes]] * unit
-            delta = est.mul_(-lr) - (lr * decay) * value if decay else est.mul_(-lr)
-            noise = self._noise(stream, "update", at, stop - start, codes.device)
-            if layer.kind == "int8":
-                d = round_offset(torch.where(unit > 0, delta / unit, 0.0), noise)
-                layer.write(start, stop, (codes + d).clamp_(-INT8_MAX, INT8_MAX))
-            else:
-                layer.write(start, stop, self._grid_move(k, layer, codes, start, stop, at, delta, noise))
+            delta = est.mul_(-lr) - (lr * decay) * (codes.double() * unit) if decay else est.mul_(-lr)
+            d = round_offset(torch.where(unit > 0, delta / unit, 0.0),
+                             self._noise(stream, "update", at, stop - start, codes.device))
+            layer.write(start, stop, (codes + d).clamp_(-INT8_MAX, INT8_MAX))
 
     # -- the codes at one step, kept on disk (best dev step), and what changed since the start ------------
     @property
@@ -273,6 +302,25 @@ class CodeTrainable(Trainable):
         return out
 
 
+BIT = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def _pack(flags: torch.Tensor, bits: torch.Tensor, start: int) -> None:
+    """Write ``flags`` (bool, one per value from ``start``, a multiple of 8) into ``bits`` (bit v % 8 of byte
+    v // 8 for value v, the C pass's layout)."""
+    n = flags.numel()
+    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8, device=flags.device)
+    padded[:n] = flags
+    bits[start // 8:start // 8 + padded.numel() // 8] = (padded.view(-1, 8) * BIT.to(flags.device)).sum(1,
+                                                                                                 dtype=torch.uint8)
+
+
+def _unpack(bits: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """The ``n`` flags (bool) from value ``start`` (a multiple of 8) that ``_pack`` wrote."""
+    chunk = bits[start // 8:(start + n + 7) // 8]
+    return ((chunk.view(-1, 1) & BIT.to(bits.device)) != 0).view(-1)[:n]
+
+
 def _flags(positions: torch.Tensor | None, n: int) -> torch.Tensor:
     """One uint8 per value of a chunk, 1 at ``positions``: the C pass's form of the skipped positions."""
     flags = torch.zeros(n, dtype=torch.uint8)
@@ -299,7 +347,7 @@ class QuZO(Method):
         nnz = sum(inputs.scope_sizes)
         if cfg.quant == "int8":  # the few edge positions per row, between a perturbation and its restore
             held = SKIPPED_PER_ROW * 8 * sum(o for o, _ in arch.linears)
-        else:  # the packed 4-bit codes, copied during the two forwards
-            held = sum(o * i for o, i in arch.linears) / 2
+        else:  # one bit a 4-bit code: where the perturbation moved it
+            held = sum(o * i for o, i in arch.linears) / 8
         chunk = min(CHUNK, max(inputs.scope_sizes, default=0))
         return Price(trainable=held, update=chunk * (TEMP_BYTES + 8 * (cfg.q - 1)), nnz=nnz)

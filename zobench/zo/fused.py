@@ -66,7 +66,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.zo_uniform.argtypes = [u64, i64, i64, ptr, i32]
     lib.zo_uniform.restype = None
     lib.zo_grid4.argtypes = [ptr, i64, i64, ptr, i32, ptr, ptr, ptr, i32, i32, ptr, ptr, i32, i32, f64, i32, f64,
-                             i32, u64, i32, i32]
+                             i32, u64, i32, ptr, i32, u64, f64, i32]
     lib.zo_grid4.restype = None
     lib.zo_int8.argtypes = [ptr, i64, i64, i64, i64, ptr, i32, ptr, ptr, i32, i32, f64, i32, f64, i32, u64, i32,
                             ptr, i32, u64, f64, u64, i32, i32]
@@ -203,15 +203,24 @@ def c_uniform(seed: int, start: int, n: int) -> torch.Tensor | None:
     return out
 
 
+GRID4_MODES = {"perturb": 0, "restore": 1, "update": 2}
+
+
 def c_grid4(packed: torch.Tensor, n: int, offset: int, absmax: torch.Tensor, blocksize: int, grid,
-            direction: str, terms: Sequence[tuple[int, float]], *, update: bool = False, lr: float = 0.0,
-            decay_coef: float | None = None, noise_seed: int | None = None, antithetic: bool = False) -> bool:
-    """QuZO's move of one 4-bit layer's ``n`` packed codes onto its grid (``zo_grid4`` in zo_pass.c), in place,
-    on the C library: False where it cannot run here (then the caller's torch path does the same): not a CPU,
-    a block size that is not a power of two, or an odd ``offset`` (two tiles would share a byte)."""
+            direction: str, terms: Sequence[tuple[int, float]], mode: str, moved: torch.Tensor, *, lr: float = 0.0,
+            decay_coef: float | None = None, noise_seed: int | None = None, antithetic: bool = False,
+            restore: tuple[int, float] | None = None) -> bool:
+    """QuZO's pass over one 4-bit layer's ``n`` packed codes (``zo_grid4`` in zo_pass.c), in place, on the C
+    library: ``perturb`` moves each value at most one level and sets its bit in ``moved`` (uint8, one bit a
+    value) where it moved, ``restore`` takes that perturbation back from the bits, ``update`` moves every value;
+    ``restore`` = (seed, signed eps) of a pending perturbation whose bits are in ``moved``: taken back first,
+    in the same pass. False where it cannot run here (then the caller's torch path does the same): not a CPU,
+    a block size that is not a power of two, or an ``offset`` not a multiple of 8 (two tiles would share a
+    byte of the bits)."""
     levels, rank, code_of = grid
-    tensors = (packed, absmax, levels, rank, code_of)
-    if (_forced[0] or offset % 2 or blocksize < 1 or blocksize & (blocksize - 1) or 2 * packed.numel() < n
+    tensors = (packed, absmax, levels, rank, code_of, moved)
+    if (_forced[0] or offset % 8 or blocksize < 1 or blocksize & (blocksize - 1) or 2 * packed.numel() < n
+            or moved.numel() * 8 < n or moved.dtype != torch.uint8
             or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
             or packed.dtype != torch.uint8 or absmax.dtype != torch.float32 or levels.dtype != torch.float64
             or rank.dtype != torch.int64 or code_of.dtype != torch.int64 or _library() is None):
@@ -219,14 +228,16 @@ def c_grid4(packed: torch.Tensor, n: int, offset: int, absmax: torch.Tensor, blo
     k = max(len(terms), 1)
     seeds = (ctypes.c_uint64 * k)(*[int(s) for s, _ in terms])
     coefs = (ctypes.c_double * k)(*[float(c) for _, c in terms])
+    r_seed, r_coef = restore if restore is not None else (0, 0.0)
     t = time.perf_counter()
     _state["lib"].zo_grid4(packed.data_ptr(), int(n), int(offset), absmax.data_ptr(),
                            int(blocksize).bit_length() - 1, levels.data_ptr(), rank.data_ptr(), code_of.data_ptr(),
-                           levels.numel(), DIRECTIONS[direction], seeds, coefs, len(terms), int(update), float(lr),
-                           int(decay_coef is not None), float(decay_coef or 0.0), int(noise_seed is not None),
-                           int(noise_seed or 0), int(antithetic), torch.get_num_threads())
+                           levels.numel(), DIRECTIONS[direction], seeds, coefs, len(terms), GRID4_MODES[mode],
+                           float(lr), int(decay_coef is not None), float(decay_coef or 0.0),
+                           int(noise_seed is not None), int(noise_seed or 0), int(antithetic), moved.data_ptr(),
+                           int(restore is not None), int(r_seed), float(r_coef), torch.get_num_threads())
     _passes["seconds"] += time.perf_counter() - t
-    _passes["bytes"] += (n + 1) // 2 * 2 + 4 * absmax.numel()  # each code byte read and written, the scales
+    _passes["bytes"] += (n + 1) // 2 * 2 + 4 * absmax.numel() + (n + 7) // 8 * 2  # codes and bits read and written
     _passes["calls"][C_PATH] = _passes["calls"].get(C_PATH, 0) + 1
     return True
 

@@ -379,12 +379,18 @@ struct grid4 {
     const float *absmax;
     const double *levels;
     const int64_t *rank, *code_of;
-    int nlevels, direction, nterms, update, has_decay, stochastic, antithetic;
+    int nlevels, direction, nterms, mode, has_decay, stochastic, antithetic;
     const uint64_t *seeds;
     const double *coefs;
     double lr, decay_coef;
     uint64_t noise_seed;
+    uint8_t *moved;    /* one bit per value (bit v % 8 of byte v / 8, v the layer's index): moved one level */
+    int restore;       /* modes 0 and 2: first restore the pending perturbation R (seed r_seed, signed eps r_coef) */
+    uint64_t r_seed;
+    double r_coef;
 };
+
+enum { GRID_PERTURB = 0, GRID_RESTORE = 1, GRID_UPDATE = 2 };
 
 /* x[i] = level_of[code[i]] + d[i] / a for i in [j, e): AVX2's gather where there is one (same operations). */
 static void levels_plus(const double *level_of, const int32_t *code, const double *d, double a, int j, int e,
@@ -431,33 +437,30 @@ static void fractions(const double *lv, int L, int n, int64_t *hi, double *x)
 /* One tile in simple loops over its values (each vectorises: gathers from the 16-entry tables, the level
  * search as a count over the levels, the block's absmax constant over its run of values), the same
  * operations per value as the torch path. */
+/* Write a tile's codes back, packed two a byte (high nibble first). */
+static void pack_codes(uint8_t *out, const int32_t *code, int n)
+{
+    for (int p = 0; p < n / 2; p++) out[p] = (uint8_t)(code[2 * p] << 4 | code[2 * p + 1]);
+    if (n & 1)
+        out[n >> 1] = (uint8_t)((out[n >> 1] & 15) | code[n - 1] << 4);
+}
+
 static void grid4_tile(const struct grid4 *P, int64_t g, int n)
 {
-    float z[TILE], u[TILE];
+    float z[TILE], zr[TILE], u[TILE];
     double d[TILE], x[TILE];
     int32_t code[TILE], rank[16], code_of[16];
     int64_t hi[TILE];  /* 64-bit, as the compares' masks: the level count needs no repacking */
+    uint8_t can[TILE];  /* perturb: the value may move (one level at most, from its level's own code) */
     double level_of[16];
     const double *lv = P->levels;
     int L = P->nlevels;
-    int64_t j0 = g - P->offset;  /* even: the caller's check, so no byte is shared between tiles */
+    int64_t j0 = g - P->offset;  /* a multiple of 8 (the caller's check): no byte of codes or bits is shared */
     for (int c = 0; c < 16; c++) {
         rank[c] = (int32_t)P->rank[c];
         level_of[c] = lv[rank[c]];
     }
     for (int k = 0; k < L; k++) code_of[k] = (int32_t)P->code_of[k];
-    for (int t = 0; t < P->nterms; t++) {
-        z_tile(P->direction, P->seeds[t], g, n, z);
-        double c = P->coefs[t];
-        if (t == 0)
-            for (int j = 0; j < n; j++) d[j] = (double)z[j] * c;
-        else
-            for (int j = 0; j < n; j++) d[j] = fma((double)z[j], c, d[j]);
-    }
-    if (P->update) {
-        double m = -P->lr;
-        for (int j = 0; j < n; j++) d[j] = d[j] * m;
-    }
     const uint8_t *bytes = P->packed + (j0 >> 1);
     for (int p = 0; p < n / 2; p++) {
         code[2 * p] = bytes[p] >> 4;
@@ -465,6 +468,35 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
     }
     if (n & 1)
         code[n - 1] = bytes[n >> 1] >> 4;
+    uint8_t *bits = P->moved ? P->moved + (j0 >> 3) : NULL;
+    int restoring = P->mode == GRID_RESTORE || P->restore;
+    if (restoring) {  /* a moved value goes back one level against its move's sign: exactly its code before */
+        uint64_t rs = P->mode == GRID_RESTORE ? P->seeds[0] : P->r_seed;
+        double rc = P->mode == GRID_RESTORE ? P->coefs[0] : P->r_coef;
+        z_tile(P->direction, rs, g, n, zr);
+        for (int j = 0; j < n; j++)
+            if (bits[j >> 3] >> (j & 7) & 1)
+                code[j] = code_of[rank[code[j]] - ((double)zr[j] * rc > 0 ? 1 : -1)];
+        if (P->mode == GRID_RESTORE) {
+            pack_codes(P->packed + (j0 >> 1), code, n);
+            return;
+        }
+    }
+    for (int t = 0; t < P->nterms; t++) {
+        if (t == 0 && restoring && P->r_seed == P->seeds[0])
+            memcpy(z, zr, (size_t)n * sizeof *z);
+        else
+            z_tile(P->direction, P->seeds[t], g, n, z);
+        double c = P->coefs[t];
+        if (t == 0)
+            for (int j = 0; j < n; j++) d[j] = (double)z[j] * c;
+        else
+            for (int j = 0; j < n; j++) d[j] = fma((double)z[j], c, d[j]);
+    }
+    if (P->mode == GRID_UPDATE) {
+        double m = -P->lr;
+        for (int j = 0; j < n; j++) d[j] = d[j] * m;
+    }
     double lo_end = lv[0], hi_end = lv[L - 1];
     int sh = P->block_shift;
     for (int j = 0; j < n;) {  /* one run of values per absmax block */
@@ -486,6 +518,12 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
         x[j] = v < lo_end ? lo_end : (v > hi_end ? hi_end : v);
         hi[j] = 0;
     }
+    if (P->mode == GRID_PERTURB)  /* the target within one level of the code's, and the code its level's own */
+        for (int j = 0; j < n; j++) {
+            int r = rank[code[j]];
+            can[j] = code[j] == code_of[r] && (d[j] > 0 ? x[j] <= lv[r + 1 < L ? r + 1 : L - 1]
+                                                         : x[j] >= lv[r > 0 ? r - 1 : 0]);
+        }
     for (int k = 0; k < L; k++) {  /* searchsorted(right=True): how many levels are <= x */
         double l = lv[k];
         for (int j = 0; j < n; j++) hi[j] += l <= x[j];
@@ -500,32 +538,49 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
         for (int j = 0; j < n; j++) hi[j] += (double)u[j] < x[j];
     else
         for (int j = 0; j < n; j++) hi[j] += x[j] >= 0.5;
-    for (int j = 0; j < n; j++) {
-        int c = code[j], moved = (int)hi[j];
-        code[j] = moved == rank[c] ? c : code_of[moved];
+    if (P->mode == GRID_PERTURB) {
+        memset(bits, 0, (size_t)(n + 7) >> 3);
+        for (int j = 0; j < n; j++) {
+            int c = code[j], moved = (int)hi[j];
+            if (can[j] && moved != rank[c]) {
+                code[j] = code_of[moved];
+                bits[j >> 3] |= (uint8_t)(1u << (j & 7));
+            }
+        }
+    } else {
+        for (int j = 0; j < n; j++) {
+            int c = code[j], moved = (int)hi[j];
+            code[j] = moved == rank[c] ? c : code_of[moved];
+        }
     }
-    uint8_t *out = P->packed + (j0 >> 1);
-    for (int p = 0; p < n / 2; p++) out[p] = (uint8_t)(code[2 * p] << 4 | code[2 * p + 1]);
-    if (n & 1)
-        out[n >> 1] = (uint8_t)((out[n >> 1] & 15) | code[n - 1] << 4);
+    pack_codes(P->packed + (j0 >> 1), code, n);
 }
 
-/* QuZO's move of a 4-bit layer's codes (packed two a byte, high nibble first; absmax per block of
- * 2^block_shift values; n values, global index of the first: offset, even) onto its levels (ascending, distinct; rank of
- * each code, one code per rank), in place:
- *   perturb (update = 0): delta = coefs[0] * z(seeds[0])                  (coefs[0]: the signed eps)
- *   update  (update = 1): delta = -lr * sum_t coefs[t] z(seeds[t]) [- decay_coef * weight]
+/* QuZO's pass over a 4-bit layer's codes (packed two a byte, high nibble first; absmax per block of
+ * 2^block_shift values; n values, global index of the first: offset, a multiple of 8) on its levels
+ * (ascending, distinct; rank of each code, one code per rank), in place:
+ *   mode 0, perturb: delta = coefs[0] * z(seeds[0])                   (coefs[0]: the signed eps)
+ *   mode 1, restore: the perturbation by coefs[0] * z(seeds[0]) taken back
+ *   mode 2, update:  delta = -lr * sum_t coefs[t] z(seeds[t]) [- decay_coef * weight]
  * x = level(code) + delta / absmax, rounded onto the levels: stochastically with u(noise_seed) (1 - u when
- * antithetic), else to the nearest (ties up); a code whose level does not change keeps its code. Every
- * operation is the one quzo.py's torch path does, in the same order, in float64 (terms after the first
- * fused as torch's add(alpha) fuses them). */
+ * antithetic), else to the nearest (ties up); a code whose level does not change keeps its code. A
+ * perturbation moves a value at most one level, so that it can be taken back from one bit: a value whose x
+ * lies beyond the next level in its move's direction (a block of tiny absmax), or whose code is not its
+ * level's own (FP4's -0), is left unperturbed; the values that moved get their bit in moved[] (the others
+ * 0), and the restore moves them one level back against the sign of their delta, to exactly the code they
+ * had. With `restore` (modes 0 and 2) the pending perturbation R (seed r_seed, signed eps r_coef, its bits
+ * in moved[]) is taken back first, in the same pass, z drawn once where R shares the first term's seed.
+ * Every operation is the one quzo.py's torch path does, in the same order, in float64 (terms after the
+ * first fused as torch's add(alpha) fuses them). */
 void zo_grid4(uint8_t *packed, int64_t n, int64_t offset, const float *absmax, int block_shift,
               const double *levels, const int64_t *rank, const int64_t *code_of, int nlevels, int direction,
-              const uint64_t *seeds, const double *coefs, int nterms, int update, double lr, int has_decay,
-              double decay_coef, int stochastic, uint64_t noise_seed, int antithetic, int nthreads)
+              const uint64_t *seeds, const double *coefs, int nterms, int mode, double lr, int has_decay,
+              double decay_coef, int stochastic, uint64_t noise_seed, int antithetic, uint8_t *moved,
+              int restore, uint64_t r_seed, double r_coef, int nthreads)
 {
     struct grid4 P = {packed, offset, block_shift, absmax, levels, rank, code_of, nlevels, direction, nterms,
-                      update, has_decay, stochastic, antithetic, seeds, coefs, lr, decay_coef, noise_seed};
+                      mode, has_decay, stochastic, antithetic, seeds, coefs, lr, decay_coef, noise_seed, moved,
+                      restore, r_seed, r_coef};
     if (n <= 0 || nterms < 1)
         return;
     int64_t first = offset / TILE, end = (offset + n + TILE - 1) / TILE;

@@ -451,8 +451,9 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
     double d[TILE], x[TILE];
     int32_t code[TILE], rank[16], code_of[16];
     int64_t hi[TILE];  /* 64-bit, as the compares' masks: the level count needs no repacking */
-    uint8_t can[TILE];  /* perturb: the value may move (one level at most, from its level's own code) */
-    double level_of[16];
+    uint8_t flag[TILE];  /* perturb: the value moved; restore: it moved in the pending perturbation */
+    double level_of[16], lim_up[16], lim_down[16];  /* per code: the next level up / down */
+    int32_t back_up[16], back_down[16], own[16];  /* per code: the code one level down / up; its level's own? */
     const double *lv = P->levels;
     int L = P->nlevels;
     int64_t j0 = g - P->offset;  /* a multiple of 8 (the caller's check): no byte of codes or bits is shared */
@@ -461,6 +462,14 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
         level_of[c] = lv[rank[c]];
     }
     for (int k = 0; k < L; k++) code_of[k] = (int32_t)P->code_of[k];
+    for (int c = 0; c < 16; c++) {  /* branch-free lookups in the loops below (the signs of z are random) */
+        int r = rank[c] < L ? rank[c] : L - 1;
+        lim_up[c] = lv[r + 1 < L ? r + 1 : L - 1];
+        lim_down[c] = lv[r > 0 ? r - 1 : 0];
+        back_up[c] = code_of[r > 0 ? r - 1 : 0];         /* where a value that moved up came from */
+        back_down[c] = code_of[r + 1 < L ? r + 1 : L - 1];
+        own[c] = code_of[r] == c;
+    }
     const uint8_t *bytes = P->packed + (j0 >> 1);
     for (int p = 0; p < n / 2; p++) {
         code[2 * p] = bytes[p] >> 4;
@@ -474,9 +483,11 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
         uint64_t rs = P->mode == GRID_RESTORE ? P->seeds[0] : P->r_seed;
         double rc = P->mode == GRID_RESTORE ? P->coefs[0] : P->r_coef;
         z_tile(P->direction, rs, g, n, zr);
-        for (int j = 0; j < n; j++)
-            if (bits[j >> 3] >> (j & 7) & 1)
-                code[j] = code_of[rank[code[j]] - ((double)zr[j] * rc > 0 ? 1 : -1)];
+        for (int j = 0; j < n; j++) flag[j] = bits[j >> 3] >> (j & 7) & 1;
+        for (int j = 0; j < n; j++) {
+            int c = code[j], up = (double)zr[j] * rc > 0, f = flag[j];  /* arithmetic, not branches */
+            code[j] = (1 - f) * c + f * (up * back_up[c] + (1 - up) * back_down[c]);
+        }
         if (P->mode == GRID_RESTORE) {
             pack_codes(P->packed + (j0 >> 1), code, n);
             return;
@@ -520,9 +531,9 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
     }
     if (P->mode == GRID_PERTURB)  /* the target within one level of the code's, and the code its level's own */
         for (int j = 0; j < n; j++) {
-            int r = rank[code[j]];
-            can[j] = code[j] == code_of[r] && (d[j] > 0 ? x[j] <= lv[r + 1 < L ? r + 1 : L - 1]
-                                                         : x[j] >= lv[r > 0 ? r - 1 : 0]);
+            int c = code[j], up = d[j] > 0;  /* bitwise, not branches: the signs are random */
+            double above = x[j] - lim_up[c], below = x[j] - lim_down[c];
+            flag[j] = (uint8_t)(own[c] & ((up & (above <= 0)) | (!up & (below >= 0))));
         }
     for (int k = 0; k < L; k++) {  /* searchsorted(right=True): how many levels are <= x */
         double l = lv[k];
@@ -539,13 +550,16 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
     else
         for (int j = 0; j < n; j++) hi[j] += x[j] >= 0.5;
     if (P->mode == GRID_PERTURB) {
-        memset(bits, 0, (size_t)(n + 7) >> 3);
         for (int j = 0; j < n; j++) {
-            int c = code[j], moved = (int)hi[j];
-            if (can[j] && moved != rank[c]) {
-                code[j] = code_of[moved];
-                bits[j >> 3] |= (uint8_t)(1u << (j & 7));
-            }
+            int c = code[j], moved = (int)hi[j], go = flag[j] & (moved != rank[c]);
+            flag[j] = (uint8_t)go;
+            code[j] = go ? code_of[moved] : c;
+        }
+        for (int j = n; j < ((n + 7) & ~7); j++) flag[j] = 0;  /* a short last tile: its last byte padded */
+        for (int b = 0; b < (n + 7) >> 3; b++) {
+            const uint8_t *f = flag + 8 * b;
+            bits[b] = (uint8_t)(f[0] | f[1] << 1 | f[2] << 2 | f[3] << 3 | f[4] << 4 | f[5] << 5 | f[6] << 6 |
+                                f[7] << 7);
         }
     } else {
         for (int j = 0; j < n; j++) {

@@ -136,7 +136,7 @@ def test_a_4bit_perturbation_moves_a_code_one_level_at_most_and_its_bits_take_it
     """What lets a 4-bit restore run from one bit a value instead of a copy of the codes: every value moves
     at most one level, in the direction of eps z, its bit set exactly where it moved; a code that is not its
     level's own (FP4's -0) never moves; the restore gives every code back, also at an eps large enough that
-    most targets lie past the next level (those values stay)."""
+    most targets lie past the next level (those values move to it, their perturbation clipped)."""
     from zobench.methods.quzo import CodeTrainable, _unpack
     from zobench.quant.codes import code_layers
 
@@ -145,6 +145,7 @@ def test_a_4bit_perturbation_moves_a_code_one_level_at_most_and_its_bits_take_it
     assert [m.numel() for m in trainable.moved] == [(layer.numel + 7) // 8 for layer in trainable.layers]
     odd = [code_of[rank[b]] != b for b, (_, rank, code_of) in zip(before, trainable.grids)]
     assert (sum(int(o.sum()) for o in odd) > 0) == (quant == "fp4")  # FP4's -0 codes are there to test
+    counts = []
     for seed, eps in ((21, 1e-3), (22, 3e-2), (22, -3e-2)):
         trainable.apply(seed, eps)
         moved = 0
@@ -158,9 +159,11 @@ def test_a_4bit_perturbation_moves_a_code_one_level_at_most_and_its_bits_take_it
             assert torch.equal(step[changed], way[changed])  # one level, the way of eps z
             assert not changed[odd[k]].any()
             moved += int(changed.sum())
-        assert moved > 0
+        counts.append(moved)
         trainable.restore()
         assert all(torch.equal(layer.read(0, layer.numel), b) for layer, b in zip(trainable.layers, before))
+    total = sum(layer.numel for layer in trainable.layers)
+    assert 0 < counts[0] < counts[1] and counts[1] > total / 2  # a large eps moves most values (clipped)
 
 
 @pytest.mark.parametrize("quant", ["int8", "fp4"])

@@ -454,6 +454,7 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
     uint8_t flag[TILE];  /* perturb: the value moved; restore: it moved in the pending perturbation */
     double level_of[16], lim_up[16], lim_down[16];  /* per code: the next level up / down */
     int32_t back_up[16], back_down[16], own[16];  /* per code: the code one level down / up; its level's own? */
+    int32_t rank_up[16], rank_down[16];           /* per code: the rank one level up / down (the grid's ends kept) */
     const double *lv = P->levels;
     int L = P->nlevels;
     int64_t j0 = g - P->offset;  /* a multiple of 8 (the caller's check): no byte of codes or bits is shared */
@@ -469,6 +470,8 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
         back_up[c] = code_of[r > 0 ? r - 1 : 0];         /* where a value that moved up came from */
         back_down[c] = code_of[r + 1 < L ? r + 1 : L - 1];
         own[c] = code_of[r] == c;
+        rank_up[c] = r + 1 < L ? r + 1 : L - 1;
+        rank_down[c] = r > 0 ? r - 1 : 0;
     }
     const uint8_t *bytes = P->packed + (j0 >> 1);
     for (int p = 0; p < n / 2; p++) {
@@ -529,11 +532,11 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
         x[j] = v < lo_end ? lo_end : (v > hi_end ? hi_end : v);
         hi[j] = 0;
     }
-    if (P->mode == GRID_PERTURB)  /* the target within one level of the code's, and the code its level's own */
+    if (P->mode == GRID_PERTURB)  /* the target within the next level the way it moves */
         for (int j = 0; j < n; j++) {
             int c = code[j], up = d[j] > 0;  /* bitwise, not branches: the signs are random */
             double above = x[j] - lim_up[c], below = x[j] - lim_down[c];
-            flag[j] = (uint8_t)(own[c] & ((up & (above <= 0)) | (!up & (below >= 0))));
+            flag[j] = (uint8_t)((up & (above <= 0)) | (!up & (below >= 0)));
         }
     for (int k = 0; k < L; k++) {  /* searchsorted(right=True): how many levels are <= x */
         double l = lv[k];
@@ -551,7 +554,9 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
         for (int j = 0; j < n; j++) hi[j] += x[j] >= 0.5;
     if (P->mode == GRID_PERTURB) {
         for (int j = 0; j < n; j++) {
-            int c = code[j], moved = (int)hi[j], go = flag[j] & (moved != rank[c]);
+            int c = code[j], up = d[j] > 0, f = flag[j];  /* past the next level: clipped to it */
+            int moved = f * (int)hi[j] + (1 - f) * (up * rank_up[c] + (1 - up) * rank_down[c]);
+            int go = own[c] & (moved != rank[c]);
             flag[j] = (uint8_t)go;
             code[j] = go ? code_of[moved] : c;
         }
@@ -579,10 +584,10 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
  * x = level(code) + delta / absmax, rounded onto the levels: stochastically with u(noise_seed) (1 - u when
  * antithetic), else to the nearest (ties up); a code whose level does not change keeps its code. A
  * perturbation moves a value at most one level, so that it can be taken back from one bit: a value whose x
- * lies beyond the next level in its move's direction (a block of tiny absmax), or whose code is not its
- * level's own (FP4's -0), is left unperturbed; the values that moved get their bit in moved[] (the others
- * 0), and the restore moves them one level back against the sign of their delta, to exactly the code they
- * had. With `restore` (modes 0 and 2) the pending perturbation R (seed r_seed, signed eps r_coef, its bits
+ * lies beyond the next level in its move's direction (a block of tiny absmax) moves to that level (its
+ * perturbation clipped), one whose code is not its level's own (FP4's -0) is left unperturbed; the values
+ * that moved get their bit in moved[] (the others 0), and the restore moves them one level back against the
+ * sign of their delta, to exactly the code they had. With `restore` (modes 0 and 2) the pending perturbation R (seed r_seed, signed eps r_coef, its bits
  * in moved[]) is taken back first, in the same pass, z drawn once where R shares the first term's seed.
  * Every operation is the one quzo.py's torch path does, in the same order, in float64 (terms after the
  * first fused as torch's add(alpha) fuses them). */

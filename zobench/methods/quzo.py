@@ -223,10 +223,9 @@ class CodeTrainable(Trainable):
         moved = round_to_levels(target, levels, noise)
         if not perturb:
             return torch.where(moved == r, codes, code_of[moved])
-        x, top, up = target.clamp(levels[0], levels[-1]), levels.numel() - 1, delta > 0
-        next_level = torch.where(up, (r + 1).clamp(max=top), (r - 1).clamp(min=0))
-        within = torch.where(up, x <= levels[next_level], x >= levels[next_level])
-        moved = torch.where(within, moved, next_level)  # past the next level: clipped to it
+        # one level at most: a target past the next level rounds onto it or beyond, so clamping the rounded
+        # level clips the target to the next level (and leaves a move within it alone)
+        moved = torch.minimum(torch.maximum(moved, (r - 1).clamp(min=0)), (r + 1).clamp(max=levels.numel() - 1))
         go = (code_of[r] == codes) & (moved != r)
         _pack(go, self.moved[k], start)
         return torch.where(go, code_of[moved], codes)

@@ -452,7 +452,7 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
     int32_t code[TILE], rank[16], code_of[16];
     int64_t hi[TILE];  /* 64-bit, as the compares' masks: the level count needs no repacking */
     uint8_t flag[TILE];  /* perturb: the value moved; restore: it moved in the pending perturbation */
-    double level_of[16], lim_up[16], lim_down[16];  /* per code: the next level up / down */
+    double level_of[16];
     int32_t back_up[16], back_down[16], own[16];  /* per code: the code one level down / up; its level's own? */
     int32_t rank_up[16], rank_down[16];           /* per code: the rank one level up / down (the grid's ends kept) */
     const double *lv = P->levels;
@@ -465,8 +465,6 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
     for (int k = 0; k < L; k++) code_of[k] = (int32_t)P->code_of[k];
     for (int c = 0; c < 16; c++) {  /* branch-free lookups in the loops below (the signs of z are random) */
         int r = rank[c] < L ? rank[c] : L - 1;
-        lim_up[c] = lv[r + 1 < L ? r + 1 : L - 1];
-        lim_down[c] = lv[r > 0 ? r - 1 : 0];
         back_up[c] = code_of[r > 0 ? r - 1 : 0];         /* where a value that moved up came from */
         back_down[c] = code_of[r + 1 < L ? r + 1 : L - 1];
         own[c] = code_of[r] == c;
@@ -532,12 +530,6 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
         x[j] = v < lo_end ? lo_end : (v > hi_end ? hi_end : v);
         hi[j] = 0;
     }
-    if (P->mode == GRID_PERTURB)  /* the target within the next level the way it moves */
-        for (int j = 0; j < n; j++) {
-            int c = code[j], up = d[j] > 0;  /* bitwise, not branches: the signs are random */
-            double above = x[j] - lim_up[c], below = x[j] - lim_down[c];
-            flag[j] = (uint8_t)((up & (above <= 0)) | (!up & (below >= 0)));
-        }
     for (int k = 0; k < L; k++) {  /* searchsorted(right=True): how many levels are <= x */
         double l = lv[k];
         for (int j = 0; j < n; j++) hi[j] += l <= x[j];
@@ -554,9 +546,10 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
         for (int j = 0; j < n; j++) hi[j] += x[j] >= 0.5;
     if (P->mode == GRID_PERTURB) {
         for (int j = 0; j < n; j++) {
-            int c = code[j], up = d[j] > 0, f = flag[j];  /* past the next level: clipped to it */
-            int moved = f * (int)hi[j] + (1 - f) * (up * rank_up[c] + (1 - up) * rank_down[c]);
-            int go = own[c] & (moved != rank[c]);
+            /* one level at most: a target past the next level rounds onto it or beyond, so clamping the
+             * rounded level is clipping the target to the next level (and leaves a move within it alone) */
+            int c = code[j], m = (int)hi[j], lo = rank_down[c], up = rank_up[c];
+            int moved = m < lo ? lo : (m > up ? up : m), go = own[c] & (moved != rank[c]);
             flag[j] = (uint8_t)go;
             code[j] = go ? code_of[moved] : c;
         }

@@ -392,3 +392,27 @@ def test_quzo_cells_run_end_to_end_in_a_tiny_suite(tmp_path):
         m = rec.metrics
         assert m.get("trainable_numel") == 73728 and m.get("restore_drift_frac_changed") == 0.0
         assert len(m.get("loss_curve")) == 3 and "peak_mib" in rec.estimate
+
+
+def test_the_c_4bit_pass_restores_a_layer_of_odd_length_at_an_unaligned_offset():
+    """A layer whose length is not a whole number of bytes of bits (n = 2,053) starting mid-tile (offset
+    8 x 37): the last byte's padding and a tile that starts inside a byte of codes come back exactly."""
+    from zobench.zo import fused
+
+    if fused.path() != fused.C_PATH:
+        pytest.skip("the C library is not built here")
+    n, offset = 2053, 8 * 37
+    gen = torch.Generator().manual_seed(0)
+    packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, generator=gen)
+    absmax = torch.rand((n + 63) // 64, generator=gen) * 0.1 + 1e-3
+    grid = (torch.linspace(-1, 1, 16, dtype=torch.float64), torch.arange(16), torch.arange(16))
+    bits = torch.zeros((n + 7) // 8, dtype=torch.uint8)
+    before = packed.clone()
+    assert fused.c_grid4(packed, n, offset, absmax, 64, grid, "rademacher", [(5, 2e-2)], "perturb", bits,
+                         noise_seed=9)
+    nibbles = lambda p: torch.stack([p >> 4, p & 15], 1).view(-1)[:n]  # noqa: E731
+    changed = nibbles(packed) != nibbles(before)
+    flags = ((bits.view(-1, 1) >> torch.arange(8)) & 1).view(-1)
+    assert changed.any() and torch.equal(flags[:n].bool(), changed) and not flags[n:].any()
+    assert fused.c_grid4(packed, n, offset, absmax, 64, grid, "rademacher", [(5, 2e-2)], "restore", bits)
+    assert torch.equal(nibbles(packed), nibbles(before))

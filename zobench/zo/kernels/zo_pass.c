@@ -407,36 +407,6 @@ static void levels_plus(const double *level_of, const int32_t *code, const doubl
     for (; i < e; i++) x[i] = level_of[code[i]] + d[i] / a;
 }
 
-/* From hi[j], how many levels are <= x[j]: the level below (lo = clamp(hi, 1, L - 1) - 1, into hi) and
- * frac = (x - lv[lo]) / (lv[lo + 1] - lv[lo]) (into x). */
-static void fractions(const double *lv, int L, int n, int64_t *hi, double *x)
-{
-    int j = 0;
-#ifdef __AVX2__
-    __m256i one = _mm256_set1_epi64x(1), top = _mm256_set1_epi64x(L - 1);
-    for (; j + 4 <= n; j += 4) {
-        __m256i h = _mm256_loadu_si256((const __m256i *)(hi + j));  /* 0 .. L: clamp to 1 .. L - 1 */
-        h = _mm256_blendv_epi8(h, one, _mm256_cmpgt_epi64(one, h));
-        h = _mm256_blendv_epi8(h, top, _mm256_cmpgt_epi64(h, top));
-        __m256i lo = _mm256_sub_epi64(h, one);
-        __m256d base = _mm256_i64gather_pd(lv, lo, 8), next = _mm256_i64gather_pd(lv, h, 8);
-        __m256d frac = _mm256_div_pd(_mm256_sub_pd(_mm256_loadu_pd(x + j), base), _mm256_sub_pd(next, base));
-        _mm256_storeu_si256((__m256i *)(hi + j), lo);
-        _mm256_storeu_pd(x + j, frac);
-    }
-#endif
-    for (; j < n; j++) {
-        int64_t h = hi[j] < 1 ? 1 : (hi[j] > L - 1 ? L - 1 : hi[j]);
-        int64_t lo = h - 1;
-        double base = lv[lo];
-        hi[j] = lo;
-        x[j] = (x[j] - base) / (lv[h] - base);
-    }
-}
-
-/* One tile in simple loops over its values (each vectorises: gathers from the 16-entry tables, the level
- * search as a count over the levels, the block's absmax constant over its run of values), the same
- * operations per value as the torch path. */
 /* Write a tile's codes back, packed two a byte (high nibble first). */
 static void pack_codes(uint8_t *out, const int32_t *code, int n)
 {
@@ -445,6 +415,8 @@ static void pack_codes(uint8_t *out, const int32_t *code, int n)
         out[n >> 1] = (uint8_t)((out[n >> 1] & 15) | code[n - 1] << 4);
 }
 
+/* One tile in simple loops over its values (most vectorise: gathers from the per-code tables, the block's
+ * absmax constant over its run of values), the same operations per value as the torch path. */
 static void grid4_tile(const struct grid4 *P, int64_t g, int n)
 {
     float z[TILE], zr[TILE], u[TILE];
@@ -454,7 +426,12 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
     uint8_t flag[TILE];  /* perturb: the value moved; restore: it moved in the pending perturbation */
     double level_of[16];
     int32_t back_up[16], back_down[16], own[16];  /* per code: the code one level down / up; its level's own? */
-    int32_t rank_up[16], rank_down[16];           /* per code: the rank one level up / down (the grid's ends kept) */
+    /* A perturbation's interval, per code c and way (index c + 16 * (delta > 0)): its lower level's rank, that
+     * level and the gap to the next, the interval the level search finds for any target within a level of
+     * the code's (at a target past the next level its fraction passes 0 or 1, which rounds onto that level:
+     * the one-level clip); the grid's end levels take the interval below or above them, as the search does */
+    double base_of[32], gap_of[32];
+    int64_t lo_of[32];
     const double *lv = P->levels;
     int L = P->nlevels;
     int64_t j0 = g - P->offset;  /* a multiple of 8 (the caller's check): no byte of codes or bits is shared */
@@ -468,8 +445,13 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
         back_up[c] = code_of[r > 0 ? r - 1 : 0];         /* where a value that moved up came from */
         back_down[c] = code_of[r + 1 < L ? r + 1 : L - 1];
         own[c] = code_of[r] == c;
-        rank_up[c] = r + 1 < L ? r + 1 : L - 1;
-        rank_down[c] = r > 0 ? r - 1 : 0;
+        int lo_down = r > 0 ? r - 1 : 0, lo_up = r < L - 1 ? r : L - 2;
+        lo_of[c] = lo_down;
+        lo_of[c + 16] = lo_up;
+        base_of[c] = lv[lo_down];
+        base_of[c + 16] = lv[lo_up];
+        gap_of[c] = lv[lo_down + 1] - lv[lo_down];
+        gap_of[c + 16] = lv[lo_up + 1] - lv[lo_up];
     }
     const uint8_t *bytes = P->packed + (j0 >> 1);
     for (int p = 0; p < n / 2; p++) {
@@ -484,7 +466,8 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
         uint64_t rs = P->mode == GRID_RESTORE ? P->seeds[0] : P->r_seed;
         double rc = P->mode == GRID_RESTORE ? P->coefs[0] : P->r_coef;
         z_tile(P->direction, rs, g, n, zr);
-        for (int j = 0; j < n; j++) flag[j] = bits[j >> 3] >> (j & 7) & 1;
+        for (int b = 0; b < (n + 7) >> 3; b++)  /* a short last tile reads its last byte's padding too */
+            for (int k = 0; k < 8; k++) flag[8 * b + k] = bits[b] >> k & 1;
         for (int j = 0; j < n; j++) {
             int c = code[j], up = (double)zr[j] * rc > 0, f = flag[j];  /* arithmetic, not branches */
             code[j] = (1 - f) * c + f * (up * back_up[c] + (1 - up) * back_down[c]);
@@ -528,28 +511,44 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
     for (int j = 0; j < n; j++) {
         double v = x[j];
         x[j] = v < lo_end ? lo_end : (v > hi_end ? hi_end : v);
-        hi[j] = 0;
     }
-    for (int k = 0; k < L; k++) {  /* searchsorted(right=True): how many levels are <= x */
-        double l = lv[k];
-        for (int j = 0; j < n; j++) hi[j] += l <= x[j];
+    /* The interval between the code's level and the next one the way of its delta, from the tables: the one
+     * the level search finds for a target within it (the same fraction, the same operations). A target past
+     * it: a perturbation clips it to the next level (a fraction past 0 or 1 rounds onto that level); an
+     * update, whose moves are not bounded, searches the levels for it, value by value (rare: a move of more
+     * than a level). */
+    double target[TILE];
+    memcpy(target, x, (size_t)n * sizeof *x);
+    for (int j = 0; j < n; j++) hi[j] = code[j];  /* 64-bit indices: the loop below gathers 4 a time */
+    for (int j = 0; j < n; j++) hi[j] += d[j] > 0 ? 16 : 0;
+    for (int j = 0; j < n; j++) {
+        int64_t i = hi[j];
+        x[j] = (x[j] - base_of[i]) / gap_of[i];
+        hi[j] = lo_of[i];
     }
+    if (P->mode != GRID_PERTURB)
+        for (int j = 0; j < n; j++) {
+            if (x[j] >= 0 && x[j] <= 1)
+                continue;
+            int64_t h = 0;  /* searchsorted(right=True), then the level below and the fraction, as fractions() */
+            for (int k = 0; k < L; k++) h += lv[k] <= target[j];
+            h = h < 1 ? 1 : (h > L - 1 ? L - 1 : h);
+            hi[j] = h - 1;
+            x[j] = (target[j] - lv[h - 1]) / (lv[h] - lv[h - 1]);
+        }
     if (P->stochastic) {
         uniform_tile(P->noise_seed, g, n, u);
         if (P->antithetic)
             for (int j = 0; j < n; j++) u[j] = 1.0f - u[j];
     }
-    fractions(lv, L, n, hi, x);  /* hi: the level below (then the level moved to), x: how far to the next */
     if (P->stochastic)
         for (int j = 0; j < n; j++) hi[j] += (double)u[j] < x[j];
     else
         for (int j = 0; j < n; j++) hi[j] += x[j] >= 0.5;
     if (P->mode == GRID_PERTURB) {
         for (int j = 0; j < n; j++) {
-            /* one level at most: a target past the next level rounds onto it or beyond, so clamping the
-             * rounded level is clipping the target to the next level (and leaves a move within it alone) */
-            int c = code[j], m = (int)hi[j], lo = rank_down[c], up = rank_up[c];
-            int moved = m < lo ? lo : (m > up ? up : m), go = own[c] & (moved != rank[c]);
+            /* one level at most (the interval above): a target past the next level is clipped to it */
+            int c = code[j], moved = (int)hi[j], go = own[c] & (moved != rank[c]);
             flag[j] = (uint8_t)go;
             code[j] = go ? code_of[moved] : c;
         }

@@ -137,7 +137,7 @@ def test_a_4bit_perturbation_moves_a_code_one_level_at_most_and_its_bits_take_it
     at most one level, in the direction of eps z, its bit set exactly where it moved; a code that is not its
     level's own (FP4's -0) never moves; the restore gives every code back, also at an eps large enough that
     most targets lie past the next level (those values move to it, their perturbation clipped)."""
-    from zobench.methods.quzo import CodeTrainable, _unpack
+    from zobench.methods.quzo import CodeTrainable, _get_bits
     from zobench.quant.codes import code_layers
 
     trainable = CodeTrainable(code_layers(_quantized(quant)), direction)
@@ -153,7 +153,7 @@ def test_a_4bit_perturbation_moves_a_code_one_level_at_most_and_its_bits_take_it
             _, rank, _ = trainable.grids[k]
             now = layer.read(0, layer.numel)
             changed = now != before[k]
-            assert torch.equal(changed, _unpack(trainable.moved[k], 0, layer.numel))
+            assert torch.equal(changed, _get_bits(trainable.moved[k], 0, layer.numel))
             step = rank[now] - rank[before[k]]
             way = torch.sign(trainable._z(seed, trainable.offsets[k], layer.numel, now.device) * eps).long()
             assert torch.equal(step[changed], way[changed])  # one level, the way of eps z
@@ -295,7 +295,7 @@ def test_quzo_is_refused_at_validation_where_it_does_not_apply(settings, key):
     CellConfig.from_dict({"method": "quzo", "quant": "fp4", "rounding": "nearest"}, where="s.yaml")
 
 
-def test_price_holds_a_bit_per_4bit_code_and_only_edge_positions_for_int8():
+def test_price_holds_a_bit_per_code_and_the_int8_edge_positions():
     from zobench.analysis.estimate import estimate_cell
 
     est = {q: estimate_cell(CellConfig.from_dict({"model": "random:tiny-llama", "method": "quzo", "quant": q,
@@ -304,7 +304,7 @@ def test_price_holds_a_bit_per_4bit_code_and_only_edge_positions_for_int8():
     numel = est["nf4"]["linear_numel"]  # the tiny model's block linears: all of them trained
     held = {q: e["breakdown"]["trainable_mib"] * 2**20 for q, e in est.items()}
     assert held["nf4"] == pytest.approx(numel / 8, abs=2**20 / 1000)  # a bit a code: where it moved
-    assert 0 < held["int8"] < numel / 4  # the edge positions of a few codes a row: no copy of the codes
+    assert held["nf4"] < held["int8"] < numel  # a bit a code (how it rounded) and a few edge positions a row: no copy
     assert est["int8"]["trainable_numel"] == est["nf4"]["trainable_numel"] == numel
 
 

@@ -20,9 +20,11 @@ trajectory like MeZO's.
 Restoring W after the two forwards:
 
     int8   the grid is uniform, so a perturbation is a whole number of steps d that does not depend on the
-           code: restoring subtracts d, redrawn from the seed (no copy). A code that +d or -d would push out
-           of [-127, 127] (a row's absmax code always sits at the edge) is left unperturbed, and the
-           positions of those few are kept until the restore.
+           code: restoring subtracts d, its fraction redrawn from the seed and its rounding from one bit per
+           value kept by the perturbation (whether d rounded up: the restore draws no noise, and an eighth
+           of a byte per weight is held during the forwards). A code that +d or -d would push out of
+           [-127, 127] (a row's absmax code always sits at the edge) is left unperturbed, and the positions
+           of those few are kept until the restore.
     4-bit  NF4 / FP4 levels are not evenly spaced, and two codes can round to the same perturbed code, so
            the perturbed codes alone do not determine the base. A perturbation moves a value at most one
            level, in the direction of its delta (whose sign comes back from the seed), and keeps one bit per
@@ -84,6 +86,10 @@ class CodeTrainable(Trainable):
         self.moved = [torch.zeros((layer.numel + 7) // 8, dtype=torch.uint8, device=layer.codes.device)
                       if layer.kind == "4bit" else None for layer in layers]
         self.four_bit = {k for k, layer in enumerate(layers) if layer.kind == "4bit"}
+        # int8: one bit a value, whether the pending perturbation's step rounded up (its restore needs no noise),
+        # value v at bit v + offset % 8 (so that the C passes' tiles, aligned on global indices, own their bytes)
+        self.ups = [torch.zeros((layer.numel + off % 8 + 7) // 8, dtype=torch.uint8, device=layer.codes.device)
+                    if layer.kind == "int8" else None for layer, off in zip(layers, self.offsets)]
         self.initial = None  # the codes at the start, on disk (``keep_initial``)
 
     def _chunks(self, skip=(), only=None):
@@ -102,12 +108,19 @@ class CodeTrainable(Trainable):
         return fused.fill_z(torch.empty(n, device=device), at, self.direction, seed).double()
 
     # -- the perturbation and its restore ---------------------------------------------------------------
-    def _int8_steps(self, layer, start, stop, at, seed, scale) -> torch.Tensor:
-        """The perturbation of int8 values ``start`` .. ``stop - 1`` in whole steps, before the range check."""
+    def _int8_x(self, layer, start, stop, at, seed, scale) -> torch.Tensor:
+        """The perturbation of int8 values ``start`` .. ``stop - 1`` in (fractional) steps."""
         step = layer.scale(start, stop)
-        x = torch.where(step > 0, scale * self._z(seed, at, stop - start, step.device) / step, 0.0)
-        noise = self._noise(seed, "perturb", at, stop - start, step.device)
-        return round_offset(x, noise if noise is None or scale > 0 else 1 - noise)
+        return torch.where(step > 0, scale * self._z(seed, at, stop - start, step.device) / step, 0.0)
+
+    def _int8_steps(self, k, layer, start, stop, at, seed, scale) -> torch.Tensor:
+        """The perturbation of int8 values ``start`` .. ``stop - 1`` in whole steps, before the range check;
+        whether each rounded up goes to the layer's bits (``self.ups``)."""
+        x = self._int8_x(layer, start, stop, at, seed, scale)
+        noise = self._noise(seed, "perturb", at, stop - start, x.device)
+        d = round_offset(x, noise if noise is None or scale > 0 else 1 - noise)
+        _put_bits(self.ups[k], start + self.offsets[k] % 8, d != torch.floor(x).long())
+        return d
 
     @torch.no_grad()
     def apply(self, seed: int, scale: float) -> None:
@@ -123,7 +136,7 @@ class CodeTrainable(Trainable):
                 skipped[k].append(keep.nonzero().view(-1) + start)
             elif layer.kind == "int8":
                 codes = layer.read(start, stop)
-                d = self._int8_steps(layer, start, stop, at, seed, scale)
+                d = self._int8_steps(k, layer, start, stop, at, seed, scale)
                 keep = ((codes + d).abs() > INT8_MAX) | ((codes - d).abs() > INT8_MAX)
                 layer.write(start, stop, codes + d.masked_fill_(keep, 0))
                 skipped[k].append(keep.nonzero().view(-1) + start)
@@ -153,11 +166,11 @@ class CodeTrainable(Trainable):
             skipped = self.skipped[k]
             mine = skipped[(skipped >= start) & (skipped < stop)] - start
             if fused.c_ready(layer.codes):
-                self._c_int8(k, layer, start, stop, [(self._seed, self._scale)], "restore",
-                             noise_seed(self._seed, "perturb"), antithetic=self._scale < 0,
+                self._c_int8(k, layer, start, stop, [(self._seed, self._scale)], "restore", None,
                              kept=_flags(mine, stop - start))
-            else:
-                d = self._int8_steps(layer, start, stop, at, self._seed, self._scale)
+            else:  # the step the perturbation took: its floor, and up one where its bit says it rounded up
+                x = self._int8_x(layer, start, stop, at, self._seed, self._scale)
+                d = torch.floor(x).long() + _get_bits(self.ups[k], start + self.offsets[k] % 8, stop - start).long()
                 layer.write(start, stop, layer.read(start, stop) - d.index_fill_(0, mine, 0))
         self.skipped = [None] * len(self.layers)
         self._seed, self._scale = None, 0.0
@@ -183,7 +196,7 @@ class CodeTrainable(Trainable):
                 seed, scale = terms[0]
                 up = self._z(seed, at, n, codes.device) * scale > 0
                 back = code_of[(rank[codes] - torch.where(up, 1, -1)).clamp_(0, levels.numel() - 1)]
-                layer.write(start, stop, torch.where(_unpack(self.moved[k], start, n), back, codes))
+                layer.write(start, stop, torch.where(_get_bits(self.moved[k], start, n), back, codes))
                 continue
             est = None
             for seed, coef in terms:
@@ -205,9 +218,10 @@ class CodeTrainable(Trainable):
             seed, scale, skipped = pending
             at = skipped[k_pending]
             kept = _flags(at[(at >= start) & (at < stop)] - start if at is not None else None, stop - start)
-            restore = (seed, scale, noise_seed(seed, "perturb") if self.stochastic else 0, scale < 0)
+            restore = (seed, scale)
         return fused.c_int8(layer.codes.view(-1), start, stop, layer.shape[1], self.offsets[k],
-                            row_scales(layer.module).contiguous(), self.direction, terms, mode, kept=kept, lr=lr,
+                            row_scales(layer.module).contiguous(), self.direction, terms, mode, self.ups[k],
+                            kept=kept, lr=lr,
                             decay_coef=decay_coef, noise_seed=seed_of_noise if self.stochastic else None,
                             antithetic=antithetic, restore=restore)
 
@@ -228,7 +242,7 @@ class CodeTrainable(Trainable):
         # level clips the target to the next level (and leaves a move within it alone)
         moved = torch.minimum(torch.maximum(moved, (r - 1).clamp(min=0)), (r + 1).clamp(max=levels.numel() - 1))
         go = (code_of[r] == codes) & (moved != r)
-        _pack(go, self.moved[k], start)
+        _put_bits(self.moved[k], start, go)
         return torch.where(go, code_of[moved], codes)
 
     # -- the update -------------------------------------------------------------------------------------
@@ -307,20 +321,23 @@ class CodeTrainable(Trainable):
 BIT = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
-def _pack(flags: torch.Tensor, bits: torch.Tensor, start: int) -> None:
-    """Write ``flags`` (bool, one per value from ``start``, a multiple of 8) into ``bits`` (bit v % 8 of byte
-    v // 8 for value v, the C pass's layout)."""
-    n = flags.numel()
-    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8, device=flags.device)
-    padded[:n] = flags
-    bits[start // 8:start // 8 + padded.numel() // 8] = (padded.view(-1, 8) * BIT.to(flags.device)).sum(1,
-                                                                                                 dtype=torch.uint8)
+def _get_bits(bits: torch.Tensor, pos: int, n: int) -> torch.Tensor:
+    """Bits ``pos`` .. ``pos + n - 1`` of ``bits`` (bit p is bit p % 8 of byte p // 8, the C passes' layout),
+    as bools."""
+    first = pos // 8
+    chunk = bits[first:(pos + n + 7) // 8]
+    flat = ((chunk.view(-1, 1) & BIT.to(bits.device)) != 0).view(-1)
+    return flat[pos - 8 * first:pos - 8 * first + n]
 
 
-def _unpack(bits: torch.Tensor, start: int, n: int) -> torch.Tensor:
-    """The ``n`` flags (bool) from value ``start`` (a multiple of 8) that ``_pack`` wrote."""
-    chunk = bits[start // 8:(start + n + 7) // 8]
-    return ((chunk.view(-1, 1) & BIT.to(bits.device)) != 0).view(-1)[:n]
+def _put_bits(bits: torch.Tensor, pos: int, flags: torch.Tensor) -> None:
+    """Write ``flags`` (bool) as bits ``pos`` .. of ``bits``; the other bits of the bytes touched are kept."""
+    n, first = flags.numel(), pos // 8
+    lead = pos - 8 * first
+    nbytes = (lead + n + 7) // 8
+    cur = _get_bits(bits, 8 * first, 8 * nbytes).to(torch.uint8)
+    cur[lead:lead + n] = flags
+    bits[first:first + nbytes] = (cur.view(-1, 8) * BIT.to(bits.device)).sum(1, dtype=torch.uint8)
 
 
 def _flags(positions: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -347,9 +364,8 @@ class QuZO(Method):
     def price(self, inputs: PriceInputs) -> Price:
         cfg, arch = inputs.cfg, inputs.arch
         nnz = sum(inputs.scope_sizes)
-        if cfg.quant == "int8":  # the few edge positions per row, between a perturbation and its restore
-            held = SKIPPED_PER_ROW * 8 * sum(o for o, _ in arch.linears)
-        else:  # one bit a 4-bit code: where the perturbation moved it
-            held = sum(o * i for o, i in arch.linears) / 8
+        held = sum(o * i for o, i in arch.linears) / 8  # a bit a code: where it moved (4-bit), how it rounded (int8)
+        if cfg.quant == "int8":  # and the few edge positions per row, between a perturbation and its restore
+            held += SKIPPED_PER_ROW * 8 * sum(o for o, _ in arch.linears)
         chunk = min(CHUNK, max(inputs.scope_sizes, default=0))
         return Price(trainable=held, update=chunk * (TEMP_BYTES + 8 * (cfg.q - 1)), nnz=nnz)

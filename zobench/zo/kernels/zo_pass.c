@@ -407,6 +407,37 @@ static void levels_plus(const double *level_of, const int32_t *code, const doubl
     for (; i < e; i++) x[i] = level_of[code[i]] + d[i] / a;
 }
 
+/* Bits b0 .. b0+n-1 of `bits` (bit p is bit p % 8 of byte p / 8) from / into flags[0 .. n-1] (0 or 1). The
+ * bytes a call touches are its own: a partial first or last byte keeps its other bits. */
+static void get_bits(const uint8_t *bits, int64_t b0, int n, uint8_t *flag)
+{
+    int j = 0;
+    for (; j < n && (b0 + j) & 7; j++) flag[j] = bits[(b0 + j) >> 3] >> ((b0 + j) & 7) & 1;
+    for (; j + 8 <= n; j += 8) {
+        uint8_t v = bits[(b0 + j) >> 3];
+        for (int k = 0; k < 8; k++) flag[j + k] = v >> k & 1;
+    }
+    for (; j < n; j++) flag[j] = bits[(b0 + j) >> 3] >> ((b0 + j) & 7) & 1;
+}
+
+static void put_bits(uint8_t *bits, int64_t b0, int n, const uint8_t *flag)
+{
+    int j = 0;
+    for (; j < n && (b0 + j) & 7; j++) {  /* up to the first whole byte */
+        int64_t p = b0 + j;
+        bits[p >> 3] = (uint8_t)((bits[p >> 3] & ~(1u << (p & 7))) | (unsigned)flag[j] << (p & 7));
+    }
+    for (; j + 8 <= n; j += 8) {
+        const uint8_t *f = flag + j;
+        bits[(b0 + j) >> 3] = (uint8_t)(f[0] | f[1] << 1 | f[2] << 2 | f[3] << 3 | f[4] << 4 | f[5] << 5 |
+                                        f[6] << 6 | f[7] << 7);
+    }
+    for (; j < n; j++) {  /* the last, partial byte */
+        int64_t p = b0 + j;
+        bits[p >> 3] = (uint8_t)((bits[p >> 3] & ~(1u << (p & 7))) | (unsigned)flag[j] << (p & 7));
+    }
+}
+
 /* Write a tile's codes back, packed two a byte (high nibble first). */
 static void pack_codes(uint8_t *out, const int32_t *code, int n)
 {
@@ -466,8 +497,7 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
         uint64_t rs = P->mode == GRID_RESTORE ? P->seeds[0] : P->r_seed;
         double rc = P->mode == GRID_RESTORE ? P->coefs[0] : P->r_coef;
         z_tile(P->direction, rs, g, n, zr);
-        for (int b = 0; b < (n + 7) >> 3; b++)  /* a short last tile reads its last byte's padding too */
-            for (int k = 0; k < 8; k++) flag[8 * b + k] = bits[b] >> k & 1;
+        get_bits(bits, 0, n, flag);
         for (int j = 0; j < n; j++) {
             int c = code[j], up = (double)zr[j] * rc > 0, f = flag[j];  /* arithmetic, not branches */
             code[j] = (1 - f) * c + f * (up * back_up[c] + (1 - up) * back_down[c]);
@@ -552,12 +582,7 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
             flag[j] = (uint8_t)go;
             code[j] = go ? code_of[moved] : c;
         }
-        for (int j = n; j < ((n + 7) & ~7); j++) flag[j] = 0;  /* a short last tile: its last byte padded */
-        for (int b = 0; b < (n + 7) >> 3; b++) {
-            const uint8_t *f = flag + 8 * b;
-            bits[b] = (uint8_t)(f[0] | f[1] << 1 | f[2] << 2 | f[3] << 3 | f[4] << 4 | f[5] << 5 | f[6] << 6 |
-                                f[7] << 7);
-        }
+        put_bits(bits, 0, n, flag);
     } else {
         for (int j = 0; j < n; j++) {
             int c = code[j], moved = (int)hi[j];
@@ -605,14 +630,15 @@ void zo_grid4(uint8_t *packed, int64_t n, int64_t offset, const float *absmax, i
 /* QuZO on int8 codes (one step per code, the row's unit SCB[row] / 127), values j0 .. j0+n-1 of a layer of
  * `cols` columns whose value 0 has global index `offset` (z and noise are keyed by global index), in place:
  *   mode 0, perturb: x = coefs[0] z / unit, d = round(x); a code that +d or -d would push out of [-127, 127]
- *                    keeps its value and is flagged in kept[j - j0] (else 0)
- *   mode 1, restore: the same d subtracted, except where kept[] flags it
+ *                    keeps its value and is flagged in kept[j - j0] (else 0); whether d rounded up
+ *                    (d - floor(x)) goes to the layer's bits `ups` (value v at bit v + offset % 8)
+ *   mode 1, restore: the same d, floor(x) + its bit, subtracted, except where kept[] flags it (no noise)
  *   mode 2, update:  x = (-lr sum_t coefs[t] z_t [- decay_coef code unit]) / unit, code = clamp(code + round(x))
  * round: floor(x) + (u < x - floor(x)) with u(noise_seed) (1 - u when antithetic), or to the nearest (ties
- * up); x = 0 where unit is 0. With `restore` (modes 0 and 2), the pending perturbation R (its seed, signed
- * eps, noise seed, antithetic flag; kept[] its flags) is first restored in the same pass, as mode 1 would:
- * one pass where two would read and write every code, and z and u drawn once where R shares them. The torch
- * path's operations, in the same order, in float64. */
+ * up); x = 0 where unit is 0. With `restore` (modes 0 and 2), the pending perturbation R (its seed and signed
+ * eps; kept[] its flags, ups its bits) is first restored in the same pass, as mode 1 would: one pass where
+ * two would read and write every code, z drawn once where R shares the first term's seed, and no noise drawn
+ * for R (its bits say how it rounded). The torch path's operations, in the same order, in float64. */
 struct int8pass {
     int8_t *codes;
     uint8_t *kept;
@@ -623,9 +649,10 @@ struct int8pass {
     const double *coefs;
     double lr, decay_coef;
     uint64_t noise_seed;
-    int restore, r_antithetic;
-    uint64_t r_seed, r_noise_seed;
+    int restore;
+    uint64_t r_seed;
     double r_coef;
+    uint8_t *ups;  /* the layer's bits: whether the perturbation of value v rounded up, at bit v + offset % 8 */
 };
 
 /* round(x) onto whole steps: stochastically with u, else to the nearest. */
@@ -637,9 +664,11 @@ static inline int64_t round_step(double x, float u, int stochastic)
 
 static void int8_tile(const struct int8pass *P, int64_t g, int n)
 {
-    float z0[TILE], z[TILE], u[TILE], ur[TILE], um[TILE];
+    float z0[TILE], z[TILE], u[TILE], um[TILE];
     double est[TILE];
+    uint8_t up[TILE];  /* restore: the pending perturbation's rounding (read); perturb: this one's (written) */
     int64_t local = g - P->offset;  /* the layer's value index of g */
+    int64_t b0 = local + (P->offset & 7);  /* its bit in ups: tiles after a layer's first start on a byte */
     z_tile(P->direction, P->seeds[0], g, n, z0);
     for (int j = 0; j < n; j++) est[j] = (double)z0[j] * P->coefs[0];
     for (int t = 1; t < P->nterms; t++) {
@@ -653,17 +682,12 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
         z_tile(P->direction, P->r_seed, g, n, z);
         zr = z;
     }
-    if (P->stochastic) {
+    if (P->stochastic && P->mode != 1) {
         uniform_tile(P->noise_seed, g, n, u);
         for (int j = 0; j < n; j++) um[j] = P->antithetic ? 1.0f - u[j] : u[j];
-        if (restoring) {
-            uint64_t rs = P->mode == 1 ? P->noise_seed : P->r_noise_seed;
-            int ra = P->mode == 1 ? P->antithetic : P->r_antithetic;
-            if (rs != P->noise_seed)
-                uniform_tile(rs, g, n, u);
-            for (int j = 0; j < n; j++) ur[j] = ra ? 1.0f - u[j] : u[j];
-        }
     }
+    if (restoring)
+        get_bits(P->ups, b0, n, up);
     double r_coef = P->mode == 1 ? P->coefs[0] : P->r_coef;
     int8_t *codes = P->codes + local;
     uint8_t *kept = P->kept ? P->kept + (local - P->j0) : NULL;  /* NULL for an update with nothing to restore */
@@ -675,7 +699,7 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
             int64_t c = codes[i];
             if (restoring) {
                 double xr = unit > 0 ? ((double)zr[i] * r_coef) / unit : 0.0;
-                int64_t dr = round_step(xr, P->stochastic ? ur[i] : 0.0f, P->stochastic);
+                int64_t dr = (int64_t)floor(xr) + up[i];  /* the perturbation's step, from its rounding bit */
                 c = kept[i] ? c : c - dr;
                 if (P->mode == 1) {
                     codes[i] = (int8_t)c;
@@ -683,8 +707,9 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
                 }
             }
             if (P->mode == 0) {
-                int64_t d = round_step(unit > 0 ? est[i] / unit : 0.0, P->stochastic ? um[i] : 0.0f,
-                                       P->stochastic);
+                double x = unit > 0 ? est[i] / unit : 0.0;
+                int64_t d = round_step(x, P->stochastic ? um[i] : 0.0f, P->stochastic);
+                up[i] = (uint8_t)(d - (int64_t)floor(x));
                 int keep = llabs(c + d) > 127 || llabs(c - d) > 127;
                 kept[i] = (uint8_t)keep;
                 codes[i] = (int8_t)(keep ? c : c + d);
@@ -699,17 +724,17 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
         }
         j = e;
     }
+    if (P->mode == 0)
+        put_bits(P->ups, b0, n, up);
 }
 
 void zo_int8(int8_t *codes, int64_t j0, int64_t n, int64_t cols, int64_t offset, const float *scb,
              int direction, const uint64_t *seeds, const double *coefs, int nterms, int mode, double lr,
              int has_decay, double decay_coef, int stochastic, uint64_t noise_seed, int antithetic,
-             uint8_t *kept, int restore, uint64_t r_seed, double r_coef, uint64_t r_noise_seed, int r_antithetic,
-             int nthreads)
+             uint8_t *kept, int restore, uint64_t r_seed, double r_coef, uint8_t *ups, int nthreads)
 {
     struct int8pass P = {codes, kept, j0, cols, offset, scb, direction, nterms, mode, has_decay, stochastic,
-                         antithetic, seeds, coefs, lr, decay_coef, noise_seed, restore, r_antithetic, r_seed,
-                         r_noise_seed, r_coef};
+                         antithetic, seeds, coefs, lr, decay_coef, noise_seed, restore, r_seed, r_coef, ups};
     if (n <= 0 || nterms < 1)
         return;
     int64_t start = offset + j0, first = start / TILE, end = (start + n + TILE - 1) / TILE;

@@ -416,3 +416,41 @@ def test_the_c_4bit_pass_restores_a_layer_of_odd_length_at_an_unaligned_offset()
     assert changed.any() and torch.equal(flags[:n].bool(), changed) and not flags[n:].any()
     assert fused.c_grid4(packed, n, offset, absmax, 64, grid, "rademacher", [(5, 2e-2)], "restore", bits)
     assert torch.equal(nibbles(packed), nibbles(before))
+
+
+@pytest.mark.parametrize("pos, n", [(0, 16), (3, 13), (5, 2), (8, 21), (7, 1)])
+def test_bits_written_at_any_position_read_back_and_leave_their_neighbours(pos, n):
+    """The torch path's bit layout (an int8 layer's bits start at offset % 8): a write touches only its bits."""
+    from zobench.methods.quzo import _get_bits, _put_bits
+
+    gen = torch.Generator().manual_seed(pos * 100 + n)
+    bits = torch.randint(0, 256, (6,), dtype=torch.uint8, generator=gen)
+    before = _get_bits(bits, 0, 48).clone()
+    flags = torch.rand(n, generator=gen) < 0.5
+    _put_bits(bits, pos, flags)
+    after = _get_bits(bits, 0, 48)
+    assert torch.equal(after[pos:pos + n], flags)
+    assert torch.equal(after[:pos], before[:pos]) and torch.equal(after[pos + n:], before[pos + n:])
+
+
+def test_the_c_int8_pass_restores_from_its_bits_at_an_offset_inside_a_byte():
+    """An int8 layer whose first value has global index 43 (its bits start at bit 3) and whose values span
+    tiles: a perturbation (eps a few steps, stochastic) and its restore, which draws no noise, give every
+    code back; the bits say which steps rounded up."""
+    from zobench.zo import fused
+
+    codes = torch.randint(-100, 101, (3001,), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    if not fused.c_ready(codes):
+        pytest.skip("the C library is not built here")
+    cols, offset = 61, 43
+    scb = torch.rand((codes.numel() + cols - 1) // cols, generator=torch.Generator().manual_seed(2)) + 0.5
+    ups = torch.zeros((codes.numel() + offset % 8 + 7) // 8, dtype=torch.uint8)
+    before = codes.clone()
+    eps = 2.7 * float(scb.max()) / 127  # a few steps
+    kept = fused.c_int8(codes, 0, codes.numel(), cols, offset, scb, "rademacher", [(4, eps)], "perturb", ups,
+                        noise_seed=11)
+    assert not torch.equal(codes, before)
+    up = ((ups.view(-1, 1) >> torch.arange(8)) & 1).view(-1)[offset % 8:offset % 8 + codes.numel()]
+    assert 0 < int(up.sum()) < codes.numel()  # some steps rounded up, some down
+    fused.c_int8(codes, 0, codes.numel(), cols, offset, scb, "rademacher", [(4, eps)], "restore", ups, kept=kept)
+    assert torch.equal(codes, before)

@@ -123,7 +123,11 @@ def test_ratios_do_not_depend_on_run_order_or_executor(two_runs):
         # Every training cell gets every ratio, whatever ran first (the pool ran the forward cell last).
         for m in ("full", "random"):
             assert {"step_over_two_forwards", "peak_over_inference"} <= set(d[by[m]].to_dict())
-        assert "speedup_vs_full" in d[by["random"]].to_dict()
+        # and the speed-up against full ZO, unless either cell's step timed below its own two forwards (the
+        # pool runs two tiny cells at once: the report calls such a median a measurement fault and gives
+        # no speed-up from it rather than a wrong one)
+        faults = "fault" in (d[by["random"]].step_timing, d[by["full"]].step_timing)
+        assert ("speedup_vs_full" in d[by["random"]].to_dict()) != faults
         # Any order of the same records derives the same values, and a cell's ratios need only the cell
         # and its references.
         for perm in itertools.permutations(recs):

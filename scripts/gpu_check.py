@@ -189,7 +189,7 @@ def main() -> int:
         if left() < secs:
             print(f"gpu-check: skipped {suite}: {left():.0f} s left, it needs ~{secs} s", flush=True)
             continue
-        argv = [sys.executable, "-m", "zobench.cli", "run", str(ROOT / suite), "--out", str(out), "--reports",
+        argv = [sys.executable, "-m", "zobench.cli", "run", suite, "--out", str(out), "--reports",
                 str(args.reports), "--resume", *(["--only", only] if only else [])]
         try:
             w = subprocess.run(argv, cwd=ROOT, timeout=max(secs, left() - PYTEST_S)).returncode

@@ -16,11 +16,14 @@ time, twice:
             batch; each weight's squared gradients summed over the batches in a float32 accumulator,
             handed on, and the block's weights freed.
 
-One block's float weights, their gradients and their accumulators exist at a time. The gradients are the
-whole model's (the same operations on the same values; each block's backward recomputed from its input,
-as activation checkpointing does), so the mask is the one the whole-model pass (``zo.masks``) picks:
-tests/test_layerwise.py holds the scores against it. Architectures: decoder-only models whose decoder has
-``layers`` and ``norm`` and whose head is ``lm_head`` (``supports``); others are drawn whole first.
+One block's float weights, their gradients and their accumulators exist at a time. On a GPU the allocator's
+cache goes back to the driver before each stage and each block's backward (``RETURN_CACHE``): the blocks of a
+stage share shapes, but the running top-k between blocks (``zo.masks.topk_mask``) leaves cached blocks of
+other sizes that the next block cannot reuse, and the card would hold them (bench/mask_memory.py). The
+gradients are the whole model's (the same operations on the same values; each block's backward recomputed from
+its input, as activation checkpointing does), so the mask is the one the whole-model pass (``zo.masks``)
+picks: tests/test_layerwise.py holds the scores against it. Architectures: decoder-only models whose decoder
+has ``layers`` and ``norm`` and whose head is ``lm_head`` (``supports``); others are drawn whole first.
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ import torch
 
 from zobench.errors import UserError
 from zobench.models.stream import Deferred
+
+RETURN_CACHE = True  # on a GPU, hand the allocator's cache back between stages and blocks (module docstring)
+
+
+def _return_cache(device: torch.device) -> None:
+    if RETURN_CACHE and device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class _Captured(Exception):
@@ -114,6 +124,7 @@ def squared_gradients(model: torch.nn.Module, deferred: Deferred, batches: Itera
                 inputs.append([_block(layer, there(h), kw).to(keep) for h, kw in zip(inputs[-1], kwargs)])
                 for name in block_linears[i]:
                     deferred.release(model, name)
+        _return_cache(device)
         grads = []
         for b, (ids, last) in enumerate(zip(batches, inputs.pop())):
             hidden = there(last).detach().requires_grad_(True)
@@ -123,6 +134,7 @@ def squared_gradients(model: torch.nn.Module, deferred: Deferred, batches: Itera
             grads.append(hidden.grad.to(keep))
             del logits
         for i in reversed(range(len(layers))):
+            _return_cache(device)
             layer = layers[i]
             for name in block_linears[i]:
                 deferred.draw(model, name)

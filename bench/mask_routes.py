@@ -13,7 +13,6 @@ two top-k sets, the largest relative difference of any score, and the squared-gr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchio import emit
 
 from zobench.data.calibration import corpus_batches, find_corpus
 from zobench.measure.memory import PeakMemory
@@ -84,10 +84,7 @@ def main() -> None:
         "routes": {r: {"peak_rss_mib": v["peak_rss_mib"], "seconds": v["seconds"]} for r, v in runs.items()},
         "threads": torch.get_num_threads(),
     }
-    print(json.dumps(summary, indent=1))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    emit(summary, args.json)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ In order, stopping cleanly before a step that no longer fits the time left:
   1. ``pytest -m gpu``: per-phase CUDA peaks, the NVML sampler against a known allocation, NF4 on CUDA
      against the CPU (also with merged sparse values), sparse restore bit-exact in fp16/bf16, random 7B
      weights built on the GPU;
-  2. ``bench/sparse_delta.py --device cuda`` at the suite's batch (each way of the dense-and-sparse layer
+  2. ``bench/mask_memory.py`` and ``bench/topk_memory.py`` on the GPU (the mask phase's allocator peaks
+     stage by stage, the global top-k's memory before and now), ``bench/sparse_delta.py --device cuda`` at
+     the suite's batch (each way of the dense-and-sparse layer
      against the quantized layer, -> ``sparse_delta_cuda.json``), ``bench/new_batch.py`` (a forward on a
      batch not seen before against the same batch again, -> ``new_batch_cuda.json``) and this node's
      framework floor for the estimator (``framework("cuda")``, cached like the CPU one,
@@ -51,9 +53,14 @@ WHOLE_CELLS = [
 PYTEST_S = 35
 FLOOR_S = 40
 # Benches, run with a timeout of twice their plan: (step name, what, planned seconds, script and arguments,
-# results file). new_batch: on the H200 each ZO step's first forward took ~45 ms more than its second
-# on the same batch (tiny Llama); it tells which part of a new batch costs that.
+# results file). mask_memory: 3 variants of ~8 s each on the H200 (2026-12-04). new_batch: on the H200
+# each ZO step's first forward took ~45 ms more than its second on the same batch (tiny Llama); it tells
+# which part of a new batch costs that.
 BENCHES = [
+    ("bench", "bench/mask_memory.py --device cuda", 35,
+     ["bench/mask_memory.py", "--device", "cuda"], "mask_memory_cuda.json"),
+    ("bench", "bench/topk_memory.py --device cuda", 20,
+     ["bench/topk_memory.py", "--device", "cuda"], "topk_memory_cuda.json"),
     ("bench", "bench/sparse_delta.py --device cuda", 25,
      ["bench/sparse_delta.py", "--device", "cuda", "--dtype", "float16", "--tokens", str(16 * 2 * 256),
       "--rounds", "5"], "sparse_delta_cuda.json"),

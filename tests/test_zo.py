@@ -295,3 +295,31 @@ def test_the_running_global_topk_is_the_topk_of_all_the_scores_and_their_mass(de
     assert got == best
     assert mass["covered"] == pytest.approx(float(flat[list(best)].double().sum()))
     assert mass["total"] == pytest.approx(float(flat.double().sum()))
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, 1 << 22])
+def test_the_running_topk_reads_in_chunks_and_breaks_ties_by_position(monkeypatch, chunk):
+    """Few distinct values, so ties at the k-th value decide: of equal values the first in the scope's order
+    (tensor by tensor, then flat index) are kept, whatever the chunk the tensors are read in; the rest is the
+    top k of everything at once."""
+    monkeypatch.setattr(M, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(2)
+    sizes = [500, 30, 1200, 7, 400]
+    flat = torch.randint(0, 9, (sum(sizes),), generator=g).float()
+    scores = list(zip([f"t{j}" for j in range(len(sizes))], flat.split(sizes)))
+    offsets = dict(zip([n for n, _ in scores], [sum(sizes[:j]) for j in range(len(sizes))]))
+    for density in (0.01, 0.2, 0.5):
+        k = int(round(density * flat.numel()))
+        # stable sort on descending values: ties in position order
+        expected = set(sorted(range(flat.numel()), key=lambda j: (-float(flat[j]), j))[:k])
+        mask = M.topk_mask(iter(scores), density, total=flat.numel())
+        got = {offsets[n] + i for n, idx in mask.items() for i in idx.tolist()}
+        assert got == expected
+        assert all(torch.equal(idx, torch.sort(idx).values) for idx in mask.values())
+
+
+def test_a_density_that_rounds_to_no_entry_selects_none_and_still_counts_the_mass():
+    scores = [("a", torch.ones(10)), ("b", torch.full((5,), 2.0))]
+    mass: dict = {}
+    assert M.topk_mask(iter(scores), 0.01, total=15, mass=mass) == {}
+    assert mass == {"total": 20.0, "covered": 0.0}

@@ -23,6 +23,8 @@ Saved activations of one Llama-style block for a backward pass, per token: its i
 
 from __future__ import annotations
 
+from zobench.zo.sizes import TOPK_CHUNK
+
 MIB = 1 << 20
 
 
@@ -34,6 +36,15 @@ def _saved_per_token(arch) -> int:
 def _head_bytes(arch, tokens: int) -> int:
     """The loss's logits over the vocabulary in float32, their log-softmax and its gradient."""
     return 3 * tokens * arch.vocab * 4
+
+
+def _running_topk_bytes(k: int, scope: int, largest: int) -> int:
+    """The global top-k's largest moment (``zo.masks.topk_mask``): a merge of the k best so far with the
+    candidates waiting (at most half of max(k, TOPK_CHUNK), plus one chunk's), each a float32 value and an int64
+    key, concatenated (the parts then freed); alive at once: the concatenation, the selection's copy of the
+    values with int64 positions (12 bytes each), its boolean keep mask, and the k kept."""
+    merged = min(scope, k + max(k, TOPK_CHUNK) // 2 + min(TOPK_CHUNK, largest))
+    return 25 * merged + 12 * k
 
 
 def mask_bytes(cfg, arch, db: int, streamed: bool, device: str = "cpu") -> float:
@@ -56,7 +67,7 @@ def mask_bytes(cfg, arch, db: int, streamed: bool, device: str = "cpu") -> float
     one = cfg.calib_length * arch.hidden * db  # a sequence's block input (or its gradient)
     kept = (arch.layers + 1) * sequences * one if device == "cpu" else 2 * one  # all of them, or one at a time
     block = block_linears * (db + db + 4)  # weights, their gradients, the float32 accumulators
-    running = 2 * k * (4 + 8 + 8)  # the running top-k (values, tensor, index) and the candidates merged in
+    running = _running_topk_bytes(k, scope, max((o * i for o, i in arch.linears), default=0))
     return (other + kept + block + _saved_per_token(arch) * cfg.calib_length * db
             + max(0, _head_bytes(arch, cfg.calib_length) - block) + running)
 

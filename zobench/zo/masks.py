@@ -22,6 +22,8 @@ import torch
 
 from zobench.errors import UserError
 from zobench.spec.config import SCOPES
+from zobench.zo.sizes import TOPK_CHUNK as CHUNK
+from zobench.zo.sizes import TOPK_KEY_SHIFT as KEY_SHIFT
 
 
 def scoped_params(model: torch.nn.Module, scope: str = "linear") -> list[tuple[str, torch.nn.Parameter]]:
@@ -109,44 +111,85 @@ def topk_mask(scores: Iterable[tuple[str, torch.Tensor]], density: float, per_te
         if mass is not None:
             mass.update(seen)
         return out
-    # The running best k stay on the scores' device: on a GPU a 7B model's 0.1% is 6.5M candidates,
-    # merged 224 times; on the host each merge would be a CPU top-k of 13M values and a device copy.
-    best_v = best_t = best_i = None  # values, tensor number, index inside that tensor
+    # The running best k stay on the scores' device (on a GPU a 7B model's 0.1% is 6.5M candidates; on the
+    # host each merge would be a device copy), as values and packed keys (tensor number << KEY_SHIFT | index).
+    # Memory is bounded by k, not by a tensor's size: a tensor is read CHUNK values at a time, and the k
+    # best are kept by a threshold (a selection, no sort): torch.topk over a 45M-value layer sorted it whole
+    # on a GPU (1.4 GB of temporaries, measured: bench/mask_memory.py).
+    if k == 0:
+        for _, s in scores:
+            seen["total"] += float(s.sum())
+        if mass is not None:
+            mass.update(seen)
+        return out
+    best_v = best_k = None
+    pending_v: list[torch.Tensor] = []
+    pending_k: list[torch.Tensor] = []
+    floor = None  # the k-th best so far, once there are k: only what beats it can enter
     names = []
+
+    def merge():
+        nonlocal best_v, best_k, floor
+        vs = ([best_v] if best_v is not None else []) + pending_v
+        ks = ([best_k] if best_k is not None else []) + pending_k
+        pending_v.clear()
+        pending_k.clear()
+        values, keys = torch.cat(vs), torch.cat(ks)
+        vs.clear()  # the merged parts go before the selection's temporaries come
+        ks.clear()
+        best_v = best_k = None
+        best_v, best_k = _keep_largest(values, keys, k)
+        if best_v.numel() >= k:
+            floor = best_v.min()
+
+    waiting = 0
     for t, (name, s) in enumerate(scores):
         names.append(name)
         seen["total"] += float(s.sum())
-        flat = s.reshape(-1).float()
-        if best_v is not None and best_v.numel() >= k:
-            # Only what beats the k-th best so far can enter: usually a few, so no top-k over millions.
-            i = torch.nonzero(flat > best_v.min().to(flat.device)).squeeze(1)
-            v = flat[i]
-        elif flat.numel() <= k:
-            v, i = flat, torch.arange(flat.numel(), device=flat.device)
-        else:
-            v, i = torch.topk(flat, k)
-        if not v.numel():
-            continue
-        if best_v is None:
-            best_v, best_t, best_i = v, torch.full_like(i, t), i
-        else:
-            best_v = torch.cat([best_v, v.to(best_v.device)])
-            best_t = torch.cat([best_t, torch.full_like(i, t).to(best_t.device)])
-            best_i = torch.cat([best_i, i.to(best_i.device)])
-        if best_v.numel() > k:  # drop the smallest surplus (a top-k of the few, not of the k kept)
-            keep = torch.ones(best_v.numel(), dtype=torch.bool, device=best_v.device)
-            keep[torch.topk(best_v, best_v.numel() - k, largest=False).indices] = False
-            best_v, best_t, best_i = best_v[keep], best_t[keep], best_i[keep]
+        flat = s.reshape(-1)
+        for a in range(0, flat.numel(), CHUNK):
+            part = flat[a:a + CHUNK].float()
+            if floor is None:
+                i = torch.arange(part.numel(), device=part.device)
+            else:
+                i = torch.nonzero(part > floor.to(part.device)).squeeze(1)
+            if not i.numel():
+                continue
+            pending_v.append(part[i])
+            pending_k.append((i + a) | (t << KEY_SHIFT))
+            waiting += i.numel()
+            held = waiting + (best_v.numel() if best_v is not None else 0)
+            # merge once half of k (or a chunk) waits, or as soon as there are k: then the floor rises
+            if waiting >= max(k, CHUNK) // 2 or (floor is None and held >= k):
+                merge()
+                waiting = 0
+    if pending_v:
+        merge()
     if mass is not None:
         mass.update(seen, covered=float(best_v.sum()) if best_v is not None else 0.0)
     if best_v is None:
         return out
-    best_t, best_i = best_t.cpu(), best_i.cpu()
+    keys = best_k.cpu()
+    tensor_of, index = keys >> KEY_SHIFT, keys & ((1 << KEY_SHIFT) - 1)
     for t, name in enumerate(names):
-        sel = best_i[best_t == t]
+        sel = index[tensor_of == t]
         if sel.numel():
             out[name] = torch.sort(sel).values
     return out
+
+
+def _keep_largest(values: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest ``values`` with their ``keys``, in their order; of values equal to the k-th largest,
+    the first ones. A selection (``kthvalue``), not a sort: no temporaries the size of the input beyond masks."""
+    n = values.numel()
+    if n <= k:
+        return values, keys
+    tau = torch.kthvalue(values, n - k).values  # the (n-k)-th smallest: the k largest lie above it, ties aside
+    keep = values > tau
+    short = k - int(keep.sum())
+    if short:
+        keep[torch.nonzero(values == tau).squeeze(1)[:short]] = True
+    return values[keep], keys[keep]
 
 
 def magnitude_mask(params, density: float, per_tensor: bool = False) -> dict[str, torch.Tensor]:

@@ -12,3 +12,7 @@ OPT_STATE_VALUES = {"sgd": 0, "momentum": 1, "adam": 2}  # state values kept per
 # so steps there are larger (116 MiB at most).
 PHILOX_CHUNK = 1 << 18
 PHILOX_CHUNK_GPU = 1 << 21
+# The global top-k of a mask (zo.masks.topk_mask): score values read at a time (bounded temporaries), and a
+# candidate's key, its tensor number shifted left by TOPK_KEY_SHIFT or'ed with its flat index in the tensor.
+TOPK_CHUNK = 1 << 22
+TOPK_KEY_SHIFT = 40

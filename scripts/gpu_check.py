@@ -9,8 +9,9 @@ In order, stopping cleanly before a step that no longer fits the time left:
   1. ``pytest -m gpu``: per-phase CUDA peaks, the NVML sampler against a known allocation, NF4 on CUDA
      against the CPU (also with merged sparse values), sparse restore bit-exact in fp16/bf16, random 7B
      weights built on the GPU;
-  2. ``bench/mask_memory.py`` and ``bench/topk_memory.py`` on the GPU (the mask phase's allocator peaks
-     stage by stage, the global top-k's memory before and now), ``bench/sparse_delta.py --device cuda`` at
+  2. ``bench/mask_memory.py``, ``bench/topk_memory.py`` and ``bench/sparse_pass_ops.py`` on the GPU (the
+     mask phase's allocator peaks stage by stage, the global top-k's memory before and now, a 224-tensor
+     sparse perturbation a pass per tensor and in one pass), ``bench/sparse_delta.py --device cuda`` at
      the suite's batch (each way of the dense-and-sparse layer
      against the quantized layer, -> ``sparse_delta_cuda.json``), ``bench/new_batch.py`` (a forward on a
      batch not seen before against the same batch again, -> ``new_batch_cuda.json``) and this node's
@@ -61,6 +62,8 @@ BENCHES = [
      ["bench/mask_memory.py", "--device", "cuda"], "mask_memory_cuda.json"),
     ("bench", "bench/topk_memory.py --device cuda", 20,
      ["bench/topk_memory.py", "--device", "cuda"], "topk_memory_cuda.json"),
+    ("bench", "bench/sparse_pass_ops.py --device cuda", 15,
+     ["bench/sparse_pass_ops.py", "--device", "cuda"], "sparse_pass_ops_cuda.json"),
     ("bench", "bench/sparse_delta.py --device cuda", 25,
      ["bench/sparse_delta.py", "--device", "cuda", "--dtype", "float16", "--tokens", str(16 * 2 * 256),
       "--rounds", "5"], "sparse_delta_cuda.json"),

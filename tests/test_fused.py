@@ -278,6 +278,50 @@ def test_sparse_passes_write_only_the_indexed_entries(dtype):
     assert not torch.equal(t.master, SparseTrainable(tensors(dtype), mask).master)
 
 
+@needs_c
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_passes_on_the_torch_path_go_over_all_tensors_at_once_with_the_same_numbers(dtype, monkeypatch):
+    """On a GPU each pass of the torch path costs ~100 kernel launches whatever its length, so a sparse set
+    spread over many tensors is perturbed and updated in one pass there: the same values as the C library's
+    pass per tensor, bit for bit, through apply, restore, update, fold_step and weight decay."""
+    gen = torch.Generator().manual_seed(5)
+
+    def build():
+        params = tensors(dtype)
+        mask = {n: torch.randperm(p.numel(), generator=torch.Generator().manual_seed(i))[:max(1, p.numel() // 7)]
+                for i, (n, p) in enumerate(params)}
+        mask["norm"] = None  # a whole tensor trainable, as the value vectors of dense-and-sparse layers
+        return params, SparseTrainable(params, mask, "gaussian")
+
+    seeds = [int(s) for s in torch.randint(0, 2**62, (6,), generator=gen)]
+    opt = make_optimizer("sgd", 1e-1, weight_decay=0.5)
+
+    def steps(params, t):
+        out = []
+        t.apply(seeds[0], 1e-2)
+        out.append(snapshot(params))
+        t.apply(seeds[0], -1e-2)
+        t.fold_step([(seeds[0], 0.7)], opt, 0, seeds[1], 1e-2)
+        out.append(snapshot(params))
+        t.restore()
+        t.update([(seeds[2], -0.3), (seeds[3], 1.1)], opt, 1)
+        out.append(snapshot(params))
+        return out + [t.master.clone()]
+
+    per_tensor = steps(*build())  # the C library, one pass per tensor
+    calls = []
+    run_pass = philox.run_pass
+    monkeypatch.setattr(philox, "run_pass", lambda live, *a, **k: calls.append(live.numel()) or run_pass(live, *a, **k))
+    params, t = build()
+    with fused.torch_fallback():
+        assert t._one_pass()
+        at_once = steps(params, t)
+    assert calls and all(n == t.numel for n in calls)  # every pass over all 4 tensors' values at once
+    for a, b in zip(per_tensor[:-1], at_once[:-1]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert torch.equal(per_tensor[-1], at_once[-1])
+
+
 def test_the_torch_generator_draws_what_it_always_drew():
     from zobench.zo.directions import draw, make_generator
 

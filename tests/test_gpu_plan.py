@@ -22,10 +22,11 @@ def test_gpu_check_plans_the_whole_7b_cells_first_within_its_budget(tmp_path):
     budget = float(head.split(" s budget")[0].rsplit(" ", 1)[1])
     assert budget <= 540, head
     steps = [line for line in done.stdout.splitlines()[1:] if " planned " in line or " measured " in line]
-    assert len(steps) == 14 and "method=full" in steps[-1]
+    assert len(steps) == 15 and "method=full" in steps[-1]
     assert "suites/llama7b.yaml --only quant=nf4,method=sensitive" in steps[0]
     assert "suites/llama7b-cuda.yaml" in steps[1] and "pytest -m gpu" in steps[2]
     assert sum(float(line.split()[0]) for line in steps[:3]) <= budget  # the whole cells and the tests fit
     assert "mask_memory.py --device cuda" in steps[3] and "topk_memory.py --device cuda" in steps[4]
-    assert "sparse_delta.py --device cuda" in steps[5] and "new_batch.py --device cuda" in steps[6]
-    assert "framework footprint on cuda" in steps[7]
+    assert "sparse_pass_ops.py --device cuda" in steps[5]
+    assert "sparse_delta.py --device cuda" in steps[6] and "new_batch.py --device cuda" in steps[7]
+    assert "framework footprint on cuda" in steps[8]

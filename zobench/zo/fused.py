@@ -106,6 +106,12 @@ def _c_can_run(live: torch.Tensor, master: torch.Tensor | None, index: torch.Ten
     return _library() is not None
 
 
+def on_torch_path(t: torch.Tensor) -> bool:
+    """Whether passes over tensors on ``t``'s device run the torch fallback (a GPU, or no C library here):
+    there each pass costs ~100 kernel launches whatever its length, so callers make few long passes."""
+    return _forced[0] or t.device.type != "cpu" or _library() is None
+
+
 def zpass(live: torch.Tensor, offset: int, direction: str, terms: Sequence[tuple[int, float]] = (), *,
           master: torch.Tensor | None = None, index: torch.Tensor | None = None,
           live_terms: Sequence[tuple[int, float]] = (), decay: tuple[int, float] | None = None) -> None:

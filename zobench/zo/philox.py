@@ -55,13 +55,26 @@ def blocks(seed: int, first: int, count: int, device) -> list[torch.Tensor]:
     return philox([b & MASK, b >> 32, zero, zero], (seed & MASK, (seed >> 32) & MASK))
 
 
+_ON_DEVICE: dict = {}  # (what, device) -> the constant tensor there
+
+
+def _constants(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The byte shifts and the sign table on ``device``, copied there once: on a GPU a copy from host memory
+    each draw would wait for the work queued before it, every pass."""
+    device = torch.device(device)
+    if device not in _ON_DEVICE:
+        _ON_DEVICE[device] = (torch.tensor(BYTE_SHIFTS, dtype=torch.int64, device=device),
+                              sign_table(torch.float32).to(device))
+    return _ON_DEVICE[device]
+
+
 def rademacher(seed: int, start: int, n: int, device) -> torch.Tensor:
     """z for global indices ``start`` .. ``start + n - 1``: 128 signs a block, bit b of the block at value b."""
     first, last = start >> 7, (start + n - 1) >> 7
     words = torch.stack(blocks(seed, first, last - first + 1, device), 1)
-    shifts = torch.tensor(BYTE_SHIFTS, dtype=torch.int64, device=device)
+    shifts, signs = _constants(device)
     octets = ((words.unsqueeze(-1) >> shifts) & 0xFF).view(-1)  # byte k of a word: its bits 8k .. 8k+7
-    z = sign_table(torch.float32).to(device)[octets].view(-1)
+    z = signs[octets].view(-1)
     skip = start - first * 128
     return z[skip:skip + n]
 

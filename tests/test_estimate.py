@@ -277,3 +277,15 @@ def test_estimate_cli_table_and_json(capsys, monkeypatch):
 def test_estimate_cli_bad_suite_is_one_line():
     r = zobench("estimate", "no/such/suite.yaml")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_cells_get_expandable_cuda_segments_unless_the_user_chose_and_only_gpu_floors_depend_on_it(monkeypatch):
+    from zobench.analysis import calibration as C
+    from zobench.procs import CUDA_ALLOC_CONF, child_env
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert child_env()["PYTORCH_CUDA_ALLOC_CONF"] == CUDA_ALLOC_CONF == "expandable_segments:True"
+    cpu, cuda = C.machine_key("cpu"), C.machine_key("cuda")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert child_env()["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"  # the user's own wins
+    assert C.machine_key("cpu") == cpu and C.machine_key("cuda") != cuda

@@ -37,7 +37,7 @@ from zobench.files import atomic_write
 from zobench.measure.env import environment
 from zobench.measure.machine import git_state
 from zobench.models.load import converted_gguf_dir, pending_conversion
-from zobench.procs import CHILD_ENV
+from zobench.procs import CHILD_ENV, child_env
 from zobench.results import append_record, load_records, train_peak_mib
 from zobench.spec.claims import claims_hash
 from zobench.spec.matrix import Cell, expand, select_cells
@@ -108,6 +108,8 @@ def run_suite(suite: Suite, out_dir: Path, resume: bool = False, only: str | Non
     cells = select_cells(suite, only) if cells is None else cells
     env, git = environment(), git_state()
     env["malloc_mmap_threshold"] = CHILD_ENV["MALLOC_MMAP_THRESHOLD_"]
+    if env.get("gpu"):
+        env["cuda_alloc_conf"] = child_env()["PYTORCH_CUDA_ALLOC_CONF"]
     run = Batch(suite, out, env, git, resume, reporter or (lambda *a: None), executor or LocalExecutor())
     run.granted = {"overwrite": overwrite, "trust_remote_code": trust_remote_code}
     with run.executor:

@@ -29,7 +29,7 @@ import torch
 
 from zobench.files import cache_dir
 from zobench.measure.machine import cpu_name, package_version
-from zobench.procs import CHILD_ENV
+from zobench.procs import child_env
 
 # Used only when the measurement itself cannot run (and said so in every estimate that uses it): the
 # development machine's floor (results/bench/measurements.md).
@@ -52,9 +52,13 @@ _MEMO: dict[str, dict] = {}
 
 
 def machine_key(device: str = "cpu") -> str:
-    """What the footprint depends on: device kind, CPU, Python, installed versions, child malloc settings."""
+    """What the footprint depends on: device kind, CPU, Python, installed versions, child allocator settings
+    (malloc's; on a GPU also torch's CUDA allocator's)."""
+    env = child_env()
+    if device == "cpu":
+        env.pop("PYTORCH_CUDA_ALLOC_CONF")  # no bearing on a CPU cell: CPU floors keep their keys
     facts = {"format": FORMAT, "device": device, "cpu": cpu_name(), "machine": platform.machine(),
-             "python": platform.python_version(), "child_env": CHILD_ENV,
+             "python": platform.python_version(), "child_env": env,
              "versions": {p: package_version(p) for p in PACKAGES}}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 

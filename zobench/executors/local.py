@@ -5,8 +5,9 @@ exception, an out-of-memory kill or a hang ends that cell only. The parent waits
 sentinels and message pipes with ``multiprocessing.connection.wait`` (no polling loop) and kills a child
 at its timeout.
 
-Children get ``procs.CHILD_ENV`` (``MALLOC_MMAP_THRESHOLD_``: large freed blocks go back to the OS, so a later
-phase's peak RSS does not include an earlier phase's garbage). What runs in a child is ``executors.child``.
+Children get ``procs.child_env()`` (``MALLOC_MMAP_THRESHOLD_``: large freed blocks go back to the OS, so a
+later phase's peak RSS does not include an earlier phase's garbage; the same for CUDA's allocator). What
+runs in a child is ``executors.child``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from zobench.cell.measures import Execution
 from zobench.cell.record import CellRecord
 from zobench.executors.base import Executor, OnEvent
 from zobench.executors.child import death_reason, end_of, spawned
-from zobench.procs import CHILD_ENV
+from zobench.procs import child_env
 from zobench.spec.matrix import Cell
 
 
@@ -152,7 +153,7 @@ class LocalExecutor(Executor):
                 continue
             env, threads = placed
             self.on_event("start", {"cell": cell})
-            self.running.append(CellProcess(cell, timeout_s, {**CHILD_ENV, **env}, threads, self.on_event))
+            self.running.append(CellProcess(cell, timeout_s, {**child_env(), **env}, threads, self.on_event))
             for p in self.running:
                 p.peers = max(p.peers, len(self.running))
         self.queue = waiting

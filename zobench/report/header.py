@@ -126,6 +126,8 @@ def environment(env: dict, git: dict) -> str:
         parts.append(gpu + (f", CUDA {env['cuda']}" if env.get("cuda") else ""))
     if env.get("malloc_mmap_threshold"):
         parts.append(f"MALLOC_MMAP_THRESHOLD_={env['malloc_mmap_threshold']}")
+    if env.get("cuda_alloc_conf"):
+        parts.append(f"PYTORCH_CUDA_ALLOC_CONF={env['cuda_alloc_conf']}")
     if git.get("commit"):
         parts.append(f"git {str(git['commit'])[:12]}" + (" (dirty)" if git.get("dirty") else ""))
     return "; ".join(p for p in parts if p)

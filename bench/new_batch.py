@@ -10,6 +10,10 @@ timed interleaved round-robin in one process (medians over ``--rounds``):
     same              that batch again, right after                 (the in-cell reference's situation)
     new_tensors       fresh token ids, a length already seen        (new host tensors and their copies)
     same_seen_length  that batch again, right after
+    new_rows          a length already seen, a number of rows never seen (packed rows vary in count too)
+    same_rows         that batch again, right after
+    new_length_no_cudnn, same_no_cudnn: new_length and same with torch's cuDNN attention left out of the
+                      SDPA backends (on the H200 the new-length cost was cuDNN attention's plan for the shape)
 
 each with the driver-level memory sampler (``zobench.measure.device``, as every cell runs it) off and on,
 through the cells' own loss (``zobench.tasks.scoring.loss``). Then one new-length forward under the
@@ -28,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def make_batch(batch: int, length: int, vocab: int, gen: torch.Generator) -> dict:
@@ -65,6 +70,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     seen = [args.length + i for i in range(4)]
     fresh = iter(range(args.length + 64, args.length + 10_000))
+    rows = iter(range(args.batch + 1, args.batch + 10_000))  # example counts never seen (2 rows each)
 
     def timed(batch: dict) -> float:
         sync()
@@ -87,11 +93,20 @@ def main() -> None:
             new_tensors = make_batch(args.batch, seen[r % len(seen)], vocab, gen)
             times.setdefault("new_tensors" + suffix, []).append(timed(new_tensors))
             times.setdefault("same_seen_length" + suffix, []).append(timed(new_tensors))
+            new_rows = make_batch(next(rows), seen[r % len(seen)], vocab, gen)
+            times.setdefault("new_rows" + suffix, []).append(timed(new_rows))
+            times.setdefault("same_rows" + suffix, []).append(timed(new_rows))
+            if cuda and not sampler:
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+                    plain = make_batch(args.batch, next(fresh), vocab, gen)
+                    times.setdefault("new_length_no_cudnn", []).append(timed(plain))
+                    times.setdefault("same_no_cudnn", []).append(timed(plain))
             if mem is not None:
                 mem.stop()
     med = {k: statistics.median(v) for k, v in times.items()}
     again = {"new_length": "same", "same": "same", "new_tensors": "same_seen_length",
-             "same_seen_length": "same_seen_length"}  # each kind against its own batch run again
+             "same_seen_length": "same_seen_length", "new_rows": "same_rows", "same_rows": "same_rows",
+             "new_length_no_cudnn": "same_no_cudnn", "same_no_cudnn": "same_no_cudnn"}  # each against itself again
     for k, v in med.items():
         kind, plus, sampler = k.partition("+")
         print(f"{k:26s} {v:8.2f} ms  ({v / med[again[kind] + plus + sampler]:.2f}x the same batch again)")

@@ -114,8 +114,8 @@ def topk_mask(scores: Iterable[tuple[str, torch.Tensor]], density: float, per_te
     # The running best k stay on the scores' device (on a GPU a 7B model's 0.1% is 6.5M candidates; on the
     # host each merge would be a device copy), as values and packed keys (tensor number << KEY_SHIFT | index).
     # Memory is bounded by k, not by a tensor's size: a tensor is read CHUNK values at a time, and the k
-    # best are kept by a threshold (a selection, no sort): torch.topk over a 45M-value layer sorted it whole
-    # on a GPU (1.4 GB of temporaries, measured: bench/mask_memory.py).
+    # best are kept by a threshold (a selection, no sort). Before, a torch.topk of k out of a whole 45M-value
+    # layer (a sort on a GPU) was the 7B mask phase's peak on an H200 (results/bench/measurements.md).
     if k == 0:
         for _, s in scores:
             seen["total"] += float(s.sum())

@@ -8,7 +8,10 @@ the CPU's feature flags (with the source, the compiler and the flags), so a cach
 (an NFS home, a Ray cluster) holds one build per kind of CPU, never one CPU's build run on another. It
 changes no result: -ffp-contract=off keeps every rounding where the source puts it (vector and scalar
 code round each float operation alike), and the one fmaf is exact on every target. -fno-math-errno only
-lets sqrt be one instruction; -ffast-math is never used (it would reorder the sums).
+lets sqrt be one instruction; -fno-trapping-math only lets floor and the float-to-integer conversions of
+QuZO's int8 pass vectorise (no code here reads the floating-point exception flags; the values are the
+same: tests/test_quzo.py holds them to the torch path bit for bit); -ffast-math is never used (it would
+reorder the sums).
 
 ``python -m zobench.zo.kernels.build`` builds it ahead of time (scripts/setup.sh) and prints where.
 """
@@ -29,8 +32,8 @@ from zobench.files import cache_dir
 from zobench.outdirs import build_lock
 
 SOURCE = Path(__file__).with_name("zo_pass.c")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared",
-         "-std=gnu11")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC",
+         "-shared", "-std=gnu11")
 
 
 class BuildError(RuntimeError):

@@ -655,17 +655,15 @@ struct int8pass {
     uint8_t *ups;  /* the layer's bits: whether the perturbation of value v rounded up, at bit v + offset % 8 */
 };
 
-/* round(x) onto whole steps: stochastically with u, else to the nearest. */
-static inline int64_t round_step(double x, float u, int stochastic)
-{
-    double low = floor(x), frac = x - low;
-    return (int64_t)low + (stochastic ? (double)u < frac : frac >= 0.5);
-}
-
+/* One tile in simple loops over a row's run of values (each vectorises: no branch on the value, the row's
+ * unit constant over the run), the same operations per value as the torch path, in the same order. */
 static void int8_tile(const struct int8pass *P, int64_t g, int n)
 {
-    float z0[TILE], z[TILE], u[TILE], um[TILE];
-    double est[TILE];
+    float z0[TILE], z[TILE], u[TILE];
+    double est[TILE], x[TILE];
+    /* codes, the rounded step and its parts (floor, rounding bit), the kept flags and bits widened: every
+     * loop below then works on one element type, and vectorises */
+    int64_t c[TILE], d[TILE], low[TILE], bit[TILE], keep[TILE], was_up[TILE];
     uint8_t up[TILE];  /* restore: the pending perturbation's rounding (read); perturb: this one's (written) */
     int64_t local = g - P->offset;  /* the layer's value index of g */
     int64_t b0 = local + (P->offset & 7);  /* its bit in ups: tiles after a layer's first start on a byte */
@@ -673,59 +671,89 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
     for (int j = 0; j < n; j++) est[j] = (double)z0[j] * P->coefs[0];
     for (int t = 1; t < P->nterms; t++) {
         z_tile(P->direction, P->seeds[t], g, n, z);
-        double c = P->coefs[t];
-        for (int j = 0; j < n; j++) est[j] = fma((double)z[j], c, est[j]);
+        double cf = P->coefs[t];
+        for (int j = 0; j < n; j++) est[j] = fma((double)z[j], cf, est[j]);
     }
-    int restoring = P->mode == 1 || P->restore;
-    const float *zr = z0;  /* R's z: the first term's where R has its seed */
-    if (restoring && P->mode != 1 && P->r_seed != P->seeds[0]) {
+    int mode = P->mode, restoring = mode == 1 || P->restore, stochastic = P->stochastic && mode != 1;
+    const float *restrict zr = z0;  /* R's z: the first term's where R has its seed */
+    if (restoring && mode != 1 && P->r_seed != P->seeds[0]) {
         z_tile(P->direction, P->r_seed, g, n, z);
         zr = z;
     }
-    if (P->stochastic && P->mode != 1) {
+    if (stochastic) {
         uniform_tile(P->noise_seed, g, n, u);
-        for (int j = 0; j < n; j++) um[j] = P->antithetic ? 1.0f - u[j] : u[j];
+        if (P->antithetic)
+            for (int j = 0; j < n; j++) u[j] = 1.0f - u[j];
     }
-    if (restoring)
-        get_bits(P->ups, b0, n, up);
-    double r_coef = P->mode == 1 ? P->coefs[0] : P->r_coef;
+    double r_coef = mode == 1 ? P->coefs[0] : P->r_coef, lr = -P->lr, dc = P->decay_coef;
     int8_t *codes = P->codes + local;
     uint8_t *kept = P->kept ? P->kept + (local - P->j0) : NULL;  /* NULL for an update with nothing to restore */
+    for (int j = 0; j < n; j++) c[j] = codes[j];
+    if (restoring) {
+        get_bits(P->ups, b0, n, up);
+        for (int j = 0; j < n; j++) keep[j] = kept[j];
+        for (int j = 0; j < n; j++) was_up[j] = up[j];
+    }
     for (int j = 0; j < n;) {  /* one run of values per row */
         int64_t row = (local + j) / P->cols;
         int e = (int)min64((int64_t)n, (row + 1) * P->cols - local);
         double unit = (double)P->scb[row] / 127.0;
-        for (int i = j; i < e; i++) {
-            int64_t c = codes[i];
-            if (restoring) {
-                double xr = unit > 0 ? ((double)zr[i] * r_coef) / unit : 0.0;
-                int64_t dr = (int64_t)floor(xr) + up[i];  /* the perturbation's step, from its rounding bit */
-                c = kept[i] ? c : c - dr;
-                if (P->mode == 1) {
-                    codes[i] = (int8_t)c;
-                    continue;
-                }
-            }
-            if (P->mode == 0) {
-                double x = unit > 0 ? est[i] / unit : 0.0;
-                int64_t d = round_step(x, P->stochastic ? um[i] : 0.0f, P->stochastic);
-                up[i] = (uint8_t)(d - (int64_t)floor(x));
-                int keep = llabs(c + d) > 127 || llabs(c - d) > 127;
-                kept[i] = (uint8_t)keep;
-                codes[i] = (int8_t)(keep ? c : c + d);
-            } else {
-                double delta = est[i] * -P->lr;
-                if (P->has_decay)
-                    delta = delta - P->decay_coef * ((double)c * unit);
-                int64_t v = c + round_step(unit > 0 ? delta / unit : 0.0, P->stochastic ? um[i] : 0.0f,
-                                           P->stochastic);
-                codes[i] = (int8_t)(v < -127 ? -127 : (v > 127 ? 127 : v));
-            }
+        if (restoring) {  /* the perturbation's step, from its rounding bit; kept values never moved */
+            if (unit > 0)
+                for (int i = j; i < e; i++) low[i] = (int64_t)floor(((double)zr[i] * r_coef) / unit);
+            else
+                for (int i = j; i < e; i++) low[i] = 0;  /* floor(0.0) */
+            for (int i = j; i < e; i++) c[i] -= (1 - keep[i]) * (low[i] + was_up[i]);
         }
+        if (mode == 1) {
+            j = e;
+            continue;
+        }
+        if (!(unit > 0))
+            for (int i = j; i < e; i++) x[i] = 0.0;
+        else if (mode == 0)
+            for (int i = j; i < e; i++) x[i] = est[i] / unit;
+        else if (P->has_decay)
+            for (int i = j; i < e; i++) {
+                double delta = est[i] * lr;
+                delta = delta - dc * ((double)c[i] * unit);
+                x[i] = delta / unit;
+            }
+        else
+            for (int i = j; i < e; i++) x[i] = (est[i] * lr) / unit;
+        /* round(x) onto whole steps: stochastically with u, else to the nearest */
+        if (stochastic)
+            for (int i = j; i < e; i++) {
+                double f = floor(x[i]);
+                low[i] = (int64_t)f;
+                bit[i] = (double)u[i] < x[i] - f;
+            }
+        else
+            for (int i = j; i < e; i++) {
+                double f = floor(x[i]);
+                low[i] = (int64_t)f;
+                bit[i] = x[i] - f >= 0.5;
+            }
+        for (int i = j; i < e; i++) d[i] = low[i] + bit[i];
+        if (mode == 0)
+            for (int i = j; i < e; i++) {  /* a code that +d or -d would push out of [-127, 127] stays */
+                int64_t plus = c[i] + d[i], minus = c[i] - d[i];
+                keep[i] = (plus > 127) | (plus < -127) | (minus > 127) | (minus < -127);
+                c[i] = keep[i] ? c[i] : plus;
+            }
+        else
+            for (int i = j; i < e; i++) {
+                int64_t v = c[i] + d[i];
+                c[i] = v < -127 ? -127 : (v > 127 ? 127 : v);
+            }
         j = e;
     }
-    if (P->mode == 0)
+    for (int j = 0; j < n; j++) codes[j] = (int8_t)c[j];
+    if (mode == 0) {
+        for (int j = 0; j < n; j++) kept[j] = (uint8_t)keep[j];
+        for (int j = 0; j < n; j++) up[j] = (uint8_t)bit[j];
         put_bits(P->ups, b0, n, up);
+    }
 }
 
 void zo_int8(int8_t *codes, int64_t j0, int64_t n, int64_t cols, int64_t offset, const float *scb,

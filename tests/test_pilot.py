@@ -112,7 +112,12 @@ def test_a_suite_with_a_pilot_runs_it_first_and_never_touches_test(tmp_path):
     assert "CPU time of the 2 cells that keep it: pilots" in partial  # what choosing the lr cost, in CPU time
     rows = [line for line in partial.splitlines() if line.startswith("| random")]
     assert len(rows) == 2
-    for r in pilots:
-        assert any(f"{100 * r.metrics.get('best_dev')['accuracy']:.1f}" in row for row in rows)
+    for r in pilots:  # its best and its last dev point: the suite's rule (lr_pilot.by) may take either
+        curve = r.metrics.get("dev_curve")
+        best, last = max(curve, key=lambda p: (p["accuracy"], -p["step"])), curve[-1]
+        assert best["accuracy"] == r.metrics.get("best_dev")["accuracy"]
+        assert any(f"{100 * best['accuracy']:.1f} ({best['step']}) -> {100 * last['accuracy']:.1f} ({last['step']})"
+                   in row for row in rows)
     full = render_report(records, tmp_path / "full.md").read_text()
     assert "in progress" not in full and "## Learning rates chosen on dev" in full
+    assert "the lr whose pilot had the highest best dev score" in full  # the rule this suite declared

@@ -27,12 +27,13 @@ def lr_table(ok: list[CellView], pilots: list[CellView], extras: list[str]) -> l
                           ("the run's dev %: best (step) -> last (step)", run_dev),
                           ("the run's training loss", loss_rise)]
     steps = chosen[0].lr_choice["pilot_steps"]
+    rule = chosen[0].lr_choice.get("by", "best dev score")  # the suite's rule: a pilot's best or last dev score
     intro = (f"Each cell's learning rate was chosen on dev, never on test: every lr of its grid ran "
-             f"{steps} steps ({len(pilots)} pilot cells), and the cell ran with the lr of the best dev score "
-             f"(ties: the smaller lr). A choice at the grid's edge may have a better lr outside the grid; "
-             f"where dev did not move across the grid the choice says nothing. The last column is the cell's own "
-             f"run: a pilot of a few steps can choose an lr that diverges over many more, which shows as dev "
-             f"falling or as the training loss rising above its start (the mean loss of the run's first tenth "
+             f"{steps} steps ({len(pilots)} pilot cells), and the cell ran with the lr whose pilot had the "
+             f"highest {rule} (ties: the smaller lr). A choice at the grid's edge may have a better lr outside "
+             f"the grid; where dev did not move across the grid the choice says nothing. The last column is the "
+             f"cell's own run: a pilot of a few steps can choose an lr that diverges over many more, which shows as "
+             f"dev falling or as the training loss rising above its start (the mean loss of the run's first tenth "
              f"against each later tenth's, beyond twice the noise of the difference).")
     return section("Learning rates chosen on dev", intro, cols, chosen, extras, n_text=2)
 
@@ -91,15 +92,17 @@ def pilot_progress(ok: list[CellView], pilots: list[CellView]) -> list[str]:
     if not pilots or any(r.lr_choice for r in ok):
         return []
     cols: list[Column] = [("lr", lambda r: f"{setting(r, 'lr'):g}"),
-                          ("dev % after the pilot", lambda r: pct_points(r.metrics.accuracy("best_dev"))
-                           if r.ok else str(r.status)),
+                          ("pilot's dev %: best (step) -> last (step)",
+                           lambda r: run_dev(r) if r.ok else str(r.status)),
                           ("steps", lambda r: str(setting(r, "steps"))),
                           ("wall s", lambda r: f"{r.machine_s:.0f}" if r.machine_s else "-")]
     cpu = any(r.cpu_s is not None for r in pilots)  # records from before phases kept it have none
     if cpu:
         cols.append(("CPU s", lambda r: "-" if r.cpu_s is None else f"{r.cpu_s:.0f}"))
     intro = (f"The learning-rate pilot is running: {len(pilots)} pilot cells have finished. Each tries one lr "
-             f"of its method's grid on dev (never on test); the cells run once every pilot of their grid is done. "
+             f"of its method's grid on dev (never on test); the cells run once every pilot of their grid is done, "
+             "with the lr whose pilot scored highest on dev by the suite's rule (`lr_pilot.by`: its best or its "
+             "last evaluation). "
              "Wall seconds include any time the run was stopped or shared the machine; a resumed cell's earlier "
              "runs count up to their last checkpoint where its record keeps them (records of zobench before "
              "that count the last run only)" + ("; CPU seconds are the cell's own work." if cpu else "."))

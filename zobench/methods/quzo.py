@@ -133,7 +133,7 @@ class CodeTrainable(Trainable):
             if k in on_c:
                 keep = self._c_int8(k, layer, start, stop, [(seed, scale)], "perturb", noise_seed(seed, "perturb"),
                                     antithetic=scale < 0, pending=pending, k_pending=k)
-                skipped[k].append(keep.nonzero().view(-1) + start)
+                skipped[k].append(fused.flagged(keep) + start)
             elif layer.kind == "int8":
                 codes = layer.read(start, stop)
                 d = self._int8_steps(k, layer, start, stop, at, seed, scale)

@@ -325,6 +325,26 @@ void zo_pass(int direction, int dtype, int64_t n, int64_t offset, void *live, co
     }
 }
 
+/* The positions of the nonzero bytes of flags[0 .. n-1], in order, into out (room for n); returns how many.
+ * Mostly-zero flags (QuZO's int8 codes left alone at the range's edge: a few a row) skip 8 bytes at a time. */
+int64_t zo_flagged(const uint8_t *flags, int64_t n, int64_t *out)
+{
+    int64_t m = 0, i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, flags + i, 8);
+        if (!w)
+            continue;
+        for (int b = 0; b < 8; b++)
+            if (flags[i + b])
+                out[m++] = i + b;
+    }
+    for (; i < n; i++)
+        if (flags[i])
+            out[m++] = i;
+    return m;
+}
+
 /* ---- QuZO's passes over low-bit codes (zobench/methods/quzo.py, zobench/zo/rounding.py) ----------------
  *
  * Uniform noise u(seed, i) for stochastic rounding: word i % 4 of Philox block i / 4, its top 23 bits plus

@@ -62,6 +62,10 @@ from zobench.zo.sizes import PHILOX_CHUNK
 from zobench.zo.trainable import Trainable
 
 CHUNK = PHILOX_CHUNK  # values per pass step: temporaries stay bounded (``TEMP_BYTES`` each)
+# Values per call of the C library's int8 pass: its temporaries are the chunk's flags (a byte a value, the codes
+# left alone) and their positions; larger than the torch path's chunk, since each call costs ~50 us of Python
+# and OpenMP start-up (SmolLM2: 405 calls a pass at CHUNK).
+C_CHUNK = 1 << 20
 TEMP_BYTES = 96       # bytes of temporaries per value of a chunk (z, noise, float64 targets, int64 codes, indices)
 SKIPPED_PER_ROW = 2   # int8 codes at the range's edge per row, kept as int64 positions during a step
 
@@ -92,14 +96,16 @@ class CodeTrainable(Trainable):
                     if layer.kind == "int8" else None for layer, off in zip(layers, self.offsets)]
         self.initial = None  # the codes at the start, on disk (``keep_initial``)
 
-    def _chunks(self, skip=(), only=None):
+    def _chunks(self, skip=(), only=None, on_c=()):
         """(layer number, layer, start, stop, global index of start) over every value, chunk by chunk (the
-        layers numbered in ``skip`` left out; only layer ``only`` where given)."""
+        layers numbered in ``skip`` left out; only layer ``only`` where given; those in ``on_c``, run by the
+        C library, in chunks of ``C_CHUNK``)."""
         for k, layer in enumerate(self.layers):
             if k in skip or only not in (None, k):
                 continue
-            for start in range(0, layer.numel, CHUNK):
-                yield k, layer, start, min(start + CHUNK, layer.numel), self.offsets[k] + start
+            size = C_CHUNK if k in on_c else CHUNK
+            for start in range(0, layer.numel, size):
+                yield k, layer, start, min(start + size, layer.numel), self.offsets[k] + start
 
     def _noise(self, seed: int, stream: str, at: int, n: int, device) -> torch.Tensor | None:
         return uniform(noise_seed(seed, stream), at, n, device) if self.stochastic else None
@@ -129,7 +135,7 @@ class CodeTrainable(Trainable):
         for k in self.four_bit:  # each restores the pending perturbation in its own pass
             self._move4(k, [(seed, scale)], "perturb", noise_seed(seed, "perturb"), antithetic=scale < 0,
                         pending=pending)
-        for k, layer, start, stop, at in self._chunks(skip=self.four_bit):
+        for k, layer, start, stop, at in self._chunks(skip=self.four_bit, on_c=on_c):
             if k in on_c:
                 keep = self._c_int8(k, layer, start, stop, [(seed, scale)], "perturb", noise_seed(seed, "perturb"),
                                     antithetic=scale < 0, pending=pending, k_pending=k)
@@ -143,12 +149,16 @@ class CodeTrainable(Trainable):
         self.skipped = [torch.cat(s) if s else None for s in skipped]
         self._seed, self._scale = seed, scale
 
+    def _on_c(self) -> set[int]:
+        """The int8 layers the C library runs (``fused.c_ready``)."""
+        return {k for k, layer in enumerate(self.layers) if layer.kind == "int8" and fused.c_ready(layer.codes)}
+
     def _take_pending(self) -> tuple[tuple | None, set]:
         """Before a pass that moves every code: the pending perturbation (seed, signed eps, its skipped
         positions per layer), or None, and the int8 layers the C library runs (they restore it in that pass,
         ``fused.c_int8``'s ``restore``); the 4-bit layers restore it in their own pass too (``_move4``), every
         other layer is restored here."""
-        on_c = {k for k, layer in enumerate(self.layers) if layer.kind == "int8" and fused.c_ready(layer.codes)}
+        on_c = self._on_c()
         pending = (self._seed, self._scale, self.skipped) if self._seed is not None else None
         self.restore(leave=on_c | self.four_bit)
         self._seed, self._scale = None, 0.0
@@ -162,7 +172,7 @@ class CodeTrainable(Trainable):
             return
         for k in self.four_bit - set(leave):
             self._move4(k, [(self._seed, self._scale)], "restore", None)
-        for k, layer, start, stop, at in self._chunks(skip=self.four_bit | set(leave)):
+        for k, layer, start, stop, at in self._chunks(skip=self.four_bit | set(leave), on_c=self._on_c()):
             skipped = self.skipped[k]
             mine = skipped[(skipped >= start) & (skipped < stop)] - start
             if fused.c_ready(layer.codes):
@@ -254,7 +264,7 @@ class CodeTrainable(Trainable):
         for k in self.four_bit:
             self._move4(k, grads, "update", noise_seed(stream, "update"), update=(lr, lr * decay if decay else None),
                         pending=pending)
-        for k, layer, start, stop, at in self._chunks(skip=self.four_bit):
+        for k, layer, start, stop, at in self._chunks(skip=self.four_bit, on_c=on_c):
             if k in on_c:
                 self._c_int8(k, layer, start, stop, grads, "update", noise_seed(stream, "update"), lr=lr,
                              decay_coef=lr * decay if decay else None, pending=pending, k_pending=k)

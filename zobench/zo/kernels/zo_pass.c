@@ -472,7 +472,7 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
 {
     float z[TILE], zr[TILE], u[TILE];
     double d[TILE], x[TILE];
-    int32_t code[TILE], rank[16], code_of[16];
+    int32_t code[TILE], rank[16], code_of[16] = {0};  /* code_of: L entries used, 16 loaded */
     int64_t hi[TILE];  /* 64-bit, as the compares' masks: the level count needs no repacking */
     uint8_t flag[TILE];  /* perturb: the value moved; restore: it moved in the pending perturbation */
     double level_of[16];
@@ -518,7 +518,27 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
         double rc = P->mode == GRID_RESTORE ? P->coefs[0] : P->r_coef;
         z_tile(P->direction, rs, g, n, zr);
         get_bits(bits, 0, n, flag);
-        for (int j = 0; j < n; j++) {
+        int j = 0;
+#ifdef __AVX512BW__
+        {  /* the 16-entry tables in a register each, looked up by permutes (the same selection as below) */
+            __m512i t_up = _mm512_loadu_si512(back_up), t_down = _mm512_loadu_si512(back_down);
+            __m512d vrc = _mm512_set1_pd(rc), zero = _mm512_setzero_pd();
+            for (; j + 16 <= n; j += 16) {
+                __m512i c = _mm512_loadu_si512(code + j);
+                __mmask8 u0 = _mm512_cmp_pd_mask(_mm512_mul_pd(_mm512_cvtps_pd(_mm256_loadu_ps(zr + j)), vrc), zero,
+                                                 _CMP_GT_OQ);
+                __mmask8 u1 = _mm512_cmp_pd_mask(_mm512_mul_pd(_mm512_cvtps_pd(_mm256_loadu_ps(zr + j + 8)), vrc),
+                                                 zero, _CMP_GT_OQ);
+                __mmask16 up = (__mmask16)(u0 | (unsigned)u1 << 8);
+                __m128i f8 = _mm_loadu_si128((const __m128i *)(flag + j));
+                __mmask16 f = _mm_test_epi8_mask(f8, f8);
+                __m512i back = _mm512_mask_blend_epi32(up, _mm512_permutexvar_epi32(c, t_down),
+                                                       _mm512_permutexvar_epi32(c, t_up));
+                _mm512_storeu_si512(code + j, _mm512_mask_blend_epi32(f, c, back));
+            }
+        }
+#endif
+        for (; j < n; j++) {
             int c = code[j], up = (double)zr[j] * rc > 0, f = flag[j];  /* arithmetic, not branches */
             code[j] = (1 - f) * c + f * (up * back_up[c] + (1 - up) * back_down[c]);
         }
@@ -571,7 +591,32 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
     memcpy(target, x, (size_t)n * sizeof *x);
     for (int j = 0; j < n; j++) hi[j] = code[j];  /* 64-bit indices: the loop below gathers 4 a time */
     for (int j = 0; j < n; j++) hi[j] += d[j] > 0 ? 16 : 0;
-    for (int j = 0; j < n; j++) {
+    int j = 0;
+#ifdef __AVX512F__
+    {  /* the 32-entry tables in registers, looked up by permutes rather than gathers from memory (the same
+        * values: the operations on them are the loop's below) */
+        __m512d b0 = _mm512_loadu_pd(base_of), b1 = _mm512_loadu_pd(base_of + 8);
+        __m512d b2 = _mm512_loadu_pd(base_of + 16), b3 = _mm512_loadu_pd(base_of + 24);
+        __m512d g0 = _mm512_loadu_pd(gap_of), g1 = _mm512_loadu_pd(gap_of + 8);
+        __m512d g2 = _mm512_loadu_pd(gap_of + 16), g3 = _mm512_loadu_pd(gap_of + 24);
+        __m512i l0 = _mm512_loadu_si512(lo_of), l1 = _mm512_loadu_si512(lo_of + 8);
+        __m512i l2 = _mm512_loadu_si512(lo_of + 16), l3 = _mm512_loadu_si512(lo_of + 24);
+        __m512i sixteen = _mm512_set1_epi64(16);
+        for (; j + 8 <= n; j += 8) {
+            __m512i i = _mm512_loadu_si512(hi + j);
+            __mmask8 up = _mm512_test_epi64_mask(i, sixteen);  /* entries 16..31: the upward intervals */
+            __m512d base = _mm512_mask_blend_pd(up, _mm512_permutex2var_pd(b0, i, b1),
+                                                _mm512_permutex2var_pd(b2, i, b3));
+            __m512d gap = _mm512_mask_blend_pd(up, _mm512_permutex2var_pd(g0, i, g1),
+                                               _mm512_permutex2var_pd(g2, i, g3));
+            __m512i lo = _mm512_mask_blend_epi64(up, _mm512_permutex2var_epi64(l0, i, l1),
+                                                 _mm512_permutex2var_epi64(l2, i, l3));
+            _mm512_storeu_pd(x + j, _mm512_div_pd(_mm512_sub_pd(_mm512_loadu_pd(x + j), base), gap));
+            _mm512_storeu_si512(hi + j, lo);
+        }
+    }
+#endif
+    for (; j < n; j++) {
         int64_t i = hi[j];
         x[j] = (x[j] - base_of[i]) / gap_of[i];
         hi[j] = lo_of[i];
@@ -595,18 +640,40 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
         for (int j = 0; j < n; j++) hi[j] += (double)u[j] < x[j];
     else
         for (int j = 0; j < n; j++) hi[j] += x[j] >= 0.5;
+    int k = 0;
+#ifdef __AVX512BW__
+    {  /* the same selections as the loops below, 16 values at a time, the tables in registers */
+        __m512i t_rank = _mm512_loadu_si512(rank), t_own = _mm512_loadu_si512(own);
+        __m512i t_code = _mm512_loadu_si512(code_of);
+        for (; k + 16 <= n; k += 16) {
+            __m512i c = _mm512_loadu_si512(code + k);
+            __m512i moved = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(
+                _mm512_loadu_si512(hi + k))), _mm512_cvtepi64_epi32(_mm512_loadu_si512(hi + k + 8)), 1);
+            __mmask16 stays = _mm512_cmpeq_epi32_mask(moved, _mm512_permutexvar_epi32(c, t_rank));
+            __m512i to = _mm512_permutexvar_epi32(moved, t_code);
+            if (P->mode == GRID_PERTURB) {
+                __mmask16 go = _mm512_test_epi32_mask(_mm512_permutexvar_epi32(c, t_own),
+                                                      _mm512_permutexvar_epi32(c, t_own)) & (__mmask16)~stays;
+                _mm_storeu_si128((__m128i *)(flag + k), _mm_maskz_mov_epi8(go, _mm_set1_epi8(1)));
+                _mm512_storeu_si512(code + k, _mm512_mask_blend_epi32(go, c, to));
+            } else {
+                _mm512_storeu_si512(code + k, _mm512_mask_blend_epi32(stays, to, c));
+            }
+        }
+    }
+#endif
     if (P->mode == GRID_PERTURB) {
-        for (int j = 0; j < n; j++) {
+        for (; k < n; k++) {
             /* one level at most (the interval above): a target past the next level is clipped to it */
-            int c = code[j], moved = (int)hi[j], go = own[c] & (moved != rank[c]);
-            flag[j] = (uint8_t)go;
-            code[j] = go ? code_of[moved] : c;
+            int c = code[k], moved = (int)hi[k], go = own[c] & (moved != rank[c]);
+            flag[k] = (uint8_t)go;
+            code[k] = go ? code_of[moved] : c;
         }
         put_bits(bits, 0, n, flag);
     } else {
-        for (int j = 0; j < n; j++) {
-            int c = code[j], moved = (int)hi[j];
-            code[j] = moved == rank[c] ? c : code_of[moved];
+        for (; k < n; k++) {
+            int c = code[k], moved = (int)hi[k];
+            code[k] = moved == rank[c] ? c : code_of[moved];
         }
     }
     pack_codes(P->packed + (j0 >> 1), code, n);

@@ -193,6 +193,48 @@ def test_the_trajectory_replays_from_its_seeds():
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], fresh.trainable.params))
 
 
+def _moves(quant, direction, rounding):
+    """The codes after each of a sequence of passes (perturbations of both signs, a restore, an update with
+    two directions and weight decay, an update straight after a perturbation), and the C passes that ran."""
+    from zobench.methods.quzo import CodeTrainable
+    from zobench.quant.codes import code_layers
+    from zobench.zo import fused
+    from zobench.zo.optim import ZOSGD
+
+    model = _quantized(quant)
+    trainable = CodeTrainable(code_layers(model), direction, rounding)
+    fused.pass_stats(reset=True)
+    seen = []
+    eps = 3e-2 if quant != "int8" else 3e-3  # int8: a few steps; codes near the range's edge left alone
+    for seed, scale in ((11, eps), (11, -eps), (12, eps / 3)):
+        trainable.apply(seed, scale)
+        seen.append([p.clone() for p in trainable.params])
+    trainable.restore()
+    seen.append([p.clone() for p in trainable.params])
+    trainable.update([(11, 0.7), (12, -1.3)], ZOSGD(5e-2, weight_decay=0.1), 0)
+    seen.append([p.clone() for p in trainable.params])
+    trainable.apply(13, -eps)  # an update straight after a perturbation restores it in its own pass
+    trainable.update([(13, 0.9)], ZOSGD(5e-2), 1)
+    seen.append([p.clone() for p in trainable.params])
+    return seen, fused.pass_stats(reset=True)["calls"].get(fused.C_PATH, 0)
+
+
+@pytest.mark.parametrize("quant", ["nf4-plain", "int8"])
+def test_the_c_passes_built_without_march_native_move_codes_alike(quant, tmp_path, monkeypatch):
+    """The C library's vector code (AVX-512 permutes of the 4-bit tables, int8's vectorised loops) and the
+    plain loops a build for any x86-64 runs give the same codes."""
+    from zobench.zo import fused
+    from zobench.zo.kernels import build
+
+    native, _ = _moves(quant, "rademacher", "stochastic")
+    generic = fused.bind(build.load(tmp_path, tuple(f for f in build.FLAGS if f != "-march=native")))
+    monkeypatch.setitem(fused._state, "lib", generic)
+    plain, calls = _moves(quant, "rademacher", "stochastic")
+    assert calls > 0
+    for i, (a, b) in enumerate(zip(native, plain)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), i
+
+
 @pytest.mark.parametrize("quant, direction, rounding", [("nf4", "rademacher", "stochastic"),
                                                         ("nf4-plain", "gaussian", "stochastic"),
                                                         ("fp4", "rademacher", "nearest"),
@@ -202,31 +244,12 @@ def test_the_c_pass_moves_codes_as_the_torch_path_does(quant, direction, roundin
     """A layer's perturbation (both signs, one after the other), its restore and the update (two directions,
     weight decay; and straight after a perturbation) on the C library give the torch path's codes bit for bit:
     a run replays on any device."""
-    from zobench.methods.quzo import CodeTrainable
-    from zobench.quant.codes import code_layers
     from zobench.zo import fused
-    from zobench.zo.optim import ZOSGD
 
     ways = []
     for forced in (False, True):
-        model = _quantized(quant)
-        trainable = CodeTrainable(code_layers(model), direction, rounding)
-        fused.pass_stats(reset=True)
         with fused.torch_fallback() if forced else contextlib.nullcontext():
-            seen = []
-            eps = 3e-2 if quant != "int8" else 3e-3  # int8: a few steps; codes near the range's edge left alone
-            for seed, scale in ((11, eps), (11, -eps), (12, eps / 3)):
-                trainable.apply(seed, scale)
-                seen.append([p.clone() for p in trainable.params])
-            trainable.restore()
-            seen.append([p.clone() for p in trainable.params])
-            trainable.update([(11, 0.7), (12, -1.3)], ZOSGD(5e-2, weight_decay=0.1), 0)
-            seen.append([p.clone() for p in trainable.params])
-            trainable.apply(13, -eps)  # an update straight after a perturbation restores it in its own pass
-            trainable.update([(13, 0.9)], ZOSGD(5e-2), 1)
-            seen.append([p.clone() for p in trainable.params])
-        c_calls = fused.pass_stats(reset=True)["calls"].get(fused.C_PATH, 0)
-        ways.append((seen, c_calls))
+            ways.append(_moves(quant, direction, rounding))
     (c_way, c_calls), (torch_way, _) = ways
     assert c_calls > 0  # the C pass did run (else the comparison is the torch path with itself)
     for i, (a, b) in enumerate(zip(c_way, torch_way)):

@@ -519,7 +519,7 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
         z_tile(P->direction, rs, g, n, zr);
         get_bits(bits, 0, n, flag);
         int j = 0;
-#ifdef __AVX512BW__
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
         {  /* the 16-entry tables in a register each, looked up by permutes (the same selection as below) */
             __m512i t_up = _mm512_loadu_si512(back_up), t_down = _mm512_loadu_si512(back_down);
             __m512d vrc = _mm512_set1_pd(rc), zero = _mm512_setzero_pd();
@@ -589,7 +589,7 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
      * than a level). */
     double target[TILE];
     memcpy(target, x, (size_t)n * sizeof *x);
-    for (int j = 0; j < n; j++) hi[j] = code[j];  /* 64-bit indices: the loop below gathers 4 a time */
+    for (int j = 0; j < n; j++) hi[j] = code[j];  /* 64-bit indices into the tables below */
     for (int j = 0; j < n; j++) hi[j] += d[j] > 0 ? 16 : 0;
     int j = 0;
 #ifdef __AVX512F__
@@ -641,7 +641,7 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
     else
         for (int j = 0; j < n; j++) hi[j] += x[j] >= 0.5;
     int k = 0;
-#ifdef __AVX512BW__
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
     {  /* the same selections as the loops below, 16 values at a time, the tables in registers */
         __m512i t_rank = _mm512_loadu_si512(rank), t_own = _mm512_loadu_si512(own);
         __m512i t_code = _mm512_loadu_si512(code_of);

@@ -24,13 +24,13 @@ CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "fals
 # H200, the mask phase's stages, reserved MiB without / with: backward 2,500 / 2,444, top-k 3,350 / 2,842,
 # for 2,391 and 2,707 allocated; seconds the same). A user's own PYTORCH_CUDA_ALLOC_CONF wins.
 CUDA_ALLOC_CONF = "expandable_segments:True"
+# Set to a cell's thread count before torch loads in its process (executors that divide the cores).
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def child_env() -> dict[str, str]:
     """What a cell's process gets on top of the parent's environment."""
     return {**CHILD_ENV, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)}
-# Set to a cell's thread count before torch loads in its process (executors that divide the cores).
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def die_with_parent(parent: int) -> None:

@@ -172,10 +172,11 @@ class CodeTrainable(Trainable):
             return
         for k in self.four_bit - set(leave):
             self._move4(k, [(self._seed, self._scale)], "restore", None)
-        for k, layer, start, stop, at in self._chunks(skip=self.four_bit | set(leave), on_c=self._on_c()):
+        on_c = self._on_c()
+        for k, layer, start, stop, at in self._chunks(skip=self.four_bit | set(leave), on_c=on_c):
             skipped = self.skipped[k]
             mine = skipped[(skipped >= start) & (skipped < stop)] - start
-            if fused.c_ready(layer.codes):
+            if k in on_c:
                 self._c_int8(k, layer, start, stop, [(self._seed, self._scale)], "restore", None,
                              kept=_flags(mine, stop - start))
             else:  # the step the perturbation took: its floor, and up one where its bit says it rounded up

@@ -111,7 +111,7 @@ def _c_can_run(live: torch.Tensor, master: torch.Tensor | None, index: torch.Ten
 def on_torch_path(t: torch.Tensor) -> bool:
     """Whether passes over tensors on ``t``'s device run the torch fallback (a GPU, or no C library here):
     there each pass costs ~100 kernel launches whatever its length, so callers make few long passes."""
-    return _forced[0] or t.device.type != "cpu" or _library() is None
+    return not _c_can_run(t, None, None)
 
 
 def zpass(live: torch.Tensor, offset: int, direction: str, terms: Sequence[tuple[int, float]] = (), *,

@@ -126,6 +126,7 @@ def topk_mask(scores: Iterable[tuple[str, torch.Tensor]], density: float, per_te
     pending_v: list[torch.Tensor] = []
     pending_k: list[torch.Tensor] = []
     floor = None  # the k-th best so far, once there are k: only what beats it can enter
+    home = None  # the device the running best stay on: the first scores'
     names = []
 
     def merge():
@@ -149,14 +150,15 @@ def topk_mask(scores: Iterable[tuple[str, torch.Tensor]], density: float, per_te
         flat = s.reshape(-1)
         for a in range(0, flat.numel(), CHUNK):
             part = flat[a:a + CHUNK].float()
+            home = part.device if home is None else home
             if floor is None:
                 i = torch.arange(part.numel(), device=part.device)
             else:
                 i = torch.nonzero(part > floor.to(part.device)).squeeze(1)
             if not i.numel():
                 continue
-            pending_v.append(part[i])
-            pending_k.append((i + a) | (t << KEY_SHIFT))
+            pending_v.append(part[i].to(home))
+            pending_k.append(((i + a) | (t << KEY_SHIFT)).to(home))
             waiting += i.numel()
             held = waiting + (best_v.numel() if best_v is not None else 0)
             # merge once half of k (or a chunk) waits, or as soon as there are k: then the floor rises

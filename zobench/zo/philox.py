@@ -55,7 +55,7 @@ def blocks(seed: int, first: int, count: int, device) -> list[torch.Tensor]:
     return philox([b & MASK, b >> 32, zero, zero], (seed & MASK, (seed >> 32) & MASK))
 
 
-_ON_DEVICE: dict = {}  # (what, device) -> the constant tensor there
+_ON_DEVICE: dict = {}  # device -> (byte shifts, sign table) there
 
 
 def _constants(device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -652,8 +652,8 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
             __mmask16 stays = _mm512_cmpeq_epi32_mask(moved, _mm512_permutexvar_epi32(c, t_rank));
             __m512i to = _mm512_permutexvar_epi32(moved, t_code);
             if (P->mode == GRID_PERTURB) {
-                __mmask16 go = _mm512_test_epi32_mask(_mm512_permutexvar_epi32(c, t_own),
-                                                      _mm512_permutexvar_epi32(c, t_own)) & (__mmask16)~stays;
+                __m512i own_c = _mm512_permutexvar_epi32(c, t_own);
+                __mmask16 go = _mm512_test_epi32_mask(own_c, own_c) & (__mmask16)~stays;
                 _mm_storeu_si128((__m128i *)(flag + k), _mm_maskz_mov_epi8(go, _mm_set1_epi8(1)));
                 _mm512_storeu_si512(code + k, _mm512_mask_blend_epi32(go, c, to));
             } else {

@@ -62,6 +62,24 @@ def test_not_a_results_file(tmp_path):
         load_records(p)
 
 
+def test_a_dev_curve_point_without_its_step_or_with_a_word_for_a_score_is_one_line_naming_it(tmp_path):
+    """Reports read every dev point's step and scores (a pilot's best -> last, a cell's run): a results file
+    whose points lack one or carry a word refuses to load, naming the line and the field."""
+    line = json.loads((ROOT / "results" / "claims-v2.jsonl").read_text().splitlines()[0])
+    assert line["metrics"]["dev_curve"]  # a pilot with its curve
+    for change, message in ((lambda c: c[0].pop("step"), r"metrics.dev_curve\[0\].step' is missing"),
+                            (lambda c: c[1].update(accuracy="high"),
+                             r"metrics.dev_curve\[1\].accuracy' = 'high': expected int or float"),
+                            (lambda c: c.append(3), r"metrics.dev_curve\[3\]' = 3: expected dict")):
+        bad = json.loads(json.dumps(line))
+        change(bad["metrics"]["dev_curve"])
+        p = tmp_path / "r.jsonl"
+        p.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(UserError, match=r"r.jsonl:1: field '" + message):
+            load_records(p)
+    Metrics.from_json(line["metrics"])  # the committed record itself loads
+
+
 def test_records_round_trip_through_json():
     rec = load_records(ROOT / "results" / "smollm2-quant.jsonl")[-1]
     again = CellRecord.from_json(json.loads(json.dumps(rec.to_json())))

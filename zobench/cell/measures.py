@@ -134,6 +134,23 @@ MAPPINGS = ("test_before", "test_after", "truncated", "best_dev", "test_best", "
 SERIES = ("loss_curve", "dev_curve", "trajectory")
 
 
+DEV_SCORES = ("accuracy", "em", "f1", "train_s")
+
+
+def _check_dev_curve(points: list, name: str) -> None:
+    """Each dev evaluation of a record: {step, and its scores} (reports read the step and the scores of every
+    point, pilots' and cells' alike)."""
+    for n, point in enumerate(points):
+        where = f"{name}[{n}]"
+        if not isinstance(point, dict):
+            raise SchemaError(f"field '{where}' = {shown_value(point)}: expected dict")
+        if point.get("step") is None:
+            raise SchemaError(f"field '{where}.step' is missing: expected int")
+        check_field(point["step"], (int,), f"{where}.step")
+        for score in DEV_SCORES:
+            check_field(point.get(score), NUMBER, f"{where}.{score}")
+
+
 @dataclass
 class Metrics:
     """What a cell measured besides phases. ``step_s``: the timed steps (warm-up excluded); ``step_parts_s``: perturb /
@@ -201,6 +218,8 @@ class Metrics:
                 m.values[key] = check_field(value, (dict,), name)
             elif key in SERIES:
                 m.values[key] = check_field(value, (list,), name)
+                if key == "dev_curve":
+                    _check_dev_curve(value or [], name)
             else:
                 m.extra[key] = value
         return m

@@ -239,6 +239,7 @@ def test_the_c_passes_built_without_march_native_move_codes_alike(quant, tmp_pat
                                                         ("nf4-plain", "gaussian", "stochastic"),
                                                         ("fp4", "rademacher", "nearest"),
                                                         ("int8", "rademacher", "stochastic"),
+                                                        ("int8", "rademacher", "nearest"),
                                                         ("int8", "gaussian", "nearest")])
 def test_the_c_pass_moves_codes_as_the_torch_path_does(quant, direction, rounding):
     """A layer's perturbation (both signs, one after the other), its restore and the update (two directions,

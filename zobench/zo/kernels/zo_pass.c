@@ -356,8 +356,35 @@ static void uniform_tile(uint64_t seed, int64_t g, int n, float *out)
     int64_t b0 = g >> 2;
     int nb = (int)(((g + n - 1) >> 2) - b0 + 1);
     philox_blocks(seed, b0, nb, w);
-    for (int v = 0; v < 4; v++)
-        for (int i = 0; i < nb; i++)
+    int i = 0;
+#ifdef __AVX512F__
+    /* 16 blocks at a time: each word converted (the loop's operations below), then the four words of a block
+     * brought together (unpacks within 128-bit lanes, then a 4 x 4 transpose of the lanes) */
+    __m512 half = _mm512_set1_ps(0.5f), unit = _mm512_set1_ps(0x1p-23f);
+    for (; i + 16 <= nb; i += 16) {
+        __m512 f[4];
+        for (int v = 0; v < 4; v++) {
+            __m512i x = _mm512_srli_epi32(_mm512_loadu_si512(w[v] + i), 9);
+            f[v] = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(x), half), unit);
+        }
+        __m512 ab_lo = _mm512_unpacklo_ps(f[0], f[1]), ab_hi = _mm512_unpackhi_ps(f[0], f[1]);
+        __m512 cd_lo = _mm512_unpacklo_ps(f[2], f[3]), cd_hi = _mm512_unpackhi_ps(f[2], f[3]);
+        /* lane k of x[r]: block 4k + r's four words */
+        __m512 x[4] = {
+            _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab_lo), _mm512_castps_pd(cd_lo))),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab_lo), _mm512_castps_pd(cd_lo))),
+            _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab_hi), _mm512_castps_pd(cd_hi))),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab_hi), _mm512_castps_pd(cd_hi)))};
+        __m512 t0 = _mm512_shuffle_f32x4(x[0], x[1], 0x44), t1 = _mm512_shuffle_f32x4(x[2], x[3], 0x44);
+        __m512 t2 = _mm512_shuffle_f32x4(x[0], x[1], 0xEE), t3 = _mm512_shuffle_f32x4(x[2], x[3], 0xEE);
+        _mm512_storeu_ps(all + 4 * i, _mm512_shuffle_f32x4(t0, t1, 0x88));
+        _mm512_storeu_ps(all + 4 * i + 16, _mm512_shuffle_f32x4(t0, t1, 0xDD));
+        _mm512_storeu_ps(all + 4 * i + 32, _mm512_shuffle_f32x4(t2, t3, 0x88));
+        _mm512_storeu_ps(all + 4 * i + 48, _mm512_shuffle_f32x4(t2, t3, 0xDD));
+    }
+#endif
+    for (; i < nb; i++)
+        for (int v = 0; v < 4; v++)
             all[4 * i + v] = ((float)(w[v][i] >> 9) + 0.5f) * 0x1p-23f;
     memcpy(out, all + (g - b0 * 4), (size_t)n * sizeof *out);
 }
@@ -433,6 +460,13 @@ static void get_bits(const uint8_t *bits, int64_t b0, int n, uint8_t *flag)
 {
     int j = 0;
     for (; j < n && (b0 + j) & 7; j++) flag[j] = bits[(b0 + j) >> 3] >> ((b0 + j) & 7) & 1;
+#if defined(__AVX512BW__)
+    for (; j + 64 <= n; j += 64) {  /* 8 bytes of bits to 64 flags */
+        uint64_t m;
+        memcpy(&m, bits + ((b0 + j) >> 3), 8);
+        _mm512_storeu_si512(flag + j, _mm512_maskz_set1_epi8((__mmask64)m, 1));
+    }
+#endif
     for (; j + 8 <= n; j += 8) {
         uint8_t v = bits[(b0 + j) >> 3];
         for (int k = 0; k < 8; k++) flag[j + k] = v >> k & 1;
@@ -447,6 +481,13 @@ static void put_bits(uint8_t *bits, int64_t b0, int n, const uint8_t *flag)
         int64_t p = b0 + j;
         bits[p >> 3] = (uint8_t)((bits[p >> 3] & ~(1u << (p & 7))) | (unsigned)flag[j] << (p & 7));
     }
+#if defined(__AVX512BW__)
+    for (; j + 64 <= n; j += 64) {  /* 64 flags (0 or 1) to 8 bytes of bits */
+        __m512i f = _mm512_loadu_si512(flag + j);
+        uint64_t m = (uint64_t)_mm512_test_epi8_mask(f, f);
+        memcpy(bits + ((b0 + j) >> 3), &m, 8);
+    }
+#endif
     for (; j + 8 <= n; j += 8) {
         const uint8_t *f = flag + j;
         bits[(b0 + j) >> 3] = (uint8_t)(f[0] | f[1] << 1 | f[2] << 2 | f[3] << 3 | f[4] << 4 | f[5] << 5 |
@@ -466,12 +507,197 @@ static void pack_codes(uint8_t *out, const int32_t *code, int n)
         out[n >> 1] = (uint8_t)((out[n >> 1] & 15) | code[n - 1] << 4);
 }
 
+/* The target's interval found by searching the levels (searchsorted(right=True), then the level below and
+ * the fraction, as rounding.round_to_levels does): the rank of its lower level, and the fraction in *frac. */
+static int64_t level_search(const double *lv, int L, double target, double *frac)
+{
+    int64_t h = 0;
+    for (int k = 0; k < L; k++) h += lv[k] <= target;
+    h = h < 1 ? 1 : (h > L - 1 ? L - 1 : h);
+    *frac = (target - lv[h - 1]) / (lv[h] - lv[h - 1]);
+    return h - 1;
+}
+
+/* The level each value of a tile rounds to (its rank, into hi[]), from its code, the pass's delta and the noise
+ * u: x = level(code) + delta / absmax, clamped to the grid, and its fraction in the interval between the code's
+ * level and the next one the way of its delta (the tables: the interval the level search finds for a target
+ * within it, the same fraction by the same operations). A target past it: a perturbation clips it to the next
+ * level (a fraction past 0 or 1 rounds onto that level); an update, whose moves are not bounded, searches the
+ * levels for it, value by value (rare: a move of more than a level). zr: the pending perturbation's z where
+ * the caller drew it (the first term's, where the seeds agree), else NULL. */
+static void grid4_targets(const struct grid4 *P, const float *zr, int64_t g, int n, int64_t j0, const float *u,
+                          const double *level_of, const double *base_of, const double *gap_of,
+                          const int64_t *lo_of, const int32_t *code, int64_t *hi)
+{
+    float z[TILE];
+    double d[TILE], x[TILE];
+    const double *lv = P->levels;
+    int L = P->nlevels;
+    for (int t = 0; t < P->nterms; t++) {
+        if (t == 0 && zr && P->r_seed == P->seeds[0])
+            memcpy(z, zr, (size_t)n * sizeof *z);
+        else
+            z_tile(P->direction, P->seeds[t], g, n, z);
+        double c = P->coefs[t];
+        if (t == 0)
+            for (int j = 0; j < n; j++) d[j] = (double)z[j] * c;
+        else
+            for (int j = 0; j < n; j++) d[j] = fma((double)z[j], c, d[j]);
+    }
+    if (P->mode == GRID_UPDATE) {
+        double m = -P->lr;
+        for (int j = 0; j < n; j++) d[j] = d[j] * m;
+    }
+    double lo_end = lv[0], hi_end = lv[L - 1];
+    int sh = P->block_shift;
+    for (int j = 0; j < n;) {  /* one run of values per absmax block */
+        int64_t block = (j0 + j) >> sh;
+        int e = (int)min64((int64_t)n, ((block + 1) << sh) - j0);
+        double a = (double)P->absmax[block];
+        if (P->has_decay) {
+            double dc = P->decay_coef;
+            for (int i = j; i < e; i++) d[i] = d[i] - dc * (level_of[code[i]] * a);
+        }
+        if (a > 0)
+            levels_plus(level_of, code, d, a, j, e, x);
+        else
+            for (int i = j; i < e; i++) x[i] = level_of[code[i]] + 0.0;
+        j = e;
+    }
+    for (int j = 0; j < n; j++) {
+        double v = x[j];
+        x[j] = v < lo_end ? lo_end : (v > hi_end ? hi_end : v);
+    }
+    double target[TILE];
+    memcpy(target, x, (size_t)n * sizeof *x);
+    for (int j = 0; j < n; j++) hi[j] = code[j];  /* 64-bit indices into the tables below */
+    for (int j = 0; j < n; j++) hi[j] += d[j] > 0 ? 16 : 0;
+    int j = 0;
+#ifdef __AVX512F__
+    {  /* the 32-entry tables in registers, looked up by permutes rather than gathers from memory (the same
+        * values: the operations on them are the loop's below) */
+        __m512d b0 = _mm512_loadu_pd(base_of), b1 = _mm512_loadu_pd(base_of + 8);
+        __m512d b2 = _mm512_loadu_pd(base_of + 16), b3 = _mm512_loadu_pd(base_of + 24);
+        __m512d g0 = _mm512_loadu_pd(gap_of), g1 = _mm512_loadu_pd(gap_of + 8);
+        __m512d g2 = _mm512_loadu_pd(gap_of + 16), g3 = _mm512_loadu_pd(gap_of + 24);
+        __m512i l0 = _mm512_loadu_si512(lo_of), l1 = _mm512_loadu_si512(lo_of + 8);
+        __m512i l2 = _mm512_loadu_si512(lo_of + 16), l3 = _mm512_loadu_si512(lo_of + 24);
+        __m512i sixteen = _mm512_set1_epi64(16);
+        for (; j + 8 <= n; j += 8) {
+            __m512i i = _mm512_loadu_si512(hi + j);
+            __mmask8 up = _mm512_test_epi64_mask(i, sixteen);  /* entries 16..31: the upward intervals */
+            __m512d base = _mm512_mask_blend_pd(up, _mm512_permutex2var_pd(b0, i, b1),
+                                                _mm512_permutex2var_pd(b2, i, b3));
+            __m512d gap = _mm512_mask_blend_pd(up, _mm512_permutex2var_pd(g0, i, g1),
+                                               _mm512_permutex2var_pd(g2, i, g3));
+            __m512i lo = _mm512_mask_blend_epi64(up, _mm512_permutex2var_epi64(l0, i, l1),
+                                                 _mm512_permutex2var_epi64(l2, i, l3));
+            _mm512_storeu_pd(x + j, _mm512_div_pd(_mm512_sub_pd(_mm512_loadu_pd(x + j), base), gap));
+            _mm512_storeu_si512(hi + j, lo);
+        }
+    }
+#endif
+    for (; j < n; j++) {
+        int64_t i = hi[j];
+        x[j] = (x[j] - base_of[i]) / gap_of[i];
+        hi[j] = lo_of[i];
+    }
+    if (P->mode != GRID_PERTURB)
+        for (int j = 0; j < n; j++)
+            if (!(x[j] >= 0 && x[j] <= 1))
+                hi[j] = level_search(lv, L, target[j], &x[j]);
+    if (P->stochastic)
+        for (int j = 0; j < n; j++) hi[j] += (double)u[j] < x[j];
+    else
+        for (int j = 0; j < n; j++) hi[j] += x[j] >= 0.5;
+}
+
+/* grid4_targets for one Rademacher term and no decay, with its numbers: delta is +-c (z c exactly) times the
+ * update's -lr, so within an absmax block a value's target and fraction depend only on its code and the sign
+ * of its z. Each block's 32 (rank, fraction) pairs are computed once, by the operations grid4_targets does
+ * for such a value, and each value looks its own up: one division per pair where the general path makes two
+ * per value. */
+static void grid4_two(const struct grid4 *P, const float *zr, int64_t g, int n, int64_t j0, const float *u,
+                      const double *level_of, const double *base_of, const double *gap_of,
+                      const int64_t *lo_of, const int32_t *code, int64_t *hi)
+{
+    float zbuf[TILE];
+    const float *z = zr;
+    if (!z) {
+        z_tile(P->direction, P->seeds[0], g, n, zbuf);
+        z = zbuf;
+    }
+    const double *lv = P->levels;
+    int L = P->nlevels, sh = P->block_shift;
+    double lo_end = lv[0], hi_end = lv[L - 1];
+    double frac_of[32];
+    int64_t rank_of[32];
+    for (int j = 0; j < n;) {  /* one run of values per absmax block */
+        int64_t block = (j0 + j) >> sh;
+        int e = (int)min64((int64_t)n, ((block + 1) << sh) - j0);
+        double a = (double)P->absmax[block];
+        for (int s = 0; s < 2; s++) {  /* s: z = +1 */
+            double d = (double)(s ? 1.0f : -1.0f) * P->coefs[0];
+            if (P->mode == GRID_UPDATE)
+                d = d * -P->lr;
+            double q = a > 0 ? d / a : 0.0;
+            int way = d > 0 ? 16 : 0;
+            double *frac = frac_of + 16 * s, v[16];
+            int64_t *rank = rank_of + 16 * s;
+            for (int c = 0; c < 16; c++) {  /* (vectorises: no branch) */
+                v[c] = a > 0 ? level_of[c] + q : level_of[c] + 0.0;
+                v[c] = v[c] < lo_end ? lo_end : (v[c] > hi_end ? hi_end : v[c]);
+                frac[c] = (v[c] - base_of[c + way]) / gap_of[c + way];
+                rank[c] = lo_of[c + way];
+            }
+            if (P->mode != GRID_PERTURB)
+                for (int c = 0; c < 16; c++)
+                    if (!(frac[c] >= 0 && frac[c] <= 1))
+                        rank[c] = level_search(lv, L, v[c], &frac[c]);
+        }
+        int i = j;
+#ifdef __AVX512F__
+        {  /* the pairs in registers, looked up by permutes (their low 4 index bits: the code) and chosen between
+            * by the sign of z: the loops' below selections, 8 values at a time */
+            __m512d f0 = _mm512_loadu_pd(frac_of), f1 = _mm512_loadu_pd(frac_of + 8);
+            __m512d f2 = _mm512_loadu_pd(frac_of + 16), f3 = _mm512_loadu_pd(frac_of + 24);
+            __m512i r0 = _mm512_loadu_si512(rank_of), r1 = _mm512_loadu_si512(rank_of + 8);
+            __m512i r2 = _mm512_loadu_si512(rank_of + 16), r3 = _mm512_loadu_si512(rank_of + 24);
+            __m512d zero = _mm512_setzero_pd(), half = _mm512_set1_pd(0.5);
+            __m512i one = _mm512_set1_epi64(1);
+            for (; i + 8 <= e; i += 8) {
+                __m512i c = _mm512_cvtepi32_epi64(_mm256_loadu_si256((const __m256i *)(code + i)));
+                __mmask8 pos = _mm512_cmp_pd_mask(_mm512_cvtps_pd(_mm256_loadu_ps(z + i)), zero, _CMP_GT_OQ);
+                __m512d frac = _mm512_mask_blend_pd(pos, _mm512_permutex2var_pd(f0, c, f1),
+                                                    _mm512_permutex2var_pd(f2, c, f3));
+                __m512i rank = _mm512_mask_blend_epi64(pos, _mm512_permutex2var_epi64(r0, c, r1),
+                                                       _mm512_permutex2var_epi64(r2, c, r3));
+                __mmask8 up = P->stochastic
+                    ? _mm512_cmp_pd_mask(_mm512_cvtps_pd(_mm256_loadu_ps(u + i)), frac, _CMP_LT_OQ)
+                    : _mm512_cmp_pd_mask(frac, half, _CMP_GE_OQ);
+                _mm512_storeu_si512(hi + i, _mm512_mask_add_epi64(rank, up, rank, one));
+            }
+        }
+#endif
+        if (P->stochastic)
+            for (; i < e; i++) {
+                int t = code[i] + (z[i] > 0 ? 16 : 0);
+                hi[i] = rank_of[t] + ((double)u[i] < frac_of[t]);
+            }
+        else
+            for (; i < e; i++) {
+                int t = code[i] + (z[i] > 0 ? 16 : 0);
+                hi[i] = rank_of[t] + (frac_of[t] >= 0.5);
+            }
+        j = e;
+    }
+}
+
 /* One tile in simple loops over its values (most vectorise: gathers from the per-code tables, the block's
  * absmax constant over its run of values), the same operations per value as the torch path. */
 static void grid4_tile(const struct grid4 *P, int64_t g, int n)
 {
-    float z[TILE], zr[TILE], u[TILE];
-    double d[TILE], x[TILE];
+    float zr[TILE], u[TILE];
     int32_t code[TILE], rank[16], code_of[16] = {0};  /* code_of: L entries used, 16 loaded */
     int64_t hi[TILE];  /* 64-bit, as the compares' masks: the level count needs no repacking */
     uint8_t flag[TILE];  /* perturb: the value moved; restore: it moved in the pending perturbation */
@@ -547,99 +773,16 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
             return;
         }
     }
-    for (int t = 0; t < P->nterms; t++) {
-        if (t == 0 && restoring && P->r_seed == P->seeds[0])
-            memcpy(z, zr, (size_t)n * sizeof *z);
-        else
-            z_tile(P->direction, P->seeds[t], g, n, z);
-        double c = P->coefs[t];
-        if (t == 0)
-            for (int j = 0; j < n; j++) d[j] = (double)z[j] * c;
-        else
-            for (int j = 0; j < n; j++) d[j] = fma((double)z[j], c, d[j]);
-    }
-    if (P->mode == GRID_UPDATE) {
-        double m = -P->lr;
-        for (int j = 0; j < n; j++) d[j] = d[j] * m;
-    }
-    double lo_end = lv[0], hi_end = lv[L - 1];
-    int sh = P->block_shift;
-    for (int j = 0; j < n;) {  /* one run of values per absmax block */
-        int64_t block = (j0 + j) >> sh;
-        int e = (int)min64((int64_t)n, ((block + 1) << sh) - j0);
-        double a = (double)P->absmax[block];
-        if (P->has_decay) {
-            double dc = P->decay_coef;
-            for (int i = j; i < e; i++) d[i] = d[i] - dc * (level_of[code[i]] * a);
-        }
-        if (a > 0)
-            levels_plus(level_of, code, d, a, j, e, x);
-        else
-            for (int i = j; i < e; i++) x[i] = level_of[code[i]] + 0.0;
-        j = e;
-    }
-    for (int j = 0; j < n; j++) {
-        double v = x[j];
-        x[j] = v < lo_end ? lo_end : (v > hi_end ? hi_end : v);
-    }
-    /* The interval between the code's level and the next one the way of its delta, from the tables: the one
-     * the level search finds for a target within it (the same fraction, the same operations). A target past
-     * it: a perturbation clips it to the next level (a fraction past 0 or 1 rounds onto that level); an
-     * update, whose moves are not bounded, searches the levels for it, value by value (rare: a move of more
-     * than a level). */
-    double target[TILE];
-    memcpy(target, x, (size_t)n * sizeof *x);
-    for (int j = 0; j < n; j++) hi[j] = code[j];  /* 64-bit indices into the tables below */
-    for (int j = 0; j < n; j++) hi[j] += d[j] > 0 ? 16 : 0;
-    int j = 0;
-#ifdef __AVX512F__
-    {  /* the 32-entry tables in registers, looked up by permutes rather than gathers from memory (the same
-        * values: the operations on them are the loop's below) */
-        __m512d b0 = _mm512_loadu_pd(base_of), b1 = _mm512_loadu_pd(base_of + 8);
-        __m512d b2 = _mm512_loadu_pd(base_of + 16), b3 = _mm512_loadu_pd(base_of + 24);
-        __m512d g0 = _mm512_loadu_pd(gap_of), g1 = _mm512_loadu_pd(gap_of + 8);
-        __m512d g2 = _mm512_loadu_pd(gap_of + 16), g3 = _mm512_loadu_pd(gap_of + 24);
-        __m512i l0 = _mm512_loadu_si512(lo_of), l1 = _mm512_loadu_si512(lo_of + 8);
-        __m512i l2 = _mm512_loadu_si512(lo_of + 16), l3 = _mm512_loadu_si512(lo_of + 24);
-        __m512i sixteen = _mm512_set1_epi64(16);
-        for (; j + 8 <= n; j += 8) {
-            __m512i i = _mm512_loadu_si512(hi + j);
-            __mmask8 up = _mm512_test_epi64_mask(i, sixteen);  /* entries 16..31: the upward intervals */
-            __m512d base = _mm512_mask_blend_pd(up, _mm512_permutex2var_pd(b0, i, b1),
-                                                _mm512_permutex2var_pd(b2, i, b3));
-            __m512d gap = _mm512_mask_blend_pd(up, _mm512_permutex2var_pd(g0, i, g1),
-                                               _mm512_permutex2var_pd(g2, i, g3));
-            __m512i lo = _mm512_mask_blend_epi64(up, _mm512_permutex2var_epi64(l0, i, l1),
-                                                 _mm512_permutex2var_epi64(l2, i, l3));
-            _mm512_storeu_pd(x + j, _mm512_div_pd(_mm512_sub_pd(_mm512_loadu_pd(x + j), base), gap));
-            _mm512_storeu_si512(hi + j, lo);
-        }
-    }
-#endif
-    for (; j < n; j++) {
-        int64_t i = hi[j];
-        x[j] = (x[j] - base_of[i]) / gap_of[i];
-        hi[j] = lo_of[i];
-    }
-    if (P->mode != GRID_PERTURB)
-        for (int j = 0; j < n; j++) {
-            if (x[j] >= 0 && x[j] <= 1)
-                continue;
-            int64_t h = 0;  /* searchsorted(right=True), then the level below and the fraction, as fractions() */
-            for (int k = 0; k < L; k++) h += lv[k] <= target[j];
-            h = h < 1 ? 1 : (h > L - 1 ? L - 1 : h);
-            hi[j] = h - 1;
-            x[j] = (target[j] - lv[h - 1]) / (lv[h] - lv[h - 1]);
-        }
     if (P->stochastic) {
         uniform_tile(P->noise_seed, g, n, u);
         if (P->antithetic)
             for (int j = 0; j < n; j++) u[j] = 1.0f - u[j];
     }
-    if (P->stochastic)
-        for (int j = 0; j < n; j++) hi[j] += (double)u[j] < x[j];
+    if (P->direction == DIR_RADEMACHER && P->nterms == 1 && !P->has_decay)
+        grid4_two(P, restoring && P->r_seed == P->seeds[0] ? zr : NULL, g, n, j0, u, level_of, base_of, gap_of,
+                  lo_of, code, hi);
     else
-        for (int j = 0; j < n; j++) hi[j] += x[j] >= 0.5;
+        grid4_targets(P, restoring ? zr : NULL, g, n, j0, u, level_of, base_of, gap_of, lo_of, code, hi);
     int k = 0;
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
     {  /* the same selections as the loops below, 16 values at a time, the tables in registers */
@@ -755,7 +898,9 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
     int64_t local = g - P->offset;  /* the layer's value index of g */
     int64_t b0 = local + (P->offset & 7);  /* its bit in ups: tiles after a layer's first start on a byte */
     z_tile(P->direction, P->seeds[0], g, n, z0);
-    for (int j = 0; j < n; j++) est[j] = (double)z0[j] * P->coefs[0];
+    int two = P->direction == DIR_RADEMACHER && P->nterms == 1 && !P->has_decay;  /* below, at the row's run */
+    if (!two)
+        for (int j = 0; j < n; j++) est[j] = (double)z0[j] * P->coefs[0];
     for (int t = 1; t < P->nterms; t++) {
         z_tile(P->direction, P->seeds[t], g, n, z);
         double cf = P->coefs[t];
@@ -781,11 +926,22 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
         for (int j = 0; j < n; j++) keep[j] = kept[j];
         for (int j = 0; j < n; j++) was_up[j] = up[j];
     }
+    /* One Rademacher term and no decay: a value's x is one of two numbers per row, by the sign of its z (z c is
+     * +-c exactly), so each row's two are computed once (the same operations on the same numbers) and each
+     * value picks its own: no division or floor per value. */
     for (int j = 0; j < n;) {  /* one run of values per row */
         int64_t row = (local + j) / P->cols;
         int e = (int)min64((int64_t)n, (row + 1) * P->cols - local);
         double unit = (double)P->scb[row] / 127.0;
-        if (restoring) {  /* the perturbation's step, from its rounding bit; kept values never moved */
+        if (restoring && P->direction == DIR_RADEMACHER) {  /* as below, the row's two steps */
+            int64_t l_pos = 0, l_neg = 0;  /* floor(0.0) where unit is 0 */
+            if (unit > 0) {
+                l_pos = (int64_t)floor(((double)1.0f * r_coef) / unit);
+                l_neg = (int64_t)floor(((double)-1.0f * r_coef) / unit);
+            }
+            for (int i = j; i < e; i++) low[i] = zr[i] > 0 ? l_pos : l_neg;
+            for (int i = j; i < e; i++) c[i] -= (1 - keep[i]) * (low[i] + was_up[i]);
+        } else if (restoring) {  /* the perturbation's step, from its rounding bit; kept values never moved */
             if (unit > 0)
                 for (int i = j; i < e; i++) low[i] = (int64_t)floor(((double)zr[i] * r_coef) / unit);
             else
@@ -796,6 +952,30 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
             j = e;
             continue;
         }
+        if (two) {  /* x for z = +1 and z = -1, then the row's two (floor, rounding bit) pairs per value */
+            int64_t low2[2], bit2[2];
+            double frac2[2];
+            for (int s = 0; s < 2; s++) {
+                double est1 = (double)(s ? 1.0f : -1.0f) * P->coefs[0];
+                double x1 = !(unit > 0) ? 0.0 : (mode == 0 ? est1 / unit : (est1 * lr) / unit);
+                double f = floor(x1);
+                low2[s] = (int64_t)f;
+                frac2[s] = x1 - f;
+                bit2[s] = frac2[s] >= 0.5;  /* rounding to the nearest */
+            }
+            if (stochastic)
+                for (int i = j; i < e; i++) {
+                    int s = z0[i] > 0;
+                    low[i] = s ? low2[1] : low2[0];
+                    bit[i] = (double)u[i] < (s ? frac2[1] : frac2[0]);
+                }
+            else
+                for (int i = j; i < e; i++) {
+                    int s = z0[i] > 0;
+                    low[i] = s ? low2[1] : low2[0];
+                    bit[i] = s ? bit2[1] : bit2[0];
+                }
+        } else {
         if (!(unit > 0))
             for (int i = j; i < e; i++) x[i] = 0.0;
         else if (mode == 0)
@@ -821,6 +1001,7 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
                 low[i] = (int64_t)f;
                 bit[i] = x[i] - f >= 0.5;
             }
+        }
         for (int i = j; i < e; i++) d[i] = low[i] + bit[i];
         if (mode == 0)
             for (int i = j; i < e; i++) {  /* a code that +d or -d would push out of [-127, 127] stays */

@@ -190,6 +190,19 @@ def test_each_phase_is_estimated_and_a_streamed_cell_never_prices_the_float_mode
     assert smol["magnitude"]["load"] - smol["sensitive"]["load"] == pytest.approx(linears * 2 / 2**20, rel=1e-3)
 
 
+def test_only_a_mask_s_taken_values_add_to_the_quantize_phase():
+    """QZO and QuZO train the quantized model's own scales and codes: their quantize phase is the forward
+    cell's (QuZO's 106M codes were once priced there as taken float values, 1.7 GB on SmolLM2); a sensitive
+    mask's 0.1% taken out of the layers and kept beside them adds to it."""
+    cell = dict(model="smollm2", task="sst2", quant="nf4-plain", batch_size=16, max_length=128, density=1e-3)
+    phases = {m: estimate_cell(CellConfig.from_dict(dict(cell, method=m)))["phases"]
+              for m in ("forward", "qzo", "quzo", "sensitive")}
+    assert phases["qzo"]["quantize"] == phases["quzo"]["quantize"] == phases["forward"]["quantize"]
+    taken = 1e-3 * estimate_cell(CellConfig.from_dict(dict(cell, method="forward")))["linear_numel"]
+    assert phases["sensitive"]["quantize"] - phases["forward"]["quantize"] == pytest.approx(
+        taken * (4 + 4 + 8) / 2**20, rel=0.05)
+
+
 def test_full_zo_on_quantized_weights_is_unsupported():
     from zobench.errors import Unsupported
 

@@ -200,8 +200,10 @@ def estimate_cell(cfg: CellConfig) -> dict:
     peak = round(sum(breakdown.values()), 3)
     largest = max((o * i for o, i in arch.linears), default=0)
     transient = 0.0 if cfg.quant == "none" else get_backend(cfg.quant).quantize_transient(largest, db, device)
-    phases = dict(phase_estimates(cfg, arch, db, storage, price.nnz, breakdown["framework_mib"],
-                                  *_streams(cfg, method, arch), device, transient), train=peak)
+    streamed, needs_mask = _streams(cfg, method, arch)
+    taken = price.nnz if needs_mask and storage is not None else 0  # the values a mask takes out of quantized layers
+    phases = dict(phase_estimates(cfg, arch, db, storage, taken, breakdown["framework_mib"], streamed, needs_mask,
+                                  device, transient), train=peak)
     return {"peak_mib": peak, "breakdown": breakdown, "phases": phases, "cell_peak_mib": max(phases.values()),
             "device": device,
             "model_numel": arch.numel, "method": cfg.method, "trainable_numel": price.nnz,

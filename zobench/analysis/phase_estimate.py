@@ -74,7 +74,8 @@ def mask_bytes(cfg, arch, db: int, streamed: bool, device: str = "cpu") -> float
 
 def quantize_bytes(cfg, arch, db: int, storage, streamed: bool, nnz: int, transient: float = 0.0) -> float:
     """Bytes alive while the last layer is quantized (streamed: it the only float one), with ``transient``, what
-    quantizing the largest layer needs beyond it (``Backend.quantize_transient``)."""
+    quantizing the largest layer needs beyond it (``Backend.quantize_transient``); ``nnz``: the values a mask
+    took out of the quantized layers, kept beside them (0 for a method that trains the codes or scales)."""
     quantized = sum(storage.weight_bytes(o, i) for o, i in arch.linears)
     other = arch.other_numel * db + arch.buffer_bytes
     sparse = nnz * (db + 4 + 8)  # the taken values, their int32 positions, the mask's int64 indices

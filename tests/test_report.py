@@ -230,6 +230,18 @@ def test_cells_resumed_from_a_checkpoint_are_flagged(records, tmp_path):
     assert "resumed from a checkpoint" not in GOLDEN.read_text(encoding="utf-8")
 
 
+def test_a_mask_read_from_the_cache_is_marked_cached_beside_its_estimate(records, tmp_path):
+    """A mask phase that read its mask from the cache measures the read, not the computation its estimate
+    prices: the phase table says cached rather than set the two side by side."""
+    cached = copy.deepcopy(records)
+    cell = next(r for r in cached if r.metrics.get("mask_cache_hit") is True)
+    assert "| 305 (cached) / 0.05 s |" in GOLDEN.read_text(encoding="utf-8")  # the fixture's, without an estimate
+    cell.estimate = {"peak_mib": 400.0, "breakdown": {}, "phases": {"mask": 1038.0, "train": 400.0}}
+    md = render_report(cached, tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "| 305 (cached; est. 1038 computed) / 0.05 s |" in md
+    assert "(est. 400) / 1.17 s" in md  # the other phases keep theirs
+
+
 def test_pilot_chosen_lrs_do_not_split_twins_and_forward_cells_show_no_lr(records, tmp_path):
     """A suite whose lr is chosen per method by the pilot: the NF4 cell still finds its float twin (another
     lr), and the forward reference cells, which train nothing, show no lr."""

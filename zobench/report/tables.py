@@ -152,6 +152,9 @@ def phase_table(ok: list[CellView], extras: list[str]) -> list[str]:
         peak, secs, est = phase_peak(r, p), r.phase(p).wall_s, r.estimated_phase_mib(p)
         if peak is None and secs is None:
             return DASH
+        if p == "mask" and r.metrics.get("mask_cache_hit") is True:  # read from the mask cache, not computed
+            why = f"cached; est. {mib(est)} computed" if est is not None else "cached"
+            return f"{mib(peak)} ({why}) / {num(secs)} s"
         return f"{mib(peak)}" + (f" (est. {mib(est)})" if est is not None else "") + f" / {num(secs)} s"
 
     def whole(r):
@@ -163,7 +166,8 @@ def phase_table(ok: list[CellView], extras: list[str]) -> list[str]:
              "reset at the start of each phase (on a GPU the "
              "device memory the driver reported, else CUDA max allocated; on a CPU peak RSS). The whole cell's "
              "peak is the largest phase's: what a machine must hold to run the cell, and what `peak_mib_max` "
-             "holds unless its budget names phases.")
+             "holds unless its budget names phases. A mask read from zobench's mask cache is marked cached: its "
+             "phase did not compute it, and the estimate beside it is what computing it would take.")
     return section("Memory by phase", intro, cols, ok, extras)
 
 

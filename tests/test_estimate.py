@@ -203,6 +203,32 @@ def test_only_a_mask_s_taken_values_add_to_the_quantize_phase():
         taken * (4 + 4 + 8) / 2**20, rel=0.05)
 
 
+def test_evaluations_have_an_estimate_of_their_own():
+    """An evaluating cell's eval phases are priced by their own forward (eval_batch_size examples, unpacked)
+    rather than the training step's: 'eval' grows with the evaluation batch and not with the training batch;
+    random weights (never evaluated) and a cell that evaluates nothing have none; `zobench check` and the
+    report read it for the eval phases, and the training estimate for warm-up and train."""
+    from zobench.analysis.check import Estimate
+    from zobench.cell.record import CellRecord
+
+    cell = dict(model="smollm2", task="sst2", method="sensitive", batch_size=16, max_length=128, density=1e-3)
+
+    def phases(**kw):
+        return estimate_cell(CellConfig.from_dict(dict(cell, **kw)))["phases"]
+
+    base, wide, big_train = phases(eval_batch_size=16), phases(eval_batch_size=64), phases(batch_size=64)
+    assert wide["eval"] > base["eval"] and wide["train"] == base["train"]
+    assert big_train["eval"] == base["eval"] and big_train["train"] > base["train"]
+    assert "eval" not in phases(eval_before=False, eval_after=False)
+    assert "eval" not in phases(model="random:tiny-llama")
+    est = Estimate("c", {}, {}, "cpu", base["train"], phases=base)
+    assert est.peak(["eval_before"]) == base["eval"] and est.peak(["warmup"]) == base["train"]
+    rec = CellRecord("c", estimate={"peak_mib": base["train"], "phases": base})
+    assert rec.estimated_phase_mib("eval_after") == base["eval"]
+    older = CellRecord("c", estimate={"peak_mib": 1.0, "phases": {"train": 1.0}})  # before evals had their own
+    assert older.estimated_phase_mib("eval_after") == 1.0
+
+
 def test_full_zo_on_quantized_weights_is_unsupported():
     from zobench.errors import Unsupported
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from zobench.cell.measures import TRAIN_ESTIMATED
+from zobench.cell.measures import estimate_key
 from zobench.cell.record import CellRecord
 from zobench.results import derive, latest_by_cell, phase_peak
 from zobench.spec.selectors import selector_matches
@@ -38,14 +38,14 @@ class Estimate:
     peak_mib: float
     breakdown: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
-    phases: dict = field(default_factory=dict)  # load / mask / quantize / train: each phase's predicted peak
+    phases: dict = field(default_factory=dict)  # load / mask / quantize / eval / train: each phase's predicted peak
 
     def peak(self, phases=None) -> float:
-        """The predicted peak of the whole cell, or of the named ``phases`` (a record's phase names: warmup,
-        train and the evaluations are the estimate's "train")."""
+        """The predicted peak of the whole cell, or of the named ``phases`` (a record's phase names: warmup and
+        train are the estimate's "train", the evaluations its "eval": ``measures.estimate_key``)."""
         if not self.phases:
             return self.peak_mib
-        named = {"train" if p in TRAIN_ESTIMATED else p for p in phases} if phases else set(self.phases)
+        named = {estimate_key(p, self.phases) for p in phases} if phases else set(self.phases)
         found = [v for k, v in self.phases.items() if k in named]
         return max(found) if found else self.peak_mib
 

@@ -177,13 +177,14 @@ def estimate_cell(cfg: CellConfig) -> dict:
                                      scored_positions=seqs * scored))
     activations = activation_bytes(arch, seqs, scored, cfg.max_length, db, device, cfg.quant,
                                    price.sparse_delta, price.nnz_per_layer)
-    if cfg.eval_every and not arch.source.startswith("random:"):
-        # Dev evaluations run inside the train phase (random weights are never evaluated): a forward of
-        # eval_batch_size examples, or greedy generation with its KV cache for generation tasks.
+    evaluation = None  # one evaluation's forward: eval_batch_size examples, or greedy generation and its KV cache
+    if not arch.source.startswith("random:"):  # (random weights are never evaluated)
         seqs, scored = _sequences(cfg, cfg.eval_batch_size, train=False)
         kv = 2 * arch.layers * seqs * cfg.max_length * arch.kv_width * db if scored > OPTION_TOKENS else 0
-        activations = max(activations, kv + activation_bytes(arch, seqs, scored, cfg.max_length, db, device,
-                                                             cfg.quant, price.sparse_delta, price.nnz_per_layer))
+        evaluation = kv + activation_bytes(arch, seqs, scored, cfg.max_length, db, device, cfg.quant,
+                                           price.sparse_delta, price.nnz_per_layer)
+    if cfg.eval_every and evaluation is not None:  # dev evaluations run inside the train phase
+        activations = max(activations, evaluation)
     # The framework floor measured on this machine (zobench.analysis.calibration), not a constant.
     floor = framework(device)
     breakdown = {
@@ -204,6 +205,11 @@ def estimate_cell(cfg: CellConfig) -> dict:
     taken = price.nnz if needs_mask and storage is not None else 0  # the values a mask takes out of quantized layers
     phases = dict(phase_estimates(cfg, arch, db, storage, taken, breakdown["framework_mib"], streamed, needs_mask,
                                   device, transient), train=peak)
+    if evaluation is not None and (cfg.eval_before or cfg.eval_after or cfg.eval_every):
+        # an evaluation phase (before, after, the best dev step's): the weights and what the method holds, and
+        # the evaluation's forward instead of the training step's
+        held = ("framework_mib", "weights_mib", "trainable_mib", "optimizer_mib")
+        phases["eval"] = round(sum(breakdown[k] for k in held) + evaluation / MIB, 3)
     return {"peak_mib": peak, "breakdown": breakdown, "phases": phases, "cell_peak_mib": max(phases.values()),
             "device": device,
             "model_numel": arch.numel, "method": cfg.method, "trainable_numel": price.nnz,

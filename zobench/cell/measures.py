@@ -47,8 +47,19 @@ def read_kinds(kinds: tuple) -> tuple:
     return kinds + (float,) if kinds == (int,) else kinds
 
 
-# The phases the training estimate covers (a record's phase names; ``CellRecord.estimated_phase_mib``).
+# The phases the training estimate covers (a record's phase names; ``CellRecord.estimated_phase_mib``), and
+# the evaluations, which have an estimate of their own ("eval") where the estimator made one.
 TRAIN_ESTIMATED = ("warmup", "train", "eval_before", "eval_after", "eval_best")
+EVAL_PHASES = ("eval_before", "eval_after", "eval_best")
+
+
+def estimate_key(phase: str, estimated) -> str:
+    """The key of ``estimated`` (an estimate's phases) that predicts a record's ``phase``: its own name; the
+    training estimate for warm-up and train; for an evaluation its own "eval" estimate, or the training
+    estimate in estimates made before there was one."""
+    if phase in EVAL_PHASES and "eval" in (estimated or {}):
+        return "eval"
+    return "train" if phase in TRAIN_ESTIMATED else phase
 
 def _field(d, key: str):
     """``d[key]`` where ``d`` is a mapping that has it, else None: the free-form parts of a record (an

@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from zobench.cell.measures import (
     NUMBER,
     STATUSES,
-    TRAIN_ESTIMATED,
     Execution,
     Metrics,
     PhaseMeasure,
     SchemaError,
     _field,
     check_field,
+    estimate_key,
     shown_value,
 )
 
@@ -115,11 +115,11 @@ class CellRecord:
         return _field(self.estimate, "peak_mib")
 
     def estimated_phase_mib(self, phase: str):
-        """The estimator's peak for one phase of this cell (load, mask, quantize; warm-up, train and the
-        evaluations are its training estimate), None where it has none (older records: training only)."""
+        """The estimator's peak for one phase of this cell (load, mask, quantize, eval; warm-up and train are
+        its training estimate: ``measures.estimate_key``), None where it has none (older records: training
+        only)."""
         phases = _field(self.estimate, "phases")
-        key = "train" if phase in TRAIN_ESTIMATED else phase
-        value = _field(phases, key)
+        value = _field(phases, estimate_key(phase, phases if isinstance(phases, dict) else None))
         return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     @property

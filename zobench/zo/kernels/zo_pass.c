@@ -730,8 +730,10 @@ static void grid4_two(const struct grid4 *P, const float *zr, int64_t g, int n, 
     }
 }
 
-/* One tile in simple loops over its values (most vectorise: gathers from the per-code tables, the block's
- * absmax constant over its run of values), the same operations per value as the torch path. */
+/* One tile: the pending perturbation restored from its bits, each value's new level found (grid4_two for one
+ * Rademacher term without decay, the common case; grid4_targets otherwise), the codes selected and packed
+ * back. Simple loops over the values (most vectorise; the per-code tables looked up by AVX-512 permutes), the
+ * same operations per value as the torch path. */
 static void grid4_tile(const struct grid4 *P, int64_t g, int n)
 {
     float zr[TILE], u[TILE];

@@ -80,6 +80,24 @@ def test_a_clear_difference_holds_and_failed_runs_are_left_out_by_the_declared_r
     assert by["s-like-f"].verdict in ("holds", "not resolved")
 
 
+def test_one_seed_per_arm_reports_its_interval_but_decides_nothing(tmp_path):
+    """A clear difference on one seed a side is an interval about those two runs (examples only), not a
+    verdict about the methods: not resolved, and said why; with more seeds a side it holds."""
+    rng = np.random.default_rng(3)
+    declared = claims()
+    out = tmp_path / "t.jsonl"
+    for method, acc in (("sensitive", 0.85), ("random", 0.62), ("full", 0.84)):
+        append_record(out, run(tmp_path, method, 0, acc, declared, rng))
+    one = {r.claim: r for r in verdicts(load_records(out), declared, tmp_path).results}["s-beats-r"]
+    assert one.n_seeds == (1, 1) and one.adj_low > 0.1  # the interval alone would say it holds
+    assert one.verdict == "not resolved" and "at least 2 seeds per arm" in one.method
+    for seed in (1, 2, 3):
+        for method, acc in (("sensitive", 0.85), ("random", 0.62)):
+            append_record(out, run(tmp_path, method, seed, acc, declared, rng))
+    more = {r.claim: r for r in verdicts(load_records(out), declared, tmp_path).results}["s-beats-r"]
+    assert more.n_seeds == (4, 4) and more.verdict == "holds"
+
+
 def test_predictions_that_are_not_the_recorded_bytes_are_refused(results):
     records = load_records(results)
     victim = results.parent / records[0].predictions["path"]

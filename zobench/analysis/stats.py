@@ -2,8 +2,9 @@
 
 Every claim is about a difference a - b (for speed, the log of b's time over a's). Its evidence is a set of
 bootstrap replicates of that difference; an interval at level 1 - alpha is read off them, and the verdict is
-the interval against the claim's margin (``verdict``). The p-value is the smallest alpha at which that
-interval resolves the claim (holds or does not hold): the test and the interval are one object, so a
+the interval against the claim's margin (``verdict``), once each arm has at least ``MIN_SEEDS`` usable
+seeds (a claim is about methods, and one seed gives no seed-to-seed variance). The p-value is the smallest
+alpha at which that interval resolves the claim (holds or does not hold): the test and the interval are one object, so a
 decision by p-value and a decision by interval cannot disagree.
 
 Alpha is two-sided: a resolved verdict is wrong (holds when false, does not hold when true) with probability
@@ -51,6 +52,9 @@ from statsmodels.stats.multitest import multipletests
 from zobench.spec.claims import Claim
 
 HOLDS, FAILS, OPEN, MISSING = "holds", "does not hold", "not resolved", "not measured"
+# A claim is about methods: its verdict needs each arm's seed-to-seed variance, so at least this many usable
+# seeds per arm. With fewer the interval is still reported, and describes those runs, not the methods.
+MIN_SEEDS = 2
 CHUNK = 1000  # replicates per block: bounds the (block x examples) count matrix to a few MB
 
 
@@ -175,8 +179,13 @@ def decide(claims: Sequence[Claim], evidence: Mapping[str, Evidence]) -> list[Re
         lo, hi = e.replicates.interval(alpha)
         adj_lo, adj_hi = e.replicates.interval(a_adj)
         v = verdict(c.kind, adj_lo, adj_hi, margin) if p_adj <= alpha else OPEN
+        method = e.method
+        if min(e.n_seeds) < MIN_SEEDS:
+            v = OPEN
+            method += (f"; not decided: a verdict needs at least {MIN_SEEDS} seeds per arm (with one, the interval "
+                       f"is about those runs, not the methods)")
         results.append(Result(c.id, c.kind, margin, e.replicates.estimate, lo, hi, alpha, a_adj, adj_lo, adj_hi,
-                              p, float(p_adj), v, e.n_seeds, e.n_examples, e.method))
+                              p, float(p_adj), v, e.n_seeds, e.n_examples, method))
     return results
 
 

@@ -178,7 +178,8 @@ def estimate_cell(cfg: CellConfig) -> dict:
     activations = activation_bytes(arch, seqs, scored, cfg.max_length, db, device, cfg.quant,
                                    price.sparse_delta, price.nnz_per_layer)
     evaluation = None  # one evaluation's forward: eval_batch_size examples, or greedy generation and its KV cache
-    if not arch.source.startswith("random:"):  # (random weights are never evaluated)
+    evaluates = cfg.eval_before or cfg.eval_after or cfg.eval_every
+    if evaluates and not arch.source.startswith("random:"):  # (random weights are never evaluated)
         seqs, scored = _sequences(cfg, cfg.eval_batch_size, train=False)
         kv = 2 * arch.layers * seqs * cfg.max_length * arch.kv_width * db if scored > OPTION_TOKENS else 0
         evaluation = kv + activation_bytes(arch, seqs, scored, cfg.max_length, db, device, cfg.quant,
@@ -205,7 +206,7 @@ def estimate_cell(cfg: CellConfig) -> dict:
     taken = price.nnz if needs_mask and storage is not None else 0  # the values a mask takes out of quantized layers
     phases = dict(phase_estimates(cfg, arch, db, storage, taken, breakdown["framework_mib"], streamed, needs_mask,
                                   device, transient), train=peak)
-    if evaluation is not None and (cfg.eval_before or cfg.eval_after or cfg.eval_every):
+    if evaluation is not None:
         # an evaluation phase (before, after, the best dev step's): the weights and what the method holds, and
         # the evaluation's forward instead of the training step's
         held = ("framework_mib", "weights_mib", "trainable_mib", "optimizer_mib")

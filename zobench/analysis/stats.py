@@ -4,8 +4,8 @@ Every claim is about a difference a - b (for speed, the log of b's time over a's
 bootstrap replicates of that difference; an interval at level 1 - alpha is read off them, and the verdict is
 the interval against the claim's margin (``verdict``), once each arm has at least ``MIN_SEEDS`` usable
 seeds (a claim is about methods, and one seed gives no seed-to-seed variance). The p-value is the smallest
-alpha at which that interval resolves the claim (holds or does not hold): the test and the interval are one object, so a
-decision by p-value and a decision by interval cannot disagree.
+alpha at which that interval resolves the claim (holds or does not hold): the test and the interval are one
+object, so a decision by p-value and a decision by interval cannot disagree.
 
 Alpha is two-sided: a resolved verdict is wrong (holds when false, does not hold when true) with probability
 at most alpha, each side at most alpha / 2. Over the suite's claims, Holm's step-down procedure

@@ -44,8 +44,6 @@ _Static_assert(TILE % 128 == 0, "a tile holds whole Rademacher blocks");
 typedef union { uint32_t u; float f; } bits32;
 typedef union { uint64_t u; double d; } bits64;
 
-/* Philox4x32-10 on nb counters held one word array per counter word, in place, under key (k0, k1):
- * loops over the counters, so that the 32x32->64-bit products vectorise (vpmuludq). */
 #ifdef __AVX512F__
 /* The high 32 bits of the 32x32-bit products a * m, 16 lanes: the even lanes' products, and the odd lanes'
  * (moved down), by vpmuludq; their low 32 bits into *lo. */
@@ -57,6 +55,8 @@ static inline __m512i mul_hilo(__m512i a, __m512i m, __m512i *lo)
 }
 #endif
 
+/* Philox4x32-10 on nb counters held one word array per counter word, in place, under key (k0, k1):
+ * loops over the counters, so that the 32x32->64-bit products vectorise (vpmuludq). */
 static void philox_rounds(uint32_t w[4][BLOCKS], int nb, uint32_t k0, uint32_t k1)
 {
     int i0 = 0;
@@ -972,19 +972,15 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
         int64_t row = (local + j) / P->cols;
         int e = (int)min64((int64_t)n, (row + 1) * P->cols - local);
         double unit = (double)P->scb[row] / 127.0;
-        if (restoring && P->direction == DIR_RADEMACHER) {  /* as below, the row's two steps */
-            int64_t l_pos = 0, l_neg = 0;  /* floor(0.0) where unit is 0 */
-            if (unit > 0) {
-                l_pos = (int64_t)floor(((double)1.0f * r_coef) / unit);
-                l_neg = (int64_t)floor(((double)-1.0f * r_coef) / unit);
-            }
-            for (int i = j; i < e; i++) low[i] = zr[i] > 0 ? l_pos : l_neg;
-            for (int i = j; i < e; i++) c[i] -= (1 - keep[i]) * (low[i] + was_up[i]);
-        } else if (restoring) {  /* the perturbation's step, from its rounding bit; kept values never moved */
-            if (unit > 0)
-                for (int i = j; i < e; i++) low[i] = (int64_t)floor(((double)zr[i] * r_coef) / unit);
-            else
+        if (restoring) {  /* the perturbation's step, from its rounding bit; kept values never moved */
+            if (!(unit > 0))
                 for (int i = j; i < e; i++) low[i] = 0;  /* floor(0.0) */
+            else if (P->direction == DIR_RADEMACHER) {  /* z = +-1: the row's two floors, as the loop below */
+                int64_t l_pos = (int64_t)floor(((double)1.0f * r_coef) / unit);
+                int64_t l_neg = (int64_t)floor(((double)-1.0f * r_coef) / unit);
+                for (int i = j; i < e; i++) low[i] = zr[i] > 0 ? l_pos : l_neg;
+            } else
+                for (int i = j; i < e; i++) low[i] = (int64_t)floor(((double)zr[i] * r_coef) / unit);
             for (int i = j; i < e; i++) c[i] -= (1 - keep[i]) * (low[i] + was_up[i]);
         }
         if (mode == 1) {
@@ -1015,31 +1011,31 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
                     bit[i] = s ? bit2[1] : bit2[0];
                 }
         } else {
-        if (!(unit > 0))
-            for (int i = j; i < e; i++) x[i] = 0.0;
-        else if (mode == 0)
-            for (int i = j; i < e; i++) x[i] = est[i] / unit;
-        else if (P->has_decay)
-            for (int i = j; i < e; i++) {
-                double delta = est[i] * lr;
-                delta = delta - dc * ((double)c[i] * unit);
-                x[i] = delta / unit;
-            }
-        else
-            for (int i = j; i < e; i++) x[i] = (est[i] * lr) / unit;
-        /* round(x) onto whole steps: stochastically with u, else to the nearest */
-        if (stochastic)
-            for (int i = j; i < e; i++) {
-                double f = floor(x[i]);
-                low[i] = (int64_t)f;
-                bit[i] = (double)u[i] < x[i] - f;
-            }
-        else
-            for (int i = j; i < e; i++) {
-                double f = floor(x[i]);
-                low[i] = (int64_t)f;
-                bit[i] = x[i] - f >= 0.5;
-            }
+            if (!(unit > 0))
+                for (int i = j; i < e; i++) x[i] = 0.0;
+            else if (mode == 0)
+                for (int i = j; i < e; i++) x[i] = est[i] / unit;
+            else if (P->has_decay)
+                for (int i = j; i < e; i++) {
+                    double delta = est[i] * lr;
+                    delta = delta - dc * ((double)c[i] * unit);
+                    x[i] = delta / unit;
+                }
+            else
+                for (int i = j; i < e; i++) x[i] = (est[i] * lr) / unit;
+            /* round(x) onto whole steps: stochastically with u, else to the nearest */
+            if (stochastic)
+                for (int i = j; i < e; i++) {
+                    double f = floor(x[i]);
+                    low[i] = (int64_t)f;
+                    bit[i] = (double)u[i] < x[i] - f;
+                }
+            else
+                for (int i = j; i < e; i++) {
+                    double f = floor(x[i]);
+                    low[i] = (int64_t)f;
+                    bit[i] = x[i] - f >= 0.5;
+                }
         }
         for (int i = j; i < e; i++) d[i] = low[i] + bit[i];
         if (mode == 0)

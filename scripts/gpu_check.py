@@ -9,13 +9,13 @@ In order, stopping cleanly before a step that no longer fits the time left:
   1. ``pytest -m gpu``: per-phase CUDA peaks, the NVML sampler against a known allocation, NF4 on CUDA
      against the CPU (also with merged sparse values), sparse restore bit-exact in fp16/bf16, random 7B
      weights built on the GPU;
-  2. ``bench/mask_memory.py``, ``bench/topk_memory.py`` and ``bench/sparse_pass_ops.py`` on the GPU (the
-     mask phase's allocator peaks stage by stage, the global top-k's memory before and now, a 224-tensor
-     sparse perturbation a pass per tensor and in one pass), ``bench/sparse_delta.py --device cuda`` at
-     the suite's batch (each way of the dense-and-sparse layer
-     against the quantized layer, -> ``sparse_delta_cuda.json``), ``bench/new_batch.py`` (a forward on a
-     batch not seen before against the same batch again, -> ``new_batch_cuda.json``) and this node's
-     framework floor for the estimator (``framework("cuda")``, cached like the CPU one,
+  2. the benches, each while it fits: ``bench/new_batch.py`` (a forward on a batch not seen before against
+     the same batch again, with and without cuDNN attention, -> ``new_batch_cuda.json``),
+     ``bench/mask_memory.py``, ``bench/topk_memory.py`` and ``bench/sparse_pass_ops.py`` (the mask phase's
+     allocator peaks stage by stage, the global top-k's memory before and now, a 224-tensor sparse
+     perturbation a pass per tensor and in one pass), ``bench/sparse_delta.py --device cuda`` at the suite's
+     batch (each way of the dense-and-sparse layer against the quantized layer, -> ``sparse_delta_cuda.json``),
+     then this node's framework floor for the estimator (``framework("cuda")``, cached like the CPU one,
      -> ``framework_cuda.json``);
   3. the cells of ``suites/gpu-check.yaml`` (Llama-2-7B from random weights, the suite's batch, ~10 timed
      steps), forward and sensitive in fp16, then forward, sensitive and random on NF4, full ZO last;
@@ -41,24 +41,27 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "gpu-bundle"
 SUITE = ROOT / "suites" / "gpu-check.yaml"
 BUDGET_S = 540
-# The whole 7B cells, before anything else: (suite, --only selector, planned seconds). Planned, not yet
-# measured on a GPU: process start and imports ~15 s, 7B weights drawn on the GPU and quantized tensor by
-# tensor ~40 s, the mask layer by layer ~15 s, SST-2's 872 test sentences before and after ~20 s, 23 steps
-# ~15 s; the forward reference and the small-batch cells less.
+# The whole 7B cells, before anything else: (suite, --only selector, planned seconds). Measured on the H200
+# (2026-12-04, two runs): llama7b.yaml's two cells 183 and 219 s (the second measured the node's framework
+# floor first, ~20 s; mask phase ~70 s, quantize ~15 s each), llama7b-cuda.yaml's 87 and 113 s.
 WHOLE_CELLS = [
-    ("suites/llama7b.yaml", "quant=nf4,method=sensitive|forward,task=sst2", 180),
-    ("suites/llama7b-cuda.yaml", None, 120),
+    ("suites/llama7b.yaml", "quant=nf4,method=sensitive|forward,task=sst2", 220),
+    ("suites/llama7b-cuda.yaml", None, 115),
 ]
 # Planned seconds of the steps before the cells. Measured on an H200 (2026-11-30): pytest -m gpu 21 s
 # (6 tests, a 7B init among them), the sparse-delta bench 20 s, one tiny cell 13-21 s (the floor: two).
 PYTEST_S = 35
 FLOOR_S = 40
-# Benches, run with a timeout of twice their plan: (step name, what, planned seconds, script and arguments,
-# results file). mask_memory: 3 variants of ~8 s each on the H200 (2026-12-04). new_batch: on the H200
-# each ZO step's first forward took ~45 ms more than its second on the same batch (tiny Llama); it tells
-# which part of a new batch costs that.
+# Benches, run with a timeout of twice their plan, each while it fits the time left (before the cells of
+# gpu-check.yaml, which two H200 runs have measured): (step name, what, planned seconds, script and
+# arguments, results file). new_batch first: on the H200 a forward at a new sequence length cost ~40 ms of
+# cuDNN attention planning (tiny Llama); its no-cuDNN variant has not run on a GPU yet, and cells now warm
+# their shapes before timing (CellConfig.shape_warmup). mask_memory: 3 variants of ~8 s each plus start-up,
+# 74 s in all on the H200 (2026-12-04).
 BENCHES = [
-    ("bench", "bench/mask_memory.py --device cuda", 35,
+    ("bench", "bench/new_batch.py --device cuda", 30,
+     ["bench/new_batch.py", "--device", "cuda", "--dtype", "float16"], "new_batch_cuda.json"),
+    ("bench", "bench/mask_memory.py --device cuda", 75,
      ["bench/mask_memory.py", "--device", "cuda"], "mask_memory_cuda.json"),
     ("bench", "bench/topk_memory.py --device cuda", 20,
      ["bench/topk_memory.py", "--device", "cuda"], "topk_memory_cuda.json"),
@@ -67,8 +70,6 @@ BENCHES = [
     ("bench", "bench/sparse_delta.py --device cuda", 25,
      ["bench/sparse_delta.py", "--device", "cuda", "--dtype", "float16", "--tokens", str(16 * 2 * 256),
       "--rounds", "5"], "sparse_delta_cuda.json"),
-    ("bench", "bench/new_batch.py --device cuda", 30,
-     ["bench/new_batch.py", "--device", "cuda", "--dtype", "float16"], "new_batch_cuda.json"),
 ]
 # Planned seconds per cell until one was measured here (then its measured wall time counts): process
 # start and imports ~15 s, 7B random init on the GPU ~10 s, NF4 quantization ~25 s, sensitive mask
@@ -214,9 +215,8 @@ def main() -> int:
     rc = subprocess.run(tests, cwd=ROOT, timeout=max(30, left() - 60)).returncode
     print(f"gpu-check: pytest -m gpu exit {rc} ({args.budget_s - left():.0f} s so far)", flush=True)
     first = len(steps) - len(ORDER)  # the cells' steps follow the tests, the bench and the floor
-    two_cells = sum(s for _, _, s, _ in steps[first:first + 2])
-    for _, what, secs, argv, result in BENCHES:  # each only while the first two cells still fit after it
-        if left() < secs + two_cells:
+    for _, what, secs, argv, result in BENCHES:  # each while it fits; the cells take what is left
+        if left() < secs:
             print(f"gpu-check: skipped {what}: {left():.0f} s left", flush=True)
             continue
         try:
@@ -225,7 +225,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             b = "timed out"
         print(f"gpu-check: {what} exit {b} ({args.budget_s - left():.0f} s so far)", flush=True)
-    if left() >= FLOOR_S + two_cells:
+    if left() >= FLOOR_S:
         from zobench.driver import calibrate
 
         floor = calibrate("cuda")  # measured here and cached: the cells' records then carry estimates on it

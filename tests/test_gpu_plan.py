@@ -26,7 +26,7 @@ def test_gpu_check_plans_the_whole_7b_cells_first_within_its_budget(tmp_path):
     assert "suites/llama7b.yaml --only quant=nf4,method=sensitive" in steps[0]
     assert "suites/llama7b-cuda.yaml" in steps[1] and "pytest -m gpu" in steps[2]
     assert sum(float(line.split()[0]) for line in steps[:3]) <= budget  # the whole cells and the tests fit
-    assert "mask_memory.py --device cuda" in steps[3] and "topk_memory.py --device cuda" in steps[4]
-    assert "sparse_pass_ops.py --device cuda" in steps[5]
-    assert "sparse_delta.py --device cuda" in steps[6] and "new_batch.py --device cuda" in steps[7]
+    assert "new_batch.py --device cuda" in steps[3]  # the open question first: what a new shape costs
+    assert "mask_memory.py --device cuda" in steps[4] and "topk_memory.py --device cuda" in steps[5]
+    assert "sparse_pass_ops.py --device cuda" in steps[6] and "sparse_delta.py --device cuda" in steps[7]
     assert "framework footprint on cuda" in steps[8]

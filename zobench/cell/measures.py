@@ -141,7 +141,8 @@ SCALARS = {
     "weights_init": (str,), "quant_streamed": (bool,),
 }
 STATS = ("step_s", "forward_ref_s", "step_over_ref")
-MAPPINGS = ("test_before", "test_after", "truncated", "best_dev", "test_best", "zo_passes", "earlier_segments")
+MAPPINGS = ("test_before", "test_after", "truncated", "best_dev", "test_best", "zo_passes", "earlier_segments",
+            "shape_warmup")
 SERIES = ("loss_curve", "dev_curve", "trajectory")
 
 

@@ -14,6 +14,7 @@ it runs beside quantized weights, how it steps. ``Run`` is what a method sees of
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +29,7 @@ from zobench.cell.predictions import Predictions
 from zobench.cell.record import CellRecord
 from zobench.cell.run import Run, quantize_streamed, resolve_device
 from zobench.cell.selection import DevSelection
-from zobench.cell.timing import ForwardReference, Phases, StepTiming, zo_passes
+from zobench.cell.timing import ForwardReference, Phases, StepTiming, warm_shapes, zo_passes
 from zobench.errors import Unsupported, UserError
 from zobench.files import cache_dir
 from zobench.methods import get_method
@@ -249,10 +250,15 @@ class Pipeline:
         stream = run.batches()
         warm = min(cfg.warmup_steps, cfg.steps)
         start = resume.restore(self, stepper, trainable, timing, reference, stream) if self.resumed else 0
+        shapes = cfg.shape_warmup == "always" or (cfg.shape_warmup == "auto" and self.device.startswith("cuda"))
         for name, steps in (("warmup", range(start, warm)), ("train", range(max(start, warm), cfg.steps))):
             if start and not steps:
                 continue  # the checkpoint is past the warm-up: this process has no warm-up phase
             with self.phase(name):
+                if shapes:  # in this process's first phase, before its first step
+                    batches = (run.encode(b) for b in itertools.islice(run.batches(), start, cfg.steps))
+                    self.metrics.set(shape_warmup=warm_shapes(run.model, run.loss_fn, batches))
+                    shapes = False
                 for i, batch, res in train_steps(stepper, stream, steps, run.encode):
                     self.after_step(stepper, batch, res, i, timing, name == "train", reference)
         timing.flush(stepper)  # the last update, folded into no next step: now the weights are the trained ones

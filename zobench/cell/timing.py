@@ -50,6 +50,29 @@ class ForwardReference:
         self.ratios.append(step_s / (2 * self.seconds[-1]))
 
 
+def warm_shapes(model: torch.nn.Module, loss_fn, batches) -> dict:
+    """One inference forward at each distinct shape among ``batches`` (encoded), before any step is timed.
+
+    A device may set work up per input shape: on CUDA, torch's cuDNN attention builds a plan the first time
+    it sees a sequence length (~40 ms on an H200 against a 3 ms forward of a tiny Llama,
+    ``bench/new_batch.py``). A long run pays that once per length among thousands of steps; a cell of twenty
+    timed steps, whose padded batches mostly bring a new length, would pay it in most steps, and its in-cell
+    reference forwards, run at a length just seen, never. Warming the shapes first times the steady state for
+    both. The forwards change no weights and leave every random generator as it was. Returns ``{"shapes",
+    "seconds"}`` for the record."""
+    firsts: dict = {}
+    for batch in batches:
+        key = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()) if torch.is_tensor(v))
+        firsts.setdefault(key, batch)
+    device = next(model.parameters()).device
+    forward = ForwardOnly(model, loss_fn)
+    t = time.perf_counter()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for batch in firsts.values():
+            forward.step(batch, 0)
+    return {"shapes": len(firsts), "seconds": time.perf_counter() - t}
+
+
 class StepTiming:
     """Every step's loss and directions; the timed steps' seconds, parts and tokens, summarized into the
     record at the end."""

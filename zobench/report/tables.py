@@ -222,6 +222,14 @@ def step_table(ok: list[CellView], extras: list[str]) -> list[str]:
         cols.append(("other CPUs", lambda r: num(r.phase("train").other_cpus)))
         intro += (" Other CPUs: the average number of CPUs busy with other work on the machine while the cell "
                   "trained (0 on an idle machine); timings beside other work are slower than the cell alone.")
+    if any(r.metrics.get("shape_warmup") for r in timed):
+        def warmed(r):
+            w = r.metrics.get("shape_warmup")
+            return DASH if not w else f"{w['shapes']} in {w['seconds']:.2f} s"
+        cols.append(("shapes warmed", warmed))
+        intro += (" Shapes warmed: before its first step the cell ran one forward at each batch shape its steps "
+                  "use, so that a device's one-time set-up for a new shape (cuDNN attention's plan for a new "
+                  "sequence length on CUDA) is not timed as a step (`shape_warmup`).")
     return section("Step breakdown (ms)", intro, cols, timed, extras)
 
 

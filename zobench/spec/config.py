@@ -29,6 +29,7 @@ DIRECTIONS = ("rademacher", "gaussian")
 GENERATORS = ("philox", "torch")
 SCOPES = ("linear", "linear+head", "all")
 OPTIMIZERS = ("sgd", "momentum", "adam")
+SHAPE_WARMUPS = ("auto", "always", "never")  # auto: on CUDA devices (CellConfig.shape_warmup)
 ROUNDINGS = ("stochastic", "nearest")  # quzo: how perturbations and updates land on the low-bit grid
 SCHEDULES = ("constant", "linear")
 # Upper bounds: far beyond any real run, low enough that a typo (steps: 1e30) is refused, not run.
@@ -105,6 +106,10 @@ class CellConfig:
     eval_every: int = 0
     warmup_steps: int = 2
     ref_every: int = 1                 # an in-cell reference forward after every N-th timed step
+    # before the first step, one forward at each batch shape the steps will use, so that per-shape set-up
+    # (cuDNN attention's plan for a new sequence length on CUDA: ~40 ms on an H200, a one-time cost that a
+    # long run amortises) is not timed as a step; auto: on CUDA devices, always, never
+    shape_warmup: str = "auto"
     seed: int = 0
     timeout_s: float | None = None      # this cell's limit in a suite (default: the suite's timeout_s)
     # keeping and reusing what was trained (zobench.cell.delta)
@@ -192,7 +197,8 @@ class CellConfig:
     def _check_choices(self, where: str) -> None:
         choices = {"dev_from": ("train", "validation"), "dtype": DTYPES, "direction": DIRECTIONS,
                    "generator": GENERATORS, "optimizer": OPTIMIZERS,
-                   "schedule": SCHEDULES, "scope": (None, *SCOPES), "rounding": ROUNDINGS}
+                   "schedule": SCHEDULES, "scope": (None, *SCOPES), "rounding": ROUNDINGS,
+                   "shape_warmup": SHAPE_WARMUPS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 self._bad(where, key, "one of " + ", ".join(str(a) for a in allowed if a is not None))

@@ -29,7 +29,7 @@ REFERENCE_KEYS = ("model", "dtype", "quant", "task", "batch_size", "max_length",
 # before it existed drew z with torch's generator; a philox cell is another computation (other z, other
 # timings), so it gets an id of its own and a --resume runs it instead of reusing a torch-generator result.
 SINCE_IDS_ARE_KEPT = {"delta": None, "pack": False, "generator": "torch", "dev_from": "train", "lora_r": 8,
-                      "lora_alpha": 16, "lora_targets": "q_proj,v_proj"}
+                      "lora_alpha": 16, "lora_targets": "q_proj,v_proj", "shape_warmup": "auto"}
 
 
 @dataclass

@@ -28,9 +28,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    runs = measure(args.device, args.repeat)
+    runs, hosts = measure(args.device, args.repeat)
     env = environment()
     out = {"device": args.device, "framework_peak_mib_median": statistics.median(runs), "runs_mib": runs,
+           "host_rss_mib_median": statistics.median(h for h, _ in hosts),
            "calibration_key": machine_key(args.device),
            "env": {k: env.get(k) for k in ("cpu", "cpu_count", "torch_threads", "versions", "python", "gpu")}}
     print(json.dumps(out, indent=1))

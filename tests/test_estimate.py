@@ -190,6 +190,25 @@ def test_each_phase_is_estimated_and_a_streamed_cell_never_prices_the_float_mode
     assert smol["magnitude"]["load"] - smol["sensitive"]["load"] == pytest.approx(linears * 2 / 2**20, rel=1e-3)
 
 
+def test_a_gpu_cell_s_host_memory_is_estimated_per_phase_against_the_h200_run():
+    """On a GPU the card's phases are not the whole story: a mask built block by block keeps every block's
+    calibration inputs in host memory (10.1 GiB for the 7B cell at 64 x 512 on the H200). The host estimate
+    of each phase is within 10% of the committed H200 record's peak RSS where the cell computed something
+    there (load before any forward, the mask); CPU cells have none (their phases are host memory)."""
+    (rec,) = [r for r in load_records(ROOT / "results" / "gpu" / "llama7b.jsonl")
+              if r.labels.get("method") == "sensitive" and r.config["calib_sequences"] == 64][-1:]
+    cfg = CellConfig.from_dict(dict(rec.config, predictions=None))
+    host = estimate_cell(cfg)["host_phases"]
+    assert set(host) == set(estimate_cell(cfg)["phases"])
+    for phase in ("load", "mask"):
+        measured = rec.phase(phase).peak_rss_mib
+        assert abs(host[phase] - measured) <= TOLERANCE * measured, (phase, host[phase], measured)
+    half = estimate_cell(CellConfig.from_dict(dict(rec.config, predictions=None, calib_sequences=32)))["host_phases"]
+    assert host["mask"] - host["quantize"] == pytest.approx(2 * (half["mask"] - half["quantize"]))  # kept inputs
+    assert "host_phases" in record_estimate(cfg)
+    assert "host_phases" not in estimate_cell(CellConfig.from_dict(dict(rec.config, device="cpu")))
+
+
 def test_only_a_mask_s_taken_values_add_to_the_quantize_phase():
     """QZO and QuZO train the quantized model's own scales and codes: their quantize phase is the forward
     cell's (QuZO's 106M codes were once priced there as taken float values, 1.7 GB on SmolLM2); a sensitive

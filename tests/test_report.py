@@ -286,3 +286,21 @@ def test_records_from_several_commits_are_said_so_and_the_newest_environment_sho
     env = next(x for x in md.splitlines() if x.startswith("Environment:"))
     assert "Python 3.99.0" in env and "git ffffffffffff" in env
     assert "The records come from" not in GOLDEN.read_text(encoding="utf-8")
+
+
+def test_gpu_cells_show_each_phase_s_host_memory_beside_its_estimate(tmp_path):
+    """The H200's 7B sensitive + NF4 cell: its mask phase held 10.1 GiB of host memory (the kept calibration
+    inputs) while the card held 3.3 GiB; the report says so phase by phase, with the estimate where the
+    record carries one."""
+    from zobench.analysis.estimate import record_estimate
+
+    root = Path(__file__).resolve().parents[1]
+    recs = load_records(root / "results" / "gpu" / "llama7b.jsonl")[-2:]
+    for r in recs:
+        r.estimate = record_estimate(dict(r.config, predictions=None))
+    md = render_report(recs, tmp_path / "r.md").read_text(encoding="utf-8")
+    section = md.split("## Host memory by phase (GPU cells)")[1].split("\n## ")[0]
+    (row,) = [line for line in section.splitlines() if line.startswith("| sensitive")]
+    mask = recs[-1].phase("mask").peak_rss_mib
+    est = recs[-1].estimate["host_phases"]["mask"]
+    assert f"{mask:.0f} (est. {est:.0f})" in row and row.endswith(f"| {mask:.0f} (mask) |")

@@ -38,7 +38,7 @@ from zobench.measure.env import environment
 from zobench.measure.machine import git_state
 from zobench.models.load import converted_gguf_dir, pending_conversion
 from zobench.procs import CHILD_ENV, child_env
-from zobench.results import append_record, load_records, train_peak_mib
+from zobench.results import TRAIN_PHASES, append_record, load_records, train_peak_mib
 from zobench.spec.claims import claims_hash
 from zobench.spec.matrix import Cell, expand, select_cells
 from zobench.spec.pilot import choose, pilot_cells
@@ -205,13 +205,16 @@ def _measure_and_store(device: str) -> dict:
     print("zobench: measuring this machine's framework footprint for the memory estimator (once, ~20 s)",
           file=sys.stderr, flush=True)
     try:
-        peaks = measure(device, calibration.REPEATS)
+        peaks, hosts = measure(device, calibration.REPEATS)
     except Exception as e:  # never fail an estimate on its calibration: fall back, and say why
         why = f"calibration failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
         print(f"zobench: warning: {why}; using the default footprint", file=sys.stderr)
         return {"framework_mib": calibration.FALLBACKS[device][0], "source": "default", "why": why}
     data = {"framework_mib": round(statistics.median(peaks), 3), "source": "measured", "key": key,
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs_mib": peaks}
+    if device == "cuda":  # the host side of a GPU cell's process, for the estimates' host phases
+        data["host_mib"] = round(statistics.median(h for h, _ in hosts), 3)
+        data["host_load_mib"] = round(statistics.median(h for _, h in hosts), 3)
     try:
         atomic_write(calibration.path_of(key), json.dumps(data, indent=1), "calibration")
     except Exception:  # an unwritable cache: use the measurement now, measure again next time
@@ -219,8 +222,9 @@ def _measure_and_store(device: str) -> dict:
     return data
 
 
-def measure(device: str = "cpu", repeats: int = calibration.REPEATS) -> list[float]:
-    """Train-phase peaks (MiB) of ``repeats`` negligible forward cells, each in a fresh process."""
+def measure(device: str = "cpu", repeats: int = calibration.REPEATS) -> tuple[list[float], list[float]]:
+    """Train-phase peaks (MiB) of ``repeats`` negligible forward cells, each in a fresh process, and their
+    (train-phase, load-phase) peak RSS (on a CPU the first is the same figure; on a GPU, the host side)."""
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "negligible-llama.json"
         config.write_text(json.dumps(NEGLIGIBLE_LLAMA))
@@ -230,7 +234,7 @@ def measure(device: str = "cpu", repeats: int = calibration.REPEATS) -> list[flo
             "eval_before": False, "eval_after": False, "device": device}}, "framework calibration")
         (cell,) = expand(suite)
         prepare_models([cell])
-        peaks = []
+        peaks, hosts = [], []
         for _ in range(repeats):
             with LocalExecutor() as executor:
                 executor.submit(cell, 300)
@@ -238,9 +242,11 @@ def measure(device: str = "cpu", repeats: int = calibration.REPEATS) -> list[flo
             if not rec.ok:
                 raise RuntimeError(f"calibration cell {rec.status}: {rec.reason}")
             peaks.append(round(train_peak_mib(rec), 3))
-    return peaks
+            hosts.append((max(rec.phase(p).peak_rss_mib or 0.0 for p in TRAIN_PHASES),
+                          rec.phase("load").peak_rss_mib or 0.0))
+    return peaks, hosts
 
 
 if __name__ == "__main__":  # python -m zobench.driver: measure the framework footprint now and print
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    print(json.dumps({"measured_mib": measure(), "key": calibration.machine_key()}))
+    print(json.dumps({"measured_mib": measure()[0], "key": calibration.machine_key()}))

@@ -39,6 +39,12 @@ FALLBACK_CPU_MIB = 385.0
 # of device memory in its train phase (NVML, per process), of which 73 MiB were allocated tensors: the
 # floor is the rest. A GPU node measures its own (``framework("cuda")``, bench/framework_rss.py).
 FALLBACK_CUDA_MIB = 723.0
+# A GPU cell's host memory floor (its process's RSS: interpreter, torch, the CUDA libraries' host side and,
+# after a first forward, the kernels it loaded): the H200's tiny cells' train-phase peak RSS, 1,702-1,755
+# MiB, and their load phase's (no forward yet), 1,098-1,099 MiB (results/gpu/smoke-cuda.jsonl). A GPU node's
+# calibration measures its own (``host_mib``, ``host_load_mib``).
+FALLBACK_CUDA_HOST_MIB = 1755.0
+FALLBACK_CUDA_HOST_LOAD_MIB = 1099.0
 FALLBACK_CUDA_WHY = "not measured on this machine: the floor measured on an NVIDIA H200 (torch 2.11, CUDA 13)"
 FALLBACKS = {"cpu": (FALLBACK_CPU_MIB, "not measured on this machine"), "cuda": (FALLBACK_CUDA_MIB, FALLBACK_CUDA_WHY)}
 # Part of the cache key: bumped when zobench changes what every cell's process holds, so no machine keeps
@@ -86,6 +92,15 @@ def framework(device: str = "cpu") -> dict:
         return {"framework_mib": fallback[0], "source": "default", "why": fallback[1]}
     _MEMO[key] = found
     return found
+
+
+def host_floor(device: str = "cuda", phase: str = "train") -> float:
+    """A GPU cell's host memory floor in MiB, in its load phase (before any forward) or after (the
+    calibration cell's peak RSS where this node measured it, else the H200's)."""
+    key, fallback = ("host_load_mib", FALLBACK_CUDA_HOST_LOAD_MIB) if phase == "load" else \
+        ("host_mib", FALLBACK_CUDA_HOST_MIB)
+    found = framework(device).get(key)
+    return float(found) if isinstance(found, (int, float)) else fallback
 
 
 def needs_measuring(device: str) -> bool:

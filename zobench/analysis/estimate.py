@@ -29,9 +29,9 @@ their longest member, often much shorter), and a classification task's options a
 from __future__ import annotations
 
 from zobench.analysis.architecture import Arch, architecture
-from zobench.analysis.calibration import framework
+from zobench.analysis.calibration import framework, host_floor
 from zobench.analysis.check import Estimate
-from zobench.analysis.phase_estimate import phase_estimates
+from zobench.analysis.phase_estimate import host_phases, phase_estimates
 from zobench.cell.record import CellRecord
 from zobench.cell.run import resolve_device
 from zobench.errors import Unsupported, UserError
@@ -206,13 +206,18 @@ def estimate_cell(cfg: CellConfig) -> dict:
     taken = price.nnz if needs_mask and storage is not None else 0  # the values a mask takes out of quantized layers
     phases = dict(phase_estimates(cfg, arch, db, storage, taken, breakdown["framework_mib"], streamed, needs_mask,
                                   device, transient), train=peak)
+    host = None
+    if device == "cuda":  # the host's memory beside the card's, phase by phase (analysis.phase_estimate)
+        host = host_phases(cfg, arch, db, streamed, needs_mask, phases, lambda p: host_floor(device, p))
     if evaluation is not None:
         # an evaluation phase (before, after, the best dev step's): the weights and what the method holds, and
         # the evaluation's forward instead of the training step's
         held = ("framework_mib", "weights_mib", "trainable_mib", "optimizer_mib")
         phases["eval"] = round(sum(breakdown[k] for k in held) + evaluation / MIB, 3)
+        if host is not None:
+            host["eval"] = round(host_floor(device), 3)
     return {"peak_mib": peak, "breakdown": breakdown, "phases": phases, "cell_peak_mib": max(phases.values()),
-            "device": device,
+            "device": device, **({"host_phases": host} if host is not None else {}),
             "model_numel": arch.numel, "method": cfg.method, "trainable_numel": price.nnz,
             "linear_numel": sum(o * i for o, i in arch.linears), "architecture_from": arch.source,
             "calibration": {k: floor[k] for k in ("source", "key", "why", "measured_at") if k in floor}}
@@ -225,7 +230,7 @@ def record_estimate(cfg: CellConfig | dict) -> dict:
             cfg = CellConfig.from_dict(cfg, "estimate")
         est = estimate_cell(cfg)
         return {"peak_mib": est["peak_mib"], "breakdown": est["breakdown"], "phases": est["phases"],
-                "calibration": est["calibration"]}
+                **{k: est[k] for k in ("host_phases",) if k in est}, "calibration": est["calibration"]}
     except Exception as e:  # an estimate is extra information: it must never fail a cell
         first = str(e).splitlines()[0] if str(e) else ""
         return {"error": f"{type(e).__name__}: {first}"[:300]}
@@ -281,6 +286,11 @@ def describe(est: dict) -> str:
                       ("framework_mib", "framework")):
         if b[key] >= 0.5:
             parts.append(f"{name} {b[key]:.0f}")
+    host = est.get("host_phases")
+    if host:  # a GPU cell: the most the machine around the card must hold
+        phase = max(host, key=host.get)
+        above = host[phase] > host.get("train", host[phase]) + 0.5  # say which phase when not the training's
+        parts.append(f"host {host[phase]:.0f}" + (f" in {phase}" if above else ""))
     return ", ".join(parts)
 
 

@@ -17,6 +17,10 @@ plus what is alive at that phase's largest moment, in the order the pipeline bui
     quantize   streamed: the quantized layers, one float layer at a time and the taken sparse values;
                otherwise the float model (still held) beside the whole quantized model
 
+On a GPU the phases above are the card's memory; the host's (``host_phases``) is the process's own floor
+there (``calibration.host_floor``) plus what the cell keeps in host memory: the mask's
+kept block inputs, when it is built block by block.
+
 Saved activations of one Llama-style block for a backward pass, per token: its input and the two norms'
 (inputs and outputs), q, k, v and the attention output, and the MLP's gate, up, act(gate) and their product.
 """
@@ -47,6 +51,12 @@ def _running_topk_bytes(k: int, scope: int, largest: int) -> int:
     return 25 * merged + 12 * k
 
 
+def _kept_inputs_bytes(cfg, arch, db: int) -> int:
+    """A block-by-block mask's kept inputs: each of the ``layers`` blocks' and the final norm's, for every
+    calibration sequence."""
+    return (arch.layers + 1) * cfg.calib_sequences * cfg.calib_length * arch.hidden * db
+
+
 def mask_bytes(cfg, arch, db: int, streamed: bool, device: str = "cpu") -> float:
     """Bytes alive at the mask phase's largest moment, beyond the framework floor, on ``device`` (a GPU cell
     keeps its block inputs in host memory: not counted there)."""
@@ -63,13 +73,30 @@ def mask_bytes(cfg, arch, db: int, streamed: bool, device: str = "cpu") -> float
         return (float_model + 4 * scope + arch.layers * _saved_per_token(arch) * tokens * db
                 + _head_bytes(arch, tokens) + largest * db + chosen)
     block_linears = sum(o * i for o, i in arch.linears) / max(arch.layers, 1)
-    sequences = cfg.calib_sequences
     one = cfg.calib_length * arch.hidden * db  # a sequence's block input (or its gradient)
-    kept = (arch.layers + 1) * sequences * one if device == "cpu" else 2 * one  # all of them, or one at a time
+    kept = _kept_inputs_bytes(cfg, arch, db) if device == "cpu" else 2 * one  # all of them, or one at a time
     block = block_linears * (db + db + 4)  # weights, their gradients, the float32 accumulators
     running = _running_topk_bytes(k, scope, max((o * i for o, i in arch.linears), default=0))
     return (other + kept + block + _saved_per_token(arch) * cfg.calib_length * db
             + max(0, _head_bytes(arch, cfg.calib_length) - block) + running)
+
+
+def host_mask_bytes(cfg, arch, db: int, streamed: bool) -> float:
+    """Bytes a GPU cell's mask phase keeps in host memory: built block by block (``models.layerwise``),
+    every block's input for every calibration sequence waits there for its block's backward (the input of
+    each of the ``layers`` blocks and the final norm's); otherwise nothing beyond the floor."""
+    if not streamed or cfg.method not in ("sensitive", "task_grad"):
+        return 0.0
+    return _kept_inputs_bytes(cfg, arch, db)
+
+
+def host_phases(cfg, arch, db: int, streamed: bool, needs_mask: bool, phases: dict, floor) -> dict:
+    """A GPU cell's host memory (MiB) in each of ``phases``: the floor (``floor(phase)``: the load phase runs
+    no forward yet), and the mask's kept inputs."""
+    out = {p: floor(p) for p in phases}
+    if needs_mask and "mask" in out:
+        out["mask"] += host_mask_bytes(cfg, arch, db, streamed) / MIB
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 def quantize_bytes(cfg, arch, db: int, storage, streamed: bool, nnz: int, transient: float = 0.0) -> float:

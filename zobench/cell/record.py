@@ -122,6 +122,13 @@ class CellRecord:
         value = _field(phases, estimate_key(phase, phases if isinstance(phases, dict) else None))
         return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
+    def estimated_host_mib(self, phase: str):
+        """A GPU cell's estimated host memory for one phase (``analysis.phase_estimate.host_phases``), None
+        where the estimate has none (CPU cells: their phases are host memory already; older records)."""
+        phases = _field(self.estimate, "host_phases")
+        value = _field(phases, estimate_key(phase, phases if isinstance(phases, dict) else None))
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
     @property
     def estimated_weights_mib(self):
         """The weights' part of the estimate."""

@@ -13,6 +13,7 @@ from zobench.report.learning_rates import lr_table, pilot_progress
 from zobench.report.tables import (
     failure_table,
     gpu_memory_table,
+    host_phase_table,
     main_table,
     mask_tables,
     phase_table,
@@ -38,7 +39,8 @@ def render_markdown(recs: list[CellView], title: str | None, plots: list[tuple[s
     ok = [r for r in recs if r.ok]
     bad = [r for r in recs if not r.ok]
     lines = header(recs, title, pilots or []) + (claims or [])
-    for part in (main_table, quant_table, phase_table, gpu_memory_table, step_table, mask_tables):
+    for part in (main_table, quant_table, phase_table, gpu_memory_table, host_phase_table, step_table,
+                 mask_tables):
         lines += part(ok, extras)
     lines += lr_table(ok, pilots or [], extras) + pilot_progress(ok, pilots or [])
     lines += failure_table(bad, extras) + plot_links(plots)

@@ -171,6 +171,32 @@ def phase_table(ok: list[CellView], extras: list[str]) -> list[str]:
     return section("Memory by phase", intro, cols, ok, extras)
 
 
+def host_phase_table(ok: list[CellView], extras: list[str]) -> list[str]:
+    """On a GPU, each phase's host memory (peak RSS) beside its estimate: what the machine around the card
+    must hold (a mask built block by block keeps every block's calibration inputs there)."""
+    cuda = [r for r in ok if is_cuda(r)]
+    present = [p for p in PHASES if any(r.phase(p).peak_rss_mib is not None for r in cuda)]
+    if not cuda or not present:
+        return []
+
+    def cell(r, p):
+        peak, est = r.phase(p).peak_rss_mib, r.estimated_host_mib(p)
+        if peak is None:
+            return DASH
+        return f"{mib(peak)}" + (f" (est. {mib(est)})" if est is not None else "")
+
+    def whole(r):
+        peaks = [(r.phase(p).peak_rss_mib, p) for p in present if r.phase(p).peak_rss_mib is not None]
+        return DASH if not peaks else "{} ({})".format(mib(max(peaks)[0]), max(peaks)[1])
+
+    cols: list[Column] = [(p, lambda r, p=p: cell(r, p)) for p in present] + [("largest MiB (phase)", whole)]
+    intro = ("Host memory of GPU cells: each phase's peak RSS in MiB, with the estimator's (the process's own "
+             "floor on this node, or the H200's where it measured none, plus what the cell keeps in host "
+             "memory: a mask built block by block keeps every block's input for every calibration sequence "
+             "there). The machine around the card must hold the largest.")
+    return section("Host memory by phase (GPU cells)", intro, cols, cuda, extras)
+
+
 def gpu_memory_table(ok: list[CellView], extras: list[str]) -> list[str]:
     """On a GPU, the three views of the training peak side by side, and the estimate beside them."""
     cuda = [r for r in ok if is_cuda(r)]

@@ -31,6 +31,7 @@ from zobench.analysis.estimate import device_of, record_estimate
 from zobench.cell.delta import claim_target
 from zobench.cell.measures import now
 from zobench.cell.record import CellRecord
+from zobench.errors import Unsupported
 from zobench.executors.base import Executor
 from zobench.executors.local import LocalExecutor
 from zobench.files import atomic_write
@@ -38,6 +39,7 @@ from zobench.measure.env import environment
 from zobench.measure.machine import git_state
 from zobench.models.load import converted_gguf_dir, pending_conversion
 from zobench.procs import CHILD_ENV, child_env
+from zobench.quant import get_backend
 from zobench.results import TRAIN_PHASES, append_record, load_records, train_peak_mib
 from zobench.spec.claims import claims_hash
 from zobench.spec.matrix import Cell, expand, select_cells
@@ -185,33 +187,51 @@ NEGLIGIBLE_LLAMA = {
 
 
 def calibrate_cells(cells: list[Cell]) -> None:
-    """``calibrate`` every device the cells' estimates will ask for (``auto`` as it resolves here)."""
-    for device in sorted({device_of(c.config) for c in cells}):
-        calibrate(device)
+    """``calibrate`` every device the cells' estimates will ask for (``auto`` as it resolves here), and on a
+    CPU every quant backend whose floor is measured with it (``calibration.floor_quant``) and runs here."""
+    for device, quant in sorted({(d, calibration.floor_quant(d, c.config.quant))
+                                 for c in cells for d in [device_of(c.config)]}):
+        if quant == "none" or _runs_here(quant, device):
+            calibrate(device, quant)
 
 
-def calibrate(device: str = "cpu") -> dict:
+def _runs_here(quant: str, device: str) -> bool:
+    try:
+        get_backend(quant).check_available(device)
+        return True
+    except Unsupported:  # its cells will say so; their estimates use the plain floor
+        return False
+
+
+def calibrate(device: str = "cpu", quant: str = "none") -> dict:
     """The framework footprint for estimates on ``device`` (``analysis.calibration.framework``), measured
-    first where this machine and these versions have none: a negligible forward cell, ``REPEATS`` times,
-    cached. Without a GPU, "cuda" is the recorded H200 figure: nothing runs."""
-    if calibration.needs_measuring(device):
-        calibration.remember(device, _measure_and_store(device))
-    return calibration.framework(device)
+    first where this machine and these versions have none: a negligible forward cell (quantized by ``quant``
+    where the floor is measured with it), ``REPEATS`` times, cached. Without a GPU, "cuda" is the recorded
+    H200 figure: nothing runs."""
+    quant = calibration.floor_quant(device, quant)
+    if calibration.needs_measuring(device, quant):
+        calibration.remember(device, _measure_and_store(device, quant), quant)
+    return calibration.framework(device, quant)
 
 
-def _measure_and_store(device: str) -> dict:
+def _measure_and_store(device: str, quant: str = "none") -> dict:
     device = "cuda" if str(device).startswith("cuda") else "cpu"
-    key = calibration.machine_key(device)
-    print("zobench: measuring this machine's framework footprint for the memory estimator (once, ~20 s)",
+    key = calibration.machine_key(device, quant)
+    what = "framework footprint" + (f" with {quant} weights" if quant != "none" else "")
+    print(f"zobench: measuring this machine's {what} for the memory estimator (once, ~20 s)",
           file=sys.stderr, flush=True)
     try:
-        peaks, hosts = measure(device, calibration.REPEATS)
+        peaks, hosts = measure(device, calibration.REPEATS, quant)
     except Exception as e:  # never fail an estimate on its calibration: fall back, and say why
         why = f"calibration failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        if quant != "none":  # the plain floor stands in
+            print(f"zobench: warning: {what}: {why}; using the plain footprint", file=sys.stderr)
+            return calibration.framework(device)
         print(f"zobench: warning: {why}; using the default footprint", file=sys.stderr)
         return {"framework_mib": calibration.FALLBACKS[device][0], "source": "default", "why": why}
     data = {"framework_mib": round(statistics.median(peaks), 3), "source": "measured", "key": key,
-            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs_mib": peaks}
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs_mib": peaks,
+            **({"quant": quant} if quant != "none" else {})}
     if device == "cuda":  # the host side of a GPU cell's process, for the estimates' host phases
         data["host_mib"] = round(statistics.median(h for h, _ in hosts), 3)
         data["host_load_mib"] = round(statistics.median(h for _, h in hosts), 3)
@@ -222,7 +242,8 @@ def _measure_and_store(device: str) -> dict:
     return data
 
 
-def measure(device: str = "cpu", repeats: int = calibration.REPEATS) -> tuple[list[float], list[float]]:
+def measure(device: str = "cpu", repeats: int = calibration.REPEATS,
+            quant: str = "none") -> tuple[list[float], list[float]]:
     """Train-phase peaks (MiB) of ``repeats`` negligible forward cells, each in a fresh process, and their
     (train-phase, load-phase) peak RSS (on a CPU the first is the same figure; on a GPU, the host side)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -231,7 +252,7 @@ def measure(device: str = "cpu", repeats: int = calibration.REPEATS) -> tuple[li
         suite = parse_suite({"name": "framework", "reference": False, "defaults": {
             "model": f"random:{config}", "method": "forward", "task": "sst2", "batch_size": 1,
             "max_length": 8, "n_train": 8, "n_dev": 0, "n_test": 0, "steps": 4, "warmup_steps": 1,
-            "eval_before": False, "eval_after": False, "device": device}}, "framework calibration")
+            "eval_before": False, "eval_after": False, "device": device, "quant": quant}}, "framework calibration")
         (cell,) = expand(suite)
         prepare_models([cell])
         peaks, hosts = [], []

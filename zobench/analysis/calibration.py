@@ -30,6 +30,7 @@ import torch
 from zobench.files import cache_dir
 from zobench.measure.machine import cpu_name, package_version
 from zobench.procs import child_env
+from zobench.quant import get_backend
 
 # Used only when the measurement itself cannot run (and said so in every estimate that uses it): the
 # development machine's floor (results/bench/measurements.md).
@@ -57,15 +58,18 @@ PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", 
 _MEMO: dict[str, dict] = {}
 
 
-def machine_key(device: str = "cpu") -> str:
+def machine_key(device: str = "cpu", quant: str = "none") -> str:
     """What the footprint depends on: device kind, CPU, Python, installed versions, child allocator settings
-    (malloc's; on a GPU also torch's CUDA allocator's)."""
+    (malloc's; on a GPU also torch's CUDA allocator's), and the quant backend the cell was measured with
+    (``floor_quant``; "none" keeps the keys floors always had)."""
     env = child_env()
     if device == "cpu":
         env.pop("PYTORCH_CUDA_ALLOC_CONF")  # no bearing on a CPU cell: CPU floors keep their keys
     facts = {"format": FORMAT, "device": device, "cpu": cpu_name(), "machine": platform.machine(),
              "python": platform.python_version(), "child_env": env,
              "versions": {p: package_version(p) for p in PACKAGES}}
+    if quant != "none":
+        facts["quant"] = quant
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -73,22 +77,35 @@ def path_of(key: str) -> Path:
     return cache_dir() / "calibration" / f"framework-{key}.json"
 
 
-def framework(device: str = "cpu") -> dict:
+def floor_quant(device: str, quant: str) -> str:
+    """The quant backend a cell's floor is measured with: its own on a CPU where the backend says so
+    (``Backend.measures_floor``), else none (the plain floor, plus the backend's ``import_rss_mib``)."""
+    if quant == "none" or str(device).startswith("cuda"):
+        return "none"
+    return quant if get_backend(quant).measures_floor else "none"
+
+
+def framework(device: str = "cpu", quant: str = "none") -> dict:
     """``{"framework_mib", "source", ...}`` for estimates on ``device`` ("cpu" or "cuda").
 
     ``source`` is "measured" (this machine and these versions; ``key`` and ``measured_at`` say which
     measurement) or "default" (with ``why``): the fallback constant where nothing was measured, or where
-    the measurement failed (``zobench.driver.calibrate`` says why).
+    the measurement failed (``zobench.driver.calibrate`` says why). ``quant``: the backend the floor was
+    measured with (``floor_quant``); absent where it is the plain floor, which is also what a backend's
+    cell gets before its own floor is measured.
     """
     device = "cuda" if str(device).startswith("cuda") else "cpu"
     fallback = FALLBACKS[device]
     if device == "cuda" and not has_cuda():
         return {"framework_mib": fallback[0], "source": "default", "why": fallback[1]}
-    key = machine_key(device)
+    quant = floor_quant(device, quant)
+    key = machine_key(device, quant)
     if key in _MEMO:
         return _MEMO[key]
     found = _read(path_of(key))
     if found is None:
+        if quant != "none":  # not measured with this backend here: the plain floor (its ``quant`` says so)
+            return framework(device)
         return {"framework_mib": fallback[0], "source": "default", "why": fallback[1]}
     _MEMO[key] = found
     return found
@@ -103,18 +120,20 @@ def host_floor(device: str = "cuda", phase: str = "train") -> float:
     return float(found) if isinstance(found, (int, float)) else fallback
 
 
-def needs_measuring(device: str) -> bool:
-    """Whether ``framework(device)`` would fall back for want of a measurement on this machine."""
+def needs_measuring(device: str, quant: str = "none") -> bool:
+    """Whether ``framework(device, quant)`` has no measurement of its own on this machine yet."""
     device = "cuda" if str(device).startswith("cuda") else "cpu"
     if device == "cuda" and not has_cuda():
         return False  # without a GPU, CUDA estimates use the recorded H200 figure: nothing to run
-    key = machine_key(device)
+    key = machine_key(device, floor_quant(device, quant))
     return key not in _MEMO and _read(path_of(key)) is None
 
 
-def remember(device: str, data: dict) -> None:
-    """What a calibration run measured (or why it failed) for ``device``, for this process's estimates."""
-    _MEMO[machine_key("cuda" if str(device).startswith("cuda") else "cpu")] = data
+def remember(device: str, data: dict, quant: str = "none") -> None:
+    """What a calibration run measured (or why it failed) for ``device`` (with ``quant``), for this process's
+    estimates."""
+    device = "cuda" if str(device).startswith("cuda") else "cpu"
+    _MEMO[machine_key(device, floor_quant(device, quant))] = data
 
 
 def has_cuda() -> bool:

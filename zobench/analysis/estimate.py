@@ -187,9 +187,10 @@ def estimate_cell(cfg: CellConfig) -> dict:
     if cfg.eval_every and evaluation is not None:  # dev evaluations run inside the train phase
         activations = max(activations, evaluation)
     # The framework floor measured on this machine (zobench.analysis.calibration), not a constant.
-    floor = framework(device)
+    floor = framework(device, cfg.quant)  # on a CPU measured with the cell's backend where it can be
+    imports = _import_mib(cfg.quant) if device == "cpu" and floor.get("quant", "none") == "none" else 0.0
     breakdown = {
-        "framework_mib": floor["framework_mib"] + (_import_mib(cfg.quant) if device == "cpu" else 0.0),
+        "framework_mib": floor["framework_mib"] + imports,
         "weights_mib": weights / MIB,
         "trainable_mib": price.trainable / MIB,
         "optimizer_mib": price.optimizer / MIB,
@@ -220,7 +221,7 @@ def estimate_cell(cfg: CellConfig) -> dict:
             "device": device, **({"host_phases": host} if host is not None else {}),
             "model_numel": arch.numel, "method": cfg.method, "trainable_numel": price.nnz,
             "linear_numel": sum(o * i for o, i in arch.linears), "architecture_from": arch.source,
-            "calibration": {k: floor[k] for k in ("source", "key", "why", "measured_at") if k in floor}}
+            "calibration": {k: floor[k] for k in ("source", "key", "why", "measured_at", "quant") if k in floor}}
 
 
 def record_estimate(cfg: CellConfig | dict) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from zobench.analysis import estimate
+from zobench.analysis import calibration, estimate
 from zobench.analysis.estimate import describe, estimate_cell
 from zobench.cli.common import HELP
 from zobench.driver import calibrate_cells
@@ -50,11 +50,13 @@ def run(args) -> int:
             print(f"{name:<{width}}  {r['device']:<6} {r['peak_mib']:>9.0f}  {describe(r)}")
     # Which constants each figure stands on: measured on this machine, or a default (CUDA without a GPU: the
     # floor measured on an H200).
-    seen = {r["device"]: r for r in rows if "calibration" in r}
-    for device, r in sorted(seen.items()):
+    seen = {(r["device"], r["calibration"].get("quant", "none")): r for r in rows if "calibration" in r}
+    for (device, quant), r in sorted(seen.items()):
         cal = r["calibration"]
         how = "measured on this machine" if cal.get("source") == "measured" else f"default ({cal.get('why')})"
-        print(f"framework footprint on {device}: {r['breakdown']['framework_mib']:.0f} MiB, {how}")
+        weights = f" with {quant} weights" if quant != "none" else ""
+        floor = calibration.framework(device, quant)["framework_mib"]
+        print(f"framework footprint on {device}{weights}: {floor:.0f} MiB, {how}")
     return EXIT_OK
 
 

@@ -73,6 +73,11 @@ class Backend:
     # Host memory its package adds to a process once imported, beyond what every cell already imports
     # (the estimator adds it to a CPU cell's peak RSS).
     import_rss_mib: float = 0.0
+    # Whether a CPU cell's framework floor is measured with this backend (``analysis.calibration``: the
+    # negligible calibration cell quantized by it): what its layers' first forward adds to a process once,
+    # whatever the model (bitsandbytes on this machine: +29-32 MiB). A backend that cannot quantize that
+    # cell (GPTQ needs calibration data) keeps ``import_rss_mib``.
+    measures_floor: bool = False
     devices: tuple[str, ...] = ("cpu", "cuda")
 
     def check_available(self, device: str = "cpu") -> None:

@@ -24,6 +24,7 @@ class _FourBit(Backend):
     quant_type = "nf4"
     compress_statistics = True  # double quantization: the absmax values 8-bit quantized in blocks of 256
     requires = ("bitsandbytes",)
+    measures_floor = True
     install = INSTALL
     # 4 bits per weight; per block of 64 an 8-bit absmax (double quantization, QLoRA's default),
     # plus one float32 scale per 256 blocks for those absmax values.
@@ -103,6 +104,7 @@ class NF4Plain(_FourBit):
 class Int8(Backend):
     name = "int8"
     requires = ("bitsandbytes",)
+    measures_floor = True
     install = INSTALL
     storage = Storage(bits=8, row_bytes=4)  # int8 weights + one float32 absmax (SCB) per output row
 

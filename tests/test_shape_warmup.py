@@ -86,3 +86,6 @@ def test_the_report_says_how_many_shapes_were_warmed(tmp_path):
     text = render_results_file(path, tmp_path / "r.md").read_text()
     w = rec.metrics.get("shape_warmup")
     assert f"{w['shapes']} in {w['seconds']:.2f} s" in text and "Shapes warmed" in text
+    rec.metrics.set(shape_warmup={"shapes": "many", "seconds": None})  # a record is data: never an error
+    append_record(path, rec)
+    assert "Shapes warmed" in render_results_file(path, tmp_path / "r.md").read_text()

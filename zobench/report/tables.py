@@ -249,9 +249,11 @@ def step_table(ok: list[CellView], extras: list[str]) -> list[str]:
         intro += (" Other CPUs: the average number of CPUs busy with other work on the machine while the cell "
                   "trained (0 on an idle machine); timings beside other work are slower than the cell alone.")
     if any(r.metrics.get("shape_warmup") for r in timed):
-        def warmed(r):
+        def warmed(r):  # a record is read as data: a malformed entry is a dash, not an error
             w = r.metrics.get("shape_warmup")
-            return DASH if not w else f"{w['shapes']} in {w['seconds']:.2f} s"
+            n, secs = (w.get("shapes"), w.get("seconds")) if isinstance(w, dict) else (None, None)
+            ok = isinstance(n, int) and isinstance(secs, (int, float)) and not isinstance(secs, bool)
+            return f"{n} in {secs:.2f} s" if ok else DASH
         cols.append(("shapes warmed", warmed))
         intro += (" Shapes warmed: before its first step the cell ran one forward at each batch shape its steps "
                   "use, so that a device's one-time set-up for a new shape (cuDNN attention's plan for a new "

@@ -380,3 +380,59 @@ def test_flagged_positions_are_nonzeros_positions():
             assert got.dtype == torch.int64 and torch.equal(got, flags.nonzero().view(-1)), (n, density)
     with fused.torch_fallback():
         assert torch.equal(fused.flagged(flags), flags.nonzero().view(-1))
+
+
+def _quantized_tiny(packed: bool):
+    """The tiny Llama on NF4 with a random 1% of each linear kept beside it (dense-and-sparse), its value
+    vectors packed into one buffer or left one tensor per layer; and the trainable over them."""
+    from zobench.models import load_model
+    from zobench.quant import QuantContext, get_backend, quantize_model
+    from zobench.quant.sparse import pack_values
+    from zobench.zo import masks as M
+
+    model = load_model("random:tiny-llama", seed=0).model
+    mask = M.random_mask(M.scoped_params(model, "linear"), 0.01, seed=0)
+    vectors = quantize_model(model, get_backend("nf4"), QuantContext(), M.linear_layers(model), mask)
+    if packed:
+        vectors = pack_values(model, vectors)
+    return model, SparseTrainable.of_vectors(vectors, "rademacher")
+
+
+@pytest.mark.parametrize("path", ["c", "torch"])
+def test_packed_values_train_bit_for_bit_as_separate_ones_in_one_pass(path):
+    """pack_values puts the dense-and-sparse layers' values end to end in one buffer: the trainable then
+    passes over all of them at once (one operation, where it was one per layer: ~1,200 kernel launches a
+    perturbation of a 7B model on a GPU) and every value, live and master, is what the per-layer passes give,
+    through perturbations, restores and both kinds of update; the layers' outputs too."""
+    pytest.importorskip("bitsandbytes")
+    from torch.profiler import ProfilerActivity, profile
+
+    ctx = fused.torch_fallback() if path == "torch" else contextlib.nullcontext()
+    with ctx:
+        (m1, apart), (m2, packed) = _quantized_tiny(False), _quantized_tiny(True)
+        assert apart.flat is None and packed.flat is not None and packed.numel == apart.numel
+        x = torch.randint(3, 100, (2, 12))
+
+        def same():
+            assert torch.equal(apart.master, packed.master)
+            for p, q in zip(apart.params, packed.params):
+                assert torch.equal(p, q)
+            assert torch.equal(m1(x).logits, m2(x).logits)
+
+        for t in (apart, packed):
+            t.apply(7, 1e-3)
+        same()
+        for t in (apart, packed):  # each its own optimizer: momentum keeps state
+            sgd, momentum = make_optimizer("sgd", 1e-2, weight_decay=0.1), make_optimizer("momentum", 1e-2)
+            t.restore()
+            t.update([(7, 0.5), (8, -0.25)], sgd, 0)  # the fused SGD pass
+            t.update([(9, 1.5)], momentum, 1)  # the master updated whole, then written
+            t.apply(10, -1e-3)
+        same()
+        counts = []
+        for t in (apart, packed):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                t.apply(11, 1e-3)
+            counts.append(sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None))
+        # at least one operation a layer fewer (torch: 167 -> 137 here, its Philox rounds the rest; C: 15 -> 0)
+        assert counts[0] - counts[1] >= len(apart.params), counts

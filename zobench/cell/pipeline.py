@@ -36,7 +36,7 @@ from zobench.methods import get_method
 from zobench.methods.base import streams
 from zobench.models import load_model
 from zobench.quant import QuantContext, get_backend, quantize_model
-from zobench.quant.sparse import SparseDelta
+from zobench.quant.sparse import SparseDelta, pack_values
 from zobench.spec.config import CellConfig
 from zobench.spec.matrix import cell_id
 from zobench.tasks import Splits, get_task, logits
@@ -208,6 +208,7 @@ class Pipeline:
             self.metrics.set(quant_streamed=True)
         else:
             vectors = quantize_model(run.model, self.backend, ctx, linear_layers(run.model), run.mask)
+        vectors = pack_values(run.model, vectors)  # one buffer: a ZO pass writes them in one operation
         ways = sorted({m.way for m in run.model.modules() if isinstance(m, SparseDelta)})
         if ways:  # how the dense-and-sparse layers add their values (quant.sparse): merge, csr or gather
             ctx.info["sparse_way"] = ",".join(ways)

@@ -291,10 +291,25 @@ class SparseTrainable(Trainable):
         self.numel = sum(self.sizes)
         self.offsets = [sum(self.sizes[:k]) for k in range(len(self.sizes))]  # global index of each first value
         device = self.params[0].device if self.params else torch.device("cpu")
+        self.flat = self._adjoining()
         with torch.no_grad():
             self.master = torch.cat([p.view(-1).float() if i is None else p.view(-1)[i].float()
                                      for p, i in zip(self.params, self.indices)]) \
                 if self.params else torch.zeros(0, device=device)
+
+    def _adjoining(self) -> torch.Tensor | None:
+        """One tensor over every trainable value where they are whole tensors lying end to end in one buffer,
+        in order (``quant.sparse.pack_values``): a pass then reads and writes them in one operation."""
+        if len(self.params) < 2 or any(i is not None for i in self.indices) or \
+                len({(p.dtype, p.device) for p in self.params}) != 1:
+            return None
+        first = self.params[0]
+        storage = first.untyped_storage().data_ptr()
+        for p, offset in zip(self.params, self.offsets):
+            if not p.is_contiguous() or p.untyped_storage().data_ptr() != storage or \
+                    p.storage_offset() != first.storage_offset() + offset:
+                return None
+        return first.detach().as_strided((self.numel,), (1,), first.storage_offset())
 
     def snapshot(self) -> torch.Tensor:
         """The trained values now (nnz floats: small enough to keep the best ones of a run)."""
@@ -314,6 +329,9 @@ class SparseTrainable(Trainable):
         return cls(vectors, {name: None for name, _ in vectors}, direction, generator)
 
     def _write(self, values: torch.Tensor) -> None:
+        if self.flat is not None:
+            self.flat.copy_(values)
+            return
         for p, idx, v in zip(self.params, self.indices, values.split(self.sizes)):
             if idx is None:
                 p.view(-1).copy_(v)
@@ -339,7 +357,11 @@ class SparseTrainable(Trainable):
                 and len({p.dtype for p in self.params}) == 1)
 
     def _zpass_all(self, terms, live_terms, decay) -> None:
-        """``fused.zpass`` over every trainable value, per tensor or in one pass (``_one_pass``)."""
+        """``fused.zpass`` over every trainable value: straight into them where they adjoin (``_adjoining``),
+        else per tensor or in one pass (``_one_pass``)."""
+        if self.flat is not None:
+            fused.zpass(self.flat, 0, self.direction, terms, master=self.master, live_terms=live_terms, decay=decay)
+            return
         if self._one_pass():
             live = torch.empty(self.numel, dtype=self.params[0].dtype, device=self.master.device)
             fused.zpass(live, 0, self.direction, terms, master=self.master, live_terms=live_terms, decay=decay)

@@ -19,7 +19,7 @@ hold". The seed level has only a few seeds, whose resample is too narrow ((n-1)/
 tails): each replicate's deviation from the estimate is scaled by sqrt(n / (n-1)) and a t_{n-1} multiplier
 (``stats.t_scale``; n the smaller arm's seeds), as the accuracy claims' seed level is, and the interval is
 the percentile one. When the estimate itself is infinite or undetermined the replicates are left as they
-are (they are then mostly infinite too). With fewer than 2 seeds in an arm nothing is estimated.
+are (they are then mostly infinite too). With fewer than ``stats.MIN_SEEDS`` seeds in an arm nothing is estimated.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Hashable, Mapping
 
 import numpy as np
 
-from zobench.analysis.stats import CHUNK, Evidence, Replicates, seed_weights, t_scale
+from zobench.analysis.stats import CHUNK, MIN_SEEDS, Evidence, Replicates, seed_weights, t_scale
 
 Curve = tuple[np.ndarray, np.ndarray]  # (times, accuracies), in evaluation order
 
@@ -77,8 +77,8 @@ def faster_to_target(a: Mapping[Hashable, Curve], b: Mapping[Hashable, Curve], t
                                  target)[0])
     what = f"log(t_b / t_a) to {'b' + chr(39) + 's best mean dev accuracy' if target == 'b_best' else target}"
     n = min(n_a, n_b)
-    if n < 2:
-        return Evidence(None, (n_a, n_b), None, f"{what}: {estimate:+.3f}; needs at least 2 seeds per arm")
+    if n < MIN_SEEDS:  # the verdicts' rule (stats.MIN_SEEDS): one seed a side has no seed-to-seed variance
+        return Evidence(None, (n_a, n_b), None, f"{what}: {estimate:+.3f}; needs at least {MIN_SEEDS} seeds per arm")
     rng = np.random.default_rng(seed)
     reps = []
     for start in range(0, resamples, CHUNK):

@@ -6,7 +6,9 @@
 through a running k-best. Here the scores are synthetic with Llama-2-7B's shapes (``--layers`` blocks of 7
 linears, exponential values drawn per tensor from a seed) and k is the whole 7B's 0.1% (6.5M), so the merges
 are the 7B mask's largest. ``before`` is the running top-k as it was (a ``torch.topk`` of the first tensor
-whole, then every merge dropping its surplus by another ``torch.topk``), ``now`` is ``topk_mask``. Each runs
+whole, then every merge dropping its surplus by another ``torch.topk``), ``now`` is ``topk_mask``, and
+``now_kthvalue`` (on a GPU) or ``now_topk`` (on a CPU) is ``topk_mask`` finding each merge's k-th largest the
+other device's way (``zo.masks._kth_largest``). Each runs
 in a child process; reported: its peak memory beyond the one score tensor alive at a time (host RSS on a CPU,
 the allocator's peak on a GPU), seconds, whether both select the same entries, and where they do not (ties
 at the k-th value broken differently), whether the values they selected are the same.
@@ -86,7 +88,10 @@ def child(way: str, device: str, layers: int, out: Path) -> None:
     start = time.perf_counter()
     if way == "before":
         mask = before(scores(layers, dev), K_7B)
-    else:
+    else:  # now: the k-th largest as this device finds it; the other way forced for the comparison
+        if way != "now":
+            kth = M._kth_largest
+            M._kth_largest = lambda values, k, _=None: kth(values, k, way == "now_topk")
         mask = M.topk_mask(scores(layers, dev), K_7B / total, total=total)
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -109,7 +114,8 @@ def main() -> None:
         return
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for way in ("before", "now"):
+        ways = ("before", "now", "now_kthvalue" if args.device.startswith("cuda") else "now_topk")
+        for way in ways:
             out = Path(tmp) / f"{way}.pt"
             subprocess.run([sys.executable, __file__, "--device", args.device, "--layers", str(args.layers),
                             "--child", way, str(out)], check=True, cwd=ROOT,
@@ -117,6 +123,8 @@ def main() -> None:
             runs[way] = torch.load(out)
     a, b = runs["before"]["mask"], runs["now"]["mask"]
     same = a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    c = runs[ways[2]]["mask"]  # the other way of finding the k-th largest: the same mask, ties included
+    same_other = b.keys() == c.keys() and all(torch.equal(b[n], c[n]) for n in b)
     # Ties at the k-th value may be broken differently (torch.topk: any of them; now: the earliest), so
     # also count the entries the two disagree on and compare the values they selected, sorted.
     differ, vals = 0, {"before": [], "now": []}
@@ -128,6 +136,7 @@ def main() -> None:
         vals["now"].append(flat[ib])
     same_values = torch.equal(torch.sort(torch.cat(vals["before"])).values, torch.sort(torch.cat(vals["now"])).values)
     summary = {"device": args.device, "layers": args.layers, "k": K_7B, "same_mask": same,
+               f"same_mask_{ways[2]}": same_other,
                "entries_differing": differ, "same_selected_values": same_values,
                "threads": torch.get_num_threads(),
                **{way: {"beyond_scores_mib": round(r["beyond_scores_mib"], 1), "seconds": round(r["seconds"], 2)}

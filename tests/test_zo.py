@@ -278,10 +278,13 @@ def test_a_folded_run_is_the_unfolded_run_bit_for_bit(method):
     assert any(not torch.equal(w1[n], start[n]) for n in w1)  # it trained: there was something to fold
 
 
+@pytest.mark.parametrize("by_topk", [False, True])
 @pytest.mark.parametrize("density", [1e-3, 0.05, 0.5, 1.0])
-def test_the_running_global_topk_is_the_topk_of_all_the_scores_and_their_mass(density):
+def test_the_running_global_topk_is_the_topk_of_all_the_scores_and_their_mass(density, by_topk, monkeypatch):
     """Streamed over tensors (a later tensor only offers what beats the k-th best so far), the mask is the
-    top k of every score at once; distinct values, so no tie decides."""
+    top k of every score at once; distinct values, so no tie decides. Either way of finding the k-th largest."""
+    kth = M._kth_largest
+    monkeypatch.setattr(M, "_kth_largest", lambda values, k, _=None: kth(values, k, by_topk))
     g = torch.Generator().manual_seed(1)
     sizes = [5000, 300, 12000, 7, 4000]
     flat = torch.randperm(sum(sizes), generator=g).float()
@@ -297,12 +300,16 @@ def test_the_running_global_topk_is_the_topk_of_all_the_scores_and_their_mass(de
     assert mass["total"] == pytest.approx(float(flat.double().sum()))
 
 
+@pytest.mark.parametrize("by_topk", [False, True])
 @pytest.mark.parametrize("chunk", [7, 1000, 1 << 22])
-def test_the_running_topk_reads_in_chunks_and_breaks_ties_by_position(monkeypatch, chunk):
+def test_the_running_topk_reads_in_chunks_and_breaks_ties_by_position(monkeypatch, chunk, by_topk):
     """Few distinct values, so ties at the k-th value decide: of equal values the first in the scope's order
     (tensor by tensor, then flat index) are kept, whatever the chunk the tensors are read in; the rest is the
-    top k of everything at once."""
+    top k of everything at once. Both ways of finding the k-th largest (kthvalue on a CPU, an unsorted topk
+    on a GPU) give that same mask."""
     monkeypatch.setattr(M, "CHUNK", chunk)
+    kth = M._kth_largest
+    monkeypatch.setattr(M, "_kth_largest", lambda values, k, _=None: kth(values, k, by_topk))
     g = torch.Generator().manual_seed(2)
     sizes = [500, 30, 1200, 7, 400]
     flat = torch.randint(0, 9, (sum(sizes),), generator=g).float()

@@ -42,13 +42,15 @@ def _head_bytes(arch, tokens: int) -> int:
     return 3 * tokens * arch.vocab * 4
 
 
-def _running_topk_bytes(k: int, scope: int, largest: int) -> int:
+def _running_topk_bytes(k: int, scope: int, largest: int, device: str = "cpu") -> int:
     """The global top-k's largest moment (``zo.masks.topk_mask``): a merge of the k best so far with the
     candidates waiting (at most half of max(k, TOPK_CHUNK), plus one chunk's), each a float32 value and an int64
     key, concatenated (the parts then freed); alive at once: the concatenation, the selection's copy of the
-    values with int64 positions (12 bytes each), its boolean keep mask, and the k kept."""
+    values with int64 positions (12 bytes each), its boolean keep mask, and the k kept. On a GPU the k-th
+    largest comes from an unsorted topk (``zo.masks._kth_largest``): its k values and int64 positions too
+    (bench/topk_memory.py on a CPU, both ways: +71 MiB at the 7B's k)."""
     merged = min(scope, k + max(k, TOPK_CHUNK) // 2 + min(TOPK_CHUNK, largest))
-    return 25 * merged + 12 * k
+    return 25 * merged + 12 * k + (12 * k if device == "cuda" else 0)
 
 
 def _kept_inputs_bytes(cfg, arch, db: int) -> int:
@@ -76,7 +78,7 @@ def mask_bytes(cfg, arch, db: int, streamed: bool, device: str = "cpu") -> float
     one = cfg.calib_length * arch.hidden * db  # a sequence's block input (or its gradient)
     kept = _kept_inputs_bytes(cfg, arch, db) if device == "cpu" else 2 * one  # all of them, or one at a time
     block = block_linears * (db + db + 4)  # weights, their gradients, the float32 accumulators
-    running = _running_topk_bytes(k, scope, max((o * i for o, i in arch.linears), default=0))
+    running = _running_topk_bytes(k, scope, max((o * i for o, i in arch.linears), default=0), device)
     return (other + kept + block + _saved_per_token(arch) * cfg.calib_length * db
             + max(0, _head_bytes(arch, cfg.calib_length) - block) + running)
 

@@ -436,3 +436,19 @@ def test_packed_values_train_bit_for_bit_as_separate_ones_in_one_pass(path):
             counts.append(sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None))
         # at least one operation a layer fewer (torch: 167 -> 137 here, its Philox rounds the rest; C: 15 -> 0)
         assert counts[0] - counts[1] >= len(apart.params), counts
+
+
+def test_a_quantized_sparse_cell_trains_its_values_packed():
+    """The pipeline packs the values it keeps beside the quantized layers (``pack_values``), so its
+    trainable passes over them in one operation."""
+    pytest.importorskip("bitsandbytes")
+    from zobench.cell.pipeline import Pipeline
+    from zobench.spec.config import CellConfig
+
+    p = Pipeline(CellConfig.from_dict(dict(model="random:tiny-llama", task="sst2", method="random", density=0.01,
+                                           quant="nf4", n_train=8, n_dev=0, n_test=0, eval_before=False,
+                                           eval_after=False, batch_size=2, max_length=16, steps=1,
+                                           warmup_steps=0, device="cpu")))
+    assert p.run().ok
+    assert p.trainable.flat is not None and len(p.trainable.params) > 1
+    assert p.trainable.flat.untyped_storage().data_ptr() == p.trainable.params[-1].untyped_storage().data_ptr()

@@ -207,16 +207,14 @@ def estimate_cell(cfg: CellConfig) -> dict:
     taken = price.nnz if needs_mask and storage is not None else 0  # the values a mask takes out of quantized layers
     phases = dict(phase_estimates(cfg, arch, db, storage, taken, breakdown["framework_mib"], streamed, needs_mask,
                                   device, transient), train=peak)
-    host = None
-    if device == "cuda":  # the host's memory beside the card's, phase by phase (analysis.phase_estimate)
-        host = host_phases(cfg, arch, db, streamed, needs_mask, phases, lambda p: host_floor(device, p))
     if evaluation is not None:
         # an evaluation phase (before, after, the best dev step's): the weights and what the method holds, and
         # the evaluation's forward instead of the training step's
         held = ("framework_mib", "weights_mib", "trainable_mib", "optimizer_mib")
         phases["eval"] = round(sum(breakdown[k] for k in held) + evaluation / MIB, 3)
-        if host is not None:
-            host["eval"] = round(host_floor(device), 3)
+    host = None
+    if device == "cuda":  # the host's memory beside the card's, phase by phase (analysis.phase_estimate)
+        host = host_phases(cfg, arch, db, streamed, phases, lambda p: host_floor(device, p))
     return {"peak_mib": peak, "breakdown": breakdown, "phases": phases, "cell_peak_mib": max(phases.values()),
             "device": device, **({"host_phases": host} if host is not None else {}),
             "model_numel": arch.numel, "method": cfg.method, "trainable_numel": price.nnz,

@@ -92,11 +92,11 @@ def host_mask_bytes(cfg, arch, db: int, streamed: bool) -> float:
     return _kept_inputs_bytes(cfg, arch, db)
 
 
-def host_phases(cfg, arch, db: int, streamed: bool, needs_mask: bool, phases: dict, floor) -> dict:
+def host_phases(cfg, arch, db: int, streamed: bool, phases: dict, floor) -> dict:
     """A GPU cell's host memory (MiB) in each of ``phases``: the floor (``floor(phase)``: the load phase runs
     no forward yet), and the mask's kept inputs."""
     out = {p: floor(p) for p in phases}
-    if needs_mask and "mask" in out:
+    if "mask" in out:
         out["mask"] += host_mask_bytes(cfg, arch, db, streamed) / MIB
     return {k: round(v, 3) for k, v in out.items()}
 

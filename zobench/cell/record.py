@@ -118,14 +118,17 @@ class CellRecord:
         """The estimator's peak for one phase of this cell (load, mask, quantize, eval; warm-up and train are
         its training estimate: ``measures.estimate_key``), None where it has none (older records: training
         only)."""
-        phases = _field(self.estimate, "phases")
-        value = _field(phases, estimate_key(phase, phases if isinstance(phases, dict) else None))
-        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        return self._phase_estimate("phases", phase)
 
     def estimated_host_mib(self, phase: str):
         """A GPU cell's estimated host memory for one phase (``analysis.phase_estimate.host_phases``), None
         where the estimate has none (CPU cells: their phases are host memory already; older records)."""
-        phases = _field(self.estimate, "host_phases")
+        return self._phase_estimate("host_phases", phase)
+
+    def _phase_estimate(self, field: str, phase: str):
+        """``phase``'s number in the estimate's ``field`` (a mapping of phase to MiB), None where it is missing
+        or not a number (a record is data)."""
+        phases = _field(self.estimate, field)
         value = _field(phases, estimate_key(phase, phases if isinstance(phases, dict) else None))
         return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 

@@ -187,7 +187,10 @@ def host_phase_table(ok: list[CellView], extras: list[str]) -> list[str]:
 
     def whole(r):
         peaks = [(r.phase(p).peak_rss_mib, p) for p in present if r.phase(p).peak_rss_mib is not None]
-        return DASH if not peaks else "{} ({})".format(mib(max(peaks)[0]), max(peaks)[1])
+        if not peaks:
+            return DASH
+        peak, phase = max(peaks)
+        return f"{mib(peak)} ({phase})"
 
     cols: list[Column] = [(p, lambda r, p=p: cell(r, p)) for p in present] + [("largest MiB (phase)", whole)]
     intro = ("Host memory of GPU cells: each phase's peak RSS in MiB, with the estimator's (the process's own "

@@ -352,8 +352,14 @@ def test_estimate_cli_table_and_json(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert main(["estimate", "suites/smoke.yaml"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split()[:4] == ["cell", "device", "peak", "MiB"]
+    assert lines[0].split()[:7] == ["cell", "device", "train", "MiB", "whole", "cell", "MiB"]
     assert len(lines) == 6 and all("weights" in line for line in lines[1:5])
+    # The whole cell's peak beside the training phase's: never below it, and its phase named when above it
+    # (the sensitive cell's mask phase: its gradients).
+    for line in lines[1:5]:
+        train, whole, *rest = line.split("cpu", 1)[1].split()
+        assert float(whole) >= float(train)
+        assert (rest[0] == "(in") == (float(whole) > float(train) + 0.5)
     # The last line says what the figures stand on: the CPU footprint measured here (a test run's machine
     # is calibrated before any estimate is printed).
     assert lines[5].startswith("framework footprint on cpu:") and lines[5].endswith("measured on this machine")

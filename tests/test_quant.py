@@ -94,6 +94,37 @@ def test_gptq_second_run_hits_the_cache(data_dir, tmp_path):
     assert len(entries) == 1 and not entries[0].name.startswith(".")  # no temporary directory left
 
 
+def test_a_cells_quantize_phase_holds_no_replaced_float_weight(monkeypatch, tmp_path):
+    """Once the backend has replaced a layer, its float weight is gone: nothing in the cell keeps it. GPTQ
+    writes each layer's quantized-dequantized weight into that float weight (a fresh tensor, where a
+    checkpoint's was mapped), so a reference kept to the end of the phase cost SmolLM2's GPTQ cells the whole
+    model again, 405 MiB (results/bench/measurements.md)."""
+    pytest.importorskip("gptqmodel")
+    import gc
+    import weakref
+
+    from zobench.cell.pipeline import Pipeline
+    from zobench.quant.gptq import GPTQ
+
+    monkeypatch.setenv("ZOBENCH_CACHE", str(tmp_path))  # quantized here, not read from an earlier test's cache
+    alive = []
+    quantize = GPTQ.quantize
+
+    def watched(self, model, names, ctx):
+        weights = [weakref.ref(model.get_submodule(n).weight) for n in names]
+        quantize(self, model, names, ctx)
+        gc.collect()
+        alive.append(sum(w() is not None for w in weights))
+
+    monkeypatch.setattr(GPTQ, "quantize", watched)
+    cfg = {"model": "random:tiny-llama", "task": "sst2", "method": "forward", "quant": "gptq", "n_train": 8,
+           "n_dev": 0, "n_test": 0, "batch_size": 4, "max_length": 32, "steps": 1, "warmup_steps": 0,
+           "eval_before": False, "eval_after": False, "device": "cpu", "calib_sequences": 4, "calib_length": 64}
+    rec = Pipeline(CellConfig.from_dict(cfg)).run()
+    assert rec.ok, rec.reason
+    assert alive == [0]
+
+
 def test_gptq_cache_key_follows_the_weights(tiny, data_dir, tmp_path):
     """Weights changed before quantizing (the dense-and-sparse path zeroes entries) give a new entry."""
     pytest.importorskip("gptqmodel")

@@ -15,7 +15,9 @@ plus what is alive at that phase's largest moment, in the order the pipeline bui
                gradients, float32 accumulators and saved activations, plus the running top-k
                (a float cell then makes its block linears: the float model, the mask beside it)
     quantize   streamed: the quantized layers, one float layer at a time and the taken sparse values;
-               otherwise the float model (still held) beside the whole quantized model
+               otherwise the float model (still held) beside the whole quantized model, and on a CPU
+               the owning copy of the tensors that stay float (``quant.base._detach_from_checkpoint``:
+               made while a checkpoint's mapped pages are still resident)
 
 On a GPU the phases above are the card's memory; the host's (``host_phases``) is the process's own floor
 there (``calibration.host_floor``) plus what the cell keeps in host memory: the mask's
@@ -125,5 +127,8 @@ def phase_estimates(cfg, arch, db: int, storage, nnz: int, floor_mib: float, str
             mask = max(mask, arch.numel * db + arch.buffer_bytes + chosen)
         out["mask"] = floor_mib + mask / MIB
     if storage is not None:
-        out["quantize"] = floor_mib + quantize_bytes(cfg, arch, db, storage, streamed, nnz, transient) / MIB
+        quantize = quantize_bytes(cfg, arch, db, storage, streamed, nnz, transient)
+        if not streamed and device == "cpu":
+            quantize += other  # the copy out of the checkpoint's map, beside its still resident pages
+        out["quantize"] = floor_mib + quantize / MIB
     return {k: round(v, 3) for k, v in out.items()}

@@ -42,12 +42,17 @@ def run(args) -> int:
         return EXIT_OK
     names = [" ".join(f"{k}={v}" for k, v in r["labels"].items()) for r in rows]
     width = max([len("cell"), *map(len, names)])
-    print(f"{'cell':<{width}}  {'device':<6} {'peak MiB':>9}  main components (MiB)")
+    # The whole cell's peak is what a machine must hold; it can come before training (a model loaded whole
+    # before it is quantized, a mask's gradients), so the phase is named when it is not the training's.
+    print(f"{'cell':<{width}}  {'device':<6} {'train MiB':>9}  {'whole cell MiB':<20}  "
+          f"main components of training (MiB)")
     for name, r in zip(names, rows):
         if "error" in r:
-            print(f"{name:<{width}}  {'-':<6} {'-':>9}  {r['error']}")
+            print(f"{name:<{width}}  {'-':<6} {'-':>9}  {'-':<20}  {r['error']}")
         else:
-            print(f"{name:<{width}}  {r['device']:<6} {r['peak_mib']:>9.0f}  {describe(r)}")
+            phase = max(r["phases"], key=r["phases"].get)
+            whole = f"{r['cell_peak_mib']:.0f}" + (f" (in {phase})" if r["cell_peak_mib"] > r["peak_mib"] + 0.5 else "")
+            print(f"{name:<{width}}  {r['device']:<6} {r['peak_mib']:>9.0f}  {whole:<20}  {describe(r)}")
     # Which constants each figure stands on: measured on this machine, or a default (CUDA without a GPU: the
     # floor measured on an H200).
     seen = {(r["device"], r["calibration"].get("quant", "none")): r for r in rows if "calibration" in r}

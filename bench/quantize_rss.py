@@ -1,0 +1,132 @@
+"""Benchmark: where a cell's quantize phase holds its memory on a CPU, stage by stage.
+
+    python bench/quantize_rss.py [--suite suites/smollm2-quant.yaml] [--only quant=gptq,method=forward]
+
+Runs the one selected cell in this process, under the environment a cell process gets
+(``procs.CHILD_ENV``: re-executes itself with it) and with a fresh cache for quantized layers and masks (a
+temporary ``ZOBENCH_CACHE`` beside the converted models, which are linked, not copied), and samples the
+resident set every 20 ms. Prints the anonymous and file-backed parts (``RssAnon`` / ``RssFile``: a
+checkpoint's mapped pages are file-backed) when the phase starts, at every tenth layer the backend installs,
+and when the phase ends, then the phase's peak against the estimator's. Linux only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(line.split()[1]) // 1024
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", default="suites/smollm2-quant.yaml")
+    ap.add_argument("--only", default="quant=gptq,method=forward")
+    args = ap.parse_args()
+
+    from zobench.procs import CHILD_ENV
+    if any(os.environ.get(k) != v for k, v in CHILD_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CHILD_ENV})
+    from zobench.analysis.estimate import estimate_cell
+    from zobench.cell.pipeline import Pipeline
+    from zobench.driver import calibrate_cells
+    from zobench.files import cache_dir
+    from zobench.quant import base
+    from zobench.spec.matrix import select_cells
+    from zobench.spec.suite import load_suite
+
+    cells = select_cells(load_suite(args.suite), args.only)
+    if len(cells) != 1:
+        sys.exit(f"--only must select one cell of {args.suite}; it selects {len(cells)}")
+    cfg = cells[0].config
+    calibrate_cells(cells)  # the estimate on this machine's measured floor (kept in the real cache)
+    estimated = estimate_cell(cfg)["phases"]["quantize"]
+    fresh = Path(tempfile.mkdtemp(prefix="zobench-quantize-rss-"))
+    if (cache_dir() / "models").is_dir():
+        (fresh / "models").symlink_to(cache_dir() / "models")
+    os.environ["ZOBENCH_CACHE"] = str(fresh)
+    samples, marks, done = [], [], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            samples.append(_status()["VmRSS"])
+            time.sleep(0.02)
+
+    def mark(what: str) -> None:
+        marks.append((what, _status()))
+
+    quantize_model = base.quantize_model
+    installed = [0]
+
+    def watched(model, backend, ctx, names, mask=None):
+        def count(module, name, sub):
+            installed[0] += 1
+            if installed[0] % 10 == 0:
+                mark(f"{installed[0]} layers quantized")
+        handle = _register_setattr_hook(count)
+        try:
+            return quantize_model(model, backend, ctx, names, mask)
+        finally:
+            handle()
+
+    base.quantize_model = watched
+    import zobench.cell.pipeline as pipeline_module
+    pipeline_module.quantize_model = watched
+    pipeline = Pipeline(cfg)
+    quantize = pipeline.quantize
+
+    def phase() -> None:
+        mark("phase starts")
+        quantize()
+        mark("phase ends")
+
+    pipeline.quantize = phase
+    threading.Thread(target=sample, daemon=True).start()
+    try:
+        record = pipeline.run()
+    finally:
+        done.set()
+        shutil.rmtree(fresh, ignore_errors=True)  # its own temporary cache (the models are only linked)
+    print(f"{cells[0].describe()}: {record.status}")
+    for what, s in marks:
+        print(f"  {what:<22} RSS {s['VmRSS']:>6} MiB  anonymous {s['RssAnon']:>6}  file-backed {s['RssFile']:>6}")
+    measured = record.phases["quantize"].peak_rss_mib
+    print(f"quantize phase peak {measured:.0f} MiB (sampled {max(samples):.0f}), estimated {estimated:.0f} "
+          f"({(estimated - measured) / measured:+.1%})")
+
+
+def _register_setattr_hook(hook):
+    """Call ``hook(module, name, value)`` whenever a float ``nn.Linear`` held by a module is replaced; returns
+    the function that removes it."""
+    import torch
+
+    original = torch.nn.Module.__setattr__
+
+    def setattr_(self, name, value):
+        if type(self._modules.get(name) if "_modules" in self.__dict__ else None) is torch.nn.Linear:
+            hook(self, name, value)  # a float linear replaced
+        original(self, name, value)
+
+    torch.nn.Module.__setattr__ = setattr_
+    return lambda: setattr(torch.nn.Module, "__setattr__", original)
+
+
+if __name__ == "__main__":
+    main()

@@ -304,3 +304,40 @@ def test_gpu_cells_show_each_phase_s_host_memory_beside_its_estimate(tmp_path):
     mask = recs[-1].phase("mask").peak_rss_mib
     est = recs[-1].estimate["host_phases"]["mask"]
     assert f"{mask:.0f} (est. {est:.0f})" in row and row.endswith(f"| {mask:.0f} (mask) |")
+
+
+def test_records_of_part_of_a_suite_say_how_many_cells_have_none(tmp_path):
+    """A report of a suite still running (or run with --only) says how many of its cells have no record yet,
+    counted as --resume counts them; records that are no cell of the suite as it reads now are said so."""
+    from zobench.spec.matrix import select_cells
+    from zobench.spec.suite import load_suite
+
+    suite_file = DATA / "tiny_suite.yaml"
+    cells = select_cells(load_suite(suite_file), None)  # full, random and their forward reference cell
+    ids = [c.cell_id for c in cells]
+    assert len(ids) == 3
+
+    def rec(cell_id, status="ok"):
+        return CellRecord(cell_id, status=status, suite="t", suite_file=str(suite_file),
+                          labels={"method": "x"}, config={"method": "x"})
+
+    def notes(records):
+        md = render_report(records, tmp_path / "report.md").read_text(encoding="utf-8")
+        return [line for line in md.splitlines() if line.startswith("> Not the whole") or "suite's cells" in line
+                or line.startswith("> None of these")]
+
+    one = notes([rec(ids[0]), rec(ids[1])])
+    assert len(one) == 1 and "1 of the suite's 3 cells has no record" in one[0]
+    assert f"zobench run {suite_file} --resume" in one[0]
+    assert "2 of the suite's 3 cells have no record" in notes([rec(ids[0])])[0]
+    # A failed cell has its record (the failures table shows it): the suite is whole.
+    assert notes([rec(ids[0]), rec(ids[1]), rec(ids[2], status="error")]) == []
+    stranger = notes([*map(rec, ids), rec("ffffffffffff")])
+    assert stranger == ["> 1 cell in these records is not among the suite's cells as its file reads now (the file, "
+                        "or a default, changed since they ran)."]
+    assert notes([rec("ffffffffffff")]) == [f"> None of these records is a cell of {suite_file} as it reads now "
+                                             "(the file, or a default, changed since they ran)."]
+    # Records of another suite than the file now holds, or a file that cannot be read: nothing is counted.
+    other = [CellRecord(ids[0], suite="renamed", suite_file=str(suite_file))]
+    gone = [CellRecord(ids[0], suite="t", suite_file=str(tmp_path / "no-such.yaml"))]
+    assert notes(other) == notes(gone) == []

@@ -32,13 +32,15 @@ def plot_links(plots: list[tuple[str, str]]) -> list[str]:
 
 
 def render_markdown(recs: list[CellView], title: str | None, plots: list[tuple[str, str]],
-                    pilots: list[CellView] | None = None, claims=None) -> str:
+                    pilots: list[CellView] | None = None, claims=None, progress: list[str] = ()) -> str:
     """``recs``: one cell per row, in report order; ``plots``: (caption, path relative to the file);
-    ``pilots``: the learning-rate pilot's cells; ``claims``: the claims section's lines (``report.claims``)."""
+    ``pilots``: the learning-rate pilot's cells; ``claims``: the claims section's lines (``report.claims``);
+    ``progress``: the lines saying the records are not the whole suite (``report.suite_progress``)."""
     extras = varying_axes(recs)
     ok = [r for r in recs if r.ok]
     bad = [r for r in recs if not r.ok]
-    lines = header(recs, title, pilots or []) + (claims or [])
+    lines = header(recs, title, pilots or [])
+    lines = lines[:4] + list(progress) + lines[4:] + (claims or [])  # after the suite's line
     for part in (main_table, quant_table, phase_table, gpu_memory_table, host_phase_table, step_table,
                  mask_tables):
         lines += part(ok, extras)

@@ -46,6 +46,7 @@ class Arch:
     slices_logits: bool         # logits only at the kept positions (tasks.logits.slices_logits)
     layerwise: bool = False     # its blocks can run one at a time (models.layerwise: a streamed sensitive mask)
     streams: bool = False       # its weights can arrive tensor by tensor (random, or a local safetensors checkpoint)
+    mapped_dtype: str | None = None  # the dtype of a safetensors checkpoint whose tensors a CPU load maps, not reads
 
 
 def _local_config(spec: str, trust: bool, network: bool):
@@ -89,6 +90,21 @@ def model_config(spec: str, fallback: str | None = None, trust: bool = False):
         if hub and os.environ.get("HF_HUB_OFFLINE", "").upper() not in ("1", "ON", "YES", "TRUE"):
             return _local_config(spec, trust, network=True), spec
         raise
+
+
+def _mapped_dtype(spec: str, config, model) -> str | None:
+    """The dtype a checkpoint's tensors are stored in, where loading ``spec`` on a CPU maps them from
+    safetensors files instead of reading them (``models.load``: the builtin and GGUF models are converted to
+    float32 safetensors; a local folder's own safetensors): in that dtype the load holds none of their pages
+    until a forward reads them. None for random weights and anything else."""
+    if spec.startswith("random:"):
+        return None
+    if spec.lower() in BUILTIN or spec.endswith(".gguf"):
+        return "float32"
+    if not (Path(spec).is_dir() and _streams(spec, model)):
+        return None
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(stored).removeprefix("torch.") if stored is not None else None
 
 
 def _streams(spec: str, model) -> bool:
@@ -135,4 +151,5 @@ def architecture(spec: str, fallback: str | None = None, trust: bool = False) ->
         kv_width=width(("k_proj", "key", "k_lin", "wk"), hidden),
         vocab=int(model.get_output_embeddings().weight.shape[0]),
         eager_heads=int(getattr(text, "num_attention_heads", 1)) if attn == "eager" else 0,
-        slices_logits=slices_logits(model), layerwise=layerwise.supports(model), streams=_streams(used, model))
+        slices_logits=slices_logits(model), layerwise=layerwise.supports(model), streams=_streams(used, model),
+        mapped_dtype=_mapped_dtype(used, config, model))

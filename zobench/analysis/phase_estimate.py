@@ -5,7 +5,9 @@ whole before it is quantized, or the squared gradients of its mask. Each phase h
 plus what is alive at that phase's largest moment, in the order the pipeline builds it (``cell.pipeline``):
 
     load       streamed (a random model whose block linears wait on the meta device, ``Pipeline.streams``):
-               the tensors that stay float; otherwise the whole float model
+               the tensors that stay float; otherwise the whole float model. On a CPU a safetensors
+               checkpoint loaded in its own dtype is mapped, not read (``Arch.mapped_dtype``): the load
+               holds its buffers only, and the pages come in with the phase that first reads them
     mask       random / magnitude: the loaded weights and the chosen indices. Gradient masks (sensitive,
                task_grad) on the whole model: the float weights, a float32 accumulator per weight in scope,
                what autograd saves for the backward of one calibration sequence, and the head's logits
@@ -103,12 +105,15 @@ def host_phases(cfg, arch, db: int, streamed: bool, phases: dict, floor) -> dict
     return {k: round(v, 3) for k, v in out.items()}
 
 
-def quantize_bytes(cfg, arch, db: int, storage, streamed: bool, nnz: int, transient: float = 0.0) -> float:
+def quantize_bytes(cfg, arch, db: int, storage, streamed: bool, nnz: int, transient: float = 0.0,
+                   mapped: bool = False) -> float:
     """Bytes alive while the last layer is quantized (streamed: it the only float one), with ``transient``, what
     quantizing the largest layer needs beyond it (``Backend.quantize_transient``); ``nnz``: the values a mask
-    took out of the quantized layers, kept beside them (0 for a method that trains the codes or scales)."""
+    took out of the quantized layers, kept beside them (0 for a method that trains the codes or scales).
+    ``mapped``: the tensors that stay float are a checkpoint's mapped pages, which a streamed quantize phase
+    never reads."""
     quantized = sum(storage.weight_bytes(o, i) for o, i in arch.linears)
-    other = arch.other_numel * db + arch.buffer_bytes
+    other = arch.buffer_bytes if mapped else arch.other_numel * db + arch.buffer_bytes
     sparse = nnz * (db + 4 + 8)  # the taken values, their int32 positions, the mask's int64 indices
     if streamed:
         return other + quantized + max((o * i for o, i in arch.linears), default=0) * db + sparse + transient
@@ -119,7 +124,12 @@ def phase_estimates(cfg, arch, db: int, storage, nnz: int, floor_mib: float, str
                     needs_mask: bool, device: str = "cpu", transient: float = 0.0) -> dict[str, float]:
     """MiB per phase before training: ``{"load", "mask" (mask methods), "quantize" (quantized cells)}``."""
     other = arch.other_numel * db + arch.buffer_bytes
-    out = {"load": floor_mib + (other if streamed else arch.numel * db + arch.buffer_bytes) / MIB}
+    mapped = device == "cpu" and arch.mapped_dtype == cfg.dtype
+    if mapped:
+        loaded = arch.buffer_bytes  # the checkpoint's tensors mapped: nothing of them read yet
+    else:
+        loaded = other if streamed else arch.numel * db + arch.buffer_bytes
+    out = {"load": floor_mib + loaded / MIB}
     if needs_mask:
         mask = mask_bytes(cfg, arch, db, streamed, device)
         if streamed and storage is None:  # a float cell makes its linears once the mask is taken
@@ -127,7 +137,7 @@ def phase_estimates(cfg, arch, db: int, storage, nnz: int, floor_mib: float, str
             mask = max(mask, arch.numel * db + arch.buffer_bytes + chosen)
         out["mask"] = floor_mib + mask / MIB
     if storage is not None:
-        quantize = quantize_bytes(cfg, arch, db, storage, streamed, nnz, transient)
+        quantize = quantize_bytes(cfg, arch, db, storage, streamed, nnz, transient, mapped)
         if not streamed and device == "cpu":
             quantize += other  # the copy out of the checkpoint's map, beside its still resident pages
         out["quantize"] = floor_mib + quantize / MIB

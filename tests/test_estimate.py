@@ -93,23 +93,32 @@ def test_held_out_cells_within_ten_percent(tmp_path):
         _assert_close(rec, rec.estimate)
 
 
-def test_a_mapped_checkpoint_s_load_and_streamed_quantize_phases_within_five_percent(tmp_path):
+def test_a_mapped_checkpoint_s_load_and_streamed_quantize_phases_within_five_percent(tmp_path, monkeypatch):
     """On a CPU the embedded SmolLM2 loads mapped from its safetensors (nothing read: the load holds the floor
     only, where the whole float model was priced, 935 MiB against 433 measured), and a streamed 4-bit quantize
-    phase never reads the tensors that stay float. Measured in cell processes, as a suite runs them."""
+    phase reads no tensor that stays float, unless a gradient mask's forwards read them first (a computed
+    mask: this test's own cache holds none). Measured in cell processes, as a suite runs them."""
     from zobench.driver import run_suite
+    from zobench.files import cache_dir
     from zobench.spec.suite import parse_suite
 
+    for shared in ("models", "calibration"):  # the converted model and this machine's floors, not the masks
+        (tmp_path / "cache").mkdir(exist_ok=True)
+        if (cache_dir() / shared).is_dir():
+            (tmp_path / "cache" / shared).symlink_to(cache_dir() / shared)
+    monkeypatch.setenv("ZOBENCH_CACHE", str(tmp_path / "cache"))
     suite = parse_suite({
         "name": "mapped", "reference": False,
         "defaults": {"model": "smollm2", "task": "sst2", "n_train": 8, "n_dev": 0, "n_test": 0, "batch_size": 2,
                      "max_length": 32, "steps": 1, "warmup_steps": 0, "eval_before": False, "eval_after": False,
-                     "method": "forward"},
-        "matrix": {"quant": ["none", "nf4"]}}, "mapped.yaml")
+                     "density": 1e-3, "calib_sequences": 2, "calib_length": 64},
+        "matrix": {"quant": ["none", "nf4"], "method": ["forward", "sensitive"]},
+        "exclude": [{"quant": "none", "method": "sensitive"}]}, "mapped.yaml")
     records = latest_by_cell(load_records(run_suite(suite, tmp_path / "results")))
-    assert len(records) == 2
+    assert len(records) == 3
     for rec in records:
         assert rec.ok, rec.reason
+        assert not rec.metrics.get("mask_cache_hit")
         for phase in ("load", "quantize") if rec.config["quant"] == "nf4" else ("load",):
             measured, est = rec.phase(phase).peak_rss_mib, rec.estimate["phases"][phase]
             assert abs(est - measured) <= 0.05 * measured, f"{rec.labels} {phase}: estimated {est:.0f}, " \

@@ -18,12 +18,11 @@ from zobench.errors import UserError
 from zobench.files import atomic_write
 from zobench.report.cells import CellView, sort_key, varying_axes
 from zobench.report.claims import claims_section
+from zobench.report.header import suite_progress
 from zobench.report.influence import render_influence_report
 from zobench.report.markdown import render_markdown
 from zobench.report.plots import plots_folder, write_plots
 from zobench.results import derive, latest_by_cell, load_influence, load_records
-from zobench.spec.matrix import select_cells
-from zobench.spec.pilot import choose, pilot_cells
 from zobench.spec.suite import load_suite
 
 MAX_PLOTTED_CELLS = 200  # the claims suite plots 57 cells; a line per cell beyond this says nothing
@@ -57,7 +56,7 @@ def render_report(records: list[CellRecord], out_md: Path, title: str | None = N
     names = {c.id: c.name for c in claims}
     dirty = sorted({r.cell_id for r in records if (r.git or {}).get("dirty")})
     text = render_markdown(recs, title, plots, pilots=pilots, claims=claims_section(decision, names, dirty),
-                           progress=suite_progress(suite, records))
+                           progress=suite_progress(suite, records, _suite_file(records)))
     return atomic_write(out_md, text, "report")
 
 
@@ -79,43 +78,6 @@ def records_suite(records: list[CellRecord]):
     except UserError:
         return None
     return suite if suite.name == name else None
-
-
-def suite_progress(suite, records: list[CellRecord]) -> list[str]:
-    """A line when some of the suite's cells have no record (a run going on or stopped, or some cells run
-    with --only), so that no one reads a part as the whole; and when some records are not cells of the suite
-    as it reads now (it, or a default, changed since they ran). The cells are counted as ``zobench run
-    --resume`` counts them: with each learning rate its pilot chose."""
-    if suite is None:
-        return []
-    cells = select_cells(suite, None)
-    pilots = pilot_cells(cells, suite.lr_pilot) if suite.lr_pilot is not None else []
-    if suite.lr_pilot is not None:
-        cells, _ = choose(cells, suite.lr_pilot, records)
-    recorded = {r.cell_id for r in latest_by_cell(records)}
-    strangers = recorded - {c.cell_id for c in [*cells, *pilots]}
-    if strangers == recorded:
-        return [f"> None of these records is a cell of {_suite_file(records)} as it reads now (the file, or a "
-                f"default, changed since they ran).", ""]
-    parts = []
-    for group, what in ((pilots, "lr pilot cells"), (cells, "cells")):
-        missing = sum(c.cell_id not in recorded for c in group)
-        if missing:
-            parts.append(f"{missing} of the suite's {len(group)} {what} {'has' if missing == 1 else 'have'} no record")
-    lines = []
-    if parts:
-        lines.append(f"> Not the whole suite: {'; '.join(parts)} (not run yet, or left out with --only). The "
-                     f"tables, plots and verdicts below are of the cells recorded so far; `zobench run "
-                     f"{_suite_file(records)} --resume` runs the others.")
-    if strangers:
-        lines.append(f"> {cells_word(len(strangers))} in these records {'is' if len(strangers) == 1 else 'are'} "
-                     f"not among the suite's cells as its file reads now (the file, or a default, changed since "
-                     f"they ran).")
-    return [line for text in lines for line in (text, "")]
-
-
-def cells_word(n: int) -> str:
-    return f"{n} cell" + ("" if n == 1 else "s")
 
 
 def render_results_file(results: Path, out_md: Path) -> Path:

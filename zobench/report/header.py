@@ -6,11 +6,16 @@ from __future__ import annotations
 from zobench.measure.load import LOADED_CPUS
 from zobench.report.cells import CellView, meaningful, setting
 from zobench.report.table import escape, one_line
+from zobench.results import latest_by_cell
+from zobench.spec.matrix import select_cells
+from zobench.spec.pilot import choose, pilot_cells
 
 NOTES = ((lambda r: r.model_fallback_reason, "{} loaded the fallback model"), (lambda r: r.data_note, "data of {}"))
 
 
-def header(recs: list[CellView], title: str | None, pilots: list[CellView] = ()) -> list[str]:
+def header(recs: list[CellView], title: str | None, pilots: list[CellView] = (), progress: list[str] = ()) -> list[str]:
+    """The title, the suite's line, then ``progress`` (``suite_progress``: the records are not the whole
+    suite), the machine time, the environment and the notes."""
     suite = next((r.suite for r in [*recs, *pilots] if r.suite), None)
     ok = sum(r.ok for r in recs)
     by_status = {}
@@ -25,7 +30,7 @@ def header(recs: list[CellView], title: str | None, pilots: list[CellView] = ())
                f"device {', '.join(devices)}" if recs else "", f"{len(recs)} cells ({tally})" if recs else "no cells"]
     if finished:
         context.append(f"finished {finished}")
-    lines += ["; ".join(c for c in context if c) + ".", ""]
+    lines += ["; ".join(c for c in context if c) + ".", "", *progress]
     if pilots and any(r.machine_s for r in [*pilots, *recs]):  # what choosing the lrs cost, beside the cells
         lines += [machine_time(pilots, recs), ""]
     # the newest record's environment: a re-run's, not the run's it superseded
@@ -131,3 +136,37 @@ def environment(env: dict, git: dict) -> str:
     if git.get("commit"):
         parts.append(f"git {str(git['commit'])[:12]}" + (" (dirty)" if git.get("dirty") else ""))
     return "; ".join(p for p in parts if p)
+
+
+def suite_progress(suite, records: list, suite_file: str | None) -> list[str]:
+    """A line when some of the suite's cells have no record (a run going on or stopped, or some cells run
+    with --only), so that no one reads a part as the whole; and when some records are not cells of the suite
+    as it reads now (it, or a default, changed since they ran). ``suite``: the records' suite as
+    ``suite_file`` reads now (``report.records_suite``). The cells are counted as ``zobench run --resume``
+    counts them: with each learning rate its pilot chose."""
+    if suite is None:
+        return []
+    chosen = select_cells(suite, None)
+    pilots = pilot_cells(chosen, suite.lr_pilot) if suite.lr_pilot is not None else []
+    if suite.lr_pilot is not None:
+        chosen, _ = choose(chosen, suite.lr_pilot, records)
+    recorded = {r.cell_id for r in latest_by_cell(records)}
+    strangers = recorded - {c.cell_id for c in [*chosen, *pilots]}
+    if strangers == recorded:
+        return [f"> None of these records is a cell of {suite_file} as it reads now (the file, or a "
+                f"default, changed since they ran).", ""]
+    parts = []
+    for group, what in ((pilots, "lr pilot cells"), (chosen, "cells")):
+        missing = sum(c.cell_id not in recorded for c in group)
+        if missing:
+            parts.append(f"{missing} of the suite's {len(group)} {what} {'has' if missing == 1 else 'have'} no record")
+    lines = []
+    if parts:
+        lines.append(f"> Not the whole suite: {'; '.join(parts)} (not run yet, or left out with --only). The "
+                     f"tables, plots and verdicts below are of the cells recorded so far; `zobench run "
+                     f"{suite_file} --resume` runs the others.")
+    if strangers:
+        lines.append(f"> {cells(len(strangers))} in these records {'is' if len(strangers) == 1 else 'are'} "
+                     f"not among the suite's cells as its file reads now (the file, or a default, changed since "
+                     f"they ran).")
+    return [line for text in lines for line in (text, "")]

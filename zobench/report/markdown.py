@@ -39,8 +39,7 @@ def render_markdown(recs: list[CellView], title: str | None, plots: list[tuple[s
     extras = varying_axes(recs)
     ok = [r for r in recs if r.ok]
     bad = [r for r in recs if not r.ok]
-    lines = header(recs, title, pilots or [])
-    lines = lines[:4] + list(progress) + lines[4:] + (claims or [])  # after the suite's line
+    lines = header(recs, title, pilots or [], progress) + (claims or [])
     for part in (main_table, quant_table, phase_table, gpu_memory_table, host_phase_table, step_table,
                  mask_tables):
         lines += part(ok, extras)

@@ -120,9 +120,11 @@ def test_a_mapped_checkpoint_s_load_and_streamed_quantize_phases_within_five_per
         assert rec.ok, rec.reason
         assert not rec.metrics.get("mask_cache_hit")
         for phase in ("load", "quantize") if rec.config["quant"] == "nf4" else ("load",):
+            # the load within 3%: on the plain floor, before any backend is imported or has run (on the
+            # floor measured with bitsandbytes a 4-bit cell's load was 4.6% high)
             measured, est = rec.phase(phase).peak_rss_mib, rec.estimate["phases"][phase]
-            assert abs(est - measured) <= 0.05 * measured, f"{rec.labels} {phase}: estimated {est:.0f}, " \
-                                                           f"measured {measured:.0f} MiB"
+            assert abs(est - measured) <= (0.03 if phase == "load" else 0.05) * measured, \
+                f"{rec.labels} {phase}: estimated {est:.0f}, measured {measured:.0f} MiB"
 
 
 @pytest.mark.parametrize("cfg", [

@@ -121,15 +121,18 @@ def quantize_bytes(cfg, arch, db: int, storage, streamed: bool, nnz: int, transi
 
 
 def phase_estimates(cfg, arch, db: int, storage, nnz: int, floor_mib: float, streamed: bool,
-                    needs_mask: bool, device: str = "cpu", transient: float = 0.0) -> dict[str, float]:
-    """MiB per phase before training: ``{"load", "mask" (mask methods), "quantize" (quantized cells)}``."""
+                    needs_mask: bool, device: str = "cpu", transient: float = 0.0,
+                    load_floor_mib: float | None = None) -> dict[str, float]:
+    """MiB per phase before training: ``{"load", "mask" (mask methods), "quantize" (quantized cells)}``.
+    ``load_floor_mib``: the floor before any backend is imported or has run (the plain one), where it
+    differs from ``floor_mib``."""
     other = arch.other_numel * db + arch.buffer_bytes
     mapped = device == "cpu" and arch.mapped_dtype == cfg.dtype
     if mapped:
         loaded = arch.buffer_bytes  # the checkpoint's tensors mapped: nothing of them read yet
     else:
         loaded = other if streamed else arch.numel * db + arch.buffer_bytes
-    out = {"load": floor_mib + loaded / MIB}
+    out = {"load": (floor_mib if load_floor_mib is None else load_floor_mib) + loaded / MIB}
     if needs_mask:
         mask = mask_bytes(cfg, arch, db, streamed, device)
         if streamed and storage is None:  # a float cell makes its linears once the mask is taken

@@ -95,9 +95,11 @@ def test_held_out_cells_within_ten_percent(tmp_path):
 
 def test_a_mapped_checkpoint_s_load_and_streamed_quantize_phases_within_five_percent(tmp_path, monkeypatch):
     """On a CPU the embedded SmolLM2 loads mapped from its safetensors (nothing read: the load holds the floor
-    only, where the whole float model was priced, 935 MiB against 433 measured), and a streamed 4-bit quantize
-    phase reads no tensor that stays float, unless a gradient mask's forwards read them first (a computed
-    mask: this test's own cache holds none). Measured in cell processes, as a suite runs them."""
+    only, where the whole float model was priced, 935 MiB against 433 measured); a mask reads what it needs
+    (random nothing: 936 priced against 436 measured; magnitude the weights in scope; sensitive everything),
+    and a streamed 4-bit quantize phase reads no tensor that stays float, unless a gradient mask's forwards
+    read them first (masks computed: this test's own cache holds none). Measured in cell processes, as a
+    suite runs them."""
     from zobench.driver import run_suite
     from zobench.files import cache_dir
     from zobench.spec.suite import parse_suite
@@ -112,19 +114,23 @@ def test_a_mapped_checkpoint_s_load_and_streamed_quantize_phases_within_five_per
         "defaults": {"model": "smollm2", "task": "sst2", "n_train": 8, "n_dev": 0, "n_test": 0, "batch_size": 2,
                      "max_length": 32, "steps": 1, "warmup_steps": 0, "eval_before": False, "eval_after": False,
                      "density": 1e-3, "calib_sequences": 2, "calib_length": 64},
-        "matrix": {"quant": ["none", "nf4"], "method": ["forward", "sensitive"]},
-        "exclude": [{"quant": "none", "method": "sensitive"}]}, "mapped.yaml")
+        "matrix": {"quant": ["none", "nf4"], "method": ["forward", "sensitive", "random", "magnitude"]},
+        "exclude": [{"quant": "none", "method": "sensitive"}, {"quant": "nf4", "method": ["random", "magnitude"]}]},
+        "mapped.yaml")
     records = latest_by_cell(load_records(run_suite(suite, tmp_path / "results")))
-    assert len(records) == 3
+    assert len(records) == 5
     for rec in records:
         assert rec.ok, rec.reason
         assert not rec.metrics.get("mask_cache_hit")
-        for phase in ("load", "quantize") if rec.config["quant"] == "nf4" else ("load",):
+        for phase in [p for p in ("load", "mask", "quantize") if p in rec.phases]:
             # the load within 3%: on the plain floor, before any backend is imported or has run (on the
-            # floor measured with bitsandbytes a 4-bit cell's load was 4.6% high)
+            # floor measured with bitsandbytes a 4-bit cell's load was 4.6% high); the mask and the
+            # quantize phase within 5% (a gradient mask on 2 x 64 tokens is priced 41 MiB high: the head's
+            # logits and the block's saved activations at this length; 19 MiB at 16 x 256)
             measured, est = rec.phase(phase).peak_rss_mib, rec.estimate["phases"][phase]
-            assert abs(est - measured) <= (0.03 if phase == "load" else 0.05) * measured, \
-                f"{rec.labels} {phase}: estimated {est:.0f}, measured {measured:.0f} MiB"
+            slack = 0.03 * measured if phase == "load" else max(0.05 * measured, 50.0 * (phase == "mask"))
+            assert abs(est - measured) <= slack, f"{rec.labels} {phase}: estimated {est:.0f}, measured " \
+                                                 f"{measured:.0f} MiB"
 
 
 @pytest.mark.parametrize("cfg", [

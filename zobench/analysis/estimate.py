@@ -205,10 +205,10 @@ def estimate_cell(cfg: CellConfig) -> dict:
     transient = 0.0 if cfg.quant == "none" else get_backend(cfg.quant).quantize_transient(largest, db, device)
     streamed, needs_mask = _streams(cfg, method, arch)
     taken = price.nnz if needs_mask and storage is not None else 0  # the values a mask takes out of quantized layers
-    # The load runs before the backend is imported or runs: the plain floor (SmolLM2's GPTQ cells loaded at
-    # 433 MiB, the plain floor's 422 and not the 499 with gptqmodel's import).
+    # The load and the mask come before the backend is imported or runs: the plain floor (SmolLM2's GPTQ
+    # cells loaded at 433 MiB, the plain floor's 422 and not the 499 with gptqmodel's import).
     phases = dict(phase_estimates(cfg, arch, db, storage, taken, breakdown["framework_mib"], streamed, needs_mask,
-                                  device, transient, load_floor_mib=framework(device)["framework_mib"]), train=peak)
+                                  device, transient, plain_floor_mib=framework(device)["framework_mib"]), train=peak)
     if evaluation is not None:
         # an evaluation phase (before, after, the best dev step's): the weights and what the method holds, and
         # the evaluation's forward instead of the training step's

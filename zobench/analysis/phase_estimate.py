@@ -8,7 +8,8 @@ plus what is alive at that phase's largest moment, in the order the pipeline bui
                the tensors that stay float; otherwise the whole float model. On a CPU a safetensors
                checkpoint loaded in its own dtype is mapped, not read (``Arch.mapped_dtype``): the load
                holds its buffers only, and the pages come in with the phase that first reads them
-    mask       random / magnitude: the loaded weights and the chosen indices. Gradient masks (sensitive,
+    mask       random / magnitude: the loaded weights and the chosen indices (a mapped checkpoint: what
+               each reads, nothing / the weights in scope). Gradient masks (sensitive,
                task_grad) on the whole model: the float weights, a float32 accumulator per weight in scope,
                what autograd saves for the backward of one calibration sequence, and the head's logits
                with their gradient. Block by block (``models.layerwise``): the tensors that stay float,
@@ -63,16 +64,22 @@ def _kept_inputs_bytes(cfg, arch, db: int) -> int:
     return (arch.layers + 1) * cfg.calib_sequences * cfg.calib_length * arch.hidden * db
 
 
-def mask_bytes(cfg, arch, db: int, streamed: bool, device: str = "cpu") -> float:
+def mask_bytes(cfg, arch, db: int, streamed: bool, device: str = "cpu", mapped: bool = False) -> float:
     """Bytes alive at the mask phase's largest moment, beyond the framework floor, on ``device`` (a GPU cell
-    keeps its block inputs in host memory: not counted there)."""
+    keeps its block inputs in host memory: not counted there). ``mapped``: a checkpoint's mapped tensors,
+    resident only once read: a random mask reads none, a magnitude mask its scope's."""
     scope = sum(arch.scopes[cfg.resolved_scope])
     k = int(round(cfg.density * scope))
     float_model = arch.numel * db + arch.buffer_bytes
     other = arch.other_numel * db + arch.buffer_bytes
     chosen = 8 * k  # int64 flat indices
     if cfg.method not in ("sensitive", "task_grad"):
-        return (other if streamed else float_model) + chosen + (8 * 2 * k if cfg.method == "random" else 0)
+        if mapped:
+            read = scope * db if cfg.method == "magnitude" else 0
+            held = arch.buffer_bytes + read
+        else:
+            held = other if streamed else float_model
+        return held + chosen + (8 * 2 * k if cfg.method == "random" else 0)
     tokens = cfg.calib_length if cfg.method == "sensitive" else cfg.batch_size * cfg.max_length
     if not streamed:
         largest = max((o * i for o, i in arch.linears), default=0)
@@ -122,23 +129,24 @@ def quantize_bytes(cfg, arch, db: int, storage, streamed: bool, nnz: int, transi
 
 def phase_estimates(cfg, arch, db: int, storage, nnz: int, floor_mib: float, streamed: bool,
                     needs_mask: bool, device: str = "cpu", transient: float = 0.0,
-                    load_floor_mib: float | None = None) -> dict[str, float]:
+                    plain_floor_mib: float | None = None) -> dict[str, float]:
     """MiB per phase before training: ``{"load", "mask" (mask methods), "quantize" (quantized cells)}``.
-    ``load_floor_mib``: the floor before any backend is imported or has run (the plain one), where it
-    differs from ``floor_mib``."""
+    ``plain_floor_mib``: the floor before any backend is imported or has run, where it differs from
+    ``floor_mib``: the load's and the mask's, which come before the quantize phase."""
+    plain = floor_mib if plain_floor_mib is None else plain_floor_mib
     other = arch.other_numel * db + arch.buffer_bytes
     mapped = device == "cpu" and arch.mapped_dtype == cfg.dtype
     if mapped:
         loaded = arch.buffer_bytes  # the checkpoint's tensors mapped: nothing of them read yet
     else:
         loaded = other if streamed else arch.numel * db + arch.buffer_bytes
-    out = {"load": (floor_mib if load_floor_mib is None else load_floor_mib) + loaded / MIB}
+    out = {"load": plain + loaded / MIB}
     if needs_mask:
-        mask = mask_bytes(cfg, arch, db, streamed, device)
-        if streamed and storage is None:  # a float cell makes its linears once the mask is taken
-            chosen = 8 * cfg.density * sum(arch.scopes[cfg.resolved_scope])
+        mask = mask_bytes(cfg, arch, db, streamed, device, mapped)
+        if streamed and storage is None and not mapped:  # a float cell makes its linears once the mask is taken
+            chosen = 8 * cfg.density * sum(arch.scopes[cfg.resolved_scope])  # (mapped: nothing read by that)
             mask = max(mask, arch.numel * db + arch.buffer_bytes + chosen)
-        out["mask"] = floor_mib + mask / MIB
+        out["mask"] = plain + mask / MIB
     if storage is not None:
         # A gradient mask's forwards read the mapped tensors that stay float (the embeddings, the head): their
         # pages are resident from then on (SmolLM2 nf4: a computed mask's quantize phase 653 MiB, a cached

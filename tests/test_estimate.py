@@ -123,14 +123,15 @@ def test_a_mapped_checkpoint_s_load_and_streamed_quantize_phases_within_five_per
         assert rec.ok, rec.reason
         assert not rec.metrics.get("mask_cache_hit")
         for phase in [p for p in ("load", "mask", "quantize") if p in rec.phases]:
-            # the load within 3%: on the plain floor, before any backend is imported or has run (on the
-            # floor measured with bitsandbytes a 4-bit cell's load was 4.6% high); the mask and the
-            # quantize phase within 5% (a gradient mask on 2 x 64 tokens is priced 41 MiB high: the head's
-            # logits and the block's saved activations at this length; 19 MiB at 16 x 256)
+            # within 5% (a gradient mask on 2 x 64 tokens is priced 41 MiB high: the head's logits and the
+            # block's saved activations at this length; 19 MiB at 16 x 256)
             measured, est = rec.phase(phase).peak_rss_mib, rec.estimate["phases"][phase]
-            slack = 0.03 * measured if phase == "load" else max(0.05 * measured, 50.0 * (phase == "mask"))
+            slack = max(0.05 * measured, 50.0 * (phase == "mask"))
             assert abs(est - measured) <= slack, f"{rec.labels} {phase}: estimated {est:.0f}, measured " \
                                                  f"{measured:.0f} MiB"
+    # The load comes before any backend is imported or has run: every cell's on the plain floor, as measured
+    # (432-436 MiB whatever the quant; on the floor measured with bitsandbytes a 4-bit cell's was 452).
+    assert len({rec.estimate["phases"]["load"] for rec in records}) == 1
 
 
 @pytest.mark.parametrize("cfg", [

@@ -5,9 +5,9 @@
 Runs the one selected cell in this process, under the environment a cell process gets
 (``procs.CHILD_ENV``: re-executes itself with it) and with a fresh cache for quantized layers and masks (a
 temporary ``ZOBENCH_CACHE`` beside the converted models, which are linked, not copied), and samples the
-resident set every 20 ms. Prints the anonymous and file-backed parts (``RssAnon`` / ``RssFile``: a
-checkpoint's mapped pages are file-backed) when the phase starts, at every tenth layer the backend installs,
-and when the phase ends, then the phase's peak against the estimator's. Linux only.
+resident set every 20 ms during the quantize phase. Prints the anonymous and file-backed parts (``RssAnon``
+/ ``RssFile``: a checkpoint's mapped pages are file-backed) when the phase starts, at every tenth layer the
+backend installs, and when the phase ends, then the phase's peak against the estimator's. Linux only.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ def main() -> None:
     from zobench.cell.pipeline import Pipeline
     from zobench.driver import calibrate_cells
     from zobench.files import cache_dir
-    from zobench.quant import base
     from zobench.spec.matrix import select_cells
     from zobench.spec.suite import load_suite
 
@@ -72,33 +71,28 @@ def main() -> None:
     def mark(what: str) -> None:
         marks.append((what, _status()))
 
-    quantize_model = base.quantize_model
     installed = [0]
 
-    def watched(model, backend, ctx, names, mask=None):
-        def count(module, name, sub):
-            installed[0] += 1
-            if installed[0] % 10 == 0:
-                mark(f"{installed[0]} layers quantized")
-        handle = _register_setattr_hook(count)
-        try:
-            return quantize_model(model, backend, ctx, names, mask)
-        finally:
-            handle()
+    def count(module, name, value):
+        installed[0] += 1
+        if installed[0] % 10 == 0:
+            mark(f"{installed[0]} layers quantized")
 
-    base.quantize_model = watched
-    import zobench.cell.pipeline as pipeline_module
-    pipeline_module.quantize_model = watched
     pipeline = Pipeline(cfg)
     quantize = pipeline.quantize
 
     def phase() -> None:
         mark("phase starts")
-        quantize()
+        threading.Thread(target=sample, daemon=True).start()  # sampled during this phase only
+        remove = _register_setattr_hook(count)  # streamed or whole, every layer the backend swaps in
+        try:
+            quantize()
+        finally:
+            remove()
+            done.set()
         mark("phase ends")
 
     pipeline.quantize = phase
-    threading.Thread(target=sample, daemon=True).start()
     try:
         record = pipeline.run()
     finally:
@@ -113,15 +107,16 @@ def main() -> None:
 
 
 def _register_setattr_hook(hook):
-    """Call ``hook(module, name, value)`` whenever a float ``nn.Linear`` held by a module is replaced; returns
-    the function that removes it."""
+    """Call ``hook(module, name, value)`` whenever a float ``nn.Linear`` held by a module is replaced by another
+    kind of layer (not when a streamed model's deferred linear arrives); returns the function that removes it."""
     import torch
 
     original = torch.nn.Module.__setattr__
 
     def setattr_(self, name, value):
-        if type(self._modules.get(name) if "_modules" in self.__dict__ else None) is torch.nn.Linear:
-            hook(self, name, value)  # a float linear replaced
+        old = self._modules.get(name) if "_modules" in self.__dict__ else None
+        if type(old) is torch.nn.Linear and type(value) is not torch.nn.Linear:
+            hook(self, name, value)  # a float linear replaced by the backend's layer
         original(self, name, value)
 
     torch.nn.Module.__setattr__ = setattr_

@@ -92,16 +92,16 @@ def model_config(spec: str, fallback: str | None = None, trust: bool = False):
         raise
 
 
-def _mapped_dtype(spec: str, config, model) -> str | None:
+def _mapped_dtype(spec: str, config, streams: bool) -> str | None:
     """The dtype a checkpoint's tensors are stored in, where loading ``spec`` on a CPU maps them from
     safetensors files instead of reading them (``models.load``: the builtin and GGUF models are converted to
-    float32 safetensors; a local folder's own safetensors): in that dtype the load holds none of their pages
-    until a forward reads them. None for random weights and anything else."""
+    float32 safetensors; a local folder's own safetensors, when it ``streams``: ``_streams``): in that dtype
+    the load holds none of their pages until a forward reads them. None for random weights and anything else."""
     if spec.startswith("random:"):
         return None
     if spec.lower() in BUILTIN or spec.endswith(".gguf"):
         return "float32"
-    if not (Path(spec).is_dir() and _streams(spec, model)):
+    if not (Path(spec).is_dir() and streams):
         return None
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return str(stored).removeprefix("torch.") if stored is not None else None
@@ -139,6 +139,7 @@ def architecture(spec: str, fallback: str | None = None, trust: bool = False) ->
         return next((s[0] for n, s in block if any(k in n.rsplit(".", 2)[-2] for k in keys)), default)
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    streams = _streams(used, model)  # reads a local folder's safetensors index: once
     attn = getattr(text, "_attn_implementation", None) or "sdpa"
     return Arch(
         source=used, numel=sum(p.numel() for p in params.values()),
@@ -151,5 +152,5 @@ def architecture(spec: str, fallback: str | None = None, trust: bool = False) ->
         kv_width=width(("k_proj", "key", "k_lin", "wk"), hidden),
         vocab=int(model.get_output_embeddings().weight.shape[0]),
         eager_heads=int(getattr(text, "num_attention_heads", 1)) if attn == "eager" else 0,
-        slices_logits=slices_logits(model), layerwise=layerwise.supports(model), streams=_streams(used, model),
-        mapped_dtype=_mapped_dtype(used, config, model))
+        slices_logits=slices_logits(model), layerwise=layerwise.supports(model), streams=streams,
+        mapped_dtype=_mapped_dtype(used, config, streams))

@@ -35,6 +35,7 @@ from __future__ import annotations
 from zobench.zo.sizes import TOPK_CHUNK
 
 MIB = 1 << 20
+GRADIENT_MASKS = ("sensitive", "task_grad")  # masks that run forwards and backwards over calibration data
 
 
 def _saved_per_token(arch) -> int:
@@ -73,7 +74,7 @@ def mask_bytes(cfg, arch, db: int, streamed: bool, device: str = "cpu", mapped: 
     float_model = arch.numel * db + arch.buffer_bytes
     other = arch.other_numel * db + arch.buffer_bytes
     chosen = 8 * k  # int64 flat indices
-    if cfg.method not in ("sensitive", "task_grad"):
+    if cfg.method not in GRADIENT_MASKS:
         if mapped:
             read = scope * db if cfg.method == "magnitude" else 0
             held = arch.buffer_bytes + read
@@ -98,7 +99,7 @@ def host_mask_bytes(cfg, arch, db: int, streamed: bool) -> float:
     """Bytes a GPU cell's mask phase keeps in host memory: built block by block (``models.layerwise``),
     every block's input for every calibration sequence waits there for its block's backward (the input of
     each of the ``layers`` blocks and the final norm's); otherwise nothing beyond the floor."""
-    if not streamed or cfg.method not in ("sensitive", "task_grad"):
+    if not streamed or cfg.method not in GRADIENT_MASKS:
         return 0.0
     return _kept_inputs_bytes(cfg, arch, db)
 
@@ -151,7 +152,7 @@ def phase_estimates(cfg, arch, db: int, storage, nnz: int, floor_mib: float, str
         # A gradient mask's forwards read the mapped tensors that stay float (the embeddings, the head): their
         # pages are resident from then on (SmolLM2 nf4: a computed mask's quantize phase 653 MiB, a cached
         # one's 519). The estimate prices the mask as computed.
-        unread = mapped and not (needs_mask and cfg.method in ("sensitive", "task_grad"))
+        unread = mapped and not (needs_mask and cfg.method in GRADIENT_MASKS)
         quantize = quantize_bytes(cfg, arch, db, storage, streamed, nnz, transient, unread)
         if not streamed and device == "cpu":
             quantize += other  # the copy out of the checkpoint's map, beside its still resident pages

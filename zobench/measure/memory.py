@@ -6,11 +6,15 @@ CUDA: the allocator's peaks (max allocated / reserved), reset per phase, and the
 reports (NVML, ``zobench.measure.device``), sampled during the phase.
 
 glibc keeps freed memory in its heap, which inflates later phases' RSS; measured children set
-MALLOC_MMAP_THRESHOLD_ so large blocks go back to the OS when freed (see launcher/runner).
+MALLOC_MMAP_THRESHOLD_ so large blocks go back to the OS when freed (see launcher/runner), and each phase
+starts by handing back what the heap still keeps of the earlier phases' small blocks (``malloc_trim``), as a
+CUDA phase starts by emptying the caching allocator: a phase's peak is then its own, not the heap's history.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import threading
 from pathlib import Path
@@ -36,6 +40,25 @@ def _read_hwm_mib() -> float | None:
     except OSError:
         return None
     return None
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def release_freed_heap() -> None:
+    """Collect Python's garbage and hand the heap's free pages back to the OS (glibc's ``malloc_trim``; a
+    no-op elsewhere). Frees nothing that is live."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _reset_hwm() -> bool:
@@ -73,6 +96,7 @@ class PeakMemory:
 
     def __enter__(self):
         self._sampler = None
+        release_freed_heap()
         self._hwm = _reset_hwm() and _read_hwm_mib() is not None
         if not self._hwm:
             self._sampler = _Sampler()
@@ -82,7 +106,6 @@ class PeakMemory:
             # Each phase starts from what is live: memory the caching allocator kept from an earlier phase
             # (the float16 weights and gradients of a sensitive mask, say) goes back to the driver, so the
             # driver's figure is what a card running this phase alone would hold.
-            gc.collect()
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

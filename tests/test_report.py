@@ -230,6 +230,22 @@ def test_cells_resumed_from_a_checkpoint_are_flagged(records, tmp_path):
     assert "resumed from a checkpoint" not in GOLDEN.read_text(encoding="utf-8")
 
 
+def test_data_notes_differing_only_in_the_train_seed_are_one_line_naming_the_seeds(records, tmp_path):
+    noted = copy.deepcopy(records)
+    ok = [r for r in noted if r.ok]
+    for i, rec in enumerate(ok):
+        seed = [0, 1, 2, 5][i % 4] if i < len(ok) - 1 else 7
+        rec.data_note = f"sst2: dev is 200 rows of the validation split (fixed, seed 1234); train 10 rows (seed {seed})"
+    md = render_report(noted, tmp_path / "report.md").read_text(encoding="utf-8")
+    notes = [line for line in md.splitlines() if line.startswith("> data of")]
+    assert notes == [f"> data of {len(ok)} cells: sst2: dev is 200 rows of the validation split (fixed, seed 1234); "
+                     f"train 10 rows (seeds 0, 1, 2, 5, 7, one per cell)"]
+    for rec in ok[:3]:
+        rec.data_note = f"sst2: train 10 rows (seed {ok.index(rec) + 3})"
+    md = render_report(noted, tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "> data of 3 cells: sst2: train 10 rows (seeds 3-5, one per cell)" in md
+
+
 def test_a_mask_read_from_the_cache_is_marked_cached_beside_its_estimate(records, tmp_path):
     """A mask phase that read its mask from the cache measures the read, not the computation its estimate
     prices: the phase table says cached rather than set the two side by side."""

@@ -3,6 +3,8 @@ needs before the tables (random weights, cells timed beside other work, resumed 
 
 from __future__ import annotations
 
+import re
+
 from zobench.measure.load import LOADED_CPUS
 from zobench.report.cells import CellView, meaningful, setting
 from zobench.report.table import escape, one_line
@@ -101,10 +103,31 @@ def machine_notes(recs: list[CellView]) -> list[str]:
                   "equal an uninterrupted run's; their step timings span processes, the environment shown "
                   "is the last one's.", ""]
     for note_of, what in NOTES:
-        for note in sorted({one_line(note_of(r)) for r in recs if note_of(r)}):
-            n = sum(one_line(note_of(r)) == note for r in recs)
-            lines += [f"> {what.format(cells(n))}: {escape(note)}", ""]
+        groups: dict[str, list[str]] = {}  # a note with its train seed left out -> the seeds it was written with
+        for r in recs:
+            if note_of(r):
+                note = one_line(note_of(r))
+                groups.setdefault(TRAIN_SEED.sub("(seed {})", note), []).append(
+                    (TRAIN_SEED.search(note) or [None, None])[1])
+        for key in sorted(groups):
+            seeds = sorted({s for s in groups[key] if s is not None}, key=int)
+            note = key.replace("seed {}", seed_list(seeds)) if seeds else key
+            lines += [f"> {what.format(cells(len(groups[key])))}: {escape(note)}", ""]
     return lines
+
+
+# The split's own seed, the only part of a data note that differs between a suite's seeds (zobench.tasks.base)
+TRAIN_SEED = re.compile(r"\(seed (\d+)\)")
+
+
+def seed_list(seeds: list[str]) -> str:
+    """'seed 3' for one; 'seeds 0-9, one per cell' for a run of consecutive seeds, 'seeds 0, 2, 5, ...'
+    otherwise."""
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    nums = [int(s) for s in seeds]
+    run = nums == list(range(nums[0], nums[0] + len(nums))) and len(nums) > 2
+    return f"seeds {f'{nums[0]}-{nums[-1]}' if run else ', '.join(seeds)}, one per cell"
 
 
 def cells(n: int) -> str:

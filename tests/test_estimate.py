@@ -109,11 +109,11 @@ def test_a_mapped_checkpoint_s_load_and_streamed_quantize_phases_are_priced_as_m
         if (cache_dir() / shared).is_dir():
             (tmp_path / "cache" / shared).symlink_to(cache_dir() / shared)
     monkeypatch.setenv("ZOBENCH_CACHE", str(tmp_path / "cache"))
+    defaults = {"model": "smollm2", "task": "sst2", "n_train": 8, "n_dev": 0, "n_test": 0, "batch_size": 2,
+                "max_length": 32, "steps": 1, "warmup_steps": 0, "eval_before": False, "eval_after": False,
+                "density": 1e-3, "calib_sequences": 2, "calib_length": 64}
     suite = parse_suite({
-        "name": "mapped", "reference": False,
-        "defaults": {"model": "smollm2", "task": "sst2", "n_train": 8, "n_dev": 0, "n_test": 0, "batch_size": 2,
-                     "max_length": 32, "steps": 1, "warmup_steps": 0, "eval_before": False, "eval_after": False,
-                     "density": 1e-3, "calib_sequences": 2, "calib_length": 64},
+        "name": "mapped", "reference": False, "defaults": defaults,
         "matrix": {"quant": ["none", "nf4"], "method": ["forward", "sensitive", "random", "magnitude"]},
         "exclude": [{"quant": "none", "method": "sensitive"}, {"quant": "nf4", "method": ["random", "magnitude"]}]},
         "mapped.yaml")
@@ -136,6 +136,17 @@ def test_a_mapped_checkpoint_s_load_and_streamed_quantize_phases_are_priced_as_m
     # The load comes before any backend is imported or has run: every cell's on the plain floor, as measured
     # (432-436 MiB whatever the quant; on the floor measured with bitsandbytes a 4-bit cell's was 452).
     assert len({rec.estimate["phases"]["load"] for rec in records}) == 1
+    # The same sensitive cell again, its mask now read from this test's cache: no forward ran over the
+    # checkpoint, so its quantize phase reads no float tensor, and is priced so (about the forward cell's).
+    forward = next(r for r in records if r.labels == {"quant": "nf4", "method": "forward"})
+    again = parse_suite({"name": "again", "reference": False, "defaults": defaults,
+                         "matrix": {"quant": ["nf4"], "method": ["sensitive"]}}, "again.yaml")
+    (rec,) = latest_by_cell(load_records(run_suite(again, tmp_path / "again")))
+    assert rec.ok and rec.metrics.get("mask_cache_hit") is True
+    measured, est = rec.phase("quantize").peak_rss_mib, rec.estimated_phase_mib("quantize")
+    assert est < rec.estimate["phases"]["quantize"] - 80  # the embeddings' 108 MiB unread
+    assert abs(est - measured) <= 0.05 * measured, f"after a cached mask: estimated {est:.0f}, measured {measured:.0f}"
+    assert abs(est - forward.estimate["phases"]["quantize"]) < 5
 
 
 @pytest.mark.parametrize("cfg", [

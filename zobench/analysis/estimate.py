@@ -207,8 +207,14 @@ def estimate_cell(cfg: CellConfig) -> dict:
     taken = price.nnz if needs_mask and storage is not None else 0  # the values a mask takes out of quantized layers
     # The load and the mask come before the backend is imported or runs: the plain floor (SmolLM2's GPTQ
     # cells loaded at 433 MiB, the plain floor's 422 and not the 499 with gptqmodel's import).
-    phases = dict(phase_estimates(cfg, arch, db, storage, taken, breakdown["framework_mib"], streamed, needs_mask,
-                                  device, transient, plain_floor_mib=framework(device)["framework_mib"]), train=peak)
+    before = (cfg, arch, db, storage, taken, breakdown["framework_mib"], streamed)
+    plain_floor = framework(device)["framework_mib"]
+    phases = dict(phase_estimates(*before, needs_mask, device, transient, plain_floor_mib=plain_floor), train=peak)
+    # A mask read from the cache ran no forward over the checkpoint: a mapped one's float tensors stay unread
+    # through the quantize phase (SmolLM2 nf4 sensitive: 519 MiB after a cached mask, 646 after a computed one).
+    # The phases price the computed mask; the record also carries this, for the reports of cached-mask cells.
+    cached = phase_estimates(*before, False, device, transient, plain_floor_mib=plain_floor).get("quantize")
+    if_cached = {"quantize": cached} if needs_mask and cached is not None and cached != phases["quantize"] else {}
     if evaluation is not None:
         # an evaluation phase (before, after, the best dev step's): the weights and what the method holds, and
         # the evaluation's forward instead of the training step's
@@ -219,6 +225,7 @@ def estimate_cell(cfg: CellConfig) -> dict:
         host = host_phases(cfg, arch, db, streamed, phases, lambda p: host_floor(device, p))
     return {"peak_mib": peak, "breakdown": breakdown, "phases": phases, "cell_peak_mib": max(phases.values()),
             "device": device, **({"host_phases": host} if host is not None else {}),
+            **({"phases_if_mask_cached": if_cached} if if_cached else {}),
             "model_numel": arch.numel, "method": cfg.method, "trainable_numel": price.nnz,
             "linear_numel": sum(o * i for o, i in arch.linears), "architecture_from": arch.source,
             "calibration": {k: floor[k] for k in ("source", "key", "why", "measured_at", "quant") if k in floor}}
@@ -231,7 +238,8 @@ def record_estimate(cfg: CellConfig | dict) -> dict:
             cfg = CellConfig.from_dict(cfg, "estimate")
         est = estimate_cell(cfg)
         return {"peak_mib": est["peak_mib"], "breakdown": est["breakdown"], "phases": est["phases"],
-                **{k: est[k] for k in ("host_phases",) if k in est}, "calibration": est["calibration"]}
+                **{k: est[k] for k in ("host_phases", "phases_if_mask_cached") if k in est},
+                "calibration": est["calibration"]}
     except Exception as e:  # an estimate is extra information: it must never fail a cell
         first = str(e).splitlines()[0] if str(e) else ""
         return {"error": f"{type(e).__name__}: {first}"[:300]}

@@ -117,7 +117,12 @@ class CellRecord:
     def estimated_phase_mib(self, phase: str):
         """The estimator's peak for one phase of this cell (load, mask, quantize, eval; warm-up and train are
         its training estimate: ``measures.estimate_key``), None where it has none (older records: training
-        only)."""
+        only). The quantize phase after a mask read from the cache is priced as such, where the estimate
+        says what that changes (``phases_if_mask_cached``)."""
+        if self.metrics.get("mask_cache_hit") is True:
+            cached = self._phase_estimate("phases_if_mask_cached", phase)
+            if cached is not None:
+                return cached
         return self._phase_estimate("phases", phase)
 
     def estimated_host_mib(self, phase: str):

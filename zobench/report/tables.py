@@ -167,7 +167,8 @@ def phase_table(ok: list[CellView], extras: list[str]) -> list[str]:
              "device memory the driver reported, else CUDA max allocated; on a CPU peak RSS). The whole cell's "
              "peak is the largest phase's: what a machine must hold to run the cell, and what `peak_mib_max` "
              "holds unless its budget names phases. A mask read from zobench's mask cache is marked cached: its "
-             "phase did not compute it, and the estimate beside it is what computing it would take.")
+             "phase did not compute it, and the estimate beside it is what computing it would take (the quantize "
+             "phase after it is priced as after a cached mask).")
     return section("Memory by phase", intro, cols, ok, extras)
 
 

@@ -210,9 +210,9 @@ def estimate_cell(cfg: CellConfig) -> dict:
     before = (cfg, arch, db, storage, taken, breakdown["framework_mib"], streamed)
     plain_floor = framework(device)["framework_mib"]
     phases = dict(phase_estimates(*before, needs_mask, device, transient, plain_floor_mib=plain_floor), train=peak)
-    # A mask read from the cache ran no forward over the checkpoint: a mapped one's float tensors stay unread
-    # through the quantize phase (SmolLM2 nf4 sensitive: 519 MiB after a cached mask, 646 after a computed one).
-    # The phases price the computed mask; the record also carries this, for the reports of cached-mask cells.
+    # A mask read from the cache runs no forward over the checkpoint: priced as no mask at all (a mapped
+    # checkpoint's float tensors then stay unread through the quantize phase: phase_estimates), for the reports
+    # of cached-mask cells; the phases keep the computed mask's price.
     cached = phase_estimates(*before, False, device, transient, plain_floor_mib=plain_floor).get("quantize")
     if_cached = {"quantize": cached} if needs_mask and cached is not None and cached != phases["quantize"] else {}
     if evaluation is not None:

@@ -150,8 +150,9 @@ def phase_estimates(cfg, arch, db: int, storage, nnz: int, floor_mib: float, str
         out["mask"] = plain + mask / MIB
     if storage is not None:
         # A gradient mask's forwards read the mapped tensors that stay float (the embeddings, the head): their
-        # pages are resident from then on (SmolLM2 nf4: a computed mask's quantize phase 653 MiB, a cached
-        # one's 519). The estimate prices the mask as computed.
+        # pages are resident from then on (SmolLM2 nf4: a computed mask's quantize phase 646 MiB, a cached
+        # one's 519). These phases price the mask as computed; ``estimate_cell`` prices a cached one beside them
+        # by asking again with no mask (``phases_if_mask_cached``).
         unread = mapped and not (needs_mask and cfg.method in GRADIENT_MASKS)
         quantize = quantize_bytes(cfg, arch, db, storage, streamed, nnz, transient, unread)
         if not streamed and device == "cpu":

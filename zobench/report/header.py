@@ -13,6 +13,8 @@ from zobench.spec.matrix import select_cells
 from zobench.spec.pilot import choose, pilot_cells
 
 NOTES = ((lambda r: r.model_fallback_reason, "{} loaded the fallback model"), (lambda r: r.data_note, "data of {}"))
+# The split's own seed, the only part of a data note that differs between a suite's seeds (zobench.tasks.base)
+TRAIN_SEED = re.compile(r"\(seed (\d+)\)")
 
 
 def header(recs: list[CellView], title: str | None, pilots: list[CellView] = (), progress: list[str] = ()) -> list[str]:
@@ -107,17 +109,13 @@ def machine_notes(recs: list[CellView]) -> list[str]:
         for r in recs:
             if note_of(r):
                 note = one_line(note_of(r))
-                groups.setdefault(TRAIN_SEED.sub("(seed {})", note), []).append(
-                    (TRAIN_SEED.search(note) or [None, None])[1])
+                seed = TRAIN_SEED.search(note)
+                groups.setdefault(TRAIN_SEED.sub("(seed {})", note), []).append(seed[1] if seed else None)
         for key in sorted(groups):
             seeds = sorted({s for s in groups[key] if s is not None}, key=int)
             note = key.replace("seed {}", seed_list(seeds)) if seeds else key
             lines += [f"> {what.format(cells(len(groups[key])))}: {escape(note)}", ""]
     return lines
-
-
-# The split's own seed, the only part of a data note that differs between a suite's seeds (zobench.tasks.base)
-TRAIN_SEED = re.compile(r"\(seed (\d+)\)")
 
 
 def seed_list(seeds: list[str]) -> str:

@@ -14,7 +14,7 @@ SST2_DIR = Path(__file__).resolve().parents[1] / "data" / "sst2"
 SST2_TRAIN_ROWS = 2000
 SST2_SEED = 0
 SST2_NOTE = (f"sst2: the packaged sample ({SST2_TRAIN_ROWS:,} of the 67,349 GLUE SST-2 train rows, seed {SST2_SEED}; "
-             f"and the whole 872-row validation split); pass --data-dir for the full train split")
+             f"its validation split GLUE's whole 872 rows); pass --data-dir for the full train split")
 
 
 def build_sst2_sample(source_dir: str | Path, out_dir: str | Path = SST2_DIR, n: int = SST2_TRAIN_ROWS,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import cue_task
 import pytest
 import torch
 
@@ -448,50 +449,26 @@ def test_nf4_plain_has_nf4s_codes_with_a_float32_absmax_per_64_weights():
 def test_sensitive_zo_on_nf4_learns_a_tiny_task():
     """The claims suite's NF4 cell once never left the majority rate. Here sensitive 1% ZO trains the values kept
     beside a tiny random Llama's NF4 layers (as a cell does: mask from squared gradients of the float model,
-    then quantization) on a two-way task the model cannot answer at first: the first token says which of two
-    option tokens comes last. Held-out accuracy must end at least 10 points above the majority rate."""
+    then quantization) on the cue task (tests/cue_task.py). Held-out accuracy must end at least 10 points above
+    the majority rate."""
     pytest.importorskip("bitsandbytes")
     from zobench.models import load_model
     from zobench.zo.masks import squared_gradients, topk_mask
     from zobench.zo.optim import make_optimizer
     from zobench.zo.trainer import ZOTrainer
 
-    cue, options = torch.tensor([5, 6]), [3, 4]
-
-    def examples(n: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        y = torch.randint(0, 2, (n,), generator=g)
-        x = torch.randint(10, 60, (n, 8), generator=g)
-        x[:, 0] = cue[y]
-        return x, y
-
-    def scores(model, x):
-        return model(input_ids=x).logits[:, -1, options].float()
-
-    def loss(model, batch):
-        return torch.nn.functional.cross_entropy(scores(model, batch[0]), batch[1])
-
-    def accuracy(model, data) -> float:
-        with torch.inference_mode():
-            return float((scores(model, data[0]).argmax(-1) == data[1]).float().mean())
-
     model = load_model("random:tiny-llama", seed=0).model
-    train, test = examples(512, 1), examples(400, 2)
-    majority = max(float(test[1].float().mean()), 1 - float(test[1].float().mean()))
+    train, test = cue_task.examples(512, 1), cue_task.examples(400, 2)
     params = scoped_params(model, "linear")
-    mask = topk_mask(squared_gradients(model, params, [train], loss).items(), 0.01)
+    mask = topk_mask(squared_gradients(model, params, [train], cue_task.loss).items(), 0.01)
     vectors = quantize_model(model, get_backend("nf4"), QuantContext(), linear_layers(model), mask)
     model.eval()
-    before = accuracy(model, test)
-    trainer = ZOTrainer(model, SparseTrainable.of_vectors(vectors), make_optimizer("sgd", 0.05), loss, 1e-3, seed=0)
-    g = torch.Generator().manual_seed(3)
-    for i in range(100):
-        rows = torch.randint(0, len(train[1]), (32,), generator=g)
-        trainer.step((train[0][rows], train[1][rows]), i)
-    trainer.flush()
-    after = accuracy(model, test)
-    assert before < majority + 0.10, (before, majority)  # a task it had to learn
-    assert after >= majority + 0.10, (before, after, majority)
+    trainer = ZOTrainer(model, SparseTrainable.of_vectors(vectors), make_optimizer("sgd", 0.05), cue_task.loss,
+                        1e-3, seed=0)
+    before, after = cue_task.train_and_score(trainer, train, test, steps=100)
+    majority = cue_task.majority(test)
+    assert before < majority + cue_task.MARGIN, (before, majority)  # a task it had to learn
+    assert after >= majority + cue_task.MARGIN, (before, after, majority)
 
 
 def test_an_int8_forward_logs_no_cast_notice(caplog):

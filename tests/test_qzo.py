@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import json
 
+import cue_task
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from zobench.cell.pipeline import Pipeline
 from zobench.errors import UserError
+from zobench.methods.qzo import ScaleTrainable
+from zobench.models import load_model
+from zobench.quant import QuantContext, get_backend, quantize_model
 from zobench.spec.config import CellConfig
 from zobench.zo.masks import linear_layers
+from zobench.zo.optim import make_optimizer
+from zobench.zo.trainer import ZOTrainer
 
 pytest.importorskip("bitsandbytes")
 
@@ -178,24 +184,23 @@ def test_a_tampered_or_misplaced_scales_delta_is_refused_in_one_line(tmp_path):
         reload(tmp_path / "d", meta)
 
 
-@pytest.mark.slow  # about 15 s of CPU, 25-35 s on this shared machine
-def test_qzo_lowers_the_loss_of_a_fixed_batch():
-    p = quantized(lr=1e-2, steps=30)
-    run = p.run_state
-    stepper, _ = p.method.build_stepper(run)
-    batch = run.encode(run.splits.train[:4])
-
-    def loss():
-        stepper.flush()
-        with torch.inference_mode():
-            return float(run.loss_fn(run.model, batch))
-
-    start = loss()
-    for i in range(30):
-        stepper.step(batch, i)
-    end = loss()
-    # measured here: 0.698 -> 0.579 after 30 steps (a 17% fall)
-    assert end < 0.9 * start, (start, end)
+@pytest.mark.parametrize("quant", ["nf4-plain", "int8"])
+def test_qzo_learns_a_tiny_task_on_a_tiny_random_llama(quant):
+    """QZO trains the scales of a tiny random Llama's quantized layers on the cue task (tests/cue_task.py), with
+    the config's default clip threshold: held-out accuracy must end at least 10 points above the majority
+    rate (52%). Measured here after 60 steps: nf4-plain 45.5% -> 92.5%, int8 46.5% -> 88.5%."""
+    model = load_model("random:tiny-llama", seed=0).model
+    backend = get_backend(quant)
+    quantize_model(model, backend, QuantContext(), linear_layers(model))
+    model.eval()
+    trainable = ScaleTrainable([(n, backend.scales(model.get_submodule(n))) for n in linear_layers(model)])
+    clip = CellConfig.from_dict({"method": "qzo", "quant": quant}).clip_threshold
+    trainer = ZOTrainer(model, trainable, make_optimizer("sgd", 1e-2), cue_task.loss, 1e-3, seed=0, clip=clip)
+    train, test = cue_task.examples(512, 1), cue_task.examples(400, 2)
+    before, after = cue_task.train_and_score(trainer, train, test, steps=60)
+    majority = cue_task.majority(test)
+    assert before < majority + cue_task.MARGIN, (before, majority)  # a task it had to learn
+    assert after >= majority + cue_task.MARGIN, (before, after, majority)
 
 
 def test_qzo_is_refused_without_plain_scales_naming_the_key():

@@ -84,6 +84,18 @@ def test_dense_in_place_drift_is_reported_and_within_an_ulp(tiny):
     assert drift["restore_drift_max_abs"] <= 4 * torch.finfo(torch.float32).eps * max(largest, 1e-3)
 
 
+def test_the_probe_counts_the_values_a_perturbation_moves(tiny):
+    """``perturb_frac_changed``: float32 weights all move at eps 1e-3; bfloat16 values whose spacing is
+    wider than 2 eps (1.0: 2^-7) round back to themselves, and those with a finer one (0.01: 2^-14) move; a
+    sparse trainable is judged on its selected values, not the whole tensors they sit in."""
+    assert measure_restore_drift(DenseTrainable(M.scoped_params(tiny.model, "all")), 1e-3)["perturb_frac_changed"] == 1
+    w = torch.nn.Parameter(torch.tensor([1.0] * 512 + [0.01] * 512, dtype=torch.bfloat16))
+    assert measure_restore_drift(DenseTrainable([("w", w)]), 1e-3)["perturb_frac_changed"] == 0.5
+    params = M.scoped_params(tiny.model, "linear")
+    sparse = SparseTrainable(params, M.random_mask(params, 0.01, seed=0))
+    assert measure_restore_drift(sparse, 1e-3)["perturb_frac_changed"] == 1
+
+
 @pytest.mark.parametrize("chunk", [None, 1000], ids=["one-chunk", "many-chunks"])
 def test_projected_gradient_is_the_directional_derivative(tiny, chunk, monkeypatch):
     if chunk:  # dense passes draw z chunk by chunk; the estimate must not depend on the chunking

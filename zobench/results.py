@@ -113,7 +113,7 @@ def flatten(rec: CellRecord, derived: dict) -> dict:
     row = {"suite": rec.suite, "cell_id": rec.cell_id, "status": rec.status, "reason": rec.reason}
     row.update(rec.labels)
     for key in ("final_loss", "tokens_per_s", "density_obtained", "mask_nnz", "sqgrad_mass_frac",
-                "restore_drift_frac_changed", "restore_drift_max_abs"):
+                "restore_drift_frac_changed", "restore_drift_max_abs", "perturb_frac_changed"):
         row[key] = m.get(key)
     for when in ("test_before", "test_after"):
         for k, v in (m.get(when) or {}).items():

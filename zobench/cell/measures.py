@@ -136,6 +136,7 @@ SCALARS = {
     "steps_done": (int,), "final_loss": NUMBER, "tokens_per_s": NUMBER, "density_obtained": NUMBER,
     "mask_nnz": (int,), "scope_numel": (int,), "sqgrad_mass_frac": NUMBER, "mask_build_s": NUMBER,
     "mask_cache_hit": (bool,), "restore_drift_frac_changed": NUMBER, "restore_drift_max_abs": NUMBER,
+    "perturb_frac_changed": NUMBER,
     "best_step": (int,), "train_s": NUMBER, "tokens_per_step": NUMBER,
     "resumed_from_step": (int,), "segments": (int,), "packed": (bool,), "best_weights": (str,),
     "weights_init": (str,), "quant_streamed": (bool,),

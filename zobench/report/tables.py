@@ -280,13 +280,18 @@ def mask_tables(ok: list[CellView], extras: list[str]) -> list[str]:
              "(sensitive masks maximise it). Built: on the whole float model, or block by block on a streamed "
              "model that never holds it whole (the same mask: models.layerwise).")
     drift_cols: list[Column] = [
+        ("moved by +eps", lambda r: pct(r.metrics.get("perturb_frac_changed"))),
         ("fraction changed", lambda r: sci(r.metrics.get("restore_drift_frac_changed"))),
         ("max abs drift", lambda r: sci(r.metrics.get("restore_drift_max_abs"))),
     ]
     drifted = [r for r in ok if is_zo(r) and (r.metrics.get("restore_drift_frac_changed") is not None
                                               or r.metrics.get("restore_drift_max_abs") is not None)]
-    drift_intro = ("After +eps then -eps, the fraction of trainable values not restored bit-exactly and the "
-                   "largest difference (0 means an exact restore).")
+    drift_intro = ("Moved by +eps: the share of trainable values a perturbation changed at all (below 100% where "
+                   "eps is under the values' resolution: bfloat16 weights of 0.5 and above at eps 1e-3, or low-bit "
+                   "codes, which a stochastic rounding moves a level with probability eps over the level's gap; "
+                   "the two-point estimate then carries that rounding's noise). After +eps then -eps, the "
+                   "fraction of trainable values not restored bit-exactly and the largest difference (0 means "
+                   "an exact restore).")
     return (section("Masks", intro, mask_cols, [r for r in ok if is_sparse(r)], extras)
             + section("Restore drift", drift_intro, drift_cols, drifted, extras))
 

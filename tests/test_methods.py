@@ -23,6 +23,13 @@ def test_every_registered_method_runs_the_smoke_path_and_has_a_price(every_metho
         assert abs(rec.estimate["peak_mib"] - measured) <= 0.10 * measured, (name, rec.estimate, measured)
         if METHODS.get(name)().info.family != "reference":
             assert len(rec.metrics.get("loss_curve")) == 2 and rec.metrics.step_s.n == 1, name
+        moved = rec.metrics.get("perturb_frac_changed")  # measured for every ZO trainable, at eps 1e-3
+        if name in ("full", "random", "sensitive", "magnitude", "task_grad", "qzo"):
+            assert moved == 1.0, (name, moved)  # float values: each one moves
+        elif name in ("lezo", "quzo"):
+            assert 0 < moved < 1, (name, moved)  # LeZO perturbs some layers; QuZO moves some int8 codes
+        else:
+            assert moved is None, (name, moved)  # first-order, LoRA, forward: no ZO perturbation
 
 
 def test_registration_checks_the_declaration_and_the_interface_and_refuses_duplicates():

@@ -87,8 +87,25 @@ def test_faster_to_target_needs_a_target_and_a_known_clock():
     with pytest.raises(UserError, match=r"items\[2\].target: required for faster_to_target"):
         parse_claims(data, "x")
     data["items"][2].update(target=0.7, clock="wall")
-    with pytest.raises(UserError, match=r"items\[2\].clock: 'wall' is not one of train_s, reference_forwards"):
+    with pytest.raises(UserError, match=r"items\[2\].clock: 'wall' is not one of step_forwards, train_s, "
+                                        r"reference_forwards"):
         parse_claims(data, "x")
+    data["items"][2].update(target=0.0, clock="step_forwards")
+    with pytest.raises(UserError, match=r"items\[2\].target: expected b_best or an accuracy in \(0, 1\]"):
+        parse_claims(data, "x")
+
+
+def test_too_few_resamples_for_holms_strictest_level_are_refused():
+    """A bootstrap p is at least 2 / resamples: 3 claims at alpha 0.05 need a p of 0.0167 at Holm's first
+    step, so at least 120 replicates; the family's floor of 1000 covers up to 25 claims."""
+    many = {**SECTION, "items": [{**SECTION["items"][0], "id": f"c{i}"} for i in range(30)]}
+    with pytest.raises(UserError, match=r"claims.resamples: 10000 replicates cannot show a p below 0.0002, and "
+                                        r"the strictest level a claim is tested at here is 0.00017: expected at "
+                                        r"least 12000"):
+        parse_claims({**many, "alpha": 0.005}, "x")
+    assert len(parse_claims({**many, "resamples": 1200}, "x")) == 30
+    with pytest.raises(UserError, match="expected at least 1200"):
+        parse_claims({**many, "resamples": 1199}, "x")
 
 
 def test_hash_ignores_key_order_spelling_and_selector_order():

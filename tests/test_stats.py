@@ -174,6 +174,18 @@ def test_an_unmeasured_claim_stays_in_the_family():
     assert alone[0].p_adjusted == pytest.approx(0.02)
 
 
+def test_a_claim_on_one_seed_takes_no_holm_step_from_the_others():
+    """A one-seed claim's interval is about those two runs: its verdict stays open, and its p (however small)
+    must not take Holm's strictest step, which would loosen every other claim's. It enters as p = 1."""
+    claims = _claims(_claim("one-seed"), _claim("five-seeds"))
+    evidence = {"one-seed": Evidence(_stepped(0), (1, 1), 872, ""),     # p 0.002 on examples alone
+                "five-seeds": Evidence(_stepped(16), (5, 5), 872, "")}  # p 0.034
+    one, five = decide(claims, evidence)
+    assert one.verdict == OPEN and one.p_value == 1.0
+    # had the one-seed p entered, five-seeds would be tested at alpha (0.034 <= 0.05): it holds only alone
+    assert five.p_adjusted == pytest.approx(0.068) and five.verdict == OPEN
+
+
 @pytest.mark.parametrize("kind, low, high, margin, expected", [
     ("superiority", 0.01, 0.05, 0.0, HOLDS), ("superiority", -0.05, -0.01, 0.0, FAILS),
     ("superiority", -0.01, 0.02, 0.0, OPEN), ("superiority", 0.01, 0.05, 0.02, OPEN),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from zobench.analysis.verdicts import verdicts
-from zobench.cell.measures import Metrics
+from zobench.cell.measures import Metrics, Stats
 from zobench.cell.predictions import Predictions
 from zobench.cell.record import CellRecord
 from zobench.errors import UserError
@@ -35,14 +35,14 @@ def claims(margin: float = 0.0, resamples: int = 2000) -> list:
                                     "b": {"method": "full"}, "metric": "test_best", "margin": 0.05}]}, "t.yaml")
 
 
-def run(folder: Path, method: str, seed: int, accuracy: float, declared: list, rng) -> CellRecord:
+def run(folder: Path, method: str, seed: int, accuracy: float, declared: list, rng, cell: str = "") -> CellRecord:
     """A record whose test predictions are right on about ``accuracy`` of N examples (ids shuffled, so the
     reader must align them)."""
     gold = rng.integers(0, 2, N)
     right = rng.random(N) < accuracy
     pred = np.where(right, gold, 1 - gold)
     ids = rng.permutation(N)
-    cell = f"{method}-{seed}"
+    cell = cell or f"{method}-{seed}"
     keep = Predictions(folder / "t.predictions" / f"{cell}.npz")
     keep.add("test_best", {"id": ids, "gold": gold, "pred": pred, "scores": np.zeros((N, 2))})
     desc = keep.write()
@@ -136,3 +136,72 @@ def test_records_without_predictions_are_listed_not_decided(tmp_path):
     decision = verdicts(recs, claims(), tmp_path)
     assert all(r.verdict == "not resolved" for r in decision.results)
     assert sum("no per-example predictions" in e for e in decision.excluded) == 8  # 2 seeds x 2 arms x 2 claims
+
+
+def test_an_arm_matching_two_runs_of_one_seed_is_not_decided_and_says_why(results, tmp_path):
+    """Two runs of one seed in an arm (a selector that does not pin quant, say) would leave one of them out
+    silently: the claim is left undecided instead, naming both runs."""
+    records = load_records(results)
+    twin = run(tmp_path, "random", 0, 0.66, claims(), np.random.default_rng(5), cell="random-0-nf4")
+    twin.config = {**twin.config, "quant": "nf4"}
+    decision = verdicts(records + [twin], claims(), results.parent)
+    beats = {r.claim: r for r in decision.results}["s-beats-r"]
+    assert beats.verdict == "not resolved" and "two runs of seed 0" in beats.method
+    assert any("random-0-nf4" in e for e in decision.excluded)
+
+
+def speed_claims(clock: str) -> list:
+    return parse_claims({"alpha": 0.05, "resamples": 2000, "seed": 0,
+                         "failed_if": {"accuracy_at_most_majority_plus": 0.02},
+                         "items": [{"id": "faster", "kind": "faster_to_target", "a": {"method": "sensitive"},
+                                    "b": {"method": "full"}, "target": "b_best", "clock": clock}]}, "t.yaml")
+
+
+def timed(rec: CellRecord, reach: int, ratio: float, forward_s: float, load) -> CellRecord:
+    """``rec`` with a dev curve that reaches its best (0.8) at step ``reach``, steps of ``ratio`` times two
+    forwards of ``forward_s``, and training seconds stretched by ``load(step)`` (other work on the machine)."""
+    points, seconds = [], 0.0
+    for step in range(100, 1001, 100):
+        seconds += sum(load(s) * ratio * 2 * forward_s for s in range(step - 99, step + 1))
+        points.append({"step": step, "accuracy": 0.8 if step >= reach else 0.6 + 0.1 * step / reach,
+                       "train_s": seconds})
+    rec.metrics.set(dev_curve=points, step_over_ref=Stats(ratio, ratio, ratio, 99),
+                    forward_ref_s=Stats(forward_s, forward_s, forward_s, 99))
+    return rec
+
+
+def test_the_step_forwards_clock_is_the_same_under_load_and_the_others_are_not(tmp_path):
+    """a reaches b's best in 300 steps of 1.0 two-forwards where b takes 600 of 1.1: 2.2x, in step_forwards
+    whatever load a ran under. A load that slowed a's first 200 steps 5x moves train_s and reference_forwards
+    (those seconds over the median forward, which the spike does not move) and leaves step_forwards alone."""
+    rng = np.random.default_rng(2)
+    records = {}
+    for spike in (1.0, 5.0):
+        folder = tmp_path / str(spike)
+        records[spike] = [timed(run(folder, "sensitive", s, 0.8, [], rng), 300, 1.0, 0.5,
+                                lambda step, k=spike: k if step <= 200 else 1.0) for s in range(3)]
+        records[spike] += [timed(run(folder, "full", s, 0.8, [], rng), 600, 1.1, 0.5, lambda step: 1.0)
+                           for s in range(3)]
+    est = {(clock, spike): verdicts(records[spike], speed_claims(clock), tmp_path / str(spike)).results[0].estimate
+           for clock in ("step_forwards", "train_s", "reference_forwards") for spike in (1.0, 5.0)}
+    assert est[("step_forwards", 1.0)] == est[("step_forwards", 5.0)] == pytest.approx(np.log(2.2))
+    assert est[("train_s", 1.0)] == pytest.approx(np.log(2.2))  # an idle machine: seconds agree
+    assert est[("reference_forwards", 5.0)] < est[("reference_forwards", 1.0)] - 0.5  # the spike counted as a's
+
+
+def test_the_speed_claim_leaves_out_runs_at_their_own_test_sets_majority_rate(tmp_path):
+    """The failed-run rule reads the majority rate of the run's own test set (here 70%), for the speed claim
+    as for the accuracy claims: a run at 71% did not learn, although it is 21 points above a coin's 50%."""
+    rng = np.random.default_rng(4)
+    recs = [timed(run(tmp_path, m, s, 0.85, [], rng), 300, 1.0, 0.5, lambda step: 1.0)
+            for m in ("sensitive", "full") for s in range(3)]
+    skewed = run(tmp_path, "full", 7, 0.5, [], rng)
+    gold = np.r_[np.ones(420, int), np.zeros(N - 420, int)]  # 70% one class
+    keep = Predictions(tmp_path / "t.predictions" / "skewed.npz")
+    keep.add("test_best", {"id": np.arange(N), "gold": gold, "pred": np.ones(N, int), "scores": np.zeros((N, 2))})
+    desc = keep.write()
+    skewed.predictions = {**desc, "path": str(Path(desc["path"]).relative_to(tmp_path))}
+    skewed.metrics.set(test_best={"accuracy": 0.71})
+    decision = verdicts(recs + [timed(skewed, 300, 1.0, 0.5, lambda step: 1.0)], speed_claims("step_forwards"),
+                        tmp_path)
+    assert any("full-7" in e and "majority rate 70.0%" in e for e in decision.excluded), decision.excluded

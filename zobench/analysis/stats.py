@@ -14,7 +14,8 @@ at most alpha, and the interval it reports beside the unadjusted one is at level
 alpha_i = alpha * p_i / p_adjusted_i: exactly the widest interval that still resolves when Holm rejects
 (its bounds cross the margin if and only if p_adjusted_i <= alpha), so the reported interval and the
 verdict agree by construction. A claim without evidence stays in the family with p = 1 (the family is the
-declared one, not the measured one).
+declared one, not the measured one), and so does a claim with an arm under ``MIN_SEEDS`` seeds: its interval
+is about those runs, and its p must not take a Holm step from the claims that can be decided.
 
 Accuracy model (``accuracy_difference``): per-example correctness of each arm for each seed, on one test
 set shared by every arm and seed. Seeds and examples are crossed, not nested (every seed sees the same
@@ -162,8 +163,10 @@ def decide(claims: Sequence[Claim], evidence: Mapping[str, Evidence]) -> list[Re
     if not claims:
         return []
     alpha, correction = claims[0].alpha, claims[0].correction
-    ps = [p_value(e.replicates, c.kind, _margin(c)) if (e := evidence.get(c.id)) and e.replicates else 1.0
-          for c in claims]
+    # A claim that cannot be decided (no replicates, or an arm under MIN_SEEDS seeds, whose interval is about
+    # those runs and not the methods) is no evidence: p 1, so that it takes no step of Holm's from the others.
+    ps = [p_value(e.replicates, c.kind, _margin(c))
+          if (e := evidence.get(c.id)) and e.replicates and min(e.n_seeds) >= MIN_SEEDS else 1.0 for c in claims]
     adjusted = multipletests(ps, alpha=alpha, method="holm")[1] if correction == "holm" else np.array(ps)
     results = []
     for c, p, p_adj in zip(claims, ps, adjusted):

@@ -9,9 +9,11 @@ that diverged) is left out of its arm and listed: a failed run is not a property
 Accuracy claims read each run's per-example correctness at the claim's metric (``test_best``: test at the best
 dev step; ``test_after``: at the last) from its predictions file, checked against the sha256 its record holds,
 and aligned by example id; a run without predictions (recorded before they were kept) cannot be paired and is
-listed as such. Speed claims read each run's dev curve in the claim's clock: ``train_s`` (training seconds),
-or ``reference_forwards`` (those seconds over the run's own two-forward time, ``forward_ref_s``, which a busy
-machine stretches on both sides alike).
+listed as such. Speed claims read each run's dev curve in the claim's clock (``spec.claims``): ``step_forwards``
+(steps times the run's median step over two of its own forwards, ``step_over_ref``, timed side by side, so
+load cancels), ``train_s`` (training seconds), or ``reference_forwards`` (those seconds over the run's median
+two-forward time: load that varies during a run stretches it). An arm holds one run per seed: a selector that
+matches two runs of one seed (say a float and an NF4 cell) leaves its claim undecided, with that said.
 
 Records carry the claims their suite declared when they ran (``record.claims``): when those differ from the
 claims given here (a claim edited after data existed), ``Decision.earlier`` holds the verdicts under each
@@ -90,6 +92,19 @@ def _failed(rec: CellRecord, details: dict | None, rule: FailedIf) -> str | None
     return failed_run(test, majority, rec.metrics.get("loss_curve"), rule)
 
 
+def _test_details(rec: CellRecord, reader: Reader) -> dict | None:
+    """The run's per-example test predictions (for the majority rate of its test set), at either metric."""
+    return reader.evaluation(rec, "test_best") or reader.evaluation(rec, "test_after")
+
+
+def _by_seed(side: str, found: dict, rec: CellRecord, value) -> None:
+    seed = rec.config.get("seed", 0)
+    if seed in found:
+        raise ValueError(f"arm {side} matches two runs of seed {seed} ({found[seed][0]}, {_label(rec)}): "
+                         f"narrow its selector (e.g. with quant) so that an arm is one configuration")
+    found[seed] = (_label(rec), value)
+
+
 def _accuracy(claim: Claim, arm_a: list, arm_b: list, reader: Reader, excluded: list) -> Evidence:
     correct, ids = {"a": {}, "b": {}}, None
     for side, arm in (("a", arm_a), ("b", arm_b)):
@@ -103,11 +118,12 @@ def _accuracy(claim: Claim, arm_a: list, arm_b: list, reader: Reader, excluded: 
                 continue
             if ids is None:
                 ids = np.sort(details["id"])
-            correct[side][rec.config.get("seed", 0)] = align(ids, details["id"], details["pred"] == details["gold"],
-                                                            _label(rec))
+            _by_seed(side, correct[side], rec,
+                     align(ids, details["id"], details["pred"] == details["gold"], _label(rec)))
     if not correct["a"] or not correct["b"]:
         return Evidence(None, (len(correct["a"]), len(correct["b"])), None, "an arm has no usable run")
-    return accuracy_difference(correct["a"], correct["b"], resamples=claim.resamples, seed=claim.seed)
+    return accuracy_difference({k: v for k, (_, v) in correct["a"].items()},
+                               {k: v for k, (_, v) in correct["b"].items()}, resamples=claim.resamples, seed=claim.seed)
 
 
 def curve(rec: CellRecord, clock: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -115,7 +131,13 @@ def curve(rec: CellRecord, clock: str) -> tuple[np.ndarray, np.ndarray] | None:
     points = rec.metrics.get("dev_curve") or []
     if not points:
         return None
-    times = np.array([p["train_s"] for p in points], dtype=float)
+    if clock == "step_forwards":
+        ratio = rec.metrics.step_over_ref
+        if not ratio or any("step" not in p for p in points):
+            return None
+        times = np.array([p["step"] for p in points], dtype=float) * ratio.median
+    else:
+        times = np.array([p["train_s"] for p in points], dtype=float)
     if clock == "reference_forwards":
         ref = rec.metrics.forward_ref_s
         if not ref:
@@ -124,19 +146,22 @@ def curve(rec: CellRecord, clock: str) -> tuple[np.ndarray, np.ndarray] | None:
     return times, np.array([p.get("accuracy", np.nan) for p in points], dtype=float)
 
 
-def _speed(claim: Claim, arm_a: list, arm_b: list, excluded: list) -> Evidence:
+def _speed(claim: Claim, arm_a: list, arm_b: list, reader: Reader, excluded: list) -> Evidence:
     curves = {"a": {}, "b": {}}
     for side, arm in (("a", arm_a), ("b", arm_b)):
         for rec in arm:
-            why = _failed(rec, None, claim.failed_if)
+            why = _failed(rec, _test_details(rec, reader), claim.failed_if)
             c = curve(rec, claim.clock or "train_s")
             if why is None and c is None:
                 why = f"no dev curve in clock {claim.clock}"
             if why:
                 excluded.append(f"{claim.id} {side}: {_label(rec)}: {why}")
                 continue
-            curves[side][rec.config.get("seed", 0)] = c
-    return faster_to_target(curves["a"], curves["b"], claim.target, resamples=claim.resamples, seed=claim.seed)
+            _by_seed(side, curves[side], rec, c)
+    if not curves["a"] or not curves["b"]:
+        return Evidence(None, (len(curves["a"]), len(curves["b"])), None, "an arm has no usable run")
+    return faster_to_target({k: v for k, (_, v) in curves["a"].items()}, {k: v for k, (_, v) in curves["b"].items()},
+                            claim.target, resamples=claim.resamples, seed=claim.seed)
 
 
 def _decide(records: list[CellRecord], claims: list[Claim], reader: Reader):
@@ -145,10 +170,11 @@ def _decide(records: list[CellRecord], claims: list[Claim], reader: Reader):
         a, b = runs(records, c.a), runs(records, c.b)
         arms[c.id] = {"a": [r.cell_id for r in a], "b": [r.cell_id for r in b]}
         try:
-            evidence[c.id] = _speed(c, a, b, excluded) if c.kind == "faster_to_target" else \
+            evidence[c.id] = _speed(c, a, b, reader, excluded) if c.kind == "faster_to_target" else \
                 _accuracy(c, a, b, reader, excluded)
-        except ValueError as e:  # runs that cannot be paired (other test examples): said, not decided
+        except ValueError as e:  # runs that cannot be paired (other test examples, a seed twice): said, not decided
             excluded.append(f"{c.id}: {e}")
+            evidence[c.id] = Evidence(None, (len(a), len(b)), None, f"not decided: {e}")
     return decide(claims, evidence), arms, excluded
 
 

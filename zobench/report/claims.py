@@ -45,11 +45,15 @@ def claims_section(decision: Decision | None, names: dict[str, str], dirty: list
     if decision is None:
         return []
     lines = ["## Claims", "",
-             f"Declared in the suite before the run (claims hash `{decision.claims_hash[:12]}`), decided from the "
-             f"per-example predictions beside the records: a two-level bootstrap over seeds and test examples "
-             f"(paired on the same examples), Holm over the suite's claims. A verdict reads the Holm-adjusted "
-             f"interval against the declared margin; accuracy differences are in points, speed as the ratio of "
-             f"b's time to a's (`zobench/analysis/verdicts.py`, `zobench/analysis/stats.py`).", ""]
+             f"Declared in the suite before the run (claims hash `{decision.claims_hash[:12]}`). Accuracy claims "
+             f"are decided from the per-example predictions beside the records: test examples resampled (one "
+             f"resample shared by every seed and arm, so the arms are paired), the seed level drawn with t tails "
+             f"from the seeds' spread; a speed claim from the runs' dev curves in its declared clock, seeds "
+             f"resampled. Holm over the suite's claims (a claim with under 2 seeds an arm enters it with p 1). A "
+             f"verdict reads the Holm-adjusted interval against the declared margin (its level is the widest that "
+             f"resolves exactly when Holm's adjusted p is at most alpha: not a simultaneous interval); accuracy "
+             f"differences are in points, speed as the ratio of b's time to a's (`zobench/analysis/verdicts.py`, "
+             f"`zobench/analysis/stats.py`, `zobench/analysis/speed.py`).", ""]
     lines += rows(decision.results, names) + [""]
     methods = sorted({r.method for r in decision.results})
     lines += [f"- {m}" for m in methods] + [""]

@@ -19,13 +19,21 @@
           a: {method: sensitive, quant: none}
           b: {method: full, quant: none}
           target: b_best          # b's best mean dev accuracy, or a fixed accuracy such as 0.70
-          clock: train_s          # train_s | reference_forwards
+          clock: step_forwards    # step_forwards | train_s | reference_forwards (see below)
           margin: 0.0             # the fraction of b's time a must save
 
 Each claim is about the difference a - b. A parsed claim carries every setting its verdict depends on (the
 family's alpha, correction, bootstrap and failed-run rule too), so its hash changes whenever its verdict
 could; the section's hash also covers which claims share the Holm family. Records carry both, so a claim
 edited after its data exists shows as a different hash. Pure data: no numpy, no torch.
+
+A speed claim's clock says what a dev point's time is: ``step_forwards``, the steps so far times the run's
+median step over two of its own forwards (each step timed beside two plain forwards of its batch, in the same
+process: load that slows a run slows both, so the ratio holds, and it is comparable between arms on one
+model); ``train_s``, training seconds (what a user waits, and whatever else the machine did then);
+``reference_forwards``, training seconds over the run's median two-forward time (kept for records that
+declared it: load that varies during a run inflates the seconds and not the median, so it is not
+load-free).
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ SECTION_KEYS = ("alpha", "correction", "resamples", "seed", "failed_if", "items"
 CLAIM_KEYS = ("id", "name", "kind", "a", "b", "metric", "margin", "target", "clock")
 KINDS = ("superiority", "non_inferiority", "equivalence", "faster_to_target")
 ACCURACY_METRICS = ("test_best", "test_after")
-CLOCKS = ("train_s", "reference_forwards")
+CLOCKS = ("step_forwards", "train_s", "reference_forwards")
 CORRECTIONS = ("holm", "none")
 FAILED_IF_KEYS = ("accuracy_at_most_majority_plus", "loss_rise_over_start")
 # Fewer replicates than this cannot resolve the tails a Holm-adjusted interval reaches (alpha/k over two tails).
@@ -181,6 +189,8 @@ def _speed_fields(item: dict, kind: str, where: str) -> tuple[float | str | None
     target = item["target"]
     if target != "b_best":
         target = _fraction(target, f"{where}.target", 0.0, 1.0 + 1e-12, "b_best or an accuracy in (0, 1]")
+        if target == 0:
+            raise UserError(f"{where}.target: expected b_best or an accuracy in (0, 1]")
     clock = item.get("clock", "train_s")
     if clock not in CLOCKS:
         raise UserError(f"{where}.clock: '{clock}' is not one of {', '.join(CLOCKS)}")
@@ -236,4 +246,11 @@ def parse_claims(data: Any, where: str) -> list[Claim]:
         if c.id in seen:
             raise UserError(f"{w}.items[{i}].id: '{c.id}' already used by items[{seen[c.id]}]")
         seen[c.id] = i
+    # A bootstrap p is at least 2 / resamples; Holm's first step tests at alpha / (number of claims).
+    m = len(claims) if correction == "holm" else 1
+    strictest, needed = alpha / m, math.ceil(2 * m / alpha - 1e-9)
+    if family["resamples"] < needed:
+        raise UserError(f"{w}.resamples: {family['resamples']} replicates cannot show a p below "
+                        f"{2 / family['resamples']:.2g}, and the strictest level a claim is tested at here is "
+                        f"{strictest:.2g}: expected at least {needed}")
     return claims

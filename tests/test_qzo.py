@@ -125,6 +125,26 @@ def test_a_step_moves_each_scale_by_at_most_lr_times_the_threshold_times_z():
     assert clipped, "the tiny threshold clipped no step: the bound was not tested"
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["update", "update-folded-into-the-next-perturbation"])
+def test_an_update_that_would_take_a_scale_below_zero_stops_it_at_zero(fold):
+    """QZO's update is projected onto non-negative scales (the paper's s <- max(s - lr d z, 0)): a scale of
+    1e-3 that a step of 0.1 takes down is 0, one it takes up is 0.101, the large ones move by 0.1 either way;
+    folded into the next perturbation, the perturbed live scales start from the projected ones."""
+    start = torch.tensor([1e-3] * 32 + [1.0] * 32)
+    live = start.clone()
+    trainable = ScaleTrainable([("layer", live)])
+    z = trainable.z(5)
+    if fold:
+        trainable.fold_step([(5, 1.0)], make_optimizer("sgd", 0.1), 0, 9, 1e-3)
+    else:
+        trainable.update([(5, 1.0)], make_optimizer("sgd", 0.1), 0)
+    expected = (start - 0.1 * z).clamp(min=0)
+    assert bool((z[:32] > 0).any()) and bool((z[:32] < 0).any())  # both directions are tried
+    assert torch.allclose(trainable.master, expected, rtol=0, atol=1e-7)
+    assert bool((trainable.master[:32][z[:32] > 0] == 0).all())
+    assert torch.allclose(live, expected + (1e-3 * trainable.z(9) if fold else 0), rtol=0, atol=1e-7)
+
+
 def test_same_seed_same_scales_and_another_seed_other_scales():
     def trained(seed):
         p = quantized(seed=seed, steps=3)

@@ -5,10 +5,12 @@ A quantized weight is a scale times a code: ``w = s * c``. The codes are discret
 but the scales are continuous (one per block of 64 weights in nf4-plain, one per output row in int8). QZO
 keeps every code as it is and trains the scales alone, with MeZO's two-point estimate and seed trick:
 
-    s + eps z -> L+ ;  s - eps z -> L- ;  d = clip((L+ - L-) / (2 eps), -C, C) ;  s <- s - lr d z
+    s + eps z -> L+ ;  s - eps z -> L- ;  d = clip((L+ - L-) / (2 eps), -C, C) ;  s <- max(s - lr d z, 0)
 
 Clipping the directional derivative d (DDC, ``clip_threshold`` = C) bounds every step, whatever a noisy
-low-precision forward returned: with SGD a scale moves by at most lr * C * |z| per step.
+low-precision forward returned: with SGD a scale moves by at most lr * C * |z| per step. The update is
+projected onto non-negative scales, as the paper's is: a scale taken below zero would flip the signs of its
+whole block (an absmax is a magnitude), so it stops at zero.
 
 The scales of every quantized linear in scope are one trainable vector (``ScaleTrainable``, the sparse
 trainable's whole-tensor form): the live scales are the tensors the layers' forwards read, perturbed in
@@ -43,6 +45,25 @@ class ScaleTrainable(SparseTrainable):
                 raise RuntimeError(f"{name}: its scales are {s.dtype}, not a contiguous float32 tensor")
         super().__init__(layers, {name: None for name, _ in layers}, direction, generator)
         self.start = scales_fingerprint(layers)
+
+    @torch.no_grad()
+    def update(self, grads, optimizer, step: int) -> None:
+        super().update(grads, optimizer, step)
+        if self._project():
+            self._write(self.master)
+
+    @torch.no_grad()
+    def fold_step(self, grads, optimizer, step: int, seed: int, scale: float) -> None:
+        super().fold_step(grads, optimizer, step, seed, scale)
+        if self._project():  # rare: the fused pass wrote the perturbed live scales from the unprojected ones
+            self.apply(seed, scale)
+
+    def _project(self) -> bool:
+        """QZO's projection onto non-negative scales; whether any scale needed it."""
+        if not bool((self.master < 0).any()):
+            return False
+        self.master.clamp_(min=0)
+        return True
 
     def delta_parts(self) -> tuple[str, dict[str, torch.Tensor], dict]:
         """What a run keeps (``cell.keep``): ``(kind, tensors, extra)``, each trained layer's scales under the

@@ -9,8 +9,14 @@ The forwards run on the quantized weights, and what is trained is their codes: t
 
 Q1 and Q2 are stochastic roundings onto the layer's grid (``zo.rounding``), with noise streams independent
 of each other and of u: E[Q(x)] = x, so the perturbation and the update are unbiased, and the estimate's
-expectation is MeZO's (the paper's two conditionally independent quantizations of u, one for the forwards
-and one for the update). Q1' is Q1 with the antithetic noise 1 - r: on a uniform grid W- is then exactly
+expectation is MeZO's. This is the storage-level form of QuZO: the weights never leave their low-bit codes,
+and what is rounded is the perturbed and the updated weight, onto the weight's own grid. The paper's two
+conditionally independent quantizations are of the direction u (the authors' public scripts quantize u to
+4 bits and add eps * Q(u) to float weights that each forward fake-quantizes): a float copy of the model,
+which is what a quantized model is meant to save. The price of this form is noise: a perturbation below a
+level's gap moves a code with probability eps over the gap (SmolLM2's NF4 codes at eps 1e-3: 2.2% of them;
+``perturb_frac_changed`` in a record), and the two forwards differ by that rounding as well as by eps u.
+Q1' is Q1 with the antithetic noise 1 - r: on a uniform grid W- is then exactly
 W - (W+ - W), the paper's symmetric pair. Perturbation and update are in weight units, so ``eps`` and ``lr``
 mean what they mean for MeZO; a move below one level happens with the probability that keeps it unbiased.
 ``rounding: nearest`` rounds to the nearest level instead (the biased baseline: moves below half a level

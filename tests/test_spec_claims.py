@@ -73,6 +73,7 @@ def test_parses_kinds_defaults_and_family_settings():
     ({**SECTION, "resamples": 100}, "claims.resamples: expected a whole number >= 1000"),
     ({**SECTION, "failed_if": {"accuracy_below": 0.5}}, "claims.failed_if: unknown key 'accuracy_below'"),
     ({**SECTION, "items": []}, "claims.items: expected a non-empty list of claims"),
+    ({**SECTION, "failed_if": {"count_in_arm": "yes"}}, "claims.failed_if.count_in_arm: expected true or false"),
     ({**SECTION, "claims": []}, "claims: unknown key 'claims'"),
 ])
 def test_bad_sections_fail_with_one_line_naming_the_key(data, message):

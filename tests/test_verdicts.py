@@ -4,9 +4,11 @@ re-analysis script giving the report's table from the records alone."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from zobench.cell.record import CellRecord
 from zobench.errors import UserError
 from zobench.report import render_report
 from zobench.results import append_record, load_records
-from zobench.spec.claims import claims_hash, parse_claims
+from zobench.spec.claims import _canonical, claims_hash, parse_claims
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 600
@@ -205,3 +207,29 @@ def test_the_speed_claim_leaves_out_runs_at_their_own_test_sets_majority_rate(tm
     decision = verdicts(recs + [timed(skewed, 300, 1.0, 0.5, lambda step: 1.0)], speed_claims("step_forwards"),
                         tmp_path)
     assert any("full-7" in e and "majority rate 70.0%" in e for e in decision.excluded), decision.excluded
+
+
+def test_a_suite_that_counts_failed_runs_keeps_them_in_their_arm_and_lists_them(results, tmp_path):
+    """With failed_if.count_in_arm a run at the majority rate stays in its arm at what it measured (and is
+    listed as failed): random's mean drops, so sensitive's lead over it grows; without it the run is left out.
+    The option hashes only when set, so a declaration from before it existed keeps its hash."""
+    counting = parse_claims({"alpha": 0.05, "resamples": 2000, "seed": 0,
+                             "failed_if": {"accuracy_at_most_majority_plus": 0.02, "count_in_arm": True},
+                             "items": [{"id": "s-beats-r", "kind": "superiority", "a": {"method": "sensitive"},
+                                        "b": {"method": "random"}, "metric": "test_best", "margin": 0.0}]}, "t.yaml")
+    broken = run(tmp_path, "random", 9, 0.50, counting, np.random.default_rng(1))
+    records = load_records(results) + [broken]
+    kept = verdicts(records, counting, results.parent)
+    left = verdicts(records, claims(), results.parent)
+    by_kept, by_left = kept.results[0], {r.claim: r for r in left.results}["s-beats-r"]
+    assert by_kept.n_seeds == (4, 5) and by_left.n_seeds == (4, 4)
+    assert by_kept.estimate > by_left.estimate + 0.02  # a 50% run among four at ~66%
+    assert any("random-9" in e and "majority" in e for e in kept.counted) and not kept.excluded
+    assert not left.counted and any("random-9" in e for e in left.excluded)
+    for c in claims():  # hashed as before the option existed: its asdict without the key
+        before = asdict(c)
+        del before["failed_if"]["count_in_arm"]
+        assert c.hash == hashlib.sha256(json.dumps(_canonical(before), sort_keys=True, separators=(",", ":"),
+                                                   default=str).encode()).hexdigest()
+    assert counting[0].hash != replace(counting[0], failed_if=replace(counting[0].failed_if,
+                                                                      count_in_arm=False)).hash

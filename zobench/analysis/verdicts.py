@@ -5,7 +5,8 @@ the per-example predictions beside the records, and the verdicts (``zobench.anal
 
 An arm is the ok, non-pilot records matching its selector, one per seed (a cell's latest record). A run that
 failed by the claims' declared rule (``spec.claims.FailedIf``: test accuracy at the majority rate, a loss
-that diverged) is left out of its arm and listed: a failed run is not a property of its method.
+that diverged) is left out of its arm and listed: a failed run is not a property of its method; a suite that
+declares ``count_in_arm`` keeps it in its arm at what it measured, and lists it.
 Accuracy claims read each run's per-example correctness at the claim's metric (``test_best``: test at the best
 dev step; ``test_after``: at the last) from its predictions file, checked against the sha256 its record holds,
 and aligned by example id; a run without predictions (recorded before they were kept) cannot be paired and is
@@ -44,6 +45,7 @@ class Decision:
     results: list[Result]
     arms: dict[str, dict[str, list[str]]]            # claim id -> {"a": [cell ids], "b": [...]}
     excluded: list[str] = field(default_factory=list)  # "cell (method, seed): why" for every run left out
+    counted: list[str] = field(default_factory=list)   # failed runs kept in their arm (failed_if.count_in_arm)
     earlier: dict[str, list[Result]] = field(default_factory=dict)  # claims hash -> verdicts as declared then
 
 
@@ -105,16 +107,30 @@ def _by_seed(side: str, found: dict, rec: CellRecord, value) -> None:
     found[seed] = (_label(rec), value)
 
 
-def _accuracy(claim: Claim, arm_a: list, arm_b: list, reader: Reader, excluded: list) -> Evidence:
+def _leave_out(claim: Claim, side: str, rec: CellRecord, failed: str | None, missing: str | None,
+               lists: tuple[list, list]) -> bool:
+    """Whether a run leaves its arm: one without what the claim reads always does; a failed one unless the
+    rule counts failures in their arms. Either way it is listed (``lists``: excluded, counted)."""
+    excluded, counted = lists
+    if missing:
+        excluded.append(f"{claim.id} {side}: {_label(rec)}: {missing}")
+        return True
+    if failed and claim.failed_if.count_in_arm:
+        counted.append(f"{claim.id} {side}: {_label(rec)}: {failed}")
+        return False
+    if failed:
+        excluded.append(f"{claim.id} {side}: {_label(rec)}: {failed}")
+    return bool(failed)
+
+
+def _accuracy(claim: Claim, arm_a: list, arm_b: list, reader: Reader, lists: tuple[list, list]) -> Evidence:
     correct, ids = {"a": {}, "b": {}}, None
     for side, arm in (("a", arm_a), ("b", arm_b)):
         for rec in arm:
             details = reader.evaluation(rec, claim.metric)
-            why = _failed(rec, details, claim.failed_if)
-            if why is None and details is None:
-                why = f"no per-example predictions for {claim.metric} (recorded before they were kept)"
-            if why:
-                excluded.append(f"{claim.id} {side}: {_label(rec)}: {why}")
+            missing = None if details is not None else \
+                f"no per-example predictions for {claim.metric} (recorded before they were kept)"
+            if _leave_out(claim, side, rec, _failed(rec, details, claim.failed_if), missing, lists):
                 continue
             if ids is None:
                 ids = np.sort(details["id"])
@@ -146,16 +162,14 @@ def curve(rec: CellRecord, clock: str) -> tuple[np.ndarray, np.ndarray] | None:
     return times, np.array([p.get("accuracy", np.nan) for p in points], dtype=float)
 
 
-def _speed(claim: Claim, arm_a: list, arm_b: list, reader: Reader, excluded: list) -> Evidence:
+def _speed(claim: Claim, arm_a: list, arm_b: list, reader: Reader, lists: tuple[list, list]) -> Evidence:
     curves = {"a": {}, "b": {}}
     for side, arm in (("a", arm_a), ("b", arm_b)):
         for rec in arm:
-            why = _failed(rec, _test_details(rec, reader), claim.failed_if)
             c = curve(rec, claim.clock or "train_s")
-            if why is None and c is None:
-                why = f"no dev curve in clock {claim.clock}"
-            if why:
-                excluded.append(f"{claim.id} {side}: {_label(rec)}: {why}")
+            missing = None if c is not None else f"no dev curve in clock {claim.clock}"
+            if _leave_out(claim, side, rec, _failed(rec, _test_details(rec, reader), claim.failed_if), missing,
+                          lists):
                 continue
             _by_seed(side, curves[side], rec, c)
     if not curves["a"] or not curves["b"]:
@@ -165,17 +179,17 @@ def _speed(claim: Claim, arm_a: list, arm_b: list, reader: Reader, excluded: lis
 
 
 def _decide(records: list[CellRecord], claims: list[Claim], reader: Reader):
-    evidence, arms, excluded = {}, {}, []
+    evidence, arms, excluded, counted = {}, {}, [], []
     for c in claims:
         a, b = runs(records, c.a), runs(records, c.b)
         arms[c.id] = {"a": [r.cell_id for r in a], "b": [r.cell_id for r in b]}
         try:
-            evidence[c.id] = _speed(c, a, b, reader, excluded) if c.kind == "faster_to_target" else \
-                _accuracy(c, a, b, reader, excluded)
+            evidence[c.id] = _speed(c, a, b, reader, (excluded, counted)) if c.kind == "faster_to_target" else \
+                _accuracy(c, a, b, reader, (excluded, counted))
         except ValueError as e:  # runs that cannot be paired (other test examples, a seed twice): said, not decided
             excluded.append(f"{c.id}: {e}")
             evidence[c.id] = Evidence(None, (len(a), len(b)), None, f"not decided: {e}")
-    return decide(claims, evidence), arms, excluded
+    return decide(claims, evidence), arms, excluded, counted
 
 
 def verdicts(records: list[CellRecord], claims: list[Claim], results_dir: str | Path) -> Decision | None:
@@ -184,10 +198,10 @@ def verdicts(records: list[CellRecord], claims: list[Claim], results_dir: str | 
         return None
     reader = Reader(Path(results_dir))
     try:
-        results, arms, excluded = _decide(records, claims, reader)
+        results, arms, excluded, counted = _decide(records, claims, reader)
     except UserError as e:
         raise UserError(f"claims: {e}") from None
-    decision = Decision(claims_hash(claims), results, arms, excluded)
+    decision = Decision(claims_hash(claims), results, arms, excluded, counted)
     for rec in records:
         then = claims_of(rec)
         if then and (h := claims_hash(then)) != decision.claims_hash and h not in decision.earlier:

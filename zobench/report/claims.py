@@ -60,6 +60,10 @@ def claims_section(decision: Decision | None, names: dict[str, str], dirty: list
     if decision.excluded:
         lines += ["Runs left out (a failed run is a failed run, not a property of its method):", ""]
         lines += [f"- {e}" for e in decision.excluded] + [""]
+    if decision.counted:
+        lines += ["Failed runs counted in their arms at what they measured (the suite declares "
+                  "`failed_if.count_in_arm`: at its settings, failing to learn is part of what a method does):", ""]
+        lines += [f"- {e}" for e in decision.counted] + [""]
     if dirty:
         lines += ["Records from a tree whose code differed from its commit (`git.dirty`): "
                   + ", ".join(dirty) + ".", ""]

@@ -55,7 +55,7 @@ KINDS = ("superiority", "non_inferiority", "equivalence", "faster_to_target")
 ACCURACY_METRICS = ("test_best", "test_after")
 CLOCKS = ("step_forwards", "train_s", "reference_forwards")
 CORRECTIONS = ("holm", "none")
-FAILED_IF_KEYS = ("accuracy_at_most_majority_plus", "loss_rise_over_start")
+FAILED_IF_KEYS = ("accuracy_at_most_majority_plus", "loss_rise_over_start", "count_in_arm")
 # Fewer replicates than this cannot resolve the tails a Holm-adjusted interval reaches (alpha/k over two tails).
 MIN_RESAMPLES = 1000
 ID = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -63,15 +63,20 @@ ID = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 @dataclass(frozen=True)
 class FailedIf:
-    """A run that did not learn is a failed run, excluded from its arm, never a property of its method.
+    """A run that did not learn is a failed run: by default excluded from its arm and listed, never a property
+    of its method (a run broken by a bug or a bad set-up says nothing about the method).
 
     Failed when its test accuracy is at most the majority-class rate plus ``accuracy_at_most_majority_plus``,
     when its loss became non-finite, or (when set) when its loss ended more than ``loss_rise_over_start`` (a
-    fraction) above where it began (``zobench.analysis.design.failed_run``).
+    fraction) above where it began (``zobench.analysis.design.failed_run``). With ``count_in_arm`` a failed
+    run stays in its arm at what it measured, and is listed as failed: for a suite whose question is which
+    method to use at declared settings, a method that often fails to learn there is part of the answer, and
+    leaving its failures out would judge it on its survivors.
     """
 
     accuracy_at_most_majority_plus: float = 0.0
     loss_rise_over_start: float | None = None
+    count_in_arm: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,10 @@ def _canonical(value: Any) -> Any:
 def claim_hash(claim: Claim) -> str:
     """sha256 of the claim's canonical JSON: key order, list order in selectors and number spelling in the
     YAML (0.01 or 1.0e-2) do not change it; any value that can change the verdict does."""
-    text = json.dumps(_canonical(asdict(claim)), sort_keys=True, separators=(",", ":"), default=str)
+    data = asdict(claim)
+    if not data["failed_if"]["count_in_arm"]:  # added later: hashed only when set, so that a claim declared
+        del data["failed_if"]["count_in_arm"]  # before it existed keeps its hash
+    text = json.dumps(_canonical(data), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -155,7 +163,10 @@ def _failed_if(value: Any, where: str) -> FailedIf:
     if rise is not None:
         rise = _fraction(rise, f"{where}.loss_rise_over_start", 0.0, math.inf,
                          "a fraction >= 0 (0.5: the loss ended 50% above where it started)")
-    return FailedIf(plus, rise)
+    count = item.get("count_in_arm", False)
+    if not isinstance(count, bool):
+        raise UserError(f"{where}.count_in_arm: expected true or false")
+    return FailedIf(plus, rise, count)
 
 
 def _margin(item: dict, kind: str, where: str) -> float:

@@ -47,14 +47,21 @@ def test_pilots_run_short_on_dev_at_seed_0_and_the_best_dev_lr_wins():
     assert [c.cell_id for c in again] == [c.cell_id for c in chosen]
 
 
-def test_without_a_finished_pilot_the_configured_lr_stays_and_the_record_says_so():
+def test_a_cell_waits_until_every_pilot_of_its_grid_has_a_dev_score():
+    """Choosing from the pilots that finished would run a cell at an lr that the failed pilot, re-run by
+    --resume, could change: the same seed would get a second cell under another id. So the cell waits, and
+    its choice says why; cells without a grid run as configured."""
     from zobench.driver import select_cells
 
     suite = parse_suite(SUITE, "p.yaml")
     cells = select_cells(suite)
-    chosen, choices = choose(cells, suite.lr_pilot, [])
-    rnd = next(c for c in chosen if c.config.method == "random")
-    assert rnd.config.lr == 1e-5 and choices[rnd.cell_id]["chosen"] is None
+    by_lr = {p.config.lr: p for p in pilot_cells(cells, suite.lr_pilot)}
+    for records in ([], [_done(by_lr[1e-4], 0.70), _done(by_lr[3e-4], 0.75)]):
+        chosen, choices = choose(cells, suite.lr_pilot, records)
+        assert not [c for c in chosen if c.config.method == "random"]
+        assert {c.config.method for c in chosen} == {"full"}
+        waits = [c for c in choices.values() if c["chosen"] is None]
+        assert waits and all(c["note"] == f"waits: {3 - len(records)} of 3 pilots have no dev score" for c in waits)
 
 
 def test_pilot_settings_apply_to_the_pilots_only_and_keep_their_ids():

@@ -103,7 +103,8 @@ def run_suite(suite: Suite, out_dir: Path, resume: bool = False, only: str | Non
               trust_remote_code: bool = False) -> Path:
     """Run the suite's cells (``cells``: these, in this order, instead of the suite's); returns the results
     path. With an ``lr_pilot``, its pilot cells run first and choose each cell's learning rate.
-    ``reporter(event, data)`` gets "suite", "start", "progress" and "done" events. ``overwrite`` and
+    ``reporter(event, data)`` gets "suite", "start", "progress", "done" and "waiting" (cells held back until
+    every pilot of their lr grid has a dev score) events. ``overwrite`` and
     ``trust_remote_code`` come from the command line only (no suite file can set them): replace deltas a
     cell's ``save:`` finds already there; let models run their own code."""
     out = Path(out_dir) / f"{suite.name}.jsonl"
@@ -117,7 +118,10 @@ def run_suite(suite: Suite, out_dir: Path, resume: bool = False, only: str | Non
     with run.executor:
         if suite.lr_pilot is not None:
             run.cells(pilot_cells(cells, suite.lr_pilot), "pilot")
+            waiting = len(cells)
             cells, run.choices = choose(cells, suite.lr_pilot, load_records(out) if out.exists() else [])
+            if len(cells) < waiting:
+                run.reporter("waiting", {"cells": waiting - len(cells)})
         run.cells(cells, "cells")
     return out
 

@@ -58,6 +58,9 @@ class SuiteProgress:
                            f"loss {data['loss']:.4f}")
         elif event == "done":
             self._done(data["cell"], data["record"])
+        elif event == "waiting":
+            self._line(f"{data['cells']} cells wait for their lr pilots: a pilot of their grid has no dev score "
+                       f"(it failed, or has no dev set); --resume runs it again, then them")
 
     def _done(self, cell, rec) -> None:
         self.records.append(rec)

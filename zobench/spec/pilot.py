@@ -61,7 +61,8 @@ def _dev(rec, by: str = "best") -> float | None:
 
 
 def choose(cells: list[Cell], pilot, records) -> tuple[list[Cell], dict[str, dict]]:
-    """The cells with their chosen lr, and ``{cell_id: choice}`` (grid, dev score per lr, chosen lr)."""
+    """The cells with their chosen lr, and ``{cell_id: choice}`` (grid, dev score per lr, chosen lr). A cell
+    whose grid has a pilot without a dev score is left out (it waits), its choice saying so."""
     latest = {r.cell_id: r for r in records}
     out, choices = [], {}
     for cell in cells:
@@ -73,9 +74,11 @@ def choose(cells: list[Cell], pilot, records) -> tuple[list[Cell], dict[str, dic
         scored = [(d, -lr, lr) for d, lr in zip(dev, grid) if d is not None]
         choice = {"grid": grid, "dev": dev, "pilot_steps": pilot.steps,
                   "by": "best dev score" if pilot.by == "best" else "last dev score"}
-        if not scored:  # no pilot finished: the cell keeps its configured lr, and says so
-            out.append(cell)
-            choices[cell.cell_id] = dict(choice, chosen=None, note="no pilot cell finished with a dev score")
+        if None in dev:  # a pilot crashed or was killed: the cell waits for it (a --resume re-runs pilots first)
+            # Choosing from the others would run the cell at an lr that the re-run pilot could change, giving the
+            # same seed a second cell under another id.
+            choices[cell.cell_id] = dict(choice, chosen=None, note=f"waits: {dev.count(None)} of {len(grid)} "
+                                         f"pilots have no dev score")
             continue
         lr = max(scored)[2]
         cfg = dataclasses.replace(cell.config, lr=lr)

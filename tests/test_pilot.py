@@ -6,6 +6,7 @@ import pytest
 
 from zobench.cell.measures import Metrics
 from zobench.cell.record import CellRecord
+from zobench.report.header import suite_progress
 from zobench.spec.pilot import STAGE, choose, pilot_cells
 from zobench.spec.suite import parse_suite
 
@@ -62,6 +63,9 @@ def test_a_cell_waits_until_every_pilot_of_its_grid_has_a_dev_score():
         assert {c.config.method for c in chosen} == {"full"}
         waits = [c for c in choices.values() if c["chosen"] is None]
         assert waits and all(c["note"] == f"waits: {3 - len(records)} of 3 pilots have no dev score" for c in waits)
+    # a report of the pilots so far counts the waiting cells among those without a record, out of all of them
+    progress = suite_progress(suite, records, "p.yaml")[0]
+    assert f"{len(cells)} of the suite's {len(cells)} cells have no record" in progress, progress
 
 
 def test_pilot_settings_apply_to_the_pilots_only_and_keep_their_ids():

@@ -167,20 +167,21 @@ def suite_progress(suite, records: list, suite_file: str | None) -> list[str]:
     counts them: with each learning rate its pilot chose."""
     if suite is None:
         return []
-    chosen = select_cells(suite, None)
-    pilots = pilot_cells(chosen, suite.lr_pilot) if suite.lr_pilot is not None else []
-    if suite.lr_pilot is not None:
-        chosen, _ = choose(chosen, suite.lr_pilot, records)
+    every = select_cells(suite, None)
+    pilots = pilot_cells(every, suite.lr_pilot) if suite.lr_pilot is not None else []
+    chosen = choose(every, suite.lr_pilot, records)[0] if suite.lr_pilot is not None else every
+    waiting = len(every) - len(chosen)  # cells whose pilots have not all finished: none has its record yet
     recorded = {r.cell_id for r in latest_by_cell(records)}
     strangers = recorded - {c.cell_id for c in [*chosen, *pilots]}
     if strangers == recorded:
         return [f"> None of these records is a cell of {suite_file} as it reads now (the file, or a "
                 f"default, changed since they ran).", ""]
     parts = []
-    for group, what in ((pilots, "lr pilot cells"), (chosen, "cells")):
-        missing = sum(c.cell_id not in recorded for c in group)
+    for group, what, held in ((pilots, "lr pilot cells", 0), (chosen, "cells", waiting)):
+        missing = sum(c.cell_id not in recorded for c in group) + held
         if missing:
-            parts.append(f"{missing} of the suite's {len(group)} {what} {'has' if missing == 1 else 'have'} no record")
+            parts.append(f"{missing} of the suite's {len(group) + held} {what} {'has' if missing == 1 else 'have'} "
+                         f"no record")
     lines = []
     if parts:
         lines.append(f"> Not the whole suite: {'; '.join(parts)} (not run yet, or left out with --only). The "

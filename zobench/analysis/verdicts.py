@@ -99,12 +99,16 @@ def _test_details(rec: CellRecord, reader: Reader) -> dict | None:
     return reader.evaluation(rec, "test_best") or reader.evaluation(rec, "test_after")
 
 
-def _by_seed(side: str, found: dict, rec: CellRecord, value) -> None:
-    seed = rec.config.get("seed", 0)
-    if seed in found:
-        raise ValueError(f"arm {side} matches two runs of seed {seed} ({found[seed][0]}, {_label(rec)}): "
-                         f"narrow its selector (e.g. with quant) so that an arm is one configuration")
-    found[seed] = (_label(rec), value)
+def _one_per_seed(side: str, arm: list[CellRecord]) -> None:
+    """An arm is one configuration: a selector that matches two runs of one seed (a float and an NF4 cell,
+    say) would have one of them dropped, so it is refused."""
+    seen: dict = {}
+    for rec in arm:
+        seed = rec.config.get("seed", 0)
+        if seed in seen:
+            raise ValueError(f"arm {side} matches two runs of seed {seed} ({_label(seen[seed])}, {_label(rec)}): "
+                             f"narrow its selector (e.g. with quant) so that an arm is one configuration")
+        seen[seed] = rec
 
 
 def _leave_out(claim: Claim, side: str, rec: CellRecord, failed: str | None, missing: str | None,
@@ -134,12 +138,11 @@ def _accuracy(claim: Claim, arm_a: list, arm_b: list, reader: Reader, lists: tup
                 continue
             if ids is None:
                 ids = np.sort(details["id"])
-            _by_seed(side, correct[side], rec,
-                     align(ids, details["id"], details["pred"] == details["gold"], _label(rec)))
+            correct[side][rec.config.get("seed", 0)] = align(ids, details["id"], details["pred"] == details["gold"],
+                                                            _label(rec))
     if not correct["a"] or not correct["b"]:
         return Evidence(None, (len(correct["a"]), len(correct["b"])), None, "an arm has no usable run")
-    return accuracy_difference({k: v for k, (_, v) in correct["a"].items()},
-                               {k: v for k, (_, v) in correct["b"].items()}, resamples=claim.resamples, seed=claim.seed)
+    return accuracy_difference(correct["a"], correct["b"], resamples=claim.resamples, seed=claim.seed)
 
 
 def curve(rec: CellRecord, clock: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -171,11 +174,10 @@ def _speed(claim: Claim, arm_a: list, arm_b: list, reader: Reader, lists: tuple[
             if _leave_out(claim, side, rec, _failed(rec, _test_details(rec, reader), claim.failed_if), missing,
                           lists):
                 continue
-            _by_seed(side, curves[side], rec, c)
+            curves[side][rec.config.get("seed", 0)] = c
     if not curves["a"] or not curves["b"]:
         return Evidence(None, (len(curves["a"]), len(curves["b"])), None, "an arm has no usable run")
-    return faster_to_target({k: v for k, (_, v) in curves["a"].items()}, {k: v for k, (_, v) in curves["b"].items()},
-                            claim.target, resamples=claim.resamples, seed=claim.seed)
+    return faster_to_target(curves["a"], curves["b"], claim.target, resamples=claim.resamples, seed=claim.seed)
 
 
 def _decide(records: list[CellRecord], claims: list[Claim], reader: Reader):
@@ -184,6 +186,8 @@ def _decide(records: list[CellRecord], claims: list[Claim], reader: Reader):
         a, b = runs(records, c.a), runs(records, c.b)
         arms[c.id] = {"a": [r.cell_id for r in a], "b": [r.cell_id for r in b]}
         try:
+            _one_per_seed("a", a)
+            _one_per_seed("b", b)
             evidence[c.id] = _speed(c, a, b, reader, (excluded, counted)) if c.kind == "faster_to_target" else \
                 _accuracy(c, a, b, reader, (excluded, counted))
         except ValueError as e:  # runs that cannot be paired (other test examples, a seed twice): said, not decided

@@ -4,6 +4,7 @@ re-analysis script giving the report's table from the records alone."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zobench.analysis.verdicts import verdicts
+from zobench.analysis.verdicts import claims_of, verdicts
 from zobench.cell.measures import Metrics, Stats
 from zobench.cell.predictions import Predictions
 from zobench.cell.record import CellRecord
@@ -233,3 +234,19 @@ def test_a_suite_that_counts_failed_runs_keeps_them_in_their_arm_and_lists_them(
                                                    default=str).encode()).hexdigest()
     assert counting[0].hash != replace(counting[0], failed_if=replace(counting[0].failed_if,
                                                                       count_in_arm=False)).hash
+
+
+def test_a_declaration_in_a_record_is_validated_like_a_suites(results):
+    """Records carry the claims their suite declared; a results file is data, so a declaration zobench did not
+    write (an unknown key, a mistyped option) is refused in one line naming the record, and one it wrote
+    reads back as the same claims."""
+    rec = load_records(results)[0]
+    assert claims_hash(claims_of(rec)) == claims_hash(claims())
+    for key, value, message in (("bogus", 1, "unknown key 'bogus'"),
+                                ("count_in_arm", "yes", "count_in_arm: expected true or false")):
+        bad = copy.deepcopy(rec)
+        bad.claims["declared"][0]["failed_if"][key] = value
+        with pytest.raises(UserError) as e:
+            claims_of(bad)
+        assert f"record {rec.cell_id}: claims.declared" in str(e.value) and message in str(e.value)
+        assert "\n" not in str(e.value)

@@ -35,7 +35,7 @@ from zobench.cell.predictions import read as read_predictions
 from zobench.cell.record import CellRecord
 from zobench.errors import UserError
 from zobench.results import latest_by_cell
-from zobench.spec.claims import Claim, FailedIf, claims_hash
+from zobench.spec.claims import Claim, FailedIf, claims_hash, parse_claims
 from zobench.spec.selectors import selector_matches
 
 
@@ -49,12 +49,23 @@ class Decision:
     earlier: dict[str, list[Result]] = field(default_factory=dict)  # claims hash -> verdicts as declared then
 
 
+FAMILY = ("alpha", "correction", "resamples", "seed", "failed_if")  # a declared claim's settings shared by all
+
+
 def claims_of(rec: CellRecord) -> list[Claim] | None:
-    """The claims a record's suite declared when it ran (None for records from before claims were kept)."""
+    """The claims a record's suite declared when it ran (None for records from before claims were kept),
+    validated as a suite's ``claims:`` section is (``spec.claims.parse_claims``): a results file is data, and a
+    declaration that is not one zobench wrote is refused in one line."""
     declared = (rec.claims or {}).get("declared")
     if not declared:
         return None
-    return [Claim(**{**d, "failed_if": FailedIf(**d["failed_if"])}) for d in declared]
+    where = f"record {rec.cell_id}: claims.declared"
+    if not isinstance(declared, list) or not all(isinstance(d, dict) for d in declared):
+        raise UserError(f"{where}: expected a list of declared claims")
+    section = {k: declared[0].get(k) for k in FAMILY}
+    section["failed_if"] = {k: v for k, v in (section["failed_if"] or {}).items() if v is not None}
+    section["items"] = [{k: v for k, v in d.items() if k not in FAMILY and v is not None} for d in declared]
+    return parse_claims(section, where)
 
 
 def runs(records: list[CellRecord], selector: dict) -> list[CellRecord]:

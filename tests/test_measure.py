@@ -12,7 +12,7 @@ import torch
 
 from zobench.measure.env import environment
 from zobench.measure.load import OtherLoad
-from zobench.measure.machine import git_state
+from zobench.measure.machine import SOURCE, git_state
 from zobench.measure.memory import PeakMemory
 
 
@@ -60,7 +60,12 @@ def test_environment_names_versions_and_hardware():
     assert env["versions"]["torch"] == importlib.metadata.version("torch")
     assert torch.__version__.split("+")[0] == env["versions"]["torch"].split("+")[0]
     assert env["cpu_count"] >= 1 and env["torch_threads"] >= 1
-    assert isinstance(git_state(), dict)
+    state = git_state()
+    if state:  # a git checkout (CI's is one): the commit is HEAD's
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=SOURCE, capture_output=True, text=True)
+        assert state["commit"] == head.stdout.strip() and isinstance(state["dirty"], bool)
+    else:
+        assert not (SOURCE / ".git").exists()
 
 
 def test_without_a_gpu_driver_the_device_sampler_says_why_and_records_nothing():

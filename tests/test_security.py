@@ -175,43 +175,77 @@ def test_a_suite_cannot_turn_on_remote_code_or_choose_where_progress_goes(tmp_pa
         refused(code, err, f"key '{key}' cannot be set in a file")
 
 
-def test_provenance_never_runs_what_a_folder_configures(tmp_path):
-    """A suite's folder may hold a repository whose config runs commands (fsmonitor, hooks, filters):
-    records name zobench's own checkout instead, read with those switched off."""
+def _git_repo(repo: Path, tmp_path: Path, files: dict) -> dict:
+    """A repository at ``repo`` holding ``files`` in one commit; returns the env git ran with."""
+    env = dict(os.environ, GIT_CONFIG_NOSYSTEM="1", HOME=str(tmp_path), GIT_AUTHOR_NAME="t",
+               GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "c"]):
+        subprocess.run(["git", *args], cwd=repo, check=True, env=env)
+    return env
+
+
+def test_provenance_never_runs_what_a_checkout_configures(tmp_path):
+    """A checkout's config may run commands (fsmonitor, hooks, clean filters, which git status runs on any
+    file whose timestamps changed): reading a checkout's state runs none of them, even when its files were
+    touched and changed. Records name zobench's own checkout, never a suite's folder."""
     from zobench.measure.machine import SOURCE, git_state
 
     marker = tmp_path / "PAYLOAD_RAN"
     repo = tmp_path / "theirs"
     repo.mkdir()
-    env = dict(os.environ, GIT_CONFIG_NOSYSTEM="1", HOME=str(tmp_path))
-    for args in (["init", "-q"], ["config", "core.fsmonitor", f"touch {marker}"],
-                 ["config", "filter.x.clean", f"touch {marker}"]):
-        subprocess.run(["git", *args], cwd=repo, check=True, env=env)
-    (repo / ".gitattributes").write_text("* filter=x\n")
-    (repo / "f").write_text("1")
-    state = git_state(repo)  # even pointed at it directly, git runs with fsmonitor off
+    env = _git_repo(repo, tmp_path, {"f": "1", "g": "2", ".gitattributes": "* filter=x\n"})
+    for key, value in (("core.fsmonitor", f"touch {marker}"), ("filter.x.clean", f"touch {marker}; cat"),
+                       ("filter.x.process", f"touch {marker}")):
+        subprocess.run(["git", "config", key, value], cwd=repo, check=True, env=env)
+    os.utime(repo / "f", (1, 1))  # stat data that no longer match the index: git status would filter it
+    (repo / "g").write_text("3")
+    state = git_state(repo)
     assert not marker.exists()
+    assert state["dirty"] is True  # and the change to g is still seen
     assert git_state() == git_state(SOURCE)  # what records carry: zobench's own checkout
-    assert state in ({}, ) or "commit" not in state or isinstance(state["commit"], str)
 
 
 def test_dirty_means_the_code_changed_not_the_results(tmp_path):
     from zobench.measure.machine import git_state
 
     repo = tmp_path / "repo"
-    (repo / "zobench").mkdir(parents=True)
-    (repo / "results").mkdir()
-    env = dict(os.environ, GIT_CONFIG_NOSYSTEM="1", HOME=str(tmp_path), GIT_AUTHOR_NAME="t",
-               GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    (repo / "zobench" / "a.py").write_text("x = 1\n")
-    (repo / "results" / "r.jsonl").write_text("{}\n")
-    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "c"]):
-        subprocess.run(["git", *args], cwd=repo, check=True, env=env)
-    assert git_state(repo)["dirty"] is False
+    repo.mkdir()
+    (repo / "zobench").mkdir()
+    os.symlink("a.py", repo / "zobench" / "link.py")
+    env = _git_repo(repo, tmp_path, {"zobench/a.py": "x = 1\n", "zobench/b.py": "y = 1\n",
+                                     "results/r.jsonl": "{}\n"})
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, env=env, capture_output=True, text=True)
+    assert git_state(repo) == {"commit": head.stdout.strip(), "dirty": False}
     (repo / "results" / "r.jsonl").write_text("{}\n{}\n")
-    assert git_state(repo)["dirty"] is False
-    (repo / "zobench" / "a.py").write_text("x = 2\n")
-    assert git_state(repo)["dirty"] is True
+    (repo / "notes.txt").write_text("untracked")
+    assert git_state(repo)["dirty"] is False  # results and untracked files are not the code
+
+    def dirty_after(change, undo) -> bool:
+        change()
+        try:
+            return git_state(repo)["dirty"]
+        finally:
+            undo()
+            assert git_state(repo)["dirty"] is False
+
+    a, b, link, new = (repo / "zobench" / n for n in ("a.py", "b.py", "link.py", "c.py"))
+
+    def relink(target):
+        link.unlink()
+        os.symlink(target, link)
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=repo, env=env, check=True)
+
+    assert dirty_after(lambda: a.write_text("x = 2\n"), lambda: a.write_text("x = 1\n"))
+    assert dirty_after(lambda: a.chmod(0o755), lambda: a.chmod(0o644))
+    assert dirty_after(b.unlink, lambda: b.write_text("y = 1\n"))
+    assert dirty_after(lambda: relink("b.py"), lambda: relink("a.py"))
+    assert dirty_after(lambda: (new.write_text("z"), git("add", str(new))),  # added, not committed
+                       lambda: (git("rm", "-q", "--cached", str(new)), new.unlink()))
 
 
 def test_a_random_config_file_cannot_name_code():
@@ -541,3 +575,20 @@ def test_a_key_with_a_newline_still_gives_one_line():
     with pytest.raises(UserError) as e:
         check_config({"\n": 1}, "d/delta.json: config")
     assert "\n" not in str(e.value) and "unknown key '\\n'" in str(e.value)
+
+
+def test_a_claims_suite_refuses_a_tree_whose_code_changed(capsys, tmp_path, monkeypatch):
+    """Records of a claims suite must say which code made them: on a changed tree the run stops before
+    anything is written, unless --allow-dirty says so."""
+    import zobench.cli.run as cli_run
+
+    monkeypatch.setattr(cli_run, "git_state", lambda: {"commit": "0123456789abcdef", "dirty": True})
+    suite = Path(__file__).resolve().parents[1] / "suites" / "claims-v2.yaml"
+    out, reports = tmp_path / "results", tmp_path / "reports"
+    code, err = run(capsys, "run", suite, "--out", out, "--reports", reports)
+    refused(code, err, "declares claims", "0123456789ab", "--allow-dirty")
+    assert not [p for d in (out, reports) if d.exists() for p in d.rglob("*") if p.is_file()]
+    monkeypatch.setattr(cli_run, "git_state", lambda: {"commit": "0123456789abcdef", "dirty": False})
+    monkeypatch.setattr(cli_run, "output_lock", lambda path: (_ for _ in ()).throw(UserError("past the check")))
+    code, err = run(capsys, "run", suite, "--out", out, "--reports", reports)
+    refused(code, err, "past the check")  # a clean tree gets past it (and stops at the next step here)

@@ -4,6 +4,7 @@ before it starts anything (a suite that declares claims refuses a dirty tree), s
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -60,7 +61,15 @@ SAFE_GIT = ("-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null", "-c"
 
 def git_state(source: str | Path | None = None) -> dict:
     """Commit of zobench's own checkout and whether its code differs from that commit (``dirty``; changes
-    under results/ and reports/ do not count), or {} when zobench does not run from a git checkout."""
+    under results/ and reports/ do not count), or {} when zobench does not run from a git checkout.
+
+    git only lists here (``rev-parse``, ``ls-tree``, ``ls-files``: none of them reads a working file): the
+    working files are hashed as git hashes blobs and compared with the commit's. ``git status`` would do the
+    comparison itself, but it runs a checkout's clean filters (``.gitattributes`` + ``filter.*.clean``) on
+    any file whose timestamps changed, and no switch turns those off. A file the commit has and the tree
+    lacks, or whose bytes, executable bit or link target differ, is a change; so is a file in the index that
+    the commit lacks (added, not committed). Untracked files are not. A checkout that converts line endings
+    on checkout reads as changed: the comparison is of bytes, and errs towards "dirty"."""
     root = Path(source) if source is not None else SOURCE
     if not (root / ".git").exists():  # an installed package, or a plain copy of the source
         return {}
@@ -68,19 +77,54 @@ def git_state(source: str | Path | None = None) -> dict:
     env.update(GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0")
 
     def git(*args):
-        return subprocess.run(["git", *SAFE_GIT, *args], cwd=root, capture_output=True, text=True, timeout=10,
-                              env=env, stdin=subprocess.DEVNULL)
+        return subprocess.run(["git", *SAFE_GIT, *args], cwd=root, capture_output=True, timeout=10, env=env,
+                              stdin=subprocess.DEVNULL)
 
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
             return {}
-        # status compares contents where the stat data differ (it refreshes in memory, and writes nothing
-        # with --no-optional-locks); staged and unstaged changes both count
-        changed = git("status", "--porcelain", "--untracked-files=no", "--ignore-submodules", "--", ".",
-                      *(f":(exclude){d}" for d in NOT_CODE))
-        if changed.returncode != 0:
-            return {"commit": head.stdout.strip()}
-        return {"commit": head.stdout.strip(), "dirty": changed.stdout.strip() != ""}
-    except (OSError, subprocess.SubprocessError):
+        commit = head.stdout.decode().strip()
+        tree, index = git("ls-tree", "-r", "-z", "--full-tree", "HEAD"), git("ls-files", "-z")
+        if tree.returncode != 0 or index.returncode != 0:
+            return {"commit": commit}
+        committed = {}
+        for entry in tree.stdout.split(b"\0"):
+            if entry:
+                meta, path = entry.split(b"\t", 1)
+                mode, _, sha = meta.split(b" ")
+                committed[os.fsdecode(path)] = (mode.decode(), sha.decode())
+        dirty = any(path not in committed and _is_code(path)
+                    for path in (os.fsdecode(p) for p in index.stdout.split(b"\0") if p))
+        dirty = dirty or any(_is_code(path) and _differs(root / path, mode, sha)
+                             for path, (mode, sha) in committed.items())
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError, ValueError):
         return {}
+
+
+def _is_code(path: str) -> bool:
+    return path.split("/", 1)[0] not in NOT_CODE
+
+
+def _differs(path: Path, mode: str, sha: str) -> bool:
+    """Whether a working file differs from the committed blob ``sha`` of ``mode`` (a submodule: never)."""
+    if mode == "160000":
+        return False
+    try:
+        if mode == "120000":
+            data = os.fsencode(os.readlink(path)) if path.is_symlink() else None
+        elif path.is_symlink() or not path.is_file():
+            return True
+        else:
+            data = path.read_bytes()
+            if (mode == "100755") != os.access(path, os.X_OK):
+                return True
+    except OSError:
+        return True
+    if data is None:
+        return True
+    h = hashlib.sha256() if len(sha) == 64 else hashlib.sha1()  # the repository's object format
+    h.update(b"blob %d\0" % len(data))
+    h.update(data)
+    return h.hexdigest() != sha

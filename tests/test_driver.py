@@ -67,6 +67,27 @@ def test_failed_and_killed_cells_do_not_stop_the_suite_and_resume_redoes_only_th
     assert len(base_ids) == 3 and set(df[df["cell_id"].isin(base_ids)]["status"]) == {"ok"}
 
 
+def test_resume_runs_only_the_cells_without_an_ok_record_and_keeps_every_line(tiny_suite_run, tmp_path):
+    """The suite's records with one cell's line taken out, and one cell's marked failed: --resume runs those
+    two again and appends them; the lines already there stay byte for byte."""
+    lines = tiny_suite_run.read_text().splitlines(keepends=True)
+    assert len(lines) == 3
+    failed = json.loads(lines[1]) | {"status": "failed", "reason": "injected"}
+    kept = [lines[0], json.dumps(failed) + "\n"]
+    suite = _suite(tmp_path, BASE)
+    out = tmp_path / "results" / tiny_suite_run.name
+    out.parent.mkdir()
+    out.write_text("".join(kept))
+    run_suite(suite, tmp_path / "results", resume=True)
+    after = out.read_text().splitlines(keepends=True)
+    assert after[:2] == kept
+    new = [json.loads(x) for x in after[2:]]
+    assert sorted(r["cell_id"] for r in new) == sorted([failed["cell_id"], json.loads(lines[2])["cell_id"]])
+    assert all(r["status"] == "ok" for r in new)
+    run_suite(suite, tmp_path / "results", resume=True)  # nothing left to run: nothing appended
+    assert out.read_text().splitlines(keepends=True) == after
+
+
 @pytest.fixture(scope="module")
 def two_runs(tiny_suite_run, tmp_path_factory):
     """The same suite run twice: sequentially (the session's tiny_suite_run), and two cells at a time with

@@ -45,21 +45,34 @@ def test_dev_selection_keeps_the_best_step_and_the_sparse_values_of_it():
     assert w[[1, 3, 5]].tolist() == [1.0, 1.0, 1.0] and w[0] == 0
 
 
-def test_a_cell_with_dev_evaluation_reports_test_at_its_best_dev_step():
-    """The embedded model on SST-2: dev every 2 steps, test at the best dev step beside the last step."""
+def test_a_cell_with_dev_evaluation_reports_test_at_its_best_dev_step(monkeypatch):
+    """The embedded model on SST-2, dev every 2 steps, its dev scores scripted so that the best step (2) is
+    not the last (4): the test score at the best step is the model's with step 2's sparse values, not the
+    last step's."""
+    from zobench.cell.pipeline import Run
+
+    dev_scores, at_dev = iter([0.9, 0.5]), []
+    real = Run.evaluate
+
+    def evaluate(self, examples, details=None):
+        if examples is self.splits.dev:
+            at_dev.append(pipeline.trainable.master.clone())
+            return {"accuracy": next(dev_scores)}
+        return real(self, examples, details)
+
+    monkeypatch.setattr(Run, "evaluate", evaluate)
     cfg = CellConfig.from_dict(dict(TINY, model="smollm2", method="sensitive", density=1e-3, lr=1e-3, n_dev=16,
                                     n_test=16, steps=4, eval_every=2, eval_after=True, calib_sequences=2,
                                     calib_length=64, max_length=64))
-    rec = Pipeline(cfg).run()
-    m = rec.metrics
+    pipeline = Pipeline(cfg)
+    m = pipeline.run().metrics
     curve = m.get("dev_curve")
     assert [p["step"] for p in curve] == [2, 4] and all(p["train_s"] > 0 for p in curve)
     assert curve[0]["train_s"] < curve[1]["train_s"]
-    best = max(curve, key=lambda p: (p["accuracy"], -p["step"]))
-    assert m.get("best_step") == best["step"] and m.get("best_dev")["accuracy"] == best["accuracy"]
-    assert m.get("test_best") is not None and "accuracy" in m.get("test_best")
-    if best["step"] == 4:
-        assert m.get("test_best") == m.get("test_after")
+    assert m.get("best_step") == 2 and m.get("best_dev") == {"accuracy": 0.9} and m.get("best_weights") == "kept"
+    assert not torch.equal(at_dev[0], at_dev[1])        # steps 3-4 moved the values ...
+    assert torch.equal(pipeline.trainable.master, at_dev[0])  # ... and the test at the best step had step 2's
+    assert real(pipeline.run_state, pipeline.run_state.splits.test) == m.get("test_best")
 
 
 @pytest.mark.parametrize("dtype, master", [(torch.float32, False), (torch.bfloat16, True), (torch.float16, False)])

@@ -184,10 +184,13 @@ def test_magnitude_mask_matches_brute_force(tiny):
     params = M.scoped_params(tiny.model, "linear")
     mask = M.magnitude_mask(params, 0.01)
     flat = torch.cat([p.detach().abs().reshape(-1) for _, p in params])
-    kth = torch.topk(flat, M.mask_nnz(mask)).values[-1]
+    k = round(0.01 * flat.numel())
+    assert M.mask_nnz(mask) == k  # the whole top 1%, not any subset of it
+    kth = torch.topk(flat, k).values[-1]
     for n, p in params:
         sel = p.detach().abs().reshape(-1)[mask.get(n, torch.empty(0, dtype=torch.long))]
         assert bool((sel >= kth).all())
+        assert mask.get(n, torch.empty(0, dtype=torch.long)).unique().numel() == sel.numel()
 
 
 def _train(model, method, steps, seed=0, lr=None):

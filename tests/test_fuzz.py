@@ -128,6 +128,38 @@ def test_a_checkpoint_is_any_json_and_only_a_valid_one_is_used(tmp_path_factory,
     assert ckpt is None or (isinstance(ckpt.step, int) and len(ckpt.trajectory) >= ckpt.step)
 
 
+numbers = st.one_of(st.integers(-3, 2**65), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
+                    st.text(max_size=2), st.none())
+pairs = st.one_of(st.lists(numbers, min_size=2, max_size=2), st.lists(numbers, max_size=3), numbers)
+
+
+@FUZZ
+@given(cell=st.sampled_from(["abc", "xyz"]), step=numbers, trajectory=st.one_of(
+    st.lists(st.one_of(st.lists(pairs, max_size=2), numbers), max_size=5), numbers))
+def test_a_checkpoint_shaped_file_is_used_exactly_when_it_is_valid(tmp_path_factory, cell, step, trajectory):
+    """Checkpoint-shaped data, valid and not: the loader takes it exactly when its step is a whole number in
+    range, its first ``step`` steps are lists of [seed, finite coefficient] pairs, and it is this cell's."""
+    from zobench.cell import checkpoint
+    from zobench.cell.delta_check import MAX_SEED
+    from zobench.spec.config import LIMITS
+
+    def whole(x, high):
+        return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= high
+
+    def finite(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < float("inf")
+
+    valid = cell == "abc" and whole(step, LIMITS["steps"]) and isinstance(trajectory, list) and \
+        len(trajectory) >= step and all(isinstance(d, list) and d and all(
+            isinstance(p, list) and len(p) == 2 and whole(p[0], MAX_SEED - 1) and finite(p[1]) for p in d)
+            for d in trajectory[:step])
+    path = tmp_path_factory.mktemp("c") / "c.json"
+    path.write_text(json.dumps({"cell_id": cell, "config": {}, "step": step, "trajectory": trajectory}))
+    ckpt, why = checkpoint.load(path, "abc")
+    assert (ckpt is not None) == bool(valid), (why, step, trajectory)
+    assert (why is None) == bool(valid)
+
+
 @FUZZ
 @given(spec=st.dictionaries(st.sampled_from(["model", "k", "scope", "dtype", "max_length", "density", "adapter",
                                              "delta", "sketch_seed", "normalize", "evil"]), json_values, max_size=5))

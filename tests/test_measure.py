@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -151,6 +152,12 @@ def test_records_name_the_cpu_instructions_that_choose_kernels():
 
     flags = cpu_flags()
     assert set(flags) <= set(KERNEL_FLAGS) and environment()["cpu_flags"] == flags
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True) if shutil.which("lscpu") else None
+    if lscpu is not None and lscpu.returncode == 0:  # util-linux's own reading of the CPU, where installed
+        have = next((line.split(":", 1)[1].split() for line in lscpu.stdout.splitlines()
+                     if line.startswith("Flags:")), None)
+        if have is not None:
+            assert flags == [f for f in KERNEL_FLAGS if f in have]
 
 
 def test_no_warning_a_user_cannot_act_on_when_bitsandbytes_loads():

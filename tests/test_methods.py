@@ -143,18 +143,27 @@ def test_lezo_units_are_the_blocks_plus_the_rest(lezo):
     assert not any(".layers." in n for n, _ in groups[-1])  # embeddings, final norm
 
 
-def test_lezo_perturbs_and_updates_only_the_drawn_unit_and_restores_exactly(lezo):
+def test_lezo_perturbs_restores_and_updates_only_the_drawn_unit(lezo):
+    from zobench.methods.lezo import unit_seed
     from zobench.zo.optim import make_optimizer
 
     model, groups, subset = lezo
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     seed = 1234
     (u,) = subset.drawn(seed)
+    z = dict(zip((n for n, _ in groups[u]), subset.parts[u].directions(unit_seed(seed, u))))
+    params = dict(model.named_parameters())
     subset.apply(seed, 1e-3)
-    assert _changed(model, before) == {n for n, _ in groups[u]}
+    assert _changed(model, before) == set(z)
+    assert all(torch.allclose(params[n].detach(), before[n] + 1e-3 * z[n], atol=1e-6) for n in z)
+    subset.restore()  # in place, as dense ZO restores: within rounding of eps, not bit for bit
+    ulps = 4 * torch.finfo(torch.float32).eps
+    assert all(torch.allclose(params[n].detach(), before[n], rtol=0,
+                              atol=ulps * max(float(before[n].abs().max()), 1e-3)) for n in z)
     subset.apply(seed, -1e-3)
     subset.update([(seed, 0.5)], make_optimizer("sgd", 1e-3), 0)  # restore folded into the update
-    assert _changed(model, before) == {n for n, _ in groups[u]}
+    assert _changed(model, before) == set(z)
+    assert all(torch.allclose(params[n].detach(), before[n] - 1e-3 * 0.5 * z[n], atol=1e-6) for n in z)
     drawn = {subset.drawn(s)[0] for s in range(200)}
     assert drawn == set(range(len(groups)))  # over steps, every unit is trained
 

@@ -110,7 +110,11 @@ def test_a_suite_with_a_pilot_runs_it_first_and_never_touches_test(tmp_path):
     assert len(pilots) == 2 and records.index(main) == 2  # pilots first
     assert all(r.metrics.get("best_dev") is not None and r.metrics.get("test_after") is None
                and "eval_after" not in r.phases for r in pilots)
-    assert main.lr_choice["chosen"] == main.config["lr"] in (1e-4, 1e-3)
+    # the lr of the pilot with the best dev score (a tie goes to the smaller lr), read from the pilots' records
+    best = max(pilots, key=lambda r: (r.metrics.get("best_dev")["accuracy"], -r.config["lr"]))
+    assert main.lr_choice["chosen"] == main.config["lr"] == best.config["lr"]
+    assert main.lr_choice["dev"] == [next(r.metrics.get("best_dev")["accuracy"] for r in pilots
+                                          if r.config["lr"] == lr) for lr in (1e-4, 1e-3)]
     assert main.metrics.get("test_after") is not None
 
     # The report while the pilot runs (only pilot records yet) shows each pilot's dev score; once a cell

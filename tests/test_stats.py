@@ -26,6 +26,7 @@ from zobench.analysis.stats import (
     mcnemar_test,
     p_value,
     paired_bootstrap,
+    seed_variance,
     verdict,
 )
 from zobench.spec.claims import FailedIf, parse_claims
@@ -58,14 +59,18 @@ def _simulate(rng, mus, seeds=SEEDS, examples=EXAMPLES, seed_sd=SEED_SD):
     return arms
 
 
-def _coverage(n_sims: int, seed_sd: float = SEED_SD) -> float:
+def _coverage(n_sims: int, seed_sd: float = SEED_SD) -> tuple[float, float, float]:
+    """(share of 95% intervals covering the true 0, their mean width, the sd of the estimates)."""
     rng, mus = np.random.default_rng(2024), _mus(0.70, 0.0)
-    hits = 0
+    hits, widths, estimates = 0, [], []
     for i in range(n_sims):
         a, b = _simulate(rng, mus, seed_sd=seed_sd)
-        low, high = accuracy_difference(a, b, resamples=1000, seed=i).replicates.interval(0.05)
+        reps = accuracy_difference(a, b, resamples=1000, seed=i).replicates
+        low, high = reps.interval(0.05)
         hits += low <= 0.0 <= high
-    return hits / n_sims
+        widths.append(high - low)
+        estimates.append(reps.estimate)
+    return hits / n_sims, float(np.mean(widths)), float(np.std(estimates, ddof=1))
 
 
 def _claims(*items, **section):
@@ -95,15 +100,17 @@ def test_five_points_mostly_holds_and_never_fails():
 
 def test_coverage_close_to_nominal():
     n = 100
-    coverage = _coverage(n)
+    coverage, width, spread = _coverage(n)
     assert coverage >= 0.95 - 3 * math.sqrt(0.95 * 0.05 / n), coverage
+    # ... and not by being wide without bound: the mean width against the estimates' own spread
+    assert 0.9 <= width / (2 * 1.96 * spread) <= 1.6, (width, spread)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed_sd", [0.03, 0.2, 0.3], ids=["examples-dominate", "realistic", "seeds-dominate"])
 def test_coverage_close_to_nominal_many_runs(seed_sd):
     n = 1000
-    coverage = _coverage(n, seed_sd)
+    coverage = _coverage(n, seed_sd)[0]
     tolerance = 3 * math.sqrt(0.95 * 0.05 / n)
     assert 0.95 - tolerance <= coverage <= 0.995, coverage  # errs wide by design, not without bound
 
@@ -121,6 +128,31 @@ def test_arms_with_different_seeds_pair_where_they_can():
     assert partly.n_seeds == (4, 3) and "2 seeds paired" in partly.method
     disjoint = accuracy_difference({0: a[0], 1: a[1]}, {5: b[2], 6: b[3]}, resamples=1000)
     assert "Welch" in disjoint.method
+
+
+@pytest.mark.parametrize("seeds_b", [[0, 1, 2, 3], [2, 3, 7], [5, 6, 7]], ids=["paired", "partly", "disjoint"])
+def test_seed_variance_is_unbiased_for_the_variance_of_the_difference(seeds_b):
+    """Seeds as draws: a shared seed's two accuracies correlate (rho 0.6), others are independent. Over many
+    simulated experiments the seed-level variance estimate averages to the true variance of mean(a) - mean(b)
+    (computed in closed form), for every pairing; the disjoint case's df is Welch-Satterthwaite's."""
+    rng, seeds_a, rho, sd_a, sd_b = np.random.default_rng(11), [0, 1, 2, 3], 0.6, 0.03, 0.05
+    shared = [s for s in seeds_a if s in seeds_b]
+    na, nb, k = len(seeds_a), len(seeds_b), len(shared)
+    true = sd_a ** 2 / na + sd_b ** 2 / nb - 2 * k * rho * sd_a * sd_b / (na * nb)
+    estimates = []
+    for _ in range(20000):
+        za = rng.standard_normal(na)
+        zb = {s: rho * za[seeds_a.index(s)] + math.sqrt(1 - rho ** 2) * rng.standard_normal() if s in shared
+              else rng.standard_normal() for s in seeds_b}
+        v, df, _ = seed_variance({s: 0.7 + sd_a * za[i] for i, s in enumerate(seeds_a)},
+                                 {s: 0.6 + sd_b * zb[s] for s in seeds_b})
+        estimates.append(v)
+    assert np.mean(estimates) == pytest.approx(true, rel=0.03)
+    a, b = {0: 0.70, 1: 0.74, 2: 0.69}, {5: 0.60, 6: 0.66}
+    v, df, note = seed_variance(a, b)
+    va, vb = np.var(list(a.values()), ddof=1) / 3, np.var(list(b.values()), ddof=1) / 2
+    assert v == pytest.approx(va + vb) and "Welch" in note
+    assert df == pytest.approx((va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 1))
 
 
 def test_one_seed_each_is_the_paired_bootstrap_over_examples():
@@ -205,12 +237,15 @@ def test_verdict_rule_table(kind, low, high, margin, expected):
 @pytest.mark.parametrize("kind, margin", [("superiority", 0.0), ("non_inferiority", 0.02), ("equivalence", 0.03)])
 def test_p_value_is_where_the_interval_starts_to_resolve(kind, margin):
     rng = np.random.default_rng(6)
+    resolving = 0
     for center in (-0.04, -0.01, 0.0, 0.015, 0.05):
         reps = Replicates.of(center, rng.normal(center, 0.01, 2000))
         p = p_value(reps, kind, margin)
         if p < 1:
+            resolving += 1
             assert verdict(kind, *reps.interval(p), margin) != OPEN
             assert verdict(kind, *reps.interval(p * (1 - 1e-3)), margin) == OPEN
+    assert resolving >= 3  # centres 4 and 5 sd from the margin's edges resolve at some level below 1
 
 
 def _curves(rng, seeds, seconds_per_eval, evals=10, top=0.80):

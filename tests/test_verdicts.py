@@ -80,7 +80,18 @@ def test_a_clear_difference_holds_and_failed_runs_are_left_out_by_the_declared_r
     assert beats.verdict == "holds" and beats.n_seeds == (4, 4) and beats.n_examples == N
     assert 0.10 < beats.estimate < 0.18 and beats.adj_low > 0
     assert any("random-9" in e and "majority" in e for e in decision.excluded)
-    assert by["s-like-f"].verdict in ("holds", "not resolved")
+    assert by["s-like-f"].verdict in ("holds", "not resolved")  # +1 point against a 5-point margin, 4 seeds
+
+
+@pytest.mark.parametrize("full, expected", [(0.76, "holds"), (0.90, "does not hold")])
+def test_non_inferiority_holds_inside_its_margin_and_fails_well_outside_it(tmp_path, full, expected):
+    """Sensitive at 80% against full ZO at 76% (4 points better) or 90% (10 points worse, the margin 5)."""
+    rng, declared, out = np.random.default_rng(5), claims(), tmp_path / "t.jsonl"
+    for seed in range(4):
+        for method, acc in (("sensitive", 0.80), ("random", 0.66), ("full", full)):
+            append_record(out, run(tmp_path, method, seed, acc, declared, rng))
+    like = {r.claim: r for r in verdicts(load_records(out), declared, tmp_path).results}["s-like-f"]
+    assert like.verdict == expected and like.estimate == pytest.approx(0.80 - full, abs=0.04)
 
 
 def test_one_seed_per_arm_reports_its_interval_but_decides_nothing(tmp_path):

@@ -9,6 +9,7 @@ and read the diff: its numbers must be the fixture's (e.g. peak_over_inference 1
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 from pathlib import Path
@@ -52,6 +53,34 @@ def test_markdown_matches_golden(rendered):
     if os.environ.get("ZOBENCH_UPDATE_GOLDEN") == "1":
         GOLDEN.write_text(text, encoding="utf-8")
     assert text == GOLDEN.read_text(encoding="utf-8")
+
+
+def test_the_results_table_is_computed_from_the_raw_records(rendered):
+    """Beside the golden file (which pins the layout), the results table's figures recomputed from the
+    fixture's raw measurements: peak = the training phases' peak RSS, peak / inference against the forward
+    cell of the same quant, step ms the median step, speedup the full ZO median step over the cell's."""
+    raw = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
+    ok = {(r["labels"]["method"], r["labels"]["quant"]): r for r in raw if r["status"] == "ok"}
+
+    def peak(r):
+        return max(r["phases"][p]["peak_rss_mib"] for p in ("warmup", "train"))
+
+    md = rendered.read_text(encoding="utf-8").splitlines()
+    head = next(i for i, line in enumerate(md) if line.startswith("| method | quant | density | density obtained"))
+    cols = [c.strip() for c in md[head].strip("|").split("|")]
+    rows = [dict(zip(cols, (c.strip() for c in line.strip("|").split("|")))) for line in md[head + 2:]
+            if line.startswith("|")][:len(ok)]
+    assert {(r["method"], r["quant"]) for r in rows} == set(ok)
+    for row in rows:
+        r = ok[(row["method"], row["quant"])]
+        assert row["peak MiB"] == f"{peak(r):.0f}"
+        assert row["step ms (p10-p90)"].startswith(f"{1000 * r['metrics']['step_s']['median']:.3g}")
+        fwd, full = ok.get(("forward", row["quant"])), ok.get(("full", row["quant"]))
+        if row["method"] != "forward" and fwd:
+            assert row["peak / inference"] == f"{peak(r) / peak(fwd):.2f}"
+        if row["method"] not in ("forward", "full") and full:
+            ratio = full["metrics"]["step_s"]["median"] / r["metrics"]["step_s"]["median"]
+            assert row["speedup vs full"].startswith(f"{ratio:.2f}")
 
 
 def test_plots_are_pngs_linked_relatively(rendered):

@@ -225,3 +225,15 @@ def test_a_re_run_reference_is_the_latest_record_of_that_cell():
     rnd = _rec("random", 5.0, peak=220.0)
     for recs in ([first, rerun, rnd], [rnd, first, rerun]):
         assert derive(recs)["random"].peak_over_inference == pytest.approx(1.1)
+
+
+def test_the_gguf_conversion_process_is_tied_to_the_run_first(monkeypatch):
+    """Like a cell's process, the one that converts a GGUF model dies with the run that started it
+    (``procs.die_with_parent``, tested on its own in test_security), before it converts anything."""
+    import zobench.driver as driver
+
+    calls = []
+    monkeypatch.setattr(driver, "die_with_parent", lambda parent: calls.append(("tied", parent)))
+    monkeypatch.setattr(driver, "converted_gguf_dir", lambda path: calls.append(("converted", path.name)))
+    driver._convert("/models/m.gguf", 4242)
+    assert calls == [("tied", 4242), ("converted", "m.gguf")]

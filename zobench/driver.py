@@ -38,7 +38,7 @@ from zobench.files import atomic_write
 from zobench.measure.env import environment
 from zobench.measure.machine import git_state
 from zobench.models.load import converted_gguf_dir, pending_conversion
-from zobench.procs import CHILD_ENV, child_env
+from zobench.procs import CHILD_ENV, child_env, die_with_parent
 from zobench.quant import get_backend
 from zobench.results import TRAIN_PHASES, append_record, load_records, train_peak_mib
 from zobench.spec.claims import claims_hash
@@ -55,7 +55,8 @@ def suite_claims(suite: Suite) -> dict | None:
     return {"hash": claims_hash(claims), "declared": [asdict(c) for c in claims]} if claims else None
 
 
-def _convert(gguf: str) -> None:
+def _convert(gguf: str, parent: int) -> None:
+    die_with_parent(parent)  # a run killed outright (SIGKILL) leaves no conversion writing on
     converted_gguf_dir(Path(gguf))
 
 
@@ -71,7 +72,7 @@ def prepare_models(cells: list[Cell]) -> None:
     for gguf in sorted({p for p in map(pending_conversion, sorted(specs)) if p is not None}):
         print(f"zobench: converting {gguf.name} to safetensors once (kept in the cache)", file=sys.stderr,
               flush=True)
-        proc = mp.get_context("spawn").Process(target=_convert, args=(str(gguf),), daemon=True)
+        proc = mp.get_context("spawn").Process(target=_convert, args=(str(gguf), os.getpid()), daemon=True)
         proc.start()
         proc.join()
 

@@ -128,3 +128,11 @@ def test_the_depth_limit_is_exact_whatever_shortcut_reading_takes(opener):
     with pytest.raises(UserError, match="nested deeper"):
         parse_json(nested(MAX_DEPTH + 1), "x.json")
     assert parse_json(nested(2).encode(), "x.json") is not None  # bytes are walked, never counted
+
+
+@pytest.mark.parametrize("text", ['{"a": NaN}', '{"a": -Infinity}', '{"a": 1e999}', '[1.5, -2e400]',
+                                  '{"a": ' + "9" * 400 + '.0}'])
+def test_a_number_that_is_not_finite_is_refused_however_it_is_spelled(text):
+    with pytest.raises(UserError, match="x.json: not valid JSON"):
+        parse_json(text, "x.json")
+    assert parse_json('{"a": 1e308, "b": -2.5e-300}', "x.json") == {"a": 1e308, "b": -2.5e-300}

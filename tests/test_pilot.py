@@ -68,6 +68,26 @@ def test_a_cell_waits_until_every_pilot_of_its_grid_has_a_dev_score():
     assert f"{len(cells)} of the suite's {len(cells)} cells have no record" in progress, progress
 
 
+def test_a_results_file_cannot_steer_the_choice_with_scores_that_are_not_numbers_or_a_late_failure():
+    """A pilot's dev score that is not a finite number is no score (the cells wait, nothing crashes); a
+    failed record after a pilot's ok one does not hold its cells back (--resume counts it done)."""
+    from zobench.driver import select_cells
+
+    suite = parse_suite(SUITE, "p.yaml")
+    cells = select_cells(suite)
+    by_lr = {p.config.lr: p for p in pilot_cells(cells, suite.lr_pilot)}
+    good = [_done(by_lr[1e-4], 0.70), _done(by_lr[3e-4], 0.75)]
+    for bad in ("0.9", [0.9], {"a": 1}, True, float("inf")):
+        rec = _done(by_lr[1e-3], None)
+        rec.metrics.set(best_dev={"accuracy": bad})
+        chosen, choices = choose(cells, suite.lr_pilot, good + [rec])
+        assert {c.config.method for c in chosen} == {"full"}, bad  # the random cells wait
+    later_failure = _done(by_lr[1e-3], 0.72)
+    later_failure.status = "failed"
+    chosen, _ = choose(cells, suite.lr_pilot, good + [_done(by_lr[1e-3], 0.72), later_failure])
+    assert {c.config.lr for c in chosen if c.config.method == "random"} == {3e-4}
+
+
 def test_pilot_settings_apply_to_the_pilots_only_and_keep_their_ids():
     """``lr_pilot.set``: a setting the cells gained after their pilots ran (packing) stays off the pilots,
     so their ids, and finished records, still count; bad settings are refused by key."""

@@ -194,6 +194,12 @@ def test_a_tampered_or_misplaced_scales_delta_is_refused_in_one_line(tmp_path):
         assert "\n" not in str(e.value)
 
     refused({**good, name: torch.full_like(good[name], float("nan"))}, "not finite")
+    past = good[name].double().clone()
+    past[0] = 1e300  # finite in float64, infinite in the layer's float32
+    refused({**good, name: past}, "not finite in the layer's torch.float32")
+    negative = good[name].clone()
+    negative[0] = -abs(float(negative[0])) - 1
+    refused({**good, name: negative}, "negative scales")
     refused({**good, name: good[name][:-1]}, "has shape")
     refused({**good, "model.embed_tokens": good[name].clone()}, "no plain quantization scales")
     refused(good, "quantization scales of nf4-plain weights; load it with quant 'nf4-plain'", quant="int8")

@@ -71,6 +71,7 @@ def test_parses_kinds_defaults_and_family_settings():
     ({**SECTION, "alpha": True}, "claims.alpha: expected a family-wise error rate"),
     ({**SECTION, "correction": "bonferroni"}, "claims.correction: 'bonferroni' is not one of holm, none"),
     ({**SECTION, "resamples": 100}, "claims.resamples: expected a whole number >= 1000"),
+    ({**SECTION, "resamples": 10**13}, "claims.resamples: expected a whole number >= 1000 and <= 1,000,000"),
     ({**SECTION, "failed_if": {"accuracy_below": 0.5}}, "claims.failed_if: unknown key 'accuracy_below'"),
     ({**SECTION, "items": []}, "claims.items: expected a non-empty list of claims"),
     ({**SECTION, "failed_if": {"count_in_arm": "yes"}}, "claims.failed_if.count_in_arm: expected true or false"),

@@ -261,3 +261,21 @@ def test_a_declaration_in_a_record_is_validated_like_a_suites(results):
             claims_of(bad)
         assert f"record {rec.cell_id}: claims.declared" in str(e.value) and message in str(e.value)
         assert "\n" not in str(e.value)
+
+
+def test_earlier_declarations_are_decided_up_to_a_bound_and_the_rest_named(tmp_path):
+    """Every record may carry its own declaration (a results file is data): the report decides the first
+    MAX_EARLIER of them again and names the others, so its cost stays linear in the records."""
+    from zobench.analysis.verdicts import MAX_EARLIER
+    from zobench.report.claims import claims_section
+
+    rng, out = np.random.default_rng(9), tmp_path / "t.jsonl"
+    for i in range(MAX_EARLIER + 2):
+        declared = claims(resamples=2000 + i)
+        for method, acc in (("sensitive", 0.8), ("random", 0.66), ("full", 0.79)):
+            append_record(out, run(tmp_path, method, i, acc, declared, rng))
+    decision = verdicts(load_records(out), claims(resamples=3000), tmp_path)
+    assert len(decision.earlier) == MAX_EARLIER and len(decision.earlier_undecided) == 2
+    assert set(decision.earlier).isdisjoint(decision.earlier_undecided)
+    text = "\n".join(claims_section(decision, {}, []))
+    assert text.count("### As declared earlier") == MAX_EARLIER and "2 more earlier declarations" in text

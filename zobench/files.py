@@ -26,6 +26,7 @@ import errno
 import fcntl
 import gc
 import json
+import math
 import os
 import sys
 import tempfile
@@ -95,8 +96,14 @@ def parse_json(text: str | bytes, where: str, max_depth: int = MAX_DEPTH) -> Any
     def no_constants(name):
         raise ValueError(f"{name} is not a JSON number")
 
+    def finite(literal):  # 1e999 is valid JSON and parses to inf
+        value = float(literal)
+        if not math.isfinite(value):
+            raise ValueError(f"{literal[:40]} is too large for a number zobench reads")
+        return value
+
     try:
-        data = json.loads(text, parse_constant=no_constants)
+        data = json.loads(text, parse_constant=no_constants, parse_float=finite)
     except RecursionError:
         raise UserError(f"{where}: nested deeper than zobench reads ({max_depth} levels)") from None
     except json.JSONDecodeError as e:

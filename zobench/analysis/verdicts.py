@@ -47,8 +47,12 @@ class Decision:
     excluded: list[str] = field(default_factory=list)  # "cell (method, seed): why" for every run left out
     counted: list[str] = field(default_factory=list)   # failed runs kept in their arm (failed_if.count_in_arm)
     earlier: dict[str, list[Result]] = field(default_factory=dict)  # claims hash -> verdicts as declared then
+    earlier_undecided: list[str] = field(default_factory=list)      # hashes past MAX_EARLIER, named only
 
 
+# Earlier declarations decided again on the same records, the first met first: each costs a whole decision,
+# and a results file is data (a file whose every record declared its own claims would cost records^2).
+MAX_EARLIER = 4
 FAMILY = ("alpha", "correction", "resamples", "seed", "failed_if")  # a declared claim's settings shared by all
 
 
@@ -219,6 +223,10 @@ def verdicts(records: list[CellRecord], claims: list[Claim], results_dir: str | 
     decision = Decision(claims_hash(claims), results, arms, excluded, counted)
     for rec in records:
         then = claims_of(rec)
-        if then and (h := claims_hash(then)) != decision.claims_hash and h not in decision.earlier:
-            decision.earlier[h] = _decide(records, then, reader)[0]
+        if then and (h := claims_hash(then)) != decision.claims_hash and h not in decision.earlier \
+                and h not in decision.earlier_undecided:
+            if len(decision.earlier) < MAX_EARLIER:
+                decision.earlier[h] = _decide(records, then, reader)[0]
+            else:
+                decision.earlier_undecided.append(h)
     return decision

@@ -82,7 +82,9 @@ def write_sparse(model: torch.nn.Module, mask: dict, values: dict, where: str = 
         p = params[name]
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.numel()):
             raise UserError(f"{where}: '{name}' has indices outside its {p.numel():,} values")
-        p.data.view(-1)[idx.to(p.device)] = values[name].to(device=p.device, dtype=p.dtype)
+        v = values[name].to(device=p.device, dtype=p.dtype)
+        _finite(name, v, Path(where), f" in the model's {p.dtype}")  # finite as stored, yet past fp16's range
+        p.data.view(-1)[idx.to(p.device)] = v
 
 
 @torch.no_grad()
@@ -90,7 +92,9 @@ def write_tensors(model: torch.nn.Module, path: Path) -> None:
     """A ``tensors`` delta (first-order fine-tuning): its saved tensors replace the model's."""
     params = dict(model.named_parameters())
     for name, value in checked_tensors(Path(path) / TENSORS, {n: tuple(p.shape) for n, p in params.items()}).items():
-        params[name].copy_(value.to(params[name].dtype))
+        v = value.to(params[name].dtype)
+        _finite(name, v, Path(path) / TENSORS, f" in the model's {v.dtype}")
+        params[name].copy_(v)
 
 
 @torch.no_grad()
@@ -103,7 +107,11 @@ def write_scales(path: Path, meta: dict, current: dict[str, torch.Tensor]) -> No
         raise UserError(f"{path}: its scales were trained beside other quantized codes (scales {meta['scales_base']}, "
                         f"here {got}); load it on the same base, quantized as it was trained")
     for name, t in data.items():
-        current[name].copy_(t.to(current[name].dtype))
+        v = t.to(current[name].dtype)
+        _finite(name, v, Path(path) / TENSORS, f" in the layer's {v.dtype}")
+        if bool((v < 0).any()):  # QZO keeps its scales >= 0: a negative one flips its whole block's signs
+            raise UserError(f"{Path(path) / TENSORS}: '{name}' holds negative scales; QZO's are never below 0")
+        current[name].copy_(v)
 
 
 def _open(file: Path) -> dict[str, torch.Tensor]:
@@ -116,11 +124,11 @@ def _open(file: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
 
 
-def _finite(name: str, t: torch.Tensor, file: Path) -> None:
+def _finite(name: str, t: torch.Tensor, file: Path, as_what: str = "") -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise UserError(f"{file}: '{name}' has dtype {t.dtype}, expected floating-point values")
     if not bool(torch.isfinite(t).all()):
-        raise UserError(f"{file}: '{name}' holds values that are not finite (NaN or infinite)")
+        raise UserError(f"{file}: '{name}' holds values that are not finite{as_what} (NaN or infinite)")
 
 
 def checked_sparse(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -71,4 +71,9 @@ def claims_section(decision: Decision | None, names: dict[str, str], dirty: list
         lines += [f"### As declared earlier (claims hash `{h[:12]}`)", "",
                   "Some records were made while the suite declared these claims differently; their verdicts "
                   "on the same records:", ""] + rows(results, names) + [""]
+    if decision.earlier_undecided:
+        lines += [f"{len(decision.earlier_undecided)} more earlier declarations (claims hashes "
+                  f"{', '.join(f'`{h[:12]}`' for h in decision.earlier_undecided[:10])}"
+                  f"{', ...' if len(decision.earlier_undecided) > 10 else ''}) are not decided here "
+                  f"(each would read every record again).", ""]
     return lines

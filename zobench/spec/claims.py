@@ -58,6 +58,7 @@ CORRECTIONS = ("holm", "none")
 FAILED_IF_KEYS = ("accuracy_at_most_majority_plus", "loss_rise_over_start", "count_in_arm")
 # Fewer replicates than this cannot resolve the tails a Holm-adjusted interval reaches (alpha/k over two tails).
 MIN_RESAMPLES = 1000
+MAX_RESAMPLES = 1_000_000  # a report decides every declaration it meets: its cost is bounded (a record is data)
 ID = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
@@ -146,9 +147,9 @@ def _fraction(value: Any, where: str, low: float, high: float, what: str) -> flo
     return float(value)
 
 
-def _count(value: Any, where: str, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise UserError(f"{where}: expected a whole number >= {low}")
+def _count(value: Any, where: str, low: int, high: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        raise UserError(f"{where}: expected a whole number >= {low}" + (f" and <= {high:,}" if high else ""))
     return value
 
 
@@ -245,7 +246,7 @@ def parse_claims(data: Any, where: str) -> list[Claim]:
     if correction not in CORRECTIONS:
         raise UserError(f"{w}.correction: '{correction}' is not one of {', '.join(CORRECTIONS)}")
     family = dict(alpha=alpha, correction=correction,
-                  resamples=_count(section.get("resamples", 10000), f"{w}.resamples", MIN_RESAMPLES),
+                  resamples=_count(section.get("resamples", 10000), f"{w}.resamples", MIN_RESAMPLES, MAX_RESAMPLES),
                   seed=_count(section.get("seed", 0), f"{w}.seed", 0),
                   failed_if=_failed_if(section.get("failed_if"), f"{w}.failed_if"))
     items = section.get("items")

@@ -11,6 +11,7 @@ the results file, so ``--resume`` re-derives the same choice; every cell's recor
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from zobench.spec.matrix import Cell, cell_id
 from zobench.spec.selectors import selector_matches
@@ -57,13 +58,21 @@ def _dev(rec, by: str = "best") -> float | None:
         score = curve[-1] if curve else None
     else:
         score = rec.metrics.get("best_dev")
-    return None if not score else score.get("accuracy", score.get("f1"))
+    value = score.get("accuracy", score.get("f1")) if isinstance(score, dict) else None
+    # a results file is data: a score that is not a finite number is no score (the pilot counts as not done)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return value if ok else None
 
 
 def choose(cells: list[Cell], pilot, records) -> tuple[list[Cell], dict[str, dict]]:
     """The cells with their chosen lr, and ``{cell_id: choice}`` (grid, dev score per lr, chosen lr). A cell
     whose grid has a pilot without a dev score is left out (it waits), its choice saying so."""
-    latest = {r.cell_id: r for r in records}
+    # A cell's latest ok record, else its latest: --resume counts a pilot with any ok record as done and does
+    # not run it again, so a failed record after an ok one must not hold its cells back for ever.
+    latest = {}
+    for r in records:
+        if r.ok or not getattr(latest.get(r.cell_id), "ok", False):
+            latest[r.cell_id] = r
     out, choices = [], {}
     for cell in cells:
         grid = grid_for(cell, pilot)

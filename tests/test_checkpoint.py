@@ -69,6 +69,33 @@ def test_a_killed_cell_resumes_from_its_checkpoint_bit_for_bit(method, lr, tmp_p
     assert m.step_over_ref.n == w.step_over_ref.n == 6  # the pairs before the kill came back from the checkpoint
 
 
+def test_a_resumed_cell_takes_back_only_the_predictions_its_checkpoint_names(tmp_path, monkeypatch):
+    """The checkpoint names the predictions file's sha256 (written just before it): a resumed cell takes the
+    earlier evaluations' per-example predictions back only from those bytes; other bytes there (copied
+    from elsewhere, or from a later kill) are not vouched for by the new record, and it says so."""
+    import hashlib
+
+    import numpy as np
+
+    from zobench.cell.predictions import read
+
+    for tamper in (False, True):
+        folder = tmp_path / str(tamper)
+        cfg = CellConfig.from_dict(dict(TINY, method="random", lr=1e-2, checkpoint=str(folder / "c.json"),
+                                        predictions=str(folder / "p.npz")))
+        run_killed_at(cfg, 5, monkeypatch)
+        saved = json.loads((folder / "c.json").read_text())
+        assert saved["predictions_sha256"] == hashlib.sha256((folder / "p.npz").read_bytes()).hexdigest()
+        if tamper:
+            kept = read(folder / "p.npz")
+            np.savez(folder / "p.npz", **{f"{n}.{k}": v[::-1] for n, f in kept.items() for k, v in f.items()})
+        rec = Pipeline(cfg).run()
+        entries = set(read(folder / "p.npz"))
+        warned = any("not the one it names" in w for w in rec.warnings)
+        assert warned == tamper
+        assert ({"test_before", "dev_2", "dev_4"} <= entries) != tamper and {"dev_6", "test_after"} <= entries
+
+
 # Where nothing is evaluated, a random-weight model does (checkpoints are due by step, not by evaluation).
 FAST = dict(TINY, model="random:tiny-llama")
 

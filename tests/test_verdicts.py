@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -119,6 +121,65 @@ def test_predictions_that_are_not_the_recorded_bytes_are_refused(results):
     victim.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(UserError, match="sha256"):
         verdicts(records, claims(), results.parent)
+
+
+def _npz(path: Path, arrays: dict) -> dict:
+    """A predictions file of ``arrays`` at ``path``, and the record's description of it."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path.write_bytes(buf.getvalue())
+    return {"path": path.name, "sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "evaluations": ["test_best"]}
+
+
+def _huge_header(path: Path) -> dict:
+    """A 200-byte .npz whose one array declares 32 GB."""
+    import io
+    import zipfile
+
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "<f8", "fortran_order": False, "shape": (4 * 10**9,)})
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("test_best.gold.npy", head.getvalue() + bytes(16))
+    data = path.read_bytes()
+    return {"path": path.name, "sha256": hashlib.sha256(data).hexdigest(), "evaluations": ["test_best"]}
+
+
+def test_a_record_cannot_point_the_verdicts_at_any_file_or_feed_them_malformed_arrays(results):
+    """Each hostile description or file costs one line (exit 2 in the report), never a traceback, a hang on
+    a pipe, an unbounded read or a huge allocation."""
+    records = load_records(results)
+    folder, good = results.parent, records[0].predictions
+    os.mkfifo(folder / "pipe.npz")
+    n = 600
+    cases = {
+        "predictions.path: expected a path inside": dict(good, path="/etc/hostname"),
+        "predictions.path: expected a path inside ": dict(good, path="../" + good["path"]),
+        "predictions.sha256: expected": {k: v for k, v in good.items() if k != "sha256"},
+        "predictions.evaluations: expected a list": dict(good, evaluations="xx_test_best"),
+        "not a regular file": dict(good, path="pipe.npz"),
+        "declares 32,000,000,000 bytes": _huge_header(folder / "huge.npz"),
+        "gold must hold class indices": _npz(folder / "floats.npz", {
+            "test_best.id": np.arange(n), "test_best.gold": np.zeros(n), "test_best.pred": np.zeros(n, int)}),
+        "one value per example": _npz(folder / "short.npz", {
+            "test_best.id": np.arange(n), "test_best.gold": np.zeros(n - 1, int), "test_best.pred": np.zeros(n, int)}),
+        "needs its id, gold and pred": _npz(folder / "nogold.npz", {
+            "test_best.id": np.arange(n), "test_best.pred": np.zeros(n, int)}),
+    }
+    for needle, desc in cases.items():
+        bad = [replace(records[0], predictions=desc)] + records[1:]
+        with pytest.raises(UserError, match=re.escape(needle.strip())) as e:
+            verdicts(bad, claims(), folder)
+        assert "\n" not in str(e.value), needle
+    odd_seed = [replace(records[0], config=dict(records[0].config, seed="zero"))] + records[1:]
+    with pytest.raises(UserError, match="config.seed: expected a whole number"):
+        verdicts(odd_seed, claims(), folder)
+    # a test score that is not a number is no score: that run is failed and left out, the rest decided
+    m = copy.deepcopy(records[0].metrics)
+    m.set(test_best={"accuracy": "0.8"}, test_after={"accuracy": "0.8"})
+    decision = verdicts([replace(records[0], metrics=m)] + records[1:], claims(), folder)
+    assert any(records[0].cell_id in e and "no test accuracy" in e for e in decision.excluded)
 
 
 def test_a_claim_changed_after_the_data_keeps_both_verdicts_labelled(results, tmp_path):

@@ -23,6 +23,8 @@ earlier declaration too, so a report shows both, labelled.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,26 +78,76 @@ def runs(records: list[CellRecord], selector: dict) -> list[CellRecord]:
     """The ok, non-pilot records of one arm, one per cell (its latest), in seed order."""
     chosen = [r for r in latest_by_cell(records) if r.ok and r.labels.get("stage") != "pilot"
               and selector_matches(selector, {**r.config, **r.labels})]
-    return sorted(chosen, key=lambda r: (r.config.get("seed", 0), r.cell_id))
+    return sorted(chosen, key=lambda r: (seed_of(r), r.cell_id))
+
+
+def seed_of(rec: CellRecord) -> int:
+    seed = rec.config.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UserError(f"record {rec.cell_id}: config.seed: expected a whole number, got {seed!r}"[:300])
+    return seed
 
 
 def _label(r: CellRecord) -> str:
     return f"{r.cell_id} ({r.method}, seed {r.config.get('seed')})"
 
 
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 class Reader:
-    """Per-example predictions of records, read once each (sha256-checked), relative to the results folder."""
+    """Per-example predictions of records, read once each, from inside the results folder and checked
+    against the sha256 the record names. A record is data: its description of the file is checked first (a
+    path that leaves the folder, or no hash, is refused in one line), and so is every array a verdict reads."""
 
     def __init__(self, results_dir: Path):
         self.dir, self.cache = Path(results_dir), {}
 
     def evaluation(self, rec: CellRecord, name: str) -> dict | None:
-        p = rec.predictions
-        if not p or name not in p.get("evaluations", []):
+        p, where = rec.predictions, f"record {rec.cell_id}: predictions"
+        if not p:
+            return None
+        names = p.get("evaluations")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise UserError(f"{where}.evaluations: expected a list of evaluation names")
+        if name not in names:
             return None
         if rec.cell_id not in self.cache:
-            self.cache[rec.cell_id] = read_predictions(self.dir / p["path"], p.get("sha256"))
-        return self.cache[rec.cell_id].get(name)
+            self.cache[rec.cell_id] = read_predictions(self._path(p.get("path"), where), self._sha(p, where))
+        fields = self.cache[rec.cell_id].get(name)
+        return None if fields is None else _checked(fields, f"{where} {name}")
+
+    def _path(self, path, where: str) -> Path:
+        if not isinstance(path, str) or not path or Path(path).is_absolute() or ".." in Path(path).parts:
+            raise UserError(f"{where}.path: expected a path inside the results folder, got {path!r}"[:300])
+        full = self.dir / path
+        if not full.resolve().is_relative_to(self.dir.resolve()):
+            raise UserError(f"{where}.path: {path} leads outside the results folder (a link)"[:300])
+        return full
+
+    @staticmethod
+    def _sha(p: dict, where: str) -> str:
+        sha = p.get("sha256")
+        if not isinstance(sha, str) or not SHA256.fullmatch(sha):
+            raise UserError(f"{where}.sha256: expected the file's sha256 (64 hex digits)")
+        return sha
+
+
+def _checked(fields: dict, where: str) -> dict:
+    """An evaluation's arrays as the verdicts read them: ``id``, ``gold`` and ``pred`` one value per example,
+    gold and pred whole numbers (class indices), gold not negative."""
+    arrays = {k: fields[k] for k in ("id", "gold", "pred") if k in fields}
+    if any(a.ndim != 1 for a in arrays.values()) or len({len(a) for a in arrays.values()}) > 1:
+        raise UserError(f"{where}: id, gold and pred must hold one value per example")
+    for k in ("gold", "pred"):
+        a = arrays.get(k)
+        if a is not None and (a.dtype.kind not in "biu" or (k == "gold" and a.size and int(a.min()) < 0)):
+            raise UserError(f"{where}: {k} must hold class indices (whole numbers >= 0), not {a.dtype}")
+    return fields
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def majority_rate(details: dict) -> float:
@@ -104,7 +156,9 @@ def majority_rate(details: dict) -> float:
 
 
 def _failed(rec: CellRecord, details: dict | None, rule: FailedIf) -> str | None:
-    test = (rec.metrics.get("test_best") or rec.metrics.get("test_after") or {}).get("accuracy")
+    score = rec.metrics.get("test_best") or rec.metrics.get("test_after")
+    test = score.get("accuracy") if isinstance(score, dict) else None
+    test = test if _number(test) else None  # a score that is not a number is no score: the run failed
     majority = majority_rate(details) if details is not None and "gold" in details else 0.5
     return failed_run(test, majority, rec.metrics.get("loss_curve"), rule)
 
@@ -119,7 +173,7 @@ def _one_per_seed(side: str, arm: list[CellRecord]) -> None:
     say) would have one of them dropped, so it is refused."""
     seen: dict = {}
     for rec in arm:
-        seed = rec.config.get("seed", 0)
+        seed = seed_of(rec)
         if seed in seen:
             raise ValueError(f"arm {side} matches two runs of seed {seed} ({_label(seen[seed])}, {_label(rec)}): "
                              f"narrow its selector (e.g. with quant) so that an arm is one configuration")
@@ -151,10 +205,12 @@ def _accuracy(claim: Claim, arm_a: list, arm_b: list, reader: Reader, lists: tup
                 f"no per-example predictions for {claim.metric} (recorded before they were kept)"
             if _leave_out(claim, side, rec, _failed(rec, details, claim.failed_if), missing, lists):
                 continue
+            if not {"id", "gold", "pred"} <= set(details):
+                raise UserError(f"record {rec.cell_id}: predictions {claim.metric}: an accuracy claim needs its "
+                                f"id, gold and pred arrays")
             if ids is None:
                 ids = np.sort(details["id"])
-            correct[side][rec.config.get("seed", 0)] = align(ids, details["id"], details["pred"] == details["gold"],
-                                                            _label(rec))
+            correct[side][seed_of(rec)] = align(ids, details["id"], details["pred"] == details["gold"], _label(rec))
     if not correct["a"] or not correct["b"]:
         return Evidence(None, (len(correct["a"]), len(correct["b"])), None, "an arm has no usable run")
     return accuracy_difference(correct["a"], correct["b"], resamples=claim.resamples, seed=claim.seed)
@@ -163,11 +219,13 @@ def _accuracy(claim: Claim, arm_a: list, arm_b: list, reader: Reader, lists: tup
 def curve(rec: CellRecord, clock: str) -> tuple[np.ndarray, np.ndarray] | None:
     """A run's dev curve as (times, accuracies) in ``clock``; None when it has none (or no reference)."""
     points = rec.metrics.get("dev_curve") or []
-    if not points:
-        return None
+    key = "step" if clock == "step_forwards" else "train_s"
+    if not isinstance(points, list) or not points or not all(
+            isinstance(p, dict) and all(_number(p.get(k)) for k in (key, "accuracy")) for p in points):
+        return None  # none, or not one zobench wrote: the run has no curve in this clock (and is listed so)
     if clock == "step_forwards":
         ratio = rec.metrics.step_over_ref
-        if not ratio or any("step" not in p for p in points):
+        if not ratio:
             return None
         times = np.array([p["step"] for p in points], dtype=float) * ratio.median
     else:
@@ -177,7 +235,7 @@ def curve(rec: CellRecord, clock: str) -> tuple[np.ndarray, np.ndarray] | None:
         if not ref:
             return None
         times = times / (2 * ref.median)
-    return times, np.array([p.get("accuracy", np.nan) for p in points], dtype=float)
+    return times, np.array([p["accuracy"] for p in points], dtype=float)
 
 
 def _speed(claim: Claim, arm_a: list, arm_b: list, reader: Reader, lists: tuple[list, list]) -> Evidence:
@@ -189,7 +247,7 @@ def _speed(claim: Claim, arm_a: list, arm_b: list, reader: Reader, lists: tuple[
             if _leave_out(claim, side, rec, _failed(rec, _test_details(rec, reader), claim.failed_if), missing,
                           lists):
                 continue
-            curves[side][rec.config.get("seed", 0)] = c
+            curves[side][seed_of(rec)] = c
     if not curves["a"] or not curves["b"]:
         return Evidence(None, (len(curves["a"]), len(curves["b"])), None, "an arm has no usable run")
     return faster_to_target(curves["a"], curves["b"], claim.target, resamples=claim.resamples, seed=claim.seed)

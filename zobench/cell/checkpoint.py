@@ -46,6 +46,7 @@ class Checkpoint:
     test_before: dict | None = None
     segments: int = 1                            # processes the steps so far ran in
     spent: dict = field(default_factory=dict)    # {wall_s, cpu_s} of every segment up to this checkpoint
+    predictions_sha256: str | None = None        # the predictions file written just before it
 
 
 def due(step: int, steps: int, eval_every: int) -> bool:
@@ -82,6 +83,9 @@ def load(path: str | Path, cell_id: str) -> tuple[Checkpoint | None, str | None]
         whole_number(ckpt.step, "step", 0, LIMITS["steps"])
         check_trajectory(ckpt.trajectory, ckpt.step, f"{path}: trajectory")
         check_spent(ckpt.spent)
+        sha = ckpt.predictions_sha256
+        if sha is not None and (not isinstance(sha, str) or len(sha) != 64 or set(sha) - set("0123456789abcdef")):
+            raise ValueError("predictions_sha256: expected 64 hex digits")
     except (UserError, ValueError, TypeError) as e:
         return None, f"checkpoint {path} unreadable ({str(e)[:200]}); the cell ran from step 0"
     if ckpt.cell_id != cell_id:

@@ -24,7 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from zobench.errors import UserError
-from zobench.files import atomic_write
+from zobench.files import atomic_write, refuse_special
+
+# A cell's file holds a few arrays of one value per test or dev example (SST-2's 872: ~50 KiB); these bound
+# what reading a hostile one costs (a tiny deflated member can claim gigabytes).
+MAX_FILE_BYTES = 64 << 20
+MAX_MEMBER_BYTES = 256 << 20  # uncompressed, each array
+MAX_MEMBERS = 4096
 
 
 class Predictions:
@@ -36,14 +42,23 @@ class Predictions:
         if details:
             self.entries[name] = {k: np.asarray(v) for k, v in details.items()}
 
-    def resume(self, keep: set[str]) -> None:
+    def resume(self, keep: set[str], sha256: str | None = None) -> bool:
         """Take back the evaluations named in ``keep`` from the file an earlier segment of this cell wrote
-        (a checkpoint's dev evaluations); anything else there is from a run that did not get this far."""
-        if self.path is None or not self.path.is_file():
-            return
-        for name, fields in read(self.path).items():
+        (a checkpoint's dev evaluations); anything else there is from a run that did not get this far. With
+        ``sha256`` (the checkpoint's), only those bytes: False, and nothing taken, when the file is not them
+        (or is missing, or not a predictions file), since the new record's hash will vouch for it."""
+        if self.path is None or (not self.path.is_file() and sha256 is None):
+            return True
+        try:
+            found = read(self.path, sha256)
+        except UserError:
+            if sha256 is None:
+                raise
+            return False
+        for name, fields in found.items():
             if name in keep:
                 self.entries[name] = fields
+        return True
 
     def write(self) -> dict | None:
         """Write the file (whole, atomically); the record's description of it, or None with nothing kept."""
@@ -62,7 +77,11 @@ def read(path: str | Path, sha256: str | None = None) -> dict[str, dict[str, np.
     """``{evaluation: {field: array}}`` of a predictions file; refused in one line when it is not one, or
     when ``sha256`` is given and the bytes are not the ones the record vouches for."""
     path = Path(path)
+    refuse_special(path, "predictions file")
     try:
+        if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
+            raise UserError(f"{path}: {path.stat().st_size:,} bytes, more than a predictions file holds "
+                            f"({MAX_FILE_BYTES:,})")
         data = path.read_bytes()
     except OSError as e:
         raise UserError(f"{path}: predictions file not readable ({e.strerror or e})") from None
@@ -70,10 +89,32 @@ def read(path: str | Path, sha256: str | None = None) -> dict[str, dict[str, np.
         raise UserError(f"{path}: not the predictions its record names (sha256 differs)")
     out: dict[str, dict[str, np.ndarray]] = {}
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            for key in npz.files:
-                name, _, field = key.rpartition(".")
-                out.setdefault(name, {})[field] = npz[key]
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            members = [m for m in z.infolist() if m.filename.endswith(".npy")]
+            if len(members) > MAX_MEMBERS:
+                raise ValueError(f"{len(members)} arrays")
+            for m in members:
+                name, _, field = m.filename.removesuffix(".npy").rpartition(".")
+                out.setdefault(name, {})[field] = _array(z, m)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a predictions file ({str(e).splitlines()[0][:200]})") from None
     return out
+
+
+def _array(z: zipfile.ZipFile, member: zipfile.ZipInfo) -> np.ndarray:
+    """One ``.npy`` member, its header read first: an array whose declared size (shape x item size) or
+    unpacked size is over the bound is refused before anything is allocated; object arrays are refused."""
+    with z.open(member) as f:
+        fmt = np.lib.format
+        version = fmt.read_magic(f)  # zobench writes 1.0; 2.0 only widens the header's length field
+        header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        if header is None:
+            raise ValueError(f"'{member.filename}' is in .npy format {version}")
+        shape, _, dtype = header(f)
+        if dtype.hasobject:
+            raise ValueError(f"'{member.filename}' holds Python objects")
+        size = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if size > MAX_MEMBER_BYTES or member.file_size > MAX_MEMBER_BYTES + 4096:
+            raise ValueError(f"'{member.filename}' declares {max(size, member.file_size):,} bytes")
+    with z.open(member) as f:
+        return np.lib.format.read_array(f, allow_pickle=False)

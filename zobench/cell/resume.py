@@ -27,16 +27,18 @@ def spent_so_far(cell) -> dict:
 
 
 def save_checkpoint(cell, step: int, timing, reference) -> None:
-    """Write the cell's checkpoint at ``step`` (``cell.checkpoint``): its books so far and the predictions."""
+    """Write the cell's checkpoint at ``step`` (``cell.checkpoint``): its books so far and the predictions
+    (first, so that the checkpoint can name the bytes a resumed segment is to take back)."""
     sel = cell.selection
+    kept = cell.predictions.write()  # the evaluations so far, for a resumed segment to take back
     checkpoint.save(cell.cfg.checkpoint, checkpoint.Checkpoint(
         cell_id=cell_id(cell.cfg), config=identity(cell.cfg), step=step, losses=timing.losses,
         trajectory=timing.trajectory, seconds=timing.seconds, parts=timing.parts, tokens=timing.tokens,
         total=timing.total, reference_seconds=reference.seconds if reference is not None else [],
         dev_curve=cell.metrics.get("dev_curve") or [], best_step=sel.best_step,
         best_scores=sel.best, test_before=cell.metrics.get("test_before"),
-        segments=cell.resumed.segments if cell.resumed else 1, spent=spent_so_far(cell)))
-    cell.predictions.write()  # the evaluations so far, for a resumed segment to take back
+        segments=cell.resumed.segments if cell.resumed else 1, spent=spent_so_far(cell),
+        predictions_sha256=kept["sha256"] if kept else None))
 
 
 def restore(cell, stepper, trainable, timing, reference, stream) -> int:
@@ -56,8 +58,11 @@ def restore(cell, stepper, trainable, timing, reference, stream) -> int:
         paired = zip(timing.seconds[cfg.ref_every - 1::cfg.ref_every], reference.seconds)
         reference.ratios = [step_s / (2 * fwd) for step_s, fwd in paired]
     cell.metrics.set(dev_curve=list(ck.dev_curve))
-    cell.predictions.resume({f"dev_{p['step']}" for p in ck.dev_curve} |
-                            ({"test_before"} if ck.test_before is not None else set()))
+    if not cell.predictions.resume({f"dev_{p['step']}" for p in ck.dev_curve} |
+                                   ({"test_before"} if ck.test_before is not None else set()), ck.predictions_sha256):
+        cell.record.add_warning("the predictions file beside the checkpoint is not the one it names: the "
+                                "earlier segments' evaluations keep their scores but not their per-example "
+                                "predictions")
     for _ in range(ck.step):
         next(stream)
     for step, directions in enumerate(ck.trajectory):

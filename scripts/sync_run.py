@@ -15,21 +15,27 @@ a new worktree at the same commit and ``zobench run --resume`` from the last dev
 was running, not from step 0 of it.
 
 What it refuses: DST's records must be a prefix of SRC's (the same lines, in order, and no more): a copy
-never drops or rewrites a record already there, in either direction. Predictions are copied when new or
-changed and never deleted. Checkpoints are mirrored: DST's copy of a checkpoint SRC no longer has (its cell
-finished, or restarted from step 0) is removed, and only a ``CELL.json`` file there (what this script or
-zobench wrote) is ever removed.
+never drops or rewrites a record already there, in either direction. It holds DST's one-writer lock (a
+zobench run writing DST's records makes it stop), reads and writes through no symbolic link, and writes
+each file whole through a fresh temporary one. Predictions are copied when new or changed and never
+deleted, and a finished cell's only when they are the bytes its record names. Checkpoints are mirrored:
+DST's copy of a checkpoint SRC no longer has (its cell finished, or restarted from step 0) is removed, and
+only a ``CELL.json`` file there (what this script or zobench wrote) is ever removed.
 """
 
 from __future__ import annotations
 
 import argparse
-import filecmp
+import hashlib
+import json
 import os
 import re
-import shutil
 import sys
+import tempfile
 from pathlib import Path
+
+from zobench.errors import UserError
+from zobench.outdirs import output_lock
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 CHECKPOINT = re.compile(r"[0-9a-f]{6,64}\.json")
@@ -39,61 +45,99 @@ class Refused(Exception):
     pass
 
 
-def _copy(src: Path, dst: Path) -> None:
-    """Atomically: a reader (or a kill) never sees half a file at ``dst``."""
-    tmp = dst.with_name(f".{dst.name}.sync-tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+def _no_link(path: Path) -> Path:
+    """``path`` if it is not a symbolic link: a link in a checkout's results (git commits links) could make
+    a copy overwrite, or a removal reach, a file outside it."""
+    if path.is_symlink():
+        raise Refused(f"{path} is a symbolic link; refusing to read or write through it")
+    return path
+
+
+def _copy(src: Path, dst: Path, data: bytes | None = None) -> None:
+    """Atomically, through a fresh temporary file: a reader (or a kill) never sees half a file at ``dst``."""
+    data = _no_link(src).read_bytes() if data is None else data
+    _no_link(dst)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".sync-tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _recorded_sha(lines: list[bytes]) -> dict[str, str]:
+    """cell id -> the sha256 of the predictions file its latest record names."""
+    out = {}
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            out[rec["cell_id"]] = rec["predictions"]["sha256"]
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
 
 
 def sync(src_root: Path, dst_root: Path, name: str) -> list[str]:
     """Copy suite ``name``'s progress from ``src_root/results`` to ``dst_root/results``; the changes made."""
     if not NAME.fullmatch(name):
         raise Refused(f"suite name {name!r}: expected letters, digits, '.', '_' or '-'")
-    src, dst = src_root / "results", dst_root / "results"
-    records = src / f"{name}.jsonl"
+    src, dst = _no_link(src_root / "results"), _no_link(dst_root / "results")
+    records = _no_link(src / f"{name}.jsonl")
     if not records.is_file():
         raise Refused(f"{records}: no such records file")
     dst.mkdir(parents=True, exist_ok=True)
-    done: list[str] = []
+    mine_path = _no_link(dst / f"{name}.jsonl")
+    try:
+        with output_lock(mine_path):  # no zobench run may be writing the destination meanwhile
+            return _sync(src, dst, name, records, mine_path)
+    except UserError as e:
+        raise Refused(str(e)) from None
 
+
+def _sync(src: Path, dst: Path, name: str, records: Path, mine_path: Path) -> list[str]:
+    done: list[str] = []
     theirs = records.read_bytes().splitlines(keepends=True)
     if theirs and not theirs[-1].endswith(b"\n"):  # a record being appended right now: the next sync takes it
         theirs.pop()
-    mine_path = dst / f"{name}.jsonl"
     mine = mine_path.read_bytes().splitlines(keepends=True) if mine_path.exists() else []
     if theirs[:len(mine)] != mine:
         raise Refused(f"{mine_path} is not a prefix of {records} (a record there differs, or it has more): "
                       f"nothing copied")
     if len(theirs) > len(mine):
-        tmp = mine_path.with_name(f".{mine_path.name}.sync-tmp")
-        tmp.write_bytes(b"".join(theirs))
-        os.replace(tmp, mine_path)
+        _copy(records, mine_path, b"".join(theirs))
         done.append(f"{mine_path}: {len(theirs) - len(mine)} record(s) added ({len(theirs)} in all)")
 
-    preds_src, preds_dst = src / f"{name}.predictions", dst / f"{name}.predictions"
+    named = _recorded_sha(theirs)
+    preds_src, preds_dst = _no_link(src / f"{name}.predictions"), _no_link(dst / f"{name}.predictions")
     if preds_src.is_dir():
         preds_dst.mkdir(exist_ok=True)
         for f in sorted(preds_src.glob("*.npz")):
-            target = preds_dst / f.name
-            if not target.exists() or not filecmp.cmp(f, target, shallow=False):
-                _copy(f, target)
+            data, target = _no_link(f).read_bytes(), preds_dst / f.name
+            want = named.get(f.stem)
+            if want is not None and hashlib.sha256(data).hexdigest() != want:
+                done.append(f"{f}: not the bytes its record names; left alone")
+                continue
+            if not target.exists() or _no_link(target).read_bytes() != data:
+                _copy(f, target, data)
                 done.append(f"{target}: copied")
 
-    ck_src, ck_dst = src / f"{name}.checkpoints", dst / f"{name}.checkpoints"
+    ck_src, ck_dst = _no_link(src / f"{name}.checkpoints"), _no_link(dst / f"{name}.checkpoints")
     keep = {f.name for f in ck_src.glob("*.json") if CHECKPOINT.fullmatch(f.name)} if ck_src.is_dir() else set()
     if keep:
         ck_dst.mkdir(exist_ok=True)
     for n in sorted(keep):
         target = ck_dst / n
-        if not target.exists() or not filecmp.cmp(ck_src / n, target, shallow=False):
-            _copy(ck_src / n, target)
+        data = _no_link(ck_src / n).read_bytes()
+        if not target.exists() or _no_link(target).read_bytes() != data:
+            _copy(ck_src / n, target, data)
             done.append(f"{target}: copied")
     if ck_dst.is_dir():
         for f in sorted(ck_dst.glob("*.json")):
-            if CHECKPOINT.fullmatch(f.name) and f.name not in keep:
+            if CHECKPOINT.fullmatch(f.name) and f.name not in keep and not f.is_symlink():
                 f.unlink()
-                done.append(f"{f}: removed (its cell finished or restarted at {src_root})")
+                done.append(f"{f}: removed (its cell finished or restarted at {src.parent})")
     return done
 
 

@@ -290,6 +290,17 @@ def test_a_chain_works_from_any_working_directory(kept, tmp_path, monkeypatch):
     assert len(D.chain(os.path.relpath(links[1]))) == 2
 
 
+def test_a_parent_is_never_found_through_the_working_directory(kept, tmp_path, monkeypatch):
+    """A delta's relative parent is its own folder's: a delta of that name in the working directory (with
+    the same base weights) is not taken in its place."""
+    links = chained(kept, tmp_path / "deltas", 2)
+    edit_meta(links[1], parent="stand-in")
+    copy(kept, tmp_path / "cwd" / "stand-in")
+    monkeypatch.chdir(tmp_path / "cwd")
+    with pytest.raises(UserError, match="is gone"):
+        D.chain(links[1])
+
+
 @pytest.mark.parametrize("changes, needle", [
     ({"step": -1}, "'step'"), ({"step": 10**18}, "'step'"), ({"step": 1.5}, "'step'"),
     ({"format": 99}, "format"), ({"kind": "pickle"}, "format"), ({"base": "x"}, "'base'"),

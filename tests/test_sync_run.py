@@ -57,3 +57,32 @@ def test_records_that_differ_are_never_overwritten(tmp_path):
     assert _sync(tmp_path / "main", tmp_path / "more").returncode == 2  # a shorter source would drop one
     assert (longer / "s.jsonl").read_text().count("\n") == 3
     assert _sync(tmp_path / "more", tmp_path / "main", "../x").returncode == 2
+
+
+def test_links_a_running_writer_and_bytes_no_record_names_are_refused(tmp_path):
+    import hashlib
+    import json
+
+    from zobench.outdirs import output_lock
+
+    good, stale = b"the recorded bytes", b"other bytes"
+    record = json.dumps({"cell_id": "aaaaaa000001", "predictions": {"sha256": hashlib.sha256(good).hexdigest()}})
+    _results(tmp_path / "run", [record], {"aaaaaa000001.npz": stale}, {"aaaaaa000002.json": "{}"})
+    dst = _results(tmp_path / "main", [], {"aaaaaa000001.npz": good}, {})
+    done = _sync(tmp_path / "run", tmp_path / "main")
+    assert done.returncode == 0 and "not the bytes its record names" in done.stdout
+    assert (dst / "s.predictions" / "aaaaaa000001.npz").read_bytes() == good  # a finished cell's file kept
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "bbbbbb000001.json").write_text("theirs")
+    (dst / "s.checkpoints").rename(tmp_path / "old")
+    (dst / "s.checkpoints").symlink_to(victim)
+    refused = _sync(tmp_path / "run", tmp_path / "main")
+    assert refused.returncode == 2 and "symbolic link" in refused.stderr
+    assert (victim / "bbbbbb000001.json").read_text() == "theirs" and len(list(victim.iterdir())) == 1
+
+    (dst / "s.checkpoints").unlink()
+    with output_lock(dst / "s.jsonl"):  # a zobench run writing the destination
+        busy = _sync(tmp_path / "run", tmp_path / "main")
+    assert busy.returncode == 2 and "another zobench run" in busy.stderr

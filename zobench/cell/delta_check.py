@@ -97,14 +97,10 @@ def check_trajectory(trajectory, step: int, where: str) -> None:
 
 def resolve_paths(meta: dict, folder: Path) -> dict:
     """Paths inside ``meta`` made usable from here: a relative path is the delta folder's (see
-    ``zobench.cell.delta``). Deltas written before paths were stored that way named them relative to
-    the working directory of their run: such a path is kept when it exists from here and the folder's
-    does not."""
+    ``zobench.cell.delta``), never the working directory's (a parent found there would be another delta,
+    applied silently if it had the same base weights)."""
     def local(value: str) -> str:
-        if os.path.isabs(value):
-            return value
-        mine = os.path.normpath(folder / value)
-        return mine if os.path.exists(mine) or not os.path.exists(value) else value
+        return value if os.path.isabs(value) else os.path.normpath(folder / value)
 
     meta = dict(meta)
     if meta.get("parent"):

@@ -83,7 +83,8 @@ def write_sparse(model: torch.nn.Module, mask: dict, values: dict, where: str = 
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.numel()):
             raise UserError(f"{where}: '{name}' has indices outside its {p.numel():,} values")
         v = values[name].to(device=p.device, dtype=p.dtype)
-        _finite(name, v, Path(where), f" in the model's {p.dtype}")  # finite as stored, yet past fp16's range
+        if v.device.type != "meta":  # finite as stored, yet past fp16's range (a meta weight takes nothing)
+            _finite(name, v, Path(where), f" in the model's {p.dtype}")
         p.data.view(-1)[idx.to(p.device)] = v
 
 

@@ -1,12 +1,14 @@
 """Live progress of a suite run (rich), and the summary table at the end.
 
 On a terminal: a bar for the suite (cells done, ETA) and one per running cell (step, loss). Elsewhere (CI
-logs): one plain line per started and finished cell and every tenth step.
+logs, a suite left running for hours): one plain line per started and finished cell and every tenth step; a
+finished cell's line says how many are left and, at this run's pace so far, about how long they take.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -16,7 +18,7 @@ from zobench.results import derive
 
 
 class SuiteProgress:
-    def __init__(self, console: Console | None = None):
+    def __init__(self, console: Console | None = None, clock=time.monotonic):
         self.console = console or Console(stderr=True)
         self.live = self.console.is_terminal
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -26,6 +28,8 @@ class SuiteProgress:
         self.cell_tasks: dict[str, int] = {}
         self.numbers: dict[str, int] = {}
         self.records = []
+        self.clock = clock
+        self.todo, self.finished, self.began = 0, 0, clock()
 
     def __enter__(self):
         self.progress.__enter__()
@@ -39,6 +43,7 @@ class SuiteProgress:
         if event == "suite":
             what = data.get("what", "cells")
             self.suite_task = self.progress.add_task(what, total=data["todo"], info="")
+            self.todo, self.finished, self.began = data["todo"], 0, self.clock()
             if what == "pilot":
                 self._line(f"learning-rate pilot: {data['total']} short cells choose the cells' lr on dev")
             if data["skipped"]:
@@ -69,9 +74,21 @@ class SuiteProgress:
             self.progress.remove_task(task)
         self.progress.advance(self.suite_task)
         status = rec.status if rec.ok else f"{rec.status}: {rec.reason}"
-        self._line(f"[{self.numbers.get(cell.cell_id, '?')}] {cell.describe()} -> {status} ({rec.wall_s or 0:.0f} s)")
+        self.finished += 1
+        self._line(f"[{self.numbers.get(cell.cell_id, '?')}] {cell.describe()} -> {status} ({rec.wall_s or 0:.0f} s)"
+                   f"{self._left()}")
         for warning in rec.warnings:
             self._line(f"    warning: {warning}")
+
+    def _left(self) -> str:
+        """'; N of M left, about T at this run's pace' (the pace: this run's wall time per finished cell, so
+        concurrent cells and a loaded machine count as they are)."""
+        left = self.todo - self.finished
+        if left <= 0:
+            return f"; {self.todo} of {self.todo} done"
+        eta = (self.clock() - self.began) / self.finished * left
+        span = f"{eta / 3600:.1f} h" if eta >= 5400 else f"{eta / 60:.0f} min"
+        return f"; {left} of {self.todo} left, about {span} at this run's pace"
 
     def _line(self, text: str) -> None:
         if self.live:

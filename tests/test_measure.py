@@ -147,6 +147,38 @@ def test_a_phase_keeps_the_other_load_exactly_when_its_recorded_wall_time_is_lon
     assert (m["other_cpus"] is None) == (m["wall_s"] < load_mod.MIN_WALL_S), (m["wall_s"], m["other_cpus"])
 
 
+def test_a_block_set_aside_in_a_phase_is_measured_apart_and_left_out_of_its_peak_and_seconds():
+    """A dev evaluation inside training: 300 MiB touched inside the aside block show in its own phase's
+    peak, not in the training phase's; 150 MiB touched in the phase itself after the block do (measuring
+    starts again after it); two blocks of one name add up."""
+    import numpy as np
+
+    from zobench.cell.timing import Phases
+
+    def touch(mib):
+        a = np.ones(mib << 17)  # float64: mib MiB, every page written
+        time.sleep(0.05)
+        return float(a[-1])
+
+    data = {}
+    phases = Phases("cpu", data)
+    with phases("train"):
+        touch(20)
+        for _ in range(2):
+            with phases.aside("eval_dev"):
+                touch(300)
+                time.sleep(0.2)
+    train, dev = data["train"], data["eval_dev"]
+    assert dev.peak_rss_mib - dev.start_rss_mib > 290
+    assert train.peak_rss_mib < dev.peak_rss_mib - 200  # the evaluations' 300 MiB are not the training's
+    assert dev.wall_s > 0.4 and train.wall_s < dev.wall_s  # the two 0.25 s blocks, summed, not in train's
+    with phases("train"):
+        with phases.aside("eval_dev"):
+            touch(10)
+        touch(150)  # after the block: still the phase's
+    assert data["train"].peak_rss_mib - data["train"].start_rss_mib > 140
+
+
 def test_records_name_the_cpu_instructions_that_choose_kernels():
     from zobench.measure.machine import KERNEL_FLAGS, cpu_flags
 

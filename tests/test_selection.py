@@ -65,7 +65,10 @@ def test_a_cell_with_dev_evaluation_reports_test_at_its_best_dev_step(monkeypatc
                                     n_test=16, steps=4, eval_every=2, eval_after=True, calib_sequences=2,
                                     calib_length=64, max_length=64))
     pipeline = Pipeline(cfg)
-    m = pipeline.run().metrics
+    rec = pipeline.run()
+    m = rec.metrics
+    # the dev evaluations are a phase of their own, out of the training's peak (a forward cell has none)
+    assert rec.phases["eval_dev"].wall_s > 0 and {"warmup", "train"} <= set(rec.phases)
     curve = m.get("dev_curve")
     assert [p["step"] for p in curve] == [2, 4] and all(p["train_s"] > 0 for p in curve)
     assert curve[0]["train_s"] < curve[1]["train_s"]

@@ -49,8 +49,8 @@ def read_kinds(kinds: tuple) -> tuple:
 
 # The phases the training estimate covers (a record's phase names; ``CellRecord.estimated_phase_mib``), and
 # the evaluations, which have an estimate of their own ("eval") where the estimator made one.
-TRAIN_ESTIMATED = ("warmup", "train", "eval_before", "eval_after", "eval_best")
-EVAL_PHASES = ("eval_before", "eval_after", "eval_best")
+TRAIN_ESTIMATED = ("warmup", "train", "eval_before", "eval_dev", "eval_after", "eval_best")
+EVAL_PHASES = ("eval_before", "eval_dev", "eval_after", "eval_best")
 
 
 def estimate_key(phase: str, estimated) -> str:

@@ -278,7 +278,8 @@ class Pipeline:
         self.notify({"step": i + 1, "steps": self.cfg.steps, "loss": res.loss})
         if self.cfg.eval_every and (i + 1) % self.cfg.eval_every == 0 and self.record.accuracy_meaningful:
             timing.flush(stepper)  # dev sees (and a snapshot keeps) the weights of step i + 1
-            dev = self.score(run.splits.dev, f"dev_{i + 1}")
+            with self.phase.aside("eval_dev"):  # its own phase: out of the training peak (a forward cell has none)
+                dev = self.score(run.splits.dev, f"dev_{i + 1}")
             self.metrics.values.setdefault("dev_curve", []).append({"step": i + 1, **dev, "train_s": timing.total})
             self.selection.see(i + 1, dev)
         if self.cfg.checkpoint and self.trainable is not None and stepper.resumable:

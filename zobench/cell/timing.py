@@ -18,16 +18,60 @@ from zobench.zo.trainer import ForwardOnly
 
 class Phases:
     """``with phases("train"): ...`` measures the block (``measure.phases.phase``: numbers) and keeps them in
-    ``into`` as the record's ``PhaseMeasure`` of that name."""
+    ``into`` as the record's ``PhaseMeasure`` of that name.
+
+    ``with phases.aside("eval_dev"): ...`` inside a phase measures the block as a phase of its own and leaves
+    it out of the open phase: out of its peaks, its wall and its CPU seconds. Blocks of one name add up (wall
+    and CPU summed, peaks the highest). The dev evaluations inside training are measured so: a forward cell
+    has none, so a training peak that held them (a forward at the evaluation batch) was not the training's."""
 
     def __init__(self, device: str, into: dict):
-        self.device, self.data = device, into
+        self.device, self.data, self.open = device, into, []
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         with phase(self.device) as numbers:
-            yield
+            self.open.append([numbers, 0.0, 0.0])  # the phase's figures, and the wall and CPU set aside in it
+            try:
+                yield
+            finally:
+                _, wall, cpu = self.open.pop()
+        numbers.update(wall_s=numbers["wall_s"] - wall,
+                       cpu_s=None if numbers.get("cpu_s") is None else numbers["cpu_s"] - cpu)
         self.data[name] = PhaseMeasure(**numbers)
+
+    @contextlib.contextmanager
+    def aside(self, name: str):
+        outer = self.open[-1] if self.open else None
+        with outer[0].set_aside() if outer else contextlib.nullcontext():
+            with phase(self.device) as numbers:
+                yield
+        m = PhaseMeasure(**numbers)
+        if outer:
+            outer[1] += m.wall_s
+            outer[2] += m.cpu_s or 0.0
+        self.data[name] = _added(self.data.get(name), m)
+
+
+def _added(a: PhaseMeasure | None, b: PhaseMeasure) -> PhaseMeasure:
+    """Two blocks of one phase as one: wall and CPU seconds summed, peaks the higher, the other load weighted
+    by wall time, start from the first and end from the last."""
+    if a is None:
+        return b
+
+    def top(x, y):
+        return y if x is None else x if y is None else max(x, y)
+
+    wall = a.wall_s + b.wall_s
+    load = None if a.other_cpus is None or b.other_cpus is None or wall <= 0 else \
+        (a.other_cpus * a.wall_s + b.other_cpus * b.wall_s) / wall
+    return PhaseMeasure(wall_s=wall, peak_rss_mib=top(a.peak_rss_mib, b.peak_rss_mib), start_rss_mib=a.start_rss_mib,
+                        end_rss_mib=b.end_rss_mib, cuda_max_allocated_mib=top(a.cuda_max_allocated_mib,
+                                                                              b.cuda_max_allocated_mib),
+                        cuda_max_reserved_mib=top(a.cuda_max_reserved_mib, b.cuda_max_reserved_mib),
+                        device_peak_mib=top(a.device_peak_mib, b.device_peak_mib),
+                        device_source=a.device_source or b.device_source, other_cpus=load,
+                        cpu_s=None if a.cpu_s is None or b.cpu_s is None else a.cpu_s + b.cpu_s)
 
 
 class ForwardReference:

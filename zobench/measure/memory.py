@@ -13,6 +13,7 @@ CUDA phase starts by emptying the caching allocator: a phase's peak is then its 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -95,7 +96,7 @@ class PeakMemory:
         self.result: dict[str, float] = {}
 
     def __enter__(self):
-        self._sampler = None
+        self._sampler, self._kept = None, {}
         release_freed_heap()
         self._hwm = _reset_hwm() and _read_hwm_mib() is not None
         if not self._hwm:
@@ -103,21 +104,59 @@ class PeakMemory:
             self._sampler.start()
         self._start_rss = current_rss_mib()
         if self.device.startswith("cuda"):
+            # The driver's baseline (the device's used memory the first time a process measures) is read
+            # before this process touches CUDA, so its context and kernels count in device_peak_mib.
+            device = DeviceMemory()
             # Each phase starts from what is live: memory the caching allocator kept from an earlier phase
             # (the float16 weights and gradients of a sensitive mask, say) goes back to the driver, so the
             # driver's figure is what a card running this phase alone would hold.
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            self._device = DeviceMemory().start()
+            self._device = device.start()
         return self
 
-    def __exit__(self, *exc):
-        peak = _read_hwm_mib() if self._hwm else self._sampler.stop()
-        self.result = {"peak_rss_mib": peak, "start_rss_mib": self._start_rss, "end_rss_mib": current_rss_mib()}
+    def _peaks(self) -> dict:
+        """The peaks so far; the sampling threads are stopped."""
+        out = {"peak_rss_mib": _read_hwm_mib() if self._hwm else self._sampler.stop()}
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-            self.result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / MIB
-            self.result["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved() / MIB
-            self.result.update(self._device.stop())
+            out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / MIB
+            out["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved() / MIB
+            out.update(self._device.stop())
+        return out
+
+    @contextlib.contextmanager
+    def set_aside(self):
+        """Leave the block out of this measure's peaks (a dev evaluation inside the training phase, measured
+        on its own): the peaks so far are kept, and measuring starts again from what is live after it."""
+        before = self._peaks()
+        try:
+            yield
+        finally:
+            self._kept = _highest(self._kept, before)
+            if self._hwm:
+                _reset_hwm()
+            else:
+                self._sampler = _Sampler()
+                self._sampler.start()
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                self._device = DeviceMemory().start()
+
+    def __exit__(self, *exc):
+        self.result = _highest(self._peaks(), self._kept)
+        self.result.update(start_rss_mib=self._start_rss, end_rss_mib=current_rss_mib())
         return False
+
+
+def _highest(now: dict, kept: dict) -> dict:
+    """``now`` with each peak the higher of its and ``kept``'s (figures missing on one side stay as they are)."""
+    out = dict(now)
+    for key, value in kept.items():
+        if key.endswith("_mib") and isinstance(value, (int, float)):
+            out[key] = value if out.get(key) is None else max(out[key], value)
+        else:
+            out.setdefault(key, value)
+    return out

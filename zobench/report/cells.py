@@ -15,7 +15,8 @@ from zobench.cell.record import CellRecord
 from zobench.results import Derived
 from zobench.spec.catalog import METHODS, MethodInfo
 
-PHASES = ("load", "mask", "quantize", "eval_before", "warmup", "train", "eval_after")  # the order they run in
+PHASES = ("load", "mask", "quantize", "eval_before", "warmup", "train", "eval_dev", "eval_after")  # as they run
+# (eval_dev: the dev evaluations made during training, measured apart from it)
 KEY_AXES = ("method", "quant", "density")
 EXTRA_ORDER = ("model", "task", "dtype")
 TRAINING_ONLY = ("lr", "eps")  # settings a reference (forward-only) cell carries but never uses

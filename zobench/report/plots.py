@@ -119,7 +119,8 @@ def memory_bars(ok: list[CellView], extras: list[str]):
 
 
 PHASE_COLORS = {"load": "#7f7f7f", "mask": "#8c564b", "quantize": "#e377c2", "eval_before": "#c7c7c7",
-                "warmup": "#aec7e8", "train": "#1f77b4", "eval_after": "#dbdb8d", "eval_best": "#bcbd22"}
+                "warmup": "#aec7e8", "train": "#1f77b4", "eval_dev": "#9edae5", "eval_after": "#dbdb8d",
+                "eval_best": "#bcbd22"}
 
 
 def phase_bars(ok: list[CellView], extras: list[str]):

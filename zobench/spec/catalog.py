@@ -143,4 +143,4 @@ def method_settings() -> set[str]:
 
 # Every phase a cell may measure, in the order they run: the whole cell's peak is the largest of them, and a
 # budget may name the ones it holds.
-CELL_PHASES = ("load", "mask", "quantize", "eval_before", "warmup", "train", "eval_after", "eval_best")
+CELL_PHASES = ("load", "mask", "quantize", "eval_before", "warmup", "train", "eval_dev", "eval_after", "eval_best")

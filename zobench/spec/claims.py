@@ -28,8 +28,8 @@ could; the section's hash also covers which claims share the Holm family. Record
 edited after its data exists shows as a different hash. Pure data: no numpy, no torch.
 
 A speed claim's clock says what a dev point's time is: ``step_forwards``, the steps so far times the run's
-median step over two of its own forwards (each step timed beside two plain forwards of its batch, in the same
-process: load that slows a run slows both, so the ratio holds, and it is comparable between arms on one
+median step over two of its own forwards (each step timed beside a plain forward of its batch, counted twice, in
+the same process: load that slows a run slows both, so the ratio holds, and it is comparable between arms on one
 model); ``train_s``, training seconds (what a user waits, and whatever else the machine did then);
 ``reference_forwards``, training seconds over the run's median two-forward time (kept for records that
 declared it: load that varies during a run inflates the seconds and not the median, so it is not

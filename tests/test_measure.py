@@ -26,6 +26,23 @@ def test_peak_memory_sees_a_known_allocation_within_10_percent():
     assert abs(grown - size_mib) <= 0.10 * size_mib, grown
 
 
+def test_a_record_says_how_its_peak_was_read_and_the_sampler_sees_an_allocation(monkeypatch):
+    """Where the kernel's high-water mark can be reset (here) the peak is exact and says "hwm"; where it cannot,
+    RSS is sampled every 5 ms, says "sampled", and still sees an allocation held for 100 ms."""
+    import zobench.measure.memory as memory
+
+    with PeakMemory() as exact:
+        pass
+    assert exact.result["rss_method"] == "hwm"
+    monkeypatch.setattr(memory, "_reset_hwm", lambda: False)
+    with PeakMemory() as sampled:
+        t = torch.ones(128 * 1024 * 1024 // 4)
+        time.sleep(0.1)
+        del t
+    assert sampled.result["rss_method"] == "sampled"
+    assert sampled.result["peak_rss_mib"] - sampled.result["start_rss_mib"] > 115
+
+
 def test_peaks_reset_per_phase():
     with PeakMemory() as big:
         t = torch.ones(192 * 1024 * 1024 // 4)

@@ -111,6 +111,8 @@ class PhaseMeasure:
     cuda_max_reserved_mib: float | None = None
     device_peak_mib: float | None = None    # what the driver reported (NVML): context and libraries included
     device_source: str | None = None        # "process" (this process's own) | "device" (used minus before)
+    rss_method: str | None = None           # "hwm": the kernel's high-water mark, reset at the phase's start (exact);
+                                            # "sampled": RSS read every 5 ms (a shorter spike can be missed)
     other_cpus: float | None = None         # CPUs busy with other work meanwhile (zobench.measure.load)
     cpu_s: float | None = None              # this process's CPU seconds in the phase (measure.load.OtherLoad)
 
@@ -123,7 +125,7 @@ class PhaseMeasure:
             d["wall_s"] = d.pop("seconds")
         if d.get("wall_s") is None:
             raise SchemaError(f"field '{name}' has no 'wall_s'")
-        return cls(**{k: check_field(v, (str,) if k == "device_source" else NUMBER, f"{name}.{k}")
+        return cls(**{k: check_field(v, (str,) if k in ("device_source", "rss_method") else NUMBER, f"{name}.{k}")
                       for k, v in d.items() if k in _PHASE_FIELDS})
 
     def to_json(self) -> dict:

@@ -71,6 +71,7 @@ def _added(a: PhaseMeasure | None, b: PhaseMeasure) -> PhaseMeasure:
                         cuda_max_reserved_mib=top(a.cuda_max_reserved_mib, b.cuda_max_reserved_mib),
                         device_peak_mib=top(a.device_peak_mib, b.device_peak_mib),
                         device_source=a.device_source or b.device_source, other_cpus=load,
+                        rss_method=a.rss_method if a.rss_method == b.rss_method else "sampled",
                         cpu_s=None if a.cpu_s is None or b.cpu_s is None else a.cpu_s + b.cpu_s)
 
 

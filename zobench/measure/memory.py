@@ -147,7 +147,8 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         self.result = _highest(self._peaks(), self._kept)
-        self.result.update(start_rss_mib=self._start_rss, end_rss_mib=current_rss_mib())
+        self.result.update(start_rss_mib=self._start_rss, end_rss_mib=current_rss_mib(),
+                           rss_method="hwm" if self._hwm else "sampled")
         return False
 
 

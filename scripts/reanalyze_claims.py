@@ -16,6 +16,7 @@ from pathlib import Path
 from zobench.analysis.verdicts import claims_of, verdicts
 from zobench.errors import UserError
 from zobench.report.claims import claims_section
+from zobench.report.header import cells_without_record
 from zobench.results import load_records
 from zobench.spec.suite import load_suite
 
@@ -27,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         records = load_records(args.results)
-        claims = load_suite(args.current).claims if args.current else \
-            next((c for r in reversed(records) if (c := claims_of(r))), [])
+        suite = load_suite(args.current) if args.current else None
+        claims = suite.claims if suite else next((c for r in reversed(records) if (c := claims_of(r))), [])
         if not claims:
             raise UserError(f"{args.results}: its records carry no declared claims")
         decision = verdicts(records, claims, Path(args.results).parent)
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reanalyze_claims: error: {e}", file=sys.stderr)
         return 2
     dirty = sorted({r.cell_id for r in records if (r.git or {}).get("dirty")})
-    print("\n".join(claims_section(decision, {c.id: c.name for c in claims}, dirty)))
+    missing = cells_without_record(suite, records)  # with --current: the suite's cells not in yet (interim)
+    print("\n".join(claims_section(decision, {c.id: c.name for c in claims}, dirty, missing)))
     return 0
 
 

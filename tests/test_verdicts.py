@@ -340,3 +340,16 @@ def test_earlier_declarations_are_decided_up_to_a_bound_and_the_rest_named(tmp_p
     assert set(decision.earlier).isdisjoint(decision.earlier_undecided)
     text = "\n".join(claims_section(decision, {}, []))
     assert text.count("### As declared earlier") == MAX_EARLIER and "2 more earlier declarations" in text
+
+
+def test_verdicts_of_a_suite_not_all_in_are_marked_interim(results):
+    """Verdicts read while declared cells are still missing are labelled interim, each of them, with why;
+    once every cell is in, none is."""
+    from zobench.report.claims import claims_section
+
+    decision = verdicts(load_records(results), claims(), results.parent)
+    partial = "\n".join(claims_section(decision, {}, [], missing=3))
+    assert "**Interim:** 3 of the suite's cells have no record yet" in partial
+    rows = [line for line in partial.splitlines() if line.startswith("| s-")]
+    assert len(rows) == 2 and all("(interim)" in row for row in rows)
+    assert "interim" not in "\n".join(claims_section(decision, {}, [], missing=0)).lower()

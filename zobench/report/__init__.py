@@ -18,7 +18,7 @@ from zobench.errors import UserError
 from zobench.files import atomic_write
 from zobench.report.cells import CellView, sort_key, varying_axes
 from zobench.report.claims import claims_section
-from zobench.report.header import suite_progress
+from zobench.report.header import cells_without_record, suite_progress
 from zobench.report.influence import render_influence_report
 from zobench.report.markdown import render_markdown
 from zobench.report.plots import plots_folder, write_plots
@@ -55,7 +55,8 @@ def render_report(records: list[CellRecord], out_md: Path, title: str | None = N
     decision = verdicts(records, claims, results_dir or out_md.parent) if claims else None
     names = {c.id: c.name for c in claims}
     dirty = sorted({r.cell_id for r in records if (r.git or {}).get("dirty")})
-    text = render_markdown(recs, title, plots, pilots=pilots, claims=claims_section(decision, names, dirty),
+    missing = cells_without_record(suite, records)
+    text = render_markdown(recs, title, plots, pilots=pilots, claims=claims_section(decision, names, dirty, missing),
                            progress=suite_progress(suite, records, _suite_file(records)))
     return atomic_write(out_md, text, "report")
 

@@ -159,6 +159,16 @@ def environment(env: dict, git: dict) -> str:
     return "; ".join(p for p in parts if p)
 
 
+def cells_without_record(suite, records: list) -> int:
+    """The suite's cells (not its lr pilots) with no record in ``records``, counted as ``suite_progress`` does."""
+    if suite is None:
+        return 0
+    every = select_cells(suite, None)
+    chosen = choose(every, suite.lr_pilot, records)[0] if suite.lr_pilot is not None else every
+    recorded = {r.cell_id for r in latest_by_cell(records)}
+    return sum(c.cell_id not in recorded for c in chosen) + len(every) - len(chosen)
+
+
 def suite_progress(suite, records: list, suite_file: str | None) -> list[str]:
     """A line when some of the suite's cells have no record (a run going on or stopped, or some cells run
     with --only), so that no one reads a part as the whole; and when some records are not cells of the suite

@@ -23,8 +23,6 @@ earlier declaration too, so a report shows both, labelled.
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,11 +31,12 @@ import numpy as np
 from zobench.analysis.design import failed_run
 from zobench.analysis.speed import faster_to_target
 from zobench.analysis.stats import Evidence, Result, accuracy_difference, align, decide
+from zobench.cell.predictions import SHA256
 from zobench.cell.predictions import read as read_predictions
 from zobench.cell.record import CellRecord
 from zobench.errors import UserError
 from zobench.results import latest_by_cell
-from zobench.spec.claims import Claim, FailedIf, claims_hash, parse_claims
+from zobench.spec.claims import Claim, FailedIf, claims_hash, finite_number, parse_claims
 from zobench.spec.selectors import selector_matches
 
 
@@ -92,9 +91,6 @@ def _label(r: CellRecord) -> str:
     return f"{r.cell_id} ({r.method}, seed {r.config.get('seed')})"
 
 
-SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
 class Reader:
     """Per-example predictions of records, read once each, from inside the results folder and checked
     against the sha256 the record names. A record is data: its description of the file is checked first (a
@@ -146,10 +142,6 @@ def _checked(fields: dict, where: str) -> dict:
     return fields
 
 
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def majority_rate(details: dict) -> float:
     gold = np.asarray(details["gold"])
     return float(np.bincount(gold).max() / len(gold)) if len(gold) else 1.0
@@ -158,7 +150,7 @@ def majority_rate(details: dict) -> float:
 def _failed(rec: CellRecord, details: dict | None, rule: FailedIf) -> str | None:
     score = rec.metrics.get("test_best") or rec.metrics.get("test_after")
     test = score.get("accuracy") if isinstance(score, dict) else None
-    test = test if _number(test) else None  # a score that is not a number is no score: the run failed
+    test = test if finite_number(test) else None  # a score that is not a number is no score: the run failed
     majority = majority_rate(details) if details is not None and "gold" in details else 0.5
     return failed_run(test, majority, rec.metrics.get("loss_curve"), rule)
 
@@ -221,7 +213,7 @@ def curve(rec: CellRecord, clock: str) -> tuple[np.ndarray, np.ndarray] | None:
     points = rec.metrics.get("dev_curve") or []
     key = "step" if clock == "step_forwards" else "train_s"
     if not isinstance(points, list) or not points or not all(
-            isinstance(p, dict) and all(_number(p.get(k)) for k in (key, "accuracy")) for p in points):
+            isinstance(p, dict) and all(finite_number(p.get(k)) for k in (key, "accuracy")) for p in points):
         return None  # none, or not one zobench wrote: the run has no curve in this clock (and is listed so)
     if clock == "step_forwards":
         ratio = rec.metrics.step_over_ref

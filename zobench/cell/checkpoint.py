@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from zobench.cell.delta_check import check_trajectory, whole_number
+from zobench.cell.predictions import SHA256
 from zobench.errors import UserError
 from zobench.files import MAX_ARTIFACT_BYTES, read_json
 from zobench.spec.config import LIMITS
@@ -84,7 +85,7 @@ def load(path: str | Path, cell_id: str) -> tuple[Checkpoint | None, str | None]
         check_trajectory(ckpt.trajectory, ckpt.step, f"{path}: trajectory")
         check_spent(ckpt.spent)
         sha = ckpt.predictions_sha256
-        if sha is not None and (not isinstance(sha, str) or len(sha) != 64 or set(sha) - set("0123456789abcdef")):
+        if sha is not None and not (isinstance(sha, str) and SHA256.fullmatch(sha)):
             raise ValueError("predictions_sha256: expected 64 hex digits")
     except (UserError, ValueError, TypeError) as e:
         return None, f"checkpoint {path} unreadable ({str(e)[:200]}); the cell ran from step 0"

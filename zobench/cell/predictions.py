@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import zipfile
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from zobench.files import atomic_write, refuse_special
 MAX_FILE_BYTES = 64 << 20
 MAX_MEMBER_BYTES = 256 << 20  # uncompressed, each array
 MAX_MEMBERS = 4096
+SHA256 = re.compile(r"[0-9a-f]{64}")  # how a record (and a checkpoint) names a predictions file's bytes
 
 
 class Predictions:

@@ -10,6 +10,7 @@ import torch
 
 from zobench.cell.measures import Metrics, PhaseMeasure, Stats
 from zobench.measure.bandwidth import copy_gb_s
+from zobench.measure.memory import highest
 from zobench.measure.phases import phase
 from zobench.quant.sparse import sparse_bypassed
 from zobench.zo import fused
@@ -58,21 +59,15 @@ def _added(a: PhaseMeasure | None, b: PhaseMeasure) -> PhaseMeasure:
     by wall time, start from the first and end from the last."""
     if a is None:
         return b
-
-    def top(x, y):
-        return y if x is None else x if y is None else max(x, y)
-
     wall = a.wall_s + b.wall_s
     load = None if a.other_cpus is None or b.other_cpus is None or wall <= 0 else \
         (a.other_cpus * a.wall_s + b.other_cpus * b.wall_s) / wall
-    return PhaseMeasure(wall_s=wall, peak_rss_mib=top(a.peak_rss_mib, b.peak_rss_mib), start_rss_mib=a.start_rss_mib,
-                        end_rss_mib=b.end_rss_mib, cuda_max_allocated_mib=top(a.cuda_max_allocated_mib,
-                                                                              b.cuda_max_allocated_mib),
-                        cuda_max_reserved_mib=top(a.cuda_max_reserved_mib, b.cuda_max_reserved_mib),
-                        device_peak_mib=top(a.device_peak_mib, b.device_peak_mib),
-                        device_source=a.device_source or b.device_source, other_cpus=load,
-                        rss_method=a.rss_method if a.rss_method == b.rss_method else "sampled",
-                        cpu_s=None if a.cpu_s is None or b.cpu_s is None else a.cpu_s + b.cpu_s)
+    merged = highest(vars(b), vars(a))  # every *_mib figure the higher of the two (a peak's merge)
+    merged.update(wall_s=wall, start_rss_mib=a.start_rss_mib, end_rss_mib=b.end_rss_mib, other_cpus=load,
+                  device_source=a.device_source or b.device_source,
+                  rss_method=a.rss_method if a.rss_method == b.rss_method else "sampled",
+                  cpu_s=None if a.cpu_s is None or b.cpu_s is None else a.cpu_s + b.cpu_s)
+    return PhaseMeasure(**merged)
 
 
 class ForwardReference:

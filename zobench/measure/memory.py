@@ -134,7 +134,7 @@ class PeakMemory:
         try:
             yield
         finally:
-            self._kept = _highest(self._kept, before)
+            self._kept = highest(self._kept, before)
             if self._hwm:
                 _reset_hwm()
             else:
@@ -146,13 +146,13 @@ class PeakMemory:
                 self._device = DeviceMemory().start()
 
     def __exit__(self, *exc):
-        self.result = _highest(self._peaks(), self._kept)
+        self.result = highest(self._peaks(), self._kept)
         self.result.update(start_rss_mib=self._start_rss, end_rss_mib=current_rss_mib(),
                            rss_method="hwm" if self._hwm else "sampled")
         return False
 
 
-def _highest(now: dict, kept: dict) -> dict:
+def highest(now: dict, kept: dict) -> dict:
     """``now`` with each peak the higher of its and ``kept``'s (figures missing on one side stay as they are)."""
     out = dict(now)
     for key, value in kept.items():

@@ -159,14 +159,22 @@ def environment(env: dict, git: dict) -> str:
     return "; ".join(p for p in parts if p)
 
 
+def _cells(suite, records: list):
+    """(the lr pilot cells, the cells with their chosen lr, how many cells wait for their pilots, the recorded
+    cell ids): the cells as ``zobench run --resume`` counts them."""
+    every = select_cells(suite, None)
+    pilots = pilot_cells(every, suite.lr_pilot) if suite.lr_pilot is not None else []
+    chosen = choose(every, suite.lr_pilot, records)[0] if suite.lr_pilot is not None else every
+    # cells whose pilots have not all finished: none has its record yet
+    return pilots, chosen, len(every) - len(chosen), {r.cell_id for r in latest_by_cell(records)}
+
+
 def cells_without_record(suite, records: list) -> int:
     """The suite's cells (not its lr pilots) with no record in ``records``, counted as ``suite_progress`` does."""
     if suite is None:
         return 0
-    every = select_cells(suite, None)
-    chosen = choose(every, suite.lr_pilot, records)[0] if suite.lr_pilot is not None else every
-    recorded = {r.cell_id for r in latest_by_cell(records)}
-    return sum(c.cell_id not in recorded for c in chosen) + len(every) - len(chosen)
+    _, chosen, waiting, recorded = _cells(suite, records)
+    return sum(c.cell_id not in recorded for c in chosen) + waiting
 
 
 def suite_progress(suite, records: list, suite_file: str | None) -> list[str]:
@@ -177,11 +185,7 @@ def suite_progress(suite, records: list, suite_file: str | None) -> list[str]:
     counts them: with each learning rate its pilot chose."""
     if suite is None:
         return []
-    every = select_cells(suite, None)
-    pilots = pilot_cells(every, suite.lr_pilot) if suite.lr_pilot is not None else []
-    chosen = choose(every, suite.lr_pilot, records)[0] if suite.lr_pilot is not None else every
-    waiting = len(every) - len(chosen)  # cells whose pilots have not all finished: none has its record yet
-    recorded = {r.cell_id for r in latest_by_cell(records)}
+    pilots, chosen, waiting, recorded = _cells(suite, records)
     strangers = recorded - {c.cell_id for c in [*chosen, *pilots]}
     if strangers == recorded:
         return [f"> None of these records is a cell of {suite_file} as it reads now (the file, or a "

@@ -140,9 +140,14 @@ def _known(item: dict, where: str, keys) -> None:
             raise unknown_key(where, str(k), keys)
 
 
+def finite_number(value: Any) -> bool:
+    """An int or float, not a bool, finite: what a declared setting, or a score a verdict or a pilot reads from
+    a results file, must be."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _fraction(value: Any, where: str, low: float, high: float, what: str) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not low <= value < high:
+    if not finite_number(value) or not low <= value < high:
         raise UserError(f"{where}: expected {what}")
     return float(value)
 

@@ -11,8 +11,8 @@ the results file, so ``--resume`` re-derives the same choice; every cell's recor
 from __future__ import annotations
 
 import dataclasses
-import math
 
+from zobench.spec.claims import finite_number
 from zobench.spec.matrix import Cell, cell_id
 from zobench.spec.selectors import selector_matches
 
@@ -60,8 +60,7 @@ def _dev(rec, by: str = "best") -> float | None:
         score = rec.metrics.get("best_dev")
     value = score.get("accuracy", score.get("f1")) if isinstance(score, dict) else None
     # a results file is data: a score that is not a finite number is no score (the pilot counts as not done)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return value if ok else None
+    return value if finite_number(value) else None
 
 
 def choose(cells: list[Cell], pilot, records) -> tuple[list[Cell], dict[str, dict]]:

@@ -53,9 +53,8 @@ def _no_link(path: Path) -> Path:
     return path
 
 
-def _copy(src: Path, dst: Path, data: bytes | None = None) -> None:
+def _write(dst: Path, data: bytes) -> None:
     """Atomically, through a fresh temporary file: a reader (or a kill) never sees half a file at ``dst``."""
-    data = _no_link(src).read_bytes() if data is None else data
     _no_link(dst)
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".sync-tmp")
     try:
@@ -65,6 +64,13 @@ def _copy(src: Path, dst: Path, data: bytes | None = None) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _put(target: Path, data: bytes, done: list[str]) -> None:
+    """``data`` at ``target`` unless it is there already."""
+    if not target.exists() or _no_link(target).read_bytes() != data:
+        _write(target, data)
+        done.append(f"{target}: copied")
 
 
 def _recorded_sha(lines: list[bytes]) -> dict[str, str]:
@@ -106,7 +112,7 @@ def _sync(src: Path, dst: Path, name: str, records: Path, mine_path: Path) -> li
         raise Refused(f"{mine_path} is not a prefix of {records} (a record there differs, or it has more): "
                       f"nothing copied")
     if len(theirs) > len(mine):
-        _copy(records, mine_path, b"".join(theirs))
+        _write(mine_path, b"".join(theirs))
         done.append(f"{mine_path}: {len(theirs) - len(mine)} record(s) added ({len(theirs)} in all)")
 
     named = _recorded_sha(theirs)
@@ -114,25 +120,18 @@ def _sync(src: Path, dst: Path, name: str, records: Path, mine_path: Path) -> li
     if preds_src.is_dir():
         preds_dst.mkdir(exist_ok=True)
         for f in sorted(preds_src.glob("*.npz")):
-            data, target = _no_link(f).read_bytes(), preds_dst / f.name
-            want = named.get(f.stem)
+            data, want = _no_link(f).read_bytes(), named.get(f.stem)
             if want is not None and hashlib.sha256(data).hexdigest() != want:
                 done.append(f"{f}: not the bytes its record names; left alone")
-                continue
-            if not target.exists() or _no_link(target).read_bytes() != data:
-                _copy(f, target, data)
-                done.append(f"{target}: copied")
+            else:
+                _put(preds_dst / f.name, data, done)
 
     ck_src, ck_dst = _no_link(src / f"{name}.checkpoints"), _no_link(dst / f"{name}.checkpoints")
     keep = {f.name for f in ck_src.glob("*.json") if CHECKPOINT.fullmatch(f.name)} if ck_src.is_dir() else set()
     if keep:
         ck_dst.mkdir(exist_ok=True)
     for n in sorted(keep):
-        target = ck_dst / n
-        data = _no_link(ck_src / n).read_bytes()
-        if not target.exists() or _no_link(target).read_bytes() != data:
-            _copy(ck_src / n, target, data)
-            done.append(f"{target}: copied")
+        _put(ck_dst / n, _no_link(ck_src / n).read_bytes(), done)
     if ck_dst.is_dir():
         for f in sorted(ck_dst.glob("*.json")):
             if CHECKPOINT.fullmatch(f.name) and f.name not in keep and not f.is_symlink():

@@ -451,3 +451,22 @@ def test_cells_get_expandable_cuda_segments_unless_the_user_chose_and_only_gpu_f
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     assert child_env()["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"  # the user's own wins
     assert C.machine_key("cpu") == cpu and C.machine_key("cuda") != cuda
+
+
+def test_cells_run_under_the_users_malloc_settings_recorded_and_keying_the_floors(monkeypatch):
+    """A ``malloc: glibc`` cell gets no malloc option of zobench's (its timings are a user's), a ``release``
+    cell exactly the one threshold; a setting the user's environment carries is in the records and a floor
+    measured without it is not reused under it."""
+    from zobench.analysis import calibration as C
+    from zobench.measure.env import environment
+    from zobench.procs import MALLOC_VARS, RELEASE_ENV, child_env
+
+    for var in MALLOC_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert not any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in child_env("glibc"))
+    assert {k: v for k, v in child_env("release").items() if k.startswith("MALLOC_")} == RELEASE_ENV
+    assert environment()["malloc"] == {}
+    plain = C.machine_key("cpu")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert environment()["malloc"] == {"MALLOC_ARENA_MAX": "2"}
+    assert C.machine_key("cpu") != plain

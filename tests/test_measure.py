@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,25 @@ print(kept - m.result["start_rss_mib"])
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert float(out.stdout.split()[-1]) > 100  # of the 187 MiB freed
+
+
+def test_the_heap_pages_a_block_set_aside_freed_are_not_the_phases_peak():
+    """A dev evaluation set aside inside training frees its blocks into glibc's heap, which keeps their pages
+    below a live block; measuring starts again after it, so those pages must go back first, or the training
+    phase's peak would carry the evaluation's (under malloc's defaults, as cells run)."""
+    script = """
+import torch
+from zobench.measure.memory import PeakMemory
+with PeakMemory("cpu") as m:
+    with m.set_aside():
+        blocks = [torch.ones(16 * 1024) for _ in range(3000)]  # 64 KiB each: from the heap, not mmap
+        last = blocks[-1]  # keeps the heap's top in use: nothing below it is returned on free
+        del blocks
+print(m.result["peak_rss_mib"] - m.result["start_rss_mib"])
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    assert float(out.stdout.split()[-1]) < 60  # of the 187 MiB the block touched and freed
 
 
 def test_environment_names_versions_and_hardware():
@@ -220,3 +240,29 @@ def test_no_warning_a_user_cannot_act_on_when_bitsandbytes_loads():
                        capture_output=True, text=True, timeout=300)
     assert "kernels-community" not in r.stderr
     assert "another warning" in r.stderr
+
+
+@pytest.mark.parametrize("mode", ["release", "glibc"])
+def test_a_cells_malloc_setting_decides_whether_freed_blocks_stay_resident(mode):
+    """A cell process started with ``child_env("release")`` hands freed blocks over 128 KiB back to the OS
+    (a phase's peak is live memory); with ``child_env("glibc")`` malloc keeps its own dynamic threshold, under
+    which, once such a block was freed, later ones come from the heap and stay resident below a live block
+    (what a user's process does)."""
+    from zobench.procs import child_env
+
+    script = """
+import torch
+from zobench.measure.memory import current_rss_mib
+first = torch.ones(64 * 1024)
+del first  # one 256 KiB block freed: glibc raises its threshold above it
+blocks = [torch.ones(64 * 1024) for _ in range(600)]  # 256 KiB each, 150 MiB
+last = torch.ones(64 * 1024)  # allocated after them: keeps the heap's top in use
+before = current_rss_mib()
+del blocks
+print(before - current_rss_mib())
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(child_env(mode))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    freed = float(out.stdout.split()[-1])
+    assert freed > 120 if mode == "release" else freed < 30  # of the 150 MiB freed

@@ -79,6 +79,35 @@ overrides:
     assert "density" not in by_method["full"][0].labels
 
 
+def test_a_malloc_axis_gives_each_allocator_its_own_cells_and_forward_reference(tmp_path):
+    """``malloc`` is a setting like any other: each value its own cells (ids, --resume), and a training cell
+    is compared against the forward cell that ran under the same allocator; a record from before the setting
+    existed (no ``malloc`` in its config) ran as "release" and keeps its id and its reference."""
+    from zobench.spec.matrix import identity, reference_key
+
+    p = tmp_path / "s.yaml"
+    p.write_text("""
+name: s
+defaults: {model: "random:tiny-llama", steps: 3}
+matrix:
+  method: [random]
+  malloc: [glibc, release]
+""")
+    cells = expand(load_suite(p))
+    assert sorted((c.config.method, c.config.malloc) for c in cells) == [
+        ("forward", "glibc"), ("forward", "release"), ("random", "glibc"), ("random", "release")]
+    assert len({c.cell_id for c in cells}) == 4
+    ref = {(c.config.method, c.config.malloc): reference_key(c.config.to_dict()) for c in cells}
+    assert ref["random", "glibc"] == ref["forward", "glibc"] != ref["forward", "release"] == ref["random", "release"]
+    old = {k: v for k, v in cells[0].config.to_dict().items() if k != "malloc"}
+    release = next(c for c in cells if c.config.method == "forward" and c.config.malloc == "release")
+    assert reference_key(old | {"method": "forward"}) == ref["forward", "release"]
+    assert "malloc" not in identity(release.config)  # at its old value: ids from before are kept
+    with pytest.raises(UserError, match="malloc"):
+        p.write_text("name: s\ndefaults: {malloc: jemalloc}\n")
+        expand(load_suite(p))
+
+
 BAD = {
     "unknown top key": ("name: s\nmatrx: {}\n", "unknown key 'matrx'; did you mean 'matrix'?"),
     "unknown cell key": ("name: s\ndefaults: {stepz: 3}\n", "defaults: unknown key 'stepz'; did you mean 'steps'?"),

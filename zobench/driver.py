@@ -38,7 +38,7 @@ from zobench.files import atomic_write
 from zobench.measure.env import environment
 from zobench.measure.machine import git_state
 from zobench.models.load import converted_gguf_dir, pending_conversion
-from zobench.procs import CHILD_ENV, child_env, die_with_parent
+from zobench.procs import child_env, die_with_parent
 from zobench.quant import get_backend
 from zobench.results import TRAIN_PHASES, append_record, load_records, train_peak_mib
 from zobench.spec.claims import claims_hash
@@ -111,7 +111,6 @@ def run_suite(suite: Suite, out_dir: Path, resume: bool = False, only: str | Non
     out = Path(out_dir) / f"{suite.name}.jsonl"
     cells = select_cells(suite, only) if cells is None else cells
     env, git = environment(), git_state()
-    env["malloc_mmap_threshold"] = CHILD_ENV["MALLOC_MMAP_THRESHOLD_"]
     if env.get("gpu"):
         env["cuda_alloc_conf"] = child_env()["PYTORCH_CUDA_ALLOC_CONF"]
     run = Batch(suite, out, env, git, resume, reporter or (lambda *a: None), executor or LocalExecutor())

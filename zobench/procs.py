@@ -5,10 +5,17 @@ A cell, a cache worker or a model conversion killed with its parent (``kill -9``
 scheduler's stop, a lost Ray worker) must not run on and keep writing: the kernel kills it when its
 parent dies (Linux ``PR_SET_PDEATHSIG``).
 
-Cells get ``MALLOC_MMAP_THRESHOLD_`` so that large freed blocks go back to the OS: otherwise glibc keeps
-them in the heap and a later phase's peak RSS includes an earlier phase's garbage. It is part of what the
-estimator's calibration is keyed on (``analysis.calibration``), so it lives here, in the ground. On a GPU
-they also get expandable segments for torch's CUDA allocator (``child_env``), for the same reason.
+How a cell's process allocates host memory is its ``malloc`` setting (``child_env``: set in the environment the
+process starts with). "release" (the default, ``MALLOC_MMAP_THRESHOLD_=131072``) makes every freed block over
+128 KiB go back to the OS at once: a phase's peak RSS is then live memory, the same from run to run, and not
+what glibc's heap kept of earlier work; but each forward's activations and (bitsandbytes) dequantized weights
+come back as fresh pages, which costs page faults a user's process does not pay: SmolLM2's quantized forwards
+ran 2-4x slower and every step / 2 fwd ratio read towards 1 (results/bench/measurements.md, "The allocator a
+cell runs under"). "glibc" leaves malloc as a user's process has it: honest timings, peaks that include what the
+heap kept (about 10% from run to run), and zobench adds nothing: what the user's own environment carries passes
+through, is recorded (``malloc_env``) and keys the estimator's calibration (``analysis.calibration``). On a GPU
+cells get expandable segments for torch's CUDA allocator (``child_env``): segments that grow in place leave no
+fragments to the next phase.
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ import os
 import signal
 
 PR_SET_PDEATHSIG = 1
-CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "false"}
+CHILD_ENV = {"TOKENIZERS_PARALLELISM": "false"}
+# glibc's malloc reads these from the environment at process start (mallopt(3), "Environment variables").
+MALLOC_VARS = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
+               "MALLOC_TRIM_THRESHOLD_", "MALLOC_PERTURB_", "MALLOC_CHECK_", "GLIBC_TUNABLES")
 # The CUDA caching allocator's counterpart: segments that grow in place instead of new fixed-size blocks, so
 # a phase's device peak is what it holds, not the fragments earlier phases left (bench/mask_memory.py on an
 # H200, the mask phase's stages, reserved MiB without / with: backward 2,500 / 2,444, top-k 3,350 / 2,842,
@@ -28,9 +38,19 @@ CUDA_ALLOC_CONF = "expandable_segments:True"
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
-def child_env() -> dict[str, str]:
-    """What a cell's process gets on top of the parent's environment."""
-    return {**CHILD_ENV, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)}
+# What a cell's ``malloc: release`` puts in its process's environment (glibc reads it at start).
+RELEASE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def child_env(malloc: object = "release") -> dict[str, str]:
+    """What a cell's process gets on top of the parent's environment, for the cell's ``malloc`` setting."""
+    env = {**CHILD_ENV, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)}
+    return {**env, **RELEASE_ENV} if malloc == "release" else env
+
+
+def malloc_env() -> dict[str, str]:
+    """The malloc settings a cell's process inherits from this one's environment (empty: glibc's defaults)."""
+    return {k: os.environ[k] for k in MALLOC_VARS if k in os.environ}
 
 
 def die_with_parent(parent: int) -> None:

@@ -29,7 +29,7 @@ import torch
 
 from zobench.files import cache_dir
 from zobench.measure.machine import cpu_name, package_version
-from zobench.procs import child_env
+from zobench.procs import child_env, malloc_env
 from zobench.quant import get_backend
 
 # Used only when the measurement itself cannot run (and said so in every estimate that uses it): the
@@ -62,7 +62,7 @@ def machine_key(device: str = "cpu", quant: str = "none") -> str:
     """What the footprint depends on: device kind, CPU, Python, installed versions, child allocator settings
     (malloc's; on a GPU also torch's CUDA allocator's), and the quant backend the cell was measured with
     (``floor_quant``; "none" keeps the keys floors always had)."""
-    env = child_env()
+    env = {**child_env(), **malloc_env()}  # the floor's cell runs with malloc: release, the default
     if device == "cpu":
         env.pop("PYTORCH_CUDA_ALLOC_CONF")  # no bearing on a CPU cell: CPU floors keep their keys
     facts = {"format": FORMAT, "device": device, "cpu": cpu_name(), "machine": platform.machine(),

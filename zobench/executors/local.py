@@ -5,8 +5,8 @@ exception, an out-of-memory kill or a hang ends that cell only. The parent waits
 sentinels and message pipes with ``multiprocessing.connection.wait`` (no polling loop) and kills a child
 at its timeout.
 
-Children get ``procs.child_env()`` (``MALLOC_MMAP_THRESHOLD_``: large freed blocks go back to the OS, so a
-later phase's peak RSS does not include an earlier phase's garbage; the same for CUDA's allocator). What
+Children get ``procs.child_env()`` (on a GPU, expandable segments for torch's CUDA allocator, so a later
+phase's peak does not include an earlier phase's fragments; the cell's ``malloc`` setting). What
 runs in a child is ``executors.child``.
 """
 
@@ -153,7 +153,8 @@ class LocalExecutor(Executor):
                 continue
             env, threads = placed
             self.on_event("start", {"cell": cell})
-            self.running.append(CellProcess(cell, timeout_s, {**child_env(), **env}, threads, self.on_event))
+            env = {**child_env(cell.config.malloc), **env}
+            self.running.append(CellProcess(cell, timeout_s, env, threads, self.on_event))
             for p in self.running:
                 p.peers = max(p.peers, len(self.running))
         self.queue = waiting

@@ -38,7 +38,8 @@ def cell_task(config: dict, timeout_s: float, threads: int, cpu_only: bool, driv
     the cell and its own worker when it does not: a driver killed outright leaves no cell running, whatever
     Ray's daemons take to notice."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(child_env(), **{v: str(threads) for v in THREAD_VARS}, ZOBENCH_PARENT_PID=str(os.getpid()))
+    env.update(child_env(config.get("malloc", "release")), **{v: str(threads) for v in THREAD_VARS},
+               ZOBENCH_PARENT_PID=str(os.getpid()))
     if cpu_only:
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU cell on a GPU node sees no GPU
     gpu = env.get("CUDA_VISIBLE_DEVICES")

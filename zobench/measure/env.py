@@ -10,6 +10,7 @@ import torch
 
 from zobench.gates import pynvml
 from zobench.measure.machine import cpu_flags, cpu_name, package_version
+from zobench.procs import malloc_env
 
 PACKAGES = ("torch", "transformers", "bitsandbytes", "gptqmodel", "hqq", "peft", "safetensors", "zobench")
 
@@ -35,7 +36,7 @@ def environment() -> dict:
     env = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
            "cpu_flags": cpu_flags(),
            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
+           "malloc": malloc_env()}
     env["versions"] = {p: package_version(p) for p in PACKAGES if package_version(p)}
     env.update(gpu_info())
     return env

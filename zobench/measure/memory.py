@@ -5,10 +5,11 @@ CPU (Linux): the kernel's resident high-water mark VmHWM, reset at the start of 
 CUDA: the allocator's peaks (max allocated / reserved), reset per phase, and the device memory the driver
 reports (NVML, ``zobench.measure.device``), sampled during the phase.
 
-glibc keeps freed memory in its heap, which inflates later phases' RSS; measured children set
-MALLOC_MMAP_THRESHOLD_ so large blocks go back to the OS when freed (see launcher/runner), and each phase
-starts by handing back what the heap still keeps of the earlier phases' small blocks (``malloc_trim``), as a
-CUDA phase starts by emptying the caching allocator: a phase's peak is then its own, not the heap's history.
+glibc keeps freed memory in its heap, which would inflate later phases' RSS; each phase (and the training
+phase again after a dev evaluation set aside) starts by handing the heap's free pages back to the OS
+(``malloc_trim``), as a CUDA phase starts by emptying the caching allocator: a phase's peak is then its own,
+not the heap's history. Within a phase, what glibc keeps of the phase's own freed blocks counts or not by
+the cell's ``malloc`` setting (``zobench.procs``).
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ class PeakMemory:
             yield
         finally:
             self._kept = highest(self._kept, before)
+            release_freed_heap()  # what the evaluation freed is not the training's
             if self._hwm:
                 _reset_hwm()
             else:

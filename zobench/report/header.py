@@ -85,10 +85,30 @@ def machine_time(pilots: list[CellView], recs: list[CellView]) -> str:
     return line
 
 
+def malloc_mode(rec: CellView) -> str:
+    """The cell's host allocator setting; records from before the setting existed all ran as "release"."""
+    return str(setting(rec, "malloc") or "release")
+
+
+def malloc_note(recs: list[CellView]) -> list[str]:
+    """What the step timings of cells under ``malloc: release`` mean, where the report has any."""
+    timed = [r for r in recs if r.ok and r.metrics.get("step_s")]
+    release = [r for r in timed if malloc_mode(r) == "release"]
+    if not release:
+        return []
+    glibc = len(timed) - len(release)
+    rest = (f"; the {cells(glibc)} with `malloc: glibc` time what a user's process gets" if glibc else
+            "; a `malloc: glibc` cell times what a user's process gets")
+    return [f"> {cells(len(release))} with step timings ran with `malloc: release` (every freed block over 128 KiB "
+            "goes back to the OS at once, so peaks are live memory and repeat from run to run): their "
+            "forwards pay page faults a user's process does not, so their seconds read high and step / 2 fwd "
+            f"towards 1 (most on quantized models){rest}.", ""]
+
+
 def machine_notes(recs: list[CellView]) -> list[str]:
     """Cells whose timings other work on the machine slowed, cells resumed from a checkpoint, and the
     recorded notes (a fallback model, the data's caveats), each once with the number of cells it concerns."""
-    lines = []
+    lines = malloc_note(recs)
     loaded = [r for r in recs if (r.phase("train").other_cpus or 0) >= LOADED_CPUS]
     if loaded:
         worst = max(r.phase("train").other_cpus for r in loaded)
@@ -150,8 +170,10 @@ def environment(env: dict, git: dict) -> str:
     if env.get("gpu"):
         gpu = f"GPU {env['gpu']}" + (f" x{env['gpu_count']}" if env.get("gpu_count", 1) > 1 else "")
         parts.append(gpu + (f", CUDA {env['cuda']}" if env.get("cuda") else ""))
-    if env.get("malloc_mmap_threshold"):
+    if env.get("malloc_mmap_threshold"):  # records from before cells ran under malloc's defaults
         parts.append(f"MALLOC_MMAP_THRESHOLD_={env['malloc_mmap_threshold']}")
+    if isinstance(env.get("malloc"), dict):
+        parts.extend(f"{k}={v}" for k, v in sorted(env["malloc"].items()))
     if env.get("cuda_alloc_conf"):
         parts.append(f"PYTORCH_CUDA_ALLOC_CONF={env['cuda_alloc_conf']}")
     if git.get("commit"):

@@ -30,6 +30,7 @@ GENERATORS = ("philox", "torch")
 SCOPES = ("linear", "linear+head", "all")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SHAPE_WARMUPS = ("auto", "always", "never")  # auto: on CUDA devices (CellConfig.shape_warmup)
+MALLOCS = ("release", "glibc")  # how the cell's process allocates host memory (CellConfig.malloc, zobench.procs)
 ROUNDINGS = ("stochastic", "nearest")  # quzo: how perturbations and updates land on the low-bit grid
 SCHEDULES = ("constant", "linear")
 # Upper bounds: far beyond any real run, low enough that a typo (steps: 1e30) is refused, not run.
@@ -110,6 +111,10 @@ class CellConfig:
     # (cuDNN attention's plan for a new sequence length on CUDA: ~40 ms on an H200, a one-time cost that a
     # long run amortises) is not timed as a step; auto: on CUDA devices, always, never
     shape_warmup: str = "auto"
+    # the host allocator: "release" hands every freed block over 128 KiB back to the OS at once (peaks are of
+    # live memory, the same from run to run; forwards pay page faults); "glibc" leaves malloc as a user's
+    # process has it (timings as a user gets them; peaks include what the heap kept, ~10% from run to run)
+    malloc: str = "release"
     seed: int = 0
     timeout_s: float | None = None      # this cell's limit in a suite (default: the suite's timeout_s)
     # keeping and reusing what was trained (zobench.cell.delta)
@@ -198,7 +203,7 @@ class CellConfig:
         choices = {"dev_from": ("train", "validation"), "dtype": DTYPES, "direction": DIRECTIONS,
                    "generator": GENERATORS, "optimizer": OPTIMIZERS,
                    "schedule": SCHEDULES, "scope": (None, *SCOPES), "rounding": ROUNDINGS,
-                   "shape_warmup": SHAPE_WARMUPS}
+                   "shape_warmup": SHAPE_WARMUPS, "malloc": MALLOCS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 self._bad(where, key, "one of " + ", ".join(str(a) for a in allowed if a is not None))

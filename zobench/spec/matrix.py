@@ -22,14 +22,15 @@ from zobench.spec.selectors import parse_selector, selector_matches
 
 REFERENCE = "forward"
 MAX_CELLS = 10_000  # far beyond a real suite (the claims suite has 57 cells); a hostile matrix is refused
-REFERENCE_KEYS = ("model", "dtype", "quant", "task", "batch_size", "max_length", "device", "seed")
+REFERENCE_KEYS = ("model", "dtype", "quant", "task", "batch_size", "max_length", "device", "seed", "malloc")
 # Settings added after results were first kept across sessions, with the value every cell had before the
 # setting existed: left out of a cell's identity while at that value, so that adding one does not change the
 # id (the --resume key) of the cells it does not change. A new setting goes here. ``generator``: cells run
 # before it existed drew z with torch's generator; a philox cell is another computation (other z, other
 # timings), so it gets an id of its own and a --resume runs it instead of reusing a torch-generator result.
 SINCE_IDS_ARE_KEPT = {"delta": None, "pack": False, "generator": "torch", "dev_from": "train", "lora_r": 8,
-                      "lora_alpha": 16, "lora_targets": "q_proj,v_proj", "shape_warmup": "auto"}
+                      "lora_alpha": 16, "lora_targets": "q_proj,v_proj", "shape_warmup": "auto",
+                      "malloc": "release"}
 
 
 @dataclass
@@ -125,4 +126,4 @@ def select_cells(suite, only: str | None = None) -> list[Cell]:
 
 def reference_key(cfg: dict) -> tuple:
     """Cells sharing this key are compared against the same forward (and full-ZO) cell."""
-    return tuple(cfg.get(k) for k in REFERENCE_KEYS)
+    return tuple(cfg.get(k, SINCE_IDS_ARE_KEPT.get(k)) for k in REFERENCE_KEYS)

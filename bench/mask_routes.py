@@ -26,6 +26,7 @@ from benchio import emit
 from zobench.data.calibration import corpus_batches, find_corpus
 from zobench.measure.memory import PeakMemory
 from zobench.models import layerwise, load_model
+from zobench.procs import RELEASE_ENV
 from zobench.zo import masks as M
 from zobench.zo.mask_build import lm_loss
 
@@ -66,7 +67,7 @@ def main() -> None:
             out = Path(tmp) / f"{route.replace(' ', '-')}.pt"
             subprocess.run([sys.executable, __file__, "--model", args.model, "--calib", args.calib,
                             "--child", route, str(out)], check=True, cwd=ROOT,
-                           env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+                           env={**os.environ, **RELEASE_ENV})
             runs[route] = torch.load(out)
     a, b = runs["whole"]["scores"], runs["layer by layer"]["scores"]
     total = sum(t.numel() for t in a.values())

@@ -2,8 +2,8 @@
 
     python bench/quantize_rss.py [--suite suites/smollm2-quant.yaml] [--only quant=gptq,method=forward]
 
-Runs the one selected cell in this process, under the environment a cell process gets
-(``procs.CHILD_ENV``: re-executes itself with it) and with a fresh cache for quantized layers and masks (a
+Runs the one selected cell in this process, under the environment a cell process gets (``procs.child_env()``,
+``malloc: release``: re-executes itself with it) and with a fresh cache for quantized layers and masks (a
 temporary ``ZOBENCH_CACHE`` beside the converted models, which are linked, not copied), and samples the
 resident set every 20 ms during the quantize phase. Prints the anonymous and file-backed parts (``RssAnon``
 / ``RssFile``: a checkpoint's mapped pages are file-backed) when the phase starts, at every tenth layer the
@@ -41,9 +41,10 @@ def main() -> None:
     ap.add_argument("--only", default="quant=gptq,method=forward")
     args = ap.parse_args()
 
-    from zobench.procs import CHILD_ENV
-    if any(os.environ.get(k) != v for k, v in CHILD_ENV.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CHILD_ENV})
+    from zobench.procs import child_env
+    cell_env = child_env()  # a cell's at the default malloc: release
+    if any(os.environ.get(k) != v for k, v in cell_env.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **cell_env})
     from zobench.analysis.estimate import estimate_cell
     from zobench.cell.pipeline import Pipeline
     from zobench.driver import calibrate_cells

@@ -29,6 +29,7 @@ import psutil
 import torch
 from benchio import emit
 
+from zobench.procs import RELEASE_ENV
 from zobench.zo import masks as M
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +120,7 @@ def main() -> None:
             out = Path(tmp) / f"{way}.pt"
             subprocess.run([sys.executable, __file__, "--device", args.device, "--layers", str(args.layers),
                             "--child", way, str(out)], check=True, cwd=ROOT,
-                           env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+                           env={**os.environ, **RELEASE_ENV})
             runs[way] = torch.load(out)
     a, b = runs["before"]["mask"], runs["now"]["mask"]
     same = a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)

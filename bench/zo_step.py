@@ -26,7 +26,9 @@ Variants:
   sparse            0.1% random mask (z of length nnz)
 Beside the steps, ``copy`` times a plain copy of all the weights' bytes (the bandwidth a pass could reach),
 and each dense variant's perturbation pass is reported in GB/s (bytes read and written) against it.
-Peak RSS is measured per variant in a fresh child process (MALLOC_MMAP_THRESHOLD_ set), after a warm-up step.
+Peak RSS is measured per variant in a fresh child process under ``malloc: release`` (``procs.RELEASE_ENV``: freed
+blocks go back to the OS, so a peak is live memory), after a warm-up step; the timings run in this process,
+under the allocator a user's process has.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import torch
 from zobench.measure.memory import PeakMemory
 from zobench.methods.lezo import LayerSubset, units
 from zobench.models import load_model
+from zobench.procs import RELEASE_ENV
 from zobench.tasks import get_task, scoring
 from zobench.zo import fused
 from zobench.zo import masks as M
@@ -232,7 +235,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.model, args.batch)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="2")
+    env = {**os.environ, **RELEASE_ENV, "OMP_NUM_THREADS": "2"}  # peaks of live memory (zobench.procs)
     mem = {}
     for v in VARIANTS:
         r = subprocess.run([sys.executable, __file__, "--child", v, "--model", args.model, "--batch", args.batch],

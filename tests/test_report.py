@@ -386,3 +386,24 @@ def test_records_of_part_of_a_suite_say_how_many_cells_have_none(tmp_path):
     other = [CellRecord(ids[0], suite="renamed", suite_file=str(suite_file))]
     gone = [CellRecord(ids[0], suite="t", suite_file=str(tmp_path / "no-such.yaml"))]
     assert notes(other) == notes(gone) == []
+
+
+def test_the_report_says_what_each_allocators_figures_mean():
+    """Cells under ``malloc: release`` (and records from before the setting, which all ran so) are told
+    apart from ``malloc: glibc`` ones: the first's step timings read high, the second's peaks carry the heap."""
+    from zobench.report.cells import CellView
+    from zobench.report.header import malloc_note
+    from zobench.results import Derived
+
+    recs = [CellView.of(r, Derived()) for r in load_records(FIXTURE) if r.ok]
+    assert len(recs) == 6
+    note = malloc_note(recs)
+    assert len(note) == 2 and note[0].startswith("> 6 cells with step timings ran with `malloc: release`")
+    for r in recs[:2]:
+        r.config["malloc"] = "glibc"
+    note = malloc_note(recs)
+    assert note[0].startswith("> 4 cells with step timings ran with `malloc: release`")
+    assert note[2].startswith("> 2 cells ran with `malloc: glibc`") and "estimate beside them is of live" in note[2]
+    for r in recs:
+        r.config["malloc"] = "glibc"
+    assert len(malloc_note(recs)) == 2 and "6 cells ran with `malloc: glibc`" in malloc_note(recs)[0]

@@ -91,18 +91,23 @@ def malloc_mode(rec: CellView) -> str:
 
 
 def malloc_note(recs: list[CellView]) -> list[str]:
-    """What the step timings of cells under ``malloc: release`` mean, where the report has any."""
+    """What each host allocator's figures mean (a cell's ``malloc`` setting, ``zobench.procs``): the step
+    timings of ``release`` cells, the peaks of ``glibc`` cells."""
     timed = [r for r in recs if r.ok and r.metrics.get("step_s")]
     release = [r for r in timed if malloc_mode(r) == "release"]
-    if not release:
-        return []
-    glibc = len(timed) - len(release)
-    rest = (f"; the {cells(glibc)} with `malloc: glibc` time what a user's process gets" if glibc else
-            "; a `malloc: glibc` cell times what a user's process gets")
-    return [f"> {cells(len(release))} with step timings ran with `malloc: release` (every freed block over 128 KiB "
-            "goes back to the OS at once, so peaks are live memory and repeat from run to run): their "
-            "forwards pay page faults a user's process does not, so their seconds read high and step / 2 fwd "
-            f"towards 1 (most on quantized models){rest}.", ""]
+    glibc = [r for r in recs if r.ok and malloc_mode(r) == "glibc"]
+    lines = []
+    if release:
+        rest = ("" if glibc else "; a `malloc: glibc` cell times what a user's process gets")
+        lines += [f"> {cells(len(release))} with step timings ran with `malloc: release` (every freed block over "
+                  "128 KiB goes back to the OS at once, so peaks are live memory and repeat from run to run): "
+                  "their forwards pay page faults a user's process does not, so their seconds read high and "
+                  f"step / 2 fwd towards 1 (most on quantized models){rest}.", ""]
+    if glibc:
+        lines += [f"> {cells(len(glibc))} ran with `malloc: glibc` (malloc as a user's process has it): their "
+                  "timings are what a user gets; their peaks include what the heap kept of freed blocks, which "
+                  "varies by ~10% from run to run, and the estimate beside them is of live memory.", ""]
+    return lines
 
 
 def machine_notes(recs: list[CellView]) -> list[str]:

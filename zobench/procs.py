@@ -8,9 +8,9 @@ parent dies (Linux ``PR_SET_PDEATHSIG``).
 How a cell's process allocates host memory is its ``malloc`` setting (``child_env``: set in the environment the
 process starts with). "release" (the default, ``MALLOC_MMAP_THRESHOLD_=131072``) makes every freed block over
 128 KiB go back to the OS at once: a phase's peak RSS is then live memory, the same from run to run, and not
-what glibc's heap kept of earlier work; but each forward's activations and (bitsandbytes) dequantized weights
-come back as fresh pages, which costs page faults a user's process does not pay: SmolLM2's quantized forwards
-ran 2-4x slower and every step / 2 fwd ratio read towards 1 (results/bench/measurements.md, "The allocator a
+what glibc's heap kept of earlier work; but the blocks each forward allocates come back as fresh pages, which
+costs page faults a user's process does not pay: SmolLM2's quantized forwards ran 1.5-4x slower and their step /
+2 fwd ratios read towards 1 (float ones moved by 0.03 at most) (results/bench/measurements.md, "The allocator a
 cell runs under"). "glibc" leaves malloc as a user's process has it: honest timings, peaks that include what the
 heap kept (about 10% from run to run), and zobench adds nothing: what the user's own environment carries passes
 through, is recorded (``malloc_env``) and keys the estimator's calibration (``analysis.calibration``). On a GPU

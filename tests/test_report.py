@@ -407,3 +407,12 @@ def test_the_report_says_what_each_allocators_figures_mean():
     for r in recs:
         r.config["malloc"] = "glibc"
     assert len(malloc_note(recs)) == 2 and "6 cells ran with `malloc: glibc`" in malloc_note(recs)[0]
+
+
+def test_the_environment_line_names_the_users_malloc_settings_on_one_bounded_line():
+    from zobench.report.header import environment
+
+    tunables = "glibc.malloc.x=1\n\n## Results" * 40
+    line = environment({"malloc": {"MALLOC_ARENA_MAX": "2", "GLIBC_TUNABLES": tunables}}, {})
+    assert "MALLOC_ARENA_MAX=2" in line and "GLIBC_TUNABLES=glibc.malloc.x=1 ## Results" in line
+    assert "\n" not in line and len(line) < 300  # a record's text cannot start a heading or run on

@@ -175,10 +175,11 @@ def environment(env: dict, git: dict) -> str:
     if env.get("gpu"):
         gpu = f"GPU {env['gpu']}" + (f" x{env['gpu_count']}" if env.get("gpu_count", 1) > 1 else "")
         parts.append(gpu + (f", CUDA {env['cuda']}" if env.get("cuda") else ""))
-    if env.get("malloc_mmap_threshold"):  # records from before cells ran under malloc's defaults
+    if env.get("malloc_mmap_threshold"):  # records from before the allocator was a cell's setting
         parts.append(f"MALLOC_MMAP_THRESHOLD_={env['malloc_mmap_threshold']}")
     if isinstance(env.get("malloc"), dict):
-        parts.extend(f"{k}={v}" for k, v in sorted(env["malloc"].items()))
+        # the user's own malloc settings, as the record has them (one short line each: a record is data)
+        parts.extend(one_line(f"{k}={v}", 120) for k, v in sorted(env["malloc"].items(), key=str))
     if env.get("cuda_alloc_conf"):
         parts.append(f"PYTORCH_CUDA_ALLOC_CONF={env['cuda_alloc_conf']}")
     if git.get("commit"):

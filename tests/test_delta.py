@@ -107,3 +107,21 @@ def test_train_save_then_eval_from_the_command_line(tmp_path):
     assert rec["metrics"]["delta"]["kind"] == "sparse" and rec["metrics"]["steps_done"] == 0
     r = cli("eval", "--delta", tmp_path / "nothing-here", "--out", tmp_path / "e2")
     assert r.returncode == 2 and "not a directory" in r.stderr
+
+
+def test_a_single_run_records_its_processs_allocator_and_refuses_the_other(tmp_path, monkeypatch):
+    """``zobench train`` runs in its own process, whose allocator was fixed at start: the record says which
+    (``malloc``), asking for the other is one line and exit 2, and a kept result evaluates under either."""
+    cli = zobench
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    tiny = ["--model", "random:tiny-llama", "--method", "random", "--density", "0.05", "--steps", "1",
+            "--set", "n_test=0", "--set", "n_dev=0", "--set", "n_train=8", "--set", "batch_size=4"]
+    r = cli("train", *tiny, "--save", tmp_path / "kept", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "run" / "record.json").read_text())["config"]["malloc"] == "glibc"
+    r = cli("train", *tiny, "--set", "malloc=release", "--out", tmp_path / "refused")
+    assert r.returncode == 2 and "malloc=release" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # a process started under release
+    r = cli("eval", "--delta", tmp_path / "kept", "--out", tmp_path / "eval")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "eval" / "record.json").read_text())["config"]["malloc"] == "release"

@@ -12,12 +12,23 @@ from typing import Any
 
 from zobench.cell.pipeline import Progress, run_cell
 from zobench.cell.record import CellRecord
+from zobench.errors import UserError
+from zobench.procs import malloc_in_effect
 from zobench.spec.config import CellConfig
 from zobench.spec.matrix import cell_id
 
 
 def train(progress: Progress | None = None, **settings: Any) -> CellRecord:
-    """Run one fine-tuning with the given settings (any ``CellConfig`` key) and return its record."""
+    """Run one fine-tuning with the given settings (any ``CellConfig`` key) and return its record.
+
+    It runs in this process, whose allocator was fixed when it started: the record's ``malloc`` says which
+    (``procs.malloc_in_effect``), and asking for the other one is refused rather than recorded falsely."""
+    actual, asked = malloc_in_effect(), settings.get("malloc")
+    if asked is not None and asked != actual:
+        hint = "with MALLOC_MMAP_THRESHOLD_=131072" if asked == "release" else "without MALLOC_MMAP_THRESHOLD_"
+        raise UserError(f"train: malloc={asked}: this run is in this process, which started under {actual}; "
+                        f"start it {hint}, or run it as a suite cell (its own process)")
+    settings = {**settings, "malloc": actual}
     cfg = CellConfig.from_dict({k: v for k, v in settings.items() if v is not None}, where="train")
     rec = run_cell(cfg, progress)
     rec.cell_id = cell_id(cfg)

@@ -48,6 +48,11 @@ def child_env(malloc: object = "release") -> dict[str, str]:
     return {**env, **RELEASE_ENV} if malloc == "release" else env
 
 
+def malloc_in_effect() -> str:
+    """The ``malloc`` setting this process runs under (what a run inside it, not in a cell's own process, is)."""
+    return "release" if all(os.environ.get(k) == v for k, v in RELEASE_ENV.items()) else "glibc"
+
+
 def malloc_env() -> dict[str, str]:
     """The malloc settings a cell's process inherits from this one's environment (empty: glibc's defaults)."""
     return {k: os.environ[k] for k in MALLOC_VARS if k in os.environ}

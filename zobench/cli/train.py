@@ -83,7 +83,7 @@ def _eval(args) -> int:
         raise UserError(f"{args.delta}: trained on instruction data ({meta['config'].get('data')}), not a task: "
                         f"give --task to evaluate it on one")
     keys = set(CellConfig.keys()) - {"save", "delta", "timeout_s", "overwrite", "checkpoint", "predictions",
-                                     "trust_remote_code"}
+                                     "trust_remote_code", "malloc"}  # malloc: this process's, not the delta's
     settings = {k: v for k, v in meta["config"].items() if k in keys}
     settings.update(steps=0, warmup_steps=0, eval_before=True, eval_after=False, eval_every=0, delta=args.delta)
     if args.task:

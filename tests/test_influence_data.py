@@ -183,6 +183,8 @@ def test_the_lora_fine_tune_lowers_the_loss_and_keeps_only_the_adapter(tmp_path)
     assert logged == [0, 10, 20, 29] and record.metrics.get("trainable_numel") > 0
     assert record.config["task"] == "alpaca" and {"load", "train"} <= set(record.phases)
     assert D.read(tmp_path / "lora")["kind"] == "lora" and record.artifact["kind"] == "lora"
+    from zobench.procs import malloc_in_effect
+    assert record.config["malloc"] == malloc_in_effect()  # it ran in this process, under this one's malloc
 
     fresh, base = load_model("random:tiny-llama", seed=0), load_model("random:tiny-llama", seed=0)
     P.load_adapter(fresh, tmp_path / "lora" / "adapter")

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 from zobench.cell.pipeline import run_cell
 from zobench.cell.record import CellRecord
 from zobench.errors import UserError
+from zobench.procs import malloc_in_effect
 from zobench.spec.config import CellConfig
 from zobench.tasks.instruction import Alpaca
 
@@ -65,6 +67,7 @@ def fine_tune(cfg: CellConfig, examples: list[dict], on_log: Logger | None = Non
         if on_log is not None and (i % max(1, log_every) == 0 or i == cfg.steps - 1):
             on_log(i, loss)
 
+    cfg = replace(cfg, malloc=malloc_in_effect())  # it runs in this process: its record says under which malloc
     return run_cell(cfg, progress, Alpaca().splits_of(examples))
 
 

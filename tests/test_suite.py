@@ -108,6 +108,25 @@ matrix:
         expand(load_suite(p))
 
 
+def test_packed_and_padded_cells_are_compared_with_a_forward_cell_of_their_own_batches(tmp_path):
+    """Packing changes every batch (rows of whole examples run together, or one example a row padded), so a
+    packed cell's step / 2 fwd and peak / inference must not read a padded forward cell."""
+    from zobench.spec.matrix import reference_key
+
+    p = tmp_path / "s.yaml"
+    p.write_text("""
+name: s
+defaults: {model: "random:tiny-llama", steps: 3}
+matrix:
+  method: [random]
+  pack: [true, false]
+""")
+    cells = expand(load_suite(p))
+    assert sorted((c.config.method, c.config.pack) for c in cells) == [
+        ("forward", False), ("forward", True), ("random", False), ("random", True)]
+    ref = {(c.config.method, c.config.pack): reference_key(c.config.to_dict()) for c in cells}
+    assert ref["random", True] == ref["forward", True] != ref["forward", False] == ref["random", False]
+
 BAD = {
     "unknown top key": ("name: s\nmatrx: {}\n", "unknown key 'matrx'; did you mean 'matrix'?"),
     "unknown cell key": ("name: s\ndefaults: {stepz: 3}\n", "defaults: unknown key 'stepz'; did you mean 'steps'?"),

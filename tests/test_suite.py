@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -79,53 +80,43 @@ overrides:
     assert "density" not in by_method["full"][0].labels
 
 
-def test_a_malloc_axis_gives_each_allocator_its_own_cells_and_forward_reference(tmp_path):
-    """``malloc`` is a setting like any other: each value its own cells (ids, --resume), and a training cell
-    is compared against the forward cell that ran under the same allocator; a record from before the setting
-    existed (no ``malloc`` in its config) ran as "release" and keeps its id and its reference."""
+@pytest.mark.parametrize("axis, values, old", [("malloc", ["glibc", "release"], "release"),
+                                                ("pack", [True, False], False)])
+def test_an_axis_that_changes_what_a_step_costs_gives_each_value_its_own_forward_reference(tmp_path, axis,
+                                                                                          values, old):
+    """``malloc`` (the host allocator: what a forward costs) and ``pack`` (what each batch holds) are settings
+    like any other: each value its own cells (ids, --resume), and a training cell is compared against the
+    forward cell with the same value. A record from before the setting existed (no such key in its config)
+    reads as the value every cell had then, and that value keeps the ids cells had before."""
     from zobench.spec.matrix import identity, reference_key
 
     p = tmp_path / "s.yaml"
-    p.write_text("""
+    p.write_text(f"""
 name: s
-defaults: {model: "random:tiny-llama", steps: 3}
+defaults: {{model: "random:tiny-llama", steps: 3}}
 matrix:
   method: [random]
-  malloc: [glibc, release]
+  {axis}: {json.dumps(values)}
 """)
     cells = expand(load_suite(p))
-    assert sorted((c.config.method, c.config.malloc) for c in cells) == [
-        ("forward", "glibc"), ("forward", "release"), ("random", "glibc"), ("random", "release")]
+    got = sorted(((c.config.method, str(getattr(c.config, axis))) for c in cells))
+    assert got == sorted((m, str(v)) for m in ("forward", "random") for v in values)
     assert len({c.cell_id for c in cells}) == 4
-    ref = {(c.config.method, c.config.malloc): reference_key(c.config.to_dict()) for c in cells}
-    assert ref["random", "glibc"] == ref["forward", "glibc"] != ref["forward", "release"] == ref["random", "release"]
-    old = {k: v for k, v in cells[0].config.to_dict().items() if k != "malloc"}
-    release = next(c for c in cells if c.config.method == "forward" and c.config.malloc == "release")
-    assert reference_key(old | {"method": "forward"}) == ref["forward", "release"]
-    assert "malloc" not in identity(release.config)  # at its old value: ids from before are kept
+    ref = {(c.config.method, getattr(c.config, axis)): reference_key(c.config.to_dict()) for c in cells}
+    a, b = values
+    assert ref["random", a] == ref["forward", a] != ref["forward", b] == ref["random", b]
+    before = {k: v for k, v in cells[0].config.to_dict().items() if k != axis}
+    assert reference_key(before) == ref["forward", old]
+    at_old = next(c for c in cells if c.config.method == "forward" and getattr(c.config, axis) == old)
+    assert axis not in identity(at_old.config)  # at its old value: ids from before are kept
+
+
+def test_an_unknown_allocator_is_refused_naming_the_key(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: s\ndefaults: {malloc: jemalloc}\n")
     with pytest.raises(UserError, match="malloc"):
-        p.write_text("name: s\ndefaults: {malloc: jemalloc}\n")
         expand(load_suite(p))
 
-
-def test_packed_and_padded_cells_are_compared_with_a_forward_cell_of_their_own_batches(tmp_path):
-    """Packing changes every batch (rows of whole examples run together, or one example a row padded), so a
-    packed cell's step / 2 fwd and peak / inference must not read a padded forward cell."""
-    from zobench.spec.matrix import reference_key
-
-    p = tmp_path / "s.yaml"
-    p.write_text("""
-name: s
-defaults: {model: "random:tiny-llama", steps: 3}
-matrix:
-  method: [random]
-  pack: [true, false]
-""")
-    cells = expand(load_suite(p))
-    assert sorted((c.config.method, c.config.pack) for c in cells) == [
-        ("forward", False), ("forward", True), ("random", False), ("random", True)]
-    ref = {(c.config.method, c.config.pack): reference_key(c.config.to_dict()) for c in cells}
-    assert ref["random", True] == ref["forward", True] != ref["forward", False] == ref["random", False]
 
 BAD = {
     "unknown top key": ("name: s\nmatrx: {}\n", "unknown key 'matrx'; did you mean 'matrix'?"),

@@ -44,6 +44,21 @@ def test_violations_name_cell_metric_limit_and_value():
     assert ok == []
 
 
+def test_a_peak_budget_on_glibc_cells_says_their_peaks_carry_the_heap():
+    """A cell under malloc: glibc may be held to a peak budget (it is checked as any other), with a note that
+    its peak varies with what the heap kept; release cells and step budgets get none."""
+    suite = parse_suite(SUITE, "s.yaml")
+    cells = [rec("sensitive", 808), rec("forward", 800), rec("full", 900)]
+    v, notes = check(cells, suite)
+    assert v == [] and notes == []
+    for r in cells:
+        r.config["malloc"] = "glibc"
+    v, notes = check(cells, suite)
+    assert v == [] and len(notes) == 1 and notes[0].startswith("1 cell(s) with malloc: glibc are held to a peak")
+    step_only = parse_suite({"name": "s", "budgets": [{"match": {}, "step_over_two_forwards_max": 1.3}]}, "s.yaml")
+    assert check(cells, step_only)[1] == []
+
+
 def test_an_absolute_budget_holds_the_whole_cell_and_a_budget_may_name_its_phases():
     """A cell whose load phase breaks peak_mib_max fails the check though its training fits; a budget that
     names the training phases holds only those; the ratio to inference stays on the training phases unless

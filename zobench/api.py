@@ -13,7 +13,7 @@ from typing import Any
 from zobench.cell.pipeline import Progress, run_cell
 from zobench.cell.record import CellRecord
 from zobench.errors import UserError
-from zobench.procs import malloc_in_effect
+from zobench.procs import RELEASE_ENV, malloc_in_effect
 from zobench.spec.config import CellConfig
 from zobench.spec.matrix import cell_id
 
@@ -25,7 +25,8 @@ def train(progress: Progress | None = None, **settings: Any) -> CellRecord:
     (``procs.malloc_in_effect``), and asking for the other one is refused rather than recorded falsely."""
     actual, asked = malloc_in_effect(), settings.get("malloc")
     if asked is not None and asked != actual:
-        hint = "with MALLOC_MMAP_THRESHOLD_=131072" if asked == "release" else "without MALLOC_MMAP_THRESHOLD_"
+        release = " ".join(f"{k}={v}" for k, v in RELEASE_ENV.items())
+        hint = f"with {release}" if asked == "release" else f"without {', '.join(RELEASE_ENV)}"
         raise UserError(f"train: malloc={asked}: this run is in this process, which started under {actual}; "
                         f"start it {hint}, or run it as a suite cell (its own process)")
     settings = {**settings, "malloc": actual}

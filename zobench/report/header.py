@@ -9,7 +9,7 @@ from zobench.measure.load import LOADED_CPUS
 from zobench.report.cells import CellView, meaningful, setting
 from zobench.report.table import escape, one_line
 from zobench.results import latest_by_cell
-from zobench.spec.matrix import select_cells
+from zobench.spec.matrix import SINCE_IDS_ARE_KEPT, select_cells
 from zobench.spec.pilot import choose, pilot_cells
 
 NOTES = ((lambda r: r.model_fallback_reason, "{} loaded the fallback model"), (lambda r: r.data_note, "data of {}"))
@@ -86,8 +86,9 @@ def machine_time(pilots: list[CellView], recs: list[CellView]) -> str:
 
 
 def malloc_mode(rec: CellView) -> str:
-    """The cell's host allocator setting; records from before the setting existed all ran as "release"."""
-    return str(setting(rec, "malloc") or "release")
+    """The cell's host allocator setting; a record from before the setting existed reads as the value every
+    cell had then (``spec.matrix.SINCE_IDS_ARE_KEPT``, as its forward reference does)."""
+    return str(setting(rec, "malloc") or SINCE_IDS_ARE_KEPT["malloc"])
 
 
 def malloc_note(recs: list[CellView]) -> list[str]:

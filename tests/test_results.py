@@ -174,3 +174,25 @@ def test_the_record_accessors_read_a_value_or_none_where_an_older_or_failed_reco
     m = Metrics()
     m.set(test_after={"em": 0.5, "f1": 0.6}, best_dev={"accuracy": 0.7})
     assert (m.accuracy("test_after"), m.accuracy("best_dev"), m.accuracy("test_before")) == (None, 0.7, None)
+
+
+def test_a_record_with_a_list_or_mapping_where_a_setting_belongs_is_paired_with_nothing_and_breaks_nothing():
+    """Records are data: a seed, ``pack`` or ``malloc`` that is a list or a mapping (or a pilot ``stage`` that
+    is one) once made deriving the ratios fail on an unhashable key; such a record now pairs only with the same
+    value, and every other cell derives what it derived without it."""
+    from zobench.results import derive
+
+    fixture = Path(__file__).parent / "data" / "report_fixture.jsonl"
+    clean = load_records(fixture)
+    want = {c: d.to_dict() for c, d in derive(clean).items()}
+    odd = []
+    for i, (key, value) in enumerate([("seed", [1]), ("pack", {"a": 1}), ("malloc", ["glibc"])]):
+        r = CellRecord.from_json({**json.loads(json.dumps(clean[3].to_json())), "cell_id": f"odd{i}"})
+        r.config[key] = value
+        odd.append(r)
+    staged = CellRecord.from_json({**json.loads(json.dumps(clean[3].to_json())), "cell_id": "staged"})
+    staged.labels["stage"] = ["pilot"]
+    got = derive([*clean, *odd, staged])
+    assert {c: d.to_dict() for c, d in got.items() if c in want} == want
+    for r in odd:  # no forward cell has its odd setting: no ratio against one
+        assert got[r.cell_id].peak_over_inference is None

@@ -31,7 +31,7 @@ from zobench.errors import UserError
 from zobench.files import MAX_RECORD_BYTES, append_line, gc_paused, parse_json, text_lines
 from zobench.gates.pandas import data_frame
 from zobench.spec import catalog
-from zobench.spec.matrix import reference_key
+from zobench.spec.matrix import key_part, reference_key
 
 __all__ = ["append_record", "load_records", "read_json_lines", "latest_by_cell", "derive", "Derived", "to_pandas",
            "flatten"]
@@ -247,7 +247,7 @@ def _step(rec: CellRecord) -> float | None:
 def derive(records: Iterable[CellRecord]) -> dict[str, Derived]:
     """``{cell_id: Derived}`` for every cell in ``records`` (see ``Derived``)."""
     def key(r: CellRecord) -> tuple:  # learning-rate pilots are compared among themselves only
-        return (*reference_key(r.config), r.labels.get("stage"))
+        return (*reference_key(r.config), key_part(r.labels.get("stage")))
 
     latest = sorted(latest_by_cell(records), key=lambda r: r.cell_id)
     # One pass: each group's reference and full-ZO cell (the smallest cell id of each), so that deriving

@@ -126,4 +126,12 @@ def select_cells(suite, only: str | None = None) -> list[Cell]:
 
 def reference_key(cfg: dict) -> tuple:
     """Cells sharing this key are compared against the same forward (and full-ZO) cell."""
-    return tuple(cfg.get(k, SINCE_IDS_ARE_KEPT.get(k)) for k in REFERENCE_KEYS)
+    return tuple(key_part(cfg.get(k, SINCE_IDS_ARE_KEPT.get(k))) for k in REFERENCE_KEYS)
+
+
+def key_part(value):
+    """A setting as part of a key: itself where it is a plain value, else (a record is data: a list or a mapping
+    where a setting belongs) its canonical JSON, which pairs only with the same value and never fails to hash."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return "json:" + json.dumps(value, sort_keys=True, default=str)

@@ -14,13 +14,13 @@ process: the write and the read (median of ``--rounds``), and replay seconds per
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from benchio import keep
 
 
 def main() -> None:
@@ -67,8 +67,7 @@ def main() -> None:
           f"replay {out['replay_s_per_step']:.2f} s a step (write + read = "
           f"{out['replay_steps_per_write_and_read']:.1f} replayed steps)")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        keep(out, args.json)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from benchio import keep
 
 
 def build(model: torch.nn.Module, mask: dict, merge: bool) -> torch.nn.Module:
@@ -83,13 +82,12 @@ def main() -> None:
               f"range {min(times[k]) * 1e3:.1f}-{max(times[k]) * 1e3:.1f}")
     print(f"max |logits csr - logits merge| = {diff:.2e}  (the sparse values move the logits by up to {moved:.2e})")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         meta = {"model": "smollm2", "batch": args.batch, "length": args.length, "density": args.density,
                 "rounds": args.rounds, "threads": torch.get_num_threads(), "torch": torch.__version__}
         rows = {k: {"median_ms": med[k], "over_nf4": med[k] / med["nf4"], "all_ms": [t * 1e3 for t in times[k]]}
                 for k in variants}
-        Path(args.json).write_text(json.dumps({"meta": meta, "forward": rows, "max_abs_logit_diff": diff,
-                                               "sparse_moves_logits_by": moved}, indent=1) + "\n")
+        keep({"meta": meta, "forward": rows, "max_abs_logit_diff": diff,
+              "sparse_moves_logits_by": moved}, args.json)
 
 
 if __name__ == "__main__":

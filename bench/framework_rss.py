@@ -15,7 +15,8 @@ import argparse
 import json
 import statistics
 import sys
-from pathlib import Path
+
+from benchio import keep
 
 
 def main(argv=None) -> int:
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
            "env": {k: env.get(k) for k in ("cpu", "cpu_count", "torch_threads", "versions", "python", "gpu")}}
     print(json.dumps(out, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        keep(out, args.json)
     return 0
 
 

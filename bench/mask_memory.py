@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchio import keep
 
 from zobench.data.calibration import corpus_batches, find_corpus
 from zobench.models import layerwise
@@ -155,8 +156,7 @@ def main() -> None:
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                "torch": torch.__version__, "variants": runs}
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+        keep(summary, args.json)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,11 @@ profiler: its top operators by self CPU time show where the extra time goes.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from benchio import keep
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -120,12 +119,11 @@ def main() -> None:
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     print(table)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         meta = {"device": args.device, "dtype": args.dtype, "model": args.model, "batch": args.batch,
                 "rounds": args.rounds, "torch": torch.__version__,
                 "gpu": torch.cuda.get_device_name() if cuda else None}
-        Path(args.json).write_text(json.dumps({"meta": meta, "median_ms": med, "runs_ms": times,
-                                               "profile_new_length": table}, indent=1) + "\n")
+        keep({"meta": meta, "median_ms": med, "runs_ms": times,
+              "profile_new_length": table}, args.json)
 
 
 if __name__ == "__main__":

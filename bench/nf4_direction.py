@@ -21,12 +21,11 @@ g z: when g is noise, training is a random walk.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from benchio import keep
 
 from zobench.measure.env import cpu_flags
 from zobench.models import load_model
@@ -136,8 +135,8 @@ def main() -> None:
         print(f"  {way} vs dequant: correlation {r['corr_with_dequant']:+.3f}, median |g - g_ref| / rms(g_ref) "
               f"{r['median_rel_err']:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu_flags": cpu_flags(), "eps": EPS, "g": g, "rows": rows,
-                                               "when": time.strftime("%Y-%m-%d")}, indent=1))
+        keep({"cpu_flags": cpu_flags(), "eps": EPS, "g": g, "rows": rows,
+              "when": time.strftime("%Y-%m-%d")}, args.json)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ The CPU's instruction-set flags are in the output: which path bitsandbytes takes
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import bitsandbytes.functional as bf
 import torch
+from benchio import keep
 
 from zobench.measure.env import cpu_flags, cpu_name
 from zobench.models import load_model
@@ -90,8 +89,8 @@ def main() -> None:
         print(f"{row['way']:12s} {row['median_ms']:7.0f} ms  x float {row['x_float']:.2f} [{row['x_p10']:.2f}-"
               f"{row['x_p90']:.2f}]  loss {row['loss']:.6f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rounds": args.rounds, "cpu": cpu_name(), "cpu_flags": cpu_flags(),
-                                               "when": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
+        keep({"rounds": args.rounds, "cpu": cpu_name(), "cpu_flags": cpu_flags(),
+              "when": time.strftime("%Y-%m-%d"), "rows": rows}, args.json)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from pathlib import Path
 
 import torch
+from benchio import keep
 
 
 def main() -> None:
@@ -56,7 +56,7 @@ def main() -> None:
     out["max_loss_difference"] = max(gaps)
     print(json.dumps(out, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        keep(out, args.json)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from benchio import keep
 
 from zobench.methods.quzo import CodeTrainable
 from zobench.models import load_model
@@ -80,7 +79,7 @@ def main() -> None:
               f"({res['c_speedup']:.1f}x); forward {m['forward']:.2f} s; 1 + passes / 2 fwd: C "
               f"{res['step_over_2fwd_c']:.2f}, torch {res['step_over_2fwd_torch']:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        keep(out, args.json)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ import argparse
 import json
 import statistics
 import sys
-from pathlib import Path
 
 import torch
+from benchio import keep
 
 
 def sst2_setup(doc: str):
@@ -75,7 +75,7 @@ def main() -> None:
     out["max_loss_difference"] = max(gaps)
     print(json.dumps(out, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        keep(out, args.json)
 
 
 if __name__ == "__main__":

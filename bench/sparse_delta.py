@@ -16,12 +16,11 @@ the ratio sparse / quantized for each way. On CUDA every timing is closed by ``t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from benchio import keep
 
 SHAPES = {  # name: (in_features, out_features)
     "smollm2.up_proj": (576, 1536),
@@ -103,11 +102,10 @@ def main() -> None:
             print(f"{shape_name:18s} {backend:5s} nnz={layer.nnz:6d}  quantized {med['quantized']:8.3f} ms  "
                   f"{ways}  dense+sparse {med['dense_and_sparse']:8.3f} ms{merge}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         meta = {"tokens": args.tokens, "density": args.density, "rounds": args.rounds, "device": args.device,
                 "dtype": args.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
                 "gpu": torch.cuda.get_device_name() if cuda else None}
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        keep({"meta": meta, "rows": rows}, args.json)
 
 
 if __name__ == "__main__":

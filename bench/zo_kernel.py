@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchio import keep
 
 from zobench.measure.machine import cpu_name
 from zobench.zo import fused, philox
@@ -190,8 +191,7 @@ def main() -> None:
     out["gaussian_agreement"] = gaussian_agreement()
     print(json.dumps(out["gaussian_agreement"]))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        keep(out, args.json)
 
 
 if __name__ == "__main__":

@@ -40,9 +40,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from benchio import keep
 
 from zobench.measure.memory import PeakMemory
 from zobench.methods.lezo import LayerSubset, units
@@ -259,13 +259,12 @@ def main() -> None:
               f"{row['x_p90']:.2f}]   {gbs} {mem_s}  {br}" + (f"  FAULT: {row['fault']}" if "fault" in row else "")
               + (f"  (at limit: {row['at_limit']})" if "at_limit" in row else ""))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"model": args.model, "rounds": args.rounds, "threads": 2,
-                                               "batch": args.batch, "when": time.strftime("%Y-%m-%d"),
-                                               "kernel_path": fused.path(), "copy_gb_s": copy_gbs,
-                                               "cpu": open("/proc/cpuinfo").read().split("model name")[1]
-                                               .split("\n")[0].strip(": ") if os.path.exists("/proc/cpuinfo")
-                                               else None, "rows": rows}, indent=1))
+        keep({"model": args.model, "rounds": args.rounds, "threads": 2,
+              "batch": args.batch, "when": time.strftime("%Y-%m-%d"),
+              "kernel_path": fused.path(), "copy_gb_s": copy_gbs,
+              "cpu": open("/proc/cpuinfo").read().split("model name")[1]
+              .split("\n")[0].strip(": ") if os.path.exists("/proc/cpuinfo")
+              else None, "rows": rows}, args.json)
 
 
 if __name__ == "__main__":

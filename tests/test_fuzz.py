@@ -56,7 +56,8 @@ def test_the_suite_parser_takes_any_structure(data):
 @FUZZ
 @given(text=st.text(max_size=300) | st.binary(max_size=300).map(lambda b: b.decode("latin-1")))
 def test_the_yaml_reader_takes_any_text(text):
-    from zobench.spec.suite import parse_suite, parse_yaml
+    from zobench.spec.suite import parse_suite
+    from zobench.spec.yaml_text import parse_yaml
 
     outcome(lambda: parse_suite(parse_yaml(text, "fuzz.yaml"), "fuzz.yaml"))
 

@@ -556,6 +556,10 @@ def test_a_huge_matrix_an_empty_only_value_or_a_bad_name_is_refused(tmp_path, ca
     suite.write_text("name: s\ndefaults: {model: 'random:tiny-llama'}\nmatrix: {method: [forward]}\n")
     refused(*run(capsys, "run", suite, "--dry-run", "--only", "method="), "value is empty")
     refused(*run(capsys, "run", suite, "--dry-run", "--only", "method=sensitive"), "selects none")
+    # a selector's value is YAML typed on the command line: the strict loader reads it, and its errors are a line
+    refused(*run(capsys, "run", suite, "--dry-run", "--only", "method=[x"), "--only method=[x: not valid YAML")
+    refused(*run(capsys, "run", suite, "--dry-run", "--only", "method=!!python/name:os.system"), "not valid YAML")
+    refused(*run(capsys, "run", suite, "--dry-run", "--only", "method=&a forward"), "anchors and aliases")
     suite.write_text('name: "a\\0b"\nmatrix: {method: [forward]}\n')
     refused(*run(capsys, "run", suite, "--dry-run"), "key 'name'")
 

@@ -21,7 +21,8 @@ from zobench.results import append_record
 from zobench.spec.influence import is_influence_suite, parse_influence_suite
 from zobench.spec.matrix import select_cells
 from zobench.spec.pilot import pilot_cells
-from zobench.spec.suite import load_yaml, parse_suite
+from zobench.spec.suite import parse_suite
+from zobench.spec.yaml_text import load_yaml
 
 # A kind of suite -> its runner, imported when such a suite is run (it needs torch): a suite's cells through
 # the driver; an influence suite in this process.

@@ -16,7 +16,7 @@ from zobench.files import atomic_write
 from zobench.methods import METHODS
 from zobench.outdirs import check_output_dir, check_output_file
 from zobench.spec.config import CellConfig
-from zobench.spec.suite import parse_yaml
+from zobench.spec.yaml_text import parse_yaml
 
 
 def add_parser(sub) -> None:
@@ -109,7 +109,7 @@ def _parse_set(items: list[str]) -> dict:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
-        out[key.strip()] = parse_yaml(value, f"--set {key.strip()}")
+        out[key.strip()] = parse_yaml(value, f"--set {key.strip()}", lines=False)
     return out
 
 

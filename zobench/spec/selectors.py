@@ -10,10 +10,9 @@ import difflib
 import functools
 from typing import Any
 
-import yaml
-
 from zobench.errors import UserError, shown
 from zobench.spec.config import CellConfig
+from zobench.spec.yaml_text import parse_yaml
 
 
 def unknown_key(where: str, key, known) -> UserError:
@@ -31,7 +30,8 @@ def parse_selector(sel: Any, where: str) -> dict[str, list]:
             k, v = part.split("=", 1)
             if not all(x.strip() for x in v.split("|")):
                 raise UserError(f"{where}: selector part '{shown(part)}': a value is empty (key=a|b)")
-            out[k.strip()] = [yaml.safe_load(x) for x in v.split("|")]
+            key = k.strip()
+            out[key] = [parse_yaml(x, f"{where} {shown(key)}={shown(x)}", lines=False) for x in v.split("|")]
         sel = out
     if not isinstance(sel, dict):
         raise UserError(f"{where}: expected a mapping of cell keys to values")

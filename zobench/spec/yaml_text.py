@@ -1,0 +1,75 @@
+"""YAML as zobench reads it: suite files and the values of ``--set`` and ``--only``, bounded and strict.
+
+A suite file, or a value typed after a flag, may come from anyone (docs/security.md): it is parsed by
+PyYAML's safe loader (no tag builds a Python object) with the bounds below, and any way it is not valid
+YAML becomes one ``UserError`` naming where it came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from zobench.errors import UserError
+from zobench.files import MAX_CONFIG_BYTES, MAX_DEPTH, read_text
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, bounded and strict, because a suite file may come from anyone (docs/security.md):
+
+    * no anchors or aliases: an alias bomb ("billion laughs") expands a 1 KiB file into gigabytes;
+      suites have no use for them (``overrides`` and ``defaults`` say the same thing plainly);
+    * nesting at most ``MAX_DEPTH`` deep (a deeply nested file ends in RecursionError otherwise);
+    * a key given twice in one mapping is an error (PyYAML keeps the last silently, so a suite could run
+      with a setting its author did not see)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (&, *) are not allowed in zobench "
+                                              "files", event.start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a plain value",
+                                                        key_node.start_mark) from None
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' given twice (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, where: str, lines: bool = True) -> Any:
+    """Parse YAML text from a file or the command line with the bounded loader above; an error names
+    ``where`` and, with ``lines`` (a file), the line."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark and lines else ""
+        problem = (str(getattr(e, "problem", None) or e).strip().splitlines() or ["?"])[0]
+        raise UserError(f"{where}{at}: not valid YAML ({problem})") from None
+    except RecursionError:
+        raise UserError(f"{where}: nested deeper than zobench reads ({MAX_DEPTH} levels)") from None
+
+
+def load_yaml(path: str | Path, what: str = "suite file") -> Any:
+    """The parsed YAML of a suite file, or one line saying why it cannot be read."""
+    path = Path(path)
+    return parse_yaml(read_text(path, what, MAX_CONFIG_BYTES), str(path))

@@ -105,12 +105,40 @@ def test_plots_without_data_are_skipped(records, tmp_path):
         r.accuracy_meaningful = False
         r.metrics.values.pop("dev_curve", None)
     stale = tmp_path / "r_plots" / "dev_accuracy.png"
-    stale.parent.mkdir()
-    stale.write_bytes(PNG)  # left by an earlier render that had dev curves
+    render_report(records, tmp_path / "r.md")  # an earlier render, with dev curves
+    assert stale.is_file()
     md = render_report(recs, tmp_path / "r.md").read_text(encoding="utf-8")
     assert {Path(p).name for p in links(md)} == ALL_PLOTS - {"dev_accuracy.png", "memory_vs_accuracy.png"}
     assert {p.name for p in stale.parent.iterdir()} == ALL_PLOTS - {"dev_accuracy.png", "memory_vs_accuracy.png"}
     assert "accuracy_meaningful: false" in md and "| n/a |" in md
+
+
+def test_a_report_replaces_only_a_report_and_plots_it_wrote(records, tmp_path):
+    """A suite's name chooses the report's file name: a file zobench did not write there (a markdown file of
+    the user's, a PNG of theirs in the plots folder under a plot's name) is refused in one line and kept,
+    before anything is drawn. A report and plots from before zobench marked them (no mark line, no PNG
+    text chunk) are still its own: the report by its first line, a plot by that report's link to it."""
+    from zobench.errors import OutputError
+
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\n")
+    with pytest.raises(OutputError, match="not a report zobench wrote") as e:
+        render_report(records, notes)
+    assert notes.read_text() == "# my notes\n" and not (tmp_path / "notes_plots").exists() and "\n" not in str(e.value)
+
+    own = tmp_path / "r_plots" / "memory.png"
+    own.parent.mkdir()
+    own.write_bytes(PNG)  # the user's, under a plot's name, no report beside it
+    with pytest.raises(OutputError, match="not a plot zobench wrote"):
+        render_report(records, tmp_path / "r.md")
+    assert own.read_bytes() == PNG and not (tmp_path / "r.md").exists() and os.listdir(own.parent) == ["memory.png"]
+
+    # an unmarked report and plot from an earlier zobench: replaced, the plot because that report links it
+    (tmp_path / "r.md").write_text("# zobench report: s\n\n![Peak memory](r_plots/memory.png)\n")
+    md = render_report(records, tmp_path / "r.md").read_text(encoding="utf-8")
+    assert md.rstrip().endswith("-->") and own.read_bytes() != PNG
+    assert {p.name for p in own.parent.iterdir()} == {Path(p).name for p in links(md)}
+    render_report(records, tmp_path / "r.md")  # and its own output, marked, again
 
 
 def test_failed_record_without_metrics(tmp_path):

@@ -21,6 +21,7 @@ from zobench.report.claims import claims_section
 from zobench.report.header import cells_without_record, suite_progress
 from zobench.report.influence import render_influence_report
 from zobench.report.markdown import render_markdown
+from zobench.report.owned import replaceable_plots
 from zobench.report.plots import plots_folder, write_plots
 from zobench.results import derive, latest_by_cell, load_influence, load_records
 from zobench.spec.suite import load_suite
@@ -45,8 +46,10 @@ def render_report(records: list[CellRecord], out_md: Path, title: str | None = N
     recs = [r for r in everything if r.labels.get("stage") != "pilot"]
     ok = [r for r in recs if r.ok]
     folder = plots_folder(out_md)
+    linked = replaceable_plots(out_md, folder)  # refused here, before any plot is drawn, if out_md is not ours
     if len(ok) <= MAX_PLOTTED_CELLS:
-        plots = [(caption, f"{folder.name}/{name}") for caption, name in write_plots(ok, varying_axes(recs), folder)]
+        plots = [(caption, f"{folder.name}/{name}")
+                 for caption, name in write_plots(ok, varying_axes(recs), folder, linked)]
     else:  # a line per cell: thousands of them are unreadable, and cost gigabytes to draw
         plots = [(f"No plots: {len(ok):,} cells are more than a plot can show ({MAX_PLOTTED_CELLS}); the tables "
                   f"above and zobench.results.to_pandas hold every cell", None)]

@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from zobench.cell.influence_record import InfluenceRecord, QualityAtK
 from zobench.cell.record import CellRecord
 from zobench.files import atomic_write
+from zobench.report.owned import MARK, PNG_SOFTWARE, check_plot, replaceable_plots
 from zobench.report.plots import plots_folder
 
 
@@ -26,8 +27,15 @@ def _bytes(n: float) -> str:
     return str(n)
 
 
-def write_plots(record: InfluenceRecord, folder: Path) -> list[tuple[str, str]]:
-    # matplotlib.figure.Figure directly, never pyplot: no backend is switched for the caller's process.
+PLOT_NAMES = ("fidelity.png", "recall.png")
+
+
+def write_plots(record: InfluenceRecord, folder: Path, linked: set[str] = frozenset()) -> list[tuple[str, str]]:
+    """The influence report's plots (``PLOT_NAMES``), each file already there checked to be zobench's first
+    (``owned.check_plot``). matplotlib.figure.Figure directly, never pyplot: no backend is switched for the
+    caller's process."""
+    for name in PLOT_NAMES:
+        check_plot(folder / name, linked)
     folder.mkdir(parents=True, exist_ok=True)
 
     def k_axes(hline: float, hlabel: str | None):
@@ -43,7 +51,7 @@ def write_plots(record: InfluenceRecord, folder: Path) -> list[tuple[str, str]]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
+        fig.savefig(buf, format="png", dpi=110, metadata={"Software": PNG_SOFTWARE})
         atomic_write(folder / name, buf.getvalue(), "plot")
         return name
 
@@ -226,7 +234,7 @@ def render_influence(record: InfluenceRecord, plots: list[tuple[str, str]]) -> s
               f"> {text.strip()}", ""]
     for caption, path in plots:
         lines += [f"![{caption}]({path})", ""]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", MARK]) + "\n"  # the mark last: a later render may replace this file
 
 
 def _zo_arm(record: InfluenceRecord, rec: dict) -> list[str]:
@@ -287,5 +295,6 @@ def _fine_tune_cells(cells: list[tuple[str, CellRecord]]) -> list[str]:
 def render_influence_report(record: InfluenceRecord, out_md: Path) -> Path:
     out_md = Path(out_md)
     folder = plots_folder(out_md)
-    plots = [(cap, f"{folder.name}/{name}") for cap, name in write_plots(record, folder)]
+    linked = replaceable_plots(out_md, folder)
+    plots = [(cap, f"{folder.name}/{name}") for cap, name in write_plots(record, folder, linked)]
     return atomic_write(out_md, render_influence(record, plots), "report")

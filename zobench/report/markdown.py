@@ -10,6 +10,7 @@ from __future__ import annotations
 from zobench.report.cells import CellView, varying_axes
 from zobench.report.header import header
 from zobench.report.learning_rates import lr_table, pilot_progress
+from zobench.report.owned import MARK
 from zobench.report.tables import (
     failure_table,
     gpu_memory_table,
@@ -47,4 +48,4 @@ def render_markdown(recs: list[CellView], title: str | None, plots: list[tuple[s
     lines += failure_table(bad, extras) + plot_links(plots)
     while lines and lines[-1] == "":
         lines.pop()
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", MARK]) + "\n"  # the mark last: a later render may replace this file

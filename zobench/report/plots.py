@@ -2,7 +2,8 @@
 
 Figures are built with ``matplotlib.figure.Figure`` directly (its Agg canvas), never through pyplot: no
 backend is switched for the caller's process, no display is needed, and no figure lingers in pyplot's
-registry. PNG metadata carries no software version, so the same records give the same bytes.
+registry. PNG metadata carries no software version, so the same records give the same bytes; it carries
+``Software: zobench``, by which a later render knows the file is its own to replace (``report.owned``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from zobench.report.cells import (
     setting,
     short_name,
 )
+from zobench.report.owned import PNG_SOFTWARE, check_plot
 from zobench.results import phase_peak as kind_peak
 
 # For methods that name no colour of their own: picked by a stable hash of the name, never by position.
@@ -301,12 +303,17 @@ PLOTS = (("memory", "Peak memory per cell", memory_bars),
          ("memory_vs_accuracy", "Peak memory vs test accuracy", memory_vs_accuracy))
 
 
-def write_plots(ok: list[CellView], extras: list[str], folder: Path) -> list[tuple[str, str]]:
+def write_plots(ok: list[CellView], extras: list[str], folder: Path, linked: set[str] = frozenset()
+                ) -> list[tuple[str, str]]:
     """Writes ``<name>.png`` for each plot with data; returns (caption, file name) of those written.
 
     A plot without data is skipped and any stale PNG of that name (from an earlier render) removed, so the
-    folder never shows a plot the markdown does not link.
+    folder never shows a plot the markdown does not link. Every file of those names already there must be
+    zobench's (``owned.check_plot``; ``linked``: the plots the report being replaced links), checked before
+    any is written.
     """
+    for name, _, _ in PLOTS:
+        check_plot(folder / f"{name}.png", linked)
     written = []
     for name, caption, make in PLOTS:
         path = folder / f"{name}.png"
@@ -316,7 +323,7 @@ def write_plots(ok: list[CellView], extras: list[str], folder: Path) -> list[tup
             continue
         buf = io.BytesIO()
         # bbox "tight": the extent of every artist, so a legend outside the axes is never cut off
-        fig.savefig(buf, format="png", dpi=110, metadata={"Software": None}, bbox_inches="tight",
+        fig.savefig(buf, format="png", dpi=110, metadata={"Software": PNG_SOFTWARE}, bbox_inches="tight",
                     pad_inches=0.1)
         atomic_write(path, buf.getvalue(), "plot")  # a full disk leaves the old PNG, never half of one
         written.append((caption, path.name))

@@ -123,7 +123,13 @@ def test_checkpoints_are_written_atomically_and_only_when_due(tmp_path):
     # a checkpoint is data too: a trajectory shorter than its step, or a coefficient that is not finite,
     # would replay into wrong weights without a word
     for bad in ({"step": 3}, {"trajectory": [[[1, "NaN"]]] * 2}, {"step": -1}, {"spent": {"wall_s": -1, "cpu_s": 0}},
-                {"spent": {"wall_s": "1", "cpu_s": 0}}, {"spent": {"cpu_s": 1}}, {"spent": [1, 2]}):
+                {"spent": {"wall_s": "1", "cpu_s": 0}}, {"spent": {"cpu_s": 1}}, {"spent": [1, 2]},
+                # the books a resumed cell takes back as they are: refused here, not mid-cell
+                {"losses": [1.0] * 3}, {"losses": [1.0, None]}, {"dev_curve": [{"step": "x"}]},
+                {"dev_curve": [{"step": 2, "accuracy": "x"}]}, {"dev_curve": 5}, {"best_step": 3},
+                {"segments": 0}, {"parts": {"perturb": [None]}}, {"parts": []}, {"tokens": [1.5]},
+                {"best_scores": {"accuracy": [1]}}, {"test_before": "x"}, {"total": -1}, {"seconds": [float("inf")]},
+                {"config": []}):
         checkpoint.save(path, checkpoint.Checkpoint(**dict(dict(cell_id="abc", config={}, step=2,
                                                                 trajectory=[[[1, 0.5]]] * 2), **bad)))
         ckpt, why = checkpoint.load(path, "abc")
@@ -131,6 +137,16 @@ def test_checkpoints_are_written_atomically_and_only_when_due(tmp_path):
     path.write_text("{not json")
     ckpt, why = checkpoint.load(path, "abc")
     assert ckpt is None and "unreadable" in why
+    # links planted where the checkpoint and where its old fixed temporary name (c.tmp) go are not written
+    # through: the new file replaces the link itself
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("not zobench's")
+    path.unlink()
+    path.symlink_to(elsewhere)
+    path.with_suffix(".tmp").symlink_to(elsewhere)
+    checkpoint.save(path, checkpoint.Checkpoint(cell_id="abc", config={}, step=2, trajectory=[[[1, 0.5]]] * 2))
+    assert elsewhere.read_text() == "not zobench's"
+    assert not path.is_symlink() and checkpoint.load(path, "abc")[0].step == 2
 
 
 def test_a_suite_resumes_a_killed_cell_and_drops_its_checkpoint_once_recorded(tmp_path, monkeypatch):

@@ -16,14 +16,14 @@ from every segment (each segment's machine may differ: ``execution`` is the last
 from __future__ import annotations
 
 import json
-import os
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from zobench.cell.delta_check import check_trajectory, whole_number
 from zobench.cell.predictions import SHA256
 from zobench.errors import UserError
-from zobench.files import MAX_ARTIFACT_BYTES, read_json
+from zobench.files import MAX_ARTIFACT_BYTES, atomic_write, read_json
 from zobench.spec.config import LIMITS
 
 EVERY_WITHOUT_EVAL = 100  # steps between checkpoints of a cell that evaluates no dev set
@@ -56,12 +56,11 @@ def due(step: int, steps: int, eval_every: int) -> bool:
 
 
 def save(path: str | Path, ckpt: Checkpoint) -> None:
-    """Write atomically: a kill while writing leaves the previous checkpoint whole."""
+    """Write atomically (``files.atomic_write``: a kill while writing leaves the previous checkpoint whole,
+    and nothing is written through a symbolic link planted where the file or its temporary goes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(ckpt)))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(asdict(ckpt)), "checkpoint")
 
 
 def check_spent(spent) -> None:
@@ -71,6 +70,54 @@ def check_spent(spent) -> None:
     for key, value in spent.items():
         if type(value) not in (int, float) or not 0 <= value < float("inf"):
             raise ValueError(f"spent.{key} = {value!r}: expected a number of seconds")
+
+
+def _numbers(values, where: str, whole: bool = False) -> None:
+    """``values``: a list of finite numbers >= 0 (whole numbers with ``whole``)."""
+    if not isinstance(values, list):
+        raise ValueError(f"{where}: expected a list")
+    for v in values:
+        if type(v) not in ((int,) if whole else (int, float)) or not 0 <= v < float("inf"):
+            raise ValueError(f"{where}: {v!r:.40} is not a {'whole ' if whole else ''}number >= 0")
+
+
+def _scores(scores, where: str) -> None:
+    """``scores``: None or a mapping of score names to finite numbers (an evaluation's, ``cell.selection``)."""
+    if scores is None:
+        return
+    if not isinstance(scores, dict) or not all(isinstance(k, str) for k in scores):
+        raise ValueError(f"{where}: expected a mapping of score names to numbers")
+    _numbers(list(scores.values()), where)
+
+
+def check_books(ckpt: Checkpoint) -> None:
+    """The books a resumed cell takes back as they are (``cell.resume.restore``): each of the shape it
+    writes, so that a damaged or crafted file is refused here, in one line, not in the middle of a cell."""
+    if not isinstance(ckpt.config, dict):
+        raise ValueError("config: expected a mapping")
+    if not isinstance(ckpt.losses, list) or len(ckpt.losses) > ckpt.step or not all(
+            type(v) in (int, float) and math.isfinite(v) for v in ckpt.losses):
+        raise ValueError("losses: expected at most one finite number a step")
+    for name in ("seconds", "reference_seconds"):
+        _numbers(getattr(ckpt, name), name)
+    _numbers(ckpt.tokens, "tokens", whole=True)
+    if not isinstance(ckpt.parts, dict) or not all(isinstance(k, str) for k in ckpt.parts):
+        raise ValueError("parts: expected a mapping of step parts to lists of seconds")
+    for part, values in ckpt.parts.items():
+        _numbers(values, f"parts.{part}")
+    _numbers([ckpt.total], "total")
+    whole_number(ckpt.segments, "segments", 1, 10**6)
+    if ckpt.best_step is not None:
+        whole_number(ckpt.best_step, "best_step", 0, ckpt.step)
+    _scores(ckpt.best_scores, "best_scores")
+    _scores(ckpt.test_before, "test_before")
+    if not isinstance(ckpt.dev_curve, list):
+        raise ValueError("dev_curve: expected a list")
+    for point in ckpt.dev_curve:
+        if not isinstance(point, dict):
+            raise ValueError("dev_curve: expected a list of evaluations")
+        whole_number(point.get("step"), "dev_curve step", 0, ckpt.step)
+        _scores({k: v for k, v in point.items() if k != "step"}, "dev_curve")
 
 
 def load(path: str | Path, cell_id: str) -> tuple[Checkpoint | None, str | None]:
@@ -84,6 +131,7 @@ def load(path: str | Path, cell_id: str) -> tuple[Checkpoint | None, str | None]
         whole_number(ckpt.step, "step", 0, LIMITS["steps"])
         check_trajectory(ckpt.trajectory, ckpt.step, f"{path}: trajectory")
         check_spent(ckpt.spent)
+        check_books(ckpt)
         sha = ckpt.predictions_sha256
         if sha is not None and not (isinstance(sha, str) and SHA256.fullmatch(sha)):
             raise ValueError("predictions_sha256: expected 64 hex digits")

@@ -136,3 +136,19 @@ def test_a_number_that_is_not_finite_is_refused_however_it_is_spelled(text):
     with pytest.raises(UserError, match="x.json: not valid JSON"):
         parse_json(text, "x.json")
     assert parse_json('{"a": 1e308, "b": -2.5e-300}', "x.json") == {"a": 1e308, "b": -2.5e-300}
+
+
+@pytest.mark.parametrize("spelled", ["9" * 309, "-" + "9" * 309, "9" * 5000, "0x" + "F" * 300])
+def test_an_integer_no_float_can_hold_is_refused_in_json_and_yaml(spelled):
+    """An integer past 1e308 parses (Python's ints have no bound) and then overflows every float() or
+    math.isfinite() a setting, a budget or a record's figure meets: refused where it is read, in one line."""
+    from zobench.spec.yaml_text import parse_yaml
+
+    if not spelled.startswith("0x"):
+        with pytest.raises(UserError, match="x.json: not valid JSON .*too large"):
+            parse_json('{"lr": ' + spelled + "}", "x.json")
+    with pytest.raises(UserError, match="x.yaml:1: not valid YAML .*too large"):
+        parse_yaml("lr: " + spelled, "x.yaml")
+    big = "9" * 308  # the largest spelled out that zobench reads: a float holds it
+    assert parse_json("[" + big + "]", "x.json") == [int(big)] and parse_yaml("a: " + big, "x.yaml") == {"a": int(big)}
+    assert parse_yaml("a: 0x1F\nb: 1_000", "x.yaml") == {"a": 31, "b": 1000}

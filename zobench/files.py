@@ -46,6 +46,7 @@ MAX_CONFIG_BYTES = 1 << 20       # suite files, --set values, sidecar JSON (spec
 MAX_ARTIFACT_BYTES = 256 << 20   # delta.json (a dense run's trajectory: ~40 bytes a step), checkpoints
 MAX_RECORD_BYTES = 64 << 20      # one line of a results file
 MAX_DEPTH = 32                   # nesting of any parsed YAML/JSON (records nest 5 deep)
+MAX_INT_DIGITS = 308             # an integer in a parsed YAML/JSON file: below 1e308, so any float holds it
 MAX_TEXT_CHARS = 1_000_000       # one line of a line-based data file, one text field of a JSON data file
 MAX_DATA_BYTES = 1 << 30         # a whole-document data file (SQuAD, DROP, an instruction file's JSON list)
 
@@ -91,8 +92,9 @@ def read_text(path: str | Path, what: str = "file", max_bytes: int | None = None
 def parse_json(text: str | bytes, where: str, max_depth: int = MAX_DEPTH) -> Any:
     """``json.loads`` bounded in depth; a ``UserError`` naming ``where`` for anything that is not JSON.
 
-    Non-finite numbers (NaN, Infinity: Python's json accepts them, JSON does not) are refused too: zobench
-    writes none, so one in a file is damage or a trap."""
+    Non-finite numbers (NaN, Infinity: Python's json accepts them, JSON does not) are refused too, and so are
+    integers of more than ``MAX_INT_DIGITS`` digits (a float cannot hold them): zobench writes none, so one in a
+    file is damage or a trap."""
     def no_constants(name):
         raise ValueError(f"{name} is not a JSON number")
 
@@ -102,8 +104,13 @@ def parse_json(text: str | bytes, where: str, max_depth: int = MAX_DEPTH) -> Any
             raise ValueError(f"{literal[:40]} is too large for a number zobench reads")
         return value
 
+    def whole(literal):  # a 400-digit integer is valid JSON, and overflows every float it meets later
+        if len(literal.lstrip("-")) > MAX_INT_DIGITS:
+            raise ValueError(f"{literal[:40]}... is too large for a number zobench reads")
+        return int(literal)
+
     try:
-        data = json.loads(text, parse_constant=no_constants, parse_float=finite)
+        data = json.loads(text, parse_constant=no_constants, parse_float=finite, parse_int=whole)
     except RecursionError:
         raise UserError(f"{where}: nested deeper than zobench reads ({max_depth} levels)") from None
     except json.JSONDecodeError as e:

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from zobench.errors import UserError
-from zobench.files import MAX_CONFIG_BYTES, MAX_DEPTH, read_text
+from zobench.files import MAX_CONFIG_BYTES, MAX_DEPTH, MAX_INT_DIGITS, read_text
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -53,6 +53,21 @@ class _StrictLoader(yaml.SafeLoader):
                     None, None, f"key '{key}' given twice (first on line {seen[key] + 1})", key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        """An integer a float can hold (``MAX_INT_DIGITS``): a longer one overflows every float it meets later
+        (and past Python's 4,300 digits is a ValueError, not a YAML error)."""
+        too_large = yaml.constructor.ConstructorError(None, None, "an integer too large for a number zobench reads",
+                                                      node.start_mark)
+        if len(str(node.value)) > 4 * MAX_INT_DIGITS:  # (hex, binary, sexagesimal: more characters a digit)
+            raise too_large
+        value = super().construct_yaml_int(node)
+        if abs(value) >= 10**MAX_INT_DIGITS:
+            raise too_large
+        return value
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
 
 
 def parse_yaml(text: str, where: str, lines: bool = True) -> Any:

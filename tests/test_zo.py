@@ -178,6 +178,48 @@ def test_sensitive_mask_is_topk_of_squared_gradients(tiny, tokenizer, data_dir, 
     again, info2 = sensitive_mask(model, tokenizer, params, 0.01, 3, 32, str(data_dir), tmp_path, tiny.vocab_size)
     assert info2["mask_cache_hit"] is True
     assert all(torch.equal(again[n], mask[n]) for n in mask)
+    assert info2["sqgrad_mass_frac"] == info["sqgrad_mass_frac"] and info2["mask_nnz"] == info["mask_nnz"]
+
+
+def test_a_cached_mask_that_is_not_one_of_these_weights_is_built_again(tmp_path):
+    """The mask cache is data: an index past its weight, unsorted indices, a tensor of no parameter, a file
+    that is not safetensors or metadata that is not JSON are a miss (the mask is built again and replaces
+    it), and a file's metadata never puts keys of its choosing into the record."""
+    from safetensors.torch import save_file
+
+    from zobench.zo.mask_build import MaskCache, MaskSpec, cached_mask
+
+    params = [("a", torch.zeros(10)), ("b", torch.zeros(4, 4))]
+    good = {"a": torch.tensor([1, 5]), "b": torch.tensor([0, 15])}
+    builds = []
+
+    def make():
+        builds.append(1)
+        return good, {"sqgrad_mass_frac": 0.5}
+
+    spec = MaskSpec("sensitive", 0.25)
+    mask, info = cached_mask(spec, params, make, tmp_path, fingerprint="w")
+    cache = MaskCache(tmp_path)
+    path = cache.root / f"{cache.key(spec, 'w')}.safetensors"
+    assert info["mask_cache_hit"] is False and path.is_file()
+    bad_masks = [{"a": torch.tensor([1, 10])}, {"a": torch.tensor([5, 1])}, {"a": torch.tensor([-1, 2])},
+                 {"c": torch.tensor([0])}, {"b": torch.tensor([[0, 1]])}, {"a": torch.tensor([2, 2])}]
+    for bad in bad_masks:
+        save_file(bad, str(path), metadata={"info": "{}"})
+        mask, info = cached_mask(spec, params, make, tmp_path, fingerprint="w")
+        assert info["mask_cache_hit"] is False and all(torch.equal(mask[n], good[n]) for n in good), bad
+    for text in (b"not safetensors", None):
+        if text is None:
+            save_file(good, str(path), metadata={"info": "{not json"})
+        else:
+            path.write_bytes(text)
+        assert cached_mask(spec, params, make, tmp_path, fingerprint="w")[1]["mask_cache_hit"] is False
+    save_file(good, str(path), metadata={"info": '{"test_after": {"accuracy": 1.0}, "mask_nnz": 99, '
+                                                 '"sqgrad_mass_frac": "x", "calib_corpus": "c4"}'})
+    mask, info = cached_mask(spec, params, make, tmp_path, fingerprint="w")
+    assert info["mask_cache_hit"] is True and "test_after" not in info and "sqgrad_mass_frac" not in info
+    assert info["mask_nnz"] == 4 and info["calib_corpus"] == "c4"
+    assert len(builds) == 1 + len(bad_masks) + 2
 
 
 def test_magnitude_mask_matches_brute_force(tiny):

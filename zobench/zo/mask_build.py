@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from safetensors.torch import safe_open, save_file
 
+from zobench.files import parse_json
 from zobench.fingerprint import weights_fingerprint
 from zobench.outdirs import build_lock
 from zobench.zo import masks as M
@@ -46,6 +47,12 @@ def lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
 
 
+# The facts of a build a cached mask keeps (``cached_mask``'s info): a file's other keys are not taken into a
+# record, and its counts are recomputed from the indices.
+KEPT_INFO = {"sqgrad_mass_frac": (float, int), "calib_corpus": (str,), "mask_route": (str,),
+             "mask_build_s": (float, int)}
+
+
 class MaskCache:
     def __init__(self, root: Path):
         self.root = Path(root) / "masks"
@@ -57,14 +64,23 @@ class MaskCache:
             d.pop("calib_sequences"), d.pop("calib_length")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
-    def load(self, key: str):
+    def load(self, key: str, sizes: dict[str, int] | None = None):
+        """``(mask, info)`` kept under ``key``, or None: none kept, or a file that is not a mask of these
+        parameters (``sizes``: name -> number of values; a cache is data, and a damaged or planted file must
+        not index past a weight), which is then built again and replaces it."""
         path = self.root / f"{key}.safetensors"
-        if not path.exists():
+        if not path.is_file() or path.is_symlink():
             return None
-        with safe_open(str(path), "pt") as f:
-            mask = {n: f.get_tensor(n).long() for n in f.keys()}
-            info = json.loads(f.metadata().get("info", "{}"))
-        return mask, info
+        try:
+            with safe_open(str(path), "pt") as f:
+                mask = {n: f.get_tensor(n).long() for n in f.keys()}
+                info = parse_json((f.metadata() or {}).get("info", "{}"), str(path))
+        except Exception:  # safetensors' own errors are not one class: any unreadable file is a miss
+            return None
+        if not isinstance(info, dict) or (sizes is not None and not _fits(mask, sizes)):
+            return None
+        # what a build said of the mask, each of its type; the rest (the counts) is recomputed from the mask
+        return mask, {k: v for k, v in info.items() if k in KEPT_INFO and type(v) in KEPT_INFO[k]}
 
     def save(self, key: str, mask: dict[str, torch.Tensor], info: dict) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -81,6 +97,17 @@ class MaskCache:
         return path
 
 
+def _fits(mask: dict[str, torch.Tensor], sizes: dict[str, int]) -> bool:
+    """Whether ``mask`` is one over these parameters: each tensor a parameter's, its indices 1-D, strictly
+    increasing and within it (``masks``: sorted flat indices)."""
+    for name, idx in mask.items():
+        if name not in sizes or idx.dim() != 1:
+            return False
+        if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= sizes[name] or bool((idx[1:] <= idx[:-1]).any())):
+            return False
+    return True
+
+
 def cached_mask(spec: MaskSpec, params, make: Callable[[], tuple[dict, dict]], cache_root: Path | None = None,
                 fingerprint: str | None = None):
     """``(mask, info)``: from the cache, else ``make()`` (then cached). ``info`` has the obtained density,
@@ -91,10 +118,10 @@ def cached_mask(spec: MaskSpec, params, make: Callable[[], tuple[dict, dict]], c
         return _build(params, make, None, None)
     key = cache.key(spec, fingerprint or weights_fingerprint(params))
     with build_lock(cache.root / key):  # a cell that needs the mask another is building waits for it
-        hit = cache.load(key)
+        hit = cache.load(key, {n: p.numel() for n, p in params})
         if hit is not None:
             mask, info = hit
-            return mask, dict(info, mask_cache_hit=True)
+            return mask, dict(info, **M.mask_summary(mask, params), mask_cache_hit=True)
         return _build(params, make, cache, key)
 
 

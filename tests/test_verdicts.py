@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zobench.analysis.verdicts import claims_of, verdicts
+from zobench.analysis.verdicts import claims_of, majority_rate, verdicts
 from zobench.cell.measures import Metrics, Stats
 from zobench.cell.predictions import Predictions
 from zobench.cell.record import CellRecord
@@ -167,6 +167,10 @@ def test_a_record_cannot_point_the_verdicts_at_any_file_or_feed_them_malformed_a
         "needs its id, gold and pred": _npz(folder / "nogold.npz", {
             "test_best.id": np.arange(n), "test_best.pred": np.zeros(n, int)}),
     }
+    # a gold label of 10**12 is a class index like any other: its majority rate costs no 7 TiB of bins
+    huge_gold = np.zeros(n, dtype=np.int64)
+    huge_gold[::2] = 10**12
+    assert majority_rate({"gold": huge_gold}) == 0.5
     for needle, desc in cases.items():
         bad = [replace(records[0], predictions=desc)] + records[1:]
         with pytest.raises(UserError, match=re.escape(needle.strip())) as e:
@@ -322,6 +326,11 @@ def test_a_declaration_in_a_record_is_validated_like_a_suites(results):
             claims_of(bad)
         assert f"record {rec.cell_id}: claims.declared" in str(e.value) and message in str(e.value)
         assert "\n" not in str(e.value)
+    for value in ([1], "x", 5):
+        bad = copy.deepcopy(rec)
+        bad.claims["declared"][0]["failed_if"] = value
+        with pytest.raises(UserError, match="failed_if: expected a mapping"):
+            claims_of(bad)
 
 
 def test_earlier_declarations_are_decided_up_to_a_bound_and_the_rest_named(tmp_path):

@@ -68,7 +68,10 @@ def claims_of(rec: CellRecord) -> list[Claim] | None:
     if not isinstance(declared, list) or not all(isinstance(d, dict) for d in declared):
         raise UserError(f"{where}: expected a list of declared claims")
     section = {k: declared[0].get(k) for k in FAMILY}
-    section["failed_if"] = {k: v for k, v in (section["failed_if"] or {}).items() if v is not None}
+    failed_if = section["failed_if"] or {}
+    if not isinstance(failed_if, dict):
+        raise UserError(f"{where}: failed_if: expected a mapping")
+    section["failed_if"] = {k: v for k, v in failed_if.items() if v is not None}
     section["items"] = [{k: v for k, v in d.items() if k not in FAMILY and v is not None} for d in declared]
     return parse_claims(section, where)
 
@@ -144,7 +147,9 @@ def _checked(fields: dict, where: str) -> dict:
 
 def majority_rate(details: dict) -> float:
     gold = np.asarray(details["gold"])
-    return float(np.bincount(gold).max() / len(gold)) if len(gold) else 1.0
+    # counts of the values present (np.unique), not a bin per class up to the largest: a file's gold of 10**12
+    # would ask bincount for terabytes
+    return float(np.unique(gold, return_counts=True)[1].max() / len(gold)) if len(gold) else 1.0
 
 
 def _failed(rec: CellRecord, details: dict | None, rule: FailedIf) -> str | None:

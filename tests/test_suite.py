@@ -130,6 +130,12 @@ BAD = {
     "yaml syntax": ("name: s\ndefaults: {steps: [\n", "not valid YAML"),
     "no name": ("defaults: {}\n", "key 'name'"),
     "unknown quant": ("name: s\nmatrix: {quant: [none, nf5]}\n", "key 'quant': unknown quant backend 'nf5'"),
+    # a section of entries given as one value (a number was a TypeError, a string read letter by letter)
+    "budgets not a list": ("name: s\nbudgets: 5\n", "key 'budgets': expected a list of entries"),
+    "overrides not a list": ("name: s\noverrides: true\n", "key 'overrides': expected a list of entries"),
+    "exclude not a list": ("name: s\nexclude: method=full\n", "key 'exclude': expected a list of entries"),
+    "grids not a list": ("name: s\nlr_pilot: {steps: 10, grids: 3}\n", "lr_pilot.grids: expected a list of entries"),
+    "a huge integer": ("name: s\ndefaults: {lr: " + "9" * 400 + "}\n", "too large for a number zobench reads"),
 }
 
 

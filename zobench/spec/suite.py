@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zobench.errors import UserError
+from zobench.errors import UserError, shown
 from zobench.spec.catalog import CELL_PHASES
 from zobench.spec.claims import Claim, parse_claims
 from zobench.spec.config import CellConfig, refuse_file_keys
@@ -113,9 +113,19 @@ def _number_list(value: Any, where: str) -> list[float]:
     return [float(v) for v in value]
 
 
+def _list(value: Any, where: str) -> list:
+    """A section that is a list of entries (absent or null: none), else one line saying so (a number there
+    was a TypeError, a string was read letter by letter)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise UserError(f"{where}: expected a list of entries (- ...), got {shown(value)}")
+    return value
+
+
 def _overrides(data: dict, where: str) -> list:
     overrides = []
-    for i, item in enumerate(data.get("overrides") or []):
+    for i, item in enumerate(_list(data.get("overrides"), f"{where}: key 'overrides'")):
         w = f"{where}: overrides[{i}]"
         item = _mapping(item, w)
         for k in item:
@@ -132,7 +142,7 @@ def _overrides(data: dict, where: str) -> list:
 
 def _budgets(data: dict, where: str) -> list[Budget]:
     budgets = []
-    for i, item in enumerate(data.get("budgets") or []):
+    for i, item in enumerate(_list(data.get("budgets"), f"{where}: key 'budgets'")):
         w = f"{where}: budgets[{i}]"
         item = _mapping(item, w)
         limits, phases = {}, None
@@ -172,7 +182,7 @@ def _lr_pilot(data: dict, where: str) -> LrPilot | None:
     if not isinstance(every, int) or isinstance(every, bool) or not 1 <= every <= steps:
         raise UserError(f"{w}.eval_every: expected a number of steps between 1 and steps ({steps})")
     grids = []
-    for i, g in enumerate(item.get("grids") or []):
+    for i, g in enumerate(_list(item.get("grids"), f"{w}.grids")):
         gw = f"{w}.grids[{i}]"
         g = _mapping(g, gw)
         for k in g:
@@ -219,7 +229,8 @@ def parse_suite(data: Any, where: str, path: Path | None = None) -> Suite:
     reference = data.get("reference", True)
     if not isinstance(reference, bool):
         raise UserError(f"{where}: key 'reference': expected true or false")
-    exclude = [parse_selector(sel, f"{where}: exclude[{i}]") for i, sel in enumerate(data.get("exclude") or [])]
+    exclude = [parse_selector(sel, f"{where}: exclude[{i}]")
+               for i, sel in enumerate(_list(data.get("exclude"), f"{where}: key 'exclude'"))]
     claims = parse_claims(data["claims"], where) if data.get("claims") is not None else []
     suite = Suite(name, path, defaults, matrix, _overrides(data, where), _budgets(data, where), float(timeout),
                   reference, str(data.get("description", "")), _lr_pilot(data, where), exclude, claims)

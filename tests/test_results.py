@@ -80,6 +80,39 @@ def test_a_dev_curve_point_without_its_step_or_with_a_word_for_a_score_is_one_li
     Metrics.from_json(line["metrics"])  # the committed record itself loads
 
 
+def test_what_reports_read_of_a_record_is_typed_on_load(tmp_path):
+    """The fields a report formats or plots as they are (scores, timings' counts, the loss curve, the
+    environment line, the learning-rate table) are checked when the record loads: a word, a list or a null
+    where a report needs a number is one line naming the field, not a traceback from the table that reads it."""
+    line = next(json.loads(t) for t in (ROOT / "results" / "claims-v2.jsonl").read_text().splitlines()
+                if json.loads(t).get("lr_choice") and json.loads(t)["metrics"].get("zo_passes"))
+    cases = (
+        (lambda r: r["metrics"]["test_after"].update(accuracy="x"), "metrics.test_after.accuracy' = 'x'"),
+        (lambda r: r["metrics"]["test_before"].update(accuracy=[1]), r"metrics.test_before.accuracy' = \[1\]"),
+        (lambda r: r["metrics"]["loss_curve"].append({}), r"metrics.loss_curve\[\d+\]' = {}"),
+        (lambda r: r["metrics"]["step_s"].update(n=None), "metrics.step_s.n' = None: expected a count"),
+        (lambda r: r["metrics"]["step_s"].update(p10=None), "metrics.step_s.p10' = None: expected a number"),
+        (lambda r: r["metrics"]["zo_passes"].update(pass_gb_s="fast"), "metrics.zo_passes.pass_gb_s' = 'fast'"),
+        (lambda r: r["env"].update(versions=["torch"]), "env.versions' = \\['torch'\\]"),
+        (lambda r: r["env"].update(cpu_count="2"), "env.cpu_count' = '2'"),
+        (lambda r: r["lr_choice"].pop("pilot_steps"), "lr_choice' has no 'pilot_steps'"),
+        (lambda r: r["lr_choice"].update(grid="x"), "lr_choice.grid' = 'x'"),
+        (lambda r: r["lr_choice"]["dev"].append(0.5), "lr_choice': expected one dev score per lr"),
+    )
+    for change, message in cases:
+        bad = json.loads(json.dumps(line))
+        change(bad)
+        p = tmp_path / "r.jsonl"
+        p.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(UserError, match=r"r.jsonl:1: field '" + message) as e:
+            load_records(p)
+        assert "\n" not in str(e.value)
+    bad = json.loads(json.dumps(line))
+    bad["metrics"]["step_parts_s"] = None  # null reads as absent
+    (tmp_path / "r.jsonl").write_text(json.dumps(bad) + "\n")
+    assert load_records(tmp_path / "r.jsonl")[0].metrics.step_parts_s == {}
+
+
 def test_records_round_trip_through_json():
     rec = load_records(ROOT / "results" / "smollm2-quant.jsonl")[-1]
     again = CellRecord.from_json(json.loads(json.dumps(rec.to_json())))

@@ -5,6 +5,7 @@ itself from JSON with its type checked (``check_field``), naming the field when 
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field, fields
@@ -89,11 +90,15 @@ class Stats:
         if d is None or d == {}:
             return None
         check_field(d, (dict,), name)
-        try:
-            return cls(*(check_field(d[k], NUMBER, f"{name}.{k}") for k in ("median", "p10", "p90")),
-                       int(check_field(d.get("n", 0), NUMBER, f"{name}.n")))
-        except KeyError as e:
-            raise SchemaError(f"field '{name}' has no '{e.args[0]}'") from None
+        for k in ("median", "p10", "p90"):
+            if k not in d:
+                raise SchemaError(f"field '{name}' has no '{k}'")
+            if d[k] is None or not math.isfinite(check_field(d[k], NUMBER, f"{name}.{k}")):
+                raise SchemaError(f"field '{name}.{k}' = {shown_value(d[k])}: expected a number of seconds")
+        n = d.get("n", 0)
+        if n is None or check_field(n, read_kinds((int,)), f"{name}.n") < 0 or n != int(n):
+            raise SchemaError(f"field '{name}.n' = {shown_value(n)}: expected a count of timings")
+        return cls(d["median"], d["p10"], d["p90"], int(n))
 
     def to_json(self) -> dict:
         return {"median": self.median, "p10": self.p10, "p90": self.p90, "n": self.n}
@@ -150,6 +155,10 @@ SERIES = ("loss_curve", "dev_curve", "trajectory")
 
 
 DEV_SCORES = ("accuracy", "em", "f1", "train_s")
+# The fields of a mapping that reports read as numbers or lists (a record is data: each is checked on load)
+_SCORES = {k: NUMBER for k in DEV_SCORES}
+MAPPING_FIELDS = {"test_before": _SCORES, "test_after": _SCORES, "test_best": _SCORES, "best_dev": _SCORES,
+                  "zo_passes": {"paths": (dict,), "pass_gb_s": NUMBER, "copy_gb_s": NUMBER, "pass_over_copy": NUMBER}}
 
 
 def _check_dev_curve(points: list, name: str) -> None:
@@ -226,15 +235,20 @@ class Metrics:
                 setattr(m, key, Stats.from_json(value, name))
             elif key == "step_parts_s":
                 check_field(value, (dict,), name)
-                m.step_parts_s = {k: s for k, v in value.items() if (s := Stats.from_json(v, f"{name}.{k}"))}
+                m.step_parts_s = {k: s for k, v in (value or {}).items() if (s := Stats.from_json(v, f"{name}.{k}"))}
             elif key in SCALARS:
                 m.values[key] = check_field(value, read_kinds(SCALARS[key]), name)
             elif key in MAPPINGS:
                 m.values[key] = check_field(value, (dict,), name)
+                for field_name, kinds in MAPPING_FIELDS.get(key, {}).items():
+                    check_field((value or {}).get(field_name), kinds, f"{name}.{field_name}")
             elif key in SERIES:
                 m.values[key] = check_field(value, (list,), name)
                 if key == "dev_curve":
                     _check_dev_curve(value or [], name)
+                elif key == "loss_curve":
+                    for n, loss in enumerate(value or []):
+                        check_field(loss, NUMBER, f"{name}[{n}]")
             else:
                 m.extra[key] = value
         return m

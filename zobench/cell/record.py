@@ -46,6 +46,31 @@ TOP_TYPES = {"suite": (str,), "suite_file": (str,), "reason": (str,), "traceback
              "wall_s": NUMBER, "warnings": (list,), "estimate": (dict,), "env": (dict,), "git": (dict,),
              "labels": (dict,), "config": (dict,), "lr_choice": (dict,), "artifact": (dict,),
              "predictions": (dict,), "claims": (dict,)}
+# Fields inside those sections that reports read as they are: each of its type, checked on load
+SECTION_FIELDS = {
+    "env": {"python": (str,), "platform": (str,), "cpu": (str,), "cpu_flags": (list,), "cpu_count": (int,),
+            "torch_threads": (int,), "malloc_mmap_threshold": (str,), "versions": (dict,), "malloc": (dict,),
+            "gpu": (str,), "gpu_count": (int,), "cuda": (str,), "driver": (str,), "gpu_memory_mib": (int,),
+            "cuda_alloc_conf": (str,)},
+    "lr_choice": {"grid": (list,), "dev": (list,), "pilot_steps": (int,), "by": (str,), "chosen": NUMBER},
+}
+
+
+def _check_lr_choice(choice: dict | None) -> None:
+    """What the learning-rate table reads of a pilot's choice: its grid (numbers), one dev score (a number,
+    or none for a pilot that failed) per lr, and its pilot steps."""
+    if not choice:
+        return
+    for key in ("grid", "dev", "pilot_steps"):
+        if choice.get(key) is None:
+            raise SchemaError(f"field 'lr_choice' has no '{key}'")
+    if len(choice["grid"]) != len(choice["dev"]):
+        raise SchemaError("field 'lr_choice': expected one dev score per lr of its grid")
+    for n, (lr, dev) in enumerate(zip(choice["grid"], choice["dev"])):
+        if lr is None:
+            raise SchemaError(f"field 'lr_choice.grid[{n}]' is null: expected a number")
+        check_field(lr, NUMBER, f"lr_choice.grid[{n}]")
+        check_field(dev, NUMBER, f"lr_choice.dev[{n}]")
 
 
 @dataclass
@@ -171,6 +196,10 @@ class CellRecord:
         if status not in STATUSES:
             raise SchemaError(f"field 'status' = {status!r}: expected one of {', '.join(STATUSES)}")
         top = {k: check_field(d.get(k), kinds, k) for k, kinds in TOP_TYPES.items() if k in d}
+        for section, fields in SECTION_FIELDS.items():
+            for name, kinds in fields.items():
+                check_field((top.get(section) or {}).get(name), kinds, f"{section}.{name}")
+        _check_lr_choice(top.get("lr_choice"))
         phases = check_field(d.get("phases"), (dict,), "phases") or {}
         return cls(cell_id=d["cell_id"], status=status, schema=SCHEMA_VERSION,
                    phases={p: PhaseMeasure.from_json(v, f"phases.{p}") for p, v in phases.items()},

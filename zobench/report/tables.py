@@ -126,7 +126,8 @@ def quant_table(ok: list[CellView], extras: list[str]) -> list[str]:
         def cell(r):
             twin, value = float_cells.get(twin_key(r)), value_of(r)
             other = value_of(twin) if twin else None
-            return fn(value, other) if isinstance(value, (int, float)) and isinstance(other, (int, float)) else DASH
+            return (fn(value, other) if isinstance(value, (int, float)) and isinstance(other, (int, float)) and other
+                    else DASH)  # (a record's 0 s or 0 MiB has no ratio)
         return cell
 
     def score(r):

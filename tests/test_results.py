@@ -167,6 +167,56 @@ def test_a_mistyped_influence_record_is_one_line_naming_the_field(tmp_path):
         InfluenceRecord.from_json({"cell_id": "x"})
 
 
+def _leaf_paths(value, path=()):
+    """Every key path in a JSON value (a list by its first element), depth first."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaf_paths(v, path + (k,))
+    elif isinstance(value, list) and value:
+        yield from _leaf_paths(value[0], path + (0,))
+    if path:
+        yield path
+
+
+def test_an_influence_report_of_a_record_missing_or_mistyping_any_field_is_one_line_and_writes_nothing(tmp_path):
+    """The influence report reads its record's free-form results as they are. Every 10th key path of the
+    committed record (about 30 of them, a fixed sample), removed or set to a word: the report renders, or it
+    is refused in one line naming the results file, and a refused one leaves the earlier report and plots
+    as they were (text and plots are made in memory before any is written)."""
+    from zobench.report import render_results_file
+
+    rec = json.loads((ROOT / "results" / "influence-zo.jsonl").read_text().splitlines()[-1])
+    results, out = tmp_path / "r.jsonl", tmp_path / "rep" / "r.md"
+    results.write_text(json.dumps(rec) + "\n")
+    render_results_file(results, out)
+    before = {p.name: p.read_bytes() for p in [out, *sorted((tmp_path / "rep" / "r_plots").iterdir())]}
+    paths = list(_leaf_paths(rec))[::10]
+    assert len(paths) >= 25
+    refused = 0
+    for path in paths:
+        for mode in ("remove", "word"):
+            bad = json.loads(json.dumps(rec))
+            parent = bad
+            for k in path[:-1]:
+                parent = parent[k]
+            if mode == "remove" and isinstance(parent, dict):
+                del parent[path[-1]]
+            else:
+                parent[path[-1]] = "x"
+            results.write_text(json.dumps(bad) + "\n")
+            try:
+                render_results_file(results, out)
+            except UserError as e:
+                refused += 1
+                assert str(e).startswith(str(results)) and "\n" not in str(e), (path, mode, str(e))
+                now = {p.name: p.read_bytes() for p in [out, *sorted(out.parent.joinpath("r_plots").iterdir())]}
+                assert now == before, (path, mode)
+                continue
+            results.write_text(json.dumps(rec) + "\n")  # rendered: back to the committed report
+            render_results_file(results, out)
+    assert refused > len(paths) / 2
+
+
 def test_an_influence_records_fine_tunes_read_as_typed_cells_and_a_mistyped_one_is_located(tmp_path):
     rec = json.loads((ROOT / "results" / "influence-zo.jsonl").read_text().splitlines()[-1])
     lora = CellRecord("lora-cell", config={"method": "lora"}, metrics=Metrics(values={"steps_done": 6}))

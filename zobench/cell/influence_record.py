@@ -41,6 +41,8 @@ def _typed(d: Any, name: str, fields_: dict) -> dict:
             if optional:
                 continue
             raise SchemaError(f"field '{name}' has no '{key}'")
+        if d[key] is None and not optional:
+            raise SchemaError(f"field '{name}.{key}' is null: expected {' or '.join(k.__name__ for k in kinds)}")
         out[key] = check_field(d[key], read_kinds(kinds), f"{name}.{key}")
     return out
 
@@ -150,7 +152,7 @@ class InfluenceRecord:
 
     def fidelity_sweep(self) -> list[FidelityPoint]:
         """Sketched against exact scores, one point per (normalize, permute, K)."""
-        sweep = self.sections["fidelity"]["sweep"]
+        sweep = _typed(self.sections["fidelity"], "fidelity", {"sweep": (list,)})["sweep"]
         return [FidelityPoint.from_json(e, f"fidelity.sweep[{i}]") for i, e in enumerate(sweep)]
 
     def fine_tunes(self) -> list[tuple[str, CellRecord]]:

@@ -88,7 +88,7 @@ def render_results_file(results: Path, out_md: Path) -> Path:
     """The report of a results file: a suite's cells, or an influence suite's record."""
     influence = load_influence(results)
     if influence:
-        return render_influence_report(influence[-1], out_md)
+        return render_influence_report(influence[-1], out_md, f"{results} (its last influence record)")
     return render_report(load_records(results), out_md, results_dir=Path(results).parent)
 
 

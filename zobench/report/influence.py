@@ -10,9 +10,11 @@ from matplotlib.figure import Figure
 
 from zobench.cell.influence_record import InfluenceRecord, QualityAtK
 from zobench.cell.record import CellRecord
+from zobench.errors import UserError, shown
 from zobench.files import atomic_write
 from zobench.report.owned import MARK, PNG_SOFTWARE, check_plot, replaceable_plots
 from zobench.report.plots import plots_folder
+from zobench.report.table import one_line
 
 
 def _one_line(text: str, n: int = 100) -> str:
@@ -30,13 +32,10 @@ def _bytes(n: float) -> str:
 PLOT_NAMES = ("fidelity.png", "recall.png")
 
 
-def write_plots(record: InfluenceRecord, folder: Path, linked: set[str] = frozenset()) -> list[tuple[str, str]]:
-    """The influence report's plots (``PLOT_NAMES``), each file already there checked to be zobench's first
-    (``owned.check_plot``). matplotlib.figure.Figure directly, never pyplot: no backend is switched for the
-    caller's process."""
-    for name in PLOT_NAMES:
-        check_plot(folder / name, linked)
-    folder.mkdir(parents=True, exist_ok=True)
+def draw_plots(record: InfluenceRecord) -> list[tuple[str, str, bytes]]:
+    """The influence report's plots (``PLOT_NAMES``) as (caption, file name, PNG bytes), drawn in memory:
+    nothing is written until the whole report has rendered. matplotlib.figure.Figure directly, never pyplot: no
+    backend is switched for the caller's process."""
 
     def k_axes(hline: float, hlabel: str | None):
         fig = Figure(figsize=(6, 3.6))
@@ -45,15 +44,14 @@ def write_plots(record: InfluenceRecord, folder: Path, linked: set[str] = frozen
         ax.axhline(hline, color="grey", lw=0.8, ls="--", label=hlabel)
         return fig, ax
 
-    def save(fig, ax, name: str, xlabel: str, ylabel: str) -> str:
+    def png(fig, ax, xlabel: str, ylabel: str) -> bytes:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, metadata={"Software": PNG_SOFTWARE})
-        atomic_write(folder / name, buf.getvalue(), "plot")
-        return name
+        return buf.getvalue()
 
     fig, ax = k_axes(0.9, None)
     sweep = record.fidelity_sweep()
@@ -63,15 +61,15 @@ def write_plots(record: InfluenceRecord, folder: Path, linked: set[str] = frozen
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"normalize={'on' if norm else 'off'}, "
                                                        f"permute={'on' if permute else 'off'}")
-    out = [("Sketch fidelity against exact gradient scores",
-            save(fig, ax, "fidelity.png", "K (sketch size)", "Spearman vs exact scores"))]
+    out = [("Sketch fidelity against exact gradient scores", "fidelity.png",
+            png(fig, ax, "K (sketch size)", "Spearman vs exact scores"))]
     fig, ax = k_axes(record.sections["quality"]["base_rate"], "base rate")
     by_k = record.quality_by_k()
     for name in ("triggered", "hotword", "control"):
         ax.plot([e.k for e in by_k], [getattr(e, name).recall_at_k for e in by_k], marker="o", label=name)
     ax.set_ylim(-0.02, 1.02)
-    out.append(("Recall of the poisoned examples by K",
-                save(fig, ax, "recall.png", "K (nested from the stored sketch)", "recall@k of poisoned examples")))
+    out.append(("Recall of the poisoned examples by K", "recall.png",
+                png(fig, ax, "K (nested from the stored sketch)", "recall@k of poisoned examples")))
     return out
 
 
@@ -292,9 +290,25 @@ def _fine_tune_cells(cells: list[tuple[str, CellRecord]]) -> list[str]:
     return lines
 
 
-def render_influence_report(record: InfluenceRecord, out_md: Path) -> Path:
+def render_influence_report(record: InfluenceRecord, out_md: Path, where: str = "influence record") -> Path:
+    """Render ``record`` (``where``: its file and line, for an error) to ``out_md`` and its plots folder. The
+    record's sections are free-form results that the text and the plots read as they are: a missing or
+    mistyped field is one line naming the record and the field, found before anything is written (the text
+    and the plots are made in memory first, and only the files zobench wrote are replaced: ``report.owned``)."""
     out_md = Path(out_md)
     folder = plots_folder(out_md)
     linked = replaceable_plots(out_md, folder)
-    plots = [(cap, f"{folder.name}/{name}") for cap, name in write_plots(record, folder, linked)]
-    return atomic_write(out_md, render_influence(record, plots), "report")
+    for name in PLOT_NAMES:
+        check_plot(folder / name, linked)
+    try:
+        drawn = draw_plots(record)
+        text = render_influence(record, [(cap, f"{folder.name}/{name}") for cap, name, _ in drawn])
+    except KeyError as e:
+        raise UserError(f"{where}: no field {shown(e.args[0])} where the report reads one") from None
+    except (TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError) as e:
+        raise UserError(f"{where}: a field the report reads is not what it expects "
+                        f"({type(e).__name__}: {one_line(str(e), 160)})") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    for _, name, data in drawn:
+        atomic_write(folder / name, data, "plot")
+    return atomic_write(out_md, text, "report")

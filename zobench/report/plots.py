@@ -133,6 +133,8 @@ def phase_bars(ok: list[CellView], extras: list[str]):
     if not cells:
         return None
     phases = [p for p in PHASE_COLORS if any(p in r.phases for r in cells)]
+    if not phases:  # (records whose phases zobench does not name)
+        return None
     width = 0.8 / len(phases)
     fig, ax = _figure(max(6.0, 0.25 * len(cells) * len(phases) + 3.5), 4.5, "", "", "peak memory (MiB)")
     for i, r in enumerate(cells):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -253,6 +254,30 @@ def test_a_random_config_file_cannot_name_code():
 
     with pytest.raises(UserError, match="auto_map"):
         random_config(str(Path(__file__).with_name("data") / "evil_config.json"), False)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_size": None}, "not a config transformers can build"),
+    ({"hidden_size": "x"}, "key 'hidden_size' = x: expected a whole number >= 1"),
+    ({"num_attention_heads": -1}, "key 'num_attention_heads' = -1"),
+    ({"num_hidden_layers": 0}, "key 'num_hidden_layers' = 0"),
+    ({"vocab_size": True}, "key 'vocab_size' = True"),
+    ({"intermediate_size": {}}, "key 'intermediate_size' = {}")])
+def test_a_random_config_with_sizes_no_model_has_is_one_line(tmp_path, change, message):
+    """A random: model's config is data: a size that is not a whole number >= 1 (or that transformers' own
+    config validation refuses) is refused naming the file and the key, not a torch or transformers traceback
+    (a negative head count failed in the allocator; -1 layers built a model with none)."""
+    from zobench.models.load import random_config
+    from zobench.spec.models import random_config_path
+
+    config = json.loads(random_config_path("tiny-llama").read_text())
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({**config, **change}))
+    with pytest.raises(UserError, match=re.escape(message)) as e:
+        random_config(str(path), False)
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+    path.write_text(json.dumps(config))
+    assert random_config(str(path), False).hidden_size == config["hidden_size"]
 
 
 # -- every artifact is validated before use --------------------------------------------------------------

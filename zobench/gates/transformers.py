@@ -17,4 +17,11 @@ from transformers import (  # noqa: E402
     PreTrainedModel,
 )
 
-__all__ = ["AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "GenerationConfig", "PreTrainedModel"]
+try:  # what transformers' config classes raise for a mistyped field (huggingface_hub's strict dataclasses)
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # an older huggingface_hub, whose configs raise ValueError or TypeError instead
+    class StrictDataclassError(Exception):
+        pass
+
+__all__ = ["AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "GenerationConfig", "PreTrainedModel",
+           "StrictDataclassError"]

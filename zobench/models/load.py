@@ -25,9 +25,15 @@ from pathlib import Path
 
 import torch
 
-from zobench.errors import UserError
+from zobench.errors import UserError, shown
 from zobench.files import cache_dir, read_json
-from zobench.gates.transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from zobench.gates.transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    StrictDataclassError,
+)
 from zobench.models.shards import open_streamed
 from zobench.models.stream import INIT, Deferred, draw_model, empty_model
 from zobench.spec.models import BUILTIN, random_config_path, shipped_configs
@@ -142,6 +148,11 @@ def builtin_tokenizer():
     return AutoTokenizer.from_pretrained(saved or str(converted_gguf_dir(builtin_gguf())))
 
 
+# The sizes a random model is built from: each, where a config gives it, a whole number >= 1
+DIMENSIONS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "vocab_size", "max_position_embeddings", "head_dim")
+
+
 def random_config(name: str, trust_remote_code: bool):
     path = random_config_path(name)
     if not path.exists():
@@ -156,9 +167,13 @@ def random_config(name: str, trust_remote_code: bool):
     if "auto_map" in data:  # the name of code to import: a config file never chooses code (docs/security.md)
         raise UserError(f"{path}: names code to import (auto_map); random: models are built from "
                         f"transformers' own architectures only")
+    for key in DIMENSIONS:  # (a negative one fails deep in torch's allocator, or builds a model of no layers)
+        value = data.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UserError(f"{path}: key '{key}' = {shown(value)}: expected a whole number >= 1")
     try:
         return AutoConfig.for_model(model_type, **data)
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as e:
         raise UserError(f"{path}: not a config transformers can build ({str(e).splitlines()[0][:200]})") from None
 
 

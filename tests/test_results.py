@@ -34,6 +34,10 @@ def test_a_bad_line_before_the_last_is_corruption(tmp_path):
     p.write_text('{"cell_id": "a"}\n{"cell_id": "b", "sta\n{"cell_id": "c"}\n')
     with pytest.raises(UserError, match=r"r.jsonl:2: not a JSON record .* corrupt"):
         load_records(p)
+    p.write_text('{"cell_id": "a"}\n' + "[" * 40 + "]" * 40 + '\n{"cell_id": "c"}\n')
+    deep = r"r.jsonl:2: not a JSON record \(nested deeper than zobench reads \(32 levels\)\)"
+    with pytest.raises(UserError, match=deep):
+        load_records(p)
 
 
 def test_pandas_view_latest_record_wins_with_ratios_derived_on_read(tmp_path):

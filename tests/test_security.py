@@ -328,7 +328,9 @@ def test_a_parent_is_never_found_through_the_working_directory(kept, tmp_path, m
 
 @pytest.mark.parametrize("changes, needle", [
     ({"step": -1}, "'step'"), ({"step": 10**18}, "'step'"), ({"step": 1.5}, "'step'"),
-    ({"format": 99}, "format"), ({"kind": "pickle"}, "format"), ({"base": "x"}, "'base'"),
+    ({"format": 99}, "format"), ({"format": True}, "format"), ({"kind": "pickle"}, "format"),
+    ({"base": "x"}, "'base'"), ({"config": {"method": "random", "seed": 2**64}}, "'seed'"),
+    ({"config": {"method": "random", "device": "x"}}, "'device'"),
     ({"config": {"method": "random", "evil": 1}}, "unknown key 'evil'"),
     ({"config": {"method": "nope"}}, "method"), ({"config": []}, "settings"),
     ({"parent": 5}, "'parent'"),

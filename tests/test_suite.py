@@ -135,6 +135,8 @@ BAD = {
     "overrides not a list": ("name: s\noverrides: true\n", "key 'overrides': expected a list of entries"),
     "exclude not a list": ("name: s\nexclude: method=full\n", "key 'exclude': expected a list of entries"),
     "grids not a list": ("name: s\nlr_pilot: {steps: 10, grids: 3}\n", "lr_pilot.grids: expected a list of entries"),
+    "a device no cell runs on": ("name: s\ndefaults: {device: gpu}\n", "key 'device' = 'gpu': expected auto, cpu"),
+    "a negative seed": ("name: s\nmatrix: {seed: [0, -1]}\n", "key 'seed' = -1: expected a whole number in [0, 2**63)"),
     "a huge integer": ("name: s\ndefaults: {lr: " + "9" * 400 + "}\n", "too large for a number zobench reads"),
 }
 

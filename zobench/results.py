@@ -69,7 +69,10 @@ def _parse_line(path: Path, n: int, line: str, last: bool) -> tuple[int, dict] |
             print(f"zobench: warning: {path}:{n}: skipped a torn last line (an interrupted append)",
                   file=sys.stderr)
             return None
-        raise UserError(f"{path}:{n}: not a JSON record ({str(e).split('(', 1)[-1].rstrip(')')}); the results "
+        reason = str(e).removeprefix(f"{path}:{n}: ")  # "not valid JSON (why)" or "nested deeper than ... (32 levels)"
+        if reason.startswith("not valid JSON (") and reason.endswith(")"):
+            reason = reason[len("not valid JSON ("):-1]
+        raise UserError(f"{path}:{n}: not a JSON record ({reason}); the results "
                         f"file is corrupt") from None
     if not isinstance(obj, dict) or "cell_id" not in obj:
         raise UserError(f"{path}:{n}: not a zobench record (no 'cell_id')")

@@ -43,7 +43,7 @@ def check_meta(meta, where: str) -> dict:
     """``meta`` (a parsed ``delta.json``) if it is a delta zobench can use, else one line saying why."""
     if not isinstance(meta, dict):
         raise UserError(f"{where}: not a zobench delta (expected a JSON object)")
-    if meta.get("format") != FORMAT or meta.get("kind") not in KINDS:
+    if meta.get("format") != FORMAT or isinstance(meta.get("format"), bool) or meta.get("kind") not in KINDS:
         raise UserError(f"{where}: not a zobench delta of format {FORMAT} (kind one of {', '.join(KINDS)})")
     whole_number(meta.get("step"), f"{where}: key 'step'", 0, LIMITS["steps"])
     base = meta.get("base")

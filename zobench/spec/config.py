@@ -194,8 +194,12 @@ class CellConfig:
             self._bad(where, "clip_threshold", "a positive number")
         if self.lr < 0:
             self._bad(where, "lr", "a number >= 0")
+        if not 0 <= self.seed < 2**63:  # (torch.manual_seed takes no more)
+            self._bad(where, "seed", "a whole number in [0, 2**63)")
         if self.timeout_s is not None and self.timeout_s <= 0:
             self._bad(where, "timeout_s", "a positive number of seconds")
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,3})?", self.device):  # what cells and the estimator run on
+            self._bad(where, "device", "auto, cpu, cuda or cuda:N")
         if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", t) for t in self.lora_targets.split(",")):
             self._bad(where, "lora_targets", "module names separated by commas (q_proj,v_proj)")
 

@@ -15,7 +15,7 @@ import pytest
 from helpers import limit_file_size, unprivileged
 
 from zobench.errors import OutputError, UserError
-from zobench.files import MAX_DEPTH, append_line, parse_json, read_text
+from zobench.files import MAX_DEPTH, append_line, parse_json, read_text, text_lines
 from zobench.outdirs import check_output_dir, check_output_file
 
 
@@ -136,6 +136,20 @@ def test_a_number_that_is_not_finite_is_refused_however_it_is_spelled(text):
     with pytest.raises(UserError, match="x.json: not valid JSON"):
         parse_json(text, "x.json")
     assert parse_json('{"a": 1e308, "b": -2.5e-300}', "x.json") == {"a": 1e308, "b": -2.5e-300}
+
+
+def test_a_lone_surrogate_is_not_text_and_a_bad_byte_is_found_on_its_own_line(tmp_path):
+    """"\\ud800" is valid JSON and parses to a string no encoder takes (a tokenizer, a hash, a write failed on
+    it later): refused where it is read. A byte that is not UTF-8 is reported on its line, not on the line
+    the reader had reached when its read-ahead met it."""
+    for text in ('{"a": "\\ud800"}', '["x\\uDFFFy"]', '{"\\udbff": 1}'):
+        with pytest.raises(UserError, match="x.json: a string holds a lone surrogate"):
+            parse_json(text, "x.json")
+    assert parse_json('["\\ud83d\\ude00", "\\u00e9"]', "x.json") == ["\U0001f600", "\u00e9"]  # a pair is text
+    bad = tmp_path / "d.tsv"
+    bad.write_bytes(b"".join(b"row %d\n" % i for i in range(5000)) + b"\xff\n")
+    with pytest.raises(UserError, match=r"d.tsv:5001: data file is not UTF-8 text"):
+        list(text_lines(bad))
 
 
 @pytest.mark.parametrize("spelled", ["9" * 309, "-" + "9" * 309, "9" * 5000, "0x" + "F" * 300])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -304,3 +305,37 @@ def test_influence_cli_caches_resumes_queries_and_refuses_other_settings(tmp_pat
     code, _, err = _cli(["influence", "query", "--cache", str(tmp_path / "nowhere"), "--instruction", "x",
                          "--generation", "y"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+    # a cache is data: damaged copies of it are refused in one line each (each was a traceback)
+    def damaged(name, change):
+        copy = tmp_path / name
+        shutil.copytree(tmp_path / "c", copy)
+        change(copy)
+        return _cli(["influence", "query", "--cache", str(copy), *query[4:]], capsys)
+
+    def lines(edit):
+        def change(copy):
+            rows = (copy / "examples.jsonl").read_text().splitlines()
+            (copy / "examples.jsonl").write_text("\n".join(edit(rows)) + "\n")
+        return change
+
+    def nan_row(copy):
+        sketch = np.memmap(copy / "sketch.f16", dtype=np.float16, mode="r+")
+        sketch[:256] = np.nan
+        sketch.flush()
+
+    cases = {
+        "id_list": (lines(lambda r: [json.dumps({**json.loads(r[0]), "id": [1]}), *r[1:]]), "not an {id,"),
+        "input_number": (lines(lambda r: [json.dumps({**json.loads(r[0]), "input": 5}), *r[1:]]), "not an {id,"),
+        "same_id": (lines(lambda r: [r[0], r[0], *r[2:]]), "two rows share an id"),
+        "fewer_rows": (lines(lambda r: r[:3]), "n = 6 rows of sketches against 3 examples"),
+        "surrogate": (lines(lambda r: ['{"id": 0, "instruction": "\\ud800", "output": "x"}', *r[1:]]),
+                      "lone surrogate"),
+        "nan_sketch": (nan_row, "not finite numbers"),
+    }
+    for name, (change, needle) in cases.items():
+        code, _, err = damaged(name, change)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, (name, err)
+    with pytest.raises(SystemExit) as e:  # (argparse's own exit) a prompt token and a response token at least
+        _cli([*base[:-6], "--max-length", "1", "--out", str(tmp_path / "c1")], capsys)
+    assert e.value.code == 2 and "--max-length" in capsys.readouterr().err and not (tmp_path / "c1").exists()

@@ -418,6 +418,24 @@ def test_adapters_are_safetensors_and_name_no_code(tmp_path):
                                                         "megatron_core": "os"}))
     with pytest.raises(UserError, match="import a module"):
         check_adapter(a)
+    # the ranks peft allocates by before it checks anything (r = 2,000,000 took 4 GB), and the weights
+    (a / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    weights_file = str(a / "adapter_model.safetensors")
+    save_file({"base_model.model.layers.0.q_proj.lora_A.weight": torch.zeros(8, 4)}, weights_file)
+    check_adapter(a)
+    for config, needle in (({"r": 2_000_000}, "r = 2000000: expected a number in (0, 65536]"),
+                           ({"r": 8, "rank_pattern": {"q_proj": 10**9}}, "r = 1000000000"),
+                           ({"r": 8, "lora_alpha": -1}, "lora_alpha = -1"),
+                           ({"r": 8, "rank_pattern": [1]}, "rank_pattern")):
+        (a / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
+        with pytest.raises(UserError, match=re.escape(needle)):
+            check_adapter(a)
+    (a / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    for weights, needle in (({}, "holds no tensors"), ({"w": torch.tensor([float("nan")])}, "not finite"),
+                            ({"w": torch.zeros(2, dtype=torch.int32)}, "not finite floating-point")):
+        save_file(weights, weights_file)
+        with pytest.raises(UserError, match=needle):
+            check_adapter(a)
 
 
 # -- bounded cost on any input -------------------------------------------------------------------------

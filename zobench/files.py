@@ -21,6 +21,7 @@ writes through a symbolic link. Where outputs go, and what may be replaced: ``zo
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import fcntl
@@ -28,6 +29,7 @@ import gc
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -121,7 +123,31 @@ def parse_json(text: str | bytes, where: str, max_depth: int = MAX_DEPTH) -> Any
     # nest deeper (most records: their walk was a quarter of reading a large results file).
     if not isinstance(text, str) or text.count("[") + text.count("{") >= max_depth:
         check_depth(data, where, max_depth)
+    # "\ud800" is valid JSON and parses to a lone surrogate, a string no encoder takes (a tokenizer, a hash, a
+    # file write fail on it later): only a text that spells a surrogate escape is walked for one
+    if _SURROGATE_ESCAPE.search(text if isinstance(text, str) else text.decode("utf-8", "replace")):
+        _refuse_surrogates(data, where)
     return data
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\[uU][dD][89a-fA-F]")
+
+
+def _refuse_surrogates(data: Any, where: str) -> None:
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UserError(f"{where}: a string holds a lone surrogate (an escape such as \\ud800 that is not "
+                                f"half of a pair): not text") from None
 
 
 _is_container = frozenset((dict, list)).__contains__  # exact types: what json and safe YAML build
@@ -178,7 +204,7 @@ def text_lines(path: str | Path, what: str = "data file", max_chars: int = MAX_T
             try:
                 line = f.readline(max_chars + 2)
             except UnicodeDecodeError:
-                raise UserError(f"{path}:{n + 1}: {what} is not UTF-8 text") from None
+                raise UserError(f"{path}:{_first_bad_line(path)}: {what} is not UTF-8 text") from None
             if not line:
                 return
             n += 1
@@ -186,6 +212,21 @@ def text_lines(path: str | Path, what: str = "data file", max_chars: int = MAX_T
                 raise UserError(f"{path}:{n}: a line longer than zobench reads in a {what} ({max_chars:,} "
                                 f"characters); remove or shorten it")
             yield n, line
+
+
+def _first_bad_line(path: Path) -> int:
+    """The line of ``path`` that holds its first byte that is not UTF-8 (text reading decodes ahead of the line
+    it returns, so the line it failed on is not the one at fault): the file read again in 64 KiB pieces."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines = 1
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 16):
+            try:
+                decoder.decode(piece)
+            except UnicodeDecodeError as e:
+                return lines + piece[:max(e.start, 0)].count(b"\n")
+            lines += piece.count(b"\n")
+    return lines
 
 
 def check_text(value: str, where: str, max_chars: int = MAX_TEXT_CHARS) -> str:

@@ -20,7 +20,11 @@ import math
 import os
 from pathlib import Path
 
-from zobench.errors import UserError
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from zobench.errors import UserError, shown
 from zobench.files import MAX_CONFIG_BYTES, read_json
 from zobench.spec.config import LIMITS, NOT_FROM_FILES, CellConfig
 
@@ -133,3 +137,29 @@ def check_adapter(path: Path) -> None:
     if config.get("megatron_config") is not None:
         raise UserError(f"{path / 'adapter_config.json'}: sets megatron_config, which makes PEFT import a module "
                         f"the file names; zobench loads plain LoRA adapters only")
+    # Ranks and scales peft allocates by before it checks anything against the weights (r = 2,000,000 took
+    # 4 GB; 10**9 asked for 256 GB): bounded as a suite's lora_r / lora_alpha are
+    bounds = (("r", "rank_pattern", LIMITS["lora_r"]), ("lora_alpha", "alpha_pattern", LIMITS["lora_alpha"]))
+    for key, pattern, top in bounds:
+        per_module = config.get(pattern) or {}
+        if not isinstance(per_module, dict):
+            raise UserError(f"{path / 'adapter_config.json'}: {pattern}: expected a mapping of modules to numbers")
+        for v in (config.get(key), *per_module.values()):
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v <= top):
+                raise UserError(f"{path / 'adapter_config.json'}: {key} = {shown(v)}: expected a number in "
+                                f"(0, {top}]")
+    _check_adapter_weights(path / "adapter_model.safetensors")
+
+
+def _check_adapter_weights(file: Path) -> None:
+    """An adapter's weights: at least one tensor (peft only warns of missing keys, and the base model would be
+    evaluated as if trained), each floating point and finite, as a sparse delta's values must be."""
+    try:
+        weights = load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
+    if not weights:
+        raise UserError(f"{file}: holds no tensors; an adapter without weights is the base model")
+    for name, t in weights.items():
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise UserError(f"{file}: '{shown(name)}' is not finite floating-point weights ({t.dtype})")

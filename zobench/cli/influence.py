@@ -7,15 +7,17 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from zobench.cell.delta import claim_target, read
 from zobench.cli.common import HELP, at_least, fraction, one_line, positive_float
-from zobench.errors import EXIT_OK, UserError
+from zobench.errors import EXIT_OK, UserError, shown
 from zobench.files import atomic_write
 from zobench.influence.cache import build_cache, cache_meta, load_cache_dir
 from zobench.influence.retrieve import query_sketch, scan, token_contributions
 from zobench.influence.session import Session
 from zobench.influence.spec import InfluenceSpec
-from zobench.influence.store import SketchStore
+from zobench.influence.store import SKETCH, SketchStore
 from zobench.influence.train import fine_tune, fine_tune_config, summary
 from zobench.outdirs import check_output_dir, check_output_file, refuse_unsafe_target
 from zobench.report.query import query_html, query_markdown
@@ -39,7 +41,7 @@ def add_parser(sub) -> None:
     c.add_argument("--k", type=at_least(1, 1 << 26), default=1 << 16, help="sketch size (default 65536)")
     c.add_argument("--sketch-seed", type=at_least(0), default=0, help="the sketch's seed (permutation and signs)")
     c.add_argument("--no-normalize", action="store_true", help="skip layer-wise normalization")
-    c.add_argument("--max-length", type=at_least(1, 1 << 20), default=256)
+    c.add_argument("--max-length", type=at_least(2, 1 << 20), default=256)  # a prompt token and a response one
     c.add_argument("--workers", type=at_least(1, 1024), default=None,
                    help="processes filling disjoint rows (default 1; with --executor ray: one per GPU, else "
                         "one per node)")
@@ -57,7 +59,7 @@ def add_parser(sub) -> None:
     t.add_argument("--steps", type=at_least(1, 10**8), default=300)
     t.add_argument("--lr", type=positive_float, default=None, help="default: 3e-4 for lora, 1e-4 for ZO")
     t.add_argument("--batch-size", type=at_least(1, 1 << 16), default=8)
-    t.add_argument("--max-length", type=at_least(1, 1 << 20), default=128)
+    t.add_argument("--max-length", type=at_least(2, 1 << 20), default=128)
     t.add_argument("--density", type=fraction, default=1e-3, help="ZO: the fraction of linear weights trained")
     t.add_argument("--data-dir", default=None, help="where c4/ is (--method sensitive; default: packaged sample)")
     t.add_argument("--save", required=True, help="directory for the kept result (a zobench delta)")
@@ -140,6 +142,9 @@ def _query(args) -> int:
         check_output_file(args.html, "page")
     spec, examples = load_cache_dir(args.cache)
     store = SketchStore.open(args.cache)
+    if store.n != len(examples):  # a row of sketches per example, in order
+        raise UserError(f"{args.cache}/meta.json: n = {store.n} rows of sketches against {len(examples)} examples in "
+                        f"examples.jsonl; not one cache")
     for what in ("adapter", "delta"):
         if getattr(spec, what) and not Path(getattr(spec, what)).is_dir():
             raise UserError(f"{args.cache}/spec.json: {what} {getattr(spec, what)} is gone; the query needs the "
@@ -153,6 +158,10 @@ def _query(args) -> int:
     prompt = {"instruction": args.instruction, "input": args.input}
     q, info = query_sketch(session, prompt, args.generation, words)
     result = scan(store, q[None], args.metric)
+    if not np.isfinite(result.scores).all():  # a sketch row zobench wrote is finite: this one was damaged
+        bad = int((~np.isfinite(result.scores[0])).nonzero()[0][0])
+        raise UserError(f"{args.cache}/{SKETCH}: row {bad} (example {shown(examples[bad]['id'])}) scores "
+                        f"{result.scores[0, bad]}: the cache's sketches are not finite numbers")
     top = result.top(args.top)[0]
     by_id = {e["id"]: e for e in examples}
     rows = [{"rank": r + 1, "id": examples[i]["id"], "score": float(result.scores[0, i]),

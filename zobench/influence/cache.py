@@ -210,7 +210,11 @@ def load_cache_dir(path: str | Path) -> tuple[InfluenceSpec, list[dict]]:
     for n, line in text_lines(path / "examples.jsonl", "influence cache examples"):
         if line.strip():
             row = parse_json(line, f"{path / 'examples.jsonl'}:{n}")
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("instruction", "output")):
-                raise UserError(f"{path / 'examples.jsonl'}:{n}: not an {{id, instruction, input, output}} row")
+            if (not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("instruction", "output"))
+                    or not isinstance(row.get("input", ""), str) or type(row.get("id")) not in (str, int)):
+                raise UserError(f"{path / 'examples.jsonl'}:{n}: not an {{id, instruction, input, output}} row "
+                                f"(id a string or a number, the others strings)")
             examples.append(row)
+    if len({row["id"] for row in examples}) != len(examples):
+        raise UserError(f"{path / 'examples.jsonl'}: two rows share an id")
     return spec, examples

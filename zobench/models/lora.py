@@ -55,7 +55,9 @@ def load_adapter(loaded, path: str | Path):
     try:
         config = dispatchable(lib.LoraConfig.from_pretrained(str(path)))
         loaded.model = lib.PeftModel.from_pretrained(loaded.model, str(path), config=config).eval()
-    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, OSError, SafetensorError) as e:
+    # (ImportError: a config whose target modules match a layer type peft serves through an optional package)
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, OSError, SafetensorError,
+            ImportError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"{path}: not a LoRA adapter this model can load ({type(e).__name__}: {first})") from None
     return loaded.model

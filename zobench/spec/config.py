@@ -47,7 +47,7 @@ NOT_FROM_FILES = {
     "predictions": "zobench keeps each cell's predictions beside its record itself",
 }
 AT_LEAST_0 = ("steps", "n_train", "n_dev", "n_test", "calib_sequences", "warmup_steps", "eval_every")
-AT_LEAST_1 = ("batch_size", "eval_batch_size", "max_length", "q", "calib_length", "ref_every", "lora_r", "lora_alpha")
+AT_LEAST_1 = ("batch_size", "eval_batch_size", "q", "calib_length", "ref_every", "lora_r", "lora_alpha")
 
 
 @dataclass
@@ -194,6 +194,8 @@ class CellConfig:
             self._bad(where, "clip_threshold", "a positive number")
         if self.lr < 0:
             self._bad(where, "lr", "a number >= 0")
+        if self.max_length < 2:  # a prompt token and an answer (or response) token at least
+            self._bad(where, "max_length", "a number >= 2")
         if not 0 <= self.seed < 2**63:  # (torch.manual_seed takes no more)
             self._bad(where, "seed", "a whole number in [0, 2**63)")
         if self.timeout_s is not None and self.timeout_s <= 0:

@@ -63,7 +63,7 @@ class CacheSpec:
         spec = cls(**d)
         if spec.dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"{where}: key 'dtype': expected float32, bfloat16 or float16")
-        if not 0 < spec.density <= 1 or not 1 <= spec.max_length <= 1 << 20 or spec.sketch_seed < 0 or \
+        if not 0 < spec.density <= 1 or not 2 <= spec.max_length <= 1 << 20 or spec.sketch_seed < 0 or \
                 not 1 <= spec.calib_sequences <= 1 << 20 or not 1 <= spec.calib_length <= 1 << 20:
             raise UserError(f"{where}: density, max_length, sketch_seed or calib_* out of range")
         if spec.scope == "full":

@@ -92,8 +92,9 @@ def iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
             continue
         try:
             row = parse_json(line, f"{path}:{n}")
-        except UserError:
-            raise UserError(f"{path}:{n}: not a JSON object (expected one JSON object per line)") from None
+        except UserError as e:
+            why = str(e).removeprefix(f"{path}:{n}: ")
+            raise UserError(f"{path}:{n}: not a JSON object: {why} (expected one JSON object per line)") from None
         yield f"{path}:{n}", row
 
 

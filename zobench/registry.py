@@ -11,7 +11,7 @@ import difflib
 import importlib
 from typing import Any, Callable
 
-from zobench.errors import UserError
+from zobench.errors import UserError, shown
 
 
 class Registry:
@@ -48,9 +48,9 @@ class Registry:
         Imports nothing (a lazy entry stays a string)."""
         key = str(name).lower()
         if key not in self._items:
-            close = difflib.get_close_matches(key, self.names(), n=1)
+            close = difflib.get_close_matches(key, self.names(), n=1) if len(key) <= 100 else []
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise UserError(f"unknown {self.kind} '{name}' (known: {', '.join(self.names())}){hint}")
+            raise UserError(f"unknown {self.kind} '{shown(name)}' (known: {', '.join(self.names())}){hint}")
         return key
 
     def get(self, name: str) -> Any:

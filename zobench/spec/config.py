@@ -163,7 +163,7 @@ class CellConfig:
                 self._bad(where, key, "an existing path")
 
     def _bad(self, where: str, key: str, expected: str):
-        raise UserError(f"{where}: key '{key}' = {getattr(self, key)!r}: expected {expected}")
+        raise UserError(f"{where}: key '{key}' = {shown(repr(getattr(self, key)))}: expected {expected}")
 
     def _check_names(self, where: str) -> None:
         for key, registry in (("method", catalog.METHODS), ("quant", catalog.QUANTS), ("task", catalog.TASKS)):

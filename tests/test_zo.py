@@ -215,10 +215,11 @@ def test_a_cached_mask_that_is_not_one_of_these_weights_is_built_again(tmp_path)
             path.write_bytes(text)
         assert cached_mask(spec, params, make, tmp_path, fingerprint="w")[1]["mask_cache_hit"] is False
     save_file(good, str(path), metadata={"info": '{"test_after": {"accuracy": 1.0}, "mask_nnz": 99, '
-                                                 '"sqgrad_mass_frac": "x", "calib_corpus": "c4"}'})
+                                                 '"sqgrad_mass_frac": "x", "calib_corpus": {"source": "packaged"}, '
+                                                 '"mask_route": ["x"]}'})
     mask, info = cached_mask(spec, params, make, tmp_path, fingerprint="w")
     assert info["mask_cache_hit"] is True and "test_after" not in info and "sqgrad_mass_frac" not in info
-    assert info["mask_nnz"] == 4 and info["calib_corpus"] == "c4"
+    assert info["mask_nnz"] == 4 and info["calib_corpus"] == {"source": "packaged"} and "mask_route" not in info
     assert len(builds) == 1 + len(bad_masks) + 2
 
 

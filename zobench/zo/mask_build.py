@@ -49,7 +49,7 @@ def lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 # The facts of a build a cached mask keeps (``cached_mask``'s info): a file's other keys are not taken into a
 # record, and its counts are recomputed from the indices.
-KEPT_INFO = {"sqgrad_mass_frac": (float, int), "calib_corpus": (str,), "mask_route": (str,),
+KEPT_INFO = {"sqgrad_mass_frac": (float, int), "calib_corpus": (dict,), "mask_route": (str,),
              "mask_build_s": (float, int)}
 
 
@@ -80,7 +80,8 @@ class MaskCache:
         if not isinstance(info, dict) or (sizes is not None and not _fits(mask, sizes)):
             return None
         # what a build said of the mask, each of its type; the rest (the counts) is recomputed from the mask
-        return mask, {k: v for k, v in info.items() if k in KEPT_INFO and type(v) in KEPT_INFO[k]}
+        return mask, {k: v for k, v in info.items() if k in KEPT_INFO and type(v) in KEPT_INFO[k]
+                      and (not isinstance(v, dict) or all(isinstance(x, str) for x in (*v, *v.values())))}
 
     def save(self, key: str, mask: dict[str, torch.Tensor], info: dict) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)

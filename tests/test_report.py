@@ -125,6 +125,11 @@ def test_a_report_replaces_only_a_report_and_plots_it_wrote(records, tmp_path):
     with pytest.raises(OutputError, match="not a report zobench wrote") as e:
         render_report(records, notes)
     assert notes.read_text() == "# my notes\n" and not (tmp_path / "notes_plots").exists() and "\n" not in str(e.value)
+    with open(tmp_path / "big.md", "wb") as f:  # a huge file is not read to find out (sparse: no disk used)
+        f.write(b"# zobench report: x\n")
+        f.truncate(65 << 20)
+    with pytest.raises(OutputError, match="not a report zobench wrote"):
+        render_report(records, tmp_path / "big.md")
 
     own = tmp_path / "r_plots" / "memory.png"
     own.parent.mkdir()

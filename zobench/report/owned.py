@@ -27,6 +27,7 @@ PNG_SOFTWARE = "zobench"  # savefig(metadata={"Software": PNG_SOFTWARE})
 _LEGACY_FIRST_LINES = (re.compile(r"# zobench report"),
                        re.compile(r"# .*: which training examples led to this generation\?$"))
 _PNG = b"\x89PNG\r\n\x1a\n"
+MAX_REPORT_BYTES = 64 << 20  # far above any report zobench writes (a few hundred KiB): a larger file is not one
 _HEAD = 1 << 16  # a report's first line and a PNG's text chunks (before its image data) lie within this
 
 
@@ -35,14 +36,17 @@ def replaceable_plots(out_md: Path, folder: Path) -> set[str]:
     none); an ``OutputError`` where ``out_md`` exists and is not a report zobench wrote."""
     if not out_md.exists():
         return set()
+    not_ours = OutputError(f"{out_md}: exists and is not a report zobench wrote; zobench replaces only its own "
+                           f"reports (choose another report folder, or move the file)")
     try:
+        if not out_md.is_file() or out_md.stat().st_size > MAX_REPORT_BYTES:
+            raise not_ours
         text = out_md.read_bytes().decode("utf-8", errors="replace")
     except OSError as e:
         raise OutputError(f"{out_md}: cannot read the report zobench would replace ({e.strerror})") from None
     first = text[:_HEAD].split("\n", 1)[0]
     if MARK not in text[-2 * len(MARK):] and not any(p.match(first) for p in _LEGACY_FIRST_LINES):
-        raise OutputError(f"{out_md}: exists and is not a report zobench wrote; zobench replaces only its own "
-                          f"reports (choose another report folder, or move the file)")
+        raise not_ours
     return set(re.findall(rf"\]\({re.escape(folder.name)}/([^)/]+\.png)\)", text))
 
 

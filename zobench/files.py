@@ -125,12 +125,13 @@ def parse_json(text: str | bytes, where: str, max_depth: int = MAX_DEPTH) -> Any
         check_depth(data, where, max_depth)
     # "\ud800" is valid JSON and parses to a lone surrogate, a string no encoder takes (a tokenizer, a hash, a
     # file write fail on it later): only a text that spells a surrogate escape is walked for one
-    if _SURROGATE_ESCAPE.search(text if isinstance(text, str) else text.decode("utf-8", "replace")):
+    if (_SURROGATE_ESCAPE if isinstance(text, str) else _SURROGATE_ESCAPE_BYTES).search(text):
         _refuse_surrogates(data, where)
     return data
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\[uU][dD][89a-fA-F]")
+_SURROGATE_ESCAPE_BYTES = re.compile(rb"\\[uU][dD][89a-fA-F]")
 
 
 def _refuse_surrogates(data: Any, where: str) -> None:

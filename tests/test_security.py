@@ -403,6 +403,7 @@ def test_a_corrupt_safetensors_header_is_one_line_from_the_command_line(kept, tm
 
 def test_adapters_are_safetensors_and_name_no_code(tmp_path):
     from zobench.cell.delta_check import check_adapter
+    from zobench.cell.delta_tensors import check_adapter_weights
 
     a = tmp_path / "adapter"
     a.mkdir()
@@ -431,11 +432,12 @@ def test_adapters_are_safetensors_and_name_no_code(tmp_path):
         with pytest.raises(UserError, match=re.escape(needle)):
             check_adapter(a)
     (a / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    check_adapter_weights(a)
     for weights, needle in (({}, "holds no tensors"), ({"w": torch.tensor([float("nan")])}, "not finite"),
-                            ({"w": torch.zeros(2, dtype=torch.int32)}, "not finite floating-point")):
+                            ({"w": torch.zeros(2, dtype=torch.int32)}, "expected floating-point values")):
         save_file(weights, weights_file)
         with pytest.raises(UserError, match=needle):
-            check_adapter(a)
+            check_adapter_weights(a)
 
 
 # -- bounded cost on any input -------------------------------------------------------------------------

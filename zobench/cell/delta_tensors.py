@@ -132,6 +132,18 @@ def _finite(name: str, t: torch.Tensor, file: Path, as_what: str = "") -> None:
         raise UserError(f"{file}: '{name}' holds values that are not finite{as_what} (NaN or infinite)")
 
 
+def check_adapter_weights(adapter: str | Path) -> None:
+    """A LoRA adapter's weights, before peft loads them (its config is ``delta_check.check_adapter``'s): at
+    least one tensor (peft only warns of missing keys, and the base model would be evaluated as if trained),
+    each finite floating-point values, as a sparse delta's must be."""
+    file = Path(adapter) / "adapter_model.safetensors"
+    weights = _open(file)
+    if not weights:
+        raise UserError(f"{file}: holds no tensors; an adapter without weights is the base model")
+    for name, t in weights.items():
+        _finite(name, t, file)
+
+
 def checked_sparse(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``(mask, values)`` of a sparse delta: per tensor name, int64 flat indices (unique, >= 0) and finite
     float values of the same length."""

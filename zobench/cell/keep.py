@@ -66,6 +66,7 @@ def _apply(pipeline, path: Path, meta: dict) -> None:
         pipeline.pending_quantized.append((path, meta))
     elif kind == "lora":
         check_adapter(path / "adapter")
+        DT.check_adapter_weights(path / "adapter")
         load_adapter(run.loaded, path / "adapter")
     else:
         DT.write_tensors(run.model, path)

@@ -40,7 +40,8 @@ class Session:
         self.mask = None
         if spec.scope == "sensitive" or with_mask:
             self.mask = delta_mask if delta_mask is not None else self._sensitive_mask()
-        if self.adapter:
+        if self.adapter:  # (its config checked with the spec or the delta: check_adapter)
+            DT.check_adapter_weights(self.adapter)
             load_adapter(self.loaded, self.adapter)
         self.model = self.loaded.model
         self.model.eval()

@@ -166,3 +166,30 @@ def test_an_integer_no_float_can_hold_is_refused_in_json_and_yaml(spelled):
     big = "9" * 308  # the largest spelled out that zobench reads: a float holds it
     assert parse_json("[" + big + "]", "x.json") == [int(big)] and parse_yaml("a: " + big, "x.yaml") == {"a": int(big)}
     assert parse_yaml("a: 0x1F\nb: 1_000", "x.yaml") == {"a": 31, "b": 1000}
+
+
+def test_yaml_plain_values_are_typed_as_yaml_1_2_core_does():
+    """PyYAML types plain values by YAML 1.1, where `seed: 010` is 8, `steps: 1:30` is 90 and `on` is True: a
+    suite would run with a number its author did not write. zobench reads them as YAML 1.2's core schema
+    does, and refuses the one spelling the two disagree on."""
+    from zobench.spec.yaml_text import parse_yaml
+
+    got = parse_yaml("a: 1:30\nb: on\nc: yes\nd: 2026-12-05\ne: 1e-4\nf: 0o17\ng: true\nh: -12\ni: .inf\nj: 0b11",
+                     "x.yaml")
+    assert got == {"a": "1:30", "b": "on", "c": "yes", "d": "2026-12-05", "e": 1e-4, "f": 15, "g": True,
+                   "h": -12, "i": float("inf"), "j": "0b11"}
+    for spelled in ("010", "-007", "00"):
+        with pytest.raises(UserError, match=rf"x.yaml:2: not valid YAML \('{spelled}': an integer with a leading zero"):
+            parse_yaml("a: 1\nseed: " + spelled, "x.yaml")
+    assert parse_yaml("a: 0\nb: '010'", "x.yaml") == {"a": 0, "b": "010"}  # quoted: a string, as written
+
+
+def test_a_yaml_1_1_number_reaches_a_setting_as_the_string_it_was(tmp_path):
+    """`steps: 1:30` is a string now; the setting that wants an integer says so in one line."""
+    from zobench.spec.matrix import expand
+    from zobench.spec.suite import load_suite
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\ndefaults:\n  model: random:tiny-llama\n  steps: 1:30\nmatrix:\n  method: [full]\n")
+    with pytest.raises(UserError, match=r"key 'steps' = '1:30': expected int"):
+        expand(load_suite(suite))

@@ -7,6 +7,7 @@ YAML becomes one ``UserError`` naming where it came from.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,12 @@ class _StrictLoader(yaml.SafeLoader):
       suites have no use for them (``overrides`` and ``defaults`` say the same thing plainly);
     * nesting at most ``MAX_DEPTH`` deep (a deeply nested file ends in RecursionError otherwise);
     * a key given twice in one mapping is an error (PyYAML keeps the last silently, so a suite could run
-      with a setting its author did not see)."""
+      with a setting its author did not see);
+    * plain values are typed as YAML 1.2's core schema types them, not as YAML 1.1 (PyYAML's default) does,
+      where ``seed: 010`` is 8 (octal), ``steps: 1:30`` is 90 (base 60), ``yes`` / ``on`` are booleans,
+      a date is a date object and ``1e-4`` is a string: here only ``true`` / ``false`` are booleans,
+      ``1e-4`` is a number, and the rest stay the strings they were written as (a setting that wants a
+      number then says so). A decimal integer with a leading zero is refused: the two YAMLs disagree on it."""
 
     def compose_node(self, parent, index):
         event = self.peek_event()
@@ -59,15 +65,40 @@ class _StrictLoader(yaml.SafeLoader):
         (and past Python's 4,300 digits is a ValueError, not a YAML error)."""
         too_large = yaml.constructor.ConstructorError(None, None, "an integer too large for a number zobench reads",
                                                       node.start_mark)
-        if len(str(node.value)) > 4 * MAX_INT_DIGITS:  # (hex, binary, sexagesimal: more characters a digit)
+        text = str(node.value)
+        if len(text) > 4 * MAX_INT_DIGITS:  # (hex: more characters a digit)
             raise too_large
-        value = super().construct_yaml_int(node)
+        digits = text.lstrip("+-").replace("_", "")
+        if len(digits) > 1 and digits[0] == "0" and digits[1] in "0123456789":
+            raise yaml.constructor.ConstructorError(
+                None, None, f"'{text}': an integer with a leading zero is octal in YAML 1.1 and decimal in 1.2; "
+                "write it without the zero (or 0o... for octal)", node.start_mark)
+        if digits.startswith("0o"):
+            value = int(digits[2:], 8) * (-1 if text.startswith("-") else 1)
+        else:
+            value = super().construct_yaml_int(node)
         if abs(value) >= 10**MAX_INT_DIGITS:
             raise too_large
         return value
 
 
 _StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+
+# YAML 1.2's core schema for booleans, integers and floats (https://yaml.org/spec/1.2.2/#1032-tag-resolution),
+# plus digit groups (1_000) in decimal integers, which PyYAML took and zobench's suites may use; no timestamps.
+_YAML_11_TYPES = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+                  "tag:yaml.org,2002:timestamp"}
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML_11_TYPES]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_CORE = [
+    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    ("tag:yaml.org,2002:float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                                r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+.0123456789"),
+]
+for _tag, _pattern, _first in _CORE:
+    _StrictLoader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
 
 
 def parse_yaml(text: str, where: str, lines: bool = True) -> Any:

@@ -35,6 +35,7 @@ import tempfile
 from pathlib import Path
 
 from zobench.errors import UserError
+from zobench.files import new_file_mode
 from zobench.outdirs import output_lock
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -59,6 +60,7 @@ def _write(dst: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".sync-tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), new_file_mode(dst))
             f.write(data)
         os.replace(tmp, dst)
     except BaseException:

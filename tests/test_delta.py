@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,10 @@ def test_a_saved_result_reloads_to_the_trained_weights(tmp_path, method, extra, 
     trained = Pipeline(CellConfig.from_dict(dict(TINY, method=method, save=str(tmp_path / "d"), **extra)))
     rec = trained.run()
     assert rec.artifact["kind"] == kind and rec.artifact["step"] == 3 and rec.artifact["bytes"] > 0
+    umask = os.umask(0o022)
+    os.umask(umask)
+    # built in a temporary folder, yet it has the permissions a folder made in place would have (not 0700)
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~umask
     before = weights(trained)
     base = Pipeline(CellConfig.from_dict(dict(TINY, method=method, steps=0, **extra)))
     base.run()

@@ -6,6 +6,7 @@ lets part of a write through (a short write, as on a nearly full filesystem) and
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -193,3 +194,23 @@ def test_a_yaml_1_1_number_reaches_a_setting_as_the_string_it_was(tmp_path):
     suite.write_text("name: s\ndefaults:\n  model: random:tiny-llama\n  steps: 1:30\nmatrix:\n  method: [full]\n")
     with pytest.raises(UserError, match=r"key 'steps' = '1:30': expected int"):
         expand(load_suite(suite))
+
+
+def test_files_written_through_a_temporary_file_get_the_permissions_a_plain_write_would(tmp_path):
+    """A temporary file or folder is created 0600 / 0700; renamed into place, it made every report, delta
+    and checkpoint readable by its owner alone. A new file gets 0666 less the umask, a rewritten one keeps
+    its mode, and a build folder gets 0777 less the umask."""
+    from zobench.files import atomic_write, temp_dir
+
+    umask = os.umask(0o027)
+    try:
+        fresh = atomic_write(tmp_path / "report.md", "x")
+        assert fresh.stat().st_mode & 0o777 == 0o640
+        kept = tmp_path / "kept.md"
+        kept.write_text("old")
+        kept.chmod(0o604)
+        atomic_write(kept, "new")
+        assert kept.read_text() == "new" and kept.stat().st_mode & 0o777 == 0o604
+        assert temp_dir(tmp_path, ".stage-").stat().st_mode & 0o777 == 0o750
+    finally:
+        os.umask(umask)

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -247,6 +248,49 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+def _umask_at_import() -> int:
+    mask = os.umask(0o022)  # reading the umask this way sets it: put it straight back (import, one thread)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask_at_import()
+
+
+def _umask() -> int:
+    """The process's umask now: Linux says it in /proc/self/status without changing it; elsewhere, the one
+    it had when zobench was imported."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK
+
+
+def new_file_mode(path: str | Path) -> int:
+    """The permissions a file written at ``path`` through a temporary file should get: the old file's, if
+    there is one, else what ``open()`` would give a new file (0666 less the umask). A ``mkstemp`` file is
+    0600, and renamed over its target it would make a report, a delta or a results file readable by its
+    owner alone after every rewrite."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return 0o666 & ~_umask()
+    return st.st_mode & 0o777 if stat.S_ISREG(st.st_mode) else 0o666 & ~_umask()
+
+
+def temp_dir(parent: str | Path, prefix: str) -> Path:
+    """A fresh directory in ``parent`` to build an artifact in before it is renamed into place, with the
+    permissions ``mkdir`` would give it (``mkdtemp``'s are 0700: a delta or a cache renamed from it would
+    be unreadable to anyone but its owner)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
+
+
 def atomic_write(path: str | Path, data: bytes | str, what: str = "output") -> Path:
     """Write ``data`` to ``path`` all at once or not at all (see the module docstring)."""
     path = Path(path)
@@ -259,6 +303,7 @@ def atomic_write(path: str | Path, data: bytes | str, what: str = "output") -> P
         raise OutputError(f"{path}: cannot write the {what}: {_reason(e)}") from None
     try:
         try:
+            os.fchmod(fd, new_file_mode(path))
             _write_all(fd, data)
             os.fsync(fd)
         finally:

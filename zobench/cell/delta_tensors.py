@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 import zobench
 from zobench.cell.delta import FORMAT, META, TENSORS, claim_target, dir_bytes, portable
 from zobench.errors import UserError
+from zobench.files import temp_dir
 from zobench.fingerprint import scales_fingerprint, weights_fingerprint
 from zobench.outdirs import replace_dir
 from zobench.quant.codes import code_layers
@@ -38,7 +38,7 @@ def save(target: Path, kind: str, cfg: dict, fingerprint: str, step: int, tensor
          extra: dict | None = None, adapter_model=None, overwrite: bool = False) -> dict:
     """Write the artifact to ``target`` and return its description (see the module docstring)."""
     target = claim_target(target, overwrite)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    stage = temp_dir(target.parent, f".{target.name}.")
     try:
         if tensors is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(stage / TENSORS))

@@ -19,14 +19,13 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from zobench.errors import UserError, shown
-from zobench.files import cache_dir, read_json
+from zobench.files import cache_dir, read_json, temp_dir
 from zobench.gates.transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -101,7 +100,7 @@ def converted_gguf_dir(gguf: Path) -> Path:
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    tmp = temp_dir(target.parent, ".convert-")
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)

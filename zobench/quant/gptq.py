@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -30,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from zobench.data.calibration import corpus_batches, find_corpus
 from zobench.errors import Unsupported, UserError
+from zobench.files import temp_dir
 from zobench.gates import gptqmodel
 from zobench.outdirs import build_lock
 from zobench.quant.base import Backend, QuantContext, Storage, _parent
@@ -241,7 +241,7 @@ def _stages(block, model, block_names, args, kwargs):
 def _save(target: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Write the cache entry to a temporary directory and rename it, so no reader sees half of it."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    tmp = temp_dir(target.parent, ".tmp-")
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "layers.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(meta))

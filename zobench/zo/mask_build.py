@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from safetensors.torch import safe_open, save_file
 
-from zobench.files import parse_json
+from zobench.files import new_file_mode, parse_json
 from zobench.fingerprint import weights_fingerprint
 from zobench.outdirs import build_lock
 from zobench.zo import masks as M
@@ -87,6 +87,7 @@ class MaskCache:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"{key}.safetensors"
         fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
+        os.fchmod(fd, new_file_mode(path))
         os.close(fd)
         try:
             save_file({n: i.to(torch.int32 if i.max() < 2**31 else torch.int64).contiguous()

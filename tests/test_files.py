@@ -214,3 +214,12 @@ def test_files_written_through_a_temporary_file_get_the_permissions_a_plain_writ
         assert temp_dir(tmp_path, ".stage-").stat().st_mode & 0o777 == 0o750
     finally:
         os.umask(umask)
+
+
+def test_a_json_key_given_twice_is_refused():
+    """json keeps the last of two equal keys without a word: a record, delta or checkpoint could say one thing
+    to a reader who looks and another to zobench. zobench writes none, so one is refused in one line."""
+    with pytest.raises(UserError, match=r"x.json: not valid JSON \(key 'lr' given twice in one object\)"):
+        parse_json('{"a": {"lr": 1e-4, "b": 2, "lr": 1e-2}}', "x.json")
+    assert parse_json('{"a": {"lr": 1e-4}, "b": [{"lr": 1}, {"lr": 2}]}', "x.json") == \
+        {"a": {"lr": 1e-4}, "b": [{"lr": 1}, {"lr": 2}]}

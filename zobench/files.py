@@ -38,7 +38,7 @@ from itertools import compress
 from pathlib import Path
 from typing import Any
 
-from zobench.errors import OutputError, UserError
+from zobench.errors import OutputError, UserError, shown
 from zobench.outdirs import check_output_dir
 from zobench.outdirs import reason as _reason
 
@@ -96,8 +96,8 @@ def parse_json(text: str | bytes, where: str, max_depth: int = MAX_DEPTH) -> Any
     """``json.loads`` bounded in depth; a ``UserError`` naming ``where`` for anything that is not JSON.
 
     Non-finite numbers (NaN, Infinity: Python's json accepts them, JSON does not) are refused too, and so are
-    integers of more than ``MAX_INT_DIGITS`` digits (a float cannot hold them): zobench writes none, so one in a
-    file is damage or a trap."""
+    integers of more than ``MAX_INT_DIGITS`` digits (a float cannot hold them) and a key given twice in one
+    object: zobench writes none, so one in a file is damage or a trap."""
     def no_constants(name):
         raise ValueError(f"{name} is not a JSON number")
 
@@ -112,8 +112,17 @@ def parse_json(text: str | bytes, where: str, max_depth: int = MAX_DEPTH) -> Any
             raise ValueError(f"{literal[:40]}... is too large for a number zobench reads")
         return int(literal)
 
+    def once(pairs):  # {"lr": 1e-4, "lr": 1e-2} is valid JSON, and json keeps the last one silently
+        d = dict(pairs)
+        if len(d) != len(pairs):
+            seen = set()
+            twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise ValueError(f"key '{shown(twice)}' given twice in one object")
+        return d
+
     try:
-        data = json.loads(text, parse_constant=no_constants, parse_float=finite, parse_int=whole)
+        data = json.loads(text, parse_constant=no_constants, parse_float=finite, parse_int=whole,
+                          object_pairs_hook=once)
     except RecursionError:
         raise UserError(f"{where}: nested deeper than zobench reads ({max_depth} levels)") from None
     except json.JSONDecodeError as e:

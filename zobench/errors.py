@@ -28,6 +28,16 @@ def _printable(text: str) -> str:
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+class NotJSON(UserError):
+    """A file or line that is not JSON zobench reads: "WHERE: not valid JSON (DETAIL)" when the parser refused
+    it, "WHERE: DETAIL" when zobench's own bounds did. ``detail`` alone is there for a caller that words the
+    line its own way (a results file's corrupt record)."""
+
+    def __init__(self, where: str, detail: str, syntax: bool = True):
+        super().__init__(f"{where}: not valid JSON ({detail})" if syntax else f"{where}: {detail}")
+        self.detail = _printable(detail)
+
+
 class OutputError(UserError):
     """An output could not be written (unwritable location, full disk); nothing partial was left behind."""
 

@@ -38,7 +38,7 @@ from itertools import compress
 from pathlib import Path
 from typing import Any
 
-from zobench.errors import OutputError, UserError, shown
+from zobench.errors import NotJSON, OutputError, UserError, shown
 from zobench.outdirs import check_output_dir
 from zobench.outdirs import reason as _reason
 
@@ -124,11 +124,11 @@ def parse_json(text: str | bytes, where: str, max_depth: int = MAX_DEPTH) -> Any
         data = json.loads(text, parse_constant=no_constants, parse_float=finite, parse_int=whole,
                           object_pairs_hook=once)
     except RecursionError:
-        raise UserError(f"{where}: nested deeper than zobench reads ({max_depth} levels)") from None
+        raise NotJSON(where, f"nested deeper than zobench reads ({max_depth} levels)", syntax=False) from None
     except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise NotJSON(where, f"{e.msg} at line {e.lineno} column {e.colno}") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{where}: not valid JSON ({e})") from None
+        raise NotJSON(where, str(e)) from None
     # Every container comes from one '[' or '{' of the text: a text with fewer of them than the limit cannot
     # nest deeper (most records: their walk was a quarter of reading a large results file).
     if not isinstance(text, str) or text.count("[") + text.count("{") >= max_depth:
@@ -157,8 +157,8 @@ def _refuse_surrogates(data: Any, where: str) -> None:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
-                raise UserError(f"{where}: a string holds a lone surrogate (an escape such as \\ud800 that is not "
-                                f"half of a pair): not text") from None
+                raise NotJSON(where, "a string holds a lone surrogate (an escape such as \\ud800 that is not half "
+                                     "of a pair): not text", syntax=False) from None
 
 
 _is_container = frozenset((dict, list)).__contains__  # exact types: what json and safe YAML build
@@ -177,7 +177,7 @@ def check_depth(data: Any, where: str, max_depth: int = MAX_DEPTH) -> None:
             values = item.values() if type(item) is dict else item
             deeper.extend(compress(values, map(_is_container, map(type, values))))
         if deeper and depth >= max_depth:
-            raise UserError(f"{where}: nested deeper than zobench reads ({max_depth} levels)")
+            raise NotJSON(where, f"nested deeper than zobench reads ({max_depth} levels)", syntax=False)
         level = deeper
 
 

@@ -27,7 +27,7 @@ from typing import Iterable, Iterator
 from zobench.cell.influence_record import InfluenceRecord
 from zobench.cell.measures import SchemaError
 from zobench.cell.record import CellRecord
-from zobench.errors import UserError
+from zobench.errors import NotJSON, UserError
 from zobench.files import MAX_RECORD_BYTES, append_line, gc_paused, parse_json, text_lines
 from zobench.gates.pandas import data_frame
 from zobench.spec import catalog
@@ -64,16 +64,12 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
 def _parse_line(path: Path, n: int, line: str, last: bool) -> tuple[int, dict] | None:
     try:
         obj = parse_json(line, f"{path}:{n}")
-    except UserError as e:
+    except NotJSON as e:
         if last and not line.endswith("\n"):  # an append that was cut short
             print(f"zobench: warning: {path}:{n}: skipped a torn last line (an interrupted append)",
                   file=sys.stderr)
             return None
-        reason = str(e).removeprefix(f"{path}:{n}: ")  # "not valid JSON (why)" or "nested deeper than ... (32 levels)"
-        if reason.startswith("not valid JSON (") and reason.endswith(")"):
-            reason = reason[len("not valid JSON ("):-1]
-        raise UserError(f"{path}:{n}: not a JSON record ({reason}); the results "
-                        f"file is corrupt") from None
+        raise UserError(f"{path}:{n}: not a JSON record ({e.detail}); the results file is corrupt") from None
     if not isinstance(obj, dict) or "cell_id" not in obj:
         raise UserError(f"{path}:{n}: not a zobench record (no 'cell_id')")
     return n, obj

@@ -449,3 +449,41 @@ def test_the_environment_line_names_the_users_malloc_settings_on_one_bounded_lin
     line = environment({"malloc": {"MALLOC_ARENA_MAX": "2", "GLIBC_TUNABLES": tunables}}, {})
     assert "MALLOC_ARENA_MAX=2" in line and "GLIBC_TUNABLES=glibc.malloc.x=1 ## Results" in line
     assert "\n" not in line and len(line) < 300  # a record's text cannot start a heading or run on
+
+
+def test_the_report_reads_the_records_suite_from_anywhere_and_says_when_it_cannot(tmp_path, monkeypatch):
+    """A record names its suite file as `zobench run` was given it (suites/x.yaml, relative to where the run
+    was): a report made from another folder found no file and dropped, without a word, the "not the whole
+    suite" line and every verdict's "interim" label. It now looks beside the results folder too, says so when
+    it cannot read the file at all, and takes the file from --suite."""
+    from zobench.errors import UserError
+    from zobench.report import records_suite
+
+    project = tmp_path / "project"
+    (project / "suites").mkdir(parents=True)
+    text = (Path(__file__).resolve().parents[1] / "suites" / "smoke.yaml").read_text()
+    (project / "suites" / "smoke.yaml").write_text(text)
+    rec = CellRecord("c1", suite="smoke", suite_file="suites/smoke.yaml", labels={"method": "full"})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    suite, named, unread = records_suite([rec], project / "results")
+    assert suite is not None and suite.name == "smoke" and named == "suites/smoke.yaml" and unread is None
+    md = render_report([rec], tmp_path / "r.md", results_dir=project / "results").read_text()
+    assert "None of these records is a cell of suites/smoke.yaml as it reads now" in md  # the suite was read
+    assert "could not be read" not in md
+
+    (project / "suites" / "smoke.yaml").rename(project / "suites" / "moved.yaml")
+    assert records_suite([rec], project / "results") == (None, "suites/smoke.yaml", "not found")
+    md = render_report([rec], tmp_path / "r.md", results_dir=project / "results").read_text()
+    assert "> The suite file these records name, suites/smoke.yaml, could not be read (not found)" in md
+    md = render_report([rec], tmp_path / "r.md", results_dir=project / "results",
+                       suite_path=project / "suites" / "moved.yaml").read_text()
+    assert "None of these records is a cell of " + str(project / "suites" / "moved.yaml") in md
+    assert "could not be read" not in md
+
+    (project / "suites" / "smoke.yaml").write_text(text.replace("name: smoke", "name: other"))
+    assert records_suite([rec], project / "results")[2].endswith("is now suite 'other'")
+    with pytest.raises(UserError, match="suite 'other', but the records are of suite 'smoke'"):
+        records_suite([rec], project / "results", project / "suites" / "smoke.yaml")
+

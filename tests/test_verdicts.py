@@ -362,3 +362,7 @@ def test_verdicts_of_a_suite_not_all_in_are_marked_interim(results):
     rows = [line for line in partial.splitlines() if line.startswith("| s-")]
     assert len(rows) == 2 and all("(interim)" in row for row in rows)
     assert "interim" not in "\n".join(claims_section(decision, {}, [], missing=0)).lower()
+    # the suite's file could not be read: no one can tell how many cells are missing, and every verdict says so
+    unknown = "\n".join(claims_section(decision, {}, [], missing=None))
+    rows = [line for line in unknown.splitlines() if line.startswith("| s-")]
+    assert "**Not known to be final:**" in unknown and len(rows) == 2 and all("(suite not read)" in r for r in rows)

@@ -10,6 +10,7 @@ derived view of the whole set (``zobench.results.derive``), whatever order the c
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from zobench.analysis.verdicts import claims_of, verdicts
@@ -36,10 +37,11 @@ def views(records: list[CellRecord]) -> list[CellView]:
 
 
 def render_report(records: list[CellRecord], out_md: Path, title: str | None = None,
-                  results_dir: Path | None = None) -> Path:
+                  results_dir: Path | None = None, suite_path: str | Path | None = None) -> Path:
     """Writes the report for ``records`` (a re-run cell's latest record wins) to ``out_md``; returns it.
     ``results_dir``: where the records' per-example predictions are (the results file's folder), for the
-    claims their suite declares."""
+    claims their suite declares. ``suite_path``: the records' suite file, where the one they name is not
+    where they say (``records_suite``)."""
     out_md = Path(out_md)
     everything = sorted(views(records), key=sort_key)
     pilots = [r for r in everything if r.labels.get("stage") == "pilot"]
@@ -53,14 +55,14 @@ def render_report(records: list[CellRecord], out_md: Path, title: str | None = N
     else:  # a line per cell: thousands of them are unreadable, and cost gigabytes to draw
         plots = [(f"No plots: {len(ok):,} cells are more than a plot can show ({MAX_PLOTTED_CELLS}); the tables "
                   f"above and zobench.results.to_pandas hold every cell", None)]
-    suite = records_suite(records)
+    suite, suite_file, unread = records_suite(records, results_dir, suite_path)
     claims = suite.claims if suite is not None else next((c for r in reversed(records) if (c := claims_of(r))), [])
     decision = verdicts(records, claims, results_dir or out_md.parent) if claims else None
     names = {c.id: c.name for c in claims}
     dirty = sorted({r.cell_id for r in records if (r.git or {}).get("dirty")})
-    missing = cells_without_record(suite, records)
+    missing = None if unread else cells_without_record(suite, records)
     text = render_markdown(recs, title, plots, pilots=pilots, claims=claims_section(decision, names, dirty, missing),
-                           progress=suite_progress(suite, records, _suite_file(records)))
+                           progress=suite_progress(suite, records, suite_file, unread))
     return atomic_write(out_md, text, "report")
 
 
@@ -68,28 +70,50 @@ def _suite_file(records: list[CellRecord]) -> str | None:
     return next((r.suite_file for r in reversed(records) if r.suite_file), None)
 
 
-def records_suite(records: list[CellRecord]):
-    """The records' suite as its file (named in the latest record that names one) reads now; None where that
-    file cannot be read, or is now another suite's. Its claims are what the report decides (where it cannot be
-    read, as the latest record declared them: records carry their suite's claims), its cells what the records
-    are counted against."""
-    path = _suite_file(records)
+def records_suite(records: list[CellRecord], results_dir: Path | None = None,
+                  given: str | Path | None = None) -> tuple:
+    """(the records' suite as its file reads now, the file, why it could not be read or None).
+
+    The file is ``given`` (``zobench report --suite``: it must be theirs), else the one the latest record
+    names. A record names it as ``zobench run`` was given it, relative to where that ran: tried from here,
+    then from the folder above the results file's (``zobench run`` writes to ``results/`` by default), so
+    that a report made from elsewhere reads the same suite. The suite's claims are what the report decides
+    (where it cannot be read, as the latest record declared them: records carry their suite's claims), its
+    cells what the records are counted against. Unreadable, or now another suite's, it is (None, the file,
+    why): the report then says it cannot tell whether every cell is in."""
     name = next((r.suite for r in reversed(records) if r.suite), None)
-    if not path:
-        return None
-    try:
-        suite = load_suite(path)
-    except UserError:
-        return None
-    return suite if suite.name == name else None
+    if given is not None:
+        suite = load_suite(given)  # named by the user: a file that cannot be read is their one-line error
+        if name is not None and suite.name != name:
+            raise UserError(f"{given}: suite '{suite.name}', but the records are of suite '{name}'")
+        return suite, str(given), None
+    named = _suite_file(records)
+    if not named:
+        return None, None, None
+    tries = [Path(named)]
+    if results_dir is not None and not Path(named).is_absolute():
+        tries.append(Path(os.path.abspath(results_dir)).parent / named)
+    why = "not found"
+    for path in dict.fromkeys(os.path.normpath(p) for p in tries):
+        if not os.path.exists(path):
+            continue
+        try:
+            suite = load_suite(path)
+        except UserError as e:
+            why = str(e)
+            continue
+        if suite.name == name:
+            return suite, named, None
+        why = f"{path} is now suite '{suite.name}'"
+    return None, named, why
 
 
-def render_results_file(results: Path, out_md: Path) -> Path:
+def render_results_file(results: Path, out_md: Path, suite_path: str | Path | None = None) -> Path:
     """The report of a results file: a suite's cells, or an influence suite's record."""
     influence = load_influence(results)
     if influence:
         return render_influence_report(influence[-1], out_md, f"{results} (its last influence record)")
-    return render_report(load_records(results), out_md, results_dir=Path(results).parent)
+    return render_report(load_records(results), out_md, results_dir=Path(results).parent, suite_path=suite_path)
 
 
 __all__ = ["plots_folder", "render_report", "render_results_file", "views"]

@@ -29,7 +29,7 @@ def _margin(r: Result) -> str:
     return f"{sign}{100 * abs(r.margin):.1f} pts" if r.kind != "superiority" else f"{sign} {100 * r.margin:.1f} pts"
 
 
-def rows(results: list[Result], names: dict[str, str], interim: bool = False) -> list[str]:
+def rows(results: list[Result], names: dict[str, str], interim: str = "") -> list[str]:
     out = ["| claim | kind | a - b | interval (1 - alpha) | interval Holm-adjusted (level) | margin | p / p Holm | "
            "verdict | seeds a, b | examples |", "|:---|:---|---:|:---|:---|:---|:---|:---|:---|---:|"]
     for r in results:
@@ -37,14 +37,15 @@ def rows(results: list[Result], names: dict[str, str], interim: bool = False) ->
         out.append(f"| {names.get(r.claim, r.claim)} | {r.kind.replace('_', ' ')} | {_points(r.estimate, r.kind)} "
                    f"| {_interval(r.ci_low, r.ci_high, r.kind)} | {_interval(r.adj_low, r.adj_high, r.kind)} "
                    f"({level}) | {_margin(r)} | {r.p_value:.3g} / {r.p_adjusted:.3g} | **{r.verdict}**"
-                   f"{' (interim)' if interim else ''} | "
+                   f"{f' ({interim})' if interim else ''} | "
                    f"{r.n_seeds[0]}, {r.n_seeds[1]} | {r.n_examples or '-'} |")
     return out
 
 
 def claims_section(decision: Decision | None, names: dict[str, str], dirty: list[str],
-                   missing: int = 0) -> list[str]:
-    """``missing``: the suite's cells without a record yet; then every verdict is marked interim."""
+                   missing: int | None = 0) -> list[str]:
+    """``missing``: the suite's cells without a record yet; then every verdict is marked interim. None: the
+    suite's file could not be read, so no one can tell; every verdict is marked so."""
     if decision is None:
         return []
     lines = ["## Claims", "",
@@ -57,12 +58,16 @@ def claims_section(decision: Decision | None, names: dict[str, str], dirty: list
              f"resolves exactly when Holm's adjusted p is at most alpha: not a simultaneous interval); accuracy "
              f"differences are in points, speed as the ratio of b's time to a's (`zobench/analysis/verdicts.py`, "
              f"`zobench/analysis/stats.py`, `zobench/analysis/speed.py`).", ""]
+    label = "interim" if missing else "suite not read" if missing is None else ""
     if missing:
         lines += [f"**Interim:** {missing} of the suite's cells have no record yet. These verdicts are of the runs so "
                   f"far; the suite fixed its seeds before the run, and reading the verdicts as the runs accumulate "
                   f"and stopping at the first that holds would raise the error rate above the declared alpha. A "
                   f"verdict is final when every declared cell is in.", ""]
-    lines += rows(decision.results, names, bool(missing)) + [""]
+    elif missing is None:
+        lines += ["**Not known to be final:** the suite's file could not be read (above), so whether every declared "
+                  "cell is in cannot be told; a verdict is final only when every declared cell is in.", ""]
+    lines += rows(decision.results, names, label) + [""]
     methods = sorted({r.method for r in decision.results})
     lines += [f"- {m}" for m in methods] + [""]
     if decision.excluded:
@@ -78,7 +83,7 @@ def claims_section(decision: Decision | None, names: dict[str, str], dirty: list
     for h, results in decision.earlier.items():
         lines += [f"### As declared earlier (claims hash `{h[:12]}`)", "",
                   "Some records were made while the suite declared these claims differently; their verdicts "
-                  "on the same records:", ""] + rows(results, names, bool(missing)) + [""]
+                  "on the same records:", ""] + rows(results, names, label) + [""]
     if decision.earlier_undecided:
         lines += [f"{len(decision.earlier_undecided)} more earlier declarations (claims hashes "
                   f"{', '.join(f'`{h[:12]}`' for h in decision.earlier_undecided[:10])}"

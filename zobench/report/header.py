@@ -206,14 +206,19 @@ def cells_without_record(suite, records: list) -> int:
     return sum(c.cell_id not in recorded for c in chosen) + waiting
 
 
-def suite_progress(suite, records: list, suite_file: str | None) -> list[str]:
+def suite_progress(suite, records: list, suite_file: str | None, unread: str | None = None) -> list[str]:
     """A line when some of the suite's cells have no record (a run going on or stopped, or some cells run
     with --only), so that no one reads a part as the whole; and when some records are not cells of the suite
     as it reads now (it, or a default, changed since they ran). ``suite``: the records' suite as
     ``suite_file`` reads now (``report.records_suite``). The cells are counted as ``zobench run --resume``
-    counts them: with each learning rate its pilot chose."""
+    counts them: with each learning rate its pilot chose. ``unread``: why ``suite_file`` could not be read."""
     if suite is None:
-        return []
+        if not unread:
+            return []
+        return [f"> The suite file these records name, {suite_file}, could not be read ({unread}): this report "
+                f"cannot tell whether every cell of the suite is in, nor whether its claims changed after the "
+                f"data; it decides the claims as the latest record declared them. Make the report where the "
+                f"suite ran, or name its file with `zobench report --suite`.", ""]
     pilots, chosen, waiting, recorded = _cells(suite, records)
     strangers = recorded - {c.cell_id for c in [*chosen, *pilots]}
     if strangers == recorded:

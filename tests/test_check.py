@@ -118,6 +118,27 @@ def test_cli_exit_codes(tmp_path):
     assert r.returncode == 2 and "results file not found" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_check_finds_the_records_suite_from_another_folder(tmp_path):
+    """Records name their suite as `zobench run` was given it (suites/s.yaml, from where the run was): a check
+    from elsewhere looks for it above the results folder too."""
+    import dataclasses
+
+    import yaml
+
+    (tmp_path / "suites").mkdir()
+    (tmp_path / "suites" / "s.yaml").write_text(yaml.safe_dump(SUITE))
+    (tmp_path / "results").mkdir()
+    bad = tmp_path / "results" / "s.jsonl"
+    bad.write_text(as_json(dataclasses.replace(rec("sensitive", 1900), suite="s", suite_file="suites/s.yaml")) + "\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = zobench("check", bad, "--measured-only", cwd=elsewhere)
+    assert r.returncode == 1 and "peak_mib_max limit 1000, measured 1900" in r.stdout
+    (tmp_path / "suites" / "s.yaml").unlink()
+    r = zobench("check", bad, "--measured-only", cwd=elsewhere)
+    assert r.returncode == 2 and "suites/s.yaml" in r.stderr and "Traceback" not in r.stderr
+
+
 # -- cells without a measurement are checked by their estimates -------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]

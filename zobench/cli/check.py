@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import gc
 import sys
+from pathlib import Path
 
 from zobench.analysis.check import check
 from zobench.cli.common import HELP
 from zobench.errors import EXIT_BUDGET, EXIT_OK, UserError
 from zobench.registry import Registry
 from zobench.results import load_records
-from zobench.spec.suite import load_suite
+from zobench.spec.suite import load_suite, suite_file_places
 
 STEPS = Registry("check step")
 STEPS.register("estimate missing", "zobench.cli.estimate:estimate_missing")
@@ -36,9 +37,13 @@ def run(args) -> int:
     # The records live until the process ends: the collector's later full passes (importing torch for the
     # estimates allocates a lot) need not walk them again (a third of checking 100,000 records).
     gc.freeze()
-    suite_path = args.suite or next((r.suite_file for r in records if r.suite_file), None)
+    suite_path = args.suite
     if not suite_path:
-        raise UserError(f"{args.results}: records name no suite file; pass --suite SUITE.yaml")
+        named = next((r.suite_file for r in records if r.suite_file), None)
+        if not named:
+            raise UserError(f"{args.results}: records name no suite file; pass --suite SUITE.yaml")
+        # named as `zobench run` was given it: from here, or from where that ran (above the results folder)
+        suite_path = next(iter(suite_file_places(named, Path(args.results).parent)), named)
     suite = load_suite(suite_path)
     baseline = load_records(args.baseline) if args.baseline else None
     estimates: list = []

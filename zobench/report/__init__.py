@@ -10,7 +10,6 @@ derived view of the whole set (``zobench.results.derive``), whatever order the c
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from zobench.analysis.verdicts import claims_of, verdicts
@@ -25,7 +24,7 @@ from zobench.report.markdown import render_markdown
 from zobench.report.owned import replaceable_plots
 from zobench.report.plots import plots_folder, write_plots
 from zobench.results import derive, latest_by_cell, load_influence, load_records
-from zobench.spec.suite import load_suite
+from zobench.spec.suite import load_suite, suite_file_places
 
 MAX_PLOTTED_CELLS = 200  # the claims suite plots 57 cells; a line per cell beyond this says nothing
 
@@ -90,13 +89,8 @@ def records_suite(records: list[CellRecord], results_dir: Path | None = None,
     named = _suite_file(records)
     if not named:
         return None, None, None
-    tries = [Path(named)]
-    if results_dir is not None and not Path(named).is_absolute():
-        tries.append(Path(os.path.abspath(results_dir)).parent / named)
     why = "not found"
-    for path in dict.fromkeys(os.path.normpath(p) for p in tries):
-        if not os.path.exists(path):
-            continue
+    for path in suite_file_places(named, results_dir):
         try:
             suite = load_suite(path)
         except UserError as e:

@@ -26,6 +26,7 @@ Every error names the file and the key, e.g. ``suites/x.yaml: matrix.methd: unkn
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,3 +237,13 @@ def parse_suite(data: Any, where: str, path: Path | None = None) -> Suite:
                   reference, str(data.get("description", "")), _lr_pilot(data, where), exclude, claims)
     expand(suite)  # validates every cell, so a bad combination fails here, before anything runs
     return suite
+
+
+def suite_file_places(named: str, results_dir: Path | None) -> list[str]:
+    """Where the suite file a record names (as ``zobench run`` was given it) may be now: from here, then from
+    the folder above the results file's (where ``zobench run`` ran, with its default ``--out results``); those
+    that exist."""
+    tries = [Path(named)]
+    if results_dir is not None and not Path(named).is_absolute():
+        tries.append(Path(os.path.abspath(results_dir)).parent / named)
+    return [p for p in dict.fromkeys(os.path.normpath(p) for p in tries) if os.path.exists(p)]

@@ -9,7 +9,7 @@ from zobench.analysis.stats import Result
 from zobench.analysis.verdicts import Decision
 
 
-def _points(x: float, kind: str) -> str:
+def difference(x: float, kind: str) -> str:
     """An accuracy difference in points; a speed claim's log time ratio as the ratio it stands for."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -18,11 +18,11 @@ def _points(x: float, kind: str) -> str:
     return f"{100 * x:+.1f}"
 
 
-def _interval(lo: float, hi: float, kind: str) -> str:
-    return f"[{_points(lo, kind)}, {_points(hi, kind)}]"
+def interval(lo: float, hi: float, kind: str) -> str:
+    return f"[{difference(lo, kind)}, {difference(hi, kind)}]"
 
 
-def _margin(r: Result) -> str:
+def margin_rule(r: Result) -> str:
     if r.kind == "faster_to_target":
         return f"b/a > {math.exp(r.margin):.2f}x"
     sign = {"superiority": "a - b >", "non_inferiority": "a - b > -", "equivalence": "|a - b| <"}[r.kind]
@@ -34,9 +34,9 @@ def rows(results: list[Result], names: dict[str, str], interim: str = "") -> lis
            "verdict | seeds a, b | examples |", "|:---|:---|---:|:---|:---|:---|:---|:---|:---|---:|"]
     for r in results:
         level = f"{100 * (1 - r.alpha_adjusted):.2f}%" if not math.isnan(r.alpha_adjusted) else "-"
-        out.append(f"| {names.get(r.claim, r.claim)} | {r.kind.replace('_', ' ')} | {_points(r.estimate, r.kind)} "
-                   f"| {_interval(r.ci_low, r.ci_high, r.kind)} | {_interval(r.adj_low, r.adj_high, r.kind)} "
-                   f"({level}) | {_margin(r)} | {r.p_value:.3g} / {r.p_adjusted:.3g} | **{r.verdict}**"
+        out.append(f"| {names.get(r.claim, r.claim)} | {r.kind.replace('_', ' ')} | {difference(r.estimate, r.kind)} "
+                   f"| {interval(r.ci_low, r.ci_high, r.kind)} | {interval(r.adj_low, r.adj_high, r.kind)} "
+                   f"({level}) | {margin_rule(r)} | {r.p_value:.3g} / {r.p_adjusted:.3g} | **{r.verdict}**"
                    f"{f' ({interim})' if interim else ''} | "
                    f"{r.n_seeds[0]}, {r.n_seeds[1]} | {r.n_examples or '-'} |")
     return out

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from zobench.errors import UserError
 from zobench.files import MAX_CONFIG_BYTES, atomic_write, read_text
+from zobench.outdirs import check_output_file
 from zobench.report.status import replace_block, status_block
 from zobench.results import load_records
 from zobench.spec.suite import load_suite
@@ -31,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.readme is None:
             print(block)
             return 0
+        check_output_file(args.readme, "README")  # a link is refused, not replaced by a file
         text = read_text(args.readme, "README", 16 * MAX_CONFIG_BYTES)
-        new = replace_block(text, block, args.results, args.suite)
+        new = replace_block(text, block, args.results, args.suite, args.readme)
         if new != text:
             atomic_write(args.readme, new, "README")
         print(f"{args.readme}: {'updated' if new != text else 'already up to date'}")

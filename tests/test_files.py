@@ -7,6 +7,7 @@ lets part of a write through (a short write, as on a nearly full filesystem) and
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -183,6 +184,14 @@ def test_yaml_plain_values_are_typed_as_yaml_1_2_core_does():
         with pytest.raises(UserError, match=rf"x.yaml:2: not valid YAML \('{spelled}': an integer with a leading zero"):
             parse_yaml("a: 1\nseed: " + spelled, "x.yaml")
     assert parse_yaml("a: 0\nb: '010'", "x.yaml") == {"a": 0, "b": "010"}  # quoted: a string, as written
+    # an explicit tag brings back neither YAML 1.1's spellings nor its other types
+    for tagged, why in (("!!bool yes", "'yes' is not true or false"), ("!!int 0x1_0", "'0x1_0' is not an integer"),
+                        ("!!float 1:30", "'1:30' is not a number"), ("!!binary aGVsbG8=", "the tag !!binary is not"),
+                        ("!!timestamp 2001-12-14", "the tag !!timestamp"), ("!!set {a: null}", "the tag !!set")):
+        with pytest.raises(UserError, match=re.escape(why)):
+            parse_yaml("a: " + tagged, "x.yaml")
+    assert parse_yaml("a: !!int 12\nb: !!float 3\nc: !!str 010\nd: !!bool true", "x.yaml") == \
+        {"a": 12, "b": 3.0, "c": "010", "d": True}
 
 
 def test_a_yaml_1_1_number_reaches_a_setting_as_the_string_it_was(tmp_path):

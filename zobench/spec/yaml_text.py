@@ -100,6 +100,37 @@ _CORE = [
 for _tag, _pattern, _first in _CORE:
     _StrictLoader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
 
+# An explicit tag (`!!bool yes`, `!!int 0x1_0`, `!!binary ...`, `!!timestamp ...`) would bring back the
+# YAML 1.1 spellings and types the resolvers above leave out: a tagged scalar must be spelled as the core
+# schema spells its type, and the types outside it (bytes, dates, sets, ordered pairs) are refused.
+_SPELLED = {tag: re.compile(pattern) for tag, pattern, _ in _CORE}
+_NAMED = {"tag:yaml.org,2002:bool": "true or false", "tag:yaml.org,2002:int": "an integer",
+          "tag:yaml.org,2002:float": "a number"}
+
+
+def _core_only(construct):
+    def checked(loader, node):
+        if isinstance(node, yaml.ScalarNode) and not _SPELLED[node.tag].match(str(node.value)):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"'{node.value}' is not {_NAMED[node.tag]} as YAML 1.2 spells one",
+                node.start_mark)
+        return construct(loader, node)
+    return checked
+
+
+for _tag in _SPELLED:
+    _StrictLoader.add_constructor(_tag, _core_only(_StrictLoader.yaml_constructors[_tag]))
+
+
+def _refuse_type(loader, node):
+    raise yaml.constructor.ConstructorError(None, None, f"the tag {node.tag.replace('tag:yaml.org,2002:', '!!')} "
+                                            f"is not read by zobench (strings, numbers, true/false, null, lists "
+                                            f"and mappings only)", node.start_mark)
+
+
+for _tag in ("binary", "timestamp", "set", "omap", "pairs"):
+    _StrictLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _refuse_type)
+
 
 def parse_yaml(text: str, where: str, lines: bool = True) -> Any:
     """Parse YAML text from a file or the command line with the bounded loader above; an error names

@@ -111,7 +111,20 @@ def test_train_save_then_eval_from_the_command_line(tmp_path):
     rec = json.loads((tmp_path / "eval" / "record.json").read_text())
     assert rec["metrics"]["delta"]["kind"] == "sparse" and rec["metrics"]["steps_done"] == 0
     r = cli("eval", "--delta", tmp_path / "nothing-here", "--out", tmp_path / "e2")
-    assert r.returncode == 2 and "not a directory" in r.stderr
+    assert r.returncode == 2 and "nothing-here: not found" in r.stderr
+    r = cli("eval", "--delta", tmp_path / "kept", "--out", tmp_path / "eval")  # its own record: replaced
+    assert r.returncode == 0, r.stderr
+    r = cli("eval", "--delta", tmp_path / "kept", "--out", tmp_path / "eval", "--set", "steps=5")
+    assert r.returncode == 2 and "--set steps: eval evaluates the saved result as it is" in r.stderr
+    # a record.json or predictions.npz that zobench did not write there is refused before any work, and kept
+    for n, (name, needle) in enumerate((("record.json", "is not a record zobench wrote"),
+                                        ("predictions.npz", "is not the predictions of a record zobench wrote"))):
+        mine = tmp_path / f"mine-{n}"
+        mine.mkdir()
+        (mine / name).write_text("mine")
+        r = cli("eval", "--delta", tmp_path / "kept", "--out", mine)
+        assert r.returncode == 2 and needle in r.stderr and (mine / name).read_text() == "mine", r.stderr
+        assert "--delta" not in r.stderr  # the --out is wrong, not the delta
 
 
 def test_a_single_run_records_its_processs_allocator_and_refuses_the_other(tmp_path, monkeypatch):

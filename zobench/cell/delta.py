@@ -88,7 +88,8 @@ def read(path: str | Path) -> dict:
     saying why ``path`` is not a usable delta."""
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"{path}: not a directory (a delta is the directory `--save` wrote)")
+        what = "not a directory" if path.exists() else "not found"
+        raise UserError(f"{path}: {what} (a delta is the directory `--save` wrote)")
     meta = read_json(path / META, "delta description", MAX_ARTIFACT_BYTES)
     meta = check_meta(meta, str(path / META))
     return resolve_paths(meta, path)

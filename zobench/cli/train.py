@@ -12,7 +12,7 @@ from zobench import api
 from zobench.cell.delta import claim_target, read
 from zobench.cli.common import HELP, one_line, trust_flag
 from zobench.errors import EXIT_OK, UserError
-from zobench.files import atomic_write
+from zobench.files import atomic_write, read_json
 from zobench.methods import METHODS
 from zobench.outdirs import check_output_dir, check_output_file
 from zobench.spec.config import CellConfig
@@ -55,9 +55,7 @@ def _train(args) -> int:
     for key in ("model", "task", "method", "density", "steps", "quant", "dtype", "data_dir", "save", "delta",
                 "overwrite", "trust_remote_code"):
         overrides.setdefault(key, getattr(args, key))
-    if Path(args.out).suffix == ".json":
-        raise UserError(f"--out {args.out}: names a directory (the record goes to OUT/record.json)")
-    out = check_output_file(check_output_dir(args.out, "output") / "record.json", "record file")
+    out = _record_target(args.out)
     if overrides.get("save"):
         claim_target(overrides["save"], bool(overrides.get("overwrite")), "--save")
     overrides.setdefault("predictions", str(out.parent / "predictions.npz"))
@@ -76,8 +74,14 @@ def _train(args) -> int:
     return EXIT_OK
 
 
+# what eval fixes: it trains nothing, on the delta's own model and method, and writes no delta
+EVAL_FIXED = ("steps", "warmup_steps", "method", "model", "delta", "save", "overwrite", "eval_every", "eval_before",
+              "eval_after")
+
+
 def _eval(args) -> int:
     """Train with no steps on the delta's own settings: the record's test score is the saved result's."""
+    _record_target(args.out)  # an --out that cannot be written is its own error, not the delta's
     meta = read(args.delta)  # checked: settings no file may choose are not among its config
     if not meta["config"].get("task") and not args.task:
         raise UserError(f"{args.delta}: trained on instruction data ({meta['config'].get('data')}), not a task: "
@@ -90,8 +94,13 @@ def _eval(args) -> int:
         settings.update(task=args.task, max_length=None)
     if args.data_dir:
         settings["data_dir"] = args.data_dir
-    settings.update(_parse_set(args.set))
-    args.set = [f"{k}={json.dumps(v)}" for k, v in settings.items()]
+    extra = _parse_set(args.set)
+    fixed = [k for k in extra if k in EVAL_FIXED]
+    if fixed:
+        raise UserError(f"--set {fixed[0]}: eval evaluates the saved result as it is; it cannot set "
+                        f"{', '.join(EVAL_FIXED)} (train with `zobench train --delta` to go on from it)")
+    settings.update(extra)
+    args.set = [f"{k}={json.dumps(v, default=str)}" for k, v in settings.items()]
     for key in ("model", "task", "method", "density", "steps", "quant", "dtype", "data_dir", "save"):
         setattr(args, key, None)
     args.overwrite = False
@@ -101,6 +110,43 @@ def _eval(args) -> int:
         if str(args.delta) in str(e):
             raise
         raise UserError(f"--delta {args.delta}: {one_line(e)}") from None
+
+
+def _record_target(out_dir: str) -> Path:
+    """OUT/record.json, checked before any work: OUT a writable directory, the record and the predictions
+    beside it either absent or a run's own (``_refuse_foreign_outputs``)."""
+    if Path(out_dir).suffix == ".json":
+        raise UserError(f"--out {out_dir}: names a directory (the record goes to OUT/record.json)")
+    out = check_output_file(check_output_dir(out_dir, "output") / "record.json", "record file")
+    _refuse_foreign_outputs(out)
+    return out
+
+
+def _is_zobench_record(path: Path) -> dict | None:
+    """The record at ``path`` if it is one ``zobench train`` / ``eval`` wrote (a JSON object with a record's
+    schema and cell id), else None."""
+    try:
+        obj = read_json(path, "record file")
+    except UserError:
+        return None
+    return obj if isinstance(obj, dict) and isinstance(obj.get("schema"), int) and "cell_id" in obj else None
+
+
+def _refuse_foreign_outputs(record: Path) -> None:
+    """A run replaces OUT/record.json and OUT/predictions.npz: only when they are a run's (the record one
+    zobench wrote, the predictions the ones that record names), never a file of the same name the user keeps
+    there."""
+    old = _is_zobench_record(record) if record.exists() else None
+    if record.exists() and old is None:
+        raise UserError(f"{record}: exists and is not a record zobench wrote; zobench only replaces what it "
+                        f"wrote (choose another --out)")
+    predictions = record.parent / "predictions.npz"
+    if predictions.exists() or predictions.is_symlink():
+        named = (old or {}).get("predictions") or {}
+        if not (isinstance(named, dict) and named.get("path") == predictions.name):
+            raise UserError(f"{predictions}: exists and is not the predictions of a record zobench wrote there; "
+                            f"zobench only replaces what it wrote (choose another --out)")
+        check_output_file(predictions, "predictions file")
 
 
 def _parse_set(items: list[str]) -> dict:

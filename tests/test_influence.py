@@ -86,6 +86,10 @@ def test_two_workers_fill_the_same_cache_as_one_process(tmp_path, examples):
     assert one["rows"] == two["rows"] == 6 and two["workers"] == 2
     a, b = SketchStore.open(tmp_path / "one").matrix(), SketchStore.open(tmp_path / "two").matrix()
     np.testing.assert_allclose(np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32), atol=2e-3)
+    # more workers than rows left: a worker with nothing to fill is not started (each loads the model)
+    build_cache(_spec(), examples[:3], tmp_path / "three", limit=2)  # a run killed after two rows
+    more = build_cache(_spec(), examples[:3], tmp_path / "three", workers=6)
+    assert more["rows"] == 1 and more["already"] == 2 and more["workers"] == 1
 
 
 def test_lora_scope_takes_only_the_adapter_and_sensitive_scope_only_the_mask(tmp_path, examples, data_dir,
@@ -285,6 +289,8 @@ def test_influence_cli_caches_resumes_queries_and_refuses_other_settings(tmp_pat
     assert code == 0 and "(6 already cached), 0 sketched" in out
     code, _, err = _cli([*base[:-4], "--k", "512", *base[-4:]], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "key 'k'" in err
+    code, _, err = _cli([*base, "--workers", "1000"], capsys)  # 1,000 model copies on this machine's CPUs
+    assert code == 2 and "--workers 1000: more than this machine's" in err
 
     examples = json.loads((tmp_path / "c" / "examples.jsonl").read_text().splitlines()[2])
     query = ["influence", "query", "--cache", str(tmp_path / "c"), "--instruction", examples["instruction"],
@@ -297,6 +303,11 @@ def test_influence_cli_caches_resumes_queries_and_refuses_other_settings(tmp_pat
     assert len(res["top"][0]["tokens"]) > 0 and "tokens" not in res["top"][1]   # --explain 1
     page = (tmp_path / "q.html").read_text()
     assert page.count("<li>") == 3 and "background:rgba" in page
+    code, _, _ = _cli([*query, "--json", "--html", str(tmp_path / "q.html")], capsys)  # its own page: replaced
+    assert code == 0 and (tmp_path / "q.html").read_text() == page
+    (tmp_path / "mine.html").write_text("keep")  # anyone else's page is refused, and kept
+    code, _, err = _cli([*query, "--html", str(tmp_path / "mine.html")], capsys)
+    assert code == 2 and "is not a page zobench wrote" in err and (tmp_path / "mine.html").read_text() == "keep"
     code, md, _ = _cli(query, capsys)
     assert code == 0 and "| rank | id | cosine |" in md
     assert len([line for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]) == 3

@@ -4,6 +4,7 @@ gradient per training example into a cache, rank the cached examples for a promp
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from zobench.influence.spec import InfluenceSpec
 from zobench.influence.store import SKETCH, SketchStore
 from zobench.influence.train import fine_tune, fine_tune_config, summary
 from zobench.outdirs import check_output_dir, check_output_file, refuse_unsafe_target
+from zobench.report.owned import check_replaceable_page
 from zobench.report.query import query_html, query_markdown
 from zobench.tasks.instruction import load_alpaca
 
@@ -115,6 +117,10 @@ def _cache(args) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers {args.workers}: expected a number of workers >= 1")
+    cpus = os.cpu_count() or 1
+    if args.executor != "ray" and (args.workers or 1) > cpus:  # each worker loads the model: memory, not speed
+        raise UserError(f"--workers {args.workers}: more than this machine's {cpus} CPUs; a local build runs at "
+                        f"most one worker per CPU (each loads its own copy of the model)")
     if args.address and args.executor != "ray":
         raise UserError(f"--address {args.address}: only --executor ray joins a cluster")
     # On Ray the workers take the cluster's GPUs when it has any; a local build stays on this CPU.
@@ -139,7 +145,7 @@ def _cache(args) -> int:
 
 def _query(args) -> int:
     if args.html:
-        check_output_file(args.html, "page")
+        check_replaceable_page(check_output_file(args.html, "page"))
     spec, examples = load_cache_dir(args.cache)
     store = SketchStore.open(args.cache)
     if store.n != len(examples):  # a row of sketches per example, in order

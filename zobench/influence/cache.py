@@ -89,7 +89,8 @@ def build_cache(spec: InfluenceSpec, examples: list[dict], out: str | Path, work
     total, already = len(examples), len(examples) - len(missing)
     if not missing:  # nothing to do: report the throughput measured while it was built
         return _nothing_to_do(built, already)
-    if (workers or 1) <= 1:
+    workers = min(workers or 1, len(missing))  # a worker with no rows to fill would load the model for nothing
+    if workers <= 1:
         done = [already]
 
         def report(n):

@@ -50,6 +50,25 @@ def replaceable_plots(out_md: Path, folder: Path) -> set[str]:
     return set(re.findall(rf"\]\({re.escape(folder.name)}/([^)/]+\.png)\)", text))
 
 
+PAGE_MARK = "<!-- written by zobench influence query: it replaces this page only while this line is here -->"
+_LEGACY_PAGE = "<!doctype html><meta charset=utf-8><body style='font-family:sans-serif;max-width:60em'><h2>"
+
+
+def check_replaceable_page(path: Path) -> None:
+    """An ``OutputError`` where ``path`` exists and is not a page ``zobench influence query --html`` wrote
+    (it ends with ``PAGE_MARK``; one from before the mark starts as those pages did)."""
+    if not path.exists():
+        return
+    try:
+        ours = path.is_file() and path.stat().st_size <= MAX_REPORT_BYTES
+        text = path.read_bytes().decode("utf-8", errors="replace") if ours else ""
+    except OSError as e:
+        raise OutputError(f"{path}: cannot read the page zobench would replace ({e.strerror})") from None
+    if not (text.rstrip().endswith(PAGE_MARK) or text.startswith(_LEGACY_PAGE)):
+        raise OutputError(f"{path}: exists and is not a page zobench wrote; zobench replaces only its own pages "
+                          f"(choose another --html, or move the file)")
+
+
 def marked_png(path: Path) -> bool:
     """Whether the PNG at ``path`` carries zobench's text chunk (read up to its image data, at most 64 KiB)."""
     try:

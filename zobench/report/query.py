@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 
 from zobench.report.influence import WIDTH, cell_text, highlighted
+from zobench.report.owned import PAGE_MARK
 
 
 def query_markdown(out: dict) -> str:
@@ -33,4 +34,4 @@ def query_html(out: dict) -> str:
                            f'title="{s:.4f}">{html.escape(t)}</span>' for t, s in r["tokens"])
         parts.append(f"<li><p>{r['score']:.4f} &middot; <i>{html.escape(r['instruction'])}</i></p><p>{body}</p></li>")
     return "<!doctype html><meta charset=utf-8><body style='font-family:sans-serif;max-width:60em'>" + \
-        "".join(parts) + "</ol></body>"
+        "".join(parts) + "</ol></body>\n" + PAGE_MARK + "\n"

@@ -125,6 +125,21 @@ def test_cached_row_norms_are_never_unpickled(tmp_path):
     np.testing.assert_allclose(norms, np.linalg.norm(values.astype(np.float16).astype(np.float32), axis=1),
                                rtol=1e-3)
     assert np.load(tmp_path / "c" / "row_norms.f32.npy", allow_pickle=False).dtype == np.float32  # replaced
+    truth = norms.copy()
+    # a header claiming 10**11 values (373 GiB to allocate), a wrong length, negative or NaN norms: each is
+    # recomputed, never allocated or trusted
+    import io
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**11,)})
+    for bad in (header.getvalue() + b"\0" * 24, np.full(4, 1.0, np.float32), np.array([-1.0, 2.0, 3.0], np.float32),
+                np.array([np.nan, 2.0, 3.0], np.float32)):
+        path = tmp_path / "c" / "row_norms.f32.npy"
+        if isinstance(bad, bytes):
+            path.write_bytes(bad)
+        else:
+            np.save(path, bad)
+        np.testing.assert_array_equal(row_norms(SketchStore.open(tmp_path / "c")), truth)
 
 
 def test_a_cache_larger_than_the_disk_is_refused_before_any_work(tmp_path):

@@ -79,16 +79,28 @@ def _blocks(store: SketchStore):
         yield lo, torch.from_numpy(np.array(matrix[lo:lo + rows]))
 
 
+def _npy_bytes(n: int) -> int:
+    """The size of the .npy file ``np.save`` writes for ``n`` float32 values: the only size read back."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (n,)})
+    return buf.tell() + 4 * n
+
+
 def row_norms(store: SketchStore) -> np.ndarray:
     """The rows' L2 norms (float32), computed once per complete store and kept beside it when the
     directory is writable (a cosine scan then reads the rows once, not twice)."""
     path = Path(store.path) / "row_norms.f32.npy"
-    if path.is_file():
+    if path.is_file() and path.stat().st_size == _npy_bytes(store.n):
         try:  # never unpickle: a file in a cache directory is data, not code
-            norms = np.load(path, allow_pickle=False)
+            with open(path, "rb") as f:  # the header first: it may claim any shape (a 373 GiB allocation)
+                ok = np.lib.format.read_magic(f) == (1, 0)  # what np.save writes for a float32 vector
+                if ok:
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                    ok = shape == (store.n,) and dtype == np.dtype("<f4") and not fortran
+                norms = np.fromfile(f, dtype="<f4", count=store.n) if ok else None
         except (ValueError, OSError):
             norms = None  # not a plain float array (or unreadable): recompute it
-        if norms is not None and norms.dtype == np.float32 and norms.shape == (store.n,):
+        if norms is not None and norms.shape == (store.n,) and np.isfinite(norms).all() and (norms >= 0).all():
             return norms
     norms = np.concatenate([torch.linalg.vector_norm(block, dim=1, dtype=torch.float32).numpy()
                             for _, block in _blocks(store)])

@@ -175,3 +175,21 @@ def test_selectors():
     assert not selector_matches(sel, {"method": "random", "density": 0.01})
     with pytest.raises(UserError, match="unknown key 'metod'"):
         parse_selector("metod=full", "--only")
+
+
+def test_a_selector_is_refused_when_it_could_not_mean_what_it_says():
+    """`--only method=full,method=random` kept `random` alone, `--only ,,` selected every cell, and a value of
+    .inf was within the numeric tolerance of every number (a claim's arm `{lr: .inf}` took every run)."""
+    from zobench.errors import UserError
+    from zobench.spec.selectors import parse_selector, selector_matches
+
+    with pytest.raises(UserError, match=r"--only: key 'method' given twice; give its values once \(method=a\|b\)"):
+        parse_selector("method=full,method=random", "--only")
+    for empty in (",,", " , "):
+        with pytest.raises(UserError, match="--only: an empty selector"):
+            parse_selector(empty, "--only")
+    for sel in ("lr=.inf", {"lr": float("inf")}, {"density": [1e-3, float("nan")]}):
+        with pytest.raises(UserError, match="expected a finite number"):
+            parse_selector(sel, "x.yaml: claims[0].a")
+    assert selector_matches(parse_selector("lr=1e-4|1e-3", "--only"), {"lr": 1e-3})
+    assert not selector_matches({"lr": [1e-4]}, {"lr": float("inf")})

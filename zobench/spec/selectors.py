@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 from typing import Any
 
 from zobench.errors import UserError, shown
@@ -31,7 +32,11 @@ def parse_selector(sel: Any, where: str) -> dict[str, list]:
             if not all(x.strip() for x in v.split("|")):
                 raise UserError(f"{where}: selector part '{shown(part)}': a value is empty (key=a|b)")
             key = k.strip()
+            if key in out:  # method=full,method=random kept the last silently: a cell is one or the other
+                raise UserError(f"{where}: key '{shown(key)}' given twice; give its values once ({shown(key)}=a|b)")
             out[key] = [parse_yaml(x, f"{where} {shown(key)}={shown(x)}", lines=False) for x in v.split("|")]
+        if not out:
+            raise UserError(f"{where}: an empty selector; expected key=value[,key=value...]")
         sel = out
     if not isinstance(sel, dict):
         raise UserError(f"{where}: expected a mapping of cell keys to values")
@@ -39,7 +44,12 @@ def parse_selector(sel: Any, where: str) -> dict[str, list]:
     for k in sel:
         if k not in keys:
             raise unknown_key(where, k, keys)
-    return {k: v if isinstance(v, list) else [v] for k, v in sel.items()}
+    out = {k: v if isinstance(v, list) else [v] for k, v in sel.items()}
+    for k, values in out.items():
+        for v in values:  # .inf would be within any tolerance of every number: it matched every cell
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"{where}: key '{shown(k)}' = {v}: expected a finite number")
+    return out
 
 
 def _number(x):
@@ -62,7 +72,10 @@ def _same(a, b) -> bool:
         return True
     a, b = _number(a), _number(b)
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return abs(float(a) - float(b)) <= 1e-12 * max(abs(float(a)), abs(float(b)), 1.0)
+        a, b = float(a), float(b)
+        if not (math.isfinite(a) and math.isfinite(b)):
+            return a == b
+        return abs(a - b) <= 1e-12 * max(abs(a), abs(b), 1.0)
     return a == b
 
 

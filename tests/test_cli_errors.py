@@ -99,6 +99,24 @@ def test_run_out_naming_a_file_fails_before_any_cell(tmp_path):
     assert "[1]" not in r.stderr and not (tmp_path / "reports").exists()  # no cell started
 
 
+def test_a_report_zobench_would_not_replace_fails_the_run_before_any_cell(tmp_path):
+    """The report is written when every cell is done: a file of the report's name that is not zobench's was
+    refused then, hours on. Now before the first cell, and kept."""
+    suite = tiny_suite(tmp_path)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "t.md").write_text("my notes\n")
+    r = zobench("run", suite, "--out", tmp_path / "results", "--reports", tmp_path / "reports")
+    one_line_error(r, "t.md", "is not a report zobench wrote")
+    assert "[1]" not in r.stderr and (tmp_path / "reports" / "t.md").read_text() == "my notes\n"
+
+
+def test_a_dry_run_refuses_the_flags_a_run_refuses(tmp_path):
+    suite = tiny_suite(tmp_path)
+    for flags, needle in ((["--jobs", "0"], "--jobs 0"), (["--retries", "-1"], "--retries -1"),
+                          (["--address", "auto"], "only --executor ray")):
+        one_line_error(zobench("run", suite, "--dry-run", *flags), needle, "")
+
+
 def test_run_into_a_read_only_directory_fails_before_any_cell(tmp_path):
     suite = tiny_suite(tmp_path)
     ro = tmp_path / "ro"

@@ -291,6 +291,9 @@ def test_influence_cli_caches_resumes_queries_and_refuses_other_settings(tmp_pat
     assert code == 2 and len(err.strip().splitlines()) == 1 and "key 'k'" in err
     code, _, err = _cli([*base, "--workers", "1000"], capsys)  # 1,000 model copies on this machine's CPUs
     assert code == 2 and "--workers 1000: more than this machine's" in err
+    (tmp_path / "link").symlink_to(tmp_path / "c")
+    code, _, err = _cli([*base[:-1], str(tmp_path / "link")], capsys)
+    assert code == 2 and "link: is a symbolic link" in err
 
     examples = json.loads((tmp_path / "c" / "examples.jsonl").read_text().splitlines()[2])
     query = ["influence", "query", "--cache", str(tmp_path / "c"), "--instruction", examples["instruction"],
@@ -313,6 +316,8 @@ def test_influence_cli_caches_resumes_queries_and_refuses_other_settings(tmp_pat
     assert len([line for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]) == 3
     code, _, err = _cli([*query, "--tokens", "zzzqqqxx"], capsys)
     assert code == 2 and "occur in the generation" in err
+    code, _, err = _cli([*query[:-4], "--generation", " ", "--top", "3"], capsys)
+    assert code == 2 and "--generation: empty" in err
     code, _, err = _cli(["influence", "query", "--cache", str(tmp_path / "nowhere"), "--instruction", "x",
                          "--generation", "y"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1

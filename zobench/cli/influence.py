@@ -108,6 +108,8 @@ def _cache(args) -> int:
                                     "k": args.k, "sketch_seed": args.sketch_seed, "normalize": not args.no_normalize,
                                     "max_length": args.max_length, "data_dir": args.data_dir}, "influence cache")
     refuse_unsafe_target(args.out, "influence cache", "--out")
+    if Path(args.out).is_symlink():
+        raise UserError(f"--out {args.out}: is a symbolic link; the influence cache must be a directory of its own")
     check_output_dir(Path(args.out).parent, "influence cache")
     examples = load_alpaca(args.data, n=args.n_train, seed=args.seed)
 
@@ -144,6 +146,8 @@ def _cache(args) -> int:
 
 
 def _query(args) -> int:
+    if not args.generation.strip():
+        raise UserError("--generation: empty; give the model's answer whose training examples to find")
     if args.html:
         check_replaceable_page(check_output_file(args.html, "page"))
     spec, examples = load_cache_dir(args.cache)

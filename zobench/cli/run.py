@@ -17,6 +17,8 @@ from zobench.measure.machine import git_state
 from zobench.outdirs import check_output_dir, check_output_file, output_lock
 from zobench.progress import SuiteProgress
 from zobench.registry import Registry
+from zobench.report import plots_folder
+from zobench.report.owned import replaceable_plots
 from zobench.results import append_record
 from zobench.spec.influence import is_influence_suite, parse_influence_suite
 from zobench.spec.matrix import select_cells
@@ -59,6 +61,7 @@ def run(args) -> int:
     if is_influence_suite(data):
         return _run_influence(parse_influence_suite(data, args.suite, Path(args.suite)), args)
     suite = parse_suite(data, args.suite, Path(args.suite))
+    _check_flags(args)  # a dry run says what a run would refuse
     if args.dry_run:
         return _dry_run(suite, args.only)
     results = _check_outputs(args, suite.name)
@@ -92,7 +95,8 @@ def _dry_run(suite, only: str | None) -> int:
     return EXIT_OK
 
 
-def _executor(args):
+def _check_flags(args) -> str:
+    """The executor's name, once its flags are checked."""
     name = args.executor or ("pool" if args.jobs > 1 else "local")
     if args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: expected a number of cells >= 1")
@@ -100,6 +104,11 @@ def _executor(args):
         raise UserError(f"--address {args.address}: only --executor ray joins a cluster")
     if args.retries < 0:
         raise UserError(f"--retries {args.retries}: expected a number of retries >= 0")
+    return name
+
+
+def _executor(args):
+    name = _check_flags(args)
     cls = EXECUTORS.get(name)
     if name == "ray":
         return cls(jobs=args.jobs, address=args.address, max_retries=args.retries)
@@ -110,7 +119,8 @@ def _check_outputs(args, name: str) -> Path:
     """Every place a run writes is writable before the first cell starts: a measurement that cannot be
     saved is never taken. Returns the results file."""
     results = check_output_file(Path(check_output_dir(args.out, "results")) / f"{name}.jsonl", "results file")
-    check_output_file(Path(check_output_dir(args.reports, "reports")) / f"{name}.md", "report")
+    report = check_output_file(Path(check_output_dir(args.reports, "reports")) / f"{name}.md", "report")
+    replaceable_plots(report, plots_folder(report))  # a file zobench would not replace: said now, not hours on
     return results
 
 

@@ -80,6 +80,30 @@ overrides:
     assert "density" not in by_method["full"][0].labels
 
 
+@pytest.mark.parametrize("axis, values", [("shared_prompt", [True, False]), ("n_train", [64, 128]),
+                                         ("dev_from", ["train", "validation"])])
+def test_settings_that_change_the_training_batches_give_each_value_its_own_forward_reference(tmp_path, axis, values):
+    """``shared_prompt`` halves a two-option task's training sequences; ``n_train`` and ``dev_from`` choose
+    which rows are trained on. A cell was compared against the forward cell of the suite's default value
+    (a shared_prompt: false cell against a forward of half its sequences); now against its own."""
+    from zobench.spec.matrix import reference_key
+
+    p = tmp_path / "s.yaml"
+    p.write_text(f"""
+name: s
+defaults: {{model: "random:tiny-llama", steps: 3, task: sst2}}
+matrix:
+  method: [random]
+  {axis}: {json.dumps(values)}
+""")
+    cells = expand(load_suite(p))
+    refs = [c for c in cells if c.config.method == "forward"]
+    assert sorted(str(getattr(c.config, axis)) for c in refs) == sorted(map(str, values))
+    key = {(c.config.method, getattr(c.config, axis)): reference_key(c.config.to_dict()) for c in cells}
+    a, b = values
+    assert key["random", a] == key["forward", a] != key["forward", b] == key["random", b]
+
+
 @pytest.mark.parametrize("axis, values, old", [("malloc", ["glibc", "release"], "release"),
                                                 ("pack", [True, False], False)])
 def test_an_axis_that_changes_what_a_step_costs_gives_each_value_its_own_forward_reference(tmp_path, axis,

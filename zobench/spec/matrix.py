@@ -22,7 +22,8 @@ from zobench.spec.selectors import parse_selector, selector_matches
 
 REFERENCE = "forward"
 MAX_CELLS = 10_000  # far beyond a real suite (the claims suite has 57 cells); a hostile matrix is refused
-REFERENCE_KEYS = ("model", "dtype", "quant", "task", "batch_size", "max_length", "device", "seed", "malloc", "pack")
+REFERENCE_KEYS = ("model", "dtype", "quant", "task", "batch_size", "max_length", "device", "seed", "malloc", "pack",
+                  "shared_prompt", "n_train", "dev_from", "data_dir")
 # Settings added after results were first kept across sessions, with the value every cell had before the
 # setting existed: left out of a cell's identity while at that value, so that adding one does not change the
 # id (the --resume key) of the cells it does not change. A new setting goes here. ``generator``: cells run

@@ -2,7 +2,7 @@
 # Create (or reuse) .venv and install zobench with its tested versions.
 #
 # torch: on a machine with an NVIDIA driver the venv sees the system site-packages, so the user's own
-# CUDA build of torch is used. Elsewhere the CPU build is installed by exact version. Either way the
+# CUDA build of torch is used. Elsewhere the CPU build is installed by exact version, from PyTorch's CPU index. Either way the
 # installed torch is then pinned as a constraint, so no later install can swap it for another build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,20 @@ if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt requirem
 fi
 
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-    pip install -q "torch==$TORCH_VERSION"
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        pip install -q "torch==$TORCH_VERSION"
+    else
+        # PyPI's Linux torch is the CUDA build (and pulls ~3 GB of nvidia-* wheels); PyTorch's own index has the
+        # CPU build. Where that index cannot be reached, the indexes pip is configured with are tried as well.
+        pip install -q --timeout 30 --retries 1 --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}" \
+            "torch==$TORCH_VERSION"
+    fi
+fi
+if ! command -v nvidia-smi >/dev/null 2>&1 && \
+        ! "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then
+    echo "setup: $VENV has a CUDA build of torch on a machine without an NVIDIA driver; install the CPU build:" \
+         "$VENV/bin/python -m pip install torch==$TORCH_VERSION --index-url https://download.pytorch.org/whl/cpu" >&2
+    exit 1
 fi
 torch_pin=$("$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)")
 cons=$(mktemp)

@@ -19,7 +19,7 @@ In order, stopping cleanly before a step that no longer fits the time left:
      -> ``framework_cuda.json``);
   3. the cells of ``suites/gpu-check.yaml`` (Llama-2-7B from random weights, the suite's batch, ~10 timed
      steps), forward and sensitive in fp16, then forward, sensitive and random on NF4, full ZO last;
-  4. ``results/gpu/gpu-check.jsonl``, ``reports/gpu.md`` (device-level, allocated and reserved peaks, each
+  4. ``results/gpu/gpu-check.jsonl``, ``reports/gpu-check.md`` (device-level, allocated and reserved peaks, each
      beside its estimate) and the suite's budgets checked (at most 5 GiB for sensitive 0.1% + NF4).
 
 It runs with the node's own Python and packages (torch with CUDA, transformers 5.x, ...). What the node
@@ -250,7 +250,7 @@ def main() -> int:
         ran.append(cell.cell_id)
     results = out / "gpu-check.jsonl"
     if results.exists():
-        print(f"report: {render_results_file(results, Path(args.reports) / 'gpu.md')}")
+        print(f"report: {render_results_file(results, Path(args.reports) / 'gpu-check.md')}")
         check = subprocess.run([sys.executable, "-m", "zobench.cli", "check", str(results), "--suite",
                                 str(SUITE)], cwd=ROOT)
         print(f"gpu-check: budgets exit {check.returncode}; {len(ran)} of {len(cells)} cells ran; "

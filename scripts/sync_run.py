@@ -4,7 +4,7 @@
 
 A suite that runs for days runs from a worktree pinned to one commit (so refactoring main does not change
 the code under it), and the machine it runs on may be a fresh one each day. Its progress is three things in
-``results/`` (``zobench run --out results/NAME.jsonl``):
+``results/`` (``zobench run SUITE --out results``: the records go to ``results/NAME.jsonl``):
 
     NAME.jsonl          the records, one per finished cell, appended in order
     NAME.predictions/   one .npz per cell (a running cell's is rewritten at each dev evaluation)

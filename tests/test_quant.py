@@ -415,9 +415,8 @@ timeout_s: 600
 def test_install_hints_name_extras_that_exist():
     """Every `zobench[extra]` that an error message or the README tells users to install is declared."""
     import re
-    from pathlib import Path
-
     import tomllib
+    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     extras = set(tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"])

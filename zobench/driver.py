@@ -1,7 +1,7 @@
 """Run a suite: expand it into cells, hand them to an executor, append each record as it comes back.
 
     suite YAML --spec--> Suite --matrix--> [Cell, ...] --executor--> one fresh process per cell
-    driver: finalize(record) -> results.append -> results/<suite>.jsonl
+    driver: finalize(record) -> results.append_record -> results/<suite>.jsonl
 
 The driver is the only writer of the results file: an executor returns records, the driver adds what it
 alone knows (suite, environment, git state, the cell's memory estimate) and appends each exactly once.

@@ -266,3 +266,29 @@ print(before - current_rss_mib())
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     freed = float(out.stdout.split()[-1])
     assert freed > 120 if mode == "release" else freed < 30  # of the 150 MiB freed
+
+
+def test_a_mapped_file_in_huge_pages_is_recorded_and_the_report_says_what_it_does_to_peaks(tmp_path, monkeypatch):
+    """khugepaged may hold a long-mapped model file's page cache in 2 MiB pages; touching one value then maps a
+    whole one, and a cell's peaks read high (the default suite's sensitive cell: train peak 1134 MiB against
+    982 on a fresh copy of the file). The kernel's FilePmdMapped is kept with the phase and flagged."""
+    from zobench.cell.measures import PhaseMeasure
+    from zobench.cell.record import CellRecord
+    from zobench.measure import memory
+    from zobench.report import render_report
+
+    (tmp_path / "smaps_rollup").write_text("Rss:  976644 kB\nFilePmdMapped:     45056 kB\nAnonymous: 8 kB\n")
+    monkeypatch.setattr(memory, "_PROC", tmp_path)
+    assert memory.file_huge_mib() == 44.0
+    (tmp_path / "smaps_rollup").write_text("Rss:  976644 kB\n")
+    assert memory.file_huge_mib() is None
+    monkeypatch.undo()
+
+    m = PhaseMeasure(wall_s=1.0, peak_rss_mib=1134.0, file_huge_mib=44.0)
+    assert PhaseMeasure.from_json(m.to_json(), "train") == m
+    assert "file_huge_mib" not in PhaseMeasure(wall_s=1.0, peak_rss_mib=900.0).to_json()
+    rec = CellRecord("c1", labels={"method": "sensitive"}, phases={"train": m})
+    md = render_report([rec], tmp_path / "r.md").read_text()
+    assert "1 cell ran with part of a mapped file (the model's checkpoint) in 2 MiB pages (up to 44 MiB" in md
+    plain = CellRecord("c2", labels={"method": "sensitive"}, phases={"train": PhaseMeasure(wall_s=1.0)})
+    assert "2 MiB pages" not in render_report([plain], tmp_path / "p.md").read_text()

@@ -120,6 +120,8 @@ class PhaseMeasure:
                                             # "sampled": RSS read every 5 ms (a shorter spike can be missed)
     other_cpus: float | None = None         # CPUs busy with other work meanwhile (zobench.measure.load)
     cpu_s: float | None = None              # this process's CPU seconds in the phase (measure.load.OtherLoad)
+    file_huge_mib: float | None = None      # mapped files held in 2 MiB pages at the phase's end (FilePmdMapped):
+                                            # a mapped checkpoint's pages then count high (measure.memory)
 
     @classmethod
     def from_json(cls, d, name: str) -> "PhaseMeasure":

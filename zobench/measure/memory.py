@@ -44,6 +44,20 @@ def _read_hwm_mib() -> float | None:
     return None
 
 
+def file_huge_mib() -> float | None:
+    """How much of this process's mapped files is mapped in 2 MiB pages (``FilePmdMapped``), None where the
+    kernel does not say. A model file another process has kept mapped for long may sit in the page cache in
+    such pages (khugepaged); touching one value then maps a whole one, so a mapped checkpoint's pages count
+    high in RSS (results/bench/measurements.md): a phase records it, and the report says so, when it is not 0."""
+    try:
+        for line in (_PROC / "smaps_rollup").read_text().splitlines():
+            if line.startswith("FilePmdMapped:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _libc():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -151,6 +165,8 @@ class PeakMemory:
         self.result = highest(self._peaks(), self._kept)
         self.result.update(start_rss_mib=self._start_rss, end_rss_mib=current_rss_mib(),
                            rss_method="hwm" if self._hwm else "sampled")
+        if huge := file_huge_mib():  # only where there is some: most phases have none
+            self.result["file_huge_mib"] = huge
         return False
 
 

@@ -115,6 +115,14 @@ def machine_notes(recs: list[CellView]) -> list[str]:
     """Cells whose timings other work on the machine slowed, cells resumed from a checkpoint, and the
     recorded notes (a fallback model, the data's caveats), each once with the number of cells it concerns."""
     lines = malloc_note(recs)
+    huge = [r for r in recs if any((m.file_huge_mib or 0) > 0 for m in r.phases.values())]
+    if huge:
+        most = max(m.file_huge_mib or 0 for r in huge for m in r.phases.values())
+        lines += [f"> {cells(len(huge))} ran with part of a mapped file (the model's checkpoint) in 2 MiB pages "
+                  f"(up to {most:.0f} MiB; the kernel's khugepaged does this to a file other processes keep mapped "
+                  f"for long): touching one value maps a whole such page, so their peaks can read up to ~100 MiB "
+                  f"(float) or more (sparse ZO writing into the mapped weights) high; a fresh copy of the file "
+                  f"measures as usual (results/bench/measurements.md).", ""]
     loaded = [r for r in recs if (r.phase("train").other_cpus or 0) >= LOADED_CPUS]
     if loaded:
         worst = max(r.phase("train").other_cpus for r in loaded)

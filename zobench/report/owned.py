@@ -36,18 +36,23 @@ def replaceable_plots(out_md: Path, folder: Path) -> set[str]:
     none); an ``OutputError`` where ``out_md`` exists and is not a report zobench wrote."""
     if not out_md.exists():
         return set()
-    not_ours = OutputError(f"{out_md}: exists and is not a report zobench wrote; zobench replaces only its own "
-                           f"reports (choose another report folder, or move the file)")
-    try:
-        if not out_md.is_file() or out_md.stat().st_size > MAX_REPORT_BYTES:
-            raise not_ours
-        text = out_md.read_bytes().decode("utf-8", errors="replace")
-    except OSError as e:
-        raise OutputError(f"{out_md}: cannot read the report zobench would replace ({e.strerror})") from None
-    first = text[:_HEAD].split("\n", 1)[0]
-    if MARK not in text[-2 * len(MARK):] and not any(p.match(first) for p in _LEGACY_FIRST_LINES):
-        raise not_ours
+    text = _existing_text(out_md, "report")
+    first = (text or "")[:_HEAD].split("\n", 1)[0]
+    if text is None or (MARK not in text[-2 * len(MARK):] and not any(p.match(first) for p in _LEGACY_FIRST_LINES)):
+        raise OutputError(f"{out_md}: exists and is not a report zobench wrote; zobench replaces only its own "
+                          f"reports (choose another report folder, or move the file)")
     return set(re.findall(rf"\]\({re.escape(folder.name)}/([^)/]+\.png)\)", text))
+
+
+def _existing_text(path: Path, what: str) -> str | None:
+    """The text of the file zobench would replace at ``path``; None where it is not a regular file of at most
+    ``MAX_REPORT_BYTES`` (then it is not zobench's); an ``OutputError`` where it cannot be read."""
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_REPORT_BYTES:
+            return None
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:
+        raise OutputError(f"{path}: cannot read the {what} zobench would replace ({e.strerror})") from None
 
 
 PAGE_MARK = "<!-- written by zobench influence query: it replaces this page only while this line is here -->"
@@ -59,11 +64,7 @@ def check_replaceable_page(path: Path) -> None:
     (it ends with ``PAGE_MARK``; one from before the mark starts as those pages did)."""
     if not path.exists():
         return
-    try:
-        ours = path.is_file() and path.stat().st_size <= MAX_REPORT_BYTES
-        text = path.read_bytes().decode("utf-8", errors="replace") if ours else ""
-    except OSError as e:
-        raise OutputError(f"{path}: cannot read the page zobench would replace ({e.strerror})") from None
+    text = _existing_text(path, "page") or ""
     if not (text.rstrip().endswith(PAGE_MARK) or text.startswith(_LEGACY_PAGE)):
         raise OutputError(f"{path}: exists and is not a page zobench wrote; zobench replaces only its own pages "
                           f"(choose another --html, or move the file)")

@@ -28,14 +28,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 from zobench.errors import UserError
-from zobench.files import new_file_mode
+from zobench.files import atomic_write
 from zobench.outdirs import output_lock
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -55,17 +53,8 @@ def _no_link(path: Path) -> Path:
 
 
 def _write(dst: Path, data: bytes) -> None:
-    """Atomically, through a fresh temporary file: a reader (or a kill) never sees half a file at ``dst``."""
-    _no_link(dst)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".sync-tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), new_file_mode(dst))
-            f.write(data)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomically (``files.atomic_write``): a reader (or a kill) never sees half a file at ``dst``."""
+    atomic_write(_no_link(dst), data, "synced file")
 
 
 def _put(target: Path, data: bytes, done: list[str]) -> None:
@@ -150,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         done = sync(args.src, args.dst, args.name)
-    except (Refused, OSError) as e:
+    except (Refused, OSError, UserError) as e:
         print(f"sync_run: error: {e}", file=sys.stderr)
         return 2
     print("\n".join(done) if done else "sync_run: nothing to copy")

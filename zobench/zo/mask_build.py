@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import safe_open, save
 
-from zobench.files import new_file_mode, parse_json
+from zobench.files import atomic_write, parse_json
 from zobench.fingerprint import weights_fingerprint
 from zobench.outdirs import build_lock
 from zobench.zo import masks as M
@@ -84,19 +82,9 @@ class MaskCache:
                       and (not isinstance(v, dict) or all(isinstance(x, str) for x in (*v, *v.values())))}
 
     def save(self, key: str, mask: dict[str, torch.Tensor], info: dict) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f"{key}.safetensors"
-        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
-        os.fchmod(fd, new_file_mode(path))
-        os.close(fd)
-        try:
-            save_file({n: i.to(torch.int32 if i.max() < 2**31 else torch.int64).contiguous()
-                       for n, i in mask.items()}, tmp, metadata={"info": json.dumps(info)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        data = save({n: i.to(torch.int32 if i.max() < 2**31 else torch.int64).contiguous() for n, i in mask.items()},
+                    metadata={"info": json.dumps(info)})
+        return atomic_write(self.root / f"{key}.safetensors", data, "mask cache")  # whole or not at all
 
 
 def _fits(mask: dict[str, torch.Tensor], sizes: dict[str, int]) -> bool:

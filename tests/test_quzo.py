@@ -200,10 +200,16 @@ def test_the_trajectory_replays_from_its_seeds():
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], fresh.trainable.params))
 
 
-def _moves(quant, direction, rounding):
+def _moves(quant, direction, rounding, odd_rows=False):
     """The codes after each of a sequence of passes (perturbations of both signs, a restore, an update with
-    two directions and weight decay, an update straight after a perturbation), and the C passes that ran."""
+    two directions and weight decay, an update straight after a perturbation), and the C passes that ran.
+    ``odd_rows``: int8 rows whose scale is 0 (no step at all) or tiny (a perturbation of ~10^26 steps)."""
     model = _quantized(quant)
+    if odd_rows:
+        for layer in code_layers(model):
+            scb = row_scales(layer.module)
+            scb[::7] = 0.0
+            scb[3::7] = 1e-30
     trainable = CodeTrainable(code_layers(model), direction, rounding)
     fused.pass_stats(reset=True)
     seen = []
@@ -254,6 +260,28 @@ def test_the_c_pass_moves_codes_as_the_torch_path_does(quant, direction, roundin
         assert all(torch.equal(x, y) for x, y in zip(a, b)), i
     assert any(not torch.equal(x, y) for x, y in zip(c_way[0], c_way[3]))  # the perturbation moved codes
     assert any(not torch.equal(x, y) for x, y in zip(c_way[3], c_way[4]))  # so did the update
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_the_c_int8_pass_moves_rows_of_zero_and_tiny_scale_as_the_torch_path_does(rounding):
+    """Rows whose step is 0 (nothing moves) or ~10^-32 (every perturbation leaves the range: the code is
+    kept, an update clamps it) give the torch path's codes on the C library's int32 lanes too."""
+    ways = []
+    for forced in (False, True):
+        with fused.torch_fallback() if forced else contextlib.nullcontext():
+            ways.append(_moves("int8", "rademacher", rounding, odd_rows=True))
+    (c_way, c_calls), (torch_way, _) = ways
+    assert c_calls > 0
+    for i, (a, b) in enumerate(zip(c_way, torch_way)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), i
+    # the update (lr 5e-2 along 0.7 z(11) - 1.3 z(12)) takes a tiny-scale row's codes to the edge its move
+    # points to (before the clamp to +-2^20 steps, a move past int64's range wrapped round and went either way)
+    first = code_layers(_quantized("int8"))[0]
+    cols = first.shape[1]
+    z = [fused.fill_z(torch.empty(cols), 3 * cols, "rademacher", seed).double() for seed in (11, 12)]
+    toward = torch.where(0.7 * z[0] - 1.3 * z[1] < 0, INT8_MAX, -INT8_MAX).to(torch.int8)
+    assert torch.equal(c_way[4][0].view(first.shape)[3], toward)
+    assert torch.equal(c_way[4][0].view(first.shape)[0], first.read(0, cols).to(torch.int8))  # scale 0: still
 
 
 def test_uniform_noise_is_the_same_from_c_and_torch_and_strictly_inside_0_1():

@@ -63,7 +63,7 @@ from zobench.methods.common import zo_stepper
 from zobench.quant.codes import INT8_MAX, CodeLayer, block_absmax, code_layers, decode, row_scales
 from zobench.zo import fused
 from zobench.zo.raw_io import read_raw, write_raw
-from zobench.zo.rounding import noise_seed, round_offset, round_to_levels, uniform
+from zobench.zo.rounding import noise_seed, round_offset, round_to_levels, steps, uniform
 from zobench.zo.sizes import PHILOX_CHUNK
 from zobench.zo.trainable import Trainable
 
@@ -121,9 +121,9 @@ class CodeTrainable(Trainable):
 
     # -- the perturbation and its restore ---------------------------------------------------------------
     def _int8_x(self, layer, start, stop, at, seed, scale) -> torch.Tensor:
-        """The perturbation of int8 values ``start`` .. ``stop - 1`` in (fractional) steps."""
+        """The perturbation of int8 values ``start`` .. ``stop - 1`` in (fractional) steps (``steps``' bound)."""
         step = layer.scale(start, stop)
-        return torch.where(step > 0, scale * self._z(seed, at, stop - start, step.device) / step, 0.0)
+        return steps(torch.where(step > 0, scale * self._z(seed, at, stop - start, step.device) / step, 0.0))
 
     def _int8_steps(self, k, layer, start, stop, at, seed, scale) -> torch.Tensor:
         """The perturbation of int8 values ``start`` .. ``stop - 1`` in whole steps, before the range check;
@@ -283,7 +283,7 @@ class CodeTrainable(Trainable):
                 est = z.mul_(coef) if est is None else est.add_(z, alpha=coef)
             unit = layer.scale(start, stop)
             delta = est.mul_(-lr) - (lr * decay) * (codes.double() * unit) if decay else est.mul_(-lr)
-            d = round_offset(torch.where(unit > 0, delta / unit, 0.0),
+            d = round_offset(steps(torch.where(unit > 0, delta / unit, 0.0)),
                              self._noise(stream, "update", at, stop - start, codes.device))
             layer.write(start, stop, (codes + d).clamp_(-INT8_MAX, INT8_MAX))
 

@@ -40,9 +40,21 @@ def uniform(seed: int, start: int, n: int, device) -> torch.Tensor:
     return (((words[skip:skip + n] & MASK) >> 9).float() + 0.5) * 2.0**-23
 
 
+# A move of more steps than this takes any int8 code out of [-127, 127] whatever its size, so moves are
+# clamped to it before rounding: a step of ~1e-32 (a row of tiny scale) otherwise gave a move past int64's
+# range, which converts to int64's minimum and wrapped round the code's addition (a clamped update then went
+# the wrong way). zo_pass.c's int8 pass clamps at the same bound.
+MAX_STEPS = float(1 << 20)
+
+
+def steps(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (a move in grid steps) clamped to +-``MAX_STEPS``."""
+    return x.clamp(-MAX_STEPS, MAX_STEPS)
+
+
 def round_offset(x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-    """``x`` (in grid steps) rounded to a whole number of steps (int64): stochastically with ``noise``
-    (uniform, one per value), to the nearest without (a tie goes up)."""
+    """``x`` (in grid steps, within +-``MAX_STEPS``: ``steps``) rounded to a whole number of steps (int64):
+    stochastically with ``noise`` (uniform, one per value), to the nearest without (a tie goes up)."""
     low = torch.floor(x)
     frac = x - low
     up = frac >= 0.5 if noise is None else noise < frac

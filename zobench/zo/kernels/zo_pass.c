@@ -924,6 +924,66 @@ struct int8pass {
     uint8_t *ups;  /* the layer's bits: whether the perturbation of value v rounded up, at bit v + offset % 8 */
 };
 
+/* A move in steps clamped to +-2^20: more steps than that take any code in [-127, 127] out of range whatever
+ * their number (a perturbation keeps the code, an update clamps it), and a move past int64's range (a row of
+ * tiny scale) would convert to nonsense. zobench/zo/rounding.py's `steps` clamps the torch path's alike. */
+static inline double clamp_steps(double x) { return x < -1048576.0 ? -1048576.0 : (x > 1048576.0 ? 1048576.0 : x); }
+
+/* The smallest float >= f: for a float u, (double)u < f exactly when u < above(f). */
+static inline float above(double f)
+{
+    float t = (float)f;
+    return (double)t < f ? nextafterf(t, INFINITY) : t;
+}
+
+/* int8_tile's common case, one Rademacher term and no decay, on one row's run [j, e) of a tile: a value's
+ * step is one of two per row by the sign of its z (z c is +-c exactly), so each row's numbers (floor, rounding
+ * threshold, and the restore's floor) are computed once by int8_tile's operations and each value picks its
+ * own in one loop of int32 and float lanes (16 a vector). The same codes, kept flags and bits as the general
+ * loops. */
+static void int8_two_run(const struct int8pass *P, int mode, int restoring, int stochastic, double unit,
+                         double r_coef, double lr, const float *restrict z0, const float *restrict zr,
+                         const float *restrict u, const int32_t *restrict keep_in, const int32_t *restrict up_in,
+                         int32_t *restrict c, int32_t *restrict keep_out, int32_t *restrict up_out, int j, int e)
+{
+    int32_t r_low[2] = {0, 0}, low[2], bit[2];
+    float thr[2];
+    if (restoring && unit > 0) {
+        r_low[1] = (int32_t)floor(clamp_steps(((double)1.0f * r_coef) / unit));
+        r_low[0] = (int32_t)floor(clamp_steps(((double)-1.0f * r_coef) / unit));
+    }
+    for (int s = 0; s < 2; s++) {
+        double est1 = (double)(s ? 1.0f : -1.0f) * P->coefs[0];
+        double x1 = !(unit > 0) ? 0.0 : clamp_steps(mode == 0 ? est1 / unit : (est1 * lr) / unit);
+        double f = floor(x1);
+        low[s] = (int32_t)f;
+        bit[s] = x1 - f >= 0.5;  /* rounding to the nearest */
+        thr[s] = above(x1 - f);  /* stochastic: u < thr rounds up */
+    }
+    for (int i = j; i < e; i++) {
+        int32_t v = c[i];
+        if (restoring)
+            v -= (1 - keep_in[i]) * ((zr[i] > 0 ? r_low[1] : r_low[0]) + up_in[i]);
+        if (mode == 1) {
+            c[i] = v;
+            continue;
+        }
+        int s = z0[i] > 0;
+        int32_t b = stochastic ? u[i] < (s ? thr[1] : thr[0]) : (s ? bit[1] : bit[0]);
+        int32_t d = (s ? low[1] : low[0]) + b;
+        if (mode == 0) {  /* a code that +d or -d would push out of [-127, 127] stays */
+            int32_t plus = v + d, minus = v - d;
+            int32_t k = (plus > 127) | (plus < -127) | (minus > 127) | (minus < -127);
+            keep_out[i] = k;
+            up_out[i] = b;
+            c[i] = k ? v : plus;
+        } else {
+            int32_t w = v + d;
+            c[i] = w < -127 ? -127 : (w > 127 ? 127 : w);
+        }
+    }
+}
+
 /* One tile in simple loops over a row's run of values (each vectorises: no branch on the value, the row's
  * unit constant over the run), the same operations per value as the torch path, in the same order. */
 static void int8_tile(const struct int8pass *P, int64_t g, int n)
@@ -959,15 +1019,39 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
     double r_coef = mode == 1 ? P->coefs[0] : P->r_coef, lr = -P->lr, dc = P->decay_coef;
     int8_t *codes = P->codes + local;
     uint8_t *kept = P->kept ? P->kept + (local - P->j0) : NULL;  /* NULL for an update with nothing to restore */
+    /* One Rademacher term and no decay (QuZO's default): a value's x is one of two numbers per row, by the
+     * sign of its z (z c is +-c exactly), so each row's two are computed once (the same operations on the same
+     * numbers) and each value picks its own: no division or floor per value (int8_two_run) */
+    if (two) {
+        int32_t c32[TILE], keep_in[TILE], up_in[TILE], keep_out[TILE], up_out[TILE];
+        for (int j = 0; j < n; j++) c32[j] = codes[j];
+        if (restoring) {
+            get_bits(P->ups, b0, n, up);
+            for (int j = 0; j < n; j++) keep_in[j] = kept[j];
+            for (int j = 0; j < n; j++) up_in[j] = up[j];
+        }
+        for (int j = 0; j < n;) {
+            int64_t row = (local + j) / P->cols;
+            int e = (int)min64((int64_t)n, (row + 1) * P->cols - local);
+            int8_two_run(P, mode, restoring, stochastic, (double)P->scb[row] / 127.0, r_coef, lr, z0, zr, u,
+                         keep_in, up_in, c32, keep_out, up_out, j, e);
+            j = e;
+        }
+        for (int j = 0; j < n; j++) codes[j] = (int8_t)c32[j];
+        if (mode == 0) {
+            for (int j = 0; j < n; j++) kept[j] = (uint8_t)keep_out[j];
+            for (int j = 0; j < n; j++) up[j] = (uint8_t)up_out[j];
+            put_bits(P->ups, b0, n, up);
+        }
+        return;
+    }
     for (int j = 0; j < n; j++) c[j] = codes[j];
     if (restoring) {
         get_bits(P->ups, b0, n, up);
         for (int j = 0; j < n; j++) keep[j] = kept[j];
         for (int j = 0; j < n; j++) was_up[j] = up[j];
     }
-    /* One Rademacher term and no decay: a value's x is one of two numbers per row, by the sign of its z (z c is
-     * +-c exactly), so each row's two are computed once (the same operations on the same numbers) and each
-     * value picks its own: no division or floor per value. */
+    /* Several terms, Gaussian z or weight decay: a division and a floor per value, on int64 lanes */
     for (int j = 0; j < n;) {  /* one run of values per row */
         int64_t row = (local + j) / P->cols;
         int e = (int)min64((int64_t)n, (row + 1) * P->cols - local);
@@ -976,67 +1060,42 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
             if (!(unit > 0))
                 for (int i = j; i < e; i++) low[i] = 0;  /* floor(0.0) */
             else if (P->direction == DIR_RADEMACHER) {  /* z = +-1: the row's two floors, as the loop below */
-                int64_t l_pos = (int64_t)floor(((double)1.0f * r_coef) / unit);
-                int64_t l_neg = (int64_t)floor(((double)-1.0f * r_coef) / unit);
+                int64_t l_pos = (int64_t)floor(clamp_steps(((double)1.0f * r_coef) / unit));
+                int64_t l_neg = (int64_t)floor(clamp_steps(((double)-1.0f * r_coef) / unit));
                 for (int i = j; i < e; i++) low[i] = zr[i] > 0 ? l_pos : l_neg;
             } else
-                for (int i = j; i < e; i++) low[i] = (int64_t)floor(((double)zr[i] * r_coef) / unit);
+                for (int i = j; i < e; i++) low[i] = (int64_t)floor(clamp_steps(((double)zr[i] * r_coef) / unit));
             for (int i = j; i < e; i++) c[i] -= (1 - keep[i]) * (low[i] + was_up[i]);
         }
         if (mode == 1) {
             j = e;
             continue;
         }
-        if (two) {  /* x for z = +1 and z = -1, then the row's two (floor, rounding bit) pairs per value */
-            int64_t low2[2], bit2[2];
-            double frac2[2];
-            for (int s = 0; s < 2; s++) {
-                double est1 = (double)(s ? 1.0f : -1.0f) * P->coefs[0];
-                double x1 = !(unit > 0) ? 0.0 : (mode == 0 ? est1 / unit : (est1 * lr) / unit);
-                double f = floor(x1);
-                low2[s] = (int64_t)f;
-                frac2[s] = x1 - f;
-                bit2[s] = frac2[s] >= 0.5;  /* rounding to the nearest */
+        if (!(unit > 0))
+            for (int i = j; i < e; i++) x[i] = 0.0;
+        else if (mode == 0)
+            for (int i = j; i < e; i++) x[i] = clamp_steps(est[i] / unit);
+        else if (P->has_decay)
+            for (int i = j; i < e; i++) {
+                double delta = est[i] * lr;
+                delta = delta - dc * ((double)c[i] * unit);
+                x[i] = clamp_steps(delta / unit);
             }
-            if (stochastic)
-                for (int i = j; i < e; i++) {
-                    int s = z0[i] > 0;
-                    low[i] = s ? low2[1] : low2[0];
-                    bit[i] = (double)u[i] < (s ? frac2[1] : frac2[0]);
-                }
-            else
-                for (int i = j; i < e; i++) {
-                    int s = z0[i] > 0;
-                    low[i] = s ? low2[1] : low2[0];
-                    bit[i] = s ? bit2[1] : bit2[0];
-                }
-        } else {
-            if (!(unit > 0))
-                for (int i = j; i < e; i++) x[i] = 0.0;
-            else if (mode == 0)
-                for (int i = j; i < e; i++) x[i] = est[i] / unit;
-            else if (P->has_decay)
-                for (int i = j; i < e; i++) {
-                    double delta = est[i] * lr;
-                    delta = delta - dc * ((double)c[i] * unit);
-                    x[i] = delta / unit;
-                }
-            else
-                for (int i = j; i < e; i++) x[i] = (est[i] * lr) / unit;
-            /* round(x) onto whole steps: stochastically with u, else to the nearest */
-            if (stochastic)
-                for (int i = j; i < e; i++) {
-                    double f = floor(x[i]);
-                    low[i] = (int64_t)f;
-                    bit[i] = (double)u[i] < x[i] - f;
-                }
-            else
-                for (int i = j; i < e; i++) {
-                    double f = floor(x[i]);
-                    low[i] = (int64_t)f;
-                    bit[i] = x[i] - f >= 0.5;
-                }
-        }
+        else
+            for (int i = j; i < e; i++) x[i] = clamp_steps((est[i] * lr) / unit);
+        /* round(x) onto whole steps: stochastically with u, else to the nearest */
+        if (stochastic)
+            for (int i = j; i < e; i++) {
+                double f = floor(x[i]);
+                low[i] = (int64_t)f;
+                bit[i] = (double)u[i] < x[i] - f;
+            }
+        else
+            for (int i = j; i < e; i++) {
+                double f = floor(x[i]);
+                low[i] = (int64_t)f;
+                bit[i] = x[i] - f >= 0.5;
+            }
         for (int i = j; i < e; i++) d[i] = low[i] + bit[i];
         if (mode == 0)
             for (int i = j; i < e; i++) {  /* a code that +d or -d would push out of [-127, 127] stays */

@@ -113,7 +113,8 @@ def test_a_report_zobench_would_not_replace_fails_the_run_before_any_cell(tmp_pa
 def test_a_dry_run_refuses_the_flags_a_run_refuses(tmp_path):
     suite = tiny_suite(tmp_path)
     for flags, needle in ((["--jobs", "0"], "--jobs 0"), (["--retries", "-1"], "--retries -1"),
-                          (["--address", "auto"], "only --executor ray")):
+                          (["--address", "auto"], "only --executor ray"),
+                          (["--executor", "ray", "--no-memory-check"], "Ray places each cell")):
         one_line_error(zobench("run", suite, "--dry-run", *flags), needle, "")
 
 

@@ -238,3 +238,44 @@ def test_the_gguf_conversion_process_is_tied_to_the_run_first(monkeypatch):
     monkeypatch.setattr(driver, "converted_gguf_dir", lambda path: calls.append(("converted", path.name)))
     driver._convert("/models/m.gguf", 4242)
     assert calls == [("tied", 4242), ("converted", "m.gguf")]
+
+
+def test_a_cell_that_would_not_fit_in_memory_is_recorded_and_not_started_and_resume_runs_it(tmp_path, monkeypatch):
+    """With less memory available than a cell's estimated peak, the cell gets an unsupported record naming
+    both figures and no process; the run goes on. --resume runs it once it fits; --no-memory-check (the
+    executor's ``memory_check=False``) starts it whatever the reading."""
+    from zobench.executors import local
+    from zobench.executors.local import LocalExecutor, host_need_mib
+
+    monkeypatch.setattr(local, "available_memory_mib", lambda: (100.0, "MemAvailable"))
+    suite = _suite(tmp_path, BASE)
+    out = run_suite(suite, tmp_path / "results", only="method=full", executor=LocalExecutor())
+    (rec,) = load_records(out)
+    need = host_need_mib(select_cells(suite, "method=full")[0])
+    assert rec.status == "unsupported" and not rec.phases  # never started
+    assert need > 100 and f"{need:,.0f} MiB" in rec.reason and "100 MiB available (MemAvailable)" in rec.reason
+    monkeypatch.setattr(local, "available_memory_mib", lambda: (10.0**7, "MemAvailable"))
+    out = run_suite(suite, tmp_path / "results", only="method=full", executor=LocalExecutor(), resume=True)
+    assert [r.status for r in load_records(out)] == ["unsupported", "ok"]  # it ran once it fitted
+    monkeypatch.setattr(local, "available_memory_mib", lambda: (1.0, "cgroup limit 1 MiB"))
+    out = run_suite(suite, tmp_path / "results", only="method=random", executor=LocalExecutor(memory_check=False))
+    assert [(r.method, r.status) for r in load_records(out)][2:] == [("random", "ok")]
+
+
+def test_available_memory_is_the_kernels_figure_or_what_a_cgroup_limit_leaves(tmp_path):
+    from zobench.measure.machine import available_memory_mib
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemFree:  100 kB\nMemAvailable:   2097152 kB\n")
+    cg = tmp_path / "cg"
+    cg.mkdir()
+    assert available_memory_mib(meminfo, cg) == (2048.0, "MemAvailable")
+    (cg / "memory.max").write_text("max\n")
+    (cg / "memory.current").write_text("5\n")
+    assert available_memory_mib(meminfo, cg) == (2048.0, "MemAvailable")  # no limit
+    (cg / "memory.max").write_text(f"{1536 * 2**20}\n")
+    (cg / "memory.current").write_text(f"{512 * 2**20}\n")
+    assert available_memory_mib(meminfo, cg) == (1024.0, "cgroup limit 1,536 MiB")
+    (cg / "memory.current").write_text("not a number\n")  # unreadable usage: the kernel's figure stands
+    assert available_memory_mib(meminfo, cg) == (2048.0, "MemAvailable")
+    assert available_memory_mib(tmp_path / "none", tmp_path / "none") is None

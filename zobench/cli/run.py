@@ -47,6 +47,10 @@ def add_parser(sub) -> None:
                    help="run a suite that declares claims although zobench's code differs from its commit")
     trust_flag(p)
     p.add_argument("--jobs", type=int, default=1, help="cells at once on this machine, each in its own process")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="start every cell, also one whose estimated peak is more than the memory this machine "
+                        "has available when its turn comes (by default such a cell is recorded as "
+                        "unsupported, with both figures, and not started)")
     p.add_argument("--executor", default=None,
                    help="local (default) | pool (the default with --jobs > 1) | ray (needs zobench[ray])")
     p.add_argument("--address", default=None,
@@ -104,15 +108,18 @@ def _check_flags(args) -> str:
         raise UserError(f"--address {args.address}: only --executor ray joins a cluster")
     if args.retries < 0:
         raise UserError(f"--retries {args.retries}: expected a number of retries >= 0")
+    if args.no_memory_check and name == "ray":
+        raise UserError("--no-memory-check: Ray places each cell by its estimated memory itself; the flag is for "
+                        "cells run on this machine (--executor local or pool)")
     return name
 
 
 def _executor(args):
     name = _check_flags(args)
     cls = EXECUTORS.get(name)
-    if name == "ray":
+    if name == "ray":  # Ray places each cell by its estimate (``ray_executor.resources``)
         return cls(jobs=args.jobs, address=args.address, max_retries=args.retries)
-    return cls(jobs=args.jobs) if args.jobs > 1 or name != "local" else cls()
+    return cls(jobs=args.jobs, memory_check=not args.no_memory_check)
 
 
 def _check_outputs(args, name: str) -> Path:

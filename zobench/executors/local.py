@@ -20,10 +20,12 @@ from collections import deque
 from multiprocessing.connection import wait
 from typing import Iterator
 
+from zobench.analysis.estimate import record_estimate
 from zobench.cell.measures import Execution
 from zobench.cell.record import CellRecord
 from zobench.executors.base import Executor, OnEvent
 from zobench.executors.child import death_reason, end_of, spawned
+from zobench.measure.machine import available_memory_mib
 from zobench.procs import child_env
 from zobench.spec.matrix import Cell
 
@@ -107,16 +109,40 @@ class CellProcess:
                          threads=self.threads)
 
 
+def host_need_mib(cell: Cell) -> float | None:
+    """``cell``'s estimated peak in this machine's memory: a CPU cell's peak RSS, a GPU cell's host side
+    (its largest host phase); None without an estimate."""
+    est = record_estimate(cell.config)
+    host = est.get("host_phases") or {}
+    return max(host.values()) if host else est.get("peak_mib")
+
+
+def memory_refusal(need: float | None, available: tuple[float, str] | None) -> str | None:
+    """Why a cell needing ``need`` MiB is not started now, or None: more than ``available``
+    (``available_memory_mib``: MiB, source). Started anyway, such a cell would be killed for memory after
+    its load (or push the machine into swap); without an estimate or a reading, it starts."""
+    if need is None or available is None or need <= available[0]:
+        return None
+    return (f"not started: its estimated peak, {need:,.0f} MiB of this machine's memory, is more than the "
+            f"{available[0]:,.0f} MiB available ({available[1]}); free memory or run it on a larger machine "
+            f"(`zobench run --no-memory-check` starts it anyway)")
+
+
 class LocalExecutor(Executor):
-    """Cells one after another, each in a fresh process with all of this machine's threads."""
+    """Cells one after another, each in a fresh process with all of this machine's threads. A cell whose
+    estimated peak does not fit in the memory available when its turn comes is recorded as unsupported,
+    with both figures, instead of started (``memory_check``)."""
 
     name = "local"
 
-    def __init__(self, on_event: OnEvent | None = None, jobs: int = 1):
+    def __init__(self, on_event: OnEvent | None = None, jobs: int = 1, memory_check: bool = True):
         super().__init__(on_event)
         self.jobs = max(1, int(jobs))
+        self.memory_check = memory_check
         self.queue: deque[tuple[Cell, float]] = deque()
         self.running: list[CellProcess] = []
+        self.refused: deque[tuple[Cell, CellRecord]] = deque()  # records of cells not started (memory)
+        self.needs: dict[str, float | None] = {}  # host_need_mib per cell id, estimated once
 
     def submit(self, cell: Cell, timeout_s: float) -> None:
         self.queue.append((cell, timeout_s))
@@ -129,8 +155,12 @@ class LocalExecutor(Executor):
         """A finished cell's slot is free again."""
 
     def finished(self) -> Iterator[tuple[Cell, CellRecord]]:
-        while self.queue or self.running:
+        while self.queue or self.running or self.refused:
             self._start_what_fits()
+            while self.refused:
+                yield self.refused.popleft()
+            if not self.running:
+                continue
             ready = wait([h for p in self.running for h in p.handles],
                          timeout=max(0.0, min(p.deadline for p in self.running) - time.monotonic()))
             for proc in [p for p in self.running if any(h in ready for h in p.handles)
@@ -143,10 +173,20 @@ class LocalExecutor(Executor):
                 rec.execution = proc.execution(self.name)
                 yield proc.cell, rec
 
+    def _refusal(self, cell: Cell) -> str | None:
+        if cell.cell_id not in self.needs:
+            self.needs[cell.cell_id] = host_need_mib(cell)
+        return memory_refusal(self.needs[cell.cell_id], available_memory_mib())
+
     def _start_what_fits(self) -> None:
         waiting = deque()
         while self.queue:
             cell, timeout_s = self.queue.popleft()
+            if len(self.running) < self.jobs and self.memory_check and (why := self._refusal(cell)):
+                rec = failed_record(cell, "unsupported", why)
+                rec.execution = Execution(executor=self.name, node=socket.gethostname())
+                self.refused.append((cell, rec))
+                continue
             placed = self.placement(cell)
             if placed is None:
                 waiting.append((cell, timeout_s))
@@ -158,7 +198,7 @@ class LocalExecutor(Executor):
             for p in self.running:
                 p.peers = max(p.peers, len(self.running))
         self.queue = waiting
-        if not self.running and self.queue:
+        if not self.running and self.queue and not self.refused:
             raise RuntimeError("no slot can ever take the queued cells")  # a placement bug, not user input
 
     def close(self) -> None:
@@ -166,3 +206,4 @@ class LocalExecutor(Executor):
             proc.kill()
         self.running.clear()
         self.queue.clear()
+        self.refused.clear()

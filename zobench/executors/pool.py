@@ -32,8 +32,9 @@ def visible_gpus() -> list[str]:
 class PoolExecutor(LocalExecutor):
     name = "pool"
 
-    def __init__(self, on_event=None, jobs: int = 2, gpus: list[str] | None = None, cpus: int | None = None):
-        super().__init__(on_event, jobs)
+    def __init__(self, on_event=None, jobs: int = 2, gpus: list[str] | None = None, cpus: int | None = None,
+                 memory_check: bool = True):
+        super().__init__(on_event, jobs, memory_check)
         self.gpus = visible_gpus() if gpus is None else list(gpus)
         self.free_gpus = list(self.gpus)
         self.threads = max(1, (cpus or os.cpu_count() or 1) // self.jobs)

@@ -128,3 +128,31 @@ def _differs(path: Path, mode: str, sha: str) -> bool:
     h.update(b"blob %d\0" % len(data))
     h.update(data)
     return h.hexdigest() != sha
+
+
+def available_memory_mib(meminfo: str | Path = "/proc/meminfo",
+                         cgroup: str | Path = "/sys/fs/cgroup") -> tuple[float, str] | None:
+    """The memory a new process could take now (MiB) and where the figure comes from: the kernel's
+    ``MemAvailable``, or what is left under this process's cgroup limit (v2 ``memory.max`` less
+    ``memory.current``; v1 ``memory.limit_in_bytes`` less ``memory.usage_in_bytes``) where that is less.
+    None where neither can be read (not Linux)."""
+    found: list[tuple[float, str]] = []
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append((int(line.split()[1]) / 1024, "MemAvailable"))
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, usage in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes",
+                                                           "memory/memory.usage_in_bytes")):
+        try:
+            cap = (Path(cgroup) / limit).read_text().strip()
+            if cap == "max" or int(cap) >= 2**60:  # no limit (v1 writes a huge number)
+                continue
+            left = (int(cap) - int((Path(cgroup) / usage).read_text().strip())) / 2**20
+            found.append((max(left, 0.0), f"cgroup limit {int(cap) / 2**20:,.0f} MiB"))
+        except (OSError, ValueError):
+            continue
+    return min(found) if found else None

@@ -110,6 +110,7 @@ def test_train_save_then_eval_from_the_command_line(tmp_path):
     assert r.returncode == 0, r.stderr
     rec = json.loads((tmp_path / "eval" / "record.json").read_text())
     assert rec["metrics"]["delta"]["kind"] == "sparse" and rec["metrics"]["steps_done"] == 0
+    assert "method=random delta_step=2" in r.stdout and "steps=0" not in r.stdout  # the delta's step, not eval's
     r = cli("eval", "--delta", tmp_path / "nothing-here", "--out", tmp_path / "e2")
     assert r.returncode == 2 and "nothing-here: not found" in r.stderr
     r = cli("eval", "--delta", tmp_path / "kept", "--out", tmp_path / "eval")  # its own record: replaced

@@ -165,13 +165,21 @@ def _print_progress(event: dict) -> None:
 
 
 def _summary(rec) -> str:
+    """One line: what ran and what it scored. An evaluation (no steps, a delta loaded) names the delta's step
+    and its score as ``test``, not ``steps=0`` and ``test_before``."""
     m = rec.metrics
-    parts = [f"method={rec.config['method']}", f"steps={m.get('steps_done')}",
-             f"final_loss={m.get('final_loss'):.4f}" if m.get("final_loss") is not None else ""]
+    delta = m.get("delta") if not m.get("steps_done") else None
+    if delta:
+        parts = [f"method={delta.get('method') or rec.config['method']}", f"delta_step={delta.get('step')}"]
+        names = {"test_before": "test"}
+    else:
+        parts = [f"method={rec.config['method']}", f"steps={m.get('steps_done')}",
+                 f"final_loss={m.get('final_loss'):.4f}" if m.get("final_loss") is not None else ""]
+        names = {}
     for when in ("test_before", "test_after", "best_dev"):
         scores = {k: v for k, v in (m.get(when) or {}).items() if isinstance(v, (int, float))}
         if scores:  # a split with no examples (n_test 0) has no score to show
-            parts.append(f"{when}=" + ",".join(f"{k}:{v:.3f}" for k, v in scores.items()))
+            parts.append(f"{names.get(when, when)}=" + ",".join(f"{k}:{v:.3f}" for k, v in scores.items()))
     if m.get("density_obtained") is not None:
         parts.append(f"density={m.get('density_obtained'):.3g}")
     if m.step_s:

@@ -279,3 +279,28 @@ def test_available_memory_is_the_kernels_figure_or_what_a_cgroup_limit_leaves(tm
     (cg / "memory.current").write_text("not a number\n")  # unreadable usage: the kernel's figure stands
     assert available_memory_mib(meminfo, cg) == (2048.0, "MemAvailable")
     assert available_memory_mib(tmp_path / "none", tmp_path / "none") is None
+
+
+def test_cells_side_by_side_wait_for_memory_a_running_cell_may_still_take(tmp_path, monkeypatch):
+    """Two cells with room for one and a half: the pool starts the second only when the first has ended (a
+    running cell keeps room for its estimated peak less its RSS), where it runs both at once with room to
+    spare (test_pool_runs_cells_side_by_side_and_says_so); neither is refused."""
+    psutil = pytest.importorskip("psutil")
+    from zobench.executors import local
+    from zobench.executors.local import host_need_mib
+
+    suite = _suite(tmp_path, BASE)
+    cells = select_cells(suite, "method=full|random")
+    room = 1.5 * max(host_need_mib(c) for c in cells)
+
+    def available():  # a machine with `room` MiB besides this process: less what the cells hold now
+        held = sum(p.memory_info().rss for p in psutil.Process().children(recursive=True) if p.is_running())
+        return room - held / 2**20, "MemAvailable"
+
+    monkeypatch.setattr(local, "available_memory_mib", available)
+    out = run_suite(suite, tmp_path / "results", only="method=full|random", executor=PoolExecutor(jobs=2))
+    recs = load_records(out)
+    assert sorted(r.method for r in recs) == ["full", "random"] and all(r.ok for r in recs)
+    assert [r.execution.concurrent_cells for r in recs] == [1, 1]
+    first, second = sorted(recs, key=lambda r: r.started_at)
+    assert second.started_at >= first.finished_at  # one after the other (ISO times, to the second)

@@ -65,6 +65,14 @@ class CellProcess:
     def handles(self) -> list:
         return [self.recv, self.proc.sentinel]
 
+    def rss_mib(self) -> float | None:
+        """The child's resident memory now (Linux), or None."""
+        try:
+            with open(f"/proc/{self.proc.pid}/statm") as f:
+                return int(f.read().split()[1]) * PAGE / 2**20
+        except (OSError, ValueError, IndexError, TypeError):
+            return None
+
     def poll(self) -> CellRecord | None:
         """Read what the child sent (or how it died); a record once the cell is over, else None."""
         if time.monotonic() >= self.deadline:
@@ -109,6 +117,10 @@ class CellProcess:
                          threads=self.threads)
 
 
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+WAIT = "wait"  # LocalExecutor._memory: the cell fits once a running cell ends
+
+
 def host_need_mib(cell: Cell) -> float | None:
     """``cell``'s estimated peak in this machine's memory: a CPU cell's peak RSS, a GPU cell's host side
     (its largest host phase); None without an estimate."""
@@ -131,7 +143,8 @@ def memory_refusal(need: float | None, available: tuple[float, str] | None) -> s
 class LocalExecutor(Executor):
     """Cells one after another, each in a fresh process with all of this machine's threads. A cell whose
     estimated peak does not fit in the memory available when its turn comes is recorded as unsupported,
-    with both figures, instead of started (``memory_check``)."""
+    with both figures, instead of started; with cells side by side (``jobs``), one that fits only once a
+    running cell ends waits for it (``memory_check``, ``_memory``)."""
 
     name = "local"
 
@@ -173,16 +186,33 @@ class LocalExecutor(Executor):
                 rec.execution = proc.execution(self.name)
                 yield proc.cell, rec
 
-    def _refusal(self, cell: Cell) -> str | None:
+    def _need(self, cell: Cell) -> float | None:
         if cell.cell_id not in self.needs:
             self.needs[cell.cell_id] = host_need_mib(cell)
-        return memory_refusal(self.needs[cell.cell_id], available_memory_mib())
+        return self.needs[cell.cell_id]
+
+    def _memory(self, cell: Cell) -> str | None:
+        """None when ``cell`` may start now; WAIT when it fits only once running cells end; else why it is
+        not started (``memory_refusal``). Running cells keep room for what their estimates say they have yet
+        to take (estimated peak less their RSS now), so cells side by side (``--jobs``) do not together
+        outgrow the machine."""
+        need, available = self._need(cell), available_memory_mib()
+        if need is None or available is None:
+            return None
+        growth = sum(max(0.0, (self._need(p.cell) or 0.0) - (p.rss_mib() or 0.0)) for p in self.running)
+        if need <= available[0] - growth:
+            return None
+        return WAIT if self.running else memory_refusal(need, available)
 
     def _start_what_fits(self) -> None:
         waiting = deque()
         while self.queue:
             cell, timeout_s = self.queue.popleft()
-            if len(self.running) < self.jobs and self.memory_check and (why := self._refusal(cell)):
+            why = self._memory(cell) if len(self.running) < self.jobs and self.memory_check else None
+            if why == WAIT:
+                waiting.append((cell, timeout_s))
+                continue
+            if why:
                 rec = failed_record(cell, "unsupported", why)
                 rec.execution = Execution(executor=self.name, node=socket.gethostname())
                 self.refused.append((cell, rec))

@@ -311,3 +311,17 @@ def test_the_train_summary_skips_splits_without_a_score():
     m.set(steps_done=3, final_loss=0.5, test_after={"accuracy": None}, best_dev={"accuracy": 0.71})
     line = _summary(CellRecord(cell_id="c", config={"method": "sensitive"}, metrics=m))
     assert "test_after" not in line and "best_dev=accuracy:0.710" in line
+
+
+def test_train_refuses_a_run_that_would_not_fit_in_memory_and_says_how_to_start_it_anyway(tmp_path, monkeypatch):
+    from zobench.measure import machine
+
+    monkeypatch.setattr(machine, "available_memory_mib", lambda: (50.0, "MemAvailable"))
+    args = ("train", "--model", "random:tiny-llama", "--method", "random", "--density", "0.05", "--steps", "1",
+            "--set", "n_test=0", "--set", "n_dev=0", "--set", "n_train=4", "--set", "batch_size=4")
+    r = zobench(*args, "--out", tmp_path / "run")
+    one_line_error(r, "train: not started", "50 MiB available (MemAvailable)")
+    assert "--no-memory-check" in r.stderr and not (tmp_path / "run" / "record.json").exists()
+    r = zobench(*args, "--out", tmp_path / "run", "--no-memory-check")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "run" / "record.json").read_text())["metrics"]["steps_done"] == 1

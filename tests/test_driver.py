@@ -251,7 +251,7 @@ def test_a_cell_that_would_not_fit_in_memory_is_recorded_and_not_started_and_res
     suite = _suite(tmp_path, BASE)
     out = run_suite(suite, tmp_path / "results", only="method=full", executor=LocalExecutor())
     (rec,) = load_records(out)
-    need = host_need_mib(select_cells(suite, "method=full")[0])
+    need = host_need_mib(select_cells(suite, "method=full")[0].config)
     assert rec.status == "unsupported" and not rec.phases  # never started
     assert need > 100 and f"{need:,.0f} MiB" in rec.reason and "100 MiB available (MemAvailable)" in rec.reason
     monkeypatch.setattr(local, "available_memory_mib", lambda: (10.0**7, "MemAvailable"))
@@ -291,7 +291,7 @@ def test_cells_side_by_side_wait_for_memory_a_running_cell_may_still_take(tmp_pa
 
     suite = _suite(tmp_path, BASE)
     cells = select_cells(suite, "method=full|random")
-    room = 1.5 * max(host_need_mib(c) for c in cells)
+    room = 1.5 * max(host_need_mib(c.config) for c in cells)
 
     def available():  # a machine with `room` MiB besides this process: less what the cells hold now
         held = sum(p.memory_info().rss for p in psutil.Process().children(recursive=True) if p.is_running())

@@ -37,6 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other run setting, e.g. --set lr=1e-6 --set n_test=200 (repeatable)")
     p.add_argument("--out", required=True, help="directory for the run's outputs (OUT/record.json)")
+    memory_flag(p)
     p = sub.add_parser("eval", help=HELP["eval"])
     p.add_argument("--delta", required=True, help="the directory `zobench train --save` wrote")
     p.add_argument("--task", default=None, help="default: the task it was trained on")
@@ -44,6 +45,13 @@ def add_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. --set n_test=872")
     p.add_argument("--out", required=True, help="directory for the record (OUT/record.json)")
     trust_flag(p)
+    memory_flag(p)
+
+
+def memory_flag(p) -> None:
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="start even if the run's estimated peak is more than the memory this machine has "
+                        "available (by default refused, with both figures)")
 
 
 def run(args) -> int:
@@ -59,7 +67,8 @@ def _train(args) -> int:
     if overrides.get("save"):
         claim_target(overrides["save"], bool(overrides.get("overwrite")), "--save")
     overrides.setdefault("predictions", str(out.parent / "predictions.npz"))
-    rec = api.train(progress=_print_progress, **overrides)  # checked before training: a result is never lost
+    rec = api.train(progress=_print_progress, memory_check=not args.no_memory_check,
+                    **overrides)  # checked before training: a result is never lost
     if rec.predictions:  # named relative to the record, so the folder moves as one
         rec.predictions["path"] = os.path.relpath(rec.predictions["path"], out.parent)
     rec.config.pop("predictions", None)

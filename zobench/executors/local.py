@@ -121,15 +121,16 @@ PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 WAIT = "wait"  # LocalExecutor._memory: the cell fits once a running cell ends
 
 
-def host_need_mib(cell: Cell) -> float | None:
-    """``cell``'s estimated peak in this machine's memory: a CPU cell's peak RSS, a GPU cell's host side
-    (its largest host phase); None without an estimate."""
-    est = record_estimate(cell.config)
+def host_need_mib(config) -> float | None:
+    """The estimated peak in this machine's memory of a cell of ``config``: a CPU cell's peak RSS, a GPU
+    cell's host side (its largest host phase); None without an estimate."""
+    est = record_estimate(config)
     host = est.get("host_phases") or {}
     return max(host.values()) if host else est.get("peak_mib")
 
 
-def memory_refusal(need: float | None, available: tuple[float, str] | None) -> str | None:
+def memory_refusal(need: float | None, available: tuple[float, str] | None,
+                   anyway: str = "zobench run --no-memory-check") -> str | None:
     """Why a cell needing ``need`` MiB is not started now, or None: more than ``available``
     (``available_memory_mib``: MiB, source). Started anyway, such a cell would be killed for memory after
     its load (or push the machine into swap); without an estimate or a reading, it starts."""
@@ -137,7 +138,7 @@ def memory_refusal(need: float | None, available: tuple[float, str] | None) -> s
         return None
     return (f"not started: its estimated peak, {need:,.0f} MiB of this machine's memory, is more than the "
             f"{available[0]:,.0f} MiB available ({available[1]}); free memory or run it on a larger machine "
-            f"(`zobench run --no-memory-check` starts it anyway)")
+            f"(`{anyway}` starts it anyway)")
 
 
 class LocalExecutor(Executor):
@@ -188,7 +189,7 @@ class LocalExecutor(Executor):
 
     def _need(self, cell: Cell) -> float | None:
         if cell.cell_id not in self.needs:
-            self.needs[cell.cell_id] = host_need_mib(cell)
+            self.needs[cell.cell_id] = host_need_mib(cell.config)
         return self.needs[cell.cell_id]
 
     def _memory(self, cell: Cell) -> str | None:

@@ -7,12 +7,17 @@ import json
 import os
 from pathlib import Path
 
+import psutil
 import pytest
 
+from zobench.analysis.fits import host_need_mib
 from zobench.cell.measures import Metrics, PhaseMeasure, Stats
 from zobench.cell.record import CellRecord
 from zobench.driver import run_suite, select_cells
+from zobench.executors import local
+from zobench.executors.local import LocalExecutor
 from zobench.executors.pool import PoolExecutor
+from zobench.measure.machine import available_memory_mib
 from zobench.procs import malloc_env
 from zobench.results import derive, load_records, to_pandas
 from zobench.spec.suite import load_suite
@@ -244,9 +249,6 @@ def test_a_cell_that_would_not_fit_in_memory_is_recorded_and_not_started_and_res
     """With less memory available than a cell's estimated peak, the cell gets an unsupported record naming
     both figures and no process; the run goes on. --resume runs it once it fits; --no-memory-check (the
     executor's ``memory_check=False``) starts it whatever the reading."""
-    from zobench.executors import local
-    from zobench.executors.local import LocalExecutor, host_need_mib
-
     monkeypatch.setattr(local, "available_memory_mib", lambda: (100.0, "MemAvailable"))
     suite = _suite(tmp_path, BASE)
     out = run_suite(suite, tmp_path / "results", only="method=full", executor=LocalExecutor())
@@ -263,8 +265,6 @@ def test_a_cell_that_would_not_fit_in_memory_is_recorded_and_not_started_and_res
 
 
 def test_available_memory_is_the_kernels_figure_or_what_a_cgroup_limit_leaves(tmp_path):
-    from zobench.measure.machine import available_memory_mib
-
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       32000000 kB\nMemFree:  100 kB\nMemAvailable:   2097152 kB\n")
     cg = tmp_path / "cg"
@@ -285,10 +285,6 @@ def test_cells_side_by_side_wait_for_memory_a_running_cell_may_still_take(tmp_pa
     """Two cells with room for one and a half: the pool starts the second only when the first has ended (a
     running cell keeps room for its estimated peak less its RSS), where it runs both at once with room to
     spare (test_pool_runs_cells_side_by_side_and_says_so); neither is refused."""
-    psutil = pytest.importorskip("psutil")
-    from zobench.executors import local
-    from zobench.executors.local import host_need_mib
-
     suite = _suite(tmp_path, BASE)
     cells = select_cells(suite, "method=full|random")
     room = 1.5 * max(host_need_mib(c.config) for c in cells)

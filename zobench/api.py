@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from zobench.analysis.fits import host_need_mib, memory_refusal
 from zobench.cell.pipeline import Progress, run_cell
 from zobench.cell.record import CellRecord
 from zobench.errors import UserError
-from zobench.executors.local import host_need_mib, memory_refusal
 from zobench.measure import machine
 from zobench.procs import RELEASE_ENV, malloc_in_effect
 from zobench.spec.config import CellConfig

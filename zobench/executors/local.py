@@ -20,7 +20,9 @@ from collections import deque
 from multiprocessing.connection import wait
 from typing import Iterator
 
-from zobench.analysis.estimate import record_estimate
+import psutil
+
+from zobench.analysis.fits import host_need_mib, memory_refusal
 from zobench.cell.measures import Execution
 from zobench.cell.record import CellRecord
 from zobench.executors.base import Executor, OnEvent
@@ -28,6 +30,8 @@ from zobench.executors.child import death_reason, end_of, spawned
 from zobench.measure.machine import available_memory_mib
 from zobench.procs import child_env
 from zobench.spec.matrix import Cell
+
+WAIT = "wait"  # LocalExecutor._memory: the cell fits once a running cell ends
 
 
 def failed_record(cell: Cell, status: str, reason: str, tail: str | None = None) -> CellRecord:
@@ -66,11 +70,10 @@ class CellProcess:
         return [self.recv, self.proc.sentinel]
 
     def rss_mib(self) -> float | None:
-        """The child's resident memory now (Linux), or None."""
+        """The child's resident memory now, or None once it is gone."""
         try:
-            with open(f"/proc/{self.proc.pid}/statm") as f:
-                return int(f.read().split()[1]) * PAGE / 2**20
-        except (OSError, ValueError, IndexError, TypeError):
+            return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+        except (psutil.Error, ValueError, TypeError):
             return None
 
     def poll(self) -> CellRecord | None:
@@ -115,30 +118,6 @@ class CellProcess:
     def execution(self, executor: str) -> Execution:
         return Execution(executor=executor, node=socket.gethostname(), gpu=self.gpu, concurrent_cells=self.peers,
                          threads=self.threads)
-
-
-PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-WAIT = "wait"  # LocalExecutor._memory: the cell fits once a running cell ends
-
-
-def host_need_mib(config) -> float | None:
-    """The estimated peak in this machine's memory of a cell of ``config``: a CPU cell's peak RSS, a GPU
-    cell's host side (its largest host phase); None without an estimate."""
-    est = record_estimate(config)
-    host = est.get("host_phases") or {}
-    return max(host.values()) if host else est.get("peak_mib")
-
-
-def memory_refusal(need: float | None, available: tuple[float, str] | None,
-                   anyway: str = "zobench run --no-memory-check") -> str | None:
-    """Why a cell needing ``need`` MiB is not started now, or None: more than ``available``
-    (``available_memory_mib``: MiB, source). Started anyway, such a cell would be killed for memory after
-    its load (or push the machine into swap); without an estimate or a reading, it starts."""
-    if need is None or available is None or need <= available[0]:
-        return None
-    return (f"not started: its estimated peak, {need:,.0f} MiB of this machine's memory, is more than the "
-            f"{available[0]:,.0f} MiB available ({available[1]}); free memory or run it on a larger machine "
-            f"(`{anyway}` starts it anyway)")
 
 
 class LocalExecutor(Executor):

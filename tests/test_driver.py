@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from zobench.analysis.fits import host_need_mib
 from zobench.cell.measures import Metrics, PhaseMeasure, Stats
@@ -300,3 +301,16 @@ def test_cells_side_by_side_wait_for_memory_a_running_cell_may_still_take(tmp_pa
     assert [r.execution.concurrent_cells for r in recs] == [1, 1]
     first, second = sorted(recs, key=lambda r: r.started_at)
     assert second.started_at >= first.finished_at  # one after the other (ISO times, to the second)
+
+
+def test_a_gpu_cell_on_a_machine_without_one_is_not_held_to_the_memory_check():
+    """Its own record says it needs a GPU; the memory check does not speak first (llama7b's sensitive cells
+    hold ~10 GiB of host memory while their mask is built)."""
+    suite = load_suite(Path(__file__).resolve().parents[1] / "suites" / "llama7b.yaml")
+    cell = select_cells(suite, "method=sensitive,quant=nf4,task=sst2")[0]
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert host_need_mib(cell.config) is None
+    cpu = select_cells(load_suite(Path(__file__).resolve().parents[1] / "suites" / "llama7b-cpu.yaml"),
+                       "method=sensitive")[0]
+    assert host_need_mib(cpu.config) > 4000  # a 7B NF4 cell on the CPU: its RSS estimate

@@ -5,12 +5,20 @@ cell that does not fit as unsupported instead of starting it (``executors.local`
 
 from __future__ import annotations
 
-from zobench.analysis.estimate import record_estimate
+import torch
+
+from zobench.analysis.estimate import device_of, record_estimate
 
 
 def host_need_mib(config) -> float | None:
     """The estimated peak in this machine's memory of a cell of ``config``: a CPU cell's peak RSS, a GPU
-    cell's host side (its largest host phase); None without an estimate."""
+    cell's host side (its largest host phase); None without an estimate, and for a GPU cell on a machine
+    without one (it ends at once as unsupported, saying that)."""
+    try:
+        if device_of(config) == "cuda" and not torch.cuda.is_available():
+            return None
+    except Exception:  # an unknown device: the cell's own validation says so
+        return None
     est = record_estimate(config)
     host = est.get("host_phases") or {}
     return max(host.values()) if host else est.get("peak_mib")

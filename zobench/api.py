@@ -26,7 +26,7 @@ def train(progress: Progress | None = None, memory_check: bool = False, **settin
     It runs in this process, whose allocator was fixed when it started: the record's ``malloc`` says which
     (``procs.malloc_in_effect``), and asking for the other one is refused rather than recorded falsely.
     ``memory_check`` (the command line's default): refuse a run whose estimated peak is more than the memory
-    available now, as ``zobench run`` does a cell (``executors.local.memory_refusal``)."""
+    available now, as ``zobench run`` does a cell (``analysis.fits``)."""
     actual, asked = malloc_in_effect(), settings.get("malloc")
     if asked is not None and asked != actual:
         release = " ".join(f"{k}={v}" for k, v in RELEASE_ENV.items())

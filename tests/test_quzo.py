@@ -460,6 +460,30 @@ def test_the_c_4bit_pass_restores_a_layer_of_odd_length_at_an_unaligned_offset()
     assert torch.equal(nibbles(packed), nibbles(before))
 
 
+@pytest.mark.parametrize("mode, lr", [("perturb", 0.0), ("update", 1e-2), ("update", 30.0)])
+def test_the_c_4bit_pass_ends_a_layer_of_odd_length_as_the_generic_build_does(mode, lr, tmp_path, monkeypatch):
+    """The AVX-512 pass keeps a block's tables in registers (and falls back to memory where an update's move
+    passes a level: lr 30); a layer's last run of 5 values is read from the tables the registers left: the
+    same codes and bits as a build without AVX-512."""
+    if fused.path() != fused.C_PATH:
+        pytest.skip("the C library is not built here")
+    n, offset = 2053, 8 * 37
+    gen = torch.Generator().manual_seed(3)
+    packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, generator=gen)
+    absmax = torch.rand((n + 63) // 64, generator=gen) * 0.1 + 1e-3
+    grid = (torch.linspace(-1, 1, 16, dtype=torch.float64), torch.arange(16), torch.arange(16))
+    out = []
+    for lib in (None, fused.bind(build.load(tmp_path, tuple(f for f in build.FLAGS if f != "-march=native")))):
+        if lib is not None:
+            monkeypatch.setitem(fused._state, "lib", lib)
+        codes, bits = packed.clone(), torch.zeros((n + 7) // 8, dtype=torch.uint8)
+        assert fused.c_grid4(codes, n, offset, absmax, 64, grid, "rademacher", [(5, 2e-2 if mode == "perturb"
+                             else 0.7)], mode, bits, lr=lr, noise_seed=9)
+        out.append((codes, bits))
+    assert not torch.equal(out[0][0], packed)
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
 @pytest.mark.parametrize("pos, n", [(0, 16), (3, 13), (5, 2), (8, 21), (7, 1)])
 def test_bits_written_at_any_position_read_back_and_leave_their_neighbours(pos, n):
     """The torch path's bit layout (an int8 layer's bits start at offset % 8): a write touches only its bits."""

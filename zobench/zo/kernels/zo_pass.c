@@ -677,54 +677,96 @@ static void grid4_two(const struct grid4 *P, const float *zr, int64_t g, int n, 
     const double *lv = P->levels;
     int L = P->nlevels, sh = P->block_shift;
     double lo_end = lv[0], hi_end = lv[L - 1];
-    double frac_of[32];
+    double frac_of[32], dd[2];
     int64_t rank_of[32];
+    int ways[2];
+    for (int s = 0; s < 2; s++) {  /* s: z = +1; the delta and its way do not depend on the block */
+        dd[s] = (double)(s ? 1.0f : -1.0f) * P->coefs[0];
+        if (P->mode == GRID_UPDATE)
+            dd[s] = dd[s] * -P->lr;
+        ways[s] = dd[s] > 0 ? 16 : 0;
+    }
+#ifdef __AVX512F__
+    /* The 32 pairs of a block computed in registers (the loop's operations below, 8 at a time: no store and
+     * reload of the tables for every 64 values), kept where no fraction needs the level search */
+    __m512d lv0 = _mm512_loadu_pd(level_of), lv1 = _mm512_loadu_pd(level_of + 8);
+    __m512d lo_e = _mm512_set1_pd(lo_end), hi_e = _mm512_set1_pd(hi_end), zero = _mm512_setzero_pd();
+    __m512d one_d = _mm512_set1_pd(1.0), half = _mm512_set1_pd(0.5);
+    __m512d b[4], gp[4];
+    __m512i rk[4];
+    for (int s = 0; s < 2; s++)
+        for (int h = 0; h < 2; h++) {
+            b[2 * s + h] = _mm512_loadu_pd(base_of + ways[s] + 8 * h);
+            gp[2 * s + h] = _mm512_loadu_pd(gap_of + ways[s] + 8 * h);
+            rk[2 * s + h] = _mm512_loadu_si512(lo_of + ways[s] + 8 * h);
+        }
+    __m512i one = _mm512_set1_epi64(1);
+#endif
     for (int j = 0; j < n;) {  /* one run of values per absmax block */
         int64_t block = (j0 + j) >> sh;
         int e = (int)min64((int64_t)n, ((block + 1) << sh) - j0);
         double a = (double)P->absmax[block];
-        for (int s = 0; s < 2; s++) {  /* s: z = +1 */
-            double d = (double)(s ? 1.0f : -1.0f) * P->coefs[0];
-            if (P->mode == GRID_UPDATE)
-                d = d * -P->lr;
-            double q = a > 0 ? d / a : 0.0;
-            int way = d > 0 ? 16 : 0;
-            double *frac = frac_of + 16 * s, v[16];
-            int64_t *rank = rank_of + 16 * s;
-            for (int c = 0; c < 16; c++) {  /* (vectorises: no branch) */
-                v[c] = a > 0 ? level_of[c] + q : level_of[c] + 0.0;
-                v[c] = v[c] < lo_end ? lo_end : (v[c] > hi_end ? hi_end : v[c]);
-                frac[c] = (v[c] - base_of[c + way]) / gap_of[c + way];
-                rank[c] = lo_of[c + way];
+        int in_regs = 0;
+#ifdef __AVX512F__
+        __m512d f[4];
+        __m512i r[4];
+        {
+            __mmask8 out = 0;
+            __m512d q[2] = {_mm512_set1_pd(a > 0 ? dd[0] / a : 0.0), _mm512_set1_pd(a > 0 ? dd[1] / a : 0.0)};
+            for (int k = 0; k < 4; k++) {
+                __m512d v = _mm512_add_pd(k & 1 ? lv1 : lv0, q[k >> 1]);
+                v = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(v, lo_e, _CMP_LT_OQ), v, lo_e);
+                v = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(v, hi_e, _CMP_GT_OQ), v, hi_e);
+                f[k] = _mm512_div_pd(_mm512_sub_pd(v, b[k]), gp[k]);
+                r[k] = rk[k];
+                out |= _mm512_cmp_pd_mask(f[k], zero, _CMP_NGE_UQ) | _mm512_cmp_pd_mask(f[k], one_d, _CMP_NLE_UQ);
             }
-            if (P->mode != GRID_PERTURB && out_of_unit(frac, 16))
-                for (int c = 0; c < 16; c++)
-                    if (!(frac[c] >= 0 && frac[c] <= 1))
-                        rank[c] = level_search(lv, L, v[c], &frac[c]);
+            in_regs = P->mode == GRID_PERTURB || !out;
         }
+#endif
+        if (!in_regs)
+            for (int s = 0; s < 2; s++) {
+                double q = a > 0 ? dd[s] / a : 0.0;
+                int way = ways[s];
+                double *frac = frac_of + 16 * s, v[16];
+                int64_t *rank = rank_of + 16 * s;
+                for (int c = 0; c < 16; c++) {  /* (vectorises: no branch) */
+                    v[c] = a > 0 ? level_of[c] + q : level_of[c] + 0.0;
+                    v[c] = v[c] < lo_end ? lo_end : (v[c] > hi_end ? hi_end : v[c]);
+                    frac[c] = (v[c] - base_of[c + way]) / gap_of[c + way];
+                    rank[c] = lo_of[c + way];
+                }
+                if (P->mode != GRID_PERTURB && out_of_unit(frac, 16))
+                    for (int c = 0; c < 16; c++)
+                        if (!(frac[c] >= 0 && frac[c] <= 1))
+                            rank[c] = level_search(lv, L, v[c], &frac[c]);
+            }
         int i = j;
 #ifdef __AVX512F__
-        {  /* the pairs in registers, looked up by permutes (their low 4 index bits: the code) and chosen between
-            * by the sign of z: the loops' below selections, 8 values at a time */
-            __m512d f0 = _mm512_loadu_pd(frac_of), f1 = _mm512_loadu_pd(frac_of + 8);
-            __m512d f2 = _mm512_loadu_pd(frac_of + 16), f3 = _mm512_loadu_pd(frac_of + 24);
-            __m512i r0 = _mm512_loadu_si512(rank_of), r1 = _mm512_loadu_si512(rank_of + 8);
-            __m512i r2 = _mm512_loadu_si512(rank_of + 16), r3 = _mm512_loadu_si512(rank_of + 24);
-            __m512d zero = _mm512_setzero_pd(), half = _mm512_set1_pd(0.5);
-            __m512i one = _mm512_set1_epi64(1);
-            for (; i + 8 <= e; i += 8) {
-                __m512i c = _mm512_cvtepi32_epi64(_mm256_loadu_si256((const __m256i *)(code + i)));
-                __mmask8 pos = _mm512_cmp_pd_mask(_mm512_cvtps_pd(_mm256_loadu_ps(z + i)), zero, _CMP_GT_OQ);
-                __m512d frac = _mm512_mask_blend_pd(pos, _mm512_permutex2var_pd(f0, c, f1),
-                                                    _mm512_permutex2var_pd(f2, c, f3));
-                __m512i rank = _mm512_mask_blend_epi64(pos, _mm512_permutex2var_epi64(r0, c, r1),
-                                                       _mm512_permutex2var_epi64(r2, c, r3));
-                __mmask8 up = P->stochastic
-                    ? _mm512_cmp_pd_mask(_mm512_cvtps_pd(_mm256_loadu_ps(u + i)), frac, _CMP_LT_OQ)
-                    : _mm512_cmp_pd_mask(frac, half, _CMP_GE_OQ);
-                _mm512_storeu_si512(hi + i, _mm512_mask_add_epi64(rank, up, rank, one));
+        if (!in_regs)
+            for (int k = 0; k < 4; k++) {
+                f[k] = _mm512_loadu_pd(frac_of + 8 * k);
+                r[k] = _mm512_loadu_si512(rank_of + 8 * k);
             }
+        /* the pairs looked up by permutes (their low 4 index bits: the code) and chosen between by the sign of
+         * z: the loops' below selections, 8 values at a time */
+        for (; i + 8 <= e; i += 8) {
+            __m512i c = _mm512_cvtepi32_epi64(_mm256_loadu_si256((const __m256i *)(code + i)));
+            __mmask8 pos = _mm512_cmp_pd_mask(_mm512_cvtps_pd(_mm256_loadu_ps(z + i)), zero, _CMP_GT_OQ);
+            __m512d frac = _mm512_mask_blend_pd(pos, _mm512_permutex2var_pd(f[0], c, f[1]),
+                                                _mm512_permutex2var_pd(f[2], c, f[3]));
+            __m512i rank = _mm512_mask_blend_epi64(pos, _mm512_permutex2var_epi64(r[0], c, r[1]),
+                                                   _mm512_permutex2var_epi64(r[2], c, r[3]));
+            __mmask8 up = P->stochastic
+                ? _mm512_cmp_pd_mask(_mm512_cvtps_pd(_mm256_loadu_ps(u + i)), frac, _CMP_LT_OQ)
+                : _mm512_cmp_pd_mask(frac, half, _CMP_GE_OQ);
+            _mm512_storeu_si512(hi + i, _mm512_mask_add_epi64(rank, up, rank, one));
         }
+        if (i < e && in_regs)  /* a tail: the scalar loops read the tables */
+            for (int k = 0; k < 4; k++) {
+                _mm512_storeu_pd(frac_of + 8 * k, f[k]);
+                _mm512_storeu_si512(rank_of + 8 * k, r[k]);
+            }
 #endif
         if (P->stochastic)
             for (; i < e; i++) {

@@ -438,16 +438,22 @@ def test_quzo_cells_run_end_to_end_in_a_tiny_suite(tmp_path):
         assert len(m.get("loss_curve")) == 3 and "peak_mib" in rec.estimate
 
 
+def _odd_layer(seed: int):
+    """A 4-bit layer of 2,053 values (not a whole number of bytes of bits, its last block 5 values) whose first
+    value has global index 8 x 37 (mid-tile): (n, offset, packed codes, block absmax, a uniform 16-level grid)."""
+    n, gen = 2053, torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, generator=gen)
+    absmax = torch.rand((n + 63) // 64, generator=gen) * 0.1 + 1e-3
+    return n, 8 * 37, packed, absmax, (torch.linspace(-1, 1, 16, dtype=torch.float64), torch.arange(16),
+                                       torch.arange(16))
+
+
 def test_the_c_4bit_pass_restores_a_layer_of_odd_length_at_an_unaligned_offset():
     """A layer whose length is not a whole number of bytes of bits (n = 2,053) starting mid-tile (offset
     8 x 37): the last byte's padding and a tile that starts inside a byte of codes come back exactly."""
     if fused.path() != fused.C_PATH:
         pytest.skip("the C library is not built here")
-    n, offset = 2053, 8 * 37
-    gen = torch.Generator().manual_seed(0)
-    packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, generator=gen)
-    absmax = torch.rand((n + 63) // 64, generator=gen) * 0.1 + 1e-3
-    grid = (torch.linspace(-1, 1, 16, dtype=torch.float64), torch.arange(16), torch.arange(16))
+    n, offset, packed, absmax, grid = _odd_layer(0)
     bits = torch.zeros((n + 7) // 8, dtype=torch.uint8)
     before = packed.clone()
     assert fused.c_grid4(packed, n, offset, absmax, 64, grid, "rademacher", [(5, 2e-2)], "perturb", bits,
@@ -467,11 +473,7 @@ def test_the_c_4bit_pass_ends_a_layer_of_odd_length_as_the_generic_build_does(mo
     same codes and bits as a build without AVX-512."""
     if fused.path() != fused.C_PATH:
         pytest.skip("the C library is not built here")
-    n, offset = 2053, 8 * 37
-    gen = torch.Generator().manual_seed(3)
-    packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, generator=gen)
-    absmax = torch.rand((n + 63) // 64, generator=gen) * 0.1 + 1e-3
-    grid = (torch.linspace(-1, 1, 16, dtype=torch.float64), torch.arange(16), torch.arange(16))
+    n, offset, packed, absmax, grid = _odd_layer(3)
     out = []
     for lib in (None, fused.bind(build.load(tmp_path, tuple(f for f in build.FLAGS if f != "-march=native")))):
         if lib is not None:

@@ -413,13 +413,16 @@ def test_shipped_smollm2_config_is_the_embedded_models():
 
 
 def test_estimate_cli_table_and_json(capsys, monkeypatch):
+    from zobench.cli import estimate as estimate_cli
     from zobench.cli import main
 
     monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(estimate_cli, "available_memory_mib", lambda: (10.0**6, "MemAvailable"))
     assert main(["estimate", "suites/smoke.yaml"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[:7] == ["cell", "device", "train", "MiB", "whole", "cell", "MiB"]
-    assert len(lines) == 6 and all("weights" in line for line in lines[1:5])
+    assert len(lines) == 7 and all("weights" in line for line in lines[1:5])
+    assert lines[6] == "this machine has 1,000,000 MiB available (MemAvailable): every cell's estimate fits in it"
     # The whole cell's peak beside the training phase's: never below it, and its phase named when above it
     # (the sensitive cell's mask phase: its gradients).
     for line in lines[1:5]:
@@ -433,12 +436,18 @@ def test_estimate_cli_table_and_json(capsys, monkeypatch):
     from zobench.analysis.calibration import FALLBACK_CUDA_MIB, FALLBACK_CUDA_WHY
 
     # Without a GPU, a CUDA estimate stands on the floor measured on an H200, and says so.
-    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+    assert capsys.readouterr().out.strip().splitlines()[-2] == (
         f"framework footprint on cuda: {FALLBACK_CUDA_MIB:.0f} MiB, default ({FALLBACK_CUDA_WHY})")
     assert main(["estimate", "suites/smoke.yaml", "--json", "--only", "method=sensitive"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [row["labels"]["method"] for row in rows] == ["sensitive"]
-    assert rows[0]["peak_mib"] > 0 and "activations_mib" in rows[0]["breakdown"]
+    assert rows[0]["peak_mib"] > 0 and "activations_mib" in rows[0]["breakdown"] and rows[0]["fits_here"] is True
+    # with less memory than a cell's estimate, the table says which would not start (zobench run's check)
+    monkeypatch.setattr(estimate_cli, "available_memory_mib", lambda: (100.0, "MemAvailable"))
+    assert main(["estimate", "suites/smoke.yaml", "--only", "method=sensitive"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("this machine has 100 MiB available (MemAvailable): 1 cell(s) would not start here")
+    assert last.endswith(": method=sensitive density=0.01") and rows[0]["host_need_mib"] > 100
 
 
 def test_estimate_cli_bad_suite_is_one_line():

@@ -10,9 +10,11 @@ import json
 
 from zobench.analysis import calibration, estimate
 from zobench.analysis.estimate import describe, estimate_cell
+from zobench.analysis.fits import host_need_mib
 from zobench.cli.common import HELP
 from zobench.driver import calibrate_cells
 from zobench.errors import EXIT_OK, UserError
+from zobench.measure.machine import available_memory_mib
 from zobench.results import latest_by_cell
 from zobench.spec.matrix import expand, select_cells
 from zobench.spec.suite import load_suite
@@ -36,7 +38,12 @@ def run(args) -> int:
             row.update(estimate_cell(cell.config))
         except UserError as e:  # one cell the estimator cannot price (e.g. unsupported) is not an error
             row["error"] = str(e)
+        row["host_need_mib"] = host_need_mib(cell.config)  # what ``zobench run`` holds against memory here
         rows.append(row)
+    available = available_memory_mib()
+    for row in rows:
+        row["fits_here"] = None if available is None or row["host_need_mib"] is None else \
+            row["host_need_mib"] <= available[0]
     if args.json:
         print(json.dumps(rows, indent=1))
         return EXIT_OK
@@ -62,6 +69,11 @@ def run(args) -> int:
         weights = f" with {quant} weights" if quant != "none" else ""
         floor = calibration.framework(device, quant)["framework_mib"]
         print(f"framework footprint on {device}{weights}: {floor:.0f} MiB, {how}")
+    if available is not None:
+        over = [name for name, r in zip(names, rows) if r["fits_here"] is False]
+        print(f"this machine has {available[0]:,.0f} MiB available ({available[1]}): " + (
+            f"{len(over)} cell(s) would not start here (zobench run records them as unsupported): {'; '.join(over)}"
+            if over else "every cell's estimate fits in it"))
     return EXIT_OK
 
 

@@ -10,16 +10,17 @@ import torch
 from zobench.analysis.estimate import device_of, record_estimate
 
 
-def host_need_mib(config) -> float | None:
+def host_need_mib(config, est: dict | None = None) -> float | None:
     """The estimated peak in this machine's memory of a cell of ``config``: a CPU cell's peak RSS, a GPU
     cell's host side (its largest host phase); None without an estimate, and for a GPU cell on a machine
-    without one (it ends at once as unsupported, saying that)."""
+    without one (it ends at once as unsupported, saying that). ``est``: the cell's estimate where the caller
+    has it already (``estimate_cell``'s or ``record_estimate``'s), else it is made here."""
     try:
         if device_of(config) == "cuda" and not torch.cuda.is_available():
             return None
     except Exception:  # an unknown device: the cell's own validation says so
         return None
-    est = record_estimate(config)
+    est = record_estimate(config) if est is None else est
     host = est.get("host_phases") or {}
     return max(host.values()) if host else est.get("peak_mib")
 

@@ -38,7 +38,7 @@ def run(args) -> int:
             row.update(estimate_cell(cell.config))
         except UserError as e:  # one cell the estimator cannot price (e.g. unsupported) is not an error
             row["error"] = str(e)
-        row["host_need_mib"] = host_need_mib(cell.config)  # what ``zobench run`` holds against memory here
+        row["host_need_mib"] = host_need_mib(cell.config, row)  # what ``zobench run`` holds against memory here
         rows.append(row)
     available = available_memory_mib()
     for row in rows:

@@ -110,8 +110,8 @@ def test_a_mapped_checkpoint_s_load_and_streamed_quantize_phases_are_priced_as_m
     if (cache_dir() / "calibration").is_dir():  # this machine's floors; not the masks
         (tmp_path / "cache" / "calibration").symlink_to(cache_dir() / "calibration")
     # The converted model as a fresh copy: a file another process has kept mapped for hours may sit in the page
-    # cache as 2 MiB pages (khugepaged), and touching a tensor's first values then maps a whole one into this
-    # process (the float forward cell's load measured 532-537 MiB on such a file against 433 on a copy).
+    # cache as 2 MiB pages (large folios, or khugepaged), and touching a tensor's first values then maps a whole
+    # one into this process (the float forward cell's load measured 532-537 MiB on such a file against 433 on a copy).
     if (cache_dir() / "models").is_dir():
         shutil.copytree(cache_dir() / "models", tmp_path / "cache" / "models")
     monkeypatch.setenv("ZOBENCH_CACHE", str(tmp_path / "cache"))

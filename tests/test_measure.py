@@ -269,9 +269,10 @@ print(before - current_rss_mib())
 
 
 def test_a_mapped_file_in_huge_pages_is_recorded_and_the_report_says_what_it_does_to_peaks(tmp_path, monkeypatch):
-    """khugepaged may hold a long-mapped model file's page cache in 2 MiB pages; touching one value then maps a
-    whole one, and a cell's peaks read high (the default suite's sensitive cell: train peak 1134 MiB against
-    982 on a fresh copy of the file). The kernel's FilePmdMapped is kept with the phase and flagged."""
+    """The page cache (a filesystem's large folios, or khugepaged) may hold a long-mapped model file in 2 MiB
+    pages; touching one value then maps a whole one, and a cell's peaks read high (the default suite's
+    sensitive cell: train peak 1134 MiB against 982 on a fresh copy of the file). The kernel's FilePmdMapped
+    is kept with the phase and flagged."""
     from zobench.cell.measures import PhaseMeasure
     from zobench.cell.record import CellRecord
     from zobench.measure import memory

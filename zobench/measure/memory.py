@@ -47,8 +47,9 @@ def _read_hwm_mib() -> float | None:
 def file_huge_mib() -> float | None:
     """How much of this process's mapped files is mapped in 2 MiB pages (``FilePmdMapped``), None where the
     kernel does not say. A model file another process has kept mapped for long may sit in the page cache in
-    such pages (khugepaged); touching one value then maps a whole one, so a mapped checkpoint's pages count
-    high in RSS (results/bench/measurements.md): a phase records it, and the report says so, when it is not 0."""
+    such pages (a filesystem's large folios, or khugepaged); touching one value then maps a whole one, so a
+    mapped checkpoint's pages count high in RSS (results/bench/measurements.md): a phase records it, and the
+    report says so, when it is not 0."""
     try:
         for line in (_PROC / "smaps_rollup").read_text().splitlines():
             if line.startswith("FilePmdMapped:"):

@@ -119,10 +119,10 @@ def machine_notes(recs: list[CellView]) -> list[str]:
     if huge:
         most = max(m.file_huge_mib or 0 for r in huge for m in r.phases.values())
         lines += [f"> {cells(len(huge))} ran with part of a mapped file (the model's checkpoint) in 2 MiB pages "
-                  f"(up to {most:.0f} MiB; the kernel's khugepaged does this to a file other processes keep mapped "
-                  f"for long): touching one value maps a whole such page, so their peaks can read up to ~100 MiB "
-                  f"(float) or more (sparse ZO writing into the mapped weights) high; a fresh copy of the file "
-                  f"measures as usual (results/bench/measurements.md).", ""]
+                  f"(up to {most:.0f} MiB; the page cache keeps a file other processes map for long in such "
+                  f"pages: a filesystem's large folios, or khugepaged): touching one value maps a whole such page, "
+                  f"so their peaks can read up to ~100 MiB (float) or more (sparse ZO writing into the mapped "
+                  f"weights) high; a fresh copy of the file measures as usual (results/bench/measurements.md).", ""]
     loaded = [r for r in recs if (r.phase("train").other_cpus or 0) >= LOADED_CPUS]
     if loaded:
         worst = max(r.phase("train").other_cpus for r in loaded)

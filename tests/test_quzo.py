@@ -293,6 +293,70 @@ def test_uniform_noise_is_the_same_from_c_and_torch_and_strictly_inside_0_1():
     assert torch.equal(uniform(2**61 + 5, 1003, 5, "cpu"), c[2:7])  # value i depends on i alone
 
 
+def _noise_parts(seed: int, i: int) -> tuple[int, float]:
+    """(h, v) of value i's rounding noise U = (h + v) / 2^16 (``zo.rounding.uniform``)."""
+    u = float(uniform(seed, i, 1, "cpu")[0]) * 65536
+    return math.floor(u), u - math.floor(u)
+
+
+def _tie_index(direction_seed: int, noise_seed: int, offset: int, n: int, start: int = 17) -> int:
+    """A value at or after ``start`` (inside a vector loop's body) whose z is +1 and whose noise's fine part
+    v lies well inside (0, 1), so that a fraction can be put just either side of it."""
+    z = fused.fill_z(torch.empty(n), offset, "rademacher", direction_seed)
+    for i in range(start, n):
+        if z[i] > 0 and 1e-3 < _noise_parts(noise_seed, offset + i)[1] < 1 - 1e-3:
+            return i
+    raise AssertionError("no such value")
+
+
+@pytest.mark.parametrize("side", [-1, 1])
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_an_int8_rounding_tie_in_the_noises_16_bits_is_settled_by_its_fine_part(side, antithetic):
+    """The C passes compare the noise's 16 bits h with T = floor(2^16 f) and draw its fine part v only where
+    h == T (one value in 65536). A row's fraction placed just below or above one value's own noise makes a
+    tie there, and that value rounds down or up; every value of the row rounds as the torch path's
+    ``round_offset`` does (1 - U where antithetic)."""
+    n, offset = 256, 1000
+    codes = torch.zeros(n, dtype=torch.int8)
+    if not fused.c_ready(codes):
+        pytest.skip("the C library is not built here")
+    i0 = _tie_index(4, 11, offset, n)
+    h, v = _noise_parts(11, offset + i0)
+    if antithetic:
+        h, v = 65535 - h, 1 - v
+    eps = 2 + (h + v + side * 1e-4) / 65536  # steps of 1.0 (SCB 127): value i0's fraction puts it at a tie
+    assert math.floor((eps - 2) * 65536) == h
+    ups = torch.zeros((n + offset % 8 + 7) // 8, dtype=torch.uint8)
+    fused.c_int8(codes, 0, n, n, offset, torch.tensor([127.0]), "rademacher", [(4, eps)], "perturb", ups,
+                 noise_seed=11, antithetic=antithetic)
+    assert int(codes[i0]) == (3 if side > 0 else 2)
+    z = fused.fill_z(torch.empty(n), offset, "rademacher", 4).double()
+    noise = uniform(11, offset, n, "cpu")
+    assert torch.equal(codes.long(), round_offset(z * eps, 1 - noise if antithetic else noise))
+
+
+@pytest.mark.parametrize("side", [-1, 1])
+def test_a_4bit_rounding_tie_in_the_noises_16_bits_is_settled_by_its_fine_part(side):
+    """The 4-bit pass's registers (8 values a vector) at a tie: a value on level 5 of a uniform 16-level grid,
+    its fraction towards level 6 just below or above its own noise, stays or moves up."""
+    if fused.path() != fused.C_PATH:
+        pytest.skip("the C library is not built here")
+    n, offset = 256, 8 * 37
+    packed = torch.full((n // 2,), 0x55, dtype=torch.uint8)  # every value on code 5
+    levels = torch.linspace(-1, 1, 16, dtype=torch.float64)
+    i0 = _tie_index(4, 11, offset, n)
+    h, v = _noise_parts(11, offset + i0)
+    lo, gap = float(levels[5]), float(levels[6] - levels[5])
+    eps = (h + v + side * 1e-4) / 65536 * gap  # absmax 1: the target is level 5 + eps
+    frac = ((lo + eps) - lo) / gap  # the pass's fraction, by its operations
+    assert math.floor(frac * 65536) == h and (v < frac * 65536 - h) == (side > 0)
+    bits = torch.zeros(n // 8, dtype=torch.uint8)
+    assert fused.c_grid4(packed, n, offset, torch.ones(n // 64), 64, (levels, torch.arange(16), torch.arange(16)),
+                         "rademacher", [(4, eps)], "perturb", bits, noise_seed=11)
+    code = int(packed[i0 // 2] >> 4 if i0 % 2 == 0 else packed[i0 // 2] & 15)
+    assert code == (6 if side > 0 else 5)
+
+
 def _regression(quant: str):
     """One quantized 16x16 layer regressed onto a teacher 0.3 * N(0, 1) away: a loss ZO moves in few steps."""
     torch.manual_seed(0)

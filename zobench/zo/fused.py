@@ -202,11 +202,11 @@ def block(ctr: Sequence[int], key: Sequence[int]) -> list[int]:
 
 
 def c_uniform(seed: int, start: int, n: int) -> torch.Tensor | None:
-    """U(0, 1) noise of ``zo.rounding.uniform`` from the C library (float32, CPU), None where it cannot run."""
+    """U(0, 1) noise of ``zo.rounding.uniform`` from the C library (float64, CPU), None where it cannot run."""
     lib = None if _forced[0] else _library()
     if lib is None:
         return None
-    out = torch.empty(n, dtype=torch.float32)
+    out = torch.empty(n, dtype=torch.float64)
     lib.zo_uniform(int(seed), int(start), int(n), out.data_ptr(), torch.get_num_threads())
     return out
 

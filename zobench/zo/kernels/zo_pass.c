@@ -384,26 +384,25 @@ int64_t zo_flagged(const uint8_t *flags, int64_t n, int64_t *out)
 
 /* ---- QuZO's passes over low-bit codes (zobench/methods/quzo.py, zobench/zo/rounding.py) ----------------
  *
- * Uniform noise u(seed, i) for stochastic rounding: word i % 4 of Philox block i / 4, its top 23 bits plus
- * half a step, u = ((w >> 9) + 0.5) / 2^23: exact in float32 and strictly inside (0, 1). */
-static void uniform_tile(uint64_t seed, int64_t g, int n, float *out)
+ * The rounding noise of value i, U(seed, i) = (h + v) / 2^16 in (0, 1), in two parts (rounding.py):
+ *   h: 16 bits, half i % 2 (the low half first) of word (i / 2) % 4 of Philox block i / 8 under seed;
+ *   v: in (0, 1), word i % 4 of Philox block i / 4 under the key seed ^ TIE_KEY, v = ((w >> 9) + 0.5) / 2^23.
+ * A stochastic rounding asks only whether U < f for the value's fraction f: with F = 2^16 f and T = floor(F)
+ * that is h < T, or, where h == T (one value in 65536), v < F - T, so a pass draws h for every value (a
+ * Philox block per 8 values) and v only at those ties (noise_below). Antithetic noise 1 - U is h' = 65535 - h,
+ * v' = 1 - v, both exact. */
+#define TIE_KEY 0xD1B54A32D192ED03ull
+
+/* The four words of each of blocks 0 .. nb-1 of w, block by block, into out (4 nb words). */
+static void block_order(uint32_t w[4][BLOCKS], int nb, uint32_t *out)
 {
-    uint32_t w[4][BLOCKS];
-    float all[TILE + 4];
-    int64_t b0 = g >> 2;
-    int nb = (int)(((g + n - 1) >> 2) - b0 + 1);
-    philox_blocks(seed, b0, nb, w);
     int i = 0;
 #ifdef __AVX512F__
-    /* 16 blocks at a time: each word converted (the loop's operations below), then the four words of a block
-     * brought together (unpacks within 128-bit lanes, then a 4 x 4 transpose of the lanes) */
-    __m512 half = _mm512_set1_ps(0.5f), unit = _mm512_set1_ps(0x1p-23f);
+    /* 16 blocks at a time: the four words of a block brought together (unpacks within 128-bit lanes, then a
+     * 4 x 4 transpose of the lanes) */
     for (; i + 16 <= nb; i += 16) {
         __m512 f[4];
-        for (int v = 0; v < 4; v++) {
-            __m512i x = _mm512_srli_epi32(_mm512_loadu_si512(w[v] + i), 9);
-            f[v] = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(x), half), unit);
-        }
+        for (int v = 0; v < 4; v++) f[v] = _mm512_castsi512_ps(_mm512_loadu_si512(w[v] + i));
         __m512 ab_lo = _mm512_unpacklo_ps(f[0], f[1]), ab_hi = _mm512_unpackhi_ps(f[0], f[1]);
         __m512 cd_lo = _mm512_unpacklo_ps(f[2], f[3]), cd_hi = _mm512_unpackhi_ps(f[2], f[3]);
         /* lane k of x[r]: block 4k + r's four words */
@@ -414,20 +413,73 @@ static void uniform_tile(uint64_t seed, int64_t g, int n, float *out)
             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab_hi), _mm512_castps_pd(cd_hi)))};
         __m512 t0 = _mm512_shuffle_f32x4(x[0], x[1], 0x44), t1 = _mm512_shuffle_f32x4(x[2], x[3], 0x44);
         __m512 t2 = _mm512_shuffle_f32x4(x[0], x[1], 0xEE), t3 = _mm512_shuffle_f32x4(x[2], x[3], 0xEE);
-        _mm512_storeu_ps(all + 4 * i, _mm512_shuffle_f32x4(t0, t1, 0x88));
-        _mm512_storeu_ps(all + 4 * i + 16, _mm512_shuffle_f32x4(t0, t1, 0xDD));
-        _mm512_storeu_ps(all + 4 * i + 32, _mm512_shuffle_f32x4(t2, t3, 0x88));
-        _mm512_storeu_ps(all + 4 * i + 48, _mm512_shuffle_f32x4(t2, t3, 0xDD));
+        _mm512_storeu_ps((float *)(out + 4 * i), _mm512_shuffle_f32x4(t0, t1, 0x88));
+        _mm512_storeu_ps((float *)(out + 4 * i + 16), _mm512_shuffle_f32x4(t0, t1, 0xDD));
+        _mm512_storeu_ps((float *)(out + 4 * i + 32), _mm512_shuffle_f32x4(t2, t3, 0x88));
+        _mm512_storeu_ps((float *)(out + 4 * i + 48), _mm512_shuffle_f32x4(t2, t3, 0xDD));
     }
 #endif
     for (; i < nb; i++)
-        for (int v = 0; v < 4; v++)
-            all[4 * i + v] = ((float)(w[v][i] >> 9) + 0.5f) * 0x1p-23f;
-    memcpy(out, all + (g - b0 * 4), (size_t)n * sizeof *out);
+        for (int v = 0; v < 4; v++) out[4 * i + v] = w[v][i];
 }
 
-/* out[j] = u(seed, start + j), j < n. */
-void zo_uniform(uint64_t seed, int64_t start, int64_t n, float *out, int nthreads)
+/* h of values g .. g+n-1 (n <= TILE) into out, 65535 - h where antithetic. */
+static void noise16_tile(uint64_t seed, int64_t g, int n, int antithetic, uint16_t *out)
+{
+    uint32_t w[4][BLOCKS], all[TILE / 2 + 8];
+    int64_t b0 = g >> 3;
+    int nb = (int)(((g + n - 1) >> 3) - b0 + 1);
+    philox_blocks(seed, b0, nb, w);
+    block_order(w, nb, all);
+    /* word k's low 16 bits, then its high 16: the words' bytes in order on a little-endian machine */
+    int skip = (int)(g - b0 * 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    memcpy(out, (const uint8_t *)all + 2 * skip, (size_t)n * sizeof *out);
+#else
+    for (int j = 0; j < n; j++) {
+        int i = j + skip;
+        out[j] = (uint16_t)(all[i >> 1] >> (16 * (i & 1)));
+    }
+#endif
+    if (antithetic)
+        for (int j = 0; j < n; j++) out[j] = (uint16_t)(65535 - out[j]);
+}
+
+/* v of values g .. g+n-1 (n <= TILE) for the noise seed `seed`, into out (float32, exact). */
+static void fine_tile(uint64_t seed, int64_t g, int n, float *out)
+{
+    uint32_t w[4][BLOCKS], all[TILE + 4];
+    int64_t b0 = g >> 2;
+    int nb = (int)(((g + n - 1) >> 2) - b0 + 1);
+    philox_blocks(seed ^ TIE_KEY, b0, nb, w);
+    block_order(w, nb, all);
+    uint32_t *mine = all + (g - b0 * 4);
+    for (int j = 0; j < n; j++) out[j] = ((float)(mine[j] >> 9) + 0.5f) * 0x1p-23f;
+}
+
+/* At a tie (h == T): whether v (1 - v where antithetic) of value i lies below F - T. One Philox block. */
+static int tie_up(uint64_t seed, int antithetic, int64_t i, double F, double T)
+{
+    uint64_t key = seed ^ TIE_KEY;
+    uint32_t ctr[4] = {(uint32_t)(i >> 2), (uint32_t)((uint64_t)(i >> 2) >> 32), 0, 0};
+    uint32_t k[2] = {(uint32_t)key, (uint32_t)(key >> 32)}, out[4];
+    zo_philox(ctr, k, out);
+    float v = ((float)(out[i & 3] >> 9) + 0.5f) * 0x1p-23f;
+    if (antithetic)
+        v = 1.0f - v;
+    return (double)v < F - T;
+}
+
+/* Whether U < f for value i, whose h (antithetic applied) is h: exactly the torch path's comparison of
+ * (h + v) / 2^16 with f in float64 (a NaN fraction rounds down, as there). */
+static inline int noise_below(uint64_t seed, int antithetic, int64_t i, uint32_t h, double f)
+{
+    double F = f * 65536.0, T = floor(F), hd = (double)h;
+    return hd < T || (hd == T && tie_up(seed, antithetic, i, F, T));
+}
+
+/* out[j] = U(seed, start + j), j < n (float64: h and v both drawn; for the torch path and the tests). */
+void zo_uniform(uint64_t seed, int64_t start, int64_t n, double *out, int nthreads)
 {
     if (n <= 0)
         return;
@@ -435,7 +487,11 @@ void zo_uniform(uint64_t seed, int64_t start, int64_t n, float *out, int nthread
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n >= PARALLEL_MIN)
     for (int64_t t = first; t < end; t++) {
         int64_t g = max64(t * TILE, start), e = min64(t * TILE + TILE, start + n);
-        uniform_tile(seed, g, (int)(e - g), out + (g - start));
+        uint16_t h[TILE];
+        float v[TILE];
+        noise16_tile(seed, g, (int)(e - g), 0, h);
+        fine_tile(seed, g, (int)(e - g), v);
+        for (int j = 0; j < e - g; j++) out[g - start + j] = ((double)h[j] + (double)v[j]) * 0x1p-16;
     }
 }
 
@@ -572,7 +628,7 @@ static int64_t level_search(const double *lv, int L, double target, double *frac
  * level (a fraction past 0 or 1 rounds onto that level); an update, whose moves are not bounded, searches the
  * levels for it, value by value (rare: a move of more than a level). zr: the pending perturbation's z where
  * the caller drew it (the first term's, where the seeds agree), else NULL. */
-static void grid4_targets(const struct grid4 *P, const float *zr, int64_t g, int n, int64_t j0, const float *u,
+static void grid4_targets(const struct grid4 *P, const float *zr, int64_t g, int n, int64_t j0, const uint16_t *u,
                           const double *level_of, const double *base_of, const double *gap_of,
                           const int64_t *lo_of, const int32_t *code, int64_t *hi)
 {
@@ -654,7 +710,7 @@ static void grid4_targets(const struct grid4 *P, const float *zr, int64_t g, int
             if (!(x[j] >= 0 && x[j] <= 1))
                 hi[j] = level_search(lv, L, target[j], &x[j]);
     if (P->stochastic)
-        for (int j = 0; j < n; j++) hi[j] += (double)u[j] < x[j];
+        for (int j = 0; j < n; j++) hi[j] += noise_below(P->noise_seed, P->antithetic, g + j, u[j], x[j]);
     else
         for (int j = 0; j < n; j++) hi[j] += x[j] >= 0.5;
 }
@@ -664,7 +720,7 @@ static void grid4_targets(const struct grid4 *P, const float *zr, int64_t g, int
  * of its z. Each block's 32 (rank, fraction) pairs are computed once, by the operations grid4_targets does
  * for such a value, and each value looks its own up: one division per pair where the general path makes two
  * per value. */
-static void grid4_two(const struct grid4 *P, const float *zr, int64_t g, int n, int64_t j0, const float *u,
+static void grid4_two(const struct grid4 *P, const float *zr, int64_t g, int n, int64_t j0, const uint16_t *u,
                       const double *level_of, const double *base_of, const double *gap_of,
                       const int64_t *lo_of, const int32_t *code, int64_t *hi)
 {
@@ -691,7 +747,7 @@ static void grid4_two(const struct grid4 *P, const float *zr, int64_t g, int n, 
      * reload of the tables for every 64 values), kept where no fraction needs the level search */
     __m512d lv0 = _mm512_loadu_pd(level_of), lv1 = _mm512_loadu_pd(level_of + 8);
     __m512d lo_e = _mm512_set1_pd(lo_end), hi_e = _mm512_set1_pd(hi_end), zero = _mm512_setzero_pd();
-    __m512d one_d = _mm512_set1_pd(1.0), half = _mm512_set1_pd(0.5);
+    __m512d one_d = _mm512_set1_pd(1.0), half = _mm512_set1_pd(0.5), scale16 = _mm512_set1_pd(65536.0);
     __m512d b[4], gp[4];
     __m512i rk[4];
     for (int s = 0; s < 2; s++)
@@ -748,18 +804,37 @@ static void grid4_two(const struct grid4 *P, const float *zr, int64_t g, int n, 
                 f[k] = _mm512_loadu_pd(frac_of + 8 * k);
                 r[k] = _mm512_loadu_si512(rank_of + 8 * k);
             }
+        /* what a value's noise is compared with: stochastic, T = floor(2^16 f) per pair (noise_below), else f */
+        __m512d q[4];
+        for (int k = 0; k < 4; k++)
+            q[k] = P->stochastic ? _mm512_roundscale_pd(_mm512_mul_pd(f[k], scale16),
+                                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC) : f[k];
         /* the pairs looked up by permutes (their low 4 index bits: the code) and chosen between by the sign of
          * z: the loops' below selections, 8 values at a time */
         for (; i + 8 <= e; i += 8) {
             __m512i c = _mm512_cvtepi32_epi64(_mm256_loadu_si256((const __m256i *)(code + i)));
             __mmask8 pos = _mm512_cmp_pd_mask(_mm512_cvtps_pd(_mm256_loadu_ps(z + i)), zero, _CMP_GT_OQ);
-            __m512d frac = _mm512_mask_blend_pd(pos, _mm512_permutex2var_pd(f[0], c, f[1]),
-                                                _mm512_permutex2var_pd(f[2], c, f[3]));
+            __m512d qv = _mm512_mask_blend_pd(pos, _mm512_permutex2var_pd(q[0], c, q[1]),
+                                              _mm512_permutex2var_pd(q[2], c, q[3]));
             __m512i rank = _mm512_mask_blend_epi64(pos, _mm512_permutex2var_epi64(r[0], c, r[1]),
                                                    _mm512_permutex2var_epi64(r[2], c, r[3]));
-            __mmask8 up = P->stochastic
-                ? _mm512_cmp_pd_mask(_mm512_cvtps_pd(_mm256_loadu_ps(u + i)), frac, _CMP_LT_OQ)
-                : _mm512_cmp_pd_mask(frac, half, _CMP_GE_OQ);
+            __mmask8 up;
+            if (P->stochastic) {  /* noise_below, 8 values at a time; a tie (h == T) resolved value by value */
+                __m512d h = _mm512_cvtepi32_pd(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(u + i))));
+                up = _mm512_cmp_pd_mask(h, qv, _CMP_LT_OQ);
+                __mmask8 tie = _mm512_cmp_pd_mask(h, qv, _CMP_EQ_OQ);
+                if (tie) {
+                    double Fs[8], Ts[8];
+                    _mm512_storeu_pd(Fs, _mm512_mul_pd(_mm512_mask_blend_pd(pos, _mm512_permutex2var_pd(f[0], c, f[1]),
+                                                                            _mm512_permutex2var_pd(f[2], c, f[3])),
+                                                       scale16));
+                    _mm512_storeu_pd(Ts, qv);
+                    for (int l = 0; l < 8; l++)
+                        if (tie >> l & 1 && tie_up(P->noise_seed, P->antithetic, g + i + l, Fs[l], Ts[l]))
+                            up |= (__mmask8)(1u << l);
+                }
+            } else
+                up = _mm512_cmp_pd_mask(qv, half, _CMP_GE_OQ);
             _mm512_storeu_si512(hi + i, _mm512_mask_add_epi64(rank, up, rank, one));
         }
         if (i < e && in_regs)  /* a tail: the scalar loops read the tables */
@@ -771,7 +846,7 @@ static void grid4_two(const struct grid4 *P, const float *zr, int64_t g, int n, 
         if (P->stochastic)
             for (; i < e; i++) {
                 int t = code[i] + (z[i] > 0 ? 16 : 0);
-                hi[i] = rank_of[t] + ((double)u[i] < frac_of[t]);
+                hi[i] = rank_of[t] + noise_below(P->noise_seed, P->antithetic, g + i, u[i], frac_of[t]);
             }
         else
             for (; i < e; i++) {
@@ -788,7 +863,8 @@ static void grid4_two(const struct grid4 *P, const float *zr, int64_t g, int n, 
  * same operations per value as the torch path. */
 static void grid4_tile(const struct grid4 *P, int64_t g, int n)
 {
-    float zr[TILE], u[TILE];
+    float zr[TILE];
+    uint16_t u[TILE];  /* the rounding noise's 16 bits (noise16_tile) */
     int32_t code[TILE], rank[16], code_of[16] = {0};  /* code_of: L entries used, 16 loaded */
     int64_t hi[TILE];  /* 64-bit, as the compares' masks: the level count needs no repacking */
     uint8_t flag[TILE];  /* perturb: the value moved; restore: it moved in the pending perturbation */
@@ -864,11 +940,8 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
             return;
         }
     }
-    if (P->stochastic) {
-        uniform_tile(P->noise_seed, g, n, u);
-        if (P->antithetic)
-            for (int j = 0; j < n; j++) u[j] = 1.0f - u[j];
-    }
+    if (P->stochastic)
+        noise16_tile(P->noise_seed, g, n, P->antithetic, u);
     if (P->direction == DIR_RADEMACHER && P->nterms == 1 && !P->has_decay)
         grid4_two(P, restoring && P->r_seed == P->seeds[0] ? zr : NULL, g, n, j0, u, level_of, base_of, gap_of,
                   lo_of, code, hi);
@@ -981,25 +1054,19 @@ struct int8pass {
  * tiny scale) would convert to nonsense. zobench/zo/rounding.py's `steps` clamps the torch path's alike. */
 static inline double clamp_steps(double x) { return x < -1048576.0 ? -1048576.0 : (x > 1048576.0 ? 1048576.0 : x); }
 
-/* The smallest float >= f: for a float u, (double)u < f exactly when u < above(f). */
-static inline float above(double f)
-{
-    float t = (float)f;
-    return (double)t < f ? nextafterf(t, INFINITY) : t;
-}
-
 /* int8_tile's common case, one Rademacher term and no decay, on one row's run [j, e) of a tile: a value's
  * step is one of two per row by the sign of its z (z c is +-c exactly), so each row's numbers (floor, rounding
  * threshold, and the restore's floor) are computed once by int8_tile's operations and each value picks its
  * own in one loop of int32 and float lanes (16 a vector). The same codes, kept flags and bits as the general
  * loops. */
 static void int8_two_run(const struct int8pass *P, int mode, int restoring, int stochastic, double unit,
-                         double r_coef, double lr, const float *restrict z0, const float *restrict zr,
-                         const float *restrict u, const int32_t *restrict keep_in, const int32_t *restrict up_in,
+                         double r_coef, double lr, int64_t g, const float *restrict z0, const float *restrict zr,
+                         const uint16_t *restrict u, const int32_t *restrict keep_in, const int32_t *restrict up_in,
                          int32_t *restrict c, int32_t *restrict keep_out, int32_t *restrict up_out, int j, int e)
 {
-    int32_t r_low[2] = {0, 0}, low[2], bit[2];
-    float thr[2];
+    int32_t r_low[2] = {0, 0}, low[2], bit[2], thr[2];
+    double F[2];
+    int32_t b_of[TILE];  /* stochastic: each value's rounding (h < T, its tie resolved) */
     if (restoring && unit > 0) {
         r_low[1] = (int32_t)floor(clamp_steps(((double)1.0f * r_coef) / unit));
         r_low[0] = (int32_t)floor(clamp_steps(((double)-1.0f * r_coef) / unit));
@@ -1010,7 +1077,22 @@ static void int8_two_run(const struct int8pass *P, int mode, int restoring, int 
         double f = floor(x1);
         low[s] = (int32_t)f;
         bit[s] = x1 - f >= 0.5;  /* rounding to the nearest */
-        thr[s] = above(x1 - f);  /* stochastic: u < thr rounds up */
+        F[s] = (x1 - f) * 65536.0;  /* stochastic (noise_below): h < thr rounds up, h == thr is a tie */
+        thr[s] = (int32_t)floor(F[s]);
+    }
+    if (stochastic && mode != 1) {
+        int32_t ties = 0;
+        for (int i = j; i < e; i++) {  /* (vectorises) */
+            int32_t t = z0[i] > 0 ? thr[1] : thr[0], h = u[i];
+            b_of[i] = h < t;
+            ties |= h == t;
+        }
+        if (ties)  /* one value in 65536 */
+            for (int i = j; i < e; i++) {
+                int s = z0[i] > 0;
+                if (u[i] == thr[s])
+                    b_of[i] = tie_up(P->noise_seed, P->antithetic, g + i, F[s], (double)thr[s]);
+            }
     }
     for (int i = j; i < e; i++) {
         int32_t v = c[i];
@@ -1021,7 +1103,7 @@ static void int8_two_run(const struct int8pass *P, int mode, int restoring, int 
             continue;
         }
         int s = z0[i] > 0;
-        int32_t b = stochastic ? u[i] < (s ? thr[1] : thr[0]) : (s ? bit[1] : bit[0]);
+        int32_t b = stochastic ? b_of[i] : (s ? bit[1] : bit[0]);
         int32_t d = (s ? low[1] : low[0]) + b;
         if (mode == 0) {  /* a code that +d or -d would push out of [-127, 127] stays */
             int32_t plus = v + d, minus = v - d;
@@ -1040,7 +1122,8 @@ static void int8_two_run(const struct int8pass *P, int mode, int restoring, int 
  * unit constant over the run), the same operations per value as the torch path, in the same order. */
 static void int8_tile(const struct int8pass *P, int64_t g, int n)
 {
-    float z0[TILE], z[TILE], u[TILE];
+    float z0[TILE], z[TILE];
+    uint16_t u[TILE];  /* the rounding noise's 16 bits (noise16_tile) */
     double est[TILE], x[TILE];
     /* codes, the rounded step and its parts (floor, rounding bit), the kept flags and bits widened: every
      * loop below then works on one element type, and vectorises */
@@ -1063,11 +1146,8 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
         z_tile(P->direction, P->r_seed, g, n, z);
         zr = z;
     }
-    if (stochastic) {
-        uniform_tile(P->noise_seed, g, n, u);
-        if (P->antithetic)
-            for (int j = 0; j < n; j++) u[j] = 1.0f - u[j];
-    }
+    if (stochastic)
+        noise16_tile(P->noise_seed, g, n, P->antithetic, u);
     double r_coef = mode == 1 ? P->coefs[0] : P->r_coef, lr = -P->lr, dc = P->decay_coef;
     int8_t *codes = P->codes + local;
     uint8_t *kept = P->kept ? P->kept + (local - P->j0) : NULL;  /* NULL for an update with nothing to restore */
@@ -1085,7 +1165,7 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
         for (int j = 0; j < n;) {
             int64_t row = (local + j) / P->cols;
             int e = (int)min64((int64_t)n, (row + 1) * P->cols - local);
-            int8_two_run(P, mode, restoring, stochastic, (double)P->scb[row] / 127.0, r_coef, lr, z0, zr, u,
+            int8_two_run(P, mode, restoring, stochastic, (double)P->scb[row] / 127.0, r_coef, lr, g, z0, zr, u,
                          keep_in, up_in, c32, keep_out, up_out, j, e);
             j = e;
         }
@@ -1140,7 +1220,7 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
             for (int i = j; i < e; i++) {
                 double f = floor(x[i]);
                 low[i] = (int64_t)f;
-                bit[i] = (double)u[i] < x[i] - f;
+                bit[i] = noise_below(P->noise_seed, P->antithetic, g + i, u[i], x[i] - f);
             }
         else
             for (int i = j; i < e; i++) {

@@ -224,6 +224,13 @@ def _moves(quant, direction, rounding, odd_rows=False):
     trainable.apply(13, -eps)  # an update straight after a perturbation restores it in its own pass
     trainable.update([(13, 0.9)], ZOSGD(5e-2), 1)
     seen.append([p.clone() for p in trainable.params])
+    # the trainer's fold: a step's update and the next step's +eps in one pass (the pending -eps restored first)
+    trainable.apply(14, eps)
+    trainable.apply(14, -eps)
+    trainable.fold_step([(14, -0.8)], ZOSGD(5e-2), 2, 15, eps)
+    seen.append([p.clone() for p in trainable.params])
+    trainable.restore()  # the folded perturbation comes back off exactly (its bits and kept positions)
+    seen.append([p.clone() for p in trainable.params])
     return seen, fused.pass_stats(reset=True)["calls"].get(fused.C_PATH, 0)
 
 
@@ -260,6 +267,30 @@ def test_the_c_pass_moves_codes_as_the_torch_path_does(quant, direction, roundin
         assert all(torch.equal(x, y) for x, y in zip(a, b)), i
     assert any(not torch.equal(x, y) for x, y in zip(c_way[0], c_way[3]))  # the perturbation moved codes
     assert any(not torch.equal(x, y) for x, y in zip(c_way[3], c_way[4]))  # so did the update
+
+
+@pytest.mark.parametrize("quant, eps", [("nf4-plain", 3e-2), ("int8", 3e-3)])
+def test_a_folded_step_is_one_c_pass_a_layer_with_the_codes_of_an_update_and_a_perturbation(quant, eps):
+    """``fold_step`` on the C library perturbs each tile straight after its update: half the calls (one pass
+    over each layer's memory) of an update followed by ``apply``, and the same codes, bits and kept positions."""
+    ways = [CodeTrainable(code_layers(_quantized(quant))) for _ in range(2)]
+    if not ways[0]._all_on_c():
+        pytest.skip("the C library is not built here")
+    for trainable in ways:
+        trainable.apply(3, eps)
+        trainable.apply(3, -eps)
+    fused.pass_stats(reset=True)
+    ways[0].fold_step([(3, 0.6)], ZOSGD(5e-2), 0, 4, eps)
+    folded = fused.pass_stats(reset=True)["calls"][fused.C_PATH]
+    ways[1].update([(3, 0.6)], ZOSGD(5e-2), 0)
+    ways[1].apply(4, eps)
+    assert 2 * folded == fused.pass_stats(reset=True)["calls"][fused.C_PATH]
+    a, b = ways
+    assert all(torch.equal(x, y) for x, y in zip(a.params, b.params))
+    bits = (a.moved, b.moved) if quant != "int8" else (a.ups, b.ups)
+    assert all(torch.equal(x, y) for x, y in zip(*bits))
+    assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(a.skipped, b.skipped))
+    assert (a._seed, a._scale) == (b._seed, b._scale) == (4, eps)
 
 
 @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])

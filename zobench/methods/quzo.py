@@ -192,18 +192,24 @@ class CodeTrainable(Trainable):
         self.skipped = [None] * len(self.layers)
         self._seed, self._scale = None, 0.0
 
-    def _move4(self, k, terms, mode, seed_of_noise, antithetic=False, update=None, pending=None) -> None:
+    def _grid4_args(self, k) -> tuple:
+        """4-bit layer ``k``'s arguments to ``fused.c_grid4`` / ``fused.grid4_ready`` (codes to bits)."""
+        layer, qs = self.layers[k], self.layers[k].weight.quant_state
+        return (layer.codes.view(-1), layer.numel, self.offsets[k], block_absmax(qs).contiguous(), qs.blocksize,
+                self.grids[k])
+
+    def _move4(self, k, terms, mode, seed_of_noise, antithetic=False, update=None, pending=None, then=None) -> None:
         """4-bit layer ``k``'s pass (``mode``: perturb, restore or update), the ``pending`` perturbation (from
         ``_take_pending``) taken back first: on the C library where it runs (``fused.c_grid4``, one pass, no
         temporaries), else chunk by chunk with torch (the same numbers). ``update``: (lr, lr x weight decay
-        or None)."""
-        layer, qs = self.layers[k], self.layers[k].weight.quant_state
+        or None); ``then``: an update's following perturbation, on the C library only (``fold_step``)."""
+        layer = self.layers[k]
         lr, decay_coef = update if update is not None else (0.0, None)
-        if fused.c_grid4(layer.codes.view(-1), layer.numel, self.offsets[k], block_absmax(qs).contiguous(),
-                         qs.blocksize, self.grids[k], self.direction, terms, mode, self.moved[k], lr=lr,
+        if fused.c_grid4(*self._grid4_args(k), self.direction, terms, mode, self.moved[k], lr=lr,
                          decay_coef=decay_coef, noise_seed=seed_of_noise if self.stochastic else None,
-                         antithetic=antithetic, restore=pending[:2] if pending is not None else None):
+                         antithetic=antithetic, restore=pending[:2] if pending is not None else None, then=then):
             return
+        assert then is None, "fold_step runs only where every layer's pass is on the C library"
         if pending is not None:
             self._move4(k, [pending[:2]], "restore", None)
         levels, rank, code_of = self.grids[k]
@@ -227,7 +233,7 @@ class CodeTrainable(Trainable):
                                                      perturb=mode == "perturb"))
 
     def _c_int8(self, k, layer, start, stop, terms, mode, seed_of_noise, antithetic=False, kept=None, lr=0.0,
-                decay_coef=None, pending=None, k_pending=None) -> torch.Tensor:
+                decay_coef=None, pending=None, k_pending=None, then=None) -> torch.Tensor:
         """Values ``start`` .. ``stop - 1`` of an int8 layer on the C library (``fused.c_int8``: the torch path's
         numbers), the ``pending`` perturbation (``_take_pending``) restored in the same pass."""
         restore = None
@@ -240,7 +246,7 @@ class CodeTrainable(Trainable):
                             row_scales(layer.module).contiguous(), self.direction, terms, mode, self.ups[k],
                             kept=kept, lr=lr,
                             decay_coef=decay_coef, noise_seed=seed_of_noise if self.stochastic else None,
-                            antithetic=antithetic, restore=restore)
+                            antithetic=antithetic, restore=restore, then=then)
 
     def _grid_move(self, k, layer, codes, start, stop, delta, noise, antithetic=False, perturb=False) -> torch.Tensor:
         """4-bit codes moved by ``delta`` (weight units) onto the layer's levels; codes whose level does not
@@ -286,6 +292,38 @@ class CodeTrainable(Trainable):
             d = round_offset(steps(torch.where(unit > 0, delta / unit, 0.0)),
                              self._noise(stream, "update", at, stop - start, codes.device))
             layer.write(start, stop, (codes + d).clamp_(-INT8_MAX, INT8_MAX))
+
+    def _all_on_c(self) -> bool:
+        """Whether every layer's passes run on the C library (``fold_step`` fuses them there)."""
+        return (self._on_c() | self.four_bit == set(range(len(self.layers)))
+                and all(fused.grid4_ready(*self._grid4_args(k), self.moved[k]) for k in self.four_bit))
+
+    @torch.no_grad()
+    def fold_step(self, grads: list[tuple[int, float]], optimizer, step: int, seed: int, scale: float) -> None:
+        """``update(grads, optimizer, step)`` then ``apply(seed, scale)`` (the trainer's fold of a step's update
+        into the next step's first perturbation): on the C library, one pass over each layer in which every
+        tile is perturbed straight after its update while its codes are in cache (``then`` of ``fused.c_grid4``
+        and ``fused.c_int8``), where the two calls make two passes over the layer's memory; the same codes.
+        Elsewhere the two calls."""
+        if not self._all_on_c():
+            self.update(grads, optimizer, step)
+            self.apply(seed, scale)
+            return
+        pending, on_c = self._take_pending()
+        lr, decay = optimizer.lr(step), optimizer.weight_decay
+        decay_coef = lr * decay if decay else None
+        stream = int(grads[0][0])
+        then = (seed, scale, noise_seed(seed, "perturb") if self.stochastic else None)
+        for k in self.four_bit:
+            self._move4(k, grads, "update", noise_seed(stream, "update"), update=(lr, decay_coef), pending=pending,
+                        then=then)
+        skipped: list[list] = [[] for _ in self.layers]
+        for k, layer, start, stop, _ in self._chunks(skip=self.four_bit, on_c=on_c):
+            keep = self._c_int8(k, layer, start, stop, grads, "update", noise_seed(stream, "update"), lr=lr,
+                                decay_coef=decay_coef, pending=pending, k_pending=k, then=then)
+            skipped[k].append(fused.flagged(keep) + start)
+        self.skipped = [torch.cat(s) if s else None for s in skipped]
+        self._seed, self._scale = seed, scale
 
     # -- the codes at one step, kept on disk (best dev step), and what changed since the start ------------
     @property

@@ -66,10 +66,10 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.zo_uniform.argtypes = [u64, i64, i64, ptr, i32]
     lib.zo_uniform.restype = None
     lib.zo_grid4.argtypes = [ptr, i64, i64, ptr, i32, ptr, ptr, ptr, i32, i32, ptr, ptr, i32, i32, f64, i32, f64,
-                             i32, u64, i32, ptr, i32, u64, f64, i32]
+                             i32, u64, i32, ptr, i32, u64, f64, i32, u64, f64, u64, i32]
     lib.zo_grid4.restype = None
     lib.zo_int8.argtypes = [ptr, i64, i64, i64, i64, ptr, i32, ptr, ptr, i32, i32, f64, i32, f64, i32, u64, i32,
-                            ptr, i32, u64, f64, ptr, i32]
+                            ptr, i32, u64, f64, ptr, i32, u64, f64, u64, i32]
     lib.zo_int8.restype = None
     lib.zo_flagged.argtypes = [ptr, i64, ptr]
     lib.zo_flagged.restype = i64
@@ -214,25 +214,42 @@ def c_uniform(seed: int, start: int, n: int) -> torch.Tensor | None:
 GRID4_MODES = {"perturb": 0, "restore": 1, "update": 2}
 
 
+def grid4_ready(packed: torch.Tensor, n: int, offset: int, absmax: torch.Tensor, blocksize: int, grid,
+                moved: torch.Tensor) -> bool:
+    """Whether ``c_grid4`` runs on this 4-bit layer here (its docstring says when it does not)."""
+    levels, rank, code_of = grid
+    tensors = (packed, absmax, levels, rank, code_of, moved)
+    return not (_forced[0] or offset % 8 or blocksize < 1 or blocksize & (blocksize - 1) or 2 * packed.numel() < n
+                or moved.numel() * 8 < n or moved.dtype != torch.uint8
+                or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
+                or packed.dtype != torch.uint8 or absmax.dtype != torch.float32 or levels.dtype != torch.float64
+                or rank.dtype != torch.int64 or code_of.dtype != torch.int64 or _library() is None)
+
+
+def _then(then: tuple[int, float, int | None] | None) -> tuple:
+    """A pass's ``then`` (seed, signed eps, noise seed or None) as the C call's four arguments."""
+    if then is None:
+        return 0, 0, 0.0, 0
+    seed, coef, noise = then
+    return 1, int(seed), float(coef), int(noise or 0)
+
+
 def c_grid4(packed: torch.Tensor, n: int, offset: int, absmax: torch.Tensor, blocksize: int, grid,
             direction: str, terms: Sequence[tuple[int, float]], mode: str, moved: torch.Tensor, *, lr: float = 0.0,
             decay_coef: float | None = None, noise_seed: int | None = None, antithetic: bool = False,
-            restore: tuple[int, float] | None = None) -> bool:
+            restore: tuple[int, float] | None = None, then: tuple[int, float, int | None] | None = None) -> bool:
     """QuZO's pass over one 4-bit layer's ``n`` packed codes (``zo_grid4`` in zo_pass.c), in place, on the C
     library: ``perturb`` moves each value at most one level and sets its bit in ``moved`` (uint8, one bit a
     value) where it moved, ``restore`` takes that perturbation back from the bits, ``update`` moves every value;
     ``restore`` = (seed, signed eps) of a pending perturbation whose bits are in ``moved``: taken back first,
-    in the same pass. False where it cannot run here (then the caller's torch path does the same): not a CPU,
-    a block size that is not a power of two, or an ``offset`` not a multiple of 8 (two tiles would share a
-    byte of the bits)."""
-    levels, rank, code_of = grid
-    tensors = (packed, absmax, levels, rank, code_of, moved)
-    if (_forced[0] or offset % 8 or blocksize < 1 or blocksize & (blocksize - 1) or 2 * packed.numel() < n
-            or moved.numel() * 8 < n or moved.dtype != torch.uint8
-            or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
-            or packed.dtype != torch.uint8 or absmax.dtype != torch.float32 or levels.dtype != torch.float64
-            or rank.dtype != torch.int64 or code_of.dtype != torch.int64 or _library() is None):
+    in the same pass. ``then`` = (seed, signed eps, noise seed) of a perturbation made straight after the
+    pass's update, tile by tile while the codes are in cache (``CodeTrainable.fold_step``): one pass over the
+    layer's memory where an update and an ``apply`` make two, the same codes. False where it cannot run here
+    (then the caller's torch path does the same): not a CPU, a block size that is not a power of two, or an
+    ``offset`` not a multiple of 8 (two tiles would share a byte of the bits)."""
+    if not grid4_ready(packed, n, offset, absmax, blocksize, grid, moved):
         return False
+    levels, rank, code_of = grid
     k = max(len(terms), 1)
     seeds = (ctypes.c_uint64 * k)(*[int(s) for s, _ in terms])
     coefs = (ctypes.c_double * k)(*[float(c) for _, c in terms])
@@ -243,7 +260,8 @@ def c_grid4(packed: torch.Tensor, n: int, offset: int, absmax: torch.Tensor, blo
                            levels.numel(), DIRECTIONS[direction], seeds, coefs, len(terms), GRID4_MODES[mode],
                            float(lr), int(decay_coef is not None), float(decay_coef or 0.0),
                            int(noise_seed is not None), int(noise_seed or 0), int(antithetic), moved.data_ptr(),
-                           int(restore is not None), int(r_seed), float(r_coef), torch.get_num_threads())
+                           int(restore is not None), int(r_seed), float(r_coef), *_then(then),
+                           torch.get_num_threads())
     _passes["seconds"] += time.perf_counter() - t
     _passes["bytes"] += (n + 1) // 2 * 2 + 4 * absmax.numel() + (n + 7) // 8 * 2  # codes and bits read and written
     _passes["calls"][C_PATH] = _passes["calls"].get(C_PATH, 0) + 1
@@ -275,20 +293,23 @@ def flagged(flags: torch.Tensor) -> torch.Tensor:
 def c_int8(codes: torch.Tensor, start: int, stop: int, cols: int, offset: int, scb: torch.Tensor, direction: str,
            terms: Sequence[tuple[int, float]], mode: str, ups: torch.Tensor, *, kept: torch.Tensor | None = None,
            lr: float = 0.0, decay_coef: float | None = None, noise_seed: int | None = None,
-           antithetic: bool = False, restore: tuple[int, float] | None = None) -> torch.Tensor:
+           antithetic: bool = False, restore: tuple[int, float] | None = None,
+           then: tuple[int, float, int | None] | None = None) -> torch.Tensor:
     """QuZO's pass over values ``start`` .. ``stop - 1`` of one int8 layer (``zo_int8`` in zo_pass.c), in place,
     where ``c_ready(codes)``: ``perturb`` returns the flags (uint8, one per value) of the codes it left alone at
     the range's edge and writes into ``ups`` (the layer's bits, value v at bit v + offset % 8) whether each
     value's step rounded up; ``restore`` takes the perturbation back with the flags as ``kept`` and the bits
     (no noise drawn); ``update`` moves and clamps. ``restore`` = (seed, signed eps) of a pending perturbation,
-    with its flags as ``kept``: restored first, in the same pass (perturb and update)."""
+    with its flags as ``kept``: restored first, in the same pass (perturb and update). ``then`` (an update's):
+    a perturbation made straight after it, tile by tile (``c_grid4``), whose flags are returned (in ``kept``
+    where given) and whose bits go to ``ups``."""
     if not c_ready(codes) or scb.dtype != torch.float32 or scb.device.type != "cpu" or not scb.is_contiguous():
         raise ValueError("c_int8 runs on contiguous CPU int8 codes and float32 scales with the C library")
     if ups.dtype != torch.uint8 or ups.device.type != "cpu" or not ups.is_contiguous() or \
             ups.numel() * 8 < codes.numel() + offset % 8:
         raise ValueError("c_int8's bits: a contiguous CPU uint8 tensor of a bit per code (after offset % 8)")
     n = stop - start
-    flags = kept if kept is not None else torch.zeros(n if mode == "perturb" else 0, dtype=torch.uint8)
+    flags = kept if kept is not None else torch.zeros(n if mode == "perturb" or then else 0, dtype=torch.uint8)
     r_seed, r_coef = restore if restore is not None else (0, 0.0)
     k = max(len(terms), 1)
     t = time.perf_counter()
@@ -298,7 +319,7 @@ def c_int8(codes: torch.Tensor, start: int, stop: int, cols: int, offset: int, s
                           float(lr), int(decay_coef is not None), float(decay_coef or 0.0),
                           int(noise_seed is not None), int(noise_seed or 0), int(antithetic),
                           flags.data_ptr() if flags.numel() else None, int(restore is not None), int(r_seed),
-                          float(r_coef), ups.data_ptr(), torch.get_num_threads())
+                          float(r_coef), ups.data_ptr(), *_then(then), torch.get_num_threads())
     _passes["seconds"] += time.perf_counter() - t
     _passes["bytes"] += 2 * n + (n + 7) // 8
     _passes["calls"][C_PATH] = _passes["calls"].get(C_PATH, 0) + 1

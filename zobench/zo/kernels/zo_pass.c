@@ -630,10 +630,11 @@ static int64_t level_search(const double *lv, int L, double target, double *frac
  * the caller drew it (the first term's, where the seeds agree), else NULL. */
 static void grid4_targets(const struct grid4 *P, const float *zr, int64_t g, int n, int64_t j0, const uint16_t *u,
                           const double *level_of, const double *base_of, const double *gap_of,
-                          const int64_t *lo_of, const int32_t *code, int64_t *hi)
+                          const int64_t *lo_of, const int32_t *code, int32_t *hi32)
 {
     float z[TILE];
     double d[TILE], x[TILE];
+    int64_t hi[TILE];  /* 64-bit: the indices of the permutes below */
     const double *lv = P->levels;
     int L = P->nlevels;
     for (int t = 0; t < P->nterms; t++) {
@@ -713,6 +714,7 @@ static void grid4_targets(const struct grid4 *P, const float *zr, int64_t g, int
         for (int j = 0; j < n; j++) hi[j] += noise_below(P->noise_seed, P->antithetic, g + j, u[j], x[j]);
     else
         for (int j = 0; j < n; j++) hi[j] += x[j] >= 0.5;
+    for (int j = 0; j < n; j++) hi32[j] = (int32_t)hi[j];
 }
 
 /* grid4_targets for one Rademacher term and no decay, with its numbers: delta is +-c (z c exactly) times the
@@ -722,7 +724,7 @@ static void grid4_targets(const struct grid4 *P, const float *zr, int64_t g, int
  * per value. */
 static void grid4_two(const struct grid4 *P, const float *zr, int64_t g, int n, int64_t j0, const uint16_t *u,
                       const double *level_of, const double *base_of, const double *gap_of,
-                      const int64_t *lo_of, const int32_t *code, int64_t *hi)
+                      const int64_t *lo_of, const int32_t *code, int32_t *hi)
 {
     float zbuf[TILE];
     const float *z = zr;
@@ -748,6 +750,8 @@ static void grid4_two(const struct grid4 *P, const float *zr, int64_t g, int n, 
     __m512d lv0 = _mm512_loadu_pd(level_of), lv1 = _mm512_loadu_pd(level_of + 8);
     __m512d lo_e = _mm512_set1_pd(lo_end), hi_e = _mm512_set1_pd(hi_end), zero = _mm512_setzero_pd();
     __m512d one_d = _mm512_set1_pd(1.0), half = _mm512_set1_pd(0.5), scale16 = _mm512_set1_pd(65536.0);
+    __m512d minus1 = _mm512_set1_pd(-1.0);
+    __m512i sixteen = _mm512_set1_epi32(16), one = _mm512_set1_epi32(1);
     __m512d b[4], gp[4];
     __m512i rk[4];
     for (int s = 0; s < 2; s++)
@@ -756,7 +760,6 @@ static void grid4_two(const struct grid4 *P, const float *zr, int64_t g, int n, 
             gp[2 * s + h] = _mm512_loadu_pd(gap_of + ways[s] + 8 * h);
             rk[2 * s + h] = _mm512_loadu_si512(lo_of + ways[s] + 8 * h);
         }
-    __m512i one = _mm512_set1_epi64(1);
 #endif
     for (int j = 0; j < n;) {  /* one run of values per absmax block */
         int64_t block = (j0 + j) >> sh;
@@ -804,38 +807,48 @@ static void grid4_two(const struct grid4 *P, const float *zr, int64_t g, int n, 
                 f[k] = _mm512_loadu_pd(frac_of + 8 * k);
                 r[k] = _mm512_loadu_si512(rank_of + 8 * k);
             }
-        /* what a value's noise is compared with: stochastic, T = floor(2^16 f) per pair (noise_below), else f */
-        __m512d q[4];
-        for (int k = 0; k < 4; k++)
-            q[k] = P->stochastic ? _mm512_roundscale_pd(_mm512_mul_pd(f[k], scale16),
-                                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC) : f[k];
-        /* the pairs looked up by permutes (their low 4 index bits: the code) and chosen between by the sign of
-         * z: the loops' below selections, 8 values at a time */
-        for (; i + 8 <= e; i += 8) {
-            __m512i c = _mm512_cvtepi32_epi64(_mm256_loadu_si256((const __m256i *)(code + i)));
-            __mmask8 pos = _mm512_cmp_pd_mask(_mm512_cvtps_pd(_mm256_loadu_ps(z + i)), zero, _CMP_GT_OQ);
-            __m512d qv = _mm512_mask_blend_pd(pos, _mm512_permutex2var_pd(q[0], c, q[1]),
-                                              _mm512_permutex2var_pd(q[2], c, q[3]));
-            __m512i rank = _mm512_mask_blend_epi64(pos, _mm512_permutex2var_epi64(r[0], c, r[1]),
-                                                   _mm512_permutex2var_epi64(r[2], c, r[3]));
-            __mmask8 up;
-            if (P->stochastic) {  /* noise_below, 8 values at a time; a tie (h == T) resolved value by value */
-                __m512d h = _mm512_cvtepi32_pd(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(u + i))));
-                up = _mm512_cmp_pd_mask(h, qv, _CMP_LT_OQ);
-                __mmask8 tie = _mm512_cmp_pd_mask(h, qv, _CMP_EQ_OQ);
-                if (tie) {
-                    double Fs[8], Ts[8];
-                    _mm512_storeu_pd(Fs, _mm512_mul_pd(_mm512_mask_blend_pd(pos, _mm512_permutex2var_pd(f[0], c, f[1]),
-                                                                            _mm512_permutex2var_pd(f[2], c, f[3])),
-                                                       scale16));
-                    _mm512_storeu_pd(Ts, qv);
-                    for (int l = 0; l < 8; l++)
-                        if (tie >> l & 1 && tie_up(P->noise_seed, P->antithetic, g + i + l, Fs[l], Ts[l]))
-                            up |= (__mmask8)(1u << l);
-                }
-            } else
-                up = _mm512_cmp_pd_mask(qv, half, _CMP_GE_OQ);
-            _mm512_storeu_si512(hi + i, _mm512_mask_add_epi64(rank, up, rank, one));
+        /* The 32 pairs as int32 tables of 16 entries a way (a value's index: its code, plus 16 where z > 0): the
+         * rank, and what a value's 16 noise bits h are compared with, T = floor(2^16 f) (noise_below: h < T
+         * rounds up, h == T is a tie), clamped to [-1, 65536], which keeps every comparison (a NaN f: -1, never
+         * up); rounding to the nearest, T = 65536 where f >= 0.5 and -1 elsewhere, compared with h = 0 */
+        __m512i T[2], R[2];
+        for (int s2 = 0; s2 < 2; s2++) {
+            __m256i t8[2], r8[2];
+            for (int h2 = 0; h2 < 2; h2++) {
+                __m512d fk = f[2 * s2 + h2], tk;
+                if (P->stochastic) {
+                    tk = _mm512_roundscale_pd(_mm512_mul_pd(fk, scale16), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+                    tk = _mm512_min_pd(_mm512_max_pd(tk, minus1), scale16);  /* max: -1 where tk is NaN */
+                } else
+                    tk = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(fk, half, _CMP_GE_OQ), minus1, scale16);
+                t8[h2] = _mm512_cvtpd_epi32(tk);
+                r8[h2] = _mm512_cvtepi64_epi32(r[2 * s2 + h2]);
+            }
+            T[s2] = _mm512_inserti64x4(_mm512_castsi256_si512(t8[0]), t8[1], 1);
+            R[s2] = _mm512_inserti64x4(_mm512_castsi256_si512(r8[0]), r8[1], 1);
+        }
+        /* each value looks its pair up by permutes and compares its noise: 16 values at a time */
+        for (; i + 16 <= e; i += 16) {
+            __m512i c = _mm512_loadu_si512(code + i);
+            __mmask16 pos = _mm512_cmp_ps_mask(_mm512_loadu_ps(z + i), _mm512_setzero_ps(), _CMP_GT_OQ);
+            __m512i idx = _mm512_mask_or_epi32(c, pos, c, sixteen);
+            __m512i t = _mm512_permutex2var_epi32(T[0], idx, T[1]), rank = _mm512_permutex2var_epi32(R[0], idx, R[1]);
+            __m512i h = P->stochastic ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(u + i)))
+                                      : _mm512_setzero_si512();
+            __mmask16 up = _mm512_cmplt_epi32_mask(h, t), tie = _mm512_cmpeq_epi32_mask(h, t);
+            if (tie) {  /* one value in 65536: its fraction from the pairs, and v drawn (noise_below) */
+                double fr[32];
+                int32_t ix[16];
+                for (int k = 0; k < 4; k++) _mm512_storeu_pd(fr + 8 * k, f[k]);
+                _mm512_storeu_si512(ix, idx);
+                for (int l = 0; l < 16; l++)
+                    if (tie >> l & 1) {
+                        double F = fr[ix[l]] * 65536.0;
+                        if (tie_up(P->noise_seed, P->antithetic, g + i + l, F, floor(F)))
+                            up |= (__mmask16)(1u << l);
+                    }
+            }
+            _mm512_storeu_si512(hi + i, _mm512_mask_add_epi32(rank, up, rank, one));
         }
         if (i < e && in_regs)  /* a tail: the scalar loops read the tables */
             for (int k = 0; k < 4; k++) {
@@ -866,7 +879,7 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
     float zr[TILE];
     uint16_t u[TILE];  /* the rounding noise's 16 bits (noise16_tile) */
     int32_t code[TILE], rank[16], code_of[16] = {0};  /* code_of: L entries used, 16 loaded */
-    int64_t hi[TILE];  /* 64-bit, as the compares' masks: the level count needs no repacking */
+    int32_t hi[TILE];  /* each value's new rank */
     uint8_t flag[TILE];  /* perturb: the value moved; restore: it moved in the pending perturbation */
     double level_of[16];
     int32_t back_up[16], back_down[16], own[16];  /* per code: the code one level down / up; its level's own? */
@@ -954,8 +967,7 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
         __m512i t_code = _mm512_loadu_si512(code_of);
         for (; k + 16 <= n; k += 16) {
             __m512i c = _mm512_loadu_si512(code + k);
-            __m512i moved = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(
-                _mm512_loadu_si512(hi + k))), _mm512_cvtepi64_epi32(_mm512_loadu_si512(hi + k + 8)), 1);
+            __m512i moved = _mm512_loadu_si512(hi + k);
             __mmask16 stays = _mm512_cmpeq_epi32_mask(moved, _mm512_permutexvar_epi32(c, t_rank));
             __m512i to = _mm512_permutexvar_epi32(moved, t_code);
             if (P->mode == GRID_PERTURB) {
@@ -972,14 +984,14 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
     if (P->mode == GRID_PERTURB) {
         for (; k < n; k++) {
             /* one level at most (the interval above): a target past the next level is clipped to it */
-            int c = code[k], moved = (int)hi[k], go = own[c] & (moved != rank[c]);
+            int c = code[k], moved = hi[k], go = own[c] & (moved != rank[c]);
             flag[k] = (uint8_t)go;
             code[k] = go ? code_of[moved] : c;
         }
         put_bits(bits, 0, n, flag);
     } else {
         for (; k < n; k++) {
-            int c = code[k], moved = (int)hi[k];
+            int c = code[k], moved = hi[k];
             code[k] = moved == rank[c] ? c : code_of[moved];
         }
     }
@@ -1001,23 +1013,32 @@ static void grid4_tile(const struct grid4 *P, int64_t g, int n)
  * sign of their delta, to exactly the code they had. With `restore` (modes 0 and 2) the pending perturbation R (seed r_seed, signed eps r_coef, its bits
  * in moved[]) is taken back first, in the same pass, z drawn once where R shares the first term's seed.
  * Every operation is the one quzo.py's torch path does, in the same order, in float64 (terms after the
- * first fused as torch's add(alpha) fuses them). */
+ * first fused as torch's add(alpha) fuses them). With `then` (mode 2), each tile is perturbed straight after
+ * its update, as mode 0 would (seed t_seed, signed eps t_coef, noise t_noise, antithetic where t_coef < 0),
+ * while its codes and bits are in cache: an update and the next step's first perturbation in one pass over
+ * the layer's memory, the codes of the two passes. */
 void zo_grid4(uint8_t *packed, int64_t n, int64_t offset, const float *absmax, int block_shift,
               const double *levels, const int64_t *rank, const int64_t *code_of, int nlevels, int direction,
               const uint64_t *seeds, const double *coefs, int nterms, int mode, double lr, int has_decay,
               double decay_coef, int stochastic, uint64_t noise_seed, int antithetic, uint8_t *moved,
-              int restore, uint64_t r_seed, double r_coef, int nthreads)
+              int restore, uint64_t r_seed, double r_coef, int then, uint64_t t_seed, double t_coef,
+              uint64_t t_noise, int nthreads)
 {
     struct grid4 P = {packed, offset, block_shift, absmax, levels, rank, code_of, nlevels, direction, nterms,
                       mode, has_decay, stochastic, antithetic, seeds, coefs, lr, decay_coef, noise_seed, moved,
                       restore, r_seed, r_coef};
+    struct grid4 Q = {packed, offset, block_shift, absmax, levels, rank, code_of, nlevels, direction, 1,
+                      GRID_PERTURB, 0, stochastic, t_coef < 0, &t_seed, &t_coef, 0.0, 0.0, t_noise, moved, 0, 0, 0.0};
     if (n <= 0 || nterms < 1)
         return;
+    then = then && mode == GRID_UPDATE;
     int64_t first = offset / TILE, end = (offset + n + TILE - 1) / TILE;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n >= PARALLEL_MIN)
     for (int64_t t = first; t < end; t++) {
         int64_t g = max64(t * TILE, offset), e = min64(t * TILE + TILE, offset + n);
         grid4_tile(&P, g, (int)(e - g));
+        if (then)
+            grid4_tile(&Q, g, (int)(e - g));
     }
 }
 
@@ -1250,19 +1271,27 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
     }
 }
 
+/* With `then` (mode 2): each tile perturbed straight after its update, as zo_grid4's `then`; its kept flags go
+ * to kept[] (read first, for the restore, where the update has one) and its bits to ups. */
 void zo_int8(int8_t *codes, int64_t j0, int64_t n, int64_t cols, int64_t offset, const float *scb,
              int direction, const uint64_t *seeds, const double *coefs, int nterms, int mode, double lr,
              int has_decay, double decay_coef, int stochastic, uint64_t noise_seed, int antithetic,
-             uint8_t *kept, int restore, uint64_t r_seed, double r_coef, uint8_t *ups, int nthreads)
+             uint8_t *kept, int restore, uint64_t r_seed, double r_coef, uint8_t *ups, int then, uint64_t t_seed,
+             double t_coef, uint64_t t_noise, int nthreads)
 {
     struct int8pass P = {codes, kept, j0, cols, offset, scb, direction, nterms, mode, has_decay, stochastic,
                          antithetic, seeds, coefs, lr, decay_coef, noise_seed, restore, r_seed, r_coef, ups};
+    struct int8pass Q = {codes, kept, j0, cols, offset, scb, direction, 1, 0, 0, stochastic, t_coef < 0, &t_seed,
+                         &t_coef, 0.0, 0.0, t_noise, 0, 0, 0.0, ups};
     if (n <= 0 || nterms < 1)
         return;
+    then = then && mode == 2 && kept;
     int64_t start = offset + j0, first = start / TILE, end = (start + n + TILE - 1) / TILE;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n >= PARALLEL_MIN)
     for (int64_t t = first; t < end; t++) {
         int64_t g = max64(t * TILE, start), e = min64(t * TILE + TILE, start + n);
         int8_tile(&P, g, (int)(e - g));
+        if (then)
+            int8_tile(&Q, g, (int)(e - g));
     }
 }

@@ -611,5 +611,6 @@ def test_the_c_int8_pass_restores_from_its_bits_at_an_offset_inside_a_byte():
     assert not torch.equal(codes, before)
     up = ((ups.view(-1, 1) >> torch.arange(8)) & 1).view(-1)[offset % 8:offset % 8 + codes.numel()]
     assert 0 < int(up.sum()) < codes.numel()  # some steps rounded up, some down
-    fused.c_int8(codes, 0, codes.numel(), cols, offset, scb, "rademacher", [(4, eps)], "restore", ups, kept=kept)
+    fused.c_int8(codes, 0, codes.numel(), cols, offset, scb, "rademacher", [(4, eps)], "restore", ups,
+                 kept_at=kept.nonzero().view(-1))
     assert torch.equal(codes, before)

@@ -184,7 +184,7 @@ class CodeTrainable(Trainable):
             mine = skipped[(skipped >= start) & (skipped < stop)] - start
             if k in on_c:
                 self._c_int8(k, layer, start, stop, [(self._seed, self._scale)], "restore", None,
-                             kept=_flags(mine, stop - start))
+                             kept_at=mine)
             else:  # the step the perturbation took: its floor, and up one where its bit says it rounded up
                 x = self._int8_x(layer, start, stop, at, self._seed, self._scale)
                 d = torch.floor(x).long() + _get_bits(self.ups[k], start + self.offsets[k] % 8, stop - start).long()
@@ -232,7 +232,7 @@ class CodeTrainable(Trainable):
             layer.write(start, stop, self._grid_move(k, layer, codes, start, stop, est, noise, antithetic,
                                                      perturb=mode == "perturb"))
 
-    def _c_int8(self, k, layer, start, stop, terms, mode, seed_of_noise, antithetic=False, kept=None, lr=0.0,
+    def _c_int8(self, k, layer, start, stop, terms, mode, seed_of_noise, antithetic=False, kept_at=None, lr=0.0,
                 decay_coef=None, pending=None, k_pending=None, then=None) -> torch.Tensor:
         """Values ``start`` .. ``stop - 1`` of an int8 layer on the C library (``fused.c_int8``: the torch path's
         numbers), the ``pending`` perturbation (``_take_pending``) restored in the same pass."""
@@ -240,11 +240,11 @@ class CodeTrainable(Trainable):
         if pending is not None:
             seed, scale, skipped = pending
             at = skipped[k_pending]
-            kept = _flags(at[(at >= start) & (at < stop)] - start if at is not None else None, stop - start)
+            kept_at = at[(at >= start) & (at < stop)] - start if at is not None else None
             restore = (seed, scale)
         return fused.c_int8(layer.codes.view(-1), start, stop, layer.shape[1], self.offsets[k],
                             row_scales(layer.module).contiguous(), self.direction, terms, mode, self.ups[k],
-                            kept=kept, lr=lr,
+                            kept_at=kept_at, lr=lr,
                             decay_coef=decay_coef, noise_seed=seed_of_noise if self.stochastic else None,
                             antithetic=antithetic, restore=restore, then=then)
 
@@ -393,12 +393,6 @@ def _put_bits(bits: torch.Tensor, pos: int, flags: torch.Tensor) -> None:
     cur = _get_bits(bits, 8 * first, 8 * nbytes).to(torch.uint8)
     cur[lead:lead + n] = flags
     bits[first:first + nbytes] = (cur.view(-1, 8) * BIT.to(bits.device)).sum(1, dtype=torch.uint8)
-
-
-def _flags(positions: torch.Tensor | None, n: int) -> torch.Tensor:
-    """One uint8 per value of a chunk, 1 at ``positions``: the C pass's form of the skipped positions."""
-    flags = torch.zeros(n, dtype=torch.uint8)
-    return flags if positions is None else flags.index_fill_(0, positions.cpu(), 1)
 
 
 @register

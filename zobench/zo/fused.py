@@ -69,7 +69,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
                              i32, u64, i32, ptr, i32, u64, f64, i32, u64, f64, u64, i32]
     lib.zo_grid4.restype = None
     lib.zo_int8.argtypes = [ptr, i64, i64, i64, i64, ptr, i32, ptr, ptr, i32, i32, f64, i32, f64, i32, u64, i32,
-                            ptr, i32, u64, f64, ptr, i32, u64, f64, u64, i32]
+                            ptr, ptr, i64, i32, u64, f64, ptr, i32, u64, f64, u64, i32]
     lib.zo_int8.restype = None
     lib.zo_flagged.argtypes = [ptr, i64, ptr]
     lib.zo_flagged.restype = i64
@@ -291,25 +291,26 @@ def flagged(flags: torch.Tensor) -> torch.Tensor:
 
 
 def c_int8(codes: torch.Tensor, start: int, stop: int, cols: int, offset: int, scb: torch.Tensor, direction: str,
-           terms: Sequence[tuple[int, float]], mode: str, ups: torch.Tensor, *, kept: torch.Tensor | None = None,
+           terms: Sequence[tuple[int, float]], mode: str, ups: torch.Tensor, *, kept_at: torch.Tensor | None = None,
            lr: float = 0.0, decay_coef: float | None = None, noise_seed: int | None = None,
            antithetic: bool = False, restore: tuple[int, float] | None = None,
            then: tuple[int, float, int | None] | None = None) -> torch.Tensor:
     """QuZO's pass over values ``start`` .. ``stop - 1`` of one int8 layer (``zo_int8`` in zo_pass.c), in place,
     where ``c_ready(codes)``: ``perturb`` returns the flags (uint8, one per value) of the codes it left alone at
     the range's edge and writes into ``ups`` (the layer's bits, value v at bit v + offset % 8) whether each
-    value's step rounded up; ``restore`` takes the perturbation back with the flags as ``kept`` and the bits
-    (no noise drawn); ``update`` moves and clamps. ``restore`` = (seed, signed eps) of a pending perturbation,
-    with its flags as ``kept``: restored first, in the same pass (perturb and update). ``then`` (an update's):
-    a perturbation made straight after it, tile by tile (``c_grid4``), whose flags are returned (in ``kept``
-    where given) and whose bits go to ``ups``."""
+    value's step rounded up; ``restore`` takes the perturbation back with the positions of its flagged values
+    as ``kept_at`` (int64, ascending, from ``start``) and the bits (no noise drawn); ``update`` moves and
+    clamps. ``restore`` = (seed, signed eps) of a pending perturbation, with its positions as ``kept_at``:
+    restored first, in the same pass (perturb and update). ``then`` (an update's): a perturbation made
+    straight after it, tile by tile (``c_grid4``), whose flags are returned and whose bits go to ``ups``."""
     if not c_ready(codes) or scb.dtype != torch.float32 or scb.device.type != "cpu" or not scb.is_contiguous():
         raise ValueError("c_int8 runs on contiguous CPU int8 codes and float32 scales with the C library")
     if ups.dtype != torch.uint8 or ups.device.type != "cpu" or not ups.is_contiguous() or \
             ups.numel() * 8 < codes.numel() + offset % 8:
         raise ValueError("c_int8's bits: a contiguous CPU uint8 tensor of a bit per code (after offset % 8)")
     n = stop - start
-    flags = kept if kept is not None else torch.zeros(n if mode == "perturb" or then else 0, dtype=torch.uint8)
+    flags = torch.empty(n if mode == "perturb" or then else 0, dtype=torch.uint8)  # each one written
+    at = (kept_at if kept_at is not None else torch.zeros(0, dtype=torch.int64)).to(torch.int64).contiguous()
     r_seed, r_coef = restore if restore is not None else (0, 0.0)
     k = max(len(terms), 1)
     t = time.perf_counter()
@@ -318,7 +319,8 @@ def c_int8(codes: torch.Tensor, start: int, stop: int, cols: int, offset: int, s
                           (ctypes.c_double * k)(*[float(c) for _, c in terms]), len(terms), INT8_MODES[mode],
                           float(lr), int(decay_coef is not None), float(decay_coef or 0.0),
                           int(noise_seed is not None), int(noise_seed or 0), int(antithetic),
-                          flags.data_ptr() if flags.numel() else None, int(restore is not None), int(r_seed),
+                          flags.data_ptr() if flags.numel() else None, at.data_ptr() if at.numel() else None,
+                          at.numel(), int(restore is not None), int(r_seed),
                           float(r_coef), ups.data_ptr(), *_then(then), torch.get_num_threads())
     _passes["seconds"] += time.perf_counter() - t
     _passes["bytes"] += 2 * n + (n + 7) // 8

@@ -1047,16 +1047,19 @@ void zo_grid4(uint8_t *packed, int64_t n, int64_t offset, const float *absmax, i
  *   mode 0, perturb: x = coefs[0] z / unit, d = round(x); a code that +d or -d would push out of [-127, 127]
  *                    keeps its value and is flagged in kept[j - j0] (else 0); whether d rounded up
  *                    (d - floor(x)) goes to the layer's bits `ups` (value v at bit v + offset % 8)
- *   mode 1, restore: the same d, floor(x) + its bit, subtracted, except where kept[] flags it (no noise)
+ *   mode 1, restore: the same d, floor(x) + its bit, subtracted, except at the perturbation's kept values,
+ *                    kept_at[0 .. n_kept_at - 1] (their j - j0, ascending) (no noise)
  *   mode 2, update:  x = (-lr sum_t coefs[t] z_t [- decay_coef code unit]) / unit, code = clamp(code + round(x))
  * round: floor(x) + (u < x - floor(x)) with u(noise_seed) (1 - u when antithetic), or to the nearest (ties
  * up); x = 0 where unit is 0. With `restore` (modes 0 and 2), the pending perturbation R (its seed and signed
- * eps; kept[] its flags, ups its bits) is first restored in the same pass, as mode 1 would: one pass where
+ * eps; kept_at its kept values, ups its bits) is first restored in the same pass, as mode 1 would: one pass where
  * two would read and write every code, z drawn once where R shares the first term's seed, and no noise drawn
  * for R (its bits say how it rounded). The torch path's operations, in the same order, in float64. */
 struct int8pass {
     int8_t *codes;
-    uint8_t *kept;
+    uint8_t *kept;             /* out: the perturbation's kept flags */
+    const int64_t *kept_at;    /* in: the pending perturbation's kept values */
+    int64_t n_kept_at;
     int64_t j0, cols, offset;
     const float *scb;
     int direction, nterms, mode, has_decay, stochastic, antithetic;
@@ -1074,6 +1077,22 @@ struct int8pass {
  * their number (a perturbation keeps the code, an update clamps it), and a move past int64's range (a row of
  * tiny scale) would convert to nonsense. zobench/zo/rounding.py's `steps` clamps the torch path's alike. */
 static inline double clamp_steps(double x) { return x < -1048576.0 ? -1048576.0 : (x > 1048576.0 ? 1048576.0 : x); }
+
+/* The pending perturbation's kept flags of a tile's n values, l0 the first one's index in the pass (j - j0):
+ * 1 at the kept_at positions in [l0, l0 + n), found by bisection. */
+static void kept_tile(const struct int8pass *P, int64_t l0, int n, uint8_t *out)
+{
+    memset(out, 0, (size_t)n);
+    int64_t lo = 0, hi = P->n_kept_at;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (P->kept_at[mid] < l0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    for (; lo < P->n_kept_at && P->kept_at[lo] < l0 + n; lo++) out[P->kept_at[lo] - l0] = 1;
+}
 
 /* int8_tile's common case, one Rademacher term and no decay, on one row's run [j, e) of a tile: a value's
  * step is one of two per row by the sign of its z (z c is +-c exactly), so each row's numbers (floor, rounding
@@ -1171,7 +1190,10 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
         noise16_tile(P->noise_seed, g, n, P->antithetic, u);
     double r_coef = mode == 1 ? P->coefs[0] : P->r_coef, lr = -P->lr, dc = P->decay_coef;
     int8_t *codes = P->codes + local;
-    uint8_t *kept = P->kept ? P->kept + (local - P->j0) : NULL;  /* NULL for an update with nothing to restore */
+    uint8_t *kept = P->kept ? P->kept + (local - P->j0) : NULL;  /* perturb: its flags, out */
+    uint8_t kin[TILE];  /* restoring: the pending perturbation's kept flags */
+    if (restoring)
+        kept_tile(P, local - P->j0, n, kin);
     /* One Rademacher term and no decay (QuZO's default): a value's x is one of two numbers per row, by the
      * sign of its z (z c is +-c exactly), so each row's two are computed once (the same operations on the same
      * numbers) and each value picks its own: no division or floor per value (int8_two_run) */
@@ -1180,7 +1202,7 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
         for (int j = 0; j < n; j++) c32[j] = codes[j];
         if (restoring) {
             get_bits(P->ups, b0, n, up);
-            for (int j = 0; j < n; j++) keep_in[j] = kept[j];
+            for (int j = 0; j < n; j++) keep_in[j] = kin[j];
             for (int j = 0; j < n; j++) up_in[j] = up[j];
         }
         for (int j = 0; j < n;) {
@@ -1201,7 +1223,7 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
     for (int j = 0; j < n; j++) c[j] = codes[j];
     if (restoring) {
         get_bits(P->ups, b0, n, up);
-        for (int j = 0; j < n; j++) keep[j] = kept[j];
+        for (int j = 0; j < n; j++) keep[j] = kin[j];
         for (int j = 0; j < n; j++) was_up[j] = up[j];
     }
     /* Several terms, Gaussian z or weight decay: a division and a floor per value, on int64 lanes */
@@ -1272,17 +1294,18 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
 }
 
 /* With `then` (mode 2): each tile perturbed straight after its update, as zo_grid4's `then`; its kept flags go
- * to kept[] (read first, for the restore, where the update has one) and its bits to ups. */
+ * to kept[] and its bits to ups. */
 void zo_int8(int8_t *codes, int64_t j0, int64_t n, int64_t cols, int64_t offset, const float *scb,
              int direction, const uint64_t *seeds, const double *coefs, int nterms, int mode, double lr,
              int has_decay, double decay_coef, int stochastic, uint64_t noise_seed, int antithetic,
-             uint8_t *kept, int restore, uint64_t r_seed, double r_coef, uint8_t *ups, int then, uint64_t t_seed,
-             double t_coef, uint64_t t_noise, int nthreads)
+             uint8_t *kept, const int64_t *kept_at, int64_t n_kept_at, int restore, uint64_t r_seed, double r_coef,
+             uint8_t *ups, int then, uint64_t t_seed, double t_coef, uint64_t t_noise, int nthreads)
 {
-    struct int8pass P = {codes, kept, j0, cols, offset, scb, direction, nterms, mode, has_decay, stochastic,
-                         antithetic, seeds, coefs, lr, decay_coef, noise_seed, restore, r_seed, r_coef, ups};
-    struct int8pass Q = {codes, kept, j0, cols, offset, scb, direction, 1, 0, 0, stochastic, t_coef < 0, &t_seed,
-                         &t_coef, 0.0, 0.0, t_noise, 0, 0, 0.0, ups};
+    struct int8pass P = {codes, kept, kept_at, n_kept_at, j0, cols, offset, scb, direction, nterms, mode, has_decay,
+                         stochastic, antithetic, seeds, coefs, lr, decay_coef, noise_seed, restore, r_seed, r_coef,
+                         ups};
+    struct int8pass Q = {codes, kept, NULL, 0, j0, cols, offset, scb, direction, 1, 0, 0, stochastic, t_coef < 0,
+                         &t_seed, &t_coef, 0.0, 0.0, t_noise, 0, 0, 0.0, ups};
     if (n <= 0 || nterms < 1)
         return;
     then = then && mode == 2 && kept;

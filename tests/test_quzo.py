@@ -177,27 +177,6 @@ def test_an_int8_perturbation_moves_a_code_with_probability_eps_over_its_rows_st
     assert abs(observed - float(p.mean())) < 5 * se, (observed, float(p.mean()), se)
 
 
-@pytest.mark.parametrize("forced", [False, True])
-def test_an_int8_minus_eps_perturbation_is_the_mirror_of_the_plus_eps_one(forced):
-    """On int8's uniform grid W- = W - (W+ - W) exactly, value by value (the codes at the range's edge left
-    alone by both): the C library's -eps pass, which reads the +eps step from its bits and draws no noise,
-    and the torch path's, which rounds -x with the +eps pass's noise and negates it."""
-    with fused.torch_fallback() if forced else contextlib.nullcontext():
-        layers = code_layers(_quantized("int8"))
-        trainable = CodeTrainable(layers)
-        base = [layer.read(0, layer.numel).clone() for layer in layers]
-        eps = 2.3 * float(min(row_scales(layer.module).min() for layer in layers)) / INT8_MAX  # a few steps
-        trainable.apply(7, eps)
-        plus = [layer.read(0, layer.numel).clone() for layer in layers]
-        trainable.apply(7, -eps)
-        minus = [layer.read(0, layer.numel).clone() for layer in layers]
-        trainable.restore()
-        assert all(torch.equal(layer.read(0, layer.numel), b) for layer, b in zip(layers, base))
-    moved = sum(int((p != b).sum()) for p, b in zip(plus, base))
-    assert moved > 0
-    assert all(torch.equal(p - b, b - m) for p, b, m in zip(plus, base, minus))
-
-
 @pytest.mark.parametrize("quant", ["int8", "fp4"])
 def test_a_zero_update_leaves_every_code_alone(quant):
     model = _quantized(quant)
@@ -362,26 +341,29 @@ def _tie_index(direction_seed: int, noise_seed: int, offset: int, n: int, start:
 
 
 @pytest.mark.parametrize("side", [-1, 1])
-@pytest.mark.parametrize("sign", [1, -1])
-def test_an_int8_rounding_tie_in_the_noises_16_bits_is_settled_by_its_fine_part(side, sign):
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_an_int8_rounding_tie_in_the_noises_16_bits_is_settled_by_its_fine_part(side, antithetic):
     """The C passes compare the noise's 16 bits h with T = floor(2^16 f) and draw its fine part v only where
     h == T (one value in 65536). A row's fraction placed just below or above one value's own noise makes a
-    tie there, and that value rounds down or up (for -eps, the mirror: minus the +eps step); every value of the
-    row rounds as the torch path's ``round_offset`` does."""
+    tie there, and that value rounds down or up; every value of the row rounds as the torch path's
+    ``round_offset`` does (1 - U where antithetic)."""
     n, offset = 256, 1000
     codes = torch.zeros(n, dtype=torch.int8)
     if not fused.c_ready(codes):
         pytest.skip("the C library is not built here")
     i0 = _tie_index(4, 11, offset, n)
     h, v = _noise_parts(11, offset + i0)
+    if antithetic:
+        h, v = 65535 - h, 1 - v
     eps = 2 + (h + v + side * 1e-4) / 65536  # steps of 1.0 (SCB 127): value i0's fraction puts it at a tie
     assert math.floor((eps - 2) * 65536) == h
     ups = torch.zeros((n + offset % 8 + 7) // 8, dtype=torch.uint8)
-    fused.c_int8(codes, 0, n, n, offset, torch.tensor([127.0]), "rademacher", [(4, sign * eps)], "perturb", ups,
-                 noise_seed=11)
-    assert int(codes[i0]) == sign * (3 if side > 0 else 2)
+    fused.c_int8(codes, 0, n, n, offset, torch.tensor([127.0]), "rademacher", [(4, eps)], "perturb", ups,
+                 noise_seed=11, antithetic=antithetic)
+    assert int(codes[i0]) == (3 if side > 0 else 2)
     z = fused.fill_z(torch.empty(n), offset, "rademacher", 4).double()
-    assert torch.equal(codes.long(), sign * round_offset(z * eps, uniform(11, offset, n, "cpu")))
+    noise = uniform(11, offset, n, "cpu")
+    assert torch.equal(codes.long(), round_offset(z * eps, 1 - noise if antithetic else noise))
 
 
 @pytest.mark.parametrize("side", [-1, 1])

@@ -16,11 +16,9 @@ conditionally independent quantizations are of the direction u (the authors' pub
 which is what a quantized model is meant to save. The price of this form is noise: a perturbation below a
 level's gap moves a code with probability eps over the gap (SmolLM2's NF4 codes at eps 1e-3: 2.2% of them;
 ``perturb_frac_changed`` in a record), and the two forwards differ by that rounding as well as by eps u.
-On int8's uniform grid Q1' is the mirror of Q1, W- = W - (W+ - W) exactly (the paper's symmetric pair; the
--eps step is minus the +eps step, so the -eps pass reads that step from the +eps pass's bits and draws no
-noise); on a 4-bit grid it is Q1 with the antithetic noise 1 - U. Perturbation and update are in weight
-units, so ``eps`` and ``lr`` mean what they mean for MeZO; a move below one level happens with the probability
-that keeps it unbiased.
+Q1' is Q1 with the antithetic noise 1 - r: on a uniform grid W- is then exactly
+W - (W+ - W), the paper's symmetric pair. Perturbation and update are in weight units, so ``eps`` and ``lr``
+mean what they mean for MeZO; a move below one level happens with the probability that keeps it unbiased.
 ``rounding: nearest`` rounds to the nearest level instead (the biased baseline: moves below half a level
 vanish). Every noise value comes from Philox keyed by a seed and the value's index: a run replays from its
 trajectory like MeZO's.
@@ -132,8 +130,7 @@ class CodeTrainable(Trainable):
         whether each rounded up goes to the layer's bits (``self.ups``)."""
         x = self._int8_x(layer, start, stop, at, seed, scale)
         noise = self._noise(seed, "perturb", at, stop - start, x.device)
-        # -eps: the mirror of the +eps step (its negative, from the same noise), module docstring
-        d = round_offset(x, noise) if scale >= 0 else -round_offset(-x, noise)
+        d = round_offset(x, noise if noise is None or scale > 0 else 1 - noise)
         _put_bits(self.ups[k], start + self.offsets[k] % 8, d != torch.floor(x).long())
         return d
 
@@ -147,7 +144,7 @@ class CodeTrainable(Trainable):
         for k, layer, start, stop, at in self._chunks(skip=self.four_bit, on_c=on_c):
             if k in on_c:
                 keep = self._c_int8(k, layer, start, stop, [(seed, scale)], "perturb", noise_seed(seed, "perturb"),
-                                    pending=pending, k_pending=k)
+                                    antithetic=scale < 0, pending=pending, k_pending=k)
                 skipped[k].append(fused.flagged(keep) + start)
             elif layer.kind == "int8":
                 codes = layer.read(start, stop)
@@ -235,7 +232,7 @@ class CodeTrainable(Trainable):
             layer.write(start, stop, self._grid_move(k, layer, codes, start, stop, est, noise, antithetic,
                                                      perturb=mode == "perturb"))
 
-    def _c_int8(self, k, layer, start, stop, terms, mode, seed_of_noise, kept_at=None, lr=0.0,
+    def _c_int8(self, k, layer, start, stop, terms, mode, seed_of_noise, antithetic=False, kept_at=None, lr=0.0,
                 decay_coef=None, pending=None, k_pending=None, then=None) -> torch.Tensor:
         """Values ``start`` .. ``stop - 1`` of an int8 layer on the C library (``fused.c_int8``: the torch path's
         numbers), the ``pending`` perturbation (``_take_pending``) restored in the same pass."""
@@ -249,7 +246,7 @@ class CodeTrainable(Trainable):
                             row_scales(layer.module).contiguous(), self.direction, terms, mode, self.ups[k],
                             kept_at=kept_at, lr=lr,
                             decay_coef=decay_coef, noise_seed=seed_of_noise if self.stochastic else None,
-                            restore=restore, then=then)
+                            antithetic=antithetic, restore=restore, then=then)
 
     def _grid_move(self, k, layer, codes, start, stop, delta, noise, antithetic=False, perturb=False) -> torch.Tensor:
         """4-bit codes moved by ``delta`` (weight units) onto the layer's levels; codes whose level does not

@@ -68,7 +68,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.zo_grid4.argtypes = [ptr, i64, i64, ptr, i32, ptr, ptr, ptr, i32, i32, ptr, ptr, i32, i32, f64, i32, f64,
                              i32, u64, i32, ptr, i32, u64, f64, i32, u64, f64, u64, i32]
     lib.zo_grid4.restype = None
-    lib.zo_int8.argtypes = [ptr, i64, i64, i64, i64, ptr, i32, ptr, ptr, i32, i32, f64, i32, f64, i32, u64,
+    lib.zo_int8.argtypes = [ptr, i64, i64, i64, i64, ptr, i32, ptr, ptr, i32, i32, f64, i32, f64, i32, u64, i32,
                             ptr, ptr, i64, i32, u64, f64, ptr, i32, u64, f64, u64, i32]
     lib.zo_int8.restype = None
     lib.zo_flagged.argtypes = [ptr, i64, ptr]
@@ -293,7 +293,7 @@ def flagged(flags: torch.Tensor) -> torch.Tensor:
 def c_int8(codes: torch.Tensor, start: int, stop: int, cols: int, offset: int, scb: torch.Tensor, direction: str,
            terms: Sequence[tuple[int, float]], mode: str, ups: torch.Tensor, *, kept_at: torch.Tensor | None = None,
            lr: float = 0.0, decay_coef: float | None = None, noise_seed: int | None = None,
-           restore: tuple[int, float] | None = None,
+           antithetic: bool = False, restore: tuple[int, float] | None = None,
            then: tuple[int, float, int | None] | None = None) -> torch.Tensor:
     """QuZO's pass over values ``start`` .. ``stop - 1`` of one int8 layer (``zo_int8`` in zo_pass.c), in place,
     where ``c_ready(codes)``: ``perturb`` returns the flags (uint8, one per value) of the codes it left alone at
@@ -318,7 +318,7 @@ def c_int8(codes: torch.Tensor, start: int, stop: int, cols: int, offset: int, s
                           DIRECTIONS[direction], (ctypes.c_uint64 * k)(*[int(s) for s, _ in terms]),
                           (ctypes.c_double * k)(*[float(c) for _, c in terms]), len(terms), INT8_MODES[mode],
                           float(lr), int(decay_coef is not None), float(decay_coef or 0.0),
-                          int(noise_seed is not None), int(noise_seed or 0),
+                          int(noise_seed is not None), int(noise_seed or 0), int(antithetic),
                           flags.data_ptr() if flags.numel() else None, at.data_ptr() if at.numel() else None,
                           at.numel(), int(restore is not None), int(r_seed),
                           float(r_coef), ups.data_ptr(), *_then(then), torch.get_num_threads())

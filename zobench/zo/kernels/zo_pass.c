@@ -1044,19 +1044,17 @@ void zo_grid4(uint8_t *packed, int64_t n, int64_t offset, const float *absmax, i
 
 /* QuZO on int8 codes (one step per code, the row's unit SCB[row] / 127), values j0 .. j0+n-1 of a layer of
  * `cols` columns whose value 0 has global index `offset` (z and noise are keyed by global index), in place:
- *   mode 0, perturb: x = coefs[0] z / unit, d = round(x), or for coefs[0] < 0 the mirror d = -round(-x) (the
- *                    +eps step's negative: W- = W - (W+ - W), quzo.py); a code that +d or -d would push out of
- *                    [-127, 127] keeps its value and is flagged in kept[j - j0] (else 0); d - floor(x), 0 or 1,
- *                    goes to the layer's bits `ups` (value v at bit v + offset % 8)
+ *   mode 0, perturb: x = coefs[0] z / unit, d = round(x); a code that +d or -d would push out of [-127, 127]
+ *                    keeps its value and is flagged in kept[j - j0] (else 0); whether d rounded up
+ *                    (d - floor(x)) goes to the layer's bits `ups` (value v at bit v + offset % 8)
  *   mode 1, restore: the same d, floor(x) + its bit, subtracted, except at the perturbation's kept values,
  *                    kept_at[0 .. n_kept_at - 1] (their j - j0, ascending) (no noise)
  *   mode 2, update:  x = (-lr sum_t coefs[t] z_t [- decay_coef code unit]) / unit, code = clamp(code + round(x))
- * round: floor(x) + (u < x - floor(x)) with u(noise_seed), or to the nearest (ties up); x = 0 where unit is 0.
- * With `restore` (modes 0 and 2), the pending perturbation R (its seed and signed eps; kept_at its kept values,
- * ups its bits) is first restored in the same pass, as mode 1 would: one pass where two would read and write
- * every code, z drawn once where R shares the first term's seed, and no noise drawn for R (its bits say how it
- * rounded); a mirror of R (the same seed, the opposite eps: MeZO's -eps pass) is R's step negated, read from
- * the same bits, and draws no noise either. The torch path's operations, in the same order, in float64. */
+ * round: floor(x) + (u < x - floor(x)) with u(noise_seed) (1 - u when antithetic), or to the nearest (ties
+ * up); x = 0 where unit is 0. With `restore` (modes 0 and 2), the pending perturbation R (its seed and signed
+ * eps; kept_at its kept values, ups its bits) is first restored in the same pass, as mode 1 would: one pass where
+ * two would read and write every code, z drawn once where R shares the first term's seed, and no noise drawn
+ * for R (its bits say how it rounded). The torch path's operations, in the same order, in float64. */
 struct int8pass {
     int8_t *codes;
     uint8_t *kept;             /* out: the perturbation's kept flags */
@@ -1064,7 +1062,7 @@ struct int8pass {
     int64_t n_kept_at;
     int64_t j0, cols, offset;
     const float *scb;
-    int direction, nterms, mode, has_decay, stochastic;
+    int direction, nterms, mode, has_decay, stochastic, antithetic;
     const uint64_t *seeds;
     const double *coefs;
     double lr, decay_coef;
@@ -1106,12 +1104,9 @@ static void int8_two_run(const struct int8pass *P, int mode, int restoring, int 
                          const uint16_t *restrict u, const int32_t *restrict keep_in, const int32_t *restrict up_in,
                          int32_t *restrict c, int32_t *restrict keep_out, int32_t *restrict up_out, int j, int e)
 {
-    int32_t r_low[2] = {0, 0}, low[2], low_x[2], bit[2], thr[2];
+    int32_t r_low[2] = {0, 0}, low[2], bit[2], thr[2];
     double F[2];
     int32_t b_of[TILE];  /* stochastic: each value's rounding (h < T, its tie resolved) */
-    int mirror = mode == 0 && P->coefs[0] < 0, sg = mirror ? -1 : 1;  /* d = -round(-x) */
-    /* the mirror of the pending perturbation: its step, from its bits, negated (the same d, no noise drawn) */
-    int from_bits = mirror && restoring && P->r_seed == P->seeds[0] && P->r_coef == -P->coefs[0];
     if (restoring && unit > 0) {
         r_low[1] = (int32_t)floor(clamp_steps(((double)1.0f * r_coef) / unit));
         r_low[0] = (int32_t)floor(clamp_steps(((double)-1.0f * r_coef) / unit));
@@ -1119,14 +1114,13 @@ static void int8_two_run(const struct int8pass *P, int mode, int restoring, int 
     for (int s = 0; s < 2; s++) {
         double est1 = (double)(s ? 1.0f : -1.0f) * P->coefs[0];
         double x1 = !(unit > 0) ? 0.0 : clamp_steps(mode == 0 ? est1 / unit : (est1 * lr) / unit);
-        double xr = mirror ? -x1 : x1, f = floor(xr);  /* what is rounded */
+        double f = floor(x1);
         low[s] = (int32_t)f;
-        low_x[s] = (int32_t)floor(x1);
-        bit[s] = xr - f >= 0.5;  /* rounding to the nearest */
-        F[s] = (xr - f) * 65536.0;  /* stochastic (noise_below): h < thr rounds up, h == thr is a tie */
+        bit[s] = x1 - f >= 0.5;  /* rounding to the nearest */
+        F[s] = (x1 - f) * 65536.0;  /* stochastic (noise_below): h < thr rounds up, h == thr is a tie */
         thr[s] = (int32_t)floor(F[s]);
     }
-    if (stochastic && mode != 1 && !from_bits) {
+    if (stochastic && mode != 1) {
         int32_t ties = 0;
         for (int i = j; i < e; i++) {  /* (vectorises) */
             int32_t t = z0[i] > 0 ? thr[1] : thr[0], h = u[i];
@@ -1137,26 +1131,25 @@ static void int8_two_run(const struct int8pass *P, int mode, int restoring, int 
             for (int i = j; i < e; i++) {
                 int s = z0[i] > 0;
                 if (u[i] == thr[s])
-                    b_of[i] = tie_up(P->noise_seed, 0, g + i, F[s], (double)thr[s]);
+                    b_of[i] = tie_up(P->noise_seed, P->antithetic, g + i, F[s], (double)thr[s]);
             }
     }
     for (int i = j; i < e; i++) {
-        int32_t v = c[i], rd = 0;
-        if (restoring) {
-            rd = (zr[i] > 0 ? r_low[1] : r_low[0]) + up_in[i];  /* R's step */
-            v -= (1 - keep_in[i]) * rd;
-        }
+        int32_t v = c[i];
+        if (restoring)
+            v -= (1 - keep_in[i]) * ((zr[i] > 0 ? r_low[1] : r_low[0]) + up_in[i]);
         if (mode == 1) {
             c[i] = v;
             continue;
         }
         int s = z0[i] > 0;
-        int32_t d = from_bits ? -rd : sg * ((s ? low[1] : low[0]) + (stochastic ? b_of[i] : (s ? bit[1] : bit[0])));
+        int32_t b = stochastic ? b_of[i] : (s ? bit[1] : bit[0]);
+        int32_t d = (s ? low[1] : low[0]) + b;
         if (mode == 0) {  /* a code that +d or -d would push out of [-127, 127] stays */
             int32_t plus = v + d, minus = v - d;
             int32_t k = (plus > 127) | (plus < -127) | (minus > 127) | (minus < -127);
             keep_out[i] = k;
-            up_out[i] = d - (s ? low_x[1] : low_x[0]);
+            up_out[i] = b;
             c[i] = k ? v : plus;
         } else {
             int32_t w = v + d;
@@ -1188,14 +1181,13 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
         for (int j = 0; j < n; j++) est[j] = fma((double)z[j], cf, est[j]);
     }
     int mode = P->mode, restoring = mode == 1 || P->restore, stochastic = P->stochastic && mode != 1;
-    int mirror = mode == 0 && P->coefs[0] < 0;  /* d = -round(-x) (zo_int8) */
     const float *restrict zr = z0;  /* R's z: the first term's where R has its seed */
     if (restoring && mode != 1 && P->r_seed != P->seeds[0]) {
         z_tile(P->direction, P->r_seed, g, n, z);
         zr = z;
     }
     if (stochastic)
-        noise16_tile(P->noise_seed, g, n, 0, u);
+        noise16_tile(P->noise_seed, g, n, P->antithetic, u);
     double r_coef = mode == 1 ? P->coefs[0] : P->r_coef, lr = -P->lr, dc = P->decay_coef;
     int8_t *codes = P->codes + local;
     uint8_t *kept = P->kept ? P->kept + (local - P->j0) : NULL;  /* perturb: its flags, out */
@@ -1266,23 +1258,20 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
             }
         else
             for (int i = j; i < e; i++) x[i] = clamp_steps((est[i] * lr) / unit);
-        /* round(x) onto whole steps: stochastically with u, else to the nearest; a mirror, -round(-x) */
-        double sg = mirror ? -1.0 : 1.0;
+        /* round(x) onto whole steps: stochastically with u, else to the nearest */
         if (stochastic)
             for (int i = j; i < e; i++) {
-                double xr = sg * x[i], f = floor(xr);
+                double f = floor(x[i]);
                 low[i] = (int64_t)f;
-                bit[i] = noise_below(P->noise_seed, 0, g + i, u[i], xr - f);
+                bit[i] = noise_below(P->noise_seed, P->antithetic, g + i, u[i], x[i] - f);
             }
         else
             for (int i = j; i < e; i++) {
-                double xr = sg * x[i], f = floor(xr);
+                double f = floor(x[i]);
                 low[i] = (int64_t)f;
-                bit[i] = xr - f >= 0.5;
+                bit[i] = x[i] - f >= 0.5;
             }
-        for (int i = j; i < e; i++) d[i] = (int64_t)sg * (low[i] + bit[i]);
-        if (mode == 0)  /* d - floor(x): 0 or 1 */
-            for (int i = j; i < e; i++) bit[i] = d[i] - (int64_t)floor(x[i]);
+        for (int i = j; i < e; i++) d[i] = low[i] + bit[i];
         if (mode == 0)
             for (int i = j; i < e; i++) {  /* a code that +d or -d would push out of [-127, 127] stays */
                 int64_t plus = c[i] + d[i], minus = c[i] - d[i];
@@ -1308,14 +1297,15 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
  * to kept[] and its bits to ups. */
 void zo_int8(int8_t *codes, int64_t j0, int64_t n, int64_t cols, int64_t offset, const float *scb,
              int direction, const uint64_t *seeds, const double *coefs, int nterms, int mode, double lr,
-             int has_decay, double decay_coef, int stochastic, uint64_t noise_seed,
+             int has_decay, double decay_coef, int stochastic, uint64_t noise_seed, int antithetic,
              uint8_t *kept, const int64_t *kept_at, int64_t n_kept_at, int restore, uint64_t r_seed, double r_coef,
              uint8_t *ups, int then, uint64_t t_seed, double t_coef, uint64_t t_noise, int nthreads)
 {
     struct int8pass P = {codes, kept, kept_at, n_kept_at, j0, cols, offset, scb, direction, nterms, mode, has_decay,
-                         stochastic, seeds, coefs, lr, decay_coef, noise_seed, restore, r_seed, r_coef, ups};
-    struct int8pass Q = {codes, kept, NULL, 0, j0, cols, offset, scb, direction, 1, 0, 0, stochastic, &t_seed,
-                         &t_coef, 0.0, 0.0, t_noise, 0, 0, 0.0, ups};
+                         stochastic, antithetic, seeds, coefs, lr, decay_coef, noise_seed, restore, r_seed, r_coef,
+                         ups};
+    struct int8pass Q = {codes, kept, NULL, 0, j0, cols, offset, scb, direction, 1, 0, 0, stochastic, t_coef < 0,
+                         &t_seed, &t_coef, 0.0, 0.0, t_noise, 0, 0, 0.0, ups};
     if (n <= 0 || nterms < 1)
         return;
     then = then && mode == 2 && kept;

@@ -192,24 +192,24 @@ class CodeTrainable(Trainable):
         self.skipped = [None] * len(self.layers)
         self._seed, self._scale = None, 0.0
 
-    def _grid4_args(self, k) -> tuple:
-        """4-bit layer ``k``'s arguments to ``fused.c_grid4`` / ``fused.grid4_ready`` (codes to bits)."""
-        layer, qs = self.layers[k], self.layers[k].weight.quant_state
-        return (layer.codes.view(-1), layer.numel, self.offsets[k], block_absmax(qs).contiguous(), qs.blocksize,
-                self.grids[k])
-
     def _move4(self, k, terms, mode, seed_of_noise, antithetic=False, update=None, pending=None, then=None) -> None:
         """4-bit layer ``k``'s pass (``mode``: perturb, restore or update), the ``pending`` perturbation (from
         ``_take_pending``) taken back first: on the C library where it runs (``fused.c_grid4``, one pass, no
         temporaries), else chunk by chunk with torch (the same numbers). ``update``: (lr, lr x weight decay
-        or None); ``then``: an update's following perturbation, on the C library only (``fold_step``)."""
-        layer = self.layers[k]
+        or None); ``then``: an update's following perturbation (seed, signed eps, noise seed; ``fold_step``),
+        in the same pass on the C library, else a pass of its own after the update."""
+        layer, qs = self.layers[k], self.layers[k].weight.quant_state
         lr, decay_coef = update if update is not None else (0.0, None)
-        if fused.c_grid4(*self._grid4_args(k), self.direction, terms, mode, self.moved[k], lr=lr,
+        if fused.c_grid4(layer.codes.view(-1), layer.numel, self.offsets[k], block_absmax(qs).contiguous(),
+                         qs.blocksize, self.grids[k], self.direction, terms, mode, self.moved[k], lr=lr,
                          decay_coef=decay_coef, noise_seed=seed_of_noise if self.stochastic else None,
                          antithetic=antithetic, restore=pending[:2] if pending is not None else None, then=then):
             return
-        assert then is None, "fold_step runs only where every layer's pass is on the C library"
+        if then is not None:
+            self._move4(k, terms, mode, seed_of_noise, antithetic, update, pending)
+            seed, scale, noise = then
+            self._move4(k, [(seed, scale)], "perturb", noise, antithetic=scale < 0)
+            return
         if pending is not None:
             self._move4(k, [pending[:2]], "restore", None)
         levels, rank, code_of = self.grids[k]
@@ -293,19 +293,15 @@ class CodeTrainable(Trainable):
                              self._noise(stream, "update", at, stop - start, codes.device))
             layer.write(start, stop, (codes + d).clamp_(-INT8_MAX, INT8_MAX))
 
-    def _all_on_c(self) -> bool:
-        """Whether every layer's passes run on the C library (``fold_step`` fuses them there)."""
-        return (self._on_c() | self.four_bit == set(range(len(self.layers)))
-                and all(fused.grid4_ready(*self._grid4_args(k), self.moved[k]) for k in self.four_bit))
-
     @torch.no_grad()
     def fold_step(self, grads: list[tuple[int, float]], optimizer, step: int, seed: int, scale: float) -> None:
         """``update(grads, optimizer, step)`` then ``apply(seed, scale)`` (the trainer's fold of a step's update
         into the next step's first perturbation): on the C library, one pass over each layer in which every
         tile is perturbed straight after its update while its codes are in cache (``then`` of ``fused.c_grid4``
         and ``fused.c_int8``), where the two calls make two passes over the layer's memory; the same codes.
-        Elsewhere the two calls."""
-        if not self._all_on_c():
+        Where an int8 layer is not on the C library, the two calls; a 4-bit layer whose C pass cannot run makes
+        the two passes itself (``_move4``)."""
+        if self._on_c() | self.four_bit != set(range(len(self.layers))):
             self.update(grads, optimizer, step)
             self.apply(seed, scale)
             return

@@ -214,18 +214,6 @@ def c_uniform(seed: int, start: int, n: int) -> torch.Tensor | None:
 GRID4_MODES = {"perturb": 0, "restore": 1, "update": 2}
 
 
-def grid4_ready(packed: torch.Tensor, n: int, offset: int, absmax: torch.Tensor, blocksize: int, grid,
-                moved: torch.Tensor) -> bool:
-    """Whether ``c_grid4`` runs on this 4-bit layer here (its docstring says when it does not)."""
-    levels, rank, code_of = grid
-    tensors = (packed, absmax, levels, rank, code_of, moved)
-    return not (_forced[0] or offset % 8 or blocksize < 1 or blocksize & (blocksize - 1) or 2 * packed.numel() < n
-                or moved.numel() * 8 < n or moved.dtype != torch.uint8
-                or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
-                or packed.dtype != torch.uint8 or absmax.dtype != torch.float32 or levels.dtype != torch.float64
-                or rank.dtype != torch.int64 or code_of.dtype != torch.int64 or _library() is None)
-
-
 def _then(then: tuple[int, float, int | None] | None) -> tuple:
     """A pass's ``then`` (seed, signed eps, noise seed or None) as the C call's four arguments."""
     if then is None:
@@ -247,9 +235,14 @@ def c_grid4(packed: torch.Tensor, n: int, offset: int, absmax: torch.Tensor, blo
     layer's memory where an update and an ``apply`` make two, the same codes. False where it cannot run here
     (then the caller's torch path does the same): not a CPU, a block size that is not a power of two, or an
     ``offset`` not a multiple of 8 (two tiles would share a byte of the bits)."""
-    if not grid4_ready(packed, n, offset, absmax, blocksize, grid, moved):
-        return False
     levels, rank, code_of = grid
+    tensors = (packed, absmax, levels, rank, code_of, moved)
+    if (_forced[0] or offset % 8 or blocksize < 1 or blocksize & (blocksize - 1) or 2 * packed.numel() < n
+            or moved.numel() * 8 < n or moved.dtype != torch.uint8
+            or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
+            or packed.dtype != torch.uint8 or absmax.dtype != torch.float32 or levels.dtype != torch.float64
+            or rank.dtype != torch.int64 or code_of.dtype != torch.int64 or _library() is None):
+        return False
     k = max(len(terms), 1)
     seeds = (ctypes.c_uint64 * k)(*[int(s) for s, _ in terms])
     coefs = (ctypes.c_double * k)(*[float(c) for _, c in terms])

@@ -273,9 +273,9 @@ def test_the_c_pass_moves_codes_as_the_torch_path_does(quant, direction, roundin
 def test_a_folded_step_is_one_c_pass_a_layer_with_the_codes_of_an_update_and_a_perturbation(quant, eps):
     """``fold_step`` on the C library perturbs each tile straight after its update: half the calls (one pass
     over each layer's memory) of an update followed by ``apply``, and the same codes, bits and kept positions."""
-    ways = [CodeTrainable(code_layers(_quantized(quant))) for _ in range(2)]
     if fused.path() != fused.C_PATH:
         pytest.skip("the C library is not built here")
+    ways = [CodeTrainable(code_layers(_quantized(quant))) for _ in range(2)]
     for trainable in ways:
         trainable.apply(3, eps)
         trainable.apply(3, -eps)

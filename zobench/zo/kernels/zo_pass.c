@@ -445,6 +445,9 @@ static void noise16_tile(uint64_t seed, int64_t g, int n, int antithetic, uint16
         for (int j = 0; j < n; j++) out[j] = (uint16_t)(65535 - out[j]);
 }
 
+/* v from its Philox word: the top 23 bits plus half a step, exact in float32 and strictly inside (0, 1). */
+static inline float fine_of(uint32_t w) { return ((float)(w >> 9) + 0.5f) * 0x1p-23f; }
+
 /* v of values g .. g+n-1 (n <= TILE) for the noise seed `seed`, into out (float32, exact). */
 static void fine_tile(uint64_t seed, int64_t g, int n, float *out)
 {
@@ -454,7 +457,7 @@ static void fine_tile(uint64_t seed, int64_t g, int n, float *out)
     philox_blocks(seed ^ TIE_KEY, b0, nb, w);
     block_order(w, nb, all);
     uint32_t *mine = all + (g - b0 * 4);
-    for (int j = 0; j < n; j++) out[j] = ((float)(mine[j] >> 9) + 0.5f) * 0x1p-23f;
+    for (int j = 0; j < n; j++) out[j] = fine_of(mine[j]);
 }
 
 /* At a tie (h == T): whether v (1 - v where antithetic) of value i lies below F - T. One Philox block. */
@@ -464,7 +467,7 @@ static int tie_up(uint64_t seed, int antithetic, int64_t i, double F, double T)
     uint32_t ctr[4] = {(uint32_t)(i >> 2), (uint32_t)((uint64_t)(i >> 2) >> 32), 0, 0};
     uint32_t k[2] = {(uint32_t)key, (uint32_t)(key >> 32)}, out[4];
     zo_philox(ctr, k, out);
-    float v = ((float)(out[i & 3] >> 9) + 0.5f) * 0x1p-23f;
+    float v = fine_of(out[i & 3]);
     if (antithetic)
         v = 1.0f - v;
     return (double)v < F - T;

@@ -367,21 +367,6 @@ def test_pass_stats_say_which_kernel_ran_and_count_the_bytes():
     assert fused.pass_stats()["calls"] == {}  # reset
 
 
-@needs_c
-def test_flagged_positions_are_nonzeros_positions():
-    """QuZO's int8 perturbation asks which codes it left alone, per chunk, of the C library: the same positions
-    as torch's nonzero, whatever the length (a tail shorter than the 8-byte words) and density."""
-    gen = torch.Generator().manual_seed(7)
-    for n in (0, 1, 7, 8, 9, 1000, 262_147):
-        for density in (0.0, 0.002, 0.5, 1.0):
-            values = torch.randint(1, 255, (n,), generator=gen, dtype=torch.uint8)  # any nonzero byte is a flag
-            flags = (torch.rand(n, generator=gen) < density).to(torch.uint8) * values
-            got = fused.flagged(flags)
-            assert got.dtype == torch.int64 and torch.equal(got, flags.nonzero().view(-1)), (n, density)
-    with fused.torch_fallback():
-        assert torch.equal(fused.flagged(flags), flags.nonzero().view(-1))
-
-
 def _quantized_tiny(packed: bool):
     """The tiny Llama on NF4 with a random 1% of each linear kept beside it (dense-and-sparse), its value
     vectors packed into one buffer or left one tensor per layer; and the trainable over them."""

@@ -612,5 +612,33 @@ def test_the_c_int8_pass_restores_from_its_bits_at_an_offset_inside_a_byte():
     up = ((ups.view(-1, 1) >> torch.arange(8)) & 1).view(-1)[offset % 8:offset % 8 + codes.numel()]
     assert 0 < int(up.sum()) < codes.numel()  # some steps rounded up, some down
     fused.c_int8(codes, 0, codes.numel(), cols, offset, scb, "rademacher", [(4, eps)], "restore", ups,
-                 kept_at=kept.nonzero().view(-1))
+                 kept_at=kept)
     assert torch.equal(codes, before)
+
+
+@pytest.mark.parametrize("edge", [0.01, 0.5, 1.0])
+def test_the_c_int8_perturbation_returns_the_positions_of_the_codes_it_kept(edge):
+    """The C pass sets a bit for each code left alone at the range's edge (tiles own their bytes, from bit
+    start % 8) and reads them back as positions: those of the torch path's rule, |code +- d| > 127, for a
+    chunk that starts inside a byte and inside a tile, ends short of a word, with few kept codes or all."""
+    gen = torch.Generator().manual_seed(5)
+    layer_n, cols, offset, start, stop = 9000, 75, 1029, 1027, 8990
+    codes = torch.randint(-100, 101, (layer_n,), dtype=torch.int8, generator=gen)
+    if not fused.c_ready(codes):
+        pytest.skip("the C library is not built here")
+    codes[torch.rand(layer_n, generator=gen) < edge] = INT8_MAX  # at the edge: kept where d is not 0
+    scb = torch.rand(layer_n // cols, generator=gen) + 0.5
+    ups = torch.zeros((layer_n + offset % 8 + 7) // 8, dtype=torch.uint8)
+    eps = 1.6 * float(scb.max()) / 127  # a step or two
+    before = codes.clone()
+    z = fused.fill_z(torch.empty(stop - start), offset + start, "rademacher", 4).double()
+    unit = scb.double().repeat_interleave(cols)[start:stop] / 127
+    d = round_offset(z * eps / unit, uniform(11, offset + start, stop - start, "cpu"))
+    c = before[start:stop].long()
+    expected = (((c + d).abs() > INT8_MAX) | ((c - d).abs() > INT8_MAX)).nonzero().view(-1)
+    kept = fused.c_int8(codes, start, stop, cols, offset, scb, "rademacher", [(4, eps)], "perturb", ups,
+                        noise_seed=11)
+    assert expected.numel() > 0 and torch.equal(kept, expected)
+    assert torch.equal(codes[start:stop].long(), torch.where(
+        torch.zeros_like(c, dtype=torch.bool).index_fill_(0, expected, True), c, c + d))
+    assert torch.equal(codes[:start], before[:start]) and torch.equal(codes[stop:], before[stop:])

@@ -145,7 +145,7 @@ class CodeTrainable(Trainable):
             if k in on_c:
                 keep = self._c_int8(k, layer, start, stop, [(seed, scale)], "perturb", noise_seed(seed, "perturb"),
                                     antithetic=scale < 0, pending=pending, k_pending=k)
-                skipped[k].append(fused.flagged(keep) + start)
+                skipped[k].append(keep + start)
             elif layer.kind == "int8":
                 codes = layer.read(start, stop)
                 d = self._int8_steps(k, layer, start, stop, at, seed, scale)
@@ -159,12 +159,12 @@ class CodeTrainable(Trainable):
         """The int8 layers the C library runs (``fused.c_ready``)."""
         return {k for k, layer in enumerate(self.layers) if layer.kind == "int8" and fused.c_ready(layer.codes)}
 
-    def _take_pending(self) -> tuple[tuple | None, set]:
+    def _take_pending(self, on_c: set[int] | None = None) -> tuple[tuple | None, set]:
         """Before a pass that moves every code: the pending perturbation (seed, signed eps, its skipped
         positions per layer), or None, and the int8 layers the C library runs (they restore it in that pass,
         ``fused.c_int8``'s ``restore``); the 4-bit layers restore it in their own pass too (``_move4``), every
-        other layer is restored here."""
-        on_c = self._on_c()
+        other layer is restored here. ``on_c``: ``_on_c()`` where the caller has it."""
+        on_c = self._on_c() if on_c is None else on_c
         pending = (self._seed, self._scale, self.skipped) if self._seed is not None else None
         self.restore(leave=on_c | self.four_bit)
         self._seed, self._scale = None, 0.0
@@ -178,8 +178,9 @@ class CodeTrainable(Trainable):
             return
         for k in self.four_bit - set(leave):
             self._move4(k, [(self._seed, self._scale)], "restore", None)
-        on_c = self._on_c()
-        for k, layer, start, stop, at in self._chunks(skip=self.four_bit | set(leave), on_c=on_c):
+        skip = self.four_bit | set(leave)
+        on_c = self._on_c() if len(skip) < len(self.layers) else set()
+        for k, layer, start, stop, at in self._chunks(skip=skip, on_c=on_c):
             skipped = self.skipped[k]
             mine = skipped[(skipped >= start) & (skipped < stop)] - start
             if k in on_c:
@@ -240,7 +241,9 @@ class CodeTrainable(Trainable):
         if pending is not None:
             seed, scale, skipped = pending
             at = skipped[k_pending]
-            kept_at = at[(at >= start) & (at < stop)] - start if at is not None else None
+            if at is not None and (start, stop) != (0, layer.numel):  # a whole layer's are its chunk's
+                at = at[(at >= start) & (at < stop)] - start
+            kept_at = at
             restore = (seed, scale)
         return fused.c_int8(layer.codes.view(-1), start, stop, layer.shape[1], self.offsets[k],
                             row_scales(layer.module).contiguous(), self.direction, terms, mode, self.ups[k],
@@ -301,11 +304,12 @@ class CodeTrainable(Trainable):
         and ``fused.c_int8``), where the two calls make two passes over the layer's memory; the same codes.
         Where an int8 layer is not on the C library, the two calls; a 4-bit layer whose C pass cannot run makes
         the two passes itself (``_move4``)."""
-        if self._on_c() | self.four_bit != set(range(len(self.layers))):
+        on_c = self._on_c()
+        if on_c | self.four_bit != set(range(len(self.layers))):
             self.update(grads, optimizer, step)
             self.apply(seed, scale)
             return
-        pending, on_c = self._take_pending()
+        pending, on_c = self._take_pending(on_c)
         lr, decay = optimizer.lr(step), optimizer.weight_decay
         decay_coef = lr * decay if decay else None
         stream = int(grads[0][0])
@@ -317,7 +321,7 @@ class CodeTrainable(Trainable):
         for k, layer, start, stop, _ in self._chunks(skip=self.four_bit, on_c=on_c):
             keep = self._c_int8(k, layer, start, stop, grads, "update", noise_seed(stream, "update"), lr=lr,
                                 decay_coef=decay_coef, pending=pending, k_pending=k, then=then)
-            skipped[k].append(fused.flagged(keep) + start)
+            skipped[k].append(keep + start)
         self.skipped = [torch.cat(s) if s else None for s in skipped]
         self._seed, self._scale = seed, scale
 

@@ -70,9 +70,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.zo_grid4.restype = None
     lib.zo_int8.argtypes = [ptr, i64, i64, i64, i64, ptr, i32, ptr, ptr, i32, i32, f64, i32, f64, i32, u64, i32,
                             ptr, ptr, i64, i32, u64, f64, ptr, i32, u64, f64, u64, i32]
-    lib.zo_int8.restype = None
-    lib.zo_flagged.argtypes = [ptr, i64, ptr]
-    lib.zo_flagged.restype = i64
+    lib.zo_int8.restype = i64
     return lib
 
 
@@ -271,51 +269,41 @@ def c_ready(codes: torch.Tensor) -> bool:
             and _library() is not None)
 
 
-def flagged(flags: torch.Tensor) -> torch.Tensor:
-    """The positions (int64) of the nonzero entries of a flat uint8 tensor, as ``flags.nonzero()`` gives them;
-    on the C library for CPU tensors (QuZO's int8 perturbation asks for them per chunk: torch's nonzero took
-    ~10% of its passes)."""
-    lib = None if _forced[0] else _library()
-    if lib is None or flags.device.type != "cpu" or flags.dtype != torch.uint8 or not flags.is_contiguous():
-        return flags.nonzero().view(-1)
-    out = torch.empty(flags.numel(), dtype=torch.int64)
-    m = lib.zo_flagged(flags.data_ptr(), flags.numel(), out.data_ptr())
-    return out[:m].clone()
-
-
 def c_int8(codes: torch.Tensor, start: int, stop: int, cols: int, offset: int, scb: torch.Tensor, direction: str,
            terms: Sequence[tuple[int, float]], mode: str, ups: torch.Tensor, *, kept_at: torch.Tensor | None = None,
            lr: float = 0.0, decay_coef: float | None = None, noise_seed: int | None = None,
            antithetic: bool = False, restore: tuple[int, float] | None = None,
            then: tuple[int, float, int | None] | None = None) -> torch.Tensor:
     """QuZO's pass over values ``start`` .. ``stop - 1`` of one int8 layer (``zo_int8`` in zo_pass.c), in place,
-    where ``c_ready(codes)``: ``perturb`` returns the flags (uint8, one per value) of the codes it left alone at
-    the range's edge and writes into ``ups`` (the layer's bits, value v at bit v + offset % 8) whether each
-    value's step rounded up; ``restore`` takes the perturbation back with the positions of its flagged values
-    as ``kept_at`` (int64, ascending, from ``start``) and the bits (no noise drawn); ``update`` moves and
-    clamps. ``restore`` = (seed, signed eps) of a pending perturbation, with its positions as ``kept_at``:
-    restored first, in the same pass (perturb and update). ``then`` (an update's): a perturbation made
-    straight after it, tile by tile (``c_grid4``), whose flags are returned and whose bits go to ``ups``."""
+    where ``c_ready(codes)``: ``perturb`` returns the positions (int64, ascending, from ``start``) of the codes
+    it left alone at the range's edge and writes into ``ups`` (the layer's bits, value v at bit v + offset % 8)
+    whether each value's step rounded up; ``restore`` takes the perturbation back with those positions as
+    ``kept_at`` and the bits (no noise drawn); ``update`` moves and clamps (and returns no positions).
+    ``restore`` = (seed, signed eps) of a pending perturbation, with its positions as ``kept_at``: restored
+    first, in the same pass (perturb and update). ``then`` (an update's): a perturbation made
+    straight after it, tile by tile (``c_grid4``), whose positions are returned and whose bits go to ``ups``."""
     if not c_ready(codes) or scb.dtype != torch.float32 or scb.device.type != "cpu" or not scb.is_contiguous():
         raise ValueError("c_int8 runs on contiguous CPU int8 codes and float32 scales with the C library")
     if ups.dtype != torch.uint8 or ups.device.type != "cpu" or not ups.is_contiguous() or \
             ups.numel() * 8 < codes.numel() + offset % 8:
         raise ValueError("c_int8's bits: a contiguous CPU uint8 tensor of a bit per code (after offset % 8)")
     n = stop - start
-    flags = torch.empty(n if mode == "perturb" or then else 0, dtype=torch.uint8)  # each one written
+    kept = torch.empty(n if mode == "perturb" or then else 0, dtype=torch.int64)  # room for every value
     at = (kept_at if kept_at is not None else torch.zeros(0, dtype=torch.int64)).to(torch.int64).contiguous()
     r_seed, r_coef = restore if restore is not None else (0, 0.0)
     k = max(len(terms), 1)
     t = time.perf_counter()
-    _state["lib"].zo_int8(codes.data_ptr(), int(start), int(n), int(cols), int(offset), scb.data_ptr(),
-                          DIRECTIONS[direction], (ctypes.c_uint64 * k)(*[int(s) for s, _ in terms]),
-                          (ctypes.c_double * k)(*[float(c) for _, c in terms]), len(terms), INT8_MODES[mode],
-                          float(lr), int(decay_coef is not None), float(decay_coef or 0.0),
-                          int(noise_seed is not None), int(noise_seed or 0), int(antithetic),
-                          flags.data_ptr() if flags.numel() else None, at.data_ptr() if at.numel() else None,
-                          at.numel(), int(restore is not None), int(r_seed),
-                          float(r_coef), ups.data_ptr(), *_then(then), torch.get_num_threads())
+    m = _state["lib"].zo_int8(codes.data_ptr(), int(start), int(n), int(cols), int(offset), scb.data_ptr(),
+                              DIRECTIONS[direction], (ctypes.c_uint64 * k)(*[int(s) for s, _ in terms]),
+                              (ctypes.c_double * k)(*[float(c) for _, c in terms]), len(terms), INT8_MODES[mode],
+                              float(lr), int(decay_coef is not None), float(decay_coef or 0.0),
+                              int(noise_seed is not None), int(noise_seed or 0), int(antithetic),
+                              kept.data_ptr() if kept.numel() else None, at.data_ptr() if at.numel() else None,
+                              at.numel(), int(restore is not None), int(r_seed), float(r_coef), ups.data_ptr(),
+                              *_then(then), torch.get_num_threads())
     _passes["seconds"] += time.perf_counter() - t
+    if m < 0:
+        raise MemoryError(f"zo_int8: no memory for the kept bits of {n:,} values")
     _passes["bytes"] += 2 * n + (n + 7) // 8
     _passes["calls"][C_PATH] = _passes["calls"].get(C_PATH, 0) + 1
-    return flags
+    return kept[:m].clone()

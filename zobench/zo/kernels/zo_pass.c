@@ -23,6 +23,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -360,26 +361,6 @@ void zo_pass(int direction, int dtype, int64_t n, int64_t offset, void *live, co
         int64_t g = max64(t * TILE, offset), e = min64(t * TILE + TILE, offset + n);
         tile(&P, g, (int)(e - g));
     }
-}
-
-/* The positions of the nonzero bytes of flags[0 .. n-1], in order, into out (room for n); returns how many.
- * Mostly-zero flags (QuZO's int8 codes left alone at the range's edge: a few a row) skip 8 bytes at a time. */
-int64_t zo_flagged(const uint8_t *flags, int64_t n, int64_t *out)
-{
-    int64_t m = 0, i = 0;
-    for (; i + 8 <= n; i += 8) {
-        uint64_t w;
-        memcpy(&w, flags + i, 8);
-        if (!w)
-            continue;
-        for (int b = 0; b < 8; b++)
-            if (flags[i + b])
-                out[m++] = i + b;
-    }
-    for (; i < n; i++)
-        if (flags[i])
-            out[m++] = i;
-    return m;
 }
 
 /* ---- QuZO's passes over low-bit codes (zobench/methods/quzo.py, zobench/zo/rounding.py) ----------------
@@ -1048,8 +1029,9 @@ void zo_grid4(uint8_t *packed, int64_t n, int64_t offset, const float *absmax, i
 /* QuZO on int8 codes (one step per code, the row's unit SCB[row] / 127), values j0 .. j0+n-1 of a layer of
  * `cols` columns whose value 0 has global index `offset` (z and noise are keyed by global index), in place:
  *   mode 0, perturb: x = coefs[0] z / unit, d = round(x); a code that +d or -d would push out of [-127, 127]
- *                    keeps its value and is flagged in kept[j - j0] (else 0); whether d rounded up
- *                    (d - floor(x)) goes to the layer's bits `ups` (value v at bit v + offset % 8)
+ *                    keeps its value, and its position j - j0 goes to kept_out (ascending; the call
+ *                    returns how many); whether d rounded up (d - floor(x)) goes to the layer's bits `ups`
+ *                    (value v at bit v + offset % 8)
  *   mode 1, restore: the same d, floor(x) + its bit, subtracted, except at the perturbation's kept values,
  *                    kept_at[0 .. n_kept_at - 1] (their j - j0, ascending) (no noise)
  *   mode 2, update:  x = (-lr sum_t coefs[t] z_t [- decay_coef code unit]) / unit, code = clamp(code + round(x))
@@ -1060,7 +1042,8 @@ void zo_grid4(uint8_t *packed, int64_t n, int64_t offset, const float *absmax, i
  * for R (its bits say how it rounded). The torch path's operations, in the same order, in float64. */
 struct int8pass {
     int8_t *codes;
-    uint8_t *kept;             /* out: the perturbation's kept flags */
+    uint8_t *kept;             /* out: the perturbation's kept flags, a bit each (value j0 + l at bit l + start % 8,
+                                  start = offset + j0, so that each tile owns its bytes) */
     const int64_t *kept_at;    /* in: the pending perturbation's kept values */
     int64_t n_kept_at;
     int64_t j0, cols, offset;
@@ -1193,7 +1176,8 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
         noise16_tile(P->noise_seed, g, n, P->antithetic, u);
     double r_coef = mode == 1 ? P->coefs[0] : P->r_coef, lr = -P->lr, dc = P->decay_coef;
     int8_t *codes = P->codes + local;
-    uint8_t *kept = P->kept ? P->kept + (local - P->j0) : NULL;  /* perturb: its flags, out */
+    int64_t k0 = local - P->j0 + ((P->offset + P->j0) & 7);  /* the tile's first kept bit */
+    uint8_t kout[TILE];  /* perturb: its kept flags, before they go to P->kept's bits */
     uint8_t kin[TILE];  /* restoring: the pending perturbation's kept flags */
     if (restoring)
         kept_tile(P, local - P->j0, n, kin);
@@ -1217,7 +1201,8 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
         }
         for (int j = 0; j < n; j++) codes[j] = (int8_t)c32[j];
         if (mode == 0) {
-            for (int j = 0; j < n; j++) kept[j] = (uint8_t)keep_out[j];
+            for (int j = 0; j < n; j++) kout[j] = (uint8_t)keep_out[j];
+            put_bits(P->kept, k0, n, kout);
             for (int j = 0; j < n; j++) up[j] = (uint8_t)up_out[j];
             put_bits(P->ups, b0, n, up);
         }
@@ -1290,29 +1275,39 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
     }
     for (int j = 0; j < n; j++) codes[j] = (int8_t)c[j];
     if (mode == 0) {
-        for (int j = 0; j < n; j++) kept[j] = (uint8_t)keep[j];
+        for (int j = 0; j < n; j++) kout[j] = (uint8_t)keep[j];
+        put_bits(P->kept, k0, n, kout);
         for (int j = 0; j < n; j++) up[j] = (uint8_t)bit[j];
         put_bits(P->ups, b0, n, up);
     }
 }
 
-/* With `then` (mode 2): each tile perturbed straight after its update, as zo_grid4's `then`; its kept flags go
- * to kept[] and its bits to ups. */
-void zo_int8(int8_t *codes, int64_t j0, int64_t n, int64_t cols, int64_t offset, const float *scb,
-             int direction, const uint64_t *seeds, const double *coefs, int nterms, int mode, double lr,
-             int has_decay, double decay_coef, int stochastic, uint64_t noise_seed, int antithetic,
-             uint8_t *kept, const int64_t *kept_at, int64_t n_kept_at, int restore, uint64_t r_seed, double r_coef,
-             uint8_t *ups, int then, uint64_t t_seed, double t_coef, uint64_t t_noise, int nthreads)
+/* With `then` (mode 2): each tile perturbed straight after its update, as zo_grid4's `then`; its kept positions
+ * go to kept_out and its bits to ups.
+ *
+ * kept_out (room for n; NULL where the pass perturbs nothing) gets the perturbation's kept positions: the tiles
+ * set them as bits (a byte a value would be n bytes written and scanned again; they are a few a row), read here
+ * 64 at a time after the parallel loop. Returns how many there are (0 without kept_out), or -1 where the bits'
+ * memory could not be had (nothing was moved). */
+int64_t zo_int8(int8_t *codes, int64_t j0, int64_t n, int64_t cols, int64_t offset, const float *scb,
+                int direction, const uint64_t *seeds, const double *coefs, int nterms, int mode, double lr,
+                int has_decay, double decay_coef, int stochastic, uint64_t noise_seed, int antithetic,
+                int64_t *kept_out, const int64_t *kept_at, int64_t n_kept_at, int restore, uint64_t r_seed,
+                double r_coef, uint8_t *ups, int then, uint64_t t_seed, double t_coef, uint64_t t_noise, int nthreads)
 {
+    if (n <= 0 || nterms < 1)
+        return 0;
+    then = then && mode == 2 && kept_out;
+    int64_t start = offset + j0, first = start / TILE, end = (start + n + TILE - 1) / TILE;
+    uint8_t *kept = NULL;
+    int64_t words = ((start & 7) + n + 63) / 64;  /* the kept bits, from bit start % 8 */
+    if ((mode == 0 || then) && !(kept = calloc((size_t)words, 8)))
+        return -1;
     struct int8pass P = {codes, kept, kept_at, n_kept_at, j0, cols, offset, scb, direction, nterms, mode, has_decay,
                          stochastic, antithetic, seeds, coefs, lr, decay_coef, noise_seed, restore, r_seed, r_coef,
                          ups};
     struct int8pass Q = {codes, kept, NULL, 0, j0, cols, offset, scb, direction, 1, 0, 0, stochastic, t_coef < 0,
                          &t_seed, &t_coef, 0.0, 0.0, t_noise, 0, 0, 0.0, ups};
-    if (n <= 0 || nterms < 1)
-        return;
-    then = then && mode == 2 && kept;
-    int64_t start = offset + j0, first = start / TILE, end = (start + n + TILE - 1) / TILE;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n >= PARALLEL_MIN)
     for (int64_t t = first; t < end; t++) {
         int64_t g = max64(t * TILE, start), e = min64(t * TILE + TILE, start + n);
@@ -1320,4 +1315,14 @@ void zo_int8(int8_t *codes, int64_t j0, int64_t n, int64_t cols, int64_t offset,
         if (then)
             int8_tile(&Q, g, (int)(e - g));
     }
+    int64_t m = 0;
+    if (kept && kept_out)
+        for (int64_t w = 0; w < words; w++) {
+            uint64_t v = 0;  /* bytes 8w .. 8w+7, bit b of byte k as bit 8k + b (one load where little-endian) */
+            for (int k = 0; k < 8; k++) v |= (uint64_t)kept[8 * w + k] << (8 * k);
+            for (; v; v &= v - 1)
+                kept_out[m++] = 64 * w + __builtin_ctzll(v) - (start & 7);
+        }
+    free(kept);
+    return m;
 }

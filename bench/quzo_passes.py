@@ -14,7 +14,8 @@ machine falls on both alike. Reported per quant: median seconds of each, the C s
 
 With ``--lib`` (twice or more: builds of zo_pass.c with the same interface, e.g. the library of the tree
 before a change, from ``zobench.zo.kernels.build.library_path()``), the rounds alternate those libraries in
-one process instead of C against torch: a kernel change timed side by side, the same codes and process.
+one process instead of C against torch: a kernel change timed side by side, the same codes and process,
+in an order reversed every other round (the second of two identical libraries ran ~5% slower on nf4-plain).
 Processes differ by ~10% from run to run on this machine (the same code's passes: 0.18-0.27 s), more than
 most single changes, so compare libraries in one process where the interface allows.
 """
@@ -66,8 +67,8 @@ def run(quant: str, rounds: int, libs: list[str] | None = None) -> dict:
     seed = 1
     for r in range(rounds + 1):  # round 0 warms up
         got = {}
-        if bound:
-            for path, lib in bound.items():
+        if bound:  # the order reversed every other round: a library's place in a round showed (~5%)
+            for path, lib in (list(bound.items()) if r % 2 else list(bound.items())[::-1]):
                 fused._state["lib"] = lib
                 got[path] = passes(trainable, seed)
                 seed += 1

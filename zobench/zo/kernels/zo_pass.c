@@ -479,10 +479,18 @@ void zo_uniform(uint64_t seed, int64_t start, int64_t n, double *out, int nthrea
     }
 }
 
-/* The float z of one seed over g .. g+n-1 (a tile), into z. */
+/* The float z of one seed over g .. g+n-1 (a tile), into z (room for TILE values). */
 static void z_tile(int direction, uint64_t seed, int64_t g, int n, float *z)
 {
-    if (direction == DIR_RADEMACHER) {
+    if (direction == DIR_RADEMACHER && !(g & 127)) {  /* whole blocks from z[0]: +-1 straight from the bits */
+        uint32_t w[4][BLOCKS], *out = (uint32_t *)(void *)z;
+        int nb = (n + 127) >> 7;  /* the last block's tail lands in z's room beyond n (g + n <= the tile's end) */
+        philox_blocks(seed, g >> 7, nb, w);
+        for (int i = 0; i < nb; i++)
+            for (int v = 0; v < 4; v++)
+                for (int k = 0; k < 32; k++)
+                    out[128 * i + 32 * v + k] = 0x3f800000u | (~w[v][i] >> k & 1u) << 31;
+    } else if (direction == DIR_RADEMACHER) {
         uint32_t buf[TILE];
         const uint32_t *sign = rademacher_tile(seed, g, n, buf);
         for (int j = 0; j < n; j++) {

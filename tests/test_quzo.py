@@ -17,6 +17,7 @@ from zobench.cell.pipeline import Pipeline
 from zobench.driver import run_suite
 from zobench.errors import UserError
 from zobench.gates import bnb
+from zobench.methods import quzo
 from zobench.methods.quzo import SKIPPED_PER_ROW, CodeTrainable, _get_bits, _put_bits
 from zobench.models import load_model
 from zobench.quant import QuantContext, get_backend, quantize_model
@@ -267,6 +268,23 @@ def test_the_c_pass_moves_codes_as_the_torch_path_does(quant, direction, roundin
         assert all(torch.equal(x, y) for x, y in zip(a, b)), i
     assert any(not torch.equal(x, y) for x, y in zip(c_way[0], c_way[3]))  # the perturbation moved codes
     assert any(not torch.equal(x, y) for x, y in zip(c_way[3], c_way[4]))  # so did the update
+
+
+def test_int8_layers_cut_into_runs_across_c_calls_move_codes_as_the_torch_path_does(monkeypatch):
+    """The C library takes several int8 layers a call, up to ``C_VALUES`` values, a larger layer cut into runs:
+    with runs of 2,999 values (each starting inside a byte of the layer's bits and inside a tile, the kept
+    positions of a pending perturbation split among them) the codes are the torch path's, as with whole layers."""
+    if fused.path() != fused.C_PATH:
+        pytest.skip("the C library is not built here")
+    with fused.torch_fallback():
+        expected, _ = _moves("int8", "rademacher", "stochastic")
+    whole, whole_calls = _moves("int8", "rademacher", "stochastic")
+    monkeypatch.setattr(quzo, "C_VALUES", 2999)
+    cut, cut_calls = _moves("int8", "rademacher", "stochastic")
+    assert 0 < whole_calls < cut_calls  # the runs did go to more calls
+    assert max(layer.numel for layer in code_layers(_quantized("int8"))) > 2999
+    for i, (a, b, c) in enumerate(zip(expected, whole, cut)):
+        assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(a, b, c)), i
 
 
 @pytest.mark.parametrize("quant, eps", [("nf4-plain", 3e-2), ("int8", 3e-3)])

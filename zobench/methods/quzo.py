@@ -68,10 +68,9 @@ from zobench.zo.sizes import PHILOX_CHUNK
 from zobench.zo.trainable import Trainable
 
 CHUNK = PHILOX_CHUNK  # values per pass step: temporaries stay bounded (``TEMP_BYTES`` each)
-# Values per call of the C library's int8 pass: its temporaries are the chunk's flags (a byte a value, the codes
-# left alone) and their positions; larger than the torch path's chunk, since each call costs ~50 us of Python
-# and OpenMP start-up (SmolLM2: 405 calls a pass at CHUNK).
-C_CHUNK = 1 << 20
+# Values per call of the C library's int8 pass (whole layers, several a call: each call costs ~50 us of Python
+# and OpenMP start-up, and a call a layer made 420 a SmolLM2 step); its temporary is a bit a value (2 MiB).
+C_VALUES = 1 << 24
 TEMP_BYTES = 96       # bytes of temporaries per value of a chunk (z, noise, float64 targets, int64 codes, indices)
 SKIPPED_PER_ROW = 2   # int8 codes at the range's edge per row, kept as int64 positions during a step
 
@@ -102,16 +101,14 @@ class CodeTrainable(Trainable):
                     if layer.kind == "int8" else None for layer, off in zip(layers, self.offsets)]
         self.initial = None  # the codes at the start, on disk (``keep_initial``)
 
-    def _chunks(self, skip=(), only=None, on_c=()):
+    def _chunks(self, skip=(), only=None):
         """(layer number, layer, start, stop, global index of start) over every value, chunk by chunk (the
-        layers numbered in ``skip`` left out; only layer ``only`` where given; those in ``on_c``, run by the
-        C library, in chunks of ``C_CHUNK``)."""
+        layers numbered in ``skip`` left out; only layer ``only`` where given): the torch path's passes."""
         for k, layer in enumerate(self.layers):
             if k in skip or only not in (None, k):
                 continue
-            size = C_CHUNK if k in on_c else CHUNK
-            for start in range(0, layer.numel, size):
-                yield k, layer, start, min(start + size, layer.numel), self.offsets[k] + start
+            for start in range(0, layer.numel, CHUNK):
+                yield k, layer, start, min(start + CHUNK, layer.numel), self.offsets[k] + start
 
     def _noise(self, seed: int, stream: str, at: int, n: int, device) -> torch.Tensor | None:
         return uniform(noise_seed(seed, stream), at, n, device) if self.stochastic else None
@@ -141,12 +138,13 @@ class CodeTrainable(Trainable):
         for k in self.four_bit:  # each restores the pending perturbation in its own pass
             self._move4(k, [(seed, scale)], "perturb", noise_seed(seed, "perturb"), antithetic=scale < 0,
                         pending=pending)
-        for k, layer, start, stop, at in self._chunks(skip=self.four_bit, on_c=on_c):
-            if k in on_c:
-                keep = self._c_int8(k, layer, start, stop, [(seed, scale)], "perturb", noise_seed(seed, "perturb"),
-                                    antithetic=scale < 0, pending=pending, k_pending=k)
-                skipped[k].append(keep + start)
-            elif layer.kind == "int8":
+        if on_c:
+            kept = self._c_int8(on_c, [(seed, scale)], "perturb", noise_seed(seed, "perturb"), antithetic=scale < 0,
+                                pending=pending)
+            for k in on_c:
+                skipped[k].append(kept[k])
+        for k, layer, start, stop, at in self._chunks(skip=self.four_bit | on_c):
+            if layer.kind == "int8":
                 codes = layer.read(start, stop)
                 d = self._int8_steps(k, layer, start, stop, at, seed, scale)
                 keep = ((codes + d).abs() > INT8_MAX) | ((codes - d).abs() > INT8_MAX)
@@ -179,17 +177,16 @@ class CodeTrainable(Trainable):
         for k in self.four_bit - set(leave):
             self._move4(k, [(self._seed, self._scale)], "restore", None)
         skip = self.four_bit | set(leave)
-        on_c = self._on_c() if len(skip) < len(self.layers) else set()
-        for k, layer, start, stop, at in self._chunks(skip=skip, on_c=on_c):
+        on_c = self._on_c() - skip if len(skip) < len(self.layers) else set()
+        if on_c:
+            self._c_int8(on_c, [(self._seed, self._scale)], "restore", None, kept_at=self.skipped)
+        for k, layer, start, stop, at in self._chunks(skip=skip | on_c):
             skipped = self.skipped[k]
             mine = skipped[(skipped >= start) & (skipped < stop)] - start
-            if k in on_c:
-                self._c_int8(k, layer, start, stop, [(self._seed, self._scale)], "restore", None,
-                             kept_at=mine)
-            else:  # the step the perturbation took: its floor, and up one where its bit says it rounded up
-                x = self._int8_x(layer, start, stop, at, self._seed, self._scale)
-                d = torch.floor(x).long() + _get_bits(self.ups[k], start + self.offsets[k] % 8, stop - start).long()
-                layer.write(start, stop, layer.read(start, stop) - d.index_fill_(0, mine, 0))
+            # the step the perturbation took: its floor, and up one where its bit says it rounded up
+            x = self._int8_x(layer, start, stop, at, self._seed, self._scale)
+            d = torch.floor(x).long() + _get_bits(self.ups[k], start + self.offsets[k] % 8, stop - start).long()
+            layer.write(start, stop, layer.read(start, stop) - d.index_fill_(0, mine, 0))
         self.skipped = [None] * len(self.layers)
         self._seed, self._scale = None, 0.0
 
@@ -233,23 +230,42 @@ class CodeTrainable(Trainable):
             layer.write(start, stop, self._grid_move(k, layer, codes, start, stop, est, noise, antithetic,
                                                      perturb=mode == "perturb"))
 
-    def _c_int8(self, k, layer, start, stop, terms, mode, seed_of_noise, antithetic=False, kept_at=None, lr=0.0,
-                decay_coef=None, pending=None, k_pending=None, then=None) -> torch.Tensor:
-        """Values ``start`` .. ``stop - 1`` of an int8 layer on the C library (``fused.c_int8``: the torch path's
-        numbers), the ``pending`` perturbation (``_take_pending``) restored in the same pass."""
+    def _c_int8(self, on_c: set[int], terms, mode, seed_of_noise, antithetic=False, kept_at=None, lr=0.0,
+                decay_coef=None, pending=None, then=None) -> list[torch.Tensor | None]:
+        """The int8 layers numbered in ``on_c``, whole, on the C library (``fused.c_int8_runs``: the torch path's
+        numbers; layers grouped up to ``C_VALUES`` values a call, each call one parallel loop over their tiles),
+        the ``pending`` perturbation (``_take_pending``) restored in the same pass. ``kept_at``: each layer's kept
+        positions of the perturbation a ``restore`` takes back. Returns each layer's kept positions of the
+        perturbation made (``perturb``, or ``then``), None for the layers not in ``on_c``."""
         restore = None
         if pending is not None:
-            seed, scale, skipped = pending
-            at = skipped[k_pending]
-            if at is not None and (start, stop) != (0, layer.numel):  # a whole layer's are its chunk's
-                at = at[(at >= start) & (at < stop)] - start
-            kept_at = at
-            restore = (seed, scale)
-        return fused.c_int8(layer.codes.view(-1), start, stop, layer.shape[1], self.offsets[k],
-                            row_scales(layer.module).contiguous(), self.direction, terms, mode, self.ups[k],
-                            kept_at=kept_at, lr=lr,
-                            decay_coef=decay_coef, noise_seed=seed_of_noise if self.stochastic else None,
-                            antithetic=antithetic, restore=restore, then=then)
+            kept_at, restore = pending[2], pending[:2]
+        found: list[list] = [[] for _ in self.layers]
+        runs, of = [], []
+
+        def run() -> None:
+            got = fused.c_int8_runs(runs, self.direction, terms, mode, lr=lr, decay_coef=decay_coef,
+                                    noise_seed=seed_of_noise if self.stochastic else None, antithetic=antithetic,
+                                    restore=restore, then=then)
+            for k, r, positions in zip(of, runs, got):
+                found[k].append(positions + r.start)
+            runs.clear(), of.clear()
+
+        for k in sorted(on_c):
+            layer = self.layers[k]
+            codes, scb = layer.codes.view(-1), row_scales(layer.module).contiguous()
+            for start in range(0, layer.numel, C_VALUES):
+                stop = min(start + C_VALUES, layer.numel)
+                at = kept_at[k] if kept_at is not None else None
+                if at is not None and (start, stop) != (0, layer.numel):  # a whole layer's are its run's
+                    at = at[(at >= start) & (at < stop)] - start
+                if sum(r.stop - r.start for r in runs) + stop - start > C_VALUES:
+                    run()
+                runs.append(fused.Int8Run(codes, start, stop, layer.shape[1], self.offsets[k], scb, self.ups[k], at))
+                of.append(k)
+        if runs:
+            run()
+        return [torch.cat(f) if f else None for f in found]
 
     def _grid_move(self, k, layer, codes, start, stop, delta, noise, antithetic=False, perturb=False) -> torch.Tensor:
         """4-bit codes moved by ``delta`` (weight units) onto the layer's levels; codes whose level does not
@@ -280,11 +296,10 @@ class CodeTrainable(Trainable):
         for k in self.four_bit:
             self._move4(k, grads, "update", noise_seed(stream, "update"), update=(lr, lr * decay if decay else None),
                         pending=pending)
-        for k, layer, start, stop, at in self._chunks(skip=self.four_bit, on_c=on_c):
-            if k in on_c:
-                self._c_int8(k, layer, start, stop, grads, "update", noise_seed(stream, "update"), lr=lr,
-                             decay_coef=lr * decay if decay else None, pending=pending, k_pending=k)
-                continue
+        if on_c:
+            self._c_int8(on_c, grads, "update", noise_seed(stream, "update"), lr=lr,
+                         decay_coef=lr * decay if decay else None, pending=pending)
+        for k, layer, start, stop, at in self._chunks(skip=self.four_bit | on_c):
             codes = layer.read(start, stop)
             est = None
             for seed, coef in grads:
@@ -317,12 +332,9 @@ class CodeTrainable(Trainable):
         for k in self.four_bit:
             self._move4(k, grads, "update", noise_seed(stream, "update"), update=(lr, decay_coef), pending=pending,
                         then=then)
-        skipped: list[list] = [[] for _ in self.layers]
-        for k, layer, start, stop, _ in self._chunks(skip=self.four_bit, on_c=on_c):
-            keep = self._c_int8(k, layer, start, stop, grads, "update", noise_seed(stream, "update"), lr=lr,
-                                decay_coef=decay_coef, pending=pending, k_pending=k, then=then)
-            skipped[k].append(keep + start)
-        self.skipped = [torch.cat(s) if s else None for s in skipped]
+        self.skipped = self._c_int8(on_c, grads, "update", noise_seed(stream, "update"), lr=lr,
+                                    decay_coef=decay_coef, pending=pending, then=then) if on_c else \
+            [None] * len(self.layers)
         self._seed, self._scale = seed, scale
 
     # -- the codes at one step, kept on disk (best dev step), and what changed since the start ------------

@@ -23,7 +23,7 @@ import ctypes
 import os
 import threading
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -68,9 +68,11 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.zo_grid4.argtypes = [ptr, i64, i64, ptr, i32, ptr, ptr, ptr, i32, i32, ptr, ptr, i32, i32, f64, i32, f64,
                              i32, u64, i32, ptr, i32, u64, f64, i32, u64, f64, u64, i32]
     lib.zo_grid4.restype = None
-    lib.zo_int8.argtypes = [ptr, i64, i64, i64, i64, ptr, i32, ptr, ptr, i32, i32, f64, i32, f64, i32, u64, i32,
-                            ptr, ptr, i64, i32, u64, f64, ptr, i32, u64, f64, u64, i32]
+    lib.zo_int8.argtypes = [i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, i32, i32, f64, i32, f64,
+                            i32, u64, i32, i32, u64, f64, i32, u64, f64, u64, i32, ptr, ptr]
     lib.zo_int8.restype = i64
+    lib.zo_free.argtypes = [ptr]
+    lib.zo_free.restype = None
     return lib
 
 
@@ -269,41 +271,73 @@ def c_ready(codes: torch.Tensor) -> bool:
             and _library() is not None)
 
 
+class Int8Run(NamedTuple):
+    """Values ``start`` .. ``stop - 1`` of one int8 layer, for ``c_int8_runs``."""
+    codes: torch.Tensor                   # the layer's codes (contiguous CPU int8; values addressed flat)
+    start: int
+    stop: int
+    cols: int                             # the layer's columns (a row's unit is scb[row] / 127)
+    offset: int                           # the global index of the layer's value 0
+    scb: torch.Tensor                     # its row absmax (contiguous CPU float32)
+    ups: torch.Tensor                     # its bits: value v at bit v + offset % 8
+    kept_at: torch.Tensor | None = None   # the pending perturbation's kept positions in the run, from start
+
+
 def c_int8(codes: torch.Tensor, start: int, stop: int, cols: int, offset: int, scb: torch.Tensor, direction: str,
            terms: Sequence[tuple[int, float]], mode: str, ups: torch.Tensor, *, kept_at: torch.Tensor | None = None,
-           lr: float = 0.0, decay_coef: float | None = None, noise_seed: int | None = None,
-           antithetic: bool = False, restore: tuple[int, float] | None = None,
-           then: tuple[int, float, int | None] | None = None) -> torch.Tensor:
-    """QuZO's pass over values ``start`` .. ``stop - 1`` of one int8 layer (``zo_int8`` in zo_pass.c), in place,
-    where ``c_ready(codes)``: ``perturb`` returns the positions (int64, ascending, from ``start``) of the codes
-    it left alone at the range's edge and writes into ``ups`` (the layer's bits, value v at bit v + offset % 8)
-    whether each value's step rounded up; ``restore`` takes the perturbation back with those positions as
-    ``kept_at`` and the bits (no noise drawn); ``update`` moves and clamps (and returns no positions).
-    ``restore`` = (seed, signed eps) of a pending perturbation, with its positions as ``kept_at``: restored
-    first, in the same pass (perturb and update). ``then`` (an update's): a perturbation made
+           **kw) -> torch.Tensor:
+    """QuZO's pass over values ``start`` .. ``stop - 1`` of one int8 layer: ``c_int8_runs`` with one run."""
+    return c_int8_runs([Int8Run(codes, start, stop, cols, offset, scb, ups, kept_at)], direction, terms, mode, **kw)[0]
+
+
+def c_int8_runs(runs: Sequence[Int8Run], direction: str, terms: Sequence[tuple[int, float]], mode: str, *,
+                lr: float = 0.0, decay_coef: float | None = None, noise_seed: int | None = None,
+                antithetic: bool = False, restore: tuple[int, float] | None = None,
+                then: tuple[int, float, int | None] | None = None) -> list[torch.Tensor]:
+    """QuZO's pass over runs of int8 values (``zo_int8`` in zo_pass.c: one parallel loop over all their tiles),
+    in place, where ``c_ready`` holds for every run's codes. ``perturb`` returns, per run, the positions (int64,
+    ascending, from its start) of the codes it left alone at the range's edge and writes into each run's
+    ``ups`` whether each value's step rounded up; ``restore`` takes the perturbation back with those positions
+    as the runs' ``kept_at`` and the bits (no noise drawn); ``update`` moves and clamps (and returns empty
+    tensors). ``restore`` = (seed, signed eps) of a pending perturbation, with its positions as ``kept_at``:
+    restored first, in the same pass (perturb and update). ``then`` (an update's): a perturbation made
     straight after it, tile by tile (``c_grid4``), whose positions are returned and whose bits go to ``ups``."""
-    if not c_ready(codes) or scb.dtype != torch.float32 or scb.device.type != "cpu" or not scb.is_contiguous():
-        raise ValueError("c_int8 runs on contiguous CPU int8 codes and float32 scales with the C library")
-    if ups.dtype != torch.uint8 or ups.device.type != "cpu" or not ups.is_contiguous() or \
-            ups.numel() * 8 < codes.numel() + offset % 8:
-        raise ValueError("c_int8's bits: a contiguous CPU uint8 tensor of a bit per code (after offset % 8)")
-    n = stop - start
-    kept = torch.empty(n if mode == "perturb" or then else 0, dtype=torch.int64)  # room for every value
-    at = (kept_at if kept_at is not None else torch.zeros(0, dtype=torch.int64)).to(torch.int64).contiguous()
+    for r in runs:
+        if not c_ready(r.codes) or r.scb.dtype != torch.float32 or r.scb.device.type != "cpu" or \
+                not r.scb.is_contiguous():
+            raise ValueError("c_int8 runs on contiguous CPU int8 codes and float32 scales with the C library")
+        if r.ups.dtype != torch.uint8 or r.ups.device.type != "cpu" or not r.ups.is_contiguous() or \
+                r.ups.numel() * 8 < r.codes.numel() + r.offset % 8:
+            raise ValueError("c_int8's bits: a contiguous CPU uint8 tensor of a bit per code (after offset % 8)")
+    nl, k = len(runs), max(len(terms), 1)
+    ats = [r.kept_at.to(torch.int64).contiguous() if r.kept_at is not None and r.kept_at.numel() else None
+           for r in runs]
+    ptrs, ints = ctypes.c_void_p * nl, ctypes.c_int64 * nl
     r_seed, r_coef = restore if restore is not None else (0, 0.0)
-    k = max(len(terms), 1)
+    out, counts = ctypes.c_void_p(), ints()
     t = time.perf_counter()
-    m = _state["lib"].zo_int8(codes.data_ptr(), int(start), int(n), int(cols), int(offset), scb.data_ptr(),
+    m = _state["lib"].zo_int8(nl, ptrs(*[r.codes.data_ptr() for r in runs]), ints(*[r.start for r in runs]),
+                              ints(*[r.stop - r.start for r in runs]), ints(*[r.cols for r in runs]),
+                              ints(*[r.offset for r in runs]), ptrs(*[r.scb.data_ptr() for r in runs]),
+                              ptrs(*[r.ups.data_ptr() for r in runs]),
+                              ptrs(*[a.data_ptr() if a is not None else None for a in ats]),
+                              ints(*[a.numel() if a is not None else 0 for a in ats]),
                               DIRECTIONS[direction], (ctypes.c_uint64 * k)(*[int(s) for s, _ in terms]),
                               (ctypes.c_double * k)(*[float(c) for _, c in terms]), len(terms), INT8_MODES[mode],
                               float(lr), int(decay_coef is not None), float(decay_coef or 0.0),
                               int(noise_seed is not None), int(noise_seed or 0), int(antithetic),
-                              kept.data_ptr() if kept.numel() else None, at.data_ptr() if at.numel() else None,
-                              at.numel(), int(restore is not None), int(r_seed), float(r_coef), ups.data_ptr(),
-                              *_then(then), torch.get_num_threads())
+                              int(restore is not None), int(r_seed), float(r_coef), *_then(then),
+                              torch.get_num_threads(), ctypes.byref(out), counts)
     _passes["seconds"] += time.perf_counter() - t
-    if m < 0:
-        raise MemoryError(f"zo_int8: no memory for the kept bits of {n:,} values")
+    try:
+        if m < 0:
+            raise MemoryError("zo_int8: no memory for the kept positions" + (
+                "; the codes moved without them, so this model's state is lost" if m == -2 else ""))
+        kept = torch.frombuffer((ctypes.c_int64 * m).from_address(out.value), dtype=torch.int64).clone() if m \
+            else torch.zeros(0, dtype=torch.int64)
+    finally:
+        _state["lib"].zo_free(out)
+    n = sum(r.stop - r.start for r in runs)
     _passes["bytes"] += 2 * n + (n + 7) // 8
     _passes["calls"][C_PATH] = _passes["calls"].get(C_PATH, 0) + 1
-    return kept[:m].clone()
+    return list(kept.split(list(counts))) if m else [kept] * nl

@@ -1290,47 +1290,94 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
     }
 }
 
-/* With `then` (mode 2): each tile perturbed straight after its update, as zo_grid4's `then`; its kept positions
- * go to kept_out and its bits to ups.
+/* zo_int8 over nl runs of values in one parallel loop: run r is values j0[r] .. j0[r]+n[r]-1 of a layer whose
+ * value 0 has global index offset[r] (codes[r], cols[r], scb[r], ups[r] its own; kept_at[r] / n_kept_at[r] the
+ * pending perturbation's kept positions in the run, from j0[r]); the other arguments are the pass's, as above.
+ * QuZO's passes over a model are one call (one parallel loop over every tile of every layer), where a call a
+ * layer paid Python's and OpenMP's overhead two hundred times a step.
  *
- * kept_out (room for n; NULL where the pass perturbs nothing) gets the perturbation's kept positions: the tiles
- * set them as bits (a byte a value would be n bytes written and scanned again; they are a few a row), read here
- * 64 at a time after the parallel loop. Returns how many there are (0 without kept_out), or -1 where the bits'
- * memory could not be had (nothing was moved). */
-int64_t zo_int8(int8_t *codes, int64_t j0, int64_t n, int64_t cols, int64_t offset, const float *scb,
-                int direction, const uint64_t *seeds, const double *coefs, int nterms, int mode, double lr,
-                int has_decay, double decay_coef, int stochastic, uint64_t noise_seed, int antithetic,
-                int64_t *kept_out, const int64_t *kept_at, int64_t n_kept_at, int restore, uint64_t r_seed,
-                double r_coef, uint8_t *ups, int then, uint64_t t_seed, double t_coef, uint64_t t_noise, int nthreads)
+ * With `then` (mode 2): each tile perturbed straight after its update, as zo_grid4's `then`. A perturbation
+ * (mode 0, or `then`) leaves its kept positions in *kept_out (malloc'd here, freed by zo_free; run by run,
+ * ascending, each from its run's j0) and their number per run in kept_n[r]: the tiles set them as bits (a byte
+ * a value would be n bytes written and scanned again; they are a few a row), read 64 at a time after the loop.
+ * Returns their total (0 where the pass perturbs nothing), -1 where memory could not be had before the pass (then
+ * nothing was moved), or -2 where the positions' memory could not be had after it (the codes moved, their kept
+ * positions are lost). */
+int64_t zo_int8(int nl, int8_t *const *codes, const int64_t *j0, const int64_t *n, const int64_t *cols,
+                const int64_t *offset, const float *const *scb, uint8_t *const *ups, const int64_t *const *kept_at,
+                const int64_t *n_kept_at, int direction, const uint64_t *seeds, const double *coefs, int nterms,
+                int mode, double lr, int has_decay, double decay_coef, int stochastic, uint64_t noise_seed,
+                int antithetic, int restore, uint64_t r_seed, double r_coef, int then, uint64_t t_seed,
+                double t_coef, uint64_t t_noise, int nthreads, int64_t **kept_out, int64_t *kept_n)
 {
-    if (n <= 0 || nterms < 1)
+    *kept_out = NULL;
+    if (nl <= 0 || nterms < 1)
         return 0;
-    then = then && mode == 2 && kept_out;
-    int64_t start = offset + j0, first = start / TILE, end = (start + n + TILE - 1) / TILE;
-    uint8_t *kept = NULL;
-    int64_t words = ((start & 7) + n + 63) / 64;  /* the kept bits, from bit start % 8 */
-    if ((mode == 0 || then) && !(kept = calloc((size_t)words, 8)))
-        return -1;
-    struct int8pass P = {codes, kept, kept_at, n_kept_at, j0, cols, offset, scb, direction, nterms, mode, has_decay,
-                         stochastic, antithetic, seeds, coefs, lr, decay_coef, noise_seed, restore, r_seed, r_coef,
-                         ups};
-    struct int8pass Q = {codes, kept, NULL, 0, j0, cols, offset, scb, direction, 1, 0, 0, stochastic, t_coef < 0,
-                         &t_seed, &t_coef, 0.0, 0.0, t_noise, 0, 0, 0.0, ups};
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n >= PARALLEL_MIN)
-    for (int64_t t = first; t < end; t++) {
-        int64_t g = max64(t * TILE, start), e = min64(t * TILE + TILE, start + n);
-        int8_tile(&P, g, (int)(e - g));
+    int kept = mode == 0 || (then && mode == 2);
+    then = then && mode == 2;
+    struct int8pass *P = calloc((size_t)nl, sizeof *P), *Q = calloc((size_t)nl, sizeof *Q);
+    int64_t *tiles = calloc((size_t)nl + 1, sizeof *tiles), *words = calloc((size_t)nl + 1, sizeof *words);
+    uint8_t *bits = NULL;
+    if (!P || !Q || !tiles || !words)
+        goto fail;
+    for (int r = 0; r < nl; r++) {  /* run r's tiles and kept words follow run r - 1's */
+        int64_t start = offset[r] + j0[r];
+        tiles[r + 1] = tiles[r] + (n[r] > 0 ? (start + n[r] + TILE - 1) / TILE - start / TILE : 0);
+        words[r + 1] = words[r] + (kept && n[r] > 0 ? ((start & 7) + n[r] + 63) / 64 : 0);
+    }
+    if (kept && !(bits = calloc((size_t)words[nl] + 1, 8)))
+        goto fail;
+    for (int r = 0; r < nl; r++) {
+        P[r] = (struct int8pass){codes[r], bits ? bits + 8 * words[r] : NULL, kept_at[r], n_kept_at[r], j0[r], cols[r],
+                                 offset[r], scb[r], direction, nterms, mode, has_decay, stochastic, antithetic, seeds,
+                                 coefs, lr, decay_coef, noise_seed, restore, r_seed, r_coef, ups[r]};
+        Q[r] = (struct int8pass){codes[r], P[r].kept, NULL, 0, j0[r], cols[r], offset[r], scb[r], direction, 1, 0, 0,
+                                 stochastic, t_coef < 0, &t_seed, &t_coef, 0.0, 0.0, t_noise, 0, 0, 0.0, ups[r]};
+    }
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && tiles[nl] * TILE >= PARALLEL_MIN)
+    for (int64_t t = 0; t < tiles[nl]; t++) {
+        int lo = 0, hi = nl - 1;  /* the run of tile t: the last r with tiles[r] <= t */
+        while (lo < hi) {
+            int mid = (lo + hi + 1) / 2;
+            if (tiles[mid] <= t)
+                lo = mid;
+            else
+                hi = mid - 1;
+        }
+        int64_t start = offset[lo] + j0[lo], at = start / TILE + (t - tiles[lo]);
+        int64_t g = max64(at * TILE, start), e = min64(at * TILE + TILE, start + n[lo]);
+        int8_tile(&P[lo], g, (int)(e - g));
         if (then)
-            int8_tile(&Q, g, (int)(e - g));
+            int8_tile(&Q[lo], g, (int)(e - g));
     }
     int64_t m = 0;
-    if (kept && kept_out)
-        for (int64_t w = 0; w < words; w++) {
+    if (kept) {
+        for (int64_t w = 0; w < words[nl]; w++) {
             uint64_t v = 0;  /* bytes 8w .. 8w+7, bit b of byte k as bit 8k + b (one load where little-endian) */
-            for (int k = 0; k < 8; k++) v |= (uint64_t)kept[8 * w + k] << (8 * k);
-            for (; v; v &= v - 1)
-                kept_out[m++] = 64 * w + __builtin_ctzll(v) - (start & 7);
+            for (int k = 0; k < 8; k++) v |= (uint64_t)bits[8 * w + k] << (8 * k);
+            m += __builtin_popcountll(v);
         }
-    free(kept);
+        if (!(*kept_out = malloc((size_t)(m > 0 ? m : 1) * sizeof **kept_out))) {
+            m = -2;
+        } else {
+            int64_t i = 0;
+            for (int r = 0; r < nl; r++) {
+                int64_t s7 = (offset[r] + j0[r]) & 7, first = i;
+                for (int64_t w = words[r]; w < words[r + 1]; w++) {
+                    uint64_t v = 0;
+                    for (int k = 0; k < 8; k++) v |= (uint64_t)bits[8 * w + k] << (8 * k);
+                    for (; v; v &= v - 1)
+                        (*kept_out)[i++] = 64 * (w - words[r]) + __builtin_ctzll(v) - s7;
+                }
+                kept_n[r] = i - first;
+            }
+        }
+    }
+    free(bits), free(P), free(Q), free(tiles), free(words);
     return m;
+fail:
+    free(bits), free(P), free(Q), free(tiles), free(words);
+    return -1;
 }
+
+void zo_free(void *p) { free(p); }

@@ -181,8 +181,7 @@ class CodeTrainable(Trainable):
         if on_c:
             self._c_int8(on_c, [(self._seed, self._scale)], "restore", None, kept_at=self.skipped)
         for k, layer, start, stop, at in self._chunks(skip=skip | on_c):
-            skipped = self.skipped[k]
-            mine = skipped[(skipped >= start) & (skipped < stop)] - start
+            mine = _within(self.skipped[k], start, stop)
             # the step the perturbation took: its floor, and up one where its bit says it rounded up
             x = self._int8_x(layer, start, stop, at, self._seed, self._scale)
             d = torch.floor(x).long() + _get_bits(self.ups[k], start + self.offsets[k] % 8, stop - start).long()
@@ -241,7 +240,7 @@ class CodeTrainable(Trainable):
         if pending is not None:
             kept_at, restore = pending[2], pending[:2]
         found: list[list] = [[] for _ in self.layers]
-        runs, of = [], []
+        runs, of, size = [], [], 0  # the call's runs, their layers, and their values
 
         def run() -> None:
             got = fused.c_int8_runs(runs, self.direction, terms, mode, lr=lr, decay_coef=decay_coef,
@@ -258,11 +257,13 @@ class CodeTrainable(Trainable):
                 stop = min(start + C_VALUES, layer.numel)
                 at = kept_at[k] if kept_at is not None else None
                 if at is not None and (start, stop) != (0, layer.numel):  # a whole layer's are its run's
-                    at = at[(at >= start) & (at < stop)] - start
-                if sum(r.stop - r.start for r in runs) + stop - start > C_VALUES:
+                    at = _within(at, start, stop)
+                if size + stop - start > C_VALUES:
                     run()
+                    size = 0
                 runs.append(fused.Int8Run(codes, start, stop, layer.shape[1], self.offsets[k], scb, self.ups[k], at))
                 of.append(k)
+                size += stop - start
         if runs:
             run()
         return [torch.cat(f) if f else None for f in found]
@@ -386,6 +387,11 @@ class CodeTrainable(Trainable):
 
 
 BIT = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def _within(positions: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """The ``positions`` in ``start`` .. ``stop - 1``, counted from ``start``."""
+    return positions[(positions >= start) & (positions < stop)] - start
 
 
 def _get_bits(bits: torch.Tensor, pos: int, n: int) -> torch.Tensor:

@@ -1290,6 +1290,15 @@ static void int8_tile(const struct int8pass *P, int64_t g, int n)
     }
 }
 
+/* Bits 64w .. 64w+63 of `bits` (bit p is bit p % 8 of byte p / 8, as get_bits reads them) as one word, bit p at
+ * bit p - 64w: one load where the machine is little-endian. */
+static inline uint64_t bit_word(const uint8_t *bits, int64_t w)
+{
+    uint64_t v = 0;
+    for (int k = 0; k < 8; k++) v |= (uint64_t)bits[8 * w + k] << (8 * k);
+    return v;
+}
+
 /* zo_int8 over nl runs of values in one parallel loop: run r is values j0[r] .. j0[r]+n[r]-1 of a layer whose
  * value 0 has global index offset[r] (codes[r], cols[r], scb[r], ups[r] its own; kept_at[r] / n_kept_at[r] the
  * pending perturbation's kept positions in the run, from j0[r]); the other arguments are the pass's, as above.
@@ -1318,15 +1327,16 @@ int64_t zo_int8(int nl, int8_t *const *codes, const int64_t *j0, const int64_t *
     struct int8pass *P = calloc((size_t)nl, sizeof *P), *Q = calloc((size_t)nl, sizeof *Q);
     int64_t *tiles = calloc((size_t)nl + 1, sizeof *tiles), *words = calloc((size_t)nl + 1, sizeof *words);
     uint8_t *bits = NULL;
+    int64_t m = -1;  /* until the memory is had */
     if (!P || !Q || !tiles || !words)
-        goto fail;
+        goto done;
     for (int r = 0; r < nl; r++) {  /* run r's tiles and kept words follow run r - 1's */
         int64_t start = offset[r] + j0[r];
         tiles[r + 1] = tiles[r] + (n[r] > 0 ? (start + n[r] + TILE - 1) / TILE - start / TILE : 0);
         words[r + 1] = words[r] + (kept && n[r] > 0 ? ((start & 7) + n[r] + 63) / 64 : 0);
     }
     if (kept && !(bits = calloc((size_t)words[nl] + 1, 8)))
-        goto fail;
+        goto done;
     for (int r = 0; r < nl; r++) {
         P[r] = (struct int8pass){codes[r], bits ? bits + 8 * words[r] : NULL, kept_at[r], n_kept_at[r], j0[r], cols[r],
                                  offset[r], scb[r], direction, nterms, mode, has_decay, stochastic, antithetic, seeds,
@@ -1350,34 +1360,25 @@ int64_t zo_int8(int nl, int8_t *const *codes, const int64_t *j0, const int64_t *
         if (then)
             int8_tile(&Q[lo], g, (int)(e - g));
     }
-    int64_t m = 0;
+    m = 0;
     if (kept) {
-        for (int64_t w = 0; w < words[nl]; w++) {
-            uint64_t v = 0;  /* bytes 8w .. 8w+7, bit b of byte k as bit 8k + b (one load where little-endian) */
-            for (int k = 0; k < 8; k++) v |= (uint64_t)bits[8 * w + k] << (8 * k);
-            m += __builtin_popcountll(v);
-        }
+        for (int64_t w = 0; w < words[nl]; w++) m += __builtin_popcountll(bit_word(bits, w));
         if (!(*kept_out = malloc((size_t)(m > 0 ? m : 1) * sizeof **kept_out))) {
             m = -2;
         } else {
             int64_t i = 0;
             for (int r = 0; r < nl; r++) {
                 int64_t s7 = (offset[r] + j0[r]) & 7, first = i;
-                for (int64_t w = words[r]; w < words[r + 1]; w++) {
-                    uint64_t v = 0;
-                    for (int k = 0; k < 8; k++) v |= (uint64_t)bits[8 * w + k] << (8 * k);
-                    for (; v; v &= v - 1)
+                for (int64_t w = words[r]; w < words[r + 1]; w++)
+                    for (uint64_t v = bit_word(bits, w); v; v &= v - 1)
                         (*kept_out)[i++] = 64 * (w - words[r]) + __builtin_ctzll(v) - s7;
-                }
                 kept_n[r] = i - first;
             }
         }
     }
+done:
     free(bits), free(P), free(Q), free(tiles), free(words);
     return m;
-fail:
-    free(bits), free(P), free(Q), free(tiles), free(words);
-    return -1;
 }
 
 void zo_free(void *p) { free(p); }

@@ -487,3 +487,33 @@ def test_the_report_reads_the_records_suite_from_anywhere_and_says_when_it_canno
     with pytest.raises(UserError, match="suite 'other', but the records are of suite 'smoke'"):
         records_suite([rec], project / "results", project / "suites" / "smoke.yaml")
 
+
+
+def test_the_loss_plot_draws_a_line_a_configuration_with_its_seeds_range():
+    """A suite of many seeds gives one legend entry a configuration, not one a run (a legend of 50 runs
+    collapsed the axes), and each line is a trailing mean of the noisy per-batch losses whose gaps stay
+    where a step's loss was not finite."""
+    import math
+
+    from zobench.report import views
+    from zobench.report.cells import varying_axes
+    from zobench.report.plots import loss_curves, smoothed
+
+    assert smoothed([1.0, 3.0, float("inf"), 5.0, 7.0], 2) == [1.0, 2.0, 3.0, 5.0, 6.0]
+    assert math.isnan(smoothed([float("nan"), 1.0], 3)[0])
+    recs = []
+    for method, level in (("sensitive", 0.5), ("random", 0.8)):
+        for seed in range(5):
+            r = CellRecord(f"{method}-{seed}", config={"method": method, "seed": seed, "lr": 1e-4, "steps": 200})
+            r.metrics.set(loss_curve=[level + 0.1 * seed + 0.05 * (i % 3) for i in range(200)])
+            recs.append(r)
+    cells = views(recs)
+    fig = loss_curves(cells, varying_axes(cells))
+    ax = fig.axes[0]
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == \
+        ["random/none (5 seeds)", "sensitive/none (5 seeds)"]
+    assert "trailing mean of 4 steps" in ax.get_title()
+    sens = next(line for line in ax.get_lines() if line.get_label().startswith("sensitive"))
+    # the seeds' mean (levels 0.5 + 0.1 seed, seeds 0-4: 0.7) plus the 4-step mean of the 0.05 (i % 3) wiggle
+    assert abs(sens.get_ydata()[-1] - (0.7 + 0.05 * (1 + 2 + 0 + 1) / 4)) < 1e-9
+    assert len(ax.collections) == 2  # a shaded range over seeds a configuration

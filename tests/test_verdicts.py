@@ -23,6 +23,7 @@ from zobench.cell.predictions import Predictions
 from zobench.cell.record import CellRecord
 from zobench.errors import UserError
 from zobench.report import render_report
+from zobench.report.claims import claims_section
 from zobench.results import append_record, load_records
 from zobench.spec.claims import _canonical, claims_hash, parse_claims
 
@@ -303,6 +304,14 @@ def test_a_suite_that_counts_failed_runs_keeps_them_in_their_arm_and_lists_them(
     assert by_kept.estimate > by_left.estimate + 0.02  # a 50% run among four at ~66%
     assert any("random-9" in e and "majority" in e for e in kept.counted) and not kept.excluded
     assert not left.counted and any("random-9" in e for e in left.excluded)
+    # Two claims sharing the failed run's arm: the report says the run once, under both claims.
+    both = parse_claims({"alpha": 0.05, "resamples": 2000, "seed": 0,
+                         "failed_if": {"accuracy_at_most_majority_plus": 0.02, "count_in_arm": True},
+                         "items": [{"id": f"{m}-vs-r", "kind": "superiority", "a": {"method": m},
+                                    "b": {"method": "random"}, "metric": "test_best", "margin": 0.0}
+                                   for m in ("sensitive", "full")]}, "t.yaml")
+    listed = [line for line in claims_section(verdicts(records, both, results.parent), {}, []) if "random-9" in line]
+    assert len(listed) == 1 and "sensitive-vs-r, arm b; full-vs-r, arm b" in listed[0], listed
     for c in claims():  # hashed as before the option existed: its asdict without the key
         before = asdict(c)
         del before["failed_if"]["count_in_arm"]

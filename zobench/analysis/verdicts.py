@@ -40,13 +40,29 @@ from zobench.spec.claims import Claim, FailedIf, claims_hash, finite_number, par
 from zobench.spec.selectors import selector_matches
 
 
+@dataclass(frozen=True)
+class Listed:
+    """A run (or a claim's arms) a decision left out or counted as failed: ``where`` names the claim and arm
+    ("sens-vs-random, arm a"), ``what`` the run and why. Reads as one line, "where: what"; a report can
+    group the claims one run is listed under (a shared arm's failed run is in every claim of that arm)."""
+
+    where: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}"
+
+    def __contains__(self, text: str) -> bool:
+        return text in str(self)
+
+
 @dataclass
 class Decision:
     claims_hash: str
     results: list[Result]
     arms: dict[str, dict[str, list[str]]]            # claim id -> {"a": [cell ids], "b": [...]}
-    excluded: list[str] = field(default_factory=list)  # "cell (method, seed): why" for every run left out
-    counted: list[str] = field(default_factory=list)   # failed runs kept in their arm (failed_if.count_in_arm)
+    excluded: list[Listed] = field(default_factory=list)  # every run left out, and why
+    counted: list[Listed] = field(default_factory=list)   # failed runs kept in their arm (failed_if.count_in_arm)
     earlier: dict[str, list[Result]] = field(default_factory=dict)  # claims hash -> verdicts as declared then
     earlier_undecided: list[str] = field(default_factory=list)      # hashes past MAX_EARLIER, named only
 
@@ -91,7 +107,10 @@ def seed_of(rec: CellRecord) -> int:
 
 
 def _label(r: CellRecord) -> str:
-    return f"{r.cell_id} ({r.method}, seed {r.config.get('seed')})"
+    """The run's cell id, method, quantization where it has one (one suite may run a method on several), seed."""
+    quant = r.config.get("quant")
+    on = f" on {quant}" if quant not in (None, "none") else ""
+    return f"{r.cell_id} ({r.method}{on}, seed {r.config.get('seed')})"
 
 
 class Reader:
@@ -183,13 +202,13 @@ def _leave_out(claim: Claim, side: str, rec: CellRecord, failed: str | None, mis
     rule counts failures in their arms. Either way it is listed (``lists``: excluded, counted)."""
     excluded, counted = lists
     if missing:
-        excluded.append(f"{claim.id} {side}: {_label(rec)}: {missing}")
+        excluded.append(Listed(f"{claim.id}, arm {side}", f"{_label(rec)}: {missing}"))
         return True
     if failed and claim.failed_if.count_in_arm:
-        counted.append(f"{claim.id} {side}: {_label(rec)}: {failed}")
+        counted.append(Listed(f"{claim.id}, arm {side}", f"{_label(rec)}: {failed}"))
         return False
     if failed:
-        excluded.append(f"{claim.id} {side}: {_label(rec)}: {failed}")
+        excluded.append(Listed(f"{claim.id}, arm {side}", f"{_label(rec)}: {failed}"))
     return bool(failed)
 
 
@@ -261,7 +280,7 @@ def _decide(records: list[CellRecord], claims: list[Claim], reader: Reader):
             evidence[c.id] = _speed(c, a, b, reader, (excluded, counted)) if c.kind == "faster_to_target" else \
                 _accuracy(c, a, b, reader, (excluded, counted))
         except ValueError as e:  # runs that cannot be paired (other test examples, a seed twice): said, not decided
-            excluded.append(f"{c.id}: {e}")
+            excluded.append(Listed(c.id, str(e)))
             evidence[c.id] = Evidence(None, (len(a), len(b)), None, f"not decided: {e}")
     return decide(claims, evidence), arms, excluded, counted
 

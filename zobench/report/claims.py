@@ -42,6 +42,15 @@ def rows(results: list[Result], names: dict[str, str], interim: str = "") -> lis
     return out
 
 
+def grouped(listed: list) -> list[str]:
+    """One bullet a run and reason, with every claim and arm it is listed under, in the order first met: a
+    failed run of an arm that several claims share (the reference arm) is said once, not once a claim."""
+    where: dict[str, list[str]] = {}
+    for e in listed:
+        where.setdefault(e.what, []).append(e.where)
+    return [f"- {what} (in {'; '.join(w)})" for what, w in where.items()]
+
+
 def claims_section(decision: Decision | None, names: dict[str, str], dirty: list[str],
                    missing: int | None = 0) -> list[str]:
     """``missing``: the suite's cells without a record yet; then every verdict is marked interim. None: the
@@ -72,11 +81,11 @@ def claims_section(decision: Decision | None, names: dict[str, str], dirty: list
     lines += [f"- {m}" for m in methods] + [""]
     if decision.excluded:
         lines += ["Runs left out (a failed run is a failed run, not a property of its method):", ""]
-        lines += [f"- {e}" for e in decision.excluded] + [""]
+        lines += grouped(decision.excluded) + [""]
     if decision.counted:
         lines += ["Failed runs counted in their arms at what they measured (the suite declares "
                   "`failed_if.count_in_arm`: at its settings, failing to learn is part of what a method does):", ""]
-        lines += [f"- {e}" for e in decision.counted] + [""]
+        lines += grouped(decision.counted) + [""]
     if dirty:
         lines += ["Records from a tree whose code differed from its commit (`git.dirty`): "
                   + ", ".join(dirty) + ".", ""]

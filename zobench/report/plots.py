@@ -9,6 +9,7 @@ registry. PNG metadata carries no software version, so the same records give the
 from __future__ import annotations
 
 import io
+import math
 import zlib
 from pathlib import Path
 
@@ -179,29 +180,64 @@ def step_breakdown(ok: list[CellView], extras: list[str]):
     return fig
 
 
-def _curves(cells: list[CellView], extras: list[str], title: str, ylabel: str, points) -> Figure | None:
-    """One line per cell; ``points(record)`` gives its (steps, values) or None."""
-    series = [(r, p) for r in cells if (p := points(r))]
-    if not series:
+def smoothed(values: list[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` values (fewer at the start), of the finite ones only: a diverged step's
+    inf or nan leaves a gap at that step, not in every mean after it. NaN where a window holds none."""
+    out = []
+    for i in range(len(values)):
+        finite = [v for v in values[max(0, i - window + 1):i + 1] if isinstance(v, (int, float)) and math.isfinite(v)]
+        out.append(sum(finite) / len(finite) if finite else math.nan)
+    return out
+
+
+def _by_config(cells: list[CellView], extras: list[str], points) -> dict[str, list[list[tuple[float, float]]]]:
+    """The cells' ``points(cell)`` (a list of (x, y), or empty) grouped by the cell's name without its seed."""
+    names = [a for a in extras if a != "seed"]
+    groups: dict[str, list] = {}
+    for r in cells:
+        if series := points(r):
+            groups.setdefault(short_name(r, names), []).append((r, series))
+    return groups
+
+
+def _over_seeds(groups: dict, title: str, xlabel: str, ylabel: str) -> Figure | None:
+    """One line per configuration (``_by_config``): the mean over its seeds at each point, the range over
+    seeds shaded (points line up by position: steps are the same across seeds; seconds are averaged)."""
+    if not groups:
         return None
-    fig, ax = _figure(8.5, 4.5, title, "step", ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for r, (xs, ys) in series:
-        dashed = str(setting(r, "quant") or "none") != "none"
-        ax.plot(xs, ys, color=color(method(r)), linestyle="--" if dashed else "-", marker=".",
-                label=short_name(r, extras))
+    fig, ax = _figure(8.5, 4.5, title, xlabel, ylabel)
+    if xlabel == "step":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for name, runs in groups.items():
+        series = [s for _, s in runs]
+        n = min(len(s) for s in series)
+        xs = [sum(s[i][0] for s in series) / len(series) for i in range(n)]
+        ys = [[s[i][1] for s in series] for i in range(n)]
+        dashed = quant(runs[0][0]) != "none"
+        col = color(method(runs[0][0]))
+        ax.plot(xs, [sum(y) / len(y) for y in ys], color=col, linestyle="--" if dashed else "-",
+                marker="." if n <= 60 else None, label=name + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""))
+        if len(runs) > 1:
+            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=col, alpha=0.15, linewidth=0)
     ax.legend(fontsize="small", **OUTSIDE)
     return fig
 
 
 def loss_curves(ok: list[CellView], extras: list[str]):
-    def points(r):
-        loss = r.metrics.get("loss_curve")
-        return (list(range(1, len(loss) + 1)), loss) if loss else None
+    """Training loss a configuration, seeds averaged: each run's per-batch loss as a trailing mean over 1/50 of
+    the longest run (ZO's single-batch losses are noisy, and a line a seed is many lines a suite)."""
+    trained = [r for r in ok if method(r) != "forward" and r.metrics.get("loss_curve")]
+    if not trained:
+        return None
+    window = max(1, max(len(r.metrics.get("loss_curve")) for r in trained) // 50)
 
-    trained = [r for r in ok if method(r) != "forward"]
-    return _curves(trained, extras, "Training loss (warm-up steps included; dashed: quantized)",
-                   "training loss", points)
+    def points(r):
+        return list(enumerate(smoothed(r.metrics.get("loss_curve"), window), start=1))
+
+    mean = f", trailing mean of {window} steps" if window > 1 else ""
+    return _over_seeds(_by_config(trained, extras, points),
+                       f"Training loss{mean} (warm-up included; dashed: quantized; shaded: range over seeds)",
+                       "step", "training loss")
 
 
 def _dev_points(r: CellView, x_key: str) -> list[tuple[float, float]]:
@@ -209,39 +245,18 @@ def _dev_points(r: CellView, x_key: str) -> list[tuple[float, float]]:
     return [(p[x_key], 100 * primary_score(p)) for p in curve if primary_score(p) is not None and x_key in p]
 
 
-def _over_seeds(ok: list[CellView], extras: list[str], title: str, xlabel: str, x_key: str) -> Figure | None:
-    """One line per cell and seeds averaged: the mean dev score at each evaluation, the range over seeds
-    shaded (steps line up across seeds; seconds are averaged per evaluation)."""
-    names = [a for a in extras if a != "seed"]
-    groups: dict[str, list[CellView]] = {}
-    for r in ok:
-        if meaningful(r) and _dev_points(r, x_key):
-            groups.setdefault(short_name(r, names), []).append(r)
-    if not groups:
-        return None
-    fig, ax = _figure(8.5, 4.5, title, xlabel, "dev accuracy (%) (F1 for generative tasks)")
-    for name, runs in groups.items():
-        series = [_dev_points(r, x_key) for r in runs]
-        n = min(len(s) for s in series)
-        xs = [sum(s[i][0] for s in series) / len(series) for i in range(n)]
-        ys = [[s[i][1] for s in series] for i in range(n)]
-        dashed = quant(runs[0]) != "none"
-        col = color(method(runs[0]))
-        ax.plot(xs, [sum(y) / len(y) for y in ys], color=col, linestyle="--" if dashed else "-", marker=".",
-                label=name + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""))
-        if len(runs) > 1:
-            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=col, alpha=0.15, linewidth=0)
-    ax.legend(fontsize="small", **OUTSIDE)
-    return fig
+def _dev_over_seeds(ok: list[CellView], extras: list[str], title: str, xlabel: str, x_key: str) -> Figure | None:
+    return _over_seeds(_by_config([r for r in ok if meaningful(r)], extras, lambda r: _dev_points(r, x_key)),
+                       title, xlabel, "dev accuracy (%) (F1 for generative tasks)")
 
 
 def dev_curves(ok: list[CellView], extras: list[str]):
-    return _over_seeds(ok, extras, "Dev score against steps (dashed: quantized; shaded: range over seeds)",
+    return _dev_over_seeds(ok, extras, "Dev score against steps (dashed: quantized; shaded: range over seeds)",
                        "step", "step")
 
 
 def dev_vs_time(ok: list[CellView], extras: list[str]):
-    return _over_seeds(ok, extras, "Dev score against training time (warm-up included, evaluations excluded)",
+    return _dev_over_seeds(ok, extras, "Dev score against training time (warm-up included, evaluations excluded)",
                        "training seconds", "train_s")
 
 

@@ -517,3 +517,59 @@ def test_the_loss_plot_draws_a_line_a_configuration_with_its_seeds_range():
     # the seeds' mean (levels 0.5 + 0.1 seed, seeds 0-4: 0.7) plus the 4-step mean of the 0.05 (i % 3) wiggle
     assert abs(sens.get_ydata()[-1] - (0.7 + 0.05 * (1 + 2 + 0 + 1) / 4)) < 1e-9
     assert len(ax.collections) == 2  # a shaded range over seeds a configuration
+
+
+def test_seeds_of_one_configuration_are_one_bar_one_point_one_row_with_their_range(records):
+    """Three seeds of sensitive and of random are drawn as one bar (the median peak, whiskers at the lowest
+    and highest), one point (the mean test score, the median peak, bars their range) and one row of the
+    step breakdown each, named with their number of seeds; a single-seed cell keeps its plain name."""
+    from matplotlib.collections import PathCollection
+
+    from zobench.report import views
+    from zobench.report.cells import varying_axes
+    from zobench.report.plots import memory_bars, memory_vs_accuracy, step_breakdown
+
+    base = {r.labels["method"]: r for r in records if r.labels.get("quant") == "none"}
+    recs = [copy.deepcopy(base["forward"])]
+    for method, peaks, scores in (("sensitive", (900, 960, 930), (0.70, 0.76, 0.61)),
+                                  ("random", (910, 905, 990), (0.60, 0.50, 0.55))):
+        for seed, (peak, score) in enumerate(zip(peaks, scores)):
+            r = copy.deepcopy(base[method])
+            r.cell_id, r.config["seed"], r.labels["seed"] = f"{method}-{seed}", seed, seed
+            r.phases["train"].peak_rss_mib = peak
+            for phase in r.phases.values():  # the training phase is the highest
+                phase.peak_rss_mib = min(phase.peak_rss_mib or 0, peak)
+            r.metrics.set(test_after={"accuracy": score})
+            recs.append(r)
+    cells = views(recs)
+    extras = varying_axes(cells)
+    assert "seed" in extras
+
+    ax = memory_bars(cells, extras).axes[0]
+    names = [t.get_text() for t in ax.get_xticklabels()]
+    assert sorted(names) == ["forward", "random 0.1% (3 seeds)", "sensitive 0.1% (3 seeds)"]
+    heights = {n: p.get_height() for n, p in zip(names, ax.patches)}
+    assert heights["sensitive 0.1% (3 seeds)"] == 930 and heights["random 0.1% (3 seeds)"] == 910
+    whiskers = sorted(tuple(sorted(seg[:, 1])) for c in ax.collections for seg in c.get_segments()
+                      if len(seg) == 2 and seg[0][0] == seg[1][0])  # the vertical error bars
+    assert (900, 960) in whiskers and (905, 990) in whiskers
+
+    ax = memory_vs_accuracy(cells, extras).axes[0]
+    centres = sorted(tuple(map(float, c.get_offsets()[0])) for c in ax.collections if isinstance(c, PathCollection))
+    assert [v for point in centres for v in point] == pytest.approx(
+        [910.0, 100 * (0.60 + 0.50 + 0.55) / 3, 930.0, 100 * (0.70 + 0.76 + 0.61) / 3])
+
+    ax = step_breakdown(cells, extras).axes[0]
+    rows = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(rows) == 3 and sum("(3 seeds)" in t for t in rows) == 2
+
+
+def test_every_method_has_a_colour_and_a_place_of_its_own():
+    """Plots tell methods apart by colour and list them by order: two methods sharing either (QZO and QuZO
+    once did) are one method to a reader of the plot."""
+    from zobench.report.plots import color
+    from zobench.spec.catalog import METHOD_INFO
+
+    names = [m.name for m in METHOD_INFO]
+    assert len({color(n) for n in names}) == len(names)
+    assert len({m.order for m in METHOD_INFO}) == len(names)

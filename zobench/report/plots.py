@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import statistics
 import zlib
 from pathlib import Path
 
@@ -87,28 +88,63 @@ def _method_legend(ax, recs: list[CellView]) -> None:
     _legend(ax, {m: color(m) for m in seen})
 
 
+def configs(cells: list[CellView], extras: list[str]) -> dict[str, list[CellView]]:
+    """The cells grouped by their name without the seed, in the order first met: a suite's seeds are one
+    configuration in a plot, drawn once with their spread (a bar or a point a run is unreadable at 60 runs)."""
+    names = [a for a in extras if a != "seed"]
+    groups: dict[str, list[CellView]] = {}
+    for r in cells:
+        groups.setdefault(short_name(r, names), []).append(r)
+    return groups
+
+
+def seeds_note(n: int) -> str:
+    return f" ({n} seeds)" if n > 1 else ""
+
+
+def spread(values: list[float], centre) -> tuple[float, list[list[float]]]:
+    """``centre(values)`` and its distance to the lowest and the highest, as matplotlib's error bars take it."""
+    c = centre(values)
+    return c, [[c - min(values)], [max(values) - c]]
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def memory_bars(ok: list[CellView], extras: list[str]):
-    """Training peak per cell, grouped by quant; the group's forward (inference) peak as a dashed line."""
+    """Training peak per configuration, grouped by quant: the median over its seeds, their range as whiskers;
+    the group's forward (inference) peak as a dashed line."""
     cells = [r for r in ok if isinstance(r.derived.peak_mib, (int, float))]
     if not cells:
         return None
     groups: dict[str, list[CellView]] = {}
     for r in cells:
         # an lr is no group of its own: the forward cell's line belongs beside its trained cells
-        group = [str(setting(r, "quant") or "none")] + [axis_value(r, a) for a in extras if a not in TRAINING_ONLY]
+        group = [str(setting(r, "quant") or "none")] + [axis_value(r, a) for a in extras
+                                                        if a not in TRAINING_ONLY and a != "seed"]
         groups.setdefault("/".join(group), []).append(r)
-    fig, ax = _figure(max(6.0, 0.7 * len(cells) + 3.5), 4.5, "", "", "peak memory (MiB)")
-    x, ticks, names = 0.0, [], []
-    for group, members in groups.items():
-        start = x
-        for r in members:
-            peak = r.derived.peak_mib
+    bars = {group: configs(members, extras) for group, members in groups.items()}
+    n_bars = sum(len(b) for b in bars.values())
+    fig, ax = _figure(max(6.0, 0.7 * n_bars + 3.5), 4.5, "", "", "peak memory (MiB)")
+    x, ticks, names, folded = 0.0, [], [], False
+    for group, by_config in bars.items():
+        start, fwd = x, None
+        for runs in by_config.values():
+            r = runs[0]
+            peak, whiskers = spread([c.derived.peak_mib for c in runs], statistics.median)
             ax.bar(x, peak, color=color(method(r)), width=0.8)
-            ax.annotate(f"{peak:.0f}", (x, peak), ha="center", va="bottom", fontsize="x-small")
+            if len(runs) > 1:
+                ax.errorbar(x, peak, yerr=whiskers, fmt="none", ecolor="black", elinewidth=1, capsize=3)
+                folded = True
+            ax.annotate(f"{peak:.0f}", (x, peak), ha="center", va="bottom", fontsize="x-small",
+                        xytext=(0, 4 if len(runs) > 1 else 0), textcoords="offset points")
             ticks.append(x)
-            names.append(method(r) + (f" {pct(density(r))}" if density(r) is not None else ""))
+            names.append(method(r) + (f" {pct(density(r))}" if density(r) is not None else "")
+                         + seeds_note(len(runs)))
+            if method(r) == "forward" and fwd is None:
+                fwd = peak
             x += 1
-        fwd = next((r.derived.peak_mib for r in members if method(r) == "forward"), None)
         if fwd is not None:
             ax.hlines(fwd, start - 0.45, x - 0.55, colors="black", linestyles="dashed", linewidth=1)
         ax.annotate(f"quant {group}", ((start + x - 1) / 2, 1.0), xycoords=("data", "axes fraction"),
@@ -116,7 +152,8 @@ def memory_bars(ok: list[CellView], extras: list[str]):
         x += 0.6
     ax.set_xticks(ticks, names, rotation=30, ha="right", fontsize="small")
     ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
-    ax.set_title("Peak memory while training (dashed: forward reference)", pad=18)
+    over = "; medians over seeds, whiskers their range" if folded else ""
+    ax.set_title(f"Peak memory while training (dashed: forward reference{over})", pad=18)
     _method_legend(ax, cells)
     return fig
 
@@ -127,54 +164,66 @@ PHASE_COLORS = {"load": "#7f7f7f", "mask": "#8c564b", "quantize": "#e377c2", "ev
 
 
 def phase_bars(ok: list[CellView], extras: list[str]):
-    """Peak memory of every phase of every cell, side by side, each with its estimate as a black tick (records
-    from before phase estimates: one tick across the cell, the training estimate): where a cell's whole peak
-    is, and whether the estimate sees it."""
+    """Peak memory of every phase of every configuration (the median over its seeds), side by side, each with
+    its estimate as a black tick (records from before phase estimates: one tick across the cell, the training
+    estimate): where a cell's whole peak is, and whether the estimate sees it."""
     cells = [r for r in ok if r.phases]
     if not cells:
         return None
     phases = [p for p in PHASE_COLORS if any(p in r.phases for r in cells)]
     if not phases:  # (records whose phases zobench does not name)
         return None
+    groups = list(configs(cells, extras).values())
     width = 0.8 / len(phases)
-    fig, ax = _figure(max(6.0, 0.25 * len(cells) * len(phases) + 3.5), 4.5, "", "", "peak memory (MiB)")
-    for i, r in enumerate(cells):
+    fig, ax = _figure(max(6.0, 0.25 * len(groups) * len(phases) + 3.5), 4.5, "", "", "peak memory (MiB)")
+
+    def folded(values):
+        values = [v for v in values if isinstance(v, (int, float))]
+        return statistics.median(values) if values else None
+
+    for i, runs in enumerate(groups):
         for j, p in enumerate(phases):
-            v = kind_peak(r, (p,))[0]  # of the kind the cell's peak is (derived.peak_kind)
+            v = folded([kind_peak(r, (p,))[0] for r in runs])  # of the kind the cell's peak is (derived.peak_kind)
             x = i - 0.4 + (j + 0.5) * width
-            if isinstance(v, (int, float)):
+            if v is not None:
                 ax.bar(x, v, width=width, color=PHASE_COLORS[p])
-                est = r.estimated_phase_mib(p)
+                est = folded([r.estimated_phase_mib(p) for r in runs])
                 if est is not None:
                     ax.hlines(est, x - width / 2, x + width / 2, colors="black", linewidth=1.5)
-        est = r.estimated_peak_mib
-        if isinstance(est, (int, float)) and r.estimated_phase_mib("load") is None:
+        est = folded([r.estimated_peak_mib for r in runs if r.estimated_phase_mib("load") is None])
+        if est is not None:
             ax.hlines(est, i - 0.45, i + 0.45, colors="black", linewidth=1.5)
-    ax.set_xticks(range(len(cells)), [f"{method(r)} {quant(r)}" + (f" {pct(density(r))}" if density(r) is not None
-                                                                 else "") for r in cells],
+    ax.set_xticks(range(len(groups)), [f"{method(r[0])} {quant(r[0])}" + (f" {pct(density(r[0]))}" if density(r[0])
+                                                                          is not None else "") + seeds_note(len(r))
+                                       for r in groups],
                   rotation=30, ha="right", fontsize="small")
-    ax.set_title("Peak memory by phase (black: each phase's estimate)")
+    over = "; medians over seeds" if any(len(r) > 1 for r in groups) else ""
+    ax.set_title(f"Peak memory by phase (black: each phase's estimate{over})")
     _legend(ax, {p: PHASE_COLORS[p] for p in phases})
     return fig
 
 
 def step_breakdown(ok: list[CellView], extras: list[str]):
-    """Median milliseconds per part of a step, stacked: where a ZO step's time goes."""
-    cells = [r for r in ok if r.metrics.step_parts_s]
-    if not cells:
+    """Median milliseconds per part of a step, stacked, a configuration (its seeds' medians, their median):
+    where a ZO step's time goes."""
+    groups = configs([r for r in ok if r.metrics.step_parts_s], extras)
+    if not groups:
         return None
-    fig, ax = _figure(8.5, max(2.5, 0.45 * len(cells) + 1.5), "Step time by part (medians)", "time (ms)", "")
+    over = ", over seeds" if any(len(runs) > 1 for runs in groups.values()) else ""
+    fig, ax = _figure(8.5, max(2.5, 0.45 * len(groups) + 1.5), f"Step time by part (medians{over})", "time (ms)", "")
     drawn: set[str] = set()
-    for y, r in enumerate(cells):
+    for y, runs in enumerate(groups.values()):
         left = 0.0
         for part, col in PART_COLORS.items():
-            med = median(r.metrics.step_parts_s.get(part))
-            if not isinstance(med, (int, float)):
+            meds = [m for r in runs if isinstance(m := median(r.metrics.step_parts_s.get(part)), (int, float))]
+            if not meds:
                 continue
+            med = statistics.median(meds)
             ax.barh(y, med * 1000, left=left, color=col, height=0.6)
             drawn.add(part)
             left += med * 1000
-    ax.set_yticks(range(len(cells)), [short_name(r, extras) for r in cells], fontsize="small")
+    ax.set_yticks(range(len(groups)), [name + seeds_note(len(runs)) for name, runs in groups.items()],
+                  fontsize="small")
     ax.invert_yaxis()
     _legend(ax, {p: c for p, c in PART_COLORS.items() if p in drawn})
     return fig
@@ -190,14 +239,11 @@ def smoothed(values: list[float], window: int) -> list[float]:
     return out
 
 
-def _by_config(cells: list[CellView], extras: list[str], points) -> dict[str, list[list[tuple[float, float]]]]:
-    """The cells' ``points(cell)`` (a list of (x, y), or empty) grouped by the cell's name without its seed."""
-    names = [a for a in extras if a != "seed"]
-    groups: dict[str, list] = {}
-    for r in cells:
-        if series := points(r):
-            groups.setdefault(short_name(r, names), []).append((r, series))
-    return groups
+def _by_config(cells: list[CellView], extras: list[str], points) -> dict[str, list[tuple[CellView, list]]]:
+    """The cells' ``points(cell)`` (a list of (x, y); cells with none left out) by configuration."""
+    groups = {name: [(r, series) for r in runs if (series := points(r))]
+              for name, runs in configs(cells, extras).items()}
+    return {name: runs for name, runs in groups.items() if runs}
 
 
 def _over_seeds(groups: dict, title: str, xlabel: str, ylabel: str) -> Figure | None:
@@ -285,19 +331,28 @@ def _label_points(fig, ax, points: list[tuple[float, float, str]]) -> None:
 
 
 def memory_vs_accuracy(ok: list[CellView], extras: list[str]):
+    """A point a configuration: its seeds' median peak against their mean test score, their ranges as bars."""
     cells = [r for r in ok if meaningful(r) and isinstance(r.derived.peak_mib, (int, float))
              and primary_score(r.metrics.get("test_after")) is not None]
     if not cells:
         return None
-    fig, ax = _figure(7.5, 4.5, "Memory against test score after training", "peak memory (MiB)",
-                      "test accuracy (%) (F1 for generative tasks)")
+    groups = configs(cells, extras)
+    folded = any(len(runs) > 1 for runs in groups.values())
+    title = "Memory against test score after training" + (" (seeds: mean score, median peak, bars their range)"
+                                                          if folded else "")
+    fig, ax = _figure(7.5, 4.5, title, "peak memory (MiB)", "test accuracy (%) (F1 for generative tasks)")
     quants = sorted({quant(r) for r in cells}, key=lambda q: (q != "none", q))
     points = []
-    for r in cells:
-        x, y = r.derived.peak_mib, 100 * primary_score(r.metrics.get("test_after"))
-        ax.scatter(x, y, color=color(method(r)), marker=MARKERS[quants.index(quant(r)) % len(MARKERS)], s=40,
-                   zorder=3)
-        points.append((x, y, short_name(r, extras)))
+    for name, runs in groups.items():
+        r = runs[0]
+        x, xerr = spread([c.derived.peak_mib for c in runs], statistics.median)
+        y, yerr = spread([100 * primary_score(c.metrics.get("test_after")) for c in runs], mean)
+        marker = MARKERS[quants.index(quant(r)) % len(MARKERS)]
+        ax.scatter(x, y, color=color(method(r)), marker=marker, s=40, zorder=3)
+        if len(runs) > 1:
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor=color(method(r)), elinewidth=1, alpha=0.6,
+                        zorder=2)
+        points.append((x, y, name + seeds_note(len(runs))))
     ax.margins(0.15)
     # One legend (methods by colour, then quant backends by marker): a second legend added beside the
     # first is left out of the figure's extent and gets cut off.

@@ -78,11 +78,11 @@ METHOD_INFO = (
     MethodInfo("lora", "fo", "LoRA (r=8 on q_proj/v_proj unless set) with AdamW (peft; backward pass)",
                default_scope="all", settings=("lora_r", "lora_alpha", "lora_targets"), order=80, color="#17becf"),
     MethodInfo("qzo", "zo", "the quantization scales only, codes fixed; clipped projected gradient (QZO)",
-               quantized=True, needs_scales=True, settings=("clip_threshold",), order=35, color="#aec7e8"),
+               quantized=True, needs_scales=True, settings=("clip_threshold",), order=35, color="#6b6ecf"),
 )
 METHOD_INFO += (
     MethodInfo("quzo", "zo", "the int8/4-bit codes themselves, perturbed and updated by stochastic rounding (QuZO)",
-               quantized=True, settings=("rounding",), order=35, color="#aec7e8",
+               quantized=True, settings=("rounding",), order=36, color="#8c6d31",
                allowed=(("quant", ("int8", "nf4", "nf4-plain", "fp4")), ("optimizer", ("sgd",)),
                         ("scope", (None, "linear")))),
 )

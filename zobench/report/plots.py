@@ -307,25 +307,33 @@ def dev_vs_time(ok: list[CellView], extras: list[str]):
 
 
 def _label_points(fig, ax, points: list[tuple[float, float, str]]) -> None:
-    """Label each point beside it, nudging a label up or down until it overlaps no label placed before.
+    """Label each point beside it, right of it where the label stays inside the axes, else left of it, nudging
+    it up or down until it overlaps no label placed before.
 
     Cells often land on the same memory and accuracy (two methods at one density and quant), and labels
-    drawn at a fixed offset then print over each other.
+    drawn at a fixed offset then print over each other; a label past the axes' right edge runs into the legend.
     """
     renderer = FigureCanvasAgg(fig).get_renderer()
     fig.draw(renderer)  # fixes the layout and the axes limits, so text extents are final
+    inside = ax.get_window_extent(renderer)
     placed = []
     for x, y, text in sorted(points, key=lambda p: (-p[1], p[0])):
-        for k in range(40):  # offsets 0, +1, -1, +2, -2, ... lines of text
-            dy = ((k + 1) // 2) * (1 if k % 2 else -1) * 9.0
-            label = ax.annotate(text, (x, y), xytext=(4, 3 + dy), textcoords="offset points",
-                                fontsize="x-small", va="bottom")
+        for k in range(80):  # offsets 0, +1, -1, +2, -2, ... lines of text, each right then left of the point
+            dy = ((k // 2 + 1) // 2) * (1 if (k // 2) % 2 else -1) * 9.0
+            dx, ha = (4, "left") if k % 2 == 0 else (-4, "right")
+            label = ax.annotate(text, (x, y), xytext=(dx, 3 + dy), textcoords="offset points",
+                                fontsize="x-small", va="bottom", ha=ha)
             box = label.get_window_extent(renderer)
-            if not any(box.overlaps(b) for b in placed):
+            if box.x0 >= inside.x0 and box.x1 <= inside.x1 and not any(box.overlaps(b) for b in placed):
                 break
             label.remove()
+        else:  # nowhere free: the first place, over whatever is there
+            dx, dy = 4, 0.0
+            label = ax.annotate(text, (x, y), xytext=(dx, 3), textcoords="offset points", fontsize="x-small",
+                                va="bottom")
+            box = label.get_window_extent(renderer)
         if dy:
-            ax.annotate("", (x, y), xytext=(4, 3 + dy), textcoords="offset points",
+            ax.annotate("", (x, y), xytext=(dx, 3 + dy), textcoords="offset points",
                         arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "grey"})
         placed.append(box)
 

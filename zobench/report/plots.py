@@ -14,6 +14,7 @@ import statistics
 import zlib
 from pathlib import Path
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -229,14 +230,19 @@ def step_breakdown(ok: list[CellView], extras: list[str]):
     return fig
 
 
-def smoothed(values: list[float], window: int) -> list[float]:
+def smoothed(values: list, window: int) -> list[float]:
     """Trailing mean over ``window`` values (fewer at the start), of the finite ones only: a diverged step's
-    inf or nan leaves a gap at that step, not in every mean after it. NaN where a window holds none."""
-    out = []
-    for i in range(len(values)):
-        finite = [v for v in values[max(0, i - window + 1):i + 1] if isinstance(v, (int, float)) and math.isfinite(v)]
-        out.append(sum(finite) / len(finite) if finite else math.nan)
-    return out
+    inf or nan leaves a gap at that step, not in every mean after it. NaN where a window holds none. Linear in
+    the number of values (prefix sums): a record's curve is data, and may be long."""
+    arr = np.array([v if isinstance(v, (int, float)) else math.nan for v in values], dtype=float)
+    finite = np.isfinite(arr)
+    sums = np.concatenate([[0.0], np.cumsum(np.where(finite, arr, 0.0))])
+    counts = np.concatenate([[0], np.cumsum(finite)])
+    end = np.arange(1, len(arr) + 1)
+    start = np.maximum(end - window, 0)
+    n = counts[end] - counts[start]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, (sums[end] - sums[start]) / np.maximum(n, 1), math.nan).tolist()
 
 
 def _by_config(cells: list[CellView], extras: list[str], points) -> dict[str, list[tuple[CellView, list]]]:

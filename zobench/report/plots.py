@@ -268,7 +268,7 @@ def _over_seeds(groups: dict, title: str, xlabel: str, ylabel: str) -> Figure | 
         dashed = quant(runs[0][0]) != "none"
         col = color(method(runs[0][0]))
         ax.plot(xs, [sum(y) / len(y) for y in ys], color=col, linestyle="--" if dashed else "-",
-                marker="." if n <= 60 else None, label=name + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""))
+                marker="." if n <= 60 else None, label=name + seeds_note(len(runs)))
         if len(runs) > 1:
             ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=col, alpha=0.15, linewidth=0)
     ax.legend(fontsize="small", **OUTSIDE)
@@ -286,9 +286,9 @@ def loss_curves(ok: list[CellView], extras: list[str]):
     def points(r):
         return list(enumerate(smoothed(r.metrics.get("loss_curve"), window), start=1))
 
-    mean = f", trailing mean of {window} steps" if window > 1 else ""
+    trailing = f", trailing mean of {window} steps" if window > 1 else ""
     return _over_seeds(_by_config(trained, extras, points),
-                       f"Training loss{mean} (warm-up included; dashed: quantized; shaded: range over seeds)",
+                       f"Training loss{trailing} (warm-up included; dashed: quantized; shaded: range over seeds)",
                        "step", "training loss")
 
 

@@ -573,3 +573,33 @@ def test_every_method_has_a_colour_and_a_place_of_its_own():
     names = [m.name for m in METHOD_INFO]
     assert len({color(n) for n in names}) == len(names)
     assert len({m.order for m in METHOD_INFO}) == len(names)
+
+
+def test_the_over_seeds_table_pools_a_configurations_seeds(records):
+    """Three seeds of sensitive: one row with the mean, sd and range of their test scores and the median of
+    their peaks; a suite of one seed a configuration has no such table (the golden report shows none)."""
+    import statistics
+
+    from zobench.report import views
+    from zobench.report.cells import varying_axes
+    from zobench.report.tables import seeds_table
+
+    base = {r.labels["method"]: r for r in records if r.labels.get("quant") == "none"}
+    recs = [copy.deepcopy(base["forward"])]
+    for seed, (peak, score) in enumerate(((900, 0.70), (960, 0.76), (930, 0.61))):
+        r = copy.deepcopy(base["sensitive"])
+        r.cell_id, r.config["seed"], r.labels["seed"] = f"sensitive-{seed}", seed, seed
+        for phase in r.phases.values():
+            phase.peak_rss_mib = min(phase.peak_rss_mib or 0, peak)
+        r.phases["train"].peak_rss_mib = peak
+        r.metrics.set(test_after={"accuracy": score})
+        r.metrics.values.pop("test_best", None)
+        recs.append(r)
+    cells = views(recs)
+    lines = seeds_table(cells, varying_axes(cells))
+    row = next(line for line in lines if line.startswith("| sensitive"))
+    sd = 100 * statistics.stdev([0.70, 0.76, 0.61])
+    assert f"| 3 | 69.0 ± {sd:.1f} (61.0-76.0) | 930 (900-960) |" in row, row
+    assert lines[0] == "## Over seeds" and "after training" in "\n".join(lines)
+    assert seeds_table(views(records), varying_axes(views(records))) == []
+    assert "## Over seeds" not in GOLDEN.read_text(encoding="utf-8")

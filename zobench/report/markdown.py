@@ -19,6 +19,7 @@ from zobench.report.tables import (
     mask_tables,
     phase_table,
     quant_table,
+    seeds_table,
     step_table,
 )
 
@@ -41,7 +42,7 @@ def render_markdown(recs: list[CellView], title: str | None, plots: list[tuple[s
     ok = [r for r in recs if r.ok]
     bad = [r for r in recs if not r.ok]
     lines = header(recs, title, pilots or [], progress) + (claims or [])
-    for part in (main_table, quant_table, phase_table, gpu_memory_table, host_phase_table, step_table,
+    for part in (seeds_table, main_table, quant_table, phase_table, gpu_memory_table, host_phase_table, step_table,
                  mask_tables):
         lines += part(ok, extras)
     lines += lr_table(ok, pilots or [], extras) + pilot_progress(ok, pilots or [])

@@ -3,6 +3,8 @@ step breakdown, masks and restore drift, and the cells without results."""
 
 from __future__ import annotations
 
+import statistics
+
 from zobench.report.cells import (
     PHASES,
     CellView,
@@ -13,6 +15,7 @@ from zobench.report.cells import (
     median,
     pct,
     phase_peak,
+    primary_score,
     quant,
     setting,
 )
@@ -109,6 +112,61 @@ def main_table(ok: list[CellView], extras: list[str]) -> list[str]:
                   "measure of learning: ZO needs hundreds of steps to move it; `suites/claims-v2.yaml` "
                   "measures learning, with intervals.")
     return section("Results", intro, cols, ok, extras)
+
+
+def seeds_table(ok: list[CellView], extras: list[str]) -> list[str]:
+    """One row a configuration with its seeds pooled, where a suite runs some with several: what the plots
+    draw, in numbers. Descriptive: the claims, where a suite declares them, decide differences."""
+    if "seed" not in extras:
+        return []
+    names = [a for a in extras if a != "seed"]
+    groups: dict[tuple, list[CellView]] = {}
+    for r in ok:
+        groups.setdefault(tuple(str(setting(r, a)) for a in ("model", "task", "dtype", "method", "quant",
+                                                            "density", *names)), []).append(r)
+    if all(len(g) == 1 for g in groups.values()):
+        return []
+    runs = {id(g[0]): g for g in groups.values()}
+
+    def values(r: CellView, value_of) -> list[float]:
+        return [v for c in runs[id(r)] if isinstance(v := value_of(c), (int, float))]
+
+    def score_of(key):
+        return lambda c: primary_score(c.metrics.get(key)) if meaningful(c) else None
+
+    def spread_pct(r: CellView) -> str:
+        v = values(r, score_of("test_best")) or values(r, score_of("test_after"))
+        if not v:
+            return DASH
+        mean = sum(v) / len(v)
+        sd = statistics.stdev(v) if len(v) > 1 else None
+        return (f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+                + (f" ({100 * min(v):.1f}-{100 * max(v):.1f})" if len(v) > 1 else ""))
+
+    def med(value_of, fmt, with_range: bool = False):
+        def cell(r: CellView) -> str:
+            v = values(r, value_of)
+            if not v:
+                return DASH
+            text = fmt(statistics.median(v))
+            return text + (f" ({fmt(min(v))}-{fmt(max(v))})" if with_range and len(v) > 1 else "")
+        return cell
+
+    scored = "at best dev" if any(c.metrics.get("test_best") for c in ok) else "after training"
+    cols: list[Column] = [
+        ("seeds", lambda r: str(len(runs[id(r)]))),
+        (f"test % {scored}, mean ± sd (min-max)", spread_pct),
+        ("peak MiB, median (min-max)", med(lambda c: c.derived.peak_mib, mib, with_range=True)),
+        ("peak / inference, median", med(lambda c: c.derived.peak_over_inference, ratio)),
+        ("step / 2 fwd, median", med(lambda c: None if c.config.get("method") == "forward"
+                                     else c.derived.step_over_two_forwards, ratio)),
+        ("step ms, median", med(lambda c: ms(median(c.metrics.step_s)), num)),
+    ]
+    intro = ("Each configuration once, its seeds pooled (failed runs included: every recorded run is a "
+             "seed): the mean test score with its standard deviation and range over seeds, and the medians "
+             "over seeds of each run's peak and step figures (the plots draw the same). Descriptive: where the "
+             "suite declares claims, the intervals above decide them.")
+    return section("Over seeds", intro, cols, [g[0] for g in groups.values()], names)
 
 
 def quant_table(ok: list[CellView], extras: list[str]) -> list[str]:

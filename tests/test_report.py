@@ -603,3 +603,22 @@ def test_the_over_seeds_table_pools_a_configurations_seeds(records):
     assert lines[0] == "## Over seeds" and "after training" in "\n".join(lines)
     assert seeds_table(views(records), varying_axes(views(records))) == []
     assert "## Over seeds" not in GOLDEN.read_text(encoding="utf-8")
+
+
+def test_step_over_float_is_marked_where_either_cell_trained_beside_other_work(records):
+    """The quantization table's step / float divides two cells' seconds taken at different times: a pair
+    where either ran on a loaded machine says so."""
+    from zobench.report import views
+    from zobench.report.cells import varying_axes
+    from zobench.report.tables import quant_table
+
+    def row(recs):
+        cells = views(recs)
+        return next(line for line in quant_table(cells, varying_axes(cells)) if line.startswith("| sensitive | nf4"))
+
+    pair = [copy.deepcopy(r) for r in records if r.labels.get("method") == "sensitive"]
+    for r in pair:
+        r.phases["train"].other_cpus = 0.0
+    assert "(loaded)" not in row(pair)
+    next(r for r in pair if r.labels["quant"] == "none").phases["train"].other_cpus = 1.2  # the float twin
+    assert "(loaded)" in row(pair)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 
+from zobench.measure.load import LOADED_CPUS
 from zobench.report.cells import (
     PHASES,
     CellView,
@@ -191,17 +192,27 @@ def quant_table(ok: list[CellView], extras: list[str]) -> list[str]:
     def score(r):
         return r.metrics.accuracy("test_after") if r is not None and meaningful(r) else None
 
+    def loaded(r):
+        return r is not None and (r.phase("train").other_cpus or 0) >= LOADED_CPUS
+
+    def step_vs_float(r):
+        text = vs_float(lambda c: median(c.metrics.step_s), lambda a, b: ratio(a / b))(r)
+        return text + " (loaded)" if text != DASH and (loaded(r) or loaded(float_cells.get(twin_key(r)))) else text
+
     cols: list[Column] = [
         ("peak MiB", lambda r: mib(r.derived.peak_mib)),
         ("peak / float", vs_float(lambda r: r.derived.peak_mib, lambda a, b: ratio(a / b))),
         ("weights MiB (est.)", lambda r: mib(r.estimated_weights_mib)),
-        ("step / float", vs_float(lambda r: median(r.metrics.step_s), lambda a, b: ratio(a / b))),
+        ("step / float", step_vs_float),
         ("test % after", lambda r: pct_points(score(r))),
         ("vs float (points)", lambda r: signed_points(score(r), score(float_cells.get(twin_key(r))))),
     ]
     intro = ("Memory against accuracy per quant backend: each quantized cell beside the unquantized (`none`) "
              "cell of the same method. Quantized sparse cells train their masked values in 16/32-bit beside "
-             "the quantized layers (dense-and-sparse).")
+             "the quantized layers (dense-and-sparse). Step / float divides the seconds of two cells that ran "
+             "at different times, so the machine's load then is in it: a pair where either cell trained beside "
+             f"other work (at least {LOADED_CPUS} CPUs busy elsewhere) is marked (loaded); timings taken side by "
+             "side (`make bench`, or a suite timing both in one run) are the figure to compare.")
     return section("Quantization trade-off", intro, cols, [r for r in ok if quant(r) != "none"], extras)
 
 

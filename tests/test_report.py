@@ -582,8 +582,9 @@ def test_the_over_seeds_table_pools_a_configurations_seeds(records):
 
     from zobench.report import views
     from zobench.report.cells import varying_axes
-    from zobench.report.tables import seeds_table
+    from zobench.report.tables import limit_ratio, seeds_table
 
+    assert limit_ratio(0.98) == "1.00 at limit (0.98)" and limit_ratio(1.204) == "1.20"  # a step makes 2 forwards
     base = {r.labels["method"]: r for r in records if r.labels.get("quant") == "none"}
     recs = [copy.deepcopy(base["forward"])]
     for seed, (peak, score) in enumerate(((900, 0.70), (960, 0.76), (930, 0.61))):

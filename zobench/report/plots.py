@@ -138,8 +138,9 @@ def memory_bars(ok: list[CellView], extras: list[str]):
             if len(runs) > 1:
                 ax.errorbar(x, peak, yerr=whiskers, fmt="none", ecolor="black", elinewidth=1, capsize=3)
                 folded = True
-            ax.annotate(f"{peak:.0f}", (x, peak), ha="center", va="bottom", fontsize="x-small",
-                        xytext=(0, 4 if len(runs) > 1 else 0), textcoords="offset points")
+            top = peak + whiskers[1][0]  # above the highest seed's whisker, where there is one
+            ax.annotate(f"{peak:.0f}", (x, top), ha="center", va="bottom", fontsize="x-small",
+                        xytext=(0, 3 if len(runs) > 1 else 0), textcoords="offset points")
             ticks.append(x)
             names.append(method(r) + (f" {pct(density(r))}" if density(r) is not None else "")
                          + seeds_note(len(runs)))

@@ -26,9 +26,10 @@ pytest.importorskip("bitsandbytes")
 # 128 makes each row one group), hqq 0.101 (groups of 64), nf4-plain 0.098. The bounds leave ~1.5x room for other BLAS
 # builds; a broken layer (wrong layout, packing or zero point, lost bias, transposed weight) gives
 # errors near 1.
-REL_ERROR_BOUND = {"nf4": 0.15, "fp4": 0.25, "int8": 0.02, "gptq": 0.16, "hqq": 0.15, "nf4-plain": 0.15}
+REL_ERROR_BOUND = {"nf4": 0.15, "fp4": 0.25, "int8": 0.02, "gptq": 0.16, "hqq": 0.15, "nf4-plain": 0.15,
+                   "fp4-plain": 0.25}
 PACKAGE = {"nf4": "bitsandbytes", "fp4": "bitsandbytes", "int8": "bitsandbytes", "gptq": "gptqmodel",
-           "hqq": "hqq", "nf4-plain": "bitsandbytes"}
+           "hqq": "hqq", "nf4-plain": "bitsandbytes", "fp4-plain": "bitsandbytes"}
 
 
 def _inputs():
@@ -427,14 +428,15 @@ def test_install_hints_name_extras_that_exist():
         assert set(group.split(",")) <= extras, group
 
 
-def test_nf4_plain_has_nf4s_codes_with_a_float32_absmax_per_64_weights():
-    """nf4-plain is nf4 without double quantization: the same 4-bit codes, and scales that are plain float32
-    (what QZO perturbs), priced as they are stored."""
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+def test_plain_4bit_has_the_double_quantized_codes_with_a_float32_absmax_per_64_weights(fmt):
+    """nf4-plain (fp4-plain) is nf4 (fp4) without double quantization: the same 4-bit codes, and scales that are
+    plain float32 (what QZO perturbs), priced as they are stored."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 96, bias=False)
-    plain_backend = get_backend("nf4-plain")
+    plain_backend = get_backend(f"{fmt}-plain")
     plain = plain_backend.quantize_linear(lin, QuantContext())
-    nf4 = get_backend("nf4").quantize_linear(lin, QuantContext())
+    nf4 = get_backend(fmt).quantize_linear(lin, QuantContext())
     state = plain.weight.quant_state
     assert not state.nested and state.absmax.dtype == torch.float32 and state.absmax.numel() == 96 * 128 // 64
     assert nf4.weight.quant_state.nested and nf4.weight.quant_state.absmax.dtype == torch.uint8
@@ -442,7 +444,8 @@ def test_nf4_plain_has_nf4s_codes_with_a_float32_absmax_per_64_weights():
     assert plain_backend.scales(plain) is state.absmax
     stored = plain.weight.data.numel() * plain.weight.data.element_size() + state.absmax.numel() * 4
     assert plain_backend.storage.weight_bytes(96, 128) == stored
-    assert get_backend("nf4").scales is None  # 8-bit codes of scales: nothing plain to perturb
+    assert plain.weight.quant_state.quant_type == fmt
+    assert get_backend(fmt).scales is None  # 8-bit codes of scales: nothing plain to perturb
 
 
 def test_sensitive_zo_on_nf4_learns_a_tiny_task():

@@ -103,7 +103,7 @@ def _trainer(model, seed=0, lr=1e-2, rounding="stochastic"):
     return ZOTrainer(model, trainable, ZOSGD(lr), loss, eps=1e-3, seed=seed), ids
 
 
-@pytest.mark.parametrize("quant", ["int8", "nf4", "nf4-plain"])
+@pytest.mark.parametrize("quant", ["int8", "nf4", "nf4-plain", "fp4-plain"])
 def test_steps_change_codes_never_scales_and_restores_are_exact(quant):
     model = _quantized(quant)
     trainer, ids = _trainer(model)

@@ -55,7 +55,7 @@ def others(p: Pipeline) -> dict[str, torch.Tensor]:
     return {n: t.detach().clone() for n, t in p.run_state.model.named_parameters() if t.is_floating_point()}
 
 
-@pytest.mark.parametrize("quant", ["nf4-plain", "int8"])
+@pytest.mark.parametrize("quant", ["nf4-plain", "fp4-plain", "int8"])
 def test_qzo_moves_every_scale_and_not_one_code_byte(quant):
     p = quantized(quant=quant, steps=4)
     codes0, scales0, others0 = codes(p), scales(p), others(p)
@@ -68,7 +68,7 @@ def test_qzo_moves_every_scale_and_not_one_code_byte(quant):
     assert p.metrics.get("trainable_numel") == sum(s.numel() for s in scales0.values())
 
 
-@pytest.mark.parametrize("quant", ["nf4-plain", "int8"])
+@pytest.mark.parametrize("quant", ["nf4-plain", "fp4-plain", "int8"])
 def test_the_forward_sees_a_scale_perturbation_of_qzos_size(quant):
     """On a CPU with AVX512-BF16 (bitsandbytes could cast 4-bit scales to bfloat16 there, and 2^-8 of a scale
     would vanish) as anywhere: +eps and -eps on the scales change the loss, each from the unperturbed one."""
@@ -210,7 +210,7 @@ def test_a_tampered_or_misplaced_scales_delta_is_refused_in_one_line(tmp_path):
         reload(tmp_path / "d", meta)
 
 
-@pytest.mark.parametrize("quant", ["nf4-plain", "int8"])
+@pytest.mark.parametrize("quant", ["nf4-plain", "fp4-plain", "int8"])
 def test_qzo_learns_a_tiny_task_on_a_tiny_random_llama(quant):
     """QZO trains the scales of a tiny random Llama's quantized layers on the cue task (tests/cue_task.py), with
     the config's default clip threshold: held-out accuracy must end at least 10 points above the majority
@@ -231,7 +231,7 @@ def test_qzo_learns_a_tiny_task_on_a_tiny_random_llama(quant):
 
 def test_qzo_is_refused_without_plain_scales_naming_the_key():
     for quant in ("none", "nf4", "gptq"):
-        with pytest.raises(UserError, match=r"s\.yaml: key 'quant' = '.*': expected one of nf4-plain, int8"):
+        with pytest.raises(UserError, match=r"s\.yaml: key 'quant' = '.*': expected one of nf4-plain, fp4-plain, int8"):
             CellConfig.from_dict({"method": "qzo", "quant": quant}, "s.yaml")
     with pytest.raises(UserError, match="key 'scope'"):
         CellConfig.from_dict({"method": "qzo", "quant": "int8", "scope": "all"}, "s.yaml")

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from zobench.gates.hide import hide_unused
 from zobench.quant.base import Backend, NoQuant, QuantContext, quantize_model
-from zobench.quant.bnb import FP4, NF4, Int8, NF4Plain
+from zobench.quant.bnb import FP4, NF4, FP4Plain, Int8, NF4Plain
 from zobench.quant.gptq import GPTQ
 from zobench.quant.hqq import HQQ
 from zobench.registry import Registry
 from zobench.spec.catalog import PLAIN_SCALES, QUANT_NAMES
 
 CLASSES = {"none": NoQuant, "nf4": NF4, "fp4": FP4, "int8": Int8, "gptq": GPTQ, "hqq": HQQ}
-CLASSES["nf4-plain"] = NF4Plain
+CLASSES["nf4-plain"], CLASSES["fp4-plain"] = NF4Plain, FP4Plain
 if set(CLASSES) != set(QUANT_NAMES):  # a declared backend without a class, or a class declared nowhere
     raise ImportError(f"quant backends declared {sorted(QUANT_NAMES)} but implemented {sorted(CLASSES)}")
 if {name for name, cls in CLASSES.items() if cls.scales is not None} != set(PLAIN_SCALES):

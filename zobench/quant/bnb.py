@@ -1,8 +1,8 @@
 """bitsandbytes: 4-bit NF4 / FP4 (QLoRA's formats) and 8-bit LLM.int8.
 
 ``nf4`` is QLoRA's NF4 with double quantization (its per-block absmax values are themselves 8-bit codes);
-``nf4-plain`` is the same 4-bit codes with a plain float32 absmax per block of 64 weights, the continuous
-scales a method can perturb in place (QZO, ``methods.qzo``). LLM.int8's per-row absmax (``SCB``) is plain
+``nf4-plain`` (and ``fp4-plain``) is the same 4-bit codes with a plain float32 absmax per block of 64 weights,
+the continuous scales a method can perturb in place (QZO, ``methods.qzo``). LLM.int8's per-row absmax (``SCB``) is plain
 float32 too. ``Backend.scales`` hands those tensors over.
 
 bitsandbytes 0.50 quantizes on the CPU too: a ``Params4bit`` / ``Int8Params`` is quantized when the module
@@ -99,6 +99,13 @@ class NF4Plain(_FourBit):
             # scale would vanish in the forward.
             raise RuntimeError("this 4-bit layer's scales are not the plain float32 absmax its forward reads")
         return state.absmax
+
+
+class FP4Plain(NF4Plain):
+    """FP4's codes with nf4-plain's float32 absmax per 64 weights: QZO's FP4 form."""
+
+    name = "fp4-plain"
+    quant_type = "fp4"
 
 
 class Int8(Backend):

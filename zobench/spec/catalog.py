@@ -83,17 +83,18 @@ METHOD_INFO = (
 METHOD_INFO += (
     MethodInfo("quzo", "zo", "the int8/4-bit codes themselves, perturbed and updated by stochastic rounding (QuZO)",
                quantized=True, settings=("rounding",), order=36, color="#8c6d31",
-               allowed=(("quant", ("int8", "nf4", "nf4-plain", "fp4")), ("optimizer", ("sgd",)),
+               allowed=(("quant", ("int8", "nf4", "nf4-plain", "fp4", "fp4-plain")), ("optimizer", ("sgd",)),
                         ("scope", (None, "linear")))),
 )
 
 # The quantization backends a suite may name (``quant:``); what each stores and needs is its class's
 # declaration (``quant.base.Backend``), read by the layers that load it.
-QUANT_NAMES = ("none", "nf4", "fp4", "int8", "gptq", "hqq", "nf4-plain")
+QUANT_NAMES = ("none", "nf4", "fp4", "int8", "gptq", "hqq", "nf4-plain", "fp4-plain")
 # The backends whose scales are plain float tensors the forward reads, which a method may perturb in place
-# (``needs_scales``: QZO): nf4-plain's float32 absmax per block of 64 weights, int8's per row. nf4's absmax
-# values are 8-bit codes themselves (double quantization); gptq's and hqq's layers are not opened up for it.
-PLAIN_SCALES = ("nf4-plain", "int8")
+# (``needs_scales``: QZO): nf4-plain's and fp4-plain's float32 absmax per block of 64 weights, int8's per row.
+# nf4's and fp4's absmax values are 8-bit codes themselves (double quantization); gptq's and hqq's layers are not
+# opened up for it.
+PLAIN_SCALES = ("nf4-plain", "fp4-plain", "int8")
 
 
 @dataclass(frozen=True)

@@ -309,8 +309,11 @@ def dev_curves(ok: list[CellView], extras: list[str]):
 
 
 def dev_vs_time(ok: list[CellView], extras: list[str]):
-    return _dev_over_seeds(ok, extras, "Dev score against training time (warm-up included, evaluations excluded)",
-                       "training seconds", "train_s")
+    """Seconds as each cell measured them: cells that ran at other times under other load are not timed side by
+    side here (the claims' speed comparisons use a declared clock), and the title says so."""
+    return _dev_over_seeds(ok, extras, "Dev score against training time (warm-up included, evaluations excluded;\n"
+                           "seconds as measured: a cell run on a busy machine reads slow)",
+                           "training seconds", "train_s")
 
 
 def _label_points(fig, ax, points: list[tuple[float, float, str]]) -> None:

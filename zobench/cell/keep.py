@@ -18,7 +18,7 @@ from zobench.methods import get_method
 from zobench.models.lora import load_adapter
 from zobench.spec.config import CellConfig
 from zobench.zo.drift import measure_restore_drift
-from zobench.zo.masks import linear_layers, scoped_params
+from zobench.zo.masks import scoped_params
 from zobench.zo.trainer import replay
 
 QUANTIZED_KINDS = ("scales", "codes")  # deltas of the quantized layers themselves (QZO, QuZO)
@@ -80,7 +80,8 @@ def apply_quantized(pipeline) -> None:
         if meta["kind"] == "codes":
             DT.write_codes(model, path)
         else:
-            current = current or {name: backend.scales(model.get_submodule(name)) for name in linear_layers(model)}
+            current = current or {name: backend.scales(model.get_submodule(name))
+                                  for name in backend.scaled_layers(model)}
             DT.write_scales(path, meta, current)
     pipeline.pending_quantized = []
 

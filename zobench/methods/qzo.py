@@ -2,7 +2,8 @@
 2505.13430, ICLR 2026): zeroth-order fine-tuning of a quantized model through its quantization scales.
 
 A quantized weight is a scale times a code: ``w = s * c``. The codes are discrete and cannot move by eps * z,
-but the scales are continuous (one per block of 64 weights in nf4-plain, one per output row in int8). QZO
+but the scales are continuous (one per block of 64 weights in nf4-plain and fp4-plain, one per output row in
+int8, one per group of 128 input columns of a row in gptq, held in float16 there). QZO
 keeps every code as it is and trains the scales alone, with MeZO's two-point estimate and seed trick:
 
     s + eps z -> L+ ;  s - eps z -> L- ;  d = clip((L+ - L-) / (2 eps), -C, C) ;  s <- max(s - lr d z, 0)
@@ -28,7 +29,6 @@ from zobench.fingerprint import scales_fingerprint
 from zobench.methods.base import Method, Price, PriceInputs, register
 from zobench.methods.common import z_extra, zo_stepper
 from zobench.quant import get_backend
-from zobench.zo.masks import linear_layers
 from zobench.zo.sizes import OPT_STATE_VALUES
 from zobench.zo.trainable import SparseTrainable
 
@@ -40,9 +40,9 @@ class ScaleTrainable(SparseTrainable):
 
     def __init__(self, layers: list[tuple[str, torch.Tensor]], direction: str = "rademacher",
                  generator: str = "philox"):
-        for name, s in layers:
-            if s.dtype != torch.float32 or not s.is_contiguous():
-                raise RuntimeError(f"{name}: its scales are {s.dtype}, not a contiguous float32 tensor")
+        for name, s in layers:  # float32 (bitsandbytes) or float16 (GPTQ): written from a float32 master
+            if s.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not s.is_contiguous():
+                raise RuntimeError(f"{name}: its scales are {s.dtype}, not a contiguous floating-point tensor")
         super().__init__(layers, {name: None for name, _ in layers}, direction, generator)
         self.start = scales_fingerprint(layers)
 
@@ -74,14 +74,18 @@ class ScaleTrainable(SparseTrainable):
 
 def check_resolution(layers: list[tuple[str, torch.Tensor]], eps: float, dtype: torch.dtype) -> None:
     """One line when ``eps`` is too small for the forward to see: the weights it builds are ``code * scale``
-    rounded to ``dtype``, and a scale moved by less than half that dtype's relative resolution leaves most of
-    them where they were, so L+ and L- would differ by rounding alone."""
+    rounded to ``dtype``, from scales held in their own dtype (float16 in GPTQ), and a scale moved by less than
+    half the coarser one's relative resolution leaves most of them where they were, so L+ and L- would differ
+    by rounding alone."""
     typical = float(torch.stack([s.detach().abs().float().median() for _, s in layers]).median())
-    floor = torch.finfo(dtype).eps / 2
+    coarser = max((dtype, layers[0][1].dtype), key=lambda t: torch.finfo(t).eps)
+    floor = torch.finfo(coarser).eps / 2
     if typical > 0 and eps / typical < floor:
+        what = "weights" if coarser == dtype else "scales"
         raise UserError(f"key 'eps' = {eps:g}: moves a typical quantization scale ({typical:.3g}) by "
-                        f"{eps / typical:.2g} of itself, below half the resolution of {dtype} weights ({floor:.2g}): "
-                        f"the two forwards would see nearly the same weights; raise eps or use dtype float32")
+                        f"{eps / typical:.2g} of itself, below half the resolution of {coarser} {what} ({floor:.2g}): "
+                        f"the two forwards would see nearly the same weights; raise eps"
+                        + (" or use dtype float32" if what == "weights" else ""))
 
 
 @register
@@ -91,7 +95,7 @@ class QZO(Method):
     def build_stepper(self, run):
         cfg = run.cfg
         backend = get_backend(cfg.quant)
-        layers = [(name, backend.scales(run.model.get_submodule(name))) for name in linear_layers(run.model)]
+        layers = [(name, backend.scales(run.model.get_submodule(name))) for name in backend.scaled_layers(run.model)]
         if not layers:
             raise UserError(f"method 'qzo': model {cfg.model} has no quantized linear layers to train the scales of")
         check_resolution(layers, cfg.eps, run.model.get_input_embeddings().weight.dtype)
@@ -99,11 +103,12 @@ class QZO(Method):
         return zo_stepper(run, trainable, clip=cfg.clip_threshold)
 
     def price(self, inputs: PriceInputs) -> Price:
-        cfg, storage = inputs.cfg, inputs.storage
-        # One scale per group (nf4-plain) or per output row (int8) of every quantized linear. The live scales are
-        # part of the quantized weights' storage; the method holds their float32 master and its optimizer state.
-        n = 0 if storage is None else int(sum(o * i / storage.group_size if storage.group_size else o
-                                              for o, i in inputs.arch.linears))
+        cfg = inputs.cfg
+        # One scale per group (nf4-plain, fp4-plain, gptq) or per output row (int8) of every quantized linear. The
+        # live scales are part of the quantized weights' storage; the method holds their float32 master and its
+        # optimizer state.
+        backend = get_backend(cfg.quant)
+        n = 0 if inputs.storage is None else sum(backend.scale_count(o, i) for o, i in inputs.arch.linears)
         # apply: z, master + scale * z; update: the estimate and one z at a time, plus Adam's denominator
         update = n * (4 + z_extra(cfg) + 4 + 4 + (8 if cfg.optimizer == "adam" else 0))
         return Price(trainable=4 * n, optimizer=n * OPT_STATE_VALUES[cfg.optimizer] * 4, update=update, nnz=n)

@@ -26,6 +26,7 @@ from zobench.errors import Unsupported
 from zobench.fingerprint import weights_fingerprint
 from zobench.gates.hide import allow
 from zobench.quant.sparse import attach_sparse, split_selected
+from zobench.zo.masks import linear_layers
 
 
 @dataclass
@@ -121,6 +122,17 @@ class Backend:
     # method that perturbs them in place (QZO); declared per backend in ``spec.catalog.PLAIN_SCALES``. None:
     # the format has no such tensor (double-quantized or packed scales, or no quantization).
     scales = None
+
+    def scaled_layers(self, model: torch.nn.Module) -> list[str]:
+        """The module names of the layers this backend quantized in ``model``, whose ``scales`` a method may
+        train: the block linears, found as every scope does (``zo.masks.linear_layers``: by their weight)."""
+        return linear_layers(model)
+
+    def scale_count(self, out_features: int, in_features: int) -> int:
+        """How many values ``scales`` gives for a layer of that shape: one per group of ``storage.group_size``
+        of its weights (bitsandbytes' 4-bit blocks run over the flattened weight), else one per output row."""
+        g = self.storage.group_size
+        return -(-out_features * in_features // g) if g else out_features
 
     def quantize_transient(self, numel: int, dtype_bytes: int, device: str) -> float:
         """Bytes quantizing one layer of ``numel`` weights needs beyond the layer and its result, at most (the

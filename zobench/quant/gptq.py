@@ -123,6 +123,24 @@ class GPTQ(Backend):
         return Path(ctx.cache_dir) / "gptq" / digest
 
     @staticmethod
+    def scales(module: torch.nn.Module) -> torch.Tensor:
+        """The layer's float16 scale per group of 128 input columns of each output row (``[groups, out]``): the
+        torch kernel dequantizes from it at every forward, so a change in place is a change of the layer
+        (QZO, ``methods.qzo``). Not where it keeps a dequantized copy (``GPTQ_TORCH_CACHE_WEIGHTS=1``)."""
+        if getattr(module, "_cache_enabled", False):
+            raise RuntimeError("this GPTQ layer caches its dequantized weight (GPTQ_TORCH_CACHE_WEIGHTS is set): "
+                               "a change of its scales would not reach its forward")
+        return module.scales
+
+    def scaled_layers(self, model: torch.nn.Module) -> list[str]:
+        # A packed layer holds its codes in buffers (qweight), not a weight parameter; GPTQ quantizes the block
+        # linears alone, so every such layer is one.
+        return [name for name, m in model.named_modules() if hasattr(m, "qweight") and hasattr(m, "scales")]
+
+    def scale_count(self, out_features: int, in_features: int) -> int:
+        return out_features * -(-in_features // GROUP_SIZE)  # a shorter last group in a row counts as one
+
+    @staticmethod
     def _install(model, name, q, state, ctx) -> None:
         if state is not None:
             q.load_state_dict(state)

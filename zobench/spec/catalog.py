@@ -91,10 +91,10 @@ METHOD_INFO += (
 # declaration (``quant.base.Backend``), read by the layers that load it.
 QUANT_NAMES = ("none", "nf4", "fp4", "int8", "gptq", "hqq", "nf4-plain", "fp4-plain")
 # The backends whose scales are plain float tensors the forward reads, which a method may perturb in place
-# (``needs_scales``: QZO): nf4-plain's and fp4-plain's float32 absmax per block of 64 weights, int8's per row.
-# nf4's and fp4's absmax values are 8-bit codes themselves (double quantization); gptq's and hqq's layers are not
-# opened up for it.
-PLAIN_SCALES = ("nf4-plain", "fp4-plain", "int8")
+# (``needs_scales``: QZO): nf4-plain's and fp4-plain's float32 absmax per block of 64 weights, int8's per row,
+# gptq's float16 scale per group of 128 input columns of a row. nf4's and fp4's absmax values are 8-bit codes
+# themselves (double quantization); hqq's layers are not opened up for it.
+PLAIN_SCALES = ("nf4-plain", "fp4-plain", "int8", "gptq")
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,14 @@ def quantized(**settings) -> Pipeline:
     return p
 
 
+def layers_of(backend, model) -> list[str]:
+    """The quantized layers whose scales QZO trains (GPTQ's have no weight parameter: the backend finds them)."""
+    return backend.scaled_layers(model, linear_layers(model))
+
+
 def scales(p: Pipeline) -> dict[str, torch.Tensor]:
     model = p.run_state.model
-    return {n: p.backend.scales(model.get_submodule(n)).clone() for n in p.backend.scaled_layers(model)}
+    return {n: p.backend.scales(model.get_submodule(n)).clone() for n in layers_of(p.backend, model)}
 
 
 def codes(p: Pipeline) -> dict[str, bytes]:
@@ -54,7 +59,7 @@ def codes(p: Pipeline) -> dict[str, bytes]:
 
     def of(m):
         return raw(m.qweight) + raw(m.qzeros) + raw(m.g_idx) if hasattr(m, "qweight") else raw(m.weight)
-    return {n: of(model.get_submodule(n)) for n in p.backend.scaled_layers(model)}
+    return {n: of(model.get_submodule(n)) for n in layers_of(p.backend, model)}
 
 
 def needs(quant: str) -> None:
@@ -133,7 +138,7 @@ def test_the_estimate_prices_exactly_the_scales_qzo_trains(quant):
     backend = get_backend(quant)
     ctx = QuantContext(tokenizer=loaded.tokenizer, calib_sequences=2, calib_length=32, vocab_size=loaded.vocab_size)
     quantize_model(loaded.model, backend, ctx, linear_layers(loaded.model))
-    trained = sum(backend.scales(loaded.model.get_submodule(n)).numel() for n in backend.scaled_layers(loaded.model))
+    trained = sum(backend.scales(loaded.model.get_submodule(n)).numel() for n in layers_of(backend, loaded.model))
     cfg = CellConfig.from_dict({"model": "random:tiny-llama", "task": "sst2", "method": "qzo", "quant": quant})
     assert trained > 0 and estimate_cell(cfg)["trainable_numel"] == trained
 
@@ -203,7 +208,7 @@ def test_the_trained_scales_are_saved_and_loaded_with_delta(tmp_path, quant):
     meta = json.loads((tmp_path / "d" / "delta.json").read_text())
     kept = load_file(str(tmp_path / "d" / "delta.safetensors"))
     # the scales only: no codes, no weights
-    assert set(kept) == set(trained.backend.scaled_layers(trained.run_state.model)) and kept
+    assert set(kept) == set(layers_of(trained.backend, trained.run_state.model)) and kept
     want = scales(trained)
     again = reload(tmp_path / "d", meta)
     got = scales(again)
@@ -264,7 +269,7 @@ def test_qzo_learns_a_tiny_task_on_a_tiny_random_llama(quant):
     ctx = QuantContext(tokenizer=loaded.tokenizer, calib_sequences=4, calib_length=64, vocab_size=loaded.vocab_size)
     quantize_model(model, backend, ctx, linear_layers(model))
     model.eval()
-    trainable = ScaleTrainable([(n, backend.scales(model.get_submodule(n))) for n in backend.scaled_layers(model)])
+    trainable = ScaleTrainable([(n, backend.scales(model.get_submodule(n))) for n in layers_of(backend, model)])
     clip = CellConfig.from_dict({"method": "qzo", "quant": quant}).clip_threshold
     lr = 1e-4 if quant == "gptq" else 1e-2
     trainer = ZOTrainer(model, trainable, make_optimizer("sgd", lr), cue_task.loss, 1e-3, seed=0, clip=clip)

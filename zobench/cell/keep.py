@@ -18,7 +18,7 @@ from zobench.methods import get_method
 from zobench.models.lora import load_adapter
 from zobench.spec.config import CellConfig
 from zobench.zo.drift import measure_restore_drift
-from zobench.zo.masks import scoped_params
+from zobench.zo.masks import linear_layers, scoped_params
 from zobench.zo.trainer import replay
 
 QUANTIZED_KINDS = ("scales", "codes")  # deltas of the quantized layers themselves (QZO, QuZO)
@@ -81,7 +81,7 @@ def apply_quantized(pipeline) -> None:
             DT.write_codes(model, path)
         else:
             current = current or {name: backend.scales(model.get_submodule(name))
-                                  for name in backend.scaled_layers(model)}
+                                  for name in backend.scaled_layers(model, linear_layers(model))}
             DT.write_scales(path, meta, current)
     pipeline.pending_quantized = []
 

@@ -29,6 +29,7 @@ from zobench.fingerprint import scales_fingerprint
 from zobench.methods.base import Method, Price, PriceInputs, register
 from zobench.methods.common import z_extra, zo_stepper
 from zobench.quant import get_backend
+from zobench.zo.masks import linear_layers
 from zobench.zo.sizes import OPT_STATE_VALUES
 from zobench.zo.trainable import SparseTrainable
 
@@ -95,7 +96,8 @@ class QZO(Method):
     def build_stepper(self, run):
         cfg = run.cfg
         backend = get_backend(cfg.quant)
-        layers = [(name, backend.scales(run.model.get_submodule(name))) for name in backend.scaled_layers(run.model)]
+        layers = [(name, backend.scales(run.model.get_submodule(name)))
+                  for name in backend.scaled_layers(run.model, linear_layers(run.model))]
         if not layers:
             raise UserError(f"method 'qzo': model {cfg.model} has no quantized linear layers to train the scales of")
         check_resolution(layers, cfg.eps, run.model.get_input_embeddings().weight.dtype)

@@ -26,7 +26,6 @@ from zobench.errors import Unsupported
 from zobench.fingerprint import weights_fingerprint
 from zobench.gates.hide import allow
 from zobench.quant.sparse import attach_sparse, split_selected
-from zobench.zo.masks import linear_layers
 
 
 @dataclass
@@ -123,10 +122,11 @@ class Backend:
     # the format has no such tensor (double-quantized or packed scales, or no quantization).
     scales = None
 
-    def scaled_layers(self, model: torch.nn.Module) -> list[str]:
+    def scaled_layers(self, model: torch.nn.Module, linears: list[str]) -> list[str]:
         """The module names of the layers this backend quantized in ``model``, whose ``scales`` a method may
-        train: the block linears, found as every scope does (``zo.masks.linear_layers``: by their weight)."""
-        return linear_layers(model)
+        train. ``linears``: the block linears as the scopes find them, by their weight parameter
+        (``zo.masks.linear_layers``), which is every one a backend that keeps a weight quantized."""
+        return linears
 
     def scale_count(self, out_features: int, in_features: int) -> int:
         """How many values ``scales`` gives for a layer of that shape: one per group of ``storage.group_size``

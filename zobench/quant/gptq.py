@@ -132,7 +132,7 @@ class GPTQ(Backend):
                                "a change of its scales would not reach its forward")
         return module.scales
 
-    def scaled_layers(self, model: torch.nn.Module) -> list[str]:
+    def scaled_layers(self, model: torch.nn.Module, linears: list[str]) -> list[str]:
         # A packed layer holds its codes in buffers (qweight), not a weight parameter; GPTQ quantizes the block
         # linears alone, so every such layer is one.
         return [name for name, m in model.named_modules() if hasattr(m, "qweight") and hasattr(m, "scales")]

@@ -519,6 +519,25 @@ def test_the_loss_plot_draws_a_line_a_configuration_with_its_seeds_range():
     assert len(ax.collections) == 2  # a shaded range over seeds a configuration
 
 
+def seeded(records: list[CellRecord], runs: dict[str, tuple]) -> list[CellRecord]:
+    """The fixture's float forward cell, and for each method its float cell again a seed a (training peak MiB,
+    test accuracy after training) pair, the other phases no higher than the training one; no test at best
+    dev, so the accuracy read is the one set here."""
+    base = {r.labels["method"]: r for r in records if r.labels.get("quant") == "none"}
+    out = [copy.deepcopy(base["forward"])]
+    for method, pairs in runs.items():
+        for seed, (peak, score) in enumerate(pairs):
+            r = copy.deepcopy(base[method])
+            r.cell_id, r.config["seed"], r.labels["seed"] = f"{method}-{seed}", seed, seed
+            for phase in r.phases.values():
+                phase.peak_rss_mib = min(phase.peak_rss_mib or 0, peak)
+            r.phases["train"].peak_rss_mib = peak
+            r.metrics.set(test_after={"accuracy": score})
+            r.metrics.values.pop("test_best", None)
+            out.append(r)
+    return out
+
+
 def test_seeds_of_one_configuration_are_one_bar_one_point_one_row_with_their_range(records):
     """Three seeds of sensitive and of random are drawn as one bar (the median peak, whiskers at the lowest
     and highest), one point (the mean test score, the median peak, bars their range) and one row of the
@@ -529,19 +548,8 @@ def test_seeds_of_one_configuration_are_one_bar_one_point_one_row_with_their_ran
     from zobench.report.cells import varying_axes
     from zobench.report.plots import memory_bars, memory_vs_accuracy, step_breakdown
 
-    base = {r.labels["method"]: r for r in records if r.labels.get("quant") == "none"}
-    recs = [copy.deepcopy(base["forward"])]
-    for method, peaks, scores in (("sensitive", (900, 960, 930), (0.70, 0.76, 0.61)),
-                                  ("random", (910, 905, 990), (0.60, 0.50, 0.55))):
-        for seed, (peak, score) in enumerate(zip(peaks, scores)):
-            r = copy.deepcopy(base[method])
-            r.cell_id, r.config["seed"], r.labels["seed"] = f"{method}-{seed}", seed, seed
-            r.phases["train"].peak_rss_mib = peak
-            for phase in r.phases.values():  # the training phase is the highest
-                phase.peak_rss_mib = min(phase.peak_rss_mib or 0, peak)
-            r.metrics.set(test_after={"accuracy": score})
-            recs.append(r)
-    cells = views(recs)
+    cells = views(seeded(records, {"sensitive": ((900, 0.70), (960, 0.76), (930, 0.61)),
+                                   "random": ((910, 0.60), (905, 0.50), (990, 0.55))}))
     extras = varying_axes(cells)
     assert "seed" in extras
 
@@ -585,18 +593,7 @@ def test_the_over_seeds_table_pools_a_configurations_seeds(records):
     from zobench.report.tables import limit_ratio, seeds_table
 
     assert limit_ratio(0.98) == "1.00 at limit (0.98)" and limit_ratio(1.204) == "1.20"  # a step makes 2 forwards
-    base = {r.labels["method"]: r for r in records if r.labels.get("quant") == "none"}
-    recs = [copy.deepcopy(base["forward"])]
-    for seed, (peak, score) in enumerate(((900, 0.70), (960, 0.76), (930, 0.61))):
-        r = copy.deepcopy(base["sensitive"])
-        r.cell_id, r.config["seed"], r.labels["seed"] = f"sensitive-{seed}", seed, seed
-        for phase in r.phases.values():
-            phase.peak_rss_mib = min(phase.peak_rss_mib or 0, peak)
-        r.phases["train"].peak_rss_mib = peak
-        r.metrics.set(test_after={"accuracy": score})
-        r.metrics.values.pop("test_best", None)
-        recs.append(r)
-    cells = views(recs)
+    cells = views(seeded(records, {"sensitive": ((900, 0.70), (960, 0.76), (930, 0.61))}))
     lines = seeds_table(cells, varying_axes(cells))
     row = next(line for line in lines if line.startswith("| sensitive"))
     sd = 100 * statistics.stdev([0.70, 0.76, 0.61])

@@ -156,3 +156,14 @@ def short_name(rec: CellRecord, extras: list[str]) -> str:
         parts.append(pct(density(rec)))
     parts += [axis_value(rec, a) for a in extras]
     return "/".join(parts)
+
+
+def configs(cells: list[CellView], extras: list[str]) -> dict[str, list[CellView]]:
+    """The cells grouped by their name without the seed (``short_name``), in the order first met: a suite's
+    seeds are one configuration in a plot and in the report's "Over seeds" table, drawn once with their
+    spread (a bar or a point a run is unreadable at 60 runs)."""
+    names = [a for a in extras if a != "seed"]
+    groups: dict[str, list[CellView]] = {}
+    for r in cells:
+        groups.setdefault(short_name(r, names), []).append(r)
+    return groups

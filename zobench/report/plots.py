@@ -27,6 +27,7 @@ from zobench.report.cells import (
     TRAINING_ONLY,
     CellView,
     axis_value,
+    configs,
     declared,
     density,
     meaningful,
@@ -37,7 +38,6 @@ from zobench.report.cells import (
     primary_score,
     quant,
     setting,
-    short_name,
 )
 from zobench.report.owned import PNG_SOFTWARE, check_plot
 from zobench.results import phase_peak as kind_peak
@@ -89,16 +89,6 @@ def _method_legend(ax, recs: list[CellView]) -> None:
     _legend(ax, {m: color(m) for m in seen})
 
 
-def configs(cells: list[CellView], extras: list[str]) -> dict[str, list[CellView]]:
-    """The cells grouped by their name without the seed, in the order first met: a suite's seeds are one
-    configuration in a plot, drawn once with their spread (a bar or a point a run is unreadable at 60 runs)."""
-    names = [a for a in extras if a != "seed"]
-    groups: dict[str, list[CellView]] = {}
-    for r in cells:
-        groups.setdefault(short_name(r, names), []).append(r)
-    return groups
-
-
 def seeds_note(n: int) -> str:
     return f" ({n} seeds)" if n > 1 else ""
 
@@ -107,10 +97,6 @@ def spread(values: list[float], centre) -> tuple[float, list[list[float]]]:
     """``centre(values)`` and its distance to the lowest and the highest, as matplotlib's error bars take it."""
     c = centre(values)
     return c, [[c - min(values)], [max(values) - c]]
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def memory_bars(ok: list[CellView], extras: list[str]):
@@ -364,7 +350,7 @@ def memory_vs_accuracy(ok: list[CellView], extras: list[str]):
     for name, runs in groups.items():
         r = runs[0]
         x, xerr = spread([c.derived.peak_mib for c in runs], statistics.median)
-        y, yerr = spread([100 * primary_score(c.metrics.get("test_after")) for c in runs], mean)
+        y, yerr = spread([100 * primary_score(c.metrics.get("test_after")) for c in runs], statistics.fmean)
         marker = MARKERS[quants.index(quant(r)) % len(MARKERS)]
         ax.scatter(x, y, color=color(method(r)), marker=marker, s=40, zorder=3)
         if len(runs) > 1:

@@ -9,6 +9,7 @@ from zobench.measure.load import LOADED_CPUS
 from zobench.report.cells import (
     PHASES,
     CellView,
+    configs,
     is_cuda,
     is_sparse,
     is_zo,
@@ -126,11 +127,7 @@ def seeds_table(ok: list[CellView], extras: list[str]) -> list[str]:
     draw, in numbers. Descriptive: the claims, where a suite declares them, decide differences."""
     if "seed" not in extras:
         return []
-    names = [a for a in extras if a != "seed"]
-    groups: dict[tuple, list[CellView]] = {}
-    for r in ok:
-        groups.setdefault(tuple(str(setting(r, a)) for a in ("model", "task", "dtype", "method", "quant",
-                                                            "density", *names)), []).append(r)
+    groups = configs(ok, extras)
     if all(len(g) == 1 for g in groups.values()):
         return []
     runs = {id(g[0]): g for g in groups.values()}
@@ -145,7 +142,7 @@ def seeds_table(ok: list[CellView], extras: list[str]) -> list[str]:
         v = values(r, score_of("test_best")) or values(r, score_of("test_after"))
         if not v:
             return DASH
-        mean = sum(v) / len(v)
+        mean = statistics.fmean(v)
         sd = statistics.stdev(v) if len(v) > 1 else None
         return (f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
                 + (f" ({100 * min(v):.1f}-{100 * max(v):.1f})" if len(v) > 1 else ""))
@@ -173,7 +170,7 @@ def seeds_table(ok: list[CellView], extras: list[str]) -> list[str]:
              "seed): the mean test score with its standard deviation and range over seeds, and the medians "
              "over seeds of each run's peak and step figures (the plots draw the same). Descriptive: where the "
              "suite declares claims, the intervals above decide them.")
-    return section("Over seeds", intro, cols, [g[0] for g in groups.values()], names)
+    return section("Over seeds", intro, cols, [g[0] for g in groups.values()], [a for a in extras if a != "seed"])
 
 
 def quant_table(ok: list[CellView], extras: list[str]) -> list[str]:
@@ -201,8 +198,10 @@ def quant_table(ok: list[CellView], extras: list[str]) -> list[str]:
     def loaded(r):
         return r is not None and (r.phase("train").other_cpus or 0) >= LOADED_CPUS
 
+    step_ratio = vs_float(lambda c: median(c.metrics.step_s), lambda a, b: ratio(a / b))
+
     def step_vs_float(r):
-        text = vs_float(lambda c: median(c.metrics.step_s), lambda a, b: ratio(a / b))(r)
+        text = step_ratio(r)
         return text + " (loaded)" if text != DASH and (loaded(r) or loaded(float_cells.get(twin_key(r)))) else text
 
     cols: list[Column] = [

@@ -293,3 +293,29 @@ def test_a_mapped_file_in_huge_pages_is_recorded_and_the_report_says_what_it_doe
     assert "1 cell ran with part of a mapped file (the model's checkpoint) in 2 MiB pages (up to 44 MiB" in md
     plain = CellRecord("c2", labels={"method": "sensitive"}, phases={"train": PhaseMeasure(wall_s=1.0)})
     assert "2 MiB pages" not in render_report([plain], tmp_path / "p.md").read_text()
+
+
+def test_tokens_per_second_is_a_typical_steps_and_one_stalled_step_does_not_move_it():
+    from types import SimpleNamespace
+
+    from zobench.cell.measures import Metrics
+    from zobench.cell.timing import StepTiming
+
+    def step(seconds):
+        return SimpleNamespace(loss=0.5, directions=[], total_s=seconds, seconds={"forward": seconds})
+
+    def throughput(stall):
+        t = StepTiming()
+        for s in [0.5, 0.5, 0.5, 0.5, stall]:
+            t.add(step(s), tokens=100, timed=True)
+        m = Metrics()
+        t.into(m, None)
+        return m, m.get("tokens_per_s")
+
+    m, quiet = throughput(0.5)
+    _, stalled = throughput(600.0)  # the process paused for ten minutes in one step
+    assert quiet == stalled == 200.0
+    assert Metrics.from_json(m.to_json()).throughput() == 200.0
+    # a record from before tokens_per_step was kept reads as recorded
+    assert Metrics.from_json({"tokens_per_s": 3.5, "step_s": {"median": 0.5, "p10": 0.5, "p90": 0.5}}
+                             ).throughput() == 3.5

@@ -111,7 +111,8 @@ def flatten(rec: CellRecord, derived: dict) -> dict:
     m = rec.metrics
     row = {"suite": rec.suite, "cell_id": rec.cell_id, "status": rec.status, "reason": rec.reason}
     row.update(rec.labels)
-    for key in ("final_loss", "tokens_per_s", "density_obtained", "mask_nnz", "sqgrad_mass_frac",
+    row["tokens_per_s"] = m.throughput()
+    for key in ("final_loss", "density_obtained", "mask_nnz", "sqgrad_mass_frac",
                 "restore_drift_frac_changed", "restore_drift_max_abs", "perturb_frac_changed"):
         row[key] = m.get(key)
     for when in ("test_before", "test_after"):

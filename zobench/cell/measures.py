@@ -189,6 +189,7 @@ class Metrics:
     step's weights came back: ``last``, ``kept`` in memory, ``disk``, or ``replay`` of the trajectory);
     ``trajectory``: each step's [[seed, coefficient], ...] (dense ZO: enough to rebuild the weights of any
     step); ``train_s``: training seconds, warm-up included; ``tokens_per_step``: input tokens of a timed step;
+    ``tokens_per_s``: ``throughput()``, the mean timed step's tokens over the median step's seconds;
     ``packed``: with ``pack`` set, whether the model took packed rows (else its batches stayed padded);
     ``weights_init``: how a random model's values were drawn ("per-tensor philox"; absent where they came from
     the global ``torch.manual_seed``, before zobench.models.stream); ``quant_streamed``: the block linears were
@@ -208,6 +209,16 @@ class Metrics:
         if key == "step_parts_s":
             return self.step_parts_s or default
         return self.values.get(key, self.extra.get(key, default))
+
+    def throughput(self):
+        """Input tokens a second of a typical timed step: the mean step's tokens over the median step's
+        seconds, so that one stalled step (the process paused, the machine busy for a while) does not move
+        it, as it would a total over total. Records made before ``tokens_per_step`` was kept give their
+        ``tokens_per_s`` as recorded (tokens over seconds of all timed steps)."""
+        per_step = self.values.get("tokens_per_step")
+        if per_step is not None and self.step_s is not None and self.step_s.median > 0:
+            return per_step / self.step_s.median
+        return self.values.get("tokens_per_s")
 
     def accuracy(self, evaluation: str):
         """The accuracy of one evaluation (``test_after``, ``best_dev`` ...): None where it has none (a

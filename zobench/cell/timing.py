@@ -149,8 +149,8 @@ class StepTiming:
         if reference is not None and reference.seconds:
             m.set(forward_ref_s=Stats.of(reference.seconds), step_over_ref=Stats.of(reference.ratios))
         if self.seconds:
-            m.set(tokens_per_s=sum(self.tokens) / sum(self.seconds),
-                  tokens_per_step=sum(self.tokens) / len(self.tokens))
+            m.set(tokens_per_step=sum(self.tokens) / len(self.tokens))
+            m.set(tokens_per_s=m.throughput())
 
 
 def zo_passes(model: torch.nn.Module) -> dict | None:

@@ -90,7 +90,7 @@ def main_table(ok: list[CellView], extras: list[str]) -> list[str]:
         ("speedup vs full", lambda r: ratio(r.derived.speedup_vs_full) +
          (" s" if r.derived.speedup_clock == "seconds" and r.method != "full" else "")),
         *([("kept (MiB)", lambda r: size_mib(r.artifact_bytes))] if any(r.artifact for r in ok) else []),
-        ("tokens/s", lambda r: num(r.metrics.get("tokens_per_s"))),
+        ("tokens/s", lambda r: num(r.metrics.throughput())),
         ("test % before -> after", before_after),
         *([("test % at best dev (step)", at_best)] if any(r.metrics.get("test_best") for r in ok) else []),
         ("final loss", lambda r: f"{v:.4f}" if isinstance(v := r.metrics.get("final_loss"), (int, float))
@@ -107,7 +107,8 @@ def main_table(ok: list[CellView], extras: list[str]) -> list[str]:
              "does not; records without such pairs use the forward cell. Speedup is against the full-ZO cell "
              "of the same model, dtype, quant and task, in reference forwards where both cells have the pairs "
              "(full's step / 2 fwd over this cell's, so load that slowed one cell's steps and forwards alike "
-             "cancels), else in seconds (marked s). Test scores are accuracy %, or EM/F1 % for generative tasks.")
+             "cancels), else in seconds (marked s). Tokens/s is a typical step's: the mean step's input tokens "
+             "over the median step's seconds. Test scores are accuracy %, or EM/F1 % for generative tasks.")
     steps = [r.config.get("steps") for r in ok if r.config.get("method") != "forward"]
     if steps and all(isinstance(n, int) and n < SMOKE_STEPS for n in steps):
         intro += (f" Accuracy after {max(steps)} steps is a smoke check (the cells train and score), not a "

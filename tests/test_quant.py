@@ -96,6 +96,63 @@ def test_gptq_second_run_hits_the_cache(data_dir, tmp_path):
     assert len(entries) == 1 and not entries[0].name.startswith(".")  # no temporary directory left
 
 
+def test_a_gptq_cache_hit_installs_the_files_tensors_a_layer_at_a_time_without_a_second_copy(data_dir, tmp_path,
+                                                                                            monkeypatch):
+    """Loading the cached layers takes each layer's tensors from the file as its buffers, a layer at a time:
+    reading the whole file first and copying into fresh buffers held every layer twice, and SmolLM2's cells
+    that loaded the cache trained ~50 MiB above those that had quantized (results/bench/measurements.md)."""
+    pytest.importorskip("gptqmodel")
+    import gc
+    import weakref
+
+    import zobench.quant.gptq as gptq
+    from zobench.models import load_model
+
+    loaded = load_model("random:tiny-llama", dtype="float32", seed=0)
+    quantize_model(loaded.model, get_backend("gptq"), _ctx(loaded, data_dir, tmp_path), linear_layers(loaded.model))
+    reads, opened = [], gptq.safe_open
+
+    class Watched:  # the file as gptq opens it, every tensor it hands out remembered (weakly)
+        def __init__(self, *args, **kwargs):
+            self.f = opened(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, key):
+            t = self.inner.get_tensor(key)
+            reads.append((key, weakref.ref(t)))
+            return t
+
+    monkeypatch.setattr(gptq, "safe_open", Watched)
+    again = load_model("random:tiny-llama", dtype="float32", seed=0)
+    ctx = _ctx(again, data_dir, tmp_path)
+    names = linear_layers(again.model)
+    quantize_model(again.model, get_backend("gptq"), ctx, names)
+    gc.collect()
+    assert ctx.info["quant_cache_hit"] is True
+    # in the order of the layers, a layer's tensors together
+    assert [k.rpartition(".")[0] for k, _ in reads] == sorted((k.rpartition(".")[0] for k, _ in reads),
+                                                              key=names.index)
+    # Each tensor read is the installed layer's buffer itself, so none is held twice; the float16 scales
+    # (1/32 of the codes' bytes) the kernel's post_init remakes, and the file's copy of them is gone.
+    assert {k.rpartition(".")[2] for k, _ in reads} == {"qweight", "qzeros", "scales", "g_idx"}
+    for key, ref in reads:
+        layer, _, buffer = key.rpartition(".")
+        if buffer == "scales":
+            assert ref() is None, key
+        else:
+            assert ref() is not None and ref() is getattr(again.model.get_submodule(layer), buffer), key
+    assert torch.equal(_logits(again.model, _inputs()), _logits(loaded.model, _inputs()))
+
+
 def test_a_cells_quantize_phase_holds_no_replaced_float_weight(monkeypatch, tmp_path):
     """Once the backend has replaced a layer, its float weight is gone: nothing in the cell keeps it. GPTQ
     writes each layer's quantized-dequantized weight into that float weight (a fresh tensor, where a

@@ -25,7 +25,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import safe_open, save_file
 
 from zobench.data.calibration import corpus_batches, find_corpus
 from zobench.errors import Unsupported, UserError
@@ -75,10 +75,16 @@ class GPTQ(Backend):
         with build_lock(target) if target is not None else contextlib.nullcontext():
             hit = target is not None and (target / "layers.safetensors").exists()
             if hit:
-                state = load_file(str(target / "layers.safetensors"))
-                for name in names:
-                    own = {k.rpartition(".")[2]: v for k, v in state.items() if k.rpartition(".")[0] == name}
-                    self._install(model, name, _new_layer(TorchLinear, shapes[name]), own, ctx)
+                # A layer at a time, its tensors taken as the layer's buffers (no second copy): reading the
+                # whole file first held every layer twice until the phase ended, and the heap kept the pages,
+                # so a cell that loaded the cache trained ~50 MiB above one that had quantized (SmolLM2).
+                with safe_open(str(target / "layers.safetensors"), "pt") as f:
+                    keys: dict[str, list[str]] = {}
+                    for k in f.keys():
+                        keys.setdefault(k.rpartition(".")[0], []).append(k)
+                    for name in names:
+                        own = {k.rpartition(".")[2]: f.get_tensor(k) for k in keys.get(name, [])}
+                        self._install(model, name, _new_layer(TorchLinear, shapes[name]), own, ctx)
             else:
                 batches = corpus_batches(corpus, ctx.tokenizer, ctx.calib_sequences, ctx.calib_length,
                                          vocab_size=ctx.vocab_size)
@@ -143,7 +149,7 @@ class GPTQ(Backend):
     @staticmethod
     def _install(model, name, q, state, ctx) -> None:
         if state is not None:
-            q.load_state_dict(state)
+            q.load_state_dict(state, assign=True)
         q = q.to(ctx.device)
         # TorchLinear.post_init wraps its dequantization in torch.compile: on a 2-core CPU inductor
         # spends ~30 s on the first call and again on each new shape, for a few ms saved per layer.

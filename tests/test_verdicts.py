@@ -375,3 +375,25 @@ def test_verdicts_of_a_suite_not_all_in_are_marked_interim(results):
     unknown = "\n".join(claims_section(decision, {}, [], missing=None))
     rows = [line for line in unknown.splitlines() if line.startswith("| s-")]
     assert "**Not known to be final:**" in unknown and len(rows) == 2 and all("(suite not read)" in r for r in rows)
+
+
+def test_the_readme_status_quotes_a_changed_claim_as_declared_then_and_only_the_changed_one(results, tmp_path):
+    from zobench.report.status import status_block
+    from zobench.spec.suite import load_suite
+
+    suite_file = tmp_path / "s.yaml"
+    suite_file.write_text(
+        "name: t\ndefaults:\n  model: random:tiny-llama\nmatrix:\n  method: [sensitive, random, full]\n"
+        "  seed: [0, 1, 2, 3]\nclaims:\n  alpha: 0.05\n  resamples: 2000\n  seed: 0\n"
+        "  failed_if: {accuracy_at_most_majority_plus: 0.02}\n  items:\n"
+        "    - {id: s-beats-r, name: sensitive beats random, kind: superiority, a: {method: sensitive},\n"
+        "       b: {method: random}, metric: test_best, margin: 0.30}\n"
+        "    - {id: s-like-f, kind: non_inferiority, a: {method: sensitive}, b: {method: full},\n"
+        "       metric: test_best, margin: 0.05}\n")
+    block = status_block(load_records(results), load_suite(suite_file), results.parent)
+    now, _, then = block.partition("As declared earlier")
+    assert f"claims hash `{claims_hash(claims())[:12]}`" in then
+    # the edited claim twice (now against 30 points, then against 0), the unchanged one once
+    assert now.count("sensitive beats random") == 1 and "**does not hold**" in now
+    assert then.count("\n- ") == 1 and "sensitive beats random" in then and "**holds**" in then
+    assert "s-like-f" in now and "s-like-f" not in then

@@ -377,19 +377,25 @@ def test_verdicts_of_a_suite_not_all_in_are_marked_interim(results):
     assert "**Not known to be final:**" in unknown and len(rows) == 2 and all("(suite not read)" in r for r in rows)
 
 
-def test_the_readme_status_quotes_a_changed_claim_as_declared_then_and_only_the_changed_one(results, tmp_path):
-    from zobench.report.status import status_block
-    from zobench.spec.suite import load_suite
-
-    suite_file = tmp_path / "s.yaml"
+def suite_declaring(folder: Path, margin: float) -> Path:
+    """The fixture's suite file with its claims (``claims()``), s-beats-r's margin as given."""
+    suite_file = folder / "s.yaml"
     suite_file.write_text(
         "name: t\ndefaults:\n  model: random:tiny-llama\nmatrix:\n  method: [sensitive, random, full]\n"
         "  seed: [0, 1, 2, 3]\nclaims:\n  alpha: 0.05\n  resamples: 2000\n  seed: 0\n"
         "  failed_if: {accuracy_at_most_majority_plus: 0.02}\n  items:\n"
         "    - {id: s-beats-r, name: sensitive beats random, kind: superiority, a: {method: sensitive},\n"
-        "       b: {method: random}, metric: test_best, margin: 0.30}\n"
+        f"       b: {{method: random}}, metric: test_best, margin: {margin}}}\n"
         "    - {id: s-like-f, kind: non_inferiority, a: {method: sensitive}, b: {method: full},\n"
         "       metric: test_best, margin: 0.05}\n")
+    return suite_file
+
+
+def test_the_readme_status_quotes_a_changed_claim_as_declared_then_and_only_the_changed_one(results, tmp_path):
+    from zobench.report.status import status_block
+    from zobench.spec.suite import load_suite
+
+    suite_file = suite_declaring(tmp_path, margin=0.30)  # s-beats-r edited after the data: 30 points now
     block = status_block(load_records(results), load_suite(suite_file), results.parent)
     now, _, then = block.partition("As declared earlier")
     assert f"claims hash `{claims_hash(claims())[:12]}`" in then
@@ -397,3 +403,46 @@ def test_the_readme_status_quotes_a_changed_claim_as_declared_then_and_only_the_
     assert now.count("sensitive beats random") == 1 and "**does not hold**" in now
     assert then.count("\n- ") == 1 and "sensitive beats random" in then and "**holds**" in then
     assert "s-like-f" in now and "s-like-f" not in then
+
+
+def test_the_verdicts_load_in_pandas_as_the_report_prints_them(results, tmp_path):
+    pytest.importorskip("pandas")
+    from zobench.report import frames
+
+    decision = verdicts(load_records(results), claims(), results.parent)
+    df = frames.claims(results, suite_declaring(tmp_path, margin=0.0))
+    assert list(df.declaration) == ["current", "current"]  # nothing declared differently: no earlier rows
+    for r in decision.results:
+        row = df[df.claim == r.claim].iloc[0]
+        assert row.estimate == pytest.approx(100 * r.estimate) and row.p_holm == r.p_adjusted
+        assert (row.holm_low, row.holm_high) == pytest.approx((100 * r.adj_low, 100 * r.adj_high))
+        assert row.verdict == r.verdict and row.interim  # 12 of the suite's 12 cells have other ids: not in
+    assert df.set_index("claim").margin.to_dict() == pytest.approx({"s-beats-r": 0.0, "s-like-f": 5.0})
+    edited = frames.claims(results, suite_declaring(tmp_path, margin=0.30))
+    assert sorted(edited.declaration) == ["current", "current", "earlier", "earlier"]
+    then = edited[(edited.declaration == "earlier") & (edited.claim == "s-beats-r")].iloc[0]
+    assert then.verdict == "holds" and then.claims_hash == claims_hash(claims())
+
+
+def test_per_example_predictions_load_in_pandas_paired_by_example_and_checked_as_the_verdicts_read_them(results):
+    pytest.importorskip("pandas")
+    from zobench.report import frames
+
+    records = load_records(results)
+    df = frames.predictions(results)
+    assert len(df) == len(records) * N and set(df.evaluation) == {"test_best"}
+    # each run's share correct is the accuracy its record states
+    by_run = df.groupby("cell_id").correct.mean()
+    for rec in records:
+        assert by_run[rec.cell_id] == pytest.approx(rec.metrics.accuracy("test_best"))
+    assert {c for c in df.columns if c.startswith("score_")} == {"score_0", "score_1"}
+    # two arms side by side on the same examples (each file's ids were shuffled)
+    paired = df[df.seed == 0].pivot(index="id", columns="method", values="correct")
+    assert len(paired) == N and not paired.isna().any().any()
+    assert frames.predictions(results, evaluation="test_after").empty  # not kept for these runs
+    # a record pointing its predictions outside the results folder is refused in one line
+    bad = [replace(records[0], predictions=dict(records[0].predictions, path="../elsewhere.npz"))]
+    out = results.parent / "bad.jsonl"
+    append_record(out, bad[0])
+    with pytest.raises(UserError, match="expected a path inside the results folder"):
+        frames.predictions(out)

@@ -1,4 +1,4 @@
-"""Gate: pandas, imported by ``results.to_pandas`` alone.
+"""Gate: pandas, imported by ``results.to_pandas`` and ``report.frames`` alone.
 
 The commands that read records (report, check, run --dry-run) never build a DataFrame, so they start
 without it.
@@ -12,3 +12,13 @@ def data_frame(rows: list[dict]):
     import pandas
 
     return pandas.DataFrame(rows)
+
+
+def concat_columns(blocks: list[dict[str, list]]):
+    """One DataFrame of column blocks (``{column: values}`` each), stacked, a column missing from a block
+    blank there."""
+    import pandas
+
+    if not blocks:
+        return pandas.DataFrame()
+    return pandas.concat([pandas.DataFrame(b) for b in blocks], ignore_index=True)

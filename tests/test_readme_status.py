@@ -1,5 +1,6 @@
-"""What the README quotes of a claims suite is what its committed records say: every generated status block
-(zobench/report/status.py) made again from its records must equal the README's, figure for figure."""
+"""What the README quotes of a suite is what its committed records say: every generated status block
+(zobench/report/status.py) made again from its records must equal the README's, figure for figure, and so
+must the hand-written cost table of the quantized-ZO methods."""
 
 from __future__ import annotations
 
@@ -71,3 +72,32 @@ def test_the_script_refuses_a_readme_that_is_a_link_and_keeps_it(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 2 and "is a symbolic link" in out.stderr and "Traceback" not in out.stderr
     assert (tmp_path / "link.md").is_symlink() and target.read_text() == "x\n"
+
+
+def test_the_readmes_quantized_zo_cost_table_is_what_its_records_say():
+    """The README's cost table of QZO / QuZO / SensZOQ (hand-written from results/quantized-zo-cost.jsonl):
+    each figure made again from the records, so a re-run of the suite cannot leave the README quoting the
+    last one."""
+    import re
+
+    from zobench.results import derive
+
+    records = load_records(ROOT / "results/quantized-zo-cost.jsonl")
+    derived = derive(records)
+    cell = {(r.config["method"], r.config["quant"], r.config["malloc"]): r for r in records if r.ok}
+    head = "| method | quant | peak MiB, release (vs forward) |"
+    lines = README[README.index(head):].splitlines()[2:]
+    rows = lines[:next(i for i, x in enumerate(lines) if not x.startswith("|"))]
+    method = {"SensZOQ (`sensitive` 0.1%)": "sensitive", "QZO": "qzo", "QuZO": "quzo"}
+    assert len(rows) == 5
+    for row in rows:
+        name, quant, peak, ratio, step, per_token = [c.strip().strip("*") for c in row.strip("|").split("|")]
+        release, glibc = cell[(method[name], quant, "release")], cell[(method[name], quant, "glibc")]
+        d, g = derived[release.cell_id], derived[glibc.cell_id]
+        assert peak == f"{d.peak_mib:.0f} ({100 * (d.peak_over_inference - 1):+.1f}%)", row
+        spread = f"({g.step_over_two_forwards_p10:.2f}-{g.step_over_two_forwards_p90:.2f})"
+        shown = "1.00 at limit" if g.step_timing == "at limit" else f"{g.step_over_two_forwards:.2f}"
+        assert re.sub(r"\*", "", ratio) == f"{shown} {spread}", row
+        assert step == f"{glibc.metrics.step_s.median:.2f}", row
+        forward = cell[("forward", quant, "glibc")]
+        assert per_token == f"{forward.metrics.throughput() / glibc.metrics.throughput() / 2:.2f}", row

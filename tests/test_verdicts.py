@@ -440,6 +440,17 @@ def test_per_example_predictions_load_in_pandas_paired_by_example_and_checked_as
     paired = df[df.seed == 0].pivot(index="id", columns="method", values="correct")
     assert len(paired) == N and not paired.isna().any().any()
     assert frames.predictions(results, evaluation="test_after").empty  # not kept for these runs
+    # a generative task's run: its text predictions and EM / F1 per example, no "correct" to compute
+    keep = Predictions(results.parent / "t.predictions" / "gen.npz")
+    keep.add("test_after", {"id": np.arange(3), "pred": np.array(["Paris", "", "42"], dtype=np.str_),
+                            "em": np.array([1.0, 0.0, 1.0]), "f1": np.array([1.0, 0.0, 1.0])})
+    desc = keep.write()
+    desc["path"] = str(Path(desc["path"]).relative_to(results.parent))
+    gen = results.parent / "gen.jsonl"
+    append_record(gen, CellRecord(cell_id="gen", config={"method": "full", "seed": 0, "task": "squad"},
+                                  labels={"method": "full"}, metrics=Metrics(), predictions=desc, suite="g"))
+    g = frames.predictions(gen)
+    assert list(g.pred) == ["Paris", "", "42"] and list(g.em) == [1.0, 0.0, 1.0] and "correct" not in g
     # a record pointing its predictions outside the results folder is refused in one line
     bad = [replace(records[0], predictions=dict(records[0].predictions, path="../elsewhere.npz"))]
     out = results.parent / "bad.jsonl"

@@ -122,6 +122,12 @@ class Reader:
         self.dir, self.cache = Path(results_dir), {}
 
     def evaluation(self, rec: CellRecord, name: str) -> dict | None:
+        """One evaluation's arrays as a verdict reads them (classification: ``_checked``)."""
+        fields = self.fields(rec, name)
+        return None if fields is None else _checked(fields, f"record {rec.cell_id}: predictions {name}")
+
+    def fields(self, rec: CellRecord, name: str) -> dict | None:
+        """One evaluation's arrays as kept (any task), from the file the record names and vouches for."""
         p, where = rec.predictions, f"record {rec.cell_id}: predictions"
         if not p:
             return None
@@ -132,8 +138,7 @@ class Reader:
             return None
         if rec.cell_id not in self.cache:
             self.cache[rec.cell_id] = read_predictions(self._path(p.get("path"), where), self._sha(p, where))
-        fields = self.cache[rec.cell_id].get(name)
-        return None if fields is None else _checked(fields, f"{where} {name}")
+        return self.cache[rec.cell_id].get(name)
 
     def _path(self, path, where: str) -> Path:
         if not isinstance(path, str) or not path or Path(path).is_absolute() or ".." in Path(path).parts:

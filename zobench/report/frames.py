@@ -79,7 +79,7 @@ def predictions(results: str | Path, evaluation: str | None = None):
         run = {"cell_id": rec.cell_id, "stage": rec.labels.get("stage", "cell"),
                **{k: rec.labels.get(k, rec.config.get(k)) for k in RUN_KEYS}}
         for name in names if evaluation is None else [evaluation]:
-            fields = reader.evaluation(rec, name) if isinstance(name, str) else None
+            fields = reader.fields(rec, name) if isinstance(name, str) else None
             if fields:
                 frames.append(_examples(run, name, fields, f"record {rec.cell_id}: predictions {name}"))
     return concat_columns(frames)
@@ -87,12 +87,15 @@ def predictions(results: str | Path, evaluation: str | None = None):
 
 def _examples(run: dict, name: str, fields: dict, where: str) -> dict[str, list]:
     """One run's evaluation as columns: the run's settings repeated, then each one-value-per-example field."""
-    n = len(fields["id"]) if "id" in fields else 0
+    if "id" not in fields or np.asarray(fields["id"]).ndim != 1:
+        raise UserError(f"{where}: expected an id array, one value per example")
+    n = len(fields["id"])
     cols: dict[str, list] = {}
     for key, arr in fields.items():
         arr = np.asarray(arr)
-        if len(arr) != n:
-            raise UserError(f"{where}: {key} has {len(arr)} values for {n} examples")
+        if arr.ndim == 0 or len(arr) != n:
+            got = "a single value" if arr.ndim == 0 else f"{len(arr)} values"
+            raise UserError(f"{where}: {key} has {got} for {n} examples")
         if arr.ndim == 2 and key == "scores":
             cols.update({f"score_{j}": arr[:, j].tolist() for j in range(arr.shape[1])})
         elif arr.ndim == 1:

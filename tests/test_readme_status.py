@@ -7,12 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from claims_runs import claims, suite_declaring, write_results
 
 from zobench.cell.measures import Metrics
 from zobench.cell.record import CellRecord
 from zobench.errors import UserError
 from zobench.report.status import END, blocks, replace_block, seed_table, status_block
 from zobench.results import load_records
+from zobench.spec.claims import claims_hash
 from zobench.spec.suite import load_suite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +43,18 @@ def test_the_seed_table_marks_runs_not_in_apart_from_runs_not_declared(tmp_path)
     # full seed 1 is declared and not in yet; random seed 1 is excluded, so its cell stays blank
     assert table == ["| arm | seed 0 | seed 1 |", "|:---|---:|---:|", "| full | 73.1 | - |",
                      "| random 0.1% | - |  |"]
+
+
+def test_the_status_quotes_a_changed_claim_as_declared_then_and_only_the_changed_one(tmp_path):
+    results = write_results(tmp_path)
+    suite_file = suite_declaring(tmp_path, margin=0.30)  # s-beats-r edited after the data: 30 points now
+    block = status_block(load_records(results), load_suite(suite_file), results.parent)
+    now, _, then = block.partition("As declared earlier")
+    assert f"claims hash `{claims_hash(claims())[:12]}`" in then
+    # the edited claim twice (now against 30 points, then against 0), the unchanged one once
+    assert now.count("sensitive beats random") == 1 and "**does not hold**" in now
+    assert then.count("\n- ") == 1 and "sensitive beats random" in then and "**holds**" in then
+    assert "s-like-f" in now and "s-like-f" not in then
 
 
 def test_replacing_a_block_touches_nothing_else():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from claims_runs import N, claims, run, write_results
 
 from zobench.analysis.verdicts import claims_of, majority_rate, verdicts
 from zobench.cell.measures import Metrics, Stats
@@ -28,49 +29,11 @@ from zobench.results import append_record, load_records
 from zobench.spec.claims import _canonical, claims_hash, parse_claims
 
 ROOT = Path(__file__).resolve().parents[1]
-N = 600
-
-
-def claims(margin: float = 0.0, resamples: int = 2000) -> list:
-    return parse_claims({"alpha": 0.05, "resamples": resamples, "seed": 0,
-                         "failed_if": {"accuracy_at_most_majority_plus": 0.02},
-                         "items": [{"id": "s-beats-r", "name": "sensitive beats random", "kind": "superiority",
-                                    "a": {"method": "sensitive"}, "b": {"method": "random"},
-                                    "metric": "test_best", "margin": margin},
-                                   {"id": "s-like-f", "kind": "non_inferiority", "a": {"method": "sensitive"},
-                                    "b": {"method": "full"}, "metric": "test_best", "margin": 0.05}]}, "t.yaml")
-
-
-def run(folder: Path, method: str, seed: int, accuracy: float, declared: list, rng, cell: str = "") -> CellRecord:
-    """A record whose test predictions are right on about ``accuracy`` of N examples (ids shuffled, so the
-    reader must align them)."""
-    gold = rng.integers(0, 2, N)
-    right = rng.random(N) < accuracy
-    pred = np.where(right, gold, 1 - gold)
-    ids = rng.permutation(N)
-    cell = cell or f"{method}-{seed}"
-    keep = Predictions(folder / "t.predictions" / f"{cell}.npz")
-    keep.add("test_best", {"id": ids, "gold": gold, "pred": pred, "scores": np.zeros((N, 2))})
-    desc = keep.write()
-    desc["path"] = str(Path(desc["path"]).relative_to(folder))
-    m = Metrics()
-    m.set(test_best={"accuracy": float(right.mean())}, test_after={"accuracy": float(right.mean())},
-          loss_curve=[0.7] * 20)
-    return CellRecord(cell_id=cell, config={"method": method, "seed": seed}, labels={"method": method},
-                      metrics=m, predictions=desc, suite="t",
-                      claims={"hash": claims_hash(declared), "declared": [asdict(c) for c in declared]})
 
 
 @pytest.fixture()
 def results(tmp_path) -> Path:
-    rng = np.random.default_rng(7)
-    declared = claims()
-    out = tmp_path / "t.jsonl"
-    for seed in range(4):
-        append_record(out, run(tmp_path, "sensitive", seed, 0.80, declared, rng))
-        append_record(out, run(tmp_path, "random", seed, 0.66, declared, rng))
-        append_record(out, run(tmp_path, "full", seed, 0.79, declared, rng))
-    return out
+    return write_results(tmp_path)
 
 
 def test_a_clear_difference_holds_and_failed_runs_are_left_out_by_the_declared_rule(results, tmp_path):
@@ -375,85 +338,3 @@ def test_verdicts_of_a_suite_not_all_in_are_marked_interim(results):
     unknown = "\n".join(claims_section(decision, {}, [], missing=None))
     rows = [line for line in unknown.splitlines() if line.startswith("| s-")]
     assert "**Not known to be final:**" in unknown and len(rows) == 2 and all("(suite not read)" in r for r in rows)
-
-
-def suite_declaring(folder: Path, margin: float) -> Path:
-    """The fixture's suite file with its claims (``claims()``), s-beats-r's margin as given."""
-    suite_file = folder / "s.yaml"
-    suite_file.write_text(
-        "name: t\ndefaults:\n  model: random:tiny-llama\nmatrix:\n  method: [sensitive, random, full]\n"
-        "  seed: [0, 1, 2, 3]\nclaims:\n  alpha: 0.05\n  resamples: 2000\n  seed: 0\n"
-        "  failed_if: {accuracy_at_most_majority_plus: 0.02}\n  items:\n"
-        "    - {id: s-beats-r, name: sensitive beats random, kind: superiority, a: {method: sensitive},\n"
-        f"       b: {{method: random}}, metric: test_best, margin: {margin}}}\n"
-        "    - {id: s-like-f, kind: non_inferiority, a: {method: sensitive}, b: {method: full},\n"
-        "       metric: test_best, margin: 0.05}\n")
-    return suite_file
-
-
-def test_the_readme_status_quotes_a_changed_claim_as_declared_then_and_only_the_changed_one(results, tmp_path):
-    from zobench.report.status import status_block
-    from zobench.spec.suite import load_suite
-
-    suite_file = suite_declaring(tmp_path, margin=0.30)  # s-beats-r edited after the data: 30 points now
-    block = status_block(load_records(results), load_suite(suite_file), results.parent)
-    now, _, then = block.partition("As declared earlier")
-    assert f"claims hash `{claims_hash(claims())[:12]}`" in then
-    # the edited claim twice (now against 30 points, then against 0), the unchanged one once
-    assert now.count("sensitive beats random") == 1 and "**does not hold**" in now
-    assert then.count("\n- ") == 1 and "sensitive beats random" in then and "**holds**" in then
-    assert "s-like-f" in now and "s-like-f" not in then
-
-
-def test_the_verdicts_load_in_pandas_as_the_report_prints_them(results, tmp_path):
-    pytest.importorskip("pandas")
-    from zobench.report import frames
-
-    decision = verdicts(load_records(results), claims(), results.parent)
-    df = frames.claims(results, suite_declaring(tmp_path, margin=0.0))
-    assert list(df.declaration) == ["current", "current"]  # nothing declared differently: no earlier rows
-    for r in decision.results:
-        row = df[df.claim == r.claim].iloc[0]
-        assert row.estimate == pytest.approx(100 * r.estimate) and row.p_holm == r.p_adjusted
-        assert (row.holm_low, row.holm_high) == pytest.approx((100 * r.adj_low, 100 * r.adj_high))
-        assert row.verdict == r.verdict and row.interim  # 12 of the suite's 12 cells have other ids: not in
-    assert df.set_index("claim").margin.to_dict() == pytest.approx({"s-beats-r": 0.0, "s-like-f": 5.0})
-    edited = frames.claims(results, suite_declaring(tmp_path, margin=0.30))
-    assert sorted(edited.declaration) == ["current", "current", "earlier", "earlier"]
-    then = edited[(edited.declaration == "earlier") & (edited.claim == "s-beats-r")].iloc[0]
-    assert then.verdict == "holds" and then.claims_hash == claims_hash(claims())
-
-
-def test_per_example_predictions_load_in_pandas_paired_by_example_and_checked_as_the_verdicts_read_them(results):
-    pytest.importorskip("pandas")
-    from zobench.report import frames
-
-    records = load_records(results)
-    df = frames.predictions(results)
-    assert len(df) == len(records) * N and set(df.evaluation) == {"test_best"}
-    # each run's share correct is the accuracy its record states
-    by_run = df.groupby("cell_id").correct.mean()
-    for rec in records:
-        assert by_run[rec.cell_id] == pytest.approx(rec.metrics.accuracy("test_best"))
-    assert {c for c in df.columns if c.startswith("score_")} == {"score_0", "score_1"}
-    # two arms side by side on the same examples (each file's ids were shuffled)
-    paired = df[df.seed == 0].pivot(index="id", columns="method", values="correct")
-    assert len(paired) == N and not paired.isna().any().any()
-    assert frames.predictions(results, evaluation="test_after").empty  # not kept for these runs
-    # a generative task's run: its text predictions and EM / F1 per example, no "correct" to compute
-    keep = Predictions(results.parent / "t.predictions" / "gen.npz")
-    keep.add("test_after", {"id": np.arange(3), "pred": np.array(["Paris", "", "42"], dtype=np.str_),
-                            "em": np.array([1.0, 0.0, 1.0]), "f1": np.array([1.0, 0.0, 1.0])})
-    desc = keep.write()
-    desc["path"] = str(Path(desc["path"]).relative_to(results.parent))
-    gen = results.parent / "gen.jsonl"
-    append_record(gen, CellRecord(cell_id="gen", config={"method": "full", "seed": 0, "task": "squad"},
-                                  labels={"method": "full"}, metrics=Metrics(), predictions=desc, suite="g"))
-    g = frames.predictions(gen)
-    assert list(g.pred) == ["Paris", "", "42"] and list(g.em) == [1.0, 0.0, 1.0] and "correct" not in g
-    # a record pointing its predictions outside the results folder is refused in one line
-    bad = [replace(records[0], predictions=dict(records[0].predictions, path="../elsewhere.npz"))]
-    out = results.parent / "bad.jsonl"
-    append_record(out, bad[0])
-    with pytest.raises(UserError, match="expected a path inside the results folder"):
-        frames.predictions(out)

@@ -620,3 +620,40 @@ def test_step_over_float_is_marked_where_either_cell_trained_beside_other_work(r
     assert "(loaded)" not in row(pair)
     next(r for r in pair if r.labels["quant"] == "none").phases["train"].other_cpus = 1.2  # the float twin
     assert "(loaded)" in row(pair)
+
+
+def test_a_method_that_trains_quantized_weights_only_is_set_beside_float_sensitive_and_says_so(records):
+    """QZO has no float cell of its own: its row compares with float sensitive of the same settings, and a
+    column names that cell; where every quantized cell has its own method's float twin, no such column. A
+    method that runs in float too (random) is never given a stand-in."""
+    from zobench.report import views
+    from zobench.report.cells import varying_axes
+    from zobench.report.tables import quant_table
+
+    def table(recs):
+        cells = views(recs)
+        return quant_table(cells, varying_axes(cells))
+
+    pair = [copy.deepcopy(r) for r in records if r.labels.get("method") == "sensitive"]
+    assert not any("float cell" in line for line in table(pair))
+    qzo = copy.deepcopy(next(r for r in pair if r.labels["quant"] == "nf4"))
+    qzo.cell_id, qzo.labels["method"], qzo.config["method"] = "qzo-nf4", "qzo", "qzo"
+    qzo.phases["train"].peak_rss_mib = 450.0
+    qzo.metrics.set(test_after={"accuracy": 0.55})
+    lines = table(pair + [qzo])
+    header = next(line for line in lines if line.startswith("| method"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    row = dict(zip(cols, [c.strip() for c in next(line for line in lines if line.startswith("| qzo")).strip("|")
+                          .split("|")]))
+    float_sensitive = next(r for r in pair if r.labels["quant"] == "none")
+    assert row["float cell"] == "sensitive 0.1%"
+    assert row["peak / float"] == f"{450.0 / float_sensitive.phases['train'].peak_rss_mib:.2f}"
+    assert row["vs float (points)"] == f"{100 * (0.55 - float_sensitive.metrics.accuracy('test_after')):+.1f}"
+    assert "set beside the float cell of `sensitive`" in "\n".join(lines)
+    # random can run in float: a suite that did not run it there has no float cell for it, not a stand-in
+    random = copy.deepcopy(qzo)
+    random.cell_id, random.labels["method"], random.config["method"] = "random-nf4", "random", "random"
+    lines = table(pair + [qzo, random])
+    assert next(line for line in lines if line.startswith("| random")).split("|")[4].strip() == "-"
+    from zobench.spec.catalog import METHOD_INFO
+    assert {m.name for m in METHOD_INFO if m.quantized_only} == {"qzo", "quzo"}

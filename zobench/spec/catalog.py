@@ -55,6 +55,12 @@ class MethodInfo:
     color: str | None = None
     allowed: tuple[tuple[str, tuple], ...] = ()
 
+    @property
+    def quantized_only(self) -> bool:
+        """It trains quantized weights only (their scales, or codes of named backends): no float cell of its
+        own exists to compare it with."""
+        return self.needs_scales or any(k == "quant" and "none" not in v for k, v in self.allowed)
+
 
 def _mask_method(name: str, summary: str, order: int, color: str) -> MethodInfo:
     return MethodInfo(name, "zo", summary, needs_mask=True, quantized=True, settings=MASK_SETTINGS, order=order,

@@ -608,7 +608,7 @@ def test_step_over_float_is_marked_where_either_cell_trained_beside_other_work(r
     where either ran on a loaded machine says so."""
     from zobench.report import views
     from zobench.report.cells import varying_axes
-    from zobench.report.tables import quant_table
+    from zobench.report.quant_table import quant_table
 
     def row(recs):
         cells = views(recs)
@@ -628,7 +628,7 @@ def test_a_method_that_trains_quantized_weights_only_is_set_beside_float_sensiti
     method that runs in float too (random) is never given a stand-in."""
     from zobench.report import views
     from zobench.report.cells import varying_axes
-    from zobench.report.tables import quant_table
+    from zobench.report.quant_table import quant_table
 
     def table(recs):
         cells = views(recs)

@@ -11,6 +11,7 @@ from zobench.report.cells import CellView, varying_axes
 from zobench.report.header import header
 from zobench.report.learning_rates import lr_table, pilot_progress
 from zobench.report.owned import MARK
+from zobench.report.quant_table import quant_table
 from zobench.report.tables import (
     failure_table,
     gpu_memory_table,
@@ -18,7 +19,6 @@ from zobench.report.tables import (
     main_table,
     mask_tables,
     phase_table,
-    quant_table,
     seeds_table,
     step_table,
 )

@@ -52,9 +52,10 @@ def grouped(listed: list) -> list[str]:
 
 
 def claims_section(decision: Decision | None, names: dict[str, str], dirty: list[str],
-                   missing: int | None = 0) -> list[str]:
+                   missing: int | None = 0, plot: str | None = None) -> list[str]:
     """``missing``: the suite's cells without a record yet; then every verdict is marked interim. None: the
-    suite's file could not be read, so no one can tell; every verdict is marked so."""
+    suite's file could not be read, so no one can tell; every verdict is marked so. ``plot``: the claims'
+    forest plot (``report.claims_plot``), shown under the table."""
     if decision is None:
         return []
     lines = ["## Claims", "",
@@ -77,6 +78,8 @@ def claims_section(decision: Decision | None, names: dict[str, str], dirty: list
         lines += ["**Not known to be final:** the suite's file could not be read (above), so whether every declared "
                   "cell is in cannot be told; a verdict is final only when every declared cell is in.", ""]
     lines += rows(decision.results, names, label) + [""]
+    if plot:
+        lines += [f"![Claims: each interval against its margin]({plot})", ""]
     methods = sorted({r.method for r in decision.results})
     lines += [f"- {m}" for m in methods] + [""]
     if decision.excluded:

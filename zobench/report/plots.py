@@ -397,10 +397,15 @@ def write_plots(ok: list[CellView], extras: list[str], folder: Path, linked: set
         if fig is None:
             path.unlink(missing_ok=True)
             continue
-        buf = io.BytesIO()
-        # bbox "tight": the extent of every artist, so a legend outside the axes is never cut off
-        fig.savefig(buf, format="png", dpi=110, metadata={"Software": PNG_SOFTWARE}, bbox_inches="tight",
-                    pad_inches=0.1)
-        atomic_write(path, buf.getvalue(), "plot")  # a full disk leaves the old PNG, never half of one
+        save_figure(fig, path)
         written.append((caption, path.name))
     return written
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    """``fig`` as a PNG marked as zobench's (``report.owned``), written whole or not at all."""
+    buf = io.BytesIO()
+    # bbox "tight": the extent of every artist, so a legend outside the axes is never cut off
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": PNG_SOFTWARE}, bbox_inches="tight",
+                pad_inches=0.1)
+    atomic_write(path, buf.getvalue(), "plot")  # a full disk leaves the old PNG, never half of one

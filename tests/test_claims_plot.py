@@ -43,7 +43,8 @@ def test_a_speed_claim_gets_a_ratio_panel_and_an_interval_to_infinity_ends_at_it
                    math.log(1.1), math.inf, 0.01, 0.01, "holds", (5, 5), None, "seed bootstrap")
     acc = Result("acc", "non_inferiority", -0.08, 0.01, -0.02, 0.04, 0.05, 0.05, -0.03, 0.05, 0.02, 0.02,
                  "holds", (5, 5), 600, "two-level bootstrap")
-    fig = claims_figure([acc, speed], {})
+    fig = claims_figure([acc, speed], {}, "interim")
+    assert fig.get_suptitle().endswith("(interim)")  # marked as the table marks its verdicts
     points, ratio = fig.axes[:2]
     assert ratio.get_xscale() == "log" and points.get_xscale() == "linear"
     (thick,) = lines_of(ratio, 5)

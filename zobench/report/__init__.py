@@ -17,7 +17,7 @@ from zobench.cell.record import CellRecord
 from zobench.errors import UserError
 from zobench.files import atomic_write
 from zobench.report.cells import CellView, sort_key, varying_axes
-from zobench.report.claims import claims_section
+from zobench.report.claims import claims_section, verdict_label
 from zobench.report.claims_plot import write_claims_plot
 from zobench.report.header import cells_without_record, suite_progress
 from zobench.report.influence import render_influence_report
@@ -61,7 +61,7 @@ def render_report(records: list[CellRecord], out_md: Path, title: str | None = N
     names = {c.id: c.name for c in claims}
     dirty = sorted({r.cell_id for r in records if (r.git or {}).get("dirty")})
     missing = None if unread else cells_without_record(suite, records)
-    forest = write_claims_plot(decision.results if decision else None, names, missing != 0, folder, linked)
+    forest = write_claims_plot(decision.results if decision else None, names, verdict_label(missing), folder, linked)
     text = render_markdown(recs, title, plots, pilots=pilots,
                            claims=claims_section(decision, names, dirty, missing,
                                                  f"{folder.name}/{forest}" if forest else None),

@@ -51,6 +51,11 @@ def grouped(listed: list) -> list[str]:
     return [f"- {what} (in {'; '.join(w)})" for what, w in where.items()]
 
 
+def verdict_label(missing: int | None) -> str:
+    """What marks every verdict of a report: interim while cells are missing, unknown without the suite."""
+    return "interim" if missing else "suite not read" if missing is None else ""
+
+
 def claims_section(decision: Decision | None, names: dict[str, str], dirty: list[str],
                    missing: int | None = 0, plot: str | None = None) -> list[str]:
     """``missing``: the suite's cells without a record yet; then every verdict is marked interim. None: the
@@ -68,7 +73,7 @@ def claims_section(decision: Decision | None, names: dict[str, str], dirty: list
              f"resolves exactly when Holm's adjusted p is at most alpha: not a simultaneous interval); accuracy "
              f"differences are in points, speed as the ratio of b's time to a's (`zobench/analysis/verdicts.py`, "
              f"`zobench/analysis/stats.py`, `zobench/analysis/speed.py`).", ""]
-    label = "interim" if missing else "suite not read" if missing is None else ""
+    label = verdict_label(missing)
     if missing:
         lines += [f"**Interim:** {missing} of the suite's cells have no record yet. These verdicts are of the runs so "
                   f"far; the suite fixed its seeds before the run, and reading the verdicts as the runs accumulate "

@@ -43,8 +43,9 @@ def _clipped(x: float, kind: str, lo: float, hi: float) -> float:
     return math.nan if math.isnan(v) else float(np.clip(v, lo, hi))
 
 
-def claims_figure(results: list[Result], names: dict[str, str], interim: bool = False) -> Figure | None:
-    """The forest plot of ``results`` (one declaration's verdicts); None when there is no claim to draw."""
+def claims_figure(results: list[Result], names: dict[str, str], label: str = "") -> Figure | None:
+    """The forest plot of ``results`` (one declaration's verdicts), its title marked with ``label`` (the
+    table's: "interim"); None when there is no claim to draw."""
     panels = [(title, [r for r in results if (r.kind == SPEED) == speed])
               for title, speed in (("accuracy difference a - b (points)", False), ("time ratio b / a", True))]
     panels = [(title, rows) for title, rows in panels if rows]
@@ -54,7 +55,7 @@ def claims_figure(results: list[Result], names: dict[str, str], interim: bool = 
     axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=[len(rows) for _, rows in panels])[:, 0]
     for ax, (title, rows) in zip(axes, panels):
         _panel(ax, title, rows, names)
-    fig.suptitle("Claims: each interval against its margin" + (" (interim)" if interim else ""))
+    fig.suptitle("Claims: each interval against its margin" + (f" ({label})" if label else ""))
     handles = [Patch(color=c, alpha=0.7, label=v) for v, c in VERDICT_COLORS.items()]
     handles += [Line2D([], [], color="black", lw=5, alpha=0.35,
                        label="Holm-adjusted interval\n(what the verdict reads)"),
@@ -100,13 +101,13 @@ def _panel(ax, title: str, rows: list[Result], names: dict[str, str]) -> None:
     ax.set_axisbelow(True)
 
 
-def write_claims_plot(results: list[Result] | None, names: dict[str, str], interim: bool, folder: Path,
+def write_claims_plot(results: list[Result] | None, names: dict[str, str], label: str, folder: Path,
                       linked: set[str]) -> str | None:
     """Writes ``claims.png`` in ``folder`` and returns its name; with no claims, removes a stale one (zobench's
     own only: ``check_plot``) and returns None."""
     path = folder / NAME
     check_plot(path, linked)
-    fig = claims_figure(results or [], names, interim)
+    fig = claims_figure(results or [], names, label)
     if fig is None:
         path.unlink(missing_ok=True)
         return None

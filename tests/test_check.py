@@ -221,3 +221,44 @@ def test_check_input_errors_are_one_line():
     for args in (("--suite", "no/such/suite.yaml"), ()):
         r = zobench("check", *args)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_cells_whose_lr_a_pilot_chose_are_found_by_their_records_not_estimated_again():
+    """A cell's record has the id of the lr its pilots chose, not the suite's declared lr: the check finds it
+    there (it once estimated every piloted cell as if it had no record), and a cell still waiting for its
+    pilots is estimated with the reason said."""
+    from zobench.analysis.estimate import estimate_missing
+    from zobench.driver import select_cells
+    from zobench.spec.pilot import choose, pilot_cells
+    from zobench.spec.suite import parse_suite
+
+    suite = parse_suite({"name": "p", "reference": False,
+                         "defaults": {"model": "random:tiny-llama", "steps": 50, "lr": 1e-5, "density": 0.01},
+                         "matrix": {"seed": [0, 1], "method": ["random", "full"]},
+                         "lr_pilot": {"steps": 4, "grids": [{"match": {"method": "random"}, "lr": [1e-4, 1e-3]}]}},
+                        "p.yaml")
+    cells = select_cells(suite)
+
+    def done(cell, dev=None):
+        m = Metrics()
+        if dev is not None:
+            m.set(best_dev={"accuracy": dev})
+        return CellRecord(cell.cell_id, config=cell.config.to_dict(), labels=cell.labels, metrics=m)
+
+    pilots = {p.config.lr: done(p, dev) for p, dev in zip(pilot_cells(cells, suite.lr_pilot), (0.7, 0.8))}
+    chosen = [c for c in choose(cells, suite.lr_pilot, list(pilots.values()))[0] if c.config.method == "random"]
+    assert {c.config.lr for c in chosen} == {1e-3}
+    records = [*pilots.values(), *(done(c) for c in chosen)]
+    estimates, lines = estimate_missing(suite, records)
+    assert {e.labels["method"] for e in estimates} == {"full"}  # the measured random cells are not estimated
+    estimates, lines = estimate_missing(suite, [pilots[1e-4]])  # one pilot of two: the random cells wait
+    waiting = [line for line in lines if "method=random" in line]
+    assert len(waiting) == 2 and all("its lr pilots have not all run" in line for line in waiting)
+
+
+def test_a_suite_without_budgets_says_there_is_nothing_to_check(tmp_path, capsys):
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\ndefaults:\n  model: random:tiny-llama\nmatrix:\n  method: [full]\n")
+    code, out = _main(capsys, "--suite", str(suite))
+    assert code == 0 and out.splitlines() == [f"ok: {suite} declares no budgets; nothing to check for {suite} "
+                                               "(no results)"]

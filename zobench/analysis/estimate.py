@@ -42,7 +42,8 @@ from zobench.quant import get_backend
 from zobench.quant.sparse import GATHER_LIMIT
 from zobench.results import latest_by_cell
 from zobench.spec.config import CellConfig
-from zobench.spec.matrix import expand, reference_key
+from zobench.spec.matrix import Cell, expand, reference_key
+from zobench.spec.pilot import choose
 from zobench.spec.suite import Suite
 from zobench.tasks import get_task
 
@@ -245,13 +246,24 @@ def record_estimate(cfg: CellConfig | dict) -> dict:
         return {"error": f"{type(e).__name__}: {first}"[:300]}
 
 
+def with_chosen_lr(cell: Cell, suite: Suite, records: list[CellRecord]) -> tuple[Cell, bool]:
+    """(the suite's cell as ``zobench run`` runs it, whether it waits for its lr pilots): with the lr its
+    pilots chose, the id its record has; as declared while they have not all run (an lr changes no memory)."""
+    if suite.lr_pilot is None:
+        return cell, False
+    chosen = choose([cell], suite.lr_pilot, records)[0]
+    return (chosen[0], False) if chosen else (cell, True)
+
+
 def estimate_missing(suite: Suite, records: list[CellRecord]) -> tuple[list[Estimate], list[str]]:
     """Estimates for the suite's cells with no ok measurement, and one line per such cell.
 
     The line says the cell was estimated, why (no record, or its record's status) and, for a ZO cell,
     its estimate over its forward reference's estimate: shown for reading, not held to ratio budgets.
     """
-    cells = expand(suite)
+    cells = [with_chosen_lr(c, suite, records) for c in expand(suite)]
+    waiting = {c.cell_id for c, waits in cells if waits}
+    cells = [c for c, _ in cells]
     latest = {r.cell_id: r for r in latest_by_cell(records)}
     cache: dict[str, dict | str] = {}
 
@@ -271,6 +283,8 @@ def estimate_missing(suite: Suite, records: list[CellRecord]) -> tuple[list[Esti
             continue
         reason = (str(rec.reason or "").splitlines() or [""])[0][:80] if rec else ""
         why = "no measured record" if rec is None else f"record {rec.status}: {reason}".rstrip(": ")
+        if cell.cell_id in waiting:
+            why += "; its lr pilots have not all run"
         est = estimate(cell)
         if isinstance(est, str):
             lines.append(f"not estimated: {cell.describe()}: {est}")

@@ -47,7 +47,7 @@ def run(args) -> int:
     suite = load_suite(suite_path)
     baseline = load_records(args.baseline) if args.baseline else None
     estimates: list = []
-    if not args.measured_only:
+    if not args.measured_only and suite.budgets:  # estimates are held to budgets; without any, no need
         estimates, lines = STEPS.get("estimate missing")(suite, records)
         for line in lines:
             print(line)
@@ -59,5 +59,8 @@ def run(args) -> int:
     if not violations:
         what = args.results or f"{suite_path} (no results)"
         extra = f"; {len(estimates)} cell(s) by estimate, peak_mib_max only" if estimates else ""
-        print(f"ok: {len(suite.budgets)} budget(s) hold for {what}{extra}")
+        if not suite.budgets:  # nothing to hold: say so, not "0 budgets hold"
+            print(f"ok: {suite_path} declares no budgets; nothing to check for {what}")
+        else:
+            print(f"ok: {len(suite.budgets)} budget(s) hold for {what}{extra}")
     return EXIT_BUDGET if violations else EXIT_OK

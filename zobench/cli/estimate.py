@@ -81,5 +81,6 @@ def estimate_missing(suite, records) -> tuple[list, list[str]]:
     """``zobench check``'s estimates of the suite's cells without an ok record (``analysis.estimate``), the
     machine calibrated first for the devices they need."""
     ok = {r.cell_id for r in latest_by_cell(records) if r.ok}
-    calibrate_cells([c for c in expand(suite) if c.cell_id not in ok])
+    cells = (estimate.with_chosen_lr(c, suite, records)[0] for c in expand(suite))
+    calibrate_cells([c for c in cells if c.cell_id not in ok])
     return estimate.estimate_missing(suite, records)

@@ -83,10 +83,10 @@ def claims_section(decision: Decision | None, names: dict[str, str], dirty: list
         lines += ["**Not known to be final:** the suite's file could not be read (above), so whether every declared "
                   "cell is in cannot be told; a verdict is final only when every declared cell is in.", ""]
     lines += rows(decision.results, names, label) + [""]
-    if plot:
-        lines += [f"![Claims: each interval against its margin]({plot})", ""]
     methods = sorted({r.method for r in decision.results})
     lines += [f"- {m}" for m in methods] + [""]
+    if plot:  # under the table and its notes: the same verdicts, drawn
+        lines += [f"![Claims: each interval against its margin]({plot})", ""]
     if decision.excluded:
         lines += ["Runs left out (a failed run is a failed run, not a property of its method):", ""]
         lines += grouped(decision.excluded) + [""]

@@ -9,6 +9,14 @@ from zobench.analysis.stats import Result
 from zobench.analysis.verdicts import Decision
 
 
+def on_report_scale(x: float | None, kind: str) -> float:
+    """A claim's number as the report reads it: points for an accuracy difference, the time ratio b/a for a
+    speed claim (its log ratio's exp); NaN where there is none."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return math.nan
+    return math.exp(x) if kind == "faster_to_target" else 100 * x
+
+
 def difference(x: float, kind: str) -> str:
     """An accuracy difference in points; a speed claim's log time ratio as the ratio it stands for."""
     if x is None or (isinstance(x, float) and math.isnan(x)):

@@ -16,6 +16,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from zobench.analysis.stats import Result
+from zobench.report.claims import on_report_scale
 from zobench.report.owned import check_plot
 from zobench.report.plots import save_figure
 
@@ -24,22 +25,17 @@ SPEED = "faster_to_target"
 NAME = "claims.png"
 
 
-def _scale(x: float, kind: str) -> float:
-    """The report's scale: points, or the time ratio (a log ratio's exp)."""
-    return math.exp(x) if kind == SPEED else 100 * x
-
-
 def _margins(r: Result) -> list[float]:
     """Where a claim's margin stands on its axis: a superiority or speed claim's one edge, a non-inferiority
     claim's -m, an equivalence claim's -m and +m."""
     m = abs(r.margin)
     edges = {"superiority": [r.margin], SPEED: [r.margin], "non_inferiority": [-m], "equivalence": [-m, m]}
-    return [_scale(v, r.kind) for v in edges.get(r.kind, [])]
+    return [on_report_scale(v, r.kind) for v in edges.get(r.kind, [])]
 
 
 def _clipped(x: float, kind: str, lo: float, hi: float) -> float:
     """A value on the panel's scale, held inside its edges (an interval to infinity ends at the edge)."""
-    v = _scale(x, kind)
+    v = on_report_scale(x, kind)
     return math.nan if math.isnan(v) else float(np.clip(v, lo, hi))
 
 
@@ -68,7 +64,7 @@ def claims_figure(results: list[Result], names: dict[str, str], label: str = "")
 
 def _panel(ax, title: str, rows: list[Result], names: dict[str, str]) -> None:
     speed = rows[0].kind == SPEED
-    ends = [v for r in rows for v in (*(_scale(x, r.kind) for x in (r.ci_low, r.ci_high, r.adj_low, r.adj_high,
+    ends = [v for r in rows for v in (*(on_report_scale(x, r.kind) for x in (r.ci_low, r.ci_high, r.adj_low, r.adj_high,
                                                                        r.estimate)), *_margins(r))
             if math.isfinite(v) and (v > 0 or not speed)]
     lo, hi = (min(ends), max(ends)) if ends else ((0.5, 2.0) if speed else (-1.0, 1.0))

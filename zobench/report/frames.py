@@ -13,7 +13,6 @@ on ``id``: pivot it on ``id`` to compare two arms example by example.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from zobench.analysis.stats import Result
 from zobench.analysis.verdicts import Reader, verdicts
 from zobench.errors import UserError
 from zobench.gates.pandas import concat_columns, data_frame
+from zobench.report.claims import on_report_scale
 from zobench.report.header import cells_without_record
 from zobench.results import latest_by_cell, load_records
 from zobench.spec.suite import load_suite
@@ -30,22 +30,15 @@ from zobench.spec.suite import load_suite
 RUN_KEYS = ("method", "quant", "density", "lr", "seed")
 
 
-def _scaled(x: float, kind: str) -> float:
-    """The report's scale: points for an accuracy difference, the time ratio b/a for a speed claim."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return math.nan
-    return math.exp(x) if kind == "faster_to_target" else 100 * x
-
-
 def _row(r: Result, names: dict[str, str], declaration: str, claims_hash: str, interim: bool) -> dict:
     # as the report's margin column reads it: a non-inferiority or equivalence margin as its size
-    margin = _scaled(r.margin if r.kind in ("superiority", "faster_to_target") else abs(r.margin), r.kind)
+    margin = on_report_scale(r.margin if r.kind in ("superiority", "faster_to_target") else abs(r.margin), r.kind)
     return {"declaration": declaration, "claims_hash": claims_hash, "claim": r.claim,
             "name": names.get(r.claim, r.claim), "kind": r.kind,
             "unit": "time ratio b/a" if r.kind == "faster_to_target" else "points",
-            "estimate": _scaled(r.estimate, r.kind), "ci_low": _scaled(r.ci_low, r.kind),
-            "ci_high": _scaled(r.ci_high, r.kind), "alpha": r.alpha,
-            "holm_low": _scaled(r.adj_low, r.kind), "holm_high": _scaled(r.adj_high, r.kind),
+            "estimate": on_report_scale(r.estimate, r.kind), "ci_low": on_report_scale(r.ci_low, r.kind),
+            "ci_high": on_report_scale(r.ci_high, r.kind), "alpha": r.alpha,
+            "holm_low": on_report_scale(r.adj_low, r.kind), "holm_high": on_report_scale(r.adj_high, r.kind),
             "holm_level": 1 - r.alpha_adjusted, "margin": margin, "p": r.p_value, "p_holm": r.p_adjusted,
             "verdict": r.verdict, "interim": interim, "seeds_a": r.n_seeds[0], "seeds_b": r.n_seeds[1],
             "examples": r.n_examples, "method": r.method}

@@ -18,7 +18,7 @@ from zobench.driver import run_suite
 from zobench.errors import UserError
 from zobench.gates import bnb
 from zobench.methods import quzo
-from zobench.methods.quzo import SKIPPED_PER_ROW, CodeTrainable, _get_bits, _put_bits
+from zobench.methods.quzo import SKIPPED_PER_ROW, CodeTrainable
 from zobench.models import load_model
 from zobench.quant import QuantContext, get_backend, quantize_model
 from zobench.quant.codes import INT8_MAX, code_layers, row_scales
@@ -26,6 +26,7 @@ from zobench.results import load_records
 from zobench.spec.config import CellConfig
 from zobench.spec.suite import parse_suite
 from zobench.zo import fused
+from zobench.zo.bits import get_bits, put_bits
 from zobench.zo.drift import measure_restore_drift
 from zobench.zo.kernels import build
 from zobench.zo.masks import linear_layers
@@ -149,7 +150,7 @@ def test_a_4bit_perturbation_moves_a_code_one_level_at_most_and_its_bits_take_it
             _, rank, _ = trainable.grids[k]
             now = layer.read(0, layer.numel)
             changed = now != before[k]
-            assert torch.equal(changed, _get_bits(trainable.moved[k], 0, layer.numel))
+            assert torch.equal(changed, get_bits(trainable.moved[k], 0, layer.numel))
             step = rank[now] - rank[before[k]]
             way = torch.sign(trainable._z(seed, trainable.offsets[k], layer.numel, now.device) * eps).long()
             assert torch.equal(step[changed], way[changed])  # one level, the way of eps z
@@ -604,10 +605,10 @@ def test_bits_written_at_any_position_read_back_and_leave_their_neighbours(pos, 
     """The torch path's bit layout (an int8 layer's bits start at offset % 8): a write touches only its bits."""
     gen = torch.Generator().manual_seed(pos * 100 + n)
     bits = torch.randint(0, 256, (6,), dtype=torch.uint8, generator=gen)
-    before = _get_bits(bits, 0, 48).clone()
+    before = get_bits(bits, 0, 48).clone()
     flags = torch.rand(n, generator=gen) < 0.5
-    _put_bits(bits, pos, flags)
-    after = _get_bits(bits, 0, 48)
+    put_bits(bits, pos, flags)
+    after = get_bits(bits, 0, 48)
     assert torch.equal(after[pos:pos + n], flags)
     assert torch.equal(after[:pos], before[:pos]) and torch.equal(after[pos + n:], before[pos + n:])
 

@@ -497,7 +497,7 @@ def test_the_loss_plot_draws_a_line_a_configuration_with_its_seeds_range():
 
     from zobench.report import views
     from zobench.report.cells import varying_axes
-    from zobench.report.plots import loss_curves, smoothed
+    from zobench.report.curves import loss_curves, smoothed
 
     assert smoothed([1.0, 3.0, float("inf"), 5.0, 7.0], 2) == [1.0, 2.0, 3.0, 5.0, 6.0]
     assert math.isnan(smoothed([float("nan"), 1.0], 3)[0])
@@ -575,7 +575,7 @@ def test_seeds_of_one_configuration_are_one_bar_one_point_one_row_with_their_ran
 def test_every_method_has_a_colour_and_a_place_of_its_own():
     """Plots tell methods apart by colour and list them by order: two methods sharing either (QZO and QuZO
     once did) are one method to a reader of the plot."""
-    from zobench.report.plots import color
+    from zobench.report.figure import color
     from zobench.spec.catalog import METHOD_INFO
 
     names = [m.name for m in METHOD_INFO]

@@ -62,6 +62,7 @@ from zobench.methods.base import Method, Price, PriceInputs, register
 from zobench.methods.common import zo_stepper
 from zobench.quant.codes import INT8_MAX, CodeLayer, block_absmax, code_layers, decode, row_scales
 from zobench.zo import fused
+from zobench.zo.bits import get_bits, put_bits, within
 from zobench.zo.raw_io import read_raw, write_raw
 from zobench.zo.rounding import noise_seed, round_offset, round_to_levels, steps, uniform
 from zobench.zo.sizes import PHILOX_CHUNK
@@ -128,7 +129,7 @@ class CodeTrainable(Trainable):
         x = self._int8_x(layer, start, stop, at, seed, scale)
         noise = self._noise(seed, "perturb", at, stop - start, x.device)
         d = round_offset(x, noise if noise is None or scale > 0 else 1 - noise)
-        _put_bits(self.ups[k], start + self.offsets[k] % 8, d != torch.floor(x).long())
+        put_bits(self.ups[k], start + self.offsets[k] % 8, d != torch.floor(x).long())
         return d
 
     @torch.no_grad()
@@ -181,10 +182,10 @@ class CodeTrainable(Trainable):
         if on_c:
             self._c_int8(on_c, [(self._seed, self._scale)], "restore", None, kept_at=self.skipped)
         for k, layer, start, stop, at in self._chunks(skip=skip | on_c):
-            mine = _within(self.skipped[k], start, stop)
+            mine = within(self.skipped[k], start, stop)
             # the step the perturbation took: its floor, and up one where its bit says it rounded up
             x = self._int8_x(layer, start, stop, at, self._seed, self._scale)
-            d = torch.floor(x).long() + _get_bits(self.ups[k], start + self.offsets[k] % 8, stop - start).long()
+            d = torch.floor(x).long() + get_bits(self.ups[k], start + self.offsets[k] % 8, stop - start).long()
             layer.write(start, stop, layer.read(start, stop) - d.index_fill_(0, mine, 0))
         self.skipped = [None] * len(self.layers)
         self._seed, self._scale = None, 0.0
@@ -216,7 +217,7 @@ class CodeTrainable(Trainable):
                 seed, scale = terms[0]
                 up = self._z(seed, at, n, codes.device) * scale > 0
                 back = code_of[(rank[codes] - torch.where(up, 1, -1)).clamp_(0, levels.numel() - 1)]
-                layer.write(start, stop, torch.where(_get_bits(self.moved[k], start, n), back, codes))
+                layer.write(start, stop, torch.where(get_bits(self.moved[k], start, n), back, codes))
                 continue
             est = None
             for seed, coef in terms:
@@ -257,7 +258,7 @@ class CodeTrainable(Trainable):
                 stop = min(start + C_VALUES, layer.numel)
                 at = kept_at[k] if kept_at is not None else None
                 if at is not None and (start, stop) != (0, layer.numel):  # a whole layer's are its run's
-                    at = _within(at, start, stop)
+                    at = within(at, start, stop)
                 if size + stop - start > C_VALUES:
                     run()
                     size = 0
@@ -285,7 +286,7 @@ class CodeTrainable(Trainable):
         # level clips the target to the next level (and leaves a move within it alone)
         moved = torch.minimum(torch.maximum(moved, (r - 1).clamp(min=0)), (r + 1).clamp(max=levels.numel() - 1))
         go = (code_of[r] == codes) & (moved != r)
-        _put_bits(self.moved[k], start, go)
+        put_bits(self.moved[k], start, go)
         return torch.where(go, code_of[moved], codes)
 
     # -- the update -------------------------------------------------------------------------------------
@@ -384,33 +385,6 @@ class CodeTrainable(Trainable):
             out[f"{name}::index"] = where.int()
             out[f"{name}::code"] = now[where].to(torch.int8 if layer.kind == "int8" else torch.uint8)
         return out
-
-
-BIT = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
-
-def _within(positions: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """The ``positions`` in ``start`` .. ``stop - 1``, counted from ``start``."""
-    return positions[(positions >= start) & (positions < stop)] - start
-
-
-def _get_bits(bits: torch.Tensor, pos: int, n: int) -> torch.Tensor:
-    """Bits ``pos`` .. ``pos + n - 1`` of ``bits`` (bit p is bit p % 8 of byte p // 8, the C passes' layout),
-    as bools."""
-    first = pos // 8
-    chunk = bits[first:(pos + n + 7) // 8]
-    flat = ((chunk.view(-1, 1) & BIT.to(bits.device)) != 0).view(-1)
-    return flat[pos - 8 * first:pos - 8 * first + n]
-
-
-def _put_bits(bits: torch.Tensor, pos: int, flags: torch.Tensor) -> None:
-    """Write ``flags`` (bool) as bits ``pos`` .. of ``bits``; the other bits of the bytes touched are kept."""
-    n, first = flags.numel(), pos // 8
-    lead = pos - 8 * first
-    nbytes = (lead + n + 7) // 8
-    cur = _get_bits(bits, 8 * first, 8 * nbytes).to(torch.uint8)
-    cur[lead:lead + n] = flags
-    bits[first:first + nbytes] = (cur.view(-1, 8) * BIT.to(bits.device)).sum(1, dtype=torch.uint8)
 
 
 @register

@@ -19,11 +19,12 @@ from zobench.files import atomic_write
 from zobench.report.cells import CellView, sort_key, varying_axes
 from zobench.report.claims import claims_section, verdict_label
 from zobench.report.claims_plot import write_claims_plot
+from zobench.report.figure import plots_folder
 from zobench.report.header import cells_without_record, suite_progress
 from zobench.report.influence import render_influence_report
 from zobench.report.markdown import render_markdown
 from zobench.report.owned import replaceable_plots
-from zobench.report.plots import plots_folder, write_plots
+from zobench.report.plots import write_plots
 from zobench.results import derive, latest_by_cell, load_influence, load_records
 from zobench.spec.suite import load_suite, suite_file_places
 

@@ -17,8 +17,8 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from zobench.analysis.stats import Result
 from zobench.report.claims import on_report_scale
+from zobench.report.figure import save_figure
 from zobench.report.owned import check_plot
-from zobench.report.plots import save_figure
 
 VERDICT_COLORS = {"holds": "#2ca02c", "does not hold": "#d62728", "not resolved": "#7f7f7f"}
 SPEED = "faster_to_target"

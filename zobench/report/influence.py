@@ -12,8 +12,8 @@ from zobench.cell.influence_record import InfluenceRecord, QualityAtK
 from zobench.cell.record import CellRecord
 from zobench.errors import UserError, shown
 from zobench.files import atomic_write
+from zobench.report.figure import plots_folder
 from zobench.report.owned import MARK, PNG_SOFTWARE, check_plot, replaceable_plots
-from zobench.report.plots import plots_folder
 from zobench.report.table import one_line
 
 

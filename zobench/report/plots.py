@@ -1,34 +1,21 @@
-"""Records -> PNG plots. Each plot function returns a Figure, or None when the records hold no data for it.
-
-Figures are built with ``matplotlib.figure.Figure`` directly (its Agg canvas), never through pyplot: no
-backend is switched for the caller's process, no display is needed, and no figure lingers in pyplot's
-registry. PNG metadata carries no software version, so the same records give the same bytes; it carries
-``Software: zobench``, by which a later render knows the file is its own to replace (``report.owned``).
-"""
+"""Records -> PNG plots of memory and step time per cell, and memory against accuracy (the curves over steps and
+seconds: ``report.curves``). Each plot function returns a Figure, or None when the records hold no data for it;
+``write_plots`` writes those with data."""
 
 from __future__ import annotations
 
-import io
-import math
 import statistics
-import zlib
 from pathlib import Path
 
-import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
 
-from zobench.errors import UserError
-from zobench.files import atomic_write
 from zobench.report.cells import (
     TRAINING_ONLY,
     CellView,
     axis_value,
     configs,
-    declared,
     density,
     meaningful,
     median,
@@ -39,58 +26,14 @@ from zobench.report.cells import (
     quant,
     setting,
 )
-from zobench.report.owned import PNG_SOFTWARE, check_plot
+from zobench.report.curves import dev_curves, dev_vs_time, loss_curves
+from zobench.report.figure import OUTSIDE, color, legend, method_legend, new_figure, save_figure, seeds_note
+from zobench.report.owned import check_plot
 from zobench.results import phase_peak as kind_peak
 
-# For methods that name no colour of their own: picked by a stable hash of the name, never by position.
-PALETTE = ("#bcbd22", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d")
 PART_COLORS = {"perturb": "#9467bd", "forward_plus": "#1f77b4", "forward_minus": "#aec7e8",
                "forward": "#17becf", "backward": "#ff7f0e", "update": "#2ca02c"}
 MARKERS = ("o", "s", "^", "D", "v", "P")  # one per quant backend in the memory/accuracy plot
-OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}  # legends right of the axes, never on data
-
-
-def plots_folder(out_md: Path) -> Path:
-    """``<report>_plots/`` beside the report; refused when it is a link or not a directory (stale plots in
-    it are removed, and zobench never removes files through a link into someone else's folder)."""
-    folder = out_md.parent / f"{out_md.stem}_plots"
-    if folder.is_symlink():
-        raise UserError(f"{folder}: the plots folder is a symbolic link; zobench writes (and removes stale "
-                        f"plots) only in a folder of its own")
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder}: the plots folder exists and is not a directory")
-    return folder  # made when the first plot is written
-
-
-def color(m: str) -> str:
-    """A fixed colour per method (its ``Method.color``; the forward reference grey), the same in every plot
-    and report; any number of methods gets one."""
-    own = getattr(declared(m), "color", None)
-    return own or PALETTE[zlib.crc32(m.encode()) % len(PALETTE)]
-
-
-def _figure(width: float, height: float, title: str, xlabel: str, ylabel: str):
-    fig = Figure(figsize=(width, height), layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    ax.set_axisbelow(True)
-    return fig, ax
-
-
-def _legend(ax, colors: dict[str, str]) -> None:
-    ax.legend(handles=[Patch(color=c, label=name) for name, c in colors.items()], fontsize="small", **OUTSIDE)
-
-
-def _method_legend(ax, recs: list[CellView]) -> None:
-    seen = sorted({method(r) for r in recs}, key=method_order)
-    _legend(ax, {m: color(m) for m in seen})
-
-
-def seeds_note(n: int) -> str:
-    return f" ({n} seeds)" if n > 1 else ""
 
 
 def spread(values: list[float], centre) -> tuple[float, list[list[float]]]:
@@ -113,7 +56,7 @@ def memory_bars(ok: list[CellView], extras: list[str]):
         groups.setdefault("/".join(group), []).append(r)
     bars = {group: configs(members, extras) for group, members in groups.items()}
     n_bars = sum(len(b) for b in bars.values())
-    fig, ax = _figure(max(6.0, 0.7 * n_bars + 3.5), 4.5, "", "", "peak memory (MiB)")
+    fig, ax = new_figure(max(6.0, 0.7 * n_bars + 3.5), 4.5, "", "", "peak memory (MiB)")
     x, ticks, names, folded = 0.0, [], [], False
     for group, by_config in bars.items():
         start, fwd = x, None
@@ -142,7 +85,7 @@ def memory_bars(ok: list[CellView], extras: list[str]):
     ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
     over = "; medians over seeds, whiskers their range" if folded else ""
     ax.set_title(f"Peak memory while training (dashed: forward reference{over})", pad=18)
-    _method_legend(ax, cells)
+    method_legend(ax, cells)
     return fig
 
 
@@ -163,7 +106,7 @@ def phase_bars(ok: list[CellView], extras: list[str]):
         return None
     groups = list(configs(cells, extras).values())
     width = 0.8 / len(phases)
-    fig, ax = _figure(max(6.0, 0.25 * len(groups) * len(phases) + 3.5), 4.5, "", "", "peak memory (MiB)")
+    fig, ax = new_figure(max(6.0, 0.25 * len(groups) * len(phases) + 3.5), 4.5, "", "", "peak memory (MiB)")
 
     def folded(values):
         values = [v for v in values if isinstance(v, (int, float))]
@@ -187,7 +130,7 @@ def phase_bars(ok: list[CellView], extras: list[str]):
                   rotation=30, ha="right", fontsize="small")
     over = "; medians over seeds" if any(len(r) > 1 for r in groups) else ""
     ax.set_title(f"Peak memory by phase (black: each phase's estimate{over})")
-    _legend(ax, {p: PHASE_COLORS[p] for p in phases})
+    legend(ax, {p: PHASE_COLORS[p] for p in phases})
     return fig
 
 
@@ -198,7 +141,7 @@ def step_breakdown(ok: list[CellView], extras: list[str]):
     if not groups:
         return None
     over = ", over seeds" if any(len(runs) > 1 for runs in groups.values()) else ""
-    fig, ax = _figure(8.5, max(2.5, 0.45 * len(groups) + 1.5), f"Step time by part (medians{over})", "time (ms)", "")
+    fig, ax = new_figure(8.5, max(2.5, 0.45 * len(groups) + 1.5), f"Step time by part (medians{over})", "time (ms)", "")
     drawn: set[str] = set()
     for y, runs in enumerate(groups.values()):
         left = 0.0
@@ -213,93 +156,8 @@ def step_breakdown(ok: list[CellView], extras: list[str]):
     ax.set_yticks(range(len(groups)), [name + seeds_note(len(runs)) for name, runs in groups.items()],
                   fontsize="small")
     ax.invert_yaxis()
-    _legend(ax, {p: c for p, c in PART_COLORS.items() if p in drawn})
+    legend(ax, {p: c for p, c in PART_COLORS.items() if p in drawn})
     return fig
-
-
-def smoothed(values: list, window: int) -> list[float]:
-    """Trailing mean over ``window`` values (fewer at the start), of the finite ones only: a diverged step's
-    inf or nan leaves a gap at that step, not in every mean after it. NaN where a window holds none. Linear in
-    the number of values (prefix sums): a record's curve is data, and may be long."""
-    arr = np.array([v if isinstance(v, (int, float)) else math.nan for v in values], dtype=float)
-    finite = np.isfinite(arr)
-    sums = np.concatenate([[0.0], np.cumsum(np.where(finite, arr, 0.0))])
-    counts = np.concatenate([[0], np.cumsum(finite)])
-    end = np.arange(1, len(arr) + 1)
-    start = np.maximum(end - window, 0)
-    n = counts[end] - counts[start]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, (sums[end] - sums[start]) / np.maximum(n, 1), math.nan).tolist()
-
-
-def _by_config(cells: list[CellView], extras: list[str], points) -> dict[str, list[tuple[CellView, list]]]:
-    """The cells' ``points(cell)`` (a list of (x, y); cells with none left out) by configuration."""
-    groups = {name: [(r, series) for r in runs if (series := points(r))]
-              for name, runs in configs(cells, extras).items()}
-    return {name: runs for name, runs in groups.items() if runs}
-
-
-def _over_seeds(groups: dict, title: str, xlabel: str, ylabel: str) -> Figure | None:
-    """One line per configuration (``_by_config``): the mean over its seeds at each point, the range over
-    seeds shaded (points line up by position: steps are the same across seeds; seconds are averaged)."""
-    if not groups:
-        return None
-    fig, ax = _figure(8.5, 4.5, title, xlabel, ylabel)
-    if xlabel == "step":
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for name, runs in groups.items():
-        series = [s for _, s in runs]
-        n = min(len(s) for s in series)
-        xs = [sum(s[i][0] for s in series) / len(series) for i in range(n)]
-        ys = [[s[i][1] for s in series] for i in range(n)]
-        dashed = quant(runs[0][0]) != "none"
-        col = color(method(runs[0][0]))
-        ax.plot(xs, [sum(y) / len(y) for y in ys], color=col, linestyle="--" if dashed else "-",
-                marker="." if n <= 60 else None, label=name + seeds_note(len(runs)))
-        if len(runs) > 1:
-            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=col, alpha=0.15, linewidth=0)
-    ax.legend(fontsize="small", **OUTSIDE)
-    return fig
-
-
-def loss_curves(ok: list[CellView], extras: list[str]):
-    """Training loss a configuration, seeds averaged: each run's per-batch loss as a trailing mean over 1/50 of
-    the longest run (ZO's single-batch losses are noisy, and a line a seed is many lines a suite)."""
-    trained = [r for r in ok if method(r) != "forward" and r.metrics.get("loss_curve")]
-    if not trained:
-        return None
-    window = max(1, max(len(r.metrics.get("loss_curve")) for r in trained) // 50)
-
-    def points(r):
-        return list(enumerate(smoothed(r.metrics.get("loss_curve"), window), start=1))
-
-    trailing = f", trailing mean of {window} steps" if window > 1 else ""
-    return _over_seeds(_by_config(trained, extras, points),
-                       f"Training loss{trailing} (warm-up included; dashed: quantized; shaded: range over seeds)",
-                       "step", "training loss")
-
-
-def _dev_points(r: CellView, x_key: str) -> list[tuple[float, float]]:
-    curve = r.metrics.get("dev_curve") or []
-    return [(p[x_key], 100 * primary_score(p)) for p in curve if primary_score(p) is not None and x_key in p]
-
-
-def _dev_over_seeds(ok: list[CellView], extras: list[str], title: str, xlabel: str, x_key: str) -> Figure | None:
-    return _over_seeds(_by_config([r for r in ok if meaningful(r)], extras, lambda r: _dev_points(r, x_key)),
-                       title, xlabel, "dev accuracy (%) (F1 for generative tasks)")
-
-
-def dev_curves(ok: list[CellView], extras: list[str]):
-    return _dev_over_seeds(ok, extras, "Dev score against steps (dashed: quantized; shaded: range over seeds)",
-                       "step", "step")
-
-
-def dev_vs_time(ok: list[CellView], extras: list[str]):
-    """Seconds as each cell measured them: cells that ran at other times under other load are not timed side by
-    side here (the claims' speed comparisons use a declared clock), and the title says so."""
-    return _dev_over_seeds(ok, extras, "Dev score against training time (warm-up included, evaluations excluded;\n"
-                           "seconds as measured: a cell run on a busy machine reads slow)",
-                           "training seconds", "train_s")
 
 
 def _label_points(fig, ax, points: list[tuple[float, float, str]]) -> None:
@@ -344,7 +202,7 @@ def memory_vs_accuracy(ok: list[CellView], extras: list[str]):
     folded = any(len(runs) > 1 for runs in groups.values())
     title = "Memory against test score after training" + (" (seeds: mean score, median peak, bars their range)"
                                                           if folded else "")
-    fig, ax = _figure(7.5, 4.5, title, "peak memory (MiB)", "test accuracy (%) (F1 for generative tasks)")
+    fig, ax = new_figure(7.5, 4.5, title, "peak memory (MiB)", "test accuracy (%) (F1 for generative tasks)")
     quants = sorted({quant(r) for r in cells}, key=lambda q: (q != "none", q))
     points = []
     for name, runs in groups.items():
@@ -400,12 +258,3 @@ def write_plots(ok: list[CellView], extras: list[str], folder: Path, linked: set
         save_figure(fig, path)
         written.append((caption, path.name))
     return written
-
-
-def save_figure(fig: Figure, path: Path) -> None:
-    """``fig`` as a PNG marked as zobench's (``report.owned``), written whole or not at all."""
-    buf = io.BytesIO()
-    # bbox "tight": the extent of every artist, so a legend outside the axes is never cut off
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": PNG_SOFTWARE}, bbox_inches="tight",
-                pad_inches=0.1)
-    atomic_write(path, buf.getvalue(), "plot")  # a full disk leaves the old PNG, never half of one

@@ -33,16 +33,33 @@ def test_each_status_block_in_the_readme_is_what_its_records_say(results, suite,
 
 def test_the_seed_table_marks_runs_not_in_apart_from_runs_not_declared(tmp_path):
     suite_file = tmp_path / "s.yaml"
-    suite_file.write_text("name: s\ndefaults:\n  model: random:tiny-llama\nmatrix:\n  method: [full, random]\n"
-                          "  seed: [0, 1]\nexclude:\n  - {method: random, seed: 1}\n")
+    suite_file.write_text("name: s\ndefaults:\n  model: random:tiny-llama\n  density: 1.0e-3\nmatrix:\n"
+                          "  method: [full, random, qzo]\n  seed: [0, 1]\nexclude:\n"
+                          "  - {method: [random, qzo], seed: 1}\n"
+                          "overrides:\n  - match: {method: qzo}\n    set: {quant: int8}\n")
     suite = load_suite(suite_file)
     m = Metrics()
     m.set(test_best={"accuracy": 0.731})
     done = CellRecord("x", labels={"method": "full", "seed": 0}, config={"method": "full", "seed": 0}, metrics=m)
     table = seed_table([done], suite)
-    # full seed 1 is declared and not in yet; random seed 1 is excluded, so its cell stays blank
+    # full seed 1 is declared and not in yet; random seed 1 is excluded, so its cell stays blank. The suite's
+    # density is random's, not QZO's (it trains scales) nor full ZO's: their rows do not show it
     assert table == ["| arm | seed 0 | seed 1 |", "|:---|---:|---:|", "| full | 73.1 | - |",
-                     "| random 0.1% | - |  |"]
+                     "| qzo on int8 | - |  |", "| random 0.1% | - |  |"]
+
+
+def test_a_status_before_any_cell_says_what_the_run_waits_on_and_quotes_no_number(tmp_path):
+    suite_file = suite_declaring(tmp_path, margin=0.0)
+    text = suite_file.read_text().replace("claims:", "lr_pilot:\n  steps: 10\n  grids:\n"
+                                          "    - match: {method: sensitive}\n      lr: [1.0e-4, 1.0e-3]\nclaims:")
+    suite_file.write_text(text)
+    block = status_block([], load_suite(suite_file), tmp_path)
+    assert "16 of the suite's cells have no record yet" in block  # 12 trained, a forward reference a seed
+    assert "2 of its 2 lr pilot cells have no record yet either" in block
+    verdicts = [line for line in block.splitlines() if line.startswith("- ")]
+    assert verdicts == ["- sensitive beats random: no estimate yet (seeds usable in each arm: 0 and 0): "
+                        "**not resolved** (interim)",
+                        "- s-like-f: no estimate yet (seeds usable in each arm: 0 and 0): **not resolved** (interim)"]
 
 
 def test_the_status_quotes_a_changed_claim_as_declared_then_and_only_the_changed_one(tmp_path):

@@ -214,6 +214,14 @@ def cells_without_record(suite, records: list) -> int:
     return sum(c.cell_id not in recorded for c in chosen) + waiting
 
 
+def pilots_without_record(suite, records: list) -> tuple[int, int]:
+    """(the suite's lr pilot cells with no record in ``records``, how many it declares)."""
+    if suite is None:
+        return 0, 0
+    pilots, _, _, recorded = _cells(suite, records)
+    return sum(c.cell_id not in recorded for c in pilots), len(pilots)
+
+
 def suite_progress(suite, records: list, suite_file: str | None, unread: str | None = None) -> list[str]:
     """A line when some of the suite's cells have no record (a run going on or stopped, or some cells run
     with --only), so that no one reads a part as the whole; and when some records are not cells of the suite

@@ -18,9 +18,9 @@ from pathlib import Path
 from zobench.analysis.verdicts import claims_of, verdicts
 from zobench.cell.record import CellRecord
 from zobench.errors import UserError
-from zobench.report.cells import setting
+from zobench.report.cells import density, setting
 from zobench.report.claims import difference, interval, margin_rule
-from zobench.report.header import cells_without_record
+from zobench.report.header import cells_without_record, pilots_without_record
 from zobench.results import latest_by_cell
 from zobench.spec.claims import claims_hash
 from zobench.spec.matrix import select_cells
@@ -31,11 +31,12 @@ END = "<!-- end of generated status -->"
 
 
 def arm(rec: CellRecord) -> str:
-    """A row's name: the method, its density where it has one below 1, its quantization where not none."""
+    """A row's name: the method, its density where the method has one (a sparse method's, below 1: QZO's and
+    QuZO's cells carry a suite's default density they do not use), its quantization where not none."""
     name = str(setting(rec, "method") or "?")
-    density = setting(rec, "density")
-    if isinstance(density, (int, float)) and 0 < density < 1 and name not in ("full", "lezo", "forward"):
-        name += f" {100 * density:g}%"
+    d = density(rec)
+    if isinstance(d, (int, float)) and 0 < d < 1:
+        name += f" {100 * d:g}%"
     q = setting(rec, "quant")
     return name + (f" on {q}" if q and q != "none" else "")
 
@@ -77,6 +78,10 @@ def status_block(records: list[CellRecord], suite, results_dir: Path) -> str:
     names = {c.id: c.name for c in suite.claims}
     state = (f"{missing} of the suite's cells have no record yet ('-'), so every verdict below is interim (a "
              f"verdict is final when every declared cell is in)" if missing else "every declared cell is in")
+    pilots_left, pilots = pilots_without_record(suite, records)
+    if pilots_left:
+        state += (f"; {pilots_left} of its {pilots} lr pilot cells have no record yet either, and a cell runs "
+                  f"once its arm's pilots have chosen its lr")
     lines = [f"Test accuracy (%) at each run's best dev step, from `{suite.name}`'s records (blank: a seed the suite "
              f"does not run for that arm); {state}:", "",
              *seed_table(records, suite), "", f"Verdicts (claims hash `{decision.claims_hash[:12]}`):", ""]
@@ -96,6 +101,9 @@ def status_block(records: list[CellRecord], suite, results_dir: Path) -> str:
 
 
 def _verdict_line(r, names: dict[str, str], interim: str) -> str:
+    if r.estimate is None or (isinstance(r.estimate, float) and math.isnan(r.estimate)):
+        return (f"- {names.get(r.claim, r.claim)}: no estimate yet (seeds usable in each arm: {r.n_seeds[0]} "
+                f"and {r.n_seeds[1]}): **{r.verdict}**{interim}")
     level = f"{100 * (1 - r.alpha):g}%"
     return (f"- {names.get(r.claim, r.claim)}: {difference(r.estimate, r.kind)}, {level} interval "
             f"{interval(r.ci_low, r.ci_high, r.kind)}, Holm-adjusted "

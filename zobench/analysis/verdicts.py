@@ -64,6 +64,7 @@ class Decision:
     excluded: list[Listed] = field(default_factory=list)  # every run left out, and why
     counted: list[Listed] = field(default_factory=list)   # failed runs kept in their arm (failed_if.count_in_arm)
     earlier: dict[str, list[Result]] = field(default_factory=dict)  # claims hash -> verdicts as declared then
+    earlier_claims: dict[str, list[Claim]] = field(default_factory=dict)  # claims hash -> the claims declared then
     earlier_undecided: list[str] = field(default_factory=list)      # hashes past MAX_EARLIER, named only
 
 
@@ -306,6 +307,7 @@ def verdicts(records: list[CellRecord], claims: list[Claim], results_dir: str | 
                 and h not in decision.earlier_undecided:
             if len(decision.earlier) < MAX_EARLIER:
                 decision.earlier[h] = _decide(records, then, reader)[0]
+                decision.earlier_claims[h] = then
             else:
                 decision.earlier_undecided.append(h)
     return decision

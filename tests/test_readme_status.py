@@ -31,6 +31,20 @@ def test_each_status_block_in_the_readme_is_what_its_records_say(results, suite,
     assert quoted == made, f"run: python scripts/claims_status.py {results} {suite} --readme README.md"
 
 
+def test_the_claims_verdicts_the_readme_quotes_by_hand_are_the_generated_blocks():
+    """The README's prose quotes claims-v2's final Holm-adjusted intervals above its generated block: each must
+    be one the block (made from the records, checked above) states."""
+    import re
+
+    prose = README[README.index("**Status: the second round is complete**"):]
+    prose = prose[:prose.index("<!-- status generated")]
+    block = dict((r, b) for r, _, b in blocks(README))["results/claims-v2.jsonl"]
+    quoted = re.findall(r"\[[^\]]+\]", "\n".join(line for line in prose.splitlines() if line.startswith("- ")))
+    assert len(quoted) == 4
+    for interval in quoted:
+        assert f"Holm-adjusted {interval}" in block, interval
+
+
 def test_the_seed_table_marks_runs_not_in_apart_from_runs_not_declared(tmp_path):
     suite_file = tmp_path / "s.yaml"
     suite_file.write_text("name: s\ndefaults:\n  model: random:tiny-llama\n  density: 1.0e-3\nmatrix:\n"

@@ -53,6 +53,18 @@ def test_a_speed_claim_gets_a_ratio_panel_and_an_interval_to_infinity_ends_at_it
     assert claims_figure([], {}) is None
 
 
+def test_a_claim_without_an_estimate_is_said_so_and_a_plot_of_none_is_not_drawn():
+    def acc(claim, estimate):
+        return Result(claim, "non_inferiority", 0.10, estimate, -0.02, 0.04, 0.05, 0.05, -0.03, 0.05, 0.02, 0.02,
+                      "not resolved", (3, 0 if math.isnan(estimate) else 3), 600, "two-level bootstrap")
+
+    assert claims_figure([acc("a", math.nan), acc("b", math.nan)], {}) is None  # margins alone: the table says it
+    fig = claims_figure([acc("a", 0.01), acc("b", math.nan)], {})
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.texts] == ["no estimate yet"]
+    assert ax.texts[0].get_position()[1] == 0  # b's row, drawn last (the bottom)
+
+
 def test_the_report_links_the_plot_under_its_claims_and_a_report_without_claims_has_none(tmp_path):
     results = write_results(tmp_path)
     out = tmp_path / "rep" / "t.md"

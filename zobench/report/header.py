@@ -74,13 +74,14 @@ def machine_time(pilots: list[CellView], recs: list[CellView]) -> str:
     records keep them, the cells' own CPU hours (what the work took, however the machine was shared)."""
     def hours(group, key):
         return sum(getattr(r, key) or 0 for r in group) / 3600
-    parts = [f"{len(pilots)} lr pilot cells {hours(pilots, 'machine_s'):.1f} h",
-             f"{len(recs)} cells {hours(recs, 'machine_s'):.1f} h"]
+    parts = [f"{len(pilots)} lr pilot {cells(len(pilots)).split()[1]} {hours(pilots, 'machine_s'):.1f} h",
+             f"{cells(len(recs))} {hours(recs, 'machine_s'):.1f} h"]
     line = "Machine time, from the records' wall clocks (a resumed cell's earlier runs included where " \
            f"its record keeps them): {', '.join(parts)}."
     with_cpu = [r for r in [*pilots, *recs] if r.cpu_s is not None]
     if with_cpu:
-        line += (f" CPU time of the {len(with_cpu)} cells that keep it: pilots {hours(pilots, 'cpu_s'):.1f} h, "
+        keep = "keeps" if len(with_cpu) == 1 else "keep"
+        line += (f" CPU time of the {cells(len(with_cpu))} that {keep} it: pilots {hours(pilots, 'cpu_s'):.1f} h, "
                  f"cells {hours(recs, 'cpu_s'):.1f} h (threads summed).")
     return line
 

@@ -71,6 +71,7 @@ def test_a_status_before_any_cell_says_what_the_run_waits_on_and_quotes_no_numbe
     block = status_block([], load_suite(suite_file), tmp_path)
     assert "16 of the suite's cells have no record yet" in block  # 12 trained, a forward reference a seed
     assert "2 of its 2 lr pilot cells have no record yet either" in block
+    assert "Learning rates (10-step pilots, by their best dev score): piloting: sensitive 0.1% (0 of 2 in)." in block
     verdicts = [line for line in block.splitlines() if line.startswith("- ")]
     assert verdicts == ["- sensitive beats random: no estimate yet (seeds usable in each arm: 0 and 0): "
                         "**not resolved** (interim)",
@@ -87,6 +88,30 @@ def test_the_status_quotes_a_changed_claim_as_declared_then_and_only_the_changed
     assert now.count("sensitive beats random") == 1 and "**does not hold**" in now
     assert then.count("\n- ") == 1 and "sensitive beats random" in then and "**holds**" in then
     assert "s-like-f" in now and "s-like-f" not in then
+
+
+def test_the_status_names_the_lr_each_arms_pilots_chose_by_the_suites_rule(tmp_path):
+    from zobench.spec.matrix import select_cells
+    from zobench.spec.pilot import pilot_cells
+
+    suite_file = tmp_path / "s.yaml"
+    suite_file.write_text("name: s\ndefaults:\n  model: random:tiny-llama\n  density: 1.0e-3\nmatrix:\n"
+                          "  method: [sensitive, random]\nlr_pilot:\n  steps: 10\n  by: last\n  grids:\n"
+                          "    - match: {method: sensitive}\n      lr: [1.0e-4, 1.0e-3]\n"
+                          "    - match: {method: random}\n      lr: [1.0e-2, 1.0e-1]\n")
+    suite = load_suite(suite_file)
+    # the last dev score decides: 1e-4 peaked early and fell, 1e-3 ended higher; random's second pilot is not in
+    curves = {1e-4: [0.90, 0.60], 1e-3: [0.70, 0.75], 1e-2: [0.80, 0.80]}
+    records = []
+    for p in pilot_cells(select_cells(suite, None), suite.lr_pilot):
+        if p.config.lr in curves:
+            m = Metrics()
+            m.set(dev_curve=[{"step": 5 * (i + 1), "accuracy": a} for i, a in enumerate(curves[p.config.lr])])
+            records.append(CellRecord(p.cell_id, labels=p.labels, config=p.config.to_dict(), metrics=m))
+    from zobench.report.status import lr_line
+
+    assert lr_line(records, suite) == ("Learning rates (10-step pilots, by their last dev score): chosen: "
+                                       "sensitive 0.1% 1e-3; piloting: random 0.1% (1 of 2 in).")
 
 
 def test_replacing_a_block_touches_nothing_else():

@@ -42,6 +42,9 @@ def test_the_claims_verdicts_the_readme_quotes_by_hand_are_the_generated_blocks(
     block = dict((r, b) for r, _, b in blocks(README))["results/claims-v2.jsonl"]
     quoted = re.findall(r"\[[^\]]+\]", "\n".join(line for line in prose.splitlines() if line.startswith("- ")))
     assert len(quoted) == 4
+    top = README[README.index("Status: the trainer"):README.index("## Set-up")]  # the opening summary quotes two
+    quoted += re.findall(r"\[[^\]]+\]", top)
+    assert len(quoted) == 6
     for interval in quoted:
         assert f"Holm-adjusted {interval}" in block, interval
 

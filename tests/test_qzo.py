@@ -110,6 +110,52 @@ def test_the_forward_sees_a_scale_perturbation_of_qzos_size(quant):
     assert loss() == base  # the restore is exact
 
 
+@pytest.mark.parametrize("quant", ["nf4-plain", "fp4-plain"])
+def test_qzos_estimate_is_the_exact_directional_derivative_of_the_scales(quant):
+    """On plain 4-bit scales the forward is a float32 function of them (W = level(code) * s, the scale read as
+    stored), so QZO's two-point estimate is the scales' directional derivative to O(eps^2): checked against
+    autograd's on a float twin of the model holding the dequantized weights, over several directions."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    p = quantized(quant=quant)
+    run = p.run_state
+    _, trainable = p.method.build_stepper(run)
+    batch = run.encode(run.splits.train[:8])
+    twin = load_model(p.cfg.model).model.eval()  # the same seeded random weights outside the quantized layers
+    params = dict(twin.named_parameters())
+    for t in twin.parameters():
+        t.requires_grad_(False)
+    names = layers_of(p.backend, run.model)
+    weights, units = [], []
+    for name in names:
+        m = run.model.get_submodule(name)
+        w = dequantize_4bit(m.weight.data, m.weight.quant_state).float().view(m.out_features, m.in_features)
+        s = p.backend.scales(m).float().view(-1, 1)
+        units.append(w.view(s.numel(), -1) / s.where(s != 0, torch.ones_like(s)))  # each weight's level
+        params[f"{name}.weight"].data = w.clone()
+        params[f"{name}.weight"].requires_grad_(True)
+        weights.append(params[f"{name}.weight"])
+    loss = run.loss_fn(twin, batch)
+    with torch.inference_mode():
+        assert float(run.loss_fn(run.model, batch)) == pytest.approx(float(loss), rel=1e-5)  # the twin is the model
+    loss.backward()
+    ds = torch.cat([(w.grad.view(u.shape) * u).sum(1) for w, u in zip(weights, units)]).double()
+    exact, estimated = [], []
+    for seed in range(1, 9):
+        exact.append(float(ds @ trainable.z(seed).double()))
+        with torch.inference_mode():
+            trainable.apply(seed, p.cfg.eps)
+            plus = float(run.loss_fn(run.model, batch))
+            trainable.apply(seed, -p.cfg.eps)
+            minus = float(run.loss_fn(run.model, batch))
+            trainable.restore()
+        estimated.append((plus - minus) / (2 * p.cfg.eps))
+    scale = max(abs(x) for x in exact)
+    assert scale > 0
+    for e, g in zip(exact, estimated):
+        assert g == pytest.approx(e, abs=0.02 * scale), (exact, estimated)
+
+
 def test_eps_below_the_resolution_of_the_weights_is_refused():
     from zobench.methods.qzo import check_resolution
 

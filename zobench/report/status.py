@@ -21,6 +21,7 @@ from zobench.errors import UserError
 from zobench.report.cells import density, setting
 from zobench.report.claims import difference, interval, margin_rule
 from zobench.report.header import cells_without_record, pilots_without_record
+from zobench.report.learning_rates import lr_caveat
 from zobench.results import latest_by_cell
 from zobench.spec.matrix import Cell, select_cells
 from zobench.spec.pilot import choose, grid_for
@@ -82,7 +83,7 @@ def lr_line(records: list[CellRecord], suite) -> str | None:
     for name, cell in first.items():
         picked, choices = choose([cell], suite.lr_pilot, records)
         if picked:
-            chosen.append(f"{name} {_lr(picked[0].config.lr)}")
+            chosen.append(f"{name} {_lr(picked[0].config.lr)}{lr_caveat(choices[picked[0].cell_id])}")
         else:
             dev = choices[cell.cell_id]["dev"]
             waiting.append(f"{name} ({sum(d is not None for d in dev)} of {len(dev)} in)")

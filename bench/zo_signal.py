@@ -40,6 +40,7 @@ from zobench.methods.quzo import CodeTrainable
 from zobench.methods.qzo import ScaleTrainable
 from zobench.models import load_model
 from zobench.quant import QuantContext, get_backend, quantize_model
+from zobench.quant.bnb import NF4Plain
 from zobench.quant.codes import INT8_MAX, code_layers, row_scales
 from zobench.tasks import get_task, scoring
 from zobench.zo.masks import linear_layers
@@ -55,9 +56,7 @@ def dequantized(layer) -> torch.Tensor:
     """The float32 [out, in] weight a bitsandbytes layer's codes and scales stand for."""
     if layer.kind == "int8":
         return layer.codes.float() * row_scales(layer.module).float().view(-1, 1) / INT8_MAX
-    from bitsandbytes.functional import dequantize_4bit
-
-    return dequantize_4bit(layer.codes, layer.weight.quant_state).float().view(layer.shape)
+    return NF4Plain.dequantize(layer.module).float().view(layer.shape)  # the 4-bit backends' own dequantize
 
 
 def exact_gradients(layers) -> list[torch.Tensor]:

@@ -115,8 +115,6 @@ def test_qzos_estimate_is_the_exact_directional_derivative_of_the_scales(quant):
     """On plain 4-bit scales the forward is a float32 function of them (W = level(code) * s, the scale read as
     stored), so QZO's two-point estimate is the scales' directional derivative to O(eps^2): checked against
     autograd's on a float twin of the model holding the dequantized weights, over several directions."""
-    from bitsandbytes.functional import dequantize_4bit
-
     p = quantized(quant=quant)
     run = p.run_state
     _, trainable = p.method.build_stepper(run)
@@ -129,7 +127,7 @@ def test_qzos_estimate_is_the_exact_directional_derivative_of_the_scales(quant):
     weights, units = [], []
     for name in names:
         m = run.model.get_submodule(name)
-        w = dequantize_4bit(m.weight.data, m.weight.quant_state).float().view(m.out_features, m.in_features)
+        w = p.backend.dequantize(m).float().view(m.out_features, m.in_features)
         s = p.backend.scales(m).float().view(-1, 1)
         units.append(w.view(s.numel(), -1) / s.where(s != 0, torch.ones_like(s)))  # each weight's level
         params[f"{name}.weight"].data = w.clone()

@@ -9,6 +9,11 @@ from zobench.analysis.stats import Result
 from zobench.analysis.verdicts import Decision
 
 
+def has_estimate(r: Result) -> bool:
+    """Whether a claim's verdict came with an estimate (none while an arm has no usable run)."""
+    return r.estimate is not None and not (isinstance(r.estimate, float) and math.isnan(r.estimate))
+
+
 def on_report_scale(x: float | None, kind: str) -> float:
     """A claim's number as the report reads it: points for an accuracy difference, the time ratio b/a for a
     speed claim (its log ratio's exp); NaN where there is none."""

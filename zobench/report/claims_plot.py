@@ -16,7 +16,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from zobench.analysis.stats import Result
-from zobench.report.claims import on_report_scale
+from zobench.report.claims import has_estimate, on_report_scale
 from zobench.report.figure import save_figure
 from zobench.report.owned import check_plot
 
@@ -33,10 +33,6 @@ def _margins(r: Result) -> list[float]:
     return [on_report_scale(v, r.kind) for v in edges.get(r.kind, [])]
 
 
-def _estimated(r: Result) -> bool:
-    return r.estimate is not None and not (isinstance(r.estimate, float) and math.isnan(r.estimate))
-
-
 def _clipped(x: float, kind: str, lo: float, hi: float) -> float:
     """A value on the panel's scale, held inside its edges (an interval to infinity ends at the edge)."""
     v = on_report_scale(x, kind)
@@ -47,7 +43,7 @@ def claims_figure(results: list[Result], names: dict[str, str], label: str = "")
     """The forest plot of ``results`` (one declaration's verdicts), its title marked with ``label`` (the
     table's: "interim"); None when there is no claim to draw, or none has an estimate yet (a plot of margins
     alone would show nothing the table does not)."""
-    if not any(_estimated(r) for r in results):
+    if not any(has_estimate(r) for r in results):
         return None
     panels = [(title, [r for r in results if (r.kind == SPEED) == speed])
               for title, speed in (("accuracy difference a - b (points)", False), ("time ratio b / a", True))]
@@ -94,7 +90,7 @@ def _panel(ax, title: str, rows: list[Result], names: dict[str, str]) -> None:
         ax.plot(est, [y], "o", color="black", markersize=4)
         for m in _margins(r):
             ax.plot([m], [y], "|", color="black", markersize=16, markeredgewidth=1.5)
-        if not _estimated(r):
+        if not has_estimate(r):
             ax.text(0.02, y, "no estimate yet", transform=ax.get_yaxis_transform(), va="center", fontsize="small",
                     color="#555555")
     ax.axvline(1.0 if speed else 0.0, color="black", lw=0.6, alpha=0.4)

@@ -74,7 +74,7 @@ def machine_time(pilots: list[CellView], recs: list[CellView]) -> str:
     records keep them, the cells' own CPU hours (what the work took, however the machine was shared)."""
     def hours(group, key):
         return sum(getattr(r, key) or 0 for r in group) / 3600
-    parts = [f"{len(pilots)} lr pilot {cells(len(pilots)).split()[1]} {hours(pilots, 'machine_s'):.1f} h",
+    parts = [f"{len(pilots)} lr pilot {'cell' if len(pilots) == 1 else 'cells'} {hours(pilots, 'machine_s'):.1f} h",
              f"{cells(len(recs))} {hours(recs, 'machine_s'):.1f} h"]
     line = "Machine time, from the records' wall clocks (a resumed cell's earlier runs included where " \
            f"its record keeps them): {', '.join(parts)}."

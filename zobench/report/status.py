@@ -19,7 +19,7 @@ from zobench.analysis.verdicts import verdicts
 from zobench.cell.record import CellRecord
 from zobench.errors import UserError
 from zobench.report.cells import density, setting
-from zobench.report.claims import difference, interval, margin_rule
+from zobench.report.claims import difference, has_estimate, interval, margin_rule
 from zobench.report.header import cells_without_record, pilots_without_record
 from zobench.report.learning_rates import lr_caveat
 from zobench.results import latest_by_cell
@@ -136,7 +136,7 @@ def status_block(records: list[CellRecord], suite, results_dir: Path) -> str:
 
 
 def _verdict_line(r, names: dict[str, str], interim: str) -> str:
-    if r.estimate is None or (isinstance(r.estimate, float) and math.isnan(r.estimate)):
+    if not has_estimate(r):
         return (f"- {names.get(r.claim, r.claim)}: no estimate yet (seeds usable in each arm: {r.n_seeds[0]} "
                 f"and {r.n_seeds[1]}): **{r.verdict}**{interim}")
     level = f"{100 * (1 - r.alpha):g}%"

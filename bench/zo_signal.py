@@ -35,7 +35,6 @@ import time
 import torch
 from benchio import keep
 
-from zobench.methods import quzo
 from zobench.methods.quzo import CodeTrainable
 from zobench.methods.qzo import ScaleTrainable
 from zobench.models import load_model
@@ -131,8 +130,8 @@ def run(method: str, quant: str, epsilons: list[float], n: int) -> dict:
     seeds = [1000 + k for k in range(n)]
     if method == "quzo":
         trainable = CodeTrainable(layers)
-        exact = [sum(float(g.view(-1).double() @ trainable._z(seed, off, g.numel(), "cpu"))
-                     for g, off in zip(grads, trainable.offsets)) for seed in seeds]
+        exact = [sum(float(g.view(-1).double() @ trainable.layer_z(seed, k)) for k, g in enumerate(grads))
+                 for seed in seeds]
     else:
         scales = [(layer.name, backend.scales(layer.module)) for layer in layers]
         trainable = ScaleTrainable(scales)
@@ -144,14 +143,11 @@ def run(method: str, quant: str, epsilons: list[float], n: int) -> dict:
         t = time.perf_counter()
         row = {"rms_exact": rms(exact)}
         if method == "quzo":
-            own_noise = quzo.noise_seed
             draws = []
             for shift in (0, 1 << 40):  # the step's own noise, then an independent draw for the same z
-                quzo.noise_seed = (lambda s, stream, shift=shift: own_noise(s + shift, stream)) if shift else own_noise
-                try:
-                    draws.append([estimate(trainable, model, data, seed, eps) for seed in seeds])
-                finally:
-                    quzo.noise_seed = own_noise
+                trainable.noise_shift = shift
+                draws.append([estimate(trainable, model, data, seed, eps) for seed in seeds])
+            trainable.noise_shift = 0
             g1, g2 = draws
             noise_sd = statistics.stdev([a - b for a, b in zip(g1, g2)]) / math.sqrt(2)
             row.update(moved=moved_share(trainable, seeds[0], eps), rms_method=rms(g1), corr=corr(g1, exact),

@@ -21,7 +21,7 @@ from zobench.methods import quzo
 from zobench.methods.quzo import SKIPPED_PER_ROW, CodeTrainable
 from zobench.models import load_model
 from zobench.quant import QuantContext, get_backend, quantize_model
-from zobench.quant.codes import INT8_MAX, code_layers, row_scales
+from zobench.quant.codes import INT8_MAX, code_layers, decode, row_scales
 from zobench.results import load_records
 from zobench.spec.config import CellConfig
 from zobench.spec.suite import parse_suite
@@ -661,3 +661,32 @@ def test_the_c_int8_perturbation_returns_the_positions_of_the_codes_it_kept(edge
     assert torch.equal(codes[start:stop].long(), torch.where(
         torch.zeros_like(c, dtype=torch.bool).index_fill_(0, expected, True), c, c + d))
     assert torch.equal(codes[:start], before[:start]) and torch.equal(codes[stop:], before[stop:])
+
+
+def _level_values(layer, stored: torch.Tensor) -> torch.Tensor:
+    """What the stored codes stand for on the layer's grid (float64, flat): int8 codes, or 4-bit levels."""
+    codes = decode(layer.kind, stored.view(-1))
+    if layer.kind == "int8":
+        return codes.double()
+    levels, rank, _ = layer.levels()
+    return levels[rank[codes]]
+
+
+@pytest.mark.parametrize("quant, eps", [("nf4-plain", 1e-3), ("int8", 3e-3)])  # some values move, not all
+def test_noise_shift_redraws_the_rounding_not_the_direction(quant, eps):
+    """A trainable with ``noise_shift`` perturbs along the same z (``layer_z``) with an independent rounding:
+    other codes move, each value at most one way the sign of z allows, and its restore is exact."""
+    base = [layer.codes.clone() for layer in code_layers(_quantized(quant))]
+    own, shifted = (CodeTrainable(code_layers(_quantized(quant)), noise_shift=s) for s in (0, 1 << 40))
+    assert torch.equal(own.layer_z(7, 1), shifted.layer_z(7, 1))
+    moved = []
+    for trainable in (own, shifted):
+        trainable.apply(7, eps)
+        moved.append([_level_values(layer, layer.codes) - _level_values(layer, b)
+                      for layer, b in zip(trainable.layers, base)])
+        for k, d in enumerate(moved[-1]):  # a value moves only the way its z points
+            assert bool(((d == 0) | (torch.sign(d) == torch.sign(trainable.layer_z(7, k)))).all()), k
+        trainable.restore()
+        assert all(torch.equal(layer.codes, b) for layer, b in zip(trainable.layers, base))
+    assert any(bool((a != 0).any()) for a in moved[0])
+    assert any(not torch.equal(a != 0, b != 0) for a, b in zip(*moved))

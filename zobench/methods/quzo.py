@@ -82,9 +82,13 @@ class CodeTrainable(Trainable):
     keeps_own_delta = True  # a save keeps the codes that moved (``delta_parts``)
     saves_raw = True        # the best dev step's codes go to a file (``save_raw`` / ``load_raw``)
 
-    def __init__(self, layers: list[CodeLayer], direction: str = "rademacher", rounding: str = "stochastic"):
+    def __init__(self, layers: list[CodeLayer], direction: str = "rademacher", rounding: str = "stochastic",
+                 noise_shift: int = 0):
+        """``noise_shift`` moves every rounding-noise stream to another key (``_noise_seed``): the same
+        directions, an independent rounding; a diagnostic's second draw (bench/zo_signal.py), 0 in a run."""
         super().__init__()
         self.layers, self.direction, self.stochastic = layers, direction, rounding == "stochastic"
+        self.noise_shift = int(noise_shift)
         self.names = [f"{layer.name}.weight" for layer in layers]
         self.params = [layer.codes for layer in layers]
         sizes = [layer.numel for layer in layers]
@@ -111,11 +115,18 @@ class CodeTrainable(Trainable):
             for start in range(0, layer.numel, CHUNK):
                 yield k, layer, start, min(start + CHUNK, layer.numel), self.offsets[k] + start
 
+    def _noise_seed(self, seed: int, stream: str) -> int:
+        return noise_seed(seed + self.noise_shift, stream)
+
     def _noise(self, seed: int, stream: str, at: int, n: int, device) -> torch.Tensor | None:
-        return uniform(noise_seed(seed, stream), at, n, device) if self.stochastic else None
+        return uniform(self._noise_seed(seed, stream), at, n, device) if self.stochastic else None
 
     def _z(self, seed: int, at: int, n: int, device) -> torch.Tensor:
         return fused.fill_z(torch.empty(n, device=device), at, self.direction, seed).double()
+
+    def layer_z(self, seed: int, k: int, device="cpu") -> torch.Tensor:
+        """The direction z(seed) over layer ``k``'s values (float64, flat, in the codes' value order)."""
+        return self._z(seed, self.offsets[k], self.layers[k].numel, device)
 
     # -- the perturbation and its restore ---------------------------------------------------------------
     def _int8_x(self, layer, start, stop, at, seed, scale) -> torch.Tensor:
@@ -136,12 +147,11 @@ class CodeTrainable(Trainable):
     def apply(self, seed: int, scale: float) -> None:
         pending, on_c = self._take_pending()  # int8 layers on the C library restore in the perturbing pass
         skipped: list[list] = [[] for _ in self.layers]
+        noise = self._noise_seed(seed, "perturb")
         for k in self.four_bit:  # each restores the pending perturbation in its own pass
-            self._move4(k, [(seed, scale)], "perturb", noise_seed(seed, "perturb"), antithetic=scale < 0,
-                        pending=pending)
+            self._move4(k, [(seed, scale)], "perturb", noise, antithetic=scale < 0, pending=pending)
         if on_c:
-            kept = self._c_int8(on_c, [(seed, scale)], "perturb", noise_seed(seed, "perturb"), antithetic=scale < 0,
-                                pending=pending)
+            kept = self._c_int8(on_c, [(seed, scale)], "perturb", noise, antithetic=scale < 0, pending=pending)
             for k in on_c:
                 skipped[k].append(kept[k])
         for k, layer, start, stop, at in self._chunks(skip=self.four_bit | on_c):
@@ -295,11 +305,11 @@ class CodeTrainable(Trainable):
         pending, on_c = self._take_pending()
         lr, decay = optimizer.lr(step), optimizer.weight_decay
         stream = int(grads[0][0])  # the update's rounding noise: its own stream of the step's first seed
+        noise = self._noise_seed(stream, "update")
         for k in self.four_bit:
-            self._move4(k, grads, "update", noise_seed(stream, "update"), update=(lr, lr * decay if decay else None),
-                        pending=pending)
+            self._move4(k, grads, "update", noise, update=(lr, lr * decay if decay else None), pending=pending)
         if on_c:
-            self._c_int8(on_c, grads, "update", noise_seed(stream, "update"), lr=lr,
+            self._c_int8(on_c, grads, "update", noise, lr=lr,
                          decay_coef=lr * decay if decay else None, pending=pending)
         for k, layer, start, stop, at in self._chunks(skip=self.four_bit | on_c):
             codes = layer.read(start, stop)
@@ -330,11 +340,11 @@ class CodeTrainable(Trainable):
         lr, decay = optimizer.lr(step), optimizer.weight_decay
         decay_coef = lr * decay if decay else None
         stream = int(grads[0][0])
-        then = (seed, scale, noise_seed(seed, "perturb") if self.stochastic else None)
+        then = (seed, scale, self._noise_seed(seed, "perturb") if self.stochastic else None)
+        noise = self._noise_seed(stream, "update")
         for k in self.four_bit:
-            self._move4(k, grads, "update", noise_seed(stream, "update"), update=(lr, decay_coef), pending=pending,
-                        then=then)
-        self.skipped = self._c_int8(on_c, grads, "update", noise_seed(stream, "update"), lr=lr,
+            self._move4(k, grads, "update", noise, update=(lr, decay_coef), pending=pending, then=then)
+        self.skipped = self._c_int8(on_c, grads, "update", noise, lr=lr,
                                     decay_coef=decay_coef, pending=pending, then=then) if on_c else \
             [None] * len(self.layers)
         self._seed, self._scale = seed, scale

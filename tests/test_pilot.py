@@ -68,6 +68,31 @@ def test_a_cell_waits_until_every_pilot_of_its_grid_has_a_dev_score():
     assert f"{len(cells)} of the suite's {len(cells)} cells have no record" in progress, progress
 
 
+def test_while_the_pilots_run_the_cells_stage_to_come_is_counted_without_the_cells_already_recorded(tmp_path):
+    """The progress lines of a long run say what the cells stage after the pilots holds (cells and steps); on
+    --resume a cell whose pilots chose its lr and that has a record is not counted again."""
+    from zobench.driver import Batch, select_cells
+    from zobench.results import append_record
+
+    suite = parse_suite(SUITE, "p.yaml")
+    cells = select_cells(suite)  # 2 seeds x (random, full), 50 steps each
+    out = tmp_path / "p.jsonl"
+    by_lr = {p.config.lr: p for p in pilot_cells(cells, suite.lr_pilot)}
+    for lr, dev in ((1e-4, 0.70), (3e-4, 0.75), (1e-3, 0.6)):
+        append_record(out, _done(by_lr[lr], dev))
+    chosen, _ = choose(cells, suite.lr_pilot, [])  # full ZO has no grid: its cells are chosen as they are
+    append_record(out, _done(chosen[0], None))
+
+    def batch(resume):
+        return Batch(suite, out, {}, {}, resume, lambda *a: None, None)
+
+    assert batch(False).after_pilots(cells) == {"cells": 4, "steps": 200}  # a fresh run runs them all
+    assert batch(True).after_pilots(cells) == {"cells": 3, "steps": 150}
+    rnd, _ = choose(cells, suite.lr_pilot, [_done(by_lr[lr], d) for lr, d in ((1e-4, .7), (3e-4, .75), (1e-3, .6))])
+    append_record(out, _done(next(c for c in rnd if c.config.method == "random"), None))
+    assert batch(True).after_pilots(cells) == {"cells": 2, "steps": 100}
+
+
 def test_a_results_file_cannot_steer_the_choice_with_scores_that_are_not_numbers_or_a_late_failure():
     """A pilot's dev score that is not a finite number is no score (the cells wait, nothing crashes); a
     failed record after a pilot's ok one does not hold its cells back (--resume counts it done)."""

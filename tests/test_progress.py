@@ -27,3 +27,34 @@ def test_a_finished_cell_says_how_many_are_left_and_about_how_long(capsys):
     # 30 min for the first cell: 4 left at that pace, 2 h; 3 h for two: 3 left, 4.5 h
     assert done == ["[1] seed=0 -> ok (1800 s); 4 of 5 left, about 2.0 h at this run's pace",
                     "[2] seed=1 -> ok (9000 s); 3 of 5 left, about 4.5 h at this run's pace"]
+
+
+def test_the_pace_is_per_step_and_the_pilot_lines_say_what_the_cells_stage_holds(capsys):
+    """Cells of 20 and 1,000 steps: the time left is the steps left at this run's time per step. While the lr
+    pilots run, each line also says how many cells come after them and about how long they take."""
+    clock = iter([0.0, 600.0, 600.0 + 30, 600.0 + 30 + 1500, 10_000.0, 10_000.0 + 900])
+    progress = P.SuiteProgress(Console(file=io.StringIO(), force_terminal=False), clock=lambda: next(clock))
+
+    def cell(i, steps):
+        return SimpleNamespace(cell_id=f"c{i}", describe=lambda: f"cell {i}", config=SimpleNamespace(steps=steps))
+
+    with progress:
+        # the cells stage: 20-step forward cells beside 1000-step trained ones
+        cells = [cell(0, 20), cell(1, 1000), cell(2, 20), cell(3, 1000)]
+        progress("suite", {"total": 4, "todo": 4, "skipped": 0, "what": "cells", "steps": 2040, "then": None})
+        for c in cells[:2]:
+            progress("start", {"cell": c})
+            progress("done", {"cell": c, "record": CellRecord(c.cell_id, status="ok")})
+        # the pilots of another run: 300 steps each, 48 cells of 48,000 steps after them
+        pilots = [cell(10 + i, 300) for i in range(3)]
+        progress("suite", {"total": 3, "todo": 3, "skipped": 0, "what": "pilot", "steps": 900,
+                           "then": {"cells": 48, "steps": 48_000}})
+        progress("start", {"cell": pilots[0]})
+        progress("done", {"cell": pilots[0], "record": CellRecord(pilots[0].cell_id, status="ok")})
+    done = [line.split("; ", 1)[1] for line in capsys.readouterr().err.splitlines() if "-> ok" in line]
+    # 30 s for 20 steps: 2,020 left at 1.5 s a step (a per-cell pace would have said 3 x 30 s)
+    assert done[0] == "3 of 4 left, about 50 min at this run's pace"
+    # 1,530 s for 1,020 steps: 1,020 left at 1.5 s
+    assert done[1] == "2 of 4 left, about 26 min at this run's pace"
+    # 900 s for a 300-step pilot: 600 steps left (30 min), then 48,000 steps at 3 s (40 h)
+    assert done[2] == "2 of 3 left, about 30 min at this run's pace; then 48 cells, about 40.0 h"

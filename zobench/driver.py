@@ -117,7 +117,7 @@ def run_suite(suite: Suite, out_dir: Path, resume: bool = False, only: str | Non
     run.granted = {"overwrite": overwrite, "trust_remote_code": trust_remote_code}
     with run.executor:
         if suite.lr_pilot is not None:
-            run.cells(pilot_cells(cells, suite.lr_pilot), "pilot")
+            run.cells(pilot_cells(cells, suite.lr_pilot), "pilot", then=run.after_pilots(cells))
             waiting = len(cells)
             cells, run.choices = choose(cells, suite.lr_pilot, load_records(out) if out.exists() else [])
             if len(cells) < waiting:
@@ -145,13 +145,27 @@ class Batch:
             config = dataclasses.replace(config, save=str(target))
         return Cell(cell.cell_id, config, cell.labels)
 
-    def cells(self, cells: list[Cell], what: str) -> None:
-        done = {r.cell_id for r in load_records(self.out) if r.ok} if self.resume and self.out.exists() else set()
+    def _records(self) -> list[CellRecord]:
+        return load_records(self.out) if self.resume and self.out.exists() else []
+
+    def after_pilots(self, cells: list[Cell]) -> dict:
+        """What is left for the cells stage while the pilots run, for the progress lines: ``{"cells": n,
+        "steps": s}``, the cells whose pilots have chosen their lr and that have a record not counted."""
+        records = self._records()
+        chosen, _ = choose(cells, self.suite.lr_pilot, records)
+        done = {r.cell_id for r in records if r.ok} & {c.cell_id for c in chosen}
+        steps_done = sum(c.config.steps for c in chosen if c.cell_id in done)
+        return {"cells": len(cells) - len(done), "steps": sum(c.config.steps for c in cells) - steps_done}
+
+    def cells(self, cells: list[Cell], what: str, then: dict | None = None) -> None:
+        """Run ``cells`` (``what``: "pilot" or "cells", for the progress lines; ``then``: the stage to come,
+        ``after_pilots``)."""
+        done = {r.cell_id for r in self._records() if r.ok}
         todo = [self._placed(c) for c in cells if c.cell_id not in done]
         prepare_models(todo)
         calibrate_cells(todo)  # measured once per machine, before the cells: their records carry estimates
         self.reporter("suite", {"total": len(cells), "todo": len(todo), "skipped": len(cells) - len(todo),
-                                "what": what})
+                                "what": what, "steps": sum(c.config.steps for c in todo), "then": then})
         started: dict[str, tuple[str, float]] = {}
 
         def on_event(kind: str, data: dict) -> None:

@@ -2,7 +2,9 @@
 
 On a terminal: a bar for the suite (cells done, ETA) and one per running cell (step, loss). Elsewhere (CI
 logs, a suite left running for hours): one plain line per started and finished cell and every tenth step; a
-finished cell's line says how many are left and, at this run's pace so far, about how long they take.
+finished cell's line says how many are left and, at this run's pace so far, about how long they take: the
+pace is per step of the finished cells (a suite's cells may run 20 steps or 1,000), and while the lr pilots run
+the line also says what the cells stage after them holds, at the same pace.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class SuiteProgress:
         self.records = []
         self.clock = clock
         self.todo, self.finished, self.began = 0, 0, clock()
+        self.steps, self.steps_finished, self.then = 0, 0, None  # this stage's steps; the stage to come
 
     def __enter__(self):
         self.progress.__enter__()
@@ -44,6 +47,7 @@ class SuiteProgress:
             what = data.get("what", "cells")
             self.suite_task = self.progress.add_task(what, total=data["todo"], info="")
             self.todo, self.finished, self.began = data["todo"], 0, self.clock()
+            self.steps, self.steps_finished, self.then = data.get("steps", 0), 0, data.get("then")
             if what == "pilot":
                 self._line(f"learning-rate pilot: {data['total']} short cells choose the cells' lr on dev")
             if data["skipped"]:
@@ -75,20 +79,31 @@ class SuiteProgress:
         self.progress.advance(self.suite_task)
         status = rec.status if rec.ok else f"{rec.status}: {rec.reason}"
         self.finished += 1
+        self.steps_finished += cell.config.steps
         self._line(f"[{self.numbers.get(cell.cell_id, '?')}] {cell.describe()} -> {status} ({rec.wall_s or 0:.0f} s)"
                    f"{self._left()}")
         for warning in rec.warnings:
             self._line(f"    warning: {warning}")
 
     def _left(self) -> str:
-        """'; N of M left, about T at this run's pace' (the pace: this run's wall time per finished cell, so
-        concurrent cells and a loaded machine count as they are)."""
+        """'; N of M left, about T at this run's pace[; then K cells, about U]' (the pace: this run's wall time
+        per step of its finished cells, so concurrent cells and a loaded machine count as they are; per cell
+        where the steps are not known)."""
         left = self.todo - self.finished
+        then = self.then or {}
+        elapsed = self.clock() - self.began
+        if self.steps and self.steps_finished:
+            per_step = elapsed / self.steps_finished
+            eta, later = per_step * (self.steps - self.steps_finished), per_step * then.get("steps", 0)
+        else:
+            eta, later = elapsed / self.finished * left, None
+        after = ""
+        if then.get("cells"):
+            n = then["cells"]
+            after = f"; then {n} cell{'s' if n != 1 else ''}" + (f", about {_span(later)}" if later else "")
         if left <= 0:
-            return f"; {self.todo} of {self.todo} done"
-        eta = (self.clock() - self.began) / self.finished * left
-        span = f"{eta / 3600:.1f} h" if eta >= 5400 else f"{eta / 60:.0f} min"
-        return f"; {left} of {self.todo} left, about {span} at this run's pace"
+            return f"; {self.todo} of {self.todo} done{after}"
+        return f"; {left} of {self.todo} left, about {_span(eta)} at this run's pace{after}"
 
     def _line(self, text: str) -> None:
         if self.live:
@@ -116,3 +131,7 @@ class SuiteProgress:
                       f"{d.step_over_two_forwards:.2f}" if d.step_over_two_forwards else "-",
                       acc("test_before"), acc("test_after"))
         return t
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"

@@ -47,11 +47,13 @@ def test_the_pace_is_per_step_and_the_pilot_lines_say_what_the_cells_stage_holds
             progress("done", {"cell": c, "record": CellRecord(c.cell_id, status="ok")})
         # the pilots of another run: 300 steps each, 48 cells of 48,000 steps after them
         pilots = [cell(10 + i, 300) for i in range(3)]
-        progress("suite", {"total": 3, "todo": 3, "skipped": 0, "what": "pilot", "steps": 900,
+        progress("suite", {"total": 5, "todo": 3, "skipped": 2, "what": "pilot", "steps": 900,
                            "then": {"cells": 48, "steps": 48_000}})
         progress("start", {"cell": pilots[0]})
         progress("done", {"cell": pilots[0], "record": CellRecord(pilots[0].cell_id, status="ok")})
-    done = [line.split("; ", 1)[1] for line in capsys.readouterr().err.splitlines() if "-> ok" in line]
+    err = capsys.readouterr().err.splitlines()
+    assert "resume: 2 of 5 lr pilots already done" in err
+    done = [line.split("; ", 1)[1] for line in err if "-> ok" in line]
     # 30 s for 20 steps: 2,020 left at 1.5 s a step (a per-cell pace would have said 3 x 30 s)
     assert done[0] == "3 of 4 left, about 50 min at this run's pace"
     # 1,530 s for 1,020 steps: 1,020 left at 1.5 s

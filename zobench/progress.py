@@ -51,7 +51,8 @@ class SuiteProgress:
             if what == "pilot":
                 self._line(f"learning-rate pilot: {data['total']} short cells choose the cells' lr on dev")
             if data["skipped"]:
-                self._line(f"resume: {data['skipped']} of {data['total']} {what} already done")
+                self._line(f"resume: {data['skipped']} of {data['total']} {'lr pilots' if what == 'pilot' else what} "
+                           f"already done")
         elif event == "start":
             cell = data["cell"]
             self.numbers[cell.cell_id] = len(self.numbers) + 1

@@ -657,3 +657,31 @@ def test_a_method_that_trains_quantized_weights_only_is_set_beside_float_sensiti
     assert next(line for line in lines if line.startswith("| random")).split("|")[4].strip() == "-"
     from zobench.spec.catalog import METHOD_INFO
     assert {m.name for m in METHOD_INFO if m.quantized_only} == {"qzo", "quzo"}
+
+
+def test_the_clip_table_counts_the_steps_a_clip_bound_from_the_trajectory(tmp_path):
+    """QZO's trajectory keeps g after its clip, so |g| = C is a step the clip bound; a method that does not read
+    clip_threshold (every config carries its default) gets no row, nor does a trajectory that is not numbers."""
+    def rec(cell_id, method, trajectory, **labels):
+        r = CellRecord(cell_id, status="ok", labels={"method": method, "quant": "nf4-plain", **labels},
+                       config={"method": method, "quant": "nf4-plain", "clip_threshold": 5.0, "lr": 1e-3})
+        r.metrics.set(trajectory=trajectory)
+        return r
+
+    records = [rec("a", "qzo", [[[1, 5.0]], [[2, -5.0]], [[3, 1.0]], [[4, -2.5]]]),
+               rec("b", "qzo", [[[1, 5.0]], [[2, 0.5]]], stage="pilot", lr=1e-2),
+               rec("c", "quzo", [[[1, 7.0]]]),
+               rec("d", "qzo", [[[1, "5.0"]]], seed=1)]
+    md = render_report(records, tmp_path / "r.md").read_text(encoding="utf-8").splitlines()
+    head = md.index("## Clipped directional derivatives") + 4
+
+    def cells(line):  # split on the table's pipes, not on a header's escaped \|
+        return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip("|"))]
+
+    cols = cells(md[head])
+    rows = [dict(zip(cols, cells(line))) for line in md[head + 2:md.index("", head)]]
+    assert "stage" not in cols and {r["method"] for r in rows} == {"qzo"} and len(rows) == 2
+    cell, pilot = sorted(rows, key=lambda r: r["run"])
+    assert (cell["run"], cell["clip C"], cell["g clipped"], cell["median |g|"], cell["largest |g| under C"]) == (
+        "cell", "5.00", "2 of 4 (50.0%)", "3.75", "2.50")
+    assert (pilot["run"], pilot["g clipped"], pilot["largest |g| under C"]) == ("lr pilot", "1 of 2 (50.0%)", "0.50")

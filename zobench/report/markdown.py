@@ -13,6 +13,7 @@ from zobench.report.learning_rates import lr_table, pilot_progress
 from zobench.report.owned import MARK
 from zobench.report.quant_table import quant_table
 from zobench.report.tables import (
+    clip_table,
     failure_table,
     gpu_memory_table,
     host_phase_table,
@@ -45,6 +46,7 @@ def render_markdown(recs: list[CellView], title: str | None, plots: list[tuple[s
     for part in (seeds_table, main_table, quant_table, phase_table, gpu_memory_table, host_phase_table, step_table,
                  mask_tables):
         lines += part(ok, extras)
+    lines += clip_table(ok, pilots or [])
     lines += lr_table(ok, pilots or [], extras) + pilot_progress(ok, pilots or [])
     lines += failure_table(bad, extras) + plot_links(plots)
     while lines and lines[-1] == "":

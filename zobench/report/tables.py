@@ -14,9 +14,11 @@ from zobench.report.cells import (
     is_zo,
     meaningful,
     median,
+    method_info,
     pct,
     phase_peak,
     primary_score,
+    varying_axes,
 )
 from zobench.report.table import (
     DASH,
@@ -318,6 +320,55 @@ def mask_tables(ok: list[CellView], extras: list[str]) -> list[str]:
                    "an exact restore).")
     return (section("Masks", intro, mask_cols, [r for r in ok if is_sparse(r)], extras)
             + section("Restore drift", drift_intro, drift_cols, drifted, extras))
+
+
+def projected_gradients(r: CellView) -> list[float]:
+    """Every g a ZO record's trajectory keeps (after any clip; q of them a step), or [] where it keeps none or
+    keeps something else: a record is read as data."""
+    steps = r.metrics.get("trajectory")
+    out: list[float] = []
+    for step in steps if isinstance(steps, list) else []:
+        for pair in step if isinstance(step, list) else []:
+            g = pair[1] if isinstance(pair, (list, tuple)) and len(pair) == 2 else None
+            if not isinstance(g, (int, float)) or isinstance(g, bool):
+                return []
+            out.append(float(g))
+    return out
+
+
+def clip_table(ok: list[CellView], pilots: list[CellView]) -> list[str]:
+    """Where a method clips the directional derivative (QZO's ``clip_threshold``): on how many steps the clip
+    bound, read from the trajectory (which keeps g after the clip: |g| = C where it bound); the cells and their
+    lr pilots, whose larger learning rates are where a clip binds first."""
+    def clip(r):  # only where the method reads it (every config carries the default)
+        if "clip_threshold" not in getattr(method_info(r), "settings", ()):
+            return None
+        c = r.config.get("clip_threshold")
+        return c if isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 else None
+
+    def bound(r):
+        gs, c = projected_gradients(r), clip(r)
+        k = sum(abs(g) >= c for g in gs)
+        return f"{k} of {len(gs)} ({100 * k / len(gs):.1f}%)"
+
+    def largest_under(r):
+        under = [abs(g) for g in projected_gradients(r) if abs(g) < clip(r)]
+        return num(max(under)) if under else DASH
+
+    cols: list[Column] = [
+        ("run", lambda r: "lr pilot" if r.labels.get("stage") == "pilot" else "cell"),
+        ("clip C", lambda r: num(clip(r))),
+        ("g clipped", bound),
+        ("median |g|", lambda r: num(statistics.median(abs(g) for g in projected_gradients(r)))),
+        ("largest |g| under C", largest_under),
+    ]
+    clipped = [r for r in [*ok, *pilots] if is_zo(r) and clip(r) is not None and projected_gradients(r)]
+    intro = ("The directional derivative g = (L+ - L-) / (2 eps) of every step, clipped to [-C, C] where the method "
+             "clips it (QZO's `clip_threshold`, against the outliers of low-precision forwards): how many of a "
+             "cell's g the clip bound, from the trajectory its record keeps (g after the clip), its lr pilots "
+             "too.")
+    extras = [a for a in varying_axes(clipped) if a != "stage"]  # the run column says which rows are pilots
+    return section("Clipped directional derivatives", intro, cols, clipped, extras, n_text=1)
 
 
 def failure_table(bad: list[CellView], extras: list[str]) -> list[str]:

@@ -24,6 +24,7 @@ from zobench.report.header import cells_without_record, suite_progress
 from zobench.report.influence import render_influence_report
 from zobench.report.markdown import render_markdown
 from zobench.report.owned import replaceable_plots
+from zobench.report.pilot_plot import CAPTION, write_pilot_plot
 from zobench.report.plots import write_plots
 from zobench.results import derive, latest_by_cell, load_influence, load_records
 from zobench.spec.suite import load_suite, suite_file_places
@@ -57,6 +58,9 @@ def render_report(records: list[CellRecord], out_md: Path, title: str | None = N
         plots = [(f"No plots: {len(ok):,} cells are more than a plot can show ({MAX_PLOTTED_CELLS}); the tables "
                   f"above and zobench.results.to_pandas hold every cell", None)]
     suite, suite_file, unread = records_suite(records, results_dir, suite_path)
+    drawn = write_pilot_plot([r for r in pilots if r.ok], pilot_rule(suite, ok), folder, linked)
+    if drawn:
+        plots.append((CAPTION, f"{folder.name}/{drawn}"))
     claims = suite.claims if suite is not None else next((c for r in reversed(records) if (c := claims_of(r))), [])
     decision = verdicts(records, claims, results_dir or out_md.parent) if claims else None
     names = {c.id: c.name for c in claims}
@@ -68,6 +72,15 @@ def render_report(records: list[CellRecord], out_md: Path, title: str | None = N
                                                  f"{folder.name}/{forest}" if forest else None),
                            progress=suite_progress(suite, records, suite_file, unread))
     return atomic_write(out_md, text, "report")
+
+
+def pilot_rule(suite, ok: list[CellView]) -> str:
+    """Which of a pilot's dev scores chooses the lr, "best" or "last": the suite's ``lr_pilot.by``, else what a
+    chosen cell's record says (a suite file that cannot be read), else "best" (the default)."""
+    if suite is not None and suite.lr_pilot is not None:
+        return suite.lr_pilot.by
+    said = next((r.lr_choice.get("by") for r in ok if isinstance(r.lr_choice, dict)), None)
+    return "last" if said == "last dev score" else "best"
 
 
 def _suite_file(records: list[CellRecord]) -> str | None:

@@ -8,7 +8,8 @@ import math
 from zobench.analysis.design import half_width_95
 from zobench.cell.record import CellRecord
 from zobench.report.cells import CellView, setting, varying_axes
-from zobench.report.table import Column, pct_points, section
+from zobench.report.table import DASH, Column, pct_points, section
+from zobench.spec.claims import finite_number
 
 
 def lr_table(ok: list[CellView], pilots: list[CellView], extras: list[str]) -> list[str]:
@@ -91,7 +92,7 @@ def pilot_progress(ok: list[CellView], pilots: list[CellView]) -> list[str]:
     """While the lr pilot runs (no cell has its lr yet): each finished pilot cell and its dev score."""
     if not pilots or any(r.lr_choice for r in ok):
         return []
-    cols: list[Column] = [("lr", lambda r: f"{setting(r, 'lr'):g}"),
+    cols: list[Column] = [("lr", lambda r: f"{lr:g}" if finite_number(lr := setting(r, "lr")) else DASH),
                           ("pilot's dev %: best (step) -> last (step)",
                            lambda r: run_dev(r) if r.ok else str(r.status)),
                           ("steps", lambda r: str(setting(r, "steps"))),

@@ -48,7 +48,7 @@ def pilot_cells(cells: list[Cell], pilot) -> list[Cell]:
     return list(out.values())
 
 
-def _dev(rec, by: str = "best") -> float | None:
+def pilot_score(rec, by: str = "best") -> float | None:
     """A pilot's dev score by the suite's rule: its best evaluation, or its last (an lr that climbs and then
     diverges within the pilot is not chosen for its early peak)."""
     if rec is None or not rec.ok:
@@ -78,7 +78,7 @@ def choose(cells: list[Cell], pilot, records) -> tuple[list[Cell], dict[str, dic
         if not grid:
             out.append(cell)
             continue
-        dev = [_dev(latest.get(_pilot(cell, pilot, lr).cell_id), pilot.by) for lr in grid]
+        dev = [pilot_score(latest.get(_pilot(cell, pilot, lr).cell_id), pilot.by) for lr in grid]
         scored = [(d, -lr, lr) for d, lr in zip(dev, grid) if d is not None]
         choice = {"grid": grid, "dev": dev, "pilot_steps": pilot.steps,
                   "by": "best dev score" if pilot.by == "best" else "last dev score"}

@@ -35,6 +35,7 @@ from zobench.report.table import (
     size_mib,
 )
 from zobench.results import TRAIN_PHASES
+from zobench.spec.claims import finite_number
 
 SMOKE_STEPS = 100  # below this many steps a report calls its accuracies a smoke check
 
@@ -330,7 +331,7 @@ def projected_gradients(r: CellView) -> list[float]:
     for step in steps if isinstance(steps, list) else []:
         for pair in step if isinstance(step, list) else []:
             g = pair[1] if isinstance(pair, (list, tuple)) and len(pair) == 2 else None
-            if not isinstance(g, (int, float)) or isinstance(g, bool):
+            if not finite_number(g):
                 return []
             out.append(float(g))
     return out
@@ -340,29 +341,31 @@ def clip_table(ok: list[CellView], pilots: list[CellView]) -> list[str]:
     """Where a method clips the directional derivative (QZO's ``clip_threshold``): on how many steps the clip
     bound, read from the trajectory (which keeps g after the clip: |g| = C where it bound); the cells and their
     lr pilots, whose larger learning rates are where a clip binds first."""
-    def clip(r):  # only where the method reads it (every config carries the default)
-        if "clip_threshold" not in getattr(method_info(r), "settings", ()):
-            return None
-        c = r.config.get("clip_threshold")
-        return c if isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 else None
+    read: dict[str, tuple[float, list[float]]] = {}  # cell id -> (C, every |g|), each trajectory read once
+    for r in [*ok, *pilots]:
+        # only where the method reads clip_threshold (every config carries the default)
+        c = r.config.get("clip_threshold") if "clip_threshold" in getattr(method_info(r), "settings", ()) else None
+        if is_zo(r) and finite_number(c) and c > 0 and (gs := projected_gradients(r)):
+            read[r.cell_id] = (c, [abs(g) for g in gs])
 
     def bound(r):
-        gs, c = projected_gradients(r), clip(r)
-        k = sum(abs(g) >= c for g in gs)
+        c, gs = read[r.cell_id]
+        k = sum(g >= c for g in gs)
         return f"{k} of {len(gs)} ({100 * k / len(gs):.1f}%)"
 
     def largest_under(r):
-        under = [abs(g) for g in projected_gradients(r) if abs(g) < clip(r)]
+        c, gs = read[r.cell_id]
+        under = [g for g in gs if g < c]
         return num(max(under)) if under else DASH
 
     cols: list[Column] = [
         ("run", lambda r: "lr pilot" if r.labels.get("stage") == "pilot" else "cell"),
-        ("clip C", lambda r: num(clip(r))),
+        ("clip C", lambda r: num(read[r.cell_id][0])),
         ("g clipped", bound),
-        ("median |g|", lambda r: num(statistics.median(abs(g) for g in projected_gradients(r)))),
+        ("median |g|", lambda r: num(statistics.median(read[r.cell_id][1]))),
         ("largest |g| under C", largest_under),
     ]
-    clipped = [r for r in [*ok, *pilots] if is_zo(r) and clip(r) is not None and projected_gradients(r)]
+    clipped = [r for r in [*ok, *pilots] if r.cell_id in read]
     intro = ("The directional derivative g = (L+ - L-) / (2 eps) of every step, clipped to [-C, C] where the method "
              "clips it (QZO's `clip_threshold`, against the outliers of low-precision forwards): how many of a "
              "cell's g the clip bound, from the trajectory its record keeps (g after the clip), its lr pilots "

@@ -60,3 +60,23 @@ def test_the_pace_is_per_step_and_the_pilot_lines_say_what_the_cells_stage_holds
     assert done[1] == "2 of 4 left, about 26 min at this run's pace"
     # 900 s for a 300-step pilot: 600 steps left (30 min), then 48,000 steps at 3 s (40 h)
     assert done[2] == "2 of 3 left, about 30 min at this run's pace; then 48 cells, about 40.0 h"
+
+
+def test_a_resumed_cell_counts_toward_the_pace_only_the_steps_this_run_ran(capsys):
+    """A 1,000-step cell resumed from its step-800 checkpoint ran 200 steps in this run's time: the pace is
+    that time over 200 steps (over its whole 1,000 it would read five times too fast), while the steps left
+    are still the stage's others."""
+    clock = iter([0.0, 0.0, 400.0])
+    progress = P.SuiteProgress(Console(file=io.StringIO(), force_terminal=False), clock=lambda: next(clock))
+    cells = [SimpleNamespace(cell_id=f"c{i}", describe=lambda i=i: f"cell {i}", config=SimpleNamespace(steps=1000))
+             for i in range(2)]
+    with progress:
+        progress("suite", {"total": 2, "todo": 2, "skipped": 0, "what": "cells", "steps": 2000, "then": None})
+        progress("start", {"cell": cells[0]})
+        rec = CellRecord(cells[0].cell_id, status="ok")
+        rec.metrics.set(resumed_from_step=800)
+        progress("done", {"cell": cells[0], "record": rec})
+    err = capsys.readouterr().err.splitlines()
+    # 400 s for 200 steps: 2 s a step, 1,000 steps left
+    done = [line.split("; ", 1)[1] for line in err if "-> ok" in line]
+    assert done == ["1 of 2 left, about 33 min at this run's pace"]

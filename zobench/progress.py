@@ -33,6 +33,7 @@ class SuiteProgress:
         self.clock = clock
         self.todo, self.finished, self.began = 0, 0, clock()
         self.steps, self.steps_finished, self.then = 0, 0, None  # this stage's steps; the stage to come
+        self.steps_run = 0  # of the finished cells' steps, those this run ran (not a resumed cell's earlier ones)
 
     def __enter__(self):
         self.progress.__enter__()
@@ -48,6 +49,7 @@ class SuiteProgress:
             self.suite_task = self.progress.add_task(what, total=data["todo"], info="")
             self.todo, self.finished, self.began = data["todo"], 0, self.clock()
             self.steps, self.steps_finished, self.then = data.get("steps", 0), 0, data.get("then")
+            self.steps_run = 0
             if what == "pilot":
                 self._line(f"learning-rate pilot: {data['total']} short cells choose the cells' lr on dev")
             if data["skipped"]:
@@ -81,6 +83,8 @@ class SuiteProgress:
         status = rec.status if rec.ok else f"{rec.status}: {rec.reason}"
         self.finished += 1
         self.steps_finished += cell.config.steps
+        # the pace is this run's: a cell resumed from its checkpoint ran only the steps after it here
+        self.steps_run += max(0, cell.config.steps - _int(rec.metrics.get("resumed_from_step")))
         self._line(f"[{self.numbers.get(cell.cell_id, '?')}] {cell.describe()} -> {status} ({rec.wall_s or 0:.0f} s)"
                    f"{self._left()}")
         for warning in rec.warnings:
@@ -93,8 +97,8 @@ class SuiteProgress:
         left = self.todo - self.finished
         then = self.then or {}
         elapsed = self.clock() - self.began
-        if self.steps and self.steps_finished:
-            per_step = elapsed / self.steps_finished
+        if self.steps and self.steps_run:
+            per_step = elapsed / self.steps_run
             eta, later = per_step * (self.steps - self.steps_finished), per_step * then.get("steps", 0)
         else:
             eta, later = elapsed / self.finished * left, None
@@ -132,6 +136,10 @@ class SuiteProgress:
                       f"{d.step_over_two_forwards:.2f}" if d.step_over_two_forwards else "-",
                       acc("test_before"), acc("test_after"))
         return t
+
+
+def _int(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _span(seconds: float) -> str:

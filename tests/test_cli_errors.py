@@ -72,6 +72,13 @@ def test_a_suite_the_user_cannot_read(tmp_path):
     ({"task": "sst3"}, ["key 'task'", "did you mean 'sst2'"]),
     ({"lr": float("nan")}, ["key 'lr'", "finite"]),
     ({"steps": 10**30}, ["key 'steps'", "at most"]),
+    # values a cell would have run with and reported ok (a negative decay, a momentum that never forgets),
+    # or failed on after loading its model (no training examples, no calibration batch): refused up front
+    ({"weight_decay": -0.1}, ["key 'weight_decay'", ">= 0"]),
+    ({"optimizer": "momentum", "momentum": 1.0}, ["key 'momentum'", "[0, 1)"]),
+    ({"momentum": -1}, ["key 'momentum'", "[0, 1)"]),
+    ({"n_train": 0}, ["key 'n_train'", "runs steps"]),
+    ({"calib_sequences": 0}, ["key 'calib_sequences'", ">= 1"]),
 ])
 def test_bad_values_fail_validation_and_dry_run(tmp_path, defaults, needles):
     suite = tiny_suite(tmp_path, **defaults)

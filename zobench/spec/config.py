@@ -46,8 +46,9 @@ NOT_FROM_FILES = {
     "overwrite": "replacing a kept result needs --overwrite on the command line",
     "predictions": "zobench keeps each cell's predictions beside its record itself",
 }
-AT_LEAST_0 = ("steps", "n_train", "n_dev", "n_test", "calib_sequences", "warmup_steps", "eval_every")
-AT_LEAST_1 = ("batch_size", "eval_batch_size", "q", "calib_length", "ref_every", "lora_r", "lora_alpha")
+AT_LEAST_0 = ("steps", "n_train", "n_dev", "n_test", "warmup_steps", "eval_every")
+AT_LEAST_1 = ("batch_size", "eval_batch_size", "q", "calib_sequences", "calib_length", "ref_every", "lora_r",
+              "lora_alpha")
 
 
 @dataclass
@@ -194,6 +195,13 @@ class CellConfig:
             self._bad(where, "clip_threshold", "a positive number")
         if self.lr < 0:
             self._bad(where, "lr", "a number >= 0")
+        if self.weight_decay < 0:  # (torch's optimizers refuse it too: a negative decay grows the weights)
+            self._bad(where, "weight_decay", "a number >= 0")
+        if not 0 <= self.momentum < 1:  # at 1 and above the heavy ball's buffer never forgets, or grows
+            self._bad(where, "momentum", "a number in [0, 1)")
+        if self.steps > 0 and self.n_train < 1:
+            self._bad(where, "n_train", f"a number >= 1 for a cell that runs steps ({self.steps}: each draws a "
+                                        f"batch of training examples)")
         if self.max_length < 2:  # a prompt token and an answer (or response) token at least
             self._bad(where, "max_length", "a number >= 2")
         if not 0 <= self.seed < 2**63:  # (torch.manual_seed takes no more)

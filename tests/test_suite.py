@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import yaml
 from helpers import zobench
 
 from zobench.errors import UserError
+from zobench.spec.config import CellConfig
 from zobench.spec.matrix import expand
 from zobench.spec.selectors import parse_selector, selector_matches
 from zobench.spec.suite import load_suite
@@ -217,3 +219,16 @@ def test_a_selector_is_refused_when_it_could_not_mean_what_it_says():
             parse_selector(sel, "x.yaml: claims[0].a")
     assert selector_matches(parse_selector("lr=1e-4|1e-3", "--only"), {"lr": 1e-3})
     assert not selector_matches({"lr": [1e-4]}, {"lr": float("inf")})
+
+
+NUMERIC = [f.name for f in dataclasses.fields(CellConfig) if f.type in ("int", "float", "int | None", "float | None")]
+
+
+@pytest.mark.parametrize("key", NUMERIC)
+def test_every_numeric_setting_has_a_range_and_minus_one_is_outside_it(key):
+    """No number a cell reads is negative in any real run (a seed, a count, a rate, a bound, a fraction,
+    a timeout), so -1 must be refused naming the key: a numeric setting added without a range check fails
+    here (momentum and weight_decay had none, and ran)."""
+    assert len(NUMERIC) >= 24  # the settings were found (their annotations are strings under `annotations`)
+    with pytest.raises(UserError, match=f"key '{key}'"):
+        CellConfig.from_dict({key: -1}, "s.yaml")

@@ -262,3 +262,23 @@ def test_a_suite_without_budgets_says_there_is_nothing_to_check(tmp_path, capsys
     code, out = _main(capsys, "--suite", str(suite))
     assert code == 0 and out.splitlines() == [f"ok: {suite} declares no budgets; nothing to check for {suite} "
                                                "(no results)"]
+
+
+def test_a_limit_no_cell_could_meet_or_break_is_refused_naming_it():
+    """A percent written where a fraction is read (accuracy_min 85) or a peak of 0 or below: a budget that
+    could never hold or never break, refused in one line with what it expects."""
+    import pytest
+
+    from zobench.errors import UserError
+
+    for bad, says in (({"accuracy_min": 85}, r"accuracy_min = 85: expected a fraction in \[0, 1\] \(0.85 for 85%\)"),
+                      ({"accuracy_drop_max": 2}, r"accuracy_drop_max = 2: expected a fraction in \[-1, 1\]"),
+                      ({"peak_mib_max": 0}, "peak_mib_max = 0: expected a number above 0"),
+                      ({"peak_over_inference_max": -1.05}, "peak_over_inference_max = -1.05: expected a number above"),
+                      ({"step_over_two_forwards_max": 0}, "step_over_two_forwards_max = 0: expected"),
+                      ({"latency_tolerance": -0.1}, r"latency_tolerance = -0.1: expected a number >= 0")):
+        with pytest.raises(UserError, match=says):
+            parse_suite({"name": "s", "budgets": [{"match": {}, **bad}]}, "s.yaml")
+    # the edges a real budget may sit on
+    for good in ({"accuracy_min": 0}, {"accuracy_min": 1}, {"accuracy_drop_max": -0.05}, {"latency_tolerance": 0}):
+        assert parse_suite({"name": "s", "budgets": [{"match": {}, **good}]}, "s.yaml").budgets[0].limits

@@ -49,6 +49,16 @@ BUDGET_LIMITS = {
     "accuracy_drop_max": "test accuracy before - after at most this",
     "latency_tolerance": "step median at most (1 + this) x the baseline's (same machine only)",
 }
+# The values a limit can hold: a peak or a ratio above 0, accuracies as fractions (85% is 0.85), a tolerance
+# of 0 or more. Outside them a budget could never hold, or never break: a typo, refused.
+BUDGET_RANGES = {
+    "peak_mib_max": (lambda v: v > 0, "a number above 0"),
+    "peak_over_inference_max": (lambda v: v > 0, "a number above 0"),
+    "step_over_two_forwards_max": (lambda v: v > 0, "a number above 0"),
+    "accuracy_min": (lambda v: 0 <= v <= 1, "a fraction in [0, 1] (0.85 for 85%)"),
+    "accuracy_drop_max": (lambda v: -1 <= v <= 1, "a fraction in [-1, 1] (0.02 for 2 points)"),
+    "latency_tolerance": (lambda v: v >= 0, "a number >= 0 (0.1 for 10%)"),
+}
 
 
 @dataclass
@@ -159,6 +169,9 @@ def _budgets(data: dict, where: str) -> list[Budget]:
                 raise unknown_key(w, k, ["match", "phases", *BUDGET_LIMITS])
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or abs(v) == float("inf"):
                 raise UserError(f"{w}.{k}: expected a finite number ({BUDGET_LIMITS[k]})")
+            holds, what = BUDGET_RANGES[k]
+            if not holds(v):
+                raise UserError(f"{w}.{k} = {v:g}: expected {what} ({BUDGET_LIMITS[k]})")
             limits[k] = float(v)
         if not limits:
             raise UserError(f"{w}: no limit given (one of: {', '.join(BUDGET_LIMITS)})")

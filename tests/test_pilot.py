@@ -168,6 +168,10 @@ def test_a_suite_with_a_pilot_runs_it_first_and_never_touches_test(tmp_path):
 
     partial = render_report(pilots, tmp_path / "partial.md").read_text()
     assert "Suite **pilot**" in partial and "## Learning-rate pilot (in progress)" in partial
+    # the pilots say what runs where until the first cell does
+    model = pilots[0].config["model"]
+    assert f"; model {model}; device cpu; no cells yet (2 lr pilot cells)." in partial
+    assert "\nEnvironment: torch " in partial
     assert "| wall s | CPU s |" in partial and all(r.cpu_s > 0 for r in pilots)
     assert "CPU time of the 2 cells that keep it: pilots" in partial  # what choosing the lr cost, in CPU time
     rows = [line for line in partial.splitlines() if line.startswith("| random")]

@@ -26,19 +26,22 @@ def header(recs: list[CellView], title: str | None, pilots: list[CellView] = (),
     for r in recs:
         by_status[r.status] = by_status.get(r.status, 0) + 1
     tally = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items(), key=lambda kv: (kv[0] != "ok", kv[0])))
-    models = sorted({str(setting(r, "model")) for r in recs})
-    devices = sorted({str(r.device or setting(r, "device")) for r in recs})
+    # Before the first cell of a suite with an lr pilot, its pilots say what runs where
+    seen = recs or list(pilots)
+    models = sorted({str(setting(r, "model")) for r in seen})
+    devices = sorted({str(r.device or setting(r, "device")) for r in seen})
     finished = max((str(r.finished_at) for r in recs if r.finished_at), default=None)
     lines = [f"# {title or 'zobench report: ' + (suite or 'results')}", ""]
-    context = [f"Suite **{suite or '?'}**", f"model {', '.join(models)}" if recs else "",
-               f"device {', '.join(devices)}" if recs else "", f"{len(recs)} cells ({tally})" if recs else "no cells"]
+    none = f"no cells yet ({len(pilots)} lr pilot cells)" if pilots else "no cells"
+    context = [f"Suite **{suite or '?'}**", f"model {', '.join(models)}" if seen else "",
+               f"device {', '.join(devices)}" if seen else "", f"{len(recs)} cells ({tally})" if recs else none]
     if finished:
         context.append(f"finished {finished}")
     lines += ["; ".join(c for c in context if c) + ".", "", *progress]
     if pilots and any(r.machine_s for r in [*pilots, *recs]):  # what choosing the lrs cost, beside the cells
         lines += [machine_time(pilots, recs), ""]
     # the newest record's environment: a re-run's, not the run's it superseded
-    newest = sorted((r for r in recs if r.env or r.git), key=lambda r: str(r.finished_at or ""))[-1:]
+    newest = sorted((r for r in seen if r.env or r.git), key=lambda r: str(r.finished_at or ""))[-1:]
     env, git = (newest[0].env, newest[0].git) if newest else (None, None)
     if env or git:
         lines += [f"Environment: {environment(env or {}, git or {})}.", ""]

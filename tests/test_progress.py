@@ -80,3 +80,52 @@ def test_a_resumed_cell_counts_toward_the_pace_only_the_steps_this_run_ran(capsy
     # 400 s for 200 steps: 2 s a step, 1,000 steps left
     done = [line.split("; ", 1)[1] for line in err if "-> ok" in line]
     assert done == ["1 of 2 left, about 33 min at this run's pace"]
+
+
+def _cell(i, steps, family):
+    info = SimpleNamespace(family=family)
+    return SimpleNamespace(cell_id=f"c{i}", describe=lambda: f"cell {i}",
+                           config=SimpleNamespace(steps=steps, method_info=info))
+
+
+def test_forward_cells_that_finish_first_do_not_set_the_pace_of_the_trained_cells(capsys):
+    """A suite's reference forward cells (20 steps, one forward each) finish before its ZO cells (1,000
+    steps, two forwards each). Until a ZO cell is timed, its step is priced at two of the forward cells'
+    (a pace per step of everything would say half the time); a pilot stage's ZO cells time it for the
+    cells stage after them."""
+    clock = iter([0.0, 0.0, 15.0])
+    progress = P.SuiteProgress(Console(file=io.StringIO(), force_terminal=False), clock=lambda: next(clock))
+    fwd = _cell(0, 20, "reference")
+    with progress:
+        progress("suite", {"total": 4, "todo": 4, "skipped": 0, "what": "cells", "steps": 2040,
+                           "families": {"reference": 40, "zo": 2000}, "then": None})
+        progress("start", {"cell": fwd})
+        progress("done", {"cell": fwd, "record": CellRecord(fwd.cell_id, status="ok", wall_s=15.0)})
+    # another run: two 300-step pilots, then the same four cells
+    clock = iter([0.0, 0.0, 600.0, 1000.0, 1010.0])
+    progress = P.SuiteProgress(Console(file=io.StringIO(), force_terminal=False), clock=lambda: next(clock))
+    with progress:
+        pilot = _cell(10, 300, "zo")
+        progress("suite", {"total": 2, "todo": 2, "skipped": 0, "what": "pilot", "steps": 600,
+                           "families": {"zo": 600},
+                           "then": {"cells": 4, "steps": 2040, "families": {"reference": 40, "zo": 2000}}})
+        progress("start", {"cell": pilot})
+        progress("done", {"cell": pilot, "record": CellRecord(pilot.cell_id, status="ok", wall_s=600.0)})
+        progress("suite", {"total": 4, "todo": 4, "skipped": 0, "what": "cells", "steps": 2040,
+                           "families": {"reference": 40, "zo": 2000}, "then": None})
+        progress("start", {"cell": fwd})
+        progress("done", {"cell": fwd, "record": CellRecord(fwd.cell_id, status="ok", wall_s=10.0)})
+    err = capsys.readouterr().err.splitlines()
+    done = [line.split("; ", 1)[1] for line in err if "-> ok" in line]
+    # 0.75 s a forward step, so 1.5 s a ZO step: 20 x 0.75 + 2,000 x 1.5 = 3,015 s (one pace: 2,020 x 0.75)
+    assert done[0] == "3 of 4 left, about 50 min at this run's pace"
+    # the pilot's 2 s a ZO step: 300 left (10 min); then 40 forward steps at half a ZO step's 2 s and
+    # 2,000 ZO steps: 4,040 s
+    assert done[1] == "1 of 2 left, about 10 min at this run's pace; then 4 cells, about 67 min"
+    # the cells stage: the forward cell's own 0.5 s a step, the pilot's 2 s a ZO step: 10 + 4,000 s
+    assert done[2] == "3 of 4 left, about 67 min at this run's pace"
+
+
+def test_spans_read_in_seconds_minutes_or_hours():
+    assert [P._span(s) for s in (20, 89.4, 90, 5399, 5400, 36_000)] == ["20 s", "89 s", "2 min", "90 min", "1.5 h",
+                                                                        "10.0 h"]

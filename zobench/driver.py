@@ -126,6 +126,16 @@ def run_suite(suite: Suite, out_dir: Path, resume: bool = False, only: str | Non
     return out
 
 
+def _families(cells: list[Cell]) -> dict[str, int]:
+    """Steps of ``cells`` by method family ("zo", "fo", "reference"), for the progress lines: a reference
+    forward cell's step costs a forward, a ZO step two and more, so each family gets its own pace."""
+    steps: dict[str, int] = {}
+    for c in cells:
+        family = c.config.method_info.family
+        steps[family] = steps.get(family, 0) + c.config.steps
+    return steps
+
+
 class Batch:
     """Cells handed to one executor, each record finalized and appended as it comes back."""
 
@@ -154,8 +164,9 @@ class Batch:
         records = self._records()
         chosen, _ = choose(cells, self.suite.lr_pilot, records)
         done = {r.cell_id for r in records if r.ok} & {c.cell_id for c in chosen}
-        steps_done = sum(c.config.steps for c in chosen if c.cell_id in done)
-        return {"cells": len(cells) - len(done), "steps": sum(c.config.steps for c in cells) - steps_done}
+        families, recorded = _families(cells), _families([c for c in chosen if c.cell_id in done])
+        families = {f: n - recorded.get(f, 0) for f, n in families.items() if n - recorded.get(f, 0)}
+        return {"cells": len(cells) - len(done), "steps": sum(families.values()), "families": families}
 
     def cells(self, cells: list[Cell], what: str, then: dict | None = None) -> None:
         """Run ``cells`` (``what``: "pilot" or "cells", for the progress lines; ``then``: the stage to come,
@@ -165,7 +176,8 @@ class Batch:
         prepare_models(todo)
         calibrate_cells(todo)  # measured once per machine, before the cells: their records carry estimates
         self.reporter("suite", {"total": len(cells), "todo": len(todo), "skipped": len(cells) - len(todo),
-                                "what": what, "steps": sum(c.config.steps for c in todo), "then": then})
+                                "what": what, "steps": sum(c.config.steps for c in todo),
+                                "families": _families(todo), "then": then})
         started: dict[str, tuple[str, float]] = {}
 
         def on_event(kind: str, data: dict) -> None:

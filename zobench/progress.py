@@ -3,8 +3,10 @@
 On a terminal: a bar for the suite (cells done, ETA) and one per running cell (step, loss). Elsewhere (CI
 logs, a suite left running for hours): one plain line per started and finished cell and every tenth step; a
 finished cell's line says how many are left and, at this run's pace so far, about how long they take: the
-pace is per step of the finished cells (a suite's cells may run 20 steps or 1,000), and while the lr pilots run
-the line also says what the cells stage after them holds, at the same pace.
+pace is per step of the finished cells (a suite's cells may run 20 steps or 1,000) and per method family (a
+reference forward cell's step is one forward, a ZO step two and more: forward cells that finish first would
+otherwise set the pace of the trained cells after them), and while the lr pilots run the line also says what
+the cells stage after them holds, at the same pace.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from zobench.results import derive
+
+# A family's cost per step relative to a reference forward, until the run has timed a cell of it: two
+# forwards a ZO step, about three for a forward and backward pass.
+FORWARDS_PER_STEP = {"reference": 1.0, "zo": 2.0, "fo": 3.0}
 
 
 class SuiteProgress:
@@ -33,7 +39,10 @@ class SuiteProgress:
         self.clock = clock
         self.todo, self.finished, self.began = 0, 0, clock()
         self.steps, self.steps_finished, self.then = 0, 0, None  # this stage's steps; the stage to come
-        self.steps_run = 0  # of the finished cells' steps, those this run ran (not a resumed cell's earlier ones)
+        self.families: dict[str, int] = {}  # this stage's steps by method family (zo, fo, reference)
+        self.finished_by: dict[str, int] = {}  # of them, the finished cells' whole steps
+        self.run_by: dict[str, int] = {}  # and the steps this run ran of those (not a resumed cell's earlier)
+        self.cost: dict[str, list[float]] = {}  # family: [cell wall seconds, steps run], the whole run's cells
 
     def __enter__(self):
         self.progress.__enter__()
@@ -49,7 +58,8 @@ class SuiteProgress:
             self.suite_task = self.progress.add_task(what, total=data["todo"], info="")
             self.todo, self.finished, self.began = data["todo"], 0, self.clock()
             self.steps, self.steps_finished, self.then = data.get("steps", 0), 0, data.get("then")
-            self.steps_run = 0
+            self.families = data.get("families") or ({"?": self.steps} if self.steps else {})
+            self.finished_by, self.run_by = {}, {}
             if what == "pilot":
                 self._line(f"learning-rate pilot: {data['total']} short cells choose the cells' lr on dev")
             if data["skipped"]:
@@ -83,8 +93,14 @@ class SuiteProgress:
         status = rec.status if rec.ok else f"{rec.status}: {rec.reason}"
         self.finished += 1
         self.steps_finished += cell.config.steps
+        family = _family(cell) if _family(cell) in self.families else "?"
         # the pace is this run's: a cell resumed from its checkpoint ran only the steps after it here
-        self.steps_run += max(0, cell.config.steps - _int(rec.metrics.get("resumed_from_step")))
+        ran = max(0, cell.config.steps - _int(rec.metrics.get("resumed_from_step")))
+        self.finished_by[family] = self.finished_by.get(family, 0) + cell.config.steps
+        self.run_by[family] = self.run_by.get(family, 0) + ran
+        if ran and isinstance(rec.wall_s, (int, float)) and rec.wall_s > 0:
+            spent = self.cost.setdefault(family, [0.0, 0])
+            spent[0], spent[1] = spent[0] + rec.wall_s, spent[1] + ran
         self._line(f"[{self.numbers.get(cell.cell_id, '?')}] {cell.describe()} -> {status} ({rec.wall_s or 0:.0f} s)"
                    f"{self._left()}")
         for warning in rec.warnings:
@@ -97,9 +113,14 @@ class SuiteProgress:
         left = self.todo - self.finished
         then = self.then or {}
         elapsed = self.clock() - self.began
-        if self.steps and self.steps_run:
-            per_step = elapsed / self.steps_run
-            eta, later = per_step * (self.steps - self.steps_finished), per_step * then.get("steps", 0)
+        weight = self._weights()
+        ran = sum(n * weight(f) for f, n in self.run_by.items())
+        if self.steps and ran:
+            # this stage's seconds per weighted step (concurrent cells and a loaded machine count as they are)
+            per_step = elapsed / ran
+            eta = per_step * sum((n - self.finished_by.get(f, 0)) * weight(f) for f, n in self.families.items())
+            coming = then.get("families") or {"?": then.get("steps", 0)}
+            later = per_step * sum(n * weight(f) for f, n in coming.items())
         else:
             eta, later = elapsed / self.finished * left, None
         after = ""
@@ -109,6 +130,21 @@ class SuiteProgress:
         if left <= 0:
             return f"; {self.todo} of {self.todo} done{after}"
         return f"; {left} of {self.todo} left, about {_span(eta)} at this run's pace{after}"
+
+    def _weights(self):
+        """family -> the relative cost of its step: its cells' wall seconds per step where this run has timed
+        one (any stage), else its FORWARDS_PER_STEP from a timed family's (else 1, one pace for all)."""
+        timed = {f: s / n for f, (s, n) in self.cost.items() if n and s}
+        per_forward = [timed[f] / FORWARDS_PER_STEP[f] for f in timed if f in FORWARDS_PER_STEP]
+        unit = sum(per_forward) / len(per_forward) if per_forward else None
+
+        def weight(family: str) -> float:
+            if family in timed:
+                return timed[family]
+            if unit is not None and family in FORWARDS_PER_STEP:
+                return unit * FORWARDS_PER_STEP[family]
+            return sum(timed.values()) / len(timed) if timed else 1.0
+        return weight
 
     def _line(self, text: str) -> None:
         if self.live:
@@ -138,9 +174,16 @@ class SuiteProgress:
         return t
 
 
+def _family(cell) -> str:
+    info = getattr(cell.config, "method_info", None)
+    return getattr(info, "family", "?")
+
+
 def _int(value) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _span(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
     return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"

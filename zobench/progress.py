@@ -38,7 +38,7 @@ class SuiteProgress:
         self.records = []
         self.clock = clock
         self.todo, self.finished, self.began = 0, 0, clock()
-        self.steps, self.steps_finished, self.then = 0, 0, None  # this stage's steps; the stage to come
+        self.steps, self.then = 0, None  # this stage's steps; the stage to come
         self.families: dict[str, int] = {}  # this stage's steps by method family (zo, fo, reference)
         self.finished_by: dict[str, int] = {}  # of them, the finished cells' whole steps
         self.run_by: dict[str, int] = {}  # and the steps this run ran of those (not a resumed cell's earlier)
@@ -57,7 +57,7 @@ class SuiteProgress:
             what = data.get("what", "cells")
             self.suite_task = self.progress.add_task(what, total=data["todo"], info="")
             self.todo, self.finished, self.began = data["todo"], 0, self.clock()
-            self.steps, self.steps_finished, self.then = data.get("steps", 0), 0, data.get("then")
+            self.steps, self.then = data.get("steps", 0), data.get("then")
             self.families = data.get("families") or ({"?": self.steps} if self.steps else {})
             self.finished_by, self.run_by = {}, {}
             if what == "pilot":
@@ -92,8 +92,8 @@ class SuiteProgress:
         self.progress.advance(self.suite_task)
         status = rec.status if rec.ok else f"{rec.status}: {rec.reason}"
         self.finished += 1
-        self.steps_finished += cell.config.steps
-        family = _family(cell) if _family(cell) in self.families else "?"
+        family = _family(cell)
+        family = family if family in self.families else "?"
         # the pace is this run's: a cell resumed from its checkpoint ran only the steps after it here
         ran = max(0, cell.config.steps - _int(rec.metrics.get("resumed_from_step")))
         self.finished_by[family] = self.finished_by.get(family, 0) + cell.config.steps

@@ -31,6 +31,7 @@ from zobench.data.calibration import corpus_batches, find_corpus
 from zobench.errors import Unsupported, UserError
 from zobench.files import temp_dir
 from zobench.gates import gptqmodel
+from zobench.measure.memory import trim_heap
 from zobench.outdirs import build_lock
 from zobench.quant.base import Backend, QuantContext, Storage, _parent
 
@@ -158,6 +159,7 @@ class GPTQ(Backend):
         q.eval()
         parent, attr = _parent(model, name)
         setattr(parent, attr, q)
+        trim_heap()  # what the layers before this one freed (quant.base.Backend.quantize)
 
 
 def _new_layer(TorchLinear, shape):

@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -440,6 +441,30 @@ def test_the_report_says_what_each_allocators_figures_mean():
     for r in recs:
         r.config["malloc"] = "glibc"
     assert len(malloc_note(recs)) == 2 and "6 cells ran with `malloc: glibc`" in malloc_note(recs)[0]
+
+
+def test_the_glibc_note_says_how_far_the_phases_peaked_above_their_estimates():
+    """The heap's part of a ``malloc: glibc`` cell's peaks is read from the records (the largest excess over
+    the estimate of live memory, its phase, and the training phase's), not said as a fixed figure: a
+    quantize phase whose heap kept the replaced float layers peaked 113% above its estimate."""
+    from zobench.report.cells import CellView
+    from zobench.report.header import heap_excess, malloc_note
+    from zobench.results import Derived
+
+    recs = [CellView.of(r, Derived()) for r in load_records(FIXTURE) if r.ok][:3]
+    for r in recs:
+        r.config["malloc"] = "glibc"
+    assert heap_excess(recs) == ""  # no estimates, nothing said
+    for r, quantize in zip(recs, (1108.0, 530.0, 700.0)):
+        r.phases["quantize"] = replace(r.phases["load"], peak_rss_mib=quantize)
+        r.estimate = {"phases": {"quantize": 520.0, "train": r.phases["train"].peak_rss_mib / 1.1}}
+    said = heap_excess(recs)
+    assert said == ("; here a phase peaked up to 113% above its estimate (quantize: 2 of 3 quantize phases more "
+                    "than 25% above), a training phase up to 10%"), said
+    assert said in malloc_note(recs)[0]
+    for r in recs:  # every phase at or under its estimate
+        r.estimate = {"phases": {"quantize": 2000.0, "train": 2000.0}}
+    assert heap_excess(recs) == "; here no phase peaked above its estimate"
 
 
 def test_the_environment_line_names_the_users_malloc_settings_on_one_bounded_line():

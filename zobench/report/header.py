@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from zobench.measure.load import LOADED_CPUS
-from zobench.report.cells import CellView, meaningful, setting
+from zobench.report.cells import CellView, meaningful, phase_peak, setting
 from zobench.report.table import escape, one_line
 from zobench.results import latest_by_cell
 from zobench.spec.matrix import SINCE_IDS_ARE_KEPT, select_cells
@@ -111,8 +111,37 @@ def malloc_note(recs: list[CellView]) -> list[str]:
     if glibc:
         lines += [f"> {cells(len(glibc))} ran with `malloc: glibc` (malloc as a user's process has it): their "
                   "timings are what a user gets; their peaks include what the heap kept of freed blocks, which "
-                  "varies by ~10% from run to run, and the estimate beside them is of live memory.", ""]
+                  f"varies from run to run, and the estimate beside them is of live memory{heap_excess(glibc)}.",
+                  ""]
     return lines
+
+
+def heap_excess(recs: list[CellView]) -> str:
+    """How far these cells' phases peaked above the estimates of live memory beside them: the largest excess,
+    its phase and how many cells, and the training phase's where it is another ("" where no phase has an
+    estimate). A mask read from the cache is left out: its estimate is of computing it."""
+    over: dict[str, list[float]] = {}
+    for r in recs:
+        for phase in r.phases:
+            if phase == "mask" and r.metrics.get("mask_cache_hit") is True:
+                continue
+            peak, est = phase_peak(r, phase), r.estimated_phase_mib(phase)
+            if isinstance(peak, (int, float)) and isinstance(est, (int, float)) and est > 0:
+                over.setdefault(phase, []).append(peak / est - 1)
+    if not over:
+        return ""
+    worst = max(over, key=lambda p: max(over[p]))
+    if max(over[worst]) <= 0:
+        return "; here no phase peaked above its estimate"
+    said = f"; here a phase peaked up to {max(over[worst]):.0%} above its estimate ({worst}"
+    far = sum(x > 0.25 for x in over[worst])
+    if len(over[worst]) > 1 and far:
+        said += f": {far} of {len(over[worst])} {worst} phases more than 25% above"
+    said += ")"
+    if worst != "train" and "train" in over:
+        said += f", a training phase up to {max(over['train']):.0%}" if max(over["train"]) > 0 else (
+            ", no training phase above it")
+    return said
 
 
 def machine_notes(recs: list[CellView]) -> list[str]:

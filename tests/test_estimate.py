@@ -385,6 +385,26 @@ def test_a_quantized_cpu_cell_s_floor_is_measured_with_its_backend(tmp_path):
     assert gptq["breakdown"]["framework_mib"] == pytest.approx(calibrate("cpu")["framework_mib"] + added, abs=1e-3)
 
 
+def test_a_suite_of_quantized_cells_has_the_plain_floor_measured_too(monkeypatch):
+    """A quantized cell's load and mask phases come before its backend runs and are priced on the plain
+    floor: a suite whose cells are all quantized has it measured as well as its backend's, where it fell
+    back to the default footprint on a fresh cache (SmolLM2 nf4-plain's load estimated at 385 MiB against
+    435 measured, its record saying "measured")."""
+    import zobench.driver as D
+    from zobench.spec.matrix import Cell
+
+    asked = []
+    monkeypatch.setattr(D, "calibrate", lambda device="cpu", quant="none": asked.append((device, quant)))
+    cfg = CellConfig.from_dict(dict(model="random:tiny-llama", task="sst2", method="forward", quant="nf4-plain",
+                                    device="cpu", n_train=16, n_dev=0, n_test=0, eval_before=False,
+                                    eval_after=False, batch_size=4, max_length=32, steps=4, warmup_steps=1))
+    D.calibrate_cells([Cell("x", cfg, {})])
+    assert sorted(asked) == [("cpu", "nf4-plain"), ("cpu", "none")]
+    asked.clear()
+    D.calibrate_cells([Cell("y", CellConfig.from_dict(dict(cfg.to_dict(), quant="none")), {})])
+    assert asked == [("cpu", "none")]  # once, not twice
+
+
 def test_a_failed_estimate_is_kept_as_an_error_beside_the_record(tmp_path):
     from zobench.cell.record import CellRecord
     from zobench.driver import finalize

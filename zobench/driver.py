@@ -218,9 +218,14 @@ NEGLIGIBLE_LLAMA = {
 
 def calibrate_cells(cells: list[Cell]) -> None:
     """``calibrate`` every device the cells' estimates will ask for (``auto`` as it resolves here), and on a
-    CPU every quant backend whose floor is measured with it (``calibration.floor_quant``) and runs here."""
+    CPU every quant backend whose floor is measured with it (``calibration.floor_quant``) and runs here. The
+    plain floor always: a quantized cell's load and mask phases come before its backend is imported and are
+    priced on it (``analysis.phase_estimate``); a suite of quantized cells only, on a fresh cache, priced
+    them on the default footprint (385 MiB, where this machine measures ~430) and said the calibration was
+    measured."""
+    devices = {device_of(c.config) for c in cells}
     for device, quant in sorted({(d, calibration.floor_quant(d, c.config.quant))
-                                 for c in cells for d in [device_of(c.config)]}):
+                                 for c in cells for d in [device_of(c.config)]} | {(d, "none") for d in devices}):
         if quant == "none" or _runs_here(quant, device):
             calibrate(device, quant)
 

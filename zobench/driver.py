@@ -223,9 +223,11 @@ def calibrate_cells(cells: list[Cell]) -> None:
     priced on it (``analysis.phase_estimate``); a suite of quantized cells only, on a fresh cache, priced
     them on the default footprint (385 MiB, where this machine measures ~430) and said the calibration was
     measured."""
-    devices = {device_of(c.config) for c in cells}
-    for device, quant in sorted({(d, calibration.floor_quant(d, c.config.quant))
-                                 for c in cells for d in [device_of(c.config)]} | {(d, "none") for d in devices}):
+    wanted = set()
+    for c in cells:
+        device = device_of(c.config)
+        wanted |= {(device, "none"), (device, calibration.floor_quant(device, c.config.quant))}
+    for device, quant in sorted(wanted):
         if quant == "none" or _runs_here(quant, device):
             calibrate(device, quant)
 

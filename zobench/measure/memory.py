@@ -11,7 +11,7 @@ phase again after a dev evaluation set aside) starts by handing the heap's free 
 not the heap's history. Within a phase, what glibc keeps of the phase's own freed blocks counts or not by
 the cell's ``malloc`` setting (``zobench.procs``). The quantize loop trims after each layer it replaces
 (``trim_heap``, ``quant.base``): under glibc's defaults the heap kept every replaced float weight to the
-phase's end, and SmolLM2's quantize phase peaked 30-70% above its live memory, by the heap's state.
+phase's end, and SmolLM2's quantize phase peaked up to twice its live memory, by the heap's state.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ _LIBC = _libc()
 
 def trim_heap() -> None:
     """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere), without a
-    garbage collection: cheap enough (well under a millisecond on a heap of a few hundred MiB) to call
-    after each layer of a loop that frees large blocks."""
+    garbage collection: cheap enough (about a millisecond on a heap of a few hundred MiB, besides the page
+    faults of memory used again) to call after each layer of a loop that frees large blocks."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 

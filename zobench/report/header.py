@@ -118,8 +118,9 @@ def malloc_note(recs: list[CellView]) -> list[str]:
 
 def heap_excess(recs: list[CellView]) -> str:
     """How far these cells' phases peaked above the estimates of live memory beside them: the largest excess,
-    its phase and how many cells, and the training phase's where it is another ("" where no phase has an
-    estimate). A mask read from the cache is left out: its estimate is of computing it."""
+    its phase and how many of that phase passed 25%, and the training phase's largest where the worst phase
+    is another ("" where no phase has an estimate). A mask read from the cache is left out: its estimate is
+    of computing it."""
     over: dict[str, list[float]] = {}
     for r in recs:
         for phase in r.phases:

@@ -139,12 +139,17 @@ class CellRecord:
         """The estimator's peak for this cell (``zobench estimate``), None where it was not estimated."""
         return _field(self.estimate, "peak_mib")
 
+    @property
+    def mask_cached(self) -> bool:
+        """Whether the cell's mask was read from zobench's mask cache: its mask phase then computed nothing."""
+        return self.metrics.get("mask_cache_hit") is True
+
     def estimated_phase_mib(self, phase: str):
         """The estimator's peak for one phase of this cell (load, mask, quantize, eval; warm-up and train are
         its training estimate: ``measures.estimate_key``), None where it has none (older records: training
         only). The quantize phase after a mask read from the cache is priced as such, where the estimate
         says what that changes (``phases_if_mask_cached``)."""
-        if self.metrics.get("mask_cache_hit") is True:
+        if self.mask_cached:
             cached = self._phase_estimate("phases_if_mask_cached", phase)
             if cached is not None:
                 return cached

@@ -84,8 +84,7 @@ def release_freed_heap() -> None:
     """Collect Python's garbage and hand the heap's free pages back to the OS (glibc's ``malloc_trim``; a
     no-op elsewhere). Frees nothing that is live."""
     gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    trim_heap()
 
 
 def _reset_hwm() -> bool:

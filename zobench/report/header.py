@@ -124,24 +124,24 @@ def heap_excess(recs: list[CellView]) -> str:
     over: dict[str, list[float]] = {}
     for r in recs:
         for phase in r.phases:
-            if phase == "mask" and r.metrics.get("mask_cache_hit") is True:
+            if phase == "mask" and r.mask_cached:
                 continue
             peak, est = phase_peak(r, phase), r.estimated_phase_mib(phase)
             if isinstance(peak, (int, float)) and isinstance(est, (int, float)) and est > 0:
                 over.setdefault(phase, []).append(peak / est - 1)
     if not over:
         return ""
-    worst = max(over, key=lambda p: max(over[p]))
-    if max(over[worst]) <= 0:
+    top = {phase: max(excess) for phase, excess in over.items()}
+    worst = max(top, key=top.get)
+    if top[worst] <= 0:
         return "; here no phase peaked above its estimate"
-    said = f"; here a phase peaked up to {max(over[worst]):.0%} above its estimate ({worst}"
+    said = f"; here a phase peaked up to {top[worst]:.0%} above its estimate ({worst}"
     far = sum(x > 0.25 for x in over[worst])
     if len(over[worst]) > 1 and far:
         said += f": {far} of {len(over[worst])} {worst} phases more than 25% above"
     said += ")"
-    if worst != "train" and "train" in over:
-        said += f", a training phase up to {max(over['train']):.0%}" if max(over["train"]) > 0 else (
-            ", no training phase above it")
+    if worst != "train" and "train" in top:
+        said += f", a training phase up to {top['train']:.0%}" if top["train"] > 0 else ", no training phase above it"
     return said
 
 

@@ -179,7 +179,7 @@ def phase_table(ok: list[CellView], extras: list[str]) -> list[str]:
         peak, secs, est = phase_peak(r, p), r.phase(p).wall_s, r.estimated_phase_mib(p)
         if peak is None and secs is None:
             return DASH
-        if p == "mask" and r.metrics.get("mask_cache_hit") is True:  # read from the mask cache, not computed
+        if p == "mask" and r.mask_cached:  # read from the mask cache, not computed
             why = f"cached; est. {mib(est)} computed" if est is not None else "cached"
             return f"{mib(peak)} ({why}) / {num(secs)} s"
         return f"{mib(peak)}" + (f" (est. {mib(est)})" if est is not None else "") + f" / {num(secs)} s"

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from rich.console import Console
 
 import zobench.progress as P
+from zobench.cell.measures import PhaseMeasure
 from zobench.cell.record import CellRecord
 
 
@@ -129,3 +130,22 @@ def test_forward_cells_that_finish_first_do_not_set_the_pace_of_the_trained_cell
 def test_spans_read_in_seconds_minutes_or_hours():
     assert [P._span(s) for s in (20, 89.4, 90, 5399, 5400, 36_000)] == ["20 s", "89 s", "2 min", "90 min", "1.5 h",
                                                                         "10.0 h"]
+
+
+def test_a_cells_load_is_priced_per_cell_not_as_slow_steps(capsys):
+    """A 20-step forward cell that took 30 s, 20 of them loading and 10 stepping: the ZO cell after it (20
+    steps, two forwards each) is priced at its load's 20 s and 20 steps of 1 s, 40 s; pricing the whole wall
+    per step would say 20 x 2 x 1.5 s, 60 s."""
+    clock = iter([0.0, 0.0, 30.0])
+    progress = P.SuiteProgress(Console(file=io.StringIO(), force_terminal=False), clock=lambda: next(clock))
+    fwd = _cell(0, 20, "reference")
+    rec = CellRecord(fwd.cell_id, status="ok", wall_s=30.0,
+                     phases={"load": PhaseMeasure(wall_s=19.0), "train": PhaseMeasure(wall_s=10.0),
+                             "eval_after": PhaseMeasure(wall_s=1.0)})
+    with progress:
+        progress("suite", {"total": 2, "todo": 2, "skipped": 0, "what": "cells", "steps": 40,
+                           "families": {"reference": 20, "zo": 20}, "then": None})
+        progress("start", {"cell": fwd})
+        progress("done", {"cell": fwd, "record": rec})
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split("; ", 1)[1] for line in err if "-> ok" in line] == ["1 of 2 left, about 40 s at this run's pace"]

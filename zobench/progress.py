@@ -6,7 +6,9 @@ finished cell's line says how many are left and, at this run's pace so far, abou
 pace is per step of the finished cells (a suite's cells may run 20 steps or 1,000) and per method family (a
 reference forward cell's step is one forward, a ZO step two and more: forward cells that finish first would
 otherwise set the pace of the trained cells after them), and while the lr pilots run the line also says what
-the cells stage after them holds, at the same pace.
+the cells stage after them holds, at the same pace. A cell's time is priced in two parts: its stepped phases
+(warm-up, training, the dev evaluations among its steps) per step, and the rest (load, mask, quantize, test
+evaluations) per cell, so that a short cell's load does not read as slow steps.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from zobench.results import derive
 # A family's cost per step relative to a reference forward, until the run has timed a cell of it: two
 # forwards a ZO step, about three for a forward and backward pass.
 FORWARDS_PER_STEP = {"reference": 1.0, "zo": 2.0, "fo": 3.0}
+# The phases whose time grows with a cell's steps; a cell's other phases are its per-cell cost.
+STEPPED_PHASES = ("warmup", "train", "eval_dev")
 
 
 class SuiteProgress:
@@ -42,7 +46,8 @@ class SuiteProgress:
         self.families: dict[str, int] = {}  # this stage's steps by method family (zo, fo, reference)
         self.finished_by: dict[str, int] = {}  # of them, the finished cells' whole steps
         self.run_by: dict[str, int] = {}  # and the steps this run ran of those (not a resumed cell's earlier)
-        self.cost: dict[str, list[float]] = {}  # family: [cell wall seconds, steps run], the whole run's cells
+        self.cost: dict[str, list[float]] = {}  # family: [stepped seconds, steps run], the whole run's cells
+        self.per_cell: list[float] = []  # each timed cell's seconds outside its stepped phases, the whole run's
 
     def __enter__(self):
         self.progress.__enter__()
@@ -99,8 +104,11 @@ class SuiteProgress:
         self.finished_by[family] = self.finished_by.get(family, 0) + cell.config.steps
         self.run_by[family] = self.run_by.get(family, 0) + ran
         if ran and isinstance(rec.wall_s, (int, float)) and rec.wall_s > 0:
+            stepped, fixed = _split(rec)
             spent = self.cost.setdefault(family, [0.0, 0])
-            spent[0], spent[1] = spent[0] + rec.wall_s, spent[1] + ran
+            spent[0], spent[1] = spent[0] + stepped, spent[1] + ran
+            if fixed is not None:
+                self.per_cell.append(fixed)
         self._line(f"[{self.numbers.get(cell.cell_id, '?')}] {cell.describe()} -> {status} ({rec.wall_s or 0:.0f} s)"
                    f"{self._left()}")
         for warning in rec.warnings:
@@ -108,19 +116,21 @@ class SuiteProgress:
 
     def _left(self) -> str:
         """'; N of M left, about T at this run's pace[; then K cells, about U]' (the pace: this run's wall time
-        per step of its finished cells, so concurrent cells and a loaded machine count as they are; per cell
-        where the steps are not known)."""
+        per step of its finished cells and per cell, scaled so that this stage's finished cells take the time
+        they took, so concurrent cells and a loaded machine count as they are; per cell where the steps are not
+        known)."""
         left = self.todo - self.finished
         then = self.then or {}
         elapsed = self.clock() - self.began
         weight = self._weights()
-        ran = sum(n * weight(f) for f, n in self.run_by.items())
+        per_cell = sum(self.per_cell) / len(self.per_cell) if self.per_cell else 0.0
+        ran = sum(n * weight(f) for f, n in self.run_by.items()) + self.finished * per_cell
         if self.steps and ran:
-            # this stage's seconds per weighted step (concurrent cells and a loaded machine count as they are)
-            per_step = elapsed / ran
-            eta = per_step * sum((n - self.finished_by.get(f, 0)) * weight(f) for f, n in self.families.items())
+            scale = elapsed / ran  # this stage's wall over what its finished cells are priced at
+            eta = scale * (sum((n - self.finished_by.get(f, 0)) * weight(f) for f, n in self.families.items())
+                           + left * per_cell)
             coming = then.get("families") or {"?": then.get("steps", 0)}
-            later = per_step * sum(n * weight(f) for f, n in coming.items())
+            later = scale * (sum(n * weight(f) for f, n in coming.items()) + then.get("cells", 0) * per_cell)
         else:
             eta, later = elapsed / self.finished * left, None
         after = ""
@@ -132,8 +142,8 @@ class SuiteProgress:
         return f"; {left} of {self.todo} left, about {_span(eta)} at this run's pace{after}"
 
     def _weights(self):
-        """family -> the relative cost of its step: its cells' wall seconds per step where this run has timed
-        one (any stage), else its FORWARDS_PER_STEP from a timed family's (else 1, one pace for all)."""
+        """family -> the cost of its step: its cells' stepped seconds per step where this run has timed one (any
+        stage), else its FORWARDS_PER_STEP from a timed family's (else 1, one pace for all)."""
         timed = {f: s / n for f, (s, n) in self.cost.items() if n and s}
         per_forward = [timed[f] / FORWARDS_PER_STEP[f] for f in timed if f in FORWARDS_PER_STEP]
         unit = sum(per_forward) / len(per_forward) if per_forward else None
@@ -172,6 +182,16 @@ class SuiteProgress:
                       f"{d.step_over_two_forwards:.2f}" if d.step_over_two_forwards else "-",
                       acc("test_before"), acc("test_after"))
         return t
+
+
+def _split(rec) -> tuple[float, float | None]:
+    """(a finished cell's seconds in its stepped phases, its seconds outside them): the whole wall and None
+    where its record has no phase times (the whole cell is then priced per step)."""
+    stepped = [rec.phases[p].wall_s for p in STEPPED_PHASES if p in rec.phases]
+    if not stepped or any(not isinstance(s, (int, float)) for s in stepped):
+        return rec.wall_s, None
+    stepped = min(sum(stepped), rec.wall_s)
+    return stepped, rec.wall_s - stepped
 
 
 def _family(cell) -> str:

@@ -544,6 +544,26 @@ def test_the_loss_plot_draws_a_line_a_configuration_with_its_seeds_range():
     assert len(ax.collections) == 2  # a shaded range over seeds a configuration
 
 
+def test_one_method_on_two_quant_backends_is_two_lines_a_reader_can_tell_apart():
+    """A method's colour is the same whatever its quant backend, so the backend is the line style: float
+    solid, nf4 and nf4-plain (one method's two arms in the quantized-zo suite) each a style of its own, in
+    the loss and dev curves alike."""
+    from zobench.report import views
+    from zobench.report.cells import varying_axes
+    from zobench.report.curves import dev_curves, loss_curves
+
+    recs = []
+    for q in ("nf4-plain", "none", "nf4"):
+        r = CellRecord(f"sensitive-{q}", config={"method": "sensitive", "quant": q, "seed": 0, "steps": 20})
+        r.metrics.set(loss_curve=[1.0] * 20, dev_curve=[{"step": 10, "accuracy": 0.6}, {"step": 20, "accuracy": 0.7}])
+        recs.append(r)
+    cells = views(recs)
+    for fig in (loss_curves(cells, varying_axes(cells)), dev_curves(cells, varying_axes(cells))):
+        styles = {line.get_label().split("/")[1]: line.get_linestyle() for line in fig.axes[0].get_lines()}
+        assert styles["none"] == "-" and len(set(styles.values())) == 3, styles
+        assert len({line.get_color() for line in fig.axes[0].get_lines()}) == 1
+
+
 def seeded(records: list[CellRecord], runs: dict[str, tuple]) -> list[CellRecord]:
     """The fixture's float forward cell, and for each method its float cell again a seed a (training peak MiB,
     test accuracy after training) pair, the other phases no higher than the training one; no test at best

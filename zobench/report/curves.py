@@ -10,7 +10,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from zobench.report.cells import CellView, configs, meaningful, method, primary_score, quant
-from zobench.report.figure import OUTSIDE, color, new_figure, seeds_note
+from zobench.report.figure import OUTSIDE, color, new_figure, quant_linestyles, seeds_note
+
+STYLE_NOTE = "(colour: method; line style: quant backend, solid float; shaded: range over seeds)"
 
 
 def smoothed(values: list, window: int) -> list[float]:
@@ -36,21 +38,22 @@ def _by_config(cells: list[CellView], extras: list[str], points) -> dict[str, li
 
 
 def _over_seeds(groups: dict, title: str, xlabel: str, ylabel: str) -> Figure | None:
-    """One line per configuration (``_by_config``): the mean over its seeds at each point, the range over
-    seeds shaded (points line up by position: steps are the same across seeds; seconds are averaged)."""
+    """One line per configuration (``_by_config``), its colour the method's and its line style the quant
+    backend's: the mean over its seeds at each point, the range over seeds shaded (points line up by position:
+    steps are the same across seeds; seconds are averaged)."""
     if not groups:
         return None
     fig, ax = new_figure(8.5, 4.5, title, xlabel, ylabel)
     if xlabel == "step":
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    styles = quant_linestyles(quant(runs[0][0]) for runs in groups.values())
     for name, runs in groups.items():
         series = [s for _, s in runs]
         n = min(len(s) for s in series)
         xs = [sum(s[i][0] for s in series) / len(series) for i in range(n)]
         ys = [[s[i][1] for s in series] for i in range(n)]
-        dashed = quant(runs[0][0]) != "none"
         col = color(method(runs[0][0]))
-        ax.plot(xs, [sum(y) / len(y) for y in ys], color=col, linestyle="--" if dashed else "-",
+        ax.plot(xs, [sum(y) / len(y) for y in ys], color=col, linestyle=styles[quant(runs[0][0])],
                 marker="." if n <= 60 else None, label=name + seeds_note(len(runs)))
         if len(runs) > 1:
             ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=col, alpha=0.15, linewidth=0)
@@ -71,7 +74,7 @@ def loss_curves(ok: list[CellView], extras: list[str]):
 
     trailing = f", trailing mean of {window} steps" if window > 1 else ""
     return _over_seeds(_by_config(trained, extras, points),
-                       f"Training loss{trailing} (warm-up included; dashed: quantized; shaded: range over seeds)",
+                       f"Training loss{trailing}, warm-up included\n{STYLE_NOTE}",
                        "step", "training loss")
 
 
@@ -86,8 +89,7 @@ def _dev_over_seeds(ok: list[CellView], extras: list[str], title: str, xlabel: s
 
 
 def dev_curves(ok: list[CellView], extras: list[str]):
-    return _dev_over_seeds(ok, extras, "Dev score against steps (dashed: quantized; shaded: range over seeds)",
-                       "step", "step")
+    return _dev_over_seeds(ok, extras, f"Dev score against steps\n{STYLE_NOTE}", "step", "step")
 
 
 def dev_vs_time(ok: list[CellView], extras: list[str]):

@@ -24,6 +24,8 @@ from zobench.report.owned import PNG_SOFTWARE
 # For methods that name no colour of their own: picked by a stable hash of the name, never by position.
 PALETTE = ("#bcbd22", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d")
 OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}  # legends right of the axes, never on data
+# Line styles of the quant backends in line plots: float ("none") solid in every plot, the others in name order.
+QUANT_LINESTYLES = ("--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)))
 
 
 def plots_folder(out_md: Path) -> Path:
@@ -43,6 +45,13 @@ def color(m: str) -> str:
     and report; any number of methods gets one."""
     own = getattr(declared(m), "color", None)
     return own or PALETTE[zlib.crc32(m.encode()) % len(PALETTE)]
+
+
+def quant_linestyles(quants) -> dict:
+    """quant backend -> its line style: "none" solid, the others (nf4 beside nf4-plain, int8, ...) each
+    its own, so that two backends of one method are two lines a reader can tell apart."""
+    others = sorted({q for q in quants if q != "none"})
+    return {"none": "-", **{q: QUANT_LINESTYLES[i % len(QUANT_LINESTYLES)] for i, q in enumerate(others)}}
 
 
 def new_figure(width: float, height: float, title: str, xlabel: str, ylabel: str):

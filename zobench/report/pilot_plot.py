@@ -9,14 +9,13 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from zobench.report.cells import CellView, method, method_order, quant, short_name
-from zobench.report.figure import OUTSIDE, color, new_figure, save_figure
+from zobench.report.figure import OUTSIDE, color, new_figure, quant_linestyles, save_figure
 from zobench.report.owned import check_plot
 from zobench.spec.claims import finite_number
 from zobench.spec.pilot import pilot_score
 
 NAME = "lr_pilots.png"
 CAPTION = "Learning-rate pilots: dev accuracy against lr"
-LINESTYLES = ("-", "--", ":", "-.")  # one per quant backend, in the order they first appear
 
 
 def pilot_figure(pilots: list[CellView], by: str) -> Figure | None:
@@ -28,15 +27,14 @@ def pilot_figure(pilots: list[CellView], by: str) -> Figure | None:
             arms.setdefault(short_name(r, []), (r, {}))[1][float(lr)] = score
     if not arms:
         return None
-    quants = list(dict.fromkeys(quant(r) for r, _ in arms.values()))
+    styles = quant_linestyles(quant(r) for r, _ in arms.values())
     steps = {s for r in pilots if isinstance(s := r.config.get("steps"), int) and not isinstance(s, bool)}
     fig, ax = new_figure(7.5, 4.5, "Learning-rate pilots" + (f" ({steps.pop()} steps)" if len(steps) == 1 else ""),
                          "learning rate", f"dev accuracy, the pilot's {by} evaluation (%)")
     ax.set_xscale("log")
     for name, (r, points) in sorted(arms.items(), key=lambda a: (method_order(method(a[1][0])), a[0])):
         lrs = sorted(points)
-        style = LINESTYLES[quants.index(quant(r)) % len(LINESTYLES)]
-        ax.plot(lrs, [100 * points[lr] for lr in lrs], marker="o", markersize=4, linestyle=style,
+        ax.plot(lrs, [100 * points[lr] for lr in lrs], marker="o", markersize=4, linestyle=styles[quant(r)],
                 color=color(method(r)), label=name)
         top = max(lrs, key=lambda lr: (points[lr], -lr))  # the rule's tie-break: the smaller lr
         ax.plot([top], [100 * points[top]], marker="o", markersize=11, markerfacecolor="none",

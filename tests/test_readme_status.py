@@ -176,3 +176,28 @@ def test_the_readmes_quantized_zo_cost_table_is_what_its_records_say():
         assert step == f"{glibc.metrics.step_s.median:.2f}", row
         forward = cell[("forward", quant, "glibc")]
         assert per_token == f"{forward.metrics.throughput() / glibc.metrics.throughput() / 2:.2f}", row
+
+
+def test_the_resolution_account_reads_the_claims_own_runs():
+    """scripts/resolution.py on claims-v2's committed records: each fully paired claim's expected half-width
+    now is its verdict's interval's (the same model, read from the components), and it projects downwards."""
+    import re
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "resolution.py"), "results/claims-v2.jsonl",
+                          "suites/claims-v2.yaml", "--seeds", "6,40"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    claims_seen = 0
+    for block in out.split("\n- ")[1:]:
+        if "the verdict reads" in block:  # arms with unpaired seeds: the verdict reads more than the account
+            continue
+        now, floor = map(float, re.search(r"now (\S+) \(.*any number of seeds on these \d+ examples (\S+) \(",
+                                          block).groups())
+        low, high = map(float, re.search(r"\[(\S+), (\S+)\] \(half-width", block).groups())
+        assert now == pytest.approx((high - low) / 2, rel=0.1) and 0 < floor < now
+        claims_seen += 1
+    assert claims_seen >= 2
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "resolution.py"), "results/claims-v2.jsonl",
+                          "suites/claims-v2.yaml", "--seeds", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "at least 2" in bad.stderr and "Traceback" not in bad.stderr

@@ -11,7 +11,7 @@ from numpy.polynomial.hermite_e import hermegauss
 from scipy.optimize import brentq
 from scipy.special import expit
 
-from zobench.analysis.design import failed_run, min_detectable_difference
+from zobench.analysis.design import failed_run, min_detectable_difference, resolution
 from zobench.analysis.speed import faster_to_target
 from zobench.analysis.stats import (
     FAILS,
@@ -297,3 +297,38 @@ def test_min_detectable_difference_against_hand_computation():
     huge = min_detectable_difference(0.028, 10**6, 10**8, 0.70)  # normal limit: (1.96 + 0.8416) se
     assert huge.difference == pytest.approx((1.95996 + 0.84162) * huge.se, rel=1e-4)
     assert min_detectable_difference(0.028, 5, 872, 0.70, correlation=0.5).difference < m.difference
+
+
+def test_resolution_recovers_the_variance_components_of_a_crossed_design():
+    # d[s, i] = seed effect + example effect + noise, sds 0.05 / 0.3 / 0.4 over 6 seeds x 300 examples:
+    # the ANOVA estimates average to the truth over 400 draws (each within ~3 standard errors of its mean).
+    rng = np.random.default_rng(7)
+    est = []
+    for _ in range(400):
+        d = (rng.normal(0, 0.05, (6, 1)) + rng.normal(0, 0.3, (1, 300)) + rng.normal(0, 0.4, (6, 300)))
+        r = resolution({s: d[s] for s in range(6)}, {s: np.zeros(300) for s in range(6)})
+        est.append((r.seed, r.example, r.interaction))
+    seed, example, interaction = np.mean(est, axis=0)
+    assert seed == pytest.approx(0.05 ** 2, rel=0.2)
+    assert example == pytest.approx(0.3 ** 2, rel=0.05)
+    assert interaction == pytest.approx(0.4 ** 2, rel=0.01)
+    r = resolution({s: d[s] for s in range(6)}, {s: np.zeros(300) for s in range(6)})
+    # the variance of the mean difference at the design it was measured on: seed/S + example/E + interaction/SE
+    assert r.variance(6) == pytest.approx(r.seed / 6 + r.example / 300 + r.interaction / 1800)
+    assert r.variance(math.inf) == pytest.approx(r.example / 300)
+
+
+def test_resolution_half_width_is_the_claims_interval_and_projects_down_to_the_test_sets_floor():
+    rng = np.random.default_rng(3)
+    a, b = _simulate(rng, _mus(0.75, 0.0), seeds=6, examples=672)
+    r = resolution(a, b)
+    low, high = accuracy_difference(a, b, resamples=20000, seed=1).replicates.interval(0.05)
+    assert r.half_width(6) == pytest.approx((high - low) / 2, rel=0.1)  # the same model, read two ways
+    widths = [r.half_width(n) for n in (6, 12, 40, 1000)] + [r.half_width(math.inf)]
+    assert widths == sorted(widths, reverse=True) and widths[-1] > 0
+    assert r.half_width(6, alpha=0.05 / 3) > r.half_width(6)
+    n = r.seeds_for(widths[1])  # 12 seeds' width: 12 is the fewest that reach it
+    assert n == 12 and r.half_width(n - 1) > widths[1]
+    assert r.seeds_for(widths[-1]) is None and r.seeds_for(widths[-1] * 0.9) is None  # under the floor: never
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        resolution({0: a[0]}, {0: b[0], 1: b[1]})

@@ -1,9 +1,11 @@
 """Before and around the statistics: what a design can resolve, and which runs count at all.
 
 ``min_detectable_difference`` sizes a design (seeds per arm, test examples) before the run, so that margins
-are declared from it rather than from the results. ``failed_run`` applies a suite's declared ``failed_if``
-rule: a run that did not learn is excluded from its arm and reported as failed, never averaged in as if its
-method had done that badly (nor left out silently: the caller lists it).
+are declared from it rather than from the results; ``resolution`` says afterwards, from a claim's own
+per-example data, what the design resolved and what more seeds or test examples would. ``failed_run``
+applies a suite's declared ``failed_if`` rule: a run that did not learn is excluded from its arm and
+reported as failed, never averaged in as if its method had done that badly (nor left out silently: the
+caller lists it).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as sps
 
+from zobench.analysis.stats import interaction_ms
 from zobench.spec.claims import FailedIf
 
 
@@ -58,6 +61,72 @@ def min_detectable_difference(seed_sd: float, n_seeds: int, n_examples: int, acc
               f"p={accuracy:.3f}/{p_b:.3f} over {n_examples} examples, example correlation {correlation:.2f}; "
               f"two-sided alpha {alpha:.4g}, power {power:.2f}, t with {df:.0f} df")
     return Detectable(float(mde), se, float(df), method)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What a paired design of two arms resolves, measured on its own data: the variance components of the
+    paired difference a - b under the crossed seeds x examples model the claims' interval uses
+    (``stats.accuracy_difference``): var(mean difference) = seed / S + example / E + interaction / (S E).
+
+    ``seed``: how much a seed moves one arm's accuracy against the other's (the difference of two runs on
+    infinitely many examples); ``example``: how much test examples differ in a - b (the test set as a sample
+    of the task; it does not shrink with seeds); ``interaction``: one pair of runs' own noise on one example.
+    Estimated by two-way ANOVA on the (seeds, examples) table of paired differences (each clamped at 0); the
+    seed component has S - 1 degrees of freedom, so a projection from few seeds is rough."""
+
+    seed: float
+    example: float
+    interaction: float
+    n_seeds: int
+    n_examples: int
+
+    def variance(self, n_seeds: float, n_examples: int | None = None) -> float:
+        e = self.n_examples if n_examples is None else n_examples
+        if math.isinf(n_seeds):
+            return self.example / e
+        return self.seed / n_seeds + self.example / e + self.interaction / (n_seeds * e)
+
+    def half_width(self, n_seeds: float, n_examples: int | None = None, alpha: float = 0.05) -> float:
+        """The interval's expected half-width at ``n_seeds`` per arm (inf: the limit, the test set's floor) on
+        ``n_examples`` test examples, two-sided at 1 - alpha with t_{n_seeds - 1} tails, as the claims' is."""
+        q = sps.norm.isf(alpha / 2) if math.isinf(n_seeds) else sps.t.isf(alpha / 2, n_seeds - 1)
+        return float(q * math.sqrt(self.variance(n_seeds, n_examples)))
+
+    def seeds_for(self, half_width: float, n_examples: int | None = None, alpha: float = 0.05,
+                  limit: int = 100_000) -> int | None:
+        """The fewest seeds per arm whose expected half-width is at most ``half_width``; None where no number
+        of seeds gets there on this many examples (the floor is above it) or more than ``limit`` would."""
+        if half_width <= 0 or self.half_width(math.inf, n_examples, alpha) >= half_width:
+            return None
+        lo, hi = 2, 2
+        while self.half_width(hi, n_examples, alpha) > half_width:
+            if hi >= limit:
+                return None
+            lo, hi = hi, min(2 * hi, limit)
+        while lo < hi:  # the half-width falls with seeds: the first n at or under it
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if self.half_width(mid, n_examples, alpha) > half_width else (lo, mid)
+        return lo
+
+
+def resolution(a: dict, b: dict) -> Resolution:
+    """The variance components (``Resolution``) of a - b from each arm's per-example correctness by seed
+    (seed -> bool array over the same test examples in one order, as ``stats.accuracy_difference`` takes
+    them), over the seeds both arms ran: paired by seed, at least 2."""
+    shared = [s for s in a if s in b]
+    if len(shared) < 2:
+        raise ValueError(f"needs at least 2 seeds run by both arms, found {len(shared)}")
+    d = np.stack([np.asarray(a[s], float) - np.asarray(b[s], float) for s in shared])
+    n_seeds, n_ex = d.shape
+    if n_ex < 2:
+        raise ValueError("needs at least 2 test examples")
+    ms_seed = n_ex * d.mean(1).var(ddof=1)
+    ms_example = n_seeds * d.mean(0).var(ddof=1)
+    ms_res = interaction_ms(d)
+    return Resolution(seed=max(float(ms_seed - ms_res) / n_ex, 0.0),
+                      example=max(float(ms_example - ms_res) / n_seeds, 0.0),
+                      interaction=ms_res, n_seeds=n_seeds, n_examples=n_ex)
 
 
 def failed_run(test_accuracy: float | None, majority_rate: float, loss_curve: Sequence[float] | None = None,

@@ -235,7 +235,7 @@ def seed_variance(acc_a: Mapping[Hashable, float], acc_b: Mapping[Hashable, floa
     return float(va + vb), float(df), "seeds not paired (Welch)" + (f"; {single}" if single else "")
 
 
-def _residual_ms(m: np.ndarray) -> float:
+def interaction_ms(m: np.ndarray) -> float:
     """The seed x example interaction mean square of a (seeds, examples) table (two-way ANOVA residual)."""
     r = m - m.mean(1, keepdims=True) - m.mean(0, keepdims=True) + m.mean()
     return float((r ** 2).sum() / ((m.shape[0] - 1) * (m.shape[1] - 1)))
@@ -250,10 +250,10 @@ def interaction_overlap(A: np.ndarray, B: np.ndarray, seeds_a: Sequence, seeds_b
     each arm's own; partly shared: nothing removed (their covariance is unknown), which errs wide."""
     n_ex = A.shape[1]
     if list(seeds_a) == list(seeds_b) and len(A) >= 2:
-        return _residual_ms(A - B) / (len(A) * n_ex)
+        return interaction_ms(A - B) / (len(A) * n_ex)
     if set(seeds_a) & set(seeds_b):
         return 0.0
-    return sum(_residual_ms(M) / (len(M) * n_ex) for M in (A, B) if len(M) >= 2)
+    return sum(interaction_ms(M) / (len(M) * n_ex) for M in (A, B) if len(M) >= 2)
 
 
 def _stack(arm: Mapping[Hashable, np.ndarray], name: str) -> np.ndarray:

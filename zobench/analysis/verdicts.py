@@ -219,6 +219,25 @@ def _leave_out(claim: Claim, side: str, rec: CellRecord, failed: str | None, mis
 
 
 def _accuracy(claim: Claim, arm_a: list, arm_b: list, reader: Reader, lists: tuple[list, list]) -> Evidence:
+    a, b = _correct(claim, arm_a, arm_b, reader, lists)
+    if not a or not b:
+        return Evidence(None, (len(a), len(b)), None, "an arm has no usable run")
+    return accuracy_difference(a, b, resamples=claim.resamples, seed=claim.seed)
+
+
+def correctness(records: list[CellRecord], claim: Claim, results_dir: str | Path) -> tuple[dict, dict]:
+    """An accuracy claim's two arms as its verdict reads them: seed -> per-example correctness (bool array in
+    one example order), the same runs left out (``zobench.analysis.design.resolution`` takes these)."""
+    arm_a, arm_b = runs(records, claim.a), runs(records, claim.b)
+    try:
+        _one_per_seed("a", arm_a)
+        _one_per_seed("b", arm_b)
+        return _correct(claim, arm_a, arm_b, Reader(Path(results_dir)), ([], []))
+    except ValueError as e:  # runs that cannot be paired, as a verdict says
+        raise UserError(f"claim {claim.id}: {e}") from None
+
+
+def _correct(claim: Claim, arm_a: list, arm_b: list, reader: Reader, lists: tuple[list, list]) -> tuple[dict, dict]:
     correct, ids = {"a": {}, "b": {}}, None
     for side, arm in (("a", arm_a), ("b", arm_b)):
         for rec in arm:
@@ -233,9 +252,7 @@ def _accuracy(claim: Claim, arm_a: list, arm_b: list, reader: Reader, lists: tup
             if ids is None:
                 ids = np.sort(details["id"])
             correct[side][seed_of(rec)] = align(ids, details["id"], details["pred"] == details["gold"], _label(rec))
-    if not correct["a"] or not correct["b"]:
-        return Evidence(None, (len(correct["a"]), len(correct["b"])), None, "an arm has no usable run")
-    return accuracy_difference(correct["a"], correct["b"], resamples=claim.resamples, seed=claim.seed)
+    return correct["a"], correct["b"]
 
 
 def curve(rec: CellRecord, clock: str) -> tuple[np.ndarray, np.ndarray] | None:

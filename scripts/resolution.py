@@ -17,8 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from zobench.analysis.design import resolution
-from zobench.analysis.verdicts import correctness, verdicts
+from zobench.analysis.verdicts import verdicts
 from zobench.errors import UserError
 from zobench.results import load_records
 from zobench.spec.suite import load_suite
@@ -89,11 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         for claim in suite.claims:
             if claim.kind == "faster_to_target":
                 continue
-            a, b = correctness(records, claim, folder)
-            try:
-                res = resolution(a, b)
-            except ValueError as e:
-                print(f"- {claim.name}: {e}")
+            res = decision.resolutions.get(claim.id)
+            if res is None:
+                print(f"- {claim.name}: fewer than 2 seeds run by both arms, nothing to project from")
                 continue
             print("\n".join(claim_lines(res, by_id.get(claim.id), claim.name, alpha_k, args.margin, args.seeds)))
     except UserError as e:

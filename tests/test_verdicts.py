@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -18,7 +19,8 @@ import numpy as np
 import pytest
 from claims_runs import N, claims, run, write_results
 
-from zobench.analysis.verdicts import claims_of, majority_rate, verdicts
+from zobench.analysis.design import resolution
+from zobench.analysis.verdicts import claims_of, correctness, majority_rate, verdicts
 from zobench.cell.measures import Metrics, Stats
 from zobench.cell.predictions import Predictions
 from zobench.cell.record import CellRecord
@@ -331,10 +333,26 @@ def test_verdicts_of_a_suite_not_all_in_are_marked_interim(results):
     decision = verdicts(load_records(results), claims(), results.parent)
     partial = "\n".join(claims_section(decision, {}, [], missing=3))
     assert "**Interim:** 3 of the suite's cells have no record yet" in partial
-    rows = [line for line in partial.splitlines() if line.startswith("| s-")]
+    rows = [line for line in partial.splitlines() if line.startswith("| s-") and "**" in line]  # verdict rows
     assert len(rows) == 2 and all("(interim)" in row for row in rows)
     assert "interim" not in "\n".join(claims_section(decision, {}, [], missing=0)).lower()
     # the suite's file could not be read: no one can tell how many cells are missing, and every verdict says so
     unknown = "\n".join(claims_section(decision, {}, [], missing=None))
-    rows = [line for line in unknown.splitlines() if line.startswith("| s-")]
+    rows = [line for line in unknown.splitlines() if line.startswith("| s-") and "**" in line]
     assert "**Not known to be final:**" in unknown and len(rows) == 2 and all("(suite not read)" in r for r in rows)
+
+
+def test_the_report_says_what_the_design_resolves_from_the_claims_own_runs(results, tmp_path):
+    records = load_records(results)
+    decision = verdicts(records, claims(), results.parent)
+    assert set(decision.resolutions) == {"s-beats-r", "s-like-f"}  # both accuracy claims, 4 seeds paired
+    a, b = correctness(records, claims()[0], results.parent)
+    res = resolution(a, b)
+    assert decision.resolutions["s-beats-r"] == res and res.n_seeds == 4 and res.n_examples == 600
+    # the fixture's runs are independent draws: no seed effect beyond each run's own noise, so the floor (any
+    # number of seeds) is the test examples' share alone and far under the interval now
+    assert res.half_width(math.inf) < 0.5 * res.half_width(4)
+    text = render_report(records, tmp_path / "rep" / "t.md", results_dir=results.parent).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| sensitive beats random | 4 x 600 |"))
+    now, twice, floor = (float(c) for c in row.strip("| ").split(" | ")[-3:])
+    assert (now, twice, floor) == tuple(round(100 * res.half_width(n), 1) for n in (4, 8, math.inf))

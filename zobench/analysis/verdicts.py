@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zobench.analysis.design import failed_run
+from zobench.analysis.design import Resolution, failed_run, resolution
 from zobench.analysis.speed import faster_to_target
 from zobench.analysis.stats import Evidence, Result, accuracy_difference, align, decide
 from zobench.cell.predictions import SHA256
@@ -66,6 +66,8 @@ class Decision:
     earlier: dict[str, list[Result]] = field(default_factory=dict)  # claims hash -> verdicts as declared then
     earlier_claims: dict[str, list[Claim]] = field(default_factory=dict)  # claims hash -> the claims declared then
     earlier_undecided: list[str] = field(default_factory=list)      # hashes past MAX_EARLIER, named only
+    # accuracy claim id -> what its design resolves, from its own runs (design.resolution; 2+ seeds paired)
+    resolutions: dict[str, Resolution] = field(default_factory=dict)
 
 
 # Earlier declarations decided again on the same records, the first met first: each costs a whole decision,
@@ -218,8 +220,7 @@ def _leave_out(claim: Claim, side: str, rec: CellRecord, failed: str | None, mis
     return bool(failed)
 
 
-def _accuracy(claim: Claim, arm_a: list, arm_b: list, reader: Reader, lists: tuple[list, list]) -> Evidence:
-    a, b = _correct(claim, arm_a, arm_b, reader, lists)
+def _accuracy(claim: Claim, a: dict, b: dict) -> Evidence:
     if not a or not b:
         return Evidence(None, (len(a), len(b)), None, "an arm has no usable run")
     return accuracy_difference(a, b, resamples=claim.resamples, seed=claim.seed)
@@ -293,19 +294,27 @@ def _speed(claim: Claim, arm_a: list, arm_b: list, reader: Reader, lists: tuple[
 
 
 def _decide(records: list[CellRecord], claims: list[Claim], reader: Reader):
-    evidence, arms, excluded, counted = {}, {}, [], []
+    evidence, arms, excluded, counted, resolved = {}, {}, [], [], {}
     for c in claims:
         a, b = runs(records, c.a), runs(records, c.b)
         arms[c.id] = {"a": [r.cell_id for r in a], "b": [r.cell_id for r in b]}
         try:
             _one_per_seed("a", a)
             _one_per_seed("b", b)
-            evidence[c.id] = _speed(c, a, b, reader, (excluded, counted)) if c.kind == "faster_to_target" else \
-                _accuracy(c, a, b, reader, (excluded, counted))
+            if c.kind == "faster_to_target":
+                evidence[c.id] = _speed(c, a, b, reader, (excluded, counted))
+                continue
+            correct_a, correct_b = _correct(c, a, b, reader, (excluded, counted))
+            evidence[c.id] = _accuracy(c, correct_a, correct_b)
         except ValueError as e:  # runs that cannot be paired (other test examples, a seed twice): said, not decided
             excluded.append(Listed(c.id, str(e)))
             evidence[c.id] = Evidence(None, (len(a), len(b)), None, f"not decided: {e}")
-    return decide(claims, evidence), arms, excluded, counted
+            continue
+        try:
+            resolved[c.id] = resolution(correct_a, correct_b)
+        except ValueError:  # under 2 seeds paired: nothing to project from
+            pass
+    return decide(claims, evidence), arms, excluded, counted, resolved
 
 
 def verdicts(records: list[CellRecord], claims: list[Claim], results_dir: str | Path) -> Decision | None:
@@ -314,10 +323,10 @@ def verdicts(records: list[CellRecord], claims: list[Claim], results_dir: str | 
         return None
     reader = Reader(Path(results_dir))
     try:
-        results, arms, excluded, counted = _decide(records, claims, reader)
+        results, arms, excluded, counted, resolved = _decide(records, claims, reader)
     except UserError as e:
         raise UserError(f"claims: {e}") from None
-    decision = Decision(claims_hash(claims), results, arms, excluded, counted)
+    decision = Decision(claims_hash(claims), results, arms, excluded, counted, resolutions=resolved)
     for rec in records:
         then = claims_of(rec)
         if then and (h := claims_hash(then)) != decision.claims_hash and h not in decision.earlier \

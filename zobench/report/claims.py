@@ -100,6 +100,7 @@ def claims_section(decision: Decision | None, names: dict[str, str], dirty: list
     lines += [f"- {m}" for m in methods] + [""]
     if plot:  # under the table and its notes: the same verdicts, drawn
         lines += [f"![Claims: each interval against its margin]({plot})", ""]
+    lines += resolution_rows(decision, names)
     if decision.excluded:
         lines += ["Runs left out (a failed run is a failed run, not a property of its method):", ""]
         lines += grouped(decision.excluded) + [""]
@@ -120,3 +121,32 @@ def claims_section(decision: Decision | None, names: dict[str, str], dirty: list
                   f"{', ...' if len(decision.earlier_undecided) > 10 else ''}) are not decided here "
                   f"(each would read every record again).", ""]
     return lines
+
+
+def resolution_rows(decision: Decision, names: dict[str, str]) -> list[str]:
+    """What the design resolves, for each accuracy claim with 2+ seeds paired (``Decision.resolutions``):
+    where the variance of its difference comes from, and the interval's expected half-width now, at twice the
+    seeds and with any number of seeds on the same test set."""
+    results = {r.claim: r for r in decision.results}
+    rows = []
+    for cid, res in decision.resolutions.items():
+        r = results.get(cid)
+        alpha = r.alpha if r is not None else 0.05
+        s, e = res.n_seeds, res.n_examples
+        total = res.variance(s) or 1.0
+        shares = " / ".join(f"{100 * v / total:.0f}%" for v in (res.seed / s, res.example / e,
+                                                                 res.interaction / (s * e)))
+        seeds = f"{s} x {e}" + ("" if r is None or tuple(r.n_seeds) == (s, s) else
+                                f" (the verdict reads {r.n_seeds[0]} and {r.n_seeds[1]} seeds)")
+        rows.append(f"| {names.get(cid, cid)} | {seeds} | {shares} | "
+                    + " | ".join(f"{100 * res.half_width(n, alpha=alpha):.1f}" for n in (s, 2 * s, math.inf)) + " |")
+    if not rows:
+        return []
+    return ["What this design resolves, from the claims' own runs (`zobench/analysis/design.py`: the variance of "
+            "each paired difference split by two-way ANOVA into seeds, test examples and each run's own noise on "
+            "each example, the crossed model the interval uses; a projection from few seeds is rough). Half-widths "
+            "in points at each claim's unadjusted level; `scripts/resolution.py` gives them at Holm's level and the "
+            "seeds a margin needs:", "",
+            "| claim | seeds paired x test examples | variance now: seeds / examples / runs | half-width now | at "
+            "twice the seeds | any number of seeds |",
+            "|:---|:---|:---|---:|---:|---:|", *rows, ""]

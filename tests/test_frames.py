@@ -37,6 +37,13 @@ def test_the_verdicts_load_in_pandas_as_the_report_prints_them(results, tmp_path
         assert (row.holm_low, row.holm_high) == pytest.approx((100 * r.adj_low, 100 * r.adj_high))
         assert row.verdict == r.verdict and row.interim  # 12 of the suite's 12 cells have other ids: not in
     assert df.set_index("claim").margin.to_dict() == pytest.approx({"s-beats-r": 0.0, "s-like-f": 5.0})
+    for cid, res in decision.resolutions.items():  # what the design resolves, in points (squared for variances)
+        row = df[df.claim == cid].iloc[0]
+        assert row.seeds_paired == 4 and row.var_run == pytest.approx(1e4 * res.interaction)
+        s, e = 4, 600
+        var_now = row.var_seed / s + row.var_example / e + row.var_run / (s * e)
+        assert var_now == pytest.approx(1e4 * res.variance(4))
+        assert row.half_width_any_seeds == pytest.approx(100 * res.half_width(float("inf")))
     edited = frames.claims(results, suite_declaring(tmp_path, margin=0.30))
     assert sorted(edited.declaration) == ["current", "current", "earlier", "earlier"]
     then = edited[(edited.declaration == "earlier") & (edited.claim == "s-beats-r")].iloc[0]

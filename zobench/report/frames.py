@@ -5,18 +5,22 @@
     p = frames.predictions("results/claims-v2.jsonl", evaluation="test_best")  # a row a run and example
 
 ``claims`` is the report's Claims table (the same ``analysis.verdicts`` decision), as numbers: accuracy
-differences in points, speed claims as the ratio of b's time to a's, the margin on the same scale, and
-``interim`` where declared cells have no record yet. ``predictions`` reads each run's ``.npz`` as the verdicts
-do (inside the results folder, checked against the sha256 its record names; a file is data) and pairs runs
-on ``id``: pivot it on ``id`` to compare two arms example by example.
+differences in points, speed claims as the ratio of b's time to a's, the margin on the same scale,
+``interim`` where declared cells have no record yet, and for the current declaration's accuracy claims what
+the design resolves (``var_seed``, ``var_example``, ``var_run``, ``half_width_any_seeds``: ``_resolution``).
+``predictions`` reads each run's ``.npz`` as the verdicts do (inside the results folder, checked against the
+sha256 its record names; a file is data) and pairs runs on ``id``: pivot it on ``id`` to compare two arms
+example by example.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 
+from zobench.analysis.design import Resolution
 from zobench.analysis.stats import Result
 from zobench.analysis.verdicts import Reader, verdicts
 from zobench.errors import UserError
@@ -44,6 +48,17 @@ def _row(r: Result, names: dict[str, str], declaration: str, claims_hash: str, i
             "examples": r.n_examples, "method": r.method}
 
 
+def _resolution(res: Resolution | None, alpha: float) -> dict:
+    """What the design resolves (``analysis.design.Resolution``), in points: the variance of the difference
+    split into seeds, test examples and each run's noise on each example (points squared, as the components;
+    the variance of the mean at S seeds and E examples is var_seed / S + var_example / E + var_run / (S E)),
+    and the interval's expected half-width with any number of seeds on this test set."""
+    if res is None:
+        return {k: None for k in ("seeds_paired", "var_seed", "var_example", "var_run", "half_width_any_seeds")}
+    return {"seeds_paired": res.n_seeds, "var_seed": 1e4 * res.seed, "var_example": 1e4 * res.example,
+            "var_run": 1e4 * res.interaction, "half_width_any_seeds": 100 * res.half_width(math.inf, alpha=alpha)}
+
+
 def claims(results: str | Path, suite_file: str | Path):
     """Every declared claim's verdict, a row each (``declaration`` "current"), then each earlier declaration's
     verdicts on the same records ("earlier", with its ``claims_hash``), as the report shows them."""
@@ -53,7 +68,9 @@ def claims(results: str | Path, suite_file: str | Path):
         raise UserError(f"{suite_file}: suite '{suite.name}' declares no claims")
     interim = cells_without_record(suite, records) > 0
     names = {c.id: c.name for c in suite.claims}
-    rows = [_row(r, names, "current", decision.claims_hash, interim) for r in decision.results]
+    rows = [_row(r, names, "current", decision.claims_hash, interim) | _resolution(decision.resolutions.get(r.claim),
+                                                                               r.alpha)
+            for r in decision.results]
     for h, results_then in decision.earlier.items():
         rows += [_row(r, names, "earlier", h, interim) for r in results_then]
     return data_frame(rows)

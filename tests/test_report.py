@@ -293,6 +293,22 @@ def test_cells_resumed_from_a_checkpoint_are_flagged(records, tmp_path):
     assert "resumed from a checkpoint" not in GOLDEN.read_text(encoding="utf-8")
 
 
+def test_records_from_two_machines_say_which_ran_what(records, tmp_path):
+    moved = copy.deepcopy(records)
+    other = [r for r in moved if r.ok][:2]
+    for r in other:
+        r.env = {**r.env, "cpu": "Other CPU | with a pipe\nand a newline", "cpu_count": 4}
+    md = render_report(moved, tmp_path / "report.md").read_text(encoding="utf-8")
+    note = next(line for line in md.splitlines() if line.startswith("> Records from 2 machines"))
+    first = records[0].env["cpu"]
+    assert re.search(re.escape(f"{first} ({records[0].env['cpu_count']} cores): ") + r"\d+ cells", note)
+    # the other machine's two cells by name; its name one line, its pipe escaped for the markdown
+    names = ", ".join(f"{r.method}{' ' + r.config['quant'] if r.config.get('quant') not in (None, 'none') else ''} "
+                      f"seed {r.config.get('seed', 0)}" for r in other)
+    assert "Other CPU \\| with a pipe and a newline (4 cores): 2 cells (" + names + ")" in note
+    assert "Records from" not in GOLDEN.read_text(encoding="utf-8")  # one machine: no note
+
+
 def test_data_notes_differing_only_in_the_train_seed_are_one_line_naming_the_seeds(records, tmp_path):
     noted = copy.deepcopy(records)
     ok = [r for r in noted if r.ok]

@@ -45,12 +45,51 @@ def header(recs: list[CellView], title: str | None, pilots: list[CellView] = (),
     env, git = (newest[0].env, newest[0].git) if newest else (None, None)
     if env or git:
         lines += [f"Environment: {environment(env or {}, git or {})}.", ""]
+    lines += machines_note(recs, pilots)
     lines += commits_note(recs)
     random_weights = sum(not meaningful(r) for r in recs if r.ok)
     if random_weights:
         lines += [f"> {random_weights} of {ok} ok cells use random weights (`accuracy_meaningful: false`): "
                   "they measure memory and latency only; their accuracy columns show n/a.", ""]
     return lines + machine_notes(recs)
+
+
+def machine_of(env) -> str:
+    """A record's machine in a few words, its GPU (when it has one) and CPU models with the CPU's cores; ''
+    when the record names neither (a record is data: each name one short line)."""
+    if not isinstance(env, dict):
+        return ""
+    parts = []
+    if env.get("gpu"):
+        count = env.get("gpu_count")
+        parts.append(f"GPU {env['gpu']}" + (f" x{count}" if isinstance(count, int) and count > 1 else ""))
+    if env.get("cpu"):
+        parts.append(f"{env['cpu']} ({env.get('cpu_count', '?')} cores)")
+    return one_line(", ".join(str(p) for p in parts), 160)
+
+
+def machines_note(recs: list[CellView], pilots: list[CellView] = ()) -> list[str]:
+    """One line when the records come from more than one machine (a suite resumed on another host): which
+    ran what, and that timings compare within one machine only. The environment line is the newest record's."""
+    groups: dict[str, tuple[list, list]] = {}
+    for kind, rows in ((0, recs), (1, pilots)):
+        for r in rows:
+            machine = machine_of(r.env)
+            if machine:
+                groups.setdefault(machine, ([], []))[kind].append(r)
+    if len(groups) < 2:
+        return []
+    parts = []
+    for machine, (cs, ps) in sorted(groups.items(), key=lambda kv: (-len(kv[1][0]) - len(kv[1][1]), kv[0])):
+        what = [cells(len(cs)) + (f" ({', '.join(note_name(r) for r in cs)})" if 0 < len(cs) <= 6 else "")] \
+            if cs else []
+        what += [f"{len(ps)} lr pilot{'s' if len(ps) != 1 else ''}"] if ps else []
+        parts.append(f"{escape(machine)}: {' and '.join(what)}")
+    return [f"> Records from {len(groups)} machines: {'; '.join(parts)}. Compare timings (step ms, step / 2 fwd, "
+            "tokens/s, speedups) within one machine: another CPU can speed a model's forwards and not a method's "
+            "own passes, or the reverse. A run is the same computation on each, but floating-point rounding "
+            "differs between CPUs, so a seed run on another machine need not match to the digit. The environment "
+            "line above is the newest record's.", ""]
 
 
 def commits_note(recs: list[CellView]) -> list[str]:
@@ -170,8 +209,8 @@ def machine_notes(recs: list[CellView]) -> list[str]:
         were = "cell was" if len(resumed) == 1 else "cells were"
         lines += [f"> {len(resumed)} {were} killed part-way and resumed from a checkpoint (steps "
                   f"{', '.join(str(r.metrics.get('resumed_from_step')) for r in resumed)}): their results "
-                  "equal an uninterrupted run's; their step timings span processes, the environment shown "
-                  "is the last one's.", ""]
+                  "equal an uninterrupted run's on the same machine (floating-point rounding differs between "
+                  "CPUs); their step timings span processes, the environment shown is the last one's.", ""]
     for note_of, what in NOTES:
         groups: dict[str, list[str]] = {}  # a note with its train seed left out -> the seeds it was written with
         for r in recs:

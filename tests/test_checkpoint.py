@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 
 from zobench.cell import checkpoint
 from zobench.cell.pipeline import Pipeline
+from zobench.cell.resume import this_machine
 from zobench.spec.config import CellConfig
 
 # The embedded model: a random-weight one is never evaluated (accuracy_meaningful), and dev scores and the
@@ -52,13 +54,15 @@ def test_a_killed_cell_resumes_from_its_checkpoint_bit_for_bit(method, lr, tmp_p
     saved = json.loads((tmp_path / "c.json").read_text())
     assert saved["step"] == 4 and len(saved["trajectory"]) == 4 and saved["test_before"] is not None
     assert saved["spent"]["wall_s"] > 0 and saved["spent"]["cpu_s"] > 0  # what the killed segment cost so far
+    assert saved["machines"] == [this_machine()] and os.cpu_count() is not None  # and where it ran
+    assert f"({os.cpu_count()} cores)" in saved["machines"][0]
 
     resumed = Pipeline(resumable).run()
     m, w = resumed.metrics, whole.metrics
     assert m.get("resumed_from_step") == 4 and m.get("segments") == 2
     assert "eval_before" not in resumed.phases  # the score before training came from the checkpoint
     # the cost counts both segments: the killed one up to its checkpoint, and this one
-    assert m.get("earlier_segments") == saved["spent"]
+    assert m.get("earlier_segments") == saved["spent"] and m.get("earlier_machines") == saved["machines"]
     this_run = sum(p.cpu_s for p in resumed.phases.values())
     assert resumed.cpu_s == pytest.approx(this_run + saved["spent"]["cpu_s"]) and this_run > 0
     for key in ("loss_curve", "trajectory", "test_before", "test_after", "test_best", "best_step", "best_dev"):
@@ -129,7 +133,8 @@ def test_checkpoints_are_written_atomically_and_only_when_due(tmp_path):
                 {"dev_curve": [{"step": 2, "accuracy": "x"}]}, {"dev_curve": 5}, {"best_step": 3},
                 {"segments": 0}, {"parts": {"perturb": [None]}}, {"parts": []}, {"tokens": [1.5]},
                 {"best_scores": {"accuracy": [1]}}, {"test_before": "x"}, {"total": -1}, {"seconds": [float("inf")]},
-                {"config": []}):
+                {"config": []}, {"machines": ["a", "b"]}, {"machines": [1]}, {"machines": "a"},
+                {"machines": ["a\nb"]}, {"machines": ["x" * 161]}):
         checkpoint.save(path, checkpoint.Checkpoint(**dict(dict(cell_id="abc", config={}, step=2,
                                                                 trajectory=[[[1, 0.5]]] * 2), **bad)))
         ckpt, why = checkpoint.load(path, "abc")

@@ -94,6 +94,8 @@ def test_what_reports_read_of_a_record_is_typed_on_load(tmp_path):
         (lambda r: r["metrics"]["test_after"].update(accuracy="x"), "metrics.test_after.accuracy' = 'x'"),
         (lambda r: r["metrics"]["test_before"].update(accuracy=[1]), r"metrics.test_before.accuracy' = \[1\]"),
         (lambda r: r["metrics"]["loss_curve"].append({}), r"metrics.loss_curve\[\d+\]' = {}"),
+        (lambda r: r["metrics"].update(earlier_machines=["a", 2]), r"metrics.earlier_machines\[1\]' = 2"),
+        (lambda r: r["metrics"].update(earlier_machines="a"), r"metrics.earlier_machines' = 'a'"),
         (lambda r: r["metrics"]["step_s"].update(n=None), "metrics.step_s.n' = None: expected a count"),
         (lambda r: r["metrics"]["step_s"].update(p10=None), "metrics.step_s.p10' = None: expected a number"),
         (lambda r: r["metrics"]["zo_passes"].update(pass_gb_s="fast"), "metrics.zo_passes.pass_gb_s' = 'fast'"),

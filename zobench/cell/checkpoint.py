@@ -10,7 +10,8 @@ checkpoint is lost and not counted). A suite cell writes one after every dev eva
 (every 100 steps without ``eval_every``), atomically; ``zobench run --resume`` gives it back to the cell,
 which replays it, checks that its direction seeds draw the same as recorded, and goes on. The result is bit
 for bit the uninterrupted run's (tested); the record says ``resumed_from_step`` and its step timings come
-from every segment (each segment's machine may differ: ``execution`` is the last one's).
+from every segment (each segment's machine may differ: ``execution`` and ``env`` are the last one's; the
+checkpoint names every segment's machine, and the record keeps the earlier ones as ``earlier_machines``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Checkpoint:
     segments: int = 1                            # processes the steps so far ran in
     spent: dict = field(default_factory=dict)    # {wall_s, cpu_s} of every segment up to this checkpoint
     predictions_sha256: str | None = None        # the predictions file written just before it
+    machines: list = field(default_factory=list)  # each segment's machine so far (measure.machine.machine_name)
 
 
 def due(step: int, steps: int, eval_every: int) -> bool:
@@ -107,6 +109,9 @@ def check_books(ckpt: Checkpoint) -> None:
         _numbers(values, f"parts.{part}")
     _numbers([ckpt.total], "total")
     whole_number(ckpt.segments, "segments", 1, 10**6)
+    if not isinstance(ckpt.machines, list) or len(ckpt.machines) > ckpt.segments or not all(
+            isinstance(m, str) and 0 < len(m) <= 160 and m.isprintable() for m in ckpt.machines):
+        raise ValueError("machines: expected at most one short machine name a segment")
     if ckpt.best_step is not None:
         whole_number(ckpt.best_step, "best_step", 0, ckpt.step)
     _scores(ckpt.best_scores, "best_scores")

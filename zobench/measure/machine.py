@@ -47,6 +47,21 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def machine_name(env) -> str:
+    """A machine in a few words, from an environment mapping (a record's ``env``, or this process's): its GPU
+    model (with the count where several) and its CPU model with its cores; '' when it names neither. One
+    line of at most 160 characters (a record is data)."""
+    if not isinstance(env, dict):
+        return ""
+    parts = []
+    if env.get("gpu"):
+        count = env.get("gpu_count")
+        parts.append(f"GPU {env['gpu']}" + (f" x{count}" if type(count) is int and count > 1 else ""))
+    if env.get("cpu"):
+        parts.append(f"{env['cpu']} ({env.get('cpu_count', '?')} cores)")
+    return " ".join(", ".join(str(p) for p in parts).split())[:160]
+
+
 # Where zobench's own code lives: the checkout whose state a record names (never the folder of a suite or
 # data file: a repository there is someone else's, and its configuration can run commands).
 SOURCE = Path(__file__).resolve().parents[2]

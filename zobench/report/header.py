@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from zobench.measure.load import LOADED_CPUS
+from zobench.measure.machine import machine_name
 from zobench.report.cells import CellView, meaningful, phase_peak, setting
 from zobench.report.table import escape, one_line
 from zobench.results import latest_by_cell
@@ -54,18 +55,12 @@ def header(recs: list[CellView], title: str | None, pilots: list[CellView] = (),
     return lines + machine_notes(recs)
 
 
-def machine_of(env) -> str:
-    """A record's machine in a few words, its GPU (when it has one) and CPU models with the CPU's cores; ''
-    when the record names neither (a record is data: each name one short line)."""
-    if not isinstance(env, dict):
-        return ""
-    parts = []
-    if env.get("gpu"):
-        count = env.get("gpu_count")
-        parts.append(f"GPU {env['gpu']}" + (f" x{count}" if isinstance(count, int) and count > 1 else ""))
-    if env.get("cpu"):
-        parts.append(f"{env['cpu']} ({env.get('cpu_count', '?')} cores)")
-    return one_line(", ".join(str(p) for p in parts), 160)
+def moved_from(rec: CellView) -> list[str]:
+    """The machines a resumed cell's earlier segments ran on that are not its record's (``earlier_machines``,
+    each checked a string on load; cut to one short line each here)."""
+    here = machine_name(rec.env)
+    earlier = rec.metrics.get("earlier_machines") or []
+    return list(dict.fromkeys(one_line(m, 160) for m in earlier if isinstance(m, str) and m != here))
 
 
 def machines_note(recs: list[CellView], pilots: list[CellView] = ()) -> list[str]:
@@ -74,7 +69,7 @@ def machines_note(recs: list[CellView], pilots: list[CellView] = ()) -> list[str
     groups: dict[str, tuple[list, list]] = {}
     for kind, rows in ((0, recs), (1, pilots)):
         for r in rows:
-            machine = machine_of(r.env)
+            machine = machine_name(r.env)
             if machine:
                 groups.setdefault(machine, ([], []))[kind].append(r)
     if len(groups) < 2:
@@ -211,6 +206,12 @@ def machine_notes(recs: list[CellView]) -> list[str]:
                   f"{', '.join(str(r.metrics.get('resumed_from_step')) for r in resumed)}): their results "
                   "equal an uninterrupted run's on the same machine (floating-point rounding differs between "
                   "CPUs); their step timings span processes, the environment shown is the last one's.", ""]
+        moved = [(r, others) for r in resumed if (others := moved_from(r))]
+        if moved:
+            lines += ["> Resumed on another machine than an earlier segment ran on (the record's environment is "
+                      "the last segment's; its timings mix both): "
+                      + "; ".join(f"{note_name(r)}, began on {', '.join(escape(m) for m in others)}"
+                                  for r, others in moved) + ".", ""]
     for note_of, what in NOTES:
         groups: dict[str, list[str]] = {}  # a note with its train seed left out -> the seeds it was written with
         for r in recs:

@@ -316,6 +316,13 @@ def test_records_from_two_machines_say_which_ran_what(records, tmp_path):
                       f"seed {r.config.get('seed', 0)}" for r in other)
     assert "Other CPU \\| with a pipe and a newline (4 cores): 2 cells (" + names + ")" in note
     assert "Records from" not in GOLDEN.read_text(encoding="utf-8")  # one machine: no note
+    # the step breakdown names each timed cell's machine, since its timings compare within one only
+    steps = md.split("## Step breakdown (ms)")[1].split("\n## ")[0]
+    header = next(line for line in steps.splitlines() if line.startswith("| "))
+    assert header.rstrip(" |").endswith("| machine")
+    rows = [line for line in steps.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert sum("Other CPU" in row for row in rows) == sum(bool(r.metrics.step_parts_s) for r in other) == 2
+    assert "| machine |" not in GOLDEN.read_text(encoding="utf-8")
 
 
 def test_data_notes_differing_only_in_the_train_seed_are_one_line_naming_the_seeds(records, tmp_path):

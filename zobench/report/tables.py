@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 
+from zobench.measure.machine import machine_name
 from zobench.report.cells import (
     PHASES,
     CellView,
@@ -289,6 +290,10 @@ def step_table(ok: list[CellView], extras: list[str]) -> list[str]:
         intro += (" Shapes warmed: before its first step the cell ran one forward at each batch shape its steps "
                   "use, so that a device's one-time set-up for a new shape (cuDNN attention's plan for a new "
                   "sequence length on CUDA) is not timed as a step (`shape_warmup`).")
+    if len({machine_name(r.env) for r in timed}) > 1:
+        cols.append(("machine", lambda r: machine_name(r.env) or DASH))
+        intro += (" Machine: where the cell ran; these cells ran on several, and a step's parts compare within "
+                  "one (another CPU can speed the forwards and not a method's own passes).")
     return section("Step breakdown (ms)", intro, cols, timed, extras)
 
 

@@ -139,7 +139,7 @@ def test_a_mapped_checkpoint_s_load_and_streamed_quantize_phases_are_priced_as_m
             slack = max((0.10 if after_backward else 0.05) * measured, 50.0 * (phase == "mask"))
             assert abs(est - measured) <= slack, f"{rec.labels} {phase}: estimated {est:.0f}, measured " \
                                                  f"{measured:.0f} MiB"
-    # The load comes before any backend is imported or has run: every cell's on the plain floor, as measured
+    # The load comes before any backend is imported or has run: every cell's on the plain load floor, as measured
     # (432-436 MiB whatever the quant; on the floor measured with bitsandbytes a 4-bit cell's was 452).
     assert len({rec.estimate["phases"]["load"] for rec in records}) == 1
     # The same sensitive cell again, its mask now read from this test's cache: no forward ran over the
@@ -336,6 +336,14 @@ def test_framework_floor_is_this_machines_measurement_cached_per_installed_versi
     stored = json.loads(C.path_of(C.machine_key("cpu")).read_text())
     assert est["calibration"]["source"] == "measured" and est["calibration"]["key"] == C.machine_key("cpu")
     assert est["breakdown"]["framework_mib"] == pytest.approx(stored["framework_mib"], abs=1e-3)
+    # The load phase has its own floor, the calibration cell's load-phase peak (its data and tokenizer
+    # transients, no forward yet): a random model's load is that floor plus its float32 weights.
+    assert stored["load_mib"] > 0 and C.load_floor("cpu") == stored["load_mib"]
+    assert est["phases"]["load"] == pytest.approx(stored["load_mib"] + est["model_numel"] * 4 / 2**20, abs=1.0)
+    # A calibration from before the load floor was kept prices the load on the floor itself
+    monkeypatch.setitem(C._MEMO, C.machine_key("cpu"), {k: v for k, v in stored.items() if k != "load_mib"})
+    assert C.load_floor("cpu") == stored["framework_mib"]
+    monkeypatch.setattr(C, "_MEMO", {})
     # Another torch version is another calibration: not measured yet, so the fallback says so.
     real = C.package_version
     monkeypatch.setattr(C, "package_version", lambda p: "0.0-other" if p == "torch" else real(p))

@@ -272,6 +272,8 @@ def _measure_and_store(device: str, quant: str = "none") -> dict:
     if device == "cuda":  # the host side of a GPU cell's process, for the estimates' host phases
         data["host_mib"] = round(statistics.median(h for h, _ in hosts), 3)
         data["host_load_mib"] = round(statistics.median(h for _, h in hosts), 3)
+    else:  # the load phase's own floor: its data and tokenizer transients, no forward's kernel state
+        data["load_mib"] = round(statistics.median(h for _, h in hosts), 3)
     try:
         atomic_write(calibration.path_of(key), json.dumps(data, indent=1), "calibration")
     except Exception:  # an unwritable cache: use the measurement now, measure again next time

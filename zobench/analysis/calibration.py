@@ -49,8 +49,9 @@ FALLBACK_CUDA_HOST_LOAD_MIB = 1099.0
 FALLBACK_CUDA_WHY = "not measured on this machine: the floor measured on an NVIDIA H200 (torch 2.11, CUDA 13)"
 FALLBACKS = {"cpu": (FALLBACK_CPU_MIB, "not measured on this machine"), "cuda": (FALLBACK_CUDA_MIB, FALLBACK_CUDA_WHY)}
 # Part of the cache key: bumped when zobench changes what every cell's process holds, so no machine keeps
-# an older footprint. 2: cells stopped importing hqq and torch's compiler (zobench.models.imports).
-FORMAT = 2
+# an older footprint. 2: cells stopped importing hqq and torch's compiler (zobench.models.imports). 3: a CPU
+# calibration keeps its cell's load-phase peak too (``load_floor``).
+FORMAT = 3
 REPEATS = 2
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "peft", "bitsandbytes",
             "gptqmodel", "hqq", "numpy", "zobench")
@@ -118,6 +119,17 @@ def host_floor(device: str = "cuda", phase: str = "train") -> float:
         ("host_mib", FALLBACK_CUDA_HOST_MIB)
     found = framework(device).get(key)
     return float(found) if isinstance(found, (int, float)) else fallback
+
+
+def load_floor(device: str = "cpu") -> float:
+    """A cell's floor in its load phase, on the plain footprint (no backend imported yet): on a CPU the
+    calibration cell's load-phase peak RSS (reading its data and tokenizer leaves transients the train
+    phase no longer holds, and a forward's kernel state comes later: on an Intel Xeon 443 MiB where the
+    train phase's floor is 410, and SmolLM2's mapped load measured 434-438). Elsewhere, or for a calibration
+    from before it was kept, the floor itself."""
+    floor = framework(device)
+    found = floor.get("load_mib") if str(device) == "cpu" else None
+    return float(found) if type(found) in (int, float) and found > 0 else float(floor["framework_mib"])
 
 
 def needs_measuring(device: str, quant: str = "none") -> bool:

@@ -29,7 +29,7 @@ their longest member, often much shorter), and a classification task's options a
 from __future__ import annotations
 
 from zobench.analysis.architecture import Arch, architecture
-from zobench.analysis.calibration import framework, host_floor
+from zobench.analysis.calibration import framework, host_floor, load_floor
 from zobench.analysis.check import Estimate
 from zobench.analysis.phase_estimate import host_phases, phase_estimates
 from zobench.cell.record import CellRecord
@@ -210,11 +210,12 @@ def estimate_cell(cfg: CellConfig) -> dict:
     # cells loaded at 433 MiB, the plain floor's 422 and not the 499 with gptqmodel's import).
     before = (cfg, arch, db, storage, taken, breakdown["framework_mib"], streamed)
     plain_floor = framework(device)["framework_mib"]
-    phases = dict(phase_estimates(*before, needs_mask, device, transient, plain_floor_mib=plain_floor), train=peak)
+    floors = {"plain_floor_mib": plain_floor, "load_floor_mib": load_floor(device) if device == "cpu" else None}
+    phases = dict(phase_estimates(*before, needs_mask, device, transient, **floors), train=peak)
     # A mask read from the cache runs no forward over the checkpoint: priced as no mask at all (a mapped
     # checkpoint's float tensors then stay unread through the quantize phase: phase_estimates), for the reports
     # of cached-mask cells; the phases keep the computed mask's price.
-    cached = phase_estimates(*before, False, device, transient, plain_floor_mib=plain_floor).get("quantize")
+    cached = phase_estimates(*before, False, device, transient, **floors).get("quantize")
     if_cached = {"quantize": cached} if needs_mask and cached is not None and cached != phases["quantize"] else {}
     if evaluation is not None:
         # an evaluation phase (before, after, the best dev step's): the weights and what the method holds, and

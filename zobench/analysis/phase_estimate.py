@@ -130,18 +130,20 @@ def quantize_bytes(cfg, arch, db: int, storage, streamed: bool, nnz: int, transi
 
 def phase_estimates(cfg, arch, db: int, storage, nnz: int, floor_mib: float, streamed: bool,
                     needs_mask: bool, device: str = "cpu", transient: float = 0.0,
-                    plain_floor_mib: float | None = None) -> dict[str, float]:
+                    plain_floor_mib: float | None = None, load_floor_mib: float | None = None) -> dict[str, float]:
     """MiB per phase before training: ``{"load", "mask" (mask methods), "quantize" (quantized cells)}``.
     ``plain_floor_mib``: the floor before any backend is imported or has run, where it differs from
-    ``floor_mib``: the load's and the mask's, which come before the quantize phase."""
+    ``floor_mib``: the load's and the mask's, which come before the quantize phase. ``load_floor_mib``: the
+    load phase's own, where measured (``calibration.load_floor``), else the plain floor."""
     plain = floor_mib if plain_floor_mib is None else plain_floor_mib
+    load_floor = plain if load_floor_mib is None else load_floor_mib
     other = arch.other_numel * db + arch.buffer_bytes
     mapped = device == "cpu" and arch.mapped_dtype == cfg.dtype
     if mapped:
         loaded = arch.buffer_bytes  # the checkpoint's tensors mapped: nothing of them read yet
     else:
         loaded = other if streamed else arch.numel * db + arch.buffer_bytes
-    out = {"load": plain + loaded / MIB}
+    out = {"load": load_floor + loaded / MIB}
     if needs_mask:
         mask = mask_bytes(cfg, arch, db, streamed, device, mapped)
         if streamed and storage is None and not mapped:  # a float cell makes its linears once the mask is taken

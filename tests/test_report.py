@@ -660,6 +660,13 @@ def test_every_method_has_a_colour_and_a_place_of_its_own():
     assert len({m.order for m in METHOD_INFO}) == len(names)
 
 
+def _at_best(rec: CellRecord, dev, test) -> CellRecord:
+    """``rec`` scored at a best dev step (dev and test accuracies; None: left as it is)."""
+    if dev is not None:
+        rec.metrics.set(best_dev={"accuracy": dev}, test_best={"accuracy": test}, best_step=100)
+    return rec
+
+
 def test_the_over_seeds_table_pools_a_configurations_seeds(records):
     """Three seeds of sensitive: one row with the mean, sd and range of their test scores and the median of
     their peaks; a suite of one seed a configuration has no such table (the golden report shows none)."""
@@ -676,6 +683,15 @@ def test_the_over_seeds_table_pools_a_configurations_seeds(records):
     sd = 100 * statistics.stdev([0.70, 0.76, 0.61])
     assert f"| 3 | 69.0 ± {sd:.1f} (61.0-76.0) | 930 (900-960) |" in row, row
     assert lines[0] == "## Over seeds" and "after training" in "\n".join(lines)
+    assert "dev % at best" not in "\n".join(lines)  # no best dev step: no dev column
+    # Scored at the best dev step: the dev score that chose it beside the test score there
+    best = views([_at_best(r, dev, test) for r, dev, test in zip(
+        seeded(records, {"sensitive": ((900, 0.70), (960, 0.76), (930, 0.61))}), (None, 0.80, 0.84, 0.77),
+        (None, 0.70, 0.76, 0.61))])
+    lines = seeds_table(best, varying_axes(best))
+    assert "| test % at best dev, mean ± sd (min-max) | dev % at best, mean |" in lines[4]
+    row = next(line for line in lines if line.startswith("| sensitive"))
+    assert f"| 3 | 69.0 ± {sd:.1f} (61.0-76.0) | 80.3 | 930 (900-960) |" in row, row
     assert seeds_table(views(records), varying_axes(views(records))) == []
     assert "## Over seeds" not in GOLDEN.read_text(encoding="utf-8")
 

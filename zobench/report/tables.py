@@ -170,6 +170,13 @@ def seeds_table(ok: list[CellView], extras: list[str]) -> list[str]:
              "seed): the mean test score with its standard deviation and range over seeds, and the medians "
              "over seeds of each run's peak and step figures (the plots draw the same). Descriptive: where the "
              "suite declares claims, the intervals above decide them.")
+    if scored == "at best dev" and any(values(g[0], score_of("best_dev")) for g in groups.values()):
+        def dev_mean(r: CellView) -> str:
+            v = values(r, score_of("best_dev"))
+            return f"{100 * statistics.fmean(v):.1f}" if v else DASH
+        cols.insert(2, ("dev % at best, mean", dev_mean))
+        intro += (" Dev % at best: the dev score at each run's best dev step, the step chosen on it, so it reads "
+                  "high by selection; the test score beside it is that step's, which the choice did not see.")
     return section("Over seeds", intro, cols, [g[0] for g in groups.values()], [a for a in extras if a != "seed"])
 
 

@@ -712,7 +712,11 @@ def test_step_over_float_is_marked_where_either_cell_trained_beside_other_work(r
         r.phases["train"].other_cpus = 0.0
     assert "(loaded)" not in row(pair)
     next(r for r in pair if r.labels["quant"] == "none").phases["train"].other_cpus = 1.2  # the float twin
-    assert "(loaded)" in row(pair)
+    assert "(loaded)" in row(pair) and "machines differ" not in row(pair)
+    # the float twin ran on another CPU: the ratio divides two machines' seconds, and says so
+    twin = next(r for r in pair if r.labels["quant"] == "none")
+    twin.env = {**twin.env, "cpu": "Other CPU"}
+    assert "(loaded; machines differ)" in row(pair)
 
 
 def test_a_method_that_trains_quantized_weights_only_is_set_beside_float_sensitive_and_says_so(records):

@@ -4,6 +4,7 @@ time and accuracy against it)."""
 from __future__ import annotations
 
 from zobench.measure.load import LOADED_CPUS
+from zobench.measure.machine import machine_name
 from zobench.report.cells import CellView, declared, density, meaningful, median, pct, quant, setting
 from zobench.report.table import DASH, Column, mib, pct_points, ratio, section, signed_points
 
@@ -51,9 +52,15 @@ def quant_table(ok: list[CellView], extras: list[str]) -> list[str]:
 
     step_ratio = vs_float(lambda c: median(c.metrics.step_s), lambda a, b: ratio(a / b))
 
+    def elsewhere(r):  # the pair ran on two machines (as their records name them)
+        twin = twin_of(r)
+        here, there = machine_name(r.env), machine_name(twin.env) if twin is not None else ""
+        return bool(here and there and here != there)
+
     def step_vs_float(r):
         text = step_ratio(r)
-        return text + " (loaded)" if text != DASH and (loaded(r) or loaded(twin_of(r))) else text
+        marks = [m for m, on in (("loaded", loaded(r) or loaded(twin_of(r))), ("machines differ", elsewhere(r))) if on]
+        return text + f" ({'; '.join(marks)})" if text != DASH and marks else text
 
     def float_cell(r):
         twin = twin_of(r)
@@ -75,8 +82,9 @@ def quant_table(ok: list[CellView], extras: list[str]) -> list[str]:
              "cell of the same method. Quantized sparse cells train their masked values in 16/32-bit beside "
              "the quantized layers (dense-and-sparse). Step / float divides the seconds of two cells that ran "
              "at different times, so the machine's load then is in it: a pair where either cell trained beside "
-             f"other work (at least {LOADED_CPUS} CPUs busy elsewhere) is marked (loaded); timings taken side by "
-             "side (`make bench`, or a suite timing both in one run) are the figure to compare.")
+             f"other work (at least {LOADED_CPUS} CPUs busy elsewhere) is marked (loaded), and a pair from two "
+             "machines (machines differ); timings taken side by side (`make bench`, or a suite timing both in one "
+             "run) are the figure to compare.")
     if stood_in:
         intro += (" A method that trains quantized weights only has no float cell of its own; it is set beside "
                   f"the float cell of {' or else '.join(f'`{m}`' for m in FLOAT_STAND_INS)} with the same "

@@ -12,7 +12,7 @@ import pytest
 
 from zobench.cell import checkpoint
 from zobench.cell.pipeline import Pipeline
-from zobench.cell.resume import this_machine
+from zobench.measure.env import this_machine
 from zobench.spec.config import CellConfig
 
 # The embedded model: a random-weight one is never evaluated (accuracy_meaningful), and dev scores and the
@@ -62,7 +62,8 @@ def test_a_killed_cell_resumes_from_its_checkpoint_bit_for_bit(method, lr, tmp_p
     assert m.get("resumed_from_step") == 4 and m.get("segments") == 2
     assert "eval_before" not in resumed.phases  # the score before training came from the checkpoint
     # the cost counts both segments: the killed one up to its checkpoint, and this one
-    assert m.get("earlier_segments") == saved["spent"] and m.get("earlier_machines") == saved["machines"]
+    assert m.get("earlier_segments") == saved["spent"]
+    assert m.get("segment_machines") == [*saved["machines"], this_machine()]  # every segment's, this one last
     this_run = sum(p.cpu_s for p in resumed.phases.values())
     assert resumed.cpu_s == pytest.approx(this_run + saved["spent"]["cpu_s"]) and this_run > 0
     for key in ("loss_curve", "trajectory", "test_before", "test_after", "test_best", "best_step", "best_dev"):

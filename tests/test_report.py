@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from zobench.cell.record import CellRecord
-from zobench.measure.machine import machine_name
 from zobench.report import render_report
 from zobench.results import load_records
 
@@ -293,10 +292,10 @@ def test_cells_resumed_from_a_checkpoint_are_flagged(records, tmp_path):
     assert "> 1 cell was killed part-way and resumed from a checkpoint (steps 400)" in md
     assert "resumed from a checkpoint" not in GOLDEN.read_text(encoding="utf-8")
     assert "Resumed on another machine" not in md  # no earlier machine recorded: nothing said
-    here = machine_name(cell.env)
-    cell.metrics.set(earlier_machines=[here])  # begun on this same machine: nothing said either
+    here = "This CPU (2 cores)"  # the segments are compared with each other, not with the record's env
+    cell.metrics.set(segment_machines=[here, here])  # both segments on one machine: nothing said either
     assert "Resumed on another machine" not in render_report(resumed, tmp_path / "r.md").read_text(encoding="utf-8")
-    cell.metrics.set(earlier_machines=["Other CPU | x (8 cores)", here])
+    cell.metrics.set(segment_machines=["Other CPU | x (8 cores)", here, here])
     md = render_report(resumed, tmp_path / "r.md").read_text(encoding="utf-8")
     note = next(line for line in md.splitlines() if line.startswith("> Resumed on another machine"))
     assert note.endswith(f"{cell.method} seed {cell.config.get('seed', 0)}, began on Other CPU \\| x (8 cores).")

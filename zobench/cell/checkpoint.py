@@ -11,7 +11,7 @@ checkpoint is lost and not counted). A suite cell writes one after every dev eva
 which replays it, checks that its direction seeds draw the same as recorded, and goes on. The result is bit
 for bit the uninterrupted run's (tested); the record says ``resumed_from_step`` and its step timings come
 from every segment (each segment's machine may differ: ``execution`` and ``env`` are the last one's; the
-checkpoint names every segment's machine, and the record keeps the earlier ones as ``earlier_machines``).
+checkpoint names every segment's machine, and the record keeps them, its own last, as ``segment_machines``).
 """
 
 from __future__ import annotations

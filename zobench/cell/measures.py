@@ -153,7 +153,7 @@ SCALARS = {
 STATS = ("step_s", "forward_ref_s", "step_over_ref")
 MAPPINGS = ("test_before", "test_after", "truncated", "best_dev", "test_best", "zo_passes", "earlier_segments",
             "shape_warmup")
-SERIES = ("loss_curve", "dev_curve", "trajectory", "earlier_machines")
+SERIES = ("loss_curve", "dev_curve", "trajectory", "segment_machines")
 
 
 DEV_SCORES = ("accuracy", "em", "f1", "train_s")
@@ -195,7 +195,8 @@ class Metrics:
     the global ``torch.manual_seed``, before zobench.models.stream); ``quant_streamed``: the block linears were
     drawn in the quantize phase one at a time, each quantized before the next (the float model never whole);
     ``earlier_segments``: a resumed cell's earlier processes' {wall_s, cpu_s} up to their last checkpoint;
-    ``earlier_machines``: the machine each of those ran on (``measure.machine.machine_name``), where known."""
+    ``segment_machines``: a resumed cell's machine for every segment, this one last (``measure.env.this_machine``),
+    where its checkpoint kept them."""
 
     values: dict[str, Any] = field(default_factory=dict)      # SCALARS, MAPPINGS, SERIES
     step_s: Stats | None = None
@@ -263,7 +264,7 @@ class Metrics:
                 elif key == "loss_curve":
                     for n, loss in enumerate(value or []):
                         check_field(loss, NUMBER, f"{name}[{n}]")
-                elif key == "earlier_machines":
+                elif key == "segment_machines":
                     for n, machine in enumerate(value or []):
                         check_field(machine, (str,), f"{name}[{n}]")
             else:

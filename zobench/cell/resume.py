@@ -4,14 +4,11 @@ The file format is ``cell.checkpoint``'s."""
 
 from __future__ import annotations
 
-import os
 import time
 
-import torch
-
 from zobench.cell import checkpoint
+from zobench.measure.env import this_machine
 from zobench.measure.load import own_cpu_s
-from zobench.measure.machine import cpu_name, machine_name
 from zobench.spec.matrix import cell_id, identity
 from zobench.zo.trainer import replay
 
@@ -44,14 +41,6 @@ def save_checkpoint(cell, step: int, timing, reference) -> None:
         segments=cell.resumed.segments if cell.resumed else 1, spent=spent_so_far(cell),
         predictions_sha256=kept["sha256"] if kept else None,
         machines=(list(cell.resumed.machines) if cell.resumed else []) + [this_machine()]))
-
-
-def this_machine() -> str:
-    """This process's machine, named as a record's ``env`` names it (``measure.machine.machine_name``)."""
-    env = {"cpu": cpu_name(), "cpu_count": os.cpu_count()}
-    if torch.cuda.is_available():
-        env |= {"gpu": torch.cuda.get_device_name(0), "gpu_count": torch.cuda.device_count()}
-    return machine_name(env)
 
 
 def restore(cell, stepper, trainable, timing, reference, stream) -> int:
@@ -91,6 +80,6 @@ def restore(cell, stepper, trainable, timing, reference, stream) -> int:
     cell.metrics.set(resumed_from_step=ck.step, segments=ck.segments)
     if ck.spent:  # what the earlier segments cost (CellRecord.cpu_s, CellRecord.machine_s)
         cell.metrics.set(earlier_segments=dict(ck.spent))
-    if ck.machines:  # where they ran: a report says when that was another machine
-        cell.metrics.set(earlier_machines=list(ck.machines))
+    if ck.machines:  # where every segment ran, this one last: a report says when they differ
+        cell.metrics.set(segment_machines=[*ck.machines, this_machine()])
     return ck.step

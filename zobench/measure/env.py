@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 
 import torch
 
 from zobench.gates import pynvml
-from zobench.measure.machine import cpu_flags, cpu_name, package_version
+from zobench.measure.machine import cpu_flags, cpu_name, machine_name, package_version
 from zobench.procs import malloc_env
 
 PACKAGES = ("torch", "transformers", "bitsandbytes", "gptqmodel", "hqq", "peft", "safetensors", "zobench")
@@ -30,6 +31,17 @@ def gpu_info() -> dict:
     except Exception as e:  # NVML missing or unusable: the record says so instead of failing
         info["nvml_error"] = str(e).splitlines()[0][:200]
     return info
+
+
+@functools.cache
+def this_machine() -> str:
+    """This process's machine in the words ``machine.machine_name`` uses (CPU model and cores, GPU model): a
+    checkpoint names each segment's with it, and a resumed record compares them with each other, not with its
+    ``env`` (the driver's, which on a Ray cluster is another node)."""
+    env = {"cpu": cpu_name(), "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return machine_name(env)
 
 
 def environment() -> dict:

@@ -56,11 +56,10 @@ def header(recs: list[CellView], title: str | None, pilots: list[CellView] = (),
 
 
 def moved_from(rec: CellView) -> list[str]:
-    """The machines a resumed cell's earlier segments ran on that are not its record's (``earlier_machines``,
-    each checked a string on load; cut to one short line each here)."""
-    here = machine_name(rec.env)
-    earlier = rec.metrics.get("earlier_machines") or []
-    return list(dict.fromkeys(one_line(m, 160) for m in earlier if isinstance(m, str) and m != here))
+    """The machines a resumed cell's earlier segments ran on other than its last segment's
+    (``segment_machines``, each checked a string on load; cut to one short line each here)."""
+    segments = [m for m in rec.metrics.get("segment_machines") or [] if isinstance(m, str)]
+    return list(dict.fromkeys(one_line(m, 160) for m in segments[:-1] if m != segments[-1]))
 
 
 def machines_note(recs: list[CellView], pilots: list[CellView] = ()) -> list[str]:

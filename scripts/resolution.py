@@ -36,8 +36,7 @@ def _seeds(text: str) -> list[int]:
 def claim_lines(res, result, name: str, alpha_k: float, margin: float, more: list[int]) -> list[str]:
     """One claim's account (points of accuracy), ``res`` its Resolution, ``result`` its verdict (or None)."""
     s, e = res.n_seeds, res.n_examples
-    total = res.variance(s)
-    share = [res.seed / s / total, res.example / e / total, res.interaction / (s * e) / total] if total else [0] * 3
+    share = res.shares()
     alpha = result.alpha if result is not None else 0.05
 
     def hw(n):

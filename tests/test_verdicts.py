@@ -20,7 +20,8 @@ import pytest
 from claims_runs import N, claims, run, write_results
 
 from zobench.analysis.design import resolution
-from zobench.analysis.verdicts import claims_of, correctness, majority_rate, verdicts
+from zobench.analysis.stats import align
+from zobench.analysis.verdicts import Reader, claims_of, majority_rate, runs, verdicts
 from zobench.cell.measures import Metrics, Stats
 from zobench.cell.predictions import Predictions
 from zobench.cell.record import CellRecord
@@ -346,8 +347,16 @@ def test_the_report_says_what_the_design_resolves_from_the_claims_own_runs(resul
     records = load_records(results)
     decision = verdicts(records, claims(), results.parent)
     assert set(decision.resolutions) == {"s-beats-r", "s-like-f"}  # both accuracy claims, 4 seeds paired
-    a, b = correctness(records, claims()[0], results.parent)
-    res = resolution(a, b)
+    # the arms read straight from the predictions files, as the fixture wrote them (every run counts)
+    reader, claim = Reader(results.parent), claims()[0]
+    arms = []
+    for selector in (claim.a, claim.b):
+        arm = {}
+        for rec in runs(records, selector):
+            d = reader.evaluation(rec, "test_best")
+            arm[rec.config["seed"]] = align(np.sort(d["id"]), d["id"], d["pred"] == d["gold"])
+        arms.append(arm)
+    res = resolution(*arms)
     assert decision.resolutions["s-beats-r"] == res and res.n_seeds == 4 and res.n_examples == 600
     # the fixture's runs are independent draws: no seed effect beyond each run's own noise, so the floor (any
     # number of seeds) is the test examples' share alone and far under the interval now

@@ -87,6 +87,14 @@ class Resolution:
             return self.example / e
         return self.seed / n_seeds + self.example / e + self.interaction / (n_seeds * e)
 
+    def shares(self) -> tuple[float, float, float]:
+        """The fractions of the variance now (at the measured seeds and examples) that come from the seeds, the
+        test examples and each run's noise on each example (0s where there is no variance)."""
+        s, e = self.n_seeds, self.n_examples
+        parts = (self.seed / s, self.example / e, self.interaction / (s * e))
+        total = sum(parts)
+        return tuple(p / total for p in parts) if total else (0.0, 0.0, 0.0)
+
     def half_width(self, n_seeds: float, n_examples: int | None = None, alpha: float = 0.05) -> float:
         """The interval's expected half-width at ``n_seeds`` per arm (inf: the limit, the test set's floor) on
         ``n_examples`` test examples, two-sided at 1 - alpha with t_{n_seeds - 1} tails, as the claims' is."""

@@ -210,7 +210,7 @@ def estimate_cell(cfg: CellConfig) -> dict:
     # cells loaded at 433 MiB, the plain floor's 422 and not the 499 with gptqmodel's import).
     before = (cfg, arch, db, storage, taken, breakdown["framework_mib"], streamed)
     plain_floor = framework(device)["framework_mib"]
-    floors = {"plain_floor_mib": plain_floor, "load_floor_mib": load_floor(device) if device == "cpu" else None}
+    floors = {"plain_floor_mib": plain_floor, "load_floor_mib": load_floor(device)}  # off a CPU: the plain floor
     phases = dict(phase_estimates(*before, needs_mask, device, transient, **floors), train=peak)
     # A mask read from the cache runs no forward over the checkpoint: priced as no mask at all (a mapped
     # checkpoint's float tensors then stay unread through the quantize phase: phase_estimates), for the reports

@@ -226,18 +226,6 @@ def _accuracy(claim: Claim, a: dict, b: dict) -> Evidence:
     return accuracy_difference(a, b, resamples=claim.resamples, seed=claim.seed)
 
 
-def correctness(records: list[CellRecord], claim: Claim, results_dir: str | Path) -> tuple[dict, dict]:
-    """An accuracy claim's two arms as its verdict reads them: seed -> per-example correctness (bool array in
-    one example order), the same runs left out (``zobench.analysis.design.resolution`` takes these)."""
-    arm_a, arm_b = runs(records, claim.a), runs(records, claim.b)
-    try:
-        _one_per_seed("a", arm_a)
-        _one_per_seed("b", arm_b)
-        return _correct(claim, arm_a, arm_b, Reader(Path(results_dir)), ([], []))
-    except ValueError as e:  # runs that cannot be paired, as a verdict says
-        raise UserError(f"claim {claim.id}: {e}") from None
-
-
 def _correct(claim: Claim, arm_a: list, arm_b: list, reader: Reader, lists: tuple[list, list]) -> tuple[dict, dict]:
     correct, ids = {"a": {}, "b": {}}, None
     for side, arm in (("a", arm_a), ("b", arm_b)):

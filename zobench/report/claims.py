@@ -133,9 +133,7 @@ def resolution_rows(decision: Decision, names: dict[str, str]) -> list[str]:
         r = results.get(cid)
         alpha = r.alpha if r is not None else 0.05
         s, e = res.n_seeds, res.n_examples
-        total = res.variance(s) or 1.0
-        shares = " / ".join(f"{100 * v / total:.0f}%" for v in (res.seed / s, res.example / e,
-                                                                 res.interaction / (s * e)))
+        shares = " / ".join(f"{100 * v:.0f}%" for v in res.shares())
         seeds = f"{s} x {e}" + ("" if r is None or tuple(r.n_seeds) == (s, s) else
                                 f" (the verdict reads {r.n_seeds[0]} and {r.n_seeds[1]} seeds)")
         rows.append(f"| {names.get(cid, cid)} | {seeds} | {shares} | "

@@ -50,6 +50,9 @@ def claim_lines(res, result, name: str, alpha_k: float, margin: float, more: lis
              f"the test examples, {100 * share[2]:.0f}% from each run's own noise on each example",
              f"  - expected half-width, points, at {100 * (1 - alpha):g}% ({100 * (1 - alpha_k):.4g}%): now "
              f"{hw(s)}; {at + '; ' if at else ''}any number of seeds on these {e} examples {hw(math.inf)}"]
+    if res.seed_clamped:
+        lines.append(f"  - the seed component came out at or below 0 from {s} seeds and is taken as 0: the projections "
+                     f"to more seeds leave out a seed spread {s} seeds could not show, so they may be optimistic")
     if result is not None and math.isfinite(result.estimate):
         lines.append(f"  - the verdict's interval now: {100 * result.estimate:+.1f} [{100 * result.ci_low:+.1f}, "
                      f"{100 * result.ci_high:+.1f}] (half-width {50 * (result.ci_high - result.ci_low):.1f})")

@@ -44,6 +44,7 @@ def test_the_verdicts_load_in_pandas_as_the_report_prints_them(results, tmp_path
         var_now = row.var_seed / s + row.var_example / e + row.var_run / (s * e)
         assert var_now == pytest.approx(1e4 * res.variance(4))
         assert row.half_width_any_seeds == pytest.approx(100 * res.half_width(float("inf")))
+        assert row.seed_clamped == res.seed_clamped and (row.var_seed == 0) >= row.seed_clamped
     edited = frames.claims(results, suite_declaring(tmp_path, margin=0.30))
     assert sorted(edited.declaration) == ["current", "current", "earlier", "earlier"]
     then = edited[(edited.declaration == "earlier") & (edited.claim == "s-beats-r")].iloc[0]

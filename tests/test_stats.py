@@ -318,6 +318,22 @@ def test_resolution_recovers_the_variance_components_of_a_crossed_design():
     assert r.variance(math.inf) == pytest.approx(r.example / 300)
 
 
+def test_resolution_says_when_the_seed_component_came_out_below_zero():
+    # Every seed the same run plus independent per-example noise: no seed effect, and with 3 seeds the
+    # estimate falls at or below 0 about half the time; the flag marks exactly those draws.
+    rng = np.random.default_rng(11)
+    flags = []
+    for _ in range(200):
+        d = rng.normal(0, 0.3, (1, 400)) + rng.normal(0, 0.4, (3, 400))
+        r = resolution({s: d[s] for s in range(3)}, {s: np.zeros(400) for s in range(3)})
+        ms_seed = 400 * d.mean(1).var(ddof=1)
+        assert r.seed_clamped == (ms_seed <= r.interaction) and (r.seed == 0) == r.seed_clamped
+        flags.append(r.seed_clamped)
+    assert 0.3 < np.mean(flags) < 0.8
+    big = rng.normal(0, 0.2, (3, 1)) + rng.normal(0, 0.4, (3, 400))  # a seed effect far above the noise
+    assert not resolution({s: big[s] for s in range(3)}, {s: np.zeros(400) for s in range(3)}).seed_clamped
+
+
 def test_resolution_half_width_is_the_claims_interval_and_projects_down_to_the_test_sets_floor():
     rng = np.random.default_rng(3)
     a, b = _simulate(rng, _mus(0.75, 0.0), seeds=6, examples=672)

@@ -365,3 +365,4 @@ def test_the_report_says_what_the_design_resolves_from_the_claims_own_runs(resul
     row = next(line for line in text.splitlines() if line.startswith("| sensitive beats random | 4 x 600 |"))
     now, twice, floor = (float(c) for c in row.strip("| ").split(" | ")[-3:])
     assert (now, twice, floor) == tuple(round(100 * res.half_width(n), 1) for n in (4, 8, math.inf))
+    assert ("(seeds: at or below 0)" in row) == res.seed_clamped  # a seed component taken as 0 says so

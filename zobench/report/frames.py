@@ -7,7 +7,8 @@
 ``claims`` is the report's Claims table (the same ``analysis.verdicts`` decision), as numbers: accuracy
 differences in points, speed claims as the ratio of b's time to a's, the margin on the same scale,
 ``interim`` where declared cells have no record yet, and for the current declaration's accuracy claims what
-the design resolves (``var_seed``, ``var_example``, ``var_run``, ``half_width_any_seeds``: ``_resolution``).
+the design resolves (``var_seed``, ``var_example``, ``var_run``, ``half_width_any_seeds``, ``seed_clamped``:
+``_resolution``).
 ``predictions`` reads each run's ``.npz`` as the verdicts do (inside the results folder, checked against the
 sha256 its record names; a file is data) and pairs runs on ``id``: pivot it on ``id`` to compare two arms
 example by example.
@@ -52,11 +53,14 @@ def _resolution(res: Resolution | None, alpha: float) -> dict:
     """What the design resolves (``analysis.design.Resolution``), in points: the variance of the difference
     split into seeds, test examples and each run's noise on each example (points squared, as the components;
     the variance of the mean at S seeds and E examples is var_seed / S + var_example / E + var_run / (S E)),
-    and the interval's expected half-width with any number of seeds on this test set."""
+    and the interval's expected half-width with any number of seeds on this test set; ``seed_clamped``: the
+    seed component's estimate came out at or below 0 and var_seed is that 0."""
     if res is None:
-        return {k: None for k in ("seeds_paired", "var_seed", "var_example", "var_run", "half_width_any_seeds")}
+        return {k: None for k in ("seeds_paired", "var_seed", "var_example", "var_run", "half_width_any_seeds",
+                                  "seed_clamped")}
     return {"seeds_paired": res.n_seeds, "var_seed": 1e4 * res.seed, "var_example": 1e4 * res.example,
-            "var_run": 1e4 * res.interaction, "half_width_any_seeds": 100 * res.half_width(math.inf, alpha=alpha)}
+            "var_run": 1e4 * res.interaction, "half_width_any_seeds": 100 * res.half_width(math.inf, alpha=alpha),
+            "seed_clamped": res.seed_clamped}
 
 
 def claims(results: str | Path, suite_file: str | Path):

@@ -43,10 +43,31 @@ def test_the_claims_verdicts_the_readme_quotes_by_hand_are_the_generated_blocks(
     quoted = re.findall(r"\[[^\]]+\]", "\n".join(line for line in prose.splitlines() if line.startswith("- ")))
     assert len(quoted) == 4
     top = README[README.index("Status: the trainer"):README.index("## Set-up")]  # the opening summary quotes two
-    quoted += re.findall(r"\[[^\]]+\]", top)
+    quoted += re.findall(r"\[[^\]]+\]", top[:top.index("The quantized-ZO comparison")])
     assert len(quoted) == 6
     for interval in quoted:
         assert f"Holm-adjusted {interval}" in block, interval
+
+
+def test_the_quantized_zo_verdicts_the_readme_quotes_by_hand_are_the_generated_blocks():
+    """The same for quantized-zo: the opening summary, the answer at the head of "Which ZO method on a quantized
+    model?" and its status bullets quote its final Holm-adjusted intervals; each must be one its block states."""
+    import re
+
+    block = dict((r, b) for r, _, b in blocks(README))["results/quantized-zo.jsonl"]
+    assert "every declared cell is in" in block  # final: the prose calls them final
+    top = README[README.index("The quantized-ZO comparison"):README.index("## Set-up")]
+    answer = README[README.index("**The answer on SmolLM2-135M / SST-2**"):README.index("Three routes train")]
+    status = README[README.index("**Status: complete** (every record from one clean worktree at fa2feb0"):]
+    status = "\n".join(line for line in status[:status.index("Cost in these cells")].splitlines()
+                       if line.startswith("- "))
+    counts = []
+    for prose in (top, answer, status):
+        quoted = re.findall(r"\[-?[0-9.]+, [+-]?[0-9.]+\]", prose)
+        counts.append(len(quoted))
+        for interval in quoted:
+            assert f"Holm-adjusted {interval}" in block, interval
+    assert counts == [1, 3, 3]
 
 
 def test_the_seed_table_marks_runs_not_in_apart_from_runs_not_declared(tmp_path):

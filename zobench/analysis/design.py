@@ -73,16 +73,20 @@ class Resolution:
     infinitely many examples); ``example``: how much test examples differ in a - b (the test set as a sample
     of the task; it does not shrink with seeds); ``interaction``: one pair of runs' own noise on one example.
     Estimated by two-way ANOVA on the (seeds, examples) table of paired differences (each clamped at 0); the
-    seed component has S - 1 degrees of freedom, so a projection from few seeds is rough; ``seed_clamped``:
-    its estimate came out at or below 0 and was taken as 0 (the seeds agreed more than their per-example noise
-    predicts), so a projection to more seeds leaves out a seed spread these seeds could not show."""
+    seed component has S - 1 degrees of freedom, so a projection from few seeds is rough."""
 
     seed: float
     example: float
     interaction: float
     n_seeds: int
     n_examples: int
-    seed_clamped: bool = False
+
+    @property
+    def seed_clamped(self) -> bool:
+        """The seed component's estimate came out at or below 0 and was taken as 0 (the seeds agreed more than
+        their per-example noise predicts): a projection to more seeds leaves out a seed spread these seeds
+        could not show."""
+        return self.seed == 0
 
     def variance(self, n_seeds: float, n_examples: int | None = None) -> float:
         e = self.n_examples if n_examples is None else n_examples
@@ -135,9 +139,9 @@ def resolution(a: dict, b: dict) -> Resolution:
     ms_seed = n_ex * d.mean(1).var(ddof=1)
     ms_example = n_seeds * d.mean(0).var(ddof=1)
     ms_res = interaction_ms(d)
-    seed = float(ms_seed - ms_res) / n_ex
-    return Resolution(seed=max(seed, 0.0), example=max(float(ms_example - ms_res) / n_seeds, 0.0),
-                      interaction=ms_res, n_seeds=n_seeds, n_examples=n_ex, seed_clamped=seed <= 0)
+    return Resolution(seed=max(float(ms_seed - ms_res) / n_ex, 0.0),
+                      example=max(float(ms_example - ms_res) / n_seeds, 0.0),
+                      interaction=ms_res, n_seeds=n_seeds, n_examples=n_ex)
 
 
 def failed_run(test_accuracy: float | None, majority_rate: float, loss_curve: Sequence[float] | None = None,

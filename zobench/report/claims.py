@@ -133,22 +133,23 @@ def resolution_rows(decision: Decision, names: dict[str, str]) -> list[str]:
         r = results.get(cid)
         alpha = r.alpha if r is not None else 0.05
         s, e = res.n_seeds, res.n_examples
-        shares = " / ".join(f"{100 * v:.0f}%" for v in res.shares()) + (" (seeds: at or below 0)" if res.seed_clamped
-                                                                          else "")
+        shares = " / ".join(f"{100 * v:.0f}%" for v in res.shares())
+        if res.seed_clamped:
+            shares += " (seeds: at or below 0)"
         seeds = f"{s} x {e}" + ("" if r is None or tuple(r.n_seeds) == (s, s) else
                                 f" (the verdict reads {r.n_seeds[0]} and {r.n_seeds[1]} seeds)")
         rows.append(f"| {names.get(cid, cid)} | {seeds} | {shares} | "
                     + " | ".join(f"{100 * res.half_width(n, alpha=alpha):.1f}" for n in (s, 2 * s, math.inf)) + " |")
     if not rows:
         return []
-    clamped = any(res.seed_clamped for res in decision.resolutions.values())
+    clamped = (". Seeds \"at or below 0\": those seeds agreed more than their per-example noise predicts, the seed "
+               "component is taken as 0, and its projections may be optimistic"
+               if any(res.seed_clamped for res in decision.resolutions.values()) else "")
     return ["What this design resolves, from the claims' own runs (`zobench/analysis/design.py`: the variance of "
             "each paired difference split by two-way ANOVA into seeds, test examples and each run's own noise on "
             "each example, the crossed model the interval uses; a projection from few seeds is rough). Half-widths "
             "in points at each claim's unadjusted level; `scripts/resolution.py` gives them at Holm's level and the "
-            "seeds a margin needs" + (". Seeds \"at or below 0\": those seeds agreed more than their per-example noise "
-                                     "predicts, the seed component is taken as 0, and its projections may be "
-                                     "optimistic" if clamped else "") + ":", "",
+            f"seeds a margin needs{clamped}:", "",
             "| claim | seeds paired x test examples | variance now: seeds / examples / runs | half-width now | at "
             "twice the seeds | any number of seeds |",
             "|:---|:---|:---|---:|---:|---:|", *rows, ""]
